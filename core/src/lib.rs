@@ -1,6 +1,71 @@
-//! Kitestring core (crate docs are written with the client machine).
+//! Kitestring's core: reliable, resumable WebSocket sessions as a
+//! deterministic state machine.
+//!
+//! This crate never reads a clock, never does IO, never spawns a thread and
+//! never touches OS randomness. Time comes in as an [`Instant`] on every
+//! mutating call; jitter comes from a seed given at construction; session ids
+//! come from the driver as bytes. The same inputs, times and seed give the
+//! same outputs, byte for byte, which is what lets the conformance suite
+//! simulate years of network faults in seconds.
+//!
+//! # The driver loop
+//!
+//! A driver (the tokio, async-std and smol adapters are drivers) owns the
+//! sockets and the clock and runs this loop: feed an input, drain every
+//! output, sleep until the next deadline or the next input.
+//!
+//! ```
+//! use kitestring_core::client::{Client, Output};
+//! use kitestring_core::config::ClientConfig;
+//! use kitestring_core::wire::{ClientId, Incoming};
+//! use kitestring_core::Instant;
+//!
+//! let mut client = Client::new(ClientConfig::default(), ClientId([7; 16]), 42).unwrap();
+//! let now = Instant::ZERO; // from the driver's monotonic clock
+//! client.connect(now).unwrap();
+//! loop {
+//!     // 1. Carry out every output, in order.
+//!     while let Some(output) = client.poll_output() {
+//!         match output {
+//!             Output::Connect(transport) => { /* open a WebSocket; later call
+//!                 client.handle_transport_opened(now, transport) */ }
+//!             Output::Transmit(transport, frame) => { /* write frame.data() */ }
+//!             Output::Disconnect(transport, code, reason) => { /* close it */ }
+//!             Output::Event(event) => { /* hand to the application */ }
+//!         }
+//!     }
+//!     // 2. Wait for whichever comes first: the deadline or an input.
+//!     let deadline = client.poll_timeout();
+//!     # break;
+//!     // ... a frame arrives:    client.handle_message(now, transport, Incoming::Text(text));
+//!     // ... the socket closes:  client.handle_transport_closed(now, transport, code, reason);
+//!     // ... the deadline passes: client.handle_timeout(now);
+//! }
+//! ```
+//!
+//! The server side ([`server::Server`]) works the same way, with
+//! connection ids instead of transport ids.
+//!
+//! # Map
+//!
+//! * [`client`]: the client machine (lifecycle, backoff, heartbeat, resume).
+//! * [`server`]: the server machine (handshakes, heartbeats, session registry).
+//! * [`reliable`]: sequencing, acknowledgment, retransmission, de-duplication.
+//! * [`wire`]: frames, codecs, the binary header, typed decode errors.
+//! * [`close`]: close codes and what each one means.
+//! * [`backoff`], [`config`], [`time`]: settings and time.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
+pub mod backoff;
+pub mod client;
+pub mod close;
+pub mod config;
+pub mod reliable;
+mod rng;
+pub mod server;
 pub mod time;
+mod timer;
+pub mod wire;
 
 pub use time::Instant;

@@ -129,6 +129,9 @@ mod tests {
     #[test]
     fn debug_is_readable() {
         assert_eq!(format!("{:?}", Instant::from_millis(30_250)), "t+30.250s");
-        assert_eq!(format!("{:?}", Instant::from_nanos(1_000_001)), "t+0.001000001s");
+        assert_eq!(
+            format!("{:?}", Instant::from_nanos(1_000_001)),
+            "t+0.001000001s"
+        );
     }
 }

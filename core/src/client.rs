@@ -1,0 +1,1777 @@
+//! The client session machine.
+//!
+//! Owns one client's whole lifecycle: connecting, the handshake, heartbeats,
+//! reconnecting with backoff, resuming the session, and reliable delivery in
+//! both directions. Every state change happens in this module, through
+//! `Client::set_state`, and only along the edges [`State::can_become`]
+//! lists. It never touches a socket, a clock or the OS: the driver feeds it
+//! inputs and carries out its outputs (see the crate docs for the loop).
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use core::time::Duration;
+
+use crate::backoff::Jitter;
+use crate::close::{CloseCode, Disposition};
+use crate::config::{ClientConfig, ConfigError};
+use crate::reliable::{Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting};
+use crate::rng::Rng;
+use crate::time::Instant;
+use crate::timer::{TimerKind, TimerTable};
+use crate::wire::{
+    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, Payload, Reject,
+    Resume, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
+};
+
+/// Identifies one transport (one WebSocket connection attempt). A new id is
+/// issued for every attempt; inputs carrying an old id are ignored, so a late
+/// event from a dead connection can never affect the current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransportId(pub u64);
+
+/// The client's connection state. Every change is reported as
+/// [`Event::StateChanged`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum State {
+    /// Created; `connect` not called yet.
+    Disconnected,
+    /// A transport is being opened. `attempt` is 0 for the first connection
+    /// and counts consecutive failures since the last stable connection.
+    Connecting {
+        /// Consecutive failed attempts before this one.
+        attempt: u32,
+    },
+    /// The transport is open and the hello is sent; waiting for a welcome.
+    Handshaking {
+        /// Consecutive failed attempts before this one.
+        attempt: u32,
+    },
+    /// The session is established; messages flow.
+    Open,
+    /// Waiting out a backoff delay before the next attempt.
+    Reconnecting {
+        /// The attempt that starts at `at` (1 for the first retry).
+        attempt: u32,
+        /// When the next attempt starts.
+        at: Instant,
+        /// Why the previous connection or attempt ended.
+        cause: Cause,
+    },
+    /// A local `close()` is waiting for the transport to finish closing.
+    Closing,
+    /// Finished: closed locally, or the server ended the session (1000).
+    Closed {
+        /// The code the session ended with.
+        code: CloseCode,
+    },
+    /// Gave up. `reconnect()` starts again.
+    Failed {
+        /// Why.
+        reason: FailReason,
+    },
+}
+
+impl State {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Disconnected => "disconnected",
+            State::Connecting { .. } => "connecting",
+            State::Handshaking { .. } => "handshaking",
+            State::Open => "open",
+            State::Reconnecting { .. } => "reconnecting",
+            State::Closing => "closing",
+            State::Closed { .. } => "closed",
+            State::Failed { .. } => "failed",
+        }
+    }
+
+    /// Whether the machine may go from `self` to `next`. This is the whole
+    /// transition table; ARCHITECTURE.md draws it.
+    pub fn can_become(&self, next: &State) -> bool {
+        use State::*;
+        matches!(
+            (self, next),
+            (
+                Disconnected | Closed { .. } | Failed { .. },
+                Connecting { .. }
+            ) | (Disconnected | Failed { .. }, Closed { .. })
+                | (Connecting { .. }, Handshaking { .. })
+                | (Handshaking { .. }, Open)
+                | (
+                    Connecting { .. } | Handshaking { .. } | Open,
+                    Reconnecting { .. }
+                )
+                | (
+                    Connecting { .. } | Handshaking { .. } | Open | Reconnecting { .. },
+                    Failed { .. }
+                )
+                | (
+                    Connecting { .. } | Handshaking { .. } | Open | Reconnecting { .. },
+                    Connecting { .. }
+                )
+                | (Handshaking { .. } | Open, Closing)
+                | (
+                    Connecting { .. } | Handshaking { .. } | Open | Reconnecting { .. } | Closing,
+                    Closed { .. }
+                )
+        )
+    }
+}
+
+/// Why a connection or connection attempt ended.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Cause {
+    /// The peer closed the transport with this code (1006 if it just vanished).
+    PeerClosed {
+        /// The close code.
+        code: CloseCode,
+        /// The close reason text, if any.
+        reason: String,
+    },
+    /// The transport failed (connect refused, reset, TLS, HTTP status).
+    Transport(TransportError),
+    /// No welcome within the connect timeout.
+    ConnectTimeout,
+    /// The peer stopped answering heartbeats.
+    HeartbeatTimeout,
+    /// Sent data stayed unacknowledged past the ack timeout.
+    AckTimeout,
+    /// The server refused the hello.
+    Rejected {
+        /// The server's close code.
+        code: CloseCode,
+        /// The server's machine-readable reason.
+        reason: String,
+    },
+    /// The server asked the client to go away and come back.
+    GoAway {
+        /// The server's close code.
+        code: CloseCode,
+    },
+    /// The peer broke the protocol.
+    Protocol(String),
+    /// `reconnect()` was called.
+    Requested,
+}
+
+/// Why the client gave up.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum FailReason {
+    /// Reached the configured maximum number of consecutive attempts.
+    TooManyAttempts {
+        /// Attempts made.
+        attempts: u32,
+        /// Why the last one ended.
+        last: Cause,
+    },
+    /// Client and server share no protocol version.
+    UnsupportedVersion {
+        /// Versions the client offered.
+        offered: Vec<u8>,
+        /// Versions the server speaks, if it said.
+        supported: Vec<u8>,
+    },
+    /// Client and server share no codec.
+    UnsupportedCodec,
+    /// Authentication failed and no fresh token could be had.
+    Unauthorized,
+    /// The server refused this identity (HTTP 403 or close 4403).
+    Forbidden,
+    /// The server closed with a code that rules out retrying.
+    Terminal {
+        /// The code.
+        code: CloseCode,
+        /// The reason text.
+        reason: String,
+    },
+    /// The HTTP upgrade was refused with a status that retrying cannot fix.
+    HttpStatus(u16),
+}
+
+/// A transport failure, as the driver reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// Connecting, reading or writing failed (refused, reset, DNS, ...).
+    Io(String),
+    /// The HTTP upgrade was answered with this status instead of 101.
+    Http {
+        /// The HTTP status.
+        status: u16,
+        /// The `Retry-After` header, if present and parseable.
+        retry_after: Option<Duration>,
+    },
+    /// The TLS handshake failed.
+    Tls(String),
+    /// The WebSocket layer saw a protocol violation.
+    WebSocket(String),
+}
+
+impl TransportError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            TransportError::Http { status: 401, .. } => Disposition::Reauthenticate,
+            TransportError::Http {
+                status: 400 | 403 | 404 | 405 | 410 | 426,
+                ..
+            } => Disposition::Fail,
+            TransportError::Http {
+                status: 429 | 503, ..
+            } => Disposition::ReconnectLater,
+            _ => Disposition::Reconnect,
+        }
+    }
+}
+
+/// A message delivered from the peer, in order, exactly once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Received {
+    /// The peer's id for the message (an idempotency key).
+    pub id: MessageId,
+    /// Its sequence number in this session.
+    pub seq: u64,
+    /// The sender's timestamp in milliseconds, if it set one.
+    pub timestamp: Option<u64>,
+    /// The payload.
+    pub payload: Payload,
+}
+
+/// Why a session's accepted messages were given up on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// The server could not resume the session; its words (e.g.
+    /// `unknown_session`, `expired`, `overflow`, `forbidden`).
+    NotResumed(String),
+    /// The session was closed (locally, or by the server with 1000).
+    Closed,
+    /// The send buffers overflowed under [`OverflowPolicy::FailSession`].
+    Overflow,
+    /// The server's view of the session contradicted ours.
+    Inconsistent,
+}
+
+/// Something the application should hear about.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The connection state changed.
+    StateChanged {
+        /// Before.
+        old: State,
+        /// After.
+        new: State,
+    },
+    /// A session is established (just before the change to `Open`).
+    Connected {
+        /// The session.
+        session: SessionId,
+        /// Whether the previous session was resumed.
+        resumed: bool,
+        /// The negotiated protocol version.
+        version: u8,
+        /// The negotiated codec.
+        codec: Codec,
+    },
+    /// A message from the peer, in order, exactly once.
+    Message(Received),
+    /// An unsequenced datagram from the peer.
+    Datagram(Bytes),
+    /// The peer acknowledged every message with an id in `first..=last`.
+    Acked {
+        /// First id acknowledged.
+        first: MessageId,
+        /// Last id acknowledged.
+        last: MessageId,
+    },
+    /// A session was given up. `unconfirmed` messages were sent but never
+    /// acknowledged: they may or may not have arrived. `unsent` messages were
+    /// never sent and are dropped (they are carried into the next session
+    /// instead when the loss comes from a failed resume, and then not listed).
+    SessionLost {
+        /// Why.
+        reason: LostReason,
+        /// Sent, fate unknown.
+        unconfirmed: Vec<MessageId>,
+        /// Never sent, dropped.
+        unsent: Vec<MessageId>,
+    },
+    /// A message accepted earlier could not be sent after all.
+    SendFailed {
+        /// The message.
+        id: MessageId,
+        /// Why.
+        error: SendError,
+    },
+    /// A new round-trip time sample from a ping.
+    Rtt(Duration),
+    /// An incoming frame could not be decoded; it was dropped.
+    DecodeFailed(DecodeError),
+    /// More than `max_decode_failures` frames in a row failed to decode: the
+    /// application should reload its full state.
+    Resync,
+}
+
+/// What the driver must do next. Drain with [`Client::poll_output`] until
+/// `None`, in order.
+#[derive(Clone, Debug, PartialEq)]
+#[must_use]
+pub enum Output {
+    /// Open a new transport (WebSocket connection) and report it with
+    /// `handle_transport_opened` or `handle_transport_error`, quoting the id.
+    Connect(TransportId),
+    /// Write this message on the transport.
+    Transmit(TransportId, Transmit),
+    /// Close the transport with this code (after writing what was queued
+    /// before), then report the close with `handle_transport_closed`. The
+    /// machine has already moved on unless it is `Closing`, where that report
+    /// completes the close.
+    Disconnect(TransportId, CloseCode, &'static str),
+    /// Tell the application.
+    Event(Event),
+}
+
+/// The client machine's timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Timer {
+    /// The transport must be open and welcomed by now.
+    Connect,
+    /// The backoff delay is over: start the next attempt.
+    Backoff,
+    /// Send the next ping.
+    Ping,
+    /// Something must have arrived since the last ping by now.
+    Liveness,
+    /// The connection has been open long enough to reset the attempt counter.
+    Stability,
+    /// Send a standalone acknowledgment.
+    AckDelay,
+    /// The oldest unacknowledged message has waited too long.
+    AckTimeout,
+    /// A local close has waited long enough for the transport.
+    Close,
+}
+
+impl TimerKind for Timer {
+    const COUNT: usize = 8;
+    const ALL: &'static [Timer] = &[
+        Timer::Connect,
+        Timer::Backoff,
+        Timer::Ping,
+        Timer::Liveness,
+        Timer::Stability,
+        Timer::AckDelay,
+        Timer::AckTimeout,
+        Timer::Close,
+    ];
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Timers that belong to one connection and die with it.
+const CONNECTION_TIMERS: [Timer; 7] = [
+    Timer::Connect,
+    Timer::Ping,
+    Timer::Liveness,
+    Timer::Stability,
+    Timer::AckDelay,
+    Timer::AckTimeout,
+    Timer::Close,
+];
+
+/// The next deadline and why it is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline {
+    /// When to call `handle_timeout`.
+    pub at: Instant,
+    /// Which timer.
+    pub timer: Timer,
+}
+
+/// A command that makes no sense in the current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UsageError {
+    /// `connect` while already connecting or connected.
+    #[error("already {0}")]
+    AlreadyActive(&'static str),
+    /// A command while a local close is in progress.
+    #[error("closing")]
+    Closing,
+    /// `close` on a machine that is already closed.
+    #[error("already closed")]
+    AlreadyClosed,
+}
+
+/// Counters for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientStats {
+    /// Transport attempts started.
+    pub connects: u64,
+    /// Sessions established or resumed (welcomes accepted).
+    pub opens: u64,
+    /// Sessions resumed.
+    pub resumes: u64,
+    /// Sessions lost.
+    pub sessions_lost: u64,
+    /// Application messages handed to the wire for the first time.
+    pub messages_sent: u64,
+    /// Application messages put on the wire again.
+    pub retransmitted: u64,
+    /// Application messages delivered.
+    pub messages_received: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Gaps seen.
+    pub gaps: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Frames sent.
+    pub frames_out: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// Frames that failed to decode.
+    pub decode_failures: u64,
+    /// Well-formed frames of unknown types, ignored.
+    pub unknown_frames: u64,
+}
+
+/// Settings in force on the current connection.
+#[derive(Clone, Debug)]
+struct Conn {
+    id: TransportId,
+    version: u8,
+    codec: Codec,
+    ping_interval: Duration,
+    pong_timeout: Duration,
+    peer_max_message: usize,
+    /// The outstanding ping, for round-trip time.
+    ping: Option<(u64, Instant)>,
+    /// The last time anything arrived.
+    last_rx: Instant,
+    /// Whether the liveness deadline has already been extended by the grace.
+    in_grace: bool,
+}
+
+/// The client session machine.
+///
+/// Methods come in four kinds, as in quinn-proto:
+///
+/// * getters: [`state`](Self::state), [`session`](Self::session),
+///   [`rtt`](Self::rtt), [`stats`](Self::stats), ...
+/// * `handle_*`: feed an input (transport opened, message received,
+///   transport closed or failed, time passed);
+/// * commands: [`connect`](Self::connect), [`send`](Self::send),
+///   [`close`](Self::close), [`reconnect`](Self::reconnect);
+/// * `poll_*`: drain outputs: [`poll_output`](Self::poll_output) until it
+///   returns `None`, then [`poll_timeout`](Self::poll_timeout) for when to
+///   call [`handle_timeout`](Self::handle_timeout).
+///
+/// After any `handle_*` or command, drain `poll_output` completely, then read
+/// `poll_timeout`. Time only moves forward: an instant earlier than one seen
+/// before is treated as that earlier-seen instant.
+#[derive(Debug)]
+pub struct Client {
+    config: ClientConfig,
+    client_id: ClientId,
+    rng: Rng,
+    now: Instant,
+    state: State,
+    transport: Option<TransportId>,
+    next_transport: u64,
+    /// Consecutive failed attempts since the last stable connection.
+    failures: u32,
+    auth_retry_used: bool,
+    retry_hint: Option<Duration>,
+    timers: TimerTable<Timer, 8>,
+    conn: Option<Conn>,
+    session: Option<SessionId>,
+    outbound: Outbound,
+    inbound: Inbound,
+    next_id: u64,
+    next_nonce: u64,
+    decode_failures: u32,
+    rtt: Option<Duration>,
+    outputs: VecDeque<Output>,
+    stats: ClientStats,
+}
+
+impl Client {
+    /// A machine in [`State::Disconnected`]. `client_id` identifies this
+    /// client instance to the server; `seed` drives jitter (the same seed
+    /// replays the same delays).
+    pub fn new(
+        config: ClientConfig,
+        client_id: ClientId,
+        seed: u64,
+    ) -> Result<Client, ConfigError> {
+        config.validate()?;
+        let outbound = Outbound::new(&config.queue, &config.reliability);
+        Ok(Client {
+            config,
+            client_id,
+            rng: Rng::new(seed),
+            now: Instant::ZERO,
+            state: State::Disconnected,
+            transport: None,
+            next_transport: 1,
+            failures: 0,
+            auth_retry_used: false,
+            retry_hint: None,
+            timers: TimerTable::new(),
+            conn: None,
+            session: None,
+            outbound,
+            inbound: Inbound::default(),
+            next_id: 1,
+            next_nonce: 1,
+            decode_failures: 0,
+            rtt: None,
+            outputs: VecDeque::new(),
+            stats: ClientStats::default(),
+        })
+    }
+
+    // ---- getters ----------------------------------------------------------
+
+    /// The current state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The session, once a welcome has named one.
+    pub fn session(&self) -> Option<SessionId> {
+        self.session
+    }
+
+    /// The latest round-trip time sample.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// The codec of the current connection, if open.
+    pub fn codec(&self) -> Option<Codec> {
+        self.conn.as_ref().map(|c| c.codec)
+    }
+
+    /// Messages accepted and waiting for a sequence number (offline or
+    /// window full), and their bytes.
+    pub fn queued(&self) -> (usize, usize) {
+        (self.outbound.waiting_len(), self.outbound.waiting_bytes())
+    }
+
+    /// Messages sent and not yet acknowledged, and their bytes.
+    pub fn unacknowledged(&self) -> (usize, usize) {
+        (self.outbound.in_flight(), self.outbound.in_flight_bytes())
+    }
+
+    /// The last sequence number delivered to the application.
+    pub fn delivered(&self) -> u64 {
+        self.inbound.delivered()
+    }
+
+    /// Consecutive failed attempts since the last stable connection.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    // ---- commands ---------------------------------------------------------
+
+    /// Starts connecting. Valid from `Disconnected`, `Closed` and `Failed`.
+    pub fn connect(&mut self, now: Instant) -> Result<(), UsageError> {
+        self.advance(now);
+        match self.state {
+            State::Disconnected | State::Closed { .. } | State::Failed { .. } => {
+                self.failures = 0;
+                self.auth_retry_used = false;
+                self.retry_hint = None;
+                self.start_attempt();
+                Ok(())
+            }
+            State::Closing => Err(UsageError::Closing),
+            ref s => Err(UsageError::AlreadyActive(s.name())),
+        }
+    }
+
+    /// Connects again now: from `Failed` or `Closed` (starting the attempt
+    /// count afresh), from `Reconnecting` (skipping the rest of the delay), or
+    /// from a live connection (abandoning it with 4000 and resuming the
+    /// session on a new one).
+    pub fn reconnect(&mut self, now: Instant) -> Result<(), UsageError> {
+        self.advance(now);
+        match self.state {
+            State::Closing => Err(UsageError::Closing),
+            State::Disconnected | State::Closed { .. } | State::Failed { .. } => self.connect(now),
+            State::Reconnecting { .. } => {
+                self.timers.stop(Timer::Backoff);
+                self.start_attempt();
+                Ok(())
+            }
+            State::Connecting { .. } | State::Handshaking { .. } | State::Open => {
+                self.drop_connection(CloseCode::RETRY, "reconnect requested");
+                self.start_attempt();
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes the session: sends 1000, never reconnects. Messages not yet
+    /// acknowledged are reported in [`Event::SessionLost`].
+    pub fn close(&mut self, now: Instant) -> Result<(), UsageError> {
+        self.advance(now);
+        match self.state {
+            State::Closed { .. } => Err(UsageError::AlreadyClosed),
+            State::Closing => Err(UsageError::Closing),
+            State::Handshaking { .. } | State::Open => {
+                self.flush_ack();
+                // Keep the transport id: its close completing is what ends `Closing`.
+                if let Some(id) = self.transport {
+                    self.outputs.push_back(Output::Disconnect(
+                        id,
+                        CloseCode::NORMAL,
+                        "client closed",
+                    ));
+                }
+                self.forget_connection();
+                self.set_state(State::Closing);
+                self.timers
+                    .set(Timer::Close, self.now + self.config.close_timeout);
+                Ok(())
+            }
+            _ => {
+                self.drop_connection(CloseCode::NORMAL, "client closed");
+                self.timers.stop(Timer::Backoff);
+                self.finish_closed(CloseCode::NORMAL);
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues a message for reliable, ordered, exactly-once delivery.
+    /// Returns its id; [`Event::Acked`] reports when the peer has it.
+    ///
+    /// Accepted in every state but `Closing`, `Closed` and `Failed`: while not
+    /// open, messages wait (bounded by [`ClientConfig::queue`]) and go out in
+    /// order once the session is open.
+    pub fn send(&mut self, now: Instant, payload: Payload) -> Result<MessageId, SendError> {
+        self.send_inner(now, payload, None)
+    }
+
+    /// Like [`send`](Self::send), with the sender's wall-clock timestamp in
+    /// milliseconds carried to the receiver.
+    pub fn send_with_timestamp(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        timestamp_ms: u64,
+    ) -> Result<MessageId, SendError> {
+        self.send_inner(now, payload, Some(timestamp_ms))
+    }
+
+    /// Sends an unsequenced datagram (binary header kind 0x02): no ack, no
+    /// retransmission, no queueing. Only on an open connection.
+    pub fn send_datagram(&mut self, now: Instant, data: Bytes) -> Result<(), SendError> {
+        self.advance(now);
+        let Some(conn) = &self.conn else {
+            return Err(SendError::NotOpen);
+        };
+        if self.state != State::Open {
+            return Err(SendError::NotOpen);
+        }
+        let max = conn
+            .peer_max_message
+            .saturating_sub(wire::BINARY_HEADER_LEN);
+        if data.len() > max {
+            return Err(SendError::TooLarge {
+                size: data.len(),
+                max,
+            });
+        }
+        self.transmit(&Frame::Raw(data));
+        Ok(())
+    }
+
+    fn send_inner(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        ts: Option<u64>,
+    ) -> Result<MessageId, SendError> {
+        self.advance(now);
+        match self.state {
+            State::Closing => return Err(SendError::NotConnected("closing")),
+            State::Closed { .. } => return Err(SendError::NotConnected("closed")),
+            State::Failed { .. } => return Err(SendError::NotConnected("failed")),
+            _ => {}
+        }
+        let max = self.max_payload();
+        if payload.len() > max {
+            return Err(SendError::TooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        let id = MessageId(self.next_id);
+        match self.outbound.push(Waiting { id, ts, payload }) {
+            Ok(()) => {
+                self.next_id += 1;
+                self.flush();
+                Ok(id)
+            }
+            Err(e) => match self.config.reliability.overflow {
+                OverflowPolicy::Refuse => Err(e),
+                OverflowPolicy::FailSession => {
+                    self.discard_session(LostReason::Overflow, true);
+                    if matches!(self.state, State::Handshaking { .. } | State::Open) {
+                        self.drop_connection(CloseCode::RETRY, "send buffers overflowed");
+                        self.start_attempt();
+                    }
+                    Err(SendError::SessionFailed)
+                }
+            },
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        let peer = self
+            .conn
+            .as_ref()
+            .map_or(usize::MAX, |c| c.peer_max_message);
+        self.config.max_message_size.min(peer)
+    }
+
+    // ---- inputs -----------------------------------------------------------
+
+    /// The transport the machine asked for is open (the WebSocket upgrade
+    /// succeeded).
+    pub fn handle_transport_opened(&mut self, now: Instant, transport: TransportId) {
+        self.advance(now);
+        if self.transport != Some(transport) {
+            return;
+        }
+        let State::Connecting { attempt } = self.state else {
+            return;
+        };
+        let codecs = self.config.codecs.clone();
+        let resume = self.session.map(|session| Resume {
+            session,
+            delivered: self.inbound.delivered(),
+        });
+        let hello = Frame::Hello(Hello {
+            versions: self.config.versions.clone(),
+            client: self.client_id,
+            resume,
+            caps: self.config.capabilities.clone(),
+            codecs,
+        });
+        self.set_state(State::Handshaking { attempt });
+        self.transmit_on(transport, &hello, Codec::Json, PROTOCOL_VERSION);
+    }
+
+    /// A WebSocket message arrived on `transport`.
+    pub fn handle_message(&mut self, now: Instant, transport: TransportId, msg: Incoming<'_>) {
+        self.advance(now);
+        if self.transport != Some(transport) {
+            return;
+        }
+        self.stats.frames_in += 1;
+        self.stats.bytes_in += msg.len() as u64;
+        // Any inbound message proves the peer is alive, even an undecodable one.
+        if let Some(conn) = &mut self.conn {
+            conn.last_rx = self.now;
+            conn.in_grace = false;
+            self.timers.stop(Timer::Liveness);
+        }
+        let limits = Limits {
+            max_message: self.config.max_message_size,
+            version: self.conn.as_ref().map_or(PROTOCOL_VERSION, |c| c.version),
+        };
+        match wire::decode(msg, &limits) {
+            Ok(frame) => {
+                self.decode_failures = 0;
+                self.on_frame(frame);
+            }
+            Err(error) => self.on_decode_error(error),
+        }
+    }
+
+    /// The transport closed. `code` is the peer's close code, `None` when the
+    /// transport ended without a close frame (reported as 1006).
+    pub fn handle_transport_closed(
+        &mut self,
+        now: Instant,
+        transport: TransportId,
+        code: Option<CloseCode>,
+        reason: &str,
+    ) {
+        self.advance(now);
+        if self.transport != Some(transport) {
+            return;
+        }
+        self.transport = None;
+        if self.state == State::Closing {
+            self.finish_closed(CloseCode::NORMAL);
+            return;
+        }
+        let code = code.unwrap_or(CloseCode::ABNORMAL);
+        let cause = Cause::PeerClosed {
+            code,
+            reason: reason.chars().take(123).collect(),
+        };
+        self.connection_ended(cause, code.disposition(), None);
+    }
+
+    /// Opening, reading or writing the transport failed.
+    pub fn handle_transport_error(
+        &mut self,
+        now: Instant,
+        transport: TransportId,
+        error: TransportError,
+    ) {
+        self.advance(now);
+        if self.transport != Some(transport) {
+            return;
+        }
+        self.transport = None;
+        if self.state == State::Closing {
+            self.finish_closed(CloseCode::NORMAL);
+            return;
+        }
+        let disposition = error.disposition();
+        let hint = match &error {
+            TransportError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        self.connection_ended(Cause::Transport(error), disposition, hint);
+    }
+
+    /// Time passed. Call at (or after) the instant from `poll_timeout`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance(now);
+        // Each expiry clears its slot, and re-armed timers lie in the future,
+        // so this loop ends; the bound is a guard, not a limit in practice.
+        for _ in 0..64 {
+            let Some(timer) = self.timers.pop_expired(self.now) else {
+                break;
+            };
+            self.on_timer(timer);
+        }
+    }
+
+    // ---- outputs ----------------------------------------------------------
+
+    /// The next thing the driver must do, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When `handle_timeout` must be called next, and why.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Deadline> {
+        self.timers.next().map(|(at, timer)| Deadline { at, timer })
+    }
+
+    // ---- internals --------------------------------------------------------
+
+    fn advance(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
+        }
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.outputs.push_back(Output::Event(event));
+    }
+
+    fn set_state(&mut self, new: State) {
+        if new == self.state {
+            return;
+        }
+        debug_assert!(
+            self.state.can_become(&new),
+            "illegal transition {:?} -> {:?}",
+            self.state,
+            new
+        );
+        let old = core::mem::replace(&mut self.state, new.clone());
+        self.emit(Event::StateChanged { old, new });
+    }
+
+    fn start_attempt(&mut self) {
+        let id = TransportId(self.next_transport);
+        self.next_transport += 1;
+        self.transport = Some(id);
+        self.stats.connects += 1;
+        self.set_state(State::Connecting {
+            attempt: self.failures,
+        });
+        self.timers
+            .set(Timer::Connect, self.now + self.config.connect_timeout);
+        self.outputs.push_back(Output::Connect(id));
+    }
+
+    /// Tells the driver to close the current transport and forgets it and
+    /// everything that belonged to it.
+    fn drop_connection(&mut self, code: CloseCode, reason: &'static str) {
+        if let Some(id) = self.transport.take() {
+            self.outputs.push_back(Output::Disconnect(id, code, reason));
+        }
+        self.forget_connection();
+    }
+
+    fn forget_connection(&mut self) {
+        self.conn = None;
+        for t in CONNECTION_TIMERS {
+            self.timers.stop(t);
+        }
+        self.outbound.mark_unsent();
+    }
+
+    /// The current connection or attempt is over; decide what comes next.
+    fn connection_ended(&mut self, cause: Cause, disposition: Disposition, hint: Option<Duration>) {
+        self.forget_connection();
+        if let Some(h) = hint {
+            self.retry_hint = Some(h.min(self.config.max_retry_after));
+        }
+        match disposition {
+            Disposition::Stop => {
+                let code = match &cause {
+                    Cause::PeerClosed { code, .. } => *code,
+                    _ => CloseCode::NORMAL,
+                };
+                self.finish_closed(code);
+            }
+            Disposition::Fail => {
+                let reason = fail_reason(&cause, &self.config.versions);
+                self.set_state(State::Failed { reason });
+            }
+            Disposition::Reauthenticate => {
+                if self.config.can_refresh_token && !self.auth_retry_used {
+                    self.auth_retry_used = true;
+                    self.schedule_retry(cause, Some(Duration::ZERO));
+                } else {
+                    self.set_state(State::Failed {
+                        reason: FailReason::Unauthorized,
+                    });
+                }
+            }
+            Disposition::ReconnectLater => {
+                let floor = self.retry_hint.unwrap_or(self.config.try_later_delay);
+                self.retry_hint = Some(floor);
+                self.schedule_retry(cause, None);
+            }
+            Disposition::Reconnect => self.schedule_retry(cause, None),
+        }
+    }
+
+    /// Counts a failed attempt and waits out the backoff, or gives up.
+    /// `exact` overrides the delay (rotation, token refresh).
+    fn schedule_retry(&mut self, cause: Cause, exact: Option<Duration>) {
+        self.failures = self.failures.saturating_add(1);
+        if let Some(max) = self.config.backoff.max_attempts {
+            if self.failures > max {
+                self.set_state(State::Failed {
+                    reason: FailReason::TooManyAttempts {
+                        attempts: self.failures - 1,
+                        last: cause,
+                    },
+                });
+                return;
+            }
+        }
+        let delay = match exact {
+            Some(d) => d,
+            None => {
+                let backoff = self.config.backoff.delay(self.failures, &mut self.rng);
+                match self.retry_hint.take() {
+                    Some(hint) if hint > backoff => {
+                        hint + jitter_for_hint(&self.config.backoff.jitter, hint, &mut self.rng)
+                    }
+                    _ => backoff,
+                }
+            }
+        };
+        let at = self.now + delay;
+        self.timers.set(Timer::Backoff, at);
+        self.set_state(State::Reconnecting {
+            attempt: self.failures,
+            at,
+            cause,
+        });
+    }
+
+    fn finish_closed(&mut self, code: CloseCode) {
+        self.forget_connection();
+        self.timers.stop(Timer::Backoff);
+        self.discard_session(LostReason::Closed, true);
+        self.set_state(State::Closed { code });
+    }
+
+    /// Gives up the session: reports what is at stake and restarts numbering.
+    /// `drop_waiting` also drops (and reports) messages never sent.
+    fn discard_session(&mut self, reason: LostReason, drop_waiting: bool) {
+        let unconfirmed = self.outbound.reset_session();
+        let unsent = if drop_waiting {
+            self.outbound.drain_waiting()
+        } else {
+            Vec::new()
+        };
+        self.inbound.reset_session();
+        let had_session = self.session.take().is_some();
+        if had_session || !unconfirmed.is_empty() || !unsent.is_empty() {
+            self.stats.sessions_lost += 1;
+            self.emit(Event::SessionLost {
+                reason,
+                unconfirmed,
+                unsent,
+            });
+        }
+    }
+
+    fn on_timer(&mut self, timer: Timer) {
+        match timer {
+            Timer::Connect => {
+                if matches!(
+                    self.state,
+                    State::Connecting { .. } | State::Handshaking { .. }
+                ) {
+                    self.drop_connection(CloseCode::RETRY, "connect timeout");
+                    self.connection_ended(Cause::ConnectTimeout, Disposition::Reconnect, None);
+                }
+            }
+            Timer::Backoff => {
+                if matches!(self.state, State::Reconnecting { .. }) {
+                    self.start_attempt();
+                }
+            }
+            Timer::Ping => self.send_ping(),
+            Timer::Liveness => self.check_liveness(),
+            Timer::Stability => {
+                self.failures = 0;
+                self.auth_retry_used = false;
+            }
+            Timer::AckDelay => self.flush_ack(),
+            Timer::AckTimeout => self.check_ack_timeout(),
+            Timer::Close => {
+                if self.state == State::Closing {
+                    self.transport = None;
+                    self.finish_closed(CloseCode::NORMAL);
+                }
+            }
+        }
+    }
+
+    fn send_ping(&mut self) {
+        let Some(conn) = &mut self.conn else { return };
+        let nonce = self.next_nonce;
+        self.next_nonce += 1;
+        conn.ping = Some((nonce, self.now));
+        let interval = conn.ping_interval;
+        let timeout = conn.pong_timeout;
+        if !self.timers.is_set(Timer::Liveness) {
+            self.timers.set(Timer::Liveness, self.now + timeout);
+        }
+        self.timers.set(Timer::Ping, self.now + interval);
+        self.transmit(&Frame::Ping { nonce });
+    }
+
+    fn check_liveness(&mut self) {
+        let grace = self.config.heartbeat.grace;
+        let Some(conn) = &mut self.conn else { return };
+        let ping_sent = conn.ping.map_or(Instant::ZERO, |(_, at)| at);
+        if conn.last_rx >= ping_sent {
+            return;
+        }
+        if !conn.in_grace && !grace.is_zero() {
+            // The deadline may be overdue because the process was asleep; give
+            // frames already waiting in the socket a chance to be read first.
+            conn.in_grace = true;
+            self.timers.set(Timer::Liveness, self.now + grace);
+            return;
+        }
+        self.drop_connection(CloseCode::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+        self.connection_ended(Cause::HeartbeatTimeout, Disposition::Reconnect, None);
+    }
+
+    fn check_ack_timeout(&mut self) {
+        if self.state != State::Open {
+            return;
+        }
+        let Some(oldest) = self.outbound.oldest_in_flight() else {
+            return;
+        };
+        let due = oldest + self.config.reliability.ack_timeout;
+        if self.now >= due {
+            self.drop_connection(CloseCode::ACK_TIMEOUT, "ack timeout");
+            self.connection_ended(Cause::AckTimeout, Disposition::Reconnect, None);
+        } else {
+            self.timers.set(Timer::AckTimeout, due);
+        }
+    }
+
+    fn on_decode_error(&mut self, error: DecodeError) {
+        self.stats.decode_failures += 1;
+        self.decode_failures += 1;
+        let too_large = matches!(error, DecodeError::TooLarge { .. });
+        self.emit(Event::DecodeFailed(error));
+        if too_large {
+            // The peer ignored our limit; it would resend the same message
+            // after a resume, so the connection cannot make progress.
+            self.drop_connection(CloseCode::MESSAGE_TOO_BIG, "message too big");
+            self.connection_ended(
+                Cause::Protocol("peer sent a message over the size limit".into()),
+                Disposition::Reconnect,
+                None,
+            );
+            return;
+        }
+        if self.decode_failures > self.config.max_decode_failures {
+            self.decode_failures = 0;
+            self.emit(Event::Resync);
+        }
+    }
+
+    fn protocol_error(&mut self, what: String) {
+        self.drop_connection(CloseCode::PROTOCOL_ERROR, "protocol error");
+        self.connection_ended(Cause::Protocol(what), Disposition::Reconnect, None);
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        match (&self.state, frame) {
+            (State::Handshaking { .. }, Frame::Welcome(w)) => self.on_welcome(w),
+            (State::Handshaking { .. }, Frame::Reject(r)) => self.on_reject(r),
+            (
+                State::Handshaking { .. },
+                Frame::GoAway {
+                    code,
+                    retry_after_ms,
+                },
+            ) => self.on_goaway(CloseCode(code), retry_after_ms),
+            (State::Handshaking { .. }, f) => {
+                self.protocol_error(format!("`{}` before the welcome", f.type_name()))
+            }
+            (State::Open, Frame::Ping { nonce }) => self.transmit(&Frame::Pong { nonce }),
+            (State::Open, Frame::Pong { nonce }) => self.on_pong(nonce),
+            (State::Open, Frame::Msg(m)) => self.on_msg(m),
+            (State::Open, Frame::Ack { ack }) => self.on_ack(ack),
+            (State::Open, Frame::Replay { from }) => self.on_replay(from),
+            (
+                State::Open,
+                Frame::GoAway {
+                    code,
+                    retry_after_ms,
+                },
+            ) => self.on_goaway(CloseCode(code), retry_after_ms),
+            (State::Open, Frame::Raw(data)) => self.emit(Event::Datagram(data)),
+            (_, Frame::Unknown(_)) => self.stats.unknown_frames += 1,
+            (State::Open, f) => {
+                self.protocol_error(format!("unexpected `{}` on an open session", f.type_name()))
+            }
+            // Closing: the transport is being shut; whatever arrives is moot.
+            _ => {}
+        }
+    }
+
+    fn on_welcome(&mut self, w: Welcome) {
+        let Some(transport) = self.transport else {
+            return;
+        };
+        if !self.config.versions.contains(&w.version) || !self.config.codecs.contains(&w.codec) {
+            // The server picked something we never offered: retrying the same
+            // offer would get the same answer.
+            self.drop_connection(
+                CloseCode::UNSUPPORTED_VERSION,
+                "server chose an unoffered version or codec",
+            );
+            let reason = if self.config.versions.contains(&w.version) {
+                FailReason::UnsupportedCodec
+            } else {
+                FailReason::UnsupportedVersion {
+                    offered: self.config.versions.clone(),
+                    supported: vec![w.version],
+                }
+            };
+            self.set_state(State::Failed { reason });
+            return;
+        }
+        let hb = &self.config.heartbeat;
+        let ping_interval = clamp_ms(w.ping_interval_ms, 100, 3_600_000, hb.interval);
+        let pong_timeout = clamp_ms(w.pong_timeout_ms, 100, 600_000, hb.timeout);
+        let peer_max = usize::try_from(w.max_message).unwrap_or(usize::MAX).max(64);
+        self.timers.stop(Timer::Connect);
+        self.conn = Some(Conn {
+            id: transport,
+            version: w.version,
+            codec: w.codec,
+            ping_interval,
+            pong_timeout,
+            peer_max_message: peer_max,
+            ping: None,
+            last_rx: self.now,
+            in_grace: false,
+        });
+        let requested = self.session;
+        let resumed = w.resumed && requested == Some(w.session);
+        if w.resumed && !resumed {
+            self.protocol_error("welcome resumed a session that was not requested".into());
+            return;
+        }
+        if resumed {
+            match self.outbound.on_ack(w.delivered) {
+                Ok(Some((first, last))) => self.emit(Event::Acked { first, last }),
+                Ok(None) => {}
+                Err(_) => {
+                    // The server claims more than we ever sent: its session is
+                    // not ours. Start clean rather than guess.
+                    self.discard_session(LostReason::Inconsistent, false);
+                    self.drop_connection(CloseCode::PROTOCOL_ERROR, "inconsistent resume");
+                    self.connection_ended(
+                        Cause::Protocol("welcome acknowledged unsent messages".into()),
+                        Disposition::Reconnect,
+                        None,
+                    );
+                    return;
+                }
+            }
+            self.stats.resumes += 1;
+        } else if requested.is_some() {
+            let reason =
+                LostReason::NotResumed(w.lost.clone().unwrap_or_else(|| "not_resumed".into()));
+            self.discard_session(reason, false);
+        }
+        self.session = Some(w.session);
+        self.inbound.on_new_connection();
+        self.stats.opens += 1;
+        self.emit(Event::Connected {
+            session: w.session,
+            resumed,
+            version: w.version,
+            codec: w.codec,
+        });
+        self.set_state(State::Open);
+        self.timers.set(Timer::Ping, self.now + ping_interval);
+        self.timers
+            .set(Timer::Stability, self.now + self.config.stability_window);
+        self.retransmit_from(1);
+        self.flush();
+    }
+
+    fn on_reject(&mut self, r: Reject) {
+        let code = CloseCode(r.code);
+        self.drop_connection(code, "rejected");
+        let hint = r.retry_after_ms.map(Duration::from_millis);
+        let disposition = match code.disposition() {
+            // A reject is never a polite end of session.
+            Disposition::Stop => Disposition::Reconnect,
+            d => d,
+        };
+        if code == CloseCode::UNSUPPORTED_VERSION {
+            self.connection_ended_with(FailReason::UnsupportedVersion {
+                offered: self.config.versions.clone(),
+                supported: r.versions,
+            });
+            return;
+        }
+        let cause = Cause::Rejected {
+            code,
+            reason: r.reason,
+        };
+        self.connection_ended(cause, disposition, hint);
+    }
+
+    fn connection_ended_with(&mut self, reason: FailReason) {
+        self.forget_connection();
+        self.set_state(State::Failed { reason });
+    }
+
+    fn on_goaway(&mut self, code: CloseCode, retry_after_ms: Option<u64>) {
+        let hint = retry_after_ms.map(Duration::from_millis);
+        self.drop_connection(CloseCode::RETRY, "server asked to reconnect");
+        if code == CloseCode::ROTATE {
+            // A planned rotation is not a failure: resume at once.
+            self.forget_connection();
+            match hint {
+                Some(h) if !h.is_zero() => {
+                    let at = self.now + h.min(self.config.max_retry_after);
+                    self.timers.set(Timer::Backoff, at);
+                    self.set_state(State::Reconnecting {
+                        attempt: self.failures,
+                        at,
+                        cause: Cause::GoAway { code },
+                    });
+                }
+                _ => self.start_attempt(),
+            }
+            return;
+        }
+        let disposition = match code.disposition() {
+            Disposition::Stop => Disposition::Reconnect,
+            d => d,
+        };
+        self.connection_ended(Cause::GoAway { code }, disposition, hint);
+    }
+
+    fn on_pong(&mut self, nonce: u64) {
+        let Some(conn) = &mut self.conn else { return };
+        if let Some((expected, sent)) = conn.ping {
+            if expected == nonce {
+                conn.ping = None;
+                let rtt = self.now.saturating_duration_since(sent);
+                self.rtt = Some(rtt);
+                self.emit(Event::Rtt(rtt));
+            }
+        }
+    }
+
+    fn on_msg(&mut self, m: Msg) {
+        if let Some(ack) = m.ack {
+            self.on_ack(ack);
+            if self.state != State::Open {
+                return;
+            }
+        }
+        match self.inbound.on_msg(m.seq) {
+            Verdict::Deliver => {
+                self.stats.messages_received += 1;
+                self.emit(Event::Message(Received {
+                    id: MessageId(m.id),
+                    seq: m.seq,
+                    timestamp: m.ts,
+                    payload: m.payload,
+                }));
+                if self.inbound.unacked() >= u64::from(self.config.reliability.ack_every) {
+                    self.flush_ack();
+                } else if !self.timers.is_set(Timer::AckDelay) {
+                    self.timers.set(
+                        Timer::AckDelay,
+                        self.now + self.config.reliability.ack_delay,
+                    );
+                }
+            }
+            Verdict::Duplicate => {
+                self.stats.duplicates += 1;
+                self.flush_ack();
+            }
+            Verdict::Gap { from, request } => {
+                self.stats.gaps += 1;
+                if request {
+                    self.transmit(&Frame::Replay { from });
+                }
+            }
+        }
+    }
+
+    fn on_ack(&mut self, ack: u64) {
+        match self.outbound.on_ack(ack) {
+            Ok(Some((first, last))) => {
+                self.emit(Event::Acked { first, last });
+                self.timers.stop(Timer::AckTimeout);
+                self.arm_ack_timeout();
+                self.flush();
+            }
+            Ok(None) => {}
+            Err(e) => self.protocol_error(format!(
+                "ack {} beyond the last message sent ({})",
+                e.ack, e.last_sent
+            )),
+        }
+    }
+
+    fn on_replay(&mut self, from: u64) {
+        if from > self.outbound.last_sequenced() + 1 {
+            self.protocol_error(format!("replay from {from}, beyond anything sent"));
+            return;
+        }
+        // Everything before `from` was delivered: that is an acknowledgment.
+        self.on_ack(from - 1);
+        if self.state == State::Open {
+            self.retransmit_from(from);
+        }
+    }
+
+    fn retransmit_from(&mut self, from: u64) {
+        let Some(conn) = &self.conn else { return };
+        let (id, codec, version) = (conn.id, conn.codec, conn.version);
+        let ack = self.inbound.delivered();
+        let now = self.now;
+        let mut frames = Vec::new();
+        for s in self.outbound.unacked_from(from) {
+            s.sent_at = Some(now);
+            frames.push(Outbound::frame(s, ack));
+        }
+        if frames.is_empty() {
+            return;
+        }
+        self.inbound.acked_now();
+        self.timers.stop(Timer::AckDelay);
+        for f in &frames {
+            self.stats.retransmitted += 1;
+            self.transmit_on(id, f, codec, version);
+        }
+        self.arm_ack_timeout();
+    }
+
+    /// Sequences and sends waiting messages while the session is open and the
+    /// window has room.
+    fn flush(&mut self) {
+        if self.state != State::Open {
+            return;
+        }
+        let Some(conn) = &self.conn else { return };
+        let (id, codec, version, peer_max) =
+            (conn.id, conn.codec, conn.version, conn.peer_max_message);
+        loop {
+            let ack = self.inbound.delivered();
+            let Some(s) = self.outbound.sequence_next(Some(self.now)) else {
+                break;
+            };
+            if s.payload.len() > peer_max {
+                // Accepted before the server announced a smaller limit.
+                let (msg_id, size) = (s.id, s.payload.len());
+                let seq = s.seq;
+                self.abandon_oversized(seq);
+                self.emit(Event::SendFailed {
+                    id: msg_id,
+                    error: SendError::TooLarge {
+                        size,
+                        max: peer_max,
+                    },
+                });
+                continue;
+            }
+            let frame = Outbound::frame(s, ack);
+            self.inbound.acked_now();
+            self.timers.stop(Timer::AckDelay);
+            self.stats.messages_sent += 1;
+            self.transmit_on(id, &frame, codec, version);
+        }
+        self.arm_ack_timeout();
+    }
+
+    /// Takes back the sequence number just given to a message that cannot be
+    /// sent, so the peer sees no gap.
+    fn abandon_oversized(&mut self, seq: u64) {
+        self.outbound.unsequence_last(seq);
+    }
+
+    fn arm_ack_timeout(&mut self) {
+        if self.timers.is_set(Timer::AckTimeout) {
+            return;
+        }
+        if let Some(oldest) = self.outbound.oldest_in_flight() {
+            self.timers.set(
+                Timer::AckTimeout,
+                oldest + self.config.reliability.ack_timeout,
+            );
+        }
+    }
+
+    fn flush_ack(&mut self) {
+        self.timers.stop(Timer::AckDelay);
+        if self.state == State::Open && self.inbound.ack_pending() {
+            let ack = self.inbound.acked_now();
+            self.transmit(&Frame::Ack { ack });
+        }
+    }
+
+    fn transmit(&mut self, frame: &Frame) {
+        let Some(conn) = &self.conn else { return };
+        let (id, codec, version) = (conn.id, conn.codec, conn.version);
+        self.transmit_on(id, frame, codec, version);
+    }
+
+    fn transmit_on(&mut self, id: TransportId, frame: &Frame, codec: Codec, version: u8) {
+        match wire::encode(frame, codec, version) {
+            Ok(t) => {
+                self.stats.frames_out += 1;
+                self.stats.bytes_out += t.len() as u64;
+                self.outputs.push_back(Output::Transmit(id, t));
+            }
+            Err(e) => {
+                // Only reachable through a bug; never panic in a library.
+                self.protocol_error(format!("could not encode `{}`: {e}", frame.type_name()));
+            }
+        }
+    }
+}
+
+fn clamp_ms(ms: u64, min: u64, max: u64, fallback: Duration) -> Duration {
+    if ms == 0 {
+        return fallback;
+    }
+    Duration::from_millis(ms.clamp(min, max))
+}
+
+/// Jitter added on top of a server's retry-after hint, so that every client
+/// told "come back in 10 s" does not come back in exactly 10 s.
+fn jitter_for_hint(jitter: &Jitter, hint: Duration, rng: &mut Rng) -> Duration {
+    let span = match jitter {
+        Jitter::None => return Duration::ZERO,
+        Jitter::Proportional(f) if f.is_finite() && *f > 0.0 => hint.mul_f64(f.min(10.0)),
+        Jitter::Proportional(_) => return Duration::ZERO,
+        Jitter::Full => hint / 2,
+    };
+    let nanos = u64::try_from(span.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rng.below_inclusive(nanos))
+}
+
+fn fail_reason(cause: &Cause, offered: &[u8]) -> FailReason {
+    match cause {
+        Cause::Transport(TransportError::Http { status: 403, .. }) => FailReason::Forbidden,
+        Cause::Transport(TransportError::Http { status, .. }) => FailReason::HttpStatus(*status),
+        Cause::PeerClosed { code, .. } | Cause::Rejected { code, .. } | Cause::GoAway { code }
+            if *code == CloseCode::FORBIDDEN =>
+        {
+            FailReason::Forbidden
+        }
+        Cause::PeerClosed { code, .. } | Cause::Rejected { code, .. } | Cause::GoAway { code }
+            if *code == CloseCode::UNSUPPORTED_VERSION =>
+        {
+            FailReason::UnsupportedVersion {
+                offered: offered.to_vec(),
+                supported: Vec::new(),
+            }
+        }
+        Cause::PeerClosed { code, .. } | Cause::Rejected { code, .. } | Cause::GoAway { code }
+            if *code == CloseCode::UNSUPPORTED_CODEC =>
+        {
+            FailReason::UnsupportedCodec
+        }
+        Cause::PeerClosed { code, reason } => FailReason::Terminal {
+            code: *code,
+            reason: reason.clone(),
+        },
+        Cause::Rejected { code, reason } => FailReason::Terminal {
+            code: *code,
+            reason: reason.clone(),
+        },
+        Cause::GoAway { code } => FailReason::Terminal {
+            code: *code,
+            reason: String::new(),
+        },
+        other => FailReason::Terminal {
+            code: CloseCode::POLICY_VIOLATION,
+            reason: format!("{other:?}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Welcome;
+
+    fn client() -> Client {
+        Client::new(ClientConfig::default(), ClientId([1; 16]), 9).unwrap()
+    }
+
+    fn drain(c: &mut Client) -> Vec<Output> {
+        core::iter::from_fn(|| c.poll_output()).collect()
+    }
+
+    fn open(c: &mut Client, now: Instant) -> TransportId {
+        c.connect(now).unwrap();
+        let t = drain(c)
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Connect(t) => Some(t),
+                _ => None,
+            })
+            .unwrap();
+        c.handle_transport_opened(now, t);
+        let w = Frame::Welcome(Welcome {
+            version: 1,
+            codec: Codec::Json,
+            session: SessionId([3; 16]),
+            resumed: false,
+            lost: None,
+            delivered: 0,
+            features: vec![],
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 10_000,
+            max_message: 1 << 20,
+        });
+        let wire = wire::encode(&w, Codec::Json, 1).unwrap();
+        c.handle_message(now, t, wire.as_incoming());
+        assert_eq!(c.state(), &State::Open);
+        drain(c);
+        t
+    }
+
+    #[test]
+    fn stale_transport_inputs_are_ignored() {
+        let mut c = client();
+        let t = open(&mut c, Instant::ZERO);
+        c.reconnect(Instant::from_secs(1)).unwrap();
+        drain(&mut c);
+        // The old transport reports closing and a frame: neither matters.
+        c.handle_transport_closed(Instant::from_secs(1), t, None, "");
+        c.handle_message(
+            Instant::from_secs(1),
+            t,
+            Incoming::Text("{\"t\":\"ping\",\"nonce\":1}"),
+        );
+        assert_eq!(c.state(), &State::Connecting { attempt: 0 });
+        assert!(drain(&mut c).is_empty());
+    }
+
+    #[test]
+    fn time_never_moves_backwards() {
+        let mut c = client();
+        open(&mut c, Instant::from_secs(100));
+        c.handle_timeout(Instant::from_secs(5));
+        let d = c.poll_timeout().unwrap();
+        assert!(d.at >= Instant::from_secs(100));
+    }
+
+    #[test]
+    fn consecutive_decode_failures_trigger_resync() {
+        let mut c = client();
+        let t = open(&mut c, Instant::ZERO);
+        for _ in 0..4 {
+            c.handle_message(Instant::ZERO, t, Incoming::Text("not json"));
+        }
+        let events: Vec<_> = drain(&mut c)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::DecodeFailed(_)))
+                .count(),
+            4
+        );
+        assert_eq!(
+            events.last(),
+            Some(&Event::Resync),
+            "resync on the fourth failure"
+        );
+        // A good frame in between resets the count.
+        c.handle_message(Instant::ZERO, t, Incoming::Text("x"));
+        c.handle_message(
+            Instant::ZERO,
+            t,
+            Incoming::Text("{\"t\":\"pong\",\"nonce\":0}"),
+        );
+        for _ in 0..3 {
+            c.handle_message(Instant::ZERO, t, Incoming::Text("x"));
+        }
+        assert!(!drain(&mut c).contains(&Output::Event(Event::Resync)));
+    }
+
+    #[test]
+    fn oversized_frames_close_with_1009() {
+        let mut c = Client::new(
+            ClientConfig {
+                max_message_size: 1024,
+                ..ClientConfig::default()
+            },
+            ClientId([1; 16]),
+            1,
+        )
+        .unwrap();
+        let t = open(&mut c, Instant::ZERO);
+        let big = format!(
+            "{{\"t\":\"ping\",\"nonce\":1,\"pad\":\"{}\"}}",
+            "x".repeat(2000)
+        );
+        c.handle_message(Instant::ZERO, t, Incoming::Text(&big));
+        let out = drain(&mut c);
+        assert!(out.contains(&Output::Disconnect(
+            t,
+            CloseCode::MESSAGE_TOO_BIG,
+            "message too big"
+        )));
+        assert!(matches!(c.state(), State::Reconnecting { .. }));
+    }
+
+    #[test]
+    fn commands_check_the_state() {
+        let mut c = client();
+        assert_eq!(c.close(Instant::ZERO), Ok(()));
+        assert_eq!(c.close(Instant::ZERO), Err(UsageError::AlreadyClosed));
+        assert!(matches!(
+            c.send(Instant::ZERO, Payload::binary(vec![1])),
+            Err(SendError::NotConnected("closed"))
+        ));
+        c.connect(Instant::ZERO).unwrap();
+        assert_eq!(
+            c.connect(Instant::ZERO),
+            Err(UsageError::AlreadyActive("connecting"))
+        );
+        assert_eq!(
+            c.send_datagram(Instant::ZERO, Bytes::from_static(b"x")),
+            Err(SendError::NotOpen)
+        );
+    }
+
+    #[test]
+    fn stability_window_resets_the_attempt_counter() {
+        let mut c = client();
+        let t = open(&mut c, Instant::ZERO);
+        c.handle_transport_closed(Instant::from_secs(1), t, None, "");
+        assert_eq!(c.failures(), 1);
+        // Retry, open, stay up past the window, drop again: counter starts over.
+        c.handle_timeout(Instant::from_secs(3));
+        let t2 = drain(&mut c)
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Connect(t) => Some(t),
+                _ => None,
+            })
+            .unwrap();
+        c.handle_transport_opened(Instant::from_secs(3), t2);
+        let w = Frame::Welcome(Welcome {
+            version: 1,
+            codec: Codec::Json,
+            session: SessionId([3; 16]),
+            resumed: true,
+            lost: None,
+            delivered: 0,
+            features: vec![],
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 10_000,
+            max_message: 1 << 20,
+        });
+        c.handle_message(
+            Instant::from_secs(3),
+            t2,
+            wire::encode(&w, Codec::Json, 1).unwrap().as_incoming(),
+        );
+        c.handle_timeout(Instant::from_secs(14));
+        c.handle_transport_closed(Instant::from_secs(15), t2, None, "");
+        assert_eq!(c.failures(), 1);
+    }
+
+    #[test]
+    fn transition_table_rejects_nonsense() {
+        assert!(!State::Open.can_become(&State::Handshaking { attempt: 0 }));
+        assert!(!State::Disconnected.can_become(&State::Open));
+        assert!(!State::Closing.can_become(&State::Open));
+        assert!(State::Open.can_become(&State::Closing));
+    }
+}

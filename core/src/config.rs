@@ -1,0 +1,337 @@
+//! Every tunable of the client and server machines, with the defaults the
+//! field has converged on (see ANCHORS in the docs) and a `validate` that
+//! turns contradictory settings into an error at construction, not a
+//! misbehaviour at 3 a.m.
+
+use core::time::Duration;
+
+use crate::backoff::BackoffConfig;
+use crate::reliable::ReliabilityConfig;
+use crate::wire::{Codec, SUPPORTED_VERSIONS};
+
+/// Application-level heartbeat settings (the client's side).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeartbeatConfig {
+    /// Time between pings. Default 30 s. The server's `welcome` overrides it.
+    pub interval: Duration,
+    /// How long a ping may go unanswered before the peer is suspected dead.
+    /// Default 10 s. The server's `welcome` overrides it.
+    pub timeout: Duration,
+    /// Extra time granted to an overdue liveness deadline so that frames
+    /// already waiting in the socket (after a laptop wakes, say) are read
+    /// before the peer is declared dead. Default 1 s.
+    pub grace: Duration,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Bounds on the queue of messages waiting to be sent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueConfig {
+    /// Most messages waiting. Default 100.
+    pub max_messages: usize,
+    /// Most payload bytes waiting. Default 1 MiB.
+    pub max_bytes: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Client machine settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientConfig {
+    /// Reconnect backoff.
+    pub backoff: BackoffConfig,
+    /// Heartbeats.
+    pub heartbeat: HeartbeatConfig,
+    /// Time allowed from "open a transport" to a `welcome`; longer counts as a
+    /// failed attempt. Default 10 s.
+    pub connect_timeout: Duration,
+    /// How long a connection must stay open before the attempt counter is
+    /// reset. Shorter-lived connections count as failed attempts, so a server
+    /// that accepts and drops at once cannot cause a tight loop. Default 10 s.
+    pub stability_window: Duration,
+    /// Lower bound on the reconnect delay after close code 1013 (try again
+    /// later) when the server gave no explicit hint. Default 10 s.
+    pub try_later_delay: Duration,
+    /// Upper bound on any server-supplied retry-after hint. Default 5 min.
+    pub max_retry_after: Duration,
+    /// How long a local close waits for the transport to report closed.
+    /// Default 5 s.
+    pub close_timeout: Duration,
+    /// Messages waiting to be sent (while not open, or while the window of
+    /// unacknowledged messages is full).
+    pub queue: QueueConfig,
+    /// Sequencing, acknowledgment and retransmission.
+    pub reliability: ReliabilityConfig,
+    /// Largest incoming message accepted; larger ones are refused before
+    /// decoding. Default 1 MiB.
+    pub max_message_size: usize,
+    /// Consecutive undecodable frames after which a `Resync` event tells the
+    /// application to reload its full state. Default 3: the event fires on the
+    /// fourth.
+    pub max_decode_failures: u32,
+    /// Codecs offered, preferred first. Must include JSON. Default
+    /// `[MsgPack, Json]`.
+    pub codecs: Vec<Codec>,
+    /// Protocol versions offered. Default: every version this crate speaks.
+    pub versions: Vec<u8>,
+    /// Optional capabilities advertised in the hello.
+    pub capabilities: Vec<String>,
+    /// Whether the driver can fetch a fresh token. If so, an authentication
+    /// failure (HTTP 401, close 4401) is retried once at once; if not, it is
+    /// terminal.
+    pub can_refresh_token: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            backoff: BackoffConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+            stability_window: Duration::from_secs(10),
+            try_later_delay: Duration::from_secs(10),
+            max_retry_after: Duration::from_secs(300),
+            close_timeout: Duration::from_secs(5),
+            queue: QueueConfig::default(),
+            reliability: ReliabilityConfig::default(),
+            max_message_size: 1 << 20,
+            max_decode_failures: 3,
+            codecs: vec![Codec::MsgPack, Codec::Json],
+            versions: SUPPORTED_VERSIONS.to_vec(),
+            capabilities: Vec::new(),
+            can_refresh_token: false,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration that must be positive is zero.
+    #[error("`{0}` must be greater than zero")]
+    Zero(&'static str),
+    /// Two settings contradict each other.
+    #[error("{0}")]
+    Inconsistent(&'static str),
+}
+
+impl ClientConfig {
+    /// Checks that the settings can work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let b = &self.backoff;
+        if b.base.is_zero() {
+            return Err(ConfigError::Zero("backoff.base"));
+        }
+        if b.factor == 0 {
+            return Err(ConfigError::Zero("backoff.factor"));
+        }
+        if b.max < b.base {
+            return Err(ConfigError::Inconsistent(
+                "backoff.max is below backoff.base",
+            ));
+        }
+        if b.max_attempts == Some(0) {
+            return Err(ConfigError::Zero("backoff.max_attempts"));
+        }
+        if self.heartbeat.interval.is_zero() {
+            return Err(ConfigError::Zero("heartbeat.interval"));
+        }
+        if self.heartbeat.timeout.is_zero() {
+            return Err(ConfigError::Zero("heartbeat.timeout"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::Zero("connect_timeout"));
+        }
+        if self.queue.max_messages == 0 {
+            return Err(ConfigError::Zero("queue.max_messages"));
+        }
+        if self.max_message_size < 1024 {
+            return Err(ConfigError::Inconsistent(
+                "max_message_size is below 1024 bytes: handshakes would not fit",
+            ));
+        }
+        if !self.codecs.contains(&Codec::Json) {
+            return Err(ConfigError::Inconsistent("codecs must include JSON"));
+        }
+        if self.versions.is_empty()
+            || self
+                .versions
+                .iter()
+                .any(|v| !SUPPORTED_VERSIONS.contains(v))
+        {
+            return Err(ConfigError::Inconsistent(
+                "versions must be a non-empty subset of SUPPORTED_VERSIONS",
+            ));
+        }
+        validate_reliability(&self.reliability)
+    }
+}
+
+/// Server machine settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    /// Ping interval the server tells clients to use. Default 30 s.
+    pub ping_interval: Duration,
+    /// Pong timeout the server tells clients to use. Default 10 s.
+    pub pong_timeout: Duration,
+    /// A connection that sends nothing for this long is dead. Must exceed
+    /// `ping_interval`. Default 45 s.
+    pub idle_timeout: Duration,
+    /// Extra time for an overdue idle deadline (see [`HeartbeatConfig::grace`]).
+    /// Default 1 s.
+    pub grace: Duration,
+    /// Time allowed between the transport opening and the client's `hello`.
+    /// Default 10 s.
+    pub hello_timeout: Duration,
+    /// Largest incoming message accepted. Default 1 MiB.
+    pub max_message_size: usize,
+    /// Consecutive undecodable frames after which a connection is closed with
+    /// 1007 (invalid payload). Default 3: the fourth closes it.
+    pub max_decode_failures: u32,
+    /// Codecs accepted, preferred first when the client has no preference
+    /// the server shares. Must include JSON. Default `[MsgPack, Json]`.
+    pub codecs: Vec<Codec>,
+    /// Protocol versions accepted. Default: every version this crate speaks.
+    pub versions: Vec<u8>,
+    /// Optional features announced in the welcome.
+    pub features: Vec<String>,
+    /// Outbound messages waiting per session beyond the send window.
+    pub queue: QueueConfig,
+    /// Sequencing, acknowledgment and retransmission.
+    pub reliability: ReliabilityConfig,
+    /// How long a session outlives its connection, buffering outbound
+    /// messages, so that a client can resume it. Default 60 s.
+    pub session_grace: Duration,
+    /// Most sessions held at once (connected or in their grace period).
+    /// New connections beyond it are rejected with 1013. Default 100 000.
+    pub max_sessions: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(45),
+            grace: Duration::from_secs(1),
+            hello_timeout: Duration::from_secs(10),
+            max_message_size: 1 << 20,
+            max_decode_failures: 3,
+            codecs: vec![Codec::MsgPack, Codec::Json],
+            versions: SUPPORTED_VERSIONS.to_vec(),
+            features: Vec::new(),
+            queue: QueueConfig {
+                max_messages: 1024,
+                max_bytes: 1 << 20,
+            },
+            reliability: ReliabilityConfig::default(),
+            session_grace: Duration::from_secs(60),
+            max_sessions: 100_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks that the settings can work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ping_interval.is_zero() {
+            return Err(ConfigError::Zero("ping_interval"));
+        }
+        if self.pong_timeout.is_zero() {
+            return Err(ConfigError::Zero("pong_timeout"));
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return Err(ConfigError::Inconsistent(
+                "idle_timeout must exceed ping_interval, or healthy clients are cut",
+            ));
+        }
+        if self.hello_timeout.is_zero() {
+            return Err(ConfigError::Zero("hello_timeout"));
+        }
+        if self.max_message_size < 1024 {
+            return Err(ConfigError::Inconsistent(
+                "max_message_size is below 1024 bytes: handshakes would not fit",
+            ));
+        }
+        if !self.codecs.contains(&Codec::Json) {
+            return Err(ConfigError::Inconsistent("codecs must include JSON"));
+        }
+        if self.versions.is_empty()
+            || self
+                .versions
+                .iter()
+                .any(|v| !SUPPORTED_VERSIONS.contains(v))
+        {
+            return Err(ConfigError::Inconsistent(
+                "versions must be a non-empty subset of SUPPORTED_VERSIONS",
+            ));
+        }
+        if self.queue.max_messages == 0 {
+            return Err(ConfigError::Zero("queue.max_messages"));
+        }
+        if self.max_sessions == 0 {
+            return Err(ConfigError::Zero("max_sessions"));
+        }
+        validate_reliability(&self.reliability)
+    }
+}
+
+fn validate_reliability(r: &ReliabilityConfig) -> Result<(), ConfigError> {
+    if r.window_messages == 0 {
+        return Err(ConfigError::Zero("reliability.window_messages"));
+    }
+    if r.ack_every == 0 {
+        return Err(ConfigError::Zero("reliability.ack_every"));
+    }
+    if r.ack_timeout <= r.ack_delay {
+        return Err(ConfigError::Inconsistent(
+            "reliability.ack_timeout must exceed reliability.ack_delay",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        ClientConfig::default().validate().unwrap();
+        ServerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn contradictions_are_rejected() {
+        let c = ClientConfig {
+            codecs: vec![Codec::MsgPack],
+            ..ClientConfig::default()
+        };
+        assert!(c.validate().is_err());
+        let mut c = ClientConfig::default();
+        c.backoff.max = Duration::from_millis(1);
+        assert!(c.validate().is_err());
+        let s = ServerConfig {
+            idle_timeout: Duration::from_secs(30),
+            ..ServerConfig::default()
+        };
+        assert!(s.validate().is_err());
+    }
+}

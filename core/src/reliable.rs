@@ -1,0 +1,504 @@
+//! Sequencing, acknowledgment and retransmission for one direction pair of
+//! a session.
+//!
+//! Owns the numbers: which sequence number comes next, what the peer has
+//! acknowledged, what must be kept for retransmission, and what has been
+//! delivered. Shared by the client machine and the server's sessions. It
+//! never encodes frames, never reads time except what it is handed, and never
+//! decides about connections: callers ask it what to send and tell it what
+//! arrived.
+//!
+//! Model: each direction numbers application messages 1, 2, 3, ... for the
+//! life of a session. The receiver delivers strictly in order; a number at or
+//! below what it delivered is a duplicate (dropped, acknowledged again); a
+//! number beyond the next expected is a gap (dropped, and the sender is asked
+//! to replay from the next expected: go-back-N, which is all an ordered
+//! transport needs, since gaps only appear around reconnects).
+
+use std::collections::VecDeque;
+
+#[cfg(test)]
+use bytes::Bytes;
+use core::time::Duration;
+
+use crate::config::QueueConfig;
+use crate::time::Instant;
+use crate::wire::Payload;
+
+/// A message identifier, unique per sending machine and increasing in send
+/// order. Together with the sender's identity it is an idempotency key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId(pub u64);
+
+/// What to do when both the send window and the waiting queue are full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OverflowPolicy {
+    /// Refuse the new message with [`SendError::QueueFull`]; nothing already
+    /// accepted is touched.
+    Refuse,
+    /// Give up the session: the machine reports every accepted message as
+    /// unconfirmed or unsent and starts a fresh session.
+    FailSession,
+}
+
+/// Reliable-delivery settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReliabilityConfig {
+    /// Most messages sent and not yet acknowledged. Default 1024.
+    pub window_messages: usize,
+    /// Most payload bytes sent and not yet acknowledged. Default 4 MiB.
+    pub window_bytes: usize,
+    /// A receiver acknowledges on its own at the latest this long after a
+    /// delivery (acks also ride on every outgoing message). Default 100 ms.
+    pub ack_delay: Duration,
+    /// A receiver acknowledges at once after this many unacknowledged
+    /// deliveries. Default 32.
+    pub ack_every: u32,
+    /// Data unacknowledged for this long on an open connection means the
+    /// connection is stuck: it is closed (4010) and the session resumed on a
+    /// new one. Default 20 s.
+    pub ack_timeout: Duration,
+    /// What happens when the window and the queue are both full.
+    pub overflow: OverflowPolicy,
+}
+
+impl Default for ReliabilityConfig {
+    fn default() -> Self {
+        ReliabilityConfig {
+            window_messages: 1024,
+            window_bytes: 4 << 20,
+            ack_delay: Duration::from_millis(100),
+            ack_every: 32,
+            ack_timeout: Duration::from_secs(20),
+            overflow: OverflowPolicy::Refuse,
+        }
+    }
+}
+
+/// Why a message was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The queue of waiting messages is at its bound. Nothing was dropped;
+    /// the caller may retry after acknowledgments free space.
+    #[error("send queue full: {messages} messages, {bytes} bytes waiting")]
+    QueueFull {
+        /// Messages waiting.
+        messages: usize,
+        /// Bytes waiting.
+        bytes: usize,
+    },
+    /// The payload exceeds the largest message the peer accepts.
+    #[error("payload of {size} bytes exceeds the {max}-byte message limit")]
+    TooLarge {
+        /// Payload size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The machine is closed or failed; call `connect`/`reconnect` first.
+    #[error("the session is {0}; nothing can be sent")]
+    NotConnected(&'static str),
+    /// Raw datagrams are unreliable and only go out on an open connection.
+    #[error("raw datagrams need an open connection")]
+    NotOpen,
+    /// The session was given up because its buffers overflowed
+    /// ([`OverflowPolicy::FailSession`]).
+    #[error("buffers overflowed; the session was discarded")]
+    SessionFailed,
+    /// No such session (server side).
+    #[error("no such session")]
+    UnknownSession,
+}
+
+/// A message accepted but not yet given a sequence number.
+#[derive(Clone, Debug)]
+pub(crate) struct Waiting {
+    pub(crate) id: MessageId,
+    pub(crate) ts: Option<u64>,
+    pub(crate) payload: Payload,
+}
+
+/// A message given a sequence number and kept until acknowledged.
+#[derive(Clone, Debug)]
+pub(crate) struct Sent {
+    pub(crate) seq: u64,
+    pub(crate) id: MessageId,
+    pub(crate) ts: Option<u64>,
+    pub(crate) payload: Payload,
+    /// When it was last put on a connection, if it has been.
+    pub(crate) sent_at: Option<Instant>,
+}
+
+/// The peer acknowledged something that was never sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AckBeyondSent {
+    pub(crate) ack: u64,
+    pub(crate) last_sent: u64,
+}
+
+/// The sending half: waiting queue, then the window of unacknowledged messages.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    /// Sequence number the next sequenced message gets.
+    next_seq: u64,
+    waiting: VecDeque<Waiting>,
+    waiting_bytes: usize,
+    window: VecDeque<Sent>,
+    window_bytes: usize,
+    queue_limit: QueueConfig,
+    window_limit_messages: usize,
+    window_limit_bytes: usize,
+}
+
+impl Outbound {
+    pub(crate) fn new(queue: &QueueConfig, rel: &ReliabilityConfig) -> Self {
+        Outbound {
+            next_seq: 1,
+            waiting: VecDeque::new(),
+            waiting_bytes: 0,
+            window: VecDeque::new(),
+            window_bytes: 0,
+            queue_limit: queue.clone(),
+            window_limit_messages: rel.window_messages.max(1),
+            window_limit_bytes: rel.window_bytes.max(1),
+        }
+    }
+
+    /// Accepts a message into the waiting queue, or says why not.
+    pub(crate) fn push(&mut self, msg: Waiting) -> Result<(), SendError> {
+        let size = msg.payload.len();
+        let over_count = self.waiting.len() >= self.queue_limit.max_messages;
+        // One message larger than the byte bound still fits in an empty queue,
+        // or it could never be sent at all.
+        let over_bytes = !self.waiting.is_empty()
+            && self.waiting_bytes.saturating_add(size) > self.queue_limit.max_bytes;
+        if over_count || over_bytes {
+            return Err(SendError::QueueFull {
+                messages: self.waiting.len(),
+                bytes: self.waiting_bytes,
+            });
+        }
+        self.waiting_bytes += size;
+        self.waiting.push_back(msg);
+        Ok(())
+    }
+
+    fn window_has_room(&self, size: usize) -> bool {
+        self.window.len() < self.window_limit_messages
+            && (self.window.is_empty()
+                || self.window_bytes.saturating_add(size) <= self.window_limit_bytes)
+    }
+
+    /// Moves the next waiting message into the window and returns it, if the
+    /// window has room.
+    pub(crate) fn sequence_next(&mut self, now: Option<Instant>) -> Option<&Sent> {
+        let size = self.waiting.front()?.payload.len();
+        if !self.window_has_room(size) {
+            return None;
+        }
+        let w = self.waiting.pop_front()?;
+        self.waiting_bytes -= size;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.window_bytes += size;
+        self.window.push_back(Sent {
+            seq,
+            id: w.id,
+            ts: w.ts,
+            payload: w.payload,
+            sent_at: now,
+        });
+        self.window.back()
+    }
+
+    /// Returns the most recently sequenced message to the front of the
+    /// waiting queue's place in history: it is removed entirely and its
+    /// number is reused, so the peer sees no gap.
+    pub(crate) fn unsequence_last(&mut self, seq: u64) {
+        if self.window.back().is_some_and(|s| s.seq == seq) {
+            if let Some(s) = self.window.pop_back() {
+                self.window_bytes -= s.payload.len();
+                self.next_seq -= 1;
+            }
+        }
+    }
+
+    /// Applies a cumulative acknowledgment. Returns the id range it released.
+    pub(crate) fn on_ack(
+        &mut self,
+        ack: u64,
+    ) -> Result<Option<(MessageId, MessageId)>, AckBeyondSent> {
+        let last_sent = self.next_seq - 1;
+        if ack > last_sent {
+            return Err(AckBeyondSent { ack, last_sent });
+        }
+        let mut first = None;
+        let mut last = None;
+        while let Some(front) = self.window.front() {
+            if front.seq > ack {
+                break;
+            }
+            first.get_or_insert(front.id);
+            last = Some(front.id);
+            self.window_bytes -= front.payload.len();
+            self.window.pop_front();
+        }
+        Ok(first.zip(last))
+    }
+
+    /// Unacknowledged messages from `from` on, to put on the wire again.
+    pub(crate) fn unacked_from(&mut self, from: u64) -> impl Iterator<Item = &mut Sent> {
+        self.window.iter_mut().filter(move |s| s.seq >= from)
+    }
+
+    /// When the oldest unacknowledged message went out, if any did.
+    pub(crate) fn oldest_in_flight(&self) -> Option<Instant> {
+        self.window.iter().filter_map(|s| s.sent_at).min()
+    }
+
+    /// Forgets the send times (the connection carrying them is gone).
+    pub(crate) fn mark_unsent(&mut self) {
+        for s in &mut self.window {
+            s.sent_at = None;
+        }
+    }
+
+    /// The session is gone: returns the ids whose fate is unknown (sent, never
+    /// acknowledged) and restarts numbering at 1. Waiting messages stay queued
+    /// for the next session.
+    pub(crate) fn reset_session(&mut self) -> Vec<MessageId> {
+        let lost = self.window.drain(..).map(|s| s.id).collect();
+        self.window_bytes = 0;
+        self.next_seq = 1;
+        lost
+    }
+
+    /// Drops everything waiting; returns the ids (never sent).
+    pub(crate) fn drain_waiting(&mut self) -> Vec<MessageId> {
+        self.waiting_bytes = 0;
+        self.waiting.drain(..).map(|w| w.id).collect()
+    }
+
+    pub(crate) fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub(crate) fn waiting_bytes(&self) -> usize {
+        self.waiting_bytes
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.window.len()
+    }
+
+    pub(crate) fn in_flight_bytes(&self) -> usize {
+        self.window_bytes
+    }
+
+    pub(crate) fn last_sequenced(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// The message frame for a sequenced message, with a piggybacked ack.
+    pub(crate) fn frame(s: &Sent, ack: u64) -> crate::wire::Frame {
+        crate::wire::Frame::Msg(crate::wire::Msg {
+            seq: s.seq,
+            id: s.id.0,
+            ack: Some(ack),
+            ts: s.ts,
+            payload: s.payload.clone(),
+        })
+    }
+
+    /// Every payload held, for byte accounting checks in tests.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> impl Iterator<Item = &Bytes> {
+        self.waiting
+            .iter()
+            .map(|w| w.payload.data())
+            .chain(self.window.iter().map(|s| s.payload.data()))
+    }
+}
+
+/// What the receiver does with an incoming sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The next expected message: deliver it.
+    Deliver,
+    /// Already delivered: drop it, acknowledge again.
+    Duplicate,
+    /// Beyond the next expected: drop it; ask for a replay from `from` unless
+    /// one is already outstanding.
+    Gap { from: u64, request: bool },
+}
+
+/// The receiving half: what was delivered and what was acknowledged.
+#[derive(Debug, Default)]
+pub(crate) struct Inbound {
+    delivered: u64,
+    acked: u64,
+    /// Sequence number a replay was requested from, while the gap persists.
+    replay_requested: Option<u64>,
+    /// Whether an acknowledgment must go out even though nothing new was
+    /// delivered (a duplicate arrived: the sender may have missed our ack).
+    ack_forced: bool,
+}
+
+impl Inbound {
+    pub(crate) fn on_msg(&mut self, seq: u64) -> Verdict {
+        let next = self.delivered + 1;
+        if seq < next {
+            self.ack_forced = true;
+            Verdict::Duplicate
+        } else if seq == next {
+            self.delivered = seq;
+            if self.replay_requested.is_some_and(|r| r <= seq) {
+                self.replay_requested = None;
+            }
+            Verdict::Deliver
+        } else {
+            let request = self.replay_requested != Some(next);
+            self.replay_requested = Some(next);
+            Verdict::Gap {
+                from: next,
+                request,
+            }
+        }
+    }
+
+    /// Highest sequence number delivered in order.
+    pub(crate) fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Deliveries not yet acknowledged to the peer.
+    pub(crate) fn unacked(&self) -> u64 {
+        self.delivered - self.acked
+    }
+
+    /// Whether an acknowledgment should go out.
+    pub(crate) fn ack_pending(&self) -> bool {
+        self.delivered > self.acked || self.ack_forced
+    }
+
+    /// Records that an acknowledgment of everything delivered went out.
+    pub(crate) fn acked_now(&mut self) -> u64 {
+        self.acked = self.delivered;
+        self.ack_forced = false;
+        self.delivered
+    }
+
+    /// A new connection: the peer learns `delivered` from the handshake, so
+    /// nothing is owed and any replay request is void.
+    pub(crate) fn on_new_connection(&mut self) {
+        self.acked = self.delivered;
+        self.ack_forced = false;
+        self.replay_requested = None;
+    }
+
+    /// A new session: numbering restarts.
+    pub(crate) fn reset_session(&mut self) {
+        *self = Inbound::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(max_messages: usize, window: usize) -> Outbound {
+        Outbound::new(
+            &QueueConfig {
+                max_messages,
+                max_bytes: 1000,
+            },
+            &ReliabilityConfig {
+                window_messages: window,
+                ..ReliabilityConfig::default()
+            },
+        )
+    }
+
+    fn msg(id: u64) -> Waiting {
+        Waiting {
+            id: MessageId(id),
+            ts: None,
+            payload: Payload::binary(vec![0u8; 10]),
+        }
+    }
+
+    #[test]
+    fn window_and_queue_bound_and_release() {
+        let mut o = out(2, 2);
+        for id in 1..=2 {
+            o.push(msg(id)).unwrap();
+            assert_eq!(o.sequence_next(None).map(|s| s.seq), Some(id));
+        }
+        o.push(msg(3)).unwrap();
+        assert!(o.sequence_next(None).is_none(), "window full");
+        o.push(msg(4)).unwrap();
+        assert_eq!(
+            o.push(msg(5)),
+            Err(SendError::QueueFull {
+                messages: 2,
+                bytes: 20
+            })
+        );
+        assert_eq!(o.on_ack(1), Ok(Some((MessageId(1), MessageId(1)))));
+        assert_eq!(o.sequence_next(None).map(|s| s.id), Some(MessageId(3)));
+        assert_eq!(o.on_ack(3), Ok(Some((MessageId(2), MessageId(3)))));
+        assert_eq!(o.on_ack(3), Ok(None), "repeated ack releases nothing");
+        assert_eq!(
+            o.on_ack(9),
+            Err(AckBeyondSent {
+                ack: 9,
+                last_sent: 3
+            })
+        );
+        assert_eq!(o.held().count(), 1);
+    }
+
+    #[test]
+    fn reset_reports_in_flight_and_keeps_waiting() {
+        let mut o = out(10, 1);
+        o.push(msg(1)).unwrap();
+        o.push(msg(2)).unwrap();
+        let _ = o.sequence_next(None);
+        assert_eq!(o.reset_session(), vec![MessageId(1)]);
+        assert_eq!(o.waiting_len(), 1);
+        assert_eq!(
+            o.sequence_next(None).map(|s| (s.seq, s.id)),
+            Some((1, MessageId(2)))
+        );
+    }
+
+    #[test]
+    fn receiver_orders_and_dedups() {
+        let mut i = Inbound::default();
+        assert_eq!(i.on_msg(1), Verdict::Deliver);
+        assert_eq!(i.on_msg(1), Verdict::Duplicate);
+        assert!(i.ack_pending());
+        assert_eq!(
+            i.on_msg(3),
+            Verdict::Gap {
+                from: 2,
+                request: true
+            }
+        );
+        assert_eq!(
+            i.on_msg(4),
+            Verdict::Gap {
+                from: 2,
+                request: false
+            },
+            "one request per gap"
+        );
+        assert_eq!(i.on_msg(2), Verdict::Deliver);
+        assert_eq!(i.replay_requested, None);
+        assert_eq!(i.on_msg(3), Verdict::Deliver);
+        assert_eq!(i.acked_now(), 3);
+        assert!(!i.ack_pending());
+    }
+}

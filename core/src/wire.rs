@@ -1,0 +1,1412 @@
+//! The wire format: frames, the two envelope codecs, the binary header.
+//!
+//! Owns the bytes: turning [`Frame`]s into WebSocket messages and back, the
+//! size limit checked before any parsing, and every typed decode error. It
+//! must never panic or allocate more than the frame it was handed, whatever
+//! the peer sends; it knows nothing of states or timers. PROTOCOL.md is the
+//! human-readable version of this file and changes with it.
+//!
+//! * Text WebSocket messages carry JSON envelopes.
+//! * Binary WebSocket messages start with a 6-byte header
+//!   (`kind: u8, version: u8, length: u32 LE`) followed by `length` bytes: a
+//!   MessagePack envelope (`kind = 0x01`) or a raw application datagram
+//!   (`kind = 0x02`).
+//! * `hello`, `welcome` and `reject` are always JSON, so a peer can read the
+//!   handshake before any codec is agreed.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The protocol version this crate speaks best.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Every protocol version this crate can speak, newest first.
+pub const SUPPORTED_VERSIONS: &[u8] = &[1];
+/// Length of the binary header in front of every binary message.
+pub const BINARY_HEADER_LEN: usize = 6;
+/// Binary header kind: a MessagePack envelope follows.
+pub const KIND_MSGPACK: u8 = 0x01;
+/// Binary header kind: a raw application datagram follows.
+pub const KIND_RAW: u8 = 0x02;
+/// Longest string (ids, reasons, capability names) accepted in a handshake.
+pub const MAX_TOKEN_LEN: usize = 256;
+/// Deepest nesting accepted in a MessagePack value, so hostile input cannot
+/// exhaust the stack.
+pub const MAX_MSGPACK_DEPTH: usize = 64;
+/// Most list entries (versions, codecs, capabilities) accepted in a handshake.
+pub const MAX_LIST_LEN: usize = 32;
+
+/// An envelope codec, agreed in the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    /// JSON in text messages: readable in any debugger. Every peer speaks it.
+    Json,
+    /// MessagePack in binary messages behind the binary header: compact.
+    MsgPack,
+}
+
+impl Codec {
+    /// The codec's name in `hello.codecs` and `welcome.codec`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Json => "json",
+            Codec::MsgPack => "msgpack",
+        }
+    }
+
+    /// The codec with this wire name; unknown names are `None` (and ignored).
+    pub fn from_name(name: &str) -> Option<Codec> {
+        match name {
+            "json" => Some(Codec::Json),
+            "msgpack" => Some(Codec::MsgPack),
+            _ => None,
+        }
+    }
+}
+
+/// How an application payload is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PayloadKind {
+    /// A JSON value.
+    Json,
+    /// A MessagePack value.
+    MsgPack,
+    /// Opaque bytes.
+    Binary,
+}
+
+/// An application payload: bytes plus how they are encoded.
+///
+/// JSON and MessagePack payloads are checked when constructed, so a payload
+/// the core accepted can always be embedded in an envelope the peer can read.
+/// Cloning is cheap (the bytes are reference-counted), which is how a
+/// broadcast shares one encoding among many receivers.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Payload {
+    kind: PayloadKind,
+    data: Bytes,
+}
+
+/// A payload was not what its constructor was promised.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PayloadError {
+    /// The bytes are not one valid JSON value.
+    #[error("payload is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The bytes are not exactly one valid MessagePack value.
+    #[error("payload is not valid MessagePack: {0}")]
+    InvalidMsgPack(String),
+}
+
+impl Payload {
+    /// A JSON payload. Fails unless `data` is exactly one JSON value.
+    pub fn json(data: impl Into<Bytes>) -> Result<Payload, PayloadError> {
+        let data = data.into();
+        serde_json::from_slice::<&RawValue>(&data)
+            .map_err(|e| PayloadError::InvalidJson(e.to_string()))?;
+        Ok(Payload {
+            kind: PayloadKind::Json,
+            data,
+        })
+    }
+
+    /// A MessagePack payload. Fails unless `data` is exactly one MessagePack value.
+    pub fn msgpack(data: impl Into<Bytes>) -> Result<Payload, PayloadError> {
+        let data = data.into();
+        let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(&data[..]));
+        de.set_max_depth(MAX_MSGPACK_DEPTH);
+        serde::de::IgnoredAny::deserialize(&mut de)
+            .map_err(|e| PayloadError::InvalidMsgPack(e.to_string()))?;
+        if de.position() != data.len() as u64 {
+            return Err(PayloadError::InvalidMsgPack(
+                "trailing bytes after the value".into(),
+            ));
+        }
+        Ok(Payload {
+            kind: PayloadKind::MsgPack,
+            data,
+        })
+    }
+
+    /// An opaque binary payload.
+    pub fn binary(data: impl Into<Bytes>) -> Payload {
+        Payload {
+            kind: PayloadKind::Binary,
+            data: data.into(),
+        }
+    }
+
+    /// How the bytes are encoded.
+    pub fn kind(&self) -> PayloadKind {
+        self.kind
+    }
+
+    /// The bytes.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            PayloadKind::Json => match std::str::from_utf8(&self.data) {
+                Ok(s) if s.len() <= 64 => write!(f, "Json({s})"),
+                _ => write!(f, "Json({} bytes)", self.data.len()),
+            },
+            PayloadKind::MsgPack => write!(f, "MsgPack({} bytes)", self.data.len()),
+            PayloadKind::Binary => write!(f, "Binary({} bytes)", self.data.len()),
+        }
+    }
+}
+
+/// A 128-bit identifier written as 32 lowercase hex digits on the wire.
+macro_rules! id128 {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub [u8; 16]);
+
+        impl $name {
+            /// The id as 32 lowercase hex digits.
+            pub fn to_hex(&self) -> String {
+                let mut s = String::with_capacity(32);
+                for b in self.0 {
+                    s.push(char::from(HEX[usize::from(b >> 4)]));
+                    s.push(char::from(HEX[usize::from(b & 0xf)]));
+                }
+                s
+            }
+
+            /// Parses 32 hex digits (either case).
+            pub fn from_hex(s: &str) -> Option<Self> {
+                let bytes = s.as_bytes();
+                if bytes.len() != 32 {
+                    return None;
+                }
+                let mut out = [0u8; 16];
+                for (i, pair) in bytes.chunks_exact(2).enumerate() {
+                    out[i] = (hex_val(pair[0])? << 4) | hex_val(pair[1])?;
+                }
+                Some($name(out))
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                // The first 8 digits are enough to tell ids apart in logs.
+                write!(f, "{}({}…)", stringify!($name), &self.to_hex()[..8])
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.to_hex())
+            }
+        }
+    };
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+id128!(
+    /// A session's identifier: 128 random bits from a cryptographic source,
+    /// chosen by the server and kept across reconnects.
+    SessionId
+);
+id128!(
+    /// A client instance's identifier: 128 bits the client's driver chooses.
+    ClientId
+);
+
+/// The client's opening frame.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hello {
+    /// Protocol versions the client speaks.
+    pub versions: Vec<u8>,
+    /// The client instance.
+    pub client: ClientId,
+    /// The session to resume, if any, with the last sequence number the
+    /// client delivered from the server.
+    pub resume: Option<Resume>,
+    /// Optional features the client supports. Unknown names are ignored.
+    pub caps: Vec<String>,
+    /// Codecs the client speaks, preferred first. Unknown names are ignored.
+    pub codecs: Vec<Codec>,
+}
+
+/// A resume request inside a [`Hello`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    /// The session to resume.
+    pub session: SessionId,
+    /// The last sequence number this side delivered to its application.
+    pub delivered: u64,
+}
+
+/// The server's acceptance of a [`Hello`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Welcome {
+    /// The chosen protocol version.
+    pub version: u8,
+    /// The chosen codec for every frame after this one.
+    pub codec: Codec,
+    /// The session this connection carries.
+    pub session: SessionId,
+    /// Whether the requested session was resumed.
+    pub resumed: bool,
+    /// Why a requested resume failed, if it did.
+    pub lost: Option<String>,
+    /// The last sequence number the server delivered from this client's
+    /// session (0 for a new session).
+    pub delivered: u64,
+    /// Optional features the server will use. Unknown names are ignored.
+    pub features: Vec<String>,
+    /// Client ping interval, in milliseconds.
+    pub ping_interval_ms: u64,
+    /// How long the client waits for a pong, in milliseconds.
+    pub pong_timeout_ms: u64,
+    /// The largest message the server accepts, in bytes.
+    pub max_message: u64,
+}
+
+/// The server's refusal of a [`Hello`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reject {
+    /// The close code the server closes with right after.
+    pub code: u16,
+    /// A machine-readable reason, e.g. `unsupported_version`.
+    pub reason: String,
+    /// Human-readable detail.
+    pub message: String,
+    /// The versions the server speaks (for a version mismatch).
+    pub versions: Vec<u8>,
+    /// How long to wait before retrying, if the server says.
+    pub retry_after_ms: Option<u64>,
+}
+
+/// A sequenced application message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Msg {
+    /// Position in the sender's stream for this session, from 1.
+    pub seq: u64,
+    /// The sender-assigned message id (an idempotency key together with the
+    /// sender's identity).
+    pub id: u64,
+    /// A piggybacked cumulative acknowledgment of the reverse stream.
+    pub ack: Option<u64>,
+    /// The sender's timestamp in milliseconds, if it supplied one.
+    pub ts: Option<u64>,
+    /// The application payload.
+    pub payload: Payload,
+}
+
+/// Everything that crosses the wire.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Frame {
+    /// Client opening frame.
+    Hello(Hello),
+    /// Server acceptance.
+    Welcome(Welcome),
+    /// Server refusal; the server closes right after.
+    Reject(Reject),
+    /// Heartbeat request; the peer answers with a pong carrying the nonce.
+    Ping {
+        /// Echoed in the pong.
+        nonce: u64,
+    },
+    /// Heartbeat answer.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// A sequenced application message.
+    Msg(Msg),
+    /// Cumulative acknowledgment: every message up to `ack` was delivered.
+    Ack {
+        /// Highest sequence number delivered in order.
+        ack: u64,
+    },
+    /// Gap report: send again everything from `from` on.
+    Replay {
+        /// The first sequence number the receiver is missing.
+        from: u64,
+    },
+    /// The server asks the client to reconnect (rotation, shutdown, overload).
+    GoAway {
+        /// The close code the server will use.
+        code: u16,
+        /// Wait at least this long before reconnecting, if set.
+        retry_after_ms: Option<u64>,
+    },
+    /// An unsequenced application datagram (binary header kind 0x02).
+    Raw(Bytes),
+    /// A well-formed envelope of a type this version does not know. Ignored.
+    Unknown(String),
+}
+
+impl Frame {
+    /// The frame's type as written in the envelope's `t` field.
+    pub fn type_name(&self) -> &str {
+        match self {
+            Frame::Hello(_) => "hello",
+            Frame::Welcome(_) => "welcome",
+            Frame::Reject(_) => "reject",
+            Frame::Ping { .. } => "ping",
+            Frame::Pong { .. } => "pong",
+            Frame::Msg(_) => "msg",
+            Frame::Ack { .. } => "ack",
+            Frame::Replay { .. } => "replay",
+            Frame::GoAway { .. } => "goaway",
+            Frame::Raw(_) => "raw",
+            Frame::Unknown(t) => t,
+        }
+    }
+}
+
+/// An incoming WebSocket message, as the transport handed it over.
+#[derive(Clone, Copy, Debug)]
+pub enum Incoming<'a> {
+    /// A text message.
+    Text(&'a str),
+    /// A binary message.
+    Binary(&'a [u8]),
+}
+
+impl Incoming<'_> {
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Incoming::Text(s) => s.len(),
+            Incoming::Binary(b) => b.len(),
+        }
+    }
+
+    /// Whether the message is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An outgoing WebSocket message for the driver to write.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// A text message; the bytes are valid UTF-8.
+    Text(Bytes),
+    /// A binary message.
+    Binary(Bytes),
+}
+
+impl Transmit {
+    /// The message's bytes.
+    pub fn data(&self) -> &Bytes {
+        match self {
+            Transmit::Text(b) | Transmit::Binary(b) => b,
+        }
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.data().len()
+    }
+
+    /// Whether the message is empty.
+    pub fn is_empty(&self) -> bool {
+        self.data().is_empty()
+    }
+
+    /// The same message as an [`Incoming`], as the peer would receive it.
+    pub fn as_incoming(&self) -> Incoming<'_> {
+        match self {
+            // Text transmits are built from serde_json output, which is UTF-8.
+            Transmit::Text(b) => Incoming::Text(std::str::from_utf8(b).unwrap_or("")),
+            Transmit::Binary(b) => Incoming::Binary(b),
+        }
+    }
+}
+
+impl fmt::Debug for Transmit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Transmit::Text(b) => match std::str::from_utf8(b) {
+                Ok(s) if s.len() <= 200 => write!(f, "Text({s})"),
+                _ => write!(f, "Text({} bytes)", b.len()),
+            },
+            Transmit::Binary(b) => write!(f, "Binary({} bytes)", b.len()),
+        }
+    }
+}
+
+/// Why an incoming message could not be decoded. Each variant names what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Bigger than the configured maximum; rejected before any parsing.
+    #[error("message of {size} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// The message's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A text message that is not a JSON envelope.
+    #[error("invalid JSON envelope at line {line}, column {column}: {message}")]
+    Json {
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error.
+        column: usize,
+        /// The parser's description.
+        message: String,
+    },
+    /// A binary message whose body is not a MessagePack envelope.
+    #[error("invalid MessagePack envelope: {message}")]
+    MsgPack {
+        /// The parser's description.
+        message: String,
+    },
+    /// A binary message shorter than the binary header.
+    #[error("binary message of {len} bytes is shorter than the {BINARY_HEADER_LEN}-byte header")]
+    ShortHeader {
+        /// The message's size.
+        len: usize,
+    },
+    /// The binary header's kind byte is not one this version knows.
+    #[error("binary header kind 0x{kind:02x} is unknown")]
+    UnknownBinaryKind {
+        /// The kind byte.
+        kind: u8,
+    },
+    /// The binary header's version byte is not the negotiated version.
+    #[error("binary header version {got}, the session speaks {expected}")]
+    VersionMismatch {
+        /// The version byte received.
+        got: u8,
+        /// The negotiated version.
+        expected: u8,
+    },
+    /// The binary header's length disagrees with the message.
+    #[error("binary header declares {declared} bytes, the message carries {actual}")]
+    LengthMismatch {
+        /// Length from the header.
+        declared: usize,
+        /// Bytes after the header.
+        actual: usize,
+    },
+    /// A frame lacks a field its type requires.
+    #[error("`{frame}` frame lacks required field `{field}`")]
+    MissingField {
+        /// The frame type.
+        frame: &'static str,
+        /// The missing field.
+        field: &'static str,
+    },
+    /// A field is present but its value is unusable.
+    #[error("field `{field}`: {reason}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Decoding limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest message accepted, in bytes, checked before parsing.
+    pub max_message: usize,
+    /// The negotiated protocol version, checked against the binary header.
+    pub version: u8,
+}
+
+/// One envelope in serde form. Generated twice, for the payload
+/// representations each codec uses: JSON embeds JSON payloads as raw JSON and
+/// carries other payloads in base64; MessagePack embeds JSON payloads as a
+/// string and other payloads as `bin`.
+macro_rules! envelope {
+    ($name:ident, $j:ty, $x:ty) => {
+        #[derive(Serialize, Deserialize, Default)]
+        struct $name<'a> {
+            #[serde(borrow)]
+            t: Cow<'a, str>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            seq: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            id: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            ack: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            ts: Option<u64>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            j: Option<$j>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            m: Option<$x>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            b: Option<$x>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            nonce: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            from: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            code: Option<u16>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            retry: Option<u64>,
+        }
+    };
+}
+
+envelope!(JsonEnvelope, &'a RawValue, Cow<'a, str>);
+envelope!(PackEnvelope, Cow<'a, str>, &'a serde_bytes::Bytes);
+
+/// The handshake frames, always JSON.
+#[derive(Serialize, Deserialize, Default)]
+struct HandshakeEnvelope<'a> {
+    #[serde(borrow)]
+    t: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    versions: Option<Vec<u8>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    client: Option<Cow<'a, str>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    session: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delivered: Option<u64>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    caps: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    codecs: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<u8>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    codec: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resumed: Option<bool>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    lost: Option<Cow<'a, str>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    features: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ping_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pong_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    code: Option<u16>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    reason: Option<Cow<'a, str>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    message: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retry: Option<u64>,
+}
+
+/// Probe used to route a text message: only the type is read first.
+#[derive(Deserialize)]
+struct TypeProbe<'a> {
+    #[serde(borrow)]
+    t: Cow<'a, str>,
+}
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn is_handshake(t: &str) -> bool {
+    matches!(t, "hello" | "welcome" | "reject")
+}
+
+fn json_error(e: &serde_json::Error) -> DecodeError {
+    DecodeError::Json {
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    }
+}
+
+fn need<T>(v: Option<T>, frame: &'static str, field: &'static str) -> Result<T, DecodeError> {
+    v.ok_or(DecodeError::MissingField { frame, field })
+}
+
+fn token(s: Cow<'_, str>, field: &'static str) -> Result<String, DecodeError> {
+    if s.len() > MAX_TOKEN_LEN {
+        return Err(DecodeError::InvalidField {
+            field,
+            reason: "longer than 256 bytes",
+        });
+    }
+    Ok(s.into_owned())
+}
+
+fn token_list(
+    v: Option<Vec<Cow<'_, str>>>,
+    field: &'static str,
+) -> Result<Vec<String>, DecodeError> {
+    let v = v.unwrap_or_default();
+    if v.len() > MAX_LIST_LEN {
+        return Err(DecodeError::InvalidField {
+            field,
+            reason: "more than 32 entries",
+        });
+    }
+    v.into_iter().map(|s| token(s, field)).collect()
+}
+
+/// Encodes a frame for the wire with the negotiated codec and version.
+///
+/// Handshake frames are always JSON; [`Frame::Raw`] always uses the binary
+/// header. Fails only if a frame cannot be represented (an [`Frame::Unknown`]).
+pub fn encode(frame: &Frame, codec: Codec, version: u8) -> Result<Transmit, EncodeError> {
+    match frame {
+        Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) => encode_handshake(frame),
+        Frame::Raw(data) => {
+            let mut out = Vec::with_capacity(BINARY_HEADER_LEN + data.len());
+            push_header(&mut out, KIND_RAW, version, data.len())?;
+            out.extend_from_slice(data);
+            Ok(Transmit::Binary(out.into()))
+        }
+        Frame::Unknown(_) => Err(EncodeError::Unrepresentable),
+        _ => match codec {
+            Codec::Json => encode_json(frame),
+            Codec::MsgPack => encode_msgpack(frame, version),
+        },
+    }
+}
+
+/// A frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The frame type cannot be sent (an unknown frame received from a peer).
+    #[error("this frame type cannot be encoded")]
+    Unrepresentable,
+    /// The frame is larger than the binary header can describe (4 GiB).
+    #[error("frame too large for the binary header")]
+    TooLarge,
+    /// The serializer failed.
+    #[error("serializer failed: {0}")]
+    Serializer(String),
+}
+
+fn push_header(out: &mut Vec<u8>, kind: u8, version: u8, len: usize) -> Result<(), EncodeError> {
+    let len = u32::try_from(len).map_err(|_| EncodeError::TooLarge)?;
+    out.push(kind);
+    out.push(version);
+    out.extend_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+fn encode_handshake(frame: &Frame) -> Result<Transmit, EncodeError> {
+    let mut env = HandshakeEnvelope::default();
+    let hex_session;
+    let hex_client;
+    match frame {
+        Frame::Hello(h) => {
+            env.t = "hello".into();
+            env.versions = Some(h.versions.clone());
+            hex_client = h.client.to_hex();
+            env.client = Some(hex_client.as_str().into());
+            if let Some(r) = &h.resume {
+                hex_session = r.session.to_hex();
+                env.session = Some(hex_session.as_str().into());
+                env.delivered = Some(r.delivered);
+            }
+            env.caps = Some(h.caps.iter().map(|c| c.as_str().into()).collect());
+            env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
+        }
+        Frame::Welcome(w) => {
+            env.t = "welcome".into();
+            env.version = Some(w.version);
+            env.codec = Some(w.codec.name().into());
+            hex_session = w.session.to_hex();
+            env.session = Some(hex_session.as_str().into());
+            env.resumed = Some(w.resumed);
+            env.lost = w.lost.as_deref().map(Cow::Borrowed);
+            env.delivered = Some(w.delivered);
+            env.features = Some(w.features.iter().map(|c| c.as_str().into()).collect());
+            env.ping_ms = Some(w.ping_interval_ms);
+            env.pong_ms = Some(w.pong_timeout_ms);
+            env.max = Some(w.max_message);
+        }
+        Frame::Reject(r) => {
+            env.t = "reject".into();
+            env.code = Some(r.code);
+            env.reason = Some(r.reason.as_str().into());
+            env.message = Some(r.message.as_str().into());
+            env.versions = Some(r.versions.clone());
+            env.retry = r.retry_after_ms;
+        }
+        _ => return Err(EncodeError::Unrepresentable),
+    }
+    serde_json::to_vec(&env)
+        .map(|v| Transmit::Text(v.into()))
+        .map_err(|e| EncodeError::Serializer(e.to_string()))
+}
+
+/// Fills the fields every non-handshake envelope shares; the payload is
+/// filled by the codec-specific caller.
+macro_rules! fill_common {
+    ($env:ident, $frame:expr) => {
+        match $frame {
+            Frame::Ping { nonce } => {
+                $env.t = "ping".into();
+                $env.nonce = Some(*nonce);
+            }
+            Frame::Pong { nonce } => {
+                $env.t = "pong".into();
+                $env.nonce = Some(*nonce);
+            }
+            Frame::Msg(m) => {
+                $env.t = "msg".into();
+                $env.seq = Some(m.seq);
+                $env.id = Some(m.id);
+                $env.ack = m.ack;
+                $env.ts = m.ts;
+            }
+            Frame::Ack { ack } => {
+                $env.t = "ack".into();
+                $env.ack = Some(*ack);
+            }
+            Frame::Replay { from } => {
+                $env.t = "replay".into();
+                $env.from = Some(*from);
+            }
+            Frame::GoAway {
+                code,
+                retry_after_ms,
+            } => {
+                $env.t = "goaway".into();
+                $env.code = Some(*code);
+                $env.retry = *retry_after_ms;
+            }
+            _ => return Err(EncodeError::Unrepresentable),
+        }
+    };
+}
+
+fn encode_json(frame: &Frame) -> Result<Transmit, EncodeError> {
+    let mut env = JsonEnvelope::default();
+    fill_common!(env, frame);
+    let encoded;
+    if let Frame::Msg(m) = frame {
+        let data = &m.payload.data;
+        match m.payload.kind {
+            PayloadKind::Json => {
+                // Checked at construction; a failure here means a bug, reported not panicked.
+                let raw: &RawValue = serde_json::from_slice(data)
+                    .map_err(|e| EncodeError::Serializer(e.to_string()))?;
+                env.j = Some(raw);
+            }
+            PayloadKind::MsgPack => {
+                encoded = B64.encode(data);
+                env.m = Some(encoded.as_str().into());
+            }
+            PayloadKind::Binary => {
+                encoded = B64.encode(data);
+                env.b = Some(encoded.as_str().into());
+            }
+        }
+    }
+    serde_json::to_vec(&env)
+        .map(|v| Transmit::Text(v.into()))
+        .map_err(|e| EncodeError::Serializer(e.to_string()))
+}
+
+fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
+    let mut env = PackEnvelope::default();
+    fill_common!(env, frame);
+    if let Frame::Msg(m) = frame {
+        let data: &[u8] = &m.payload.data;
+        match m.payload.kind {
+            PayloadKind::Json => {
+                let s = std::str::from_utf8(data)
+                    .map_err(|e| EncodeError::Serializer(e.to_string()))?;
+                env.j = Some(s.into());
+            }
+            PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
+            PayloadKind::Binary => env.b = Some(serde_bytes::Bytes::new(data)),
+        }
+    }
+    let mut out = Vec::with_capacity(BINARY_HEADER_LEN + 32 + frame_payload_len(frame));
+    out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
+    rmp_serde::encode::write_named(&mut out, &env)
+        .map_err(|e| EncodeError::Serializer(e.to_string()))?;
+    let body = out.len() - BINARY_HEADER_LEN;
+    let mut header = Vec::with_capacity(BINARY_HEADER_LEN);
+    push_header(&mut header, KIND_MSGPACK, version, body)?;
+    out[..BINARY_HEADER_LEN].copy_from_slice(&header);
+    Ok(Transmit::Binary(out.into()))
+}
+
+fn frame_payload_len(frame: &Frame) -> usize {
+    match frame {
+        Frame::Msg(m) => m.payload.len(),
+        _ => 0,
+    }
+}
+
+/// Decodes one incoming message. The size limit is checked before parsing.
+pub fn decode(msg: Incoming<'_>, limits: &Limits) -> Result<Frame, DecodeError> {
+    if msg.len() > limits.max_message {
+        return Err(DecodeError::TooLarge {
+            size: msg.len(),
+            max: limits.max_message,
+        });
+    }
+    match msg {
+        Incoming::Text(text) => decode_text(text),
+        Incoming::Binary(bytes) => decode_binary(bytes, limits.version),
+    }
+}
+
+fn decode_text(text: &str) -> Result<Frame, DecodeError> {
+    let probe: TypeProbe<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+    if is_handshake(&probe.t) {
+        let env: HandshakeEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+        return handshake_frame(env);
+    }
+    let env: JsonEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+    let payload = |env: &JsonEnvelope<'_>| -> Result<Payload, DecodeError> {
+        if let Some(raw) = env.j {
+            return Ok(Payload {
+                kind: PayloadKind::Json,
+                data: Bytes::copy_from_slice(raw.get().as_bytes()),
+            });
+        }
+        let (kind, field, text) = match (&env.m, &env.b) {
+            (Some(m), None) => (PayloadKind::MsgPack, "m", m),
+            (None, Some(b)) => (PayloadKind::Binary, "b", b),
+            (Some(_), Some(_)) => {
+                return Err(DecodeError::InvalidField {
+                    field: "m",
+                    reason: "a message carries exactly one payload",
+                })
+            }
+            (None, None) => {
+                return Err(DecodeError::MissingField {
+                    frame: "msg",
+                    field: "j",
+                })
+            }
+        };
+        let data = B64
+            .decode(text.as_bytes())
+            .map_err(|_| DecodeError::InvalidField {
+                field,
+                reason: "not valid base64",
+            })?;
+        Ok(Payload {
+            kind,
+            data: data.into(),
+        })
+    };
+    common_frame(
+        &env.t,
+        env.seq,
+        env.id,
+        env.ack,
+        env.ts,
+        env.nonce,
+        env.from,
+        env.code,
+        env.retry,
+        || payload(&env),
+    )
+}
+
+fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
+    if bytes.len() < BINARY_HEADER_LEN {
+        return Err(DecodeError::ShortHeader { len: bytes.len() });
+    }
+    let kind = bytes[0];
+    let got = bytes[1];
+    let declared = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
+    let body = &bytes[BINARY_HEADER_LEN..];
+    if kind != KIND_MSGPACK && kind != KIND_RAW {
+        return Err(DecodeError::UnknownBinaryKind { kind });
+    }
+    if got != version {
+        return Err(DecodeError::VersionMismatch {
+            got,
+            expected: version,
+        });
+    }
+    if declared != body.len() {
+        return Err(DecodeError::LengthMismatch {
+            declared,
+            actual: body.len(),
+        });
+    }
+    if kind == KIND_RAW {
+        return Ok(Frame::Raw(Bytes::copy_from_slice(body)));
+    }
+    // The header's length frames the body; the envelope is the one map at its
+    // start (rmp-serde's borrowing reader cannot report where the map ended).
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    de.set_max_depth(MAX_MSGPACK_DEPTH);
+    let env = PackEnvelope::deserialize(&mut de).map_err(|e| DecodeError::MsgPack {
+        message: e.to_string(),
+    })?;
+    let payload = |env: &PackEnvelope<'_>| -> Result<Payload, DecodeError> {
+        match (&env.j, env.m, env.b) {
+            (Some(j), None, None) => {
+                serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
+                    field: "j",
+                    reason: "not a JSON value",
+                })?;
+                Ok(Payload {
+                    kind: PayloadKind::Json,
+                    data: Bytes::copy_from_slice(j.as_bytes()),
+                })
+            }
+            (None, Some(m), None) => Ok(Payload {
+                kind: PayloadKind::MsgPack,
+                data: Bytes::copy_from_slice(m),
+            }),
+            (None, None, Some(b)) => Ok(Payload {
+                kind: PayloadKind::Binary,
+                data: Bytes::copy_from_slice(b),
+            }),
+            (None, None, None) => Err(DecodeError::MissingField {
+                frame: "msg",
+                field: "j",
+            }),
+            _ => Err(DecodeError::InvalidField {
+                field: "m",
+                reason: "a message carries exactly one payload",
+            }),
+        }
+    };
+    common_frame(
+        &env.t,
+        env.seq,
+        env.id,
+        env.ack,
+        env.ts,
+        env.nonce,
+        env.from,
+        env.code,
+        env.retry,
+        || payload(&env),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn common_frame(
+    t: &str,
+    seq: Option<u64>,
+    id: Option<u64>,
+    ack: Option<u64>,
+    ts: Option<u64>,
+    nonce: Option<u64>,
+    from: Option<u64>,
+    code: Option<u16>,
+    retry: Option<u64>,
+    payload: impl FnOnce() -> Result<Payload, DecodeError>,
+) -> Result<Frame, DecodeError> {
+    Ok(match t {
+        "ping" => Frame::Ping {
+            nonce: need(nonce, "ping", "nonce")?,
+        },
+        "pong" => Frame::Pong {
+            nonce: need(nonce, "pong", "nonce")?,
+        },
+        "msg" => {
+            let seq = need(seq, "msg", "seq")?;
+            if seq == 0 {
+                return Err(DecodeError::InvalidField {
+                    field: "seq",
+                    reason: "sequence numbers start at 1",
+                });
+            }
+            Frame::Msg(Msg {
+                seq,
+                id: need(id, "msg", "id")?,
+                ack,
+                ts,
+                payload: payload()?,
+            })
+        }
+        "ack" => Frame::Ack {
+            ack: need(ack, "ack", "ack")?,
+        },
+        "replay" => {
+            let from = need(from, "replay", "from")?;
+            if from == 0 {
+                return Err(DecodeError::InvalidField {
+                    field: "from",
+                    reason: "sequence numbers start at 1",
+                });
+            }
+            Frame::Replay { from }
+        }
+        "goaway" => Frame::GoAway {
+            code: need(code, "goaway", "code")?,
+            retry_after_ms: retry,
+        },
+        "" => {
+            return Err(DecodeError::InvalidField {
+                field: "t",
+                reason: "empty frame type",
+            })
+        }
+        "hello" | "welcome" | "reject" => {
+            return Err(DecodeError::InvalidField {
+                field: "t",
+                reason: "handshake frames are JSON text only",
+            })
+        }
+        other => Frame::Unknown(token(Cow::Borrowed(other), "t")?),
+    })
+}
+
+fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, DecodeError> {
+    let versions = |v: Option<Vec<u8>>, frame: &'static str| -> Result<Vec<u8>, DecodeError> {
+        let v = need(v, frame, "versions")?;
+        if v.len() > MAX_LIST_LEN {
+            return Err(DecodeError::InvalidField {
+                field: "versions",
+                reason: "more than 32 entries",
+            });
+        }
+        Ok(v)
+    };
+    Ok(match &*env.t {
+        "hello" => {
+            let client = need(env.client, "hello", "client")?;
+            let client = ClientId::from_hex(&client).ok_or(DecodeError::InvalidField {
+                field: "client",
+                reason: "not 32 hex digits",
+            })?;
+            let resume = match (env.session, env.delivered) {
+                (Some(s), Some(delivered)) => Some(Resume {
+                    session: SessionId::from_hex(&s).ok_or(DecodeError::InvalidField {
+                        field: "session",
+                        reason: "not 32 hex digits",
+                    })?,
+                    delivered,
+                }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(DecodeError::MissingField {
+                        frame: "hello",
+                        field: "delivered",
+                    })
+                }
+                (None, Some(_)) => {
+                    return Err(DecodeError::MissingField {
+                        frame: "hello",
+                        field: "session",
+                    })
+                }
+            };
+            let codecs = token_list(env.codecs, "codecs")?;
+            Frame::Hello(Hello {
+                versions: versions(env.versions, "hello")?,
+                client,
+                resume,
+                caps: token_list(env.caps, "caps")?,
+                codecs: codecs.iter().filter_map(|c| Codec::from_name(c)).collect(),
+            })
+        }
+        "welcome" => {
+            let codec = need(env.codec, "welcome", "codec")?;
+            let session = need(env.session, "welcome", "session")?;
+            Frame::Welcome(Welcome {
+                version: need(env.version, "welcome", "version")?,
+                codec: Codec::from_name(&codec).ok_or(DecodeError::InvalidField {
+                    field: "codec",
+                    reason: "unknown codec",
+                })?,
+                session: SessionId::from_hex(&session).ok_or(DecodeError::InvalidField {
+                    field: "session",
+                    reason: "not 32 hex digits",
+                })?,
+                resumed: env.resumed.unwrap_or(false),
+                lost: env.lost.map(|l| token(l, "lost")).transpose()?,
+                delivered: env.delivered.unwrap_or(0),
+                features: token_list(env.features, "features")?,
+                ping_interval_ms: need(env.ping_ms, "welcome", "ping_ms")?,
+                pong_timeout_ms: need(env.pong_ms, "welcome", "pong_ms")?,
+                max_message: need(env.max, "welcome", "max")?,
+            })
+        }
+        "reject" => Frame::Reject(Reject {
+            code: need(env.code, "reject", "code")?,
+            reason: token(need(env.reason, "reject", "reason")?, "reason")?,
+            message: env
+                .message
+                .map(|m| m.chars().take(MAX_TOKEN_LEN).collect())
+                .unwrap_or_default(),
+            versions: env.versions.unwrap_or_default(),
+            retry_after_ms: env.retry,
+        }),
+        _ => {
+            return Err(DecodeError::InvalidField {
+                field: "t",
+                reason: "not a handshake frame",
+            })
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_message: 1 << 20,
+        version: 1,
+    };
+
+    fn samples() -> Vec<Frame> {
+        let sid = SessionId([7; 16]);
+        vec![
+            Frame::Hello(Hello {
+                versions: vec![1],
+                client: ClientId([1; 16]),
+                resume: Some(Resume {
+                    session: sid,
+                    delivered: 41,
+                }),
+                caps: vec!["batch".into()],
+                codecs: vec![Codec::MsgPack, Codec::Json],
+            }),
+            Frame::Welcome(Welcome {
+                version: 1,
+                codec: Codec::MsgPack,
+                session: sid,
+                resumed: false,
+                lost: Some("unknown_session".into()),
+                delivered: 0,
+                features: vec![],
+                ping_interval_ms: 30_000,
+                pong_timeout_ms: 10_000,
+                max_message: 1 << 20,
+            }),
+            Frame::Reject(Reject {
+                code: 4001,
+                reason: "unsupported_version".into(),
+                message: "server speaks 1".into(),
+                versions: vec![1],
+                retry_after_ms: None,
+            }),
+            Frame::Ping { nonce: 9 },
+            Frame::Pong { nonce: u64::MAX },
+            Frame::Ack { ack: 12 },
+            Frame::Replay { from: 3 },
+            Frame::GoAway {
+                code: 1001,
+                retry_after_ms: Some(500),
+            },
+            Frame::Raw(Bytes::from_static(b"\x00\x01pos")),
+            Frame::Msg(Msg {
+                seq: 1,
+                id: 77,
+                ack: Some(4),
+                ts: Some(1_700_000_000_000),
+                payload: Payload::json(&br#"{"x":[1,2,"\u00e9"]}"#[..]).unwrap(),
+            }),
+            Frame::Msg(Msg {
+                seq: 2,
+                id: 78,
+                ack: None,
+                ts: None,
+                payload: Payload::binary(&b"\xff\x00bin"[..]),
+            }),
+            Frame::Msg(Msg {
+                seq: 3,
+                id: 79,
+                ack: None,
+                ts: None,
+                payload: Payload::msgpack(rmp_serde::to_vec(&(1, "two")).unwrap()).unwrap(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips_in_both_codecs() {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            for frame in samples() {
+                let wire = encode(&frame, codec, 1).unwrap();
+                let back = decode(wire.as_incoming(), &LIMITS)
+                    .unwrap_or_else(|e| panic!("{codec:?} {frame:?}: {e}"));
+                assert_eq!(back, frame, "{codec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn handshake_is_always_json_text() {
+        for frame in &samples()[..3] {
+            assert!(matches!(
+                encode(frame, Codec::MsgPack, 1).unwrap(),
+                Transmit::Text(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn json_envelope_is_readable() {
+        let t = encode(&samples()[9], Codec::Json, 1).unwrap();
+        let Transmit::Text(b) = t else { panic!() };
+        assert_eq!(
+            std::str::from_utf8(&b).unwrap(),
+            r#"{"t":"msg","seq":1,"id":77,"ack":4,"ts":1700000000000,"j":{"x":[1,2,"\u00e9"]}}"#
+        );
+    }
+
+    #[test]
+    fn size_is_checked_before_parsing() {
+        let big = "x".repeat(100);
+        let e = decode(
+            Incoming::Text(&big),
+            &Limits {
+                max_message: 10,
+                version: 1,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e, DecodeError::TooLarge { size: 100, max: 10 });
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let cases: &[(&str, DecodeError)] = &[
+            (
+                r#"{"t":"msg","id":1,"j":1}"#,
+                DecodeError::MissingField {
+                    frame: "msg",
+                    field: "seq",
+                },
+            ),
+            (
+                r#"{"t":"msg","seq":0,"id":1,"j":1}"#,
+                DecodeError::InvalidField {
+                    field: "seq",
+                    reason: "sequence numbers start at 1",
+                },
+            ),
+            (
+                r#"{"t":"ping"}"#,
+                DecodeError::MissingField {
+                    frame: "ping",
+                    field: "nonce",
+                },
+            ),
+            (
+                r#"{"t":"msg","seq":1,"id":1,"b":"!!"}"#,
+                DecodeError::InvalidField {
+                    field: "b",
+                    reason: "not valid base64",
+                },
+            ),
+            (
+                r#"{"t":"hello","versions":[1],"client":"zz"}"#,
+                DecodeError::InvalidField {
+                    field: "client",
+                    reason: "not 32 hex digits",
+                },
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                &decode(Incoming::Text(text), &LIMITS).unwrap_err(),
+                want,
+                "{text}"
+            );
+        }
+        assert!(matches!(
+            decode(Incoming::Text("{not json"), &LIMITS),
+            Err(DecodeError::Json { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn binary_header_is_validated() {
+        assert_eq!(
+            decode(Incoming::Binary(&[1, 1, 0]), &LIMITS).unwrap_err(),
+            DecodeError::ShortHeader { len: 3 }
+        );
+        assert_eq!(
+            decode(Incoming::Binary(&[9, 1, 0, 0, 0, 0]), &LIMITS).unwrap_err(),
+            DecodeError::UnknownBinaryKind { kind: 9 }
+        );
+        assert_eq!(
+            decode(Incoming::Binary(&[2, 2, 0, 0, 0, 0]), &LIMITS).unwrap_err(),
+            DecodeError::VersionMismatch {
+                got: 2,
+                expected: 1
+            }
+        );
+        assert_eq!(
+            decode(Incoming::Binary(&[2, 1, 5, 0, 0, 0, 1]), &LIMITS).unwrap_err(),
+            DecodeError::LengthMismatch {
+                declared: 5,
+                actual: 1
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_types_and_fields_are_tolerated() {
+        let f = decode(Incoming::Text(r#"{"t":"future","zz":[1]}"#), &LIMITS).unwrap();
+        assert_eq!(f, Frame::Unknown("future".into()));
+        let f = decode(
+            Incoming::Text(r#"{"t":"ping","nonce":3,"extra":{"a":1}}"#),
+            &LIMITS,
+        )
+        .unwrap();
+        assert_eq!(f, Frame::Ping { nonce: 3 });
+        let hello = r#"{"t":"hello","versions":[1],"client":"0102030405060708090a0b0c0d0e0f10","codecs":["cbor","json"],"caps":["teleport"]}"#;
+        let Frame::Hello(h) = decode(Incoming::Text(hello), &LIMITS).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.codecs, vec![Codec::Json]);
+        assert_eq!(h.caps, vec!["teleport".to_string()]);
+    }
+
+    #[test]
+    fn payload_constructors_validate() {
+        assert!(Payload::json(&b"{\"a\":1}"[..]).is_ok());
+        assert!(Payload::json(&b"{\"a\":"[..]).is_err());
+        assert!(Payload::json(&b"1 2"[..]).is_err());
+        assert!(Payload::msgpack(vec![0x92, 0x01, 0x02]).is_ok());
+        assert!(Payload::msgpack(vec![0x92, 0x01]).is_err());
+        assert!(Payload::msgpack(vec![0x01, 0x02]).is_err());
+    }
+
+    #[test]
+    fn ids_round_trip_through_hex() {
+        let id = SessionId([0xab; 16]);
+        assert_eq!(SessionId::from_hex(&id.to_hex()), Some(id));
+        assert_eq!(SessionId::from_hex("AB").map(|_| ()), None);
+        assert_eq!(ClientId::from_hex(&"G".repeat(32)), None);
+    }
+}
