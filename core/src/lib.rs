@@ -4,3 +4,10 @@
 pub mod time;
 
 pub use time::Instant;
+
+// Conflict-free shared state and per-connection flow control.
+pub mod hlc;
+pub mod lww;
+
+pub use hlc::{Hlc, HlcTimestamp};
+pub use lww::{LwwMap, LwwUpdate};
