@@ -8,6 +8,8 @@ pub use time::Instant;
 // Conflict-free shared state and per-connection flow control.
 pub mod hlc;
 pub mod lww;
+pub mod ratelimit;
 
 pub use hlc::{Hlc, HlcTimestamp};
 pub use lww::{LwwMap, LwwUpdate};
+pub use ratelimit::{RateLimitConfig, RateLimiter};
