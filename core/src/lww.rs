@@ -27,10 +27,10 @@
 //!   timestamp than anything the replica has seen, whatever its wall clock says.
 //! - **A server stamps writes and broadcasts the result.** Clients send
 //!   intents (for example over REST); the server applies them with
-//!   [`LwwMap::set_local`] on its own clock and broadcasts
-//!   [`LwwMap::update_for`] the key. Clients only [`apply`](LwwMap::apply) what
-//!   the server broadcasts, so broadcasts that arrive out of order resolve to
-//!   the server's order.
+//!   [`LwwMap::set_local`] on its own clock and broadcasts the key's new state,
+//!   [`LwwMap::update_for`]. Clients only [`apply`](LwwMap::apply) what the
+//!   server broadcasts, so broadcasts that arrive out of order resolve to the
+//!   order in which the server took the writes.
 //!
 //! The drift guard of [`Hlc::observe`] is for replicas that take timestamps
 //! from peers they do not trust, typically a server receiving from clients. A
@@ -979,6 +979,26 @@ mod tests {
             Ok(Applied::Applied)
         );
         assert!(clock.last() > ts(5_000, 3, 2));
+    }
+
+    #[test]
+    fn updates_round_trip_through_serde() {
+        let set = LwwUpdate::set("volume".to_string(), 900u32, ts(1_000, 2, 3));
+        let json = serde_json::to_string(&set).unwrap();
+        assert_eq!(
+            json,
+            r#"{"key":"volume","value":900,"ts":{"physical_ms":1000,"logical":2,"node":3}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<LwwUpdate<String, u32>>(&json).unwrap(),
+            set
+        );
+        let del = LwwUpdate::<String, u32>::delete("volume".to_string(), ts(1_001, 0, 3));
+        let packed = rmp_serde::to_vec(&del).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<LwwUpdate<String, u32>>(&packed).unwrap(),
+            del
+        );
     }
 
     /// A setting is changed twice over REST (to 0.8, then 0.9); the broadcast
