@@ -203,9 +203,8 @@ impl<K: Ord + Clone, V> Coalescer<K, V> {
     ///
     /// [`CoalesceError::Full`] if the key is new and `max_keys` keys are
     /// tracked, none of which can be forgotten (see the error). Nothing
-    /// changes, and the value is handed back to no one: the caller still has
-    /// the data it pushed from, and decides whether to send it unthrottled,
-    /// drop it, or retry later.
+    /// changes and the value is dropped; the caller decides whether to send
+    /// its data unthrottled, drop it, or retry once a key frees up.
     pub fn push(&mut self, now: Instant, key: K, value: V) -> Result<Pushed<K, V>, CoalesceError> {
         if !self.slots.contains_key(&key) {
             self.make_room(now)?;
