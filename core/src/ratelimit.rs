@@ -54,11 +54,8 @@
 
 use core::time::Duration;
 
+use crate::close::CloseCode;
 use crate::time::Instant;
-
-/// WebSocket close code for a policy violation (RFC 6455, section 7.4.1),
-/// used with [`RateLimitPolicy::Close`].
-pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
 
 /// Fixed-point units per token; also nanoseconds per second, which is what
 /// makes a rate in tokens per second a rate in units per nanosecond.
@@ -71,16 +68,16 @@ pub enum RateLimitPolicy {
     /// Drop the offending message, report it, and keep the connection.
     #[default]
     Drop,
-    /// Close the connection with [`CLOSE_POLICY_VIOLATION`] (1008).
+    /// Close the connection with [`CloseCode::POLICY_VIOLATION`] (1008).
     Close,
 }
 
 impl RateLimitPolicy {
     /// The WebSocket close code to send, if the policy closes.
-    pub const fn close_code(self) -> Option<u16> {
+    pub const fn close_code(self) -> Option<CloseCode> {
         match self {
             RateLimitPolicy::Drop => None,
-            RateLimitPolicy::Close => Some(CLOSE_POLICY_VIOLATION),
+            RateLimitPolicy::Close => Some(CloseCode::POLICY_VIOLATION),
         }
     }
 }
@@ -550,7 +547,7 @@ mod tests {
         match limiter.check(ms(0), 1) {
             RateDecision::Exceeded { policy, .. } => {
                 assert_eq!(policy, RateLimitPolicy::Close);
-                assert_eq!(policy.close_code(), Some(1008));
+                assert_eq!(policy.close_code(), Some(CloseCode::POLICY_VIOLATION));
             }
             other => panic!("expected Exceeded, got {other:?}"),
         }

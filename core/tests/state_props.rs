@@ -500,7 +500,7 @@ fn run_coalescer(
                 while let Some(out) = c.poll_ready(now) {
                     model.deliver(&out, Some(now))?;
                 }
-                prop_assert!(c.poll_timeout().map_or(true, |due| due > now));
+                prop_assert!(c.poll_timeout().is_none_or(|due| due > now));
             }
         }
         // Every key whose latest value is undelivered has exactly one value
