@@ -308,6 +308,12 @@ pub enum Event {
         /// Why.
         error: SendError,
     },
+    /// The server asks for a fresh credential within `within`; answer with
+    /// [`Client::send_token`] or the server closes with 4401.
+    TokenExpiring {
+        /// Time left.
+        within: Duration,
+    },
     /// A new round-trip time sample from a ping.
     Rtt(Duration),
     /// An incoming frame could not be decoded; it was dropped.
@@ -708,6 +714,23 @@ impl Client {
             });
         }
         self.transmit(&Frame::Raw(data));
+        Ok(())
+    }
+
+    /// Sends a fresh credential, answering [`Event::TokenExpiring`]. Only on
+    /// an open connection (a new connection carries its token in the upgrade).
+    pub fn send_token(&mut self, now: Instant, token: String) -> Result<(), SendError> {
+        self.advance(now);
+        if self.state != State::Open {
+            return Err(SendError::NotOpen);
+        }
+        if token.len() > wire::MAX_TOKEN_BYTES {
+            return Err(SendError::TooLarge {
+                size: token.len(),
+                max: wire::MAX_TOKEN_BYTES,
+            });
+        }
+        self.transmit(&Frame::Auth { token });
         Ok(())
     }
 
@@ -1183,6 +1206,9 @@ impl Client {
                 },
             ) => self.on_goaway(CloseCode(code), retry_after_ms),
             (State::Open, Frame::Raw(data)) => self.emit(Event::Datagram(data)),
+            (State::Open, Frame::Reauth { within_ms }) => self.emit(Event::TokenExpiring {
+                within: Duration::from_millis(within_ms),
+            }),
             (_, Frame::Unknown(_)) => self.stats.unknown_frames += 1,
             (State::Open, f) => {
                 self.protocol_error(format!("unexpected `{}` on an open session", f.type_name()))

@@ -123,6 +123,17 @@ pub enum ServerEvent {
         /// The code.
         code: CloseCode,
     },
+    /// A client sent a fresh credential (answering
+    /// [`Server::request_reauth`]). Validate it, then call
+    /// [`Server::accept_token`] or close with [`CloseCode::UNAUTHORIZED`].
+    TokenReceived {
+        /// The connection.
+        connection: ConnectionId,
+        /// Its session.
+        session: SessionId,
+        /// The credential.
+        token: String,
+    },
     /// An incoming frame could not be decoded.
     DecodeFailed {
         /// The connection.
@@ -222,6 +233,8 @@ pub enum ServerTimer {
     AckTimeout(SessionId),
     /// A detached session's grace period ends.
     Expiry(SessionId),
+    /// A connection asked to re-authenticate must have done so by now.
+    Reauth(ConnectionId),
 }
 
 /// The next deadline and why it is set.
@@ -252,6 +265,7 @@ struct Conn {
     in_grace: bool,
     decode_failures: u32,
     hello_deadline: Option<Instant>,
+    reauth_deadline: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -373,6 +387,7 @@ impl Server {
                 in_grace: false,
                 decode_failures: 0,
                 hello_deadline: Some(deadline),
+                reauth_deadline: None,
             },
         );
         self.stats.connections_opened += 1;
@@ -533,6 +548,37 @@ impl Server {
             );
         }
         self.disconnect(connection, code, "go away");
+    }
+
+    /// Tells a connection's client that its credential is expiring: it must
+    /// send a fresh one within `within` (answered by
+    /// [`ServerEvent::TokenReceived`]) or the connection is closed with 4401.
+    pub fn request_reauth(&mut self, now: Instant, connection: ConnectionId, within: Duration) {
+        self.advance(now);
+        let Some(conn) = self.conns.get_mut(&connection) else {
+            return;
+        };
+        if !matches!(conn.phase, ConnPhase::Open { .. }) {
+            return;
+        }
+        let at = self.now + within;
+        conn.reauth_deadline = Some(at);
+        self.arm(at, ServerTimer::Reauth(connection));
+        self.transmit(
+            connection,
+            &Frame::Reauth {
+                within_ms: duration_ms(within),
+            },
+        );
+    }
+
+    /// The credential from [`ServerEvent::TokenReceived`] is valid: cancels
+    /// the re-authentication deadline.
+    pub fn accept_token(&mut self, now: Instant, connection: ConnectionId) {
+        self.advance(now);
+        if let Some(conn) = self.conns.get_mut(&connection) {
+            conn.reauth_deadline = None;
+        }
     }
 
     /// Ends a session now: closes its connection with 1000 and forgets it.
@@ -722,6 +768,15 @@ impl Server {
                 }
             }
             ServerTimer::Idle(c) => self.check_idle(c),
+            ServerTimer::Reauth(c) => {
+                if self
+                    .conns
+                    .get(&c)
+                    .is_some_and(|conn| conn.reauth_deadline == Some(at))
+                {
+                    self.disconnect(c, CloseCode::UNAUTHORIZED, "credential expired");
+                }
+            }
             ServerTimer::AckDelay(s) => {
                 if self.sessions.get(&s).and_then(|s| s.ack_due) == Some(at) {
                     self.flush_ack(s);
@@ -1070,12 +1125,20 @@ impl Server {
                 }
             }
             Frame::Raw(data) => self.emit(ServerEvent::Datagram { session, data }),
-            Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) | Frame::GoAway { .. } => self
-                .disconnect(
-                    connection,
-                    CloseCode::PROTOCOL_ERROR,
-                    "handshake frame on an open session",
-                ),
+            Frame::Auth { token } => self.emit(ServerEvent::TokenReceived {
+                connection,
+                session,
+                token,
+            }),
+            Frame::Hello(_)
+            | Frame::Welcome(_)
+            | Frame::Reject(_)
+            | Frame::GoAway { .. }
+            | Frame::Reauth { .. } => self.disconnect(
+                connection,
+                CloseCode::PROTOCOL_ERROR,
+                "server-only frame from a client",
+            ),
         }
     }
 

@@ -37,6 +37,8 @@ pub const MAX_TOKEN_LEN: usize = 256;
 /// Deepest nesting accepted in a MessagePack value, so hostile input cannot
 /// exhaust the stack.
 pub const MAX_MSGPACK_DEPTH: usize = 64;
+/// Longest credential accepted in an `auth` frame.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Most list entries (versions, codecs, capabilities) accepted in a handshake.
 pub const MAX_LIST_LEN: usize = 32;
 
@@ -366,6 +368,17 @@ pub enum Frame {
         /// Wait at least this long before reconnecting, if set.
         retry_after_ms: Option<u64>,
     },
+    /// The server asks for a fresh credential within `within_ms`, or it
+    /// closes the connection with 4401.
+    Reauth {
+        /// Milliseconds the client has to answer.
+        within_ms: u64,
+    },
+    /// The client's fresh credential, answering a `reauth`.
+    Auth {
+        /// The credential (for example a bearer token).
+        token: String,
+    },
     /// An unsequenced application datagram (binary header kind 0x02).
     Raw(Bytes),
     /// A well-formed envelope of a type this version does not know. Ignored.
@@ -385,6 +398,8 @@ impl Frame {
             Frame::Ack { .. } => "ack",
             Frame::Replay { .. } => "replay",
             Frame::GoAway { .. } => "goaway",
+            Frame::Reauth { .. } => "reauth",
+            Frame::Auth { .. } => "auth",
             Frame::Raw(_) => "raw",
             Frame::Unknown(t) => t,
         }
@@ -579,6 +594,10 @@ macro_rules! envelope {
             code: Option<u16>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             retry: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            within: Option<u64>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            token: Option<Cow<'a, str>>,
         }
     };
 }
@@ -805,6 +824,14 @@ macro_rules! fill_common {
                 $env.code = Some(*code);
                 $env.retry = *retry_after_ms;
             }
+            Frame::Reauth { within_ms } => {
+                $env.t = "reauth".into();
+                $env.within = Some(*within_ms);
+            }
+            Frame::Auth { token } => {
+                $env.t = "auth".into();
+                $env.token = Some(token.as_str().into());
+            }
             _ => return Err(EncodeError::Unrepresentable),
         }
     };
@@ -936,6 +963,10 @@ fn decode_text(text: &str) -> Result<Frame, DecodeError> {
         env.from,
         env.code,
         env.retry,
+        Extra {
+            within: env.within,
+            token: env.token.as_deref(),
+        },
         || payload(&env),
     )
 }
@@ -1013,8 +1044,18 @@ fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
         env.from,
         env.code,
         env.retry,
+        Extra {
+            within: env.within,
+            token: env.token.as_deref(),
+        },
         || payload(&env),
     )
+}
+
+/// Fields only some frame types use.
+struct Extra<'a> {
+    within: Option<u64>,
+    token: Option<&'a str>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1028,6 +1069,7 @@ fn common_frame(
     from: Option<u64>,
     code: Option<u16>,
     retry: Option<u64>,
+    extra: Extra<'_>,
     payload: impl FnOnce() -> Result<Payload, DecodeError>,
 ) -> Result<Frame, DecodeError> {
     Ok(match t {
@@ -1070,6 +1112,21 @@ fn common_frame(
             code: need(code, "goaway", "code")?,
             retry_after_ms: retry,
         },
+        "reauth" => Frame::Reauth {
+            within_ms: need(extra.within, "reauth", "within")?,
+        },
+        "auth" => {
+            let token = need(extra.token, "auth", "token")?;
+            if token.len() > MAX_TOKEN_BYTES {
+                return Err(DecodeError::InvalidField {
+                    field: "token",
+                    reason: "longer than 16 KiB",
+                });
+            }
+            Frame::Auth {
+                token: token.to_owned(),
+            }
+        }
         "" => {
             return Err(DecodeError::InvalidField {
                 field: "t",
@@ -1226,6 +1283,10 @@ mod tests {
                 retry_after_ms: Some(500),
             },
             Frame::Raw(Bytes::from_static(b"\x00\x01pos")),
+            Frame::Reauth { within_ms: 30_000 },
+            Frame::Auth {
+                token: "eyJhbGciOi.\"quoted\".sig".into(),
+            },
             Frame::Msg(Msg {
                 seq: 1,
                 id: 77,
@@ -1274,7 +1335,11 @@ mod tests {
 
     #[test]
     fn json_envelope_is_readable() {
-        let t = encode(&samples()[9], Codec::Json, 1).unwrap();
+        let msg = samples()
+            .into_iter()
+            .find(|f| matches!(f, Frame::Msg(m) if m.seq == 1))
+            .unwrap();
+        let t = encode(&msg, Codec::Json, 1).unwrap();
         let Transmit::Text(b) = t else { panic!() };
         assert_eq!(
             std::str::from_utf8(&b).unwrap(),
