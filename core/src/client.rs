@@ -1061,7 +1061,10 @@ impl Client {
         };
         self.inbound.reset_session();
         let had_session = self.session.take().is_some();
-        if had_session || !unconfirmed.is_empty() || !unsent.is_empty() {
+        // A replaced session always matters (server-side state is gone); a
+        // closed one only if messages were at stake.
+        let replaced = had_session && !matches!(reason, LostReason::Closed);
+        if replaced || !unconfirmed.is_empty() || !unsent.is_empty() {
             self.stats.sessions_lost += 1;
             self.emit(Event::SessionLost {
                 reason,
