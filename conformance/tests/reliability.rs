@@ -12,7 +12,7 @@ use kitestring_core::client::{Event, FailReason, LostReason, State};
 use kitestring_core::config::{ClientConfig, QueueConfig, ServerConfig};
 use kitestring_core::reliable::{MessageId, OverflowPolicy, ReliabilityConfig, SendError};
 use kitestring_core::server::{ServerEvent, SessionEnd};
-use kitestring_core::wire::{Codec, Frame, Msg, Payload, SessionId};
+use kitestring_core::wire::{Codec, Frame, Msg, MsgKind, Payload, SessionId};
 
 fn json(n: u64) -> Payload {
     Payload::json(format!("{{\"n\":{n}}}").into_bytes()).unwrap()
@@ -107,6 +107,7 @@ fn duplicate_frame_on_the_wire_is_dropped() {
             id: 100 + seq,
             ack: None,
             ts: None,
+            kind: MsgKind::Plain,
             payload: json(seq),
         })
     };
@@ -140,6 +141,7 @@ fn gap_asks_for_replay_once_and_recovers() {
             id: seq,
             ack: None,
             ts: None,
+            kind: MsgKind::Plain,
             payload: json(seq),
         })
     };

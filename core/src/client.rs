@@ -7,7 +7,7 @@
 //! lists. It never touches a socket, a clock or the OS: the driver feeds it
 //! inputs and carries out its outputs (see the crate docs for the loop).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use core::time::Duration;
@@ -20,8 +20,8 @@ use crate::rng::Rng;
 use crate::time::Instant;
 use crate::timer::{TimerKind, TimerTable};
 use crate::wire::{
-    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, Payload, Reject,
-    Resume, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
+    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
+    Reject, Resume, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
 };
 
 /// Identifies one transport (one WebSocket connection attempt). A new id is
@@ -237,8 +237,44 @@ pub struct Received {
     pub seq: u64,
     /// The sender's timestamp in milliseconds, if it set one.
     pub timestamp: Option<u64>,
+    /// Whether the sender expects a response (answer with `respond`,
+    /// quoting `id`).
+    pub request: bool,
+    /// The request this message answers, if it is a response.
+    pub response_to: Option<MessageId>,
     /// The payload.
     pub payload: Payload,
+}
+
+impl Received {
+    pub(crate) fn from_msg(m: Msg) -> Received {
+        Received {
+            id: MessageId(m.id),
+            seq: m.seq,
+            timestamp: m.ts,
+            request: m.kind == MsgKind::Request,
+            response_to: match m.kind {
+                MsgKind::Response(to) => Some(MessageId(to)),
+                _ => None,
+            },
+            payload: m.payload,
+        }
+    }
+}
+
+/// Why a request got no response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No response within the request's timeout.
+    #[error("no response within the timeout")]
+    TimedOut,
+    /// The session was lost; a response, if one was sent, went with it.
+    #[error("the session was lost")]
+    SessionLost,
+    /// The session was closed.
+    #[error("the session was closed")]
+    Closed,
 }
 
 /// Why a session's accepted messages were given up on.
@@ -280,6 +316,26 @@ pub enum Event {
     },
     /// A message from the peer, in order, exactly once.
     Message(Received),
+    /// The response to one of this side's requests.
+    Response {
+        /// The request it answers.
+        request: MessageId,
+        /// The response message.
+        response: Received,
+    },
+    /// A response arrived for a request that timed out or was cancelled; it
+    /// was discarded.
+    LateResponse {
+        /// The request it answered.
+        request: MessageId,
+    },
+    /// A request will get no response.
+    RequestFailed {
+        /// The request.
+        request: MessageId,
+        /// Why.
+        error: RequestError,
+    },
     /// An unsequenced datagram from the peer.
     Datagram(Bytes),
     /// The peer acknowledged every message with an id in `first..=last`.
@@ -362,10 +418,12 @@ pub enum Timer {
     AckTimeout,
     /// A local close has waited long enough for the transport.
     Close,
+    /// The earliest pending request times out.
+    Request,
 }
 
 impl TimerKind for Timer {
-    const COUNT: usize = 8;
+    const COUNT: usize = 9;
     const ALL: &'static [Timer] = &[
         Timer::Connect,
         Timer::Backoff,
@@ -375,6 +433,7 @@ impl TimerKind for Timer {
         Timer::AckDelay,
         Timer::AckTimeout,
         Timer::Close,
+        Timer::Request,
     ];
     fn index(self) -> usize {
         self as usize
@@ -499,7 +558,9 @@ pub struct Client {
     failures: u32,
     auth_retry_used: bool,
     retry_hint: Option<Duration>,
-    timers: TimerTable<Timer, 8>,
+    timers: TimerTable<Timer, 9>,
+    requests: BTreeMap<MessageId, Instant>,
+    request_deadlines: BTreeSet<(Instant, MessageId)>,
     conn: Option<Conn>,
     session: Option<SessionId>,
     outbound: Outbound,
@@ -535,6 +596,8 @@ impl Client {
             auth_retry_used: false,
             retry_hint: None,
             timers: TimerTable::new(),
+            requests: BTreeMap::new(),
+            request_deadlines: BTreeSet::new(),
             conn: None,
             session: None,
             outbound,
@@ -740,6 +803,109 @@ impl Client {
         payload: Payload,
         ts: Option<u64>,
     ) -> Result<MessageId, SendError> {
+        self.enqueue(now, payload, ts, MsgKind::Plain)
+    }
+
+    /// Sends a request: a reliable message the peer answers with a response.
+    /// The answer arrives as [`Event::Response`]; if none arrives within
+    /// `timeout`, [`Event::RequestFailed`] with [`RequestError::TimedOut`].
+    /// A request in flight across a reconnect is answered once the session
+    /// resumes; if the session is lost, it fails with
+    /// [`RequestError::SessionLost`].
+    pub fn request(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        timeout: Duration,
+    ) -> Result<MessageId, SendError> {
+        self.advance(now);
+        let max = self.config.max_pending_requests;
+        if self.requests.len() >= max {
+            return Err(SendError::TooManyRequests { max });
+        }
+        let id = self.enqueue(now, payload, None, MsgKind::Request)?;
+        let deadline = self.now + timeout;
+        self.requests.insert(id, deadline);
+        self.request_deadlines.insert((deadline, id));
+        self.arm_request_timer();
+        Ok(id)
+    }
+
+    /// Stops waiting for a request's response. Returns whether it was
+    /// pending. A response that arrives later is reported as
+    /// [`Event::LateResponse`] and discarded.
+    pub fn cancel_request(&mut self, now: Instant, request: MessageId) -> bool {
+        self.advance(now);
+        let Some(deadline) = self.requests.remove(&request) else {
+            return false;
+        };
+        self.request_deadlines.remove(&(deadline, request));
+        self.arm_request_timer();
+        true
+    }
+
+    /// Answers a request the peer sent (a [`Received`] with `request: true`).
+    pub fn respond(
+        &mut self,
+        now: Instant,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, SendError> {
+        self.enqueue(now, payload, None, MsgKind::Response(request.0))
+    }
+
+    /// Requests waiting for a response.
+    pub fn pending_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn arm_request_timer(&mut self) {
+        match self.request_deadlines.first() {
+            Some((at, _)) => self.timers.set(Timer::Request, *at),
+            None => self.timers.stop(Timer::Request),
+        }
+    }
+
+    fn expire_requests(&mut self) {
+        while let Some(&(at, id)) = self.request_deadlines.first() {
+            if at > self.now {
+                break;
+            }
+            self.request_deadlines.pop_first();
+            self.requests.remove(&id);
+            self.emit(Event::RequestFailed {
+                request: id,
+                error: RequestError::TimedOut,
+            });
+        }
+        self.arm_request_timer();
+    }
+
+    /// Fails every pending request except those still waiting unsent (they
+    /// go out, and can be answered, in the next session).
+    fn fail_requests(&mut self, error: RequestError, keep: &[MessageId]) {
+        let failed: Vec<MessageId> = self
+            .requests
+            .keys()
+            .copied()
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in failed {
+            if let Some(deadline) = self.requests.remove(&id) {
+                self.request_deadlines.remove(&(deadline, id));
+            }
+            self.emit(Event::RequestFailed { request: id, error });
+        }
+        self.arm_request_timer();
+    }
+
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        ts: Option<u64>,
+        kind: MsgKind,
+    ) -> Result<MessageId, SendError> {
         self.advance(now);
         match self.state {
             State::Closing => return Err(SendError::NotConnected("closing")),
@@ -755,7 +921,12 @@ impl Client {
             });
         }
         let id = MessageId(self.next_id);
-        match self.outbound.push(Waiting { id, ts, payload }) {
+        match self.outbound.push(Waiting {
+            id,
+            ts,
+            kind,
+            payload,
+        }) {
             Ok(()) => {
                 self.next_id += 1;
                 self.flush();
@@ -1059,6 +1230,11 @@ impl Client {
         } else {
             Vec::new()
         };
+        let still_queued = self.outbound.waiting_ids();
+        let error = match reason {
+            LostReason::Closed => RequestError::Closed,
+            _ => RequestError::SessionLost,
+        };
         self.inbound.reset_session();
         let had_session = self.session.take().is_some();
         // A replaced session always matters (server-side state is gone); a
@@ -1072,6 +1248,7 @@ impl Client {
                 unsent,
             });
         }
+        self.fail_requests(error, &still_queued);
     }
 
     fn on_timer(&mut self, timer: Timer) {
@@ -1098,6 +1275,7 @@ impl Client {
             }
             Timer::AckDelay => self.flush_ack(),
             Timer::AckTimeout => self.check_ack_timeout(),
+            Timer::Request => self.expire_requests(),
             Timer::Close => {
                 if self.state == State::Closing {
                     self.transport = None;
@@ -1382,12 +1560,22 @@ impl Client {
         match self.inbound.on_msg(m.seq) {
             Verdict::Deliver => {
                 self.stats.messages_received += 1;
-                self.emit(Event::Message(Received {
-                    id: MessageId(m.id),
-                    seq: m.seq,
-                    timestamp: m.ts,
-                    payload: m.payload,
-                }));
+                let received = Received::from_msg(m);
+                match received.response_to {
+                    Some(request) => {
+                        if let Some(deadline) = self.requests.remove(&request) {
+                            self.request_deadlines.remove(&(deadline, request));
+                            self.arm_request_timer();
+                            self.emit(Event::Response {
+                                request,
+                                response: received,
+                            });
+                        } else {
+                            self.emit(Event::LateResponse { request });
+                        }
+                    }
+                    None => self.emit(Event::Message(received)),
+                }
                 if self.inbound.unacked() >= u64::from(self.config.reliability.ack_every) {
                     self.flush_ack();
                 } else if !self.timers.is_set(Timer::AckDelay) {

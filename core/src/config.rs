@@ -92,6 +92,8 @@ pub struct ClientConfig {
     pub versions: Vec<u8>,
     /// Optional capabilities advertised in the hello.
     pub capabilities: Vec<String>,
+    /// Most requests waiting for a response at once. Default 1024.
+    pub max_pending_requests: usize,
     /// Whether the driver can fetch a fresh token. If so, an authentication
     /// failure (HTTP 401, close 4401) is retried once at once; if not, it is
     /// terminal.
@@ -115,6 +117,7 @@ impl Default for ClientConfig {
             codecs: vec![Codec::MsgPack, Codec::Json],
             versions: SUPPORTED_VERSIONS.to_vec(),
             capabilities: Vec::new(),
+            max_pending_requests: 1024,
             can_refresh_token: false,
         }
     }

@@ -23,7 +23,7 @@ use core::time::Duration;
 
 use crate::config::QueueConfig;
 use crate::time::Instant;
-use crate::wire::Payload;
+use crate::wire::{MsgKind, Payload};
 
 /// A message identifier, unique per sending machine and increasing in send
 /// order. Together with the sender's identity it is an idempotency key.
@@ -110,6 +110,12 @@ pub enum SendError {
     /// No such session (server side).
     #[error("no such session")]
     UnknownSession,
+    /// Too many requests are waiting for responses.
+    #[error("{max} requests already wait for responses")]
+    TooManyRequests {
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// A message accepted but not yet given a sequence number.
@@ -117,6 +123,7 @@ pub enum SendError {
 pub(crate) struct Waiting {
     pub(crate) id: MessageId,
     pub(crate) ts: Option<u64>,
+    pub(crate) kind: MsgKind,
     pub(crate) payload: Payload,
 }
 
@@ -126,6 +133,7 @@ pub(crate) struct Sent {
     pub(crate) seq: u64,
     pub(crate) id: MessageId,
     pub(crate) ts: Option<u64>,
+    pub(crate) kind: MsgKind,
     pub(crate) payload: Payload,
     /// When it was last put on a connection, if it has been.
     pub(crate) sent_at: Option<Instant>,
@@ -207,6 +215,7 @@ impl Outbound {
             seq,
             id: w.id,
             ts: w.ts,
+            kind: w.kind,
             payload: w.payload,
             sent_at: now,
         });
@@ -281,6 +290,11 @@ impl Outbound {
         self.waiting.drain(..).map(|w| w.id).collect()
     }
 
+    /// Ids of the messages still waiting, in order.
+    pub(crate) fn waiting_ids(&self) -> Vec<MessageId> {
+        self.waiting.iter().map(|w| w.id).collect()
+    }
+
     pub(crate) fn waiting_len(&self) -> usize {
         self.waiting.len()
     }
@@ -308,6 +322,7 @@ impl Outbound {
             id: s.id.0,
             ack: Some(ack),
             ts: s.ts,
+            kind: s.kind,
             payload: s.payload.clone(),
         })
     }
@@ -425,6 +440,7 @@ mod tests {
         Waiting {
             id: MessageId(id),
             ts: None,
+            kind: MsgKind::Plain,
             payload: Payload::binary(vec![0u8; 10]),
         }
     }

@@ -25,8 +25,8 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::reliable::{Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting};
 use crate::time::Instant;
 use crate::wire::{
-    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Payload, Reject, SessionId,
-    Transmit, Welcome, PROTOCOL_VERSION,
+    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, MsgKind, Payload, Reject,
+    SessionId, Transmit, Welcome, PROTOCOL_VERSION,
 };
 
 /// Deterministic hashing: iteration order must not depend on the process.
@@ -662,6 +662,29 @@ impl Server {
         payload: Payload,
         ts: Option<u64>,
     ) -> Result<MessageId, SendError> {
+        self.enqueue(now, session, payload, ts, MsgKind::Plain)
+    }
+
+    /// Answers a request a session's client sent (a [`Received`] with
+    /// `request: true`), reliably, wherever the session's connection is.
+    pub fn respond(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, SendError> {
+        self.enqueue(now, session, payload, None, MsgKind::Response(request.0))
+    }
+
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        payload: Payload,
+        ts: Option<u64>,
+        kind: MsgKind,
+    ) -> Result<MessageId, SendError> {
         self.advance(now);
         let max = self.config.max_message_size;
         if payload.len() > max {
@@ -675,7 +698,12 @@ impl Server {
             .get_mut(&session)
             .ok_or(SendError::UnknownSession)?;
         let id = MessageId(self.next_id);
-        match s.outbound.push(Waiting { id, ts, payload }) {
+        match s.outbound.push(Waiting {
+            id,
+            ts,
+            kind,
+            payload,
+        }) {
             Ok(()) => {
                 self.next_id += 1;
                 self.flush(session);
@@ -1079,12 +1107,7 @@ impl Server {
                         self.stats.messages_in += 1;
                         self.emit(ServerEvent::Message {
                             session,
-                            message: Received {
-                                id: MessageId(m.id),
-                                seq: m.seq,
-                                timestamp: m.ts,
-                                payload: m.payload,
-                            },
+                            message: Received::from_msg(m),
                         });
                         if flush_now {
                             self.flush_ack(session);

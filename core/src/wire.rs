@@ -325,8 +325,23 @@ pub struct Msg {
     pub ack: Option<u64>,
     /// The sender's timestamp in milliseconds, if it supplied one.
     pub ts: Option<u64>,
+    /// Whether this is a plain message, a request, or a response.
+    pub kind: MsgKind,
     /// The application payload.
     pub payload: Payload,
+}
+
+/// What a [`Msg`] is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum MsgKind {
+    /// A plain message.
+    #[default]
+    Plain,
+    /// A request: the receiver answers with a response naming this
+    /// message's `id` (`"rq":true` on the wire).
+    Request,
+    /// The response to the request whose `id` this is (`"rs":id` on the wire).
+    Response(u64),
 }
 
 /// Everything that crosses the wire.
@@ -595,6 +610,10 @@ macro_rules! envelope {
             #[serde(default, skip_serializing_if = "Option::is_none")]
             retry: Option<u64>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
+            rq: Option<bool>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            rs: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
             within: Option<u64>,
             #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
             token: Option<Cow<'a, str>>,
@@ -807,6 +826,11 @@ macro_rules! fill_common {
                 $env.id = Some(m.id);
                 $env.ack = m.ack;
                 $env.ts = m.ts;
+                match m.kind {
+                    MsgKind::Plain => {}
+                    MsgKind::Request => $env.rq = Some(true),
+                    MsgKind::Response(to) => $env.rs = Some(to),
+                }
             }
             Frame::Ack { ack } => {
                 $env.t = "ack".into();
@@ -966,6 +990,8 @@ fn decode_text(text: &str) -> Result<Frame, DecodeError> {
         Extra {
             within: env.within,
             token: env.token.as_deref(),
+            rq: env.rq,
+            rs: env.rs,
         },
         || payload(&env),
     )
@@ -1047,6 +1073,8 @@ fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
         Extra {
             within: env.within,
             token: env.token.as_deref(),
+            rq: env.rq,
+            rs: env.rs,
         },
         || payload(&env),
     )
@@ -1056,6 +1084,8 @@ fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
 struct Extra<'a> {
     within: Option<u64>,
     token: Option<&'a str>,
+    rq: Option<bool>,
+    rs: Option<u64>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1087,11 +1117,23 @@ fn common_frame(
                     reason: "sequence numbers start at 1",
                 });
             }
+            let kind = match (extra.rq, extra.rs) {
+                (None | Some(false), None) => MsgKind::Plain,
+                (Some(true), None) => MsgKind::Request,
+                (None | Some(false), Some(to)) => MsgKind::Response(to),
+                (Some(true), Some(_)) => {
+                    return Err(DecodeError::InvalidField {
+                        field: "rs",
+                        reason: "a message cannot be both a request and a response",
+                    })
+                }
+            };
             Frame::Msg(Msg {
                 seq,
                 id: need(id, "msg", "id")?,
                 ack,
                 ts,
+                kind,
                 payload: payload()?,
             })
         }
@@ -1292,6 +1334,7 @@ mod tests {
                 id: 77,
                 ack: Some(4),
                 ts: Some(1_700_000_000_000),
+                kind: MsgKind::Plain,
                 payload: Payload::json(&br#"{"x":[1,2,"\u00e9"]}"#[..]).unwrap(),
             }),
             Frame::Msg(Msg {
@@ -1299,6 +1342,7 @@ mod tests {
                 id: 78,
                 ack: None,
                 ts: None,
+                kind: MsgKind::Request,
                 payload: Payload::binary(&b"\xff\x00bin"[..]),
             }),
             Frame::Msg(Msg {
@@ -1306,6 +1350,7 @@ mod tests {
                 id: 79,
                 ack: None,
                 ts: None,
+                kind: MsgKind::Response(78),
                 payload: Payload::msgpack(rmp_serde::to_vec(&(1, "two")).unwrap()).unwrap(),
             }),
         ]
