@@ -15,7 +15,9 @@ use core::time::Duration;
 use crate::backoff::Jitter;
 use crate::close::{CloseCode, Disposition};
 use crate::config::{ClientConfig, ConfigError};
-use crate::reliable::{Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting};
+use crate::reliable::{
+    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting,
+};
 use crate::rng::Rng;
 use crate::time::Instant;
 use crate::timer::{TimerKind, TimerTable};
@@ -420,10 +422,12 @@ pub enum Timer {
     Close,
     /// The earliest pending request times out.
     Request,
+    /// The batch being collected goes out.
+    Batch,
 }
 
 impl TimerKind for Timer {
-    const COUNT: usize = 9;
+    const COUNT: usize = 10;
     const ALL: &'static [Timer] = &[
         Timer::Connect,
         Timer::Backoff,
@@ -434,6 +438,7 @@ impl TimerKind for Timer {
         Timer::AckTimeout,
         Timer::Close,
         Timer::Request,
+        Timer::Batch,
     ];
     fn index(self) -> usize {
         self as usize
@@ -441,7 +446,8 @@ impl TimerKind for Timer {
 }
 
 /// Timers that belong to one connection and die with it.
-const CONNECTION_TIMERS: [Timer; 7] = [
+const CONNECTION_TIMERS: [Timer; 8] = [
+    Timer::Batch,
     Timer::Connect,
     Timer::Ping,
     Timer::Liveness,
@@ -520,6 +526,8 @@ struct Conn {
     ping_interval: Duration,
     pong_timeout: Duration,
     peer_max_message: usize,
+    /// Whether the server said it can receive batch frames.
+    peer_batches: bool,
     /// The outstanding ping, for round-trip time.
     ping: Option<(u64, Instant)>,
     /// The last time anything arrived.
@@ -558,7 +566,8 @@ pub struct Client {
     failures: u32,
     auth_retry_used: bool,
     retry_hint: Option<Duration>,
-    timers: TimerTable<Timer, 9>,
+    timers: TimerTable<Timer, 10>,
+    batch: Batcher,
     requests: BTreeMap<MessageId, Instant>,
     request_deadlines: BTreeSet<(Instant, MessageId)>,
     conn: Option<Conn>,
@@ -596,6 +605,7 @@ impl Client {
             auth_retry_used: false,
             retry_hint: None,
             timers: TimerTable::new(),
+            batch: Batcher::default(),
             requests: BTreeMap::new(),
             request_deadlines: BTreeSet::new(),
             conn: None,
@@ -975,7 +985,7 @@ impl Client {
             versions: self.config.versions.clone(),
             client: self.client_id,
             resume,
-            caps: self.config.capabilities.clone(),
+            caps: with_batch(&self.config.capabilities),
             codecs,
         });
         self.set_state(State::Handshaking { attempt });
@@ -1135,6 +1145,7 @@ impl Client {
 
     fn forget_connection(&mut self) {
         self.conn = None;
+        self.batch.clear();
         for t in CONNECTION_TIMERS {
             self.timers.stop(t);
         }
@@ -1276,6 +1287,7 @@ impl Client {
             Timer::AckDelay => self.flush_ack(),
             Timer::AckTimeout => self.check_ack_timeout(),
             Timer::Request => self.expire_requests(),
+            Timer::Batch => self.send_batch(),
             Timer::Close => {
                 if self.state == State::Closing {
                     self.transport = None;
@@ -1377,6 +1389,14 @@ impl Client {
             (State::Open, Frame::Ping { nonce }) => self.transmit(&Frame::Pong { nonce }),
             (State::Open, Frame::Pong { nonce }) => self.on_pong(nonce),
             (State::Open, Frame::Msg(m)) => self.on_msg(m),
+            (State::Open, Frame::Batch(msgs)) => {
+                for m in msgs {
+                    self.on_msg(m);
+                    if self.state != State::Open {
+                        break;
+                    }
+                }
+            }
             (State::Open, Frame::Ack { ack }) => self.on_ack(ack),
             (State::Open, Frame::Replay { from }) => self.on_replay(from),
             (
@@ -1433,6 +1453,7 @@ impl Client {
             ping_interval,
             pong_timeout,
             peer_max_message: peer_max,
+            peer_batches: w.features.iter().any(|f| f == CAP_BATCH),
             ping: None,
             last_rx: self.now,
             in_grace: false,
@@ -1627,6 +1648,10 @@ impl Client {
     }
 
     fn retransmit_from(&mut self, from: u64) {
+        // Everything collected for a batch is unacknowledged and numbered at
+        // or after `from`: the retransmission below carries it.
+        self.batch.clear();
+        self.timers.stop(Timer::Batch);
         let Some(conn) = &self.conn else { return };
         let (id, codec, version) = (conn.id, conn.codec, conn.version);
         let ack = self.inbound.delivered();
@@ -1655,8 +1680,13 @@ impl Client {
             return;
         }
         let Some(conn) = &self.conn else { return };
-        let (id, codec, version, peer_max) =
-            (conn.id, conn.codec, conn.version, conn.peer_max_message);
+        let (id, codec, version, peer_max, batches) = (
+            conn.id,
+            conn.codec,
+            conn.version,
+            conn.peer_max_message,
+            conn.peer_batches,
+        );
         loop {
             let ack = self.inbound.delivered();
             let Some(s) = self.outbound.sequence_next(Some(self.now)) else {
@@ -1680,9 +1710,25 @@ impl Client {
             self.inbound.acked_now();
             self.timers.stop(Timer::AckDelay);
             self.stats.messages_sent += 1;
-            self.transmit_on(id, &frame, codec, version);
+            match (&self.config.batch, frame) {
+                (Some(cfg), Frame::Msg(m)) if batches => {
+                    if self.batch.push(m, cfg) {
+                        self.send_batch();
+                    } else if !self.timers.is_set(Timer::Batch) {
+                        self.timers.set(Timer::Batch, self.now + cfg.window);
+                    }
+                }
+                (_, frame) => self.transmit_on(id, &frame, codec, version),
+            }
         }
         self.arm_ack_timeout();
+    }
+
+    fn send_batch(&mut self) {
+        self.timers.stop(Timer::Batch);
+        if let Some(frame) = self.batch.take() {
+            self.transmit(&frame);
+        }
     }
 
     /// Takes back the sequence number just given to a message that cannot be
@@ -1731,6 +1777,19 @@ impl Client {
         }
     }
 }
+
+/// Every Kitestring peer can receive batches, so it always says so.
+pub(crate) fn with_batch(caps: &[String]) -> Vec<String> {
+    let mut caps = caps.to_vec();
+    if !caps.iter().any(|c| c == CAP_BATCH) {
+        caps.push(CAP_BATCH.to_string());
+    }
+    caps
+}
+
+/// The capability (client) and feature (server) that announces "I can
+/// receive `batch` frames".
+pub const CAP_BATCH: &str = "batch";
 
 fn clamp_ms(ms: u64, min: u64, max: u64, fallback: Duration) -> Duration {
     if ms == 0 {

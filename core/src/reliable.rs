@@ -118,6 +118,62 @@ pub enum SendError {
     },
 }
 
+/// Batching settings: several small messages in one frame.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchConfig {
+    /// How long the first message of a batch may wait for company. Default 5 ms.
+    pub window: Duration,
+    /// A batch goes out at once when it holds this many messages. Default 64.
+    pub max_messages: usize,
+    /// A batch goes out at once when its payloads reach this many bytes.
+    /// Default 64 KiB.
+    pub max_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            window: Duration::from_millis(5),
+            max_messages: 64,
+            max_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Messages collected for one batch frame.
+#[derive(Debug, Default)]
+pub(crate) struct Batcher {
+    msgs: Vec<crate::wire::Msg>,
+    bytes: usize,
+}
+
+impl Batcher {
+    /// Adds a message; returns whether the batch is now full.
+    pub(crate) fn push(&mut self, m: crate::wire::Msg, cfg: &BatchConfig) -> bool {
+        self.bytes += m.payload.len();
+        self.msgs.push(m);
+        self.msgs.len() >= cfg.max_messages.clamp(1, crate::wire::MAX_BATCH)
+            || self.bytes >= cfg.max_bytes
+    }
+
+    /// The frame to send: one message alone, several as a batch.
+    pub(crate) fn take(&mut self) -> Option<crate::wire::Frame> {
+        self.bytes = 0;
+        match self.msgs.len() {
+            0 => None,
+            1 => self.msgs.pop().map(crate::wire::Frame::Msg),
+            _ => Some(crate::wire::Frame::Batch(core::mem::take(&mut self.msgs))),
+        }
+    }
+
+    /// Forgets the collected messages (they stay in the window and are
+    /// retransmitted on resume).
+    pub(crate) fn clear(&mut self) {
+        self.msgs.clear();
+        self.bytes = 0;
+    }
+}
+
 /// A message accepted but not yet given a sequence number.
 #[derive(Clone, Debug)]
 pub(crate) struct Waiting {

@@ -19,14 +19,16 @@ use std::hash::BuildHasherDefault;
 use bytes::Bytes;
 use core::time::Duration;
 
-use crate::client::Received;
+use crate::client::{with_batch, Received, CAP_BATCH};
 use crate::close::CloseCode;
 use crate::config::{ConfigError, ServerConfig};
-use crate::reliable::{Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting};
+use crate::reliable::{
+    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting,
+};
 use crate::time::Instant;
 use crate::wire::{
-    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, MsgKind, Payload, Reject,
-    SessionId, Transmit, Welcome, PROTOCOL_VERSION,
+    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
+    Reject, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
 };
 
 /// Deterministic hashing: iteration order must not depend on the process.
@@ -235,6 +237,8 @@ pub enum ServerTimer {
     Expiry(SessionId),
     /// A connection asked to re-authenticate must have done so by now.
     Reauth(ConnectionId),
+    /// A session's batch goes out.
+    Batch(SessionId),
 }
 
 /// The next deadline and why it is set.
@@ -253,6 +257,7 @@ enum ConnPhase {
         session: SessionId,
         codec: Codec,
         version: u8,
+        batches: bool,
     },
 }
 
@@ -278,6 +283,8 @@ struct Session {
     expires_at: Option<Instant>,
     ack_due: Option<Instant>,
     ack_timeout_at: Option<Instant>,
+    batch: Batcher,
+    batch_due: Option<Instant>,
 }
 
 /// The server machine.
@@ -762,6 +769,8 @@ impl Server {
         s.outbound.mark_unsent();
         s.ack_due = None;
         s.ack_timeout_at = None;
+        s.batch.clear();
+        s.batch_due = None;
         let expires = self.now + self.config.session_grace;
         s.expires_at = Some(expires);
         self.arm(expires, ServerTimer::Expiry(session));
@@ -796,6 +805,11 @@ impl Server {
                 }
             }
             ServerTimer::Idle(c) => self.check_idle(c),
+            ServerTimer::Batch(s) => {
+                if self.sessions.get(&s).and_then(|s| s.batch_due) == Some(at) {
+                    self.send_batch(s);
+                }
+            }
             ServerTimer::Reauth(c) => {
                 if self
                     .conns
@@ -1042,6 +1056,8 @@ impl Server {
                     expires_at: None,
                     ack_due: None,
                     ack_timeout_at: None,
+                    batch: Batcher::default(),
+                    batch_due: None,
                 },
             );
             self.stats.sessions_created += 1;
@@ -1053,6 +1069,7 @@ impl Server {
                 session,
                 codec,
                 version,
+                batches: h.caps.iter().any(|c| c == CAP_BATCH),
             };
             conn.hello_deadline = None;
         }
@@ -1063,7 +1080,7 @@ impl Server {
             resumed: resumed.is_some(),
             lost: lost.map(String::from),
             delivered,
-            features: self.config.features.clone(),
+            features: with_batch(&self.config.features),
             ping_interval_ms: duration_ms(self.config.ping_interval),
             pong_timeout_ms: duration_ms(self.config.pong_timeout),
             max_message: self.config.max_message_size as u64,
@@ -1087,43 +1104,12 @@ impl Server {
             Frame::Ping { nonce } => self.transmit(connection, &Frame::Pong { nonce }),
             Frame::Pong { .. } | Frame::Unknown(_) => {}
             Frame::Msg(m) => {
-                if let Some(ack) = m.ack {
-                    if !self.on_ack(connection, session, ack) {
-                        return;
-                    }
-                }
-                let ack_every = u64::from(self.config.reliability.ack_every);
-                let ack_delay = self.config.reliability.ack_delay;
-                let Some(s) = self.sessions.get_mut(&session) else {
-                    return;
-                };
-                match s.inbound.on_msg(m.seq) {
-                    Verdict::Deliver => {
-                        let flush_now = s.inbound.unacked() >= ack_every;
-                        let arm = !flush_now && s.ack_due.is_none();
-                        if arm {
-                            s.ack_due = Some(self.now + ack_delay);
-                        }
-                        self.stats.messages_in += 1;
-                        self.emit(ServerEvent::Message {
-                            session,
-                            message: Received::from_msg(m),
-                        });
-                        if flush_now {
-                            self.flush_ack(session);
-                        } else if arm {
-                            let at = self.now + ack_delay;
-                            self.arm(at, ServerTimer::AckDelay(session));
-                        }
-                    }
-                    Verdict::Duplicate => {
-                        self.stats.duplicates += 1;
-                        self.flush_ack(session);
-                    }
-                    Verdict::Gap { from, request } => {
-                        if request {
-                            self.transmit(connection, &Frame::Replay { from });
-                        }
+                self.on_msg(connection, session, m);
+            }
+            Frame::Batch(msgs) => {
+                for m in msgs {
+                    if !self.on_msg(connection, session, m) {
+                        break;
                     }
                 }
             }
@@ -1165,6 +1151,51 @@ impl Server {
         }
     }
 
+    /// Handles one incoming message; false if the connection is gone.
+    fn on_msg(&mut self, connection: ConnectionId, session: SessionId, m: Msg) -> bool {
+        if let Some(ack) = m.ack {
+            if !self.on_ack(connection, session, ack) {
+                return false;
+            }
+        }
+        let ack_every = u64::from(self.config.reliability.ack_every);
+        let ack_delay = self.config.reliability.ack_delay;
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return false;
+        };
+        match s.inbound.on_msg(m.seq) {
+            Verdict::Deliver => {
+                let flush_now = s.inbound.unacked() >= ack_every;
+                let arm = !flush_now && s.ack_due.is_none();
+                if arm {
+                    s.ack_due = Some(self.now + ack_delay);
+                }
+                self.stats.messages_in += 1;
+                self.emit(ServerEvent::Message {
+                    session,
+                    message: Received::from_msg(m),
+                });
+                if flush_now {
+                    self.flush_ack(session);
+                } else if arm {
+                    let at = self.now + ack_delay;
+                    self.arm(at, ServerTimer::AckDelay(session));
+                }
+            }
+            Verdict::Duplicate => {
+                self.stats.duplicates += 1;
+                self.flush_ack(session);
+            }
+            Verdict::Gap { from, request } => {
+                if request {
+                    self.transmit(connection, &Frame::Replay { from });
+                }
+            }
+        }
+
+        true
+    }
+
     /// Applies an acknowledgment; false if it was a protocol violation and
     /// the connection is gone.
     fn on_ack(&mut self, connection: ConnectionId, session: SessionId, ack: u64) -> bool {
@@ -1199,6 +1230,10 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
+        // What a batch was collecting is unacknowledged and numbered at or
+        // after `from`: the retransmission carries it.
+        s.batch.clear();
+        s.batch_due = None;
         let Some(conn) = s.conn else { return };
         let ack = s.inbound.delivered();
         let frames: Vec<Frame> = s
@@ -1224,31 +1259,57 @@ impl Server {
     /// Sequences waiting messages into the window; sends them if attached.
     fn flush(&mut self, session: SessionId) {
         let now = self.now;
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        let conn = s.conn;
-        let mut frames = Vec::new();
+        let batch_cfg = self.config.batch;
         loop {
+            let Some(s) = self.sessions.get_mut(&session) else {
+                return;
+            };
+            let conn = s.conn;
             let ack = s.inbound.delivered();
             let Some(m) = s.outbound.sequence_next(conn.map(|_| now)) else {
                 break;
             };
-            if conn.is_some() {
-                frames.push(Outbound::frame(m, ack));
+            // Detached: numbered into the window, sent on resume.
+            let Some(conn) = conn else { continue };
+            let frame = Outbound::frame(m, ack);
+            s.inbound.acked_now();
+            s.ack_due = None;
+            self.stats.messages_out += 1;
+            match (batch_cfg, frame) {
+                (Some(cfg), Frame::Msg(m)) if self.conn_batches(conn) => {
+                    let Some(s) = self.sessions.get_mut(&session) else {
+                        return;
+                    };
+                    if s.batch.push(m, &cfg) {
+                        self.send_batch(session);
+                    } else if s.batch_due.is_none() {
+                        let at = now + cfg.window;
+                        s.batch_due = Some(at);
+                        self.arm(at, ServerTimer::Batch(session));
+                    }
+                }
+                (_, frame) => self.transmit(conn, &frame),
             }
         }
-        let Some(conn) = conn else { return };
-        if frames.is_empty() {
-            return;
-        }
-        s.inbound.acked_now();
-        s.ack_due = None;
-        for f in &frames {
-            self.stats.messages_out += 1;
-            self.transmit(conn, f);
-        }
         self.arm_ack_timeout(session);
+    }
+
+    fn conn_batches(&self, conn: ConnectionId) -> bool {
+        matches!(
+            self.conns.get(&conn).map(|c| &c.phase),
+            Some(ConnPhase::Open { batches: true, .. })
+        )
+    }
+
+    fn send_batch(&mut self, session: SessionId) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        s.batch_due = None;
+        let (Some(conn), Some(frame)) = (s.conn, s.batch.take()) else {
+            return;
+        };
+        self.transmit(conn, &frame);
     }
 
     fn arm_ack_timeout(&mut self, session: SessionId) {

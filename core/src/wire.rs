@@ -39,6 +39,8 @@ pub const MAX_TOKEN_LEN: usize = 256;
 pub const MAX_MSGPACK_DEPTH: usize = 64;
 /// Longest credential accepted in an `auth` frame.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Most messages in one batch frame.
+pub const MAX_BATCH: usize = 1024;
 /// Most list entries (versions, codecs, capabilities) accepted in a handshake.
 pub const MAX_LIST_LEN: usize = 32;
 
@@ -366,6 +368,9 @@ pub enum Frame {
     },
     /// A sequenced application message.
     Msg(Msg),
+    /// Several messages in one frame, in order (only between peers that
+    /// announced the `batch` capability).
+    Batch(Vec<Msg>),
     /// Cumulative acknowledgment: every message up to `ack` was delivered.
     Ack {
         /// Highest sequence number delivered in order.
@@ -410,6 +415,7 @@ impl Frame {
             Frame::Ping { .. } => "ping",
             Frame::Pong { .. } => "pong",
             Frame::Msg(_) => "msg",
+            Frame::Batch(_) => "batch",
             Frame::Ack { .. } => "ack",
             Frame::Replay { .. } => "replay",
             Frame::GoAway { .. } => "goaway",
@@ -617,6 +623,8 @@ macro_rules! envelope {
             within: Option<u64>,
             #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
             token: Option<Cow<'a, str>>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            f: Option<Vec<$name<'a>>>,
         }
     };
 }
@@ -820,18 +828,6 @@ macro_rules! fill_common {
                 $env.t = "pong".into();
                 $env.nonce = Some(*nonce);
             }
-            Frame::Msg(m) => {
-                $env.t = "msg".into();
-                $env.seq = Some(m.seq);
-                $env.id = Some(m.id);
-                $env.ack = m.ack;
-                $env.ts = m.ts;
-                match m.kind {
-                    MsgKind::Plain => {}
-                    MsgKind::Request => $env.rq = Some(true),
-                    MsgKind::Response(to) => $env.rs = Some(to),
-                }
-            }
             Frame::Ack { ack } => {
                 $env.t = "ack".into();
                 $env.ack = Some(*ack);
@@ -861,49 +857,88 @@ macro_rules! fill_common {
     };
 }
 
-fn encode_json(frame: &Frame) -> Result<Transmit, EncodeError> {
-    let mut env = JsonEnvelope::default();
-    fill_common!(env, frame);
-    let encoded;
-    if let Frame::Msg(m) = frame {
-        let data = &m.payload.data;
-        match m.payload.kind {
-            PayloadKind::Json => {
-                // Checked at construction; a failure here means a bug, reported not panicked.
-                let raw: &RawValue = serde_json::from_slice(data)
-                    .map_err(|e| EncodeError::Serializer(e.to_string()))?;
-                env.j = Some(raw);
-            }
-            PayloadKind::MsgPack => {
-                encoded = B64.encode(data);
-                env.m = Some(encoded.as_str().into());
-            }
-            PayloadKind::Binary => {
-                encoded = B64.encode(data);
-                env.b = Some(encoded.as_str().into());
-            }
+/// The envelope fields of a message, payload aside.
+macro_rules! fill_msg {
+    ($env:ident, $m:expr) => {{
+        $env.t = "msg".into();
+        $env.seq = Some($m.seq);
+        $env.id = Some($m.id);
+        $env.ack = $m.ack;
+        $env.ts = $m.ts;
+        match $m.kind {
+            MsgKind::Plain => {}
+            MsgKind::Request => $env.rq = Some(true),
+            MsgKind::Response(to) => $env.rs = Some(to),
         }
+    }};
+}
+
+fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
+    let mut env = JsonEnvelope::default();
+    fill_msg!(env, m);
+    let data = &m.payload.data;
+    match m.payload.kind {
+        PayloadKind::Json => {
+            // Checked at construction; a failure here means a bug, reported not panicked.
+            let raw: &RawValue =
+                serde_json::from_slice(data).map_err(|e| EncodeError::Serializer(e.to_string()))?;
+            env.j = Some(raw);
+        }
+        PayloadKind::MsgPack => env.m = Some(Cow::Owned(B64.encode(data))),
+        PayloadKind::Binary => env.b = Some(Cow::Owned(B64.encode(data))),
     }
+    Ok(env)
+}
+
+fn encode_json(frame: &Frame) -> Result<Transmit, EncodeError> {
+    let env = match frame {
+        Frame::Msg(m) => json_msg(m)?,
+        Frame::Batch(msgs) => JsonEnvelope {
+            t: "batch".into(),
+            f: Some(msgs.iter().map(json_msg).collect::<Result<_, _>>()?),
+            ..JsonEnvelope::default()
+        },
+        _ => {
+            let mut env = JsonEnvelope::default();
+            fill_common!(env, frame);
+            env
+        }
+    };
     serde_json::to_vec(&env)
         .map(|v| Transmit::Text(v.into()))
         .map_err(|e| EncodeError::Serializer(e.to_string()))
 }
 
-fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
+fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
     let mut env = PackEnvelope::default();
-    fill_common!(env, frame);
-    if let Frame::Msg(m) = frame {
-        let data: &[u8] = &m.payload.data;
-        match m.payload.kind {
-            PayloadKind::Json => {
-                let s = std::str::from_utf8(data)
-                    .map_err(|e| EncodeError::Serializer(e.to_string()))?;
-                env.j = Some(s.into());
-            }
-            PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
-            PayloadKind::Binary => env.b = Some(serde_bytes::Bytes::new(data)),
+    fill_msg!(env, m);
+    let data: &[u8] = &m.payload.data;
+    match m.payload.kind {
+        PayloadKind::Json => {
+            let s =
+                std::str::from_utf8(data).map_err(|e| EncodeError::Serializer(e.to_string()))?;
+            env.j = Some(s.into());
         }
+        PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
+        PayloadKind::Binary => env.b = Some(serde_bytes::Bytes::new(data)),
     }
+    Ok(env)
+}
+
+fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
+    let env = match frame {
+        Frame::Msg(m) => pack_msg(m)?,
+        Frame::Batch(msgs) => PackEnvelope {
+            t: "batch".into(),
+            f: Some(msgs.iter().map(pack_msg).collect::<Result<_, _>>()?),
+            ..PackEnvelope::default()
+        },
+        _ => {
+            let mut env = PackEnvelope::default();
+            fill_common!(env, frame);
+            env
+        }
+    };
     let mut out = Vec::with_capacity(BINARY_HEADER_LEN + 32 + frame_payload_len(frame));
     out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
     rmp_serde::encode::write_named(&mut out, &env)
@@ -918,6 +953,7 @@ fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
 fn frame_payload_len(frame: &Frame) -> usize {
     match frame {
         Frame::Msg(m) => m.payload.len(),
+        Frame::Batch(msgs) => msgs.iter().map(|m| m.payload.len() + 32).sum(),
         _ => 0,
     }
 }
@@ -943,58 +979,116 @@ fn decode_text(text: &str) -> Result<Frame, DecodeError> {
         return handshake_frame(env);
     }
     let env: JsonEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
-    let payload = |env: &JsonEnvelope<'_>| -> Result<Payload, DecodeError> {
-        if let Some(raw) = env.j {
-            return Ok(Payload {
-                kind: PayloadKind::Json,
-                data: Bytes::copy_from_slice(raw.get().as_bytes()),
+    json_frame(&env, false)
+}
+
+fn json_payload(env: &JsonEnvelope<'_>) -> Result<Payload, DecodeError> {
+    if let Some(raw) = env.j {
+        if env.m.is_some() || env.b.is_some() {
+            return Err(DecodeError::InvalidField {
+                field: "j",
+                reason: "a message carries exactly one payload",
             });
         }
-        let (kind, field, text) = match (&env.m, &env.b) {
-            (Some(m), None) => (PayloadKind::MsgPack, "m", m),
-            (None, Some(b)) => (PayloadKind::Binary, "b", b),
-            (Some(_), Some(_)) => {
-                return Err(DecodeError::InvalidField {
-                    field: "m",
-                    reason: "a message carries exactly one payload",
-                })
-            }
-            (None, None) => {
-                return Err(DecodeError::MissingField {
-                    frame: "msg",
-                    field: "j",
-                })
-            }
-        };
-        let data = B64
-            .decode(text.as_bytes())
-            .map_err(|_| DecodeError::InvalidField {
-                field,
-                reason: "not valid base64",
-            })?;
-        Ok(Payload {
-            kind,
-            data: data.into(),
-        })
+        return Ok(Payload {
+            kind: PayloadKind::Json,
+            data: Bytes::copy_from_slice(raw.get().as_bytes()),
+        });
+    }
+    let (kind, field, text) = match (&env.m, &env.b) {
+        (Some(m), None) => (PayloadKind::MsgPack, "m", m),
+        (None, Some(b)) => (PayloadKind::Binary, "b", b),
+        (Some(_), Some(_)) => {
+            return Err(DecodeError::InvalidField {
+                field: "m",
+                reason: "a message carries exactly one payload",
+            })
+        }
+        (None, None) => {
+            return Err(DecodeError::MissingField {
+                frame: "msg",
+                field: "j",
+            })
+        }
     };
-    common_frame(
-        &env.t,
-        env.seq,
-        env.id,
-        env.ack,
-        env.ts,
-        env.nonce,
-        env.from,
-        env.code,
-        env.retry,
-        Extra {
-            within: env.within,
-            token: env.token.as_deref(),
-            rq: env.rq,
-            rs: env.rs,
-        },
-        || payload(&env),
-    )
+    let data = B64
+        .decode(text.as_bytes())
+        .map_err(|_| DecodeError::InvalidField {
+            field,
+            reason: "not valid base64",
+        })?;
+    Ok(Payload {
+        kind,
+        data: data.into(),
+    })
+}
+
+/// One envelope (or a batch of them) to a frame, either codec.
+macro_rules! envelope_frame {
+    ($name:ident, $env:ident, $nested:ident, $payload:ident) => {{
+        if $env.t == "batch" {
+            return batch_frame($env.f.as_deref(), $nested, |inner| $name(inner, true));
+        }
+        common_frame(
+            &$env.t,
+            $env.seq,
+            $env.id,
+            $env.ack,
+            $env.ts,
+            $env.nonce,
+            $env.from,
+            $env.code,
+            $env.retry,
+            Extra {
+                within: $env.within,
+                token: $env.token.as_deref(),
+                rq: $env.rq,
+                rs: $env.rs,
+            },
+            || $payload($env),
+        )
+    }};
+}
+
+fn json_frame(env: &JsonEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError> {
+    envelope_frame!(json_frame, env, nested, json_payload)
+}
+
+fn pack_frame(env: &PackEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError> {
+    envelope_frame!(pack_frame, env, nested, pack_payload)
+}
+
+fn batch_frame<E>(
+    inner: Option<&[E]>,
+    nested: bool,
+    decode: impl Fn(&E) -> Result<Frame, DecodeError>,
+) -> Result<Frame, DecodeError> {
+    if nested {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: "batches do not nest",
+        });
+    }
+    let inner = need(inner, "batch", "f")?;
+    if inner.is_empty() || inner.len() > MAX_BATCH {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: "a batch holds 1 to 1024 messages",
+        });
+    }
+    let mut msgs = Vec::with_capacity(inner.len());
+    for e in inner {
+        match decode(e)? {
+            Frame::Msg(m) => msgs.push(m),
+            _ => {
+                return Err(DecodeError::InvalidField {
+                    field: "f",
+                    reason: "a batch holds only msg frames",
+                })
+            }
+        }
+    }
+    Ok(Frame::Batch(msgs))
 }
 
 fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
@@ -1030,54 +1124,38 @@ fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
     let env = PackEnvelope::deserialize(&mut de).map_err(|e| DecodeError::MsgPack {
         message: e.to_string(),
     })?;
-    let payload = |env: &PackEnvelope<'_>| -> Result<Payload, DecodeError> {
-        match (&env.j, env.m, env.b) {
-            (Some(j), None, None) => {
-                serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
-                    field: "j",
-                    reason: "not a JSON value",
-                })?;
-                Ok(Payload {
-                    kind: PayloadKind::Json,
-                    data: Bytes::copy_from_slice(j.as_bytes()),
-                })
-            }
-            (None, Some(m), None) => Ok(Payload {
-                kind: PayloadKind::MsgPack,
-                data: Bytes::copy_from_slice(m),
-            }),
-            (None, None, Some(b)) => Ok(Payload {
-                kind: PayloadKind::Binary,
-                data: Bytes::copy_from_slice(b),
-            }),
-            (None, None, None) => Err(DecodeError::MissingField {
-                frame: "msg",
+    pack_frame(&env, false)
+}
+
+fn pack_payload(env: &PackEnvelope<'_>) -> Result<Payload, DecodeError> {
+    match (&env.j, env.m, env.b) {
+        (Some(j), None, None) => {
+            serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
                 field: "j",
-            }),
-            _ => Err(DecodeError::InvalidField {
-                field: "m",
-                reason: "a message carries exactly one payload",
-            }),
+                reason: "not a JSON value",
+            })?;
+            Ok(Payload {
+                kind: PayloadKind::Json,
+                data: Bytes::copy_from_slice(j.as_bytes()),
+            })
         }
-    };
-    common_frame(
-        &env.t,
-        env.seq,
-        env.id,
-        env.ack,
-        env.ts,
-        env.nonce,
-        env.from,
-        env.code,
-        env.retry,
-        Extra {
-            within: env.within,
-            token: env.token.as_deref(),
-            rq: env.rq,
-            rs: env.rs,
-        },
-        || payload(&env),
-    )
+        (None, Some(m), None) => Ok(Payload {
+            kind: PayloadKind::MsgPack,
+            data: Bytes::copy_from_slice(m),
+        }),
+        (None, None, Some(b)) => Ok(Payload {
+            kind: PayloadKind::Binary,
+            data: Bytes::copy_from_slice(b),
+        }),
+        (None, None, None) => Err(DecodeError::MissingField {
+            frame: "msg",
+            field: "j",
+        }),
+        _ => Err(DecodeError::InvalidField {
+            field: "m",
+            reason: "a message carries exactly one payload",
+        }),
+    }
 }
 
 /// Fields only some frame types use.
@@ -1173,6 +1251,12 @@ fn common_frame(
             return Err(DecodeError::InvalidField {
                 field: "t",
                 reason: "empty frame type",
+            })
+        }
+        "batch" => {
+            return Err(DecodeError::InvalidField {
+                field: "t",
+                reason: "batch handled by the envelope decoder",
             })
         }
         "hello" | "welcome" | "reject" => {
@@ -1366,6 +1450,54 @@ mod tests {
                 assert_eq!(back, frame, "{codec:?}");
             }
         }
+    }
+
+    #[test]
+    fn batches_round_trip_and_are_checked() {
+        let msgs: Vec<Msg> = samples()
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Msg(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        let batch = Frame::Batch(msgs);
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let wire = encode(&batch, codec, 1).unwrap();
+            assert_eq!(
+                decode(wire.as_incoming(), &LIMITS).unwrap(),
+                batch,
+                "{codec:?}"
+            );
+        }
+        let bad: &[(&str, &str)] = &[
+            (
+                r#"{"t":"batch","f":[]}"#,
+                "a batch holds 1 to 1024 messages",
+            ),
+            (
+                r#"{"t":"batch","f":[{"t":"ping","nonce":1}]}"#,
+                "a batch holds only msg frames",
+            ),
+            (
+                r#"{"t":"batch","f":[{"t":"batch","f":[]}]}"#,
+                "batches do not nest",
+            ),
+        ];
+        for (text, reason) in bad {
+            assert_eq!(
+                decode(Incoming::Text(text), &LIMITS).unwrap_err(),
+                DecodeError::InvalidField { field: "f", reason },
+                "{text}"
+            );
+        }
+        assert_eq!(
+            decode(Incoming::Text(r#"{"t":"batch"}"#), &LIMITS).unwrap_err(),
+            DecodeError::MissingField {
+                frame: "batch",
+                field: "f"
+            }
+        );
     }
 
     #[test]
