@@ -260,6 +260,18 @@ impl Sim {
         }
     }
 
+    /// Clears every fault still waiting to happen (byte budgets before a
+    /// cut, duplications, drops) and makes the server reachable. Links
+    /// already black-holed stay so: the heartbeat finds them.
+    pub fn heal(&mut self) {
+        self.reachability = Reachability::Up;
+        for link in &mut self.links {
+            link.cut_after = None;
+            link.duplicate_next = [false; 2];
+            link.drop_next = [false; 2];
+        }
+    }
+
     /// Makes client `i`'s current connection half-open: it stays up at both
     /// ends but silently delivers nothing more, either way.
     pub fn blackhole(&mut self, i: usize) {

@@ -374,7 +374,7 @@ impl Harness {
     /// Heals the network and runs until everything settles, then checks
     /// that nothing was lost.
     fn heal_and_check(&mut self) -> Result<(), TestCaseError> {
-        self.sim.reachability = Reachability::Up;
+        self.sim.heal();
         for _ in 0..4 {
             self.sim.run_for(Duration::from_secs(120));
             self.check_step()?;

@@ -16,9 +16,10 @@ use crate::backoff::Jitter;
 use crate::close::{CloseCode, Disposition};
 use crate::config::{ClientConfig, ConfigError};
 use crate::reliable::{
-    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting,
+    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, RoomName, SendError, Verdict, Waiting,
 };
 use crate::rng::Rng;
+use crate::rooms::{Presence, Refusal};
 use crate::time::Instant;
 use crate::timer::{TimerKind, TimerTable};
 use crate::wire::{
@@ -244,6 +245,9 @@ pub struct Received {
     pub request: bool,
     /// The request this message answers, if it is a response.
     pub response_to: Option<MessageId>,
+    /// The room it was published to (server side) or broadcast in (client
+    /// side), if any.
+    pub room: Option<std::sync::Arc<str>>,
     /// The payload.
     pub payload: Payload,
 }
@@ -259,6 +263,7 @@ impl Received {
                 MsgKind::Response(to) => Some(MessageId(to)),
                 _ => None,
             },
+            room: m.room,
             payload: m.payload,
         }
     }
@@ -340,6 +345,21 @@ pub enum Event {
     },
     /// An unsequenced datagram from the peer.
     Datagram(Bytes),
+    /// Who is in a room: a full list after joining (`snapshot`), then
+    /// changes, in order with the room's messages.
+    Presence {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// The membership change.
+        presence: Presence,
+    },
+    /// The server refused a join or a publish.
+    Refused {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// What was refused and why.
+        refusal: Refusal,
+    },
     /// The peer acknowledged every message with an id in `first..=last`.
     Acked {
         /// First id acknowledged.
@@ -567,6 +587,7 @@ pub struct Client {
     auth_retry_used: bool,
     retry_hint: Option<Duration>,
     timers: TimerTable<Timer, 10>,
+    rooms: BTreeSet<RoomName>,
     batch: Batcher,
     requests: BTreeMap<MessageId, Instant>,
     request_deadlines: BTreeSet<(Instant, MessageId)>,
@@ -605,6 +626,7 @@ impl Client {
             auth_retry_used: false,
             retry_hint: None,
             timers: TimerTable::new(),
+            rooms: BTreeSet::new(),
             batch: Batcher::default(),
             requests: BTreeMap::new(),
             request_deadlines: BTreeSet::new(),
@@ -864,6 +886,55 @@ impl Client {
         self.enqueue(now, payload, None, MsgKind::Response(request.0))
     }
 
+    /// Joins a room. The server checks its policy and answers with
+    /// [`Event::Presence`] (a snapshot of the members) or [`Event::Refused`].
+    /// Membership belongs to the session: it survives reconnects, and if the
+    /// session is lost the client rejoins its rooms in the new one by itself.
+    pub fn join(&mut self, now: Instant, room: &str) -> Result<MessageId, SendError> {
+        let name = room_name(room)?;
+        let id = self.enqueue_in(
+            now,
+            Payload::null(),
+            None,
+            MsgKind::Join,
+            Some(name.clone()),
+        )?;
+        self.rooms.insert(name);
+        Ok(id)
+    }
+
+    /// Leaves a room.
+    pub fn leave(&mut self, now: Instant, room: &str) -> Result<MessageId, SendError> {
+        let name = room_name(room)?;
+        let id = self.enqueue_in(
+            now,
+            Payload::null(),
+            None,
+            MsgKind::Leave,
+            Some(name.clone()),
+        )?;
+        self.rooms.remove(&name);
+        Ok(id)
+    }
+
+    /// Publishes to a room this client has joined: the server checks its
+    /// policy and delivers the message to every other member, each exactly
+    /// once and in order. A refusal comes back as [`Event::Refused`].
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        room: &str,
+        payload: Payload,
+    ) -> Result<MessageId, SendError> {
+        let name = room_name(room)?;
+        self.enqueue_in(now, payload, None, MsgKind::Plain, Some(name))
+    }
+
+    /// The rooms this client has asked to be in.
+    pub fn rooms(&self) -> impl Iterator<Item = &str> {
+        self.rooms.iter().map(|r| &**r)
+    }
+
     /// Requests waiting for a response.
     pub fn pending_requests(&self) -> usize {
         self.requests.len()
@@ -916,6 +987,17 @@ impl Client {
         ts: Option<u64>,
         kind: MsgKind,
     ) -> Result<MessageId, SendError> {
+        self.enqueue_in(now, payload, ts, kind, None)
+    }
+
+    fn enqueue_in(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        ts: Option<u64>,
+        kind: MsgKind,
+        room: Option<RoomName>,
+    ) -> Result<MessageId, SendError> {
         self.advance(now);
         match self.state {
             State::Closing => return Err(SendError::NotConnected("closing")),
@@ -935,6 +1017,7 @@ impl Client {
             id,
             ts,
             kind,
+            room,
             payload,
         }) {
             Ok(()) => {
@@ -1241,6 +1324,20 @@ impl Client {
         } else {
             Vec::new()
         };
+        if !matches!(reason, LostReason::Closed) {
+            // Membership belonged to the lost session: ask again, first thing.
+            for room in self.rooms.iter().rev() {
+                self.outbound.push_front_system(Waiting {
+                    id: MessageId::SYSTEM,
+                    ts: None,
+                    kind: MsgKind::Join,
+                    room: Some(room.clone()),
+                    payload: Payload::null(),
+                });
+            }
+        } else {
+            self.rooms.clear();
+        }
         let still_queued = self.outbound.waiting_ids();
         let error = match reason {
             LostReason::Closed => RequestError::Closed,
@@ -1571,6 +1668,57 @@ impl Client {
         }
     }
 
+    /// Hands a message delivered in order to the right place: the room
+    /// bookkeeping, a waiting request, or the application.
+    fn deliver(&mut self, m: Msg) {
+        let kind = m.kind;
+        let received = Received::from_msg(m);
+        if let (MsgKind::Presence | MsgKind::Refused, Some(room)) = (kind, received.room.clone()) {
+            self.on_room_notice(kind, room, &received.payload);
+            return;
+        }
+        match received.response_to {
+            Some(request) => {
+                if let Some(deadline) = self.requests.remove(&request) {
+                    self.request_deadlines.remove(&(deadline, request));
+                    self.arm_request_timer();
+                    self.emit(Event::Response {
+                        request,
+                        response: received,
+                    });
+                } else {
+                    self.emit(Event::LateResponse { request });
+                }
+            }
+            None => self.emit(Event::Message(received)),
+        }
+    }
+
+    fn on_room_notice(&mut self, kind: MsgKind, room: RoomName, payload: &Payload) {
+        if kind == MsgKind::Presence {
+            match serde_json::from_slice::<Presence>(payload.data()) {
+                Ok(presence) => self.emit(Event::Presence { room, presence }),
+                Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
+                    field: "j",
+                    reason: "not a presence payload",
+                })),
+            }
+            return;
+        }
+        match serde_json::from_slice::<Refusal>(payload.data()) {
+            Ok(refusal) => {
+                if refusal.op == "join" {
+                    self.rooms.remove(&room);
+                }
+                self.emit(Event::Refused { room, refusal });
+            }
+            Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
+                field: "j",
+                reason: "not a refusal payload",
+            })),
+        }
+    }
+
     fn on_msg(&mut self, m: Msg) {
         if let Some(ack) = m.ack {
             self.on_ack(ack);
@@ -1581,22 +1729,7 @@ impl Client {
         match self.inbound.on_msg(m.seq) {
             Verdict::Deliver => {
                 self.stats.messages_received += 1;
-                let received = Received::from_msg(m);
-                match received.response_to {
-                    Some(request) => {
-                        if let Some(deadline) = self.requests.remove(&request) {
-                            self.request_deadlines.remove(&(deadline, request));
-                            self.arm_request_timer();
-                            self.emit(Event::Response {
-                                request,
-                                response: received,
-                            });
-                        } else {
-                            self.emit(Event::LateResponse { request });
-                        }
-                    }
-                    None => self.emit(Event::Message(received)),
-                }
+                self.deliver(m);
                 if self.inbound.unacked() >= u64::from(self.config.reliability.ack_every) {
                     self.flush_ack();
                 } else if !self.timers.is_set(Timer::AckDelay) {
@@ -1790,6 +1923,13 @@ pub(crate) fn with_batch(caps: &[String]) -> Vec<String> {
 /// The capability (client) and feature (server) that announces "I can
 /// receive `batch` frames".
 pub const CAP_BATCH: &str = "batch";
+
+fn room_name(room: &str) -> Result<RoomName, SendError> {
+    if room.is_empty() || room.len() > wire::MAX_TOKEN_LEN {
+        return Err(SendError::BadRoom);
+    }
+    Ok(RoomName::from(room))
+}
 
 fn clamp_ms(ms: u64, min: u64, max: u64, fallback: Duration) -> Duration {
     if ms == 0 {

@@ -229,6 +229,18 @@ pub struct ServerConfig {
     /// How long a session outlives its connection, buffering outbound
     /// messages, so that a client can resume it. Default 60 s.
     pub session_grace: Duration,
+    /// Most members in one room. Default 10 000.
+    pub max_room_size: usize,
+    /// Most rooms one session is in. Default 64.
+    pub max_rooms_per_session: usize,
+    /// Whether a client's publish to a room is also delivered back to it.
+    /// Default false.
+    pub echo_publish: bool,
+    /// Connections older than this are asked to reconnect (`goaway` 4011) and
+    /// resume on a fresh connection, invisibly to the application; each
+    /// connection's age limit is shortened by up to 10 % so a fleet does not
+    /// rotate at once. Default `None`.
+    pub max_connection_age: Option<Duration>,
     /// Most sessions held at once (connected or in their grace period).
     /// New connections beyond it are rejected with 1013. Default 100 000.
     pub max_sessions: usize,
@@ -253,6 +265,10 @@ impl Default for ServerConfig {
             },
             reliability: ReliabilityConfig::default(),
             batch: None,
+            max_room_size: 10_000,
+            max_rooms_per_session: 64,
+            echo_publish: false,
+            max_connection_age: None,
             session_grace: Duration::from_secs(60),
             max_sessions: 100_000,
         }

@@ -139,6 +139,14 @@ impl Payload {
         })
     }
 
+    /// The JSON value `null` (the payload of room operations).
+    pub fn null() -> Payload {
+        Payload {
+            kind: PayloadKind::Json,
+            data: Bytes::from_static(b"null"),
+        }
+    }
+
     /// An opaque binary payload.
     pub fn binary(data: impl Into<Bytes>) -> Payload {
         Payload {
@@ -327,8 +335,13 @@ pub struct Msg {
     pub ack: Option<u64>,
     /// The sender's timestamp in milliseconds, if it supplied one.
     pub ts: Option<u64>,
-    /// Whether this is a plain message, a request, or a response.
+    /// Whether this is a plain message, a request, a response, or a room
+    /// operation.
     pub kind: MsgKind,
+    /// The room a message is published to (client to server) or was
+    /// broadcast in (server to client), and the room of a room operation.
+    /// Shared: a broadcast clones a reference count per member, not the name.
+    pub room: Option<std::sync::Arc<str>>,
     /// The application payload.
     pub payload: Payload,
 }
@@ -344,6 +357,34 @@ pub enum MsgKind {
     Request,
     /// The response to the request whose `id` this is (`"rs":id` on the wire).
     Response(u64),
+    /// Client to server: join the room `room` (`"op":"join"`).
+    Join,
+    /// Client to server: leave the room `room` (`"op":"leave"`).
+    Leave,
+    /// Server to client: who is in `room`; the payload is JSON
+    /// `{"snapshot":bool,"joined":[member...],"left":[member...]}`
+    /// (`"op":"presence"`).
+    Presence,
+    /// Server to client: a join or publish in `room` was refused; the payload
+    /// is JSON `{"op":"join"|"publish","reason":string}` (`"op":"refused"`).
+    Refused,
+}
+
+impl MsgKind {
+    fn op(self) -> Option<&'static str> {
+        match self {
+            MsgKind::Join => Some("join"),
+            MsgKind::Leave => Some("leave"),
+            MsgKind::Presence => Some("presence"),
+            MsgKind::Refused => Some("refused"),
+            _ => None,
+        }
+    }
+
+    /// Whether the kind needs a room.
+    pub fn needs_room(self) -> bool {
+        self.op().is_some()
+    }
 }
 
 /// Everything that crosses the wire.
@@ -601,7 +642,13 @@ macro_rules! envelope {
             ack: Option<u64>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             ts: Option<u64>,
-            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            // `"j":null` is a JSON payload of null, not a missing payload.
+            #[serde(
+                default,
+                borrow,
+                deserialize_with = "present",
+                skip_serializing_if = "Option::is_none"
+            )]
             j: Option<$j>,
             #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
             m: Option<$x>,
@@ -615,6 +662,10 @@ macro_rules! envelope {
             code: Option<u16>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             retry: Option<u64>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            r: Option<Cow<'a, str>>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            op: Option<Cow<'a, str>>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             rq: Option<bool>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -627,6 +678,13 @@ macro_rules! envelope {
             f: Option<Vec<$name<'a>>>,
         }
     };
+}
+
+/// Deserializes a field that is present as `Some`, even if its value is null.
+fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 envelope!(JsonEnvelope, &'a RawValue, Cow<'a, str>);
@@ -869,7 +927,9 @@ macro_rules! fill_msg {
             MsgKind::Plain => {}
             MsgKind::Request => $env.rq = Some(true),
             MsgKind::Response(to) => $env.rs = Some(to),
+            other => $env.op = other.op().map(Cow::Borrowed),
         }
+        $env.r = $m.room.as_deref().map(Cow::Borrowed);
     }};
 }
 
@@ -1044,6 +1104,8 @@ macro_rules! envelope_frame {
                 token: $env.token.as_deref(),
                 rq: $env.rq,
                 rs: $env.rs,
+                room: $env.r.as_deref(),
+                op: $env.op.as_deref(),
             },
             || $payload($env),
         )
@@ -1164,6 +1226,8 @@ struct Extra<'a> {
     token: Option<&'a str>,
     rq: Option<bool>,
     rs: Option<u64>,
+    room: Option<&'a str>,
+    op: Option<&'a str>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1195,23 +1259,51 @@ fn common_frame(
                     reason: "sequence numbers start at 1",
                 });
             }
-            let kind = match (extra.rq, extra.rs) {
-                (None | Some(false), None) => MsgKind::Plain,
-                (Some(true), None) => MsgKind::Request,
-                (None | Some(false), Some(to)) => MsgKind::Response(to),
-                (Some(true), Some(_)) => {
+            let kind = match (extra.rq, extra.rs, extra.op) {
+                (None | Some(false), None, None) => MsgKind::Plain,
+                (Some(true), None, None) => MsgKind::Request,
+                (None | Some(false), Some(to), None) => MsgKind::Response(to),
+                (None | Some(false), None, Some(op)) => match op {
+                    "join" => MsgKind::Join,
+                    "leave" => MsgKind::Leave,
+                    "presence" => MsgKind::Presence,
+                    "refused" => MsgKind::Refused,
+                    _ => {
+                        return Err(DecodeError::InvalidField {
+                            field: "op",
+                            reason: "unknown room operation",
+                        })
+                    }
+                },
+                _ => {
                     return Err(DecodeError::InvalidField {
                         field: "rs",
-                        reason: "a message cannot be both a request and a response",
+                        reason: "a message has at most one of rq, rs and op",
                     })
                 }
             };
+            let room = match extra.room {
+                Some(r) if r.is_empty() || r.len() > MAX_TOKEN_LEN => {
+                    return Err(DecodeError::InvalidField {
+                        field: "r",
+                        reason: "room names are 1 to 256 bytes",
+                    })
+                }
+                r => r.map(std::sync::Arc::from),
+            };
+            if kind.needs_room() && room.is_none() {
+                return Err(DecodeError::MissingField {
+                    frame: "msg",
+                    field: "r",
+                });
+            }
             Frame::Msg(Msg {
                 seq,
                 id: need(id, "msg", "id")?,
                 ack,
                 ts,
                 kind,
+                room,
                 payload: payload()?,
             })
         }
@@ -1419,6 +1511,7 @@ mod tests {
                 ack: Some(4),
                 ts: Some(1_700_000_000_000),
                 kind: MsgKind::Plain,
+                room: Some("lobby".into()),
                 payload: Payload::json(&br#"{"x":[1,2,"\u00e9"]}"#[..]).unwrap(),
             }),
             Frame::Msg(Msg {
@@ -1427,6 +1520,7 @@ mod tests {
                 ack: None,
                 ts: None,
                 kind: MsgKind::Request,
+                room: None,
                 payload: Payload::binary(&b"\xff\x00bin"[..]),
             }),
             Frame::Msg(Msg {
@@ -1435,6 +1529,7 @@ mod tests {
                 ack: None,
                 ts: None,
                 kind: MsgKind::Response(78),
+                room: None,
                 payload: Payload::msgpack(rmp_serde::to_vec(&(1, "two")).unwrap()).unwrap(),
             }),
         ]
@@ -1501,6 +1596,23 @@ mod tests {
     }
 
     #[test]
+    fn a_null_payload_is_a_payload() {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let f = Frame::Msg(Msg {
+                seq: 1,
+                id: 1,
+                ack: None,
+                ts: None,
+                kind: MsgKind::Plain,
+                room: None,
+                payload: Payload::null(),
+            });
+            let wire = encode(&f, codec, 1).unwrap();
+            assert_eq!(decode(wire.as_incoming(), &LIMITS).unwrap(), f, "{codec:?}");
+        }
+    }
+
+    #[test]
     fn handshake_is_always_json_text() {
         for frame in &samples()[..3] {
             assert!(matches!(
@@ -1520,7 +1632,7 @@ mod tests {
         let Transmit::Text(b) = t else { panic!() };
         assert_eq!(
             std::str::from_utf8(&b).unwrap(),
-            r#"{"t":"msg","seq":1,"id":77,"ack":4,"ts":1700000000000,"j":{"x":[1,2,"\u00e9"]}}"#
+            r#"{"t":"msg","seq":1,"id":77,"ack":4,"ts":1700000000000,"j":{"x":[1,2,"\u00e9"]},"r":"lobby"}"#
         );
     }
 
