@@ -14,6 +14,7 @@ use core::time::Duration;
 
 use crate::backoff::Jitter;
 use crate::close::{CloseCode, Disposition};
+use crate::coalesce::{Coalesced, Coalescer, Pushed};
 use crate::config::{ClientConfig, ConfigError};
 use crate::reliable::{
     Batcher, Inbound, MessageId, Outbound, OverflowPolicy, RoomName, SendError, Verdict, Waiting,
@@ -379,6 +380,13 @@ pub enum Event {
         /// Never sent, dropped.
         unsent: Vec<MessageId>,
     },
+    /// A value held by `send_latest` could not be queued when its time came.
+    LatestFailed {
+        /// Its key.
+        key: String,
+        /// Why.
+        error: SendError,
+    },
     /// A message accepted earlier could not be sent after all.
     SendFailed {
         /// The message.
@@ -444,10 +452,12 @@ pub enum Timer {
     Request,
     /// The batch being collected goes out.
     Batch,
+    /// A value held by `send_latest` goes out.
+    Coalesce,
 }
 
 impl TimerKind for Timer {
-    const COUNT: usize = 10;
+    const COUNT: usize = 11;
     const ALL: &'static [Timer] = &[
         Timer::Connect,
         Timer::Backoff,
@@ -459,6 +469,7 @@ impl TimerKind for Timer {
         Timer::Close,
         Timer::Request,
         Timer::Batch,
+        Timer::Coalesce,
     ];
     fn index(self) -> usize {
         self as usize
@@ -586,7 +597,8 @@ pub struct Client {
     failures: u32,
     auth_retry_used: bool,
     retry_hint: Option<Duration>,
-    timers: TimerTable<Timer, 10>,
+    timers: TimerTable<Timer, 11>,
+    coalescer: Coalescer<String, Payload>,
     rooms: BTreeSet<RoomName>,
     batch: Batcher,
     requests: BTreeMap<MessageId, Instant>,
@@ -614,6 +626,7 @@ impl Client {
     ) -> Result<Client, ConfigError> {
         config.validate()?;
         let outbound = Outbound::new(&config.queue, &config.reliability);
+        let coalescer = Coalescer::new(config.coalesce_interval, config.coalesce_keys);
         Ok(Client {
             config,
             client_id,
@@ -626,6 +639,7 @@ impl Client {
             auth_retry_used: false,
             retry_hint: None,
             timers: TimerTable::new(),
+            coalescer,
             rooms: BTreeSet::new(),
             batch: Batcher::default(),
             requests: BTreeMap::new(),
@@ -744,6 +758,8 @@ impl Client {
             State::Closed { .. } => Err(UsageError::AlreadyClosed),
             State::Closing => Err(UsageError::Closing),
             State::Handshaking { .. } | State::Open => {
+                // The final value of every key goes out before the close.
+                self.release_latest(true);
                 self.flush_ack();
                 // Keep the transport id: its close completing is what ends `Closing`.
                 if let Some(id) = self.transport {
@@ -884,6 +900,70 @@ impl Client {
         payload: Payload,
     ) -> Result<MessageId, SendError> {
         self.enqueue(now, payload, None, MsgKind::Response(request.0))
+    }
+
+    /// Sends the latest value for `key` (a cursor, a position): at most one
+    /// message per key per [`ClientConfig::coalesce_interval`] (60 a second by
+    /// default), the newest value replacing any that waited, and the final
+    /// value always sent. Values that go out are ordinary reliable messages.
+    pub fn send_latest(
+        &mut self,
+        now: Instant,
+        key: &str,
+        payload: Payload,
+    ) -> Result<(), SendError> {
+        self.advance(now);
+        match self.state {
+            State::Closing => return Err(SendError::NotConnected("closing")),
+            State::Closed { .. } => return Err(SendError::NotConnected("closed")),
+            State::Failed { .. } => return Err(SendError::NotConnected("failed")),
+            _ => {}
+        }
+        let max = self.max_payload();
+        if payload.len() > max {
+            return Err(SendError::TooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        match self.coalescer.push(self.now, key.to_owned(), payload) {
+            Ok(Pushed::Emit(c)) => {
+                self.send_inner(now, c.value, None)?;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(SendError::QueueFull {
+                    messages: self.coalescer.len(),
+                    bytes: 0,
+                })
+            }
+        }
+        self.arm_coalesce_timer();
+        Ok(())
+    }
+
+    fn arm_coalesce_timer(&mut self) {
+        match self.coalescer.poll_timeout() {
+            Some(at) => self.timers.set(Timer::Coalesce, at),
+            None => self.timers.stop(Timer::Coalesce),
+        }
+    }
+
+    /// Sends every coalesced value whose time has come (`all`: every held
+    /// value, for a close).
+    fn release_latest(&mut self, all: bool) {
+        let ready: Vec<Coalesced<String, Payload>> = if all {
+            self.coalescer.flush().collect()
+        } else {
+            let now = self.now;
+            core::iter::from_fn(|| self.coalescer.poll_ready(now)).collect()
+        };
+        for c in ready {
+            if let Err(error) = self.enqueue(self.now, c.value, None, MsgKind::Plain) {
+                self.emit(Event::LatestFailed { key: c.key, error });
+            }
+        }
+        self.arm_coalesce_timer();
     }
 
     /// Joins a room. The server checks its policy and answers with
@@ -1385,6 +1465,7 @@ impl Client {
             Timer::AckTimeout => self.check_ack_timeout(),
             Timer::Request => self.expire_requests(),
             Timer::Batch => self.send_batch(),
+            Timer::Coalesce => self.release_latest(false),
             Timer::Close => {
                 if self.state == State::Closing {
                     self.transport = None;

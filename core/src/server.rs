@@ -23,6 +23,7 @@ use core::time::Duration;
 use crate::client::{with_batch, Received, CAP_BATCH};
 use crate::close::CloseCode;
 use crate::config::{ConfigError, ServerConfig};
+use crate::ratelimit::{Limit, RateDecision, RateLimiter};
 use crate::reliable::{
     Batcher, Inbound, MessageId, Outbound, OverflowPolicy, RoomName, SendError, Verdict, Waiting,
 };
@@ -151,6 +152,18 @@ pub enum ServerEvent {
         connection: ConnectionId,
         /// The code.
         code: CloseCode,
+    },
+    /// A client exceeded its rate limit and a message was dropped (the
+    /// client's stream carries on; the message is acknowledged, not
+    /// delivered). Under the `Close` policy the connection is closed with
+    /// 1008 instead.
+    RateLimited {
+        /// The session.
+        session: SessionId,
+        /// The dropped message (or `MessageId::SYSTEM` for a datagram).
+        message: MessageId,
+        /// Which limit.
+        limit: Limit,
     },
     /// A client sent a fresh credential (answering
     /// [`Server::request_reauth`]). Validate it, then call
@@ -315,6 +328,8 @@ pub struct ServerStats {
     pub broadcasts: u64,
     /// Connections rotated for age.
     pub rotations: u64,
+    /// Messages over a rate limit.
+    pub rate_limited: u64,
     /// Connections closed, by close code.
     pub close_codes: BTreeMap<u16, u64>,
 }
@@ -371,6 +386,7 @@ struct Conn {
     decode_failures: u32,
     hello_deadline: Option<Instant>,
     reauth_deadline: Option<Instant>,
+    limiter: Option<Box<RateLimiter>>,
 }
 
 #[derive(Debug)]
@@ -513,6 +529,11 @@ impl Server {
                 decode_failures: 0,
                 hello_deadline: Some(deadline),
                 reauth_deadline: None,
+                limiter: self
+                    .config
+                    .rate_limit
+                    .and_then(|cfg| RateLimiter::new(cfg, self.now).ok())
+                    .map(Box::new),
             },
         );
         self.stats.connections_opened += 1;
@@ -1661,7 +1682,11 @@ impl Server {
                     self.retransmit(session, from);
                 }
             }
-            Frame::Raw(data) => self.emit(ServerEvent::Datagram { session, data }),
+            Frame::Raw(data) => {
+                if self.admit(connection, session, MessageId::SYSTEM, data.len()) {
+                    self.emit(ServerEvent::Datagram { session, data });
+                }
+            }
             Frame::Auth { token } => self.emit(ServerEvent::TokenReceived {
                 connection,
                 session,
@@ -1676,6 +1701,40 @@ impl Server {
                 CloseCode::PROTOCOL_ERROR,
                 "server-only frame from a client",
             ),
+        }
+    }
+
+    /// Charges a message to its connection's rate limit. False when it must
+    /// not be processed (dropped with an event, or the connection closed).
+    fn admit(
+        &mut self,
+        connection: ConnectionId,
+        session: SessionId,
+        id: MessageId,
+        bytes: usize,
+    ) -> bool {
+        let now = self.now;
+        let Some(limiter) = self
+            .conns
+            .get_mut(&connection)
+            .and_then(|c| c.limiter.as_mut())
+        else {
+            return true;
+        };
+        match limiter.check(now, bytes) {
+            RateDecision::Allow => true,
+            RateDecision::Exceeded { policy, which, .. } => {
+                self.stats.rate_limited += 1;
+                match policy.close_code() {
+                    Some(code) => self.disconnect(connection, code, "rate limit exceeded"),
+                    None => self.emit(ServerEvent::RateLimited {
+                        session,
+                        message: id,
+                        limit: which,
+                    }),
+                }
+                false
+            }
         }
     }
 
@@ -1741,7 +1800,9 @@ impl Server {
                     s.ack_due = Some(self.now + ack_delay);
                 }
                 self.stats.messages_in += 1;
-                self.dispatch(session, m);
+                if self.admit(connection, session, MessageId(m.id), m.payload.len()) {
+                    self.dispatch(session, m);
+                }
                 if flush_now {
                     self.flush_ack(session);
                 } else if arm {
