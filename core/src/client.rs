@@ -1684,7 +1684,13 @@ impl Client {
 
     fn on_reject(&mut self, r: Reject) {
         let code = CloseCode(r.code);
-        self.drop_connection(code, "rejected");
+        // Echo the server's code only if it may appear on the wire at all.
+        let echo = if code.is_sendable() {
+            code
+        } else {
+            CloseCode::PROTOCOL_ERROR
+        };
+        self.drop_connection(echo, "rejected");
         let hint = r.retry_after_ms.map(Duration::from_millis);
         let disposition = match code.disposition() {
             // A reject is never a polite end of session.
@@ -2262,6 +2268,29 @@ mod tests {
         c.handle_timeout(Instant::from_secs(14));
         c.handle_transport_closed(Instant::from_secs(15), t2, None, "");
         assert_eq!(c.failures(), 1);
+    }
+
+    #[test]
+    fn unsendable_reject_codes_are_never_echoed() {
+        for code in [0u16, 1005, 1006, 1015, 2000, 5000] {
+            let mut c = client();
+            c.connect(Instant::ZERO).unwrap();
+            let t = drain(&mut c)
+                .into_iter()
+                .find_map(|o| match o {
+                    Output::Connect(t) => Some(t),
+                    _ => None,
+                })
+                .unwrap();
+            c.handle_transport_opened(Instant::ZERO, t);
+            let reject = format!(r#"{{"t":"reject","versions":[1],"code":{code},"reason":"x"}}"#);
+            c.handle_message(Instant::ZERO, t, Incoming::Text(&reject));
+            for o in drain(&mut c) {
+                if let Output::Disconnect(_, close, _) = o {
+                    assert!(close.is_sendable(), "reject {code} closes with {close:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1050,6 +1050,13 @@ impl Server {
 
     /// Tells the driver to close a connection and forgets it.
     fn disconnect(&mut self, connection: ConnectionId, code: CloseCode, reason: &'static str) {
+        // Codes come from the application too (`go_away`, `disconnect_connection`):
+        // never put a reserved one on the wire.
+        let code = if code.is_sendable() {
+            code
+        } else {
+            CloseCode::INTERNAL_ERROR
+        };
         if self.conns.contains_key(&connection) {
             self.outputs
                 .push_back(ServerOutput::Disconnect(connection, code, reason));

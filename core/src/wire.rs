@@ -113,8 +113,12 @@ impl Payload {
     /// A JSON payload. Fails unless `data` is exactly one JSON value.
     pub fn json(data: impl Into<Bytes>) -> Result<Payload, PayloadError> {
         let data = data.into();
-        serde_json::from_slice::<&RawValue>(&data)
+        let raw = serde_json::from_slice::<&RawValue>(&data)
             .map_err(|e| PayloadError::InvalidJson(e.to_string()))?;
+        // Keep only the value's own text: surrounding whitespace would not
+        // survive embedding in a JSON envelope, and payloads must arrive as
+        // they were sent, byte for byte.
+        let data = data.slice_ref(raw.get().as_bytes());
         Ok(Payload {
             kind: PayloadKind::Json,
             data,
@@ -1593,6 +1597,25 @@ mod tests {
                 field: "f"
             }
         );
+    }
+
+    #[test]
+    fn json_payloads_are_stored_without_surrounding_whitespace() {
+        let p = Payload::json(&b" \n 1 \t"[..]).unwrap();
+        assert_eq!(&p.data()[..], b"1");
+        let f = Frame::Msg(Msg {
+            seq: 1,
+            id: 1,
+            ack: None,
+            ts: None,
+            kind: MsgKind::Plain,
+            room: None,
+            payload: p,
+        });
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let wire = encode(&f, codec, 1).unwrap();
+            assert_eq!(decode(wire.as_incoming(), &LIMITS).unwrap(), f, "{codec:?}");
+        }
     }
 
     #[test]
