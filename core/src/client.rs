@@ -612,6 +612,8 @@ pub struct Client {
     decode_failures: u32,
     rtt: Option<Duration>,
     outputs: VecDeque<Output>,
+    /// Reused for every encode, so a frame costs one allocation: itself.
+    scratch: Vec<u8>,
     stats: ClientStats,
 }
 
@@ -653,6 +655,7 @@ impl Client {
             decode_failures: 0,
             rtt: None,
             outputs: VecDeque::new(),
+            scratch: Vec::new(),
             stats: ClientStats::default(),
         })
     }
@@ -1984,7 +1987,7 @@ impl Client {
     }
 
     fn transmit_on(&mut self, id: TransportId, frame: &Frame, codec: Codec, version: u8) {
-        match wire::encode(frame, codec, version) {
+        match wire::encode_with(frame, codec, version, &mut self.scratch) {
             Ok(t) => {
                 self.stats.frames_out += 1;
                 self.stats.bytes_out += t.len() as u64;

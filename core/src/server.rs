@@ -426,6 +426,8 @@ pub struct Server {
     sessions: Map<SessionId, Session>,
     timers: BinaryHeap<Reverse<(Instant, ServerTimer)>>,
     outputs: VecDeque<ServerOutput>,
+    /// Reused for every encode, so a frame costs one allocation: itself.
+    scratch: Vec<u8>,
     next_conn: u64,
     next_id: u64,
     stats: ServerStats,
@@ -448,6 +450,7 @@ impl Server {
             sessions: Map::default(),
             timers: BinaryHeap::new(),
             outputs: VecDeque::new(),
+            scratch: Vec::new(),
             next_conn: 1,
             next_id: 1,
             stats: ServerStats::default(),
@@ -1991,7 +1994,7 @@ impl Server {
     }
 
     fn transmit_as(&mut self, connection: ConnectionId, frame: &Frame, codec: Codec, version: u8) {
-        match wire::encode(frame, codec, version) {
+        match wire::encode_with(frame, codec, version, &mut self.scratch) {
             Ok(t) => {
                 self.stats.frames_out += 1;
                 self.stats.bytes_out += t.len() as u64;

@@ -791,18 +791,77 @@ fn token_list(
 /// Handshake frames are always JSON; [`Frame::Raw`] always uses the binary
 /// header. Fails only if a frame cannot be represented (an [`Frame::Unknown`]).
 pub fn encode(frame: &Frame, codec: Codec, version: u8) -> Result<Transmit, EncodeError> {
+    let mut out = Vec::new();
+    let kind = encode_into(frame, codec, version, &mut out)?;
+    Ok(kind.with(out.into()))
+}
+
+/// Encodes into a reusable buffer, then copies the result out at its exact
+/// size: one allocation per frame, the frame itself. The machines keep one
+/// such buffer each.
+pub(crate) fn encode_with(
+    frame: &Frame,
+    codec: Codec,
+    version: u8,
+    scratch: &mut Vec<u8>,
+) -> Result<Transmit, EncodeError> {
+    let kind = encode_into(frame, codec, version, scratch)?;
+    let t = kind.with(Bytes::copy_from_slice(scratch));
+    // A rare huge frame should not pin its memory for the machine's life.
+    if scratch.capacity() > 64 * 1024 {
+        *scratch = Vec::new();
+    }
+    Ok(t)
+}
+
+/// Which kind of WebSocket message an encoded frame travels in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A text message.
+    Text,
+    /// A binary message.
+    Binary,
+}
+
+impl FrameKind {
+    fn with(self, data: Bytes) -> Transmit {
+        match self {
+            FrameKind::Text => Transmit::Text(data),
+            FrameKind::Binary => Transmit::Binary(data),
+        }
+    }
+}
+
+/// Encodes a frame into `out` (cleared first) and says which kind of
+/// WebSocket message carries it.
+pub fn encode_into(
+    frame: &Frame,
+    codec: Codec,
+    version: u8,
+    out: &mut Vec<u8>,
+) -> Result<FrameKind, EncodeError> {
+    out.clear();
     match frame {
-        Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) => encode_handshake(frame),
+        Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) => {
+            encode_handshake(frame, out)?;
+            Ok(FrameKind::Text)
+        }
         Frame::Raw(data) => {
-            let mut out = Vec::with_capacity(BINARY_HEADER_LEN + data.len());
-            push_header(&mut out, KIND_RAW, version, data.len())?;
+            out.reserve(BINARY_HEADER_LEN + data.len());
+            push_header(out, KIND_RAW, version, data.len())?;
             out.extend_from_slice(data);
-            Ok(Transmit::Binary(out.into()))
+            Ok(FrameKind::Binary)
         }
         Frame::Unknown(_) => Err(EncodeError::Unrepresentable),
         _ => match codec {
-            Codec::Json => encode_json(frame),
-            Codec::MsgPack => encode_msgpack(frame, version),
+            Codec::Json => {
+                encode_json(frame, out)?;
+                Ok(FrameKind::Text)
+            }
+            Codec::MsgPack => {
+                encode_msgpack(frame, version, out)?;
+                Ok(FrameKind::Binary)
+            }
         },
     }
 }
@@ -830,7 +889,7 @@ fn push_header(out: &mut Vec<u8>, kind: u8, version: u8, len: usize) -> Result<(
     Ok(())
 }
 
-fn encode_handshake(frame: &Frame) -> Result<Transmit, EncodeError> {
+fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let mut env = HandshakeEnvelope::default();
     let hex_session;
     let hex_client;
@@ -872,9 +931,7 @@ fn encode_handshake(frame: &Frame) -> Result<Transmit, EncodeError> {
         }
         _ => return Err(EncodeError::Unrepresentable),
     }
-    serde_json::to_vec(&env)
-        .map(|v| Transmit::Text(v.into()))
-        .map_err(|e| EncodeError::Serializer(e.to_string()))
+    serde_json::to_writer(out, &env).map_err(|e| EncodeError::Serializer(e.to_string()))
 }
 
 /// Fills the fields every non-handshake envelope shares; the payload is
@@ -937,6 +994,9 @@ macro_rules! fill_msg {
     }};
 }
 
+/// The serde form of a `msg` envelope: the oracle the hand-written encoder
+/// is checked against.
+#[cfg(test)]
 fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
     let mut env = JsonEnvelope::default();
     fill_msg!(env, m);
@@ -954,23 +1014,84 @@ fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
     Ok(env)
 }
 
-fn encode_json(frame: &Frame) -> Result<Transmit, EncodeError> {
-    let env = match frame {
-        Frame::Msg(m) => json_msg(m)?,
-        Frame::Batch(msgs) => JsonEnvelope {
-            t: "batch".into(),
-            f: Some(msgs.iter().map(json_msg).collect::<Result<_, _>>()?),
-            ..JsonEnvelope::default()
-        },
+fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    match frame {
+        // The hot path, written by hand: a JSON payload was validated when
+        // the `Payload` was made and is copied in as is, not parsed again.
+        Frame::Msg(m) => write_json_msg(m, out),
+        Frame::Batch(msgs) => {
+            out.extend_from_slice(br#"{"t":"batch","f":["#);
+            for (i, m) in msgs.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_msg(m, out)?;
+            }
+            out.extend_from_slice(b"]}");
+            Ok(())
+        }
         _ => {
             let mut env = JsonEnvelope::default();
             fill_common!(env, frame);
-            env
+            serde_json::to_writer(out, &env).map_err(|e| EncodeError::Serializer(e.to_string()))
         }
-    };
-    serde_json::to_vec(&env)
-        .map(|v| Transmit::Text(v.into()))
-        .map_err(|e| EncodeError::Serializer(e.to_string()))
+    }
+}
+
+/// Appends the base64 text of `data` to `out`.
+fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
+    let start = out.len();
+    let n = base64::encoded_len(data.len(), true).unwrap_or(0);
+    out.resize(start + n, 0);
+    let written = B64.encode_slice(data, &mut out[start..]).unwrap_or(0);
+    out.truncate(start + written);
+}
+
+/// Writes a `msg` envelope with the same field order serde would use.
+fn write_json_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    use std::io::Write as _;
+    let io = |e: std::io::Error| EncodeError::Serializer(e.to_string());
+    write!(out, r#"{{"t":"msg","seq":{},"id":{}"#, m.seq, m.id).map_err(io)?;
+    if let Some(ack) = m.ack {
+        write!(out, r#","ack":{ack}"#).map_err(io)?;
+    }
+    if let Some(ts) = m.ts {
+        write!(out, r#","ts":{ts}"#).map_err(io)?;
+    }
+    let data = &m.payload.data;
+    match m.payload.kind {
+        PayloadKind::Json => {
+            out.extend_from_slice(br#","j":"#);
+            out.extend_from_slice(data);
+        }
+        PayloadKind::MsgPack => {
+            out.extend_from_slice(br#","m":""#);
+            push_base64(out, data);
+            out.push(b'"');
+        }
+        PayloadKind::Binary => {
+            out.extend_from_slice(br#","b":""#);
+            push_base64(out, data);
+            out.push(b'"');
+        }
+    }
+    if let Some(room) = &m.room {
+        out.extend_from_slice(br#","r":"#);
+        serde_json::to_writer(&mut *out, &**room)
+            .map_err(|e| EncodeError::Serializer(e.to_string()))?;
+    }
+    match m.kind {
+        MsgKind::Plain => {}
+        MsgKind::Request => out.extend_from_slice(br#","rq":true"#),
+        MsgKind::Response(to) => write!(out, r#","rs":{to}"#).map_err(io)?,
+        other => {
+            if let Some(op) = other.op() {
+                write!(out, r#","op":"{op}""#).map_err(io)?;
+            }
+        }
+    }
+    out.push(b'}');
+    Ok(())
 }
 
 fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
@@ -989,7 +1110,7 @@ fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
     Ok(env)
 }
 
-fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
+fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let env = match frame {
         Frame::Msg(m) => pack_msg(m)?,
         Frame::Batch(msgs) => PackEnvelope {
@@ -1003,15 +1124,15 @@ fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
             env
         }
     };
-    let mut out = Vec::with_capacity(BINARY_HEADER_LEN + 32 + frame_payload_len(frame));
+    out.reserve(BINARY_HEADER_LEN + 48 + frame_payload_len(frame));
     out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
-    rmp_serde::encode::write_named(&mut out, &env)
+    rmp_serde::encode::write_named(out, &env)
         .map_err(|e| EncodeError::Serializer(e.to_string()))?;
-    let body = out.len() - BINARY_HEADER_LEN;
-    let mut header = Vec::with_capacity(BINARY_HEADER_LEN);
-    push_header(&mut header, KIND_MSGPACK, version, body)?;
-    out[..BINARY_HEADER_LEN].copy_from_slice(&header);
-    Ok(Transmit::Binary(out.into()))
+    let body = u32::try_from(out.len() - BINARY_HEADER_LEN).map_err(|_| EncodeError::TooLarge)?;
+    out[0] = KIND_MSGPACK;
+    out[1] = version;
+    out[2..BINARY_HEADER_LEN].copy_from_slice(&body.to_le_bytes());
+    Ok(())
 }
 
 fn frame_payload_len(frame: &Frame) -> usize {
@@ -1615,6 +1736,45 @@ mod tests {
         for codec in [Codec::Json, Codec::MsgPack] {
             let wire = encode(&f, codec, 1).unwrap();
             assert_eq!(decode(wire.as_incoming(), &LIMITS).unwrap(), f, "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn hand_written_json_matches_serde() {
+        let payloads = [
+            Payload::json(&br#"{"a":[1,"\u00e9\n"]}"#[..]).unwrap(),
+            Payload::null(),
+            Payload::binary(&b"\x00\xff binary"[..]),
+            Payload::msgpack(vec![0x92, 0x01, 0xa1, b'x']).unwrap(),
+        ];
+        let kinds = [
+            MsgKind::Plain,
+            MsgKind::Request,
+            MsgKind::Response(9),
+            MsgKind::Join,
+            MsgKind::Presence,
+        ];
+        for payload in &payloads {
+            for kind in kinds {
+                for room in [None, Some("lobby"), Some("quo\"te\\ \u{1}")] {
+                    let m = Msg {
+                        seq: 7,
+                        id: u64::MAX,
+                        ack: Some(3),
+                        ts: (kind == MsgKind::Plain).then_some(1_700_000_000_000),
+                        kind,
+                        room: room.map(std::sync::Arc::from),
+                        payload: payload.clone(),
+                    };
+                    let mut ours = Vec::new();
+                    write_json_msg(&m, &mut ours).unwrap();
+                    let theirs = serde_json::to_vec(&json_msg(&m).unwrap()).unwrap();
+                    assert_eq!(
+                        String::from_utf8_lossy(&ours),
+                        String::from_utf8_lossy(&theirs)
+                    );
+                }
+            }
         }
     }
 
