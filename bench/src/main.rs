@@ -162,7 +162,7 @@ fn callgrind(what: &str, n: u64) -> Option<u64> {
             l.strip_prefix("summary:")
                 .or_else(|| l.strip_prefix("totals:"))
         })
-        .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// Instructions per message: the difference between two run lengths cancels
