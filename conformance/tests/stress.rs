@@ -1,7 +1,7 @@
 //! Stress in the simulator: a thousand sessions cut at once all resume with
 //! zero gaps and zero duplicates, in both directions.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 
 use core::time::Duration;
 
