@@ -7,21 +7,25 @@
 //! lists. It never touches a socket, a clock or the OS: the driver feeds it
 //! inputs and carries out its outputs (see the crate docs for the loop).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use core::time::Duration;
 
 use crate::backoff::Jitter;
 use crate::close::{CloseCode, Disposition};
+use crate::coalesce::{Coalesced, Coalescer, Pushed};
 use crate::config::{ClientConfig, ConfigError};
-use crate::reliable::{Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting};
+use crate::reliable::{
+    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, RoomName, SendError, Verdict, Waiting,
+};
 use crate::rng::Rng;
+use crate::rooms::{Presence, Refusal};
 use crate::time::Instant;
 use crate::timer::{TimerKind, TimerTable};
 use crate::wire::{
-    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, Payload, Reject,
-    Resume, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
+    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
+    Reject, Resume, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
 };
 
 /// Identifies one transport (one WebSocket connection attempt). A new id is
@@ -237,8 +241,48 @@ pub struct Received {
     pub seq: u64,
     /// The sender's timestamp in milliseconds, if it set one.
     pub timestamp: Option<u64>,
+    /// Whether the sender expects a response (answer with `respond`,
+    /// quoting `id`).
+    pub request: bool,
+    /// The request this message answers, if it is a response.
+    pub response_to: Option<MessageId>,
+    /// The room it was published to (server side) or broadcast in (client
+    /// side), if any.
+    pub room: Option<std::sync::Arc<str>>,
     /// The payload.
     pub payload: Payload,
+}
+
+impl Received {
+    pub(crate) fn from_msg(m: Msg) -> Received {
+        Received {
+            id: MessageId(m.id),
+            seq: m.seq,
+            timestamp: m.ts,
+            request: m.kind == MsgKind::Request,
+            response_to: match m.kind {
+                MsgKind::Response(to) => Some(MessageId(to)),
+                _ => None,
+            },
+            room: m.room,
+            payload: m.payload,
+        }
+    }
+}
+
+/// Why a request got no response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No response within the request's timeout.
+    #[error("no response within the timeout")]
+    TimedOut,
+    /// The session was lost; a response, if one was sent, went with it.
+    #[error("the session was lost")]
+    SessionLost,
+    /// The session was closed.
+    #[error("the session was closed")]
+    Closed,
 }
 
 /// Why a session's accepted messages were given up on.
@@ -280,8 +324,43 @@ pub enum Event {
     },
     /// A message from the peer, in order, exactly once.
     Message(Received),
+    /// The response to one of this side's requests.
+    Response {
+        /// The request it answers.
+        request: MessageId,
+        /// The response message.
+        response: Received,
+    },
+    /// A response arrived for a request that timed out or was cancelled; it
+    /// was discarded.
+    LateResponse {
+        /// The request it answered.
+        request: MessageId,
+    },
+    /// A request will get no response.
+    RequestFailed {
+        /// The request.
+        request: MessageId,
+        /// Why.
+        error: RequestError,
+    },
     /// An unsequenced datagram from the peer.
     Datagram(Bytes),
+    /// Who is in a room: a full list after joining (`snapshot`), then
+    /// changes, in order with the room's messages.
+    Presence {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// The membership change.
+        presence: Presence,
+    },
+    /// The server refused a join or a publish.
+    Refused {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// What was refused and why.
+        refusal: Refusal,
+    },
     /// The peer acknowledged every message with an id in `first..=last`.
     Acked {
         /// First id acknowledged.
@@ -301,12 +380,25 @@ pub enum Event {
         /// Never sent, dropped.
         unsent: Vec<MessageId>,
     },
+    /// A value held by `send_latest` could not be queued when its time came.
+    LatestFailed {
+        /// Its key.
+        key: String,
+        /// Why.
+        error: SendError,
+    },
     /// A message accepted earlier could not be sent after all.
     SendFailed {
         /// The message.
         id: MessageId,
         /// Why.
         error: SendError,
+    },
+    /// The server asks for a fresh credential within `within`; answer with
+    /// [`Client::send_token`] or the server closes with 4401.
+    TokenExpiring {
+        /// Time left.
+        within: Duration,
     },
     /// A new round-trip time sample from a ping.
     Rtt(Duration),
@@ -356,10 +448,16 @@ pub enum Timer {
     AckTimeout,
     /// A local close has waited long enough for the transport.
     Close,
+    /// The earliest pending request times out.
+    Request,
+    /// The batch being collected goes out.
+    Batch,
+    /// A value held by `send_latest` goes out.
+    Coalesce,
 }
 
 impl TimerKind for Timer {
-    const COUNT: usize = 8;
+    const COUNT: usize = 11;
     const ALL: &'static [Timer] = &[
         Timer::Connect,
         Timer::Backoff,
@@ -369,6 +467,9 @@ impl TimerKind for Timer {
         Timer::AckDelay,
         Timer::AckTimeout,
         Timer::Close,
+        Timer::Request,
+        Timer::Batch,
+        Timer::Coalesce,
     ];
     fn index(self) -> usize {
         self as usize
@@ -376,7 +477,8 @@ impl TimerKind for Timer {
 }
 
 /// Timers that belong to one connection and die with it.
-const CONNECTION_TIMERS: [Timer; 7] = [
+const CONNECTION_TIMERS: [Timer; 8] = [
+    Timer::Batch,
     Timer::Connect,
     Timer::Ping,
     Timer::Liveness,
@@ -455,6 +557,8 @@ struct Conn {
     ping_interval: Duration,
     pong_timeout: Duration,
     peer_max_message: usize,
+    /// Whether the server said it can receive batch frames.
+    peer_batches: bool,
     /// The outstanding ping, for round-trip time.
     ping: Option<(u64, Instant)>,
     /// The last time anything arrived.
@@ -493,7 +597,12 @@ pub struct Client {
     failures: u32,
     auth_retry_used: bool,
     retry_hint: Option<Duration>,
-    timers: TimerTable<Timer, 8>,
+    timers: TimerTable<Timer, 11>,
+    coalescer: Coalescer<String, Payload>,
+    rooms: BTreeSet<RoomName>,
+    batch: Batcher,
+    requests: BTreeMap<MessageId, Instant>,
+    request_deadlines: BTreeSet<(Instant, MessageId)>,
     conn: Option<Conn>,
     session: Option<SessionId>,
     outbound: Outbound,
@@ -517,6 +626,7 @@ impl Client {
     ) -> Result<Client, ConfigError> {
         config.validate()?;
         let outbound = Outbound::new(&config.queue, &config.reliability);
+        let coalescer = Coalescer::new(config.coalesce_interval, config.coalesce_keys);
         Ok(Client {
             config,
             client_id,
@@ -529,6 +639,11 @@ impl Client {
             auth_retry_used: false,
             retry_hint: None,
             timers: TimerTable::new(),
+            coalescer,
+            rooms: BTreeSet::new(),
+            batch: Batcher::default(),
+            requests: BTreeMap::new(),
+            request_deadlines: BTreeSet::new(),
             conn: None,
             session: None,
             outbound,
@@ -643,6 +758,8 @@ impl Client {
             State::Closed { .. } => Err(UsageError::AlreadyClosed),
             State::Closing => Err(UsageError::Closing),
             State::Handshaking { .. } | State::Open => {
+                // The final value of every key goes out before the close.
+                self.release_latest(true);
                 self.flush_ack();
                 // Keep the transport id: its close completing is what ends `Closing`.
                 if let Some(id) = self.transport {
@@ -711,11 +828,255 @@ impl Client {
         Ok(())
     }
 
+    /// Sends a fresh credential, answering [`Event::TokenExpiring`]. Only on
+    /// an open connection (a new connection carries its token in the upgrade).
+    pub fn send_token(&mut self, now: Instant, token: String) -> Result<(), SendError> {
+        self.advance(now);
+        if self.state != State::Open {
+            return Err(SendError::NotOpen);
+        }
+        if token.len() > wire::MAX_TOKEN_BYTES {
+            return Err(SendError::TooLarge {
+                size: token.len(),
+                max: wire::MAX_TOKEN_BYTES,
+            });
+        }
+        self.transmit(&Frame::Auth { token });
+        Ok(())
+    }
+
     fn send_inner(
         &mut self,
         now: Instant,
         payload: Payload,
         ts: Option<u64>,
+    ) -> Result<MessageId, SendError> {
+        self.enqueue(now, payload, ts, MsgKind::Plain)
+    }
+
+    /// Sends a request: a reliable message the peer answers with a response.
+    /// The answer arrives as [`Event::Response`]; if none arrives within
+    /// `timeout`, [`Event::RequestFailed`] with [`RequestError::TimedOut`].
+    /// A request in flight across a reconnect is answered once the session
+    /// resumes; if the session is lost, it fails with
+    /// [`RequestError::SessionLost`].
+    pub fn request(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        timeout: Duration,
+    ) -> Result<MessageId, SendError> {
+        self.advance(now);
+        let max = self.config.max_pending_requests;
+        if self.requests.len() >= max {
+            return Err(SendError::TooManyRequests { max });
+        }
+        let id = self.enqueue(now, payload, None, MsgKind::Request)?;
+        let deadline = self.now + timeout;
+        self.requests.insert(id, deadline);
+        self.request_deadlines.insert((deadline, id));
+        self.arm_request_timer();
+        Ok(id)
+    }
+
+    /// Stops waiting for a request's response. Returns whether it was
+    /// pending. A response that arrives later is reported as
+    /// [`Event::LateResponse`] and discarded.
+    pub fn cancel_request(&mut self, now: Instant, request: MessageId) -> bool {
+        self.advance(now);
+        let Some(deadline) = self.requests.remove(&request) else {
+            return false;
+        };
+        self.request_deadlines.remove(&(deadline, request));
+        self.arm_request_timer();
+        true
+    }
+
+    /// Answers a request the peer sent (a [`Received`] with `request: true`).
+    pub fn respond(
+        &mut self,
+        now: Instant,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, SendError> {
+        self.enqueue(now, payload, None, MsgKind::Response(request.0))
+    }
+
+    /// Sends the latest value for `key` (a cursor, a position): at most one
+    /// message per key per [`ClientConfig::coalesce_interval`] (60 a second by
+    /// default), the newest value replacing any that waited, and the final
+    /// value always sent. Values that go out are ordinary reliable messages.
+    pub fn send_latest(
+        &mut self,
+        now: Instant,
+        key: &str,
+        payload: Payload,
+    ) -> Result<(), SendError> {
+        self.advance(now);
+        match self.state {
+            State::Closing => return Err(SendError::NotConnected("closing")),
+            State::Closed { .. } => return Err(SendError::NotConnected("closed")),
+            State::Failed { .. } => return Err(SendError::NotConnected("failed")),
+            _ => {}
+        }
+        let max = self.max_payload();
+        if payload.len() > max {
+            return Err(SendError::TooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        match self.coalescer.push(self.now, key.to_owned(), payload) {
+            Ok(Pushed::Emit(c)) => {
+                self.send_inner(now, c.value, None)?;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(SendError::QueueFull {
+                    messages: self.coalescer.len(),
+                    bytes: 0,
+                })
+            }
+        }
+        self.arm_coalesce_timer();
+        Ok(())
+    }
+
+    fn arm_coalesce_timer(&mut self) {
+        match self.coalescer.poll_timeout() {
+            Some(at) => self.timers.set(Timer::Coalesce, at),
+            None => self.timers.stop(Timer::Coalesce),
+        }
+    }
+
+    /// Sends every coalesced value whose time has come (`all`: every held
+    /// value, for a close).
+    fn release_latest(&mut self, all: bool) {
+        let ready: Vec<Coalesced<String, Payload>> = if all {
+            self.coalescer.flush().collect()
+        } else {
+            let now = self.now;
+            core::iter::from_fn(|| self.coalescer.poll_ready(now)).collect()
+        };
+        for c in ready {
+            if let Err(error) = self.enqueue(self.now, c.value, None, MsgKind::Plain) {
+                self.emit(Event::LatestFailed { key: c.key, error });
+            }
+        }
+        self.arm_coalesce_timer();
+    }
+
+    /// Joins a room. The server checks its policy and answers with
+    /// [`Event::Presence`] (a snapshot of the members) or [`Event::Refused`].
+    /// Membership belongs to the session: it survives reconnects, and if the
+    /// session is lost the client rejoins its rooms in the new one by itself.
+    pub fn join(&mut self, now: Instant, room: &str) -> Result<MessageId, SendError> {
+        let name = room_name(room)?;
+        let id = self.enqueue_in(
+            now,
+            Payload::null(),
+            None,
+            MsgKind::Join,
+            Some(name.clone()),
+        )?;
+        self.rooms.insert(name);
+        Ok(id)
+    }
+
+    /// Leaves a room.
+    pub fn leave(&mut self, now: Instant, room: &str) -> Result<MessageId, SendError> {
+        let name = room_name(room)?;
+        let id = self.enqueue_in(
+            now,
+            Payload::null(),
+            None,
+            MsgKind::Leave,
+            Some(name.clone()),
+        )?;
+        self.rooms.remove(&name);
+        Ok(id)
+    }
+
+    /// Publishes to a room this client has joined: the server checks its
+    /// policy and delivers the message to every other member, each exactly
+    /// once and in order. A refusal comes back as [`Event::Refused`].
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        room: &str,
+        payload: Payload,
+    ) -> Result<MessageId, SendError> {
+        let name = room_name(room)?;
+        self.enqueue_in(now, payload, None, MsgKind::Plain, Some(name))
+    }
+
+    /// The rooms this client has asked to be in.
+    pub fn rooms(&self) -> impl Iterator<Item = &str> {
+        self.rooms.iter().map(|r| &**r)
+    }
+
+    /// Requests waiting for a response.
+    pub fn pending_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn arm_request_timer(&mut self) {
+        match self.request_deadlines.first() {
+            Some((at, _)) => self.timers.set(Timer::Request, *at),
+            None => self.timers.stop(Timer::Request),
+        }
+    }
+
+    fn expire_requests(&mut self) {
+        while let Some(&(at, id)) = self.request_deadlines.first() {
+            if at > self.now {
+                break;
+            }
+            self.request_deadlines.pop_first();
+            self.requests.remove(&id);
+            self.emit(Event::RequestFailed {
+                request: id,
+                error: RequestError::TimedOut,
+            });
+        }
+        self.arm_request_timer();
+    }
+
+    /// Fails every pending request except those still waiting unsent (they
+    /// go out, and can be answered, in the next session).
+    fn fail_requests(&mut self, error: RequestError, keep: &[MessageId]) {
+        let failed: Vec<MessageId> = self
+            .requests
+            .keys()
+            .copied()
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in failed {
+            if let Some(deadline) = self.requests.remove(&id) {
+                self.request_deadlines.remove(&(deadline, id));
+            }
+            self.emit(Event::RequestFailed { request: id, error });
+        }
+        self.arm_request_timer();
+    }
+
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        ts: Option<u64>,
+        kind: MsgKind,
+    ) -> Result<MessageId, SendError> {
+        self.enqueue_in(now, payload, ts, kind, None)
+    }
+
+    fn enqueue_in(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        ts: Option<u64>,
+        kind: MsgKind,
+        room: Option<RoomName>,
     ) -> Result<MessageId, SendError> {
         self.advance(now);
         match self.state {
@@ -732,7 +1093,13 @@ impl Client {
             });
         }
         let id = MessageId(self.next_id);
-        match self.outbound.push(Waiting { id, ts, payload }) {
+        match self.outbound.push(Waiting {
+            id,
+            ts,
+            kind,
+            room,
+            payload,
+        }) {
             Ok(()) => {
                 self.next_id += 1;
                 self.flush();
@@ -781,7 +1148,7 @@ impl Client {
             versions: self.config.versions.clone(),
             client: self.client_id,
             resume,
-            caps: self.config.capabilities.clone(),
+            caps: with_batch(&self.config.capabilities),
             codecs,
         });
         self.set_state(State::Handshaking { attempt });
@@ -941,6 +1308,7 @@ impl Client {
 
     fn forget_connection(&mut self) {
         self.conn = None;
+        self.batch.clear();
         for t in CONNECTION_TIMERS {
             self.timers.stop(t);
         }
@@ -1036,9 +1404,31 @@ impl Client {
         } else {
             Vec::new()
         };
+        if !matches!(reason, LostReason::Closed) {
+            // Membership belonged to the lost session: ask again, first thing.
+            for room in self.rooms.iter().rev() {
+                self.outbound.push_front_system(Waiting {
+                    id: MessageId::SYSTEM,
+                    ts: None,
+                    kind: MsgKind::Join,
+                    room: Some(room.clone()),
+                    payload: Payload::null(),
+                });
+            }
+        } else {
+            self.rooms.clear();
+        }
+        let still_queued = self.outbound.waiting_ids();
+        let error = match reason {
+            LostReason::Closed => RequestError::Closed,
+            _ => RequestError::SessionLost,
+        };
         self.inbound.reset_session();
         let had_session = self.session.take().is_some();
-        if had_session || !unconfirmed.is_empty() || !unsent.is_empty() {
+        // A replaced session always matters (server-side state is gone); a
+        // closed one only if messages were at stake.
+        let replaced = had_session && !matches!(reason, LostReason::Closed);
+        if replaced || !unconfirmed.is_empty() || !unsent.is_empty() {
             self.stats.sessions_lost += 1;
             self.emit(Event::SessionLost {
                 reason,
@@ -1046,6 +1436,7 @@ impl Client {
                 unsent,
             });
         }
+        self.fail_requests(error, &still_queued);
     }
 
     fn on_timer(&mut self, timer: Timer) {
@@ -1072,6 +1463,9 @@ impl Client {
             }
             Timer::AckDelay => self.flush_ack(),
             Timer::AckTimeout => self.check_ack_timeout(),
+            Timer::Request => self.expire_requests(),
+            Timer::Batch => self.send_batch(),
+            Timer::Coalesce => self.release_latest(false),
             Timer::Close => {
                 if self.state == State::Closing {
                     self.transport = None;
@@ -1173,6 +1567,14 @@ impl Client {
             (State::Open, Frame::Ping { nonce }) => self.transmit(&Frame::Pong { nonce }),
             (State::Open, Frame::Pong { nonce }) => self.on_pong(nonce),
             (State::Open, Frame::Msg(m)) => self.on_msg(m),
+            (State::Open, Frame::Batch(msgs)) => {
+                for m in msgs {
+                    self.on_msg(m);
+                    if self.state != State::Open {
+                        break;
+                    }
+                }
+            }
             (State::Open, Frame::Ack { ack }) => self.on_ack(ack),
             (State::Open, Frame::Replay { from }) => self.on_replay(from),
             (
@@ -1183,6 +1585,9 @@ impl Client {
                 },
             ) => self.on_goaway(CloseCode(code), retry_after_ms),
             (State::Open, Frame::Raw(data)) => self.emit(Event::Datagram(data)),
+            (State::Open, Frame::Reauth { within_ms }) => self.emit(Event::TokenExpiring {
+                within: Duration::from_millis(within_ms),
+            }),
             (_, Frame::Unknown(_)) => self.stats.unknown_frames += 1,
             (State::Open, f) => {
                 self.protocol_error(format!("unexpected `{}` on an open session", f.type_name()))
@@ -1226,6 +1631,7 @@ impl Client {
             ping_interval,
             pong_timeout,
             peer_max_message: peer_max,
+            peer_batches: w.features.iter().any(|f| f == CAP_BATCH),
             ping: None,
             last_rx: self.now,
             in_grace: false,
@@ -1278,7 +1684,13 @@ impl Client {
 
     fn on_reject(&mut self, r: Reject) {
         let code = CloseCode(r.code);
-        self.drop_connection(code, "rejected");
+        // Echo the server's code only if it may appear on the wire at all.
+        let echo = if code.is_sendable() {
+            code
+        } else {
+            CloseCode::PROTOCOL_ERROR
+        };
+        self.drop_connection(echo, "rejected");
         let hint = r.retry_after_ms.map(Duration::from_millis);
         let disposition = match code.disposition() {
             // A reject is never a polite end of session.
@@ -1343,6 +1755,57 @@ impl Client {
         }
     }
 
+    /// Hands a message delivered in order to the right place: the room
+    /// bookkeeping, a waiting request, or the application.
+    fn deliver(&mut self, m: Msg) {
+        let kind = m.kind;
+        let received = Received::from_msg(m);
+        if let (MsgKind::Presence | MsgKind::Refused, Some(room)) = (kind, received.room.clone()) {
+            self.on_room_notice(kind, room, &received.payload);
+            return;
+        }
+        match received.response_to {
+            Some(request) => {
+                if let Some(deadline) = self.requests.remove(&request) {
+                    self.request_deadlines.remove(&(deadline, request));
+                    self.arm_request_timer();
+                    self.emit(Event::Response {
+                        request,
+                        response: received,
+                    });
+                } else {
+                    self.emit(Event::LateResponse { request });
+                }
+            }
+            None => self.emit(Event::Message(received)),
+        }
+    }
+
+    fn on_room_notice(&mut self, kind: MsgKind, room: RoomName, payload: &Payload) {
+        if kind == MsgKind::Presence {
+            match serde_json::from_slice::<Presence>(payload.data()) {
+                Ok(presence) => self.emit(Event::Presence { room, presence }),
+                Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
+                    field: "j",
+                    reason: "not a presence payload",
+                })),
+            }
+            return;
+        }
+        match serde_json::from_slice::<Refusal>(payload.data()) {
+            Ok(refusal) => {
+                if refusal.op == "join" {
+                    self.rooms.remove(&room);
+                }
+                self.emit(Event::Refused { room, refusal });
+            }
+            Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
+                field: "j",
+                reason: "not a refusal payload",
+            })),
+        }
+    }
+
     fn on_msg(&mut self, m: Msg) {
         if let Some(ack) = m.ack {
             self.on_ack(ack);
@@ -1353,12 +1816,7 @@ impl Client {
         match self.inbound.on_msg(m.seq) {
             Verdict::Deliver => {
                 self.stats.messages_received += 1;
-                self.emit(Event::Message(Received {
-                    id: MessageId(m.id),
-                    seq: m.seq,
-                    timestamp: m.ts,
-                    payload: m.payload,
-                }));
+                self.deliver(m);
                 if self.inbound.unacked() >= u64::from(self.config.reliability.ack_every) {
                     self.flush_ack();
                 } else if !self.timers.is_set(Timer::AckDelay) {
@@ -1410,6 +1868,10 @@ impl Client {
     }
 
     fn retransmit_from(&mut self, from: u64) {
+        // Everything collected for a batch is unacknowledged and numbered at
+        // or after `from`: the retransmission below carries it.
+        self.batch.clear();
+        self.timers.stop(Timer::Batch);
         let Some(conn) = &self.conn else { return };
         let (id, codec, version) = (conn.id, conn.codec, conn.version);
         let ack = self.inbound.delivered();
@@ -1438,8 +1900,13 @@ impl Client {
             return;
         }
         let Some(conn) = &self.conn else { return };
-        let (id, codec, version, peer_max) =
-            (conn.id, conn.codec, conn.version, conn.peer_max_message);
+        let (id, codec, version, peer_max, batches) = (
+            conn.id,
+            conn.codec,
+            conn.version,
+            conn.peer_max_message,
+            conn.peer_batches,
+        );
         loop {
             let ack = self.inbound.delivered();
             let Some(s) = self.outbound.sequence_next(Some(self.now)) else {
@@ -1463,9 +1930,25 @@ impl Client {
             self.inbound.acked_now();
             self.timers.stop(Timer::AckDelay);
             self.stats.messages_sent += 1;
-            self.transmit_on(id, &frame, codec, version);
+            match (&self.config.batch, frame) {
+                (Some(cfg), Frame::Msg(m)) if batches => {
+                    if self.batch.push(m, cfg) {
+                        self.send_batch();
+                    } else if !self.timers.is_set(Timer::Batch) {
+                        self.timers.set(Timer::Batch, self.now + cfg.window);
+                    }
+                }
+                (_, frame) => self.transmit_on(id, &frame, codec, version),
+            }
         }
         self.arm_ack_timeout();
+    }
+
+    fn send_batch(&mut self) {
+        self.timers.stop(Timer::Batch);
+        if let Some(frame) = self.batch.take() {
+            self.transmit(&frame);
+        }
     }
 
     /// Takes back the sequence number just given to a message that cannot be
@@ -1513,6 +1996,26 @@ impl Client {
             }
         }
     }
+}
+
+/// Every Kitestring peer can receive batches, so it always says so.
+pub(crate) fn with_batch(caps: &[String]) -> Vec<String> {
+    let mut caps = caps.to_vec();
+    if !caps.iter().any(|c| c == CAP_BATCH) {
+        caps.push(CAP_BATCH.to_string());
+    }
+    caps
+}
+
+/// The capability (client) and feature (server) that announces "I can
+/// receive `batch` frames".
+pub const CAP_BATCH: &str = "batch";
+
+fn room_name(room: &str) -> Result<RoomName, SendError> {
+    if room.is_empty() || room.len() > wire::MAX_TOKEN_LEN {
+        return Err(SendError::BadRoom);
+    }
+    Ok(RoomName::from(room))
 }
 
 fn clamp_ms(ms: u64, min: u64, max: u64, fallback: Duration) -> Duration {
@@ -1765,6 +2268,29 @@ mod tests {
         c.handle_timeout(Instant::from_secs(14));
         c.handle_transport_closed(Instant::from_secs(15), t2, None, "");
         assert_eq!(c.failures(), 1);
+    }
+
+    #[test]
+    fn unsendable_reject_codes_are_never_echoed() {
+        for code in [0u16, 1005, 1006, 1015, 2000, 5000] {
+            let mut c = client();
+            c.connect(Instant::ZERO).unwrap();
+            let t = drain(&mut c)
+                .into_iter()
+                .find_map(|o| match o {
+                    Output::Connect(t) => Some(t),
+                    _ => None,
+                })
+                .unwrap();
+            c.handle_transport_opened(Instant::ZERO, t);
+            let reject = format!(r#"{{"t":"reject","versions":[1],"code":{code},"reason":"x"}}"#);
+            c.handle_message(Instant::ZERO, t, Incoming::Text(&reject));
+            for o in drain(&mut c) {
+                if let Output::Disconnect(_, close, _) = o {
+                    assert!(close.is_sendable(), "reject {code} closes with {close:?}");
+                }
+            }
+        }
     }
 
     #[test]

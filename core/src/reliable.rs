@@ -23,12 +23,24 @@ use core::time::Duration;
 
 use crate::config::QueueConfig;
 use crate::time::Instant;
-use crate::wire::Payload;
+use crate::wire::{MsgKind, Payload};
+
+/// A room name shared by every message broadcast in it (cloning is a
+/// reference count, not a copy).
+pub(crate) type RoomName = std::sync::Arc<str>;
 
 /// A message identifier, unique per sending machine and increasing in send
 /// order. Together with the sender's identity it is an idempotency key.
+/// Id 0 is reserved for messages the machine sends on its own (rejoining
+/// rooms after a lost session); they never appear in acknowledgment or loss
+/// reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId(pub u64);
+
+impl MessageId {
+    /// The id of messages the machine sends on its own.
+    pub const SYSTEM: MessageId = MessageId(0);
+}
 
 /// What to do when both the send window and the waiting queue are full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +122,71 @@ pub enum SendError {
     /// No such session (server side).
     #[error("no such session")]
     UnknownSession,
+    /// A room name is empty or longer than 256 bytes.
+    #[error("room names are 1 to 256 bytes")]
+    BadRoom,
+    /// Too many requests are waiting for responses.
+    #[error("{max} requests already wait for responses")]
+    TooManyRequests {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Batching settings: several small messages in one frame.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchConfig {
+    /// How long the first message of a batch may wait for company. Default 5 ms.
+    pub window: Duration,
+    /// A batch goes out at once when it holds this many messages. Default 64.
+    pub max_messages: usize,
+    /// A batch goes out at once when its payloads reach this many bytes.
+    /// Default 64 KiB.
+    pub max_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            window: Duration::from_millis(5),
+            max_messages: 64,
+            max_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Messages collected for one batch frame.
+#[derive(Debug, Default)]
+pub(crate) struct Batcher {
+    msgs: Vec<crate::wire::Msg>,
+    bytes: usize,
+}
+
+impl Batcher {
+    /// Adds a message; returns whether the batch is now full.
+    pub(crate) fn push(&mut self, m: crate::wire::Msg, cfg: &BatchConfig) -> bool {
+        self.bytes += m.payload.len();
+        self.msgs.push(m);
+        self.msgs.len() >= cfg.max_messages.clamp(1, crate::wire::MAX_BATCH)
+            || self.bytes >= cfg.max_bytes
+    }
+
+    /// The frame to send: one message alone, several as a batch.
+    pub(crate) fn take(&mut self) -> Option<crate::wire::Frame> {
+        self.bytes = 0;
+        match self.msgs.len() {
+            0 => None,
+            1 => self.msgs.pop().map(crate::wire::Frame::Msg),
+            _ => Some(crate::wire::Frame::Batch(core::mem::take(&mut self.msgs))),
+        }
+    }
+
+    /// Forgets the collected messages (they stay in the window and are
+    /// retransmitted on resume).
+    pub(crate) fn clear(&mut self) {
+        self.msgs.clear();
+        self.bytes = 0;
+    }
 }
 
 /// A message accepted but not yet given a sequence number.
@@ -117,6 +194,8 @@ pub enum SendError {
 pub(crate) struct Waiting {
     pub(crate) id: MessageId,
     pub(crate) ts: Option<u64>,
+    pub(crate) kind: MsgKind,
+    pub(crate) room: Option<RoomName>,
     pub(crate) payload: Payload,
 }
 
@@ -126,6 +205,8 @@ pub(crate) struct Sent {
     pub(crate) seq: u64,
     pub(crate) id: MessageId,
     pub(crate) ts: Option<u64>,
+    pub(crate) kind: MsgKind,
+    pub(crate) room: Option<RoomName>,
     pub(crate) payload: Payload,
     /// When it was last put on a connection, if it has been.
     pub(crate) sent_at: Option<Instant>,
@@ -207,10 +288,20 @@ impl Outbound {
             seq,
             id: w.id,
             ts: w.ts,
+            kind: w.kind,
+            room: w.room,
             payload: w.payload,
             sent_at: now,
         });
         self.window.back()
+    }
+
+    /// Puts a message the machine sends on its own at the front of the
+    /// queue, ahead of the application's. Not bounded by the queue limits:
+    /// callers bound how many they add (one per joined room).
+    pub(crate) fn push_front_system(&mut self, msg: Waiting) {
+        self.waiting_bytes += msg.payload.len();
+        self.waiting.push_front(msg);
     }
 
     /// Returns the most recently sequenced message to the front of the
@@ -240,8 +331,10 @@ impl Outbound {
             if front.seq > ack {
                 break;
             }
-            first.get_or_insert(front.id);
-            last = Some(front.id);
+            if front.id != MessageId::SYSTEM {
+                first.get_or_insert(front.id);
+                last = Some(front.id);
+            }
             self.window_bytes -= front.payload.len();
             self.window.pop_front();
         }
@@ -269,7 +362,12 @@ impl Outbound {
     /// acknowledged) and restarts numbering at 1. Waiting messages stay queued
     /// for the next session.
     pub(crate) fn reset_session(&mut self) -> Vec<MessageId> {
-        let lost = self.window.drain(..).map(|s| s.id).collect();
+        let lost = self
+            .window
+            .drain(..)
+            .map(|s| s.id)
+            .filter(|id| *id != MessageId::SYSTEM)
+            .collect();
         self.window_bytes = 0;
         self.next_seq = 1;
         lost
@@ -278,7 +376,16 @@ impl Outbound {
     /// Drops everything waiting; returns the ids (never sent).
     pub(crate) fn drain_waiting(&mut self) -> Vec<MessageId> {
         self.waiting_bytes = 0;
-        self.waiting.drain(..).map(|w| w.id).collect()
+        self.waiting
+            .drain(..)
+            .map(|w| w.id)
+            .filter(|id| *id != MessageId::SYSTEM)
+            .collect()
+    }
+
+    /// Ids of the messages still waiting, in order.
+    pub(crate) fn waiting_ids(&self) -> Vec<MessageId> {
+        self.waiting.iter().map(|w| w.id).collect()
     }
 
     pub(crate) fn waiting_len(&self) -> usize {
@@ -308,6 +415,8 @@ impl Outbound {
             id: s.id.0,
             ack: Some(ack),
             ts: s.ts,
+            kind: s.kind,
+            room: s.room.clone(),
             payload: s.payload.clone(),
         })
     }
@@ -425,6 +534,8 @@ mod tests {
         Waiting {
             id: MessageId(id),
             ts: None,
+            kind: MsgKind::Plain,
+            room: None,
             payload: Payload::binary(vec![0u8; 10]),
         }
     }
