@@ -26,8 +26,9 @@ use crate::reliable::{OverflowPolicy, ReliabilityConfig, SendError};
 use crate::server::{ConnectionId, Server, ServerEvent, ServerOutput};
 use crate::time::Instant;
 use crate::wire::{
-    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, Payload, Reject,
-    Resume, SessionId, Transmit, Welcome, BINARY_HEADER_LEN, KIND_MSGPACK, PROTOCOL_VERSION,
+    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
+    Reject, Resume, SessionId, Transmit, Welcome, BINARY_HEADER_LEN, KIND_MSGPACK,
+    PROTOCOL_VERSION,
 };
 
 // ---------------------------------------------------------------------------
@@ -333,9 +334,24 @@ pub enum ArbFrame {
         ack: Option<u64>,
         /// Timestamp.
         ts: Option<u64>,
+        /// What the message is for.
+        kind: ArbMsgKind,
+        /// Its room.
+        room: Option<String>,
         /// Payload.
         payload: ArbPayload,
     },
+    /// A batch of messages (sequence numbers from `first`, payloads as given).
+    Batch {
+        /// First sequence number.
+        first: u64,
+        /// Payloads.
+        payloads: Vec<ArbPayload>,
+    },
+    /// A reauthentication request.
+    Reauth(u64),
+    /// A fresh token.
+    Auth(String),
     /// An ack.
     Ack(u64),
     /// A replay request.
@@ -344,6 +360,40 @@ pub enum ArbFrame {
     GoAway(u16, Option<u64>),
     /// A raw datagram.
     Raw(Vec<u8>),
+}
+
+/// What a generated message is for.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum ArbMsgKind {
+    /// Plain.
+    Plain,
+    /// A request.
+    Request,
+    /// A response to this id.
+    Response(u64),
+    /// Join.
+    Join,
+    /// Leave.
+    Leave,
+    /// Presence.
+    Presence,
+    /// Refused.
+    Refused,
+}
+
+impl ArbMsgKind {
+    /// The kind.
+    pub fn kind(self) -> MsgKind {
+        match self {
+            ArbMsgKind::Plain => MsgKind::Plain,
+            ArbMsgKind::Request => MsgKind::Request,
+            ArbMsgKind::Response(id) => MsgKind::Response(id),
+            ArbMsgKind::Join => MsgKind::Join,
+            ArbMsgKind::Leave => MsgKind::Leave,
+            ArbMsgKind::Presence => MsgKind::Presence,
+            ArbMsgKind::Refused => MsgKind::Refused,
+        }
+    }
 }
 
 fn codec_of(msgpack: bool) -> Codec {
@@ -439,18 +489,53 @@ impl ArbFrame {
                 id,
                 ack,
                 ts,
+                kind,
+                room,
                 payload,
             } => {
-                if *seq == 0 {
+                let kind = kind.kind();
+                let room_ok = room
+                    .as_ref()
+                    .is_none_or(|r| !r.is_empty() && r.len() <= wire::MAX_TOKEN_LEN);
+                if *seq == 0 || !room_ok || (kind.needs_room() && room.is_none()) {
                     return None;
                 }
                 Frame::Msg(Msg {
+                    kind,
+                    room: room.as_deref().map(std::sync::Arc::from),
                     seq: *seq,
                     id: *id,
                     ack: *ack,
                     ts: *ts,
                     payload: payload.to_payload()?,
                 })
+            }
+            ArbFrame::Batch { first, payloads } => {
+                if *first == 0 || payloads.is_empty() || payloads.len() > wire::MAX_BATCH {
+                    return None;
+                }
+                let mut msgs = Vec::new();
+                for (i, p) in payloads.iter().enumerate() {
+                    msgs.push(Msg {
+                        seq: first.checked_add(i as u64)?,
+                        id: i as u64,
+                        ack: None,
+                        ts: None,
+                        kind: MsgKind::Plain,
+                        room: None,
+                        payload: p.to_payload()?,
+                    });
+                }
+                Frame::Batch(msgs)
+            }
+            ArbFrame::Reauth(ms) => Frame::Reauth { within_ms: *ms },
+            ArbFrame::Auth(token) => {
+                if token.len() > 4096 {
+                    return None;
+                }
+                Frame::Auth {
+                    token: token.clone(),
+                }
             }
             ArbFrame::Ack(a) => Frame::Ack { ack: *a },
             ArbFrame::Replay(f) => {
@@ -487,7 +572,14 @@ pub const KNOWN_JSON_NULL_PAYLOAD: bool = true;
 pub const KNOWN_JSON_PAYLOAD_WHITESPACE: bool = true;
 
 fn is_known_json_null(frame: &Frame) -> bool {
-    let Frame::Msg(m) = frame else { return false };
+    match frame {
+        Frame::Msg(m) => is_known_json_payload(m),
+        Frame::Batch(ms) => ms.iter().any(is_known_json_payload),
+        _ => false,
+    }
+}
+
+fn is_known_json_payload(m: &Msg) -> bool {
     if m.payload.kind() != crate::wire::PayloadKind::Json {
         return false;
     }
@@ -554,8 +646,12 @@ fn lenient_frame(f: &ArbFrame) -> Option<Frame> {
             id,
             ack,
             ts,
+            kind,
+            room,
             payload,
         } => Some(Frame::Msg(Msg {
+            kind: kind.kind(),
+            room: room.as_deref().map(std::sync::Arc::from),
             seq: *seq,
             id: *id,
             ack: *ack,
@@ -1165,6 +1261,8 @@ impl ClientHarness {
             } => {
                 let seq = seq.resolve(self.client.delivered()).max(1);
                 Frame::Msg(Msg {
+                    kind: MsgKind::Plain,
+                    room: None,
                     seq,
                     id: seq,
                     ack: ack.map(|a| a.resolve(self.sent_seq)),
@@ -1363,16 +1461,21 @@ impl ClientHarness {
         assert!(qb <= qc.max_bytes || q == 1, "queue holds {qb} bytes");
         assert!(w <= rc.window_messages, "window holds {w}");
         assert!(wb <= rc.window_bytes || w == 1, "window holds {wb} bytes");
-        assert_eq!(self.client.delivered(), self.last_seq);
+        assert_eq!(
+            self.client.delivered(),
+            self.last_seq,
+            "delivered() disagrees with the messages\n{}",
+            self.log
+        );
         let outstanding = self
             .accepted
             .values()
             .filter(|f| **f == Fate::Outstanding)
             .count();
-        assert_eq!(
-            outstanding,
-            q + w,
-            "accepted and unresolved messages are not what the machine holds\n{}",
+        // The machine may also hold messages of its own (room re-joins).
+        assert!(
+            outstanding <= q + w,
+            "accepted and unresolved messages ({outstanding}) exceed what the machine holds\n{}",
             self.log
         );
         if matches!(self.state, State::Closed { .. }) {
@@ -1398,6 +1501,9 @@ impl ClientHarness {
     }
 
     fn resolve(&mut self, id: u64, fate: Fate, what: &str) {
+        if id == crate::reliable::MessageId::SYSTEM.0 {
+            return;
+        }
         match self.accepted.get_mut(&id) {
             Some(f) if *f == Fate::Outstanding => *f = fate,
             other => panic!(
@@ -1419,6 +1525,12 @@ impl ClientHarness {
                     "illegal transition {old:?} -> {new:?}"
                 );
                 assert_ne!(old, new, "a change to the same state");
+                if matches!(new, State::Closed { .. }) {
+                    // A closed session restarts numbering; `SessionLost` is
+                    // only reported when messages were at stake.
+                    self.last_seq = 0;
+                    self.sent_seq = 0;
+                }
                 self.state = new;
             }
             Event::Connected {
@@ -1794,6 +1906,8 @@ impl ServerHarness {
                     ClientFrame::Msg { seq, ack, payload } => payload.payload().map(|payload| {
                         let seq = seq.resolve(delivered).max(1);
                         Frame::Msg(Msg {
+                            kind: MsgKind::Plain,
+                            room: None,
                             seq,
                             id: seq,
                             ack: ack.map(|a| a.resolve(sent)),
@@ -2399,6 +2513,8 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
         if let Ok(payload) = p {
             let seq = i as u64 + 1;
             frames.push(Frame::Msg(Msg {
+                kind: MsgKind::Plain,
+                room: None,
                 seq,
                 id: 76 + seq,
                 ack: Some(4),
@@ -2526,6 +2642,8 @@ mod tests {
     #[ignore = "core bug: a JSON null payload does not survive the JSON codec"]
     fn json_null_payload_round_trips_in_json() {
         let frame = Frame::Msg(Msg {
+            kind: MsgKind::Plain,
+            room: None,
             seq: 1,
             id: 1,
             ack: None,
@@ -2548,6 +2666,8 @@ mod tests {
     #[ignore = "core bug: JSON payload whitespace is lost by the JSON codec"]
     fn json_payload_bytes_survive_the_json_codec() {
         let frame = Frame::Msg(Msg {
+            kind: MsgKind::Plain,
+            room: None,
             seq: 1,
             id: 1,
             ack: None,
@@ -2565,6 +2685,8 @@ mod tests {
                 continue;
             };
             let frame = Frame::Msg(Msg {
+                kind: MsgKind::Plain,
+                room: None,
                 seq: 1,
                 id: 1,
                 ack: None,
