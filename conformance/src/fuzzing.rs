@@ -457,7 +457,6 @@ mod tests {
     /// over JSON, a message whose payload is `null` never decodes at the
     /// server, and every message sent after it is stuck behind it.
     #[test]
-    #[ignore = "core bug: a JSON null payload stalls the session over JSON"]
     fn a_null_payload_does_not_stall_the_session() {
         let server = ServerConfig {
             codecs: vec![Codec::Json],

@@ -553,23 +553,25 @@ impl ArbFrame {
     }
 }
 
-/// Known core bug, tracked by the ignored test
+/// Core bug found by fuzzing, fixed on main and kept as the regression test
 /// `tests::json_null_payload_round_trips_in_json`: a message whose JSON
 /// payload is `null` encodes as `"j":null` in the JSON codec, which the
 /// decoder reads as a missing payload (`MissingField j`). The peer can
 /// never decode that message, so it is retransmitted and refused forever.
-/// While this is `true`, `frame_roundtrip` skips the JSON codec for such
+/// The switch stays so that a regression can be tolerated again while it is
+/// fixed; while it is `true`, `frame_roundtrip` skips the JSON codec for such
 /// frames; set it to `false` once fixed.
-pub const KNOWN_JSON_NULL_PAYLOAD: bool = true;
+pub const KNOWN_JSON_NULL_PAYLOAD: bool = false;
 
-/// Known core bug, tracked by the ignored test
+/// Core bug found by fuzzing, fixed on main and kept as the regression test
 /// `tests::json_payload_bytes_survive_the_json_codec`: `Payload::json`
 /// accepts a value with whitespace around it (`" 1 "`), the JSON codec
 /// embeds it as a raw value without that whitespace, so the peer receives
 /// different bytes (`"1"`) and `Payload` equality fails across a JSON hop.
-/// While this is `true`, `frame_roundtrip` skips the JSON codec for such
+/// The switch stays so that a regression can be tolerated again while it is
+/// fixed; while it is `true`, `frame_roundtrip` skips the JSON codec for such
 /// payloads; set it to `false` once fixed.
-pub const KNOWN_JSON_PAYLOAD_WHITESPACE: bool = true;
+pub const KNOWN_JSON_PAYLOAD_WHITESPACE: bool = false;
 
 fn is_known_json_null(frame: &Frame) -> bool {
     match frame {
@@ -1116,14 +1118,15 @@ pub struct ClientHarness {
     pub log: String,
 }
 
-/// Known core bug, tracked by the ignored test
+/// Core bug found by fuzzing, fixed on main and kept as the regression test
 /// `tests::client_never_echoes_an_unsendable_reject_code`: the client closes
 /// a rejected transport with the close code the server put in its reject
 /// frame, unchecked, so a reject carrying 1005, 1006, 2000 or 5000 makes the
 /// client ask its driver to send a close code RFC 6455 forbids on the wire.
-/// While this is `true`, the client target tolerates exactly that case so
+/// The switch stays so that a regression can be tolerated again while it is
+/// fixed; while it is `true`, the client target tolerates exactly that case so
 /// that fuzzing can go on finding other bugs; set it to `false` once fixed.
-pub const KNOWN_REJECT_CODE_ECHO: bool = true;
+pub const KNOWN_REJECT_CODE_ECHO: bool = false;
 
 impl ClientHarness {
     /// A harness around a new client.
@@ -2614,7 +2617,6 @@ mod tests {
     /// 6455 forbids in a close frame. Fix in `Client::on_reject`: close with
     /// the code only if `is_sendable()`, else with a fixed one (4002 or 1002).
     #[test]
-    #[ignore = "core bug: the client echoes an unsendable reject close code"]
     fn client_never_echoes_an_unsendable_reject_code() {
         for code in [0u16, 1005, 1006, 1015, 2000, 5000] {
             let (mut c, t) = handshaking();
@@ -2639,7 +2641,6 @@ mod tests {
     /// example `Option<Option<&RawValue>>` with a custom deserializer, or
     /// read the raw `null` text).
     #[test]
-    #[ignore = "core bug: a JSON null payload does not survive the JSON codec"]
     fn json_null_payload_round_trips_in_json() {
         let frame = Frame::Msg(Msg {
             kind: MsgKind::Plain,
@@ -2663,7 +2664,6 @@ mod tests {
     /// value's own text (`RawValue::get()`), or rejects surrounding
     /// whitespace.
     #[test]
-    #[ignore = "core bug: JSON payload whitespace is lost by the JSON codec"]
     fn json_payload_bytes_survive_the_json_codec() {
         let frame = Frame::Msg(Msg {
             kind: MsgKind::Plain,
