@@ -5,3 +5,7 @@
 
 pub mod script;
 pub mod sim;
+
+// Body of the `pair` fuzz target, compiled only for fuzzing and its tests.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;

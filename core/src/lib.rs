@@ -81,3 +81,7 @@ pub use coalesce::Coalescer;
 pub use hlc::{Hlc, HlcTimestamp};
 pub use lww::{LwwMap, LwwUpdate};
 pub use ratelimit::{RateLimitConfig, RateLimiter};
+
+// Bodies of the fuzz targets, compiled only for fuzzing and its tests.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;

@@ -1,0 +1,2765 @@
+//! Bodies of the fuzz targets that exercise this crate on its own.
+//!
+//! Compiled only with the `fuzzing` feature, so that ordinary builds and
+//! `cargo test --features fuzzing` keep them compiling and their regression
+//! tests running; the files in `fuzz/fuzz_targets/` only forward to the
+//! functions here. Every target asserts: a panic here is a finding. Inputs
+//! are `(setup, Vec<op>)` values built with [`arbitrary`], and the checks
+//! run after every op.
+//!
+//! This module never changes the machines' behaviour: it drives them through
+//! their public API only, as a driver would.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use arbitrary::Arbitrary;
+use bytes::Bytes;
+use core::time::Duration;
+
+use crate::client::{Client, Event, Output, State, TransportError, TransportId};
+use crate::close::CloseCode;
+use crate::config::{ClientConfig, QueueConfig, ServerConfig};
+use crate::hlc::{Hlc, HlcTimestamp};
+use crate::lww::{LwwMap, LwwUpdate};
+use crate::reliable::{OverflowPolicy, ReliabilityConfig, SendError};
+use crate::server::{ConnectionId, Server, ServerEvent, ServerOutput};
+use crate::time::Instant;
+use crate::wire::{
+    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
+    Reject, Resume, SessionId, Transmit, Welcome, BINARY_HEADER_LEN, KIND_MSGPACK,
+    PROTOCOL_VERSION,
+};
+
+// ---------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------
+
+/// The message size limit the decode targets configure. Inputs longer than
+/// this must be refused with [`DecodeError::TooLarge`] before any parsing.
+pub const FUZZ_MAX_MESSAGE: usize = 2048;
+
+/// Heap the decoder may use per input byte, beyond [`ALLOC_SLACK`]. Parsing
+/// builds owned strings, lists of tokens (24 bytes for each entry of at
+/// least 3 input bytes, doubled by vector growth) and payload copies, so a
+/// small constant factor is expected; anything more would mean an attacker
+/// can make the decoder allocate out of proportion to what it sent.
+pub const ALLOC_PER_BYTE: usize = 24;
+
+/// Heap the decoder may use whatever the input (error messages and the like).
+pub const ALLOC_SLACK: usize = 8 * 1024;
+
+/// Measures heap use around a call. The fuzz crate implements it with a
+/// counting global allocator; [`NoProbe`] measures nothing.
+pub trait AllocProbe {
+    /// Starts a measurement: the peak is reset to the current use.
+    fn reset(&self);
+    /// The largest number of bytes allocated at once since [`reset`](Self::reset),
+    /// above what was allocated at the time of the reset.
+    fn peak(&self) -> usize;
+}
+
+/// An [`AllocProbe`] that measures nothing (for unit tests).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoProbe;
+
+impl AllocProbe for NoProbe {
+    fn reset(&self) {}
+    fn peak(&self) -> usize {
+        0
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_message: FUZZ_MAX_MESSAGE,
+        version: PROTOCOL_VERSION,
+    }
+}
+
+/// Target `decode_json`: arbitrary bytes as a text message (invalid UTF-8 is
+/// replaced, as a WebSocket library would refuse it before us).
+pub fn decode_json(data: &[u8], probe: &dyn AllocProbe) {
+    let text = String::from_utf8_lossy(data);
+    check_decode(Incoming::Text(&text), &limits(), probe);
+}
+
+/// Target `decode_msgpack`: arbitrary bytes as the body of a binary message
+/// behind a valid MessagePack header, so the fuzzer spends its time in the
+/// envelope parser rather than on the header.
+pub fn decode_msgpack(data: &[u8], probe: &dyn AllocProbe) {
+    let mut msg = Vec::with_capacity(BINARY_HEADER_LEN + data.len());
+    msg.push(KIND_MSGPACK);
+    msg.push(PROTOCOL_VERSION);
+    let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+    msg.extend_from_slice(&len.to_le_bytes());
+    msg.extend_from_slice(data);
+    check_decode(Incoming::Binary(&msg), &limits(), probe);
+}
+
+/// Target `decode_binary_header`: arbitrary bytes as a whole binary message,
+/// header included.
+pub fn decode_binary_header(data: &[u8], probe: &dyn AllocProbe) {
+    check_decode(Incoming::Binary(data), &limits(), probe);
+}
+
+/// Decodes one message and checks everything the decoder promises: the size
+/// limit comes first, no panic, bounded allocation, and whatever decodes
+/// re-encodes to a message that decodes to an equal frame.
+pub fn check_decode(msg: Incoming<'_>, limits: &Limits, probe: &dyn AllocProbe) -> Option<Frame> {
+    probe.reset();
+    let result = wire::decode(msg, limits);
+    let peak = probe.peak();
+    if msg.len() > limits.max_message {
+        assert_eq!(
+            result,
+            Err(DecodeError::TooLarge {
+                size: msg.len(),
+                max: limits.max_message
+            }),
+            "an oversized message must be refused before parsing"
+        );
+        assert!(
+            peak <= 256,
+            "refusing an oversized message allocated {peak} bytes"
+        );
+        return None;
+    }
+    let bound = ALLOC_PER_BYTE * msg.len() + ALLOC_SLACK;
+    assert!(
+        peak <= bound,
+        "decoding {} bytes allocated {peak} bytes at peak (bound {bound})",
+        msg.len()
+    );
+    let frame = result.ok()?;
+    let codec = match msg {
+        Incoming::Text(_) => Codec::Json,
+        Incoming::Binary(_) => Codec::MsgPack,
+    };
+    assert_round_trip(&frame, codec, limits.version);
+    Some(frame)
+}
+
+/// Checks that `frame` encodes with `codec`, that the encoding decodes to an
+/// equal frame, and that encoding that frame again gives the same bytes.
+/// Unknown frames must refuse to encode.
+pub fn assert_round_trip(frame: &Frame, codec: Codec, version: u8) {
+    let encoded = match wire::encode(frame, codec, version) {
+        Ok(t) => t,
+        Err(e) => {
+            assert!(
+                matches!(frame, Frame::Unknown(_)),
+                "{frame:?} decoded but does not encode with {codec:?}: {e}"
+            );
+            return;
+        }
+    };
+    assert!(
+        !matches!(frame, Frame::Unknown(_)),
+        "an unknown frame was encoded"
+    );
+    let want_text = match frame {
+        Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) => true,
+        Frame::Raw(_) => false,
+        _ => codec == Codec::Json,
+    };
+    assert_eq!(
+        matches!(encoded, Transmit::Text(_)),
+        want_text,
+        "{frame:?} with {codec:?} went out as {encoded:?}"
+    );
+    if let Transmit::Text(b) = &encoded {
+        assert!(std::str::from_utf8(b).is_ok(), "text transmit is not UTF-8");
+    }
+    let open = Limits {
+        max_message: usize::MAX,
+        version,
+    };
+    let back = match wire::decode(encoded.as_incoming(), &open) {
+        Ok(f) => f,
+        Err(e) => panic!("{frame:?} encoded with {codec:?} as {encoded:?} does not decode: {e}"),
+    };
+    assert_eq!(
+        &back, frame,
+        "round trip through {codec:?} changed the frame"
+    );
+    match wire::encode(&back, codec, version) {
+        Ok(again) => assert_eq!(again, encoded, "encoding is not canonical"),
+        Err(e) => panic!("re-encoding failed: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Structured frames
+// ---------------------------------------------------------------------------
+
+/// A JSON value small enough to generate, for payloads.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ArbJson {
+    /// `null`.
+    Null,
+    /// `true` or `false`.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float; non-finite values become `0`.
+    Float(f64),
+    /// A string.
+    Str(String),
+    /// An array.
+    Array(Vec<ArbJson>),
+    /// An object.
+    Object(Vec<(String, ArbJson)>),
+}
+
+impl ArbJson {
+    /// The value as `serde_json` sees it, nesting capped at `depth`.
+    pub fn to_value(&self, depth: usize) -> serde_json::Value {
+        use serde_json::Value;
+        if depth == 0 {
+            return Value::Null;
+        }
+        match self {
+            ArbJson::Null => Value::Null,
+            ArbJson::Bool(b) => Value::Bool(*b),
+            ArbJson::Int(i) => Value::from(*i),
+            ArbJson::Float(f) => {
+                serde_json::Number::from_f64(*f).map_or(Value::from(0), Value::Number)
+            }
+            ArbJson::Str(s) => Value::String(s.clone()),
+            ArbJson::Array(v) => Value::Array(v.iter().map(|x| x.to_value(depth - 1)).collect()),
+            ArbJson::Object(v) => Value::Object(
+                v.iter()
+                    .map(|(k, x)| (k.clone(), x.to_value(depth - 1)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// An application payload of each kind.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ArbPayload {
+    /// A JSON value, serialized compactly.
+    Json(ArbJson),
+    /// JSON text exactly as given, when it is one valid JSON value
+    /// (whitespace, escapes and all).
+    JsonText(String),
+    /// A MessagePack value (the JSON value, packed).
+    MsgPack(ArbJson),
+    /// Opaque bytes.
+    Binary(Vec<u8>),
+}
+
+impl ArbPayload {
+    /// The payload, or `None` if the generated bytes are not a valid value of
+    /// the kind.
+    pub fn to_payload(&self) -> Option<Payload> {
+        match self {
+            ArbPayload::Json(v) => serde_json::to_vec(&v.to_value(8))
+                .ok()
+                .and_then(|b| Payload::json(b).ok()),
+            ArbPayload::JsonText(s) => Payload::json(s.clone().into_bytes()).ok(),
+            ArbPayload::MsgPack(v) => rmp_serde::to_vec(&v.to_value(8))
+                .ok()
+                .and_then(|b| Payload::msgpack(b).ok()),
+            ArbPayload::Binary(b) => Some(Payload::binary(b.clone())),
+        }
+    }
+}
+
+/// A frame built from arbitrary fields.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ArbFrame {
+    /// A hello.
+    Hello {
+        /// Versions offered.
+        versions: Vec<u8>,
+        /// Client id.
+        client: [u8; 16],
+        /// Resume request.
+        resume: Option<([u8; 16], u64)>,
+        /// Capabilities.
+        caps: Vec<String>,
+        /// Codecs: `true` is MessagePack.
+        codecs: Vec<bool>,
+    },
+    /// A welcome.
+    Welcome {
+        /// Version.
+        version: u8,
+        /// Codec: `true` is MessagePack.
+        msgpack: bool,
+        /// Session.
+        session: [u8; 16],
+        /// Resumed flag.
+        resumed: bool,
+        /// Why a resume failed.
+        lost: Option<String>,
+        /// Delivered count.
+        delivered: u64,
+        /// Features.
+        features: Vec<String>,
+        /// Ping interval.
+        ping: u64,
+        /// Pong timeout.
+        pong: u64,
+        /// Largest message.
+        max: u64,
+    },
+    /// A reject.
+    Reject {
+        /// Close code.
+        code: u16,
+        /// Reason token.
+        reason: String,
+        /// Detail.
+        message: String,
+        /// Server versions.
+        versions: Vec<u8>,
+        /// Retry hint.
+        retry: Option<u64>,
+    },
+    /// A ping.
+    Ping(u64),
+    /// A pong.
+    Pong(u64),
+    /// A message.
+    Msg {
+        /// Sequence number.
+        seq: u64,
+        /// Message id.
+        id: u64,
+        /// Piggybacked ack.
+        ack: Option<u64>,
+        /// Timestamp.
+        ts: Option<u64>,
+        /// What the message is for.
+        kind: ArbMsgKind,
+        /// Its room.
+        room: Option<String>,
+        /// Payload.
+        payload: ArbPayload,
+    },
+    /// A batch of messages (sequence numbers from `first`, payloads as given).
+    Batch {
+        /// First sequence number.
+        first: u64,
+        /// Payloads.
+        payloads: Vec<ArbPayload>,
+    },
+    /// A reauthentication request.
+    Reauth(u64),
+    /// A fresh token.
+    Auth(String),
+    /// An ack.
+    Ack(u64),
+    /// A replay request.
+    Replay(u64),
+    /// A goaway.
+    GoAway(u16, Option<u64>),
+    /// A raw datagram.
+    Raw(Vec<u8>),
+}
+
+/// What a generated message is for.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum ArbMsgKind {
+    /// Plain.
+    Plain,
+    /// A request.
+    Request,
+    /// A response to this id.
+    Response(u64),
+    /// Join.
+    Join,
+    /// Leave.
+    Leave,
+    /// Presence.
+    Presence,
+    /// Refused.
+    Refused,
+}
+
+impl ArbMsgKind {
+    /// The kind.
+    pub fn kind(self) -> MsgKind {
+        match self {
+            ArbMsgKind::Plain => MsgKind::Plain,
+            ArbMsgKind::Request => MsgKind::Request,
+            ArbMsgKind::Response(id) => MsgKind::Response(id),
+            ArbMsgKind::Join => MsgKind::Join,
+            ArbMsgKind::Leave => MsgKind::Leave,
+            ArbMsgKind::Presence => MsgKind::Presence,
+            ArbMsgKind::Refused => MsgKind::Refused,
+        }
+    }
+}
+
+fn codec_of(msgpack: bool) -> Codec {
+    if msgpack {
+        Codec::MsgPack
+    } else {
+        Codec::Json
+    }
+}
+
+impl ArbFrame {
+    /// The frame, or `None` when the fields break a documented wire rule
+    /// (sequence numbers from 1, tokens of at most 256 bytes, lists of at most
+    /// 32 entries, detail text of at most 256 characters, a valid payload).
+    pub fn to_frame(&self) -> Option<Frame> {
+        let token_ok = |s: &String| s.len() <= wire::MAX_TOKEN_LEN;
+        let list_ok = |v: &Vec<String>| v.len() <= wire::MAX_LIST_LEN && v.iter().all(token_ok);
+        Some(match self {
+            ArbFrame::Hello {
+                versions,
+                client,
+                resume,
+                caps,
+                codecs,
+            } => {
+                if versions.len() > wire::MAX_LIST_LEN
+                    || codecs.len() > wire::MAX_LIST_LEN
+                    || !list_ok(caps)
+                {
+                    return None;
+                }
+                Frame::Hello(Hello {
+                    versions: versions.clone(),
+                    client: ClientId(*client),
+                    resume: resume.map(|(s, delivered)| Resume {
+                        session: SessionId(s),
+                        delivered,
+                    }),
+                    caps: caps.clone(),
+                    codecs: codecs.iter().map(|m| codec_of(*m)).collect(),
+                })
+            }
+            ArbFrame::Welcome {
+                version,
+                msgpack,
+                session,
+                resumed,
+                lost,
+                delivered,
+                features,
+                ping,
+                pong,
+                max,
+            } => {
+                if !list_ok(features) || lost.as_ref().is_some_and(|l| !token_ok(l)) {
+                    return None;
+                }
+                Frame::Welcome(Welcome {
+                    version: *version,
+                    codec: codec_of(*msgpack),
+                    session: SessionId(*session),
+                    resumed: *resumed,
+                    lost: lost.clone(),
+                    delivered: *delivered,
+                    features: features.clone(),
+                    ping_interval_ms: *ping,
+                    pong_timeout_ms: *pong,
+                    max_message: *max,
+                })
+            }
+            ArbFrame::Reject {
+                code,
+                reason,
+                message,
+                versions,
+                retry,
+            } => {
+                if !token_ok(reason) || message.chars().count() > wire::MAX_TOKEN_LEN {
+                    return None;
+                }
+                Frame::Reject(Reject {
+                    code: *code,
+                    reason: reason.clone(),
+                    message: message.clone(),
+                    versions: versions.clone(),
+                    retry_after_ms: *retry,
+                })
+            }
+            ArbFrame::Ping(n) => Frame::Ping { nonce: *n },
+            ArbFrame::Pong(n) => Frame::Pong { nonce: *n },
+            ArbFrame::Msg {
+                seq,
+                id,
+                ack,
+                ts,
+                kind,
+                room,
+                payload,
+            } => {
+                let kind = kind.kind();
+                let room_ok = room
+                    .as_ref()
+                    .is_none_or(|r| !r.is_empty() && r.len() <= wire::MAX_TOKEN_LEN);
+                if *seq == 0 || !room_ok || (kind.needs_room() && room.is_none()) {
+                    return None;
+                }
+                Frame::Msg(Msg {
+                    kind,
+                    room: room.as_deref().map(std::sync::Arc::from),
+                    seq: *seq,
+                    id: *id,
+                    ack: *ack,
+                    ts: *ts,
+                    payload: payload.to_payload()?,
+                })
+            }
+            ArbFrame::Batch { first, payloads } => {
+                if *first == 0 || payloads.is_empty() || payloads.len() > wire::MAX_BATCH {
+                    return None;
+                }
+                let mut msgs = Vec::new();
+                for (i, p) in payloads.iter().enumerate() {
+                    msgs.push(Msg {
+                        seq: first.checked_add(i as u64)?,
+                        id: i as u64,
+                        ack: None,
+                        ts: None,
+                        kind: MsgKind::Plain,
+                        room: None,
+                        payload: p.to_payload()?,
+                    });
+                }
+                Frame::Batch(msgs)
+            }
+            ArbFrame::Reauth(ms) => Frame::Reauth { within_ms: *ms },
+            ArbFrame::Auth(token) => {
+                if token.len() > 4096 {
+                    return None;
+                }
+                Frame::Auth {
+                    token: token.clone(),
+                }
+            }
+            ArbFrame::Ack(a) => Frame::Ack { ack: *a },
+            ArbFrame::Replay(f) => {
+                if *f == 0 {
+                    return None;
+                }
+                Frame::Replay { from: *f }
+            }
+            ArbFrame::GoAway(code, retry) => Frame::GoAway {
+                code: *code,
+                retry_after_ms: *retry,
+            },
+            ArbFrame::Raw(b) => Frame::Raw(Bytes::copy_from_slice(b)),
+        })
+    }
+}
+
+/// Core bug found by fuzzing, fixed on main and kept as the regression test
+/// `tests::json_null_payload_round_trips_in_json`: a message whose JSON
+/// payload is `null` encodes as `"j":null` in the JSON codec, which the
+/// decoder reads as a missing payload (`MissingField j`). The peer can
+/// never decode that message, so it is retransmitted and refused forever.
+/// The switch stays so that a regression can be tolerated again while it is
+/// fixed; while it is `true`, `frame_roundtrip` skips the JSON codec for such
+/// frames; set it to `false` once fixed.
+pub const KNOWN_JSON_NULL_PAYLOAD: bool = false;
+
+/// Core bug found by fuzzing, fixed on main and kept as the regression test
+/// `tests::json_payload_bytes_survive_the_json_codec`: `Payload::json`
+/// accepts a value with whitespace around it (`" 1 "`), the JSON codec
+/// embeds it as a raw value without that whitespace, so the peer receives
+/// different bytes (`"1"`) and `Payload` equality fails across a JSON hop.
+/// The switch stays so that a regression can be tolerated again while it is
+/// fixed; while it is `true`, `frame_roundtrip` skips the JSON codec for such
+/// payloads; set it to `false` once fixed.
+pub const KNOWN_JSON_PAYLOAD_WHITESPACE: bool = false;
+
+fn is_known_json_null(frame: &Frame) -> bool {
+    match frame {
+        Frame::Msg(m) => is_known_json_payload(m),
+        Frame::Batch(ms) => ms.iter().any(is_known_json_payload),
+        _ => false,
+    }
+}
+
+fn is_known_json_payload(m: &Msg) -> bool {
+    if m.payload.kind() != crate::wire::PayloadKind::Json {
+        return false;
+    }
+    let data = m.payload.data().as_ref();
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    (KNOWN_JSON_NULL_PAYLOAD && data == b"null")
+        || (KNOWN_JSON_PAYLOAD_WHITESPACE
+            && (data.first().is_some_and(ws) || data.last().is_some_and(ws)))
+}
+
+/// Decodes what a machine sent: it must always decode, except for the
+/// known `null` payload bug ([`KNOWN_JSON_NULL_PAYLOAD`]), where the frame
+/// is read with a `0` payload instead so its numbers still count.
+fn decode_own(t: &Transmit, who: &str) -> Option<Frame> {
+    let open = Limits {
+        max_message: usize::MAX,
+        version: PROTOCOL_VERSION,
+    };
+    match wire::decode(t.as_incoming(), &open) {
+        Ok(f) => Some(f),
+        Err(DecodeError::MissingField { field: "j", .. })
+            if KNOWN_JSON_NULL_PAYLOAD
+                && matches!(t, Transmit::Text(b) if b.ends_with(br#""j":null}"#)) =>
+        {
+            let text = std::str::from_utf8(t.data()).ok()?;
+            let patched = format!("{}0}}", text.strip_suffix("null}")?);
+            wire::decode(Incoming::Text(&patched), &open).ok()
+        }
+        Err(e) => panic!("the {who} sent an undecodable {t:?}: {e}"),
+    }
+}
+
+/// Target `frame_roundtrip`: frames built from arbitrary fields encode and
+/// decode to an equal frame in both codecs. Frames that break a wire rule
+/// must still encode without panicking, and decoding them must not panic.
+pub fn frame_roundtrip(frames: Vec<ArbFrame>) {
+    for f in &frames {
+        match f.to_frame() {
+            Some(frame) => {
+                if !is_known_json_null(&frame) {
+                    assert_round_trip(&frame, Codec::Json, PROTOCOL_VERSION);
+                }
+                assert_round_trip(&frame, Codec::MsgPack, PROTOCOL_VERSION);
+            }
+            None => {
+                // Still must not panic; the peer would refuse it.
+                if let Some(frame) = lenient_frame(f) {
+                    for codec in [Codec::Json, Codec::MsgPack] {
+                        if let Ok(t) = wire::encode(&frame, codec, PROTOCOL_VERSION) {
+                            let _ = wire::decode(t.as_incoming(), &limits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The frame without the wire-rule checks (for the "must not panic" half).
+fn lenient_frame(f: &ArbFrame) -> Option<Frame> {
+    match f {
+        ArbFrame::Msg {
+            seq,
+            id,
+            ack,
+            ts,
+            kind,
+            room,
+            payload,
+        } => Some(Frame::Msg(Msg {
+            kind: kind.kind(),
+            room: room.as_deref().map(std::sync::Arc::from),
+            seq: *seq,
+            id: *id,
+            ack: *ack,
+            ts: *ts,
+            payload: payload.to_payload()?,
+        })),
+        ArbFrame::Replay(from) => Some(Frame::Replay { from: *from }),
+        ArbFrame::Reject {
+            code,
+            reason,
+            message,
+            versions,
+            retry,
+        } => Some(Frame::Reject(Reject {
+            code: *code,
+            reason: reason.clone(),
+            message: message.clone(),
+            versions: versions.clone(),
+            retry_after_ms: *retry,
+        })),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Handshake
+// ---------------------------------------------------------------------------
+
+/// Target `handshake`: arbitrary text is decoded as a handshake frame; a
+/// hello (or anything) is then handed to a server connection waiting for its
+/// hello, and a welcome or reject to a client waiting for its welcome. The
+/// server must answer with a welcome, a reject or a close; the client must
+/// end open, failed, reconnecting or closed; both only along legal paths.
+pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
+    let text = String::from_utf8_lossy(data);
+    let frame = check_decode(Incoming::Text(&text), &limits(), probe);
+
+    // Server side: whatever arrives first on a fresh connection.
+    let mut server = match Server::new(ServerConfig {
+        max_message_size: FUZZ_MAX_MESSAGE,
+        ..ServerConfig::default()
+    }) {
+        Ok(s) => s,
+        Err(e) => panic!("server config: {e}"),
+    };
+    let conn = server.handle_connection(Instant::ZERO, None, SessionId([9; 16]));
+    server.handle_message(Instant::ZERO, conn, Incoming::Text(&text));
+    let mut welcomed = false;
+    let mut closed = false;
+    while let Some(o) = server.poll_output() {
+        match o {
+            ServerOutput::Transmit(c, t) => {
+                assert_eq!(c, conn);
+                assert!(!closed, "transmit after disconnect");
+                let f = wire::decode(
+                    t.as_incoming(),
+                    &Limits {
+                        max_message: usize::MAX,
+                        version: PROTOCOL_VERSION,
+                    },
+                );
+                match f {
+                    Ok(Frame::Welcome(_)) => welcomed = true,
+                    Ok(Frame::Reject(_)) => {}
+                    other => panic!("server answered a hello with {other:?}"),
+                }
+            }
+            ServerOutput::Disconnect(c, code, _) => {
+                assert_eq!(c, conn);
+                assert!(code.is_sendable(), "server closes with {code:?}");
+                closed = true;
+            }
+            ServerOutput::Event(_) => {}
+        }
+    }
+    if matches!(frame, Some(Frame::Hello(_))) {
+        assert!(
+            welcomed != closed,
+            "a hello must be welcomed or refused (welcomed {welcomed}, closed {closed})"
+        );
+    }
+    assert_eq!(server.session_count(), usize::from(welcomed));
+
+    // Client side: the same text as the answer to our hello.
+    let config = ClientConfig::default();
+    let mut h = ClientHarness::new(config, 1);
+    h.op(ClientOp::Connect);
+    h.op(ClientOp::Opened(Tr::Current));
+    let tr = h.transport;
+    h.now = Instant::from_millis(1);
+    h.max_now = h.now;
+    h.feed(tr, Incoming::Text(&text));
+    h.drain(false, None);
+}
+
+// ---------------------------------------------------------------------------
+// Client machine
+// ---------------------------------------------------------------------------
+
+/// Settings for the client machine target, kept small so limits are hit.
+#[derive(Arbitrary, Clone, Debug)]
+pub struct ClientSetup {
+    /// Speak JSON only.
+    pub json_only: bool,
+    /// Waiting-queue bound (messages), 1..=32.
+    pub queue_messages: u8,
+    /// Waiting-queue bound (bytes).
+    pub queue_bytes: u16,
+    /// Send window (messages), 1..=16.
+    pub window_messages: u8,
+    /// Send window (bytes).
+    pub window_bytes: u16,
+    /// Fail the session on overflow instead of refusing.
+    pub fail_session: bool,
+    /// Attempts before giving up; 0 retries forever.
+    pub max_attempts: u8,
+    /// Ack after this many deliveries, 1..=40.
+    pub ack_every: u8,
+    /// Standalone ack delay in milliseconds.
+    pub ack_delay_ms: u8,
+    /// No liveness grace.
+    pub zero_grace: bool,
+    /// Retry once after a 401.
+    pub can_refresh_token: bool,
+    /// Largest message above the 1024-byte minimum.
+    pub extra_max_message: u16,
+    /// Undecodable frames tolerated before a resync.
+    pub max_decode_failures: u8,
+    /// Jitter seed.
+    pub seed: u64,
+}
+
+impl ClientSetup {
+    /// The configuration (always valid).
+    pub fn config(&self) -> ClientConfig {
+        let mut c = ClientConfig::default();
+        if self.json_only {
+            c.codecs = vec![Codec::Json];
+        }
+        c.queue = QueueConfig {
+            max_messages: 1 + usize::from(self.queue_messages % 32),
+            max_bytes: usize::from(self.queue_bytes),
+        };
+        c.reliability = ReliabilityConfig {
+            window_messages: 1 + usize::from(self.window_messages % 16),
+            window_bytes: usize::from(self.window_bytes),
+            ack_every: 1 + u32::from(self.ack_every % 40),
+            ack_delay: Duration::from_millis(u64::from(self.ack_delay_ms)),
+            overflow: if self.fail_session {
+                OverflowPolicy::FailSession
+            } else {
+                OverflowPolicy::Refuse
+            },
+            ..ReliabilityConfig::default()
+        };
+        c.backoff.max_attempts = match self.max_attempts % 8 {
+            0 => None,
+            n => Some(u32::from(n)),
+        };
+        if self.zero_grace {
+            c.heartbeat.grace = Duration::ZERO;
+        }
+        c.can_refresh_token = self.can_refresh_token;
+        c.max_message_size = 1024 + usize::from(self.extra_max_message % 8192);
+        c.max_decode_failures = u32::from(self.max_decode_failures % 8);
+        c
+    }
+}
+
+/// Which transport an input names.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum Tr {
+    /// The one the machine asked for last.
+    Current,
+    /// One asked for `n + 1` attempts ago.
+    Previous(u8),
+    /// Any id at all.
+    Any(u64),
+}
+
+/// A number relative to what the machine has seen, so that sequence
+/// numbers and acks land near the interesting values.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum Num {
+    /// `base + 1 + d` (the next one when `d` is 0).
+    Next(i8),
+    /// Exactly `base`.
+    Base,
+    /// Any value.
+    Any(u64),
+}
+
+impl Num {
+    fn resolve(self, base: u64) -> u64 {
+        match self {
+            Num::Next(d) => {
+                let d = i64::from(d);
+                let v = i128::from(base) + 1 + i128::from(d);
+                u64::try_from(v.max(0)).unwrap_or(u64::MAX)
+            }
+            Num::Base => base,
+            Num::Any(v) => v,
+        }
+    }
+}
+
+/// A close code, biased to the ones with meaning.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum Code {
+    /// 1000.
+    Normal,
+    /// 1001.
+    GoingAway,
+    /// 1006.
+    Abnormal,
+    /// 1008.
+    Policy,
+    /// 1013.
+    TryLater,
+    /// 4000.
+    Retry,
+    /// 4001.
+    UnsupportedVersion,
+    /// 4003.
+    UnsupportedCodec,
+    /// 4011.
+    Rotate,
+    /// 4401.
+    Unauthorized,
+    /// 4403.
+    Forbidden,
+    /// Anything.
+    Other(u16),
+}
+
+impl Code {
+    /// The code.
+    pub fn code(self) -> CloseCode {
+        match self {
+            Code::Normal => CloseCode::NORMAL,
+            Code::GoingAway => CloseCode::GOING_AWAY,
+            Code::Abnormal => CloseCode::ABNORMAL,
+            Code::Policy => CloseCode::POLICY_VIOLATION,
+            Code::TryLater => CloseCode::TRY_AGAIN_LATER,
+            Code::Retry => CloseCode::RETRY,
+            Code::UnsupportedVersion => CloseCode::UNSUPPORTED_VERSION,
+            Code::UnsupportedCodec => CloseCode::UNSUPPORTED_CODEC,
+            Code::Rotate => CloseCode::ROTATE,
+            Code::Unauthorized => CloseCode::UNAUTHORIZED,
+            Code::Forbidden => CloseCode::FORBIDDEN,
+            Code::Other(c) => CloseCode(c),
+        }
+    }
+}
+
+/// A payload the fuzzer picks for a send.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum PayloadChoice {
+    /// `size` opaque bytes.
+    Binary(u16),
+    /// A JSON string of about `size` bytes.
+    JsonString(u16),
+    /// One of a few JSON literals (`null`, `0`, `{}`, ` 1 `, ...).
+    JsonLiteral(u8),
+    /// Any payload.
+    Any(ArbPayload),
+}
+
+const JSON_LITERALS: &[&str] = &[
+    "null",
+    "0",
+    "true",
+    "false",
+    "{}",
+    "[]",
+    "\"s\"",
+    " 1 ",
+    "[null]",
+    "{\"a\":null}",
+    "-0",
+    "1e3",
+];
+
+impl PayloadChoice {
+    /// The payload, if the choice makes a valid one.
+    pub fn payload(&self) -> Option<Payload> {
+        match self {
+            PayloadChoice::Binary(n) => Some(Payload::binary(vec![0xa5; usize::from(*n)])),
+            PayloadChoice::JsonString(n) => {
+                let s = format!("\"{}\"", "x".repeat(usize::from(*n)));
+                Payload::json(s.into_bytes()).ok()
+            }
+            PayloadChoice::JsonLiteral(i) => {
+                let lit = JSON_LITERALS[usize::from(*i) % JSON_LITERALS.len()];
+                Payload::json(lit.as_bytes().to_vec()).ok()
+            }
+            PayloadChoice::Any(p) => p.to_payload(),
+        }
+    }
+}
+
+/// A transport failure the fuzzer picks.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ErrChoice {
+    /// I/O.
+    Io,
+    /// TLS.
+    Tls,
+    /// WebSocket protocol.
+    WebSocket,
+    /// An HTTP status, with a retry-after in milliseconds.
+    Http(u16, Option<u32>),
+}
+
+impl ErrChoice {
+    fn error(&self) -> TransportError {
+        match self {
+            ErrChoice::Io => TransportError::Io("reset".into()),
+            ErrChoice::Tls => TransportError::Tls("bad cert".into()),
+            ErrChoice::WebSocket => TransportError::WebSocket("bad frame".into()),
+            ErrChoice::Http(status, retry) => TransportError::Http {
+                status: *status,
+                retry_after: retry.map(|ms| Duration::from_millis(u64::from(ms))),
+            },
+        }
+    }
+}
+
+/// A frame the fuzzer's "server" sends to the client.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ServerFrame {
+    /// A welcome.
+    Welcome {
+        /// Claim the resume succeeded.
+        resumed: bool,
+        /// Name the session the client holds (else `session` bytes).
+        same_session: bool,
+        /// Session id bytes when not the same.
+        session: u8,
+        /// Delivered count, relative to what the client sent.
+        delivered: Num,
+        /// Choose MessagePack.
+        msgpack: bool,
+        /// Version (1 is the only one spoken).
+        version_other: Option<u8>,
+        /// Ping interval, ms.
+        ping_ms: u32,
+        /// Pong timeout, ms.
+        pong_ms: u32,
+        /// Largest message.
+        max: u32,
+        /// Why a resume failed.
+        lost: Option<String>,
+    },
+    /// A reject.
+    Reject {
+        /// Its code.
+        code: Code,
+        /// Retry hint, ms.
+        retry: Option<u32>,
+        /// Versions the server speaks.
+        versions: Vec<u8>,
+    },
+    /// A ping.
+    Ping(u64),
+    /// A pong, echoing the last ping's nonce or not.
+    Pong {
+        /// Echo the last ping.
+        echo: bool,
+        /// Otherwise this nonce.
+        nonce: u64,
+    },
+    /// A message.
+    Msg {
+        /// Sequence number relative to what the client delivered.
+        seq: Num,
+        /// Piggybacked ack relative to what the client sent.
+        ack: Option<Num>,
+        /// The payload.
+        payload: PayloadChoice,
+        /// Sender timestamp.
+        ts: Option<u64>,
+    },
+    /// An ack, relative to what the client sent.
+    Ack(Num),
+    /// A replay request, relative to what the server "acked".
+    Replay(Num),
+    /// A goaway.
+    GoAway(Code, Option<u32>),
+    /// A datagram.
+    Raw(Vec<u8>),
+    /// A hello (nonsense from a server).
+    Hello,
+}
+
+/// One input or command for the client machine.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ClientOp {
+    /// `connect`.
+    Connect,
+    /// `reconnect`.
+    Reconnect,
+    /// `close`.
+    Close,
+    /// `send`, optionally with a timestamp.
+    Send(PayloadChoice, Option<u64>),
+    /// `send_datagram` of this many bytes.
+    SendDatagram(u16),
+    /// `handle_transport_opened`.
+    Opened(Tr),
+    /// `handle_transport_closed`, with a close code or none.
+    Closed(Tr, Option<Code>),
+    /// `handle_transport_error`.
+    Error(Tr, ErrChoice),
+    /// A well-formed frame, in the connection's codec unless `wrong_codec`.
+    Frame(Tr, ServerFrame, bool),
+    /// A text message of arbitrary content.
+    Text(Tr, String),
+    /// A binary message of arbitrary content.
+    Binary(Tr, Vec<u8>),
+    /// `handle_timeout` at the next deadline (or now, if none or overdue).
+    Timeout,
+    /// The driver's clock moves forward this many milliseconds.
+    Advance(u16),
+    /// The driver's clock moves forward this many seconds.
+    AdvanceSecs(u16),
+    /// The driver hands in an instant this many milliseconds earlier than the
+    /// last one (a clock that went backwards).
+    Rewind(u16),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    Outstanding,
+    Acked,
+    Lost,
+    Failed,
+}
+
+/// Drives one [`Client`] and checks its promises after every op.
+pub struct ClientHarness {
+    /// The machine.
+    pub client: Client,
+    config: ClientConfig,
+    /// The instant handed to the next call (may go backwards).
+    pub now: Instant,
+    /// The latest instant handed in so far.
+    pub max_now: Instant,
+    /// Transports asked for, oldest first.
+    transports: Vec<TransportId>,
+    /// The transport the machine asked for last.
+    pub transport: TransportId,
+    state: State,
+    last_seq: u64,
+    sent_seq: u64,
+    last_ping: Option<u64>,
+    accepted: BTreeMap<u64, Fate>,
+    last_id: u64,
+    /// The op fed a reject frame (see [`KNOWN_REJECT_CODE_ECHO`]).
+    fed_reject: bool,
+    /// What happened, for the panic message.
+    pub log: String,
+}
+
+/// Core bug found by fuzzing, fixed on main and kept as the regression test
+/// `tests::client_never_echoes_an_unsendable_reject_code`: the client closes
+/// a rejected transport with the close code the server put in its reject
+/// frame, unchecked, so a reject carrying 1005, 1006, 2000 or 5000 makes the
+/// client ask its driver to send a close code RFC 6455 forbids on the wire.
+/// The switch stays so that a regression can be tolerated again while it is
+/// fixed; while it is `true`, the client target tolerates exactly that case so
+/// that fuzzing can go on finding other bugs; set it to `false` once fixed.
+pub const KNOWN_REJECT_CODE_ECHO: bool = false;
+
+impl ClientHarness {
+    /// A harness around a new client.
+    pub fn new(config: ClientConfig, seed: u64) -> ClientHarness {
+        let client = match Client::new(config.clone(), ClientId([0xc1; 16]), seed) {
+            Ok(c) => c,
+            Err(e) => panic!("client config rejected: {e}"),
+        };
+        ClientHarness {
+            client,
+            config,
+            now: Instant::ZERO,
+            max_now: Instant::ZERO,
+            transports: Vec::new(),
+            transport: TransportId(0),
+            state: State::Disconnected,
+            last_seq: 0,
+            sent_seq: 0,
+            last_ping: None,
+            accepted: BTreeMap::new(),
+            last_id: 0,
+            fed_reject: false,
+            log: String::new(),
+        }
+    }
+
+    /// Hands a message to the client, noting whether it is a reject.
+    pub fn feed(&mut self, transport: TransportId, msg: Incoming<'_>) {
+        let open = Limits {
+            max_message: usize::MAX,
+            version: PROTOCOL_VERSION,
+        };
+        if matches!(wire::decode(msg, &open), Ok(Frame::Reject(_))) {
+            self.fed_reject = true;
+        }
+        self.client.handle_message(self.now, transport, msg);
+    }
+
+    fn tr(&self, t: Tr) -> TransportId {
+        match t {
+            Tr::Current => self.transport,
+            Tr::Previous(n) => {
+                let back = usize::from(n) + 1;
+                self.transports
+                    .len()
+                    .checked_sub(back + 1)
+                    .and_then(|i| self.transports.get(i))
+                    .copied()
+                    .unwrap_or(TransportId(0))
+            }
+            Tr::Any(n) => TransportId(n),
+        }
+    }
+
+    /// Moves the driver's clock; the machine sees it at the next call.
+    fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// Records that the machine is handed `self.now`.
+    fn hand_in(&mut self) {
+        if self.now > self.max_now {
+            self.max_now = self.now;
+        }
+    }
+
+    fn encode_for_client(&self, frame: &Frame, wrong_codec: bool) -> Option<Transmit> {
+        let codec = self.client.codec().unwrap_or(Codec::Json);
+        let codec = match (codec, wrong_codec) {
+            (c, false) => c,
+            (Codec::Json, true) => Codec::MsgPack,
+            (_, true) => Codec::Json,
+        };
+        wire::encode(frame, codec, PROTOCOL_VERSION).ok()
+    }
+
+    fn server_frame(&self, f: &ServerFrame) -> Option<Frame> {
+        Some(match f {
+            ServerFrame::Welcome {
+                resumed,
+                same_session,
+                session,
+                delivered,
+                msgpack,
+                version_other,
+                ping_ms,
+                pong_ms,
+                max,
+                lost,
+            } => {
+                let session = match (same_session, self.client.session()) {
+                    (true, Some(s)) => s,
+                    _ => SessionId([*session; 16]),
+                };
+                Frame::Welcome(Welcome {
+                    version: version_other.unwrap_or(PROTOCOL_VERSION),
+                    codec: codec_of(*msgpack),
+                    session,
+                    resumed: *resumed,
+                    lost: lost
+                        .as_ref()
+                        .filter(|l| l.len() <= wire::MAX_TOKEN_LEN)
+                        .cloned(),
+                    delivered: delivered.resolve(self.sent_seq),
+                    features: Vec::new(),
+                    ping_interval_ms: u64::from(*ping_ms),
+                    pong_timeout_ms: u64::from(*pong_ms),
+                    max_message: u64::from(*max),
+                })
+            }
+            ServerFrame::Reject {
+                code,
+                retry,
+                versions,
+            } => Frame::Reject(Reject {
+                code: code.code().0,
+                reason: "fuzz".into(),
+                message: String::new(),
+                versions: versions.iter().copied().take(wire::MAX_LIST_LEN).collect(),
+                retry_after_ms: retry.map(u64::from),
+            }),
+            ServerFrame::Ping(n) => Frame::Ping { nonce: *n },
+            ServerFrame::Pong { echo, nonce } => Frame::Pong {
+                nonce: if *echo {
+                    self.last_ping.unwrap_or(*nonce)
+                } else {
+                    *nonce
+                },
+            },
+            ServerFrame::Msg {
+                seq,
+                ack,
+                payload,
+                ts,
+            } => {
+                let seq = seq.resolve(self.client.delivered()).max(1);
+                Frame::Msg(Msg {
+                    kind: MsgKind::Plain,
+                    room: None,
+                    seq,
+                    id: seq,
+                    ack: ack.map(|a| a.resolve(self.sent_seq)),
+                    ts: *ts,
+                    payload: payload.payload()?,
+                })
+            }
+            ServerFrame::Ack(a) => Frame::Ack {
+                ack: a.resolve(self.sent_seq),
+            },
+            ServerFrame::Replay(n) => Frame::Replay {
+                from: n.resolve(self.sent_seq).max(1),
+            },
+            ServerFrame::GoAway(code, retry) => Frame::GoAway {
+                code: code.code().0,
+                retry_after_ms: retry.map(u64::from),
+            },
+            ServerFrame::Raw(b) => Frame::Raw(Bytes::copy_from_slice(b)),
+            ServerFrame::Hello => Frame::Hello(Hello {
+                versions: vec![1],
+                client: ClientId([1; 16]),
+                resume: None,
+                caps: Vec::new(),
+                codecs: vec![Codec::Json],
+            }),
+        })
+    }
+
+    /// Applies one op, drains every output and checks every invariant.
+    pub fn op(&mut self, op: ClientOp) {
+        let _ = writeln!(self.log, "{:?} {op:?}", self.now);
+        let before = self.client.poll_timeout();
+        let mut timeout = false;
+        if !matches!(
+            op,
+            ClientOp::Advance(_) | ClientOp::AdvanceSecs(_) | ClientOp::Rewind(_)
+        ) {
+            self.hand_in();
+        }
+        let now = self.now;
+        match op {
+            ClientOp::Connect => {
+                let _ = self.client.connect(now);
+            }
+            ClientOp::Reconnect => {
+                let _ = self.client.reconnect(now);
+            }
+            ClientOp::Close => {
+                let _ = self.client.close(now);
+            }
+            ClientOp::Send(p, ts) => {
+                if let Some(payload) = p.payload() {
+                    let r = match ts {
+                        Some(ts) => self.client.send_with_timestamp(now, payload, ts),
+                        None => self.client.send(now, payload),
+                    };
+                    match r {
+                        Ok(id) => {
+                            assert!(id.0 > self.last_id, "message ids must increase");
+                            self.last_id = id.0;
+                            self.accepted.insert(id.0, Fate::Outstanding);
+                        }
+                        Err(SendError::SessionFailed) => {
+                            assert_eq!(
+                                self.config.reliability.overflow,
+                                OverflowPolicy::FailSession
+                            );
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            ClientOp::SendDatagram(n) => {
+                let r = self
+                    .client
+                    .send_datagram(now, Bytes::from(vec![7u8; usize::from(n)]));
+                if r.is_ok() {
+                    assert_eq!(self.client.state(), &State::Open);
+                }
+            }
+            ClientOp::Opened(t) => {
+                let t = self.tr(t);
+                self.client.handle_transport_opened(now, t);
+            }
+            ClientOp::Closed(t, code) => {
+                let t = self.tr(t);
+                self.client
+                    .handle_transport_closed(now, t, code.map(Code::code), "bye");
+            }
+            ClientOp::Error(t, e) => {
+                let t = self.tr(t);
+                self.client.handle_transport_error(now, t, e.error());
+            }
+            ClientOp::Frame(t, f, wrong) => {
+                let t = self.tr(t);
+                if let Some(tx) = self
+                    .server_frame(&f)
+                    .and_then(|f| self.encode_for_client(&f, wrong))
+                {
+                    self.feed(t, tx.as_incoming());
+                }
+            }
+            ClientOp::Text(t, s) => {
+                let t = self.tr(t);
+                self.feed(t, Incoming::Text(&s));
+            }
+            ClientOp::Binary(t, b) => {
+                let t = self.tr(t);
+                self.feed(t, Incoming::Binary(&b));
+            }
+            ClientOp::Timeout => {
+                let at = before.map_or(now, |d| d.at.max(now));
+                // Keep the clock far from the end of time.
+                let at = at.min(self.max_now + Duration::from_secs(86_400 * 30));
+                self.set_now(at);
+                self.hand_in();
+                self.client.handle_timeout(at);
+                timeout = true;
+            }
+            ClientOp::Advance(ms) => self.set_now(now + Duration::from_millis(u64::from(ms))),
+            ClientOp::AdvanceSecs(s) => self.set_now(now + Duration::from_secs(u64::from(s))),
+            ClientOp::Rewind(ms) => self.now = now - Duration::from_millis(u64::from(ms)),
+        }
+        self.drain(timeout, before);
+    }
+
+    /// Drains the outputs and checks the invariants. `timeout` says whether
+    /// the op was `handle_timeout`; `before` is the deadline before the op.
+    pub fn drain(&mut self, timeout: bool, before: Option<crate::client::Deadline>) {
+        while let Some(o) = self.client.poll_output() {
+            let _ = writeln!(self.log, "  {o:?}");
+            match o {
+                Output::Connect(id) => {
+                    assert!(
+                        self.transports.last().is_none_or(|l| id > *l),
+                        "transport ids must be new"
+                    );
+                    self.transports.push(id);
+                    self.transport = id;
+                }
+                Output::Transmit(id, t) => {
+                    assert_eq!(id, self.transport, "transmit on a transport not current");
+                    let Some(frame) = decode_own(&t, "client") else {
+                        continue;
+                    };
+                    match frame {
+                        Frame::Msg(m) => {
+                            assert!(
+                                m.seq <= self.sent_seq + 1,
+                                "sequence gap in what the client sends"
+                            );
+                            self.sent_seq = self.sent_seq.max(m.seq);
+                            assert!(
+                                t.len() <= self.config.max_message_size + 1024
+                                    || m.payload.len() <= self.config.max_message_size,
+                                "message over the limit went out"
+                            );
+                        }
+                        Frame::Ping { nonce } => self.last_ping = Some(nonce),
+                        Frame::Hello(h) => {
+                            assert_eq!(h.resume.map(|r| r.session), self.client.session());
+                        }
+                        _ => {}
+                    }
+                }
+                Output::Disconnect(id, code, why) => {
+                    let known = KNOWN_REJECT_CODE_ECHO && self.fed_reject && why == "rejected";
+                    assert!(
+                        code.is_sendable() || known,
+                        "the client asks the driver to close with the unsendable code {code:?}\n{}",
+                        self.log
+                    );
+                    assert!(
+                        self.transports.contains(&id),
+                        "disconnect of a transport never asked for"
+                    );
+                }
+                Output::Event(e) => self.event(e),
+            }
+        }
+        self.fed_reject = false;
+        assert_eq!(
+            self.client.state(),
+            &self.state,
+            "state() disagrees with the events"
+        );
+        let (q, qb) = self.client.queued();
+        let (w, wb) = self.client.unacknowledged();
+        let qc = &self.config.queue;
+        let rc = &self.config.reliability;
+        assert!(
+            q <= qc.max_messages,
+            "queue holds {q} > {}",
+            qc.max_messages
+        );
+        assert!(qb <= qc.max_bytes || q == 1, "queue holds {qb} bytes");
+        assert!(w <= rc.window_messages, "window holds {w}");
+        assert!(wb <= rc.window_bytes || w == 1, "window holds {wb} bytes");
+        assert_eq!(
+            self.client.delivered(),
+            self.last_seq,
+            "delivered() disagrees with the messages\n{}",
+            self.log
+        );
+        let outstanding = self
+            .accepted
+            .values()
+            .filter(|f| **f == Fate::Outstanding)
+            .count();
+        // The machine may also hold messages of its own (room re-joins).
+        assert!(
+            outstanding <= q + w,
+            "accepted and unresolved messages ({outstanding}) exceed what the machine holds\n{}",
+            self.log
+        );
+        if matches!(self.state, State::Closed { .. }) {
+            assert_eq!(outstanding, 0, "closed with messages unreported");
+        }
+        if let Some(after) = self.client.poll_timeout() {
+            let t = self.max_now;
+            if timeout {
+                assert!(
+                    after.at > t,
+                    "after handle_timeout({t:?}) a deadline is still due: {after:?}\n{}",
+                    self.log
+                );
+            } else {
+                let floor = before.map_or(t, |b| b.at.min(t));
+                assert!(
+                    after.at >= floor,
+                    "a deadline was set in the past: {after:?} < {floor:?}\n{}",
+                    self.log
+                );
+            }
+        }
+    }
+
+    fn resolve(&mut self, id: u64, fate: Fate, what: &str) {
+        if id == crate::reliable::MessageId::SYSTEM.0 {
+            return;
+        }
+        match self.accepted.get_mut(&id) {
+            Some(f) if *f == Fate::Outstanding => *f = fate,
+            other => panic!(
+                "{what} names message {id}, which is {other:?}\n{}",
+                self.log
+            ),
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::StateChanged { old, new } => {
+                assert_eq!(
+                    old, self.state,
+                    "StateChanged.old is not the previous state"
+                );
+                assert!(
+                    old.can_become(&new),
+                    "illegal transition {old:?} -> {new:?}"
+                );
+                assert_ne!(old, new, "a change to the same state");
+                if matches!(new, State::Closed { .. }) {
+                    // A closed session restarts numbering; `SessionLost` is
+                    // only reported when messages were at stake.
+                    self.last_seq = 0;
+                    self.sent_seq = 0;
+                }
+                self.state = new;
+            }
+            Event::Connected {
+                session, resumed, ..
+            } => {
+                if resumed {
+                    assert_eq!(self.client.session(), Some(session));
+                } else {
+                    assert_eq!(self.last_seq, 0, "a new session starts numbering afresh");
+                }
+            }
+            Event::Message(m) => {
+                assert_eq!(
+                    m.seq,
+                    self.last_seq + 1,
+                    "delivered out of order or twice\n{}",
+                    self.log
+                );
+                self.last_seq = m.seq;
+            }
+            Event::Acked { first, last } => {
+                assert!(first <= last);
+                self.resolve(first.0, Fate::Acked, "Acked.first");
+                if last != first {
+                    self.resolve(last.0, Fate::Acked, "Acked.last");
+                }
+                let ids: Vec<u64> = self
+                    .accepted
+                    .range(first.0..=last.0)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for id in ids {
+                    if self.accepted.get(&id) == Some(&Fate::Outstanding) {
+                        self.accepted.insert(id, Fate::Acked);
+                    }
+                }
+            }
+            Event::SessionLost {
+                unconfirmed,
+                unsent,
+                ..
+            } => {
+                for id in unconfirmed.iter().chain(&unsent) {
+                    self.resolve(id.0, Fate::Lost, "SessionLost");
+                }
+                self.last_seq = 0;
+                self.sent_seq = 0;
+            }
+            Event::SendFailed { id, .. } => self.resolve(id.0, Fate::Failed, "SendFailed"),
+            _ => {}
+        }
+    }
+}
+
+/// Target `client_machine`: a client driven by arbitrary inputs and
+/// commands, with every invariant checked after every op.
+pub fn client_machine(setup: ClientSetup, ops: Vec<ClientOp>) {
+    let mut h = ClientHarness::new(setup.config(), setup.seed);
+    for op in ops {
+        h.op(op);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Server machine
+// ---------------------------------------------------------------------------
+
+/// Settings for the server machine target, kept small so limits are hit.
+#[derive(Arbitrary, Clone, Debug)]
+pub struct ServerSetup {
+    /// Speak JSON only.
+    pub json_only: bool,
+    /// Most sessions, 1..=8.
+    pub max_sessions: u8,
+    /// Per-session queue bound (messages), 1..=32.
+    pub queue_messages: u8,
+    /// Per-session queue bound (bytes).
+    pub queue_bytes: u16,
+    /// Per-session window (messages), 1..=16.
+    pub window_messages: u8,
+    /// Per-session window (bytes).
+    pub window_bytes: u16,
+    /// End the session on overflow instead of refusing.
+    pub fail_session: bool,
+    /// Ack after this many deliveries, 1..=40.
+    pub ack_every: u8,
+    /// Grace period of a detached session, seconds.
+    pub session_grace_secs: u8,
+    /// No idle grace.
+    pub zero_grace: bool,
+    /// Undecodable frames tolerated before closing.
+    pub max_decode_failures: u8,
+}
+
+impl ServerSetup {
+    /// The configuration (always valid).
+    pub fn config(&self) -> ServerConfig {
+        let mut c = ServerConfig::default();
+        if self.json_only {
+            c.codecs = vec![Codec::Json];
+        }
+        c.max_sessions = 1 + usize::from(self.max_sessions % 8);
+        c.queue = QueueConfig {
+            max_messages: 1 + usize::from(self.queue_messages % 32),
+            max_bytes: usize::from(self.queue_bytes),
+        };
+        c.reliability = ReliabilityConfig {
+            window_messages: 1 + usize::from(self.window_messages % 16),
+            window_bytes: usize::from(self.window_bytes),
+            ack_every: 1 + u32::from(self.ack_every % 40),
+            overflow: if self.fail_session {
+                OverflowPolicy::FailSession
+            } else {
+                OverflowPolicy::Refuse
+            },
+            ..ReliabilityConfig::default()
+        };
+        c.session_grace = Duration::from_secs(u64::from(self.session_grace_secs));
+        if self.zero_grace {
+            c.grace = Duration::ZERO;
+        }
+        c.max_decode_failures = u32::from(self.max_decode_failures % 8);
+        c.max_message_size = 4096;
+        c
+    }
+}
+
+/// A frame the fuzzer's "client" sends on an open connection.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ClientFrame {
+    /// A message; `seq` relative to what the server delivered.
+    Msg {
+        /// Sequence number.
+        seq: Num,
+        /// Piggybacked ack relative to what the server sent.
+        ack: Option<Num>,
+        /// Payload.
+        payload: PayloadChoice,
+    },
+    /// An ack, relative to what the server sent.
+    Ack(Num),
+    /// A replay request, relative to what the server sent.
+    Replay(Num),
+    /// A ping.
+    Ping(u64),
+    /// A pong.
+    Pong(u64),
+    /// A datagram.
+    Raw(Vec<u8>),
+    /// A goaway (nonsense from a client).
+    GoAway(u16),
+    /// A second hello.
+    Hello,
+}
+
+/// One input or command for the server machine.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ServerOp {
+    /// A new connection, with one of a few identities and a session id byte.
+    Connect {
+        /// Identity index (`None`: anonymous).
+        identity: Option<u8>,
+        /// Fresh session id byte (collisions on purpose).
+        fresh: u8,
+    },
+    /// A hello on a connection.
+    Hello {
+        /// Connection index.
+        conn: u8,
+        /// Versions offered (`None`: the right ones).
+        versions: Option<Vec<u8>>,
+        /// Codecs: `true` is MessagePack (`None`: both).
+        codecs: Option<Vec<bool>>,
+        /// Resume a known session (by index) or an unknown one, with a
+        /// delivered count relative to what the server sent.
+        resume: Option<(u8, bool, Num)>,
+    },
+    /// A frame on a connection, in its codec unless `wrong_codec`.
+    Frame(u8, ClientFrame, bool),
+    /// Arbitrary text on a connection.
+    Text(u8, String),
+    /// Arbitrary bytes on a connection.
+    Binary(u8, Vec<u8>),
+    /// The transport closed.
+    Closed(u8, Option<Code>),
+    /// `send` to a session (by index, or a made-up one).
+    Send(u8, PayloadChoice),
+    /// `send_datagram` to a session.
+    SendDatagram(u8, u16),
+    /// `go_away` on a connection.
+    GoAway(u8, Code, Option<u16>),
+    /// `close_session`.
+    CloseSession(u8),
+    /// `disconnect_connection`.
+    Disconnect(u8, Code),
+    /// `handle_timeout` at the next deadline.
+    Timeout,
+    /// Time passes, milliseconds.
+    Advance(u16),
+    /// Time passes, seconds.
+    AdvanceSecs(u8),
+    /// An earlier instant is handed in.
+    Rewind(u16),
+}
+
+#[derive(Debug, Default)]
+struct SessionModel {
+    delivered: u64,
+    sent_seq: u64,
+    conn: Option<ConnectionId>,
+    accepted: BTreeMap<u64, Fate>,
+}
+
+#[derive(Debug)]
+struct ConnModel {
+    codec: Option<Codec>,
+    session: Option<SessionId>,
+}
+
+/// Drives one [`Server`] and checks its promises after every op.
+pub struct ServerHarness {
+    server: Server,
+    config: ServerConfig,
+    now: Instant,
+    max_now: Instant,
+    conns: BTreeMap<ConnectionId, ConnModel>,
+    all_conns: Vec<ConnectionId>,
+    sessions: BTreeMap<SessionId, SessionModel>,
+    ever_sessions: Vec<SessionId>,
+    log: String,
+}
+
+const IDENTITIES: &[&str] = &["alice", "bob", "carol"];
+
+impl ServerHarness {
+    /// A harness around a new server.
+    pub fn new(config: ServerConfig) -> ServerHarness {
+        let server = match Server::new(config.clone()) {
+            Ok(s) => s,
+            Err(e) => panic!("server config rejected: {e}"),
+        };
+        ServerHarness {
+            server,
+            config,
+            now: Instant::ZERO,
+            max_now: Instant::ZERO,
+            conns: BTreeMap::new(),
+            all_conns: Vec::new(),
+            sessions: BTreeMap::new(),
+            ever_sessions: Vec::new(),
+            log: String::new(),
+        }
+    }
+
+    fn conn(&self, i: u8) -> ConnectionId {
+        if self.all_conns.is_empty() {
+            return ConnectionId(0);
+        }
+        // Bias towards recent connections.
+        let n = self.all_conns.len();
+        self.all_conns[n - 1 - usize::from(i) % n]
+    }
+
+    fn session(&self, i: u8) -> SessionId {
+        if self.ever_sessions.is_empty() {
+            return SessionId([i; 16]);
+        }
+        let n = self.ever_sessions.len();
+        self.ever_sessions[n - 1 - usize::from(i) % n]
+    }
+
+    /// Moves the driver's clock; the machine sees it at the next call.
+    fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// Records that the machine is handed `self.now`.
+    fn hand_in(&mut self) {
+        if self.now > self.max_now {
+            self.max_now = self.now;
+        }
+    }
+
+    fn send_frame(&mut self, conn: ConnectionId, frame: &Frame, wrong: bool) {
+        let codec = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.codec)
+            .unwrap_or(Codec::Json);
+        let codec = match (codec, wrong) {
+            (c, false) => c,
+            (Codec::Json, true) => Codec::MsgPack,
+            (_, true) => Codec::Json,
+        };
+        if let Ok(t) = wire::encode(frame, codec, PROTOCOL_VERSION) {
+            self.server.handle_message(self.now, conn, t.as_incoming());
+        }
+    }
+
+    /// Applies one op, drains every output and checks every invariant.
+    pub fn op(&mut self, op: ServerOp) {
+        let _ = writeln!(self.log, "{:?} {op:?}", self.now);
+        let before = self.server.poll_timeout();
+        let mut timeout = false;
+        if !matches!(
+            op,
+            ServerOp::Advance(_) | ServerOp::AdvanceSecs(_) | ServerOp::Rewind(_)
+        ) {
+            self.hand_in();
+        }
+        let now = self.now;
+        match op {
+            ServerOp::Connect { identity, fresh } => {
+                let identity =
+                    identity.map(|i| IDENTITIES[usize::from(i) % IDENTITIES.len()].to_string());
+                let id = self
+                    .server
+                    .handle_connection(now, identity, SessionId([fresh; 16]));
+                assert!(!self.all_conns.contains(&id), "connection id reused");
+                self.all_conns.push(id);
+                self.conns.insert(
+                    id,
+                    ConnModel {
+                        codec: None,
+                        session: None,
+                    },
+                );
+            }
+            ServerOp::Hello {
+                conn,
+                versions,
+                codecs,
+                resume,
+            } => {
+                let conn = self.conn(conn);
+                let resume = resume.map(|(i, known, d)| {
+                    let session = if known {
+                        self.session(i)
+                    } else {
+                        SessionId([i ^ 0x5a; 16])
+                    };
+                    let base = self.sessions.get(&session).map_or(0, |s| s.sent_seq);
+                    Resume {
+                        session,
+                        delivered: d.resolve(base),
+                    }
+                });
+                let hello = Frame::Hello(Hello {
+                    versions: versions
+                        .map(|v| v.into_iter().take(wire::MAX_LIST_LEN).collect())
+                        .unwrap_or_else(|| vec![PROTOCOL_VERSION]),
+                    client: ClientId([0xc1; 16]),
+                    resume,
+                    caps: Vec::new(),
+                    codecs: codecs
+                        .map(|v| {
+                            v.into_iter()
+                                .take(wire::MAX_LIST_LEN)
+                                .map(codec_of)
+                                .collect()
+                        })
+                        .unwrap_or_else(|| vec![Codec::MsgPack, Codec::Json]),
+                });
+                self.send_frame(conn, &hello, false);
+            }
+            ServerOp::Frame(conn, f, wrong) => {
+                let conn = self.conn(conn);
+                let session = self.conns.get(&conn).and_then(|c| c.session);
+                let (delivered, sent) = session
+                    .and_then(|s| self.sessions.get(&s))
+                    .map_or((0, 0), |s| (s.delivered, s.sent_seq));
+                let frame = match f {
+                    ClientFrame::Msg { seq, ack, payload } => payload.payload().map(|payload| {
+                        let seq = seq.resolve(delivered).max(1);
+                        Frame::Msg(Msg {
+                            kind: MsgKind::Plain,
+                            room: None,
+                            seq,
+                            id: seq,
+                            ack: ack.map(|a| a.resolve(sent)),
+                            ts: None,
+                            payload,
+                        })
+                    }),
+                    ClientFrame::Ack(a) => Some(Frame::Ack {
+                        ack: a.resolve(sent),
+                    }),
+                    ClientFrame::Replay(n) => Some(Frame::Replay {
+                        from: n.resolve(sent).max(1),
+                    }),
+                    ClientFrame::Ping(n) => Some(Frame::Ping { nonce: n }),
+                    ClientFrame::Pong(n) => Some(Frame::Pong { nonce: n }),
+                    ClientFrame::Raw(b) => Some(Frame::Raw(Bytes::from(b))),
+                    ClientFrame::GoAway(code) => Some(Frame::GoAway {
+                        code,
+                        retry_after_ms: None,
+                    }),
+                    ClientFrame::Hello => Some(Frame::Hello(Hello {
+                        versions: vec![1],
+                        client: ClientId([2; 16]),
+                        resume: None,
+                        caps: Vec::new(),
+                        codecs: vec![Codec::Json],
+                    })),
+                };
+                if let Some(frame) = frame {
+                    self.send_frame(conn, &frame, wrong);
+                }
+            }
+            ServerOp::Text(conn, s) => {
+                let conn = self.conn(conn);
+                self.server.handle_message(now, conn, Incoming::Text(&s));
+            }
+            ServerOp::Binary(conn, b) => {
+                let conn = self.conn(conn);
+                self.server.handle_message(now, conn, Incoming::Binary(&b));
+            }
+            ServerOp::Closed(conn, code) => {
+                let conn = self.conn(conn);
+                self.server
+                    .handle_connection_closed(now, conn, code.map(Code::code));
+                self.conns.remove(&conn);
+            }
+            ServerOp::Send(s, p) => {
+                let session = self.session(s);
+                if let Some(payload) = p.payload() {
+                    match self.server.send(now, session, payload) {
+                        Ok(id) => {
+                            let m = self.sessions.get_mut(&session);
+                            let m = match m {
+                                Some(m) => m,
+                                None => panic!("send to an unknown session accepted"),
+                            };
+                            m.accepted.insert(id.0, Fate::Outstanding);
+                        }
+                        Err(SendError::UnknownSession) => {
+                            assert!(!self.sessions.contains_key(&session));
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            ServerOp::SendDatagram(s, n) => {
+                let session = self.session(s);
+                let _ =
+                    self.server
+                        .send_datagram(now, session, Bytes::from(vec![1u8; usize::from(n)]));
+            }
+            ServerOp::GoAway(conn, code, retry) => {
+                let conn = self.conn(conn);
+                self.server.go_away(
+                    now,
+                    conn,
+                    sendable(code.code()),
+                    retry.map(|ms| Duration::from_millis(u64::from(ms))),
+                );
+            }
+            ServerOp::CloseSession(s) => {
+                let session = self.session(s);
+                let r = self.server.close_session(now, session);
+                assert_eq!(r.is_ok(), self.sessions.contains_key(&session));
+            }
+            ServerOp::Disconnect(conn, code) => {
+                let conn = self.conn(conn);
+                self.server
+                    .disconnect_connection(now, conn, sendable(code.code()));
+            }
+            ServerOp::Timeout => {
+                let at = before.map_or(now, |d| d.at.max(now));
+                let at = at.min(self.max_now + Duration::from_secs(86_400 * 30));
+                self.set_now(at);
+                self.hand_in();
+                self.server.handle_timeout(at);
+                timeout = true;
+            }
+            ServerOp::Advance(ms) => self.set_now(now + Duration::from_millis(u64::from(ms))),
+            ServerOp::AdvanceSecs(s) => self.set_now(now + Duration::from_secs(u64::from(s))),
+            ServerOp::Rewind(ms) => self.now = now - Duration::from_millis(u64::from(ms)),
+        }
+        self.drain(timeout);
+    }
+
+    fn resolve(&mut self, session: SessionId, id: u64, fate: Fate, what: &str) {
+        let f = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| s.accepted.get_mut(&id));
+        match f {
+            Some(f) if *f == Fate::Outstanding => *f = fate,
+            other => panic!(
+                "{what} names message {id} of {session:?}, which is {other:?}\n{}",
+                self.log
+            ),
+        }
+    }
+
+    fn drain(&mut self, timeout: bool) {
+        while let Some(o) = self.server.poll_output() {
+            let _ = writeln!(self.log, "  {o:?}");
+            match o {
+                ServerOutput::Transmit(c, t) => {
+                    assert!(
+                        self.conns.contains_key(&c),
+                        "transmit on a closed or unknown connection {c:?}\n{}",
+                        self.log
+                    );
+                    let Some(frame) = decode_own(&t, "server") else {
+                        continue;
+                    };
+                    let conn = self.conns.get_mut(&c);
+                    match (frame, conn) {
+                        (Frame::Welcome(w), Some(conn)) => conn.codec = Some(w.codec),
+                        (Frame::Msg(m), Some(conn)) => {
+                            let s = conn.session.and_then(|s| self.sessions.get_mut(&s));
+                            if let Some(s) = s {
+                                assert!(m.seq <= s.sent_seq + 1, "gap in what the server sends");
+                                s.sent_seq = s.sent_seq.max(m.seq);
+                            } else {
+                                panic!("a message on a connection without a session");
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                ServerOutput::Disconnect(c, code, _) => {
+                    assert!(
+                        code.is_sendable(),
+                        "the server closes with the unsendable code {code:?}\n{}",
+                        self.log
+                    );
+                    assert!(
+                        self.conns.remove(&c).is_some(),
+                        "disconnect of a connection already gone {c:?}\n{}",
+                        self.log
+                    );
+                }
+                ServerOutput::Event(e) => self.event(e),
+            }
+        }
+        assert_eq!(
+            self.server.connection_count(),
+            self.conns.len(),
+            "connection count disagrees with the outputs\n{}",
+            self.log
+        );
+        assert_eq!(
+            self.server.session_count(),
+            self.sessions.len(),
+            "session count disagrees with the events\n{}",
+            self.log
+        );
+        assert!(self.sessions.len() <= self.config.max_sessions);
+        for (id, m) in &self.sessions {
+            let info = match self.server.session(*id) {
+                Some(i) => i,
+                None => panic!("session {id:?} vanished without SessionEnded"),
+            };
+            assert!(info.queued <= self.config.queue.max_messages);
+            assert!(info.in_flight <= self.config.reliability.window_messages);
+            assert_eq!(info.delivered, m.delivered);
+            let outstanding = m
+                .accepted
+                .values()
+                .filter(|f| **f == Fate::Outstanding)
+                .count();
+            assert_eq!(
+                outstanding,
+                info.queued + info.in_flight,
+                "accepted and unresolved messages of {id:?} are not what the session holds\n{}",
+                self.log
+            );
+            if let Some(c) = m.conn {
+                assert_eq!(info.connection, Some(c));
+                assert_eq!(self.server.session_of(c), Some(*id));
+            }
+        }
+        if let Some(after) = self.server.poll_timeout() {
+            if timeout {
+                assert!(
+                    after.at > self.max_now,
+                    "after handle_timeout a deadline is still due: {after:?}"
+                );
+            }
+        }
+    }
+
+    fn event(&mut self, e: ServerEvent) {
+        match e {
+            ServerEvent::SessionOpened {
+                connection,
+                session,
+                resumed,
+                ..
+            } => {
+                let c = match self.conns.get_mut(&connection) {
+                    Some(c) => c,
+                    None => panic!("SessionOpened on an unknown connection"),
+                };
+                c.session = Some(session);
+                if resumed {
+                    let s = match self.sessions.get_mut(&session) {
+                        Some(s) => s,
+                        None => panic!("resumed a session that does not exist\n{}", self.log),
+                    };
+                    s.conn = Some(connection);
+                } else {
+                    assert!(
+                        !self.sessions.contains_key(&session),
+                        "a new session reuses a live id"
+                    );
+                    self.sessions.insert(
+                        session,
+                        SessionModel {
+                            conn: Some(connection),
+                            ..SessionModel::default()
+                        },
+                    );
+                    self.ever_sessions.push(session);
+                }
+                // A connection carrying another session was replaced.
+                for (id, s) in &mut self.sessions {
+                    if *id != session && s.conn == Some(connection) {
+                        s.conn = None;
+                    }
+                }
+            }
+            ServerEvent::SessionDetached { session, .. } => {
+                let s = match self.sessions.get_mut(&session) {
+                    Some(s) => s,
+                    None => panic!("SessionDetached of an unknown session"),
+                };
+                s.conn = None;
+            }
+            ServerEvent::SessionEnded {
+                session,
+                unconfirmed,
+                ..
+            } => {
+                assert!(
+                    self.sessions.contains_key(&session),
+                    "SessionEnded of an unknown session\n{}",
+                    self.log
+                );
+                for id in &unconfirmed {
+                    self.resolve(session, id.0, Fate::Lost, "SessionEnded");
+                }
+                if let Some(s) = self.sessions.remove(&session) {
+                    let left = s
+                        .accepted
+                        .iter()
+                        .filter(|(_, f)| **f == Fate::Outstanding)
+                        .count();
+                    assert_eq!(left, 0, "a session ended with messages unreported");
+                }
+            }
+            ServerEvent::Message { session, message } => {
+                let s = match self.sessions.get_mut(&session) {
+                    Some(s) => s,
+                    None => panic!("a message for an unknown session"),
+                };
+                assert_eq!(
+                    message.seq,
+                    s.delivered + 1,
+                    "delivered out of order or twice\n{}",
+                    self.log
+                );
+                s.delivered = message.seq;
+            }
+            ServerEvent::Acked {
+                session,
+                first,
+                last,
+            } => {
+                assert!(first <= last);
+                self.resolve(session, first.0, Fate::Acked, "Acked.first");
+                if first != last {
+                    self.resolve(session, last.0, Fate::Acked, "Acked.last");
+                }
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    for (_, f) in s.accepted.range_mut(first.0..=last.0) {
+                        if *f == Fate::Outstanding {
+                            *f = Fate::Acked;
+                        }
+                    }
+                }
+            }
+            ServerEvent::Datagram { session, .. } => {
+                assert!(self.sessions.contains_key(&session));
+            }
+            ServerEvent::Rejected {
+                connection, code, ..
+            } => {
+                assert!(self.conns.contains_key(&connection));
+                assert!(code.is_sendable());
+            }
+            ServerEvent::ConnectionClosed { connection, .. } => {
+                // Reported for connections that never carried a session;
+                // the model drops it when the Disconnect or close comes.
+                if let Some(c) = self.conns.get(&connection) {
+                    assert!(c.session.is_none());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The application is trusted to pass close codes it may send: the server
+/// forwards the codes of `go_away` and `disconnect_connection` unchecked.
+fn sendable(code: CloseCode) -> CloseCode {
+    if code.is_sendable() {
+        code
+    } else {
+        CloseCode::GOING_AWAY
+    }
+}
+
+/// Target `server_machine`: a server with many connections and sessions
+/// driven by arbitrary inputs and commands, with every invariant checked
+/// after every op.
+pub fn server_machine(setup: ServerSetup, ops: Vec<ServerOp>) {
+    let mut h = ServerHarness::new(setup.config());
+    for op in ops {
+        h.op(op);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// LWW map
+// ---------------------------------------------------------------------------
+
+/// One write, with fields kept small so keys and timestamps collide.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub struct ArbUpdate {
+    /// Key, among 8.
+    pub key: u8,
+    /// Value (`None`: delete), among 4.
+    pub value: Option<u8>,
+    /// Physical time, ms.
+    pub physical: u8,
+    /// Logical counter.
+    pub logical: u8,
+    /// Writer node, among 4.
+    pub node: u8,
+}
+
+impl ArbUpdate {
+    /// The update.
+    pub fn update(self) -> LwwUpdate<u8, u8> {
+        LwwUpdate {
+            key: self.key % 8,
+            value: self.value.map(|v| v % 4),
+            ts: HlcTimestamp::new(
+                u64::from(self.physical % 16),
+                u32::from(self.logical % 4),
+                u64::from(self.node % 4),
+            ),
+        }
+    }
+}
+
+/// A replica's delivery schedule: indexes into the update list (duplicates
+/// and any order), after which it also gets every update it missed.
+#[derive(Arbitrary, Clone, Debug)]
+pub struct Schedule {
+    /// Updates applied first, by index.
+    pub first: Vec<u8>,
+    /// Deliver the missed ones in reverse order.
+    pub reverse_rest: bool,
+    /// Learn some state by merging a snapshot of replica `n` first.
+    pub merge_from: Option<u8>,
+}
+
+/// Target `lww_merge`: replicas that receive the same updates in different
+/// orders, with duplicates, through `apply`, `apply_remote` or `merge`,
+/// converge to the same map, which is the one a reference model computes.
+/// Local writes stamped by each replica's clock always win over what the
+/// replica saw.
+pub fn lww_merge(
+    updates: Vec<ArbUpdate>,
+    schedules: Vec<Schedule>,
+    local: Vec<(u8, u8, Option<u8>, u16)>,
+) {
+    let mut updates: Vec<LwwUpdate<u8, u8>> = updates.into_iter().map(ArbUpdate::update).collect();
+
+    // Local writes: each replica's clock stamps them after everything it saw.
+    let mut clock = Hlc::new(7).with_max_drift_ms(u64::MAX);
+    let mut writer: LwwMap<u8, u8> = LwwMap::new(64);
+    for u in &updates {
+        let _ = writer.apply_remote(&mut clock, 0, u.clone());
+    }
+    let mut last = clock.last();
+    for (key, _, value, wall) in local.iter().take(16) {
+        let key = key % 8;
+        let r = match value {
+            Some(v) => writer.set_local(&mut clock, u64::from(*wall), key, v % 4),
+            None => writer.delete_local(&mut clock, u64::from(*wall), key),
+        };
+        let ts = match r {
+            Ok(ts) => ts,
+            Err(e) => panic!("a local write with room and no drift guard failed: {e}"),
+        };
+        assert!(ts > last, "the clock went backwards: {ts:?} after {last:?}");
+        last = ts;
+        assert_eq!(
+            writer.get(&key),
+            value.map(|v| v % 4).as_ref(),
+            "a local write lost"
+        );
+        if let Some(u) = writer.update_for(&key) {
+            updates.push(u);
+        }
+    }
+
+    // Reference: the join per key.
+    let mut reference: BTreeMap<u8, (HlcTimestamp, Option<u8>)> = BTreeMap::new();
+    for u in &updates {
+        let e = reference.entry(u.key).or_insert((u.ts, u.value));
+        if u.ts > e.0 {
+            *e = (u.ts, u.value);
+        } else if u.ts == e.0 && e.1 != u.value {
+            // Tombstone beats value; two values become a tombstone.
+            e.1 = None;
+        }
+    }
+
+    let n = schedules.len().clamp(1, 5);
+    let mut replicas: Vec<LwwMap<u8, u8>> = Vec::new();
+    for (r, sched) in schedules.iter().take(n).enumerate() {
+        let mut map = LwwMap::new(64);
+        if let Some(from) = sched.merge_from {
+            if let Some(other) = replicas.get(usize::from(from) % replicas.len().max(1)) {
+                let report = map.merge(other);
+                assert!(report.is_complete());
+            }
+        }
+        let mut seen = vec![false; updates.len()];
+        let mut clock = Hlc::new(100 + r as u64).with_max_drift_ms(u64::MAX);
+        for (k, &i) in sched.first.iter().enumerate() {
+            let Some(u) = updates.get(usize::from(i) % updates.len().max(1)) else {
+                continue;
+            };
+            seen[usize::from(i) % updates.len()] = true;
+            let before = map.clone();
+            let res = if k % 2 == 0 {
+                map.apply(u.clone())
+            } else {
+                map.apply_remote(&mut clock, 0, u.clone())
+            };
+            let applied = match res {
+                Ok(a) => a,
+                Err(e) => panic!("apply with room failed: {e}"),
+            };
+            if !applied.changed() {
+                assert!(map == before, "{applied:?} changed the map");
+            }
+            // Applying the same update again changes nothing.
+            let again = map.clone();
+            let dup = map.apply(u.clone());
+            assert!(
+                matches!(dup, Ok(a) if !a.changed()),
+                "duplicate changed the map: {dup:?}"
+            );
+            assert!(map == again);
+        }
+        let rest: Vec<usize> = (0..updates.len()).filter(|i| !seen[*i]).collect();
+        let order: Vec<usize> = if sched.reverse_rest {
+            rest.into_iter().rev().collect()
+        } else {
+            rest
+        };
+        for i in order {
+            if let Err(e) = map.apply(updates[i].clone()) {
+                panic!("apply with room failed: {e}");
+            }
+        }
+        for (key, (ts, value)) in &reference {
+            assert_eq!(map.timestamp(key), Some(*ts), "key {key}: wrong timestamp");
+            assert_eq!(map.get(key), value.as_ref(), "key {key}: wrong value");
+            assert_eq!(map.is_deleted(key), value.is_none());
+        }
+        assert_eq!(map.entry_count(), reference.len());
+        // A snapshot rebuilds the same map; merging is idempotent.
+        let mut rebuilt = LwwMap::new(64);
+        for u in map.snapshot() {
+            let _ = rebuilt.apply(u);
+        }
+        assert!(rebuilt == map, "a snapshot does not rebuild the map");
+        let copy = map.clone();
+        let report = map.merge(&copy);
+        assert_eq!(report.changed, 0);
+        replicas.push(map);
+    }
+    for pair in replicas.windows(2) {
+        assert!(pair[0] == pair[1], "replicas diverged");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Seeds
+// ---------------------------------------------------------------------------
+
+/// Real frames, as the core's own tests and golden transcripts use them, to
+/// seed the corpora: `(name, message)`.
+pub fn seed_messages() -> Vec<(String, Transmit)> {
+    let sid = SessionId([7; 16]);
+    let mut frames = vec![
+        Frame::Hello(Hello {
+            versions: vec![1],
+            client: ClientId([0xc1; 16]),
+            resume: None,
+            caps: Vec::new(),
+            codecs: vec![Codec::MsgPack, Codec::Json],
+        }),
+        Frame::Hello(Hello {
+            versions: vec![1],
+            client: ClientId([1; 16]),
+            resume: Some(Resume {
+                session: sid,
+                delivered: 41,
+            }),
+            caps: vec!["batch".into()],
+            codecs: vec![Codec::Json],
+        }),
+        Frame::Welcome(Welcome {
+            version: 1,
+            codec: Codec::Json,
+            session: sid,
+            resumed: false,
+            lost: None,
+            delivered: 0,
+            features: Vec::new(),
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 10_000,
+            max_message: 1 << 20,
+        }),
+        Frame::Welcome(Welcome {
+            version: 1,
+            codec: Codec::MsgPack,
+            session: sid,
+            resumed: true,
+            lost: Some("unknown_session".into()),
+            delivered: 3,
+            features: vec!["batch".into()],
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 10_000,
+            max_message: 1 << 20,
+        }),
+        Frame::Reject(Reject {
+            code: 4001,
+            reason: "unsupported_version".into(),
+            message: "server speaks 1".into(),
+            versions: vec![1],
+            retry_after_ms: None,
+        }),
+        Frame::Reject(Reject {
+            code: 1013,
+            reason: "overloaded".into(),
+            message: "session limit reached".into(),
+            versions: vec![1],
+            retry_after_ms: Some(5000),
+        }),
+        Frame::Ping { nonce: 9 },
+        Frame::Pong { nonce: 9 },
+        Frame::Ack { ack: 12 },
+        Frame::Replay { from: 3 },
+        Frame::GoAway {
+            code: 4011,
+            retry_after_ms: Some(500),
+        },
+        Frame::Raw(Bytes::from_static(b"\x00\x01pos")),
+    ];
+    let payloads = [
+        Payload::json(&br#"{"n":1}"#[..]),
+        Payload::json(&br#"{"x":[1,2,"\u00e9"]}"#[..]),
+        Payload::msgpack(vec![0x92, 0x01, 0xa3, b't', b'w', b'o']),
+        Ok(Payload::binary(&b"\xff\x00bin"[..])),
+    ];
+    for (i, p) in payloads.into_iter().enumerate() {
+        if let Ok(payload) = p {
+            let seq = i as u64 + 1;
+            frames.push(Frame::Msg(Msg {
+                kind: MsgKind::Plain,
+                room: None,
+                seq,
+                id: 76 + seq,
+                ack: Some(4),
+                ts: if i == 0 {
+                    Some(1_700_000_000_000)
+                } else {
+                    None
+                },
+                payload,
+            }));
+        }
+    }
+    let mut out = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            if let Ok(t) = wire::encode(f, codec, PROTOCOL_VERSION) {
+                let name = format!("{:02}-{}-{}", i, f.type_name(), codec.name());
+                if !out.iter().any(|(_, o)| *o == t) {
+                    out.push((name, t));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes the seed corpora when `KITESTRING_WRITE_CORPUS` names the
+    /// `fuzz/corpus` directory; otherwise checks the seeds pass the targets.
+    #[test]
+    fn seeds_pass_the_decode_targets() {
+        let dir = std::env::var("KITESTRING_WRITE_CORPUS").ok();
+        for (name, t) in seed_messages() {
+            let (targets, bytes): (&[&str], Vec<u8>) = match &t {
+                Transmit::Text(b) => {
+                    let hs = b.starts_with(br#"{"t":"hello""#)
+                        || b.starts_with(br#"{"t":"welcome""#)
+                        || b.starts_with(br#"{"t":"reject""#);
+                    decode_json(b, &NoProbe);
+                    handshake(b, &NoProbe);
+                    if hs {
+                        (&["decode_json", "handshake"], b.to_vec())
+                    } else {
+                        (&["decode_json"], b.to_vec())
+                    }
+                }
+                Transmit::Binary(b) => {
+                    decode_binary_header(b, &NoProbe);
+                    decode_msgpack(&b[BINARY_HEADER_LEN..], &NoProbe);
+                    (&["decode_binary_header"], b.to_vec())
+                }
+            };
+            if let Some(dir) = &dir {
+                for target in targets {
+                    let d = format!("{dir}/{target}");
+                    std::fs::create_dir_all(&d).unwrap();
+                    std::fs::write(format!("{d}/{name}"), &bytes).unwrap();
+                }
+                if let Transmit::Binary(b) = &t {
+                    if b[0] == KIND_MSGPACK {
+                        let d = format!("{dir}/decode_msgpack");
+                        std::fs::create_dir_all(&d).unwrap();
+                        std::fs::write(format!("{d}/{name}"), &b[BINARY_HEADER_LEN..]).unwrap();
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain(c: &mut Client) -> Vec<Output> {
+        core::iter::from_fn(|| c.poll_output()).collect()
+    }
+
+    /// A client waiting for its welcome, and its transport.
+    fn handshaking() -> (Client, TransportId) {
+        let mut c = Client::new(ClientConfig::default(), ClientId([1; 16]), 1).unwrap();
+        c.connect(Instant::ZERO).unwrap();
+        let t = drain(&mut c)
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Connect(t) => Some(t),
+                _ => None,
+            })
+            .unwrap();
+        c.handle_transport_opened(Instant::ZERO, t);
+        drain(&mut c);
+        (c, t)
+    }
+
+    /// Found by the `handshake` target (input
+    /// `{"t":"reject","versions":[1],"code":2000,"reason":"x"}`): the client
+    /// closes a rejected transport with the reject's code unchecked, so it
+    /// asks its driver to send 2000 (or 1005, 1006, 0, 5000...), which RFC
+    /// 6455 forbids in a close frame. Fix in `Client::on_reject`: close with
+    /// the code only if `is_sendable()`, else with a fixed one (4002 or 1002).
+    #[test]
+    fn client_never_echoes_an_unsendable_reject_code() {
+        for code in [0u16, 1005, 1006, 1015, 2000, 5000] {
+            let (mut c, t) = handshaking();
+            let reject = format!(r#"{{"t":"reject","versions":[1],"code":{code},"reason":"x"}}"#);
+            c.handle_message(Instant::ZERO, t, Incoming::Text(&reject));
+            for o in drain(&mut c) {
+                if let Output::Disconnect(_, close, _) = o {
+                    assert!(close.is_sendable(), "reject {code} closes with {close:?}");
+                }
+            }
+        }
+    }
+
+    /// Found by the `frame_roundtrip` target: `Payload::json("null")` is
+    /// accepted, but the JSON codec writes it as `"j":null`, and
+    /// `decode_text` reads an explicit `null` into `Option<&RawValue>` as
+    /// `None`, then fails with `MissingField { frame: "msg", field: "j" }`.
+    /// A client or server that sends a `null` payload over JSON stalls the
+    /// session: the peer drops the frame, asks for a replay of it, and the
+    /// same undecodable frame comes back until the ack timeout. Fix in
+    /// `wire.rs`: deserialize `j` so that a present `null` is `Some` (for
+    /// example `Option<Option<&RawValue>>` with a custom deserializer, or
+    /// read the raw `null` text).
+    #[test]
+    fn json_null_payload_round_trips_in_json() {
+        let frame = Frame::Msg(Msg {
+            kind: MsgKind::Plain,
+            room: None,
+            seq: 1,
+            id: 1,
+            ack: None,
+            ts: None,
+            payload: Payload::json(&b"null"[..]).unwrap(),
+        });
+        let t = wire::encode(&frame, Codec::Json, 1).unwrap();
+        let back = wire::decode(t.as_incoming(), &limits());
+        assert_eq!(back, Ok(frame));
+    }
+
+    /// Found by the `frame_roundtrip` target: `Payload::json(" 1 ")` is
+    /// accepted, but the JSON codec embeds the raw value without the
+    /// surrounding whitespace, so the receiver gets the payload `1`: the
+    /// bytes differ and `Payload`s compare unequal after one JSON hop (the
+    /// MessagePack codec keeps them). Fix: `Payload::json` keeps only the
+    /// value's own text (`RawValue::get()`), or rejects surrounding
+    /// whitespace.
+    #[test]
+    fn json_payload_bytes_survive_the_json_codec() {
+        let frame = Frame::Msg(Msg {
+            kind: MsgKind::Plain,
+            room: None,
+            seq: 1,
+            id: 1,
+            ack: None,
+            ts: None,
+            payload: Payload::json(&b" 1 "[..]).unwrap(),
+        });
+        let t = wire::encode(&frame, Codec::Json, 1).unwrap();
+        assert_eq!(wire::decode(t.as_incoming(), &limits()), Ok(frame));
+    }
+
+    #[test]
+    fn json_payload_text_round_trips() {
+        for lit in JSON_LITERALS {
+            let Ok(payload) = Payload::json(lit.as_bytes().to_vec()) else {
+                continue;
+            };
+            let frame = Frame::Msg(Msg {
+                kind: MsgKind::Plain,
+                room: None,
+                seq: 1,
+                id: 1,
+                ack: None,
+                ts: None,
+                payload,
+            });
+            if !is_known_json_null(&frame) {
+                assert_round_trip(&frame, Codec::Json, 1);
+            }
+            assert_round_trip(&frame, Codec::MsgPack, 1);
+        }
+    }
+
+    #[test]
+    fn oversized_input_is_refused_first() {
+        let big = vec![b'{'; FUZZ_MAX_MESSAGE + 1];
+        decode_json(&big, &NoProbe);
+        decode_binary_header(&big, &NoProbe);
+    }
+
+    #[test]
+    fn a_quiet_client_passes_its_checks() {
+        let setup = ClientSetup {
+            json_only: true,
+            queue_messages: 3,
+            queue_bytes: 100,
+            window_messages: 2,
+            window_bytes: 100,
+            fail_session: false,
+            max_attempts: 3,
+            ack_every: 1,
+            ack_delay_ms: 10,
+            zero_grace: false,
+            can_refresh_token: false,
+            extra_max_message: 0,
+            max_decode_failures: 3,
+            seed: 1,
+        };
+        let welcome = ServerFrame::Welcome {
+            resumed: false,
+            same_session: false,
+            session: 3,
+            delivered: Num::Base,
+            msgpack: false,
+            version_other: None,
+            ping_ms: 1000,
+            pong_ms: 1000,
+            max: 1 << 20,
+            lost: None,
+        };
+        client_machine(
+            setup,
+            vec![
+                ClientOp::Connect,
+                ClientOp::Send(PayloadChoice::JsonLiteral(1), None),
+                ClientOp::Opened(Tr::Current),
+                ClientOp::Frame(Tr::Current, welcome, false),
+                ClientOp::Frame(
+                    Tr::Current,
+                    ServerFrame::Msg {
+                        seq: Num::Next(0),
+                        ack: Some(Num::Base),
+                        payload: PayloadChoice::Binary(3),
+                        ts: None,
+                    },
+                    false,
+                ),
+                ClientOp::Timeout,
+                ClientOp::Rewind(500),
+                ClientOp::Timeout,
+                ClientOp::Close,
+                ClientOp::Closed(Tr::Current, Some(Code::Normal)),
+            ],
+        );
+    }
+}
