@@ -361,7 +361,10 @@ pub enum Event {
         /// What was refused and why.
         refusal: Refusal,
     },
-    /// The peer acknowledged every message with an id in `first..=last`.
+    /// The peer acknowledged every message of the current session with an
+    /// id in `first..=last` (ids increase in send order; an id in the range
+    /// already reported by [`Event::SendFailed`] was never sent and is not
+    /// covered).
     Acked {
         /// First id acknowledged.
         first: MessageId,

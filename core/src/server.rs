@@ -103,7 +103,10 @@ pub enum ServerEvent {
         /// The bytes.
         data: Bytes,
     },
-    /// The client acknowledged every message with an id in `first..=last`.
+    /// The client acknowledged every message of this session with an id in
+    /// `first..=last`. Ids are unique across the server and increase in send
+    /// order, so the range may span ids of other sessions; only this
+    /// session's are covered.
     Acked {
         /// The session.
         session: SessionId,
