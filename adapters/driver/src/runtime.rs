@@ -1,0 +1,139 @@
+//! The small interface every async runtime implements.
+//!
+//! Everything else in this crate (the client driver, the server, TLS) is
+//! written once against [`Runtime`]. An implementation supplies timers,
+//! task spawning, a monotonic clock and TCP sockets; the runtime crates
+//! (`kitestring-tokio`, `kitestring-async-std`, `kitestring-smol`) are each
+//! about a hundred lines. The trait is object safe: drivers hold an
+//! `Arc<dyn Runtime>`, so the driver code is compiled once, not once per
+//! runtime.
+//!
+//! This module owns no state and never blocks.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_io::{AsyncRead, AsyncWrite};
+
+/// A boxed future that can move between threads.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A byte stream (TCP, or TLS over TCP) in futures-io terms.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A type-erased byte stream: every socket the driver touches has this type,
+/// whichever runtime and whether or not TLS is in between.
+pub type BoxIo = Box<dyn Io>;
+
+/// A resettable timer, implemented directly on the runtime's sleep type
+/// (`tokio::time::Sleep`, `async_io::Timer`).
+pub trait AsyncTimer: Send + Debug + 'static {
+    /// Moves the deadline to `at`.
+    fn reset(self: Pin<&mut Self>, at: Instant);
+    /// Ready once the deadline has passed.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+/// A listening TCP socket.
+pub trait AsyncListener: Send + Sync + Debug + 'static {
+    /// Accepts the next connection.
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(BoxIo, SocketAddr)>>;
+    /// The bound address (useful after binding port 0).
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// What a driver needs from an async runtime.
+pub trait Runtime: Send + Sync + Debug + 'static {
+    /// A timer that fires at `at`.
+    fn new_timer(&self, at: Instant) -> Pin<Box<dyn AsyncTimer>>;
+    /// Runs `future` in the background.
+    fn spawn(&self, future: BoxFuture<'static, ()>);
+    /// The runtime's monotonic clock (tokio's can be paused in tests).
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    /// Opens a TCP connection to `host:port` (resolving the name if needed).
+    fn connect_tcp(&self, host: String, port: u16) -> BoxFuture<'static, io::Result<BoxIo>>;
+    /// Adopts a bound, non-blocking std listener. Binding is done by the
+    /// caller with `std::net::TcpListener::bind`, so no runtime needs an
+    /// async bind.
+    fn wrap_listener(&self, listener: std::net::TcpListener)
+        -> io::Result<Box<dyn AsyncListener>>;
+}
+
+/// Waits for `timer` to reach `deadline`, checking the clock first: a
+/// deadline already past is ready even if the timer future would still say
+/// Pending (tokio's cooperative budget can do that; quinn's `drive_timer`
+/// makes the same check). Re-arms the timer only when the deadline moved.
+#[derive(Debug)]
+pub(crate) struct DriveTimer {
+    timer: Pin<Box<dyn AsyncTimer>>,
+    armed: Option<Instant>,
+}
+
+impl DriveTimer {
+    pub(crate) fn new(runtime: &dyn Runtime) -> Self {
+        let now = runtime.now();
+        DriveTimer {
+            timer: runtime.new_timer(now),
+            armed: None,
+        }
+    }
+
+    /// Ready when `deadline` (if any) has passed.
+    pub(crate) fn poll(
+        &mut self,
+        runtime: &dyn Runtime,
+        deadline: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        let Some(at) = deadline else {
+            self.armed = None;
+            return Poll::Pending;
+        };
+        if runtime.now() >= at {
+            return Poll::Ready(());
+        }
+        if self.armed != Some(at) {
+            self.timer.as_mut().reset(at);
+            self.armed = Some(at);
+        }
+        self.timer.as_mut().poll(cx)
+    }
+}
+
+/// Converts between the runtime's clock and the core's [`kitestring_core::Instant`]
+/// (nanoseconds since a start instant fixed when the driver starts).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub(crate) fn new(runtime: &dyn Runtime) -> Self {
+        Clock {
+            start: runtime.now(),
+        }
+    }
+
+    pub(crate) fn core(&self, at: Instant) -> kitestring_core::Instant {
+        let nanos = at.saturating_duration_since(self.start).as_nanos();
+        kitestring_core::Instant::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    pub(crate) fn now(&self, runtime: &dyn Runtime) -> kitestring_core::Instant {
+        self.core(runtime.now())
+    }
+
+    pub(crate) fn std(&self, at: kitestring_core::Instant) -> Instant {
+        let d = std::time::Duration::from_nanos(at.as_nanos());
+        self.start.checked_add(d).unwrap_or(self.start + std::time::Duration::from_secs(86_400 * 365))
+    }
+}
