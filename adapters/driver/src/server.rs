@@ -862,7 +862,8 @@ async fn connection<S>(
                         break Step::Close(None);
                     }
                 }
-                Step::Frame(Some(Ok(_))) => {} // control frames: tungstenite answers pings
+                // Pings and pongs: tungstenite answers pings itself.
+                Step::Frame(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
                 other => break other,
             }
         };
