@@ -96,6 +96,8 @@ struct Link {
     cut_after: Option<u64>,
     c2s_free_at: Instant,
     s2c_free_at: Instant,
+    c2s_last_at: Instant,
+    s2c_last_at: Instant,
 }
 
 /// Client and server machines on a simulated network.
@@ -387,24 +389,25 @@ impl Sim {
         self.link.latency + Duration::from_nanos(extra)
     }
 
-    /// When a message of `len` bytes sent now arrives, keeping order.
+    /// When a message of `len` bytes sent now arrives. Each direction is a
+    /// FIFO, as TCP is: jitter never lets a later message overtake.
     fn arrival(&mut self, l: usize, len: usize, to_server: bool) -> Instant {
         let d = self.delay();
         let serialize = self.link.bandwidth.map_or(Duration::ZERO, |bw| {
             Duration::from_nanos((len as u64).saturating_mul(1_000_000_000) / bw.max(1))
         });
+        let now = self.now;
         let link = &mut self.links[l];
-        let free = if to_server {
-            &mut link.c2s_free_at
+        let (free, last) = if to_server {
+            (&mut link.c2s_free_at, &mut link.c2s_last_at)
         } else {
-            &mut link.s2c_free_at
+            (&mut link.s2c_free_at, &mut link.s2c_last_at)
         };
-        let start = (*free).max(self.now);
-        let done = start + serialize;
+        let done = (*free).max(now) + serialize;
         *free = done;
-        let at = done + d;
-        // Order within a direction is kept even with jitter.
-        at.max(*free)
+        let at = (done + d).max(*last);
+        *last = at;
+        at
     }
 
     fn kill_link(&mut self, l: usize) {
@@ -558,6 +561,8 @@ impl Sim {
                     cut_after: None,
                     c2s_free_at: now,
                     s2c_free_at: now,
+                    c2s_last_at: now,
+                    s2c_last_at: now,
                 });
                 self.peers[i].link = Some(l);
                 let at = now + self.link.latency;

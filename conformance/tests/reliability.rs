@@ -12,7 +12,7 @@ use kitestring_core::client::{Event, FailReason, LostReason, State};
 use kitestring_core::config::{ClientConfig, QueueConfig, ServerConfig};
 use kitestring_core::reliable::{MessageId, OverflowPolicy, ReliabilityConfig, SendError};
 use kitestring_core::server::{ServerEvent, SessionEnd};
-use kitestring_core::wire::{Codec, Frame, Msg, Payload, SessionId};
+use kitestring_core::wire::{Codec, Frame, Msg, MsgKind, Payload, SessionId};
 
 fn json(n: u64) -> Payload {
     Payload::json(format!("{{\"n\":{n}}}").into_bytes()).unwrap()
@@ -107,6 +107,7 @@ fn duplicate_frame_on_the_wire_is_dropped() {
             id: 100 + seq,
             ack: None,
             ts: None,
+            kind: MsgKind::Plain,
             payload: json(seq),
         })
     };
@@ -140,6 +141,7 @@ fn gap_asks_for_replay_once_and_recovers() {
             id: seq,
             ack: None,
             ts: None,
+            kind: MsgKind::Plain,
             payload: json(seq),
         })
     };
@@ -454,4 +456,42 @@ fn client_close_ends_the_server_session() {
             ..
         }
     )));
+}
+
+#[test]
+fn reauthentication_keeps_or_closes_the_connection() {
+    let (mut sim, c, session) = open_pair(13, ClientConfig::default(), json_server());
+    let conn = sim.server.session(session).unwrap().connection.unwrap();
+    sim.with_server(|s, now| s.request_reauth(now, conn, Duration::from_secs(5)));
+    sim.run_for(Duration::from_millis(100));
+    assert!(sim.peers[c].events.iter().any(
+        |(_, e)| matches!(e, Event::TokenExpiring { within } if *within == Duration::from_secs(5))
+    ));
+    sim.with_client(c, |cl, now| cl.send_token(now, "fresh".into()))
+        .unwrap();
+    sim.run_for(Duration::from_millis(100));
+    let got = sim.server_events.iter().find_map(|(_, e)| match e {
+        ServerEvent::TokenReceived {
+            connection, token, ..
+        } => Some((*connection, token.clone())),
+        _ => None,
+    });
+    assert_eq!(got, Some((conn, "fresh".to_string())));
+    sim.with_server(|s, now| s.accept_token(now, conn));
+    sim.run_for(Duration::from_secs(10));
+    assert_eq!(
+        sim.server.session(session).unwrap().connection,
+        Some(conn),
+        "kept"
+    );
+
+    // No answer: closed with 4401; without a token source the client fails.
+    sim.with_server(|s, now| s.request_reauth(now, conn, Duration::from_secs(1)));
+    sim.run_for(Duration::from_secs(3));
+    assert_eq!(
+        sim.state(c),
+        &State::Failed {
+            reason: FailReason::Unauthorized
+        }
+    );
 }

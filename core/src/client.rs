@@ -7,7 +7,7 @@
 //! lists. It never touches a socket, a clock or the OS: the driver feeds it
 //! inputs and carries out its outputs (see the crate docs for the loop).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use core::time::Duration;
@@ -15,13 +15,15 @@ use core::time::Duration;
 use crate::backoff::Jitter;
 use crate::close::{CloseCode, Disposition};
 use crate::config::{ClientConfig, ConfigError};
-use crate::reliable::{Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting};
+use crate::reliable::{
+    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting,
+};
 use crate::rng::Rng;
 use crate::time::Instant;
 use crate::timer::{TimerKind, TimerTable};
 use crate::wire::{
-    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, Payload, Reject,
-    Resume, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
+    self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
+    Reject, Resume, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
 };
 
 /// Identifies one transport (one WebSocket connection attempt). A new id is
@@ -237,8 +239,44 @@ pub struct Received {
     pub seq: u64,
     /// The sender's timestamp in milliseconds, if it set one.
     pub timestamp: Option<u64>,
+    /// Whether the sender expects a response (answer with `respond`,
+    /// quoting `id`).
+    pub request: bool,
+    /// The request this message answers, if it is a response.
+    pub response_to: Option<MessageId>,
     /// The payload.
     pub payload: Payload,
+}
+
+impl Received {
+    pub(crate) fn from_msg(m: Msg) -> Received {
+        Received {
+            id: MessageId(m.id),
+            seq: m.seq,
+            timestamp: m.ts,
+            request: m.kind == MsgKind::Request,
+            response_to: match m.kind {
+                MsgKind::Response(to) => Some(MessageId(to)),
+                _ => None,
+            },
+            payload: m.payload,
+        }
+    }
+}
+
+/// Why a request got no response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No response within the request's timeout.
+    #[error("no response within the timeout")]
+    TimedOut,
+    /// The session was lost; a response, if one was sent, went with it.
+    #[error("the session was lost")]
+    SessionLost,
+    /// The session was closed.
+    #[error("the session was closed")]
+    Closed,
 }
 
 /// Why a session's accepted messages were given up on.
@@ -280,6 +318,26 @@ pub enum Event {
     },
     /// A message from the peer, in order, exactly once.
     Message(Received),
+    /// The response to one of this side's requests.
+    Response {
+        /// The request it answers.
+        request: MessageId,
+        /// The response message.
+        response: Received,
+    },
+    /// A response arrived for a request that timed out or was cancelled; it
+    /// was discarded.
+    LateResponse {
+        /// The request it answered.
+        request: MessageId,
+    },
+    /// A request will get no response.
+    RequestFailed {
+        /// The request.
+        request: MessageId,
+        /// Why.
+        error: RequestError,
+    },
     /// An unsequenced datagram from the peer.
     Datagram(Bytes),
     /// The peer acknowledged every message with an id in `first..=last`.
@@ -307,6 +365,12 @@ pub enum Event {
         id: MessageId,
         /// Why.
         error: SendError,
+    },
+    /// The server asks for a fresh credential within `within`; answer with
+    /// [`Client::send_token`] or the server closes with 4401.
+    TokenExpiring {
+        /// Time left.
+        within: Duration,
     },
     /// A new round-trip time sample from a ping.
     Rtt(Duration),
@@ -356,10 +420,14 @@ pub enum Timer {
     AckTimeout,
     /// A local close has waited long enough for the transport.
     Close,
+    /// The earliest pending request times out.
+    Request,
+    /// The batch being collected goes out.
+    Batch,
 }
 
 impl TimerKind for Timer {
-    const COUNT: usize = 8;
+    const COUNT: usize = 10;
     const ALL: &'static [Timer] = &[
         Timer::Connect,
         Timer::Backoff,
@@ -369,6 +437,8 @@ impl TimerKind for Timer {
         Timer::AckDelay,
         Timer::AckTimeout,
         Timer::Close,
+        Timer::Request,
+        Timer::Batch,
     ];
     fn index(self) -> usize {
         self as usize
@@ -376,7 +446,8 @@ impl TimerKind for Timer {
 }
 
 /// Timers that belong to one connection and die with it.
-const CONNECTION_TIMERS: [Timer; 7] = [
+const CONNECTION_TIMERS: [Timer; 8] = [
+    Timer::Batch,
     Timer::Connect,
     Timer::Ping,
     Timer::Liveness,
@@ -455,6 +526,8 @@ struct Conn {
     ping_interval: Duration,
     pong_timeout: Duration,
     peer_max_message: usize,
+    /// Whether the server said it can receive batch frames.
+    peer_batches: bool,
     /// The outstanding ping, for round-trip time.
     ping: Option<(u64, Instant)>,
     /// The last time anything arrived.
@@ -493,7 +566,10 @@ pub struct Client {
     failures: u32,
     auth_retry_used: bool,
     retry_hint: Option<Duration>,
-    timers: TimerTable<Timer, 8>,
+    timers: TimerTable<Timer, 10>,
+    batch: Batcher,
+    requests: BTreeMap<MessageId, Instant>,
+    request_deadlines: BTreeSet<(Instant, MessageId)>,
     conn: Option<Conn>,
     session: Option<SessionId>,
     outbound: Outbound,
@@ -529,6 +605,9 @@ impl Client {
             auth_retry_used: false,
             retry_hint: None,
             timers: TimerTable::new(),
+            batch: Batcher::default(),
+            requests: BTreeMap::new(),
+            request_deadlines: BTreeSet::new(),
             conn: None,
             session: None,
             outbound,
@@ -711,11 +790,131 @@ impl Client {
         Ok(())
     }
 
+    /// Sends a fresh credential, answering [`Event::TokenExpiring`]. Only on
+    /// an open connection (a new connection carries its token in the upgrade).
+    pub fn send_token(&mut self, now: Instant, token: String) -> Result<(), SendError> {
+        self.advance(now);
+        if self.state != State::Open {
+            return Err(SendError::NotOpen);
+        }
+        if token.len() > wire::MAX_TOKEN_BYTES {
+            return Err(SendError::TooLarge {
+                size: token.len(),
+                max: wire::MAX_TOKEN_BYTES,
+            });
+        }
+        self.transmit(&Frame::Auth { token });
+        Ok(())
+    }
+
     fn send_inner(
         &mut self,
         now: Instant,
         payload: Payload,
         ts: Option<u64>,
+    ) -> Result<MessageId, SendError> {
+        self.enqueue(now, payload, ts, MsgKind::Plain)
+    }
+
+    /// Sends a request: a reliable message the peer answers with a response.
+    /// The answer arrives as [`Event::Response`]; if none arrives within
+    /// `timeout`, [`Event::RequestFailed`] with [`RequestError::TimedOut`].
+    /// A request in flight across a reconnect is answered once the session
+    /// resumes; if the session is lost, it fails with
+    /// [`RequestError::SessionLost`].
+    pub fn request(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        timeout: Duration,
+    ) -> Result<MessageId, SendError> {
+        self.advance(now);
+        let max = self.config.max_pending_requests;
+        if self.requests.len() >= max {
+            return Err(SendError::TooManyRequests { max });
+        }
+        let id = self.enqueue(now, payload, None, MsgKind::Request)?;
+        let deadline = self.now + timeout;
+        self.requests.insert(id, deadline);
+        self.request_deadlines.insert((deadline, id));
+        self.arm_request_timer();
+        Ok(id)
+    }
+
+    /// Stops waiting for a request's response. Returns whether it was
+    /// pending. A response that arrives later is reported as
+    /// [`Event::LateResponse`] and discarded.
+    pub fn cancel_request(&mut self, now: Instant, request: MessageId) -> bool {
+        self.advance(now);
+        let Some(deadline) = self.requests.remove(&request) else {
+            return false;
+        };
+        self.request_deadlines.remove(&(deadline, request));
+        self.arm_request_timer();
+        true
+    }
+
+    /// Answers a request the peer sent (a [`Received`] with `request: true`).
+    pub fn respond(
+        &mut self,
+        now: Instant,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, SendError> {
+        self.enqueue(now, payload, None, MsgKind::Response(request.0))
+    }
+
+    /// Requests waiting for a response.
+    pub fn pending_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn arm_request_timer(&mut self) {
+        match self.request_deadlines.first() {
+            Some((at, _)) => self.timers.set(Timer::Request, *at),
+            None => self.timers.stop(Timer::Request),
+        }
+    }
+
+    fn expire_requests(&mut self) {
+        while let Some(&(at, id)) = self.request_deadlines.first() {
+            if at > self.now {
+                break;
+            }
+            self.request_deadlines.pop_first();
+            self.requests.remove(&id);
+            self.emit(Event::RequestFailed {
+                request: id,
+                error: RequestError::TimedOut,
+            });
+        }
+        self.arm_request_timer();
+    }
+
+    /// Fails every pending request except those still waiting unsent (they
+    /// go out, and can be answered, in the next session).
+    fn fail_requests(&mut self, error: RequestError, keep: &[MessageId]) {
+        let failed: Vec<MessageId> = self
+            .requests
+            .keys()
+            .copied()
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in failed {
+            if let Some(deadline) = self.requests.remove(&id) {
+                self.request_deadlines.remove(&(deadline, id));
+            }
+            self.emit(Event::RequestFailed { request: id, error });
+        }
+        self.arm_request_timer();
+    }
+
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        ts: Option<u64>,
+        kind: MsgKind,
     ) -> Result<MessageId, SendError> {
         self.advance(now);
         match self.state {
@@ -732,7 +931,12 @@ impl Client {
             });
         }
         let id = MessageId(self.next_id);
-        match self.outbound.push(Waiting { id, ts, payload }) {
+        match self.outbound.push(Waiting {
+            id,
+            ts,
+            kind,
+            payload,
+        }) {
             Ok(()) => {
                 self.next_id += 1;
                 self.flush();
@@ -781,7 +985,7 @@ impl Client {
             versions: self.config.versions.clone(),
             client: self.client_id,
             resume,
-            caps: self.config.capabilities.clone(),
+            caps: with_batch(&self.config.capabilities),
             codecs,
         });
         self.set_state(State::Handshaking { attempt });
@@ -941,6 +1145,7 @@ impl Client {
 
     fn forget_connection(&mut self) {
         self.conn = None;
+        self.batch.clear();
         for t in CONNECTION_TIMERS {
             self.timers.stop(t);
         }
@@ -1036,9 +1241,17 @@ impl Client {
         } else {
             Vec::new()
         };
+        let still_queued = self.outbound.waiting_ids();
+        let error = match reason {
+            LostReason::Closed => RequestError::Closed,
+            _ => RequestError::SessionLost,
+        };
         self.inbound.reset_session();
         let had_session = self.session.take().is_some();
-        if had_session || !unconfirmed.is_empty() || !unsent.is_empty() {
+        // A replaced session always matters (server-side state is gone); a
+        // closed one only if messages were at stake.
+        let replaced = had_session && !matches!(reason, LostReason::Closed);
+        if replaced || !unconfirmed.is_empty() || !unsent.is_empty() {
             self.stats.sessions_lost += 1;
             self.emit(Event::SessionLost {
                 reason,
@@ -1046,6 +1259,7 @@ impl Client {
                 unsent,
             });
         }
+        self.fail_requests(error, &still_queued);
     }
 
     fn on_timer(&mut self, timer: Timer) {
@@ -1072,6 +1286,8 @@ impl Client {
             }
             Timer::AckDelay => self.flush_ack(),
             Timer::AckTimeout => self.check_ack_timeout(),
+            Timer::Request => self.expire_requests(),
+            Timer::Batch => self.send_batch(),
             Timer::Close => {
                 if self.state == State::Closing {
                     self.transport = None;
@@ -1173,6 +1389,14 @@ impl Client {
             (State::Open, Frame::Ping { nonce }) => self.transmit(&Frame::Pong { nonce }),
             (State::Open, Frame::Pong { nonce }) => self.on_pong(nonce),
             (State::Open, Frame::Msg(m)) => self.on_msg(m),
+            (State::Open, Frame::Batch(msgs)) => {
+                for m in msgs {
+                    self.on_msg(m);
+                    if self.state != State::Open {
+                        break;
+                    }
+                }
+            }
             (State::Open, Frame::Ack { ack }) => self.on_ack(ack),
             (State::Open, Frame::Replay { from }) => self.on_replay(from),
             (
@@ -1183,6 +1407,9 @@ impl Client {
                 },
             ) => self.on_goaway(CloseCode(code), retry_after_ms),
             (State::Open, Frame::Raw(data)) => self.emit(Event::Datagram(data)),
+            (State::Open, Frame::Reauth { within_ms }) => self.emit(Event::TokenExpiring {
+                within: Duration::from_millis(within_ms),
+            }),
             (_, Frame::Unknown(_)) => self.stats.unknown_frames += 1,
             (State::Open, f) => {
                 self.protocol_error(format!("unexpected `{}` on an open session", f.type_name()))
@@ -1226,6 +1453,7 @@ impl Client {
             ping_interval,
             pong_timeout,
             peer_max_message: peer_max,
+            peer_batches: w.features.iter().any(|f| f == CAP_BATCH),
             ping: None,
             last_rx: self.now,
             in_grace: false,
@@ -1353,12 +1581,22 @@ impl Client {
         match self.inbound.on_msg(m.seq) {
             Verdict::Deliver => {
                 self.stats.messages_received += 1;
-                self.emit(Event::Message(Received {
-                    id: MessageId(m.id),
-                    seq: m.seq,
-                    timestamp: m.ts,
-                    payload: m.payload,
-                }));
+                let received = Received::from_msg(m);
+                match received.response_to {
+                    Some(request) => {
+                        if let Some(deadline) = self.requests.remove(&request) {
+                            self.request_deadlines.remove(&(deadline, request));
+                            self.arm_request_timer();
+                            self.emit(Event::Response {
+                                request,
+                                response: received,
+                            });
+                        } else {
+                            self.emit(Event::LateResponse { request });
+                        }
+                    }
+                    None => self.emit(Event::Message(received)),
+                }
                 if self.inbound.unacked() >= u64::from(self.config.reliability.ack_every) {
                     self.flush_ack();
                 } else if !self.timers.is_set(Timer::AckDelay) {
@@ -1410,6 +1648,10 @@ impl Client {
     }
 
     fn retransmit_from(&mut self, from: u64) {
+        // Everything collected for a batch is unacknowledged and numbered at
+        // or after `from`: the retransmission below carries it.
+        self.batch.clear();
+        self.timers.stop(Timer::Batch);
         let Some(conn) = &self.conn else { return };
         let (id, codec, version) = (conn.id, conn.codec, conn.version);
         let ack = self.inbound.delivered();
@@ -1438,8 +1680,13 @@ impl Client {
             return;
         }
         let Some(conn) = &self.conn else { return };
-        let (id, codec, version, peer_max) =
-            (conn.id, conn.codec, conn.version, conn.peer_max_message);
+        let (id, codec, version, peer_max, batches) = (
+            conn.id,
+            conn.codec,
+            conn.version,
+            conn.peer_max_message,
+            conn.peer_batches,
+        );
         loop {
             let ack = self.inbound.delivered();
             let Some(s) = self.outbound.sequence_next(Some(self.now)) else {
@@ -1463,9 +1710,25 @@ impl Client {
             self.inbound.acked_now();
             self.timers.stop(Timer::AckDelay);
             self.stats.messages_sent += 1;
-            self.transmit_on(id, &frame, codec, version);
+            match (&self.config.batch, frame) {
+                (Some(cfg), Frame::Msg(m)) if batches => {
+                    if self.batch.push(m, cfg) {
+                        self.send_batch();
+                    } else if !self.timers.is_set(Timer::Batch) {
+                        self.timers.set(Timer::Batch, self.now + cfg.window);
+                    }
+                }
+                (_, frame) => self.transmit_on(id, &frame, codec, version),
+            }
         }
         self.arm_ack_timeout();
+    }
+
+    fn send_batch(&mut self) {
+        self.timers.stop(Timer::Batch);
+        if let Some(frame) = self.batch.take() {
+            self.transmit(&frame);
+        }
     }
 
     /// Takes back the sequence number just given to a message that cannot be
@@ -1514,6 +1777,19 @@ impl Client {
         }
     }
 }
+
+/// Every Kitestring peer can receive batches, so it always says so.
+pub(crate) fn with_batch(caps: &[String]) -> Vec<String> {
+    let mut caps = caps.to_vec();
+    if !caps.iter().any(|c| c == CAP_BATCH) {
+        caps.push(CAP_BATCH.to_string());
+    }
+    caps
+}
+
+/// The capability (client) and feature (server) that announces "I can
+/// receive `batch` frames".
+pub const CAP_BATCH: &str = "batch";
 
 fn clamp_ms(ms: u64, min: u64, max: u64, fallback: Duration) -> Duration {
     if ms == 0 {

@@ -6,7 +6,7 @@
 use core::time::Duration;
 
 use crate::backoff::BackoffConfig;
-use crate::reliable::ReliabilityConfig;
+use crate::reliable::{BatchConfig, ReliabilityConfig};
 use crate::wire::{Codec, SUPPORTED_VERSIONS};
 
 /// Application-level heartbeat settings (the client's side).
@@ -92,6 +92,11 @@ pub struct ClientConfig {
     pub versions: Vec<u8>,
     /// Optional capabilities advertised in the hello.
     pub capabilities: Vec<String>,
+    /// Batch small messages into one frame when the server can receive
+    /// batches. Default `None`: every message goes out at once.
+    pub batch: Option<BatchConfig>,
+    /// Most requests waiting for a response at once. Default 1024.
+    pub max_pending_requests: usize,
     /// Whether the driver can fetch a fresh token. If so, an authentication
     /// failure (HTTP 401, close 4401) is retried once at once; if not, it is
     /// terminal.
@@ -115,6 +120,8 @@ impl Default for ClientConfig {
             codecs: vec![Codec::MsgPack, Codec::Json],
             versions: SUPPORTED_VERSIONS.to_vec(),
             capabilities: Vec::new(),
+            batch: None,
+            max_pending_requests: 1024,
             can_refresh_token: false,
         }
     }
@@ -216,6 +223,9 @@ pub struct ServerConfig {
     pub queue: QueueConfig,
     /// Sequencing, acknowledgment and retransmission.
     pub reliability: ReliabilityConfig,
+    /// Batch small messages into one frame for clients that can receive
+    /// batches. Default `None`.
+    pub batch: Option<BatchConfig>,
     /// How long a session outlives its connection, buffering outbound
     /// messages, so that a client can resume it. Default 60 s.
     pub session_grace: Duration,
@@ -242,6 +252,7 @@ impl Default for ServerConfig {
                 max_bytes: 1 << 20,
             },
             reliability: ReliabilityConfig::default(),
+            batch: None,
             session_grace: Duration::from_secs(60),
             max_sessions: 100_000,
         }

@@ -23,7 +23,7 @@ use core::time::Duration;
 
 use crate::config::QueueConfig;
 use crate::time::Instant;
-use crate::wire::Payload;
+use crate::wire::{MsgKind, Payload};
 
 /// A message identifier, unique per sending machine and increasing in send
 /// order. Together with the sender's identity it is an idempotency key.
@@ -110,6 +110,68 @@ pub enum SendError {
     /// No such session (server side).
     #[error("no such session")]
     UnknownSession,
+    /// Too many requests are waiting for responses.
+    #[error("{max} requests already wait for responses")]
+    TooManyRequests {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Batching settings: several small messages in one frame.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchConfig {
+    /// How long the first message of a batch may wait for company. Default 5 ms.
+    pub window: Duration,
+    /// A batch goes out at once when it holds this many messages. Default 64.
+    pub max_messages: usize,
+    /// A batch goes out at once when its payloads reach this many bytes.
+    /// Default 64 KiB.
+    pub max_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            window: Duration::from_millis(5),
+            max_messages: 64,
+            max_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Messages collected for one batch frame.
+#[derive(Debug, Default)]
+pub(crate) struct Batcher {
+    msgs: Vec<crate::wire::Msg>,
+    bytes: usize,
+}
+
+impl Batcher {
+    /// Adds a message; returns whether the batch is now full.
+    pub(crate) fn push(&mut self, m: crate::wire::Msg, cfg: &BatchConfig) -> bool {
+        self.bytes += m.payload.len();
+        self.msgs.push(m);
+        self.msgs.len() >= cfg.max_messages.clamp(1, crate::wire::MAX_BATCH)
+            || self.bytes >= cfg.max_bytes
+    }
+
+    /// The frame to send: one message alone, several as a batch.
+    pub(crate) fn take(&mut self) -> Option<crate::wire::Frame> {
+        self.bytes = 0;
+        match self.msgs.len() {
+            0 => None,
+            1 => self.msgs.pop().map(crate::wire::Frame::Msg),
+            _ => Some(crate::wire::Frame::Batch(core::mem::take(&mut self.msgs))),
+        }
+    }
+
+    /// Forgets the collected messages (they stay in the window and are
+    /// retransmitted on resume).
+    pub(crate) fn clear(&mut self) {
+        self.msgs.clear();
+        self.bytes = 0;
+    }
 }
 
 /// A message accepted but not yet given a sequence number.
@@ -117,6 +179,7 @@ pub enum SendError {
 pub(crate) struct Waiting {
     pub(crate) id: MessageId,
     pub(crate) ts: Option<u64>,
+    pub(crate) kind: MsgKind,
     pub(crate) payload: Payload,
 }
 
@@ -126,6 +189,7 @@ pub(crate) struct Sent {
     pub(crate) seq: u64,
     pub(crate) id: MessageId,
     pub(crate) ts: Option<u64>,
+    pub(crate) kind: MsgKind,
     pub(crate) payload: Payload,
     /// When it was last put on a connection, if it has been.
     pub(crate) sent_at: Option<Instant>,
@@ -207,6 +271,7 @@ impl Outbound {
             seq,
             id: w.id,
             ts: w.ts,
+            kind: w.kind,
             payload: w.payload,
             sent_at: now,
         });
@@ -281,6 +346,11 @@ impl Outbound {
         self.waiting.drain(..).map(|w| w.id).collect()
     }
 
+    /// Ids of the messages still waiting, in order.
+    pub(crate) fn waiting_ids(&self) -> Vec<MessageId> {
+        self.waiting.iter().map(|w| w.id).collect()
+    }
+
     pub(crate) fn waiting_len(&self) -> usize {
         self.waiting.len()
     }
@@ -308,6 +378,7 @@ impl Outbound {
             id: s.id.0,
             ack: Some(ack),
             ts: s.ts,
+            kind: s.kind,
             payload: s.payload.clone(),
         })
     }
@@ -425,6 +496,7 @@ mod tests {
         Waiting {
             id: MessageId(id),
             ts: None,
+            kind: MsgKind::Plain,
             payload: Payload::binary(vec![0u8; 10]),
         }
     }

@@ -37,6 +37,10 @@ pub const MAX_TOKEN_LEN: usize = 256;
 /// Deepest nesting accepted in a MessagePack value, so hostile input cannot
 /// exhaust the stack.
 pub const MAX_MSGPACK_DEPTH: usize = 64;
+/// Longest credential accepted in an `auth` frame.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Most messages in one batch frame.
+pub const MAX_BATCH: usize = 1024;
 /// Most list entries (versions, codecs, capabilities) accepted in a handshake.
 pub const MAX_LIST_LEN: usize = 32;
 
@@ -323,8 +327,23 @@ pub struct Msg {
     pub ack: Option<u64>,
     /// The sender's timestamp in milliseconds, if it supplied one.
     pub ts: Option<u64>,
+    /// Whether this is a plain message, a request, or a response.
+    pub kind: MsgKind,
     /// The application payload.
     pub payload: Payload,
+}
+
+/// What a [`Msg`] is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum MsgKind {
+    /// A plain message.
+    #[default]
+    Plain,
+    /// A request: the receiver answers with a response naming this
+    /// message's `id` (`"rq":true` on the wire).
+    Request,
+    /// The response to the request whose `id` this is (`"rs":id` on the wire).
+    Response(u64),
 }
 
 /// Everything that crosses the wire.
@@ -349,6 +368,9 @@ pub enum Frame {
     },
     /// A sequenced application message.
     Msg(Msg),
+    /// Several messages in one frame, in order (only between peers that
+    /// announced the `batch` capability).
+    Batch(Vec<Msg>),
     /// Cumulative acknowledgment: every message up to `ack` was delivered.
     Ack {
         /// Highest sequence number delivered in order.
@@ -366,6 +388,17 @@ pub enum Frame {
         /// Wait at least this long before reconnecting, if set.
         retry_after_ms: Option<u64>,
     },
+    /// The server asks for a fresh credential within `within_ms`, or it
+    /// closes the connection with 4401.
+    Reauth {
+        /// Milliseconds the client has to answer.
+        within_ms: u64,
+    },
+    /// The client's fresh credential, answering a `reauth`.
+    Auth {
+        /// The credential (for example a bearer token).
+        token: String,
+    },
     /// An unsequenced application datagram (binary header kind 0x02).
     Raw(Bytes),
     /// A well-formed envelope of a type this version does not know. Ignored.
@@ -382,9 +415,12 @@ impl Frame {
             Frame::Ping { .. } => "ping",
             Frame::Pong { .. } => "pong",
             Frame::Msg(_) => "msg",
+            Frame::Batch(_) => "batch",
             Frame::Ack { .. } => "ack",
             Frame::Replay { .. } => "replay",
             Frame::GoAway { .. } => "goaway",
+            Frame::Reauth { .. } => "reauth",
+            Frame::Auth { .. } => "auth",
             Frame::Raw(_) => "raw",
             Frame::Unknown(t) => t,
         }
@@ -579,6 +615,16 @@ macro_rules! envelope {
             code: Option<u16>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             retry: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            rq: Option<bool>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            rs: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            within: Option<u64>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            token: Option<Cow<'a, str>>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            f: Option<Vec<$name<'a>>>,
         }
     };
 }
@@ -782,13 +828,6 @@ macro_rules! fill_common {
                 $env.t = "pong".into();
                 $env.nonce = Some(*nonce);
             }
-            Frame::Msg(m) => {
-                $env.t = "msg".into();
-                $env.seq = Some(m.seq);
-                $env.id = Some(m.id);
-                $env.ack = m.ack;
-                $env.ts = m.ts;
-            }
             Frame::Ack { ack } => {
                 $env.t = "ack".into();
                 $env.ack = Some(*ack);
@@ -805,54 +844,101 @@ macro_rules! fill_common {
                 $env.code = Some(*code);
                 $env.retry = *retry_after_ms;
             }
+            Frame::Reauth { within_ms } => {
+                $env.t = "reauth".into();
+                $env.within = Some(*within_ms);
+            }
+            Frame::Auth { token } => {
+                $env.t = "auth".into();
+                $env.token = Some(token.as_str().into());
+            }
             _ => return Err(EncodeError::Unrepresentable),
         }
     };
 }
 
-fn encode_json(frame: &Frame) -> Result<Transmit, EncodeError> {
-    let mut env = JsonEnvelope::default();
-    fill_common!(env, frame);
-    let encoded;
-    if let Frame::Msg(m) = frame {
-        let data = &m.payload.data;
-        match m.payload.kind {
-            PayloadKind::Json => {
-                // Checked at construction; a failure here means a bug, reported not panicked.
-                let raw: &RawValue = serde_json::from_slice(data)
-                    .map_err(|e| EncodeError::Serializer(e.to_string()))?;
-                env.j = Some(raw);
-            }
-            PayloadKind::MsgPack => {
-                encoded = B64.encode(data);
-                env.m = Some(encoded.as_str().into());
-            }
-            PayloadKind::Binary => {
-                encoded = B64.encode(data);
-                env.b = Some(encoded.as_str().into());
-            }
+/// The envelope fields of a message, payload aside.
+macro_rules! fill_msg {
+    ($env:ident, $m:expr) => {{
+        $env.t = "msg".into();
+        $env.seq = Some($m.seq);
+        $env.id = Some($m.id);
+        $env.ack = $m.ack;
+        $env.ts = $m.ts;
+        match $m.kind {
+            MsgKind::Plain => {}
+            MsgKind::Request => $env.rq = Some(true),
+            MsgKind::Response(to) => $env.rs = Some(to),
         }
+    }};
+}
+
+fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
+    let mut env = JsonEnvelope::default();
+    fill_msg!(env, m);
+    let data = &m.payload.data;
+    match m.payload.kind {
+        PayloadKind::Json => {
+            // Checked at construction; a failure here means a bug, reported not panicked.
+            let raw: &RawValue =
+                serde_json::from_slice(data).map_err(|e| EncodeError::Serializer(e.to_string()))?;
+            env.j = Some(raw);
+        }
+        PayloadKind::MsgPack => env.m = Some(Cow::Owned(B64.encode(data))),
+        PayloadKind::Binary => env.b = Some(Cow::Owned(B64.encode(data))),
     }
+    Ok(env)
+}
+
+fn encode_json(frame: &Frame) -> Result<Transmit, EncodeError> {
+    let env = match frame {
+        Frame::Msg(m) => json_msg(m)?,
+        Frame::Batch(msgs) => JsonEnvelope {
+            t: "batch".into(),
+            f: Some(msgs.iter().map(json_msg).collect::<Result<_, _>>()?),
+            ..JsonEnvelope::default()
+        },
+        _ => {
+            let mut env = JsonEnvelope::default();
+            fill_common!(env, frame);
+            env
+        }
+    };
     serde_json::to_vec(&env)
         .map(|v| Transmit::Text(v.into()))
         .map_err(|e| EncodeError::Serializer(e.to_string()))
 }
 
-fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
+fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
     let mut env = PackEnvelope::default();
-    fill_common!(env, frame);
-    if let Frame::Msg(m) = frame {
-        let data: &[u8] = &m.payload.data;
-        match m.payload.kind {
-            PayloadKind::Json => {
-                let s = std::str::from_utf8(data)
-                    .map_err(|e| EncodeError::Serializer(e.to_string()))?;
-                env.j = Some(s.into());
-            }
-            PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
-            PayloadKind::Binary => env.b = Some(serde_bytes::Bytes::new(data)),
+    fill_msg!(env, m);
+    let data: &[u8] = &m.payload.data;
+    match m.payload.kind {
+        PayloadKind::Json => {
+            let s =
+                std::str::from_utf8(data).map_err(|e| EncodeError::Serializer(e.to_string()))?;
+            env.j = Some(s.into());
         }
+        PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
+        PayloadKind::Binary => env.b = Some(serde_bytes::Bytes::new(data)),
     }
+    Ok(env)
+}
+
+fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
+    let env = match frame {
+        Frame::Msg(m) => pack_msg(m)?,
+        Frame::Batch(msgs) => PackEnvelope {
+            t: "batch".into(),
+            f: Some(msgs.iter().map(pack_msg).collect::<Result<_, _>>()?),
+            ..PackEnvelope::default()
+        },
+        _ => {
+            let mut env = PackEnvelope::default();
+            fill_common!(env, frame);
+            env
+        }
+    };
     let mut out = Vec::with_capacity(BINARY_HEADER_LEN + 32 + frame_payload_len(frame));
     out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
     rmp_serde::encode::write_named(&mut out, &env)
@@ -867,6 +953,7 @@ fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
 fn frame_payload_len(frame: &Frame) -> usize {
     match frame {
         Frame::Msg(m) => m.payload.len(),
+        Frame::Batch(msgs) => msgs.iter().map(|m| m.payload.len() + 32).sum(),
         _ => 0,
     }
 }
@@ -892,52 +979,116 @@ fn decode_text(text: &str) -> Result<Frame, DecodeError> {
         return handshake_frame(env);
     }
     let env: JsonEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
-    let payload = |env: &JsonEnvelope<'_>| -> Result<Payload, DecodeError> {
-        if let Some(raw) = env.j {
-            return Ok(Payload {
-                kind: PayloadKind::Json,
-                data: Bytes::copy_from_slice(raw.get().as_bytes()),
+    json_frame(&env, false)
+}
+
+fn json_payload(env: &JsonEnvelope<'_>) -> Result<Payload, DecodeError> {
+    if let Some(raw) = env.j {
+        if env.m.is_some() || env.b.is_some() {
+            return Err(DecodeError::InvalidField {
+                field: "j",
+                reason: "a message carries exactly one payload",
             });
         }
-        let (kind, field, text) = match (&env.m, &env.b) {
-            (Some(m), None) => (PayloadKind::MsgPack, "m", m),
-            (None, Some(b)) => (PayloadKind::Binary, "b", b),
-            (Some(_), Some(_)) => {
-                return Err(DecodeError::InvalidField {
-                    field: "m",
-                    reason: "a message carries exactly one payload",
-                })
-            }
-            (None, None) => {
-                return Err(DecodeError::MissingField {
-                    frame: "msg",
-                    field: "j",
-                })
-            }
-        };
-        let data = B64
-            .decode(text.as_bytes())
-            .map_err(|_| DecodeError::InvalidField {
-                field,
-                reason: "not valid base64",
-            })?;
-        Ok(Payload {
-            kind,
-            data: data.into(),
-        })
+        return Ok(Payload {
+            kind: PayloadKind::Json,
+            data: Bytes::copy_from_slice(raw.get().as_bytes()),
+        });
+    }
+    let (kind, field, text) = match (&env.m, &env.b) {
+        (Some(m), None) => (PayloadKind::MsgPack, "m", m),
+        (None, Some(b)) => (PayloadKind::Binary, "b", b),
+        (Some(_), Some(_)) => {
+            return Err(DecodeError::InvalidField {
+                field: "m",
+                reason: "a message carries exactly one payload",
+            })
+        }
+        (None, None) => {
+            return Err(DecodeError::MissingField {
+                frame: "msg",
+                field: "j",
+            })
+        }
     };
-    common_frame(
-        &env.t,
-        env.seq,
-        env.id,
-        env.ack,
-        env.ts,
-        env.nonce,
-        env.from,
-        env.code,
-        env.retry,
-        || payload(&env),
-    )
+    let data = B64
+        .decode(text.as_bytes())
+        .map_err(|_| DecodeError::InvalidField {
+            field,
+            reason: "not valid base64",
+        })?;
+    Ok(Payload {
+        kind,
+        data: data.into(),
+    })
+}
+
+/// One envelope (or a batch of them) to a frame, either codec.
+macro_rules! envelope_frame {
+    ($name:ident, $env:ident, $nested:ident, $payload:ident) => {{
+        if $env.t == "batch" {
+            return batch_frame($env.f.as_deref(), $nested, |inner| $name(inner, true));
+        }
+        common_frame(
+            &$env.t,
+            $env.seq,
+            $env.id,
+            $env.ack,
+            $env.ts,
+            $env.nonce,
+            $env.from,
+            $env.code,
+            $env.retry,
+            Extra {
+                within: $env.within,
+                token: $env.token.as_deref(),
+                rq: $env.rq,
+                rs: $env.rs,
+            },
+            || $payload($env),
+        )
+    }};
+}
+
+fn json_frame(env: &JsonEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError> {
+    envelope_frame!(json_frame, env, nested, json_payload)
+}
+
+fn pack_frame(env: &PackEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError> {
+    envelope_frame!(pack_frame, env, nested, pack_payload)
+}
+
+fn batch_frame<E>(
+    inner: Option<&[E]>,
+    nested: bool,
+    decode: impl Fn(&E) -> Result<Frame, DecodeError>,
+) -> Result<Frame, DecodeError> {
+    if nested {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: "batches do not nest",
+        });
+    }
+    let inner = need(inner, "batch", "f")?;
+    if inner.is_empty() || inner.len() > MAX_BATCH {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: "a batch holds 1 to 1024 messages",
+        });
+    }
+    let mut msgs = Vec::with_capacity(inner.len());
+    for e in inner {
+        match decode(e)? {
+            Frame::Msg(m) => msgs.push(m),
+            _ => {
+                return Err(DecodeError::InvalidField {
+                    field: "f",
+                    reason: "a batch holds only msg frames",
+                })
+            }
+        }
+    }
+    Ok(Frame::Batch(msgs))
 }
 
 fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
@@ -973,48 +1124,46 @@ fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
     let env = PackEnvelope::deserialize(&mut de).map_err(|e| DecodeError::MsgPack {
         message: e.to_string(),
     })?;
-    let payload = |env: &PackEnvelope<'_>| -> Result<Payload, DecodeError> {
-        match (&env.j, env.m, env.b) {
-            (Some(j), None, None) => {
-                serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
-                    field: "j",
-                    reason: "not a JSON value",
-                })?;
-                Ok(Payload {
-                    kind: PayloadKind::Json,
-                    data: Bytes::copy_from_slice(j.as_bytes()),
-                })
-            }
-            (None, Some(m), None) => Ok(Payload {
-                kind: PayloadKind::MsgPack,
-                data: Bytes::copy_from_slice(m),
-            }),
-            (None, None, Some(b)) => Ok(Payload {
-                kind: PayloadKind::Binary,
-                data: Bytes::copy_from_slice(b),
-            }),
-            (None, None, None) => Err(DecodeError::MissingField {
-                frame: "msg",
+    pack_frame(&env, false)
+}
+
+fn pack_payload(env: &PackEnvelope<'_>) -> Result<Payload, DecodeError> {
+    match (&env.j, env.m, env.b) {
+        (Some(j), None, None) => {
+            serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
                 field: "j",
-            }),
-            _ => Err(DecodeError::InvalidField {
-                field: "m",
-                reason: "a message carries exactly one payload",
-            }),
+                reason: "not a JSON value",
+            })?;
+            Ok(Payload {
+                kind: PayloadKind::Json,
+                data: Bytes::copy_from_slice(j.as_bytes()),
+            })
         }
-    };
-    common_frame(
-        &env.t,
-        env.seq,
-        env.id,
-        env.ack,
-        env.ts,
-        env.nonce,
-        env.from,
-        env.code,
-        env.retry,
-        || payload(&env),
-    )
+        (None, Some(m), None) => Ok(Payload {
+            kind: PayloadKind::MsgPack,
+            data: Bytes::copy_from_slice(m),
+        }),
+        (None, None, Some(b)) => Ok(Payload {
+            kind: PayloadKind::Binary,
+            data: Bytes::copy_from_slice(b),
+        }),
+        (None, None, None) => Err(DecodeError::MissingField {
+            frame: "msg",
+            field: "j",
+        }),
+        _ => Err(DecodeError::InvalidField {
+            field: "m",
+            reason: "a message carries exactly one payload",
+        }),
+    }
+}
+
+/// Fields only some frame types use.
+struct Extra<'a> {
+    within: Option<u64>,
+    token: Option<&'a str>,
+    rq: Option<bool>,
+    rs: Option<u64>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1028,6 +1177,7 @@ fn common_frame(
     from: Option<u64>,
     code: Option<u16>,
     retry: Option<u64>,
+    extra: Extra<'_>,
     payload: impl FnOnce() -> Result<Payload, DecodeError>,
 ) -> Result<Frame, DecodeError> {
     Ok(match t {
@@ -1045,11 +1195,23 @@ fn common_frame(
                     reason: "sequence numbers start at 1",
                 });
             }
+            let kind = match (extra.rq, extra.rs) {
+                (None | Some(false), None) => MsgKind::Plain,
+                (Some(true), None) => MsgKind::Request,
+                (None | Some(false), Some(to)) => MsgKind::Response(to),
+                (Some(true), Some(_)) => {
+                    return Err(DecodeError::InvalidField {
+                        field: "rs",
+                        reason: "a message cannot be both a request and a response",
+                    })
+                }
+            };
             Frame::Msg(Msg {
                 seq,
                 id: need(id, "msg", "id")?,
                 ack,
                 ts,
+                kind,
                 payload: payload()?,
             })
         }
@@ -1070,10 +1232,31 @@ fn common_frame(
             code: need(code, "goaway", "code")?,
             retry_after_ms: retry,
         },
+        "reauth" => Frame::Reauth {
+            within_ms: need(extra.within, "reauth", "within")?,
+        },
+        "auth" => {
+            let token = need(extra.token, "auth", "token")?;
+            if token.len() > MAX_TOKEN_BYTES {
+                return Err(DecodeError::InvalidField {
+                    field: "token",
+                    reason: "longer than 16 KiB",
+                });
+            }
+            Frame::Auth {
+                token: token.to_owned(),
+            }
+        }
         "" => {
             return Err(DecodeError::InvalidField {
                 field: "t",
                 reason: "empty frame type",
+            })
+        }
+        "batch" => {
+            return Err(DecodeError::InvalidField {
+                field: "t",
+                reason: "batch handled by the envelope decoder",
             })
         }
         "hello" | "welcome" | "reject" => {
@@ -1226,11 +1409,16 @@ mod tests {
                 retry_after_ms: Some(500),
             },
             Frame::Raw(Bytes::from_static(b"\x00\x01pos")),
+            Frame::Reauth { within_ms: 30_000 },
+            Frame::Auth {
+                token: "eyJhbGciOi.\"quoted\".sig".into(),
+            },
             Frame::Msg(Msg {
                 seq: 1,
                 id: 77,
                 ack: Some(4),
                 ts: Some(1_700_000_000_000),
+                kind: MsgKind::Plain,
                 payload: Payload::json(&br#"{"x":[1,2,"\u00e9"]}"#[..]).unwrap(),
             }),
             Frame::Msg(Msg {
@@ -1238,6 +1426,7 @@ mod tests {
                 id: 78,
                 ack: None,
                 ts: None,
+                kind: MsgKind::Request,
                 payload: Payload::binary(&b"\xff\x00bin"[..]),
             }),
             Frame::Msg(Msg {
@@ -1245,6 +1434,7 @@ mod tests {
                 id: 79,
                 ack: None,
                 ts: None,
+                kind: MsgKind::Response(78),
                 payload: Payload::msgpack(rmp_serde::to_vec(&(1, "two")).unwrap()).unwrap(),
             }),
         ]
@@ -1263,6 +1453,54 @@ mod tests {
     }
 
     #[test]
+    fn batches_round_trip_and_are_checked() {
+        let msgs: Vec<Msg> = samples()
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Msg(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        let batch = Frame::Batch(msgs);
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let wire = encode(&batch, codec, 1).unwrap();
+            assert_eq!(
+                decode(wire.as_incoming(), &LIMITS).unwrap(),
+                batch,
+                "{codec:?}"
+            );
+        }
+        let bad: &[(&str, &str)] = &[
+            (
+                r#"{"t":"batch","f":[]}"#,
+                "a batch holds 1 to 1024 messages",
+            ),
+            (
+                r#"{"t":"batch","f":[{"t":"ping","nonce":1}]}"#,
+                "a batch holds only msg frames",
+            ),
+            (
+                r#"{"t":"batch","f":[{"t":"batch","f":[]}]}"#,
+                "batches do not nest",
+            ),
+        ];
+        for (text, reason) in bad {
+            assert_eq!(
+                decode(Incoming::Text(text), &LIMITS).unwrap_err(),
+                DecodeError::InvalidField { field: "f", reason },
+                "{text}"
+            );
+        }
+        assert_eq!(
+            decode(Incoming::Text(r#"{"t":"batch"}"#), &LIMITS).unwrap_err(),
+            DecodeError::MissingField {
+                frame: "batch",
+                field: "f"
+            }
+        );
+    }
+
+    #[test]
     fn handshake_is_always_json_text() {
         for frame in &samples()[..3] {
             assert!(matches!(
@@ -1274,7 +1512,11 @@ mod tests {
 
     #[test]
     fn json_envelope_is_readable() {
-        let t = encode(&samples()[9], Codec::Json, 1).unwrap();
+        let msg = samples()
+            .into_iter()
+            .find(|f| matches!(f, Frame::Msg(m) if m.seq == 1))
+            .unwrap();
+        let t = encode(&msg, Codec::Json, 1).unwrap();
         let Transmit::Text(b) = t else { panic!() };
         assert_eq!(
             std::str::from_utf8(&b).unwrap(),
