@@ -48,8 +48,10 @@ use crate::runtime::{BoxFuture, BoxIo, Clock, DriveTimer, Runtime};
 use crate::util::{self, Target};
 use crate::ws::{self, ClientTls, Ws};
 
-/// Asked for a fresh token before every connection attempt; `None` means
-/// "no token" (the upgrade goes without one).
+/// Asked for a fresh token before every connection attempt (it goes in the
+/// upgrade request) and whenever the server asks for re-authentication
+/// ([`Event::TokenExpiring`]; the driver answers with the token at once).
+/// `None` means "no token".
 pub type TokenProvider = Arc<dyn Fn() -> BoxFuture<'static, Option<String>> + Send + Sync>;
 
 /// Wraps an async closure as a [`TokenProvider`].
@@ -129,6 +131,10 @@ enum Command {
     },
     Reconnect {
         reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Token {
+        token: String,
+        reply: oneshot::Sender<Result<(), SendError>>,
     },
 }
 
@@ -284,6 +290,16 @@ impl ClientHandle {
         Ok(r?)
     }
 
+    /// Sends a fresh credential on the open connection, answering
+    /// [`Event::TokenExpiring`]. With a [`ClientOptions::token`] provider
+    /// the driver does this by itself; this is for applications that manage
+    /// tokens on their own.
+    pub async fn send_token(&self, token: impl Into<String>) -> Result<(), ClientError> {
+        let token = token.into();
+        let r = self.call(|reply| Command::Token { token, reply }).await?;
+        Ok(r?)
+    }
+
     /// Connects again now (skipping a backoff delay, or leaving `Failed`).
     pub async fn reconnect(&self) -> Result<(), ClientError> {
         self.call(|reply| Command::Reconnect { reply }).await?
@@ -344,6 +360,7 @@ pub fn connect(
         close_replies: Vec::new(),
         stop_when_closed: false,
         reads_in_a_row: 0,
+        token_fetch: None,
     };
     runtime.spawn(Box::pin(driver.run().instrument(span)));
     Ok((
@@ -447,6 +464,7 @@ enum Wake {
     Frame(TransportId, Option<Result<Message, WsError>>),
     WriteFailed(TransportId, WsError),
     Closed(TransportId, Option<CloseCode>, String),
+    Token(Option<String>),
     Timeout,
 }
 
@@ -470,6 +488,8 @@ struct Driver {
     close_replies: Vec<oneshot::Sender<Result<(), ClientError>>>,
     stop_when_closed: bool,
     reads_in_a_row: u32,
+    /// A fresh token being fetched to answer `TokenExpiring`.
+    token_fetch: Option<BoxFuture<'static, Option<String>>>,
 }
 
 impl Driver {
@@ -537,6 +557,12 @@ impl Driver {
                 return Poll::Ready(Wake::Closed(tid, code, reason));
             }
         }
+        if let Some(fetch) = &mut self.token_fetch {
+            if let Poll::Ready(token) = fetch.poll_unpin(cx) {
+                self.token_fetch = None;
+                return Poll::Ready(Wake::Token(token));
+            }
+        }
         if let Poll::Ready(c) = self.poll_command(cx) {
             return Poll::Ready(c);
         }
@@ -592,6 +618,14 @@ impl Driver {
             Wake::Closed(tid, code, reason) => {
                 self.client.handle_transport_closed(now, tid, code, &reason);
             }
+            Wake::Token(Some(token)) => {
+                if let Err(e) = self.client.send_token(now, token) {
+                    // Not open any more: the next connection carries a fresh
+                    // token in its upgrade anyway.
+                    debug!(error = %e, "fresh token not sent");
+                }
+            }
+            Wake::Token(None) => debug!("token provider had no token; the server will close with 4401"),
         }
     }
 
@@ -651,6 +685,9 @@ impl Driver {
             }
             Command::Datagram { data, reply } => {
                 let _ = reply.send(self.client.send_datagram(now, data));
+            }
+            Command::Token { token, reply } => {
+                let _ = reply.send(self.client.send_token(now, token));
             }
             Command::Reconnect { reply } => {
                 let _ = reply.send(self.client.reconnect(now).map_err(ClientError::from));
@@ -743,6 +780,12 @@ impl Driver {
                         id: *id,
                         error: error.clone(),
                     }));
+                }
+            }
+            Event::TokenExpiring { within } => {
+                debug!(?within, "server asks for a fresh token");
+                if let Some(provider) = &self.connector.token {
+                    self.token_fetch = Some(provider());
                 }
             }
             Event::StateChanged { new, .. } => {

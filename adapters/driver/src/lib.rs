@@ -51,6 +51,7 @@ pub use error::{ClientError, CodecError, ConnectError, ServeError, ServerError};
 pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};
 pub use server::{
     bind, start, AuthReject, AuthRequest, Authenticator, ServerEvents, ServerHandle, ServerOptions,
+    TokenValidator,
 };
 pub use util::{decode, encode, DecodeExt};
 pub use ws::{websocket_config, ClientTls, ServerTls};

@@ -129,6 +129,13 @@ pub enum AuthReject {
 pub type Authenticator =
     Arc<dyn Fn(&AuthRequest<'_>) -> Result<Option<String>, AuthReject> + Send + Sync>;
 
+/// Validates a token a client sent in answer to
+/// [`ServerHandle::request_reauth`]: `Ok(identity)` keeps the connection
+/// (the identity, if given, must match the session's), an error closes it
+/// with 4401 (unauthorized) or 4403 (forbidden).
+pub type TokenValidator =
+    Arc<dyn Fn(&str) -> Result<Option<String>, AuthReject> + Send + Sync>;
+
 /// Server settings.
 #[derive(Clone)]
 pub struct ServerOptions {
@@ -138,6 +145,12 @@ pub struct ServerOptions {
     pub tls: Option<ServerTls>,
     /// Checks every upgrade request; `None` accepts everyone anonymously.
     pub auth: Option<Authenticator>,
+    /// Checks tokens sent for re-authentication. `None` falls back to
+    /// [`auth`](Self::auth), called with a request whose only header is
+    /// `authorization: Bearer <token>` (empty path, no query); with neither,
+    /// the application decides through [`ServerHandle::accept_token`] or
+    /// [`ServerHandle::disconnect`].
+    pub reauth: Option<TokenValidator>,
     /// Frames queued per connection before it counts as a slow consumer and
     /// is closed with 4009. Default 256.
     pub outbound_queue: usize,
@@ -160,6 +173,7 @@ impl Default for ServerOptions {
             config: ServerConfig::default(),
             tls: None,
             auth: None,
+            reauth: None,
             outbound_queue: 256,
             inbound_buffer: 1024,
             command_buffer: 256,
@@ -226,6 +240,13 @@ enum Command {
     },
     Shutdown {
         reply: oneshot::Sender<()>,
+    },
+    RequestReauth {
+        connection: ConnectionId,
+        within: Duration,
+    },
+    AcceptToken {
+        connection: ConnectionId,
     },
 }
 
@@ -428,6 +449,32 @@ impl ServerHandle {
                 code,
                 retry_after,
             })
+            .await
+            .map_err(|_| ServerError::Stopped)
+    }
+
+    /// Asks a connection's client for a fresh token within `within`; the
+    /// answer is checked by [`ServerOptions::reauth`] (or `auth`), and a
+    /// client that does not answer in time is closed with 4401.
+    pub async fn request_reauth(
+        &self,
+        connection: ConnectionId,
+        within: Duration,
+    ) -> Result<(), ServerError> {
+        self.command(Command::RequestReauth { connection, within })
+            .await
+    }
+
+    /// Accepts the token of a [`ServerEvent::TokenReceived`] (only needed
+    /// when no validator is configured).
+    pub async fn accept_token(&self, connection: ConnectionId) -> Result<(), ServerError> {
+        self.command(Command::AcceptToken { connection }).await
+    }
+
+    async fn command(&self, command: Command) -> Result<(), ServerError> {
+        let mut commands = self.commands.clone();
+        commands
+            .send(command)
             .await
             .map_err(|_| ServerError::Stopped)
     }
@@ -640,6 +687,10 @@ impl ServerTask {
                 code,
                 retry_after,
             } => self.server.go_away(now, connection, code, retry_after),
+            Command::RequestReauth { connection, within } => {
+                self.server.request_reauth(now, connection, within);
+            }
+            Command::AcceptToken { connection } => self.server.accept_token(now, connection),
             Command::Shutdown { reply } => {
                 self.listener = None;
                 let ids: Vec<ConnectionId> = self.server.connections().collect();
@@ -696,8 +747,63 @@ impl ServerTask {
                     }
                 }
                 ServerOutput::Event(event) => {
+                    if let ServerEvent::TokenReceived {
+                        connection,
+                        session,
+                        token,
+                    } = &event
+                    {
+                        self.check_token(*connection, *session, token);
+                    }
                     let _ = self.events.send(event).await;
                 }
+            }
+        }
+    }
+}
+
+impl ServerTask {
+    /// Validates a re-authentication token with the configured validator.
+    fn check_token(&mut self, connection: ConnectionId, session: SessionId, token: &str) {
+        let verdict = if let Some(validate) = &self.options.reauth {
+            validate(token)
+        } else if let Some(auth) = &self.options.auth {
+            let mut headers = HeaderMap::new();
+            match async_tungstenite::tungstenite::http::HeaderValue::from_str(&format!(
+                "Bearer {token}"
+            )) {
+                Ok(v) => {
+                    headers.insert("authorization", v);
+                    auth(&AuthRequest {
+                        path: "",
+                        query: None,
+                        headers: &headers,
+                    })
+                }
+                Err(_) => Err(AuthReject::Unauthorized),
+            }
+        } else {
+            return; // the application decides
+        };
+        let now = self.clock.now(&*self.runtime);
+        let bound = self.server.session(session).and_then(|s| s.identity);
+        match verdict {
+            Ok(identity) if identity.is_none() || identity == bound => {
+                trace!(connection = connection.0, "fresh token accepted");
+                self.server.accept_token(now, connection);
+            }
+            Ok(_) => {
+                debug!(connection = connection.0, "fresh token names another identity");
+                self.server
+                    .disconnect_connection(now, connection, CloseCode::FORBIDDEN);
+            }
+            Err(reject) => {
+                debug!(connection = connection.0, ?reject, "fresh token refused");
+                let code = match reject {
+                    AuthReject::Forbidden => CloseCode::FORBIDDEN,
+                    AuthReject::Unauthorized => CloseCode::UNAUTHORIZED,
+                };
+                self.server.disconnect_connection(now, connection, code);
             }
         }
     }

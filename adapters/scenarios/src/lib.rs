@@ -34,7 +34,8 @@ macro_rules! scenarios {
         $crate::scenarios!(@one $block_on, $runtime,
             exchange_json, exchange_msgpack, resume_after_drops, half_open_detected,
             auth_rejected_401, auth_rejected_403, version_mismatch_rejected,
-            shutdown_goes_away, client_close_ends_session, wss_exchange);
+            shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session,
+            slow_consumer_closed);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
         $(
@@ -704,5 +705,134 @@ pub async fn wss_exchange(rt: Arc<dyn Runtime>) {
     .await;
     assert!(matches!(cause, Cause::Transport(kitestring::kitestring_core::client::TransportError::Tls(_))), "{cause:?}");
     within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+}
+
+/// Re-authentication: the server asks for a fresh token; the driver fetches
+/// one from the provider and answers. A good token keeps the connection
+/// past the deadline; a bad one closes it with 4401, and the client (one
+/// fresh-token retry, refused with 401) ends `Failed(Unauthorized)`.
+pub async fn reauth_in_session(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = auth_server(&rt);
+    let current = Arc::new(std::sync::Mutex::new("good"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (cur, c) = (current.clone(), calls.clone());
+    let mut options = fast_client(vec![Codec::Json]);
+    options.token = Some(kitestring::token_provider(move || {
+        c.fetch_add(1, Ordering::SeqCst);
+        let token = *cur.lock().unwrap();
+        async move { Some(token.to_owned()) }
+    }));
+    let (client, mut cev) = kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
+    opened(&rt, &mut cev).await;
+    let (conn, session, identity, _) = session_opened(&rt, &mut sev).await;
+    assert_eq!(identity.as_deref(), Some("alice"));
+
+    server.request_reauth(conn, Duration::from_millis(500)).await.unwrap();
+    client_wait(&rt, &mut cev, 2000, "TokenExpiring", |e| {
+        matches!(e, Event::TokenExpiring { .. }).then_some(())
+    })
+    .await;
+    let token = server_wait(&rt, &mut sev, 2000, "TokenReceived", |e| match e {
+        ServerEvent::TokenReceived { token, connection, .. } if *connection == conn => Some(token.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(token, "good");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Past the deadline the connection is still there and carries messages.
+    kitestring::util::sleep(&*rt, Duration::from_millis(700)).await;
+    client.send(&note(5)).await.unwrap();
+    let got = server_wait(&rt, &mut sev, 2000, "message after reauth", |e| match e {
+        ServerEvent::SessionDetached { code, .. } => panic!("detached with {code:?} after a good token"),
+        ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, note(5));
+
+    *current.lock().unwrap() = "bad";
+    server.request_reauth(conn, Duration::from_millis(500)).await.unwrap();
+    let code = server_wait(&rt, &mut sev, 2000, "detached after a bad token", |e| match e {
+        ServerEvent::SessionDetached { session: s, code } if *s == session => Some(*code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, CloseCode::UNAUTHORIZED);
+    let reason = client_wait(&rt, &mut cev, 3000, "Failed", |e| match e {
+        Event::StateChanged {
+            new: State::Failed { reason },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, FailReason::Unauthorized);
+    assert_eq!(calls.load(Ordering::SeqCst), 4, "connect, two reauths, one fresh-token retry");
+    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+}
+
+/// Backpressure: a peer that completes the handshake and then stops reading
+/// is closed with 4009 once its bounded outbound queue is full; its session
+/// is kept (detached) for a resume.
+pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
+    let mut options = fast_server();
+    options.outbound_queue = 8;
+    options.config.reliability.window_messages = 4096;
+    options.config.reliability.window_bytes = 256 << 20;
+    options.config.queue.max_messages = 4096;
+    options.config.queue.max_bytes = 256 << 20;
+    let (server, mut sev, addr) = serve(&rt, options);
+    let io = within(&rt, 2000, "tcp", rt.connect_tcp(addr.ip().to_string(), addr.port()))
+        .await
+        .unwrap();
+    let (mut ws, _) = within(
+        &rt,
+        2000,
+        "upgrade",
+        kitestring::async_tungstenite::client_async(format!("ws://{addr}/"), io),
+    )
+    .await
+    .unwrap();
+    let hello = wire::encode(
+        &Frame::Hello(Hello {
+            versions: vec![1],
+            client: ClientId([6; 16]),
+            resume: None,
+            caps: Vec::new(),
+            codecs: vec![Codec::Json],
+        }),
+        Codec::Json,
+        1,
+    )
+    .unwrap();
+    let text = std::str::from_utf8(hello.data()).unwrap().to_owned();
+    ws.send(Message::text(text)).await.unwrap();
+    let welcome = within(&rt, 2000, "welcome", ws.next()).await.unwrap().unwrap();
+    assert!(matches!(welcome, Message::Text(_)));
+    let (_, session, _, _) = session_opened(&rt, &mut sev).await;
+    // Now the peer reads nothing. Send far more than the socket buffers hold.
+    let chunk = vec![7u8; 64 * 1024];
+    let start = Instant::now();
+    let mut sent = 0;
+    let mut detached = None;
+    while detached.is_none() && start.elapsed() < Duration::from_secs(3) {
+        if sent < 1000 {
+            server.send_bytes(session, chunk.clone()).await.unwrap();
+            sent += 1;
+        } else {
+            kitestring::util::sleep(&*rt, Duration::from_millis(10)).await;
+        }
+        while let Some(Some(e)) = futures_util::FutureExt::now_or_never(sev.next()) {
+            if let ServerEvent::SessionDetached { session: s, code } = e {
+                if s == session {
+                    detached = Some(code);
+                }
+            }
+        }
+    }
+    assert_eq!(detached, Some(CloseCode::SLOW_CONSUMER), "after {sent} sends");
+    assert!(sent < 1000, "closed before every message was accepted ({sent})");
+    drop(ws);
     within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
 }
