@@ -348,7 +348,11 @@ async fn pipe(
                 _ = mode.changed() => continue,
             };
             let delay = Duration::from_micros(reader_link.delay_us.load(Ordering::Relaxed));
-            if tx.send((Instant::now() + delay, buf[..n].to_vec())).await.is_err() {
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -461,7 +465,8 @@ mod tests {
 
     fn connect(proxy: &Proxy) -> std::net::TcpStream {
         let s = std::net::TcpStream::connect(proxy.local_addr()).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         s
     }
 
@@ -501,7 +506,11 @@ mod tests {
         a.write_all(b"x").unwrap();
         let mut buf = [0u8; 1];
         a.read_exact(&mut buf).unwrap();
-        assert!(t.elapsed() >= Duration::from_millis(200), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[test]

@@ -64,13 +64,11 @@ impl AsyncListener for AsyncIoListener {
                     let stream = Async::new(stream)?;
                     return Poll::Ready(Ok((Box::new(stream), addr)));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match self.0.poll_readable(cx) {
-                        Poll::Ready(Ok(())) => continue,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.0.poll_readable(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                },
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }

@@ -325,15 +325,20 @@ pub fn connect(
         return Err(ConnectError::MissingTls);
     }
     options.config.can_refresh_token = options.token.is_some();
-    let client_id =
-        ClientId(util::random16().map_err(|e| ConnectError::Random(e.to_string()))?);
+    let client_id = ClientId(util::random16().map_err(|e| ConnectError::Random(e.to_string()))?);
     let client = Client::new(options.config.clone(), client_id, util::random_seed())?;
-    let preferred = options.config.codecs.first().copied().unwrap_or(Codec::Json);
+    let preferred = options
+        .config
+        .codecs
+        .first()
+        .copied()
+        .unwrap_or(Codec::Json);
     let codec = Arc::new(AtomicU8::new(codec_tag(preferred)));
     let (cmd_tx, cmd_rx) = mpsc::channel(options.command_buffer.max(1));
     let (ev_tx, ev_rx) = mpsc::channel(options.event_buffer.max(1));
     let ws_config = ws::websocket_config(options.config.max_message_size);
-    let span = tracing::info_span!("kitestring_client", client = %client_id.to_hex(), url = %target.url);
+    let span =
+        tracing::info_span!("kitestring_client", client = %client_id.to_hex(), url = %target.url);
     let driver = Driver {
         clock: Clock::new(&*runtime),
         timer: DriveTimer::new(&*runtime),
@@ -458,6 +463,8 @@ struct Live {
 
 type Closing = BoxFuture<'static, (TransportId, Option<CloseCode>, String)>;
 
+// Transient: built and consumed within one loop turn, never stored.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Command(Option<Command>),
     Opened(TransportId, Result<Ws, TransportError>),
@@ -511,7 +518,7 @@ impl Driver {
         for reply in self.close_replies.drain(..) {
             let _ = reply.send(Ok(()));
         }
-        self.fail_waiters(|id| ClientError::NotAcknowledged(id));
+        self.fail_waiters(ClientError::NotAcknowledged);
         debug!("client driver stopped");
     }
 
@@ -613,7 +620,8 @@ impl Driver {
             Wake::Frame(tid, item) => self.frame(now, tid, item),
             Wake::WriteFailed(tid, e) => {
                 self.live = None;
-                self.client.handle_transport_error(now, tid, transport_error(e));
+                self.client
+                    .handle_transport_error(now, tid, transport_error(e));
             }
             Wake::Closed(tid, code, reason) => {
                 self.client.handle_transport_closed(now, tid, code, &reason);
@@ -625,7 +633,9 @@ impl Driver {
                     debug!(error = %e, "fresh token not sent");
                 }
             }
-            Wake::Token(None) => debug!("token provider had no token; the server will close with 4401"),
+            Wake::Token(None) => {
+                debug!("token provider had no token; the server will close with 4401")
+            }
         }
     }
 
@@ -641,7 +651,8 @@ impl Driver {
                     .handle_message(now, tid, Incoming::Text(text.as_str()));
             }
             Some(Ok(Message::Binary(data))) => {
-                self.client.handle_message(now, tid, Incoming::Binary(&data));
+                self.client
+                    .handle_message(now, tid, Incoming::Binary(&data));
             }
             Some(Ok(Message::Close(frame))) => {
                 let (code, reason) = ws::close_code(&frame);
@@ -721,7 +732,10 @@ impl Driver {
                 }
                 Output::Transmit(tid, t) => match &mut self.live {
                     Some(live) if live.tid == tid => live.out.push_back(ws::to_message(t)),
-                    _ => trace!(transport = tid.0, "dropped a frame for a transport that is gone"),
+                    _ => trace!(
+                        transport = tid.0,
+                        "dropped a frame for a transport that is gone"
+                    ),
                 },
                 Output::Disconnect(tid, code, reason) => {
                     debug!(transport = tid.0, %code, reason, "closing transport");
@@ -733,7 +747,8 @@ impl Driver {
                         if matches!(&self.connecting, Some((t, _)) if *t == tid) {
                             self.connecting = None;
                         }
-                        let done: Closing = Box::pin(async move { (tid, Some(code), String::new()) });
+                        let done: Closing =
+                            Box::pin(async move { (tid, Some(code), String::new()) });
                         self.closing.push(done);
                     }
                 }

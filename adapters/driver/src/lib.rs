@@ -46,7 +46,9 @@ pub mod server;
 pub mod util;
 pub mod ws;
 
-pub use client::{connect, token_provider, ClientEvents, ClientHandle, ClientOptions, TokenProvider};
+pub use client::{
+    connect, token_provider, ClientEvents, ClientHandle, ClientOptions, TokenProvider,
+};
 pub use error::{ClientError, CodecError, ConnectError, ServeError, ServerError};
 pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};
 pub use server::{

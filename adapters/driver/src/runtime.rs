@@ -64,8 +64,7 @@ pub trait Runtime: Send + Sync + Debug + 'static {
     /// Adopts a bound, non-blocking std listener. Binding is done by the
     /// caller with `std::net::TcpListener::bind`, so no runtime needs an
     /// async bind.
-    fn wrap_listener(&self, listener: std::net::TcpListener)
-        -> io::Result<Box<dyn AsyncListener>>;
+    fn wrap_listener(&self, listener: std::net::TcpListener) -> io::Result<Box<dyn AsyncListener>>;
 }
 
 /// Waits for `timer` to reach `deadline`, checking the clock first: a
@@ -134,6 +133,8 @@ impl Clock {
 
     pub(crate) fn std(&self, at: kitestring_core::Instant) -> Instant {
         let d = std::time::Duration::from_nanos(at.as_nanos());
-        self.start.checked_add(d).unwrap_or(self.start + std::time::Duration::from_secs(86_400 * 365))
+        self.start
+            .checked_add(d)
+            .unwrap_or(self.start + std::time::Duration::from_secs(86_400 * 365))
     }
 }

@@ -133,8 +133,7 @@ pub type Authenticator =
 /// [`ServerHandle::request_reauth`]: `Ok(identity)` keeps the connection
 /// (the identity, if given, must match the session's), an error closes it
 /// with 4401 (unauthorized) or 4403 (forbidden).
-pub type TokenValidator =
-    Arc<dyn Fn(&str) -> Result<Option<String>, AuthReject> + Send + Sync>;
+pub type TokenValidator = Arc<dyn Fn(&str) -> Result<Option<String>, AuthReject> + Send + Sync>;
 
 /// Server settings.
 #[derive(Clone)]
@@ -328,7 +327,12 @@ fn start_inner(
         inputs: in_tx,
         runtime: runtime.clone(),
         local_addr,
-        codec: options.config.codecs.first().copied().unwrap_or(Codec::Json),
+        codec: options
+            .config
+            .codecs
+            .first()
+            .copied()
+            .unwrap_or(Codec::Json),
         outbound_queue: options.outbound_queue.max(1),
         close_timeout: options.close_timeout,
     };
@@ -358,7 +362,10 @@ impl ServerHandle {
         self.local_addr
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ServerError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, ServerError> {
         let (tx, rx) = oneshot::channel();
         let mut commands = self.commands.clone();
         commands
@@ -427,7 +434,11 @@ impl ServerHandle {
     }
 
     /// Closes a connection with `code`; its session waits out its grace period.
-    pub async fn disconnect(&self, connection: ConnectionId, code: CloseCode) -> Result<(), ServerError> {
+    pub async fn disconnect(
+        &self,
+        connection: ConnectionId,
+        code: CloseCode,
+    ) -> Result<(), ServerError> {
         let mut commands = self.commands.clone();
         commands
             .send(Command::Disconnect { connection, code })
@@ -647,7 +658,9 @@ impl ServerTask {
                 let _ = reply.send(id);
             }
             Wake::Input(Input::Frame(id, msg)) => match &msg {
-                Message::Text(t) => self.server.handle_message(now, id, Incoming::Text(t.as_str())),
+                Message::Text(t) => self
+                    .server
+                    .handle_message(now, id, Incoming::Text(t.as_str())),
                 Message::Binary(b) => self.server.handle_message(now, id, Incoming::Binary(b)),
                 _ => {}
             },
@@ -697,7 +710,8 @@ impl ServerTask {
                 for id in ids {
                     self.server.go_away(now, id, CloseCode::GOING_AWAY, None);
                 }
-                let give_up = self.runtime.now() + self.options.close_timeout + Duration::from_millis(500);
+                let give_up =
+                    self.runtime.now() + self.options.close_timeout + Duration::from_millis(500);
                 match &mut self.shutdown {
                     Some((replies, _)) => replies.push(reply),
                     None => self.shutdown = Some((vec![reply], give_up)),
@@ -793,7 +807,10 @@ impl ServerTask {
                 self.server.accept_token(now, connection);
             }
             Ok(_) => {
-                debug!(connection = connection.0, "fresh token names another identity");
+                debug!(
+                    connection = connection.0,
+                    "fresh token names another identity"
+                );
                 self.server
                     .disconnect_connection(now, connection, CloseCode::FORBIDDEN);
             }
@@ -832,6 +849,8 @@ async fn handshake(
         };
         let mut identity = None;
         let auth = opts.auth.clone();
+        // The signature is tungstenite's `Callback`.
+        #[allow(clippy::result_large_err)]
         let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
             let Some(auth) = auth else {
                 return Ok(resp);
@@ -851,7 +870,9 @@ async fn handshake(
                         AuthReject::Forbidden => StatusCode::FORBIDDEN,
                         AuthReject::Unauthorized => StatusCode::UNAUTHORIZED,
                     };
-                    let mut r = ErrorResponse::new(Some(status.canonical_reason().unwrap_or("").to_owned()));
+                    let mut r = ErrorResponse::new(Some(
+                        status.canonical_reason().unwrap_or("").to_owned(),
+                    ));
                     *r.status_mut() = status;
                     Err(r)
                 }
@@ -984,10 +1005,15 @@ async fn connection<S>(
                 .await;
             }
             Step::Close(order) => {
-                let (code, reason, flush) = order.map_or((CloseCode::GOING_AWAY, "going away", false), |o| {
-                    (o.code, o.reason, o.flush)
-                });
-                let limit = if flush { close_timeout } else { close_timeout / 4 };
+                let (code, reason, flush) = order
+                    .map_or((CloseCode::GOING_AWAY, "going away", false), |o| {
+                        (o.code, o.reason, o.flush)
+                    });
+                let limit = if flush {
+                    close_timeout
+                } else {
+                    close_timeout / 4
+                };
                 let _ = util::timeout(&*runtime, limit, async {
                     if flush {
                         if let Some(m) = pending.take() {

@@ -77,7 +77,9 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, ConnectError> {
     }
     let default_port = if tls { 443 } else { 80 };
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed [ in host"))?;
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("unclosed [ in host"))?;
         let port = match after.strip_prefix(':') {
             Some(p) => p.parse().map_err(|_| bad("invalid port"))?,
             None if after.is_empty() => default_port,
@@ -105,7 +107,8 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, ConnectError> {
 pub fn encode<T: Serialize + ?Sized>(value: &T, codec: Codec) -> Result<Payload, CodecError> {
     match codec {
         Codec::MsgPack => {
-            let bytes = rmp_serde::to_vec_named(value).map_err(|e| CodecError::Encode(e.to_string()))?;
+            let bytes =
+                rmp_serde::to_vec_named(value).map_err(|e| CodecError::Encode(e.to_string()))?;
             Payload::msgpack(bytes).map_err(|e| CodecError::Encode(e.to_string()))
         }
         _ => {
@@ -171,7 +174,10 @@ mod tests {
             a: u32,
             b: String,
         }
-        let m = M { a: 7, b: "x".into() };
+        let m = M {
+            a: 7,
+            b: "x".into(),
+        };
         for codec in [Codec::Json, Codec::MsgPack] {
             let p = encode(&m, codec).unwrap();
             assert_eq!(p.decode::<M>().unwrap(), m);

@@ -69,7 +69,10 @@ pub(crate) fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
 /// The core's view of a received close frame.
 pub(crate) fn close_code(frame: &Option<CloseFrame>) -> (Option<CloseCode>, String) {
     match frame {
-        Some(f) => (Some(CloseCode(u16::from(f.code))), f.reason.as_str().to_owned()),
+        Some(f) => (
+            Some(CloseCode(u16::from(f.code))),
+            f.reason.as_str().to_owned(),
+        ),
         None => (Some(CloseCode(1005)), String::new()),
     }
 }

@@ -75,7 +75,10 @@ pub async fn client_wait<T>(
 ) -> T {
     within(rt, ms, what, async {
         loop {
-            let e = events.next().await.unwrap_or_else(|| panic!("client events ended: {what}"));
+            let e = events
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("client events ended: {what}"));
             if let Some(t) = pick(&e) {
                 return t;
             }
@@ -94,7 +97,10 @@ pub async fn server_wait<T>(
 ) -> T {
     within(rt, ms, what, async {
         loop {
-            let e = events.next().await.unwrap_or_else(|| panic!("server events ended: {what}"));
+            let e = events
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("server events ended: {what}"));
             if let Some(t) = pick(&e) {
                 return t;
             }
@@ -158,7 +164,10 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-fn serve(rt: &Arc<dyn Runtime>, options: ServerOptions) -> (ServerHandle, ServerEvents, SocketAddr) {
+fn serve(
+    rt: &Arc<dyn Runtime>,
+    options: ServerOptions,
+) -> (ServerHandle, ServerEvents, SocketAddr) {
     let (server, events) = kitestring::bind(rt.clone(), loopback(), options).unwrap();
     let addr = server.local_addr().unwrap();
     (server, events, addr)
@@ -226,12 +235,17 @@ async fn exchange(rt: Arc<dyn Runtime>, codec: Codec) {
 
     const N: u32 = 50;
     for n in 0..N {
-        within(&rt, 2000, "client send", client.send(&note(n))).await.unwrap();
+        within(&rt, 2000, "client send", client.send(&note(n)))
+            .await
+            .unwrap();
     }
     let mut got = Vec::new();
     while got.len() < N as usize {
         let m = server_wait(&rt, &mut sev, 3000, "server Message", |e| match e {
-            ServerEvent::Message { session: s, message } if *s == session => Some(message.clone()),
+            ServerEvent::Message {
+                session: s,
+                message,
+            } if *s == session => Some(message.clone()),
             _ => None,
         })
         .await;
@@ -241,7 +255,9 @@ async fn exchange(rt: Arc<dyn Runtime>, codec: Codec) {
     assert_eq!(got, (0..N).map(note).collect::<Vec<_>>());
 
     for n in 0..N {
-        within(&rt, 2000, "server send", server.send(session, &note(n))).await.unwrap();
+        within(&rt, 2000, "server send", server.send(session, &note(n)))
+            .await
+            .unwrap();
     }
     let mut got = Vec::new();
     while got.len() < N as usize {
@@ -269,7 +285,13 @@ async fn exchange(rt: Arc<dyn Runtime>, codec: Codec) {
         })
         .await
     };
-    let (id, ()) = within(&rt, 3000, "send_acked", futures_util::future::join(acked, pump)).await;
+    let (id, ()) = within(
+        &rt,
+        3000,
+        "send_acked",
+        futures_util::future::join(acked, pump),
+    )
+    .await;
     assert!(id.0 > N as u64);
 
     // Raw bytes and a datagram.
@@ -290,7 +312,9 @@ async fn exchange(rt: Arc<dyn Runtime>, codec: Codec) {
     .await;
     assert_eq!(dg, vec![9; 4]);
     within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 /// Scenario 2: the connection drops mid-stream, twice (a proxy cut, then a
@@ -300,7 +324,12 @@ pub async fn resume_after_drops(rt: Arc<dyn Runtime>) {
     let (server, mut sev, addr) = serve(&rt, fast_server());
     let proxy = kitestring_chaos::Proxy::start(addr).unwrap();
     let url = format!("ws://{}/", proxy.local_addr());
-    let (client, mut cev) = kitestring::connect(rt.clone(), &url, fast_client(vec![Codec::MsgPack, Codec::Json])).unwrap();
+    let (client, mut cev) = kitestring::connect(
+        rt.clone(),
+        &url,
+        fast_client(vec![Codec::MsgPack, Codec::Json]),
+    )
+    .unwrap();
     let (session, _, _) = opened(&rt, &mut cev).await;
     let (conn, _, _, _) = session_opened(&rt, &mut sev).await;
 
@@ -316,14 +345,18 @@ pub async fn resume_after_drops(rt: Arc<dyn Runtime>) {
         loop {
             match within(&rt, 2000, "client send", client.send(&note(n))).await {
                 Ok(_) => break,
-                Err(kitestring::ClientError::Send(kitestring::SendError::QueueFull { .. })) if full < 200 => {
+                Err(kitestring::ClientError::Send(kitestring::SendError::QueueFull { .. }))
+                    if full < 200 =>
+                {
                     full += 1;
                     kitestring::util::sleep(&*rt, Duration::from_millis(10)).await;
                 }
                 Err(e) => panic!("send {n}: {e}"),
             }
         }
-        within(&rt, 2000, "server send", server.send(session, &note(n))).await.unwrap();
+        within(&rt, 2000, "server send", server.send(session, &note(n)))
+            .await
+            .unwrap();
         if n == 100 {
             proxy.cut_all();
         }
@@ -333,11 +366,20 @@ pub async fn resume_after_drops(rt: Arc<dyn Runtime>) {
             assert!(resumed && s == session);
             resumes_seen += 1;
             last_conn = c;
-            server.disconnect(c, CloseCode::INTERNAL_ERROR).await.unwrap();
+            server
+                .disconnect(c, CloseCode::INTERNAL_ERROR)
+                .await
+                .unwrap();
         }
         // Drain whatever is ready without waiting, to keep both sides moving.
         while let Some(Some(e)) = futures_util::FutureExt::now_or_never(sev.next()) {
-            collect_server(&e, session, &mut to_server, &mut resumes_seen, &mut last_conn);
+            collect_server(
+                &e,
+                session,
+                &mut to_server,
+                &mut resumes_seen,
+                &mut last_conn,
+            );
         }
         while let Some(Some(e)) = futures_util::FutureExt::now_or_never(cev.next()) {
             if let Event::Message(m) = e {
@@ -346,15 +388,21 @@ pub async fn resume_after_drops(rt: Arc<dyn Runtime>) {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(8);
-    while (to_server.len() < N as usize || to_client.len() < N as usize) && Instant::now() < deadline {
+    while (to_server.len() < N as usize || to_client.len() < N as usize)
+        && Instant::now() < deadline
+    {
         let r = kitestring::util::timeout(&*rt, Duration::from_millis(50), async {
             futures_util::future::select(sev.next(), cev.next()).await
         })
         .await;
         match r {
-            Some(futures_util::future::Either::Left((Some(e), _))) => {
-                collect_server(&e, session, &mut to_server, &mut resumes_seen, &mut last_conn)
-            }
+            Some(futures_util::future::Either::Left((Some(e), _))) => collect_server(
+                &e,
+                session,
+                &mut to_server,
+                &mut resumes_seen,
+                &mut last_conn,
+            ),
             Some(futures_util::future::Either::Right((Some(Event::Message(m)), _))) => {
                 to_client.push(m.decode::<Note>().unwrap().n)
             }
@@ -362,12 +410,23 @@ pub async fn resume_after_drops(rt: Arc<dyn Runtime>) {
         }
     }
     let want: Vec<u32> = (0..N).collect();
-    assert_eq!(to_server, want, "client to server: every message once, in order");
-    assert_eq!(to_client, want, "server to client: every message once, in order");
-    assert!(resumes_seen >= 2, "two drops, two resumes (saw {resumes_seen})");
+    assert_eq!(
+        to_server, want,
+        "client to server: every message once, in order"
+    );
+    assert_eq!(
+        to_client, want,
+        "server to client: every message once, in order"
+    );
+    assert!(
+        resumes_seen >= 2,
+        "two drops, two resumes (saw {resumes_seen})"
+    );
     assert!(proxy.links().len() >= 2, "reconnected through the proxy");
     within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 fn collect_server(
@@ -378,7 +437,10 @@ fn collect_server(
     last_conn: &mut kitestring::ConnectionId,
 ) {
     match e {
-        ServerEvent::Message { session: s, message } if *s == session => {
+        ServerEvent::Message {
+            session: s,
+            message,
+        } if *s == session => {
             to_server.push(message.decode::<Note>().unwrap().n);
         }
         ServerEvent::SessionOpened {
@@ -401,7 +463,8 @@ pub async fn half_open_detected(rt: Arc<dyn Runtime>) {
     let (server, mut sev, addr) = serve(&rt, fast_server());
     let proxy = kitestring_chaos::Proxy::start(addr).unwrap();
     let url = format!("ws://{}/", proxy.local_addr());
-    let (client, mut cev) = kitestring::connect(rt.clone(), &url, fast_client(vec![Codec::Json])).unwrap();
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &url, fast_client(vec![Codec::Json])).unwrap();
     let (session, _, _) = opened(&rt, &mut cev).await;
     session_opened(&rt, &mut sev).await;
 
@@ -442,7 +505,9 @@ pub async fn half_open_detected(rt: Arc<dyn Runtime>) {
     assert!(extra.is_none(), "duplicate delivery");
     assert_eq!(proxy.forwarding(), 1, "one live link: the new one");
     within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 fn auth_server(rt: &Arc<dyn Runtime>) -> (ServerHandle, ServerEvents, SocketAddr) {
@@ -467,12 +532,16 @@ fn counting_token(token: &'static str) -> (kitestring::TokenProvider, Arc<Atomic
     (provider, calls)
 }
 
-async fn auth_case(rt: Arc<dyn Runtime>, token: &'static str) -> (FailReason, usize, Arc<AtomicUsize>) {
+async fn auth_case(
+    rt: Arc<dyn Runtime>,
+    token: &'static str,
+) -> (FailReason, usize, Arc<AtomicUsize>) {
     let (server, mut sev, addr) = auth_server(&rt);
     let (provider, calls) = counting_token(token);
     let mut options = fast_client(vec![Codec::Json]);
     options.token = Some(provider);
-    let (_client, mut cev) = kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
+    let (_client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
     let reason = client_wait(&rt, &mut cev, 3000, "Failed", |e| match e {
         Event::StateChanged {
             new: State::Failed { reason },
@@ -485,14 +554,20 @@ async fn auth_case(rt: Arc<dyn Runtime>, token: &'static str) -> (FailReason, us
     let at_failure = calls.load(Ordering::SeqCst);
     // No retry storm: nothing more happens after Failed.
     kitestring::util::sleep(&*rt, Duration::from_millis(400)).await;
-    assert_eq!(calls.load(Ordering::SeqCst), at_failure, "no attempts after Failed");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        at_failure,
+        "no attempts after Failed"
+    );
     // No WebSocket frame ever flowed: the server saw no connection.
     let seen = futures_util::FutureExt::now_or_never(sev.next());
     assert!(
         !matches!(seen, Some(Some(ServerEvent::SessionOpened { .. }))),
         "rejected upgrades open no session"
     );
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
     (reason, at_failure, calls)
 }
 
@@ -501,19 +576,25 @@ async fn auth_case(rt: Arc<dyn Runtime>, token: &'static str) -> (FailReason, us
 pub async fn auth_rejected_401(rt: Arc<dyn Runtime>) {
     let (reason, calls, _) = auth_case(rt.clone(), "bad").await;
     assert_eq!(reason, FailReason::Unauthorized);
-    assert_eq!(calls, 2, "the first attempt and one retry with a fresh token");
+    assert_eq!(
+        calls, 2,
+        "the first attempt and one retry with a fresh token"
+    );
 
     let (server, mut sev, addr) = auth_server(&rt);
     let (provider, calls) = counting_token("good");
     let mut options = fast_client(vec![Codec::Json]);
     options.token = Some(provider);
-    let (client, mut cev) = kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
     opened(&rt, &mut cev).await;
     let (_, _, identity, _) = session_opened(&rt, &mut sev).await;
     assert_eq!(identity.as_deref(), Some("alice"));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 /// Scenario 4b: HTTP 403 at the upgrade: `Failed(Forbidden)` at once, no retry.
@@ -527,9 +608,14 @@ pub async fn auth_rejected_403(rt: Arc<dyn Runtime>) {
 /// `reject` frame with 4001 and a close with 4001.
 pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
     let (server, mut sev, addr) = serve(&rt, fast_server());
-    let io = within(&rt, 2000, "tcp", rt.connect_tcp(addr.ip().to_string(), addr.port()))
-        .await
-        .unwrap();
+    let io = within(
+        &rt,
+        2000,
+        "tcp",
+        rt.connect_tcp(addr.ip().to_string(), addr.port()),
+    )
+    .await
+    .unwrap();
     let (mut ws, _) = within(
         &rt,
         2000,
@@ -555,7 +641,10 @@ pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
     let text = text.replace("\"versions\":[1]", "\"versions\":[99]");
     ws.send(Message::text(text)).await.unwrap();
 
-    let reject = within(&rt, 2000, "reject frame", ws.next()).await.unwrap().unwrap();
+    let reject = within(&rt, 2000, "reject frame", ws.next())
+        .await
+        .unwrap()
+        .unwrap();
     let Message::Text(t) = reject else {
         panic!("expected a text reject frame, got {reject:?}")
     };
@@ -570,7 +659,10 @@ pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
         }
         other => panic!("expected reject, got {other:?}"),
     }
-    let close = within(&rt, 2000, "close frame", ws.next()).await.unwrap().unwrap();
+    let close = within(&rt, 2000, "close frame", ws.next())
+        .await
+        .unwrap()
+        .unwrap();
     match close {
         Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4001),
         other => panic!("expected close 4001, got {other:?}"),
@@ -581,7 +673,9 @@ pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
     })
     .await;
     assert_eq!(rejected, CloseCode::UNSUPPORTED_VERSION);
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 /// Scenario 6a: server shutdown closes clients with 1001 (after a goaway)
@@ -590,22 +684,38 @@ pub async fn shutdown_goes_away(rt: Arc<dyn Runtime>) {
     let (server, mut sev, addr) = serve(&rt, fast_server());
     let mut clients: Vec<(ClientHandle, ClientEvents)> = Vec::new();
     for _ in 0..3 {
-        let (c, mut e) =
-            kitestring::connect(rt.clone(), &format!("ws://{addr}/"), fast_client(vec![Codec::Json])).unwrap();
+        let (c, mut e) = kitestring::connect(
+            rt.clone(),
+            &format!("ws://{addr}/"),
+            fast_client(vec![Codec::Json]),
+        )
+        .unwrap();
         opened(&rt, &mut e).await;
         clients.push((c, e));
     }
     let start = Instant::now();
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
-    assert!(start.elapsed() < Duration::from_secs(2), "shutdown took {:?}", start.elapsed());
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        start.elapsed()
+    );
     for (_, events) in &mut clients {
-        let cause = client_wait(&rt, events, 3000, "reconnecting after goaway", |e| match e {
-            Event::StateChanged {
-                new: State::Reconnecting { cause, .. },
-                ..
-            } => Some(cause.clone()),
-            _ => None,
-        })
+        let cause = client_wait(
+            &rt,
+            events,
+            3000,
+            "reconnecting after goaway",
+            |e| match e {
+                Event::StateChanged {
+                    new: State::Reconnecting { cause, .. },
+                    ..
+                } => Some(cause.clone()),
+                _ => None,
+            },
+        )
         .await;
         let code = match cause {
             Cause::GoAway { code } => code,
@@ -615,7 +725,10 @@ pub async fn shutdown_goes_away(rt: Arc<dyn Runtime>) {
         assert_eq!(code, CloseCode::GOING_AWAY);
     }
     // The server task has stopped: its stream ends and sends fail.
-    within(&rt, 3000, "server events end", async { while sev.next().await.is_some() {} }).await;
+    within(&rt, 3000, "server events end", async {
+        while sev.next().await.is_some() {}
+    })
+    .await;
     assert!(server.send(SessionId([0; 16]), &1).await.is_err());
     for (c, _) in clients {
         let _ = within(&rt, 3000, "client close", c.close()).await;
@@ -626,8 +739,12 @@ pub async fn shutdown_goes_away(rt: Arc<dyn Runtime>) {
 /// `ClientClosed`) and the client ends `Closed(1000)`.
 pub async fn client_close_ends_session(rt: Arc<dyn Runtime>) {
     let (server, mut sev, addr) = serve(&rt, fast_server());
-    let (client, mut cev) =
-        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), fast_client(vec![Codec::Json])).unwrap();
+    let (client, mut cev) = kitestring::connect(
+        rt.clone(),
+        &format!("ws://{addr}/"),
+        fast_client(vec![Codec::Json]),
+    )
+    .unwrap();
     let (session, _, _) = opened(&rt, &mut cev).await;
     session_opened(&rt, &mut sev).await;
     within(&rt, 3000, "close", client.close()).await.unwrap();
@@ -654,7 +771,9 @@ pub async fn client_close_ends_session(rt: Arc<dyn Runtime>) {
     .await;
     assert_eq!(closed, Some(CloseCode::NORMAL));
     assert!(client.send(&1).await.is_err(), "sends after close fail");
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 /// `wss://` with a self-signed certificate from rcgen, trusted through a
@@ -692,7 +811,8 @@ pub async fn wss_exchange(rt: Arc<dyn Runtime>) {
 
     // A client that does not trust the certificate never opens a session.
     let mut untrusting = fast_client(vec![Codec::Json]);
-    untrusting.tls = Some(ClientTls::with_roots(kitestring::rustls::RootCertStore::empty()).unwrap());
+    untrusting.tls =
+        Some(ClientTls::with_roots(kitestring::rustls::RootCertStore::empty()).unwrap());
     let (_c2, mut e2) = kitestring::connect(rt.clone(), &url, untrusting).unwrap();
     let cause = client_wait(&rt, &mut e2, 3000, "TLS failure", |e| match e {
         Event::StateChanged {
@@ -703,9 +823,17 @@ pub async fn wss_exchange(rt: Arc<dyn Runtime>) {
         _ => None,
     })
     .await;
-    assert!(matches!(cause, Cause::Transport(kitestring::kitestring_core::client::TransportError::Tls(_))), "{cause:?}");
+    assert!(
+        matches!(
+            cause,
+            Cause::Transport(kitestring::kitestring_core::client::TransportError::Tls(_))
+        ),
+        "{cause:?}"
+    );
     within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 /// Re-authentication: the server asks for a fresh token; the driver fetches
@@ -723,18 +851,24 @@ pub async fn reauth_in_session(rt: Arc<dyn Runtime>) {
         let token = *cur.lock().unwrap();
         async move { Some(token.to_owned()) }
     }));
-    let (client, mut cev) = kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
     opened(&rt, &mut cev).await;
     let (conn, session, identity, _) = session_opened(&rt, &mut sev).await;
     assert_eq!(identity.as_deref(), Some("alice"));
 
-    server.request_reauth(conn, Duration::from_millis(500)).await.unwrap();
+    server
+        .request_reauth(conn, Duration::from_millis(500))
+        .await
+        .unwrap();
     client_wait(&rt, &mut cev, 2000, "TokenExpiring", |e| {
         matches!(e, Event::TokenExpiring { .. }).then_some(())
     })
     .await;
     let token = server_wait(&rt, &mut sev, 2000, "TokenReceived", |e| match e {
-        ServerEvent::TokenReceived { token, connection, .. } if *connection == conn => Some(token.clone()),
+        ServerEvent::TokenReceived {
+            token, connection, ..
+        } if *connection == conn => Some(token.clone()),
         _ => None,
     })
     .await;
@@ -744,7 +878,9 @@ pub async fn reauth_in_session(rt: Arc<dyn Runtime>) {
     kitestring::util::sleep(&*rt, Duration::from_millis(700)).await;
     client.send(&note(5)).await.unwrap();
     let got = server_wait(&rt, &mut sev, 2000, "message after reauth", |e| match e {
-        ServerEvent::SessionDetached { code, .. } => panic!("detached with {code:?} after a good token"),
+        ServerEvent::SessionDetached { code, .. } => {
+            panic!("detached with {code:?} after a good token")
+        }
         ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
         _ => None,
     })
@@ -752,11 +888,20 @@ pub async fn reauth_in_session(rt: Arc<dyn Runtime>) {
     assert_eq!(got, note(5));
 
     *current.lock().unwrap() = "bad";
-    server.request_reauth(conn, Duration::from_millis(500)).await.unwrap();
-    let code = server_wait(&rt, &mut sev, 2000, "detached after a bad token", |e| match e {
-        ServerEvent::SessionDetached { session: s, code } if *s == session => Some(*code),
-        _ => None,
-    })
+    server
+        .request_reauth(conn, Duration::from_millis(500))
+        .await
+        .unwrap();
+    let code = server_wait(
+        &rt,
+        &mut sev,
+        2000,
+        "detached after a bad token",
+        |e| match e {
+            ServerEvent::SessionDetached { session: s, code } if *s == session => Some(*code),
+            _ => None,
+        },
+    )
     .await;
     assert_eq!(code, CloseCode::UNAUTHORIZED);
     let reason = client_wait(&rt, &mut cev, 3000, "Failed", |e| match e {
@@ -768,8 +913,14 @@ pub async fn reauth_in_session(rt: Arc<dyn Runtime>) {
     })
     .await;
     assert_eq!(reason, FailReason::Unauthorized);
-    assert_eq!(calls.load(Ordering::SeqCst), 4, "connect, two reauths, one fresh-token retry");
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "connect, two reauths, one fresh-token retry"
+    );
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 /// Backpressure: a peer that completes the handshake and then stops reading
@@ -783,9 +934,14 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
     options.config.queue.max_messages = 4096;
     options.config.queue.max_bytes = 256 << 20;
     let (server, mut sev, addr) = serve(&rt, options);
-    let io = within(&rt, 2000, "tcp", rt.connect_tcp(addr.ip().to_string(), addr.port()))
-        .await
-        .unwrap();
+    let io = within(
+        &rt,
+        2000,
+        "tcp",
+        rt.connect_tcp(addr.ip().to_string(), addr.port()),
+    )
+    .await
+    .unwrap();
     let (mut ws, _) = within(
         &rt,
         2000,
@@ -808,7 +964,10 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
     .unwrap();
     let text = std::str::from_utf8(hello.data()).unwrap().to_owned();
     ws.send(Message::text(text)).await.unwrap();
-    let welcome = within(&rt, 2000, "welcome", ws.next()).await.unwrap().unwrap();
+    let welcome = within(&rt, 2000, "welcome", ws.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(matches!(welcome, Message::Text(_)));
     let (_, session, _, _) = session_opened(&rt, &mut sev).await;
     // Now the peer reads nothing. Send far more than the socket buffers hold.
@@ -831,8 +990,17 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
             }
         }
     }
-    assert_eq!(detached, Some(CloseCode::SLOW_CONSUMER), "after {sent} sends");
-    assert!(sent < 1000, "closed before every message was accepted ({sent})");
+    assert_eq!(
+        detached,
+        Some(CloseCode::SLOW_CONSUMER),
+        "after {sent} sends"
+    );
+    assert!(
+        sent < 1000,
+        "closed before every message was accepted ({sent})"
+    );
     drop(ws);
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }

@@ -126,6 +126,8 @@ impl Runtime for TokioRuntime {
 
     fn wrap_listener(&self, listener: std::net::TcpListener) -> io::Result<Box<dyn AsyncListener>> {
         let _guard = self.handle.enter();
-        Ok(Box::new(Listener(tokio::net::TcpListener::from_std(listener)?)))
+        Ok(Box::new(Listener(tokio::net::TcpListener::from_std(
+            listener,
+        )?)))
     }
 }
