@@ -337,8 +337,12 @@ pub fn connect(
     let (cmd_tx, cmd_rx) = mpsc::channel(options.command_buffer.max(1));
     let (ev_tx, ev_rx) = mpsc::channel(options.event_buffer.max(1));
     let ws_config = ws::websocket_config(options.config.max_message_size);
-    let span =
-        tracing::info_span!("kitestring_client", client = %client_id.to_hex(), url = %target.url);
+    let span = tracing::info_span!(
+        "kitestring_client",
+        client = %client_id.to_hex(),
+        url = %target.url,
+        session = tracing::field::Empty,
+    );
     let driver = Driver {
         clock: Clock::new(&*runtime),
         timer: DriveTimer::new(&*runtime),
@@ -761,7 +765,10 @@ impl Driver {
         match &event {
             Event::Connected { codec, session, .. } => {
                 self.codec.store(codec_tag(*codec), Ordering::Relaxed);
-                debug!(session = %session.to_hex(), ?codec, "session open");
+                // Later log lines of this client carry the session id.
+                tracing::Span::current()
+                    .record("session", tracing::field::display(session.to_hex()));
+                debug!(?codec, "session open");
             }
             Event::Acked { first, last } => {
                 let done: Vec<MessageId> = self

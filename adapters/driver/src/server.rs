@@ -249,7 +249,8 @@ enum Command {
     },
 }
 
-/// A cloneable handle to a running server.
+/// A cloneable handle to a running server. Dropping every handle shuts the
+/// server down as [`ServerHandle::shutdown`] does.
 #[derive(Clone)]
 pub struct ServerHandle {
     commands: mpsc::Sender<Command>,
@@ -343,7 +344,7 @@ fn start_inner(
         server,
         listener,
         options: Arc::new(options),
-        handle: handle.clone(),
+        inputs_tx: handle.inputs.clone(),
         inputs: in_rx,
         commands: cmd_rx,
         commands_done: false,
@@ -537,7 +538,9 @@ struct ServerTask {
     server: Server,
     listener: Option<Box<dyn AsyncListener>>,
     options: Arc<ServerOptions>,
-    handle: ServerHandle,
+    /// For handshake tasks spawned on accept. Not a [`ServerHandle`]: the
+    /// task must not keep its own command channel open.
+    inputs_tx: mpsc::Sender<Input>,
     inputs: mpsc::Receiver<Input>,
     commands: mpsc::Receiver<Command>,
     commands_done: bool,
@@ -608,7 +611,7 @@ impl ServerTask {
             Wake::Timeout => self.server.handle_timeout(now),
             Wake::Accepted(Ok((io, addr))) => {
                 trace!(%addr, "accepted");
-                let inputs = self.handle.inputs.clone();
+                let inputs = self.inputs_tx.clone();
                 self.runtime.spawn(Box::pin(handshake(
                     self.runtime.clone(),
                     io,
@@ -668,7 +671,13 @@ impl ServerTask {
                 self.conns.remove(&id);
                 self.server.handle_connection_closed(now, id, code);
             }
-            Wake::Command(None) => self.commands_done = true,
+            Wake::Command(None) => {
+                // Every handle is gone: nobody can send or shut down any
+                // more, so shut down now.
+                self.commands_done = true;
+                let (reply, _) = oneshot::channel();
+                self.command(now, Command::Shutdown { reply });
+            }
             Wake::Command(Some(cmd)) => self.command(now, cmd),
         }
     }

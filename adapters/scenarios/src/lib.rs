@@ -34,7 +34,7 @@ macro_rules! scenarios {
         $crate::scenarios!(@one $block_on, $runtime,
             exchange_json, exchange_msgpack, resume_after_drops, half_open_detected,
             auth_rejected_401, auth_rejected_403, version_mismatch_rejected,
-            shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session,
+            shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, handover_upgraded_socket,
             slow_consumer_closed);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
@@ -1000,6 +1000,60 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
         "closed before every message was accepted ({sent})"
     );
     drop(ws);
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// A socket upgraded by another HTTP stack (here: a bare listener and
+/// `async_tungstenite::accept_async`) is handed to a listener-less server
+/// with the identity that stack authenticated.
+pub async fn handover_upgraded_socket(rt: Arc<dyn Runtime>) {
+    let (server, mut sev) = kitestring::start(rt.clone(), fast_server()).unwrap();
+    let std_listener = std::net::TcpListener::bind(loopback()).unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let listener = rt.wrap_listener(std_listener).unwrap();
+    let (client, mut cev) = kitestring::connect(
+        rt.clone(),
+        &format!("ws://{addr}/elsewhere"),
+        fast_client(vec![Codec::Json]),
+    )
+    .unwrap();
+    let (io, _) = within(
+        &rt,
+        2000,
+        "accept",
+        futures_util::future::poll_fn(|cx| listener.poll_accept(cx)),
+    )
+    .await
+    .unwrap();
+    let ws = within(
+        &rt,
+        2000,
+        "foreign upgrade",
+        kitestring::async_tungstenite::accept_async(io),
+    )
+    .await
+    .unwrap();
+    server.accept_websocket(ws, Some("bob".to_owned()));
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    let (_, s, identity, _) = session_opened(&rt, &mut sev).await;
+    assert_eq!((s, identity.as_deref()), (session, Some("bob")));
+    server.send(session, &note(3)).await.unwrap();
+    let got = client_wait(
+        &rt,
+        &mut cev,
+        2000,
+        "message over the handed-over socket",
+        |e| match e {
+            Event::Message(m) => Some(m.decode::<Note>().unwrap()),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(got, note(3));
+    within(&rt, 3000, "close", client.close()).await.unwrap();
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
         .unwrap();
