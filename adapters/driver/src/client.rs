@@ -44,7 +44,7 @@ use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::error::{ClientError, ConnectError};
-use crate::runtime::{BoxFuture, BoxIo, Clock, DriveTimer, Runtime};
+use crate::runtime::{BoxFuture, BoxIo, Budget, Clock, DriveTimer, Runtime};
 use crate::util::{self, Target};
 use crate::ws::{self, ClientTls, Ws};
 
@@ -509,12 +509,13 @@ impl Driver {
         if let Err(e) = self.client.connect(now) {
             warn!(error = %e, "connect refused by the core");
         }
+        let mut budget = Budget::default();
         loop {
             self.drain().await;
             if self.finished() {
                 break;
             }
-            let wake = futures_util::future::poll_fn(|cx| self.poll_wake(cx)).await;
+            let wake = budget.run(|cx| self.poll_wake(cx)).await;
             self.handle(wake);
         }
         // Let sockets still closing finish their handshake, bounded by their timeouts.

@@ -138,3 +138,46 @@ impl Clock {
             .unwrap_or(self.start + std::time::Duration::from_secs(86_400 * 365))
     }
 }
+
+/// Makes a driver loop yield to the executor after a run of inputs that
+/// were all ready at once (a flood of frames, say), so one busy connection
+/// cannot monopolize a worker thread on runtimes without a cooperative
+/// budget (async-io based ones).
+#[derive(Debug, Default)]
+pub(crate) struct Budget {
+    ready_in_a_row: u32,
+}
+
+impl Budget {
+    const MAX_READY: u32 = 64;
+
+    /// Polls `f` until it is ready, first yielding once if the previous
+    /// [`MAX_READY`](Self::MAX_READY) calls were all ready without waiting.
+    pub(crate) async fn run<T>(&mut self, mut f: impl FnMut(&mut Context<'_>) -> Poll<T>) -> T {
+        let mut first = true;
+        let yield_first = self.ready_in_a_row >= Self::MAX_READY;
+        let ready_in_a_row = &mut self.ready_in_a_row;
+        std::future::poll_fn(move |cx| {
+            if first && yield_first {
+                first = false;
+                *ready_in_a_row = 0;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let was_first = first;
+            first = false;
+            match f(cx) {
+                Poll::Ready(v) => {
+                    if was_first {
+                        *ready_in_a_row += 1;
+                    } else {
+                        *ready_in_a_row = 0;
+                    }
+                    Poll::Ready(v)
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+}

@@ -57,7 +57,7 @@ use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::error::{ServeError, ServerError};
-use crate::runtime::{AsyncListener, BoxIo, Clock, DriveTimer, Runtime};
+use crate::runtime::{AsyncListener, BoxIo, Budget, Clock, DriveTimer, Runtime};
 use crate::util;
 use crate::ws::{self, ServerTls};
 
@@ -560,6 +560,7 @@ enum Wake {
 
 impl ServerTask {
     async fn run(mut self) {
+        let mut budget = Budget::default();
         loop {
             self.drain().await;
             if let Some((_, give_up)) = &self.shutdown {
@@ -570,7 +571,7 @@ impl ServerTask {
             if self.commands_done && self.listener.is_none() && self.conns.is_empty() {
                 break;
             }
-            let wake = futures_util::future::poll_fn(|cx| self.poll_wake(cx)).await;
+            let wake = budget.run(|cx| self.poll_wake(cx)).await;
             self.handle_wake(wake);
         }
         if let Some((replies, _)) = self.shutdown.take() {

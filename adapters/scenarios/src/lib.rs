@@ -673,6 +673,7 @@ pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
     })
     .await;
     assert_eq!(rejected, CloseCode::UNSUPPORTED_VERSION);
+    drop(ws);
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
         .unwrap();
