@@ -359,19 +359,24 @@ async fn pipe(
     };
     let writer = async move {
         let mode = link.mode.subscribe();
+        // When the link is free again: a chunk of n bytes occupies it for
+        // n / rate seconds, like a real slow link.
+        let mut free_at = Instant::now();
         while let Some((at, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(at).await;
+            let rate = link.throttle.load(Ordering::Relaxed);
+            let mut due = at;
+            if rate > 0 {
+                free_at =
+                    free_at.max(at) + Duration::from_secs_f64(chunk.len() as f64 / rate as f64);
+                due = free_at;
+            }
+            tokio::time::sleep_until(due).await;
             if *mode.borrow() != Mode::Forward {
                 // Swallow what was in flight when the hole opened.
                 continue;
             }
             if to.write_all(&chunk).await.is_err() {
                 return;
-            }
-            let rate = link.throttle.load(Ordering::Relaxed);
-            if rate > 0 {
-                let secs = chunk.len() as f64 / rate as f64;
-                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             }
         }
         // The reader saw EOF: pass the half-close on.
@@ -508,6 +513,26 @@ mod tests {
         a.read_exact(&mut buf).unwrap();
         assert!(
             t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn throttle_limits_throughput() {
+        let proxy = Proxy::start(echo_server()).unwrap();
+        proxy.set_throttle(Some(16 * 1024));
+        let mut a = connect(&proxy);
+        a.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let t = std::time::Instant::now();
+        let data = vec![1u8; 8 * 1024];
+        a.write_all(&data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        a.read_exact(&mut back).unwrap();
+        assert_eq!(back, data);
+        // 8 KiB at 16 KiB/s each way: at least half a second.
+        assert!(
+            t.elapsed() >= Duration::from_millis(450),
             "{:?}",
             t.elapsed()
         );

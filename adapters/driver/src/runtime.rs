@@ -181,3 +181,70 @@ impl Budget {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::task::Waker;
+
+    /// A runtime whose timers never fire and whose clock is set by hand.
+    #[derive(Debug)]
+    struct Frozen(Mutex<Instant>);
+
+    #[derive(Debug)]
+    struct NeverTimer;
+
+    impl AsyncTimer for NeverTimer {
+        fn reset(self: Pin<&mut Self>, _: Instant) {}
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Pending
+        }
+    }
+
+    impl Runtime for Frozen {
+        fn new_timer(&self, _: Instant) -> Pin<Box<dyn AsyncTimer>> {
+            Box::pin(NeverTimer)
+        }
+        fn spawn(&self, _: BoxFuture<'static, ()>) {}
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+        fn connect_tcp(&self, _: String, _: u16) -> BoxFuture<'static, io::Result<BoxIo>> {
+            Box::pin(async { Err(io::Error::other("none")) })
+        }
+        fn wrap_listener(&self, _: std::net::TcpListener) -> io::Result<Box<dyn AsyncListener>> {
+            Err(io::Error::other("none"))
+        }
+    }
+
+    #[test]
+    fn an_overdue_deadline_fires_even_if_the_timer_says_pending() {
+        let start = Instant::now();
+        let rt = Frozen(Mutex::new(start));
+        let mut timer = DriveTimer::new(&rt);
+        let mut cx = Context::from_waker(Waker::noop());
+        let at = start + std::time::Duration::from_millis(10);
+        assert!(timer.poll(&rt, Some(at), &mut cx).is_pending());
+        assert!(timer.poll(&rt, None, &mut cx).is_pending());
+        *rt.0.lock().unwrap() = at;
+        assert!(timer.poll(&rt, Some(at), &mut cx).is_ready());
+    }
+
+    #[test]
+    fn clock_round_trips() {
+        let start = Instant::now();
+        let rt = Frozen(Mutex::new(start));
+        let clock = Clock::new(&rt);
+        let later = start + std::time::Duration::from_millis(1500);
+        let core = clock.core(later);
+        assert_eq!(core.as_millis(), 1500);
+        assert_eq!(clock.std(core), later);
+        assert_eq!(
+            clock
+                .core(start - std::time::Duration::from_secs(1))
+                .as_nanos(),
+            0
+        );
+    }
+}

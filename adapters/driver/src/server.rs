@@ -260,6 +260,7 @@ pub struct ServerHandle {
     codec: Codec,
     outbound_queue: usize,
     close_timeout: Duration,
+    options: Arc<ServerOptions>,
 }
 
 impl fmt::Debug for ServerHandle {
@@ -336,6 +337,7 @@ fn start_inner(
             .unwrap_or(Codec::Json),
         outbound_queue: options.outbound_queue.max(1),
         close_timeout: options.close_timeout,
+        options: Arc::new(options.clone()),
     };
     let task = ServerTask {
         clock: Clock::new(&*runtime),
@@ -343,7 +345,7 @@ fn start_inner(
         runtime: runtime.clone(),
         server,
         listener,
-        options: Arc::new(options),
+        options: handle.options.clone(),
         inputs_tx: handle.inputs.clone(),
         inputs: in_rx,
         commands: cmd_rx,
@@ -516,10 +518,10 @@ impl ServerHandle {
     /// Serves a raw byte stream (e.g. from a listener of your own): runs the
     /// TLS handshake if configured, the HTTP upgrade with authentication,
     /// then the session.
-    pub fn accept_io(&self, io: BoxIo, options: &ServerOptions) {
+    pub fn accept_io(&self, io: BoxIo) {
         let inputs = self.inputs.clone();
         let runtime = self.runtime.clone();
-        let options = Arc::new(options.clone());
+        let options = self.options.clone();
         self.runtime
             .spawn(Box::pin(handshake(runtime, io, options, inputs)));
     }
