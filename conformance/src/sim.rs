@@ -94,6 +94,10 @@ struct Link {
     blackhole: bool,
     /// Bytes each direction may still carry before the link is cut.
     cut_after: Option<u64>,
+    /// Deliver the next message in each direction twice (a faulty middlebox).
+    duplicate_next: [bool; 2],
+    /// Silently drop the next message in each direction (a gap).
+    drop_next: [bool; 2],
     c2s_free_at: Instant,
     s2c_free_at: Instant,
     c2s_last_at: Instant,
@@ -236,6 +240,35 @@ impl Sim {
     pub fn cut_after(&mut self, i: usize, bytes: u64) {
         if let Some(l) = self.peers[i].link {
             self.links[l].cut_after = Some(bytes);
+        }
+    }
+
+    /// Delivers the next message in each direction of client `i`'s
+    /// connection twice. TCP never does this; a faulty proxy might, and it
+    /// is how the receivers' de-duplication is exercised.
+    pub fn duplicate_next(&mut self, i: usize) {
+        if let Some(l) = self.peers[i].link {
+            self.links[l].duplicate_next = [true; 2];
+        }
+    }
+
+    /// Silently drops the next message in each direction of client `i`'s
+    /// connection, leaving a gap the receivers must detect and have replayed.
+    pub fn drop_next(&mut self, i: usize) {
+        if let Some(l) = self.peers[i].link {
+            self.links[l].drop_next = [true; 2];
+        }
+    }
+
+    /// Clears every fault still waiting to happen (byte budgets before a
+    /// cut, duplications, drops) and makes the server reachable. Links
+    /// already black-holed stay so: the heartbeat finds them.
+    pub fn heal(&mut self) {
+        self.reachability = Reachability::Up;
+        for link in &mut self.links {
+            link.cut_after = None;
+            link.duplicate_next = [false; 2];
+            link.drop_next = [false; 2];
         }
     }
 
@@ -559,6 +592,8 @@ impl Sim {
                     server_gone: false,
                     blackhole: false,
                     cut_after: None,
+                    duplicate_next: [false; 2],
+                    drop_next: [false; 2],
                     c2s_free_at: now,
                     s2c_free_at: now,
                     c2s_last_at: now,
@@ -596,7 +631,13 @@ impl Sim {
                     self.kill_link(l);
                     return;
                 }
+                if core::mem::take(&mut self.links[l].drop_next[0]) {
+                    return;
+                }
                 let at = self.arrival(l, t.len(), true);
+                if core::mem::take(&mut self.links[l].duplicate_next[0]) {
+                    self.schedule(at, Ev::ToServer(l, t.clone()));
+                }
                 self.schedule(at, Ev::ToServer(l, t));
             }
             Output::Disconnect(tid, code, _) => {
@@ -639,7 +680,13 @@ impl Sim {
                     self.kill_link(l);
                     return;
                 }
+                if core::mem::take(&mut self.links[l].drop_next[1]) {
+                    return;
+                }
                 let at = self.arrival(l, t.len(), false);
+                if core::mem::take(&mut self.links[l].duplicate_next[1]) {
+                    self.schedule(at, Ev::ToClient(l, t.clone()));
+                }
                 self.schedule(at, Ev::ToClient(l, t));
             }
             ServerOutput::Disconnect(conn, code, _) => {

@@ -108,6 +108,7 @@ fn duplicate_frame_on_the_wire_is_dropped() {
             ack: None,
             ts: None,
             kind: MsgKind::Plain,
+            room: None,
             payload: json(seq),
         })
     };
@@ -142,6 +143,7 @@ fn gap_asks_for_replay_once_and_recovers() {
             ack: None,
             ts: None,
             kind: MsgKind::Plain,
+            room: None,
             payload: json(seq),
         })
     };

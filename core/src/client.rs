@@ -14,11 +14,13 @@ use core::time::Duration;
 
 use crate::backoff::Jitter;
 use crate::close::{CloseCode, Disposition};
+use crate::coalesce::{Coalesced, Coalescer, Pushed};
 use crate::config::{ClientConfig, ConfigError};
 use crate::reliable::{
-    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting,
+    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, RoomName, SendError, Verdict, Waiting,
 };
 use crate::rng::Rng;
+use crate::rooms::{Presence, Refusal};
 use crate::time::Instant;
 use crate::timer::{TimerKind, TimerTable};
 use crate::wire::{
@@ -244,6 +246,9 @@ pub struct Received {
     pub request: bool,
     /// The request this message answers, if it is a response.
     pub response_to: Option<MessageId>,
+    /// The room it was published to (server side) or broadcast in (client
+    /// side), if any.
+    pub room: Option<std::sync::Arc<str>>,
     /// The payload.
     pub payload: Payload,
 }
@@ -259,6 +264,7 @@ impl Received {
                 MsgKind::Response(to) => Some(MessageId(to)),
                 _ => None,
             },
+            room: m.room,
             payload: m.payload,
         }
     }
@@ -340,6 +346,21 @@ pub enum Event {
     },
     /// An unsequenced datagram from the peer.
     Datagram(Bytes),
+    /// Who is in a room: a full list after joining (`snapshot`), then
+    /// changes, in order with the room's messages.
+    Presence {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// The membership change.
+        presence: Presence,
+    },
+    /// The server refused a join or a publish.
+    Refused {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// What was refused and why.
+        refusal: Refusal,
+    },
     /// The peer acknowledged every message with an id in `first..=last`.
     Acked {
         /// First id acknowledged.
@@ -358,6 +379,13 @@ pub enum Event {
         unconfirmed: Vec<MessageId>,
         /// Never sent, dropped.
         unsent: Vec<MessageId>,
+    },
+    /// A value held by `send_latest` could not be queued when its time came.
+    LatestFailed {
+        /// Its key.
+        key: String,
+        /// Why.
+        error: SendError,
     },
     /// A message accepted earlier could not be sent after all.
     SendFailed {
@@ -424,10 +452,12 @@ pub enum Timer {
     Request,
     /// The batch being collected goes out.
     Batch,
+    /// A value held by `send_latest` goes out.
+    Coalesce,
 }
 
 impl TimerKind for Timer {
-    const COUNT: usize = 10;
+    const COUNT: usize = 11;
     const ALL: &'static [Timer] = &[
         Timer::Connect,
         Timer::Backoff,
@@ -439,6 +469,7 @@ impl TimerKind for Timer {
         Timer::Close,
         Timer::Request,
         Timer::Batch,
+        Timer::Coalesce,
     ];
     fn index(self) -> usize {
         self as usize
@@ -566,7 +597,9 @@ pub struct Client {
     failures: u32,
     auth_retry_used: bool,
     retry_hint: Option<Duration>,
-    timers: TimerTable<Timer, 10>,
+    timers: TimerTable<Timer, 11>,
+    coalescer: Coalescer<String, Payload>,
+    rooms: BTreeSet<RoomName>,
     batch: Batcher,
     requests: BTreeMap<MessageId, Instant>,
     request_deadlines: BTreeSet<(Instant, MessageId)>,
@@ -579,6 +612,8 @@ pub struct Client {
     decode_failures: u32,
     rtt: Option<Duration>,
     outputs: VecDeque<Output>,
+    /// Reused for every encode, so a frame costs one allocation: itself.
+    scratch: Vec<u8>,
     stats: ClientStats,
 }
 
@@ -593,6 +628,7 @@ impl Client {
     ) -> Result<Client, ConfigError> {
         config.validate()?;
         let outbound = Outbound::new(&config.queue, &config.reliability);
+        let coalescer = Coalescer::new(config.coalesce_interval, config.coalesce_keys);
         Ok(Client {
             config,
             client_id,
@@ -605,6 +641,8 @@ impl Client {
             auth_retry_used: false,
             retry_hint: None,
             timers: TimerTable::new(),
+            coalescer,
+            rooms: BTreeSet::new(),
             batch: Batcher::default(),
             requests: BTreeMap::new(),
             request_deadlines: BTreeSet::new(),
@@ -617,6 +655,7 @@ impl Client {
             decode_failures: 0,
             rtt: None,
             outputs: VecDeque::new(),
+            scratch: Vec::new(),
             stats: ClientStats::default(),
         })
     }
@@ -722,6 +761,8 @@ impl Client {
             State::Closed { .. } => Err(UsageError::AlreadyClosed),
             State::Closing => Err(UsageError::Closing),
             State::Handshaking { .. } | State::Open => {
+                // The final value of every key goes out before the close.
+                self.release_latest(true);
                 self.flush_ack();
                 // Keep the transport id: its close completing is what ends `Closing`.
                 if let Some(id) = self.transport {
@@ -864,6 +905,119 @@ impl Client {
         self.enqueue(now, payload, None, MsgKind::Response(request.0))
     }
 
+    /// Sends the latest value for `key` (a cursor, a position): at most one
+    /// message per key per [`ClientConfig::coalesce_interval`] (60 a second by
+    /// default), the newest value replacing any that waited, and the final
+    /// value always sent. Values that go out are ordinary reliable messages.
+    pub fn send_latest(
+        &mut self,
+        now: Instant,
+        key: &str,
+        payload: Payload,
+    ) -> Result<(), SendError> {
+        self.advance(now);
+        match self.state {
+            State::Closing => return Err(SendError::NotConnected("closing")),
+            State::Closed { .. } => return Err(SendError::NotConnected("closed")),
+            State::Failed { .. } => return Err(SendError::NotConnected("failed")),
+            _ => {}
+        }
+        let max = self.max_payload();
+        if payload.len() > max {
+            return Err(SendError::TooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        match self.coalescer.push(self.now, key.to_owned(), payload) {
+            Ok(Pushed::Emit(c)) => {
+                self.send_inner(now, c.value, None)?;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(SendError::QueueFull {
+                    messages: self.coalescer.len(),
+                    bytes: 0,
+                })
+            }
+        }
+        self.arm_coalesce_timer();
+        Ok(())
+    }
+
+    fn arm_coalesce_timer(&mut self) {
+        match self.coalescer.poll_timeout() {
+            Some(at) => self.timers.set(Timer::Coalesce, at),
+            None => self.timers.stop(Timer::Coalesce),
+        }
+    }
+
+    /// Sends every coalesced value whose time has come (`all`: every held
+    /// value, for a close).
+    fn release_latest(&mut self, all: bool) {
+        let ready: Vec<Coalesced<String, Payload>> = if all {
+            self.coalescer.flush().collect()
+        } else {
+            let now = self.now;
+            core::iter::from_fn(|| self.coalescer.poll_ready(now)).collect()
+        };
+        for c in ready {
+            if let Err(error) = self.enqueue(self.now, c.value, None, MsgKind::Plain) {
+                self.emit(Event::LatestFailed { key: c.key, error });
+            }
+        }
+        self.arm_coalesce_timer();
+    }
+
+    /// Joins a room. The server checks its policy and answers with
+    /// [`Event::Presence`] (a snapshot of the members) or [`Event::Refused`].
+    /// Membership belongs to the session: it survives reconnects, and if the
+    /// session is lost the client rejoins its rooms in the new one by itself.
+    pub fn join(&mut self, now: Instant, room: &str) -> Result<MessageId, SendError> {
+        let name = room_name(room)?;
+        let id = self.enqueue_in(
+            now,
+            Payload::null(),
+            None,
+            MsgKind::Join,
+            Some(name.clone()),
+        )?;
+        self.rooms.insert(name);
+        Ok(id)
+    }
+
+    /// Leaves a room.
+    pub fn leave(&mut self, now: Instant, room: &str) -> Result<MessageId, SendError> {
+        let name = room_name(room)?;
+        let id = self.enqueue_in(
+            now,
+            Payload::null(),
+            None,
+            MsgKind::Leave,
+            Some(name.clone()),
+        )?;
+        self.rooms.remove(&name);
+        Ok(id)
+    }
+
+    /// Publishes to a room this client has joined: the server checks its
+    /// policy and delivers the message to every other member, each exactly
+    /// once and in order. A refusal comes back as [`Event::Refused`].
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        room: &str,
+        payload: Payload,
+    ) -> Result<MessageId, SendError> {
+        let name = room_name(room)?;
+        self.enqueue_in(now, payload, None, MsgKind::Plain, Some(name))
+    }
+
+    /// The rooms this client has asked to be in.
+    pub fn rooms(&self) -> impl Iterator<Item = &str> {
+        self.rooms.iter().map(|r| &**r)
+    }
+
     /// Requests waiting for a response.
     pub fn pending_requests(&self) -> usize {
         self.requests.len()
@@ -916,6 +1070,17 @@ impl Client {
         ts: Option<u64>,
         kind: MsgKind,
     ) -> Result<MessageId, SendError> {
+        self.enqueue_in(now, payload, ts, kind, None)
+    }
+
+    fn enqueue_in(
+        &mut self,
+        now: Instant,
+        payload: Payload,
+        ts: Option<u64>,
+        kind: MsgKind,
+        room: Option<RoomName>,
+    ) -> Result<MessageId, SendError> {
         self.advance(now);
         match self.state {
             State::Closing => return Err(SendError::NotConnected("closing")),
@@ -935,6 +1100,7 @@ impl Client {
             id,
             ts,
             kind,
+            room,
             payload,
         }) {
             Ok(()) => {
@@ -1241,6 +1407,20 @@ impl Client {
         } else {
             Vec::new()
         };
+        if !matches!(reason, LostReason::Closed) {
+            // Membership belonged to the lost session: ask again, first thing.
+            for room in self.rooms.iter().rev() {
+                self.outbound.push_front_system(Waiting {
+                    id: MessageId::SYSTEM,
+                    ts: None,
+                    kind: MsgKind::Join,
+                    room: Some(room.clone()),
+                    payload: Payload::null(),
+                });
+            }
+        } else {
+            self.rooms.clear();
+        }
         let still_queued = self.outbound.waiting_ids();
         let error = match reason {
             LostReason::Closed => RequestError::Closed,
@@ -1288,6 +1468,7 @@ impl Client {
             Timer::AckTimeout => self.check_ack_timeout(),
             Timer::Request => self.expire_requests(),
             Timer::Batch => self.send_batch(),
+            Timer::Coalesce => self.release_latest(false),
             Timer::Close => {
                 if self.state == State::Closing {
                     self.transport = None;
@@ -1506,7 +1687,13 @@ impl Client {
 
     fn on_reject(&mut self, r: Reject) {
         let code = CloseCode(r.code);
-        self.drop_connection(code, "rejected");
+        // Echo the server's code only if it may appear on the wire at all.
+        let echo = if code.is_sendable() {
+            code
+        } else {
+            CloseCode::PROTOCOL_ERROR
+        };
+        self.drop_connection(echo, "rejected");
         let hint = r.retry_after_ms.map(Duration::from_millis);
         let disposition = match code.disposition() {
             // A reject is never a polite end of session.
@@ -1571,6 +1758,57 @@ impl Client {
         }
     }
 
+    /// Hands a message delivered in order to the right place: the room
+    /// bookkeeping, a waiting request, or the application.
+    fn deliver(&mut self, m: Msg) {
+        let kind = m.kind;
+        let received = Received::from_msg(m);
+        if let (MsgKind::Presence | MsgKind::Refused, Some(room)) = (kind, received.room.clone()) {
+            self.on_room_notice(kind, room, &received.payload);
+            return;
+        }
+        match received.response_to {
+            Some(request) => {
+                if let Some(deadline) = self.requests.remove(&request) {
+                    self.request_deadlines.remove(&(deadline, request));
+                    self.arm_request_timer();
+                    self.emit(Event::Response {
+                        request,
+                        response: received,
+                    });
+                } else {
+                    self.emit(Event::LateResponse { request });
+                }
+            }
+            None => self.emit(Event::Message(received)),
+        }
+    }
+
+    fn on_room_notice(&mut self, kind: MsgKind, room: RoomName, payload: &Payload) {
+        if kind == MsgKind::Presence {
+            match serde_json::from_slice::<Presence>(payload.data()) {
+                Ok(presence) => self.emit(Event::Presence { room, presence }),
+                Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
+                    field: "j",
+                    reason: "not a presence payload",
+                })),
+            }
+            return;
+        }
+        match serde_json::from_slice::<Refusal>(payload.data()) {
+            Ok(refusal) => {
+                if refusal.op == "join" {
+                    self.rooms.remove(&room);
+                }
+                self.emit(Event::Refused { room, refusal });
+            }
+            Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
+                field: "j",
+                reason: "not a refusal payload",
+            })),
+        }
+    }
+
     fn on_msg(&mut self, m: Msg) {
         if let Some(ack) = m.ack {
             self.on_ack(ack);
@@ -1581,22 +1819,7 @@ impl Client {
         match self.inbound.on_msg(m.seq) {
             Verdict::Deliver => {
                 self.stats.messages_received += 1;
-                let received = Received::from_msg(m);
-                match received.response_to {
-                    Some(request) => {
-                        if let Some(deadline) = self.requests.remove(&request) {
-                            self.request_deadlines.remove(&(deadline, request));
-                            self.arm_request_timer();
-                            self.emit(Event::Response {
-                                request,
-                                response: received,
-                            });
-                        } else {
-                            self.emit(Event::LateResponse { request });
-                        }
-                    }
-                    None => self.emit(Event::Message(received)),
-                }
+                self.deliver(m);
                 if self.inbound.unacked() >= u64::from(self.config.reliability.ack_every) {
                     self.flush_ack();
                 } else if !self.timers.is_set(Timer::AckDelay) {
@@ -1764,7 +1987,7 @@ impl Client {
     }
 
     fn transmit_on(&mut self, id: TransportId, frame: &Frame, codec: Codec, version: u8) {
-        match wire::encode(frame, codec, version) {
+        match wire::encode_with(frame, codec, version, &mut self.scratch) {
             Ok(t) => {
                 self.stats.frames_out += 1;
                 self.stats.bytes_out += t.len() as u64;
@@ -1790,6 +2013,13 @@ pub(crate) fn with_batch(caps: &[String]) -> Vec<String> {
 /// The capability (client) and feature (server) that announces "I can
 /// receive `batch` frames".
 pub const CAP_BATCH: &str = "batch";
+
+fn room_name(room: &str) -> Result<RoomName, SendError> {
+    if room.is_empty() || room.len() > wire::MAX_TOKEN_LEN {
+        return Err(SendError::BadRoom);
+    }
+    Ok(RoomName::from(room))
+}
 
 fn clamp_ms(ms: u64, min: u64, max: u64, fallback: Duration) -> Duration {
     if ms == 0 {
@@ -2041,6 +2271,29 @@ mod tests {
         c.handle_timeout(Instant::from_secs(14));
         c.handle_transport_closed(Instant::from_secs(15), t2, None, "");
         assert_eq!(c.failures(), 1);
+    }
+
+    #[test]
+    fn unsendable_reject_codes_are_never_echoed() {
+        for code in [0u16, 1005, 1006, 1015, 2000, 5000] {
+            let mut c = client();
+            c.connect(Instant::ZERO).unwrap();
+            let t = drain(&mut c)
+                .into_iter()
+                .find_map(|o| match o {
+                    Output::Connect(t) => Some(t),
+                    _ => None,
+                })
+                .unwrap();
+            c.handle_transport_opened(Instant::ZERO, t);
+            let reject = format!(r#"{{"t":"reject","versions":[1],"code":{code},"reason":"x"}}"#);
+            c.handle_message(Instant::ZERO, t, Incoming::Text(&reject));
+            for o in drain(&mut c) {
+                if let Output::Disconnect(_, close, _) = o {
+                    assert!(close.is_sendable(), "reject {code} closes with {close:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use core::time::Duration;
 
 use crate::backoff::BackoffConfig;
+use crate::ratelimit::RateLimitConfig;
 use crate::reliable::{BatchConfig, ReliabilityConfig};
 use crate::wire::{Codec, SUPPORTED_VERSIONS};
 
@@ -95,6 +96,11 @@ pub struct ClientConfig {
     /// Batch small messages into one frame when the server can receive
     /// batches. Default `None`: every message goes out at once.
     pub batch: Option<BatchConfig>,
+    /// Updates sent with `send_latest` go out at most once per this interval
+    /// per key, latest value winning. Default 1/60 s.
+    pub coalesce_interval: Duration,
+    /// Most keys `send_latest` tracks at once. Default 1024.
+    pub coalesce_keys: usize,
     /// Most requests waiting for a response at once. Default 1024.
     pub max_pending_requests: usize,
     /// Whether the driver can fetch a fresh token. If so, an authentication
@@ -121,6 +127,8 @@ impl Default for ClientConfig {
             versions: SUPPORTED_VERSIONS.to_vec(),
             capabilities: Vec::new(),
             batch: None,
+            coalesce_interval: crate::coalesce::DEFAULT_INTERVAL,
+            coalesce_keys: 1024,
             max_pending_requests: 1024,
             can_refresh_token: false,
         }
@@ -229,6 +237,22 @@ pub struct ServerConfig {
     /// How long a session outlives its connection, buffering outbound
     /// messages, so that a client can resume it. Default 60 s.
     pub session_grace: Duration,
+    /// Per-connection limits on messages and bytes a client may send per
+    /// second, with bursts; what happens beyond them is the limit's policy
+    /// (drop with an event, or close with 1008). Default `None`.
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Most members in one room. Default 10 000.
+    pub max_room_size: usize,
+    /// Most rooms one session is in. Default 64.
+    pub max_rooms_per_session: usize,
+    /// Whether a client's publish to a room is also delivered back to it.
+    /// Default false.
+    pub echo_publish: bool,
+    /// Connections older than this are asked to reconnect (`goaway` 4011) and
+    /// resume on a fresh connection, invisibly to the application; each
+    /// connection's age limit is shortened by up to 10 % so a fleet does not
+    /// rotate at once. Default `None`.
+    pub max_connection_age: Option<Duration>,
     /// Most sessions held at once (connected or in their grace period).
     /// New connections beyond it are rejected with 1013. Default 100 000.
     pub max_sessions: usize,
@@ -253,6 +277,11 @@ impl Default for ServerConfig {
             },
             reliability: ReliabilityConfig::default(),
             batch: None,
+            rate_limit: None,
+            max_room_size: 10_000,
+            max_rooms_per_session: 64,
+            echo_publish: false,
+            max_connection_age: None,
             session_grace: Duration::from_secs(60),
             max_sessions: 100_000,
         }
@@ -299,6 +328,11 @@ impl ServerConfig {
         }
         if self.max_sessions == 0 {
             return Err(ConfigError::Zero("max_sessions"));
+        }
+        if let Some(r) = &self.rate_limit {
+            if r.validate().is_err() {
+                return Err(ConfigError::Zero("rate_limit rates and bursts"));
+            }
         }
         validate_reliability(&self.reliability)
     }

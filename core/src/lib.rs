@@ -63,6 +63,7 @@ pub mod close;
 pub mod config;
 pub mod reliable;
 mod rng;
+pub mod rooms;
 pub mod server;
 pub mod time;
 mod timer;

@@ -25,10 +25,22 @@ use crate::config::QueueConfig;
 use crate::time::Instant;
 use crate::wire::{MsgKind, Payload};
 
+/// A room name shared by every message broadcast in it (cloning is a
+/// reference count, not a copy).
+pub(crate) type RoomName = std::sync::Arc<str>;
+
 /// A message identifier, unique per sending machine and increasing in send
 /// order. Together with the sender's identity it is an idempotency key.
+/// Id 0 is reserved for messages the machine sends on its own (rejoining
+/// rooms after a lost session); they never appear in acknowledgment or loss
+/// reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId(pub u64);
+
+impl MessageId {
+    /// The id of messages the machine sends on its own.
+    pub const SYSTEM: MessageId = MessageId(0);
+}
 
 /// What to do when both the send window and the waiting queue are full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +122,9 @@ pub enum SendError {
     /// No such session (server side).
     #[error("no such session")]
     UnknownSession,
+    /// A room name is empty or longer than 256 bytes.
+    #[error("room names are 1 to 256 bytes")]
+    BadRoom,
     /// Too many requests are waiting for responses.
     #[error("{max} requests already wait for responses")]
     TooManyRequests {
@@ -180,6 +195,7 @@ pub(crate) struct Waiting {
     pub(crate) id: MessageId,
     pub(crate) ts: Option<u64>,
     pub(crate) kind: MsgKind,
+    pub(crate) room: Option<RoomName>,
     pub(crate) payload: Payload,
 }
 
@@ -190,6 +206,7 @@ pub(crate) struct Sent {
     pub(crate) id: MessageId,
     pub(crate) ts: Option<u64>,
     pub(crate) kind: MsgKind,
+    pub(crate) room: Option<RoomName>,
     pub(crate) payload: Payload,
     /// When it was last put on a connection, if it has been.
     pub(crate) sent_at: Option<Instant>,
@@ -272,10 +289,19 @@ impl Outbound {
             id: w.id,
             ts: w.ts,
             kind: w.kind,
+            room: w.room,
             payload: w.payload,
             sent_at: now,
         });
         self.window.back()
+    }
+
+    /// Puts a message the machine sends on its own at the front of the
+    /// queue, ahead of the application's. Not bounded by the queue limits:
+    /// callers bound how many they add (one per joined room).
+    pub(crate) fn push_front_system(&mut self, msg: Waiting) {
+        self.waiting_bytes += msg.payload.len();
+        self.waiting.push_front(msg);
     }
 
     /// Returns the most recently sequenced message to the front of the
@@ -305,8 +331,10 @@ impl Outbound {
             if front.seq > ack {
                 break;
             }
-            first.get_or_insert(front.id);
-            last = Some(front.id);
+            if front.id != MessageId::SYSTEM {
+                first.get_or_insert(front.id);
+                last = Some(front.id);
+            }
             self.window_bytes -= front.payload.len();
             self.window.pop_front();
         }
@@ -334,7 +362,12 @@ impl Outbound {
     /// acknowledged) and restarts numbering at 1. Waiting messages stay queued
     /// for the next session.
     pub(crate) fn reset_session(&mut self) -> Vec<MessageId> {
-        let lost = self.window.drain(..).map(|s| s.id).collect();
+        let lost = self
+            .window
+            .drain(..)
+            .map(|s| s.id)
+            .filter(|id| *id != MessageId::SYSTEM)
+            .collect();
         self.window_bytes = 0;
         self.next_seq = 1;
         lost
@@ -343,7 +376,11 @@ impl Outbound {
     /// Drops everything waiting; returns the ids (never sent).
     pub(crate) fn drain_waiting(&mut self) -> Vec<MessageId> {
         self.waiting_bytes = 0;
-        self.waiting.drain(..).map(|w| w.id).collect()
+        self.waiting
+            .drain(..)
+            .map(|w| w.id)
+            .filter(|id| *id != MessageId::SYSTEM)
+            .collect()
     }
 
     /// Ids of the messages still waiting, in order.
@@ -379,6 +416,7 @@ impl Outbound {
             ack: Some(ack),
             ts: s.ts,
             kind: s.kind,
+            room: s.room.clone(),
             payload: s.payload.clone(),
         })
     }
@@ -497,6 +535,7 @@ mod tests {
             id: MessageId(id),
             ts: None,
             kind: MsgKind::Plain,
+            room: None,
             payload: Payload::binary(vec![0u8; 10]),
         }
     }

@@ -13,8 +13,9 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use core::time::Duration;
@@ -22,9 +23,11 @@ use core::time::Duration;
 use crate::client::{with_batch, Received, CAP_BATCH};
 use crate::close::CloseCode;
 use crate::config::{ConfigError, ServerConfig};
+use crate::ratelimit::{Limit, RateDecision, RateLimiter};
 use crate::reliable::{
-    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, SendError, Verdict, Waiting,
+    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, RoomName, SendError, Verdict, Waiting,
 };
+use crate::rooms::{AllowAll, JoinError, Member, Presence, Refusal, RoomPolicy, Rooms};
 use crate::time::Instant;
 use crate::wire::{
     self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
@@ -109,6 +112,31 @@ pub enum ServerEvent {
         /// Last id.
         last: MessageId,
     },
+    /// A session joined a room (by its own request, or the application's).
+    Joined {
+        /// The session.
+        session: SessionId,
+        /// The room.
+        room: Arc<str>,
+    },
+    /// A session left a room (by request, or because the session ended).
+    Left {
+        /// The session.
+        session: SessionId,
+        /// The room.
+        room: Arc<str>,
+    },
+    /// A client's join or publish was refused (the client is told why).
+    Refused {
+        /// The session.
+        session: SessionId,
+        /// The room.
+        room: Arc<str>,
+        /// What was refused.
+        op: RoomOp,
+        /// Why.
+        reason: String,
+    },
     /// A hello was refused.
     Rejected {
         /// The connection.
@@ -124,6 +152,18 @@ pub enum ServerEvent {
         connection: ConnectionId,
         /// The code.
         code: CloseCode,
+    },
+    /// A client exceeded its rate limit and a message was dropped (the
+    /// client's stream carries on; the message is acknowledged, not
+    /// delivered). Under the `Close` policy the connection is closed with
+    /// 1008 instead.
+    RateLimited {
+        /// The session.
+        session: SessionId,
+        /// The dropped message (or `MessageId::SYSTEM` for a datagram).
+        message: MessageId,
+        /// Which limit.
+        limit: Limit,
     },
     /// A client sent a fresh credential (answering
     /// [`Server::request_reauth`]). Validate it, then call
@@ -145,6 +185,43 @@ pub enum ServerEvent {
     },
 }
 
+/// A room operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoomOp {
+    /// Joining.
+    Join,
+    /// Publishing.
+    Publish,
+}
+
+/// Why a room operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoomError {
+    /// No such session.
+    #[error("no such session")]
+    UnknownSession,
+    /// The policy refused it.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The room holds its maximum number of members.
+    #[error("the room is full ({max} members)")]
+    RoomFull {
+        /// The limit.
+        max: usize,
+    },
+    /// The session is in its maximum number of rooms.
+    #[error("in too many rooms (at most {max})")]
+    TooManyRooms {
+        /// The limit.
+        max: usize,
+    },
+    /// The room name is empty or longer than 256 bytes.
+    #[error("room names are 1 to 256 bytes")]
+    BadName,
+}
+
 /// Why a session ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -157,6 +234,10 @@ pub enum SessionEnd {
     Expired,
     /// Its outbound buffer overflowed under [`OverflowPolicy::FailSession`].
     Overflow,
+    /// It did not read fast enough to keep up with its rooms: its buffers
+    /// filled during a broadcast or presence update, so it was closed with
+    /// 4009 and ended, leaving the other members unaffected.
+    SlowConsumer,
 }
 
 /// Read-only view of a session.
@@ -179,6 +260,28 @@ pub struct SessionInfo {
     pub queued: usize,
     /// Last sequence number delivered from the client.
     pub delivered: u64,
+}
+
+/// Gauges and counters at one instant, for dashboards.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerMetrics {
+    /// Open connections.
+    pub connections: usize,
+    /// Sessions held.
+    pub sessions: usize,
+    /// Sessions in their grace period, without a connection.
+    pub detached_sessions: usize,
+    /// Rooms with at least one member.
+    pub rooms: usize,
+    /// Room memberships, summed over rooms.
+    pub memberships: usize,
+    /// Messages sent and not yet acknowledged, over all sessions.
+    pub messages_in_flight: usize,
+    /// Messages waiting behind send windows, over all sessions.
+    pub messages_queued: usize,
+    /// Counters since start.
+    pub counters: ServerStats,
 }
 
 /// Counters for metrics.
@@ -219,6 +322,16 @@ pub struct ServerStats {
     pub decode_failures: u64,
     /// Connections closed for missing heartbeats.
     pub heartbeat_timeouts: u64,
+    /// Sessions ended as slow consumers.
+    pub slow_consumers: u64,
+    /// Broadcasts made.
+    pub broadcasts: u64,
+    /// Connections rotated for age.
+    pub rotations: u64,
+    /// Messages over a rate limit.
+    pub rate_limited: u64,
+    /// Connections closed, by close code.
+    pub close_codes: BTreeMap<u16, u64>,
 }
 
 /// The server's timers.
@@ -239,6 +352,8 @@ pub enum ServerTimer {
     Reauth(ConnectionId),
     /// A session's batch goes out.
     Batch(SessionId),
+    /// A connection reached its maximum age.
+    Rotate(ConnectionId),
 }
 
 /// The next deadline and why it is set.
@@ -271,6 +386,7 @@ struct Conn {
     decode_failures: u32,
     hello_deadline: Option<Instant>,
     reauth_deadline: Option<Instant>,
+    limiter: Option<Box<RateLimiter>>,
 }
 
 #[derive(Debug)]
@@ -283,8 +399,16 @@ struct Session {
     expires_at: Option<Instant>,
     ack_due: Option<Instant>,
     ack_timeout_at: Option<Instant>,
-    batch: Batcher,
-    batch_due: Option<Instant>,
+    /// Only while a batch is being collected (idle sessions stay small).
+    batch: Option<Box<PendingBatch>>,
+    rooms: Vec<RoomName>,
+}
+
+/// A batch being collected for a session, and when it must go out.
+#[derive(Debug)]
+struct PendingBatch {
+    batcher: Batcher,
+    due: Instant,
 }
 
 /// The server machine.
@@ -302,9 +426,17 @@ pub struct Server {
     sessions: Map<SessionId, Session>,
     timers: BinaryHeap<Reverse<(Instant, ServerTimer)>>,
     outputs: VecDeque<ServerOutput>,
+    /// Reused for every encode, so a frame costs one allocation: itself.
+    scratch: Vec<u8>,
     next_conn: u64,
     next_id: u64,
     stats: ServerStats,
+    rooms: Rooms,
+    policy: Box<dyn RoomPolicy>,
+    /// Sessions whose buffers overflowed during a broadcast or presence
+    /// update, to be ended once the current operation is done.
+    evictions: Vec<SessionId>,
+    shutting_down: bool,
 }
 
 impl Server {
@@ -318,9 +450,14 @@ impl Server {
             sessions: Map::default(),
             timers: BinaryHeap::new(),
             outputs: VecDeque::new(),
+            scratch: Vec::new(),
             next_conn: 1,
             next_id: 1,
             stats: ServerStats::default(),
+            rooms: Rooms::default(),
+            policy: Box::new(AllowAll),
+            evictions: Vec::new(),
+            shutting_down: false,
         })
     }
 
@@ -395,11 +532,19 @@ impl Server {
                 decode_failures: 0,
                 hello_deadline: Some(deadline),
                 reauth_deadline: None,
+                limiter: self
+                    .config
+                    .rate_limit
+                    .and_then(|cfg| RateLimiter::new(cfg, self.now).ok())
+                    .map(Box::new),
             },
         );
         self.stats.connections_opened += 1;
         self.timers
             .push(Reverse((deadline, ServerTimer::Hello(id))));
+        if self.shutting_down {
+            self.disconnect(id, CloseCode::GOING_AWAY, "shutting down");
+        }
         id
     }
 
@@ -428,6 +573,7 @@ impl Server {
             Ok(frame) => {
                 conn.decode_failures = 0;
                 self.on_frame(connection, frame);
+                self.process_evictions();
             }
             Err(error) => {
                 conn.decode_failures += 1;
@@ -461,6 +607,7 @@ impl Server {
         }
         let code = code.unwrap_or(CloseCode::ABNORMAL);
         self.forget_connection(connection, code);
+        self.process_evictions();
     }
 
     /// Time passed. Call at (or after) the instant from `poll_timeout`.
@@ -473,6 +620,7 @@ impl Server {
             self.timers.pop();
             self.on_timer(at, timer);
         }
+        self.process_evictions();
     }
 
     // ---- commands ---------------------------------------------------------
@@ -598,13 +746,7 @@ impl Server {
             .conn;
         if let Some(conn) = conn {
             self.flush_ack(session);
-            self.outputs.push_back(ServerOutput::Disconnect(
-                conn,
-                CloseCode::NORMAL,
-                "session closed",
-            ));
-            self.conns.remove(&conn);
-            self.stats.connections_closed += 1;
+            self.drop_conn(conn, CloseCode::NORMAL, "session closed");
         }
         self.end_session(session, SessionEnd::ServerClosed);
         Ok(())
@@ -625,6 +767,134 @@ impl Server {
     /// Every connection, for shutdown and rotation sweeps.
     pub fn connections(&self) -> impl Iterator<Item = ConnectionId> + '_ {
         self.conns.keys().copied()
+    }
+
+    // ---- rooms ------------------------------------------------------------
+
+    /// Replaces the policy that authorizes clients' joins and publishes
+    /// (default: [`AllowAll`]).
+    pub fn set_policy(&mut self, policy: Box<dyn RoomPolicy>) {
+        self.policy = policy;
+    }
+
+    /// Puts a session in a room, bypassing the policy (the application
+    /// decided). Members are told, and the session gets the member list.
+    pub fn join(&mut self, now: Instant, session: SessionId, room: &str) -> Result<(), RoomError> {
+        self.advance(now);
+        check_room_name(room)?;
+        let r = self.do_join(session, room, false);
+        self.process_evictions();
+        r
+    }
+
+    /// Takes a session out of a room; false if it was not in it.
+    pub fn leave(&mut self, now: Instant, session: SessionId, room: &str) -> bool {
+        self.advance(now);
+        let r = self.do_leave(session, room);
+        self.process_evictions();
+        r
+    }
+
+    /// Sends `payload` to every member of `room` but `exclude`, each through
+    /// its own reliable sequence, sharing one copy of the payload. Members
+    /// whose buffers are full are slow consumers: they are closed with 4009
+    /// and their sessions ended, and the others are not held up. Returns how
+    /// many members it was queued for.
+    pub fn broadcast(
+        &mut self,
+        now: Instant,
+        room: &str,
+        payload: Payload,
+        exclude: Option<SessionId>,
+    ) -> Result<usize, SendError> {
+        self.advance(now);
+        let max = self.config.max_message_size;
+        if payload.len() > max {
+            return Err(SendError::TooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        let n = self.do_broadcast(room, &payload, exclude);
+        self.process_evictions();
+        Ok(n)
+    }
+
+    /// Who is in `room`, as members see each other.
+    pub fn members(&self, room: &str) -> Vec<Member> {
+        let mut members: Vec<Member> = self
+            .rooms
+            .members(room)
+            .filter_map(|m| self.member_of(m))
+            .collect();
+        members.sort();
+        members
+    }
+
+    /// The sessions in `room`.
+    pub fn member_sessions(&self, room: &str) -> Vec<SessionId> {
+        self.rooms.members(room).collect()
+    }
+
+    /// Members in `room`.
+    pub fn room_size(&self, room: &str) -> usize {
+        self.rooms.size(room)
+    }
+
+    /// The rooms a session is in.
+    pub fn rooms_of(&self, session: SessionId) -> Vec<Arc<str>> {
+        self.sessions
+            .get(&session)
+            .map(|s| s.rooms.clone())
+            .unwrap_or_default()
+    }
+
+    // ---- lifecycle ----------------------------------------------------------
+
+    /// Starts a graceful shutdown: new connections are refused with 1001,
+    /// and every connection gets a `goaway` and a close with 1001 (so
+    /// clients reconnect with backoff, to another instance or to this one
+    /// restarted). Sessions stay in the registry: a server that keeps its
+    /// registry across the restart lets every client resume.
+    pub fn shutdown(&mut self, now: Instant, retry_after: Option<Duration>) {
+        self.advance(now);
+        self.shutting_down = true;
+        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for s in sessions {
+            self.send_batch(s);
+            self.flush_ack(s);
+        }
+        let conns: Vec<ConnectionId> = self.conns.keys().copied().collect();
+        for c in conns {
+            self.go_away(now, c, CloseCode::GOING_AWAY, retry_after);
+        }
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// A snapshot of counters and gauges.
+    pub fn metrics(&self) -> ServerMetrics {
+        let mut in_flight = 0;
+        let mut queued = 0;
+        let mut detached = 0;
+        for s in self.sessions.values() {
+            in_flight += s.outbound.in_flight();
+            queued += s.outbound.waiting_len();
+            detached += usize::from(s.conn.is_none());
+        }
+        ServerMetrics {
+            connections: self.conns.len(),
+            sessions: self.sessions.len(),
+            detached_sessions: detached,
+            rooms: self.rooms.count(),
+            memberships: self.rooms.memberships(),
+            messages_in_flight: in_flight,
+            messages_queued: queued,
+            counters: self.stats.clone(),
+        }
     }
 
     // ---- outputs ----------------------------------------------------------
@@ -692,6 +962,53 @@ impl Server {
         ts: Option<u64>,
         kind: MsgKind,
     ) -> Result<MessageId, SendError> {
+        self.enqueue_in(now, session, payload, ts, kind, None)
+    }
+
+    /// Queues without applying the overflow policy: the caller decides.
+    fn enqueue_raw(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        payload: Payload,
+        ts: Option<u64>,
+        kind: MsgKind,
+        room: Option<RoomName>,
+    ) -> Result<MessageId, SendError> {
+        self.advance(now);
+        let max = self.config.max_message_size;
+        if payload.len() > max {
+            return Err(SendError::TooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(SendError::UnknownSession)?;
+        let id = MessageId(self.next_id);
+        s.outbound.push(Waiting {
+            id,
+            ts,
+            kind,
+            room,
+            payload,
+        })?;
+        self.next_id += 1;
+        self.flush(session);
+        Ok(id)
+    }
+
+    fn enqueue_in(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        payload: Payload,
+        ts: Option<u64>,
+        kind: MsgKind,
+        room: Option<RoomName>,
+    ) -> Result<MessageId, SendError> {
         self.advance(now);
         let max = self.config.max_message_size;
         if payload.len() > max {
@@ -709,6 +1026,7 @@ impl Server {
             id,
             ts,
             kind,
+            room,
             payload,
         }) {
             Ok(()) => {
@@ -720,13 +1038,11 @@ impl Server {
                 OverflowPolicy::Refuse => Err(e),
                 OverflowPolicy::FailSession => {
                     if let Some(conn) = self.sessions.get(&session).and_then(|s| s.conn) {
-                        self.outputs.push_back(ServerOutput::Disconnect(
+                        self.drop_conn(
                             conn,
                             CloseCode::SLOW_CONSUMER,
                             "session buffers overflowed",
-                        ));
-                        self.conns.remove(&conn);
-                        self.stats.connections_closed += 1;
+                        );
                     }
                     self.end_session(session, SessionEnd::Overflow);
                     Err(SendError::SessionFailed)
@@ -737,6 +1053,13 @@ impl Server {
 
     /// Tells the driver to close a connection and forgets it.
     fn disconnect(&mut self, connection: ConnectionId, code: CloseCode, reason: &'static str) {
+        // Codes come from the application too (`go_away`, `disconnect_connection`):
+        // never put a reserved one on the wire.
+        let code = if code.is_sendable() {
+            code
+        } else {
+            CloseCode::INTERNAL_ERROR
+        };
         if self.conns.contains_key(&connection) {
             self.outputs
                 .push_back(ServerOutput::Disconnect(connection, code, reason));
@@ -751,6 +1074,7 @@ impl Server {
             return;
         };
         self.stats.connections_closed += 1;
+        *self.stats.close_codes.entry(code.0).or_default() += 1;
         let ConnPhase::Open { session, .. } = conn.phase else {
             self.emit(ServerEvent::ConnectionClosed { connection, code });
             return;
@@ -769,8 +1093,7 @@ impl Server {
         s.outbound.mark_unsent();
         s.ack_due = None;
         s.ack_timeout_at = None;
-        s.batch.clear();
-        s.batch_due = None;
+        s.batch = None;
         let expires = self.now + self.config.session_grace;
         s.expires_at = Some(expires);
         self.arm(expires, ServerTimer::Expiry(session));
@@ -783,14 +1106,236 @@ impl Server {
         };
         let mut unconfirmed = s.outbound.reset_session();
         unconfirmed.extend(s.outbound.drain_waiting());
-        if reason == SessionEnd::Expired {
-            self.stats.sessions_expired += 1;
+        match reason {
+            SessionEnd::Expired => self.stats.sessions_expired += 1,
+            SessionEnd::SlowConsumer => self.stats.slow_consumers += 1,
+            _ => {}
+        }
+        let member = Member::new(s.client, s.identity.as_deref());
+        for room in s.rooms {
+            self.rooms.leave(&room, session);
+            self.emit(ServerEvent::Left {
+                session,
+                room: room.clone(),
+            });
+            self.presence_diff(
+                &room,
+                None,
+                Presence {
+                    snapshot: false,
+                    joined: Vec::new(),
+                    left: vec![member.clone()],
+                },
+            );
         }
         self.emit(ServerEvent::SessionEnded {
             session,
             reason,
             unconfirmed,
         });
+    }
+
+    /// Closes a connection without touching its session (the caller has
+    /// already decided the session's fate).
+    fn drop_conn(&mut self, conn: ConnectionId, code: CloseCode, reason: &'static str) {
+        if self.conns.remove(&conn).is_some() {
+            self.outputs
+                .push_back(ServerOutput::Disconnect(conn, code, reason));
+            self.stats.connections_closed += 1;
+            *self.stats.close_codes.entry(code.0).or_default() += 1;
+        }
+    }
+
+    /// Ends every session that overflowed during the last operation.
+    fn process_evictions(&mut self) {
+        while let Some(session) = self.evictions.pop() {
+            let Some(conn) = self.sessions.get(&session).map(|s| s.conn) else {
+                continue;
+            };
+            if let Some(conn) = conn {
+                self.drop_conn(conn, CloseCode::SLOW_CONSUMER, "slow consumer");
+            }
+            self.end_session(session, SessionEnd::SlowConsumer);
+        }
+    }
+
+    /// Queues a message for a room member; a member whose buffers are full
+    /// is a slow consumer and is evicted after the current operation, so it
+    /// never holds up the others.
+    fn send_to_member(
+        &mut self,
+        member: SessionId,
+        payload: Payload,
+        kind: MsgKind,
+        room: &RoomName,
+    ) -> bool {
+        if self.evictions.contains(&member) {
+            return false;
+        }
+        let now = self.now;
+        match self.enqueue_raw(now, member, payload, None, kind, Some(room.clone())) {
+            Ok(_) => true,
+            Err(SendError::QueueFull { .. }) => {
+                self.evictions.push(member);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Tells every member of `room` but `except` about a membership change.
+    fn presence_diff(&mut self, room: &RoomName, except: Option<SessionId>, diff: Presence) {
+        let Ok(json) = serde_json::to_vec(&diff) else {
+            return;
+        };
+        let Ok(payload) = Payload::json(json) else {
+            return;
+        };
+        let members: Vec<SessionId> = self
+            .rooms
+            .members(room)
+            .filter(|m| Some(*m) != except)
+            .collect();
+        for m in members {
+            self.send_to_member(m, payload.clone(), MsgKind::Presence, room);
+        }
+    }
+
+    fn member_of(&self, session: SessionId) -> Option<Member> {
+        self.sessions
+            .get(&session)
+            .map(|s| Member::new(s.client, s.identity.as_deref()))
+    }
+
+    fn refuse(&mut self, session: SessionId, room: &RoomName, op: &str, reason: String) {
+        self.emit(ServerEvent::Refused {
+            session,
+            room: room.clone(),
+            op: if op == "join" {
+                RoomOp::Join
+            } else {
+                RoomOp::Publish
+            },
+            reason: reason.clone(),
+        });
+        let refusal = Refusal {
+            op: op.to_owned(),
+            reason,
+        };
+        if let Ok(payload) = serde_json::to_vec(&refusal)
+            .map_err(|_| ())
+            .and_then(|j| Payload::json(j).map_err(|_| ()))
+        {
+            self.send_to_member(session, payload, MsgKind::Refused, room);
+        }
+    }
+
+    /// A join, by the client (`check`: run the policy) or by the application.
+    fn do_join(&mut self, session: SessionId, room: &str, check: bool) -> Result<(), RoomError> {
+        let member = self.member_of(session).ok_or(RoomError::UnknownSession)?;
+        let name = self.rooms.name(room);
+        if check {
+            if let Err(reason) = self.policy.authorize_join(&member, room) {
+                return Err(RoomError::Forbidden(reason));
+            }
+        }
+        let already = self.rooms.is_member(room, session);
+        if !already {
+            let count = self.sessions.get(&session).map_or(0, |s| s.rooms.len());
+            if count >= self.config.max_rooms_per_session {
+                return Err(RoomError::TooManyRooms {
+                    max: self.config.max_rooms_per_session,
+                });
+            }
+            match self.rooms.join(&name, session, self.config.max_room_size) {
+                Ok(_) => {}
+                Err(JoinError::RoomFull) => {
+                    return Err(RoomError::RoomFull {
+                        max: self.config.max_room_size,
+                    })
+                }
+            }
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.rooms.push(name.clone());
+            }
+            self.emit(ServerEvent::Joined {
+                session,
+                room: name.clone(),
+            });
+            self.presence_diff(
+                &name,
+                Some(session),
+                Presence {
+                    snapshot: false,
+                    joined: vec![member],
+                    left: Vec::new(),
+                },
+            );
+        }
+        // The joiner always gets the full list, so a rejoin after a lost
+        // session starts from the truth.
+        let mut members: Vec<Member> = self
+            .rooms
+            .members(room)
+            .filter_map(|m| self.member_of(m))
+            .collect();
+        members.sort();
+        let snapshot = Presence {
+            snapshot: true,
+            joined: members,
+            left: Vec::new(),
+        };
+        if let Ok(payload) = serde_json::to_vec(&snapshot)
+            .map_err(|_| ())
+            .and_then(|j| Payload::json(j).map_err(|_| ()))
+        {
+            self.send_to_member(session, payload, MsgKind::Presence, &name);
+        }
+        Ok(())
+    }
+
+    fn do_leave(&mut self, session: SessionId, room: &str) -> bool {
+        if !self.rooms.leave(room, session) {
+            return false;
+        }
+        let name = self.rooms.name(room);
+        let member = self.member_of(session);
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.rooms.retain(|r| &**r != room);
+        }
+        self.emit(ServerEvent::Left {
+            session,
+            room: name.clone(),
+        });
+        if let Some(member) = member {
+            self.presence_diff(
+                &name,
+                None,
+                Presence {
+                    snapshot: false,
+                    joined: Vec::new(),
+                    left: vec![member],
+                },
+            );
+        }
+        true
+    }
+
+    fn do_broadcast(&mut self, room: &str, payload: &Payload, exclude: Option<SessionId>) -> usize {
+        let name = self.rooms.name(room);
+        let members: Vec<SessionId> = self
+            .rooms
+            .members(room)
+            .filter(|m| Some(*m) != exclude)
+            .collect();
+        let mut queued = 0;
+        for m in members {
+            if self.send_to_member(m, payload.clone(), MsgKind::Plain, &name) {
+                queued += 1;
+            }
+        }
+        self.stats.broadcasts += 1;
+        queued
     }
 
     fn on_timer(&mut self, at: Instant, timer: ServerTimer) {
@@ -805,8 +1350,21 @@ impl Server {
                 }
             }
             ServerTimer::Idle(c) => self.check_idle(c),
+            ServerTimer::Rotate(c) => {
+                if self.conns.contains_key(&c) {
+                    self.stats.rotations += 1;
+                    let now = self.now;
+                    self.go_away(now, c, CloseCode::ROTATE, None);
+                }
+            }
             ServerTimer::Batch(s) => {
-                if self.sessions.get(&s).and_then(|s| s.batch_due) == Some(at) {
+                if self
+                    .sessions
+                    .get(&s)
+                    .and_then(|s| s.batch.as_ref())
+                    .map(|b| b.due)
+                    == Some(at)
+                {
                     self.send_batch(s);
                 }
             }
@@ -997,13 +1555,7 @@ impl Server {
             if let Some(old) = old_conn {
                 // The client came back before we noticed its old connection die
                 // (a half-open socket): the new connection takes over.
-                self.outputs.push_back(ServerOutput::Disconnect(
-                    old,
-                    CloseCode::RETRY,
-                    "replaced by a newer connection",
-                ));
-                self.conns.remove(&old);
-                self.stats.connections_closed += 1;
+                self.drop_conn(old, CloseCode::RETRY, "replaced by a newer connection");
             }
             let Some(s) = self.sessions.get_mut(&r.session) else {
                 return;
@@ -1056,8 +1608,8 @@ impl Server {
                     expires_at: None,
                     ack_due: None,
                     ack_timeout_at: None,
-                    batch: Batcher::default(),
-                    batch_due: None,
+                    batch: None,
+                    rooms: Vec::new(),
                 },
             );
             self.stats.sessions_created += 1;
@@ -1095,6 +1647,13 @@ impl Server {
         });
         let idle_at = self.now + self.config.idle_timeout;
         self.arm(idle_at, ServerTimer::Idle(connection));
+        if let Some(age) = self.config.max_connection_age {
+            // Up to 10 % earlier, derived from the connection id: spread out,
+            // yet deterministic.
+            let spread = age.mul_f64((spread_hash(connection.0) % 1000) as f64 / 10_000.0);
+            let at = self.now + age.saturating_sub(spread);
+            self.arm(at, ServerTimer::Rotate(connection));
+        }
         self.retransmit(session, 1);
         self.flush(session);
     }
@@ -1133,7 +1692,11 @@ impl Server {
                     self.retransmit(session, from);
                 }
             }
-            Frame::Raw(data) => self.emit(ServerEvent::Datagram { session, data }),
+            Frame::Raw(data) => {
+                if self.admit(connection, session, MessageId::SYSTEM, data.len()) {
+                    self.emit(ServerEvent::Datagram { session, data });
+                }
+            }
             Frame::Auth { token } => self.emit(ServerEvent::TokenReceived {
                 connection,
                 session,
@@ -1148,6 +1711,82 @@ impl Server {
                 CloseCode::PROTOCOL_ERROR,
                 "server-only frame from a client",
             ),
+        }
+    }
+
+    /// Charges a message to its connection's rate limit. False when it must
+    /// not be processed (dropped with an event, or the connection closed).
+    fn admit(
+        &mut self,
+        connection: ConnectionId,
+        session: SessionId,
+        id: MessageId,
+        bytes: usize,
+    ) -> bool {
+        let now = self.now;
+        let Some(limiter) = self
+            .conns
+            .get_mut(&connection)
+            .and_then(|c| c.limiter.as_mut())
+        else {
+            return true;
+        };
+        match limiter.check(now, bytes) {
+            RateDecision::Allow => true,
+            RateDecision::Exceeded { policy, which, .. } => {
+                self.stats.rate_limited += 1;
+                match policy.close_code() {
+                    Some(code) => self.disconnect(connection, code, "rate limit exceeded"),
+                    None => self.emit(ServerEvent::RateLimited {
+                        session,
+                        message: id,
+                        limit: which,
+                    }),
+                }
+                false
+            }
+        }
+    }
+
+    /// Hands a delivered client message to the room logic or the application.
+    fn dispatch(&mut self, session: SessionId, m: Msg) {
+        match (m.kind, m.room.clone()) {
+            (MsgKind::Join, Some(room)) => {
+                let name = self.rooms.name(&room);
+                if let Err(e) = self.do_join(session, &room, true) {
+                    self.refuse(session, &name, "join", e.to_string());
+                }
+            }
+            (MsgKind::Leave, Some(room)) => {
+                self.do_leave(session, &room);
+            }
+            (MsgKind::Plain | MsgKind::Request, Some(room)) => {
+                let name = self.rooms.name(&room);
+                let Some(member) = self.member_of(session) else {
+                    return;
+                };
+                if !self.rooms.is_member(&room, session) {
+                    self.refuse(session, &name, "publish", "not a member of the room".into());
+                    return;
+                }
+                if let Err(reason) = self.policy.authorize_publish(&member, &room) {
+                    self.refuse(session, &name, "publish", reason);
+                    return;
+                }
+                let exclude = (!self.config.echo_publish).then_some(session);
+                let payload = m.payload.clone();
+                self.emit(ServerEvent::Message {
+                    session,
+                    message: Received::from_msg(m),
+                });
+                self.do_broadcast(&name, &payload, exclude);
+            }
+            // Server-only kinds from a client carry nothing to act on.
+            (MsgKind::Presence | MsgKind::Refused, _) => {}
+            _ => self.emit(ServerEvent::Message {
+                session,
+                message: Received::from_msg(m),
+            }),
         }
     }
 
@@ -1171,10 +1810,9 @@ impl Server {
                     s.ack_due = Some(self.now + ack_delay);
                 }
                 self.stats.messages_in += 1;
-                self.emit(ServerEvent::Message {
-                    session,
-                    message: Received::from_msg(m),
-                });
+                if self.admit(connection, session, MessageId(m.id), m.payload.len()) {
+                    self.dispatch(session, m);
+                }
                 if flush_now {
                     self.flush_ack(session);
                 } else if arm {
@@ -1232,8 +1870,7 @@ impl Server {
         };
         // What a batch was collecting is unacknowledged and numbered at or
         // after `from`: the retransmission carries it.
-        s.batch.clear();
-        s.batch_due = None;
+        s.batch = None;
         let Some(conn) = s.conn else { return };
         let ack = s.inbound.delivered();
         let frames: Vec<Frame> = s
@@ -1280,12 +1917,18 @@ impl Server {
                     let Some(s) = self.sessions.get_mut(&session) else {
                         return;
                     };
-                    if s.batch.push(m, &cfg) {
+                    let fresh = s.batch.is_none();
+                    let pending = s.batch.get_or_insert_with(|| {
+                        Box::new(PendingBatch {
+                            batcher: Batcher::default(),
+                            due: now + cfg.window,
+                        })
+                    });
+                    let due = pending.due;
+                    if pending.batcher.push(m, &cfg) {
                         self.send_batch(session);
-                    } else if s.batch_due.is_none() {
-                        let at = now + cfg.window;
-                        s.batch_due = Some(at);
-                        self.arm(at, ServerTimer::Batch(session));
+                    } else if fresh {
+                        self.arm(due, ServerTimer::Batch(session));
                     }
                 }
                 (_, frame) => self.transmit(conn, &frame),
@@ -1305,8 +1948,8 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
-        s.batch_due = None;
-        let (Some(conn), Some(frame)) = (s.conn, s.batch.take()) else {
+        let (Some(conn), Some(frame)) = (s.conn, s.batch.take().and_then(|mut b| b.batcher.take()))
+        else {
             return;
         };
         self.transmit(conn, &frame);
@@ -1351,7 +1994,7 @@ impl Server {
     }
 
     fn transmit_as(&mut self, connection: ConnectionId, frame: &Frame, codec: Codec, version: u8) {
-        match wire::encode(frame, codec, version) {
+        match wire::encode_with(frame, codec, version, &mut self.scratch) {
             Ok(t) => {
                 self.stats.frames_out += 1;
                 self.stats.bytes_out += t.len() as u64;
@@ -1365,6 +2008,21 @@ impl Server {
             ),
         }
     }
+}
+
+/// SplitMix64's finalizer: a well-spread hash of a small integer.
+fn spread_hash(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn check_room_name(room: &str) -> Result<(), RoomError> {
+    if room.is_empty() || room.len() > wire::MAX_TOKEN_LEN {
+        return Err(RoomError::BadName);
+    }
+    Ok(())
 }
 
 fn duration_ms(d: Duration) -> u64 {

@@ -113,8 +113,12 @@ impl Payload {
     /// A JSON payload. Fails unless `data` is exactly one JSON value.
     pub fn json(data: impl Into<Bytes>) -> Result<Payload, PayloadError> {
         let data = data.into();
-        serde_json::from_slice::<&RawValue>(&data)
+        let raw = serde_json::from_slice::<&RawValue>(&data)
             .map_err(|e| PayloadError::InvalidJson(e.to_string()))?;
+        // Keep only the value's own text: surrounding whitespace would not
+        // survive embedding in a JSON envelope, and payloads must arrive as
+        // they were sent, byte for byte.
+        let data = data.slice_ref(raw.get().as_bytes());
         Ok(Payload {
             kind: PayloadKind::Json,
             data,
@@ -137,6 +141,14 @@ impl Payload {
             kind: PayloadKind::MsgPack,
             data,
         })
+    }
+
+    /// The JSON value `null` (the payload of room operations).
+    pub fn null() -> Payload {
+        Payload {
+            kind: PayloadKind::Json,
+            data: Bytes::from_static(b"null"),
+        }
     }
 
     /// An opaque binary payload.
@@ -327,8 +339,13 @@ pub struct Msg {
     pub ack: Option<u64>,
     /// The sender's timestamp in milliseconds, if it supplied one.
     pub ts: Option<u64>,
-    /// Whether this is a plain message, a request, or a response.
+    /// Whether this is a plain message, a request, a response, or a room
+    /// operation.
     pub kind: MsgKind,
+    /// The room a message is published to (client to server) or was
+    /// broadcast in (server to client), and the room of a room operation.
+    /// Shared: a broadcast clones a reference count per member, not the name.
+    pub room: Option<std::sync::Arc<str>>,
     /// The application payload.
     pub payload: Payload,
 }
@@ -344,6 +361,34 @@ pub enum MsgKind {
     Request,
     /// The response to the request whose `id` this is (`"rs":id` on the wire).
     Response(u64),
+    /// Client to server: join the room `room` (`"op":"join"`).
+    Join,
+    /// Client to server: leave the room `room` (`"op":"leave"`).
+    Leave,
+    /// Server to client: who is in `room`; the payload is JSON
+    /// `{"snapshot":bool,"joined":[member...],"left":[member...]}`
+    /// (`"op":"presence"`).
+    Presence,
+    /// Server to client: a join or publish in `room` was refused; the payload
+    /// is JSON `{"op":"join"|"publish","reason":string}` (`"op":"refused"`).
+    Refused,
+}
+
+impl MsgKind {
+    fn op(self) -> Option<&'static str> {
+        match self {
+            MsgKind::Join => Some("join"),
+            MsgKind::Leave => Some("leave"),
+            MsgKind::Presence => Some("presence"),
+            MsgKind::Refused => Some("refused"),
+            _ => None,
+        }
+    }
+
+    /// Whether the kind needs a room.
+    pub fn needs_room(self) -> bool {
+        self.op().is_some()
+    }
 }
 
 /// Everything that crosses the wire.
@@ -601,7 +646,13 @@ macro_rules! envelope {
             ack: Option<u64>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             ts: Option<u64>,
-            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            // `"j":null` is a JSON payload of null, not a missing payload.
+            #[serde(
+                default,
+                borrow,
+                deserialize_with = "present",
+                skip_serializing_if = "Option::is_none"
+            )]
             j: Option<$j>,
             #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
             m: Option<$x>,
@@ -615,6 +666,10 @@ macro_rules! envelope {
             code: Option<u16>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             retry: Option<u64>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            r: Option<Cow<'a, str>>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            op: Option<Cow<'a, str>>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             rq: Option<bool>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -627,6 +682,13 @@ macro_rules! envelope {
             f: Option<Vec<$name<'a>>>,
         }
     };
+}
+
+/// Deserializes a field that is present as `Some`, even if its value is null.
+fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 envelope!(JsonEnvelope, &'a RawValue, Cow<'a, str>);
@@ -729,18 +791,77 @@ fn token_list(
 /// Handshake frames are always JSON; [`Frame::Raw`] always uses the binary
 /// header. Fails only if a frame cannot be represented (an [`Frame::Unknown`]).
 pub fn encode(frame: &Frame, codec: Codec, version: u8) -> Result<Transmit, EncodeError> {
+    let mut out = Vec::new();
+    let kind = encode_into(frame, codec, version, &mut out)?;
+    Ok(kind.with(out.into()))
+}
+
+/// Encodes into a reusable buffer, then copies the result out at its exact
+/// size: one allocation per frame, the frame itself. The machines keep one
+/// such buffer each.
+pub(crate) fn encode_with(
+    frame: &Frame,
+    codec: Codec,
+    version: u8,
+    scratch: &mut Vec<u8>,
+) -> Result<Transmit, EncodeError> {
+    let kind = encode_into(frame, codec, version, scratch)?;
+    let t = kind.with(Bytes::copy_from_slice(scratch));
+    // A rare huge frame should not pin its memory for the machine's life.
+    if scratch.capacity() > 64 * 1024 {
+        *scratch = Vec::new();
+    }
+    Ok(t)
+}
+
+/// Which kind of WebSocket message an encoded frame travels in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A text message.
+    Text,
+    /// A binary message.
+    Binary,
+}
+
+impl FrameKind {
+    fn with(self, data: Bytes) -> Transmit {
+        match self {
+            FrameKind::Text => Transmit::Text(data),
+            FrameKind::Binary => Transmit::Binary(data),
+        }
+    }
+}
+
+/// Encodes a frame into `out` (cleared first) and says which kind of
+/// WebSocket message carries it.
+pub fn encode_into(
+    frame: &Frame,
+    codec: Codec,
+    version: u8,
+    out: &mut Vec<u8>,
+) -> Result<FrameKind, EncodeError> {
+    out.clear();
     match frame {
-        Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) => encode_handshake(frame),
+        Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) => {
+            encode_handshake(frame, out)?;
+            Ok(FrameKind::Text)
+        }
         Frame::Raw(data) => {
-            let mut out = Vec::with_capacity(BINARY_HEADER_LEN + data.len());
-            push_header(&mut out, KIND_RAW, version, data.len())?;
+            out.reserve(BINARY_HEADER_LEN + data.len());
+            push_header(out, KIND_RAW, version, data.len())?;
             out.extend_from_slice(data);
-            Ok(Transmit::Binary(out.into()))
+            Ok(FrameKind::Binary)
         }
         Frame::Unknown(_) => Err(EncodeError::Unrepresentable),
         _ => match codec {
-            Codec::Json => encode_json(frame),
-            Codec::MsgPack => encode_msgpack(frame, version),
+            Codec::Json => {
+                encode_json(frame, out)?;
+                Ok(FrameKind::Text)
+            }
+            Codec::MsgPack => {
+                encode_msgpack(frame, version, out)?;
+                Ok(FrameKind::Binary)
+            }
         },
     }
 }
@@ -768,7 +889,7 @@ fn push_header(out: &mut Vec<u8>, kind: u8, version: u8, len: usize) -> Result<(
     Ok(())
 }
 
-fn encode_handshake(frame: &Frame) -> Result<Transmit, EncodeError> {
+fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let mut env = HandshakeEnvelope::default();
     let hex_session;
     let hex_client;
@@ -810,9 +931,7 @@ fn encode_handshake(frame: &Frame) -> Result<Transmit, EncodeError> {
         }
         _ => return Err(EncodeError::Unrepresentable),
     }
-    serde_json::to_vec(&env)
-        .map(|v| Transmit::Text(v.into()))
-        .map_err(|e| EncodeError::Serializer(e.to_string()))
+    serde_json::to_writer(out, &env).map_err(|e| EncodeError::Serializer(e.to_string()))
 }
 
 /// Fills the fields every non-handshake envelope shares; the payload is
@@ -869,10 +988,15 @@ macro_rules! fill_msg {
             MsgKind::Plain => {}
             MsgKind::Request => $env.rq = Some(true),
             MsgKind::Response(to) => $env.rs = Some(to),
+            other => $env.op = other.op().map(Cow::Borrowed),
         }
+        $env.r = $m.room.as_deref().map(Cow::Borrowed);
     }};
 }
 
+/// The serde form of a `msg` envelope: the oracle the hand-written encoder
+/// is checked against.
+#[cfg(test)]
 fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
     let mut env = JsonEnvelope::default();
     fill_msg!(env, m);
@@ -890,23 +1014,84 @@ fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
     Ok(env)
 }
 
-fn encode_json(frame: &Frame) -> Result<Transmit, EncodeError> {
-    let env = match frame {
-        Frame::Msg(m) => json_msg(m)?,
-        Frame::Batch(msgs) => JsonEnvelope {
-            t: "batch".into(),
-            f: Some(msgs.iter().map(json_msg).collect::<Result<_, _>>()?),
-            ..JsonEnvelope::default()
-        },
+fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    match frame {
+        // The hot path, written by hand: a JSON payload was validated when
+        // the `Payload` was made and is copied in as is, not parsed again.
+        Frame::Msg(m) => write_json_msg(m, out),
+        Frame::Batch(msgs) => {
+            out.extend_from_slice(br#"{"t":"batch","f":["#);
+            for (i, m) in msgs.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_msg(m, out)?;
+            }
+            out.extend_from_slice(b"]}");
+            Ok(())
+        }
         _ => {
             let mut env = JsonEnvelope::default();
             fill_common!(env, frame);
-            env
+            serde_json::to_writer(out, &env).map_err(|e| EncodeError::Serializer(e.to_string()))
         }
-    };
-    serde_json::to_vec(&env)
-        .map(|v| Transmit::Text(v.into()))
-        .map_err(|e| EncodeError::Serializer(e.to_string()))
+    }
+}
+
+/// Appends the base64 text of `data` to `out`.
+fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
+    let start = out.len();
+    let n = base64::encoded_len(data.len(), true).unwrap_or(0);
+    out.resize(start + n, 0);
+    let written = B64.encode_slice(data, &mut out[start..]).unwrap_or(0);
+    out.truncate(start + written);
+}
+
+/// Writes a `msg` envelope with the same field order serde would use.
+fn write_json_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    use std::io::Write as _;
+    let io = |e: std::io::Error| EncodeError::Serializer(e.to_string());
+    write!(out, r#"{{"t":"msg","seq":{},"id":{}"#, m.seq, m.id).map_err(io)?;
+    if let Some(ack) = m.ack {
+        write!(out, r#","ack":{ack}"#).map_err(io)?;
+    }
+    if let Some(ts) = m.ts {
+        write!(out, r#","ts":{ts}"#).map_err(io)?;
+    }
+    let data = &m.payload.data;
+    match m.payload.kind {
+        PayloadKind::Json => {
+            out.extend_from_slice(br#","j":"#);
+            out.extend_from_slice(data);
+        }
+        PayloadKind::MsgPack => {
+            out.extend_from_slice(br#","m":""#);
+            push_base64(out, data);
+            out.push(b'"');
+        }
+        PayloadKind::Binary => {
+            out.extend_from_slice(br#","b":""#);
+            push_base64(out, data);
+            out.push(b'"');
+        }
+    }
+    if let Some(room) = &m.room {
+        out.extend_from_slice(br#","r":"#);
+        serde_json::to_writer(&mut *out, &**room)
+            .map_err(|e| EncodeError::Serializer(e.to_string()))?;
+    }
+    match m.kind {
+        MsgKind::Plain => {}
+        MsgKind::Request => out.extend_from_slice(br#","rq":true"#),
+        MsgKind::Response(to) => write!(out, r#","rs":{to}"#).map_err(io)?,
+        other => {
+            if let Some(op) = other.op() {
+                write!(out, r#","op":"{op}""#).map_err(io)?;
+            }
+        }
+    }
+    out.push(b'}');
+    Ok(())
 }
 
 fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
@@ -925,7 +1110,7 @@ fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
     Ok(env)
 }
 
-fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
+fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let env = match frame {
         Frame::Msg(m) => pack_msg(m)?,
         Frame::Batch(msgs) => PackEnvelope {
@@ -939,15 +1124,15 @@ fn encode_msgpack(frame: &Frame, version: u8) -> Result<Transmit, EncodeError> {
             env
         }
     };
-    let mut out = Vec::with_capacity(BINARY_HEADER_LEN + 32 + frame_payload_len(frame));
+    out.reserve(BINARY_HEADER_LEN + 48 + frame_payload_len(frame));
     out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
-    rmp_serde::encode::write_named(&mut out, &env)
+    rmp_serde::encode::write_named(out, &env)
         .map_err(|e| EncodeError::Serializer(e.to_string()))?;
-    let body = out.len() - BINARY_HEADER_LEN;
-    let mut header = Vec::with_capacity(BINARY_HEADER_LEN);
-    push_header(&mut header, KIND_MSGPACK, version, body)?;
-    out[..BINARY_HEADER_LEN].copy_from_slice(&header);
-    Ok(Transmit::Binary(out.into()))
+    let body = u32::try_from(out.len() - BINARY_HEADER_LEN).map_err(|_| EncodeError::TooLarge)?;
+    out[0] = KIND_MSGPACK;
+    out[1] = version;
+    out[2..BINARY_HEADER_LEN].copy_from_slice(&body.to_le_bytes());
+    Ok(())
 }
 
 fn frame_payload_len(frame: &Frame) -> usize {
@@ -1044,6 +1229,8 @@ macro_rules! envelope_frame {
                 token: $env.token.as_deref(),
                 rq: $env.rq,
                 rs: $env.rs,
+                room: $env.r.as_deref(),
+                op: $env.op.as_deref(),
             },
             || $payload($env),
         )
@@ -1164,6 +1351,8 @@ struct Extra<'a> {
     token: Option<&'a str>,
     rq: Option<bool>,
     rs: Option<u64>,
+    room: Option<&'a str>,
+    op: Option<&'a str>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1195,23 +1384,51 @@ fn common_frame(
                     reason: "sequence numbers start at 1",
                 });
             }
-            let kind = match (extra.rq, extra.rs) {
-                (None | Some(false), None) => MsgKind::Plain,
-                (Some(true), None) => MsgKind::Request,
-                (None | Some(false), Some(to)) => MsgKind::Response(to),
-                (Some(true), Some(_)) => {
+            let kind = match (extra.rq, extra.rs, extra.op) {
+                (None | Some(false), None, None) => MsgKind::Plain,
+                (Some(true), None, None) => MsgKind::Request,
+                (None | Some(false), Some(to), None) => MsgKind::Response(to),
+                (None | Some(false), None, Some(op)) => match op {
+                    "join" => MsgKind::Join,
+                    "leave" => MsgKind::Leave,
+                    "presence" => MsgKind::Presence,
+                    "refused" => MsgKind::Refused,
+                    _ => {
+                        return Err(DecodeError::InvalidField {
+                            field: "op",
+                            reason: "unknown room operation",
+                        })
+                    }
+                },
+                _ => {
                     return Err(DecodeError::InvalidField {
                         field: "rs",
-                        reason: "a message cannot be both a request and a response",
+                        reason: "a message has at most one of rq, rs and op",
                     })
                 }
             };
+            let room = match extra.room {
+                Some(r) if r.is_empty() || r.len() > MAX_TOKEN_LEN => {
+                    return Err(DecodeError::InvalidField {
+                        field: "r",
+                        reason: "room names are 1 to 256 bytes",
+                    })
+                }
+                r => r.map(std::sync::Arc::from),
+            };
+            if kind.needs_room() && room.is_none() {
+                return Err(DecodeError::MissingField {
+                    frame: "msg",
+                    field: "r",
+                });
+            }
             Frame::Msg(Msg {
                 seq,
                 id: need(id, "msg", "id")?,
                 ack,
                 ts,
                 kind,
+                room,
                 payload: payload()?,
             })
         }
@@ -1419,6 +1636,7 @@ mod tests {
                 ack: Some(4),
                 ts: Some(1_700_000_000_000),
                 kind: MsgKind::Plain,
+                room: Some("lobby".into()),
                 payload: Payload::json(&br#"{"x":[1,2,"\u00e9"]}"#[..]).unwrap(),
             }),
             Frame::Msg(Msg {
@@ -1427,6 +1645,7 @@ mod tests {
                 ack: None,
                 ts: None,
                 kind: MsgKind::Request,
+                room: None,
                 payload: Payload::binary(&b"\xff\x00bin"[..]),
             }),
             Frame::Msg(Msg {
@@ -1435,6 +1654,7 @@ mod tests {
                 ack: None,
                 ts: None,
                 kind: MsgKind::Response(78),
+                room: None,
                 payload: Payload::msgpack(rmp_serde::to_vec(&(1, "two")).unwrap()).unwrap(),
             }),
         ]
@@ -1501,6 +1721,81 @@ mod tests {
     }
 
     #[test]
+    fn json_payloads_are_stored_without_surrounding_whitespace() {
+        let p = Payload::json(&b" \n 1 \t"[..]).unwrap();
+        assert_eq!(&p.data()[..], b"1");
+        let f = Frame::Msg(Msg {
+            seq: 1,
+            id: 1,
+            ack: None,
+            ts: None,
+            kind: MsgKind::Plain,
+            room: None,
+            payload: p,
+        });
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let wire = encode(&f, codec, 1).unwrap();
+            assert_eq!(decode(wire.as_incoming(), &LIMITS).unwrap(), f, "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn hand_written_json_matches_serde() {
+        let payloads = [
+            Payload::json(&br#"{"a":[1,"\u00e9\n"]}"#[..]).unwrap(),
+            Payload::null(),
+            Payload::binary(&b"\x00\xff binary"[..]),
+            Payload::msgpack(vec![0x92, 0x01, 0xa1, b'x']).unwrap(),
+        ];
+        let kinds = [
+            MsgKind::Plain,
+            MsgKind::Request,
+            MsgKind::Response(9),
+            MsgKind::Join,
+            MsgKind::Presence,
+        ];
+        for payload in &payloads {
+            for kind in kinds {
+                for room in [None, Some("lobby"), Some("quo\"te\\ \u{1}")] {
+                    let m = Msg {
+                        seq: 7,
+                        id: u64::MAX,
+                        ack: Some(3),
+                        ts: (kind == MsgKind::Plain).then_some(1_700_000_000_000),
+                        kind,
+                        room: room.map(std::sync::Arc::from),
+                        payload: payload.clone(),
+                    };
+                    let mut ours = Vec::new();
+                    write_json_msg(&m, &mut ours).unwrap();
+                    let theirs = serde_json::to_vec(&json_msg(&m).unwrap()).unwrap();
+                    assert_eq!(
+                        String::from_utf8_lossy(&ours),
+                        String::from_utf8_lossy(&theirs)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_null_payload_is_a_payload() {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let f = Frame::Msg(Msg {
+                seq: 1,
+                id: 1,
+                ack: None,
+                ts: None,
+                kind: MsgKind::Plain,
+                room: None,
+                payload: Payload::null(),
+            });
+            let wire = encode(&f, codec, 1).unwrap();
+            assert_eq!(decode(wire.as_incoming(), &LIMITS).unwrap(), f, "{codec:?}");
+        }
+    }
+
+    #[test]
     fn handshake_is_always_json_text() {
         for frame in &samples()[..3] {
             assert!(matches!(
@@ -1520,7 +1815,7 @@ mod tests {
         let Transmit::Text(b) = t else { panic!() };
         assert_eq!(
             std::str::from_utf8(&b).unwrap(),
-            r#"{"t":"msg","seq":1,"id":77,"ack":4,"ts":1700000000000,"j":{"x":[1,2,"\u00e9"]}}"#
+            r#"{"t":"msg","seq":1,"id":77,"ack":4,"ts":1700000000000,"j":{"x":[1,2,"\u00e9"]},"r":"lobby"}"#
         );
     }
 

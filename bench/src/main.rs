@@ -1,0 +1,280 @@
+//! Kitestring benchmarks, each measured against a plain-tungstenite
+//! baseline in the same run, reported as ratios.
+//!
+//! ```text
+//! cargo run --release -p kitestring-bench -- all            # every scenario
+//! cargo run --release -p kitestring-bench -- core-cost      # one scenario
+//! cargo run --release -p kitestring-bench -- all --quick    # smoke run (CI)
+//! cargo run --release -p kitestring-bench -- all --json out.json
+//! ```
+//!
+//! Figures are never asserted: BENCHMARKS.md records them with the machine
+//! and the date.
+
+use std::process::{Command, ExitCode};
+use std::time::Instant as StdInstant;
+
+use kitestring_core::wire::Codec;
+
+mod alloc;
+mod core_cost;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
+/// One figure: ours, the baseline's, and how they compare.
+struct Figure {
+    scenario: String,
+    metric: &'static str,
+    ours: f64,
+    baseline: f64,
+    /// Whether a bigger number is better (throughput) or worse (cost).
+    higher_is_better: bool,
+    target: Option<f64>,
+}
+
+impl Figure {
+    fn ratio(&self) -> f64 {
+        if self.baseline == 0.0 {
+            return f64::NAN;
+        }
+        self.ours / self.baseline
+    }
+
+    fn meets(&self) -> Option<bool> {
+        let t = self.target?;
+        let r = self.ratio();
+        Some(if self.higher_is_better {
+            r >= t
+        } else {
+            r <= t
+        })
+    }
+}
+
+struct Options {
+    quick: bool,
+    json: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("inner") {
+        return inner(&args[1..]);
+    }
+    let mut opts = Options {
+        quick: false,
+        json: None,
+    };
+    let mut scenarios = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => opts.quick = true,
+            "--json" => match it.next() {
+                Some(p) => opts.json = Some(p.clone()),
+                None => return usage("--json needs a path"),
+            },
+            "all" => scenarios.extend(SCENARIOS.iter().map(|(n, _)| (*n).to_string())),
+            s if SCENARIOS.iter().any(|(n, _)| *n == s) => scenarios.push(s.to_string()),
+            other => return usage(&format!("unknown argument `{other}`")),
+        }
+    }
+    if scenarios.is_empty() {
+        return usage("name a scenario or `all`");
+    }
+    let mut figures = Vec::new();
+    for name in &scenarios {
+        let Some((_, run)) = SCENARIOS.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        eprintln!("== {name}");
+        figures.extend(run(&opts));
+    }
+    report(&figures);
+    if let Some(path) = &opts.json {
+        if let Err(e) = std::fs::write(path, to_json(&figures)) {
+            eprintln!("writing {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+type Scenario = fn(&Options) -> Vec<Figure>;
+
+const SCENARIOS: &[(&str, Scenario)] = &[("core-cost", core_cost_scenario)];
+
+fn usage(problem: &str) -> ExitCode {
+    eprintln!("{problem}");
+    eprintln!(
+        "usage: kitestring-bench <all | {}>... [--quick] [--json PATH]",
+        SCENARIOS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    ExitCode::FAILURE
+}
+
+/// Runs one side of a scenario `n` times; used under callgrind.
+fn inner(args: &[String]) -> ExitCode {
+    let n: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let done = match args.first().map(String::as_str) {
+        Some("core-msgpack") => core_cost::CorePair::new(Codec::MsgPack).run(n),
+        Some("core-json") => core_cost::CorePair::new(Codec::Json).run(n),
+        Some("tungstenite") => core_cost::TungPair::new().run(n),
+        _ => return ExitCode::FAILURE,
+    };
+    if done == n {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("only {done} of {n} messages went through");
+        ExitCode::FAILURE
+    }
+}
+
+/// Instructions one run of `inner <what> <n>` executes, by callgrind.
+fn callgrind(what: &str, n: u64) -> Option<u64> {
+    let exe = std::env::current_exe().ok()?;
+    let out = std::env::temp_dir().join(format!(
+        "kitestring-callgrind-{}-{what}-{n}.out",
+        std::process::id()
+    ));
+    let status = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(exe)
+        .args(["inner", what, &n.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    let text = std::fs::read_to_string(&out).ok();
+    let _ = std::fs::remove_file(&out);
+    if !status.success() {
+        return None;
+    }
+    text?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Instructions per message: the difference between two run lengths cancels
+/// process start-up and set-up.
+fn instructions_per_message(what: &str, n1: u64, n2: u64) -> Option<f64> {
+    let a = callgrind(what, n1)?;
+    let b = callgrind(what, n2)?;
+    Some(b.saturating_sub(a) as f64 / (n2 - n1) as f64)
+}
+
+fn time_per_message(mut run: impl FnMut(u64) -> u64, n: u64) -> f64 {
+    run(n / 10);
+    let t = StdInstant::now();
+    run(n);
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn allocations_per_message(mut run: impl FnMut(u64) -> u64, n: u64) -> f64 {
+    run(n / 5);
+    let before = alloc::allocations();
+    run(n);
+    (alloc::allocations() - before) as f64 / n as f64
+}
+
+fn core_cost_scenario(opts: &Options) -> Vec<Figure> {
+    let (n1, n2, timed) = if opts.quick {
+        (200, 1_200, 5_000)
+    } else {
+        (2_000, 22_000, 200_000)
+    };
+    let mut figures = Vec::new();
+    let base_instr = instructions_per_message("tungstenite", n1, n2);
+    let mut tung = core_cost::TungPair::new();
+    let base_ns = time_per_message(|n| tung.run(n), timed);
+    let base_allocs = allocations_per_message(|n| tung.run(n), timed / 2);
+    for (codec, name, target) in [(Codec::MsgPack, "msgpack", 1.5), (Codec::Json, "json", 2.5)] {
+        let what = format!("core-{name}");
+        let ours_instr = instructions_per_message(&what, n1, n2);
+        let mut pair = core_cost::CorePair::new(codec);
+        let ours_ns = time_per_message(|n| pair.run(n), timed);
+        let ours_allocs = allocations_per_message(|n| pair.run(n), timed / 2);
+        match (ours_instr, base_instr) {
+            (Some(o), Some(b)) => figures.push(Figure {
+                scenario: format!("core cost, 32 B, {name}"),
+                metric: "instructions/message (callgrind)",
+                ours: o,
+                baseline: b,
+                higher_is_better: false,
+                target: Some(target),
+            }),
+            _ => eprintln!("valgrind unavailable: instruction counts skipped"),
+        }
+        figures.push(Figure {
+            scenario: format!("core cost, 32 B, {name}"),
+            metric: "ns/message (timed)",
+            ours: ours_ns,
+            baseline: base_ns,
+            higher_is_better: false,
+            target: Some(target),
+        });
+        figures.push(Figure {
+            scenario: format!("core cost, 32 B, {name}"),
+            metric: "heap allocations/message",
+            ours: ours_allocs,
+            baseline: base_allocs,
+            higher_is_better: false,
+            target: None,
+        });
+    }
+    figures
+}
+
+fn report(figures: &[Figure]) {
+    println!(
+        "{:<34} {:<34} {:>14} {:>14} {:>8} {:>8}",
+        "scenario", "metric", "kitestring", "baseline", "ratio", "target"
+    );
+    for f in figures {
+        let target = match (f.target, f.meets()) {
+            (Some(t), Some(true)) => {
+                format!("{}{t} ok", if f.higher_is_better { ">=" } else { "<=" })
+            }
+            (Some(t), _) => format!("{}{t} MISS", if f.higher_is_better { ">=" } else { "<=" }),
+            (None, _) => "-".into(),
+        };
+        println!(
+            "{:<34} {:<34} {:>14.2} {:>14.2} {:>8.3} {:>8}",
+            f.scenario,
+            f.metric,
+            f.ours,
+            f.baseline,
+            f.ratio(),
+            target
+        );
+    }
+}
+
+fn to_json(figures: &[Figure]) -> String {
+    let rows: Vec<serde_json::Value> = figures
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "scenario": f.scenario,
+                "metric": f.metric,
+                "ours": f.ours,
+                "baseline": f.baseline,
+                "ratio": f.ratio(),
+                "higher_is_better": f.higher_is_better,
+                "target": f.target,
+                "meets_target": f.meets(),
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&rows).unwrap_or_default()
+}

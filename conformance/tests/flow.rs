@@ -1,0 +1,182 @@
+//! Flow control: coalesced "latest value" sends and server rate limits.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use core::time::Duration;
+
+use kitestring_conformance::sim::{LinkConfig, Sim};
+use kitestring_core::client::State;
+use kitestring_core::config::{ClientConfig, ServerConfig};
+use kitestring_core::ratelimit::{Limit, RateLimitConfig, RateLimitPolicy};
+use kitestring_core::server::ServerEvent;
+use kitestring_core::wire::{Codec, Payload};
+
+fn pair(server: ServerConfig) -> (Sim, usize) {
+    let mut sim = Sim::new(
+        ServerConfig {
+            codecs: vec![Codec::Json],
+            ..server
+        },
+        LinkConfig::default(),
+        1,
+    );
+    let c = sim.add_client(ClientConfig::default(), 1);
+    sim.connect(c);
+    sim.run_for(Duration::from_secs(1));
+    (sim, c)
+}
+
+fn received(sim: &Sim) -> Vec<(u64, String)> {
+    sim.server_events
+        .iter()
+        .filter_map(|(t, e)| match e {
+            ServerEvent::Message { message, .. } => Some((
+                t.as_millis(),
+                String::from_utf8_lossy(message.payload.data()).into_owned(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn latest_values_are_paced_and_the_last_one_always_arrives() {
+    let (mut sim, c) = pair(ServerConfig::default());
+    // 1000 cursor positions in one second, on two keys.
+    for i in 0..1000u64 {
+        let key = if i % 2 == 0 { "cursor" } else { "scroll" };
+        sim.with_client(c, |cl, now| {
+            cl.send_latest(
+                now,
+                key,
+                Payload::json(format!("[\"{key}\",{i}]").into_bytes()).unwrap(),
+            )
+        })
+        .unwrap();
+        sim.run_for(Duration::from_millis(1));
+    }
+    sim.run_for(Duration::from_secs(1));
+    let got = received(&sim);
+    for key in ["cursor", "scroll"] {
+        let vals: Vec<(u64, u64)> = got
+            .iter()
+            .filter(|(_, p)| p.contains(key))
+            .map(|(t, p)| {
+                (
+                    *t,
+                    p.trim_end_matches(']')
+                        .rsplit(',')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        // At most about 60 per second (plus the first, sent at once).
+        assert!(
+            vals.len() <= 62,
+            "{key}: {} updates in a second",
+            vals.len()
+        );
+        assert!(vals.len() >= 55, "{key}: only {} updates", vals.len());
+        // Never older than one already delivered, and the final value arrives.
+        assert!(
+            vals.windows(2).all(|w| w[0].1 < w[1].1),
+            "{key}: out of order"
+        );
+        assert_eq!(
+            vals.last().unwrap().1,
+            if key == "cursor" { 998 } else { 999 }
+        );
+    }
+}
+
+#[test]
+fn closing_sends_the_final_values() {
+    let (mut sim, c) = pair(ServerConfig::default());
+    for i in 0..5u64 {
+        sim.with_client(c, |cl, now| {
+            cl.send_latest(
+                now,
+                "k",
+                Payload::json(format!("{i}").into_bytes()).unwrap(),
+            )
+        })
+        .unwrap();
+    }
+    sim.close(c);
+    sim.run_for(Duration::from_secs(1));
+    let vals: Vec<String> = received(&sim).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        vals,
+        vec!["0".to_string(), "4".to_string()],
+        "first at once, final on close"
+    );
+}
+
+#[test]
+fn rate_limit_drops_with_an_event() {
+    let (mut sim, c) = pair(ServerConfig {
+        rate_limit: Some(RateLimitConfig {
+            messages_per_sec: 10,
+            message_burst: 5,
+            bytes_per_sec: 1 << 20,
+            byte_burst: 1 << 20,
+            policy: RateLimitPolicy::Drop,
+        }),
+        ..ServerConfig::default()
+    });
+    for i in 0..20u64 {
+        sim.client_send(c, Payload::json(format!("{i}").into_bytes()).unwrap())
+            .unwrap();
+    }
+    sim.run_for(Duration::from_secs(2));
+    let delivered = received(&sim).len();
+    let dropped = sim
+        .server_events
+        .iter()
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                ServerEvent::RateLimited {
+                    limit: Limit::Messages,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(delivered, 5, "the burst");
+    assert_eq!(dropped, 15);
+    assert_eq!(sim.state(c), &State::Open, "dropping keeps the connection");
+    assert_eq!(
+        sim.peers[c].client.unacknowledged().0,
+        0,
+        "dropped messages are acknowledged"
+    );
+}
+
+#[test]
+fn rate_limit_can_close_with_1008() {
+    let (mut sim, c) = pair(ServerConfig {
+        rate_limit: Some(RateLimitConfig {
+            messages_per_sec: 10,
+            message_burst: 5,
+            bytes_per_sec: 1 << 20,
+            byte_burst: 1 << 20,
+            policy: RateLimitPolicy::Close,
+        }),
+        ..ServerConfig::default()
+    });
+    for i in 0..20u64 {
+        sim.client_send(c, Payload::json(format!("{i}").into_bytes()).unwrap())
+            .unwrap();
+    }
+    sim.run_for(Duration::from_secs(2));
+    assert!(
+        matches!(sim.state(c), State::Failed { .. }),
+        "{:?}",
+        sim.state(c)
+    );
+    assert_eq!(sim.server.stats().close_codes.get(&1008), Some(&1));
+}

@@ -1,0 +1,239 @@
+//! Rooms: membership, the authorization policy, and presence payloads.
+//!
+//! Owns who is in which room and how a member is shown to others. It is pure
+//! data: the server machine decides when to call it and turns its answers
+//! into messages. Membership belongs to sessions, never to connections, so a
+//! member whose connection drops stays in its rooms through the grace period.
+//! A member is shown by client id and identity, never by session id (a
+//! session id is the secret that lets a client resume).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{ClientId, SessionId};
+
+/// How a member appears to the other members of a room.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Member {
+    /// The member's client instance, as 32 hex digits.
+    pub client: String,
+    /// The identity its connection authenticated as, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+impl Member {
+    pub(crate) fn new(client: ClientId, identity: Option<&str>) -> Member {
+        Member {
+            client: client.to_hex(),
+            identity: identity.map(str::to_owned),
+        }
+    }
+}
+
+/// A change in a room's membership, or its full list.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// True when `joined` is the complete member list (sent on join and
+    /// after a lost session is rejoined), false for a diff.
+    #[serde(default)]
+    pub snapshot: bool,
+    /// Members who joined (or, in a snapshot, every member).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joined: Vec<Member>,
+    /// Members who left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left: Vec<Member>,
+}
+
+/// Why a join or publish was refused, as the client sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// `"join"` or `"publish"`.
+    pub op: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Decides who may join and publish to which room. Called by the server
+/// machine for every join and every publish a client asks for; the
+/// application's own calls (`Server::join`, `Server::broadcast`) are not
+/// checked. Must be deterministic and must not block: it runs inside the
+/// machine.
+pub trait RoomPolicy: Send + Sync {
+    /// `Ok` to let `who` join `room`; `Err(reason)` refuses (the client gets
+    /// the reason).
+    fn authorize_join(&self, who: &Member, room: &str) -> Result<(), String> {
+        let _ = (who, room);
+        Ok(())
+    }
+
+    /// `Ok` to let `who` publish to `room`, of which it is a member.
+    fn authorize_publish(&self, who: &Member, room: &str) -> Result<(), String> {
+        let _ = (who, room);
+        Ok(())
+    }
+}
+
+/// The default policy: every member may join and publish anywhere.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllowAll;
+
+impl RoomPolicy for AllowAll {}
+
+/// Any closure pair can be a policy.
+pub struct PolicyFn<J, P> {
+    /// Join check.
+    pub join: J,
+    /// Publish check.
+    pub publish: P,
+}
+
+impl<J, P> RoomPolicy for PolicyFn<J, P>
+where
+    J: Fn(&Member, &str) -> Result<(), String> + Send + Sync,
+    P: Fn(&Member, &str) -> Result<(), String> + Send + Sync,
+{
+    fn authorize_join(&self, who: &Member, room: &str) -> Result<(), String> {
+        (self.join)(who, room)
+    }
+
+    fn authorize_publish(&self, who: &Member, room: &str) -> Result<(), String> {
+        (self.publish)(who, room)
+    }
+}
+
+impl fmt::Debug for dyn RoomPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RoomPolicy")
+    }
+}
+
+/// Every room and its members.
+#[derive(Debug, Default)]
+pub(crate) struct Rooms {
+    rooms: BTreeMap<Arc<str>, BTreeSet<SessionId>>,
+    memberships: usize,
+}
+
+/// Why a join could not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum JoinError {
+    RoomFull,
+}
+
+impl Rooms {
+    /// The shared name for `room`, reusing the existing one if the room exists.
+    pub(crate) fn name(&self, room: &str) -> Arc<str> {
+        match self.rooms.get_key_value(room) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(room),
+        }
+    }
+
+    /// Adds `session`; `Ok(false)` if it was already a member.
+    pub(crate) fn join(
+        &mut self,
+        room: &Arc<str>,
+        session: SessionId,
+        max: usize,
+    ) -> Result<bool, JoinError> {
+        let members = self.rooms.entry(room.clone()).or_default();
+        if members.contains(&session) {
+            return Ok(false);
+        }
+        if members.len() >= max {
+            if members.is_empty() {
+                self.rooms.remove(room);
+            }
+            return Err(JoinError::RoomFull);
+        }
+        members.insert(session);
+        self.memberships += 1;
+        Ok(true)
+    }
+
+    /// Removes `session`; false if it was not a member. Empty rooms vanish.
+    pub(crate) fn leave(&mut self, room: &str, session: SessionId) -> bool {
+        let Some(members) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        let removed = members.remove(&session);
+        if removed {
+            self.memberships -= 1;
+        }
+        if members.is_empty() {
+            self.rooms.remove(room);
+        }
+        removed
+    }
+
+    pub(crate) fn members(&self, room: &str) -> impl Iterator<Item = SessionId> + '_ {
+        self.rooms
+            .get(room)
+            .into_iter()
+            .flat_map(|m| m.iter().copied())
+    }
+
+    pub(crate) fn is_member(&self, room: &str, session: SessionId) -> bool {
+        self.rooms.get(room).is_some_and(|m| m.contains(&session))
+    }
+
+    pub(crate) fn size(&self, room: &str) -> usize {
+        self.rooms.get(room).map_or(0, BTreeSet::len)
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub(crate) fn memberships(&self) -> usize {
+        self.memberships
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_is_counted_and_bounded() {
+        let mut r = Rooms::default();
+        let room = r.name("lobby");
+        assert_eq!(r.join(&room, SessionId([1; 16]), 2), Ok(true));
+        assert_eq!(r.join(&room, SessionId([1; 16]), 2), Ok(false));
+        assert_eq!(r.join(&room, SessionId([2; 16]), 2), Ok(true));
+        assert_eq!(
+            r.join(&room, SessionId([3; 16]), 2),
+            Err(JoinError::RoomFull)
+        );
+        assert_eq!(r.memberships(), 2);
+        assert!(Arc::ptr_eq(&r.name("lobby"), &room), "names are shared");
+        assert!(r.leave("lobby", SessionId([1; 16])));
+        assert!(!r.leave("lobby", SessionId([1; 16])));
+        assert!(r.leave("lobby", SessionId([2; 16])));
+        assert_eq!(r.count(), 0, "empty rooms vanish");
+        let full = r.name("tiny");
+        assert_eq!(
+            r.join(&full, SessionId([1; 16]), 0),
+            Err(JoinError::RoomFull)
+        );
+        assert_eq!(r.count(), 0);
+    }
+
+    #[test]
+    fn presence_json_is_compact() {
+        let p = Presence {
+            snapshot: false,
+            joined: vec![Member::new(ClientId([0xab; 16]), Some("alice"))],
+            left: vec![],
+        };
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"snapshot":false,"joined":[{"client":"abababababababababababababababab","identity":"alice"}]}"#
+        );
+    }
+}
