@@ -1,0 +1,105 @@
+//! Typed errors. Misuse by the caller (a bad URL, a bad config) is kept
+//! apart from failures caused by the peer or the network, which reach the
+//! application as events carrying a reason.
+
+use kitestring_core::client::{LostReason, UsageError};
+use kitestring_core::config::ConfigError;
+use kitestring_core::reliable::{MessageId, SendError};
+
+/// Encoding or decoding an application value failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The value could not be serialized.
+    #[error("cannot encode the value: {0}")]
+    Encode(String),
+    /// The payload does not hold a value of the requested type.
+    #[error("cannot decode the payload: {0}")]
+    Decode(String),
+    /// The payload is opaque binary; read its bytes instead.
+    #[error("the payload is raw binary, not JSON or MessagePack")]
+    Binary,
+}
+
+/// Starting a client failed before any connection was attempted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL is not a usable `ws://` or `wss://` URL.
+    #[error("invalid URL {0}")]
+    InvalidUrl(String),
+    /// The configuration cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// A `wss://` URL needs [`ClientOptions::tls`](crate::ClientOptions::tls).
+    #[error("a wss:// URL needs TLS settings (ClientOptions::tls)")]
+    MissingTls,
+    /// The operating system's random source failed.
+    #[error("no randomness for the client id: {0}")]
+    Random(String),
+}
+
+/// A client command failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The core refused the message (queue full, too large, closed, ...).
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// The command makes no sense in the current state.
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    /// The value could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The session the message belonged to was given up before the peer
+    /// acknowledged it: it may or may not have arrived.
+    #[error("message {id:?} lost with its session: {reason:?}")]
+    Lost {
+        /// The message.
+        id: MessageId,
+        /// Why the session was given up.
+        reason: LostReason,
+    },
+    /// The message was accepted but could not be sent after all.
+    #[error("message {id:?} failed: {error}")]
+    SendFailed {
+        /// The message.
+        id: MessageId,
+        /// Why.
+        error: SendError,
+    },
+    /// The client closed or failed before the acknowledgment came.
+    #[error("the client stopped before message {0:?} was acknowledged")]
+    NotAcknowledged(MessageId),
+    /// The driver task has ended (the client was closed).
+    #[error("the client has stopped")]
+    Stopped,
+}
+
+/// Starting a server failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The configuration cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// Binding or adopting the listener failed.
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A server command failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The core refused the message (unknown session, queue full, ...).
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// The value could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The server task has ended.
+    #[error("the server has stopped")]
+    Stopped,
+}

@@ -1,0 +1,70 @@
+//! Kitestring: WebSocket sessions that stay alive and lose nothing.
+//!
+//! Reconnects with backoff, heartbeats that detect half-open sockets,
+//! session resume and exactly-once, in-order delivery in both directions,
+//! on tokio, async-std or smol. This crate is the runtime-agnostic driver:
+//! it owns the sockets (WebSocket by `async-tungstenite`, TLS by rustls via
+//! `futures-rustls`) and runs the IO-free [`kitestring_core`] machines. A
+//! runtime crate supplies the [`Runtime`]:
+//!
+//! * `kitestring-tokio`
+//! * `kitestring-smol`
+//! * `kitestring-async-std` (async-std is discontinued upstream, which
+//!   recommends smol; it keeps working here for the users on it)
+//!
+//! # Client
+//!
+//! ```no_run
+//! # async fn demo(runtime: std::sync::Arc<dyn kitestring::Runtime>) -> Result<(), Box<dyn std::error::Error>> {
+//! use futures_util::StreamExt;
+//! use kitestring::{ClientOptions, DecodeExt, Event};
+//!
+//! let (client, mut events) = kitestring::connect(runtime, "ws://127.0.0.1:9000/ws", ClientOptions::default())?;
+//! client.send(&("hello", 1)).await?; // queued until the session opens
+//! while let Some(event) = events.next().await {
+//!     if let Event::Message(m) = event {
+//!         let (text, n): (String, u32) = m.decode()?;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Server
+//!
+//! [`bind`] serves a port; [`ServerHandle::accept_websocket`] takes sockets
+//! that another HTTP server upgraded. See [`server`] for the task layout and
+//! the backpressure policy.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+#[cfg(feature = "async-io")]
+pub mod async_io;
+pub mod client;
+pub mod error;
+pub mod runtime;
+pub mod server;
+pub mod util;
+pub mod ws;
+
+pub use client::{
+    connect, token_provider, ClientEvents, ClientHandle, ClientOptions, TokenProvider,
+};
+pub use error::{ClientError, CodecError, ConnectError, ServeError, ServerError};
+pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};
+pub use server::{
+    bind, start, AuthReject, AuthRequest, Authenticator, ServerEvents, ServerHandle, ServerOptions,
+    TokenValidator,
+};
+pub use util::{decode, encode, DecodeExt};
+pub use ws::{websocket_config, ClientTls, ServerTls};
+
+pub use kitestring_core;
+pub use kitestring_core::client::{Event, FailReason, LostReason, State};
+pub use kitestring_core::close::CloseCode;
+pub use kitestring_core::config::{ClientConfig, ServerConfig};
+pub use kitestring_core::reliable::{MessageId, SendError};
+pub use kitestring_core::server::{ConnectionId, ServerEvent, SessionEnd};
+pub use kitestring_core::wire::{Codec, Payload, PayloadKind, SessionId};
+
+pub use async_tungstenite;
+pub use rustls;

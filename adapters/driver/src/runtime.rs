@@ -1,0 +1,250 @@
+//! The small interface every async runtime implements.
+//!
+//! Everything else in this crate (the client driver, the server, TLS) is
+//! written once against [`Runtime`]. An implementation supplies timers,
+//! task spawning, a monotonic clock and TCP sockets; the runtime crates
+//! (`kitestring-tokio`, `kitestring-async-std`, `kitestring-smol`) are each
+//! about a hundred lines. The trait is object safe: drivers hold an
+//! `Arc<dyn Runtime>`, so the driver code is compiled once, not once per
+//! runtime.
+//!
+//! This module owns no state and never blocks.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_io::{AsyncRead, AsyncWrite};
+
+/// A boxed future that can move between threads.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A byte stream (TCP, or TLS over TCP) in futures-io terms.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A type-erased byte stream: every socket the driver touches has this type,
+/// whichever runtime and whether or not TLS is in between.
+pub type BoxIo = Box<dyn Io>;
+
+/// A resettable timer, implemented directly on the runtime's sleep type
+/// (`tokio::time::Sleep`, `async_io::Timer`).
+pub trait AsyncTimer: Send + Debug + 'static {
+    /// Moves the deadline to `at`.
+    fn reset(self: Pin<&mut Self>, at: Instant);
+    /// Ready once the deadline has passed.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+/// A listening TCP socket.
+pub trait AsyncListener: Send + Sync + Debug + 'static {
+    /// Accepts the next connection.
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(BoxIo, SocketAddr)>>;
+    /// The bound address (useful after binding port 0).
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// What a driver needs from an async runtime.
+pub trait Runtime: Send + Sync + Debug + 'static {
+    /// A timer that fires at `at`.
+    fn new_timer(&self, at: Instant) -> Pin<Box<dyn AsyncTimer>>;
+    /// Runs `future` in the background.
+    fn spawn(&self, future: BoxFuture<'static, ()>);
+    /// The runtime's monotonic clock (tokio's can be paused in tests).
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    /// Opens a TCP connection to `host:port` (resolving the name if needed).
+    fn connect_tcp(&self, host: String, port: u16) -> BoxFuture<'static, io::Result<BoxIo>>;
+    /// Adopts a bound, non-blocking std listener. Binding is done by the
+    /// caller with `std::net::TcpListener::bind`, so no runtime needs an
+    /// async bind.
+    fn wrap_listener(&self, listener: std::net::TcpListener) -> io::Result<Box<dyn AsyncListener>>;
+}
+
+/// Waits for `timer` to reach `deadline`, checking the clock first: a
+/// deadline already past is ready even if the timer future would still say
+/// Pending (tokio's cooperative budget can do that; quinn's `drive_timer`
+/// makes the same check). Re-arms the timer only when the deadline moved.
+#[derive(Debug)]
+pub(crate) struct DriveTimer {
+    timer: Pin<Box<dyn AsyncTimer>>,
+    armed: Option<Instant>,
+}
+
+impl DriveTimer {
+    pub(crate) fn new(runtime: &dyn Runtime) -> Self {
+        let now = runtime.now();
+        DriveTimer {
+            timer: runtime.new_timer(now),
+            armed: None,
+        }
+    }
+
+    /// Ready when `deadline` (if any) has passed.
+    pub(crate) fn poll(
+        &mut self,
+        runtime: &dyn Runtime,
+        deadline: Option<Instant>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        let Some(at) = deadline else {
+            self.armed = None;
+            return Poll::Pending;
+        };
+        if runtime.now() >= at {
+            return Poll::Ready(());
+        }
+        if self.armed != Some(at) {
+            self.timer.as_mut().reset(at);
+            self.armed = Some(at);
+        }
+        self.timer.as_mut().poll(cx)
+    }
+}
+
+/// Converts between the runtime's clock and the core's [`kitestring_core::Instant`]
+/// (nanoseconds since a start instant fixed when the driver starts).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub(crate) fn new(runtime: &dyn Runtime) -> Self {
+        Clock {
+            start: runtime.now(),
+        }
+    }
+
+    pub(crate) fn core(&self, at: Instant) -> kitestring_core::Instant {
+        let nanos = at.saturating_duration_since(self.start).as_nanos();
+        kitestring_core::Instant::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    pub(crate) fn now(&self, runtime: &dyn Runtime) -> kitestring_core::Instant {
+        self.core(runtime.now())
+    }
+
+    pub(crate) fn std(&self, at: kitestring_core::Instant) -> Instant {
+        let d = std::time::Duration::from_nanos(at.as_nanos());
+        self.start
+            .checked_add(d)
+            .unwrap_or(self.start + std::time::Duration::from_secs(86_400 * 365))
+    }
+}
+
+/// Makes a driver loop yield to the executor after a run of inputs that
+/// were all ready at once (a flood of frames, say), so one busy connection
+/// cannot monopolize a worker thread on runtimes without a cooperative
+/// budget (async-io based ones).
+#[derive(Debug, Default)]
+pub(crate) struct Budget {
+    ready_in_a_row: u32,
+}
+
+impl Budget {
+    const MAX_READY: u32 = 64;
+
+    /// Polls `f` until it is ready, first yielding once if the previous
+    /// [`MAX_READY`](Self::MAX_READY) calls were all ready without waiting.
+    pub(crate) async fn run<T>(&mut self, mut f: impl FnMut(&mut Context<'_>) -> Poll<T>) -> T {
+        let mut first = true;
+        let yield_first = self.ready_in_a_row >= Self::MAX_READY;
+        let ready_in_a_row = &mut self.ready_in_a_row;
+        std::future::poll_fn(move |cx| {
+            if first && yield_first {
+                first = false;
+                *ready_in_a_row = 0;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let was_first = first;
+            first = false;
+            match f(cx) {
+                Poll::Ready(v) => {
+                    if was_first {
+                        *ready_in_a_row += 1;
+                    } else {
+                        *ready_in_a_row = 0;
+                    }
+                    Poll::Ready(v)
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::task::Waker;
+
+    /// A runtime whose timers never fire and whose clock is set by hand.
+    #[derive(Debug)]
+    struct Frozen(Mutex<Instant>);
+
+    #[derive(Debug)]
+    struct NeverTimer;
+
+    impl AsyncTimer for NeverTimer {
+        fn reset(self: Pin<&mut Self>, _: Instant) {}
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Pending
+        }
+    }
+
+    impl Runtime for Frozen {
+        fn new_timer(&self, _: Instant) -> Pin<Box<dyn AsyncTimer>> {
+            Box::pin(NeverTimer)
+        }
+        fn spawn(&self, _: BoxFuture<'static, ()>) {}
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+        fn connect_tcp(&self, _: String, _: u16) -> BoxFuture<'static, io::Result<BoxIo>> {
+            Box::pin(async { Err(io::Error::other("none")) })
+        }
+        fn wrap_listener(&self, _: std::net::TcpListener) -> io::Result<Box<dyn AsyncListener>> {
+            Err(io::Error::other("none"))
+        }
+    }
+
+    #[test]
+    fn an_overdue_deadline_fires_even_if_the_timer_says_pending() {
+        let start = Instant::now();
+        let rt = Frozen(Mutex::new(start));
+        let mut timer = DriveTimer::new(&rt);
+        let mut cx = Context::from_waker(Waker::noop());
+        let at = start + std::time::Duration::from_millis(10);
+        assert!(timer.poll(&rt, Some(at), &mut cx).is_pending());
+        assert!(timer.poll(&rt, None, &mut cx).is_pending());
+        *rt.0.lock().unwrap() = at;
+        assert!(timer.poll(&rt, Some(at), &mut cx).is_ready());
+    }
+
+    #[test]
+    fn clock_round_trips() {
+        let start = Instant::now();
+        let rt = Frozen(Mutex::new(start));
+        let clock = Clock::new(&rt);
+        let later = start + std::time::Duration::from_millis(1500);
+        let core = clock.core(later);
+        assert_eq!(core.as_millis(), 1500);
+        assert_eq!(clock.std(core), later);
+        assert_eq!(
+            clock
+                .core(start - std::time::Duration::from_secs(1))
+                .as_nanos(),
+            0
+        );
+    }
+}

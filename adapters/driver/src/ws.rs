@@ -1,0 +1,137 @@
+//! The WebSocket layer: tungstenite settings sized for many connections,
+//! conversions between tungstenite messages and the core's frames, and TLS
+//! (rustls through futures-rustls, so it works on every runtime).
+//!
+//! This module never interprets Kitestring frames: it only moves bytes.
+
+use std::sync::Arc;
+
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use async_tungstenite::tungstenite::{Message, Utf8Bytes};
+use kitestring_core::close::CloseCode;
+use kitestring_core::wire::Transmit;
+
+use crate::runtime::BoxIo;
+
+/// The socket type every driver uses: a WebSocket over a type-erased stream.
+pub type Ws = async_tungstenite::WebSocketStream<BoxIo>;
+
+/// Read buffer per connection: 4 KiB, not tungstenite's 128 KiB default
+/// (about 6.7 KiB instead of 135 KiB per idle socket).
+pub const READ_BUFFER: usize = 4 * 1024;
+
+/// The tungstenite settings for a peer whose largest accepted message is
+/// `max_message` bytes: 4 KiB read buffer, no write batching (each message
+/// goes straight to the socket), and a write buffer bounded at twice the
+/// largest message plus 64 KiB so a stalled peer creates backpressure instead
+/// of unbounded memory.
+pub fn websocket_config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_message.saturating_mul(2).saturating_add(64 * 1024))
+        .max_message_size(Some(max_message.saturating_add(1024)))
+        .max_frame_size(Some(max_message.saturating_add(1024)))
+}
+
+/// A core transmit as a tungstenite message.
+pub(crate) fn to_message(t: Transmit) -> Message {
+    match t {
+        Transmit::Text(b) => match Utf8Bytes::try_from(b.clone()) {
+            Ok(s) => Message::Text(s),
+            // The core only builds text frames from serde_json output; should
+            // that ever break, a binary frame fails to decode at the peer
+            // instead of panicking here.
+            Err(_) => Message::Binary(b),
+        },
+        Transmit::Binary(b) => Message::Binary(b),
+    }
+}
+
+/// A close message with the core's code.
+pub(crate) fn close_message(code: CloseCode, reason: &str) -> Message {
+    Message::Close(Some(close_frame(code, reason)))
+}
+
+pub(crate) fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
+    // A close frame's reason may be at most 123 bytes.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code: WsCloseCode::from(code.0),
+        reason: Utf8Bytes::from(reason[..end].to_owned()),
+    }
+}
+
+/// The core's view of a received close frame.
+pub(crate) fn close_code(frame: &Option<CloseFrame>) -> (Option<CloseCode>, String) {
+    match frame {
+        Some(f) => (
+            Some(CloseCode(u16::from(f.code))),
+            f.reason.as_str().to_owned(),
+        ),
+        None => (Some(CloseCode(1005)), String::new()),
+    }
+}
+
+/// TLS settings for clients (`wss://`).
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+}
+
+impl ClientTls {
+    /// Trusts exactly the certificates in `roots` (for private CAs and tests).
+    pub fn with_roots(roots: rustls::RootCertStore) -> Result<Self, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(ClientTls {
+            config: Arc::new(config),
+        })
+    }
+
+    /// Uses a complete rustls configuration as is.
+    pub fn from_config(config: Arc<rustls::ClientConfig>) -> Self {
+        ClientTls { config }
+    }
+}
+
+/// TLS settings for servers: a certificate chain and its private key.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub(crate) acceptor: futures_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerTls")
+    }
+}
+
+impl ServerTls {
+    /// A server presenting `chain` (leaf first) with `key`.
+    pub fn new(
+        chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+        key: rustls_pki_types::PrivateKeyDer<'static>,
+    ) -> Result<Self, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        Ok(Self::from_config(Arc::new(config)))
+    }
+
+    /// Uses a complete rustls configuration as is.
+    pub fn from_config(config: Arc<rustls::ServerConfig>) -> Self {
+        ServerTls {
+            acceptor: futures_rustls::TlsAcceptor::from(config),
+        }
+    }
+}

@@ -1,0 +1,1061 @@
+//! End-to-end scenarios over real loopback TCP, written once against
+//! [`kitestring::Runtime`] and run on every runtime by the [`scenarios!`]
+//! macro (each runtime crate's `tests/scenarios.rs` invokes it).
+//!
+//! Every await is bounded ([`within`]), so a bug fails a test instead of
+//! hanging it, and every scenario checks counts, order and close codes.
+#![deny(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use kitestring::async_tungstenite::tungstenite::Message;
+use kitestring::kitestring_core::backoff::Jitter;
+use kitestring::kitestring_core::client::Cause;
+use kitestring::kitestring_core::wire::{self, ClientId, Frame, Hello, Incoming, Limits};
+use kitestring::{
+    AuthReject, ClientConfig, ClientEvents, ClientHandle, ClientOptions, ClientTls, CloseCode,
+    Codec, DecodeExt, Event, FailReason, PayloadKind, Runtime, ServerConfig, ServerEvent,
+    ServerEvents, ServerHandle, ServerOptions, ServerTls, SessionEnd, SessionId, State,
+};
+use serde::{Deserialize, Serialize};
+
+/// Generates one `#[test]` per scenario. `$block_on` runs a future to
+/// completion on the runtime under test; `$runtime` is an expression
+/// (evaluated inside that runtime) giving its `Arc<dyn Runtime>`.
+#[macro_export]
+macro_rules! scenarios {
+    ($block_on:path, $runtime:expr) => {
+        $crate::scenarios!(@one $block_on, $runtime,
+            exchange_json, exchange_msgpack, resume_after_drops, half_open_detected,
+            auth_rejected_401, auth_rejected_403, version_mismatch_rejected,
+            shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, handover_upgraded_socket,
+            slow_consumer_closed);
+    };
+    (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                $block_on(async {
+                    let rt = $runtime;
+                    $crate::run(rt.clone(), stringify!($name), $crate::$name(rt)).await
+                })
+            }
+        )*
+    };
+}
+
+/// Runs a whole scenario under a 20 s limit and reports its wall time.
+pub async fn run(rt: Arc<dyn Runtime>, name: &str, scenario: impl Future<Output = ()>) {
+    let start = Instant::now();
+    within(&rt, 20_000, name, scenario).await;
+    eprintln!("{name}: {:?}", start.elapsed());
+}
+
+/// Awaits `fut` for at most `ms` milliseconds; panics naming `what` on timeout.
+pub async fn within<F: Future>(rt: &Arc<dyn Runtime>, ms: u64, what: &str, fut: F) -> F::Output {
+    match kitestring::util::timeout(&**rt, Duration::from_millis(ms), fut).await {
+        Some(v) => v,
+        None => panic!("timed out after {ms} ms: {what}"),
+    }
+}
+
+/// Waits for the first client event matching `pick`, skipping others.
+pub async fn client_wait<T>(
+    rt: &Arc<dyn Runtime>,
+    events: &mut ClientEvents,
+    ms: u64,
+    what: &str,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> T {
+    within(rt, ms, what, async {
+        loop {
+            let e = events
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("client events ended: {what}"));
+            if let Some(t) = pick(&e) {
+                return t;
+            }
+        }
+    })
+    .await
+}
+
+/// Waits for the first server event matching `pick`, skipping others.
+pub async fn server_wait<T>(
+    rt: &Arc<dyn Runtime>,
+    events: &mut ServerEvents,
+    ms: u64,
+    what: &str,
+    mut pick: impl FnMut(&ServerEvent) -> Option<T>,
+) -> T {
+    within(rt, ms, what, async {
+        loop {
+            let e = events
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("server events ended: {what}"));
+            if let Some(t) = pick(&e) {
+                return t;
+            }
+        }
+    })
+    .await
+}
+
+/// The message the scenarios exchange.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Note {
+    /// Position in the stream.
+    pub n: u32,
+    /// Some text.
+    pub text: String,
+}
+
+fn note(n: u32) -> Note {
+    Note {
+        n,
+        text: format!("note {n}"),
+    }
+}
+
+/// Short heartbeats so a dead link is found in about a second.
+pub fn fast_server() -> ServerOptions {
+    ServerOptions {
+        config: ServerConfig {
+            ping_interval: Duration::from_millis(500),
+            pong_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(2),
+            grace: Duration::from_millis(200),
+            session_grace: Duration::from_secs(10),
+            ..ServerConfig::default()
+        },
+        close_timeout: Duration::from_millis(500),
+        ..ServerOptions::default()
+    }
+}
+
+/// Fast backoff, short liveness grace.
+pub fn fast_client(codecs: Vec<Codec>) -> ClientOptions {
+    let mut config = ClientConfig {
+        codecs,
+        ..ClientConfig::default()
+    };
+    config.backoff.base = Duration::from_millis(50);
+    config.backoff.max = Duration::from_millis(200);
+    config.backoff.jitter = Jitter::None;
+    config.heartbeat.grace = Duration::from_millis(200);
+    config.stability_window = Duration::from_millis(500);
+    config.connect_timeout = Duration::from_secs(2);
+    ClientOptions {
+        config,
+        close_timeout: Duration::from_millis(500),
+        ..ClientOptions::default()
+    }
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn serve(
+    rt: &Arc<dyn Runtime>,
+    options: ServerOptions,
+) -> (ServerHandle, ServerEvents, SocketAddr) {
+    let (server, events) = kitestring::bind(rt.clone(), loopback(), options).unwrap();
+    let addr = server.local_addr().unwrap();
+    (server, events, addr)
+}
+
+async fn opened(rt: &Arc<dyn Runtime>, events: &mut ClientEvents) -> (SessionId, bool, Codec) {
+    client_wait(rt, events, 3000, "client Connected", |e| match e {
+        Event::Connected {
+            session,
+            resumed,
+            codec,
+            ..
+        } => Some((*session, *resumed, *codec)),
+        _ => None,
+    })
+    .await
+}
+
+async fn session_opened(
+    rt: &Arc<dyn Runtime>,
+    events: &mut ServerEvents,
+) -> (kitestring::ConnectionId, SessionId, Option<String>, bool) {
+    server_wait(rt, events, 3000, "server SessionOpened", |e| match e {
+        ServerEvent::SessionOpened {
+            connection,
+            session,
+            identity,
+            resumed,
+            ..
+        } => Some((*connection, *session, identity.clone(), *resumed)),
+        _ => None,
+    })
+    .await
+}
+
+/// Scenario 1 (JSON): typed messages both ways, acks, raw bytes, datagram.
+pub async fn exchange_json(rt: Arc<dyn Runtime>) {
+    exchange(rt, Codec::Json).await;
+}
+
+/// Scenario 1 (MessagePack): typed messages both ways, acks, raw bytes, datagram.
+pub async fn exchange_msgpack(rt: Arc<dyn Runtime>) {
+    exchange(rt, Codec::MsgPack).await;
+}
+
+async fn exchange(rt: Arc<dyn Runtime>, codec: Codec) {
+    let mut options = fast_server();
+    options.config.codecs = vec![codec, Codec::Json];
+    options.config.codecs.dedup();
+    let (server, mut sev, addr) = serve(&rt, options);
+    let mut codecs = vec![codec, Codec::Json];
+    codecs.dedup();
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/ws"), fast_client(codecs)).unwrap();
+    let (session, resumed, negotiated) = opened(&rt, &mut cev).await;
+    assert!(!resumed);
+    assert_eq!(negotiated, codec);
+    assert_eq!(client.codec(), codec);
+    let (_, s_session, _, _) = session_opened(&rt, &mut sev).await;
+    assert_eq!(session, s_session);
+    let kind = match codec {
+        Codec::MsgPack => PayloadKind::MsgPack,
+        _ => PayloadKind::Json,
+    };
+
+    const N: u32 = 50;
+    for n in 0..N {
+        within(&rt, 2000, "client send", client.send(&note(n)))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < N as usize {
+        let m = server_wait(&rt, &mut sev, 3000, "server Message", |e| match e {
+            ServerEvent::Message {
+                session: s,
+                message,
+            } if *s == session => Some(message.clone()),
+            _ => None,
+        })
+        .await;
+        assert_eq!(m.payload.kind(), kind);
+        got.push(m.decode::<Note>().unwrap());
+    }
+    assert_eq!(got, (0..N).map(note).collect::<Vec<_>>());
+
+    for n in 0..N {
+        within(&rt, 2000, "server send", server.send(session, &note(n)))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < N as usize {
+        let m = client_wait(&rt, &mut cev, 3000, "client Message", |e| match e {
+            Event::Message(m) => Some(m.clone()),
+            _ => None,
+        })
+        .await;
+        assert_eq!(m.payload.kind(), kind);
+        got.push(m.decode::<Note>().unwrap());
+    }
+    assert_eq!(got, (0..N).map(note).collect::<Vec<_>>());
+
+    // Acknowledged send: resolves once the server has it.
+    let acked = async {
+        let id = client.send_acked(&note(1000)).await.unwrap();
+        id
+    };
+    let pump = async {
+        server_wait(&rt, &mut sev, 3000, "acked message", |e| match e {
+            ServerEvent::Message { message, .. } => {
+                (message.decode::<Note>().ok() == Some(note(1000))).then_some(())
+            }
+            _ => None,
+        })
+        .await
+    };
+    let (id, ()) = within(
+        &rt,
+        3000,
+        "send_acked",
+        futures_util::future::join(acked, pump),
+    )
+    .await;
+    assert!(id.0 > N as u64);
+
+    // Raw bytes and a datagram.
+    client.send_bytes(vec![1u8, 2, 3]).await.unwrap();
+    let raw = server_wait(&rt, &mut sev, 3000, "raw bytes", |e| match e {
+        ServerEvent::Message { message, .. } if message.payload.kind() == PayloadKind::Binary => {
+            Some(message.payload.data().to_vec())
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(raw, vec![1, 2, 3]);
+    client.send_datagram(vec![9u8; 4]).await.unwrap();
+    let dg = server_wait(&rt, &mut sev, 3000, "datagram", |e| match e {
+        ServerEvent::Datagram { data, .. } => Some(data.to_vec()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(dg, vec![9; 4]);
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Scenario 2: the connection drops mid-stream, twice (a proxy cut, then a
+/// server-side disconnect); the session resumes and every message arrives
+/// exactly once, in order, both ways.
+pub async fn resume_after_drops(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let proxy = kitestring_chaos::Proxy::start(addr).unwrap();
+    let url = format!("ws://{}/", proxy.local_addr());
+    let (client, mut cev) = kitestring::connect(
+        rt.clone(),
+        &url,
+        fast_client(vec![Codec::MsgPack, Codec::Json]),
+    )
+    .unwrap();
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    let (conn, _, _, _) = session_opened(&rt, &mut sev).await;
+
+    const N: u32 = 300;
+    let mut to_server = Vec::new();
+    let mut to_client = Vec::new();
+    let mut resumes_seen = 0;
+    let mut last_conn = conn;
+    for n in 0..N {
+        // The core's queue is bounded (100 while offline): a full queue is
+        // reported, and the application retries after a moment.
+        let mut full = 0;
+        loop {
+            match within(&rt, 2000, "client send", client.send(&note(n))).await {
+                Ok(_) => break,
+                Err(kitestring::ClientError::Send(kitestring::SendError::QueueFull { .. }))
+                    if full < 200 =>
+                {
+                    full += 1;
+                    kitestring::util::sleep(&*rt, Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("send {n}: {e}"),
+            }
+        }
+        within(&rt, 2000, "server send", server.send(session, &note(n)))
+            .await
+            .unwrap();
+        if n == 100 {
+            proxy.cut_all();
+        }
+        if n == 200 {
+            // Wait for the resume after the cut, then drop it from the server side.
+            let (c, s, _, resumed) = session_opened(&rt, &mut sev).await;
+            assert!(resumed && s == session);
+            resumes_seen += 1;
+            last_conn = c;
+            server
+                .disconnect(c, CloseCode::INTERNAL_ERROR)
+                .await
+                .unwrap();
+        }
+        // Drain whatever is ready without waiting, to keep both sides moving.
+        while let Some(Some(e)) = futures_util::FutureExt::now_or_never(sev.next()) {
+            collect_server(
+                &e,
+                session,
+                &mut to_server,
+                &mut resumes_seen,
+                &mut last_conn,
+            );
+        }
+        while let Some(Some(e)) = futures_util::FutureExt::now_or_never(cev.next()) {
+            if let Event::Message(m) = e {
+                to_client.push(m.decode::<Note>().unwrap().n);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while (to_server.len() < N as usize || to_client.len() < N as usize)
+        && Instant::now() < deadline
+    {
+        let r = kitestring::util::timeout(&*rt, Duration::from_millis(50), async {
+            futures_util::future::select(sev.next(), cev.next()).await
+        })
+        .await;
+        match r {
+            Some(futures_util::future::Either::Left((Some(e), _))) => collect_server(
+                &e,
+                session,
+                &mut to_server,
+                &mut resumes_seen,
+                &mut last_conn,
+            ),
+            Some(futures_util::future::Either::Right((Some(Event::Message(m)), _))) => {
+                to_client.push(m.decode::<Note>().unwrap().n)
+            }
+            _ => {}
+        }
+    }
+    let want: Vec<u32> = (0..N).collect();
+    assert_eq!(
+        to_server, want,
+        "client to server: every message once, in order"
+    );
+    assert_eq!(
+        to_client, want,
+        "server to client: every message once, in order"
+    );
+    assert!(
+        resumes_seen >= 2,
+        "two drops, two resumes (saw {resumes_seen})"
+    );
+    assert!(proxy.links().len() >= 2, "reconnected through the proxy");
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+fn collect_server(
+    e: &ServerEvent,
+    session: SessionId,
+    to_server: &mut Vec<u32>,
+    resumes: &mut u32,
+    last_conn: &mut kitestring::ConnectionId,
+) {
+    match e {
+        ServerEvent::Message {
+            session: s,
+            message,
+        } if *s == session => {
+            to_server.push(message.decode::<Note>().unwrap().n);
+        }
+        ServerEvent::SessionOpened {
+            resumed: true,
+            session: s,
+            connection,
+            ..
+        } if *s == session => {
+            *resumes += 1;
+            *last_conn = *connection;
+        }
+        _ => {}
+    }
+}
+
+/// Scenario 3: a proxy that silently stops forwarding is detected by the
+/// heartbeat (server settings adopted from the welcome) and the session
+/// resumes on a new connection; a message sent meanwhile arrives once.
+pub async fn half_open_detected(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let proxy = kitestring_chaos::Proxy::start(addr).unwrap();
+    let url = format!("ws://{}/", proxy.local_addr());
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &url, fast_client(vec![Codec::Json])).unwrap();
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    session_opened(&rt, &mut sev).await;
+
+    proxy.black_hole_all();
+    let holed = Instant::now();
+    client.send(&note(1)).await.unwrap();
+    let cause = client_wait(&rt, &mut cev, 4000, "heartbeat timeout", |e| match e {
+        Event::StateChanged {
+            new: State::Reconnecting { cause, .. },
+            ..
+        } => Some(cause.clone()),
+        _ => None,
+    })
+    .await;
+    let detected = holed.elapsed();
+    assert_eq!(cause, Cause::HeartbeatTimeout);
+    assert!(
+        detected < Duration::from_millis(2500),
+        "detected after {detected:?}; ping 500 ms + pong 500 ms + grace should be ~1.2 s"
+    );
+    let (s2, resumed, _) = opened(&rt, &mut cev).await;
+    assert!(resumed && s2 == session);
+    let got = server_wait(&rt, &mut sev, 3000, "message after resume", |e| match e {
+        ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, note(1));
+    // Exactly once: nothing else arrives.
+    let extra = kitestring::util::timeout(&*rt, Duration::from_millis(300), async {
+        loop {
+            if let Some(ServerEvent::Message { .. }) = sev.next().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_none(), "duplicate delivery");
+    assert_eq!(proxy.forwarding(), 1, "one live link: the new one");
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+fn auth_server(rt: &Arc<dyn Runtime>) -> (ServerHandle, ServerEvents, SocketAddr) {
+    let mut options = fast_server();
+    options.auth = Some(Arc::new(|req: &kitestring::AuthRequest<'_>| {
+        match req.bearer_token() {
+            Some("good") => Ok(Some("alice".to_owned())),
+            Some("forbidden") => Err(AuthReject::Forbidden),
+            _ => Err(AuthReject::Unauthorized),
+        }
+    }));
+    serve(rt, options)
+}
+
+fn counting_token(token: &'static str) -> (kitestring::TokenProvider, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let provider = kitestring::token_provider(move || {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move { Some(token.to_owned()) }
+    });
+    (provider, calls)
+}
+
+async fn auth_case(
+    rt: Arc<dyn Runtime>,
+    token: &'static str,
+) -> (FailReason, usize, Arc<AtomicUsize>) {
+    let (server, mut sev, addr) = auth_server(&rt);
+    let (provider, calls) = counting_token(token);
+    let mut options = fast_client(vec![Codec::Json]);
+    options.token = Some(provider);
+    let (_client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
+    let reason = client_wait(&rt, &mut cev, 3000, "Failed", |e| match e {
+        Event::StateChanged {
+            new: State::Failed { reason },
+            ..
+        } => Some(reason.clone()),
+        Event::Connected { .. } => panic!("connected with a bad token"),
+        _ => None,
+    })
+    .await;
+    let at_failure = calls.load(Ordering::SeqCst);
+    // No retry storm: nothing more happens after Failed.
+    kitestring::util::sleep(&*rt, Duration::from_millis(400)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        at_failure,
+        "no attempts after Failed"
+    );
+    // No WebSocket frame ever flowed: the server saw no connection.
+    let seen = futures_util::FutureExt::now_or_never(sev.next());
+    assert!(
+        !matches!(seen, Some(Some(ServerEvent::SessionOpened { .. }))),
+        "rejected upgrades open no session"
+    );
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+    (reason, at_failure, calls)
+}
+
+/// Scenario 4a: HTTP 401 at the upgrade: one immediate retry with a fresh
+/// token, then `Failed(Unauthorized)`. A good token is accepted with its identity.
+pub async fn auth_rejected_401(rt: Arc<dyn Runtime>) {
+    let (reason, calls, _) = auth_case(rt.clone(), "bad").await;
+    assert_eq!(reason, FailReason::Unauthorized);
+    assert_eq!(
+        calls, 2,
+        "the first attempt and one retry with a fresh token"
+    );
+
+    let (server, mut sev, addr) = auth_server(&rt);
+    let (provider, calls) = counting_token("good");
+    let mut options = fast_client(vec![Codec::Json]);
+    options.token = Some(provider);
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
+    opened(&rt, &mut cev).await;
+    let (_, _, identity, _) = session_opened(&rt, &mut sev).await;
+    assert_eq!(identity.as_deref(), Some("alice"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Scenario 4b: HTTP 403 at the upgrade: `Failed(Forbidden)` at once, no retry.
+pub async fn auth_rejected_403(rt: Arc<dyn Runtime>) {
+    let (reason, calls, _) = auth_case(rt, "forbidden").await;
+    assert_eq!(reason, FailReason::Forbidden);
+    assert_eq!(calls, 1, "403 is never retried");
+}
+
+/// Scenario 5: a raw WebSocket client offering only version 99 gets a
+/// `reject` frame with 4001 and a close with 4001.
+pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let io = within(
+        &rt,
+        2000,
+        "tcp",
+        rt.connect_tcp(addr.ip().to_string(), addr.port()),
+    )
+    .await
+    .unwrap();
+    let (mut ws, _) = within(
+        &rt,
+        2000,
+        "upgrade",
+        kitestring::async_tungstenite::client_async(format!("ws://{addr}/"), io),
+    )
+    .await
+    .unwrap();
+    let hello = wire::encode(
+        &Frame::Hello(Hello {
+            versions: vec![1],
+            client: ClientId([5; 16]),
+            resume: None,
+            caps: Vec::new(),
+            codecs: vec![Codec::Json],
+        }),
+        Codec::Json,
+        1,
+    )
+    .unwrap();
+    let text = std::str::from_utf8(hello.data()).unwrap().to_owned();
+    assert!(text.contains("\"versions\":[1]"), "{text}");
+    let text = text.replace("\"versions\":[1]", "\"versions\":[99]");
+    ws.send(Message::text(text)).await.unwrap();
+
+    let reject = within(&rt, 2000, "reject frame", ws.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let Message::Text(t) = reject else {
+        panic!("expected a text reject frame, got {reject:?}")
+    };
+    let limits = Limits {
+        max_message: 1 << 20,
+        version: 1,
+    };
+    match wire::decode(Incoming::Text(t.as_str()), &limits).unwrap() {
+        Frame::Reject(r) => {
+            assert_eq!(r.code, 4001);
+            assert_eq!(r.versions, vec![1]);
+        }
+        other => panic!("expected reject, got {other:?}"),
+    }
+    let close = within(&rt, 2000, "close frame", ws.next())
+        .await
+        .unwrap()
+        .unwrap();
+    match close {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4001),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    let rejected = server_wait(&rt, &mut sev, 2000, "Rejected event", |e| match e {
+        ServerEvent::Rejected { code, .. } => Some(*code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(rejected, CloseCode::UNSUPPORTED_VERSION);
+    drop(ws);
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Scenario 6a: server shutdown closes clients with 1001 (after a goaway)
+/// and they go to `Reconnecting`; the server's event stream ends.
+pub async fn shutdown_goes_away(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let mut clients: Vec<(ClientHandle, ClientEvents)> = Vec::new();
+    for _ in 0..3 {
+        let (c, mut e) = kitestring::connect(
+            rt.clone(),
+            &format!("ws://{addr}/"),
+            fast_client(vec![Codec::Json]),
+        )
+        .unwrap();
+        opened(&rt, &mut e).await;
+        clients.push((c, e));
+    }
+    let start = Instant::now();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        start.elapsed()
+    );
+    for (_, events) in &mut clients {
+        let cause = client_wait(
+            &rt,
+            events,
+            3000,
+            "reconnecting after goaway",
+            |e| match e {
+                Event::StateChanged {
+                    new: State::Reconnecting { cause, .. },
+                    ..
+                } => Some(cause.clone()),
+                _ => None,
+            },
+        )
+        .await;
+        let code = match cause {
+            Cause::GoAway { code } => code,
+            Cause::PeerClosed { code, .. } => code,
+            other => panic!("unexpected cause {other:?}"),
+        };
+        assert_eq!(code, CloseCode::GOING_AWAY);
+    }
+    // The server task has stopped: its stream ends and sends fail.
+    within(&rt, 3000, "server events end", async {
+        while sev.next().await.is_some() {}
+    })
+    .await;
+    assert!(server.send(SessionId([0; 16]), &1).await.is_err());
+    for (c, _) in clients {
+        let _ = within(&rt, 3000, "client close", c.close()).await;
+    }
+}
+
+/// Scenario 6b: `close()` ends the session on the server (1000,
+/// `ClientClosed`) and the client ends `Closed(1000)`.
+pub async fn client_close_ends_session(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let (client, mut cev) = kitestring::connect(
+        rt.clone(),
+        &format!("ws://{addr}/"),
+        fast_client(vec![Codec::Json]),
+    )
+    .unwrap();
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    session_opened(&rt, &mut sev).await;
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    let end = server_wait(&rt, &mut sev, 3000, "SessionEnded", |e| match e {
+        ServerEvent::SessionEnded {
+            session: s, reason, ..
+        } if *s == session => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(end, SessionEnd::ClientClosed);
+    let mut closed = None;
+    within(&rt, 3000, "client events end", async {
+        while let Some(e) = cev.next().await {
+            if let Event::StateChanged {
+                new: State::Closed { code },
+                ..
+            } = e
+            {
+                closed = Some(code);
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Some(CloseCode::NORMAL));
+    assert!(client.send(&1).await.is_err(), "sends after close fail");
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// `wss://` with a self-signed certificate from rcgen, trusted through a
+/// custom root store.
+pub async fn wss_exchange(rt: Arc<dyn Runtime>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let der = cert.cert.der().clone();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(
+        cert.signing_key.serialize_der(),
+    ));
+    let mut options = fast_server();
+    options.tls = Some(ServerTls::new(vec![der.clone()], key).unwrap());
+    let (server, mut sev, addr) = serve(&rt, options);
+    let mut roots = kitestring::rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let mut copts = fast_client(vec![Codec::MsgPack, Codec::Json]);
+    copts.tls = Some(ClientTls::with_roots(roots).unwrap());
+    let url = format!("wss://localhost:{}/secure", addr.port());
+    let (client, mut cev) = kitestring::connect(rt.clone(), &url, copts).unwrap();
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    client.send(&note(7)).await.unwrap();
+    let got = server_wait(&rt, &mut sev, 3000, "message over TLS", |e| match e {
+        ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, note(7));
+    server.send(session, &note(8)).await.unwrap();
+    let got = client_wait(&rt, &mut cev, 3000, "reply over TLS", |e| match e {
+        Event::Message(m) => Some(m.decode::<Note>().unwrap()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, note(8));
+
+    // A client that does not trust the certificate never opens a session.
+    let mut untrusting = fast_client(vec![Codec::Json]);
+    untrusting.tls =
+        Some(ClientTls::with_roots(kitestring::rustls::RootCertStore::empty()).unwrap());
+    let (_c2, mut e2) = kitestring::connect(rt.clone(), &url, untrusting).unwrap();
+    let cause = client_wait(&rt, &mut e2, 3000, "TLS failure", |e| match e {
+        Event::StateChanged {
+            new: State::Reconnecting { cause, .. },
+            ..
+        } => Some(cause.clone()),
+        Event::Connected { .. } => panic!("connected without trusting the certificate"),
+        _ => None,
+    })
+    .await;
+    assert!(
+        matches!(
+            cause,
+            Cause::Transport(kitestring::kitestring_core::client::TransportError::Tls(_))
+        ),
+        "{cause:?}"
+    );
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Re-authentication: the server asks for a fresh token; the driver fetches
+/// one from the provider and answers. A good token keeps the connection
+/// past the deadline; a bad one closes it with 4401, and the client (one
+/// fresh-token retry, refused with 401) ends `Failed(Unauthorized)`.
+pub async fn reauth_in_session(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = auth_server(&rt);
+    let current = Arc::new(std::sync::Mutex::new("good"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (cur, c) = (current.clone(), calls.clone());
+    let mut options = fast_client(vec![Codec::Json]);
+    options.token = Some(kitestring::token_provider(move || {
+        c.fetch_add(1, Ordering::SeqCst);
+        let token = *cur.lock().unwrap();
+        async move { Some(token.to_owned()) }
+    }));
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
+    opened(&rt, &mut cev).await;
+    let (conn, session, identity, _) = session_opened(&rt, &mut sev).await;
+    assert_eq!(identity.as_deref(), Some("alice"));
+
+    server
+        .request_reauth(conn, Duration::from_millis(500))
+        .await
+        .unwrap();
+    client_wait(&rt, &mut cev, 2000, "TokenExpiring", |e| {
+        matches!(e, Event::TokenExpiring { .. }).then_some(())
+    })
+    .await;
+    let token = server_wait(&rt, &mut sev, 2000, "TokenReceived", |e| match e {
+        ServerEvent::TokenReceived {
+            token, connection, ..
+        } if *connection == conn => Some(token.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(token, "good");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // Past the deadline the connection is still there and carries messages.
+    kitestring::util::sleep(&*rt, Duration::from_millis(700)).await;
+    client.send(&note(5)).await.unwrap();
+    let got = server_wait(&rt, &mut sev, 2000, "message after reauth", |e| match e {
+        ServerEvent::SessionDetached { code, .. } => {
+            panic!("detached with {code:?} after a good token")
+        }
+        ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got, note(5));
+
+    *current.lock().unwrap() = "bad";
+    server
+        .request_reauth(conn, Duration::from_millis(500))
+        .await
+        .unwrap();
+    let code = server_wait(
+        &rt,
+        &mut sev,
+        2000,
+        "detached after a bad token",
+        |e| match e {
+            ServerEvent::SessionDetached { session: s, code } if *s == session => Some(*code),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(code, CloseCode::UNAUTHORIZED);
+    let reason = client_wait(&rt, &mut cev, 3000, "Failed", |e| match e {
+        Event::StateChanged {
+            new: State::Failed { reason },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, FailReason::Unauthorized);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "connect, two reauths, one fresh-token retry"
+    );
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Backpressure: a peer that completes the handshake and then stops reading
+/// is closed with 4009 once its bounded outbound queue is full; its session
+/// is kept (detached) for a resume.
+pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
+    let mut options = fast_server();
+    options.outbound_queue = 8;
+    options.config.reliability.window_messages = 4096;
+    options.config.reliability.window_bytes = 256 << 20;
+    options.config.queue.max_messages = 4096;
+    options.config.queue.max_bytes = 256 << 20;
+    let (server, mut sev, addr) = serve(&rt, options);
+    let io = within(
+        &rt,
+        2000,
+        "tcp",
+        rt.connect_tcp(addr.ip().to_string(), addr.port()),
+    )
+    .await
+    .unwrap();
+    let (mut ws, _) = within(
+        &rt,
+        2000,
+        "upgrade",
+        kitestring::async_tungstenite::client_async(format!("ws://{addr}/"), io),
+    )
+    .await
+    .unwrap();
+    let hello = wire::encode(
+        &Frame::Hello(Hello {
+            versions: vec![1],
+            client: ClientId([6; 16]),
+            resume: None,
+            caps: Vec::new(),
+            codecs: vec![Codec::Json],
+        }),
+        Codec::Json,
+        1,
+    )
+    .unwrap();
+    let text = std::str::from_utf8(hello.data()).unwrap().to_owned();
+    ws.send(Message::text(text)).await.unwrap();
+    let welcome = within(&rt, 2000, "welcome", ws.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(welcome, Message::Text(_)));
+    let (_, session, _, _) = session_opened(&rt, &mut sev).await;
+    // Now the peer reads nothing. Send far more than the socket buffers hold.
+    let chunk = vec![7u8; 64 * 1024];
+    let start = Instant::now();
+    let mut sent = 0;
+    let mut detached = None;
+    while detached.is_none() && start.elapsed() < Duration::from_secs(3) {
+        if sent < 1000 {
+            server.send_bytes(session, chunk.clone()).await.unwrap();
+            sent += 1;
+        } else {
+            kitestring::util::sleep(&*rt, Duration::from_millis(10)).await;
+        }
+        while let Some(Some(e)) = futures_util::FutureExt::now_or_never(sev.next()) {
+            if let ServerEvent::SessionDetached { session: s, code } = e {
+                if s == session {
+                    detached = Some(code);
+                }
+            }
+        }
+    }
+    assert_eq!(
+        detached,
+        Some(CloseCode::SLOW_CONSUMER),
+        "after {sent} sends"
+    );
+    assert!(
+        sent < 1000,
+        "closed before every message was accepted ({sent})"
+    );
+    drop(ws);
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// A socket upgraded by another HTTP stack (here: a bare listener and
+/// `async_tungstenite::accept_async`) is handed to a listener-less server
+/// with the identity that stack authenticated.
+pub async fn handover_upgraded_socket(rt: Arc<dyn Runtime>) {
+    let (server, mut sev) = kitestring::start(rt.clone(), fast_server()).unwrap();
+    let std_listener = std::net::TcpListener::bind(loopback()).unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let listener = rt.wrap_listener(std_listener).unwrap();
+    let (client, mut cev) = kitestring::connect(
+        rt.clone(),
+        &format!("ws://{addr}/elsewhere"),
+        fast_client(vec![Codec::Json]),
+    )
+    .unwrap();
+    let (io, _) = within(
+        &rt,
+        2000,
+        "accept",
+        futures_util::future::poll_fn(|cx| listener.poll_accept(cx)),
+    )
+    .await
+    .unwrap();
+    let ws = within(
+        &rt,
+        2000,
+        "foreign upgrade",
+        kitestring::async_tungstenite::accept_async(io),
+    )
+    .await
+    .unwrap();
+    server.accept_websocket(ws, Some("bob".to_owned()));
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    let (_, s, identity, _) = session_opened(&rt, &mut sev).await;
+    assert_eq!((s, identity.as_deref()), (session, Some("bob")));
+    server.send(session, &note(3)).await.unwrap();
+    let got = client_wait(
+        &rt,
+        &mut cev,
+        2000,
+        "message over the handed-over socket",
+        |e| match e {
+            Event::Message(m) => Some(m.decode::<Note>().unwrap()),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(got, note(3));
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
