@@ -18,6 +18,8 @@ use kitestring_core::wire::Codec;
 
 mod alloc;
 mod core_cost;
+mod echo;
+mod net;
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
@@ -31,10 +33,29 @@ struct Figure {
     /// Whether a bigger number is better (throughput) or worse (cost).
     higher_is_better: bool,
     target: Option<f64>,
+    /// How ours is compared with the baseline.
+    kind: Kind,
+}
+
+/// How a figure is compared.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// ours / baseline, against the target.
+    Ratio,
+    /// ours - baseline, against the target (same unit as the figures).
+    Difference,
+    /// ours alone against the target; the baseline is for reference.
+    Absolute,
 }
 
 impl Figure {
+    /// The compared value: the ratio, the difference, or ours alone.
     fn ratio(&self) -> f64 {
+        match self.kind {
+            Kind::Difference => return self.ours - self.baseline,
+            Kind::Absolute => return self.ours,
+            Kind::Ratio => {}
+        }
         if self.baseline == 0.0 {
             return f64::NAN;
         }
@@ -103,7 +124,11 @@ fn main() -> ExitCode {
 
 type Scenario = fn(&Options) -> Vec<Figure>;
 
-const SCENARIOS: &[(&str, Scenario)] = &[("core-cost", core_cost_scenario)];
+const SCENARIOS: &[(&str, Scenario)] = &[
+    ("core-cost", core_cost_scenario),
+    ("throughput", echo::throughput_scenario),
+    ("latency", echo::latency_scenario),
+];
 
 fn usage(problem: &str) -> ExitCode {
     eprintln!("{problem}");
@@ -212,6 +237,7 @@ fn core_cost_scenario(opts: &Options) -> Vec<Figure> {
                 baseline: b,
                 higher_is_better: false,
                 target: Some(target),
+                kind: Kind::Ratio,
             }),
             _ => eprintln!("valgrind unavailable: instruction counts skipped"),
         }
@@ -222,6 +248,7 @@ fn core_cost_scenario(opts: &Options) -> Vec<Figure> {
             baseline: base_ns,
             higher_is_better: false,
             target: Some(target),
+            kind: Kind::Ratio,
         });
         figures.push(Figure {
             scenario: format!("core cost, 32 B, {name}"),
@@ -230,6 +257,7 @@ fn core_cost_scenario(opts: &Options) -> Vec<Figure> {
             baseline: base_allocs,
             higher_is_better: false,
             target: None,
+            kind: Kind::Ratio,
         });
     }
     figures
@@ -238,14 +266,19 @@ fn core_cost_scenario(opts: &Options) -> Vec<Figure> {
 fn report(figures: &[Figure]) {
     println!(
         "{:<34} {:<34} {:>14} {:>14} {:>8} {:>8}",
-        "scenario", "metric", "kitestring", "baseline", "ratio", "target"
+        "scenario", "metric", "kitestring", "baseline", "compare", "target"
     );
     for f in figures {
+        let op = match (f.kind, f.higher_is_better) {
+            (Kind::Ratio, true) => "x>=",
+            (Kind::Ratio, false) => "x<=",
+            (Kind::Difference, _) => "+<=",
+            (Kind::Absolute, true) => ">=",
+            (Kind::Absolute, false) => "<=",
+        };
         let target = match (f.target, f.meets()) {
-            (Some(t), Some(true)) => {
-                format!("{}{t} ok", if f.higher_is_better { ">=" } else { "<=" })
-            }
-            (Some(t), _) => format!("{}{t} MISS", if f.higher_is_better { ">=" } else { "<=" }),
+            (Some(t), Some(true)) => format!("{op}{t} ok"),
+            (Some(t), _) => format!("{op}{t} MISS"),
             (None, _) => "-".into(),
         };
         println!(
@@ -269,6 +302,11 @@ fn to_json(figures: &[Figure]) -> String {
                 "metric": f.metric,
                 "ours": f.ours,
                 "baseline": f.baseline,
+                "compare": match f.kind {
+                    Kind::Ratio => "ratio",
+                    Kind::Difference => "difference",
+                    Kind::Absolute => "absolute",
+                },
                 "ratio": f.ratio(),
                 "higher_is_better": f.higher_is_better,
                 "target": f.target,
