@@ -284,12 +284,12 @@ impl Rt {
 
 /// Scenario 2: pipelined echo throughput.
 pub(crate) fn throughput_scenario(opts: &crate::Options) -> Vec<crate::Figure> {
-    let (reps, scale) = if opts.quick { (1, 50) } else { (3, 1) };
+    let (reps, scale) = if opts.quick { (1, 20) } else { (3, 1) };
     let loads = [
-        (1, 32, 100_000, 128),
-        (1, 16 * 1024, 20_000, 32),
-        (100, 32, 2_000, 16),
-        (100, 16 * 1024, 200, 4),
+        (1, 32, 40_000, 128),
+        (1, 16 * 1024, 10_000, 32),
+        (100, 32, 400, 16),
+        (100, 16 * 1024, 100, 4),
     ];
     let runtimes = [Rt::Tokio, Rt::Smol, Rt::AsyncStd];
     let mut figures = Vec::new();
@@ -339,7 +339,7 @@ pub(crate) fn latency_scenario(opts: &crate::Options) -> Vec<crate::Figure> {
     let (reps, warm, n) = if opts.quick {
         (1, 100, 500)
     } else {
-        (3, 2_000, 20_000)
+        (3, 1_000, 10_000)
     };
     let (mut b50, mut b99, mut o50, mut o99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
