@@ -5,6 +5,7 @@
 use kitestring_core::client::{LostReason, UsageError};
 use kitestring_core::config::ConfigError;
 use kitestring_core::reliable::{MessageId, SendError};
+use kitestring_core::server::RoomError;
 
 /// Encoding or decoding an application value failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +100,10 @@ pub enum ServerError {
     /// The value could not be encoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// A room operation was refused (unknown session, room full, too many
+    /// rooms, bad name).
+    #[error(transparent)]
+    Room(#[from] RoomError),
     /// The server task has ended.
     #[error("the server has stopped")]
     Stopped,

@@ -63,7 +63,11 @@ pub use kitestring_core::client::{Event, FailReason, LostReason, State};
 pub use kitestring_core::close::CloseCode;
 pub use kitestring_core::config::{ClientConfig, ServerConfig};
 pub use kitestring_core::reliable::{MessageId, SendError};
-pub use kitestring_core::server::{ConnectionId, ServerEvent, SessionEnd};
+pub use kitestring_core::rooms::{Member, PolicyFn, Presence, Refusal, RoomPolicy};
+pub use kitestring_core::server::{
+    ConnectionId, RoomError, RoomOp, ServerEvent, ServerMetrics, ServerStats, SessionEnd,
+    SessionInfo,
+};
 pub use kitestring_core::wire::{Codec, Payload, PayloadKind, SessionId};
 
 pub use async_tungstenite;

@@ -51,7 +51,10 @@ use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::ServerConfig;
 use kitestring_core::reliable::{MessageId, SendError};
-use kitestring_core::server::{ConnectionId, Server, ServerEvent, ServerOutput};
+use kitestring_core::rooms::{Member, RoomPolicy};
+use kitestring_core::server::{
+    ConnectionId, RoomError, Server, ServerEvent, ServerMetrics, ServerOutput, SessionInfo,
+};
 use kitestring_core::wire::{Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
@@ -164,6 +167,22 @@ pub struct ServerOptions {
     pub handshake_timeout: Duration,
     /// Time allowed for a close handshake before the socket is dropped. Default 2 s.
     pub close_timeout: Duration,
+    /// Authorizes clients' joins and publishes; `None` lets everyone do
+    /// anything. Can be replaced later with [`ServerHandle::set_policy`].
+    pub policy: Option<Arc<dyn RoomPolicy>>,
+}
+
+/// A policy shared through [`ServerOptions`] (which is `Clone`).
+struct SharedPolicy(Arc<dyn RoomPolicy>);
+
+impl RoomPolicy for SharedPolicy {
+    fn authorize_join(&self, who: &Member, room: &str) -> Result<(), String> {
+        self.0.authorize_join(who, room)
+    }
+
+    fn authorize_publish(&self, who: &Member, room: &str) -> Result<(), String> {
+        self.0.authorize_publish(who, room)
+    }
 }
 
 impl Default for ServerOptions {
@@ -179,6 +198,7 @@ impl Default for ServerOptions {
             event_buffer: 4096,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
+            policy: None,
         }
     }
 }
@@ -190,6 +210,7 @@ impl fmt::Debug for ServerOptions {
             .field("tls", &self.tls.is_some())
             .field("auth", &self.auth.is_some())
             .field("outbound_queue", &self.outbound_queue)
+            .field("policy", &self.policy.is_some())
             .finish()
     }
 }
@@ -247,6 +268,44 @@ enum Command {
     AcceptToken {
         connection: ConnectionId,
     },
+    Respond {
+        session: SessionId,
+        request: MessageId,
+        payload: Payload,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+    },
+    Join {
+        session: SessionId,
+        room: String,
+        reply: oneshot::Sender<Result<(), RoomError>>,
+    },
+    Leave {
+        session: SessionId,
+        room: String,
+        reply: oneshot::Sender<bool>,
+    },
+    Broadcast {
+        room: String,
+        payload: Payload,
+        exclude: Option<SessionId>,
+        reply: oneshot::Sender<Result<usize, SendError>>,
+    },
+    Query {
+        query: Query,
+    },
+    SetPolicy {
+        policy: Box<dyn RoomPolicy>,
+    },
+}
+
+/// Read-only questions to the server task, answered from the core's state.
+enum Query {
+    Members(String, oneshot::Sender<Vec<Member>>),
+    MemberSessions(String, oneshot::Sender<Vec<SessionId>>),
+    RoomSize(String, oneshot::Sender<usize>),
+    RoomsOf(SessionId, oneshot::Sender<Vec<Arc<str>>>),
+    Metrics(oneshot::Sender<ServerMetrics>),
+    Session(SessionId, oneshot::Sender<Option<SessionInfo>>),
 }
 
 /// A cloneable handle to a running server. Dropping every handle shuts the
@@ -316,7 +375,10 @@ fn start_inner(
     listener: Option<Box<dyn AsyncListener>>,
     options: ServerOptions,
 ) -> Result<(ServerHandle, ServerEvents), ServeError> {
-    let server = Server::new(options.config.clone())?;
+    let mut server = Server::new(options.config.clone())?;
+    if let Some(policy) = &options.policy {
+        server.set_policy(Box::new(SharedPolicy(policy.clone())));
+    }
     let local_addr = match &listener {
         Some(l) => Some(l.local_addr()?),
         None => None,
@@ -483,6 +545,155 @@ impl ServerHandle {
     /// when no validator is configured).
     pub async fn accept_token(&self, connection: ConnectionId) -> Result<(), ServerError> {
         self.command(Command::AcceptToken { connection }).await
+    }
+
+    /// Answers a request a session's client sent (a [`Received`] with
+    /// `request: true`, quoting its `id`), reliably and in order with the
+    /// session's other messages, wherever its connection is. The client gets
+    /// it as [`Event::Response`](kitestring_core::client::Event::Response).
+    ///
+    /// [`Received`]: kitestring_core::client::Received
+    pub async fn respond<T: Serialize + ?Sized>(
+        &self,
+        session: SessionId,
+        request: MessageId,
+        value: &T,
+    ) -> Result<MessageId, ServerError> {
+        let payload = util::encode(value, self.codec)?;
+        self.respond_payload(session, request, payload).await
+    }
+
+    /// [`respond`](Self::respond) with a ready payload.
+    pub async fn respond_payload(
+        &self,
+        session: SessionId,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, ServerError> {
+        Ok(self
+            .call(|reply| Command::Respond {
+                session,
+                request,
+                payload,
+                reply,
+            })
+            .await??)
+    }
+
+    /// Puts a session in a room (the application decided: the room policy
+    /// is not consulted). The other members get a presence diff and the
+    /// session gets the member list; [`ServerEvent::Joined`] follows.
+    /// Joining a room the session is already in only resends the list.
+    pub async fn join(&self, session: SessionId, room: &str) -> Result<(), ServerError> {
+        let room = room.to_owned();
+        Ok(self
+            .call(|reply| Command::Join {
+                session,
+                room,
+                reply,
+            })
+            .await??)
+    }
+
+    /// Takes a session out of a room; `false` if it was not in it. The
+    /// remaining members get a presence diff.
+    pub async fn leave(&self, session: SessionId, room: &str) -> Result<bool, ServerError> {
+        let room = room.to_owned();
+        self.call(|reply| Command::Leave {
+            session,
+            room,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends a typed value to every member of `room`. The value is
+    /// serialized once, with the server's preferred codec, and the bytes are
+    /// shared by every member's reliable stream. Returns how many members it
+    /// was queued for. Members too slow to keep up are closed with 4009 and
+    /// their sessions ended; the others are not held up.
+    pub async fn broadcast<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        value: &T,
+    ) -> Result<usize, ServerError> {
+        let payload = util::encode(value, self.codec)?;
+        self.broadcast_payload(room, payload, None).await
+    }
+
+    /// Sends a payload to every member of `room` but `exclude` (e.g. the
+    /// member the message came from). Cloning a [`Payload`] shares its bytes,
+    /// so a broadcast to N members costs one serialization, not N.
+    pub async fn broadcast_payload(
+        &self,
+        room: &str,
+        payload: Payload,
+        exclude: Option<SessionId>,
+    ) -> Result<usize, ServerError> {
+        let room = room.to_owned();
+        Ok(self
+            .call(|reply| Command::Broadcast {
+                room,
+                payload,
+                exclude,
+                reply,
+            })
+            .await??)
+    }
+
+    async fn query<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Query,
+    ) -> Result<T, ServerError> {
+        self.call(|reply| Command::Query { query: make(reply) })
+            .await
+    }
+
+    /// Who is in `room`, as members see each other (client id and identity,
+    /// sorted; never session ids).
+    pub async fn members(&self, room: &str) -> Result<Vec<Member>, ServerError> {
+        let room = room.to_owned();
+        self.query(|reply| Query::Members(room, reply)).await
+    }
+
+    /// The sessions in `room` (for the application's own bookkeeping; do
+    /// not show session ids to other clients, they are resume secrets).
+    pub async fn member_sessions(&self, room: &str) -> Result<Vec<SessionId>, ServerError> {
+        let room = room.to_owned();
+        self.query(|reply| Query::MemberSessions(room, reply)).await
+    }
+
+    /// How many members `room` has (0 for a room that does not exist).
+    pub async fn room_size(&self, room: &str) -> Result<usize, ServerError> {
+        let room = room.to_owned();
+        self.query(|reply| Query::RoomSize(room, reply)).await
+    }
+
+    /// The rooms a session is in (empty for an unknown session).
+    pub async fn rooms_of(&self, session: SessionId) -> Result<Vec<Arc<str>>, ServerError> {
+        self.query(|reply| Query::RoomsOf(session, reply)).await
+    }
+
+    /// A session's state (its connection, identity, buffers), if it exists.
+    pub async fn session(&self, session: SessionId) -> Result<Option<SessionInfo>, ServerError> {
+        self.query(|reply| Query::Session(session, reply)).await
+    }
+
+    /// A snapshot of the server's gauges and counters, taken by the server
+    /// task between two inputs (so it is consistent). Round-trip times are
+    /// measured by clients (their pings), not by the server: see
+    /// [`ClientHandle::stats`](crate::ClientHandle) and `Event::Rtt`.
+    pub async fn metrics(&self) -> Result<ServerMetrics, ServerError> {
+        self.query(Query::Metrics).await
+    }
+
+    /// Replaces the policy that authorizes clients' joins and publishes
+    /// (default: everyone may do anything; see also
+    /// [`ServerOptions::policy`]). The application's own
+    /// [`join`](Self::join) and [`broadcast`](Self::broadcast) are never
+    /// checked.
+    pub async fn set_policy(&self, policy: Box<dyn RoomPolicy>) -> Result<(), ServerError> {
+        self.command(Command::SetPolicy { policy }).await
     }
 
     async fn command(&self, command: Command) -> Result<(), ServerError> {
@@ -716,6 +927,38 @@ impl ServerTask {
                 self.server.request_reauth(now, connection, within);
             }
             Command::AcceptToken { connection } => self.server.accept_token(now, connection),
+            Command::Respond {
+                session,
+                request,
+                payload,
+                reply,
+            } => {
+                let _ = reply.send(self.server.respond(now, session, request, payload));
+            }
+            Command::Join {
+                session,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(self.server.join(now, session, &room));
+            }
+            Command::Leave {
+                session,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(self.server.leave(now, session, &room));
+            }
+            Command::Broadcast {
+                room,
+                payload,
+                exclude,
+                reply,
+            } => {
+                let _ = reply.send(self.server.broadcast(now, &room, payload, exclude));
+            }
+            Command::Query { query } => self.query(query),
+            Command::SetPolicy { policy } => self.server.set_policy(policy),
             Command::Shutdown { reply } => {
                 self.listener = None;
                 let ids: Vec<ConnectionId> = self.server.connections().collect();
@@ -789,6 +1032,29 @@ impl ServerTask {
 }
 
 impl ServerTask {
+    fn query(&self, query: Query) {
+        match query {
+            Query::Members(room, reply) => {
+                let _ = reply.send(self.server.members(&room));
+            }
+            Query::MemberSessions(room, reply) => {
+                let _ = reply.send(self.server.member_sessions(&room));
+            }
+            Query::RoomSize(room, reply) => {
+                let _ = reply.send(self.server.room_size(&room));
+            }
+            Query::RoomsOf(session, reply) => {
+                let _ = reply.send(self.server.rooms_of(session));
+            }
+            Query::Metrics(reply) => {
+                let _ = reply.send(self.server.metrics());
+            }
+            Query::Session(session, reply) => {
+                let _ = reply.send(self.server.session(session));
+            }
+        }
+    }
+
     /// Validates a re-authentication token with the configured validator.
     fn check_token(&mut self, connection: ConnectionId, session: SessionId, token: &str) {
         let verdict = if let Some(validate) = &self.options.reauth {
