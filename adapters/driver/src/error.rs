@@ -2,7 +2,7 @@
 //! apart from failures caused by the peer or the network, which reach the
 //! application as events carrying a reason.
 
-use kitestring_core::client::{LostReason, UsageError};
+use kitestring_core::client::{LostReason, RequestError, UsageError};
 use kitestring_core::config::ConfigError;
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::server::RoomError;
@@ -73,6 +73,18 @@ pub enum ClientError {
     /// The client closed or failed before the acknowledgment came.
     #[error("the client stopped before message {0:?} was acknowledged")]
     NotAcknowledged(MessageId),
+    /// A request got no response: it timed out (a late response is reported
+    /// as an event and dropped), or its session was lost or closed.
+    #[error("request {id:?} failed: {error}")]
+    Request {
+        /// The request.
+        id: MessageId,
+        /// Why.
+        error: RequestError,
+    },
+    /// The request was cancelled with `cancel_request`.
+    #[error("request {0:?} was cancelled")]
+    RequestCancelled(MessageId),
     /// The driver task has ended (the client was closed).
     #[error("the client has stopped")]
     Stopped,

@@ -53,7 +53,8 @@ use kitestring_core::config::ServerConfig;
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::rooms::{Member, RoomPolicy};
 use kitestring_core::server::{
-    ConnectionId, RoomError, Server, ServerEvent, ServerMetrics, ServerOutput, SessionInfo,
+    ConnectionId, RoomError, Server, ServerEvent, ServerMetrics, ServerOutput, SessionEnd,
+    SessionInfo,
 };
 use kitestring_core::wire::{Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
@@ -988,7 +989,11 @@ impl ServerTask {
                     match slot.out.try_send(ws::to_message(t)) {
                         Ok(()) => {}
                         Err(e) if e.is_full() => {
-                            debug!(connection = id.0, "outbound queue full: slow consumer");
+                            warn!(
+                                connection = id.0,
+                                session = self.server.session_of(id).map(|s| s.to_hex()).as_deref(),
+                                "outbound queue full: closing a slow consumer with 4009"
+                            );
                             if let Some(close) = slot.close.take() {
                                 let _ = close.send(CloseOrder {
                                     code: CloseCode::SLOW_CONSUMER,
@@ -1004,7 +1009,11 @@ impl ServerTask {
                     }
                 }
                 ServerOutput::Disconnect(id, code, reason) => {
-                    trace!(connection = id.0, %code, reason, "disconnect");
+                    if code == CloseCode::SLOW_CONSUMER {
+                        warn!(connection = id.0, %code, reason, "closing a slow consumer");
+                    } else {
+                        debug!(connection = id.0, %code, reason, "closing connection");
+                    }
                     if let Some(slot) = self.conns.get_mut(&id) {
                         if let Some(close) = slot.close.take() {
                             let _ = close.send(CloseOrder {
@@ -1016,6 +1025,7 @@ impl ServerTask {
                     }
                 }
                 ServerOutput::Event(event) => {
+                    log_event(&event);
                     if let ServerEvent::TokenReceived {
                         connection,
                         session,
@@ -1101,6 +1111,95 @@ impl ServerTask {
                 self.server.disconnect_connection(now, connection, code);
             }
         }
+    }
+}
+
+/// Logs what the application should see in its logs, with the ids that
+/// tie a line to a client and a session.
+fn log_event(event: &ServerEvent) {
+    match event {
+        ServerEvent::SessionOpened {
+            connection,
+            session,
+            client,
+            identity,
+            resumed,
+        } => {
+            let verb = if *resumed { "session resumed" } else { "session opened" };
+            debug!(
+                connection = connection.0,
+                session = %session.to_hex(),
+                client = %client.to_hex(),
+                identity = identity.as_deref(),
+                resumed,
+                "{verb}"
+            );
+        }
+        ServerEvent::SessionDetached { session, code } => {
+            debug!(session = %session.to_hex(), %code, "session detached; waiting for a resume");
+        }
+        ServerEvent::SessionEnded {
+            session,
+            reason,
+            unconfirmed,
+        } => match reason {
+            SessionEnd::SlowConsumer | SessionEnd::Overflow => warn!(
+                session = %session.to_hex(),
+                ?reason,
+                unconfirmed = unconfirmed.len(),
+                "session ended: it could not keep up"
+            ),
+            _ => debug!(
+                session = %session.to_hex(),
+                ?reason,
+                unconfirmed = unconfirmed.len(),
+                "session ended"
+            ),
+        },
+        ServerEvent::Rejected {
+            connection,
+            code,
+            reason,
+        } => {
+            if *reason == "session_forbidden" {
+                warn!(
+                    connection = connection.0,
+                    %code,
+                    reason,
+                    "resume refused: the session belongs to another identity"
+                );
+            } else {
+                debug!(connection = connection.0, %code, reason, "hello rejected");
+            }
+        }
+        ServerEvent::ConnectionClosed { connection, code } => {
+            debug!(connection = connection.0, %code, "connection closed without a session");
+        }
+        ServerEvent::RateLimited {
+            session,
+            message,
+            limit,
+        } => {
+            warn!(session = %session.to_hex(), message = message.0, ?limit, "rate limited");
+        }
+        ServerEvent::Refused {
+            session,
+            room,
+            op,
+            reason,
+        } => {
+            debug!(session = %session.to_hex(), %room, ?op, %reason, "room operation refused");
+        }
+        ServerEvent::Joined { session, room } => {
+            trace!(session = %session.to_hex(), %room, "joined");
+        }
+        ServerEvent::Left { session, room } => {
+            trace!(session = %session.to_hex(), %room, "left");
+        }
+        ServerEvent::DecodeFailed { connection, error } => {
+            debug!(connection = connection.0, %error, "undecodable frame");
+        }
+        _ => {}
     }
 }
 
