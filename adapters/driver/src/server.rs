@@ -707,7 +707,10 @@ impl ServerHandle {
 
     /// Stops accepting, sends every connection a `goaway` and closes it with
     /// 1001, waits (bounded by the close timeout) for the sockets to close,
-    /// and stops the server task. Sessions are not kept.
+    /// and stops the server task. Sessions are detached, not ended (rooms
+    /// see no one leave), but they live in this task's memory and end with
+    /// it: a restarted server does not know them, so clients resume into new
+    /// sessions and rejoin their rooms by themselves.
     pub async fn shutdown(&self) -> Result<(), ServerError> {
         self.call(|reply| Command::Shutdown { reply }).await
     }
@@ -962,10 +965,10 @@ impl ServerTask {
             Command::SetPolicy { policy } => self.server.set_policy(policy),
             Command::Shutdown { reply } => {
                 self.listener = None;
-                let ids: Vec<ConnectionId> = self.server.connections().collect();
-                for id in ids {
-                    self.server.go_away(now, id, CloseCode::GOING_AWAY, None);
-                }
+                // The core flushes pending batches and acknowledgments, then
+                // sends every connection a goaway and a 1001. Sessions are
+                // detached, not ended: members are not told anyone left.
+                self.server.shutdown(now, None);
                 let give_up =
                     self.runtime.now() + self.options.close_timeout + Duration::from_millis(500);
                 match &mut self.shutdown {
