@@ -165,6 +165,13 @@ fn resumes(events: &[Event]) -> Vec<(SessionId, bool)> {
         .collect()
 }
 
+/// Waits until `p` has opened `n` connections (the first and its resumes).
+async fn reopened(rt: &Arc<dyn Runtime>, p: &Peer, n: usize) {
+    p.events
+        .until(rt, 3000, "resumed", |evs| (resumes(evs).len() >= n).then_some(()))
+        .await;
+}
+
 async fn room_size_is(rt: &Arc<dyn Runtime>, server: &ServerHandle, room: &str, n: usize) {
     within(rt, 3000, "room size", async {
         while server.room_size(room).await.unwrap() != n {
@@ -210,10 +217,16 @@ pub async fn broadcast_through_cuts(rt: Arc<dyn Runtime>) {
             .await
             .unwrap();
         assert_eq!(queued, 3, "broadcast {n} reaches every member");
+        // Each cut waits for the previous one's resume, so every cut hits
+        // a live connection and broadcasts are queued while links are down.
         match n {
             60 => peers[0].proxy.cut_all(),
-            120 => peers[1].proxy.cut_all(),
+            120 => {
+                reopened(&rt, &peers[0], 2).await;
+                peers[1].proxy.cut_all();
+            }
             180 => {
+                reopened(&rt, &peers[1], 2).await;
                 peers[0].proxy.cut_all();
                 peers[2].proxy.cut_all();
             }
@@ -388,7 +401,8 @@ pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
             })
         })
         .await;
-    assert_eq!((refusal.op.as_str(), refusal.reason.as_str()), ("join", "members only"));
+    assert_eq!(refusal.op, "join");
+    assert!(refusal.reason.contains("members only"), "{refusal:?}");
     sev.until(&rt, 3000, "server Refused", |evs| {
         evs.iter().find_map(|e| match e {
             ServerEvent::Refused {
@@ -786,10 +800,15 @@ pub async fn request_across_cut(rt: Arc<dyn Runtime>) {
         })
     })
     .await;
-    // The response event reached the stream too.
-    assert!(a.events.snapshot().iter().any(
-        |e| matches!(e, Event::Response { request, .. } if *request == request_id)
-    ));
+    // The response event reaches the stream too.
+    a.events
+        .until(&rt, 2000, "Response event", |evs| {
+            evs.iter().find_map(|e| match e {
+                Event::Response { request, .. } if *request == request_id => Some(()),
+                _ => None,
+            })
+        })
+        .await;
 
     // A request that times out, then a late answer.
     let mark = sev.mark();
