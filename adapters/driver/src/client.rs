@@ -534,7 +534,11 @@ impl ClientHandle {
     }
 
     /// [`send_latest`](Self::send_latest) with a ready payload.
-    pub async fn send_latest_payload(&self, key: &str, payload: Payload) -> Result<(), ClientError> {
+    pub async fn send_latest_payload(
+        &self,
+        key: &str,
+        payload: Payload,
+    ) -> Result<(), ClientError> {
         let key = key.to_owned();
         Ok(self
             .call(|reply| Command::Latest {

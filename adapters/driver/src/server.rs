@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -309,6 +309,12 @@ enum Query {
     Session(SessionId, oneshot::Sender<Option<SessionInfo>>),
 }
 
+/// The codec negotiated by each session's latest connection, kept by the
+/// server task (set when a session opens or resumes, removed when it ends)
+/// and read by handles to encode typed values. Bounded by the number of
+/// sessions the core holds (`ServerConfig::max_sessions`).
+type SessionCodecs = Arc<RwLock<HashMap<SessionId, Codec>>>;
+
 /// A cloneable handle to a running server. Dropping every handle shuts the
 /// server down as [`ServerHandle::shutdown`] does.
 #[derive(Clone)]
@@ -318,6 +324,7 @@ pub struct ServerHandle {
     runtime: Arc<dyn Runtime>,
     local_addr: Option<SocketAddr>,
     codec: Codec,
+    codecs: SessionCodecs,
     outbound_queue: usize,
     close_timeout: Duration,
     options: Arc<ServerOptions>,
@@ -398,6 +405,7 @@ fn start_inner(
             .first()
             .copied()
             .unwrap_or(Codec::Json),
+        codecs: SessionCodecs::default(),
         outbound_queue: options.outbound_queue.max(1),
         close_timeout: options.close_timeout,
         options: Arc::new(options.clone()),
@@ -415,6 +423,7 @@ fn start_inner(
         commands_done: false,
         events: ev_tx,
         conns: HashMap::new(),
+        codecs: handle.codecs.clone(),
         shutdown: None,
     };
     let span = tracing::info_span!("kitestring_server", addr = ?local_addr);
@@ -441,14 +450,25 @@ impl ServerHandle {
         rx.await.map_err(|_| ServerError::Stopped)
     }
 
+    /// The codec typed values for `session` are encoded with: the one its
+    /// latest connection negotiated (kept while it is detached), or the
+    /// server's preferred codec for a session not seen yet.
+    pub fn codec_for(&self, session: SessionId) -> Codec {
+        self.codecs
+            .read()
+            .ok()
+            .and_then(|m| m.get(&session).copied())
+            .unwrap_or(self.codec)
+    }
+
     /// Sends a typed value to a session (reliable, ordered, exactly once),
-    /// encoded with the server's preferred codec.
+    /// encoded with the session's negotiated codec ([`codec_for`](Self::codec_for)).
     pub async fn send<T: Serialize + ?Sized>(
         &self,
         session: SessionId,
         value: &T,
     ) -> Result<MessageId, ServerError> {
-        let payload = util::encode(value, self.codec)?;
+        let payload = util::encode(value, self.codec_for(session))?;
         self.send_payload(session, payload).await
     }
 
@@ -560,7 +580,7 @@ impl ServerHandle {
         request: MessageId,
         value: &T,
     ) -> Result<MessageId, ServerError> {
-        let payload = util::encode(value, self.codec)?;
+        let payload = util::encode(value, self.codec_for(session))?;
         self.respond_payload(session, request, payload).await
     }
 
@@ -609,8 +629,10 @@ impl ServerHandle {
     }
 
     /// Sends a typed value to every member of `room`. The value is
-    /// serialized once, with the server's preferred codec, and the bytes are
-    /// shared by every member's reliable stream. Returns how many members it
+    /// serialized once, with the server's preferred codec (the first of
+    /// `ServerConfig::codecs`), and the bytes are shared by every member's
+    /// reliable stream; a member whose connection negotiated the other codec
+    /// still decodes it (payloads carry their kind). Returns how many members it
     /// was queued for. Members too slow to keep up are closed with 4009 and
     /// their sessions ended; the others are not held up.
     pub async fn broadcast<T: Serialize + ?Sized>(
@@ -683,7 +705,8 @@ impl ServerHandle {
     /// A snapshot of the server's gauges and counters, taken by the server
     /// task between two inputs (so it is consistent). Round-trip times are
     /// measured by clients (their pings), not by the server: see
-    /// [`ClientHandle::stats`](crate::ClientHandle) and `Event::Rtt`.
+    /// [`ClientHandle::stats`](crate::ClientHandle::stats) and
+    /// [`Event::Rtt`](kitestring_core::client::Event::Rtt).
     pub async fn metrics(&self) -> Result<ServerMetrics, ServerError> {
         self.query(Query::Metrics).await
     }
@@ -764,6 +787,7 @@ struct ServerTask {
     events: mpsc::Sender<ServerEvent>,
     /// Connection tasks that registered and have not reported their end.
     conns: HashMap<ConnectionId, Slot>,
+    codecs: SessionCodecs,
     /// Set by `shutdown`: the replies to send, and when to give up waiting.
     shutdown: Option<(Vec<oneshot::Sender<()>>, std::time::Instant)>,
 }
@@ -1029,6 +1053,7 @@ impl ServerTask {
                 }
                 ServerOutput::Event(event) => {
                     log_event(&event);
+                    self.track_codec(&event);
                     if let ServerEvent::TokenReceived {
                         connection,
                         session,
@@ -1045,6 +1070,24 @@ impl ServerTask {
 }
 
 impl ServerTask {
+    /// Keeps [`SessionCodecs`] in step with the sessions.
+    fn track_codec(&self, event: &ServerEvent) {
+        let Ok(mut codecs) = self.codecs.write() else {
+            return;
+        };
+        match event {
+            ServerEvent::SessionOpened { session, .. } => {
+                if let Some(codec) = self.server.session_codec(*session) {
+                    codecs.insert(*session, codec);
+                }
+            }
+            ServerEvent::SessionEnded { session, .. } => {
+                codecs.remove(session);
+            }
+            _ => {}
+        }
+    }
+
     fn query(&self, query: Query) {
         match query {
             Query::Members(room, reply) => {
@@ -1128,7 +1171,11 @@ fn log_event(event: &ServerEvent) {
             identity,
             resumed,
         } => {
-            let verb = if *resumed { "session resumed" } else { "session opened" };
+            let verb = if *resumed {
+                "session resumed"
+            } else {
+                "session opened"
+            };
             debug!(
                 connection = connection.0,
                 session = %session.to_hex(),

@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
 mod rooms;
 pub use rooms::{
     broadcast_through_cuts, presence_after_resume, request_across_cut, rotation_without_loss,
-    shutdown_keeps_rooms, slow_member_evicted, unauthorized_join_refused, Peer, Recorder,
+    send_latest_coalesces, shutdown_keeps_rooms, slow_member_evicted,
+    typed_sends_use_session_codec, unauthorized_join_refused, Peer, Recorder,
 };
 
 /// Generates one `#[test]` per scenario. `$block_on` runs a future to
@@ -43,7 +44,8 @@ macro_rules! scenarios {
             shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, handover_upgraded_socket,
             slow_consumer_closed, broadcast_through_cuts, slow_member_evicted,
             unauthorized_join_refused, presence_after_resume, rotation_without_loss,
-            shutdown_keeps_rooms, request_across_cut);
+            shutdown_keeps_rooms, request_across_cut, typed_sends_use_session_codec,
+            send_latest_coalesces);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
         $(

@@ -11,9 +11,9 @@ use futures_util::StreamExt;
 use kitestring::kitestring_core::client::Cause;
 use kitestring::kitestring_core::rooms::PolicyFn;
 use kitestring::{
-    ClientError, ClientEvents, ClientHandle, CloseCode, Codec, DecodeExt, Event, Member,
-    Presence, RequestError, Runtime, ServerEvent, ServerEvents, ServerHandle,
-    ServerOptions, SessionEnd, SessionId, State,
+    ClientError, ClientEvents, ClientHandle, CloseCode, Codec, DecodeExt, Event, Member, Presence,
+    RequestError, Runtime, ServerEvent, ServerEvents, ServerHandle, ServerOptions, SessionEnd,
+    SessionId, State,
 };
 use kitestring_chaos::Proxy;
 
@@ -97,9 +97,12 @@ pub struct Peer {
 }
 
 fn serve(rt: &Arc<dyn Runtime>, options: ServerOptions) -> (ServerHandle, Recorder<ServerEvent>) {
-    let (server, events) =
-        kitestring::bind(rt.clone(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)), options)
-            .unwrap();
+    let (server, events) = kitestring::bind(
+        rt.clone(),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        options,
+    )
+    .unwrap();
     let events = record_server(rt, events);
     (server, events)
 }
@@ -168,7 +171,9 @@ fn resumes(events: &[Event]) -> Vec<(SessionId, bool)> {
 /// Waits until `p` has opened `n` connections (the first and its resumes).
 async fn reopened(rt: &Arc<dyn Runtime>, p: &Peer, n: usize) {
     p.events
-        .until(rt, 3000, "resumed", |evs| (resumes(evs).len() >= n).then_some(()))
+        .until(rt, 3000, "resumed", |evs| {
+            (resumes(evs).len() >= n).then_some(())
+        })
         .await;
 }
 
@@ -185,7 +190,9 @@ async fn finish(rt: &Arc<dyn Runtime>, server: ServerHandle, peers: Vec<Peer>) {
     for p in peers {
         let _ = within(rt, 3000, "client close", p.handle.close()).await;
     }
-    within(rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 /// Broadcasts to a room while members' links are cut: every member gets
@@ -195,7 +202,9 @@ pub async fn broadcast_through_cuts(rt: Arc<dyn Runtime>) {
     let mut peers = Vec::new();
     for _ in 0..3 {
         let p = peer(&rt, &server).await;
-        within(&rt, 2000, "join", p.handle.join("lobby")).await.unwrap();
+        within(&rt, 2000, "join", p.handle.join("lobby"))
+            .await
+            .unwrap();
         peers.push(p);
     }
     room_size_is(&rt, &server, "lobby", 3).await;
@@ -320,7 +329,10 @@ pub async fn slow_member_evicted(rt: Arc<dyn Runtime>) {
     eprintln!("slow member: {closed} after {:?}", start.elapsed());
     let metrics = server.metrics().await.unwrap();
     assert_eq!(
-        metrics.counters.close_codes.get(&CloseCode::SLOW_CONSUMER.0),
+        metrics
+            .counters
+            .close_codes
+            .get(&CloseCode::SLOW_CONSUMER.0),
         Some(&1),
         "one connection closed with 4009: {:?}",
         metrics.counters.close_codes
@@ -449,7 +461,10 @@ pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
             })
         })
         .await;
-    assert_eq!((refusal.op.as_str(), refusal.reason.as_str()), ("publish", "read only"));
+    assert_eq!(
+        (refusal.op.as_str(), refusal.reason.as_str()),
+        ("publish", "read only")
+    );
     // An allowed publish reaches b (and not a: no echo), after the refused one.
     a.handle.publish("public-chat", &note(3)).await.unwrap();
     let got = b
@@ -489,7 +504,9 @@ pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
     assert_eq!(snapshot.joined[0].client, a.handle.client_id().to_hex());
     assert!(matches!(
         server.join(SessionId([9; 16]), "secret").await,
-        Err(kitestring::ServerError::Room(kitestring::RoomError::UnknownSession))
+        Err(kitestring::ServerError::Room(
+            kitestring::RoomError::UnknownSession
+        ))
     ));
     finish(&rt, server, vec![a, b]).await;
 }
@@ -576,7 +593,11 @@ pub async fn presence_after_resume(rt: Arc<dyn Runtime>) {
         "the missed diffs, in order, nothing else"
     );
     let opens = resumes(&a.events.snapshot());
-    assert_eq!(opens.last(), Some(&(a.session, true)), "a resumed its session");
+    assert_eq!(
+        opens.last(),
+        Some(&(a.session, true)),
+        "a resumed its session"
+    );
     kitestring::util::sleep(&*rt, Duration::from_millis(150)).await;
     assert_eq!(presences(&a.events.snapshot(), "room").len(), before + 3);
     finish(&rt, server, vec![a, b, c]).await;
@@ -645,8 +666,7 @@ pub async fn rotation_without_loss(rt: Arc<dyn Runtime>) {
                 })
                 .collect();
             let room = room_notes(evs, "r");
-            (direct.len() >= N as usize && room.len() >= (N / 2) as usize)
-                .then_some((direct, room))
+            (direct.len() >= N as usize && room.len() >= (N / 2) as usize).then_some((direct, room))
         })
         .await;
     assert_eq!(direct, (0..N).collect::<Vec<_>>());
@@ -698,7 +718,9 @@ pub async fn shutdown_keeps_rooms(rt: Arc<dyn Runtime>) {
     }
     let marks: Vec<usize> = [&a, &b].iter().map(|p| p.events.mark()).collect();
     let smark = sev.mark();
-    within(&rt, 3000, "shutdown", server.shutdown()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
     for p in [&a, &b] {
         let cause = p
             .events
@@ -745,9 +767,10 @@ pub async fn shutdown_keeps_rooms(rt: Arc<dyn Runtime>) {
     assert_eq!(detached.len(), 2, "{server_events:?}");
     assert!(detached.iter().all(|(_, c)| *c == CloseCode::GOING_AWAY));
     assert!(
-        !server_events
-            .iter()
-            .any(|e| matches!(e, ServerEvent::Left { .. } | ServerEvent::SessionEnded { .. })),
+        !server_events.iter().any(|e| matches!(
+            e,
+            ServerEvent::Left { .. } | ServerEvent::SessionEnded { .. }
+        )),
         "no one left, no session ended: {server_events:?}"
     );
     assert!(server.room_size("room").await.is_err(), "server stopped");
@@ -765,7 +788,10 @@ pub async fn request_across_cut(rt: Arc<dyn Runtime>) {
 
     let pending = a
         .handle
-        .start_request(kitestring::encode(&note(7), Codec::Json).unwrap(), Duration::from_secs(5))
+        .start_request(
+            kitestring::encode(&note(7), Codec::Json).unwrap(),
+            Duration::from_secs(5),
+        )
         .await
         .unwrap();
     let request_id = pending.id();
@@ -784,13 +810,19 @@ pub async fn request_across_cut(rt: Arc<dyn Runtime>) {
     a.proxy.cut_all();
     // Answer while the link is down or coming back.
     server
-        .respond(got.0, got.1, &Note {
-            n: 8,
-            text: "answer".into(),
-        })
+        .respond(
+            got.0,
+            got.1,
+            &Note {
+                n: 8,
+                text: "answer".into(),
+            },
+        )
         .await
         .unwrap();
-    let response = within(&rt, 4000, "response after the cut", pending).await.unwrap();
+    let response = within(&rt, 4000, "response after the cut", pending)
+        .await
+        .unwrap();
     assert_eq!(response.response_to, Some(request_id));
     assert_eq!(response.decode::<Note>().unwrap().n, 8);
     sev.until(&rt, 3000, "resumed", |evs| {
@@ -849,5 +881,93 @@ pub async fn request_across_cut(rt: Arc<dyn Runtime>) {
     assert_eq!(stats.pending_requests, 0);
     assert_eq!(stats.session, Some(a.session));
     assert!(stats.stats.resumes >= 1);
+    finish(&rt, server, vec![a]).await;
+}
+
+/// Typed sends and responses are encoded with each session's negotiated
+/// codec: a JSON-only client gets JSON from a server that prefers
+/// MessagePack, a MessagePack client gets MessagePack.
+pub async fn typed_sends_use_session_codec(rt: Arc<dyn Runtime>) {
+    let (server, sev) = serve(&rt, fast_server());
+    let json = peer_with(&rt, &server, vec![Codec::Json]).await;
+    let pack = peer_with(&rt, &server, vec![Codec::MsgPack, Codec::Json]).await;
+    assert_eq!(server.codec_for(json.session), Codec::Json);
+    assert_eq!(server.codec_for(pack.session), Codec::MsgPack);
+    for p in [&json, &pack] {
+        server.send(p.session, &note(1)).await.unwrap();
+    }
+    for (p, want) in [
+        (&json, kitestring::PayloadKind::Json),
+        (&pack, kitestring::PayloadKind::MsgPack),
+    ] {
+        let got = p
+            .events
+            .until(&rt, 3000, "typed send", |evs| {
+                evs.iter().find_map(|e| match e {
+                    Event::Message(m) => Some((m.payload.kind(), m.decode::<Note>().unwrap().n)),
+                    _ => None,
+                })
+            })
+            .await;
+        assert_eq!(got, (want, 1));
+    }
+    // Responses too.
+    let pending = json
+        .handle
+        .start_request(
+            kitestring::encode(&note(2), Codec::Json).unwrap(),
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+    let (session, id) = sev
+        .until(&rt, 3000, "request", |evs| {
+            evs.iter().find_map(|e| match e {
+                ServerEvent::Message { session, message } if message.request => {
+                    Some((*session, message.id))
+                }
+                _ => None,
+            })
+        })
+        .await;
+    server.respond(session, id, &note(3)).await.unwrap();
+    let response = within(&rt, 3000, "response", pending).await.unwrap();
+    assert_eq!(response.payload.kind(), kitestring::PayloadKind::Json);
+    finish(&rt, server, vec![json, pack]).await;
+}
+
+/// `send_latest` coalesces a burst per key: fewer messages than values,
+/// in order, the last value always delivered; `stats` counts what went out.
+pub async fn send_latest_coalesces(rt: Arc<dyn Runtime>) {
+    let (server, sev) = serve(&rt, fast_server());
+    let a = peer(&rt, &server).await;
+    for n in 0..200u32 {
+        a.handle.send_latest("cursor", &n).await.unwrap();
+        if n % 50 == 0 {
+            kitestring::util::sleep(&*rt, Duration::from_millis(20)).await;
+        }
+    }
+    let got = sev
+        .until(&rt, 3000, "last value", |evs| {
+            let got: Vec<u32> = evs
+                .iter()
+                .filter_map(|e| match e {
+                    ServerEvent::Message { message, .. } => Some(message.decode::<u32>().unwrap()),
+                    _ => None,
+                })
+                .collect();
+            (got.last() == Some(&199)).then_some(got)
+        })
+        .await;
+    assert!(
+        got.len() < 50,
+        "coalesced: {} messages for 200 values",
+        got.len()
+    );
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
+    let stats = a.handle.stats().await.unwrap();
+    assert_eq!(stats.stats.messages_sent, got.len() as u64);
+    assert_eq!(stats.session, Some(a.session));
+    assert_eq!(stats.state, State::Open);
     finish(&rt, server, vec![a]).await;
 }
