@@ -47,7 +47,8 @@ pub mod util;
 pub mod ws;
 
 pub use client::{
-    connect, token_provider, ClientEvents, ClientHandle, ClientOptions, TokenProvider,
+    connect, token_provider, ClientEvents, ClientHandle, ClientOptions, ClientSnapshot,
+    PendingResponse, TokenProvider,
 };
 pub use error::{ClientError, CodecError, ConnectError, ServeError, ServerError};
 pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};
@@ -59,11 +60,17 @@ pub use util::{decode, encode, DecodeExt};
 pub use ws::{websocket_config, ClientTls, ServerTls};
 
 pub use kitestring_core;
-pub use kitestring_core::client::{Event, FailReason, LostReason, State};
+pub use kitestring_core::client::{
+    ClientStats, Event, FailReason, LostReason, Received, RequestError, State,
+};
 pub use kitestring_core::close::CloseCode;
 pub use kitestring_core::config::{ClientConfig, ServerConfig};
 pub use kitestring_core::reliable::{MessageId, SendError};
-pub use kitestring_core::server::{ConnectionId, ServerEvent, SessionEnd};
+pub use kitestring_core::rooms::{Member, PolicyFn, Presence, Refusal, RoomPolicy};
+pub use kitestring_core::server::{
+    ConnectionId, RoomError, RoomOp, ServerEvent, ServerMetrics, ServerStats, SessionEnd,
+    SessionInfo,
+};
 pub use kitestring_core::wire::{Codec, Payload, PayloadKind, SessionId};
 
 pub use async_tungstenite;
