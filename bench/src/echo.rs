@@ -16,8 +16,8 @@ use bytes::Bytes;
 use futures_channel::oneshot;
 use futures_util::{SinkExt, StreamExt};
 use kitestring::{
-    ClientEvents, ClientHandle, ClientOptions, Event, Payload, Runtime, ServerEvent,
-    ServerHandle, ServerOptions,
+    ClientEvents, ClientHandle, ClientOptions, Event, Payload, Runtime, ServerEvent, ServerHandle,
+    ServerOptions,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -109,7 +109,8 @@ pub(crate) async fn ours_throughput(runtime: Arc<dyn Runtime>, load: Load) -> f6
     (load.per_conn * load.conns as u64) as f64 / secs
 }
 
-type BaseWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type BaseWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Starts a tokio-tungstenite echo server; abort the handle to stop it.
 pub(crate) async fn baseline_echo_server() -> (tokio::task::JoinHandle<()>, SocketAddr) {
@@ -274,10 +275,9 @@ impl Rt {
             Rt::Tokio => net::tokio_runtime()
                 .block_on(async { ours_throughput(kitestring_tokio::runtime(), load).await }),
             Rt::Smol => smol::block_on(ours_throughput(kitestring_smol::runtime(), load)),
-            Rt::AsyncStd => async_std::task::block_on(ours_throughput(
-                kitestring_async_std::runtime(),
-                load,
-            )),
+            Rt::AsyncStd => {
+                async_std::task::block_on(ours_throughput(kitestring_async_std::runtime(), load))
+            }
         }
     }
 }

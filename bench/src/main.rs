@@ -17,8 +17,10 @@ use std::time::Instant as StdInstant;
 use kitestring_core::wire::Codec;
 
 mod alloc;
+mod child;
 mod core_cost;
 mod echo;
+mod fleet;
 mod net;
 
 #[global_allocator]
@@ -81,6 +83,9 @@ struct Options {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("inner") {
+        if args.get(1).map(String::as_str) == Some("server") {
+            return child::run(&args[2..]);
+        }
         return inner(&args[1..]);
     }
     let mut opts = Options {
@@ -128,6 +133,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("core-cost", core_cost_scenario),
     ("throughput", echo::throughput_scenario),
     ("latency", echo::latency_scenario),
+    ("idle", fleet::idle_scenario),
+    ("fanout", fleet::fanout_scenario),
+    ("storm", fleet::storm_scenario),
+    ("churn", fleet::churn_scenario),
 ];
 
 fn usage(problem: &str) -> ExitCode {

@@ -1,0 +1,554 @@
+//! Scenarios 4 to 7: many connections. The server runs in a child process
+//! (see [`crate::child`]); the clients run in this process on tokio, spread
+//! over 64 loopback destination addresses.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use kitestring::{ClientHandle, ClientOptions, Event, State};
+
+use crate::child::{seq_of, seq_payload, ROOM};
+use crate::net::{self, Child};
+use crate::{Figure, Kind, Options};
+
+/// Connections opened at once while building a fleet.
+const CONNECT_CONCURRENCY: usize = 200;
+
+/// A fleet of open Kitestring clients; each has a task counting the
+/// messages it receives into `delivered`.
+struct OursFleet {
+    clients: Vec<ClientHandle>,
+    delivered: Arc<AtomicU64>,
+}
+
+impl OursFleet {
+    async fn connect(port: u16, n: usize, options: ClientOptions) -> OursFleet {
+        let delivered = Arc::new(AtomicU64::new(0));
+        let runtime = kitestring_tokio::runtime();
+        let clients = futures_util::stream::iter(0..n)
+            .map(|i| {
+                let (runtime, options, delivered) =
+                    (runtime.clone(), options.clone(), delivered.clone());
+                async move {
+                    let url = net::spread_url(i, port);
+                    let (client, mut events) = net::ours_connect(runtime, &url, options).await;
+                    tokio::spawn(async move {
+                        while let Some(e) = events.next().await {
+                            if let Event::Message(_) = e {
+                                delivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                    client
+                }
+            })
+            .buffer_unordered(CONNECT_CONCURRENCY)
+            .collect()
+            .await;
+        OursFleet { clients, delivered }
+    }
+
+    async fn close(self) {
+        futures_util::stream::iter(self.clients)
+            .for_each_concurrent(CONNECT_CONCURRENCY, |c| async move {
+                let _ = c.close().await;
+            })
+            .await;
+    }
+}
+
+/// A fleet of open tokio-tungstenite clients, each read by a task that
+/// counts binary messages.
+struct BaseFleet {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    delivered: Arc<AtomicU64>,
+}
+
+impl BaseFleet {
+    async fn connect(port: u16, n: usize) -> BaseFleet {
+        let delivered = Arc::new(AtomicU64::new(0));
+        let tasks = futures_util::stream::iter(0..n)
+            .map(|i| {
+                let delivered = delivered.clone();
+                async move {
+                    let mut ws = crate::echo::baseline_connect(&net::spread_url(i, port)).await;
+                    tokio::spawn(async move {
+                        while let Some(Ok(m)) = ws.next().await {
+                            if m.is_binary() {
+                                delivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    })
+                }
+            })
+            .buffer_unordered(CONNECT_CONCURRENCY)
+            .collect()
+            .await;
+        BaseFleet { tasks, delivered }
+    }
+
+    fn close(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn port_of(child: &mut Child) -> u16 {
+    child.expect("port").parse().expect("port number")
+}
+
+/// Asks the child how many connections it serves (and, for ours, how many
+/// room joins it saw) until `done` says enough.
+async fn wait_count(child: &mut Child, done: impl Fn(usize, usize) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        child.send("count");
+        let reply = child.line_async();
+        let mut w = reply.split_whitespace().skip(1);
+        let a: usize = w.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let b: usize = w.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if done(a, b) || Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `counter` stops moving for 300 ms.
+async fn settle(counter: &AtomicU64) {
+    let mut last = counter.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = counter.load(Ordering::Relaxed);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Waits until `counter` reaches `n` (or a minute passes).
+async fn wait_for(counter: &AtomicU64, n: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counter.load(Ordering::Relaxed) < n {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    true
+}
+
+fn heartbeat_client_options(interval: Duration) -> ClientOptions {
+    let mut options = ClientOptions::default();
+    options.config.heartbeat.interval = interval;
+    options
+}
+
+/// Scenario 4: idle memory per session and heartbeat CPU.
+pub(crate) fn idle_scenario(opts: &Options) -> Vec<Figure> {
+    let (n, ping_ms, window) = if opts.quick {
+        (200, 500u64, 2.0)
+    } else {
+        (10_000, 2_000u64, 10.0)
+    };
+    let rt = net::tokio_runtime();
+    // Baseline.
+    let mut child = Child::spawn(&["server", "base"]);
+    let port = port_of(&mut child);
+    let rss0 = child.rss_kib();
+    let (base_kib, base_cpu) = rt.block_on(async {
+        let fleet = BaseFleet::connect(port, n).await;
+        wait_count(&mut child, |c, _| c >= n).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let kib = (child.rss_kib().saturating_sub(rss0)) as f64 / n as f64;
+        let c0 = child.cpu_seconds();
+        tokio::time::sleep(Duration::from_secs_f64(window)).await;
+        let cpu = (child.cpu_seconds() - c0) / window * 100.0;
+        fleet.close();
+        (kib, cpu)
+    });
+    drop(child);
+    // Ours, with heartbeats every `ping_ms` on both sides.
+    let ping = ping_ms.to_string();
+    let mut child = Child::spawn(&["server", "ours", &ping, "0", "256"]);
+    let port = port_of(&mut child);
+    let rss0 = child.rss_kib();
+    let (ours_kib, ours_cpu) = rt.block_on(async {
+        let fleet = OursFleet::connect(
+            port,
+            n,
+            heartbeat_client_options(Duration::from_millis(ping_ms)),
+        )
+        .await;
+        wait_count(&mut child, |c, _| c >= n).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let kib = (child.rss_kib().saturating_sub(rss0)) as f64 / n as f64;
+        let c0 = child.cpu_seconds();
+        tokio::time::sleep(Duration::from_secs_f64(window)).await;
+        let cpu = (child.cpu_seconds() - c0) / window * 100.0;
+        fleet.close().await;
+        (kib, cpu)
+    });
+    drop(child);
+    eprintln!(
+        "  idle {n}: {ours_kib:.2} KiB vs {base_kib:.2} KiB; CPU {ours_cpu:.2}% (ping {ping_ms} ms) vs {base_cpu:.2}%"
+    );
+    let scale = ping_ms as f64 / 30_000.0;
+    vec![
+        Figure {
+            scenario: format!("idle {n} sessions"),
+            metric: "server RSS KiB/session",
+            ours: ours_kib,
+            baseline: base_kib,
+            higher_is_better: false,
+            target: Some(1.25),
+            kind: Kind::Ratio,
+        },
+        Figure {
+            scenario: format!("idle {n} sessions, ping {ping_ms} ms"),
+            metric: "server CPU % of a core (measured)",
+            ours: ours_cpu,
+            baseline: base_cpu,
+            higher_is_better: false,
+            target: None,
+            kind: Kind::Absolute,
+        },
+        Figure {
+            scenario: format!("idle {n} sessions, ping 30 s"),
+            metric: "heartbeat CPU % (scaled to 30 s)",
+            ours: ours_cpu * scale,
+            baseline: base_cpu,
+            higher_is_better: false,
+            target: Some(1.0),
+            kind: Kind::Absolute,
+        },
+    ]
+}
+
+/// Scenario 5: room fan-out of 32-byte messages.
+pub(crate) fn fanout_scenario(opts: &Options) -> Vec<Figure> {
+    let (sizes, reps): (&[(usize, u64)], usize) = if opts.quick {
+        (&[(20, 50), (50, 20)], 1)
+    } else {
+        (&[(100, 1_000), (1_000, 100)], 3)
+    };
+    let rt = net::tokio_runtime();
+    let mut figures = Vec::new();
+    for &(n, m) in sizes {
+        let total = n as u64 * m;
+        // Baseline.
+        let mut child = Child::spawn(&["server", "base"]);
+        let port = port_of(&mut child);
+        let mut base = rt.block_on(async {
+            let fleet = BaseFleet::connect(port, n).await;
+            wait_count(&mut child, |c, _| c >= n).await;
+            let mut rates = Vec::new();
+            for _ in 0..reps {
+                fleet.delivered.store(0, Ordering::Relaxed);
+                let t = Instant::now();
+                child.send(&format!("broadcast {m}"));
+                let ok = wait_for(&fleet.delivered, total).await;
+                let secs = t.elapsed().as_secs_f64();
+                child.expect("sent");
+                if ok {
+                    rates.push(total as f64 / secs);
+                }
+            }
+            fleet.close();
+            rates
+        });
+        drop(child);
+        // Ours: every session joins the room when it opens. The queue per
+        // connection holds the presence traffic of the joins and the burst.
+        let queue = (n as u64 + m + 256).to_string();
+        let mut child = Child::spawn(&["server", "ours", "30000", "1", &queue]);
+        let port = port_of(&mut child);
+        let mut ours = rt.block_on(async {
+            let fleet = OursFleet::connect(port, n, ClientOptions::default()).await;
+            wait_count(&mut child, |_, j| j >= n).await;
+            settle(&fleet.delivered).await;
+            let mut rates = Vec::new();
+            for _ in 0..reps {
+                let before = fleet.delivered.load(Ordering::Relaxed);
+                let t = Instant::now();
+                child.send(&format!("broadcast {m}"));
+                let ok = wait_for(&fleet.delivered, before + total).await;
+                let secs = t.elapsed().as_secs_f64();
+                child.expect("sent");
+                if ok {
+                    rates.push(total as f64 / secs);
+                } else {
+                    eprintln!("  fan-out {n}: not every message arrived within a minute");
+                }
+            }
+            fleet.close().await;
+            rates
+        });
+        drop(child);
+        let (o, b) = (net::median(&mut ours), net::median(&mut base));
+        eprintln!("  fan-out {n} members x {m}: {o:.0} vs {b:.0} deliveries/s");
+        figures.push(Figure {
+            scenario: format!("fan-out 32 B to {n}"),
+            metric: "deliveries/s",
+            ours: o,
+            baseline: b,
+            higher_is_better: true,
+            target: Some(1.5),
+            kind: Kind::Ratio,
+        });
+    }
+    figures
+}
+
+enum Report {
+    Fresh,
+    Resumed,
+    NewSession,
+    Received(Vec<u64>),
+}
+
+async fn storm_client(
+    url: String,
+    options: ClientOptions,
+    reports: tokio::sync::mpsc::UnboundedSender<Report>,
+    mut done: tokio::sync::watch::Receiver<bool>,
+) {
+    let (client, mut events) =
+        kitestring::connect(kitestring_tokio::runtime(), &url, options).expect("client");
+    let (mut opened, mut sent_offline) = (false, false);
+    let mut got = Vec::new();
+    loop {
+        tokio::select! {
+            e = events.next() => match e {
+                Some(Event::Connected { resumed, .. }) => {
+                    if !opened {
+                        opened = true;
+                        let _ = reports.send(Report::Fresh);
+                        let _ = client.send_payload(seq_payload(1)).await;
+                    } else if resumed {
+                        let _ = reports.send(Report::Resumed);
+                    } else {
+                        let _ = reports.send(Report::NewSession);
+                    }
+                }
+                Some(Event::StateChanged { old: State::Open, .. }) if !sent_offline => {
+                    // Sent while the connection is down: queued, then
+                    // delivered on the resumed connection.
+                    sent_offline = true;
+                    let _ = client.send_payload(seq_payload(2)).await;
+                }
+                Some(Event::Message(m)) => got.push(seq_of(&m.payload)),
+                Some(_) => {}
+                None => break,
+            },
+            _ = done.changed() => break,
+        }
+    }
+    let _ = reports.send(Report::Received(got));
+    let _ = client.close().await;
+}
+
+/// Scenario 6: every connection cut at once, every session resumed.
+pub(crate) fn storm_scenario(opts: &Options) -> Vec<Figure> {
+    let n = if opts.quick { 200 } else { 10_000 };
+    let mut options = ClientOptions::default();
+    options.config.backoff.base = Duration::from_millis(10);
+    let rt = net::tokio_runtime();
+    let mut child = Child::spawn(&["server", "ours", "30000", "0", "256"]);
+    let port = port_of(&mut child);
+    let r = rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let t = Instant::now();
+        for i in 0..n {
+            tokio::spawn(storm_client(
+                net::spread_url(i, port),
+                options.clone(),
+                tx.clone(),
+                done_rx.clone(),
+            ));
+        }
+        let (mut fresh, mut resumed, mut new_sessions) = (0usize, 0usize, 0usize);
+        let mut received = Vec::new();
+        while fresh < n {
+            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Some(Report::Fresh)) => fresh += 1,
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        let t_fresh = t.elapsed().as_secs_f64();
+        child.send("sendall 1");
+        child.line_async();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = Instant::now();
+        child.send("cut 2");
+        while resumed + new_sessions < n {
+            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Some(Report::Resumed)) => resumed += 1,
+                Ok(Some(Report::NewSession)) => new_sessions += 1,
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        let t_resume = t.elapsed().as_secs_f64();
+        child.expect("cut");
+        // Let the messages queued during the cut arrive and be acknowledged.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = done_tx.send(true);
+        while received.len() < n {
+            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+                Ok(Some(Report::Received(v))) => received.push(v),
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        child.send("report 2");
+        let report = child.expect("report");
+        let w: Vec<u64> = report
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        let (s_ok, mut s_lost, s_dup, s_sessions) = (
+            w.first().copied().unwrap_or(0),
+            w.get(1).copied().unwrap_or(0),
+            w.get(2).copied().unwrap_or(0),
+            w.get(3).copied().unwrap_or(0),
+        );
+        // Sessions the server never heard from lost both their messages.
+        s_lost += 2 * (n as u64).saturating_sub(s_sessions);
+        let (mut c_ok, mut c_lost, mut c_dup) = (0u64, 0u64, 0u64);
+        for got in &received {
+            if *got == [1, 2] {
+                c_ok += 1;
+            } else {
+                let mut g = got.clone();
+                g.sort_unstable();
+                let before = g.len();
+                g.dedup();
+                c_dup += (before - g.len()) as u64;
+                c_lost += [1u64, 2].iter().filter(|x| !g.contains(x)).count() as u64;
+            }
+        }
+        // Sessions the clients never reported count as entirely lost.
+        c_lost += 2 * (n - received.len()) as u64;
+        eprintln!(
+            "  storm {n}: fresh {t_fresh:.2} s, resume {t_resume:.2} s ({resumed} resumed, {new_sessions} new); \
+             server got {s_ok} sessions in order, lost {s_lost}, dup {s_dup}; \
+             clients {c_ok} in order, lost {c_lost}, dup {c_dup}"
+        );
+        let lost_or_dup = s_lost + s_dup + c_lost + c_dup;
+        (t_fresh, t_resume, lost_or_dup, new_sessions)
+    });
+    drop(child);
+    let (t_fresh, t_resume, bad, new_sessions) = r;
+    vec![
+        Figure {
+            scenario: format!("resume storm {n} (vs {n} fresh)"),
+            metric: "seconds until all open",
+            ours: t_resume,
+            baseline: t_fresh,
+            higher_is_better: false,
+            target: Some(1.3),
+            kind: Kind::Ratio,
+        },
+        Figure {
+            scenario: format!("resume storm {n}"),
+            metric: "messages lost or duplicated",
+            ours: bad as f64,
+            baseline: 0.0,
+            higher_is_better: false,
+            target: Some(0.0),
+            kind: Kind::Absolute,
+        },
+        Figure {
+            scenario: format!("resume storm {n}"),
+            metric: "sessions not resumed",
+            ours: new_sessions as f64,
+            baseline: 0.0,
+            higher_is_better: false,
+            target: Some(0.0),
+            kind: Kind::Absolute,
+        },
+    ]
+}
+
+/// Scenario 7: connect, handshake, join a room and close, repeatedly.
+pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
+    let (total, workers, reps) = if opts.quick {
+        (100, 8, 1)
+    } else {
+        (3_000, 32, 3)
+    };
+    let rt = net::tokio_runtime();
+    let mut base = Vec::new();
+    let mut ours = Vec::new();
+    for _ in 0..reps {
+        let mut child = Child::spawn(&["server", "base"]);
+        let port = port_of(&mut child);
+        base.push(rt.block_on(async {
+            let next = Arc::new(AtomicU64::new(0));
+            let t = Instant::now();
+            futures_util::future::join_all((0..workers).map(|_| {
+                let next = next.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            break;
+                        }
+                        let url = net::spread_url(i as usize, port);
+                        let mut ws = crate::echo::baseline_connect(&url).await;
+                        let _ = ws.close(None).await;
+                        while let Some(Ok(_)) = ws.next().await {}
+                    }
+                })
+            }))
+            .await;
+            total as f64 / t.elapsed().as_secs_f64()
+        }));
+        drop(child);
+        let mut child = Child::spawn(&["server", "ours", "30000", "0", "256"]);
+        let port = port_of(&mut child);
+        ours.push(rt.block_on(async {
+            let next = Arc::new(AtomicU64::new(0));
+            let runtime = kitestring_tokio::runtime();
+            let t = Instant::now();
+            futures_util::future::join_all((0..workers).map(|_| {
+                let (next, runtime) = (next.clone(), runtime.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            break;
+                        }
+                        let url = net::spread_url(i as usize, port);
+                        let (client, _events) =
+                            net::ours_connect(runtime.clone(), &url, ClientOptions::default())
+                                .await;
+                        let _ = client.join(ROOM).await;
+                        let _ = client.close().await;
+                    }
+                })
+            }))
+            .await;
+            total as f64 / t.elapsed().as_secs_f64()
+        }));
+        drop(child);
+    }
+    let (o, b) = (net::median(&mut ours), net::median(&mut base));
+    eprintln!("  churn: {o:.0} vs {b:.0} connections/s");
+    vec![Figure {
+        scenario: "churn: connect+handshake+join".into(),
+        metric: "connections/s",
+        ours: o,
+        baseline: b,
+        higher_is_better: true,
+        target: Some(0.8),
+        kind: Kind::Ratio,
+    }]
+}
