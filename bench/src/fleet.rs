@@ -62,7 +62,7 @@ impl OursFleet {
 /// A fleet of open tokio-tungstenite clients, each read by a task that
 /// counts binary messages.
 struct BaseFleet {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Vec<tokio::task::AbortHandle>,
     delivered: Arc<AtomicU64>,
 }
 
@@ -81,6 +81,7 @@ impl BaseFleet {
                             }
                         }
                     })
+                    .abort_handle()
                 }
             })
             .buffer_unordered(CONNECT_CONCURRENCY)
