@@ -106,10 +106,16 @@ async fn ours(ping: Duration, rooms: bool, queue: usize) {
                     Some("sendall") => {
                         let seq: u64 = words.next().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let sessions: Vec<SessionId> = live.keys().copied().collect();
-                        for s in sessions {
-                            let _ = server.send_payload(s, seq_payload(seq)).await;
-                        }
-                        say("sent");
+                        // In a task of its own: this loop must keep taking
+                        // events, or the server task waits on a full event
+                        // stream and never answers these calls.
+                        let server = server.clone();
+                        tokio::spawn(async move {
+                            for s in sessions {
+                                let _ = server.send_payload(s, seq_payload(seq)).await;
+                            }
+                            say("sent");
+                        });
                     }
                     Some("cut") => {
                         // Drop every connection, then send each session a
@@ -117,23 +123,29 @@ async fn ours(ping: Duration, rooms: bool, queue: usize) {
                         let seq: u64 = words.next().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let all: Vec<(SessionId, ConnectionId)> =
                             live.iter().map(|(s, c)| (*s, *c)).collect();
-                        for (_, c) in &all {
-                            let _ = server.disconnect(*c, CloseCode::SERVICE_RESTART).await;
-                        }
-                        for (s, _) in &all {
-                            let _ = server.send_payload(*s, seq_payload(seq)).await;
-                        }
-                        say("cut");
+                        let server = server.clone();
+                        tokio::spawn(async move {
+                            for (_, c) in &all {
+                                let _ = server.disconnect(*c, CloseCode::SERVICE_RESTART).await;
+                            }
+                            for (s, _) in &all {
+                                let _ = server.send_payload(*s, seq_payload(seq)).await;
+                            }
+                            say("cut");
+                        });
                     }
                     Some("broadcast") => {
                         let n: u64 = words.next().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let data = Bytes::from(vec![7u8; 32]);
-                        for _ in 0..n {
-                            let _ = server
-                                .broadcast_payload(ROOM, Payload::binary(data.clone()), None)
-                                .await;
-                        }
-                        say("sent");
+                        let server = server.clone();
+                        tokio::spawn(async move {
+                            for _ in 0..n {
+                                let _ = server
+                                    .broadcast_payload(ROOM, Payload::binary(data.clone()), None)
+                                    .await;
+                            }
+                            say("sent");
+                        });
                     }
                     Some("report") => {
                         // Every session should hold exactly 1..=n, in order.
