@@ -76,6 +76,9 @@ pub struct Settings {
     /// Call `reconnect()` when a client enters `Failed`, as an application
     /// would (the failure is still recorded).
     pub reconnect_failed: bool,
+    /// Clients that connect through a proxy of their own instead of the
+    /// shared one, so that their connections can be faulted alone.
+    pub own_proxy: Vec<usize>,
 }
 
 /// A running server, proxy and clients.
@@ -84,8 +87,10 @@ pub struct Harness {
     rt: Arc<dyn Runtime>,
     /// The books.
     pub ledger: Arc<Ledger>,
-    /// The chaos proxy every client connects through.
+    /// The chaos proxy the clients connect through (except those with a
+    /// proxy of their own, see [`Harness::proxy_of`]).
     pub proxy: Arc<Proxy>,
+    own: Vec<Option<Arc<Proxy>>>,
     /// The server.
     pub server: ServerHandle,
     /// The clients, by index.
@@ -138,8 +143,17 @@ impl Harness {
         rt.spawn(Box::pin(server_events(events, ledger.clone())));
         let proxy = Arc::new(Proxy::start(addr).map_err(HarnessError::Proxy)?);
         let mut clients = Vec::with_capacity(settings.clients);
+        let mut own = Vec::with_capacity(settings.clients);
         for i in 0..settings.clients {
-            let url = format!("ws://{}/ws?client={i}", proxy.local_addr());
+            let via = if settings.own_proxy.contains(&i) {
+                let p = Arc::new(Proxy::start(addr).map_err(HarnessError::Proxy)?);
+                own.push(Some(p.clone()));
+                p
+            } else {
+                own.push(None);
+                proxy.clone()
+            };
+            let url = format!("ws://{}/ws?client={i}", via.local_addr());
             let (handle, events) = kitestring::connect(rt.clone(), &url, settings.client.clone())
                 .map_err(HarnessError::Connect)?;
             rt.spawn(Box::pin(client_events(
@@ -155,6 +169,7 @@ impl Harness {
             rt,
             ledger,
             proxy,
+            own,
             server,
             clients,
             padding: settings.padding,
@@ -177,6 +192,14 @@ impl Harness {
                 });
             }
             kitestring::util::sleep(&*h.rt, Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The proxy client `i` connects through.
+    pub fn proxy_of(&self, i: usize) -> &Arc<Proxy> {
+        match self.own.get(i) {
+            Some(Some(p)) => p,
+            _ => &self.proxy,
         }
     }
 
@@ -263,6 +286,21 @@ impl Harness {
             }
         }
         futures_util::future::join_all(jobs).await.into_iter().sum()
+    }
+
+    /// Sends `k` messages of `padding` extra bytes on one stream, in order.
+    /// Returns how many could not be sent.
+    pub async fn send_many(&self, i: usize, dir: Direction, k: usize, padding: usize) -> usize {
+        let mut sender = self.sender(i, dir);
+        sender.padding = padding;
+        let go = AtomicBool::new(true);
+        let mut failed = 0;
+        for _ in 0..k {
+            if sender.send_one(&go).await.is_err() {
+                failed += 1;
+            }
+        }
+        failed
     }
 
     fn sender(&self, i: usize, dir: Direction) -> Sender {

@@ -232,6 +232,7 @@ async fn run(rt: Arc<dyn Runtime>, o: Options) -> Result<Report, DemoError> {
         client: timing.client(),
         padding: 44,
         reconnect_failed: true,
+        own_proxy: Vec::new(),
     };
     let harness = Harness::start(rt.clone(), settings, Duration::from_secs(20))
         .await
