@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use kitestring::kitestring_core::client::Cause;
 use kitestring::{
-    ClientError, ClientEvents, ClientHandle, ClientOptions, Event, Runtime, SendError,
-    ServerError, ServerEvent, ServerEvents, ServerHandle, ServerOptions, SessionEnd, State,
+    ClientError, ClientEvents, ClientHandle, ClientOptions, Event, Runtime, SendError, ServerError,
+    ServerEvent, ServerEvents, ServerHandle, ServerOptions, SessionEnd, State,
 };
 use kitestring_chaos::Proxy;
 
@@ -340,8 +340,8 @@ impl Harness {
             }
         });
         futures_util::future::join_all(closes).await;
-        let _ = kitestring::util::timeout(&*rt, Duration::from_secs(3), self.server.shutdown())
-            .await;
+        let _ =
+            kitestring::util::timeout(&*rt, Duration::from_secs(3), self.server.shutdown()).await;
     }
 }
 
@@ -532,10 +532,7 @@ async fn server_events(mut events: ServerEvents, ledger: Arc<Ledger>) {
                     if !matches!(reason, SessionEnd::ClientClosed | SessionEnd::ServerClosed) {
                         ledger.session_lost(
                             i,
-                            format!(
-                                "server: {reason:?} ({} unconfirmed)",
-                                unconfirmed.len()
-                            ),
+                            format!("server: {reason:?} ({} unconfirmed)", unconfirmed.len()),
                         );
                     }
                 }

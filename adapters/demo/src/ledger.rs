@@ -314,7 +314,10 @@ impl Ledger {
 
     /// The server's current session for `client`, if it has one.
     pub fn session_of(&self, client: usize) -> Option<SessionId> {
-        lock(&self.inner).clients.get(client).and_then(|c| c.session)
+        lock(&self.inner)
+            .clients
+            .get(client)
+            .and_then(|c| c.session)
     }
 
     /// Forgets the server's session for `client` if it is still `session`.
@@ -349,12 +352,18 @@ impl Ledger {
 
     /// How many times `client` connected (first connection included).
     pub fn connects(&self, client: usize) -> u64 {
-        lock(&self.inner).clients.get(client).map_or(0, |c| c.connects)
+        lock(&self.inner)
+            .clients
+            .get(client)
+            .map_or(0, |c| c.connects)
     }
 
     /// How many of `client`'s connections resumed its session.
     pub fn resumes(&self, client: usize) -> u64 {
-        lock(&self.inner).clients.get(client).map_or(0, |c| c.resumes)
+        lock(&self.inner)
+            .clients
+            .get(client)
+            .map_or(0, |c| c.resumes)
     }
 
     /// Clients that have connected at least once.
@@ -488,7 +497,10 @@ mod tests {
             l.delivered(0, Direction::Up, seq, l.stamp());
         }
         let v = l.verdict(Direction::Up, None);
-        assert_eq!((v.accepted, v.delivered, v.lost, v.duplicated), (5, 5, 0, 0));
+        assert_eq!(
+            (v.accepted, v.delivered, v.lost, v.duplicated),
+            (5, 5, 0, 0)
+        );
         assert_eq!(l.outstanding(), 0);
         assert_eq!(l.latency(Direction::Up).count, 5);
     }

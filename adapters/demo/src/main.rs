@@ -285,7 +285,11 @@ async fn run(rt: Arc<dyn Runtime>, o: Options) -> Result<Report, DemoError> {
     }
     eprintln!(
         "faults stopped{}; draining (every message delivered or reported, at most 20 s)",
-        if stopped { "" } else { " (some senders did not stop)" }
+        if stopped {
+            ""
+        } else {
+            " (some senders did not stop)"
+        }
     );
     let drain_start = Instant::now();
     let mut drained = false;
@@ -300,7 +304,12 @@ async fn run(rt: Arc<dyn Runtime>, o: Options) -> Result<Report, DemoError> {
     if tty {
         eprintln!();
     }
-    let report = Report::collect(&harness.ledger, counts.get(), drained, drain_start.elapsed());
+    let report = Report::collect(
+        &harness.ledger,
+        counts.get(),
+        drained,
+        drain_start.elapsed(),
+    );
     harness.stop().await;
     println!();
     println!("{report}");
@@ -317,9 +326,11 @@ mod tests {
 
     #[test]
     fn parses_options() {
-        let o = parse(args("--duration 5 --clients=3 --runtime smol --fault-rate 0.5 --seed 9"))
-            .unwrap()
-            .unwrap();
+        let o = parse(args(
+            "--duration 5 --clients=3 --runtime smol --fault-rate 0.5 --seed 9",
+        ))
+        .unwrap()
+        .unwrap();
         assert_eq!(o.duration, Duration::from_secs(5));
         assert_eq!(o.clients, 3);
         assert_eq!(o.runtime, RuntimeKind::Smol);

@@ -35,7 +35,12 @@ pub struct Report {
 
 impl Report {
     /// Reads the ledger.
-    pub fn collect(ledger: &Ledger, faults: (u64, u64), drained: bool, drain_time: Duration) -> Report {
+    pub fn collect(
+        ledger: &Ledger,
+        faults: (u64, u64),
+        drained: bool,
+        drain_time: Duration,
+    ) -> Report {
         let mut causes = BTreeMap::new();
         let mut detaches = BTreeMap::new();
         let mut lost_sessions = Vec::new();
@@ -94,16 +99,28 @@ impl fmt::Display for Report {
             "faults injected: {} cuts, {} black holes",
             self.faults.0, self.faults.1
         )?;
-        let causes: Vec<String> = self.causes.iter().map(|(c, n)| format!("{c}: {n}")).collect();
+        let causes: Vec<String> = self
+            .causes
+            .iter()
+            .map(|(c, n)| format!("{c}: {n}"))
+            .collect();
         writeln!(
             f,
             "reconnects: {} ({})",
             t.reconnects,
-            if causes.is_empty() { "none".into() } else { causes.join(", ") }
+            if causes.is_empty() {
+                "none".into()
+            } else {
+                causes.join(", ")
+            }
         )?;
         writeln!(f, "resumes: {}", t.resumes)?;
         if !self.detaches.is_empty() {
-            let d: Vec<String> = self.detaches.iter().map(|(c, n)| format!("{c}: {n}")).collect();
+            let d: Vec<String> = self
+                .detaches
+                .iter()
+                .map(|(c, n)| format!("{c}: {n}"))
+                .collect();
             writeln!(f, "server-side detaches by close code: {}", d.join(", "))?;
         }
         if t.refused_full > 0 {
@@ -163,7 +180,11 @@ impl fmt::Display for Report {
             )?;
         }
         writeln!(f, "messages sent: {}", t.sent_up + t.sent_down)?;
-        writeln!(f, "messages delivered: {}", self.up.delivered + self.down.delivered)?;
+        writeln!(
+            f,
+            "messages delivered: {}",
+            self.up.delivered + self.down.delivered
+        )?;
         writeln!(f, "lost: {}", self.lost())?;
         write!(f, "duplicated: {}", self.duplicated())
     }

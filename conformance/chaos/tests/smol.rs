@@ -1,5 +1,4 @@
-//! The chaos scenarios on smol (tasks on smol's global executor). The
-//! stress test runs 200 sessions here; the 1 000-session one runs on tokio.
+//! The chaos scenarios on smol (tasks on smol's global executor).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -8,7 +7,7 @@ chaos_tests!(
     smol::block_on,
     kitestring_smol::runtime(),
     chaos_mixed,
-    stress_cut_all_200,
+    stress_cut_all_1000,
     slow_client_closed,
     #[ignore = "driver: a resume retransmits the whole window at once and overflows the outbound queue (4009 on every resume)"]
     slow_client_closed_4009,
