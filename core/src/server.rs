@@ -500,6 +500,17 @@ impl Server {
         })
     }
 
+    /// The codec negotiated on a session's current connection (`None` while
+    /// it is detached or unknown). Encode typed payloads for that session
+    /// with it.
+    pub fn session_codec(&self, session: SessionId) -> Option<Codec> {
+        let conn = self.sessions.get(&session)?.conn?;
+        match self.conns.get(&conn)?.phase {
+            ConnPhase::Open { codec, .. } => Some(codec),
+            ConnPhase::AwaitingHello => None,
+        }
+    }
+
     /// The session a connection carries, once its handshake is done.
     pub fn session_of(&self, connection: ConnectionId) -> Option<SessionId> {
         match self.conns.get(&connection)?.phase {
@@ -2080,6 +2091,17 @@ mod tests {
             Incoming::Text(&hello(&[1], &["cbor", "msgpack"])),
         );
         assert_eq!(welcome_of(&drain(&mut s)).unwrap().codec, Codec::MsgPack);
+    }
+
+    #[test]
+    fn the_negotiated_codec_is_known_per_session() {
+        let mut s = Server::new(ServerConfig::default()).unwrap();
+        let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+        let session = s.session_of(c).unwrap();
+        assert_eq!(s.session_codec(session), Some(Codec::Json));
+        s.handle_connection_closed(Instant::ZERO, c, None);
+        assert_eq!(s.session_codec(session), None, "detached");
     }
 
     #[test]

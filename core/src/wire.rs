@@ -678,10 +678,43 @@ macro_rules! envelope {
             within: Option<u64>,
             #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
             token: Option<Cow<'a, str>>,
-            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            // Never trust a declared length: a few bytes must not be able to
+            // make the decoder reserve room for a huge batch.
+            #[serde(
+                default,
+                borrow,
+                deserialize_with = "bounded_batch",
+                skip_serializing_if = "Option::is_none"
+            )]
             f: Option<Vec<$name<'a>>>,
         }
     };
+}
+
+/// Deserializes a batch's envelopes one by one, growing the vector as they
+/// actually arrive and refusing more than [`MAX_BATCH`].
+fn bounded_batch<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<T>>, D::Error> {
+    struct Bounded<T>(core::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "an array of at most {MAX_BATCH} envelopes")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(16));
+            while let Some(item) = seq.next_element()? {
+                if out.len() == MAX_BATCH {
+                    return Err(serde::de::Error::invalid_length(MAX_BATCH + 1, &self));
+                }
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded(core::marker::PhantomData))
+        .map(Some)
 }
 
 /// Deserializes a field that is present as `Some`, even if its value is null.
@@ -1776,6 +1809,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Found by the `decode_msgpack` and `decode_binary_header` fuzz targets:
+    /// a 14-byte envelope declaring a batch of 65 535 entries made the
+    /// decoder reserve about 1 MiB before reading any of them.
+    #[test]
+    fn declared_batch_lengths_are_not_trusted() {
+        struct Lying;
+        impl Iterator for Lying {
+            type Item = u8;
+            fn next(&mut self) -> Option<u8> {
+                None
+            }
+            fn size_hint(&self) -> (usize, Option<usize>) {
+                (1_000_000, Some(1_000_000))
+            }
+        }
+        let de = serde::de::value::SeqDeserializer::<_, serde::de::value::Error>::new(Lying);
+        let v: Option<Vec<u8>> = bounded_batch(de).unwrap();
+        assert!(v.unwrap().capacity() <= 16);
+
+        let crash: &[u8] = &[0x85, 0xa1, 0x66, 0xdc, 0x92, 0x8c, 0x67, 0xdc];
+        let mut frame = vec![KIND_MSGPACK, 1];
+        frame.extend_from_slice(&(crash.len() as u32).to_le_bytes());
+        frame.extend_from_slice(crash);
+        assert!(matches!(
+            decode(Incoming::Binary(&frame), &LIMITS),
+            Err(DecodeError::MsgPack { .. })
+        ));
     }
 
     #[test]
