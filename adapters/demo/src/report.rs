@@ -21,7 +21,7 @@ pub struct Report {
     pub latency_down: Percentiles,
     /// `(cuts, black holes)` injected.
     pub faults: (u64, u64),
-    /// Reconnect causes and how often each happened.
+    /// Why client connections dropped, and how often.
     pub causes: BTreeMap<String, u64>,
     /// Server-side detach codes and how often each happened.
     pub detaches: BTreeMap<u16, u64>,
@@ -99,6 +99,7 @@ impl fmt::Display for Report {
             "faults injected: {} cuts, {} black holes",
             self.faults.0, self.faults.1
         )?;
+        let drops: u64 = self.causes.values().sum();
         let causes: Vec<String> = self
             .causes
             .iter()
@@ -106,14 +107,14 @@ impl fmt::Display for Report {
             .collect();
         writeln!(
             f,
-            "reconnects: {} ({})",
-            t.reconnects,
+            "connection drops seen by clients: {drops}{}",
             if causes.is_empty() {
-                "none".into()
+                String::new()
             } else {
-                causes.join(", ")
+                format!(" ({})", causes.join(", "))
             }
         )?;
+        writeln!(f, "reconnects: {}", t.reconnects)?;
         writeln!(f, "resumes: {}", t.resumes)?;
         if !self.detaches.is_empty() {
             let d: Vec<String> = self
