@@ -34,12 +34,13 @@ use futures_channel::{mpsc, oneshot};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::client::{
-    Client, Event, LostReason, Output, State, TransportError, TransportId,
+    Client, ClientStats, Event, LostReason, Output, Received, RequestError, State, TransportError,
+    TransportId,
 };
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::ClientConfig;
 use kitestring_core::reliable::{MessageId, SendError};
-use kitestring_core::wire::{ClientId, Codec, Incoming, Payload};
+use kitestring_core::wire::{ClientId, Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
@@ -136,6 +137,98 @@ enum Command {
         token: String,
         reply: oneshot::Sender<Result<(), SendError>>,
     },
+    Join {
+        room: String,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+    },
+    Leave {
+        room: String,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+    },
+    Publish {
+        room: String,
+        payload: Payload,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+    },
+    Request {
+        payload: Payload,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+        response: ResponseReply,
+    },
+    CancelRequest {
+        request: MessageId,
+        reply: oneshot::Sender<bool>,
+    },
+    Respond {
+        request: MessageId,
+        payload: Payload,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+    },
+    Latest {
+        key: String,
+        payload: Payload,
+        reply: oneshot::Sender<Result<(), SendError>>,
+    },
+    Stats {
+        reply: oneshot::Sender<ClientSnapshot>,
+    },
+}
+
+type ResponseReply = oneshot::Sender<Result<Received, ClientError>>;
+
+/// The response to a request, once it comes ([`ClientHandle::start_request`]).
+#[must_use = "a response future does nothing unless awaited"]
+pub struct PendingResponse {
+    id: MessageId,
+    rx: oneshot::Receiver<Result<Received, ClientError>>,
+}
+
+impl PendingResponse {
+    /// The request's id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+}
+
+impl fmt::Debug for PendingResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingResponse")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl std::future::Future for PendingResponse {
+    type Output = Result<Received, ClientError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.rx
+            .poll_unpin(cx)
+            .map(|r| r.unwrap_or(Err(ClientError::Stopped)))
+    }
+}
+
+/// A consistent picture of a client, taken by its driver task between two
+/// inputs ([`ClientHandle::stats`]).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ClientSnapshot {
+    /// The core's counters.
+    pub stats: ClientStats,
+    /// The connection state.
+    pub state: State,
+    /// The current session, once one was opened.
+    pub session: Option<SessionId>,
+    /// The smoothed round-trip time from heartbeats, once measured.
+    pub rtt: Option<Duration>,
+    /// The rooms this client asked to be in (sorted).
+    pub rooms: Vec<String>,
+    /// Requests waiting for a response.
+    pub pending_requests: usize,
+    /// Messages waiting to be sent, and their payload bytes.
+    pub queued: (usize, usize),
+    /// Messages sent and not yet acknowledged, and their payload bytes.
+    pub unacknowledged: (usize, usize),
 }
 
 const CODEC_JSON: u8 = 0;
@@ -300,6 +393,168 @@ impl ClientHandle {
         Ok(r?)
     }
 
+    /// Joins a room. The server checks its policy and answers on the event
+    /// stream with [`Event::Presence`] (a snapshot of the members, then
+    /// diffs) or [`Event::Refused`]. Membership belongs to the session: it
+    /// survives reconnects, and if the session is lost the client rejoins
+    /// its rooms in the new one by itself. Returns the id of the join
+    /// message.
+    pub async fn join(&self, room: &str) -> Result<MessageId, ClientError> {
+        let room = room.to_owned();
+        Ok(self.call(|reply| Command::Join { room, reply }).await??)
+    }
+
+    /// Leaves a room.
+    pub async fn leave(&self, room: &str) -> Result<MessageId, ClientError> {
+        let room = room.to_owned();
+        Ok(self.call(|reply| Command::Leave { room, reply }).await??)
+    }
+
+    /// Publishes a typed value to a room this client has joined: the server
+    /// checks its policy and delivers it to every other member, each
+    /// exactly once and in order. A refusal comes back as [`Event::Refused`].
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        value: &T,
+    ) -> Result<MessageId, ClientError> {
+        let payload = util::encode(value, self.codec())?;
+        self.publish_payload(room, payload).await
+    }
+
+    /// [`publish`](Self::publish) with a ready payload.
+    pub async fn publish_payload(
+        &self,
+        room: &str,
+        payload: Payload,
+    ) -> Result<MessageId, ClientError> {
+        let room = room.to_owned();
+        Ok(self
+            .call(|reply| Command::Publish {
+                room,
+                payload,
+                reply,
+            })
+            .await??)
+    }
+
+    /// Sends a typed request and waits for its response (the server answers
+    /// with [`ServerHandle::respond`](crate::ServerHandle::respond)). A
+    /// request in flight across a reconnect is answered once the session
+    /// resumes. Fails with [`ClientError::Request`] when no response comes
+    /// within `timeout` (a response arriving later is reported on the event
+    /// stream as [`Event::LateResponse`] and dropped), or when the session
+    /// is lost or closed. [`Event::Response`] and [`Event::RequestFailed`]
+    /// still reach the event stream.
+    pub async fn request<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        timeout: Duration,
+    ) -> Result<Received, ClientError> {
+        let payload = util::encode(value, self.codec())?;
+        self.request_payload(payload, timeout).await
+    }
+
+    /// [`request`](Self::request) with a ready payload.
+    pub async fn request_payload(
+        &self,
+        payload: Payload,
+        timeout: Duration,
+    ) -> Result<Received, ClientError> {
+        self.start_request(payload, timeout).await?.await
+    }
+
+    /// Sends a request and returns once the core accepted it, with the
+    /// request's id and a future for its response (see
+    /// [`request`](Self::request)). Dropping the future does not cancel the
+    /// request; [`cancel_request`](Self::cancel_request) does.
+    pub async fn start_request(
+        &self,
+        payload: Payload,
+        timeout: Duration,
+    ) -> Result<PendingResponse, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self
+            .call(|reply| Command::Request {
+                payload,
+                timeout,
+                reply,
+                response: tx,
+            })
+            .await??;
+        Ok(PendingResponse { id, rx })
+    }
+
+    /// Stops waiting for a request's response; `true` if it was pending.
+    /// Its [`PendingResponse`] resolves to [`ClientError::RequestCancelled`],
+    /// and a response arriving later is reported as [`Event::LateResponse`].
+    pub async fn cancel_request(&self, request: MessageId) -> Result<bool, ClientError> {
+        self.call(|reply| Command::CancelRequest { request, reply })
+            .await
+    }
+
+    /// Answers a request the server sent (a [`Received`] with
+    /// `request: true`, quoting its `id`).
+    pub async fn respond<T: Serialize + ?Sized>(
+        &self,
+        request: MessageId,
+        value: &T,
+    ) -> Result<MessageId, ClientError> {
+        let payload = util::encode(value, self.codec())?;
+        self.respond_payload(request, payload).await
+    }
+
+    /// [`respond`](Self::respond) with a ready payload.
+    pub async fn respond_payload(
+        &self,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, ClientError> {
+        Ok(self
+            .call(|reply| Command::Respond {
+                request,
+                payload,
+                reply,
+            })
+            .await??)
+    }
+
+    /// Sends the latest value for `key` (a cursor, a position): at most one
+    /// message per key per [`ClientConfig::coalesce_interval`], the newest
+    /// value replacing any that waited, the last one always sent. A value
+    /// that cannot be queued when its time comes is reported as
+    /// [`Event::LatestFailed`].
+    pub async fn send_latest<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), ClientError> {
+        let payload = util::encode(value, self.codec())?;
+        self.send_latest_payload(key, payload).await
+    }
+
+    /// [`send_latest`](Self::send_latest) with a ready payload.
+    pub async fn send_latest_payload(
+        &self,
+        key: &str,
+        payload: Payload,
+    ) -> Result<(), ClientError> {
+        let key = key.to_owned();
+        Ok(self
+            .call(|reply| Command::Latest {
+                key,
+                payload,
+                reply,
+            })
+            .await??)
+    }
+
+    /// A snapshot of the client's counters, state, round-trip time, rooms
+    /// and buffers, read by the driver task.
+    pub async fn stats(&self) -> Result<ClientSnapshot, ClientError> {
+        self.call(|reply| Command::Stats { reply }).await
+    }
+
     /// Connects again now (skipping a backoff delay, or leaving `Failed`).
     pub async fn reconnect(&self) -> Result<(), ClientError> {
         self.call(|reply| Command::Reconnect { reply }).await?
@@ -365,6 +620,7 @@ pub fn connect(
         live: None,
         closing: FuturesUnordered::new(),
         waiters: BTreeMap::new(),
+        requests: BTreeMap::new(),
         codec: codec.clone(),
         close_replies: Vec::new(),
         stop_when_closed: false,
@@ -495,6 +751,10 @@ struct Driver {
     /// Messages whose sender waits for the acknowledgment. Bounded by the
     /// core's queue and window: only accepted messages get an entry.
     waiters: BTreeMap<MessageId, AckReply>,
+    /// Requests whose sender waits for the response. Bounded by the core's
+    /// `max_pending_requests`: only accepted requests get an entry, and an
+    /// entry leaves with the core's `Response` or `RequestFailed`.
+    requests: BTreeMap<MessageId, ResponseReply>,
     codec: Arc<AtomicU8>,
     close_replies: Vec<oneshot::Sender<Result<(), ClientError>>>,
     stop_when_closed: bool,
@@ -524,6 +784,7 @@ impl Driver {
             let _ = reply.send(Ok(()));
         }
         self.fail_waiters(ClientError::NotAcknowledged);
+        self.fail_requests(RequestError::Closed);
         debug!("client driver stopped");
     }
 
@@ -708,6 +969,68 @@ impl Driver {
             Command::Reconnect { reply } => {
                 let _ = reply.send(self.client.reconnect(now).map_err(ClientError::from));
             }
+            Command::Join { room, reply } => {
+                let r = self.client.join(now, &room);
+                trace!(%room, ok = r.is_ok(), "join");
+                let _ = reply.send(r);
+            }
+            Command::Leave { room, reply } => {
+                let r = self.client.leave(now, &room);
+                trace!(%room, ok = r.is_ok(), "leave");
+                let _ = reply.send(r);
+            }
+            Command::Publish {
+                room,
+                payload,
+                reply,
+            } => {
+                let _ = reply.send(self.client.publish(now, &room, payload));
+            }
+            Command::Request {
+                payload,
+                timeout,
+                reply,
+                response,
+            } => {
+                let r = self.client.request(now, payload, timeout);
+                if let Ok(id) = &r {
+                    self.requests.insert(*id, response);
+                }
+                let _ = reply.send(r);
+            }
+            Command::CancelRequest { request, reply } => {
+                let was = self.client.cancel_request(now, request);
+                if let Some(w) = self.requests.remove(&request) {
+                    let _ = w.send(Err(ClientError::RequestCancelled(request)));
+                }
+                let _ = reply.send(was);
+            }
+            Command::Respond {
+                request,
+                payload,
+                reply,
+            } => {
+                let _ = reply.send(self.client.respond(now, request, payload));
+            }
+            Command::Latest {
+                key,
+                payload,
+                reply,
+            } => {
+                let _ = reply.send(self.client.send_latest(now, &key, payload));
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(ClientSnapshot {
+                    stats: self.client.stats().clone(),
+                    state: self.client.state().clone(),
+                    session: self.client.session(),
+                    rtt: self.client.rtt(),
+                    rooms: self.client.rooms().map(str::to_owned).collect(),
+                    pending_requests: self.client.pending_requests(),
+                    queued: self.client.queued(),
+                    unacknowledged: self.client.unacknowledged(),
+                });
+            }
             Command::Close { reply } => {
                 self.stop_when_closed = true;
                 match self.client.close(now) {
@@ -728,7 +1051,7 @@ impl Driver {
         while let Some(output) = self.client.poll_output() {
             match output {
                 Output::Connect(tid) => {
-                    trace!(transport = tid.0, "connecting");
+                    debug!(transport = tid.0, "connecting");
                     if let Some(old) = self.live.take() {
                         self.start_close(old, CloseCode::RETRY, "superseded");
                     }
@@ -764,12 +1087,21 @@ impl Driver {
 
     async fn event(&mut self, event: Event) {
         match &event {
-            Event::Connected { codec, session, .. } => {
+            Event::Connected {
+                codec,
+                session,
+                resumed,
+                ..
+            } => {
                 self.codec.store(codec_tag(*codec), Ordering::Relaxed);
                 // Later log lines of this client carry the session id.
                 tracing::Span::current()
                     .record("session", tracing::field::display(session.to_hex()));
-                debug!(?codec, "session open");
+                if *resumed {
+                    debug!(?codec, "session resumed");
+                } else {
+                    debug!(?codec, "session opened");
+                }
             }
             Event::Acked { first, last } => {
                 let done: Vec<MessageId> = self
@@ -788,6 +1120,12 @@ impl Driver {
                 unconfirmed,
                 unsent,
             } => {
+                warn!(
+                    ?reason,
+                    unconfirmed = unconfirmed.len(),
+                    unsent = unsent.len(),
+                    "session lost"
+                );
                 for id in unconfirmed.iter().chain(unsent) {
                     if let Some(w) = self.waiters.remove(id) {
                         let _ = w.send(Err(ClientError::Lost {
@@ -805,6 +1143,29 @@ impl Driver {
                     }));
                 }
             }
+            Event::Response { request, response } => {
+                if let Some(w) = self.requests.remove(request) {
+                    let _ = w.send(Ok(response.clone()));
+                }
+            }
+            Event::RequestFailed { request, error } => {
+                debug!(request = request.0, %error, "request failed");
+                if let Some(w) = self.requests.remove(request) {
+                    let _ = w.send(Err(ClientError::Request {
+                        id: *request,
+                        error: *error,
+                    }));
+                }
+            }
+            Event::LateResponse { request } => {
+                debug!(request = request.0, "late response dropped");
+            }
+            Event::Refused { room, refusal } => {
+                warn!(%room, op = %refusal.op, reason = %refusal.reason, "refused by the server");
+            }
+            Event::LatestFailed { key, error } => {
+                debug!(%key, %error, "latest value not sent");
+            }
             Event::TokenExpiring { within } => {
                 debug!(?within, "server asks for a fresh token");
                 if let Some(provider) = &self.connector.token {
@@ -812,7 +1173,11 @@ impl Driver {
                 }
             }
             Event::StateChanged { new, .. } => {
-                debug!(state = new.name(), "state changed");
+                match new {
+                    State::Failed { .. } => warn!(state = ?new, "client failed"),
+                    State::Closed { .. } => debug!(state = ?new, "session ended"),
+                    _ => debug!(state = new.name(), "state changed"),
+                }
                 if matches!(new, State::Closed { .. } | State::Failed { .. }) {
                     self.fail_waiters(|id| ClientError::Lost {
                         id,
@@ -827,6 +1192,12 @@ impl Driver {
         }
         // The application's event stream may be gone; the session goes on.
         let _ = self.events.send(event).await;
+    }
+
+    fn fail_requests(&mut self, error: RequestError) {
+        for (id, w) in std::mem::take(&mut self.requests) {
+            let _ = w.send(Err(ClientError::Request { id, error }));
+        }
     }
 
     fn fail_waiters(&mut self, error: impl Fn(MessageId) -> ClientError) {

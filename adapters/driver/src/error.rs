@@ -2,9 +2,10 @@
 //! apart from failures caused by the peer or the network, which reach the
 //! application as events carrying a reason.
 
-use kitestring_core::client::{LostReason, UsageError};
+use kitestring_core::client::{LostReason, RequestError, UsageError};
 use kitestring_core::config::ConfigError;
 use kitestring_core::reliable::{MessageId, SendError};
+use kitestring_core::server::RoomError;
 
 /// Encoding or decoding an application value failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,6 +73,18 @@ pub enum ClientError {
     /// The client closed or failed before the acknowledgment came.
     #[error("the client stopped before message {0:?} was acknowledged")]
     NotAcknowledged(MessageId),
+    /// A request got no response: it timed out (a late response is reported
+    /// as an event and dropped), or its session was lost or closed.
+    #[error("request {id:?} failed: {error}")]
+    Request {
+        /// The request.
+        id: MessageId,
+        /// Why.
+        error: RequestError,
+    },
+    /// The request was cancelled with `cancel_request`.
+    #[error("request {0:?} was cancelled")]
+    RequestCancelled(MessageId),
     /// The driver task has ended (the client was closed).
     #[error("the client has stopped")]
     Stopped,
@@ -99,6 +112,10 @@ pub enum ServerError {
     /// The value could not be encoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// A room operation was refused (unknown session, room full, too many
+    /// rooms, bad name).
+    #[error(transparent)]
+    Room(#[from] RoomError),
     /// The server task has ended.
     #[error("the server has stopped")]
     Stopped,

@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,7 +51,11 @@ use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::ServerConfig;
 use kitestring_core::reliable::{MessageId, SendError};
-use kitestring_core::server::{ConnectionId, Server, ServerEvent, ServerOutput};
+use kitestring_core::rooms::{Member, RoomPolicy};
+use kitestring_core::server::{
+    ConnectionId, RoomError, Server, ServerEvent, ServerMetrics, ServerOutput, SessionEnd,
+    SessionInfo,
+};
 use kitestring_core::wire::{Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
@@ -164,6 +168,22 @@ pub struct ServerOptions {
     pub handshake_timeout: Duration,
     /// Time allowed for a close handshake before the socket is dropped. Default 2 s.
     pub close_timeout: Duration,
+    /// Authorizes clients' joins and publishes; `None` lets everyone do
+    /// anything. Can be replaced later with [`ServerHandle::set_policy`].
+    pub policy: Option<Arc<dyn RoomPolicy>>,
+}
+
+/// A policy shared through [`ServerOptions`] (which is `Clone`).
+struct SharedPolicy(Arc<dyn RoomPolicy>);
+
+impl RoomPolicy for SharedPolicy {
+    fn authorize_join(&self, who: &Member, room: &str) -> Result<(), String> {
+        self.0.authorize_join(who, room)
+    }
+
+    fn authorize_publish(&self, who: &Member, room: &str) -> Result<(), String> {
+        self.0.authorize_publish(who, room)
+    }
 }
 
 impl Default for ServerOptions {
@@ -179,6 +199,7 @@ impl Default for ServerOptions {
             event_buffer: 4096,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
+            policy: None,
         }
     }
 }
@@ -190,6 +211,7 @@ impl fmt::Debug for ServerOptions {
             .field("tls", &self.tls.is_some())
             .field("auth", &self.auth.is_some())
             .field("outbound_queue", &self.outbound_queue)
+            .field("policy", &self.policy.is_some())
             .finish()
     }
 }
@@ -247,7 +269,51 @@ enum Command {
     AcceptToken {
         connection: ConnectionId,
     },
+    Respond {
+        session: SessionId,
+        request: MessageId,
+        payload: Payload,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+    },
+    Join {
+        session: SessionId,
+        room: String,
+        reply: oneshot::Sender<Result<(), RoomError>>,
+    },
+    Leave {
+        session: SessionId,
+        room: String,
+        reply: oneshot::Sender<bool>,
+    },
+    Broadcast {
+        room: String,
+        payload: Payload,
+        exclude: Option<SessionId>,
+        reply: oneshot::Sender<Result<usize, SendError>>,
+    },
+    Query {
+        query: Query,
+    },
+    SetPolicy {
+        policy: Box<dyn RoomPolicy>,
+    },
 }
+
+/// Read-only questions to the server task, answered from the core's state.
+enum Query {
+    Members(String, oneshot::Sender<Vec<Member>>),
+    MemberSessions(String, oneshot::Sender<Vec<SessionId>>),
+    RoomSize(String, oneshot::Sender<usize>),
+    RoomsOf(SessionId, oneshot::Sender<Vec<Arc<str>>>),
+    Metrics(oneshot::Sender<ServerMetrics>),
+    Session(SessionId, oneshot::Sender<Option<SessionInfo>>),
+}
+
+/// The codec negotiated by each session's latest connection, kept by the
+/// server task (set when a session opens or resumes, removed when it ends)
+/// and read by handles to encode typed values. Bounded by the number of
+/// sessions the core holds (`ServerConfig::max_sessions`).
+type SessionCodecs = Arc<RwLock<HashMap<SessionId, Codec>>>;
 
 /// A cloneable handle to a running server. Dropping every handle shuts the
 /// server down as [`ServerHandle::shutdown`] does.
@@ -258,6 +324,7 @@ pub struct ServerHandle {
     runtime: Arc<dyn Runtime>,
     local_addr: Option<SocketAddr>,
     codec: Codec,
+    codecs: SessionCodecs,
     outbound_queue: usize,
     close_timeout: Duration,
     options: Arc<ServerOptions>,
@@ -316,7 +383,10 @@ fn start_inner(
     listener: Option<Box<dyn AsyncListener>>,
     options: ServerOptions,
 ) -> Result<(ServerHandle, ServerEvents), ServeError> {
-    let server = Server::new(options.config.clone())?;
+    let mut server = Server::new(options.config.clone())?;
+    if let Some(policy) = &options.policy {
+        server.set_policy(Box::new(SharedPolicy(policy.clone())));
+    }
     let local_addr = match &listener {
         Some(l) => Some(l.local_addr()?),
         None => None,
@@ -335,6 +405,7 @@ fn start_inner(
             .first()
             .copied()
             .unwrap_or(Codec::Json),
+        codecs: SessionCodecs::default(),
         outbound_queue: options.outbound_queue.max(1),
         close_timeout: options.close_timeout,
         options: Arc::new(options.clone()),
@@ -352,6 +423,7 @@ fn start_inner(
         commands_done: false,
         events: ev_tx,
         conns: HashMap::new(),
+        codecs: handle.codecs.clone(),
         shutdown: None,
     };
     let span = tracing::info_span!("kitestring_server", addr = ?local_addr);
@@ -378,14 +450,25 @@ impl ServerHandle {
         rx.await.map_err(|_| ServerError::Stopped)
     }
 
+    /// The codec typed values for `session` are encoded with: the one its
+    /// latest connection negotiated (kept while it is detached), or the
+    /// server's preferred codec for a session not seen yet.
+    pub fn codec_for(&self, session: SessionId) -> Codec {
+        self.codecs
+            .read()
+            .ok()
+            .and_then(|m| m.get(&session).copied())
+            .unwrap_or(self.codec)
+    }
+
     /// Sends a typed value to a session (reliable, ordered, exactly once),
-    /// encoded with the server's preferred codec.
+    /// encoded with the session's negotiated codec ([`codec_for`](Self::codec_for)).
     pub async fn send<T: Serialize + ?Sized>(
         &self,
         session: SessionId,
         value: &T,
     ) -> Result<MessageId, ServerError> {
-        let payload = util::encode(value, self.codec)?;
+        let payload = util::encode(value, self.codec_for(session))?;
         self.send_payload(session, payload).await
     }
 
@@ -485,6 +568,158 @@ impl ServerHandle {
         self.command(Command::AcceptToken { connection }).await
     }
 
+    /// Answers a request a session's client sent (a [`Received`] with
+    /// `request: true`, quoting its `id`), reliably and in order with the
+    /// session's other messages, wherever its connection is. The client gets
+    /// it as [`Event::Response`](kitestring_core::client::Event::Response).
+    ///
+    /// [`Received`]: kitestring_core::client::Received
+    pub async fn respond<T: Serialize + ?Sized>(
+        &self,
+        session: SessionId,
+        request: MessageId,
+        value: &T,
+    ) -> Result<MessageId, ServerError> {
+        let payload = util::encode(value, self.codec_for(session))?;
+        self.respond_payload(session, request, payload).await
+    }
+
+    /// [`respond`](Self::respond) with a ready payload.
+    pub async fn respond_payload(
+        &self,
+        session: SessionId,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, ServerError> {
+        Ok(self
+            .call(|reply| Command::Respond {
+                session,
+                request,
+                payload,
+                reply,
+            })
+            .await??)
+    }
+
+    /// Puts a session in a room (the application decided: the room policy
+    /// is not consulted). The other members get a presence diff and the
+    /// session gets the member list; [`ServerEvent::Joined`] follows.
+    /// Joining a room the session is already in only resends the list.
+    pub async fn join(&self, session: SessionId, room: &str) -> Result<(), ServerError> {
+        let room = room.to_owned();
+        Ok(self
+            .call(|reply| Command::Join {
+                session,
+                room,
+                reply,
+            })
+            .await??)
+    }
+
+    /// Takes a session out of a room; `false` if it was not in it. The
+    /// remaining members get a presence diff.
+    pub async fn leave(&self, session: SessionId, room: &str) -> Result<bool, ServerError> {
+        let room = room.to_owned();
+        self.call(|reply| Command::Leave {
+            session,
+            room,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends a typed value to every member of `room`. The value is
+    /// serialized once, with the server's preferred codec (the first of
+    /// `ServerConfig::codecs`), and the bytes are shared by every member's
+    /// reliable stream; a member whose connection negotiated the other codec
+    /// still decodes it (payloads carry their kind). Returns how many members it
+    /// was queued for. Members too slow to keep up are closed with 4009 and
+    /// their sessions ended; the others are not held up.
+    pub async fn broadcast<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        value: &T,
+    ) -> Result<usize, ServerError> {
+        let payload = util::encode(value, self.codec)?;
+        self.broadcast_payload(room, payload, None).await
+    }
+
+    /// Sends a payload to every member of `room` but `exclude` (e.g. the
+    /// member the message came from). Cloning a [`Payload`] shares its bytes,
+    /// so a broadcast to N members costs one serialization, not N.
+    pub async fn broadcast_payload(
+        &self,
+        room: &str,
+        payload: Payload,
+        exclude: Option<SessionId>,
+    ) -> Result<usize, ServerError> {
+        let room = room.to_owned();
+        Ok(self
+            .call(|reply| Command::Broadcast {
+                room,
+                payload,
+                exclude,
+                reply,
+            })
+            .await??)
+    }
+
+    async fn query<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Query,
+    ) -> Result<T, ServerError> {
+        self.call(|reply| Command::Query { query: make(reply) })
+            .await
+    }
+
+    /// Who is in `room`, as members see each other (client id and identity,
+    /// sorted; never session ids).
+    pub async fn members(&self, room: &str) -> Result<Vec<Member>, ServerError> {
+        let room = room.to_owned();
+        self.query(|reply| Query::Members(room, reply)).await
+    }
+
+    /// The sessions in `room` (for the application's own bookkeeping; do
+    /// not show session ids to other clients, they are resume secrets).
+    pub async fn member_sessions(&self, room: &str) -> Result<Vec<SessionId>, ServerError> {
+        let room = room.to_owned();
+        self.query(|reply| Query::MemberSessions(room, reply)).await
+    }
+
+    /// How many members `room` has (0 for a room that does not exist).
+    pub async fn room_size(&self, room: &str) -> Result<usize, ServerError> {
+        let room = room.to_owned();
+        self.query(|reply| Query::RoomSize(room, reply)).await
+    }
+
+    /// The rooms a session is in (empty for an unknown session).
+    pub async fn rooms_of(&self, session: SessionId) -> Result<Vec<Arc<str>>, ServerError> {
+        self.query(|reply| Query::RoomsOf(session, reply)).await
+    }
+
+    /// A session's state (its connection, identity, buffers), if it exists.
+    pub async fn session(&self, session: SessionId) -> Result<Option<SessionInfo>, ServerError> {
+        self.query(|reply| Query::Session(session, reply)).await
+    }
+
+    /// A snapshot of the server's gauges and counters, taken by the server
+    /// task between two inputs (so it is consistent). Round-trip times are
+    /// measured by clients (their pings), not by the server: see
+    /// [`ClientHandle::stats`](crate::ClientHandle::stats) and
+    /// [`Event::Rtt`](kitestring_core::client::Event::Rtt).
+    pub async fn metrics(&self) -> Result<ServerMetrics, ServerError> {
+        self.query(Query::Metrics).await
+    }
+
+    /// Replaces the policy that authorizes clients' joins and publishes
+    /// (default: everyone may do anything; see also
+    /// [`ServerOptions::policy`]). The application's own
+    /// [`join`](Self::join) and [`broadcast`](Self::broadcast) are never
+    /// checked.
+    pub async fn set_policy(&self, policy: Box<dyn RoomPolicy>) -> Result<(), ServerError> {
+        self.command(Command::SetPolicy { policy }).await
+    }
+
     async fn command(&self, command: Command) -> Result<(), ServerError> {
         let mut commands = self.commands.clone();
         commands
@@ -495,7 +730,10 @@ impl ServerHandle {
 
     /// Stops accepting, sends every connection a `goaway` and closes it with
     /// 1001, waits (bounded by the close timeout) for the sockets to close,
-    /// and stops the server task. Sessions are not kept.
+    /// and stops the server task. Sessions are detached, not ended (rooms
+    /// see no one leave), but they live in this task's memory and end with
+    /// it: a restarted server does not know them, so clients resume into new
+    /// sessions and rejoin their rooms by themselves.
     pub async fn shutdown(&self) -> Result<(), ServerError> {
         self.call(|reply| Command::Shutdown { reply }).await
     }
@@ -549,6 +787,7 @@ struct ServerTask {
     events: mpsc::Sender<ServerEvent>,
     /// Connection tasks that registered and have not reported their end.
     conns: HashMap<ConnectionId, Slot>,
+    codecs: SessionCodecs,
     /// Set by `shutdown`: the replies to send, and when to give up waiting.
     shutdown: Option<(Vec<oneshot::Sender<()>>, std::time::Instant)>,
 }
@@ -716,12 +955,44 @@ impl ServerTask {
                 self.server.request_reauth(now, connection, within);
             }
             Command::AcceptToken { connection } => self.server.accept_token(now, connection),
+            Command::Respond {
+                session,
+                request,
+                payload,
+                reply,
+            } => {
+                let _ = reply.send(self.server.respond(now, session, request, payload));
+            }
+            Command::Join {
+                session,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(self.server.join(now, session, &room));
+            }
+            Command::Leave {
+                session,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(self.server.leave(now, session, &room));
+            }
+            Command::Broadcast {
+                room,
+                payload,
+                exclude,
+                reply,
+            } => {
+                let _ = reply.send(self.server.broadcast(now, &room, payload, exclude));
+            }
+            Command::Query { query } => self.query(query),
+            Command::SetPolicy { policy } => self.server.set_policy(policy),
             Command::Shutdown { reply } => {
                 self.listener = None;
-                let ids: Vec<ConnectionId> = self.server.connections().collect();
-                for id in ids {
-                    self.server.go_away(now, id, CloseCode::GOING_AWAY, None);
-                }
+                // The core flushes pending batches and acknowledgments, then
+                // sends every connection a goaway and a 1001. Sessions are
+                // detached, not ended: members are not told anyone left.
+                self.server.shutdown(now, None);
                 let give_up =
                     self.runtime.now() + self.options.close_timeout + Duration::from_millis(500);
                 match &mut self.shutdown {
@@ -745,7 +1016,11 @@ impl ServerTask {
                     match slot.out.try_send(ws::to_message(t)) {
                         Ok(()) => {}
                         Err(e) if e.is_full() => {
-                            debug!(connection = id.0, "outbound queue full: slow consumer");
+                            warn!(
+                                connection = id.0,
+                                session = self.server.session_of(id).map(|s| s.to_hex()).as_deref(),
+                                "outbound queue full: closing a slow consumer with 4009"
+                            );
                             if let Some(close) = slot.close.take() {
                                 let _ = close.send(CloseOrder {
                                     code: CloseCode::SLOW_CONSUMER,
@@ -761,7 +1036,11 @@ impl ServerTask {
                     }
                 }
                 ServerOutput::Disconnect(id, code, reason) => {
-                    trace!(connection = id.0, %code, reason, "disconnect");
+                    if code == CloseCode::SLOW_CONSUMER {
+                        warn!(connection = id.0, %code, reason, "closing a slow consumer");
+                    } else {
+                        debug!(connection = id.0, %code, reason, "closing connection");
+                    }
                     if let Some(slot) = self.conns.get_mut(&id) {
                         if let Some(close) = slot.close.take() {
                             let _ = close.send(CloseOrder {
@@ -773,6 +1052,8 @@ impl ServerTask {
                     }
                 }
                 ServerOutput::Event(event) => {
+                    log_event(&event);
+                    self.track_codec(&event);
                     if let ServerEvent::TokenReceived {
                         connection,
                         session,
@@ -789,6 +1070,47 @@ impl ServerTask {
 }
 
 impl ServerTask {
+    /// Keeps [`SessionCodecs`] in step with the sessions.
+    fn track_codec(&self, event: &ServerEvent) {
+        let Ok(mut codecs) = self.codecs.write() else {
+            return;
+        };
+        match event {
+            ServerEvent::SessionOpened { session, .. } => {
+                if let Some(codec) = self.server.session_codec(*session) {
+                    codecs.insert(*session, codec);
+                }
+            }
+            ServerEvent::SessionEnded { session, .. } => {
+                codecs.remove(session);
+            }
+            _ => {}
+        }
+    }
+
+    fn query(&self, query: Query) {
+        match query {
+            Query::Members(room, reply) => {
+                let _ = reply.send(self.server.members(&room));
+            }
+            Query::MemberSessions(room, reply) => {
+                let _ = reply.send(self.server.member_sessions(&room));
+            }
+            Query::RoomSize(room, reply) => {
+                let _ = reply.send(self.server.room_size(&room));
+            }
+            Query::RoomsOf(session, reply) => {
+                let _ = reply.send(self.server.rooms_of(session));
+            }
+            Query::Metrics(reply) => {
+                let _ = reply.send(self.server.metrics());
+            }
+            Query::Session(session, reply) => {
+                let _ = reply.send(self.server.session(session));
+            }
+        }
+    }
+
     /// Validates a re-authentication token with the configured validator.
     fn check_token(&mut self, connection: ConnectionId, session: SessionId, token: &str) {
         let verdict = if let Some(validate) = &self.options.reauth {
@@ -835,6 +1157,99 @@ impl ServerTask {
                 self.server.disconnect_connection(now, connection, code);
             }
         }
+    }
+}
+
+/// Logs what the application should see in its logs, with the ids that
+/// tie a line to a client and a session.
+fn log_event(event: &ServerEvent) {
+    match event {
+        ServerEvent::SessionOpened {
+            connection,
+            session,
+            client,
+            identity,
+            resumed,
+        } => {
+            let verb = if *resumed {
+                "session resumed"
+            } else {
+                "session opened"
+            };
+            debug!(
+                connection = connection.0,
+                session = %session.to_hex(),
+                client = %client.to_hex(),
+                identity = identity.as_deref(),
+                resumed,
+                "{verb}"
+            );
+        }
+        ServerEvent::SessionDetached { session, code } => {
+            debug!(session = %session.to_hex(), %code, "session detached; waiting for a resume");
+        }
+        ServerEvent::SessionEnded {
+            session,
+            reason,
+            unconfirmed,
+        } => match reason {
+            SessionEnd::SlowConsumer | SessionEnd::Overflow => warn!(
+                session = %session.to_hex(),
+                ?reason,
+                unconfirmed = unconfirmed.len(),
+                "session ended: it could not keep up"
+            ),
+            _ => debug!(
+                session = %session.to_hex(),
+                ?reason,
+                unconfirmed = unconfirmed.len(),
+                "session ended"
+            ),
+        },
+        ServerEvent::Rejected {
+            connection,
+            code,
+            reason,
+        } => {
+            if *reason == "session_forbidden" {
+                warn!(
+                    connection = connection.0,
+                    %code,
+                    reason,
+                    "resume refused: the session belongs to another identity"
+                );
+            } else {
+                debug!(connection = connection.0, %code, reason, "hello rejected");
+            }
+        }
+        ServerEvent::ConnectionClosed { connection, code } => {
+            debug!(connection = connection.0, %code, "connection closed without a session");
+        }
+        ServerEvent::RateLimited {
+            session,
+            message,
+            limit,
+        } => {
+            warn!(session = %session.to_hex(), message = message.0, ?limit, "rate limited");
+        }
+        ServerEvent::Refused {
+            session,
+            room,
+            op,
+            reason,
+        } => {
+            debug!(session = %session.to_hex(), %room, ?op, %reason, "room operation refused");
+        }
+        ServerEvent::Joined { session, room } => {
+            trace!(session = %session.to_hex(), %room, "joined");
+        }
+        ServerEvent::Left { session, room } => {
+            trace!(session = %session.to_hex(), %room, "left");
+        }
+        ServerEvent::DecodeFailed { connection, error } => {
+            debug!(connection = connection.0, %error, "undecodable frame");
+        }
+        _ => {}
     }
 }
 

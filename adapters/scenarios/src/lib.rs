@@ -25,6 +25,13 @@ use kitestring::{
 };
 use serde::{Deserialize, Serialize};
 
+mod rooms;
+pub use rooms::{
+    broadcast_through_cuts, presence_after_resume, request_across_cut, rotation_without_loss,
+    send_latest_coalesces, shutdown_keeps_rooms, slow_member_evicted,
+    typed_sends_use_session_codec, unauthorized_join_refused, Peer, Recorder,
+};
+
 /// Generates one `#[test]` per scenario. `$block_on` runs a future to
 /// completion on the runtime under test; `$runtime` is an expression
 /// (evaluated inside that runtime) giving its `Arc<dyn Runtime>`.
@@ -35,7 +42,10 @@ macro_rules! scenarios {
             exchange_json, exchange_msgpack, resume_after_drops, half_open_detected,
             auth_rejected_401, auth_rejected_403, version_mismatch_rejected,
             shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, handover_upgraded_socket,
-            slow_consumer_closed);
+            slow_consumer_closed, broadcast_through_cuts, slow_member_evicted,
+            unauthorized_join_refused, presence_after_resume, rotation_without_loss,
+            shutdown_keeps_rooms, request_across_cut, typed_sends_use_session_codec,
+            send_latest_coalesces);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
         $(
