@@ -250,6 +250,60 @@ impl Harness {
         }
     }
 
+    /// Puts every client's current session in `room` (server side).
+    /// Returns how many joins failed.
+    pub async fn join_all(&self, room: &str) -> usize {
+        let mut failed = 0;
+        for i in 0..self.clients.len() {
+            let joined = match self.ledger.session_of(i) {
+                Some(session) => kitestring::util::timeout(
+                    &*self.rt,
+                    Duration::from_secs(5),
+                    self.server.join(session, room),
+                )
+                .await
+                .is_some_and(|r| r.is_ok()),
+                None => false,
+            };
+            failed += usize::from(!joined);
+        }
+        failed
+    }
+
+    /// Broadcasts to `room` `rate` times per second until
+    /// [`stop_traffic`](Self::stop_traffic), booking each broadcast for
+    /// every client.
+    pub fn start_broadcasts(&self, room: &str, rate: f64) {
+        self.traffic.store(true, Ordering::SeqCst);
+        let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+        let traffic = self.traffic.clone();
+        let senders = self.senders.clone();
+        let rt = self.rt.clone();
+        let server = self.server.clone();
+        let ledger = self.ledger.clone();
+        let room = room.to_owned();
+        let padding = self.padding;
+        senders.fetch_add(1, Ordering::SeqCst);
+        self.rt.spawn(Box::pin(async move {
+            while traffic.load(Ordering::SeqCst) {
+                let seq = ledger.next_broadcast();
+                let body = kitestring::Payload::binary(encode(0, seq, ledger.stamp(), padding));
+                match kitestring::util::timeout(
+                    &*rt,
+                    Duration::from_secs(5),
+                    server.broadcast_payload(&room, body, None),
+                )
+                .await
+                {
+                    Some(Ok(members)) => ledger.broadcast_accepted(seq, members),
+                    _ => break,
+                }
+                kitestring::util::sleep(&*rt, interval).await;
+            }
+            senders.fetch_sub(1, Ordering::SeqCst);
+        }));
+    }
+
     /// Stops the senders and waits (at most `within`) for the ones in the
     /// middle of a send to finish. Returns whether they all did.
     pub async fn stop_traffic(&self, within: Duration) -> bool {
@@ -374,6 +428,8 @@ impl Sender {
             }
             let body = encode(self.index, seq, self.ledger.stamp(), self.padding);
             let retry = match self.dir {
+                // Broadcasts go through `start_broadcasts`.
+                Direction::Room => return Err(NotSent),
                 Direction::Up => {
                     match kitestring::util::timeout(&*self.rt, limit, self.client.send_bytes(body))
                         .await
@@ -436,6 +492,11 @@ async fn client_events(
 ) {
     while let Some(event) = events.next().await {
         match event {
+            Event::Message(m) if m.room.is_some() => {
+                if let Some((_, seq, sent)) = decode(m.payload.data()) {
+                    ledger.delivered(i, Direction::Room, seq, sent);
+                }
+            }
             Event::Message(m) => {
                 if let Some((c, seq, sent)) = decode(m.payload.data()) {
                     // A message for another client would be a routing bug:

@@ -26,6 +26,8 @@ pub enum Direction {
     Up,
     /// Server to client.
     Down,
+    /// Server to every member of a room (a broadcast).
+    Room,
 }
 
 impl Direction {
@@ -34,6 +36,7 @@ impl Direction {
         match self {
             Direction::Up => "client -> server",
             Direction::Down => "server -> client",
+            Direction::Room => "room broadcast",
         }
     }
 }
@@ -85,6 +88,7 @@ impl Stream {
 struct ClientBook {
     up: Stream,
     down: Stream,
+    room: Stream,
     session: Option<SessionId>,
     connects: u64,
     resumes: u64,
@@ -126,6 +130,9 @@ struct Inner {
     by_session: HashMap<SessionId, usize>,
     latency_up: Vec<u32>,
     latency_down: Vec<u32>,
+    latency_room: Vec<u32>,
+    /// Members each broadcast was queued for, by broadcast number.
+    broadcast_members: Vec<usize>,
     incidents: Vec<Incident>,
     refused_full: u64,
     sessions_lost: u64,
@@ -237,6 +244,30 @@ impl Ledger {
         }
     }
 
+    /// Broadcast number `seq` was queued for `members` room members; every
+    /// client is expected to get it (the scenarios put every client in the room).
+    pub fn broadcast_accepted(&self, seq: u64, members: usize) {
+        let mut g = lock(&self.inner);
+        for c in &mut g.clients {
+            c.room.accepted = c.room.accepted.max(seq + 1);
+        }
+        let Ok(i) = usize::try_from(seq) else { return };
+        if g.broadcast_members.len() <= i {
+            g.broadcast_members.resize(i + 1, 0);
+        }
+        g.broadcast_members[i] = members;
+    }
+
+    /// The number of the next broadcast.
+    pub fn next_broadcast(&self) -> u64 {
+        lock(&self.inner).broadcast_members.len() as u64
+    }
+
+    /// How many members each broadcast was queued for.
+    pub fn broadcast_members(&self) -> Vec<usize> {
+        lock(&self.inner).broadcast_members.clone()
+    }
+
     /// A send was refused because the queue was full (it will be retried).
     pub fn refused_full(&self) {
         lock(&self.inner).refused_full += 1;
@@ -250,6 +281,7 @@ impl Ledger {
         match dir {
             Direction::Up => g.latency_up.push(latency),
             Direction::Down => g.latency_down.push(latency),
+            Direction::Room => g.latency_room.push(latency),
         }
         let Some(c) = g.clients.get_mut(client) else {
             return;
@@ -400,7 +432,7 @@ impl Ledger {
         let g = lock(&self.inner);
         g.clients
             .iter()
-            .map(|c| c.up.outstanding() + c.down.outstanding())
+            .map(|c| c.up.outstanding() + c.down.outstanding() + c.room.outstanding())
             .sum()
     }
 
@@ -451,6 +483,7 @@ impl Ledger {
             match dir {
                 Direction::Up => g.latency_up.clone(),
                 Direction::Down => g.latency_down.clone(),
+                Direction::Room => g.latency_room.clone(),
             }
         };
         samples.sort_unstable();
@@ -475,6 +508,7 @@ fn stream(c: &ClientBook, dir: Direction) -> &Stream {
     match dir {
         Direction::Up => &c.up,
         Direction::Down => &c.down,
+        Direction::Room => &c.room,
     }
 }
 
@@ -482,6 +516,7 @@ fn stream_mut(c: &mut ClientBook, dir: Direction) -> &mut Stream {
     match dir {
         Direction::Up => &mut c.up,
         Direction::Down => &mut c.down,
+        Direction::Room => &mut c.room,
     }
 }
 

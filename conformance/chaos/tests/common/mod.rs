@@ -125,13 +125,17 @@ async fn drain_or_panic(rt: &Arc<dyn Runtime>, h: &Harness, ms: u64) {
 
 /// (a) Twenty clients exchange messages both ways through the proxy while
 /// it cuts and black-holes connections at random, first alone, then with
-/// 40 ms of latency, then with each direction throttled to 16 KB/s. With
+/// 40 ms of latency, then with each direction throttled to 16 KB/s; all
+/// twenty are in a room the server broadcasts to ten times a second. With
 /// the faults off and everything drained: every accepted message arrived
 /// exactly once and in order, both ways (unless named by a session-loss
-/// event), and no client ended `Failed`.
+/// event), every broadcast reached every member exactly once and in order,
+/// and no client ended `Failed`.
 pub async fn chaos_mixed(rt: Arc<dyn Runtime>) {
     let h = start(&rt, settings(20, Timing::fast()), 10_000).await;
+    assert_eq!(within(&rt, 10_000, "join", h.join_all("chaos")).await, 0);
     h.start_traffic(20.0);
+    h.start_broadcasts("chaos", 10.0);
     let mut faults = FaultInjector::start(
         h.proxy.clone(),
         FaultPlan {
@@ -161,6 +165,18 @@ pub async fn chaos_mixed(rt: Arc<dyn Runtime>) {
     );
     assert_clean(Direction::Up, &up);
     assert_clean(Direction::Down, &down);
+    let room = h.ledger.verdict(Direction::Room, None);
+    eprintln!(
+        "chaos_mixed: room broadcasts delivered {}/{}",
+        room.delivered, room.accepted
+    );
+    assert_clean(Direction::Room, &room);
+    let members = h.ledger.broadcast_members();
+    assert!(members.len() >= 50, "{} broadcasts", members.len());
+    assert!(
+        members.iter().all(|&m| m == 20),
+        "every broadcast was queued for all 20 members: {members:?}"
+    );
     assert_no_failed(&h.ledger);
     assert!(
         cuts + holes >= 10,
