@@ -19,7 +19,6 @@ chaos_tests!(
     chaos_mixed,
     stress_cut_all_1000,
     slow_client_closed,
-    #[ignore = "driver: a resume retransmits the whole window at once and overflows the outbound queue (4009 on every resume)"]
     slow_client_closed_4009,
     dead_peer_detected,
 );
