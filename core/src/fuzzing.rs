@@ -1299,25 +1299,26 @@ impl ClientHarness {
         let _ = writeln!(self.log, "{:?} {op:?}", self.now);
         let before = self.client.poll_timeout();
         let mut timeout = false;
-        if !matches!(
-            op,
-            ClientOp::Advance(_) | ClientOp::AdvanceSecs(_) | ClientOp::Rewind(_)
-        ) {
-            self.hand_in();
-        }
+        // The machine only learns an instant when it is called: ops that end
+        // up calling nothing (an invalid payload, a frame that cannot be
+        // built) hand nothing in.
         let now = self.now;
         match op {
             ClientOp::Connect => {
+                self.hand_in();
                 let _ = self.client.connect(now);
             }
             ClientOp::Reconnect => {
+                self.hand_in();
                 let _ = self.client.reconnect(now);
             }
             ClientOp::Close => {
+                self.hand_in();
                 let _ = self.client.close(now);
             }
             ClientOp::Send(p, ts) => {
                 if let Some(payload) = p.payload() {
+                    self.hand_in();
                     let r = match ts {
                         Some(ts) => self.client.send_with_timestamp(now, payload, ts),
                         None => self.client.send(now, payload),
@@ -1339,6 +1340,7 @@ impl ClientHarness {
                 }
             }
             ClientOp::SendDatagram(n) => {
+                self.hand_in();
                 let r = self
                     .client
                     .send_datagram(now, Bytes::from(vec![7u8; usize::from(n)]));
@@ -1348,15 +1350,18 @@ impl ClientHarness {
             }
             ClientOp::Opened(t) => {
                 let t = self.tr(t);
+                self.hand_in();
                 self.client.handle_transport_opened(now, t);
             }
             ClientOp::Closed(t, code) => {
                 let t = self.tr(t);
+                self.hand_in();
                 self.client
                     .handle_transport_closed(now, t, code.map(Code::code), "bye");
             }
             ClientOp::Error(t, e) => {
                 let t = self.tr(t);
+                self.hand_in();
                 self.client.handle_transport_error(now, t, e.error());
             }
             ClientOp::Frame(t, f, wrong) => {
@@ -1365,15 +1370,18 @@ impl ClientHarness {
                     .server_frame(&f)
                     .and_then(|f| self.encode_for_client(&f, wrong))
                 {
+                    self.hand_in();
                     self.feed(t, tx.as_incoming());
                 }
             }
             ClientOp::Text(t, s) => {
                 let t = self.tr(t);
+                self.hand_in();
                 self.feed(t, Incoming::Text(&s));
             }
             ClientOp::Binary(t, b) => {
                 let t = self.tr(t);
+                self.hand_in();
                 self.feed(t, Incoming::Binary(&b));
             }
             ClientOp::Timeout => {

@@ -34,6 +34,25 @@
 //! [`bind`] serves a port; [`ServerHandle::accept_websocket`] takes sockets
 //! that another HTTP server upgraded. See [`server`] for the task layout and
 //! the backpressure policy.
+//!
+//! # Rooms and requests
+//!
+//! ```no_run
+//! # async fn demo(runtime: std::sync::Arc<dyn kitestring::Runtime>, session: kitestring::SessionId) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use kitestring::{ClientOptions, ServerOptions};
+//!
+//! let (server, _server_events) = kitestring::bind(runtime.clone(), "127.0.0.1:9000".parse()?, ServerOptions::default())?;
+//! server.join(session, "lobby").await?;              // the application decides
+//! let reached = server.broadcast("lobby", &("hi", 1)).await?; // serialized once
+//! let metrics = server.metrics().await?;
+//!
+//! let (client, _events) = kitestring::connect(runtime, "ws://127.0.0.1:9000/", ClientOptions::default())?;
+//! client.join("lobby").await?;                      // presence arrives as events
+//! client.publish("lobby", &"hello, room").await?;
+//! let answer = client.request(&"what time is it?", Duration::from_secs(5)).await?;
+//! # let _ = (reached, metrics, answer); Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

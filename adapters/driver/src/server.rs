@@ -14,7 +14,8 @@
 //! * Inbound: connection tasks wait when the shared input channel is full,
 //!   so they stop reading their sockets and TCP pushes back on the peers.
 //! * Outbound: each connection has a queue of [`ServerOptions::outbound_queue`]
-//!   frames, plus tungstenite's bounded write buffer. The server task never
+//!   frames (at least the core's send window plus 64, so a resume burst
+//!   fits), plus tungstenite's bounded write buffer. The server task never
 //!   waits on a connection: when a connection's queue is full, its peer is
 //!   not reading fast enough and the connection is closed with 4009 (slow
 //!   consumer). Its session survives for the grace period, so the client
@@ -64,6 +65,18 @@ use crate::error::{ServeError, ServerError};
 use crate::runtime::{AsyncListener, BoxIo, Budget, Clock, DriveTimer, Runtime};
 use crate::util;
 use crate::ws::{self, ServerTls};
+
+/// The per-connection outbound queue: the configured size, but always room
+/// for a resume's burst (a whole send window) plus control frames.
+fn outbound_capacity(options: &ServerOptions) -> usize {
+    options.outbound_queue.max(
+        options
+            .config
+            .reliability
+            .window_messages
+            .saturating_add(64),
+    )
+}
 
 /// What the upgrade authenticator sees of the HTTP request.
 #[derive(Debug)]
@@ -155,7 +168,12 @@ pub struct ServerOptions {
     /// [`ServerHandle::disconnect`].
     pub reauth: Option<TokenValidator>,
     /// Frames queued per connection before it counts as a slow consumer and
-    /// is closed with 4009. Default 256.
+    /// is closed with 4009. Default 256, and never less than the core's send
+    /// window plus 64: a resume retransmits up to a whole window at once,
+    /// and that burst must not look like a slow reader. (The window is what
+    /// really bounds a connection: it cannot hold more unacknowledged
+    /// messages than that, so this queue only guards against control frames
+    /// piling up.)
     pub outbound_queue: usize,
     /// Inputs (frames, closes) from all connections waiting for the server
     /// task. Default 1024.
@@ -406,7 +424,7 @@ fn start_inner(
             .copied()
             .unwrap_or(Codec::Json),
         codecs: SessionCodecs::default(),
-        outbound_queue: options.outbound_queue.max(1),
+        outbound_queue: outbound_capacity(&options),
         close_timeout: options.close_timeout,
         options: Arc::new(options.clone()),
     };
@@ -1322,7 +1340,7 @@ async fn handshake(
             ws,
             identity,
             inputs,
-            options.outbound_queue.max(1),
+            outbound_capacity(&options),
             options.close_timeout,
         )
         .await;
