@@ -13,13 +13,19 @@
 //!
 //! * Inbound: connection tasks wait when the shared input channel is full,
 //!   so they stop reading their sockets and TCP pushes back on the peers.
-//! * Outbound: each connection has a queue of [`ServerOptions::outbound_queue`]
-//!   frames (at least the core's send window plus 64, so a resume burst
-//!   fits), plus tungstenite's bounded write buffer. The server task never
-//!   waits on a connection: when a connection's queue is full, its peer is
-//!   not reading fast enough and the connection is closed with 4009 (slow
-//!   consumer). Its session survives for the grace period, so the client
-//!   resumes and nothing is lost; memory per connection stays bounded.
+//! * Outbound: what a connection can owe its peer is bounded first by the
+//!   core: a session holds at most its send window of unacknowledged
+//!   messages (`ReliabilityConfig::window_messages` / `window_bytes`) plus its
+//!   waiting queue. A peer that stops reading fills both; then
+//!   [`ServerHandle::send`] is refused with `SendError::QueueFull` (nothing
+//!   accepted is dropped), a room broadcast evicts that member with 4009 so
+//!   the others are not held up, and a peer that also stops sending is closed
+//!   by the heartbeat (4008) with its session kept for a resume.
+//!   Each connection task also has a frame queue of
+//!   [`ServerOptions::outbound_queue`] (at least the send window plus 64, so
+//!   a resume retransmitting a whole window fits), plus tungstenite's bounded
+//!   write buffer; should that queue still fill, the connection is closed
+//!   with 4009 and its session kept.
 //! * Events: the server task waits while the application leaves the event
 //!   stream ([`ServerOptions::event_buffer`]) full. Keep consuming it.
 //!
