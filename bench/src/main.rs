@@ -159,6 +159,30 @@ fn inner(args: &[String]) -> ExitCode {
         Some("core-msgpack") => core_cost::CorePair::new(Codec::MsgPack).run(n),
         Some("core-json") => core_cost::CorePair::new(Codec::Json).run(n),
         Some("tungstenite") => core_cost::TungPair::new().run(n),
+        // One connection, 32 B, 128 in flight, on one thread: for profiling
+        // the socket path with callgrind (`profile` below).
+        Some(side @ ("echo-ours" | "echo-base")) => {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return ExitCode::FAILURE;
+            };
+            let load = echo::Load {
+                conns: 1,
+                size: 32,
+                per_conn: n,
+                window: 128,
+            };
+            if side == "echo-ours" {
+                rt.block_on(async {
+                    echo::ours_throughput(kitestring_tokio::runtime(), load).await
+                });
+            } else {
+                rt.block_on(echo::baseline_throughput(load));
+            }
+            n
+        }
         _ => return ExitCode::FAILURE,
     };
     if done == n {

@@ -12,9 +12,7 @@
 //! scan.
 
 use std::cmp::Reverse;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -35,7 +33,9 @@ use crate::wire::{
 };
 
 /// Deterministic hashing: iteration order must not depend on the process.
-type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+/// FxHash, because keys are either sequential (connections) or 128 random
+/// bits the server chose (sessions): nothing a peer can aim collisions at.
+type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// Identifies one accepted transport on the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -45,7 +45,7 @@ use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::error::{ClientError, ConnectError};
-use crate::runtime::{BoxFuture, BoxIo, Budget, Clock, DriveTimer, Runtime};
+use crate::runtime::{BoxFuture, BoxIo, Budget, Clock, DriveTimer, ReadyFlag, Runtime};
 use crate::util::{self, Target};
 use crate::ws::{self, ClientTls, Ws};
 
@@ -715,6 +715,8 @@ pub(crate) fn transport_error(e: WsError) -> TransportError {
 struct Live {
     tid: TransportId,
     ws: Ws,
+    /// Polls the socket's read side only when it has signalled.
+    readable: ReadyFlag,
     /// Frames the core emitted that the socket has not taken yet. Bounded by
     /// the core's send window plus a few control frames.
     out: VecDeque<Message>,
@@ -812,7 +814,8 @@ impl Driver {
             }
         }
         if let Some(live) = &mut self.live {
-            if let Poll::Ready(item) = live.ws.poll_next_unpin(cx) {
+            let ws = &mut live.ws;
+            if let Poll::Ready(item) = live.readable.poll(cx, |cx| ws.poll_next_unpin(cx)) {
                 self.reads_in_a_row += 1;
                 return Poll::Ready(Wake::Frame(live.tid, item));
             }
@@ -874,6 +877,7 @@ impl Driver {
                 self.live = Some(Live {
                     tid,
                     ws,
+                    readable: ReadyFlag::new(),
                     out: VecDeque::new(),
                     needs_flush: false,
                 });

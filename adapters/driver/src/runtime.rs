@@ -182,6 +182,83 @@ impl Budget {
     }
 }
 
+/// Remembers whether a source (a socket's read side) has signalled since
+/// it last returned `Pending`, so a task that polls several sources on every
+/// wake-up does not poll one that is known to have nothing. This matters for
+/// sockets: tungstenite zero-fills its read buffer (4 KiB) before every read
+/// attempt, so a spurious poll costs a few hundred instructions and a
+/// `read` system call that fails.
+pub(crate) struct ReadyFlag {
+    inner: std::sync::Arc<FlagWaker>,
+}
+
+struct FlagWaker {
+    ready: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for FlagWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl ReadyFlag {
+    /// A flag that starts ready: the first poll always goes through.
+    pub(crate) fn new() -> Self {
+        ReadyFlag {
+            inner: std::sync::Arc::new(FlagWaker {
+                ready: std::sync::atomic::AtomicBool::new(true),
+                task: futures_util::task::AtomicWaker::new(),
+            }),
+        }
+    }
+
+    /// Polls the source through `poll` only if it may have something: it
+    /// signalled since its last `Pending`, or its last poll was `Ready`
+    /// (more may be buffered). Otherwise `Pending`, and the task is woken
+    /// when the source signals.
+    pub(crate) fn poll<T>(
+        &self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.inner.task.register(cx.waker());
+        if !self
+            .inner
+            .ready
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Poll::Pending;
+        }
+        let waker = std::task::Waker::from(self.inner.clone());
+        let mut flagged = Context::from_waker(&waker);
+        let result = poll(&mut flagged);
+        if result.is_ready() {
+            self.inner
+                .ready
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        result
+    }
+}
+
+impl Debug for ReadyFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadyFlag")
+            .field(
+                "ready",
+                &self.inner.ready.load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +322,49 @@ mod tests {
                 .core(start - std::time::Duration::from_secs(1))
                 .as_nanos(),
             0
+        );
+    }
+
+    #[test]
+    fn a_ready_flag_polls_only_after_a_signal() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        use std::task::{Context, Poll, Waker};
+
+        let polls = AtomicUsize::new(0);
+        let registered: Mutex<Option<Waker>> = Mutex::new(None);
+        let flag = ReadyFlag::new();
+        let noop = Waker::noop();
+        let mut cx = Context::from_waker(noop);
+        let source = |cx: &mut Context<'_>| -> Poll<()> {
+            polls.fetch_add(1, Ordering::SeqCst);
+            *registered.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        };
+        assert!(flag.poll(&mut cx, source).is_pending());
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            1,
+            "the first poll goes through"
+        );
+        for _ in 0..5 {
+            assert!(flag.poll(&mut cx, source).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "no signal, no poll");
+        let waker = registered.lock().unwrap().take().unwrap();
+        waker.wake();
+        assert!(flag.poll(&mut cx, source).is_pending());
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            2,
+            "polled again after the signal"
+        );
+        let ready = |_: &mut Context<'_>| Poll::Ready(());
+        let flag = Arc::new(ReadyFlag::new());
+        assert!(flag.poll(&mut cx, ready).is_ready());
+        assert!(
+            flag.poll(&mut cx, ready).is_ready(),
+            "after Ready, more may be buffered"
         );
     }
 }

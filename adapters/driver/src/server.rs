@@ -68,7 +68,7 @@ use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::error::{ServeError, ServerError};
-use crate::runtime::{AsyncListener, BoxIo, Budget, Clock, DriveTimer, Runtime};
+use crate::runtime::{AsyncListener, BoxIo, Budget, Clock, DriveTimer, ReadyFlag, Runtime};
 use crate::util;
 use crate::ws::{self, ServerTls};
 
@@ -1398,6 +1398,9 @@ async fn connection<S>(
         }
         let mut needs_flush = false;
         let mut pending: Option<Message> = None;
+        // Read only when the socket signalled: this task also wakes for every
+        // outgoing frame, and a read attempt is not free.
+        let readable = ReadyFlag::new();
         let step = loop {
             let step = futures_util::future::poll_fn(|cx| {
                 if let Poll::Ready(order) = close_rx.poll_unpin(cx) {
@@ -1431,7 +1434,9 @@ async fn connection<S>(
                         Poll::Pending => {}
                     }
                 }
-                ws.poll_next_unpin(cx).map(Step::Frame)
+                readable
+                    .poll(cx, |cx| ws.poll_next_unpin(cx))
+                    .map(Step::Frame)
             })
             .await;
             match step {
