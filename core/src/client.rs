@@ -919,19 +919,7 @@ impl Client {
         payload: Payload,
     ) -> Result<(), SendError> {
         self.advance(now);
-        match self.state {
-            State::Closing => return Err(SendError::NotConnected("closing")),
-            State::Closed { .. } => return Err(SendError::NotConnected("closed")),
-            State::Failed { .. } => return Err(SendError::NotConnected("failed")),
-            _ => {}
-        }
-        let max = self.max_payload();
-        if payload.len() > max {
-            return Err(SendError::TooLarge {
-                size: payload.len(),
-                max,
-            });
-        }
+        self.check_sendable(&payload)?;
         match self.coalescer.push(self.now, key.to_owned(), payload) {
             Ok(Pushed::Emit(c)) => {
                 self.send_inner(now, c.value, None)?;
@@ -1085,19 +1073,7 @@ impl Client {
         room: Option<RoomName>,
     ) -> Result<MessageId, SendError> {
         self.advance(now);
-        match self.state {
-            State::Closing => return Err(SendError::NotConnected("closing")),
-            State::Closed { .. } => return Err(SendError::NotConnected("closed")),
-            State::Failed { .. } => return Err(SendError::NotConnected("failed")),
-            _ => {}
-        }
-        let max = self.max_payload();
-        if payload.len() > max {
-            return Err(SendError::TooLarge {
-                size: payload.len(),
-                max,
-            });
-        }
+        self.check_sendable(&payload)?;
         let id = MessageId(self.next_id);
         match self.outbound.push(Waiting {
             id,
@@ -1123,6 +1099,25 @@ impl Client {
                 }
             },
         }
+    }
+
+    /// Whether a message can be accepted now: the session is not over and
+    /// the payload fits the peer's limit.
+    fn check_sendable(&self, payload: &Payload) -> Result<(), SendError> {
+        match self.state {
+            State::Closing => return Err(SendError::NotConnected("closing")),
+            State::Closed { .. } => return Err(SendError::NotConnected("closed")),
+            State::Failed { .. } => return Err(SendError::NotConnected("failed")),
+            _ => {}
+        }
+        let max = self.max_payload();
+        if payload.len() > max {
+            return Err(SendError::TooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        Ok(())
     }
 
     fn max_payload(&self) -> usize {

@@ -1014,6 +1014,7 @@ impl Server {
         Ok(id)
     }
 
+    /// Queues, applying the overflow policy when the session's buffers are full.
     fn enqueue_in(
         &mut self,
         now: Instant,
@@ -1023,32 +1024,8 @@ impl Server {
         kind: MsgKind,
         room: Option<RoomName>,
     ) -> Result<MessageId, SendError> {
-        self.advance(now);
-        let max = self.config.max_message_size;
-        if payload.len() > max {
-            return Err(SendError::TooLarge {
-                size: payload.len(),
-                max,
-            });
-        }
-        let s = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(SendError::UnknownSession)?;
-        let id = MessageId(self.next_id);
-        match s.outbound.push(Waiting {
-            id,
-            ts,
-            kind,
-            room,
-            payload,
-        }) {
-            Ok(()) => {
-                self.next_id += 1;
-                self.flush(session);
-                Ok(id)
-            }
-            Err(e) => match self.config.reliability.overflow {
+        match self.enqueue_raw(now, session, payload, ts, kind, room) {
+            Err(e @ SendError::QueueFull { .. }) => match self.config.reliability.overflow {
                 OverflowPolicy::Refuse => Err(e),
                 OverflowPolicy::FailSession => {
                     if let Some(conn) = self.sessions.get(&session).and_then(|s| s.conn) {
@@ -1062,6 +1039,7 @@ impl Server {
                     Err(SendError::SessionFailed)
                 }
             },
+            other => other,
         }
     }
 
