@@ -177,24 +177,7 @@ impl ClientConfig {
         if self.queue.max_messages == 0 {
             return Err(ConfigError::Zero("queue.max_messages"));
         }
-        if self.max_message_size < 1024 {
-            return Err(ConfigError::Inconsistent(
-                "max_message_size is below 1024 bytes: handshakes would not fit",
-            ));
-        }
-        if !self.codecs.contains(&Codec::Json) {
-            return Err(ConfigError::Inconsistent("codecs must include JSON"));
-        }
-        if self.versions.is_empty()
-            || self
-                .versions
-                .iter()
-                .any(|v| !SUPPORTED_VERSIONS.contains(v))
-        {
-            return Err(ConfigError::Inconsistent(
-                "versions must be a non-empty subset of SUPPORTED_VERSIONS",
-            ));
-        }
+        validate_wire(self.max_message_size, &self.codecs, &self.versions)?;
         validate_reliability(&self.reliability)
     }
 }
@@ -305,24 +288,7 @@ impl ServerConfig {
         if self.hello_timeout.is_zero() {
             return Err(ConfigError::Zero("hello_timeout"));
         }
-        if self.max_message_size < 1024 {
-            return Err(ConfigError::Inconsistent(
-                "max_message_size is below 1024 bytes: handshakes would not fit",
-            ));
-        }
-        if !self.codecs.contains(&Codec::Json) {
-            return Err(ConfigError::Inconsistent("codecs must include JSON"));
-        }
-        if self.versions.is_empty()
-            || self
-                .versions
-                .iter()
-                .any(|v| !SUPPORTED_VERSIONS.contains(v))
-        {
-            return Err(ConfigError::Inconsistent(
-                "versions must be a non-empty subset of SUPPORTED_VERSIONS",
-            ));
-        }
+        validate_wire(self.max_message_size, &self.codecs, &self.versions)?;
         if self.queue.max_messages == 0 {
             return Err(ConfigError::Zero("queue.max_messages"));
         }
@@ -336,6 +302,28 @@ impl ServerConfig {
         }
         validate_reliability(&self.reliability)
     }
+}
+
+/// What both sides must satisfy to hold a handshake at all.
+fn validate_wire(
+    max_message_size: usize,
+    codecs: &[Codec],
+    versions: &[u8],
+) -> Result<(), ConfigError> {
+    if max_message_size < 1024 {
+        return Err(ConfigError::Inconsistent(
+            "max_message_size is below 1024 bytes: handshakes would not fit",
+        ));
+    }
+    if !codecs.contains(&Codec::Json) {
+        return Err(ConfigError::Inconsistent("codecs must include JSON"));
+    }
+    if versions.is_empty() || versions.iter().any(|v| !SUPPORTED_VERSIONS.contains(v)) {
+        return Err(ConfigError::Inconsistent(
+            "versions must be a non-empty subset of SUPPORTED_VERSIONS",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_reliability(r: &ReliabilityConfig) -> Result<(), ConfigError> {
