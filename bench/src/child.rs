@@ -60,8 +60,22 @@ pub(crate) fn seq_payload(seq: u64) -> Payload {
     Payload::binary(v)
 }
 
+/// The fan-out room is a broadcast channel: its members need no presence
+/// (member lists and join/leave diffs), which would cost about N²/2
+/// messages to fill a room of N.
+struct NoPresence;
+
+impl kitestring::RoomPolicy for NoPresence {
+    fn presence(&self, _room: &str) -> bool {
+        false
+    }
+}
+
 async fn ours(ping: Duration, rooms: bool, queue: usize) {
     let mut options = ServerOptions::default();
+    if rooms {
+        options.policy = Some(Arc::new(NoPresence));
+    }
     options.config.ping_interval = ping;
     options.config.pong_timeout = ping.min(Duration::from_secs(10));
     options.outbound_queue = queue;

@@ -235,7 +235,7 @@ pub(crate) fn fanout_scenario(opts: &Options) -> Vec<Figure> {
     let (sizes, reps): (&[(usize, u64)], usize) = if opts.quick {
         (&[(20, 50), (50, 20)], 1)
     } else {
-        (&[(100, 1_000), (1_000, 100)], 3)
+        (&[(100, 1_000), (1_000, 100), (10_000, 20)], 3)
     };
     let rt = net::tokio_runtime();
     let mut figures = Vec::new();
@@ -263,10 +263,9 @@ pub(crate) fn fanout_scenario(opts: &Options) -> Vec<Figure> {
             rates
         });
         drop(child);
-        // Ours: every session joins the room when it opens. The queue per
-        // connection holds the presence traffic of the joins and the burst.
-        let queue = (n as u64 + m + 256).to_string();
-        let mut child = Child::spawn(&["server", "ours", "30000", "1", &queue]);
+        // Ours: every session joins the room (presence off) when it opens;
+        // default queues.
+        let mut child = Child::spawn(&["server", "ours", "30000", "1", "256"]);
         let port = port_of(&mut child);
         let mut ours = rt.block_on(async {
             let fleet = OursFleet::connect(port, n, ClientOptions::default()).await;

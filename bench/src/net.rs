@@ -23,7 +23,8 @@ pub(crate) fn tokio_runtime() -> tokio::runtime::Runtime {
 }
 
 /// The baseline's tungstenite settings: exactly the driver's (4 KiB read
-/// buffer, no write buffering, the same size limits).
+/// buffer, the same write buffer and size limits). The baseline sends with
+/// `SinkExt::send`, which flushes every message, as hand-written loops do.
 pub(crate) fn baseline_config() -> WebSocketConfig {
     kitestring::websocket_config(MAX_MESSAGE)
 }

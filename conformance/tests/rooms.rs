@@ -125,6 +125,71 @@ fn join_publish_leave_with_presence() {
     }
 }
 
+/// A policy that turns presence off for rooms named `feed*`.
+struct QuietFeeds;
+
+impl kitestring_core::rooms::RoomPolicy for QuietFeeds {
+    fn presence(&self, room: &str) -> bool {
+        !room.starts_with("feed")
+    }
+}
+
+#[test]
+fn rooms_without_presence_send_no_member_lists_but_deliver_everything() {
+    let mut sim = Sim::new(server_config(), LinkConfig::default(), 9);
+    sim.server.set_policy(Box::new(QuietFeeds));
+    for i in 0..4 {
+        let c = sim.add_client(ClientConfig::default(), 90 + i);
+        sim.peers[c].identity = Some(format!("c{i}"));
+        sim.connect(c);
+    }
+    sim.run_for(Duration::from_secs(1));
+    for i in 0..4 {
+        sim.with_client(i, |cl, now| cl.join(now, "feed")).unwrap();
+        sim.with_client(i, |cl, now| cl.join(now, "room")).unwrap();
+        sim.run_for(Duration::from_millis(100));
+    }
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.server.room_size("feed"), 4);
+    assert_eq!(sim.server.members("feed").len(), 4, "membership is kept");
+    for c in 0..4 {
+        let rooms: Vec<String> = sim.peers[c]
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Presence { room, .. } => Some(room.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert!(!rooms.is_empty(), "the other room still has presence");
+        assert!(
+            rooms.iter().all(|r| r == "room"),
+            "no presence for the feed: {rooms:?}"
+        );
+    }
+    for k in 1..=3 {
+        sim.with_server(|s, now| {
+            s.broadcast(
+                now,
+                "feed",
+                Payload::json(format!("{k}").into_bytes()).unwrap(),
+                None,
+            )
+        })
+        .unwrap();
+    }
+    sim.with_client(3, |cl, now| cl.leave(now, "feed")).unwrap();
+    sim.run_for(Duration::from_secs(1));
+    for c in 0..4 {
+        assert_eq!(room_messages(&sim, c, "feed"), vec![1, 2, 3], "client {c}");
+        assert!(!sim.peers[c].events.iter().any(|(_, e)| matches!(
+            e,
+            Event::Presence { room, presence } if &**room == "feed" && !presence.left.is_empty()
+        )));
+    }
+    assert_eq!(sim.server.room_size("feed"), 3);
+}
+
 #[test]
 fn broadcasts_reach_every_member_exactly_once_through_cuts() {
     let mut sim = crowd(5, server_config(), ClientConfig::default(), 2);

@@ -76,6 +76,20 @@ pub trait RoomPolicy: Send + Sync {
         let _ = (who, room);
         Ok(())
     }
+
+    /// Whether the members of `room` see each other: the member list on
+    /// joining and a diff whenever someone joins or leaves. Default `true`.
+    /// Answer `false` for rooms used as broadcast channels with many
+    /// listeners: each join otherwise costs a message to every member (and a
+    /// list of every member to the joiner), so filling a room of N costs
+    /// about N²/2 presence messages. Membership, broadcasts and
+    /// `Server::members` work the same either way. Asked at every join and
+    /// leave, so the answer for a room should not change while it has
+    /// members.
+    fn presence(&self, room: &str) -> bool {
+        let _ = room;
+        true
+    }
 }
 
 /// The default policy: every member may join and publish anywhere.

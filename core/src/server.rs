@@ -1177,6 +1177,9 @@ impl Server {
 
     /// Tells every member of `room` but `except` about a membership change.
     fn presence_diff(&mut self, room: &RoomName, except: Option<SessionId>, diff: Presence) {
+        if !self.policy.presence(room) {
+            return;
+        }
         let Ok(json) = serde_json::to_vec(&diff) else {
             return;
         };
@@ -1263,6 +1266,9 @@ impl Server {
                     left: Vec::new(),
                 },
             );
+        }
+        if !self.policy.presence(&name) {
+            return Ok(());
         }
         // The joiner always gets the full list, so a rejoin after a lost
         // session starts from the truth.

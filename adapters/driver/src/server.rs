@@ -1,18 +1,34 @@
-//! The server: one task owns the core [`Server`] machine; every connection
-//! has its own task that reads and writes its socket. They talk through
-//! bounded channels only.
+//! The server: the core [`Server`] machine sits behind one short-held lock
+//! that every task and handle shares; each connection has a task that reads
+//! and writes its socket, and one server task accepts connections and fires
+//! the core's timers.
 //!
 //! ```text
-//!  accept ──► handshake task (TLS, HTTP upgrade, auth) ──► connection task
-//!                                                            │  ▲
-//!             inputs: bounded, shared (`inbound_buffer`)     ▼  │ frames: bounded per
-//!                                                     server task  connection (`outbound_queue`)
+//!  accept ──► handshake task (TLS, HTTP upgrade, auth) ──► connection task ─┐
+//!                                                                            │ lock: feed
+//!  ServerHandle calls ──────────────────────────────────► core Server ◄─────┘ frames in,
+//!                                                          │    │           queue frames
+//!                              frames, per connection ◄────┘    └──► events ──► ServerEvents
 //! ```
+//!
+//! A connection task that reads a frame runs it through the core itself,
+//! under the lock, and the frames and events that result are queued for
+//! their connection tasks and the application, which are woken once the
+//! lock is released. A handle call (`send`, `broadcast`, `join`, ...) runs
+//! the core the same way and returns at once with the core's answer: no
+//! message passes through an intermediate task, and nothing waits for a
+//! reply. Several frames read together go through the core under one lock,
+//! and a task woken for many queued frames writes them all in one turn.
+//! Room policies and token validators run under the lock: they must not
+//! call back into the server.
 //!
 //! # Backpressure policy
 //!
-//! * Inbound: connection tasks wait when the shared input channel is full,
-//!   so they stop reading their sockets and TCP pushes back on the peers.
+//! * Inbound: while the application leaves [`ServerOptions::event_buffer`]
+//!   events unconsumed, connection tasks stop reading their sockets, so
+//!   TCP pushes back on the peers. Keep consuming [`ServerEvents`]. Events
+//!   caused by timers and handle calls are queued regardless (a few per
+//!   session at most), so no handle call ever waits for the application.
 //! * Outbound: what a connection can owe its peer is bounded first by the
 //!   core: a session holds at most its send window of unacknowledged
 //!   messages (`ReliabilityConfig::window_messages` / `window_bytes`) plus its
@@ -21,13 +37,11 @@
 //!   accepted is dropped), a room broadcast evicts that member with 4009 so
 //!   the others are not held up, and a peer that also stops sending is closed
 //!   by the heartbeat (4008) with its session kept for a resume.
-//!   Each connection task also has a frame queue of
+//!   Each connection also has a frame queue of
 //!   [`ServerOptions::outbound_queue`] (at least the send window plus 64, so
 //!   a resume retransmitting a whole window fits), plus tungstenite's bounded
 //!   write buffer; should that queue still fill, the connection is closed
 //!   with 4009 and its session kept.
-//! * Events: the server task waits while the application leaves the event
-//!   stream ([`ServerOptions::event_buffer`]) full. Keep consuming it.
 //!
 //! # Handing over a socket upgraded elsewhere
 //!
@@ -39,12 +53,13 @@
 //! Some(kitestring::ws::websocket_config(max)))`, authenticate in your HTTP
 //! handler, and pass the identity along.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -54,23 +69,27 @@ use async_tungstenite::WebSocketStream;
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use futures_util::task::AtomicWaker;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::ServerConfig;
-use kitestring_core::reliable::{MessageId, SendError};
+use kitestring_core::reliable::MessageId;
 use kitestring_core::rooms::{Member, RoomPolicy};
 use kitestring_core::server::{
-    ConnectionId, RoomError, Server, ServerEvent, ServerMetrics, ServerOutput, SessionEnd,
-    SessionInfo,
+    ConnectionId, Server, ServerEvent, ServerMetrics, ServerOutput, SessionEnd, SessionInfo,
 };
 use kitestring_core::wire::{Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::error::{ServeError, ServerError};
-use crate::runtime::{AsyncListener, BoxIo, Budget, Clock, DriveTimer, ReadyFlag, Runtime};
+use crate::runtime::{AsyncListener, BoxIo, Clock, DriveTimer, ReadyFlag, Runtime};
 use crate::util;
 use crate::ws::{self, ServerTls};
+
+/// Hash maps keyed by ids the server made up (FxHash: fast, and nothing to
+/// flood since peers do not choose the keys).
+type FxHashMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// The per-connection outbound queue: the configured size, but always room
 /// for a resume's burst (a whole send window) plus control frames.
@@ -181,12 +200,8 @@ pub struct ServerOptions {
     /// messages than that, so this queue only guards against control frames
     /// piling up.)
     pub outbound_queue: usize,
-    /// Inputs (frames, closes) from all connections waiting for the server
-    /// task. Default 1024.
-    pub inbound_buffer: usize,
-    /// Commands from handles waiting for the server task. Default 256.
-    pub command_buffer: usize,
-    /// Events waiting for the application. Default 4096.
+    /// Events waiting for the application before connection tasks stop
+    /// reading their sockets. Default 4096.
     pub event_buffer: usize,
     /// Time allowed for the TLS handshake and HTTP upgrade. Default 10 s.
     pub handshake_timeout: Duration,
@@ -208,6 +223,10 @@ impl RoomPolicy for SharedPolicy {
     fn authorize_publish(&self, who: &Member, room: &str) -> Result<(), String> {
         self.0.authorize_publish(who, room)
     }
+
+    fn presence(&self, room: &str) -> bool {
+        self.0.presence(room)
+    }
 }
 
 impl Default for ServerOptions {
@@ -218,8 +237,6 @@ impl Default for ServerOptions {
             auth: None,
             reauth: None,
             outbound_queue: 256,
-            inbound_buffer: 1024,
-            command_buffer: 256,
             event_buffer: 4096,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
@@ -248,110 +265,360 @@ struct CloseOrder {
     flush: bool,
 }
 
-enum Input {
-    Open {
-        identity: Option<String>,
-        out: mpsc::Sender<Message>,
-        close: oneshot::Sender<CloseOrder>,
-        reply: oneshot::Sender<ConnectionId>,
-    },
-    Frame(ConnectionId, Message),
-    Closed(ConnectionId, Option<CloseCode>),
+/// What every task and handle shares: the locked state, and what never
+/// changes after start.
+struct Shared {
+    state: Mutex<State>,
+    /// The server task (listener, the core's deadline, shutdown).
+    task: AtomicWaker,
+    /// Set once shutdown began: the server task drops its listener.
+    stop_listening: AtomicBool,
+    runtime: Arc<dyn Runtime>,
+    clock: Clock,
+    options: Arc<ServerOptions>,
+    /// Frames a connection may have waiting before it counts as a slow
+    /// consumer ([`outbound_capacity`]).
+    outbound: usize,
+    /// Events waiting for the application before connection tasks pause
+    /// reading ([`ServerOptions::event_buffer`]).
+    event_room: usize,
 }
 
-enum Command {
-    Send {
-        session: SessionId,
-        payload: Payload,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
-    },
-    Datagram {
-        session: SessionId,
-        data: Bytes,
-        reply: oneshot::Sender<Result<(), SendError>>,
-    },
-    CloseSession {
-        session: SessionId,
-        reply: oneshot::Sender<Result<(), SendError>>,
-    },
-    Disconnect {
-        connection: ConnectionId,
-        code: CloseCode,
-    },
-    GoAway {
-        connection: ConnectionId,
-        code: CloseCode,
-        retry_after: Option<Duration>,
-    },
-    Shutdown {
-        reply: oneshot::Sender<()>,
-    },
-    RequestReauth {
-        connection: ConnectionId,
-        within: Duration,
-    },
-    AcceptToken {
-        connection: ConnectionId,
-    },
-    Respond {
-        session: SessionId,
-        request: MessageId,
-        payload: Payload,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
-    },
-    Join {
-        session: SessionId,
-        room: String,
-        reply: oneshot::Sender<Result<(), RoomError>>,
-    },
-    Leave {
-        session: SessionId,
-        room: String,
-        reply: oneshot::Sender<bool>,
-    },
-    Broadcast {
-        room: String,
-        payload: Payload,
-        exclude: Option<SessionId>,
-        reply: oneshot::Sender<Result<usize, SendError>>,
-    },
-    Query {
-        query: Query,
-    },
-    SetPolicy {
-        policy: Box<dyn RoomPolicy>,
-    },
+/// The state behind the lock: the core machine and what the driver keeps
+/// beside it.
+struct State {
+    server: Server,
+    /// Connection tasks that registered and have not reported their end.
+    conns: FxHashMap<ConnectionId, Slot>,
+    /// The codec negotiated by each session's latest connection (set when a
+    /// session opens or resumes, removed when it ends), to encode typed
+    /// values. Bounded by the sessions the core holds.
+    codecs: FxHashMap<SessionId, Codec>,
+    /// Events for the application.
+    events: VecDeque<ServerEvent>,
+    events_waker: Option<Waker>,
+    /// The event stream was dropped: events are discarded.
+    events_dropped: bool,
+    /// Connections that stopped reading because `events` was full.
+    paused: Vec<ConnectionId>,
+    /// The deadline the server task's timer was last armed for.
+    armed: Option<kitestring_core::Instant>,
+    shutdown: Option<Shutdown>,
+    /// The server task has ended.
+    stopped: bool,
 }
 
-/// Read-only questions to the server task, answered from the core's state.
-enum Query {
-    Members(String, oneshot::Sender<Vec<Member>>),
-    MemberSessions(String, oneshot::Sender<Vec<SessionId>>),
-    RoomSize(String, oneshot::Sender<usize>),
-    RoomsOf(SessionId, oneshot::Sender<Vec<Arc<str>>>),
-    Metrics(oneshot::Sender<ServerMetrics>),
-    Session(SessionId, oneshot::Sender<Option<SessionInfo>>),
+/// A shutdown in progress: who waits for it, and when to stop waiting for
+/// connections to close.
+struct Shutdown {
+    replies: Vec<oneshot::Sender<()>>,
+    give_up: std::time::Instant,
 }
 
-/// The codec negotiated by each session's latest connection, kept by the
-/// server task (set when a session opens or resumes, removed when it ends)
-/// and read by handles to encode typed values. Bounded by the number of
-/// sessions the core holds (`ServerConfig::max_sessions`).
-type SessionCodecs = Arc<RwLock<HashMap<SessionId, Codec>>>;
+/// Per connection, as the state sees it.
+#[derive(Default)]
+struct Slot {
+    /// Frames for the connection task to write. At most
+    /// [`Shared::outbound`]; one more makes the connection a slow consumer.
+    out: VecDeque<Message>,
+    /// A close order the task has not picked up yet.
+    close: Option<CloseOrder>,
+    /// A close order was given: nothing more is queued.
+    closing: bool,
+    /// In [`State::paused`].
+    paused: bool,
+    /// The connection task, while it waits.
+    waker: Option<Waker>,
+}
 
-/// A cloneable handle to a running server. Dropping every handle shuts the
-/// server down as [`ServerHandle::shutdown`] does.
+impl Slot {
+    fn order(&mut self, order: CloseOrder, wakes: &mut Wakes) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.close = Some(order);
+        wakes.take(&mut self.waker);
+    }
+}
+
+/// Wakers collected under the lock and woken after it is released, so a
+/// woken task does not find the lock still held.
+#[derive(Default)]
+struct Wakes {
+    tasks: Vec<Waker>,
+    server_task: bool,
+}
+
+impl Wakes {
+    fn take(&mut self, waker: &mut Option<Waker>) {
+        if let Some(w) = waker.take() {
+            self.tasks.push(w);
+        }
+    }
+
+    fn wake(self, shared: &Shared) {
+        for w in self.tasks {
+            w.wake();
+        }
+        if self.server_task {
+            shared.task.wake();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic under the lock leaves the core's state as it was between
+        // two calls; carry on with it rather than poison every handle.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the state, carries out the outputs it caused, and wakes
+    /// the tasks concerned once the lock is released. `current` is the
+    /// connection task calling, which needs no wake-up.
+    fn run<T>(
+        &self,
+        current: Option<ConnectionId>,
+        f: impl FnOnce(&mut State, kitestring_core::Instant) -> T,
+    ) -> T {
+        let mut wakes = Wakes::default();
+        let result = {
+            let mut st = self.lock();
+            let now = self.clock.now(&*self.runtime);
+            let result = f(&mut st, now);
+            st.drain(self, now, current, &mut wakes);
+            result
+        };
+        wakes.wake(self);
+        result
+    }
+
+    /// [`run`](Self::run) for a handle: fails once the server stopped.
+    fn call<T>(
+        &self,
+        f: impl FnOnce(&mut State, kitestring_core::Instant) -> T,
+    ) -> Result<T, ServerError> {
+        self.run(None, |st, now| {
+            if st.stopped {
+                Err(ServerError::Stopped)
+            } else {
+                Ok(f(st, now))
+            }
+        })
+    }
+}
+
+impl State {
+    /// Carries out every output of the core, in order: frames to their
+    /// connection's queue, close orders, events to the application's queue.
+    fn drain(
+        &mut self,
+        env: &Shared,
+        now: kitestring_core::Instant,
+        current: Option<ConnectionId>,
+        wakes: &mut Wakes,
+    ) {
+        while let Some(output) = self.server.poll_output() {
+            match output {
+                ServerOutput::Transmit(id, t) => {
+                    let Some(slot) = self.conns.get_mut(&id) else {
+                        continue; // the task ended; the core knows
+                    };
+                    if slot.closing {
+                        continue; // closing: nothing more goes out
+                    }
+                    if slot.out.len() >= env.outbound {
+                        warn!(
+                            connection = id.0,
+                            session = self.server.session_of(id).map(|s| s.to_hex()).as_deref(),
+                            "outbound queue full: closing a slow consumer with 4009"
+                        );
+                        slot.order(
+                            CloseOrder {
+                                code: CloseCode::SLOW_CONSUMER,
+                                reason: "slow consumer",
+                                flush: false,
+                            },
+                            wakes,
+                        );
+                        self.server
+                            .disconnect_connection(now, id, CloseCode::SLOW_CONSUMER);
+                        continue;
+                    }
+                    slot.out.push_back(ws::to_message(t));
+                    if current != Some(id) {
+                        wakes.take(&mut slot.waker);
+                    }
+                }
+                ServerOutput::Disconnect(id, code, reason) => {
+                    if code == CloseCode::SLOW_CONSUMER {
+                        warn!(connection = id.0, %code, reason, "closing a slow consumer");
+                    } else {
+                        debug!(connection = id.0, %code, reason, "closing connection");
+                    }
+                    if let Some(slot) = self.conns.get_mut(&id) {
+                        slot.order(
+                            CloseOrder {
+                                code,
+                                reason,
+                                flush: true,
+                            },
+                            wakes,
+                        );
+                    }
+                }
+                ServerOutput::Event(event) => {
+                    log_event(&event);
+                    self.track_codec(&event);
+                    if let ServerEvent::TokenReceived {
+                        connection,
+                        session,
+                        token,
+                    } = &event
+                    {
+                        self.check_token(env, now, *connection, *session, token);
+                    }
+                    if !self.events_dropped {
+                        self.events.push_back(event);
+                        wakes.take(&mut self.events_waker);
+                    }
+                }
+            }
+        }
+        if let Some(deadline) = self.server.poll_timeout() {
+            if self.armed.is_none_or(|armed| deadline.at < armed) {
+                self.armed = Some(deadline.at);
+                wakes.server_task = true;
+            }
+        }
+        if self.shutdown.is_some() && self.conns.is_empty() {
+            wakes.server_task = true;
+        }
+    }
+
+    /// Whether connection tasks may read: the application has room for
+    /// the events that reading causes.
+    fn events_have_room(&self, env: &Shared) -> bool {
+        self.events_dropped || self.events.len() < env.event_room
+    }
+
+    /// Lets paused connection tasks read again.
+    fn resume_readers(&mut self, wakes: &mut Wakes) {
+        for id in std::mem::take(&mut self.paused) {
+            if let Some(slot) = self.conns.get_mut(&id) {
+                slot.paused = false;
+                wakes.take(&mut slot.waker);
+            }
+        }
+    }
+
+    /// Stops accepting; the core sends every connection a `goaway` and a
+    /// 1001; the server task stops once they closed (or the close timeout
+    /// passed).
+    fn begin_shutdown(
+        &mut self,
+        env: &Shared,
+        now: kitestring_core::Instant,
+        reply: Option<oneshot::Sender<()>>,
+    ) {
+        if self.shutdown.is_none() {
+            env.stop_listening.store(true, Ordering::Release);
+            // The core flushes pending batches and acknowledgments, then
+            // sends every connection a goaway and a 1001. Sessions are
+            // detached, not ended: members are not told anyone left.
+            self.server.shutdown(now, None);
+            self.shutdown = Some(Shutdown {
+                replies: Vec::new(),
+                give_up: env.runtime.now() + env.options.close_timeout + Duration::from_millis(500),
+            });
+        }
+        if let (Some(shutdown), Some(reply)) = (&mut self.shutdown, reply) {
+            shutdown.replies.push(reply);
+        }
+    }
+
+    /// Keeps [`State::codecs`] in step with the sessions.
+    fn track_codec(&mut self, event: &ServerEvent) {
+        match event {
+            ServerEvent::SessionOpened { session, .. } => {
+                if let Some(codec) = self.server.session_codec(*session) {
+                    self.codecs.insert(*session, codec);
+                }
+            }
+            ServerEvent::SessionEnded { session, .. } => {
+                self.codecs.remove(session);
+            }
+            _ => {}
+        }
+    }
+
+    /// Validates a re-authentication token with the configured validator.
+    fn check_token(
+        &mut self,
+        env: &Shared,
+        now: kitestring_core::Instant,
+        connection: ConnectionId,
+        session: SessionId,
+        token: &str,
+    ) {
+        let verdict = if let Some(validate) = &env.options.reauth {
+            validate(token)
+        } else if let Some(auth) = &env.options.auth {
+            let mut headers = HeaderMap::new();
+            match async_tungstenite::tungstenite::http::HeaderValue::from_str(&format!(
+                "Bearer {token}"
+            )) {
+                Ok(v) => {
+                    headers.insert("authorization", v);
+                    auth(&AuthRequest {
+                        path: "",
+                        query: None,
+                        headers: &headers,
+                    })
+                }
+                Err(_) => Err(AuthReject::Unauthorized),
+            }
+        } else {
+            return; // the application decides
+        };
+        let bound = self.server.session(session).and_then(|s| s.identity);
+        match verdict {
+            Ok(identity) if identity.is_none() || identity == bound => {
+                trace!(connection = connection.0, "fresh token accepted");
+                self.server.accept_token(now, connection);
+            }
+            Ok(_) => {
+                debug!(
+                    connection = connection.0,
+                    "fresh token names another identity"
+                );
+                self.server
+                    .disconnect_connection(now, connection, CloseCode::FORBIDDEN);
+            }
+            Err(reject) => {
+                debug!(connection = connection.0, ?reject, "fresh token refused");
+                let code = match reject {
+                    AuthReject::Forbidden => CloseCode::FORBIDDEN,
+                    AuthReject::Unauthorized => CloseCode::UNAUTHORIZED,
+                };
+                self.server.disconnect_connection(now, connection, code);
+            }
+        }
+    }
+}
+
+/// A cloneable handle to a running server. Every call runs the core machine
+/// directly, under a short lock, and returns without waiting for any task.
+/// Dropping every handle shuts the server down as
+/// [`ServerHandle::shutdown`] does.
 #[derive(Clone)]
 pub struct ServerHandle {
-    commands: mpsc::Sender<Command>,
-    inputs: mpsc::Sender<Input>,
-    runtime: Arc<dyn Runtime>,
+    shared: Arc<Shared>,
+    /// Held by every handle: the server task sees when the last one goes.
+    _alive: mpsc::Sender<()>,
     local_addr: Option<SocketAddr>,
     codec: Codec,
-    codecs: SessionCodecs,
-    outbound_queue: usize,
-    close_timeout: Duration,
-    options: Arc<ServerOptions>,
 }
 
 impl fmt::Debug for ServerHandle {
@@ -363,8 +630,14 @@ impl fmt::Debug for ServerHandle {
 }
 
 /// The stream of [`ServerEvent`]s. Ends when the server stops.
+///
+/// Bounded by [`ServerOptions::event_buffer`]: while that many events wait,
+/// connection tasks stop reading their sockets (TCP pushes back on the
+/// peers). Events caused by timers and by handle calls are still queued, so
+/// the queue can exceed the bound by what those produce (a few per session
+/// at most). Dropping the stream discards events from then on.
 pub struct ServerEvents {
-    rx: mpsc::Receiver<ServerEvent>,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for ServerEvents {
@@ -375,8 +648,43 @@ impl fmt::Debug for ServerEvents {
 
 impl Stream for ServerEvents {
     type Item = ServerEvent;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ServerEvent>> {
-        self.rx.poll_next_unpin(cx)
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ServerEvent>> {
+        let mut wakes = Wakes::default();
+        let polled = {
+            let mut st = self.shared.lock();
+            match st.events.pop_front() {
+                Some(event) => {
+                    if !st.paused.is_empty() && st.events_have_room(&self.shared) {
+                        st.resume_readers(&mut wakes);
+                    }
+                    Poll::Ready(Some(event))
+                }
+                None if st.stopped => Poll::Ready(None),
+                None => {
+                    match &st.events_waker {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => st.events_waker = Some(cx.waker().clone()),
+                    }
+                    Poll::Pending
+                }
+            }
+        };
+        wakes.wake(&self.shared);
+        polled
+    }
+}
+
+impl Drop for ServerEvents {
+    fn drop(&mut self) {
+        let mut wakes = Wakes::default();
+        {
+            let mut st = self.shared.lock();
+            st.events_dropped = true;
+            st.events.clear();
+            st.events_waker = None;
+            st.resume_readers(&mut wakes);
+        }
+        wakes.wake(&self.shared);
     }
 }
 
@@ -415,44 +723,52 @@ fn start_inner(
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
-    let (cmd_tx, cmd_rx) = mpsc::channel(options.command_buffer.max(1));
-    let (in_tx, in_rx) = mpsc::channel(options.inbound_buffer.max(1));
-    let (ev_tx, ev_rx) = mpsc::channel(options.event_buffer.max(1));
-    let handle = ServerHandle {
-        commands: cmd_tx,
-        inputs: in_tx,
-        runtime: runtime.clone(),
-        local_addr,
-        codec: options
-            .config
-            .codecs
-            .first()
-            .copied()
-            .unwrap_or(Codec::Json),
-        codecs: SessionCodecs::default(),
-        outbound_queue: outbound_capacity(&options),
-        close_timeout: options.close_timeout,
-        options: Arc::new(options.clone()),
-    };
-    let task = ServerTask {
+    let codec = options
+        .config
+        .codecs
+        .first()
+        .copied()
+        .unwrap_or(Codec::Json);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            server,
+            conns: FxHashMap::default(),
+            codecs: FxHashMap::default(),
+            events: VecDeque::new(),
+            events_waker: None,
+            events_dropped: false,
+            paused: Vec::new(),
+            armed: None,
+            shutdown: None,
+            stopped: false,
+        }),
+        task: AtomicWaker::new(),
+        stop_listening: AtomicBool::new(false),
         clock: Clock::new(&*runtime),
-        timer: DriveTimer::new(&*runtime),
         runtime: runtime.clone(),
-        server,
+        outbound: outbound_capacity(&options),
+        event_room: options.event_buffer.max(1),
+        options: Arc::new(options),
+    });
+    let (alive_tx, alive_rx) = mpsc::channel(1);
+    let task = ServerTask {
+        timer: DriveTimer::new(&*runtime),
+        shared: shared.clone(),
         listener,
-        options: handle.options.clone(),
-        inputs_tx: handle.inputs.clone(),
-        inputs: in_rx,
-        commands: cmd_rx,
-        commands_done: false,
-        events: ev_tx,
-        conns: HashMap::new(),
-        codecs: handle.codecs.clone(),
-        shutdown: None,
+        alive: alive_rx,
+        handles_gone: false,
     };
     let span = tracing::info_span!("kitestring_server", addr = ?local_addr);
     runtime.spawn(Box::pin(task.run().instrument(span)));
-    Ok((handle, ServerEvents { rx: ev_rx }))
+    Ok((
+        ServerHandle {
+            shared: shared.clone(),
+            _alive: alive_tx,
+            local_addr,
+            codec,
+        },
+        ServerEvents { shared },
+    ))
 }
 
 impl ServerHandle {
@@ -461,27 +777,15 @@ impl ServerHandle {
         self.local_addr
     }
 
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, ServerError> {
-        let (tx, rx) = oneshot::channel();
-        let mut commands = self.commands.clone();
-        commands
-            .send(make(tx))
-            .await
-            .map_err(|_| ServerError::Stopped)?;
-        rx.await.map_err(|_| ServerError::Stopped)
-    }
-
     /// The codec typed values for `session` are encoded with: the one its
     /// latest connection negotiated (kept while it is detached), or the
     /// server's preferred codec for a session not seen yet.
     pub fn codec_for(&self, session: SessionId) -> Codec {
-        self.codecs
-            .read()
-            .ok()
-            .and_then(|m| m.get(&session).copied())
+        self.shared
+            .lock()
+            .codecs
+            .get(&session)
+            .copied()
             .unwrap_or(self.codec)
     }
 
@@ -505,19 +809,16 @@ impl ServerHandle {
         self.send_payload(session, Payload::binary(data)).await
     }
 
-    /// Sends a payload to a session.
+    /// Sends a payload to a session. Returns as soon as the core accepted
+    /// (or refused) it; the connection's task writes it.
     pub async fn send_payload(
         &self,
         session: SessionId,
         payload: Payload,
     ) -> Result<MessageId, ServerError> {
         Ok(self
-            .call(|reply| Command::Send {
-                session,
-                payload,
-                reply,
-            })
-            .await??)
+            .shared
+            .call(|st, now| st.server.send(now, session, payload))??)
     }
 
     /// Sends an unsequenced datagram to a session's client, if connected.
@@ -528,19 +829,15 @@ impl ServerHandle {
     ) -> Result<(), ServerError> {
         let data = data.into();
         Ok(self
-            .call(|reply| Command::Datagram {
-                session,
-                data,
-                reply,
-            })
-            .await??)
+            .shared
+            .call(|st, now| st.server.send_datagram(now, session, data))??)
     }
 
     /// Ends a session now (its client gets 1000 and stops).
     pub async fn close_session(&self, session: SessionId) -> Result<(), ServerError> {
         Ok(self
-            .call(|reply| Command::CloseSession { session, reply })
-            .await??)
+            .shared
+            .call(|st, now| st.server.close_session(now, session))??)
     }
 
     /// Closes a connection with `code`; its session waits out its grace period.
@@ -549,11 +846,9 @@ impl ServerHandle {
         connection: ConnectionId,
         code: CloseCode,
     ) -> Result<(), ServerError> {
-        let mut commands = self.commands.clone();
-        commands
-            .send(Command::Disconnect { connection, code })
-            .await
-            .map_err(|_| ServerError::Stopped)
+        self.shared.call(|st, now| {
+            st.server.disconnect_connection(now, connection, code);
+        })
     }
 
     /// Asks a connection's client to reconnect elsewhere or later.
@@ -563,15 +858,9 @@ impl ServerHandle {
         code: CloseCode,
         retry_after: Option<Duration>,
     ) -> Result<(), ServerError> {
-        let mut commands = self.commands.clone();
-        commands
-            .send(Command::GoAway {
-                connection,
-                code,
-                retry_after,
-            })
-            .await
-            .map_err(|_| ServerError::Stopped)
+        self.shared.call(|st, now| {
+            st.server.go_away(now, connection, code, retry_after);
+        })
     }
 
     /// Asks a connection's client for a fresh token within `within`; the
@@ -582,14 +871,16 @@ impl ServerHandle {
         connection: ConnectionId,
         within: Duration,
     ) -> Result<(), ServerError> {
-        self.command(Command::RequestReauth { connection, within })
-            .await
+        self.shared.call(|st, now| {
+            st.server.request_reauth(now, connection, within);
+        })
     }
 
     /// Accepts the token of a [`ServerEvent::TokenReceived`] (only needed
     /// when no validator is configured).
     pub async fn accept_token(&self, connection: ConnectionId) -> Result<(), ServerError> {
-        self.command(Command::AcceptToken { connection }).await
+        self.shared
+            .call(|st, now| st.server.accept_token(now, connection))
     }
 
     /// Answers a request a session's client sent (a [`Received`] with
@@ -616,13 +907,8 @@ impl ServerHandle {
         payload: Payload,
     ) -> Result<MessageId, ServerError> {
         Ok(self
-            .call(|reply| Command::Respond {
-                session,
-                request,
-                payload,
-                reply,
-            })
-            .await??)
+            .shared
+            .call(|st, now| st.server.respond(now, session, request, payload))??)
     }
 
     /// Puts a session in a room (the application decided: the room policy
@@ -630,26 +916,16 @@ impl ServerHandle {
     /// session gets the member list; [`ServerEvent::Joined`] follows.
     /// Joining a room the session is already in only resends the list.
     pub async fn join(&self, session: SessionId, room: &str) -> Result<(), ServerError> {
-        let room = room.to_owned();
         Ok(self
-            .call(|reply| Command::Join {
-                session,
-                room,
-                reply,
-            })
-            .await??)
+            .shared
+            .call(|st, now| st.server.join(now, session, room))??)
     }
 
     /// Takes a session out of a room; `false` if it was not in it. The
     /// remaining members get a presence diff.
     pub async fn leave(&self, session: SessionId, room: &str) -> Result<bool, ServerError> {
-        let room = room.to_owned();
-        self.call(|reply| Command::Leave {
-            session,
-            room,
-            reply,
-        })
-        .await
+        self.shared
+            .call(|st, now| st.server.leave(now, session, room))
     }
 
     /// Sends a typed value to every member of `room`. The value is
@@ -677,89 +953,69 @@ impl ServerHandle {
         payload: Payload,
         exclude: Option<SessionId>,
     ) -> Result<usize, ServerError> {
-        let room = room.to_owned();
         Ok(self
-            .call(|reply| Command::Broadcast {
-                room,
-                payload,
-                exclude,
-                reply,
-            })
-            .await??)
-    }
-
-    async fn query<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Query,
-    ) -> Result<T, ServerError> {
-        self.call(|reply| Command::Query { query: make(reply) })
-            .await
+            .shared
+            .call(|st, now| st.server.broadcast(now, room, payload, exclude))??)
     }
 
     /// Who is in `room`, as members see each other (client id and identity,
     /// sorted; never session ids).
     pub async fn members(&self, room: &str) -> Result<Vec<Member>, ServerError> {
-        let room = room.to_owned();
-        self.query(|reply| Query::Members(room, reply)).await
+        self.shared.call(|st, _| st.server.members(room))
     }
 
     /// The sessions in `room` (for the application's own bookkeeping; do
     /// not show session ids to other clients, they are resume secrets).
     pub async fn member_sessions(&self, room: &str) -> Result<Vec<SessionId>, ServerError> {
-        let room = room.to_owned();
-        self.query(|reply| Query::MemberSessions(room, reply)).await
+        self.shared.call(|st, _| st.server.member_sessions(room))
     }
 
     /// How many members `room` has (0 for a room that does not exist).
     pub async fn room_size(&self, room: &str) -> Result<usize, ServerError> {
-        let room = room.to_owned();
-        self.query(|reply| Query::RoomSize(room, reply)).await
+        self.shared.call(|st, _| st.server.room_size(room))
     }
 
     /// The rooms a session is in (empty for an unknown session).
     pub async fn rooms_of(&self, session: SessionId) -> Result<Vec<Arc<str>>, ServerError> {
-        self.query(|reply| Query::RoomsOf(session, reply)).await
+        self.shared.call(|st, _| st.server.rooms_of(session))
     }
 
     /// A session's state (its connection, identity, buffers), if it exists.
     pub async fn session(&self, session: SessionId) -> Result<Option<SessionInfo>, ServerError> {
-        self.query(|reply| Query::Session(session, reply)).await
+        self.shared.call(|st, _| st.server.session(session))
     }
 
-    /// A snapshot of the server's gauges and counters, taken by the server
-    /// task between two inputs (so it is consistent). Round-trip times are
-    /// measured by clients (their pings), not by the server: see
+    /// A snapshot of the server's gauges and counters, taken between two
+    /// inputs (so it is consistent). Round-trip times are measured by
+    /// clients (their pings), not by the server: see
     /// [`ClientHandle::stats`](crate::ClientHandle::stats) and
     /// [`Event::Rtt`](kitestring_core::client::Event::Rtt).
     pub async fn metrics(&self) -> Result<ServerMetrics, ServerError> {
-        self.query(Query::Metrics).await
+        self.shared.call(|st, _| st.server.metrics())
     }
 
     /// Replaces the policy that authorizes clients' joins and publishes
     /// (default: everyone may do anything; see also
     /// [`ServerOptions::policy`]). The application's own
     /// [`join`](Self::join) and [`broadcast`](Self::broadcast) are never
-    /// checked.
+    /// checked. The policy runs under the server's lock: it must not call
+    /// back into this server.
     pub async fn set_policy(&self, policy: Box<dyn RoomPolicy>) -> Result<(), ServerError> {
-        self.command(Command::SetPolicy { policy }).await
-    }
-
-    async fn command(&self, command: Command) -> Result<(), ServerError> {
-        let mut commands = self.commands.clone();
-        commands
-            .send(command)
-            .await
-            .map_err(|_| ServerError::Stopped)
+        self.shared.call(|st, _| st.server.set_policy(policy))
     }
 
     /// Stops accepting, sends every connection a `goaway` and closes it with
     /// 1001, waits (bounded by the close timeout) for the sockets to close,
     /// and stops the server task. Sessions are detached, not ended (rooms
-    /// see no one leave), but they live in this task's memory and end with
-    /// it: a restarted server does not know them, so clients resume into new
-    /// sessions and rejoin their rooms by themselves.
+    /// see no one leave), but they live in this process's memory and end
+    /// with it: a restarted server does not know them, so clients resume
+    /// into new sessions and rejoin their rooms by themselves.
     pub async fn shutdown(&self) -> Result<(), ServerError> {
-        self.call(|reply| Command::Shutdown { reply }).await
+        let (tx, rx) = oneshot::channel();
+        let shared = &self.shared;
+        shared.call(|st, now| st.begin_shutdown(shared, now, Some(tx)))?;
+        shared.task.wake();
+        rx.await.map_err(|_| ServerError::Stopped)
     }
 
     /// Serves a WebSocket that another HTTP server already upgraded (and
@@ -768,12 +1024,9 @@ impl ServerHandle {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let inputs = self.inputs.clone();
-        let queue = self.outbound_queue;
-        let runtime = self.runtime.clone();
-        let close_timeout = self.close_timeout;
-        self.runtime.spawn(Box::pin(async move {
-            connection(runtime, ws, identity, inputs, queue, close_timeout).await;
+        let shared = self.shared.clone();
+        self.shared.runtime.spawn(Box::pin(async move {
+            connection(shared, ws, identity).await;
         }));
     }
 
@@ -781,405 +1034,123 @@ impl ServerHandle {
     /// TLS handshake if configured, the HTTP upgrade with authentication,
     /// then the session.
     pub fn accept_io(&self, io: BoxIo) {
-        let inputs = self.inputs.clone();
-        let runtime = self.runtime.clone();
-        let options = self.options.clone();
-        self.runtime
-            .spawn(Box::pin(handshake(runtime, io, options, inputs)));
+        let shared = self.shared.clone();
+        self.shared.runtime.spawn(Box::pin(handshake(shared, io)));
     }
 }
 
-/// Per connection, as the server task sees it.
-struct Slot {
-    out: mpsc::Sender<Message>,
-    close: Option<oneshot::Sender<CloseOrder>>,
-}
-
+/// The server task: accepts connections, fires the core's timers, and
+/// carries out shutdown. Everything else happens in the connection tasks
+/// and the handles' calls.
 struct ServerTask {
-    runtime: Arc<dyn Runtime>,
-    clock: Clock,
+    shared: Arc<Shared>,
     timer: DriveTimer,
-    server: Server,
     listener: Option<Box<dyn AsyncListener>>,
-    options: Arc<ServerOptions>,
-    /// For handshake tasks spawned on accept. Not a [`ServerHandle`]: the
-    /// task must not keep its own command channel open.
-    inputs_tx: mpsc::Sender<Input>,
-    inputs: mpsc::Receiver<Input>,
-    commands: mpsc::Receiver<Command>,
-    commands_done: bool,
-    events: mpsc::Sender<ServerEvent>,
-    /// Connection tasks that registered and have not reported their end.
-    conns: HashMap<ConnectionId, Slot>,
-    codecs: SessionCodecs,
-    /// Set by `shutdown`: the replies to send, and when to give up waiting.
-    shutdown: Option<(Vec<oneshot::Sender<()>>, std::time::Instant)>,
-}
-
-enum Wake {
-    Input(Input),
-    Command(Option<Command>),
-    Accepted(std::io::Result<(BoxIo, SocketAddr)>),
-    Timeout,
+    /// Ends (`Ready(None)`) when the last handle is dropped.
+    alive: mpsc::Receiver<()>,
+    handles_gone: bool,
 }
 
 impl ServerTask {
+    /// Connections accepted per wake-up before yielding to the executor.
+    const ACCEPT_BUDGET: usize = 64;
+
     async fn run(mut self) {
-        let mut budget = Budget::default();
-        loop {
-            self.drain().await;
-            if let Some((_, give_up)) = &self.shutdown {
-                if self.conns.is_empty() || self.runtime.now() >= *give_up {
-                    break;
-                }
+        std::future::poll_fn(|cx| self.poll(cx)).await;
+        let mut wakes = Wakes::default();
+        let replies = {
+            let mut st = self.shared.lock();
+            st.stopped = true;
+            wakes.take(&mut st.events_waker);
+            // Connections still open after the close timeout are told again.
+            for slot in st.conns.values_mut() {
+                slot.order(
+                    CloseOrder {
+                        code: CloseCode::GOING_AWAY,
+                        reason: "shutting down",
+                        flush: false,
+                    },
+                    &mut wakes,
+                );
             }
-            if self.commands_done && self.listener.is_none() && self.conns.is_empty() {
-                break;
-            }
-            let wake = budget.run(|cx| self.poll_wake(cx)).await;
-            self.handle_wake(wake);
-        }
-        if let Some((replies, _)) = self.shutdown.take() {
-            for r in replies {
-                let _ = r.send(());
-            }
+            st.shutdown.take().map(|s| s.replies).unwrap_or_default()
+        };
+        wakes.wake(&self.shared);
+        for r in replies {
+            let _ = r.send(());
         }
         debug!("server task stopped");
     }
 
-    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
-        if let Poll::Ready(Some(input)) = self.inputs.poll_next_unpin(cx) {
-            return Poll::Ready(Wake::Input(input));
-        }
-        if !self.commands_done {
-            if let Poll::Ready(c) = self.commands.poll_next_unpin(cx) {
-                return Poll::Ready(Wake::Command(c));
-            }
-        }
-        if let Some(listener) = &self.listener {
-            if let Poll::Ready(r) = listener.poll_accept(cx) {
-                return Poll::Ready(Wake::Accepted(r));
-            }
-        }
-        let mut deadline = self.server.poll_timeout().map(|d| self.clock.std(d.at));
-        if let Some((_, give_up)) = &self.shutdown {
-            deadline = Some(deadline.map_or(*give_up, |d| d.min(*give_up)));
-        }
-        if self.timer.poll(&*self.runtime, deadline, cx).is_ready() {
-            return Poll::Ready(Wake::Timeout);
-        }
-        Poll::Pending
-    }
-
-    fn handle_wake(&mut self, wake: Wake) {
-        let now = self.clock.now(&*self.runtime);
-        match wake {
-            Wake::Timeout => self.server.handle_timeout(now),
-            Wake::Accepted(Ok((io, addr))) => {
-                trace!(%addr, "accepted");
-                let inputs = self.inputs_tx.clone();
-                self.runtime.spawn(Box::pin(handshake(
-                    self.runtime.clone(),
-                    io,
-                    self.options.clone(),
-                    inputs,
-                )));
-            }
-            Wake::Accepted(Err(e)) => {
-                // Out of file descriptors and the like: keep serving the
-                // connections we have.
-                warn!(error = %e, "accept failed");
-            }
-            Wake::Input(Input::Open {
-                identity,
-                out,
-                close,
-                reply,
-            }) => {
-                if self.shutdown.is_some() {
-                    let _ = close.send(CloseOrder {
-                        code: CloseCode::GOING_AWAY,
-                        reason: "shutting down",
-                        flush: false,
-                    });
-                    return;
-                }
-                let fresh = match util::random16() {
-                    Ok(b) => SessionId(b),
-                    Err(e) => {
-                        warn!(error = %e, "no randomness for a session id; refusing the connection");
-                        let _ = close.send(CloseOrder {
-                            code: CloseCode::INTERNAL_ERROR,
-                            reason: "no randomness",
-                            flush: false,
-                        });
-                        return;
-                    }
-                };
-                let id = self.server.handle_connection(now, identity, fresh);
-                self.conns.insert(
-                    id,
-                    Slot {
-                        out,
-                        close: Some(close),
-                    },
-                );
-                let _ = reply.send(id);
-            }
-            Wake::Input(Input::Frame(id, msg)) => match &msg {
-                Message::Text(t) => self
-                    .server
-                    .handle_message(now, id, Incoming::Text(t.as_str())),
-                Message::Binary(b) => self.server.handle_message(now, id, Incoming::Binary(b)),
-                _ => {}
-            },
-            Wake::Input(Input::Closed(id, code)) => {
-                self.conns.remove(&id);
-                self.server.handle_connection_closed(now, id, code);
-            }
-            Wake::Command(None) => {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let shared = self.shared.clone();
+        shared.task.register(cx.waker());
+        if !self.handles_gone {
+            if let Poll::Ready(None) = self.alive.poll_next_unpin(cx) {
                 // Every handle is gone: nobody can send or shut down any
                 // more, so shut down now.
-                self.commands_done = true;
-                let (reply, _) = oneshot::channel();
-                self.command(now, Command::Shutdown { reply });
+                self.handles_gone = true;
+                shared.run(None, |st, now| st.begin_shutdown(&shared, now, None));
             }
-            Wake::Command(Some(cmd)) => self.command(now, cmd),
         }
-    }
-
-    fn command(&mut self, now: kitestring_core::Instant, cmd: Command) {
-        match cmd {
-            Command::Send {
-                session,
-                payload,
-                reply,
-            } => {
-                let _ = reply.send(self.server.send(now, session, payload));
-            }
-            Command::Datagram {
-                session,
-                data,
-                reply,
-            } => {
-                let _ = reply.send(self.server.send_datagram(now, session, data));
-            }
-            Command::CloseSession { session, reply } => {
-                let _ = reply.send(self.server.close_session(now, session));
-            }
-            Command::Disconnect { connection, code } => {
-                self.server.disconnect_connection(now, connection, code);
-            }
-            Command::GoAway {
-                connection,
-                code,
-                retry_after,
-            } => self.server.go_away(now, connection, code, retry_after),
-            Command::RequestReauth { connection, within } => {
-                self.server.request_reauth(now, connection, within);
-            }
-            Command::AcceptToken { connection } => self.server.accept_token(now, connection),
-            Command::Respond {
-                session,
-                request,
-                payload,
-                reply,
-            } => {
-                let _ = reply.send(self.server.respond(now, session, request, payload));
-            }
-            Command::Join {
-                session,
-                room,
-                reply,
-            } => {
-                let _ = reply.send(self.server.join(now, session, &room));
-            }
-            Command::Leave {
-                session,
-                room,
-                reply,
-            } => {
-                let _ = reply.send(self.server.leave(now, session, &room));
-            }
-            Command::Broadcast {
-                room,
-                payload,
-                exclude,
-                reply,
-            } => {
-                let _ = reply.send(self.server.broadcast(now, &room, payload, exclude));
-            }
-            Command::Query { query } => self.query(query),
-            Command::SetPolicy { policy } => self.server.set_policy(policy),
-            Command::Shutdown { reply } => {
-                self.listener = None;
-                // The core flushes pending batches and acknowledgments, then
-                // sends every connection a goaway and a 1001. Sessions are
-                // detached, not ended: members are not told anyone left.
-                self.server.shutdown(now, None);
-                let give_up =
-                    self.runtime.now() + self.options.close_timeout + Duration::from_millis(500);
-                match &mut self.shutdown {
-                    Some((replies, _)) => replies.push(reply),
-                    None => self.shutdown = Some((vec![reply], give_up)),
+        if shared.stop_listening.load(Ordering::Acquire) {
+            self.listener = None;
+        }
+        if let Some(listener) = &self.listener {
+            for accepted in 0.. {
+                if accepted == Self::ACCEPT_BUDGET {
+                    cx.waker().wake_by_ref();
+                    break;
+                }
+                match listener.poll_accept(cx) {
+                    Poll::Ready(Ok((io, addr))) => {
+                        trace!(%addr, "accepted");
+                        shared
+                            .runtime
+                            .spawn(Box::pin(handshake(shared.clone(), io)));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        // Out of file descriptors and the like: keep serving
+                        // the connections we have, and try again later.
+                        warn!(error = %e, "accept failed");
+                        cx.waker().wake_by_ref();
+                        break;
+                    }
+                    Poll::Pending => break,
                 }
             }
         }
-    }
-
-    async fn drain(&mut self) {
-        while let Some(output) = self.server.poll_output() {
-            match output {
-                ServerOutput::Transmit(id, t) => {
-                    let Some(slot) = self.conns.get_mut(&id) else {
-                        continue;
-                    };
-                    if slot.close.is_none() {
-                        continue; // closing: nothing more goes out
-                    }
-                    match slot.out.try_send(ws::to_message(t)) {
-                        Ok(()) => {}
-                        Err(e) if e.is_full() => {
-                            warn!(
-                                connection = id.0,
-                                session = self.server.session_of(id).map(|s| s.to_hex()).as_deref(),
-                                "outbound queue full: closing a slow consumer with 4009"
-                            );
-                            if let Some(close) = slot.close.take() {
-                                let _ = close.send(CloseOrder {
-                                    code: CloseCode::SLOW_CONSUMER,
-                                    reason: "slow consumer",
-                                    flush: false,
-                                });
-                            }
-                            let now = self.clock.now(&*self.runtime);
-                            self.server
-                                .disconnect_connection(now, id, CloseCode::SLOW_CONSUMER);
-                        }
-                        Err(_) => {} // the task ended; its Closed input is on the way
-                    }
+        loop {
+            let now_std = shared.runtime.now();
+            let now = shared.clock.core(now_std);
+            let mut wakes = Wakes::default();
+            let (deadline, stop) = {
+                let mut st = shared.lock();
+                let deadline = st.server.poll_timeout().map(|d| d.at);
+                if deadline.is_some_and(|at| now >= at) {
+                    st.server.handle_timeout(now);
+                    st.armed = None;
+                    st.drain(&shared, now, None, &mut wakes);
+                    drop(st);
+                    wakes.wake(&shared);
+                    continue;
                 }
-                ServerOutput::Disconnect(id, code, reason) => {
-                    if code == CloseCode::SLOW_CONSUMER {
-                        warn!(connection = id.0, %code, reason, "closing a slow consumer");
-                    } else {
-                        debug!(connection = id.0, %code, reason, "closing connection");
-                    }
-                    if let Some(slot) = self.conns.get_mut(&id) {
-                        if let Some(close) = slot.close.take() {
-                            let _ = close.send(CloseOrder {
-                                code,
-                                reason,
-                                flush: true,
-                            });
-                        }
-                    }
+                st.armed = deadline;
+                let mut deadline = deadline.map(|at| shared.clock.std(at));
+                let mut stop = false;
+                if let Some(shutdown) = &st.shutdown {
+                    stop = st.conns.is_empty() || now_std >= shutdown.give_up;
+                    deadline = Some(deadline.map_or(shutdown.give_up, |d| d.min(shutdown.give_up)));
                 }
-                ServerOutput::Event(event) => {
-                    log_event(&event);
-                    self.track_codec(&event);
-                    if let ServerEvent::TokenReceived {
-                        connection,
-                        session,
-                        token,
-                    } = &event
-                    {
-                        self.check_token(*connection, *session, token);
-                    }
-                    let _ = self.events.send(event).await;
-                }
+                (deadline, stop)
+            };
+            if stop {
+                return Poll::Ready(());
             }
-        }
-    }
-}
-
-impl ServerTask {
-    /// Keeps [`SessionCodecs`] in step with the sessions.
-    fn track_codec(&self, event: &ServerEvent) {
-        let Ok(mut codecs) = self.codecs.write() else {
-            return;
-        };
-        match event {
-            ServerEvent::SessionOpened { session, .. } => {
-                if let Some(codec) = self.server.session_codec(*session) {
-                    codecs.insert(*session, codec);
-                }
+            if self.timer.poll(&*shared.runtime, deadline, cx).is_ready() {
+                continue;
             }
-            ServerEvent::SessionEnded { session, .. } => {
-                codecs.remove(session);
-            }
-            _ => {}
-        }
-    }
-
-    fn query(&self, query: Query) {
-        match query {
-            Query::Members(room, reply) => {
-                let _ = reply.send(self.server.members(&room));
-            }
-            Query::MemberSessions(room, reply) => {
-                let _ = reply.send(self.server.member_sessions(&room));
-            }
-            Query::RoomSize(room, reply) => {
-                let _ = reply.send(self.server.room_size(&room));
-            }
-            Query::RoomsOf(session, reply) => {
-                let _ = reply.send(self.server.rooms_of(session));
-            }
-            Query::Metrics(reply) => {
-                let _ = reply.send(self.server.metrics());
-            }
-            Query::Session(session, reply) => {
-                let _ = reply.send(self.server.session(session));
-            }
-        }
-    }
-
-    /// Validates a re-authentication token with the configured validator.
-    fn check_token(&mut self, connection: ConnectionId, session: SessionId, token: &str) {
-        let verdict = if let Some(validate) = &self.options.reauth {
-            validate(token)
-        } else if let Some(auth) = &self.options.auth {
-            let mut headers = HeaderMap::new();
-            match async_tungstenite::tungstenite::http::HeaderValue::from_str(&format!(
-                "Bearer {token}"
-            )) {
-                Ok(v) => {
-                    headers.insert("authorization", v);
-                    auth(&AuthRequest {
-                        path: "",
-                        query: None,
-                        headers: &headers,
-                    })
-                }
-                Err(_) => Err(AuthReject::Unauthorized),
-            }
-        } else {
-            return; // the application decides
-        };
-        let now = self.clock.now(&*self.runtime);
-        let bound = self.server.session(session).and_then(|s| s.identity);
-        match verdict {
-            Ok(identity) if identity.is_none() || identity == bound => {
-                trace!(connection = connection.0, "fresh token accepted");
-                self.server.accept_token(now, connection);
-            }
-            Ok(_) => {
-                debug!(
-                    connection = connection.0,
-                    "fresh token names another identity"
-                );
-                self.server
-                    .disconnect_connection(now, connection, CloseCode::FORBIDDEN);
-            }
-            Err(reject) => {
-                debug!(connection = connection.0, ?reject, "fresh token refused");
-                let code = match reject {
-                    AuthReject::Forbidden => CloseCode::FORBIDDEN,
-                    AuthReject::Unauthorized => CloseCode::UNAUTHORIZED,
-                };
-                self.server.disconnect_connection(now, connection, code);
-            }
+            return Poll::Pending;
         }
     }
 }
@@ -1279,15 +1250,10 @@ fn log_event(event: &ServerEvent) {
 
 /// TLS handshake (if configured) and HTTP upgrade with authentication, then
 /// the connection task.
-async fn handshake(
-    runtime: Arc<dyn Runtime>,
-    io: BoxIo,
-    options: Arc<ServerOptions>,
-    inputs: mpsc::Sender<Input>,
-) {
-    let limit = options.handshake_timeout;
-    let opts = options.clone();
-    let upgraded = util::timeout(&*runtime, limit, async move {
+async fn handshake(shared: Arc<Shared>, io: BoxIo) {
+    let limit = shared.options.handshake_timeout;
+    let opts = shared.options.clone();
+    let upgraded = util::timeout(&*shared.runtime, limit, async move {
         let io: BoxIo = match &opts.tls {
             Some(tls) => match tls.acceptor.accept(io).await {
                 Ok(s) => Box::new(s),
@@ -1341,49 +1307,197 @@ async fn handshake(
     .await
     .flatten();
     if let Some((ws, identity)) = upgraded {
-        connection(
-            runtime,
-            ws,
-            identity,
-            inputs,
-            outbound_capacity(&options),
-            options.close_timeout,
-        )
-        .await;
+        connection(shared, ws, identity).await;
     }
 }
 
-/// One connection's task: reads frames into the server task, writes the
-/// frames it is given, closes when told or when the peer goes.
-async fn connection<S>(
-    runtime: Arc<dyn Runtime>,
-    mut ws: WebSocketStream<S>,
-    identity: Option<String>,
-    mut inputs: mpsc::Sender<Input>,
-    queue: usize,
-    close_timeout: Duration,
-) where
+/// How a connection task's main loop ended.
+enum Step {
+    /// The peer closed (a close frame), the stream ended (`None`) or a read
+    /// failed.
+    Ended(Option<Result<Message, WsError>>),
+    /// The core (or shutdown) ordered a close.
+    Close(CloseOrder),
+    WriteFailed,
+}
+
+/// A connection task's own buffers.
+struct ConnIo {
+    id: ConnectionId,
+    /// Frames taken from the slot, not yet accepted by the socket. Taken
+    /// only when empty, so at most [`Shared::outbound`].
+    out: VecDeque<Message>,
+    /// Frames read in one go, run through the core under one lock.
+    batch: Vec<Message>,
+    needs_flush: bool,
+    /// Read only when the socket signalled: this task also wakes for every
+    /// outgoing frame, and a read attempt is not free.
+    readable: ReadyFlag,
+}
+
+impl ConnIo {
+    /// Frames read per batch, and per wake-up before yielding so one busy
+    /// connection cannot hold a worker thread.
+    const BATCH: usize = 32;
+    const READ_BUDGET: usize = 128;
+
+    fn poll<S>(
+        &mut self,
+        shared: &Shared,
+        ws: &mut WebSocketStream<S>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Step>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let mut read = 0;
+        loop {
+            // What the state holds for this connection.
+            let may_read = {
+                let mut guard = shared.lock();
+                let room = guard.events_have_room(shared);
+                let st = &mut *guard;
+                let Some(slot) = st.conns.get_mut(&self.id) else {
+                    return Poll::Ready(Step::Close(CloseOrder {
+                        code: CloseCode::GOING_AWAY,
+                        reason: "going away",
+                        flush: false,
+                    }));
+                };
+                if let Some(order) = slot.close.take() {
+                    if order.flush {
+                        self.out.extend(slot.out.drain(..));
+                    }
+                    return Poll::Ready(Step::Close(order));
+                }
+                match &slot.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => slot.waker = Some(cx.waker().clone()),
+                }
+                if self.out.is_empty() {
+                    if self.out.capacity() > 256 {
+                        self.out = VecDeque::new(); // after a burst
+                    }
+                    std::mem::swap(&mut self.out, &mut slot.out);
+                }
+                if !room && !slot.paused {
+                    slot.paused = true;
+                    st.paused.push(self.id);
+                }
+                room
+            };
+            // Writes: hand frames over only while the socket accepts them,
+            // so a stalled peer leaves them queued (and bounded).
+            while !self.out.is_empty() {
+                match Pin::new(&mut *ws).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(Step::WriteFailed),
+                    Poll::Pending => break,
+                }
+                let Some(m) = self.out.pop_front() else { break };
+                if Pin::new(&mut *ws).start_send(m).is_err() {
+                    return Poll::Ready(Step::WriteFailed);
+                }
+                self.needs_flush = true;
+            }
+            if self.needs_flush {
+                match Pin::new(&mut *ws).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.needs_flush = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(Step::WriteFailed),
+                    Poll::Pending => {}
+                }
+            }
+            if !may_read {
+                return Poll::Pending; // woken when the application makes room
+            }
+            if read >= Self::READ_BUDGET {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            // Reads: everything already there, up to a batch.
+            let mut end = None;
+            while self.batch.len() < Self::BATCH {
+                match self.readable.poll(cx, |cx| ws.poll_next_unpin(cx)) {
+                    Poll::Ready(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => {
+                        self.batch.push(m);
+                    }
+                    // Pings and pongs: tungstenite answers pings itself.
+                    Poll::Ready(Some(Ok(
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_),
+                    ))) => {}
+                    Poll::Ready(other) => {
+                        end = Some(other);
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if self.batch.is_empty() && end.is_none() {
+                return Poll::Pending;
+            }
+            read += self.batch.len();
+            if !self.batch.is_empty() {
+                let id = self.id;
+                let batch = &mut self.batch;
+                shared.run(Some(id), |st, now| {
+                    for m in batch.drain(..) {
+                        match &m {
+                            Message::Text(t) => {
+                                st.server
+                                    .handle_message(now, id, Incoming::Text(t.as_str()));
+                            }
+                            Message::Binary(b) => {
+                                st.server.handle_message(now, id, Incoming::Binary(b));
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+            }
+            if let Some(end) = end {
+                return Poll::Ready(Step::Ended(end));
+            }
+        }
+    }
+}
+
+/// Tells the core a connection is gone (once), and forgets its slot.
+fn report_closed(shared: &Shared, id: ConnectionId, code: Option<CloseCode>) {
+    shared.run(Some(id), |st, now| {
+        if st.conns.remove(&id).is_some() {
+            st.server.handle_connection_closed(now, id, code);
+        }
+    });
+}
+
+/// One connection's task: reads frames and runs them through the core,
+/// writes the frames the core queued for it, closes when told or when the
+/// peer goes.
+async fn connection<S>(shared: Arc<Shared>, mut ws: WebSocketStream<S>, identity: Option<String>)
+where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (out_tx, mut out_rx) = mpsc::channel::<Message>(queue);
-    let (close_tx, mut close_rx) = oneshot::channel::<CloseOrder>();
-    let (reply_tx, reply_rx) = oneshot::channel();
-    let registered = inputs
-        .send(Input::Open {
-            identity,
-            out: out_tx,
-            close: close_tx,
-            reply: reply_tx,
-        })
-        .await;
-    let id = match (registered, reply_rx.await) {
-        (Ok(()), Ok(id)) => id,
-        _ => {
-            // Shutting down (or gone): close politely, bounded.
-            let order = close_rx.try_recv().ok().flatten();
-            let code = order.map_or(CloseCode::GOING_AWAY, |o| o.code);
-            let _ = util::timeout(&*runtime, close_timeout, async {
-                let _ = ws.close(Some(ws::close_frame(code, "going away"))).await;
+    let close_timeout = shared.options.close_timeout;
+    let opened = shared.run(None, |st, now| {
+        if st.shutdown.is_some() || st.stopped {
+            return Err((CloseCode::GOING_AWAY, "going away"));
+        }
+        let fresh = match util::random16() {
+            Ok(b) => SessionId(b),
+            Err(e) => {
+                warn!(error = %e, "no randomness for a session id; refusing the connection");
+                return Err((CloseCode::INTERNAL_ERROR, "no randomness"));
+            }
+        };
+        let id = st.server.handle_connection(now, identity, fresh);
+        st.conns.insert(id, Slot::default());
+        Ok(id)
+    });
+    let id = match opened {
+        Ok(id) => id,
+        Err((code, reason)) => {
+            let _ = util::timeout(&*shared.runtime, close_timeout, async {
+                let _ = ws.close(Some(ws::close_frame(code, reason))).await;
             })
             .await;
             return;
@@ -1391,69 +1505,19 @@ async fn connection<S>(
     };
     let span = tracing::debug_span!("connection", id = id.0);
     async move {
-        enum Step {
-            Frame(Option<Result<Message, WsError>>),
-            Close(Option<CloseOrder>),
-            WriteFailed,
-        }
-        let mut needs_flush = false;
-        let mut pending: Option<Message> = None;
-        // Read only when the socket signalled: this task also wakes for every
-        // outgoing frame, and a read attempt is not free.
-        let readable = ReadyFlag::new();
-        let step = loop {
-            let step = futures_util::future::poll_fn(|cx| {
-                if let Poll::Ready(order) = close_rx.poll_unpin(cx) {
-                    return Poll::Ready(Step::Close(order.ok()));
-                }
-                // Writes: take a frame only when the socket can accept it, so
-                // a stalled peer leaves frames in the bounded queue.
-                loop {
-                    match Pin::new(&mut ws).poll_ready(cx) {
-                        Poll::Ready(Ok(())) => {}
-                        Poll::Ready(Err(_)) => return Poll::Ready(Step::WriteFailed),
-                        Poll::Pending => break,
-                    }
-                    let next = match pending.take() {
-                        Some(m) => Some(m),
-                        None => match out_rx.poll_next_unpin(cx) {
-                            Poll::Ready(Some(m)) => Some(m),
-                            _ => None,
-                        },
-                    };
-                    let Some(m) = next else { break };
-                    if Pin::new(&mut ws).start_send(m).is_err() {
-                        return Poll::Ready(Step::WriteFailed);
-                    }
-                    needs_flush = true;
-                }
-                if needs_flush {
-                    match Pin::new(&mut ws).poll_flush(cx) {
-                        Poll::Ready(Ok(())) => needs_flush = false,
-                        Poll::Ready(Err(_)) => return Poll::Ready(Step::WriteFailed),
-                        Poll::Pending => {}
-                    }
-                }
-                readable
-                    .poll(cx, |cx| ws.poll_next_unpin(cx))
-                    .map(Step::Frame)
-            })
-            .await;
-            match step {
-                Step::Frame(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => {
-                    if inputs.send(Input::Frame(id, m)).await.is_err() {
-                        break Step::Close(None);
-                    }
-                }
-                // Pings and pongs: tungstenite answers pings itself.
-                Step::Frame(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
-                other => break other,
-            }
+        let mut io = ConnIo {
+            id,
+            out: VecDeque::new(),
+            batch: Vec::new(),
+            needs_flush: false,
+            readable: ReadyFlag::new(),
         };
+        let step = std::future::poll_fn(|cx| io.poll(&shared, &mut ws, cx)).await;
+        let runtime = shared.runtime.clone();
         match step {
-            Step::Frame(Some(Ok(Message::Close(frame)))) => {
+            Step::Ended(Some(Ok(Message::Close(frame)))) => {
                 let (code, _) = ws::close_code(&frame);
-                let _ = inputs.send(Input::Closed(id, code)).await;
+                report_closed(&shared, id, code);
                 let _ = util::timeout(&*runtime, close_timeout, async {
                     let _ = ws.flush().await;
                     while let Some(Ok(_)) = ws.next().await {}
@@ -1461,35 +1525,29 @@ async fn connection<S>(
                 .await;
             }
             Step::Close(order) => {
-                let (code, reason, flush) = order
-                    .map_or((CloseCode::GOING_AWAY, "going away", false), |o| {
-                        (o.code, o.reason, o.flush)
-                    });
-                let limit = if flush {
+                let limit = if order.flush {
                     close_timeout
                 } else {
                     close_timeout / 4
                 };
+                let out = &mut io.out;
                 let _ = util::timeout(&*runtime, limit, async {
-                    if flush {
-                        if let Some(m) = pending.take() {
-                            let _ = ws.feed(m).await;
-                        }
-                        while let Ok(m) = out_rx.try_recv() {
+                    if order.flush {
+                        while let Some(m) = out.pop_front() {
                             if ws.feed(m).await.is_err() {
                                 break;
                             }
                         }
                     }
-                    let _ = ws.close(Some(ws::close_frame(code, reason))).await;
+                    let _ = ws
+                        .close(Some(ws::close_frame(order.code, order.reason)))
+                        .await;
                     while let Some(Ok(_)) = ws.next().await {}
                 })
                 .await;
-                let _ = inputs.send(Input::Closed(id, Some(code))).await;
+                report_closed(&shared, id, Some(order.code));
             }
-            _ => {
-                let _ = inputs.send(Input::Closed(id, None)).await;
-            }
+            Step::Ended(_) | Step::WriteFailed => report_closed(&shared, id, None),
         }
         trace!("connection task ended");
     }

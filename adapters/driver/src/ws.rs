@@ -21,15 +21,20 @@ pub type Ws = async_tungstenite::WebSocketStream<BoxIo>;
 /// (about 6.7 KiB instead of 135 KiB per idle socket).
 pub const READ_BUFFER: usize = 4 * 1024;
 
+/// Frames written together up to this many bytes go to the socket in one
+/// system call: the drivers hand tungstenite every frame that is ready and
+/// flush once (a message larger than this is written at once).
+pub const WRITE_BATCH: usize = 16 * 1024;
+
 /// The tungstenite settings for a peer whose largest accepted message is
-/// `max_message` bytes: 4 KiB read buffer, no write batching (each message
-/// goes straight to the socket), and a write buffer bounded at twice the
-/// largest message plus 64 KiB so a stalled peer creates backpressure instead
-/// of unbounded memory.
+/// `max_message` bytes: 4 KiB read buffer, writes coalesced up to
+/// [`WRITE_BATCH`] until the driver flushes, and a write buffer bounded at
+/// twice the largest message plus 64 KiB so a stalled peer creates
+/// backpressure instead of unbounded memory.
 pub fn websocket_config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BATCH)
         .max_write_buffer_size(max_message.saturating_mul(2).saturating_add(64 * 1024))
         .max_message_size(Some(max_message.saturating_add(1024)))
         .max_frame_size(Some(max_message.saturating_add(1024)))

@@ -45,7 +45,7 @@ macro_rules! scenarios {
             slow_consumer_closed, broadcast_through_cuts, slow_member_evicted,
             unauthorized_join_refused, presence_after_resume, rotation_without_loss,
             shutdown_keeps_rooms, request_across_cut, typed_sends_use_session_codec,
-            send_latest_coalesces);
+            send_latest_coalesces, unread_events_pause_reading);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
         $(
@@ -321,6 +321,84 @@ async fn exchange(rt: Arc<dyn Runtime>, codec: Codec) {
     })
     .await;
     assert_eq!(dg, vec![9; 4]);
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// An application that leaves server events unread: the server stops
+/// reading sockets (the client's messages stay unacknowledged, nothing is
+/// dropped), while the application's own sends still go out at once; once
+/// the events are read, every message arrives in order.
+pub async fn unread_events_pause_reading(rt: Arc<dyn Runtime>) {
+    let options = ServerOptions {
+        event_buffer: 8,
+        close_timeout: Duration::from_millis(500),
+        ..ServerOptions::default()
+    };
+    let (server, mut sev, addr) = serve(&rt, options);
+    let (client, mut cev) = kitestring::connect(
+        rt.clone(),
+        &format!("ws://{addr}/ws"),
+        fast_client(vec![Codec::MsgPack, Codec::Json]),
+    )
+    .unwrap();
+    opened(&rt, &mut cev).await;
+    let (_, session, _, _) = session_opened(&rt, &mut sev).await;
+
+    const IN: u32 = 500;
+    const OUT: u32 = 300;
+    for n in 0..IN {
+        within(&rt, 2000, "client send", client.send(&note(n)))
+            .await
+            .unwrap();
+    }
+    let _ = kitestring::util::timeout(
+        &*rt,
+        Duration::from_millis(300),
+        futures_util::future::pending::<()>(),
+    )
+    .await;
+    // The event stream is full and unread: the server's own sends still
+    // complete at once and reach the client.
+    for n in 0..OUT {
+        within(
+            &rt,
+            2000,
+            "server send while events are unread",
+            server.send(session, &note(n)),
+        )
+        .await
+        .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < OUT as usize {
+        let m = client_wait(&rt, &mut cev, 3000, "client Message", |e| match e {
+            Event::Message(m) => Some(m.decode::<Note>().unwrap()),
+            _ => None,
+        })
+        .await;
+        got.push(m);
+    }
+    assert_eq!(got, (0..OUT).map(note).collect::<Vec<_>>());
+    let stats = within(&rt, 2000, "stats", client.stats()).await.unwrap();
+    assert!(
+        stats.unacknowledged.0 > (IN / 2) as usize,
+        "the server kept reading with its event stream full: {} of {IN} unacknowledged",
+        stats.unacknowledged.0
+    );
+    // Reading the events lets the server read again: everything arrives.
+    let mut got = Vec::new();
+    while got.len() < IN as usize {
+        let m = server_wait(&rt, &mut sev, 3000, "server Message", |e| match e {
+            ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
+            _ => None,
+        })
+        .await;
+        got.push(m);
+    }
+    assert_eq!(got, (0..IN).map(note).collect::<Vec<_>>());
     within(&rt, 3000, "close", client.close()).await.unwrap();
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
