@@ -1,28 +1,45 @@
-//! The client driver: one task that owns the WebSocket and the core
-//! [`Client`] machine, and the handle and event stream the application uses.
+//! The client driver: the core [`Client`] machine, shared by the handles and
+//! one task that owns the WebSocket, and the handle and event stream the
+//! application uses.
 //!
-//! The task runs the core's loop: wait for the first of (a command from a
-//! handle, a frame or error on the socket, a connection attempt finishing,
-//! an old socket finishing its close, the core's deadline), feed it in, then
-//! carry out every output. Sockets are keyed by the core's `TransportId`:
-//! a socket whose transport the core has left is closed and dropped, and any
-//! late report about it is ignored by the core, so nothing from a dead
-//! connection (a frame, an error, a timer) can touch a new one. There is a
-//! single deadline timer, re-armed from `poll_timeout` after every step, and
-//! the clock is checked before the timer is trusted.
+//! The layout is quinn's: the machine and the bookkeeping the handles need
+//! (acknowledgment waiters, pending requests, close replies) sit behind one
+//! mutex that every [`ClientHandle`] and the driver task share. A handle
+//! call locks it, runs the core's command with the current time, records
+//! what it will wait for, unlocks and wakes the task; it never waits for the
+//! task, except for what it asked for (an acknowledgment, a response, the end
+//! of a close). The task, on each wake-up, takes the lock once: it feeds in
+//! everything that is ready (several socket frames, a connection attempt
+//! finishing, an old socket finishing its close, a fresh token, the core's
+//! deadline), drains every output of the core into its own queues (frames
+//! for the socket, events for the application, connects and closes) and
+//! settles the waiters those events resolve; then it unlocks and does the IO.
+//! Sockets are keyed by the core's `TransportId`: a socket whose transport
+//! the core has left is closed and dropped, and any late report about it is
+//! ignored by the core, so nothing from a dead connection (a frame, an
+//! error, a timer) can touch a new one. There is a single deadline timer,
+//! re-armed from `poll_timeout` after every step, and the clock is checked
+//! before the timer is trusted.
 //!
-//! Bounds: commands travel through a channel of
-//! [`ClientOptions::command_buffer`] entries (a handle's `send().await`
-//! waits while it is full); events through one of
-//! [`ClientOptions::event_buffer`] entries, and the task pauses (reading
-//! nothing) while the application leaves it full, so keep consuming events.
-//! Frames waiting for the socket are bounded by the core's send window.
+//! Bounds: nothing queues between the handles and the task. A handle call
+//! runs the core directly under a short lock and never waits for room; what
+//! it leaves behind is bounded by the core (its queue and send window for
+//! messages, [`ClientConfig::max_pending_requests`] for requests), and the
+//! waiter maps hold one entry per message or request the core accepted.
+//! Events travel through a channel of [`ClientOptions::event_buffer`]
+//! entries; while the application leaves it full the task stops reading the
+//! socket (the events of at most one batch of frames wait beyond it) but
+//! keeps writing, and handle calls keep working, so keep consuming events.
+//! Frames waiting for the socket are bounded by the core's send window plus
+//! control frames, except datagrams: the core does not queue them, so each
+//! one becomes a frame for the socket at once, and a sender faster than the
+//! socket must pace itself.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,14 +49,15 @@ use async_tungstenite::tungstenite::{Error as WsError, Message};
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use futures_util::stream::FuturesUnordered;
+use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::client::{
     Client, ClientStats, Event, LostReason, Output, Received, RequestError, State, TransportError,
-    TransportId,
+    TransportId, UsageError,
 };
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::ClientConfig;
-use kitestring_core::reliable::{MessageId, SendError};
+use kitestring_core::reliable::MessageId;
 use kitestring_core::wire::{ClientId, Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
@@ -79,8 +97,6 @@ pub struct ClientOptions {
     pub token_header: String,
     /// Put before the token in that header. Default `"Bearer "`.
     pub token_prefix: String,
-    /// Commands (sends, closes) waiting for the driver task. Default 64.
-    pub command_buffer: usize,
     /// Events waiting for the application. Default 1024.
     pub event_buffer: usize,
     /// How long closing a socket may take before it is dropped. Default 2 s.
@@ -95,7 +111,6 @@ impl Default for ClientOptions {
             token: None,
             token_header: "authorization".into(),
             token_prefix: "Bearer ".into(),
-            command_buffer: 64,
             event_buffer: 1024,
             close_timeout: Duration::from_secs(2),
         }
@@ -108,73 +123,13 @@ impl fmt::Debug for ClientOptions {
             .field("config", &self.config)
             .field("tls", &self.tls.is_some())
             .field("token", &self.token.is_some())
-            .field("command_buffer", &self.command_buffer)
             .field("event_buffer", &self.event_buffer)
             .finish()
     }
 }
 
 type AckReply = oneshot::Sender<Result<(), ClientError>>;
-
-enum Command {
-    Send {
-        payload: Payload,
-        timestamp: Option<u64>,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
-        ack: Option<AckReply>,
-    },
-    Datagram {
-        data: Bytes,
-        reply: oneshot::Sender<Result<(), SendError>>,
-    },
-    Close {
-        reply: oneshot::Sender<Result<(), ClientError>>,
-    },
-    Reconnect {
-        reply: oneshot::Sender<Result<(), ClientError>>,
-    },
-    Token {
-        token: String,
-        reply: oneshot::Sender<Result<(), SendError>>,
-    },
-    Join {
-        room: String,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
-    },
-    Leave {
-        room: String,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
-    },
-    Publish {
-        room: String,
-        payload: Payload,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
-    },
-    Request {
-        payload: Payload,
-        timeout: Duration,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
-        response: ResponseReply,
-    },
-    CancelRequest {
-        request: MessageId,
-        reply: oneshot::Sender<bool>,
-    },
-    Respond {
-        request: MessageId,
-        payload: Payload,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
-    },
-    Latest {
-        key: String,
-        payload: Payload,
-        reply: oneshot::Sender<Result<(), SendError>>,
-    },
-    Stats {
-        reply: oneshot::Sender<ClientSnapshot>,
-    },
-}
-
+type CloseReply = oneshot::Sender<Result<(), ClientError>>;
 type ResponseReply = oneshot::Sender<Result<Received, ClientError>>;
 
 /// The response to a request, once it comes ([`ClientHandle::start_request`]).
@@ -208,8 +163,8 @@ impl std::future::Future for PendingResponse {
     }
 }
 
-/// A consistent picture of a client, taken by its driver task between two
-/// inputs ([`ClientHandle::stats`]).
+/// A consistent picture of a client, taken under the lock the handles and
+/// the driver task share, so between two inputs ([`ClientHandle::stats`]).
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct ClientSnapshot {
@@ -241,13 +196,103 @@ fn codec_tag(c: Codec) -> u8 {
     }
 }
 
+/// What the handles and the driver task share.
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Wakes the driver task after a handle call, so it carries out what the
+    /// call made the core produce (outside the mutex: waking never locks).
+    driver: AtomicWaker,
+    /// Live [`ClientHandle`]s; the last one going wakes the driver, which
+    /// then closes the session.
+    handles: AtomicUsize,
+    runtime: Arc<dyn Runtime>,
+    clock: Clock,
+    /// The codec typed sends use (see [`ClientHandle::codec`]).
+    codec: AtomicU8,
+    /// The driver's span; later log lines carry the session id.
+    span: tracing::Span,
+}
+
+impl Shared {
+    /// The state, even if a thread panicked while holding it: every change
+    /// under the lock is one call into the core plus map updates, so the
+    /// state stays usable.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now(&self) -> kitestring_core::Instant {
+        self.clock.now(&*self.runtime)
+    }
+}
+
+/// The machine and the bookkeeping handle calls touch.
+struct Inner {
+    client: Client,
+    /// Messages whose sender waits for the acknowledgment. Bounded by the
+    /// core's queue and window: only accepted messages get an entry.
+    waiters: BTreeMap<MessageId, AckReply>,
+    /// Requests whose sender waits for the response. Bounded by the core's
+    /// `max_pending_requests`: only accepted requests get an entry, and an
+    /// entry leaves with the core's `Response` or `RequestFailed`.
+    requests: BTreeMap<MessageId, ResponseReply>,
+    /// `close()` calls waiting for the close to complete.
+    close_replies: Vec<CloseReply>,
+    /// A handle asked to close: the driver stops once the core is closed.
+    stop_when_closed: bool,
+    /// The driver task has stopped (or is stopping): calls fail with
+    /// [`ClientError::Stopped`].
+    stopped: bool,
+}
+
+impl Inner {
+    fn finished(&self, handles_gone: bool) -> bool {
+        let terminal = matches!(
+            self.client.state(),
+            State::Closed { .. } | State::Failed { .. } | State::Disconnected
+        );
+        terminal && (self.stop_when_closed || handles_gone)
+    }
+}
+
+fn fail_waiters(
+    waiters: &mut BTreeMap<MessageId, AckReply>,
+    error: impl Fn(MessageId) -> ClientError,
+) {
+    for (id, w) in std::mem::take(waiters) {
+        let _ = w.send(Err(error(id)));
+    }
+}
+
+fn fail_requests(requests: &mut BTreeMap<MessageId, ResponseReply>, error: RequestError) {
+    for (id, w) in std::mem::take(requests) {
+        let _ = w.send(Err(ClientError::Request { id, error }));
+    }
+}
+
 /// A cloneable handle to a running client. Dropping every handle closes the
 /// session (1000) and stops the driver task.
-#[derive(Clone)]
 pub struct ClientHandle {
-    commands: mpsc::Sender<Command>,
-    codec: Arc<AtomicU8>,
+    shared: Arc<Shared>,
     client_id: ClientId,
+}
+
+impl Clone for ClientHandle {
+    fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
+        ClientHandle {
+            shared: self.shared.clone(),
+            client_id: self.client_id,
+        }
+    }
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.driver.wake();
+        }
+    }
 }
 
 impl fmt::Debug for ClientHandle {
@@ -285,29 +330,39 @@ impl ClientHandle {
     /// The codec typed sends use: the negotiated one once connected, the
     /// first configured preference before.
     pub fn codec(&self) -> Codec {
-        if self.codec.load(Ordering::Relaxed) == CODEC_MSGPACK {
+        if self.shared.codec.load(Ordering::Relaxed) == CODEC_MSGPACK {
             Codec::MsgPack
         } else {
             Codec::Json
         }
     }
 
-    async fn call<T>(
+    /// Runs `f` on the machine under the lock, then wakes the driver task to
+    /// carry out what the core produced (frames, events, timers). Fails
+    /// with [`ClientError::Stopped`] once the driver has stopped.
+    fn with<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+        f: impl FnOnce(&mut Inner, kitestring_core::Instant) -> T,
     ) -> Result<T, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        let mut commands = self.commands.clone();
-        commands
-            .send(make(tx))
-            .await
-            .map_err(|_| ClientError::Stopped)?;
-        rx.await.map_err(|_| ClientError::Stopped)
+        let shared = &*self.shared;
+        // Read before locking: the core ignores a time older than its own.
+        let now = shared.now();
+        let out = {
+            let mut inner = shared.lock();
+            if inner.stopped {
+                return Err(ClientError::Stopped);
+            }
+            f(&mut inner, now)
+        };
+        shared.driver.wake();
+        Ok(out)
     }
 
     /// Sends a typed value for reliable, ordered, exactly-once delivery,
     /// encoded with [`codec`](Self::codec). While reconnecting, the core
     /// queues it; a full queue returns the core's [`SendError::QueueFull`].
+    ///
+    /// [`SendError::QueueFull`]: kitestring_core::reliable::SendError::QueueFull
     pub async fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<MessageId, ClientError> {
         let payload = util::encode(value, self.codec())?;
         self.send_payload(payload).await
@@ -320,15 +375,7 @@ impl ClientHandle {
 
     /// Sends a payload reliably.
     pub async fn send_payload(&self, payload: Payload) -> Result<MessageId, ClientError> {
-        let r = self
-            .call(|reply| Command::Send {
-                payload,
-                timestamp: None,
-                reply,
-                ack: None,
-            })
-            .await?;
-        Ok(r?)
+        Ok(self.with(|s, now| s.client.send(now, payload))??)
     }
 
     /// Sends a payload carrying the sender's wall-clock timestamp (ms).
@@ -337,15 +384,7 @@ impl ClientHandle {
         payload: Payload,
         timestamp_ms: u64,
     ) -> Result<MessageId, ClientError> {
-        let r = self
-            .call(|reply| Command::Send {
-                payload,
-                timestamp: Some(timestamp_ms),
-                reply,
-                ack: None,
-            })
-            .await?;
-        Ok(r?)
+        Ok(self.with(|s, now| s.client.send_with_timestamp(now, payload, timestamp_ms))??)
     }
 
     /// Sends a typed value and waits until the server acknowledges it.
@@ -362,14 +401,13 @@ impl ClientHandle {
     /// [`send_acked`](Self::send_acked) for a ready payload.
     pub async fn send_payload_acked(&self, payload: Payload) -> Result<MessageId, ClientError> {
         let (ack_tx, ack_rx) = oneshot::channel();
-        let id = self
-            .call(|reply| Command::Send {
-                payload,
-                timestamp: None,
-                reply,
-                ack: Some(ack_tx),
-            })
-            .await??;
+        let id = self.with(|s, now| {
+            let r = s.client.send(now, payload);
+            if let Ok(id) = &r {
+                s.waiters.insert(*id, ack_tx);
+            }
+            r
+        })??;
         match ack_rx.await {
             Ok(r) => r.map(|()| id),
             Err(_) => Err(ClientError::NotAcknowledged(id)),
@@ -379,8 +417,7 @@ impl ClientHandle {
     /// Sends an unsequenced datagram: no ack, no retry, only while open.
     pub async fn send_datagram(&self, data: impl Into<Bytes>) -> Result<(), ClientError> {
         let data = data.into();
-        let r = self.call(|reply| Command::Datagram { data, reply }).await?;
-        Ok(r?)
+        Ok(self.with(|s, now| s.client.send_datagram(now, data))??)
     }
 
     /// Sends a fresh credential on the open connection, answering
@@ -389,8 +426,7 @@ impl ClientHandle {
     /// tokens on their own.
     pub async fn send_token(&self, token: impl Into<String>) -> Result<(), ClientError> {
         let token = token.into();
-        let r = self.call(|reply| Command::Token { token, reply }).await?;
-        Ok(r?)
+        Ok(self.with(|s, now| s.client.send_token(now, token))??)
     }
 
     /// Joins a room. The server checks its policy and answers on the event
@@ -400,14 +436,16 @@ impl ClientHandle {
     /// its rooms in the new one by itself. Returns the id of the join
     /// message.
     pub async fn join(&self, room: &str) -> Result<MessageId, ClientError> {
-        let room = room.to_owned();
-        Ok(self.call(|reply| Command::Join { room, reply }).await??)
+        let r = self.with(|s, now| s.client.join(now, room))?;
+        trace!(parent: &self.shared.span, %room, ok = r.is_ok(), "join");
+        Ok(r?)
     }
 
     /// Leaves a room.
     pub async fn leave(&self, room: &str) -> Result<MessageId, ClientError> {
-        let room = room.to_owned();
-        Ok(self.call(|reply| Command::Leave { room, reply }).await??)
+        let r = self.with(|s, now| s.client.leave(now, room))?;
+        trace!(parent: &self.shared.span, %room, ok = r.is_ok(), "leave");
+        Ok(r?)
     }
 
     /// Publishes a typed value to a room this client has joined: the server
@@ -428,14 +466,7 @@ impl ClientHandle {
         room: &str,
         payload: Payload,
     ) -> Result<MessageId, ClientError> {
-        let room = room.to_owned();
-        Ok(self
-            .call(|reply| Command::Publish {
-                room,
-                payload,
-                reply,
-            })
-            .await??)
+        Ok(self.with(|s, now| s.client.publish(now, room, payload))??)
     }
 
     /// Sends a typed request and waits for its response (the server answers
@@ -474,14 +505,13 @@ impl ClientHandle {
         timeout: Duration,
     ) -> Result<PendingResponse, ClientError> {
         let (tx, rx) = oneshot::channel();
-        let id = self
-            .call(|reply| Command::Request {
-                payload,
-                timeout,
-                reply,
-                response: tx,
-            })
-            .await??;
+        let id = self.with(|s, now| {
+            let r = s.client.request(now, payload, timeout);
+            if let Ok(id) = &r {
+                s.requests.insert(*id, tx);
+            }
+            r
+        })??;
         Ok(PendingResponse { id, rx })
     }
 
@@ -489,8 +519,13 @@ impl ClientHandle {
     /// Its [`PendingResponse`] resolves to [`ClientError::RequestCancelled`],
     /// and a response arriving later is reported as [`Event::LateResponse`].
     pub async fn cancel_request(&self, request: MessageId) -> Result<bool, ClientError> {
-        self.call(|reply| Command::CancelRequest { request, reply })
-            .await
+        self.with(|s, now| {
+            let was = s.client.cancel_request(now, request);
+            if let Some(w) = s.requests.remove(&request) {
+                let _ = w.send(Err(ClientError::RequestCancelled(request)));
+            }
+            was
+        })
     }
 
     /// Answers a request the server sent (a [`Received`] with
@@ -510,13 +545,7 @@ impl ClientHandle {
         request: MessageId,
         payload: Payload,
     ) -> Result<MessageId, ClientError> {
-        Ok(self
-            .call(|reply| Command::Respond {
-                request,
-                payload,
-                reply,
-            })
-            .await??)
+        Ok(self.with(|s, now| s.client.respond(now, request, payload))??)
     }
 
     /// Sends the latest value for `key` (a cursor, a position): at most one
@@ -539,31 +568,48 @@ impl ClientHandle {
         key: &str,
         payload: Payload,
     ) -> Result<(), ClientError> {
-        let key = key.to_owned();
-        Ok(self
-            .call(|reply| Command::Latest {
-                key,
-                payload,
-                reply,
-            })
-            .await??)
+        Ok(self.with(|s, now| s.client.send_latest(now, key, payload))??)
     }
 
     /// A snapshot of the client's counters, state, round-trip time, rooms
-    /// and buffers, read by the driver task.
+    /// and buffers, read under the lock the driver task shares.
     pub async fn stats(&self) -> Result<ClientSnapshot, ClientError> {
-        self.call(|reply| Command::Stats { reply }).await
+        let s = self.shared.lock();
+        if s.stopped {
+            return Err(ClientError::Stopped);
+        }
+        let c = &s.client;
+        Ok(ClientSnapshot {
+            stats: c.stats().clone(),
+            state: c.state().clone(),
+            session: c.session(),
+            rtt: c.rtt(),
+            rooms: c.rooms().map(str::to_owned).collect(),
+            pending_requests: c.pending_requests(),
+            queued: c.queued(),
+            unacknowledged: c.unacknowledged(),
+        })
     }
 
     /// Connects again now (skipping a backoff delay, or leaving `Failed`).
     pub async fn reconnect(&self) -> Result<(), ClientError> {
-        self.call(|reply| Command::Reconnect { reply }).await?
+        Ok(self.with(|s, now| s.client.reconnect(now))??)
     }
 
     /// Closes the session with 1000 and stops the driver; resolves once the
     /// close has completed (or timed out).
     pub async fn close(&self) -> Result<(), ClientError> {
-        self.call(|reply| Command::Close { reply }).await?
+        let (tx, rx) = oneshot::channel();
+        self.with(|s, now| {
+            s.stop_when_closed = true;
+            match s.client.close(now) {
+                Ok(()) | Err(UsageError::Closing) => s.close_replies.push(tx),
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                }
+            }
+        })?;
+        rx.await.map_err(|_| ClientError::Stopped)?
     }
 }
 
@@ -581,15 +627,13 @@ pub fn connect(
     }
     options.config.can_refresh_token = options.token.is_some();
     let client_id = ClientId(util::random16().map_err(|e| ConnectError::Random(e.to_string()))?);
-    let client = Client::new(options.config.clone(), client_id, util::random_seed())?;
+    let mut client = Client::new(options.config.clone(), client_id, util::random_seed())?;
     let preferred = options
         .config
         .codecs
         .first()
         .copied()
         .unwrap_or(Codec::Json);
-    let codec = Arc::new(AtomicU8::new(codec_tag(preferred)));
-    let (cmd_tx, cmd_rx) = mpsc::channel(options.command_buffer.max(1));
     let (ev_tx, ev_rx) = mpsc::channel(options.event_buffer.max(1));
     let ws_config = ws::websocket_config(options.config.max_message_size);
     let span = tracing::info_span!(
@@ -598,42 +642,57 @@ pub fn connect(
         url = %target.url,
         session = tracing::field::Empty,
     );
-    let driver = Driver {
-        clock: Clock::new(&*runtime),
-        timer: DriveTimer::new(&*runtime),
-        runtime: runtime.clone(),
-        client,
-        connector: Arc::new(Connector {
-            runtime: runtime.clone(),
-            target,
-            tls: options.tls.clone(),
-            token: options.token.clone(),
-            token_header: options.token_header.clone(),
-            token_prefix: options.token_prefix.clone(),
-            ws_config,
+    let clock = Clock::new(&*runtime);
+    // Before any handle exists, so that no call (a close, say) comes first.
+    if let Err(e) = client.connect(clock.now(&*runtime)) {
+        span.in_scope(|| warn!(error = %e, "connect refused by the core"));
+    }
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            client,
+            waiters: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            close_replies: Vec::new(),
+            stop_when_closed: false,
+            stopped: false,
         }),
-        close_timeout: options.close_timeout,
-        commands: cmd_rx,
-        commands_done: false,
-        events: ev_tx,
-        connecting: None,
-        live: None,
-        closing: FuturesUnordered::new(),
-        waiters: BTreeMap::new(),
-        requests: BTreeMap::new(),
-        codec: codec.clone(),
-        close_replies: Vec::new(),
-        stop_when_closed: false,
-        reads_in_a_row: 0,
-        token_fetch: None,
+        driver: AtomicWaker::new(),
+        handles: AtomicUsize::new(1),
+        runtime: runtime.clone(),
+        clock,
+        codec: AtomicU8::new(codec_tag(preferred)),
+        span: span.clone(),
+    });
+    let driver = Driver {
+        shared: shared.clone(),
+        io: Io {
+            timer: DriveTimer::new(&*runtime),
+            connector: Arc::new(Connector {
+                runtime: runtime.clone(),
+                target,
+                tls: options.tls.clone(),
+                token: options.token.clone(),
+                token_header: options.token_header.clone(),
+                token_prefix: options.token_prefix.clone(),
+                ws_config,
+            }),
+            runtime: runtime.clone(),
+            close_timeout: options.close_timeout,
+            handles_gone: false,
+            events: ev_tx,
+            pending: VecDeque::new(),
+            inputs: Vec::new(),
+            reads_skipped: false,
+            started: false,
+            connecting: None,
+            live: None,
+            closing: FuturesUnordered::new(),
+            token_fetch: None,
+        },
     };
     runtime.spawn(Box::pin(driver.run().instrument(span)));
     Ok((
-        ClientHandle {
-            commands: cmd_tx,
-            codec,
-            client_id,
-        },
+        ClientHandle { shared, client_id },
         ClientEvents { rx: ev_rx },
     ))
 }
@@ -725,151 +784,231 @@ struct Live {
 
 type Closing = BoxFuture<'static, (TransportId, Option<CloseCode>, String)>;
 
-// Transient: built and consumed within one loop turn, never stored.
+/// Frames read from the socket per step, at most: the lock is taken once
+/// for all of them, and the application's events wait behind at most one
+/// batch while it leaves the event stream full.
+const READ_BATCH: usize = 32;
+
+/// Something that happened to the driver's IO, fed to the core under the lock.
+// Inputs live in one step's batch only.
 #[allow(clippy::large_enum_variant)]
-enum Wake {
-    Command(Option<Command>),
+enum Input {
+    /// Every handle is gone: close the session.
+    HandlesGone,
     Opened(TransportId, Result<Ws, TransportError>),
     Frame(TransportId, Option<Result<Message, WsError>>),
     WriteFailed(TransportId, WsError),
     Closed(TransportId, Option<CloseCode>, String),
     Token(Option<String>),
-    Timeout,
 }
 
+/// What one step of the driver came to.
+enum Step {
+    /// Something was ready without a waker being registered for it (or more
+    /// may be): step again.
+    Again,
+    /// The session is over and the task should stop.
+    Finished,
+}
+
+/// The driver task: the shared state, and the IO only the task touches.
 struct Driver {
+    shared: Arc<Shared>,
+    io: Io,
+}
+
+/// The driver task's own state: sockets, timers and queues no handle sees.
+struct Io {
     runtime: Arc<dyn Runtime>,
-    clock: Clock,
     timer: DriveTimer,
-    client: Client,
     connector: Arc<Connector>,
     close_timeout: Duration,
-    commands: mpsc::Receiver<Command>,
-    commands_done: bool,
+    handles_gone: bool,
     events: mpsc::Sender<Event>,
+    /// Events drained from the core, waiting for room in the application's
+    /// stream. While any wait, the socket is not read.
+    pending: VecDeque<Event>,
+    /// What became ready since the last step, in order.
+    inputs: Vec<Input>,
+    /// This step did not read the socket because events were waiting.
+    reads_skipped: bool,
+    /// Draining started a future (a connection attempt, a close, a token
+    /// fetch) that has not been polled yet.
+    started: bool,
     connecting: Option<(TransportId, BoxFuture<'static, Result<Ws, TransportError>>)>,
     live: Option<Live>,
     closing: FuturesUnordered<Closing>,
-    /// Messages whose sender waits for the acknowledgment. Bounded by the
-    /// core's queue and window: only accepted messages get an entry.
-    waiters: BTreeMap<MessageId, AckReply>,
-    /// Requests whose sender waits for the response. Bounded by the core's
-    /// `max_pending_requests`: only accepted requests get an entry, and an
-    /// entry leaves with the core's `Response` or `RequestFailed`.
-    requests: BTreeMap<MessageId, ResponseReply>,
-    codec: Arc<AtomicU8>,
-    close_replies: Vec<oneshot::Sender<Result<(), ClientError>>>,
-    stop_when_closed: bool,
-    reads_in_a_row: u32,
     /// A fresh token being fetched to answer `TokenExpiring`.
     token_fetch: Option<BoxFuture<'static, Option<String>>>,
 }
 
 impl Driver {
     async fn run(mut self) {
-        let now = self.clock.now(&*self.runtime);
-        if let Err(e) = self.client.connect(now) {
-            warn!(error = %e, "connect refused by the core");
-        }
         let mut budget = Budget::default();
-        loop {
-            self.drain().await;
-            if self.finished() {
-                break;
+        while let Step::Again = budget.run(|cx| self.poll_step(cx)).await {}
+        // The last events (the final state change) still reach the application.
+        while let Some(event) = self.io.pending.pop_front() {
+            if self.io.events.send(event).await.is_err() {
+                self.io.pending.clear();
             }
-            let wake = budget.run(|cx| self.poll_wake(cx)).await;
-            self.handle(wake);
         }
         // Let sockets still closing finish their handshake, bounded by their timeouts.
-        while self.closing.next().await.is_some() {}
-        for reply in self.close_replies.drain(..) {
+        while self.io.closing.next().await.is_some() {}
+        let (replies, mut waiters, mut requests) = {
+            let mut inner = self.shared.lock();
+            (
+                std::mem::take(&mut inner.close_replies),
+                std::mem::take(&mut inner.waiters),
+                std::mem::take(&mut inner.requests),
+            )
+        };
+        for reply in replies {
             let _ = reply.send(Ok(()));
         }
-        self.fail_waiters(ClientError::NotAcknowledged);
-        self.fail_requests(RequestError::Closed);
+        fail_waiters(&mut waiters, ClientError::NotAcknowledged);
+        fail_requests(&mut requests, RequestError::Closed);
         debug!("client driver stopped");
     }
 
-    fn finished(&self) -> bool {
-        let terminal = matches!(
-            self.client.state(),
-            State::Closed { .. } | State::Failed { .. } | State::Disconnected
-        );
-        terminal && (self.stop_when_closed || self.commands_done)
+    /// One turn: feed in what is ready and drain the core under one lock,
+    /// then deliver events and write frames without it.
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        let Driver { shared, io } = self;
+        // First, so a handle call from now on wakes this task again.
+        shared.driver.register(cx.waker());
+        // Events that waited for room go first; reading resumes once they are out.
+        io.deliver(cx);
+        let mut again = io.gather(shared, cx);
+        let (finished, deadline) = {
+            let mut inner = shared.lock();
+            let now = shared.now();
+            // Feeding never adds inputs; the vector is kept for its capacity.
+            let mut inputs = std::mem::take(&mut io.inputs);
+            for input in inputs.drain(..) {
+                io.feed(&mut inner, now, input);
+            }
+            io.inputs = inputs;
+            if inner.client.poll_timeout().is_some_and(|d| d.at <= now) {
+                inner.client.handle_timeout(now);
+            }
+            io.drain(shared, &mut inner);
+            let finished = inner.finished(io.handles_gone);
+            if finished {
+                inner.stopped = true;
+            }
+            (finished, inner.client.poll_timeout().map(|d| d.at))
+        };
+        io.deliver(cx);
+        again |= io.write(cx);
+        if finished {
+            return Poll::Ready(Step::Finished);
+        }
+        again |= std::mem::take(&mut io.started);
+        // Reading was skipped for events that are out now: nothing will wake
+        // the task for the socket, so look at it again.
+        again |= io.reads_skipped && io.pending.is_empty();
+        let deadline = deadline.map(|at| shared.clock.std(at));
+        again |= io.timer.poll(&*shared.runtime, deadline, cx).is_ready();
+        if again {
+            Poll::Ready(Step::Again)
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for Driver {
+    /// Whether the task ended or was dropped by its runtime, calls fail with
+    /// [`ClientError::Stopped`] from now on, and whoever still waits is
+    /// released (their senders dropped: `NotAcknowledged`, `Stopped`).
+    fn drop(&mut self) {
+        let left = {
+            let mut inner = self.shared.lock();
+            inner.stopped = true;
+            (
+                std::mem::take(&mut inner.waiters),
+                std::mem::take(&mut inner.requests),
+                std::mem::take(&mut inner.close_replies),
+            )
+        };
+        drop(left);
+    }
+}
+
+impl Io {
+    /// Moves waiting events into the application's stream while it has room.
+    fn deliver(&mut self, cx: &mut Context<'_>) {
+        while !self.pending.is_empty() {
+            match self.events.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if let Some(event) = self.pending.pop_front() {
+                        if self.events.start_send(event).is_err() {
+                            self.pending.clear();
+                        }
+                    }
+                }
+                // The application's event stream is gone; the session goes on.
+                Poll::Ready(Err(_)) => self.pending.clear(),
+                Poll::Pending => break,
+            }
+        }
     }
 
-    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
-        // Writes first, so frames the core produced go out before we wait.
-        if let Some(live) = &mut self.live {
-            if let Err(e) = pump_writes(live, cx) {
-                return Poll::Ready(Wake::WriteFailed(live.tid, e));
+    /// Collects what is ready into `inputs`, without the lock; `true` if
+    /// anything was (its source registered no waker, so step again).
+    fn gather(&mut self, shared: &Shared, cx: &mut Context<'_>) -> bool {
+        let before = self.inputs.len();
+        if !self.handles_gone && shared.handles.load(Ordering::Acquire) == 0 {
+            self.handles_gone = true;
+            self.inputs.push(Input::HandlesGone);
+        }
+        // Frames first, several per step, unless events wait for room: the
+        // task stops reading while the application leaves its stream full.
+        self.reads_skipped = !self.pending.is_empty();
+        if let (false, Some(live)) = (self.reads_skipped, &mut self.live) {
+            for _ in 0..READ_BATCH {
+                let ws = &mut live.ws;
+                let Poll::Ready(item) = live.readable.poll(cx, |cx| ws.poll_next_unpin(cx)) else {
+                    break;
+                };
+                let more = matches!(&item, Some(Ok(m)) if !matches!(m, Message::Close(_)));
+                self.inputs.push(Input::Frame(live.tid, item));
+                if !more {
+                    break;
+                }
             }
         }
-        // Commands get a turn at least every 32 reads, so a flood of
-        // incoming frames cannot starve the application.
-        if self.reads_in_a_row >= 32 {
-            self.reads_in_a_row = 0;
-            if let Poll::Ready(c) = self.poll_command(cx) {
-                return Poll::Ready(c);
-            }
-        }
-        if let Some(live) = &mut self.live {
-            let ws = &mut live.ws;
-            if let Poll::Ready(item) = live.readable.poll(cx, |cx| ws.poll_next_unpin(cx)) {
-                self.reads_in_a_row += 1;
-                return Poll::Ready(Wake::Frame(live.tid, item));
-            }
-        }
-        self.reads_in_a_row = 0;
         if let Some((tid, fut)) = &mut self.connecting {
             if let Poll::Ready(r) = fut.poll_unpin(cx) {
-                let tid = *tid;
+                self.inputs.push(Input::Opened(*tid, r));
                 self.connecting = None;
-                return Poll::Ready(Wake::Opened(tid, r));
             }
         }
-        if !self.closing.is_empty() {
-            if let Poll::Ready(Some((tid, code, reason))) = self.closing.poll_next_unpin(cx) {
-                return Poll::Ready(Wake::Closed(tid, code, reason));
+        while !self.closing.is_empty() {
+            match self.closing.poll_next_unpin(cx) {
+                Poll::Ready(Some((tid, code, reason))) => {
+                    self.inputs.push(Input::Closed(tid, code, reason));
+                }
+                _ => break,
             }
         }
         if let Some(fetch) = &mut self.token_fetch {
             if let Poll::Ready(token) = fetch.poll_unpin(cx) {
                 self.token_fetch = None;
-                return Poll::Ready(Wake::Token(token));
+                self.inputs.push(Input::Token(token));
             }
         }
-        if let Poll::Ready(c) = self.poll_command(cx) {
-            return Poll::Ready(c);
-        }
-        let deadline = self.client.poll_timeout().map(|d| self.clock.std(d.at));
-        if self.timer.poll(&*self.runtime, deadline, cx).is_ready() {
-            return Poll::Ready(Wake::Timeout);
-        }
-        Poll::Pending
+        self.inputs.len() > before
     }
 
-    fn poll_command(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
-        if self.commands_done {
-            return Poll::Pending;
-        }
-        self.commands.poll_next_unpin(cx).map(Wake::Command)
-    }
-
-    fn now(&self) -> kitestring_core::Instant {
-        self.clock.now(&*self.runtime)
-    }
-
-    fn handle(&mut self, wake: Wake) {
-        let now = self.now();
-        match wake {
-            Wake::Timeout => self.client.handle_timeout(now),
-            Wake::Command(None) => {
-                self.commands_done = true;
-                let _ = self.client.close(now);
+    /// Feeds one input to the core.
+    fn feed(&mut self, inner: &mut Inner, now: kitestring_core::Instant, input: Input) {
+        let client = &mut inner.client;
+        match input {
+            Input::HandlesGone => {
+                let _ = client.close(now);
             }
-            Wake::Command(Some(cmd)) => self.command(now, cmd),
-            Wake::Opened(tid, Ok(ws)) => {
+            Input::Opened(tid, Ok(ws)) => {
                 if let Some(old) = self.live.take() {
                     self.start_close(old, CloseCode::RETRY, "superseded");
                 }
@@ -881,29 +1020,28 @@ impl Driver {
                     out: VecDeque::new(),
                     needs_flush: false,
                 });
-                self.client.handle_transport_opened(now, tid);
+                client.handle_transport_opened(now, tid);
             }
-            Wake::Opened(tid, Err(e)) => {
+            Input::Opened(tid, Err(e)) => {
                 debug!(transport = tid.0, error = ?e, "connection attempt failed");
-                self.client.handle_transport_error(now, tid, e);
+                client.handle_transport_error(now, tid, e);
             }
-            Wake::Frame(tid, item) => self.frame(now, tid, item),
-            Wake::WriteFailed(tid, e) => {
-                self.live = None;
-                self.client
-                    .handle_transport_error(now, tid, transport_error(e));
+            Input::Frame(tid, item) => self.frame(client, now, tid, item),
+            Input::WriteFailed(tid, e) => {
+                // The socket was dropped when the write failed.
+                client.handle_transport_error(now, tid, transport_error(e));
             }
-            Wake::Closed(tid, code, reason) => {
-                self.client.handle_transport_closed(now, tid, code, &reason);
+            Input::Closed(tid, code, reason) => {
+                client.handle_transport_closed(now, tid, code, &reason);
             }
-            Wake::Token(Some(token)) => {
-                if let Err(e) = self.client.send_token(now, token) {
+            Input::Token(Some(token)) => {
+                if let Err(e) = client.send_token(now, token) {
                     // Not open any more: the next connection carries a fresh
                     // token in its upgrade anyway.
                     debug!(error = %e, "fresh token not sent");
                 }
             }
-            Wake::Token(None) => {
+            Input::Token(None) => {
                 debug!("token provider had no token; the server will close with 4401")
             }
         }
@@ -911,148 +1049,50 @@ impl Driver {
 
     fn frame(
         &mut self,
+        client: &mut Client,
         now: kitestring_core::Instant,
         tid: TransportId,
         item: Option<Result<Message, WsError>>,
     ) {
+        let current = matches!(&self.live, Some(l) if l.tid == tid);
         match item {
             Some(Ok(Message::Text(text))) => {
-                self.client
-                    .handle_message(now, tid, Incoming::Text(text.as_str()));
+                client.handle_message(now, tid, Incoming::Text(text.as_str()));
             }
             Some(Ok(Message::Binary(data))) => {
-                self.client
-                    .handle_message(now, tid, Incoming::Binary(&data));
+                client.handle_message(now, tid, Incoming::Binary(&data));
             }
             Some(Ok(Message::Close(frame))) => {
                 let (code, reason) = ws::close_code(&frame);
                 debug!(transport = tid.0, ?code, %reason, "peer closed");
                 // tungstenite has queued the close reply; finish it aside.
-                if let Some(live) = self.live.take() {
+                if let Some(live) = self.live.take_if(|_| current) {
                     self.finish_close(live);
                 }
-                self.client.handle_transport_closed(now, tid, code, &reason);
+                client.handle_transport_closed(now, tid, code, &reason);
             }
             Some(Ok(_)) => {} // pings are answered by tungstenite; pongs ignored
             None => {
-                self.live = None;
-                self.client.handle_transport_closed(now, tid, None, "");
+                if current {
+                    self.live = None;
+                }
+                client.handle_transport_closed(now, tid, None, "");
             }
             Some(Err(e)) => {
                 debug!(transport = tid.0, error = %e, "transport error");
-                self.live = None;
-                self.client
-                    .handle_transport_error(now, tid, transport_error(e));
+                if current {
+                    self.live = None;
+                }
+                client.handle_transport_error(now, tid, transport_error(e));
             }
         }
     }
 
-    fn command(&mut self, now: kitestring_core::Instant, cmd: Command) {
-        match cmd {
-            Command::Send {
-                payload,
-                timestamp,
-                reply,
-                ack,
-            } => {
-                let r = match timestamp {
-                    Some(ts) => self.client.send_with_timestamp(now, payload, ts),
-                    None => self.client.send(now, payload),
-                };
-                if let (Ok(id), Some(ack)) = (&r, ack) {
-                    self.waiters.insert(*id, ack);
-                }
-                let _ = reply.send(r);
-            }
-            Command::Datagram { data, reply } => {
-                let _ = reply.send(self.client.send_datagram(now, data));
-            }
-            Command::Token { token, reply } => {
-                let _ = reply.send(self.client.send_token(now, token));
-            }
-            Command::Reconnect { reply } => {
-                let _ = reply.send(self.client.reconnect(now).map_err(ClientError::from));
-            }
-            Command::Join { room, reply } => {
-                let r = self.client.join(now, &room);
-                trace!(%room, ok = r.is_ok(), "join");
-                let _ = reply.send(r);
-            }
-            Command::Leave { room, reply } => {
-                let r = self.client.leave(now, &room);
-                trace!(%room, ok = r.is_ok(), "leave");
-                let _ = reply.send(r);
-            }
-            Command::Publish {
-                room,
-                payload,
-                reply,
-            } => {
-                let _ = reply.send(self.client.publish(now, &room, payload));
-            }
-            Command::Request {
-                payload,
-                timeout,
-                reply,
-                response,
-            } => {
-                let r = self.client.request(now, payload, timeout);
-                if let Ok(id) = &r {
-                    self.requests.insert(*id, response);
-                }
-                let _ = reply.send(r);
-            }
-            Command::CancelRequest { request, reply } => {
-                let was = self.client.cancel_request(now, request);
-                if let Some(w) = self.requests.remove(&request) {
-                    let _ = w.send(Err(ClientError::RequestCancelled(request)));
-                }
-                let _ = reply.send(was);
-            }
-            Command::Respond {
-                request,
-                payload,
-                reply,
-            } => {
-                let _ = reply.send(self.client.respond(now, request, payload));
-            }
-            Command::Latest {
-                key,
-                payload,
-                reply,
-            } => {
-                let _ = reply.send(self.client.send_latest(now, &key, payload));
-            }
-            Command::Stats { reply } => {
-                let _ = reply.send(ClientSnapshot {
-                    stats: self.client.stats().clone(),
-                    state: self.client.state().clone(),
-                    session: self.client.session(),
-                    rtt: self.client.rtt(),
-                    rooms: self.client.rooms().map(str::to_owned).collect(),
-                    pending_requests: self.client.pending_requests(),
-                    queued: self.client.queued(),
-                    unacknowledged: self.client.unacknowledged(),
-                });
-            }
-            Command::Close { reply } => {
-                self.stop_when_closed = true;
-                match self.client.close(now) {
-                    Ok(()) => self.close_replies.push(reply),
-                    Err(kitestring_core::client::UsageError::Closing) => {
-                        self.close_replies.push(reply)
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Carries out every output of the core, in order.
-    async fn drain(&mut self) {
-        while let Some(output) = self.client.poll_output() {
+    /// Carries out every output of the core, in order: frames go to the
+    /// socket's queue, events to `pending` (after settling the waiters they
+    /// resolve), connects and closes start their futures.
+    fn drain(&mut self, shared: &Shared, inner: &mut Inner) {
+        while let Some(output) = inner.client.poll_output() {
             match output {
                 Output::Connect(tid) => {
                     debug!(transport = tid.0, "connecting");
@@ -1061,6 +1101,7 @@ impl Driver {
                     }
                     let fut = self.connector.clone().open();
                     self.connecting = Some((tid, Box::pin(fut)));
+                    self.started = true;
                 }
                 Output::Transmit(tid, t) => match &mut self.live {
                     Some(live) if live.tid == tid => live.out.push_back(ws::to_message(t)),
@@ -1082,24 +1123,31 @@ impl Driver {
                         let done: Closing =
                             Box::pin(async move { (tid, Some(code), String::new()) });
                         self.closing.push(done);
+                        self.started = true;
                     }
                 }
-                Output::Event(event) => self.event(event).await,
+                Output::Event(event) => {
+                    self.event(shared, inner, &event);
+                    self.pending.push_back(event);
+                }
             }
         }
     }
 
-    async fn event(&mut self, event: Event) {
-        match &event {
+    /// What the driver itself does about an event: logs, the codec, the
+    /// waiters it resolves, a token fetch.
+    fn event(&mut self, shared: &Shared, inner: &mut Inner, event: &Event) {
+        match event {
             Event::Connected {
                 codec,
                 session,
                 resumed,
                 ..
             } => {
-                self.codec.store(codec_tag(*codec), Ordering::Relaxed);
+                shared.codec.store(codec_tag(*codec), Ordering::Relaxed);
                 // Later log lines of this client carry the session id.
-                tracing::Span::current()
+                shared
+                    .span
                     .record("session", tracing::field::display(session.to_hex()));
                 if *resumed {
                     debug!(?codec, "session resumed");
@@ -1108,13 +1156,13 @@ impl Driver {
                 }
             }
             Event::Acked { first, last } => {
-                let done: Vec<MessageId> = self
+                let done: Vec<MessageId> = inner
                     .waiters
                     .range(*first..=*last)
                     .map(|(id, _)| *id)
                     .collect();
                 for id in done {
-                    if let Some(w) = self.waiters.remove(&id) {
+                    if let Some(w) = inner.waiters.remove(&id) {
                         let _ = w.send(Ok(()));
                     }
                 }
@@ -1131,7 +1179,7 @@ impl Driver {
                     "session lost"
                 );
                 for id in unconfirmed.iter().chain(unsent) {
-                    if let Some(w) = self.waiters.remove(id) {
+                    if let Some(w) = inner.waiters.remove(id) {
                         let _ = w.send(Err(ClientError::Lost {
                             id: *id,
                             reason: reason.clone(),
@@ -1140,7 +1188,7 @@ impl Driver {
                 }
             }
             Event::SendFailed { id, error } => {
-                if let Some(w) = self.waiters.remove(id) {
+                if let Some(w) = inner.waiters.remove(id) {
                     let _ = w.send(Err(ClientError::SendFailed {
                         id: *id,
                         error: error.clone(),
@@ -1148,13 +1196,13 @@ impl Driver {
                 }
             }
             Event::Response { request, response } => {
-                if let Some(w) = self.requests.remove(request) {
+                if let Some(w) = inner.requests.remove(request) {
                     let _ = w.send(Ok(response.clone()));
                 }
             }
             Event::RequestFailed { request, error } => {
                 debug!(request = request.0, %error, "request failed");
-                if let Some(w) = self.requests.remove(request) {
+                if let Some(w) = inner.requests.remove(request) {
                     let _ = w.send(Err(ClientError::Request {
                         id: *request,
                         error: *error,
@@ -1174,6 +1222,7 @@ impl Driver {
                 debug!(?within, "server asks for a fresh token");
                 if let Some(provider) = &self.connector.token {
                     self.token_fetch = Some(provider());
+                    self.started = true;
                 }
             }
             Event::StateChanged { new, .. } => {
@@ -1183,30 +1232,33 @@ impl Driver {
                     _ => debug!(state = new.name(), "state changed"),
                 }
                 if matches!(new, State::Closed { .. } | State::Failed { .. }) {
-                    self.fail_waiters(|id| ClientError::Lost {
+                    fail_waiters(&mut inner.waiters, |id| ClientError::Lost {
                         id,
                         reason: LostReason::Closed,
                     });
-                    for reply in self.close_replies.drain(..) {
+                    for reply in inner.close_replies.drain(..) {
                         let _ = reply.send(Ok(()));
                     }
                 }
             }
             _ => {}
         }
-        // The application's event stream may be gone; the session goes on.
-        let _ = self.events.send(event).await;
     }
 
-    fn fail_requests(&mut self, error: RequestError) {
-        for (id, w) in std::mem::take(&mut self.requests) {
-            let _ = w.send(Err(ClientError::Request { id, error }));
-        }
-    }
-
-    fn fail_waiters(&mut self, error: impl Fn(MessageId) -> ClientError) {
-        for (id, w) in std::mem::take(&mut self.waiters) {
-            let _ = w.send(Err(error(id)));
+    /// Writes queued frames as far as the socket takes them; `true` if the
+    /// write failed (the socket is dropped and the failure fed next step).
+    fn write(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(live) = &mut self.live else {
+            return false;
+        };
+        match pump_writes(live, cx) {
+            Ok(()) => false,
+            Err(e) => {
+                let tid = live.tid;
+                self.live = None;
+                self.inputs.push(Input::WriteFailed(tid, e));
+                true
+            }
         }
     }
 
@@ -1221,6 +1273,7 @@ impl Driver {
             let _ = util::timeout(&*runtime, limit, close_live(live)).await;
             (tid, Some(code), reason.to_owned())
         }));
+        self.started = true;
     }
 
     /// The peer sent a close: flush tungstenite's reply and wait for EOF.
@@ -1233,6 +1286,7 @@ impl Driver {
             // Already reported; the core ignores a second report.
             (tid, None, String::new())
         }));
+        self.started = true;
     }
 }
 
