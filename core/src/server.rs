@@ -511,6 +511,11 @@ impl Server {
         }
     }
 
+    /// The connection a session is attached to, if any.
+    pub fn connection_of(&self, session: SessionId) -> Option<ConnectionId> {
+        self.sessions.get(&session)?.conn
+    }
+
     /// The session a connection carries, once its handshake is done.
     pub fn session_of(&self, connection: ConnectionId) -> Option<SessionId> {
         match self.conns.get(&connection)?.phase {

@@ -31,9 +31,8 @@
 //! socket (the events of at most one batch of frames wait beyond it) but
 //! keeps writing, and handle calls keep working, so keep consuming events.
 //! Frames waiting for the socket are bounded by the core's send window plus
-//! control frames, except datagrams: the core does not queue them, so each
-//! one becomes a frame for the socket at once, and a sender faster than the
-//! socket must pace itself.
+//! control frames; datagrams, which the core does not queue, are refused
+//! while [`DATAGRAM_BACKLOG`] frames wait.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -66,6 +65,10 @@ use crate::error::{ClientError, ConnectError};
 use crate::runtime::{BoxFuture, BoxIo, Budget, Clock, DriveTimer, ReadyFlag, Runtime};
 use crate::util::{self, Target};
 use crate::ws::{self, ClientTls, Ws};
+
+/// Frames waiting for the socket beyond which datagrams are refused
+/// ([`ClientHandle::send_datagram`], [`ServerHandle::send_datagram`](crate::ServerHandle::send_datagram)).
+pub const DATAGRAM_BACKLOG: usize = 256;
 
 /// Asked for a fresh token before every connection attempt (it goes in the
 /// upgrade request) and whenever the server asks for re-authentication
@@ -209,6 +212,9 @@ struct Shared {
     clock: Clock,
     /// The codec typed sends use (see [`ClientHandle::codec`]).
     codec: AtomicU8,
+    /// Frames waiting for the socket after the driver's last step; datagrams
+    /// are refused while there are [`DATAGRAM_BACKLOG`] or more.
+    unsent: AtomicUsize,
     /// The driver's span; later log lines carry the session id.
     span: tracing::Span,
 }
@@ -415,7 +421,22 @@ impl ClientHandle {
     }
 
     /// Sends an unsequenced datagram: no ack, no retry, only while open.
+    ///
+    /// Datagrams are not queued by the session: while
+    /// [`DATAGRAM_BACKLOG`] frames already wait for the socket (a slow
+    /// network), a datagram is refused with [`SendError::QueueFull`] rather
+    /// than queued without bound.
+    ///
+    /// [`SendError::QueueFull`]: kitestring_core::reliable::SendError::QueueFull
     pub async fn send_datagram(&self, data: impl Into<Bytes>) -> Result<(), ClientError> {
+        let waiting = self.shared.unsent.load(Ordering::Relaxed);
+        if waiting >= DATAGRAM_BACKLOG {
+            return Err(kitestring_core::reliable::SendError::QueueFull {
+                messages: waiting,
+                bytes: 0,
+            }
+            .into());
+        }
         let data = data.into();
         Ok(self.with(|s, now| s.client.send_datagram(now, data))??)
     }
@@ -661,6 +682,7 @@ pub fn connect(
         runtime: runtime.clone(),
         clock,
         codec: AtomicU8::new(codec_tag(preferred)),
+        unsent: AtomicUsize::new(0),
         span: span.clone(),
     });
     let driver = Driver {
@@ -900,6 +922,10 @@ impl Driver {
         };
         io.deliver(cx);
         again |= io.write(cx);
+        shared.unsent.store(
+            io.live.as_ref().map_or(0, |l| l.out.len()),
+            Ordering::Relaxed,
+        );
         if finished {
             return Poll::Ready(Step::Finished);
         }

@@ -67,7 +67,7 @@ pub mod ws;
 
 pub use client::{
     connect, token_provider, ClientEvents, ClientHandle, ClientOptions, ClientSnapshot,
-    PendingResponse, TokenProvider,
+    PendingResponse, TokenProvider, DATAGRAM_BACKLOG,
 };
 pub use error::{ClientError, CodecError, ConnectError, ServeError, ServerError};
 pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};

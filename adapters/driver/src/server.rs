@@ -73,7 +73,7 @@ use futures_util::task::AtomicWaker;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::ServerConfig;
-use kitestring_core::reliable::MessageId;
+use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::rooms::{Member, RoomPolicy};
 use kitestring_core::server::{
     ConnectionId, Server, ServerEvent, ServerMetrics, ServerOutput, SessionEnd, SessionInfo,
@@ -822,15 +822,34 @@ impl ServerHandle {
     }
 
     /// Sends an unsequenced datagram to a session's client, if connected.
+    /// Refused with `SendError::QueueFull` while
+    /// [`DATAGRAM_BACKLOG`](crate::client::DATAGRAM_BACKLOG) frames (or half
+    /// [`ServerOptions::outbound_queue`], if less) already wait for that
+    /// connection's socket: datagrams are not queued without
+    /// bound, and never make a connection a slow consumer.
     pub async fn send_datagram(
         &self,
         session: SessionId,
         data: impl Into<Bytes>,
     ) -> Result<(), ServerError> {
         let data = data.into();
-        Ok(self
-            .shared
-            .call(|st, now| st.server.send_datagram(now, session, data))??)
+        // Half the frame queue at most, so datagrams alone never make a
+        // connection a slow consumer.
+        let limit = crate::client::DATAGRAM_BACKLOG.min(self.shared.outbound / 2);
+        Ok(self.shared.call(|st, now| {
+            let waiting = st
+                .server
+                .connection_of(session)
+                .and_then(|c| st.conns.get(&c))
+                .map_or(0, |slot| slot.out.len());
+            if waiting >= limit {
+                return Err(SendError::QueueFull {
+                    messages: waiting,
+                    bytes: 0,
+                });
+            }
+            st.server.send_datagram(now, session, data)
+        })??)
     }
 
     /// Ends a session now (its client gets 1000 and stops).

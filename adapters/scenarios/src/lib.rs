@@ -388,6 +388,28 @@ pub async fn unread_events_pause_reading(rt: Arc<dyn Runtime>) {
         "the server kept reading with its event stream full: {} of {IN} unacknowledged",
         stats.unacknowledged.0
     );
+    // The socket backs up behind the paused server: datagrams, which the
+    // session does not queue, are refused instead of piling up.
+    let mut sent = 0;
+    let mut refused = false;
+    for _ in 0..5000 {
+        match client.send_datagram(vec![5u8; 16 * 1024]).await {
+            Ok(()) => sent += 1,
+            Err(kitestring::ClientError::Send(kitestring::SendError::QueueFull { .. })) => {
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("unexpected datagram error {e}"),
+        }
+        // Let the driver write (a handle call never yields by itself).
+        let _ = kitestring::util::timeout(
+            &*rt,
+            Duration::from_millis(1),
+            futures_util::future::pending::<()>(),
+        )
+        .await;
+    }
+    assert!(refused, "{sent} datagrams queued behind a stalled socket");
     // Reading the events lets the server read again: everything arrives.
     let mut got = Vec::new();
     while got.len() < IN as usize {
@@ -1082,6 +1104,24 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
     assert!(
         accepted <= 32,
         "accepted {accepted}: more than the window plus the queue"
+    );
+    // Datagrams are not queued without bound either: refused once the
+    // connection's frame queue holds its share, without closing it.
+    let mut sent = 0;
+    let mut refused = false;
+    for _ in 0..2000 {
+        match server.send_datagram(session, chunk.clone()).await {
+            Ok(()) => sent += 1,
+            Err(kitestring::ServerError::Send(kitestring::SendError::QueueFull { .. })) => {
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("unexpected datagram error {e}"),
+        }
+    }
+    assert!(
+        refused,
+        "{sent} datagrams queued for a peer that reads nothing"
     );
     let start = Instant::now();
     let mut detached = None;
