@@ -131,10 +131,20 @@ pub fn check_decode(msg: Incoming<'_>, limits: &Limits, probe: &dyn AllocProbe) 
         "decoding {} bytes allocated {peak} bytes at peak (bound {bound})",
         msg.len()
     );
+    if let Incoming::Binary(b) = msg {
+        // Decoding from a shared buffer (payloads sliced, not copied) must
+        // give exactly the same frame or error.
+        let shared = bytes::Bytes::copy_from_slice(b);
+        assert_eq!(
+            wire::decode(Incoming::SharedBinary(&shared), limits),
+            result,
+            "shared and copied decoding disagree"
+        );
+    }
     let frame = result.ok()?;
     let codec = match msg {
         Incoming::Text(_) => Codec::Json,
-        Incoming::Binary(_) => Codec::MsgPack,
+        Incoming::Binary(_) | Incoming::SharedBinary(_) => Codec::MsgPack,
     };
     assert_round_trip(&frame, codec, limits.version);
     Some(frame)

@@ -479,6 +479,9 @@ pub enum Incoming<'a> {
     Text(&'a str),
     /// A binary message.
     Binary(&'a [u8]),
+    /// A binary message in a shared buffer: large payloads are sliced out
+    /// of it (reference-counted) instead of copied.
+    SharedBinary(&'a Bytes),
 }
 
 impl Incoming<'_> {
@@ -487,6 +490,7 @@ impl Incoming<'_> {
         match self {
             Incoming::Text(s) => s.len(),
             Incoming::Binary(b) => b.len(),
+            Incoming::SharedBinary(b) => b.len(),
         }
     }
 
@@ -842,6 +846,9 @@ pub fn encode(frame: &Frame, codec: Codec, version: u8) -> Result<Transmit, Enco
     Ok(kind.with(out.into()))
 }
 
+/// Payloads from this size up are encoded without the scratch buffer.
+const DIRECT_ENCODE: usize = 1024;
+
 /// Encodes into a reusable buffer, then copies the result out at its exact
 /// size: one allocation per frame, the frame itself. The machines keep one
 /// such buffer each.
@@ -851,6 +858,18 @@ pub(crate) fn encode_with(
     version: u8,
     scratch: &mut Vec<u8>,
 ) -> Result<Transmit, EncodeError> {
+    // A large payload is encoded straight into a buffer of its own, which
+    // becomes the frame without a copy; small frames go through the
+    // scratch buffer and are copied out at their exact size.
+    if let Frame::Msg(m) = frame {
+        let len = m.payload.data().len();
+        if len >= DIRECT_ENCODE {
+            // Base64 in JSON grows the payload by a third.
+            let mut out = Vec::with_capacity(len + len / 3 + 256);
+            let kind = encode_into(frame, codec, version, &mut out)?;
+            return Ok(kind.with(Bytes::from(out)));
+        }
+    }
     let kind = encode_into(frame, codec, version, scratch)?;
     let t = kind.with(Bytes::copy_from_slice(scratch));
     // A rare huge frame should not pin its memory for the machine's life.
@@ -1199,9 +1218,28 @@ pub fn decode(msg: Incoming<'_>, limits: &Limits) -> Result<Frame, DecodeError> 
     }
     match msg {
         Incoming::Text(text) => decode_text(text),
-        Incoming::Binary(bytes) => decode_binary(bytes, limits.version),
+        Incoming::Binary(bytes) => decode_binary(bytes, limits.version, None),
+        Incoming::SharedBinary(bytes) => decode_binary(bytes, limits.version, Some(bytes)),
     }
 }
+
+/// `part` as its own `Bytes`: a slice of `backing` (no copy) when `part`
+/// lies in it and is most of it, a copy otherwise, so that a small payload
+/// kept by the application never pins a large frame.
+fn share(backing: Option<&Bytes>, part: &[u8]) -> Bytes {
+    if let Some(b) = backing {
+        let start = b.as_ptr() as usize;
+        let at = part.as_ptr() as usize;
+        let inside = at >= start && at + part.len() <= start + b.len();
+        if inside && part.len() >= SHARE_FROM && part.len() >= b.len() / 2 {
+            return b.slice_ref(part);
+        }
+    }
+    Bytes::copy_from_slice(part)
+}
+
+/// Payloads from this size up are shared with the frame they came in.
+const SHARE_FROM: usize = 1024;
 
 fn decode_text(text: &str) -> Result<Frame, DecodeError> {
     let probe: TypeProbe<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
@@ -1287,8 +1325,14 @@ fn json_frame(env: &JsonEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError
     envelope_frame!(json_frame, env, nested, json_payload)
 }
 
-fn pack_frame(env: &PackEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError> {
-    envelope_frame!(pack_frame, env, nested, pack_payload)
+fn pack_frame(
+    env: &PackEnvelope<'_>,
+    nested: bool,
+    backing: Option<&Bytes>,
+) -> Result<Frame, DecodeError> {
+    let frame = |inner: &PackEnvelope<'_>, nested| pack_frame(inner, nested, backing);
+    let payload = |env: &PackEnvelope<'_>| pack_payload(env, backing);
+    envelope_frame!(frame, env, nested, payload)
 }
 
 fn batch_frame<E>(
@@ -1324,7 +1368,7 @@ fn batch_frame<E>(
     Ok(Frame::Batch(msgs))
 }
 
-fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
+fn decode_binary(bytes: &[u8], version: u8, backing: Option<&Bytes>) -> Result<Frame, DecodeError> {
     if bytes.len() < BINARY_HEADER_LEN {
         return Err(DecodeError::ShortHeader { len: bytes.len() });
     }
@@ -1348,7 +1392,7 @@ fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
         });
     }
     if kind == KIND_RAW {
-        return Ok(Frame::Raw(Bytes::copy_from_slice(body)));
+        return Ok(Frame::Raw(share(backing, body)));
     }
     // The header's length frames the body; the envelope is the one map at its
     // start (rmp-serde's borrowing reader cannot report where the map ended).
@@ -1357,10 +1401,10 @@ fn decode_binary(bytes: &[u8], version: u8) -> Result<Frame, DecodeError> {
     let env = PackEnvelope::deserialize(&mut de).map_err(|e| DecodeError::MsgPack {
         message: e.to_string(),
     })?;
-    pack_frame(&env, false)
+    pack_frame(&env, false, backing)
 }
 
-fn pack_payload(env: &PackEnvelope<'_>) -> Result<Payload, DecodeError> {
+fn pack_payload(env: &PackEnvelope<'_>, backing: Option<&Bytes>) -> Result<Payload, DecodeError> {
     match (&env.j, env.m, env.b) {
         (Some(j), None, None) => {
             serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
@@ -1369,16 +1413,16 @@ fn pack_payload(env: &PackEnvelope<'_>) -> Result<Payload, DecodeError> {
             })?;
             Ok(Payload {
                 kind: PayloadKind::Json,
-                data: Bytes::copy_from_slice(j.as_bytes()),
+                data: share(backing, j.as_bytes()),
             })
         }
         (None, Some(m), None) => Ok(Payload {
             kind: PayloadKind::MsgPack,
-            data: Bytes::copy_from_slice(m),
+            data: share(backing, m),
         }),
         (None, None, Some(b)) => Ok(Payload {
             kind: PayloadKind::Binary,
-            data: Bytes::copy_from_slice(b),
+            data: share(backing, b),
         }),
         (None, None, None) => Err(DecodeError::MissingField {
             frame: "msg",
@@ -1704,6 +1748,57 @@ mod tests {
                 payload: Payload::msgpack(rmp_serde::to_vec(&(1, "two")).unwrap()).unwrap(),
             }),
         ]
+    }
+
+    fn msg_with(payload: Payload) -> Frame {
+        Frame::Msg(Msg {
+            seq: 1,
+            id: 1,
+            ack: None,
+            ts: None,
+            kind: MsgKind::Plain,
+            room: None,
+            payload,
+        })
+    }
+
+    fn payload_of(frame: &Frame) -> &Bytes {
+        match frame {
+            Frame::Msg(m) => &m.payload.data,
+            Frame::Raw(b) => b,
+            other => panic!("not a msg: {other:?}"),
+        }
+    }
+
+    fn within(inner: &Bytes, outer: &Bytes) -> bool {
+        let (a, b) = (inner.as_ptr() as usize, outer.as_ptr() as usize);
+        a >= b && a + inner.len() <= b + outer.len()
+    }
+
+    #[test]
+    fn large_payloads_are_shared_with_their_frame_and_small_ones_copied() {
+        let big = Payload::binary(vec![9u8; 16 * 1024]);
+        let small = Payload::binary(vec![9u8; 32]);
+        for (frame, shared) in [
+            (msg_with(big.clone()), true),
+            (msg_with(small), false),
+            (Frame::Raw(Bytes::from(vec![3u8; 4096])), true),
+        ] {
+            let wire = encode(&frame, Codec::MsgPack, 1).unwrap();
+            let backing = wire.data().clone();
+            let copied = decode(Incoming::Binary(&backing), &LIMITS).unwrap();
+            let sliced = decode(Incoming::SharedBinary(&backing), &LIMITS).unwrap();
+            assert_eq!(copied, frame);
+            assert_eq!(sliced, frame);
+            assert!(!within(payload_of(&copied), &backing));
+            assert_eq!(within(payload_of(&sliced), &backing), shared);
+        }
+        // Large payloads are encoded without the scratch copy, and the
+        // result is the same bytes.
+        let mut scratch = Vec::new();
+        let direct = encode_with(&msg_with(big.clone()), Codec::MsgPack, 1, &mut scratch).unwrap();
+        assert_eq!(direct, encode(&msg_with(big), Codec::MsgPack, 1).unwrap());
+        assert!(scratch.is_empty(), "the scratch buffer was not used");
     }
 
     #[test]

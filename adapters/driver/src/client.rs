@@ -1086,7 +1086,7 @@ impl Io {
                 client.handle_message(now, tid, Incoming::Text(text.as_str()));
             }
             Some(Ok(Message::Binary(data))) => {
-                client.handle_message(now, tid, Incoming::Binary(&data));
+                client.handle_message(now, tid, Incoming::SharedBinary(&data));
             }
             Some(Ok(Message::Close(frame))) => {
                 let (code, reason) = ws::close_code(&frame);

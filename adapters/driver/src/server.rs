@@ -1470,7 +1470,7 @@ impl ConnIo {
                                     .handle_message(now, id, Incoming::Text(t.as_str()));
                             }
                             Message::Binary(b) => {
-                                st.server.handle_message(now, id, Incoming::Binary(b));
+                                st.server.handle_message(now, id, Incoming::SharedBinary(b));
                             }
                             _ => {}
                         }
