@@ -1868,15 +1868,7 @@ mod tests {
     fn json_payloads_are_stored_without_surrounding_whitespace() {
         let p = Payload::json(&b" \n 1 \t"[..]).unwrap();
         assert_eq!(&p.data()[..], b"1");
-        let f = Frame::Msg(Msg {
-            seq: 1,
-            id: 1,
-            ack: None,
-            ts: None,
-            kind: MsgKind::Plain,
-            room: None,
-            payload: p,
-        });
+        let f = msg_with(p);
         for codec in [Codec::Json, Codec::MsgPack] {
             let wire = encode(&f, codec, 1).unwrap();
             assert_eq!(decode(wire.as_incoming(), &LIMITS).unwrap(), f, "{codec:?}");
