@@ -345,7 +345,7 @@ pub enum ArbFrame {
         /// Timestamp.
         ts: Option<u64>,
         /// What the message is for.
-        kind: ArbMsgKind,
+        kind: MsgKind,
         /// Its room.
         room: Option<String>,
         /// Payload.
@@ -370,40 +370,6 @@ pub enum ArbFrame {
     GoAway(u16, Option<u64>),
     /// A raw datagram.
     Raw(Vec<u8>),
-}
-
-/// What a generated message is for.
-#[derive(Arbitrary, Clone, Copy, Debug)]
-pub enum ArbMsgKind {
-    /// Plain.
-    Plain,
-    /// A request.
-    Request,
-    /// A response to this id.
-    Response(u64),
-    /// Join.
-    Join,
-    /// Leave.
-    Leave,
-    /// Presence.
-    Presence,
-    /// Refused.
-    Refused,
-}
-
-impl ArbMsgKind {
-    /// The kind.
-    pub fn kind(self) -> MsgKind {
-        match self {
-            ArbMsgKind::Plain => MsgKind::Plain,
-            ArbMsgKind::Request => MsgKind::Request,
-            ArbMsgKind::Response(id) => MsgKind::Response(id),
-            ArbMsgKind::Join => MsgKind::Join,
-            ArbMsgKind::Leave => MsgKind::Leave,
-            ArbMsgKind::Presence => MsgKind::Presence,
-            ArbMsgKind::Refused => MsgKind::Refused,
-        }
-    }
 }
 
 fn codec_of(msgpack: bool) -> Codec {
@@ -503,7 +469,7 @@ impl ArbFrame {
                 room,
                 payload,
             } => {
-                let kind = kind.kind();
+                let kind = *kind;
                 let room_ok = room
                     .as_ref()
                     .is_none_or(|r| !r.is_empty() && r.len() <= wire::MAX_TOKEN_LEN);
@@ -662,7 +628,7 @@ fn lenient_frame(f: &ArbFrame) -> Option<Frame> {
             room,
             payload,
         } => Some(Frame::Msg(Msg {
-            kind: kind.kind(),
+            kind: *kind,
             room: room.as_deref().map(std::sync::Arc::from),
             seq: *seq,
             id: *id,

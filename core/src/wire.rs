@@ -352,6 +352,7 @@ pub struct Msg {
 
 /// What a [`Msg`] is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "fuzzing", derive(arbitrary::Arbitrary))]
 pub enum MsgKind {
     /// A plain message.
     #[default]

@@ -714,20 +714,26 @@ pub async fn auth_rejected_403(rt: Arc<dyn Runtime>) {
     assert_eq!(calls, 1, "403 is never retried");
 }
 
-/// Scenario 5: a raw WebSocket client offering only version 99 gets a
-/// `reject` frame with 4001 and a close with 4001.
-pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
-    let (server, mut sev, addr) = serve(&rt, fast_server());
+/// A bare WebSocket client (no Kitestring driver) upgraded to `addr`, and
+/// the JSON `hello` text it would send as client `[id; 16]`, version 1.
+async fn raw_client(
+    rt: &Arc<dyn Runtime>,
+    addr: SocketAddr,
+    id: u8,
+) -> (
+    kitestring::async_tungstenite::WebSocketStream<kitestring::BoxIo>,
+    String,
+) {
     let io = within(
-        &rt,
+        rt,
         2000,
         "tcp",
         rt.connect_tcp(addr.ip().to_string(), addr.port()),
     )
     .await
     .unwrap();
-    let (mut ws, _) = within(
-        &rt,
+    let (ws, _) = within(
+        rt,
         2000,
         "upgrade",
         kitestring::async_tungstenite::client_async(format!("ws://{addr}/"), io),
@@ -737,7 +743,7 @@ pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
     let hello = wire::encode(
         &Frame::Hello(Hello {
             versions: vec![1],
-            client: ClientId([5; 16]),
+            client: ClientId([id; 16]),
             resume: None,
             caps: Vec::new(),
             codecs: vec![Codec::Json],
@@ -747,6 +753,14 @@ pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
     )
     .unwrap();
     let text = std::str::from_utf8(hello.data()).unwrap().to_owned();
+    (ws, text)
+}
+
+/// Scenario 5: a raw WebSocket client offering only version 99 gets a
+/// `reject` frame with 4001 and a close with 4001.
+pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let (mut ws, text) = raw_client(&rt, addr, 5).await;
     assert!(text.contains("\"versions\":[1]"), "{text}");
     let text = text.replace("\"versions\":[1]", "\"versions\":[99]");
     ws.send(Message::text(text)).await.unwrap();
@@ -1047,35 +1061,7 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
     options.config.queue.max_messages = 16;
     options.config.queue.max_bytes = 1 << 20;
     let (server, mut sev, addr) = serve(&rt, options);
-    let io = within(
-        &rt,
-        2000,
-        "tcp",
-        rt.connect_tcp(addr.ip().to_string(), addr.port()),
-    )
-    .await
-    .unwrap();
-    let (mut ws, _) = within(
-        &rt,
-        2000,
-        "upgrade",
-        kitestring::async_tungstenite::client_async(format!("ws://{addr}/"), io),
-    )
-    .await
-    .unwrap();
-    let hello = wire::encode(
-        &Frame::Hello(Hello {
-            versions: vec![1],
-            client: ClientId([6; 16]),
-            resume: None,
-            caps: Vec::new(),
-            codecs: vec![Codec::Json],
-        }),
-        Codec::Json,
-        1,
-    )
-    .unwrap();
-    let text = std::str::from_utf8(hello.data()).unwrap().to_owned();
+    let (mut ws, text) = raw_client(&rt, addr, 6).await;
     ws.send(Message::text(text)).await.unwrap();
     let welcome = within(&rt, 2000, "welcome", ws.next())
         .await
