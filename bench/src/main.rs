@@ -159,20 +159,36 @@ fn inner(args: &[String]) -> ExitCode {
         Some("core-msgpack") => core_cost::CorePair::new(Codec::MsgPack).run(n),
         Some("core-json") => core_cost::CorePair::new(Codec::Json).run(n),
         Some("tungstenite") => core_cost::TungPair::new().run(n),
-        // One connection, 32 B, 128 in flight, on one thread: for profiling
-        // the socket path with callgrind (`profile` below).
+        // `inner echo-ours|echo-base N [size] [connections] [mt]`: N
+        // messages per connection (default 32 B, 1 connection) on one
+        // thread, or on tokio's multi-threaded runtime with `mt`; for
+        // profiling the socket path (callgrind, perf).
         Some(side @ ("echo-ours" | "echo-base")) => {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let size = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
+            let conns = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+            let built = if args.get(4).map(String::as_str) == Some("mt") {
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            };
+            let Ok(rt) = built else {
                 return ExitCode::FAILURE;
             };
+            let window = match (conns, size > 1024) {
+                (1, false) => 128,
+                (1, true) => 32,
+                (_, false) => 16,
+                (_, true) => 4,
+            };
             let load = echo::Load {
-                conns: 1,
-                size: 32,
+                conns,
+                size,
                 per_conn: n,
-                window: 128,
+                window,
             };
             if side == "echo-ours" {
                 rt.block_on(async {

@@ -615,8 +615,8 @@ pub struct Client {
     decode_failures: u32,
     rtt: Option<Duration>,
     outputs: VecDeque<Output>,
-    /// Reused for every encode, so a frame costs one allocation: itself.
-    scratch: Vec<u8>,
+    /// Encodes every frame: a scratch buffer and a pool of large buffers.
+    encoder: wire::Encoder,
     stats: ClientStats,
 }
 
@@ -658,7 +658,7 @@ impl Client {
             decode_failures: 0,
             rtt: None,
             outputs: VecDeque::new(),
-            scratch: Vec::new(),
+            encoder: wire::Encoder::default(),
             stats: ClientStats::default(),
         })
     }
@@ -1985,7 +1985,7 @@ impl Client {
     }
 
     fn transmit_on(&mut self, id: TransportId, frame: &Frame, codec: Codec, version: u8) {
-        match wire::encode_with(frame, codec, version, &mut self.scratch) {
+        match self.encoder.encode(frame, codec, version) {
             Ok(t) => {
                 self.stats.frames_out += 1;
                 self.stats.bytes_out += t.len() as u64;

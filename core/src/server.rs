@@ -429,8 +429,8 @@ pub struct Server {
     sessions: Map<SessionId, Session>,
     timers: BinaryHeap<Reverse<(Instant, ServerTimer)>>,
     outputs: VecDeque<ServerOutput>,
-    /// Reused for every encode, so a frame costs one allocation: itself.
-    scratch: Vec<u8>,
+    /// Encodes every frame: a scratch buffer and a pool of large buffers.
+    encoder: wire::Encoder,
     next_conn: u64,
     next_id: u64,
     stats: ServerStats,
@@ -453,7 +453,7 @@ impl Server {
             sessions: Map::default(),
             timers: BinaryHeap::new(),
             outputs: VecDeque::new(),
-            scratch: Vec::new(),
+            encoder: wire::Encoder::default(),
             next_conn: 1,
             next_id: 1,
             stats: ServerStats::default(),
@@ -1997,7 +1997,7 @@ impl Server {
     }
 
     fn transmit_as(&mut self, connection: ConnectionId, frame: &Frame, codec: Codec, version: u8) {
-        match wire::encode_with(frame, codec, version, &mut self.scratch) {
+        match self.encoder.encode(frame, codec, version) {
             Ok(t) => {
                 self.stats.frames_out += 1;
                 self.stats.bytes_out += t.len() as u64;

@@ -16,6 +16,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -850,34 +851,112 @@ pub fn encode(frame: &Frame, codec: Codec, version: u8) -> Result<Transmit, Enco
 /// Payloads from this size up are encoded without the scratch buffer.
 const DIRECT_ENCODE: usize = 1024;
 
-/// Encodes into a reusable buffer, then copies the result out at its exact
-/// size: one allocation per frame, the frame itself. The machines keep one
-/// such buffer each.
-pub(crate) fn encode_with(
-    frame: &Frame,
-    codec: Codec,
-    version: u8,
-    scratch: &mut Vec<u8>,
-) -> Result<Transmit, EncodeError> {
-    // A large payload is encoded straight into a buffer of its own, which
-    // becomes the frame without a copy; small frames go through the
-    // scratch buffer and are copied out at their exact size.
-    if let Frame::Msg(m) = frame {
-        let len = m.payload.data().len();
-        if len >= DIRECT_ENCODE {
-            // Base64 in JSON grows the payload by a third.
-            let mut out = Vec::with_capacity(len + len / 3 + 256);
-            let kind = encode_into(frame, codec, version, &mut out)?;
-            return Ok(kind.with(Bytes::from(out)));
+/// Most buffers a machine keeps for reuse by its large frames.
+const POOL_BUFFERS: usize = 8;
+
+/// Largest buffer a machine keeps for reuse; bigger ones are freed.
+const POOL_MAX_CAPACITY: usize = 64 * 1024;
+
+/// Encodes a machine's frames. The machines keep one each.
+///
+/// Small frames are encoded into a scratch buffer and copied out at their
+/// exact size: one allocation per frame, the frame itself. A frame with a
+/// large payload is encoded straight into a buffer of its own, which
+/// becomes the frame without a copy; that buffer comes back to the encoder
+/// when the last reference to the frame is dropped (after the socket took
+/// it), so a steady stream of large frames reuses a few buffers instead of
+/// allocating and freeing one per frame. Freeing a fresh large buffer per
+/// frame made the system allocator hand memory back to the operating
+/// system and fault it in again on every few frames. The pool is bounded
+/// ([`POOL_BUFFERS`] buffers of at most [`POOL_MAX_CAPACITY`] bytes); a
+/// buffer that does not fit is freed as usual.
+#[derive(Debug, Default)]
+pub(crate) struct Encoder {
+    scratch: Vec<u8>,
+    pool: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// A pooled buffer that an encoded frame's `Bytes` owns.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if self.buf.capacity() > POOL_MAX_CAPACITY {
+            return;
+        }
+        // A poisoned pool only means a panic elsewhere; the buffer is freed.
+        if let Ok(mut pool) = self.pool.lock() {
+            if pool.len() < POOL_BUFFERS {
+                let mut buf = std::mem::take(&mut self.buf);
+                buf.clear();
+                pool.push(buf);
+            }
         }
     }
-    let kind = encode_into(frame, codec, version, scratch)?;
-    let t = kind.with(Bytes::copy_from_slice(scratch));
-    // A rare huge frame should not pin its memory for the machine's life.
-    if scratch.capacity() > 64 * 1024 {
-        *scratch = Vec::new();
+}
+
+impl Encoder {
+    /// Encodes `frame` with the negotiated codec and version.
+    pub(crate) fn encode(
+        &mut self,
+        frame: &Frame,
+        codec: Codec,
+        version: u8,
+    ) -> Result<Transmit, EncodeError> {
+        if let Frame::Msg(m) = frame {
+            let len = m.payload.data().len();
+            if len >= DIRECT_ENCODE {
+                // Base64 in JSON grows the payload by a third.
+                let want = len + len / 3 + 256;
+                let mut out = self.take_buffer(want);
+                let kind = encode_into(frame, codec, version, &mut out)?;
+                if out.capacity() > POOL_MAX_CAPACITY {
+                    return Ok(kind.with(Bytes::from(out)));
+                }
+                let owner = Pooled {
+                    buf: out,
+                    pool: Arc::clone(&self.pool),
+                };
+                return Ok(kind.with(Bytes::from_owner(owner)));
+            }
+        }
+        let kind = encode_into(frame, codec, version, &mut self.scratch)?;
+        let t = kind.with(Bytes::copy_from_slice(&self.scratch));
+        // A rare huge frame should not pin its memory for the machine's life.
+        if self.scratch.capacity() > POOL_MAX_CAPACITY {
+            self.scratch = Vec::new();
+        }
+        Ok(t)
     }
-    Ok(t)
+
+    /// A pooled buffer with room for `want` bytes, or a new one.
+    fn take_buffer(&mut self, want: usize) -> Vec<u8> {
+        if want <= POOL_MAX_CAPACITY {
+            if let Ok(mut pool) = self.pool.lock() {
+                // The most recently returned buffer first: the socket has
+                // just read it, so it is likely still in the cache.
+                if let Some(i) = pool.iter().rposition(|b| b.capacity() >= want) {
+                    return pool.remove(i);
+                }
+            }
+        }
+        Vec::with_capacity(want)
+    }
+
+    /// Buffers waiting for reuse.
+    #[cfg(test)]
+    fn pooled(&self) -> usize {
+        self.pool.lock().map(|p| p.len()).unwrap_or(0)
+    }
 }
 
 /// Which kind of WebSocket message an encoded frame travels in.
@@ -1796,10 +1875,31 @@ mod tests {
         }
         // Large payloads are encoded without the scratch copy, and the
         // result is the same bytes.
-        let mut scratch = Vec::new();
-        let direct = encode_with(&msg_with(big.clone()), Codec::MsgPack, 1, &mut scratch).unwrap();
-        assert_eq!(direct, encode(&msg_with(big), Codec::MsgPack, 1).unwrap());
-        assert!(scratch.is_empty(), "the scratch buffer was not used");
+        let mut encoder = Encoder::default();
+        let direct = encoder.encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap();
+        assert_eq!(direct, encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap());
+        assert!(encoder.scratch.is_empty(), "the scratch buffer was not used");
+        // Its buffer comes back when the frame is dropped, and is reused.
+        let first = direct.data().as_ptr();
+        assert_eq!(encoder.pooled(), 0);
+        drop(direct);
+        assert_eq!(encoder.pooled(), 1);
+        let again = encoder.encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap();
+        assert_eq!(again.data().as_ptr(), first, "the buffer was reused");
+        assert_eq!(encoder.pooled(), 0);
+        // The pool is bounded: more frames in flight than it holds are
+        // freed as usual when dropped.
+        let many: Vec<_> = (0..POOL_BUFFERS + 3)
+            .map(|_| encoder.encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap())
+            .collect();
+        drop(again);
+        drop(many);
+        assert_eq!(encoder.pooled(), POOL_BUFFERS);
+        // Buffers too large to keep are never pooled.
+        let huge = Payload::binary(vec![1u8; POOL_MAX_CAPACITY]);
+        let mut encoder = Encoder::default();
+        drop(encoder.encode(&msg_with(huge), Codec::MsgPack, 1).unwrap());
+        assert_eq!(encoder.pooled(), 0);
     }
 
     #[test]
