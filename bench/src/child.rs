@@ -191,9 +191,14 @@ async fn ours(ping: Duration, rooms: bool, queue: usize) {
 /// tokio-tungstenite: every connection has a task that reads its socket
 /// and forwards everything sent on a tokio broadcast channel.
 async fn baseline() {
-    let listener = tokio::net::TcpListener::bind(any_addr())
-        .await
-        .expect("bind");
+    // The same accept queue as Kitestring's listener (its default
+    // `ServerOptions::listen_backlog`), not tokio's 1024.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("reuseaddr");
+    socket.bind(any_addr()).expect("bind");
+    let listener = socket
+        .listen(kitestring::ServerOptions::default().listen_backlog)
+        .expect("listen");
     say(&format!(
         "port {}",
         listener.local_addr().expect("local address").port()
