@@ -436,6 +436,9 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
             }
         }
         let t_fresh = t.elapsed().as_secs_f64();
+        // The server application must have seen every session open before
+        // it sends to all of them.
+        wait_count(&mut child, |c, _| c >= n).await;
         child.send("sendall 1");
         child.line_async();
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -480,6 +483,9 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
             if *got == [1, 2] {
                 c_ok += 1;
             } else {
+                if c_lost + c_dup == 0 {
+                    eprintln!("  storm {n}: a client received {got:?} instead of [1, 2]");
+                }
                 let mut g = got.clone();
                 g.sort_unstable();
                 let before = g.len();
