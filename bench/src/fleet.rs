@@ -362,6 +362,10 @@ struct Storm {
     lost_or_dup: u64,
     /// Sessions that came back as new sessions instead of resuming.
     new_sessions: usize,
+    /// CPU seconds of both processes while the fresh sessions opened.
+    fresh_cpu: f64,
+    /// CPU seconds of both processes from the cut to the last resume.
+    resume_cpu: f64,
 }
 
 /// Scenario 6: every connection cut at once, every session resumed.
@@ -376,6 +380,8 @@ pub(crate) fn storm_scenario(opts: &Options) -> Vec<Figure> {
     let new_sessions: usize = runs.iter().map(|r| r.new_sessions).sum();
     let mid = &runs[runs.len() / 2];
     let (t_fresh, t_resume) = (mid.fresh, mid.resume);
+    let fresh_cpu: f64 = runs.iter().map(|r| r.fresh_cpu).sum::<f64>() / runs.len() as f64;
+    let resume_cpu: f64 = runs.iter().map(|r| r.resume_cpu).sum::<f64>() / runs.len() as f64;
     vec![
         Figure {
             scenario: format!("resume storm {n} (vs {n} fresh)"),
@@ -384,6 +390,15 @@ pub(crate) fn storm_scenario(opts: &Options) -> Vec<Figure> {
             baseline: t_fresh,
             higher_is_better: false,
             target: Some(1.3),
+            kind: Kind::Ratio,
+        },
+        Figure {
+            scenario: format!("resume storm {n} (vs {n} fresh)"),
+            metric: "CPU seconds, server and clients",
+            ours: resume_cpu,
+            baseline: fresh_cpu,
+            higher_is_better: false,
+            target: None,
             kind: Kind::Ratio,
         },
         Figure {
@@ -415,6 +430,9 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
     let r = rt.block_on(async {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let me = std::process::id();
+        let cpu = |child: &Child| net::cpu_seconds(me) + child.cpu_seconds();
+        let c0 = cpu(&child);
         let t = Instant::now();
         let clients: Vec<_> = (0..n)
             .map(|i| {
@@ -436,12 +454,14 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
             }
         }
         let t_fresh = t.elapsed().as_secs_f64();
+        let fresh_cpu = cpu(&child) - c0;
         // The server application must have seen every session open before
         // it sends to all of them.
         wait_count(&mut child, |c, _| c >= n).await;
         child.send("sendall 1");
         child.line_async();
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let c0 = cpu(&child);
         let t = Instant::now();
         child.send("cut 2");
         while resumed + new_sessions < n {
@@ -453,6 +473,7 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
             }
         }
         let t_resume = t.elapsed().as_secs_f64();
+        let resume_cpu = cpu(&child) - c0;
         child.expect("cut");
         // Let the messages queued during the cut arrive and be acknowledged.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -510,6 +531,8 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
             resume: t_resume,
             lost_or_dup: s_lost + s_dup + c_lost + c_dup,
             new_sessions,
+            fresh_cpu,
+            resume_cpu,
         }
     });
     drop(child);
@@ -528,9 +551,13 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
     let rt = net::tokio_runtime();
     let mut base = Vec::new();
     let mut ours = Vec::new();
+    // CPU seconds of the server (child) and the clients (this process).
+    let (mut base_cpu, mut ours_cpu) = ([0.0f64; 2], [0.0f64; 2]);
+    let me = std::process::id();
     for _ in 0..reps {
         let mut child = Child::spawn(&["server", "base"]);
         let port = port_of(&mut child);
+        let c0 = (child.cpu_seconds(), net::cpu_seconds(me));
         base.push(rt.block_on(async {
             let next = Arc::new(AtomicU64::new(0));
             let t = Instant::now();
@@ -552,9 +579,12 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
             .await;
             total as f64 / t.elapsed().as_secs_f64()
         }));
+        base_cpu[0] += child.cpu_seconds() - c0.0;
+        base_cpu[1] += net::cpu_seconds(me) - c0.1;
         drop(child);
         let mut child = Child::spawn(&["server", "ours", "30000", "0", "256"]);
         let port = port_of(&mut child);
+        let c0 = (child.cpu_seconds(), net::cpu_seconds(me));
         ours.push(rt.block_on(async {
             let next = Arc::new(AtomicU64::new(0));
             let runtime = kitestring_tokio::runtime();
@@ -579,11 +609,16 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
             .await;
             total as f64 / t.elapsed().as_secs_f64()
         }));
+        ours_cpu[0] += child.cpu_seconds() - c0.0;
+        ours_cpu[1] += net::cpu_seconds(me) - c0.1;
         drop(child);
     }
     let (o, b) = (net::median(&mut ours), net::median(&mut base));
     eprintln!("  churn: {o:.0} vs {b:.0} connections/s");
-    vec![Figure {
+    // Microseconds of CPU per connection, averaged over the repetitions
+    // (CPU times are counted in ticks of 10 ms, so only long runs say much).
+    let per = |cpu: f64| cpu * 1e6 / (total as f64 * reps as f64);
+    let mut figures = vec![Figure {
         scenario: "churn: connect+handshake+join".into(),
         metric: "connections/s",
         ours: o,
@@ -591,5 +626,17 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
         higher_is_better: true,
         target: Some(0.8),
         kind: Kind::Ratio,
-    }]
+    }];
+    for (i, side) in ["server", "clients"].iter().enumerate() {
+        figures.push(Figure {
+            scenario: format!("churn: {side} CPU per connection"),
+            metric: "CPU microseconds",
+            ours: per(ours_cpu[i]),
+            baseline: per(base_cpu[i]),
+            higher_is_better: false,
+            target: None,
+            kind: Kind::Ratio,
+        });
+    }
+    figures
 }

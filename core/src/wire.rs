@@ -1876,21 +1876,35 @@ mod tests {
         // Large payloads are encoded without the scratch copy, and the
         // result is the same bytes.
         let mut encoder = Encoder::default();
-        let direct = encoder.encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap();
-        assert_eq!(direct, encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap());
-        assert!(encoder.scratch.is_empty(), "the scratch buffer was not used");
+        let direct = encoder
+            .encode(&msg_with(big.clone()), Codec::MsgPack, 1)
+            .unwrap();
+        assert_eq!(
+            direct,
+            encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap()
+        );
+        assert!(
+            encoder.scratch.is_empty(),
+            "the scratch buffer was not used"
+        );
         // Its buffer comes back when the frame is dropped, and is reused.
         let first = direct.data().as_ptr();
         assert_eq!(encoder.pooled(), 0);
         drop(direct);
         assert_eq!(encoder.pooled(), 1);
-        let again = encoder.encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap();
+        let again = encoder
+            .encode(&msg_with(big.clone()), Codec::MsgPack, 1)
+            .unwrap();
         assert_eq!(again.data().as_ptr(), first, "the buffer was reused");
         assert_eq!(encoder.pooled(), 0);
         // The pool is bounded: more frames in flight than it holds are
         // freed as usual when dropped.
         let many: Vec<_> = (0..POOL_BUFFERS + 3)
-            .map(|_| encoder.encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap())
+            .map(|_| {
+                encoder
+                    .encode(&msg_with(big.clone()), Codec::MsgPack, 1)
+                    .unwrap()
+            })
             .collect();
         drop(again);
         drop(many);

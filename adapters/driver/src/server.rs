@@ -1618,3 +1618,46 @@ where
     .instrument(span)
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+
+    /// Connects `n` sockets to `addr`, which nobody accepts on; counts those
+    /// whose TCP handshake completed within `limit`.
+    fn queued(addr: SocketAddr, n: usize, limit: Duration) -> (usize, Vec<TcpStream>) {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            match TcpStream::connect_timeout(&addr, limit) {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+        }
+        (held.len(), held)
+    }
+
+    #[test]
+    fn the_listener_queues_as_many_connections_as_its_backlog() {
+        // The kernel caps the backlog at net.core.somaxconn (4096 since
+        // Linux 5.4); 600 is far above the standard library's 128, which
+        // this test is there to catch.
+        let n = 600;
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        if cap > n {
+            let listener = listen("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (ok, _held) = queued(addr, n, Duration::from_millis(500));
+            assert_eq!(ok, n, "connections beyond the accept queue were dropped");
+        }
+        // And a small backlog is honored too (this is what makes the
+        // check above able to fail): the queue holds backlog + 1.
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ok, _held) = queued(addr, 64, Duration::from_millis(300));
+        assert!(ok < 64, "a backlog of 16 queued {ok} connections");
+    }
+}
