@@ -235,7 +235,7 @@ pub(crate) fn fanout_scenario(opts: &Options) -> Vec<Figure> {
     let (sizes, reps): (&[(usize, u64)], usize) = if opts.quick {
         (&[(20, 50), (50, 20)], 1)
     } else {
-        (&[(100, 1_000), (1_000, 100), (10_000, 20)], 3)
+        (&[(100, 1_000), (1_000, 300), (10_000, 50)], 3)
     };
     let rt = net::tokio_runtime();
     let mut figures = Vec::new();
