@@ -870,10 +870,20 @@ const POOL_MAX_CAPACITY: usize = 64 * 1024;
 /// system and fault it in again on every few frames. The pool is bounded
 /// ([`POOL_BUFFERS`] buffers of at most [`POOL_MAX_CAPACITY`] bytes); a
 /// buffer that does not fit is freed as usual.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Encoder {
     scratch: Vec<u8>,
     pool: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pooled = self.pool.lock().map(|p| p.len()).unwrap_or(0);
+        f.debug_struct("Encoder")
+            .field("scratch_capacity", &self.scratch.capacity())
+            .field("pooled", &pooled)
+            .finish()
+    }
 }
 
 /// A pooled buffer that an encoded frame's `Bytes` owns.
