@@ -553,65 +553,31 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
     let mut ours = Vec::new();
     // CPU seconds of the server (child) and the clients (this process).
     let (mut base_cpu, mut ours_cpu) = ([0.0f64; 2], [0.0f64; 2]);
-    let me = std::process::id();
+    let runtime = {
+        let _inside = rt.enter();
+        kitestring_tokio::runtime()
+    };
     for _ in 0..reps {
-        let mut child = Child::spawn(&["server", "base"]);
-        let port = port_of(&mut child);
-        let c0 = (child.cpu_seconds(), net::cpu_seconds(me));
-        base.push(rt.block_on(async {
-            let next = Arc::new(AtomicU64::new(0));
-            let t = Instant::now();
-            futures_util::future::join_all((0..workers).map(|_| {
-                let next = next.clone();
-                tokio::spawn(async move {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total {
-                            break;
-                        }
-                        let url = net::spread_url(i as usize, port);
-                        let mut ws = crate::echo::baseline_connect(&url).await;
-                        let _ = ws.close(None).await;
-                        while let Some(Ok(_)) = ws.next().await {}
-                    }
-                })
-            }))
-            .await;
-            total as f64 / t.elapsed().as_secs_f64()
-        }));
-        base_cpu[0] += child.cpu_seconds() - c0.0;
-        base_cpu[1] += net::cpu_seconds(me) - c0.1;
-        drop(child);
-        let mut child = Child::spawn(&["server", "ours", "30000", "0", "256"]);
-        let port = port_of(&mut child);
-        let c0 = (child.cpu_seconds(), net::cpu_seconds(me));
-        ours.push(rt.block_on(async {
-            let next = Arc::new(AtomicU64::new(0));
-            let runtime = kitestring_tokio::runtime();
-            let t = Instant::now();
-            futures_util::future::join_all((0..workers).map(|_| {
-                let (next, runtime) = (next.clone(), runtime.clone());
-                tokio::spawn(async move {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total {
-                            break;
-                        }
-                        let url = net::spread_url(i as usize, port);
-                        let (client, _events) =
-                            net::ours_connect(runtime.clone(), &url, ClientOptions::default())
-                                .await;
-                        let _ = client.join(ROOM).await;
-                        let _ = client.close().await;
-                    }
-                })
-            }))
-            .await;
-            total as f64 / t.elapsed().as_secs_f64()
-        }));
-        ours_cpu[0] += child.cpu_seconds() - c0.0;
-        ours_cpu[1] += net::cpu_seconds(me) - c0.1;
-        drop(child);
+        let (rate, cpu) = churn_round(&rt, &["server", "base"], total, workers, |url| async move {
+            let mut ws = crate::echo::baseline_connect(&url).await;
+            let _ = ws.close(None).await;
+            while let Some(Ok(_)) = ws.next().await {}
+        });
+        base.push(rate);
+        base_cpu = [base_cpu[0] + cpu[0], base_cpu[1] + cpu[1]];
+        let server = ["server", "ours", "30000", "0", "256"];
+        let runtime = runtime.clone();
+        let (rate, cpu) = churn_round(&rt, &server, total, workers, move |url| {
+            let runtime = runtime.clone();
+            async move {
+                let (client, _events) =
+                    net::ours_connect(runtime, &url, ClientOptions::default()).await;
+                let _ = client.join(ROOM).await;
+                let _ = client.close().await;
+            }
+        });
+        ours.push(rate);
+        ours_cpu = [ours_cpu[0] + cpu[0], ours_cpu[1] + cpu[1]];
     }
     let (o, b) = (net::median(&mut ours), net::median(&mut base));
     eprintln!("  churn: {o:.0} vs {b:.0} connections/s");
@@ -639,4 +605,46 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
         });
     }
     figures
+}
+
+/// One churn run against a fresh server child started with `server`:
+/// `workers` loops run `cycle` on the next client address until `total`
+/// cycles are done. Returns cycles per second and the CPU seconds of the
+/// server and of this process (the clients).
+fn churn_round<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    server: &[&str],
+    total: u64,
+    workers: usize,
+    cycle: F,
+) -> (f64, [f64; 2])
+where
+    F: Fn(String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut child = Child::spawn(server);
+    let port = port_of(&mut child);
+    let me = std::process::id();
+    let c0 = (child.cpu_seconds(), net::cpu_seconds(me));
+    let rate = rt.block_on(async {
+        let next = Arc::new(AtomicU64::new(0));
+        let t = Instant::now();
+        futures_util::future::join_all((0..workers).map(|_| {
+            let (next, cycle) = (next.clone(), cycle.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    cycle(net::spread_url(i as usize, port)).await;
+                }
+            })
+        }))
+        .await;
+        total as f64 / t.elapsed().as_secs_f64()
+    });
+    let cpu = [child.cpu_seconds() - c0.0, net::cpu_seconds(me) - c0.1];
+    drop(child);
+    (rate, cpu)
 }

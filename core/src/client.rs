@@ -824,12 +824,7 @@ impl Client {
         let max = conn
             .peer_max_message
             .saturating_sub(wire::BINARY_HEADER_LEN);
-        if data.len() > max {
-            return Err(SendError::TooLarge {
-                size: data.len(),
-                max,
-            });
-        }
+        SendError::check_size(data.len(), max)?;
         self.transmit(&Frame::Raw(data));
         Ok(())
     }
@@ -841,12 +836,7 @@ impl Client {
         if self.state != State::Open {
             return Err(SendError::NotOpen);
         }
-        if token.len() > wire::MAX_TOKEN_BYTES {
-            return Err(SendError::TooLarge {
-                size: token.len(),
-                max: wire::MAX_TOKEN_BYTES,
-            });
-        }
+        SendError::check_size(token.len(), wire::MAX_TOKEN_BYTES)?;
         self.transmit(&Frame::Auth { token });
         Ok(())
     }
@@ -1111,12 +1101,7 @@ impl Client {
             _ => {}
         }
         let max = self.max_payload();
-        if payload.len() > max {
-            return Err(SendError::TooLarge {
-                size: payload.len(),
-                max,
-            });
-        }
+        SendError::check_size(payload.len(), max)?;
         Ok(())
     }
 

@@ -133,6 +133,16 @@ pub enum SendError {
     },
 }
 
+impl SendError {
+    /// [`TooLarge`](Self::TooLarge) if `size` bytes exceed the limit `max`.
+    pub(crate) fn check_size(size: usize, max: usize) -> Result<(), SendError> {
+        if size > max {
+            return Err(SendError::TooLarge { size, max });
+        }
+        Ok(())
+    }
+}
+
 /// Batching settings: several small messages in one frame.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchConfig {

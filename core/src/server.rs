@@ -684,12 +684,7 @@ impl Server {
             .config
             .max_message_size
             .saturating_sub(wire::BINARY_HEADER_LEN);
-        if data.len() > max {
-            return Err(SendError::TooLarge {
-                size: data.len(),
-                max,
-            });
-        }
+        SendError::check_size(data.len(), max)?;
         self.transmit(conn, &Frame::Raw(data));
         Ok(())
     }
@@ -828,12 +823,7 @@ impl Server {
     ) -> Result<usize, SendError> {
         self.advance(now);
         let max = self.config.max_message_size;
-        if payload.len() > max {
-            return Err(SendError::TooLarge {
-                size: payload.len(),
-                max,
-            });
-        }
+        SendError::check_size(payload.len(), max)?;
         let n = self.do_broadcast(room, &payload, exclude);
         self.process_evictions();
         Ok(n)
@@ -996,12 +986,7 @@ impl Server {
     ) -> Result<MessageId, SendError> {
         self.advance(now);
         let max = self.config.max_message_size;
-        if payload.len() > max {
-            return Err(SendError::TooLarge {
-                size: payload.len(),
-                max,
-            });
-        }
+        SendError::check_size(payload.len(), max)?;
         let s = self
             .sessions
             .get_mut(&session)

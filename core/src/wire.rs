@@ -2090,15 +2090,7 @@ mod tests {
     #[test]
     fn a_null_payload_is_a_payload() {
         for codec in [Codec::Json, Codec::MsgPack] {
-            let f = Frame::Msg(Msg {
-                seq: 1,
-                id: 1,
-                ack: None,
-                ts: None,
-                kind: MsgKind::Plain,
-                room: None,
-                payload: Payload::null(),
-            });
+            let f = msg_with(Payload::null());
             let wire = encode(&f, codec, 1).unwrap();
             assert_eq!(decode(wire.as_incoming(), &LIMITS).unwrap(), f, "{codec:?}");
         }
