@@ -476,11 +476,24 @@ impl Sim {
                 let i = self.links[l].client;
                 let identity = self.peers[i].identity.clone();
                 let fresh = self.fresh_session();
-                let conn = self.server.handle_connection(now, identity, fresh);
+                let tid = self.links[l].tid;
+                // Half the connections carry the hello in the upgrade
+                // request (and the answer in the response), the others as
+                // the first frame: both handshakes are exercised.
+                let hello = if self.rand() % 2 == 0 {
+                    self.peers[i].client.upgrade_hello(tid)
+                } else {
+                    None
+                };
+                let (conn, answer) = match &hello {
+                    Some(hello) => self.server.handle_upgrade(now, identity, fresh, hello),
+                    None => (self.server.handle_connection(now, identity, fresh), None),
+                };
                 self.links[l].conn = Some(conn);
                 self.by_conn.insert(conn, l);
-                let tid = self.links[l].tid;
-                self.peers[i].client.handle_transport_opened(now, tid);
+                self.peers[i]
+                    .client
+                    .handle_upgraded(now, tid, answer.as_deref());
             }
             Ev::ConnectFailed(l, err) => {
                 if self.links[l].client_gone || self.links[l].client_closing {

@@ -614,6 +614,11 @@ pub struct Client {
     next_nonce: u64,
     decode_failures: u32,
     rtt: Option<Duration>,
+    /// The transport whose upgrade request carries the `hello`.
+    hello_upgrade: Option<TransportId>,
+    /// A server left a `hello` in the upgrade unanswered: from then on the
+    /// `hello` goes as the first frame.
+    hello_upgrade_refused: bool,
     outputs: VecDeque<Output>,
     /// Encodes every frame: a scratch buffer and a pool of large buffers.
     encoder: wire::Encoder,
@@ -657,6 +662,8 @@ impl Client {
             next_nonce: 1,
             decode_failures: 0,
             rtt: None,
+            hello_upgrade: None,
+            hello_upgrade_refused: false,
             outputs: VecDeque::new(),
             encoder: wire::Encoder::default(),
             stats: ClientStats::default(),
@@ -1115,9 +1122,55 @@ impl Client {
 
     // ---- inputs -----------------------------------------------------------
 
+    /// The `hello` to put in the upgrade request of `transport`, in the
+    /// [`wire::HELLO_HEADER`] header: call it after [`Output::Connect`],
+    /// before the request goes out. Report the `101` response with
+    /// [`handle_upgraded`](Self::handle_upgraded).
+    ///
+    /// `None`: send the upgrade without it; the `hello` then goes as the
+    /// first frame. That is so when [`ClientConfig::hello_in_upgrade`] is
+    /// off, after a server left one unanswered, when the `hello` is longer
+    /// than [`wire::MAX_HELLO_HEADER`], or when `transport` is not the one
+    /// being opened.
+    pub fn upgrade_hello(&mut self, transport: TransportId) -> Option<String> {
+        if !self.config.hello_in_upgrade
+            || self.hello_upgrade_refused
+            || self.transport != Some(transport)
+            || !matches!(self.state, State::Connecting { .. })
+        {
+            return None;
+        }
+        let Ok(Transmit::Text(json)) = wire::encode(&self.hello(), Codec::Json, PROTOCOL_VERSION)
+        else {
+            return None;
+        };
+        let value = wire::header_value(std::str::from_utf8(&json).ok()?);
+        if value.len() > wire::MAX_HELLO_HEADER {
+            return None;
+        }
+        self.hello_upgrade = Some(transport);
+        self.stats.frames_out += 1;
+        self.stats.bytes_out += value.len() as u64;
+        Some(value)
+    }
+
     /// The transport the machine asked for is open (the WebSocket upgrade
-    /// succeeded).
+    /// succeeded), and its response carried no [`wire::WELCOME_HEADER`]:
+    /// the same as [`handle_upgraded`](Self::handle_upgraded) with `None`.
     pub fn handle_transport_opened(&mut self, now: Instant, transport: TransportId) {
+        self.handle_upgraded(now, transport, None);
+    }
+
+    /// The transport the machine asked for is open: the WebSocket upgrade
+    /// succeeded. `welcome` is the value of the response's
+    /// [`wire::WELCOME_HEADER`] header, if it had one.
+    ///
+    /// If the request carried the `hello` ([`upgrade_hello`](Self::upgrade_hello))
+    /// and the server answered it, the answer is handled like a first frame
+    /// (a `welcome` opens the session at once). Otherwise the `hello` goes
+    /// out as the first frame, and later connections no longer offer it in
+    /// the upgrade. An answer nobody asked for is ignored.
+    pub fn handle_upgraded(&mut self, now: Instant, transport: TransportId, welcome: Option<&str>) {
         self.advance(now);
         if self.transport != Some(transport) {
             return;
@@ -1125,20 +1178,45 @@ impl Client {
         let State::Connecting { attempt } = self.state else {
             return;
         };
-        let codecs = self.config.codecs.clone();
-        let resume = self.session.map(|session| Resume {
-            session,
-            delivered: self.inbound.delivered(),
-        });
-        let hello = Frame::Hello(Hello {
+        let offered = self.hello_upgrade.take() == Some(transport);
+        self.set_state(State::Handshaking { attempt });
+        match welcome {
+            Some(text) if offered => {
+                self.stats.frames_in += 1;
+                self.stats.bytes_in += text.len() as u64;
+                let limits = Limits {
+                    max_message: self.config.max_message_size,
+                    version: PROTOCOL_VERSION,
+                };
+                match wire::decode(Incoming::Text(text), &limits) {
+                    Ok(frame) => self.on_frame(frame),
+                    // The server considers the handshake done; this
+                    // connection cannot be repaired.
+                    Err(e) => self.protocol_error(format!("the upgrade's welcome header: {e}")),
+                }
+            }
+            _ => {
+                if offered {
+                    self.hello_upgrade_refused = true;
+                }
+                let hello = self.hello();
+                self.transmit_on(transport, &hello, Codec::Json, PROTOCOL_VERSION);
+            }
+        }
+    }
+
+    /// The `hello` for a new connection: resuming the session, if any.
+    fn hello(&self) -> Frame {
+        Frame::Hello(Hello {
             versions: self.config.versions.clone(),
             client: self.client_id,
-            resume,
+            resume: self.session.map(|session| Resume {
+                session,
+                delivered: self.inbound.delivered(),
+            }),
             caps: with_batch(&self.config.capabilities),
-            codecs,
-        });
-        self.set_state(State::Handshaking { attempt });
-        self.transmit_on(transport, &hello, Codec::Json, PROTOCOL_VERSION);
+            codecs: self.config.codecs.clone(),
+        })
     }
 
     /// A WebSocket message arrived on `transport`.

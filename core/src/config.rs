@@ -107,6 +107,12 @@ pub struct ClientConfig {
     /// failure (HTTP 401, close 4401) is retried once at once; if not, it is
     /// terminal.
     pub can_refresh_token: bool,
+    /// Offer the `hello` in the HTTP upgrade request (PROTOCOL.md, section
+    /// 4), so a connection is open after one round trip instead of two.
+    /// Default `true`. A server that does not answer it gets the `hello` as
+    /// the first frame, and the client stops offering it for the rest of its
+    /// life (a proxy may strip the header).
+    pub hello_in_upgrade: bool,
 }
 
 impl Default for ClientConfig {
@@ -131,6 +137,7 @@ impl Default for ClientConfig {
             coalesce_keys: 1024,
             max_pending_requests: 1024,
             can_refresh_token: false,
+            hello_in_upgrade: true,
         }
     }
 }

@@ -713,15 +713,68 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
     }
     assert_eq!(server.session_count(), usize::from(welcomed));
 
-    // Client side: the same text as the answer to our hello.
+    // Server side, again: the same text in the upgrade request's header.
+    // The answer goes in the response, never as a frame.
+    let mut server = match Server::new(ServerConfig {
+        max_message_size: FUZZ_MAX_MESSAGE,
+        ..ServerConfig::default()
+    }) {
+        Ok(s) => s,
+        Err(e) => panic!("server config: {e}"),
+    };
+    let (conn, answer) = server.handle_upgrade(Instant::ZERO, None, SessionId([9; 16]), &text);
+    let mut closed = false;
+    while let Some(o) = server.poll_output() {
+        match o {
+            ServerOutput::Transmit(_, t) => panic!("a frame after an upgrade hello: {t:?}"),
+            ServerOutput::Disconnect(c, code, _) => {
+                assert_eq!(c, conn);
+                assert!(code.is_sendable(), "server closes with {code:?}");
+                closed = true;
+            }
+            ServerOutput::Event(_) => {}
+        }
+    }
+    let mut welcomed = false;
+    if let Some(a) = &answer {
+        assert!(
+            a.bytes().all(|b| (0x20..0x7f).contains(&b)),
+            "the answer header is not printable ASCII: {a}"
+        );
+        match wire::decode(Incoming::Text(a), &limits()) {
+            Ok(Frame::Welcome(_)) => welcomed = true,
+            Ok(Frame::Reject(_)) => assert!(closed, "a reject must be followed by a close"),
+            other => panic!("server answered an upgrade hello with {other:?}"),
+        }
+    }
+    if matches!(frame, Some(Frame::Hello(_))) {
+        assert!(answer.is_some(), "a hello in the upgrade went unanswered");
+    }
+    assert_eq!(server.session_count(), usize::from(welcomed));
+
+    // Client side: the same text as the answer to our hello, as a frame...
     let config = ClientConfig::default();
-    let mut h = ClientHarness::new(config, 1);
+    let mut h = ClientHarness::new(config.clone(), 1);
     h.op(ClientOp::Connect);
     h.op(ClientOp::Opened(Tr::Current));
     let tr = h.transport;
     h.now = Instant::from_millis(1);
     h.max_now = h.now;
     h.feed(tr, Incoming::Text(&text));
+    h.drain(false, None);
+
+    // ... and in the response header, after a hello in the upgrade.
+    let mut h = ClientHarness::new(config, 1);
+    h.op(ClientOp::Connect);
+    let tr = h.transport;
+    assert!(
+        h.client.upgrade_hello(tr).is_some(),
+        "the default client offers its hello in the upgrade"
+    );
+    h.now = Instant::from_millis(1);
+    h.max_now = h.now;
+    h.fed_reject = matches!(frame, Some(Frame::Reject(_)));
+    h.client.handle_upgraded(h.now, tr, Some(&text));
     h.drain(false, None);
 }
 
@@ -1040,6 +1093,10 @@ pub enum ClientOp {
     SendDatagram(u16),
     /// `handle_transport_opened`.
     Opened(Tr),
+    /// The upgrade of a transport: `upgrade_hello` (if the first field is
+    /// `true`, before the request goes out), then `handle_upgraded` with a
+    /// well-formed frame (JSON, as the answer header carries it) or none.
+    Upgraded(Tr, bool, Option<ServerFrame>),
     /// `handle_transport_closed`, with a close code or none.
     Closed(Tr, Option<Code>),
     /// `handle_transport_error`.
@@ -1328,6 +1385,38 @@ impl ClientHarness {
                 let t = self.tr(t);
                 self.hand_in();
                 self.client.handle_transport_opened(now, t);
+            }
+            ClientOp::Upgraded(t, offer, answer) => {
+                let t = self.tr(t);
+                self.hand_in();
+                if offer {
+                    if let Some(hello) = self.client.upgrade_hello(t) {
+                        assert!(
+                            hello.bytes().all(|b| (0x20..0x7f).contains(&b)),
+                            "the hello header is not printable ASCII: {hello}"
+                        );
+                        assert!(hello.len() <= wire::MAX_HELLO_HEADER);
+                        match wire::decode(Incoming::Text(&hello), &limits()) {
+                            Ok(Frame::Hello(h)) => {
+                                assert_eq!(h.resume.map(|r| r.session), self.client.session());
+                            }
+                            other => panic!("the upgrade hello decodes to {other:?}"),
+                        }
+                    }
+                }
+                let answer = answer
+                    .and_then(|f| self.server_frame(&f))
+                    .and_then(|f| wire::encode(&f, Codec::Json, PROTOCOL_VERSION).ok())
+                    .and_then(|t| String::from_utf8(t.data().to_vec()).ok());
+                if let Some(a) = &answer {
+                    if matches!(
+                        wire::decode(Incoming::Text(a), &limits()),
+                        Ok(Frame::Reject(_))
+                    ) {
+                        self.fed_reject = true;
+                    }
+                }
+                self.client.handle_upgraded(now, t, answer.as_deref());
             }
             ClientOp::Closed(t, code) => {
                 let t = self.tr(t);
@@ -1695,6 +1784,20 @@ pub enum ServerOp {
         /// delivered count relative to what the server sent.
         resume: Option<(u8, bool, Num)>,
     },
+    /// A new connection whose upgrade request carries a hello
+    /// (`handle_upgrade`); the fields are those of `Connect` and `Hello`.
+    Upgrade {
+        /// Identity index (`None`: anonymous).
+        identity: Option<u8>,
+        /// Fresh session id byte.
+        fresh: u8,
+        /// Versions offered (`None`: the right ones).
+        versions: Option<Vec<u8>>,
+        /// Codecs: `true` is MessagePack (`None`: both).
+        codecs: Option<Vec<bool>>,
+        /// Resume, as in `Hello`.
+        resume: Option<(u8, bool, Num)>,
+    },
     /// A frame on a connection, in its codec unless `wrong_codec`.
     Frame(u8, ClientFrame, bool),
     /// Arbitrary text on a connection.
@@ -1801,6 +1904,56 @@ impl ServerHarness {
         }
     }
 
+    /// Starts modelling a connection the server just opened.
+    fn track(&mut self, id: ConnectionId) {
+        assert!(!self.all_conns.contains(&id), "connection id reused");
+        self.all_conns.push(id);
+        self.conns.insert(
+            id,
+            ConnModel {
+                codec: None,
+                session: None,
+            },
+        );
+    }
+
+    /// The hello a `Hello` or `Upgrade` op describes.
+    fn hello(
+        &self,
+        versions: Option<Vec<u8>>,
+        codecs: Option<Vec<bool>>,
+        resume: Option<(u8, bool, Num)>,
+    ) -> Frame {
+        let resume = resume.map(|(i, known, d)| {
+            let session = if known {
+                self.session(i)
+            } else {
+                SessionId([i ^ 0x5a; 16])
+            };
+            let base = self.sessions.get(&session).map_or(0, |s| s.sent_seq);
+            Resume {
+                session,
+                delivered: d.resolve(base),
+            }
+        });
+        Frame::Hello(Hello {
+            versions: versions
+                .map(|v| v.into_iter().take(wire::MAX_LIST_LEN).collect())
+                .unwrap_or_else(|| vec![PROTOCOL_VERSION]),
+            client: ClientId([0xc1; 16]),
+            resume,
+            caps: Vec::new(),
+            codecs: codecs
+                .map(|v| {
+                    v.into_iter()
+                        .take(wire::MAX_LIST_LEN)
+                        .map(codec_of)
+                        .collect()
+                })
+                .unwrap_or_else(|| vec![Codec::MsgPack, Codec::Json]),
+        })
+    }
+
     fn send_frame(&mut self, conn: ConnectionId, frame: &Frame, wrong: bool) {
         let codec = self
             .conns
@@ -1836,15 +1989,7 @@ impl ServerHarness {
                 let id = self
                     .server
                     .handle_connection(now, identity, SessionId([fresh; 16]));
-                assert!(!self.all_conns.contains(&id), "connection id reused");
-                self.all_conns.push(id);
-                self.conns.insert(
-                    id,
-                    ConnModel {
-                        codec: None,
-                        session: None,
-                    },
-                );
+                self.track(id);
             }
             ServerOp::Hello {
                 conn,
@@ -1853,35 +1998,52 @@ impl ServerHarness {
                 resume,
             } => {
                 let conn = self.conn(conn);
-                let resume = resume.map(|(i, known, d)| {
-                    let session = if known {
-                        self.session(i)
-                    } else {
-                        SessionId([i ^ 0x5a; 16])
-                    };
-                    let base = self.sessions.get(&session).map_or(0, |s| s.sent_seq);
-                    Resume {
-                        session,
-                        delivered: d.resolve(base),
-                    }
-                });
-                let hello = Frame::Hello(Hello {
-                    versions: versions
-                        .map(|v| v.into_iter().take(wire::MAX_LIST_LEN).collect())
-                        .unwrap_or_else(|| vec![PROTOCOL_VERSION]),
-                    client: ClientId([0xc1; 16]),
-                    resume,
-                    caps: Vec::new(),
-                    codecs: codecs
-                        .map(|v| {
-                            v.into_iter()
-                                .take(wire::MAX_LIST_LEN)
-                                .map(codec_of)
-                                .collect()
-                        })
-                        .unwrap_or_else(|| vec![Codec::MsgPack, Codec::Json]),
-                });
+                let hello = self.hello(versions, codecs, resume);
                 self.send_frame(conn, &hello, false);
+            }
+            ServerOp::Upgrade {
+                identity,
+                fresh,
+                versions,
+                codecs,
+                resume,
+            } => {
+                let identity =
+                    identity.map(|i| IDENTITIES[usize::from(i) % IDENTITIES.len()].to_string());
+                let hello = self.hello(versions, codecs, resume);
+                let Ok(Transmit::Text(json)) = wire::encode(&hello, Codec::Json, PROTOCOL_VERSION)
+                else {
+                    panic!("a hello must encode as JSON text");
+                };
+                let text = String::from_utf8_lossy(&json).into_owned();
+                let (id, answer) =
+                    self.server
+                        .handle_upgrade(now, identity, SessionId([fresh; 16]), &text);
+                self.track(id);
+                match answer {
+                    Some(a) => {
+                        assert!(
+                            a.bytes().all(|b| (0x20..0x7f).contains(&b)),
+                            "the answer header is not printable ASCII: {a}"
+                        );
+                        match wire::decode(Incoming::Text(&a), &limits()) {
+                            Ok(Frame::Welcome(w)) => {
+                                if let Some(c) = self.conns.get_mut(&id) {
+                                    c.codec = Some(w.codec);
+                                }
+                            }
+                            Ok(Frame::Reject(_)) => {}
+                            other => panic!("an upgrade hello answered with {other:?}"),
+                        }
+                    }
+                    // Refused at once (shutting down, a session id
+                    // collision): the connection is already closed.
+                    None => assert!(
+                        !self.server.connections().any(|c| c == id),
+                        "a well-formed upgrade hello left unanswered\n{}",
+                        self.log
+                    ),
+                }
             }
             ServerOp::Frame(conn, f, wrong) => {
                 let conn = self.conn(conn);

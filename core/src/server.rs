@@ -440,6 +440,9 @@ pub struct Server {
     /// update, to be ended once the current operation is done.
     evictions: Vec<SessionId>,
     shutting_down: bool,
+    /// While [`Server::handle_upgrade`] runs: the connection whose handshake
+    /// answer goes in the upgrade response, and that answer once made.
+    upgrade: Option<(ConnectionId, Option<Transmit>)>,
 }
 
 impl Server {
@@ -461,6 +464,7 @@ impl Server {
             policy: Box::new(AllowAll),
             evictions: Vec::new(),
             shutting_down: false,
+            upgrade: None,
         })
     }
 
@@ -565,6 +569,38 @@ impl Server {
             self.disconnect(id, CloseCode::GOING_AWAY, "shutting down");
         }
         id
+    }
+
+    /// A WebSocket upgrade request is being accepted, and it carries the
+    /// client's `hello` in its [`wire::HELLO_HEADER`] header (PROTOCOL.md,
+    /// section 4): [`handle_connection`](Self::handle_connection) and that
+    /// `hello` in one step, before the `101` response goes out.
+    ///
+    /// Returns the connection and, when the `hello` was handled, the answer
+    /// (`welcome` or `reject`, printable ASCII) to put in the response's
+    /// [`wire::WELCOME_HEADER`] header instead of sending it as a frame.
+    /// Whatever else the `hello` caused (a resumed session's retransmissions,
+    /// the close after a `reject`) comes from [`poll_output`](Self::poll_output)
+    /// as usual, to follow the `101`.
+    ///
+    /// `None`: the `hello` could not be used (it did not decode, or the
+    /// connection was refused at once). Answer without the header; the
+    /// client then sends its `hello` as the first frame.
+    pub fn handle_upgrade(
+        &mut self,
+        now: Instant,
+        identity: Option<String>,
+        fresh_session: SessionId,
+        hello: &str,
+    ) -> (ConnectionId, Option<String>) {
+        let connection = self.handle_connection(now, identity, fresh_session);
+        self.upgrade = Some((connection, None));
+        self.handle_message(now, connection, Incoming::Text(hello));
+        let answer = self.upgrade.take().and_then(|(_, answer)| match answer {
+            Some(Transmit::Text(json)) => std::str::from_utf8(&json).ok().map(wire::header_value),
+            _ => None,
+        });
+        (connection, answer)
     }
 
     /// A WebSocket message arrived on `connection`.
@@ -1986,8 +2022,18 @@ impl Server {
             Ok(t) => {
                 self.stats.frames_out += 1;
                 self.stats.bytes_out += t.len() as u64;
-                self.outputs
-                    .push_back(ServerOutput::Transmit(connection, t));
+                match &mut self.upgrade {
+                    // The handshake answer goes in the upgrade response.
+                    Some((c, answer @ None))
+                        if *c == connection
+                            && matches!(frame, Frame::Welcome(_) | Frame::Reject(_)) =>
+                    {
+                        *answer = Some(t);
+                    }
+                    _ => self
+                        .outputs
+                        .push_back(ServerOutput::Transmit(connection, t)),
+                }
             }
             Err(_) => self.disconnect(
                 connection,

@@ -45,6 +45,44 @@ pub const MAX_BATCH: usize = 1024;
 /// Most list entries (versions, codecs, capabilities) accepted in a handshake.
 pub const MAX_LIST_LEN: usize = 32;
 
+/// HTTP header of the upgrade request that carries the client's `hello`
+/// (PROTOCOL.md, section 4), saving the handshake's round trip.
+pub const HELLO_HEADER: &str = "kitestring-hello";
+/// HTTP header of the `101` response that carries the server's answer to a
+/// [`HELLO_HEADER`]: its `welcome` or `reject`.
+pub const WELCOME_HEADER: &str = "kitestring-welcome";
+/// Longest `hello` a client puts in [`HELLO_HEADER`]; a longer one (many
+/// capabilities) goes as the first frame instead, clear of the header size
+/// limits of proxies and servers.
+pub const MAX_HELLO_HEADER: usize = 4 * 1024;
+
+/// A handshake frame's JSON text as an HTTP header value: every character
+/// outside printable ASCII becomes a JSON `\uXXXX` escape. The result is the
+/// same JSON value, and a valid header value everywhere (RFC 9110 allows
+/// only visible ASCII, space and tab without ambiguity).
+///
+/// Outside strings, compact JSON is printable ASCII already, so escaping
+/// every such character is always correct.
+pub fn header_value(json: &str) -> String {
+    use std::fmt::Write as _;
+    if json.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return json.to_owned();
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if (' '..='~').contains(&c) {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        }
+    }
+    out
+}
+
 /// An envelope codec, agreed in the handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]

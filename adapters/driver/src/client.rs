@@ -57,7 +57,7 @@ use kitestring_core::client::{
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::ClientConfig;
 use kitestring_core::reliable::MessageId;
-use kitestring_core::wire::{ClientId, Codec, Incoming, Payload, SessionId};
+use kitestring_core::wire::{self, ClientId, Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
@@ -719,6 +719,10 @@ pub fn connect(
     ))
 }
 
+/// An upgrade under way: the socket and the response's
+/// [`wire::WELCOME_HEADER`], if any.
+type Opening = BoxFuture<'static, Result<(Ws, Option<String>), TransportError>>;
+
 /// Everything needed to open one WebSocket.
 struct Connector {
     runtime: Arc<dyn Runtime>,
@@ -731,10 +735,18 @@ struct Connector {
 }
 
 impl Connector {
-    async fn open(self: Arc<Self>) -> Result<Ws, TransportError> {
+    /// Opens the WebSocket; `hello` goes in the upgrade request. Returns the
+    /// socket and the server's answer to `hello`, if it gave one.
+    async fn open(
+        self: Arc<Self>,
+        hello: Option<String>,
+    ) -> Result<(Ws, Option<String>), TransportError> {
         let mut request = (&*self.target.url)
             .into_client_request()
             .map_err(|e| TransportError::WebSocket(e.to_string()))?;
+        if let Some(value) = hello.and_then(|h| HeaderValue::from_str(&h).ok()) {
+            request.headers_mut().insert(wire::HELLO_HEADER, value);
+        }
         if let Some(provider) = &self.token {
             if let Some(token) = provider().await {
                 let value = HeaderValue::from_str(&format!("{}{}", self.token_prefix, token))
@@ -763,11 +775,16 @@ impl Connector {
             }
             _ => tcp,
         };
-        let (ws, _response) =
+        let (ws, response) =
             async_tungstenite::client_async_with_config(request, io, Some(self.ws_config))
                 .await
                 .map_err(transport_error)?;
-        Ok(ws)
+        let welcome = response
+            .headers()
+            .get(wire::WELCOME_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok((ws, welcome))
     }
 }
 
@@ -817,7 +834,9 @@ const READ_BATCH: usize = 32;
 enum Input {
     /// Every handle is gone: close the session.
     HandlesGone,
-    Opened(TransportId, Result<Ws, TransportError>),
+    /// The upgrade's outcome: the socket and the response's
+    /// [`wire::WELCOME_HEADER`], if any.
+    Opened(TransportId, Result<(Ws, Option<String>), TransportError>),
     Frame(TransportId, Option<Result<Message, WsError>>),
     WriteFailed(TransportId, WsError),
     Closed(TransportId, Option<CloseCode>, String),
@@ -857,7 +876,7 @@ struct Io {
     /// Draining started a future (a connection attempt, a close, a token
     /// fetch) that has not been polled yet.
     started: bool,
-    connecting: Option<(TransportId, BoxFuture<'static, Result<Ws, TransportError>>)>,
+    connecting: Option<(TransportId, Opening)>,
     live: Option<Live>,
     closing: FuturesUnordered<Closing>,
     /// A fresh token being fetched to answer `TokenExpiring`.
@@ -1034,7 +1053,7 @@ impl Io {
             Input::HandlesGone => {
                 let _ = client.close(now);
             }
-            Input::Opened(tid, Ok(ws)) => {
+            Input::Opened(tid, Ok((ws, welcome))) => {
                 if let Some(old) = self.live.take() {
                     self.start_close(old, CloseCode::RETRY, "superseded");
                 }
@@ -1046,7 +1065,7 @@ impl Io {
                     out: VecDeque::new(),
                     needs_flush: false,
                 });
-                client.handle_transport_opened(now, tid);
+                client.handle_upgraded(now, tid, welcome.as_deref());
             }
             Input::Opened(tid, Err(e)) => {
                 debug!(transport = tid.0, error = ?e, "connection attempt failed");
@@ -1125,7 +1144,8 @@ impl Io {
                     if let Some(old) = self.live.take() {
                         self.start_close(old, CloseCode::RETRY, "superseded");
                     }
-                    let fut = self.connector.clone().open();
+                    let hello = inner.client.upgrade_hello(tid);
+                    let fut = self.connector.clone().open(hello);
                     self.connecting = Some((tid, Box::pin(fut)));
                     self.started = true;
                 }

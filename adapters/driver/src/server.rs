@@ -63,7 +63,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use async_tungstenite::tungstenite::http::{HeaderMap, StatusCode};
+use async_tungstenite::tungstenite::http::{HeaderMap, HeaderValue, StatusCode};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use bytes::Bytes;
@@ -78,7 +78,7 @@ use kitestring_core::rooms::{Member, RoomPolicy};
 use kitestring_core::server::{
     ConnectionId, Server, ServerEvent, ServerMetrics, ServerOutput, SessionEnd, SessionInfo,
 };
-use kitestring_core::wire::{Codec, Incoming, Payload, SessionId};
+use kitestring_core::wire::{self, Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
@@ -1069,7 +1069,7 @@ impl ServerHandle {
     {
         let shared = self.shared.clone();
         self.shared.runtime.spawn(Box::pin(async move {
-            connection(shared, ws, identity).await;
+            connection(shared, ws, identity, None).await;
         }));
     }
 
@@ -1296,7 +1296,10 @@ fn log_event(event: &ServerEvent) {
 async fn handshake(shared: Arc<Shared>, io: BoxIo) {
     let limit = shared.options.handshake_timeout;
     let opts = shared.options.clone();
-    let upgraded = util::timeout(&*shared.runtime, limit, async move {
+    // A connection the core opened for a `hello` in the upgrade request,
+    // kept outside the upgrade future so a timeout cannot lose it.
+    let early: std::sync::Mutex<Option<ConnectionId>> = std::sync::Mutex::new(None);
+    let upgraded = util::timeout(&*shared.runtime, limit, async {
         let io: BoxIo = match &opts.tls {
             Some(tls) => match tls.acceptor.accept(io).await {
                 Ok(s) => Box::new(s),
@@ -1311,32 +1314,40 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo) {
         let auth = opts.auth.clone();
         // The signature is tungstenite's `Callback`.
         #[allow(clippy::result_large_err)]
-        let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-            let Some(auth) = auth else {
-                return Ok(resp);
-            };
-            let view = AuthRequest {
-                path: req.uri().path(),
-                query: req.uri().query(),
-                headers: req.headers(),
-            };
-            match auth(&view) {
-                Ok(id) => {
-                    identity = id;
-                    Ok(resp)
-                }
-                Err(reject) => {
-                    let status = match reject {
-                        AuthReject::Forbidden => StatusCode::FORBIDDEN,
-                        AuthReject::Unauthorized => StatusCode::UNAUTHORIZED,
-                    };
-                    let mut r = ErrorResponse::new(Some(
-                        status.canonical_reason().unwrap_or("").to_owned(),
-                    ));
-                    *r.status_mut() = status;
-                    Err(r)
+        let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+            if let Some(auth) = auth {
+                let view = AuthRequest {
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                };
+                match auth(&view) {
+                    Ok(id) => identity = id,
+                    Err(reject) => {
+                        let status = match reject {
+                            AuthReject::Forbidden => StatusCode::FORBIDDEN,
+                            AuthReject::Unauthorized => StatusCode::UNAUTHORIZED,
+                        };
+                        let mut r = ErrorResponse::new(Some(
+                            status.canonical_reason().unwrap_or("").to_owned(),
+                        ));
+                        *r.status_mut() = status;
+                        return Err(r);
+                    }
                 }
             }
+            if let Some(hello) = req.headers().get(wire::HELLO_HEADER) {
+                if let Some((id, answer)) = early_hello(&shared, identity.clone(), hello.as_bytes())
+                {
+                    if let Ok(mut early) = early.lock() {
+                        *early = Some(id);
+                    }
+                    if let Some(value) = answer.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                        resp.headers_mut().insert(wire::WELCOME_HEADER, value);
+                    }
+                }
+            }
+            Ok(resp)
         };
         let config = ws::websocket_config(opts.config.max_message_size);
         match async_tungstenite::accept_hdr_async_with_config(io, callback, Some(config)).await {
@@ -1349,13 +1360,48 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo) {
     })
     .await
     .flatten();
-    if let Some((ws, identity)) = upgraded {
-        // A task of its own: the handshake's state (TLS, HTTP parsing,
-        // about 2 KiB) is freed instead of living on inside every
-        // connection's future.
-        let runtime = shared.runtime.clone();
-        runtime.spawn(Box::pin(connection(shared, ws, identity)));
+    let early = early.into_inner().ok().flatten();
+    match upgraded {
+        Some((ws, identity)) => {
+            // A task of its own: the handshake's state (TLS, HTTP parsing,
+            // about 2 KiB) is freed instead of living on inside every
+            // connection's future.
+            let runtime = shared.runtime.clone();
+            runtime.spawn(Box::pin(connection(shared, ws, identity, early)));
+        }
+        // The core opened a connection for the upgrade's `hello`, but the
+        // `101` never made it out.
+        None => {
+            if let Some(id) = early {
+                report_closed(&shared, id, None);
+            }
+        }
     }
+}
+
+/// Runs a `hello` from the upgrade request through the core, before the
+/// `101` goes out: the connection is open at once, and its answer goes in
+/// the response. `None` while shutting down or without randomness for a
+/// session id: the connection then takes the ordinary path.
+fn early_hello(
+    shared: &Shared,
+    identity: Option<String>,
+    hello: &[u8],
+) -> Option<(ConnectionId, Option<String>)> {
+    // Not UTF-8: the core reports it undecodable, like a bad first frame.
+    let hello = std::str::from_utf8(hello).unwrap_or("\u{fffd}");
+    let fresh = util::random16().ok()?;
+    shared.run(None, |st, now| {
+        if st.shutdown.is_some() || st.stopped {
+            return None;
+        }
+        let (id, answer) = st
+            .server
+            .handle_upgrade(now, identity, SessionId(fresh), hello);
+        // Before the core's outputs are drained, so they find the slot.
+        st.conns.insert(id, Slot::default());
+        Some((id, answer))
+    })
 }
 
 /// How a connection task's main loop ended.
@@ -1570,12 +1616,22 @@ async fn finish<S>(
 /// One connection's task: reads frames and runs them through the core,
 /// writes the frames the core queued for it, closes when told or when the
 /// peer goes.
-async fn connection<S>(shared: Arc<Shared>, mut ws: WebSocketStream<S>, identity: Option<String>)
-where
+///
+/// `early`: the core already opened this connection, for a `hello` in the
+/// upgrade request.
+async fn connection<S>(
+    shared: Arc<Shared>,
+    mut ws: WebSocketStream<S>,
+    identity: Option<String>,
+    early: Option<ConnectionId>,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let close_timeout = shared.options.close_timeout;
     let opened = shared.run(None, |st, now| {
+        if let Some(id) = early {
+            return Ok(id);
+        }
         if st.shutdown.is_some() || st.stopped {
             return Err((CloseCode::GOING_AWAY, "going away"));
         }

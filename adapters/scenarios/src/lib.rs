@@ -40,7 +40,7 @@ macro_rules! scenarios {
     ($block_on:path, $runtime:expr) => {
         $crate::scenarios!(@one $block_on, $runtime,
             exchange_json, exchange_msgpack, resume_after_drops, half_open_detected,
-            auth_rejected_401, auth_rejected_403, version_mismatch_rejected,
+            auth_rejected_401, auth_rejected_403, version_mismatch_rejected, hello_in_upgrade,
             shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, handover_upgraded_socket,
             slow_consumer_closed, broadcast_through_cuts, slow_member_evicted,
             unauthorized_join_refused, presence_after_resume, rotation_without_loss,
@@ -736,6 +736,22 @@ async fn raw_client(
     kitestring::async_tungstenite::WebSocketStream<kitestring::BoxIo>,
     String,
 ) {
+    let (ws, _) = raw_upgrade(rt, addr, None).await;
+    (ws, hello_text(id))
+}
+
+/// A bare WebSocket upgraded to `addr`, with `hello` (if any) in the
+/// request's hello header; returns the socket and the response's answer
+/// header.
+async fn raw_upgrade(
+    rt: &Arc<dyn Runtime>,
+    addr: SocketAddr,
+    hello: Option<&str>,
+) -> (
+    kitestring::async_tungstenite::WebSocketStream<kitestring::BoxIo>,
+    Option<String>,
+) {
+    use kitestring::async_tungstenite::tungstenite::client::IntoClientRequest;
     let io = within(
         rt,
         2000,
@@ -744,14 +760,31 @@ async fn raw_client(
     )
     .await
     .unwrap();
-    let (ws, _) = within(
+    let mut request = format!("ws://{addr}/").into_client_request().unwrap();
+    if let Some(hello) = hello {
+        request
+            .headers_mut()
+            .insert(wire::HELLO_HEADER, hello.parse().unwrap());
+    }
+    let (ws, response) = within(
         rt,
         2000,
         "upgrade",
-        kitestring::async_tungstenite::client_async(format!("ws://{addr}/"), io),
+        // Boxed: the handshake's state would otherwise sit in every
+        // scenario future that upgrades, on the test thread's stack.
+        Box::pin(kitestring::async_tungstenite::client_async(request, io)),
     )
     .await
     .unwrap();
+    let answer = response
+        .headers()
+        .get(wire::WELCOME_HEADER)
+        .map(|v| v.to_str().unwrap().to_owned());
+    (ws, answer)
+}
+
+/// The JSON `hello` of client `[id; 16]`: version 1, JSON only.
+fn hello_text(id: u8) -> String {
     let hello = wire::encode(
         &Frame::Hello(Hello {
             versions: vec![1],
@@ -764,8 +797,82 @@ async fn raw_client(
         1,
     )
     .unwrap();
-    let text = std::str::from_utf8(hello.data()).unwrap().to_owned();
-    (ws, text)
+    std::str::from_utf8(hello.data()).unwrap().to_owned()
+}
+
+const LIMITS: Limits = Limits {
+    max_message: 1 << 20,
+    version: 1,
+};
+
+/// Scenario 5b: a `hello` in the upgrade request is answered in the `101`
+/// response. The session is open without a handshake frame, messages flow
+/// both ways at once, and a `hello` the server refuses gets its `reject`
+/// in the response and the close right after.
+pub async fn hello_in_upgrade(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let (mut ws, answer) = raw_upgrade(&rt, addr, Some(&hello_text(6))).await;
+    let answer = answer.expect("the 101 carries the welcome");
+    let session = match wire::decode(Incoming::Text(&answer), &LIMITS).unwrap() {
+        Frame::Welcome(w) => {
+            assert_eq!((w.codec, w.resumed, w.delivered), (Codec::Json, false, 0));
+            w.session
+        }
+        other => panic!("expected a welcome, got {other:?}"),
+    };
+    let (_, opened, _, resumed) = session_opened(&rt, &mut sev).await;
+    assert_eq!((opened, resumed), (session, false));
+    // The first frame is already a message.
+    ws.send(Message::text(
+        r#"{"t":"msg","seq":1,"id":1,"j":{"n":1,"text":"up"}}"#,
+    ))
+    .await
+    .unwrap();
+    let up = server_wait(&rt, &mut sev, 2000, "message up", |e| match e {
+        ServerEvent::Message {
+            session: s,
+            message,
+        } if *s == session => Some(message.decode::<Note>().unwrap()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(up.text, "up");
+    server.send(session, &note(2)).await.unwrap();
+    let down = within(&rt, 2000, "message down", async {
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Text(t) => {
+                    match wire::decode(Incoming::Text(t.as_str()), &LIMITS).unwrap() {
+                        Frame::Msg(m) => return m,
+                        _ => continue, // acknowledgments, pings
+                    }
+                }
+                _ => continue,
+            }
+        }
+    })
+    .await;
+    assert_eq!(down.seq, 1);
+
+    // Refused: the reject comes in the response, then the close.
+    let hello = hello_text(7).replace("\"versions\":[1]", "\"versions\":[99]");
+    let (mut refused, answer) = raw_upgrade(&rt, addr, Some(&hello)).await;
+    match wire::decode(Incoming::Text(&answer.unwrap()), &LIMITS).unwrap() {
+        Frame::Reject(r) => assert_eq!(r.code, 4001),
+        other => panic!("expected a reject, got {other:?}"),
+    }
+    match within(&rt, 2000, "close", refused.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4001),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    drop(ws);
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
 }
 
 /// Scenario 5: a raw WebSocket client offering only version 99 gets a
@@ -1162,14 +1269,31 @@ pub async fn handover_upgraded_socket(rt: Arc<dyn Runtime>) {
     )
     .await
     .unwrap();
+    // The foreign stack does not know the hello header: it answers without
+    // one, and the client says hello in its first frame instead.
+    use kitestring::async_tungstenite::tungstenite::handshake::server::{
+        ErrorResponse, Request, Response,
+    };
+    let mut offered = None;
+    // The signature is tungstenite's `Callback`.
+    #[allow(clippy::result_large_err)]
+    let record = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        offered = req.headers().get(wire::HELLO_HEADER).cloned();
+        Ok(resp)
+    };
     let ws = within(
         &rt,
         2000,
         "foreign upgrade",
-        kitestring::async_tungstenite::accept_async(io),
+        kitestring::async_tungstenite::accept_hdr_async(io, record),
     )
     .await
     .unwrap();
+    let offered = offered.expect("the client offers its hello in the upgrade");
+    assert!(matches!(
+        wire::decode(Incoming::Text(offered.to_str().unwrap()), &LIMITS),
+        Ok(Frame::Hello(_))
+    ));
     server.accept_websocket(ws, Some("bob".to_owned()));
     let (session, _, _) = opened(&rt, &mut cev).await;
     let (_, s, identity, _) = session_opened(&rt, &mut sev).await;
