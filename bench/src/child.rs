@@ -31,9 +31,14 @@ pub(crate) fn run(args: &[String]) -> std::process::ExitCode {
             let ping = Duration::from_millis(num(1, 30_000));
             let rooms = num(2, 0) == 1;
             let queue = num(3, 256) as usize;
-            rt.block_on(ours(ping, rooms, queue));
+            // Both servers run as a task on the runtime's workers: a
+            // future driven by `block_on` lives on the main thread, where
+            // every wake-up (each server event, for ours) crosses threads.
+            let _ = rt.block_on(async { tokio::spawn(ours(ping, rooms, queue)).await });
         }
-        Some("base") => rt.block_on(baseline()),
+        Some("base") => {
+            let _ = rt.block_on(async { tokio::spawn(baseline()).await });
+        }
         _ => return std::process::ExitCode::FAILURE,
     }
     std::process::ExitCode::SUCCESS
