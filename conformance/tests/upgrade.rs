@@ -72,6 +72,22 @@ fn frames_to_client(outputs: &[ServerOutput], conn: ConnectionId) -> Vec<Frame> 
         .collect()
 }
 
+/// A client that asked for a transport, and that transport.
+fn connecting(config: ClientConfig) -> (Client, TransportId) {
+    let mut c = client(config);
+    c.connect(Instant::ZERO).unwrap();
+    let t = connect_output(&client_out(&mut c));
+    (c, t)
+}
+
+/// The client's only frame out is a `hello`.
+fn assert_hello_frame(c: &mut Client) {
+    assert!(matches!(
+        frames_to_server(&client_out(c)).as_slice(),
+        [Frame::Hello(_)]
+    ));
+}
+
 /// Carries every frame in both directions until neither side has more;
 /// returns the client's events and the server's.
 fn pump(
@@ -217,9 +233,7 @@ fn a_resume_through_the_upgrade_retransmits_after_it() {
 
 #[test]
 fn an_unanswered_upgrade_hello_falls_back_to_the_frame_for_good() {
-    let (mut c, mut s) = (client(ClientConfig::default()), server());
-    c.connect(Instant::ZERO).unwrap();
-    let t = connect_output(&client_out(&mut c));
+    let ((mut c, t), mut s) = (connecting(ClientConfig::default()), server());
     assert!(c.upgrade_hello(t).is_some());
     // A server that does not know the header: a plain 101.
     c.handle_upgraded(Instant::ZERO, t, None);
@@ -244,41 +258,30 @@ fn an_unanswered_upgrade_hello_falls_back_to_the_frame_for_good() {
 
 #[test]
 fn the_upgrade_hello_can_be_turned_off() {
-    let mut c = client(ClientConfig {
+    let (mut c, t) = connecting(ClientConfig {
         hello_in_upgrade: false,
         ..ClientConfig::default()
     });
-    c.connect(Instant::ZERO).unwrap();
-    let t = connect_output(&client_out(&mut c));
     assert_eq!(c.upgrade_hello(t), None);
     // Only the transport being opened gets one, too.
-    let mut c = client(ClientConfig::default());
-    c.connect(Instant::ZERO).unwrap();
-    let t = connect_output(&client_out(&mut c));
+    let (mut c, t) = connecting(ClientConfig::default());
     assert_eq!(c.upgrade_hello(TransportId(t.0 + 1)), None);
 }
 
 #[test]
 fn an_answer_to_a_hello_never_offered_is_ignored() {
-    let mut c = client(ClientConfig {
+    let (mut c, t) = connecting(ClientConfig {
         hello_in_upgrade: false,
         ..ClientConfig::default()
     });
-    c.connect(Instant::ZERO).unwrap();
-    let t = connect_output(&client_out(&mut c));
     c.handle_upgraded(Instant::ZERO, t, Some("{\"t\":\"welcome\"}"));
     assert_eq!(c.state(), &State::Handshaking { attempt: 0 });
-    assert!(matches!(
-        frames_to_server(&client_out(&mut c)).as_slice(),
-        [Frame::Hello(_)]
-    ));
+    assert_hello_frame(&mut c);
 }
 
 #[test]
 fn an_undecodable_answer_drops_the_connection() {
-    let mut c = client(ClientConfig::default());
-    c.connect(Instant::ZERO).unwrap();
-    let t = connect_output(&client_out(&mut c));
+    let (mut c, t) = connecting(ClientConfig::default());
     c.upgrade_hello(t).unwrap();
     c.handle_upgraded(Instant::ZERO, t, Some("not json"));
     let out = client_out(&mut c);
@@ -294,10 +297,7 @@ fn an_undecodable_answer_drops_the_connection() {
 
 #[test]
 fn a_reject_goes_in_the_response_and_the_close_follows() {
-    let mut c = client(ClientConfig::default());
-    let mut s = server();
-    c.connect(Instant::ZERO).unwrap();
-    let t = connect_output(&client_out(&mut c));
+    let ((mut c, t), mut s) = (connecting(ClientConfig::default()), server());
     let hello = c.upgrade_hello(t).unwrap();
     let hello = hello.replace("\"versions\":[1]", "\"versions\":[99]");
     let (conn, answer) = s.handle_upgrade(Instant::ZERO, None, SessionId([2; 16]), &hello);
@@ -341,12 +341,10 @@ fn an_undecodable_upgrade_hello_leaves_the_first_frame_to_say_hello() {
 
 #[test]
 fn headers_stay_printable_ascii_and_decode_to_the_same_hello() {
-    let mut c = client(ClientConfig {
+    let (mut c, t) = connecting(ClientConfig {
         capabilities: vec!["café".into(), "🪁".into(), "del\u{7f}".into()],
         ..ClientConfig::default()
     });
-    c.connect(Instant::ZERO).unwrap();
-    let t = connect_output(&client_out(&mut c));
     let hello = c.upgrade_hello(t).unwrap();
     assert!(hello.bytes().all(|b| (0x20..0x7f).contains(&b)), "{hello}");
     match wire::decode(Incoming::Text(&hello), &LIMITS).unwrap() {
@@ -362,26 +360,19 @@ fn headers_stay_printable_ascii_and_decode_to_the_same_hello() {
 #[test]
 fn a_long_hello_goes_as_a_frame() {
     let caps = (0..30).map(|i| format!("{i:0>200}")).collect();
-    let mut c = client(ClientConfig {
+    let (mut c, t) = connecting(ClientConfig {
         capabilities: caps,
         ..ClientConfig::default()
     });
-    c.connect(Instant::ZERO).unwrap();
-    let t = connect_output(&client_out(&mut c));
     assert_eq!(c.upgrade_hello(t), None);
     c.handle_upgraded(Instant::ZERO, t, None);
-    assert!(matches!(
-        frames_to_server(&client_out(&mut c)).as_slice(),
-        [Frame::Hello(_)]
-    ));
+    assert_hello_frame(&mut c);
 }
 
 #[test]
 fn the_encoder_output_is_text_json() {
     // The header helpers assume the handshake frames encode as JSON text.
-    let mut c = client(ClientConfig::default());
-    c.connect(Instant::ZERO).unwrap();
-    let t = connect_output(&client_out(&mut c));
+    let (mut c, t) = connecting(ClientConfig::default());
     c.handle_upgraded(Instant::ZERO, t, None);
     let out = client_out(&mut c);
     assert!(out

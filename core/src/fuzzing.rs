@@ -70,6 +70,16 @@ impl AllocProbe for NoProbe {
     }
 }
 
+/// A handshake header's value (`hello` or its answer), which must be
+/// printable ASCII, decoded.
+fn header_frame(value: &str) -> Result<Frame, DecodeError> {
+    assert!(
+        value.bytes().all(|b| (0x20..0x7f).contains(&b)),
+        "a handshake header is not printable ASCII: {value}"
+    );
+    wire::decode(Incoming::Text(value), &limits())
+}
+
 fn limits() -> Limits {
     Limits {
         max_message: FUZZ_MAX_MESSAGE,
@@ -737,11 +747,7 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
     }
     let mut welcomed = false;
     if let Some(a) = &answer {
-        assert!(
-            a.bytes().all(|b| (0x20..0x7f).contains(&b)),
-            "the answer header is not printable ASCII: {a}"
-        );
-        match wire::decode(Incoming::Text(a), &limits()) {
+        match header_frame(a) {
             Ok(Frame::Welcome(_)) => welcomed = true,
             Ok(Frame::Reject(_)) => assert!(closed, "a reject must be followed by a close"),
             other => panic!("server answered an upgrade hello with {other:?}"),
@@ -1391,12 +1397,8 @@ impl ClientHarness {
                 self.hand_in();
                 if offer {
                     if let Some(hello) = self.client.upgrade_hello(t) {
-                        assert!(
-                            hello.bytes().all(|b| (0x20..0x7f).contains(&b)),
-                            "the hello header is not printable ASCII: {hello}"
-                        );
                         assert!(hello.len() <= wire::MAX_HELLO_HEADER);
-                        match wire::decode(Incoming::Text(&hello), &limits()) {
+                        match header_frame(&hello) {
                             Ok(Frame::Hello(h)) => {
                                 assert_eq!(h.resume.map(|r| r.session), self.client.session());
                             }
@@ -2021,21 +2023,15 @@ impl ServerHarness {
                         .handle_upgrade(now, identity, SessionId([fresh; 16]), &text);
                 self.track(id);
                 match answer {
-                    Some(a) => {
-                        assert!(
-                            a.bytes().all(|b| (0x20..0x7f).contains(&b)),
-                            "the answer header is not printable ASCII: {a}"
-                        );
-                        match wire::decode(Incoming::Text(&a), &limits()) {
-                            Ok(Frame::Welcome(w)) => {
-                                if let Some(c) = self.conns.get_mut(&id) {
-                                    c.codec = Some(w.codec);
-                                }
+                    Some(a) => match header_frame(&a) {
+                        Ok(Frame::Welcome(w)) => {
+                            if let Some(c) = self.conns.get_mut(&id) {
+                                c.codec = Some(w.codec);
                             }
-                            Ok(Frame::Reject(_)) => {}
-                            other => panic!("an upgrade hello answered with {other:?}"),
                         }
-                    }
+                        Ok(Frame::Reject(_)) => {}
+                        other => panic!("an upgrade hello answered with {other:?}"),
+                    },
                     // Refused at once (shutting down, a session id
                     // collision): the connection is already closed.
                     None => assert!(

@@ -1496,7 +1496,7 @@ impl Server {
             versions: self.config.versions.clone(),
             retry_after_ms,
         });
-        self.transmit_as(connection, &frame, Codec::Json, PROTOCOL_VERSION);
+        self.answer_hello(connection, &frame, PROTOCOL_VERSION);
         self.emit(ServerEvent::Rejected {
             connection,
             code,
@@ -1661,7 +1661,7 @@ impl Server {
             pong_timeout_ms: duration_ms(self.config.pong_timeout),
             max_message: self.config.max_message_size as u64,
         });
-        self.transmit_as(connection, &welcome, Codec::Json, version);
+        self.answer_hello(connection, &welcome, version);
         self.emit(ServerEvent::SessionOpened {
             connection,
             session,
@@ -2017,23 +2017,28 @@ impl Server {
         self.transmit_as(connection, frame, codec, version);
     }
 
+    /// Sends the answer to a `hello` (`welcome` or `reject`, always JSON):
+    /// kept for the upgrade response while [`Server::handle_upgrade`] runs
+    /// for this connection, else as a frame.
+    fn answer_hello(&mut self, connection: ConnectionId, frame: &Frame, version: u8) {
+        if matches!(self.upgrade, Some((c, None)) if c == connection) {
+            if let Ok(t) = self.encoder.encode(frame, Codec::Json, version) {
+                self.stats.frames_out += 1;
+                self.stats.bytes_out += t.len() as u64;
+                self.upgrade = Some((connection, Some(t)));
+                return;
+            }
+        }
+        self.transmit_as(connection, frame, Codec::Json, version);
+    }
+
     fn transmit_as(&mut self, connection: ConnectionId, frame: &Frame, codec: Codec, version: u8) {
         match self.encoder.encode(frame, codec, version) {
             Ok(t) => {
                 self.stats.frames_out += 1;
                 self.stats.bytes_out += t.len() as u64;
-                match &mut self.upgrade {
-                    // The handshake answer goes in the upgrade response.
-                    Some((c, answer @ None))
-                        if *c == connection
-                            && matches!(frame, Frame::Welcome(_) | Frame::Reject(_)) =>
-                    {
-                        *answer = Some(t);
-                    }
-                    _ => self
-                        .outputs
-                        .push_back(ServerOutput::Transmit(connection, t)),
-                }
+                self.outputs
+                    .push_back(ServerOutput::Transmit(connection, t));
             }
             Err(_) => self.disconnect(
                 connection,

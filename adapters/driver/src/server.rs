@@ -1298,7 +1298,7 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo) {
     let opts = shared.options.clone();
     // A connection the core opened for a `hello` in the upgrade request,
     // kept outside the upgrade future so a timeout cannot lose it.
-    let early: std::sync::Mutex<Option<ConnectionId>> = std::sync::Mutex::new(None);
+    let early = std::sync::OnceLock::new();
     let upgraded = util::timeout(&*shared.runtime, limit, async {
         let io: BoxIo = match &opts.tls {
             Some(tls) => match tls.acceptor.accept(io).await {
@@ -1339,9 +1339,7 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo) {
             if let Some(hello) = req.headers().get(wire::HELLO_HEADER) {
                 if let Some((id, answer)) = early_hello(&shared, identity.clone(), hello.as_bytes())
                 {
-                    if let Ok(mut early) = early.lock() {
-                        *early = Some(id);
-                    }
+                    let _ = early.set(id);
                     if let Some(value) = answer.and_then(|a| HeaderValue::from_str(&a).ok()) {
                         resp.headers_mut().insert(wire::WELCOME_HEADER, value);
                     }
@@ -1360,7 +1358,7 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo) {
     })
     .await
     .flatten();
-    let early = early.into_inner().ok().flatten();
+    let early = early.into_inner();
     match upgraded {
         Some((ws, identity)) => {
             // A task of its own: the handshake's state (TLS, HTTP parsing,

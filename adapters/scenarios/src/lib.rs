@@ -805,6 +805,22 @@ const LIMITS: Limits = Limits {
     version: 1,
 };
 
+/// The next message on a bare WebSocket is a close with `code`.
+async fn expect_close(
+    rt: &Arc<dyn Runtime>,
+    ws: &mut kitestring::async_tungstenite::WebSocketStream<kitestring::BoxIo>,
+    code: u16,
+) {
+    match within(rt, 2000, "close frame", ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), code),
+        other => panic!("expected close {code}, got {other:?}"),
+    }
+}
+
 /// Scenario 5b: a `hello` in the upgrade request is answered in the `101`
 /// response. The session is open without a handshake frame, messages flow
 /// both ways at once, and a `hello` the server refuses gets its `reject`
@@ -861,14 +877,7 @@ pub async fn hello_in_upgrade(rt: Arc<dyn Runtime>) {
         Frame::Reject(r) => assert_eq!(r.code, 4001),
         other => panic!("expected a reject, got {other:?}"),
     }
-    match within(&rt, 2000, "close", refused.next())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4001),
-        other => panic!("expected close 4001, got {other:?}"),
-    }
+    expect_close(&rt, &mut refused, 4001).await;
     drop(ws);
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
@@ -891,25 +900,14 @@ pub async fn version_mismatch_rejected(rt: Arc<dyn Runtime>) {
     let Message::Text(t) = reject else {
         panic!("expected a text reject frame, got {reject:?}")
     };
-    let limits = Limits {
-        max_message: 1 << 20,
-        version: 1,
-    };
-    match wire::decode(Incoming::Text(t.as_str()), &limits).unwrap() {
+    match wire::decode(Incoming::Text(t.as_str()), &LIMITS).unwrap() {
         Frame::Reject(r) => {
             assert_eq!(r.code, 4001);
             assert_eq!(r.versions, vec![1]);
         }
         other => panic!("expected reject, got {other:?}"),
     }
-    let close = within(&rt, 2000, "close frame", ws.next())
-        .await
-        .unwrap()
-        .unwrap();
-    match close {
-        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4001),
-        other => panic!("expected close 4001, got {other:?}"),
-    }
+    expect_close(&rt, &mut ws, 4001).await;
     let rejected = server_wait(&rt, &mut sev, 2000, "Rejected event", |e| match e {
         ServerEvent::Rejected { code, .. } => Some(*code),
         _ => None,
