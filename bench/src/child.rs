@@ -137,15 +137,22 @@ async fn ours(ping: Duration, rooms: bool, queue: usize) {
                         });
                     }
                     Some("cut") => {
-                        // Drop every connection, then send each session a
-                        // message while it is detached.
+                        // Drop every connection (`abort`: the transport at
+                        // once, as a network failure would; `close`: a clean
+                        // close with 1012), then send each session a message
+                        // while it is detached.
+                        let abort = words.next() == Some("abort");
                         let seq: u64 = words.next().and_then(|s| s.parse().ok()).unwrap_or(0);
                         let all: Vec<(SessionId, ConnectionId)> =
                             live.iter().map(|(s, c)| (*s, *c)).collect();
                         let server = server.clone();
                         tokio::spawn(async move {
                             for (_, c) in &all {
-                                let _ = server.disconnect(*c, CloseCode::SERVICE_RESTART).await;
+                                if abort {
+                                    let _ = server.abort(*c).await;
+                                } else {
+                                    let _ = server.disconnect(*c, CloseCode::SERVICE_RESTART).await;
+                                }
                             }
                             for (s, _) in &all {
                                 let _ = server.send_payload(*s, seq_payload(seq)).await;

@@ -319,7 +319,8 @@ async fn storm_client(
 ) {
     let (client, mut events) =
         kitestring::connect(kitestring_tokio::runtime(), &url, options).expect("client");
-    let (mut opened, mut sent_offline) = (false, false);
+    let mut opened = false;
+    let mut drops = 0;
     let mut got = Vec::new();
     loop {
         tokio::select! {
@@ -335,11 +336,11 @@ async fn storm_client(
                         let _ = reports.send(Report::NewSession);
                     }
                 }
-                Some(Event::StateChanged { old: State::Open, .. }) if !sent_offline => {
+                Some(Event::StateChanged { old: State::Open, .. }) => {
                     // Sent while the connection is down: queued, then
                     // delivered on the resumed connection.
-                    sent_offline = true;
-                    let _ = client.send_payload(seq_payload(2)).await;
+                    drops += 1;
+                    let _ = client.send_payload(seq_payload(1 + drops)).await;
                 }
                 Some(Event::Message(m)) => got.push(seq_of(&m.payload)),
                 Some(_) => {}
@@ -352,74 +353,123 @@ async fn storm_client(
     let _ = client.close().await;
 }
 
+/// How the storm's server drops every connection.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// `ServerHandle::abort`: the transports end without a close handshake,
+    /// as when the network fails.
+    Abort,
+    /// `ServerHandle::disconnect` with 1012: a clean WebSocket close.
+    Close,
+}
+
 /// One resume storm of `n` sessions, against a fresh server.
 struct Storm {
     /// Seconds from the first connect to the last fresh `Connected`.
     fresh: f64,
-    /// Seconds from the cut to the last resumed `Connected`.
-    resume: f64,
+    /// Seconds from each cut (abort, then close) to the last resumed
+    /// `Connected`.
+    resume: [f64; 2],
     /// Messages lost or duplicated, on either side.
     lost_or_dup: u64,
     /// Sessions that came back as new sessions instead of resuming.
     new_sessions: usize,
     /// CPU seconds of both processes while the fresh sessions opened.
     fresh_cpu: f64,
-    /// CPU seconds of both processes from the cut to the last resume.
-    resume_cpu: f64,
+    /// CPU seconds of both processes from each cut to its last resume.
+    resume_cpu: [f64; 2],
 }
 
-/// Scenario 6: every connection cut at once, every session resumed.
+/// Scenario 6: every connection cut at once, every session resumed; twice,
+/// once with the transports dropped and once with a clean close.
 pub(crate) fn storm_scenario(opts: &Options) -> Vec<Figure> {
     let (n, reps) = if opts.quick { (200, 1) } else { (10_000, 3) };
     let rt = net::tokio_runtime();
-    let mut runs: Vec<Storm> = (0..reps).map(|_| storm_once(&rt, n)).collect();
-    // The repetition with the median ratio gives the times; losses and
-    // sessions not resumed are summed over all of them.
-    runs.sort_by(|a, b| (a.resume / a.fresh).total_cmp(&(b.resume / b.fresh)));
+    let runs: Vec<Storm> = (0..reps).map(|_| storm_once(&rt, n)).collect();
     let bad: u64 = runs.iter().map(|r| r.lost_or_dup).sum();
     let new_sessions: usize = runs.iter().map(|r| r.new_sessions).sum();
-    let mid = &runs[runs.len() / 2];
-    let (t_fresh, t_resume) = (mid.fresh, mid.resume);
-    let fresh_cpu: f64 = runs.iter().map(|r| r.fresh_cpu).sum::<f64>() / runs.len() as f64;
-    let resume_cpu: f64 = runs.iter().map(|r| r.resume_cpu).sum::<f64>() / runs.len() as f64;
-    vec![
-        Figure {
-            scenario: format!("resume storm {n} (vs {n} fresh)"),
+    let mut figures = Vec::new();
+    for (k, cut, target) in [
+        (0, "connections dropped", Some(1.3)),
+        (1, "clean close 1012", None),
+    ] {
+        // The repetition with the median ratio gives the times.
+        let mut order: Vec<&Storm> = runs.iter().collect();
+        order.sort_by(|a, b| (a.resume[k] / a.fresh).total_cmp(&(b.resume[k] / b.fresh)));
+        let mid = order[order.len() / 2];
+        let cpu = |f: &dyn Fn(&Storm) -> f64| runs.iter().map(f).sum::<f64>() / runs.len() as f64;
+        figures.push(Figure {
+            scenario: format!("resume storm {n}, {cut} (vs {n} fresh)"),
             metric: "seconds until all open",
-            ours: t_resume,
-            baseline: t_fresh,
+            ours: mid.resume[k],
+            baseline: mid.fresh,
             higher_is_better: false,
-            target: Some(1.3),
+            target,
             kind: Kind::Ratio,
-        },
-        Figure {
-            scenario: format!("resume storm {n} (vs {n} fresh)"),
+        });
+        figures.push(Figure {
+            scenario: format!("resume storm {n}, {cut} (vs {n} fresh)"),
             metric: "CPU seconds, server and clients",
-            ours: resume_cpu,
-            baseline: fresh_cpu,
+            ours: cpu(&|r| r.resume_cpu[k]),
+            baseline: cpu(&|r| r.fresh_cpu),
             higher_is_better: false,
             target: None,
             kind: Kind::Ratio,
-        },
-        Figure {
-            scenario: format!("resume storm {n}"),
-            metric: "messages lost or duplicated",
-            ours: bad as f64,
-            baseline: 0.0,
-            higher_is_better: false,
-            target: Some(0.0),
-            kind: Kind::Absolute,
-        },
-        Figure {
-            scenario: format!("resume storm {n}"),
-            metric: "sessions not resumed",
-            ours: new_sessions as f64,
-            baseline: 0.0,
-            higher_is_better: false,
-            target: Some(0.0),
-            kind: Kind::Absolute,
-        },
-    ]
+        });
+    }
+    // Losses and sessions not resumed are summed over all repetitions.
+    figures.push(Figure {
+        scenario: format!("resume storm {n}"),
+        metric: "messages lost or duplicated",
+        ours: bad as f64,
+        baseline: 0.0,
+        higher_is_better: false,
+        target: Some(0.0),
+        kind: Kind::Absolute,
+    });
+    figures.push(Figure {
+        scenario: format!("resume storm {n}"),
+        metric: "sessions not resumed",
+        ours: new_sessions as f64,
+        baseline: 0.0,
+        higher_is_better: false,
+        target: Some(0.0),
+        kind: Kind::Absolute,
+    });
+    figures
+}
+
+/// Cuts every connection and waits until every session is back: seconds
+/// and CPU seconds of both processes, resumed and new sessions.
+async fn storm_cut(
+    child: &mut Child,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Report>,
+    n: usize,
+    cut: Cut,
+    seq: u64,
+) -> (f64, f64, usize, usize) {
+    let me = std::process::id();
+    let c0 = net::cpu_seconds(me) + child.cpu_seconds();
+    let t = Instant::now();
+    child.send(&match cut {
+        Cut::Abort => format!("cut abort {seq}"),
+        Cut::Close => format!("cut close {seq}"),
+    });
+    let (mut resumed, mut new_sessions) = (0usize, 0usize);
+    while resumed + new_sessions < n {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(Report::Resumed)) => resumed += 1,
+            Ok(Some(Report::NewSession)) => new_sessions += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = net::cpu_seconds(me) + child.cpu_seconds() - c0;
+    child.expect("cut");
+    // Let the messages queued during the cut arrive and be acknowledged.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    (secs, cpu, resumed, new_sessions)
 }
 
 fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
@@ -431,8 +481,7 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         let me = std::process::id();
-        let cpu = |child: &Child| net::cpu_seconds(me) + child.cpu_seconds();
-        let c0 = cpu(&child);
+        let c0 = net::cpu_seconds(me) + child.cpu_seconds();
         let t = Instant::now();
         let clients: Vec<_> = (0..n)
             .map(|i| {
@@ -444,8 +493,7 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
                 ))
             })
             .collect();
-        let (mut fresh, mut resumed, mut new_sessions) = (0usize, 0usize, 0usize);
-        let mut received = Vec::new();
+        let mut fresh = 0usize;
         while fresh < n {
             match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
                 Ok(Some(Report::Fresh)) => fresh += 1,
@@ -454,30 +502,20 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
             }
         }
         let t_fresh = t.elapsed().as_secs_f64();
-        let fresh_cpu = cpu(&child) - c0;
+        let fresh_cpu = net::cpu_seconds(me) + child.cpu_seconds() - c0;
         // The server application must have seen every session open before
         // it sends to all of them.
         wait_count(&mut child, |c, _| c >= n).await;
         child.send("sendall 1");
         child.line_async();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let c0 = cpu(&child);
-        let t = Instant::now();
-        child.send("cut 2");
-        while resumed + new_sessions < n {
-            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-                Ok(Some(Report::Resumed)) => resumed += 1,
-                Ok(Some(Report::NewSession)) => new_sessions += 1,
-                Ok(Some(_)) => {}
-                _ => break,
-            }
-        }
-        let t_resume = t.elapsed().as_secs_f64();
-        let resume_cpu = cpu(&child) - c0;
-        child.expect("cut");
-        // Let the messages queued during the cut arrive and be acknowledged.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (t_abort, cpu_abort, r1, new1) = storm_cut(&mut child, &mut rx, n, Cut::Abort, 2).await;
+        // Every session must be known to the server again before the next
+        // cut addresses them.
+        wait_count(&mut child, |c, _| c >= n).await;
+        let (t_close, cpu_close, r2, new2) = storm_cut(&mut child, &mut rx, n, Cut::Close, 3).await;
         let _ = done_tx.send(true);
+        let mut received = Vec::new();
         while received.len() < n {
             match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
                 Ok(Some(Report::Received(v))) => received.push(v),
@@ -485,7 +523,8 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
                 _ => break,
             }
         }
-        child.send("report 2");
+        const WANT: [u64; 3] = [1, 2, 3];
+        child.send("report 3");
         let report = child.expect("report");
         let w: Vec<u64> = report
             .split_whitespace()
@@ -497,28 +536,30 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
             w.get(2).copied().unwrap_or(0),
             w.get(3).copied().unwrap_or(0),
         );
-        // Sessions the server never heard from lost both their messages.
-        s_lost += 2 * (n as u64).saturating_sub(s_sessions);
+        // Sessions the server never heard from lost all their messages.
+        s_lost += WANT.len() as u64 * (n as u64).saturating_sub(s_sessions);
         let (mut c_ok, mut c_lost, mut c_dup) = (0u64, 0u64, 0u64);
         for got in &received {
-            if *got == [1, 2] {
+            if *got == WANT {
                 c_ok += 1;
             } else {
                 if c_lost + c_dup == 0 {
-                    eprintln!("  storm {n}: a client received {got:?} instead of [1, 2]");
+                    eprintln!("  storm {n}: a client received {got:?} instead of {WANT:?}");
                 }
                 let mut g = got.clone();
                 g.sort_unstable();
                 let before = g.len();
                 g.dedup();
                 c_dup += (before - g.len()) as u64;
-                c_lost += [1u64, 2].iter().filter(|x| !g.contains(x)).count() as u64;
+                c_lost += WANT.iter().filter(|x| !g.contains(x)).count() as u64;
             }
         }
         // Sessions the clients never reported count as entirely lost.
-        c_lost += 2 * (n - received.len()) as u64;
+        c_lost += WANT.len() as u64 * (n - received.len()) as u64;
         eprintln!(
-            "  storm {n}: fresh {t_fresh:.2} s, resume {t_resume:.2} s ({resumed} resumed, {new_sessions} new); \
+            "  storm {n}: fresh {t_fresh:.2} s ({fresh_cpu:.2} s CPU); dropped: resume {t_abort:.2} s \
+             ({cpu_abort:.2} s CPU, {r1} resumed, {new1} new); clean close: resume {t_close:.2} s \
+             ({cpu_close:.2} s CPU, {r2} resumed, {new2} new); \
              server got {s_ok} sessions in order, lost {s_lost}, dup {s_dup}; \
              clients {c_ok} in order, lost {c_lost}, dup {c_dup}"
         );
@@ -528,11 +569,11 @@ fn storm_once(rt: &tokio::runtime::Runtime, n: usize) -> Storm {
         }
         Storm {
             fresh: t_fresh,
-            resume: t_resume,
+            resume: [t_abort, t_close],
             lost_or_dup: s_lost + s_dup + c_lost + c_dup,
-            new_sessions,
+            new_sessions: new1 + new2,
             fresh_cpu,
-            resume_cpu,
+            resume_cpu: [cpu_abort, cpu_close],
         }
     });
     drop(child);
@@ -546,7 +587,7 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
     let (total, workers, reps) = if opts.quick {
         (100, 8, 1)
     } else {
-        (3_000, 32, 3)
+        (10_000, 32, 3)
     };
     let rt = net::tokio_runtime();
     let mut base = Vec::new();

@@ -274,6 +274,8 @@ struct CloseOrder {
     reason: &'static str,
     /// Write the queued frames first (a `goaway` before its close).
     flush: bool,
+    /// Drop the transport at once: no close frame, nothing flushed.
+    abort: bool,
 }
 
 /// What every task and handle shares: the locked state, and what never
@@ -343,6 +345,20 @@ struct Slot {
 }
 
 impl Slot {
+    /// Drops the transport without a close handshake; overrides a close
+    /// order the task has not picked up yet.
+    fn abort(&mut self, wakes: &mut Wakes) {
+        self.closing = true;
+        self.out.clear();
+        self.close = Some(CloseOrder {
+            code: CloseCode::ABNORMAL,
+            reason: "aborted",
+            flush: false,
+            abort: true,
+        });
+        wakes.take(&mut self.waker);
+    }
+
     fn order(&mut self, order: CloseOrder, wakes: &mut Wakes) {
         if self.closing {
             return;
@@ -450,6 +466,7 @@ impl State {
                                 code: CloseCode::SLOW_CONSUMER,
                                 reason: "slow consumer",
                                 flush: false,
+                                abort: false,
                             },
                             wakes,
                         );
@@ -474,6 +491,7 @@ impl State {
                                 code,
                                 reason,
                                 flush: true,
+                                abort: false,
                             },
                             wakes,
                         );
@@ -894,6 +912,33 @@ impl ServerHandle {
         })
     }
 
+    /// Drops a connection's transport at once, without a close handshake,
+    /// as a network failure would: nothing queued for it is written, its
+    /// client sees the stream end (1006) and resumes, and its session waits
+    /// out its grace period with every unacknowledged message kept for the
+    /// resume. For a peer that must go now (one that stopped reading, a
+    /// failed health check, a connection being drained by force) and for
+    /// testing resumes. `Ok(false)`: no such connection.
+    pub async fn abort(&self, connection: ConnectionId) -> Result<bool, ServerError> {
+        let mut wakes = Wakes::default();
+        let found = {
+            let mut st = self.shared.lock();
+            if st.stopped {
+                return Err(ServerError::Stopped);
+            }
+            let now = self.shared.clock.now(&*self.shared.runtime);
+            let Some(slot) = st.conns.get_mut(&connection) else {
+                return Ok(false);
+            };
+            slot.abort(&mut wakes);
+            st.server.handle_connection_closed(now, connection, None);
+            st.drain(&self.shared, now, None, &mut wakes);
+            true
+        };
+        wakes.wake(&self.shared);
+        Ok(found)
+    }
+
     /// Asks a connection's client to reconnect elsewhere or later.
     pub async fn go_away(
         &self,
@@ -1112,6 +1157,7 @@ impl ServerTask {
                         code: CloseCode::GOING_AWAY,
                         reason: "shutting down",
                         flush: false,
+                        abort: false,
                     },
                     &mut wakes,
                 );
@@ -1453,6 +1499,7 @@ impl ConnIo {
                         code: CloseCode::GOING_AWAY,
                         reason: "going away",
                         flush: false,
+                        abort: false,
                     }));
                 };
                 if let Some(order) = slot.close.take() {
@@ -1583,6 +1630,10 @@ async fn finish<S>(
                 while let Some(Ok(_)) = ws.next().await {}
             })
             .await;
+        }
+        Step::Close(order) if order.abort => {
+            drop(ws);
+            report_closed(&shared, id, None);
         }
         Step::Close(order) => {
             let limit = if order.flush {

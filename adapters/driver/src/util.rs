@@ -2,11 +2,13 @@
 //! typed payload encoding.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
 use kitestring_core::wire::{Codec, Payload, PayloadKind};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -35,21 +37,39 @@ pub async fn sleep(runtime: &dyn Runtime, d: Duration) {
     futures_util::future::poll_fn(|cx| timer.as_mut().poll(cx)).await;
 }
 
-/// 16 bytes from the operating system's cryptographic source.
+/// The process's generator for ids and seeds: ChaCha12, seeded once from
+/// the operating system's cryptographic source. Ids (client instances,
+/// sessions) come from it without a system call each: one `getrandom` per
+/// id was the largest system-call difference to a bare WebSocket when
+/// connections come and go quickly.
+fn generator() -> Result<&'static Mutex<StdRng>, getrandom::Error> {
+    static GENERATOR: OnceLock<Mutex<StdRng>> = OnceLock::new();
+    if let Some(g) = GENERATOR.get() {
+        return Ok(g);
+    }
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed)?;
+    Ok(GENERATOR.get_or_init(|| Mutex::new(StdRng::from_seed(seed))))
+}
+
+/// 16 unpredictable bytes, for ids. Fails only if the operating system's
+/// source cannot seed the generator.
 pub(crate) fn random16() -> Result<[u8; 16], getrandom::Error> {
     let mut b = [0u8; 16];
-    getrandom::fill(&mut b)?;
+    generator()?
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .fill_bytes(&mut b);
     Ok(b)
 }
 
 /// A random u64 seed for jitter.
 pub(crate) fn random_seed() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
+    match generator() {
+        Ok(g) => g.lock().unwrap_or_else(PoisonError::into_inner).next_u64(),
         // Jitter quality only; ids never come from here.
-        return 0x9E37_79B9_7F4A_7C15;
+        Err(_) => 0x9E37_79B9_7F4A_7C15,
     }
-    u64::from_le_bytes(b)
 }
 
 /// A parsed `ws://` or `wss://` URL.
@@ -153,6 +173,27 @@ impl DecodeExt for kitestring_core::client::Received {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_distinct_across_threads() {
+        let ids: Vec<[u8; 16]> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..2500).map(|_| random16().unwrap()).collect::<Vec<_>>()))
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "an id came out twice");
+        // Every byte position takes many values (not a counter, not zeros).
+        for i in 0..16 {
+            let values: std::collections::HashSet<u8> = ids.iter().map(|b| b[i]).collect();
+            assert!(values.len() > 200, "byte {i} took {} values", values.len());
+        }
+        assert_ne!(random_seed(), random_seed());
+    }
 
     #[test]
     fn urls() {

@@ -39,7 +39,7 @@ pub use rooms::{
 macro_rules! scenarios {
     ($block_on:path, $runtime:expr) => {
         $crate::scenarios!(@one $block_on, $runtime,
-            exchange_json, exchange_msgpack, resume_after_drops, half_open_detected,
+            exchange_json, exchange_msgpack, resume_after_drops, server_abort_resumes, half_open_detected,
             auth_rejected_401, auth_rejected_403, version_mismatch_rejected, hello_in_upgrade,
             shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, handover_upgraded_socket,
             slow_consumer_closed, broadcast_through_cuts, slow_member_evicted,
@@ -879,6 +879,123 @@ pub async fn hello_in_upgrade(rt: Arc<dyn Runtime>) {
     }
     expect_close(&rt, &mut refused, 4001).await;
     drop(ws);
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Scenario 2b: the server aborts a connection (no close handshake, as a
+/// network failure would end it). A bare WebSocket sees the stream end
+/// without a close frame; a Kitestring client resumes, and what the server
+/// sent while the session was detached arrives exactly once, in order.
+pub async fn server_abort_resumes(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+
+    // A bare WebSocket: no close frame, just the end of the stream.
+    let (mut ws, _) = raw_upgrade(&rt, addr, Some(&hello_text(8))).await;
+    let (raw_conn, raw_session, _, _) = session_opened(&rt, &mut sev).await;
+    assert!(within(&rt, 2000, "abort", server.abort(raw_conn))
+        .await
+        .unwrap());
+    let end = within(&rt, 2000, "end of the aborted stream", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return Err(f),
+                Some(Ok(_)) => continue, // a ping sent before the abort
+                Some(Err(_)) | None => return Ok(()),
+            }
+        }
+    })
+    .await;
+    assert!(
+        end.is_ok(),
+        "an aborted connection sent a close frame: {end:?}"
+    );
+    let code = server_wait(&rt, &mut sev, 2000, "raw SessionDetached", |e| match e {
+        ServerEvent::SessionDetached { session, code } if *session == raw_session => Some(*code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, CloseCode::ABNORMAL);
+    // Gone already: a second abort finds nothing.
+    assert!(!within(&rt, 2000, "abort again", server.abort(raw_conn))
+        .await
+        .unwrap());
+
+    // A Kitestring client resumes, and nothing is lost or repeated.
+    let (client, mut cev) = kitestring::connect(
+        rt.clone(),
+        &format!("ws://{addr}/ws"),
+        fast_client(vec![Codec::MsgPack, Codec::Json]),
+    )
+    .unwrap();
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    let (conn, _, _, _) = session_opened(&rt, &mut sev).await;
+    for n in 0..5 {
+        server.send(session, &note(n)).await.unwrap();
+    }
+    assert!(within(&rt, 2000, "abort", server.abort(conn))
+        .await
+        .unwrap());
+    // Sent while detached, and by the client while it is down.
+    for n in 5..10 {
+        server.send(session, &note(n)).await.unwrap();
+    }
+    let mut got = Vec::new();
+    let mut resumed = false;
+    within(&rt, 5000, "resume and every message", async {
+        while !resumed || got.len() < 10 {
+            match cev.next().await.expect("client events") {
+                Event::Message(m) => got.push(m.decode::<Note>().unwrap().n),
+                Event::Connected { resumed: r, .. } => {
+                    assert!(r, "the session was not resumed after an abort");
+                    resumed = true;
+                }
+                Event::StateChanged {
+                    old: State::Open, ..
+                } => {
+                    client.send(&note(100)).await.unwrap();
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+    let (code, reopened, up) = within(&rt, 3000, "server sees the resume", async {
+        let mut code = None;
+        let mut reopened = false;
+        loop {
+            match sev.next().await.expect("server events") {
+                ServerEvent::SessionDetached {
+                    session: s,
+                    code: c,
+                } if s == session => {
+                    code = Some(c);
+                }
+                ServerEvent::SessionOpened {
+                    session: s,
+                    resumed,
+                    ..
+                } if s == session => {
+                    assert!(resumed);
+                    reopened = true;
+                }
+                ServerEvent::Message {
+                    session: s,
+                    message,
+                } if s == session => {
+                    return (code, reopened, message.decode::<Note>().unwrap().n);
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, Some(CloseCode::ABNORMAL));
+    assert!(reopened);
+    assert_eq!(up, 100);
+    within(&rt, 3000, "close", client.close()).await.unwrap();
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
         .unwrap();
