@@ -346,8 +346,9 @@ struct Slot {
 
 impl Slot {
     /// Drops the transport without a close handshake; overrides a close
-    /// order the task has not picked up yet.
-    fn abort(&mut self, wakes: &mut Wakes) {
+    /// order the task has not picked up yet. Returns the task's waker, to
+    /// wake once the lock is released.
+    fn abort(&mut self) -> Option<Waker> {
         self.closing = true;
         self.out.clear();
         self.close = Some(CloseOrder {
@@ -356,7 +357,7 @@ impl Slot {
             flush: false,
             abort: true,
         });
-        wakes.take(&mut self.waker);
+        self.waker.take()
     }
 
     fn order(&mut self, order: CloseOrder, wakes: &mut Wakes) {
@@ -920,23 +921,20 @@ impl ServerHandle {
     /// failed health check, a connection being drained by force) and for
     /// testing resumes. `Ok(false)`: no such connection.
     pub async fn abort(&self, connection: ConnectionId) -> Result<bool, ServerError> {
-        let mut wakes = Wakes::default();
-        let found = {
-            let mut st = self.shared.lock();
-            if st.stopped {
-                return Err(ServerError::Stopped);
-            }
-            let now = self.shared.clock.now(&*self.shared.runtime);
-            let Some(slot) = st.conns.get_mut(&connection) else {
-                return Ok(false);
-            };
-            slot.abort(&mut wakes);
+        let task = self.shared.call(|st, now| {
+            let slot = st.conns.get_mut(&connection)?;
+            let task = slot.abort();
             st.server.handle_connection_closed(now, connection, None);
-            st.drain(&self.shared, now, None, &mut wakes);
-            true
+            Some(task)
+        })?;
+        let Some(waker) = task else {
+            return Ok(false);
         };
-        wakes.wake(&self.shared);
-        Ok(found)
+        // Woken after the lock is released, like every other wake-up.
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(true)
     }
 
     /// Asks a connection's client to reconnect elsewhere or later.
