@@ -26,10 +26,11 @@
 //! it leaves behind is bounded by the core (its queue and send window for
 //! messages, [`ClientConfig::max_pending_requests`] for requests), and the
 //! waiter maps hold one entry per message or request the core accepted.
-//! Events travel through a channel of [`ClientOptions::event_buffer`]
-//! entries; while the application leaves it full the task stops reading the
-//! socket (the events of at most one batch of frames wait beyond it) but
-//! keeps writing, and handle calls keep working, so keep consuming events.
+//! Events wait for the application in a queue behind the same lock, of
+//! [`ClientOptions::event_buffer`] entries; while the application leaves it
+//! full the task stops reading the socket (the events of at most one batch of
+//! frames, and those handle calls and timers cause, go beyond it) but keeps
+//! writing, and handle calls keep working, so keep consuming events.
 //! Frames waiting for the socket are bounded by the core's send window plus
 //! control frames; datagrams, which the core does not queue, are refused
 //! while [`DATAGRAM_BACKLOG`] frames wait.
@@ -39,14 +40,14 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_tungstenite::tungstenite::client::IntoClientRequest;
 use async_tungstenite::tungstenite::http::HeaderValue;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use bytes::Bytes;
-use futures_channel::{mpsc, oneshot};
+use futures_channel::oneshot;
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
@@ -217,6 +218,12 @@ struct Shared {
     unsent: AtomicUsize,
     /// The driver's span; later log lines carry the session id.
     span: tracing::Span,
+    /// Events waiting before the driver stops reading the socket
+    /// ([`ClientOptions::event_buffer`]).
+    event_room: usize,
+    /// Events waiting, as of the last change under the lock: the driver
+    /// looks at it before reading, without the lock.
+    queued: AtomicUsize,
 }
 
 impl Shared {
@@ -249,9 +256,30 @@ struct Inner {
     /// The driver task has stopped (or is stopping): calls fail with
     /// [`ClientError::Stopped`].
     stopped: bool,
+    /// Events for the application, bounded by `event_room` (see the module
+    /// documentation).
+    events: VecDeque<Event>,
+    events_waker: Option<Waker>,
+    /// The event stream was dropped: events are discarded.
+    events_dropped: bool,
+    /// The driver task is gone: once `events` is empty the stream ends.
+    events_ended: bool,
+    /// The driver stopped reading because `events` was full; the stream
+    /// wakes it when there is room again.
+    reader_paused: bool,
 }
 
 impl Inner {
+    /// Queues an event for the application; returns the stream's waker.
+    fn push_event(&mut self, shared: &Shared, event: Event) -> Option<Waker> {
+        if self.events_dropped {
+            return None;
+        }
+        self.events.push_back(event);
+        shared.queued.store(self.events.len(), Ordering::Relaxed);
+        self.events_waker.take()
+    }
+
     fn finished(&self, handles_gone: bool) -> bool {
         let terminal = matches!(
             self.client.state(),
@@ -310,8 +338,14 @@ impl fmt::Debug for ClientHandle {
 }
 
 /// The stream of [`Event`]s from a client. Ends when the driver stops.
+///
+/// Bounded by [`ClientOptions::event_buffer`]: while that many events wait,
+/// the driver stops reading the socket (TCP pushes back on the server).
+/// Events caused by timers and handle calls are still queued, so the queue
+/// can exceed the bound by what those produce. Dropping the stream discards
+/// events from then on; the session goes on.
 pub struct ClientEvents {
-    rx: mpsc::Receiver<Event>,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for ClientEvents {
@@ -322,8 +356,50 @@ impl fmt::Debug for ClientEvents {
 
 impl Stream for ClientEvents {
     type Item = Event;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        self.rx.poll_next_unpin(cx)
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        let shared = &self.shared;
+        let mut resume = false;
+        let polled = {
+            let mut inner = shared.lock();
+            match inner.events.pop_front() {
+                Some(event) => {
+                    shared.queued.store(inner.events.len(), Ordering::Relaxed);
+                    if inner.reader_paused && inner.events.len() < shared.event_room {
+                        inner.reader_paused = false;
+                        resume = true;
+                    }
+                    Poll::Ready(Some(event))
+                }
+                None if inner.events_ended => Poll::Ready(None),
+                None => {
+                    match &inner.events_waker {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => inner.events_waker = Some(cx.waker().clone()),
+                    }
+                    Poll::Pending
+                }
+            }
+        };
+        if resume {
+            shared.driver.wake();
+        }
+        polled
+    }
+}
+
+impl Drop for ClientEvents {
+    fn drop(&mut self) {
+        let resume = {
+            let mut inner = self.shared.lock();
+            inner.events_dropped = true;
+            inner.events.clear();
+            inner.events_waker = None;
+            self.shared.queued.store(0, Ordering::Relaxed);
+            std::mem::take(&mut inner.reader_paused)
+        };
+        if resume {
+            self.shared.driver.wake();
+        }
     }
 }
 
@@ -655,7 +731,6 @@ pub fn connect(
         .first()
         .copied()
         .unwrap_or(Codec::Json);
-    let (ev_tx, ev_rx) = mpsc::channel(options.event_buffer.max(1));
     let ws_config = ws::websocket_config(options.config.max_message_size);
     let span = tracing::info_span!(
         "kitestring_client",
@@ -676,6 +751,11 @@ pub fn connect(
             close_replies: Vec::new(),
             stop_when_closed: false,
             stopped: false,
+            events: VecDeque::new(),
+            events_waker: None,
+            events_dropped: false,
+            events_ended: false,
+            reader_paused: false,
         }),
         driver: AtomicWaker::new(),
         handles: AtomicUsize::new(1),
@@ -684,6 +764,8 @@ pub fn connect(
         codec: AtomicU8::new(codec_tag(preferred)),
         unsent: AtomicUsize::new(0),
         span: span.clone(),
+        event_room: options.event_buffer.max(1),
+        queued: AtomicUsize::new(0),
     });
     let driver = Driver {
         shared: shared.clone(),
@@ -701,10 +783,9 @@ pub fn connect(
             runtime: runtime.clone(),
             close_timeout: options.close_timeout,
             handles_gone: false,
-            events: ev_tx,
-            pending: VecDeque::new(),
             inputs: Vec::new(),
             reads_skipped: false,
+            wake_events: None,
             started: false,
             connecting: None,
             live: None,
@@ -714,8 +795,11 @@ pub fn connect(
     };
     runtime.spawn(Box::pin(driver.run().instrument(span)));
     Ok((
-        ClientHandle { shared, client_id },
-        ClientEvents { rx: ev_rx },
+        ClientHandle {
+            shared: shared.clone(),
+            client_id,
+        },
+        ClientEvents { shared },
     ))
 }
 
@@ -865,14 +949,13 @@ struct Io {
     connector: Arc<Connector>,
     close_timeout: Duration,
     handles_gone: bool,
-    events: mpsc::Sender<Event>,
-    /// Events drained from the core, waiting for room in the application's
-    /// stream. While any wait, the socket is not read.
-    pending: VecDeque<Event>,
     /// What became ready since the last step, in order.
     inputs: Vec<Input>,
-    /// This step did not read the socket because events were waiting.
+    /// This step did not read the socket because the application's event
+    /// queue was full.
     reads_skipped: bool,
+    /// The application's stream to wake after the lock is released.
+    wake_events: Option<Waker>,
     /// Draining started a future (a connection attempt, a close, a token
     /// fetch) that has not been polled yet.
     started: bool,
@@ -887,12 +970,6 @@ impl Driver {
     async fn run(mut self) {
         let mut budget = Budget::default();
         while let Step::Again = budget.run(|cx| self.poll_step(cx)).await {}
-        // The last events (the final state change) still reach the application.
-        while let Some(event) = self.io.pending.pop_front() {
-            if self.io.events.send(event).await.is_err() {
-                self.io.pending.clear();
-            }
-        }
         // Let sockets still closing finish their handshake, bounded by their timeouts.
         while self.io.closing.next().await.is_some() {}
         let (replies, mut waiters, mut requests) = {
@@ -917,8 +994,6 @@ impl Driver {
         let Driver { shared, io } = self;
         // First, so a handle call from now on wakes this task again.
         shared.driver.register(cx.waker());
-        // Events that waited for room go first; reading resumes once they are out.
-        io.deliver(cx);
         let mut again = io.gather(shared, cx);
         let (finished, deadline) = {
             let mut inner = shared.lock();
@@ -937,9 +1012,20 @@ impl Driver {
             if finished {
                 inner.stopped = true;
             }
+            if io.reads_skipped {
+                // Still full: the stream wakes the task when it takes one.
+                // Emptied since the look before reading: read now.
+                if inner.events_dropped || inner.events.len() < shared.event_room {
+                    again = true;
+                } else {
+                    inner.reader_paused = true;
+                }
+            }
             (finished, inner.client.poll_timeout().map(|d| d.at))
         };
-        io.deliver(cx);
+        if let Some(waker) = io.wake_events.take() {
+            waker.wake();
+        }
         again |= io.write(cx);
         shared.unsent.store(
             io.live.as_ref().map_or(0, |l| l.out.len()),
@@ -949,9 +1035,6 @@ impl Driver {
             return Poll::Ready(Step::Finished);
         }
         again |= std::mem::take(&mut io.started);
-        // Reading was skipped for events that are out now: nothing will wake
-        // the task for the socket, so look at it again.
-        again |= io.reads_skipped && io.pending.is_empty();
         let deadline = deadline.map(|at| shared.clock.std(at));
         again |= io.timer.poll(&*shared.runtime, deadline, cx).is_ready();
         if again {
@@ -970,35 +1053,23 @@ impl Drop for Driver {
         let left = {
             let mut inner = self.shared.lock();
             inner.stopped = true;
+            inner.events_ended = true;
             (
                 std::mem::take(&mut inner.waiters),
                 std::mem::take(&mut inner.requests),
                 std::mem::take(&mut inner.close_replies),
+                inner.events_waker.take(),
             )
         };
-        drop(left);
+        let (waiters, requests, replies, events) = left;
+        drop((waiters, requests, replies));
+        if let Some(waker) = events {
+            waker.wake();
+        }
     }
 }
 
 impl Io {
-    /// Moves waiting events into the application's stream while it has room.
-    fn deliver(&mut self, cx: &mut Context<'_>) {
-        while !self.pending.is_empty() {
-            match self.events.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    if let Some(event) = self.pending.pop_front() {
-                        if self.events.start_send(event).is_err() {
-                            self.pending.clear();
-                        }
-                    }
-                }
-                // The application's event stream is gone; the session goes on.
-                Poll::Ready(Err(_)) => self.pending.clear(),
-                Poll::Pending => break,
-            }
-        }
-    }
-
     /// Collects what is ready into `inputs`, without the lock; `true` if
     /// anything was (its source registered no waker, so step again).
     fn gather(&mut self, shared: &Shared, cx: &mut Context<'_>) -> bool {
@@ -1009,7 +1080,7 @@ impl Io {
         }
         // Frames first, several per step, unless events wait for room: the
         // task stops reading while the application leaves its stream full.
-        self.reads_skipped = !self.pending.is_empty();
+        self.reads_skipped = shared.queued.load(Ordering::Relaxed) >= shared.event_room;
         if let (false, Some(live)) = (self.reads_skipped, &mut self.live) {
             for _ in 0..READ_BATCH {
                 let ws = &mut live.ws;
@@ -1134,8 +1205,8 @@ impl Io {
     }
 
     /// Carries out every output of the core, in order: frames go to the
-    /// socket's queue, events to `pending` (after settling the waiters they
-    /// resolve), connects and closes start their futures.
+    /// socket's queue, events to the application's queue (after settling the
+    /// waiters they resolve), connects and closes start their futures.
     fn drain(&mut self, shared: &Shared, inner: &mut Inner) {
         while let Some(output) = inner.client.poll_output() {
             match output {
@@ -1174,7 +1245,9 @@ impl Io {
                 }
                 Output::Event(event) => {
                     self.event(shared, inner, &event);
-                    self.pending.push_back(event);
+                    if let Some(waker) = inner.push_event(shared, event) {
+                        self.wake_events = Some(waker);
+                    }
                 }
             }
         }

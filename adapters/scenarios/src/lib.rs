@@ -45,7 +45,7 @@ macro_rules! scenarios {
             slow_consumer_closed, broadcast_through_cuts, slow_member_evicted,
             unauthorized_join_refused, presence_after_resume, rotation_without_loss,
             shutdown_keeps_rooms, request_across_cut, typed_sends_use_session_codec,
-            send_latest_coalesces, unread_events_pause_reading);
+            send_latest_coalesces, unread_events_pause_reading, client_unread_events_pause_reading);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
         $(
@@ -421,6 +421,103 @@ pub async fn unread_events_pause_reading(rt: Arc<dyn Runtime>) {
         got.push(m);
     }
     assert_eq!(got, (0..IN).map(note).collect::<Vec<_>>());
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Messages from the server still to be acknowledged by the client.
+async fn unacknowledged(rt: &Arc<dyn Runtime>, server: &ServerHandle, session: SessionId) -> usize {
+    let info = within(rt, 2000, "session info", server.session(session))
+        .await
+        .unwrap()
+        .expect("session held");
+    info.in_flight + info.queued
+}
+
+/// A client application that leaves its events unread: the client stops
+/// reading its socket (the server's messages stay unacknowledged, nothing is
+/// dropped) while its own sends still go out; once the events are read,
+/// every message arrives in order. Dropping the event stream lets the
+/// session go on: the client reads and acknowledges again.
+pub async fn client_unread_events_pause_reading(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let options = ClientOptions {
+        event_buffer: 8,
+        ..fast_client(vec![Codec::MsgPack, Codec::Json])
+    };
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/ws"), options).unwrap();
+    opened(&rt, &mut cev).await;
+    let (_, session, _, _) = session_opened(&rt, &mut sev).await;
+
+    const IN: u32 = 500;
+    const OUT: u32 = 50;
+    for n in 0..IN {
+        within(&rt, 2000, "server send", server.send(session, &note(n)))
+            .await
+            .unwrap();
+    }
+    let _ = kitestring::util::timeout(
+        &*rt,
+        Duration::from_millis(300),
+        futures_util::future::pending::<()>(),
+    )
+    .await;
+    let waiting = unacknowledged(&rt, &server, session).await;
+    assert!(
+        waiting > (IN / 2) as usize,
+        "the client kept reading with its event stream full: {waiting} of {IN} unacknowledged"
+    );
+    // Its own sends still reach the server.
+    for n in 0..OUT {
+        within(&rt, 2000, "client send", client.send(&note(n)))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < OUT as usize {
+        let m = server_wait(&rt, &mut sev, 3000, "server Message", |e| match e {
+            ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
+            _ => None,
+        })
+        .await;
+        got.push(m);
+    }
+    assert_eq!(got, (0..OUT).map(note).collect::<Vec<_>>());
+    // Reading the events lets the client read again: everything arrives.
+    let mut got = Vec::new();
+    while got.len() < IN as usize {
+        let m = client_wait(&rt, &mut cev, 3000, "client Message", |e| match e {
+            Event::Message(m) => Some(m.decode::<Note>().unwrap()),
+            _ => None,
+        })
+        .await;
+        got.push(m);
+    }
+    assert_eq!(got, (0..IN).map(note).collect::<Vec<_>>());
+    // Without an event stream, the client goes on reading and acknowledging.
+    drop(cev);
+    for n in 0..IN {
+        within(&rt, 2000, "server send", server.send(session, &note(n)))
+            .await
+            .unwrap();
+    }
+    let mut waiting = usize::MAX;
+    for _ in 0..200 {
+        waiting = unacknowledged(&rt, &server, session).await;
+        if waiting == 0 {
+            break;
+        }
+        let _ = kitestring::util::timeout(
+            &*rt,
+            Duration::from_millis(10),
+            futures_util::future::pending::<()>(),
+        )
+        .await;
+    }
+    assert_eq!(waiting, 0, "messages unacknowledged after the stream was dropped");
     within(&rt, 3000, "close", client.close()).await.unwrap();
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
