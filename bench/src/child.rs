@@ -20,8 +20,10 @@ use crate::net::{self, say};
 /// The room every session joins when the server is started with rooms on.
 pub(crate) const ROOM: &str = "fanout";
 
-/// `inner server ours <ping_ms> <rooms 0|1> <outbound_queue>` or
-/// `inner server base`.
+/// `inner server ours <ping_ms> <rooms 0|1|2> <outbound_queue>` or
+/// `inner server base`. Rooms: 0, the default room policy (presence on);
+/// 1, no presence and the server joins every new session to [`ROOM`];
+/// 2, no presence, clients join themselves.
 pub(crate) fn run(args: &[String]) -> std::process::ExitCode {
     let rt = net::tokio_runtime();
     match args.first().map(String::as_str) {
@@ -29,7 +31,7 @@ pub(crate) fn run(args: &[String]) -> std::process::ExitCode {
             let num =
                 |i: usize, d: u64| args.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(d);
             let ping = Duration::from_millis(num(1, 30_000));
-            let rooms = num(2, 0) == 1;
+            let rooms = num(2, 0);
             let queue = num(3, 256) as usize;
             // Both servers run as a task on the runtime's workers: a
             // future driven by `block_on` lives on the main thread, where
@@ -76,9 +78,9 @@ impl kitestring::RoomPolicy for NoPresence {
     }
 }
 
-async fn ours(ping: Duration, rooms: bool, queue: usize) {
+async fn ours(ping: Duration, rooms: u64, queue: usize) {
     let mut options = ServerOptions::default();
-    if rooms {
+    if rooms > 0 {
         options.policy = Some(Arc::new(NoPresence));
     }
     options.config.ping_interval = ping;
@@ -99,7 +101,7 @@ async fn ours(ping: Duration, rooms: bool, queue: usize) {
             event = events.next() => match event {
                 Some(ServerEvent::SessionOpened { connection, session, resumed, .. }) => {
                     live.insert(session, connection);
-                    if rooms && !resumed {
+                    if rooms == 1 && !resumed {
                         let s = server.clone();
                         tokio::spawn(async move { let _ = s.join(session, ROOM).await; });
                     }

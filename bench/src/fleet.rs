@@ -606,7 +606,7 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
         });
         base.push(rate);
         base_cpu = [base_cpu[0] + cpu[0], base_cpu[1] + cpu[1]];
-        let server = ["server", "ours", "30000", "0", "256"];
+        let server = ["server", "ours", "30000", "2", "256"];
         let runtime = runtime.clone();
         let (rate, cpu) = churn_round(&rt, &server, total, workers, move |url| {
             let runtime = runtime.clone();

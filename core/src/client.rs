@@ -1140,11 +1140,7 @@ impl Client {
         {
             return None;
         }
-        let Ok(Transmit::Text(json)) = wire::encode(&self.hello(), Codec::Json, PROTOCOL_VERSION)
-        else {
-            return None;
-        };
-        let value = wire::header_value(std::str::from_utf8(&json).ok()?);
+        let value = wire::handshake_header(&self.hello()).ok()?;
         if value.len() > wire::MAX_HELLO_HEADER {
             return None;
         }

@@ -442,7 +442,7 @@ pub struct Server {
     shutting_down: bool,
     /// While [`Server::handle_upgrade`] runs: the connection whose handshake
     /// answer goes in the upgrade response, and that answer once made.
-    upgrade: Option<(ConnectionId, Option<Transmit>)>,
+    upgrade: Option<(ConnectionId, Option<String>)>,
 }
 
 impl Server {
@@ -596,10 +596,7 @@ impl Server {
         let connection = self.handle_connection(now, identity, fresh_session);
         self.upgrade = Some((connection, None));
         self.handle_message(now, connection, Incoming::Text(hello));
-        let answer = self.upgrade.take().and_then(|(_, answer)| match answer {
-            Some(Transmit::Text(json)) => std::str::from_utf8(&json).ok().map(wire::header_value),
-            _ => None,
-        });
+        let answer = self.upgrade.take().and_then(|(_, answer)| answer);
         (connection, answer)
     }
 
@@ -2022,10 +2019,10 @@ impl Server {
     /// for this connection, else as a frame.
     fn answer_hello(&mut self, connection: ConnectionId, frame: &Frame, version: u8) {
         if matches!(self.upgrade, Some((c, None)) if c == connection) {
-            if let Ok(t) = self.encoder.encode(frame, Codec::Json, version) {
+            if let Ok(answer) = wire::handshake_header(frame) {
                 self.stats.frames_out += 1;
-                self.stats.bytes_out += t.len() as u64;
-                self.upgrade = Some((connection, Some(t)));
+                self.stats.bytes_out += answer.len() as u64;
+                self.upgrade = Some((connection, Some(answer)));
                 return;
             }
         }

@@ -64,10 +64,27 @@ pub const MAX_HELLO_HEADER: usize = 4 * 1024;
 /// Outside strings, compact JSON is printable ASCII already, so escaping
 /// every such character is always correct.
 pub fn header_value(json: &str) -> String {
-    use std::fmt::Write as _;
-    if json.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+    if is_header_safe(json) {
         return json.to_owned();
     }
+    escape_header(json)
+}
+
+/// [`header_value`] for JSON the caller owns: returned as it is when it
+/// needs no escape, which compact JSON of ASCII text never does.
+pub fn into_header_value(json: String) -> String {
+    if is_header_safe(&json) {
+        return json;
+    }
+    escape_header(&json)
+}
+
+fn is_header_safe(json: &str) -> bool {
+    json.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+fn escape_header(json: &str) -> String {
+    use std::fmt::Write as _;
     let mut out = String::with_capacity(json.len() + 16);
     for c in json.chars() {
         if (' '..='~').contains(&c) {
@@ -886,6 +903,21 @@ pub fn encode(frame: &Frame, codec: Codec, version: u8) -> Result<Transmit, Enco
     Ok(kind.with(out.into()))
 }
 
+/// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
+/// a `welcome` about 220).
+const HANDSHAKE_CAPACITY: usize = 256;
+
+/// Encodes a handshake frame (`hello`, `welcome` or `reject`) as JSON text,
+/// for a [`HELLO_HEADER`] or [`WELCOME_HEADER`]: compact JSON, escaped only
+/// where [`header_value`] must.
+pub fn handshake_header(frame: &Frame) -> Result<String, EncodeError> {
+    let mut out = Vec::new();
+    encode_handshake(frame, &mut out)?;
+    // serde_json writes UTF-8.
+    let json = String::from_utf8(out).map_err(|e| EncodeError::Serializer(e.to_string()))?;
+    Ok(into_header_value(json))
+}
+
 /// Payloads from this size up are encoded without the scratch buffer.
 const DIRECT_ENCODE: usize = 1024;
 
@@ -1083,6 +1115,8 @@ fn push_header(out: &mut Vec<u8>, kind: u8, version: u8, len: usize) -> Result<(
 }
 
 fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    // Room for a typical hello or welcome in one allocation.
+    out.reserve(HANDSHAKE_CAPACITY);
     let mut env = HandshakeEnvelope::default();
     let hex_session;
     let hex_client;
@@ -1802,6 +1836,42 @@ mod tests {
         max_message: 1 << 20,
         version: 1,
     };
+
+    #[test]
+    fn handshake_headers_are_printable_and_decode_to_the_frame() {
+        let non_ascii = Frame::Reject(Reject {
+            code: 4403,
+            reason: "forbidden".into(),
+            message: "caf\u{e9} \u{2615} \u{1d11e}\ttab".into(),
+            versions: vec![1],
+            retry_after_ms: Some(250),
+        });
+        let frames = samples()
+            .into_iter()
+            .filter(|f| matches!(f, Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_)))
+            .chain([non_ascii.clone()]);
+        for frame in frames {
+            let header = handshake_header(&frame).unwrap();
+            assert!(
+                header.bytes().all(|b| (0x20..0x7f).contains(&b)),
+                "{header}"
+            );
+            let Transmit::Text(json) = encode(&frame, Codec::Json, 1).unwrap() else {
+                panic!("a handshake frame is text");
+            };
+            assert_eq!(header, header_value(std::str::from_utf8(&json).unwrap()));
+            assert_eq!(decode(Incoming::Text(&header), &LIMITS).unwrap(), frame);
+        }
+        let escaped = handshake_header(&non_ascii).unwrap();
+        assert!(
+            escaped.contains("caf\\u00e9 \\u2615 \\ud834\\udd1e\\ttab"),
+            "{escaped}"
+        );
+        assert!(matches!(
+            handshake_header(&Frame::Ping { nonce: 1 }),
+            Err(EncodeError::Unrepresentable)
+        ));
+    }
 
     fn samples() -> Vec<Frame> {
         let sid = SessionId([7; 16]);

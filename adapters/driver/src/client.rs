@@ -44,7 +44,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_tungstenite::tungstenite::client::IntoClientRequest;
-use async_tungstenite::tungstenite::http::HeaderValue;
+use async_tungstenite::tungstenite::http::{HeaderValue, Uri};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use bytes::Bytes;
 use futures_channel::oneshot;
@@ -722,6 +722,11 @@ pub fn connect(
     if target.tls && options.tls.is_none() {
         return Err(ConnectError::MissingTls);
     }
+    // Parsed once: every connection attempt builds its request from it.
+    let uri: Uri = target
+        .url
+        .parse()
+        .map_err(|e| ConnectError::InvalidUrl(format!("{url}: {e}")))?;
     options.config.can_refresh_token = options.token.is_some();
     let client_id = ClientId(util::random16().map_err(|e| ConnectError::Random(e.to_string()))?);
     let mut client = Client::new(options.config.clone(), client_id, util::random_seed())?;
@@ -774,6 +779,7 @@ pub fn connect(
             connector: Arc::new(Connector {
                 runtime: runtime.clone(),
                 target,
+                uri,
                 tls: options.tls.clone(),
                 token: options.token.clone(),
                 token_header: options.token_header.clone(),
@@ -811,6 +817,7 @@ type Opening = BoxFuture<'static, Result<(Ws, Option<String>), TransportError>>;
 struct Connector {
     runtime: Arc<dyn Runtime>,
     target: Target,
+    uri: Uri,
     tls: Option<ClientTls>,
     token: Option<TokenProvider>,
     token_header: String,
@@ -825,10 +832,14 @@ impl Connector {
         self: Arc<Self>,
         hello: Option<String>,
     ) -> Result<(Ws, Option<String>), TransportError> {
-        let mut request = (&*self.target.url)
+        let mut request = self
+            .uri
+            .clone()
             .into_client_request()
             .map_err(|e| TransportError::WebSocket(e.to_string()))?;
-        if let Some(value) = hello.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        // The header takes the string's buffer as it is.
+        if let Some(value) = hello.and_then(|h| HeaderValue::from_maybe_shared(Bytes::from(h)).ok())
+        {
             request.headers_mut().insert(wire::HELLO_HEADER, value);
         }
         if let Some(provider) = &self.token {

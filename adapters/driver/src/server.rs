@@ -4,11 +4,11 @@
 //! the core's timers.
 //!
 //! ```text
-//!  accept ──► handshake task (TLS, HTTP upgrade, auth) ──► connection task ─┐
-//!                                                                            │ lock: feed
-//!  ServerHandle calls ──────────────────────────────────► core Server ◄─────┘ frames in,
-//!                                                          │    │           queue frames
-//!                              frames, per connection ◄────┘    └──► events ──► ServerEvents
+//!  accept ──► connection task: handshake (TLS, HTTP upgrade, auth), then ─┐
+//!                                                                          │ lock: feed
+//!  ServerHandle calls ────────────────────────────────► core Server ◄─────┘ frames in,
+//!                                                        │    │           queue frames
+//!                            frames, per connection ◄────┘    └──► events ──► ServerEvents
 //! ```
 //!
 //! A connection task that reads a frame runs it through the core itself,
@@ -1121,7 +1121,9 @@ impl ServerHandle {
     /// then the session.
     pub fn accept_io(&self, io: BoxIo) {
         let shared = self.shared.clone();
-        self.shared.runtime.spawn(Box::pin(handshake(shared, io)));
+        self.shared
+            .runtime
+            .spawn(Box::pin(serve_accepted(shared, io)));
     }
 }
 
@@ -1194,7 +1196,7 @@ impl ServerTask {
                         trace!(%addr, "accepted");
                         shared
                             .runtime
-                            .spawn(Box::pin(handshake(shared.clone(), io)));
+                            .spawn(Box::pin(serve_accepted(shared.clone(), io)));
                     }
                     Poll::Ready(Err(e)) => {
                         // Out of file descriptors and the like: keep serving
@@ -1335,9 +1337,23 @@ fn log_event(event: &ServerEvent) {
     }
 }
 
-/// TLS handshake (if configured) and HTTP upgrade with authentication, then
-/// the connection task.
-async fn handshake(shared: Arc<Shared>, io: BoxIo) {
+/// An accepted socket's task: the upgrade, then the connection.
+async fn serve_accepted(shared: Arc<Shared>, io: BoxIo) {
+    // Boxed: the handshake's state (TLS, HTTP parsing, about 2 KiB) is
+    // freed when it is done instead of living on, for as long as the
+    // connection does, inside the task's future.
+    let upgraded = Box::pin(handshake(shared.clone(), io)).await;
+    if let Some((ws, identity, early)) = upgraded {
+        connection(shared, ws, identity, early).await;
+    }
+}
+
+/// The socket, the identity authentication gave, and the connection the
+/// core opened for a `hello` in the upgrade request, if any.
+type Upgraded = (crate::ws::Ws, Option<String>, Option<ConnectionId>);
+
+/// TLS handshake (if configured) and HTTP upgrade with authentication.
+async fn handshake(shared: Arc<Shared>, io: BoxIo) -> Option<Upgraded> {
     let limit = shared.options.handshake_timeout;
     let opts = shared.options.clone();
     // A connection the core opened for a `hello` in the upgrade request,
@@ -1384,7 +1400,9 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo) {
                 if let Some((id, answer)) = early_hello(&shared, identity.clone(), hello.as_bytes())
                 {
                     let _ = early.set(id);
-                    if let Some(value) = answer.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                    if let Some(value) =
+                        answer.and_then(|a| HeaderValue::from_maybe_shared(Bytes::from(a)).ok())
+                    {
                         resp.headers_mut().insert(wire::WELCOME_HEADER, value);
                     }
                 }
@@ -1404,19 +1422,14 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo) {
     .flatten();
     let early = early.into_inner();
     match upgraded {
-        Some((ws, identity)) => {
-            // A task of its own: the handshake's state (TLS, HTTP parsing,
-            // about 2 KiB) is freed instead of living on inside every
-            // connection's future.
-            let runtime = shared.runtime.clone();
-            runtime.spawn(Box::pin(connection(shared, ws, identity, early)));
-        }
+        Some((ws, identity)) => Some((ws, identity, early)),
         // The core opened a connection for the upgrade's `hello`, but the
         // `101` never made it out.
         None => {
             if let Some(id) = early {
                 report_closed(&shared, id, None);
             }
+            None
         }
     }
 }

@@ -517,7 +517,10 @@ pub async fn client_unread_events_pause_reading(rt: Arc<dyn Runtime>) {
         )
         .await;
     }
-    assert_eq!(waiting, 0, "messages unacknowledged after the stream was dropped");
+    assert_eq!(
+        waiting, 0,
+        "messages unacknowledged after the stream was dropped"
+    );
     within(&rt, 3000, "close", client.close()).await.unwrap();
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
