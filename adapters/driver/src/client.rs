@@ -48,7 +48,6 @@ use async_tungstenite::tungstenite::http::{HeaderValue, Uri};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use bytes::Bytes;
 use futures_channel::oneshot;
-use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::client::{
@@ -795,7 +794,7 @@ pub fn connect(
             started: false,
             connecting: None,
             live: None,
-            closing: FuturesUnordered::new(),
+            closing: Vec::new(),
             token_fetch: None,
         },
     };
@@ -972,7 +971,9 @@ struct Io {
     started: bool,
     connecting: Option<(TransportId, Opening)>,
     live: Option<Live>,
-    closing: FuturesUnordered<Closing>,
+    /// Sockets finishing their close: usually none or one (a reconnect
+    /// while the old socket closes), each bounded by the close timeout.
+    closing: Vec<Closing>,
     /// A fresh token being fetched to answer `TokenExpiring`.
     token_fetch: Option<BoxFuture<'static, Option<String>>>,
 }
@@ -982,7 +983,7 @@ impl Driver {
         let mut budget = Budget::default();
         while let Step::Again = budget.run(|cx| self.poll_step(cx)).await {}
         // Let sockets still closing finish their handshake, bounded by their timeouts.
-        while self.io.closing.next().await.is_some() {}
+        futures_util::future::join_all(std::mem::take(&mut self.io.closing)).await;
         let (replies, mut waiters, mut requests) = {
             let mut inner = self.shared.lock();
             (
@@ -1111,12 +1112,13 @@ impl Io {
                 self.connecting = None;
             }
         }
-        while !self.closing.is_empty() {
-            match self.closing.poll_next_unpin(cx) {
-                Poll::Ready(Some((tid, code, reason))) => {
-                    self.inputs.push(Input::Closed(tid, code, reason));
-                }
-                _ => break,
+        let mut i = 0;
+        while i < self.closing.len() {
+            if let Poll::Ready((tid, code, reason)) = self.closing[i].poll_unpin(cx) {
+                drop(self.closing.swap_remove(i));
+                self.inputs.push(Input::Closed(tid, code, reason));
+            } else {
+                i += 1;
             }
         }
         if let Some(fetch) = &mut self.token_fetch {
