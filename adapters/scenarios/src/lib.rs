@@ -372,15 +372,7 @@ pub async fn unread_events_pause_reading(rt: Arc<dyn Runtime>) {
         .await
         .unwrap();
     }
-    let mut got = Vec::new();
-    while got.len() < OUT as usize {
-        let m = client_wait(&rt, &mut cev, 3000, "client Message", |e| match e {
-            Event::Message(m) => Some(m.decode::<Note>().unwrap()),
-            _ => None,
-        })
-        .await;
-        got.push(m);
-    }
+    let got = client_notes(&rt, &mut cev, OUT).await;
     assert_eq!(got, (0..OUT).map(note).collect::<Vec<_>>());
     let stats = within(&rt, 2000, "stats", client.stats()).await.unwrap();
     assert!(
@@ -411,20 +403,40 @@ pub async fn unread_events_pause_reading(rt: Arc<dyn Runtime>) {
     }
     assert!(refused, "{sent} datagrams queued behind a stalled socket");
     // Reading the events lets the server read again: everything arrives.
+    let got = server_notes(&rt, &mut sev, IN).await;
+    assert_eq!(got, (0..IN).map(note).collect::<Vec<_>>());
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// The next `n` application messages the server receives, as notes.
+async fn server_notes(rt: &Arc<dyn Runtime>, events: &mut ServerEvents, n: u32) -> Vec<Note> {
     let mut got = Vec::new();
-    while got.len() < IN as usize {
-        let m = server_wait(&rt, &mut sev, 3000, "server Message", |e| match e {
+    while got.len() < n as usize {
+        let m = server_wait(rt, events, 3000, "server Message", |e| match e {
             ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
             _ => None,
         })
         .await;
         got.push(m);
     }
-    assert_eq!(got, (0..IN).map(note).collect::<Vec<_>>());
-    within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown())
-        .await
-        .unwrap();
+    got
+}
+
+/// The next `n` application messages the client receives, as notes.
+async fn client_notes(rt: &Arc<dyn Runtime>, events: &mut ClientEvents, n: u32) -> Vec<Note> {
+    let mut got = Vec::new();
+    while got.len() < n as usize {
+        let m = client_wait(rt, events, 3000, "client Message", |e| match e {
+            Event::Message(m) => Some(m.decode::<Note>().unwrap()),
+            _ => None,
+        })
+        .await;
+        got.push(m);
+    }
+    got
 }
 
 /// Messages from the server still to be acknowledged by the client.
@@ -476,26 +488,10 @@ pub async fn client_unread_events_pause_reading(rt: Arc<dyn Runtime>) {
             .await
             .unwrap();
     }
-    let mut got = Vec::new();
-    while got.len() < OUT as usize {
-        let m = server_wait(&rt, &mut sev, 3000, "server Message", |e| match e {
-            ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
-            _ => None,
-        })
-        .await;
-        got.push(m);
-    }
+    let got = server_notes(&rt, &mut sev, OUT).await;
     assert_eq!(got, (0..OUT).map(note).collect::<Vec<_>>());
     // Reading the events lets the client read again: everything arrives.
-    let mut got = Vec::new();
-    while got.len() < IN as usize {
-        let m = client_wait(&rt, &mut cev, 3000, "client Message", |e| match e {
-            Event::Message(m) => Some(m.decode::<Note>().unwrap()),
-            _ => None,
-        })
-        .await;
-        got.push(m);
-    }
+    let got = client_notes(&rt, &mut cev, IN).await;
     assert_eq!(got, (0..IN).map(note).collect::<Vec<_>>());
     // Without an event stream, the client goes on reading and acknowledging.
     drop(cev);
