@@ -19,7 +19,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -921,6 +921,13 @@ pub fn handshake_header(frame: &Frame) -> Result<String, EncodeError> {
 /// Payloads from this size up are encoded without the scratch buffer.
 const DIRECT_ENCODE: usize = 1024;
 
+/// Bytes of the blocks small frames are cut from.
+const BLOCK_SIZE: usize = 1024;
+
+/// Largest encoded frame cut from a block; larger ones get their own
+/// allocation.
+const BLOCK_MAX_FRAME: usize = 256;
+
 /// Most buffers a machine keeps for reuse by its large frames.
 const POOL_BUFFERS: usize = 8;
 
@@ -929,20 +936,30 @@ const POOL_MAX_CAPACITY: usize = 64 * 1024;
 
 /// Encodes a machine's frames. The machines keep one each.
 ///
-/// Small frames are encoded into a scratch buffer and copied out at their
-/// exact size: one allocation per frame, the frame itself. A frame with a
-/// large payload is encoded straight into a buffer of its own, which
-/// becomes the frame without a copy; that buffer comes back to the encoder
-/// when the last reference to the frame is dropped (after the socket took
-/// it), so a steady stream of large frames reuses a few buffers instead of
-/// allocating and freeing one per frame. Freeing a fresh large buffer per
-/// frame made the system allocator hand memory back to the operating
-/// system and fault it in again on every few frames. The pool is bounded
-/// ([`POOL_BUFFERS`] buffers of at most [`POOL_MAX_CAPACITY`] bytes); a
-/// buffer that does not fit is freed as usual.
+/// Small frames are encoded into a scratch buffer and appended to a block
+/// of [`BLOCK_SIZE`] bytes, from which each frame is cut as a `Bytes` of its
+/// own: the block is shared, reference-counted, and reused in place once
+/// the frames cut from it have all been dropped (written by the socket), so
+/// a steady stream of small frames allocates nothing. While frames from a
+/// block are still queued when it fills, the next frame starts a new block:
+/// one allocation per block instead of one per frame. A queued frame keeps
+/// its whole block alive, so a block holds at most [`BLOCK_SIZE`] bytes for
+/// frames whose own bytes are fewer; frames over [`BLOCK_MAX_FRAME`] bytes
+/// get an allocation of their exact size instead.
+///
+/// A frame with a large payload is encoded straight into a buffer of its
+/// own, which becomes the frame without a copy; that buffer comes back to
+/// the encoder when the last reference to the frame is dropped (after the
+/// socket took it), so a steady stream of large frames reuses a few
+/// buffers instead of allocating and freeing one per frame. Freeing a fresh
+/// large buffer per frame made the system allocator hand memory back to the
+/// operating system and fault it in again on every few frames. The pool is
+/// bounded ([`POOL_BUFFERS`] buffers of at most [`POOL_MAX_CAPACITY`]
+/// bytes); a buffer that does not fit is freed as usual.
 #[derive(Default)]
 pub(crate) struct Encoder {
     scratch: Vec<u8>,
+    block: BytesMut,
     pool: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
@@ -951,6 +968,7 @@ impl fmt::Debug for Encoder {
         let pooled = self.pool.lock().map(|p| p.len()).unwrap_or(0);
         f.debug_struct("Encoder")
             .field("scratch_capacity", &self.scratch.capacity())
+            .field("block_free", &self.block.capacity())
             .field("pooled", &pooled)
             .finish()
     }
@@ -1010,12 +1028,18 @@ impl Encoder {
             }
         }
         let kind = encode_into(frame, codec, version, &mut self.scratch)?;
-        let t = kind.with(Bytes::copy_from_slice(&self.scratch));
+        let t = kind.with(cut(&mut self.block, &self.scratch));
         // A rare huge frame should not pin its memory for the machine's life.
         if self.scratch.capacity() > POOL_MAX_CAPACITY {
             self.scratch = Vec::new();
         }
         Ok(t)
+    }
+
+    /// Bytes of the current block not yet cut into frames.
+    #[cfg(test)]
+    fn block_free(&self) -> usize {
+        self.block.capacity()
     }
 
     /// A pooled buffer with room for `want` bytes, or a new one.
@@ -1037,6 +1061,21 @@ impl Encoder {
     fn pooled(&self) -> usize {
         self.pool.lock().map(|p| p.len()).unwrap_or(0)
     }
+}
+
+/// `frame` as `Bytes`: cut from `block` if small enough, else a copy of its
+/// own.
+fn cut(block: &mut BytesMut, frame: &[u8]) -> Bytes {
+    if frame.len() > BLOCK_MAX_FRAME {
+        return Bytes::copy_from_slice(frame);
+    }
+    if block.capacity() < frame.len() {
+        // Reuses the block in place if no frame cut from it is alive any
+        // more; else leaves it to those frames and allocates a new one.
+        block.reserve(BLOCK_SIZE);
+    }
+    block.extend_from_slice(frame);
+    block.split().freeze()
 }
 
 /// Which kind of WebSocket message an encoded frame travels in.
@@ -1204,6 +1243,7 @@ macro_rules! fill_common {
 }
 
 /// The envelope fields of a message, payload aside.
+#[cfg(test)]
 macro_rules! fill_msg {
     ($env:ident, $m:expr) => {{
         $env.t = "msg".into();
@@ -1321,6 +1361,9 @@ fn write_json_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// The serde form of a `msg` envelope in MessagePack: the oracle the
+/// hand-written encoder is checked against.
+#[cfg(test)]
 fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
     let mut env = PackEnvelope::default();
     fill_msg!(env, m);
@@ -1338,27 +1381,109 @@ fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
 }
 
 fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    let env = match frame {
-        Frame::Msg(m) => pack_msg(m)?,
-        Frame::Batch(msgs) => PackEnvelope {
-            t: "batch".into(),
-            f: Some(msgs.iter().map(pack_msg).collect::<Result<_, _>>()?),
-            ..PackEnvelope::default()
-        },
+    out.reserve(BINARY_HEADER_LEN + 48 + frame_payload_len(frame));
+    out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
+    match frame {
+        // The hot path, written by hand with the same bytes serde writes
+        // (checked against it in the tests).
+        Frame::Msg(m) => write_pack_msg(m, out)?,
+        Frame::Batch(msgs) => {
+            let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
+            rmp::encode::write_map_len(out, 2).map_err(pack_error)?;
+            rmp::encode::write_str(out, "t").map_err(pack_error)?;
+            rmp::encode::write_str(out, "batch").map_err(pack_error)?;
+            rmp::encode::write_str(out, "f").map_err(pack_error)?;
+            rmp::encode::write_array_len(out, len).map_err(pack_error)?;
+            for m in msgs {
+                write_pack_msg(m, out)?;
+            }
+        }
         _ => {
             let mut env = PackEnvelope::default();
             fill_common!(env, frame);
-            env
+            rmp_serde::encode::write_named(out, &env)
+                .map_err(|e| EncodeError::Serializer(e.to_string()))?;
         }
-    };
-    out.reserve(BINARY_HEADER_LEN + 48 + frame_payload_len(frame));
-    out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
-    rmp_serde::encode::write_named(out, &env)
-        .map_err(|e| EncodeError::Serializer(e.to_string()))?;
+    }
     let body = u32::try_from(out.len() - BINARY_HEADER_LEN).map_err(|_| EncodeError::TooLarge)?;
     out[0] = KIND_MSGPACK;
     out[1] = version;
     out[2..BINARY_HEADER_LEN].copy_from_slice(&body.to_le_bytes());
+    Ok(())
+}
+
+fn pack_error<E: fmt::Display>(e: E) -> EncodeError {
+    EncodeError::Serializer(e.to_string())
+}
+
+/// Writes a `msg` envelope as the MessagePack map serde would write: the
+/// fields in declaration order, absent ones left out, integers in their
+/// shortest form.
+fn write_pack_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    use rmp::encode::{write_bin, write_bool, write_map_len, write_str, write_uint};
+    let extra = match m.kind {
+        MsgKind::Plain => 0,
+        MsgKind::Request | MsgKind::Response(_) => 1,
+        other => u32::from(other.op().is_some()),
+    };
+    let len = 4
+        + u32::from(m.ack.is_some())
+        + u32::from(m.ts.is_some())
+        + u32::from(m.room.is_some())
+        + extra;
+    write_map_len(out, len).map_err(pack_error)?;
+    write_str(out, "t").map_err(pack_error)?;
+    write_str(out, "msg").map_err(pack_error)?;
+    write_str(out, "seq").map_err(pack_error)?;
+    write_uint(out, m.seq).map_err(pack_error)?;
+    write_str(out, "id").map_err(pack_error)?;
+    write_uint(out, m.id).map_err(pack_error)?;
+    if let Some(ack) = m.ack {
+        write_str(out, "ack").map_err(pack_error)?;
+        write_uint(out, ack).map_err(pack_error)?;
+    }
+    if let Some(ts) = m.ts {
+        write_str(out, "ts").map_err(pack_error)?;
+        write_uint(out, ts).map_err(pack_error)?;
+    }
+    let data: &[u8] = &m.payload.data;
+    match m.payload.kind {
+        PayloadKind::Json => {
+            // Checked at construction; a failure here means a bug, reported not panicked.
+            let s = std::str::from_utf8(data).map_err(pack_error)?;
+            write_str(out, "j").map_err(pack_error)?;
+            write_str(out, s).map_err(pack_error)?;
+        }
+        PayloadKind::MsgPack => {
+            write_str(out, "m").map_err(pack_error)?;
+            write_bin(out, data).map_err(pack_error)?;
+        }
+        PayloadKind::Binary => {
+            write_str(out, "b").map_err(pack_error)?;
+            write_bin(out, data).map_err(pack_error)?;
+        }
+    }
+    if let Some(room) = &m.room {
+        write_str(out, "r").map_err(pack_error)?;
+        write_str(out, room).map_err(pack_error)?;
+    }
+    match m.kind {
+        MsgKind::Plain => {}
+        MsgKind::Request => {
+            write_str(out, "rq").map_err(pack_error)?;
+            write_bool(out, true).map_err(pack_error)?;
+        }
+        MsgKind::Response(to) => {
+            write_str(out, "rs").map_err(pack_error)?;
+            write_uint(out, to).map_err(pack_error)?;
+        }
+        other => {
+            if let Some(op) = other.op() {
+                write_str(out, "op").map_err(pack_error)?;
+                write_str(out, op).map_err(pack_error)?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -2035,6 +2160,72 @@ mod tests {
     }
 
     #[test]
+    fn small_frames_are_cut_from_a_block_that_is_reused_once_they_are_dropped() {
+        let small = |i: u8| msg_with(Payload::binary(vec![i; 32]));
+        let mut encoder = Encoder::default();
+        // Frames dropped as soon as they are made (written by the socket):
+        // once the first block is full, the next frame starts again at its
+        // beginning, in the same memory.
+        let first = encoder.encode(&small(0), Codec::MsgPack, 1).unwrap();
+        let (start, len) = (first.data().as_ptr() as usize, first.len());
+        assert_eq!(first, encode(&small(0), Codec::MsgPack, 1).unwrap());
+        drop(first);
+        let per_block = BLOCK_SIZE / len;
+        let mut reused = false;
+        for i in 1..=per_block {
+            let t = encoder.encode(&small(i as u8), Codec::MsgPack, 1).unwrap();
+            let at = t.data().as_ptr() as usize;
+            assert!(
+                at >= start && at + t.len() <= start + BLOCK_SIZE,
+                "frame {i} left the block"
+            );
+            reused |= at == start;
+        }
+        assert!(reused, "the block was not reused in place");
+        // Frames still alive keep their block; new frames go to a new one,
+        // and the old frames' bytes stay as they were.
+        let kept: Vec<_> = (0..2 * per_block)
+            .map(|i| {
+                let f = small(i as u8);
+                (encoder.encode(&f, Codec::MsgPack, 1).unwrap(), f)
+            })
+            .collect();
+        for (t, f) in &kept {
+            assert_eq!(decode(t.as_incoming(), &LIMITS).unwrap(), *f);
+        }
+        // Cut one after the other: each frame starts where the one before
+        // ended, except where a block starts.
+        let adjacent = kept
+            .windows(2)
+            .filter(|w| {
+                w[0].0.data().as_ptr() as usize + w[0].0.len() == w[1].0.data().as_ptr() as usize
+            })
+            .count();
+        assert!(
+            adjacent + 3 >= kept.len(),
+            "{adjacent} of {} adjacent",
+            kept.len()
+        );
+        let outside = kept
+            .iter()
+            .filter(|(t, _)| {
+                let at = t.data().as_ptr() as usize;
+                at < start || at >= start + BLOCK_SIZE
+            })
+            .count();
+        assert!(outside >= per_block, "only {outside} frames in a new block");
+        // JSON frames are cut the same way; frames over the limit are not.
+        let text = encoder.encode(&small(9), Codec::Json, 1).unwrap();
+        assert_eq!(text, encode(&small(9), Codec::Json, 1).unwrap());
+        let free = encoder.block_free();
+        let big = msg_with(Payload::binary(vec![5u8; BLOCK_MAX_FRAME]));
+        let t = encoder.encode(&big, Codec::MsgPack, 1).unwrap();
+        assert!(t.len() > BLOCK_MAX_FRAME);
+        assert_eq!(encoder.block_free(), free, "a large frame used the block");
+        assert_eq!(decode(t.as_incoming(), &LIMITS).unwrap(), big);
+    }
+
+    #[test]
     fn every_frame_round_trips_in_both_codecs() {
         for codec in [Codec::Json, Codec::MsgPack] {
             for frame in samples() {
@@ -2145,6 +2336,123 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn hand_written_msgpack_matches_serde() {
+        // Lengths on each side of MessagePack's size classes: fixstr/str8
+        // at 31/32, str8/str16 and bin8/bin16 at 255/256, 16/32 bits at
+        // 65 535/65 536.
+        let sizes = [0usize, 1, 31, 32, 255, 256, 65_535, 65_536];
+        let mut payloads = vec![Payload::null()];
+        for n in sizes {
+            payloads.push(Payload::binary(vec![0xa5; n]));
+            payloads.push(Payload::msgpack(msgpack_string(n)).unwrap());
+            payloads
+                .push(Payload::json(format!("\"{}\"", "x".repeat(n.saturating_sub(2)))).unwrap());
+        }
+        let ints = [
+            0u64,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX),
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ];
+        let kinds = [
+            MsgKind::Plain,
+            MsgKind::Request,
+            MsgKind::Response(9),
+            MsgKind::Response(u64::MAX),
+            MsgKind::Join,
+            MsgKind::Leave,
+            MsgKind::Presence,
+        ];
+        let long_room = "r".repeat(MAX_TOKEN_LEN);
+        let rooms = [
+            None,
+            Some("lobby"),
+            Some(&"é".repeat(16)[..]),
+            Some(&long_room[..]),
+        ];
+        let check = |m: &Msg| {
+            let mut ours = Vec::new();
+            write_pack_msg(m, &mut ours).unwrap();
+            let theirs = rmp_serde::to_vec_named(&pack_msg(m).unwrap()).unwrap();
+            assert!(ours == theirs, "{m:?}");
+        };
+        for payload in &payloads {
+            for kind in kinds {
+                for room in rooms {
+                    check(&Msg {
+                        seq: 7,
+                        id: 300,
+                        ack: Some(3),
+                        ts: (kind == MsgKind::Plain).then_some(1_700_000_000_000),
+                        kind,
+                        room: room.map(std::sync::Arc::from),
+                        payload: payload.clone(),
+                    });
+                }
+            }
+        }
+        for (i, &n) in ints.iter().enumerate() {
+            let other = ints[(i + 3) % ints.len()];
+            for (ack, ts) in [
+                (None, None),
+                (Some(n), None),
+                (None, Some(other)),
+                (Some(other), Some(n)),
+            ] {
+                check(&Msg {
+                    seq: n,
+                    id: other,
+                    ack,
+                    ts,
+                    kind: MsgKind::Plain,
+                    room: None,
+                    payload: Payload::binary(&b"x"[..]),
+                });
+            }
+        }
+        // A batch of them, too.
+        let batch = Frame::Batch(
+            (1..4)
+                .map(|i| Msg {
+                    seq: i,
+                    id: i + 10,
+                    ack: None,
+                    ts: None,
+                    kind: MsgKind::Plain,
+                    room: Some(std::sync::Arc::from("lobby")),
+                    payload: Payload::binary(vec![1u8; 40]),
+                })
+                .collect(),
+        );
+        let ours = encode(&batch, Codec::MsgPack, 1).unwrap();
+        let Frame::Batch(msgs) = &batch else {
+            unreachable!()
+        };
+        let env = PackEnvelope {
+            t: "batch".into(),
+            f: Some(msgs.iter().map(|m| pack_msg(m).unwrap()).collect()),
+            ..PackEnvelope::default()
+        };
+        let theirs = rmp_serde::to_vec_named(&env).unwrap();
+        assert_eq!(&ours.data()[BINARY_HEADER_LEN..], &theirs[..]);
+        assert_eq!(decode(ours.as_incoming(), &LIMITS).unwrap(), batch);
+    }
+
+    /// A MessagePack string of `n` bytes, as a payload's encoded value.
+    fn msgpack_string(n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmp::encode::write_str(&mut out, &"s".repeat(n)).unwrap();
+        out
     }
 
     /// Found by the `decode_msgpack` and `decode_binary_header` fuzz targets:
