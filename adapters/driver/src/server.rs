@@ -57,7 +57,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -295,6 +295,9 @@ struct Shared {
     /// Events waiting for the application before connection tasks pause
     /// reading ([`ServerOptions::event_buffer`]).
     event_room: usize,
+    /// `State::events.len()`, kept beside the lock so that a connection
+    /// task can see there is room without taking it.
+    event_backlog: AtomicUsize,
 }
 
 /// The state behind the lock: the core machine and what the driver keeps
@@ -302,7 +305,7 @@ struct Shared {
 struct State {
     server: Server,
     /// Connection tasks that registered and have not reported their end.
-    conns: FxHashMap<ConnectionId, Slot>,
+    conns: FxHashMap<ConnectionId, SlotRef>,
     /// The codec negotiated by each session's latest connection (set when a
     /// session opens or resumes, removed when it ends), to encode typed
     /// values. Bounded by the sessions the core holds.
@@ -328,7 +331,21 @@ struct Shutdown {
     give_up: std::time::Instant,
 }
 
-/// Per connection, as the state sees it.
+/// A connection's slot, shared by the state and the connection's task.
+///
+/// The state fills it under its own lock, then locks the slot for the few
+/// instructions a push takes; the task locks only the slot to take its
+/// frames and close orders, so it can write while another task holds the
+/// state's lock (a broadcast to thousands of members, say). Lock order:
+/// the state's lock first, then a slot's; never the other way round.
+type SlotRef = Arc<Mutex<Slot>>;
+
+/// Locks a slot; a panic under a slot's lock leaves nothing half-done.
+fn lock_slot(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Per connection: what the state hands its task.
 #[derive(Default)]
 struct Slot {
     /// Frames for the connection task to write. At most
@@ -450,9 +467,10 @@ impl State {
         while let Some(output) = self.server.poll_output() {
             match output {
                 ServerOutput::Transmit(id, t) => {
-                    let Some(slot) = self.conns.get_mut(&id) else {
+                    let Some(slot) = self.conns.get(&id) else {
                         continue; // the task ended; the core knows
                     };
+                    let mut slot = lock_slot(slot);
                     if slot.closing {
                         continue; // closing: nothing more goes out
                     }
@@ -471,6 +489,7 @@ impl State {
                             },
                             wakes,
                         );
+                        drop(slot);
                         self.server
                             .disconnect_connection(now, id, CloseCode::SLOW_CONSUMER);
                         continue;
@@ -486,8 +505,8 @@ impl State {
                     } else {
                         debug!(connection = id.0, %code, reason, "closing connection");
                     }
-                    if let Some(slot) = self.conns.get_mut(&id) {
-                        slot.order(
+                    if let Some(slot) = self.conns.get(&id) {
+                        lock_slot(slot).order(
                             CloseOrder {
                                 code,
                                 reason,
@@ -511,6 +530,8 @@ impl State {
                     }
                     if !self.events_dropped {
                         self.events.push_back(event);
+                        env.event_backlog
+                            .store(self.events.len(), Ordering::Relaxed);
                         wakes.take(&mut self.events_waker);
                     }
                 }
@@ -536,7 +557,8 @@ impl State {
     /// Lets paused connection tasks read again.
     fn resume_readers(&mut self, wakes: &mut Wakes) {
         for id in std::mem::take(&mut self.paused) {
-            if let Some(slot) = self.conns.get_mut(&id) {
+            if let Some(slot) = self.conns.get(&id) {
+                let mut slot = lock_slot(slot);
                 slot.paused = false;
                 wakes.take(&mut slot.waker);
             }
@@ -684,6 +706,9 @@ impl Stream for ServerEvents {
             let mut st = self.shared.lock();
             match st.events.pop_front() {
                 Some(event) => {
+                    self.shared
+                        .event_backlog
+                        .store(st.events.len(), Ordering::Relaxed);
                     if !st.paused.is_empty() && st.events_have_room(&self.shared) {
                         st.resume_readers(&mut wakes);
                     }
@@ -711,6 +736,7 @@ impl Drop for ServerEvents {
             let mut st = self.shared.lock();
             st.events_dropped = true;
             st.events.clear();
+            self.shared.event_backlog.store(0, Ordering::Relaxed);
             st.events_waker = None;
             st.resume_readers(&mut wakes);
         }
@@ -791,6 +817,7 @@ fn start_inner(
         runtime: runtime.clone(),
         outbound: outbound_capacity(&options),
         event_room: options.event_buffer.max(1),
+        event_backlog: AtomicUsize::new(0),
         options: Arc::new(options),
     });
     let (alive_tx, alive_rx) = mpsc::channel(1);
@@ -884,7 +911,7 @@ impl ServerHandle {
                 .server
                 .connection_of(session)
                 .and_then(|c| st.conns.get(&c))
-                .map_or(0, |slot| slot.out.len());
+                .map_or(0, |slot| lock_slot(slot).out.len());
             if waiting >= limit {
                 return Err(SendError::QueueFull {
                     messages: waiting,
@@ -922,8 +949,7 @@ impl ServerHandle {
     /// testing resumes. `Ok(false)`: no such connection.
     pub async fn abort(&self, connection: ConnectionId) -> Result<bool, ServerError> {
         let task = self.shared.call(|st, now| {
-            let slot = st.conns.get_mut(&connection)?;
-            let task = slot.abort();
+            let task = lock_slot(st.conns.get(&connection)?).abort();
             st.server.handle_connection_closed(now, connection, None);
             Some(task)
         })?;
@@ -1151,8 +1177,8 @@ impl ServerTask {
             st.stopped = true;
             wakes.take(&mut st.events_waker);
             // Connections still open after the close timeout are told again.
-            for slot in st.conns.values_mut() {
-                slot.order(
+            for slot in st.conns.values() {
+                lock_slot(slot).order(
                     CloseOrder {
                         code: CloseCode::GOING_AWAY,
                         reason: "shutting down",
@@ -1455,7 +1481,7 @@ fn early_hello(
             .server
             .handle_upgrade(now, identity, SessionId(fresh), hello);
         // Before the core's outputs are drained, so they find the slot.
-        st.conns.insert(id, Slot::default());
+        st.conns.insert(id, SlotRef::default());
         Some((id, answer))
     })
 }
@@ -1473,6 +1499,8 @@ enum Step {
 /// A connection task's own buffers.
 struct ConnIo {
     id: ConnectionId,
+    /// Shared with the state, which fills it.
+    slot: SlotRef,
     /// Frames taken from the slot, not yet accepted by the socket. Taken
     /// only when empty, so at most [`Shared::outbound`].
     out: VecDeque<Message>,
@@ -1490,6 +1518,22 @@ impl ConnIo {
     const BATCH: usize = 32;
     const READ_BUDGET: usize = 128;
 
+    /// Under the state's lock: `true` if the application has room for
+    /// events after all, else marks this connection paused (the
+    /// application's next take wakes it) and returns `false`.
+    fn pause_unless_room(&self, shared: &Shared) -> bool {
+        let mut st = shared.lock();
+        if st.events_have_room(shared) {
+            return true;
+        }
+        let mut slot = lock_slot(&self.slot);
+        if !slot.paused {
+            slot.paused = true;
+            st.paused.push(self.id);
+        }
+        false
+    }
+
     fn poll<S>(
         &mut self,
         shared: &Shared,
@@ -1501,19 +1545,10 @@ impl ConnIo {
     {
         let mut read = 0;
         loop {
-            // What the state holds for this connection.
+            // What the state holds for this connection: only the slot is
+            // locked, so writing never waits for the state's lock.
             let may_read = {
-                let mut guard = shared.lock();
-                let room = guard.events_have_room(shared);
-                let st = &mut *guard;
-                let Some(slot) = st.conns.get_mut(&self.id) else {
-                    return Poll::Ready(Step::Close(CloseOrder {
-                        code: CloseCode::GOING_AWAY,
-                        reason: "going away",
-                        flush: false,
-                        abort: false,
-                    }));
-                };
+                let mut slot = lock_slot(&self.slot);
                 if let Some(order) = slot.close.take() {
                     if order.flush {
                         self.out.extend(slot.out.drain(..));
@@ -1530,12 +1565,15 @@ impl ConnIo {
                     }
                     std::mem::swap(&mut self.out, &mut slot.out);
                 }
-                if !room && !slot.paused {
-                    slot.paused = true;
-                    st.paused.push(self.id);
-                }
-                room
+                !slot.paused
             };
+            // Whether the application has room for the events reading
+            // causes; if not, the task pauses, checked and recorded under
+            // the state's lock so that the application's next take cannot
+            // miss it.
+            let may_read = may_read
+                && (shared.event_backlog.load(Ordering::Relaxed) < shared.event_room
+                    || self.pause_unless_room(shared));
             // Writes: hand frames over only while the socket accepts them,
             // so a stalled peer leaves them queued (and bounded).
             while !self.out.is_empty() {
@@ -1589,24 +1627,32 @@ impl ConnIo {
             if !self.batch.is_empty() {
                 let id = self.id;
                 let batch = &mut self.batch;
-                shared.run(Some(id), |st, now| {
-                    for m in batch.drain(..) {
-                        match &m {
-                            Message::Text(t) => {
-                                st.server
-                                    .handle_message(now, id, Incoming::Text(t.as_str()));
-                            }
-                            Message::Binary(b) => {
-                                st.server.handle_message(now, id, Incoming::SharedBinary(b));
-                            }
-                            _ => {}
-                        }
-                    }
-                });
+                shared.run(Some(id), |st, now| run_batch(st, now, id, batch));
             }
             if let Some(end) = end {
                 return Poll::Ready(Step::Ended(end));
             }
+        }
+    }
+}
+
+/// Runs frames a connection read through the core, in order.
+fn run_batch(
+    st: &mut State,
+    now: kitestring_core::Instant,
+    id: ConnectionId,
+    batch: &mut Vec<Message>,
+) {
+    for m in batch.drain(..) {
+        match &m {
+            Message::Text(t) => {
+                st.server
+                    .handle_message(now, id, Incoming::Text(t.as_str()));
+            }
+            Message::Binary(b) => {
+                st.server.handle_message(now, id, Incoming::SharedBinary(b));
+            }
+            _ => {}
         }
     }
 }
@@ -1691,7 +1737,10 @@ async fn connection<S>(
     let close_timeout = shared.options.close_timeout;
     let opened = shared.run(None, |st, now| {
         if let Some(id) = early {
-            return Ok(id);
+            return match st.conns.get(&id) {
+                Some(slot) => Ok((id, slot.clone())),
+                None => Err((CloseCode::GOING_AWAY, "going away")),
+            };
         }
         if st.shutdown.is_some() || st.stopped {
             return Err((CloseCode::GOING_AWAY, "going away"));
@@ -1704,11 +1753,12 @@ async fn connection<S>(
             }
         };
         let id = st.server.handle_connection(now, identity, fresh);
-        st.conns.insert(id, Slot::default());
-        Ok(id)
+        let slot = SlotRef::default();
+        st.conns.insert(id, slot.clone());
+        Ok((id, slot))
     });
-    let id = match opened {
-        Ok(id) => id,
+    let (id, slot) = match opened {
+        Ok(opened) => opened,
         Err((code, reason)) => {
             let _ = Box::pin(util::timeout(&*shared.runtime, close_timeout, async {
                 let _ = ws.close(Some(ws::close_frame(code, reason))).await;
@@ -1721,6 +1771,7 @@ async fn connection<S>(
     async move {
         let mut io = ConnIo {
             id,
+            slot,
             out: VecDeque::new(),
             batch: Vec::new(),
             needs_flush: false,
