@@ -456,7 +456,7 @@ impl Server {
             sessions: Map::default(),
             timers: BinaryHeap::new(),
             outputs: VecDeque::new(),
-            encoder: wire::Encoder::default(),
+            encoder: wire::Encoder::for_server(),
             next_conn: 1,
             next_id: 1,
             stats: ServerStats::default(),
