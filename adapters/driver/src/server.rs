@@ -355,6 +355,8 @@ struct Slot {
     close: Option<CloseOrder>,
     /// A close order was given: nothing more is queued.
     closing: bool,
+    /// The order is an abort: the core was told the connection is gone.
+    aborted: bool,
     /// In [`State::paused`].
     paused: bool,
     /// The connection task, while it waits.
@@ -367,6 +369,7 @@ impl Slot {
     /// wake once the lock is released.
     fn abort(&mut self) -> Option<Waker> {
         self.closing = true;
+        self.aborted = true;
         self.out.clear();
         self.close = Some(CloseOrder {
             code: CloseCode::ABNORMAL,
@@ -949,7 +952,15 @@ impl ServerHandle {
     /// testing resumes. `Ok(false)`: no such connection.
     pub async fn abort(&self, connection: ConnectionId) -> Result<bool, ServerError> {
         let task = self.shared.call(|st, now| {
-            let task = lock_slot(st.conns.get(&connection)?).abort();
+            let task = {
+                let mut slot = lock_slot(st.conns.get(&connection)?);
+                if slot.aborted {
+                    // Its task has not reported the end yet; it is gone
+                    // for the core already.
+                    return None;
+                }
+                slot.abort()
+            };
             st.server.handle_connection_closed(now, connection, None);
             Some(task)
         })?;
