@@ -949,7 +949,7 @@ impl ServerHandle {
     /// out its grace period with every unacknowledged message kept for the
     /// resume. For a peer that must go now (one that stopped reading, a
     /// failed health check, a connection being drained by force) and for
-    /// testing resumes. `Ok(false)`: no such connection.
+    /// testing resumes. `Ok(false)`: no such connection, or one aborted already.
     pub async fn abort(&self, connection: ConnectionId) -> Result<bool, ServerError> {
         let task = self.shared.call(|st, now| {
             let task = {
