@@ -915,7 +915,7 @@ pub fn handshake_header(frame: &Frame) -> Result<String, EncodeError> {
     let mut out = Vec::new();
     encode_handshake(frame, &mut out)?;
     // serde_json writes UTF-8.
-    let json = String::from_utf8(out).map_err(|e| EncodeError::Serializer(e.to_string()))?;
+    let json = String::from_utf8(out).map_err(serializer_error)?;
     Ok(into_header_value(json))
 }
 
@@ -1293,7 +1293,7 @@ fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError>
         }
         _ => return Err(EncodeError::Unrepresentable),
     }
-    serde_json::to_writer(out, &env).map_err(|e| EncodeError::Serializer(e.to_string()))
+    serde_json::to_writer(out, &env).map_err(serializer_error)
 }
 
 /// Fills the fields every non-handshake envelope shares; the payload is
@@ -1367,8 +1367,7 @@ fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
     match m.payload.kind {
         PayloadKind::Json => {
             // Checked at construction; a failure here means a bug, reported not panicked.
-            let raw: &RawValue =
-                serde_json::from_slice(data).map_err(|e| EncodeError::Serializer(e.to_string()))?;
+            let raw: &RawValue = serde_json::from_slice(data).map_err(serializer_error)?;
             env.j = Some(raw);
         }
         PayloadKind::MsgPack => env.m = Some(Cow::Owned(B64.encode(data))),
@@ -1396,7 +1395,7 @@ fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         _ => {
             let mut env = JsonEnvelope::default();
             fill_common!(env, frame);
-            serde_json::to_writer(out, &env).map_err(|e| EncodeError::Serializer(e.to_string()))
+            serde_json::to_writer(out, &env).map_err(serializer_error)
         }
     }
 }
@@ -1440,8 +1439,7 @@ fn write_json_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     }
     if let Some(room) = &m.room {
         out.extend_from_slice(br#","r":"#);
-        serde_json::to_writer(&mut *out, &**room)
-            .map_err(|e| EncodeError::Serializer(e.to_string()))?;
+        serde_json::to_writer(&mut *out, &**room).map_err(serializer_error)?;
     }
     match m.kind {
         MsgKind::Plain => {}
@@ -1466,8 +1464,7 @@ fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
     let data: &[u8] = &m.payload.data;
     match m.payload.kind {
         PayloadKind::Json => {
-            let s =
-                std::str::from_utf8(data).map_err(|e| EncodeError::Serializer(e.to_string()))?;
+            let s = std::str::from_utf8(data).map_err(serializer_error)?;
             env.j = Some(s.into());
         }
         PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
@@ -1485,11 +1482,11 @@ fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), E
         Frame::Msg(m) => write_pack_msg(m, out)?,
         Frame::Batch(msgs) => {
             let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
-            rmp::encode::write_map_len(out, 2).map_err(pack_error)?;
-            rmp::encode::write_str(out, "t").map_err(pack_error)?;
-            rmp::encode::write_str(out, "batch").map_err(pack_error)?;
-            rmp::encode::write_str(out, "f").map_err(pack_error)?;
-            rmp::encode::write_array_len(out, len).map_err(pack_error)?;
+            rmp::encode::write_map_len(out, 2).map_err(serializer_error)?;
+            rmp::encode::write_str(out, "t").map_err(serializer_error)?;
+            rmp::encode::write_str(out, "batch").map_err(serializer_error)?;
+            rmp::encode::write_str(out, "f").map_err(serializer_error)?;
+            rmp::encode::write_array_len(out, len).map_err(serializer_error)?;
             for m in msgs {
                 write_pack_msg(m, out)?;
             }
@@ -1497,8 +1494,7 @@ fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), E
         _ => {
             let mut env = PackEnvelope::default();
             fill_common!(env, frame);
-            rmp_serde::encode::write_named(out, &env)
-                .map_err(|e| EncodeError::Serializer(e.to_string()))?;
+            rmp_serde::encode::write_named(out, &env).map_err(serializer_error)?;
         }
     }
     let body = u32::try_from(out.len() - BINARY_HEADER_LEN).map_err(|_| EncodeError::TooLarge)?;
@@ -1508,7 +1504,8 @@ fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), E
     Ok(())
 }
 
-fn pack_error<E: fmt::Display>(e: E) -> EncodeError {
+/// An encoder's error as [`EncodeError::Serializer`].
+fn serializer_error<E: fmt::Display>(e: E) -> EncodeError {
     EncodeError::Serializer(e.to_string())
 }
 
@@ -1527,56 +1524,56 @@ fn write_pack_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         + u32::from(m.ts.is_some())
         + u32::from(m.room.is_some())
         + extra;
-    write_map_len(out, len).map_err(pack_error)?;
-    write_str(out, "t").map_err(pack_error)?;
-    write_str(out, "msg").map_err(pack_error)?;
-    write_str(out, "seq").map_err(pack_error)?;
-    write_uint(out, m.seq).map_err(pack_error)?;
-    write_str(out, "id").map_err(pack_error)?;
-    write_uint(out, m.id).map_err(pack_error)?;
+    write_map_len(out, len).map_err(serializer_error)?;
+    write_str(out, "t").map_err(serializer_error)?;
+    write_str(out, "msg").map_err(serializer_error)?;
+    write_str(out, "seq").map_err(serializer_error)?;
+    write_uint(out, m.seq).map_err(serializer_error)?;
+    write_str(out, "id").map_err(serializer_error)?;
+    write_uint(out, m.id).map_err(serializer_error)?;
     if let Some(ack) = m.ack {
-        write_str(out, "ack").map_err(pack_error)?;
-        write_uint(out, ack).map_err(pack_error)?;
+        write_str(out, "ack").map_err(serializer_error)?;
+        write_uint(out, ack).map_err(serializer_error)?;
     }
     if let Some(ts) = m.ts {
-        write_str(out, "ts").map_err(pack_error)?;
-        write_uint(out, ts).map_err(pack_error)?;
+        write_str(out, "ts").map_err(serializer_error)?;
+        write_uint(out, ts).map_err(serializer_error)?;
     }
     let data: &[u8] = &m.payload.data;
     match m.payload.kind {
         PayloadKind::Json => {
             // Checked at construction; a failure here means a bug, reported not panicked.
-            let s = std::str::from_utf8(data).map_err(pack_error)?;
-            write_str(out, "j").map_err(pack_error)?;
-            write_str(out, s).map_err(pack_error)?;
+            let s = std::str::from_utf8(data).map_err(serializer_error)?;
+            write_str(out, "j").map_err(serializer_error)?;
+            write_str(out, s).map_err(serializer_error)?;
         }
         PayloadKind::MsgPack => {
-            write_str(out, "m").map_err(pack_error)?;
-            write_bin(out, data).map_err(pack_error)?;
+            write_str(out, "m").map_err(serializer_error)?;
+            write_bin(out, data).map_err(serializer_error)?;
         }
         PayloadKind::Binary => {
-            write_str(out, "b").map_err(pack_error)?;
-            write_bin(out, data).map_err(pack_error)?;
+            write_str(out, "b").map_err(serializer_error)?;
+            write_bin(out, data).map_err(serializer_error)?;
         }
     }
     if let Some(room) = &m.room {
-        write_str(out, "r").map_err(pack_error)?;
-        write_str(out, room).map_err(pack_error)?;
+        write_str(out, "r").map_err(serializer_error)?;
+        write_str(out, room).map_err(serializer_error)?;
     }
     match m.kind {
         MsgKind::Plain => {}
         MsgKind::Request => {
-            write_str(out, "rq").map_err(pack_error)?;
-            write_bool(out, true).map_err(pack_error)?;
+            write_str(out, "rq").map_err(serializer_error)?;
+            write_bool(out, true).map_err(serializer_error)?;
         }
         MsgKind::Response(to) => {
-            write_str(out, "rs").map_err(pack_error)?;
-            write_uint(out, to).map_err(pack_error)?;
+            write_str(out, "rs").map_err(serializer_error)?;
+            write_uint(out, to).map_err(serializer_error)?;
         }
         other => {
             if let Some(op) = other.op() {
-                write_str(out, "op").map_err(pack_error)?;
-                write_str(out, op).map_err(pack_error)?;
+                write_str(out, "op").map_err(serializer_error)?;
+                write_str(out, op).map_err(serializer_error)?;
             }
         }
     }
