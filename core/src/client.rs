@@ -562,6 +562,8 @@ struct Conn {
     peer_max_message: usize,
     /// Whether the server said it can receive batch frames.
     peer_batches: bool,
+    /// Whether the server said it can receive detached payloads.
+    peer_detach: bool,
     /// The outstanding ping, for round-trip time.
     ping: Option<(u64, Instant)>,
     /// The last time anything arrived.
@@ -613,6 +615,8 @@ pub struct Client {
     next_id: u64,
     next_nonce: u64,
     decode_failures: u32,
+    /// Decodes the current transport's messages, in order.
+    decoder: wire::Decoder,
     rtt: Option<Duration>,
     /// The transport whose upgrade request carries the `hello`.
     hello_upgrade: Option<TransportId>,
@@ -661,6 +665,7 @@ impl Client {
             next_id: 1,
             next_nonce: 1,
             decode_failures: 0,
+            decoder: wire::Decoder::new(),
             rtt: None,
             hello_upgrade: None,
             hello_upgrade_refused: false,
@@ -1210,7 +1215,7 @@ impl Client {
                 session,
                 delivered: self.inbound.delivered(),
             }),
-            caps: with_batch(&self.config.capabilities),
+            caps: with_own_caps(&self.config.capabilities),
             codecs: self.config.codecs.clone(),
         })
     }
@@ -1233,11 +1238,13 @@ impl Client {
             max_message: self.config.max_message_size,
             version: self.conn.as_ref().map_or(PROTOCOL_VERSION, |c| c.version),
         };
-        match wire::decode(msg, &limits) {
-            Ok(frame) => {
+        match self.decoder.decode(msg, &limits) {
+            Ok(Some(frame)) => {
                 self.decode_failures = 0;
                 self.on_frame(frame);
             }
+            // A message whose payload is the next message.
+            Ok(None) => {}
             Err(error) => self.on_decode_error(error),
         }
     }
@@ -1348,6 +1355,7 @@ impl Client {
         let id = TransportId(self.next_transport);
         self.next_transport += 1;
         self.transport = Some(id);
+        self.decoder = wire::Decoder::new();
         self.stats.connects += 1;
         self.set_state(State::Connecting {
             attempt: self.failures,
@@ -1692,6 +1700,7 @@ impl Client {
             pong_timeout,
             peer_max_message: peer_max,
             peer_batches: w.features.iter().any(|f| f == CAP_BATCH),
+            peer_detach: w.features.iter().any(|f| f == wire::CAP_DETACH),
             ping: None,
             last_rx: self.now,
             in_grace: false,
@@ -1960,12 +1969,13 @@ impl Client {
             return;
         }
         let Some(conn) = &self.conn else { return };
-        let (id, codec, version, peer_max, batches) = (
+        let (id, codec, version, peer_max, batches, detach) = (
             conn.id,
             conn.codec,
             conn.version,
             conn.peer_max_message,
             conn.peer_batches,
+            conn.peer_detach,
         );
         loop {
             let ack = self.inbound.delivered();
@@ -1986,19 +1996,28 @@ impl Client {
                 });
                 continue;
             }
+            let s_len = s.payload.len();
             let frame = Outbound::frame(s, ack);
             self.inbound.acked_now();
             self.timers.stop(Timer::AckDelay);
             self.stats.messages_sent += 1;
+            let detached = detach && s_len >= wire::DETACH_FROM;
             match (&self.config.batch, frame) {
-                (Some(cfg), Frame::Msg(m)) if batches => {
+                (Some(cfg), Frame::Msg(m)) if batches && !detached => {
                     if self.batch.push(m, cfg) {
                         self.send_batch();
                     } else if !self.timers.is_set(Timer::Batch) {
                         self.timers.set(Timer::Batch, self.now + cfg.window);
                     }
                 }
-                (_, frame) => self.transmit_on(id, &frame, codec, version),
+                (_, frame) => {
+                    if detached {
+                        // A detached message goes alone; what was batched
+                        // before it goes first.
+                        self.send_batch();
+                    }
+                    self.transmit_on(id, &frame, codec, version);
+                }
             }
         }
         self.arm_ack_timeout();
@@ -2044,25 +2063,33 @@ impl Client {
     }
 
     fn transmit_on(&mut self, id: TransportId, frame: &Frame, codec: Codec, version: u8) {
-        match self.encoder.encode(frame, codec, version) {
-            Ok(t) => {
-                self.stats.frames_out += 1;
-                self.stats.bytes_out += t.len() as u64;
-                self.outputs.push_back(Output::Transmit(id, t));
-            }
-            Err(e) => {
-                // Only reachable through a bug; never panic in a library.
-                self.protocol_error(format!("could not encode `{}`: {e}", frame.type_name()));
-            }
+        let detach = self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.id == id && c.peer_detach);
+        let (stats, outputs) = (&mut self.stats, &mut self.outputs);
+        let sent = self
+            .encoder
+            .encode_each(frame, codec, version, detach, |t| {
+                stats.frames_out += 1;
+                stats.bytes_out += t.len() as u64;
+                outputs.push_back(Output::Transmit(id, t));
+            });
+        if let Err(e) = sent {
+            // Only reachable through a bug; never panic in a library.
+            self.protocol_error(format!("could not encode `{}`: {e}", frame.type_name()));
         }
     }
 }
 
-/// Every Kitestring peer can receive batches, so it always says so.
-pub(crate) fn with_batch(caps: &[String]) -> Vec<String> {
+/// Every Kitestring peer can receive batches and detached payloads, so it
+/// always says so.
+pub(crate) fn with_own_caps(caps: &[String]) -> Vec<String> {
     let mut caps = caps.to_vec();
-    if !caps.iter().any(|c| c == CAP_BATCH) {
-        caps.push(CAP_BATCH.to_string());
+    for own in [CAP_BATCH, wire::CAP_DETACH] {
+        if !caps.iter().any(|c| c == own) {
+            caps.push(own.to_string());
+        }
     }
     caps
 }

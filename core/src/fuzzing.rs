@@ -151,6 +151,7 @@ pub fn check_decode(msg: Incoming<'_>, limits: &Limits, probe: &dyn AllocProbe) 
             "shared and copied decoding disagree"
         );
     }
+    check_stream_decoder(msg, limits, &result);
     let frame = result.ok()?;
     let codec = match msg {
         Incoming::Text(_) => Codec::Json,
@@ -158,6 +159,45 @@ pub fn check_decode(msg: Incoming<'_>, limits: &Limits, probe: &dyn AllocProbe) 
     };
     assert_round_trip(&frame, codec, limits.version);
     Some(frame)
+}
+
+/// A connection's [`wire::Decoder`] agrees with [`wire::decode`] on a first
+/// message; where `decode` refuses a detached envelope, the decoder waits
+/// for its payload, and a payload of the announced length completes it
+/// (or is refused as JSON, for a `dj` payload that is not JSON).
+fn check_stream_decoder(msg: Incoming<'_>, limits: &Limits, result: &Result<Frame, DecodeError>) {
+    let mut decoder = wire::Decoder::new();
+    let streamed = decoder.decode(msg, limits);
+    match (streamed, result) {
+        (Ok(Some(a)), Ok(b)) => assert_eq!(&a, b, "the stream decoder disagrees"),
+        (Ok(None), Err(DecodeError::InvalidField { field: "dj", .. })) => {
+            let Some(len) = decoder.awaiting() else {
+                panic!("the decoder waits, but for no payload");
+            };
+            if len > 1 << 16 {
+                return;
+            }
+            // Digits: a JSON value too, for a `dj` payload.
+            let payload = Bytes::from(vec![b'1'; len]);
+            match decoder.decode(Incoming::SharedBinary(&payload), limits) {
+                Ok(Some(Frame::Msg(m))) => {
+                    assert_eq!(m.payload.data(), &payload, "the payload changed");
+                    assert_round_trip(&Frame::Msg(m), Codec::MsgPack, limits.version);
+                }
+                Err(DecodeError::InvalidField { field: "dj", .. }) if len == 0 => {}
+                other => panic!("a detached payload of {len} bytes gave {other:?}"),
+            }
+            assert_eq!(decoder.awaiting(), None);
+        }
+        (
+            Err(DecodeError::TooLarge { size, max }),
+            Err(DecodeError::InvalidField { field: "dj", .. }),
+        ) => {
+            assert!(size > max, "refused a detached payload within the limit");
+        }
+        (Err(a), Err(b)) => assert_eq!(&a, b, "the stream decoder disagrees"),
+        (a, b) => panic!("the stream decoder gave {a:?}, decode gave {b:?}"),
+    }
 }
 
 /// Checks that `frame` encodes with `codec`, that the encoding decodes to an
@@ -206,6 +246,24 @@ pub fn assert_round_trip(frame: &Frame, codec: Codec, version: u8) {
     match wire::encode(&back, codec, version) {
         Ok(again) => assert_eq!(again, encoded, "encoding is not canonical"),
         Err(e) => panic!("re-encoding failed: {e}"),
+    }
+    if let Frame::Msg(m) = frame {
+        // The same message with its payload detached comes back equal too.
+        let pair = match wire::encode_detached(m, codec, version) {
+            Ok(pair) => pair,
+            Err(e) => panic!("{frame:?} does not encode detached with {codec:?}: {e}"),
+        };
+        let mut decoder = wire::Decoder::new();
+        assert_eq!(
+            decoder.decode(pair[0].as_incoming(), &open),
+            Ok(None),
+            "a detached envelope did not wait for its payload"
+        );
+        assert_eq!(
+            decoder.decode(pair[1].as_incoming(), &open),
+            Ok(Some(frame.clone())),
+            "round trip detached through {codec:?} changed the frame"
+        );
     }
 }
 

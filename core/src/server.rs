@@ -18,7 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use core::time::Duration;
 
-use crate::client::{with_batch, Received, CAP_BATCH};
+use crate::client::{with_own_caps, Received, CAP_BATCH};
 use crate::close::CloseCode;
 use crate::config::{ConfigError, ServerConfig};
 use crate::ratelimit::{Limit, RateDecision, RateLimiter};
@@ -376,6 +376,8 @@ enum ConnPhase {
         codec: Codec,
         version: u8,
         batches: bool,
+        /// Whether the client can receive detached payloads.
+        detach: bool,
     },
 }
 
@@ -387,6 +389,8 @@ struct Conn {
     last_rx: Instant,
     in_grace: bool,
     decode_failures: u32,
+    /// Decodes this connection's messages, in order.
+    decoder: wire::Decoder,
     hello_deadline: Option<Instant>,
     reauth_deadline: Option<Instant>,
     limiter: Option<Box<RateLimiter>>,
@@ -553,6 +557,7 @@ impl Server {
                 last_rx: self.now,
                 in_grace: false,
                 decode_failures: 0,
+                decoder: wire::Decoder::new(),
                 hello_deadline: Some(deadline),
                 reauth_deadline: None,
                 limiter: self
@@ -615,18 +620,18 @@ impl Server {
             ConnPhase::Open { version, .. } => version,
             ConnPhase::AwaitingHello => PROTOCOL_VERSION,
         };
-        match wire::decode(
-            msg,
-            &Limits {
-                max_message,
-                version,
-            },
-        ) {
-            Ok(frame) => {
+        let limits = Limits {
+            max_message,
+            version,
+        };
+        match conn.decoder.decode(msg, &limits) {
+            Ok(Some(frame)) => {
                 conn.decode_failures = 0;
                 self.on_frame(connection, frame);
                 self.process_evictions();
             }
+            // A message whose payload is the next message.
+            Ok(None) => {}
             Err(error) => {
                 conn.decode_failures += 1;
                 let failures = conn.decode_failures;
@@ -1643,6 +1648,7 @@ impl Server {
                 codec,
                 version,
                 batches: h.caps.iter().any(|c| c == CAP_BATCH),
+                detach: h.caps.iter().any(|c| c == wire::CAP_DETACH),
             };
             conn.hello_deadline = None;
         }
@@ -1653,7 +1659,7 @@ impl Server {
             resumed: resumed.is_some(),
             lost: lost.map(String::from),
             delivered,
-            features: with_batch(&self.config.features),
+            features: with_own_caps(&self.config.features),
             ping_interval_ms: duration_ms(self.config.ping_interval),
             pong_timeout_ms: duration_ms(self.config.pong_timeout),
             max_message: self.config.max_message_size as u64,
@@ -1929,12 +1935,14 @@ impl Server {
             };
             // Detached: numbered into the window, sent on resume.
             let Some(conn) = conn else { continue };
+            let large = m.payload.len() >= wire::DETACH_FROM;
             let frame = Outbound::frame(m, ack);
             s.inbound.acked_now();
             s.ack_due = None;
             self.stats.messages_out += 1;
+            let detached = large && self.conn_detach(conn);
             match (batch_cfg, frame) {
-                (Some(cfg), Frame::Msg(m)) if self.conn_batches(conn) => {
+                (Some(cfg), Frame::Msg(m)) if !detached && self.conn_batches(conn) => {
                     let Some(s) = self.sessions.get_mut(&session) else {
                         return;
                     };
@@ -1952,10 +1960,24 @@ impl Server {
                         self.arm(due, ServerTimer::Batch(session));
                     }
                 }
-                (_, frame) => self.transmit(conn, &frame),
+                (_, frame) => {
+                    if detached {
+                        // A detached message goes alone; what was batched
+                        // before it goes first.
+                        self.send_batch(session);
+                    }
+                    self.transmit(conn, &frame);
+                }
             }
         }
         self.arm_ack_timeout(session);
+    }
+
+    fn conn_detach(&self, conn: ConnectionId) -> bool {
+        matches!(
+            self.conns.get(&conn).map(|c| &c.phase),
+            Some(ConnPhase::Open { detach: true, .. })
+        )
     }
 
     fn conn_batches(&self, conn: ConnectionId) -> bool {
@@ -2030,18 +2052,21 @@ impl Server {
     }
 
     fn transmit_as(&mut self, connection: ConnectionId, frame: &Frame, codec: Codec, version: u8) {
-        match self.encoder.encode(frame, codec, version) {
-            Ok(t) => {
-                self.stats.frames_out += 1;
-                self.stats.bytes_out += t.len() as u64;
-                self.outputs
-                    .push_back(ServerOutput::Transmit(connection, t));
-            }
-            Err(_) => self.disconnect(
+        let detach = self.conn_detach(connection);
+        let (stats, outputs) = (&mut self.stats, &mut self.outputs);
+        let sent = self
+            .encoder
+            .encode_each(frame, codec, version, detach, |t| {
+                stats.frames_out += 1;
+                stats.bytes_out += t.len() as u64;
+                outputs.push_back(ServerOutput::Transmit(connection, t));
+            });
+        if sent.is_err() {
+            self.disconnect(
                 connection,
                 CloseCode::INTERNAL_ERROR,
                 "could not encode a frame",
-            ),
+            );
         }
     }
 }

@@ -679,6 +679,18 @@ pub enum DecodeError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A `msg` envelope announced a detached payload, and the next message
+    /// is not that payload: not a binary message, or not of the announced
+    /// length. The envelope is dropped with it.
+    #[error("expected a detached payload of {expected} bytes, got a {} message of {actual} bytes", if *.text { "text" } else { "binary" })]
+    DetachedMismatch {
+        /// The length the envelope announced.
+        expected: usize,
+        /// The length of the message that came instead.
+        actual: usize,
+        /// Whether that message was a text message.
+        text: bool,
+    },
 }
 
 /// Decoding limits.
@@ -749,6 +761,15 @@ macro_rules! envelope {
                 skip_serializing_if = "Option::is_none"
             )]
             f: Option<Vec<$name<'a>>>,
+            // Detached payloads (last, so the fields before keep
+            // their indexes): the length of a JSON, MessagePack or
+            // opaque payload that follows as the next WebSocket message.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            dj: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            dm: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            db: Option<u64>,
         }
     };
 }
@@ -1135,16 +1156,47 @@ impl Encoder {
             }
         }
         let kind = encode_into(frame, codec, version, &mut self.scratch)?;
-        let t = kind.with(if self.scratch.len() > BLOCK_MAX_FRAME {
+        Ok(kind.with(self.cut_scratch()))
+    }
+
+    /// Encodes `frame` and hands its messages to `emit`: one, or two for a
+    /// `msg` whose payload goes detached, which it does when `detach` (the
+    /// peer can receive it) and the payload is at least [`DETACH_FROM`]
+    /// bytes.
+    pub(crate) fn encode_each(
+        &mut self,
+        frame: &Frame,
+        codec: Codec,
+        version: u8,
+        detach: bool,
+        mut emit: impl FnMut(Transmit),
+    ) -> Result<(), EncodeError> {
+        match frame {
+            Frame::Msg(m) if detach && m.payload.len() >= DETACH_FROM => {
+                let kind = encode_detached_into(m, codec, version, &mut self.scratch)?;
+                emit(kind.with(self.cut_scratch()));
+                emit(Transmit::Binary(m.payload.data.clone()));
+                Ok(())
+            }
+            _ => {
+                emit(self.encode(frame, codec, version)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// The scratch buffer's frame as `Bytes`: cut from a block if small.
+    fn cut_scratch(&mut self) -> Bytes {
+        let b = if self.scratch.len() > BLOCK_MAX_FRAME {
             Bytes::copy_from_slice(&self.scratch)
         } else {
             self.blocks.cut(&self.scratch)
-        });
+        };
         // A rare huge frame should not pin its memory for the machine's life.
         if self.scratch.capacity() > POOL_MAX_CAPACITY {
             self.scratch = Vec::new();
         }
-        Ok(t)
+        b
     }
 
     /// Bytes of the current block not yet cut into frames.
@@ -1380,14 +1432,14 @@ fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     match frame {
         // The hot path, written by hand: a JSON payload was validated when
         // the `Payload` was made and is copied in as is, not parsed again.
-        Frame::Msg(m) => write_json_msg(m, out),
+        Frame::Msg(m) => write_json_msg(m, out, false),
         Frame::Batch(msgs) => {
             out.extend_from_slice(br#"{"t":"batch","f":["#);
             for (i, m) in msgs.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_json_msg(m, out)?;
+                write_json_msg(m, out, false)?;
             }
             out.extend_from_slice(b"]}");
             Ok(())
@@ -1409,8 +1461,9 @@ fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
     out.truncate(start + written);
 }
 
-/// Writes a `msg` envelope with the same field order serde would use.
-fn write_json_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+/// Writes a `msg` envelope with the same field order serde would use;
+/// `detached`: with the payload's length in its place (`dj`, `dm`, `db`).
+fn write_json_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), EncodeError> {
     use std::io::Write as _;
     let io = |e: std::io::Error| EncodeError::Serializer(e.to_string());
     write!(out, r#"{{"t":"msg","seq":{},"id":{}"#, m.seq, m.id).map_err(io)?;
@@ -1422,6 +1475,10 @@ fn write_json_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     }
     let data = &m.payload.data;
     match m.payload.kind {
+        _ if detached => {
+            let key = detached_key(m.payload.kind);
+            write!(out, r#","{key}":{}"#, data.len()).map_err(io)?;
+        }
         PayloadKind::Json => {
             out.extend_from_slice(br#","j":"#);
             out.extend_from_slice(data);
@@ -1479,7 +1536,7 @@ fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), E
     match frame {
         // The hot path, written by hand with the same bytes serde writes
         // (checked against it in the tests).
-        Frame::Msg(m) => write_pack_msg(m, out)?,
+        Frame::Msg(m) => write_pack_msg(m, out, false)?,
         Frame::Batch(msgs) => {
             let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
             rmp::encode::write_map_len(out, 2).map_err(serializer_error)?;
@@ -1488,7 +1545,7 @@ fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), E
             rmp::encode::write_str(out, "f").map_err(serializer_error)?;
             rmp::encode::write_array_len(out, len).map_err(serializer_error)?;
             for m in msgs {
-                write_pack_msg(m, out)?;
+                write_pack_msg(m, out, false)?;
             }
         }
         _ => {
@@ -1511,8 +1568,9 @@ fn serializer_error<E: fmt::Display>(e: E) -> EncodeError {
 
 /// Writes a `msg` envelope as the MessagePack map serde would write: the
 /// fields in declaration order, absent ones left out, integers in their
-/// shortest form.
-fn write_pack_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+/// shortest form. `detached`: with the payload's length in its place
+/// (`dj`, `dm`, `db`).
+fn write_pack_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), EncodeError> {
     use rmp::encode::{write_bin, write_bool, write_map_len, write_str, write_uint};
     let extra = match m.kind {
         MsgKind::Plain => 0,
@@ -1541,6 +1599,10 @@ fn write_pack_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     }
     let data: &[u8] = &m.payload.data;
     match m.payload.kind {
+        _ if detached => {
+            write_str(out, detached_key(m.payload.kind)).map_err(serializer_error)?;
+            write_uint(out, data.len() as u64).map_err(serializer_error)?;
+        }
         PayloadKind::Json => {
             // Checked at construction; a failure here means a bug, reported not panicked.
             let s = std::str::from_utf8(data).map_err(serializer_error)?;
@@ -1580,6 +1642,65 @@ fn write_pack_msg(m: &Msg, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// The envelope key of a detached payload of `kind`.
+fn detached_key(kind: PayloadKind) -> &'static str {
+    match kind {
+        PayloadKind::Json => "dj",
+        PayloadKind::MsgPack => "dm",
+        PayloadKind::Binary => "db",
+    }
+}
+
+/// Encodes `m` with its payload detached (PROTOCOL.md, section 2.1): the
+/// envelope, announcing the payload's kind and length, then the payload
+/// itself as a binary message of its own, shared with `m` (no copy). Send
+/// the two back to back, and only to a peer that announced the
+/// [`CAP_DETACH`] capability.
+pub fn encode_detached(m: &Msg, codec: Codec, version: u8) -> Result<[Transmit; 2], EncodeError> {
+    let mut out = Vec::new();
+    let kind = encode_detached_into(m, codec, version, &mut out)?;
+    Ok([
+        kind.with(out.into()),
+        Transmit::Binary(m.payload.data.clone()),
+    ])
+}
+
+/// Encodes the envelope of `m` with its payload detached into `out`
+/// (cleared first).
+fn encode_detached_into(
+    m: &Msg,
+    codec: Codec,
+    version: u8,
+    out: &mut Vec<u8>,
+) -> Result<FrameKind, EncodeError> {
+    out.clear();
+    match codec {
+        Codec::Json => {
+            write_json_msg(m, out, true)?;
+            Ok(FrameKind::Text)
+        }
+        Codec::MsgPack => {
+            out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
+            write_pack_msg(m, out, true)?;
+            let body =
+                u32::try_from(out.len() - BINARY_HEADER_LEN).map_err(|_| EncodeError::TooLarge)?;
+            out[0] = KIND_MSGPACK;
+            out[1] = version;
+            out[2..BINARY_HEADER_LEN].copy_from_slice(&body.to_le_bytes());
+            Ok(FrameKind::Binary)
+        }
+    }
+}
+
+/// Capability: the peer can receive detached payloads (PROTOCOL.md,
+/// section 2.1). Every Kitestring peer announces it.
+pub const CAP_DETACH: &str = "detach";
+
+/// Payloads from this size up are sent detached to a peer that can receive
+/// them: below it, copying the payload into the envelope costs less than a
+/// WebSocket message of its own.
+pub const DETACH_FROM: usize = 4096;
+
 fn frame_payload_len(frame: &Frame) -> usize {
     match frame {
         Frame::Msg(m) => m.payload.len(),
@@ -1596,11 +1717,180 @@ pub fn decode(msg: Incoming<'_>, limits: &Limits) -> Result<Frame, DecodeError> 
             max: limits.max_message,
         });
     }
+    match decode_one(msg, limits.version)? {
+        Decoded::Frame(frame) => Ok(frame),
+        Decoded::Detached(_) => Err(DecodeError::InvalidField {
+            field: "dj",
+            reason: "a detached payload needs the stream's wire::Decoder",
+        }),
+    }
+}
+
+fn decode_one(msg: Incoming<'_>, version: u8) -> Result<Decoded, DecodeError> {
     match msg {
         Incoming::Text(text) => decode_text(text),
-        Incoming::Binary(bytes) => decode_binary(bytes, limits.version, None),
-        Incoming::SharedBinary(bytes) => decode_binary(bytes, limits.version, Some(bytes)),
+        Incoming::Binary(bytes) => decode_binary(bytes, version, None),
+        Incoming::SharedBinary(bytes) => decode_binary(bytes, version, Some(bytes)),
     }
+}
+
+/// One decoded message: a frame, or a `msg` envelope whose payload is the
+/// next message.
+enum Decoded {
+    Frame(Frame),
+    Detached(Box<Detached>),
+}
+
+/// A `msg` envelope waiting for its detached payload. The message's payload
+/// has the announced kind and no bytes yet.
+#[derive(Debug)]
+struct Detached {
+    msg: Msg,
+    len: usize,
+}
+
+impl Decoded {
+    /// `frame`, or the detached message it is if the envelope announced a
+    /// detached payload of `detached` bytes.
+    fn of(frame: Frame, detached: Option<(PayloadKind, u64)>) -> Self {
+        match (frame, detached) {
+            (Frame::Msg(msg), Some((_, len))) => Decoded::Detached(Box::new(Detached {
+                msg,
+                len: usize::try_from(len).unwrap_or(usize::MAX),
+            })),
+            (frame, _) => Decoded::Frame(frame),
+        }
+    }
+}
+
+/// Decodes the messages of one connection in order (PROTOCOL.md, section
+/// 2.1): a `msg` envelope with a detached payload (`dj`, `dm` or `db`)
+/// waits here until the next message, its payload, arrives, so a large
+/// payload travels in a message of its own, never copied into an envelope
+/// and, received, shared with the transport's buffer. Machines keep one per
+/// connection; for anything else it behaves as [`decode`].
+#[derive(Debug, Default)]
+pub struct Decoder {
+    pending: Option<Box<Detached>>,
+}
+
+impl Decoder {
+    /// A decoder with nothing pending.
+    pub fn new() -> Self {
+        Decoder::default()
+    }
+
+    /// Decodes the next message of the connection. `Ok(None)`: it was a
+    /// `msg` envelope whose payload is the next message.
+    ///
+    /// A detached payload longer than `limits.max_message` fails at the
+    /// envelope. If the next message is not the payload (text, or another
+    /// length), both are dropped with [`DecodeError::DetachedMismatch`].
+    pub fn decode(
+        &mut self,
+        msg: Incoming<'_>,
+        limits: &Limits,
+    ) -> Result<Option<Frame>, DecodeError> {
+        if let Some(pending) = self.pending.take() {
+            return pending.complete(msg).map(Some);
+        }
+        if msg.len() > limits.max_message {
+            return Err(DecodeError::TooLarge {
+                size: msg.len(),
+                max: limits.max_message,
+            });
+        }
+        match decode_one(msg, limits.version)? {
+            Decoded::Frame(frame) => Ok(Some(frame)),
+            Decoded::Detached(d) if d.len > limits.max_message => Err(DecodeError::TooLarge {
+                size: d.len,
+                max: limits.max_message,
+            }),
+            Decoded::Detached(d) => {
+                self.pending = Some(d);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The length of the detached payload the decoder waits for, if any.
+    pub fn awaiting(&self) -> Option<usize> {
+        self.pending.as_ref().map(|d| d.len)
+    }
+}
+
+impl Detached {
+    /// The message, with `msg` as its payload.
+    fn complete(self, next: Incoming<'_>) -> Result<Frame, DecodeError> {
+        let Detached { msg: mut m, len } = self;
+        let data = match next {
+            Incoming::Binary(b) if b.len() == len => Bytes::copy_from_slice(b),
+            Incoming::SharedBinary(b) if b.len() == len => b.clone(),
+            other => {
+                return Err(DecodeError::DetachedMismatch {
+                    expected: len,
+                    actual: other.len(),
+                    text: matches!(other, Incoming::Text(_)),
+                })
+            }
+        };
+        if m.payload.kind == PayloadKind::Json
+            && serde_json::from_slice::<&RawValue>(&data).is_err()
+        {
+            return Err(DecodeError::InvalidField {
+                field: "dj",
+                reason: "not a JSON value",
+            });
+        }
+        m.payload.data = data;
+        Ok(Frame::Msg(m))
+    }
+}
+
+/// The detached payload an envelope announces, if any: its kind and length.
+fn detached_of(
+    dj: Option<u64>,
+    dm: Option<u64>,
+    db: Option<u64>,
+) -> Result<Option<(PayloadKind, u64)>, DecodeError> {
+    match (dj, dm, db) {
+        (None, None, None) => Ok(None),
+        (Some(n), None, None) => Ok(Some((PayloadKind::Json, n))),
+        (None, Some(n), None) => Ok(Some((PayloadKind::MsgPack, n))),
+        (None, None, Some(n)) => Ok(Some((PayloadKind::Binary, n))),
+        _ => Err(DecodeError::InvalidField {
+            field: "dj",
+            reason: "a message carries exactly one payload",
+        }),
+    }
+}
+
+/// The placeholder payload of a `msg` envelope that announces a detached
+/// one, checked to announce nothing else.
+fn detached_payload(
+    detached: Option<(PayloadKind, u64)>,
+    embedded: bool,
+    nested: bool,
+) -> Result<Option<Payload>, DecodeError> {
+    let Some((kind, _)) = detached else {
+        return Ok(None);
+    };
+    if nested {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: "a batch holds no detached payloads",
+        });
+    }
+    if embedded {
+        return Err(DecodeError::InvalidField {
+            field: "dj",
+            reason: "a message carries exactly one payload",
+        });
+    }
+    Ok(Some(Payload {
+        kind,
+        data: Bytes::new(),
+    }))
 }
 
 /// `part` as its own `Bytes`: a slice of `backing` (no copy) when `part`
@@ -1621,17 +1911,22 @@ fn share(backing: Option<&Bytes>, part: &[u8]) -> Bytes {
 /// Payloads from this size up are shared with the frame they came in.
 const SHARE_FROM: usize = 1024;
 
-fn decode_text(text: &str) -> Result<Frame, DecodeError> {
+fn decode_text(text: &str) -> Result<Decoded, DecodeError> {
     let probe: TypeProbe<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
     if is_handshake(&probe.t) {
         let env: HandshakeEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
-        return handshake_frame(env);
+        return handshake_frame(env).map(Decoded::Frame);
     }
     let env: JsonEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
-    json_frame(&env, false)
+    let frame = json_frame(&env, false)?;
+    Ok(Decoded::of(frame, detached_of(env.dj, env.dm, env.db)?))
 }
 
-fn json_payload(env: &JsonEnvelope<'_>) -> Result<Payload, DecodeError> {
+fn json_payload(env: &JsonEnvelope<'_>, nested: bool) -> Result<Payload, DecodeError> {
+    let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
+    if let Some(p) = detached_payload(detached_of(env.dj, env.dm, env.db)?, embedded, nested)? {
+        return Ok(p);
+    }
     if let Some(raw) = env.j {
         if env.m.is_some() || env.b.is_some() {
             return Err(DecodeError::InvalidField {
@@ -1702,7 +1997,8 @@ macro_rules! envelope_frame {
 }
 
 fn json_frame(env: &JsonEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError> {
-    envelope_frame!(json_frame, env, nested, json_payload)
+    let payload = |env: &JsonEnvelope<'_>| json_payload(env, nested);
+    envelope_frame!(json_frame, env, nested, payload)
 }
 
 fn pack_frame(
@@ -1711,7 +2007,7 @@ fn pack_frame(
     backing: Option<&Bytes>,
 ) -> Result<Frame, DecodeError> {
     let frame = |inner: &PackEnvelope<'_>, nested| pack_frame(inner, nested, backing);
-    let payload = |env: &PackEnvelope<'_>| pack_payload(env, backing);
+    let payload = |env: &PackEnvelope<'_>| pack_payload(env, nested, backing);
     envelope_frame!(frame, env, nested, payload)
 }
 
@@ -1748,7 +2044,11 @@ fn batch_frame<E>(
     Ok(Frame::Batch(msgs))
 }
 
-fn decode_binary(bytes: &[u8], version: u8, backing: Option<&Bytes>) -> Result<Frame, DecodeError> {
+fn decode_binary(
+    bytes: &[u8],
+    version: u8,
+    backing: Option<&Bytes>,
+) -> Result<Decoded, DecodeError> {
     if bytes.len() < BINARY_HEADER_LEN {
         return Err(DecodeError::ShortHeader { len: bytes.len() });
     }
@@ -1772,7 +2072,7 @@ fn decode_binary(bytes: &[u8], version: u8, backing: Option<&Bytes>) -> Result<F
         });
     }
     if kind == KIND_RAW {
-        return Ok(Frame::Raw(share(backing, body)));
+        return Ok(Decoded::Frame(Frame::Raw(share(backing, body))));
     }
     // The header's length frames the body; the envelope is the one map at its
     // start (rmp-serde's borrowing reader cannot report where the map ended).
@@ -1781,10 +2081,19 @@ fn decode_binary(bytes: &[u8], version: u8, backing: Option<&Bytes>) -> Result<F
     let env = PackEnvelope::deserialize(&mut de).map_err(|e| DecodeError::MsgPack {
         message: e.to_string(),
     })?;
-    pack_frame(&env, false, backing)
+    let frame = pack_frame(&env, false, backing)?;
+    Ok(Decoded::of(frame, detached_of(env.dj, env.dm, env.db)?))
 }
 
-fn pack_payload(env: &PackEnvelope<'_>, backing: Option<&Bytes>) -> Result<Payload, DecodeError> {
+fn pack_payload(
+    env: &PackEnvelope<'_>,
+    nested: bool,
+    backing: Option<&Bytes>,
+) -> Result<Payload, DecodeError> {
+    let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
+    if let Some(p) = detached_payload(detached_of(env.dj, env.dm, env.db)?, embedded, nested)? {
+        return Ok(p);
+    }
     match (&env.j, env.m, env.b) {
         (Some(j), None, None) => {
             serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
@@ -2252,6 +2561,167 @@ mod tests {
         assert_eq!(encoder.pooled(), 0);
     }
 
+    fn detached_msg(payload: Payload) -> Msg {
+        Msg {
+            seq: 300,
+            id: 70_000,
+            ack: Some(5),
+            ts: Some(1_700_000_000_000),
+            kind: MsgKind::Response(12),
+            room: Some("lobby".into()),
+            payload,
+        }
+    }
+
+    /// Every payload kind, in both codecs, goes detached and comes back
+    /// whole; received in a shared buffer, the payload is that buffer.
+    #[test]
+    fn detached_payloads_round_trip_and_are_shared_with_their_message() {
+        let json = format!("[{}1]", "1,".repeat(3000));
+        for payload in [
+            Payload::json(json.into_bytes()).unwrap(),
+            Payload::msgpack(msgpack_string(5000)).unwrap(),
+            Payload::binary(vec![7u8; 16 * 1024]),
+            Payload::binary(Vec::new()),
+        ] {
+            for codec in [Codec::Json, Codec::MsgPack] {
+                let m = detached_msg(payload.clone());
+                let [head, body] = encode_detached(&m, codec, 1).unwrap();
+                assert_eq!(
+                    matches!(head, Transmit::Text(_)),
+                    codec == Codec::Json,
+                    "the envelope travels in the codec's kind of message"
+                );
+                assert!(head.len() < 100, "{head:?}");
+                let Transmit::Binary(body) = body else {
+                    panic!("the payload is a binary message")
+                };
+                assert_eq!(body.as_ptr(), payload.data().as_ptr(), "not copied");
+                // Alone, the envelope cannot be decoded.
+                assert!(matches!(
+                    decode(head.as_incoming(), &LIMITS),
+                    Err(DecodeError::InvalidField { field: "dj", .. })
+                ));
+                let mut decoder = Decoder::new();
+                assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
+                assert_eq!(decoder.awaiting(), Some(payload.len()));
+                let got = decoder
+                    .decode(Incoming::SharedBinary(&body), &LIMITS)
+                    .unwrap();
+                assert_eq!(got, Some(Frame::Msg(m.clone())));
+                assert_eq!(payload_of(got.as_ref().unwrap()).as_ptr(), body.as_ptr());
+                assert_eq!(decoder.awaiting(), None);
+                // Copied from a plain slice, the same message.
+                assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
+                let got = decoder.decode(Incoming::Binary(&body), &LIMITS).unwrap();
+                assert_eq!(got, Some(Frame::Msg(m)));
+                // Anything else goes through as with `decode`.
+                let ping = encode(&Frame::Ping { nonce: 4 }, codec, 1).unwrap();
+                assert_eq!(
+                    decoder.decode(ping.as_incoming(), &LIMITS),
+                    Ok(Some(Frame::Ping { nonce: 4 }))
+                );
+            }
+        }
+    }
+
+    /// The encoder sends a payload detached only to a peer that can take
+    /// it and only from [`DETACH_FROM`] bytes up; a detached payload is the
+    /// message's own bytes.
+    #[test]
+    fn the_encoder_detaches_large_payloads_for_peers_that_take_them() {
+        let mut encoder = Encoder::for_server();
+        let mut count = |len: usize, detach: bool| {
+            let m = detached_msg(Payload::binary(vec![1u8; len]));
+            let mut out = Vec::new();
+            encoder
+                .encode_each(&Frame::Msg(m.clone()), Codec::MsgPack, 1, detach, |t| {
+                    out.push(t)
+                })
+                .unwrap();
+            if out.len() == 2 {
+                assert_eq!(out[1].data().as_ptr(), m.payload.data().as_ptr());
+                let mut decoder = Decoder::new();
+                assert_eq!(decoder.decode(out[0].as_incoming(), &LIMITS), Ok(None));
+                assert_eq!(
+                    decoder.decode(out[1].as_incoming(), &LIMITS),
+                    Ok(Some(Frame::Msg(m)))
+                );
+            } else {
+                assert_eq!(decode(out[0].as_incoming(), &LIMITS), Ok(Frame::Msg(m)));
+            }
+            out.len()
+        };
+        assert_eq!(count(DETACH_FROM - 1, true), 1);
+        assert_eq!(count(DETACH_FROM, true), 2);
+        assert_eq!(count(64 * 1024, true), 2);
+        assert_eq!(count(64 * 1024, false), 1);
+        assert_eq!(count(32, true), 1);
+    }
+
+    #[test]
+    fn detached_payloads_are_checked() {
+        let m = detached_msg(Payload::binary(vec![1u8; 5000]));
+        let [head, body] = encode_detached(&m, Codec::MsgPack, 1).unwrap();
+        let mut decoder = Decoder::new();
+        // The next message is not the payload: both are dropped, and the
+        // decoder starts afresh.
+        for wrong in [
+            Incoming::Binary(&body.data()[1..]),
+            Incoming::Text("{\"t\":\"ping\",\"nonce\":1}"),
+        ] {
+            assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
+            let err = decoder.decode(wrong, &LIMITS).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::DetachedMismatch { expected: 5000, .. }),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("5000 bytes"), "{err}");
+            assert_eq!(decoder.awaiting(), None);
+        }
+        // A payload over the limit is refused at its envelope.
+        let small = Limits {
+            max_message: 4999,
+            version: 1,
+        };
+        assert_eq!(
+            decoder.decode(head.as_incoming(), &small),
+            Err(DecodeError::TooLarge {
+                size: 5000,
+                max: 4999
+            })
+        );
+        assert_eq!(decoder.awaiting(), None);
+        // A detached JSON payload must be JSON.
+        let mut bad = detached_msg(Payload::json(&b"[1]"[..]).unwrap());
+        bad.payload.data = Bytes::from_static(b"[1,");
+        let [head, body] = encode_detached(&bad, Codec::MsgPack, 1).unwrap();
+        assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
+        assert!(matches!(
+            decoder.decode(body.as_incoming(), &LIMITS),
+            Err(DecodeError::InvalidField { field: "dj", .. })
+        ));
+        // One payload per message, and none detached inside a batch.
+        for text in [
+            r#"{"t":"msg","seq":1,"id":1,"j":1,"dj":1}"#,
+            r#"{"t":"msg","seq":1,"id":1,"db":1,"dm":1}"#,
+            r#"{"t":"batch","f":[{"t":"msg","seq":1,"id":1,"db":1}]}"#,
+        ] {
+            let err = Decoder::new()
+                .decode(Incoming::Text(text), &LIMITS)
+                .unwrap_err();
+            assert!(
+                matches!(err, DecodeError::InvalidField { .. }),
+                "{text}: {err:?}"
+            );
+        }
+        // Other frame types ignore the fields, as any field they do not use.
+        assert_eq!(
+            Decoder::new().decode(Incoming::Text(r#"{"t":"ping","nonce":2,"db":9}"#), &LIMITS),
+            Ok(Some(Frame::Ping { nonce: 2 }))
+        );
+    }
+
     #[test]
     fn small_frames_are_cut_from_a_block_that_is_reused_once_they_are_dropped() {
         let small = |i: u8| msg_with(Payload::binary(vec![i; 32]));
@@ -2475,7 +2945,7 @@ mod tests {
                         payload: payload.clone(),
                     };
                     let mut ours = Vec::new();
-                    write_json_msg(&m, &mut ours).unwrap();
+                    write_json_msg(&m, &mut ours, false).unwrap();
                     let theirs = serde_json::to_vec(&json_msg(&m).unwrap()).unwrap();
                     assert_eq!(
                         String::from_utf8_lossy(&ours),
@@ -2530,7 +3000,7 @@ mod tests {
         ];
         let check = |m: &Msg| {
             let mut ours = Vec::new();
-            write_pack_msg(m, &mut ours).unwrap();
+            write_pack_msg(m, &mut ours, false).unwrap();
             let theirs = rmp_serde::to_vec_named(&pack_msg(m).unwrap()).unwrap();
             assert!(ours == theirs, "{m:?}");
         };

@@ -38,8 +38,9 @@
 //!   the others are not held up, and a peer that also stops sending is closed
 //!   by the heartbeat (4008) with its session kept for a resume.
 //!   Each connection also has a frame queue of
-//!   [`ServerOptions::outbound_queue`] (at least the send window plus 64, so
-//!   a resume retransmitting a whole window fits), plus tungstenite's bounded
+//!   [`ServerOptions::outbound_queue`] (at least twice the send window plus
+//!   64, so a resume retransmitting a whole window of large messages fits,
+//!   each a detached pair), plus tungstenite's bounded
 //!   write buffer; should that queue still fill, the connection is closed
 //!   with 4009 and its session kept.
 //!
@@ -92,13 +93,15 @@ use crate::ws::{self, ServerTls};
 type FxHashMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// The per-connection outbound queue: the configured size, but always room
-/// for a resume's burst (a whole send window) plus control frames.
+/// for a resume's burst (a whole send window, two frames per message if the
+/// payloads go detached) plus control frames.
 fn outbound_capacity(options: &ServerOptions) -> usize {
     options.outbound_queue.max(
         options
             .config
             .reliability
             .window_messages
+            .saturating_mul(2)
             .saturating_add(64),
     )
 }
@@ -193,9 +196,11 @@ pub struct ServerOptions {
     /// [`ServerHandle::disconnect`].
     pub reauth: Option<TokenValidator>,
     /// Frames queued per connection before it counts as a slow consumer and
-    /// is closed with 4009. Default 256, and never less than the core's send
-    /// window plus 64: a resume retransmits up to a whole window at once,
-    /// and that burst must not look like a slow reader. (The window is what
+    /// is closed with 4009. Default 256, and never less than twice the
+    /// core's send window plus 64: a resume retransmits up to a whole window
+    /// at once, two frames per message whose payload goes detached
+    /// (PROTOCOL.md, section 2.1), and that burst must not look like a slow
+    /// reader. (The window is what
     /// really bounds a connection: it cannot hold more unacknowledged
     /// messages than that, so this queue only guards against control frames
     /// piling up.)

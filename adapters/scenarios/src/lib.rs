@@ -314,6 +314,48 @@ async fn exchange(rt: Arc<dyn Runtime>, codec: Codec) {
     })
     .await;
     assert_eq!(raw, vec![1, 2, 3]);
+
+    // Large payloads go detached (the envelope, then the payload as a
+    // message of its own), mixed with small ones, both ways: each arrives
+    // once, in order, intact.
+    let sizes = [64 * 1024, 5, 4096, 20_000, 4095, 300_000];
+    let big = |i: usize, len: usize| -> Vec<u8> { (0..len).map(|j| (i * 7 + j) as u8).collect() };
+    for (i, len) in sizes.iter().enumerate() {
+        client.send_bytes(big(i, *len)).await.unwrap();
+        server
+            .send_bytes(session, big(i + 100, *len))
+            .await
+            .unwrap();
+    }
+    for (i, len) in sizes.iter().enumerate() {
+        let got = server_wait(&rt, &mut sev, 3000, "large bytes", |e| match e {
+            ServerEvent::Message { message, .. }
+                if message.payload.kind() == PayloadKind::Binary =>
+            {
+                Some(message.payload.data().to_vec())
+            }
+            _ => None,
+        })
+        .await;
+        assert!(
+            got == big(i, *len),
+            "payload {i} of {len} bytes to the server"
+        );
+        let got = client_wait(&rt, &mut cev, 3000, "large bytes", |e| match e {
+            Event::Message(m) if m.payload.kind() == PayloadKind::Binary => {
+                Some(m.payload.data().to_vec())
+            }
+            _ => None,
+        })
+        .await;
+        assert!(
+            got == big(i + 100, *len),
+            "payload {i} of {len} bytes to the client"
+        );
+    }
+    let stats = client.stats().await.unwrap().stats;
+    assert_eq!(stats.decode_failures, 0);
+
     client.send_datagram(vec![9u8; 4]).await.unwrap();
     let dg = server_wait(&rt, &mut sev, 3000, "datagram", |e| match e {
         ServerEvent::Datagram { data, .. } => Some(data.to_vec()),
