@@ -2121,6 +2121,64 @@ mod tests {
         })
     }
 
+    /// A broadcast of a large payload to members that take detached
+    /// payloads sends each its own small envelope and the one shared
+    /// payload, never a copy; a member that did not announce `detach` gets
+    /// the payload inside its envelope.
+    #[test]
+    fn a_large_broadcast_shares_one_payload_among_its_members() {
+        let mut s = Server::new(ServerConfig::default()).unwrap();
+        let mut members = Vec::new();
+        for (i, caps) in [r#"["detach"]"#, r#"["batch","detach"]"#, "[]"]
+            .iter()
+            .enumerate()
+        {
+            let session = SessionId([i as u8 + 1; 16]);
+            let c = s.handle_connection(Instant::ZERO, None, session);
+            let hello = format!(
+                "{{\"t\":\"hello\",\"versions\":[1],\"client\":\"{}\",\"codecs\":[\"msgpack\"],\"caps\":{caps}}}",
+                ClientId([i as u8 + 1; 16]).to_hex()
+            );
+            s.handle_message(Instant::ZERO, c, Incoming::Text(&hello));
+            assert!(welcome_of(&drain(&mut s)).is_some());
+            s.join(Instant::ZERO, session, "big").unwrap();
+            members.push(c);
+        }
+        drain(&mut s);
+        let payload = Payload::binary(vec![3u8; 16 * 1024]);
+        assert_eq!(
+            s.broadcast(Instant::ZERO, "big", payload.clone(), None),
+            Ok(3)
+        );
+        let sent: Vec<(ConnectionId, Transmit)> = drain(&mut s)
+            .into_iter()
+            .filter_map(|o| match o {
+                ServerOutput::Transmit(c, t) => Some((c, t)),
+                _ => None,
+            })
+            .collect();
+        for (i, c) in members.iter().enumerate() {
+            let mine: Vec<&Transmit> = sent
+                .iter()
+                .filter(|(x, _)| x == c)
+                .map(|(_, t)| t)
+                .collect();
+            let shared = mine
+                .iter()
+                .filter(|t| t.data().as_ptr() == payload.data().as_ptr())
+                .count();
+            if i < 2 {
+                assert_eq!(mine.len(), 2, "member {i}: an envelope and the payload");
+                assert!(mine[0].len() < 100);
+                assert_eq!(shared, 1, "member {i} got a copy");
+            } else {
+                assert_eq!(mine.len(), 1, "member {i}: one message");
+                assert!(mine[0].len() > 16 * 1024);
+                assert_eq!(shared, 0);
+            }
+        }
+    }
+
     #[test]
     fn client_codec_preference_wins() {
         let mut s = Server::new(ServerConfig::default()).unwrap();
