@@ -1996,12 +1996,11 @@ impl Client {
                 });
                 continue;
             }
-            let s_len = s.payload.len();
             let frame = Outbound::frame(s, ack);
             self.inbound.acked_now();
             self.timers.stop(Timer::AckDelay);
             self.stats.messages_sent += 1;
-            let detached = detach && s_len >= wire::DETACH_FROM;
+            let detached = matches!(&frame, Frame::Msg(m) if wire::detaches(m, detach));
             match (&self.config.batch, frame) {
                 (Some(cfg), Frame::Msg(m)) if batches && !detached => {
                     if self.batch.push(m, cfg) {

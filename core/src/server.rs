@@ -1935,12 +1935,14 @@ impl Server {
             };
             // Detached: numbered into the window, sent on resume.
             let Some(conn) = conn else { continue };
-            let large = m.payload.len() >= wire::DETACH_FROM;
             let frame = Outbound::frame(m, ack);
             s.inbound.acked_now();
             s.ack_due = None;
             self.stats.messages_out += 1;
-            let detached = large && self.conn_detach(conn);
+            // Large enough to go detached, and the client can take it (the
+            // connection is looked up only for large messages).
+            let detached = matches!(&frame, Frame::Msg(m) if wire::detaches(m, true))
+                && self.conn_detach(conn);
             match (batch_cfg, frame) {
                 (Some(cfg), Frame::Msg(m)) if !detached && self.conn_batches(conn) => {
                     let Some(s) = self.sessions.get_mut(&session) else {
@@ -2029,11 +2031,16 @@ impl Server {
         let Some(conn) = self.conns.get(&connection) else {
             return;
         };
-        let (codec, version) = match conn.phase {
-            ConnPhase::Open { codec, version, .. } => (codec, version),
-            ConnPhase::AwaitingHello => (Codec::Json, PROTOCOL_VERSION),
+        let (codec, version, detach) = match conn.phase {
+            ConnPhase::Open {
+                codec,
+                version,
+                detach,
+                ..
+            } => (codec, version, detach),
+            ConnPhase::AwaitingHello => (Codec::Json, PROTOCOL_VERSION, false),
         };
-        self.transmit_as(connection, frame, codec, version);
+        self.transmit_as(connection, frame, codec, version, detach);
     }
 
     /// Sends the answer to a `hello` (`welcome` or `reject`, always JSON):
@@ -2048,11 +2055,19 @@ impl Server {
                 return;
             }
         }
-        self.transmit_as(connection, frame, Codec::Json, version);
+        self.transmit_as(connection, frame, Codec::Json, version, false);
     }
 
-    fn transmit_as(&mut self, connection: ConnectionId, frame: &Frame, codec: Codec, version: u8) {
-        let detach = self.conn_detach(connection);
+    /// Encodes `frame` for `connection`; `detach`: the client can receive
+    /// detached payloads.
+    fn transmit_as(
+        &mut self,
+        connection: ConnectionId,
+        frame: &Frame,
+        codec: Codec,
+        version: u8,
+        detach: bool,
+    ) {
         let (stats, outputs) = (&mut self.stats, &mut self.outputs);
         let sent = self
             .encoder

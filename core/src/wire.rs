@@ -1172,7 +1172,7 @@ impl Encoder {
         mut emit: impl FnMut(Transmit),
     ) -> Result<(), EncodeError> {
         match frame {
-            Frame::Msg(m) if detach && m.payload.len() >= DETACH_FROM => {
+            Frame::Msg(m) if detaches(m, detach) => {
                 let kind = encode_detached_into(m, codec, version, &mut self.scratch)?;
                 emit(kind.with(self.cut_scratch()));
                 emit(Transmit::Binary(m.payload.data.clone()));
@@ -1554,6 +1554,12 @@ fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), E
             rmp_serde::encode::write_named(out, &env).map_err(serializer_error)?;
         }
     }
+    seal_msgpack(out, version)
+}
+
+/// Fills in the binary header reserved at the start of `out` for the
+/// MessagePack envelope after it.
+fn seal_msgpack(out: &mut [u8], version: u8) -> Result<(), EncodeError> {
     let body = u32::try_from(out.len() - BINARY_HEADER_LEN).map_err(|_| EncodeError::TooLarge)?;
     out[0] = KIND_MSGPACK;
     out[1] = version;
@@ -1682,11 +1688,7 @@ fn encode_detached_into(
         Codec::MsgPack => {
             out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
             write_pack_msg(m, out, true)?;
-            let body =
-                u32::try_from(out.len() - BINARY_HEADER_LEN).map_err(|_| EncodeError::TooLarge)?;
-            out[0] = KIND_MSGPACK;
-            out[1] = version;
-            out[2..BINARY_HEADER_LEN].copy_from_slice(&body.to_le_bytes());
+            seal_msgpack(out, version)?;
             Ok(FrameKind::Binary)
         }
     }
@@ -1701,6 +1703,13 @@ pub const CAP_DETACH: &str = "detach";
 /// WebSocket message of its own.
 pub const DETACH_FROM: usize = 4096;
 
+/// Whether `m` goes detached to a peer that can (`peer_detach`) or cannot
+/// receive detached payloads: the one rule the encoder and the machines'
+/// batching both follow.
+pub(crate) fn detaches(m: &Msg, peer_detach: bool) -> bool {
+    peer_detach && m.payload.len() >= DETACH_FROM
+}
+
 fn frame_payload_len(frame: &Frame) -> usize {
     match frame {
         Frame::Msg(m) => m.payload.len(),
@@ -1711,12 +1720,7 @@ fn frame_payload_len(frame: &Frame) -> usize {
 
 /// Decodes one incoming message. The size limit is checked before parsing.
 pub fn decode(msg: Incoming<'_>, limits: &Limits) -> Result<Frame, DecodeError> {
-    if msg.len() > limits.max_message {
-        return Err(DecodeError::TooLarge {
-            size: msg.len(),
-            max: limits.max_message,
-        });
-    }
+    check_size(msg.len(), limits)?;
     match decode_one(msg, limits.version)? {
         Decoded::Frame(frame) => Ok(frame),
         Decoded::Detached(_) => Err(DecodeError::InvalidField {
@@ -1724,6 +1728,17 @@ pub fn decode(msg: Incoming<'_>, limits: &Limits) -> Result<Frame, DecodeError> 
             reason: "a detached payload needs the stream's wire::Decoder",
         }),
     }
+}
+
+/// A message or detached payload of `size` bytes is within the limit.
+fn check_size(size: usize, limits: &Limits) -> Result<(), DecodeError> {
+    if size > limits.max_message {
+        return Err(DecodeError::TooLarge {
+            size,
+            max: limits.max_message,
+        });
+    }
+    Ok(())
 }
 
 fn decode_one(msg: Incoming<'_>, version: u8) -> Result<Decoded, DecodeError> {
@@ -1794,19 +1809,11 @@ impl Decoder {
         if let Some(pending) = self.pending.take() {
             return pending.complete(msg).map(Some);
         }
-        if msg.len() > limits.max_message {
-            return Err(DecodeError::TooLarge {
-                size: msg.len(),
-                max: limits.max_message,
-            });
-        }
+        check_size(msg.len(), limits)?;
         match decode_one(msg, limits.version)? {
             Decoded::Frame(frame) => Ok(Some(frame)),
-            Decoded::Detached(d) if d.len > limits.max_message => Err(DecodeError::TooLarge {
-                size: d.len,
-                max: limits.max_message,
-            }),
             Decoded::Detached(d) => {
+                check_size(d.len, limits)?;
                 self.pending = Some(d);
                 Ok(None)
             }
