@@ -9,7 +9,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")"
 seconds="${FUZZ_SECONDS:-20}"
-targets="${FUZZ_TARGETS:-decode_json decode_msgpack decode_binary_header handshake frame_roundtrip client_machine server_machine lww_merge pair}"
+targets="${FUZZ_TARGETS:-decode_json decode_msgpack pack_envelope decode_binary_header handshake frame_roundtrip client_machine server_machine lww_merge pair}"
 
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
@@ -29,7 +29,7 @@ for target in $targets; do
     args=(-max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=0)
     case "$target" in
         decode_json | handshake) args+=(-dict=dict/json.dict -max_len=4096) ;;
-        decode_msgpack | decode_binary_header) args+=(-max_len=4096) ;;
+        decode_msgpack | decode_binary_header) args+=(-dict=dict/msgpack.dict -max_len=4096) ;;
     esac
     echo "== $target (${seconds}s)"
     if ! cargo +nightly fuzz run -O "$target" "$work/$target" -- "${args[@]}" \

@@ -113,6 +113,232 @@ pub fn decode_binary_header(data: &[u8], probe: &dyn AllocProbe) {
     check_decode(Incoming::Binary(data), &limits(), probe);
 }
 
+/// Target `pack_envelope`: a MessagePack envelope map built from arbitrary
+/// entries (known and unknown keys, field indexes, every kind of value in
+/// every width), sometimes with a wrong entry count, a wider map header or
+/// bytes after the map. Most are close to what Kitestring writes, so the
+/// hand-written envelope reader and serde are compared right at the border
+/// of what the reader takes (see [`check_decode`]).
+///
+/// Returns whether the hand-written reader took the envelope.
+pub fn pack_envelope(env: &ArbEnvelope, probe: &dyn AllocProbe) -> bool {
+    let mut body = Vec::new();
+    let entries = env.entries.len() + usize::from(env.t.is_some());
+    let count = u32::try_from(entries)
+        .unwrap_or(u32::MAX)
+        .saturating_add_signed(i32::from(env.miscount.unwrap_or(0)));
+    match env.header % 4 {
+        0 => {
+            let _ = rmp::encode::write_map_len(&mut body, count);
+        }
+        1 => {
+            body.push(0xde);
+            body.extend_from_slice(&(count as u16).to_be_bytes());
+        }
+        2 => {
+            body.push(0xdf);
+            body.extend_from_slice(&count.to_be_bytes());
+        }
+        _ => {
+            let _ = rmp::encode::write_array_len(&mut body, count);
+        }
+    }
+    if let Some((name, width)) = env.t {
+        write_str_as(&mut body, b"t", Width::Smallest);
+        ArbValue::Name(name, width).write(&mut body);
+    }
+    for (key, value) in &env.entries {
+        key.write(&mut body);
+        value.write(&mut body);
+    }
+    if let Some(trailing) = &env.trailing {
+        body.extend_from_slice(trailing);
+    }
+    let mut msg = Vec::with_capacity(BINARY_HEADER_LEN + body.len());
+    msg.push(KIND_MSGPACK);
+    msg.push(PROTOCOL_VERSION);
+    msg.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
+    msg.extend_from_slice(&body);
+    check_decode(Incoming::Binary(&msg), &limits(), probe);
+    msg.len() <= FUZZ_MAX_MESSAGE && wire::assert_quick_envelope_agrees(&msg)
+}
+
+/// Input of the `pack_envelope` target.
+#[derive(Arbitrary, Debug)]
+pub struct ArbEnvelope {
+    /// The `t` entry, first: one of [`PACK_NAMES`].
+    t: Option<(u8, Width)>,
+    entries: Vec<(ArbKey, ArbValue)>,
+    /// Added to the entry count the header declares.
+    miscount: Option<i8>,
+    /// fixmap or the smallest, map16, map32, or an array.
+    header: u8,
+    trailing: Option<Vec<u8>>,
+}
+
+/// The envelope's field names, and a few others.
+const PACK_KEYS: &[&str] = &[
+    "t", "seq", "id", "ack", "ts", "j", "m", "b", "nonce", "from", "code", "retry", "r", "op",
+    "rq", "rs", "within", "token", "f", "dj", "dm", "db", "", "T", "seq\0", "x",
+];
+
+/// The frame types and room operations, as `t` and `op` values.
+const PACK_NAMES: &[&str] = &[
+    "msg", "ack", "ping", "pong", "batch", "replay", "goaway", "reauth", "auth", "hello",
+    "welcome", "reject", "join", "leave", "presence", "refused", "{}", "1", "\"a\"",
+];
+
+/// A map key of the `pack_envelope` target: one of [`PACK_KEYS`] as a str
+/// of the given width, unless `other` says otherwise.
+#[derive(Arbitrary, Debug)]
+pub struct ArbKey {
+    known: u8,
+    width: Width,
+    other: Option<OtherKey>,
+}
+
+/// A key that is not a field name as a plain str.
+#[derive(Arbitrary, Debug)]
+pub enum OtherKey {
+    /// Any bytes, as a str.
+    Bytes(Vec<u8>),
+    /// A field index, as rmp-serde also accepts.
+    Index(u8),
+}
+
+/// A value of the `pack_envelope` target.
+#[derive(Arbitrary, Debug)]
+pub enum ArbValue {
+    /// nil.
+    Nil,
+    /// true or false.
+    Bool(bool),
+    /// An unsigned integer, in the smallest form or a given width.
+    Uint(u64, Width),
+    /// A signed integer, in the smallest form or a given width.
+    Int(i64, Width),
+    /// A float.
+    Float(f64),
+    /// One of [`PACK_NAMES`], as a str of the given width.
+    Name(u8, Width),
+    /// Any bytes, as a str.
+    Str(Vec<u8>),
+    /// Any bytes, as a bin of the given width.
+    Bin(Vec<u8>, Width),
+    /// An array or a map header with that many entries, and nothing in it.
+    Array(u8),
+    /// See [`ArbValue::Array`].
+    Map(u8),
+}
+
+/// Which encoding of a value: the smallest, or a given number of bytes.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub enum Width {
+    /// The smallest form.
+    Smallest,
+    /// 8 bits.
+    W8,
+    /// 16 bits.
+    W16,
+    /// 32 bits.
+    W32,
+    /// 64 bits.
+    W64,
+}
+
+fn write_str_as(out: &mut Vec<u8>, s: &[u8], width: Width) {
+    let len = s.len();
+    match width {
+        Width::W8 if len <= 0xff => out.extend_from_slice(&[0xd9, len as u8]),
+        Width::W16 if len <= 0xffff => {
+            out.push(0xda);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        Width::W32 | Width::W64 => {
+            out.push(0xdb);
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        _ => {
+            let _ = rmp::encode::write_str_len(out, len as u32);
+        }
+    }
+    out.extend_from_slice(s);
+}
+
+impl ArbKey {
+    fn write(&self, out: &mut Vec<u8>) {
+        match &self.other {
+            None => {
+                let key = PACK_KEYS[usize::from(self.known) % PACK_KEYS.len()];
+                write_str_as(out, key.as_bytes(), self.width);
+            }
+            Some(OtherKey::Bytes(b)) => write_str_as(out, b, Width::Smallest),
+            Some(OtherKey::Index(i)) => {
+                let _ = rmp::encode::write_uint(out, u64::from(*i));
+            }
+        }
+    }
+}
+
+impl ArbValue {
+    fn write(&self, out: &mut Vec<u8>) {
+        use rmp::encode as e;
+        let _ = match *self {
+            ArbValue::Nil => e::write_nil(out).map_err(drop),
+            ArbValue::Bool(b) => e::write_bool(out, b).map_err(drop),
+            ArbValue::Uint(v, w) => match w {
+                Width::Smallest => e::write_uint(out, v).map(drop).map_err(drop),
+                Width::W8 => e::write_u8(out, v as u8).map_err(drop),
+                Width::W16 => e::write_u16(out, v as u16).map_err(drop),
+                Width::W32 => e::write_u32(out, v as u32).map_err(drop),
+                Width::W64 => e::write_u64(out, v).map_err(drop),
+            },
+            ArbValue::Int(v, w) => match w {
+                Width::Smallest => e::write_sint(out, v).map(drop).map_err(drop),
+                Width::W8 => e::write_i8(out, v as i8).map_err(drop),
+                Width::W16 => e::write_i16(out, v as i16).map_err(drop),
+                Width::W32 => e::write_i32(out, v as i32).map_err(drop),
+                Width::W64 => e::write_i64(out, v).map_err(drop),
+            },
+            ArbValue::Float(f) => e::write_f64(out, f).map_err(drop),
+            ArbValue::Name(i, w) => {
+                write_str_as(
+                    out,
+                    PACK_NAMES[usize::from(i) % PACK_NAMES.len()].as_bytes(),
+                    w,
+                );
+                Ok(())
+            }
+            ArbValue::Str(ref b) => {
+                write_str_as(out, b, Width::Smallest);
+                Ok(())
+            }
+            ArbValue::Bin(ref b, w) => {
+                let len = b.len();
+                match w {
+                    Width::W16 if len <= 0xffff => {
+                        out.push(0xc5);
+                        out.extend_from_slice(&(len as u16).to_be_bytes());
+                    }
+                    Width::W32 | Width::W64 => {
+                        out.push(0xc6);
+                        out.extend_from_slice(&(len as u32).to_be_bytes());
+                    }
+                    _ => {
+                        let _ = e::write_bin_len(out, len as u32);
+                    }
+                }
+                out.extend_from_slice(b);
+                Ok(())
+            }
+            ArbValue::Array(n) => e::write_array_len(out, u32::from(n))
+                .map(drop)
+                .map_err(drop),
+            ArbValue::Map(n) => e::write_map_len(out, u32::from(n)).map(drop).map_err(drop),
+        };
+    }
+}
+
 /// Decodes one message and checks everything the decoder promises: the size
 /// limit comes first, no panic, bounded allocation, and whatever decodes
 /// re-encodes to a message that decodes to an equal frame.
@@ -142,6 +368,9 @@ pub fn check_decode(msg: Incoming<'_>, limits: &Limits, probe: &dyn AllocProbe) 
         msg.len()
     );
     if let Incoming::Binary(b) = msg {
+        // Whatever envelope the quick MessagePack reader takes, serde reads
+        // the same way.
+        wire::assert_quick_envelope_agrees(b);
         // Decoding from a shared buffer (payloads sliced, not copied) must
         // give exactly the same frame or error.
         let shared = bytes::Bytes::copy_from_slice(b);
@@ -2747,6 +2976,32 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `pack_envelope` target on pseudo-random inputs: the hand-written
+    /// MessagePack reader must agree with serde on both sides of what it
+    /// takes, and both sides must be reached.
+    #[test]
+    fn pack_envelopes_read_by_hand_agree_with_serde() {
+        let mut rng = crate::rng::Rng::new(7);
+        let (mut taken, mut left) = (0, 0);
+        for _ in 0..4000 {
+            let len = rng.below_inclusive(300) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let mut u = arbitrary::Unstructured::new(&bytes);
+            let Ok(env) = ArbEnvelope::arbitrary(&mut u) else {
+                continue;
+            };
+            if pack_envelope(&env, &NoProbe) {
+                taken += 1;
+            } else {
+                left += 1;
+            }
+        }
+        assert!(
+            taken >= 100 && left >= 100,
+            "taken {taken}, left to serde {left}"
+        );
+    }
 
     /// Writes the seed corpora when `KITESTRING_WRITE_CORPUS` names the
     /// `fuzz/corpus` directory; otherwise checks the seeds pass the targets.

@@ -2081,15 +2081,132 @@ fn decode_binary(
     if kind == KIND_RAW {
         return Ok(Decoded::Frame(Frame::Raw(share(backing, body))));
     }
+    let mut env = PackEnvelope::default();
+    if !quick_pack_envelope(body, &mut env) {
+        env = serde_pack_envelope(body)?;
+    }
+    let frame = pack_frame(&env, false, backing)?;
+    Ok(Decoded::of(frame, detached_of(env.dj, env.dm, env.db)?))
+}
+
+/// Panics if the quick reader accepts the envelope of `msg`, a binary
+/// message, and serde reads it differently or refuses it. Returns whether
+/// the quick reader took it.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn assert_quick_envelope_agrees(msg: &[u8]) -> bool {
+    let Some(body) = msg
+        .get(BINARY_HEADER_LEN..)
+        .filter(|_| msg[0] == KIND_MSGPACK)
+    else {
+        return false;
+    };
+    let mut quick = PackEnvelope::default();
+    if !quick_pack_envelope(body, &mut quick) {
+        return false;
+    }
+    let by_serde = serde_pack_envelope(body)
+        .unwrap_or_else(|e| panic!("the quick reader took an envelope serde refuses: {e}"));
+    // Equal envelopes serialize to the same bytes, and different ones not.
+    let bytes = |env: &PackEnvelope<'_>| rmp_serde::to_vec_named(env).ok();
+    assert_eq!(
+        bytes(&quick),
+        bytes(&by_serde),
+        "the quick reader and serde read different envelopes"
+    );
+    true
+}
+
+/// The envelope at the start of `body`, read by serde: any form rmp-serde
+/// accepts, and its errors.
+fn serde_pack_envelope(body: &[u8]) -> Result<PackEnvelope<'_>, DecodeError> {
     // The header's length frames the body; the envelope is the one map at its
     // start (rmp-serde's borrowing reader cannot report where the map ended).
     let mut de = rmp_serde::Deserializer::from_read_ref(body);
     de.set_max_depth(MAX_MSGPACK_DEPTH);
-    let env = PackEnvelope::deserialize(&mut de).map_err(|e| DecodeError::MsgPack {
+    PackEnvelope::deserialize(&mut de).map_err(|e| DecodeError::MsgPack {
         message: e.to_string(),
-    })?;
-    let frame = pack_frame(&env, false, backing)?;
-    Ok(Decoded::of(frame, detached_of(env.dj, env.dm, env.db)?))
+    })
+}
+
+/// Reads the envelope the way every Kitestring peer writes it, without
+/// serde: one map, string keys naming envelope fields, each once, with
+/// unsigned integers, booleans, strings and `bin` values, and nothing after
+/// the map. `false` as soon as anything else turns up (another key, a nil
+/// or negative number, a batch, a duplicate, trailing bytes), with `env`
+/// partly filled: serde then reads the body and decides. What this
+/// accepts, serde reads to the same envelope; the fuzz targets check that
+/// on every input.
+fn quick_pack_envelope<'a>(body: &'a [u8], env: &mut PackEnvelope<'a>) -> bool {
+    quick_fields(body, env).is_some()
+}
+
+/// The body of [`quick_pack_envelope`]: `None` to leave `body` to serde.
+fn quick_fields<'a>(body: &'a [u8], env: &mut PackEnvelope<'a>) -> Option<()> {
+    use rmp::decode::{read_bin_len, read_bool, read_int, read_map_len, read_str_len};
+    fn take<'a>(rd: &mut &'a [u8], len: u32) -> Option<&'a [u8]> {
+        let (b, rest) = rd.split_at_checked(usize::try_from(len).ok()?)?;
+        *rd = rest;
+        Some(b)
+    }
+    // Keys are compared as bytes: only ASCII field names are taken, so they
+    // need no UTF-8 check.
+    fn key<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = read_str_len(rd).ok()?;
+        take(rd, len)
+    }
+    fn str<'a>(rd: &mut &'a [u8]) -> Option<Cow<'a, str>> {
+        let len = read_str_len(rd).ok()?;
+        std::str::from_utf8(take(rd, len)?).ok().map(Cow::Borrowed)
+    }
+    fn bin<'a>(rd: &mut &'a [u8]) -> Option<&'a serde_bytes::Bytes> {
+        let len = read_bin_len(rd).ok()?;
+        take(rd, len).map(serde_bytes::Bytes::new)
+    }
+    fn uint(rd: &mut &[u8]) -> Option<u64> {
+        read_int(rd).ok()
+    }
+    // Each field once: serde refuses a duplicate.
+    macro_rules! once {
+        ($field:expr, $value:expr) => {{
+            if $field.is_some() {
+                return None;
+            }
+            $field = Some($value);
+        }};
+    }
+    let mut rd = body;
+    let fields = read_map_len(&mut rd).ok()?;
+    let mut has_type = false;
+    for _ in 0..fields {
+        match key(&mut rd)? {
+            b"t" if !has_type => {
+                env.t = str(&mut rd)?;
+                has_type = true;
+            }
+            b"seq" => once!(env.seq, uint(&mut rd)?),
+            b"id" => once!(env.id, uint(&mut rd)?),
+            b"ack" => once!(env.ack, uint(&mut rd)?),
+            b"ts" => once!(env.ts, uint(&mut rd)?),
+            b"j" => once!(env.j, str(&mut rd)?),
+            b"m" => once!(env.m, bin(&mut rd)?),
+            b"b" => once!(env.b, bin(&mut rd)?),
+            b"nonce" => once!(env.nonce, uint(&mut rd)?),
+            b"from" => once!(env.from, uint(&mut rd)?),
+            b"code" => once!(env.code, read_int(&mut rd).ok()?),
+            b"retry" => once!(env.retry, uint(&mut rd)?),
+            b"r" => once!(env.r, str(&mut rd)?),
+            b"op" => once!(env.op, str(&mut rd)?),
+            b"rq" => once!(env.rq, read_bool(&mut rd).ok()?),
+            b"rs" => once!(env.rs, uint(&mut rd)?),
+            b"within" => once!(env.within, uint(&mut rd)?),
+            b"token" => once!(env.token, str(&mut rd)?),
+            b"dj" => once!(env.dj, uint(&mut rd)?),
+            b"dm" => once!(env.dm, uint(&mut rd)?),
+            b"db" => once!(env.db, uint(&mut rd)?),
+            _ => return None,
+        }
+    }
+    (has_type && rd.is_empty()).then_some(())
 }
 
 fn pack_payload(
@@ -2859,6 +2976,115 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{codec:?} {frame:?}: {e}"));
                 assert_eq!(back, frame, "{codec:?}");
             }
+        }
+    }
+
+    #[test]
+    fn the_quick_envelope_reader_takes_what_kitestring_writes_and_agrees_with_serde() {
+        let mut frames = samples();
+        frames.push(Frame::Batch(
+            samples()
+                .into_iter()
+                .filter_map(|f| match f {
+                    Frame::Msg(m) => Some(m),
+                    _ => None,
+                })
+                .collect(),
+        ));
+        for frame in frames {
+            let Transmit::Binary(wire) = encode(&frame, Codec::MsgPack, 1).unwrap() else {
+                continue;
+            };
+            let took = assert_quick_envelope_agrees(&wire);
+            // Batches (a nested array of maps) are left to serde; raw
+            // frames have no envelope.
+            let quick = !matches!(frame, Frame::Batch(_) | Frame::Raw(_));
+            assert_eq!(took, quick, "{frame:?}");
+        }
+    }
+
+    #[test]
+    fn the_quick_envelope_reader_leaves_unusual_forms_to_serde() {
+        use rmp::encode::{
+            write_array_len, write_map_len, write_nil, write_sint, write_str, write_uint,
+        };
+        let framed = |body: Vec<u8>| {
+            let mut msg = vec![KIND_MSGPACK, 1];
+            msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            msg.extend_from_slice(&body);
+            msg
+        };
+        type Entry<'a> = (&'a str, &'a dyn Fn(&mut Vec<u8>));
+        let map = |fields: &[Entry<'_>], extra: &[u8]| {
+            let mut b = Vec::new();
+            write_map_len(&mut b, fields.len() as u32).unwrap();
+            for (k, v) in fields {
+                write_str(&mut b, k).unwrap();
+                v(&mut b);
+            }
+            b.extend_from_slice(extra);
+            framed(b)
+        };
+        let ack = |b: &mut Vec<u8>| write_str(b, "ack").unwrap();
+        let n = |v: u64| {
+            move |b: &mut Vec<u8>| {
+                write_uint(b, v).unwrap();
+            }
+        };
+        let plain = map(&[("t", &ack), ("ack", &n(5))], &[]);
+        assert!(assert_quick_envelope_agrees(&plain));
+        let nil = |b: &mut Vec<u8>| write_nil(b).unwrap();
+        let signed = |b: &mut Vec<u8>| {
+            write_sint(b, -1).unwrap();
+        };
+        let truncated = |b: &mut Vec<u8>| b.push(0xd0); // an int8 marker, no data
+        let unusual = [
+            // A nil, a negative number, a truncated integer.
+            map(&[("t", &ack), ("ack", &nil)], &[]),
+            map(&[("t", &ack), ("ack", &signed)], &[]),
+            map(&[("t", &ack), ("ack", &truncated)], &[]),
+            // A key twice, an unknown key, bytes after the map.
+            map(&[("t", &ack), ("ack", &n(5)), ("ack", &n(6))], &[]),
+            map(&[("t", &ack), ("t", &ack)], &[]),
+            map(&[("t", &ack), ("ack", &n(5)), ("extra", &n(1))], &[]),
+            map(&[("t", &ack), ("ack", &n(5))], &[0xc0]),
+            // No type, a code out of range, a batch.
+            map(&[("ack", &n(5))], &[]),
+            map(&[("t", &ack), ("code", &n(70_000))], &[]),
+            map(
+                &[
+                    ("t", &ack),
+                    ("f", &|b: &mut Vec<u8>| {
+                        write_array_len(b, 0).map(drop).unwrap()
+                    }),
+                ],
+                &[],
+            ),
+            // Not a map: the struct as an array, keys as field indexes.
+            framed({
+                let mut b = Vec::new();
+                write_array_len(&mut b, 1).unwrap();
+                write_str(&mut b, "ack").unwrap();
+                b
+            }),
+            framed({
+                let mut b = Vec::new();
+                write_map_len(&mut b, 1).unwrap();
+                write_uint(&mut b, 0).unwrap();
+                write_str(&mut b, "ack").unwrap();
+                b
+            }),
+        ];
+        for msg in unusual {
+            assert!(!assert_quick_envelope_agrees(&msg), "{msg:x?}");
+            // What serde makes of it is what decoding gives.
+            let body = &msg[BINARY_HEADER_LEN..];
+            let expected = serde_pack_envelope(body).and_then(|env| pack_frame(&env, false, None));
+            assert_eq!(
+                decode(Incoming::Binary(&msg), &LIMITS),
+                expected,
+                "{msg:x?}"
+            );
         }
     }
 
