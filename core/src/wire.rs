@@ -2082,7 +2082,7 @@ fn decode_binary(
         return Ok(Decoded::Frame(Frame::Raw(share(backing, body))));
     }
     let mut env = PackEnvelope::default();
-    if !quick_pack_envelope(body, &mut env) {
+    if quick_pack_envelope(body, &mut env).is_none() {
         env = serde_pack_envelope(body)?;
     }
     let frame = pack_frame(&env, false, backing)?;
@@ -2101,7 +2101,7 @@ pub(crate) fn assert_quick_envelope_agrees(msg: &[u8]) -> bool {
         return false;
     };
     let mut quick = PackEnvelope::default();
-    if !quick_pack_envelope(body, &mut quick) {
+    if quick_pack_envelope(body, &mut quick).is_none() {
         return false;
     }
     let by_serde = serde_pack_envelope(body)
@@ -2131,17 +2131,12 @@ fn serde_pack_envelope(body: &[u8]) -> Result<PackEnvelope<'_>, DecodeError> {
 /// Reads the envelope the way every Kitestring peer writes it, without
 /// serde: one map, string keys naming envelope fields, each once, with
 /// unsigned integers, booleans, strings and `bin` values, and nothing after
-/// the map. `false` as soon as anything else turns up (another key, a nil
+/// the map. `None` as soon as anything else turns up (another key, a nil
 /// or negative number, a batch, a duplicate, trailing bytes), with `env`
 /// partly filled: serde then reads the body and decides. What this
 /// accepts, serde reads to the same envelope; the fuzz targets check that
 /// on every input.
-fn quick_pack_envelope<'a>(body: &'a [u8], env: &mut PackEnvelope<'a>) -> bool {
-    quick_fields(body, env).is_some()
-}
-
-/// The body of [`quick_pack_envelope`]: `None` to leave `body` to serde.
-fn quick_fields<'a>(body: &'a [u8], env: &mut PackEnvelope<'a>) -> Option<()> {
+fn quick_pack_envelope<'a>(body: &'a [u8], env: &mut PackEnvelope<'a>) -> Option<()> {
     use rmp::decode::{read_bin_len, read_bool, read_int, read_map_len, read_str_len};
     fn take<'a>(rd: &mut &'a [u8], len: u32) -> Option<&'a [u8]> {
         let (b, rest) = rd.split_at_checked(usize::try_from(len).ok()?)?;
