@@ -260,6 +260,14 @@ impl Sim {
         }
     }
 
+    /// Silently drops the next message client `i` sends, and nothing the
+    /// server sends: a message lost on a link that otherwise works.
+    pub fn drop_next_from_client(&mut self, i: usize) {
+        if let Some(l) = self.peers[i].link {
+            self.links[l].drop_next[0] = true;
+        }
+    }
+
     /// Clears every fault still waiting to happen (byte budgets before a
     /// cut, duplications, drops) and makes the server reachable. Links
     /// already black-holed stay so: the heartbeat finds them.

@@ -5,7 +5,7 @@
 use core::time::Duration;
 
 use kitestring_conformance::sim::{LinkConfig, Sim};
-use kitestring_core::client::State;
+use kitestring_core::client::{Event, State};
 use kitestring_core::config::{ClientConfig, ServerConfig};
 use kitestring_core::ratelimit::{Limit, RateLimitConfig, RateLimitPolicy};
 use kitestring_core::server::ServerEvent;
@@ -115,15 +115,84 @@ fn closing_sends_the_final_values() {
     );
 }
 
+/// Over the limit under `Refuse`: every message over it is refused by id,
+/// the client hears of each refusal before any acknowledgment covers it,
+/// nothing refused reaches the application, and the application gets one
+/// report per interval, not one event per message.
 #[test]
-fn rate_limit_drops_with_an_event() {
+fn rate_limit_refuses_by_id_before_any_ack_covers_the_message() {
     let (mut sim, c) = pair(ServerConfig {
         rate_limit: Some(RateLimitConfig {
             messages_per_sec: 10,
             message_burst: 5,
             bytes_per_sec: 1 << 20,
             byte_burst: 1 << 20,
-            policy: RateLimitPolicy::Drop,
+            policy: RateLimitPolicy::Refuse,
+        }),
+        ..ServerConfig::default()
+    });
+    let mut ids = Vec::new();
+    for i in 0..20u64 {
+        ids.push(
+            sim.client_send(c, Payload::json(format!("{i}").into_bytes()).unwrap())
+                .unwrap(),
+        );
+    }
+    sim.run_for(Duration::from_secs(3));
+    assert_eq!(received(&sim).len(), 5, "the burst");
+    let reports: Vec<u64> = sim
+        .server_events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ServerEvent::RateLimited {
+                refused,
+                limit: Limit::Messages,
+                ..
+            } => Some(*refused),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reports, vec![15], "one report for the interval");
+    // In the client's order of events: each refused id before the ack
+    // covering it; every message either acknowledged or refused.
+    let mut refused = std::collections::BTreeSet::new();
+    let mut acked = std::collections::BTreeSet::new();
+    for (_, e) in &sim.peers[c].events {
+        match e {
+            Event::Refused {
+                id: Some(id),
+                refusal,
+                ..
+            } => {
+                assert_eq!(refusal.code.as_deref(), Some("rate_limited"));
+                assert!(!acked.contains(id), "{id:?} refused after its ack");
+                refused.insert(*id);
+            }
+            Event::Acked { first, last } => {
+                for id in ids.iter().filter(|id| (first.0..=last.0).contains(&id.0)) {
+                    if !refused.contains(id) {
+                        acked.insert(*id);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(refused, ids[5..].iter().copied().collect());
+    assert_eq!(acked, ids[..5].iter().copied().collect());
+    assert_eq!(sim.state(c), &State::Open, "refusing keeps the connection");
+    assert_eq!(sim.peers[c].client.unacknowledged().0, 0);
+}
+
+/// Under `Throttle`, the default, nothing is refused or lost: the core
+/// processes every message (the driver pauses reading to slow the sender).
+#[test]
+fn rate_limit_throttles_by_default_and_loses_nothing() {
+    let (mut sim, c) = pair(ServerConfig {
+        rate_limit: Some(RateLimitConfig {
+            messages_per_sec: 10,
+            message_burst: 5,
+            ..RateLimitConfig::default()
         }),
         ..ServerConfig::default()
     });
@@ -131,29 +200,16 @@ fn rate_limit_drops_with_an_event() {
         sim.client_send(c, Payload::json(format!("{i}").into_bytes()).unwrap())
             .unwrap();
     }
-    sim.run_for(Duration::from_secs(2));
-    let delivered = received(&sim).len();
-    let dropped = sim
-        .server_events
-        .iter()
-        .filter(|(_, e)| {
-            matches!(
-                e,
-                ServerEvent::RateLimited {
-                    limit: Limit::Messages,
-                    ..
-                }
-            )
-        })
-        .count();
-    assert_eq!(delivered, 5, "the burst");
-    assert_eq!(dropped, 15);
-    assert_eq!(sim.state(c), &State::Open, "dropping keeps the connection");
-    assert_eq!(
-        sim.peers[c].client.unacknowledged().0,
-        0,
-        "dropped messages are acknowledged"
-    );
+    sim.run_for(Duration::from_secs(3));
+    assert_eq!(received(&sim).len(), 20);
+    assert!(sim.server_events.iter().any(|(_, e)| matches!(
+        e,
+        ServerEvent::RateLimited {
+            delayed: 15,
+            refused: 0,
+            ..
+        }
+    )));
 }
 
 #[test]

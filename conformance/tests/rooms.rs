@@ -315,9 +315,11 @@ fn the_policy_refuses_joins_and_publishes() {
         .events
         .iter()
         .filter_map(|(_, e)| match e {
-            Event::Refused { room, refusal } => {
-                Some((room.to_string(), refusal.op.clone(), refusal.reason.clone()))
-            }
+            Event::Refused {
+                id: Some(_),
+                room: Some(room),
+                refusal,
+            } => Some((room.to_string(), refusal.op.clone(), refusal.reason.clone())),
             _ => None,
         })
         .collect();

@@ -354,10 +354,17 @@ pub enum Event {
         /// The membership change.
         presence: Presence,
     },
-    /// The server refused a join or a publish.
+    /// The server refused one of this client's messages: a join, a
+    /// publish, or a message it could not accept (malformed, over a rate
+    /// limit). The message was consumed and will not be handed to the
+    /// server's application; it is reported here before any
+    /// [`Event::Acked`] covers it, and its id is then not delivered.
     Refused {
-        /// The room.
-        room: std::sync::Arc<str>,
+        /// The refused message (absent only in refusals from servers that
+        /// do not name it).
+        id: Option<MessageId>,
+        /// The room, for a join or publish.
+        room: Option<std::sync::Arc<str>>,
         /// What was refused and why.
         refusal: Refusal,
     },
@@ -549,6 +556,8 @@ pub struct ClientStats {
     pub decode_failures: u64,
     /// Well-formed frames of unknown types, ignored.
     pub unknown_frames: u64,
+    /// This client's messages the server refused ([`Event::Refused`]).
+    pub refused: u64,
 }
 
 /// Settings in force on the current connection.
@@ -716,6 +725,15 @@ impl Client {
     /// Messages sent and not yet acknowledged, and their bytes.
     pub fn unacknowledged(&self) -> (usize, usize) {
         (self.outbound.in_flight(), self.outbound.in_flight_bytes())
+    }
+
+    /// Whether a message sent now would go into the send window at once
+    /// (nothing queued ahead of it, the window below its limits). A sender
+    /// that waits for this before each send never holds more than one
+    /// message beyond the window, so it paces itself to what the link and
+    /// the peer acknowledge instead of filling the queue.
+    pub fn has_room(&self) -> bool {
+        self.outbound.has_room()
     }
 
     /// The last sequence number delivered to the application.
@@ -1386,6 +1404,13 @@ impl Client {
     /// The current connection or attempt is over; decide what comes next.
     fn connection_ended(&mut self, cause: Cause, disposition: Disposition, hint: Option<Duration>) {
         self.forget_connection();
+        // The application closed: whatever ended the connection meanwhile
+        // (a bad frame, a timeout) only ends it sooner; never reconnect.
+        if self.state == State::Closing {
+            self.transport = None;
+            self.finish_closed(CloseCode::NORMAL);
+            return;
+        }
         if let Some(h) = hint {
             self.retry_hint = Some(h.min(self.config.max_retry_after));
         }
@@ -1579,10 +1604,10 @@ impl Client {
         if self.state != State::Open {
             return;
         }
-        let Some(oldest) = self.outbound.oldest_in_flight() else {
+        let Some(stuck) = self.outbound.stuck_since() else {
             return;
         };
-        let due = oldest + self.config.reliability.ack_timeout;
+        let due = stuck + self.config.reliability.ack_timeout;
         if self.now >= due {
             self.drop_connection(CloseCode::ACK_TIMEOUT, "ack timeout");
             self.connection_ended(Cause::AckTimeout, Disposition::Reconnect, None);
@@ -1828,9 +1853,26 @@ impl Client {
     /// bookkeeping, a waiting request, or the application.
     fn deliver(&mut self, m: Msg) {
         let kind = m.kind;
+        match kind {
+            // Numbered, so consumed; never handed over as a message.
+            MsgKind::Invalid(what) => {
+                self.stats.decode_failures += 1;
+                self.emit(Event::DecodeFailed(what.error()));
+                return;
+            }
+            MsgKind::RefusedMessage(id) => {
+                self.on_refusal(Some(MessageId(id)), m.room, &m.payload);
+                return;
+            }
+            MsgKind::Refused => {
+                self.on_refusal(None, m.room, &m.payload);
+                return;
+            }
+            _ => {}
+        }
         let received = Received::from_msg(m);
-        if let (MsgKind::Presence | MsgKind::Refused, Some(room)) = (kind, received.room.clone()) {
-            self.on_room_notice(kind, room, &received.payload);
+        if let (MsgKind::Presence, Some(room)) = (kind, received.room.clone()) {
+            self.on_room_notice(room, &received.payload);
             return;
         }
         match received.response_to {
@@ -1850,29 +1892,33 @@ impl Client {
         }
     }
 
-    fn on_room_notice(&mut self, kind: MsgKind, room: RoomName, payload: &Payload) {
-        if kind == MsgKind::Presence {
-            match serde_json::from_slice::<Presence>(payload.data()) {
-                Ok(presence) => self.emit(Event::Presence { room, presence }),
-                Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
-                    field: "j",
-                    reason: "not a presence payload",
-                })),
-            }
-            return;
-        }
-        match serde_json::from_slice::<Refusal>(payload.data()) {
-            Ok(refusal) => {
-                if refusal.op == "join" {
-                    self.rooms.remove(&room);
-                }
-                self.emit(Event::Refused { room, refusal });
-            }
+    fn on_room_notice(&mut self, room: RoomName, payload: &Payload) {
+        match serde_json::from_slice::<Presence>(payload.data()) {
+            Ok(presence) => self.emit(Event::Presence { room, presence }),
             Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
                 field: "j",
-                reason: "not a refusal payload",
+                reason: "not a presence payload",
             })),
         }
+    }
+
+    fn on_refusal(&mut self, id: Option<MessageId>, room: Option<RoomName>, payload: &Payload) {
+        let refusal = match serde_json::from_slice::<Refusal>(payload.data()) {
+            Ok(refusal) => refusal,
+            // The message is refused all the same; only the words are lost.
+            Err(_) => Refusal {
+                op: "message".into(),
+                reason: "refused (the refusal's payload did not decode)".into(),
+                code: None,
+            },
+        };
+        if refusal.op == "join" {
+            if let Some(room) = &room {
+                self.rooms.remove(room);
+            }
+        }
+        self.stats.refused += 1;
+        self.emit(Event::Refused { id, room, refusal });
     }
 
     fn on_msg(&mut self, m: Msg) {
@@ -1911,6 +1957,7 @@ impl Client {
     fn on_ack(&mut self, ack: u64) {
         match self.outbound.on_ack(ack) {
             Ok(Some((first, last))) => {
+                self.outbound.note_progress(self.now);
                 self.emit(Event::Acked { first, last });
                 self.timers.stop(Timer::AckTimeout);
                 self.arm_ack_timeout();
@@ -2039,10 +2086,10 @@ impl Client {
         if self.timers.is_set(Timer::AckTimeout) {
             return;
         }
-        if let Some(oldest) = self.outbound.oldest_in_flight() {
+        if let Some(stuck) = self.outbound.stuck_since() {
             self.timers.set(
                 Timer::AckTimeout,
-                oldest + self.config.reliability.ack_timeout,
+                stuck + self.config.reliability.ack_timeout,
             );
         }
     }

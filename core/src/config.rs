@@ -13,7 +13,10 @@ use crate::wire::{Codec, SUPPORTED_VERSIONS};
 /// Application-level heartbeat settings (the client's side).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HeartbeatConfig {
-    /// Time between pings. Default 30 s. The server's `welcome` overrides it.
+    /// Time between pings. Default 20 s. The server's `welcome` overrides it.
+    /// With the defaults a dead or half-open server is found within
+    /// `interval + timeout + grace` = 31 s, idle or busy: every ping needs
+    /// an answer (any frame), whatever data is flowing.
     pub interval: Duration,
     /// How long a ping may go unanswered before the peer is suspected dead.
     /// Default 10 s. The server's `welcome` overrides it.
@@ -27,7 +30,7 @@ pub struct HeartbeatConfig {
 impl Default for HeartbeatConfig {
     fn default() -> Self {
         HeartbeatConfig {
-            interval: Duration::from_secs(30),
+            interval: Duration::from_secs(20),
             timeout: Duration::from_secs(10),
             grace: Duration::from_secs(1),
         }
@@ -192,12 +195,15 @@ impl ClientConfig {
 /// Server machine settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerConfig {
-    /// Ping interval the server tells clients to use. Default 30 s.
+    /// Ping interval the server tells clients to use. Default 20 s (a dead
+    /// server is found by its clients within 31 s with the defaults).
     pub ping_interval: Duration,
     /// Pong timeout the server tells clients to use. Default 10 s.
     pub pong_timeout: Duration,
     /// A connection that sends nothing for this long is dead. Must exceed
-    /// `ping_interval`. Default 45 s.
+    /// `ping_interval`. Default 30 s: a client pings every 20 s, so a dead
+    /// or half-open client is found within 31 s (with the grace), idle or
+    /// busy.
     pub idle_timeout: Duration,
     /// Extra time for an overdue idle deadline (see [`HeartbeatConfig::grace`]).
     /// Default 1 s.
@@ -229,7 +235,10 @@ pub struct ServerConfig {
     pub session_grace: Duration,
     /// Per-connection limits on messages and bytes a client may send per
     /// second, with bursts; what happens beyond them is the limit's policy
-    /// (drop with an event, or close with 1008). Default `None`.
+    /// (push back by pausing reads, refuse by id, or close with 1008).
+    /// Default: on, [`RateLimitConfig::default`] (1 000 messages and 4 MiB
+    /// a second, throttled), which no interactive client meets. `None`
+    /// turns flood protection off.
     pub rate_limit: Option<RateLimitConfig>,
     /// Most members in one room. Default 10 000.
     pub max_room_size: usize,
@@ -251,9 +260,9 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            ping_interval: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(45),
+            idle_timeout: Duration::from_secs(30),
             grace: Duration::from_secs(1),
             hello_timeout: Duration::from_secs(10),
             max_message_size: 1 << 20,
@@ -267,7 +276,7 @@ impl Default for ServerConfig {
             },
             reliability: ReliabilityConfig::default(),
             batch: None,
-            rate_limit: None,
+            rate_limit: Some(RateLimitConfig::default()),
             max_room_size: 10_000,
             max_rooms_per_session: 64,
             echo_publish: false,
@@ -305,6 +314,13 @@ impl ServerConfig {
         if let Some(r) = &self.rate_limit {
             if r.validate().is_err() {
                 return Err(ConfigError::Zero("rate_limit rates and bursts"));
+            }
+            if r.policy != crate::ratelimit::RateLimitPolicy::Throttle
+                && r.byte_burst < self.max_message_size as u64
+            {
+                return Err(ConfigError::Inconsistent(
+                    "rate_limit.byte_burst is below max_message_size: the largest messages could never pass",
+                ));
             }
         }
         validate_reliability(&self.reliability)
@@ -369,7 +385,7 @@ mod tests {
         c.backoff.max = Duration::from_millis(1);
         assert!(c.validate().is_err());
         let s = ServerConfig {
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(20),
             ..ServerConfig::default()
         };
         assert!(s.validate().is_err());

@@ -4,8 +4,10 @@
 //! one counting bytes) that decide whether an inbound message may be
 //! processed, and what to do when it may not ([`RateLimitPolicy`]). It never
 //! reads a clock, never sleeps and never queues: the caller passes the time
-//! and the message size, gets a [`RateDecision`] back, and acts on it (drop the
-//! message, or close the connection with code 1008).
+//! and the message size, gets a [`RateDecision`] back (or, to push back, a
+//! time to stop reading from [`RateLimiter::throttle`]), and acts on it:
+//! read the connection later, refuse the message by id, or close the
+//! connection with code 1008.
 //!
 //! # Arithmetic
 //!
@@ -35,7 +37,7 @@
 //!     message_burst: 2,
 //!     bytes_per_sec: 1_000,
 //!     byte_burst: 1_000,
-//!     policy: RateLimitPolicy::Drop,
+//!     policy: RateLimitPolicy::Refuse,
 //! };
 //! let t0 = Instant::from_secs(1);
 //! let mut limiter = RateLimiter::new(config, t0).unwrap();
@@ -44,7 +46,7 @@
 //! assert_eq!(
 //!     limiter.check(t0, 10),
 //!     RateDecision::Exceeded {
-//!         policy: RateLimitPolicy::Drop,
+//!         policy: RateLimitPolicy::Refuse,
 //!         retry_after: Duration::from_millis(100),
 //!         which: Limit::Messages,
 //!     }
@@ -61,13 +63,23 @@ use crate::time::Instant;
 /// makes a rate in tokens per second a rate in units per nanosecond.
 const UNIT: u128 = 1_000_000_000;
 
-/// What to do with a connection that exceeds its limits.
+/// What to do with a connection that exceeds its limits. No policy drops
+/// a reliable message silently: it is processed late, refused by id, or the
+/// connection is closed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RateLimitPolicy {
-    /// Drop the offending message, report it, and keep the connection.
+    /// Push back: every message is processed, and the connection is not
+    /// read again until the limits allow what it sent
+    /// ([`RateLimiter::throttle`]). The sender's own flow control (TCP,
+    /// then its send window) slows it down; nothing is refused or lost.
     #[default]
-    Drop,
+    Throttle,
+    /// Refuse each message over the limit: its sequence number is used, it
+    /// is not handed to the application, and the sender is told by the
+    /// message's id (PROTOCOL.md, section 3.3). Datagrams over the limit are
+    /// dropped and counted.
+    Refuse,
     /// Close the connection with [`CloseCode::POLICY_VIOLATION`] (1008).
     Close,
 }
@@ -76,7 +88,7 @@ impl RateLimitPolicy {
     /// The WebSocket close code to send, if the policy closes.
     pub const fn close_code(self) -> Option<CloseCode> {
         match self {
-            RateLimitPolicy::Drop => None,
+            RateLimitPolicy::Throttle | RateLimitPolicy::Refuse => None,
             RateLimitPolicy::Close => Some(CloseCode::POLICY_VIOLATION),
         }
     }
@@ -109,17 +121,17 @@ pub struct RateLimitConfig {
 }
 
 impl Default for RateLimitConfig {
-    /// 50 messages per second with bursts of 100, 512 KiB per second with
-    /// bursts (and messages) up to 1 MiB, dropping what exceeds them:
-    /// generous for an interactive client, tight enough that one connection
-    /// cannot monopolise a server.
+    /// 1 000 messages per second with bursts of 2 000, 4 MiB per second
+    /// with bursts of 8 MiB, throttling what exceeds them: an interactive
+    /// client (even one sending 60 updates a second in several rooms) never
+    /// meets them, while one connection cannot flood a server.
     fn default() -> Self {
         RateLimitConfig {
-            messages_per_sec: 50,
-            message_burst: 100,
-            bytes_per_sec: 512 * 1024,
-            byte_burst: 1024 * 1024,
-            policy: RateLimitPolicy::Drop,
+            messages_per_sec: 1_000,
+            message_burst: 2_000,
+            bytes_per_sec: 4 * 1024 * 1024,
+            byte_burst: 8 * 1024 * 1024,
+            policy: RateLimitPolicy::Throttle,
         }
     }
 }
@@ -221,6 +233,18 @@ impl Bucket {
         self.level = self.level.saturating_add(minted).min(self.capacity);
     }
 
+    /// Takes `need` units that are not all there: the bucket is left with
+    /// what `wait` more of refilling gives beyond `need` (the caller
+    /// restarts the refill clock `wait` later).
+    fn borrow(&mut self, need: u128, wait: Duration) {
+        let minted = self.rate * wait.as_nanos();
+        self.level = self
+            .level
+            .saturating_add(minted)
+            .saturating_sub(need)
+            .min(self.capacity);
+    }
+
     /// `None` if `need` units are available now, else how long to wait.
     fn wait_for(&self, need: u128) -> Option<Duration> {
         if self.level >= need {
@@ -311,6 +335,39 @@ impl RateLimiter {
             which,
         }
     }
+
+    /// Counts a message of `bytes` bytes arriving at `now` whatever the
+    /// limits say, and returns how long the connection must then wait
+    /// before its next message is read, if at all: the time the buckets
+    /// need to pay for this one ([`RateLimitPolicy::Throttle`]). A message
+    /// larger than the byte burst waits as long as the byte rate takes to
+    /// carry it.
+    pub fn throttle(&mut self, now: Instant, bytes: usize) -> Option<(Duration, Limit)> {
+        match self.check(now, bytes) {
+            RateDecision::Allow => None,
+            RateDecision::Exceeded { which, .. } => {
+                let need_bytes = u128::try_from(bytes)
+                    .unwrap_or(u128::MAX)
+                    .saturating_mul(UNIT);
+                let wait_for = |b: &Bucket, need: u128| -> Duration {
+                    if b.level >= need {
+                        return Duration::ZERO;
+                    }
+                    let nanos = (need - b.level).div_ceil(b.rate.max(1));
+                    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+                };
+                // Measured from the buckets' clock, which runs ahead of
+                // `now` while earlier messages are still being paid for.
+                let wait = wait_for(&self.messages, UNIT).max(wait_for(&self.bytes, need_bytes));
+                self.messages.borrow(UNIT, wait);
+                self.bytes.borrow(need_bytes, wait);
+                // The refill that pays for this message happens during the
+                // wait: the buckets' clock restarts after it.
+                self.last = self.last.max(now) + wait;
+                Some((self.last.saturating_duration_since(now), which))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -330,13 +387,13 @@ mod tests {
             message_burst,
             bytes_per_sec,
             byte_burst,
-            policy: RateLimitPolicy::Drop,
+            policy: RateLimitPolicy::Refuse,
         }
     }
 
     fn exceeded(which: Limit, retry_after: Duration) -> RateDecision {
         RateDecision::Exceeded {
-            policy: RateLimitPolicy::Drop,
+            policy: RateLimitPolicy::Refuse,
             retry_after,
             which,
         }
@@ -551,7 +608,7 @@ mod tests {
             }
             other => panic!("expected Exceeded, got {other:?}"),
         }
-        assert_eq!(RateLimitPolicy::Drop.close_code(), None);
+        assert_eq!(RateLimitPolicy::Refuse.close_code(), None);
     }
 
     #[test]

@@ -67,9 +67,14 @@ pub struct ReliabilityConfig {
     /// A receiver acknowledges at once after this many unacknowledged
     /// deliveries. Default 32.
     pub ack_every: u32,
-    /// Data unacknowledged for this long on an open connection means the
-    /// connection is stuck: it is closed (4010) and the session resumed on a
-    /// new one. Default 20 s.
+    /// Data waiting this long for an acknowledgment with none making
+    /// progress (nothing acknowledged since the later of its sending and
+    /// the last acknowledgment that released something) means the
+    /// connection is stuck: it is closed (4010) and the session resumed on
+    /// a new one. A slow link whose acknowledgments keep coming is never
+    /// stuck. Default 45 s: longer than the heartbeat's 31 s, so a dead
+    /// peer is found by the heartbeat, and this only catches a peer that
+    /// answers pings but does not take data.
     pub ack_timeout: Duration,
     /// What happens when the window and the queue are both full.
     pub overflow: OverflowPolicy,
@@ -82,7 +87,7 @@ impl Default for ReliabilityConfig {
             window_bytes: 4 << 20,
             ack_delay: Duration::from_millis(100),
             ack_every: 32,
-            ack_timeout: Duration::from_secs(20),
+            ack_timeout: Duration::from_secs(45),
             overflow: OverflowPolicy::Refuse,
         }
     }
@@ -241,6 +246,8 @@ pub(crate) struct Outbound {
     queue_limit: QueueConfig,
     window_limit_messages: usize,
     window_limit_bytes: usize,
+    /// When an acknowledgment last released a message.
+    progress_at: Instant,
 }
 
 impl Outbound {
@@ -254,6 +261,7 @@ impl Outbound {
             queue_limit: queue.clone(),
             window_limit_messages: rel.window_messages.max(1),
             window_limit_bytes: rel.window_bytes.max(1),
+            progress_at: Instant::ZERO,
         }
     }
 
@@ -351,6 +359,19 @@ impl Outbound {
         Ok(first.zip(last))
     }
 
+    /// Whether a message pushed now would be numbered at once: nothing
+    /// waits ahead of it and the window has room.
+    pub(crate) fn has_room(&self) -> bool {
+        self.waiting.is_empty()
+            && self.window.len() < self.window_limit_messages
+            && self.window_bytes < self.window_limit_bytes
+    }
+
+    /// The highest sequence number the peer has acknowledged.
+    pub(crate) fn acked_through(&self) -> u64 {
+        self.window.front().map_or(self.next_seq - 1, |s| s.seq - 1)
+    }
+
     /// Unacknowledged messages from `from` on, to put on the wire again.
     pub(crate) fn unacked_from(&mut self, from: u64) -> impl Iterator<Item = &mut Sent> {
         self.window.iter_mut().filter(move |s| s.seq >= from)
@@ -359,6 +380,21 @@ impl Outbound {
     /// When the oldest unacknowledged message went out, if any did.
     pub(crate) fn oldest_in_flight(&self) -> Option<Instant> {
         self.window.iter().filter_map(|s| s.sent_at).min()
+    }
+
+    /// An acknowledgment released messages at `now`.
+    pub(crate) fn note_progress(&mut self, now: Instant) {
+        self.progress_at = self.progress_at.max(now);
+    }
+
+    /// Since when data has waited for an acknowledgment with none making
+    /// progress: the later of the oldest unacknowledged message's send and
+    /// the last acknowledgment that released something. `None` with
+    /// nothing in flight. A slow link whose acknowledgments keep coming is
+    /// never stuck, however old its oldest message.
+    pub(crate) fn stuck_since(&self) -> Option<Instant> {
+        self.oldest_in_flight()
+            .map(|oldest| oldest.max(self.progress_at))
     }
 
     /// Forgets the send times (the connection carrying them is gone).
@@ -463,9 +499,53 @@ pub(crate) struct Inbound {
     /// Whether an acknowledgment must go out even though nothing new was
     /// delivered (a duplicate arrived: the sender may have missed our ack).
     ack_forced: bool,
+    /// Messages consumed but refused, each with the id of the refusal sent
+    /// back for it, in order: acknowledgments stay below the first until the
+    /// peer has acknowledged its refusal, so the peer learns of a refusal
+    /// before any acknowledgment covers the refused message. At most one
+    /// per message in the peer's window. Boxed: almost always empty.
+    // Boxed so an idle session pays one pointer, not an empty VecDeque's
+    // four words.
+    #[allow(clippy::box_collection)]
+    held: Option<Box<VecDeque<(u64, u64)>>>,
 }
 
 impl Inbound {
+    /// Holds acknowledgments below `seq` (just delivered, and refused) until
+    /// the refusal with id `refusal` is acknowledged ([`release`](Self::release)).
+    pub(crate) fn hold(&mut self, seq: u64, refusal: u64) {
+        self.held
+            .get_or_insert_with(Default::default)
+            .push_back((seq, refusal));
+    }
+
+    /// The peer acknowledged our messages with ids up to `last`: the
+    /// refusals among them no longer hold acknowledgments back. True if
+    /// the acknowledgment point moved.
+    pub(crate) fn release(&mut self, last: u64) -> bool {
+        let Some(held) = self.held.as_mut() else {
+            return false;
+        };
+        let before = held.len();
+        while held.front().is_some_and(|&(_, refusal)| refusal <= last) {
+            held.pop_front();
+        }
+        let moved = held.len() != before;
+        if held.is_empty() {
+            self.held = None;
+        }
+        moved
+    }
+
+    /// What may be acknowledged: everything delivered, or up to the first
+    /// held message.
+    pub(crate) fn ack_point(&self) -> u64 {
+        match self.held.as_ref().and_then(|h| h.front()) {
+            Some(&(seq, _)) => seq - 1,
+            None => self.delivered,
+        }
+    }
+
     pub(crate) fn on_msg(&mut self, seq: u64) -> Verdict {
         let next = self.delivered + 1;
         if seq < next {
@@ -492,27 +572,28 @@ impl Inbound {
         self.delivered
     }
 
-    /// Deliveries not yet acknowledged to the peer.
+    /// Deliveries not yet acknowledged to the peer (that may be).
     pub(crate) fn unacked(&self) -> u64 {
-        self.delivered - self.acked
+        self.ack_point().saturating_sub(self.acked)
     }
 
     /// Whether an acknowledgment should go out.
     pub(crate) fn ack_pending(&self) -> bool {
-        self.delivered > self.acked || self.ack_forced
+        self.ack_point() > self.acked || self.ack_forced
     }
 
-    /// Records that an acknowledgment of everything delivered went out.
+    /// Records that an acknowledgment of everything that may be
+    /// acknowledged went out; returns its value.
     pub(crate) fn acked_now(&mut self) -> u64 {
-        self.acked = self.delivered;
+        self.acked = self.ack_point();
         self.ack_forced = false;
-        self.delivered
+        self.acked
     }
 
-    /// A new connection: the peer learns `delivered` from the handshake, so
-    /// nothing is owed and any replay request is void.
+    /// A new connection: the peer learns the acknowledgment point from the
+    /// handshake, so nothing is owed and any replay request is void.
     pub(crate) fn on_new_connection(&mut self) {
-        self.acked = self.delivered;
+        self.acked = self.ack_point();
         self.ack_forced = false;
         self.replay_requested = None;
     }

@@ -52,10 +52,15 @@ pub struct Presence {
 /// Why a join or publish was refused, as the client sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
-    /// `"join"` or `"publish"`.
+    /// What was refused: `"join"`, `"leave"`, `"publish"` or `"message"`.
     pub op: String,
-    /// Why.
+    /// Why, for people.
     pub reason: String,
+    /// Why, for programs: `invalid`, `rate_limited`, `not_member`,
+    /// `forbidden`, `room_full`, `too_many_rooms` (PROTOCOL.md, section
+    /// 3.3). Absent in refusals from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 /// Decides who may join and publish to which room. Called by the server

@@ -21,7 +21,7 @@ use core::time::Duration;
 use crate::client::{with_own_caps, Received, CAP_BATCH};
 use crate::close::CloseCode;
 use crate::config::{ConfigError, ServerConfig};
-use crate::ratelimit::{Limit, RateDecision, RateLimiter};
+use crate::ratelimit::{Limit, RateDecision, RateLimitPolicy, RateLimiter};
 use crate::reliable::{
     Batcher, Inbound, MessageId, Outbound, OverflowPolicy, RoomName, SendError, Verdict, Waiting,
 };
@@ -156,16 +156,24 @@ pub enum ServerEvent {
         /// The code.
         code: CloseCode,
     },
-    /// A client exceeded its rate limit and a message was dropped (the
-    /// client's stream carries on; the message is acknowledged, not
-    /// delivered). Under the `Close` policy the connection is closed with
-    /// 1008 instead.
+    /// A connection exceeded its rate limit during the last interval
+    /// ([`RATE_REPORT_INTERVAL`]): one event per connection and interval,
+    /// with counts, however many messages it concerned. Under the `Close`
+    /// policy the connection is closed with 1008 instead.
     RateLimited {
-        /// The session.
+        /// The connection.
+        connection: ConnectionId,
+        /// Its session.
         session: SessionId,
-        /// The dropped message (or `MessageId::SYSTEM` for a datagram).
-        message: MessageId,
-        /// Which limit.
+        /// Messages processed late: reading paused until the limits
+        /// allowed them ([`RateLimitPolicy::Throttle`]).
+        delayed: u64,
+        /// Messages refused (the client was told each one's id:
+        /// [`RateLimitPolicy::Refuse`]).
+        refused: u64,
+        /// Datagrams dropped ([`RateLimitPolicy::Refuse`]).
+        datagrams_dropped: u64,
+        /// The limit exceeded last.
         limit: Limit,
     },
     /// A client sent a fresh credential (answering
@@ -223,6 +231,20 @@ pub enum RoomError {
     /// The room name is empty or longer than 256 bytes.
     #[error("room names are 1 to 256 bytes")]
     BadName,
+}
+
+impl RoomError {
+    /// The machine-readable `code` a refusal carries (PROTOCOL.md, section
+    /// 3.3).
+    pub fn code(&self) -> &'static str {
+        match self {
+            RoomError::UnknownSession => "invalid",
+            RoomError::Forbidden(_) => "forbidden",
+            RoomError::RoomFull { .. } => "room_full",
+            RoomError::TooManyRooms { .. } => "too_many_rooms",
+            RoomError::BadName => "invalid",
+        }
+    }
 }
 
 /// Why a session ended.
@@ -333,6 +355,9 @@ pub struct ServerStats {
     pub rotations: u64,
     /// Messages over a rate limit.
     pub rate_limited: u64,
+    /// Client messages refused by id (invalid, over a rate limit, or
+    /// refused by the room policy).
+    pub refused: u64,
     /// Connections closed, by close code.
     pub close_codes: BTreeMap<u16, u64>,
 }
@@ -357,7 +382,13 @@ pub enum ServerTimer {
     Batch(SessionId),
     /// A connection reached its maximum age.
     Rotate(ConnectionId),
+    /// A connection's rate limiting is reported.
+    RateReport(ConnectionId),
 }
+
+/// How often a rate-limited connection is reported
+/// ([`ServerEvent::RateLimited`]).
+pub const RATE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The next deadline and why it is set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -394,6 +425,30 @@ struct Conn {
     hello_deadline: Option<Instant>,
     reauth_deadline: Option<Instant>,
     limiter: Option<Box<RateLimiter>>,
+    /// What the rate limit did since the last [`ServerEvent::RateLimited`],
+    /// reported once per interval; also when reading may resume.
+    limited: Option<Box<Limited>>,
+}
+
+/// A connection's rate limiting since it was last reported.
+#[derive(Debug, Default)]
+struct Limited {
+    /// Reading pauses until then ([`RateLimitPolicy::Throttle`]).
+    paused_until: Option<Instant>,
+    /// Messages read late, refused, and datagrams dropped since the report.
+    delayed: u64,
+    refused: u64,
+    datagrams_dropped: u64,
+    limit: Option<Limit>,
+    /// Whether a report is due (its timer is armed).
+    report_armed: bool,
+}
+
+/// What the rate limit decided for one message.
+enum Admission {
+    Admit,
+    Refuse(Limit),
+    Closed,
 }
 
 #[derive(Debug)]
@@ -565,6 +620,7 @@ impl Server {
                     .rate_limit
                     .and_then(|cfg| RateLimiter::new(cfg, self.now).ok())
                     .map(Box::new),
+                limited: None,
             },
         );
         self.stats.connections_opened += 1;
@@ -635,8 +691,26 @@ impl Server {
             Err(error) => {
                 conn.decode_failures += 1;
                 let failures = conn.decode_failures;
+                let awaiting_hello = matches!(conn.phase, ConnPhase::AwaitingHello);
                 self.stats.decode_failures += 1;
                 let too_large = matches!(error, DecodeError::TooLarge { .. });
+                let in_upgrade = matches!(self.upgrade, Some((c, _)) if c == connection);
+                if awaiting_hello && !too_large && !in_upgrade {
+                    // A first frame that is not a usable hello: say why at
+                    // once instead of waiting out the hello timeout. (A hello
+                    // in the upgrade header that does not decode is only
+                    // unused: the client then sends it as a frame.)
+                    let message = format!("the first frame must be a valid hello: {error}");
+                    self.emit(ServerEvent::DecodeFailed { connection, error });
+                    self.reject(
+                        connection,
+                        CloseCode::BAD_HANDSHAKE,
+                        "bad_hello",
+                        message,
+                        None,
+                    );
+                    return;
+                }
                 self.emit(ServerEvent::DecodeFailed { connection, error });
                 if too_large {
                     self.disconnect(connection, CloseCode::MESSAGE_TOO_BIG, "message too big");
@@ -1230,27 +1304,29 @@ impl Server {
             .map(|s| Member::new(s.client, s.identity.as_deref()))
     }
 
-    fn refuse(&mut self, session: SessionId, room: &RoomName, op: &str, reason: String) {
+    /// Refuses a client's join or publish: reported to the application, and
+    /// to the client by the message's id.
+    fn refuse(
+        &mut self,
+        session: SessionId,
+        m: &Msg,
+        room: &RoomName,
+        op: RoomOp,
+        code: &'static str,
+        reason: String,
+    ) {
         self.emit(ServerEvent::Refused {
             session,
             room: room.clone(),
-            op: if op == "join" {
-                RoomOp::Join
-            } else {
-                RoomOp::Publish
-            },
+            op,
             reason: reason.clone(),
         });
-        let refusal = Refusal {
-            op: op.to_owned(),
-            reason,
+        let op = match op {
+            RoomOp::Join => "join",
+            RoomOp::Publish => "publish",
         };
-        if let Ok(payload) = serde_json::to_vec(&refusal)
-            .map_err(|_| ())
-            .and_then(|j| Payload::json(j).map_err(|_| ()))
-        {
-            self.send_to_member(session, payload, MsgKind::Refused, room);
-        }
+        let id = MessageId(m.id);
+        self.refuse_msg(session, m.seq, id, Some(room.clone()), op, code, reason);
     }
 
     /// A join, by the client (`check`: run the policy) or by the application.
@@ -1409,6 +1485,7 @@ impl Server {
                 }
             }
             ServerTimer::AckTimeout(s) => self.check_ack_timeout(s, at),
+            ServerTimer::RateReport(c) => self.report_rate(c),
             ServerTimer::Expiry(s) => {
                 let expired = self.sessions.get(&s).is_some_and(|sess| {
                     sess.conn.is_none() && sess.expires_at.is_some_and(|e| e <= self.now)
@@ -1453,10 +1530,10 @@ impl Server {
             return;
         }
         s.ack_timeout_at = None;
-        let (Some(conn), Some(oldest)) = (s.conn, s.outbound.oldest_in_flight()) else {
+        let (Some(conn), Some(stuck)) = (s.conn, s.outbound.stuck_since()) else {
             return;
         };
-        let due = oldest + timeout;
+        let due = stuck + timeout;
         if self.now >= due {
             self.disconnect(conn, CloseCode::ACK_TIMEOUT, "ack timeout");
         } else {
@@ -1471,9 +1548,18 @@ impl Server {
         };
         match (&conn.phase, frame) {
             (ConnPhase::AwaitingHello, Frame::Hello(h)) => self.on_hello(connection, h),
-            (ConnPhase::AwaitingHello, Frame::Unknown(_)) => {}
-            (ConnPhase::AwaitingHello, _) => {
-                self.disconnect(connection, CloseCode::BAD_HANDSHAKE, "expected hello")
+            (ConnPhase::AwaitingHello, other) => {
+                let message = format!(
+                    "the first frame must be a hello, not a `{}`",
+                    other.type_name()
+                );
+                self.reject(
+                    connection,
+                    CloseCode::BAD_HANDSHAKE,
+                    "bad_hello",
+                    message,
+                    None,
+                );
             }
             (ConnPhase::Open { session, .. }, frame) => {
                 let session = *session;
@@ -1568,7 +1654,15 @@ impl Server {
                     );
                     return;
                 }
-                Some(s) if r.delivered > s.outbound.last_sequenced() => lost = Some("inconsistent"),
+                // More than was ever sent, or less than the client already
+                // acknowledged (those messages are gone and cannot be sent
+                // again): either way the numbers cannot be reconciled.
+                Some(s)
+                    if r.delivered > s.outbound.last_sequenced()
+                        || r.delivered < s.outbound.acked_through() =>
+                {
+                    lost = Some("inconsistent")
+                }
                 Some(_) => resumed = Some(r),
             }
         }
@@ -1589,9 +1683,12 @@ impl Server {
             s.conn = Some(connection);
             s.client = h.client;
             s.expires_at = None;
-            s.inbound.on_new_connection();
             let acked = s.outbound.on_ack(r.delivered).ok().flatten();
-            let delivered = s.inbound.delivered();
+            if let Some((_, last)) = acked {
+                s.inbound.release(last.0);
+            }
+            let delivered = s.inbound.ack_point();
+            s.inbound.on_new_connection();
             self.stats.sessions_resumed += 1;
             if let Some((first, last)) = acked {
                 self.emit(ServerEvent::Acked {
@@ -1720,7 +1817,7 @@ impl Server {
                 }
             }
             Frame::Raw(data) => {
-                if self.admit(connection, session, MessageId::SYSTEM, data.len()) {
+                if let Admission::Admit = self.admit(connection, data.len(), true) {
                     self.emit(ServerEvent::Datagram { session, data });
                 }
             }
@@ -1741,36 +1838,151 @@ impl Server {
         }
     }
 
-    /// Charges a message to its connection's rate limit. False when it must
-    /// not be processed (dropped with an event, or the connection closed).
-    fn admit(
-        &mut self,
-        connection: ConnectionId,
-        session: SessionId,
-        id: MessageId,
-        bytes: usize,
-    ) -> bool {
+    /// Charges a message to its connection's rate limit, and says what to
+    /// do with it under the policy (PROTOCOL.md, section 9).
+    fn admit(&mut self, connection: ConnectionId, bytes: usize, datagram: bool) -> Admission {
         let now = self.now;
-        let Some(limiter) = self
-            .conns
-            .get_mut(&connection)
-            .and_then(|c| c.limiter.as_mut())
-        else {
-            return true;
+        let Some(conn) = self.conns.get_mut(&connection) else {
+            return Admission::Closed;
         };
-        match limiter.check(now, bytes) {
-            RateDecision::Allow => true,
-            RateDecision::Exceeded { policy, which, .. } => {
+        let Some(limiter) = conn.limiter.as_mut() else {
+            return Admission::Admit;
+        };
+        let policy = limiter.config().policy;
+        let (admission, limit) = if policy == RateLimitPolicy::Throttle {
+            let Some((wait, limit)) = limiter.throttle(now, bytes) else {
+                return Admission::Admit;
+            };
+            let limited = conn.limited.get_or_insert_with(Default::default);
+            limited.paused_until = Some(now + wait);
+            limited.delayed += 1;
+            (Admission::Admit, limit)
+        } else {
+            let RateDecision::Exceeded { which, .. } = limiter.check(now, bytes) else {
+                return Admission::Admit;
+            };
+            if let Some(code) = policy.close_code() {
                 self.stats.rate_limited += 1;
-                match policy.close_code() {
-                    Some(code) => self.disconnect(connection, code, "rate limit exceeded"),
-                    None => self.emit(ServerEvent::RateLimited {
-                        session,
-                        message: id,
-                        limit: which,
-                    }),
+                self.disconnect(connection, code, "rate limit exceeded");
+                return Admission::Closed;
+            }
+            let limited = conn.limited.get_or_insert_with(Default::default);
+            if datagram {
+                limited.datagrams_dropped += 1;
+            } else {
+                limited.refused += 1;
+            }
+            (Admission::Refuse(which), which)
+        };
+        self.stats.rate_limited += 1;
+        let limited = conn.limited.get_or_insert_with(Default::default);
+        limited.limit = Some(limit);
+        if !limited.report_armed {
+            limited.report_armed = true;
+            self.arm(
+                now + RATE_REPORT_INTERVAL,
+                ServerTimer::RateReport(connection),
+            );
+        }
+        admission
+    }
+
+    /// Reports what a connection's rate limit did in the interval just
+    /// ended.
+    fn report_rate(&mut self, connection: ConnectionId) {
+        let Some(conn) = self.conns.get_mut(&connection) else {
+            return;
+        };
+        let ConnPhase::Open { session, .. } = conn.phase else {
+            return;
+        };
+        let Some(limited) = conn.limited.as_mut() else {
+            return;
+        };
+        let paused_until = limited.paused_until.filter(|&t| t > self.now);
+        let report = std::mem::replace(
+            limited.as_mut(),
+            Limited {
+                paused_until,
+                ..Limited::default()
+            },
+        );
+        if paused_until.is_none() {
+            conn.limited = None;
+        }
+        if let Some(limit) = report.limit {
+            self.emit(ServerEvent::RateLimited {
+                connection,
+                session,
+                delayed: report.delayed,
+                refused: report.refused,
+                datagrams_dropped: report.datagrams_dropped,
+                limit,
+            });
+        }
+    }
+
+    /// When reading `connection` may resume, if its rate limit paused it
+    /// ([`RateLimitPolicy::Throttle`]): the driver reads nothing more from
+    /// it before then, so a flooding client is slowed by its own transport
+    /// instead of having its messages dropped.
+    pub fn read_paused_until(&self, connection: ConnectionId) -> Option<Instant> {
+        self.conns
+            .get(&connection)?
+            .limited
+            .as_ref()?
+            .paused_until
+            .filter(|&t| t > self.now)
+    }
+
+    /// Refuses a client message that was consumed (its sequence number is
+    /// used) but will never be handed over: the client hears of it by the
+    /// message's id, in the session's stream, before any acknowledgment
+    /// covers it (PROTOCOL.md, section 3.3).
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_msg(
+        &mut self,
+        session: SessionId,
+        seq: u64,
+        id: MessageId,
+        room: Option<RoomName>,
+        op: &str,
+        code: &'static str,
+        reason: String,
+    ) {
+        self.stats.refused += 1;
+        let refusal = Refusal {
+            op: op.to_owned(),
+            reason,
+            code: Some(code.to_owned()),
+        };
+        let Ok(payload) = serde_json::to_vec(&refusal)
+            .map_err(|_| ())
+            .and_then(|j| Payload::json(j).map_err(|_| ()))
+        else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        // The refusal's id is the next one given out.
+        s.inbound.hold(seq, self.next_id);
+        let now = self.now;
+        match self.enqueue_raw(
+            now,
+            session,
+            payload,
+            None,
+            MsgKind::RefusedMessage(id.0),
+            room,
+        ) {
+            Ok(_) => {}
+            // Buffers full: the session ends and the client hears of the
+            // message as unconfirmed instead.
+            Err(_) => {
+                if !self.evictions.contains(&session) {
+                    self.evictions.push(session);
                 }
-                false
             }
         }
     }
@@ -1781,7 +1993,7 @@ impl Server {
             (MsgKind::Join, Some(room)) => {
                 let name = self.rooms.name(&room);
                 if let Err(e) = self.do_join(session, &room, true) {
-                    self.refuse(session, &name, "join", e.to_string());
+                    self.refuse(session, &m, &name, RoomOp::Join, e.code(), e.to_string());
                 }
             }
             (MsgKind::Leave, Some(room)) => {
@@ -1793,11 +2005,12 @@ impl Server {
                     return;
                 };
                 if !self.rooms.is_member(&room, session) {
-                    self.refuse(session, &name, "publish", "not a member of the room".into());
+                    let reason = "not a member of the room".into();
+                    self.refuse(session, &m, &name, RoomOp::Publish, "not_member", reason);
                     return;
                 }
                 if let Err(reason) = self.policy.authorize_publish(&member, &room) {
-                    self.refuse(session, &name, "publish", reason);
+                    self.refuse(session, &m, &name, RoomOp::Publish, "forbidden", reason);
                     return;
                 }
                 let exclude = (!self.config.echo_publish).then_some(session);
@@ -1808,8 +2021,6 @@ impl Server {
                 });
                 self.do_broadcast(&name, &payload, exclude);
             }
-            // Server-only kinds from a client carry nothing to act on.
-            (MsgKind::Presence | MsgKind::Refused, _) => {}
             _ => self.emit(ServerEvent::Message {
                 session,
                 message: Received::from_msg(m),
@@ -1837,8 +2048,54 @@ impl Server {
                     s.ack_due = Some(self.now + ack_delay);
                 }
                 self.stats.messages_in += 1;
-                if self.admit(connection, session, MessageId(m.id), m.payload.len()) {
-                    self.dispatch(session, m);
+                let (seq, id) = (m.seq, MessageId(m.id));
+                match m.kind {
+                    MsgKind::Invalid(what) => {
+                        self.stats.decode_failures += 1;
+                        self.emit(ServerEvent::DecodeFailed {
+                            connection,
+                            error: what.error(),
+                        });
+                        self.refuse_msg(
+                            session,
+                            seq,
+                            id,
+                            None,
+                            "message",
+                            "invalid",
+                            what.to_string(),
+                        );
+                    }
+                    MsgKind::Presence | MsgKind::Refused | MsgKind::RefusedMessage(_) => {
+                        self.refuse_msg(
+                            session,
+                            seq,
+                            id,
+                            m.room,
+                            "message",
+                            "invalid",
+                            "presence and refusals are sent by the server only".into(),
+                        );
+                    }
+                    kind => match self.admit(connection, m.payload.len(), false) {
+                        Admission::Admit => self.dispatch(session, m),
+                        Admission::Refuse(limit) => {
+                            let what = match limit {
+                                Limit::Bytes => "byte",
+                                _ => "message",
+                            };
+                            self.refuse_msg(
+                                session,
+                                seq,
+                                id,
+                                m.room,
+                                op_name(kind),
+                                "rate_limited",
+                                format!("{what} rate limit exceeded"),
+                            );
+                        }
+                        Admission::Closed => return false,
+                    },
                 }
                 if flush_now {
                     self.flush_ack(session);
@@ -1870,12 +2127,19 @@ impl Server {
         match s.outbound.on_ack(ack) {
             Ok(Some((first, last))) => {
                 s.ack_timeout_at = None;
+                s.outbound.note_progress(self.now);
+                // Refusals the client now has no longer hold its
+                // acknowledgments back.
+                let released = s.inbound.release(last.0);
                 self.emit(ServerEvent::Acked {
                     session,
                     first,
                     last,
                 });
                 self.flush(session);
+                if released {
+                    self.flush_ack(session);
+                }
                 true
             }
             Ok(None) => true,
@@ -1899,7 +2163,7 @@ impl Server {
         // after `from`: the retransmission carries it.
         s.batch = None;
         let Some(conn) = s.conn else { return };
-        let ack = s.inbound.delivered();
+        let ack = s.inbound.ack_point();
         let frames: Vec<Frame> = s
             .outbound
             .unacked_from(from)
@@ -1929,7 +2193,7 @@ impl Server {
                 return;
             };
             let conn = s.conn;
-            let ack = s.inbound.delivered();
+            let ack = s.inbound.ack_point();
             let Some(m) = s.outbound.sequence_next(conn.map(|_| now)) else {
                 break;
             };
@@ -2008,8 +2272,8 @@ impl Server {
         if s.ack_timeout_at.is_some() {
             return;
         }
-        if let Some(oldest) = s.outbound.oldest_in_flight() {
-            let at = oldest + timeout;
+        if let Some(stuck) = s.outbound.stuck_since() {
+            let at = stuck + timeout;
             s.ack_timeout_at = Some(at);
             self.arm(at, ServerTimer::AckTimeout(session));
         }
@@ -2092,6 +2356,15 @@ fn spread_hash(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// The `op` a refusal names for a message of `kind`.
+fn op_name(kind: MsgKind) -> &'static str {
+    match kind {
+        MsgKind::Join => "join",
+        MsgKind::Leave => "leave",
+        _ => "message",
+    }
 }
 
 fn check_room_name(room: &str) -> Result<(), RoomError> {
@@ -2278,26 +2551,334 @@ mod tests {
         assert_eq!(s.session_count(), 0);
     }
 
+    fn frames_of(out: &[ServerOutput]) -> Vec<Frame> {
+        let limits = Limits {
+            max_message: 1 << 20,
+            version: 1,
+        };
+        out.iter()
+            .filter_map(|o| match o {
+                ServerOutput::Transmit(_, t) => wire::decode(t.as_incoming(), &limits).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn reject_of(out: &[ServerOutput]) -> Option<Reject> {
+        frames_of(out).into_iter().find_map(|f| match f {
+            Frame::Reject(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    /// Anything but a usable hello first is answered at once with a
+    /// `reject` naming the problem, then closed with 4002: never left to the
+    /// hello timeout.
     #[test]
-    fn frames_before_hello_are_a_bad_handshake() {
+    fn a_first_frame_that_is_not_a_usable_hello_is_rejected_at_once() {
+        let client = ClientId([2; 16]).to_hex();
+        let cases = [
+            r#"{"t":"ping","nonce":1}"#.to_owned(),
+            r#"{"t":"mystery"}"#.to_owned(),
+            "{not json".to_owned(),
+            format!(
+                r#"{{"t":"hello","versions":[{}],"client":"{client}"}}"#,
+                ["1"; 33].join(",")
+            ),
+            r#"{"t":"hello","versions":[1],"client":"zz"}"#.to_owned(),
+            format!(r#"{{"t":"hello","versions":[1],"client":"{client}","session":"{client}"}}"#),
+        ];
+        for (i, text) in cases.iter().enumerate() {
+            let mut s = Server::new(ServerConfig::default()).unwrap();
+            let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+            s.handle_message(Instant::ZERO, c, Incoming::Text(text));
+            let out = drain(&mut s);
+            let reject = reject_of(&out).unwrap_or_else(|| panic!("case {i}: no reject"));
+            assert_eq!(reject.code, 4002, "case {i}");
+            assert_eq!(reject.reason, "bad_hello", "case {i}");
+            assert!(!reject.message.is_empty());
+            assert!(
+                out.contains(&ServerOutput::Disconnect(
+                    c,
+                    CloseCode::BAD_HANDSHAKE,
+                    "bad_hello"
+                )),
+                "case {i}: {out:?}"
+            );
+        }
+        // A MessagePack hello (binary): handshake frames are JSON only.
         let mut s = Server::new(ServerConfig::default()).unwrap();
         let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
-        s.handle_message(
-            Instant::ZERO,
-            c,
-            Incoming::Text("{\"t\":\"ping\",\"nonce\":1}"),
+        let body = rmp_serde::to_vec_named(
+            &serde_json::json!({"t": "hello", "versions": [1], "client": client}),
+        )
+        .unwrap();
+        let mut bin = vec![wire::KIND_MSGPACK, 1];
+        bin.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bin.extend_from_slice(&body);
+        s.handle_message(Instant::ZERO, c, Incoming::Binary(&bin));
+        assert_eq!(reject_of(&drain(&mut s)).map(|r| r.code), Some(4002));
+    }
+
+    /// A hello without `codecs` gets JSON, which every peer speaks.
+    #[test]
+    fn a_hello_without_codecs_gets_json() {
+        let mut s = Server::new(ServerConfig::default()).unwrap();
+        let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+        let text = format!(
+            r#"{{"t":"hello","versions":[1],"client":"{}"}}"#,
+            ClientId([2; 16]).to_hex()
         );
-        assert!(drain(&mut s).contains(&ServerOutput::Disconnect(
-            c,
-            CloseCode::BAD_HANDSHAKE,
-            "expected hello"
-        )));
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&text));
+        assert_eq!(
+            welcome_of(&drain(&mut s)).map(|w| w.codec),
+            Some(Codec::Json)
+        );
+    }
+
+    fn open_json(s: &mut Server, id: u8) -> (ConnectionId, SessionId) {
+        let c = s.handle_connection(Instant::ZERO, None, SessionId([id; 16]));
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+        drain(s);
+        (c, s.session_of(c).unwrap())
+    }
+
+    fn messages(out: &[ServerOutput]) -> Vec<Received> {
+        out.iter()
+            .filter_map(|o| match o {
+                ServerOutput::Event(ServerEvent::Message { message, .. }) => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The acknowledgments a client would read from these outputs.
+    fn acks(out: &[ServerOutput]) -> Vec<u64> {
+        frames_of(out)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Ack { ack } => Some(ack),
+                Frame::Msg(m) => m.ack,
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn refusals(out: &[ServerOutput]) -> Vec<(u64, u64, Refusal)> {
+        frames_of(out)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Msg(Msg {
+                    seq,
+                    kind: MsgKind::RefusedMessage(id),
+                    payload,
+                    ..
+                }) => Some((seq, id, serde_json::from_slice(payload.data()).unwrap())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A numbered message the server can never accept (a bad room, an
+    /// unknown `op`, `op` without `r`, a field of the wrong type, a bad
+    /// payload, JSON nested too deep) is consumed and refused by id: the
+    /// stream carries on, and no acknowledgment covers the message before
+    /// the client has acknowledged its refusal.
+    #[test]
+    fn a_message_that_can_never_be_accepted_is_refused_by_id_and_the_stream_goes_on() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let long = "x".repeat(257);
+        let poison = [
+            format!(r#"{{"t":"msg","seq":1,"id":41,"j":1,"r":"{long}"}}"#),
+            r#"{"t":"msg","seq":1,"id":41,"j":1,"r":""}"#.to_owned(),
+            r#"{"t":"msg","seq":1,"id":41,"j":1,"op":"dance","r":"a"}"#.to_owned(),
+            r#"{"t":"msg","seq":1,"id":41,"j":1,"op":"join"}"#.to_owned(),
+            r#"{"t":"msg","seq":1,"id":41,"j":1,"r":5}"#.to_owned(),
+            r#"{"t":"msg","seq":1,"id":41,"b":"!!"}"#.to_owned(),
+            format!(r#"{{"t":"msg","seq":1,"id":41,"j":{deep}}}"#),
+            r#"{"t":"msg","seq":1,"id":41,"j":1,"op":"presence","r":"a"}"#.to_owned(),
+        ];
+        for (i, bad) in poison.iter().enumerate() {
+            let mut s = Server::new(ServerConfig::default()).unwrap();
+            let (c, _) = open_json(&mut s, 1);
+            s.handle_message(Instant::ZERO, c, Incoming::Text(bad));
+            let good = r#"{"t":"msg","seq":2,"id":42,"j":"fine"}"#;
+            s.handle_message(Instant::ZERO, c, Incoming::Text(good));
+            s.handle_timeout(Instant::from_secs(1));
+            let out = drain(&mut s);
+            let refused = refusals(&out);
+            assert_eq!(refused.len(), 1, "case {i}: {out:?}");
+            let (refusal_seq, id, refusal) = &refused[0];
+            assert_eq!(*id, 41, "case {i}");
+            assert_eq!(refusal.code.as_deref(), Some("invalid"), "case {i}");
+            let got = messages(&out);
+            assert_eq!(got.len(), 1, "case {i}: the next message is delivered");
+            assert_eq!(got[0].id, MessageId(42));
+            assert!(
+                acks(&out).iter().all(|&a| a == 0),
+                "case {i}: nothing acknowledged before the refusal is: {:?}",
+                acks(&out)
+            );
+            // The client acknowledges the refusal: both messages are
+            // acknowledged at once.
+            let ack = format!(r#"{{"t":"ack","ack":{refusal_seq}}}"#);
+            s.handle_message(Instant::from_secs(1), c, Incoming::Text(&ack));
+            assert_eq!(acks(&drain(&mut s)), vec![2], "case {i}");
+            assert_eq!(s.stats().refused, 1);
+        }
+    }
+
+    /// A poison message inside a batch: refused by id, its neighbours
+    /// delivered.
+    #[test]
+    fn a_poison_message_in_a_batch_is_refused_and_its_neighbours_delivered() {
+        let mut s = Server::new(ServerConfig::default()).unwrap();
+        let (c, _) = open_json(&mut s, 1);
+        let batch = r#"{"t":"batch","f":[{"t":"msg","seq":1,"id":1,"j":1},{"t":"msg","seq":2,"id":2,"j":1,"op":"nope","r":"a"},{"t":"msg","seq":3,"id":3,"j":1}]}"#;
+        s.handle_message(Instant::ZERO, c, Incoming::Text(batch));
+        let out = drain(&mut s);
+        let ids: Vec<u64> = messages(&out).iter().map(|m| m.id.0).collect();
+        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(
+            refusals(&out).iter().map(|r| r.1).collect::<Vec<_>>(),
+            vec![2]
+        );
+    }
+
+    /// A resume whose `delivered` is below what the client already
+    /// acknowledged cannot be served (those messages are gone): a new
+    /// session, `lost: "inconsistent"`, never a stalled stream.
+    #[test]
+    fn a_resume_below_what_the_client_acknowledged_is_inconsistent() {
+        let mut s = Server::new(ServerConfig::default()).unwrap();
+        let (c, session) = open_json(&mut s, 1);
+        for n in 0..3 {
+            s.send(
+                Instant::ZERO,
+                session,
+                Payload::json(format!("{n}").into_bytes()).unwrap(),
+            )
+            .unwrap();
+        }
+        s.handle_message(Instant::ZERO, c, Incoming::Text(r#"{"t":"ack","ack":2}"#));
+        s.handle_connection_closed(Instant::ZERO, c, None);
+        drain(&mut s);
+        let resume = |session: SessionId, delivered: u64| {
+            format!(
+                r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":{delivered}}}"#,
+                ClientId([2; 16]).to_hex(),
+                session.to_hex()
+            )
+        };
+        let c2 = s.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+        s.handle_message(Instant::ZERO, c2, Incoming::Text(&resume(session, 1)));
+        let w = welcome_of(&drain(&mut s)).unwrap();
+        assert!(!w.resumed);
+        assert_eq!(w.lost.as_deref(), Some("inconsistent"));
+        // At and above the acknowledged point, it resumes.
+        let mut s2 = Server::new(ServerConfig::default()).unwrap();
+        let (c, session) = open_json(&mut s2, 1);
+        s2.send(Instant::ZERO, session, Payload::null()).unwrap();
+        s2.handle_message(Instant::ZERO, c, Incoming::Text(r#"{"t":"ack","ack":1}"#));
+        s2.handle_connection_closed(Instant::ZERO, c, None);
+        let c2 = s2.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+        s2.handle_message(Instant::ZERO, c2, Incoming::Text(&resume(session, 1)));
+        assert!(welcome_of(&drain(&mut s2)).unwrap().resumed);
+    }
+
+    fn limited(policy: crate::ratelimit::RateLimitPolicy) -> Server {
+        Server::new(ServerConfig {
+            rate_limit: Some(crate::ratelimit::RateLimitConfig {
+                messages_per_sec: 10,
+                message_burst: 10,
+                bytes_per_sec: 1 << 20,
+                byte_burst: 1 << 20,
+                policy,
+            }),
+            ..ServerConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn flood(s: &mut Server, c: ConnectionId, n: u64) -> Vec<ServerOutput> {
+        let mut out = Vec::new();
+        for seq in 1..=n {
+            let m = format!(r#"{{"t":"msg","seq":{seq},"id":{seq},"j":{seq}}}"#);
+            s.handle_message(Instant::ZERO, c, Incoming::Text(&m));
+            out.extend(drain(s));
+        }
+        out
+    }
+
+    /// Over the limit under `Refuse`: each message is refused by id and
+    /// never acknowledged before its refusal; the application gets one
+    /// report per interval with the count, not one event per message.
+    #[test]
+    fn messages_over_a_refusing_rate_limit_are_refused_by_id_and_reported_per_interval() {
+        let mut s = limited(crate::ratelimit::RateLimitPolicy::Refuse);
+        let (c, _) = open_json(&mut s, 1);
+        let mut out = flood(&mut s, c, 1000);
+        assert_eq!(messages(&out).len(), 10);
+        let refused: Vec<u64> = refusals(&out).iter().map(|r| r.1).collect();
+        assert_eq!(refused, (11..=1000).collect::<Vec<_>>());
+        assert!(refusals(&out)
+            .iter()
+            .all(|r| r.2.code.as_deref() == Some("rate_limited")));
+        // Acknowledgments never pass a refusal the client has not seen.
+        assert!(acks(&out).iter().all(|&a| a <= 10), "{:?}", acks(&out));
+        s.handle_timeout(Instant::from_secs(2));
+        out.extend(drain(&mut s));
+        let reports: Vec<&ServerEvent> = out
+            .iter()
+            .filter_map(|o| match o {
+                ServerOutput::Event(e @ ServerEvent::RateLimited { .. }) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(matches!(
+            reports[0],
+            ServerEvent::RateLimited {
+                refused: 990,
+                delayed: 0,
+                ..
+            }
+        ));
+    }
+
+    /// Over the limit under `Throttle` (the default policy): every message
+    /// is delivered, and reading pauses as long as the limits need.
+    #[test]
+    fn messages_over_a_throttling_rate_limit_are_all_delivered_and_reading_pauses() {
+        let mut s = limited(crate::ratelimit::RateLimitPolicy::Throttle);
+        let (c, _) = open_json(&mut s, 1);
+        assert_eq!(s.read_paused_until(c), None);
+        let out = flood(&mut s, c, 30);
+        assert_eq!(messages(&out).len(), 30);
+        assert!(refusals(&out).is_empty());
+        // 20 messages over a 10/s limit: two seconds of reading paused.
+        assert_eq!(s.read_paused_until(c), Some(Instant::from_secs(2)));
+        s.handle_timeout(Instant::from_secs(2));
+        assert_eq!(s.read_paused_until(c), None);
+    }
+
+    #[test]
+    fn flood_protection_is_on_by_default() {
+        let config = ServerConfig::default();
+        let limit = config.rate_limit.expect("a default rate limit");
+        assert_eq!(limit.policy, crate::ratelimit::RateLimitPolicy::Throttle);
+        assert!(
+            limit.messages_per_sec >= 500,
+            "an interactive client never meets it"
+        );
     }
 
     #[test]
     fn garbage_closes_with_1007_after_the_threshold() {
         let mut s = Server::new(ServerConfig::default()).unwrap();
         let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+        drain(&mut s);
         for _ in 0..3 {
             s.handle_message(Instant::ZERO, c, Incoming::Binary(&[0xff; 3]));
         }

@@ -39,6 +39,58 @@ pub const MAX_TOKEN_LEN: usize = 256;
 /// Deepest nesting accepted in a MessagePack value, so hostile input cannot
 /// exhaust the stack.
 pub const MAX_MSGPACK_DEPTH: usize = 64;
+/// Deepest nesting of arrays and objects in a JSON payload, as for
+/// MessagePack: deeper values are refused on receipt and by
+/// [`Payload::json`], so no peer's parser is asked to recurse further.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Whether the JSON text `json` nests arrays and objects at most
+/// [`MAX_JSON_DEPTH`] deep. Only the structure is scanned (brackets outside
+/// strings); validity is serde_json's to check. Values too short to reach
+/// the limit are not scanned.
+fn json_depth_ok(json: &[u8]) -> bool {
+    if json.len() <= 2 * MAX_JSON_DEPTH {
+        return true;
+    }
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
+/// [`json_depth_ok`] as a decode check on the field `field`.
+fn check_json_depth(json: &[u8], field: &'static str) -> Result<(), DecodeError> {
+    if json_depth_ok(json) {
+        Ok(())
+    } else {
+        Err(DecodeError::InvalidField {
+            field,
+            reason: "JSON nested deeper than 64 levels",
+        })
+    }
+}
 /// Longest credential accepted in an `auth` frame.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Most messages in one batch frame.
@@ -164,12 +216,18 @@ pub enum PayloadError {
     /// The bytes are not exactly one valid MessagePack value.
     #[error("payload is not valid MessagePack: {0}")]
     InvalidMsgPack(String),
+    /// JSON arrays and objects nested deeper than [`MAX_JSON_DEPTH`].
+    #[error("JSON payload nested deeper than {MAX_JSON_DEPTH} levels")]
+    TooDeep,
 }
 
 impl Payload {
     /// A JSON payload. Fails unless `data` is exactly one JSON value.
     pub fn json(data: impl Into<Bytes>) -> Result<Payload, PayloadError> {
         let data = data.into();
+        if !json_depth_ok(&data) {
+            return Err(PayloadError::TooDeep);
+        }
         let raw = serde_json::from_slice::<&RawValue>(&data)
             .map_err(|e| PayloadError::InvalidJson(e.to_string()))?;
         // Keep only the value's own text: surrounding whitespace would not
@@ -407,6 +465,22 @@ pub struct Msg {
     pub payload: Payload,
 }
 
+impl Msg {
+    /// A message the decoder could number but not read (see
+    /// [`MsgKind::Invalid`]).
+    fn invalid(seq: u64, id: u64, ack: Option<u64>, what: InvalidMsg) -> Msg {
+        Msg {
+            seq,
+            id,
+            ack,
+            ts: None,
+            kind: MsgKind::Invalid(what),
+            room: None,
+            payload: Payload::null(),
+        }
+    }
+}
+
 /// What a [`Msg`] is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "fuzzing", derive(arbitrary::Arbitrary))]
@@ -429,7 +503,68 @@ pub enum MsgKind {
     Presence,
     /// Server to client: a join or publish in `room` was refused; the payload
     /// is JSON `{"op":"join"|"publish","reason":string}` (`"op":"refused"`).
+    /// A refusal that names the refused message is
+    /// [`RefusedMessage`](Self::RefusedMessage).
     Refused,
+    /// Server to client: the client's message with this `id` was consumed
+    /// (its sequence number is used) but refused, never handed to the
+    /// application (`"op":"refused","rs":id`; `r` names the room when the
+    /// message was a room operation or a publish). The payload is JSON
+    /// `{"op":"join"|"leave"|"publish"|"message","reason":string}` and may
+    /// carry `"code"` (PROTOCOL.md, section 3.3).
+    RefusedMessage(u64),
+    /// A `msg` whose `seq` and `id` could be read but whose other fields
+    /// could not (an unknown `op`, a bad room name, a bad payload, ...).
+    /// Only ever produced by the decoder, never sent: the receiver consumes
+    /// the sequence number and reports the message by id instead of
+    /// dropping it, so one bad message cannot stall the stream.
+    #[cfg_attr(feature = "fuzzing", arbitrary(skip))]
+    Invalid(InvalidMsg),
+}
+
+/// What was wrong with a [`MsgKind::Invalid`] message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InvalidMsg {
+    /// The field at fault (`"msg"` when the envelope as a whole was
+    /// malformed).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl InvalidMsg {
+    /// What a decode error says, in the form a message can carry.
+    fn of(error: &DecodeError) -> InvalidMsg {
+        match *error {
+            DecodeError::InvalidField { field, reason } => InvalidMsg { field, reason },
+            DecodeError::MissingField { field, .. } => InvalidMsg {
+                field,
+                reason: "missing",
+            },
+            DecodeError::DetachedMismatch { .. } => InvalidMsg {
+                field: "payload",
+                reason: "the detached payload did not follow its envelope",
+            },
+            _ => InvalidMsg {
+                field: "msg",
+                reason: "malformed message",
+            },
+        }
+    }
+
+    /// The decode error this stands for.
+    pub fn error(self) -> DecodeError {
+        DecodeError::InvalidField {
+            field: self.field,
+            reason: self.reason,
+        }
+    }
+}
+
+impl fmt::Display for InvalidMsg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "field `{}`: {}", self.field, self.reason)
+    }
 }
 
 impl MsgKind {
@@ -438,14 +573,25 @@ impl MsgKind {
             MsgKind::Join => Some("join"),
             MsgKind::Leave => Some("leave"),
             MsgKind::Presence => Some("presence"),
-            MsgKind::Refused => Some("refused"),
+            MsgKind::Refused | MsgKind::RefusedMessage(_) => Some("refused"),
+            _ => None,
+        }
+    }
+
+    /// The `rs` field this kind puts on the wire.
+    fn rs(self) -> Option<u64> {
+        match self {
+            MsgKind::Response(to) | MsgKind::RefusedMessage(to) => Some(to),
             _ => None,
         }
     }
 
     /// Whether the kind needs a room.
     pub fn needs_room(self) -> bool {
-        self.op().is_some()
+        matches!(
+            self,
+            MsgKind::Join | MsgKind::Leave | MsgKind::Presence | MsgKind::Refused
+        )
     }
 }
 
@@ -864,6 +1010,58 @@ struct HandshakeEnvelope<'a> {
     message: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retry: Option<u64>,
+}
+
+/// The numbers of a `msg` (or of a batch's) whose envelope did not decode:
+/// read again with every other field ignored, so that a message with a
+/// malformed field still has its sequence number consumed (as a
+/// [`MsgKind::Invalid`] message) instead of stalling the stream.
+#[derive(Deserialize)]
+struct MsgProbe<'a> {
+    #[serde(borrow)]
+    t: Cow<'a, str>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    ack: Option<u64>,
+    #[serde(default, borrow, deserialize_with = "bounded_batch")]
+    f: Option<Vec<MsgProbe<'a>>>,
+}
+
+impl MsgProbe<'_> {
+    fn numbered(&self, what: InvalidMsg) -> Option<Msg> {
+        match (self.seq, self.id) {
+            (Some(seq), Some(id)) if seq > 0 && self.t == "msg" => {
+                Some(Msg::invalid(seq, id, self.ack, what))
+            }
+            _ => None,
+        }
+    }
+
+    /// The frame standing for this envelope: every message in it numbered
+    /// and invalid. `None` if a number is missing.
+    fn into_invalid(self) -> Option<Frame> {
+        if self.t == "msg" {
+            return self
+                .numbered(InvalidMsg {
+                    field: "msg",
+                    reason: "a field has the wrong type",
+                })
+                .map(Frame::Msg);
+        }
+        let inner = self.f.filter(|f| self.t == "batch" && !f.is_empty())?;
+        let what = InvalidMsg {
+            field: "f",
+            reason: "in a batch that did not decode",
+        };
+        inner
+            .iter()
+            .map(|m| m.numbered(what))
+            .collect::<Option<Vec<_>>>()
+            .map(Frame::Batch)
+    }
 }
 
 /// Probe used to route a text message: only the type is read first.
@@ -1399,12 +1597,9 @@ macro_rules! fill_msg {
         $env.id = Some($m.id);
         $env.ack = $m.ack;
         $env.ts = $m.ts;
-        match $m.kind {
-            MsgKind::Plain => {}
-            MsgKind::Request => $env.rq = Some(true),
-            MsgKind::Response(to) => $env.rs = Some(to),
-            other => $env.op = other.op().map(Cow::Borrowed),
-        }
+        $env.rq = ($m.kind == MsgKind::Request).then_some(true);
+        $env.rs = $m.kind.rs();
+        $env.op = $m.kind.op().map(Cow::Borrowed);
         $env.r = $m.room.as_deref().map(Cow::Borrowed);
     }};
 }
@@ -1464,6 +1659,9 @@ fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
 /// Writes a `msg` envelope with the same field order serde would use;
 /// `detached`: with the payload's length in its place (`dj`, `dm`, `db`).
 fn write_json_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), EncodeError> {
+    if let MsgKind::Invalid(_) = m.kind {
+        return Err(EncodeError::Unrepresentable);
+    }
     use std::io::Write as _;
     let io = |e: std::io::Error| EncodeError::Serializer(e.to_string());
     write!(out, r#"{{"t":"msg","seq":{},"id":{}"#, m.seq, m.id).map_err(io)?;
@@ -1498,15 +1696,14 @@ fn write_json_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), Enco
         out.extend_from_slice(br#","r":"#);
         serde_json::to_writer(&mut *out, &**room).map_err(serializer_error)?;
     }
-    match m.kind {
-        MsgKind::Plain => {}
-        MsgKind::Request => out.extend_from_slice(br#","rq":true"#),
-        MsgKind::Response(to) => write!(out, r#","rs":{to}"#).map_err(io)?,
-        other => {
-            if let Some(op) = other.op() {
-                write!(out, r#","op":"{op}""#).map_err(io)?;
-            }
-        }
+    if m.kind == MsgKind::Request {
+        out.extend_from_slice(br#","rq":true"#);
+    }
+    if let Some(to) = m.kind.rs() {
+        write!(out, r#","rs":{to}"#).map_err(io)?;
+    }
+    if let Some(op) = m.kind.op() {
+        write!(out, r#","op":"{op}""#).map_err(io)?;
     }
     out.push(b'}');
     Ok(())
@@ -1577,12 +1774,13 @@ fn serializer_error<E: fmt::Display>(e: E) -> EncodeError {
 /// shortest form. `detached`: with the payload's length in its place
 /// (`dj`, `dm`, `db`).
 fn write_pack_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), EncodeError> {
+    if let MsgKind::Invalid(_) = m.kind {
+        return Err(EncodeError::Unrepresentable);
+    }
     use rmp::encode::{write_bin, write_bool, write_map_len, write_str, write_uint};
-    let extra = match m.kind {
-        MsgKind::Plain => 0,
-        MsgKind::Request | MsgKind::Response(_) => 1,
-        other => u32::from(other.op().is_some()),
-    };
+    let extra = u32::from(m.kind == MsgKind::Request)
+        + u32::from(m.kind.rs().is_some())
+        + u32::from(m.kind.op().is_some());
     let len = 4
         + u32::from(m.ack.is_some())
         + u32::from(m.ts.is_some())
@@ -1628,22 +1826,17 @@ fn write_pack_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), Enco
         write_str(out, "r").map_err(serializer_error)?;
         write_str(out, room).map_err(serializer_error)?;
     }
-    match m.kind {
-        MsgKind::Plain => {}
-        MsgKind::Request => {
-            write_str(out, "rq").map_err(serializer_error)?;
-            write_bool(out, true).map_err(serializer_error)?;
-        }
-        MsgKind::Response(to) => {
-            write_str(out, "rs").map_err(serializer_error)?;
-            write_uint(out, to).map_err(serializer_error)?;
-        }
-        other => {
-            if let Some(op) = other.op() {
-                write_str(out, "op").map_err(serializer_error)?;
-                write_str(out, op).map_err(serializer_error)?;
-            }
-        }
+    if m.kind == MsgKind::Request {
+        write_str(out, "rq").map_err(serializer_error)?;
+        write_bool(out, true).map_err(serializer_error)?;
+    }
+    if let Some(to) = m.kind.rs() {
+        write_str(out, "rs").map_err(serializer_error)?;
+        write_uint(out, to).map_err(serializer_error)?;
+    }
+    if let Some(op) = m.kind.op() {
+        write_str(out, "op").map_err(serializer_error)?;
+        write_str(out, op).map_err(serializer_error)?;
     }
     Ok(())
 }
@@ -1765,6 +1958,28 @@ struct Detached {
 }
 
 impl Decoded {
+    /// `frame`, or the detached message it is if its envelope announced a
+    /// detached payload; a numbered `msg` whose announcement is malformed
+    /// is consumed as an invalid message.
+    fn announced(
+        frame: Frame,
+        dj: Option<u64>,
+        dm: Option<u64>,
+        db: Option<u64>,
+    ) -> Result<Self, DecodeError> {
+        match (detached_of(dj, dm, db), frame) {
+            (Ok(detached), frame) => Ok(Decoded::of(frame, detached)),
+            (Err(e @ DecodeError::TooLarge { .. }), _) => Err(e),
+            (Err(e), Frame::Msg(m)) => Ok(Decoded::Frame(Frame::Msg(Msg::invalid(
+                m.seq,
+                m.id,
+                m.ack,
+                InvalidMsg::of(&e),
+            )))),
+            (Err(e), _) => Err(e),
+        }
+    }
+
     /// `frame`, or the detached message it is if the envelope announced a
     /// detached payload of `detached` bytes.
     fn of(frame: Frame, detached: Option<(PayloadKind, u64)>) -> Self {
@@ -1841,13 +2056,23 @@ impl Detached {
                 })
             }
         };
-        if m.payload.kind == PayloadKind::Json
-            && serde_json::from_slice::<&RawValue>(&data).is_err()
-        {
-            return Err(DecodeError::InvalidField {
-                field: "dj",
-                reason: "not a JSON value",
+        if m.payload.kind == PayloadKind::Json {
+            let checked = check_json_depth(&data, "dj").and_then(|()| {
+                serde_json::from_slice::<&RawValue>(&data)
+                    .map(|_| ())
+                    .map_err(|_| DecodeError::InvalidField {
+                        field: "dj",
+                        reason: "not a JSON value",
+                    })
             });
+            if let Err(e) = checked {
+                return Ok(Frame::Msg(Msg::invalid(
+                    m.seq,
+                    m.id,
+                    m.ack,
+                    InvalidMsg::of(&e),
+                )));
+            }
         }
         m.payload.data = data;
         Ok(Frame::Msg(m))
@@ -1924,9 +2149,18 @@ fn decode_text(text: &str) -> Result<Decoded, DecodeError> {
         let env: HandshakeEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
         return handshake_frame(env).map(Decoded::Frame);
     }
-    let env: JsonEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+    let env: JsonEnvelope<'_> = match serde_json::from_str(text) {
+        Ok(env) => env,
+        Err(e) => {
+            return serde_json::from_str::<MsgProbe<'_>>(text)
+                .ok()
+                .and_then(MsgProbe::into_invalid)
+                .map(Decoded::Frame)
+                .ok_or_else(|| json_error(&e))
+        }
+    };
     let frame = json_frame(&env, false)?;
-    Ok(Decoded::of(frame, detached_of(env.dj, env.dm, env.db)?))
+    Decoded::announced(frame, env.dj, env.dm, env.db)
 }
 
 fn json_payload(env: &JsonEnvelope<'_>, nested: bool) -> Result<Payload, DecodeError> {
@@ -1941,6 +2175,7 @@ fn json_payload(env: &JsonEnvelope<'_>, nested: bool) -> Result<Payload, DecodeE
                 reason: "a message carries exactly one payload",
             });
         }
+        check_json_depth(raw.get().as_bytes(), "j")?;
         return Ok(Payload {
             kind: PayloadKind::Json,
             data: Bytes::copy_from_slice(raw.get().as_bytes()),
@@ -2083,10 +2318,21 @@ fn decode_binary(
     }
     let mut env = PackEnvelope::default();
     if quick_pack_envelope(body, &mut env).is_none() {
-        env = serde_pack_envelope(body)?;
+        env = match serde_pack_envelope(body) {
+            Ok(env) => env,
+            Err(e) => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(body);
+                de.set_max_depth(MAX_MSGPACK_DEPTH);
+                return MsgProbe::deserialize(&mut de)
+                    .ok()
+                    .and_then(MsgProbe::into_invalid)
+                    .map(Decoded::Frame)
+                    .ok_or(e);
+            }
+        };
     }
     let frame = pack_frame(&env, false, backing)?;
-    Ok(Decoded::of(frame, detached_of(env.dj, env.dm, env.db)?))
+    Decoded::announced(frame, env.dj, env.dm, env.db)
 }
 
 /// Panics if the quick reader accepts the envelope of `msg`, a binary
@@ -2215,6 +2461,7 @@ fn pack_payload(
     }
     match (&env.j, env.m, env.b) {
         (Some(j), None, None) => {
+            check_json_depth(j.as_bytes(), "j")?;
             serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
                 field: "j",
                 reason: "not a JSON value",
@@ -2282,53 +2529,23 @@ fn common_frame(
                     reason: "sequence numbers start at 1",
                 });
             }
-            let kind = match (extra.rq, extra.rs, extra.op) {
-                (None | Some(false), None, None) => MsgKind::Plain,
-                (Some(true), None, None) => MsgKind::Request,
-                (None | Some(false), Some(to), None) => MsgKind::Response(to),
-                (None | Some(false), None, Some(op)) => match op {
-                    "join" => MsgKind::Join,
-                    "leave" => MsgKind::Leave,
-                    "presence" => MsgKind::Presence,
-                    "refused" => MsgKind::Refused,
-                    _ => {
-                        return Err(DecodeError::InvalidField {
-                            field: "op",
-                            reason: "unknown room operation",
-                        })
-                    }
-                },
-                _ => {
-                    return Err(DecodeError::InvalidField {
-                        field: "rs",
-                        reason: "a message has at most one of rq, rs and op",
-                    })
-                }
-            };
-            let room = match extra.room {
-                Some(r) if r.is_empty() || r.len() > MAX_TOKEN_LEN => {
-                    return Err(DecodeError::InvalidField {
-                        field: "r",
-                        reason: "room names are 1 to 256 bytes",
-                    })
-                }
-                r => r.map(std::sync::Arc::from),
-            };
-            if kind.needs_room() && room.is_none() {
-                return Err(DecodeError::MissingField {
-                    frame: "msg",
-                    field: "r",
-                });
+            let id = need(id, "msg", "id")?;
+            match msg_body(&extra, payload) {
+                Ok((kind, room, payload)) => Frame::Msg(Msg {
+                    seq,
+                    id,
+                    ack,
+                    ts,
+                    kind,
+                    room,
+                    payload,
+                }),
+                // A size over the limit closes the connection (1009).
+                Err(e @ DecodeError::TooLarge { .. }) => return Err(e),
+                // Numbered but unusable: the receiver consumes its number and
+                // refuses it by id (PROTOCOL.md, section 9).
+                Err(e) => Frame::Msg(Msg::invalid(seq, id, ack, InvalidMsg::of(&e))),
             }
-            Frame::Msg(Msg {
-                seq,
-                id: need(id, "msg", "id")?,
-                ack,
-                ts,
-                kind,
-                room,
-                payload: payload()?,
-            })
         }
         "ack" => Frame::Ack {
             ack: need(ack, "ack", "ack")?,
@@ -2384,6 +2601,54 @@ fn common_frame(
     })
 }
 
+/// What a `msg` carries besides its numbers: its kind, room and payload,
+/// checked.
+fn msg_body(
+    extra: &Extra<'_>,
+    payload: impl FnOnce() -> Result<Payload, DecodeError>,
+) -> Result<(MsgKind, Option<std::sync::Arc<str>>, Payload), DecodeError> {
+    let kind = match (extra.rq, extra.rs, extra.op) {
+        (None | Some(false), None, None) => MsgKind::Plain,
+        (Some(true), None, None) => MsgKind::Request,
+        (None | Some(false), Some(to), None) => MsgKind::Response(to),
+        (None | Some(false), Some(to), Some("refused")) => MsgKind::RefusedMessage(to),
+        (None | Some(false), None, Some(op)) => match op {
+            "join" => MsgKind::Join,
+            "leave" => MsgKind::Leave,
+            "presence" => MsgKind::Presence,
+            "refused" => MsgKind::Refused,
+            _ => {
+                return Err(DecodeError::InvalidField {
+                    field: "op",
+                    reason: "unknown room operation",
+                })
+            }
+        },
+        _ => {
+            return Err(DecodeError::InvalidField {
+                field: "rs",
+                reason: "a message has at most one of rq, rs and op",
+            })
+        }
+    };
+    let room = match extra.room {
+        Some(r) if r.is_empty() || r.len() > MAX_TOKEN_LEN => {
+            return Err(DecodeError::InvalidField {
+                field: "r",
+                reason: "room names are 1 to 256 bytes",
+            })
+        }
+        r => r.map(std::sync::Arc::from),
+    };
+    if kind.needs_room() && room.is_none() {
+        return Err(DecodeError::MissingField {
+            frame: "msg",
+            field: "r",
+        });
+    }
+    Ok((kind, room, payload()?))
+}
+
 fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, DecodeError> {
     let versions = |v: Option<Vec<u8>>, frame: &'static str| -> Result<Vec<u8>, DecodeError> {
         let v = need(v, frame, "versions")?;
@@ -2424,7 +2689,11 @@ fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, DecodeError> {
                     })
                 }
             };
-            let codecs = token_list(env.codecs, "codecs")?;
+            // Every peer speaks JSON: a hello that names no codecs gets it.
+            let codecs = match env.codecs {
+                None => vec![Codec::Json.name().to_owned()],
+                some => token_list(some, "codecs")?,
+            };
             Frame::Hello(Hello {
                 versions: versions(env.versions, "hello")?,
                 client,
@@ -2816,23 +3085,36 @@ mod tests {
         bad.payload.data = Bytes::from_static(b"[1,");
         let [head, body] = encode_detached(&bad, Codec::MsgPack, 1).unwrap();
         assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
+        // Numbered, so consumed as an invalid message rather than dropped.
         assert!(matches!(
             decoder.decode(body.as_incoming(), &LIMITS),
-            Err(DecodeError::InvalidField { field: "dj", .. })
+            Ok(Some(Frame::Msg(Msg {
+                kind: MsgKind::Invalid(InvalidMsg { field: "dj", .. }),
+                ..
+            })))
         ));
-        // One payload per message, and none detached inside a batch.
+        // One payload per message, and none detached inside a batch: the
+        // message is numbered, so it is consumed as an invalid message (its
+        // announced payload first, when one is announced).
+        let invalid = |frame: Option<Frame>| match frame {
+            Some(Frame::Msg(m)) => matches!(m.kind, MsgKind::Invalid(_)),
+            Some(Frame::Batch(b)) => b.iter().all(|m| matches!(m.kind, MsgKind::Invalid(_))),
+            _ => false,
+        };
+        let mut decoder = Decoder::new();
+        let text = r#"{"t":"msg","seq":1,"id":1,"j":1,"dj":1}"#;
+        assert_eq!(decoder.decode(Incoming::Text(text), &LIMITS), Ok(None));
+        assert!(invalid(
+            decoder.decode(Incoming::Binary(b"1"), &LIMITS).unwrap()
+        ));
         for text in [
-            r#"{"t":"msg","seq":1,"id":1,"j":1,"dj":1}"#,
             r#"{"t":"msg","seq":1,"id":1,"db":1,"dm":1}"#,
             r#"{"t":"batch","f":[{"t":"msg","seq":1,"id":1,"db":1}]}"#,
         ] {
-            let err = Decoder::new()
+            let frame = Decoder::new()
                 .decode(Incoming::Text(text), &LIMITS)
-                .unwrap_err();
-            assert!(
-                matches!(err, DecodeError::InvalidField { .. }),
-                "{text}: {err:?}"
-            );
+                .unwrap();
+            assert!(invalid(frame.clone()), "{text}: {frame:?}");
         }
         // Other frame types ignore the fields, as any field they do not use.
         assert_eq!(
@@ -3421,13 +3703,6 @@ mod tests {
                 },
             ),
             (
-                r#"{"t":"msg","seq":1,"id":1,"b":"!!"}"#,
-                DecodeError::InvalidField {
-                    field: "b",
-                    reason: "not valid base64",
-                },
-            ),
-            (
                 r#"{"t":"hello","versions":[1],"client":"zz"}"#,
                 DecodeError::InvalidField {
                     field: "client",
@@ -3446,6 +3721,131 @@ mod tests {
             decode(Incoming::Text("{not json"), &LIMITS),
             Err(DecodeError::Json { line: 1, .. })
         ));
+    }
+
+    /// A `msg` whose `seq` and `id` can be read decodes, whatever else is
+    /// wrong with it, as an invalid message carrying those numbers and the
+    /// reason, in both codecs; one whose numbers cannot be read stays a
+    /// decode error.
+    #[test]
+    fn numbered_messages_with_bad_fields_decode_as_invalid_messages() {
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        let cases = [
+            (
+                r#"{"t":"msg","seq":3,"id":9,"j":1,"op":"x","r":"a"}"#.to_owned(),
+                "op",
+            ),
+            (
+                r#"{"t":"msg","seq":3,"id":9,"j":1,"op":"join"}"#.to_owned(),
+                "r",
+            ),
+            (r#"{"t":"msg","seq":3,"id":9,"j":1,"r":""}"#.to_owned(), "r"),
+            (
+                r#"{"t":"msg","seq":3,"id":9,"j":1,"r":[1]}"#.to_owned(),
+                "msg",
+            ),
+            (
+                r#"{"t":"msg","seq":3,"id":9,"j":1,"rq":true,"rs":1}"#.to_owned(),
+                "rs",
+            ),
+            (r#"{"t":"msg","seq":3,"id":9}"#.to_owned(), "j"),
+            (format!(r#"{{"t":"msg","seq":3,"id":9,"j":{deep}}}"#), "j"),
+        ];
+        for (text, field) in &cases {
+            let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
+            if let Some(j) = value.get_mut("j") {
+                // MessagePack carries JSON payloads as text.
+                if j.is_array() {
+                    *j = serde_json::Value::String(j.to_string());
+                }
+            }
+            let body = rmp_serde::to_vec_named(&value).unwrap();
+            let mut bin = vec![KIND_MSGPACK, 1];
+            bin.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            bin.extend_from_slice(&body);
+            for (json, msg) in [
+                (true, Incoming::Text(text)),
+                (false, Incoming::Binary(&bin)),
+            ] {
+                match decode(msg, &LIMITS) {
+                    Ok(Frame::Msg(Msg {
+                        seq: 3,
+                        id: 9,
+                        kind: MsgKind::Invalid(what),
+                        ..
+                    })) => {
+                        // In MessagePack `j` must be a string: these
+                        // envelopes fail as a whole there.
+                        if json {
+                            assert_eq!(what.field, *field, "{text}");
+                        }
+                    }
+                    other => panic!("{text}: {other:?}"),
+                }
+            }
+        }
+        let base64 = r#"{"t":"msg","seq":3,"id":9,"b":"!!"}"#;
+        assert!(matches!(
+            decode(Incoming::Text(base64), &LIMITS),
+            Ok(Frame::Msg(Msg {
+                kind: MsgKind::Invalid(InvalidMsg { field: "b", .. }),
+                ..
+            }))
+        ));
+        for text in [
+            r#"{"t":"msg","id":9,"j":1,"r":""}"#,
+            r#"{"t":"msg","seq":"3","id":9,"j":1}"#,
+            r#"{"t":"msg","seq":0,"id":9,"j":1}"#,
+        ] {
+            assert!(decode(Incoming::Text(text), &LIMITS).is_err(), "{text}");
+        }
+        // Invalid messages are never encoded.
+        let invalid = Msg::invalid(
+            1,
+            1,
+            None,
+            InvalidMsg {
+                field: "r",
+                reason: "x",
+            },
+        );
+        assert_eq!(
+            encode(&Frame::Msg(invalid), Codec::Json, 1),
+            Err(EncodeError::Unrepresentable)
+        );
+        // A refusal by id round-trips in both codecs.
+        let refusal = Frame::Msg(Msg {
+            seq: 1,
+            id: 2,
+            ack: Some(0),
+            ts: None,
+            kind: MsgKind::RefusedMessage(77),
+            room: None,
+            payload: Payload::null(),
+        });
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let t = encode(&refusal, codec, 1).unwrap();
+            assert_eq!(decode(t.as_incoming(), &LIMITS).unwrap(), refusal);
+        }
+    }
+
+    #[test]
+    fn json_payloads_nest_at_most_64_deep() {
+        let at = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+        assert!(Payload::json(at(64).into_bytes()).is_ok());
+        assert_eq!(
+            Payload::json(at(65).into_bytes()),
+            Err(PayloadError::TooDeep)
+        );
+        // Brackets inside strings do not count.
+        let quoted = format!(r#"["{}"]"#, "[".repeat(500));
+        assert!(Payload::json(quoted.into_bytes()).is_ok());
+        let escaped = format!(r#"["\"{}"]"#, "[".repeat(500));
+        assert!(Payload::json(escaped.into_bytes()).is_ok());
+        assert_eq!(
+            Payload::json(at(200_000).into_bytes()),
+            Err(PayloadError::TooDeep)
+        );
     }
 
     #[test]

@@ -56,7 +56,7 @@ use kitestring_core::client::{
 };
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::ClientConfig;
-use kitestring_core::reliable::MessageId;
+use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::wire::{self, ClientId, Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
@@ -266,6 +266,10 @@ struct Inner {
     /// The driver stopped reading because `events` was full; the stream
     /// wakes it when there is room again.
     reader_paused: bool,
+    /// Callers of [`ClientHandle::ready`] waiting for room in the send
+    /// window: woken by every acknowledgment and state change. One entry
+    /// per waiting task.
+    room_waiters: Vec<Waker>,
 }
 
 impl Inner {
@@ -466,6 +470,58 @@ impl ClientHandle {
         timestamp_ms: u64,
     ) -> Result<MessageId, ClientError> {
         Ok(self.with(|s, now| s.client.send_with_timestamp(now, payload, timestamp_ms))??)
+    }
+
+    /// Waits until a message sent now would go into the send window at
+    /// once ([`Client::has_room`](kitestring_core::client::Client::has_room)),
+    /// or the client has stopped. With this before each send, a sender
+    /// faster than its link is paced by acknowledgments instead of filling
+    /// the window and the queue (and meeting `QueueFull`).
+    pub async fn ready(&self) -> Result<(), ClientError> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if inner.stopped {
+                return Poll::Ready(Err(ClientError::Stopped));
+            }
+            let terminal = matches!(
+                inner.client.state(),
+                State::Closed { .. } | State::Failed { .. } | State::Closing
+            );
+            if terminal || inner.client.has_room() {
+                return Poll::Ready(Ok(()));
+            }
+            if !inner.room_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                inner.room_waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Sends a typed value once the send window has room
+    /// ([`ready`](Self::ready)): the waiting counterpart of
+    /// [`send`](Self::send), which returns `QueueFull` instead of waiting.
+    pub async fn send_when_ready<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+    ) -> Result<MessageId, ClientError> {
+        let payload = util::encode(value, self.codec())?;
+        self.send_payload_when_ready(payload).await
+    }
+
+    /// [`send_when_ready`](Self::send_when_ready) for a ready payload.
+    pub async fn send_payload_when_ready(
+        &self,
+        payload: Payload,
+    ) -> Result<MessageId, ClientError> {
+        loop {
+            self.ready().await?;
+            match self.with(|s, now| s.client.send(now, payload.clone()))? {
+                // Another task took the room first.
+                Err(SendError::QueueFull { .. }) => continue,
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// Sends a typed value and waits until the server acknowledges it.
@@ -760,6 +816,7 @@ pub fn connect(
             events_dropped: false,
             events_ended: false,
             reader_paused: false,
+            room_waiters: Vec::new(),
         }),
         driver: AtomicWaker::new(),
         handles: AtomicUsize::new(1),
@@ -1269,6 +1326,14 @@ impl Io {
     /// What the driver itself does about an event: logs, the codec, the
     /// waiters it resolves, a token fetch.
     fn event(&mut self, shared: &Shared, inner: &mut Inner, event: &Event) {
+        if matches!(
+            event,
+            Event::Acked { .. } | Event::StateChanged { .. } | Event::SessionLost { .. }
+        ) {
+            for waker in inner.room_waiters.drain(..) {
+                waker.wake();
+            }
+        }
         match event {
             Event::Connected {
                 codec,
@@ -1344,8 +1409,20 @@ impl Io {
             Event::LateResponse { request } => {
                 debug!(request = request.0, "late response dropped");
             }
-            Event::Refused { room, refusal } => {
-                warn!(%room, op = %refusal.op, reason = %refusal.reason, "refused by the server");
+            Event::Refused { id, room, refusal } => {
+                warn!(
+                    id = id.map(|i| i.0),
+                    room = room.as_deref(),
+                    op = %refusal.op,
+                    reason = %refusal.reason,
+                    "refused by the server"
+                );
+                if let Some(w) = id.and_then(|id| inner.waiters.remove(&id).map(|w| (id, w))) {
+                    let _ = w.1.send(Err(ClientError::Refused {
+                        id: w.0,
+                        refusal: refusal.clone(),
+                    }));
+                }
             }
             Event::LatestFailed { key, error } => {
                 debug!(%key, %error, "latest value not sent");

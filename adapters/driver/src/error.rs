@@ -70,6 +70,16 @@ pub enum ClientError {
         /// Why.
         error: SendError,
     },
+    /// The server consumed the message but refused it (malformed, over a
+    /// rate limit, or refused by its room policy): it will never reach the
+    /// server's application.
+    #[error("message {id:?} refused by the server ({}): {}", refusal.op, refusal.reason)]
+    Refused {
+        /// The message.
+        id: MessageId,
+        /// What was refused and why.
+        refusal: kitestring_core::rooms::Refusal,
+    },
     /// The client closed or failed before the acknowledgment came.
     #[error("the client stopped before message {0:?} was acknowledged")]
     NotAcknowledged(MessageId),

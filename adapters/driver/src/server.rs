@@ -1352,11 +1352,22 @@ fn log_event(event: &ServerEvent) {
             debug!(connection = connection.0, %code, "connection closed without a session");
         }
         ServerEvent::RateLimited {
+            connection,
             session,
-            message,
+            delayed,
+            refused,
+            datagrams_dropped,
             limit,
         } => {
-            warn!(session = %session.to_hex(), message = message.0, ?limit, "rate limited");
+            warn!(
+                connection = connection.0,
+                session = %session.to_hex(),
+                delayed,
+                refused,
+                datagrams_dropped,
+                ?limit,
+                "rate limited"
+            );
         }
         ServerEvent::Refused {
             session,
@@ -1526,6 +1537,10 @@ struct ConnIo {
     /// Read only when the socket signalled: this task also wakes for every
     /// outgoing frame, and a read attempt is not free.
     readable: ReadyFlag,
+    /// While the rate limit pushes back ([`Server::read_paused_until`]):
+    /// nothing is read before this timer fires, so a flooding client is
+    /// slowed by its own TCP window instead of having messages dropped.
+    throttle: Option<Pin<Box<dyn crate::runtime::AsyncTimer>>>,
 }
 
 impl ConnIo {
@@ -1590,6 +1605,15 @@ impl ConnIo {
             let may_read = may_read
                 && (shared.event_backlog.load(Ordering::Relaxed) < shared.event_room
                     || self.pause_unless_room(shared));
+            let may_read = may_read
+                && match self.throttle.as_mut().map(|t| t.as_mut().poll(cx)) {
+                    Some(Poll::Pending) => false,
+                    Some(Poll::Ready(())) => {
+                        self.throttle = None;
+                        true
+                    }
+                    None => true,
+                };
             // Writes: hand frames over only while the socket accepts them,
             // so a stalled peer leaves them queued (and bounded).
             while !self.out.is_empty() {
@@ -1643,7 +1667,17 @@ impl ConnIo {
             if !self.batch.is_empty() {
                 let id = self.id;
                 let batch = &mut self.batch;
-                shared.run(Some(id), |st, now| run_batch(st, now, id, batch));
+                let paused = shared.run(Some(id), |st, now| {
+                    run_batch(st, now, id, batch);
+                    st.server.read_paused_until(id)
+                });
+                if let Some(at) = paused {
+                    let at = shared.clock.std(at);
+                    match &mut self.throttle {
+                        Some(timer) => timer.as_mut().reset(at),
+                        None => self.throttle = Some(shared.runtime.new_timer(at)),
+                    }
+                }
             }
             if let Some(end) = end {
                 return Poll::Ready(Step::Ended(end));
@@ -1792,6 +1826,7 @@ async fn connection<S>(
             batch: Vec::new(),
             needs_flush: false,
             readable: ReadyFlag::new(),
+            throttle: None,
         };
         let step = std::future::poll_fn(|cx| io.poll(&shared, &mut ws, cx)).await;
         // Boxed: the closing stage's futures are only allocated when a

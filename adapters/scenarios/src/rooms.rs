@@ -408,7 +408,11 @@ pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
         .events
         .until(&rt, 3000, "join refused", |evs| {
             evs.iter().find_map(|e| match e {
-                Event::Refused { room, refusal } if &**room == "secret" => Some(refusal.clone()),
+                Event::Refused {
+                    room: Some(room),
+                    refusal,
+                    ..
+                } if &**room == "secret" => Some(refusal.clone()),
                 _ => None,
             })
         })
@@ -435,9 +439,11 @@ pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
         .events
         .until(&rt, 3000, "publish refused", |evs| {
             evs.iter().find_map(|e| match e {
-                Event::Refused { room, refusal } if &**room == "public-chat" => {
-                    Some(refusal.clone())
-                }
+                Event::Refused {
+                    room: Some(room),
+                    refusal,
+                    ..
+                } if &**room == "public-chat" => Some(refusal.clone()),
                 _ => None,
             })
         })
@@ -456,7 +462,11 @@ pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
         .events
         .until(&rt, 3000, "read-only publish refused", |evs| {
             evs.iter().find_map(|e| match e {
-                Event::Refused { room, refusal } if &**room == "public-ro" => Some(refusal.clone()),
+                Event::Refused {
+                    room: Some(room),
+                    refusal,
+                    ..
+                } if &**room == "public-ro" => Some(refusal.clone()),
                 _ => None,
             })
         })
