@@ -1732,6 +1732,27 @@ async fn finish<S>(
             .await;
             report_closed(&shared, id, Some(order.code));
         }
+        Step::Ended(Some(Err(e))) => match ws::read_error_close(&e) {
+            // The peer broke the protocol (a message over the limit, text
+            // that is not UTF-8, bad framing): it gets the RFC's close code
+            // and the core hears the same code. tungstenite's reader is not
+            // used again; the rest of what the peer sends is discarded.
+            Some((code, reason)) => {
+                debug!(%code, reason, error = %e, "closing a connection that broke the protocol");
+                report_closed(&shared, id, Some(code));
+                let limit = shared.options.config.max_message_size.max(64 * 1024);
+                let _ = util::timeout(&*runtime, close_timeout, async {
+                    if ws.close(Some(ws::close_frame(code, reason))).await.is_ok() {
+                        ws::linger(ws.get_mut(), limit).await;
+                    }
+                })
+                .await;
+            }
+            None => {
+                trace!(error = %e, "connection failed");
+                report_closed(&shared, id, None);
+            }
+        },
         Step::Ended(_) | Step::WriteFailed => report_closed(&shared, id, None),
     }
 }
