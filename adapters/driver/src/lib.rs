@@ -60,6 +60,7 @@
 pub mod async_io;
 pub mod client;
 pub mod error;
+mod http;
 pub mod runtime;
 pub mod server;
 pub mod util;

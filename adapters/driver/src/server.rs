@@ -63,8 +63,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use async_tungstenite::tungstenite::http::{HeaderMap, HeaderValue, StatusCode};
+use async_tungstenite::tungstenite::http::HeaderMap;
+use async_tungstenite::tungstenite::protocol::Role;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use bytes::Bytes;
@@ -84,6 +84,7 @@ use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::error::{ServeError, ServerError};
+use crate::http;
 use crate::runtime::{AsyncListener, BoxIo, Clock, DriveTimer, ReadyFlag, Runtime};
 use crate::util;
 use crate::ws::{self, ServerTls};
@@ -1165,7 +1166,7 @@ impl ServerHandle {
         let shared = self.shared.clone();
         self.shared
             .runtime
-            .spawn(Box::pin(serve_accepted(shared, io)));
+            .spawn(Box::pin(serve_accepted(shared, io, None)));
     }
 }
 
@@ -1236,9 +1237,11 @@ impl ServerTask {
                 match listener.poll_accept(cx) {
                     Poll::Ready(Ok((io, addr))) => {
                         trace!(%addr, "accepted");
-                        shared
-                            .runtime
-                            .spawn(Box::pin(serve_accepted(shared.clone(), io)));
+                        shared.runtime.spawn(Box::pin(serve_accepted(
+                            shared.clone(),
+                            io,
+                            Some(addr),
+                        )));
                     }
                     Poll::Ready(Err(e)) => {
                         // Out of file descriptors and the like: keep serving
@@ -1384,8 +1387,8 @@ fn log_event(event: &ServerEvent) {
 /// is freed with this one instead of living on, for as long as the
 /// connection does, inside its future. (One task with both futures boxed
 /// in turn measured a third of a KiB more per idle connection.)
-async fn serve_accepted(shared: Arc<Shared>, io: BoxIo) {
-    if let Some((ws, identity, early)) = handshake(shared.clone(), io).await {
+async fn serve_accepted(shared: Arc<Shared>, io: BoxIo, peer: Option<SocketAddr>) {
+    if let Some((ws, identity, early)) = handshake(shared.clone(), io, peer).await {
         let runtime = shared.runtime.clone();
         runtime.spawn(Box::pin(connection(shared, ws, identity, early)));
     }
@@ -1396,67 +1399,73 @@ async fn serve_accepted(shared: Arc<Shared>, io: BoxIo) {
 type Upgraded = (crate::ws::Ws, Option<String>, Option<ConnectionId>);
 
 /// TLS handshake (if configured) and HTTP upgrade with authentication.
-async fn handshake(shared: Arc<Shared>, io: BoxIo) -> Option<Upgraded> {
+///
+/// The request head is read and answered here ([`http`]), not by
+/// tungstenite: every refusal gets an HTTP status (426 for a request that
+/// is not a WebSocket upgrade, 400 for a malformed one, 431 for headers
+/// over 64 KiB, 401 and 403 from the authenticator) and is logged at debug level with the peer's address,
+/// and bytes the client wrote behind its request (a `hello` frame sent
+/// before the `101` arrived) start the WebSocket stream instead of failing
+/// the upgrade.
+async fn handshake(shared: Arc<Shared>, io: BoxIo, peer: Option<SocketAddr>) -> Option<Upgraded> {
     let limit = shared.options.handshake_timeout;
     let opts = shared.options.clone();
     // A connection the core opened for a `hello` in the upgrade request,
     // kept outside the upgrade future so a timeout cannot lose it.
     let early = std::sync::OnceLock::new();
     let upgraded = util::timeout(&*shared.runtime, limit, async {
-        let io: BoxIo = match &opts.tls {
+        let mut io: BoxIo = match &opts.tls {
             Some(tls) => match tls.acceptor.accept(io).await {
                 Ok(s) => Box::new(s),
                 Err(e) => {
-                    debug!(error = %e, "TLS handshake failed");
+                    debug!(?peer, error = %e, "TLS handshake failed");
                     return None;
                 }
             },
             None => io,
         };
-        let mut identity = None;
-        let auth = opts.auth.clone();
-        // The signature is tungstenite's `Callback`.
-        #[allow(clippy::result_large_err)]
-        let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-            if let Some(auth) = auth {
-                let view = AuthRequest {
-                    path: req.uri().path(),
-                    query: req.uri().query(),
-                    headers: req.headers(),
-                };
-                match auth(&view) {
-                    Ok(id) => identity = id,
-                    Err(reject) => {
-                        let status = match reject {
-                            AuthReject::Forbidden => StatusCode::FORBIDDEN,
-                            AuthReject::Unauthorized => StatusCode::UNAUTHORIZED,
-                        };
-                        let mut r = ErrorResponse::new(Some(
-                            status.canonical_reason().unwrap_or("").to_owned(),
-                        ));
-                        *r.status_mut() = status;
-                        return Err(r);
-                    }
-                }
+        let mut buf = Vec::new();
+        let answer = match http::read_head(&mut io, &mut buf).await {
+            Ok(end) => answer_upgrade(&shared, &buf[..end], &early).map(|(r, id)| (r, id, end)),
+            Err(http::HeadError::TooLarge) => Err(http::Refusal::TOO_LARGE),
+            Err(http::HeadError::Closed(e)) => {
+                debug!(?peer, error = ?e, "connection ended before a complete upgrade request");
+                return None;
             }
-            if let Some(hello) = req.headers().get(wire::HELLO_HEADER) {
-                if let Some((id, answer)) = early_hello(&shared, identity.clone(), hello.as_bytes())
-                {
-                    let _ = early.set(id);
-                    if let Some(value) =
-                        answer.and_then(|a| HeaderValue::from_maybe_shared(Bytes::from(a)).ok())
-                    {
-                        resp.headers_mut().insert(wire::WELCOME_HEADER, value);
-                    }
-                }
-            }
-            Ok(resp)
         };
-        let config = ws::websocket_config(opts.config.max_message_size);
-        match async_tungstenite::accept_hdr_async_with_config(io, callback, Some(config)).await {
-            Ok(ws) => Some((ws, identity)),
-            Err(e) => {
-                debug!(error = %e, "upgrade refused or failed");
+        match answer {
+            Ok((response, identity, end)) => {
+                if let Err(e) = http::write_all(&mut io, &response).await {
+                    debug!(?peer, error = %e, "writing the 101 failed");
+                    return None;
+                }
+                let config = Some(ws::websocket_config(opts.config.max_message_size));
+                let ws = if buf.len() == end {
+                    WebSocketStream::from_raw_socket(io, Role::Server, config).await
+                } else {
+                    // The client did not wait for the `101`: what it sent
+                    // behind the request is the WebSocket stream's start.
+                    buf.drain(..end);
+                    WebSocketStream::from_partially_read(io, buf, Role::Server, config).await
+                };
+                Some((ws, identity))
+            }
+            Err(refusal) => {
+                debug!(
+                    ?peer,
+                    status = refusal.status,
+                    reason = refusal.reason,
+                    "upgrade refused"
+                );
+                drop(buf);
+                let _ = util::timeout(&*shared.runtime, opts.close_timeout, async {
+                    if http::write_all(&mut io, &refusal.response()).await.is_ok() {
+                        // Unread bytes would turn the close into a reset,
+                        // which can destroy the response before it is read.
+                        ws::linger(&mut io, http::MAX_HEAD).await;
+                    }
+                })
+                .await;
                 None
             }
         }
@@ -1475,6 +1484,47 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo) -> Option<Upgraded> {
             None
         }
     }
+}
+
+/// Checks an upgrade request (its form, the authenticator) and
+/// runs a `hello` it carries through the core: the `101` response and the
+/// identity, or the refusal.
+fn answer_upgrade(
+    shared: &Shared,
+    head: &[u8],
+    early: &std::sync::OnceLock<ConnectionId>,
+) -> Result<(Vec<u8>, Option<String>), http::Refusal> {
+    let opts = &shared.options;
+    let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
+    let (req, all) = http::parse(head, &mut headers)?;
+    let mut identity = None;
+    if let Some(auth) = &opts.auth {
+        let headers = http::header_map(all)?;
+        let view = AuthRequest {
+            path: req.path,
+            query: req.query,
+            headers: &headers,
+        };
+        match auth(&view) {
+            Ok(id) => identity = id,
+            Err(AuthReject::Forbidden) => return Err(http::Refusal::new(403, "forbidden")),
+            Err(AuthReject::Unauthorized) => return Err(http::Refusal::new(401, "unauthorized")),
+        }
+    }
+    let mut welcome = None;
+    // A `hello` over the size a client may put in the header is not used:
+    // the `101` carries no answer and the client sends its `hello` as a
+    // frame (PROTOCOL.md, section 4.1).
+    if let Some(hello) = req.hello.filter(|h| h.len() <= wire::MAX_HELLO_HEADER) {
+        if let Some((id, answer)) = early_hello(shared, identity.clone(), hello) {
+            let _ = early.set(id);
+            welcome = answer;
+        }
+    }
+    Ok((
+        http::switching_protocols(req.key, welcome.as_deref()),
+        identity,
+    ))
 }
 
 /// Runs a `hello` from the upgrade request through the core, before the

@@ -264,37 +264,50 @@ async fn close_code_for(echo: &mut Echo, bytes: Vec<u8>) -> (u16, CloseCode) {
     (code, echo.connection_closed().await)
 }
 
+/// Reads the next server frame (unmasked): its opcode and payload, or
+/// `None` if the connection ended first. `buf` holds bytes already read.
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> Option<(u8, Vec<u8>)> {
+    loop {
+        if buf.len() >= 2 {
+            let (len, at) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => (
+                    u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => (usize::MAX, 0),
+                n => (n as usize, 2),
+            };
+            if len != usize::MAX && buf.len() >= at + len {
+                let opcode = buf[0] & 0x0f;
+                let payload = buf[at..at + len].to_vec();
+                buf.drain(..at + len);
+                return Some((opcode, payload));
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// Reads server frames until a close frame; returns its code. Fails if the
 /// connection ends without one. `buf`: bytes already read.
 async fn read_close<R: tokio::io::AsyncRead + Unpin>(reader: &mut R, mut buf: Vec<u8>) -> u16 {
     within(3000, "close frame", async {
         loop {
-            if buf.len() >= 2 {
-                let (len, at) = match buf[1] & 0x7f {
-                    126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-                    127 if buf.len() >= 10 => (
-                        u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
-                        10,
-                    ),
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if len != usize::MAX && buf.len() >= at + len {
-                    let opcode = buf[0] & 0x0f;
-                    let payload = buf[at..at + len].to_vec();
-                    buf.drain(..at + len);
-                    if opcode == 0x8 {
-                        assert!(payload.len() >= 2, "close frame without a code");
-                        return u16::from_be_bytes([payload[0], payload[1]]);
-                    }
-                    continue;
+            match read_frame(reader, &mut buf).await {
+                Some((0x8, payload)) => {
+                    assert!(payload.len() >= 2, "close frame without a code");
+                    return u16::from_be_bytes([payload[0], payload[1]]);
                 }
-            }
-            let mut chunk = [0u8; 4096];
-            match reader.read(&mut chunk).await {
-                Ok(0) => panic!("the connection ended without a close frame"),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) => panic!("the connection failed without a close frame: {e}"),
+                Some(_) => {}
+                None => panic!("the connection ended without a close frame"),
             }
         }
     })
@@ -409,6 +422,195 @@ fn protocol_violations_are_closed_with_1002() {
                 assert_eq!(code, 1002, "{what}");
                 assert_eq!(reported, CloseCode::PROTOCOL_ERROR, "{what}");
             }
+        })
+        .await;
+        drop(echo.server);
+    });
+}
+
+// The HTTP upgrade.
+
+/// Sends `request` on a fresh connection; the response's status and head
+/// (header names in lower case).
+async fn status_for(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let request = request.to_vec();
+    // Written in a task of its own: the server may answer (and stop
+    // reading) before a long request is all sent.
+    tokio::spawn(async move {
+        let _ = writer.write_all(&request).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let mut buf = Vec::new();
+    let head = within(3000, "HTTP response", async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                return String::from_utf8_lossy(&buf[..end + 4]).to_ascii_lowercase();
+            }
+            let mut chunk = [0u8; 4096];
+            let n = reader.read(&mut chunk).await.unwrap_or(0);
+            assert!(
+                n > 0,
+                "connection ended without an HTTP response (read {:?})",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {head:?}"));
+    (status, head)
+}
+
+/// A `hello` as JSON text: `caps` padded to make it about `size` bytes.
+fn hello(size: usize) -> String {
+    let mut caps = Vec::new();
+    let base = r#"{"t":"hello","versions":[1],"client":"c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1","codecs":["json"],"caps":[]}"#;
+    let mut len = base.len();
+    while len + 203 <= size {
+        caps.push(format!("\"{}\"", "x".repeat(200)));
+        len += 203;
+    }
+    format!(
+        r#"{{"t":"hello","versions":[1],"client":"c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1","codecs":["json"],"caps":[{}]}}"#,
+        caps.join(",")
+    )
+}
+
+/// The first server frame on `stream` after `rest`: must be a text frame;
+/// returns its text.
+async fn first_text(stream: &mut TcpStream, mut rest: Vec<u8>) -> String {
+    let (opcode, payload) = within(3000, "first frame", read_frame(stream, &mut rest))
+        .await
+        .expect("the connection ended before the first frame");
+    assert_eq!(opcode, 0x1, "not a text frame: {payload:?}");
+    String::from_utf8(payload).unwrap()
+}
+
+/// Requests that are not WebSocket upgrades, or malformed ones, get a
+/// status, never a silent drop.
+#[test]
+fn bad_upgrade_requests_get_an_http_status() {
+    run(|rt| async move {
+        let echo = echo_server(&rt, ServerOptions::default());
+        let addr = echo.addr;
+        with_bystander(&rt, addr, async {
+            let plain = format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+            let (status, head) = status_for(addr, plain.as_bytes()).await;
+            assert_eq!(status, 426, "{head}");
+            assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+            let good = upgrade_request(addr, "");
+            let cases = [
+                (
+                    "wrong version",
+                    good.replace("Version: 13", "Version: 8"),
+                    426,
+                ),
+                (
+                    "no version",
+                    good.replace("Sec-WebSocket-Version: 13\r\n", ""),
+                    426,
+                ),
+                ("bad key", good.replace(KEY, "not a key at all"), 400),
+                (
+                    "key of 18 bytes",
+                    good.replace(KEY, "AAAAAAAAAAAAAAAAAAAAAAAA"),
+                    400,
+                ),
+                (
+                    "no key",
+                    good.replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), ""),
+                    400,
+                ),
+                (
+                    "no Host",
+                    good.replace(&format!("Host: {addr}\r\n"), ""),
+                    400,
+                ),
+                ("POST", good.replace("GET", "POST"), 405),
+                ("not HTTP", "\x16\x03\x01\x02\x00\r\n\r\n".to_owned(), 400),
+            ];
+            for (what, request, expected) in cases {
+                let (status, head) = status_for(addr, request.as_bytes()).await;
+                assert_eq!(status, expected, "{what}: {head}");
+                if expected == 426 && what.contains("version") {
+                    assert!(head.contains("\r\nsec-websocket-version: 13\r\n"), "{head}");
+                }
+            }
+        })
+        .await;
+        drop(echo.server);
+    });
+}
+
+/// Headers over the HTTP limit (a 100 KB `Kitestring-Hello`) get 431; a
+/// `hello` header over 4 KiB within the limit is not used: `101` without
+/// `Kitestring-Welcome`, and the `hello` frame that follows opens the
+/// session.
+#[test]
+fn oversized_headers_get_431_and_a_long_hello_header_falls_back_to_the_frame() {
+    run(|rt| async move {
+        let echo = echo_server(&rt, ServerOptions::default());
+        let addr = echo.addr;
+        with_bystander(&rt, addr, async {
+            let huge = format!("Kitestring-Hello: {}\r\n", "x".repeat(100_000));
+            let (status, head) = status_for(addr, upgrade_request(addr, &huge).as_bytes()).await;
+            assert_eq!(status, 431, "{head}");
+
+            let long = hello(5000);
+            assert!(long.len() > 4096 && long.len() < 6000);
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let request = upgrade_request(addr, &format!("Kitestring-Hello: {long}\r\n"));
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let (status, head, rest) = read_response(&mut stream).await;
+            assert_eq!(status, 101, "{head}");
+            assert!(
+                !head.to_ascii_lowercase().contains("kitestring-welcome"),
+                "a hello header over 4 KiB was used: {head}"
+            );
+            stream
+                .write_all(&frame(0x81, long.as_bytes()))
+                .await
+                .unwrap();
+            let welcome = first_text(&mut stream, rest).await;
+            assert!(welcome.starts_with(r#"{"t":"welcome""#), "{welcome}");
+        })
+        .await;
+        drop(echo.server);
+    });
+}
+
+/// A client that writes its `hello` frame right behind the upgrade
+/// request, in the same write, before the `101` came: the session opens.
+#[test]
+fn hello_frame_pipelined_behind_the_request_opens_the_session() {
+    run(|rt| async move {
+        let mut echo = echo_server(&rt, ServerOptions::default());
+        let addr = echo.addr;
+        with_bystander(&rt, addr, async {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut bytes = upgrade_request(addr, "").into_bytes();
+            bytes.extend(frame(0x81, hello(0).as_bytes()));
+            stream.write_all(&bytes).await.unwrap();
+            let (status, head, rest) = read_response(&mut stream).await;
+            assert_eq!(status, 101, "{head}");
+            let welcome = first_text(&mut stream, rest).await;
+            assert!(welcome.starts_with(r#"{"t":"welcome""#), "{welcome}");
+            within(3000, "SessionOpened", async {
+                loop {
+                    match echo.events.recv().await {
+                        Some(ServerEvent::SessionOpened { .. }) => return,
+                        Some(_) => {}
+                        None => panic!("server events ended"),
+                    }
+                }
+            })
+            .await;
         })
         .await;
         drop(echo.server);
