@@ -179,6 +179,8 @@ pub(crate) struct Upgrade<'b> {
     pub(crate) path: &'b str,
     pub(crate) query: Option<&'b str>,
     pub(crate) key: &'b [u8],
+    pub(crate) host: &'b str,
+    pub(crate) origin: Option<&'b str>,
     pub(crate) hello: Option<&'b [u8]>,
 }
 
@@ -214,6 +216,7 @@ pub(crate) fn parse<'h, 'b>(
     let mut version = None;
     let mut key = None;
     let mut host = None;
+    let mut origin = None;
     let mut hello = None;
     for h in headers {
         let name = h.name;
@@ -234,6 +237,8 @@ pub(crate) fn parse<'h, 'b>(
             once(&mut key, "more than one Sec-WebSocket-Key")?;
         } else if name.eq_ignore_ascii_case("host") {
             once(&mut host, "more than one Host")?;
+        } else if name.eq_ignore_ascii_case("origin") {
+            once(&mut origin, "more than one Origin")?;
         } else if name.eq_ignore_ascii_case(kitestring_core::wire::HELLO_HEADER) && hello.is_none()
         {
             hello = Some(h.value);
@@ -250,16 +255,23 @@ pub(crate) fn parse<'h, 'b>(
         Some(_) => return Err(Refusal::bad("invalid Sec-WebSocket-Key")),
         None => return Err(Refusal::bad("missing Sec-WebSocket-Key")),
     };
-    match host.map(|h| std::str::from_utf8(h.trim_ascii())) {
-        Some(Ok(h)) if !h.is_empty() => {}
+    let host = match host.map(|h| std::str::from_utf8(h.trim_ascii())) {
+        Some(Ok(h)) if !h.is_empty() => h,
         _ => return Err(Refusal::bad("missing or invalid Host")),
-    }
+    };
+    let origin = match origin.map(|o| std::str::from_utf8(o.trim_ascii())) {
+        None => None,
+        Some(Ok(o)) => Some(o),
+        Some(Err(_)) => return Err(Refusal::bad("invalid Origin")),
+    };
     let (path, query) = split_target(target)?;
     Ok((
         Upgrade {
             path,
             query,
             key,
+            host,
+            origin,
             hello,
         },
         headers,
@@ -380,6 +392,8 @@ mod tests {
         let (u, all) = parse(req.as_bytes(), &mut headers).unwrap();
         assert_eq!((u.path, u.query), ("/ws", Some("x=1")));
         assert_eq!(u.key, KEY.as_bytes());
+        assert_eq!(u.host, "example.com");
+        assert_eq!(u.origin, Some("https://example.com"));
         assert_eq!(u.hello, Some(&b"{}"[..]));
         assert_eq!(all.len(), 7);
         assert_eq!(header_map(all).unwrap().len(), 7);

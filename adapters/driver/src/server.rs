@@ -170,6 +170,111 @@ pub enum AuthReject {
     Forbidden,
 }
 
+/// Which web pages may open a connection, judged by the upgrade request's
+/// `Origin` header: the defence against cross-site WebSocket hijacking, where
+/// a page on another site opens a WebSocket to this server and the browser
+/// sends the user's cookies along. Browsers always send `Origin` on a
+/// WebSocket upgrade; other clients (Kitestring's own, command-line tools,
+/// servers) usually send none, and a request without `Origin` passes every
+/// policy. A refused origin gets HTTP 403 before
+/// [`ServerOptions::auth`] runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OriginPolicy {
+    /// The default: an `Origin` whose host and port equal the request's
+    /// `Host` header (a missing port counts as the default port of the
+    /// origin's scheme: 80 for `http`/`ws`, 443 for `https`/`wss`), as when
+    /// the page and the WebSocket are served by the same host. Any other
+    /// origin, `null` included, is refused.
+    #[default]
+    SameHost,
+    /// Exactly these origins, as browsers send them (`scheme://host[:port]`,
+    /// no path; compared without regard to case, a trailing `/` ignored),
+    /// e.g. `https://app.example.com`. Same-host requests are not let in
+    /// unless their origin is listed.
+    AllowList(Vec<String>),
+    /// Every origin: for servers whose authentication does not rely on
+    /// anything a browser sends by itself (cookies, HTTP authentication,
+    /// client certificates).
+    Any,
+}
+
+impl OriginPolicy {
+    /// Whether a request with these `Origin` and `Host` header values (as
+    /// received, `None` when absent) may upgrade. Applications that upgrade
+    /// in their own HTTP server before [`ServerHandle::accept_websocket`]
+    /// can apply the same rule.
+    pub fn allows(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        let Some(origin) = origin.map(str::trim) else {
+            return true;
+        };
+        match self {
+            OriginPolicy::Any => true,
+            OriginPolicy::AllowList(list) => list.iter().any(|allowed| {
+                let allowed = allowed.trim();
+                let allowed = allowed.strip_suffix('/').unwrap_or(allowed);
+                allowed.eq_ignore_ascii_case(origin)
+            }),
+            OriginPolicy::SameHost => host.is_some_and(|host| same_host(origin, host.trim())),
+        }
+    }
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names the host and port of a
+/// `Host` header.
+fn same_host(origin: &str, host: &str) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false; // `null`, or not an origin
+    };
+    let default_port = if ["http", "ws"]
+        .iter()
+        .any(|s| scheme.eq_ignore_ascii_case(s))
+    {
+        Some(80)
+    } else if ["https", "wss"]
+        .iter()
+        .any(|s| scheme.eq_ignore_ascii_case(s))
+    {
+        Some(443)
+    } else {
+        None
+    };
+    let (Some((o_host, o_port)), Some((h_host, h_port))) =
+        (split_authority(authority), split_authority(host))
+    else {
+        return false;
+    };
+    o_host.eq_ignore_ascii_case(h_host)
+        && o_port.or(default_port).is_some()
+        && o_port.or(default_port) == h_port.or(default_port)
+}
+
+/// `host[:port]` (or `[v6]:port`) as the host and the port, if any; `None`
+/// if malformed (a path, user info, a port that is not a number).
+fn split_authority(a: &str) -> Option<(&str, Option<u16>)> {
+    if a.is_empty() || a.contains(['/', '@', '?', '#', ' ']) {
+        return None;
+    }
+    let (host, port) = if a.starts_with('[') {
+        let end = a.find(']')?;
+        let (host, rest) = a.split_at(end + 1);
+        match rest {
+            "" => (host, None),
+            _ => (host, Some(rest.strip_prefix(':')?)),
+        }
+    } else {
+        match a.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (a, None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse().ok()?),
+        None => None,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
 /// Decides, from the upgrade request, who the peer is: `Ok(Some(identity))`,
 /// `Ok(None)` for anonymous, or a rejection.
 pub type Authenticator =
@@ -190,6 +295,12 @@ pub struct ServerOptions {
     pub tls: Option<ServerTls>,
     /// Checks every upgrade request; `None` accepts everyone anonymously.
     pub auth: Option<Authenticator>,
+    /// Which web pages may connect, by the request's `Origin` header
+    /// (cross-site WebSocket hijacking). Default [`OriginPolicy::SameHost`]:
+    /// requests without `Origin` (non-browser clients) and pages served by
+    /// the host the request names pass, other origins get 403 before
+    /// [`auth`](Self::auth) runs.
+    pub origins: OriginPolicy,
     /// Checks tokens sent for re-authentication. `None` falls back to
     /// [`auth`](Self::auth), called with a request whose only header is
     /// `authorization: Bearer <token>` (empty path, no query); with neither,
@@ -249,6 +360,7 @@ impl Default for ServerOptions {
             config: ServerConfig::default(),
             tls: None,
             auth: None,
+            origins: OriginPolicy::SameHost,
             reauth: None,
             outbound_queue: 256,
             event_buffer: 4096,
@@ -266,6 +378,7 @@ impl fmt::Debug for ServerOptions {
             .field("config", &self.config)
             .field("tls", &self.tls.is_some())
             .field("auth", &self.auth.is_some())
+            .field("origins", &self.origins)
             .field("outbound_queue", &self.outbound_queue)
             .field("event_buffer", &self.event_buffer)
             .field("listen_backlog", &self.listen_backlog)
@@ -1403,7 +1516,8 @@ type Upgraded = (crate::ws::Ws, Option<String>, Option<ConnectionId>);
 /// The request head is read and answered here ([`http`]), not by
 /// tungstenite: every refusal gets an HTTP status (426 for a request that
 /// is not a WebSocket upgrade, 400 for a malformed one, 431 for headers
-/// over 64 KiB, 401 and 403 from the authenticator) and is logged at debug level with the peer's address,
+/// over 64 KiB, 403 for a refused origin, 401 and 403 from the
+/// authenticator) and is logged at debug level with the peer's address,
 /// and bytes the client wrote behind its request (a `hello` frame sent
 /// before the `101` arrived) start the WebSocket stream instead of failing
 /// the upgrade.
@@ -1486,7 +1600,7 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo, peer: Option<SocketAddr>) -> 
     }
 }
 
-/// Checks an upgrade request (its form, the authenticator) and
+/// Checks an upgrade request (its form, the origin, the authenticator) and
 /// runs a `hello` it carries through the core: the `101` response and the
 /// identity, or the refusal.
 fn answer_upgrade(
@@ -1497,6 +1611,9 @@ fn answer_upgrade(
     let opts = &shared.options;
     let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
     let (req, all) = http::parse(head, &mut headers)?;
+    if !opts.origins.allows(req.origin, Some(req.host)) {
+        return Err(http::Refusal::new(403, "origin not allowed"));
+    }
     let mut identity = None;
     if let Some(auth) = &opts.auth {
         let headers = http::header_map(all)?;
@@ -1890,6 +2007,37 @@ mod tests {
             }
         }
         (held.len(), held)
+    }
+
+    #[test]
+    fn origins() {
+        let same = OriginPolicy::SameHost;
+        let host = Some("app.example.com");
+        assert!(same.allows(None, host), "no Origin: not a browser");
+        assert!(same.allows(None, None));
+        assert!(same.allows(Some("https://app.example.com"), host));
+        assert!(same.allows(Some("https://APP.example.com"), Some("app.example.com:443")));
+        assert!(same.allows(Some("http://app.example.com:80"), host));
+        assert!(same.allows(Some("http://127.0.0.1:9000"), Some("127.0.0.1:9000")));
+        assert!(same.allows(Some("http://[::1]:9000"), Some("[::1]:9000")));
+        assert!(!same.allows(Some("https://evil.example"), host));
+        assert!(!same.allows(Some("https://app.example.com:8443"), host));
+        assert!(!same.allows(Some("http://app.example.com"), Some("app.example.com:443")));
+        assert!(!same.allows(Some("http://127.0.0.1:9001"), Some("127.0.0.1:9000")));
+        assert!(!same.allows(Some("null"), host));
+        assert!(!same.allows(Some("https://app.example.com/path"), host));
+        assert!(!same.allows(Some("https://app.example.com"), None));
+        let list = OriginPolicy::AllowList(vec![
+            "https://app.example.com".into(),
+            "http://localhost:3000/".into(),
+        ]);
+        assert!(list.allows(None, host));
+        assert!(list.allows(Some("https://app.example.com"), Some("api.example.com")));
+        assert!(list.allows(Some("http://localhost:3000"), Some("api.example.com")));
+        assert!(!list.allows(Some("http://localhost:3001"), Some("localhost:3001")));
+        assert!(!list.allows(Some("https://evil.example"), host));
+        assert!(OriginPolicy::Any.allows(Some("https://evil.example"), host));
+        assert_eq!(ServerOptions::default().origins, OriginPolicy::SameHost);
     }
 
     #[test]

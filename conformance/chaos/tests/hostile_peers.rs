@@ -616,3 +616,70 @@ fn hello_frame_pipelined_behind_the_request_opens_the_session() {
         drop(echo.server);
     });
 }
+
+/// The default origin policy: a page on another origin gets 403 before
+/// the authenticator runs; the same host, and clients without `Origin`,
+/// pass. An allow-list lets in exactly its origins (and clients without
+/// `Origin`).
+#[test]
+fn foreign_origins_are_refused_with_403() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    run(|rt| async move {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let options = ServerOptions {
+            auth: Some(Arc::new(move |_req: &kitestring::AuthRequest<'_>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok(None)
+            })),
+            ..ServerOptions::default()
+        };
+        let echo = echo_server(&rt, options);
+        let addr = echo.addr;
+        with_bystander(&rt, addr, async {
+            let before = calls.load(Ordering::SeqCst);
+            let evil = upgrade_request(addr, "Origin: https://evil.example\r\n");
+            let (status, head) = status_for(addr, evil.as_bytes()).await;
+            assert_eq!(status, 403, "{head}");
+            let null = upgrade_request(addr, "Origin: null\r\n");
+            assert_eq!(status_for(addr, null.as_bytes()).await.0, 403);
+            let port = upgrade_request(
+                addr,
+                &format!("Origin: http://127.0.0.1:{}\r\n", addr.port() + 1),
+            );
+            assert_eq!(status_for(addr, port.as_bytes()).await.0, 403);
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                before,
+                "the authenticator ran for a refused origin"
+            );
+            let same = upgrade_request(addr, &format!("Origin: http://{addr}\r\n"));
+            assert_eq!(status_for(addr, same.as_bytes()).await.0, 101);
+            let none = upgrade_request(addr, "");
+            assert_eq!(status_for(addr, none.as_bytes()).await.0, 101);
+        })
+        .await;
+        drop(echo.server);
+
+        let options = ServerOptions {
+            origins: kitestring::OriginPolicy::AllowList(
+                vec!["https://app.example.com".to_owned()],
+            ),
+            ..ServerOptions::default()
+        };
+        let echo = echo_server(&rt, options);
+        let addr = echo.addr;
+        with_bystander(&rt, addr, async {
+            let listed = upgrade_request(addr, "Origin: https://app.example.com\r\n");
+            assert_eq!(status_for(addr, listed.as_bytes()).await.0, 101);
+            let other = upgrade_request(addr, "Origin: https://evil.example\r\n");
+            assert_eq!(status_for(addr, other.as_bytes()).await.0, 403);
+            let same = upgrade_request(addr, &format!("Origin: http://{addr}\r\n"));
+            assert_eq!(status_for(addr, same.as_bytes()).await.0, 403);
+            let none = upgrade_request(addr, "");
+            assert_eq!(status_for(addr, none.as_bytes()).await.0, 101);
+        })
+        .await;
+        drop(echo.server);
+    });
+}
