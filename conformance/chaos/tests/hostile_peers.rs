@@ -1,8 +1,11 @@
 //! Peers that speak raw TCP to the server and break the rules: messages
-//! over the limit, text that is not UTF-8, bad framing. Each test checks the
-//! exact close code the peer receives in a close frame (and that the server
-//! reports the same code), within a few seconds, while a well-behaved client
-//! on the same server keeps exchanging messages without loss or duplicate.
+//! over the limit, text that is not UTF-8, bad framing, requests that are
+//! not (good) WebSocket upgrades, oversized headers, foreign origins, a
+//! `hello` frame sent before the `101`. Each test checks the exact close
+//! code the peer receives in a close frame (and that the server reports the
+//! same code) or the exact HTTP status, within a few seconds, while a
+//! well-behaved client on the same server keeps exchanging messages without
+//! loss or duplicate.
 //!
 //! Everything runs on tokio with plain `tokio::net::TcpStream`s on
 //! loopback; frames are written by hand. Every wait is bounded.
