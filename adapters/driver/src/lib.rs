@@ -60,6 +60,7 @@
 pub mod async_io;
 pub mod client;
 pub mod error;
+mod http;
 pub mod runtime;
 pub mod server;
 pub mod util;
@@ -72,8 +73,8 @@ pub use client::{
 pub use error::{ClientError, CodecError, ConnectError, ServeError, ServerError};
 pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};
 pub use server::{
-    bind, start, AuthReject, AuthRequest, Authenticator, ServerEvents, ServerHandle, ServerOptions,
-    TokenValidator,
+    bind, start, AuthReject, AuthRequest, Authenticator, OriginPolicy, ServerEvents, ServerHandle,
+    ServerOptions, TokenValidator,
 };
 pub use util::{decode, encode, DecodeExt};
 pub use ws::{websocket_config, ClientTls, ServerTls};

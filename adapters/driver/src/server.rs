@@ -63,8 +63,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use async_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use async_tungstenite::tungstenite::http::{HeaderMap, HeaderValue, StatusCode};
+use async_tungstenite::tungstenite::http::HeaderMap;
+use async_tungstenite::tungstenite::protocol::Role;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use bytes::Bytes;
@@ -84,6 +84,7 @@ use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::error::{ServeError, ServerError};
+use crate::http;
 use crate::runtime::{AsyncListener, BoxIo, Clock, DriveTimer, ReadyFlag, Runtime};
 use crate::util;
 use crate::ws::{self, ServerTls};
@@ -169,6 +170,111 @@ pub enum AuthReject {
     Forbidden,
 }
 
+/// Which web pages may open a connection, judged by the upgrade request's
+/// `Origin` header: the defence against cross-site WebSocket hijacking, where
+/// a page on another site opens a WebSocket to this server and the browser
+/// sends the user's cookies along. Browsers always send `Origin` on a
+/// WebSocket upgrade; other clients (Kitestring's own, command-line tools,
+/// servers) usually send none, and a request without `Origin` passes every
+/// policy. A refused origin gets HTTP 403 before
+/// [`ServerOptions::auth`] runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OriginPolicy {
+    /// The default: an `Origin` whose host and port equal the request's
+    /// `Host` header (a missing port counts as the default port of the
+    /// origin's scheme: 80 for `http`/`ws`, 443 for `https`/`wss`), as when
+    /// the page and the WebSocket are served by the same host. Any other
+    /// origin, `null` included, is refused.
+    #[default]
+    SameHost,
+    /// Exactly these origins, as browsers send them (`scheme://host[:port]`,
+    /// no path; compared without regard to case, a trailing `/` ignored),
+    /// e.g. `https://app.example.com`. Same-host requests are not let in
+    /// unless their origin is listed.
+    AllowList(Vec<String>),
+    /// Every origin: for servers whose authentication does not rely on
+    /// anything a browser sends by itself (cookies, HTTP authentication,
+    /// client certificates).
+    Any,
+}
+
+impl OriginPolicy {
+    /// Whether a request with these `Origin` and `Host` header values (as
+    /// received, `None` when absent) may upgrade. Applications that upgrade
+    /// in their own HTTP server before [`ServerHandle::accept_websocket`]
+    /// can apply the same rule.
+    pub fn allows(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        let Some(origin) = origin.map(str::trim) else {
+            return true;
+        };
+        match self {
+            OriginPolicy::Any => true,
+            OriginPolicy::AllowList(list) => list.iter().any(|allowed| {
+                let allowed = allowed.trim();
+                let allowed = allowed.strip_suffix('/').unwrap_or(allowed);
+                allowed.eq_ignore_ascii_case(origin)
+            }),
+            OriginPolicy::SameHost => host.is_some_and(|host| same_host(origin, host.trim())),
+        }
+    }
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names the host and port of a
+/// `Host` header.
+fn same_host(origin: &str, host: &str) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false; // `null`, or not an origin
+    };
+    let default_port = if ["http", "ws"]
+        .iter()
+        .any(|s| scheme.eq_ignore_ascii_case(s))
+    {
+        Some(80)
+    } else if ["https", "wss"]
+        .iter()
+        .any(|s| scheme.eq_ignore_ascii_case(s))
+    {
+        Some(443)
+    } else {
+        None
+    };
+    let (Some((o_host, o_port)), Some((h_host, h_port))) =
+        (split_authority(authority), split_authority(host))
+    else {
+        return false;
+    };
+    o_host.eq_ignore_ascii_case(h_host)
+        && o_port.or(default_port).is_some()
+        && o_port.or(default_port) == h_port.or(default_port)
+}
+
+/// `host[:port]` (or `[v6]:port`) as the host and the port, if any; `None`
+/// if malformed (a path, user info, a port that is not a number).
+fn split_authority(a: &str) -> Option<(&str, Option<u16>)> {
+    if a.is_empty() || a.contains(['/', '@', '?', '#', ' ']) {
+        return None;
+    }
+    let (host, port) = if a.starts_with('[') {
+        let end = a.find(']')?;
+        let (host, rest) = a.split_at(end + 1);
+        match rest {
+            "" => (host, None),
+            _ => (host, Some(rest.strip_prefix(':')?)),
+        }
+    } else {
+        match a.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (a, None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse().ok()?),
+        None => None,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
 /// Decides, from the upgrade request, who the peer is: `Ok(Some(identity))`,
 /// `Ok(None)` for anonymous, or a rejection.
 pub type Authenticator =
@@ -189,6 +295,12 @@ pub struct ServerOptions {
     pub tls: Option<ServerTls>,
     /// Checks every upgrade request; `None` accepts everyone anonymously.
     pub auth: Option<Authenticator>,
+    /// Which web pages may connect, by the request's `Origin` header
+    /// (cross-site WebSocket hijacking). Default [`OriginPolicy::SameHost`]:
+    /// requests without `Origin` (non-browser clients) and pages served by
+    /// the host the request names pass, other origins get 403 before
+    /// [`auth`](Self::auth) runs.
+    pub origins: OriginPolicy,
     /// Checks tokens sent for re-authentication. `None` falls back to
     /// [`auth`](Self::auth), called with a request whose only header is
     /// `authorization: Bearer <token>` (empty path, no query); with neither,
@@ -248,6 +360,7 @@ impl Default for ServerOptions {
             config: ServerConfig::default(),
             tls: None,
             auth: None,
+            origins: OriginPolicy::SameHost,
             reauth: None,
             outbound_queue: 256,
             event_buffer: 4096,
@@ -265,6 +378,7 @@ impl fmt::Debug for ServerOptions {
             .field("config", &self.config)
             .field("tls", &self.tls.is_some())
             .field("auth", &self.auth.is_some())
+            .field("origins", &self.origins)
             .field("outbound_queue", &self.outbound_queue)
             .field("event_buffer", &self.event_buffer)
             .field("listen_backlog", &self.listen_backlog)
@@ -1165,7 +1279,7 @@ impl ServerHandle {
         let shared = self.shared.clone();
         self.shared
             .runtime
-            .spawn(Box::pin(serve_accepted(shared, io)));
+            .spawn(Box::pin(serve_accepted(shared, io, None)));
     }
 }
 
@@ -1236,9 +1350,11 @@ impl ServerTask {
                 match listener.poll_accept(cx) {
                     Poll::Ready(Ok((io, addr))) => {
                         trace!(%addr, "accepted");
-                        shared
-                            .runtime
-                            .spawn(Box::pin(serve_accepted(shared.clone(), io)));
+                        shared.runtime.spawn(Box::pin(serve_accepted(
+                            shared.clone(),
+                            io,
+                            Some(addr),
+                        )));
                     }
                     Poll::Ready(Err(e)) => {
                         // Out of file descriptors and the like: keep serving
@@ -1395,8 +1511,8 @@ fn log_event(event: &ServerEvent) {
 /// is freed with this one instead of living on, for as long as the
 /// connection does, inside its future. (One task with both futures boxed
 /// in turn measured a third of a KiB more per idle connection.)
-async fn serve_accepted(shared: Arc<Shared>, io: BoxIo) {
-    if let Some((ws, identity, early)) = handshake(shared.clone(), io).await {
+async fn serve_accepted(shared: Arc<Shared>, io: BoxIo, peer: Option<SocketAddr>) {
+    if let Some((ws, identity, early)) = handshake(shared.clone(), io, peer).await {
         let runtime = shared.runtime.clone();
         runtime.spawn(Box::pin(connection(shared, ws, identity, early)));
     }
@@ -1407,67 +1523,74 @@ async fn serve_accepted(shared: Arc<Shared>, io: BoxIo) {
 type Upgraded = (crate::ws::Ws, Option<String>, Option<ConnectionId>);
 
 /// TLS handshake (if configured) and HTTP upgrade with authentication.
-async fn handshake(shared: Arc<Shared>, io: BoxIo) -> Option<Upgraded> {
+///
+/// The request head is read and answered here ([`http`]), not by
+/// tungstenite: every refusal gets an HTTP status (426 for a request that
+/// is not a WebSocket upgrade, 400 for a malformed one, 431 for headers
+/// over 64 KiB, 403 for a refused origin, 401 and 403 from the
+/// authenticator) and is logged at debug level with the peer's address,
+/// and bytes the client wrote behind its request (a `hello` frame sent
+/// before the `101` arrived) start the WebSocket stream instead of failing
+/// the upgrade.
+async fn handshake(shared: Arc<Shared>, io: BoxIo, peer: Option<SocketAddr>) -> Option<Upgraded> {
     let limit = shared.options.handshake_timeout;
     let opts = shared.options.clone();
     // A connection the core opened for a `hello` in the upgrade request,
     // kept outside the upgrade future so a timeout cannot lose it.
     let early = std::sync::OnceLock::new();
     let upgraded = util::timeout(&*shared.runtime, limit, async {
-        let io: BoxIo = match &opts.tls {
+        let mut io: BoxIo = match &opts.tls {
             Some(tls) => match tls.acceptor.accept(io).await {
                 Ok(s) => Box::new(s),
                 Err(e) => {
-                    debug!(error = %e, "TLS handshake failed");
+                    debug!(?peer, error = %e, "TLS handshake failed");
                     return None;
                 }
             },
             None => io,
         };
-        let mut identity = None;
-        let auth = opts.auth.clone();
-        // The signature is tungstenite's `Callback`.
-        #[allow(clippy::result_large_err)]
-        let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-            if let Some(auth) = auth {
-                let view = AuthRequest {
-                    path: req.uri().path(),
-                    query: req.uri().query(),
-                    headers: req.headers(),
-                };
-                match auth(&view) {
-                    Ok(id) => identity = id,
-                    Err(reject) => {
-                        let status = match reject {
-                            AuthReject::Forbidden => StatusCode::FORBIDDEN,
-                            AuthReject::Unauthorized => StatusCode::UNAUTHORIZED,
-                        };
-                        let mut r = ErrorResponse::new(Some(
-                            status.canonical_reason().unwrap_or("").to_owned(),
-                        ));
-                        *r.status_mut() = status;
-                        return Err(r);
-                    }
-                }
+        let mut buf = Vec::new();
+        let answer = match http::read_head(&mut io, &mut buf).await {
+            Ok(end) => answer_upgrade(&shared, &buf[..end], &early).map(|(r, id)| (r, id, end)),
+            Err(http::HeadError::TooLarge) => Err(http::Refusal::TOO_LARGE),
+            Err(http::HeadError::Closed(e)) => {
+                debug!(?peer, error = ?e, "connection ended before a complete upgrade request");
+                return None;
             }
-            if let Some(hello) = req.headers().get(wire::HELLO_HEADER) {
-                if let Some((id, answer)) = early_hello(&shared, identity.clone(), hello.as_bytes())
-                {
-                    let _ = early.set(id);
-                    if let Some(value) =
-                        answer.and_then(|a| HeaderValue::from_maybe_shared(Bytes::from(a)).ok())
-                    {
-                        resp.headers_mut().insert(wire::WELCOME_HEADER, value);
-                    }
-                }
-            }
-            Ok(resp)
         };
-        let config = ws::websocket_config(opts.config.max_message_size);
-        match async_tungstenite::accept_hdr_async_with_config(io, callback, Some(config)).await {
-            Ok(ws) => Some((ws, identity)),
-            Err(e) => {
-                debug!(error = %e, "upgrade refused or failed");
+        match answer {
+            Ok((response, identity, end)) => {
+                if let Err(e) = http::write_all(&mut io, &response).await {
+                    debug!(?peer, error = %e, "writing the 101 failed");
+                    return None;
+                }
+                let config = Some(ws::websocket_config(opts.config.max_message_size));
+                let ws = if buf.len() == end {
+                    WebSocketStream::from_raw_socket(io, Role::Server, config).await
+                } else {
+                    // The client did not wait for the `101`: what it sent
+                    // behind the request is the WebSocket stream's start.
+                    buf.drain(..end);
+                    WebSocketStream::from_partially_read(io, buf, Role::Server, config).await
+                };
+                Some((ws, identity))
+            }
+            Err(refusal) => {
+                debug!(
+                    ?peer,
+                    status = refusal.status,
+                    reason = refusal.reason,
+                    "upgrade refused"
+                );
+                drop(buf);
+                let _ = util::timeout(&*shared.runtime, opts.close_timeout, async {
+                    if http::write_all(&mut io, &refusal.response()).await.is_ok() {
+                        // Unread bytes would turn the close into a reset,
+                        // which can destroy the response before it is read.
+                        ws::linger(&mut io, http::MAX_HEAD).await;
+                    }
+                })
+                .await;
                 None
             }
         }
@@ -1486,6 +1609,50 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo) -> Option<Upgraded> {
             None
         }
     }
+}
+
+/// Checks an upgrade request (its form, the origin, the authenticator) and
+/// runs a `hello` it carries through the core: the `101` response and the
+/// identity, or the refusal.
+fn answer_upgrade(
+    shared: &Shared,
+    head: &[u8],
+    early: &std::sync::OnceLock<ConnectionId>,
+) -> Result<(Vec<u8>, Option<String>), http::Refusal> {
+    let opts = &shared.options;
+    let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
+    let (req, all) = http::parse(head, &mut headers)?;
+    if !opts.origins.allows(req.origin, Some(req.host)) {
+        return Err(http::Refusal::new(403, "origin not allowed"));
+    }
+    let mut identity = None;
+    if let Some(auth) = &opts.auth {
+        let headers = http::header_map(all)?;
+        let view = AuthRequest {
+            path: req.path,
+            query: req.query,
+            headers: &headers,
+        };
+        match auth(&view) {
+            Ok(id) => identity = id,
+            Err(AuthReject::Forbidden) => return Err(http::Refusal::new(403, "forbidden")),
+            Err(AuthReject::Unauthorized) => return Err(http::Refusal::new(401, "unauthorized")),
+        }
+    }
+    let mut welcome = None;
+    // A `hello` over the size a client may put in the header is not used:
+    // the `101` carries no answer and the client sends its `hello` as a
+    // frame (PROTOCOL.md, section 4.1).
+    if let Some(hello) = req.hello.filter(|h| h.len() <= wire::MAX_HELLO_HEADER) {
+        if let Some((id, answer)) = early_hello(shared, identity.clone(), hello) {
+            let _ = early.set(id);
+            welcome = answer;
+        }
+    }
+    Ok((
+        http::switching_protocols(req.key, welcome.as_deref()),
+        identity,
+    ))
 }
 
 /// Runs a `hello` from the upgrade request through the core, before the
@@ -1766,6 +1933,27 @@ async fn finish<S>(
             .await;
             report_closed(&shared, id, Some(order.code));
         }
+        Step::Ended(Some(Err(e))) => match ws::read_error_close(&e) {
+            // The peer broke the protocol (a message over the limit, text
+            // that is not UTF-8, bad framing): it gets the RFC's close code
+            // and the core hears the same code. tungstenite's reader is not
+            // used again; the rest of what the peer sends is discarded.
+            Some((code, reason)) => {
+                debug!(%code, reason, error = %e, "closing a connection that broke the protocol");
+                report_closed(&shared, id, Some(code));
+                let limit = shared.options.config.max_message_size.max(64 * 1024);
+                let _ = util::timeout(&*runtime, close_timeout, async {
+                    if ws.close(Some(ws::close_frame(code, reason))).await.is_ok() {
+                        ws::linger(ws.get_mut(), limit).await;
+                    }
+                })
+                .await;
+            }
+            None => {
+                trace!(error = %e, "connection failed");
+                report_closed(&shared, id, None);
+            }
+        },
         Step::Ended(_) | Step::WriteFailed => report_closed(&shared, id, None),
     }
 }
@@ -1854,6 +2042,37 @@ mod tests {
             }
         }
         (held.len(), held)
+    }
+
+    #[test]
+    fn origins() {
+        let same = OriginPolicy::SameHost;
+        let host = Some("app.example.com");
+        assert!(same.allows(None, host), "no Origin: not a browser");
+        assert!(same.allows(None, None));
+        assert!(same.allows(Some("https://app.example.com"), host));
+        assert!(same.allows(Some("https://APP.example.com"), Some("app.example.com:443")));
+        assert!(same.allows(Some("http://app.example.com:80"), host));
+        assert!(same.allows(Some("http://127.0.0.1:9000"), Some("127.0.0.1:9000")));
+        assert!(same.allows(Some("http://[::1]:9000"), Some("[::1]:9000")));
+        assert!(!same.allows(Some("https://evil.example"), host));
+        assert!(!same.allows(Some("https://app.example.com:8443"), host));
+        assert!(!same.allows(Some("http://app.example.com"), Some("app.example.com:443")));
+        assert!(!same.allows(Some("http://127.0.0.1:9001"), Some("127.0.0.1:9000")));
+        assert!(!same.allows(Some("null"), host));
+        assert!(!same.allows(Some("https://app.example.com/path"), host));
+        assert!(!same.allows(Some("https://app.example.com"), None));
+        let list = OriginPolicy::AllowList(vec![
+            "https://app.example.com".into(),
+            "http://localhost:3000/".into(),
+        ]);
+        assert!(list.allows(None, host));
+        assert!(list.allows(Some("https://app.example.com"), Some("api.example.com")));
+        assert!(list.allows(Some("http://localhost:3000"), Some("api.example.com")));
+        assert!(!list.allows(Some("http://localhost:3001"), Some("localhost:3001")));
+        assert!(!list.allows(Some("https://evil.example"), host));
+        assert!(OriginPolicy::Any.allows(Some("https://evil.example"), host));
+        assert_eq!(ServerOptions::default().origins, OriginPolicy::SameHost);
     }
 
     #[test]

@@ -6,9 +6,13 @@
 
 use std::sync::Arc;
 
+use std::pin::Pin;
+
+use async_tungstenite::tungstenite::error::ProtocolError;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use async_tungstenite::tungstenite::{Message, Utf8Bytes};
+use async_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use futures_io::{AsyncRead, AsyncWrite};
 use kitestring_core::close::CloseCode;
 use kitestring_core::wire::Transmit;
 
@@ -79,6 +83,73 @@ pub(crate) fn close_code(frame: &Option<CloseFrame>) -> (Option<CloseCode>, Stri
             f.reason.as_str().to_owned(),
         ),
         None => (Some(CloseCode(1005)), String::new()),
+    }
+}
+
+/// What a failed read means for the peer: the close code RFC 6455 asks for
+/// (section 7.4.1) and a short reason, or `None` when the transport itself
+/// ended or failed (EOF, reset, an IO error) and no close frame is owed.
+///
+/// - a message or frame over the limit (`Error::Capacity`): 1009;
+/// - a text message that is not UTF-8 (`Error::Utf8`): 1007;
+/// - any other violation of the framing (`Error::Protocol`: an unmasked
+///   client frame, RSV bits without an extension, a reserved opcode, a
+///   control frame over 125 bytes or fragmented, a continuation without a
+///   start, a bad close frame, ...): 1002.
+///
+/// tungstenite leaves its write side usable after these errors (the state
+/// stays active), so the close frame can still go out through the stream;
+/// its read side must not be used again (after a frame header over the
+/// limit, it would go on to read the body).
+pub(crate) fn read_error_close(e: &WsError) -> Option<(CloseCode, &'static str)> {
+    match e {
+        WsError::Capacity(_) => Some((CloseCode::MESSAGE_TOO_BIG, "message too big")),
+        WsError::Utf8(_) => Some((CloseCode::INVALID_PAYLOAD, "text message is not UTF-8")),
+        WsError::Protocol(p) => {
+            let reason = match p {
+                // The peer dropped the transport: nothing to answer.
+                ProtocolError::ResetWithoutClosingHandshake => return None,
+                ProtocolError::UnmaskedFrameFromClient => "unmasked client frame",
+                ProtocolError::MaskedFrameFromServer => "masked server frame",
+                ProtocolError::NonZeroReservedBits => "reserved bits set",
+                ProtocolError::UnknownControlFrameType(_)
+                | ProtocolError::UnknownDataFrameType(_)
+                | ProtocolError::InvalidOpcode(_) => "reserved opcode",
+                ProtocolError::ControlFrameTooBig => "control frame over 125 bytes",
+                ProtocolError::FragmentedControlFrame => "fragmented control frame",
+                ProtocolError::UnexpectedContinueFrame => "continuation without a start",
+                ProtocolError::ExpectedFragment(_) => "expected a continuation frame",
+                ProtocolError::InvalidCloseSequence => "invalid close frame",
+                ProtocolError::ReceivedAfterClosing => "frame after close",
+                _ => "protocol error",
+            };
+            Some((CloseCode::PROTOCOL_ERROR, reason))
+        }
+        _ => None,
+    }
+}
+
+/// After a close frame went out on a connection whose reads failed (its
+/// framing can no longer be trusted): ends the write half (the peer reads
+/// the close frame, then EOF) and reads and discards what the peer still
+/// sends, at most `limit` bytes through a 1 KiB buffer, until it closes.
+/// Closing a socket with unread bytes makes the kernel send a reset, which
+/// can destroy the close frame before the peer read it. The caller bounds
+/// the time.
+pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, limit: usize) {
+    if futures_util::future::poll_fn(|cx| Pin::new(&mut *io).poll_close(cx))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = [0u8; 1024];
+    let mut left = limit;
+    while left > 0 {
+        match futures_util::future::poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, &mut buf)).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
     }
 }
 

@@ -1,0 +1,452 @@
+//! The server's side of the HTTP upgrade, read and answered by hand: the
+//! request head is read into one buffer (bounded), parsed by `httparse`
+//! without copying, checked, and answered with `101` or a plain HTTP error
+//! status. The bytes a client sent behind its request (a `hello` frame
+//! written in the same packet) stay in the buffer and are handed to
+//! tungstenite as the start of the WebSocket stream.
+//!
+//! tungstenite's own server handshake refuses such bytes
+//! (`JunkAfterRequest`) and answers nothing at all to a request it refuses
+//! by itself (not an upgrade, headers over its limit): the peer saw the
+//! connection drop. Here every refusal gets a status and a short reason.
+
+use std::io;
+use std::pin::Pin;
+
+use async_tungstenite::tungstenite::http::{HeaderMap, HeaderName, HeaderValue};
+use futures_io::{AsyncRead, AsyncWrite};
+
+/// Largest request head accepted (request line and headers): 64 KiB, as
+/// tungstenite's own handshake. A longer one is answered 431.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// Most header lines accepted (tungstenite's number); more is answered 431.
+pub(crate) const MAX_HEADERS: usize = 124;
+/// The first read's buffer: an upgrade request with a `hello` and a token
+/// fits.
+const FIRST_READ: usize = 4 * 1024;
+
+/// Why no request head could be read.
+#[derive(Debug)]
+pub(crate) enum HeadError {
+    /// Over [`MAX_HEAD`] bytes without the end of the head.
+    TooLarge,
+    /// The peer closed (or the read failed) before the head was complete.
+    Closed(Option<io::Error>),
+}
+
+/// Reads from `io` until `buf` holds a complete request head; returns the
+/// head's length. Bytes past it (the start of the WebSocket stream) stay in
+/// `buf`. Only the bytes each read added are searched for the end of the
+/// head, so a peer trickling bytes costs no repeated scans.
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<usize, HeadError> {
+    buf.clear();
+    buf.resize(FIRST_READ, 0);
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            if buf.len() > MAX_HEAD {
+                return Err(HeadError::TooLarge);
+            }
+            // One byte over the limit tells a head of exactly the limit
+            // from a longer one.
+            let grown = (buf.len() * 2).min(MAX_HEAD + 1);
+            buf.resize(grown, 0);
+        }
+        let n = match futures_util::future::poll_fn(|cx| {
+            Pin::new(&mut *io).poll_read(cx, &mut buf[filled..])
+        })
+        .await
+        {
+            Ok(0) => {
+                buf.truncate(filled);
+                return Err(HeadError::Closed(None));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                buf.truncate(filled);
+                return Err(HeadError::Closed(Some(e)));
+            }
+        };
+        let from = filled.saturating_sub(3);
+        filled += n;
+        if let Some(end) = head_end(&buf[from..filled]) {
+            let end = from + end;
+            if end > MAX_HEAD {
+                return Err(HeadError::TooLarge);
+            }
+            buf.truncate(filled);
+            return Ok(end);
+        }
+    }
+}
+
+/// Where the head in `bytes` ends: after the first empty line (`\r\n\r\n`,
+/// or `\n\n` as httparse also accepts).
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(at) = bytes[i..].iter().position(|&b| b == b'\n') {
+        let nl = i + at;
+        match bytes.get(nl + 1) {
+            Some(b'\n') => return Some(nl + 2),
+            Some(b'\r') if bytes.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+            _ => {}
+        }
+        i = nl + 1;
+    }
+    None
+}
+
+/// An HTTP refusal: the status, the reason (logged, and the response
+/// body), and header lines the status calls for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) status: u16,
+    pub(crate) reason: &'static str,
+    /// Extra header lines, each ending in `\r\n`.
+    pub(crate) headers: &'static str,
+}
+
+impl Refusal {
+    pub(crate) const fn new(status: u16, reason: &'static str) -> Self {
+        Refusal {
+            status,
+            reason,
+            headers: "",
+        }
+    }
+
+    /// 400 Bad Request.
+    pub(crate) const fn bad(reason: &'static str) -> Self {
+        Self::new(400, reason)
+    }
+
+    /// 426 Upgrade Required: not a WebSocket upgrade.
+    pub(crate) const NOT_AN_UPGRADE: Refusal = Refusal {
+        status: 426,
+        reason: "this is a WebSocket endpoint: upgrade to websocket",
+        headers: "upgrade: websocket\r\n",
+    };
+
+    /// 426 Upgrade Required with the version this server speaks (RFC 6455,
+    /// section 4.4).
+    pub(crate) const WRONG_VERSION: Refusal = Refusal {
+        status: 426,
+        reason: "unsupported Sec-WebSocket-Version",
+        headers: "sec-websocket-version: 13\r\n",
+    };
+
+    /// 431 Request Header Fields Too Large.
+    pub(crate) const TOO_LARGE: Refusal = Refusal::new(431, "request header fields too large");
+
+    /// The whole response: status line, headers, the reason as a text body.
+    pub(crate) fn response(&self) -> Vec<u8> {
+        let phrase = match self.status {
+            400 => "Bad Request",
+            401 => "Unauthorized",
+            403 => "Forbidden",
+            405 => "Method Not Allowed",
+            426 => "Upgrade Required",
+            431 => "Request Header Fields Too Large",
+            _ => "Error",
+        };
+        // A 426 names the protocol to upgrade to, and then must say
+        // `upgrade` in `connection` too (RFC 9110, section 7.8).
+        let connection = if self.headers.starts_with("upgrade:") {
+            "upgrade, close"
+        } else {
+            "close"
+        };
+        format!(
+            "HTTP/1.1 {} {phrase}\r\n{}connection: {connection}\r\n\
+             content-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{}\n",
+            self.status,
+            self.headers,
+            self.reason.len() + 1,
+            self.reason,
+        )
+        .into_bytes()
+    }
+}
+
+/// The parts of an upgrade request the server looks at, borrowed from the
+/// buffer it was read into.
+#[derive(Debug)]
+pub(crate) struct Upgrade<'b> {
+    pub(crate) path: &'b str,
+    pub(crate) query: Option<&'b str>,
+    pub(crate) key: &'b [u8],
+    pub(crate) host: &'b str,
+    pub(crate) origin: Option<&'b str>,
+    pub(crate) hello: Option<&'b [u8]>,
+}
+
+/// Parses and checks an upgrade request head. `headers` receives the header
+/// lines (for [`header_map`]).
+pub(crate) fn parse<'h, 'b>(
+    head: &'b [u8],
+    headers: &'h mut [httparse::Header<'b>],
+) -> Result<(Upgrade<'b>, &'h [httparse::Header<'b>]), Refusal> {
+    let mut req = httparse::Request::new(headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Refusal::bad("incomplete request")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TOO_LARGE),
+        Err(_) => return Err(Refusal::bad("malformed HTTP request")),
+    }
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(Refusal::bad("malformed HTTP request"));
+    };
+    let headers: &'h [httparse::Header<'b>] = req.headers;
+    if method != "GET" {
+        return Err(Refusal {
+            status: 405,
+            reason: "a WebSocket upgrade is a GET request",
+            headers: "allow: GET\r\n",
+        });
+    }
+    if version < 1 {
+        return Err(Refusal::bad("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    let mut upgrade = false;
+    let mut connection_upgrade = false;
+    let mut version = None;
+    let mut key = None;
+    let mut host = None;
+    let mut origin = None;
+    let mut hello = None;
+    for h in headers {
+        let name = h.name;
+        let once = |slot: &mut Option<&'b [u8]>, why: &'static str| {
+            if slot.replace(h.value).is_some() {
+                Err(Refusal::bad(why))
+            } else {
+                Ok(())
+            }
+        };
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade |= has_token(h.value, "websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= has_token(h.value, "upgrade");
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            once(&mut version, "more than one Sec-WebSocket-Version")?;
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            once(&mut key, "more than one Sec-WebSocket-Key")?;
+        } else if name.eq_ignore_ascii_case("host") {
+            once(&mut host, "more than one Host")?;
+        } else if name.eq_ignore_ascii_case("origin") {
+            once(&mut origin, "more than one Origin")?;
+        } else if name.eq_ignore_ascii_case(kitestring_core::wire::HELLO_HEADER) && hello.is_none()
+        {
+            hello = Some(h.value);
+        }
+    }
+    if !upgrade || !connection_upgrade {
+        return Err(Refusal::NOT_AN_UPGRADE);
+    }
+    if version.map(<[u8]>::trim_ascii) != Some(b"13") {
+        return Err(Refusal::WRONG_VERSION);
+    }
+    let key = match key.map(<[u8]>::trim_ascii) {
+        Some(k) if valid_key(k) => k,
+        Some(_) => return Err(Refusal::bad("invalid Sec-WebSocket-Key")),
+        None => return Err(Refusal::bad("missing Sec-WebSocket-Key")),
+    };
+    let host = match host.map(|h| std::str::from_utf8(h.trim_ascii())) {
+        Some(Ok(h)) if !h.is_empty() => h,
+        _ => return Err(Refusal::bad("missing or invalid Host")),
+    };
+    let origin = match origin.map(|o| std::str::from_utf8(o.trim_ascii())) {
+        None => None,
+        Some(Ok(o)) => Some(o),
+        Some(Err(_)) => return Err(Refusal::bad("invalid Origin")),
+    };
+    let (path, query) = split_target(target)?;
+    Ok((
+        Upgrade {
+            path,
+            query,
+            key,
+            host,
+            origin,
+            hello,
+        },
+        headers,
+    ))
+}
+
+/// The path and query of a request target: origin form (`/ws?x=1`), or
+/// absolute form (`http://host/ws?x=1`).
+fn split_target(target: &str) -> Result<(&str, Option<&str>), Refusal> {
+    let rest = if target.starts_with('/') {
+        target
+    } else if let Some((_, after)) = target.split_once("://") {
+        match after.find('/') {
+            Some(i) => &after[i..],
+            None => "/",
+        }
+    } else {
+        return Err(Refusal::bad("invalid request target"));
+    };
+    let rest = rest.split('#').next().unwrap_or(rest);
+    Ok(match rest.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (rest, None),
+    })
+}
+
+/// Whether a comma-separated header value holds `token` (any case).
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// A `Sec-WebSocket-Key`: the base64 of 16 bytes, so 22 characters, the
+/// last carrying no trailing bits, and `==`.
+fn valid_key(key: &[u8]) -> bool {
+    let b64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+    key.len() == 24
+        && key[..21].iter().all(|&b| b64(b))
+        && matches!(key[21], b'A' | b'Q' | b'g' | b'w')
+        && &key[22..] == b"=="
+}
+
+/// The request's headers as an `http::HeaderMap`, for the authentication
+/// callback. Built only when there is one.
+pub(crate) fn header_map(headers: &[httparse::Header<'_>]) -> Result<HeaderMap, Refusal> {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for h in headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Refusal::bad("invalid header name"))?;
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| Refusal::bad("invalid header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// The `101` response, with the `Kitestring-Welcome` header if given (and
+/// a valid header value).
+pub(crate) fn switching_protocols(key: &[u8], welcome: Option<&str>) -> Vec<u8> {
+    let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    let welcome = welcome.filter(|w| w.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)));
+    let mut r = Vec::with_capacity(160 + welcome.map_or(0, |w| w.len() + 24));
+    r.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-accept: ",
+    );
+    r.extend_from_slice(accept.as_bytes());
+    if let Some(w) = welcome {
+        r.extend_from_slice(b"\r\n");
+        r.extend_from_slice(kitestring_core::wire::WELCOME_HEADER.as_bytes());
+        r.extend_from_slice(b": ");
+        r.extend_from_slice(w.as_bytes());
+    }
+    r.extend_from_slice(b"\r\n\r\n");
+    r
+}
+
+/// Writes all of `bytes` and flushes.
+pub(crate) async fn write_all<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    mut bytes: &[u8],
+) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let n =
+            futures_util::future::poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, bytes)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    futures_util::future::poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn request(extra: &str) -> String {
+        format!(
+            "GET /ws?x=1 HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\n\
+             Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n\
+             Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    }
+
+    fn check(req: &str) -> Result<(), Refusal> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        parse(req.as_bytes(), &mut headers).map(|_| ())
+    }
+
+    #[test]
+    fn a_good_request_parses() {
+        let req = request("Origin: https://example.com\r\nKitestring-Hello: {}\r\n");
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let (u, all) = parse(req.as_bytes(), &mut headers).unwrap();
+        assert_eq!((u.path, u.query), ("/ws", Some("x=1")));
+        assert_eq!(u.key, KEY.as_bytes());
+        assert_eq!(u.host, "example.com");
+        assert_eq!(u.origin, Some("https://example.com"));
+        assert_eq!(u.hello, Some(&b"{}"[..]));
+        assert_eq!(all.len(), 7);
+        assert_eq!(header_map(all).unwrap().len(), 7);
+        let r = String::from_utf8(switching_protocols(u.key, Some("{\"t\":1}"))).unwrap();
+        assert!(r.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(r.ends_with("kitestring-welcome: {\"t\":1}\r\n\r\n"));
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_their_status() {
+        let status = |req: &str| check(req).unwrap_err().status;
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: a\r\n\r\n"), 426);
+        assert_eq!(
+            status(&request("").replace("Version: 13", "Version: 8")),
+            426
+        );
+        assert_eq!(
+            status(&request("").replace("Sec-WebSocket-Version: 13\r\n", "")),
+            426
+        );
+        assert_eq!(status(&request("").replace(KEY, "AAAA")), 400);
+        assert_eq!(
+            status(&request("").replace(KEY, "dGhlIHNhbXBsZSBub25jZR==")),
+            400
+        );
+        assert_eq!(
+            status(&request("").replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), "")),
+            400
+        );
+        assert_eq!(
+            status(&request("").replace("Host: example.com\r\n", "")),
+            400
+        );
+        assert_eq!(status(&request("Host: other\r\n")), 400);
+        assert_eq!(status(&request("").replace("GET", "POST")), 405);
+        assert_eq!(status(&request("").replace("HTTP/1.1", "HTTP/1.0")), 400);
+        assert_eq!(status("GET /\0 HTTP/1.1\r\n\r\n"), 400);
+        let many: String = (0..MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert_eq!(status(&request(&many)), 431);
+    }
+
+    #[test]
+    fn the_end_of_the_head_is_found_in_any_split() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nrest"), Some(21));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+    }
+
+    #[test]
+    fn keys() {
+        assert!(valid_key(KEY.as_bytes()));
+        assert!(!valid_key(b"dGhlIHNhbXBsZSBub25jZQ="));
+        assert!(!valid_key(b"dGhlIHNhbXBsZSBub25jZQ!="));
+        assert!(!valid_key(b"AAAAAAAAAAAAAAAAAAAAAAAA"));
+    }
+}
