@@ -48,6 +48,9 @@ impl CorePair {
         };
         let server_cfg = ServerConfig {
             codecs: vec![codec, Codec::Json],
+            // The protocol's own cost: the loop sends far past any rate
+            // limit in a single instant.
+            rate_limit: None,
             ..ServerConfig::default()
         };
         let mut client = Client::new(client_cfg, ClientId([1; 16]), 1).expect("valid config");

@@ -37,8 +37,12 @@ pub(crate) struct Load {
 /// Starts a Kitestring echo server on `runtime`.
 pub(crate) fn ours_echo_server(runtime: &Arc<dyn Runtime>) -> (ServerHandle, SocketAddr) {
     let addr: SocketAddr = "127.0.0.1:0".parse().expect("address");
-    let (handle, mut events) =
-        kitestring::bind(runtime.clone(), addr, ServerOptions::default()).expect("bind");
+    let mut options = ServerOptions::default();
+    // One connection sends hundreds of thousands of messages a second:
+    // flood protection (on by default) would measure the limit, as the
+    // tungstenite baseline has none.
+    options.config.rate_limit = None;
+    let (handle, mut events) = kitestring::bind(runtime.clone(), addr, options).expect("bind");
     let echo = handle.clone();
     runtime.spawn(Box::pin(async move {
         while let Some(event) = events.next().await {

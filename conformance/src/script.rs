@@ -176,6 +176,7 @@ fn welcome_frame(session: SessionId, resumed: bool, lost: Option<String>, delive
         ping_interval_ms: 30_000,
         pong_timeout_ms: 10_000,
         max_message: 1 << 20,
+        key: None,
     })
 }
 

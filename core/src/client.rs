@@ -25,7 +25,7 @@ use crate::time::Instant;
 use crate::timer::{TimerKind, TimerTable};
 use crate::wire::{
     self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
-    Reject, Resume, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
+    Reject, Resume, ResumeKey, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
 };
 
 /// Identifies one transport (one WebSocket connection attempt). A new id is
@@ -221,7 +221,7 @@ impl TransportError {
         match self {
             TransportError::Http { status: 401, .. } => Disposition::Reauthenticate,
             TransportError::Http {
-                status: 400 | 403 | 404 | 405 | 410 | 426,
+                status: 400 | 403 | 404 | 405 | 410 | 426 | 431,
                 ..
             } => Disposition::Fail,
             TransportError::Http {
@@ -619,6 +619,8 @@ pub struct Client {
     request_deadlines: BTreeSet<(Instant, MessageId)>,
     conn: Option<Conn>,
     session: Option<SessionId>,
+    /// The secret that resumes `session`, from its `welcome`.
+    resume_key: Option<ResumeKey>,
     outbound: Outbound,
     inbound: Inbound,
     next_id: u64,
@@ -669,6 +671,7 @@ impl Client {
             request_deadlines: BTreeSet::new(),
             conn: None,
             session: None,
+            resume_key: None,
             outbound,
             inbound: Inbound::default(),
             next_id: 1,
@@ -1232,6 +1235,7 @@ impl Client {
             resume: self.session.map(|session| Resume {
                 session,
                 delivered: self.inbound.delivered(),
+                key: self.resume_key,
             }),
             caps: with_own_caps(&self.config.capabilities),
             codecs: self.config.codecs.clone(),
@@ -1760,6 +1764,7 @@ impl Client {
             self.discard_session(reason, false);
         }
         self.session = Some(w.session);
+        self.resume_key = w.key;
         self.inbound.on_new_connection();
         self.stats.opens += 1;
         self.emit(Event::Connected {
@@ -2246,6 +2251,7 @@ mod tests {
             ping_interval_ms: 30_000,
             pong_timeout_ms: 10_000,
             max_message: 1 << 20,
+            key: None,
         });
         let wire = wire::encode(&w, Codec::Json, 1).unwrap();
         c.handle_message(now, t, wire.as_incoming());
@@ -2392,6 +2398,7 @@ mod tests {
             ping_interval_ms: 30_000,
             pong_timeout_ms: 10_000,
             max_message: 1 << 20,
+            key: None,
         });
         c.handle_message(
             Instant::from_secs(3),

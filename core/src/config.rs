@@ -192,6 +192,36 @@ impl ClientConfig {
     }
 }
 
+/// The server's secret for resume keys (PROTOCOL.md, section 6): each
+/// session's key is a keyed hash (SipHash-2-4, 128 bits) of its id under this
+/// secret, so the server keeps no key per session and every process that
+/// shares the secret can check a key. Its `Debug` form hides it.
+///
+/// The default (all zeros) makes keys computable by anyone who knows a
+/// session's id: the driver draws a random secret when it is left at the
+/// default. Set the same secret on every process that must resume the
+/// same sessions.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ResumeSecret(pub [u8; 16]);
+
+impl ResumeSecret {
+    /// Whether this is the all-zero default, which must not be used where
+    /// sessions are worth protecting.
+    pub fn is_unset(&self) -> bool {
+        self.0 == [0; 16]
+    }
+}
+
+impl std::fmt::Debug for ResumeSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_unset() {
+            "ResumeSecret(unset)"
+        } else {
+            "ResumeSecret(…)"
+        })
+    }
+}
+
 /// Server machine settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerConfig {
@@ -233,6 +263,9 @@ pub struct ServerConfig {
     /// How long a session outlives its connection, buffering outbound
     /// messages, so that a client can resume it. Default 60 s.
     pub session_grace: Duration,
+    /// The secret resume keys are derived from. Default: unset (all
+    /// zeros), which the driver replaces with a random secret.
+    pub resume_secret: ResumeSecret,
     /// Per-connection limits on messages and bytes a client may send per
     /// second, with bursts; what happens beyond them is the limit's policy
     /// (push back by pausing reads, refuse by id, or close with 1008).
@@ -276,6 +309,7 @@ impl Default for ServerConfig {
             },
             reliability: ReliabilityConfig::default(),
             batch: None,
+            resume_secret: ResumeSecret::default(),
             rate_limit: Some(RateLimitConfig::default()),
             max_room_size: 10_000,
             max_rooms_per_session: 64,

@@ -27,7 +27,7 @@ use crate::server::{ConnectionId, Server, ServerEvent, ServerOutput};
 use crate::time::Instant;
 use crate::wire::{
     self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
-    Reject, Resume, SessionId, Transmit, Welcome, BINARY_HEADER_LEN, KIND_MSGPACK,
+    Reject, Resume, ResumeKey, SessionId, Transmit, Welcome, BINARY_HEADER_LEN, KIND_MSGPACK,
     PROTOCOL_VERSION,
 };
 
@@ -704,6 +704,7 @@ impl ArbFrame {
                     resume: resume.map(|(s, delivered)| Resume {
                         session: SessionId(s),
                         delivered,
+                        key: (delivered % 2 == 0).then_some(ResumeKey(s)),
                     }),
                     caps: caps.clone(),
                     codecs: codecs.iter().map(|m| codec_of(*m)).collect(),
@@ -725,6 +726,7 @@ impl ArbFrame {
                     return None;
                 }
                 Frame::Welcome(Welcome {
+                    key: (*delivered % 2 == 1).then_some(ResumeKey(*session)),
                     version: *version,
                     codec: codec_of(*msgpack),
                     session: SessionId(*session),
@@ -1548,6 +1550,7 @@ impl ClientHarness {
                     _ => SessionId([*session; 16]),
                 };
                 Frame::Welcome(Welcome {
+                    key: Some(ResumeKey(session.0)),
                     version: version_other.unwrap_or(PROTOCOL_VERSION),
                     codec: codec_of(*msgpack),
                     session,
@@ -2223,6 +2226,9 @@ impl ServerHarness {
             Resume {
                 session,
                 delivered: d.resolve(base),
+                // The right key for a known session, as a real client has
+                // it from the welcome; none for an unknown one.
+                key: known.then(|| self.server.resume_key(session)),
             }
         });
         Frame::Hello(Hello {
@@ -2883,6 +2889,7 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
             resume: Some(Resume {
                 session: sid,
                 delivered: 41,
+                key: Some(ResumeKey([0x4b; 16])),
             }),
             caps: vec!["batch".into()],
             codecs: vec![Codec::Json],
@@ -2898,6 +2905,7 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
             ping_interval_ms: 30_000,
             pong_timeout_ms: 10_000,
             max_message: 1 << 20,
+            key: Some(ResumeKey([0x4b; 16])),
         }),
         Frame::Welcome(Welcome {
             version: 1,
@@ -2910,6 +2918,7 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
             ping_interval_ms: 30_000,
             pong_timeout_ms: 10_000,
             max_message: 1 << 20,
+            key: None,
         }),
         Frame::Reject(Reject {
             code: 4001,

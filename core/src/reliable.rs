@@ -362,9 +362,7 @@ impl Outbound {
     /// Whether a message pushed now would be numbered at once: nothing
     /// waits ahead of it and the window has room.
     pub(crate) fn has_room(&self) -> bool {
-        self.waiting.is_empty()
-            && self.window.len() < self.window_limit_messages
-            && self.window_bytes < self.window_limit_bytes
+        self.waiting.is_empty() && self.window_has_room(0)
     }
 
     /// The highest sequence number the peer has acknowledged.

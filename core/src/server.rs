@@ -29,7 +29,7 @@ use crate::rooms::{AllowAll, JoinError, Member, Presence, Refusal, RoomPolicy, R
 use crate::time::Instant;
 use crate::wire::{
     self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
-    Reject, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
+    Reject, ResumeKey, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
 };
 
 /// Deterministic hashing: iteration order must not depend on the process.
@@ -1039,6 +1039,15 @@ impl Server {
 
     // ---- internals --------------------------------------------------------
 
+    /// The key that resumes `session`: SipHash-2-4 (128 bits) of its id
+    /// under the configured [`ResumeSecret`](crate::config::ResumeSecret).
+    pub(crate) fn resume_key(&self, session: SessionId) -> ResumeKey {
+        use siphasher::sip128::{Hasher128, SipHasher24};
+        let mut h = SipHasher24::new_with_key(&self.config.resume_secret.0);
+        core::hash::Hasher::write(&mut h, &session.0);
+        ResumeKey(h.finish128().as_bytes())
+    }
+
     fn advance(&mut self, now: Instant) {
         if now > self.now {
             self.now = now;
@@ -1640,8 +1649,15 @@ impl Server {
         let mut lost = None;
         let mut resumed = None;
         if let Some(r) = h.resume {
+            let key_ok = r
+                .key
+                .is_some_and(|k| k.matches(&self.resume_key(r.session)));
             match self.sessions.get(&r.session) {
+                // A wrong or missing key is an unknown session: knowing a
+                // session's id (from logs, say) is not enough, and the
+                // answer does not say whether the session exists.
                 None => lost = Some("unknown_session"),
+                Some(_) if !key_ok => lost = Some("unknown_session"),
                 Some(s) if s.identity != identity => {
                     // Another identity holds this session id: never hand it over.
                     self.stats.resumes_failed += 1;
@@ -1760,6 +1776,7 @@ impl Server {
             ping_interval_ms: duration_ms(self.config.ping_interval),
             pong_timeout_ms: duration_ms(self.config.pong_timeout),
             max_message: self.config.max_message_size as u64,
+            key: Some(self.resume_key(session)),
         });
         self.answer_hello(connection, &welcome, version);
         self.emit(ServerEvent::SessionOpened {
@@ -2763,11 +2780,13 @@ mod tests {
         s.handle_message(Instant::ZERO, c, Incoming::Text(r#"{"t":"ack","ack":2}"#));
         s.handle_connection_closed(Instant::ZERO, c, None);
         drain(&mut s);
+        let key = s.resume_key(session);
         let resume = |session: SessionId, delivered: u64| {
             format!(
-                r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":{delivered}}}"#,
+                r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":{delivered},"key":"{}"}}"#,
                 ClientId([2; 16]).to_hex(),
-                session.to_hex()
+                session.to_hex(),
+                key.to_hex()
             )
         };
         let c2 = s.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
@@ -2784,6 +2803,62 @@ mod tests {
         let c2 = s2.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
         s2.handle_message(Instant::ZERO, c2, Incoming::Text(&resume(session, 1)));
         assert!(welcome_of(&drain(&mut s2)).unwrap().resumed);
+    }
+
+    /// Knowing a session's id is not enough to resume it: without the key
+    /// from its welcome, or with another one, the resume is refused as an
+    /// unknown session (whether the session exists is not revealed), and the
+    /// session is left untouched for its owner.
+    #[test]
+    fn a_resume_needs_the_key_from_the_welcome() {
+        let config = ServerConfig {
+            resume_secret: crate::config::ResumeSecret([7; 16]),
+            ..ServerConfig::default()
+        };
+        let mut s = Server::new(config.clone()).unwrap();
+        let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+        let w = welcome_of(&drain(&mut s)).unwrap();
+        let key = w.key.expect("a welcome carries the session's key");
+        s.handle_connection_closed(Instant::ZERO, c, None);
+        let attempt = |s: &mut Server, fresh: u8, key: Option<ResumeKey>| {
+            let c = s.handle_connection(Instant::ZERO, None, SessionId([fresh; 16]));
+            let key = key
+                .map(|k| format!(r#","key":"{}""#, k.to_hex()))
+                .unwrap_or_default();
+            let text = format!(
+                r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":0{key}}}"#,
+                ClientId([2; 16]).to_hex(),
+                w.session.to_hex()
+            );
+            s.handle_message(Instant::ZERO, c, Incoming::Text(&text));
+            welcome_of(&drain(s)).unwrap()
+        };
+        for (fresh, wrong) in [
+            (2, None),
+            (4, Some(ResumeKey([0; 16]))),
+            (5, Some(ResumeKey(w.session.0))),
+        ] {
+            let answer = attempt(&mut s, fresh, wrong);
+            assert!(!answer.resumed);
+            assert_eq!(answer.lost.as_deref(), Some("unknown_session"));
+            assert_ne!(answer.session, w.session);
+        }
+        assert!(s.session(w.session).is_some(), "the session is untouched");
+        let answer = attempt(&mut s, 3, Some(key));
+        assert!(answer.resumed);
+        assert_eq!(answer.session, w.session);
+        // Another process with the same secret takes the same key; one with
+        // another secret does not.
+        assert!(Server::new(config)
+            .unwrap()
+            .resume_key(w.session)
+            .matches(&key));
+        assert!(!Server::new(ServerConfig::default())
+            .unwrap()
+            .resume_key(w.session)
+            .matches(&key));
+        assert_eq!(format!("{key:?}"), "ResumeKey(…)", "never logged");
     }
 
     fn limited(policy: crate::ratelimit::RateLimitPolicy) -> Server {

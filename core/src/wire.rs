@@ -376,6 +376,41 @@ id128!(
     ClientId
 );
 
+/// The secret that resumes a session (PROTOCOL.md, section 6): given to the
+/// client in the `welcome`, shown in the `hello` to resume. Unlike the
+/// [`SessionId`], which appears in logs and events, it is never logged
+/// (its `Debug` form hides it), so knowing a session's id is not enough to
+/// take the session over.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ResumeKey(pub [u8; 16]);
+
+impl ResumeKey {
+    /// The key as 32 lowercase hex digits, as on the wire.
+    pub fn to_hex(&self) -> String {
+        SessionId(self.0).to_hex()
+    }
+
+    /// Parses 32 hex digits (either case).
+    pub fn from_hex(s: &str) -> Option<Self> {
+        SessionId::from_hex(s).map(|id| ResumeKey(id.0))
+    }
+
+    /// Compares in time independent of where the keys differ.
+    pub fn matches(&self, other: &ResumeKey) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl fmt::Debug for ResumeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResumeKey(…)")
+    }
+}
+
 /// The client's opening frame.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Hello {
@@ -399,6 +434,9 @@ pub struct Resume {
     pub session: SessionId,
     /// The last sequence number this side delivered to its application.
     pub delivered: u64,
+    /// The session's resume key, from its `welcome` (`None` from a client
+    /// that never got one: the resume then fails as `unknown_session`).
+    pub key: Option<ResumeKey>,
 }
 
 /// The server's acceptance of a [`Hello`].
@@ -425,6 +463,9 @@ pub struct Welcome {
     pub pong_timeout_ms: u64,
     /// The largest message the server accepts, in bytes.
     pub max_message: u64,
+    /// The secret to show when resuming this session (`None` from a server
+    /// that does not use resume keys).
+    pub key: Option<ResumeKey>,
 }
 
 /// The server's refusal of a [`Hello`].
@@ -1010,6 +1051,19 @@ struct HandshakeEnvelope<'a> {
     message: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retry: Option<u64>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    key: Option<Cow<'a, str>>,
+}
+
+/// A `key` field: 32 hex digits when present.
+fn resume_key(key: Option<Cow<'_, str>>) -> Result<Option<ResumeKey>, DecodeError> {
+    key.map(|k| {
+        ResumeKey::from_hex(&k).ok_or(DecodeError::InvalidField {
+            field: "key",
+            reason: "not 32 hex digits",
+        })
+    })
+    .transpose()
 }
 
 /// The numbers of a `msg` (or of a batch's) whose envelope did not decode:
@@ -1505,6 +1559,7 @@ fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError>
     let mut env = HandshakeEnvelope::default();
     let hex_session;
     let hex_client;
+    let hex_key;
     match frame {
         Frame::Hello(h) => {
             env.t = "hello".into();
@@ -1515,6 +1570,8 @@ fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError>
                 hex_session = r.session.to_hex();
                 env.session = Some(hex_session.as_str().into());
                 env.delivered = Some(r.delivered);
+                hex_key = r.key.map(|k| k.to_hex());
+                env.key = hex_key.as_deref().map(Cow::Borrowed);
             }
             env.caps = Some(h.caps.iter().map(|c| c.as_str().into()).collect());
             env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
@@ -1532,6 +1589,8 @@ fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError>
             env.ping_ms = Some(w.ping_interval_ms);
             env.pong_ms = Some(w.pong_timeout_ms);
             env.max = Some(w.max_message);
+            hex_key = w.key.map(|k| k.to_hex());
+            env.key = hex_key.as_deref().map(Cow::Borrowed);
         }
         Frame::Reject(r) => {
             env.t = "reject".into();
@@ -2674,6 +2733,7 @@ fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, DecodeError> {
                         reason: "not 32 hex digits",
                     })?,
                     delivered,
+                    key: resume_key(env.key)?,
                 }),
                 (None, None) => None,
                 (Some(_), None) => {
@@ -2722,6 +2782,7 @@ fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, DecodeError> {
                 ping_interval_ms: need(env.ping_ms, "welcome", "ping_ms")?,
                 pong_timeout_ms: need(env.pong_ms, "welcome", "pong_ms")?,
                 max_message: need(env.max, "welcome", "max")?,
+                key: resume_key(env.key)?,
             })
         }
         "reject" => Frame::Reject(Reject {
@@ -2797,6 +2858,7 @@ mod tests {
                 resume: Some(Resume {
                     session: sid,
                     delivered: 41,
+                    key: Some(ResumeKey([9; 16])),
                 }),
                 caps: vec!["batch".into()],
                 codecs: vec![Codec::MsgPack, Codec::Json],
@@ -2812,6 +2874,7 @@ mod tests {
                 ping_interval_ms: 30_000,
                 pong_timeout_ms: 10_000,
                 max_message: 1 << 20,
+                key: Some(ResumeKey([5; 16])),
             }),
             Frame::Reject(Reject {
                 code: 4001,

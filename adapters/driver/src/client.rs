@@ -1266,8 +1266,14 @@ impl Io {
             }
             Some(Err(e)) => {
                 debug!(transport = tid.0, error = %e, "transport error");
-                if current {
-                    self.live = None;
+                if let Some(mut live) = self.live.take_if(|_| current) {
+                    // A peer that broke the WebSocket protocol (a message
+                    // over the limit, bad UTF-8, bad framing) gets the
+                    // close code RFC 6455 asks for, not a dropped socket.
+                    if let Some((code, reason)) = ws::read_error_close(&e) {
+                        live.out.clear();
+                        self.start_close(live, code, reason);
+                    }
                 }
                 client.handle_transport_error(now, tid, transport_error(e));
             }

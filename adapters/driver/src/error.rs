@@ -110,6 +110,9 @@ pub enum ServeError {
     /// Binding or adopting the listener failed.
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
+    /// The operating system's random source failed (for the resume secret).
+    #[error("no randomness for the resume secret: {0}")]
+    Random(String),
 }
 
 /// A server command failed.

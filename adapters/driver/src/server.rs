@@ -906,7 +906,15 @@ fn start_inner(
     listener: Option<Box<dyn AsyncListener>>,
     options: ServerOptions,
 ) -> Result<(ServerHandle, ServerEvents), ServeError> {
-    let mut server = Server::new(options.config.clone())?;
+    let mut config = options.config.clone();
+    if config.resume_secret.is_unset() {
+        // Resume keys must not be computable from session ids: a secret of
+        // this process's own unless the application shares one.
+        let mut secret = [0u8; 16];
+        getrandom::fill(&mut secret).map_err(|e| ServeError::Random(e.to_string()))?;
+        config.resume_secret = kitestring_core::config::ResumeSecret(secret);
+    }
+    let mut server = Server::new(config)?;
     if let Some(policy) = &options.policy {
         server.set_policy(Box::new(SharedPolicy(policy.clone())));
     }
