@@ -562,6 +562,13 @@ impl Server {
             delivered: s.inbound.delivered(),
         })
     }
+    /// Whether a message sent to `session` now would go into its send window
+    /// at once (nothing queued ahead of it, the window below its limits);
+    /// `None` for an unknown session. A sender that waits for this paces
+    /// itself to what the client acknowledges.
+    pub fn has_room(&self, session: SessionId) -> Option<bool> {
+        self.sessions.get(&session).map(|s| s.outbound.has_room())
+    }
 
     /// The codec negotiated on a session's current connection (`None` while
     /// it is detached or unknown). Encode typed payloads for that session
@@ -1173,6 +1180,8 @@ impl Server {
     /// The connection is gone: detach its session (grace period) or end it
     /// (the client closed with 1000).
     fn forget_connection(&mut self, connection: ConnectionId, code: CloseCode) {
+        // What the rate limit did in the interval cut short is reported now.
+        self.report_rate(connection);
         let Some(conn) = self.conns.remove(&connection) else {
             return;
         };
@@ -1241,6 +1250,7 @@ impl Server {
     /// Closes a connection without touching its session (the caller has
     /// already decided the session's fate).
     fn drop_conn(&mut self, conn: ConnectionId, code: CloseCode, reason: &'static str) {
+        self.report_rate(conn);
         if self.conns.remove(&conn).is_some() {
             self.outputs
                 .push_back(ServerOutput::Disconnect(conn, code, reason));

@@ -2074,7 +2074,10 @@ impl Decoder {
     ///
     /// A detached payload longer than `limits.max_message` fails at the
     /// envelope. If the next message is not the payload (text, or another
-    /// length), both are dropped with [`DecodeError::DetachedMismatch`].
+    /// length), it is dropped and the envelope, numbered, comes out as a
+    /// [`MsgKind::Invalid`] message saying
+    /// [`DecodeError::DetachedMismatch`], for the receiver to consume and
+    /// refuse.
     pub fn decode(
         &mut self,
         msg: Incoming<'_>,
@@ -2107,12 +2110,22 @@ impl Detached {
         let data = match next {
             Incoming::Binary(b) if b.len() == len => Bytes::copy_from_slice(b),
             Incoming::SharedBinary(b) if b.len() == len => b.clone(),
+            // The envelope was numbered: it is consumed as an invalid
+            // message (refused by id) rather than dropped, so the stream
+            // does not stall behind it. The message that came instead is
+            // dropped with it.
             other => {
-                return Err(DecodeError::DetachedMismatch {
+                let e = DecodeError::DetachedMismatch {
                     expected: len,
                     actual: other.len(),
                     text: matches!(other, Incoming::Text(_)),
-                })
+                };
+                return Ok(Frame::Msg(Msg::invalid(
+                    m.seq,
+                    m.id,
+                    m.ack,
+                    InvalidMsg::of(&e),
+                )));
             }
         };
         if m.payload.kind == PayloadKind::Json {
@@ -3115,19 +3128,26 @@ mod tests {
         let m = detached_msg(Payload::binary(vec![1u8; 5000]));
         let [head, body] = encode_detached(&m, Codec::MsgPack, 1).unwrap();
         let mut decoder = Decoder::new();
-        // The next message is not the payload: both are dropped, and the
-        // decoder starts afresh.
+        // The next message is not the payload: it is dropped, the numbered
+        // envelope comes out invalid (to be refused by id, not stall the
+        // stream), and the decoder starts afresh.
         for wrong in [
             Incoming::Binary(&body.data()[1..]),
             Incoming::Text("{\"t\":\"ping\",\"nonce\":1}"),
         ] {
             assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
-            let err = decoder.decode(wrong, &LIMITS).unwrap_err();
-            assert!(
-                matches!(err, DecodeError::DetachedMismatch { expected: 5000, .. }),
-                "{err:?}"
-            );
-            assert!(err.to_string().contains("5000 bytes"), "{err}");
+            match decoder.decode(wrong, &LIMITS) {
+                Ok(Some(Frame::Msg(Msg {
+                    seq,
+                    id,
+                    kind: MsgKind::Invalid(what),
+                    ..
+                }))) => {
+                    assert_eq!((seq, id), (m.seq, m.id));
+                    assert_eq!(what.field, "payload");
+                }
+                other => panic!("{other:?}"),
+            }
             assert_eq!(decoder.awaiting(), None);
         }
         // A payload over the limit is refused at its envelope.

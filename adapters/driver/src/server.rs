@@ -436,6 +436,10 @@ struct State {
     events_dropped: bool,
     /// Connections that stopped reading because `events` was full.
     paused: Vec<ConnectionId>,
+    /// Callers of [`ServerHandle::ready`] waiting for room in a session's
+    /// window, woken by its next acknowledgment, resume or end. One entry
+    /// per waiting task; removed when woken.
+    room_waiters: FxHashMap<SessionId, Vec<Waker>>,
     /// The deadline the server task's timer was last armed for.
     armed: Option<kitestring_core::Instant>,
     shutdown: Option<Shutdown>,
@@ -725,6 +729,18 @@ impl State {
             }
             _ => {}
         }
+        // Room in a session's window comes with acknowledgments; an ended
+        // session's waiters learn it is gone.
+        if let ServerEvent::Acked { session, .. }
+        | ServerEvent::SessionOpened { session, .. }
+        | ServerEvent::SessionEnded { session, .. } = event
+        {
+            if let Some(waiters) = self.room_waiters.remove(session) {
+                for waker in waiters {
+                    waker.wake();
+                }
+            }
+        }
     }
 
     /// Validates a re-authentication token with the configured validator.
@@ -937,6 +953,7 @@ fn start_inner(
             events_waker: None,
             events_dropped: false,
             paused: Vec::new(),
+            room_waiters: FxHashMap::default(),
             armed: None,
             shutdown: None,
             stopped: false,
@@ -1019,6 +1036,67 @@ impl ServerHandle {
         Ok(self
             .shared
             .call(|st, now| st.server.send(now, session, payload))??)
+    }
+
+    /// Waits until a message sent to `session` now would go into its send
+    /// window at once ([`Server::has_room`]). With this before each send, an
+    /// application feeding a client faster than its link is paced by the
+    /// client's acknowledgments instead of filling the session's buffers.
+    ///
+    /// # Errors
+    ///
+    /// `SendError::UnknownSession` once the session is gone;
+    /// [`ServerError::Stopped`].
+    pub async fn ready(&self, session: SessionId) -> Result<(), ServerError> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            if st.stopped {
+                return Poll::Ready(Err(ServerError::Stopped));
+            }
+            match st.server.has_room(session) {
+                None => Poll::Ready(Err(ServerError::Send(SendError::UnknownSession))),
+                Some(true) => Poll::Ready(Ok(())),
+                Some(false) => {
+                    let waiters = st.room_waiters.entry(session).or_default();
+                    if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                        waiters.push(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    /// Sends a typed value to a session once its window has room
+    /// ([`ready`](Self::ready)): the waiting counterpart of
+    /// [`send`](Self::send), which returns `QueueFull` instead of waiting.
+    pub async fn send_when_ready<T: Serialize + ?Sized>(
+        &self,
+        session: SessionId,
+        value: &T,
+    ) -> Result<MessageId, ServerError> {
+        let payload = util::encode(value, self.codec_for(session))?;
+        self.send_payload_when_ready(session, payload).await
+    }
+
+    /// [`send_when_ready`](Self::send_when_ready) for a ready payload.
+    pub async fn send_payload_when_ready(
+        &self,
+        session: SessionId,
+        payload: Payload,
+    ) -> Result<MessageId, ServerError> {
+        loop {
+            self.ready(session).await?;
+            match self
+                .shared
+                .call(|st, now| st.server.send(now, session, payload.clone()))?
+            {
+                // Another task took the room first.
+                Err(SendError::QueueFull { .. }) => continue,
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// Sends an unsequenced datagram to a session's client, if connected.
