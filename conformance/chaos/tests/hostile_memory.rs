@@ -25,12 +25,12 @@ const GROWTH_BOUND: u64 = 64 * MIB;
 
 /// What a second round of hostile connections may add: the first one
 /// grows the allocator's pools, the second should find them (measured:
-/// under 3 MiB), so a leak of 16 KiB per connection would show.
+/// under 3 MiB), so a leak of 28 KiB per connection would show.
 const SECOND_ROUND_BOUND: u64 = 16 * MIB;
 
 /// Hostile connections per measured round (two rounds, after a warm-up),
 /// so many at a time.
-const HOSTILE: usize = 1000;
+const HOSTILE: usize = 600;
 const WARM_UP: usize = 200;
 const WAVE: usize = 50;
 
@@ -135,7 +135,7 @@ async fn hostile_round(addr: SocketAddr, count: usize, wave: usize) {
     }
 }
 
-/// Two rounds of 1 000 hostile connections of every kind (50 at a time)
+/// Two rounds of 600 hostile connections of every kind (50 at a time)
 /// leave the server's resident memory within 64 MiB of where it was after
 /// a warm-up round of 200, the second round within 16 MiB of the first;
 /// after each, once the sessions' 2 s grace ran out, the server holds only
