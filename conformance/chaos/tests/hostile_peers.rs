@@ -9,7 +9,8 @@
 //!
 //! Everything runs on tokio with plain `tokio::net::TcpStream`s on
 //! loopback; frames are written by hand (helpers in `hostile/mod.rs`,
-//! shared with `hostile_protocol.rs`). Every wait is bounded.
+//! shared with `hostile_protocol.rs`, `hostile_flood.rs` and
+//! `hostile_memory.rs`). Every wait is bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod hostile;

@@ -1,14 +1,16 @@
 //! Peers that complete the WebSocket upgrade by hand and then break the
-//! Kitestring protocol: poison messages (alone and in a batch), malformed
-//! `hello`s, resumes that cannot be reconciled, floods under the default
-//! throttle and under a refusing rate limit, acknowledgments and replays
-//! beyond anything sent, and runs of undecodable frames. Each test checks
-//! the exact outcome PROTOCOL.md documents (sections 3.3, 4, 5, 6, 8 and
-//! 9): the refusal by id and its code, the held acknowledgments, the
-//! `reject` and its close code, the `welcome`'s `lost`, the close code;
-//! while a well-behaved Kitestring client on the same server keeps
-//! exchanging messages without loss, duplicate, reordering or latency
-//! spike (`hostile::with_bystander`).
+//! Kitestring protocol: poison messages (alone, in a batch, detached
+//! payloads that do not match), malformed `hello`s, resumes that cannot be
+//! reconciled, duplicates and gaps, acknowledgments and replays beyond
+//! anything sent, frames only a server sends, unknown frame types and runs
+//! of undecodable frames. Each test checks the exact outcome PROTOCOL.md
+//! documents (sections 2.1, 3, 3.3, 4, 5, 6, 8 and 9): the refusal by id
+//! and its code, the held acknowledgments, the `reject` and its close
+//! code, the `welcome`'s `lost`, the close code; while a well-behaved
+//! Kitestring client on the same server keeps exchanging messages without
+//! loss, duplicate, reordering or latency spike
+//! (`hostile::with_bystander`). Floods are in `hostile_flood.rs`, memory
+//! in `hostile_memory.rs`.
 //!
 //! The raw client (`hostile::Raw`) writes masked frames and parses the
 //! server's JSON envelopes with serde_json. Every wait is bounded.
@@ -16,54 +18,12 @@
 
 mod hostile;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kitestring::kitestring_core::ratelimit::{RateLimitConfig, RateLimitPolicy};
-use kitestring::{
-    CloseCode, DecodeExt, MessageId, Received, ServerEvent, ServerOptions, SessionId,
-};
+use kitestring::{CloseCode, DecodeExt, MessageId, ServerEvent, ServerOptions, SessionId};
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 
 use hostile::*;
-
-/// The envelopes in a server frame: a `batch` flattened, anything else as
-/// is.
-fn envelopes(v: Value) -> Vec<Value> {
-    if v["t"] == "batch" {
-        v["f"].as_array().cloned().unwrap_or_default()
-    } else {
-        vec![v]
-    }
-}
-
-/// Waits for the application to receive a message from `session`.
-async fn message_from(echo: &mut Echo, session: SessionId) -> Received {
-    echo.wait_for(
-        3000,
-        "a message delivered to the application",
-        |e| match e {
-            ServerEvent::Message {
-                session: s,
-                message,
-            } if s == session => Some(message),
-            _ => None,
-        },
-    )
-    .await
-}
-
-/// Asserts `v` is a refusal of the message with id `id`, with `code`.
-#[track_caller]
-fn assert_refusal(v: &Value, id: u64, code: &str, what: &str) {
-    assert_eq!(v["t"], "msg", "{what}: {v}");
-    assert_eq!(v["op"], "refused", "{what}: {v}");
-    assert_eq!(v["rs"], id, "{what}: {v}");
-    assert_eq!(v["j"]["code"], code, "{what}: {v}");
-    assert!(v["seq"].as_u64().is_some_and(|s| s >= 1), "{what}: {v}");
-}
 
 /// Poison messages (PROTOCOL.md 3.3 and 9): a numbered `msg` the server
 /// can never accept is consumed and refused by id with `code: invalid`,
@@ -110,6 +70,14 @@ fn poison_messages_are_refused_by_id_and_the_stream_goes_on() {
                     format!(r#"{{"t":"msg","seq":1,"id":41,"j":{deep}}}"#),
                 ),
                 (
+                    "rq and op together",
+                    r#"{"t":"msg","seq":1,"id":41,"j":null,"rq":true,"op":"join","r":"a"}"#.to_owned(),
+                ),
+                (
+                    "ts of the wrong type",
+                    r#"{"t":"msg","seq":1,"id":41,"j":1,"ts":"yesterday"}"#.to_owned(),
+                ),
+                (
                     "presence from the client",
                     r#"{"t":"msg","seq":1,"id":41,"j":{"snapshot":true,"joined":[]},"op":"presence","r":"a"}"#
                         .to_owned(),
@@ -154,7 +122,7 @@ fn poison_messages_are_refused_by_id_and_the_stream_goes_on() {
                 raw.ping(7).await;
             }
             let m = echo.server.metrics().await.unwrap();
-            assert_eq!(m.counters.refused, 8);
+            assert_eq!(m.counters.refused, 10);
         })
         .await;
         drop(echo.server);
@@ -404,375 +372,6 @@ fn resumes_with_an_irreconcilable_delivered_are_inconsistent() {
     });
 }
 
-/// Builds `msgs` `msg` frames (seq = id = payload = 1..=msgs) with a
-/// datagram (kind 0x02, its number in 8 bytes) after every `every`-th.
-fn flood_bytes(msgs: u64, every: u64) -> (Vec<u8>, u64) {
-    let mut bytes = Vec::new();
-    let mut datagrams = 0u64;
-    for i in 1..=msgs {
-        bytes.extend(text(&msg(i, i, &json!(i))));
-        if i % every == 0 {
-            datagrams += 1;
-            bytes.extend(binary(&kitestring_binary(0x02, &datagrams.to_le_bytes())));
-        }
-    }
-    (bytes, datagrams)
-}
-
-/// A flood against the default limits (1 000 messages a second, bursts of
-/// 2 000, throttled; PROTOCOL.md 9): 3 000 messages and 1 000 datagrams
-/// written as fast as TCP takes them. Nothing is refused or lost: every
-/// message reaches the application exactly once and in order, every
-/// datagram arrives, reading is paused instead (at least one
-/// `RateLimited` report with messages `delayed`), and the reports come
-/// once a second, not per message. Catches a throttle that drops or
-/// refuses, a limit that never engages, and a report per message.
-#[test]
-fn a_flood_under_the_default_throttle_is_slowed_not_refused() {
-    const MSGS: u64 = 3000;
-    run(|rt| async move {
-        let mut echo = echo_server(&rt, ServerOptions::default());
-        with_bystander(&rt, echo.target(), async {
-            let (raw, welcome) = Raw::open(echo.addr, &[]).await;
-            let session = echo
-                .session_opened(welcome["session"].as_str().unwrap())
-                .await;
-            let (bytes, datagrams) = flood_bytes(MSGS, 3);
-            let start = Instant::now();
-            let Raw {
-                mut reader, writer, ..
-            } = raw;
-            write_behind(writer, bytes);
-            // What the server sends the flooder: acknowledgments only.
-            let watcher = tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut last_ack = 0;
-                while last_ack < MSGS {
-                    let Some((op, p)) = read_frame(&mut reader, &mut buf).await else {
-                        panic!("the flooder's connection ended at ack {last_ack}");
-                    };
-                    assert_eq!(op, 0x1, "{p:?}");
-                    let v: Value = serde_json::from_slice(&p).unwrap();
-                    assert_eq!(v["t"], "ack", "only acknowledgments expected: {v}");
-                    let ack = v["ack"].as_u64().unwrap();
-                    assert!(ack >= last_ack, "{ack} after {last_ack}");
-                    last_ack = ack;
-                }
-            });
-            let mut seqs = Vec::new();
-            let mut grams = Vec::new();
-            let mut reports = Vec::new();
-            within(15_000, "the flood delivered", async {
-                while seqs.len() < MSGS as usize || grams.len() < datagrams as usize {
-                    match echo.events.recv().await.unwrap() {
-                        ServerEvent::Message {
-                            session: s,
-                            message,
-                        } if s == session => {
-                            assert_eq!(message.id.0, message.seq);
-                            assert_eq!(message.decode::<u64>().unwrap(), message.seq);
-                            seqs.push(message.seq);
-                        }
-                        ServerEvent::Datagram { session: s, data } if s == session => {
-                            grams.push(u64::from_le_bytes(data[..].try_into().unwrap()));
-                        }
-                        e @ ServerEvent::RateLimited { .. } => reports.push(e),
-                        _ => {}
-                    }
-                }
-            })
-            .await;
-            let elapsed = start.elapsed();
-            within(3000, "every message acknowledged", watcher)
-                .await
-                .unwrap();
-            // The last interval's report.
-            for e in echo.drain(1300).await {
-                if let e @ ServerEvent::RateLimited { .. } = e {
-                    reports.push(e);
-                }
-            }
-            assert_eq!(seqs, (1..=MSGS).collect::<Vec<_>>(), "lost or reordered");
-            assert_eq!(grams, (1..=datagrams).collect::<Vec<_>>(), "datagrams lost");
-            let mut delayed = 0;
-            for r in &reports {
-                let ServerEvent::RateLimited {
-                    session: s,
-                    delayed: d,
-                    refused,
-                    datagrams_dropped,
-                    ..
-                } = r
-                else {
-                    unreachable!()
-                };
-                assert_eq!(*s, session);
-                assert_eq!((*refused, *datagrams_dropped), (0, 0), "{r:?}");
-                delayed += d;
-            }
-            eprintln!(
-                "throttled flood: {MSGS} messages and {datagrams} datagrams in {elapsed:?}, \
-                 {} reports, {delayed} delayed",
-                reports.len()
-            );
-            assert!(delayed > 0, "the limit never engaged: {reports:?}");
-            assert!(
-                !reports.is_empty() && reports.len() as u64 <= elapsed.as_secs() + 3,
-                "one report per second expected, got {} in {elapsed:?}",
-                reports.len()
-            );
-            // 4 000 over a burst of 2 000 at 1 000 a second: about 2 s.
-            assert!(elapsed >= Duration::from_millis(1500), "{elapsed:?}");
-        })
-        .await;
-        drop(echo.server);
-    });
-}
-
-/// What the flooder read under a refusing limit, in order: each
-/// refusal's id, its own seq and its position among the frames read, and
-/// each acknowledgment with its position.
-#[derive(Default)]
-struct Readings {
-    refusals: Vec<(u64, u64, usize)>,
-    acks: Vec<(u64, usize)>,
-}
-
-/// A flood against a limit of 50 messages a second that refuses (PROTOCOL.md
-/// 3.3 and 9): 1 000 messages and 200 datagrams. Every message is either
-/// delivered to the application (in order) or refused by id with
-/// `code: rate_limited`, never both, never neither; no acknowledgment
-/// covers a refused message before its refusal reached the client; the
-/// datagrams over the limit are dropped and counted; the application gets
-/// a report per second with counts, not an event per refusal. Catches a
-/// limit that drops messages silently, acknowledges refused ones (the
-/// client would count them delivered), or floods the application with
-/// events.
-#[test]
-fn a_flood_over_a_refusing_limit_is_refused_by_id() {
-    const MSGS: u64 = 1000;
-    run(|rt| async move {
-        let mut options = ServerOptions::default();
-        options.config.rate_limit = Some(RateLimitConfig {
-            messages_per_sec: 50,
-            message_burst: 50,
-            bytes_per_sec: 4 << 20,
-            byte_burst: 8 << 20,
-            policy: RateLimitPolicy::Refuse,
-        });
-        let mut echo = echo_server(&rt, options);
-        // 25 messages a second: under the limit.
-        let target = echo.target().every(Duration::from_millis(40));
-        with_bystander(&rt, target, async {
-            let (raw, welcome) = Raw::open(echo.addr, &[]).await;
-            let session = echo
-                .session_opened(welcome["session"].as_str().unwrap())
-                .await;
-            let (bytes, datagrams) = flood_bytes(MSGS, 5);
-            let start = Instant::now();
-            let Raw {
-                mut reader, writer, ..
-            } = raw;
-            let writer = Arc::new(tokio::sync::Mutex::new(writer));
-            let flood = {
-                let writer = writer.clone();
-                tokio::spawn(async move {
-                    for chunk in bytes.chunks(16 * 1024) {
-                        writer.lock().await.write_all(chunk).await.unwrap();
-                    }
-                })
-            };
-            // Reads everything, acknowledges each refusal as it comes,
-            // until the server acknowledges the whole flood.
-            let reader = tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut seen = Readings::default();
-                let mut position = 0;
-                while seen.acks.last().is_none_or(|&(a, _)| a < MSGS) {
-                    let Some((op, p)) = read_frame(&mut reader, &mut buf).await else {
-                        panic!("the flooder's connection ended");
-                    };
-                    assert_eq!(op, 0x1, "{p:?}");
-                    for v in envelopes(serde_json::from_slice(&p).unwrap()) {
-                        position += 1;
-                        if let Some(a) = ack_of(&v) {
-                            seen.acks.push((a, position));
-                        }
-                        if v["t"] == "msg" {
-                            let id = v["rs"].as_u64().unwrap_or(0);
-                            assert_refusal(&v, id, "rate_limited", "over the limit");
-                            assert_eq!(v["j"]["op"], "message", "{v}");
-                            let seq = v["seq"].as_u64().unwrap();
-                            seen.refusals.push((id, seq, position));
-                            let ack = format!(r#"{{"t":"ack","ack":{seq}}}"#);
-                            writer.lock().await.write_all(&text(&ack)).await.unwrap();
-                        }
-                    }
-                }
-                (seen, reader, writer)
-            });
-            within(10_000, "the flood written", flood).await.unwrap();
-            let (seen, reader, writer) = within(10_000, "the whole flood acknowledged", reader)
-                .await
-                .unwrap();
-            let flooder = (reader, writer);
-            let elapsed = start.elapsed();
-            // The last interval's report.
-            // The last interval's report (the connection stays open till
-            // then: see `a_flood_and_run_is_still_reported`).
-            let events = echo.drain(1300).await;
-            drop(flooder);
-            let mut delivered = Vec::new();
-            let mut grams = 0u64;
-            let mut reports = Vec::new();
-            for e in events {
-                match e {
-                    ServerEvent::Message {
-                        session: s,
-                        message,
-                    } if s == session => {
-                        delivered.push(message.id.0);
-                    }
-                    ServerEvent::Datagram { session: s, .. } if s == session => grams += 1,
-                    e @ ServerEvent::RateLimited { .. } => reports.push(e),
-                    _ => {}
-                }
-            }
-            let refused: Vec<u64> = seen.refusals.iter().map(|r| r.0).collect();
-            eprintln!(
-                "refused flood: {} delivered, {} refused, {grams} of {datagrams} datagrams \
-                 in {elapsed:?}, {} reports",
-                delivered.len(),
-                refused.len(),
-                reports.len()
-            );
-            assert!(delivered.is_sorted(), "delivered out of order");
-            assert!(refused.is_sorted(), "refused out of order");
-            let d: BTreeSet<u64> = delivered.iter().copied().collect();
-            let r: BTreeSet<u64> = refused.iter().copied().collect();
-            assert_eq!(d.len(), delivered.len(), "delivered twice");
-            assert_eq!(r.len(), refused.len(), "refused twice");
-            assert!(d.is_disjoint(&r), "delivered and refused");
-            assert_eq!(
-                d.union(&r).copied().collect::<Vec<_>>(),
-                (1..=MSGS).collect::<Vec<_>>(),
-                "neither delivered nor refused"
-            );
-            // The burst, then 50 a second (datagrams count too).
-            let allowed = 50 + 50 * (elapsed.as_millis() as usize / 1000 + 1);
-            assert!(
-                delivered.len() >= 40 && delivered.len() <= allowed,
-                "{} delivered in {elapsed:?}",
-                delivered.len()
-            );
-            // No acknowledgment covered a refused message before its refusal.
-            let refusal_at: BTreeMap<u64, usize> =
-                seen.refusals.iter().map(|&(id, _, p)| (id, p)).collect();
-            for &(ack, at) in &seen.acks {
-                for (&id, &p) in refusal_at.range(..=ack) {
-                    assert!(
-                        p < at,
-                        "ack {ack} (frame {at}) before the refusal of {id} (frame {p})"
-                    );
-                }
-            }
-            let (mut n_refused, mut dropped) = (0, 0);
-            for e in &reports {
-                if let ServerEvent::RateLimited {
-                    session: s,
-                    refused,
-                    datagrams_dropped,
-                    delayed,
-                    ..
-                } = e
-                {
-                    assert_eq!(*s, session);
-                    assert_eq!(*delayed, 0, "{e:?}");
-                    n_refused += refused;
-                    dropped += datagrams_dropped;
-                }
-            }
-            assert_eq!(n_refused, refused.len() as u64, "{reports:?}");
-            assert_eq!(grams + dropped, datagrams, "{reports:?}");
-            assert!(
-                !reports.is_empty() && reports.len() as u64 <= elapsed.as_secs() + 3,
-                "one report per second expected, got {}",
-                reports.len()
-            );
-        })
-        .await;
-        drop(echo.server);
-    });
-}
-
-/// A flood over a refusing limit by a client that leaves at once, before
-/// the report interval (1 s) ends: the application must still hear of it,
-/// with the counts, since `ServerEvent::RateLimited` promises one report
-/// per connection and interval in which the limit was exceeded. Catches a
-/// server that forgets a connection's pending report when it closes, so
-/// that a hit-and-run flood is never reported at all.
-#[test]
-#[ignore = "server bug: a connection's pending RateLimited report is dropped when it closes \
-            (core Server::report_rate returns early once the connection is gone)"]
-fn a_flood_and_run_is_still_reported() {
-    const MSGS: u64 = 500;
-    run(|rt| async move {
-        let mut options = ServerOptions::default();
-        options.config.rate_limit = Some(RateLimitConfig {
-            messages_per_sec: 50,
-            message_burst: 50,
-            bytes_per_sec: 4 << 20,
-            byte_burst: 8 << 20,
-            policy: RateLimitPolicy::Refuse,
-        });
-        let mut echo = echo_server(&rt, options);
-        let target = echo.target().every(Duration::from_millis(40));
-        with_bystander(&rt, target, async {
-            let (mut raw, welcome) = Raw::open(echo.addr, &[]).await;
-            let session = echo
-                .session_opened(welcome["session"].as_str().unwrap())
-                .await;
-            let (bytes, _) = flood_bytes(MSGS, MSGS + 1);
-            raw.send_bytes(&bytes).await;
-            // Every message was taken off the stream: the last one's
-            // refusal came.
-            let mut refusals = 0u64;
-            within(5000, "the refusal of the last message", async {
-                loop {
-                    let v = raw.next(5000).await.json();
-                    if v["op"] == "refused" {
-                        refusals += 1;
-                        if v["rs"] == MSGS {
-                            return;
-                        }
-                    }
-                }
-            })
-            .await;
-            drop(raw);
-            let mut reported = 0;
-            for e in echo.drain(2000).await {
-                if let ServerEvent::RateLimited {
-                    session: s,
-                    refused,
-                    ..
-                } = e
-                {
-                    if s == session {
-                        reported += refused;
-                    }
-                }
-            }
-            assert_eq!(
-                reported, refusals,
-                "{refusals} messages refused, {reported} reported to the application"
-            );
-        })
-        .await;
-        drop(echo.server);
-    });
-}
-
 /// Opens a JSON session and has the application send it `n` messages,
 /// which the raw client reads (without acknowledging them).
 async fn session_with_sent(echo: &mut Echo, n: u64) -> (Raw, SessionId) {
@@ -939,6 +538,265 @@ fn undecodable_frames_are_counted_and_more_than_three_in_a_row_close_with_1007()
                 raw.send_bytes(&g.repeat(4)).await;
                 assert_eq!(raw.close_code(3000).await, 1007, "{what}");
             }
+        })
+        .await;
+        drop(echo.server);
+    });
+}
+
+/// Every message the application receives from `session` within `ms`:
+/// `(seq, id)`.
+async fn delivered_within(echo: &mut Echo, session: SessionId, ms: u64) -> Vec<(u64, u64)> {
+    echo.drain(ms)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            ServerEvent::Message {
+                session: s,
+                message,
+            } if s == session => Some((message.seq, message.id.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A client that sends duplicates and skips sequence numbers (PROTOCOL.md
+/// 5): a duplicate is dropped and acknowledged at once, a gap drops every
+/// frame until it closes and asks for a replay once per gap, so the
+/// application gets each message exactly once and in order. Catches a
+/// server that delivers a duplicate, delivers across a gap (out of order),
+/// buffers out-of-order frames, or sends a replay per dropped frame.
+#[test]
+fn duplicates_and_gaps_are_never_delivered() {
+    run(|rt| async move {
+        let mut echo = echo_server(&rt, ServerOptions::default());
+        with_bystander(&rt, echo.target(), async {
+            let (mut raw, welcome) = Raw::open(echo.addr, &[]).await;
+            let session = echo
+                .session_opened(welcome["session"].as_str().unwrap())
+                .await;
+            for _ in 0..3 {
+                raw.send(&msg(1, 1, &json!(1))).await;
+            }
+            assert_eq!(
+                delivered_within(&mut echo, session, 300).await,
+                vec![(1, 1)]
+            );
+            let acks: Vec<u64> = raw
+                .collect(300)
+                .await
+                .into_iter()
+                .filter_map(|g| ack_of(&g.json()))
+                .collect();
+            assert!(acks.contains(&1), "duplicates acknowledged: {acks:?}");
+
+            for seq in 5..=7 {
+                raw.send(&msg(seq, seq, &json!(seq))).await;
+            }
+            assert_eq!(delivered_within(&mut echo, session, 300).await, vec![]);
+            let replays: Vec<Value> = raw
+                .collect(300)
+                .await
+                .into_iter()
+                .map(Got::json)
+                .filter(|v| v["t"] == "replay")
+                .collect();
+            assert_eq!(replays, vec![json!({"t":"replay","from":2})], "one per gap");
+
+            for seq in 2..=7 {
+                raw.send(&msg(seq, seq, &json!(seq))).await;
+            }
+            // Duplicates of what was just delivered, again.
+            raw.send(&msg(3, 3, &json!(3))).await;
+            let got = delivered_within(&mut echo, session, 300).await;
+            assert_eq!(got, (2..=7).map(|s| (s, s)).collect::<Vec<_>>());
+            raw.ping(1).await;
+        })
+        .await;
+        drop(echo.server);
+    });
+}
+
+/// Frames only a server sends, and a second `hello`, from a client whose
+/// session is open (PROTOCOL.md 3, 4.1 and 8): a protocol error, close
+/// 1002. Catches a server that acts on a client's `welcome` or `goaway`,
+/// or re-runs a handshake on an open session.
+#[test]
+fn server_only_frames_and_a_second_hello_close_with_1002() {
+    run(|rt| async move {
+        let mut echo = echo_server(&rt, ServerOptions::default());
+        with_bystander(&rt, echo.target(), async {
+            let welcome = json!({
+                "t": "welcome", "version": 1, "codec": "json", "session": client_id(),
+                "resumed": false, "delivered": 0, "features": [], "ping_ms": 30000,
+                "pong_ms": 10000, "max": 1048576,
+            });
+            let cases = [
+                ("a second hello", json_hello(&[])),
+                ("welcome", welcome.to_string()),
+                (
+                    "reject",
+                    r#"{"t":"reject","code":4002,"reason":"bad_hello","message":"no","versions":[1]}"#
+                        .to_owned(),
+                ),
+                ("goaway", r#"{"t":"goaway","code":1001}"#.to_owned()),
+                ("reauth", r#"{"t":"reauth","within":1000}"#.to_owned()),
+            ];
+            for (what, frame) in cases {
+                let (mut raw, welcome) = Raw::open(echo.addr, &[]).await;
+                let session = echo
+                    .session_opened(welcome["session"].as_str().unwrap())
+                    .await;
+                raw.send(&frame).await;
+                assert_eq!(raw.close_code(3000).await, 1002, "{what}");
+                let code = echo
+                    .wait_for(3000, "SessionDetached", |e| match e {
+                        ServerEvent::SessionDetached { session: s, code } if s == session => {
+                            Some(code)
+                        }
+                        _ => None,
+                    })
+                    .await;
+                assert_eq!(code, CloseCode::PROTOCOL_ERROR, "{what}");
+            }
+        })
+        .await;
+        drop(echo.server);
+    });
+}
+
+/// Unknown frame types in well-formed envelopes (PROTOCOL.md 3) are
+/// ignored and never count as undecodable, however many come: a later
+/// version may send them. Catches a server that closes a newer client
+/// with 1007 for speaking a frame type it does not know.
+#[test]
+fn unknown_frame_types_are_ignored_not_undecodable() {
+    run(|rt| async move {
+        let mut echo = echo_server(&rt, ServerOptions::default());
+        with_bystander(&rt, echo.target(), async {
+            let (mut raw, welcome) = Raw::open(echo.addr, &[]).await;
+            let session = echo
+                .session_opened(welcome["session"].as_str().unwrap())
+                .await;
+            let before = echo
+                .server
+                .metrics()
+                .await
+                .unwrap()
+                .counters
+                .decode_failures;
+            let mut bytes = Vec::new();
+            for n in 0..10 {
+                bytes.extend(text(&format!(r#"{{"t":"mystery{n}","x":{n}}}"#)));
+            }
+            raw.send_bytes(&bytes).await;
+            let before_pong = raw.ping(1).await;
+            assert!(before_pong.is_empty(), "{before_pong:?}");
+            let after = echo
+                .server
+                .metrics()
+                .await
+                .unwrap()
+                .counters
+                .decode_failures;
+            assert_eq!(after, before, "unknown frame types counted as undecodable");
+            raw.send(&msg(1, 1, &json!(1))).await;
+            assert_eq!(message_from(&mut echo, session).await.seq, 1);
+        })
+        .await;
+        drop(echo.server);
+    });
+}
+
+/// Sends each `(what, bytes)` (a detached envelope with seq 1 and id 41,
+/// and what follows it) on a fresh session that announced `detach`, then a
+/// good message with seq 2: the envelope must be refused by id
+/// (`invalid`), the message after it consumed with it, seq 2 delivered.
+async fn detached_cases_are_refused(echo: &mut Echo, cases: Vec<(&str, Vec<u8>)>) {
+    for (what, bytes) in cases {
+        let (mut raw, welcome) = Raw::open(echo.addr, &["detach"]).await;
+        let session = echo
+            .session_opened(welcome["session"].as_str().unwrap())
+            .await;
+        raw.send_bytes(&bytes).await;
+        raw.send(&msg(2, 42, &json!("fine"))).await;
+        let refusal = raw.next(3000).await.json();
+        assert_refusal(&refusal, 41, "invalid", what);
+        let m = message_from(echo, session).await;
+        assert_eq!((m.seq, m.id), (2, MessageId(42)), "{what}");
+        raw.send(&format!(r#"{{"t":"ack","ack":{}}}"#, refusal["seq"]))
+            .await;
+        // A text message eaten as a payload is not answered.
+        let before_pong = raw.ping(1).await;
+        assert!(
+            before_pong
+                .iter()
+                .all(|v| v["t"] == "ack" && v["ack"].as_u64() <= Some(2)),
+            "{what}: {before_pong:?}"
+        );
+    }
+}
+
+/// A `dj` detached payload that is not JSON (PROTOCOL.md 2.1 and 3.3): the
+/// envelope is numbered, so it is refused by id (`invalid`) and the next
+/// message is delivered. Catches a server that hands the application a
+/// JSON payload that does not parse, or stalls the stream.
+#[test]
+fn a_detached_json_payload_that_is_not_json_is_refused_by_id() {
+    run(|rt| async move {
+        let mut echo = echo_server(&rt, ServerOptions::default());
+        with_bystander(&rt, echo.target(), async {
+            let cases = vec![(
+                "a dj payload that is not JSON",
+                [
+                    text(r#"{"t":"msg","seq":1,"id":41,"dj":5}"#),
+                    binary(b"{not "),
+                ]
+                .concat(),
+            )];
+            detached_cases_are_refused(&mut echo, cases).await;
+        })
+        .await;
+        drop(echo.server);
+    });
+}
+
+/// Detached payloads that do not follow their envelope as announced
+/// (PROTOCOL.md 2.1, 3.3 and 9): the next message is text, or binary of
+/// another length. PROTOCOL.md 3.3 lists "a detached payload that does
+/// not match" among the `invalid` refusals and section 9 says a `msg`
+/// whose `seq` and `id` can be read is never just dropped; the server
+/// drops the envelope instead (a `DecodeFailed` with `DetachedMismatch`),
+/// so the good message after it meets a gap, is dropped too, and the
+/// client gets `replay` from 1: its stream stalls on a message it can
+/// only send again. Catches that.
+#[test]
+#[ignore = "server bug: a numbered envelope whose detached payload does not match is dropped \
+            as undecodable instead of refused by id (PROTOCOL.md 3.3, 9); the stream stalls \
+            with a replay"]
+fn mismatched_detached_payloads_are_refused_by_id() {
+    run(|rt| async move {
+        let mut echo = echo_server(&rt, ServerOptions::default());
+        with_bystander(&rt, echo.target(), async {
+            let cases = vec![
+                (
+                    "text after the envelope",
+                    [
+                        text(r#"{"t":"msg","seq":1,"id":41,"db":3}"#),
+                        text(r#"{"t":"ping","nonce":99}"#),
+                    ]
+                    .concat(),
+                ),
+                (
+                    "a payload of another length",
+                    [
+                        text(r#"{"t":"msg","seq":1,"id":41,"db":3}"#),
+                        binary(b"12345"),
+                    ]
+                    .concat(),
+                ),
+            ];
+            detached_cases_are_refused(&mut echo, cases).await;
         })
         .await;
         drop(echo.server);

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use kitestring::{
-    ClientOptions, CloseCode, DecodeExt, Event, Runtime, ServerEvent, ServerHandle, ServerOptions,
-    SessionId,
+    ClientOptions, CloseCode, DecodeExt, Event, Received, Runtime, ServerEvent, ServerHandle,
+    ServerOptions, SessionId,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -764,6 +764,42 @@ pub fn ack_of(v: &Value) -> Option<u64> {
             .and_then(|f| f.iter().filter_map(|m| m["ack"].as_u64()).max()),
         _ => None,
     }
+}
+
+/// The envelopes in a server frame: a `batch` flattened, anything else as
+/// is.
+pub fn envelopes(v: Value) -> Vec<Value> {
+    if v["t"] == "batch" {
+        v["f"].as_array().cloned().unwrap_or_default()
+    } else {
+        vec![v]
+    }
+}
+
+/// Waits for the application to receive a message from `session`.
+pub async fn message_from(echo: &mut Echo, session: SessionId) -> Received {
+    echo.wait_for(
+        3000,
+        "a message delivered to the application",
+        |e| match e {
+            ServerEvent::Message {
+                session: s,
+                message,
+            } if s == session => Some(message),
+            _ => None,
+        },
+    )
+    .await
+}
+
+/// Asserts `v` is a refusal of the message with id `id`, with `code`.
+#[track_caller]
+pub fn assert_refusal(v: &Value, id: u64, code: &str, what: &str) {
+    assert_eq!(v["t"], "msg", "{what}: {v}");
+    assert_eq!(v["op"], "refused", "{what}: {v}");
+    assert_eq!(v["rs"], id, "{what}: {v}");
+    assert_eq!(v["j"]["code"], code, "{what}: {v}");
+    assert!(v["seq"].as_u64().is_some_and(|s| s >= 1), "{what}: {v}");
 }
 
 /// The server process's resident set, in bytes (Linux).
