@@ -333,8 +333,6 @@ fn a_flood_over_a_refusing_limit_is_refused_by_id() {
 /// server that forgets a connection's pending report when it closes, so
 /// that a hit-and-run flood is never reported at all.
 #[test]
-#[ignore = "server bug: a connection's pending RateLimited report is dropped when it closes \
-            (core Server::report_rate returns early once the connection is gone)"]
 fn a_flood_and_run_is_still_reported() {
     const MSGS: u64 = 500;
     run(|rt| async move {

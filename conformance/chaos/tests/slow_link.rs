@@ -161,3 +161,63 @@ fn a_sender_that_waits_for_room_never_fills_its_queue() {
     assert_eq!(got, (1..=300).collect::<Vec<_>>());
     assert!(unpaced > 100, "without waiting the queue holds {unpaced}");
 }
+
+/// The server's side of the same: an application feeding a client through
+/// 64 KB/s with `ServerHandle::send_when_ready` keeps at most one message
+/// waiting behind the session's window (of 64 here), and the client gets
+/// everything once, in order.
+#[test]
+fn a_server_that_waits_for_room_never_fills_a_sessions_queue() {
+    block_on(async {
+        let rt = kitestring_tokio::runtime();
+        let mut options = ServerOptions::default();
+        options.config.reliability.window_messages = 64;
+        let (server, mut events) =
+            kitestring::bind(rt.clone(), "127.0.0.1:0".parse().unwrap(), options).unwrap();
+        let proxy = Proxy::start(server.local_addr().unwrap()).unwrap();
+        proxy.set_throttle(Some(64_000));
+        proxy.set_delay(Duration::from_millis(50));
+        let url = format!("ws://{}/", proxy.local_addr());
+        let (client, mut client_events) =
+            kitestring::connect(rt.clone(), &url, ClientOptions::default()).unwrap();
+        let session = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(ServerEvent::SessionOpened { session, .. }) = events.next().await {
+                    return session;
+                }
+            }
+        })
+        .await
+        .expect("session opened");
+        tokio::spawn(async move { while events.next().await.is_some() {} });
+        let feeder = {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let mut deepest = 0;
+                for n in 1..=300 {
+                    server
+                        .send_payload_when_ready(session, numbered(n))
+                        .await
+                        .unwrap();
+                    let info = server.session(session).await.unwrap().unwrap();
+                    deepest = deepest.max(info.queued);
+                }
+                deepest
+            })
+        };
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < 300 && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(500), client_events.next()).await {
+                Ok(Some(Event::Message(m))) => got.push(number_of(&m.payload)),
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => break,
+            }
+        }
+        let deepest = feeder.await.unwrap();
+        assert_eq!(got, (1..=300).collect::<Vec<_>>());
+        assert!(deepest <= 1, "the session's queue grew to {deepest}");
+        client.close().await.unwrap();
+        server.shutdown().await.unwrap();
+    });
+}
