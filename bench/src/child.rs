@@ -85,6 +85,9 @@ async fn ours(ping: Duration, rooms: u64, queue: usize) {
     }
     options.config.ping_interval = ping;
     options.config.pong_timeout = ping.min(Duration::from_secs(10));
+    // The idle timeout must exceed the ping interval (the default's 30 s
+    // goes with the default 20 s pings).
+    options.config.idle_timeout = ping + ping / 2;
     options.outbound_queue = queue;
     // Load generators send faster than any interactive client: flood
     // protection (on by default) would measure the limit, not the server.

@@ -563,48 +563,98 @@ pub enum MsgKind {
     Invalid(InvalidMsg),
 }
 
-/// What was wrong with a [`MsgKind::Invalid`] message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct InvalidMsg {
-    /// The field at fault (`"msg"` when the envelope as a whole was
-    /// malformed).
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub reason: &'static str,
-}
+/// What was wrong with a [`MsgKind::Invalid`] message: one of the decode
+/// errors a numbered message can have, kept as a one-byte index so that
+/// every message does not carry two string references for the rare bad one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct InvalidMsg(u8);
+
+/// Every `(field, reason)` an invalid message can name; the first is the
+/// fallback for anything else.
+const INVALID: &[(&str, &str)] = &[
+    ("msg", "malformed message"),
+    ("msg", "a field has the wrong type"),
+    ("f", "in a batch that did not decode"),
+    ("f", "a batch holds no detached payloads"),
+    (
+        "payload",
+        "the detached payload did not follow its envelope",
+    ),
+    ("op", "unknown room operation"),
+    ("rs", "a message has at most one of rq, rs and op"),
+    ("r", "room names are 1 to 256 bytes"),
+    ("r", "missing"),
+    ("j", "missing"),
+    ("j", "not a JSON value"),
+    ("j", "JSON nested deeper than 64 levels"),
+    ("j", "a message carries exactly one payload"),
+    ("m", "a message carries exactly one payload"),
+    ("m", "not valid base64"),
+    ("b", "not valid base64"),
+    ("dj", "not a JSON value"),
+    ("dj", "JSON nested deeper than 64 levels"),
+    ("dj", "a message carries exactly one payload"),
+    ("dm", "a message carries exactly one payload"),
+    ("db", "a message carries exactly one payload"),
+    ("dj", "a detached payload needs the stream's wire::Decoder"),
+    ("dm", "a detached payload needs the stream's wire::Decoder"),
+    ("db", "a detached payload needs the stream's wire::Decoder"),
+];
 
 impl InvalidMsg {
+    /// The entry for `(field, reason)`, or the fallback.
+    fn named(field: &str, reason: &str) -> InvalidMsg {
+        let i = INVALID
+            .iter()
+            .position(|&(f, r)| f == field && r == reason)
+            .unwrap_or(0);
+        InvalidMsg(u8::try_from(i).unwrap_or(0))
+    }
+
     /// What a decode error says, in the form a message can carry.
     fn of(error: &DecodeError) -> InvalidMsg {
         match *error {
-            DecodeError::InvalidField { field, reason } => InvalidMsg { field, reason },
-            DecodeError::MissingField { field, .. } => InvalidMsg {
-                field,
-                reason: "missing",
-            },
-            DecodeError::DetachedMismatch { .. } => InvalidMsg {
-                field: "payload",
-                reason: "the detached payload did not follow its envelope",
-            },
-            _ => InvalidMsg {
-                field: "msg",
-                reason: "malformed message",
-            },
+            DecodeError::InvalidField { field, reason } => InvalidMsg::named(field, reason),
+            DecodeError::MissingField { field, .. } => InvalidMsg::named(field, "missing"),
+            DecodeError::DetachedMismatch { .. } => InvalidMsg::named(
+                "payload",
+                "the detached payload did not follow its envelope",
+            ),
+            _ => InvalidMsg(0),
         }
+    }
+
+    /// The field at fault (`"msg"` when the envelope as a whole was
+    /// malformed).
+    pub fn field(self) -> &'static str {
+        INVALID.get(usize::from(self.0)).map_or("msg", |e| e.0)
+    }
+
+    /// What is wrong with it.
+    pub fn reason(self) -> &'static str {
+        INVALID
+            .get(usize::from(self.0))
+            .map_or("malformed message", |e| e.1)
     }
 
     /// The decode error this stands for.
     pub fn error(self) -> DecodeError {
         DecodeError::InvalidField {
-            field: self.field,
-            reason: self.reason,
+            field: self.field(),
+            reason: self.reason(),
         }
+    }
+}
+
+impl fmt::Debug for InvalidMsg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "InvalidMsg({:?}: {:?})", self.field(), self.reason())
     }
 }
 
 impl fmt::Display for InvalidMsg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "field `{}`: {}", self.field, self.reason)
+        write!(f, "field `{}`: {}", self.field(), self.reason())
     }
 }
 
@@ -1099,17 +1149,11 @@ impl MsgProbe<'_> {
     fn into_invalid(self) -> Option<Frame> {
         if self.t == "msg" {
             return self
-                .numbered(InvalidMsg {
-                    field: "msg",
-                    reason: "a field has the wrong type",
-                })
+                .numbered(InvalidMsg::named("msg", "a field has the wrong type"))
                 .map(Frame::Msg);
         }
         let inner = self.f.filter(|f| self.t == "batch" && !f.is_empty())?;
-        let what = InvalidMsg {
-            field: "f",
-            reason: "in a batch that did not decode",
-        };
+        let what = InvalidMsg::named("f", "in a batch that did not decode");
         inner
             .iter()
             .map(|m| m.numbered(what))
@@ -1755,14 +1799,18 @@ fn write_json_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), Enco
         out.extend_from_slice(br#","r":"#);
         serde_json::to_writer(&mut *out, &**room).map_err(serializer_error)?;
     }
-    if m.kind == MsgKind::Request {
-        out.extend_from_slice(br#","rq":true"#);
-    }
-    if let Some(to) = m.kind.rs() {
-        write!(out, r#","rs":{to}"#).map_err(io)?;
-    }
-    if let Some(op) = m.kind.op() {
-        write!(out, r#","op":"{op}""#).map_err(io)?;
+    match m.kind {
+        MsgKind::Plain => {}
+        MsgKind::Request => out.extend_from_slice(br#","rq":true"#),
+        MsgKind::Response(to) => write!(out, r#","rs":{to}"#).map_err(io)?,
+        other => {
+            if let Some(to) = other.rs() {
+                write!(out, r#","rs":{to}"#).map_err(io)?;
+            }
+            if let Some(op) = other.op() {
+                write!(out, r#","op":"{op}""#).map_err(io)?;
+            }
+        }
     }
     out.push(b'}');
     Ok(())
@@ -1837,9 +1885,12 @@ fn write_pack_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), Enco
         return Err(EncodeError::Unrepresentable);
     }
     use rmp::encode::{write_bin, write_bool, write_map_len, write_str, write_uint};
-    let extra = u32::from(m.kind == MsgKind::Request)
-        + u32::from(m.kind.rs().is_some())
-        + u32::from(m.kind.op().is_some());
+    let extra = match m.kind {
+        MsgKind::Plain => 0,
+        MsgKind::Request | MsgKind::Response(_) => 1,
+        MsgKind::RefusedMessage(_) => 2,
+        other => u32::from(other.op().is_some()),
+    };
     let len = 4
         + u32::from(m.ack.is_some())
         + u32::from(m.ts.is_some())
@@ -1885,17 +1936,26 @@ fn write_pack_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), Enco
         write_str(out, "r").map_err(serializer_error)?;
         write_str(out, room).map_err(serializer_error)?;
     }
-    if m.kind == MsgKind::Request {
-        write_str(out, "rq").map_err(serializer_error)?;
-        write_bool(out, true).map_err(serializer_error)?;
-    }
-    if let Some(to) = m.kind.rs() {
-        write_str(out, "rs").map_err(serializer_error)?;
-        write_uint(out, to).map_err(serializer_error)?;
-    }
-    if let Some(op) = m.kind.op() {
-        write_str(out, "op").map_err(serializer_error)?;
-        write_str(out, op).map_err(serializer_error)?;
+    match m.kind {
+        MsgKind::Plain => {}
+        MsgKind::Request => {
+            write_str(out, "rq").map_err(serializer_error)?;
+            write_bool(out, true).map_err(serializer_error)?;
+        }
+        MsgKind::Response(to) | MsgKind::RefusedMessage(to) => {
+            write_str(out, "rs").map_err(serializer_error)?;
+            write_uint(out, to).map_err(serializer_error)?;
+            if let Some(op) = m.kind.op() {
+                write_str(out, "op").map_err(serializer_error)?;
+                write_str(out, op).map_err(serializer_error)?;
+            }
+        }
+        other => {
+            if let Some(op) = other.op() {
+                write_str(out, "op").map_err(serializer_error)?;
+                write_str(out, op).map_err(serializer_error)?;
+            }
+        }
     }
     Ok(())
 }
@@ -2026,16 +2086,17 @@ impl Decoded {
         dm: Option<u64>,
         db: Option<u64>,
     ) -> Result<Self, DecodeError> {
-        match (detached_of(dj, dm, db), frame) {
-            (Ok(detached), frame) => Ok(Decoded::of(frame, detached)),
-            (Err(e @ DecodeError::TooLarge { .. }), _) => Err(e),
-            (Err(e), Frame::Msg(m)) => Ok(Decoded::Frame(Frame::Msg(Msg::invalid(
-                m.seq,
-                m.id,
-                m.ack,
-                InvalidMsg::of(&e),
-            )))),
-            (Err(e), _) => Err(e),
+        // The frame is not moved through a tuple: it is large, and this is
+        // every message's path.
+        let e = match detached_of(dj, dm, db) {
+            Ok(detached) => return Ok(Decoded::of(frame, detached)),
+            Err(e) => e,
+        };
+        match frame {
+            Frame::Msg(m) if !matches!(e, DecodeError::TooLarge { .. }) => Ok(Decoded::Frame(
+                Frame::Msg(Msg::invalid(m.seq, m.id, m.ack, InvalidMsg::of(&e))),
+            )),
+            _ => Err(e),
         }
     }
 
@@ -2674,7 +2735,8 @@ fn common_frame(
 }
 
 /// What a `msg` carries besides its numbers: its kind, room and payload,
-/// checked.
+/// checked. Inlined: it is on every message's path.
+#[inline(always)]
 fn msg_body(
     extra: &Extra<'_>,
     payload: impl FnOnce() -> Result<Payload, DecodeError>,
@@ -3144,7 +3206,7 @@ mod tests {
                     ..
                 }))) => {
                     assert_eq!((seq, id), (m.seq, m.id));
-                    assert_eq!(what.field, "payload");
+                    assert_eq!(what.field(), "payload");
                 }
                 other => panic!("{other:?}"),
             }
@@ -3172,9 +3234,9 @@ mod tests {
         assert!(matches!(
             decoder.decode(body.as_incoming(), &LIMITS),
             Ok(Some(Frame::Msg(Msg {
-                kind: MsgKind::Invalid(InvalidMsg { field: "dj", .. }),
+                kind: MsgKind::Invalid(what),
                 ..
-            })))
+            }))) if what.field() == "dj"
         ));
         // One payload per message, and none detached inside a batch: the
         // message is numbered, so it is consumed as an invalid message (its
@@ -3860,7 +3922,7 @@ mod tests {
                         // In MessagePack `j` must be a string: these
                         // envelopes fail as a whole there.
                         if json {
-                            assert_eq!(what.field, *field, "{text}");
+                            assert_eq!(what.field(), *field, "{text}: {what:?}");
                         }
                     }
                     other => panic!("{text}: {other:?}"),
@@ -3871,9 +3933,9 @@ mod tests {
         assert!(matches!(
             decode(Incoming::Text(base64), &LIMITS),
             Ok(Frame::Msg(Msg {
-                kind: MsgKind::Invalid(InvalidMsg { field: "b", .. }),
+                kind: MsgKind::Invalid(what),
                 ..
-            }))
+            })) if what.field() == "b"
         ));
         for text in [
             r#"{"t":"msg","id":9,"j":1,"r":""}"#,
@@ -3887,10 +3949,7 @@ mod tests {
             1,
             1,
             None,
-            InvalidMsg {
-                field: "r",
-                reason: "x",
-            },
+            InvalidMsg::named("r", "room names are 1 to 256 bytes"),
         );
         assert_eq!(
             encode(&Frame::Msg(invalid), Codec::Json, 1),
@@ -3910,6 +3969,20 @@ mod tests {
             let t = encode(&refusal, codec, 1).unwrap();
             assert_eq!(decode(t.as_incoming(), &LIMITS).unwrap(), refusal);
         }
+    }
+
+    /// Every reason an invalid message can carry is kept exactly, in one
+    /// byte: a message is no larger for the rare bad one.
+    #[test]
+    fn invalid_messages_keep_their_reason_in_a_byte() {
+        for &(field, reason) in INVALID {
+            let what = InvalidMsg::named(field, reason);
+            assert_eq!((what.field(), what.reason()), (field, reason));
+            let e = DecodeError::InvalidField { field, reason };
+            assert_eq!(InvalidMsg::of(&e).error(), e);
+        }
+        assert!(INVALID.len() <= usize::from(u8::MAX));
+        assert!(core::mem::size_of::<MsgKind>() <= 16);
     }
 
     #[test]
