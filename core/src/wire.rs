@@ -1128,10 +1128,26 @@ struct MsgProbe<'a> {
     seq: Option<u64>,
     #[serde(default)]
     id: Option<u64>,
-    #[serde(default)]
+    /// An `ack` of the wrong type is not this message's fault to carry:
+    /// read as absent, so the message is still numbered.
+    #[serde(default, deserialize_with = "lenient_u64")]
     ack: Option<u64>,
     #[serde(default, borrow, deserialize_with = "bounded_batch")]
     f: Option<Vec<MsgProbe<'a>>>,
+}
+
+/// A `u64`, or `None` for a value of any other type.
+fn lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Number(u64),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Number(n) => Some(n),
+        Either::Other(_) => None,
+    })
 }
 
 impl MsgProbe<'_> {
@@ -3894,6 +3910,14 @@ mod tests {
                 "rs",
             ),
             (r#"{"t":"msg","seq":3,"id":9}"#.to_owned(), "j"),
+            (
+                r#"{"t":"msg","seq":3,"id":9,"ack":"x","j":1}"#.to_owned(),
+                "msg",
+            ),
+            (
+                r#"{"t":"msg","seq":3,"id":9,"ack":-1,"j":1}"#.to_owned(),
+                "msg",
+            ),
             (format!(r#"{{"t":"msg","seq":3,"id":9,"j":{deep}}}"#), "j"),
         ];
         for (text, field) in &cases {
