@@ -709,13 +709,7 @@ impl Server {
                     // unused: the client then sends it as a frame.)
                     let message = format!("the first frame must be a valid hello: {error}");
                     self.emit(ServerEvent::DecodeFailed { connection, error });
-                    self.reject(
-                        connection,
-                        CloseCode::BAD_HANDSHAKE,
-                        "bad_hello",
-                        message,
-                        None,
-                    );
+                    self.reject_hello(connection, message);
                     return;
                 }
                 self.emit(ServerEvent::DecodeFailed { connection, error });
@@ -1572,13 +1566,7 @@ impl Server {
                     "the first frame must be a hello, not a `{}`",
                     other.type_name()
                 );
-                self.reject(
-                    connection,
-                    CloseCode::BAD_HANDSHAKE,
-                    "bad_hello",
-                    message,
-                    None,
-                );
+                self.reject_hello(connection, message);
             }
             (ConnPhase::Open { session, .. }, frame) => {
                 let session = *session;
@@ -1610,6 +1598,18 @@ impl Server {
             reason,
         });
         self.disconnect(connection, code, reason);
+    }
+
+    /// Answers a first frame that is not a usable `hello`: `reject`
+    /// `bad_hello` (4002) saying why, then the close.
+    fn reject_hello(&mut self, connection: ConnectionId, message: String) {
+        self.reject(
+            connection,
+            CloseCode::BAD_HANDSHAKE,
+            "bad_hello",
+            message,
+            None,
+        );
     }
 
     fn on_hello(&mut self, connection: ConnectionId, h: Hello) {
