@@ -3162,9 +3162,8 @@ mod tests {
         decode_binary_header(&big, &NoProbe);
     }
 
-    #[test]
-    fn a_quiet_client_passes_its_checks() {
-        let setup = ClientSetup {
+    fn small_client() -> ClientSetup {
+        ClientSetup {
             json_only: true,
             queue_messages: 3,
             queue_bytes: 100,
@@ -3179,8 +3178,11 @@ mod tests {
             extra_max_message: 0,
             max_decode_failures: 3,
             seed: 1,
-        };
-        let welcome = ServerFrame::Welcome {
+        }
+    }
+
+    fn welcome_frame() -> ServerFrame {
+        ServerFrame::Welcome {
             resumed: false,
             same_session: false,
             session: 3,
@@ -3191,7 +3193,34 @@ mod tests {
             pong_ms: 1000,
             max: 1 << 20,
             lost: None,
-        };
+        }
+    }
+
+    /// Found by `client_machine` once CI fuzzed with debug assertions
+    /// (minimized): after `close()`, a frame over the size limit arriving on
+    /// the closing transport made the client schedule a reconnect
+    /// (`illegal transition Closing -> Reconnecting`). Fixed in
+    /// `Client::connection_ended`, which now finishes the close; unit test
+    /// `client::tests::an_oversized_frame_while_closing_finishes_the_close`.
+    #[test]
+    fn client_machine_an_oversized_frame_while_closing() {
+        client_machine(
+            small_client(),
+            vec![
+                ClientOp::Connect,
+                ClientOp::Opened(Tr::Current),
+                ClientOp::Frame(Tr::Current, welcome_frame(), false),
+                ClientOp::Close,
+                ClientOp::Text(Tr::Current, "x".repeat(2000)),
+                ClientOp::Timeout,
+            ],
+        );
+    }
+
+    #[test]
+    fn a_quiet_client_passes_its_checks() {
+        let setup = small_client();
+        let welcome = welcome_frame();
         client_machine(
             setup,
             vec![
