@@ -3211,9 +3211,11 @@ impl StreamHarness {
         }
     }
 
-    /// A new connection and its handshake; `delivered` overrides the true
-    /// one; `header`: the `hello` goes in the upgrade (`Some(garbage)`:
-    /// an undecodable header, then the `hello` as the first frame).
+    /// A new connection (the old one, if any, left half-open) and its
+    /// handshake, resuming `resume` (a session and the `delivered` to
+    /// claim). `upgrade`: the `hello` goes in the upgrade request;
+    /// `garbage`: an undecodable upgrade header, then the `hello` as the
+    /// first frame. The answer must come at once (c).
     fn connect(&mut self, upgrade: bool, garbage: bool, resume: Option<(SessionId, u64)>) {
         self.abandon();
         let fresh = self.fresh_session();
