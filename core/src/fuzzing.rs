@@ -429,23 +429,44 @@ fn check_stream_decoder(msg: Incoming<'_>, limits: &Limits, result: &Result<Fram
     }
 }
 
+/// Whether `frame` is or holds a numbered `msg` that did not decode
+/// otherwise ([`MsgKind::Invalid`]): the receiver refuses it by id, and
+/// nothing ever sends it.
+fn holds_invalid(frame: &Frame) -> bool {
+    let invalid = |m: &Msg| {
+        let yes = matches!(m.kind, MsgKind::Invalid(_));
+        assert!(
+            !yes || m.seq > 0,
+            "an invalid message without its number: {m:?}"
+        );
+        yes
+    };
+    match frame {
+        Frame::Msg(m) => invalid(m),
+        Frame::Batch(ms) => ms.iter().filter(|m| invalid(m)).count() > 0,
+        _ => false,
+    }
+}
+
 /// Checks that `frame` encodes with `codec`, that the encoding decodes to an
 /// equal frame, and that encoding that frame again gives the same bytes.
-/// Unknown frames must refuse to encode.
+/// Unknown frames, and messages that decoded as invalid (numbered, to be
+/// refused by id), must refuse to encode.
 pub fn assert_round_trip(frame: &Frame, codec: Codec, version: u8) {
+    let unsendable = matches!(frame, Frame::Unknown(_)) || holds_invalid(frame);
     let encoded = match wire::encode(frame, codec, version) {
         Ok(t) => t,
         Err(e) => {
             assert!(
-                matches!(frame, Frame::Unknown(_)),
+                unsendable,
                 "{frame:?} decoded but does not encode with {codec:?}: {e}"
             );
             return;
         }
     };
     assert!(
-        !matches!(frame, Frame::Unknown(_)),
-        "an unknown frame was encoded"
+        !unsendable,
+        "an unknown frame or an invalid message was encoded: {frame:?}"
     );
     let want_text = match frame {
         Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) => true,
@@ -4528,6 +4549,28 @@ mod tests {
             }
             assert_round_trip(&frame, Codec::MsgPack, 1);
         }
+    }
+
+    /// Found by the decode targets at once, after numbered messages that
+    /// do not decode otherwise started to decode as invalid messages (to be
+    /// refused by id): the round-trip check demanded that they encode
+    /// again, but nothing may send them. A harness fix; the inputs (a
+    /// misspelt payload key, a `j` that is not JSON, a `b` of the wrong
+    /// type) stay as regression tests.
+    #[test]
+    fn numbered_invalid_messages_decode_and_never_encode() {
+        decode_json(
+            b"{\"t\":\"msg\",\"seq\":3,\"id\":79,\"ack\":4,\"m\xb0\":\"kgGjdHdv\"}",
+            &NoProbe,
+        );
+        decode_msgpack(
+            b"\x86\xa1t\xa3msg\xa3seq\x01\xa2idM\xa3ack\x04\xa2ts\xcf\x00\x00\x01\x8b\xcf\xe5h\x00\xa1j\xa7{\"n:1\"}",
+            &NoProbe,
+        );
+        decode_binary_header(
+            b"\x01\x01\x1e\x00\x00\x00\x85\xa1t\xa3msg\xa3seq\x04\xa2idP\xa3ack\x04\xa1b\xfe\xff\xff\xffbin",
+            &NoProbe,
+        );
     }
 
     #[test]
