@@ -393,7 +393,7 @@ pub fn check_decode(msg: Incoming<'_>, limits: &Limits, probe: &dyn AllocProbe) 
 /// A connection's [`wire::Decoder`] agrees with [`wire::decode`] on a first
 /// message; where `decode` refuses a detached envelope, the decoder waits
 /// for its payload, and a payload of the announced length completes it
-/// (or is refused as JSON, for a `dj` payload that is not JSON).
+/// (or makes it an invalid message, for a `dj` payload that is not JSON).
 fn check_stream_decoder(msg: Incoming<'_>, limits: &Limits, result: &Result<Frame, DecodeError>) {
     let mut decoder = wire::Decoder::new();
     let streamed = decoder.decode(msg, limits);
@@ -409,6 +409,11 @@ fn check_stream_decoder(msg: Incoming<'_>, limits: &Limits, result: &Result<Fram
             // Digits: a JSON value too, for a `dj` payload.
             let payload = Bytes::from(vec![b'1'; len]);
             match decoder.decode(Incoming::SharedBinary(&payload), limits) {
+                // Nothing is not a JSON value: a `dj` payload of no bytes
+                // makes the message invalid, to be refused by id.
+                Ok(Some(Frame::Msg(m))) if len == 0 && matches!(m.kind, MsgKind::Invalid(_)) => {
+                    assert_round_trip(&Frame::Msg(m), Codec::MsgPack, limits.version);
+                }
                 Ok(Some(Frame::Msg(m))) => {
                     assert_eq!(m.payload.data(), &payload, "the payload changed");
                     assert_round_trip(&Frame::Msg(m), Codec::MsgPack, limits.version);
@@ -4569,6 +4574,26 @@ mod tests {
         );
         decode_binary_header(
             b"\x01\x01\x1e\x00\x00\x00\x85\xa1t\xa3msg\xa3seq\x04\xa2idP\xa3ack\x04\xa1b\xfe\xff\xff\xffbin",
+            &NoProbe,
+        );
+    }
+
+    /// Found by the decode targets the same way: a detached JSON payload
+    /// of no bytes is not JSON, so the message it completes is invalid
+    /// (numbered, to be refused by id); the stream-decoder check expected
+    /// a decode error.
+    #[test]
+    fn an_empty_detached_json_payload_makes_an_invalid_message() {
+        decode_json(
+            b"{\"t\":\"msg\",\"seq\":1,\"id\":1,\"dj\":0,\"r\":\"lobby\"}",
+            &NoProbe,
+        );
+        decode_msgpack(
+            b"\x85\xa1t\xa3msg\xa3seq\x02\xa2idN\xa3\xb5cj\xfa\x13\x00\x00\x00\x00\x00\x00\x0066\x5cu00e2,\"}",
+            &NoProbe,
+        );
+        decode_binary_header(
+            b"\x01\x01+\x00\x00\x00\x86\xa1t\xa3msg\xa3seq\x01\x02\x00dM\xa3ack\x04\xa2dj\x00\x01;\xcf\xe5h\xe5h\x00\xa1j\xa7{&1\":1]",
             &NoProbe,
         );
     }
