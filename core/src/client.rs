@@ -2351,6 +2351,40 @@ mod tests {
         assert!(matches!(c.state(), State::Reconnecting { .. }));
     }
 
+    /// Found by the `client_machine` fuzz target once it ran with debug
+    /// assertions: after `close()`, an oversized frame still arriving on the
+    /// closing transport ended the connection as a failure and asked to
+    /// reconnect (`Closing -> Reconnecting`, not in the transition table).
+    /// Whatever ends the connection while closing only finishes the close.
+    #[test]
+    fn an_oversized_frame_while_closing_finishes_the_close() {
+        let mut c = Client::new(
+            ClientConfig {
+                max_message_size: 1024,
+                ..ClientConfig::default()
+            },
+            ClientId([1; 16]),
+            1,
+        )
+        .unwrap();
+        let t = open(&mut c, Instant::ZERO);
+        c.close(Instant::ZERO).unwrap();
+        assert_eq!(c.state(), &State::Closing);
+        drain(&mut c);
+        let big = format!(
+            "{{\"t\":\"ping\",\"nonce\":1,\"pad\":\"{}\"}}",
+            "x".repeat(2000)
+        );
+        c.handle_message(Instant::ZERO, t, Incoming::Text(&big));
+        let out = drain(&mut c);
+        assert!(matches!(c.state(), State::Closed { .. }), "{:?}", c.state());
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Connect(_))),
+            "a closing client reconnected: {out:?}"
+        );
+        assert_eq!(c.poll_timeout(), None, "nothing left to wait for");
+    }
+
     #[test]
     fn commands_check_the_state() {
         let mut c = client();

@@ -393,7 +393,7 @@ pub fn check_decode(msg: Incoming<'_>, limits: &Limits, probe: &dyn AllocProbe) 
 /// A connection's [`wire::Decoder`] agrees with [`wire::decode`] on a first
 /// message; where `decode` refuses a detached envelope, the decoder waits
 /// for its payload, and a payload of the announced length completes it
-/// (or is refused as JSON, for a `dj` payload that is not JSON).
+/// (or makes it an invalid message, for a `dj` payload that is not JSON).
 fn check_stream_decoder(msg: Incoming<'_>, limits: &Limits, result: &Result<Frame, DecodeError>) {
     let mut decoder = wire::Decoder::new();
     let streamed = decoder.decode(msg, limits);
@@ -409,6 +409,11 @@ fn check_stream_decoder(msg: Incoming<'_>, limits: &Limits, result: &Result<Fram
             // Digits: a JSON value too, for a `dj` payload.
             let payload = Bytes::from(vec![b'1'; len]);
             match decoder.decode(Incoming::SharedBinary(&payload), limits) {
+                // Nothing is not a JSON value: a `dj` payload of no bytes
+                // makes the message invalid, to be refused by id.
+                Ok(Some(Frame::Msg(m))) if len == 0 && matches!(m.kind, MsgKind::Invalid(_)) => {
+                    assert_round_trip(&Frame::Msg(m), Codec::MsgPack, limits.version);
+                }
                 Ok(Some(Frame::Msg(m))) => {
                     assert_eq!(m.payload.data(), &payload, "the payload changed");
                     assert_round_trip(&Frame::Msg(m), Codec::MsgPack, limits.version);
@@ -429,23 +434,44 @@ fn check_stream_decoder(msg: Incoming<'_>, limits: &Limits, result: &Result<Fram
     }
 }
 
+/// Whether `frame` is or holds a numbered `msg` that did not decode
+/// otherwise ([`MsgKind::Invalid`]): the receiver refuses it by id, and
+/// nothing ever sends it.
+fn holds_invalid(frame: &Frame) -> bool {
+    let invalid = |m: &Msg| {
+        let yes = matches!(m.kind, MsgKind::Invalid(_));
+        assert!(
+            !yes || m.seq > 0,
+            "an invalid message without its number: {m:?}"
+        );
+        yes
+    };
+    match frame {
+        Frame::Msg(m) => invalid(m),
+        Frame::Batch(ms) => ms.iter().filter(|m| invalid(m)).count() > 0,
+        _ => false,
+    }
+}
+
 /// Checks that `frame` encodes with `codec`, that the encoding decodes to an
 /// equal frame, and that encoding that frame again gives the same bytes.
-/// Unknown frames must refuse to encode.
+/// Unknown frames, and messages that decoded as invalid (numbered, to be
+/// refused by id), must refuse to encode.
 pub fn assert_round_trip(frame: &Frame, codec: Codec, version: u8) {
+    let unsendable = matches!(frame, Frame::Unknown(_)) || holds_invalid(frame);
     let encoded = match wire::encode(frame, codec, version) {
         Ok(t) => t,
         Err(e) => {
             assert!(
-                matches!(frame, Frame::Unknown(_)),
+                unsendable,
                 "{frame:?} decoded but does not encode with {codec:?}: {e}"
             );
             return;
         }
     };
     assert!(
-        !matches!(frame, Frame::Unknown(_)),
-        "an unknown frame was encoded"
+        !unsendable,
+        "an unknown frame or an invalid message was encoded: {frame:?}"
     );
     let want_text = match frame {
         Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) => true,
@@ -2697,6 +2723,1366 @@ pub fn server_machine(setup: ServerSetup, ops: Vec<ServerOp>) {
 }
 
 // ---------------------------------------------------------------------------
+// Server stream
+// ---------------------------------------------------------------------------
+
+/// Settings of the `server_stream` target.
+#[derive(Arbitrary, Clone, Debug)]
+pub struct StreamSetup {
+    /// The client prefers MessagePack (else it offers JSON only).
+    pub msgpack: bool,
+    /// The server's send window (messages), 1..=16.
+    pub server_window: u8,
+    /// The server acknowledges after this many deliveries, 1..=40.
+    pub server_ack_every: u8,
+    /// The client's send window (messages), 1..=16.
+    pub client_window: u8,
+    /// The client acknowledges after this many deliveries, 1..=8.
+    pub client_ack_every: u8,
+    /// The server batches what it sends (the client announces `batch`).
+    pub batch: bool,
+    /// The client offers its `hello` in the upgrade request.
+    pub upgrade: bool,
+}
+
+impl StreamSetup {
+    /// The server's configuration: buffers and session limit large enough
+    /// that no session is ever lost to them in a run, so every loss the
+    /// model sees is one it asked for.
+    pub fn config(&self) -> ServerConfig {
+        let mut c = ServerConfig {
+            queue: QueueConfig {
+                max_messages: 1 << 16,
+                max_bytes: 1 << 26,
+            },
+            ..ServerConfig::default()
+        };
+        c.reliability.window_messages = 1 + usize::from(self.server_window % 16);
+        c.reliability.ack_every = 1 + u32::from(self.server_ack_every % 40);
+        if self.batch {
+            c.batch = Some(crate::reliable::BatchConfig::default());
+        }
+        c
+    }
+
+    fn client_window(&self) -> usize {
+        1 + usize::from(self.client_window % 16)
+    }
+
+    fn client_ack_every(&self) -> u64 {
+        1 + u64::from(self.client_ack_every % 8)
+    }
+}
+
+/// A numbered client message that the server can never accept (its `seq`
+/// and `id` are readable, something else is wrong): the server must consume
+/// it and refuse it by id (PROTOCOL.md, section 3.3).
+#[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Poison {
+    /// `r` empty (`false`) or longer than 256 bytes (`true`).
+    BadRoom(bool),
+    /// An `op` nobody knows.
+    UnknownOp,
+    /// `join` (`false`) or `leave` (`true`) without `r`.
+    OpWithoutRoom(bool),
+    /// `presence` (`false`) or `refused` (`true`), which only servers send.
+    ServerOnlyOp(bool),
+    /// Both `rq` and `rs`.
+    RequestAndResponse,
+    /// A field of the wrong type: `ts`, `r`, `rq`, `rs`, `op`, `ack`.
+    WrongType(u8),
+    /// A payload that cannot be read: bad base64 in JSON, a `j` that is not
+    /// JSON in MessagePack.
+    BadPayload,
+    /// Two payloads.
+    TwoPayloads,
+    /// No payload.
+    NoPayload,
+    /// A JSON payload nested 65 deep.
+    TooDeep,
+    /// A detached JSON payload (PROTOCOL.md, section 2.1) that is not JSON.
+    DetachedNotJson,
+}
+
+/// A `delivered` that is not the client's true one, for a resume.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum WrongDelivered {
+    /// Below what the client acknowledged, by `1 + n`: inconsistent.
+    BelowAcked(u8),
+    /// Above anything the server can have sent: inconsistent.
+    AboveSent(u8),
+    /// Between what the client acknowledged and what it delivered (a
+    /// client that lost track of some deliveries): the server sends them
+    /// again and the client drops the duplicates.
+    Behind(u8),
+    /// A session the server never had: `unknown_session`.
+    UnknownSession,
+}
+
+/// A first frame that is not a usable `hello`.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum BadHello {
+    /// Not JSON.
+    NotJson,
+    /// Another frame type (`ping`, `ack`, `msg`, an unknown type).
+    NotAHello(u8),
+    /// A `hello` without `client`.
+    MissingClient,
+    /// A `hello` whose `client` is not 32 hex digits.
+    BadClient,
+    /// A `hello` offering 33 versions.
+    TooManyVersions,
+    /// A `hello` naming the client's session without `delivered`.
+    SessionWithoutDelivered,
+    /// A `hello` in a MessagePack envelope.
+    MsgPack,
+    /// An empty text message.
+    Empty,
+    /// A `Kitestring-Hello` header that does not decode: the server answers
+    /// without one and waits for the `hello` frame, which the client sends
+    /// (this becomes its connection).
+    UpgradeGarbage,
+}
+
+/// How a connection drops.
+#[derive(Arbitrary, Clone, Copy, Debug)]
+pub enum DropKind {
+    /// The transport closes (1006); both sides see it.
+    Closed,
+    /// The client's side dies silently; the server finds out later (idle
+    /// timeout, or the next connection taking the session over).
+    HalfOpen,
+    /// The server closes the connection (`disconnect_connection`, 4000).
+    ServerClosed,
+    /// The server asks the client to go (`go_away`: rotation or going away).
+    GoAway(bool),
+}
+
+/// One step of the `server_stream` target.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum StreamOp {
+    /// The client application sends a message.
+    Send,
+    /// The client sends a numbered message the server cannot accept.
+    Poison(Poison),
+    /// The server application sends `1 + n % 4` messages.
+    ServerSend(u8),
+    /// Up to `1 + n % 8` frames reach the client from the server.
+    Deliver(u8),
+    /// The client acknowledges what it delivered.
+    Ack,
+    /// The client connects (taking its session over if it still has a
+    /// connection) and resumes with its true `delivered`; `true`: the
+    /// `hello` in the upgrade request.
+    Connect(bool),
+    /// The client's connection closes and it resumes with a wrong
+    /// `delivered`.
+    WrongResume(WrongDelivered),
+    /// A fresh connection whose first frame is not a usable `hello`.
+    BadHello(BadHello),
+    /// The connection drops.
+    Drop(DropKind),
+    /// Time passes (milliseconds): the client reads what arrives, keeps its
+    /// heartbeat and acknowledges.
+    Advance(u16),
+    /// A little time passes (milliseconds) with the client reading nothing.
+    Wait(u8),
+}
+
+/// What happened to one client message.
+#[derive(Debug, Default)]
+struct StreamMsg {
+    poison: Option<Poison>,
+    /// Its `seq` in the session it was numbered in (0: not yet).
+    seq: u64,
+    /// Handed to the server's application.
+    delivered: u32,
+    /// Refusals the client received for it.
+    refused: u32,
+    /// Covered by a cumulative acknowledgment.
+    acked: bool,
+    /// Its session was lost while it was unacknowledged: unconfirmed.
+    lost: bool,
+}
+
+/// What happened to one message of the server application.
+#[derive(Debug)]
+struct ServerSent {
+    session: SessionId,
+    /// Times the client delivered it.
+    delivered: u32,
+    /// The server reported it acknowledged.
+    acked: bool,
+    /// The server reported it unconfirmed (its session ended).
+    lost: bool,
+}
+
+/// A frame or the close, on its way from the server to the client.
+#[derive(Debug)]
+enum Wire {
+    Frame(Transmit),
+    Close(CloseCode),
+}
+
+/// Where a resume's `delivered` stands, so the model knows the answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Claim {
+    /// Between what the client acknowledged and what it delivered.
+    Consistent,
+    /// Below what the client acknowledged, or above what was sent.
+    Inconsistent,
+    /// An unknown session.
+    Unknown,
+}
+
+/// The client's acknowledgment timeout: data unacknowledged this long with
+/// no progress and the client resumes on a new connection.
+const STREAM_ACK_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// The client's heartbeat while time passes.
+const STREAM_PING_EVERY: Duration = Duration::from_secs(5);
+
+/// Bound of the quiet phase, in steps of [`QUIET_STEP`].
+const QUIET_STEPS: u32 = 3000;
+
+/// One step of the quiet phase.
+const QUIET_STEP: Duration = Duration::from_millis(100);
+
+/// A [`Server`] and one well-behaved client model speaking the wire
+/// protocol to it (numbering its messages, retransmitting on `replay` and
+/// after a resume, acknowledging cumulatively), with faults injected
+/// between its messages. See [`server_stream`].
+pub struct StreamHarness {
+    server: Server,
+    setup: StreamSetup,
+    codec: Codec,
+    now: Instant,
+    /// The connection the client uses, and whether it is welcomed.
+    conn: Option<ConnectionId>,
+    open: bool,
+    /// Server to client, on `conn`, in order.
+    wire: std::collections::VecDeque<Wire>,
+    /// Since when the client has had no open connection.
+    detached_since: Option<Instant>,
+    session: Option<SessionId>,
+    /// Client messages not yet numbered, by id.
+    waiting: std::collections::VecDeque<u64>,
+    /// Numbered, unacknowledged: `(seq, id)`.
+    window: std::collections::VecDeque<(u64, u64)>,
+    next_seq: u64,
+    /// The highest acknowledgment the client received in this session.
+    acked: u64,
+    /// When an acknowledgment last released a message (or the connection
+    /// opened).
+    progress_at: Instant,
+    /// The highest `seq` the client delivered from the server.
+    delivered: u64,
+    /// The highest acknowledgment the server received from the client.
+    acked_sent: u64,
+    /// Server messages the client delivered and has not acknowledged yet.
+    unacked_in: u64,
+    /// The last server message id delivered in this session.
+    last_in_id: u64,
+    msgs: BTreeMap<u64, StreamMsg>,
+    next_id: u64,
+    server_msgs: BTreeMap<u64, ServerSent>,
+    /// Last `seq` the server's application got, per session.
+    app_seq: BTreeMap<SessionId, u64>,
+    ended: std::collections::BTreeSet<SessionId>,
+    /// Connections the server closed.
+    closed: std::collections::BTreeSet<ConnectionId>,
+    /// A connection tested with a bad first frame, and what it got.
+    side: Option<ConnectionId>,
+    side_out: Vec<Wire>,
+    next_fresh: u64,
+    nonce: u64,
+    last_ping: Instant,
+    log: String,
+}
+
+impl StreamHarness {
+    /// A harness around a new server.
+    pub fn new(setup: StreamSetup) -> StreamHarness {
+        let server = match Server::new(setup.config()) {
+            Ok(s) => s,
+            Err(e) => panic!("server config rejected: {e}"),
+        };
+        StreamHarness {
+            server,
+            codec: if setup.msgpack {
+                Codec::MsgPack
+            } else {
+                Codec::Json
+            },
+            setup,
+            now: Instant::ZERO,
+            conn: None,
+            open: false,
+            wire: Default::default(),
+            detached_since: Some(Instant::ZERO),
+            session: None,
+            waiting: Default::default(),
+            window: Default::default(),
+            next_seq: 1,
+            acked: 0,
+            progress_at: Instant::ZERO,
+            delivered: 0,
+            acked_sent: 0,
+            unacked_in: 0,
+            last_in_id: 0,
+            msgs: BTreeMap::new(),
+            next_id: 1,
+            server_msgs: BTreeMap::new(),
+            app_seq: BTreeMap::new(),
+            ended: Default::default(),
+            closed: Default::default(),
+            side: None,
+            side_out: Vec::new(),
+            next_fresh: 1,
+            nonce: 1,
+            last_ping: Instant::ZERO,
+            log: String::new(),
+        }
+    }
+
+    fn fail(&self, what: impl core::fmt::Display) -> ! {
+        panic!("{what}\n{}", self.log)
+    }
+
+    fn fresh_session(&mut self) -> SessionId {
+        let mut b = [0x5e; 16];
+        b[..8].copy_from_slice(&self.next_fresh.to_le_bytes());
+        self.next_fresh += 1;
+        SessionId(b)
+    }
+
+    // ---- the server's side ----------------------------------------------
+
+    /// Takes every output of the server: frames and closes for the client's
+    /// connection go on the wire, the side connection's are kept, older
+    /// connections' are lost with them; events update the record.
+    fn drain(&mut self) {
+        while let Some(o) = self.server.poll_output() {
+            let _ = writeln!(self.log, "  {o:?}");
+            match o {
+                ServerOutput::Transmit(c, t) => {
+                    if self.closed.contains(&c) {
+                        self.fail(format_args!("a transmit on {c:?} after its close"));
+                    }
+                    if decode_own(&t, "server").is_none() {
+                        continue;
+                    }
+                    if Some(c) == self.conn {
+                        self.wire.push_back(Wire::Frame(t));
+                    } else if Some(c) == self.side {
+                        self.side_out.push(Wire::Frame(t));
+                    }
+                }
+                ServerOutput::Disconnect(c, code, _) => {
+                    if !code.is_sendable() {
+                        self.fail(format_args!("the server closes with {code:?}"));
+                    }
+                    if !self.closed.insert(c) {
+                        self.fail(format_args!("{c:?} closed twice"));
+                    }
+                    if Some(c) == self.conn {
+                        self.wire.push_back(Wire::Close(code));
+                    } else if Some(c) == self.side {
+                        self.side_out.push(Wire::Close(code));
+                    }
+                }
+                ServerOutput::Event(e) => self.server_event(e),
+            }
+        }
+    }
+
+    fn server_event(&mut self, e: ServerEvent) {
+        match e {
+            ServerEvent::Message { session, message } => {
+                if Some(session) != self.session {
+                    self.fail(format_args!(
+                        "a message for {session:?}, not the client's session"
+                    ));
+                }
+                // In order; refused messages leave holes.
+                let last = self.app_seq.get(&session).copied().unwrap_or(0);
+                if message.seq <= last {
+                    self.fail(format_args!(
+                        "the application got seq {} after {last}",
+                        message.seq
+                    ));
+                }
+                self.app_seq.insert(session, message.seq);
+                let id = message.id.0;
+                let want = Payload::json(id.to_string().into_bytes()).ok();
+                let Some(m) = self.msgs.get_mut(&id) else {
+                    self.fail(format_args!("the application got unknown message {id}"));
+                };
+                m.delivered += 1;
+                let (poison, delivered, seq) = (m.poison, m.delivered, m.seq);
+                if let Some(p) = poison {
+                    self.fail(format_args!("message {id} ({p:?}) reached the application"));
+                }
+                if delivered > 1 {
+                    self.fail(format_args!("message {id} delivered twice"));
+                }
+                if seq != message.seq || Some(&message.payload) != want.as_ref() {
+                    self.fail(format_args!("message {id} delivered changed: {message:?}"));
+                }
+            }
+            ServerEvent::Acked {
+                session,
+                first,
+                last,
+            } => {
+                let ids: Vec<u64> = self
+                    .server_msgs
+                    .range(first.0..=last.0)
+                    .filter(|(_, m)| m.session == session)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in ids {
+                    let Some(m) = self.server_msgs.get_mut(&id) else {
+                        continue;
+                    };
+                    let (delivered, lost, acked) = (m.delivered, m.lost, m.acked);
+                    m.acked = true;
+                    if delivered == 0 || lost || acked {
+                        self.fail(format_args!(
+                            "server message {id} acknowledged (delivered {delivered}, lost {lost}, acked {acked})"
+                        ));
+                    }
+                }
+            }
+            ServerEvent::SessionEnded {
+                session,
+                unconfirmed,
+                ..
+            } => {
+                self.ended.insert(session);
+                for id in unconfirmed {
+                    if let Some(m) = self.server_msgs.get_mut(&id.0) {
+                        m.lost = true;
+                        if m.acked {
+                            self.fail(format_args!(
+                                "server message {} reported both acknowledged and unconfirmed",
+                                id.0
+                            ));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the server still has `conn`.
+    fn server_has(&self, conn: ConnectionId) -> bool {
+        self.server.session_of(conn).is_some()
+    }
+
+    /// Sends one message to the server on the client's connection; lost if
+    /// the server already closed it.
+    fn send_to_server(&mut self, msg: Incoming<'_>) -> bool {
+        let Some(conn) = self.conn else { return false };
+        if !self.server_has(conn) {
+            return false;
+        }
+        self.server.handle_message(self.now, conn, msg);
+        self.drain();
+        true
+    }
+
+    fn send_frame(&mut self, frame: &Frame) -> bool {
+        match wire::encode(frame, self.codec, PROTOCOL_VERSION) {
+            Ok(t) => self.send_to_server(t.as_incoming()),
+            Err(e) => self.fail(format_args!("the client cannot encode {frame:?}: {e}")),
+        }
+    }
+
+    // ---- the client's side ----------------------------------------------
+
+    fn hello(&self, resume: Option<Resume>) -> Frame {
+        Frame::Hello(Hello {
+            versions: vec![PROTOCOL_VERSION],
+            client: ClientId([0xc5; 16]),
+            resume,
+            caps: if self.setup.batch {
+                vec![crate::client::CAP_BATCH.to_string()]
+            } else {
+                Vec::new()
+            },
+            codecs: if self.setup.msgpack {
+                vec![Codec::MsgPack, Codec::Json]
+            } else {
+                vec![Codec::Json]
+            },
+        })
+    }
+
+    /// Where a resume claiming `delivered` stands.
+    fn claim(&self, session: SessionId, delivered: u64) -> Claim {
+        if self.ended.contains(&session) || Some(session) != self.session {
+            Claim::Unknown
+        } else if delivered < self.acked_sent || delivered > self.delivered {
+            // Above what the client delivered is only ever claimed above
+            // what the server can have sent (see `WrongDelivered`).
+            Claim::Inconsistent
+        } else {
+            Claim::Consistent
+        }
+    }
+
+    /// The client gives up its connection without telling the server.
+    fn abandon(&mut self) {
+        self.conn = None;
+        self.open = false;
+        self.wire.clear();
+        if self.detached_since.is_none() {
+            self.detached_since = Some(self.now);
+        }
+    }
+
+    /// A new connection (the old one, if any, left half-open) and its
+    /// handshake, resuming `resume` (a session and the `delivered` to
+    /// claim). `upgrade`: the `hello` goes in the upgrade request;
+    /// `garbage`: an undecodable upgrade header, then the `hello` as the
+    /// first frame. The answer must come at once (c).
+    fn connect(&mut self, upgrade: bool, garbage: bool, resume: Option<(SessionId, u64)>) {
+        self.abandon();
+        let fresh = self.fresh_session();
+        // A well-behaved client holds its session's key from the welcome.
+        let resume_frame = resume.map(|(session, delivered)| Resume {
+            session,
+            delivered,
+            key: Some(self.server.resume_key(session)),
+        });
+        let expect = resume.map(|(s, d)| self.claim(s, d));
+        let _ = writeln!(
+            self.log,
+            "{:?} connect upgrade={upgrade} garbage={garbage} {resume:?} {expect:?}",
+            self.now
+        );
+        let hello = self.hello(resume_frame);
+        let welcome = if upgrade || garbage {
+            let text = if garbage {
+                "{\"t\":\"hello\",".to_string()
+            } else {
+                match wire::handshake_header(&hello) {
+                    Ok(h) => h,
+                    Err(e) => self.fail(format_args!("a hello does not encode: {e}")),
+                }
+            };
+            let (conn, answer) = self.server.handle_upgrade(self.now, None, fresh, &text);
+            self.conn = Some(conn);
+            self.drain();
+            if garbage {
+                if answer.is_some() || !self.wire.is_empty() {
+                    self.fail(format_args!(
+                        "an undecodable upgrade hello answered: {answer:?} {:?}",
+                        self.wire
+                    ));
+                }
+                self.send_hello_frame(&hello);
+                self.first_welcome()
+            } else {
+                // (c) Answered in the response.
+                match answer.as_deref().map(header_frame) {
+                    Some(Ok(Frame::Welcome(w))) => w,
+                    other => self.fail(format_args!("an upgrade hello answered with {other:?}")),
+                }
+            }
+        } else {
+            let conn = self.server.handle_connection(self.now, None, fresh);
+            self.conn = Some(conn);
+            self.drain();
+            self.send_hello_frame(&hello);
+            self.first_welcome()
+        };
+        self.on_welcome(welcome, resume, expect);
+    }
+
+    /// (c) The answer to a `hello` frame came at once: a welcome, first
+    /// on the wire.
+    fn first_welcome(&mut self) -> Welcome {
+        match self.wire.pop_front() {
+            Some(Wire::Frame(t)) => match decode_own(&t, "server") {
+                Some(Frame::Welcome(w)) => w,
+                other => self.fail(format_args!("a hello answered with {other:?}")),
+            },
+            other => self.fail(format_args!("a hello left unanswered: {other:?}")),
+        }
+    }
+
+    fn send_hello_frame(&mut self, hello: &Frame) {
+        let Some(conn) = self.conn else { return };
+        match wire::encode(hello, Codec::Json, PROTOCOL_VERSION) {
+            Ok(t) => self.server.handle_message(self.now, conn, t.as_incoming()),
+            Err(e) => self.fail(format_args!("a hello does not encode: {e}")),
+        }
+        self.drain();
+    }
+
+    fn on_welcome(&mut self, w: Welcome, resume: Option<(SessionId, u64)>, expect: Option<Claim>) {
+        if w.codec != self.codec {
+            self.fail(format_args!("welcomed with {:?}", w.codec));
+        }
+        self.open = true;
+        self.detached_since = None;
+        self.progress_at = self.now;
+        match (resume, expect) {
+            (Some((session, _)), Some(claim)) if w.resumed => {
+                if claim != Claim::Consistent {
+                    self.fail(format_args!("a resume claiming {claim:?} was resumed"));
+                }
+                if w.session != session {
+                    self.fail("resumed another session");
+                }
+                // The claim acknowledged the server's messages up to it.
+                if let Some((_, claimed)) = resume {
+                    self.acked_sent = self.acked_sent.max(claimed);
+                }
+                // The welcome's `delivered` acknowledges; the rest goes again.
+                self.on_ack(w.delivered, "welcome");
+                self.retransmit(w.delivered + 1);
+                return;
+            }
+            (Some(_), Some(claim)) => {
+                let want = match claim {
+                    Claim::Consistent => self.fail(format_args!(
+                        "(d) a consistent resume of a live session was refused: {w:?}"
+                    )),
+                    Claim::Inconsistent => "inconsistent",
+                    Claim::Unknown => "unknown_session",
+                };
+                if w.lost.as_deref() != Some(want) {
+                    self.fail(format_args!(
+                        "a resume refused with {:?}, not {want}",
+                        w.lost
+                    ));
+                }
+            }
+            _ => {
+                if w.resumed || w.lost.is_some() {
+                    self.fail(format_args!("a new session welcomed as {w:?}"));
+                }
+            }
+        }
+        // A new session: what was numbered is unconfirmed, what waits goes
+        // out in the new one, numbered from 1.
+        if w.delivered != 0 {
+            self.fail("a new session has delivered something");
+        }
+        for (_, id) in std::mem::take(&mut self.window) {
+            if let Some(m) = self.msgs.get_mut(&id) {
+                m.lost = true;
+            }
+        }
+        self.session = Some(w.session);
+        self.next_seq = 1;
+        self.acked = 0;
+        self.delivered = 0;
+        self.acked_sent = 0;
+        self.unacked_in = 0;
+        self.last_in_id = 0;
+        self.flush();
+    }
+
+    /// A cumulative acknowledgment of the client's messages up to `ack`.
+    fn on_ack(&mut self, ack: u64, what: &str) {
+        if ack >= self.next_seq {
+            self.fail(format_args!(
+                "{what} acknowledges {ack}, beyond {} sent",
+                self.next_seq - 1
+            ));
+        }
+        if ack < self.acked {
+            // A piggybacked ack written when the message was numbered (a
+            // batch collecting, a retransmission) may be older than a
+            // standalone one sent since: not news. The server's own
+            // account of what it delivered never goes back, though.
+            if what == "welcome" {
+                self.fail(format_args!(
+                    "{what} acknowledges {ack}, below the earlier {}",
+                    self.acked
+                ));
+            }
+            return;
+        }
+        self.acked = ack;
+        let mut moved = false;
+        while let Some(&(seq, id)) = self.window.front() {
+            if seq > ack {
+                break;
+            }
+            self.window.pop_front();
+            moved = true;
+            let Some(m) = self.msgs.get_mut(&id) else {
+                continue;
+            };
+            m.acked = true;
+            let (poison, delivered, refused) = (m.poison, m.delivered, m.refused);
+            match poison {
+                Some(p) if refused != 1 => self.fail(format_args!(
+                    "(b) {what} {ack} covers refused message {id} (seq {seq}, {p:?}) before its refusal reached the client"
+                )),
+                None if delivered != 1 => self.fail(format_args!(
+                    "{what} {ack} covers message {id} (seq {seq}), delivered {delivered} times"
+                )),
+                _ => {}
+            }
+        }
+        if moved {
+            self.progress_at = self.now;
+        }
+    }
+
+    /// Sends again every numbered message from `from` on.
+    fn retransmit(&mut self, from: u64) {
+        let again: Vec<(u64, u64)> = self
+            .window
+            .iter()
+            .copied()
+            .filter(|(seq, _)| *seq >= from)
+            .collect();
+        for (seq, id) in again {
+            self.transmit_msg(seq, id);
+        }
+        self.flush();
+    }
+
+    /// Numbers waiting messages into the window and sends them.
+    fn flush(&mut self) {
+        if !self.open {
+            return;
+        }
+        while self.window.len() < self.setup.client_window() {
+            let Some(id) = self.waiting.pop_front() else {
+                break;
+            };
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.window.push_back((seq, id));
+            if let Some(m) = self.msgs.get_mut(&id) {
+                m.seq = seq;
+            }
+            self.transmit_msg(seq, id);
+        }
+    }
+
+    fn transmit_msg(&mut self, seq: u64, id: u64) {
+        if !self.open {
+            return;
+        }
+        let poison = self.msgs.get(&id).and_then(|m| m.poison);
+        let ack = self.delivered;
+        let reached = match poison {
+            None => {
+                let payload = match Payload::json(id.to_string().into_bytes()) {
+                    Ok(p) => p,
+                    Err(e) => self.fail(format_args!("payload: {e}")),
+                };
+                self.send_frame(&Frame::Msg(Msg {
+                    kind: MsgKind::Plain,
+                    room: None,
+                    seq,
+                    id,
+                    ack: Some(ack),
+                    ts: None,
+                    payload,
+                }))
+            }
+            Some(p) => {
+                let msgs = poison_messages(p, self.codec, seq, id, ack);
+                let mut reached = false;
+                for m in &msgs {
+                    reached = self.send_to_server(m.as_incoming());
+                }
+                reached
+            }
+        };
+        if reached {
+            self.acked_sent = self.acked_sent.max(ack);
+            self.unacked_in = 0;
+        }
+    }
+
+    fn send_ack(&mut self, force: bool) {
+        if !self.open || (!force && self.delivered == self.acked_sent) {
+            return;
+        }
+        let ack = self.delivered;
+        if self.send_frame(&Frame::Ack { ack }) {
+            self.acked_sent = self.acked_sent.max(ack);
+            self.unacked_in = 0;
+        }
+    }
+
+    fn ping(&mut self) {
+        if !self.open {
+            return;
+        }
+        let nonce = self.nonce;
+        self.nonce += 1;
+        self.send_frame(&Frame::Ping { nonce });
+        self.last_ping = self.now;
+    }
+
+    /// The next thing on the wire reaches the client; false if none.
+    fn deliver_one(&mut self) -> bool {
+        let Some(item) = self.wire.pop_front() else {
+            return false;
+        };
+        match item {
+            Wire::Close(code) => {
+                let _ = writeln!(self.log, "{:?} client sees close {code:?}", self.now);
+                self.abandon();
+            }
+            Wire::Frame(t) => {
+                let Some(frame) = decode_own(&t, "server") else {
+                    return true;
+                };
+                self.client_frame(frame);
+            }
+        }
+        true
+    }
+
+    fn client_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Msg(m) => self.client_msg(m),
+            Frame::Batch(ms) => {
+                for m in ms {
+                    self.client_msg(m);
+                }
+            }
+            Frame::Ack { ack } => self.on_ack(ack, "ack"),
+            Frame::Replay { from } => {
+                self.on_ack(from - 1, "replay");
+                self.retransmit(from);
+            }
+            Frame::Ping { nonce } => {
+                self.send_frame(&Frame::Pong { nonce });
+            }
+            Frame::Pong { .. } | Frame::GoAway { .. } | Frame::Raw(_) | Frame::Unknown(_) => {}
+            Frame::Reauth { .. } => {}
+            other => self.fail(format_args!("the server sent {other:?} on an open session")),
+        }
+    }
+
+    fn client_msg(&mut self, m: Msg) {
+        if let Some(ack) = m.ack {
+            self.on_ack(ack, "msg.ack");
+        }
+        if m.seq <= self.delivered {
+            // A duplicate (after a resume that claimed less): drop it and
+            // acknowledge at once.
+            self.send_ack(true);
+            return;
+        }
+        if m.seq > self.delivered + 1 {
+            self.fail(format_args!(
+                "(d) a gap in the server's stream: seq {} after {}",
+                m.seq, self.delivered
+            ));
+        }
+        self.delivered = m.seq;
+        self.unacked_in += 1;
+        match m.kind {
+            MsgKind::RefusedMessage(id) => {
+                let code = serde_json::from_slice::<serde_json::Value>(m.payload.data())
+                    .ok()
+                    .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(String::from));
+                let Some(r) = self.msgs.get_mut(&id) else {
+                    self.fail(format_args!("a refusal of unknown message {id}"));
+                };
+                r.refused += 1;
+                let (poison, refused, delivered) = (r.poison, r.refused, r.delivered);
+                if poison.is_none() || refused > 1 || delivered > 0 {
+                    self.fail(format_args!(
+                        "message {id} refused (poison {poison:?}, refused {refused}, delivered {delivered})"
+                    ));
+                }
+                if code.as_deref() != Some("invalid") {
+                    self.fail(format_args!("message {id} refused with code {code:?}"));
+                }
+            }
+            MsgKind::Plain => {
+                let Some(s) = self.server_msgs.get_mut(&m.id) else {
+                    self.fail(format_args!(
+                        "the client got unknown server message {}",
+                        m.id
+                    ));
+                };
+                s.delivered += 1;
+                let (delivered, session) = (s.delivered, s.session);
+                if delivered > 1 || Some(session) != self.session {
+                    self.fail(format_args!(
+                        "server message {} delivered {delivered} times, in {:?} for {session:?}",
+                        m.id, self.session
+                    ));
+                }
+                if m.id <= self.last_in_id {
+                    self.fail(format_args!(
+                        "server message {} after {}: out of order",
+                        m.id, self.last_in_id
+                    ));
+                }
+                self.last_in_id = m.id;
+            }
+            other => self.fail(format_args!("the server sent a {other:?} message")),
+        }
+        if self.unacked_in >= self.setup.client_ack_every() {
+            self.send_ack(false);
+        }
+    }
+
+    // ---- ops ----------------------------------------------------------------
+
+    fn true_resume(&self) -> Option<(SessionId, u64)> {
+        self.session.map(|s| (s, self.delivered))
+    }
+
+    /// Lets `d` pass: in heartbeat-sized steps, the client reading,
+    /// pinging and acknowledging as it goes (`reading`), or not at all.
+    /// While the client has no connection, time stops short of the
+    /// session's grace period, so no session is lost to it.
+    fn pass(&mut self, d: Duration, reading: bool) {
+        let mut left = d;
+        while !left.is_zero() {
+            let step = left.min(STREAM_PING_EVERY);
+            left -= step;
+            if reading {
+                while self.deliver_one() {}
+                self.flush();
+                self.send_ack(false);
+                if self.now.saturating_duration_since(self.last_ping) >= STREAM_PING_EVERY {
+                    self.ping();
+                }
+            }
+            let mut to = self.now + step;
+            let grace = self.server.config().session_grace;
+            if let Some(since) = self.detached_since {
+                to = to.min((since + grace / 2).max(self.now));
+            }
+            let expires = self
+                .session
+                .and_then(|s| self.server.session(s))
+                .and_then(|i| i.expires_at);
+            if let Some(at) = expires {
+                to = to.min((at - grace / 2).max(self.now));
+            }
+            self.now = to;
+            self.server.handle_timeout(self.now);
+            self.drain();
+        }
+    }
+
+    /// Applies one op.
+    pub fn op(&mut self, op: StreamOp) {
+        let _ = writeln!(self.log, "{:?} {op:?}", self.now);
+        match op {
+            StreamOp::Send | StreamOp::Poison(_) => {
+                let id = self.next_id;
+                self.next_id += 1;
+                let poison = match op {
+                    StreamOp::Poison(p) => Some(p),
+                    _ => None,
+                };
+                self.msgs.insert(
+                    id,
+                    StreamMsg {
+                        poison,
+                        ..StreamMsg::default()
+                    },
+                );
+                self.waiting.push_back(id);
+                self.flush();
+            }
+            StreamOp::ServerSend(n) => {
+                let Some(session) = self.session else { return };
+                for _ in 0..=(n % 4) {
+                    let Ok(payload) = Payload::json(b"1".to_vec()) else {
+                        return;
+                    };
+                    match self.server.send(self.now, session, payload) {
+                        Ok(id) => {
+                            self.server_msgs.insert(
+                                id.0,
+                                ServerSent {
+                                    session,
+                                    delivered: 0,
+                                    acked: false,
+                                    lost: false,
+                                },
+                            );
+                        }
+                        Err(SendError::UnknownSession) if self.ended.contains(&session) => {}
+                        Err(e) => self.fail(format_args!("server send refused: {e}")),
+                    }
+                }
+                self.drain();
+            }
+            StreamOp::Deliver(n) => {
+                for _ in 0..=(n % 8) {
+                    if !self.deliver_one() {
+                        break;
+                    }
+                }
+            }
+            StreamOp::Ack => self.send_ack(false),
+            StreamOp::Connect(upgrade) => {
+                let resume = self.true_resume();
+                self.connect(upgrade, false, resume);
+            }
+            StreamOp::WrongResume(wrong) => {
+                let Some((session, delivered)) = self.true_resume() else {
+                    return;
+                };
+                let resume = match wrong {
+                    WrongDelivered::BelowAcked(n) => {
+                        let Some(d) = self.acked_sent.checked_sub(1 + u64::from(n % 4)) else {
+                            return;
+                        };
+                        (session, d)
+                    }
+                    WrongDelivered::AboveSent(n) => {
+                        let window = self.server.config().reliability.window_messages as u64;
+                        (session, delivered + window + 1 + u64::from(n))
+                    }
+                    WrongDelivered::Behind(n) => {
+                        let span = delivered - self.acked_sent;
+                        (session, delivered - u64::from(n) % (span + 1))
+                    }
+                    WrongDelivered::UnknownSession => (SessionId([0xee; 16]), delivered),
+                };
+                self.drop_conn(DropKind::Closed);
+                self.connect(self.setup.upgrade, false, Some(resume));
+            }
+            StreamOp::BadHello(bad) => self.bad_hello(bad),
+            StreamOp::Drop(kind) => self.drop_conn(kind),
+            StreamOp::Advance(ms) => self.pass(Duration::from_millis(u64::from(ms)), true),
+            StreamOp::Wait(ms) => self.pass(Duration::from_millis(u64::from(ms)), false),
+        }
+    }
+
+    fn drop_conn(&mut self, kind: DropKind) {
+        let Some(conn) = self.conn else { return };
+        match kind {
+            DropKind::Closed => {
+                self.abandon();
+                self.server.handle_connection_closed(self.now, conn, None);
+                self.closed.insert(conn);
+                self.drain();
+            }
+            DropKind::HalfOpen => self.abandon(),
+            DropKind::ServerClosed => {
+                self.server
+                    .disconnect_connection(self.now, conn, CloseCode::RETRY);
+                self.drain();
+            }
+            DropKind::GoAway(rotate) => {
+                let code = if rotate {
+                    CloseCode::ROTATE
+                } else {
+                    CloseCode::GOING_AWAY
+                };
+                self.server.go_away(self.now, conn, code, None);
+                self.drain();
+            }
+        }
+    }
+
+    fn bad_hello(&mut self, bad: BadHello) {
+        if let BadHello::UpgradeGarbage = bad {
+            let resume = self.true_resume();
+            self.connect(false, true, resume);
+            return;
+        }
+        let session = self.session.unwrap_or(SessionId([0x11; 16]));
+        let client = "c5".repeat(16);
+        let text = match bad {
+            BadHello::NotJson => "hello?".to_string(),
+            BadHello::NotAHello(n) => match n % 4 {
+                0 => r#"{"t":"ping","nonce":1}"#.to_string(),
+                1 => r#"{"t":"ack","ack":0}"#.to_string(),
+                2 => r#"{"t":"msg","seq":1,"id":1,"j":1}"#.to_string(),
+                _ => r#"{"t":"hullo"}"#.to_string(),
+            },
+            BadHello::MissingClient => r#"{"t":"hello","versions":[1],"codecs":["json"]}"#.into(),
+            BadHello::BadClient => {
+                r#"{"t":"hello","versions":[1],"client":"xyz","codecs":["json"]}"#.into()
+            }
+            BadHello::TooManyVersions => format!(
+                r#"{{"t":"hello","versions":[{}],"client":"{client}"}}"#,
+                vec!["1"; 33].join(",")
+            ),
+            BadHello::SessionWithoutDelivered => format!(
+                r#"{{"t":"hello","versions":[1],"client":"{client}","session":"{}"}}"#,
+                session.to_hex()
+            ),
+            BadHello::MsgPack | BadHello::Empty | BadHello::UpgradeGarbage => String::new(),
+        };
+        let fresh = self.fresh_session();
+        let conn = self.server.handle_connection(self.now, None, fresh);
+        self.side = Some(conn);
+        self.side_out.clear();
+        self.drain();
+        if let BadHello::MsgPack = bad {
+            // Handshake frames only encode as JSON: pack the fields by hand.
+            let body = rmp_serde::to_vec(&serde_json::json!({
+                "t": "hello", "versions": [1], "client": client,
+            }))
+            .unwrap_or_default();
+            let mut msg = vec![KIND_MSGPACK, PROTOCOL_VERSION];
+            msg.extend_from_slice(&u32::try_from(body.len()).unwrap_or(0).to_le_bytes());
+            msg.extend_from_slice(&body);
+            self.server
+                .handle_message(self.now, conn, Incoming::Binary(&msg));
+        } else {
+            self.server
+                .handle_message(self.now, conn, Incoming::Text(&text));
+        }
+        self.drain();
+        self.side = None;
+        let out = std::mem::take(&mut self.side_out);
+        // (c) Answered at once: a reject `bad_hello` 4002, then the close.
+        let ok = match out.as_slice() {
+            [Wire::Frame(t), Wire::Close(code)] => matches!(
+                decode_own(t, "server"),
+                Some(Frame::Reject(r)) if r.code == CloseCode::BAD_HANDSHAKE.0
+                    && r.reason == "bad_hello"
+                    && *code == CloseCode::BAD_HANDSHAKE
+            ),
+            _ => false,
+        };
+        if !ok {
+            self.fail(format_args!(
+                "(c) the first frame {bad:?} was answered with {out:?}"
+            ));
+        }
+    }
+
+    /// Whether everything settled: the client's messages all acknowledged,
+    /// the server's all delivered and acknowledged, nothing on the wire.
+    fn settled(&self) -> bool {
+        let Some(session) = self.session else {
+            return self.waiting.is_empty();
+        };
+        self.open
+            && self.wire.is_empty()
+            && self.waiting.is_empty()
+            && self.window.is_empty()
+            && self.acked_sent == self.delivered
+            && self
+                .server_msgs
+                .values()
+                .filter(|m| m.session == session)
+                .all(|m| m.acked)
+            && self
+                .server
+                .session(session)
+                .is_some_and(|i| i.in_flight == 0 && i.queued == 0)
+    }
+
+    /// No more faults: the client reconnects, reads, retransmits and
+    /// acknowledges as a real client would, with time passing, until
+    /// everything settled; then every message must have its outcome.
+    pub fn quiet(&mut self) {
+        let _ = writeln!(self.log, "{:?} quiet", self.now);
+        if self.session.is_none() && self.waiting.is_empty() {
+            return;
+        }
+        let mut steps = 0;
+        loop {
+            steps += 1;
+            if steps > QUIET_STEPS {
+                self.fail(format_args!(
+                    "(a) the stream stalled: waiting {:?}, unacknowledged {:?}, delivered {}, server {:?}",
+                    self.waiting,
+                    self.window,
+                    self.delivered,
+                    self.session.and_then(|s| self.server.session(s))
+                ));
+            }
+            if self.conn.is_none() {
+                let resume = self.true_resume();
+                self.connect(self.setup.upgrade, false, resume);
+            }
+            while self.deliver_one() {}
+            self.flush();
+            self.send_ack(false);
+            while self.deliver_one() {}
+            if self.settled() {
+                break;
+            }
+            if self.open
+                && !self.window.is_empty()
+                && self.now.saturating_duration_since(self.progress_at) >= STREAM_ACK_TIMEOUT
+            {
+                // The client's acknowledgment timeout: resume elsewhere.
+                let _ = writeln!(self.log, "{:?} client ack timeout", self.now);
+                self.drop_conn(DropKind::Closed);
+                continue;
+            }
+            if self.now.saturating_duration_since(self.last_ping) >= STREAM_PING_EVERY {
+                self.ping();
+            }
+            self.now += QUIET_STEP;
+            self.server.handle_timeout(self.now);
+            self.drain();
+        }
+        self.check_outcomes();
+    }
+
+    /// (a) Every client message delivered exactly once or refused exactly
+    /// once (at most one of them if its session was lost), every server
+    /// message of the live session delivered once.
+    fn check_outcomes(&self) {
+        for (id, m) in &self.msgs {
+            let ok = if m.lost && !m.acked {
+                m.delivered + m.refused <= 1
+            } else {
+                m.acked
+                    && match m.poison {
+                        Some(_) => m.refused == 1 && m.delivered == 0,
+                        None => m.delivered == 1 && m.refused == 0,
+                    }
+            };
+            if !ok {
+                self.fail(format_args!("(a) message {id} ended as {m:?}"));
+            }
+        }
+        if let Some(session) = self.session {
+            let want = self.next_seq - 1;
+            let got = self.server.session(session).map(|i| i.delivered);
+            if got != Some(want) {
+                self.fail(format_args!(
+                    "(a) the server delivered {got:?} of the client's {want}"
+                ));
+            }
+        }
+        for (id, m) in &self.server_msgs {
+            let live = Some(m.session) == self.session;
+            if m.delivered > 1 || (live && (m.delivered != 1 || !m.acked)) {
+                self.fail(format_args!("server message {id} ended as {m:?}"));
+            }
+        }
+    }
+}
+
+/// The messages a poison message is on the wire: its envelope (and, for a
+/// detached payload, the payload after it).
+fn poison_messages(p: Poison, codec: Codec, seq: u64, id: u64, ack: u64) -> Vec<Transmit> {
+    use serde_json::{json, Value};
+    let mut env = serde_json::Map::new();
+    env.insert("t".into(), json!("msg"));
+    env.insert("seq".into(), json!(seq));
+    env.insert("id".into(), json!(id));
+    env.insert("ack".into(), json!(ack));
+    let deep = format!("{}1{}", "[".repeat(65), "]".repeat(65));
+    // The payload as the codec carries it: JSON inline, or JSON text in
+    // MessagePack.
+    let j = |text: &str| -> Value {
+        match codec {
+            Codec::Json => serde_json::from_str::<Value>(text).unwrap_or(Value::Null),
+            Codec::MsgPack => Value::String(text.to_owned()),
+        }
+    };
+    let mut payload = Some(j("1"));
+    match p {
+        Poison::BadRoom(long) => {
+            let room = if long { "r".repeat(257) } else { String::new() };
+            env.insert("r".into(), json!(room));
+        }
+        Poison::UnknownOp => {
+            env.insert("op".into(), json!("dance"));
+            env.insert("r".into(), json!("lobby"));
+        }
+        Poison::OpWithoutRoom(leave) => {
+            env.insert("op".into(), json!(if leave { "leave" } else { "join" }));
+        }
+        Poison::ServerOnlyOp(refused) => {
+            env.insert(
+                "op".into(),
+                json!(if refused { "refused" } else { "presence" }),
+            );
+            env.insert("r".into(), json!("lobby"));
+        }
+        Poison::RequestAndResponse => {
+            env.insert("rq".into(), json!(true));
+            env.insert("rs".into(), json!(1));
+        }
+        Poison::WrongType(n) => {
+            let (k, v) = match n % 6 {
+                0 => ("ts", json!("x")),
+                1 => ("r", json!([1])),
+                2 => ("rq", json!("yes")),
+                3 => ("rs", json!("x")),
+                4 => ("op", json!(5)),
+                _ => ("ack", json!("x")),
+            };
+            env.insert(k.into(), v);
+        }
+        Poison::BadPayload => {
+            payload = None;
+            match codec {
+                Codec::Json => env.insert("b".into(), json!("!!not base64!!")),
+                Codec::MsgPack => env.insert("j".into(), json!("{")),
+            };
+        }
+        Poison::TwoPayloads => {
+            env.insert("b".into(), json!("AA=="));
+        }
+        Poison::NoPayload => payload = None,
+        Poison::TooDeep => payload = Some(j(&deep)),
+        Poison::DetachedNotJson => {
+            payload = None;
+            env.insert("dj".into(), json!(5));
+        }
+    }
+    if let Some(v) = payload {
+        env.insert("j".into(), v);
+    }
+    let env = Value::Object(env);
+    let mut out = vec![match codec {
+        Codec::Json => Transmit::Text(Bytes::from(env.to_string().into_bytes())),
+        Codec::MsgPack => {
+            let body = rmp_serde::to_vec(&env).unwrap_or_default();
+            let mut msg = vec![KIND_MSGPACK, PROTOCOL_VERSION];
+            msg.extend_from_slice(&u32::try_from(body.len()).unwrap_or(0).to_le_bytes());
+            msg.extend_from_slice(&body);
+            Transmit::Binary(Bytes::from(msg))
+        }
+    }];
+    if let Poison::DetachedNotJson = p {
+        out.push(Transmit::Binary(Bytes::from_static(b"]]]]]")));
+    }
+    out
+}
+
+/// Target `server_stream`: one well-behaved client model and a server,
+/// with the fuzzer injecting, between the client's messages, poison
+/// messages, bad first frames, wrong resumes, drops, time and server
+/// sends; then a quiet phase. Asserts (see `fuzz/README.md`): (a) the
+/// stream never stalls, every client message ends delivered once or
+/// refused once, acknowledged; (b) no acknowledgment covers a refused
+/// message before its refusal reached the client; (c) every `hello` is
+/// answered in the same step; (d) a resume answered `resumed:true` never
+/// leads to a gap or a stall, and a consistent resume of a live session is
+/// never refused.
+pub fn server_stream(setup: StreamSetup, ops: Vec<StreamOp>) {
+    let mut h = StreamHarness::new(setup);
+    let resume = h.true_resume();
+    let upgrade = h.setup.upgrade;
+    h.connect(upgrade, false, resume);
+    for op in ops {
+        h.op(op);
+    }
+    h.quiet();
+}
+
+// ---------------------------------------------------------------------------
 // LWW map
 // ---------------------------------------------------------------------------
 
@@ -3164,6 +4550,48 @@ mod tests {
         }
     }
 
+    /// Found by the decode targets at once, after numbered messages that
+    /// do not decode otherwise started to decode as invalid messages (to be
+    /// refused by id): the round-trip check demanded that they encode
+    /// again, but nothing may send them. A harness fix; the inputs (a
+    /// misspelt payload key, a `j` that is not JSON, a `b` of the wrong
+    /// type) stay as regression tests.
+    #[test]
+    fn numbered_invalid_messages_decode_and_never_encode() {
+        decode_json(
+            b"{\"t\":\"msg\",\"seq\":3,\"id\":79,\"ack\":4,\"m\xb0\":\"kgGjdHdv\"}",
+            &NoProbe,
+        );
+        decode_msgpack(
+            b"\x86\xa1t\xa3msg\xa3seq\x01\xa2idM\xa3ack\x04\xa2ts\xcf\x00\x00\x01\x8b\xcf\xe5h\x00\xa1j\xa7{\"n:1\"}",
+            &NoProbe,
+        );
+        decode_binary_header(
+            b"\x01\x01\x1e\x00\x00\x00\x85\xa1t\xa3msg\xa3seq\x04\xa2idP\xa3ack\x04\xa1b\xfe\xff\xff\xffbin",
+            &NoProbe,
+        );
+    }
+
+    /// Found by the decode targets the same way: a detached JSON payload
+    /// of no bytes is not JSON, so the message it completes is invalid
+    /// (numbered, to be refused by id); the stream-decoder check expected
+    /// a decode error.
+    #[test]
+    fn an_empty_detached_json_payload_makes_an_invalid_message() {
+        decode_json(
+            b"{\"t\":\"msg\",\"seq\":1,\"id\":1,\"dj\":0,\"r\":\"lobby\"}",
+            &NoProbe,
+        );
+        decode_msgpack(
+            b"\x85\xa1t\xa3msg\xa3seq\x02\xa2idN\xa3\xb5cj\xfa\x13\x00\x00\x00\x00\x00\x00\x0066\x5cu00e2,\"}",
+            &NoProbe,
+        );
+        decode_binary_header(
+            b"\x01\x01+\x00\x00\x00\x86\xa1t\xa3msg\xa3seq\x01\x02\x00dM\xa3ack\x04\xa2dj\x00\x01;\xcf\xe5h\xe5h\x00\xa1j\xa7{&1\":1]",
+            &NoProbe,
+        );
+    }
+
     #[test]
     fn oversized_input_is_refused_first() {
         let big = vec![b'{'; FUZZ_MAX_MESSAGE + 1];
@@ -3171,9 +4599,8 @@ mod tests {
         decode_binary_header(&big, &NoProbe);
     }
 
-    #[test]
-    fn a_quiet_client_passes_its_checks() {
-        let setup = ClientSetup {
+    fn small_client() -> ClientSetup {
+        ClientSetup {
             json_only: true,
             queue_messages: 3,
             queue_bytes: 100,
@@ -3188,8 +4615,11 @@ mod tests {
             extra_max_message: 0,
             max_decode_failures: 3,
             seed: 1,
-        };
-        let welcome = ServerFrame::Welcome {
+        }
+    }
+
+    fn welcome_frame() -> ServerFrame {
+        ServerFrame::Welcome {
             resumed: false,
             same_session: false,
             session: 3,
@@ -3200,7 +4630,282 @@ mod tests {
             pong_ms: 1000,
             max: 1 << 20,
             lost: None,
-        };
+        }
+    }
+
+    /// Found by `client_machine` once CI fuzzed with debug assertions
+    /// (minimized): after `close()`, a frame over the size limit arriving on
+    /// the closing transport made the client schedule a reconnect
+    /// (`illegal transition Closing -> Reconnecting`). Fixed in
+    /// `Client::connection_ended`, which now finishes the close; unit test
+    /// `client::tests::an_oversized_frame_while_closing_finishes_the_close`.
+    #[test]
+    fn client_machine_an_oversized_frame_while_closing() {
+        client_machine(
+            small_client(),
+            vec![
+                ClientOp::Connect,
+                ClientOp::Opened(Tr::Current),
+                ClientOp::Frame(Tr::Current, welcome_frame(), false),
+                ClientOp::Close,
+                ClientOp::Text(Tr::Current, "x".repeat(2000)),
+                ClientOp::Timeout,
+            ],
+        );
+    }
+
+    fn small_server() -> ServerSetup {
+        ServerSetup {
+            json_only: true,
+            max_sessions: 7,
+            queue_messages: 7,
+            queue_bytes: 1000,
+            window_messages: 7,
+            window_bytes: 1000,
+            fail_session: false,
+            ack_every: 0,
+            session_grace_secs: 30,
+            zero_grace: false,
+            max_decode_failures: 3,
+        }
+    }
+
+    /// Found by `server_machine` ("gap in what the server sends"), reduced
+    /// by hand: messages sent to a detached session are numbered but never
+    /// go out; a resume claiming one of them delivered was accepted (the
+    /// check compared it with the last number given, not the last sent),
+    /// the never-sent messages were reported acknowledged and the server
+    /// went on after them. Fixed in `Server::on_hello` (a claim above what
+    /// went out on a connection is inconsistent); unit test
+    /// `server::tests::a_resume_claiming_messages_that_never_went_out_is_inconsistent`.
+    #[test]
+    fn server_machine_resume_claiming_what_was_numbered_while_detached() {
+        server_machine(
+            small_server(),
+            vec![
+                ServerOp::Connect {
+                    identity: None,
+                    fresh: 1,
+                },
+                ServerOp::Hello {
+                    conn: 0,
+                    versions: None,
+                    codecs: None,
+                    resume: None,
+                },
+                ServerOp::Closed(0, None),
+                ServerOp::Send(0, PayloadChoice::Binary(1)),
+                ServerOp::Send(0, PayloadChoice::Binary(1)),
+                ServerOp::Connect {
+                    identity: None,
+                    fresh: 2,
+                },
+                ServerOp::Hello {
+                    conn: 0,
+                    versions: None,
+                    codecs: None,
+                    resume: Some((0, true, Num::Next(0))),
+                },
+            ],
+        );
+    }
+
+    fn stream_setup(msgpack: bool) -> StreamSetup {
+        StreamSetup {
+            msgpack,
+            server_window: 3,
+            server_ack_every: 0,
+            client_window: 3,
+            client_ack_every: 0,
+            batch: false,
+            upgrade: false,
+        }
+    }
+
+    const POISONS: &[Poison] = &[
+        Poison::BadRoom(false),
+        Poison::BadRoom(true),
+        Poison::UnknownOp,
+        Poison::OpWithoutRoom(false),
+        Poison::OpWithoutRoom(true),
+        Poison::ServerOnlyOp(false),
+        Poison::ServerOnlyOp(true),
+        Poison::RequestAndResponse,
+        Poison::WrongType(0),
+        Poison::WrongType(1),
+        Poison::WrongType(2),
+        Poison::WrongType(3),
+        Poison::WrongType(4),
+        Poison::WrongType(5),
+        Poison::BadPayload,
+        Poison::TwoPayloads,
+        Poison::NoPayload,
+        Poison::TooDeep,
+        Poison::DetachedNotJson,
+    ];
+
+    /// Every kind of poison message, in both codecs, between good ones:
+    /// refused by id, and the stream goes on.
+    #[test]
+    fn server_stream_refuses_every_poison_and_goes_on() {
+        for msgpack in [false, true] {
+            for p in POISONS {
+                server_stream(
+                    stream_setup(msgpack),
+                    vec![
+                        StreamOp::Send,
+                        StreamOp::Poison(*p),
+                        StreamOp::Send,
+                        StreamOp::ServerSend(1),
+                        StreamOp::Deliver(2),
+                        StreamOp::Poison(*p),
+                        StreamOp::Advance(500),
+                    ],
+                );
+            }
+        }
+    }
+
+    /// Resumes with every kind of wrong `delivered`, bad first frames and
+    /// drops of every kind, around poison messages.
+    #[test]
+    fn server_stream_survives_wrong_resumes_bad_hellos_and_drops() {
+        let wrongs = [
+            WrongDelivered::BelowAcked(0),
+            WrongDelivered::AboveSent(0),
+            WrongDelivered::Behind(1),
+            WrongDelivered::UnknownSession,
+        ];
+        let bads = [
+            BadHello::NotJson,
+            BadHello::NotAHello(0),
+            BadHello::NotAHello(1),
+            BadHello::NotAHello(2),
+            BadHello::NotAHello(3),
+            BadHello::MissingClient,
+            BadHello::BadClient,
+            BadHello::TooManyVersions,
+            BadHello::SessionWithoutDelivered,
+            BadHello::MsgPack,
+            BadHello::Empty,
+            BadHello::UpgradeGarbage,
+        ];
+        let drops = [
+            DropKind::Closed,
+            DropKind::HalfOpen,
+            DropKind::ServerClosed,
+            DropKind::GoAway(true),
+            DropKind::GoAway(false),
+        ];
+        for msgpack in [false, true] {
+            for (i, wrong) in wrongs.iter().enumerate() {
+                let mut ops = vec![
+                    StreamOp::ServerSend(3),
+                    StreamOp::Send,
+                    StreamOp::Poison(POISONS[i]),
+                    StreamOp::Deliver(7),
+                    StreamOp::Ack,
+                    StreamOp::ServerSend(3),
+                    StreamOp::Deliver(1),
+                    StreamOp::WrongResume(*wrong),
+                    StreamOp::Send,
+                ];
+                ops.push(StreamOp::BadHello(bads[i % bads.len()]));
+                server_stream(stream_setup(msgpack), ops);
+            }
+            for bad in bads {
+                server_stream(
+                    stream_setup(msgpack),
+                    vec![
+                        StreamOp::Send,
+                        StreamOp::BadHello(bad),
+                        StreamOp::Poison(Poison::UnknownOp),
+                    ],
+                );
+            }
+            for drop in drops {
+                server_stream(
+                    stream_setup(msgpack),
+                    vec![
+                        StreamOp::ServerSend(2),
+                        StreamOp::Poison(Poison::TooDeep),
+                        StreamOp::Send,
+                        StreamOp::Drop(drop),
+                        StreamOp::Send,
+                        StreamOp::ServerSend(1),
+                        StreamOp::Advance(20_000),
+                        StreamOp::Connect(true),
+                    ],
+                );
+            }
+        }
+    }
+
+    /// Found by the `server_stream` target: a numbered `msg` with an `ack`
+    /// of the wrong type decodes as an invalid message (its numbers kept,
+    /// to be refused by id), in both codecs; it used to be dropped as
+    /// undecodable, stalling the stream (`MsgProbe` now reads `ack`
+    /// leniently).
+    #[test]
+    fn a_numbered_msg_with_an_ack_of_the_wrong_type_is_refused_not_dropped() {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let msgs = poison_messages(Poison::WrongType(5), codec, 3, 9, 1);
+            let frame = wire::decode(msgs[0].as_incoming(), &limits());
+            assert!(
+                matches!(
+                    &frame,
+                    Ok(Frame::Msg(Msg {
+                        seq: 3,
+                        id: 9,
+                        kind: MsgKind::Invalid(_),
+                        ..
+                    }))
+                ),
+                "{codec:?}: {frame:?}"
+            );
+        }
+    }
+
+    /// The stall the bug above causes, as `server_stream` finds it.
+    #[test]
+    fn server_stream_poison_ack_of_the_wrong_type() {
+        for msgpack in [false, true] {
+            let mut h = StreamHarness::new(stream_setup(msgpack));
+            h.connect(false, false, None);
+            h.msgs.insert(
+                1,
+                StreamMsg {
+                    poison: Some(Poison::WrongType(5)),
+                    ..StreamMsg::default()
+                },
+            );
+            h.next_id = 2;
+            h.waiting.push_back(1);
+            h.flush();
+            h.op(StreamOp::Send);
+            h.quiet();
+        }
+    }
+
+    /// The `server_stream` target on pseudo-random inputs.
+    #[test]
+    fn server_stream_on_random_inputs() {
+        let mut rng = crate::rng::Rng::new(11);
+        for _ in 0..3000 {
+            let len = rng.below_inclusive(400) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let mut u = arbitrary::Unstructured::new(&bytes);
+            let Ok((setup, ops)) = <(StreamSetup, Vec<StreamOp>)>::arbitrary(&mut u) else {
+                continue;
+            };
+            server_stream(setup, ops);
+        }
+    }
+
+    #[test]
+    fn a_quiet_client_passes_its_checks() {
+        let setup = small_client();
+        let welcome = welcome_frame();
         client_machine(
             setup,
             vec![

@@ -248,6 +248,9 @@ pub(crate) struct Outbound {
     window_limit_bytes: usize,
     /// When an acknowledgment last released a message.
     progress_at: Instant,
+    /// The highest sequence number put on a connection in this session
+    /// (messages numbered while no connection was attached have not been).
+    sent_through: u64,
 }
 
 impl Outbound {
@@ -262,6 +265,7 @@ impl Outbound {
             window_limit_messages: rel.window_messages.max(1),
             window_limit_bytes: rel.window_bytes.max(1),
             progress_at: Instant::ZERO,
+            sent_through: 0,
         }
     }
 
@@ -414,6 +418,7 @@ impl Outbound {
             .collect();
         self.window_bytes = 0;
         self.next_seq = 1;
+        self.sent_through = 0;
         lost
     }
 
@@ -450,6 +455,17 @@ impl Outbound {
 
     pub(crate) fn last_sequenced(&self) -> u64 {
         self.next_seq - 1
+    }
+
+    /// Messages up to `seq` went out on a connection.
+    pub(crate) fn note_sent(&mut self, seq: u64) {
+        self.sent_through = self.sent_through.max(seq);
+    }
+
+    /// The highest sequence number that went out on a connection: the
+    /// most a peer can have received.
+    pub(crate) fn sent_through(&self) -> u64 {
+        self.sent_through
     }
 
     /// The message frame for a sequenced message, with a piggybacked ack.

@@ -1680,11 +1680,12 @@ impl Server {
                     );
                     return;
                 }
-                // More than was ever sent, or less than the client already
-                // acknowledged (those messages are gone and cannot be sent
-                // again): either way the numbers cannot be reconciled.
+                // More than was ever sent (numbered while detached is not
+                // sent), or less than the client already acknowledged (those
+                // messages are gone and cannot be sent again): either way the
+                // numbers cannot be reconciled.
                 Some(s)
-                    if r.delivered > s.outbound.last_sequenced()
+                    if r.delivered > s.outbound.sent_through()
                         || r.delivered < s.outbound.acked_through() =>
                 {
                     lost = Some("inconsistent")
@@ -2202,6 +2203,8 @@ impl Server {
         if frames.is_empty() {
             return;
         }
+        let last = s.outbound.last_sequenced();
+        s.outbound.note_sent(last);
         s.inbound.acked_now();
         s.ack_due = None;
         for f in &frames {
@@ -2226,6 +2229,7 @@ impl Server {
             };
             // Detached: numbered into the window, sent on resume.
             let Some(conn) = conn else { continue };
+            let seq = m.seq;
             let frame = Outbound::frame(m, ack);
             s.inbound.acked_now();
             s.ack_due = None;
@@ -2259,6 +2263,9 @@ impl Server {
                         // before it goes first.
                         self.send_batch(session);
                     }
+                    if let Some(s) = self.sessions.get_mut(&session) {
+                        s.outbound.note_sent(seq);
+                    }
                     self.transmit(conn, &frame);
                 }
             }
@@ -2288,6 +2295,14 @@ impl Server {
         else {
             return;
         };
+        let last = match &frame {
+            Frame::Batch(msgs) => msgs.last().map(|m| m.seq),
+            Frame::Msg(m) => Some(m.seq),
+            _ => None,
+        };
+        if let Some(seq) = last {
+            s.outbound.note_sent(seq);
+        }
         self.transmit(conn, &frame);
     }
 
@@ -2869,6 +2884,72 @@ mod tests {
             .resume_key(w.session)
             .matches(&key));
         assert_eq!(format!("{key:?}"), "ResumeKey(…)", "never logged");
+    }
+
+    /// Found by the `server_machine` fuzz target ("gap in what the server
+    /// sends"): messages sent to a detached session are numbered into the
+    /// window but never went out; a resume claiming one of them delivered
+    /// was taken as an acknowledgment of messages the client never had
+    /// (reported `Acked` to the application), and the server went on from
+    /// there, leaving a gap. Only what went out on a connection can have
+    /// been delivered: a claim above it is inconsistent (PROTOCOL.md,
+    /// section 6).
+    #[test]
+    fn a_resume_claiming_messages_that_never_went_out_is_inconsistent() {
+        let resume = |s: &Server, session: SessionId, delivered: u64| {
+            format!(
+                r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":{delivered},"key":"{}"}}"#,
+                ClientId([2; 16]).to_hex(),
+                session.to_hex(),
+                s.resume_key(session).to_hex()
+            )
+        };
+        for (sent_before, claim, resumed) in [(0, 1, false), (1, 2, false), (1, 1, true)] {
+            let mut s = Server::new(ServerConfig::default()).unwrap();
+            let (c, session) = open_json(&mut s, 1);
+            for n in 0..sent_before {
+                s.send(
+                    Instant::ZERO,
+                    session,
+                    Payload::json(format!("{n}").into_bytes()).unwrap(),
+                )
+                .unwrap();
+            }
+            s.handle_connection_closed(Instant::ZERO, c, None);
+            // Numbered while detached, never sent.
+            for _ in 0..2 {
+                s.send(Instant::ZERO, session, Payload::null()).unwrap();
+            }
+            drain(&mut s);
+            let c2 = s.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+            s.handle_message(
+                Instant::ZERO,
+                c2,
+                Incoming::Text(&resume(&s, session, claim)),
+            );
+            let out = drain(&mut s);
+            let w = welcome_of(&out).unwrap();
+            let case = (sent_before, claim);
+            assert_eq!(w.resumed, resumed, "{case:?}: {w:?}");
+            if resumed {
+                // Everything after the claim goes out again, from claim + 1.
+                let seqs: Vec<u64> = frames_of(&out)
+                    .iter()
+                    .filter_map(|f| match f {
+                        Frame::Msg(m) => Some(m.seq),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(seqs, vec![claim + 1, claim + 2], "{case:?}");
+            } else {
+                assert_eq!(w.lost.as_deref(), Some("inconsistent"), "{case:?}");
+                assert!(
+                    !out.iter()
+                        .any(|o| matches!(o, ServerOutput::Event(ServerEvent::Acked { .. }))),
+                    "{case:?}: messages never sent were reported acknowledged: {out:?}"
+                );
+            }
+        }
     }
 
     fn limited(policy: crate::ratelimit::RateLimitPolicy) -> Server {
