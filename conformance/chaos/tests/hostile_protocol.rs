@@ -343,11 +343,7 @@ async fn session_with_three_sent_two_acked(echo: &mut Echo) -> (String, (String,
     })
     .await;
     drop(raw);
-    echo.wait_for(3000, "SessionDetached", |e| match e {
-        ServerEvent::SessionDetached { session: s, .. } if s == session => Some(()),
-        _ => None,
-    })
-    .await;
+    echo.session_detached(session).await;
     (client, (hex, key))
 }
 
@@ -482,14 +478,7 @@ fn acknowledgments_and_replays_beyond_anything_sent_close_with_1002() {
                 raw.ping(1).await;
                 raw.send(&bad).await;
                 assert_eq!(raw.close_code(3000).await, 1002, "{what}");
-                let code = echo
-                    .wait_for(3000, "SessionDetached", |e| match e {
-                        ServerEvent::SessionDetached { session: s, code } if s == session => {
-                            Some(code)
-                        }
-                        _ => None,
-                    })
-                    .await;
+                let code = echo.session_detached(session).await;
                 assert_eq!(code, CloseCode::PROTOCOL_ERROR, "{what}");
             }
         })
@@ -712,14 +701,7 @@ fn server_only_frames_and_a_second_hello_close_with_1002() {
                     .await;
                 raw.send(&frame).await;
                 assert_eq!(raw.close_code(3000).await, 1002, "{what}");
-                let code = echo
-                    .wait_for(3000, "SessionDetached", |e| match e {
-                        ServerEvent::SessionDetached { session: s, code } if s == session => {
-                            Some(code)
-                        }
-                        _ => None,
-                    })
-                    .await;
+                let code = echo.session_detached(session).await;
                 assert_eq!(code, CloseCode::PROTOCOL_ERROR, "{what}");
             }
         })

@@ -159,6 +159,15 @@ impl Echo {
         .await
     }
 
+    /// Waits for `session` to lose its connection; returns the close code.
+    pub async fn session_detached(&mut self, session: SessionId) -> CloseCode {
+        self.wait_for(3000, "SessionDetached", |e| match e {
+            ServerEvent::SessionDetached { session: s, code } if s == session => Some(code),
+            _ => None,
+        })
+        .await
+    }
+
     /// Waits for the session whose id is `hex` to open; returns it.
     pub async fn session_opened(&mut self, hex: &str) -> SessionId {
         self.wait_for(3000, "SessionOpened", |e| match e {
