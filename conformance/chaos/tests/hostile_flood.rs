@@ -158,6 +158,19 @@ struct Readings {
     refusals: Vec<(u64, u64, usize)>,
     acks: Vec<(u64, usize)>,
 }
+/// Server options whose rate limit refuses (by id) past 50 messages a
+/// second, with bursts of 50.
+fn refusing_at_50_a_second() -> ServerOptions {
+    let mut options = ServerOptions::default();
+    options.config.rate_limit = Some(RateLimitConfig {
+        messages_per_sec: 50,
+        message_burst: 50,
+        bytes_per_sec: 4 << 20,
+        byte_burst: 8 << 20,
+        policy: RateLimitPolicy::Refuse,
+    });
+    options
+}
 
 /// A flood against a limit of 50 messages a second that refuses (PROTOCOL.md
 /// 3.3 and 9): 1 000 messages and 200 datagrams. Every message is either
@@ -173,15 +186,7 @@ struct Readings {
 fn a_flood_over_a_refusing_limit_is_refused_by_id() {
     const MSGS: u64 = 1000;
     run(|rt| async move {
-        let mut options = ServerOptions::default();
-        options.config.rate_limit = Some(RateLimitConfig {
-            messages_per_sec: 50,
-            message_burst: 50,
-            bytes_per_sec: 4 << 20,
-            byte_burst: 8 << 20,
-            policy: RateLimitPolicy::Refuse,
-        });
-        let mut echo = echo_server(&rt, options);
+        let mut echo = echo_server(&rt, refusing_at_50_a_second());
         // 25 messages a second: under the limit.
         let target = echo.target().every(Duration::from_millis(40));
         with_bystander(&rt, target, async {
@@ -336,15 +341,7 @@ fn a_flood_over_a_refusing_limit_is_refused_by_id() {
 fn a_flood_and_run_is_still_reported() {
     const MSGS: u64 = 500;
     run(|rt| async move {
-        let mut options = ServerOptions::default();
-        options.config.rate_limit = Some(RateLimitConfig {
-            messages_per_sec: 50,
-            message_burst: 50,
-            bytes_per_sec: 4 << 20,
-            byte_burst: 8 << 20,
-            policy: RateLimitPolicy::Refuse,
-        });
-        let mut echo = echo_server(&rt, options);
+        let mut echo = echo_server(&rt, refusing_at_50_a_second());
         let target = echo.target().every(Duration::from_millis(40));
         with_bystander(&rt, target, async {
             let (mut raw, welcome) = Raw::open(echo.addr, &[]).await;

@@ -477,14 +477,20 @@ fn acknowledgments_and_replays_beyond_anything_sent_close_with_1002() {
                     .await;
                 raw.ping(1).await;
                 raw.send(&bad).await;
-                assert_eq!(raw.close_code(3000).await, 1002, "{what}");
-                let code = echo.session_detached(session).await;
-                assert_eq!(code, CloseCode::PROTOCOL_ERROR, "{what}");
+                closed_with_1002(&mut raw, &mut echo, session, what).await;
             }
         })
         .await;
         drop(echo.server);
     });
+}
+
+/// The connection is closed with 1002 and the server reports the session
+/// detached with the same code.
+async fn closed_with_1002(raw: &mut Raw, echo: &mut Echo, session: SessionId, what: &str) {
+    assert_eq!(raw.close_code(3000).await, 1002, "{what}");
+    let code = echo.session_detached(session).await;
+    assert_eq!(code, CloseCode::PROTOCOL_ERROR, "{what}");
 }
 
 /// Undecodable frames after the handshake (PROTOCOL.md 9): each is dropped
@@ -700,9 +706,7 @@ fn server_only_frames_and_a_second_hello_close_with_1002() {
                     .session_opened(welcome["session"].as_str().unwrap())
                     .await;
                 raw.send(&frame).await;
-                assert_eq!(raw.close_code(3000).await, 1002, "{what}");
-                let code = echo.session_detached(session).await;
-                assert_eq!(code, CloseCode::PROTOCOL_ERROR, "{what}");
+                closed_with_1002(&mut raw, &mut echo, session, what).await;
             }
         })
         .await;
