@@ -2325,8 +2325,9 @@ mod tests {
         assert!(!drain(&mut c).contains(&Output::Event(Event::Resync)));
     }
 
-    #[test]
-    fn oversized_frames_close_with_1009() {
+    /// An open client that takes messages of at most 1 KiB, and its
+    /// transport.
+    fn open_with_1_kib_limit() -> (Client, TransportId) {
         let mut c = Client::new(
             ClientConfig {
                 max_message_size: 1024,
@@ -2337,6 +2338,12 @@ mod tests {
         )
         .unwrap();
         let t = open(&mut c, Instant::ZERO);
+        (c, t)
+    }
+
+    #[test]
+    fn oversized_frames_close_with_1009() {
+        let (mut c, t) = open_with_1_kib_limit();
         let big = format!(
             "{{\"t\":\"ping\",\"nonce\":1,\"pad\":\"{}\"}}",
             "x".repeat(2000)
@@ -2358,16 +2365,7 @@ mod tests {
     /// Whatever ends the connection while closing only finishes the close.
     #[test]
     fn an_oversized_frame_while_closing_finishes_the_close() {
-        let mut c = Client::new(
-            ClientConfig {
-                max_message_size: 1024,
-                ..ClientConfig::default()
-            },
-            ClientId([1; 16]),
-            1,
-        )
-        .unwrap();
-        let t = open(&mut c, Instant::ZERO);
+        let (mut c, t) = open_with_1_kib_limit();
         c.close(Instant::ZERO).unwrap();
         assert_eq!(c.state(), &State::Closing);
         drain(&mut c);
