@@ -1853,8 +1853,13 @@ impl ClientHarness {
             qc.max_messages
         );
         assert!(qb <= qc.max_bytes || q == 1, "queue holds {qb} bytes");
-        assert!(w <= rc.window_messages, "window holds {w}");
-        assert!(wb <= rc.window_bytes || w == 1, "window holds {wb} bytes");
+        // The machine counts a limit of 0 as 1.
+        assert!(w <= rc.window_messages.max(1), "window holds {w}");
+        assert!(
+            wb <= rc.window_bytes.max(1) || w == 1,
+            "window holds {wb} bytes ({w} messages) over a limit of {}",
+            rc.window_bytes
+        );
         assert_eq!(
             self.client.delivered(),
             self.last_seq,
@@ -4650,6 +4655,28 @@ mod tests {
                 ClientOp::Close,
                 ClientOp::Text(Tr::Current, "x".repeat(2000)),
                 ClientOp::Timeout,
+            ],
+        );
+    }
+
+    /// Found by `client_machine` in CI: with a byte window of 0 (which the
+    /// machine counts as 1), a 1-byte message and then an empty one were
+    /// both in flight, and the check compared the window with the raw 0.
+    /// The machine was right; the check now uses the effective limit.
+    #[test]
+    fn client_machine_a_zero_byte_window_counts_as_one() {
+        let mut setup = small_client();
+        setup.window_bytes = 0;
+        setup.window_messages = 3;
+        client_machine(
+            setup,
+            vec![
+                ClientOp::Connect,
+                ClientOp::Opened(Tr::Current),
+                ClientOp::Frame(Tr::Current, welcome_frame(), false),
+                ClientOp::Send(PayloadChoice::Binary(1), None),
+                ClientOp::Send(PayloadChoice::Binary(0), None),
+                ClientOp::Send(PayloadChoice::Binary(0), None),
             ],
         );
     }

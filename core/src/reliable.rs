@@ -57,9 +57,12 @@ pub enum OverflowPolicy {
 /// Reliable-delivery settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReliabilityConfig {
-    /// Most messages sent and not yet acknowledged. Default 1024.
+    /// Most messages sent and not yet acknowledged. Default 1024; 0 counts
+    /// as 1.
     pub window_messages: usize,
-    /// Most payload bytes sent and not yet acknowledged. Default 4 MiB.
+    /// Most payload bytes sent and not yet acknowledged. Default 4 MiB; 0
+    /// counts as 1. One message larger than this still goes out alone, or
+    /// it could never be sent.
     pub window_bytes: usize,
     /// A receiver acknowledges on its own at the latest this long after a
     /// delivery (acks also ride on every outgoing message). Default 100 ms.
