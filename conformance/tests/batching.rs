@@ -83,8 +83,8 @@ fn bursts_share_frames_and_arrive_in_order() {
     for codec in [Codec::Json, Codec::MsgPack] {
         let (mut sim, c, session) = batching_pair(codec, 1);
         let frames_before = (
-            sim.peers[c].client.stats().frames_out,
-            sim.server.stats().frames_out,
+            sim.peers[c].client.stats().traffic.frames_out,
+            sim.server.stats().traffic.frames_out,
         );
         for n in 1..=100 {
             sim.client_send(c, json(n)).unwrap();
@@ -93,8 +93,8 @@ fn bursts_share_frames_and_arrive_in_order() {
         sim.run_for(Duration::from_secs(1));
         assert_eq!(up(&sim), (1..=100).collect::<Vec<_>>(), "{codec:?}");
         assert_eq!(down(&sim, c), (1..=100).collect::<Vec<_>>(), "{codec:?}");
-        let client_frames = sim.peers[c].client.stats().frames_out - frames_before.0;
-        let server_frames = sim.server.stats().frames_out - frames_before.1;
+        let client_frames = sim.peers[c].client.stats().traffic.frames_out - frames_before.0;
+        let server_frames = sim.server.stats().traffic.frames_out - frames_before.1;
         // 100 messages in batches of at most 16, plus a few acks.
         assert!(
             client_frames <= 12,

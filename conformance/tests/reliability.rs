@@ -126,7 +126,7 @@ fn duplicate_frame_on_the_wire_is_dropped() {
         })
         .collect();
     assert_eq!(delivered, vec![1, 2]);
-    assert_eq!(s.client.stats().duplicates, 1);
+    assert_eq!(s.client.stats().delivery.duplicates, 1);
     // The duplicate is acknowledged at once: the sender evidently missed an ack.
     assert!(s.sent.iter().any(|f| matches!(f, Frame::Ack { ack: 1 })));
 }
@@ -186,7 +186,7 @@ fn sender_replays_on_request() {
     sim.run_for(Duration::from_secs(1));
     // A (buggy or hostile) client asks for everything again: nothing is
     // redelivered to the app, because the receiver already has it.
-    let t = sim.peers[c].client.stats().messages_received;
+    let t = sim.peers[c].client.stats().delivery.messages_received;
     assert_eq!(t, 3);
     assert_eq!(client_got(&sim, c), vec![1, 2, 3]);
 }
@@ -657,8 +657,12 @@ fn detached_payloads_survive_cuts_between_envelope_and_payload() {
             // Nothing was recovered by luck: a half-received pair is
             // forgotten with its connection, never taken for the next
             // connection's first message.
-            assert_eq!(sim.peers[c].client.stats().decode_failures, 0, "{what}");
-            assert_eq!(sim.server.stats().decode_failures, 0, "{what}");
+            assert_eq!(
+                sim.peers[c].client.stats().traffic.decode_failures,
+                0,
+                "{what}"
+            );
+            assert_eq!(sim.server.stats().traffic.decode_failures, 0, "{what}");
             // The client sent its large payloads detached: as many binary
             // messages of exactly their size as there were such payloads
             // (more if a cut made it send some again).

@@ -88,5 +88,5 @@ fn a_thousand_sessions_cut_at_once_all_resume() {
         resumed += sim.peers[i].client.stats().resumes;
     }
     assert_eq!(resumed, CLIENTS as u64);
-    assert_eq!(sim.server.stats().duplicates, 0);
+    assert_eq!(sim.server.stats().delivery.duplicates, 0);
 }

@@ -16,9 +16,10 @@ use crate::backoff::Jitter;
 use crate::close::{CloseCode, Disposition};
 use crate::coalesce::{Coalesced, Coalescer, Pushed};
 use crate::config::{ClientConfig, ConfigError};
-use crate::reliable::{
-    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, RoomName, SendError, Verdict, Waiting,
+use crate::link::{
+    DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, TrafficStats, Tx,
 };
+use crate::reliable::{MessageId, Outbound, OverflowPolicy, RoomName, SendError, Waiting};
 use crate::rng::Rng;
 use crate::rooms::{Presence, Refusal};
 use crate::time::Instant;
@@ -534,26 +535,12 @@ pub struct ClientStats {
     pub resumes: u64,
     /// Sessions lost.
     pub sessions_lost: u64,
-    /// Application messages handed to the wire for the first time.
-    pub messages_sent: u64,
-    /// Application messages put on the wire again.
-    pub retransmitted: u64,
-    /// Application messages delivered.
-    pub messages_received: u64,
-    /// Duplicates dropped.
-    pub duplicates: u64,
-    /// Gaps seen.
-    pub gaps: u64,
-    /// Frames received.
-    pub frames_in: u64,
-    /// Frames sent.
-    pub frames_out: u64,
-    /// Bytes received.
-    pub bytes_in: u64,
-    /// Bytes sent.
-    pub bytes_out: u64,
-    /// Frames that failed to decode.
-    pub decode_failures: u64,
+    /// Application messages sent, resent, delivered, duplicated and
+    /// skipped: the same counters as the server's.
+    pub delivery: DeliveryStats,
+    /// Frames and bytes in and out, and frames that failed to decode: the
+    /// same counters as the server's.
+    pub traffic: TrafficStats,
     /// Well-formed frames of unknown types, ignored.
     pub unknown_frames: u64,
     /// This client's messages the server refused ([`Event::Refused`]).
@@ -611,18 +598,17 @@ pub struct Client {
     failures: u32,
     auth_retry_used: bool,
     retry_hint: Option<Duration>,
-    timers: TimerTable<Timer, 11>,
+    timers: Timers,
     coalescer: Coalescer<String, Payload>,
     rooms: BTreeSet<RoomName>,
-    batch: Batcher,
     requests: BTreeMap<MessageId, Instant>,
     request_deadlines: BTreeSet<(Instant, MessageId)>,
     conn: Option<Conn>,
     session: Option<SessionId>,
     /// The secret that resumes `session`, from its `welcome`.
     resume_key: Option<ResumeKey>,
-    outbound: Outbound,
-    inbound: Inbound,
+    /// Numbering, windows, batching, acknowledgments and retransmission.
+    link: Link,
     next_id: u64,
     next_nonce: u64,
     decode_failures: u32,
@@ -666,14 +652,12 @@ impl Client {
             timers: TimerTable::new(),
             coalescer,
             rooms: BTreeSet::new(),
-            batch: Batcher::default(),
             requests: BTreeMap::new(),
             request_deadlines: BTreeSet::new(),
             conn: None,
             session: None,
             resume_key: None,
-            outbound,
-            inbound: Inbound::default(),
+            link: Link::new(outbound),
             next_id: 1,
             next_nonce: 1,
             decode_failures: 0,
@@ -722,12 +706,18 @@ impl Client {
     /// Messages accepted and waiting for a sequence number (offline or
     /// window full), and their bytes.
     pub fn queued(&self) -> (usize, usize) {
-        (self.outbound.waiting_len(), self.outbound.waiting_bytes())
+        (
+            self.link.outbound.waiting_len(),
+            self.link.outbound.waiting_bytes(),
+        )
     }
 
     /// Messages sent and not yet acknowledged, and their bytes.
     pub fn unacknowledged(&self) -> (usize, usize) {
-        (self.outbound.in_flight(), self.outbound.in_flight_bytes())
+        (
+            self.link.outbound.in_flight(),
+            self.link.outbound.in_flight_bytes(),
+        )
     }
 
     /// Whether a message sent now would go into the send window at once
@@ -736,12 +726,12 @@ impl Client {
     /// message beyond the window, so it paces itself to what the link and
     /// the peer acknowledge instead of filling the queue.
     pub fn has_room(&self) -> bool {
-        self.outbound.has_room()
+        self.link.outbound.has_room()
     }
 
     /// The last sequence number delivered to the application.
     pub fn delivered(&self) -> u64 {
-        self.inbound.delivered()
+        self.link.inbound.delivered()
     }
 
     /// Consecutive failed attempts since the last stable connection.
@@ -1098,7 +1088,7 @@ impl Client {
         self.advance(now);
         self.check_sendable(&payload)?;
         let id = MessageId(self.next_id);
-        match self.outbound.push(Waiting {
+        match self.link.outbound.push(Waiting {
             id,
             ts,
             kind,
@@ -1171,8 +1161,8 @@ impl Client {
             return None;
         }
         self.hello_upgrade = Some(transport);
-        self.stats.frames_out += 1;
-        self.stats.bytes_out += value.len() as u64;
+        self.stats.traffic.frames_out += 1;
+        self.stats.traffic.bytes_out += value.len() as u64;
         Some(value)
     }
 
@@ -1204,8 +1194,8 @@ impl Client {
         self.set_state(State::Handshaking { attempt });
         match welcome {
             Some(text) if offered => {
-                self.stats.frames_in += 1;
-                self.stats.bytes_in += text.len() as u64;
+                self.stats.traffic.frames_in += 1;
+                self.stats.traffic.bytes_in += text.len() as u64;
                 let limits = Limits {
                     max_message: self.config.max_message_size,
                     version: PROTOCOL_VERSION,
@@ -1222,7 +1212,7 @@ impl Client {
                     self.hello_upgrade_refused = true;
                 }
                 let hello = self.hello();
-                self.transmit_on(transport, &hello, Codec::Json, PROTOCOL_VERSION);
+                self.transmit_hello(transport, &hello);
             }
         }
     }
@@ -1234,7 +1224,7 @@ impl Client {
             client: self.client_id,
             resume: self.session.map(|session| Resume {
                 session,
-                delivered: self.inbound.delivered(),
+                delivered: self.link.inbound.delivered(),
                 key: self.resume_key,
             }),
             caps: with_own_caps(&self.config.capabilities),
@@ -1248,8 +1238,8 @@ impl Client {
         if self.transport != Some(transport) {
             return;
         }
-        self.stats.frames_in += 1;
-        self.stats.bytes_in += msg.len() as u64;
+        self.stats.traffic.frames_in += 1;
+        self.stats.traffic.bytes_in += msg.len() as u64;
         // Any inbound message proves the peer is alive, even an undecodable one.
         if let Some(conn) = &mut self.conn {
             conn.last_rx = self.now;
@@ -1398,11 +1388,10 @@ impl Client {
 
     fn forget_connection(&mut self) {
         self.conn = None;
-        self.batch.clear();
+        self.link.connection_lost(&mut self.timers);
         for t in CONNECTION_TIMERS {
             self.timers.stop(t);
         }
-        self.outbound.mark_unsent();
     }
 
     /// The current connection or attempt is over; decide what comes next.
@@ -1495,16 +1484,16 @@ impl Client {
     /// Gives up the session: reports what is at stake and restarts numbering.
     /// `drop_waiting` also drops (and reports) messages never sent.
     fn discard_session(&mut self, reason: LostReason, drop_waiting: bool) {
-        let unconfirmed = self.outbound.reset_session();
+        let unconfirmed = self.link.outbound.reset_session();
         let unsent = if drop_waiting {
-            self.outbound.drain_waiting()
+            self.link.outbound.drain_waiting()
         } else {
             Vec::new()
         };
         if !matches!(reason, LostReason::Closed) {
             // Membership belonged to the lost session: ask again, first thing.
             for room in self.rooms.iter().rev() {
-                self.outbound.push_front_system(Waiting {
+                self.link.outbound.push_front_system(Waiting {
                     id: MessageId::SYSTEM,
                     ts: None,
                     kind: MsgKind::Join,
@@ -1515,12 +1504,12 @@ impl Client {
         } else {
             self.rooms.clear();
         }
-        let still_queued = self.outbound.waiting_ids();
+        let still_queued = self.link.outbound.waiting_ids();
         let error = match reason {
             LostReason::Closed => RequestError::Closed,
             _ => RequestError::SessionLost,
         };
-        self.inbound.reset_session();
+        self.link.inbound.reset_session();
         let had_session = self.session.take().is_some();
         // A replaced session always matters (server-side state is gone); a
         // closed one only if messages were at stake.
@@ -1608,20 +1597,15 @@ impl Client {
         if self.state != State::Open {
             return;
         }
-        let Some(stuck) = self.outbound.stuck_since() else {
-            return;
-        };
-        let due = stuck + self.config.reliability.ack_timeout;
-        if self.now >= due {
+        let timeout = self.config.reliability.ack_timeout;
+        if self.link.ack_timed_out(self.now, &mut self.timers, timeout) {
             self.drop_connection(CloseCode::ACK_TIMEOUT, "ack timeout");
             self.connection_ended(Cause::AckTimeout, Disposition::Reconnect, None);
-        } else {
-            self.timers.set(Timer::AckTimeout, due);
         }
     }
 
     fn on_decode_error(&mut self, error: DecodeError) {
-        self.stats.decode_failures += 1;
+        self.stats.traffic.decode_failures += 1;
         self.decode_failures += 1;
         let too_large = matches!(error, DecodeError::TooLarge { .. });
         self.emit(Event::DecodeFailed(error));
@@ -1741,7 +1725,7 @@ impl Client {
             return;
         }
         if resumed {
-            match self.outbound.on_ack(w.delivered) {
+            match self.link.outbound.on_ack(w.delivered) {
                 Ok(Some((first, last))) => self.emit(Event::Acked { first, last }),
                 Ok(None) => {}
                 Err(_) => {
@@ -1765,7 +1749,7 @@ impl Client {
         }
         self.session = Some(w.session);
         self.resume_key = w.key;
-        self.inbound.on_new_connection();
+        self.link.inbound.on_new_connection();
         self.stats.opens += 1;
         self.emit(Event::Connected {
             session: w.session,
@@ -1861,7 +1845,7 @@ impl Client {
         match kind {
             // Numbered, so consumed; never handed over as a message.
             MsgKind::Invalid(what) => {
-                self.stats.decode_failures += 1;
+                self.stats.traffic.decode_failures += 1;
                 self.emit(Event::DecodeFailed(what.error()));
                 return;
             }
@@ -1933,39 +1917,35 @@ impl Client {
                 return;
             }
         }
-        match self.inbound.on_msg(m.seq) {
-            Verdict::Deliver => {
-                self.stats.messages_received += 1;
+        let rel = &self.config.reliability;
+        let receipt = self.link.receive(
+            self.now,
+            m.seq,
+            rel,
+            &mut self.timers,
+            &mut self.stats.delivery,
+        );
+        match receipt {
+            Receipt::Deliver { ack_now } => {
                 self.deliver(m);
-                if self.inbound.unacked() >= u64::from(self.config.reliability.ack_every) {
+                if ack_now {
                     self.flush_ack();
-                } else if !self.timers.is_set(Timer::AckDelay) {
-                    self.timers.set(
-                        Timer::AckDelay,
-                        self.now + self.config.reliability.ack_delay,
-                    );
                 }
             }
-            Verdict::Duplicate => {
-                self.stats.duplicates += 1;
-                self.flush_ack();
-            }
-            Verdict::Gap { from, request } => {
-                self.stats.gaps += 1;
-                if request {
-                    self.transmit(&Frame::Replay { from });
-                }
-            }
+            Receipt::Duplicate => self.flush_ack(),
+            Receipt::Gap { replay: Some(from) } => self.transmit(&Frame::Replay { from }),
+            Receipt::Gap { replay: None } => {}
         }
     }
 
     fn on_ack(&mut self, ack: u64) {
-        match self.outbound.on_ack(ack) {
-            Ok(Some((first, last))) => {
-                self.outbound.note_progress(self.now);
-                self.emit(Event::Acked { first, last });
-                self.timers.stop(Timer::AckTimeout);
-                self.arm_ack_timeout();
+        let timeout = self.config.reliability.ack_timeout;
+        match self.link.on_ack(self.now, ack, &mut self.timers, timeout) {
+            Ok(Some(acked)) => {
+                self.emit(Event::Acked {
+                    first: acked.first,
+                    last: acked.last,
+                });
                 self.flush();
             }
             Ok(None) => {}
@@ -1977,7 +1957,7 @@ impl Client {
     }
 
     fn on_replay(&mut self, from: u64) {
-        if from > self.outbound.last_sequenced() + 1 {
+        if from > self.link.outbound.last_sequenced() + 1 {
             self.protocol_error(format!("replay from {from}, beyond anything sent"));
             return;
         }
@@ -1989,147 +1969,153 @@ impl Client {
     }
 
     fn retransmit_from(&mut self, from: u64) {
-        // Everything collected for a batch is unacknowledged and numbered at
-        // or after `from`: the retransmission below carries it.
-        self.batch.clear();
-        self.timers.stop(Timer::Batch);
-        let Some(conn) = &self.conn else { return };
-        let (id, codec, version) = (conn.id, conn.codec, conn.version);
-        let ack = self.inbound.delivered();
-        let now = self.now;
-        let mut frames = Vec::new();
-        for s in self.outbound.unacked_from(from) {
-            s.sent_at = Some(now);
-            frames.push(Outbound::frame(s, ack));
-        }
-        if frames.is_empty() {
-            return;
-        }
-        self.inbound.acked_now();
-        self.timers.stop(Timer::AckDelay);
-        for f in &frames {
-            self.stats.retransmitted += 1;
-            self.transmit_on(id, f, codec, version);
-        }
-        self.arm_ack_timeout();
+        let sent = self.on_link(false, |link, tx, timers, cfg, now| {
+            link.retransmit(now, from, tx, timers, cfg.reliability.ack_timeout)
+        });
+        self.sent(sent);
     }
 
     /// Sequences and sends waiting messages while the session is open and the
     /// window has room.
     fn flush(&mut self) {
-        if self.state != State::Open {
+        if !matches!(self.state, State::Open) || self.conn.is_none() {
             return;
         }
-        let Some(conn) = &self.conn else { return };
-        let (id, codec, version, peer_max, batches, detach) = (
-            conn.id,
-            conn.codec,
-            conn.version,
-            conn.peer_max_message,
-            conn.peer_batches,
-            conn.peer_detach,
-        );
-        loop {
-            let ack = self.inbound.delivered();
-            let Some(s) = self.outbound.sequence_next(Some(self.now)) else {
-                break;
-            };
-            if s.payload.len() > peer_max {
-                // Accepted before the server announced a smaller limit.
-                let (msg_id, size) = (s.id, s.payload.len());
-                let seq = s.seq;
-                self.abandon_oversized(seq);
-                self.emit(Event::SendFailed {
-                    id: msg_id,
-                    error: SendError::TooLarge {
-                        size,
-                        max: peer_max,
-                    },
-                });
-                continue;
-            }
-            let frame = Outbound::frame(s, ack);
-            self.inbound.acked_now();
-            self.timers.stop(Timer::AckDelay);
-            self.stats.messages_sent += 1;
-            let detached = matches!(&frame, Frame::Msg(m) if wire::detaches(m, detach));
-            match (&self.config.batch, frame) {
-                (Some(cfg), Frame::Msg(m)) if batches && !detached => {
-                    if self.batch.push(m, cfg) {
-                        self.send_batch();
-                    } else if !self.timers.is_set(Timer::Batch) {
-                        self.timers.set(Timer::Batch, self.now + cfg.window);
-                    }
-                }
-                (_, frame) => {
-                    if detached {
-                        // A detached message goes alone; what was batched
-                        // before it goes first.
-                        self.send_batch();
-                    }
-                    self.transmit_on(id, &frame, codec, version);
-                }
-            }
-        }
-        self.arm_ack_timeout();
+        let sent = self.on_link(true, |link, tx, timers, cfg, now| {
+            let timeout = cfg.reliability.ack_timeout;
+            link.flush(now, tx, cfg.batch.as_ref(), timers, timeout)
+        });
+        self.sent(sent);
     }
 
     fn send_batch(&mut self) {
-        self.timers.stop(Timer::Batch);
-        if let Some(frame) = self.batch.take() {
-            self.transmit(&frame);
-        }
-    }
-
-    /// Takes back the sequence number just given to a message that cannot be
-    /// sent, so the peer sees no gap.
-    fn abandon_oversized(&mut self, seq: u64) {
-        self.outbound.unsequence_last(seq);
-    }
-
-    fn arm_ack_timeout(&mut self) {
-        if self.timers.is_set(Timer::AckTimeout) {
-            return;
-        }
-        if let Some(stuck) = self.outbound.stuck_since() {
-            self.timers.set(
-                Timer::AckTimeout,
-                stuck + self.config.reliability.ack_timeout,
-            );
-        }
+        let sent = self.on_link(false, |link, tx, timers, _, _| link.send_batch(tx, timers));
+        self.sent(sent);
     }
 
     fn flush_ack(&mut self) {
-        self.timers.stop(Timer::AckDelay);
-        if self.state == State::Open && self.inbound.ack_pending() {
-            let ack = self.inbound.acked_now();
-            self.transmit(&Frame::Ack { ack });
-        }
+        let sent = self.on_link(true, |link, tx, timers, _, _| link.flush_ack(tx, timers));
+        self.sent(sent);
     }
 
     fn transmit(&mut self, frame: &Frame) {
-        let Some(conn) = &self.conn else { return };
-        let (id, codec, version) = (conn.id, conn.codec, conn.version);
-        self.transmit_on(id, frame, codec, version);
+        let sent = self.on_link(false, |_, tx, _, _, _| {
+            tx.map_or(Ok(()), |tx| tx.send(frame))
+        });
+        self.sent(sent);
     }
 
-    fn transmit_on(&mut self, id: TransportId, frame: &Frame, codec: Codec, version: u8) {
-        let detach = self
-            .conn
-            .as_ref()
-            .is_some_and(|c| c.id == id && c.peer_detach);
-        let (stats, outputs) = (&mut self.stats, &mut self.outputs);
-        let sent = self
-            .encoder
-            .encode_each(frame, codec, version, detach, |t| {
-                stats.frames_out += 1;
-                stats.bytes_out += t.len() as u64;
-                outputs.push_back(Output::Transmit(id, t));
-            });
+    /// Runs `op` on the link, with the current connection to send on
+    /// (none without one, or if `open_only` and the session is not open).
+    fn on_link<R>(
+        &mut self,
+        open_only: bool,
+        op: impl FnOnce(
+            &mut Link,
+            Option<&mut Tx<'_, ClientPort<'_>>>,
+            &mut Timers,
+            &ClientConfig,
+            Instant,
+        ) -> R,
+    ) -> R {
+        let usable = !open_only || matches!(self.state, State::Open);
+        let mut tx = self.conn.as_ref().filter(|_| usable).map(|c| Tx {
+            encoder: &mut self.encoder,
+            codec: c.codec,
+            version: c.version,
+            detach: c.peer_detach,
+            batches: c.peer_batches,
+            max_message: c.peer_max_message,
+            port: ClientPort {
+                transport: c.id,
+                outputs: &mut self.outputs,
+                stats: &mut self.stats,
+            },
+        });
+        op(
+            &mut self.link,
+            tx.as_mut(),
+            &mut self.timers,
+            &self.config,
+            self.now,
+        )
+    }
+
+    /// Sends the `hello` on a transport whose session is not open yet.
+    fn transmit_hello(&mut self, transport: TransportId, hello: &Frame) {
+        let mut tx = Tx {
+            encoder: &mut self.encoder,
+            codec: Codec::Json,
+            version: PROTOCOL_VERSION,
+            detach: false,
+            batches: false,
+            max_message: usize::MAX,
+            port: ClientPort {
+                transport,
+                outputs: &mut self.outputs,
+                stats: &mut self.stats,
+            },
+        };
+        let sent = tx.send(hello);
+        self.sent(sent);
+    }
+
+    #[inline(always)]
+    fn sent(&mut self, sent: Result<(), SendFailed>) {
         if let Err(e) = sent {
             // Only reachable through a bug; never panic in a library.
-            self.protocol_error(format!("could not encode `{}`: {e}", frame.type_name()));
+            self.protocol_error(e.to_string());
         }
+    }
+}
+
+/// The client's timer table.
+type Timers = TimerTable<Timer, 11>;
+
+impl LinkTimers for Timers {
+    fn is_set(&self, timer: LinkTimer) -> bool {
+        TimerTable::is_set(self, Timer::of(timer))
+    }
+    fn set(&mut self, timer: LinkTimer, at: Instant) {
+        TimerTable::set(self, Timer::of(timer), at);
+    }
+    fn stop(&mut self, timer: LinkTimer) {
+        TimerTable::stop(self, Timer::of(timer));
+    }
+}
+
+impl Timer {
+    fn of(timer: LinkTimer) -> Timer {
+        match timer {
+            LinkTimer::AckDelay => Timer::AckDelay,
+            LinkTimer::Batch => Timer::Batch,
+            LinkTimer::AckTimeout => Timer::AckTimeout,
+        }
+    }
+}
+
+/// The client's side of its connection, for the [`Link`].
+struct ClientPort<'a> {
+    transport: TransportId,
+    outputs: &'a mut VecDeque<Output>,
+    stats: &'a mut ClientStats,
+}
+
+impl Port for ClientPort<'_> {
+    fn transmit(&mut self, t: Transmit) {
+        self.stats.traffic.frames_out += 1;
+        self.stats.traffic.bytes_out += t.len() as u64;
+        self.outputs.push_back(Output::Transmit(self.transport, t));
+    }
+
+    fn too_large(&mut self, id: MessageId, size: usize, max: usize) {
+        let error = SendError::TooLarge { size, max };
+        self.outputs
+            .push_back(Output::Event(Event::SendFailed { id, error }));
+    }
+
+    fn delivery(&mut self) -> &mut DeliveryStats {
+        &mut self.stats.delivery
     }
 }
 

@@ -61,6 +61,7 @@ pub mod backoff;
 pub mod client;
 pub mod close;
 pub mod config;
+mod link;
 pub mod reliable;
 mod rng;
 pub mod rooms;
@@ -69,6 +70,7 @@ pub mod time;
 mod timer;
 pub mod wire;
 
+pub use link::{DeliveryStats, TrafficStats};
 pub use time::Instant;
 
 // Conflict-free shared state and per-connection flow control.

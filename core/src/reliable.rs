@@ -198,13 +198,6 @@ impl Batcher {
             _ => Some(crate::wire::Frame::Batch(core::mem::take(&mut self.msgs))),
         }
     }
-
-    /// Forgets the collected messages (they stay in the window and are
-    /// retransmitted on resume).
-    pub(crate) fn clear(&mut self) {
-        self.msgs.clear();
-        self.bytes = 0;
-    }
 }
 
 /// A message accepted but not yet given a sequence number.

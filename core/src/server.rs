@@ -21,10 +21,11 @@ use core::time::Duration;
 use crate::client::{with_own_caps, Received, CAP_BATCH};
 use crate::close::CloseCode;
 use crate::config::{ConfigError, ServerConfig};
-use crate::ratelimit::{Limit, RateDecision, RateLimitPolicy, RateLimiter};
-use crate::reliable::{
-    Batcher, Inbound, MessageId, Outbound, OverflowPolicy, RoomName, SendError, Verdict, Waiting,
+use crate::link::{
+    DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, TrafficStats, Tx,
 };
+use crate::ratelimit::{Limit, RateDecision, RateLimitPolicy, RateLimiter};
+use crate::reliable::{MessageId, Outbound, OverflowPolicy, RoomName, SendError, Waiting};
 use crate::rooms::{AllowAll, JoinError, Member, Presence, Refusal, RoomPolicy, Rooms};
 use crate::time::Instant;
 use crate::wire::{
@@ -327,24 +328,12 @@ pub struct ServerStats {
     pub sessions_expired: u64,
     /// Hellos rejected.
     pub rejected: u64,
-    /// Messages delivered from clients.
-    pub messages_in: u64,
-    /// Messages sent to clients for the first time.
-    pub messages_out: u64,
-    /// Messages sent again.
-    pub retransmitted: u64,
-    /// Duplicates dropped.
-    pub duplicates: u64,
-    /// Frames received.
-    pub frames_in: u64,
-    /// Frames sent.
-    pub frames_out: u64,
-    /// Bytes received.
-    pub bytes_in: u64,
-    /// Bytes sent.
-    pub bytes_out: u64,
-    /// Frames that failed to decode.
-    pub decode_failures: u64,
+    /// Messages sent to clients, resent, delivered from clients,
+    /// duplicated and skipped: the same counters as the client's.
+    pub delivery: DeliveryStats,
+    /// Frames and bytes in and out, and frames that failed to decode: the
+    /// same counters as the client's.
+    pub traffic: TrafficStats,
     /// Connections closed for missing heartbeats.
     pub heartbeat_timeouts: u64,
     /// Sessions ended as slow consumers.
@@ -456,21 +445,122 @@ struct Session {
     client: ClientId,
     identity: Option<String>,
     conn: Option<ConnectionId>,
-    outbound: Outbound,
-    inbound: Inbound,
+    /// Numbering, windows, batching, acknowledgments and retransmission.
+    link: Link,
+    /// The link's deadlines (each also in the server's heap).
+    deadlines: LinkDeadlines,
     expires_at: Option<Instant>,
-    ack_due: Option<Instant>,
-    ack_timeout_at: Option<Instant>,
-    /// Only while a batch is being collected (idle sessions stay small).
-    batch: Option<Box<PendingBatch>>,
     rooms: Vec<RoomName>,
 }
 
-/// A batch being collected for a session, and when it must go out.
+/// A session's link deadlines. The heap may hold older entries for a slot;
+/// only the one equal to the slot counts. [`Instant::MAX`] means unset (a
+/// deadline at the end of time never fires anyway): three words instead of
+/// six, for every idle session.
 #[derive(Debug)]
-struct PendingBatch {
-    batcher: Batcher,
-    due: Instant,
+struct LinkDeadlines([Instant; 3]);
+
+impl Default for LinkDeadlines {
+    fn default() -> Self {
+        LinkDeadlines([Instant::MAX; 3])
+    }
+}
+
+impl LinkDeadlines {
+    fn get(&self, timer: LinkTimer) -> Option<Instant> {
+        Some(self.0[timer as usize]).filter(|at| *at != Instant::MAX)
+    }
+
+    fn put(&mut self, timer: LinkTimer, at: Option<Instant>) {
+        self.0[timer as usize] = at.unwrap_or(Instant::MAX);
+    }
+}
+
+/// A session's deadlines as the link sees them: setting one also puts it on
+/// the server's heap.
+struct SessionTimers<'a> {
+    session: SessionId,
+    deadlines: &'a mut LinkDeadlines,
+    heap: &'a mut BinaryHeap<Reverse<(Instant, ServerTimer)>>,
+}
+
+impl LinkTimers for SessionTimers<'_> {
+    fn is_set(&self, timer: LinkTimer) -> bool {
+        self.deadlines.get(timer).is_some()
+    }
+
+    fn set(&mut self, timer: LinkTimer, at: Instant) {
+        self.deadlines.put(timer, Some(at));
+        let s = self.session;
+        let timer = match timer {
+            LinkTimer::AckDelay => ServerTimer::AckDelay(s),
+            LinkTimer::Batch => ServerTimer::Batch(s),
+            LinkTimer::AckTimeout => ServerTimer::AckTimeout(s),
+        };
+        self.heap.push(Reverse((at, timer)));
+    }
+
+    fn stop(&mut self, timer: LinkTimer) {
+        self.deadlines.put(timer, None);
+    }
+}
+
+/// A connection's side of the server, for a session's [`Link`].
+struct ServerPort<'a> {
+    connection: ConnectionId,
+    outputs: &'a mut VecDeque<ServerOutput>,
+    stats: &'a mut ServerStats,
+}
+
+impl Port for ServerPort<'_> {
+    fn transmit(&mut self, t: Transmit) {
+        self.stats.traffic.frames_out += 1;
+        self.stats.traffic.bytes_out += t.len() as u64;
+        self.outputs
+            .push_back(ServerOutput::Transmit(self.connection, t));
+    }
+
+    /// The server sends whatever the client takes (its own limit bounds
+    /// what it accepts): never called.
+    fn too_large(&mut self, _: MessageId, _: usize, _: usize) {}
+
+    fn delivery(&mut self) -> &mut DeliveryStats {
+        &mut self.stats.delivery
+    }
+}
+
+/// What a connection can take, as a [`Tx`]: the negotiated codec and
+/// version and the client's capabilities once open; JSON before.
+fn conn_tx<'a>(
+    connection: ConnectionId,
+    phase: &ConnPhase,
+    encoder: &'a mut wire::Encoder,
+    outputs: &'a mut VecDeque<ServerOutput>,
+    stats: &'a mut ServerStats,
+) -> Tx<'a, ServerPort<'a>> {
+    let (codec, version, batches, detach) = match *phase {
+        ConnPhase::Open {
+            codec,
+            version,
+            batches,
+            detach,
+            ..
+        } => (codec, version, batches, detach),
+        ConnPhase::AwaitingHello => (Codec::Json, PROTOCOL_VERSION, false, false),
+    };
+    Tx {
+        encoder,
+        codec,
+        version,
+        detach,
+        batches,
+        max_message: usize::MAX,
+        port: ServerPort {
+            connection,
+            outputs,
+            stats,
+        },
+    }
 }
 
 /// The server machine.
@@ -557,9 +647,9 @@ impl Server {
             identity: s.identity.clone(),
             connection: s.conn,
             expires_at: s.expires_at,
-            in_flight: s.outbound.in_flight(),
-            queued: s.outbound.waiting_len(),
-            delivered: s.inbound.delivered(),
+            in_flight: s.link.outbound.in_flight(),
+            queued: s.link.outbound.waiting_len(),
+            delivered: s.link.inbound.delivered(),
         })
     }
     /// Whether a message sent to `session` now would go into its send window
@@ -567,7 +657,9 @@ impl Server {
     /// `None` for an unknown session. A sender that waits for this paces
     /// itself to what the client acknowledges.
     pub fn has_room(&self, session: SessionId) -> Option<bool> {
-        self.sessions.get(&session).map(|s| s.outbound.has_room())
+        self.sessions
+            .get(&session)
+            .map(|s| s.link.outbound.has_room())
     }
 
     /// The codec negotiated on a session's current connection (`None` while
@@ -675,8 +767,8 @@ impl Server {
         let Some(conn) = self.conns.get_mut(&connection) else {
             return;
         };
-        self.stats.frames_in += 1;
-        self.stats.bytes_in += msg.len() as u64;
+        self.stats.traffic.frames_in += 1;
+        self.stats.traffic.bytes_in += msg.len() as u64;
         conn.last_rx = self.now;
         conn.in_grace = false;
         let version = match conn.phase {
@@ -699,7 +791,7 @@ impl Server {
                 conn.decode_failures += 1;
                 let failures = conn.decode_failures;
                 let awaiting_hello = matches!(conn.phase, ConnPhase::AwaitingHello);
-                self.stats.decode_failures += 1;
+                self.stats.traffic.decode_failures += 1;
                 let too_large = matches!(error, DecodeError::TooLarge { .. });
                 let in_upgrade = matches!(self.upgrade, Some((c, _)) if c == connection);
                 if awaiting_hello && !too_large && !in_upgrade {
@@ -1003,8 +1095,8 @@ impl Server {
         let mut queued = 0;
         let mut detached = 0;
         for s in self.sessions.values() {
-            in_flight += s.outbound.in_flight();
-            queued += s.outbound.waiting_len();
+            in_flight += s.link.outbound.in_flight();
+            queued += s.link.outbound.waiting_len();
             detached += usize::from(s.conn.is_none());
         }
         ServerMetrics {
@@ -1114,7 +1206,7 @@ impl Server {
             .get_mut(&session)
             .ok_or(SendError::UnknownSession)?;
         let id = MessageId(self.next_id);
-        s.outbound.push(Waiting {
+        s.link.outbound.push(Waiting {
             id,
             ts,
             kind,
@@ -1196,10 +1288,11 @@ impl Server {
             return;
         }
         s.conn = None;
-        s.outbound.mark_unsent();
-        s.ack_due = None;
-        s.ack_timeout_at = None;
-        s.batch = None;
+        s.link.connection_lost(&mut SessionTimers {
+            session,
+            deadlines: &mut s.deadlines,
+            heap: &mut self.timers,
+        });
         let expires = self.now + self.config.session_grace;
         s.expires_at = Some(expires);
         self.arm(expires, ServerTimer::Expiry(session));
@@ -1210,8 +1303,8 @@ impl Server {
         let Some(mut s) = self.sessions.remove(&session) else {
             return;
         };
-        let mut unconfirmed = s.outbound.reset_session();
-        unconfirmed.extend(s.outbound.drain_waiting());
+        let mut unconfirmed = s.link.outbound.reset_session();
+        unconfirmed.extend(s.link.outbound.drain_waiting());
         match reason {
             SessionEnd::Expired => self.stats.sessions_expired += 1,
             SessionEnd::SlowConsumer => self.stats.slow_consumers += 1,
@@ -1476,8 +1569,7 @@ impl Server {
                 if self
                     .sessions
                     .get(&s)
-                    .and_then(|s| s.batch.as_ref())
-                    .map(|b| b.due)
+                    .and_then(|s| s.deadlines.get(LinkTimer::Batch))
                     == Some(at)
                 {
                     self.send_batch(s);
@@ -1493,7 +1585,12 @@ impl Server {
                 }
             }
             ServerTimer::AckDelay(s) => {
-                if self.sessions.get(&s).and_then(|s| s.ack_due) == Some(at) {
+                if self
+                    .sessions
+                    .get(&s)
+                    .and_then(|s| s.deadlines.get(LinkTimer::AckDelay))
+                    == Some(at)
+                {
                     self.flush_ack(s);
                 }
             }
@@ -1539,19 +1636,18 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
-        if s.ack_timeout_at != Some(at) {
+        if s.deadlines.get(LinkTimer::AckTimeout) != Some(at) {
             return;
         }
-        s.ack_timeout_at = None;
-        let (Some(conn), Some(stuck)) = (s.conn, s.outbound.stuck_since()) else {
-            return;
+        s.deadlines.put(LinkTimer::AckTimeout, None);
+        let Some(conn) = s.conn else { return };
+        let mut timers = SessionTimers {
+            session,
+            deadlines: &mut s.deadlines,
+            heap: &mut self.timers,
         };
-        let due = stuck + timeout;
-        if self.now >= due {
+        if s.link.ack_timed_out(self.now, &mut timers, timeout) {
             self.disconnect(conn, CloseCode::ACK_TIMEOUT, "ack timeout");
-        } else {
-            s.ack_timeout_at = Some(due);
-            self.arm(due, ServerTimer::AckTimeout(session));
         }
     }
 
@@ -1685,8 +1781,8 @@ impl Server {
                 // messages are gone and cannot be sent again): either way the
                 // numbers cannot be reconciled.
                 Some(s)
-                    if r.delivered > s.outbound.sent_through()
-                        || r.delivered < s.outbound.acked_through() =>
+                    if r.delivered > s.link.outbound.sent_through()
+                        || r.delivered < s.link.outbound.acked_through() =>
                 {
                     lost = Some("inconsistent")
                 }
@@ -1710,12 +1806,12 @@ impl Server {
             s.conn = Some(connection);
             s.client = h.client;
             s.expires_at = None;
-            let acked = s.outbound.on_ack(r.delivered).ok().flatten();
+            let acked = s.link.outbound.on_ack(r.delivered).ok().flatten();
             if let Some((_, last)) = acked {
-                s.inbound.release(last.0);
+                s.link.inbound.release(last.0);
             }
-            let delivered = s.inbound.ack_point();
-            s.inbound.on_new_connection();
+            let delivered = s.link.inbound.ack_point();
+            s.link.inbound.on_new_connection();
             self.stats.sessions_resumed += 1;
             if let Some((first, last)) = acked {
                 self.emit(ServerEvent::Acked {
@@ -1753,12 +1849,9 @@ impl Server {
                     client: h.client,
                     identity: identity.clone(),
                     conn: Some(connection),
-                    outbound: Outbound::new(&self.config.queue, &self.config.reliability),
-                    inbound: Inbound::default(),
+                    link: Link::new(Outbound::new(&self.config.queue, &self.config.reliability)),
+                    deadlines: LinkDeadlines::default(),
                     expires_at: None,
-                    ack_due: None,
-                    ack_timeout_at: None,
-                    batch: None,
                     rooms: Vec::new(),
                 },
             );
@@ -1831,7 +1924,7 @@ impl Server {
                 let last = self
                     .sessions
                     .get(&session)
-                    .map_or(0, |s| s.outbound.last_sequenced());
+                    .map_or(0, |s| s.link.outbound.last_sequenced());
                 if from > last + 1 {
                     self.disconnect(
                         connection,
@@ -1994,7 +2087,7 @@ impl Server {
             return;
         };
         // The refusal's id is the next one given out.
-        s.inbound.hold(seq, self.next_id);
+        s.link.inbound.hold(seq, self.next_id);
         let now = self.now;
         match self.enqueue_raw(
             now,
@@ -2063,23 +2156,22 @@ impl Server {
                 return false;
             }
         }
-        let ack_every = u64::from(self.config.reliability.ack_every);
-        let ack_delay = self.config.reliability.ack_delay;
         let Some(s) = self.sessions.get_mut(&session) else {
             return false;
         };
-        match s.inbound.on_msg(m.seq) {
-            Verdict::Deliver => {
-                let flush_now = s.inbound.unacked() >= ack_every;
-                let arm = !flush_now && s.ack_due.is_none();
-                if arm {
-                    s.ack_due = Some(self.now + ack_delay);
-                }
-                self.stats.messages_in += 1;
+        let mut timers = SessionTimers {
+            session,
+            deadlines: &mut s.deadlines,
+            heap: &mut self.timers,
+        };
+        let rel = &self.config.reliability;
+        let delivery = &mut self.stats.delivery;
+        match s.link.receive(self.now, m.seq, rel, &mut timers, delivery) {
+            Receipt::Deliver { ack_now } => {
                 let (seq, id) = (m.seq, MessageId(m.id));
                 match m.kind {
                     MsgKind::Invalid(what) => {
-                        self.stats.decode_failures += 1;
+                        self.stats.traffic.decode_failures += 1;
                         self.emit(ServerEvent::DecodeFailed {
                             connection,
                             error: what.error(),
@@ -2125,22 +2217,15 @@ impl Server {
                         Admission::Closed => return false,
                     },
                 }
-                if flush_now {
+                if ack_now {
                     self.flush_ack(session);
-                } else if arm {
-                    let at = self.now + ack_delay;
-                    self.arm(at, ServerTimer::AckDelay(session));
                 }
             }
-            Verdict::Duplicate => {
-                self.stats.duplicates += 1;
-                self.flush_ack(session);
+            Receipt::Duplicate => self.flush_ack(session),
+            Receipt::Gap { replay: Some(from) } => {
+                self.transmit(connection, &Frame::Replay { from });
             }
-            Verdict::Gap { from, request } => {
-                if request {
-                    self.transmit(connection, &Frame::Replay { from });
-                }
-            }
+            Receipt::Gap { replay: None } => {}
         }
 
         true
@@ -2149,23 +2234,24 @@ impl Server {
     /// Applies an acknowledgment; false if it was a protocol violation and
     /// the connection is gone.
     fn on_ack(&mut self, connection: ConnectionId, session: SessionId, ack: u64) -> bool {
+        let timeout = self.config.reliability.ack_timeout;
         let Some(s) = self.sessions.get_mut(&session) else {
             return false;
         };
-        match s.outbound.on_ack(ack) {
-            Ok(Some((first, last))) => {
-                s.ack_timeout_at = None;
-                s.outbound.note_progress(self.now);
-                // Refusals the client now has no longer hold its
-                // acknowledgments back.
-                let released = s.inbound.release(last.0);
+        let mut timers = SessionTimers {
+            session,
+            deadlines: &mut s.deadlines,
+            heap: &mut self.timers,
+        };
+        match s.link.on_ack(self.now, ack, &mut timers, timeout) {
+            Ok(Some(acked)) => {
                 self.emit(ServerEvent::Acked {
                     session,
-                    first,
-                    last,
+                    first: acked.first,
+                    last: acked.last,
                 });
                 self.flush(session);
-                if released {
+                if acked.released {
                     self.flush_ack(session);
                 }
                 true
@@ -2183,153 +2269,65 @@ impl Server {
     }
 
     fn retransmit(&mut self, session: SessionId, from: u64) {
-        let now = self.now;
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        // What a batch was collecting is unacknowledged and numbered at or
-        // after `from`: the retransmission carries it.
-        s.batch = None;
-        let Some(conn) = s.conn else { return };
-        let ack = s.inbound.ack_point();
-        let frames: Vec<Frame> = s
-            .outbound
-            .unacked_from(from)
-            .map(|m| {
-                m.sent_at = Some(now);
-                Outbound::frame(m, ack)
-            })
-            .collect();
-        if frames.is_empty() {
-            return;
-        }
-        let last = s.outbound.last_sequenced();
-        s.outbound.note_sent(last);
-        s.inbound.acked_now();
-        s.ack_due = None;
-        for f in &frames {
-            self.stats.retransmitted += 1;
-            self.transmit(conn, f);
-        }
-        self.arm_ack_timeout(session);
+        self.on_link(session, |link, tx, timers, cfg, now| {
+            link.retransmit(now, from, tx, timers, cfg.reliability.ack_timeout)
+        });
     }
 
     /// Sequences waiting messages into the window; sends them if attached.
     fn flush(&mut self, session: SessionId) {
-        let now = self.now;
-        let batch_cfg = self.config.batch;
-        loop {
-            let Some(s) = self.sessions.get_mut(&session) else {
-                return;
-            };
-            let conn = s.conn;
-            let ack = s.inbound.ack_point();
-            let Some(m) = s.outbound.sequence_next(conn.map(|_| now)) else {
-                break;
-            };
-            // Detached: numbered into the window, sent on resume.
-            let Some(conn) = conn else { continue };
-            let seq = m.seq;
-            let frame = Outbound::frame(m, ack);
-            s.inbound.acked_now();
-            s.ack_due = None;
-            self.stats.messages_out += 1;
-            // Large enough to go detached, and the client can take it (the
-            // connection is looked up only for large messages).
-            let detached = matches!(&frame, Frame::Msg(m) if wire::detaches(m, true))
-                && self.conn_detach(conn);
-            match (batch_cfg, frame) {
-                (Some(cfg), Frame::Msg(m)) if !detached && self.conn_batches(conn) => {
-                    let Some(s) = self.sessions.get_mut(&session) else {
-                        return;
-                    };
-                    let fresh = s.batch.is_none();
-                    let pending = s.batch.get_or_insert_with(|| {
-                        Box::new(PendingBatch {
-                            batcher: Batcher::default(),
-                            due: now + cfg.window,
-                        })
-                    });
-                    let due = pending.due;
-                    if pending.batcher.push(m, &cfg) {
-                        self.send_batch(session);
-                    } else if fresh {
-                        self.arm(due, ServerTimer::Batch(session));
-                    }
-                }
-                (_, frame) => {
-                    if detached {
-                        // A detached message goes alone; what was batched
-                        // before it goes first.
-                        self.send_batch(session);
-                    }
-                    if let Some(s) = self.sessions.get_mut(&session) {
-                        s.outbound.note_sent(seq);
-                    }
-                    self.transmit(conn, &frame);
-                }
-            }
-        }
-        self.arm_ack_timeout(session);
-    }
-
-    fn conn_detach(&self, conn: ConnectionId) -> bool {
-        matches!(
-            self.conns.get(&conn).map(|c| &c.phase),
-            Some(ConnPhase::Open { detach: true, .. })
-        )
-    }
-
-    fn conn_batches(&self, conn: ConnectionId) -> bool {
-        matches!(
-            self.conns.get(&conn).map(|c| &c.phase),
-            Some(ConnPhase::Open { batches: true, .. })
-        )
+        self.on_link(session, |link, tx, timers, cfg, now| {
+            let timeout = cfg.reliability.ack_timeout;
+            link.flush(now, tx, cfg.batch.as_ref(), timers, timeout)
+        });
     }
 
     fn send_batch(&mut self, session: SessionId) {
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        let (Some(conn), Some(frame)) = (s.conn, s.batch.take().and_then(|mut b| b.batcher.take()))
-        else {
-            return;
-        };
-        let last = match &frame {
-            Frame::Batch(msgs) => msgs.last().map(|m| m.seq),
-            Frame::Msg(m) => Some(m.seq),
-            _ => None,
-        };
-        if let Some(seq) = last {
-            s.outbound.note_sent(seq);
-        }
-        self.transmit(conn, &frame);
-    }
-
-    fn arm_ack_timeout(&mut self, session: SessionId) {
-        let timeout = self.config.reliability.ack_timeout;
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        if s.ack_timeout_at.is_some() {
-            return;
-        }
-        if let Some(stuck) = s.outbound.stuck_since() {
-            let at = stuck + timeout;
-            s.ack_timeout_at = Some(at);
-            self.arm(at, ServerTimer::AckTimeout(session));
-        }
+        self.on_link(session, |link, tx, timers, _, _| {
+            link.send_batch(tx, timers)
+        });
     }
 
     fn flush_ack(&mut self, session: SessionId) {
+        self.on_link(session, |link, tx, timers, _, _| link.flush_ack(tx, timers));
+    }
+
+    /// Runs `op` on a session's link, with its connection (if attached) to
+    /// send on; a frame that will not encode closes that connection.
+    fn on_link(
+        &mut self,
+        session: SessionId,
+        op: impl FnOnce(
+            &mut Link,
+            Option<&mut Tx<'_, ServerPort<'_>>>,
+            &mut SessionTimers<'_>,
+            &ServerConfig,
+            Instant,
+        ) -> Result<(), SendFailed>,
+    ) {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
-        s.ack_due = None;
-        let Some(conn) = s.conn else { return };
-        if s.inbound.ack_pending() {
-            let ack = s.inbound.acked_now();
-            self.transmit(conn, &Frame::Ack { ack });
+        let conn = s.conn;
+        let mut tx = conn.and_then(|c| {
+            let phase = &self.conns.get(&c)?.phase;
+            let (encoder, outputs) = (&mut self.encoder, &mut self.outputs);
+            Some(conn_tx(c, phase, encoder, outputs, &mut self.stats))
+        });
+        let mut timers = SessionTimers {
+            session,
+            deadlines: &mut s.deadlines,
+            heap: &mut self.timers,
+        };
+        let sent = op(
+            &mut s.link,
+            tx.as_mut(),
+            &mut timers,
+            &self.config,
+            self.now,
+        );
+        if let (Err(_), Some(conn)) = (sent, conn) {
+            self.encode_failed(conn);
         }
     }
 
@@ -2337,16 +2335,11 @@ impl Server {
         let Some(conn) = self.conns.get(&connection) else {
             return;
         };
-        let (codec, version, detach) = match conn.phase {
-            ConnPhase::Open {
-                codec,
-                version,
-                detach,
-                ..
-            } => (codec, version, detach),
-            ConnPhase::AwaitingHello => (Codec::Json, PROTOCOL_VERSION, false),
-        };
-        self.transmit_as(connection, frame, codec, version, detach);
+        let (encoder, outputs) = (&mut self.encoder, &mut self.outputs);
+        let mut tx = conn_tx(connection, &conn.phase, encoder, outputs, &mut self.stats);
+        if tx.send(frame).is_err() {
+            self.encode_failed(connection);
+        }
     }
 
     /// Sends the answer to a `hello` (`welcome` or `reject`, always JSON):
@@ -2355,40 +2348,33 @@ impl Server {
     fn answer_hello(&mut self, connection: ConnectionId, frame: &Frame, version: u8) {
         if matches!(self.upgrade, Some((c, None)) if c == connection) {
             if let Ok(answer) = wire::handshake_header(frame) {
-                self.stats.frames_out += 1;
-                self.stats.bytes_out += answer.len() as u64;
+                self.stats.traffic.frames_out += 1;
+                self.stats.traffic.bytes_out += answer.len() as u64;
                 self.upgrade = Some((connection, Some(answer)));
                 return;
             }
         }
-        self.transmit_as(connection, frame, Codec::Json, version, false);
+        let (encoder, outputs) = (&mut self.encoder, &mut self.outputs);
+        let mut tx = conn_tx(
+            connection,
+            &ConnPhase::AwaitingHello,
+            encoder,
+            outputs,
+            &mut self.stats,
+        );
+        tx.version = version;
+        if tx.send(frame).is_err() {
+            self.encode_failed(connection);
+        }
     }
 
-    /// Encodes `frame` for `connection`; `detach`: the client can receive
-    /// detached payloads.
-    fn transmit_as(
-        &mut self,
-        connection: ConnectionId,
-        frame: &Frame,
-        codec: Codec,
-        version: u8,
-        detach: bool,
-    ) {
-        let (stats, outputs) = (&mut self.stats, &mut self.outputs);
-        let sent = self
-            .encoder
-            .encode_each(frame, codec, version, detach, |t| {
-                stats.frames_out += 1;
-                stats.bytes_out += t.len() as u64;
-                outputs.push_back(ServerOutput::Transmit(connection, t));
-            });
-        if sent.is_err() {
-            self.disconnect(
-                connection,
-                CloseCode::INTERNAL_ERROR,
-                "could not encode a frame",
-            );
-        }
+    /// Only reachable through a bug; never panic in a library.
+    fn encode_failed(&mut self, connection: ConnectionId) {
+        self.disconnect(
+            connection,
+            CloseCode::INTERNAL_ERROR,
+            "could not encode a frame",
+        );
     }
 }
 

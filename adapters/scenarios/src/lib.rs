@@ -354,7 +354,7 @@ async fn exchange(rt: Arc<dyn Runtime>, codec: Codec) {
         );
     }
     let stats = client.stats().await.unwrap().stats;
-    assert_eq!(stats.decode_failures, 0);
+    assert_eq!(stats.traffic.decode_failures, 0);
 
     client.send_datagram(vec![9u8; 4]).await.unwrap();
     let dg = server_wait(&rt, &mut sev, 3000, "datagram", |e| match e {

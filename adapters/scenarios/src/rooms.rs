@@ -976,7 +976,7 @@ pub async fn send_latest_coalesces(rt: Arc<dyn Runtime>) {
     );
     assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
     let stats = a.handle.stats().await.unwrap();
-    assert_eq!(stats.stats.messages_sent, got.len() as u64);
+    assert_eq!(stats.stats.delivery.messages_sent, got.len() as u64);
     assert_eq!(stats.session, Some(a.session));
     assert_eq!(stats.state, State::Open);
     finish(&rt, server, vec![a]).await;

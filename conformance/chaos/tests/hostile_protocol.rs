@@ -536,6 +536,7 @@ fn undecodable_frames_are_counted_and_more_than_three_in_a_row_close_with_1007()
                 .await
                 .unwrap()
                 .counters
+                .traffic
                 .decode_failures;
             raw.send_bytes(&garbage[0].1).await;
             raw.ping(1).await;
@@ -545,6 +546,7 @@ fn undecodable_frames_are_counted_and_more_than_three_in_a_row_close_with_1007()
                 .await
                 .unwrap()
                 .counters
+                .traffic
                 .decode_failures;
             assert_eq!(
                 after - before,
@@ -733,6 +735,7 @@ fn unknown_frame_types_are_ignored_not_undecodable() {
                 .await
                 .unwrap()
                 .counters
+                .traffic
                 .decode_failures;
             let mut bytes = Vec::new();
             for n in 0..10 {
@@ -747,6 +750,7 @@ fn unknown_frame_types_are_ignored_not_undecodable() {
                 .await
                 .unwrap()
                 .counters
+                .traffic
                 .decode_failures;
             assert_eq!(after, before, "unknown frame types counted as undecodable");
             raw.send(&msg(1, 1, &json!(1))).await;
