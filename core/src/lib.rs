@@ -73,11 +73,11 @@ pub use time::Instant;
 
 // Conflict-free shared state and per-connection flow control.
 pub mod coalesce;
-pub mod hlc;
-pub mod lww;
+pub mod crdt;
 pub mod ratelimit;
 
 pub use coalesce::Coalescer;
+pub use crdt::{hlc, lww};
 pub use hlc::{Hlc, HlcTimestamp};
 pub use lww::{LwwMap, LwwUpdate};
 pub use ratelimit::{RateLimitConfig, RateLimiter};
