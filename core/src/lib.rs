@@ -82,6 +82,8 @@ pub use hlc::{Hlc, HlcTimestamp};
 pub use lww::{LwwMap, LwwUpdate};
 pub use ratelimit::{RateLimitConfig, RateLimiter};
 
-// Bodies of the fuzz targets, compiled only for fuzzing and its tests.
+// Bodies of the fuzz targets, compiled only for fuzzing and its tests; they
+// live beside the crate's sources, in `core/fuzzing/`.
 #[cfg(feature = "fuzzing")]
+#[path = "../fuzzing/mod.rs"]
 pub mod fuzzing;
