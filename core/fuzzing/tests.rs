@@ -5,6 +5,7 @@
 //! is fixed there (or its test marked `#[ignore]` until it is), a bug in a
 //! harness in the harness.
 
+use super::stream::{poison_messages, StreamMsg};
 use super::*;
 
 /// The `pack_envelope` target on pseudo-random inputs: the hand-written
