@@ -7,6 +7,9 @@
 
 use super::stream::{poison_messages, StreamMsg};
 use super::*;
+use crate::client::{Client, Output, TransportId};
+use crate::config::ClientConfig;
+use crate::time::Instant;
 
 /// The `pack_envelope` target on pseudo-random inputs: the hand-written
 /// MessagePack reader must agree with serde on both sides of what it
