@@ -5,11 +5,13 @@
 //! is fixed there (or its test marked `#[ignore]` until it is), a bug in a
 //! harness in the harness.
 
+use super::frame::is_known_json_null;
 use super::stream::{poison_messages, StreamMsg};
 use super::*;
 use crate::client::{Client, Output, TransportId};
 use crate::config::ClientConfig;
 use crate::time::Instant;
+use crate::wire::{ClientId, Msg, MsgKind, BINARY_HEADER_LEN, KIND_MSGPACK};
 
 /// The `pack_envelope` target on pseudo-random inputs: the hand-written
 /// MessagePack reader must agree with serde on both sides of what it
