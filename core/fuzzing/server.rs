@@ -5,8 +5,9 @@
 //! This file owns the server target's inputs ([`ServerSetup`],
 //! [`ServerOp`], the frames its fake clients send) and [`ServerHarness`].
 //! The harness never reaches into the machine: it calls the server's public
-//! API as a driver would, and checks what the server reports against a
-//! model it keeps from the outputs.
+//! API as a driver would (and the crate-private `Server::resume_key`, for
+//! the key a real client has from its welcome), and checks what the server
+//! reports against a model it keeps from the outputs.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -7,7 +7,9 @@
 //! [`StreamHarness`] with its server's side: taking the server's outputs
 //! and events. The client model is in `stream/client.rs`, the ops and the
 //! quiet phase in `stream/ops.rs`. The server is driven through its public
-//! API only; the client model never misbehaves unless an op says so.
+//! API only (the client model reads its session's key with the
+//! crate-private `Server::resume_key`, as a real client has it from its
+//! welcome); the client model never misbehaves unless an op says so.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
