@@ -75,15 +75,17 @@ pub use time::Instant;
 
 // Conflict-free shared state and per-connection flow control.
 pub mod coalesce;
-pub mod hlc;
-pub mod lww;
+pub mod crdt;
 pub mod ratelimit;
 
 pub use coalesce::Coalescer;
+pub use crdt::{hlc, lww};
 pub use hlc::{Hlc, HlcTimestamp};
 pub use lww::{LwwMap, LwwUpdate};
 pub use ratelimit::{RateLimitConfig, RateLimiter};
 
-// Bodies of the fuzz targets, compiled only for fuzzing and its tests.
+// Bodies of the fuzz targets, compiled only for fuzzing and its tests; they
+// live beside the crate's sources, in `core/fuzzing/`.
 #[cfg(feature = "fuzzing")]
+#[path = "../fuzzing/mod.rs"]
 pub mod fuzzing;

@@ -1,0 +1,759 @@
+//! Body of the `server_machine` target: a [`Server`] with many connections
+//! and sessions driven by arbitrary inputs and commands, every invariant
+//! checked after every op.
+//!
+//! This file owns the server target's inputs ([`ServerSetup`],
+//! [`ServerOp`], the frames its fake clients send) and [`ServerHarness`].
+//! The harness never reaches into the machine: it calls the server's public
+//! API as a driver would (and the crate-private `Server::resume_key`, for
+//! the key a real client has from its welcome), and checks what the server
+//! reports against a model it keeps from the outputs.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use arbitrary::Arbitrary;
+use bytes::Bytes;
+use core::time::Duration;
+
+use crate::close::CloseCode;
+use crate::config::{QueueConfig, ServerConfig};
+use crate::reliable::{OverflowPolicy, ReliabilityConfig, SendError};
+use crate::server::{ConnectionId, Server, ServerEvent, ServerOutput};
+use crate::time::Instant;
+use crate::wire::{
+    self, ClientId, Codec, Frame, Hello, Incoming, Msg, MsgKind, Resume, SessionId, Transmit,
+    PROTOCOL_VERSION,
+};
+
+use super::{codec_of, decode_own, header_frame, Code, Fate, Num, PayloadChoice};
+
+/// Settings for the server machine target, kept small so limits are hit.
+#[derive(Arbitrary, Clone, Debug)]
+pub struct ServerSetup {
+    /// Speak JSON only.
+    pub json_only: bool,
+    /// Most sessions, 1..=8.
+    pub max_sessions: u8,
+    /// Per-session queue bound (messages), 1..=32.
+    pub queue_messages: u8,
+    /// Per-session queue bound (bytes).
+    pub queue_bytes: u16,
+    /// Per-session window (messages), 1..=16.
+    pub window_messages: u8,
+    /// Per-session window (bytes).
+    pub window_bytes: u16,
+    /// End the session on overflow instead of refusing.
+    pub fail_session: bool,
+    /// Ack after this many deliveries, 1..=40.
+    pub ack_every: u8,
+    /// Grace period of a detached session, seconds.
+    pub session_grace_secs: u8,
+    /// No idle grace.
+    pub zero_grace: bool,
+    /// Undecodable frames tolerated before closing.
+    pub max_decode_failures: u8,
+}
+
+impl ServerSetup {
+    /// The configuration (always valid).
+    pub fn config(&self) -> ServerConfig {
+        let mut c = ServerConfig::default();
+        if self.json_only {
+            c.codecs = vec![Codec::Json];
+        }
+        c.max_sessions = 1 + usize::from(self.max_sessions % 8);
+        c.queue = QueueConfig {
+            max_messages: 1 + usize::from(self.queue_messages % 32),
+            max_bytes: usize::from(self.queue_bytes),
+        };
+        c.reliability = ReliabilityConfig {
+            window_messages: 1 + usize::from(self.window_messages % 16),
+            window_bytes: usize::from(self.window_bytes),
+            ack_every: 1 + u32::from(self.ack_every % 40),
+            overflow: if self.fail_session {
+                OverflowPolicy::FailSession
+            } else {
+                OverflowPolicy::Refuse
+            },
+            ..ReliabilityConfig::default()
+        };
+        c.session_grace = Duration::from_secs(u64::from(self.session_grace_secs));
+        if self.zero_grace {
+            c.grace = Duration::ZERO;
+        }
+        c.max_decode_failures = u32::from(self.max_decode_failures % 8);
+        c.max_message_size = 4096;
+        c
+    }
+}
+
+/// A frame the fuzzer's "client" sends on an open connection.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ClientFrame {
+    /// A message; `seq` relative to what the server delivered.
+    Msg {
+        /// Sequence number.
+        seq: Num,
+        /// Piggybacked ack relative to what the server sent.
+        ack: Option<Num>,
+        /// Payload.
+        payload: PayloadChoice,
+    },
+    /// An ack, relative to what the server sent.
+    Ack(Num),
+    /// A replay request, relative to what the server sent.
+    Replay(Num),
+    /// A ping.
+    Ping(u64),
+    /// A pong.
+    Pong(u64),
+    /// A datagram.
+    Raw(Vec<u8>),
+    /// A goaway (nonsense from a client).
+    GoAway(u16),
+    /// A second hello.
+    Hello,
+}
+
+/// One input or command for the server machine.
+#[derive(Arbitrary, Clone, Debug)]
+pub enum ServerOp {
+    /// A new connection, with one of a few identities and a session id byte.
+    Connect {
+        /// Identity index (`None`: anonymous).
+        identity: Option<u8>,
+        /// Fresh session id byte (collisions on purpose).
+        fresh: u8,
+    },
+    /// A hello on a connection.
+    Hello {
+        /// Connection index.
+        conn: u8,
+        /// Versions offered (`None`: the right ones).
+        versions: Option<Vec<u8>>,
+        /// Codecs: `true` is MessagePack (`None`: both).
+        codecs: Option<Vec<bool>>,
+        /// Resume a known session (by index) or an unknown one, with a
+        /// delivered count relative to what the server sent.
+        resume: Option<(u8, bool, Num)>,
+    },
+    /// A new connection whose upgrade request carries a hello
+    /// (`handle_upgrade`); the fields are those of `Connect` and `Hello`.
+    Upgrade {
+        /// Identity index (`None`: anonymous).
+        identity: Option<u8>,
+        /// Fresh session id byte.
+        fresh: u8,
+        /// Versions offered (`None`: the right ones).
+        versions: Option<Vec<u8>>,
+        /// Codecs: `true` is MessagePack (`None`: both).
+        codecs: Option<Vec<bool>>,
+        /// Resume, as in `Hello`.
+        resume: Option<(u8, bool, Num)>,
+    },
+    /// A frame on a connection, in its codec unless `wrong_codec`.
+    Frame(u8, ClientFrame, bool),
+    /// Arbitrary text on a connection.
+    Text(u8, String),
+    /// Arbitrary bytes on a connection.
+    Binary(u8, Vec<u8>),
+    /// The transport closed.
+    Closed(u8, Option<Code>),
+    /// `send` to a session (by index, or a made-up one).
+    Send(u8, PayloadChoice),
+    /// `send_datagram` to a session.
+    SendDatagram(u8, u16),
+    /// `go_away` on a connection.
+    GoAway(u8, Code, Option<u16>),
+    /// `close_session`.
+    CloseSession(u8),
+    /// `disconnect_connection`.
+    Disconnect(u8, Code),
+    /// `handle_timeout` at the next deadline.
+    Timeout,
+    /// Time passes, milliseconds.
+    Advance(u16),
+    /// Time passes, seconds.
+    AdvanceSecs(u8),
+    /// An earlier instant is handed in.
+    Rewind(u16),
+}
+
+#[derive(Debug, Default)]
+struct SessionModel {
+    delivered: u64,
+    sent_seq: u64,
+    conn: Option<ConnectionId>,
+    accepted: BTreeMap<u64, Fate>,
+}
+
+#[derive(Debug)]
+struct ConnModel {
+    codec: Option<Codec>,
+    session: Option<SessionId>,
+}
+
+/// Drives one [`Server`] and checks its promises after every op.
+pub struct ServerHarness {
+    server: Server,
+    config: ServerConfig,
+    now: Instant,
+    max_now: Instant,
+    conns: BTreeMap<ConnectionId, ConnModel>,
+    all_conns: Vec<ConnectionId>,
+    sessions: BTreeMap<SessionId, SessionModel>,
+    ever_sessions: Vec<SessionId>,
+    log: String,
+}
+
+const IDENTITIES: &[&str] = &["alice", "bob", "carol"];
+
+impl ServerHarness {
+    /// A harness around a new server.
+    pub fn new(config: ServerConfig) -> ServerHarness {
+        let server = match Server::new(config.clone()) {
+            Ok(s) => s,
+            Err(e) => panic!("server config rejected: {e}"),
+        };
+        ServerHarness {
+            server,
+            config,
+            now: Instant::ZERO,
+            max_now: Instant::ZERO,
+            conns: BTreeMap::new(),
+            all_conns: Vec::new(),
+            sessions: BTreeMap::new(),
+            ever_sessions: Vec::new(),
+            log: String::new(),
+        }
+    }
+
+    fn conn(&self, i: u8) -> ConnectionId {
+        if self.all_conns.is_empty() {
+            return ConnectionId(0);
+        }
+        // Bias towards recent connections.
+        let n = self.all_conns.len();
+        self.all_conns[n - 1 - usize::from(i) % n]
+    }
+
+    fn session(&self, i: u8) -> SessionId {
+        if self.ever_sessions.is_empty() {
+            return SessionId([i; 16]);
+        }
+        let n = self.ever_sessions.len();
+        self.ever_sessions[n - 1 - usize::from(i) % n]
+    }
+
+    /// Moves the driver's clock; the machine sees it at the next call.
+    fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// Records that the machine is handed `self.now`.
+    fn hand_in(&mut self) {
+        if self.now > self.max_now {
+            self.max_now = self.now;
+        }
+    }
+
+    /// Starts modelling a connection the server just opened.
+    fn track(&mut self, id: ConnectionId) {
+        assert!(!self.all_conns.contains(&id), "connection id reused");
+        self.all_conns.push(id);
+        self.conns.insert(
+            id,
+            ConnModel {
+                codec: None,
+                session: None,
+            },
+        );
+    }
+
+    /// The hello a `Hello` or `Upgrade` op describes.
+    fn hello(
+        &self,
+        versions: Option<Vec<u8>>,
+        codecs: Option<Vec<bool>>,
+        resume: Option<(u8, bool, Num)>,
+    ) -> Frame {
+        let resume = resume.map(|(i, known, d)| {
+            let session = if known {
+                self.session(i)
+            } else {
+                SessionId([i ^ 0x5a; 16])
+            };
+            let base = self.sessions.get(&session).map_or(0, |s| s.sent_seq);
+            Resume {
+                session,
+                delivered: d.resolve(base),
+                // The right key for a known session, as a real client has
+                // it from the welcome; none for an unknown one.
+                key: known.then(|| self.server.resume_key(session)),
+            }
+        });
+        Frame::Hello(Hello {
+            versions: versions
+                .map(|v| v.into_iter().take(wire::MAX_LIST_LEN).collect())
+                .unwrap_or_else(|| vec![PROTOCOL_VERSION]),
+            client: ClientId([0xc1; 16]),
+            resume,
+            caps: Vec::new(),
+            codecs: codecs
+                .map(|v| {
+                    v.into_iter()
+                        .take(wire::MAX_LIST_LEN)
+                        .map(codec_of)
+                        .collect()
+                })
+                .unwrap_or_else(|| vec![Codec::MsgPack, Codec::Json]),
+        })
+    }
+
+    fn send_frame(&mut self, conn: ConnectionId, frame: &Frame, wrong: bool) {
+        let codec = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.codec)
+            .unwrap_or(Codec::Json);
+        let codec = match (codec, wrong) {
+            (c, false) => c,
+            (Codec::Json, true) => Codec::MsgPack,
+            (_, true) => Codec::Json,
+        };
+        if let Ok(t) = wire::encode(frame, codec, PROTOCOL_VERSION) {
+            self.server.handle_message(self.now, conn, t.as_incoming());
+        }
+    }
+
+    /// Applies one op, drains every output and checks every invariant.
+    pub fn op(&mut self, op: ServerOp) {
+        let _ = writeln!(self.log, "{:?} {op:?}", self.now);
+        let before = self.server.poll_timeout();
+        let mut timeout = false;
+        if !matches!(
+            op,
+            ServerOp::Advance(_) | ServerOp::AdvanceSecs(_) | ServerOp::Rewind(_)
+        ) {
+            self.hand_in();
+        }
+        let now = self.now;
+        match op {
+            ServerOp::Connect { identity, fresh } => {
+                let identity =
+                    identity.map(|i| IDENTITIES[usize::from(i) % IDENTITIES.len()].to_string());
+                let id = self
+                    .server
+                    .handle_connection(now, identity, SessionId([fresh; 16]));
+                self.track(id);
+            }
+            ServerOp::Hello {
+                conn,
+                versions,
+                codecs,
+                resume,
+            } => {
+                let conn = self.conn(conn);
+                let hello = self.hello(versions, codecs, resume);
+                self.send_frame(conn, &hello, false);
+            }
+            ServerOp::Upgrade {
+                identity,
+                fresh,
+                versions,
+                codecs,
+                resume,
+            } => {
+                let identity =
+                    identity.map(|i| IDENTITIES[usize::from(i) % IDENTITIES.len()].to_string());
+                let hello = self.hello(versions, codecs, resume);
+                let Ok(Transmit::Text(json)) = wire::encode(&hello, Codec::Json, PROTOCOL_VERSION)
+                else {
+                    panic!("a hello must encode as JSON text");
+                };
+                let text = String::from_utf8_lossy(&json).into_owned();
+                let (id, answer) =
+                    self.server
+                        .handle_upgrade(now, identity, SessionId([fresh; 16]), &text);
+                self.track(id);
+                match answer {
+                    Some(a) => match header_frame(&a) {
+                        Ok(Frame::Welcome(w)) => {
+                            if let Some(c) = self.conns.get_mut(&id) {
+                                c.codec = Some(w.codec);
+                            }
+                        }
+                        Ok(Frame::Reject(_)) => {}
+                        other => panic!("an upgrade hello answered with {other:?}"),
+                    },
+                    // Refused at once (shutting down, a session id
+                    // collision): the connection is already closed.
+                    None => assert!(
+                        !self.server.connections().any(|c| c == id),
+                        "a well-formed upgrade hello left unanswered\n{}",
+                        self.log
+                    ),
+                }
+            }
+            ServerOp::Frame(conn, f, wrong) => {
+                let conn = self.conn(conn);
+                let session = self.conns.get(&conn).and_then(|c| c.session);
+                let (delivered, sent) = session
+                    .and_then(|s| self.sessions.get(&s))
+                    .map_or((0, 0), |s| (s.delivered, s.sent_seq));
+                let frame = match f {
+                    ClientFrame::Msg { seq, ack, payload } => payload.payload().map(|payload| {
+                        let seq = seq.resolve(delivered).max(1);
+                        Frame::Msg(Msg {
+                            kind: MsgKind::Plain,
+                            room: None,
+                            seq,
+                            id: seq,
+                            ack: ack.map(|a| a.resolve(sent)),
+                            ts: None,
+                            payload,
+                        })
+                    }),
+                    ClientFrame::Ack(a) => Some(Frame::Ack {
+                        ack: a.resolve(sent),
+                    }),
+                    ClientFrame::Replay(n) => Some(Frame::Replay {
+                        from: n.resolve(sent).max(1),
+                    }),
+                    ClientFrame::Ping(n) => Some(Frame::Ping { nonce: n }),
+                    ClientFrame::Pong(n) => Some(Frame::Pong { nonce: n }),
+                    ClientFrame::Raw(b) => Some(Frame::Raw(Bytes::from(b))),
+                    ClientFrame::GoAway(code) => Some(Frame::GoAway {
+                        code,
+                        retry_after_ms: None,
+                    }),
+                    ClientFrame::Hello => Some(Frame::Hello(Hello {
+                        versions: vec![1],
+                        client: ClientId([2; 16]),
+                        resume: None,
+                        caps: Vec::new(),
+                        codecs: vec![Codec::Json],
+                    })),
+                };
+                if let Some(frame) = frame {
+                    self.send_frame(conn, &frame, wrong);
+                }
+            }
+            ServerOp::Text(conn, s) => {
+                let conn = self.conn(conn);
+                self.server.handle_message(now, conn, Incoming::Text(&s));
+            }
+            ServerOp::Binary(conn, b) => {
+                let conn = self.conn(conn);
+                self.server.handle_message(now, conn, Incoming::Binary(&b));
+            }
+            ServerOp::Closed(conn, code) => {
+                let conn = self.conn(conn);
+                self.server
+                    .handle_connection_closed(now, conn, code.map(Code::code));
+                self.conns.remove(&conn);
+            }
+            ServerOp::Send(s, p) => {
+                let session = self.session(s);
+                if let Some(payload) = p.payload() {
+                    match self.server.send(now, session, payload) {
+                        Ok(id) => {
+                            let m = self.sessions.get_mut(&session);
+                            let m = match m {
+                                Some(m) => m,
+                                None => panic!("send to an unknown session accepted"),
+                            };
+                            m.accepted.insert(id.0, Fate::Outstanding);
+                        }
+                        Err(SendError::UnknownSession) => {
+                            assert!(!self.sessions.contains_key(&session));
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            ServerOp::SendDatagram(s, n) => {
+                let session = self.session(s);
+                let _ =
+                    self.server
+                        .send_datagram(now, session, Bytes::from(vec![1u8; usize::from(n)]));
+            }
+            ServerOp::GoAway(conn, code, retry) => {
+                let conn = self.conn(conn);
+                self.server.go_away(
+                    now,
+                    conn,
+                    sendable(code.code()),
+                    retry.map(|ms| Duration::from_millis(u64::from(ms))),
+                );
+            }
+            ServerOp::CloseSession(s) => {
+                let session = self.session(s);
+                let r = self.server.close_session(now, session);
+                assert_eq!(r.is_ok(), self.sessions.contains_key(&session));
+            }
+            ServerOp::Disconnect(conn, code) => {
+                let conn = self.conn(conn);
+                self.server
+                    .disconnect_connection(now, conn, sendable(code.code()));
+            }
+            ServerOp::Timeout => {
+                let at = before.map_or(now, |d| d.at.max(now));
+                let at = at.min(self.max_now + Duration::from_secs(86_400 * 30));
+                self.set_now(at);
+                self.hand_in();
+                self.server.handle_timeout(at);
+                timeout = true;
+            }
+            ServerOp::Advance(ms) => self.set_now(now + Duration::from_millis(u64::from(ms))),
+            ServerOp::AdvanceSecs(s) => self.set_now(now + Duration::from_secs(u64::from(s))),
+            ServerOp::Rewind(ms) => self.now = now - Duration::from_millis(u64::from(ms)),
+        }
+        self.drain(timeout);
+    }
+
+    fn resolve(&mut self, session: SessionId, id: u64, fate: Fate, what: &str) {
+        let f = self
+            .sessions
+            .get_mut(&session)
+            .and_then(|s| s.accepted.get_mut(&id));
+        match f {
+            Some(f) if *f == Fate::Outstanding => *f = fate,
+            other => panic!(
+                "{what} names message {id} of {session:?}, which is {other:?}\n{}",
+                self.log
+            ),
+        }
+    }
+
+    fn drain(&mut self, timeout: bool) {
+        while let Some(o) = self.server.poll_output() {
+            let _ = writeln!(self.log, "  {o:?}");
+            match o {
+                ServerOutput::Transmit(c, t) => {
+                    assert!(
+                        self.conns.contains_key(&c),
+                        "transmit on a closed or unknown connection {c:?}\n{}",
+                        self.log
+                    );
+                    let Some(frame) = decode_own(&t, "server") else {
+                        continue;
+                    };
+                    let conn = self.conns.get_mut(&c);
+                    match (frame, conn) {
+                        (Frame::Welcome(w), Some(conn)) => conn.codec = Some(w.codec),
+                        (Frame::Msg(m), Some(conn)) => {
+                            let s = conn.session.and_then(|s| self.sessions.get_mut(&s));
+                            if let Some(s) = s {
+                                assert!(m.seq <= s.sent_seq + 1, "gap in what the server sends");
+                                s.sent_seq = s.sent_seq.max(m.seq);
+                            } else {
+                                panic!("a message on a connection without a session");
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                ServerOutput::Disconnect(c, code, _) => {
+                    assert!(
+                        code.is_sendable(),
+                        "the server closes with the unsendable code {code:?}\n{}",
+                        self.log
+                    );
+                    assert!(
+                        self.conns.remove(&c).is_some(),
+                        "disconnect of a connection already gone {c:?}\n{}",
+                        self.log
+                    );
+                }
+                ServerOutput::Event(e) => self.event(e),
+            }
+        }
+        assert_eq!(
+            self.server.connection_count(),
+            self.conns.len(),
+            "connection count disagrees with the outputs\n{}",
+            self.log
+        );
+        assert_eq!(
+            self.server.session_count(),
+            self.sessions.len(),
+            "session count disagrees with the events\n{}",
+            self.log
+        );
+        assert!(self.sessions.len() <= self.config.max_sessions);
+        for (id, m) in &self.sessions {
+            let info = match self.server.session(*id) {
+                Some(i) => i,
+                None => panic!("session {id:?} vanished without SessionEnded"),
+            };
+            assert!(info.queued <= self.config.queue.max_messages);
+            assert!(info.in_flight <= self.config.reliability.window_messages);
+            assert_eq!(info.delivered, m.delivered);
+            let outstanding = m
+                .accepted
+                .values()
+                .filter(|f| **f == Fate::Outstanding)
+                .count();
+            assert_eq!(
+                outstanding,
+                info.queued + info.in_flight,
+                "accepted and unresolved messages of {id:?} are not what the session holds\n{}",
+                self.log
+            );
+            if let Some(c) = m.conn {
+                assert_eq!(info.connection, Some(c));
+                assert_eq!(self.server.session_of(c), Some(*id));
+            }
+        }
+        if let Some(after) = self.server.poll_timeout() {
+            if timeout {
+                assert!(
+                    after.at > self.max_now,
+                    "after handle_timeout a deadline is still due: {after:?}"
+                );
+            }
+        }
+    }
+
+    fn event(&mut self, e: ServerEvent) {
+        match e {
+            ServerEvent::SessionOpened {
+                connection,
+                session,
+                resumed,
+                ..
+            } => {
+                let c = match self.conns.get_mut(&connection) {
+                    Some(c) => c,
+                    None => panic!("SessionOpened on an unknown connection"),
+                };
+                c.session = Some(session);
+                if resumed {
+                    let s = match self.sessions.get_mut(&session) {
+                        Some(s) => s,
+                        None => panic!("resumed a session that does not exist\n{}", self.log),
+                    };
+                    s.conn = Some(connection);
+                } else {
+                    assert!(
+                        !self.sessions.contains_key(&session),
+                        "a new session reuses a live id"
+                    );
+                    self.sessions.insert(
+                        session,
+                        SessionModel {
+                            conn: Some(connection),
+                            ..SessionModel::default()
+                        },
+                    );
+                    self.ever_sessions.push(session);
+                }
+                // A connection carrying another session was replaced.
+                for (id, s) in &mut self.sessions {
+                    if *id != session && s.conn == Some(connection) {
+                        s.conn = None;
+                    }
+                }
+            }
+            ServerEvent::SessionDetached { session, .. } => {
+                let s = match self.sessions.get_mut(&session) {
+                    Some(s) => s,
+                    None => panic!("SessionDetached of an unknown session"),
+                };
+                s.conn = None;
+            }
+            ServerEvent::SessionEnded {
+                session,
+                unconfirmed,
+                ..
+            } => {
+                assert!(
+                    self.sessions.contains_key(&session),
+                    "SessionEnded of an unknown session\n{}",
+                    self.log
+                );
+                for id in &unconfirmed {
+                    self.resolve(session, id.0, Fate::Lost, "SessionEnded");
+                }
+                if let Some(s) = self.sessions.remove(&session) {
+                    let left = s
+                        .accepted
+                        .iter()
+                        .filter(|(_, f)| **f == Fate::Outstanding)
+                        .count();
+                    assert_eq!(left, 0, "a session ended with messages unreported");
+                }
+            }
+            ServerEvent::Message { session, message } => {
+                let s = match self.sessions.get_mut(&session) {
+                    Some(s) => s,
+                    None => panic!("a message for an unknown session"),
+                };
+                assert_eq!(
+                    message.seq,
+                    s.delivered + 1,
+                    "delivered out of order or twice\n{}",
+                    self.log
+                );
+                s.delivered = message.seq;
+            }
+            ServerEvent::Acked {
+                session,
+                first,
+                last,
+            } => {
+                assert!(first <= last);
+                self.resolve(session, first.0, Fate::Acked, "Acked.first");
+                if first != last {
+                    self.resolve(session, last.0, Fate::Acked, "Acked.last");
+                }
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    for (_, f) in s.accepted.range_mut(first.0..=last.0) {
+                        if *f == Fate::Outstanding {
+                            *f = Fate::Acked;
+                        }
+                    }
+                }
+            }
+            ServerEvent::Datagram { session, .. } => {
+                assert!(self.sessions.contains_key(&session));
+            }
+            ServerEvent::Rejected {
+                connection, code, ..
+            } => {
+                assert!(self.conns.contains_key(&connection));
+                assert!(code.is_sendable());
+            }
+            ServerEvent::ConnectionClosed { connection, .. } => {
+                // Reported for connections that never carried a session;
+                // the model drops it when the Disconnect or close comes.
+                if let Some(c) = self.conns.get(&connection) {
+                    assert!(c.session.is_none());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The application is trusted to pass close codes it may send: the server
+/// forwards the codes of `go_away` and `disconnect_connection` unchecked.
+fn sendable(code: CloseCode) -> CloseCode {
+    if code.is_sendable() {
+        code
+    } else {
+        CloseCode::GOING_AWAY
+    }
+}
+
+/// Target `server_machine`: a server with many connections and sessions
+/// driven by arbitrary inputs and commands, with every invariant checked
+/// after every op.
+pub fn server_machine(setup: ServerSetup, ops: Vec<ServerOp>) {
+    let mut h = ServerHarness::new(setup.config());
+    for op in ops {
+        h.op(op);
+    }
+}
