@@ -17,8 +17,10 @@ use crate::close::{CloseCode, Disposition};
 use crate::coalesce::{Coalesced, Coalescer, Pushed};
 use crate::config::{ClientConfig, ConfigError};
 use crate::link::{
-    DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, TrafficStats, Tx,
+    with_own_caps, DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed,
+    TrafficStats, Tx,
 };
+pub use crate::link::{Received, CAP_BATCH};
 use crate::reliable::{MessageId, Outbound, OverflowPolicy, RoomName, SendError, Waiting};
 use crate::rng::Rng;
 use crate::rooms::{Presence, Refusal};
@@ -229,44 +231,6 @@ impl TransportError {
                 status: 429 | 503, ..
             } => Disposition::ReconnectLater,
             _ => Disposition::Reconnect,
-        }
-    }
-}
-
-/// A message delivered from the peer, in order, exactly once.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Received {
-    /// The peer's id for the message (an idempotency key).
-    pub id: MessageId,
-    /// Its sequence number in this session.
-    pub seq: u64,
-    /// The sender's timestamp in milliseconds, if it set one.
-    pub timestamp: Option<u64>,
-    /// Whether the sender expects a response (answer with `respond`,
-    /// quoting `id`).
-    pub request: bool,
-    /// The request this message answers, if it is a response.
-    pub response_to: Option<MessageId>,
-    /// The room it was published to (server side) or broadcast in (client
-    /// side), if any.
-    pub room: Option<std::sync::Arc<str>>,
-    /// The payload.
-    pub payload: Payload,
-}
-
-impl Received {
-    pub(crate) fn from_msg(m: Msg) -> Received {
-        Received {
-            id: MessageId(m.id),
-            seq: m.seq,
-            timestamp: m.ts,
-            request: m.kind == MsgKind::Request,
-            response_to: match m.kind {
-                MsgKind::Response(to) => Some(MessageId(to)),
-                _ => None,
-            },
-            room: m.room,
-            payload: m.payload,
         }
     }
 }
@@ -2118,22 +2082,6 @@ impl Port for ClientPort<'_> {
         &mut self.stats.delivery
     }
 }
-
-/// Every Kitestring peer can receive batches and detached payloads, so it
-/// always says so.
-pub(crate) fn with_own_caps(caps: &[String]) -> Vec<String> {
-    let mut caps = caps.to_vec();
-    for own in [CAP_BATCH, wire::CAP_DETACH] {
-        if !caps.iter().any(|c| c == own) {
-            caps.push(own.to_string());
-        }
-    }
-    caps
-}
-
-/// The capability (client) and feature (server) that announces "I can
-/// receive `batch` frames".
-pub const CAP_BATCH: &str = "batch";
 
 fn room_name(room: &str) -> Result<RoomName, SendError> {
     if room.is_empty() || room.len() > wire::MAX_TOKEN_LEN {

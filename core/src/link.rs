@@ -6,7 +6,9 @@
 //! sending large ones detached, piggybacking acknowledgments, standalone
 //! acknowledgments after a delay or a count, the progress-based
 //! acknowledgment timeout, replays and resumes, and the counters of all of
-//! it ([`DeliveryStats`]). A fix here is a fix on both sides.
+//! it ([`DeliveryStats`], [`TrafficStats`]), the message both sides deliver
+//! ([`Received`]) and the capabilities each side announces so the other
+//! may batch and detach ([`CAP_BATCH`]). A fix here is a fix on both sides.
 //!
 //! A [`Link`] never calls back into a machine. It is handed the connection
 //! it sends on ([`Tx`], or none while detached), the place its three
@@ -23,7 +25,61 @@ use crate::reliable::{
     AckBeyondSent, BatchConfig, Batcher, Inbound, MessageId, Outbound, ReliabilityConfig, Verdict,
 };
 use crate::time::Instant;
-use crate::wire::{self, Codec, EncodeError, Encoder, Frame, Transmit};
+use crate::wire::{self, Codec, EncodeError, Encoder, Frame, Msg, MsgKind, Payload, Transmit};
+
+/// A message delivered from the peer, in order, exactly once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Received {
+    /// The peer's id for the message (an idempotency key).
+    pub id: MessageId,
+    /// Its sequence number in this session.
+    pub seq: u64,
+    /// The sender's timestamp in milliseconds, if it set one.
+    pub timestamp: Option<u64>,
+    /// Whether the sender expects a response (answer with `respond`,
+    /// quoting `id`).
+    pub request: bool,
+    /// The request this message answers, if it is a response.
+    pub response_to: Option<MessageId>,
+    /// The room it was published to (server side) or broadcast in (client
+    /// side), if any.
+    pub room: Option<std::sync::Arc<str>>,
+    /// The payload.
+    pub payload: Payload,
+}
+
+impl Received {
+    pub(crate) fn from_msg(m: Msg) -> Received {
+        Received {
+            id: MessageId(m.id),
+            seq: m.seq,
+            timestamp: m.ts,
+            request: m.kind == MsgKind::Request,
+            response_to: match m.kind {
+                MsgKind::Response(to) => Some(MessageId(to)),
+                _ => None,
+            },
+            room: m.room,
+            payload: m.payload,
+        }
+    }
+}
+
+/// Every Kitestring peer can receive batches and detached payloads, so it
+/// always says so.
+pub(crate) fn with_own_caps(caps: &[String]) -> Vec<String> {
+    let mut caps = caps.to_vec();
+    for own in [CAP_BATCH, wire::CAP_DETACH] {
+        if !caps.iter().any(|c| c == own) {
+            caps.push(own.to_string());
+        }
+    }
+    caps
+}
+
+/// The capability (client) and feature (server) that announces "I can
+/// receive `batch` frames".
+pub const CAP_BATCH: &str = "batch";
 
 /// Counters of application messages, kept the same way on both sides
 /// ([`ClientStats::delivery`](crate::client::ClientStats::delivery),

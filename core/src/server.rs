@@ -18,11 +18,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use core::time::Duration;
 
-use crate::client::{with_own_caps, Received, CAP_BATCH};
 use crate::close::CloseCode;
 use crate::config::{ConfigError, ServerConfig};
+pub use crate::link::Received;
 use crate::link::{
-    DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, TrafficStats, Tx,
+    with_own_caps, DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed,
+    TrafficStats, Tx, CAP_BATCH,
 };
 use crate::ratelimit::{Limit, RateDecision, RateLimitPolicy, RateLimiter};
 use crate::reliable::{MessageId, Outbound, OverflowPolicy, RoomName, SendError, Waiting};
