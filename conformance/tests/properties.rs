@@ -10,7 +10,9 @@
 //! 3. A black-holed peer is detected within ping interval + pong timeout +
 //!    grace.
 //! 4. Only transitions `State::can_become` allows, each reported with the
-//!    right `old` state; nothing panics.
+//!    right `old` state; on the server, every session moves only as
+//!    `SessionState::can_become` allows (as its events report it) and
+//!    `Server::session` agrees with the events; nothing panics.
 //! 5. Every queue and window stays within its configured bound.
 //!
 //! `PROPTEST_CASES` sets the number of cases (256 by default); failures are
@@ -27,8 +29,8 @@ use kitestring_conformance::sim::{LinkConfig, Reachability, Sim};
 use kitestring_core::client::{Event, State};
 use kitestring_core::config::{ClientConfig, QueueConfig, ServerConfig};
 use kitestring_core::reliable::{BatchConfig, MessageId, ReliabilityConfig};
-use kitestring_core::server::ServerEvent;
-use kitestring_core::wire::{Codec, Payload};
+use kitestring_core::server::{ServerEvent, SessionState};
+use kitestring_core::wire::{Codec, Payload, SessionId};
 use kitestring_core::Instant;
 
 #[derive(Clone, Debug)]
@@ -119,6 +121,10 @@ struct Harness {
     /// Per client: index of the next event to check for transitions.
     seen_events: Vec<usize>,
     last_state: Vec<State>,
+    /// Every session the server reported and has not ended, as its events
+    /// say, and the index of the next server event to check.
+    sessions: BTreeMap<SessionId, SessionState>,
+    seen_server_events: usize,
 }
 
 fn payload(client: usize, n: u64) -> Payload {
@@ -177,6 +183,8 @@ impl Harness {
             cfg,
             seen_events: vec![0; s.clients],
             last_state: vec![State::Disconnected; s.clients],
+            sessions: BTreeMap::new(),
+            seen_server_events: 0,
         }
     }
 
@@ -220,7 +228,14 @@ impl Harness {
                         self.model.crashed.extend(sent.iter().map(|n| (c, *n)));
                     }
                 }
-                sim.restart_server(keep_sessions)
+                sim.restart_server(keep_sessions);
+                if !keep_sessions {
+                    // What the old server reported on its way down is
+                    // checked against what it knew; the new one knows no
+                    // session.
+                    let _ = self.follow_server_sessions(false);
+                    self.sessions.clear();
+                }
             }
             Op::Unreachable { secs } => {
                 sim.reachability = Reachability::Refused;
@@ -312,8 +327,70 @@ impl Harness {
                 prop_assert!(s.queued <= self.cfg.queue.max_messages);
             }
         }
+        // 4. Server session transitions.
+        self.follow_server_sessions(true)?;
         // 1. (safety half) nothing twice, nothing out of order, nothing invented.
         self.check_delivery(false)
+    }
+
+    /// Follows the server's session events through the lifecycle table and,
+    /// if `compare`, checks `Server::session` agrees with them.
+    fn follow_server_sessions(&mut self, compare: bool) -> Result<(), TestCaseError> {
+        let events = &self.sim.server_events[self.seen_server_events..];
+        self.seen_server_events = self.sim.server_events.len();
+        for (_, e) in events {
+            match e {
+                ServerEvent::SessionOpened {
+                    connection,
+                    session,
+                    resumed,
+                    ..
+                } => {
+                    let new = SessionState::Attached(*connection);
+                    match self.sessions.insert(*session, new) {
+                        Some(old) => {
+                            prop_assert!(*resumed, "{session:?} opened twice");
+                            prop_assert!(
+                                old.can_become(&new),
+                                "{session:?}: illegal {old:?} -> {new:?}"
+                            );
+                        }
+                        None => prop_assert!(!resumed, "{session:?} resumed, never opened"),
+                    }
+                }
+                ServerEvent::SessionDetached { session, code } => {
+                    let new = SessionState::Detached {
+                        code: *code,
+                        expires_at: Instant::MAX,
+                    };
+                    let old = self.sessions.insert(*session, new);
+                    prop_assert!(
+                        old.is_some_and(|old| old.can_become(&new)),
+                        "{session:?}: illegal {old:?} -> {new:?}"
+                    );
+                }
+                ServerEvent::SessionEnded { session, .. } => {
+                    let old = self.sessions.remove(session);
+                    prop_assert!(old.is_some(), "{session:?} ended, never opened");
+                }
+                _ => {}
+            }
+        }
+        if compare {
+            for (id, state) in &self.sessions {
+                let held = self.sim.server.session(*id).map(|i| i.state);
+                let agrees = match (state, held) {
+                    (SessionState::Attached(a), Some(SessionState::Attached(b))) => *a == b,
+                    (
+                        SessionState::Detached { code, .. },
+                        Some(SessionState::Detached { code: held, .. }),
+                    ) => *code == held,
+                    _ => false,
+                };
+                prop_assert!(agrees, "{id:?}: events say {state:?}, server holds {held:?}");
+            }
+        }
+        Ok(())
     }
 
     fn check_delivery(&self, complete: bool) -> Result<(), TestCaseError> {

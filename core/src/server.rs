@@ -267,6 +267,64 @@ pub enum SessionEnd {
     SlowConsumer,
 }
 
+/// Where a session is in its life. A session begins attached to the
+/// connection whose `hello` created it and ends (it is then gone) when the
+/// client or the application closes it, its grace period runs out, or its
+/// buffers overflow ([`SessionEnd`]). In between it moves only as
+/// [`can_become`](Self::can_become) allows; the server checks every move in
+/// debug builds, and the conformance suite checks the events that report
+/// them ([`ServerEvent::SessionOpened`], [`ServerEvent::SessionDetached`],
+/// [`ServerEvent::SessionEnded`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionState {
+    /// A connection carries it.
+    Attached(ConnectionId),
+    /// Its connection ended with `code`; it waits for a resume until
+    /// `expires_at`.
+    Detached {
+        /// How the connection ended.
+        code: CloseCode,
+        /// When it ends if no client resumes it.
+        expires_at: Instant,
+    },
+}
+
+impl SessionState {
+    /// Short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SessionState::Attached(_) => "attached",
+            SessionState::Detached { .. } => "detached",
+        }
+    }
+
+    /// The connection carrying the session, if attached.
+    pub fn connection(&self) -> Option<ConnectionId> {
+        match *self {
+            SessionState::Attached(c) => Some(c),
+            SessionState::Detached { .. } => None,
+        }
+    }
+
+    /// Whether the lifecycle allows moving from `self` to `next`:
+    ///
+    /// | from \ to | attached | detached |
+    /// |---|---|---|
+    /// | attached | to another connection (a resume took over from a half-open one) | its connection ended |
+    /// | detached | resumed | never |
+    ///
+    /// Ending is allowed from both; a session is created attached.
+    pub fn can_become(&self, next: &SessionState) -> bool {
+        match (self, next) {
+            (SessionState::Attached(a), SessionState::Attached(b)) => a != b,
+            (SessionState::Attached(_), SessionState::Detached { .. }) => true,
+            (SessionState::Detached { .. }, SessionState::Attached(_)) => true,
+            (SessionState::Detached { .. }, SessionState::Detached { .. }) => false,
+        }
+    }
+}
+
 /// Read-only view of a session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -277,9 +335,11 @@ pub struct SessionInfo {
     pub client: ClientId,
     /// The identity it is bound to.
     pub identity: Option<String>,
-    /// Its connection, if attached.
+    /// Where it is in its life.
+    pub state: SessionState,
+    /// Its connection, if attached (from `state`).
     pub connection: Option<ConnectionId>,
-    /// When it expires, if detached.
+    /// When it expires, if detached (from `state`).
     pub expires_at: Option<Instant>,
     /// Messages sent and unacknowledged.
     pub in_flight: usize,
@@ -445,12 +505,12 @@ enum Admission {
 struct Session {
     client: ClientId,
     identity: Option<String>,
-    conn: Option<ConnectionId>,
+    /// Changed only by [`Server::set_session_state`].
+    state: SessionState,
     /// Numbering, windows, batching, acknowledgments and retransmission.
     link: Link,
     /// The link's deadlines (each also in the server's heap).
     deadlines: LinkDeadlines,
-    expires_at: Option<Instant>,
     rooms: Vec<RoomName>,
 }
 
@@ -646,8 +706,12 @@ impl Server {
             id,
             client: s.client,
             identity: s.identity.clone(),
-            connection: s.conn,
-            expires_at: s.expires_at,
+            state: s.state,
+            connection: s.state.connection(),
+            expires_at: match s.state {
+                SessionState::Detached { expires_at, .. } => Some(expires_at),
+                SessionState::Attached(_) => None,
+            },
             in_flight: s.link.outbound.in_flight(),
             queued: s.link.outbound.waiting_len(),
             delivered: s.link.inbound.delivered(),
@@ -667,7 +731,7 @@ impl Server {
     /// it is detached or unknown). Encode typed payloads for that session
     /// with it.
     pub fn session_codec(&self, session: SessionId) -> Option<Codec> {
-        let conn = self.sessions.get(&session)?.conn?;
+        let conn = self.sessions.get(&session)?.state.connection()?;
         match self.conns.get(&conn)?.phase {
             ConnPhase::Open { codec, .. } => Some(codec),
             ConnPhase::AwaitingHello => None,
@@ -676,7 +740,7 @@ impl Server {
 
     /// The connection a session is attached to, if any.
     pub fn connection_of(&self, session: SessionId) -> Option<ConnectionId> {
-        self.sessions.get(&session)?.conn
+        self.sessions.get(&session)?.state.connection()
     }
 
     /// The session a connection carries, once its handshake is done.
@@ -831,7 +895,7 @@ impl Server {
             return;
         }
         let code = code.unwrap_or(CloseCode::ABNORMAL);
-        self.forget_connection(connection, code);
+        self.close_conn(connection, code, None);
         self.process_evictions();
     }
 
@@ -885,7 +949,7 @@ impl Server {
             .sessions
             .get(&session)
             .ok_or(SendError::UnknownSession)?;
-        let conn = s.conn.ok_or(SendError::NotOpen)?;
+        let conn = s.state.connection().ok_or(SendError::NotOpen)?;
         let max = self
             .config
             .max_message_size
@@ -959,16 +1023,16 @@ impl Server {
     /// Ends a session now: closes its connection with 1000 and forgets it.
     pub fn close_session(&mut self, now: Instant, session: SessionId) -> Result<(), SendError> {
         self.advance(now);
-        let conn = self
+        let state = self
             .sessions
             .get(&session)
             .ok_or(SendError::UnknownSession)?
-            .conn;
-        if let Some(conn) = conn {
+            .state;
+        if state.connection().is_some() {
             self.flush_ack(session);
-            self.drop_conn(conn, CloseCode::NORMAL, "session closed");
         }
-        self.end_session(session, SessionEnd::ServerClosed);
+        let close = (CloseCode::NORMAL, "session closed");
+        self.end_session(session, SessionEnd::ServerClosed, Some(close));
         Ok(())
     }
 
@@ -1098,7 +1162,7 @@ impl Server {
         for s in self.sessions.values() {
             in_flight += s.link.outbound.in_flight();
             queued += s.link.outbound.waiting_len();
-            detached += usize::from(s.conn.is_none());
+            detached += usize::from(s.state.connection().is_none());
         }
         ServerMetrics {
             connections: self.conns.len(),
@@ -1233,14 +1297,8 @@ impl Server {
             Err(e @ SendError::QueueFull { .. }) => match self.config.reliability.overflow {
                 OverflowPolicy::Refuse => Err(e),
                 OverflowPolicy::FailSession => {
-                    if let Some(conn) = self.sessions.get(&session).and_then(|s| s.conn) {
-                        self.drop_conn(
-                            conn,
-                            CloseCode::SLOW_CONSUMER,
-                            "session buffers overflowed",
-                        );
-                    }
-                    self.end_session(session, SessionEnd::Overflow);
+                    let close = (CloseCode::SLOW_CONSUMER, "session buffers overflowed");
+                    self.end_session(session, SessionEnd::Overflow, Some(close));
                     Err(SendError::SessionFailed)
                 }
             },
@@ -1257,16 +1315,26 @@ impl Server {
         } else {
             CloseCode::INTERNAL_ERROR
         };
-        if self.conns.contains_key(&connection) {
-            self.outputs
-                .push_back(ServerOutput::Disconnect(connection, code, reason));
-            self.forget_connection(connection, code);
-        }
+        self.close_conn(connection, code, Some(reason));
     }
 
-    /// The connection is gone: detach its session (grace period) or end it
-    /// (the client closed with 1000).
-    fn forget_connection(&mut self, connection: ConnectionId, code: CloseCode) {
+    /// The one way a connection ends. With a `reason`, the driver is told
+    /// to close it; without, it closed on its own. The session it carries,
+    /// if it still does, detaches (grace period) or, if the client closed
+    /// with 1000, ends.
+    fn close_conn(
+        &mut self,
+        connection: ConnectionId,
+        code: CloseCode,
+        reason: Option<&'static str>,
+    ) {
+        if !self.conns.contains_key(&connection) {
+            return;
+        }
+        if let Some(reason) = reason {
+            self.outputs
+                .push_back(ServerOutput::Disconnect(connection, code, reason));
+        }
         // What the rate limit did in the interval cut short is reported now.
         self.report_rate(connection);
         let Some(conn) = self.conns.remove(&connection) else {
@@ -1278,32 +1346,72 @@ impl Server {
             self.emit(ServerEvent::ConnectionClosed { connection, code });
             return;
         };
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        if s.conn != Some(connection) {
+        let carried = self
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.state == SessionState::Attached(connection));
+        if !carried {
             return;
         }
         if code == CloseCode::NORMAL {
-            self.end_session(session, SessionEnd::ClientClosed);
+            self.end_session(session, SessionEnd::ClientClosed, None);
             return;
         }
-        s.conn = None;
-        s.link.connection_lost(&mut SessionTimers {
-            session,
-            deadlines: &mut s.deadlines,
-            heap: &mut self.timers,
-        });
-        let expires = self.now + self.config.session_grace;
-        s.expires_at = Some(expires);
-        self.arm(expires, ServerTimer::Expiry(session));
-        self.emit(ServerEvent::SessionDetached { session, code });
+        let expires_at = self.now + self.config.session_grace;
+        self.set_session_state(session, SessionState::Detached { code, expires_at });
     }
 
-    fn end_session(&mut self, session: SessionId, reason: SessionEnd) {
+    /// The one function that moves a session between attached and
+    /// detached, with what each move entails; checked against
+    /// [`SessionState::can_become`] in debug builds.
+    fn set_session_state(&mut self, session: SessionId, new: SessionState) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        debug_assert!(
+            s.state.can_become(&new),
+            "illegal session transition {:?} -> {:?}",
+            s.state,
+            new
+        );
+        let old = core::mem::replace(&mut s.state, new);
+        match new {
+            SessionState::Attached(_) => {
+                if let SessionState::Attached(previous) = old {
+                    // The client came back before we noticed its old
+                    // connection die (a half-open socket): the new
+                    // connection takes over.
+                    let reason = Some("replaced by a newer connection");
+                    self.close_conn(previous, CloseCode::RETRY, reason);
+                }
+            }
+            SessionState::Detached { code, expires_at } => {
+                s.link.connection_lost(&mut SessionTimers {
+                    session,
+                    deadlines: &mut s.deadlines,
+                    heap: &mut self.timers,
+                });
+                self.arm(expires_at, ServerTimer::Expiry(session));
+                self.emit(ServerEvent::SessionDetached { session, code });
+            }
+        }
+    }
+
+    /// Ends a session: it is forgotten, its connection (if `close` says
+    /// how) closed, its rooms left, and its unacknowledged messages
+    /// reported.
+    fn end_session(
+        &mut self,
+        session: SessionId,
+        reason: SessionEnd,
+        close: Option<(CloseCode, &'static str)>,
+    ) {
         let Some(mut s) = self.sessions.remove(&session) else {
             return;
         };
+        if let (Some(conn), Some((code, why))) = (s.state.connection(), close) {
+            self.close_conn(conn, code, Some(why));
+        }
         let mut unconfirmed = s.link.outbound.reset_session();
         unconfirmed.extend(s.link.outbound.drain_waiting());
         match reason {
@@ -1335,28 +1443,11 @@ impl Server {
         });
     }
 
-    /// Closes a connection without touching its session (the caller has
-    /// already decided the session's fate).
-    fn drop_conn(&mut self, conn: ConnectionId, code: CloseCode, reason: &'static str) {
-        self.report_rate(conn);
-        if self.conns.remove(&conn).is_some() {
-            self.outputs
-                .push_back(ServerOutput::Disconnect(conn, code, reason));
-            self.stats.connections_closed += 1;
-            *self.stats.close_codes.entry(code.0).or_default() += 1;
-        }
-    }
-
     /// Ends every session that overflowed during the last operation.
     fn process_evictions(&mut self) {
         while let Some(session) = self.evictions.pop() {
-            let Some(conn) = self.sessions.get(&session).map(|s| s.conn) else {
-                continue;
-            };
-            if let Some(conn) = conn {
-                self.drop_conn(conn, CloseCode::SLOW_CONSUMER, "slow consumer");
-            }
-            self.end_session(session, SessionEnd::SlowConsumer);
+            let close = (CloseCode::SLOW_CONSUMER, "slow consumer");
+            self.end_session(session, SessionEnd::SlowConsumer, Some(close));
         }
     }
 
@@ -1599,10 +1690,10 @@ impl Server {
             ServerTimer::RateReport(c) => self.report_rate(c),
             ServerTimer::Expiry(s) => {
                 let expired = self.sessions.get(&s).is_some_and(|sess| {
-                    sess.conn.is_none() && sess.expires_at.is_some_and(|e| e <= self.now)
+                    matches!(sess.state, SessionState::Detached { expires_at, .. } if expires_at <= self.now)
                 });
                 if expired {
-                    self.end_session(s, SessionEnd::Expired);
+                    self.end_session(s, SessionEnd::Expired, None);
                 }
             }
         }
@@ -1641,7 +1732,9 @@ impl Server {
             return;
         }
         s.deadlines.put(LinkTimer::AckTimeout, None);
-        let Some(conn) = s.conn else { return };
+        let Some(conn) = s.state.connection() else {
+            return;
+        };
         let mut timers = SessionTimers {
             session,
             deadlines: &mut s.deadlines,
@@ -1795,18 +1888,11 @@ impl Server {
         }
 
         let (session, delivered) = if let Some(r) = resumed {
-            let old_conn = self.sessions.get(&r.session).and_then(|s| s.conn);
-            if let Some(old) = old_conn {
-                // The client came back before we noticed its old connection die
-                // (a half-open socket): the new connection takes over.
-                self.drop_conn(old, CloseCode::RETRY, "replaced by a newer connection");
-            }
+            self.set_session_state(r.session, SessionState::Attached(connection));
             let Some(s) = self.sessions.get_mut(&r.session) else {
                 return;
             };
-            s.conn = Some(connection);
             s.client = h.client;
-            s.expires_at = None;
             let acked = s.link.outbound.on_ack(r.delivered).ok().flatten();
             if let Some((_, last)) = acked {
                 s.link.inbound.release(last.0);
@@ -1849,10 +1935,9 @@ impl Server {
                 Session {
                     client: h.client,
                     identity: identity.clone(),
-                    conn: Some(connection),
+                    state: SessionState::Attached(connection),
                     link: Link::new(Outbound::new(&self.config.queue, &self.config.reliability)),
                     deadlines: LinkDeadlines::default(),
-                    expires_at: None,
                     rooms: Vec::new(),
                 },
             );
@@ -2309,7 +2394,7 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
-        let conn = s.conn;
+        let conn = s.state.connection();
         let mut tx = conn.and_then(|c| {
             let phase = &self.conns.get(&c)?.phase;
             let (encoder, outputs) = (&mut self.encoder, &mut self.outputs);
@@ -2410,6 +2495,67 @@ fn duration_ms(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The session table says what it says: each move, one by one.
+    #[test]
+    fn session_transition_table() {
+        let a = SessionState::Attached(ConnectionId(1));
+        let b = SessionState::Attached(ConnectionId(2));
+        let d = SessionState::Detached {
+            code: CloseCode::ABNORMAL,
+            expires_at: Instant::from_secs(5),
+        };
+        assert!(
+            a.can_become(&b),
+            "a resume takes over from a half-open connection"
+        );
+        assert!(
+            !a.can_become(&a),
+            "attached to the connection it already has"
+        );
+        assert!(a.can_become(&d));
+        assert!(d.can_become(&a), "resumed");
+        assert!(!d.can_become(&d), "detached twice");
+        assert_eq!(a.connection(), Some(ConnectionId(1)));
+        assert_eq!(d.connection(), None);
+        assert_eq!((a.name(), d.name()), ("attached", "detached"));
+    }
+
+    /// A session's life through the public view: attached, detached with
+    /// the code that ended its connection, attached to the resuming one,
+    /// and gone when the client closes with 1000.
+    #[test]
+    fn a_session_is_attached_detached_resumed_and_ended() {
+        let mut s = Server::new(ServerConfig::default()).unwrap();
+        let now = Instant::ZERO;
+        let c1 = s.handle_connection(now, None, SessionId([1; 16]));
+        s.handle_message(now, c1, Incoming::Text(&hello(&[1], &["json"])));
+        let welcome = welcome_of(&drain(&mut s)).unwrap();
+        let id = welcome.session;
+        assert_eq!(s.session(id).unwrap().state, SessionState::Attached(c1));
+        s.handle_connection_closed(now, c1, None);
+        let state = s.session(id).unwrap().state;
+        let grace = s.config().session_grace;
+        assert_eq!(
+            state,
+            SessionState::Detached {
+                code: CloseCode::ABNORMAL,
+                expires_at: now + grace
+            }
+        );
+        let c2 = s.handle_connection(now, None, SessionId([2; 16]));
+        let resume = format!(
+            r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":0,"key":"{}"}}"#,
+            ClientId([2; 16]).to_hex(),
+            id.to_hex(),
+            welcome.key.unwrap().to_hex()
+        );
+        s.handle_message(now, c2, Incoming::Text(&resume));
+        assert!(welcome_of(&drain(&mut s)).unwrap().resumed);
+        assert_eq!(s.session(id).unwrap().state, SessionState::Attached(c2));
+        s.handle_connection_closed(now, c2, Some(CloseCode::NORMAL));
+        assert!(s.session(id).is_none());
+    }
 
     fn hello(versions: &[u8], codecs: &[&str]) -> String {
         format!(
