@@ -61,6 +61,7 @@ pub mod backoff;
 pub mod client;
 pub mod close;
 pub mod config;
+pub mod ids;
 pub mod reliable;
 mod rng;
 pub mod rooms;

@@ -25,22 +25,8 @@ use crate::config::QueueConfig;
 use crate::time::Instant;
 use crate::wire::{MsgKind, Payload};
 
-/// A room name shared by every message broadcast in it (cloning is a
-/// reference count, not a copy).
-pub(crate) type RoomName = std::sync::Arc<str>;
-
-/// A message identifier, unique per sending machine and increasing in send
-/// order. Together with the sender's identity it is an idempotency key.
-/// Id 0 is reserved for messages the machine sends on its own (rejoining
-/// rooms after a lost session); they never appear in acknowledgment or loss
-/// reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MessageId(pub u64);
-
-impl MessageId {
-    /// The id of messages the machine sends on its own.
-    pub const SYSTEM: MessageId = MessageId(0);
-}
+pub use crate::ids::MessageId;
+pub(crate) use crate::ids::RoomName;
 
 /// What to do when both the send window and the waiting queue are full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -24,6 +24,8 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+pub use crate::ids::{ClientId, SessionId};
+
 /// The protocol version this crate speaks best.
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Every protocol version this crate can speak, newest first.
@@ -307,74 +309,6 @@ impl fmt::Debug for Payload {
         }
     }
 }
-
-/// A 128-bit identifier written as 32 lowercase hex digits on the wire.
-macro_rules! id128 {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(pub [u8; 16]);
-
-        impl $name {
-            /// The id as 32 lowercase hex digits.
-            pub fn to_hex(&self) -> String {
-                let mut s = String::with_capacity(32);
-                for b in self.0 {
-                    s.push(char::from(HEX[usize::from(b >> 4)]));
-                    s.push(char::from(HEX[usize::from(b & 0xf)]));
-                }
-                s
-            }
-
-            /// Parses 32 hex digits (either case).
-            pub fn from_hex(s: &str) -> Option<Self> {
-                let bytes = s.as_bytes();
-                if bytes.len() != 32 {
-                    return None;
-                }
-                let mut out = [0u8; 16];
-                for (i, pair) in bytes.chunks_exact(2).enumerate() {
-                    out[i] = (hex_val(pair[0])? << 4) | hex_val(pair[1])?;
-                }
-                Some($name(out))
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                // The first 8 digits are enough to tell ids apart in logs.
-                write!(f, "{}({}…)", stringify!($name), &self.to_hex()[..8])
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.to_hex())
-            }
-        }
-    };
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-id128!(
-    /// A session's identifier: 128 random bits from a cryptographic source,
-    /// chosen by the server and kept across reconnects.
-    SessionId
-);
-id128!(
-    /// A client instance's identifier: 128 bits the client's driver chooses.
-    ClientId
-);
 
 /// The secret that resumes a session (PROTOCOL.md, section 6): given to the
 /// client in the `welcome`, shown in the `hello` to resume. Unlike the
@@ -4121,13 +4055,5 @@ mod tests {
         assert!(Payload::msgpack(vec![0x92, 0x01, 0x02]).is_ok());
         assert!(Payload::msgpack(vec![0x92, 0x01]).is_err());
         assert!(Payload::msgpack(vec![0x01, 0x02]).is_err());
-    }
-
-    #[test]
-    fn ids_round_trip_through_hex() {
-        let id = SessionId([0xab; 16]);
-        assert_eq!(SessionId::from_hex(&id.to_hex()), Some(id));
-        assert_eq!(SessionId::from_hex("AB").map(|_| ()), None);
-        assert_eq!(ClientId::from_hex(&"G".repeat(32)), None);
     }
 }
