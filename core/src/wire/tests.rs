@@ -2,6 +2,7 @@
 //! against serde, detached payloads, batches, the encoder's memory, and
 //! every decode error.
 
+use super::error::INVALID;
 use super::*;
 
 const LIMITS: Limits = Limits {
