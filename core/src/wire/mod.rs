@@ -15,20 +15,21 @@
 //!   handshake before any codec is agreed.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use encode::{encode_handshake, encode_json, encode_msgpack, write_json_msg, write_pack_msg};
 use envelope::{bounded_batch, HandshakeEnvelope, JsonEnvelope, PackEnvelope, B64};
 use error::serializer_error;
 use header::{push_header, seal_msgpack};
 use payload::json_depth_ok;
 
+mod buffers;
+mod encode;
 mod envelope;
 mod error;
 mod frame;
@@ -38,6 +39,7 @@ mod payload;
 mod tests;
 
 pub use crate::ids::{ClientId, SessionId};
+pub(crate) use buffers::Encoder;
 pub use error::{DecodeError, EncodeError, InvalidMsg};
 pub use frame::{
     Frame, Hello, Incoming, Msg, MsgKind, Reject, Resume, ResumeKey, Transmit, Welcome,
@@ -293,10 +295,6 @@ pub fn encode(frame: &Frame, codec: Codec, version: u8) -> Result<Transmit, Enco
     Ok(kind.with(out.into()))
 }
 
-/// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
-/// a `welcome` about 220).
-const HANDSHAKE_CAPACITY: usize = 256;
-
 /// Encodes a handshake frame (`hello`, `welcome` or `reject`) as JSON text,
 /// for a [`HELLO_HEADER`] or [`WELCOME_HEADER`]: compact JSON, escaped only
 /// where [`header_value`] must.
@@ -306,292 +304,6 @@ pub fn handshake_header(frame: &Frame) -> Result<String, EncodeError> {
     // serde_json writes UTF-8.
     let json = String::from_utf8(out).map_err(serializer_error)?;
     Ok(into_header_value(json))
-}
-
-/// Payloads from this size up are encoded without the scratch buffer.
-const DIRECT_ENCODE: usize = 1024;
-
-/// Bytes of the blocks small frames are cut from, to start with.
-const BLOCK_SIZE: usize = 1024;
-
-/// Largest block a server's encoder grows to in bursts (a client's stays
-/// at [`BLOCK_SIZE`]).
-const SERVER_BLOCK_MAX: usize = 64 * 1024;
-
-/// Full blocks a server's encoder keeps for reuse (a client's: 2).
-const SERVER_SPENT_BLOCKS: usize = 16;
-
-/// Largest encoded frame cut from a block; larger ones get their own
-/// allocation.
-const BLOCK_MAX_FRAME: usize = 256;
-
-/// Most buffers a machine keeps for reuse by its large frames.
-const POOL_BUFFERS: usize = 8;
-
-/// Largest buffer a machine keeps for reuse; bigger ones are freed.
-const POOL_MAX_CAPACITY: usize = 64 * 1024;
-
-/// Encodes a machine's frames. The machines keep one each.
-///
-/// Small frames are encoded into a scratch buffer and appended to a block,
-/// from which each frame is cut as a `Bytes` of its own (see [`Blocks`]): a
-/// steady stream of small frames allocates nothing, and a burst (a
-/// broadcast to thousands of members) reuses the blocks of the one before.
-/// Frames over [`BLOCK_MAX_FRAME`] bytes get an allocation of their exact
-/// size instead.
-///
-/// A frame with a large payload is encoded straight into a buffer of its
-/// own, which becomes the frame without a copy; that buffer comes back to
-/// the encoder when the last reference to the frame is dropped (after the
-/// socket took it), so a steady stream of large frames reuses a few
-/// buffers instead of allocating and freeing one per frame. Freeing a fresh
-/// large buffer per frame made the system allocator hand memory back to the
-/// operating system and fault it in again on every few frames. The pool is
-/// bounded ([`POOL_BUFFERS`] buffers of at most [`POOL_MAX_CAPACITY`]
-/// bytes); a buffer that does not fit is freed as usual.
-#[derive(Default)]
-pub(crate) struct Encoder {
-    scratch: Vec<u8>,
-    blocks: Blocks,
-    pool: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-/// The blocks an [`Encoder`] cuts small frames from.
-///
-/// A block is shared and reference-counted by the frames cut from it. When
-/// the current block is full it is reused in place if every frame cut from
-/// it has been dropped (written by the socket). If not, frames are queued
-/// faster than they are written: the block joins a short list of spent
-/// blocks, and the next block is the oldest spent one whose frames are all
-/// gone by now, or else a new one twice as large as the last (up to
-/// `max`). Reusing blocks matters as much as not allocating: memory freed
-/// after every burst was handed back to the operating system by the
-/// allocator and faulted in again by the next burst. Once traffic keeps up
-/// again, the spent blocks are let go and the block size halves at each
-/// refill, back to [`BLOCK_SIZE`].
-///
-/// Memory: a queued frame keeps its whole block alive, and the encoder
-/// keeps at most `max_spent` spent blocks of at most `max` bytes beside the
-/// current one (a server: 16 of 64 KiB; a client: 2 of 1 KiB).
-#[derive(Debug)]
-struct Blocks {
-    current: BytesMut,
-    /// The capacity `current` was made with; 0 before the first.
-    size: usize,
-    /// Full blocks whose frames may still be queued, oldest first.
-    spent: VecDeque<(BytesMut, usize)>,
-    max: usize,
-    max_spent: usize,
-    /// Blocks allocated so far.
-    made: u64,
-}
-
-impl Default for Blocks {
-    fn default() -> Self {
-        Blocks::new(BLOCK_SIZE, 2)
-    }
-}
-
-impl Blocks {
-    fn new(max: usize, max_spent: usize) -> Self {
-        Blocks {
-            current: BytesMut::new(),
-            size: 0,
-            spent: VecDeque::new(),
-            max: max.max(BLOCK_SIZE),
-            max_spent,
-            made: 0,
-        }
-    }
-
-    /// `frame` (at most [`BLOCK_MAX_FRAME`] bytes) as `Bytes` cut from the
-    /// current block.
-    fn cut(&mut self, frame: &[u8]) -> Bytes {
-        if self.current.capacity() < frame.len() {
-            self.refill();
-        }
-        self.current.extend_from_slice(frame);
-        self.current.split().freeze()
-    }
-
-    fn refill(&mut self) {
-        let mut full = std::mem::take(&mut self.current);
-        if self.size > 0 && full.try_reclaim(self.size) {
-            // Every frame cut from it is gone: writes keep up.
-            self.spent.clear();
-            if self.size > BLOCK_SIZE {
-                self.size /= 2;
-                self.made += 1;
-                self.current = BytesMut::with_capacity(self.size);
-            } else {
-                self.current = full;
-            }
-            return;
-        }
-        if self.size > 0 && self.max_spent > 0 {
-            if self.spent.len() == self.max_spent {
-                // Freed once its frames are.
-                self.spent.pop_front();
-            }
-            self.spent.push_back((full, self.size));
-            if let Some((mut oldest, size)) = self.spent.pop_front() {
-                if oldest.try_reclaim(size) {
-                    self.current = oldest;
-                    self.size = size;
-                    return;
-                }
-                self.spent.push_front((oldest, size));
-            }
-        }
-        self.size = (self.size * 2).clamp(BLOCK_SIZE, self.max);
-        self.made += 1;
-        self.current = BytesMut::with_capacity(self.size);
-    }
-}
-
-impl fmt::Debug for Encoder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let pooled = self.pool.lock().map(|p| p.len()).unwrap_or(0);
-        f.debug_struct("Encoder")
-            .field("scratch_capacity", &self.scratch.capacity())
-            .field("block_free", &self.blocks.current.capacity())
-            .field("spent_blocks", &self.blocks.spent.len())
-            .field("blocks_made", &self.blocks.made)
-            .field("pooled", &pooled)
-            .finish()
-    }
-}
-
-/// A pooled buffer that an encoded frame's `Bytes` owns.
-struct Pooled {
-    buf: Vec<u8>,
-    pool: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        if self.buf.capacity() > POOL_MAX_CAPACITY {
-            return;
-        }
-        // A poisoned pool only means a panic elsewhere; the buffer is freed.
-        if let Ok(mut pool) = self.pool.lock() {
-            if pool.len() < POOL_BUFFERS {
-                let mut buf = std::mem::take(&mut self.buf);
-                buf.clear();
-                pool.push(buf);
-            }
-        }
-    }
-}
-
-impl Encoder {
-    /// A server's encoder: its blocks grow in bursts (see [`Blocks`]).
-    pub(crate) fn for_server() -> Self {
-        Encoder {
-            blocks: Blocks::new(SERVER_BLOCK_MAX, SERVER_SPENT_BLOCKS),
-            ..Encoder::default()
-        }
-    }
-
-    /// Encodes `frame` with the negotiated codec and version.
-    pub(crate) fn encode(
-        &mut self,
-        frame: &Frame,
-        codec: Codec,
-        version: u8,
-    ) -> Result<Transmit, EncodeError> {
-        if let Frame::Msg(m) = frame {
-            let len = m.payload.data().len();
-            if len >= DIRECT_ENCODE {
-                // Base64 in JSON grows the payload by a third.
-                let want = len + len / 3 + 256;
-                let mut out = self.take_buffer(want);
-                let kind = encode_into(frame, codec, version, &mut out)?;
-                if out.capacity() > POOL_MAX_CAPACITY {
-                    return Ok(kind.with(Bytes::from(out)));
-                }
-                let owner = Pooled {
-                    buf: out,
-                    pool: Arc::clone(&self.pool),
-                };
-                return Ok(kind.with(Bytes::from_owner(owner)));
-            }
-        }
-        let kind = encode_into(frame, codec, version, &mut self.scratch)?;
-        Ok(kind.with(self.cut_scratch()))
-    }
-
-    /// Encodes `frame` and hands its messages to `emit`: one, or two for a
-    /// `msg` whose payload goes detached, which it does when `detach` (the
-    /// peer can receive it) and the payload is at least [`DETACH_FROM`]
-    /// bytes.
-    pub(crate) fn encode_each(
-        &mut self,
-        frame: &Frame,
-        codec: Codec,
-        version: u8,
-        detach: bool,
-        mut emit: impl FnMut(Transmit),
-    ) -> Result<(), EncodeError> {
-        match frame {
-            Frame::Msg(m) if detaches(m, detach) => {
-                let kind = encode_detached_into(m, codec, version, &mut self.scratch)?;
-                emit(kind.with(self.cut_scratch()));
-                emit(Transmit::Binary(m.payload.data.clone()));
-                Ok(())
-            }
-            _ => {
-                emit(self.encode(frame, codec, version)?);
-                Ok(())
-            }
-        }
-    }
-
-    /// The scratch buffer's frame as `Bytes`: cut from a block if small.
-    fn cut_scratch(&mut self) -> Bytes {
-        let b = if self.scratch.len() > BLOCK_MAX_FRAME {
-            Bytes::copy_from_slice(&self.scratch)
-        } else {
-            self.blocks.cut(&self.scratch)
-        };
-        // A rare huge frame should not pin its memory for the machine's life.
-        if self.scratch.capacity() > POOL_MAX_CAPACITY {
-            self.scratch = Vec::new();
-        }
-        b
-    }
-
-    /// Bytes of the current block not yet cut into frames.
-    #[cfg(test)]
-    fn block_free(&self) -> usize {
-        self.blocks.current.capacity()
-    }
-
-    /// A pooled buffer with room for `want` bytes, or a new one.
-    fn take_buffer(&mut self, want: usize) -> Vec<u8> {
-        if want <= POOL_MAX_CAPACITY {
-            if let Ok(mut pool) = self.pool.lock() {
-                // The most recently returned buffer first: the socket has
-                // just read it, so it is likely still in the cache.
-                if let Some(i) = pool.iter().rposition(|b| b.capacity() >= want) {
-                    return pool.remove(i);
-                }
-            }
-        }
-        Vec::with_capacity(want)
-    }
-
-    /// Buffers waiting for reuse.
-    #[cfg(test)]
-    fn pooled(&self) -> usize {
-        self.pool.lock().map(|p| p.len()).unwrap_or(0)
-    }
 }
 
 /// Which kind of WebSocket message an encoded frame travels in.
@@ -604,6 +316,7 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
+    #[inline]
     fn with(self, data: Bytes) -> Transmit {
         match self {
             FrameKind::Text => Transmit::Text(data),
@@ -614,6 +327,7 @@ impl FrameKind {
 
 /// Encodes a frame into `out` (cleared first) and says which kind of
 /// WebSocket message carries it.
+#[inline]
 pub fn encode_into(
     frame: &Frame,
     codec: Codec,
@@ -643,363 +357,6 @@ pub fn encode_into(
                 Ok(FrameKind::Binary)
             }
         },
-    }
-}
-
-fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    // Room for a typical hello or welcome in one allocation.
-    out.reserve(HANDSHAKE_CAPACITY);
-    let mut env = HandshakeEnvelope::default();
-    let hex_session;
-    let hex_client;
-    let hex_key;
-    match frame {
-        Frame::Hello(h) => {
-            env.t = "hello".into();
-            env.versions = Some(h.versions.clone());
-            hex_client = h.client.to_hex();
-            env.client = Some(hex_client.as_str().into());
-            if let Some(r) = &h.resume {
-                hex_session = r.session.to_hex();
-                env.session = Some(hex_session.as_str().into());
-                env.delivered = Some(r.delivered);
-                hex_key = r.key.map(|k| k.to_hex());
-                env.key = hex_key.as_deref().map(Cow::Borrowed);
-            }
-            env.caps = Some(h.caps.iter().map(|c| c.as_str().into()).collect());
-            env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
-        }
-        Frame::Welcome(w) => {
-            env.t = "welcome".into();
-            env.version = Some(w.version);
-            env.codec = Some(w.codec.name().into());
-            hex_session = w.session.to_hex();
-            env.session = Some(hex_session.as_str().into());
-            env.resumed = Some(w.resumed);
-            env.lost = w.lost.as_deref().map(Cow::Borrowed);
-            env.delivered = Some(w.delivered);
-            env.features = Some(w.features.iter().map(|c| c.as_str().into()).collect());
-            env.ping_ms = Some(w.ping_interval_ms);
-            env.pong_ms = Some(w.pong_timeout_ms);
-            env.max = Some(w.max_message);
-            hex_key = w.key.map(|k| k.to_hex());
-            env.key = hex_key.as_deref().map(Cow::Borrowed);
-        }
-        Frame::Reject(r) => {
-            env.t = "reject".into();
-            env.code = Some(r.code);
-            env.reason = Some(r.reason.as_str().into());
-            env.message = Some(r.message.as_str().into());
-            env.versions = Some(r.versions.clone());
-            env.retry = r.retry_after_ms;
-        }
-        _ => return Err(EncodeError::Unrepresentable),
-    }
-    serde_json::to_writer(out, &env).map_err(serializer_error)
-}
-
-/// Fills the fields every non-handshake envelope shares; the payload is
-/// filled by the codec-specific caller.
-macro_rules! fill_common {
-    ($env:ident, $frame:expr) => {
-        match $frame {
-            Frame::Ping { nonce } => {
-                $env.t = "ping".into();
-                $env.nonce = Some(*nonce);
-            }
-            Frame::Pong { nonce } => {
-                $env.t = "pong".into();
-                $env.nonce = Some(*nonce);
-            }
-            Frame::Ack { ack } => {
-                $env.t = "ack".into();
-                $env.ack = Some(*ack);
-            }
-            Frame::Replay { from } => {
-                $env.t = "replay".into();
-                $env.from = Some(*from);
-            }
-            Frame::GoAway {
-                code,
-                retry_after_ms,
-            } => {
-                $env.t = "goaway".into();
-                $env.code = Some(*code);
-                $env.retry = *retry_after_ms;
-            }
-            Frame::Reauth { within_ms } => {
-                $env.t = "reauth".into();
-                $env.within = Some(*within_ms);
-            }
-            Frame::Auth { token } => {
-                $env.t = "auth".into();
-                $env.token = Some(token.as_str().into());
-            }
-            _ => return Err(EncodeError::Unrepresentable),
-        }
-    };
-}
-
-/// The envelope fields of a message, payload aside.
-#[cfg(test)]
-macro_rules! fill_msg {
-    ($env:ident, $m:expr) => {{
-        $env.t = "msg".into();
-        $env.seq = Some($m.seq);
-        $env.id = Some($m.id);
-        $env.ack = $m.ack;
-        $env.ts = $m.ts;
-        $env.rq = ($m.kind == MsgKind::Request).then_some(true);
-        $env.rs = $m.kind.rs();
-        $env.op = $m.kind.op().map(Cow::Borrowed);
-        $env.r = $m.room.as_deref().map(Cow::Borrowed);
-    }};
-}
-
-/// The serde form of a `msg` envelope: the oracle the hand-written encoder
-/// is checked against.
-#[cfg(test)]
-fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
-    let mut env = JsonEnvelope::default();
-    fill_msg!(env, m);
-    let data = &m.payload.data;
-    match m.payload.kind {
-        PayloadKind::Json => {
-            // Checked at construction; a failure here means a bug, reported not panicked.
-            let raw: &RawValue = serde_json::from_slice(data).map_err(serializer_error)?;
-            env.j = Some(raw);
-        }
-        PayloadKind::MsgPack => env.m = Some(Cow::Owned(B64.encode(data))),
-        PayloadKind::Binary => env.b = Some(Cow::Owned(B64.encode(data))),
-    }
-    Ok(env)
-}
-
-fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    match frame {
-        // The hot path, written by hand: a JSON payload was validated when
-        // the `Payload` was made and is copied in as is, not parsed again.
-        Frame::Msg(m) => write_json_msg(m, out, false),
-        Frame::Batch(msgs) => {
-            out.extend_from_slice(br#"{"t":"batch","f":["#);
-            for (i, m) in msgs.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_json_msg(m, out, false)?;
-            }
-            out.extend_from_slice(b"]}");
-            Ok(())
-        }
-        _ => {
-            let mut env = JsonEnvelope::default();
-            fill_common!(env, frame);
-            serde_json::to_writer(out, &env).map_err(serializer_error)
-        }
-    }
-}
-
-/// Appends the base64 text of `data` to `out`.
-fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
-    let start = out.len();
-    let n = base64::encoded_len(data.len(), true).unwrap_or(0);
-    out.resize(start + n, 0);
-    let written = B64.encode_slice(data, &mut out[start..]).unwrap_or(0);
-    out.truncate(start + written);
-}
-
-/// Writes a `msg` envelope with the same field order serde would use;
-/// `detached`: with the payload's length in its place (`dj`, `dm`, `db`).
-fn write_json_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), EncodeError> {
-    if let MsgKind::Invalid(_) = m.kind {
-        return Err(EncodeError::Unrepresentable);
-    }
-    use std::io::Write as _;
-    let io = |e: std::io::Error| EncodeError::Serializer(e.to_string());
-    write!(out, r#"{{"t":"msg","seq":{},"id":{}"#, m.seq, m.id).map_err(io)?;
-    if let Some(ack) = m.ack {
-        write!(out, r#","ack":{ack}"#).map_err(io)?;
-    }
-    if let Some(ts) = m.ts {
-        write!(out, r#","ts":{ts}"#).map_err(io)?;
-    }
-    let data = &m.payload.data;
-    match m.payload.kind {
-        _ if detached => {
-            let key = detached_key(m.payload.kind);
-            write!(out, r#","{key}":{}"#, data.len()).map_err(io)?;
-        }
-        PayloadKind::Json => {
-            out.extend_from_slice(br#","j":"#);
-            out.extend_from_slice(data);
-        }
-        PayloadKind::MsgPack => {
-            out.extend_from_slice(br#","m":""#);
-            push_base64(out, data);
-            out.push(b'"');
-        }
-        PayloadKind::Binary => {
-            out.extend_from_slice(br#","b":""#);
-            push_base64(out, data);
-            out.push(b'"');
-        }
-    }
-    if let Some(room) = &m.room {
-        out.extend_from_slice(br#","r":"#);
-        serde_json::to_writer(&mut *out, &**room).map_err(serializer_error)?;
-    }
-    match m.kind {
-        MsgKind::Plain => {}
-        MsgKind::Request => out.extend_from_slice(br#","rq":true"#),
-        MsgKind::Response(to) => write!(out, r#","rs":{to}"#).map_err(io)?,
-        other => {
-            if let Some(to) = other.rs() {
-                write!(out, r#","rs":{to}"#).map_err(io)?;
-            }
-            if let Some(op) = other.op() {
-                write!(out, r#","op":"{op}""#).map_err(io)?;
-            }
-        }
-    }
-    out.push(b'}');
-    Ok(())
-}
-
-/// The serde form of a `msg` envelope in MessagePack: the oracle the
-/// hand-written encoder is checked against.
-#[cfg(test)]
-fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
-    let mut env = PackEnvelope::default();
-    fill_msg!(env, m);
-    let data: &[u8] = &m.payload.data;
-    match m.payload.kind {
-        PayloadKind::Json => {
-            let s = std::str::from_utf8(data).map_err(serializer_error)?;
-            env.j = Some(s.into());
-        }
-        PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
-        PayloadKind::Binary => env.b = Some(serde_bytes::Bytes::new(data)),
-    }
-    Ok(env)
-}
-
-fn encode_msgpack(frame: &Frame, version: u8, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    out.reserve(BINARY_HEADER_LEN + 48 + frame_payload_len(frame));
-    out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
-    match frame {
-        // The hot path, written by hand with the same bytes serde writes
-        // (checked against it in the tests).
-        Frame::Msg(m) => write_pack_msg(m, out, false)?,
-        Frame::Batch(msgs) => {
-            let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
-            rmp::encode::write_map_len(out, 2).map_err(serializer_error)?;
-            rmp::encode::write_str(out, "t").map_err(serializer_error)?;
-            rmp::encode::write_str(out, "batch").map_err(serializer_error)?;
-            rmp::encode::write_str(out, "f").map_err(serializer_error)?;
-            rmp::encode::write_array_len(out, len).map_err(serializer_error)?;
-            for m in msgs {
-                write_pack_msg(m, out, false)?;
-            }
-        }
-        _ => {
-            let mut env = PackEnvelope::default();
-            fill_common!(env, frame);
-            rmp_serde::encode::write_named(out, &env).map_err(serializer_error)?;
-        }
-    }
-    seal_msgpack(out, version)
-}
-
-/// Writes a `msg` envelope as the MessagePack map serde would write: the
-/// fields in declaration order, absent ones left out, integers in their
-/// shortest form. `detached`: with the payload's length in its place
-/// (`dj`, `dm`, `db`).
-fn write_pack_msg(m: &Msg, out: &mut Vec<u8>, detached: bool) -> Result<(), EncodeError> {
-    if let MsgKind::Invalid(_) = m.kind {
-        return Err(EncodeError::Unrepresentable);
-    }
-    use rmp::encode::{write_bin, write_bool, write_map_len, write_str, write_uint};
-    let extra = match m.kind {
-        MsgKind::Plain => 0,
-        MsgKind::Request | MsgKind::Response(_) => 1,
-        MsgKind::RefusedMessage(_) => 2,
-        other => u32::from(other.op().is_some()),
-    };
-    let len = 4
-        + u32::from(m.ack.is_some())
-        + u32::from(m.ts.is_some())
-        + u32::from(m.room.is_some())
-        + extra;
-    write_map_len(out, len).map_err(serializer_error)?;
-    write_str(out, "t").map_err(serializer_error)?;
-    write_str(out, "msg").map_err(serializer_error)?;
-    write_str(out, "seq").map_err(serializer_error)?;
-    write_uint(out, m.seq).map_err(serializer_error)?;
-    write_str(out, "id").map_err(serializer_error)?;
-    write_uint(out, m.id).map_err(serializer_error)?;
-    if let Some(ack) = m.ack {
-        write_str(out, "ack").map_err(serializer_error)?;
-        write_uint(out, ack).map_err(serializer_error)?;
-    }
-    if let Some(ts) = m.ts {
-        write_str(out, "ts").map_err(serializer_error)?;
-        write_uint(out, ts).map_err(serializer_error)?;
-    }
-    let data: &[u8] = &m.payload.data;
-    match m.payload.kind {
-        _ if detached => {
-            write_str(out, detached_key(m.payload.kind)).map_err(serializer_error)?;
-            write_uint(out, data.len() as u64).map_err(serializer_error)?;
-        }
-        PayloadKind::Json => {
-            // Checked at construction; a failure here means a bug, reported not panicked.
-            let s = std::str::from_utf8(data).map_err(serializer_error)?;
-            write_str(out, "j").map_err(serializer_error)?;
-            write_str(out, s).map_err(serializer_error)?;
-        }
-        PayloadKind::MsgPack => {
-            write_str(out, "m").map_err(serializer_error)?;
-            write_bin(out, data).map_err(serializer_error)?;
-        }
-        PayloadKind::Binary => {
-            write_str(out, "b").map_err(serializer_error)?;
-            write_bin(out, data).map_err(serializer_error)?;
-        }
-    }
-    if let Some(room) = &m.room {
-        write_str(out, "r").map_err(serializer_error)?;
-        write_str(out, room).map_err(serializer_error)?;
-    }
-    match m.kind {
-        MsgKind::Plain => {}
-        MsgKind::Request => {
-            write_str(out, "rq").map_err(serializer_error)?;
-            write_bool(out, true).map_err(serializer_error)?;
-        }
-        MsgKind::Response(to) | MsgKind::RefusedMessage(to) => {
-            write_str(out, "rs").map_err(serializer_error)?;
-            write_uint(out, to).map_err(serializer_error)?;
-            if let Some(op) = m.kind.op() {
-                write_str(out, "op").map_err(serializer_error)?;
-                write_str(out, op).map_err(serializer_error)?;
-            }
-        }
-        other => {
-            if let Some(op) = other.op() {
-                write_str(out, "op").map_err(serializer_error)?;
-                write_str(out, op).map_err(serializer_error)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The envelope key of a detached payload of `kind`.
-fn detached_key(kind: PayloadKind) -> &'static str {
-    match kind {
-        PayloadKind::Json => "dj",
-        PayloadKind::MsgPack => "dm",
-        PayloadKind::Binary => "db",
     }
 }
 
@@ -1054,14 +411,6 @@ pub const DETACH_FROM: usize = 4096;
 /// batching both follow.
 pub(crate) fn detaches(m: &Msg, peer_detach: bool) -> bool {
     peer_detach && m.payload.len() >= DETACH_FROM
-}
-
-fn frame_payload_len(frame: &Frame) -> usize {
-    match frame {
-        Frame::Msg(m) => m.payload.len(),
-        Frame::Batch(msgs) => msgs.iter().map(|m| m.payload.len() + 32).sum(),
-        _ => 0,
-    }
 }
 
 /// Decodes one incoming message. The size limit is checked before parsing.

@@ -1,11 +1,13 @@
 //! Unit tests of the wire format: both codecs against each other and
-//! against serde, detached payloads, batches, the encoder's memory, and
-//! every decode error.
+//! against serde, detached payloads, batches, and every decode error.
+//!
+//! The encoder's memory is tested beside it, in `buffers`.
 
+use super::encode::{json_msg, pack_msg};
 use super::error::INVALID;
 use super::*;
 
-const LIMITS: Limits = Limits {
+pub(super) const LIMITS: Limits = Limits {
     max_message: 1 << 20,
     version: 1,
 };
@@ -123,7 +125,7 @@ fn samples() -> Vec<Frame> {
     ]
 }
 
-fn msg_with(payload: Payload) -> Frame {
+pub(super) fn msg_with(payload: Payload) -> Frame {
     Frame::Msg(Msg {
         seq: 1,
         id: 1,
@@ -135,78 +137,12 @@ fn msg_with(payload: Payload) -> Frame {
     })
 }
 
-fn payload_of(frame: &Frame) -> &Bytes {
+pub(super) fn payload_of(frame: &Frame) -> &Bytes {
     match frame {
         Frame::Msg(m) => &m.payload.data,
         Frame::Raw(b) => b,
         other => panic!("not a msg: {other:?}"),
     }
-}
-
-fn within(inner: &Bytes, outer: &Bytes) -> bool {
-    let (a, b) = (inner.as_ptr() as usize, outer.as_ptr() as usize);
-    a >= b && a + inner.len() <= b + outer.len()
-}
-
-#[test]
-fn large_payloads_are_shared_with_their_frame_and_small_ones_copied() {
-    let big = Payload::binary(vec![9u8; 16 * 1024]);
-    let small = Payload::binary(vec![9u8; 32]);
-    for (frame, shared) in [
-        (msg_with(big.clone()), true),
-        (msg_with(small), false),
-        (Frame::Raw(Bytes::from(vec![3u8; 4096])), true),
-    ] {
-        let wire = encode(&frame, Codec::MsgPack, 1).unwrap();
-        let backing = wire.data().clone();
-        let copied = decode(Incoming::Binary(&backing), &LIMITS).unwrap();
-        let sliced = decode(Incoming::SharedBinary(&backing), &LIMITS).unwrap();
-        assert_eq!(copied, frame);
-        assert_eq!(sliced, frame);
-        assert!(!within(payload_of(&copied), &backing));
-        assert_eq!(within(payload_of(&sliced), &backing), shared);
-    }
-    // Large payloads are encoded without the scratch copy, and the
-    // result is the same bytes.
-    let mut encoder = Encoder::default();
-    let direct = encoder
-        .encode(&msg_with(big.clone()), Codec::MsgPack, 1)
-        .unwrap();
-    assert_eq!(
-        direct,
-        encode(&msg_with(big.clone()), Codec::MsgPack, 1).unwrap()
-    );
-    assert!(
-        encoder.scratch.is_empty(),
-        "the scratch buffer was not used"
-    );
-    // Its buffer comes back when the frame is dropped, and is reused.
-    let first = direct.data().as_ptr();
-    assert_eq!(encoder.pooled(), 0);
-    drop(direct);
-    assert_eq!(encoder.pooled(), 1);
-    let again = encoder
-        .encode(&msg_with(big.clone()), Codec::MsgPack, 1)
-        .unwrap();
-    assert_eq!(again.data().as_ptr(), first, "the buffer was reused");
-    assert_eq!(encoder.pooled(), 0);
-    // The pool is bounded: more frames in flight than it holds are
-    // freed as usual when dropped.
-    let many: Vec<_> = (0..POOL_BUFFERS + 3)
-        .map(|_| {
-            encoder
-                .encode(&msg_with(big.clone()), Codec::MsgPack, 1)
-                .unwrap()
-        })
-        .collect();
-    drop(again);
-    drop(many);
-    assert_eq!(encoder.pooled(), POOL_BUFFERS);
-    // Buffers too large to keep are never pooled.
-    let huge = Payload::binary(vec![1u8; POOL_MAX_CAPACITY]);
-    let mut encoder = Encoder::default();
-    drop(encoder.encode(&msg_with(huge), Codec::MsgPack, 1).unwrap());
-    assert_eq!(encoder.pooled(), 0);
 }
 
 fn detached_msg(payload: Payload) -> Msg {
@@ -388,127 +324,6 @@ fn detached_payloads_are_checked() {
         Decoder::new().decode(Incoming::Text(r#"{"t":"ping","nonce":2,"db":9}"#), &LIMITS),
         Ok(Some(Frame::Ping { nonce: 2 }))
     );
-}
-
-#[test]
-fn small_frames_are_cut_from_a_block_that_is_reused_once_they_are_dropped() {
-    let small = |i: u8| msg_with(Payload::binary(vec![i; 32]));
-    let mut encoder = Encoder::default();
-    // Frames dropped as soon as they are made (written by the socket):
-    // once the first block is full, the next frame starts again at its
-    // beginning, in the same memory.
-    let first = encoder.encode(&small(0), Codec::MsgPack, 1).unwrap();
-    let (start, len) = (first.data().as_ptr() as usize, first.len());
-    assert_eq!(first, encode(&small(0), Codec::MsgPack, 1).unwrap());
-    drop(first);
-    let per_block = BLOCK_SIZE / len;
-    let mut reused = false;
-    for i in 1..=per_block {
-        let t = encoder.encode(&small(i as u8), Codec::MsgPack, 1).unwrap();
-        let at = t.data().as_ptr() as usize;
-        assert!(
-            at >= start && at + t.len() <= start + BLOCK_SIZE,
-            "frame {i} left the block"
-        );
-        reused |= at == start;
-    }
-    assert!(reused, "the block was not reused in place");
-    // Frames still alive keep their block; new frames go to a new one,
-    // and the old frames' bytes stay as they were.
-    let kept: Vec<_> = (0..2 * per_block)
-        .map(|i| {
-            let f = small(i as u8);
-            (encoder.encode(&f, Codec::MsgPack, 1).unwrap(), f)
-        })
-        .collect();
-    for (t, f) in &kept {
-        assert_eq!(decode(t.as_incoming(), &LIMITS).unwrap(), *f);
-    }
-    // Cut one after the other: each frame starts where the one before
-    // ended, except where a block starts.
-    let adjacent = kept
-        .windows(2)
-        .filter(|w| {
-            w[0].0.data().as_ptr() as usize + w[0].0.len() == w[1].0.data().as_ptr() as usize
-        })
-        .count();
-    assert!(
-        adjacent + 3 >= kept.len(),
-        "{adjacent} of {} adjacent",
-        kept.len()
-    );
-    let outside = kept
-        .iter()
-        .filter(|(t, _)| {
-            let at = t.data().as_ptr() as usize;
-            at < start || at >= start + BLOCK_SIZE
-        })
-        .count();
-    assert!(outside >= per_block, "only {outside} frames in a new block");
-    // JSON frames are cut the same way; frames over the limit are not.
-    let text = encoder.encode(&small(9), Codec::Json, 1).unwrap();
-    assert_eq!(text, encode(&small(9), Codec::Json, 1).unwrap());
-    let free = encoder.block_free();
-    let big = msg_with(Payload::binary(vec![5u8; BLOCK_MAX_FRAME]));
-    let t = encoder.encode(&big, Codec::MsgPack, 1).unwrap();
-    assert!(t.len() > BLOCK_MAX_FRAME);
-    assert_eq!(encoder.block_free(), free, "a large frame used the block");
-    assert_eq!(decode(t.as_incoming(), &LIMITS).unwrap(), big);
-}
-
-#[test]
-fn a_servers_bursts_reuse_the_blocks_of_the_burst_before() {
-    let frame = |i: u64| {
-        Frame::Msg(Msg {
-            seq: i + 1,
-            id: i + 1,
-            ack: Some(i),
-            ts: None,
-            kind: MsgKind::Plain,
-            room: Some(std::sync::Arc::from("lobby")),
-            payload: Payload::binary(vec![7u8; 32]),
-        })
-    };
-    let mut encoder = Encoder::for_server();
-    // A broadcast to 10 000 members: every frame queued at once.
-    let burst = |encoder: &mut Encoder, from: u64| -> Vec<Transmit> {
-        (from..from + 10_000)
-            .map(|i| encoder.encode(&frame(i), Codec::MsgPack, 1).unwrap())
-            .collect()
-    };
-    let first = burst(&mut encoder, 0);
-    let made = encoder.blocks.made;
-    assert!(made < 40, "{made} blocks for one burst");
-    for (i, t) in first.iter().enumerate() {
-        assert_eq!(decode(t.as_incoming(), &LIMITS).unwrap(), frame(i as u64));
-    }
-    // Written by the sockets, then the next broadcast: its frames fit
-    // in the blocks the first one left, and nothing the first one
-    // still holds is overwritten.
-    drop(first);
-    let second = burst(&mut encoder, 10_000);
-    assert!(
-        encoder.blocks.made <= made + 1,
-        "the second burst made {} new blocks",
-        encoder.blocks.made - made
-    );
-    let third_while_queued = burst(&mut encoder, 20_000);
-    for (i, t) in second.iter().enumerate() {
-        assert_eq!(
-            decode(t.as_incoming(), &LIMITS).unwrap(),
-            frame(10_000 + i as u64)
-        );
-    }
-    assert!(encoder.blocks.spent.len() <= SERVER_SPENT_BLOCKS);
-    assert!(encoder.blocks.size <= SERVER_BLOCK_MAX);
-    drop((second, third_while_queued));
-    // Steady traffic, each frame written before the next: the blocks
-    // shrink back and the spent ones are let go.
-    for i in 0..50_000 {
-        drop(encoder.encode(&frame(i), Codec::MsgPack, 1).unwrap());
-    }
-    assert_eq!(encoder.blocks.size, BLOCK_SIZE);
-    assert!(encoder.blocks.spent.is_empty());
 }
 
 #[test]
