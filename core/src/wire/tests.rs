@@ -4,7 +4,10 @@
 //! The encoder's memory is tested beside it, in `buffers`.
 
 use super::encode::{json_msg, pack_msg};
+use super::envelope::{bounded_batch, PackEnvelope};
 use super::error::INVALID;
+use super::fields::pack_frame;
+use super::quick::serde_pack_envelope;
 use super::*;
 
 pub(super) const LIMITS: Limits = Limits {
