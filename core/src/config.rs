@@ -2,12 +2,14 @@
 //! field has converged on (see ANCHORS in the docs) and a `validate` that
 //! turns contradictory settings into an error at construction, not a
 //! misbehaviour at 3 a.m.
+//!
+//! The reliability and batching settings live here too (`reliable`
+//! re-exports them): `reliable` imports this module, never the reverse.
 
 use core::time::Duration;
 
 use crate::backoff::BackoffConfig;
 use crate::ratelimit::RateLimitConfig;
-use crate::reliable::{BatchConfig, ReliabilityConfig};
 use crate::wire::{Codec, SUPPORTED_VERSIONS};
 
 /// Application-level heartbeat settings (the client's side).
@@ -51,6 +53,83 @@ impl Default for QueueConfig {
         QueueConfig {
             max_messages: 100,
             max_bytes: 1 << 20,
+        }
+    }
+}
+
+/// What to do when both the send window and the waiting queue are full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OverflowPolicy {
+    /// Refuse the new message with
+    /// [`SendError::QueueFull`](crate::reliable::SendError::QueueFull);
+    /// nothing already accepted is touched.
+    Refuse,
+    /// Give up the session: the machine reports every accepted message as
+    /// unconfirmed or unsent and starts a fresh session.
+    FailSession,
+}
+
+/// Reliable-delivery settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReliabilityConfig {
+    /// Most messages sent and not yet acknowledged. Default 1024; 0 counts
+    /// as 1.
+    pub window_messages: usize,
+    /// Most payload bytes sent and not yet acknowledged. Default 4 MiB; 0
+    /// counts as 1. One message larger than this still goes out alone, or
+    /// it could never be sent.
+    pub window_bytes: usize,
+    /// A receiver acknowledges on its own at the latest this long after a
+    /// delivery (acks also ride on every outgoing message). Default 100 ms.
+    pub ack_delay: Duration,
+    /// A receiver acknowledges at once after this many unacknowledged
+    /// deliveries. Default 32.
+    pub ack_every: u32,
+    /// Data waiting this long for an acknowledgment with none making
+    /// progress (nothing acknowledged since the later of its sending and
+    /// the last acknowledgment that released something) means the
+    /// connection is stuck: it is closed (4010) and the session resumed on
+    /// a new one. A slow link whose acknowledgments keep coming is never
+    /// stuck. Default 45 s: longer than the heartbeat's 31 s, so a dead
+    /// peer is found by the heartbeat, and this only catches a peer that
+    /// answers pings but does not take data.
+    pub ack_timeout: Duration,
+    /// What happens when the window and the queue are both full.
+    pub overflow: OverflowPolicy,
+}
+
+impl Default for ReliabilityConfig {
+    fn default() -> Self {
+        ReliabilityConfig {
+            window_messages: 1024,
+            window_bytes: 4 << 20,
+            ack_delay: Duration::from_millis(100),
+            ack_every: 32,
+            ack_timeout: Duration::from_secs(45),
+            overflow: OverflowPolicy::Refuse,
+        }
+    }
+}
+
+/// Batching settings: several small messages in one frame.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchConfig {
+    /// How long the first message of a batch may wait for company. Default 5 ms.
+    pub window: Duration,
+    /// A batch goes out at once when it holds this many messages. Default 64.
+    pub max_messages: usize,
+    /// A batch goes out at once when its payloads reach this many bytes.
+    /// Default 64 KiB.
+    pub max_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            window: Duration::from_millis(5),
+            max_messages: 64,
+            max_bytes: 64 * 1024,
         }
     }
 }

@@ -61,6 +61,7 @@ pub mod backoff;
 pub mod client;
 pub mod close;
 pub mod config;
+pub mod ids;
 mod link;
 pub mod reliable;
 mod rng;

@@ -19,83 +19,14 @@ use std::collections::VecDeque;
 
 #[cfg(test)]
 use bytes::Bytes;
-use core::time::Duration;
 
 use crate::config::QueueConfig;
 use crate::time::Instant;
 use crate::wire::{MsgKind, Payload};
 
-/// A room name shared by every message broadcast in it (cloning is a
-/// reference count, not a copy).
-pub(crate) type RoomName = std::sync::Arc<str>;
-
-/// A message identifier, unique per sending machine and increasing in send
-/// order. Together with the sender's identity it is an idempotency key.
-/// Id 0 is reserved for messages the machine sends on its own (rejoining
-/// rooms after a lost session); they never appear in acknowledgment or loss
-/// reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MessageId(pub u64);
-
-impl MessageId {
-    /// The id of messages the machine sends on its own.
-    pub const SYSTEM: MessageId = MessageId(0);
-}
-
-/// What to do when both the send window and the waiting queue are full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum OverflowPolicy {
-    /// Refuse the new message with [`SendError::QueueFull`]; nothing already
-    /// accepted is touched.
-    Refuse,
-    /// Give up the session: the machine reports every accepted message as
-    /// unconfirmed or unsent and starts a fresh session.
-    FailSession,
-}
-
-/// Reliable-delivery settings.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ReliabilityConfig {
-    /// Most messages sent and not yet acknowledged. Default 1024; 0 counts
-    /// as 1.
-    pub window_messages: usize,
-    /// Most payload bytes sent and not yet acknowledged. Default 4 MiB; 0
-    /// counts as 1. One message larger than this still goes out alone, or
-    /// it could never be sent.
-    pub window_bytes: usize,
-    /// A receiver acknowledges on its own at the latest this long after a
-    /// delivery (acks also ride on every outgoing message). Default 100 ms.
-    pub ack_delay: Duration,
-    /// A receiver acknowledges at once after this many unacknowledged
-    /// deliveries. Default 32.
-    pub ack_every: u32,
-    /// Data waiting this long for an acknowledgment with none making
-    /// progress (nothing acknowledged since the later of its sending and
-    /// the last acknowledgment that released something) means the
-    /// connection is stuck: it is closed (4010) and the session resumed on
-    /// a new one. A slow link whose acknowledgments keep coming is never
-    /// stuck. Default 45 s: longer than the heartbeat's 31 s, so a dead
-    /// peer is found by the heartbeat, and this only catches a peer that
-    /// answers pings but does not take data.
-    pub ack_timeout: Duration,
-    /// What happens when the window and the queue are both full.
-    pub overflow: OverflowPolicy,
-}
-
-impl Default for ReliabilityConfig {
-    fn default() -> Self {
-        ReliabilityConfig {
-            window_messages: 1024,
-            window_bytes: 4 << 20,
-            ack_delay: Duration::from_millis(100),
-            ack_every: 32,
-            ack_timeout: Duration::from_secs(45),
-            overflow: OverflowPolicy::Refuse,
-        }
-    }
-}
-
+pub use crate::config::{BatchConfig, OverflowPolicy, ReliabilityConfig};
+pub use crate::ids::MessageId;
+pub(crate) use crate::ids::RoomName;
 /// Why a message was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -148,28 +79,6 @@ impl SendError {
             return Err(SendError::TooLarge { size, max });
         }
         Ok(())
-    }
-}
-
-/// Batching settings: several small messages in one frame.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BatchConfig {
-    /// How long the first message of a batch may wait for company. Default 5 ms.
-    pub window: Duration,
-    /// A batch goes out at once when it holds this many messages. Default 64.
-    pub max_messages: usize,
-    /// A batch goes out at once when its payloads reach this many bytes.
-    /// Default 64 KiB.
-    pub max_bytes: usize,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig {
-            window: Duration::from_millis(5),
-            max_messages: 64,
-            max_bytes: 64 * 1024,
-        }
     }
 }
 

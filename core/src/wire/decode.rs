@@ -1,0 +1,393 @@
+//! Bytes to envelopes: routing each message to its codec, and detached
+//! payloads.
+//!
+//! Owns [`Decoder`], which joins a `msg` envelope to the detached payload
+//! that follows it, the size check made before any parsing, the binary
+//! header's checks, and the probes that still number a message whose
+//! envelope did not decode. It must never panic or allocate more than the
+//! message it was handed, whatever the peer sends; what an envelope's fields
+//! may say is the `fields` module's to check.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::envelope::{bounded_batch, HandshakeEnvelope, JsonEnvelope, PackEnvelope};
+use super::fields::{
+    check_json_depth, detached_of, handshake_frame, json_frame, pack_frame, share,
+};
+use super::quick::{quick_pack_envelope, serde_pack_envelope};
+use super::{
+    DecodeError, Frame, Incoming, InvalidMsg, Limits, Msg, PayloadKind, BINARY_HEADER_LEN,
+    KIND_MSGPACK, KIND_RAW, MAX_MSGPACK_DEPTH,
+};
+
+/// A message or detached payload of `size` bytes is within the limit.
+pub(super) fn check_size(size: usize, limits: &Limits) -> Result<(), DecodeError> {
+    if size > limits.max_message {
+        return Err(DecodeError::TooLarge {
+            size,
+            max: limits.max_message,
+        });
+    }
+    Ok(())
+}
+
+pub(super) fn decode_one(msg: Incoming<'_>, version: u8) -> Result<Decoded, DecodeError> {
+    match msg {
+        Incoming::Text(text) => decode_text(text),
+        Incoming::Binary(bytes) => decode_binary(bytes, version, None),
+        Incoming::SharedBinary(bytes) => decode_binary(bytes, version, Some(bytes)),
+    }
+}
+
+/// One decoded message: a frame, or a `msg` envelope whose payload is the
+/// next message.
+pub(super) enum Decoded {
+    Frame(Frame),
+    Detached(Box<Detached>),
+}
+
+/// A `msg` envelope waiting for its detached payload. The message's payload
+/// has the announced kind and no bytes yet.
+#[derive(Debug)]
+pub(super) struct Detached {
+    msg: Msg,
+    len: usize,
+}
+
+impl Decoded {
+    /// `frame`, or the detached message it is if its envelope announced a
+    /// detached payload; a numbered `msg` whose announcement is malformed
+    /// is consumed as an invalid message.
+    fn announced(
+        frame: Frame,
+        dj: Option<u64>,
+        dm: Option<u64>,
+        db: Option<u64>,
+    ) -> Result<Self, DecodeError> {
+        // The frame is not moved through a tuple: it is large, and this is
+        // every message's path.
+        let e = match detached_of(dj, dm, db) {
+            Ok(detached) => return Ok(Decoded::of(frame, detached)),
+            Err(e) => e,
+        };
+        match frame {
+            Frame::Msg(m) if !matches!(e, DecodeError::TooLarge { .. }) => Ok(Decoded::Frame(
+                Frame::Msg(Msg::invalid(m.seq, m.id, m.ack, InvalidMsg::of(&e))),
+            )),
+            _ => Err(e),
+        }
+    }
+
+    /// `frame`, or the detached message it is if the envelope announced a
+    /// detached payload of `detached` bytes.
+    fn of(frame: Frame, detached: Option<(PayloadKind, u64)>) -> Self {
+        match (frame, detached) {
+            (Frame::Msg(msg), Some((_, len))) => Decoded::Detached(Box::new(Detached {
+                msg,
+                len: usize::try_from(len).unwrap_or(usize::MAX),
+            })),
+            (frame, _) => Decoded::Frame(frame),
+        }
+    }
+}
+
+/// Decodes the messages of one connection in order (PROTOCOL.md, section
+/// 2.1): a `msg` envelope with a detached payload (`dj`, `dm` or `db`)
+/// waits here until the next message, its payload, arrives, so a large
+/// payload travels in a message of its own, never copied into an envelope
+/// and, received, shared with the transport's buffer. Machines keep one per
+/// connection; for anything else it behaves as [`decode`].
+///
+/// [`decode`]: fn@super::decode
+#[derive(Debug, Default)]
+pub struct Decoder {
+    pending: Option<Box<Detached>>,
+}
+
+impl Decoder {
+    /// A decoder with nothing pending.
+    pub fn new() -> Self {
+        Decoder::default()
+    }
+
+    /// Decodes the next message of the connection. `Ok(None)`: it was a
+    /// `msg` envelope whose payload is the next message.
+    ///
+    /// A detached payload longer than `limits.max_message` fails at the
+    /// envelope. If the next message is not the payload (text, or another
+    /// length), it is dropped and the envelope, numbered, comes out as a
+    /// [`MsgKind::Invalid`] message saying
+    /// [`DecodeError::DetachedMismatch`], for the receiver to consume and
+    /// refuse.
+    ///
+    /// [`MsgKind::Invalid`]: super::MsgKind::Invalid
+    pub fn decode(
+        &mut self,
+        msg: Incoming<'_>,
+        limits: &Limits,
+    ) -> Result<Option<Frame>, DecodeError> {
+        if let Some(pending) = self.pending.take() {
+            return pending.complete(msg).map(Some);
+        }
+        check_size(msg.len(), limits)?;
+        match decode_one(msg, limits.version)? {
+            Decoded::Frame(frame) => Ok(Some(frame)),
+            Decoded::Detached(d) => {
+                check_size(d.len, limits)?;
+                self.pending = Some(d);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The length of the detached payload the decoder waits for, if any.
+    pub fn awaiting(&self) -> Option<usize> {
+        self.pending.as_ref().map(|d| d.len)
+    }
+}
+
+impl Detached {
+    /// The message, with `msg` as its payload.
+    fn complete(self, next: Incoming<'_>) -> Result<Frame, DecodeError> {
+        let Detached { msg: mut m, len } = self;
+        let data = match next {
+            Incoming::Binary(b) if b.len() == len => Bytes::copy_from_slice(b),
+            Incoming::SharedBinary(b) if b.len() == len => b.clone(),
+            // The envelope was numbered: it is consumed as an invalid
+            // message (refused by id) rather than dropped, so the stream
+            // does not stall behind it. The message that came instead is
+            // dropped with it.
+            other => {
+                let e = DecodeError::DetachedMismatch {
+                    expected: len,
+                    actual: other.len(),
+                    text: matches!(other, Incoming::Text(_)),
+                };
+                return Ok(Frame::Msg(Msg::invalid(
+                    m.seq,
+                    m.id,
+                    m.ack,
+                    InvalidMsg::of(&e),
+                )));
+            }
+        };
+        if m.payload.kind == PayloadKind::Json {
+            let checked = check_json_depth(&data, "dj").and_then(|()| {
+                serde_json::from_slice::<&RawValue>(&data)
+                    .map(|_| ())
+                    .map_err(|_| DecodeError::InvalidField {
+                        field: "dj",
+                        reason: "not a JSON value",
+                    })
+            });
+            if let Err(e) = checked {
+                return Ok(Frame::Msg(Msg::invalid(
+                    m.seq,
+                    m.id,
+                    m.ack,
+                    InvalidMsg::of(&e),
+                )));
+            }
+        }
+        m.payload.data = data;
+        Ok(Frame::Msg(m))
+    }
+}
+
+fn decode_text(text: &str) -> Result<Decoded, DecodeError> {
+    let probe: TypeProbe<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+    if is_handshake(&probe.t) {
+        let env: HandshakeEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
+        return handshake_frame(env).map(Decoded::Frame);
+    }
+    let env: JsonEnvelope<'_> = match serde_json::from_str(text) {
+        Ok(env) => env,
+        Err(e) => {
+            return serde_json::from_str::<MsgProbe<'_>>(text)
+                .ok()
+                .and_then(MsgProbe::into_invalid)
+                .map(Decoded::Frame)
+                .ok_or_else(|| json_error(&e))
+        }
+    };
+    let frame = json_frame(&env, false)?;
+    Decoded::announced(frame, env.dj, env.dm, env.db)
+}
+
+fn decode_binary(
+    bytes: &[u8],
+    version: u8,
+    backing: Option<&Bytes>,
+) -> Result<Decoded, DecodeError> {
+    if bytes.len() < BINARY_HEADER_LEN {
+        return Err(DecodeError::ShortHeader { len: bytes.len() });
+    }
+    let kind = bytes[0];
+    let got = bytes[1];
+    let declared = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
+    let body = &bytes[BINARY_HEADER_LEN..];
+    if kind != KIND_MSGPACK && kind != KIND_RAW {
+        return Err(DecodeError::UnknownBinaryKind { kind });
+    }
+    if got != version {
+        return Err(DecodeError::VersionMismatch {
+            got,
+            expected: version,
+        });
+    }
+    if declared != body.len() {
+        return Err(DecodeError::LengthMismatch {
+            declared,
+            actual: body.len(),
+        });
+    }
+    if kind == KIND_RAW {
+        return Ok(Decoded::Frame(Frame::Raw(share(backing, body))));
+    }
+    let mut env = PackEnvelope::default();
+    if quick_pack_envelope(body, &mut env).is_none() {
+        env = match serde_pack_envelope(body) {
+            Ok(env) => env,
+            Err(e) => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(body);
+                de.set_max_depth(MAX_MSGPACK_DEPTH);
+                return MsgProbe::deserialize(&mut de)
+                    .ok()
+                    .and_then(MsgProbe::into_invalid)
+                    .map(Decoded::Frame)
+                    .ok_or(e);
+            }
+        };
+    }
+    let frame = pack_frame(&env, false, backing)?;
+    Decoded::announced(frame, env.dj, env.dm, env.db)
+}
+
+/// The numbers of a `msg` (or of a batch's) whose envelope did not decode:
+/// read again with every other field ignored, so that a message with a
+/// malformed field still has its sequence number consumed (as a
+/// [`MsgKind::Invalid`] message) instead of stalling the stream.
+///
+/// [`MsgKind::Invalid`]: super::MsgKind::Invalid
+#[derive(Deserialize)]
+struct MsgProbe<'a> {
+    #[serde(borrow)]
+    t: Cow<'a, str>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    id: Option<u64>,
+    /// An `ack` of the wrong type is not this message's fault to carry:
+    /// read as absent, so the message is still numbered.
+    #[serde(default, deserialize_with = "lenient_u64")]
+    ack: Option<u64>,
+    #[serde(default, borrow, deserialize_with = "bounded_batch")]
+    f: Option<Vec<MsgProbe<'a>>>,
+}
+
+/// A `u64`, or `None` for a value of any other type, skipped without
+/// buffering it (a declared length must not make it allocate).
+fn lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+    struct Lenient;
+    impl<'de> Visitor<'de> for Lenient {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(u64::try_from(v).ok())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bytes<E>(self, _: &[u8]) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(Lenient)
+        }
+        fn visit_newtype_struct<D2: serde::Deserializer<'de>>(
+            self,
+            d: D2,
+        ) -> Result<Self::Value, D2::Error> {
+            IgnoredAny::deserialize(d).map(|_| None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Lenient)
+}
+
+impl MsgProbe<'_> {
+    fn numbered(&self, what: InvalidMsg) -> Option<Msg> {
+        match (self.seq, self.id) {
+            (Some(seq), Some(id)) if seq > 0 && self.t == "msg" => {
+                Some(Msg::invalid(seq, id, self.ack, what))
+            }
+            _ => None,
+        }
+    }
+
+    /// The frame standing for this envelope: every message in it numbered
+    /// and invalid. `None` if a number is missing.
+    fn into_invalid(self) -> Option<Frame> {
+        if self.t == "msg" {
+            return self
+                .numbered(InvalidMsg::named("msg", "a field has the wrong type"))
+                .map(Frame::Msg);
+        }
+        let inner = self.f.filter(|f| self.t == "batch" && !f.is_empty())?;
+        let what = InvalidMsg::named("f", "in a batch that did not decode");
+        inner
+            .iter()
+            .map(|m| m.numbered(what))
+            .collect::<Option<Vec<_>>>()
+            .map(Frame::Batch)
+    }
+}
+
+/// Probe used to route a text message: only the type is read first.
+#[derive(Deserialize)]
+struct TypeProbe<'a> {
+    #[serde(borrow)]
+    t: Cow<'a, str>,
+}
+
+fn is_handshake(t: &str) -> bool {
+    matches!(t, "hello" | "welcome" | "reject")
+}
+
+fn json_error(e: &serde_json::Error) -> DecodeError {
+    DecodeError::Json {
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,405 @@
+//! Frames to bytes: the hand-written `msg` writers, and serde for the rest.
+//!
+//! Owns every envelope the core writes. `msg` envelopes, on every message's
+//! path, are written by hand with exactly the bytes serde would write (the
+//! serde forms are kept as the tests' oracle); handshakes and control frames
+//! go through serde. It never decides which buffer a frame is written to
+//! (the machines' [`Encoder`](super::Encoder) does) nor whether a payload
+//! goes detached ([`detaches`](super::detaches) does).
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+#[cfg(test)]
+use serde_json::value::RawValue;
+
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, B64};
+use super::error::serializer_error;
+use super::header::seal_msgpack;
+use super::{EncodeError, Frame, Msg, MsgKind, PayloadKind, BINARY_HEADER_LEN};
+
+/// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
+/// a `welcome` about 220).
+const HANDSHAKE_CAPACITY: usize = 256;
+
+pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    // Room for a typical hello or welcome in one allocation.
+    out.reserve(HANDSHAKE_CAPACITY);
+    let mut env = HandshakeEnvelope::default();
+    let hex_session;
+    let hex_client;
+    let hex_key;
+    match frame {
+        Frame::Hello(h) => {
+            env.t = "hello".into();
+            env.versions = Some(h.versions.clone());
+            hex_client = h.client.to_hex();
+            env.client = Some(hex_client.as_str().into());
+            if let Some(r) = &h.resume {
+                hex_session = r.session.to_hex();
+                env.session = Some(hex_session.as_str().into());
+                env.delivered = Some(r.delivered);
+                hex_key = r.key.map(|k| k.to_hex());
+                env.key = hex_key.as_deref().map(Cow::Borrowed);
+            }
+            env.caps = Some(h.caps.iter().map(|c| c.as_str().into()).collect());
+            env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
+        }
+        Frame::Welcome(w) => {
+            env.t = "welcome".into();
+            env.version = Some(w.version);
+            env.codec = Some(w.codec.name().into());
+            hex_session = w.session.to_hex();
+            env.session = Some(hex_session.as_str().into());
+            env.resumed = Some(w.resumed);
+            env.lost = w.lost.as_deref().map(Cow::Borrowed);
+            env.delivered = Some(w.delivered);
+            env.features = Some(w.features.iter().map(|c| c.as_str().into()).collect());
+            env.ping_ms = Some(w.ping_interval_ms);
+            env.pong_ms = Some(w.pong_timeout_ms);
+            env.max = Some(w.max_message);
+            hex_key = w.key.map(|k| k.to_hex());
+            env.key = hex_key.as_deref().map(Cow::Borrowed);
+        }
+        Frame::Reject(r) => {
+            env.t = "reject".into();
+            env.code = Some(r.code);
+            env.reason = Some(r.reason.as_str().into());
+            env.message = Some(r.message.as_str().into());
+            env.versions = Some(r.versions.clone());
+            env.retry = r.retry_after_ms;
+        }
+        _ => return Err(EncodeError::Unrepresentable),
+    }
+    serde_json::to_writer(out, &env).map_err(serializer_error)
+}
+
+/// Fills the fields every non-handshake envelope shares; the payload is
+/// filled by the codec-specific caller.
+macro_rules! fill_common {
+    ($env:ident, $frame:expr) => {
+        match $frame {
+            Frame::Ping { nonce } => {
+                $env.t = "ping".into();
+                $env.nonce = Some(*nonce);
+            }
+            Frame::Pong { nonce } => {
+                $env.t = "pong".into();
+                $env.nonce = Some(*nonce);
+            }
+            Frame::Ack { ack } => {
+                $env.t = "ack".into();
+                $env.ack = Some(*ack);
+            }
+            Frame::Replay { from } => {
+                $env.t = "replay".into();
+                $env.from = Some(*from);
+            }
+            Frame::GoAway {
+                code,
+                retry_after_ms,
+            } => {
+                $env.t = "goaway".into();
+                $env.code = Some(*code);
+                $env.retry = *retry_after_ms;
+            }
+            Frame::Reauth { within_ms } => {
+                $env.t = "reauth".into();
+                $env.within = Some(*within_ms);
+            }
+            Frame::Auth { token } => {
+                $env.t = "auth".into();
+                $env.token = Some(token.as_str().into());
+            }
+            _ => return Err(EncodeError::Unrepresentable),
+        }
+    };
+}
+
+/// The envelope fields of a message, payload aside.
+#[cfg(test)]
+macro_rules! fill_msg {
+    ($env:ident, $m:expr) => {{
+        $env.t = "msg".into();
+        $env.seq = Some($m.seq);
+        $env.id = Some($m.id);
+        $env.ack = $m.ack;
+        $env.ts = $m.ts;
+        $env.rq = ($m.kind == MsgKind::Request).then_some(true);
+        $env.rs = $m.kind.rs();
+        $env.op = $m.kind.op().map(Cow::Borrowed);
+        $env.r = $m.room.as_deref().map(Cow::Borrowed);
+    }};
+}
+
+/// The serde form of a `msg` envelope: the oracle the hand-written encoder
+/// is checked against.
+#[cfg(test)]
+pub(super) fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
+    let mut env = JsonEnvelope::default();
+    fill_msg!(env, m);
+    let data = &m.payload.data;
+    match m.payload.kind {
+        PayloadKind::Json => {
+            // Checked at construction; a failure here means a bug, reported not panicked.
+            let raw: &RawValue = serde_json::from_slice(data).map_err(serializer_error)?;
+            env.j = Some(raw);
+        }
+        PayloadKind::MsgPack => env.m = Some(Cow::Owned(B64.encode(data))),
+        PayloadKind::Binary => env.b = Some(Cow::Owned(B64.encode(data))),
+    }
+    Ok(env)
+}
+
+#[inline]
+pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    match frame {
+        // The hot path, written by hand: a JSON payload was validated when
+        // the `Payload` was made and is copied in as is, not parsed again.
+        Frame::Msg(m) => write_json_msg(m, out, false),
+        Frame::Batch(msgs) => {
+            out.extend_from_slice(br#"{"t":"batch","f":["#);
+            for (i, m) in msgs.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_msg(m, out, false)?;
+            }
+            out.extend_from_slice(b"]}");
+            Ok(())
+        }
+        _ => {
+            let mut env = JsonEnvelope::default();
+            fill_common!(env, frame);
+            serde_json::to_writer(out, &env).map_err(serializer_error)
+        }
+    }
+}
+
+/// Appends the base64 text of `data` to `out`.
+fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
+    let start = out.len();
+    let n = base64::encoded_len(data.len(), true).unwrap_or(0);
+    out.resize(start + n, 0);
+    let written = B64.encode_slice(data, &mut out[start..]).unwrap_or(0);
+    out.truncate(start + written);
+}
+
+/// Writes a `msg` envelope with the same field order serde would use;
+/// `detached`: with the payload's length in its place (`dj`, `dm`, `db`).
+#[inline]
+pub(super) fn write_json_msg(
+    m: &Msg,
+    out: &mut Vec<u8>,
+    detached: bool,
+) -> Result<(), EncodeError> {
+    if let MsgKind::Invalid(_) = m.kind {
+        return Err(EncodeError::Unrepresentable);
+    }
+    use std::io::Write as _;
+    let io = |e: std::io::Error| EncodeError::Serializer(e.to_string());
+    write!(out, r#"{{"t":"msg","seq":{},"id":{}"#, m.seq, m.id).map_err(io)?;
+    if let Some(ack) = m.ack {
+        write!(out, r#","ack":{ack}"#).map_err(io)?;
+    }
+    if let Some(ts) = m.ts {
+        write!(out, r#","ts":{ts}"#).map_err(io)?;
+    }
+    let data = &m.payload.data;
+    match m.payload.kind {
+        _ if detached => {
+            let key = detached_key(m.payload.kind);
+            write!(out, r#","{key}":{}"#, data.len()).map_err(io)?;
+        }
+        PayloadKind::Json => {
+            out.extend_from_slice(br#","j":"#);
+            out.extend_from_slice(data);
+        }
+        PayloadKind::MsgPack => {
+            out.extend_from_slice(br#","m":""#);
+            push_base64(out, data);
+            out.push(b'"');
+        }
+        PayloadKind::Binary => {
+            out.extend_from_slice(br#","b":""#);
+            push_base64(out, data);
+            out.push(b'"');
+        }
+    }
+    if let Some(room) = &m.room {
+        out.extend_from_slice(br#","r":"#);
+        serde_json::to_writer(&mut *out, &**room).map_err(serializer_error)?;
+    }
+    match m.kind {
+        MsgKind::Plain => {}
+        MsgKind::Request => out.extend_from_slice(br#","rq":true"#),
+        MsgKind::Response(to) => write!(out, r#","rs":{to}"#).map_err(io)?,
+        other => {
+            if let Some(to) = other.rs() {
+                write!(out, r#","rs":{to}"#).map_err(io)?;
+            }
+            if let Some(op) = other.op() {
+                write!(out, r#","op":"{op}""#).map_err(io)?;
+            }
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// The serde form of a `msg` envelope in MessagePack: the oracle the
+/// hand-written encoder is checked against.
+#[cfg(test)]
+pub(super) fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
+    let mut env = PackEnvelope::default();
+    fill_msg!(env, m);
+    let data: &[u8] = &m.payload.data;
+    match m.payload.kind {
+        PayloadKind::Json => {
+            let s = std::str::from_utf8(data).map_err(serializer_error)?;
+            env.j = Some(s.into());
+        }
+        PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
+        PayloadKind::Binary => env.b = Some(serde_bytes::Bytes::new(data)),
+    }
+    Ok(env)
+}
+
+#[inline]
+pub(super) fn encode_msgpack(
+    frame: &Frame,
+    version: u8,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    out.reserve(BINARY_HEADER_LEN + 48 + frame_payload_len(frame));
+    out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
+    match frame {
+        // The hot path, written by hand with the same bytes serde writes
+        // (checked against it in the tests).
+        Frame::Msg(m) => write_pack_msg(m, out, false)?,
+        Frame::Batch(msgs) => {
+            let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
+            rmp::encode::write_map_len(out, 2).map_err(serializer_error)?;
+            rmp::encode::write_str(out, "t").map_err(serializer_error)?;
+            rmp::encode::write_str(out, "batch").map_err(serializer_error)?;
+            rmp::encode::write_str(out, "f").map_err(serializer_error)?;
+            rmp::encode::write_array_len(out, len).map_err(serializer_error)?;
+            for m in msgs {
+                write_pack_msg(m, out, false)?;
+            }
+        }
+        _ => {
+            let mut env = PackEnvelope::default();
+            fill_common!(env, frame);
+            rmp_serde::encode::write_named(out, &env).map_err(serializer_error)?;
+        }
+    }
+    seal_msgpack(out, version)
+}
+
+/// Writes a `msg` envelope as the MessagePack map serde would write: the
+/// fields in declaration order, absent ones left out, integers in their
+/// shortest form. `detached`: with the payload's length in its place
+/// (`dj`, `dm`, `db`).
+#[inline]
+pub(super) fn write_pack_msg(
+    m: &Msg,
+    out: &mut Vec<u8>,
+    detached: bool,
+) -> Result<(), EncodeError> {
+    if let MsgKind::Invalid(_) = m.kind {
+        return Err(EncodeError::Unrepresentable);
+    }
+    use rmp::encode::{write_bin, write_bool, write_map_len, write_str, write_uint};
+    let extra = match m.kind {
+        MsgKind::Plain => 0,
+        MsgKind::Request | MsgKind::Response(_) => 1,
+        MsgKind::RefusedMessage(_) => 2,
+        other => u32::from(other.op().is_some()),
+    };
+    let len = 4
+        + u32::from(m.ack.is_some())
+        + u32::from(m.ts.is_some())
+        + u32::from(m.room.is_some())
+        + extra;
+    write_map_len(out, len).map_err(serializer_error)?;
+    write_str(out, "t").map_err(serializer_error)?;
+    write_str(out, "msg").map_err(serializer_error)?;
+    write_str(out, "seq").map_err(serializer_error)?;
+    write_uint(out, m.seq).map_err(serializer_error)?;
+    write_str(out, "id").map_err(serializer_error)?;
+    write_uint(out, m.id).map_err(serializer_error)?;
+    if let Some(ack) = m.ack {
+        write_str(out, "ack").map_err(serializer_error)?;
+        write_uint(out, ack).map_err(serializer_error)?;
+    }
+    if let Some(ts) = m.ts {
+        write_str(out, "ts").map_err(serializer_error)?;
+        write_uint(out, ts).map_err(serializer_error)?;
+    }
+    let data: &[u8] = &m.payload.data;
+    match m.payload.kind {
+        _ if detached => {
+            write_str(out, detached_key(m.payload.kind)).map_err(serializer_error)?;
+            write_uint(out, data.len() as u64).map_err(serializer_error)?;
+        }
+        PayloadKind::Json => {
+            // Checked at construction; a failure here means a bug, reported not panicked.
+            let s = std::str::from_utf8(data).map_err(serializer_error)?;
+            write_str(out, "j").map_err(serializer_error)?;
+            write_str(out, s).map_err(serializer_error)?;
+        }
+        PayloadKind::MsgPack => {
+            write_str(out, "m").map_err(serializer_error)?;
+            write_bin(out, data).map_err(serializer_error)?;
+        }
+        PayloadKind::Binary => {
+            write_str(out, "b").map_err(serializer_error)?;
+            write_bin(out, data).map_err(serializer_error)?;
+        }
+    }
+    if let Some(room) = &m.room {
+        write_str(out, "r").map_err(serializer_error)?;
+        write_str(out, room).map_err(serializer_error)?;
+    }
+    match m.kind {
+        MsgKind::Plain => {}
+        MsgKind::Request => {
+            write_str(out, "rq").map_err(serializer_error)?;
+            write_bool(out, true).map_err(serializer_error)?;
+        }
+        MsgKind::Response(to) | MsgKind::RefusedMessage(to) => {
+            write_str(out, "rs").map_err(serializer_error)?;
+            write_uint(out, to).map_err(serializer_error)?;
+            if let Some(op) = m.kind.op() {
+                write_str(out, "op").map_err(serializer_error)?;
+                write_str(out, op).map_err(serializer_error)?;
+            }
+        }
+        other => {
+            if let Some(op) = other.op() {
+                write_str(out, "op").map_err(serializer_error)?;
+                write_str(out, op).map_err(serializer_error)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The envelope key of a detached payload of `kind`.
+fn detached_key(kind: PayloadKind) -> &'static str {
+    match kind {
+        PayloadKind::Json => "dj",
+        PayloadKind::MsgPack => "dm",
+        PayloadKind::Binary => "db",
+    }
+}
+
+#[inline]
+fn frame_payload_len(frame: &Frame) -> usize {
+    match frame {
+        Frame::Msg(m) => m.payload.len(),
+        Frame::Batch(msgs) => msgs.iter().map(|m| m.payload.len() + 32).sum(),
+        _ => 0,
+    }
+}

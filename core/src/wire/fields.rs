@@ -1,0 +1,557 @@
+//! Envelopes to frames: every field checked, for both codecs and the
+//! handshake.
+//!
+//! Owns what a well-formed envelope may say: the fields each frame type
+//! needs, their ranges, room names, payload forms and detached payload
+//! announcements, batch bounds. A numbered `msg` with a bad field becomes a
+//! [`MsgKind::Invalid`] message rather than an error, so the stream does
+//! not stall. It never parses bytes: the `decode` and `quick` modules read
+//! them into envelopes first.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, B64};
+use super::payload::json_depth_ok;
+use super::{
+    ClientId, Codec, DecodeError, Frame, Hello, InvalidMsg, Msg, MsgKind, Payload, PayloadKind,
+    Reject, Resume, ResumeKey, SessionId, Welcome, MAX_BATCH, MAX_LIST_LEN, MAX_TOKEN_BYTES,
+    MAX_TOKEN_LEN,
+};
+
+/// [`json_depth_ok`] as a decode check on the field `field`.
+pub(super) fn check_json_depth(json: &[u8], field: &'static str) -> Result<(), DecodeError> {
+    if json_depth_ok(json) {
+        Ok(())
+    } else {
+        Err(DecodeError::InvalidField {
+            field,
+            reason: "JSON nested deeper than 64 levels",
+        })
+    }
+}
+
+fn need<T>(v: Option<T>, frame: &'static str, field: &'static str) -> Result<T, DecodeError> {
+    v.ok_or(DecodeError::MissingField { frame, field })
+}
+
+fn token(s: Cow<'_, str>, field: &'static str) -> Result<String, DecodeError> {
+    if s.len() > MAX_TOKEN_LEN {
+        return Err(DecodeError::InvalidField {
+            field,
+            reason: "longer than 256 bytes",
+        });
+    }
+    Ok(s.into_owned())
+}
+
+fn token_list(
+    v: Option<Vec<Cow<'_, str>>>,
+    field: &'static str,
+) -> Result<Vec<String>, DecodeError> {
+    let v = v.unwrap_or_default();
+    if v.len() > MAX_LIST_LEN {
+        return Err(DecodeError::InvalidField {
+            field,
+            reason: "more than 32 entries",
+        });
+    }
+    v.into_iter().map(|s| token(s, field)).collect()
+}
+
+/// A `key` field: 32 hex digits when present.
+fn resume_key(key: Option<Cow<'_, str>>) -> Result<Option<ResumeKey>, DecodeError> {
+    key.map(|k| {
+        ResumeKey::from_hex(&k).ok_or(DecodeError::InvalidField {
+            field: "key",
+            reason: "not 32 hex digits",
+        })
+    })
+    .transpose()
+}
+
+/// The detached payload an envelope announces, if any: its kind and length.
+pub(super) fn detached_of(
+    dj: Option<u64>,
+    dm: Option<u64>,
+    db: Option<u64>,
+) -> Result<Option<(PayloadKind, u64)>, DecodeError> {
+    match (dj, dm, db) {
+        (None, None, None) => Ok(None),
+        (Some(n), None, None) => Ok(Some((PayloadKind::Json, n))),
+        (None, Some(n), None) => Ok(Some((PayloadKind::MsgPack, n))),
+        (None, None, Some(n)) => Ok(Some((PayloadKind::Binary, n))),
+        _ => Err(DecodeError::InvalidField {
+            field: "dj",
+            reason: "a message carries exactly one payload",
+        }),
+    }
+}
+
+/// The placeholder payload of a `msg` envelope that announces a detached
+/// one, checked to announce nothing else.
+pub(super) fn detached_payload(
+    detached: Option<(PayloadKind, u64)>,
+    embedded: bool,
+    nested: bool,
+) -> Result<Option<Payload>, DecodeError> {
+    let Some((kind, _)) = detached else {
+        return Ok(None);
+    };
+    if nested {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: "a batch holds no detached payloads",
+        });
+    }
+    if embedded {
+        return Err(DecodeError::InvalidField {
+            field: "dj",
+            reason: "a message carries exactly one payload",
+        });
+    }
+    Ok(Some(Payload {
+        kind,
+        data: Bytes::new(),
+    }))
+}
+
+/// `part` as its own `Bytes`: a slice of `backing` (no copy) when `part`
+/// lies in it and is most of it, a copy otherwise, so that a small payload
+/// kept by the application never pins a large frame.
+pub(super) fn share(backing: Option<&Bytes>, part: &[u8]) -> Bytes {
+    if let Some(b) = backing {
+        let start = b.as_ptr() as usize;
+        let at = part.as_ptr() as usize;
+        let inside = at >= start && at + part.len() <= start + b.len();
+        if inside && part.len() >= SHARE_FROM && part.len() >= b.len() / 2 {
+            return b.slice_ref(part);
+        }
+    }
+    Bytes::copy_from_slice(part)
+}
+
+/// Payloads from this size up are shared with the frame they came in.
+const SHARE_FROM: usize = 1024;
+
+fn json_payload(env: &JsonEnvelope<'_>, nested: bool) -> Result<Payload, DecodeError> {
+    let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
+    if let Some(p) = detached_payload(detached_of(env.dj, env.dm, env.db)?, embedded, nested)? {
+        return Ok(p);
+    }
+    if let Some(raw) = env.j {
+        if env.m.is_some() || env.b.is_some() {
+            return Err(DecodeError::InvalidField {
+                field: "j",
+                reason: "a message carries exactly one payload",
+            });
+        }
+        check_json_depth(raw.get().as_bytes(), "j")?;
+        return Ok(Payload {
+            kind: PayloadKind::Json,
+            data: Bytes::copy_from_slice(raw.get().as_bytes()),
+        });
+    }
+    let (kind, field, text) = match (&env.m, &env.b) {
+        (Some(m), None) => (PayloadKind::MsgPack, "m", m),
+        (None, Some(b)) => (PayloadKind::Binary, "b", b),
+        (Some(_), Some(_)) => {
+            return Err(DecodeError::InvalidField {
+                field: "m",
+                reason: "a message carries exactly one payload",
+            })
+        }
+        (None, None) => {
+            return Err(DecodeError::MissingField {
+                frame: "msg",
+                field: "j",
+            })
+        }
+    };
+    let data = B64
+        .decode(text.as_bytes())
+        .map_err(|_| DecodeError::InvalidField {
+            field,
+            reason: "not valid base64",
+        })?;
+    Ok(Payload {
+        kind,
+        data: data.into(),
+    })
+}
+
+/// One envelope (or a batch of them) to a frame, either codec.
+macro_rules! envelope_frame {
+    ($name:ident, $env:ident, $nested:ident, $payload:ident) => {{
+        if $env.t == "batch" {
+            return batch_frame($env.f.as_deref(), $nested, |inner| $name(inner, true));
+        }
+        common_frame(
+            &$env.t,
+            $env.seq,
+            $env.id,
+            $env.ack,
+            $env.ts,
+            $env.nonce,
+            $env.from,
+            $env.code,
+            $env.retry,
+            Extra {
+                within: $env.within,
+                token: $env.token.as_deref(),
+                rq: $env.rq,
+                rs: $env.rs,
+                room: $env.r.as_deref(),
+                op: $env.op.as_deref(),
+            },
+            || $payload($env),
+        )
+    }};
+}
+
+pub(super) fn json_frame(env: &JsonEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError> {
+    let payload = |env: &JsonEnvelope<'_>| json_payload(env, nested);
+    envelope_frame!(json_frame, env, nested, payload)
+}
+
+pub(super) fn pack_frame(
+    env: &PackEnvelope<'_>,
+    nested: bool,
+    backing: Option<&Bytes>,
+) -> Result<Frame, DecodeError> {
+    let frame = |inner: &PackEnvelope<'_>, nested| pack_frame(inner, nested, backing);
+    let payload = |env: &PackEnvelope<'_>| pack_payload(env, nested, backing);
+    envelope_frame!(frame, env, nested, payload)
+}
+
+pub(super) fn batch_frame<E>(
+    inner: Option<&[E]>,
+    nested: bool,
+    decode: impl Fn(&E) -> Result<Frame, DecodeError>,
+) -> Result<Frame, DecodeError> {
+    if nested {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: "batches do not nest",
+        });
+    }
+    let inner = need(inner, "batch", "f")?;
+    if inner.is_empty() || inner.len() > MAX_BATCH {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: "a batch holds 1 to 1024 messages",
+        });
+    }
+    let mut msgs = Vec::with_capacity(inner.len());
+    for e in inner {
+        match decode(e)? {
+            Frame::Msg(m) => msgs.push(m),
+            _ => {
+                return Err(DecodeError::InvalidField {
+                    field: "f",
+                    reason: "a batch holds only msg frames",
+                })
+            }
+        }
+    }
+    Ok(Frame::Batch(msgs))
+}
+
+fn pack_payload(
+    env: &PackEnvelope<'_>,
+    nested: bool,
+    backing: Option<&Bytes>,
+) -> Result<Payload, DecodeError> {
+    let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
+    if let Some(p) = detached_payload(detached_of(env.dj, env.dm, env.db)?, embedded, nested)? {
+        return Ok(p);
+    }
+    match (&env.j, env.m, env.b) {
+        (Some(j), None, None) => {
+            check_json_depth(j.as_bytes(), "j")?;
+            serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
+                field: "j",
+                reason: "not a JSON value",
+            })?;
+            Ok(Payload {
+                kind: PayloadKind::Json,
+                data: share(backing, j.as_bytes()),
+            })
+        }
+        (None, Some(m), None) => Ok(Payload {
+            kind: PayloadKind::MsgPack,
+            data: share(backing, m),
+        }),
+        (None, None, Some(b)) => Ok(Payload {
+            kind: PayloadKind::Binary,
+            data: share(backing, b),
+        }),
+        (None, None, None) => Err(DecodeError::MissingField {
+            frame: "msg",
+            field: "j",
+        }),
+        _ => Err(DecodeError::InvalidField {
+            field: "m",
+            reason: "a message carries exactly one payload",
+        }),
+    }
+}
+
+/// Fields only some frame types use.
+struct Extra<'a> {
+    within: Option<u64>,
+    token: Option<&'a str>,
+    rq: Option<bool>,
+    rs: Option<u64>,
+    room: Option<&'a str>,
+    op: Option<&'a str>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn common_frame(
+    t: &str,
+    seq: Option<u64>,
+    id: Option<u64>,
+    ack: Option<u64>,
+    ts: Option<u64>,
+    nonce: Option<u64>,
+    from: Option<u64>,
+    code: Option<u16>,
+    retry: Option<u64>,
+    extra: Extra<'_>,
+    payload: impl FnOnce() -> Result<Payload, DecodeError>,
+) -> Result<Frame, DecodeError> {
+    Ok(match t {
+        "ping" => Frame::Ping {
+            nonce: need(nonce, "ping", "nonce")?,
+        },
+        "pong" => Frame::Pong {
+            nonce: need(nonce, "pong", "nonce")?,
+        },
+        "msg" => {
+            let seq = need(seq, "msg", "seq")?;
+            if seq == 0 {
+                return Err(DecodeError::InvalidField {
+                    field: "seq",
+                    reason: "sequence numbers start at 1",
+                });
+            }
+            let id = need(id, "msg", "id")?;
+            match msg_body(&extra, payload) {
+                Ok((kind, room, payload)) => Frame::Msg(Msg {
+                    seq,
+                    id,
+                    ack,
+                    ts,
+                    kind,
+                    room,
+                    payload,
+                }),
+                // A size over the limit closes the connection (1009).
+                Err(e @ DecodeError::TooLarge { .. }) => return Err(e),
+                // Numbered but unusable: the receiver consumes its number and
+                // refuses it by id (PROTOCOL.md, section 9).
+                Err(e) => Frame::Msg(Msg::invalid(seq, id, ack, InvalidMsg::of(&e))),
+            }
+        }
+        "ack" => Frame::Ack {
+            ack: need(ack, "ack", "ack")?,
+        },
+        "replay" => {
+            let from = need(from, "replay", "from")?;
+            if from == 0 {
+                return Err(DecodeError::InvalidField {
+                    field: "from",
+                    reason: "sequence numbers start at 1",
+                });
+            }
+            Frame::Replay { from }
+        }
+        "goaway" => Frame::GoAway {
+            code: need(code, "goaway", "code")?,
+            retry_after_ms: retry,
+        },
+        "reauth" => Frame::Reauth {
+            within_ms: need(extra.within, "reauth", "within")?,
+        },
+        "auth" => {
+            let token = need(extra.token, "auth", "token")?;
+            if token.len() > MAX_TOKEN_BYTES {
+                return Err(DecodeError::InvalidField {
+                    field: "token",
+                    reason: "longer than 16 KiB",
+                });
+            }
+            Frame::Auth {
+                token: token.to_owned(),
+            }
+        }
+        "" => {
+            return Err(DecodeError::InvalidField {
+                field: "t",
+                reason: "empty frame type",
+            })
+        }
+        "batch" => {
+            return Err(DecodeError::InvalidField {
+                field: "t",
+                reason: "batch handled by the envelope decoder",
+            })
+        }
+        "hello" | "welcome" | "reject" => {
+            return Err(DecodeError::InvalidField {
+                field: "t",
+                reason: "handshake frames are JSON text only",
+            })
+        }
+        other => Frame::Unknown(token(Cow::Borrowed(other), "t")?),
+    })
+}
+
+/// What a `msg` carries besides its numbers: its kind, room and payload,
+/// checked. Inlined: it is on every message's path.
+#[inline(always)]
+fn msg_body(
+    extra: &Extra<'_>,
+    payload: impl FnOnce() -> Result<Payload, DecodeError>,
+) -> Result<(MsgKind, Option<std::sync::Arc<str>>, Payload), DecodeError> {
+    let kind = match (extra.rq, extra.rs, extra.op) {
+        (None | Some(false), None, None) => MsgKind::Plain,
+        (Some(true), None, None) => MsgKind::Request,
+        (None | Some(false), Some(to), None) => MsgKind::Response(to),
+        (None | Some(false), Some(to), Some("refused")) => MsgKind::RefusedMessage(to),
+        (None | Some(false), None, Some(op)) => match op {
+            "join" => MsgKind::Join,
+            "leave" => MsgKind::Leave,
+            "presence" => MsgKind::Presence,
+            "refused" => MsgKind::Refused,
+            _ => {
+                return Err(DecodeError::InvalidField {
+                    field: "op",
+                    reason: "unknown room operation",
+                })
+            }
+        },
+        _ => {
+            return Err(DecodeError::InvalidField {
+                field: "rs",
+                reason: "a message has at most one of rq, rs and op",
+            })
+        }
+    };
+    let room = match extra.room {
+        Some(r) if r.is_empty() || r.len() > MAX_TOKEN_LEN => {
+            return Err(DecodeError::InvalidField {
+                field: "r",
+                reason: "room names are 1 to 256 bytes",
+            })
+        }
+        r => r.map(std::sync::Arc::from),
+    };
+    if kind.needs_room() && room.is_none() {
+        return Err(DecodeError::MissingField {
+            frame: "msg",
+            field: "r",
+        });
+    }
+    Ok((kind, room, payload()?))
+}
+
+pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, DecodeError> {
+    let versions = |v: Option<Vec<u8>>, frame: &'static str| -> Result<Vec<u8>, DecodeError> {
+        let v = need(v, frame, "versions")?;
+        if v.len() > MAX_LIST_LEN {
+            return Err(DecodeError::InvalidField {
+                field: "versions",
+                reason: "more than 32 entries",
+            });
+        }
+        Ok(v)
+    };
+    Ok(match &*env.t {
+        "hello" => {
+            let client = need(env.client, "hello", "client")?;
+            let client = ClientId::from_hex(&client).ok_or(DecodeError::InvalidField {
+                field: "client",
+                reason: "not 32 hex digits",
+            })?;
+            let resume = match (env.session, env.delivered) {
+                (Some(s), Some(delivered)) => Some(Resume {
+                    session: SessionId::from_hex(&s).ok_or(DecodeError::InvalidField {
+                        field: "session",
+                        reason: "not 32 hex digits",
+                    })?,
+                    delivered,
+                    key: resume_key(env.key)?,
+                }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(DecodeError::MissingField {
+                        frame: "hello",
+                        field: "delivered",
+                    })
+                }
+                (None, Some(_)) => {
+                    return Err(DecodeError::MissingField {
+                        frame: "hello",
+                        field: "session",
+                    })
+                }
+            };
+            // Every peer speaks JSON: a hello that names no codecs gets it.
+            let codecs = match env.codecs {
+                None => vec![Codec::Json.name().to_owned()],
+                some => token_list(some, "codecs")?,
+            };
+            Frame::Hello(Hello {
+                versions: versions(env.versions, "hello")?,
+                client,
+                resume,
+                caps: token_list(env.caps, "caps")?,
+                codecs: codecs.iter().filter_map(|c| Codec::from_name(c)).collect(),
+            })
+        }
+        "welcome" => {
+            let codec = need(env.codec, "welcome", "codec")?;
+            let session = need(env.session, "welcome", "session")?;
+            Frame::Welcome(Welcome {
+                version: need(env.version, "welcome", "version")?,
+                codec: Codec::from_name(&codec).ok_or(DecodeError::InvalidField {
+                    field: "codec",
+                    reason: "unknown codec",
+                })?,
+                session: SessionId::from_hex(&session).ok_or(DecodeError::InvalidField {
+                    field: "session",
+                    reason: "not 32 hex digits",
+                })?,
+                resumed: env.resumed.unwrap_or(false),
+                lost: env.lost.map(|l| token(l, "lost")).transpose()?,
+                delivered: env.delivered.unwrap_or(0),
+                features: token_list(env.features, "features")?,
+                ping_interval_ms: need(env.ping_ms, "welcome", "ping_ms")?,
+                pong_timeout_ms: need(env.pong_ms, "welcome", "pong_ms")?,
+                max_message: need(env.max, "welcome", "max")?,
+                key: resume_key(env.key)?,
+            })
+        }
+        "reject" => Frame::Reject(Reject {
+            code: need(env.code, "reject", "code")?,
+            reason: token(need(env.reason, "reject", "reason")?, "reason")?,
+            message: env
+                .message
+                .map(|m| m.chars().take(MAX_TOKEN_LEN).collect())
+                .unwrap_or_default(),
+            versions: env.versions.unwrap_or_default(),
+            retry_after_ms: env.retry,
+        }),
+        _ => {
+            return Err(DecodeError::InvalidField {
+                field: "t",
+                reason: "not a handshake frame",
+            })
+        }
+    })
+}

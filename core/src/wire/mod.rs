@@ -1,0 +1,268 @@
+//! The wire format: frames, the two envelope codecs, the binary header.
+//!
+//! Owns the bytes: turning [`Frame`]s into WebSocket messages and back, the
+//! size limit checked before any parsing, and every typed decode error. It
+//! must never panic or allocate more than the frame it was handed, whatever
+//! the peer sends; it knows nothing of states or timers. PROTOCOL.md is the
+//! human-readable version of this module and changes with it.
+//!
+//! * Text WebSocket messages carry JSON envelopes.
+//! * Binary WebSocket messages start with a 6-byte header
+//!   (`kind: u8, version: u8, length: u32 LE`) followed by `length` bytes: a
+//!   MessagePack envelope (`kind = 0x01`) or a raw application datagram
+//!   (`kind = 0x02`).
+//! * `hello`, `welcome` and `reject` are always JSON, so a peer can read the
+//!   handshake before any codec is agreed.
+//!
+//! Here are the constants, the limits and the entry points ([`encode`],
+//! [`decode`] and their kin). The rest is split by direction, so that no
+//! two of the files below import each other:
+//!
+//! * `frame`, `payload`, `error`: the types both directions share;
+//!   `header`: the binary header and the upgrade headers; `envelope`: the
+//!   envelopes in serde form.
+//! * `encode`: frames to bytes; `buffers`: the memory the machines'
+//!   `Encoder` encodes into.
+//! * `decode`: bytes to envelopes, and detached payloads ([`Decoder`]);
+//!   `quick`: the hand-written MessagePack envelope reader; `fields`:
+//!   envelopes to frames, every field checked.
+//!
+//! [`encode`]: fn@encode
+//! [`decode`]: fn@decode
+
+use bytes::Bytes;
+
+use decode::{check_size, decode_one, Decoded};
+use encode::{encode_handshake, encode_json, encode_msgpack, write_json_msg, write_pack_msg};
+use error::serializer_error;
+use header::{push_header, seal_msgpack};
+
+mod buffers;
+mod decode;
+mod encode;
+mod envelope;
+mod error;
+mod fields;
+mod frame;
+mod header;
+mod payload;
+mod quick;
+#[cfg(test)]
+mod tests;
+
+pub use crate::ids::{ClientId, SessionId};
+pub(crate) use buffers::Encoder;
+pub use decode::Decoder;
+pub use error::{DecodeError, EncodeError, InvalidMsg};
+pub use frame::{
+    Frame, Hello, Incoming, Msg, MsgKind, Reject, Resume, ResumeKey, Transmit, Welcome,
+};
+pub use header::{header_value, into_header_value, HELLO_HEADER, MAX_HELLO_HEADER, WELCOME_HEADER};
+pub use payload::{Payload, PayloadError, PayloadKind};
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use quick::assert_quick_envelope_agrees;
+
+/// The protocol version this crate speaks best.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Every protocol version this crate can speak, newest first.
+pub const SUPPORTED_VERSIONS: &[u8] = &[1];
+/// Length of the binary header in front of every binary message.
+pub const BINARY_HEADER_LEN: usize = 6;
+/// Binary header kind: a MessagePack envelope follows.
+pub const KIND_MSGPACK: u8 = 0x01;
+/// Binary header kind: a raw application datagram follows.
+pub const KIND_RAW: u8 = 0x02;
+/// Longest string (ids, reasons, capability names) accepted in a handshake.
+pub const MAX_TOKEN_LEN: usize = 256;
+/// Deepest nesting accepted in a MessagePack value, so hostile input cannot
+/// exhaust the stack.
+pub const MAX_MSGPACK_DEPTH: usize = 64;
+/// Deepest nesting of arrays and objects in a JSON payload, as for
+/// MessagePack: deeper values are refused on receipt and by
+/// [`Payload::json`], so no peer's parser is asked to recurse further.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Longest credential accepted in an `auth` frame.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Most messages in one batch frame.
+pub const MAX_BATCH: usize = 1024;
+/// Most list entries (versions, codecs, capabilities) accepted in a handshake.
+pub const MAX_LIST_LEN: usize = 32;
+
+/// Capability: the peer can receive detached payloads (PROTOCOL.md,
+/// section 2.1). Every Kitestring peer announces it.
+pub const CAP_DETACH: &str = "detach";
+
+/// Payloads from this size up are sent detached to a peer that can receive
+/// them: below it, copying the payload into the envelope costs less than a
+/// WebSocket message of its own.
+pub const DETACH_FROM: usize = 4096;
+
+/// Whether `m` goes detached to a peer that can (`peer_detach`) or cannot
+/// receive detached payloads: the one rule the encoder and the machines'
+/// batching both follow.
+pub(crate) fn detaches(m: &Msg, peer_detach: bool) -> bool {
+    peer_detach && m.payload.len() >= DETACH_FROM
+}
+
+/// An envelope codec, agreed in the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    /// JSON in text messages: readable in any debugger. Every peer speaks it.
+    Json,
+    /// MessagePack in binary messages behind the binary header: compact.
+    MsgPack,
+}
+
+impl Codec {
+    /// The codec's name in `hello.codecs` and `welcome.codec`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Json => "json",
+            Codec::MsgPack => "msgpack",
+        }
+    }
+
+    /// The codec with this wire name; unknown names are `None` (and ignored).
+    pub fn from_name(name: &str) -> Option<Codec> {
+        match name {
+            "json" => Some(Codec::Json),
+            "msgpack" => Some(Codec::MsgPack),
+            _ => None,
+        }
+    }
+}
+
+/// Decoding limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest message accepted, in bytes, checked before parsing.
+    pub max_message: usize,
+    /// The negotiated protocol version, checked against the binary header.
+    pub version: u8,
+}
+
+/// Encodes a frame for the wire with the negotiated codec and version.
+///
+/// Handshake frames are always JSON; [`Frame::Raw`] always uses the binary
+/// header. Fails only if a frame cannot be represented (an [`Frame::Unknown`]).
+pub fn encode(frame: &Frame, codec: Codec, version: u8) -> Result<Transmit, EncodeError> {
+    let mut out = Vec::new();
+    let kind = encode_into(frame, codec, version, &mut out)?;
+    Ok(kind.with(out.into()))
+}
+
+/// Encodes a handshake frame (`hello`, `welcome` or `reject`) as JSON text,
+/// for a [`HELLO_HEADER`] or [`WELCOME_HEADER`]: compact JSON, escaped only
+/// where [`header_value`] must.
+pub fn handshake_header(frame: &Frame) -> Result<String, EncodeError> {
+    let mut out = Vec::new();
+    encode_handshake(frame, &mut out)?;
+    // serde_json writes UTF-8.
+    let json = String::from_utf8(out).map_err(serializer_error)?;
+    Ok(into_header_value(json))
+}
+
+/// Which kind of WebSocket message an encoded frame travels in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A text message.
+    Text,
+    /// A binary message.
+    Binary,
+}
+
+impl FrameKind {
+    #[inline]
+    fn with(self, data: Bytes) -> Transmit {
+        match self {
+            FrameKind::Text => Transmit::Text(data),
+            FrameKind::Binary => Transmit::Binary(data),
+        }
+    }
+}
+
+/// Encodes a frame into `out` (cleared first) and says which kind of
+/// WebSocket message carries it.
+#[inline]
+pub fn encode_into(
+    frame: &Frame,
+    codec: Codec,
+    version: u8,
+    out: &mut Vec<u8>,
+) -> Result<FrameKind, EncodeError> {
+    out.clear();
+    match frame {
+        Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_) => {
+            encode_handshake(frame, out)?;
+            Ok(FrameKind::Text)
+        }
+        Frame::Raw(data) => {
+            out.reserve(BINARY_HEADER_LEN + data.len());
+            push_header(out, KIND_RAW, version, data.len())?;
+            out.extend_from_slice(data);
+            Ok(FrameKind::Binary)
+        }
+        Frame::Unknown(_) => Err(EncodeError::Unrepresentable),
+        _ => match codec {
+            Codec::Json => {
+                encode_json(frame, out)?;
+                Ok(FrameKind::Text)
+            }
+            Codec::MsgPack => {
+                encode_msgpack(frame, version, out)?;
+                Ok(FrameKind::Binary)
+            }
+        },
+    }
+}
+
+/// Encodes `m` with its payload detached (PROTOCOL.md, section 2.1): the
+/// envelope, announcing the payload's kind and length, then the payload
+/// itself as a binary message of its own, shared with `m` (no copy). Send
+/// the two back to back, and only to a peer that announced the
+/// [`CAP_DETACH`] capability.
+pub fn encode_detached(m: &Msg, codec: Codec, version: u8) -> Result<[Transmit; 2], EncodeError> {
+    let mut out = Vec::new();
+    let kind = encode_detached_into(m, codec, version, &mut out)?;
+    Ok([
+        kind.with(out.into()),
+        Transmit::Binary(m.payload.data.clone()),
+    ])
+}
+
+/// Encodes the envelope of `m` with its payload detached into `out`
+/// (cleared first).
+fn encode_detached_into(
+    m: &Msg,
+    codec: Codec,
+    version: u8,
+    out: &mut Vec<u8>,
+) -> Result<FrameKind, EncodeError> {
+    out.clear();
+    match codec {
+        Codec::Json => {
+            write_json_msg(m, out, true)?;
+            Ok(FrameKind::Text)
+        }
+        Codec::MsgPack => {
+            out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
+            write_pack_msg(m, out, true)?;
+            seal_msgpack(out, version)?;
+            Ok(FrameKind::Binary)
+        }
+    }
+}
+
+/// Decodes one incoming message. The size limit is checked before parsing.
+pub fn decode(msg: Incoming<'_>, limits: &Limits) -> Result<Frame, DecodeError> {
+    check_size(msg.len(), limits)?;
+    match decode_one(msg, limits.version)? {
+        Decoded::Frame(frame) => Ok(frame),
+        Decoded::Detached(_) => Err(DecodeError::InvalidField {
+            field: "dj",
+            reason: "a detached payload needs the stream's wire::Decoder",
+        }),
+    }
+}

@@ -1,0 +1,1006 @@
+//! Unit tests of the wire format: both codecs against each other and
+//! against serde, detached payloads, batches, and every decode error.
+//!
+//! The encoder's memory is tested beside it, in `buffers`.
+
+use super::encode::{json_msg, pack_msg};
+use super::envelope::{bounded_batch, PackEnvelope};
+use super::error::INVALID;
+use super::fields::pack_frame;
+use super::quick::serde_pack_envelope;
+use super::*;
+
+pub(super) const LIMITS: Limits = Limits {
+    max_message: 1 << 20,
+    version: 1,
+};
+
+#[test]
+fn handshake_headers_are_printable_and_decode_to_the_frame() {
+    let non_ascii = Frame::Reject(Reject {
+        code: 4403,
+        reason: "forbidden".into(),
+        message: "caf\u{e9} \u{2615} \u{1d11e}\ttab".into(),
+        versions: vec![1],
+        retry_after_ms: Some(250),
+    });
+    let frames = samples()
+        .into_iter()
+        .filter(|f| matches!(f, Frame::Hello(_) | Frame::Welcome(_) | Frame::Reject(_)))
+        .chain([non_ascii.clone()]);
+    for frame in frames {
+        let header = handshake_header(&frame).unwrap();
+        assert!(
+            header.bytes().all(|b| (0x20..0x7f).contains(&b)),
+            "{header}"
+        );
+        let Transmit::Text(json) = encode(&frame, Codec::Json, 1).unwrap() else {
+            panic!("a handshake frame is text");
+        };
+        assert_eq!(header, header_value(std::str::from_utf8(&json).unwrap()));
+        assert_eq!(decode(Incoming::Text(&header), &LIMITS).unwrap(), frame);
+    }
+    let escaped = handshake_header(&non_ascii).unwrap();
+    assert!(
+        escaped.contains("caf\\u00e9 \\u2615 \\ud834\\udd1e\\ttab"),
+        "{escaped}"
+    );
+    assert!(matches!(
+        handshake_header(&Frame::Ping { nonce: 1 }),
+        Err(EncodeError::Unrepresentable)
+    ));
+}
+
+fn samples() -> Vec<Frame> {
+    let sid = SessionId([7; 16]);
+    vec![
+        Frame::Hello(Hello {
+            versions: vec![1],
+            client: ClientId([1; 16]),
+            resume: Some(Resume {
+                session: sid,
+                delivered: 41,
+                key: Some(ResumeKey([9; 16])),
+            }),
+            caps: vec!["batch".into()],
+            codecs: vec![Codec::MsgPack, Codec::Json],
+        }),
+        Frame::Welcome(Welcome {
+            version: 1,
+            codec: Codec::MsgPack,
+            session: sid,
+            resumed: false,
+            lost: Some("unknown_session".into()),
+            delivered: 0,
+            features: vec![],
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 10_000,
+            max_message: 1 << 20,
+            key: Some(ResumeKey([5; 16])),
+        }),
+        Frame::Reject(Reject {
+            code: 4001,
+            reason: "unsupported_version".into(),
+            message: "server speaks 1".into(),
+            versions: vec![1],
+            retry_after_ms: None,
+        }),
+        Frame::Ping { nonce: 9 },
+        Frame::Pong { nonce: u64::MAX },
+        Frame::Ack { ack: 12 },
+        Frame::Replay { from: 3 },
+        Frame::GoAway {
+            code: 1001,
+            retry_after_ms: Some(500),
+        },
+        Frame::Raw(Bytes::from_static(b"\x00\x01pos")),
+        Frame::Reauth { within_ms: 30_000 },
+        Frame::Auth {
+            token: "eyJhbGciOi.\"quoted\".sig".into(),
+        },
+        Frame::Msg(Msg {
+            seq: 1,
+            id: 77,
+            ack: Some(4),
+            ts: Some(1_700_000_000_000),
+            kind: MsgKind::Plain,
+            room: Some("lobby".into()),
+            payload: Payload::json(&br#"{"x":[1,2,"\u00e9"]}"#[..]).unwrap(),
+        }),
+        Frame::Msg(Msg {
+            seq: 2,
+            id: 78,
+            ack: None,
+            ts: None,
+            kind: MsgKind::Request,
+            room: None,
+            payload: Payload::binary(&b"\xff\x00bin"[..]),
+        }),
+        Frame::Msg(Msg {
+            seq: 3,
+            id: 79,
+            ack: None,
+            ts: None,
+            kind: MsgKind::Response(78),
+            room: None,
+            payload: Payload::msgpack(rmp_serde::to_vec(&(1, "two")).unwrap()).unwrap(),
+        }),
+    ]
+}
+
+pub(super) fn msg_with(payload: Payload) -> Frame {
+    Frame::Msg(Msg {
+        seq: 1,
+        id: 1,
+        ack: None,
+        ts: None,
+        kind: MsgKind::Plain,
+        room: None,
+        payload,
+    })
+}
+
+pub(super) fn payload_of(frame: &Frame) -> &Bytes {
+    match frame {
+        Frame::Msg(m) => &m.payload.data,
+        Frame::Raw(b) => b,
+        other => panic!("not a msg: {other:?}"),
+    }
+}
+
+fn detached_msg(payload: Payload) -> Msg {
+    Msg {
+        seq: 300,
+        id: 70_000,
+        ack: Some(5),
+        ts: Some(1_700_000_000_000),
+        kind: MsgKind::Response(12),
+        room: Some("lobby".into()),
+        payload,
+    }
+}
+
+/// Every payload kind, in both codecs, goes detached and comes back
+/// whole; received in a shared buffer, the payload is that buffer.
+#[test]
+fn detached_payloads_round_trip_and_are_shared_with_their_message() {
+    let json = format!("[{}1]", "1,".repeat(3000));
+    for payload in [
+        Payload::json(json.into_bytes()).unwrap(),
+        Payload::msgpack(msgpack_string(5000)).unwrap(),
+        Payload::binary(vec![7u8; 16 * 1024]),
+        Payload::binary(Vec::new()),
+    ] {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let m = detached_msg(payload.clone());
+            let [head, body] = encode_detached(&m, codec, 1).unwrap();
+            assert_eq!(
+                matches!(head, Transmit::Text(_)),
+                codec == Codec::Json,
+                "the envelope travels in the codec's kind of message"
+            );
+            assert!(head.len() < 100, "{head:?}");
+            let Transmit::Binary(body) = body else {
+                panic!("the payload is a binary message")
+            };
+            assert_eq!(body.as_ptr(), payload.data().as_ptr(), "not copied");
+            // Alone, the envelope cannot be decoded.
+            assert!(matches!(
+                decode(head.as_incoming(), &LIMITS),
+                Err(DecodeError::InvalidField { field: "dj", .. })
+            ));
+            let mut decoder = Decoder::new();
+            assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
+            assert_eq!(decoder.awaiting(), Some(payload.len()));
+            let got = decoder
+                .decode(Incoming::SharedBinary(&body), &LIMITS)
+                .unwrap();
+            assert_eq!(got, Some(Frame::Msg(m.clone())));
+            assert_eq!(payload_of(got.as_ref().unwrap()).as_ptr(), body.as_ptr());
+            assert_eq!(decoder.awaiting(), None);
+            // Copied from a plain slice, the same message.
+            assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
+            let got = decoder.decode(Incoming::Binary(&body), &LIMITS).unwrap();
+            assert_eq!(got, Some(Frame::Msg(m)));
+            // Anything else goes through as with `decode`.
+            let ping = encode(&Frame::Ping { nonce: 4 }, codec, 1).unwrap();
+            assert_eq!(
+                decoder.decode(ping.as_incoming(), &LIMITS),
+                Ok(Some(Frame::Ping { nonce: 4 }))
+            );
+        }
+    }
+}
+
+/// The encoder sends a payload detached only to a peer that can take
+/// it and only from [`DETACH_FROM`] bytes up; a detached payload is the
+/// message's own bytes.
+#[test]
+fn the_encoder_detaches_large_payloads_for_peers_that_take_them() {
+    let mut encoder = Encoder::for_server();
+    let mut count = |len: usize, detach: bool| {
+        let m = detached_msg(Payload::binary(vec![1u8; len]));
+        let mut out = Vec::new();
+        encoder
+            .encode_each(&Frame::Msg(m.clone()), Codec::MsgPack, 1, detach, |t| {
+                out.push(t)
+            })
+            .unwrap();
+        if out.len() == 2 {
+            assert_eq!(out[1].data().as_ptr(), m.payload.data().as_ptr());
+            let mut decoder = Decoder::new();
+            assert_eq!(decoder.decode(out[0].as_incoming(), &LIMITS), Ok(None));
+            assert_eq!(
+                decoder.decode(out[1].as_incoming(), &LIMITS),
+                Ok(Some(Frame::Msg(m)))
+            );
+        } else {
+            assert_eq!(decode(out[0].as_incoming(), &LIMITS), Ok(Frame::Msg(m)));
+        }
+        out.len()
+    };
+    assert_eq!(count(DETACH_FROM - 1, true), 1);
+    assert_eq!(count(DETACH_FROM, true), 2);
+    assert_eq!(count(64 * 1024, true), 2);
+    assert_eq!(count(64 * 1024, false), 1);
+    assert_eq!(count(32, true), 1);
+}
+
+#[test]
+fn detached_payloads_are_checked() {
+    let m = detached_msg(Payload::binary(vec![1u8; 5000]));
+    let [head, body] = encode_detached(&m, Codec::MsgPack, 1).unwrap();
+    let mut decoder = Decoder::new();
+    // The next message is not the payload: it is dropped, the numbered
+    // envelope comes out invalid (to be refused by id, not stall the
+    // stream), and the decoder starts afresh.
+    for wrong in [
+        Incoming::Binary(&body.data()[1..]),
+        Incoming::Text("{\"t\":\"ping\",\"nonce\":1}"),
+    ] {
+        assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
+        match decoder.decode(wrong, &LIMITS) {
+            Ok(Some(Frame::Msg(Msg {
+                seq,
+                id,
+                kind: MsgKind::Invalid(what),
+                ..
+            }))) => {
+                assert_eq!((seq, id), (m.seq, m.id));
+                assert_eq!(what.field(), "payload");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(decoder.awaiting(), None);
+    }
+    // A payload over the limit is refused at its envelope.
+    let small = Limits {
+        max_message: 4999,
+        version: 1,
+    };
+    assert_eq!(
+        decoder.decode(head.as_incoming(), &small),
+        Err(DecodeError::TooLarge {
+            size: 5000,
+            max: 4999
+        })
+    );
+    assert_eq!(decoder.awaiting(), None);
+    // A detached JSON payload must be JSON.
+    let mut bad = detached_msg(Payload::json(&b"[1]"[..]).unwrap());
+    bad.payload.data = Bytes::from_static(b"[1,");
+    let [head, body] = encode_detached(&bad, Codec::MsgPack, 1).unwrap();
+    assert_eq!(decoder.decode(head.as_incoming(), &LIMITS), Ok(None));
+    // Numbered, so consumed as an invalid message rather than dropped.
+    assert!(matches!(
+        decoder.decode(body.as_incoming(), &LIMITS),
+        Ok(Some(Frame::Msg(Msg {
+            kind: MsgKind::Invalid(what),
+            ..
+        }))) if what.field() == "dj"
+    ));
+    // One payload per message, and none detached inside a batch: the
+    // message is numbered, so it is consumed as an invalid message (its
+    // announced payload first, when one is announced).
+    let invalid = |frame: Option<Frame>| match frame {
+        Some(Frame::Msg(m)) => matches!(m.kind, MsgKind::Invalid(_)),
+        Some(Frame::Batch(b)) => b.iter().all(|m| matches!(m.kind, MsgKind::Invalid(_))),
+        _ => false,
+    };
+    let mut decoder = Decoder::new();
+    let text = r#"{"t":"msg","seq":1,"id":1,"j":1,"dj":1}"#;
+    assert_eq!(decoder.decode(Incoming::Text(text), &LIMITS), Ok(None));
+    assert!(invalid(
+        decoder.decode(Incoming::Binary(b"1"), &LIMITS).unwrap()
+    ));
+    for text in [
+        r#"{"t":"msg","seq":1,"id":1,"db":1,"dm":1}"#,
+        r#"{"t":"batch","f":[{"t":"msg","seq":1,"id":1,"db":1}]}"#,
+    ] {
+        let frame = Decoder::new()
+            .decode(Incoming::Text(text), &LIMITS)
+            .unwrap();
+        assert!(invalid(frame.clone()), "{text}: {frame:?}");
+    }
+    // Other frame types ignore the fields, as any field they do not use.
+    assert_eq!(
+        Decoder::new().decode(Incoming::Text(r#"{"t":"ping","nonce":2,"db":9}"#), &LIMITS),
+        Ok(Some(Frame::Ping { nonce: 2 }))
+    );
+}
+
+#[test]
+fn every_frame_round_trips_in_both_codecs() {
+    for codec in [Codec::Json, Codec::MsgPack] {
+        for frame in samples() {
+            let wire = encode(&frame, codec, 1).unwrap();
+            let back = decode(wire.as_incoming(), &LIMITS)
+                .unwrap_or_else(|e| panic!("{codec:?} {frame:?}: {e}"));
+            assert_eq!(back, frame, "{codec:?}");
+        }
+    }
+}
+
+#[test]
+fn the_quick_envelope_reader_takes_what_kitestring_writes_and_agrees_with_serde() {
+    let mut frames = samples();
+    frames.push(Frame::Batch(
+        samples()
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Msg(m) => Some(m),
+                _ => None,
+            })
+            .collect(),
+    ));
+    for frame in frames {
+        let Transmit::Binary(wire) = encode(&frame, Codec::MsgPack, 1).unwrap() else {
+            continue;
+        };
+        let took = assert_quick_envelope_agrees(&wire);
+        // Batches (a nested array of maps) are left to serde; raw
+        // frames have no envelope.
+        let quick = !matches!(frame, Frame::Batch(_) | Frame::Raw(_));
+        assert_eq!(took, quick, "{frame:?}");
+    }
+}
+
+#[test]
+fn the_quick_envelope_reader_leaves_unusual_forms_to_serde() {
+    use rmp::encode::{
+        write_array_len, write_map_len, write_nil, write_sint, write_str, write_uint,
+    };
+    let framed = |body: Vec<u8>| {
+        let mut msg = vec![KIND_MSGPACK, 1];
+        msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    };
+    type Entry<'a> = (&'a str, &'a dyn Fn(&mut Vec<u8>));
+    let map = |fields: &[Entry<'_>], extra: &[u8]| {
+        let mut b = Vec::new();
+        write_map_len(&mut b, fields.len() as u32).unwrap();
+        for (k, v) in fields {
+            write_str(&mut b, k).unwrap();
+            v(&mut b);
+        }
+        b.extend_from_slice(extra);
+        framed(b)
+    };
+    let ack = |b: &mut Vec<u8>| write_str(b, "ack").unwrap();
+    let n = |v: u64| {
+        move |b: &mut Vec<u8>| {
+            write_uint(b, v).unwrap();
+        }
+    };
+    let plain = map(&[("t", &ack), ("ack", &n(5))], &[]);
+    assert!(assert_quick_envelope_agrees(&plain));
+    let nil = |b: &mut Vec<u8>| write_nil(b).unwrap();
+    let signed = |b: &mut Vec<u8>| {
+        write_sint(b, -1).unwrap();
+    };
+    let truncated = |b: &mut Vec<u8>| b.push(0xd0); // an int8 marker, no data
+    let unusual = [
+        // A nil, a negative number, a truncated integer.
+        map(&[("t", &ack), ("ack", &nil)], &[]),
+        map(&[("t", &ack), ("ack", &signed)], &[]),
+        map(&[("t", &ack), ("ack", &truncated)], &[]),
+        // A key twice, an unknown key, bytes after the map.
+        map(&[("t", &ack), ("ack", &n(5)), ("ack", &n(6))], &[]),
+        map(&[("t", &ack), ("t", &ack)], &[]),
+        map(&[("t", &ack), ("ack", &n(5)), ("extra", &n(1))], &[]),
+        map(&[("t", &ack), ("ack", &n(5))], &[0xc0]),
+        // No type, a code out of range, a batch.
+        map(&[("ack", &n(5))], &[]),
+        map(&[("t", &ack), ("code", &n(70_000))], &[]),
+        map(
+            &[
+                ("t", &ack),
+                ("f", &|b: &mut Vec<u8>| {
+                    write_array_len(b, 0).map(drop).unwrap()
+                }),
+            ],
+            &[],
+        ),
+        // Not a map: the struct as an array, keys as field indexes.
+        framed({
+            let mut b = Vec::new();
+            write_array_len(&mut b, 1).unwrap();
+            write_str(&mut b, "ack").unwrap();
+            b
+        }),
+        framed({
+            let mut b = Vec::new();
+            write_map_len(&mut b, 1).unwrap();
+            write_uint(&mut b, 0).unwrap();
+            write_str(&mut b, "ack").unwrap();
+            b
+        }),
+    ];
+    for msg in unusual {
+        assert!(!assert_quick_envelope_agrees(&msg), "{msg:x?}");
+        // What serde makes of it is what decoding gives.
+        let body = &msg[BINARY_HEADER_LEN..];
+        let expected = serde_pack_envelope(body).and_then(|env| pack_frame(&env, false, None));
+        assert_eq!(
+            decode(Incoming::Binary(&msg), &LIMITS),
+            expected,
+            "{msg:x?}"
+        );
+    }
+}
+
+#[test]
+fn batches_round_trip_and_are_checked() {
+    let msgs: Vec<Msg> = samples()
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Msg(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    let batch = Frame::Batch(msgs);
+    for codec in [Codec::Json, Codec::MsgPack] {
+        let wire = encode(&batch, codec, 1).unwrap();
+        assert_eq!(
+            decode(wire.as_incoming(), &LIMITS).unwrap(),
+            batch,
+            "{codec:?}"
+        );
+    }
+    let bad: &[(&str, &str)] = &[
+        (
+            r#"{"t":"batch","f":[]}"#,
+            "a batch holds 1 to 1024 messages",
+        ),
+        (
+            r#"{"t":"batch","f":[{"t":"ping","nonce":1}]}"#,
+            "a batch holds only msg frames",
+        ),
+    ];
+    for (text, reason) in bad {
+        assert_eq!(
+            decode(Incoming::Text(text), &LIMITS).unwrap_err(),
+            DecodeError::InvalidField { field: "f", reason },
+            "{text}"
+        );
+    }
+    match decode(
+        Incoming::Text(r#"{"t":"batch","f":[{"t":"batch","f":[]}]}"#),
+        &LIMITS,
+    ) {
+        Err(DecodeError::Json { message, .. }) => assert!(message.contains("do not nest")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        decode(Incoming::Text(r#"{"t":"batch"}"#), &LIMITS).unwrap_err(),
+        DecodeError::MissingField {
+            frame: "batch",
+            field: "f"
+        }
+    );
+}
+
+#[test]
+fn json_payloads_are_stored_without_surrounding_whitespace() {
+    let p = Payload::json(&b" \n 1 \t"[..]).unwrap();
+    assert_eq!(&p.data()[..], b"1");
+    let f = msg_with(p);
+    for codec in [Codec::Json, Codec::MsgPack] {
+        let wire = encode(&f, codec, 1).unwrap();
+        assert_eq!(decode(wire.as_incoming(), &LIMITS).unwrap(), f, "{codec:?}");
+    }
+}
+
+#[test]
+fn hand_written_json_matches_serde() {
+    let payloads = [
+        Payload::json(&br#"{"a":[1,"\u00e9\n"]}"#[..]).unwrap(),
+        Payload::null(),
+        Payload::binary(&b"\x00\xff binary"[..]),
+        Payload::msgpack(vec![0x92, 0x01, 0xa1, b'x']).unwrap(),
+    ];
+    let kinds = [
+        MsgKind::Plain,
+        MsgKind::Request,
+        MsgKind::Response(9),
+        MsgKind::Join,
+        MsgKind::Presence,
+    ];
+    for payload in &payloads {
+        for kind in kinds {
+            for room in [None, Some("lobby"), Some("quo\"te\\ \u{1}")] {
+                let m = Msg {
+                    seq: 7,
+                    id: u64::MAX,
+                    ack: Some(3),
+                    ts: (kind == MsgKind::Plain).then_some(1_700_000_000_000),
+                    kind,
+                    room: room.map(std::sync::Arc::from),
+                    payload: payload.clone(),
+                };
+                let mut ours = Vec::new();
+                write_json_msg(&m, &mut ours, false).unwrap();
+                let theirs = serde_json::to_vec(&json_msg(&m).unwrap()).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&ours),
+                    String::from_utf8_lossy(&theirs)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hand_written_msgpack_matches_serde() {
+    // Lengths on each side of MessagePack's size classes: fixstr/str8
+    // at 31/32, str8/str16 and bin8/bin16 at 255/256, 16/32 bits at
+    // 65 535/65 536.
+    let sizes = [0usize, 1, 31, 32, 255, 256, 65_535, 65_536];
+    let mut payloads = vec![Payload::null()];
+    for n in sizes {
+        payloads.push(Payload::binary(vec![0xa5; n]));
+        payloads.push(Payload::msgpack(msgpack_string(n)).unwrap());
+        payloads.push(Payload::json(format!("\"{}\"", "x".repeat(n.saturating_sub(2)))).unwrap());
+    }
+    let ints = [
+        0u64,
+        1,
+        127,
+        128,
+        255,
+        256,
+        65_535,
+        65_536,
+        u64::from(u32::MAX),
+        u64::from(u32::MAX) + 1,
+        u64::MAX,
+    ];
+    let kinds = [
+        MsgKind::Plain,
+        MsgKind::Request,
+        MsgKind::Response(9),
+        MsgKind::Response(u64::MAX),
+        MsgKind::Join,
+        MsgKind::Leave,
+        MsgKind::Presence,
+    ];
+    let long_room = "r".repeat(MAX_TOKEN_LEN);
+    let rooms = [
+        None,
+        Some("lobby"),
+        Some(&"é".repeat(16)[..]),
+        Some(&long_room[..]),
+    ];
+    let check = |m: &Msg| {
+        let mut ours = Vec::new();
+        write_pack_msg(m, &mut ours, false).unwrap();
+        let theirs = rmp_serde::to_vec_named(&pack_msg(m).unwrap()).unwrap();
+        assert!(ours == theirs, "{m:?}");
+    };
+    for payload in &payloads {
+        for kind in kinds {
+            for room in rooms {
+                check(&Msg {
+                    seq: 7,
+                    id: 300,
+                    ack: Some(3),
+                    ts: (kind == MsgKind::Plain).then_some(1_700_000_000_000),
+                    kind,
+                    room: room.map(std::sync::Arc::from),
+                    payload: payload.clone(),
+                });
+            }
+        }
+    }
+    for (i, &n) in ints.iter().enumerate() {
+        let other = ints[(i + 3) % ints.len()];
+        for (ack, ts) in [
+            (None, None),
+            (Some(n), None),
+            (None, Some(other)),
+            (Some(other), Some(n)),
+        ] {
+            check(&Msg {
+                seq: n,
+                id: other,
+                ack,
+                ts,
+                kind: MsgKind::Plain,
+                room: None,
+                payload: Payload::binary(&b"x"[..]),
+            });
+        }
+    }
+    // A batch of them, too.
+    let batch = Frame::Batch(
+        (1..4)
+            .map(|i| Msg {
+                seq: i,
+                id: i + 10,
+                ack: None,
+                ts: None,
+                kind: MsgKind::Plain,
+                room: Some(std::sync::Arc::from("lobby")),
+                payload: Payload::binary(vec![1u8; 40]),
+            })
+            .collect(),
+    );
+    let ours = encode(&batch, Codec::MsgPack, 1).unwrap();
+    let Frame::Batch(msgs) = &batch else {
+        unreachable!()
+    };
+    let env = PackEnvelope {
+        t: "batch".into(),
+        f: Some(msgs.iter().map(|m| pack_msg(m).unwrap()).collect()),
+        ..PackEnvelope::default()
+    };
+    let theirs = rmp_serde::to_vec_named(&env).unwrap();
+    assert_eq!(&ours.data()[BINARY_HEADER_LEN..], &theirs[..]);
+    assert_eq!(decode(ours.as_incoming(), &LIMITS).unwrap(), batch);
+}
+
+/// A MessagePack string of `n` bytes, as a payload's encoded value.
+fn msgpack_string(n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmp::encode::write_str(&mut out, &"s".repeat(n)).unwrap();
+    out
+}
+
+/// Found by the `decode_msgpack` and `decode_binary_header` fuzz targets:
+/// a 14-byte envelope declaring a batch of 65 535 entries made the
+/// decoder reserve about 1 MiB before reading any of them.
+#[test]
+fn declared_batch_lengths_are_not_trusted() {
+    struct Lying;
+    impl Iterator for Lying {
+        type Item = u8;
+        fn next(&mut self) -> Option<u8> {
+            None
+        }
+        fn size_hint(&self) -> (usize, Option<usize>) {
+            (1_000_000, Some(1_000_000))
+        }
+    }
+    let de = serde::de::value::SeqDeserializer::<_, serde::de::value::Error>::new(Lying);
+    let v: Option<Vec<u8>> = bounded_batch(de).unwrap();
+    assert!(v.unwrap().capacity() <= 4);
+
+    let crash: &[u8] = &[0x85, 0xa1, 0x66, 0xdc, 0x92, 0x8c, 0x67, 0xdc];
+    let mut frame = vec![KIND_MSGPACK, 1];
+    frame.extend_from_slice(&(crash.len() as u32).to_le_bytes());
+    frame.extend_from_slice(crash);
+    assert!(matches!(
+        decode(Incoming::Binary(&frame), &LIMITS),
+        Err(DecodeError::MsgPack { .. })
+    ));
+
+    // Found next: batches nested inside batches, each declaring 65 535
+    // entries, reserved room at every level before the nesting was refused.
+    let nested: &[u8] = &[
+        0x83, 0xa1, 0x67, 0xd1, 0x1b, 0x13, 0x12, 0xdc, 0xff, 0xff, 0x83, 0xa1, 0x67, 0xd1, 0x1b,
+        0x13, 0x12, 0xdc, 0xff, 0xff, 0x1b, 0x1b, 0xff,
+    ];
+    let mut frame = vec![KIND_MSGPACK, 1];
+    frame.extend_from_slice(&(nested.len() as u32).to_le_bytes());
+    frame.extend_from_slice(nested);
+    match decode(Incoming::Binary(&frame), &LIMITS) {
+        Err(DecodeError::MsgPack { message }) => {
+            assert!(message.contains("do not nest"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The flag is cleared after an error: the next batch decodes.
+    let ok = encode(&Frame::Batch(vec![]), Codec::MsgPack, 1);
+    assert!(ok.is_ok());
+}
+
+#[test]
+fn a_null_payload_is_a_payload() {
+    for codec in [Codec::Json, Codec::MsgPack] {
+        let f = msg_with(Payload::null());
+        let wire = encode(&f, codec, 1).unwrap();
+        assert_eq!(decode(wire.as_incoming(), &LIMITS).unwrap(), f, "{codec:?}");
+    }
+}
+
+#[test]
+fn handshake_is_always_json_text() {
+    for frame in &samples()[..3] {
+        assert!(matches!(
+            encode(frame, Codec::MsgPack, 1).unwrap(),
+            Transmit::Text(_)
+        ));
+    }
+}
+
+#[test]
+fn json_envelope_is_readable() {
+    let msg = samples()
+        .into_iter()
+        .find(|f| matches!(f, Frame::Msg(m) if m.seq == 1))
+        .unwrap();
+    let t = encode(&msg, Codec::Json, 1).unwrap();
+    let Transmit::Text(b) = t else { panic!() };
+    assert_eq!(
+        std::str::from_utf8(&b).unwrap(),
+        r#"{"t":"msg","seq":1,"id":77,"ack":4,"ts":1700000000000,"j":{"x":[1,2,"\u00e9"]},"r":"lobby"}"#
+    );
+}
+
+#[test]
+fn size_is_checked_before_parsing() {
+    let big = "x".repeat(100);
+    let e = decode(
+        Incoming::Text(&big),
+        &Limits {
+            max_message: 10,
+            version: 1,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e, DecodeError::TooLarge { size: 100, max: 10 });
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let cases: &[(&str, DecodeError)] = &[
+        (
+            r#"{"t":"msg","id":1,"j":1}"#,
+            DecodeError::MissingField {
+                frame: "msg",
+                field: "seq",
+            },
+        ),
+        (
+            r#"{"t":"msg","seq":0,"id":1,"j":1}"#,
+            DecodeError::InvalidField {
+                field: "seq",
+                reason: "sequence numbers start at 1",
+            },
+        ),
+        (
+            r#"{"t":"ping"}"#,
+            DecodeError::MissingField {
+                frame: "ping",
+                field: "nonce",
+            },
+        ),
+        (
+            r#"{"t":"hello","versions":[1],"client":"zz"}"#,
+            DecodeError::InvalidField {
+                field: "client",
+                reason: "not 32 hex digits",
+            },
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(
+            &decode(Incoming::Text(text), &LIMITS).unwrap_err(),
+            want,
+            "{text}"
+        );
+    }
+    assert!(matches!(
+        decode(Incoming::Text("{not json"), &LIMITS),
+        Err(DecodeError::Json { line: 1, .. })
+    ));
+}
+
+/// A `msg` whose `seq` and `id` can be read decodes, whatever else is
+/// wrong with it, as an invalid message carrying those numbers and the
+/// reason, in both codecs; one whose numbers cannot be read stays a
+/// decode error.
+#[test]
+fn numbered_messages_with_bad_fields_decode_as_invalid_messages() {
+    let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+    let cases = [
+        (
+            r#"{"t":"msg","seq":3,"id":9,"j":1,"op":"x","r":"a"}"#.to_owned(),
+            "op",
+        ),
+        (
+            r#"{"t":"msg","seq":3,"id":9,"j":1,"op":"join"}"#.to_owned(),
+            "r",
+        ),
+        (r#"{"t":"msg","seq":3,"id":9,"j":1,"r":""}"#.to_owned(), "r"),
+        (
+            r#"{"t":"msg","seq":3,"id":9,"j":1,"r":[1]}"#.to_owned(),
+            "msg",
+        ),
+        (
+            r#"{"t":"msg","seq":3,"id":9,"j":1,"rq":true,"rs":1}"#.to_owned(),
+            "rs",
+        ),
+        (r#"{"t":"msg","seq":3,"id":9}"#.to_owned(), "j"),
+        (
+            r#"{"t":"msg","seq":3,"id":9,"ack":"x","j":1}"#.to_owned(),
+            "msg",
+        ),
+        (
+            r#"{"t":"msg","seq":3,"id":9,"ack":-1,"j":1}"#.to_owned(),
+            "msg",
+        ),
+        (format!(r#"{{"t":"msg","seq":3,"id":9,"j":{deep}}}"#), "j"),
+    ];
+    for (text, field) in &cases {
+        let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
+        if let Some(j) = value.get_mut("j") {
+            // MessagePack carries JSON payloads as text.
+            if j.is_array() {
+                *j = serde_json::Value::String(j.to_string());
+            }
+        }
+        let body = rmp_serde::to_vec_named(&value).unwrap();
+        let mut bin = vec![KIND_MSGPACK, 1];
+        bin.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bin.extend_from_slice(&body);
+        for (json, msg) in [
+            (true, Incoming::Text(text)),
+            (false, Incoming::Binary(&bin)),
+        ] {
+            match decode(msg, &LIMITS) {
+                Ok(Frame::Msg(Msg {
+                    seq: 3,
+                    id: 9,
+                    kind: MsgKind::Invalid(what),
+                    ..
+                })) => {
+                    // In MessagePack `j` must be a string: these
+                    // envelopes fail as a whole there.
+                    if json {
+                        assert_eq!(what.field(), *field, "{text}: {what:?}");
+                    }
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+    let base64 = r#"{"t":"msg","seq":3,"id":9,"b":"!!"}"#;
+    assert!(matches!(
+        decode(Incoming::Text(base64), &LIMITS),
+        Ok(Frame::Msg(Msg {
+            kind: MsgKind::Invalid(what),
+            ..
+        })) if what.field() == "b"
+    ));
+    for text in [
+        r#"{"t":"msg","id":9,"j":1,"r":""}"#,
+        r#"{"t":"msg","seq":"3","id":9,"j":1}"#,
+        r#"{"t":"msg","seq":0,"id":9,"j":1}"#,
+    ] {
+        assert!(decode(Incoming::Text(text), &LIMITS).is_err(), "{text}");
+    }
+    // Invalid messages are never encoded.
+    let invalid = Msg::invalid(
+        1,
+        1,
+        None,
+        InvalidMsg::named("r", "room names are 1 to 256 bytes"),
+    );
+    assert_eq!(
+        encode(&Frame::Msg(invalid), Codec::Json, 1),
+        Err(EncodeError::Unrepresentable)
+    );
+    // A refusal by id round-trips in both codecs.
+    let refusal = Frame::Msg(Msg {
+        seq: 1,
+        id: 2,
+        ack: Some(0),
+        ts: None,
+        kind: MsgKind::RefusedMessage(77),
+        room: None,
+        payload: Payload::null(),
+    });
+    for codec in [Codec::Json, Codec::MsgPack] {
+        let t = encode(&refusal, codec, 1).unwrap();
+        assert_eq!(decode(t.as_incoming(), &LIMITS).unwrap(), refusal);
+    }
+}
+
+/// Every reason an invalid message can carry is kept exactly, in one
+/// byte: a message is no larger for the rare bad one.
+#[test]
+fn invalid_messages_keep_their_reason_in_a_byte() {
+    for &(field, reason) in INVALID {
+        let what = InvalidMsg::named(field, reason);
+        assert_eq!((what.field(), what.reason()), (field, reason));
+        let e = DecodeError::InvalidField { field, reason };
+        assert_eq!(InvalidMsg::of(&e).error(), e);
+    }
+    assert!(INVALID.len() <= usize::from(u8::MAX));
+    assert!(core::mem::size_of::<MsgKind>() <= 16);
+}
+
+#[test]
+fn json_payloads_nest_at_most_64_deep() {
+    let at = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+    assert!(Payload::json(at(64).into_bytes()).is_ok());
+    assert_eq!(
+        Payload::json(at(65).into_bytes()),
+        Err(PayloadError::TooDeep)
+    );
+    // Brackets inside strings do not count.
+    let quoted = format!(r#"["{}"]"#, "[".repeat(500));
+    assert!(Payload::json(quoted.into_bytes()).is_ok());
+    let escaped = format!(r#"["\"{}"]"#, "[".repeat(500));
+    assert!(Payload::json(escaped.into_bytes()).is_ok());
+    assert_eq!(
+        Payload::json(at(200_000).into_bytes()),
+        Err(PayloadError::TooDeep)
+    );
+}
+
+#[test]
+fn binary_header_is_validated() {
+    assert_eq!(
+        decode(Incoming::Binary(&[1, 1, 0]), &LIMITS).unwrap_err(),
+        DecodeError::ShortHeader { len: 3 }
+    );
+    assert_eq!(
+        decode(Incoming::Binary(&[9, 1, 0, 0, 0, 0]), &LIMITS).unwrap_err(),
+        DecodeError::UnknownBinaryKind { kind: 9 }
+    );
+    assert_eq!(
+        decode(Incoming::Binary(&[2, 2, 0, 0, 0, 0]), &LIMITS).unwrap_err(),
+        DecodeError::VersionMismatch {
+            got: 2,
+            expected: 1
+        }
+    );
+    assert_eq!(
+        decode(Incoming::Binary(&[2, 1, 5, 0, 0, 0, 1]), &LIMITS).unwrap_err(),
+        DecodeError::LengthMismatch {
+            declared: 5,
+            actual: 1
+        }
+    );
+}
+
+#[test]
+fn unknown_types_and_fields_are_tolerated() {
+    let f = decode(Incoming::Text(r#"{"t":"future","zz":[1]}"#), &LIMITS).unwrap();
+    assert_eq!(f, Frame::Unknown("future".into()));
+    let f = decode(
+        Incoming::Text(r#"{"t":"ping","nonce":3,"extra":{"a":1}}"#),
+        &LIMITS,
+    )
+    .unwrap();
+    assert_eq!(f, Frame::Ping { nonce: 3 });
+    let hello = r#"{"t":"hello","versions":[1],"client":"0102030405060708090a0b0c0d0e0f10","codecs":["cbor","json"],"caps":["teleport"]}"#;
+    let Frame::Hello(h) = decode(Incoming::Text(hello), &LIMITS).unwrap() else {
+        panic!()
+    };
+    assert_eq!(h.codecs, vec![Codec::Json]);
+    assert_eq!(h.caps, vec!["teleport".to_string()]);
+}
+
+#[test]
+fn payload_constructors_validate() {
+    assert!(Payload::json(&b"{\"a\":1}"[..]).is_ok());
+    assert!(Payload::json(&b"{\"a\":"[..]).is_err());
+    assert!(Payload::json(&b"1 2"[..]).is_err());
+    assert!(Payload::msgpack(vec![0x92, 0x01, 0x02]).is_ok());
+    assert!(Payload::msgpack(vec![0x92, 0x01]).is_err());
+    assert!(Payload::msgpack(vec![0x01, 0x02]).is_err());
+}
