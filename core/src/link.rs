@@ -21,9 +21,8 @@
 
 use core::time::Duration;
 
-use crate::reliable::{
-    AckBeyondSent, BatchConfig, Batcher, Inbound, MessageId, Outbound, ReliabilityConfig, Verdict,
-};
+use crate::config::{BatchConfig, ReliabilityConfig};
+use crate::reliable::{AckBeyondSent, Batcher, Inbound, MessageId, Outbound, Verdict};
 use crate::time::Instant;
 use crate::wire::{self, Codec, EncodeError, Encoder, Frame, Msg, MsgKind, Payload, Transmit};
 
