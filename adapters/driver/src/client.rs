@@ -61,8 +61,9 @@ use kitestring_core::wire::{self, ClientId, Codec, Incoming, Payload, SessionId}
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
+use crate::drive::{Budget, Clock, DriveTimer, ReadyFlag};
 use crate::error::{ClientError, ConnectError};
-use crate::runtime::{BoxFuture, BoxIo, Budget, Clock, DriveTimer, ReadyFlag, Runtime};
+use crate::runtime::{BoxFuture, BoxIo, Runtime};
 use crate::util::{self, Target};
 use crate::ws::{self, ClientTls, Ws};
 

@@ -59,6 +59,7 @@
 #[cfg(feature = "async-io")]
 pub mod async_io;
 pub mod client;
+mod drive;
 pub mod error;
 mod http;
 pub mod runtime;

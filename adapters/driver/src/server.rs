@@ -83,9 +83,10 @@ use kitestring_core::wire::{self, Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
+use crate::drive::{Clock, DriveTimer, ReadyFlag};
 use crate::error::{ServeError, ServerError};
 use crate::http;
-use crate::runtime::{AsyncListener, BoxIo, Clock, DriveTimer, ReadyFlag, Runtime};
+use crate::runtime::{AsyncListener, BoxIo, Runtime};
 use crate::util;
 use crate::ws::{self, ServerTls};
 
