@@ -831,7 +831,7 @@ pub fn connect(
     });
     let driver = Driver {
         shared: shared.clone(),
-        io: Io {
+        io: TaskIo {
             timer: DriveTimer::new(&*runtime),
             connector: Arc::new(Connector {
                 runtime: runtime.clone(),
@@ -996,7 +996,7 @@ enum Input {
 }
 
 /// What one step of the driver came to.
-enum Step {
+enum StepOutcome {
     /// Something was ready without a waker being registered for it (or more
     /// may be): step again.
     Again,
@@ -1007,11 +1007,11 @@ enum Step {
 /// The driver task: the shared state, and the IO only the task touches.
 struct Driver {
     shared: Arc<Shared>,
-    io: Io,
+    io: TaskIo,
 }
 
 /// The driver task's own state: sockets, timers and queues no handle sees.
-struct Io {
+struct TaskIo {
     runtime: Arc<dyn Runtime>,
     timer: DriveTimer,
     connector: Arc<Connector>,
@@ -1039,7 +1039,7 @@ struct Io {
 impl Driver {
     async fn run(mut self) {
         let mut budget = Budget::default();
-        while let Step::Again = budget.run(|cx| self.poll_step(cx)).await {}
+        while let StepOutcome::Again = budget.run(|cx| self.poll_step(cx)).await {}
         // Let sockets still closing finish their handshake, bounded by their timeouts.
         futures_util::future::join_all(std::mem::take(&mut self.io.closing)).await;
         let (replies, mut waiters, mut requests) = {
@@ -1060,7 +1060,7 @@ impl Driver {
 
     /// One turn: feed in what is ready and drain the core under one lock,
     /// then deliver events and write frames without it.
-    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<StepOutcome> {
         let Driver { shared, io } = self;
         // First, so a handle call from now on wakes this task again.
         shared.driver.register(cx.waker());
@@ -1102,13 +1102,13 @@ impl Driver {
             Ordering::Relaxed,
         );
         if finished {
-            return Poll::Ready(Step::Finished);
+            return Poll::Ready(StepOutcome::Finished);
         }
         again |= std::mem::take(&mut io.started);
         let deadline = deadline.map(|at| shared.clock.std(at));
         again |= io.timer.poll(&*shared.runtime, deadline, cx).is_ready();
         if again {
-            Poll::Ready(Step::Again)
+            Poll::Ready(StepOutcome::Again)
         } else {
             Poll::Pending
         }
@@ -1139,7 +1139,7 @@ impl Drop for Driver {
     }
 }
 
-impl Io {
+impl TaskIo {
     /// Collects what is ready into `inputs`, without the lock; `true` if
     /// anything was (its source registered no waker, so step again).
     fn gather(&mut self, shared: &Shared, cx: &mut Context<'_>) -> bool {

@@ -401,7 +401,7 @@ struct CloseOrder {
 /// What every task and handle shares: the locked state, and what never
 /// changes after start.
 struct Shared {
-    state: Mutex<State>,
+    state: Mutex<LockedState>,
     /// The server task (listener, the core's deadline, shutdown).
     task: AtomicWaker,
     /// Set once shutdown began: the server task drops its listener.
@@ -415,14 +415,14 @@ struct Shared {
     /// Events waiting for the application before connection tasks pause
     /// reading ([`ServerOptions::event_buffer`]).
     event_room: usize,
-    /// `State::events.len()`, kept beside the lock so that a connection
-    /// task can see there is room without taking it.
+    /// `LockedState::events.len()`, kept beside the lock so that a
+    /// connection task can see there is room without taking it.
     event_backlog: AtomicUsize,
 }
 
 /// The state behind the lock: the core machine and what the driver keeps
 /// beside it.
-struct State {
+struct LockedState {
     server: Server,
     /// Connection tasks that registered and have not reported their end.
     conns: FxHashMap<ConnectionId, SlotRef>,
@@ -481,7 +481,7 @@ struct Slot {
     closing: bool,
     /// The order is an abort: the core was told the connection is gone.
     aborted: bool,
-    /// In [`State::paused`].
+    /// In [`LockedState::paused`].
     paused: bool,
     /// The connection task, while it waits.
     waker: Option<Waker>,
@@ -540,7 +540,7 @@ impl Wakes {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, LockedState> {
         // A panic under the lock leaves the core's state as it was between
         // two calls; carry on with it rather than poison every handle.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -552,7 +552,7 @@ impl Shared {
     fn run<T>(
         &self,
         current: Option<ConnectionId>,
-        f: impl FnOnce(&mut State, kitestring_core::Instant) -> T,
+        f: impl FnOnce(&mut LockedState, kitestring_core::Instant) -> T,
     ) -> T {
         let mut wakes = Wakes::default();
         let result = {
@@ -569,7 +569,7 @@ impl Shared {
     /// [`run`](Self::run) for a handle: fails once the server stopped.
     fn call<T>(
         &self,
-        f: impl FnOnce(&mut State, kitestring_core::Instant) -> T,
+        f: impl FnOnce(&mut LockedState, kitestring_core::Instant) -> T,
     ) -> Result<T, ServerError> {
         self.run(None, |st, now| {
             if st.stopped {
@@ -581,7 +581,7 @@ impl Shared {
     }
 }
 
-impl State {
+impl LockedState {
     /// Carries out every output of the core, in order: frames to their
     /// connection's queue, close orders, events to the application's queue.
     fn drain(
@@ -717,7 +717,7 @@ impl State {
         }
     }
 
-    /// Keeps [`State::codecs`] in step with the sessions.
+    /// Keeps [`LockedState::codecs`] in step with the sessions.
     fn track_codec(&mut self, event: &ServerEvent) {
         match event {
             ServerEvent::SessionOpened { session, .. } => {
@@ -946,7 +946,7 @@ fn start_inner(
         .copied()
         .unwrap_or(Codec::Json);
     let shared = Arc::new(Shared {
-        state: Mutex::new(State {
+        state: Mutex::new(LockedState {
             server,
             conns: FxHashMap::default(),
             codecs: FxHashMap::default(),
@@ -1768,7 +1768,7 @@ fn early_hello(
 }
 
 /// How a connection task's main loop ended.
-enum Step {
+enum ConnEnd {
     /// The peer closed (a close frame), the stream ended (`None`) or a read
     /// failed.
     Ended(Option<Result<Message, WsError>>),
@@ -1824,7 +1824,7 @@ impl ConnIo {
         shared: &Shared,
         ws: &mut WebSocketStream<S>,
         cx: &mut Context<'_>,
-    ) -> Poll<Step>
+    ) -> Poll<ConnEnd>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -1838,7 +1838,7 @@ impl ConnIo {
                     if order.flush {
                         self.out.extend(slot.out.drain(..));
                     }
-                    return Poll::Ready(Step::Close(order));
+                    return Poll::Ready(ConnEnd::Close(order));
                 }
                 match &slot.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
@@ -1873,19 +1873,19 @@ impl ConnIo {
             while !self.out.is_empty() {
                 match Pin::new(&mut *ws).poll_ready(cx) {
                     Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(_)) => return Poll::Ready(Step::WriteFailed),
+                    Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::WriteFailed),
                     Poll::Pending => break,
                 }
                 let Some(m) = self.out.pop_front() else { break };
                 if Pin::new(&mut *ws).start_send(m).is_err() {
-                    return Poll::Ready(Step::WriteFailed);
+                    return Poll::Ready(ConnEnd::WriteFailed);
                 }
                 self.needs_flush = true;
             }
             if self.needs_flush {
                 match Pin::new(&mut *ws).poll_flush(cx) {
                     Poll::Ready(Ok(())) => self.needs_flush = false,
-                    Poll::Ready(Err(_)) => return Poll::Ready(Step::WriteFailed),
+                    Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::WriteFailed),
                     Poll::Pending => {}
                 }
             }
@@ -1934,7 +1934,7 @@ impl ConnIo {
                 }
             }
             if let Some(end) = end {
-                return Poll::Ready(Step::Ended(end));
+                return Poll::Ready(ConnEnd::Ended(end));
             }
         }
     }
@@ -1942,7 +1942,7 @@ impl ConnIo {
 
 /// Runs frames a connection read through the core, in order.
 fn run_batch(
-    st: &mut State,
+    st: &mut LockedState,
     now: kitestring_core::Instant,
     id: ConnectionId,
     batch: &mut Vec<Message>,
@@ -1977,14 +1977,14 @@ async fn finish<S>(
     id: ConnectionId,
     mut ws: WebSocketStream<S>,
     mut io: ConnIo,
-    step: Step,
+    end: ConnEnd,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let runtime = shared.runtime.clone();
     let close_timeout = shared.options.close_timeout;
-    match step {
-        Step::Ended(Some(Ok(Message::Close(frame)))) => {
+    match end {
+        ConnEnd::Ended(Some(Ok(Message::Close(frame)))) => {
             let (code, _) = ws::close_code(&frame);
             report_closed(&shared, id, code);
             let _ = util::timeout(&*runtime, close_timeout, async {
@@ -1993,11 +1993,11 @@ async fn finish<S>(
             })
             .await;
         }
-        Step::Close(order) if order.abort => {
+        ConnEnd::Close(order) if order.abort => {
             drop(ws);
             report_closed(&shared, id, None);
         }
-        Step::Close(order) => {
+        ConnEnd::Close(order) => {
             let limit = if order.flush {
                 close_timeout
             } else {
@@ -2020,7 +2020,7 @@ async fn finish<S>(
             .await;
             report_closed(&shared, id, Some(order.code));
         }
-        Step::Ended(Some(Err(e))) => match ws::read_error_close(&e) {
+        ConnEnd::Ended(Some(Err(e))) => match ws::read_error_close(&e) {
             // The peer broke the protocol (a message over the limit, text
             // that is not UTF-8, bad framing): it gets the RFC's close code
             // and the core hears the same code. tungstenite's reader is not
@@ -2041,7 +2041,7 @@ async fn finish<S>(
                 report_closed(&shared, id, None);
             }
         },
-        Step::Ended(_) | Step::WriteFailed => report_closed(&shared, id, None),
+        ConnEnd::Ended(_) | ConnEnd::WriteFailed => report_closed(&shared, id, None),
     }
 }
 
@@ -2103,10 +2103,10 @@ async fn connection<S>(
             readable: ReadyFlag::new(),
             throttle: None,
         };
-        let step = std::future::poll_fn(|cx| io.poll(&shared, &mut ws, cx)).await;
+        let end = std::future::poll_fn(|cx| io.poll(&shared, &mut ws, cx)).await;
         // Boxed: the closing stage's futures are only allocated when a
         // connection closes, not carried by every open one.
-        Box::pin(finish(shared, id, ws, io, step)).await;
+        Box::pin(finish(shared, id, ws, io, end)).await;
         trace!("connection task ended");
     }
     .instrument(span)
