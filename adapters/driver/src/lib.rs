@@ -61,7 +61,6 @@ pub mod async_io;
 pub mod client;
 mod drive;
 pub mod error;
-mod http;
 pub mod runtime;
 pub mod server;
 pub mod util;

@@ -54,6 +54,8 @@
 //! Some(kitestring::ws::websocket_config(max)))`, authenticate in your HTTP
 //! handler, and pass the identity along.
 
+mod http;
+
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
@@ -85,7 +87,6 @@ use tracing::{debug, trace, warn, Instrument};
 
 use crate::drive::{Clock, DriveTimer, ReadyFlag};
 use crate::error::{ServeError, ServerError};
-use crate::http;
 use crate::runtime::{AsyncListener, BoxIo, Runtime};
 use crate::util;
 use crate::ws::{self, ServerTls};
