@@ -53,6 +53,15 @@
 //! `async_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server,
 //! Some(kitestring::ws::websocket_config(max)))`, authenticate in your HTTP
 //! handler, and pass the identity along.
+//!
+//! # Where things are
+//!
+//! This module holds the options, [`bind`] and [`start`], which build the
+//! shared state and spawn the server task. The rest lives in private modules
+//! beside it: `auth` (who may upgrade), `shared` (the locked state, the
+//! connection slots and the lock order), `handle` ([`ServerHandle`] and
+//! [`ServerEvents`]), `accept` (the server task), `upgrade` and `http` (an
+//! accepted socket's upgrade) and `conn` (the connection task).
 
 mod accept;
 mod auth;
