@@ -35,11 +35,13 @@
 //! control frames; datagrams, which the core does not queue, are refused
 //! while [`DATAGRAM_BACKLOG`] frames wait.
 
+mod shared;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -66,6 +68,8 @@ use crate::error::{ClientError, ConnectError};
 use crate::runtime::{BoxFuture, BoxIo, Runtime};
 use crate::util::{self, Target};
 use crate::ws::{self, ClientTls, Ws};
+
+use self::shared::{codec_tag, fail_requests, fail_waiters, Inner, Shared, CODEC_MSGPACK};
 
 /// Frames waiting for the socket beyond which datagrams are refused
 /// ([`ClientHandle::send_datagram`], [`ServerHandle::send_datagram`](crate::ServerHandle::send_datagram)).
@@ -132,10 +136,6 @@ impl fmt::Debug for ClientOptions {
     }
 }
 
-type AckReply = oneshot::Sender<Result<(), ClientError>>;
-type CloseReply = oneshot::Sender<Result<(), ClientError>>;
-type ResponseReply = oneshot::Sender<Result<Received, ClientError>>;
-
 /// The response to a request, once it comes ([`ClientHandle::start_request`]).
 #[must_use = "a response future does nothing unless awaited"]
 pub struct PendingResponse {
@@ -188,124 +188,6 @@ pub struct ClientSnapshot {
     pub queued: (usize, usize),
     /// Messages sent and not yet acknowledged, and their payload bytes.
     pub unacknowledged: (usize, usize),
-}
-
-const CODEC_JSON: u8 = 0;
-const CODEC_MSGPACK: u8 = 1;
-
-fn codec_tag(c: Codec) -> u8 {
-    match c {
-        Codec::MsgPack => CODEC_MSGPACK,
-        _ => CODEC_JSON,
-    }
-}
-
-/// What the handles and the driver task share.
-struct Shared {
-    inner: Mutex<Inner>,
-    /// Wakes the driver task after a handle call, so it carries out what the
-    /// call made the core produce (outside the mutex: waking never locks).
-    driver: AtomicWaker,
-    /// Live [`ClientHandle`]s; the last one going wakes the driver, which
-    /// then closes the session.
-    handles: AtomicUsize,
-    runtime: Arc<dyn Runtime>,
-    clock: Clock,
-    /// The codec typed sends use (see [`ClientHandle::codec`]).
-    codec: AtomicU8,
-    /// Frames waiting for the socket after the driver's last step; datagrams
-    /// are refused while there are [`DATAGRAM_BACKLOG`] or more.
-    unsent: AtomicUsize,
-    /// The driver's span; later log lines carry the session id.
-    span: tracing::Span,
-    /// Events waiting before the driver stops reading the socket
-    /// ([`ClientOptions::event_buffer`]).
-    event_room: usize,
-    /// Events waiting, as of the last change under the lock: the driver
-    /// looks at it before reading, without the lock.
-    queued: AtomicUsize,
-}
-
-impl Shared {
-    /// The state, even if a thread panicked while holding it: every change
-    /// under the lock is one call into the core plus map updates, so the
-    /// state stays usable.
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn now(&self) -> kitestring_core::Instant {
-        self.clock.now(&*self.runtime)
-    }
-}
-
-/// The machine and the bookkeeping handle calls touch.
-struct Inner {
-    client: Client,
-    /// Messages whose sender waits for the acknowledgment. Bounded by the
-    /// core's queue and window: only accepted messages get an entry.
-    waiters: BTreeMap<MessageId, AckReply>,
-    /// Requests whose sender waits for the response. Bounded by the core's
-    /// `max_pending_requests`: only accepted requests get an entry, and an
-    /// entry leaves with the core's `Response` or `RequestFailed`.
-    requests: BTreeMap<MessageId, ResponseReply>,
-    /// `close()` calls waiting for the close to complete.
-    close_replies: Vec<CloseReply>,
-    /// A handle asked to close: the driver stops once the core is closed.
-    stop_when_closed: bool,
-    /// The driver task has stopped (or is stopping): calls fail with
-    /// [`ClientError::Stopped`].
-    stopped: bool,
-    /// Events for the application, bounded by `event_room` (see the module
-    /// documentation).
-    events: VecDeque<Event>,
-    events_waker: Option<Waker>,
-    /// The event stream was dropped: events are discarded.
-    events_dropped: bool,
-    /// The driver task is gone: once `events` is empty the stream ends.
-    events_ended: bool,
-    /// The driver stopped reading because `events` was full; the stream
-    /// wakes it when there is room again.
-    reader_paused: bool,
-    /// Callers of [`ClientHandle::ready`] waiting for room in the send
-    /// window: woken by every acknowledgment and state change. One entry
-    /// per waiting task.
-    room_waiters: Vec<Waker>,
-}
-
-impl Inner {
-    /// Queues an event for the application; returns the stream's waker.
-    fn push_event(&mut self, shared: &Shared, event: Event) -> Option<Waker> {
-        if self.events_dropped {
-            return None;
-        }
-        self.events.push_back(event);
-        shared.queued.store(self.events.len(), Ordering::Relaxed);
-        self.events_waker.take()
-    }
-
-    fn finished(&self, handles_gone: bool) -> bool {
-        let terminal = matches!(
-            self.client.state(),
-            State::Closed { .. } | State::Failed { .. } | State::Disconnected
-        );
-        terminal && (self.stop_when_closed || handles_gone)
-    }
-}
-
-fn fail_waiters(
-    waiters: &mut BTreeMap<MessageId, AckReply>,
-    error: impl Fn(MessageId) -> ClientError,
-) {
-    for (id, w) in std::mem::take(waiters) {
-        let _ = w.send(Err(error(id)));
-    }
-}
-
-fn fail_requests(requests: &mut BTreeMap<MessageId, ResponseReply>, error: RequestError) {
-    for (id, w) in std::mem::take(requests) {
-        let _ = w.send(Err(ClientError::Request { id, error }));
-    }
 }
 
 /// A cloneable handle to a running client. Dropping every handle closes the
