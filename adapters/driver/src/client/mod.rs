@@ -35,6 +35,7 @@
 //! control frames; datagrams, which the core does not queue, are refused
 //! while [`DATAGRAM_BACKLOG`] frames wait.
 
+mod connector;
 mod shared;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -45,8 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use async_tungstenite::tungstenite::client::IntoClientRequest;
-use async_tungstenite::tungstenite::http::{HeaderValue, Uri};
+use async_tungstenite::tungstenite::http::Uri;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use bytes::Bytes;
 use futures_channel::oneshot;
@@ -59,16 +59,17 @@ use kitestring_core::client::{
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::ClientConfig;
 use kitestring_core::reliable::{MessageId, SendError};
-use kitestring_core::wire::{self, ClientId, Codec, Incoming, Payload, SessionId};
+use kitestring_core::wire::{ClientId, Codec, Incoming, Payload, SessionId};
 use serde::Serialize;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::drive::{Budget, Clock, DriveTimer, ReadyFlag};
 use crate::error::{ClientError, ConnectError};
-use crate::runtime::{BoxFuture, BoxIo, Runtime};
-use crate::util::{self, Target};
+use crate::runtime::{BoxFuture, Runtime};
+use crate::util::{self};
 use crate::ws::{self, ClientTls, Ws};
 
+use self::connector::{transport_error, Connector, Opening};
 use self::shared::{codec_tag, fail_requests, fail_waiters, Inner, Shared, CODEC_MSGPACK};
 
 /// Frames waiting for the socket beyond which datagrams are refused
@@ -748,101 +749,6 @@ pub fn connect(
     ))
 }
 
-/// An upgrade under way: the socket and the response's
-/// [`wire::WELCOME_HEADER`], if any.
-type Opening = BoxFuture<'static, Result<(Ws, Option<String>), TransportError>>;
-
-/// Everything needed to open one WebSocket.
-struct Connector {
-    runtime: Arc<dyn Runtime>,
-    target: Target,
-    uri: Uri,
-    tls: Option<ClientTls>,
-    token: Option<TokenProvider>,
-    token_header: String,
-    token_prefix: String,
-    ws_config: async_tungstenite::tungstenite::protocol::WebSocketConfig,
-}
-
-impl Connector {
-    /// Opens the WebSocket; `hello` goes in the upgrade request. Returns the
-    /// socket and the server's answer to `hello`, if it gave one.
-    async fn open(
-        self: Arc<Self>,
-        hello: Option<String>,
-    ) -> Result<(Ws, Option<String>), TransportError> {
-        let mut request = self
-            .uri
-            .clone()
-            .into_client_request()
-            .map_err(|e| TransportError::WebSocket(e.to_string()))?;
-        // The header takes the string's buffer as it is.
-        if let Some(value) = hello.and_then(|h| HeaderValue::from_maybe_shared(Bytes::from(h)).ok())
-        {
-            request.headers_mut().insert(wire::HELLO_HEADER, value);
-        }
-        if let Some(provider) = &self.token {
-            if let Some(token) = provider().await {
-                let value = HeaderValue::from_str(&format!("{}{}", self.token_prefix, token))
-                    .map_err(|e| TransportError::Io(format!("token is not a valid header: {e}")))?;
-                let name = async_tungstenite::tungstenite::http::HeaderName::from_bytes(
-                    self.token_header.as_bytes(),
-                )
-                .map_err(|e| TransportError::Io(format!("bad token header name: {e}")))?;
-                request.headers_mut().insert(name, value);
-            }
-        }
-        let tcp = self
-            .runtime
-            .connect_tcp(self.target.host.clone(), self.target.port)
-            .await
-            .map_err(|e| TransportError::Io(e.to_string()))?;
-        let io: BoxIo = match (&self.tls, self.target.tls) {
-            (Some(tls), true) => {
-                let name = rustls_pki_types::ServerName::try_from(self.target.host.clone())
-                    .map_err(|e| TransportError::Tls(e.to_string()))?;
-                let stream = futures_rustls::TlsConnector::from(tls.config.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| TransportError::Tls(e.to_string()))?;
-                Box::new(stream)
-            }
-            _ => tcp,
-        };
-        let (ws, response) =
-            async_tungstenite::client_async_with_config(request, io, Some(self.ws_config))
-                .await
-                .map_err(transport_error)?;
-        let welcome = response
-            .headers()
-            .get(wire::WELCOME_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        Ok((ws, welcome))
-    }
-}
-
-/// A tungstenite error as the core's transport error.
-pub(crate) fn transport_error(e: WsError) -> TransportError {
-    match e {
-        WsError::Http(response) => {
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            TransportError::Http {
-                status: response.status().as_u16(),
-                retry_after,
-            }
-        }
-        WsError::Io(e) => TransportError::Io(e.to_string()),
-        WsError::Tls(e) => TransportError::Tls(e.to_string()),
-        other => TransportError::WebSocket(other.to_string()),
-    }
-}
-
 /// The open socket of the core's current transport.
 struct Live {
     tid: TransportId,
@@ -870,6 +776,8 @@ enum Input {
     HandlesGone,
     /// The upgrade's outcome: the socket and the response's
     /// [`wire::WELCOME_HEADER`], if any.
+    ///
+    /// [`wire::WELCOME_HEADER`]: kitestring_core::wire::WELCOME_HEADER
     Opened(TransportId, Result<(Ws, Option<String>), TransportError>),
     Frame(TransportId, Option<Result<Message, WsError>>),
     WriteFailed(TransportId, WsError),
