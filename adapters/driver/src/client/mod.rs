@@ -34,6 +34,15 @@
 //! Frames waiting for the socket are bounded by the core's send window plus
 //! control frames; datagrams, which the core does not queue, are refused
 //! while [`DATAGRAM_BACKLOG`] frames wait.
+//!
+//! # Where things are
+//!
+//! This module holds the options and [`connect`], which builds the shared
+//! state and spawns the driver task. The rest lives in private modules
+//! beside it: `shared` (the machine and the bookkeeping behind the lock),
+//! `handle` ([`ClientHandle`], [`ClientEvents`] and what their calls
+//! return), `connector` (opening one WebSocket) and `task` (the driver
+//! task).
 
 mod connector;
 mod handle;
