@@ -59,8 +59,8 @@
 #[cfg(feature = "async-io")]
 pub mod async_io;
 pub mod client;
+mod drive;
 pub mod error;
-mod http;
 pub mod runtime;
 pub mod server;
 pub mod util;

@@ -1,0 +1,377 @@
+//! One connection's task: reads frames and runs them through the core under
+//! the state's lock, writes the frames the core left in its slot, pauses
+//! reading while the application's event queue is full or the rate limit
+//! pushes back, and closes when told or when the peer goes.
+//!
+//! It takes its frames under its slot's lock alone, so it writes while
+//! another task holds the state's; it never holds a lock across a socket
+//! call or an `.await`.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::WebSocketStream;
+use futures_io::{AsyncRead, AsyncWrite};
+use futures_util::{Sink, SinkExt, StreamExt};
+use kitestring_core::close::CloseCode;
+use kitestring_core::server::ConnectionId;
+use kitestring_core::wire::{Incoming, SessionId};
+use tracing::{debug, trace, warn, Instrument};
+
+use crate::drive::ReadyFlag;
+use crate::util;
+use crate::ws;
+
+use super::shared::{lock_slot, CloseOrder, LockedState, Shared, SlotRef};
+
+/// How a connection task's main loop ended.
+enum ConnEnd {
+    /// The peer closed (a close frame), the stream ended (`None`) or a read
+    /// failed.
+    Ended(Option<Result<Message, WsError>>),
+    /// The core (or shutdown) ordered a close.
+    Close(CloseOrder),
+    WriteFailed,
+}
+
+/// A connection task's own buffers.
+struct ConnIo {
+    id: ConnectionId,
+    /// Shared with the state, which fills it.
+    slot: SlotRef,
+    /// Frames taken from the slot, not yet accepted by the socket. Taken
+    /// only when empty, so at most [`Shared::outbound`].
+    out: VecDeque<Message>,
+    /// Frames read in one go, run through the core under one lock.
+    batch: Vec<Message>,
+    needs_flush: bool,
+    /// Read only when the socket signalled: this task also wakes for every
+    /// outgoing frame, and a read attempt is not free.
+    readable: ReadyFlag,
+    /// While the rate limit pushes back ([`Server::read_paused_until`]):
+    /// nothing is read before this timer fires, so a flooding client is
+    /// slowed by its own TCP window instead of having messages dropped.
+    ///
+    /// [`Server::read_paused_until`]: kitestring_core::server::Server::read_paused_until
+    throttle: Option<Pin<Box<dyn crate::runtime::AsyncTimer>>>,
+}
+
+impl ConnIo {
+    /// Frames read per batch, and per wake-up before yielding so one busy
+    /// connection cannot hold a worker thread.
+    const BATCH: usize = 32;
+    const READ_BUDGET: usize = 128;
+
+    /// Under the state's lock: `true` if the application has room for
+    /// events after all, else marks this connection paused (the
+    /// application's next take wakes it) and returns `false`.
+    fn pause_unless_room(&self, shared: &Shared) -> bool {
+        let mut st = shared.lock();
+        if st.events_have_room(shared) {
+            return true;
+        }
+        let mut slot = lock_slot(&self.slot);
+        if !slot.paused {
+            slot.paused = true;
+            st.paused.push(self.id);
+        }
+        false
+    }
+
+    fn poll<S>(
+        &mut self,
+        shared: &Shared,
+        ws: &mut WebSocketStream<S>,
+        cx: &mut Context<'_>,
+    ) -> Poll<ConnEnd>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let mut read = 0;
+        loop {
+            // What the state holds for this connection: only the slot is
+            // locked, so writing never waits for the state's lock.
+            let may_read = {
+                let mut slot = lock_slot(&self.slot);
+                if let Some(order) = slot.close.take() {
+                    if order.flush {
+                        self.out.extend(slot.out.drain(..));
+                    }
+                    return Poll::Ready(ConnEnd::Close(order));
+                }
+                match &slot.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => slot.waker = Some(cx.waker().clone()),
+                }
+                if self.out.is_empty() {
+                    if self.out.capacity() > 256 {
+                        self.out = VecDeque::new(); // after a burst
+                    }
+                    std::mem::swap(&mut self.out, &mut slot.out);
+                }
+                !slot.paused
+            };
+            // Whether the application has room for the events reading
+            // causes; if not, the task pauses, checked and recorded under
+            // the state's lock so that the application's next take cannot
+            // miss it.
+            let may_read = may_read
+                && (shared.event_backlog.load(Ordering::Relaxed) < shared.event_room
+                    || self.pause_unless_room(shared));
+            let may_read = may_read
+                && match self.throttle.as_mut().map(|t| t.as_mut().poll(cx)) {
+                    Some(Poll::Pending) => false,
+                    Some(Poll::Ready(())) => {
+                        self.throttle = None;
+                        true
+                    }
+                    None => true,
+                };
+            // Writes: hand frames over only while the socket accepts them,
+            // so a stalled peer leaves them queued (and bounded).
+            while !self.out.is_empty() {
+                match Pin::new(&mut *ws).poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::WriteFailed),
+                    Poll::Pending => break,
+                }
+                let Some(m) = self.out.pop_front() else { break };
+                if Pin::new(&mut *ws).start_send(m).is_err() {
+                    return Poll::Ready(ConnEnd::WriteFailed);
+                }
+                self.needs_flush = true;
+            }
+            if self.needs_flush {
+                match Pin::new(&mut *ws).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.needs_flush = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::WriteFailed),
+                    Poll::Pending => {}
+                }
+            }
+            if !may_read {
+                return Poll::Pending; // woken when the application makes room
+            }
+            if read >= Self::READ_BUDGET {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            // Reads: everything already there, up to a batch.
+            let mut end = None;
+            while self.batch.len() < Self::BATCH {
+                match self.readable.poll(cx, |cx| ws.poll_next_unpin(cx)) {
+                    Poll::Ready(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => {
+                        self.batch.push(m);
+                    }
+                    // Pings and pongs: tungstenite answers pings itself.
+                    Poll::Ready(Some(Ok(
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_),
+                    ))) => {}
+                    Poll::Ready(other) => {
+                        end = Some(other);
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if self.batch.is_empty() && end.is_none() {
+                return Poll::Pending;
+            }
+            read += self.batch.len();
+            if !self.batch.is_empty() {
+                let id = self.id;
+                let batch = &mut self.batch;
+                let paused = shared.run(Some(id), |st, now| {
+                    run_batch(st, now, id, batch);
+                    st.server.read_paused_until(id)
+                });
+                if let Some(at) = paused {
+                    let at = shared.clock.std(at);
+                    match &mut self.throttle {
+                        Some(timer) => timer.as_mut().reset(at),
+                        None => self.throttle = Some(shared.runtime.new_timer(at)),
+                    }
+                }
+            }
+            if let Some(end) = end {
+                return Poll::Ready(ConnEnd::Ended(end));
+            }
+        }
+    }
+}
+
+/// Runs frames a connection read through the core, in order.
+fn run_batch(
+    st: &mut LockedState,
+    now: kitestring_core::Instant,
+    id: ConnectionId,
+    batch: &mut Vec<Message>,
+) {
+    for m in batch.drain(..) {
+        match &m {
+            Message::Text(t) => {
+                st.server
+                    .handle_message(now, id, Incoming::Text(t.as_str()));
+            }
+            Message::Binary(b) => {
+                st.server.handle_message(now, id, Incoming::SharedBinary(b));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Tells the core a connection is gone (once), and forgets its slot.
+pub(super) fn report_closed(shared: &Shared, id: ConnectionId, code: Option<CloseCode>) {
+    shared.run(Some(id), |st, now| {
+        if st.conns.remove(&id).is_some() {
+            st.server.handle_connection_closed(now, id, code);
+        }
+    });
+}
+
+/// Ends a connection: finishes the close handshake (bounded by the close
+/// timeout) and reports the connection gone to the core.
+async fn finish<S>(
+    shared: Arc<Shared>,
+    id: ConnectionId,
+    mut ws: WebSocketStream<S>,
+    mut io: ConnIo,
+    end: ConnEnd,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let runtime = shared.runtime.clone();
+    let close_timeout = shared.options.close_timeout;
+    match end {
+        ConnEnd::Ended(Some(Ok(Message::Close(frame)))) => {
+            let (code, _) = ws::close_code(&frame);
+            report_closed(&shared, id, code);
+            let _ = util::timeout(&*runtime, close_timeout, async {
+                let _ = ws.flush().await;
+                while let Some(Ok(_)) = ws.next().await {}
+            })
+            .await;
+        }
+        ConnEnd::Close(order) if order.abort => {
+            drop(ws);
+            report_closed(&shared, id, None);
+        }
+        ConnEnd::Close(order) => {
+            let limit = if order.flush {
+                close_timeout
+            } else {
+                close_timeout / 4
+            };
+            let out = &mut io.out;
+            let _ = util::timeout(&*runtime, limit, async {
+                if order.flush {
+                    while let Some(m) = out.pop_front() {
+                        if ws.feed(m).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                let _ = ws
+                    .close(Some(ws::close_frame(order.code, order.reason)))
+                    .await;
+                while let Some(Ok(_)) = ws.next().await {}
+            })
+            .await;
+            report_closed(&shared, id, Some(order.code));
+        }
+        ConnEnd::Ended(Some(Err(e))) => match ws::read_error_close(&e) {
+            // The peer broke the protocol (a message over the limit, text
+            // that is not UTF-8, bad framing): it gets the RFC's close code
+            // and the core hears the same code. tungstenite's reader is not
+            // used again; the rest of what the peer sends is discarded.
+            Some((code, reason)) => {
+                debug!(%code, reason, error = %e, "closing a connection that broke the protocol");
+                report_closed(&shared, id, Some(code));
+                let limit = shared.options.config.max_message_size.max(64 * 1024);
+                let _ = util::timeout(&*runtime, close_timeout, async {
+                    if ws.close(Some(ws::close_frame(code, reason))).await.is_ok() {
+                        ws::linger(ws.get_mut(), limit).await;
+                    }
+                })
+                .await;
+            }
+            None => {
+                trace!(error = %e, "connection failed");
+                report_closed(&shared, id, None);
+            }
+        },
+        ConnEnd::Ended(_) | ConnEnd::WriteFailed => report_closed(&shared, id, None),
+    }
+}
+
+/// One connection's task: reads frames and runs them through the core,
+/// writes the frames the core queued for it, closes when told or when the
+/// peer goes.
+///
+/// `early`: the core already opened this connection, for a `hello` in the
+/// upgrade request.
+pub(super) async fn connection<S>(
+    shared: Arc<Shared>,
+    mut ws: WebSocketStream<S>,
+    identity: Option<String>,
+    early: Option<ConnectionId>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let close_timeout = shared.options.close_timeout;
+    let opened = shared.run(None, |st, now| {
+        if let Some(id) = early {
+            return match st.conns.get(&id) {
+                Some(slot) => Ok((id, slot.clone())),
+                None => Err((CloseCode::GOING_AWAY, "going away")),
+            };
+        }
+        if st.shutdown.is_some() || st.stopped {
+            return Err((CloseCode::GOING_AWAY, "going away"));
+        }
+        let fresh = match util::random16() {
+            Ok(b) => SessionId(b),
+            Err(e) => {
+                warn!(error = %e, "no randomness for a session id; refusing the connection");
+                return Err((CloseCode::INTERNAL_ERROR, "no randomness"));
+            }
+        };
+        let id = st.server.handle_connection(now, identity, fresh);
+        let slot = SlotRef::default();
+        st.conns.insert(id, slot.clone());
+        Ok((id, slot))
+    });
+    let (id, slot) = match opened {
+        Ok(opened) => opened,
+        Err((code, reason)) => {
+            let _ = Box::pin(util::timeout(&*shared.runtime, close_timeout, async {
+                let _ = ws.close(Some(ws::close_frame(code, reason))).await;
+            }))
+            .await;
+            return;
+        }
+    };
+    let span = tracing::debug_span!("connection", id = id.0);
+    async move {
+        let mut io = ConnIo {
+            id,
+            slot,
+            out: VecDeque::new(),
+            batch: Vec::new(),
+            needs_flush: false,
+            readable: ReadyFlag::new(),
+            throttle: None,
+        };
+        let end = std::future::poll_fn(|cx| io.poll(&shared, &mut ws, cx)).await;
+        // Boxed: the closing stage's futures are only allocated when a
+        // connection closes, not carried by every open one.
+        Box::pin(finish(shared, id, ws, io, end)).await;
+        trace!("connection task ended");
+    }
+    .instrument(span)
+    .await;
+}

@@ -1,0 +1,513 @@
+//! What the application holds: [`ServerHandle`], whose calls run the core
+//! directly under the state's short lock and return its answer, and the
+//! [`ServerEvents`] stream, which takes events from the state's queue.
+//!
+//! A handle call never waits for a task or for the application (only
+//! [`ServerHandle::ready`], the sends that wait for it, and
+//! [`ServerHandle::shutdown`] wait, for what they were asked), and never
+//! touches a socket.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_tungstenite::WebSocketStream;
+use bytes::Bytes;
+use futures_channel::{mpsc, oneshot};
+use futures_io::{AsyncRead, AsyncWrite};
+use futures_util::Stream;
+use kitestring_core::close::CloseCode;
+use kitestring_core::reliable::{MessageId, SendError};
+use kitestring_core::rooms::{Member, RoomPolicy};
+use kitestring_core::server::{ConnectionId, ServerEvent, ServerMetrics, SessionInfo};
+use kitestring_core::wire::{Codec, Payload, SessionId};
+use serde::Serialize;
+
+use crate::error::ServerError;
+use crate::runtime::BoxIo;
+use crate::util;
+
+use super::conn::connection;
+use super::shared::{lock_slot, Shared, Wakes};
+use super::upgrade::serve_accepted;
+
+/// A cloneable handle to a running server. Every call runs the core machine
+/// directly, under a short lock, and returns without waiting for any task.
+/// Dropping every handle shuts the server down as
+/// [`ServerHandle::shutdown`] does.
+#[derive(Clone)]
+pub struct ServerHandle {
+    pub(super) shared: Arc<Shared>,
+    /// Held by every handle: the server task sees when the last one goes.
+    pub(super) _alive: mpsc::Sender<()>,
+    pub(super) local_addr: Option<SocketAddr>,
+    pub(super) codec: Codec,
+}
+
+impl fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+/// The stream of [`ServerEvent`]s. Ends when the server stops.
+///
+/// Bounded by [`ServerOptions::event_buffer`]: while that many events wait,
+/// connection tasks stop reading their sockets (TCP pushes back on the
+/// peers). Events caused by timers and by handle calls are still queued, so
+/// the queue can exceed the bound by what those produce (a few per session
+/// at most). Dropping the stream discards events from then on.
+///
+/// [`ServerOptions::event_buffer`]: super::ServerOptions::event_buffer
+pub struct ServerEvents {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for ServerEvents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServerEvents")
+    }
+}
+
+impl Stream for ServerEvents {
+    type Item = ServerEvent;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ServerEvent>> {
+        let mut wakes = Wakes::default();
+        let polled = {
+            let mut st = self.shared.lock();
+            match st.events.pop_front() {
+                Some(event) => {
+                    self.shared
+                        .event_backlog
+                        .store(st.events.len(), Ordering::Relaxed);
+                    if !st.paused.is_empty() && st.events_have_room(&self.shared) {
+                        st.resume_readers(&mut wakes);
+                    }
+                    Poll::Ready(Some(event))
+                }
+                None if st.stopped => Poll::Ready(None),
+                None => {
+                    match &st.events_waker {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => st.events_waker = Some(cx.waker().clone()),
+                    }
+                    Poll::Pending
+                }
+            }
+        };
+        wakes.wake(&self.shared);
+        polled
+    }
+}
+
+impl Drop for ServerEvents {
+    fn drop(&mut self) {
+        let mut wakes = Wakes::default();
+        {
+            let mut st = self.shared.lock();
+            st.events_dropped = true;
+            st.events.clear();
+            self.shared.event_backlog.store(0, Ordering::Relaxed);
+            st.events_waker = None;
+            st.resume_readers(&mut wakes);
+        }
+        wakes.wake(&self.shared);
+    }
+}
+
+impl ServerHandle {
+    /// The bound address, for servers started with [`bind`].
+    ///
+    /// [`bind`]: super::bind
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// The codec typed values for `session` are encoded with: the one its
+    /// latest connection negotiated (kept while it is detached), or the
+    /// server's preferred codec for a session not seen yet.
+    pub fn codec_for(&self, session: SessionId) -> Codec {
+        self.shared
+            .lock()
+            .codecs
+            .get(&session)
+            .copied()
+            .unwrap_or(self.codec)
+    }
+
+    /// Sends a typed value to a session (reliable, ordered, exactly once),
+    /// encoded with the session's negotiated codec ([`codec_for`](Self::codec_for)).
+    pub async fn send<T: Serialize + ?Sized>(
+        &self,
+        session: SessionId,
+        value: &T,
+    ) -> Result<MessageId, ServerError> {
+        let payload = util::encode(value, self.codec_for(session))?;
+        self.send_payload(session, payload).await
+    }
+
+    /// Sends raw bytes (a binary payload) to a session.
+    pub async fn send_bytes(
+        &self,
+        session: SessionId,
+        data: impl Into<Bytes>,
+    ) -> Result<MessageId, ServerError> {
+        self.send_payload(session, Payload::binary(data)).await
+    }
+
+    /// Sends a payload to a session. Returns as soon as the core accepted
+    /// (or refused) it; the connection's task writes it.
+    pub async fn send_payload(
+        &self,
+        session: SessionId,
+        payload: Payload,
+    ) -> Result<MessageId, ServerError> {
+        Ok(self
+            .shared
+            .call(|st, now| st.server.send(now, session, payload))??)
+    }
+
+    /// Waits until a message sent to `session` now would go into its send
+    /// window at once ([`Server::has_room`]). With this before each send, an
+    /// application feeding a client faster than its link is paced by the
+    /// client's acknowledgments instead of filling the session's buffers.
+    ///
+    /// # Errors
+    ///
+    /// `SendError::UnknownSession` once the session is gone;
+    /// [`ServerError::Stopped`].
+    ///
+    /// [`Server::has_room`]: kitestring_core::server::Server::has_room
+    pub async fn ready(&self, session: SessionId) -> Result<(), ServerError> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            if st.stopped {
+                return Poll::Ready(Err(ServerError::Stopped));
+            }
+            match st.server.has_room(session) {
+                None => Poll::Ready(Err(ServerError::Send(SendError::UnknownSession))),
+                Some(true) => Poll::Ready(Ok(())),
+                Some(false) => {
+                    let waiters = st.room_waiters.entry(session).or_default();
+                    if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                        waiters.push(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    /// Sends a typed value to a session once its window has room
+    /// ([`ready`](Self::ready)): the waiting counterpart of
+    /// [`send`](Self::send), which returns `QueueFull` instead of waiting.
+    pub async fn send_when_ready<T: Serialize + ?Sized>(
+        &self,
+        session: SessionId,
+        value: &T,
+    ) -> Result<MessageId, ServerError> {
+        let payload = util::encode(value, self.codec_for(session))?;
+        self.send_payload_when_ready(session, payload).await
+    }
+
+    /// [`send_when_ready`](Self::send_when_ready) for a ready payload.
+    pub async fn send_payload_when_ready(
+        &self,
+        session: SessionId,
+        payload: Payload,
+    ) -> Result<MessageId, ServerError> {
+        loop {
+            self.ready(session).await?;
+            match self
+                .shared
+                .call(|st, now| st.server.send(now, session, payload.clone()))?
+            {
+                // Another task took the room first.
+                Err(SendError::QueueFull { .. }) => continue,
+                r => return Ok(r?),
+            }
+        }
+    }
+
+    /// Sends an unsequenced datagram to a session's client, if connected.
+    /// Refused with `SendError::QueueFull` while
+    /// [`DATAGRAM_BACKLOG`](crate::client::DATAGRAM_BACKLOG) frames (or half
+    /// [`ServerOptions::outbound_queue`], if less) already wait for that
+    /// connection's socket: datagrams are not queued without
+    /// bound, and never make a connection a slow consumer.
+    ///
+    /// [`ServerOptions::outbound_queue`]: super::ServerOptions::outbound_queue
+    pub async fn send_datagram(
+        &self,
+        session: SessionId,
+        data: impl Into<Bytes>,
+    ) -> Result<(), ServerError> {
+        let data = data.into();
+        // Half the frame queue at most, so datagrams alone never make a
+        // connection a slow consumer.
+        let limit = crate::client::DATAGRAM_BACKLOG.min(self.shared.outbound / 2);
+        Ok(self.shared.call(|st, now| {
+            let waiting = st
+                .server
+                .connection_of(session)
+                .and_then(|c| st.conns.get(&c))
+                .map_or(0, |slot| lock_slot(slot).out.len());
+            if waiting >= limit {
+                return Err(SendError::QueueFull {
+                    messages: waiting,
+                    bytes: 0,
+                });
+            }
+            st.server.send_datagram(now, session, data)
+        })??)
+    }
+
+    /// Ends a session now (its client gets 1000 and stops).
+    pub async fn close_session(&self, session: SessionId) -> Result<(), ServerError> {
+        Ok(self
+            .shared
+            .call(|st, now| st.server.close_session(now, session))??)
+    }
+
+    /// Closes a connection with `code`; its session waits out its grace period.
+    pub async fn disconnect(
+        &self,
+        connection: ConnectionId,
+        code: CloseCode,
+    ) -> Result<(), ServerError> {
+        self.shared.call(|st, now| {
+            st.server.disconnect_connection(now, connection, code);
+        })
+    }
+
+    /// Drops a connection's transport at once, without a close handshake,
+    /// as a network failure would: nothing queued for it is written, its
+    /// client sees the stream end (1006) and resumes, and its session waits
+    /// out its grace period with every unacknowledged message kept for the
+    /// resume. For a peer that must go now (one that stopped reading, a
+    /// failed health check, a connection being drained by force) and for
+    /// testing resumes. `Ok(false)`: no such connection, or one aborted already.
+    pub async fn abort(&self, connection: ConnectionId) -> Result<bool, ServerError> {
+        let task = self.shared.call(|st, now| {
+            let task = {
+                let mut slot = lock_slot(st.conns.get(&connection)?);
+                if slot.aborted {
+                    // Its task has not reported the end yet; it is gone
+                    // for the core already.
+                    return None;
+                }
+                slot.abort()
+            };
+            st.server.handle_connection_closed(now, connection, None);
+            Some(task)
+        })?;
+        let Some(waker) = task else {
+            return Ok(false);
+        };
+        // Woken after the lock is released, like every other wake-up.
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(true)
+    }
+
+    /// Asks a connection's client to reconnect elsewhere or later.
+    pub async fn go_away(
+        &self,
+        connection: ConnectionId,
+        code: CloseCode,
+        retry_after: Option<Duration>,
+    ) -> Result<(), ServerError> {
+        self.shared.call(|st, now| {
+            st.server.go_away(now, connection, code, retry_after);
+        })
+    }
+
+    /// Asks a connection's client for a fresh token within `within`; the
+    /// answer is checked by [`ServerOptions::reauth`] (or `auth`), and a
+    /// client that does not answer in time is closed with 4401.
+    ///
+    /// [`ServerOptions::reauth`]: super::ServerOptions::reauth
+    pub async fn request_reauth(
+        &self,
+        connection: ConnectionId,
+        within: Duration,
+    ) -> Result<(), ServerError> {
+        self.shared.call(|st, now| {
+            st.server.request_reauth(now, connection, within);
+        })
+    }
+
+    /// Accepts the token of a [`ServerEvent::TokenReceived`] (only needed
+    /// when no validator is configured).
+    pub async fn accept_token(&self, connection: ConnectionId) -> Result<(), ServerError> {
+        self.shared
+            .call(|st, now| st.server.accept_token(now, connection))
+    }
+
+    /// Answers a request a session's client sent (a [`Received`] with
+    /// `request: true`, quoting its `id`), reliably and in order with the
+    /// session's other messages, wherever its connection is. The client gets
+    /// it as [`Event::Response`](kitestring_core::client::Event::Response).
+    ///
+    /// [`Received`]: kitestring_core::client::Received
+    pub async fn respond<T: Serialize + ?Sized>(
+        &self,
+        session: SessionId,
+        request: MessageId,
+        value: &T,
+    ) -> Result<MessageId, ServerError> {
+        let payload = util::encode(value, self.codec_for(session))?;
+        self.respond_payload(session, request, payload).await
+    }
+
+    /// [`respond`](Self::respond) with a ready payload.
+    pub async fn respond_payload(
+        &self,
+        session: SessionId,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, ServerError> {
+        Ok(self
+            .shared
+            .call(|st, now| st.server.respond(now, session, request, payload))??)
+    }
+
+    /// Puts a session in a room (the application decided: the room policy
+    /// is not consulted). The other members get a presence diff and the
+    /// session gets the member list; [`ServerEvent::Joined`] follows.
+    /// Joining a room the session is already in only resends the list.
+    pub async fn join(&self, session: SessionId, room: &str) -> Result<(), ServerError> {
+        Ok(self
+            .shared
+            .call(|st, now| st.server.join(now, session, room))??)
+    }
+
+    /// Takes a session out of a room; `false` if it was not in it. The
+    /// remaining members get a presence diff.
+    pub async fn leave(&self, session: SessionId, room: &str) -> Result<bool, ServerError> {
+        self.shared
+            .call(|st, now| st.server.leave(now, session, room))
+    }
+
+    /// Sends a typed value to every member of `room`. The value is
+    /// serialized once, with the server's preferred codec (the first of
+    /// `ServerConfig::codecs`), and the bytes are shared by every member's
+    /// reliable stream; a member whose connection negotiated the other codec
+    /// still decodes it (payloads carry their kind). Returns how many members it
+    /// was queued for. Members too slow to keep up are closed with 4009 and
+    /// their sessions ended; the others are not held up.
+    pub async fn broadcast<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        value: &T,
+    ) -> Result<usize, ServerError> {
+        let payload = util::encode(value, self.codec)?;
+        self.broadcast_payload(room, payload, None).await
+    }
+
+    /// Sends a payload to every member of `room` but `exclude` (e.g. the
+    /// member the message came from). Cloning a [`Payload`] shares its bytes,
+    /// so a broadcast to N members costs one serialization, not N.
+    pub async fn broadcast_payload(
+        &self,
+        room: &str,
+        payload: Payload,
+        exclude: Option<SessionId>,
+    ) -> Result<usize, ServerError> {
+        Ok(self
+            .shared
+            .call(|st, now| st.server.broadcast(now, room, payload, exclude))??)
+    }
+
+    /// Who is in `room`, as members see each other (client id and identity,
+    /// sorted; never session ids).
+    pub async fn members(&self, room: &str) -> Result<Vec<Member>, ServerError> {
+        self.shared.call(|st, _| st.server.members(room))
+    }
+
+    /// The sessions in `room` (for the application's own bookkeeping; do
+    /// not show session ids to other clients, they are resume secrets).
+    pub async fn member_sessions(&self, room: &str) -> Result<Vec<SessionId>, ServerError> {
+        self.shared.call(|st, _| st.server.member_sessions(room))
+    }
+
+    /// How many members `room` has (0 for a room that does not exist).
+    pub async fn room_size(&self, room: &str) -> Result<usize, ServerError> {
+        self.shared.call(|st, _| st.server.room_size(room))
+    }
+
+    /// The rooms a session is in (empty for an unknown session).
+    pub async fn rooms_of(&self, session: SessionId) -> Result<Vec<Arc<str>>, ServerError> {
+        self.shared.call(|st, _| st.server.rooms_of(session))
+    }
+
+    /// A session's state (its connection, identity, buffers), if it exists.
+    pub async fn session(&self, session: SessionId) -> Result<Option<SessionInfo>, ServerError> {
+        self.shared.call(|st, _| st.server.session(session))
+    }
+
+    /// A snapshot of the server's gauges and counters, taken between two
+    /// inputs (so it is consistent). Round-trip times are measured by
+    /// clients (their pings), not by the server: see
+    /// [`ClientHandle::stats`](crate::ClientHandle::stats) and
+    /// [`Event::Rtt`](kitestring_core::client::Event::Rtt).
+    pub async fn metrics(&self) -> Result<ServerMetrics, ServerError> {
+        self.shared.call(|st, _| st.server.metrics())
+    }
+
+    /// Replaces the policy that authorizes clients' joins and publishes
+    /// (default: everyone may do anything; see also
+    /// [`ServerOptions::policy`]). The application's own
+    /// [`join`](Self::join) and [`broadcast`](Self::broadcast) are never
+    /// checked. The policy runs under the server's lock: it must not call
+    /// back into this server.
+    ///
+    /// [`ServerOptions::policy`]: super::ServerOptions::policy
+    pub async fn set_policy(&self, policy: Box<dyn RoomPolicy>) -> Result<(), ServerError> {
+        self.shared.call(|st, _| st.server.set_policy(policy))
+    }
+
+    /// Stops accepting, sends every connection a `goaway` and closes it with
+    /// 1001, waits (bounded by the close timeout) for the sockets to close,
+    /// and stops the server task. Sessions are detached, not ended (rooms
+    /// see no one leave), but they live in this process's memory and end
+    /// with it: a restarted server does not know them, so clients resume
+    /// into new sessions and rejoin their rooms by themselves.
+    pub async fn shutdown(&self) -> Result<(), ServerError> {
+        let (tx, rx) = oneshot::channel();
+        let shared = &self.shared;
+        shared.call(|st, now| st.begin_shutdown(shared, now, Some(tx)))?;
+        shared.task.wake();
+        rx.await.map_err(|_| ServerError::Stopped)
+    }
+
+    /// Serves a WebSocket that another HTTP server already upgraded (and
+    /// authenticated: `identity` is who it is). See the module docs.
+    pub fn accept_websocket<S>(&self, ws: WebSocketStream<S>, identity: Option<String>)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let shared = self.shared.clone();
+        self.shared.runtime.spawn(Box::pin(async move {
+            connection(shared, ws, identity, None).await;
+        }));
+    }
+
+    /// Serves a raw byte stream (e.g. from a listener of your own): runs the
+    /// TLS handshake if configured, the HTTP upgrade with authentication,
+    /// then the session.
+    pub fn accept_io(&self, io: BoxIo) {
+        let shared = self.shared.clone();
+        self.shared
+            .runtime
+            .spawn(Box::pin(serve_accepted(shared, io, None)));
+    }
+}

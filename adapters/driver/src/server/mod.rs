@@ -1,0 +1,362 @@
+//! The server: the core [`Server`] machine sits behind one short-held lock
+//! that every task and handle shares; each connection has a task that reads
+//! and writes its socket, and one server task accepts connections and fires
+//! the core's timers.
+//!
+//! ```text
+//!  accept ──► handshake task (TLS, HTTP upgrade, auth) ──► connection task ─┐
+//!                                                                            │ lock: feed
+//!  ServerHandle calls ──────────────────────────────────► core Server ◄─────┘ frames in,
+//!                                                          │    │           queue frames
+//!                              frames, per connection ◄────┘    └──► events ──► ServerEvents
+//! ```
+//!
+//! A connection task that reads a frame runs it through the core itself,
+//! under the lock, and the frames and events that result are queued for
+//! their connection tasks and the application, which are woken once the
+//! lock is released. A handle call (`send`, `broadcast`, `join`, ...) runs
+//! the core the same way and returns at once with the core's answer: no
+//! message passes through an intermediate task, and nothing waits for a
+//! reply. Several frames read together go through the core under one lock,
+//! and a task woken for many queued frames writes them all in one turn.
+//! Room policies and token validators run under the lock: they must not
+//! call back into the server.
+//!
+//! # Backpressure policy
+//!
+//! * Inbound: while the application leaves [`ServerOptions::event_buffer`]
+//!   events unconsumed, connection tasks stop reading their sockets, so
+//!   TCP pushes back on the peers. Keep consuming [`ServerEvents`]. Events
+//!   caused by timers and handle calls are queued regardless (a few per
+//!   session at most), so no handle call ever waits for the application.
+//! * Outbound: what a connection can owe its peer is bounded first by the
+//!   core: a session holds at most its send window of unacknowledged
+//!   messages (`ReliabilityConfig::window_messages` / `window_bytes`) plus its
+//!   waiting queue. A peer that stops reading fills both; then
+//!   [`ServerHandle::send`] is refused with `SendError::QueueFull` (nothing
+//!   accepted is dropped), a room broadcast evicts that member with 4009 so
+//!   the others are not held up, and a peer that also stops sending is closed
+//!   by the heartbeat (4008) with its session kept for a resume.
+//!   Each connection also has a frame queue of
+//!   [`ServerOptions::outbound_queue`] (at least twice the send window plus
+//!   64, so a resume retransmitting a whole window of large messages fits,
+//!   each a detached pair), plus tungstenite's bounded
+//!   write buffer; should that queue still fill, the connection is closed
+//!   with 4009 and its session kept.
+//!
+//! # Handing over a socket upgraded elsewhere
+//!
+//! An HTTP server (axum, hyper, ...) that already performed the WebSocket
+//! upgrade can hand the socket over with [`ServerHandle::accept_websocket`]:
+//! wrap the upgraded IO in a futures-io adapter (for hyper on tokio:
+//! `hyper_util::rt::TokioIo` then `tokio_util::compat`), build
+//! `async_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server,
+//! Some(kitestring::ws::websocket_config(max)))`, authenticate in your HTTP
+//! handler, and pass the identity along.
+//!
+//! # Where things are
+//!
+//! This module holds the options, [`bind`] and [`start`], which build the
+//! shared state and spawn the server task. The rest lives in private modules
+//! beside it: `auth` (who may upgrade), `shared` (the locked state, the
+//! connection slots and the lock order), `handle` ([`ServerHandle`] and
+//! [`ServerEvents`]), `accept` (the server task), `upgrade` and `http` (an
+//! accepted socket's upgrade) and `conn` (the connection task).
+
+mod accept;
+mod auth;
+mod conn;
+mod handle;
+mod http;
+mod shared;
+mod upgrade;
+
+pub use auth::{AuthReject, AuthRequest, Authenticator, OriginPolicy, TokenValidator};
+pub use handle::{ServerEvents, ServerHandle};
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_channel::mpsc;
+use futures_util::task::AtomicWaker;
+use kitestring_core::config::ServerConfig;
+use kitestring_core::rooms::{Member, RoomPolicy};
+use kitestring_core::server::Server;
+use kitestring_core::wire::Codec;
+use tracing::Instrument;
+
+use crate::drive::{Clock, DriveTimer};
+use crate::error::ServeError;
+use crate::runtime::{AsyncListener, Runtime};
+use crate::ws::ServerTls;
+
+use self::accept::ServerTask;
+use self::shared::{FxHashMap, LockedState, Shared};
+
+/// The per-connection outbound queue: the configured size, but always room
+/// for a resume's burst (a whole send window, two frames per message if the
+/// payloads go detached) plus control frames.
+fn outbound_capacity(options: &ServerOptions) -> usize {
+    options.outbound_queue.max(
+        options
+            .config
+            .reliability
+            .window_messages
+            .saturating_mul(2)
+            .saturating_add(64),
+    )
+}
+
+/// Server settings.
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// The core machine's settings.
+    pub config: ServerConfig,
+    /// TLS (`wss://`); `None` serves plain `ws://`.
+    pub tls: Option<ServerTls>,
+    /// Checks every upgrade request; `None` accepts everyone anonymously.
+    pub auth: Option<Authenticator>,
+    /// Which web pages may connect, by the request's `Origin` header
+    /// (cross-site WebSocket hijacking). Default [`OriginPolicy::SameHost`]:
+    /// requests without `Origin` (non-browser clients) and pages served by
+    /// the host the request names pass, other origins get 403 before
+    /// [`auth`](Self::auth) runs.
+    pub origins: OriginPolicy,
+    /// Checks tokens sent for re-authentication. `None` falls back to
+    /// [`auth`](Self::auth), called with a request whose only header is
+    /// `authorization: Bearer <token>` (empty path, no query); with neither,
+    /// the application decides through [`ServerHandle::accept_token`] or
+    /// [`ServerHandle::disconnect`].
+    pub reauth: Option<TokenValidator>,
+    /// Frames queued per connection before it counts as a slow consumer and
+    /// is closed with 4009. Default 256, and never less than twice the
+    /// core's send window plus 64: a resume retransmits up to a whole window
+    /// at once, two frames per message whose payload goes detached
+    /// (PROTOCOL.md, section 2.1), and that burst must not look like a slow
+    /// reader. (The window is what
+    /// really bounds a connection: it cannot hold more unacknowledged
+    /// messages than that, so this queue only guards against control frames
+    /// piling up.)
+    pub outbound_queue: usize,
+    /// Events waiting for the application before connection tasks stop
+    /// reading their sockets. Default 4096.
+    pub event_buffer: usize,
+    /// Time allowed for the TLS handshake and HTTP upgrade. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Time allowed for a close handshake before the socket is dropped. Default 2 s.
+    pub close_timeout: Duration,
+    /// Authorizes clients' joins and publishes; `None` lets everyone do
+    /// anything. Can be replaced later with [`ServerHandle::set_policy`].
+    pub policy: Option<Arc<dyn RoomPolicy>>,
+    /// Connections the kernel holds waiting for `accept` on a listener that
+    /// [`bind`] opens. Default 4096 (the kernel caps it at
+    /// `net.core.somaxconn`). When every client of a restarted or cut
+    /// server reconnects at once, a short queue overflows and the kernel
+    /// drops their SYNs, which clients retry only after one second, then
+    /// three: the standard library's default of 128 made a resume storm of
+    /// 10 000 sessions take half again as long.
+    pub listen_backlog: u32,
+}
+
+/// A policy shared through [`ServerOptions`] (which is `Clone`).
+struct SharedPolicy(Arc<dyn RoomPolicy>);
+
+impl RoomPolicy for SharedPolicy {
+    fn authorize_join(&self, who: &Member, room: &str) -> Result<(), String> {
+        self.0.authorize_join(who, room)
+    }
+
+    fn authorize_publish(&self, who: &Member, room: &str) -> Result<(), String> {
+        self.0.authorize_publish(who, room)
+    }
+
+    fn presence(&self, room: &str) -> bool {
+        self.0.presence(room)
+    }
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            config: ServerConfig::default(),
+            tls: None,
+            auth: None,
+            origins: OriginPolicy::SameHost,
+            reauth: None,
+            outbound_queue: 256,
+            event_buffer: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+            policy: None,
+            listen_backlog: 4096,
+        }
+    }
+}
+
+impl fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .field("auth", &self.auth.is_some())
+            .field("origins", &self.origins)
+            .field("outbound_queue", &self.outbound_queue)
+            .field("event_buffer", &self.event_buffer)
+            .field("listen_backlog", &self.listen_backlog)
+            .field("policy", &self.policy.is_some())
+            .finish()
+    }
+}
+
+/// Binds `addr` and serves WebSocket connections on it.
+pub fn bind(
+    runtime: Arc<dyn Runtime>,
+    addr: SocketAddr,
+    options: ServerOptions,
+) -> Result<(ServerHandle, ServerEvents), ServeError> {
+    let listener = listen(addr, options.listen_backlog)?;
+    let listener = runtime.wrap_listener(listener)?;
+    start_inner(runtime, Some(listener), options)
+}
+
+/// A non-blocking listener on `addr` with room for `backlog` connections
+/// waiting to be accepted (and `SO_REUSEADDR` on Unix, as the standard
+/// library sets it, so a restarted server can bind at once).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX).max(1))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Starts a server without a listener: connections come only through
+/// [`ServerHandle::accept_websocket`] (sockets upgraded by another HTTP
+/// server) or [`ServerHandle::accept_io`].
+pub fn start(
+    runtime: Arc<dyn Runtime>,
+    options: ServerOptions,
+) -> Result<(ServerHandle, ServerEvents), ServeError> {
+    start_inner(runtime, None, options)
+}
+
+fn start_inner(
+    runtime: Arc<dyn Runtime>,
+    listener: Option<Box<dyn AsyncListener>>,
+    options: ServerOptions,
+) -> Result<(ServerHandle, ServerEvents), ServeError> {
+    let mut config = options.config.clone();
+    if config.resume_secret.is_unset() {
+        // Resume keys must not be computable from session ids: a secret of
+        // this process's own unless the application shares one.
+        let mut secret = [0u8; 16];
+        getrandom::fill(&mut secret).map_err(|e| ServeError::Random(e.to_string()))?;
+        config.resume_secret = kitestring_core::config::ResumeSecret(secret);
+    }
+    let mut server = Server::new(config)?;
+    if let Some(policy) = &options.policy {
+        server.set_policy(Box::new(SharedPolicy(policy.clone())));
+    }
+    let local_addr = match &listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let codec = options
+        .config
+        .codecs
+        .first()
+        .copied()
+        .unwrap_or(Codec::Json);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(LockedState {
+            server,
+            conns: FxHashMap::default(),
+            codecs: FxHashMap::default(),
+            events: VecDeque::new(),
+            events_waker: None,
+            events_dropped: false,
+            paused: Vec::new(),
+            room_waiters: FxHashMap::default(),
+            armed: None,
+            shutdown: None,
+            stopped: false,
+        }),
+        task: AtomicWaker::new(),
+        stop_listening: AtomicBool::new(false),
+        clock: Clock::new(&*runtime),
+        runtime: runtime.clone(),
+        outbound: outbound_capacity(&options),
+        event_room: options.event_buffer.max(1),
+        event_backlog: AtomicUsize::new(0),
+        options: Arc::new(options),
+    });
+    let (alive_tx, alive_rx) = mpsc::channel(1);
+    let task = ServerTask {
+        timer: DriveTimer::new(&*runtime),
+        shared: shared.clone(),
+        listener,
+        alive: alive_rx,
+        handles_gone: false,
+    };
+    let span = tracing::info_span!("kitestring_server", addr = ?local_addr);
+    runtime.spawn(Box::pin(task.run().instrument(span)));
+    Ok((
+        ServerHandle {
+            shared: shared.clone(),
+            _alive: alive_tx,
+            local_addr,
+            codec,
+        },
+        ServerEvents { shared },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+
+    /// Connects `n` sockets to `addr`, which nobody accepts on; counts those
+    /// whose TCP handshake completed within `limit`.
+    fn queued(addr: SocketAddr, n: usize, limit: Duration) -> (usize, Vec<TcpStream>) {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            match TcpStream::connect_timeout(&addr, limit) {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+        }
+        (held.len(), held)
+    }
+
+    #[test]
+    fn the_listener_queues_as_many_connections_as_its_backlog() {
+        // The kernel caps the backlog at net.core.somaxconn (4096 since
+        // Linux 5.4); 600 is far above the standard library's 128, which
+        // this test is there to catch.
+        let n = 600;
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        if cap > n {
+            let listener = listen("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (ok, _held) = queued(addr, n, Duration::from_millis(500));
+            assert_eq!(ok, n, "connections beyond the accept queue were dropped");
+        }
+        // And a small backlog is honored too (this is what makes the
+        // check above able to fail): the queue holds backlog + 1.
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ok, _held) = queued(addr, 64, Duration::from_millis(300));
+        assert!(ok < 64, "a backlog of 16 queued {ok} connections");
+    }
+}

@@ -1,0 +1,558 @@
+//! What the server's tasks and handles share: [`Shared`], which holds the
+//! locked state ([`LockedState`]: the core machine and the driver's
+//! bookkeeping beside it) and what never changes after start, and each
+//! connection's [`Slot`], where the state leaves frames and close orders for
+//! the connection's task. Running the core and carrying out its outputs
+//! ([`Shared::run`], [`LockedState::drain`]) happens here.
+//!
+//! Lock order: the state's lock first, then a slot's; never the other way
+//! round. A lock is held only while the core runs and its outputs are
+//! queued, never across an `.await` or a socket call; connection tasks, the
+//! event stream and the server task are woken through [`Wakes`] once it is
+//! released. Code under the lock must not call back into the server.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
+use std::time::Duration;
+
+use async_tungstenite::tungstenite::http::HeaderMap;
+use async_tungstenite::tungstenite::Message;
+use futures_channel::oneshot;
+use futures_util::task::AtomicWaker;
+use kitestring_core::close::CloseCode;
+use kitestring_core::server::{ConnectionId, Server, ServerEvent, ServerOutput, SessionEnd};
+use kitestring_core::wire::{Codec, SessionId};
+use tracing::{debug, trace, warn};
+
+use crate::drive::Clock;
+use crate::error::ServerError;
+use crate::runtime::Runtime;
+use crate::ws;
+
+use super::auth::{AuthReject, AuthRequest};
+use super::ServerOptions;
+
+/// Hash maps keyed by ids the server made up (FxHash: fast, and nothing to
+/// flood since peers do not choose the keys).
+pub(super) type FxHashMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+
+/// How a connection task is told to close.
+pub(super) struct CloseOrder {
+    pub(super) code: CloseCode,
+    pub(super) reason: &'static str,
+    /// Write the queued frames first (a `goaway` before its close).
+    pub(super) flush: bool,
+    /// Drop the transport at once: no close frame, nothing flushed.
+    pub(super) abort: bool,
+}
+
+/// What every task and handle shares: the locked state, and what never
+/// changes after start.
+pub(super) struct Shared {
+    pub(super) state: Mutex<LockedState>,
+    /// The server task (listener, the core's deadline, shutdown).
+    pub(super) task: AtomicWaker,
+    /// Set once shutdown began: the server task drops its listener.
+    pub(super) stop_listening: AtomicBool,
+    pub(super) runtime: Arc<dyn Runtime>,
+    pub(super) clock: Clock,
+    pub(super) options: Arc<ServerOptions>,
+    /// Frames a connection may have waiting before it counts as a slow
+    /// consumer ([`outbound_capacity`]).
+    ///
+    /// [`outbound_capacity`]: super::outbound_capacity
+    pub(super) outbound: usize,
+    /// Events waiting for the application before connection tasks pause
+    /// reading ([`ServerOptions::event_buffer`]).
+    pub(super) event_room: usize,
+    /// `LockedState::events.len()`, kept beside the lock so that a
+    /// connection task can see there is room without taking it.
+    pub(super) event_backlog: AtomicUsize,
+}
+
+/// The state behind the lock: the core machine and what the driver keeps
+/// beside it.
+pub(super) struct LockedState {
+    pub(super) server: Server,
+    /// Connection tasks that registered and have not reported their end.
+    pub(super) conns: FxHashMap<ConnectionId, SlotRef>,
+    /// The codec negotiated by each session's latest connection (set when a
+    /// session opens or resumes, removed when it ends), to encode typed
+    /// values. Bounded by the sessions the core holds.
+    pub(super) codecs: FxHashMap<SessionId, Codec>,
+    /// Events for the application.
+    pub(super) events: VecDeque<ServerEvent>,
+    pub(super) events_waker: Option<Waker>,
+    /// The event stream was dropped: events are discarded.
+    pub(super) events_dropped: bool,
+    /// Connections that stopped reading because `events` was full.
+    pub(super) paused: Vec<ConnectionId>,
+    /// Callers of [`ServerHandle::ready`] waiting for room in a session's
+    /// window, woken by its next acknowledgment, resume or end. One entry
+    /// per waiting task; removed when woken.
+    ///
+    /// [`ServerHandle::ready`]: super::ServerHandle::ready
+    pub(super) room_waiters: FxHashMap<SessionId, Vec<Waker>>,
+    /// The deadline the server task's timer was last armed for.
+    pub(super) armed: Option<kitestring_core::Instant>,
+    pub(super) shutdown: Option<Shutdown>,
+    /// The server task has ended.
+    pub(super) stopped: bool,
+}
+
+/// A shutdown in progress: who waits for it, and when to stop waiting for
+/// connections to close.
+pub(super) struct Shutdown {
+    pub(super) replies: Vec<oneshot::Sender<()>>,
+    pub(super) give_up: std::time::Instant,
+}
+
+/// A connection's slot, shared by the state and the connection's task.
+///
+/// The state fills it under its own lock, then locks the slot for the few
+/// instructions a push takes; the task locks only the slot to take its
+/// frames and close orders, so it can write while another task holds the
+/// state's lock (a broadcast to thousands of members, say). Lock order:
+/// the state's lock first, then a slot's; never the other way round.
+pub(super) type SlotRef = Arc<Mutex<Slot>>;
+
+/// Locks a slot; a panic under a slot's lock leaves nothing half-done.
+pub(super) fn lock_slot(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Per connection: what the state hands its task.
+#[derive(Default)]
+pub(super) struct Slot {
+    /// Frames for the connection task to write. At most
+    /// [`Shared::outbound`]; one more makes the connection a slow consumer.
+    pub(super) out: VecDeque<Message>,
+    /// A close order the task has not picked up yet.
+    pub(super) close: Option<CloseOrder>,
+    /// A close order was given: nothing more is queued.
+    pub(super) closing: bool,
+    /// The order is an abort: the core was told the connection is gone.
+    pub(super) aborted: bool,
+    /// In [`LockedState::paused`].
+    pub(super) paused: bool,
+    /// The connection task, while it waits.
+    pub(super) waker: Option<Waker>,
+}
+
+impl Slot {
+    /// Drops the transport without a close handshake; overrides a close
+    /// order the task has not picked up yet. Returns the task's waker, to
+    /// wake once the lock is released.
+    pub(super) fn abort(&mut self) -> Option<Waker> {
+        self.closing = true;
+        self.aborted = true;
+        self.out.clear();
+        self.close = Some(CloseOrder {
+            code: CloseCode::ABNORMAL,
+            reason: "aborted",
+            flush: false,
+            abort: true,
+        });
+        self.waker.take()
+    }
+
+    pub(super) fn order(&mut self, order: CloseOrder, wakes: &mut Wakes) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.close = Some(order);
+        wakes.take(&mut self.waker);
+    }
+}
+
+/// Wakers collected under the lock and woken after it is released, so a
+/// woken task does not find the lock still held.
+#[derive(Default)]
+pub(super) struct Wakes {
+    tasks: Vec<Waker>,
+    server_task: bool,
+}
+
+impl Wakes {
+    pub(super) fn take(&mut self, waker: &mut Option<Waker>) {
+        if let Some(w) = waker.take() {
+            self.tasks.push(w);
+        }
+    }
+
+    pub(super) fn wake(self, shared: &Shared) {
+        for w in self.tasks {
+            w.wake();
+        }
+        if self.server_task {
+            shared.task.wake();
+        }
+    }
+}
+
+impl Shared {
+    pub(super) fn lock(&self) -> MutexGuard<'_, LockedState> {
+        // A panic under the lock leaves the core's state as it was between
+        // two calls; carry on with it rather than poison every handle.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the state, carries out the outputs it caused, and wakes
+    /// the tasks concerned once the lock is released. `current` is the
+    /// connection task calling, which needs no wake-up.
+    pub(super) fn run<T>(
+        &self,
+        current: Option<ConnectionId>,
+        f: impl FnOnce(&mut LockedState, kitestring_core::Instant) -> T,
+    ) -> T {
+        let mut wakes = Wakes::default();
+        let result = {
+            let mut st = self.lock();
+            let now = self.clock.now(&*self.runtime);
+            let result = f(&mut st, now);
+            st.drain(self, now, current, &mut wakes);
+            result
+        };
+        wakes.wake(self);
+        result
+    }
+
+    /// [`run`](Self::run) for a handle: fails once the server stopped.
+    pub(super) fn call<T>(
+        &self,
+        f: impl FnOnce(&mut LockedState, kitestring_core::Instant) -> T,
+    ) -> Result<T, ServerError> {
+        self.run(None, |st, now| {
+            if st.stopped {
+                Err(ServerError::Stopped)
+            } else {
+                Ok(f(st, now))
+            }
+        })
+    }
+}
+
+impl LockedState {
+    /// Carries out every output of the core, in order: frames to their
+    /// connection's queue, close orders, events to the application's queue.
+    pub(super) fn drain(
+        &mut self,
+        env: &Shared,
+        now: kitestring_core::Instant,
+        current: Option<ConnectionId>,
+        wakes: &mut Wakes,
+    ) {
+        while let Some(output) = self.server.poll_output() {
+            match output {
+                ServerOutput::Transmit(id, t) => {
+                    let Some(slot) = self.conns.get(&id) else {
+                        continue; // the task ended; the core knows
+                    };
+                    let mut slot = lock_slot(slot);
+                    if slot.closing {
+                        continue; // closing: nothing more goes out
+                    }
+                    if slot.out.len() >= env.outbound {
+                        warn!(
+                            connection = id.0,
+                            session = self.server.session_of(id).map(|s| s.to_hex()).as_deref(),
+                            "outbound queue full: closing a slow consumer with 4009"
+                        );
+                        slot.order(
+                            CloseOrder {
+                                code: CloseCode::SLOW_CONSUMER,
+                                reason: "slow consumer",
+                                flush: false,
+                                abort: false,
+                            },
+                            wakes,
+                        );
+                        drop(slot);
+                        self.server
+                            .disconnect_connection(now, id, CloseCode::SLOW_CONSUMER);
+                        continue;
+                    }
+                    slot.out.push_back(ws::to_message(t));
+                    if current != Some(id) {
+                        wakes.take(&mut slot.waker);
+                    }
+                }
+                ServerOutput::Disconnect(id, code, reason) => {
+                    if code == CloseCode::SLOW_CONSUMER {
+                        warn!(connection = id.0, %code, reason, "closing a slow consumer");
+                    } else {
+                        debug!(connection = id.0, %code, reason, "closing connection");
+                    }
+                    if let Some(slot) = self.conns.get(&id) {
+                        lock_slot(slot).order(
+                            CloseOrder {
+                                code,
+                                reason,
+                                flush: true,
+                                abort: false,
+                            },
+                            wakes,
+                        );
+                    }
+                }
+                ServerOutput::Event(event) => {
+                    log_event(&event);
+                    self.track_codec(&event);
+                    if let ServerEvent::TokenReceived {
+                        connection,
+                        session,
+                        token,
+                    } = &event
+                    {
+                        self.check_token(env, now, *connection, *session, token);
+                    }
+                    if !self.events_dropped {
+                        self.events.push_back(event);
+                        env.event_backlog
+                            .store(self.events.len(), Ordering::Relaxed);
+                        wakes.take(&mut self.events_waker);
+                    }
+                }
+            }
+        }
+        if let Some(deadline) = self.server.poll_timeout() {
+            if self.armed.is_none_or(|armed| deadline.at < armed) {
+                self.armed = Some(deadline.at);
+                wakes.server_task = true;
+            }
+        }
+        if self.shutdown.is_some() && self.conns.is_empty() {
+            wakes.server_task = true;
+        }
+    }
+
+    /// Whether connection tasks may read: the application has room for
+    /// the events that reading causes.
+    pub(super) fn events_have_room(&self, env: &Shared) -> bool {
+        self.events_dropped || self.events.len() < env.event_room
+    }
+
+    /// Lets paused connection tasks read again.
+    pub(super) fn resume_readers(&mut self, wakes: &mut Wakes) {
+        for id in std::mem::take(&mut self.paused) {
+            if let Some(slot) = self.conns.get(&id) {
+                let mut slot = lock_slot(slot);
+                slot.paused = false;
+                wakes.take(&mut slot.waker);
+            }
+        }
+    }
+
+    /// Stops accepting; the core sends every connection a `goaway` and a
+    /// 1001; the server task stops once they closed (or the close timeout
+    /// passed).
+    pub(super) fn begin_shutdown(
+        &mut self,
+        env: &Shared,
+        now: kitestring_core::Instant,
+        reply: Option<oneshot::Sender<()>>,
+    ) {
+        if self.shutdown.is_none() {
+            env.stop_listening.store(true, Ordering::Release);
+            // The core flushes pending batches and acknowledgments, then
+            // sends every connection a goaway and a 1001. Sessions are
+            // detached, not ended: members are not told anyone left.
+            self.server.shutdown(now, None);
+            self.shutdown = Some(Shutdown {
+                replies: Vec::new(),
+                give_up: env.runtime.now() + env.options.close_timeout + Duration::from_millis(500),
+            });
+        }
+        if let (Some(shutdown), Some(reply)) = (&mut self.shutdown, reply) {
+            shutdown.replies.push(reply);
+        }
+    }
+
+    /// Keeps [`LockedState::codecs`] in step with the sessions.
+    fn track_codec(&mut self, event: &ServerEvent) {
+        match event {
+            ServerEvent::SessionOpened { session, .. } => {
+                if let Some(codec) = self.server.session_codec(*session) {
+                    self.codecs.insert(*session, codec);
+                }
+            }
+            ServerEvent::SessionEnded { session, .. } => {
+                self.codecs.remove(session);
+            }
+            _ => {}
+        }
+        // Room in a session's window comes with acknowledgments; an ended
+        // session's waiters learn it is gone.
+        if let ServerEvent::Acked { session, .. }
+        | ServerEvent::SessionOpened { session, .. }
+        | ServerEvent::SessionEnded { session, .. } = event
+        {
+            if let Some(waiters) = self.room_waiters.remove(session) {
+                for waker in waiters {
+                    waker.wake();
+                }
+            }
+        }
+    }
+
+    /// Validates a re-authentication token with the configured validator.
+    fn check_token(
+        &mut self,
+        env: &Shared,
+        now: kitestring_core::Instant,
+        connection: ConnectionId,
+        session: SessionId,
+        token: &str,
+    ) {
+        let verdict = if let Some(validate) = &env.options.reauth {
+            validate(token)
+        } else if let Some(auth) = &env.options.auth {
+            let mut headers = HeaderMap::new();
+            match async_tungstenite::tungstenite::http::HeaderValue::from_str(&format!(
+                "Bearer {token}"
+            )) {
+                Ok(v) => {
+                    headers.insert("authorization", v);
+                    auth(&AuthRequest {
+                        path: "",
+                        query: None,
+                        headers: &headers,
+                    })
+                }
+                Err(_) => Err(AuthReject::Unauthorized),
+            }
+        } else {
+            return; // the application decides
+        };
+        let bound = self.server.session(session).and_then(|s| s.identity);
+        match verdict {
+            Ok(identity) if identity.is_none() || identity == bound => {
+                trace!(connection = connection.0, "fresh token accepted");
+                self.server.accept_token(now, connection);
+            }
+            Ok(_) => {
+                debug!(
+                    connection = connection.0,
+                    "fresh token names another identity"
+                );
+                self.server
+                    .disconnect_connection(now, connection, CloseCode::FORBIDDEN);
+            }
+            Err(reject) => {
+                debug!(connection = connection.0, ?reject, "fresh token refused");
+                let code = match reject {
+                    AuthReject::Forbidden => CloseCode::FORBIDDEN,
+                    AuthReject::Unauthorized => CloseCode::UNAUTHORIZED,
+                };
+                self.server.disconnect_connection(now, connection, code);
+            }
+        }
+    }
+}
+
+/// Logs what the application should see in its logs, with the ids that
+/// tie a line to a client and a session.
+fn log_event(event: &ServerEvent) {
+    match event {
+        ServerEvent::SessionOpened {
+            connection,
+            session,
+            client,
+            identity,
+            resumed,
+        } => {
+            let verb = if *resumed {
+                "session resumed"
+            } else {
+                "session opened"
+            };
+            debug!(
+                connection = connection.0,
+                session = %session.to_hex(),
+                client = %client.to_hex(),
+                identity = identity.as_deref(),
+                resumed,
+                "{verb}"
+            );
+        }
+        ServerEvent::SessionDetached { session, code } => {
+            debug!(session = %session.to_hex(), %code, "session detached; waiting for a resume");
+        }
+        ServerEvent::SessionEnded {
+            session,
+            reason,
+            unconfirmed,
+        } => match reason {
+            SessionEnd::SlowConsumer | SessionEnd::Overflow => warn!(
+                session = %session.to_hex(),
+                ?reason,
+                unconfirmed = unconfirmed.len(),
+                "session ended: it could not keep up"
+            ),
+            _ => debug!(
+                session = %session.to_hex(),
+                ?reason,
+                unconfirmed = unconfirmed.len(),
+                "session ended"
+            ),
+        },
+        ServerEvent::Rejected {
+            connection,
+            code,
+            reason,
+        } => {
+            if *reason == "session_forbidden" {
+                warn!(
+                    connection = connection.0,
+                    %code,
+                    reason,
+                    "resume refused: the session belongs to another identity"
+                );
+            } else {
+                debug!(connection = connection.0, %code, reason, "hello rejected");
+            }
+        }
+        ServerEvent::ConnectionClosed { connection, code } => {
+            debug!(connection = connection.0, %code, "connection closed without a session");
+        }
+        ServerEvent::RateLimited {
+            connection,
+            session,
+            delayed,
+            refused,
+            datagrams_dropped,
+            limit,
+        } => {
+            warn!(
+                connection = connection.0,
+                session = %session.to_hex(),
+                delayed,
+                refused,
+                datagrams_dropped,
+                ?limit,
+                "rate limited"
+            );
+        }
+        ServerEvent::Refused {
+            session,
+            room,
+            op,
+            reason,
+        } => {
+            debug!(session = %session.to_hex(), %room, ?op, %reason, "room operation refused");
+        }
+        ServerEvent::Joined { session, room } => {
+            trace!(session = %session.to_hex(), %room, "joined");
+        }
+        ServerEvent::Left { session, room } => {
+            trace!(session = %session.to_hex(), %room, "left");
+        }
+        ServerEvent::DecodeFailed { connection, error } => {
+            debug!(connection = connection.0, %error, "undecodable frame");
+        }
+        _ => {}
+    }
+}
