@@ -8,7 +8,7 @@
 //! call locks it, runs the core's command with the current time, records
 //! what it will wait for, unlocks and wakes the task; it never waits for the
 //! task, except for what it asked for (an acknowledgment, a response, the end
-//! of a close). The task, on each wake-up, takes the lock once: it feeds in
+//! of a close, or room to send with `ready` and `send_when_ready`). The task, on each wake-up, takes the lock once: it feeds in
 //! everything that is ready (several socket frames, a connection attempt
 //! finishing, an old socket finishing its close, a fresh token, the core's
 //! deadline), drains every output of the core into its own queues (frames
@@ -22,7 +22,9 @@
 //! before the timer is trusted.
 //!
 //! Bounds: nothing queues between the handles and the task. A handle call
-//! runs the core directly under a short lock and never waits for room; what
+//! runs the core directly under a short lock and never waits for room
+//! (unless it is `ready` or a `*_when_ready` call, which wait for exactly
+//! that); what
 //! it leaves behind is bounded by the core (its queue and send window for
 //! messages, [`ClientConfig::max_pending_requests`] for requests), and the
 //! waiter maps hold one entry per message or request the core accepted.
