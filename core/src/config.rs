@@ -1,5 +1,5 @@
 //! Every tunable of the client and server machines, with the defaults the
-//! field has converged on (see ANCHORS in the docs) and a `validate` that
+//! field has converged on and a `validate` that
 //! turns contradictory settings into an error at construction, not a
 //! misbehaviour at 3 a.m.
 //!

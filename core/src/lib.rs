@@ -48,12 +48,46 @@
 //!
 //! # Map
 //!
-//! * [`client`]: the client machine (lifecycle, backoff, heartbeat, resume).
-//! * [`server`]: the server machine (handshakes, heartbeats, session registry).
-//! * [`reliable`]: sequencing, acknowledgment, retransmission, de-duplication.
-//! * [`wire`]: frames, codecs, the binary header, typed decode errors.
+//! Where each behaviour lives. Modules marked *(private)* are internal; their
+//! docs are in the source.
+//!
+//! The machines:
+//! * [`client`]: the client machine. Its lifecycle (states and the table of
+//!   allowed transitions, what each close or failure leads to, backoff and
+//!   retries), the handshake, the heartbeat, requests, rooms as a member,
+//!   and the events and outputs the driver carries out.
+//! * [`server`]: the server machine. Connections (handshake deadline, idle
+//!   and re-authentication checks), sessions (their lifecycle state and the
+//!   one function that moves it, resume checks and keys, expiry), rate
+//!   limits and refusals, rooms and broadcasts, and its events and outputs.
+//!
+//! What both machines use:
+//! * `link` *(private)*: one session's delivery pipe, the same code on both
+//!   sides: numbering into the send window, batching, detached payloads,
+//!   acknowledgments and their timers, retransmission, and the counters
+//!   ([`DeliveryStats`], [`TrafficStats`]).
+//! * [`reliable`]: the numbers under the pipe: the waiting queue and send
+//!   window (`Outbound`), delivery, duplicates and gaps (`Inbound`).
+//! * [`wire`]: frames, the JSON and MessagePack codecs, the binary header,
+//!   detached payloads, typed decode errors; the encoder's buffers.
+//! * [`ids`]: client, session and message identifiers.
+//! * [`config`]: every setting of both machines, and their validation.
 //! * [`close`]: close codes and what each one means.
-//! * [`backoff`], [`config`], [`time`]: settings and time.
+//! * [`rooms`]: room membership, presence and the room policy.
+//! * [`ratelimit`]: token buckets for per-connection rate limits.
+//! * [`coalesce`]: latest-value coalescing for `send_latest`.
+//! * [`backoff`]: retry delays with jitter.
+//! * [`time`]: the caller's clock as an [`Instant`].
+//! * `timer` *(private)*: the client's table of deadlines.
+//! * `rng` *(private)*: the seeded generator behind jitter.
+//!
+//! For applications, used by no machine:
+//! * [`crdt`]: a hybrid logical clock ([`hlc`]) and a last-writer-wins map
+//!   ([`lww`]) for state synced over sessions.
+//!
+//! Behind the `fuzzing` feature, `fuzzing` (its source is in `core/fuzzing/`,
+//! outside this tree) holds the bodies of the fuzz targets and their
+//! regression tests.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
