@@ -513,7 +513,7 @@ pub struct ClientStats {
 
 /// Settings in force on the current connection.
 #[derive(Clone, Debug)]
-struct Conn {
+struct ConnSettings {
     id: TransportId,
     version: u8,
     codec: Codec,
@@ -567,7 +567,7 @@ pub struct Client {
     rooms: BTreeSet<RoomName>,
     requests: BTreeMap<MessageId, Instant>,
     request_deadlines: BTreeSet<(Instant, MessageId)>,
-    conn: Option<Conn>,
+    conn: Option<ConnSettings>,
     session: Option<SessionId>,
     /// The secret that resumes `session`, from its `welcome`.
     resume_key: Option<ResumeKey>,
@@ -1669,7 +1669,7 @@ impl Client {
         let pong_timeout = clamp_ms(w.pong_timeout_ms, 100, 600_000, hb.timeout);
         let peer_max = usize::try_from(w.max_message).unwrap_or(usize::MAX).max(64);
         self.timers.stop(Timer::Connect);
-        self.conn = Some(Conn {
+        self.conn = Some(ConnSettings {
             id: transport,
             version: w.version,
             codec: w.codec,
