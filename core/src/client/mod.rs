@@ -9,11 +9,13 @@
 
 mod event;
 mod state;
+mod timers;
 
 pub use self::event::{
     ClientStats, Event, LostReason, Output, RequestError, TransportId, UsageError,
 };
 pub use self::state::{Cause, FailReason, State, TransportError};
+pub use self::timers::{Deadline, Timer};
 pub use crate::link::{Received, CAP_BATCH};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -25,89 +27,20 @@ use crate::backoff::Jitter;
 use crate::close::{CloseCode, Disposition};
 use crate::coalesce::{Coalesced, Coalescer, Pushed};
 use crate::config::{ClientConfig, ConfigError};
-use crate::link::{
-    with_own_caps, DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, Tx,
-};
+use crate::link::{with_own_caps, DeliveryStats, Link, Port, Receipt, SendFailed, Tx};
 use crate::reliable::{MessageId, Outbound, OverflowPolicy, RoomName, SendError, Waiting};
 use crate::rng::Rng;
 use crate::rooms::{Presence, Refusal};
 use crate::time::Instant;
-use crate::timer::{TimerKind, TimerTable};
+use crate::timer::TimerTable;
 use crate::wire::{
     self, ClientId, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload,
     Reject, Resume, ResumeKey, SessionId, Transmit, Welcome, PROTOCOL_VERSION,
 };
 
-/// The client machine's timers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Timer {
-    /// The transport must be open and welcomed by now.
-    Connect,
-    /// The backoff delay is over: start the next attempt.
-    Backoff,
-    /// Send the next ping.
-    Ping,
-    /// Something must have arrived since the last ping by now.
-    Liveness,
-    /// The connection has been open long enough to reset the attempt counter.
-    Stability,
-    /// Send a standalone acknowledgment.
-    AckDelay,
-    /// The oldest unacknowledged message has waited too long.
-    AckTimeout,
-    /// A local close has waited long enough for the transport.
-    Close,
-    /// The earliest pending request times out.
-    Request,
-    /// The batch being collected goes out.
-    Batch,
-    /// A value held by `send_latest` goes out.
-    Coalesce,
-}
-
-impl TimerKind for Timer {
-    const COUNT: usize = 11;
-    const ALL: &'static [Timer] = &[
-        Timer::Connect,
-        Timer::Backoff,
-        Timer::Ping,
-        Timer::Liveness,
-        Timer::Stability,
-        Timer::AckDelay,
-        Timer::AckTimeout,
-        Timer::Close,
-        Timer::Request,
-        Timer::Batch,
-        Timer::Coalesce,
-    ];
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Timers that belong to one connection and die with it.
-const CONNECTION_TIMERS: [Timer; 8] = [
-    Timer::Batch,
-    Timer::Connect,
-    Timer::Ping,
-    Timer::Liveness,
-    Timer::Stability,
-    Timer::AckDelay,
-    Timer::AckTimeout,
-    Timer::Close,
-];
-
-/// The next deadline and why it is set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Deadline {
-    /// When to call `handle_timeout`.
-    pub at: Instant,
-    /// Which timer.
-    pub timer: Timer,
-}
-
 use self::state::fail_reason;
+
+use self::timers::{Timers, CONNECTION_TIMERS};
 
 /// Settings in force on the current connection.
 #[derive(Clone, Debug)]
@@ -1073,42 +1006,6 @@ impl Client {
         self.fail_requests(error, &still_queued);
     }
 
-    fn on_timer(&mut self, timer: Timer) {
-        match timer {
-            Timer::Connect => {
-                if matches!(
-                    self.state,
-                    State::Connecting { .. } | State::Handshaking { .. }
-                ) {
-                    self.drop_connection(CloseCode::RETRY, "connect timeout");
-                    self.connection_ended(Cause::ConnectTimeout, Disposition::Reconnect, None);
-                }
-            }
-            Timer::Backoff => {
-                if matches!(self.state, State::Reconnecting { .. }) {
-                    self.start_attempt();
-                }
-            }
-            Timer::Ping => self.send_ping(),
-            Timer::Liveness => self.check_liveness(),
-            Timer::Stability => {
-                self.failures = 0;
-                self.auth_retry_used = false;
-            }
-            Timer::AckDelay => self.flush_ack(),
-            Timer::AckTimeout => self.check_ack_timeout(),
-            Timer::Request => self.expire_requests(),
-            Timer::Batch => self.send_batch(),
-            Timer::Coalesce => self.release_latest(false),
-            Timer::Close => {
-                if self.state == State::Closing {
-                    self.transport = None;
-                    self.finish_closed(CloseCode::NORMAL);
-                }
-            }
-        }
-    }
-
     fn send_ping(&mut self) {
         let Some(conn) = &mut self.conn else { return };
         let nonce = self.next_nonce;
@@ -1613,31 +1510,6 @@ impl Client {
         if let Err(e) = sent {
             // Only reachable through a bug; never panic in a library.
             self.protocol_error(e.to_string());
-        }
-    }
-}
-
-/// The client's timer table.
-type Timers = TimerTable<Timer, 11>;
-
-impl LinkTimers for Timers {
-    fn is_set(&self, timer: LinkTimer) -> bool {
-        TimerTable::is_set(self, Timer::of(timer))
-    }
-    fn set(&mut self, timer: LinkTimer, at: Instant) {
-        TimerTable::set(self, Timer::of(timer), at);
-    }
-    fn stop(&mut self, timer: LinkTimer) {
-        TimerTable::stop(self, Timer::of(timer));
-    }
-}
-
-impl Timer {
-    fn of(timer: LinkTimer) -> Timer {
-        match timer {
-            LinkTimer::AckDelay => Timer::AckDelay,
-            LinkTimer::Batch => Timer::Batch,
-            LinkTimer::AckTimeout => Timer::AckTimeout,
         }
     }
 }
