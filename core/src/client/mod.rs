@@ -9,6 +9,7 @@
 
 mod event;
 mod handshake;
+mod heartbeat;
 mod lifecycle;
 mod state;
 mod timers;
@@ -749,49 +750,6 @@ impl Client {
         self.outputs.push_back(Output::Event(event));
     }
 
-    fn send_ping(&mut self) {
-        let Some(conn) = &mut self.conn else { return };
-        let nonce = self.next_nonce;
-        self.next_nonce += 1;
-        conn.ping = Some((nonce, self.now));
-        let interval = conn.ping_interval;
-        let timeout = conn.pong_timeout;
-        if !self.timers.is_set(Timer::Liveness) {
-            self.timers.set(Timer::Liveness, self.now + timeout);
-        }
-        self.timers.set(Timer::Ping, self.now + interval);
-        self.transmit(&Frame::Ping { nonce });
-    }
-
-    fn check_liveness(&mut self) {
-        let grace = self.config.heartbeat.grace;
-        let Some(conn) = &mut self.conn else { return };
-        let ping_sent = conn.ping.map_or(Instant::ZERO, |(_, at)| at);
-        if conn.last_rx >= ping_sent {
-            return;
-        }
-        if !conn.in_grace && !grace.is_zero() {
-            // The deadline may be overdue because the process was asleep; give
-            // frames already waiting in the socket a chance to be read first.
-            conn.in_grace = true;
-            self.timers.set(Timer::Liveness, self.now + grace);
-            return;
-        }
-        self.drop_connection(CloseCode::HEARTBEAT_TIMEOUT, "heartbeat timeout");
-        self.connection_ended(Cause::HeartbeatTimeout, Disposition::Reconnect, None);
-    }
-
-    fn check_ack_timeout(&mut self) {
-        if self.state != State::Open {
-            return;
-        }
-        let timeout = self.config.reliability.ack_timeout;
-        if self.link.ack_timed_out(self.now, &mut self.timers, timeout) {
-            self.drop_connection(CloseCode::ACK_TIMEOUT, "ack timeout");
-            self.connection_ended(Cause::AckTimeout, Disposition::Reconnect, None);
-        }
-    }
-
     fn on_decode_error(&mut self, error: DecodeError) {
         self.stats.traffic.decode_failures += 1;
         self.decode_failures += 1;
@@ -858,18 +816,6 @@ impl Client {
             }
             // Closing: the transport is being shut; whatever arrives is moot.
             _ => {}
-        }
-    }
-
-    fn on_pong(&mut self, nonce: u64) {
-        let Some(conn) = &mut self.conn else { return };
-        if let Some((expected, sent)) = conn.ping {
-            if expected == nonce {
-                conn.ping = None;
-                let rtt = self.now.saturating_duration_since(sent);
-                self.rtt = Some(rtt);
-                self.emit(Event::Rtt(rtt));
-            }
         }
     }
 
