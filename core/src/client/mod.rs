@@ -6,6 +6,45 @@
 //! `Client::set_state`, and only along the edges [`State::can_become`]
 //! lists. It never touches a socket, a clock or the OS: the driver feeds it
 //! inputs and carries out its outputs (see the crate docs for the loop).
+//!
+//! # Map
+//!
+//! [`Client`] is defined here; each other file adds the methods of one
+//! behaviour, in an `impl Client` block of its own. The public types are
+//! re-exported here, so every path stays `client::X`.
+//!
+//! * `mod.rs`: the struct and `ConnSettings` (the settings in force on the
+//!   current connection), the constructor, the getters, the commands
+//!   `connect`, `reconnect`, `close`, `send`, `send_with_timestamp`,
+//!   `send_datagram`, `send_token`, `join`, `leave` and `publish`, the
+//!   inputs `handle_message`, `handle_transport_closed`,
+//!   `handle_transport_error` and `handle_timeout`, `poll_output` and
+//!   `poll_timeout`, and `on_frame`, which hands each decoded frame to the
+//!   file that handles it.
+//! * `state.rs`: [`State`] and its transition table, `set_state` (the only
+//!   way the state changes), why a connection ends ([`Cause`],
+//!   [`TransportError`]) and why the client gives up ([`FailReason`]).
+//! * `lifecycle.rs`: starting an attempt, dropping and forgetting a
+//!   connection, the retry decision (`connection_ended`: what each cause
+//!   leads to), backoff and the attempt limit (`schedule_retry`), the end
+//!   of a close, and giving a session up (`discard_session`).
+//! * `handshake.rs`: the `hello` (`upgrade_hello`, `handle_upgraded`,
+//!   `handle_transport_opened`) and the server's answers to it: `welcome`,
+//!   `reject`, `goaway`.
+//! * `heartbeat.rs`: pings, pongs and round-trip times, the liveness
+//!   check, the acknowledgment timeout.
+//! * `timers.rs`: [`Timer`] and [`Deadline`], the timers that die with a
+//!   connection, and what each one does when it fires (`on_timer`).
+//! * `requests.rs`: `request`, `cancel_request`, `respond`, the request
+//!   deadlines, and `send_latest` with its coalescing.
+//! * `delivery.rs`: the glue to the session's delivery pipe (`Link`, in
+//!   `link.rs`): accepting messages into the send queue, handing delivered
+//!   messages on (to the application, a pending request, a room's presence,
+//!   a refusal), acknowledgments, replays, and every frame that goes out.
+//! * `event.rs`: what the driver and the application are handed:
+//!   [`Output`], [`Event`] and its reasons, [`UsageError`], [`ClientStats`],
+//!   [`TransportId`].
+//! * `tests.rs`: unit tests.
 
 mod delivery;
 mod event;
@@ -236,6 +275,8 @@ impl Client {
     }
 
     // ---- commands ---------------------------------------------------------
+    // (`request`, `cancel_request`, `respond` and `send_latest` are in
+    // requests.rs.)
 
     /// Starts connecting. Valid from `Disconnected`, `Closed` and `Failed`.
     pub fn connect(&mut self, now: Instant) -> Result<(), UsageError> {
@@ -419,6 +460,8 @@ impl Client {
     }
 
     // ---- inputs -----------------------------------------------------------
+    // (`upgrade_hello`, `handle_transport_opened` and `handle_upgraded` are
+    // in handshake.rs.)
 
     /// A WebSocket message arrived on `transport`.
     pub fn handle_message(&mut self, now: Instant, transport: TransportId, msg: Incoming<'_>) {
