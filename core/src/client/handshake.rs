@@ -1,0 +1,271 @@
+//! The handshake: from an open transport to an open session.
+//!
+//! Owns the `hello` (offered in the upgrade request, or sent as the first
+//! frame) and the server's answers to it: a `welcome` (the connection's
+//! settings, the session resumed or lost), a `reject`, a `goaway` (which
+//! may also come on an open session). It never delivers messages. An answer
+//! that ends the attempt goes to `connection_ended`, except the two settled
+//! here: a welcome choosing a version or codec never offered fails at once,
+//! and a rotation `goaway` resumes without counting a failure.
+
+use core::time::Duration;
+
+use crate::close::{CloseCode, Disposition};
+use crate::link::{with_own_caps, CAP_BATCH};
+use crate::time::Instant;
+use crate::wire::{
+    self, Frame, Hello, Incoming, Limits, Reject, Resume, Welcome, PROTOCOL_VERSION,
+};
+
+use super::{
+    Cause, Client, ConnSettings, Event, FailReason, LostReason, State, Timer, TransportId,
+};
+
+impl Client {
+    /// The `hello` to put in the upgrade request of `transport`, in the
+    /// [`wire::HELLO_HEADER`] header: call it after [`Output::Connect`],
+    /// before the request goes out. Report the `101` response with
+    /// [`handle_upgraded`](Self::handle_upgraded).
+    ///
+    /// `None`: send the upgrade without it; the `hello` then goes as the
+    /// first frame. That is so when [`ClientConfig::hello_in_upgrade`] is
+    /// off, after a server left one unanswered, when the `hello` is longer
+    /// than [`wire::MAX_HELLO_HEADER`], or when `transport` is not the one
+    /// being opened.
+    ///
+    /// [`Output::Connect`]: super::Output::Connect
+    /// [`ClientConfig::hello_in_upgrade`]: crate::config::ClientConfig::hello_in_upgrade
+    pub fn upgrade_hello(&mut self, transport: TransportId) -> Option<String> {
+        if !self.config.hello_in_upgrade
+            || self.hello_upgrade_refused
+            || self.transport != Some(transport)
+            || !matches!(self.state, State::Connecting { .. })
+        {
+            return None;
+        }
+        let value = wire::handshake_header(&self.hello()).ok()?;
+        if value.len() > wire::MAX_HELLO_HEADER {
+            return None;
+        }
+        self.hello_upgrade = Some(transport);
+        self.stats.traffic.frames_out += 1;
+        self.stats.traffic.bytes_out += value.len() as u64;
+        Some(value)
+    }
+
+    /// The transport the machine asked for is open (the WebSocket upgrade
+    /// succeeded), and its response carried no [`wire::WELCOME_HEADER`]:
+    /// the same as [`handle_upgraded`](Self::handle_upgraded) with `None`.
+    pub fn handle_transport_opened(&mut self, now: Instant, transport: TransportId) {
+        self.handle_upgraded(now, transport, None);
+    }
+
+    /// The transport the machine asked for is open: the WebSocket upgrade
+    /// succeeded. `welcome` is the value of the response's
+    /// [`wire::WELCOME_HEADER`] header, if it had one.
+    ///
+    /// If the request carried the `hello` ([`upgrade_hello`](Self::upgrade_hello))
+    /// and the server answered it, the answer is handled like a first frame
+    /// (a `welcome` opens the session at once). Otherwise the `hello` goes
+    /// out as the first frame, and later connections no longer offer it in
+    /// the upgrade. An answer nobody asked for is ignored.
+    pub fn handle_upgraded(&mut self, now: Instant, transport: TransportId, welcome: Option<&str>) {
+        self.advance(now);
+        if self.transport != Some(transport) {
+            return;
+        }
+        let State::Connecting { attempt } = self.state else {
+            return;
+        };
+        let offered = self.hello_upgrade.take() == Some(transport);
+        self.set_state(State::Handshaking { attempt });
+        match welcome {
+            Some(text) if offered => {
+                self.stats.traffic.frames_in += 1;
+                self.stats.traffic.bytes_in += text.len() as u64;
+                let limits = Limits {
+                    max_message: self.config.max_message_size,
+                    version: PROTOCOL_VERSION,
+                };
+                match wire::decode(Incoming::Text(text), &limits) {
+                    Ok(frame) => self.on_frame(frame),
+                    // The server considers the handshake done; this
+                    // connection cannot be repaired.
+                    Err(e) => self.protocol_error(format!("the upgrade's welcome header: {e}")),
+                }
+            }
+            _ => {
+                if offered {
+                    self.hello_upgrade_refused = true;
+                }
+                let hello = self.hello();
+                self.transmit_hello(transport, &hello);
+            }
+        }
+    }
+
+    /// The `hello` for a new connection: resuming the session, if any.
+    fn hello(&self) -> Frame {
+        Frame::Hello(Hello {
+            versions: self.config.versions.clone(),
+            client: self.client_id,
+            resume: self.session.map(|session| Resume {
+                session,
+                delivered: self.link.inbound.delivered(),
+                key: self.resume_key,
+            }),
+            caps: with_own_caps(&self.config.capabilities),
+            codecs: self.config.codecs.clone(),
+        })
+    }
+
+    pub(super) fn on_welcome(&mut self, w: Welcome) {
+        let Some(transport) = self.transport else {
+            return;
+        };
+        if !self.config.versions.contains(&w.version) || !self.config.codecs.contains(&w.codec) {
+            // The server picked something we never offered: retrying the same
+            // offer would get the same answer.
+            self.drop_connection(
+                CloseCode::UNSUPPORTED_VERSION,
+                "server chose an unoffered version or codec",
+            );
+            let reason = if self.config.versions.contains(&w.version) {
+                FailReason::UnsupportedCodec
+            } else {
+                FailReason::UnsupportedVersion {
+                    offered: self.config.versions.clone(),
+                    supported: vec![w.version],
+                }
+            };
+            self.set_state(State::Failed { reason });
+            return;
+        }
+        let hb = &self.config.heartbeat;
+        let ping_interval = clamp_ms(w.ping_interval_ms, 100, 3_600_000, hb.interval);
+        let pong_timeout = clamp_ms(w.pong_timeout_ms, 100, 600_000, hb.timeout);
+        let peer_max = usize::try_from(w.max_message).unwrap_or(usize::MAX).max(64);
+        self.timers.stop(Timer::Connect);
+        self.conn = Some(ConnSettings {
+            id: transport,
+            version: w.version,
+            codec: w.codec,
+            ping_interval,
+            pong_timeout,
+            peer_max_message: peer_max,
+            peer_batches: w.features.iter().any(|f| f == CAP_BATCH),
+            peer_detach: w.features.iter().any(|f| f == wire::CAP_DETACH),
+            ping: None,
+            last_rx: self.now,
+            in_grace: false,
+        });
+        let requested = self.session;
+        let resumed = w.resumed && requested == Some(w.session);
+        if w.resumed && !resumed {
+            self.protocol_error("welcome resumed a session that was not requested".into());
+            return;
+        }
+        if resumed {
+            match self.link.outbound.on_ack(w.delivered) {
+                Ok(Some((first, last))) => self.emit(Event::Acked { first, last }),
+                Ok(None) => {}
+                Err(_) => {
+                    // The server claims more than we ever sent: its session is
+                    // not ours. Start clean rather than guess.
+                    self.discard_session(LostReason::Inconsistent, false);
+                    self.drop_connection(CloseCode::PROTOCOL_ERROR, "inconsistent resume");
+                    self.connection_ended(
+                        Cause::Protocol("welcome acknowledged unsent messages".into()),
+                        Disposition::Reconnect,
+                        None,
+                    );
+                    return;
+                }
+            }
+            self.stats.resumes += 1;
+        } else if requested.is_some() {
+            let reason =
+                LostReason::NotResumed(w.lost.clone().unwrap_or_else(|| "not_resumed".into()));
+            self.discard_session(reason, false);
+        }
+        self.session = Some(w.session);
+        self.resume_key = w.key;
+        self.link.inbound.on_new_connection();
+        self.stats.opens += 1;
+        self.emit(Event::Connected {
+            session: w.session,
+            resumed,
+            version: w.version,
+            codec: w.codec,
+        });
+        self.set_state(State::Open);
+        self.timers.set(Timer::Ping, self.now + ping_interval);
+        self.timers
+            .set(Timer::Stability, self.now + self.config.stability_window);
+        self.retransmit_from(1);
+        self.flush();
+    }
+
+    pub(super) fn on_reject(&mut self, r: Reject) {
+        let code = CloseCode(r.code);
+        // Echo the server's code only if it may appear on the wire at all.
+        let echo = if code.is_sendable() {
+            code
+        } else {
+            CloseCode::PROTOCOL_ERROR
+        };
+        self.drop_connection(echo, "rejected");
+        let hint = r.retry_after_ms.map(Duration::from_millis);
+        let disposition = match code.disposition() {
+            // A reject is never a polite end of session.
+            Disposition::Stop => Disposition::Reconnect,
+            d => d,
+        };
+        if code == CloseCode::UNSUPPORTED_VERSION {
+            self.connection_ended_with(FailReason::UnsupportedVersion {
+                offered: self.config.versions.clone(),
+                supported: r.versions,
+            });
+            return;
+        }
+        let cause = Cause::Rejected {
+            code,
+            reason: r.reason,
+        };
+        self.connection_ended(cause, disposition, hint);
+    }
+
+    pub(super) fn on_goaway(&mut self, code: CloseCode, retry_after_ms: Option<u64>) {
+        let hint = retry_after_ms.map(Duration::from_millis);
+        self.drop_connection(CloseCode::RETRY, "server asked to reconnect");
+        if code == CloseCode::ROTATE {
+            // A planned rotation is not a failure: resume at once.
+            self.forget_connection();
+            match hint {
+                Some(h) if !h.is_zero() => {
+                    let at = self.now + h.min(self.config.max_retry_after);
+                    self.timers.set(Timer::Backoff, at);
+                    self.set_state(State::Reconnecting {
+                        attempt: self.failures,
+                        at,
+                        cause: Cause::GoAway { code },
+                    });
+                }
+                _ => self.start_attempt(),
+            }
+            return;
+        }
+        let disposition = match code.disposition() {
+            Disposition::Stop => Disposition::Reconnect,
+            d => d,
+        };
+        self.connection_ended(Cause::GoAway { code }, disposition, hint);
+    }
+}
+
+fn clamp_ms(ms: u64, min: u64, max: u64, fallback: Duration) -> Duration {
+    if ms == 0 {
+        return fallback;
+    }
+    Duration::from_millis(ms.clamp(min, max))
+}
