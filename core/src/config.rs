@@ -1,7 +1,6 @@
 //! Every tunable of the client and server machines, with the defaults the
-//! field has converged on and a `validate` that
-//! turns contradictory settings into an error at construction, not a
-//! misbehaviour at 3 a.m.
+//! field has converged on and a `validate` that turns contradictory
+//! settings into an error at construction, not a misbehaviour at 3 a.m.
 //!
 //! The reliability and batching settings live here too (`reliable`
 //! re-exports them): `reliable` imports this module, never the reverse.
