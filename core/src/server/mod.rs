@@ -462,8 +462,9 @@ enum ConnPhase {
     },
 }
 
+/// The server's record of one connection, from its acceptance to its close.
 #[derive(Debug)]
-struct Conn {
+struct ConnRecord {
     phase: ConnPhase,
     identity: Option<String>,
     fresh_session: SessionId,
@@ -635,7 +636,7 @@ fn conn_tx<'a>(
 pub struct Server {
     config: ServerConfig,
     now: Instant,
-    conns: Map<ConnectionId, Conn>,
+    conns: Map<ConnectionId, ConnRecord>,
     sessions: Map<SessionId, Session>,
     timers: BinaryHeap<Reverse<(Instant, ServerTimer)>>,
     outputs: VecDeque<ServerOutput>,
@@ -717,6 +718,7 @@ impl Server {
             delivered: s.link.inbound.delivered(),
         })
     }
+
     /// Whether a message sent to `session` now would go into its send window
     /// at once (nothing queued ahead of it, the window below its limits);
     /// `None` for an unknown session. A sender that waits for this paces
@@ -769,7 +771,7 @@ impl Server {
         let deadline = self.now + self.config.hello_timeout;
         self.conns.insert(
             id,
-            Conn {
+            ConnRecord {
                 phase: ConnPhase::AwaitingHello,
                 identity,
                 fresh_session,
@@ -3234,9 +3236,9 @@ mod size {
     #[test]
     fn idle_session_state_stays_small() {
         let session = core::mem::size_of::<Session>();
-        let conn = core::mem::size_of::<Conn>();
-        println!("Session: {session} bytes, Conn: {conn} bytes");
+        let conn = core::mem::size_of::<ConnRecord>();
+        println!("Session: {session} bytes, ConnRecord: {conn} bytes");
         assert!(session <= 320, "Session grew to {session} bytes");
-        assert!(conn <= 160, "Conn grew to {conn} bytes");
+        assert!(conn <= 160, "ConnRecord grew to {conn} bytes");
     }
 }
