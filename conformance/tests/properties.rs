@@ -387,7 +387,10 @@ impl Harness {
                     ) => *code == held,
                     _ => false,
                 };
-                prop_assert!(agrees, "{id:?}: events say {state:?}, server holds {held:?}");
+                prop_assert!(
+                    agrees,
+                    "{id:?}: events say {state:?}, server holds {held:?}"
+                );
             }
         }
         Ok(())
