@@ -11,6 +11,7 @@
 //! connections sit in one heap, so finding the next one costs O(log n), not a
 //! scan.
 
+mod conn;
 mod event;
 mod session;
 
@@ -44,6 +45,8 @@ pub use event::{
 use session::Session;
 pub use session::SessionState;
 
+use conn::{ConnPhase, ConnRecord};
+
 /// Deterministic hashing: iteration order must not depend on the process.
 /// FxHash, because keys are either sequential (connections) or 128 random
 /// bits the server chose (sessions): nothing a peer can aim collisions at.
@@ -56,38 +59,6 @@ pub struct ConnectionId(pub u64);
 /// How often a rate-limited connection is reported
 /// ([`ServerEvent::RateLimited`]).
 pub const RATE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
-
-#[derive(Debug)]
-enum ConnPhase {
-    AwaitingHello,
-    Open {
-        session: SessionId,
-        codec: Codec,
-        version: u8,
-        batches: bool,
-        /// Whether the client can receive detached payloads.
-        detach: bool,
-    },
-}
-
-/// The server's record of one connection, from its acceptance to its close.
-#[derive(Debug)]
-struct ConnRecord {
-    phase: ConnPhase,
-    identity: Option<String>,
-    fresh_session: SessionId,
-    last_rx: Instant,
-    in_grace: bool,
-    decode_failures: u32,
-    /// Decodes this connection's messages, in order.
-    decoder: wire::Decoder,
-    hello_deadline: Option<Instant>,
-    reauth_deadline: Option<Instant>,
-    limiter: Option<Box<RateLimiter>>,
-    /// What the rate limit did since the last [`ServerEvent::RateLimited`],
-    /// reported once per interval; also when reading may resume.
-    limited: Option<Box<Limited>>,
-}
 
 /// A connection's rate limiting since it was last reported.
 #[derive(Debug, Default)]
@@ -584,37 +555,6 @@ impl Server {
             );
         }
         self.disconnect(connection, code, "go away");
-    }
-
-    /// Tells a connection's client that its credential is expiring: it must
-    /// send a fresh one within `within` (answered by
-    /// [`ServerEvent::TokenReceived`]) or the connection is closed with 4401.
-    pub fn request_reauth(&mut self, now: Instant, connection: ConnectionId, within: Duration) {
-        self.advance(now);
-        let Some(conn) = self.conns.get_mut(&connection) else {
-            return;
-        };
-        if !matches!(conn.phase, ConnPhase::Open { .. }) {
-            return;
-        }
-        let at = self.now + within;
-        conn.reauth_deadline = Some(at);
-        self.arm(at, ServerTimer::Reauth(connection));
-        self.transmit(
-            connection,
-            &Frame::Reauth {
-                within_ms: duration_ms(within),
-            },
-        );
-    }
-
-    /// The credential from [`ServerEvent::TokenReceived`] is valid: cancels
-    /// the re-authentication deadline.
-    pub fn accept_token(&mut self, now: Instant, connection: ConnectionId) {
-        self.advance(now);
-        if let Some(conn) = self.conns.get_mut(&connection) {
-            conn.reauth_deadline = None;
-        }
     }
 
     /// Ends a session now: closes its connection with 1000 and forgets it.
@@ -1149,30 +1089,6 @@ impl Server {
                 }
             }
         }
-    }
-
-    fn check_idle(&mut self, c: ConnectionId) {
-        let idle = self.config.idle_timeout;
-        let grace = self.config.grace;
-        let Some(conn) = self.conns.get_mut(&c) else {
-            return;
-        };
-        let due = conn.last_rx + idle;
-        if self.now < due {
-            // Traffic arrived since this deadline was set: look again then.
-            self.arm(due, ServerTimer::Idle(c));
-            return;
-        }
-        if !conn.in_grace && !grace.is_zero() {
-            // Overdue, perhaps because the process slept: frames already in
-            // the socket get read before the client is declared dead.
-            conn.in_grace = true;
-            let at = self.now + grace;
-            self.arm(at, ServerTimer::Idle(c));
-            return;
-        }
-        self.stats.heartbeat_timeouts += 1;
-        self.disconnect(c, CloseCode::HEARTBEAT_TIMEOUT, "heartbeat timeout");
     }
 
     fn check_ack_timeout(&mut self, session: SessionId, at: Instant) {
