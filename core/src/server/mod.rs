@@ -11,6 +11,7 @@
 //! connections sit in one heap, so finding the next one costs O(log n), not a
 //! scan.
 
+mod admission;
 mod conn;
 mod event;
 mod session;
@@ -29,9 +30,9 @@ use crate::link::{
     with_own_caps, DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, Tx,
     CAP_BATCH,
 };
-use crate::ratelimit::{Limit, RateDecision, RateLimitPolicy, RateLimiter};
+use crate::ratelimit::{Limit, RateLimiter};
 use crate::reliable::{MessageId, Outbound, OverflowPolicy, RoomName, SendError, Waiting};
-use crate::rooms::{AllowAll, JoinError, Member, Presence, Refusal, RoomPolicy, Rooms};
+use crate::rooms::{AllowAll, JoinError, Member, Presence, RoomPolicy, Rooms};
 use crate::time::Instant;
 use crate::wire::{
     self, Codec, DecodeError, Frame, Hello, Incoming, Limits, Msg, MsgKind, Payload, Reject,
@@ -47,6 +48,9 @@ pub use session::SessionState;
 
 use conn::{ConnPhase, ConnRecord};
 
+pub use admission::RATE_REPORT_INTERVAL;
+use admission::{Admission, Limited};
+
 /// Deterministic hashing: iteration order must not depend on the process.
 /// FxHash, because keys are either sequential (connections) or 128 random
 /// bits the server chose (sessions): nothing a peer can aim collisions at.
@@ -55,31 +59,6 @@ type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 /// Identifies one accepted transport on the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionId(pub u64);
-
-/// How often a rate-limited connection is reported
-/// ([`ServerEvent::RateLimited`]).
-pub const RATE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A connection's rate limiting since it was last reported.
-#[derive(Debug, Default)]
-struct Limited {
-    /// Reading pauses until then ([`RateLimitPolicy::Throttle`]).
-    paused_until: Option<Instant>,
-    /// Messages read late, refused, and datagrams dropped since the report.
-    delayed: u64,
-    refused: u64,
-    datagrams_dropped: u64,
-    limit: Option<Limit>,
-    /// Whether a report is due (its timer is armed).
-    report_armed: bool,
-}
-
-/// What the rate limit decided for one message.
-enum Admission {
-    Admit,
-    Refuse(Limit),
-    Closed,
-}
 
 /// A session's link deadlines. The heap may hold older entries for a slot;
 /// only the one equal to the slot counts. [`Instant::MAX`] means unset (a
@@ -1410,155 +1389,6 @@ impl Server {
                 CloseCode::PROTOCOL_ERROR,
                 "server-only frame from a client",
             ),
-        }
-    }
-
-    /// Charges a message to its connection's rate limit, and says what to
-    /// do with it under the policy (PROTOCOL.md, section 9).
-    fn admit(&mut self, connection: ConnectionId, bytes: usize, datagram: bool) -> Admission {
-        let now = self.now;
-        let Some(conn) = self.conns.get_mut(&connection) else {
-            return Admission::Closed;
-        };
-        let Some(limiter) = conn.limiter.as_mut() else {
-            return Admission::Admit;
-        };
-        let policy = limiter.config().policy;
-        let (admission, limit) = if policy == RateLimitPolicy::Throttle {
-            let Some((wait, limit)) = limiter.throttle(now, bytes) else {
-                return Admission::Admit;
-            };
-            let limited = conn.limited.get_or_insert_with(Default::default);
-            limited.paused_until = Some(now + wait);
-            limited.delayed += 1;
-            (Admission::Admit, limit)
-        } else {
-            let RateDecision::Exceeded { which, .. } = limiter.check(now, bytes) else {
-                return Admission::Admit;
-            };
-            if let Some(code) = policy.close_code() {
-                self.stats.rate_limited += 1;
-                self.disconnect(connection, code, "rate limit exceeded");
-                return Admission::Closed;
-            }
-            let limited = conn.limited.get_or_insert_with(Default::default);
-            if datagram {
-                limited.datagrams_dropped += 1;
-            } else {
-                limited.refused += 1;
-            }
-            (Admission::Refuse(which), which)
-        };
-        self.stats.rate_limited += 1;
-        let limited = conn.limited.get_or_insert_with(Default::default);
-        limited.limit = Some(limit);
-        if !limited.report_armed {
-            limited.report_armed = true;
-            self.arm(
-                now + RATE_REPORT_INTERVAL,
-                ServerTimer::RateReport(connection),
-            );
-        }
-        admission
-    }
-
-    /// Reports what a connection's rate limit did in the interval just
-    /// ended.
-    fn report_rate(&mut self, connection: ConnectionId) {
-        let Some(conn) = self.conns.get_mut(&connection) else {
-            return;
-        };
-        let ConnPhase::Open { session, .. } = conn.phase else {
-            return;
-        };
-        let Some(limited) = conn.limited.as_mut() else {
-            return;
-        };
-        let paused_until = limited.paused_until.filter(|&t| t > self.now);
-        let report = std::mem::replace(
-            limited.as_mut(),
-            Limited {
-                paused_until,
-                ..Limited::default()
-            },
-        );
-        if paused_until.is_none() {
-            conn.limited = None;
-        }
-        if let Some(limit) = report.limit {
-            self.emit(ServerEvent::RateLimited {
-                connection,
-                session,
-                delayed: report.delayed,
-                refused: report.refused,
-                datagrams_dropped: report.datagrams_dropped,
-                limit,
-            });
-        }
-    }
-
-    /// When reading `connection` may resume, if its rate limit paused it
-    /// ([`RateLimitPolicy::Throttle`]): the driver reads nothing more from
-    /// it before then, so a flooding client is slowed by its own transport
-    /// instead of having its messages dropped.
-    pub fn read_paused_until(&self, connection: ConnectionId) -> Option<Instant> {
-        self.conns
-            .get(&connection)?
-            .limited
-            .as_ref()?
-            .paused_until
-            .filter(|&t| t > self.now)
-    }
-
-    /// Refuses a client message that was consumed (its sequence number is
-    /// used) but will never be handed over: the client hears of it by the
-    /// message's id, in the session's stream, before any acknowledgment
-    /// covers it (PROTOCOL.md, section 3.3).
-    #[allow(clippy::too_many_arguments)]
-    fn refuse_msg(
-        &mut self,
-        session: SessionId,
-        seq: u64,
-        id: MessageId,
-        room: Option<RoomName>,
-        op: &str,
-        code: &'static str,
-        reason: String,
-    ) {
-        self.stats.refused += 1;
-        let refusal = Refusal {
-            op: op.to_owned(),
-            reason,
-            code: Some(code.to_owned()),
-        };
-        let Ok(payload) = serde_json::to_vec(&refusal)
-            .map_err(|_| ())
-            .and_then(|j| Payload::json(j).map_err(|_| ()))
-        else {
-            return;
-        };
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        // The refusal's id is the next one given out.
-        s.link.inbound.hold(seq, self.next_id);
-        let now = self.now;
-        match self.enqueue_raw(
-            now,
-            session,
-            payload,
-            None,
-            MsgKind::RefusedMessage(id.0),
-            room,
-        ) {
-            Ok(_) => {}
-            // Buffers full: the session ends and the client hears of the
-            // message as unconfirmed instead.
-            Err(_) => {
-                if !self.evictions.contains(&session) {
-                    self.evictions.push(session);
-                }
-            }
         }
     }
 
