@@ -13,6 +13,7 @@
 
 mod admission;
 mod conn;
+mod delivery;
 mod event;
 mod handshake;
 mod rooms;
@@ -26,14 +27,14 @@ use core::time::Duration;
 
 use crate::close::CloseCode;
 use crate::config::{ConfigError, ServerConfig};
+use crate::link::LinkTimer;
 pub use crate::link::Received;
-use crate::link::{DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, Tx};
-use crate::ratelimit::{Limit, RateLimiter};
-use crate::reliable::{MessageId, OverflowPolicy, RoomName, SendError, Waiting};
+use crate::ratelimit::RateLimiter;
+use crate::reliable::{MessageId, SendError};
 use crate::rooms::{AllowAll, RoomPolicy, Rooms};
 use crate::time::Instant;
 use crate::wire::{
-    self, Codec, DecodeError, Frame, Incoming, Limits, Msg, MsgKind, Payload, SessionId, Transmit,
+    self, Codec, DecodeError, Frame, Incoming, Limits, MsgKind, Payload, SessionId,
     PROTOCOL_VERSION,
 };
 pub use event::{
@@ -49,6 +50,8 @@ use conn::{ConnPhase, ConnRecord};
 pub use admission::RATE_REPORT_INTERVAL;
 use admission::{Admission, Limited};
 
+use delivery::{conn_tx, LinkDeadlines, SessionTimers};
+
 /// Deterministic hashing: iteration order must not depend on the process.
 /// FxHash, because keys are either sequential (connections) or 128 random
 /// bits the server chose (sessions): nothing a peer can aim collisions at.
@@ -57,116 +60,6 @@ type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 /// Identifies one accepted transport on the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionId(pub u64);
-
-/// A session's link deadlines. The heap may hold older entries for a slot;
-/// only the one equal to the slot counts. [`Instant::MAX`] means unset (a
-/// deadline at the end of time never fires anyway): three words instead of
-/// six, for every idle session.
-#[derive(Debug)]
-struct LinkDeadlines([Instant; 3]);
-
-impl Default for LinkDeadlines {
-    fn default() -> Self {
-        LinkDeadlines([Instant::MAX; 3])
-    }
-}
-
-impl LinkDeadlines {
-    fn get(&self, timer: LinkTimer) -> Option<Instant> {
-        Some(self.0[timer as usize]).filter(|at| *at != Instant::MAX)
-    }
-
-    fn put(&mut self, timer: LinkTimer, at: Option<Instant>) {
-        self.0[timer as usize] = at.unwrap_or(Instant::MAX);
-    }
-}
-
-/// A session's deadlines as the link sees them: setting one also puts it on
-/// the server's heap.
-struct SessionTimers<'a> {
-    session: SessionId,
-    deadlines: &'a mut LinkDeadlines,
-    heap: &'a mut BinaryHeap<Reverse<(Instant, ServerTimer)>>,
-}
-
-impl LinkTimers for SessionTimers<'_> {
-    fn is_set(&self, timer: LinkTimer) -> bool {
-        self.deadlines.get(timer).is_some()
-    }
-
-    fn set(&mut self, timer: LinkTimer, at: Instant) {
-        self.deadlines.put(timer, Some(at));
-        let s = self.session;
-        let timer = match timer {
-            LinkTimer::AckDelay => ServerTimer::AckDelay(s),
-            LinkTimer::Batch => ServerTimer::Batch(s),
-            LinkTimer::AckTimeout => ServerTimer::AckTimeout(s),
-        };
-        self.heap.push(Reverse((at, timer)));
-    }
-
-    fn stop(&mut self, timer: LinkTimer) {
-        self.deadlines.put(timer, None);
-    }
-}
-
-/// A connection's side of the server, for a session's [`Link`].
-struct ServerPort<'a> {
-    connection: ConnectionId,
-    outputs: &'a mut VecDeque<ServerOutput>,
-    stats: &'a mut ServerStats,
-}
-
-impl Port for ServerPort<'_> {
-    fn transmit(&mut self, t: Transmit) {
-        self.stats.traffic.frames_out += 1;
-        self.stats.traffic.bytes_out += t.len() as u64;
-        self.outputs
-            .push_back(ServerOutput::Transmit(self.connection, t));
-    }
-
-    /// The server sends whatever the client takes (its own limit bounds
-    /// what it accepts): never called.
-    fn too_large(&mut self, _: MessageId, _: usize, _: usize) {}
-
-    fn delivery(&mut self) -> &mut DeliveryStats {
-        &mut self.stats.delivery
-    }
-}
-
-/// What a connection can take, as a [`Tx`]: the negotiated codec and
-/// version and the client's capabilities once open; JSON before.
-fn conn_tx<'a>(
-    connection: ConnectionId,
-    phase: &ConnPhase,
-    encoder: &'a mut wire::Encoder,
-    outputs: &'a mut VecDeque<ServerOutput>,
-    stats: &'a mut ServerStats,
-) -> Tx<'a, ServerPort<'a>> {
-    let (codec, version, batches, detach) = match *phase {
-        ConnPhase::Open {
-            codec,
-            version,
-            batches,
-            detach,
-            ..
-        } => (codec, version, batches, detach),
-        ConnPhase::AwaitingHello => (Codec::Json, PROTOCOL_VERSION, false, false),
-    };
-    Tx {
-        encoder,
-        codec,
-        version,
-        detach,
-        batches,
-        max_message: usize::MAX,
-        port: ServerPort {
-            connection,
-            outputs,
-            stats,
-        },
-    }
-}
 
 /// The server machine.
 ///
@@ -652,16 +545,6 @@ impl Server {
         self.timers.push(Reverse((at, timer)));
     }
 
-    fn send_inner(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        payload: Payload,
-        ts: Option<u64>,
-    ) -> Result<MessageId, SendError> {
-        self.enqueue(now, session, payload, ts, MsgKind::Plain)
-    }
-
     /// Answers a request a session's client sent (a [`Received`] with
     /// `request: true`), reliably, wherever the session's connection is.
     pub fn respond(
@@ -672,70 +555,6 @@ impl Server {
         payload: Payload,
     ) -> Result<MessageId, SendError> {
         self.enqueue(now, session, payload, None, MsgKind::Response(request.0))
-    }
-
-    fn enqueue(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        payload: Payload,
-        ts: Option<u64>,
-        kind: MsgKind,
-    ) -> Result<MessageId, SendError> {
-        self.enqueue_in(now, session, payload, ts, kind, None)
-    }
-
-    /// Queues without applying the overflow policy: the caller decides.
-    fn enqueue_raw(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        payload: Payload,
-        ts: Option<u64>,
-        kind: MsgKind,
-        room: Option<RoomName>,
-    ) -> Result<MessageId, SendError> {
-        self.advance(now);
-        let max = self.config.max_message_size;
-        SendError::check_size(payload.len(), max)?;
-        let s = self
-            .sessions
-            .get_mut(&session)
-            .ok_or(SendError::UnknownSession)?;
-        let id = MessageId(self.next_id);
-        s.link.outbound.push(Waiting {
-            id,
-            ts,
-            kind,
-            room,
-            payload,
-        })?;
-        self.next_id += 1;
-        self.flush(session);
-        Ok(id)
-    }
-
-    /// Queues, applying the overflow policy when the session's buffers are full.
-    fn enqueue_in(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        payload: Payload,
-        ts: Option<u64>,
-        kind: MsgKind,
-        room: Option<RoomName>,
-    ) -> Result<MessageId, SendError> {
-        match self.enqueue_raw(now, session, payload, ts, kind, room) {
-            Err(e @ SendError::QueueFull { .. }) => match self.config.reliability.overflow {
-                OverflowPolicy::Refuse => Err(e),
-                OverflowPolicy::FailSession => {
-                    let close = (CloseCode::SLOW_CONSUMER, "session buffers overflowed");
-                    self.end_session(session, SessionEnd::Overflow, Some(close));
-                    Err(SendError::SessionFailed)
-                }
-            },
-            other => other,
-        }
     }
 
     fn on_timer(&mut self, at: Instant, timer: ServerTimer) {
@@ -799,28 +618,6 @@ impl Server {
         }
     }
 
-    fn check_ack_timeout(&mut self, session: SessionId, at: Instant) {
-        let timeout = self.config.reliability.ack_timeout;
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        if s.deadlines.get(LinkTimer::AckTimeout) != Some(at) {
-            return;
-        }
-        s.deadlines.put(LinkTimer::AckTimeout, None);
-        let Some(conn) = s.state.connection() else {
-            return;
-        };
-        let mut timers = SessionTimers {
-            session,
-            deadlines: &mut s.deadlines,
-            heap: &mut self.timers,
-        };
-        if s.link.ack_timed_out(self.now, &mut timers, timeout) {
-            self.disconnect(conn, CloseCode::ACK_TIMEOUT, "ack timeout");
-        }
-    }
-
     fn on_frame(&mut self, connection: ConnectionId, frame: Frame) {
         let Some(conn) = self.conns.get(&connection) else {
             return;
@@ -839,273 +636,6 @@ impl Server {
                 self.on_session_frame(connection, session, frame);
             }
         }
-    }
-
-    fn on_session_frame(&mut self, connection: ConnectionId, session: SessionId, frame: Frame) {
-        match frame {
-            Frame::Ping { nonce } => self.transmit(connection, &Frame::Pong { nonce }),
-            Frame::Pong { .. } | Frame::Unknown(_) => {}
-            Frame::Msg(m) => {
-                self.on_msg(connection, session, m);
-            }
-            Frame::Batch(msgs) => {
-                for m in msgs {
-                    if !self.on_msg(connection, session, m) {
-                        break;
-                    }
-                }
-            }
-            Frame::Ack { ack } => {
-                self.on_ack(connection, session, ack);
-            }
-            Frame::Replay { from } => {
-                let last = self
-                    .sessions
-                    .get(&session)
-                    .map_or(0, |s| s.link.outbound.last_sequenced());
-                if from > last + 1 {
-                    self.disconnect(
-                        connection,
-                        CloseCode::PROTOCOL_ERROR,
-                        "replay beyond anything sent",
-                    );
-                    return;
-                }
-                if self.on_ack(connection, session, from - 1) {
-                    self.retransmit(session, from);
-                }
-            }
-            Frame::Raw(data) => {
-                if let Admission::Admit = self.admit(connection, data.len(), true) {
-                    self.emit(ServerEvent::Datagram { session, data });
-                }
-            }
-            Frame::Auth { token } => self.emit(ServerEvent::TokenReceived {
-                connection,
-                session,
-                token,
-            }),
-            Frame::Hello(_)
-            | Frame::Welcome(_)
-            | Frame::Reject(_)
-            | Frame::GoAway { .. }
-            | Frame::Reauth { .. } => self.disconnect(
-                connection,
-                CloseCode::PROTOCOL_ERROR,
-                "server-only frame from a client",
-            ),
-        }
-    }
-
-    /// Handles one incoming message; false if the connection is gone.
-    fn on_msg(&mut self, connection: ConnectionId, session: SessionId, m: Msg) -> bool {
-        if let Some(ack) = m.ack {
-            if !self.on_ack(connection, session, ack) {
-                return false;
-            }
-        }
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return false;
-        };
-        let mut timers = SessionTimers {
-            session,
-            deadlines: &mut s.deadlines,
-            heap: &mut self.timers,
-        };
-        let rel = &self.config.reliability;
-        let delivery = &mut self.stats.delivery;
-        match s.link.receive(self.now, m.seq, rel, &mut timers, delivery) {
-            Receipt::Deliver { ack_now } => {
-                let (seq, id) = (m.seq, MessageId(m.id));
-                match m.kind {
-                    MsgKind::Invalid(what) => {
-                        self.stats.traffic.decode_failures += 1;
-                        self.emit(ServerEvent::DecodeFailed {
-                            connection,
-                            error: what.error(),
-                        });
-                        self.refuse_msg(
-                            session,
-                            seq,
-                            id,
-                            None,
-                            "message",
-                            "invalid",
-                            what.to_string(),
-                        );
-                    }
-                    MsgKind::Presence | MsgKind::Refused | MsgKind::RefusedMessage(_) => {
-                        self.refuse_msg(
-                            session,
-                            seq,
-                            id,
-                            m.room,
-                            "message",
-                            "invalid",
-                            "presence and refusals are sent by the server only".into(),
-                        );
-                    }
-                    kind => match self.admit(connection, m.payload.len(), false) {
-                        Admission::Admit => self.dispatch(session, m),
-                        Admission::Refuse(limit) => {
-                            let what = match limit {
-                                Limit::Bytes => "byte",
-                                _ => "message",
-                            };
-                            self.refuse_msg(
-                                session,
-                                seq,
-                                id,
-                                m.room,
-                                op_name(kind),
-                                "rate_limited",
-                                format!("{what} rate limit exceeded"),
-                            );
-                        }
-                        Admission::Closed => return false,
-                    },
-                }
-                if ack_now {
-                    self.flush_ack(session);
-                }
-            }
-            Receipt::Duplicate => self.flush_ack(session),
-            Receipt::Gap { replay: Some(from) } => {
-                self.transmit(connection, &Frame::Replay { from });
-            }
-            Receipt::Gap { replay: None } => {}
-        }
-
-        true
-    }
-
-    /// Applies an acknowledgment; false if it was a protocol violation and
-    /// the connection is gone.
-    fn on_ack(&mut self, connection: ConnectionId, session: SessionId, ack: u64) -> bool {
-        let timeout = self.config.reliability.ack_timeout;
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return false;
-        };
-        let mut timers = SessionTimers {
-            session,
-            deadlines: &mut s.deadlines,
-            heap: &mut self.timers,
-        };
-        match s.link.on_ack(self.now, ack, &mut timers, timeout) {
-            Ok(Some(acked)) => {
-                self.emit(ServerEvent::Acked {
-                    session,
-                    first: acked.first,
-                    last: acked.last,
-                });
-                self.flush(session);
-                if acked.released {
-                    self.flush_ack(session);
-                }
-                true
-            }
-            Ok(None) => true,
-            Err(_) => {
-                self.disconnect(
-                    connection,
-                    CloseCode::PROTOCOL_ERROR,
-                    "ack beyond anything sent",
-                );
-                false
-            }
-        }
-    }
-
-    fn retransmit(&mut self, session: SessionId, from: u64) {
-        self.on_link(session, |link, tx, timers, cfg, now| {
-            link.retransmit(now, from, tx, timers, cfg.reliability.ack_timeout)
-        });
-    }
-
-    /// Sequences waiting messages into the window; sends them if attached.
-    fn flush(&mut self, session: SessionId) {
-        self.on_link(session, |link, tx, timers, cfg, now| {
-            let timeout = cfg.reliability.ack_timeout;
-            link.flush(now, tx, cfg.batch.as_ref(), timers, timeout)
-        });
-    }
-
-    fn send_batch(&mut self, session: SessionId) {
-        self.on_link(session, |link, tx, timers, _, _| {
-            link.send_batch(tx, timers)
-        });
-    }
-
-    fn flush_ack(&mut self, session: SessionId) {
-        self.on_link(session, |link, tx, timers, _, _| link.flush_ack(tx, timers));
-    }
-
-    /// Runs `op` on a session's link, with its connection (if attached) to
-    /// send on; a frame that will not encode closes that connection.
-    fn on_link(
-        &mut self,
-        session: SessionId,
-        op: impl FnOnce(
-            &mut Link,
-            Option<&mut Tx<'_, ServerPort<'_>>>,
-            &mut SessionTimers<'_>,
-            &ServerConfig,
-            Instant,
-        ) -> Result<(), SendFailed>,
-    ) {
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        let conn = s.state.connection();
-        let mut tx = conn.and_then(|c| {
-            let phase = &self.conns.get(&c)?.phase;
-            let (encoder, outputs) = (&mut self.encoder, &mut self.outputs);
-            Some(conn_tx(c, phase, encoder, outputs, &mut self.stats))
-        });
-        let mut timers = SessionTimers {
-            session,
-            deadlines: &mut s.deadlines,
-            heap: &mut self.timers,
-        };
-        let sent = op(
-            &mut s.link,
-            tx.as_mut(),
-            &mut timers,
-            &self.config,
-            self.now,
-        );
-        if let (Err(_), Some(conn)) = (sent, conn) {
-            self.encode_failed(conn);
-        }
-    }
-
-    fn transmit(&mut self, connection: ConnectionId, frame: &Frame) {
-        let Some(conn) = self.conns.get(&connection) else {
-            return;
-        };
-        let (encoder, outputs) = (&mut self.encoder, &mut self.outputs);
-        let mut tx = conn_tx(connection, &conn.phase, encoder, outputs, &mut self.stats);
-        if tx.send(frame).is_err() {
-            self.encode_failed(connection);
-        }
-    }
-
-    /// Only reachable through a bug; never panic in a library.
-    fn encode_failed(&mut self, connection: ConnectionId) {
-        self.disconnect(
-            connection,
-            CloseCode::INTERNAL_ERROR,
-            "could not encode a frame",
-        );
-    }
-}
-
-/// The `op` a refusal names for a message of `kind`.
-fn op_name(kind: MsgKind) -> &'static str {
-    match kind {
-        MsgKind::Join => "join",
-        MsgKind::Leave => "leave",
-        _ => "message",
     }
 }
 

@@ -11,7 +11,7 @@ use crate::rooms::Refusal;
 use crate::time::Instant;
 use crate::wire::{
     self, ClientId, Codec, Frame, Incoming, Limits, Msg, MsgKind, Payload, Reject, ResumeKey,
-    SessionId, Welcome,
+    SessionId, Transmit, Welcome,
 };
 
 /// The session table says what it says: each move, one by one.
