@@ -13,12 +13,14 @@
 
 use core::time::Duration;
 
-use super::{ConnPhase, ConnectionId, Server, ServerEvent, ServerTimer};
 use crate::ratelimit::{Limit, RateDecision, RateLimitPolicy};
 use crate::reliable::{MessageId, RoomName};
 use crate::rooms::Refusal;
 use crate::time::Instant;
 use crate::wire::{MsgKind, Payload, SessionId};
+
+use super::conn::ConnPhase;
+use super::{ConnectionId, Server, ServerEvent, ServerTimer};
 
 /// How often a rate-limited connection is reported
 /// ([`ServerEvent::RateLimited`]).

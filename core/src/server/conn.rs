@@ -10,11 +10,13 @@
 
 use core::time::Duration;
 
-use super::{duration_ms, ConnectionId, Limited, Server, ServerTimer};
 use crate::close::CloseCode;
 use crate::ratelimit::RateLimiter;
 use crate::time::Instant;
 use crate::wire::{self, Codec, Frame, SessionId};
+
+use super::admission::Limited;
+use super::{duration_ms, ConnectionId, Server, ServerTimer};
 
 // Named only in links in the docs.
 #[cfg(doc)]

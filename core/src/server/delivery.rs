@@ -13,10 +13,6 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use super::{
-    Admission, ConnPhase, ConnectionId, Server, ServerEvent, ServerOutput, ServerStats,
-    ServerTimer, SessionEnd,
-};
 use crate::close::CloseCode;
 use crate::config::ServerConfig;
 use crate::link::{DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, Tx};
@@ -25,6 +21,12 @@ use crate::reliable::{MessageId, OverflowPolicy, RoomName, SendError, Waiting};
 use crate::time::Instant;
 use crate::wire::{
     self, Codec, Frame, Msg, MsgKind, Payload, SessionId, Transmit, PROTOCOL_VERSION,
+};
+
+use super::admission::Admission;
+use super::conn::ConnPhase;
+use super::{
+    ConnectionId, Server, ServerEvent, ServerOutput, ServerStats, ServerTimer, SessionEnd,
 };
 
 /// A session's link deadlines. The heap may hold older entries for a slot;

@@ -10,14 +10,15 @@
 //! A wrong or missing key is answered exactly as an unknown session: it
 //! never says whether a session exists.
 
-use super::{
-    conn_tx, duration_ms, ConnPhase, ConnectionId, LinkDeadlines, Server, ServerEvent, ServerTimer,
-    Session, SessionState,
-};
 use crate::close::CloseCode;
 use crate::link::{with_own_caps, Link, CAP_BATCH};
 use crate::reliable::Outbound;
 use crate::wire::{self, Frame, Hello, Reject, ResumeKey, SessionId, Welcome, PROTOCOL_VERSION};
+
+use super::conn::ConnPhase;
+use super::delivery::{conn_tx, LinkDeadlines};
+use super::session::Session;
+use super::{duration_ms, ConnectionId, Server, ServerEvent, ServerTimer, SessionState};
 
 impl Server {
     /// The key that resumes `session`: SipHash-2-4 (128 bits) of its id

@@ -37,20 +37,17 @@ use crate::wire::{
     self, Codec, DecodeError, Frame, Incoming, Limits, MsgKind, Payload, SessionId,
     PROTOCOL_VERSION,
 };
+
+// The public items of the other files, each at `kitestring_core::server::Item`.
+pub use admission::RATE_REPORT_INTERVAL;
 pub use event::{
     RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics, ServerOutput, ServerStats,
     ServerTimer, SessionEnd, SessionInfo,
 };
-
-use session::Session;
 pub use session::SessionState;
 
 use conn::{ConnPhase, ConnRecord};
-
-pub use admission::RATE_REPORT_INTERVAL;
-use admission::{Admission, Limited};
-
-use delivery::{conn_tx, LinkDeadlines, SessionTimers};
+use session::Session;
 
 /// Deterministic hashing: iteration order must not depend on the process.
 /// FxHash, because keys are either sequential (connections) or 128 random
@@ -375,6 +372,18 @@ impl Server {
         self.send_inner(now, session, payload, Some(timestamp_ms))
     }
 
+    /// Answers a request a session's client sent (a [`Received`] with
+    /// `request: true`), reliably, wherever the session's connection is.
+    pub fn respond(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, SendError> {
+        self.enqueue(now, session, payload, None, MsgKind::Response(request.0))
+    }
+
     /// Sends an unsequenced datagram to a session's client, if connected.
     pub fn send_datagram(
         &mut self,
@@ -460,8 +469,6 @@ impl Server {
         self.conns.keys().copied()
     }
 
-    // ---- rooms ------------------------------------------------------------
-
     // ---- lifecycle ----------------------------------------------------------
 
     /// Starts a graceful shutdown: new connections are refused with 1001,
@@ -543,18 +550,6 @@ impl Server {
 
     pub(super) fn arm(&mut self, at: Instant, timer: ServerTimer) {
         self.timers.push(Reverse((at, timer)));
-    }
-
-    /// Answers a request a session's client sent (a [`Received`] with
-    /// `request: true`), reliably, wherever the session's connection is.
-    pub fn respond(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        request: MessageId,
-        payload: Payload,
-    ) -> Result<MessageId, SendError> {
-        self.enqueue(now, session, payload, None, MsgKind::Response(request.0))
     }
 
     fn on_timer(&mut self, at: Instant, timer: ServerTimer) {

@@ -11,12 +11,13 @@
 
 use std::sync::Arc;
 
-use super::{RoomError, RoomOp, Server, ServerEvent};
 use crate::link::Received;
 use crate::reliable::{MessageId, RoomName, SendError};
 use crate::rooms::{JoinError, Member, Presence, RoomPolicy};
 use crate::time::Instant;
 use crate::wire::{self, Msg, MsgKind, Payload, SessionId};
+
+use super::{RoomError, RoomOp, Server, ServerEvent};
 
 // Named only in links in the docs.
 #[cfg(doc)]

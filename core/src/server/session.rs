@@ -10,16 +10,16 @@
 //! else takes a connection out of the registry. It never encodes a frame
 //! itself.
 
-use super::{
-    ConnPhase, ConnectionId, LinkDeadlines, Server, ServerEvent, ServerOutput, ServerTimer,
-    SessionEnd, SessionTimers,
-};
 use crate::close::CloseCode;
 use crate::link::Link;
 use crate::reliable::RoomName;
 use crate::rooms::{Member, Presence};
 use crate::time::Instant;
 use crate::wire::{ClientId, SessionId};
+
+use super::conn::ConnPhase;
+use super::delivery::{LinkDeadlines, SessionTimers};
+use super::{ConnectionId, Server, ServerEvent, ServerOutput, ServerTimer, SessionEnd};
 
 /// Where a session is in its life. A session begins attached to the
 /// connection whose `hello` created it and ends (it is then gone) when the
