@@ -1,15 +1,15 @@
-//! Flood protection: each connection's rate limit, charged for every
-//! message and datagram (`admit`) and applied under its policy; what it did,
-//! reported once per interval ([`RATE_REPORT_INTERVAL`],
-//! [`ServerEvent::RateLimited`]); the reading pause under
-//! [`RateLimitPolicy::Throttle`] ([`Server::read_paused_until`]); and
-//! refusing a client message by its id (`refuse_msg`), which invalid
-//! messages and room refusals use too.
+//! Flood protection: each connection's rate limit, charged for each client
+//! message and datagram it would hand over (`admit`) and applied under its
+//! policy; what it did, reported once per interval
+//! ([`RATE_REPORT_INTERVAL`], [`ServerEvent::RateLimited`]); the reading
+//! pause under [`RateLimitPolicy::Throttle`]
+//! ([`Server::read_paused_until`]); and refusing a client message by its id
+//! (`refuse_msg`), which invalid messages and room refusals use too.
 //!
-//! It decides about one message at a time and never drops a sequenced
-//! message unannounced: the client hears of it by id, or, when the
-//! session's buffers cannot hold the refusal, as unconfirmed when the
-//! session ends.
+//! It decides about one message at a time, and closes a connection only
+//! under a policy that says so. A refused message is answered by its id in
+//! the session's stream; when the session's buffers cannot hold the
+//! refusal, the session ends instead.
 
 use core::time::Duration;
 

@@ -6,7 +6,7 @@
 //! link with the session's connection to send on (`conn_tx`, `ServerPort`)
 //! and the server's heap for its deadlines (`SessionTimers`, `on_link`).
 //!
-//! Numbering, windows, batching, acknowledgment and retransmission belong
+//! Sequencing, windows, batching, acknowledgment and retransmission belong
 //! to the link: this file never does them itself, it decides what the
 //! link's answers mean for connections, sessions and events.
 

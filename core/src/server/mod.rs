@@ -10,6 +10,40 @@
 //! does IO and never reads a clock; deadlines for many thousands of
 //! connections sit in one heap, so finding the next one costs O(log n), not a
 //! scan.
+//!
+//! One file per behaviour:
+//!
+//! - `mod.rs` (this file): [`Server`] and [`ConnectionId`]; the getters; the
+//!   `handle_*` inputs, with decoding and the limit on undecodable frames
+//!   (`handle_message`); the commands that are only entry points; `poll_*`;
+//!   and the deadline heap: `arm`, and `on_timer`, which checks each due
+//!   timer against its owner's current deadline and handles a missing
+//!   hello, an expired credential, rotation and a session's expiry there,
+//!   the other timers in the files that own them. It re-exports every
+//!   public item of the other files, so each is
+//!   `kitestring_core::server::Item` wherever it lives.
+//! - `event.rs`: what the application sees: [`ServerOutput`],
+//!   [`ServerEvent`] and what it carries, [`SessionInfo`], [`ServerMetrics`],
+//!   [`ServerStats`], [`ServerTimer`] and [`ServerDeadline`].
+//! - `handshake.rs`: `hello` to `welcome` or `reject`: version and codec
+//!   selection, the resume checks (key, identity, numbers), the session
+//!   limit, the resume key, the answer in the upgrade response.
+//! - `session.rs`: [`SessionState`] and its table; the one function that
+//!   attaches and detaches a session (it arms the grace period); the one
+//!   path that closes a connection; how a session ends, slow consumers
+//!   included.
+//! - `conn.rs`: the server's record of one connection and its phase; the
+//!   idle (heartbeat) check; re-authentication.
+//! - `admission.rs`: the per-connection rate limit, its reports
+//!   ([`RATE_REPORT_INTERVAL`]) and the reading pause; refusing a client
+//!   message by its id.
+//! - `rooms.rs`: joins, leaves, broadcasts, membership and presence, the
+//!   room policy, and the room messages clients send.
+//! - `delivery.rs`: the glue to each session's delivery pipe (`Link`, in
+//!   link.rs): queuing messages, the frames of an open session (messages,
+//!   acknowledgments, replays, pings, datagrams), the acknowledgment
+//!   timeout.
+//! - `tests.rs`: the unit tests. The size test (`size`) stays in this file.
 
 mod admission;
 mod conn;
