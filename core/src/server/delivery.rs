@@ -47,7 +47,7 @@ impl LinkDeadlines {
         Some(self.0[timer as usize]).filter(|at| *at != Instant::MAX)
     }
 
-    pub(super) fn put(&mut self, timer: LinkTimer, at: Option<Instant>) {
+    fn put(&mut self, timer: LinkTimer, at: Option<Instant>) {
         self.0[timer as usize] = at.unwrap_or(Instant::MAX);
     }
 }
