@@ -1,0 +1,114 @@
+//! The server's record of one connection (`ConnRecord`): its phase
+//! (awaiting its `hello`, or open with the session it carries and what was
+//! negotiated), the identity from the upgrade, its decoder, rate limiter
+//! and deadlines; the idle check with its grace (`check_idle`), and
+//! re-authentication ([`Server::request_reauth`], [`Server::accept_token`]).
+//!
+//! A record holds no session state: the session lives in the registry and
+//! outlives its connections. Nothing here closes a connection but through
+//! `disconnect` (session.rs).
+
+use core::time::Duration;
+
+use crate::close::CloseCode;
+use crate::ratelimit::RateLimiter;
+use crate::time::Instant;
+use crate::wire::{self, Codec, Frame, SessionId};
+
+use super::admission::Limited;
+use super::{duration_ms, ConnectionId, Server, ServerTimer};
+
+// Named only in links in the docs.
+#[cfg(doc)]
+use super::ServerEvent;
+
+/// Where a connection is: waiting for its `hello`, or open, carrying a
+/// session with what its handshake negotiated.
+#[derive(Debug)]
+pub(super) enum ConnPhase {
+    AwaitingHello,
+    Open {
+        session: SessionId,
+        codec: Codec,
+        version: u8,
+        batches: bool,
+        /// Whether the client can receive detached payloads.
+        detach: bool,
+    },
+}
+
+/// The server's record of one connection, from its acceptance to its close.
+#[derive(Debug)]
+pub(super) struct ConnRecord {
+    pub(super) phase: ConnPhase,
+    pub(super) identity: Option<String>,
+    pub(super) fresh_session: SessionId,
+    pub(super) last_rx: Instant,
+    pub(super) in_grace: bool,
+    pub(super) decode_failures: u32,
+    /// Decodes this connection's messages, in order.
+    pub(super) decoder: wire::Decoder,
+    pub(super) hello_deadline: Option<Instant>,
+    pub(super) reauth_deadline: Option<Instant>,
+    pub(super) limiter: Option<Box<RateLimiter>>,
+    /// What the rate limit did since the last [`ServerEvent::RateLimited`],
+    /// reported once per interval; also when reading may resume.
+    pub(super) limited: Option<Box<Limited>>,
+}
+
+impl Server {
+    /// Tells a connection's client that its credential is expiring: it must
+    /// send a fresh one within `within` (answered by
+    /// [`ServerEvent::TokenReceived`]) or the connection is closed with 4401.
+    pub fn request_reauth(&mut self, now: Instant, connection: ConnectionId, within: Duration) {
+        self.advance(now);
+        let Some(conn) = self.conns.get_mut(&connection) else {
+            return;
+        };
+        if !matches!(conn.phase, ConnPhase::Open { .. }) {
+            return;
+        }
+        let at = self.now + within;
+        conn.reauth_deadline = Some(at);
+        self.arm(at, ServerTimer::Reauth(connection));
+        self.transmit(
+            connection,
+            &Frame::Reauth {
+                within_ms: duration_ms(within),
+            },
+        );
+    }
+
+    /// The credential from [`ServerEvent::TokenReceived`] is valid: cancels
+    /// the re-authentication deadline.
+    pub fn accept_token(&mut self, now: Instant, connection: ConnectionId) {
+        self.advance(now);
+        if let Some(conn) = self.conns.get_mut(&connection) {
+            conn.reauth_deadline = None;
+        }
+    }
+
+    pub(super) fn check_idle(&mut self, c: ConnectionId) {
+        let idle = self.config.idle_timeout;
+        let grace = self.config.grace;
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        let due = conn.last_rx + idle;
+        if self.now < due {
+            // Traffic arrived since this deadline was set: look again then.
+            self.arm(due, ServerTimer::Idle(c));
+            return;
+        }
+        if !conn.in_grace && !grace.is_zero() {
+            // Overdue, perhaps because the process slept: frames already in
+            // the socket get read before the client is declared dead.
+            conn.in_grace = true;
+            let at = self.now + grace;
+            self.arm(at, ServerTimer::Idle(c));
+            return;
+        }
+        self.stats.heartbeat_timeouts += 1;
+        self.disconnect(c, CloseCode::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+    }
+}

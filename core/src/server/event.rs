@@ -1,0 +1,372 @@
+//! What the server application sees: the outputs the driver drains
+//! ([`ServerOutput`]), the events they carry ([`ServerEvent`], with
+//! [`SessionEnd`], [`RoomOp`] and [`RoomError`]), the read-only views and
+//! counters ([`SessionInfo`], [`ServerMetrics`], [`ServerStats`]) and the
+//! timers ([`ServerTimer`], [`ServerDeadline`]).
+//!
+//! Plain data, re-exported by the server module: nothing here holds or
+//! changes the machine's state; the other files fill these in.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::close::CloseCode;
+use crate::link::{DeliveryStats, Received, TrafficStats};
+use crate::ratelimit::Limit;
+use crate::reliable::MessageId;
+use crate::time::Instant;
+use crate::wire::{ClientId, DecodeError, SessionId, Transmit};
+
+use super::{ConnectionId, SessionState};
+
+// Named only in links in the docs.
+#[cfg(doc)]
+use super::{Server, RATE_REPORT_INTERVAL};
+#[cfg(doc)]
+use crate::{ratelimit::RateLimitPolicy, reliable::OverflowPolicy};
+
+/// What the driver must do next. Drain with [`Server::poll_output`].
+#[derive(Clone, Debug, PartialEq)]
+#[must_use]
+pub enum ServerOutput {
+    /// Write this message on the connection.
+    Transmit(ConnectionId, Transmit),
+    /// Close the connection with this code after writing what was queued
+    /// before, and forget it. The machine has already forgotten it.
+    Disconnect(ConnectionId, CloseCode, &'static str),
+    /// Tell the application.
+    Event(ServerEvent),
+}
+
+/// Something the server application should hear about.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ServerEvent {
+    /// A connection completed the handshake and carries `session`.
+    SessionOpened {
+        /// The connection.
+        connection: ConnectionId,
+        /// The session.
+        session: SessionId,
+        /// The client instance.
+        client: ClientId,
+        /// The identity authenticated at the HTTP upgrade, if any.
+        identity: Option<String>,
+        /// Whether an existing session was resumed.
+        resumed: bool,
+    },
+    /// A session lost its connection and waits out its grace period.
+    SessionDetached {
+        /// The session.
+        session: SessionId,
+        /// How the connection ended.
+        code: CloseCode,
+    },
+    /// A session ended: the client closed it, the grace period ran out, or
+    /// its buffers overflowed. `unconfirmed` messages were accepted for it
+    /// and never acknowledged by the client.
+    SessionEnded {
+        /// The session.
+        session: SessionId,
+        /// Why.
+        reason: SessionEnd,
+        /// Accepted, never acknowledged.
+        unconfirmed: Vec<MessageId>,
+    },
+    /// A message from a session's client, in order, exactly once.
+    Message {
+        /// The session.
+        session: SessionId,
+        /// The message.
+        message: Received,
+    },
+    /// An unsequenced datagram from a session's client.
+    Datagram {
+        /// The session.
+        session: SessionId,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The client acknowledged every message of this session with an id in
+    /// `first..=last`. Ids are unique across the server and increase in send
+    /// order, so the range may span ids of other sessions; only this
+    /// session's are covered.
+    Acked {
+        /// The session.
+        session: SessionId,
+        /// First id.
+        first: MessageId,
+        /// Last id.
+        last: MessageId,
+    },
+    /// A session joined a room (by its own request, or the application's).
+    Joined {
+        /// The session.
+        session: SessionId,
+        /// The room.
+        room: Arc<str>,
+    },
+    /// A session left a room (by request, or because the session ended).
+    Left {
+        /// The session.
+        session: SessionId,
+        /// The room.
+        room: Arc<str>,
+    },
+    /// A client's join or publish was refused (the client is told why).
+    Refused {
+        /// The session.
+        session: SessionId,
+        /// The room.
+        room: Arc<str>,
+        /// What was refused.
+        op: RoomOp,
+        /// Why.
+        reason: String,
+    },
+    /// A hello was refused.
+    Rejected {
+        /// The connection.
+        connection: ConnectionId,
+        /// The close code sent.
+        code: CloseCode,
+        /// The machine-readable reason sent.
+        reason: &'static str,
+    },
+    /// A connection closed before or without carrying a session.
+    ConnectionClosed {
+        /// The connection.
+        connection: ConnectionId,
+        /// The code.
+        code: CloseCode,
+    },
+    /// A connection exceeded its rate limit during the last interval
+    /// ([`RATE_REPORT_INTERVAL`]): one event per connection and interval,
+    /// with counts, however many messages it concerned. Under the `Close`
+    /// policy the connection is closed with 1008 instead.
+    RateLimited {
+        /// The connection.
+        connection: ConnectionId,
+        /// Its session.
+        session: SessionId,
+        /// Messages processed late: reading paused until the limits
+        /// allowed them ([`RateLimitPolicy::Throttle`]).
+        delayed: u64,
+        /// Messages refused (the client was told each one's id:
+        /// [`RateLimitPolicy::Refuse`]).
+        refused: u64,
+        /// Datagrams dropped ([`RateLimitPolicy::Refuse`]).
+        datagrams_dropped: u64,
+        /// The limit exceeded last.
+        limit: Limit,
+    },
+    /// A client sent a fresh credential (answering
+    /// [`Server::request_reauth`]). Validate it, then call
+    /// [`Server::accept_token`] or close with [`CloseCode::UNAUTHORIZED`].
+    TokenReceived {
+        /// The connection.
+        connection: ConnectionId,
+        /// Its session.
+        session: SessionId,
+        /// The credential.
+        token: String,
+    },
+    /// An incoming frame could not be decoded.
+    DecodeFailed {
+        /// The connection.
+        connection: ConnectionId,
+        /// What was wrong.
+        error: DecodeError,
+    },
+}
+
+/// A room operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoomOp {
+    /// Joining.
+    Join,
+    /// Publishing.
+    Publish,
+}
+
+/// Why a room operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoomError {
+    /// No such session.
+    #[error("no such session")]
+    UnknownSession,
+    /// The policy refused it.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The room holds its maximum number of members.
+    #[error("the room is full ({max} members)")]
+    RoomFull {
+        /// The limit.
+        max: usize,
+    },
+    /// The session is in its maximum number of rooms.
+    #[error("in too many rooms (at most {max})")]
+    TooManyRooms {
+        /// The limit.
+        max: usize,
+    },
+    /// The room name is empty or longer than 256 bytes.
+    #[error("room names are 1 to 256 bytes")]
+    BadName,
+}
+
+impl RoomError {
+    /// The machine-readable `code` a refusal carries (PROTOCOL.md, section
+    /// 3.3).
+    pub fn code(&self) -> &'static str {
+        match self {
+            RoomError::UnknownSession => "invalid",
+            RoomError::Forbidden(_) => "forbidden",
+            RoomError::RoomFull { .. } => "room_full",
+            RoomError::TooManyRooms { .. } => "too_many_rooms",
+            RoomError::BadName => "invalid",
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEnd {
+    /// The client closed it (1000).
+    ClientClosed,
+    /// The server application closed it.
+    ServerClosed,
+    /// The grace period ran out with no resume.
+    Expired,
+    /// Its outbound buffer overflowed under [`OverflowPolicy::FailSession`].
+    Overflow,
+    /// It did not read fast enough to keep up with its rooms: its buffers
+    /// filled during a broadcast or presence update, so it was closed with
+    /// 4009 and ended, leaving the other members unaffected.
+    SlowConsumer,
+}
+
+/// Read-only view of a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionInfo {
+    /// The session.
+    pub id: SessionId,
+    /// Its client instance.
+    pub client: ClientId,
+    /// The identity it is bound to.
+    pub identity: Option<String>,
+    /// Where it is in its life.
+    pub state: SessionState,
+    /// Its connection, if attached (from `state`).
+    pub connection: Option<ConnectionId>,
+    /// When it expires, if detached (from `state`).
+    pub expires_at: Option<Instant>,
+    /// Messages sent and unacknowledged.
+    pub in_flight: usize,
+    /// Messages waiting behind the send window.
+    pub queued: usize,
+    /// Last sequence number delivered from the client.
+    pub delivered: u64,
+}
+
+/// Gauges and counters at one instant, for dashboards.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerMetrics {
+    /// Open connections.
+    pub connections: usize,
+    /// Sessions held.
+    pub sessions: usize,
+    /// Sessions in their grace period, without a connection.
+    pub detached_sessions: usize,
+    /// Rooms with at least one member.
+    pub rooms: usize,
+    /// Room memberships, summed over rooms.
+    pub memberships: usize,
+    /// Messages sent and not yet acknowledged, over all sessions.
+    pub messages_in_flight: usize,
+    /// Messages waiting behind send windows, over all sessions.
+    pub messages_queued: usize,
+    /// Counters since start.
+    pub counters: ServerStats,
+}
+
+/// Counters for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections_opened: u64,
+    /// Connections closed.
+    pub connections_closed: u64,
+    /// Sessions created.
+    pub sessions_created: u64,
+    /// Sessions resumed.
+    pub sessions_resumed: u64,
+    /// Resume attempts that could not be honoured.
+    pub resumes_failed: u64,
+    /// Sessions that expired.
+    pub sessions_expired: u64,
+    /// Hellos rejected.
+    pub rejected: u64,
+    /// Messages sent to clients, resent, delivered from clients,
+    /// duplicated and skipped: the same counters as the client's.
+    pub delivery: DeliveryStats,
+    /// Frames and bytes in and out, and frames that failed to decode: the
+    /// same counters as the client's.
+    pub traffic: TrafficStats,
+    /// Connections closed for missing heartbeats.
+    pub heartbeat_timeouts: u64,
+    /// Sessions ended as slow consumers.
+    pub slow_consumers: u64,
+    /// Broadcasts made.
+    pub broadcasts: u64,
+    /// Connections rotated for age.
+    pub rotations: u64,
+    /// Messages over a rate limit.
+    pub rate_limited: u64,
+    /// Client messages refused by id (invalid, over a rate limit, or
+    /// refused by the room policy).
+    pub refused: u64,
+    /// Connections closed, by close code.
+    pub close_codes: BTreeMap<u16, u64>,
+}
+
+/// The server's timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum ServerTimer {
+    /// A connection must send its hello by now.
+    Hello(ConnectionId),
+    /// A connection that sent nothing since is dead (after a grace).
+    Idle(ConnectionId),
+    /// A session's standalone acknowledgment is due.
+    AckDelay(SessionId),
+    /// A session's oldest unacknowledged message has waited too long.
+    AckTimeout(SessionId),
+    /// A detached session's grace period ends.
+    Expiry(SessionId),
+    /// A connection asked to re-authenticate must have done so by now.
+    Reauth(ConnectionId),
+    /// A session's batch goes out.
+    Batch(SessionId),
+    /// A connection reached its maximum age.
+    Rotate(ConnectionId),
+    /// A connection's rate limiting is reported.
+    RateReport(ConnectionId),
+}
+
+/// The next deadline and why it is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerDeadline {
+    /// When to call `handle_timeout`.
+    pub at: Instant,
+    /// Which timer (the earliest; others may be due at the same instant).
+    pub timer: ServerTimer,
+}

@@ -1,0 +1,290 @@
+//! The handshake: a connection's first frame, the `hello`, answered by a
+//! `welcome` or a `reject` (`on_hello`). Owns version and codec selection
+//! (the client's preference wins among codecs both sides speak), the resume
+//! checks (the key, the identity, the numbers the client claims), the
+//! session limit, creating a session, the resume key itself
+//! ([`Server::resume_key`]), and where the answer goes: the upgrade
+//! response or a frame (`answer_hello`).
+//!
+//! It handles only a connection's first frame, never an open session's.
+//! A wrong or missing key is answered exactly as an unknown session: it
+//! never says whether a session exists.
+
+use crate::close::CloseCode;
+use crate::link::{with_own_caps, Link, CAP_BATCH};
+use crate::reliable::Outbound;
+use crate::wire::{self, Frame, Hello, Reject, ResumeKey, SessionId, Welcome, PROTOCOL_VERSION};
+
+use super::conn::ConnPhase;
+use super::delivery::{conn_tx, LinkDeadlines};
+use super::session::Session;
+use super::{duration_ms, ConnectionId, Server, ServerEvent, ServerTimer, SessionState};
+
+impl Server {
+    /// The key that resumes `session`: SipHash-2-4 (128 bits) of its id
+    /// under the configured [`ResumeSecret`](crate::config::ResumeSecret).
+    pub(crate) fn resume_key(&self, session: SessionId) -> ResumeKey {
+        use siphasher::sip128::{Hasher128, SipHasher24};
+        let mut h = SipHasher24::new_with_key(&self.config.resume_secret.0);
+        core::hash::Hasher::write(&mut h, &session.0);
+        ResumeKey(h.finish128().as_bytes())
+    }
+
+    fn reject(
+        &mut self,
+        connection: ConnectionId,
+        code: CloseCode,
+        reason: &'static str,
+        message: String,
+        retry_after_ms: Option<u64>,
+    ) {
+        self.stats.rejected += 1;
+        let frame = Frame::Reject(Reject {
+            code: code.0,
+            reason: reason.into(),
+            message,
+            versions: self.config.versions.clone(),
+            retry_after_ms,
+        });
+        self.answer_hello(connection, &frame, PROTOCOL_VERSION);
+        self.emit(ServerEvent::Rejected {
+            connection,
+            code,
+            reason,
+        });
+        self.disconnect(connection, code, reason);
+    }
+
+    /// Answers a first frame that is not a usable `hello`: `reject`
+    /// `bad_hello` (4002) saying why, then the close.
+    pub(super) fn reject_hello(&mut self, connection: ConnectionId, message: String) {
+        self.reject(
+            connection,
+            CloseCode::BAD_HANDSHAKE,
+            "bad_hello",
+            message,
+            None,
+        );
+    }
+
+    pub(super) fn on_hello(&mut self, connection: ConnectionId, h: Hello) {
+        let Some(version) = self
+            .config
+            .versions
+            .iter()
+            .copied()
+            .filter(|v| h.versions.contains(v))
+            .max()
+        else {
+            let message = format!(
+                "client offered versions {:?}, server speaks {:?}",
+                h.versions, self.config.versions
+            );
+            self.reject(
+                connection,
+                CloseCode::UNSUPPORTED_VERSION,
+                "unsupported_version",
+                message,
+                None,
+            );
+            return;
+        };
+        // The client's preference wins among codecs both sides speak.
+        let Some(codec) = h
+            .codecs
+            .iter()
+            .copied()
+            .find(|c| self.config.codecs.contains(c))
+        else {
+            self.reject(
+                connection,
+                CloseCode::UNSUPPORTED_CODEC,
+                "unsupported_codec",
+                "no codec in common".into(),
+                None,
+            );
+            return;
+        };
+        let Some(conn) = self.conns.get(&connection) else {
+            return;
+        };
+        let identity = conn.identity.clone();
+        let fresh = conn.fresh_session;
+
+        let mut lost = None;
+        let mut resumed = None;
+        if let Some(r) = h.resume {
+            let key_ok = r
+                .key
+                .is_some_and(|k| k.matches(&self.resume_key(r.session)));
+            match self.sessions.get(&r.session) {
+                // A wrong or missing key is an unknown session: knowing a
+                // session's id (from logs, say) is not enough, and the
+                // answer does not say whether the session exists.
+                None => lost = Some("unknown_session"),
+                Some(_) if !key_ok => lost = Some("unknown_session"),
+                Some(s) if s.identity != identity => {
+                    // Another identity holds this session id: never hand it over.
+                    self.stats.resumes_failed += 1;
+                    self.reject(
+                        connection,
+                        CloseCode::FORBIDDEN,
+                        "session_forbidden",
+                        "the session belongs to another identity".into(),
+                        None,
+                    );
+                    return;
+                }
+                // More than was ever sent (numbered while detached is not
+                // sent), or less than the client already acknowledged (those
+                // messages are gone and cannot be sent again): either way the
+                // numbers cannot be reconciled.
+                Some(s)
+                    if r.delivered > s.link.outbound.sent_through()
+                        || r.delivered < s.link.outbound.acked_through() =>
+                {
+                    lost = Some("inconsistent")
+                }
+                Some(_) => resumed = Some(r),
+            }
+        }
+        if lost.is_some() {
+            self.stats.resumes_failed += 1;
+        }
+
+        let (session, delivered) = if let Some(r) = resumed {
+            self.set_session_state(r.session, SessionState::Attached(connection));
+            let Some(s) = self.sessions.get_mut(&r.session) else {
+                return;
+            };
+            s.client = h.client;
+            let acked = s.link.outbound.on_ack(r.delivered).ok().flatten();
+            if let Some((_, last)) = acked {
+                s.link.inbound.release(last.0);
+            }
+            let delivered = s.link.inbound.ack_point();
+            s.link.inbound.on_new_connection();
+            self.stats.sessions_resumed += 1;
+            if let Some((first, last)) = acked {
+                self.emit(ServerEvent::Acked {
+                    session: r.session,
+                    first,
+                    last,
+                });
+            }
+            (r.session, delivered)
+        } else {
+            if self.sessions.len() >= self.config.max_sessions {
+                self.reject(
+                    connection,
+                    CloseCode::TRY_AGAIN_LATER,
+                    "overloaded",
+                    "session limit reached".into(),
+                    Some(5_000),
+                );
+                return;
+            }
+            let id = fresh;
+            if self.sessions.contains_key(&id) {
+                // Only a driver passing non-random bytes gets here; never merge
+                // two clients into one session.
+                self.disconnect(
+                    connection,
+                    CloseCode::INTERNAL_ERROR,
+                    "session id collision",
+                );
+                return;
+            }
+            self.sessions.insert(
+                id,
+                Session {
+                    client: h.client,
+                    identity: identity.clone(),
+                    state: SessionState::Attached(connection),
+                    link: Link::new(Outbound::new(&self.config.queue, &self.config.reliability)),
+                    deadlines: LinkDeadlines::default(),
+                    rooms: Vec::new(),
+                },
+            );
+            self.stats.sessions_created += 1;
+            (id, 0)
+        };
+
+        if let Some(conn) = self.conns.get_mut(&connection) {
+            conn.phase = ConnPhase::Open {
+                session,
+                codec,
+                version,
+                batches: h.caps.iter().any(|c| c == CAP_BATCH),
+                detach: h.caps.iter().any(|c| c == wire::CAP_DETACH),
+            };
+            conn.hello_deadline = None;
+        }
+        let welcome = Frame::Welcome(Welcome {
+            version,
+            codec,
+            session,
+            resumed: resumed.is_some(),
+            lost: lost.map(String::from),
+            delivered,
+            features: with_own_caps(&self.config.features),
+            ping_interval_ms: duration_ms(self.config.ping_interval),
+            pong_timeout_ms: duration_ms(self.config.pong_timeout),
+            max_message: self.config.max_message_size as u64,
+            key: Some(self.resume_key(session)),
+        });
+        self.answer_hello(connection, &welcome, version);
+        self.emit(ServerEvent::SessionOpened {
+            connection,
+            session,
+            client: h.client,
+            identity,
+            resumed: resumed.is_some(),
+        });
+        let idle_at = self.now + self.config.idle_timeout;
+        self.arm(idle_at, ServerTimer::Idle(connection));
+        if let Some(age) = self.config.max_connection_age {
+            // Up to 10 % earlier, derived from the connection id: spread out,
+            // yet deterministic.
+            let spread = age.mul_f64((spread_hash(connection.0) % 1000) as f64 / 10_000.0);
+            let at = self.now + age.saturating_sub(spread);
+            self.arm(at, ServerTimer::Rotate(connection));
+        }
+        self.retransmit(session, 1);
+        self.flush(session);
+    }
+
+    /// Sends the answer to a `hello` (`welcome` or `reject`, always JSON):
+    /// kept for the upgrade response while [`Server::handle_upgrade`] runs
+    /// for this connection, else as a frame.
+    fn answer_hello(&mut self, connection: ConnectionId, frame: &Frame, version: u8) {
+        if matches!(self.upgrade, Some((c, None)) if c == connection) {
+            if let Ok(answer) = wire::handshake_header(frame) {
+                self.stats.traffic.frames_out += 1;
+                self.stats.traffic.bytes_out += answer.len() as u64;
+                self.upgrade = Some((connection, Some(answer)));
+                return;
+            }
+        }
+        let (encoder, outputs) = (&mut self.encoder, &mut self.outputs);
+        let mut tx = conn_tx(
+            connection,
+            &ConnPhase::AwaitingHello,
+            encoder,
+            outputs,
+            &mut self.stats,
+        );
+        tx.version = version;
+        if tx.send(frame).is_err() {
+            self.encode_failed(connection);
+        }
+    }
+}
+
+/// SplitMix64's finalizer: a well-spread hash of a small integer.
+fn spread_hash(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

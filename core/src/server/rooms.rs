@@ -1,0 +1,339 @@
+//! Rooms on the server: the application's commands ([`Server::join`],
+//! [`Server::leave`], [`Server::broadcast`], the membership queries and the
+//! policy), the clients' joins, leaves and publishes (`dispatch`), their
+//! refusals, and presence: diffs to the members, a full snapshot to the
+//! joiner.
+//!
+//! Who is in which room is kept by [`Rooms`]; this file keeps it and each
+//! session's list of rooms in step. A member whose buffers are full is
+//! evicted after the current operation (`send_to_member`), never waited
+//! on: one slow member never holds up the others.
+
+use std::sync::Arc;
+
+use crate::link::Received;
+use crate::reliable::{MessageId, RoomName, SendError};
+use crate::rooms::{JoinError, Member, Presence, RoomPolicy};
+use crate::time::Instant;
+use crate::wire::{self, Msg, MsgKind, Payload, SessionId};
+
+use super::{RoomError, RoomOp, Server, ServerEvent};
+
+// Named only in links in the docs.
+#[cfg(doc)]
+use crate::rooms::{AllowAll, Rooms};
+
+impl Server {
+    /// Replaces the policy that authorizes clients' joins and publishes
+    /// (default: [`AllowAll`]).
+    pub fn set_policy(&mut self, policy: Box<dyn RoomPolicy>) {
+        self.policy = policy;
+    }
+
+    /// Puts a session in a room, bypassing the policy (the application
+    /// decided). Members are told, and the session gets the member list.
+    pub fn join(&mut self, now: Instant, session: SessionId, room: &str) -> Result<(), RoomError> {
+        self.advance(now);
+        check_room_name(room)?;
+        let r = self.do_join(session, room, false);
+        self.process_evictions();
+        r
+    }
+
+    /// Takes a session out of a room; false if it was not in it.
+    pub fn leave(&mut self, now: Instant, session: SessionId, room: &str) -> bool {
+        self.advance(now);
+        let r = self.do_leave(session, room);
+        self.process_evictions();
+        r
+    }
+
+    /// Sends `payload` to every member of `room` but `exclude`, each through
+    /// its own reliable sequence, sharing one copy of the payload. Members
+    /// whose buffers are full are slow consumers: they are closed with 4009
+    /// and their sessions ended, and the others are not held up. Returns how
+    /// many members it was queued for.
+    pub fn broadcast(
+        &mut self,
+        now: Instant,
+        room: &str,
+        payload: Payload,
+        exclude: Option<SessionId>,
+    ) -> Result<usize, SendError> {
+        self.advance(now);
+        let max = self.config.max_message_size;
+        SendError::check_size(payload.len(), max)?;
+        let n = self.do_broadcast(room, &payload, exclude);
+        self.process_evictions();
+        Ok(n)
+    }
+
+    /// Who is in `room`, as members see each other.
+    pub fn members(&self, room: &str) -> Vec<Member> {
+        let mut members: Vec<Member> = self
+            .rooms
+            .members(room)
+            .filter_map(|m| self.member_of(m))
+            .collect();
+        members.sort();
+        members
+    }
+
+    /// The sessions in `room`.
+    pub fn member_sessions(&self, room: &str) -> Vec<SessionId> {
+        self.rooms.members(room).collect()
+    }
+
+    /// Members in `room`.
+    pub fn room_size(&self, room: &str) -> usize {
+        self.rooms.size(room)
+    }
+
+    /// The rooms a session is in.
+    pub fn rooms_of(&self, session: SessionId) -> Vec<Arc<str>> {
+        self.sessions
+            .get(&session)
+            .map(|s| s.rooms.clone())
+            .unwrap_or_default()
+    }
+
+    /// Queues a message for a room member; a member whose buffers are full
+    /// is a slow consumer and is evicted after the current operation, so it
+    /// never holds up the others.
+    fn send_to_member(
+        &mut self,
+        member: SessionId,
+        payload: Payload,
+        kind: MsgKind,
+        room: &RoomName,
+    ) -> bool {
+        if self.evictions.contains(&member) {
+            return false;
+        }
+        let now = self.now;
+        match self.enqueue_raw(now, member, payload, None, kind, Some(room.clone())) {
+            Ok(_) => true,
+            Err(SendError::QueueFull { .. }) => {
+                self.evictions.push(member);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Tells every member of `room` but `except` about a membership change.
+    pub(super) fn presence_diff(
+        &mut self,
+        room: &RoomName,
+        except: Option<SessionId>,
+        diff: Presence,
+    ) {
+        if !self.policy.presence(room) {
+            return;
+        }
+        let Ok(json) = serde_json::to_vec(&diff) else {
+            return;
+        };
+        let Ok(payload) = Payload::json(json) else {
+            return;
+        };
+        let members: Vec<SessionId> = self
+            .rooms
+            .members(room)
+            .filter(|m| Some(*m) != except)
+            .collect();
+        for m in members {
+            self.send_to_member(m, payload.clone(), MsgKind::Presence, room);
+        }
+    }
+
+    fn member_of(&self, session: SessionId) -> Option<Member> {
+        self.sessions
+            .get(&session)
+            .map(|s| Member::new(s.client, s.identity.as_deref()))
+    }
+
+    /// Refuses a client's join or publish: reported to the application, and
+    /// to the client by the message's id.
+    fn refuse(
+        &mut self,
+        session: SessionId,
+        m: &Msg,
+        room: &RoomName,
+        op: RoomOp,
+        code: &'static str,
+        reason: String,
+    ) {
+        self.emit(ServerEvent::Refused {
+            session,
+            room: room.clone(),
+            op,
+            reason: reason.clone(),
+        });
+        let op = match op {
+            RoomOp::Join => "join",
+            RoomOp::Publish => "publish",
+        };
+        let id = MessageId(m.id);
+        self.refuse_msg(session, m.seq, id, Some(room.clone()), op, code, reason);
+    }
+
+    /// A join, by the client (`check`: run the policy) or by the application.
+    fn do_join(&mut self, session: SessionId, room: &str, check: bool) -> Result<(), RoomError> {
+        let member = self.member_of(session).ok_or(RoomError::UnknownSession)?;
+        let name = self.rooms.name(room);
+        if check {
+            if let Err(reason) = self.policy.authorize_join(&member, room) {
+                return Err(RoomError::Forbidden(reason));
+            }
+        }
+        let already = self.rooms.is_member(room, session);
+        if !already {
+            let count = self.sessions.get(&session).map_or(0, |s| s.rooms.len());
+            if count >= self.config.max_rooms_per_session {
+                return Err(RoomError::TooManyRooms {
+                    max: self.config.max_rooms_per_session,
+                });
+            }
+            match self.rooms.join(&name, session, self.config.max_room_size) {
+                Ok(_) => {}
+                Err(JoinError::RoomFull) => {
+                    return Err(RoomError::RoomFull {
+                        max: self.config.max_room_size,
+                    })
+                }
+            }
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.rooms.push(name.clone());
+            }
+            self.emit(ServerEvent::Joined {
+                session,
+                room: name.clone(),
+            });
+            self.presence_diff(
+                &name,
+                Some(session),
+                Presence {
+                    snapshot: false,
+                    joined: vec![member],
+                    left: Vec::new(),
+                },
+            );
+        }
+        if !self.policy.presence(&name) {
+            return Ok(());
+        }
+        // The joiner always gets the full list, so a rejoin after a lost
+        // session starts from the truth.
+        let mut members: Vec<Member> = self
+            .rooms
+            .members(room)
+            .filter_map(|m| self.member_of(m))
+            .collect();
+        members.sort();
+        let snapshot = Presence {
+            snapshot: true,
+            joined: members,
+            left: Vec::new(),
+        };
+        if let Ok(payload) = serde_json::to_vec(&snapshot)
+            .map_err(|_| ())
+            .and_then(|j| Payload::json(j).map_err(|_| ()))
+        {
+            self.send_to_member(session, payload, MsgKind::Presence, &name);
+        }
+        Ok(())
+    }
+
+    fn do_leave(&mut self, session: SessionId, room: &str) -> bool {
+        if !self.rooms.leave(room, session) {
+            return false;
+        }
+        let name = self.rooms.name(room);
+        let member = self.member_of(session);
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.rooms.retain(|r| &**r != room);
+        }
+        self.emit(ServerEvent::Left {
+            session,
+            room: name.clone(),
+        });
+        if let Some(member) = member {
+            self.presence_diff(
+                &name,
+                None,
+                Presence {
+                    snapshot: false,
+                    joined: Vec::new(),
+                    left: vec![member],
+                },
+            );
+        }
+        true
+    }
+
+    fn do_broadcast(&mut self, room: &str, payload: &Payload, exclude: Option<SessionId>) -> usize {
+        let name = self.rooms.name(room);
+        let members: Vec<SessionId> = self
+            .rooms
+            .members(room)
+            .filter(|m| Some(*m) != exclude)
+            .collect();
+        let mut queued = 0;
+        for m in members {
+            if self.send_to_member(m, payload.clone(), MsgKind::Plain, &name) {
+                queued += 1;
+            }
+        }
+        self.stats.broadcasts += 1;
+        queued
+    }
+
+    /// Hands a delivered client message to the room logic or the application.
+    pub(super) fn dispatch(&mut self, session: SessionId, m: Msg) {
+        match (m.kind, m.room.clone()) {
+            (MsgKind::Join, Some(room)) => {
+                let name = self.rooms.name(&room);
+                if let Err(e) = self.do_join(session, &room, true) {
+                    self.refuse(session, &m, &name, RoomOp::Join, e.code(), e.to_string());
+                }
+            }
+            (MsgKind::Leave, Some(room)) => {
+                self.do_leave(session, &room);
+            }
+            (MsgKind::Plain | MsgKind::Request, Some(room)) => {
+                let name = self.rooms.name(&room);
+                let Some(member) = self.member_of(session) else {
+                    return;
+                };
+                if !self.rooms.is_member(&room, session) {
+                    let reason = "not a member of the room".into();
+                    self.refuse(session, &m, &name, RoomOp::Publish, "not_member", reason);
+                    return;
+                }
+                if let Err(reason) = self.policy.authorize_publish(&member, &room) {
+                    self.refuse(session, &m, &name, RoomOp::Publish, "forbidden", reason);
+                    return;
+                }
+                let exclude = (!self.config.echo_publish).then_some(session);
+                let payload = m.payload.clone();
+                self.emit(ServerEvent::Message {
+                    session,
+                    message: Received::from_msg(m),
+                });
+                self.do_broadcast(&name, &payload, exclude);
+            }
+            _ => self.emit(ServerEvent::Message {
+                session,
+                message: Received::from_msg(m),
+            }),
+        }
+    }
+}
+
+fn check_room_name(room: &str) -> Result<(), RoomError> {
+    if room.is_empty() || room.len() > wire::MAX_TOKEN_LEN {
+        return Err(RoomError::BadName);
+    }
+    Ok(())
+}

@@ -1,0 +1,742 @@
+//! Unit tests of the server machine: through its public API, and where
+//! a test says so, its internals (the deadline heap).
+
+use super::*;
+
+use crate::close::CloseCode;
+use crate::config::ServerConfig;
+use crate::link::Received;
+use crate::reliable::MessageId;
+use crate::rooms::Refusal;
+use crate::time::Instant;
+use crate::wire::{
+    self, ClientId, Codec, Frame, Incoming, Limits, Msg, MsgKind, Payload, Reject, ResumeKey,
+    SessionId, Transmit, Welcome,
+};
+
+/// The session table says what it says: each move, one by one.
+#[test]
+fn session_transition_table() {
+    let a = SessionState::Attached(ConnectionId(1));
+    let b = SessionState::Attached(ConnectionId(2));
+    let d = SessionState::Detached {
+        code: CloseCode::ABNORMAL,
+        expires_at: Instant::from_secs(5),
+    };
+    assert!(
+        a.can_become(&b),
+        "a resume takes over from a half-open connection"
+    );
+    assert!(
+        !a.can_become(&a),
+        "attached to the connection it already has"
+    );
+    assert!(a.can_become(&d));
+    assert!(d.can_become(&a), "resumed");
+    assert!(!d.can_become(&d), "detached twice");
+    assert_eq!(a.connection(), Some(ConnectionId(1)));
+    assert_eq!(d.connection(), None);
+    assert_eq!((a.name(), d.name()), ("attached", "detached"));
+}
+
+/// A session's life through the public view: attached, detached with
+/// the code that ended its connection, attached to the resuming one,
+/// and gone when the client closes with 1000.
+#[test]
+fn a_session_is_attached_detached_resumed_and_ended() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let now = Instant::ZERO;
+    let c1 = s.handle_connection(now, None, SessionId([1; 16]));
+    s.handle_message(now, c1, Incoming::Text(&hello(&[1], &["json"])));
+    let welcome = welcome_of(&drain(&mut s)).unwrap();
+    let id = welcome.session;
+    assert_eq!(s.session(id).unwrap().state, SessionState::Attached(c1));
+    s.handle_connection_closed(now, c1, None);
+    let state = s.session(id).unwrap().state;
+    let grace = s.config().session_grace;
+    assert_eq!(
+        state,
+        SessionState::Detached {
+            code: CloseCode::ABNORMAL,
+            expires_at: now + grace
+        }
+    );
+    let c2 = s.handle_connection(now, None, SessionId([2; 16]));
+    let resume = format!(
+        r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":0,"key":"{}"}}"#,
+        ClientId([2; 16]).to_hex(),
+        id.to_hex(),
+        welcome.key.unwrap().to_hex()
+    );
+    s.handle_message(now, c2, Incoming::Text(&resume));
+    assert!(welcome_of(&drain(&mut s)).unwrap().resumed);
+    assert_eq!(s.session(id).unwrap().state, SessionState::Attached(c2));
+    s.handle_connection_closed(now, c2, Some(CloseCode::NORMAL));
+    assert!(s.session(id).is_none());
+}
+
+fn hello(versions: &[u8], codecs: &[&str]) -> String {
+    format!(
+        "{{\"t\":\"hello\",\"versions\":{versions:?},\"client\":\"{}\",\"codecs\":{codecs:?}}}",
+        ClientId([2; 16]).to_hex()
+    )
+}
+
+fn drain(s: &mut Server) -> Vec<ServerOutput> {
+    core::iter::from_fn(|| s.poll_output()).collect()
+}
+
+fn welcome_of(out: &[ServerOutput]) -> Option<Welcome> {
+    out.iter().find_map(|o| match o {
+        ServerOutput::Transmit(_, t) => match wire::decode(
+            t.as_incoming(),
+            &Limits {
+                max_message: 1 << 20,
+                version: 1,
+            },
+        ) {
+            Ok(Frame::Welcome(w)) => Some(w),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// A broadcast of a large payload to members that take detached
+/// payloads sends each its own small envelope and the one shared
+/// payload, never a copy; a member that did not announce `detach` gets
+/// the payload inside its envelope.
+#[test]
+fn a_large_broadcast_shares_one_payload_among_its_members() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let mut members = Vec::new();
+    for (i, caps) in [r#"["detach"]"#, r#"["batch","detach"]"#, "[]"]
+        .iter()
+        .enumerate()
+    {
+        let session = SessionId([i as u8 + 1; 16]);
+        let c = s.handle_connection(Instant::ZERO, None, session);
+        let hello = format!(
+            "{{\"t\":\"hello\",\"versions\":[1],\"client\":\"{}\",\"codecs\":[\"msgpack\"],\"caps\":{caps}}}",
+            ClientId([i as u8 + 1; 16]).to_hex()
+        );
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&hello));
+        assert!(welcome_of(&drain(&mut s)).is_some());
+        s.join(Instant::ZERO, session, "big").unwrap();
+        members.push(c);
+    }
+    drain(&mut s);
+    let payload = Payload::binary(vec![3u8; 16 * 1024]);
+    assert_eq!(
+        s.broadcast(Instant::ZERO, "big", payload.clone(), None),
+        Ok(3)
+    );
+    let sent: Vec<(ConnectionId, Transmit)> = drain(&mut s)
+        .into_iter()
+        .filter_map(|o| match o {
+            ServerOutput::Transmit(c, t) => Some((c, t)),
+            _ => None,
+        })
+        .collect();
+    for (i, c) in members.iter().enumerate() {
+        let mine: Vec<&Transmit> = sent
+            .iter()
+            .filter(|(x, _)| x == c)
+            .map(|(_, t)| t)
+            .collect();
+        let shared = mine
+            .iter()
+            .filter(|t| t.data().as_ptr() == payload.data().as_ptr())
+            .count();
+        if i < 2 {
+            assert_eq!(mine.len(), 2, "member {i}: an envelope and the payload");
+            assert!(mine[0].len() < 100);
+            assert_eq!(shared, 1, "member {i} got a copy");
+        } else {
+            assert_eq!(mine.len(), 1, "member {i}: one message");
+            assert!(mine[0].len() > 16 * 1024);
+            assert_eq!(shared, 0);
+        }
+    }
+}
+
+#[test]
+fn client_codec_preference_wins() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    s.handle_message(
+        Instant::ZERO,
+        c,
+        Incoming::Text(&hello(&[1], &["json", "msgpack"])),
+    );
+    assert_eq!(welcome_of(&drain(&mut s)).unwrap().codec, Codec::Json);
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+    s.handle_message(
+        Instant::ZERO,
+        c,
+        Incoming::Text(&hello(&[1], &["cbor", "msgpack"])),
+    );
+    assert_eq!(welcome_of(&drain(&mut s)).unwrap().codec, Codec::MsgPack);
+}
+
+#[test]
+fn the_negotiated_codec_is_known_per_session() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+    let session = s.session_of(c).unwrap();
+    assert_eq!(s.session_codec(session), Some(Codec::Json));
+    s.handle_connection_closed(Instant::ZERO, c, None);
+    assert_eq!(s.session_codec(session), None, "detached");
+}
+
+#[test]
+fn no_common_version_or_codec_is_rejected() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[7, 9], &["json"])));
+    let out = drain(&mut s);
+    assert!(out.contains(&ServerOutput::Disconnect(
+        c,
+        CloseCode::UNSUPPORTED_VERSION,
+        "unsupported_version"
+    )));
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+    s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["cbor"])));
+    let out = drain(&mut s);
+    assert!(out.contains(&ServerOutput::Disconnect(
+        c,
+        CloseCode::UNSUPPORTED_CODEC,
+        "unsupported_codec"
+    )));
+    assert_eq!(s.session_count(), 0);
+}
+
+#[test]
+fn silence_before_hello_and_after_open_is_detected() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let quiet = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+    s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+    drain(&mut s);
+    s.handle_timeout(Instant::from_secs(10));
+    assert!(drain(&mut s).contains(&ServerOutput::Disconnect(
+        quiet,
+        CloseCode::BAD_HANDSHAKE,
+        "no hello in time"
+    )));
+    // 45 s idle, then 1 s grace.
+    s.handle_timeout(Instant::from_secs(45));
+    assert_eq!(s.connection_count(), 1);
+    s.handle_timeout(Instant::from_secs(46));
+    let out = drain(&mut s);
+    assert!(out.contains(&ServerOutput::Disconnect(
+        c,
+        CloseCode::HEARTBEAT_TIMEOUT,
+        "heartbeat timeout"
+    )));
+    assert_eq!(
+        s.session_count(),
+        1,
+        "the session waits out its grace period"
+    );
+    s.handle_timeout(Instant::from_secs(106));
+    assert_eq!(s.session_count(), 0);
+}
+
+fn frames_of(out: &[ServerOutput]) -> Vec<Frame> {
+    let limits = Limits {
+        max_message: 1 << 20,
+        version: 1,
+    };
+    out.iter()
+        .filter_map(|o| match o {
+            ServerOutput::Transmit(_, t) => wire::decode(t.as_incoming(), &limits).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reject_of(out: &[ServerOutput]) -> Option<Reject> {
+    frames_of(out).into_iter().find_map(|f| match f {
+        Frame::Reject(r) => Some(r),
+        _ => None,
+    })
+}
+
+/// Anything but a usable hello first is answered at once with a
+/// `reject` naming the problem, then closed with 4002: never left to the
+/// hello timeout.
+#[test]
+fn a_first_frame_that_is_not_a_usable_hello_is_rejected_at_once() {
+    let client = ClientId([2; 16]).to_hex();
+    let cases = [
+        r#"{"t":"ping","nonce":1}"#.to_owned(),
+        r#"{"t":"mystery"}"#.to_owned(),
+        "{not json".to_owned(),
+        format!(
+            r#"{{"t":"hello","versions":[{}],"client":"{client}"}}"#,
+            ["1"; 33].join(",")
+        ),
+        r#"{"t":"hello","versions":[1],"client":"zz"}"#.to_owned(),
+        format!(r#"{{"t":"hello","versions":[1],"client":"{client}","session":"{client}"}}"#),
+    ];
+    for (i, text) in cases.iter().enumerate() {
+        let mut s = Server::new(ServerConfig::default()).unwrap();
+        let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+        s.handle_message(Instant::ZERO, c, Incoming::Text(text));
+        let out = drain(&mut s);
+        let reject = reject_of(&out).unwrap_or_else(|| panic!("case {i}: no reject"));
+        assert_eq!(reject.code, 4002, "case {i}");
+        assert_eq!(reject.reason, "bad_hello", "case {i}");
+        assert!(!reject.message.is_empty());
+        assert!(
+            out.contains(&ServerOutput::Disconnect(
+                c,
+                CloseCode::BAD_HANDSHAKE,
+                "bad_hello"
+            )),
+            "case {i}: {out:?}"
+        );
+    }
+    // A MessagePack hello (binary): handshake frames are JSON only.
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    let body = rmp_serde::to_vec_named(
+        &serde_json::json!({"t": "hello", "versions": [1], "client": client}),
+    )
+    .unwrap();
+    let mut bin = vec![wire::KIND_MSGPACK, 1];
+    bin.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    bin.extend_from_slice(&body);
+    s.handle_message(Instant::ZERO, c, Incoming::Binary(&bin));
+    assert_eq!(reject_of(&drain(&mut s)).map(|r| r.code), Some(4002));
+}
+
+/// A hello without `codecs` gets JSON, which every peer speaks.
+#[test]
+fn a_hello_without_codecs_gets_json() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    let text = format!(
+        r#"{{"t":"hello","versions":[1],"client":"{}"}}"#,
+        ClientId([2; 16]).to_hex()
+    );
+    s.handle_message(Instant::ZERO, c, Incoming::Text(&text));
+    assert_eq!(
+        welcome_of(&drain(&mut s)).map(|w| w.codec),
+        Some(Codec::Json)
+    );
+}
+
+fn open_json(s: &mut Server, id: u8) -> (ConnectionId, SessionId) {
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([id; 16]));
+    s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+    drain(s);
+    (c, s.session_of(c).unwrap())
+}
+
+fn messages(out: &[ServerOutput]) -> Vec<Received> {
+    out.iter()
+        .filter_map(|o| match o {
+            ServerOutput::Event(ServerEvent::Message { message, .. }) => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The acknowledgments a client would read from these outputs.
+fn acks(out: &[ServerOutput]) -> Vec<u64> {
+    frames_of(out)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Ack { ack } => Some(ack),
+            Frame::Msg(m) => m.ack,
+            _ => None,
+        })
+        .collect()
+}
+
+fn refusals(out: &[ServerOutput]) -> Vec<(u64, u64, Refusal)> {
+    frames_of(out)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Msg(Msg {
+                seq,
+                kind: MsgKind::RefusedMessage(id),
+                payload,
+                ..
+            }) => Some((seq, id, serde_json::from_slice(payload.data()).unwrap())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A numbered message the server can never accept (a bad room, an
+/// unknown `op`, `op` without `r`, a field of the wrong type, a bad
+/// payload, JSON nested too deep) is consumed and refused by id: the
+/// stream carries on, and no acknowledgment covers the message before
+/// the client has acknowledged its refusal.
+#[test]
+fn a_message_that_can_never_be_accepted_is_refused_by_id_and_the_stream_goes_on() {
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let long = "x".repeat(257);
+    let poison = [
+        format!(r#"{{"t":"msg","seq":1,"id":41,"j":1,"r":"{long}"}}"#),
+        r#"{"t":"msg","seq":1,"id":41,"j":1,"r":""}"#.to_owned(),
+        r#"{"t":"msg","seq":1,"id":41,"j":1,"op":"dance","r":"a"}"#.to_owned(),
+        r#"{"t":"msg","seq":1,"id":41,"j":1,"op":"join"}"#.to_owned(),
+        r#"{"t":"msg","seq":1,"id":41,"j":1,"r":5}"#.to_owned(),
+        r#"{"t":"msg","seq":1,"id":41,"b":"!!"}"#.to_owned(),
+        format!(r#"{{"t":"msg","seq":1,"id":41,"j":{deep}}}"#),
+        r#"{"t":"msg","seq":1,"id":41,"j":1,"op":"presence","r":"a"}"#.to_owned(),
+    ];
+    for (i, bad) in poison.iter().enumerate() {
+        let mut s = Server::new(ServerConfig::default()).unwrap();
+        let (c, _) = open_json(&mut s, 1);
+        s.handle_message(Instant::ZERO, c, Incoming::Text(bad));
+        let good = r#"{"t":"msg","seq":2,"id":42,"j":"fine"}"#;
+        s.handle_message(Instant::ZERO, c, Incoming::Text(good));
+        s.handle_timeout(Instant::from_secs(1));
+        let out = drain(&mut s);
+        let refused = refusals(&out);
+        assert_eq!(refused.len(), 1, "case {i}: {out:?}");
+        let (refusal_seq, id, refusal) = &refused[0];
+        assert_eq!(*id, 41, "case {i}");
+        assert_eq!(refusal.code.as_deref(), Some("invalid"), "case {i}");
+        let got = messages(&out);
+        assert_eq!(got.len(), 1, "case {i}: the next message is delivered");
+        assert_eq!(got[0].id, MessageId(42));
+        assert!(
+            acks(&out).iter().all(|&a| a == 0),
+            "case {i}: nothing acknowledged before the refusal is: {:?}",
+            acks(&out)
+        );
+        // The client acknowledges the refusal: both messages are
+        // acknowledged at once.
+        let ack = format!(r#"{{"t":"ack","ack":{refusal_seq}}}"#);
+        s.handle_message(Instant::from_secs(1), c, Incoming::Text(&ack));
+        assert_eq!(acks(&drain(&mut s)), vec![2], "case {i}");
+        assert_eq!(s.stats().refused, 1);
+    }
+}
+
+/// A poison message inside a batch: refused by id, its neighbours
+/// delivered.
+#[test]
+fn a_poison_message_in_a_batch_is_refused_and_its_neighbours_delivered() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let (c, _) = open_json(&mut s, 1);
+    let batch = r#"{"t":"batch","f":[{"t":"msg","seq":1,"id":1,"j":1},{"t":"msg","seq":2,"id":2,"j":1,"op":"nope","r":"a"},{"t":"msg","seq":3,"id":3,"j":1}]}"#;
+    s.handle_message(Instant::ZERO, c, Incoming::Text(batch));
+    let out = drain(&mut s);
+    let ids: Vec<u64> = messages(&out).iter().map(|m| m.id.0).collect();
+    assert_eq!(ids, vec![1, 3]);
+    assert_eq!(
+        refusals(&out).iter().map(|r| r.1).collect::<Vec<_>>(),
+        vec![2]
+    );
+}
+
+/// A resume whose `delivered` is below what the client already
+/// acknowledged cannot be served (those messages are gone): a new
+/// session, `lost: "inconsistent"`, never a stalled stream.
+#[test]
+fn a_resume_below_what_the_client_acknowledged_is_inconsistent() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let (c, session) = open_json(&mut s, 1);
+    for n in 0..3 {
+        s.send(
+            Instant::ZERO,
+            session,
+            Payload::json(format!("{n}").into_bytes()).unwrap(),
+        )
+        .unwrap();
+    }
+    s.handle_message(Instant::ZERO, c, Incoming::Text(r#"{"t":"ack","ack":2}"#));
+    s.handle_connection_closed(Instant::ZERO, c, None);
+    drain(&mut s);
+    let key = s.resume_key(session);
+    let resume = |session: SessionId, delivered: u64| {
+        format!(
+            r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":{delivered},"key":"{}"}}"#,
+            ClientId([2; 16]).to_hex(),
+            session.to_hex(),
+            key.to_hex()
+        )
+    };
+    let c2 = s.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+    s.handle_message(Instant::ZERO, c2, Incoming::Text(&resume(session, 1)));
+    let w = welcome_of(&drain(&mut s)).unwrap();
+    assert!(!w.resumed);
+    assert_eq!(w.lost.as_deref(), Some("inconsistent"));
+    // At and above the acknowledged point, it resumes.
+    let mut s2 = Server::new(ServerConfig::default()).unwrap();
+    let (c, session) = open_json(&mut s2, 1);
+    s2.send(Instant::ZERO, session, Payload::null()).unwrap();
+    s2.handle_message(Instant::ZERO, c, Incoming::Text(r#"{"t":"ack","ack":1}"#));
+    s2.handle_connection_closed(Instant::ZERO, c, None);
+    let c2 = s2.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+    s2.handle_message(Instant::ZERO, c2, Incoming::Text(&resume(session, 1)));
+    assert!(welcome_of(&drain(&mut s2)).unwrap().resumed);
+}
+
+/// Knowing a session's id is not enough to resume it: without the key
+/// from its welcome, or with another one, the resume is refused as an
+/// unknown session (whether the session exists is not revealed), and the
+/// session is left untouched for its owner.
+#[test]
+fn a_resume_needs_the_key_from_the_welcome() {
+    let config = ServerConfig {
+        resume_secret: crate::config::ResumeSecret([7; 16]),
+        ..ServerConfig::default()
+    };
+    let mut s = Server::new(config.clone()).unwrap();
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+    let w = welcome_of(&drain(&mut s)).unwrap();
+    let key = w.key.expect("a welcome carries the session's key");
+    s.handle_connection_closed(Instant::ZERO, c, None);
+    let attempt = |s: &mut Server, fresh: u8, key: Option<ResumeKey>| {
+        let c = s.handle_connection(Instant::ZERO, None, SessionId([fresh; 16]));
+        let key = key
+            .map(|k| format!(r#","key":"{}""#, k.to_hex()))
+            .unwrap_or_default();
+        let text = format!(
+            r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":0{key}}}"#,
+            ClientId([2; 16]).to_hex(),
+            w.session.to_hex()
+        );
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&text));
+        welcome_of(&drain(s)).unwrap()
+    };
+    for (fresh, wrong) in [
+        (2, None),
+        (4, Some(ResumeKey([0; 16]))),
+        (5, Some(ResumeKey(w.session.0))),
+    ] {
+        let answer = attempt(&mut s, fresh, wrong);
+        assert!(!answer.resumed);
+        assert_eq!(answer.lost.as_deref(), Some("unknown_session"));
+        assert_ne!(answer.session, w.session);
+    }
+    assert!(s.session(w.session).is_some(), "the session is untouched");
+    let answer = attempt(&mut s, 3, Some(key));
+    assert!(answer.resumed);
+    assert_eq!(answer.session, w.session);
+    // Another process with the same secret takes the same key; one with
+    // another secret does not.
+    assert!(Server::new(config)
+        .unwrap()
+        .resume_key(w.session)
+        .matches(&key));
+    assert!(!Server::new(ServerConfig::default())
+        .unwrap()
+        .resume_key(w.session)
+        .matches(&key));
+    assert_eq!(format!("{key:?}"), "ResumeKey(…)", "never logged");
+}
+
+/// Found by the `server_machine` fuzz target ("gap in what the server
+/// sends"): messages sent to a detached session are numbered into the
+/// window but never went out; a resume claiming one of them delivered
+/// was taken as an acknowledgment of messages the client never had
+/// (reported `Acked` to the application), and the server went on from
+/// there, leaving a gap. Only what went out on a connection can have
+/// been delivered: a claim above it is inconsistent (PROTOCOL.md,
+/// section 6).
+#[test]
+fn a_resume_claiming_messages_that_never_went_out_is_inconsistent() {
+    let resume = |s: &Server, session: SessionId, delivered: u64| {
+        format!(
+            r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":{delivered},"key":"{}"}}"#,
+            ClientId([2; 16]).to_hex(),
+            session.to_hex(),
+            s.resume_key(session).to_hex()
+        )
+    };
+    for (sent_before, claim, resumed) in [(0, 1, false), (1, 2, false), (1, 1, true)] {
+        let mut s = Server::new(ServerConfig::default()).unwrap();
+        let (c, session) = open_json(&mut s, 1);
+        for n in 0..sent_before {
+            s.send(
+                Instant::ZERO,
+                session,
+                Payload::json(format!("{n}").into_bytes()).unwrap(),
+            )
+            .unwrap();
+        }
+        s.handle_connection_closed(Instant::ZERO, c, None);
+        // Numbered while detached, never sent.
+        for _ in 0..2 {
+            s.send(Instant::ZERO, session, Payload::null()).unwrap();
+        }
+        drain(&mut s);
+        let c2 = s.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+        s.handle_message(
+            Instant::ZERO,
+            c2,
+            Incoming::Text(&resume(&s, session, claim)),
+        );
+        let out = drain(&mut s);
+        let w = welcome_of(&out).unwrap();
+        let case = (sent_before, claim);
+        assert_eq!(w.resumed, resumed, "{case:?}: {w:?}");
+        if resumed {
+            // Everything after the claim goes out again, from claim + 1.
+            let seqs: Vec<u64> = frames_of(&out)
+                .iter()
+                .filter_map(|f| match f {
+                    Frame::Msg(m) => Some(m.seq),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(seqs, vec![claim + 1, claim + 2], "{case:?}");
+        } else {
+            assert_eq!(w.lost.as_deref(), Some("inconsistent"), "{case:?}");
+            assert!(
+                !out.iter()
+                    .any(|o| matches!(o, ServerOutput::Event(ServerEvent::Acked { .. }))),
+                "{case:?}: messages never sent were reported acknowledged: {out:?}"
+            );
+        }
+    }
+}
+
+fn limited(policy: crate::ratelimit::RateLimitPolicy) -> Server {
+    Server::new(ServerConfig {
+        rate_limit: Some(crate::ratelimit::RateLimitConfig {
+            messages_per_sec: 10,
+            message_burst: 10,
+            bytes_per_sec: 1 << 20,
+            byte_burst: 1 << 20,
+            policy,
+        }),
+        ..ServerConfig::default()
+    })
+    .unwrap()
+}
+
+fn flood(s: &mut Server, c: ConnectionId, n: u64) -> Vec<ServerOutput> {
+    let mut out = Vec::new();
+    for seq in 1..=n {
+        let m = format!(r#"{{"t":"msg","seq":{seq},"id":{seq},"j":{seq}}}"#);
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&m));
+        out.extend(drain(s));
+    }
+    out
+}
+
+/// Over the limit under `Refuse`: each message is refused by id and
+/// never acknowledged before its refusal; the application gets one
+/// report per interval with the count, not one event per message.
+#[test]
+fn messages_over_a_refusing_rate_limit_are_refused_by_id_and_reported_per_interval() {
+    let mut s = limited(crate::ratelimit::RateLimitPolicy::Refuse);
+    let (c, _) = open_json(&mut s, 1);
+    let mut out = flood(&mut s, c, 1000);
+    assert_eq!(messages(&out).len(), 10);
+    let refused: Vec<u64> = refusals(&out).iter().map(|r| r.1).collect();
+    assert_eq!(refused, (11..=1000).collect::<Vec<_>>());
+    assert!(refusals(&out)
+        .iter()
+        .all(|r| r.2.code.as_deref() == Some("rate_limited")));
+    // Acknowledgments never pass a refusal the client has not seen.
+    assert!(acks(&out).iter().all(|&a| a <= 10), "{:?}", acks(&out));
+    s.handle_timeout(Instant::from_secs(2));
+    out.extend(drain(&mut s));
+    let reports: Vec<&ServerEvent> = out
+        .iter()
+        .filter_map(|o| match o {
+            ServerOutput::Event(e @ ServerEvent::RateLimited { .. }) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert!(matches!(
+        reports[0],
+        ServerEvent::RateLimited {
+            refused: 990,
+            delayed: 0,
+            ..
+        }
+    ));
+}
+
+/// Over the limit under `Throttle` (the default policy): every message
+/// is delivered, and reading pauses as long as the limits need.
+#[test]
+fn messages_over_a_throttling_rate_limit_are_all_delivered_and_reading_pauses() {
+    let mut s = limited(crate::ratelimit::RateLimitPolicy::Throttle);
+    let (c, _) = open_json(&mut s, 1);
+    assert_eq!(s.read_paused_until(c), None);
+    let out = flood(&mut s, c, 30);
+    assert_eq!(messages(&out).len(), 30);
+    assert!(refusals(&out).is_empty());
+    // 20 messages over a 10/s limit: two seconds of reading paused.
+    assert_eq!(s.read_paused_until(c), Some(Instant::from_secs(2)));
+    s.handle_timeout(Instant::from_secs(2));
+    assert_eq!(s.read_paused_until(c), None);
+}
+
+#[test]
+fn flood_protection_is_on_by_default() {
+    let config = ServerConfig::default();
+    let limit = config.rate_limit.expect("a default rate limit");
+    assert_eq!(limit.policy, crate::ratelimit::RateLimitPolicy::Throttle);
+    assert!(
+        limit.messages_per_sec >= 500,
+        "an interactive client never meets it"
+    );
+}
+
+#[test]
+fn garbage_closes_with_1007_after_the_threshold() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+    drain(&mut s);
+    for _ in 0..3 {
+        s.handle_message(Instant::ZERO, c, Incoming::Binary(&[0xff; 3]));
+    }
+    assert_eq!(s.connection_count(), 1);
+    s.handle_message(Instant::ZERO, c, Incoming::Binary(&[0xff; 3]));
+    assert!(drain(&mut s).contains(&ServerOutput::Disconnect(
+        c,
+        CloseCode::INVALID_PAYLOAD,
+        "too many undecodable frames"
+    )));
+}
+
+#[test]
+fn session_limit_rejects_with_try_again_later() {
+    let mut s = Server::new(ServerConfig {
+        max_sessions: 1,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let a = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    s.handle_message(Instant::ZERO, a, Incoming::Text(&hello(&[1], &["json"])));
+    let b = s.handle_connection(Instant::ZERO, None, SessionId([2; 16]));
+    s.handle_message(Instant::ZERO, b, Incoming::Text(&hello(&[1], &["json"])));
+    assert!(drain(&mut s).contains(&ServerOutput::Disconnect(
+        b,
+        CloseCode::TRY_AGAIN_LATER,
+        "overloaded"
+    )));
+}
+
+#[test]
+fn many_sessions_keep_timer_work_small() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    for i in 0..5_000u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        let c = s.handle_connection(Instant::ZERO, None, SessionId(id));
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+    }
+    drain(&mut s);
+    // One hello deadline and one idle deadline per connection at most.
+    assert!(s.timers.len() <= 10_000, "{}", s.timers.len());
+    assert_eq!(s.poll_timeout().unwrap().at, Instant::from_secs(10));
+}
