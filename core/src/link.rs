@@ -135,16 +135,13 @@ pub(crate) trait LinkTimers {
     fn stop(&mut self, timer: LinkTimer);
 }
 
-/// The machine's side of a connection: where encoded messages and the
-/// counters go.
+/// The machine's side of a connection: where what a link sends goes.
 pub(crate) trait Port {
-    /// Queues an encoded message for the connection (and counts it).
+    /// Queues an encoded message for the connection.
     fn transmit(&mut self, t: Transmit);
     /// A message over the peer's size limit was taken back before it went
     /// out (its sequence number is reused): report it by id.
     fn too_large(&mut self, id: MessageId, size: usize, max: usize);
-    /// The machine's delivery counters.
-    fn delivery(&mut self) -> &mut DeliveryStats;
 }
 
 /// A connection to send on: its encoding, what the peer can take, and the
@@ -159,6 +156,9 @@ pub(crate) struct Tx<'a, P> {
     pub(crate) batches: bool,
     /// The largest payload the peer takes.
     pub(crate) max_message: usize,
+    /// The machine's counters.
+    pub(crate) traffic: &'a mut TrafficStats,
+    pub(crate) delivery: &'a mut DeliveryStats,
     pub(crate) port: P,
 }
 
@@ -178,10 +178,12 @@ impl<P: Port> Tx<'_, P> {
     /// Encodes `frame` and hands the result to the port.
     #[inline(always)]
     pub(crate) fn send(&mut self, frame: &Frame) -> Result<(), SendFailed> {
-        let port = &mut self.port;
+        let (port, traffic) = (&mut self.port, &mut *self.traffic);
         self.encoder
             .encode_each(frame, self.codec, self.version, self.detach, |t| {
-                port.transmit(t)
+                traffic.frames_out += 1;
+                traffic.bytes_out += t.len() as u64;
+                port.transmit(t);
             })
             .map_err(|error| SendFailed(Box::new((frame.type_name().to_owned(), error))))
     }
@@ -316,7 +318,7 @@ impl Link {
             let frame = Outbound::frame(s, ack);
             self.inbound.acked_now();
             timers.stop(LinkTimer::AckDelay);
-            tx.port.delivery().messages_sent += 1;
+            tx.delivery.messages_sent += 1;
             let detached = matches!(&frame, Frame::Msg(m) if wire::detaches(m, tx.detach));
             match (batch, frame) {
                 (Some(cfg), Frame::Msg(m)) if tx.batches && !detached => {
@@ -411,7 +413,7 @@ impl Link {
         self.inbound.acked_now();
         timers.stop(LinkTimer::AckDelay);
         for f in &frames {
-            tx.port.delivery().retransmitted += 1;
+            tx.delivery.retransmitted += 1;
             tx.send(f)?;
         }
         self.arm_ack_timeout(timers, ack_timeout);

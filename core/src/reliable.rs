@@ -109,6 +109,52 @@ impl Batcher {
     }
 }
 
+/// A message on its way into a send queue, before it has an id.
+#[derive(Clone, Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) kind: MsgKind,
+    pub(crate) room: Option<RoomName>,
+    /// The sender's timestamp, if it set one.
+    pub(crate) ts: Option<u64>,
+    pub(crate) payload: Payload,
+}
+
+impl Outgoing {
+    /// A message of `kind` outside any room, without a timestamp.
+    pub(crate) fn new(kind: MsgKind, payload: Payload) -> Outgoing {
+        Outgoing {
+            kind,
+            room: None,
+            ts: None,
+            payload,
+        }
+    }
+
+    /// The same message, in `room`.
+    pub(crate) fn in_room(self, room: RoomName) -> Outgoing {
+        Outgoing {
+            room: Some(room),
+            ..self
+        }
+    }
+
+    /// The same message, with the sender's timestamp `ts`.
+    pub(crate) fn at(self, ts: Option<u64>) -> Outgoing {
+        Outgoing { ts, ..self }
+    }
+
+    /// Accepted under `id`.
+    pub(crate) fn with_id(self, id: MessageId) -> Waiting {
+        Waiting {
+            id,
+            ts: self.ts,
+            kind: self.kind,
+            room: self.room,
+            payload: self.payload,
+        }
+    }
+}
+
 /// A message accepted but not yet given a sequence number.
 #[derive(Clone, Debug)]
 pub(crate) struct Waiting {

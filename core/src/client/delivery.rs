@@ -14,44 +14,23 @@ use std::collections::VecDeque;
 
 use crate::close::CloseCode;
 use crate::config::ClientConfig;
-use crate::link::{DeliveryStats, Link, Port, Receipt, Received, SendFailed, Tx};
-use crate::reliable::{MessageId, OverflowPolicy, RoomName, SendError, Waiting};
+use crate::link::{Link, Port, Receipt, Received, SendFailed, Tx};
+use crate::reliable::{MessageId, Outgoing, OverflowPolicy, RoomName, SendError};
 use crate::rooms::{Presence, Refusal};
 use crate::time::Instant;
 use crate::wire::{Codec, DecodeError, Frame, Msg, MsgKind, Payload, Transmit, PROTOCOL_VERSION};
 
 use super::timers::Timers;
-use super::{Client, ClientStats, Event, LostReason, Output, State, TransportId};
+use super::{Client, Event, LostReason, Output, State, TransportId};
 
 impl Client {
-    pub(super) fn enqueue(
-        &mut self,
-        now: Instant,
-        payload: Payload,
-        ts: Option<u64>,
-        kind: MsgKind,
-    ) -> Result<MessageId, SendError> {
-        self.enqueue_in(now, payload, ts, kind, None)
-    }
-
-    pub(super) fn enqueue_in(
-        &mut self,
-        now: Instant,
-        payload: Payload,
-        ts: Option<u64>,
-        kind: MsgKind,
-        room: Option<RoomName>,
-    ) -> Result<MessageId, SendError> {
+    /// Accepts a message into the send queue, applying the overflow
+    /// policy when the queue and the window are full.
+    pub(super) fn enqueue(&mut self, now: Instant, msg: Outgoing) -> Result<MessageId, SendError> {
         self.advance(now);
-        self.check_sendable(&payload)?;
+        self.check_sendable(&msg.payload)?;
         let id = MessageId(self.next_id);
-        match self.link.outbound.push(Waiting {
-            id,
-            ts,
-            kind,
-            room,
-            payload,
-        }) {
+        match self.link.outbound.push(msg.with_id(id)) {
             Ok(()) => {
                 self.next_id += 1;
                 self.flush();
@@ -281,10 +260,11 @@ impl Client {
             detach: c.peer_detach,
             batches: c.peer_batches,
             max_message: c.peer_max_message,
+            traffic: &mut self.stats.traffic,
+            delivery: &mut self.stats.delivery,
             port: ClientPort {
                 transport: c.id,
                 outputs: &mut self.outputs,
-                stats: &mut self.stats,
             },
         });
         op(
@@ -305,10 +285,11 @@ impl Client {
             detach: false,
             batches: false,
             max_message: usize::MAX,
+            traffic: &mut self.stats.traffic,
+            delivery: &mut self.stats.delivery,
             port: ClientPort {
                 transport,
                 outputs: &mut self.outputs,
-                stats: &mut self.stats,
             },
         };
         let sent = tx.send(hello);
@@ -328,13 +309,10 @@ impl Client {
 struct ClientPort<'a> {
     transport: TransportId,
     outputs: &'a mut VecDeque<Output>,
-    stats: &'a mut ClientStats,
 }
 
 impl Port for ClientPort<'_> {
     fn transmit(&mut self, t: Transmit) {
-        self.stats.traffic.frames_out += 1;
-        self.stats.traffic.bytes_out += t.len() as u64;
         self.outputs.push_back(Output::Transmit(self.transport, t));
     }
 
@@ -342,9 +320,5 @@ impl Port for ClientPort<'_> {
         let error = SendError::TooLarge { size, max };
         self.outputs
             .push_back(Output::Event(Event::SendFailed { id, error }));
-    }
-
-    fn delivery(&mut self) -> &mut DeliveryStats {
-        &mut self.stats.delivery
     }
 }

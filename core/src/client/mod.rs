@@ -71,7 +71,7 @@ use crate::close::{CloseCode, Disposition};
 use crate::coalesce::Coalescer;
 use crate::config::{ClientConfig, ConfigError};
 use crate::link::Link;
-use crate::reliable::{MessageId, Outbound, RoomName, SendError};
+use crate::reliable::{MessageId, Outbound, Outgoing, RoomName, SendError};
 use crate::rng::Rng;
 use crate::time::Instant;
 use crate::timer::TimerTable;
@@ -407,7 +407,7 @@ impl Client {
         payload: Payload,
         ts: Option<u64>,
     ) -> Result<MessageId, SendError> {
-        self.enqueue(now, payload, ts, MsgKind::Plain)
+        self.enqueue(now, Outgoing::new(MsgKind::Plain, payload).at(ts))
     }
 
     /// Joins a room. The server checks its policy and answers with
@@ -416,13 +416,8 @@ impl Client {
     /// session is lost the client rejoins its rooms in the new one by itself.
     pub fn join(&mut self, now: Instant, room: &str) -> Result<MessageId, SendError> {
         let name = room_name(room)?;
-        let id = self.enqueue_in(
-            now,
-            Payload::null(),
-            None,
-            MsgKind::Join,
-            Some(name.clone()),
-        )?;
+        let join = Outgoing::new(MsgKind::Join, Payload::null()).in_room(name.clone());
+        let id = self.enqueue(now, join)?;
         self.rooms.insert(name);
         Ok(id)
     }
@@ -430,13 +425,8 @@ impl Client {
     /// Leaves a room.
     pub fn leave(&mut self, now: Instant, room: &str) -> Result<MessageId, SendError> {
         let name = room_name(room)?;
-        let id = self.enqueue_in(
-            now,
-            Payload::null(),
-            None,
-            MsgKind::Leave,
-            Some(name.clone()),
-        )?;
+        let leave = Outgoing::new(MsgKind::Leave, Payload::null()).in_room(name.clone());
+        let id = self.enqueue(now, leave)?;
         self.rooms.remove(&name);
         Ok(id)
     }
@@ -451,7 +441,7 @@ impl Client {
         payload: Payload,
     ) -> Result<MessageId, SendError> {
         let name = room_name(room)?;
-        self.enqueue_in(now, payload, None, MsgKind::Plain, Some(name))
+        self.enqueue(now, Outgoing::new(MsgKind::Plain, payload).in_room(name))
     }
 
     /// The rooms this client has asked to be in.

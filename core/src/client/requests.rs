@@ -11,7 +11,7 @@
 use core::time::Duration;
 
 use crate::coalesce::{Coalesced, Pushed};
-use crate::reliable::{MessageId, SendError};
+use crate::reliable::{MessageId, Outgoing, SendError};
 use crate::time::Instant;
 use crate::wire::{MsgKind, Payload};
 
@@ -35,7 +35,7 @@ impl Client {
         if self.requests.len() >= max {
             return Err(SendError::TooManyRequests { max });
         }
-        let id = self.enqueue(now, payload, None, MsgKind::Request)?;
+        let id = self.enqueue(now, Outgoing::new(MsgKind::Request, payload))?;
         let deadline = self.now + timeout;
         self.requests.insert(id, deadline);
         self.request_deadlines.insert((deadline, id));
@@ -65,7 +65,7 @@ impl Client {
         request: MessageId,
         payload: Payload,
     ) -> Result<MessageId, SendError> {
-        self.enqueue(now, payload, None, MsgKind::Response(request.0))
+        self.enqueue(now, Outgoing::new(MsgKind::Response(request.0), payload))
     }
 
     /// Sends the latest value for `key` (a cursor, a position): at most one
@@ -115,7 +115,7 @@ impl Client {
             core::iter::from_fn(|| self.coalescer.poll_ready(now)).collect()
         };
         for c in ready {
-            if let Err(error) = self.enqueue(self.now, c.value, None, MsgKind::Plain) {
+            if let Err(error) = self.enqueue(self.now, Outgoing::new(MsgKind::Plain, c.value)) {
                 self.emit(Event::LatestFailed { key: c.key, error });
             }
         }

@@ -14,7 +14,7 @@
 use core::time::Duration;
 
 use crate::ratelimit::{Limit, RateDecision, RateLimitPolicy};
-use crate::reliable::{MessageId, RoomName};
+use crate::reliable::{MessageId, Outgoing, RoomName};
 use crate::rooms::Refusal;
 use crate::time::Instant;
 use crate::wire::{MsgKind, Payload, SessionId};
@@ -182,15 +182,9 @@ impl Server {
         };
         // The refusal's id is the next one given out.
         s.link.inbound.hold(seq, self.next_id);
-        let now = self.now;
-        match self.enqueue_raw(
-            now,
-            session,
-            payload,
-            None,
-            MsgKind::RefusedMessage(id.0),
-            room,
-        ) {
+        let mut refusal = Outgoing::new(MsgKind::RefusedMessage(id.0), payload);
+        refusal.room = room;
+        match self.enqueue_raw(session, refusal) {
             Ok(_) => {}
             // Buffers full: the session ends and the client hears of the
             // message as unconfirmed instead.

@@ -15,9 +15,9 @@ use std::collections::{BinaryHeap, VecDeque};
 
 use crate::close::CloseCode;
 use crate::config::ServerConfig;
-use crate::link::{DeliveryStats, Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, Tx};
+use crate::link::{Link, LinkTimer, LinkTimers, Port, Receipt, SendFailed, Tx};
 use crate::ratelimit::Limit;
-use crate::reliable::{MessageId, OverflowPolicy, RoomName, SendError, Waiting};
+use crate::reliable::{MessageId, Outgoing, OverflowPolicy, SendError};
 use crate::time::Instant;
 use crate::wire::{
     self, Codec, Frame, Msg, MsgKind, Payload, SessionId, Transmit, PROTOCOL_VERSION,
@@ -85,24 +85,18 @@ impl LinkTimers for SessionTimers<'_> {
 pub(super) struct ServerPort<'a> {
     connection: ConnectionId,
     outputs: &'a mut VecDeque<ServerOutput>,
-    stats: &'a mut ServerStats,
 }
 
 impl Port for ServerPort<'_> {
     fn transmit(&mut self, t: Transmit) {
-        self.stats.traffic.frames_out += 1;
-        self.stats.traffic.bytes_out += t.len() as u64;
+        let connection = self.connection;
         self.outputs
-            .push_back(ServerOutput::Transmit(self.connection, t));
+            .push_back(ServerOutput::Transmit(connection, t));
     }
 
     /// The server sends whatever the client takes (its own limit bounds
     /// what it accepts): never called.
     fn too_large(&mut self, _: MessageId, _: usize, _: usize) {}
-
-    fn delivery(&mut self) -> &mut DeliveryStats {
-        &mut self.stats.delivery
-    }
 }
 
 /// What a connection can take, as a [`Tx`]: the negotiated codec and
@@ -131,10 +125,11 @@ pub(super) fn conn_tx<'a>(
         detach,
         batches,
         max_message: usize::MAX,
+        traffic: &mut stats.traffic,
+        delivery: &mut stats.delivery,
         port: ServerPort {
             connection,
             outputs,
-            stats,
         },
     }
 }
@@ -147,61 +142,37 @@ impl Server {
         payload: Payload,
         ts: Option<u64>,
     ) -> Result<MessageId, SendError> {
-        self.enqueue(now, session, payload, ts, MsgKind::Plain)
-    }
-
-    pub(super) fn enqueue(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        payload: Payload,
-        ts: Option<u64>,
-        kind: MsgKind,
-    ) -> Result<MessageId, SendError> {
-        self.enqueue_in(now, session, payload, ts, kind, None)
+        self.enqueue(now, session, Outgoing::new(MsgKind::Plain, payload).at(ts))
     }
 
     /// Queues without applying the overflow policy: the caller decides.
     pub(super) fn enqueue_raw(
         &mut self,
-        now: Instant,
         session: SessionId,
-        payload: Payload,
-        ts: Option<u64>,
-        kind: MsgKind,
-        room: Option<RoomName>,
+        msg: Outgoing,
     ) -> Result<MessageId, SendError> {
-        self.advance(now);
         let max = self.config.max_message_size;
-        SendError::check_size(payload.len(), max)?;
+        SendError::check_size(msg.payload.len(), max)?;
         let s = self
             .sessions
             .get_mut(&session)
             .ok_or(SendError::UnknownSession)?;
         let id = MessageId(self.next_id);
-        s.link.outbound.push(Waiting {
-            id,
-            ts,
-            kind,
-            room,
-            payload,
-        })?;
+        s.link.outbound.push(msg.with_id(id))?;
         self.next_id += 1;
         self.flush(session);
         Ok(id)
     }
 
     /// Queues, applying the overflow policy when the session's buffers are full.
-    fn enqueue_in(
+    pub(super) fn enqueue(
         &mut self,
         now: Instant,
         session: SessionId,
-        payload: Payload,
-        ts: Option<u64>,
-        kind: MsgKind,
-        room: Option<RoomName>,
+        msg: Outgoing,
     ) -> Result<MessageId, SendError> {
-        match self.enqueue_raw(now, session, payload, ts, kind, room) {
+        self.advance(now);
+        match self.enqueue_raw(session, msg) {
             Err(e @ SendError::QueueFull { .. }) => match self.config.reliability.overflow {
                 OverflowPolicy::Refuse => Err(e),
                 OverflowPolicy::FailSession => {

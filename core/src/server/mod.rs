@@ -64,7 +64,7 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::link::LinkTimer;
 pub use crate::link::Received;
 use crate::ratelimit::RateLimiter;
-use crate::reliable::{MessageId, SendError};
+use crate::reliable::{MessageId, Outgoing, SendError};
 use crate::rooms::{AllowAll, RoomPolicy, Rooms};
 use crate::time::Instant;
 use crate::wire::{
@@ -415,7 +415,11 @@ impl Server {
         request: MessageId,
         payload: Payload,
     ) -> Result<MessageId, SendError> {
-        self.enqueue(now, session, payload, None, MsgKind::Response(request.0))
+        self.enqueue(
+            now,
+            session,
+            Outgoing::new(MsgKind::Response(request.0), payload),
+        )
     }
 
     /// Sends an unsequenced datagram to a session's client, if connected.

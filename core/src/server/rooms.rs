@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use crate::link::Received;
-use crate::reliable::{MessageId, RoomName, SendError};
+use crate::reliable::{MessageId, Outgoing, RoomName, SendError};
 use crate::rooms::{JoinError, Member, Presence, RoomPolicy};
 use crate::time::Instant;
 use crate::wire::{self, Msg, MsgKind, Payload, SessionId};
@@ -110,8 +110,8 @@ impl Server {
         if self.evictions.contains(&member) {
             return false;
         }
-        let now = self.now;
-        match self.enqueue_raw(now, member, payload, None, kind, Some(room.clone())) {
+        let msg = Outgoing::new(kind, payload).in_room(room.clone());
+        match self.enqueue_raw(member, msg) {
             Ok(_) => true,
             Err(SendError::QueueFull { .. }) => {
                 self.evictions.push(member);
