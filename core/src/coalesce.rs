@@ -106,7 +106,7 @@ pub enum CoalesceError {
 }
 
 #[derive(Clone, Debug)]
-struct Slot<V> {
+struct KeySlot<V> {
     /// When the key may next be delivered: last delivery plus the interval.
     ready_at: Instant,
     /// Tie-break among keys with the same `ready_at` in the indexes, unique
@@ -128,7 +128,7 @@ struct Slot<V> {
 pub struct Coalescer<K, V> {
     interval: Duration,
     max_keys: usize,
-    slots: BTreeMap<K, Slot<V>>,
+    slots: BTreeMap<K, KeySlot<V>>,
     due: BTreeMap<(Instant, u64), K>,
     idle: BTreeMap<(Instant, u64), K>,
     next_seq: u64,
@@ -218,7 +218,7 @@ impl<K: Ord + Clone, V> Coalescer<K, V> {
             self.idle.insert((ready_at, token), key.clone());
             self.slots.insert(
                 key.clone(),
-                Slot {
+                KeySlot {
                     ready_at,
                     token,
                     held: None,

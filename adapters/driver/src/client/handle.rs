@@ -26,7 +26,7 @@ use tracing::trace;
 use crate::error::ClientError;
 use crate::util;
 
-use super::shared::{Inner, Shared, CODEC_MSGPACK};
+use super::shared::{ClientShared, Inner, CODEC_MSGPACK};
 use super::DATAGRAM_BACKLOG;
 
 /// The response to a request, once it comes ([`ClientHandle::start_request`]).
@@ -86,7 +86,7 @@ pub struct ClientSnapshot {
 /// A cloneable handle to a running client. Dropping every handle closes the
 /// session (1000) and stops the driver task.
 pub struct ClientHandle {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<ClientShared>,
     pub(super) client_id: ClientId,
 }
 
@@ -126,7 +126,7 @@ impl fmt::Debug for ClientHandle {
 ///
 /// [`ClientOptions::event_buffer`]: super::ClientOptions::event_buffer
 pub struct ClientEvents {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<ClientShared>,
 }
 
 impl fmt::Debug for ClientEvents {

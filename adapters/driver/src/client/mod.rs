@@ -73,7 +73,7 @@ use crate::util;
 use crate::ws::{self, ClientTls};
 
 use self::connector::Connector;
-use self::shared::{codec_tag, Inner, Shared};
+use self::shared::{codec_tag, ClientShared, Inner};
 use self::task::Driver;
 
 /// Frames waiting for the socket beyond which datagrams are refused
@@ -181,7 +181,7 @@ pub fn connect(
     if let Err(e) = client.connect(clock.now(&*runtime)) {
         span.in_scope(|| warn!(error = %e, "connect refused by the core"));
     }
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(ClientShared {
         inner: Mutex::new(Inner {
             client,
             waiters: BTreeMap::new(),

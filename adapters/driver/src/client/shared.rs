@@ -1,4 +1,4 @@
-//! What a client's handles and its driver task share: [`Shared`], which
+//! What a client's handles and its driver task share: [`ClientShared`], which
 //! holds the locked [`Inner`] (the core [`Client`] machine, the waiters for
 //! acknowledgments, responses and closes, and the application's event
 //! queue) beside the counters read without the lock.
@@ -37,7 +37,7 @@ pub(super) fn codec_tag(c: Codec) -> u8 {
 }
 
 /// What the handles and the driver task share.
-pub(super) struct Shared {
+pub(super) struct ClientShared {
     pub(super) inner: Mutex<Inner>,
     /// Wakes the driver task after a handle call, so it carries out what the
     /// call made the core produce (outside the mutex: waking never locks).
@@ -70,7 +70,7 @@ pub(super) struct Shared {
     pub(super) queued: AtomicUsize,
 }
 
-impl Shared {
+impl ClientShared {
     /// The state, even if a thread panicked while holding it: every change
     /// under the lock is one call into the core plus map updates, so the
     /// state stays usable.
@@ -121,7 +121,7 @@ pub(super) struct Inner {
 
 impl Inner {
     /// Queues an event for the application; returns the stream's waker.
-    pub(super) fn push_event(&mut self, shared: &Shared, event: Event) -> Option<Waker> {
+    pub(super) fn push_event(&mut self, shared: &ClientShared, event: Event) -> Option<Waker> {
         if self.events_dropped {
             return None;
         }

@@ -32,7 +32,7 @@ use crate::util;
 use crate::ws::{self, Ws};
 
 use super::connector::{transport_error, Connector, Opening};
-use super::shared::{codec_tag, fail_requests, fail_waiters, Inner, Shared};
+use super::shared::{codec_tag, fail_requests, fail_waiters, ClientShared, Inner};
 
 /// The open socket of the core's current transport.
 struct Live {
@@ -81,7 +81,7 @@ enum StepOutcome {
 
 /// The driver task: the shared state, and the IO only the task touches.
 pub(super) struct Driver {
-    shared: Arc<Shared>,
+    shared: Arc<ClientShared>,
     io: TaskIo,
 }
 
@@ -115,7 +115,7 @@ impl Driver {
     /// The task of the client `shared` holds, opening its connections with
     /// `connector`.
     pub(super) fn new(
-        shared: Arc<Shared>,
+        shared: Arc<ClientShared>,
         runtime: Arc<dyn Runtime>,
         connector: Connector,
         close_timeout: Duration,
@@ -245,7 +245,7 @@ impl Drop for Driver {
 impl TaskIo {
     /// Collects what is ready into `inputs`, without the lock; `true` if
     /// anything was (its source registered no waker, so step again).
-    fn gather(&mut self, shared: &Shared, cx: &mut Context<'_>) -> bool {
+    fn gather(&mut self, shared: &ClientShared, cx: &mut Context<'_>) -> bool {
         let before = self.inputs.len();
         if !self.handles_gone && shared.handles.load(Ordering::Acquire) == 0 {
             self.handles_gone = true;
@@ -387,7 +387,7 @@ impl TaskIo {
     /// Carries out every output of the core, in order: frames go to the
     /// socket's queue, events to the application's queue (after settling the
     /// waiters they resolve), connects and closes start their futures.
-    fn drain(&mut self, shared: &Shared, inner: &mut Inner) {
+    fn drain(&mut self, shared: &ClientShared, inner: &mut Inner) {
         while let Some(output) = inner.client.poll_output() {
             match output {
                 Output::Connect(tid) => {
@@ -435,7 +435,7 @@ impl TaskIo {
 
     /// What the driver itself does about an event: logs, the codec, the
     /// waiters it resolves, a token fetch.
-    fn event(&mut self, shared: &Shared, inner: &mut Inner, event: &Event) {
+    fn event(&mut self, shared: &ClientShared, inner: &mut Inner, event: &Event) {
         if matches!(
             event,
             Event::Acked { .. } | Event::StateChanged { .. } | Event::SessionLost { .. }

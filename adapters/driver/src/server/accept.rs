@@ -17,14 +17,14 @@ use tracing::{debug, trace, warn};
 use crate::drive::DriveTimer;
 use crate::runtime::AsyncListener;
 
-use super::shared::{lock_slot, CloseOrder, Shared, Wakes};
+use super::shared::{lock_slot, CloseOrder, ServerShared, Wakes};
 use super::upgrade::serve_accepted;
 
 /// The server task: accepts connections, fires the core's timers, and
 /// carries out shutdown. Everything else happens in the connection tasks
 /// and the handles' calls.
 pub(super) struct ServerTask {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<ServerShared>,
     pub(super) timer: DriveTimer,
     pub(super) listener: Option<Box<dyn AsyncListener>>,
     /// Ends (`Ready(None)`) when the last handle is dropped.

@@ -26,7 +26,7 @@ use crate::drive::ReadyFlag;
 use crate::util;
 use crate::ws;
 
-use super::shared::{lock_slot, CloseOrder, LockedState, Shared, SlotRef};
+use super::shared::{lock_slot, CloseOrder, LockedState, ServerShared, SlotRef};
 
 /// How a connection task's main loop ended.
 enum ConnEnd {
@@ -44,7 +44,7 @@ struct ConnIo {
     /// Shared with the state, which fills it.
     slot: SlotRef,
     /// Frames taken from the slot, not yet accepted by the socket. Taken
-    /// only when empty, so at most [`Shared::outbound`].
+    /// only when empty, so at most [`ServerShared::outbound`].
     out: VecDeque<Message>,
     /// Frames read in one go, run through the core under one lock.
     batch: Vec<Message>,
@@ -69,7 +69,7 @@ impl ConnIo {
     /// Under the state's lock: `true` if the application has room for
     /// events after all, else marks this connection paused (the
     /// application's next take wakes it) and returns `false`.
-    fn pause_unless_room(&self, shared: &Shared) -> bool {
+    fn pause_unless_room(&self, shared: &ServerShared) -> bool {
         let mut st = shared.lock();
         if st.events_have_room(shared) {
             return true;
@@ -84,7 +84,7 @@ impl ConnIo {
 
     fn poll<S>(
         &mut self,
-        shared: &Shared,
+        shared: &ServerShared,
         ws: &mut WebSocketStream<S>,
         cx: &mut Context<'_>,
     ) -> Poll<ConnEnd>
@@ -225,7 +225,7 @@ fn run_batch(
 }
 
 /// Tells the core a connection is gone (once), and forgets its slot.
-pub(super) fn report_closed(shared: &Shared, id: ConnectionId, code: Option<CloseCode>) {
+pub(super) fn report_closed(shared: &ServerShared, id: ConnectionId, code: Option<CloseCode>) {
     shared.run(Some(id), |st, now| {
         if st.conns.remove(&id).is_some() {
             st.server.handle_connection_closed(now, id, code);
@@ -236,7 +236,7 @@ pub(super) fn report_closed(shared: &Shared, id: ConnectionId, code: Option<Clos
 /// Ends a connection: finishes the close handshake (bounded by the close
 /// timeout) and reports the connection gone to the core.
 async fn finish<S>(
-    shared: Arc<Shared>,
+    shared: Arc<ServerShared>,
     id: ConnectionId,
     mut ws: WebSocketStream<S>,
     mut io: ConnIo,
@@ -315,7 +315,7 @@ async fn finish<S>(
 /// `early`: the core already opened this connection, for a `hello` in the
 /// upgrade request.
 pub(super) async fn connection<S>(
-    shared: Arc<Shared>,
+    shared: Arc<ServerShared>,
     mut ws: WebSocketStream<S>,
     identity: Option<String>,
     early: Option<ConnectionId>,

@@ -32,7 +32,7 @@ use crate::runtime::BoxIo;
 use crate::util;
 
 use super::conn::connection;
-use super::shared::{lock_slot, Shared, Wakes};
+use super::shared::{lock_slot, ServerShared, Wakes};
 use super::upgrade::serve_accepted;
 
 /// A cloneable handle to a running server. Every call runs the core machine
@@ -41,7 +41,7 @@ use super::upgrade::serve_accepted;
 /// [`ServerHandle::shutdown`] does.
 #[derive(Clone)]
 pub struct ServerHandle {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<ServerShared>,
     /// Held by every handle: the server task sees when the last one goes.
     pub(super) _alive: mpsc::Sender<()>,
     pub(super) local_addr: Option<SocketAddr>,
@@ -66,7 +66,7 @@ impl fmt::Debug for ServerHandle {
 ///
 /// [`ServerOptions::event_buffer`]: super::ServerOptions::event_buffer
 pub struct ServerEvents {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<ServerShared>,
 }
 
 impl fmt::Debug for ServerEvents {

@@ -103,16 +103,16 @@ fn head_end(bytes: &[u8]) -> Option<usize> {
 /// An HTTP refusal: the status, the reason (logged, and the response
 /// body), and header lines the status calls for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Refusal {
+pub(crate) struct HttpRefusal {
     pub(crate) status: u16,
     pub(crate) reason: &'static str,
     /// Extra header lines, each ending in `\r\n`.
     pub(crate) headers: &'static str,
 }
 
-impl Refusal {
+impl HttpRefusal {
     pub(crate) const fn new(status: u16, reason: &'static str) -> Self {
-        Refusal {
+        HttpRefusal {
             status,
             reason,
             headers: "",
@@ -125,7 +125,7 @@ impl Refusal {
     }
 
     /// 426 Upgrade Required: not a WebSocket upgrade.
-    pub(crate) const NOT_AN_UPGRADE: Refusal = Refusal {
+    pub(crate) const NOT_AN_UPGRADE: HttpRefusal = HttpRefusal {
         status: 426,
         reason: "this is a WebSocket endpoint: upgrade to websocket",
         headers: "upgrade: websocket\r\n",
@@ -133,14 +133,15 @@ impl Refusal {
 
     /// 426 Upgrade Required with the version this server speaks (RFC 6455,
     /// section 4.4).
-    pub(crate) const WRONG_VERSION: Refusal = Refusal {
+    pub(crate) const WRONG_VERSION: HttpRefusal = HttpRefusal {
         status: 426,
         reason: "unsupported Sec-WebSocket-Version",
         headers: "sec-websocket-version: 13\r\n",
     };
 
     /// 431 Request Header Fields Too Large.
-    pub(crate) const TOO_LARGE: Refusal = Refusal::new(431, "request header fields too large");
+    pub(crate) const TOO_LARGE: HttpRefusal =
+        HttpRefusal::new(431, "request header fields too large");
 
     /// The whole response: status line, headers, the reason as a text body.
     pub(crate) fn response(&self) -> Vec<u8> {
@@ -189,27 +190,27 @@ pub(crate) struct Upgrade<'b> {
 pub(crate) fn parse<'h, 'b>(
     head: &'b [u8],
     headers: &'h mut [httparse::Header<'b>],
-) -> Result<(Upgrade<'b>, &'h [httparse::Header<'b>]), Refusal> {
+) -> Result<(Upgrade<'b>, &'h [httparse::Header<'b>]), HttpRefusal> {
     let mut req = httparse::Request::new(headers);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(Refusal::bad("incomplete request")),
-        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TOO_LARGE),
-        Err(_) => return Err(Refusal::bad("malformed HTTP request")),
+        Ok(httparse::Status::Partial) => return Err(HttpRefusal::bad("incomplete request")),
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpRefusal::TOO_LARGE),
+        Err(_) => return Err(HttpRefusal::bad("malformed HTTP request")),
     }
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
-        return Err(Refusal::bad("malformed HTTP request"));
+        return Err(HttpRefusal::bad("malformed HTTP request"));
     };
     let headers: &'h [httparse::Header<'b>] = req.headers;
     if method != "GET" {
-        return Err(Refusal {
+        return Err(HttpRefusal {
             status: 405,
             reason: "a WebSocket upgrade is a GET request",
             headers: "allow: GET\r\n",
         });
     }
     if version < 1 {
-        return Err(Refusal::bad("a WebSocket upgrade needs HTTP/1.1"));
+        return Err(HttpRefusal::bad("a WebSocket upgrade needs HTTP/1.1"));
     }
     let mut upgrade = false;
     let mut connection_upgrade = false;
@@ -222,7 +223,7 @@ pub(crate) fn parse<'h, 'b>(
         let name = h.name;
         let once = |slot: &mut Option<&'b [u8]>, why: &'static str| {
             if slot.replace(h.value).is_some() {
-                Err(Refusal::bad(why))
+                Err(HttpRefusal::bad(why))
             } else {
                 Ok(())
             }
@@ -245,24 +246,24 @@ pub(crate) fn parse<'h, 'b>(
         }
     }
     if !upgrade || !connection_upgrade {
-        return Err(Refusal::NOT_AN_UPGRADE);
+        return Err(HttpRefusal::NOT_AN_UPGRADE);
     }
     if version.map(<[u8]>::trim_ascii) != Some(b"13") {
-        return Err(Refusal::WRONG_VERSION);
+        return Err(HttpRefusal::WRONG_VERSION);
     }
     let key = match key.map(<[u8]>::trim_ascii) {
         Some(k) if valid_key(k) => k,
-        Some(_) => return Err(Refusal::bad("invalid Sec-WebSocket-Key")),
-        None => return Err(Refusal::bad("missing Sec-WebSocket-Key")),
+        Some(_) => return Err(HttpRefusal::bad("invalid Sec-WebSocket-Key")),
+        None => return Err(HttpRefusal::bad("missing Sec-WebSocket-Key")),
     };
     let host = match host.map(|h| std::str::from_utf8(h.trim_ascii())) {
         Some(Ok(h)) if !h.is_empty() => h,
-        _ => return Err(Refusal::bad("missing or invalid Host")),
+        _ => return Err(HttpRefusal::bad("missing or invalid Host")),
     };
     let origin = match origin.map(|o| std::str::from_utf8(o.trim_ascii())) {
         None => None,
         Some(Ok(o)) => Some(o),
-        Some(Err(_)) => return Err(Refusal::bad("invalid Origin")),
+        Some(Err(_)) => return Err(HttpRefusal::bad("invalid Origin")),
     };
     let (path, query) = split_target(target)?;
     Ok((
@@ -280,7 +281,7 @@ pub(crate) fn parse<'h, 'b>(
 
 /// The path and query of a request target: origin form (`/ws?x=1`), or
 /// absolute form (`http://host/ws?x=1`).
-fn split_target(target: &str) -> Result<(&str, Option<&str>), Refusal> {
+fn split_target(target: &str) -> Result<(&str, Option<&str>), HttpRefusal> {
     let rest = if target.starts_with('/') {
         target
     } else if let Some((_, after)) = target.split_once("://") {
@@ -289,7 +290,7 @@ fn split_target(target: &str) -> Result<(&str, Option<&str>), Refusal> {
             None => "/",
         }
     } else {
-        return Err(Refusal::bad("invalid request target"));
+        return Err(HttpRefusal::bad("invalid request target"));
     };
     let rest = rest.split('#').next().unwrap_or(rest);
     Ok(match rest.split_once('?') {
@@ -317,13 +318,13 @@ fn valid_key(key: &[u8]) -> bool {
 
 /// The request's headers as an `http::HeaderMap`, for the authentication
 /// callback. Built only when there is one.
-pub(crate) fn header_map(headers: &[httparse::Header<'_>]) -> Result<HeaderMap, Refusal> {
+pub(crate) fn header_map(headers: &[httparse::Header<'_>]) -> Result<HeaderMap, HttpRefusal> {
     let mut map = HeaderMap::with_capacity(headers.len());
     for h in headers {
         let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Refusal::bad("invalid header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| Refusal::bad("invalid header value"))?;
+            .map_err(|_| HttpRefusal::bad("invalid header name"))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| HttpRefusal::bad("invalid header value"))?;
         map.append(name, value);
     }
     Ok(map)
@@ -380,7 +381,7 @@ mod tests {
         )
     }
 
-    fn check(req: &str) -> Result<(), Refusal> {
+    fn check(req: &str) -> Result<(), HttpRefusal> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         parse(req.as_bytes(), &mut headers).map(|_| ())
     }

@@ -95,7 +95,7 @@ use crate::runtime::{AsyncListener, Runtime};
 use crate::ws::ServerTls;
 
 use self::accept::ServerTask;
-use self::shared::{FxHashMap, LockedState, Shared};
+use self::shared::{FxHashMap, LockedState, ServerShared};
 
 /// The per-connection outbound queue: the configured size, but always room
 /// for a resume's burst (a whole send window, two frames per message if the
@@ -274,7 +274,7 @@ fn start_inner(
         .first()
         .copied()
         .unwrap_or(Codec::Json);
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(ServerShared {
         state: Mutex::new(LockedState {
             server,
             conns: FxHashMap::default(),

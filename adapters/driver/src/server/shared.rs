@@ -1,9 +1,9 @@
-//! What the server's tasks and handles share: [`Shared`], which holds the
+//! What the server's tasks and handles share: [`ServerShared`], which holds the
 //! locked state ([`LockedState`]: the core machine and the driver's
 //! bookkeeping beside it) and what never changes after start, and each
-//! connection's [`Slot`], where the state leaves frames and close orders for
+//! connection's [`ConnSlot`], where the state leaves frames and close orders for
 //! the connection's task. Running the core and carrying out its outputs
-//! ([`Shared::run`], [`LockedState::drain`]) happens here.
+//! ([`ServerShared::run`], [`LockedState::drain`]) happens here.
 //!
 //! Lock order: the state's lock first, then a slot's; never the other way
 //! round. A lock is held only while the core runs and its outputs are
@@ -50,7 +50,7 @@ pub(super) struct CloseOrder {
 
 /// What every task and handle shares: the locked state, and what never
 /// changes after start.
-pub(super) struct Shared {
+pub(super) struct ServerShared {
     pub(super) state: Mutex<LockedState>,
     /// The server task (listener, the core's deadline, shutdown).
     pub(super) task: AtomicWaker,
@@ -116,18 +116,18 @@ pub(super) struct Shutdown {
 /// frames and close orders, so it can write while another task holds the
 /// state's lock (a broadcast to thousands of members, say). Lock order:
 /// the state's lock first, then a slot's; never the other way round.
-pub(super) type SlotRef = Arc<Mutex<Slot>>;
+pub(super) type SlotRef = Arc<Mutex<ConnSlot>>;
 
 /// Locks a slot; a panic under a slot's lock leaves nothing half-done.
-pub(super) fn lock_slot(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+pub(super) fn lock_slot(slot: &Mutex<ConnSlot>) -> MutexGuard<'_, ConnSlot> {
     slot.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Per connection: what the state hands its task.
 #[derive(Default)]
-pub(super) struct Slot {
+pub(super) struct ConnSlot {
     /// Frames for the connection task to write. At most
-    /// [`Shared::outbound`]; one more makes the connection a slow consumer.
+    /// [`ServerShared::outbound`]; one more makes the connection a slow consumer.
     pub(super) out: VecDeque<Message>,
     /// A close order the task has not picked up yet.
     pub(super) close: Option<CloseOrder>,
@@ -141,7 +141,7 @@ pub(super) struct Slot {
     pub(super) waker: Option<Waker>,
 }
 
-impl Slot {
+impl ConnSlot {
     /// Drops the transport without a close handshake; overrides a close
     /// order the task has not picked up yet. Returns the task's waker, to
     /// wake once the lock is released.
@@ -183,7 +183,7 @@ impl Wakes {
         }
     }
 
-    pub(super) fn wake(self, shared: &Shared) {
+    pub(super) fn wake(self, shared: &ServerShared) {
         for w in self.tasks {
             w.wake();
         }
@@ -193,7 +193,7 @@ impl Wakes {
     }
 }
 
-impl Shared {
+impl ServerShared {
     pub(super) fn lock(&self) -> MutexGuard<'_, LockedState> {
         // A panic under the lock leaves the core's state as it was between
         // two calls; carry on with it rather than poison every handle.
@@ -240,7 +240,7 @@ impl LockedState {
     /// connection's queue, close orders, events to the application's queue.
     pub(super) fn drain(
         &mut self,
-        env: &Shared,
+        env: &ServerShared,
         now: kitestring_core::Instant,
         current: Option<ConnectionId>,
         wakes: &mut Wakes,
@@ -331,7 +331,7 @@ impl LockedState {
 
     /// Whether connection tasks may read: the application has room for
     /// the events that reading causes.
-    pub(super) fn events_have_room(&self, env: &Shared) -> bool {
+    pub(super) fn events_have_room(&self, env: &ServerShared) -> bool {
         self.events_dropped || self.events.len() < env.event_room
     }
 
@@ -351,7 +351,7 @@ impl LockedState {
     /// passed).
     pub(super) fn begin_shutdown(
         &mut self,
-        env: &Shared,
+        env: &ServerShared,
         now: kitestring_core::Instant,
         reply: Option<oneshot::Sender<()>>,
     ) {
@@ -401,7 +401,7 @@ impl LockedState {
     /// Validates a re-authentication token with the configured validator.
     fn check_token(
         &mut self,
-        env: &Shared,
+        env: &ServerShared,
         now: kitestring_core::Instant,
         connection: ConnectionId,
         session: SessionId,

@@ -23,14 +23,14 @@ use crate::ws;
 use super::auth::{AuthReject, AuthRequest};
 use super::conn::{connection, report_closed};
 use super::http;
-use super::shared::{Shared, SlotRef};
+use super::shared::{ServerShared, SlotRef};
 
 /// An accepted socket's task: the upgrade, then the connection in a task
 /// of its own, so the handshake's state (TLS, HTTP parsing, about 2 KiB)
 /// is freed with this one instead of living on, for as long as the
 /// connection does, inside its future. (One task with both futures boxed
 /// in turn measured a third of a KiB more per idle connection.)
-pub(super) async fn serve_accepted(shared: Arc<Shared>, io: BoxIo, peer: Option<SocketAddr>) {
+pub(super) async fn serve_accepted(shared: Arc<ServerShared>, io: BoxIo, peer: Option<SocketAddr>) {
     if let Some((ws, identity, early)) = handshake(shared.clone(), io, peer).await {
         let runtime = shared.runtime.clone();
         runtime.spawn(Box::pin(connection(shared, ws, identity, early)));
@@ -51,7 +51,11 @@ type Upgraded = (crate::ws::Ws, Option<String>, Option<ConnectionId>);
 /// and bytes the client wrote behind its request (a `hello` frame sent
 /// before the `101` arrived) start the WebSocket stream instead of failing
 /// the upgrade.
-async fn handshake(shared: Arc<Shared>, io: BoxIo, peer: Option<SocketAddr>) -> Option<Upgraded> {
+async fn handshake(
+    shared: Arc<ServerShared>,
+    io: BoxIo,
+    peer: Option<SocketAddr>,
+) -> Option<Upgraded> {
     let limit = shared.options.handshake_timeout;
     let opts = shared.options.clone();
     // A connection the core opened for a `hello` in the upgrade request,
@@ -71,7 +75,7 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo, peer: Option<SocketAddr>) -> 
         let mut buf = Vec::new();
         let answer = match http::read_head(&mut io, &mut buf).await {
             Ok(end) => answer_upgrade(&shared, &buf[..end], &early).map(|(r, id)| (r, id, end)),
-            Err(http::HeadError::TooLarge) => Err(http::Refusal::TOO_LARGE),
+            Err(http::HeadError::TooLarge) => Err(http::HttpRefusal::TOO_LARGE),
             Err(http::HeadError::Closed(e)) => {
                 debug!(?peer, error = ?e, "connection ended before a complete upgrade request");
                 return None;
@@ -134,15 +138,15 @@ async fn handshake(shared: Arc<Shared>, io: BoxIo, peer: Option<SocketAddr>) -> 
 /// runs a `hello` it carries through the core: the `101` response and the
 /// identity, or the refusal.
 fn answer_upgrade(
-    shared: &Shared,
+    shared: &ServerShared,
     head: &[u8],
     early: &std::sync::OnceLock<ConnectionId>,
-) -> Result<(Vec<u8>, Option<String>), http::Refusal> {
+) -> Result<(Vec<u8>, Option<String>), http::HttpRefusal> {
     let opts = &shared.options;
     let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
     let (req, all) = http::parse(head, &mut headers)?;
     if !opts.origins.allows(req.origin, Some(req.host)) {
-        return Err(http::Refusal::new(403, "origin not allowed"));
+        return Err(http::HttpRefusal::new(403, "origin not allowed"));
     }
     let mut identity = None;
     if let Some(auth) = &opts.auth {
@@ -154,8 +158,10 @@ fn answer_upgrade(
         };
         match auth(&view) {
             Ok(id) => identity = id,
-            Err(AuthReject::Forbidden) => return Err(http::Refusal::new(403, "forbidden")),
-            Err(AuthReject::Unauthorized) => return Err(http::Refusal::new(401, "unauthorized")),
+            Err(AuthReject::Forbidden) => return Err(http::HttpRefusal::new(403, "forbidden")),
+            Err(AuthReject::Unauthorized) => {
+                return Err(http::HttpRefusal::new(401, "unauthorized"))
+            }
         }
     }
     let mut welcome = None;
@@ -179,7 +185,7 @@ fn answer_upgrade(
 /// the response. `None` while shutting down or without randomness for a
 /// session id: the connection then takes the ordinary path.
 fn early_hello(
-    shared: &Shared,
+    shared: &ServerShared,
     identity: Option<String>,
     hello: &[u8],
 ) -> Option<(ConnectionId, Option<String>)> {
