@@ -128,7 +128,7 @@ fn client_never_echoes_an_unsendable_reject_code() {
 /// A client or server that sends a `null` payload over JSON stalls the
 /// session: the peer drops the frame, asks for a replay of it, and the
 /// same undecodable frame comes back until the ack timeout. Fix in
-/// `wire.rs`: deserialize `j` so that a present `null` is `Some` (for
+/// `wire/`: deserialize `j` so that a present `null` is `Some` (for
 /// example `Option<Option<&RawValue>>` with a custom deserializer, or
 /// read the raw `null` text).
 #[test]
