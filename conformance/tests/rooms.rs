@@ -217,11 +217,120 @@ fn broadcasts_reach_every_member_exactly_once_through_cuts() {
     }
 }
 
+/// Clients that take room messages through their own sequence, as clients
+/// without stream support do.
+fn legacy() -> ClientConfig {
+    ClientConfig {
+        room_streams: false,
+        ..ClientConfig::default()
+    }
+}
+
+fn broadcast_n(sim: &mut Sim, from: u64, to: u64, every: Duration) {
+    for k in from..=to {
+        sim.with_server(|s, now| {
+            s.broadcast(
+                now,
+                "room",
+                Payload::json(format!("{k}").into_bytes()).unwrap(),
+                None,
+            )
+        })
+        .unwrap();
+        sim.run_for(every);
+    }
+}
+
+fn missed(sim: &Sim, c: usize) -> Vec<(u64, Option<u64>)> {
+    sim.peers[c]
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Missed { from, to, .. } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A member served from the room's stream that stops reading costs the
+/// server nothing per broadcast: it is not evicted, and once it is back
+/// (here: its heartbeat finds the dead link, it reconnects and resumes)
+/// the history brings it everything, once and in order.
+#[test]
+fn a_silent_stream_member_catches_up_from_the_history() {
+    let mut sim = crowd(3, server_config(), ClientConfig::default(), 3);
+    let silent = sim.session(2).unwrap();
+    sim.blackhole(2);
+    broadcast_n(&mut sim, 1, 300, Duration::from_millis(10));
+    sim.run_for(Duration::from_secs(60));
+    for c in 0..3 {
+        assert_eq!(
+            room_messages(&sim, c, "room"),
+            (1..=300).collect::<Vec<_>>(),
+            "client {c}"
+        );
+        assert!(missed(&sim, c).is_empty());
+    }
+    assert_eq!(sim.session(2), Some(silent), "the same session, resumed");
+    assert_eq!(sim.server.metrics().counters.slow_consumers, 0);
+    assert_eq!(sim.server.room_size("room"), 3);
+}
+
+/// A member away longer than the room's history is told exactly which
+/// offsets it missed, then gets the rest in order.
+#[test]
+fn a_member_away_past_the_history_is_told_what_it_missed() {
+    let config = ServerConfig {
+        history: kitestring_core::config::HistoryConfig {
+            max_entries: 50,
+            max_bytes: 1 << 20,
+        },
+        ..server_config()
+    };
+    let mut sim = crowd(2, config, ClientConfig::default(), 5);
+    broadcast_n(&mut sim, 1, 10, Duration::from_millis(10));
+    sim.run_for(Duration::from_secs(1));
+    let offset_before = sim.peers[1]
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Message(m) if m.room.as_deref() == Some("room") => m.offset,
+            _ => None,
+        })
+        .max()
+        .unwrap();
+    sim.blackhole(1);
+    broadcast_n(&mut sim, 11, 200, Duration::from_millis(10));
+    sim.run_for(Duration::from_secs(60));
+    assert_eq!(
+        room_messages(&sim, 0, "room"),
+        (1..=200).collect::<Vec<_>>()
+    );
+    let got = room_messages(&sim, 1, "room");
+    let gap = missed(&sim, 1);
+    assert_eq!(gap.len(), 1, "{gap:?}");
+    let (from, to) = gap[0];
+    let to = to.expect("the same stream: the count is known");
+    assert_eq!(from, offset_before + 1);
+    // Exactly the messages not missed arrived, each once, in order.
+    let lost = to - from + 1;
+    assert_eq!(got.len() as u64 + lost, 200);
+    assert_eq!(&got[..10], &(1..=10).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        &got[10..],
+        &(11 + lost..=200).collect::<Vec<_>>()[..],
+        "the rest, in order"
+    );
+    assert_eq!(got.len(), 10 + 50, "the history's 50 entries");
+    assert_eq!(sim.server.metrics().history_entries, 50);
+}
+
 #[test]
 fn a_slow_member_is_closed_and_the_others_keep_receiving() {
-    // Healthy members acknowledge within about 140 ms (100 ms ack delay plus
-    // the round trip): at 100 broadcasts a second they hold about 14
-    // unacknowledged, well within 64 + 64. The silent member fills up.
+    // Clients without room streams each hold their own copy of every
+    // broadcast. Healthy members acknowledge within about 140 ms (100 ms ack
+    // delay plus the round trip): at 100 broadcasts a second they hold about
+    // 14 unacknowledged, well within 64 + 64. The silent member fills up.
     let small = ServerConfig {
         queue: QueueConfig {
             max_messages: 64,
@@ -233,22 +342,11 @@ fn a_slow_member_is_closed_and_the_others_keep_receiving() {
         },
         ..server_config()
     };
-    let mut sim = crowd(3, small, ClientConfig::default(), 3);
+    let mut sim = crowd(3, small, legacy(), 3);
     let slow = sim.session(2).unwrap();
     // Client 2 stops reading: its link silently stops delivering.
     sim.blackhole(2);
-    for k in 1..=300 {
-        sim.with_server(|s, now| {
-            s.broadcast(
-                now,
-                "room",
-                Payload::json(format!("{k}").into_bytes()).unwrap(),
-                None,
-            )
-        })
-        .unwrap();
-        sim.run_for(Duration::from_millis(10));
-    }
+    broadcast_n(&mut sim, 1, 300, Duration::from_millis(10));
     sim.run_for(Duration::from_secs(1));
     assert_eq!(
         room_messages(&sim, 0, "room"),
@@ -385,18 +483,7 @@ fn rotation_is_invisible() {
     };
     let mut sim = crowd(2, cfg, ClientConfig::default(), 6);
     let sessions = (sim.session(0), sim.session(1));
-    for k in 1..=100 {
-        sim.with_server(|s, now| {
-            s.broadcast(
-                now,
-                "room",
-                Payload::json(format!("{k}").into_bytes()).unwrap(),
-                None,
-            )
-        })
-        .unwrap();
-        sim.run_for(Duration::from_millis(500));
-    }
+    broadcast_n(&mut sim, 1, 100, Duration::from_millis(500));
     sim.run_for(Duration::from_secs(2));
     assert!(
         sim.server.stats().rotations >= 8,

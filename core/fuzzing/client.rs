@@ -20,7 +20,7 @@ use crate::reliable::{OverflowPolicy, ReliabilityConfig, SendError};
 use crate::time::Instant;
 use crate::wire::{
     self, ClientId, Codec, Frame, Hello, Incoming, Limits, Msg, MsgKind, Reject, ResumeKey,
-    SessionId, Transmit, Welcome, PROTOCOL_VERSION,
+    SessionId, StreamEntry, StreamPos, Transmit, Welcome, PROTOCOL_VERSION,
 };
 
 use super::{codec_of, decode_own, header_frame, limits, Code, Fate, Num, PayloadChoice};
@@ -198,7 +198,33 @@ pub enum ServerFrame {
     Raw(Vec<u8>),
     /// A hello (nonsense from a server).
     Hello,
+    /// Where a room's stream stands (`sub`), for room `room % 2`, offset
+    /// relative to the last one delivered in it.
+    Sub {
+        /// Which room.
+        room: u8,
+        /// Its epoch.
+        epoch: u8,
+        /// Offset.
+        offset: Num,
+        /// Entries missed from this offset, if any.
+        missed_from: Option<u8>,
+    },
+    /// A room stream entry (`pub`), or a `skip` when `payload` is `None`.
+    Entry {
+        /// Which room.
+        room: u8,
+        /// Offset.
+        offset: Num,
+        /// A presence diff rather than a message.
+        presence: bool,
+        /// The payload.
+        payload: Option<PayloadChoice>,
+    },
 }
+
+/// The two rooms stream frames name.
+const ROOMS: [&str; 2] = ["a", "b"];
 
 /// One input or command for the client machine.
 #[derive(Arbitrary, Clone, Debug)]
@@ -259,6 +285,9 @@ pub struct ClientHarness {
     last_ping: Option<u64>,
     accepted: BTreeMap<u64, Fate>,
     last_id: u64,
+    /// Per room: the epoch of the last `sub` fed, and the last offset
+    /// delivered in this session.
+    rooms: BTreeMap<&'static str, (u64, u64)>,
     /// The op fed a reject frame (see [`KNOWN_REJECT_CODE_ECHO`]).
     pub(super) fed_reject: bool,
     /// What happened, for the panic message.
@@ -276,6 +305,12 @@ pub struct ClientHarness {
 pub const KNOWN_REJECT_CODE_ECHO: bool = false;
 
 impl ClientHarness {
+    /// The last offset delivered in a room's stream, the base of the
+    /// offsets stream frames name.
+    fn room_base(&self, room: &str) -> u64 {
+        self.rooms.get(room).map_or(0, |r| r.1)
+    }
+
     /// A harness around a new client.
     pub fn new(config: ClientConfig, seed: u64) -> ClientHarness {
         let client = match Client::new(config.clone(), ClientId([0xc1; 16]), seed) {
@@ -295,6 +330,7 @@ impl ClientHarness {
             last_ping: None,
             accepted: BTreeMap::new(),
             last_id: 0,
+            rooms: BTreeMap::new(),
             fed_reject: false,
             log: String::new(),
         }
@@ -432,6 +468,49 @@ impl ClientHarness {
                 retry_after_ms: retry.map(u64::from),
             },
             ServerFrame::Raw(b) => Frame::Raw(Bytes::copy_from_slice(b)),
+            ServerFrame::Sub {
+                room,
+                epoch,
+                offset,
+                missed_from,
+            } => {
+                let name = ROOMS[usize::from(room % 2)];
+                let offset = offset.resolve(self.room_base(name));
+                Frame::Sub(StreamPos {
+                    room: name.into(),
+                    epoch: u64::from(*epoch % 3),
+                    offset,
+                    missed_from: missed_from
+                        .map(|m| offset.saturating_sub(u64::from(m)).max(1))
+                        .filter(|m| *m <= offset),
+                })
+            }
+            ServerFrame::Entry {
+                room,
+                offset,
+                presence,
+                payload,
+            } => {
+                let name = ROOMS[usize::from(room % 2)];
+                let offset = offset.resolve(self.room_base(name)).max(1);
+                match payload {
+                    None => Frame::Skip {
+                        room: name.into(),
+                        offset,
+                    },
+                    Some(p) => Frame::Pub(StreamEntry {
+                        room: name.into(),
+                        offset,
+                        kind: if *presence {
+                            MsgKind::Presence
+                        } else {
+                            MsgKind::Plain
+                        },
+                        ts: None,
+                        payload: p.payload()?,
+                    }),
+                }
+            }
             ServerFrame::Hello => Frame::Hello(Hello {
                 versions: vec![1],
                 client: ClientId([1; 16]),
@@ -542,10 +621,18 @@ impl ClientHarness {
             }
             ClientOp::Frame(t, f, wrong) => {
                 let t = self.tr(t);
-                if let Some(tx) = self
-                    .server_frame(&f)
-                    .and_then(|f| self.encode_for_client(&f, wrong))
-                {
+                let frame = self.server_frame(&f);
+                if let Some(Frame::Sub(pos)) = &frame {
+                    // Another epoch restarts the room's offsets.
+                    let name = ROOMS.iter().find(|r| **r == &*pos.room).copied();
+                    if let Some(name) = name {
+                        let known = self.rooms.entry(name).or_insert((pos.epoch, 0));
+                        if known.0 != pos.epoch {
+                            *known = (pos.epoch, 0);
+                        }
+                    }
+                }
+                if let Some(tx) = frame.and_then(|f| self.encode_for_client(&f, wrong)) {
                     self.hand_in();
                     self.feed(t, tx.as_incoming());
                 }
@@ -722,17 +809,41 @@ impl ClientHarness {
                     // only reported when messages were at stake.
                     self.last_seq = 0;
                     self.sent_seq = 0;
+                    self.rooms.clear();
                 }
                 self.state = new;
             }
             Event::Connected {
                 session, resumed, ..
             } => {
+                if !resumed {
+                    // A new session follows no stream yet.
+                    self.rooms.clear();
+                }
                 if resumed {
                     assert_eq!(self.client.session(), Some(session));
                 } else {
                     assert_eq!(self.last_seq, 0, "a new session starts numbering afresh");
                 }
+            }
+            Event::Message(m) if m.offset.is_some() => {
+                let name = m
+                    .room
+                    .as_deref()
+                    .and_then(|r| ROOMS.iter().find(|n| **n == r));
+                let (Some(name), Some(offset)) = (name, m.offset) else {
+                    panic!("a stream entry of no room\n{}", self.log)
+                };
+                let last = &mut self.rooms.entry(name).or_insert((0, 0)).1;
+                assert!(
+                    offset > *last,
+                    "room {name}: offset {offset} after {last}, twice or backwards\n{}",
+                    self.log
+                );
+                *last = offset;
+            }
+            Event::Missed { from, to, .. } => {
+                assert!(to.is_none_or(|t| from <= t), "missed {from}..={to:?}");
             }
             Event::Message(m) => {
                 assert_eq!(
@@ -770,6 +881,7 @@ impl ClientHarness {
                 }
                 self.last_seq = 0;
                 self.sent_seq = 0;
+                self.rooms.clear();
             }
             Event::SendFailed { id, .. } => self.resolve(id.0, Fate::Failed, "SendFailed"),
             _ => {}

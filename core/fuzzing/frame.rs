@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::wire::{
     self, ClientId, Codec, Frame, Hello, Msg, MsgKind, Payload, Reject, Resume, ResumeKey,
-    SessionId, Welcome, PROTOCOL_VERSION,
+    SessionId, StreamEntry, StreamPos, Welcome, PROTOCOL_VERSION,
 };
 
 use super::{assert_round_trip, codec_of, limits};
@@ -184,6 +184,34 @@ pub enum ArbFrame {
     GoAway(u16, Option<u64>),
     /// A raw datagram.
     Raw(Vec<u8>),
+    /// A room stream entry (`presence`: a diff).
+    Pub {
+        /// Room.
+        room: String,
+        /// Offset.
+        offset: u64,
+        /// A presence diff.
+        presence: bool,
+        /// Timestamp.
+        ts: Option<u64>,
+        /// Payload.
+        payload: ArbPayload,
+    },
+    /// A skipped stream offset.
+    Skip(String, u64),
+    /// Stream positions: one alone (a `sub`, with what was missed) or a
+    /// list (a `subs`).
+    Subs {
+        /// Room, epoch, offset, missed from.
+        positions: Vec<(String, u64, u64, Option<u64>)>,
+        /// As a `subs` list rather than the first alone as a `sub`.
+        list: bool,
+    },
+}
+
+/// A room name the wire carries: 1 to 256 bytes.
+fn room_name_ok(room: &str) -> bool {
+    !room.is_empty() && room.len() <= wire::MAX_TOKEN_LEN
 }
 
 impl ArbFrame {
@@ -333,6 +361,61 @@ impl ArbFrame {
                 retry_after_ms: *retry,
             },
             ArbFrame::Raw(b) => Frame::Raw(Bytes::copy_from_slice(b)),
+            ArbFrame::Pub {
+                room,
+                offset,
+                presence,
+                ts,
+                payload,
+            } => {
+                if !room_name_ok(room) || *offset == 0 {
+                    return None;
+                }
+                Frame::Pub(StreamEntry {
+                    room: room.as_str().into(),
+                    offset: *offset,
+                    kind: if *presence {
+                        MsgKind::Presence
+                    } else {
+                        MsgKind::Plain
+                    },
+                    ts: *ts,
+                    payload: payload.to_payload()?,
+                })
+            }
+            ArbFrame::Skip(room, offset) => {
+                if !room_name_ok(room) || *offset == 0 {
+                    return None;
+                }
+                Frame::Skip {
+                    room: room.as_str().into(),
+                    offset: *offset,
+                }
+            }
+            ArbFrame::Subs { positions, list } => {
+                let mut out = Vec::new();
+                for (room, epoch, offset, missed) in positions {
+                    let missed_ok = missed.is_none_or(|m| m >= 1 && m <= *offset);
+                    if !room_name_ok(room) || *epoch >= wire::MAX_EPOCH || !missed_ok {
+                        return None;
+                    }
+                    out.push(StreamPos {
+                        room: room.as_str().into(),
+                        epoch: *epoch,
+                        offset: *offset,
+                        // A `subs` list carries no `from`.
+                        missed_from: if *list { None } else { *missed },
+                    });
+                }
+                if *list {
+                    if out.len() > wire::MAX_BATCH {
+                        return None;
+                    }
+                    Frame::Subs(out)
+                } else {
+                    Frame::Sub(out.into_iter().next()?)
+                }
+            }
         })
     }
 }

@@ -9,6 +9,7 @@ use core::time::Duration;
 
 use crate::backoff::BackoffConfig;
 use crate::ratelimit::RateLimitConfig;
+pub use crate::stream::HistoryConfig;
 use crate::wire::{Codec, SUPPORTED_VERSIONS};
 
 /// Application-level heartbeat settings (the client's side).
@@ -174,6 +175,12 @@ pub struct ClientConfig {
     pub versions: Vec<u8>,
     /// Optional capabilities advertised in the hello.
     pub capabilities: Vec<String>,
+    /// Take room messages as room streams (the `stream` capability,
+    /// PROTOCOL.md section 3.4): one shared stream per room, recovered
+    /// from the server's history after a reconnect. Default true. Off,
+    /// room messages come through the session's own sequence, as for a
+    /// client without stream support; kept for testing that path.
+    pub room_streams: bool,
     /// Batch small messages into one frame when the server can receive
     /// batches. Default `None`: every message goes out at once.
     pub batch: Option<BatchConfig>,
@@ -213,6 +220,7 @@ impl Default for ClientConfig {
             codecs: vec![Codec::MsgPack, Codec::Json],
             versions: SUPPORTED_VERSIONS.to_vec(),
             capabilities: Vec::new(),
+            room_streams: true,
             batch: None,
             coalesce_interval: crate::coalesce::DEFAULT_INTERVAL,
             coalesce_keys: 1024,
@@ -264,6 +272,22 @@ impl ClientConfig {
         }
         if self.queue.max_messages == 0 {
             return Err(ConfigError::Zero("queue.max_messages"));
+        }
+        // The hello carries these and the client's own (batch, detach,
+        // stream); a server takes at most 32 names of 1 to 256 bytes.
+        if self.capabilities.len() > crate::wire::MAX_LIST_LEN - 3 {
+            return Err(ConfigError::Inconsistent(
+                "capabilities: at most 29 (the hello carries 32 with the client's own three)",
+            ));
+        }
+        if self
+            .capabilities
+            .iter()
+            .any(|c| c.is_empty() || c.len() > crate::wire::MAX_TOKEN_LEN)
+        {
+            return Err(ConfigError::Inconsistent(
+                "capabilities: each name is 1 to 256 bytes",
+            ));
         }
         validate_wire(self.max_message_size, &self.codecs, &self.versions)?;
         validate_reliability(&self.reliability)
@@ -353,6 +377,10 @@ pub struct ServerConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// Most members in one room. Default 10 000.
     pub max_room_size: usize,
+    /// How much of each room's stream is kept for members that were away
+    /// (PROTOCOL.md, section 3.4). Default 1 024 entries and 4 MiB per
+    /// room.
+    pub history: HistoryConfig,
     /// Most rooms one session is in. Default 64.
     pub max_rooms_per_session: usize,
     /// Whether a client's publish to a room is also delivered back to it.
@@ -390,6 +418,7 @@ impl Default for ServerConfig {
             resume_secret: ResumeSecret::default(),
             rate_limit: Some(RateLimitConfig::default()),
             max_room_size: 10_000,
+            history: HistoryConfig::default(),
             max_rooms_per_session: 64,
             echo_publish: false,
             max_connection_age: None,
@@ -501,5 +530,22 @@ mod tests {
             ..ServerConfig::default()
         };
         assert!(s.validate().is_err());
+    }
+
+    /// A hello a server would refuse is refused at construction instead.
+    #[test]
+    fn capabilities_fit_the_hello() {
+        let caps = |n: usize, len: usize| ClientConfig {
+            capabilities: (0..n).map(|i| format!("{i:0>len$}")).collect(),
+            ..ClientConfig::default()
+        };
+        caps(29, 256).validate().unwrap();
+        assert!(caps(30, 8).validate().is_err(), "33 with the own three");
+        assert!(caps(1, 257).validate().is_err());
+        let empty = ClientConfig {
+            capabilities: vec![String::new()],
+            ..ClientConfig::default()
+        };
+        assert!(empty.validate().is_err());
     }
 }

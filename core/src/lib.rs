@@ -74,6 +74,8 @@
 //! * [`config`]: every setting of both machines, and their validation.
 //! * [`close`]: close codes and what each one means.
 //! * [`rooms`]: room membership, presence and the room policy.
+//! * [`stream`]: a room's stream: offsets, epoch and bounded history,
+//!   shared by the room's members.
 //! * [`ratelimit`]: token buckets for per-connection rate limits.
 //! * [`coalesce`]: latest-value coalescing for `send_latest`.
 //! * [`backoff`]: retry delays with jitter.
@@ -101,6 +103,7 @@ pub mod reliable;
 mod rng;
 pub mod rooms;
 pub mod server;
+pub mod stream;
 pub mod time;
 mod timer;
 pub mod wire;

@@ -28,11 +28,18 @@ use crate::wire::{self, Codec, EncodeError, Encoder, Frame, Msg, MsgKind, Payloa
 
 /// A message delivered from the peer, in order, exactly once.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Received {
-    /// The peer's id for the message (an idempotency key).
+    /// The peer's id for the message (an idempotency key). For an entry of
+    /// a room's stream, its offset (an idempotency key within the room).
     pub id: MessageId,
-    /// Its sequence number in this session.
+    /// Its sequence number in this session; 0 for an entry of a room's
+    /// stream, which is numbered by `offset` instead.
     pub seq: u64,
+    /// For an entry of a room's stream (PROTOCOL.md, section 3.4), its
+    /// offset in the room's stream; `None` for a message of the session's
+    /// own sequence.
+    pub offset: Option<u64>,
     /// The sender's timestamp in milliseconds, if it set one.
     pub timestamp: Option<u64>,
     /// Whether the sender expects a response (answer with `respond`,
@@ -52,6 +59,7 @@ impl Received {
         Received {
             id: MessageId(m.id),
             seq: m.seq,
+            offset: None,
             timestamp: m.ts,
             request: m.kind == MsgKind::Request,
             response_to: match m.kind {
@@ -68,7 +76,7 @@ impl Received {
 /// always says so.
 pub(crate) fn with_own_caps(caps: &[String]) -> Vec<String> {
     let mut caps = caps.to_vec();
-    for own in [CAP_BATCH, wire::CAP_DETACH] {
+    for own in [CAP_BATCH, wire::CAP_DETACH, wire::CAP_STREAM] {
         if !caps.iter().any(|c| c == own) {
             caps.push(own.to_string());
         }
@@ -204,8 +212,10 @@ pub(crate) enum Receipt {
 /// An acknowledgment released messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Acked {
-    pub(crate) first: MessageId,
-    pub(crate) last: MessageId,
+    /// The first and last of the application's messages released, if any.
+    pub(crate) range: Option<(MessageId, MessageId)>,
+    /// The last message released, the machine's own included.
+    pub(crate) through: MessageId,
     /// Refusals among them were holding acknowledgments back, and no
     /// longer are: acknowledge now.
     pub(crate) released: bool,
@@ -272,17 +282,18 @@ impl Link {
         timers: &mut impl LinkTimers,
         ack_timeout: Duration,
     ) -> Result<Option<Acked>, AckBeyondSent> {
-        let Some((first, last)) = self.outbound.on_ack(ack)? else {
+        let done = self.outbound.on_ack(ack)?;
+        let Some(through) = done.through else {
             return Ok(None);
         };
         self.outbound.note_progress(now);
         timers.stop(LinkTimer::AckTimeout);
         self.arm_ack_timeout(timers, ack_timeout);
         // Refusals the peer now has no longer hold its acknowledgments back.
-        let released = self.inbound.release(last.0);
+        let released = self.inbound.release(through.0);
         Ok(Some(Acked {
-            first,
-            last,
+            range: done.reported,
+            through,
             released,
         }))
     }

@@ -117,6 +117,10 @@ pub(crate) struct Outgoing {
     /// The sender's timestamp, if it set one.
     pub(crate) ts: Option<u64>,
     pub(crate) payload: Payload,
+    /// The machine's own message (presence, a refusal, a room copy, a
+    /// rejoin), never reported to the application: its id is no id the
+    /// application was given.
+    pub(crate) own: bool,
 }
 
 impl Outgoing {
@@ -127,7 +131,13 @@ impl Outgoing {
             room: None,
             ts: None,
             payload,
+            own: false,
         }
+    }
+
+    /// The same message, as the machine's own.
+    pub(crate) fn own(self) -> Outgoing {
+        Outgoing { own: true, ..self }
     }
 
     /// The same message, in `room`.
@@ -151,6 +161,7 @@ impl Outgoing {
             kind: self.kind,
             room: self.room,
             payload: self.payload,
+            own: self.own,
         }
     }
 }
@@ -163,6 +174,8 @@ pub(crate) struct Waiting {
     pub(crate) kind: MsgKind,
     pub(crate) room: Option<RoomName>,
     pub(crate) payload: Payload,
+    /// See [`Outgoing::own`].
+    pub(crate) own: bool,
 }
 
 /// A message given a sequence number and kept until acknowledged.
@@ -176,6 +189,19 @@ pub(crate) struct Sent {
     pub(crate) payload: Payload,
     /// When it was last put on a connection, if it has been.
     pub(crate) sent_at: Option<Instant>,
+    /// See [`Outgoing::own`].
+    pub(crate) own: bool,
+}
+
+/// What an acknowledgment released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Released {
+    /// The first and last of the application's messages released, if any
+    /// (the machine's own are never reported).
+    pub(crate) reported: Option<(MessageId, MessageId)>,
+    /// The id of the last message released, of either kind; `None` if
+    /// nothing was.
+    pub(crate) through: Option<MessageId>,
 }
 
 /// The peer acknowledged something that was never sent.
@@ -265,6 +291,7 @@ impl Outbound {
             room: w.room,
             payload: w.payload,
             sent_at: now,
+            own: w.own,
         });
         self.window.back()
     }
@@ -289,29 +316,31 @@ impl Outbound {
         }
     }
 
-    /// Applies a cumulative acknowledgment. Returns the id range it released.
-    pub(crate) fn on_ack(
-        &mut self,
-        ack: u64,
-    ) -> Result<Option<(MessageId, MessageId)>, AckBeyondSent> {
+    /// Applies a cumulative acknowledgment: what it released.
+    pub(crate) fn on_ack(&mut self, ack: u64) -> Result<Released, AckBeyondSent> {
         let last_sent = self.next_seq - 1;
         if ack > last_sent {
             return Err(AckBeyondSent { ack, last_sent });
         }
         let mut first = None;
         let mut last = None;
+        let mut through = None;
         while let Some(front) = self.window.front() {
             if front.seq > ack {
                 break;
             }
-            if front.id != MessageId::SYSTEM {
+            if !front.own {
                 first.get_or_insert(front.id);
                 last = Some(front.id);
             }
+            through = Some(front.id);
             self.window_bytes -= front.payload.len();
             self.window.pop_front();
         }
-        Ok(first.zip(last))
+        Ok(Released {
+            reported: first.zip(last),
+            through,
+        })
     }
 
     /// Whether a message pushed now would be numbered at once: nothing
@@ -364,8 +393,8 @@ impl Outbound {
         let lost = self
             .window
             .drain(..)
+            .filter(|s| !s.own)
             .map(|s| s.id)
-            .filter(|id| *id != MessageId::SYSTEM)
             .collect();
         self.window_bytes = 0;
         self.next_seq = 1;
@@ -378,8 +407,8 @@ impl Outbound {
         self.waiting_bytes = 0;
         self.waiting
             .drain(..)
+            .filter(|w| !w.own)
             .map(|w| w.id)
-            .filter(|id| *id != MessageId::SYSTEM)
             .collect()
     }
 
@@ -593,6 +622,7 @@ mod tests {
             kind: MsgKind::Plain,
             room: None,
             payload: Payload::binary(vec![0u8; 10]),
+            own: false,
         }
     }
 
@@ -613,10 +643,20 @@ mod tests {
                 bytes: 20
             })
         );
-        assert_eq!(o.on_ack(1), Ok(Some((MessageId(1), MessageId(1)))));
+        assert_eq!(
+            o.on_ack(1).unwrap().reported,
+            Some((MessageId(1), MessageId(1)))
+        );
         assert_eq!(o.sequence_next(None).map(|s| s.id), Some(MessageId(3)));
-        assert_eq!(o.on_ack(3), Ok(Some((MessageId(2), MessageId(3)))));
-        assert_eq!(o.on_ack(3), Ok(None), "repeated ack releases nothing");
+        assert_eq!(
+            o.on_ack(3).unwrap().reported,
+            Some((MessageId(2), MessageId(3)))
+        );
+        assert_eq!(
+            o.on_ack(3).unwrap().through,
+            None,
+            "repeated ack releases nothing"
+        );
         assert_eq!(
             o.on_ack(9),
             Err(AckBeyondSent {

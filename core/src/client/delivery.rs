@@ -115,7 +115,7 @@ impl Client {
         }
     }
 
-    fn on_room_notice(&mut self, room: RoomName, payload: &Payload) {
+    pub(super) fn on_room_notice(&mut self, room: RoomName, payload: &Payload) {
         match serde_json::from_slice::<Presence>(payload.data()) {
             Ok(presence) => self.emit(Event::Presence { room, presence }),
             Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
@@ -138,6 +138,7 @@ impl Client {
         if refusal.op == "join" {
             if let Some(room) = &room {
                 self.rooms.remove(room);
+                self.streams.remove(room);
             }
         }
         self.stats.refused += 1;
@@ -176,10 +177,10 @@ impl Client {
         let timeout = self.config.reliability.ack_timeout;
         match self.link.on_ack(self.now, ack, &mut self.timers, timeout) {
             Ok(Some(acked)) => {
-                self.emit(Event::Acked {
-                    first: acked.first,
-                    last: acked.last,
-                });
+                if let Some((first, last)) = acked.range {
+                    self.emit(Event::Acked { first, last });
+                }
+                self.left_through(acked.through);
                 self.flush();
             }
             Ok(None) => {}

@@ -102,6 +102,19 @@ pub enum Event {
     },
     /// An unsequenced datagram from the peer.
     Datagram(Bytes),
+    /// Entries of a room's stream this client will never get: it was away
+    /// longer than the server keeps the room's history, or the room's
+    /// stream started again. `from` is the first offset missed; `to` the
+    /// last, or `None` when the stream started again and the count is
+    /// unknown. Messages after them keep coming, in order.
+    Missed {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// First offset missed.
+        from: u64,
+        /// Last offset missed, if known.
+        to: Option<u64>,
+    },
     /// Who is in a room: a full list after joining (`snapshot`), then
     /// changes, in order with the room's messages.
     Presence {

@@ -114,7 +114,10 @@ impl Client {
                 delivered: self.link.inbound.delivered(),
                 key: self.resume_key,
             }),
-            caps: with_own_caps(&self.config.capabilities),
+            caps: with_own_caps(&self.config.capabilities)
+                .into_iter()
+                .filter(|c| self.config.room_streams || c != wire::CAP_STREAM)
+                .collect(),
             codecs: self.config.codecs.clone(),
         })
     }
@@ -167,8 +170,14 @@ impl Client {
         }
         if resumed {
             match self.link.outbound.on_ack(w.delivered) {
-                Ok(Some((first, last))) => self.emit(Event::Acked { first, last }),
-                Ok(None) => {}
+                Ok(done) => {
+                    if let Some((first, last)) = done.reported {
+                        self.emit(Event::Acked { first, last });
+                    }
+                    if let Some(through) = done.through {
+                        self.left_through(through);
+                    }
+                }
                 Err(_) => {
                     // The server claims more than we ever sent: its session is
                     // not ours. Start clean rather than guess.
@@ -199,6 +208,9 @@ impl Client {
             codec: w.codec,
         });
         self.set_state(State::Open);
+        if resumed && w.features.iter().any(|f| f == wire::CAP_STREAM) {
+            self.send_subs();
+        }
         self.timers.set(Timer::Ping, self.now + ping_interval);
         self.timers
             .set(Timer::Stability, self.now + self.config.stability_window);

@@ -169,6 +169,10 @@ impl Client {
         } else {
             Vec::new()
         };
+        // The streams belonged to the lost session: a new one starts them
+        // again from its joins.
+        self.streams.clear();
+        self.leaving.clear();
         if !matches!(reason, LostReason::Closed) {
             // Membership belonged to the lost session: ask again, first thing.
             for room in self.rooms.iter().rev() {
@@ -178,6 +182,7 @@ impl Client {
                     kind: MsgKind::Join,
                     room: Some(room.clone()),
                     payload: Payload::null(),
+                    own: true,
                 });
             }
         } else {

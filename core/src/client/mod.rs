@@ -41,6 +41,9 @@
 //!   `link.rs`): accepting messages into the send queue, handing delivered
 //!   messages on (to the application, a pending request, a room's presence,
 //!   a refusal), acknowledgments, replays, and every frame that goes out.
+//! * `streams.rs`: room streams: where each room's stream stands, entries
+//!   delivered once in offset order, what was missed ([`Event::Missed`]),
+//!   and the positions a resumed session hands back;
 //! * `event.rs`: what the driver and the application are handed:
 //!   [`Output`], [`Event`] and its reasons, [`UsageError`], [`ClientStats`],
 //!   [`TransportId`].
@@ -53,6 +56,7 @@ mod heartbeat;
 mod lifecycle;
 mod requests;
 mod state;
+mod streams;
 mod timers;
 
 pub use self::event::{
@@ -136,6 +140,12 @@ pub struct Client {
     timers: Timers,
     coalescer: Coalescer<String, Payload>,
     rooms: BTreeSet<RoomName>,
+    /// Where each room's stream stands (rooms the server streams to this
+    /// client: those it asked to join, and those the server put it in).
+    streams: BTreeMap<RoomName, streams::Position>,
+    /// Leaves not yet acknowledged, whose rooms' streams are still
+    /// followed (one per leave message queued or in flight).
+    leaving: Vec<(MessageId, RoomName)>,
     requests: BTreeMap<MessageId, Instant>,
     request_deadlines: BTreeSet<(Instant, MessageId)>,
     conn: Option<ConnSettings>,
@@ -187,6 +197,8 @@ impl Client {
             timers: TimerTable::new(),
             coalescer,
             rooms: BTreeSet::new(),
+            streams: BTreeMap::new(),
+            leaving: Vec::new(),
             requests: BTreeMap::new(),
             request_deadlines: BTreeSet::new(),
             conn: None,
@@ -428,6 +440,11 @@ impl Client {
         let leave = Outgoing::new(MsgKind::Leave, Payload::null()).in_room(name.clone());
         let id = self.enqueue(now, leave)?;
         self.rooms.remove(&name);
+        // Entries broadcast before the server takes the leave still come:
+        // the room's stream is followed until the leave is acknowledged.
+        if self.streams.contains_key(&name) {
+            self.leaving.push((id, name));
+        }
         Ok(id)
     }
 
@@ -627,6 +644,9 @@ impl Client {
                 },
             ) => self.on_goaway(CloseCode(code), retry_after_ms),
             (State::Open, Frame::Raw(data)) => self.emit(Event::Datagram(data)),
+            (State::Open, Frame::Sub(pos)) => self.on_sub(pos),
+            (State::Open, Frame::Pub(e)) => self.on_stream_entry(e.room.clone(), e.offset, Some(e)),
+            (State::Open, Frame::Skip { room, offset }) => self.on_stream_entry(room, offset, None),
             (State::Open, Frame::Reauth { within_ms }) => self.emit(Event::TokenExpiring {
                 within: Duration::from_millis(within_ms),
             }),

@@ -182,7 +182,7 @@ impl Server {
         };
         // The refusal's id is the next one given out.
         s.link.inbound.hold(seq, self.next_id);
-        let mut refusal = Outgoing::new(MsgKind::RefusedMessage(id.0), payload);
+        let mut refusal = Outgoing::new(MsgKind::RefusedMessage(id.0), payload).own();
         refusal.room = room;
         match self.enqueue_raw(session, refusal) {
             Ok(_) => {}

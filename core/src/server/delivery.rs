@@ -256,11 +256,15 @@ impl Server {
                 session,
                 token,
             }),
+            Frame::Subs(list) => self.on_subs(connection, session, list),
             Frame::Hello(_)
             | Frame::Welcome(_)
             | Frame::Reject(_)
             | Frame::GoAway { .. }
-            | Frame::Reauth { .. } => self.disconnect(
+            | Frame::Reauth { .. }
+            | Frame::Pub(_)
+            | Frame::Skip { .. }
+            | Frame::Sub(_) => self.disconnect(
                 connection,
                 CloseCode::PROTOCOL_ERROR,
                 "server-only frame from a client",
@@ -364,11 +368,13 @@ impl Server {
         };
         match s.link.on_ack(self.now, ack, &mut timers, timeout) {
             Ok(Some(acked)) => {
-                self.emit(ServerEvent::Acked {
-                    session,
-                    first: acked.first,
-                    last: acked.last,
-                });
+                if let Some((first, last)) = acked.range {
+                    self.emit(ServerEvent::Acked {
+                        session,
+                        first,
+                        last,
+                    });
+                }
                 self.flush(session);
                 if acked.released {
                     self.flush_ack(session);

@@ -293,6 +293,11 @@ pub struct ServerMetrics {
     pub messages_in_flight: usize,
     /// Messages waiting behind send windows, over all sessions.
     pub messages_queued: usize,
+    /// Room stream entries kept for members that are away, over all rooms
+    /// ([`ServerConfig::history`](crate::config::ServerConfig::history)).
+    pub history_entries: usize,
+    /// Payload bytes of those entries.
+    pub history_bytes: usize,
     /// Counters since start.
     pub counters: ServerStats,
 }

@@ -111,6 +111,7 @@ impl Server {
         let identity = conn.identity.clone();
         let fresh = conn.fresh_session;
 
+        let stream = h.caps.iter().any(|c| c == wire::CAP_STREAM);
         let mut lost = None;
         let mut resumed = None;
         if let Some(r) = h.resume {
@@ -145,6 +146,10 @@ impl Server {
                 {
                     lost = Some("inconsistent")
                 }
+                // Its rooms came as streams or through its own sequence: a
+                // client that changed its mind would lose what was sent the
+                // other way.
+                Some(s) if s.stream != stream => lost = Some("inconsistent"),
                 Some(_) => resumed = Some(r),
             }
         }
@@ -158,14 +163,17 @@ impl Server {
                 return;
             };
             s.client = h.client;
-            let acked = s.link.outbound.on_ack(r.delivered).ok().flatten();
-            if let Some((_, last)) = acked {
-                s.link.inbound.release(last.0);
+            // Live room entries wait until the client says where its
+            // streams stand.
+            s.awaiting_subs = s.stream;
+            let acked = s.link.outbound.on_ack(r.delivered).ok();
+            if let Some(through) = acked.and_then(|a| a.through) {
+                s.link.inbound.release(through.0);
             }
             let delivered = s.link.inbound.ack_point();
             s.link.inbound.on_new_connection();
             self.stats.sessions_resumed += 1;
-            if let Some((first, last)) = acked {
+            if let Some((first, last)) = acked.and_then(|a| a.reported) {
                 self.emit(ServerEvent::Acked {
                     session: r.session,
                     first,
@@ -204,6 +212,8 @@ impl Server {
                     link: Link::new(Outbound::new(&self.config.queue, &self.config.reliability)),
                     deadlines: LinkDeadlines::default(),
                     rooms: Vec::new(),
+                    stream,
+                    awaiting_subs: false,
                 },
             );
             self.stats.sessions_created += 1;

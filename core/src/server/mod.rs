@@ -39,6 +39,9 @@
 //!   message by its id.
 //! - `rooms.rs`: joins, leaves, broadcasts, membership and presence, the
 //!   room policy, and the room messages clients send.
+//! - `streams.rs`: room streams: which members get an entry, a `skip` or
+//!   nothing, the `sub` that starts a member's stream, and the recovery of
+//!   a resumed member from the room's history;
 //! - `delivery.rs`: the glue to each session's delivery pipe (`Link`, in
 //!   link.rs): queuing messages, the frames of an open session (messages,
 //!   acknowledgments, replays, pings, datagrams), the acknowledgment
@@ -52,6 +55,7 @@ mod event;
 mod handshake;
 mod rooms;
 mod session;
+mod streams;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -64,8 +68,9 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::link::LinkTimer;
 pub use crate::link::Received;
 use crate::ratelimit::RateLimiter;
-use crate::reliable::{MessageId, Outgoing, SendError};
+use crate::reliable::{MessageId, Outgoing, RoomName, SendError};
 use crate::rooms::{AllowAll, RoomPolicy, Rooms};
+use crate::stream::RoomStream;
 use crate::time::Instant;
 use crate::wire::{
     self, Codec, DecodeError, Frame, Incoming, Limits, MsgKind, Payload, SessionId,
@@ -121,6 +126,10 @@ pub struct Server {
     /// While [`Server::handle_upgrade`] runs: the connection whose handshake
     /// answer goes in the upgrade response, and that answer once made.
     upgrade: Option<(ConnectionId, Option<String>)>,
+    /// Each room's stream, while the room has members.
+    streams: Map<RoomName, RoomStream>,
+    /// Streams made so far (for their epochs).
+    streams_made: u64,
 }
 
 impl Server {
@@ -143,6 +152,8 @@ impl Server {
             evictions: Vec::new(),
             shutting_down: false,
             upgrade: None,
+            streams: Map::default(),
+            streams_made: 0,
         })
     }
 
@@ -543,6 +554,11 @@ impl Server {
             queued += s.link.outbound.waiting_len();
             detached += usize::from(s.state.connection().is_none());
         }
+        let (history_entries, history_bytes) = self
+            .streams
+            .values()
+            .map(RoomStream::held)
+            .fold((0, 0), |(e, b), (de, db)| (e + de, b + db));
         ServerMetrics {
             connections: self.conns.len(),
             sessions: self.sessions.len(),
@@ -551,6 +567,8 @@ impl Server {
             memberships: self.rooms.memberships(),
             messages_in_flight: in_flight,
             messages_queued: queued,
+            history_entries,
+            history_bytes,
             counters: self.stats.clone(),
         }
     }

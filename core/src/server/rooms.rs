@@ -17,6 +17,7 @@ use crate::rooms::{JoinError, Member, Presence, RoomPolicy};
 use crate::time::Instant;
 use crate::wire::{self, Msg, MsgKind, Payload, SessionId};
 
+use super::streams::Joined;
 use super::{RoomError, RoomOp, Server, ServerEvent};
 
 // Named only in links in the docs.
@@ -93,7 +94,7 @@ impl Server {
     pub fn rooms_of(&self, session: SessionId) -> Vec<Arc<str>> {
         self.sessions
             .get(&session)
-            .map(|s| s.rooms.clone())
+            .map(|s| s.rooms.iter().map(|j| j.room.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -110,7 +111,7 @@ impl Server {
         if self.evictions.contains(&member) {
             return false;
         }
-        let msg = Outgoing::new(kind, payload).in_room(room.clone());
+        let msg = Outgoing::new(kind, payload).in_room(room.clone()).own();
         match self.enqueue_raw(member, msg) {
             Ok(_) => true,
             Err(SendError::QueueFull { .. }) => {
@@ -137,13 +138,11 @@ impl Server {
         let Ok(payload) = Payload::json(json) else {
             return;
         };
-        let members: Vec<SessionId> = self
-            .rooms
-            .members(room)
-            .filter(|m| Some(*m) != except)
-            .collect();
-        for m in members {
-            self.send_to_member(m, payload.clone(), MsgKind::Presence, room);
+        let members: Vec<SessionId> = self.rooms.members(room).collect();
+        let kind = MsgKind::Presence;
+        let (legacy, _) = self.publish_entry(room, kind, payload.clone(), except, &members);
+        for m in legacy.into_iter().filter(|m| Some(*m) != except) {
+            self.send_to_member(m, payload.clone(), kind, room);
         }
     }
 
@@ -203,8 +202,18 @@ impl Server {
                     })
                 }
             }
+            // A stream-served member is told where its stream starts before
+            // the presence diff that announces it (an entry it skips).
+            let at = if self.streams_session(session) {
+                self.stream_joined(session, &name)
+            } else {
+                0
+            };
             if let Some(s) = self.sessions.get_mut(&session) {
-                s.rooms.push(name.clone());
+                s.rooms.push(Joined {
+                    room: name.clone(),
+                    at,
+                });
             }
             self.emit(ServerEvent::Joined {
                 session,
@@ -252,7 +261,7 @@ impl Server {
         let name = self.rooms.name(room);
         let member = self.member_of(session);
         if let Some(s) = self.sessions.get_mut(&session) {
-            s.rooms.retain(|r| &**r != room);
+            s.rooms.retain(|j| &*j.room != room);
         }
         self.emit(ServerEvent::Left {
             session,
@@ -269,18 +278,16 @@ impl Server {
                 },
             );
         }
+        self.drop_stream_if_empty(&name);
         true
     }
 
     fn do_broadcast(&mut self, room: &str, payload: &Payload, exclude: Option<SessionId>) -> usize {
         let name = self.rooms.name(room);
-        let members: Vec<SessionId> = self
-            .rooms
-            .members(room)
-            .filter(|m| Some(*m) != exclude)
-            .collect();
-        let mut queued = 0;
-        for m in members {
+        let members: Vec<SessionId> = self.rooms.members(room).collect();
+        let (legacy, mut queued) =
+            self.publish_entry(&name, MsgKind::Plain, payload.clone(), exclude, &members);
+        for m in legacy.into_iter().filter(|m| Some(*m) != exclude) {
             if self.send_to_member(m, payload.clone(), MsgKind::Plain, &name) {
                 queued += 1;
             }

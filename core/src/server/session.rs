@@ -12,13 +12,13 @@
 
 use crate::close::CloseCode;
 use crate::link::Link;
-use crate::reliable::RoomName;
 use crate::rooms::{Member, Presence};
 use crate::time::Instant;
 use crate::wire::{ClientId, SessionId};
 
 use super::conn::ConnPhase;
 use super::delivery::{LinkDeadlines, SessionTimers};
+use super::streams::Joined;
 use super::{ConnectionId, Server, ServerEvent, ServerOutput, ServerTimer, SessionEnd};
 
 /// Where a session is in its life. A session begins attached to the
@@ -90,7 +90,13 @@ pub(super) struct Session {
     pub(super) link: Link,
     /// The link's deadlines (each also in the server's heap).
     pub(super) deadlines: LinkDeadlines,
-    pub(super) rooms: Vec<RoomName>,
+    pub(super) rooms: Vec<Joined>,
+    /// The client announced `stream`: its rooms come as room streams
+    /// (`streams.rs`), not through its own sequence.
+    pub(super) stream: bool,
+    /// Resumed, and its client has not yet said where its streams stand:
+    /// live entries wait in the history until it does.
+    pub(super) awaiting_subs: bool,
 }
 
 impl Server {
@@ -213,7 +219,7 @@ impl Server {
             _ => {}
         }
         let member = Member::new(s.client, s.identity.as_deref());
-        for room in s.rooms {
+        for Joined { room, .. } in s.rooms {
             self.rooms.leave(&room, session);
             self.emit(ServerEvent::Left {
                 session,
@@ -228,6 +234,7 @@ impl Server {
                     left: vec![member.clone()],
                 },
             );
+            self.drop_stream_if_empty(&room);
         }
         self.emit(ServerEvent::SessionEnded {
             session,

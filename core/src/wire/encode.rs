@@ -10,13 +10,12 @@
 use std::borrow::Cow;
 
 use base64::Engine as _;
-#[cfg(test)]
 use serde_json::value::RawValue;
 
 use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, B64};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
-use super::{EncodeError, Frame, Msg, MsgKind, PayloadKind, BINARY_HEADER_LEN};
+use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
 /// a `welcome` about 220).
@@ -74,6 +73,47 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
     serde_json::to_writer(out, &env).map_err(serializer_error)
 }
 
+/// The fields of a `sub` envelope.
+macro_rules! fill_sub {
+    ($env:ident, $pos:expr) => {{
+        $env.t = "sub".into();
+        $env.r = Some(Cow::Borrowed(&$pos.room));
+        $env.e = Some($pos.epoch);
+        $env.seq = Some($pos.offset);
+        $env.from = $pos.missed_from;
+    }};
+}
+
+/// A `subs` envelope of type `$ty`: one `sub` envelope a position.
+macro_rules! subs_envelope {
+    ($ty:ident, $list:expr) => {{
+        let mut env = $ty::default();
+        env.t = "subs".into();
+        env.f = Some(
+            $list
+                .iter()
+                .map(|pos| {
+                    let mut inner = $ty::default();
+                    fill_sub!(inner, pos);
+                    inner
+                })
+                .collect(),
+        );
+        env
+    }};
+}
+
+/// The envelope fields of a room stream entry, payload aside.
+macro_rules! fill_entry {
+    ($env:ident, $e:expr) => {{
+        $env.t = "pub".into();
+        $env.seq = Some($e.offset);
+        $env.ts = $e.ts;
+        $env.op = $e.kind.op().map(Cow::Borrowed);
+        $env.r = Some(Cow::Borrowed(&$e.room));
+    }};
+}
+
 /// Fills the fields every non-handshake envelope shares; the payload is
 /// filled by the codec-specific caller.
 macro_rules! fill_common {
@@ -111,6 +151,12 @@ macro_rules! fill_common {
                 $env.t = "auth".into();
                 $env.token = Some(token.as_str().into());
             }
+            Frame::Skip { room, offset } => {
+                $env.t = "skip".into();
+                $env.seq = Some(*offset);
+                $env.r = Some(Cow::Borrowed(room));
+            }
+            Frame::Sub(pos) => fill_sub!($env, pos),
             _ => return Err(EncodeError::Unrepresentable),
         }
     };
@@ -138,8 +184,14 @@ macro_rules! fill_msg {
 pub(super) fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
     let mut env = JsonEnvelope::default();
     fill_msg!(env, m);
-    let data = &m.payload.data;
-    match m.payload.kind {
+    json_payload_into(&mut env, &m.payload)?;
+    Ok(env)
+}
+
+/// Puts a payload into a JSON envelope (the serde way).
+fn json_payload_into<'a>(env: &mut JsonEnvelope<'a>, p: &'a Payload) -> Result<(), EncodeError> {
+    let data = &p.data;
+    match p.kind {
         PayloadKind::Json => {
             // Checked at construction; a failure here means a bug, reported not panicked.
             let raw: &RawValue = serde_json::from_slice(data).map_err(serializer_error)?;
@@ -148,7 +200,21 @@ pub(super) fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
         PayloadKind::MsgPack => env.m = Some(Cow::Owned(B64.encode(data))),
         PayloadKind::Binary => env.b = Some(Cow::Owned(B64.encode(data))),
     }
-    Ok(env)
+    Ok(())
+}
+
+/// Puts a payload into a MessagePack envelope (the serde way).
+fn pack_payload_into<'a>(env: &mut PackEnvelope<'a>, p: &'a Payload) -> Result<(), EncodeError> {
+    let data: &[u8] = &p.data;
+    match p.kind {
+        PayloadKind::Json => {
+            let s = std::str::from_utf8(data).map_err(serializer_error)?;
+            env.j = Some(s.into());
+        }
+        PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
+        PayloadKind::Binary => env.b = Some(serde_bytes::Bytes::new(data)),
+    }
+    Ok(())
 }
 
 #[inline]
@@ -167,6 +233,16 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
             }
             out.extend_from_slice(b"]}");
             Ok(())
+        }
+        Frame::Subs(list) => {
+            let env = subs_envelope!(JsonEnvelope, list);
+            serde_json::to_writer(out, &env).map_err(serializer_error)
+        }
+        Frame::Pub(e) => {
+            let mut env = JsonEnvelope::default();
+            fill_entry!(env, e);
+            json_payload_into(&mut env, &e.payload)?;
+            serde_json::to_writer(out, &env).map_err(serializer_error)
         }
         _ => {
             let mut env = JsonEnvelope::default();
@@ -253,15 +329,7 @@ pub(super) fn write_json_msg(
 pub(super) fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
     let mut env = PackEnvelope::default();
     fill_msg!(env, m);
-    let data: &[u8] = &m.payload.data;
-    match m.payload.kind {
-        PayloadKind::Json => {
-            let s = std::str::from_utf8(data).map_err(serializer_error)?;
-            env.j = Some(s.into());
-        }
-        PayloadKind::MsgPack => env.m = Some(serde_bytes::Bytes::new(data)),
-        PayloadKind::Binary => env.b = Some(serde_bytes::Bytes::new(data)),
-    }
+    pack_payload_into(&mut env, &m.payload)?;
     Ok(env)
 }
 
@@ -287,6 +355,16 @@ pub(super) fn encode_msgpack(
             for m in msgs {
                 write_pack_msg(m, out, false)?;
             }
+        }
+        Frame::Subs(list) => {
+            let env = subs_envelope!(PackEnvelope, list);
+            rmp_serde::encode::write_named(out, &env).map_err(serializer_error)?;
+        }
+        Frame::Pub(e) => {
+            let mut env = PackEnvelope::default();
+            fill_entry!(env, e);
+            pack_payload_into(&mut env, &e.payload)?;
+            rmp_serde::encode::write_named(out, &env).map_err(serializer_error)?;
         }
         _ => {
             let mut env = PackEnvelope::default();

@@ -83,6 +83,9 @@ macro_rules! envelope {
             pub(super) dm: Option<u64>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub(super) db: Option<u64>,
+            // Room streams: the stream's epoch (`sub`).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub(super) e: Option<u64>,
         }
     };
 }

@@ -18,8 +18,8 @@ use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, B64};
 use super::payload::json_depth_ok;
 use super::{
     ClientId, Codec, DecodeError, Frame, Hello, InvalidMsg, Msg, MsgKind, Payload, PayloadKind,
-    Reject, Resume, ResumeKey, SessionId, Welcome, MAX_BATCH, MAX_LIST_LEN, MAX_TOKEN_BYTES,
-    MAX_TOKEN_LEN,
+    Reject, Resume, ResumeKey, SessionId, StreamEntry, StreamPos, Welcome, MAX_BATCH, MAX_EPOCH,
+    MAX_LIST_LEN, MAX_TOKEN_BYTES, MAX_TOKEN_LEN,
 };
 
 /// [`json_depth_ok`] as a decode check on the field `field`.
@@ -189,6 +189,9 @@ macro_rules! envelope_frame {
         if $env.t == "batch" {
             return batch_frame($env.f.as_deref(), $nested, |inner| $name(inner, true));
         }
+        if $env.t == "subs" {
+            return subs_frame($env.f.as_deref(), $nested, |inner| $name(inner, true));
+        }
         common_frame(
             &$env.t,
             $env.seq,
@@ -200,6 +203,7 @@ macro_rules! envelope_frame {
             $env.code,
             $env.retry,
             Extra {
+                epoch: $env.e,
                 within: $env.within,
                 token: $env.token.as_deref(),
                 rq: $env.rq,
@@ -227,24 +231,38 @@ pub(super) fn pack_frame(
     envelope_frame!(frame, env, nested, payload)
 }
 
+/// The envelopes in a frame's `f`: present, at the top level, and `min`
+/// to 1 024 of them; `why` names the rules when they are broken.
+fn list_of<'e, E>(
+    inner: Option<&'e [E]>,
+    nested: bool,
+    frame: &'static str,
+    min: usize,
+    why: [&'static str; 2],
+) -> Result<&'e [E], DecodeError> {
+    if nested {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: why[0],
+        });
+    }
+    let inner = need(inner, frame, "f")?;
+    if inner.len() < min || inner.len() > MAX_BATCH {
+        return Err(DecodeError::InvalidField {
+            field: "f",
+            reason: why[1],
+        });
+    }
+    Ok(inner)
+}
+
 pub(super) fn batch_frame<E>(
     inner: Option<&[E]>,
     nested: bool,
     decode: impl Fn(&E) -> Result<Frame, DecodeError>,
 ) -> Result<Frame, DecodeError> {
-    if nested {
-        return Err(DecodeError::InvalidField {
-            field: "f",
-            reason: "batches do not nest",
-        });
-    }
-    let inner = need(inner, "batch", "f")?;
-    if inner.is_empty() || inner.len() > MAX_BATCH {
-        return Err(DecodeError::InvalidField {
-            field: "f",
-            reason: "a batch holds 1 to 1024 messages",
-        });
-    }
+    let why = ["batches do not nest", "a batch holds 1 to 1024 messages"];
+    let inner = list_of(inner, nested, "batch", 1, why)?;
     let mut msgs = Vec::with_capacity(inner.len());
     for e in inner {
         match decode(e)? {
@@ -300,8 +318,55 @@ fn pack_payload(
     }
 }
 
+/// A `subs` frame: each envelope of `f` a `sub`.
+fn subs_frame<E>(
+    inner: Option<&[E]>,
+    nested: bool,
+    decode: impl Fn(&E) -> Result<Frame, DecodeError>,
+) -> Result<Frame, DecodeError> {
+    let why = ["subs do not nest", "at most 1024 positions"];
+    let inner = list_of(inner, nested, "subs", 0, why)?;
+    let mut list = Vec::with_capacity(inner.len());
+    for e in inner {
+        match decode(e)? {
+            Frame::Sub(pos) if pos.missed_from.is_none() => list.push(pos),
+            _ => {
+                return Err(DecodeError::InvalidField {
+                    field: "f",
+                    reason: "subs holds only sub positions, without from",
+                })
+            }
+        }
+    }
+    Ok(Frame::Subs(list))
+}
+
+/// A room name as every frame carries it: 1 to 256 bytes.
+fn room_name(room: Option<&str>, frame: &'static str) -> Result<std::sync::Arc<str>, DecodeError> {
+    match room {
+        None => Err(DecodeError::MissingField { frame, field: "r" }),
+        Some(r) if r.is_empty() || r.len() > MAX_TOKEN_LEN => Err(DecodeError::InvalidField {
+            field: "r",
+            reason: "room names are 1 to 256 bytes",
+        }),
+        Some(r) => Ok(std::sync::Arc::from(r)),
+    }
+}
+
+/// A stream offset of an entry: from 1.
+fn entry_offset(seq: Option<u64>, frame: &'static str) -> Result<u64, DecodeError> {
+    match need(seq, frame, "seq")? {
+        0 => Err(DecodeError::InvalidField {
+            field: "seq",
+            reason: "stream offsets start at 1",
+        }),
+        o => Ok(o),
+    }
+}
+
 /// Fields only some frame types use.
 struct Extra<'a> {
+    epoch: Option<u64>,
     within: Option<u64>,
     token: Option<&'a str>,
     rq: Option<bool>,
@@ -360,6 +425,53 @@ fn common_frame(
         "ack" => Frame::Ack {
             ack: need(ack, "ack", "ack")?,
         },
+        "pub" => {
+            let offset = entry_offset(seq, "pub")?;
+            let room = room_name(extra.room, "pub")?;
+            let kind = match extra.op {
+                None => MsgKind::Plain,
+                Some("presence") => MsgKind::Presence,
+                Some(_) => {
+                    return Err(DecodeError::InvalidField {
+                        field: "op",
+                        reason: "a stream entry is a message or presence",
+                    })
+                }
+            };
+            Frame::Pub(StreamEntry {
+                room,
+                offset,
+                kind,
+                ts,
+                payload: payload()?,
+            })
+        }
+        "skip" => Frame::Skip {
+            offset: entry_offset(seq, "skip")?,
+            room: room_name(extra.room, "skip")?,
+        },
+        "sub" => {
+            let epoch = need(extra.epoch, "sub", "e")?;
+            if epoch >= MAX_EPOCH {
+                return Err(DecodeError::InvalidField {
+                    field: "e",
+                    reason: "epochs are below 2^53",
+                });
+            }
+            let offset = need(seq, "sub", "seq")?;
+            if from.is_some_and(|f| f == 0 || f > offset) {
+                return Err(DecodeError::InvalidField {
+                    field: "from",
+                    reason: "missed entries run from 1 to the position",
+                });
+            }
+            Frame::Sub(StreamPos {
+                room: room_name(extra.room, "sub")?,
+                epoch,
+                offset,
+                missed_from: from,
+            })
+        }
         "replay" => {
             let from = need(from, "replay", "from")?;
             if from == 0 {

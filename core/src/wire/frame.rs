@@ -226,6 +226,41 @@ impl MsgKind {
     }
 }
 
+/// An entry of a room's stream (`pub`), as every member of the room gets
+/// it: the same bytes for all (PROTOCOL.md, section 3.4).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamEntry {
+    /// The room.
+    pub room: std::sync::Arc<str>,
+    /// The entry's place in the room's stream, from 1, without gaps.
+    pub offset: u64,
+    /// [`MsgKind::Plain`] (a broadcast or a publish) or
+    /// [`MsgKind::Presence`] (a membership diff).
+    pub kind: MsgKind,
+    /// The publisher's timestamp in milliseconds, if it set one.
+    pub ts: Option<u64>,
+    /// The payload.
+    pub payload: Payload,
+}
+
+/// Where a member's copy of a room's stream stands (`sub`): after
+/// `offset` in the stream `epoch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamPos {
+    /// The room.
+    pub room: std::sync::Arc<str>,
+    /// The stream's identity: a room whose stream was lost and started
+    /// again (the server forgot it) has another epoch. Below
+    /// [`MAX_EPOCH`](super::MAX_EPOCH).
+    pub epoch: u64,
+    /// The last offset the member has (0: none yet).
+    pub offset: u64,
+    /// From the server only: the entries from this offset through
+    /// `offset` are gone from its history and will never come; the
+    /// member reports them missed.
+    pub missed_from: Option<u64>,
+}
+
 /// Everything that crosses the wire.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -279,6 +314,25 @@ pub enum Frame {
         /// The credential (for example a bearer token).
         token: String,
     },
+    /// Server to client: an entry of a room's stream (only to a client that
+    /// announced `stream`).
+    Pub(StreamEntry),
+    /// Server to client: the entry at `offset` of `room`'s stream is not
+    /// for this member (it was excluded from the broadcast); its offset is
+    /// used all the same.
+    Skip {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// The offset used.
+        offset: u64,
+    },
+    /// Server to client: the member's stream of a room continues after the
+    /// given position; sent when a member starts receiving a room's stream
+    /// on a connection, before any entry of it.
+    Sub(StreamPos),
+    /// Client to server, right after a resumed `welcome`: where each of its
+    /// room streams stands, so the server sends what it missed.
+    Subs(Vec<StreamPos>),
     /// An unsequenced application datagram (binary header kind 0x02).
     Raw(Bytes),
     /// A well-formed envelope of a type this version does not know. Ignored.
@@ -301,6 +355,10 @@ impl Frame {
             Frame::GoAway { .. } => "goaway",
             Frame::Reauth { .. } => "reauth",
             Frame::Auth { .. } => "auth",
+            Frame::Pub(_) => "pub",
+            Frame::Skip { .. } => "skip",
+            Frame::Sub(_) => "sub",
+            Frame::Subs(_) => "subs",
             Frame::Raw(_) => "raw",
             Frame::Unknown(t) => t,
         }

@@ -55,7 +55,8 @@ pub(crate) use buffers::Encoder;
 pub use decode::Decoder;
 pub use error::{DecodeError, EncodeError, InvalidMsg};
 pub use frame::{
-    Frame, Hello, Incoming, Msg, MsgKind, Reject, Resume, ResumeKey, Transmit, Welcome,
+    Frame, Hello, Incoming, Msg, MsgKind, Reject, Resume, ResumeKey, StreamEntry, StreamPos,
+    Transmit, Welcome,
 };
 pub use header::{header_value, into_header_value, HELLO_HEADER, MAX_HELLO_HEADER, WELCOME_HEADER};
 pub use payload::{Payload, PayloadError, PayloadKind};
@@ -92,6 +93,15 @@ pub const MAX_LIST_LEN: usize = 32;
 /// Capability: the peer can receive detached payloads (PROTOCOL.md,
 /// section 2.1). Every Kitestring peer announces it.
 pub const CAP_DETACH: &str = "detach";
+
+/// Capability: the peer takes room broadcasts as room streams, `pub`,
+/// `skip` and `sub` frames with offsets, and resumes them with `subs`
+/// (PROTOCOL.md, section 3.4). Every Kitestring peer announces it.
+pub const CAP_STREAM: &str = "stream";
+
+/// Room stream epochs are below this, so that a JavaScript number holds
+/// them exactly.
+pub const MAX_EPOCH: u64 = 1 << 53;
 
 /// Payloads from this size up are sent detached to a peer that can receive
 /// them: below it, copying the payload into the envelope costs less than a
