@@ -294,7 +294,7 @@ fn a_member_away_past_the_history_is_told_what_it_missed() {
         .events
         .iter()
         .filter_map(|(_, e)| match e {
-            Event::Message(m) if m.room.as_deref() == Some("room") => m.offset,
+            Event::Message(m) if m.room.as_deref() == Some("room") && m.in_stream => Some(m.seq),
             _ => None,
         })
         .max()

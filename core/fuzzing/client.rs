@@ -826,14 +826,15 @@ impl ClientHarness {
                     assert_eq!(self.last_seq, 0, "a new session starts numbering afresh");
                 }
             }
-            Event::Message(m) if m.offset.is_some() => {
+            Event::Message(m) if m.in_stream => {
                 let name = m
                     .room
                     .as_deref()
                     .and_then(|r| ROOMS.iter().find(|n| **n == r));
-                let (Some(name), Some(offset)) = (name, m.offset) else {
+                let Some(name) = name else {
                     panic!("a stream entry of no room\n{}", self.log)
                 };
+                let offset = m.seq;
                 let last = &mut self.rooms.entry(name).or_insert((0, 0)).1;
                 assert!(
                     offset > *last,

@@ -33,18 +33,17 @@ pub struct Received {
     /// The peer's id for the message (an idempotency key). For an entry of
     /// a room's stream, its offset (an idempotency key within the room).
     pub id: MessageId,
-    /// Its sequence number in this session; 0 for an entry of a room's
-    /// stream, which is numbered by `offset` instead.
+    /// Its sequence number in this session or, if `in_stream`, its offset
+    /// in its room's stream.
     pub seq: u64,
-    /// For an entry of a room's stream (PROTOCOL.md, section 3.4), its
-    /// offset in the room's stream; `None` for a message of the session's
-    /// own sequence.
-    pub offset: Option<u64>,
     /// The sender's timestamp in milliseconds, if it set one.
     pub timestamp: Option<u64>,
     /// Whether the sender expects a response (answer with `respond`,
     /// quoting `id`).
     pub request: bool,
+    /// An entry of its room's stream (PROTOCOL.md, section 3.4), numbered
+    /// by the room's offsets rather than the session's sequence.
+    pub in_stream: bool,
     /// The request this message answers, if it is a response.
     pub response_to: Option<MessageId>,
     /// The room it was published to (server side) or broadcast in (client
@@ -59,9 +58,9 @@ impl Received {
         Received {
             id: MessageId(m.id),
             seq: m.seq,
-            offset: None,
             timestamp: m.ts,
             request: m.kind == MsgKind::Request,
+            in_stream: false,
             response_to: match m.kind {
                 MsgKind::Response(to) => Some(MessageId(to)),
                 _ => None,

@@ -96,10 +96,10 @@ impl Client {
         }
         self.emit(Event::Message(Received {
             id: MessageId(offset),
-            seq: 0,
-            offset: Some(offset),
+            seq: offset,
             timestamp: e.ts,
             request: false,
+            in_stream: true,
             response_to: None,
             room: Some(room),
             payload: e.payload,

@@ -207,6 +207,9 @@ impl Server {
         }
     }
 
+    /// Every frame of an open session but a `msg` (which `on_frame` hands
+    /// to `on_msg` itself). Kept out of line: it is off the message path.
+    #[inline(never)]
     pub(super) fn on_session_frame(
         &mut self,
         connection: ConnectionId,
@@ -273,7 +276,7 @@ impl Server {
     }
 
     /// Handles one incoming message; false if the connection is gone.
-    fn on_msg(&mut self, connection: ConnectionId, session: SessionId, m: Msg) -> bool {
+    pub(super) fn on_msg(&mut self, connection: ConnectionId, session: SessionId, m: Msg) -> bool {
         if let Some(ack) = m.ack {
             if !self.on_ack(connection, session, ack) {
                 return false;

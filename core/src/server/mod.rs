@@ -682,6 +682,12 @@ impl Server {
                 );
                 self.reject_hello(connection, message);
             }
+            // Every message's path: the message alone is moved on, not the
+            // whole frame.
+            (ConnPhase::Open { session, .. }, Frame::Msg(m)) => {
+                let session = *session;
+                self.on_msg(connection, session, m);
+            }
             (ConnPhase::Open { session, .. }, frame) => {
                 let session = *session;
                 self.on_session_frame(connection, session, frame);

@@ -186,11 +186,10 @@ fn json_payload(env: &JsonEnvelope<'_>, nested: bool) -> Result<Payload, DecodeE
 /// One envelope (or a batch of them) to a frame, either codec.
 macro_rules! envelope_frame {
     ($name:ident, $env:ident, $nested:ident, $payload:ident) => {{
-        if $env.t == "batch" {
-            return batch_frame($env.f.as_deref(), $nested, |inner| $name(inner, true));
-        }
-        if $env.t == "subs" {
-            return subs_frame($env.f.as_deref(), $nested, |inner| $name(inner, true));
+        match &*$env.t {
+            "batch" => return batch_frame($env.f.as_deref(), $nested, |inner| $name(inner, true)),
+            "subs" => return subs_frame($env.f.as_deref(), $nested, |inner| $name(inner, true)),
+            _ => {}
         }
         common_frame(
             &$env.t,
