@@ -2,10 +2,10 @@
 // (bench/src/peers/), run by `kitestring-bench inner server socketio-node`.
 //
 // The same work as every other server there: each connection joins the room
-// "fanout" when it asks (event "join"), every "echo" event goes back to its
-// sender, and `broadcast N` on stdin sends N 32-character payloads to the
-// room, each numbered by this process. Lines on stdin, one answer each:
-//   count        -> "count <connections> <joined>"
+// its connect packet's auth payload names ({"join":"fanout"}), every "echo"
+// event goes back to its sender, and `broadcast N` on stdin sends N
+// 32-character payloads to the room, each numbered by this process. Lines on stdin, one answer each:
+//   count        -> "count <connections opened> <joins>" (totals since start)
 //   broadcast N  -> "sent" once the N emits are done
 // The process exits when stdin ends. WebSocket transport only; every other
 // setting is socket.io's default.
@@ -26,21 +26,14 @@ let seq = 0;
 
 io.on("connection", (socket) => {
   connections++;
-  let member = false;
-  socket.on("join", (room) => {
-    socket.join(room);
-    if (!member) {
-      member = true;
-      joined++;
-    }
-  });
   socket.on("echo", (data) => {
     socket.emit("echo", data);
   });
-  socket.on("disconnect", () => {
-    connections--;
-    if (member) joined--;
-  });
+  const room = socket.handshake.auth.join;
+  if (typeof room === "string") {
+    socket.join(room);
+    joined++;
+  }
 });
 
 // Sequence number in 16 hex digits, padded to 32 characters.

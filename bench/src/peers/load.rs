@@ -191,16 +191,28 @@ async fn open_inner(proto: Proto, i: usize, port: u16) -> Result<(Ws, Session), 
         }
         Proto::SocketIo => {
             let session = wire::socketio_open(&next_text(&mut ws).await?)?;
-            ws.send(Message::text(wire::SOCKETIO_CONNECT))
+            ws.send(Message::text(wire::socketio_connect()))
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
-            while !wire::socketio_connected(&next_text(&mut ws).await?)? {}
+            loop {
+                let packet = next_text(&mut ws).await?;
+                if wire::socketio_connected(&packet)? {
+                    break;
+                }
+                // socketioxide pings as soon as the connection opens.
+                if packet == wire::SOCKETIO_PING {
+                    ws.send(Message::text(wire::SOCKETIO_PONG))
+                        .await
+                        .map_err(|e| format!("pong: {e}"))?;
+                }
+            }
             session
         }
         Proto::Floor => wire::floor_session(),
     };
-    let join = session.join();
-    ws.send(join).await.map_err(|e| format!("join: {e}"))?;
+    if let Some(join) = session.join() {
+        ws.send(join).await.map_err(|e| format!("join: {e}"))?;
+    }
     Ok((ws, session))
 }
 

@@ -1,6 +1,8 @@
 //! The servers of the peers scenarios, each run in a child process as
 //! `inner server kitestring|socketioxide|socketio-node|floor`, all doing the
-//! same work: every connection that asks joins the room [`ROOM`], every
+//! same work: every connection that asks joins the room [`ROOM`] (a
+//! Kitestring `join`, the Socket.IO connect packet's auth payload, the
+//! floor's join frame), every
 //! message a connection sends goes back to it, and `broadcast N` on stdin
 //! sends N payloads of 32 bytes to the room, numbered by the server from 1
 //! on (the load generator checks the numbers).
@@ -147,9 +149,16 @@ async fn kitestring() {
     let _ = server.shutdown().await;
 }
 
+/// The Socket.IO connect packet's auth payload: the room to join.
+#[derive(serde::Deserialize)]
+struct Auth {
+    join: Option<String>,
+}
+
 /// socketioxide with its defaults, served by hyper as its examples show,
 /// but for the WebSocket transport only and a larger per-connection buffer
-/// ([`SOCKETIOXIDE_BUFFER`]).
+/// ([`SOCKETIOXIDE_BUFFER`]). The connection handler registers the echo,
+/// then joins the room the connect packet names.
 async fn socketioxide() {
     use socketioxide::extract::{Data, SocketRef};
     use socketioxide::{SocketIo, TransportType};
@@ -163,15 +172,15 @@ async fn socketioxide() {
     let joined = Arc::new(AtomicUsize::new(0));
     {
         let (opened, joined) = (opened.clone(), joined.clone());
-        io.ns("/", async move |s: SocketRef| {
+        io.ns("/", async move |s: SocketRef, Data::<Auth>(auth)| {
             opened.fetch_add(1, Ordering::Relaxed);
-            s.on("join", async move |s: SocketRef, Data::<String>(room)| {
-                s.join(room);
-                joined.fetch_add(1, Ordering::Relaxed);
-            });
             s.on("echo", async |s: SocketRef, Data::<String>(data)| {
                 let _ = s.emit("echo", &data);
             });
+            if let Some(room) = auth.join {
+                s.join(room);
+                joined.fetch_add(1, Ordering::Relaxed);
+            }
         });
     }
     let mut lines = net::stdin_lines();

@@ -164,19 +164,20 @@ impl Session {
         }
     }
 
-    /// The frame that joins [`ROOM`].
-    pub(crate) fn join(&mut self) -> Message {
+    /// The frame that joins [`ROOM`]; none for Socket.IO, whose connect
+    /// packet asks for the room ([`socketio_connect`]).
+    pub(crate) fn join(&mut self) -> Option<Message> {
         match self.proto {
             Proto::Kitestring(codec) => {
                 self.sent += 1;
                 let ack = self.take_ack();
-                kite_msg(codec, self.sent, ack, KiteBody::Join)
+                Some(kite_msg(codec, self.sent, ack, KiteBody::Join))
             }
-            Proto::SocketIo => Message::text(format!("42[\"join\",\"{ROOM}\"]")),
+            Proto::SocketIo => None,
             Proto::Floor => {
                 let mut v = vec![FLOOR_JOIN];
                 v.extend_from_slice(ROOM.as_bytes());
-                Message::Binary(Bytes::from(v))
+                Some(Message::Binary(Bytes::from(v)))
             }
         }
     }
@@ -465,8 +466,18 @@ pub(crate) fn socketio_connected(text: &str) -> Result<bool, String> {
     }
 }
 
-/// The client's Socket.IO connect packet for the main namespace.
-pub(crate) const SOCKETIO_CONNECT: &str = "40";
+/// The client's Socket.IO connect packet for the main namespace, whose
+/// auth payload names the room to join: the servers join the socket in
+/// their connection handler. (A `join` event sent right after the connect
+/// acknowledgment is not the same: socketioxide sends that acknowledgment
+/// before its connection handler has registered the event handlers, and
+/// drops events that arrive in between.)
+pub(crate) fn socketio_connect() -> String {
+    format!("40{{\"join\":\"{ROOM}\"}}")
+}
+/// Engine.IO v4's ping (from the server) and pong.
+pub(crate) const SOCKETIO_PING: &str = "2";
+pub(crate) const SOCKETIO_PONG: &str = "3";
 
 /// A floor session: the upgrade is its whole handshake.
 pub(crate) fn floor_session() -> Session {
@@ -476,8 +487,8 @@ pub(crate) fn floor_session() -> Session {
 /// One Engine.IO / Socket.IO text packet: a ping is answered, an event
 /// `fanout` or `echo` with one string is an application message.
 fn read_socketio(t: &str, out: &mut Vec<Message>) -> Result<Option<Got>, String> {
-    if t == "2" {
-        out.push(Message::text("3"));
+    if t == SOCKETIO_PING {
+        out.push(Message::text(SOCKETIO_PONG));
         return Ok(None);
     }
     let Some(event) = t.strip_prefix("42") else {
