@@ -181,7 +181,13 @@ impl Table {
             .iter()
             .filter_map(|r| r.failure.as_deref())
             .collect();
-        (!f.is_empty()).then(|| format!("{}: {}", server.name(), f.join("; ")))
+        let first = f.first()?;
+        Some(format!(
+            "{} in {} of {} runs (the first: {first})",
+            server.name(),
+            f.len(),
+            self.runs[i].len()
+        ))
     }
 
     /// Prints every server's median and range of metric `m`.
