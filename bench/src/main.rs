@@ -1,5 +1,7 @@
 //! Kitestring benchmarks, each measured against a plain-tungstenite
-//! baseline in the same run, reported as ratios.
+//! baseline in the same run, reported as ratios; the peers scenarios
+//! ([`peers`]) measure socketioxide and the Node.js socket.io server in the
+//! same run too.
 //!
 //! ```text
 //! cargo run --release -p kitestring-bench -- all            # every scenario
