@@ -1,6 +1,7 @@
-//! The server processes of scenarios 4 to 6, run as `inner server ...` in
+//! The server processes of scenarios 4 to 7, run as `inner server ...` in
 //! a child process so that their memory and CPU time are their own, and so
 //! that neither side of 10 000 connections needs more than 20 000 files.
+//! The peers scenarios' servers live in [`crate::peers`]'s `serve`.
 //!
 //! Protocol: the child prints `port P`, then obeys lines on stdin and
 //! answers each with one line; it exits when stdin ends.
@@ -20,8 +21,9 @@ use crate::net::{self, say};
 /// The room every session joins when the server is started with rooms on.
 pub(crate) const ROOM: &str = "fanout";
 
-/// `inner server ours <ping_ms> <rooms 0|1|2> <outbound_queue>` or
-/// `inner server base`. Rooms: 0, the default room policy (presence on);
+/// `inner server ours <ping_ms> <rooms 0|1|2> <outbound_queue>`,
+/// `inner server base`, or a peers server
+/// (`kitestring|socketioxide|socketio-node|floor`). Rooms: 0, the default room policy (presence on);
 /// 1, no presence and the server joins every new session to [`ROOM`];
 /// 2, no presence, clients join themselves.
 pub(crate) fn run(args: &[String]) -> std::process::ExitCode {
@@ -41,7 +43,11 @@ pub(crate) fn run(args: &[String]) -> std::process::ExitCode {
         Some("base") => {
             let _ = rt.block_on(async { tokio::spawn(baseline()).await });
         }
-        _ => return std::process::ExitCode::FAILURE,
+        Some(peer) => {
+            drop(rt);
+            return crate::peers::serve::run(peer).unwrap_or(std::process::ExitCode::FAILURE);
+        }
+        None => return std::process::ExitCode::FAILURE,
     }
     std::process::ExitCode::SUCCESS
 }
@@ -70,7 +76,7 @@ pub(crate) fn seq_payload(seq: u64) -> Payload {
 /// The fan-out room is a broadcast channel: its members need no presence
 /// (member lists and join/leave diffs), which would cost about N²/2
 /// messages to fill a room of N.
-struct NoPresence;
+pub(crate) struct NoPresence;
 
 impl kitestring::RoomPolicy for NoPresence {
     fn presence(&self, _room: &str) -> bool {

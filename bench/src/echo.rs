@@ -332,6 +332,8 @@ pub(crate) fn throughput_scenario(opts: &crate::Options) -> Vec<crate::Figure> {
                 higher_is_better: true,
                 target: Some(if size >= 1024 { 0.95 } else { 0.90 }),
                 kind: crate::Kind::Ratio,
+                range: None,
+                failed: None,
             });
         }
     }
@@ -366,6 +368,8 @@ pub(crate) fn latency_scenario(opts: &crate::Options) -> Vec<crate::Figure> {
             higher_is_better: false,
             target: Some(2.0),
             kind: crate::Kind::Difference,
+            range: None,
+            failed: None,
         },
         crate::Figure {
             scenario: "ping-pong 32 B, tokio".into(),
@@ -375,6 +379,8 @@ pub(crate) fn latency_scenario(opts: &crate::Options) -> Vec<crate::Figure> {
             higher_is_better: false,
             target: Some(1.2),
             kind: crate::Kind::Ratio,
+            range: None,
+            failed: None,
         },
     ]
 }

@@ -208,6 +208,8 @@ pub(crate) fn idle_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: false,
             target: Some(1.25),
             kind: Kind::Ratio,
+            range: None,
+            failed: None,
         },
         Figure {
             scenario: format!("idle {n} sessions, ping {ping_ms} ms"),
@@ -217,6 +219,8 @@ pub(crate) fn idle_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: false,
             target: None,
             kind: Kind::Absolute,
+            range: None,
+            failed: None,
         },
         Figure {
             scenario: format!("idle {n} sessions, ping 30 s"),
@@ -226,6 +230,8 @@ pub(crate) fn idle_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: false,
             target: Some(1.0),
             kind: Kind::Absolute,
+            range: None,
+            failed: None,
         },
     ]
 }
@@ -299,6 +305,8 @@ pub(crate) fn fanout_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: true,
             target: Some(1.5),
             kind: Kind::Ratio,
+            range: None,
+            failed: None,
         });
     }
     figures
@@ -406,6 +414,8 @@ pub(crate) fn storm_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: false,
             target,
             kind: Kind::Ratio,
+            range: None,
+            failed: None,
         });
         figures.push(Figure {
             scenario: format!("resume storm {n}, {cut} (vs {n} fresh)"),
@@ -415,6 +425,8 @@ pub(crate) fn storm_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: false,
             target: None,
             kind: Kind::Ratio,
+            range: None,
+            failed: None,
         });
     }
     // Losses and sessions not resumed are summed over all repetitions.
@@ -426,6 +438,8 @@ pub(crate) fn storm_scenario(opts: &Options) -> Vec<Figure> {
         higher_is_better: false,
         target: Some(0.0),
         kind: Kind::Absolute,
+        range: None,
+        failed: None,
     });
     figures.push(Figure {
         scenario: format!("resume storm {n}"),
@@ -435,6 +449,8 @@ pub(crate) fn storm_scenario(opts: &Options) -> Vec<Figure> {
         higher_is_better: false,
         target: Some(0.0),
         kind: Kind::Absolute,
+        range: None,
+        failed: None,
     });
     figures
 }
@@ -672,6 +688,8 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: true,
             target: Some(0.8),
             kind: Kind::Ratio,
+            range: None,
+            failed: None,
         },
         Figure {
             scenario: "churn: join with presence".into(),
@@ -681,6 +699,8 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: true,
             target: None,
             kind: Kind::Ratio,
+            range: None,
+            failed: None,
         },
     ];
     for (i, side) in ["server", "clients"].iter().enumerate() {
@@ -692,6 +712,8 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: false,
             target: None,
             kind: Kind::Ratio,
+            range: None,
+            failed: None,
         });
     }
     figures

@@ -1,11 +1,14 @@
 //! Kitestring benchmarks, each measured against a plain-tungstenite
-//! baseline in the same run, reported as ratios.
+//! baseline in the same run, reported as ratios; the peers scenarios
+//! ([`peers`]) measure socketioxide and the Node.js socket.io server in the
+//! same run too.
 //!
 //! ```text
 //! cargo run --release -p kitestring-bench -- all            # every scenario
 //! cargo run --release -p kitestring-bench -- core-cost      # one scenario
 //! cargo run --release -p kitestring-bench -- all --quick    # smoke run (CI)
 //! cargo run --release -p kitestring-bench -- all --json out.json
+//! cargo run --release -p kitestring-bench -- peers          # against socket.io and the floor
 //! ```
 //!
 //! Figures are never asserted: BENCHMARKS.md records them with the machine
@@ -22,6 +25,7 @@ mod core_cost;
 mod echo;
 mod fleet;
 mod net;
+mod peers;
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
@@ -37,6 +41,28 @@ struct Figure {
     target: Option<f64>,
     /// How ours is compared with the baseline.
     kind: Kind,
+    /// For medians of repetitions: the spread behind them.
+    range: Option<Range>,
+    /// Why the figure cannot be trusted: a message lost, duplicated or
+    /// out of order, a connection refused or dropped.
+    failed: Option<Failure>,
+}
+
+/// A delivery check that failed.
+struct Failure {
+    why: String,
+    /// Whether this repository's code failed it (Kitestring, or the floor
+    /// it is measured against), which fails the run; another server's
+    /// failure is reported the same way but is that server's behaviour.
+    ours: bool,
+}
+
+/// The spread behind two medians: the least and greatest value of each
+/// side over `runs` repetitions.
+struct Range {
+    ours: (f64, f64),
+    baseline: (f64, f64),
+    runs: usize,
 }
 
 /// How a figure is compared.
@@ -82,6 +108,8 @@ struct Options {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // 10 000 connections take as many files on each side.
+    net::raise_file_limit();
     if args.first().map(String::as_str) == Some("inner") {
         if args.get(1).map(String::as_str) == Some("server") {
             return child::run(&args[2..]);
@@ -102,6 +130,12 @@ fn main() -> ExitCode {
                 None => return usage("--json needs a path"),
             },
             "all" => scenarios.extend(SCENARIOS.iter().map(|(n, _)| (*n).to_string())),
+            "peers" => scenarios.extend(
+                SCENARIOS
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("peers-"))
+                    .map(|(n, _)| (*n).to_string()),
+            ),
             s if SCENARIOS.iter().any(|(n, _)| *n == s) => scenarios.push(s.to_string()),
             other => return usage(&format!("unknown argument `{other}`")),
         }
@@ -124,6 +158,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let failed: Vec<&Failure> = figures.iter().filter_map(|f| f.failed.as_ref()).collect();
+    if !failed.is_empty() {
+        eprintln!(
+            "FAILED: {} row(s) rest on messages lost, duplicated or out of order, or \
+             connections refused or dropped (see the rows)",
+            failed.len()
+        );
+        if failed.iter().any(|f| f.ours) {
+            return ExitCode::FAILURE;
+        }
+    }
     ExitCode::SUCCESS
 }
 
@@ -137,12 +182,16 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("fanout", fleet::fanout_scenario),
     ("storm", fleet::storm_scenario),
     ("churn", fleet::churn_scenario),
+    ("peers-idle", peers::idle_scenario),
+    ("peers-fanout", peers::fanout_scenario),
+    ("peers-echo", peers::echo_scenario),
+    ("peers-connect", peers::connect_scenario),
 ];
 
 fn usage(problem: &str) -> ExitCode {
     eprintln!("{problem}");
     eprintln!(
-        "usage: kitestring-bench <all | {}>... [--quick] [--json PATH]",
+        "usage: kitestring-bench <all | peers | {}>... [--quick] [--json PATH]",
         SCENARIOS
             .iter()
             .map(|(n, _)| *n)
@@ -290,6 +339,8 @@ fn core_cost_scenario(opts: &Options) -> Vec<Figure> {
                 higher_is_better: false,
                 target: Some(target),
                 kind: Kind::Ratio,
+                range: None,
+                failed: None,
             }),
             _ => eprintln!("valgrind unavailable: instruction counts skipped"),
         }
@@ -301,6 +352,8 @@ fn core_cost_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: false,
             target: (!counted).then_some(target),
             kind: Kind::Ratio,
+            range: None,
+            failed: None,
         });
         figures.push(Figure {
             scenario: format!("core cost, 32 B, {name}"),
@@ -310,6 +363,8 @@ fn core_cost_scenario(opts: &Options) -> Vec<Figure> {
             higher_is_better: false,
             target: None,
             kind: Kind::Ratio,
+            range: None,
+            failed: None,
         });
     }
     figures
@@ -328,10 +383,11 @@ fn report(figures: &[Figure]) {
             (Kind::Absolute, true) => ">=",
             (Kind::Absolute, false) => "<=",
         };
-        let target = match (f.target, f.meets()) {
-            (Some(t), Some(true)) => format!("{op}{t} ok"),
-            (Some(t), _) => format!("{op}{t} MISS"),
-            (None, _) => "-".into(),
+        let target = match (f.target, f.meets(), &f.failed) {
+            (_, _, Some(_)) => "FAILED".into(),
+            (Some(t), Some(true), _) => format!("{op}{t} ok"),
+            (Some(t), _, _) => format!("{op}{t} MISS"),
+            (None, _, _) => "-".into(),
         };
         println!(
             "{:<34} {:<34} {:>14.2} {:>14.2} {:>8.3} {:>8}",
@@ -342,6 +398,18 @@ fn report(figures: &[Figure]) {
             f.ratio(),
             target
         );
+        if let Some(r) = &f.range {
+            println!(
+                "{:<34} {:<34} {:>14} {:>14}",
+                "",
+                format!("  range of {} runs", r.runs),
+                format!("{:.2}-{:.2}", r.ours.0, r.ours.1),
+                format!("{:.2}-{:.2}", r.baseline.0, r.baseline.1),
+            );
+        }
+        if let Some(failure) = &f.failed {
+            println!("  FAILED: {}", failure.why);
+        }
     }
 }
 
@@ -363,6 +431,10 @@ fn to_json(figures: &[Figure]) -> String {
                 "higher_is_better": f.higher_is_better,
                 "target": f.target,
                 "meets_target": f.meets(),
+                "ours_range": f.range.as_ref().map(|r| [r.ours.0, r.ours.1]),
+                "baseline_range": f.range.as_ref().map(|r| [r.baseline.0, r.baseline.1]),
+                "runs": f.range.as_ref().map(|r| r.runs),
+                "failed": f.failed.as_ref().map(|x| &x.why),
             })
         })
         .collect();
