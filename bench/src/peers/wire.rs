@@ -1,8 +1,10 @@
 //! The load generator's protocol adapters, written by hand over raw
 //! tokio-tungstenite messages so that the client's cost is the same kind of
 //! code for every server: Kitestring's protocol (PROTOCOL.md: `hello` in the
-//! upgrade or as the first frame, `welcome`, a `join`, `msg` frames
-//! acknowledged with `ack` every 32 deliveries or 100 ms, pings), Engine.IO
+//! upgrade or as the first frame, with the `stream` capability, `welcome`,
+//! a `join`, the room's broadcasts as stream entries (`sub`, then `pub`
+//! and `skip` with contiguous offsets), `msg` frames acknowledged with
+//! `ack` every 32 deliveries or 100 ms, pings), Engine.IO
 //! v4 / Socket.IO v5 over WebSocket (`0{...}` open, `40` connect, `42[...]`
 //! events, `2` ping answered with `3`), and the floor's raw binary.
 //!
@@ -110,6 +112,9 @@ pub(crate) struct Session {
     sent: u64,
     /// Kitestring: the last `seq` delivered from the server.
     delivered: u64,
+    /// Kitestring: the last offset of the room's stream (PROTOCOL.md,
+    /// section 3.4), once its `sub` has said where the stream starts.
+    room_offset: Option<u64>,
     /// Kitestring: deliveries not acknowledged yet, and when they must be.
     unacked: u64,
     ack_due: Option<Instant>,
@@ -127,6 +132,7 @@ impl Session {
             proto,
             sent: 0,
             delivered: 0,
+            room_offset: None,
             unacked: 0,
             ack_due: None,
             ping_every: Duration::from_secs(20),
@@ -288,6 +294,25 @@ impl Session {
                     .push(kite_control(codec, "pong", nonce.unwrap_or(0)));
                 Ok(None)
             }
+            "sub" => {
+                self.room_offset = Some(seq.ok_or("a sub without seq")?);
+                Ok(None)
+            }
+            "pub" | "skip" => {
+                let offset = seq.ok_or("a stream entry without seq")?;
+                let last = self.room_offset.ok_or("a stream entry before its sub")?;
+                if offset != last + 1 {
+                    return Err(format!(
+                        "stream offset {offset} after {last} (exactly once, in order)"
+                    ));
+                }
+                self.room_offset = Some(offset);
+                if t == "skip" || op.is_some() {
+                    return Ok(None);
+                }
+                let body = body.ok_or("a stream entry without a binary payload")?;
+                read_binary_payload(body).map(Some)
+            }
             "ack" | "pong" => Ok(None),
             other => Err(format!("a `{other}` frame")),
         }
@@ -408,7 +433,7 @@ pub(crate) fn kite_hello(codec: Codec, client: u64) -> String {
         _ => "msgpack",
     };
     format!(
-        "{{\"t\":\"hello\",\"versions\":[1],\"client\":\"{client:032x}\",\"caps\":[],\"codecs\":[\"{codec}\"]}}"
+        "{{\"t\":\"hello\",\"versions\":[1],\"client\":\"{client:032x}\",\"caps\":[\"stream\"],\"codecs\":[\"{codec}\"]}}"
     )
 }
 
