@@ -201,11 +201,7 @@ async fn socketioxide() {
             line = lines.recv() => {
                 let Some(line) = line else { break };
                 if line.trim() == "count" {
-                    say(&format!(
-                        "count {} {}",
-                        opened.load(Ordering::Relaxed),
-                        joined.load(Ordering::Relaxed)
-                    ));
+                    say_count(&opened, &joined);
                 } else if let Some(n) = broadcast_count(&line) {
                     let io = io.clone();
                     let first = seq + 1;
@@ -264,11 +260,7 @@ async fn floor() {
             line = lines.recv() => {
                 let Some(line) = line else { break };
                 if line.trim() == "count" {
-                    say(&format!(
-                        "count {} {}",
-                        opened.load(Ordering::Relaxed),
-                        joined.load(Ordering::Relaxed)
-                    ));
+                    say_count(&opened, &joined);
                 } else if let Some(n) = broadcast_count(&line) {
                     for _ in 0..n {
                         seq += 1;
@@ -357,4 +349,13 @@ async fn floor_conn(
             return;
         }
     }
+}
+
+/// Answers the parent's `count`: connections opened, and those in the room.
+fn say_count(opened: &AtomicUsize, joined: &AtomicUsize) {
+    say(&format!(
+        "count {} {}",
+        opened.load(Ordering::Relaxed),
+        joined.load(Ordering::Relaxed)
+    ));
 }

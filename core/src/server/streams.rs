@@ -12,13 +12,15 @@
 //! clients did not announce `stream` keep their own sequenced copy
 //! (`rooms.rs`). This file never decides membership or policy.
 
+use std::collections::VecDeque;
+
 use crate::reliable::RoomName;
 use crate::stream::RoomStream;
-use crate::wire::{Frame, MsgKind, Payload, SessionId, StreamPos};
+use crate::wire::{Frame, MsgKind, Payload, SessionId, StreamPos, Transmit};
 
 use super::conn::ConnPhase;
 use super::session::SessionState;
-use super::{ConnectionId, Server, ServerOutput};
+use super::{ConnectionId, Server, ServerOutput, ServerStats};
 
 /// A session's membership of a room.
 #[derive(Clone, Debug)]
@@ -122,11 +124,7 @@ impl Server {
                 continue;
             }
             match entry.transmit(codec, version) {
-                Some(t) => {
-                    self.stats.traffic.frames_out += 1;
-                    self.stats.traffic.bytes_out += t.len() as u64;
-                    self.outputs.push_back(ServerOutput::Transmit(conn, t));
-                }
+                Some(t) => hand_over(&mut self.stats, &mut self.outputs, conn, t),
                 None => failed.push(conn),
             }
         }
@@ -174,11 +172,7 @@ impl Server {
             return;
         }
         match entry.transmit(codec, version) {
-            Some(t) => {
-                self.stats.traffic.frames_out += 1;
-                self.stats.traffic.bytes_out += t.len() as u64;
-                self.outputs.push_back(ServerOutput::Transmit(conn, t));
-            }
+            Some(t) => hand_over(&mut self.stats, &mut self.outputs, conn, t),
             None => self.encode_failed(conn),
         }
     }
@@ -259,4 +253,16 @@ impl Server {
             self.send_stored(conn, session, &joined.room, o);
         }
     }
+}
+
+/// Queues an entry's shared bytes for `conn`, counted as traffic.
+fn hand_over(
+    stats: &mut ServerStats,
+    outputs: &mut VecDeque<ServerOutput>,
+    conn: ConnectionId,
+    t: Transmit,
+) {
+    stats.traffic.frames_out += 1;
+    stats.traffic.bytes_out += t.len() as u64;
+    outputs.push_back(ServerOutput::Transmit(conn, t));
 }
