@@ -60,6 +60,7 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
                 closed = true;
             }
             ServerOutput::Event(_) => {}
+            ServerOutput::Feed(f) => panic!("a feed output with feeds off: {f:?}"),
         }
     }
     if matches!(frame, Some(Frame::Hello(_))) {
@@ -90,6 +91,7 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
                 closed = true;
             }
             ServerOutput::Event(_) => {}
+            ServerOutput::Feed(f) => panic!("a feed output with feeds off: {f:?}"),
         }
     }
     let mut welcomed = false;

@@ -18,7 +18,8 @@
 //! - `frame.rs`: `frame_roundtrip`;
 //! - `handshake.rs`: `handshake`;
 //! - `client.rs`: `client_machine`;
-//! - `server.rs`: `server_machine`;
+//! - `server.rs`: `server_machine`, with `feeds.rs`, the reference for
+//!   room feeds;
 //! - `stream.rs` and `stream/`: `server_stream`;
 //! - `lww.rs`: `lww_merge`;
 //! - `seeds.rs`: the seeds of the decode targets' corpora;
@@ -32,6 +33,7 @@
 
 mod client;
 mod decode;
+mod feeds;
 mod frame;
 mod handshake;
 mod lww;
@@ -49,6 +51,7 @@ pub use decode::{
     assert_round_trip, check_decode, decode_binary_header, decode_json, decode_msgpack,
     pack_envelope, ArbEnvelope, ArbKey, ArbValue, OtherKey, Width,
 };
+pub use feeds::FeedModel;
 pub use frame::{
     frame_roundtrip, ArbFrame, ArbJson, ArbPayload, KNOWN_JSON_NULL_PAYLOAD,
     KNOWN_JSON_PAYLOAD_WHITESPACE,

@@ -26,7 +26,7 @@ use crate::wire::{
     StreamPos, Transmit, PROTOCOL_VERSION,
 };
 
-use super::{codec_of, decode_own, header_frame, Code, Fate, Num, PayloadChoice};
+use super::{codec_of, decode_own, header_frame, Code, Fate, FeedModel, Num, PayloadChoice};
 
 /// Settings for the server machine target, kept small so limits are hit.
 #[derive(Arbitrary, Clone, Debug)]
@@ -53,6 +53,8 @@ pub struct ServerSetup {
     pub zero_grace: bool,
     /// Undecodable frames tolerated before closing.
     pub max_decode_failures: u8,
+    /// Serve room streams through feeds ([`FeedModel`] writes them).
+    pub room_feeds: bool,
 }
 
 impl ServerSetup {
@@ -225,6 +227,10 @@ pub struct ServerHarness {
     all_conns: Vec<ConnectionId>,
     sessions: BTreeMap<SessionId, SessionModel>,
     ever_sessions: Vec<SessionId>,
+    /// Writes the feed outputs (with feeds on).
+    feeds: FeedModel,
+    /// Every frame written, in order, with its connection.
+    written: Vec<(ConnectionId, Transmit)>,
     log: String,
 }
 
@@ -233,6 +239,7 @@ const IDENTITIES: &[&str] = &["alice", "bob", "carol"];
 impl ServerHarness {
     /// A harness around a new server.
     pub fn new(config: ServerConfig) -> ServerHarness {
+        let history = config.history;
         let server = match Server::new(config.clone()) {
             Ok(s) => s,
             Err(e) => panic!("server config rejected: {e}"),
@@ -246,6 +253,8 @@ impl ServerHarness {
             all_conns: Vec::new(),
             sessions: BTreeMap::new(),
             ever_sessions: Vec::new(),
+            feeds: FeedModel::new(history),
+            written: Vec::new(),
             log: String::new(),
         }
     }
@@ -513,6 +522,7 @@ impl ServerHarness {
                 let conn = self.conn(conn);
                 self.server
                     .handle_connection_closed(now, conn, code.map(Code::code));
+                self.feeds.closed(conn);
                 self.conns.remove(&conn);
             }
             ServerOp::Send(s, p) => {
@@ -589,8 +599,20 @@ impl ServerHarness {
     }
 
     fn drain(&mut self, timeout: bool) {
+        let mut expanded = Vec::new();
         while let Some(o) = self.server.poll_output() {
             let _ = writeln!(self.log, "  {o:?}");
+            self.feeds.expand(o, &mut expanded, &self.log);
+            for o in expanded.drain(..) {
+                self.take(o);
+            }
+        }
+        self.check(timeout);
+    }
+
+    /// Carries out one output, as a driver would.
+    fn take(&mut self, o: ServerOutput) {
+        {
             match o {
                 ServerOutput::Transmit(c, t) => {
                     assert!(
@@ -598,8 +620,9 @@ impl ServerHarness {
                         "transmit on a closed or unknown connection {c:?}\n{}",
                         self.log
                     );
+                    self.written.push((c, t.clone()));
                     let Some(frame) = decode_own(&t, "server") else {
-                        continue;
+                        return;
                     };
                     let conn = self.conns.get_mut(&c);
                     match (frame, conn) {
@@ -646,8 +669,13 @@ impl ServerHarness {
                     );
                 }
                 ServerOutput::Event(e) => self.event(e),
+                ServerOutput::Feed(f) => panic!("a feed output the model kept: {f:?}"),
             }
         }
+    }
+
+    /// The invariants that hold between operations.
+    fn check(&mut self, timeout: bool) {
         assert_eq!(
             self.server.connection_count(),
             self.conns.len(),
@@ -831,7 +859,35 @@ fn sendable(code: CloseCode) -> CloseCode {
 /// after every op.
 pub fn server_machine(setup: ServerSetup, ops: Vec<ServerOp>) {
     let mut h = ServerHarness::new(setup.config());
+    if !setup.room_feeds {
+        for op in ops {
+            h.op(op);
+        }
+        return;
+    }
+    // With feeds: the same run without them, in step, must write the same
+    // frames to the same connections in the same order.
+    let mut fed = ServerHarness::new(setup.config());
+    fed.server.set_room_feeds(true);
     for op in ops {
-        h.op(op);
+        h.op(op.clone());
+        fed.op(op);
+        let by_conn = |w: &mut Vec<(ConnectionId, Transmit)>| {
+            let mut m: BTreeMap<ConnectionId, Vec<Transmit>> = BTreeMap::new();
+            for (c, t) in w.drain(..) {
+                m.entry(c).or_default().push(t);
+            }
+            m
+        };
+        let (plain, feeds) = (by_conn(&mut h.written), by_conn(&mut fed.written));
+        assert!(
+            plain == feeds,
+            "feeds changed what a connection was sent\nwithout feeds:\n{}\nwith feeds:\n{}",
+            h.log,
+            fed.log
+        );
+    }
+    if std::env::var("FEED_LOG").is_ok() {
+        eprintln!("{}", fed.log);
     }
 }

@@ -395,6 +395,9 @@ impl StreamHarness {
                     }
                 }
                 ServerOutput::Event(e) => self.server_event(e),
+                ServerOutput::Feed(f) => {
+                    self.fail(format_args!("a feed output with feeds off: {f:?}"))
+                }
             }
         }
     }

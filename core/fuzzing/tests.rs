@@ -330,6 +330,7 @@ fn small_server() -> ServerSetup {
         session_grace_secs: 30,
         zero_grace: false,
         max_decode_failures: 3,
+        room_feeds: false,
     }
 }
 
@@ -411,15 +412,18 @@ fn server_machine_room_streams() {
         resume,
         stream,
     };
+    // Indices count from the newest connection or session: 0 is the last
+    // one made.
     let mut ops = Vec::new();
     for (i, stream) in [(0u8, true), (1, true), (2, false)] {
         ops.push(ServerOp::Connect {
             identity: None,
             fresh: i + 1,
         });
-        ops.push(hello(i, stream, None));
-        ops.push(ServerOp::Join(i, 0));
+        ops.push(hello(0, stream, None));
+        ops.push(ServerOp::Join(0, 0));
     }
+    // Sessions now: 0 without streams, 1 and 2 with.
     for k in 0..5u16 {
         ops.push(ServerOp::Broadcast(
             0,
@@ -427,23 +431,37 @@ fn server_machine_room_streams() {
             (k % 2 == 0).then_some(1),
         ));
     }
-    ops.push(ServerOp::Closed(0, None));
+    ops.push(ServerOp::Closed(2, None));
     ops.push(ServerOp::Broadcast(0, PayloadChoice::Binary(9), None));
     ops.push(ServerOp::Connect {
         identity: None,
         fresh: 9,
     });
-    ops.push(hello(3, true, Some((0, true, Num::Next(0)))));
+    ops.push(hello(0, true, Some((2, true, Num::Base))));
     ops.push(ServerOp::Broadcast(0, PayloadChoice::Binary(10), None));
     ops.push(ServerOp::Frame(
-        3,
+        0,
         ClientFrame::Subs(vec![(0, 0, 2)]),
         false,
     ));
-    ops.push(ServerOp::Broadcast(0, PayloadChoice::Binary(11), Some(0)));
+    ops.push(ServerOp::Broadcast(0, PayloadChoice::Binary(11), Some(2)));
     ops.push(ServerOp::Leave(1, 0));
     ops.push(ServerOp::Broadcast(0, PayloadChoice::Binary(12), None));
-    server_machine(small_server(), ops);
+    ops.push(ServerOp::Join(1, 1));
+    ops.push(ServerOp::Broadcast(1, PayloadChoice::Binary(13), None));
+    ops.push(ServerOp::Leave(0, 0));
+    ops.push(ServerOp::Leave(1, 1));
+    ops.push(ServerOp::Leave(2, 0));
+    ops.push(ServerOp::Broadcast(0, PayloadChoice::Binary(14), None));
+    ops.push(ServerOp::Join(2, 0));
+    ops.push(ServerOp::Broadcast(0, PayloadChoice::Binary(15), None));
+    server_machine(small_server(), ops.clone());
+    // Served through room feeds, every connection is sent the same.
+    let fed = ServerSetup {
+        room_feeds: true,
+        ..small_server()
+    };
+    server_machine(fed, ops);
 }
 
 fn stream_setup(msgpack: bool) -> StreamSetup {
@@ -666,4 +684,31 @@ fn a_quiet_client_passes_its_checks() {
             ClientOp::Closed(Tr::Current, Some(Code::Normal)),
         ],
     );
+}
+
+/// A `subs` the server is not waiting for (the session is fresh) is
+/// ignored: it does not start the member's stream again, with feeds or
+/// without.
+#[test]
+fn server_machine_ignores_a_subs_it_did_not_ask_for() {
+    let ops = vec![
+        ServerOp::Upgrade {
+            identity: None,
+            fresh: 73,
+            versions: None,
+            codecs: None,
+            resume: None,
+            stream: true,
+        },
+        ServerOp::Join(0, 1),
+        ServerOp::Frame(0, ClientFrame::Subs(vec![(1, 1, 0)]), false),
+        ServerOp::Broadcast(1, PayloadChoice::Binary(3), None),
+    ];
+    for room_feeds in [false, true] {
+        let setup = ServerSetup {
+            room_feeds,
+            ..small_server()
+        };
+        server_machine(setup, ops.clone());
+    }
 }

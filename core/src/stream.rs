@@ -3,15 +3,15 @@
 //!
 //! Owns a room's offsets, its epoch and its history: every broadcast,
 //! publish and presence change in a room becomes one `Entry` with the next
-//! offset, encoded at most once per codec and shared, bytes and all, by
-//! every member that receives it. A member that was away is sent what it
+//! offset (a [`RoomEntry`]), encoded at most once per codec and shared,
+//! bytes and all, by every member that receives it. A member that was away is sent what it
 //! missed from the history; what the history no longer holds is reported
 //! to it by offset (PROTOCOL.md, section 3.4). It is pure data: the server
 //! machine decides who receives what and when; this module never looks at
 //! members, connections or time.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::wire::{self, Codec, Frame, MsgKind, Payload, SessionId, StreamEntry, Transmit};
 
@@ -36,36 +36,123 @@ impl Default for HistoryConfig {
     }
 }
 
-/// One entry of a room's stream.
+/// One entry of a room's stream, shared by the history and whoever writes
+/// it to members: cloning it clones a pointer, and it is encoded at most
+/// once per codec, whichever thread asks first.
+///
+/// A driver that serves stream members from shared feeds
+/// ([`Server::set_room_feeds`]) receives these in
+/// [`FeedOutput::Publish`] and writes [`RoomEntry::transmit`] to each
+/// follower.
+///
+/// [`Server::set_room_feeds`]: crate::server::Server::set_room_feeds
+/// [`FeedOutput::Publish`]: crate::server::FeedOutput::Publish
+#[derive(Clone, Debug)]
+pub struct RoomEntry(Arc<EntryInner>);
+
 #[derive(Debug)]
-pub(crate) struct Entry {
-    pub(crate) frame: StreamEntry,
+struct EntryInner {
+    frame: StreamEntry,
     /// The one session the entry is not for (a publisher that does not get
     /// its own publish back, or the joiner a presence diff announces): it is
     /// sent a `skip` for this offset instead.
-    pub(crate) except: Option<SessionId>,
+    except: Option<SessionId>,
     /// The entry encoded for protocol version 1, once per codec, when first
     /// needed: `[JSON, MessagePack]`.
-    encoded: [Option<Transmit>; 2],
+    encoded: [OnceLock<Option<Transmit>>; 2],
+    /// The `skip` for its offset, likewise.
+    skip: [OnceLock<Option<Transmit>>; 2],
 }
 
-impl Entry {
-    /// The entry as `codec` at `version` writes it: encoded once and shared
-    /// (`None` only through a bug: the payload would not encode).
-    pub(crate) fn transmit(&mut self, codec: Codec, version: u8) -> Option<Transmit> {
-        let frame = Frame::Pub(self.frame.clone());
+impl PartialEq for RoomEntry {
+    fn eq(&self, other: &RoomEntry) -> bool {
+        self.0.frame == other.0.frame && self.0.except == other.0.except
+    }
+}
+
+impl RoomEntry {
+    /// An entry carrying `frame`, for every member but `except`.
+    pub fn new(frame: StreamEntry, except: Option<SessionId>) -> RoomEntry {
+        RoomEntry(Arc::new(EntryInner {
+            frame,
+            except,
+            encoded: [OnceLock::new(), OnceLock::new()],
+            skip: [OnceLock::new(), OnceLock::new()],
+        }))
+    }
+
+    /// The room.
+    pub fn room(&self) -> &Arc<str> {
+        &self.0.frame.room
+    }
+
+    /// The entry's offset in its room's stream.
+    pub fn offset(&self) -> u64 {
+        self.0.frame.offset
+    }
+
+    /// The session the entry is not for, if any (it gets a `skip`).
+    pub fn except(&self) -> Option<SessionId> {
+        self.0.except
+    }
+
+    /// The `pub` frame carrying the entry.
+    pub fn frame(&self) -> &StreamEntry {
+        &self.0.frame
+    }
+
+    /// The entry as `codec` writes it at the current protocol version:
+    /// encoded once and shared (`None` only through a bug: the payload
+    /// would not encode).
+    pub fn transmit(&self, codec: Codec) -> Option<Transmit> {
+        self.transmit_at(codec, wire::PROTOCOL_VERSION)
+    }
+
+    /// [`transmit`](Self::transmit) at protocol `version` (other versions
+    /// than the current one are encoded each time).
+    pub(crate) fn transmit_at(&self, codec: Codec, version: u8) -> Option<Transmit> {
         if version != wire::PROTOCOL_VERSION {
-            return wire::encode(&frame, codec, version).ok();
+            return wire::encode(&Frame::Pub(self.0.frame.clone()), codec, version).ok();
         }
-        let slot = &mut self.encoded[usize::from(codec == Codec::MsgPack)];
-        if slot.is_none() {
-            *slot = wire::encode(&frame, codec, version).ok();
+        self.0.encoded[usize::from(codec == Codec::MsgPack)]
+            .get_or_init(|| wire::encode(&Frame::Pub(self.0.frame.clone()), codec, version).ok())
+            .clone()
+    }
+
+    /// The `skip` for this entry's offset, which the session it is not for
+    /// ([`except`](Self::except)) is sent instead, as `codec` writes it at
+    /// the current protocol version: encoded once and shared.
+    pub fn skip_transmit(&self, codec: Codec) -> Option<Transmit> {
+        self.0.skip[usize::from(codec == Codec::MsgPack)]
+            .get_or_init(|| wire::encode(&self.skip_frame(), codec, wire::PROTOCOL_VERSION).ok())
+            .clone()
+    }
+
+    /// What `session` is sent for this entry as `codec` writes it: the
+    /// entry, or its `skip` if the entry is not for `session`.
+    pub fn transmit_for(&self, session: SessionId, codec: Codec) -> Option<Transmit> {
+        if self.0.except == Some(session) {
+            self.skip_transmit(codec)
+        } else {
+            self.transmit(codec)
         }
-        slot.clone()
+    }
+
+    /// The `skip` frame for this entry's offset.
+    pub(crate) fn skip_frame(&self) -> Frame {
+        Frame::Skip {
+            room: self.0.frame.room.clone(),
+            offset: self.0.frame.offset,
+        }
+    }
+
+    /// The payload's size.
+    pub fn payload_len(&self) -> usize {
+        self.0.frame.payload.len()
     }
 
     fn bytes(&self) -> usize {
-        self.frame.payload.len()
+        self.payload_len()
     }
 }
 
@@ -75,7 +162,7 @@ pub(crate) struct RoomStream {
     epoch: u64,
     /// The last offset given out (0: none yet).
     last: u64,
-    history: VecDeque<Entry>,
+    history: VecDeque<RoomEntry>,
     bytes: usize,
 }
 
@@ -102,7 +189,7 @@ impl RoomStream {
     pub(crate) fn first(&self) -> u64 {
         self.history
             .front()
-            .map_or(self.last + 1, |e| e.frame.offset)
+            .map_or(self.last + 1, RoomEntry::offset)
     }
 
     /// Appends an entry and returns its offset, trimming the history to its
@@ -116,8 +203,8 @@ impl RoomStream {
         limits: &HistoryConfig,
     ) -> u64 {
         self.last += 1;
-        let entry = Entry {
-            frame: StreamEntry {
+        let entry = RoomEntry::new(
+            StreamEntry {
                 room: room.clone(),
                 offset: self.last,
                 kind,
@@ -125,8 +212,7 @@ impl RoomStream {
                 payload,
             },
             except,
-            encoded: [None, None],
-        };
+        );
         self.bytes += entry.bytes();
         self.history.push_back(entry);
         while self.history.len() > 1
@@ -140,23 +226,23 @@ impl RoomStream {
     }
 
     /// The newest entry.
-    pub(crate) fn newest(&mut self) -> Option<&mut Entry> {
-        self.history.back_mut()
+    pub(crate) fn newest(&self) -> Option<&RoomEntry> {
+        self.history.back()
     }
 
     /// The entry at `offset`, if the history still holds it.
-    pub(crate) fn get_mut(&mut self, offset: u64) -> Option<&mut Entry> {
+    pub(crate) fn get(&self, offset: u64) -> Option<&RoomEntry> {
         let index = offset.checked_sub(self.first())?;
-        self.history.get_mut(usize::try_from(index).ok()?)
+        self.history.get(usize::try_from(index).ok()?)
     }
 
     /// The entries after `offset`, oldest first (those still held).
     #[cfg(test)]
-    pub(crate) fn after(&mut self, offset: u64) -> impl Iterator<Item = &mut Entry> {
+    pub(crate) fn after(&self, offset: u64) -> impl Iterator<Item = &RoomEntry> {
         let first = self.first();
         let skip =
             usize::try_from(offset.saturating_add(1).saturating_sub(first)).unwrap_or(usize::MAX);
-        self.history.iter_mut().skip(skip)
+        self.history.iter().skip(skip)
     }
 
     /// Entries and payload bytes held.
@@ -187,7 +273,7 @@ mod tests {
         }
         assert_eq!((s.first(), s.last()), (3, 5));
         assert_eq!(s.held(), (3, 30));
-        let offsets: Vec<u64> = s.after(3).map(|e| e.frame.offset).collect();
+        let offsets: Vec<u64> = s.after(3).map(RoomEntry::offset).collect();
         assert_eq!(offsets, vec![4, 5]);
         assert_eq!(
             s.after(0).count(),
@@ -214,17 +300,17 @@ mod tests {
             None,
             &HistoryConfig::default(),
         );
-        let e = s.newest().unwrap();
-        let a = e.transmit(Codec::Json, 1).unwrap();
-        let b = e.transmit(Codec::Json, 1).unwrap();
+        let e = s.newest().unwrap().clone();
+        let a = e.transmit(Codec::Json).unwrap();
+        let b = s.get(1).unwrap().transmit(Codec::Json).unwrap();
         assert_eq!(a.data().as_ptr(), b.data().as_ptr(), "the same bytes");
-        let m = e.transmit(Codec::MsgPack, 1).unwrap();
+        let m = e.transmit(Codec::MsgPack).unwrap();
         assert_ne!(a, m);
         let limits = wire::Limits {
             max_message: 1 << 20,
             version: 1,
         };
         let back = wire::decode(m.as_incoming(), &limits).unwrap();
-        assert_eq!(back, Frame::Pub(e.frame.clone()));
+        assert_eq!(back, Frame::Pub(e.frame().clone()));
     }
 }

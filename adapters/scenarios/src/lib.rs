@@ -27,9 +27,10 @@ use serde::{Deserialize, Serialize};
 
 mod rooms;
 pub use rooms::{
-    broadcast_through_cuts, presence_after_resume, request_across_cut, rotation_without_loss,
-    send_latest_coalesces, shutdown_keeps_rooms, slow_member_evicted,
-    typed_sends_use_session_codec, unauthorized_join_refused, Peer, Recorder,
+    broadcast_through_cuts, feeds_keep_order, presence_after_resume, request_across_cut,
+    rotation_without_loss, send_latest_coalesces, shutdown_keeps_rooms, slow_member_evicted,
+    stream_member_falls_behind, typed_sends_use_session_codec, unauthorized_join_refused, Peer,
+    Recorder,
 };
 
 /// Generates one `#[test]` per scenario. `$block_on` runs a future to
@@ -42,7 +43,8 @@ macro_rules! scenarios {
             exchange_json, exchange_msgpack, resume_after_drops, server_abort_resumes, half_open_detected,
             auth_rejected_401, auth_rejected_403, version_mismatch_rejected, hello_in_upgrade,
             shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, handover_upgraded_socket,
-            slow_consumer_closed, broadcast_through_cuts, slow_member_evicted,
+            slow_consumer_closed, broadcast_through_cuts, slow_member_evicted, feeds_keep_order,
+            stream_member_falls_behind,
             unauthorized_join_refused, presence_after_resume, rotation_without_loss,
             shutdown_keeps_rooms, request_across_cut, typed_sends_use_session_codec,
             send_latest_coalesces, unread_events_pause_reading, client_unread_events_pause_reading);

@@ -112,9 +112,25 @@ async fn peer(rt: &Arc<dyn Runtime>, server: &ServerHandle) -> Peer {
 }
 
 async fn peer_with(rt: &Arc<dyn Runtime>, server: &ServerHandle, codecs: Vec<Codec>) -> Peer {
+    peer_from(rt, server, fast_client(codecs)).await
+}
+
+/// A peer whose client does not take room streams: each room message is
+/// sequenced and acknowledged in its own session.
+async fn legacy_peer(rt: &Arc<dyn Runtime>, server: &ServerHandle) -> Peer {
+    let mut options = fast_client(vec![Codec::MsgPack, Codec::Json]);
+    options.config.room_streams = false;
+    peer_from(rt, server, options).await
+}
+
+async fn peer_from(
+    rt: &Arc<dyn Runtime>,
+    server: &ServerHandle,
+    options: kitestring::ClientOptions,
+) -> Peer {
     let proxy = Proxy::start(server.local_addr().unwrap()).unwrap();
     let url = format!("ws://{}/", proxy.local_addr());
-    let (handle, events) = kitestring::connect(rt.clone(), &url, fast_client(codecs)).unwrap();
+    let (handle, events) = kitestring::connect(rt.clone(), &url, options).unwrap();
     let events = record_client(rt, events);
     let session = events
         .until(rt, 3000, "client Connected", |evs| {
@@ -278,10 +294,11 @@ pub async fn broadcast_through_cuts(rt: Arc<dyn Runtime>) {
     finish(&rt, server, peers).await;
 }
 
-/// A member whose link is black-holed stops acknowledging; once its
-/// buffers are full it is closed with 4009, and the other members receive
-/// every broadcast meanwhile. It later comes back (a new session if its old
-/// one ended) and is in the room again.
+/// A member whose client does not take room streams, and whose link is
+/// black-holed, stops acknowledging; once its own buffers are full it is
+/// closed with 4009, and the other members receive every broadcast
+/// meanwhile. It later comes back (a new session if its old one ended) and
+/// is in the room again.
 pub async fn slow_member_evicted(rt: Arc<dyn Runtime>) {
     let mut options = fast_server();
     // Room for ~200 unacknowledged broadcasts per member, then eviction.
@@ -290,7 +307,7 @@ pub async fn slow_member_evicted(rt: Arc<dyn Runtime>) {
     let (server, sev) = serve(&rt, options);
     let mut peers = Vec::new();
     for _ in 0..3 {
-        let p = peer(&rt, &server).await;
+        let p = legacy_peer(&rt, &server).await;
         p.handle.join("feed").await.unwrap();
         peers.push(p);
     }
@@ -376,6 +393,220 @@ pub async fn slow_member_evicted(rt: Arc<dyn Runtime>) {
         .await;
     room_size_is(&rt, &server, "feed", 3).await;
     finish(&rt, server, peers).await;
+}
+
+/// A room-stream member whose link is black-holed costs the server nothing
+/// per broadcast: the room's feed holds what it has not written, bounded by
+/// the room's history. Its client notices the dead link, resumes its
+/// session on a new connection, and gets every broadcast the history still
+/// holds, once each and in order, and one `Missed` naming exactly the
+/// offsets the history no longer held; the other members get everything.
+pub async fn stream_member_falls_behind(rt: Arc<dyn Runtime>) {
+    const HISTORY: usize = 100;
+    const N: u32 = 600;
+    let mut options = fast_server();
+    options.config.history.max_entries = HISTORY;
+    let (server, _sev) = serve(&rt, options);
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        let p = peer(&rt, &server).await;
+        p.handle.join("feed").await.unwrap();
+        peers.push(p);
+    }
+    room_size_is(&rt, &server, "feed", 3).await;
+    let slow = peers[2].session;
+    peers[2].proxy.black_hole_all();
+    let body = "x".repeat(512);
+    for n in 0..N {
+        let value = (n, body.as_str());
+        within(&rt, 2000, "broadcast", server.broadcast("feed", &value))
+            .await
+            .unwrap();
+        if n % 4 == 0 {
+            kitestring::util::sleep(&*rt, Duration::from_millis(1)).await;
+        }
+    }
+    let notes = |evs: &[Event]| -> Vec<u32> {
+        evs.iter()
+            .filter_map(|e| match e {
+                Event::Message(m) if m.room.as_deref() == Some("feed") => {
+                    Some(m.decode::<(u32, String)>().unwrap().0)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let want: Vec<u32> = (0..N).collect();
+    for p in &peers[..2] {
+        let got = p
+            .events
+            .until(&rt, 4000, "fast members get everything", |evs| {
+                let got = notes(evs);
+                (got.len() >= N as usize).then_some(got)
+            })
+            .await;
+        assert_eq!(got, want);
+        assert_eq!(resumes(&p.events.snapshot()).len(), 1, "never reconnected");
+    }
+    // The slow member resumes its session and ends with the last broadcast.
+    let evs = peers[2]
+        .events
+        .until(&rt, 6000, "the slow member catches up", |evs| {
+            (notes(evs).last() == Some(&(N - 1))).then(|| evs.to_vec())
+        })
+        .await;
+    let opens = resumes(&evs);
+    assert!(
+        opens.len() >= 2 && opens.iter().skip(1).all(|(s, r)| *r && *s == slow),
+        "the slow member resumed its session: {opens:?}"
+    );
+    let got = notes(&evs);
+    let gaps = gaps_named_missed(&evs, &got, "feed");
+    assert_eq!(gaps, 1, "one gap");
+    assert!(
+        got.len() >= HISTORY - 5,
+        "the history's broadcasts were recovered: {} of them",
+        got.len()
+    );
+    finish(&rt, server, peers).await;
+}
+
+/// Checks that `got`, a member's broadcasts (numbered from 0), came once
+/// each and in order, and that each run of broadcasts it lacks is named,
+/// in order, by one `Missed` event of `room` covering as many offsets.
+/// Returns the number of gaps.
+fn gaps_named_missed(evs: &[Event], got: &[u32], room: &str) -> usize {
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
+    let missed: Vec<(u64, Option<u64>)> = evs
+        .iter()
+        .filter_map(|e| match e {
+            Event::Missed { room: r, from, to } if &**r == room => Some((*from, *to)),
+            _ => None,
+        })
+        .collect();
+    let gaps: Vec<(u32, u32)> = std::iter::once(-1)
+        .chain(got.iter().map(|&n| i64::from(n)))
+        .collect::<Vec<i64>>()
+        .windows(2)
+        .filter(|w| w[1] > w[0] + 1)
+        .map(|w| ((w[0] + 1) as u32, (w[1] - 1) as u32))
+        .collect();
+    assert_eq!(
+        gaps.len(),
+        missed.len(),
+        "every gap named: gaps {gaps:?}, Missed {missed:?}"
+    );
+    for (gap, (from, to)) in gaps.iter().zip(&missed) {
+        let to = to.expect("the count of missed entries is known");
+        assert_eq!(
+            to - from,
+            u64::from(gap.1 - gap.0),
+            "Missed {from}..={to} names the broadcasts {gap:?}"
+        );
+    }
+    gaps.len()
+}
+
+/// A member's frames keep the order the server made them in, whichever
+/// way they reach it: broadcasts to its rooms (written from the rooms'
+/// shared feeds) and messages to it alone (from its own queue) arrive
+/// interleaved exactly as sent. A member that leaves one of its rooms gets
+/// that room's broadcasts up to its leave and none after, with nothing
+/// skipped; a member speaking the other codec gets the same broadcasts.
+pub async fn feeds_keep_order(rt: Arc<dyn Runtime>) {
+    let (server, _sev) = serve(&rt, fast_server());
+    let a = peer_with(&rt, &server, vec![Codec::MsgPack, Codec::Json]).await;
+    let b = peer_with(&rt, &server, vec![Codec::Json]).await;
+    for (p, room) in [(&a, "lobby"), (&a, "side"), (&b, "lobby")] {
+        within(&rt, 2000, "join", p.handle.join(room))
+            .await
+            .unwrap();
+    }
+    room_size_is(&rt, &server, "lobby", 2).await;
+    room_size_is(&rt, &server, "side", 1).await;
+
+    const N: u32 = 200;
+    let mut sent = Vec::new();
+    for n in 0..N {
+        within(&rt, 2000, "broadcast", server.broadcast("lobby", &note(n)))
+            .await
+            .unwrap();
+        within(
+            &rt,
+            2000,
+            "send",
+            server.send_when_ready(a.session, &note(1000 + n)),
+        )
+        .await
+        .unwrap();
+        within(
+            &rt,
+            2000,
+            "broadcast",
+            server.broadcast("side", &note(2000 + n)),
+        )
+        .await
+        .unwrap();
+        sent.extend([n, 1000 + n, 2000 + n]);
+        if n == N / 2 {
+            // The leave's acknowledgment comes after every broadcast to
+            // `side` before it; none after it reaches the member.
+            within(&rt, 2000, "leave", a.handle.leave("side"))
+                .await
+                .unwrap();
+        }
+        if n % 25 == 0 {
+            kitestring::util::sleep(&*rt, Duration::from_millis(1)).await;
+        }
+    }
+    let notes = |evs: &[Event]| -> Vec<u32> {
+        evs.iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some(m.decode::<Note>().unwrap().n),
+                _ => None,
+            })
+            .collect()
+    };
+    let got = a
+        .events
+        .until(&rt, 6000, "every message to a", |evs| {
+            let got = notes(evs);
+            got.iter()
+                .filter(|&&n| n < 2000)
+                .count()
+                .ge(&(2 * N as usize))
+                .then_some(got)
+        })
+        .await;
+    // What `a` got of `side`: every broadcast up to some point at or after
+    // its leave was sent, none after.
+    let side: Vec<u32> = got.iter().copied().filter(|&n| n >= 2000).collect();
+    let k = side.len() as u32;
+    assert!(
+        k > N / 2 && k < N,
+        "side broadcasts up to the leave: {k} of {N}"
+    );
+    assert_eq!(side, (2000..2000 + k).collect::<Vec<_>>());
+    let want: Vec<u32> = sent.iter().copied().filter(|&n| n < 2000 + k).collect();
+    if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+        panic!(
+            "a's messages out of the order they were sent, from #{i}: got {:?}, want {:?}",
+            &got[i.saturating_sub(3)..got.len().min(i + 6)],
+            &want[i.saturating_sub(3)..want.len().min(i + 6)]
+        );
+    }
+    let got_b = b
+        .events
+        .until(&rt, 6000, "every broadcast to b", |evs| {
+            let got = room_notes(evs, "lobby");
+            (got.len() >= N as usize).then_some(got)
+        })
+        .await;
+    assert_eq!(got_b, (0..N).collect::<Vec<_>>());
+    for p in [&a, &b] {
+        assert_eq!(resumes(&p.events.snapshot()).len(), 1, "never reconnected");
+    }
+    finish(&rt, server, vec![a, b]).await;
 }
 
 /// A policy refuses a join (the client gets `Refused`, the server a

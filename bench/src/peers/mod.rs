@@ -82,16 +82,21 @@ impl Server {
 
 /// The servers to measure: Kitestring, with its JSON clients too when
 /// `json`, then the others; the Node.js server only where it can run.
+///
+/// `PEERS_ONLY` (a comma-separated list of names as the rows give them,
+/// e.g. `kitestring,floor`) keeps only those, for profiling one server.
 fn servers(json: bool) -> Vec<Server> {
     let mut v = vec![KITESTRING];
     if json {
         v.push(Server::Kitestring(Codec::Json));
     }
-    v.push(Server::Socketioxide);
-    if node_ready() {
-        v.push(Server::SocketioNode);
+    v.extend([Server::Socketioxide, Server::SocketioNode, Server::Floor]);
+    if let Ok(only) = std::env::var("PEERS_ONLY") {
+        v.retain(|s| only.split(',').any(|n| n.trim() == s.name()));
     }
-    v.push(Server::Floor);
+    if v.contains(&Server::SocketioNode) && !node_ready() {
+        v.retain(|s| *s != Server::SocketioNode);
+    }
     v
 }
 

@@ -16,8 +16,9 @@ use crate::close::CloseCode;
 use crate::link::{DeliveryStats, Received, TrafficStats};
 use crate::ratelimit::Limit;
 use crate::reliable::MessageId;
+use crate::stream::RoomEntry;
 use crate::time::Instant;
-use crate::wire::{ClientId, DecodeError, SessionId, Transmit};
+use crate::wire::{ClientId, Codec, DecodeError, SessionId, Transmit};
 
 use super::{ConnectionId, SessionState};
 
@@ -38,6 +39,73 @@ pub enum ServerOutput {
     Disconnect(ConnectionId, CloseCode, &'static str),
     /// Tell the application.
     Event(ServerEvent),
+    /// Room feeds: only when the driver turned them on with
+    /// [`Server::set_room_feeds`].
+    Feed(FeedOutput),
+}
+
+/// What a driver that serves stream members from shared room feeds must do
+/// ([`Server::set_room_feeds`]).
+///
+/// A feed mirrors a room stream's history: the entries the history holds,
+/// kept once for every connection that follows the room. The driver trims
+/// it as the history is trimmed ([`HistoryConfig`]: at most
+/// `max_entries` entries and `max_bytes` payload bytes, the newest always
+/// kept), so that a follower can be started anywhere the history still
+/// reaches. A follower writes each entry after its position in offset
+/// order: [`RoomEntry::transmit_for`] its session, which is the entry's
+/// `skip` for the one session an entry is not for.
+///
+/// The driver keeps each connection's frames in the order of the outputs:
+/// an entry published before a [`ServerOutput::Transmit`] for a follower
+/// goes out before that frame, one published after it, after. A follower
+/// that falls further behind than the feed holds is a slow consumer: the
+/// driver closes it (4009) rather than skip entries, and its session
+/// recovers from the history when it resumes.
+///
+/// [`HistoryConfig`]: crate::stream::HistoryConfig
+#[derive(Clone, Debug, PartialEq)]
+pub enum FeedOutput {
+    /// Append `entry` to its room's feed (making the feed if there is none
+    /// of this `epoch`) and trim the feed as the history is trimmed.
+    Publish {
+        /// The entry, shared with the history.
+        entry: RoomEntry,
+        /// The room stream's epoch: a feed of another epoch is replaced.
+        epoch: u64,
+    },
+    /// From now on `connection` writes the entries of `room`'s feed after
+    /// offset `after` (the `sub` it was just sent names that offset): those
+    /// the feed holds already, then every one published.
+    Follow {
+        /// The connection.
+        connection: ConnectionId,
+        /// The session it carries (its entries' `skip`s).
+        session: SessionId,
+        /// The room.
+        room: Arc<str>,
+        /// The room stream's epoch (a feed of another epoch is replaced by
+        /// an empty one starting after `after`).
+        epoch: u64,
+        /// The offset the connection's stream stands at.
+        after: u64,
+        /// The connection's codec.
+        codec: Codec,
+    },
+    /// `connection` stops following `room` once it has written the entries
+    /// published so far.
+    Unfollow {
+        /// The connection.
+        connection: ConnectionId,
+        /// The room.
+        room: Arc<str>,
+    },
+    /// `room`'s stream ended (the room has no member left): forget its
+    /// feed. Followers still writing its last entries finish them.
+    Close {
+        /// The room.
+        room: Arc<str>,
+    },
 }
 
 /// Something the server application should hear about.

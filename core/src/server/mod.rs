@@ -78,10 +78,11 @@ use crate::wire::{
 };
 
 // The public items of the other files, each at `kitestring_core::server::Item`.
+pub use crate::stream::RoomEntry;
 pub use admission::RATE_REPORT_INTERVAL;
 pub use event::{
-    RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics, ServerOutput, ServerStats,
-    ServerTimer, SessionEnd, SessionInfo,
+    FeedOutput, RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics, ServerOutput,
+    ServerStats, ServerTimer, SessionEnd, SessionInfo,
 };
 pub use session::SessionState;
 
@@ -130,6 +131,9 @@ pub struct Server {
     streams: Map<RoomName, RoomStream>,
     /// Streams made so far (for their epochs).
     streams_made: u64,
+    /// Stream members are served through [`FeedOutput`]s, not frames of
+    /// their own ([`Server::set_room_feeds`]).
+    room_feeds: bool,
 }
 
 impl Server {
@@ -154,7 +158,20 @@ impl Server {
             upgrade: None,
             streams: Map::default(),
             streams_made: 0,
+            room_feeds: false,
         })
+    }
+
+    /// Serves the members of room streams through shared feeds: a
+    /// broadcast becomes one [`FeedOutput::Publish`] instead of a
+    /// [`ServerOutput::Transmit`] per member, and the driver writes the
+    /// entry to the room's followers ([`FeedOutput`] says how). For
+    /// drivers that hand connections their frames from other threads,
+    /// where one write per member to each connection's queue costs more
+    /// than the members reading one shared feed. Off by default; set it
+    /// before the first connection.
+    pub fn set_room_feeds(&mut self, on: bool) {
+        self.room_feeds = on;
     }
 
     // ---- getters ----------------------------------------------------------

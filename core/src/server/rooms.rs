@@ -259,6 +259,7 @@ impl Server {
             return false;
         }
         let name = self.rooms.name(room);
+        self.unfollow(session, &name);
         let member = self.member_of(session);
         if let Some(s) = self.sessions.get_mut(&session) {
             s.rooms.retain(|j| &*j.room != room);

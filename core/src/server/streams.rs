@@ -20,7 +20,7 @@ use crate::wire::{Frame, MsgKind, Payload, SessionId, StreamPos, Transmit};
 
 use super::conn::ConnPhase;
 use super::session::SessionState;
-use super::{ConnectionId, Server, ServerOutput, ServerStats};
+use super::{ConnectionId, FeedOutput, Server, ServerOutput, ServerStats};
 
 /// A session's membership of a room.
 #[derive(Clone, Debug)]
@@ -58,10 +58,16 @@ impl Server {
         core::hash::Hasher::finish(&h)
     }
 
-    /// Forgets `room`'s stream once the room has no member left.
+    /// Forgets `room`'s stream once the room has no member left (and
+    /// tells the driver to forget its feed).
     pub(super) fn drop_stream_if_empty(&mut self, room: &str) {
         if self.rooms.size(room) == 0 {
-            self.streams.remove(room);
+            if let Some((room, _)) = self.streams.remove_entry(room) {
+                if self.room_feeds {
+                    self.outputs
+                        .push_back(ServerOutput::Feed(FeedOutput::Close { room }));
+                }
+            }
         }
     }
 
@@ -72,9 +78,10 @@ impl Server {
 
     /// Appends an entry to `room`'s stream, if any of `members` is served
     /// from streams, and sends it to each of those that is attached and not
-    /// recovering; `except` gets a `skip` instead. Returns the members
-    /// served through their own sequence, for the caller, and how many
-    /// stream-served members the entry is for.
+    /// recovering (or, with room feeds, hands it to the driver once);
+    /// `except` gets a `skip` instead. Returns the members served through
+    /// their own sequence, for the caller, and how many stream-served
+    /// members the entry is for.
     pub(super) fn publish_entry(
         &mut self,
         room: &RoomName,
@@ -87,6 +94,7 @@ impl Server {
         let mut live = Vec::new();
         let mut streamed = 0;
         let mut any_stream = false;
+        let feeds = self.room_feeds;
         for &m in members {
             let Some(s) = self.sessions.get(&m) else {
                 continue;
@@ -97,6 +105,9 @@ impl Server {
             }
             any_stream = true;
             streamed += usize::from(Some(m) != except);
+            if feeds {
+                continue; // the feed's followers are the driver's
+            }
             let Some(conn) = s.state.connection().filter(|_| !s.awaiting_subs) else {
                 continue;
             };
@@ -113,9 +124,18 @@ impl Server {
         let offset = self
             .stream_of(room)
             .push(room, kind, payload, except, &limits);
-        let Some(entry) = self.streams.get_mut(room).and_then(|s| s.newest()) else {
+        let Some(stream) = self.streams.get(room) else {
             return (legacy, streamed);
         };
+        let epoch = stream.epoch();
+        let Some(entry) = stream.newest().cloned() else {
+            return (legacy, streamed);
+        };
+        if feeds {
+            self.outputs
+                .push_back(ServerOutput::Feed(FeedOutput::Publish { entry, epoch }));
+            return (legacy, streamed);
+        }
         let mut skip = None;
         let mut failed = Vec::new();
         for (m, conn, codec, version) in live {
@@ -123,7 +143,7 @@ impl Server {
                 skip = Some(conn);
                 continue;
             }
-            match entry.transmit(codec, version) {
+            match entry.transmit_at(codec, version) {
                 Some(t) => hand_over(&mut self.stats, &mut self.outputs, conn, t),
                 None => failed.push(conn),
             }
@@ -136,6 +156,45 @@ impl Server {
             self.encode_failed(conn);
         }
         (legacy, streamed)
+    }
+
+    /// With room feeds: from now on `conn` writes `room`'s entries after
+    /// offset `after` from the room's feed.
+    fn follow(&mut self, conn: ConnectionId, room: &RoomName, after: u64) {
+        if !self.room_feeds {
+            return;
+        }
+        let Some(&ConnPhase::Open { codec, session, .. }) = self.conns.get(&conn).map(|c| &c.phase)
+        else {
+            return;
+        };
+        let Some(epoch) = self.streams.get(room).map(RoomStream::epoch) else {
+            return;
+        };
+        self.outputs
+            .push_back(ServerOutput::Feed(FeedOutput::Follow {
+                connection: conn,
+                session,
+                room: room.clone(),
+                epoch,
+                after,
+                codec,
+            }));
+    }
+
+    /// With room feeds: `session` left `room`; its connection, if it
+    /// follows the room's feed, stops after what was published so far.
+    pub(super) fn unfollow(&mut self, session: SessionId, room: &RoomName) {
+        if !self.room_feeds || !self.streams_session(session) {
+            return;
+        }
+        if let Some(conn) = self.live_connection(session) {
+            self.outputs
+                .push_back(ServerOutput::Feed(FeedOutput::Unfollow {
+                    connection: conn,
+                    room: room.clone(),
+                }));
+        }
     }
 
     /// The connection a stream-served session receives live entries on:
@@ -157,21 +216,21 @@ impl Server {
         let ConnPhase::Open { codec, version, .. } = c.phase else {
             return;
         };
-        let Some(stream) = self.streams.get_mut(room) else {
+        let Some(stream) = self.streams.get(room) else {
             return;
         };
-        let Some(entry) = stream.get_mut(offset) else {
+        let Some(entry) = stream.get(offset) else {
             return;
         };
-        if entry.except == Some(session) {
+        if entry.except() == Some(session) {
             let skip = Frame::Skip {
-                room: entry.frame.room.clone(),
+                room: entry.room().clone(),
                 offset,
             };
             self.transmit(conn, &skip);
             return;
         }
-        match entry.transmit(codec, version) {
+        match entry.transmit_at(codec, version) {
             Some(t) => hand_over(&mut self.stats, &mut self.outputs, conn, t),
             None => self.encode_failed(conn),
         }
@@ -192,6 +251,7 @@ impl Server {
                 missed_from: None,
             });
             self.transmit(conn, &sub);
+            self.follow(conn, room, at);
         }
         at
     }
@@ -209,7 +269,9 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
-        if !s.stream || s.state != SessionState::Attached(connection) {
+        // Only the one `subs` a resume waits for: another would start the
+        // member's streams again where they already run.
+        if !s.stream || !s.awaiting_subs || s.state != SessionState::Attached(connection) {
             return;
         }
         s.awaiting_subs = false;
@@ -249,6 +311,12 @@ impl Server {
             missed_from,
         });
         self.transmit(conn, &sub);
+        if self.room_feeds {
+            // The feed holds what the history does: the connection writes
+            // it from there, not through a queue of its own.
+            self.follow(conn, &joined.room, offset);
+            return;
+        }
         for o in offset + 1..=last {
             self.send_stored(conn, session, &joined.room, o);
         }

@@ -26,7 +26,8 @@ use crate::drive::ReadyFlag;
 use crate::util;
 use crate::ws;
 
-use super::shared::{lock_slot, CloseOrder, LockedState, ServerShared, SlotRef};
+use super::feed::{FeedError, Followed};
+use super::shared::{lock_slot, CloseOrder, ConnSlot, LockedState, ServerShared, SlotRef};
 
 /// How a connection task's main loop ended.
 enum ConnEnd {
@@ -43,9 +44,16 @@ struct ConnIo {
     id: ConnectionId,
     /// Shared with the state, which fills it.
     slot: SlotRef,
-    /// Frames taken from the slot, not yet accepted by the socket. Taken
-    /// only when empty, so at most [`ServerShared::outbound`].
-    out: VecDeque<Message>,
+    /// Frames taken from the slot, not yet accepted by the socket, with
+    /// their stamps. Taken only when empty, so at most
+    /// [`ServerShared::outbound`].
+    out: VecDeque<(u64, Message)>,
+    /// The room feeds this connection writes from.
+    followed: Followed,
+    /// Entries stamped up to this may be written once the frames before
+    /// them are: it was every entry published when the slot's queue was
+    /// last emptied.
+    horizon: u64,
     /// Frames read in one go, run through the core under one lock.
     batch: Vec<Message>,
     needs_flush: bool,
@@ -82,6 +90,33 @@ impl ConnIo {
         false
     }
 
+    /// A feed this connection follows cannot go on: it fell behind what
+    /// the feed holds (a slow consumer), or an entry did not encode. The
+    /// core closes the connection, and its session resumes from the rooms'
+    /// histories.
+    fn feed_failed(&mut self, shared: &ServerShared, e: FeedError) {
+        let id = self.id;
+        let (code, why) = match e {
+            FeedError::Behind => (CloseCode::SLOW_CONSUMER, "fell behind a room feed"),
+            FeedError::Encode => (CloseCode::INTERNAL_ERROR, "a room entry did not encode"),
+        };
+        warn!(connection = id.0, %code, "closing a connection that {why}");
+        self.followed = Followed::default();
+        shared.run(Some(id), |st, now| {
+            st.server.disconnect_connection(now, id, code);
+        });
+    }
+
+    /// Adds what was taken from feeds to the server's counters.
+    fn count_feed_writes(&mut self, shared: &ServerShared) {
+        if self.followed.frames > 0 {
+            let f = &mut self.followed;
+            shared.feed_frames.fetch_add(f.frames, Ordering::Relaxed);
+            shared.feed_bytes.fetch_add(f.bytes, Ordering::Relaxed);
+            (f.frames, f.bytes) = (0, 0);
+        }
+    }
+
     fn poll<S>(
         &mut self,
         shared: &ServerShared,
@@ -100,6 +135,7 @@ impl ConnIo {
                 if let Some(order) = slot.close.take() {
                     if order.flush {
                         self.out.extend(slot.out.drain(..));
+                        self.followed.apply(slot.follows.drain(..));
                     }
                     return Poll::Ready(ConnEnd::Close(order));
                 }
@@ -107,12 +143,13 @@ impl ConnIo {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => slot.waker = Some(cx.waker().clone()),
                 }
-                if self.out.is_empty() {
-                    if self.out.capacity() > 256 {
-                        self.out = VecDeque::new(); // after a burst
-                    }
-                    std::mem::swap(&mut self.out, &mut slot.out);
-                }
+                take_frames(
+                    &mut self.out,
+                    &mut self.followed,
+                    &mut self.horizon,
+                    shared,
+                    &mut slot,
+                );
                 !slot.paused
             };
             // Whether the application has room for the events reading
@@ -132,19 +169,52 @@ impl ConnIo {
                     None => true,
                 };
             // Writes: hand frames over only while the socket accepts them,
-            // so a stalled peer leaves them queued (and bounded).
-            while !self.out.is_empty() {
+            // so a stalled peer leaves them queued (and bounded); feed
+            // entries go before the frames queued after they were published.
+            loop {
                 match Pin::new(&mut *ws).poll_ready(cx) {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(_)) => return Poll::Ready(ConnEnd::WriteFailed),
                     Poll::Pending => break,
                 }
-                let Some(m) = self.out.pop_front() else { break };
+                let before = self.out.front().map_or(self.horizon, |(stamp, _)| *stamp);
+                let m = match self.followed.next_before(before.min(self.horizon), cx) {
+                    Ok(Some(entry)) => entry.message,
+                    Ok(None) => match self.out.pop_front() {
+                        Some((_, m)) => m,
+                        None if self.followed.holds_any() => {
+                            // Entries published after the frames were
+                            // taken: take again, then write them in order.
+                            let mut slot = lock_slot(&self.slot);
+                            let horizon = self.horizon;
+                            take_frames(
+                                &mut self.out,
+                                &mut self.followed,
+                                &mut self.horizon,
+                                shared,
+                                &mut slot,
+                            );
+                            drop(slot);
+                            if self.horizon == horizon && self.out.is_empty() {
+                                break; // nothing new (cannot happen)
+                            }
+                            continue;
+                        }
+                        None => break,
+                    },
+                    Err(e) => {
+                        self.feed_failed(shared, e);
+                        // The close order is in the slot: look again.
+                        cx.waker().wake_by_ref();
+                        continue;
+                    }
+                };
                 if Pin::new(&mut *ws).start_send(m).is_err() {
                     return Poll::Ready(ConnEnd::WriteFailed);
                 }
                 self.needs_flush = true;
             }
+            self.count_feed_writes(shared);
             if self.needs_flush {
                 match Pin::new(&mut *ws).poll_flush(cx) {
                     Poll::Ready(Ok(())) => self.needs_flush = false,
@@ -200,6 +270,32 @@ impl ConnIo {
                 return Poll::Ready(ConnEnd::Ended(end));
             }
         }
+    }
+}
+
+/// Under the slot's lock: takes the frames queued for a connection (once
+/// the last ones were handed to the socket) and the feeds it is to follow
+/// or leave. Once the slot's queue is empty, every entry published so far
+/// ([`ServerShared::published`]) may go out: a frame queued later is
+/// stamped at least that, and goes after them.
+fn take_frames(
+    out: &mut VecDeque<(u64, Message)>,
+    followed: &mut Followed,
+    horizon: &mut u64,
+    shared: &ServerShared,
+    slot: &mut ConnSlot,
+) {
+    if out.is_empty() {
+        if out.capacity() > 256 {
+            *out = VecDeque::new(); // after a burst
+        }
+        std::mem::swap(out, &mut slot.out);
+    }
+    if !slot.follows.is_empty() {
+        followed.apply(slot.follows.drain(..));
+    }
+    if slot.out.is_empty() {
+        *horizon = shared.published.load(Ordering::Acquire);
     }
 }
 
@@ -266,10 +362,23 @@ async fn finish<S>(
             } else {
                 close_timeout / 4
             };
-            let out = &mut io.out;
+            let (out, followed) = (&mut io.out, &mut io.followed);
             let _ = util::timeout(&*runtime, limit, async {
                 if order.flush {
-                    while let Some(m) = out.pop_front() {
+                    // The queued frames, and the feed entries published
+                    // before them.
+                    while let Some(&(before, _)) = out.front() {
+                        let next = {
+                            let mut cx = Context::from_waker(std::task::Waker::noop());
+                            followed.next_before(before, &mut cx)
+                        };
+                        let m = match next {
+                            Ok(Some(entry)) => entry.message,
+                            Ok(None) | Err(_) => match out.pop_front() {
+                                Some((_, m)) => m,
+                                None => break,
+                            },
+                        };
                         if ws.feed(m).await.is_err() {
                             break;
                         }
@@ -361,6 +470,8 @@ pub(super) async fn connection<S>(
             id,
             slot,
             out: VecDeque::new(),
+            followed: Followed::default(),
+            horizon: 0,
             batch: Vec::new(),
             needs_flush: false,
             readable: ReadyFlag::new(),

@@ -460,7 +460,13 @@ impl ServerHandle {
     /// [`ClientHandle::stats`](crate::ClientHandle::stats) and
     /// [`Event::Rtt`](kitestring_core::client::Event::Rtt).
     pub async fn metrics(&self) -> Result<ServerMetrics, ServerError> {
-        self.shared.call(|st, _| st.server.metrics())
+        let mut m = self.shared.call(|st, _| st.server.metrics())?;
+        // Room feed entries are written by connection tasks, not handed out
+        // by the core one by one.
+        let traffic = &mut m.counters.traffic;
+        traffic.frames_out += self.shared.feed_frames.load(Ordering::Relaxed);
+        traffic.bytes_out += self.shared.feed_bytes.load(Ordering::Relaxed);
+        Ok(m)
     }
 
     /// Replaces the policy that authorizes clients' joins and publishes

@@ -66,6 +66,7 @@
 mod accept;
 mod auth;
 mod conn;
+mod feed;
 mod handle;
 mod http;
 mod shared;
@@ -77,7 +78,7 @@ pub use handle::{ServerEvents, ServerHandle};
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -261,6 +262,8 @@ fn start_inner(
         config.resume_secret = kitestring_core::config::ResumeSecret(secret);
     }
     let mut server = Server::new(config)?;
+    // Room-stream members read each broadcast from one shared feed.
+    server.set_room_feeds(true);
     if let Some(policy) = &options.policy {
         server.set_policy(Box::new(SharedPolicy(policy.clone())));
     }
@@ -287,12 +290,25 @@ fn start_inner(
             armed: None,
             shutdown: None,
             stopped: false,
+            feeds: FxHashMap::default(),
+            stamp: 0,
         }),
         task: AtomicWaker::new(),
         stop_listening: AtomicBool::new(false),
         clock: Clock::new(&*runtime),
         runtime: runtime.clone(),
         outbound: outbound_capacity(&options),
+        feed_frames: AtomicU64::new(0),
+        feed_bytes: AtomicU64::new(0),
+        feed_bounds: kitestring_core::stream::HistoryConfig {
+            max_entries: options
+                .config
+                .history
+                .max_entries
+                .max(outbound_capacity(&options)),
+            max_bytes: options.config.history.max_bytes,
+        },
+        published: AtomicU64::new(0),
         event_room: options.event_buffer.max(1),
         event_backlog: AtomicUsize::new(0),
         options: Arc::new(options),

@@ -12,7 +12,7 @@
 //! released. Code under the lock must not call back into the server.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::Duration;
@@ -22,7 +22,10 @@ use async_tungstenite::tungstenite::Message;
 use futures_channel::oneshot;
 use futures_util::task::AtomicWaker;
 use kitestring_core::close::CloseCode;
-use kitestring_core::server::{ConnectionId, Server, ServerEvent, ServerOutput, SessionEnd};
+use kitestring_core::server::{
+    ConnectionId, FeedOutput, Server, ServerEvent, ServerOutput, SessionEnd,
+};
+use kitestring_core::stream::HistoryConfig;
 use kitestring_core::wire::{Codec, SessionId};
 use tracing::{debug, trace, warn};
 
@@ -32,6 +35,7 @@ use crate::runtime::Runtime;
 use crate::ws;
 
 use super::auth::{AuthReject, AuthRequest};
+use super::feed::{lock_feed, Feed, FeedRef, FollowOp};
 use super::ServerOptions;
 
 /// Hash maps keyed by ids the server made up (FxHash: fast, and nothing to
@@ -64,6 +68,18 @@ pub(super) struct ServerShared {
     ///
     /// [`outbound_capacity`]: super::outbound_capacity
     pub(super) outbound: usize,
+    /// Frames and bytes connection tasks took from feeds to write (the
+    /// core counts the frames it hands out itself).
+    pub(super) feed_frames: AtomicU64,
+    pub(super) feed_bytes: AtomicU64,
+    /// What a room's feed holds: what its history does, and at least as
+    /// many entries as a connection's queue, so that a live member may
+    /// fall as far behind a burst as a queue would let it.
+    pub(super) feed_bounds: HistoryConfig,
+    /// [`LockedState::stamp`], stored after each entry is appended: a
+    /// connection task that emptied its slot's queue may write the entries
+    /// published up to it.
+    pub(super) published: AtomicU64,
     /// Events waiting for the application before connection tasks pause
     /// reading ([`ServerOptions::event_buffer`]).
     pub(super) event_room: usize,
@@ -100,6 +116,12 @@ pub(super) struct LockedState {
     pub(super) shutdown: Option<Shutdown>,
     /// The server task has ended.
     pub(super) stopped: bool,
+    /// Each room's feed, while the core's stream for it lives.
+    pub(super) feeds: FxHashMap<Arc<str>, FeedRef>,
+    /// Entries published to feeds and follows begun so far: each frame
+    /// queued for a connection carries the count at the time, so that the
+    /// connection writes the entries published before it first.
+    pub(super) stamp: u64,
 }
 
 /// A shutdown in progress: who waits for it, and when to stop waiting for
@@ -126,9 +148,13 @@ pub(super) fn lock_slot(slot: &Mutex<ConnSlot>) -> MutexGuard<'_, ConnSlot> {
 /// Per connection: what the state hands its task.
 #[derive(Default)]
 pub(super) struct ConnSlot {
-    /// Frames for the connection task to write. At most
-    /// [`ServerShared::outbound`]; one more makes the connection a slow consumer.
-    pub(super) out: VecDeque<Message>,
+    /// Frames for the connection task to write, each with the count of feed
+    /// entries published before it ([`LockedState::stamp`]). At most
+    /// [`ServerShared::outbound`]; one more makes the connection a slow
+    /// consumer.
+    pub(super) out: VecDeque<(u64, Message)>,
+    /// Feeds to follow and stop following, in order.
+    pub(super) follows: Vec<FollowOp>,
     /// A close order the task has not picked up yet.
     pub(super) close: Option<CloseOrder>,
     /// A close order was given: nothing more is queued.
@@ -149,6 +175,7 @@ impl ConnSlot {
         self.closing = true;
         self.aborted = true;
         self.out.clear();
+        self.follows.clear();
         self.close = Some(CloseOrder {
             code: CloseCode::ABNORMAL,
             reason: "aborted",
@@ -236,6 +263,83 @@ impl ServerShared {
 }
 
 impl LockedState {
+    /// Carries out a feed output: appends to a room's feed, or tells a
+    /// connection task to follow one or stop.
+    fn feed(
+        &mut self,
+        env: &ServerShared,
+        f: FeedOutput,
+        current: Option<ConnectionId>,
+        wakes: &mut Wakes,
+    ) {
+        let (connection, op) = match f {
+            FeedOutput::Publish { entry, epoch } => {
+                // Stamped before it is visible: a connection task that
+                // copies it out may write it once its queue is empty.
+                self.stamp += 1;
+                env.published.store(self.stamp, Ordering::Release);
+                let feed = self.feed_of(entry.room(), epoch, entry.offset());
+                lock_feed(&feed).push(self.stamp, entry, &env.feed_bounds, &mut wakes.tasks);
+                return;
+            }
+            FeedOutput::Close { room } => {
+                self.feeds.remove(&room);
+                return;
+            }
+            FeedOutput::Follow {
+                connection,
+                session,
+                room,
+                epoch,
+                after,
+                codec,
+            } => {
+                // A follower may start behind the feed's newest entry (a
+                // resumed member catching up): those entries go after the
+                // frames queued before now (its `sub`), before those queued
+                // after. A stamp of their own says so.
+                self.stamp += 1;
+                env.published.store(self.stamp, Ordering::Release);
+                let feed = self.feed_of(&room, epoch, after + 1);
+                let op = FollowOp::Follow {
+                    room,
+                    feed,
+                    next: after + 1,
+                    start: self.stamp,
+                    session,
+                    codec,
+                };
+                (connection, op)
+            }
+            FeedOutput::Unfollow { connection, room } => {
+                let through = self.feeds.get(&room).map_or(0, |f| lock_feed(f).last());
+                (connection, FollowOp::Unfollow { room, through })
+            }
+        };
+        if let Some(slot) = self.conns.get(&connection) {
+            let mut slot = lock_slot(slot);
+            if !slot.closing {
+                slot.follows.push(op);
+                if current != Some(connection) {
+                    wakes.take(&mut slot.waker);
+                }
+            }
+        }
+    }
+
+    /// `room`'s feed of `epoch`, made (empty, its first offset `first`)
+    /// if there is none of that epoch.
+    fn feed_of(&mut self, room: &Arc<str>, epoch: u64, first: u64) -> FeedRef {
+        match self.feeds.get(room) {
+            Some(f) if lock_feed(f).epoch() == epoch => f.clone(),
+            _ => {
+                let f = Feed::new(epoch, first);
+                self.feeds.insert(room.clone(), f.clone());
+                f
+            }
+        }
+    }
+
     /// Carries out every output of the core, in order: frames to their
     /// connection's queue, close orders, events to the application's queue.
     pub(super) fn drain(
@@ -275,7 +379,7 @@ impl LockedState {
                             .disconnect_connection(now, id, CloseCode::SLOW_CONSUMER);
                         continue;
                     }
-                    slot.out.push_back(ws::to_message(t));
+                    slot.out.push_back((self.stamp, ws::to_message(t)));
                     if current != Some(id) {
                         wakes.take(&mut slot.waker);
                     }
@@ -298,6 +402,7 @@ impl LockedState {
                         );
                     }
                 }
+                ServerOutput::Feed(f) => self.feed(env, f, current, wakes),
                 ServerOutput::Event(event) => {
                     log_event(&event);
                     self.track_codec(&event);
