@@ -6,6 +6,7 @@ use kitestring_core::client::{LostReason, RequestError, UsageError};
 use kitestring_core::config::ConfigError;
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::server::RoomError;
+use kitestring_core::wire::SessionId;
 
 /// Encoding or decoding an application value failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,28 +109,80 @@ pub enum ServeError {
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
     /// Binding or adopting the listener failed.
-    #[error("cannot listen: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
     /// The operating system's random source failed (for the resume secret).
     #[error("no randomness for the resume secret: {0}")]
     Random(String),
 }
 
-/// A server command failed.
+/// A server command failed. Each message names the session or room
+/// concerned.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
-    /// The core refused the message (unknown session, queue full, ...).
-    #[error(transparent)]
-    Send(#[from] SendError),
+    /// The core refused a message or command for a session (unknown
+    /// session, queue full, too large, ...).
+    #[error("session {}: {error}", session.to_hex())]
+    Send {
+        /// The session.
+        session: SessionId,
+        /// Why.
+        error: SendError,
+    },
+    /// The core refused a broadcast to a room (a bad room name, a payload
+    /// over the limit).
+    #[error("room {room:?}: {error}")]
+    Broadcast {
+        /// The room.
+        room: String,
+        /// Why.
+        error: SendError,
+    },
+    /// A room operation was refused (unknown session, room full, too many
+    /// rooms, bad name).
+    #[error("session {}, room {room:?}: {error}", session.to_hex())]
+    Room {
+        /// The session.
+        session: SessionId,
+        /// The room.
+        room: String,
+        /// Why.
+        error: RoomError,
+    },
     /// The value could not be encoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
-    /// A room operation was refused (unknown session, room full, too many
-    /// rooms, bad name).
-    #[error(transparent)]
-    Room(#[from] RoomError),
     /// The server task has ended.
     #[error("the server has stopped")]
     Stopped,
+}
+
+impl ServerError {
+    /// The core's refusal of a message, if that is what this is.
+    pub fn send_error(&self) -> Option<&SendError> {
+        match self {
+            ServerError::Send { error, .. } | ServerError::Broadcast { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// Whether the session concerned does not exist (any more).
+    pub fn is_unknown_session(&self) -> bool {
+        matches!(
+            self,
+            ServerError::Send {
+                error: SendError::UnknownSession,
+                ..
+            } | ServerError::Room {
+                error: RoomError::UnknownSession,
+                ..
+            }
+        )
+    }
 }

@@ -752,13 +752,13 @@ pub async fn half_open_detected(rt: Arc<dyn Runtime>) {
 
 fn auth_server(rt: &Arc<dyn Runtime>) -> (ServerHandle, ServerEvents, SocketAddr) {
     let mut options = fast_server();
-    options.auth = Some(Arc::new(|req: &kitestring::AuthRequest<'_>| {
-        match req.bearer_token() {
+    options.auth = Some(kitestring::Authenticator::sync(
+        |req: &kitestring::AuthRequest| match req.bearer_token() {
             Some("good") => Ok(Some("alice".to_owned())),
             Some("forbidden") => Err(AuthReject::Forbidden),
             _ => Err(AuthReject::Unauthorized),
-        }
-    }));
+        },
+    ));
     serve(rt, options)
 }
 
@@ -1428,7 +1428,10 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
     for _ in 0..1000 {
         match server.send_bytes(session, chunk.clone()).await {
             Ok(_) => accepted += 1,
-            Err(kitestring::ServerError::Send(kitestring::SendError::QueueFull { .. })) => {
+            Err(kitestring::ServerError::Send {
+                error: kitestring::SendError::QueueFull { .. },
+                ..
+            }) => {
                 refused = true;
                 break;
             }
@@ -1450,7 +1453,10 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
     for _ in 0..2000 {
         match server.send_datagram(session, chunk.clone()).await {
             Ok(()) => sent += 1,
-            Err(kitestring::ServerError::Send(kitestring::SendError::QueueFull { .. })) => {
+            Err(kitestring::ServerError::Send {
+                error: kitestring::SendError::QueueFull { .. },
+                ..
+            }) => {
                 refused = true;
                 break;
             }
