@@ -160,7 +160,11 @@ async fn settle_token(shared: Arc<ServerShared>, check: TokenCheck) {
     let verdict = crate::util::timeout(&*shared.runtime, limit, check.verdict)
         .await
         .unwrap_or_else(|| {
-            debug!(connection = check.connection.0, ?limit, "re-authentication timed out");
+            debug!(
+                connection = check.connection.0,
+                ?limit,
+                "re-authentication timed out"
+            );
             Err(AuthReject::Unavailable)
         });
     shared.run(None, |st, now| {

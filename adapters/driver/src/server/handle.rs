@@ -258,19 +258,19 @@ impl ServerHandle {
         let limit = crate::client::DATAGRAM_BACKLOG.min(self.shared.outbound / 2);
         self.shared
             .call(|st, now| {
-            let waiting = st
-                .server
-                .connection_of(session)
-                .and_then(|c| st.conns.get(&c))
-                .map_or(0, |slot| lock_slot(slot).out.len());
-            if waiting >= limit {
-                return Err(SendError::QueueFull {
-                    messages: waiting,
-                    bytes: 0,
-                });
-            }
-            st.server.send_datagram(now, session, data)
-        })?
+                let waiting = st
+                    .server
+                    .connection_of(session)
+                    .and_then(|c| st.conns.get(&c))
+                    .map_or(0, |slot| lock_slot(slot).out.len());
+                if waiting >= limit {
+                    return Err(SendError::QueueFull {
+                        messages: waiting,
+                        bytes: 0,
+                    });
+                }
+                st.server.send_datagram(now, session, data)
+            })?
             .map_err(|error| ServerError::Send { session, error })
     }
 

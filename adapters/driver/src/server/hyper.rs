@@ -132,11 +132,8 @@ async fn upgrade(
             &shared,
             &req,
             || {
-                let mut auth = AuthRequest::new(
-                    req.path,
-                    req.query.map(str::to_owned),
-                    headers.clone(),
-                );
+                let mut auth =
+                    AuthRequest::new(req.path, req.query.map(str::to_owned), headers.clone());
                 auth.extensions = std::mem::take(extensions);
                 auth.peer = peer;
                 Ok(auth)

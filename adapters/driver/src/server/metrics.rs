@@ -74,7 +74,7 @@ fn publish(m: &ServerMetrics, acked: u64, events_waiting: usize) {
     counter!("kitestring_messages_received_total").absolute(c.delivery.messages_received);
     counter!("kitestring_messages_duplicate_total").absolute(c.delivery.duplicates);
     counter!("kitestring_messages_out_of_order_total").absolute(c.delivery.gaps);
-    counter!("kitestring_messages_acked_total").absolute(acked);
+    counter!("kitestring_acks_received_total").absolute(acked);
     counter!("kitestring_frames_in_total").absolute(c.traffic.frames_in);
     counter!("kitestring_frames_out_total").absolute(c.traffic.frames_out);
     counter!("kitestring_bytes_in_total").absolute(c.traffic.bytes_in);

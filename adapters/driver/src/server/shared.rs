@@ -104,8 +104,9 @@ pub(super) struct LockedState {
     /// server task to start (it spawns each in a task of its own, outside
     /// the lock). At most one per connection that sent a token.
     pub(super) token_checks: Vec<TokenCheck>,
-    /// Messages the clients acknowledged, counted from the core's `Acked`
-    /// events for the metrics (the core keeps no such counter).
+    /// Acknowledgments from clients that released messages, counted from
+    /// the core's `Acked` events for the metrics (the core keeps no such
+    /// counter).
     pub(super) acked: u64,
 }
 
@@ -315,8 +316,8 @@ impl LockedState {
                 ServerOutput::Event(event) => {
                     log_event(&event);
                     self.track_codec(&event);
-                    if let ServerEvent::Acked { first, last, .. } = &event {
-                        self.acked += last.0.saturating_sub(first.0).saturating_add(1);
+                    if let ServerEvent::Acked { .. } = &event {
+                        self.acked += 1;
                     }
                     if let ServerEvent::TokenReceived {
                         connection,
