@@ -2,6 +2,7 @@
 //! real sockets on 127.0.0.1: log in over HTTP, open a Kitestring session
 //! with the cookie on the same port, echo messages, and scrape `/metrics`
 //! as Prometheus would, checking the names and that the values move.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! upgrade, the same answers as the built-in listener for refused upgrades,
 //! the configured limits, and asynchronous authentication that holds up no
 //! other connection.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -155,8 +155,9 @@ async fn upgrade(
     let early = early.into_inner();
     match answer {
         Ok((response, on_upgrade, identity)) => {
-            let task = take_over(shared.clone(), on_upgrade, identity, early, peer)
-                .instrument(tracing::Span::current());
+            // Not under the upgrade's span: the connection is not part of
+            // the request, as with the built-in listener.
+            let task = take_over(shared.clone(), on_upgrade, identity, early, peer);
             shared.runtime.spawn(Box::pin(task));
             response
         }
