@@ -19,8 +19,9 @@
 //! message passes through an intermediate task, and nothing waits for a
 //! reply. Several frames read together go through the core under one lock,
 //! and a task woken for many queued frames writes them all in one turn.
-//! Room policies and token validators run under the lock: they must not
-//! call back into the server.
+//! Room policies and synchronous token validators run under the lock: they
+//! must not call back into the server. Authenticators and asynchronous
+//! token validators never do: they run in a task of their own.
 //!
 //! # Backpressure policy
 //!
