@@ -29,6 +29,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use futures_util::StreamExt;
 use kitestring::{
@@ -209,7 +210,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prometheus = PrometheusBuilder::new().install_recorder()?;
     let app = build(prometheus, Duration::from_secs(1))?;
     tokio::spawn(echo(app.server.clone(), app.events));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    // Small frames must not wait for Nagle's algorithm (axum leaves it on;
+    // Kitestring's own listener turns it off).
+    let listener = tokio::net::TcpListener::bind(addr).await?.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     println!("http://{addr}/ (login, page), ws://{addr}/ws, http://{addr}/metrics");
     axum::serve(
         listener,

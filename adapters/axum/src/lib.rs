@@ -38,6 +38,12 @@
 //! * [`KitestringLayer`]: a layer that serves one path and passes every
 //!   other request on, as socketioxide's layer does.
 //!
+//! `axum::serve` leaves Nagle's algorithm on, which can hold a small frame
+//! back for tens of milliseconds; Kitestring's own listener turns it off.
+//! Do the same for the listener you give axum:
+//! `listener.tap_io(|tcp| { let _ = tcp.set_nodelay(true); })`
+//! (`axum::serve::ListenerExt`).
+//!
 //! This crate owns only the translation to axum's and tower's types; it
 //! must never check, authenticate or answer an upgrade itself.
 #![forbid(unsafe_code)]
