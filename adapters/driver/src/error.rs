@@ -81,6 +81,15 @@ pub enum ClientError {
         /// What was refused and why.
         refusal: kitestring_core::rooms::Refusal,
     },
+    /// A room operation (join, leave, publish) was refused by the core: a
+    /// bad room name, a full queue, a closed client.
+    #[error("room {room:?}: {error}")]
+    Room {
+        /// The room, as given (at most its first 64 bytes).
+        room: String,
+        /// Why.
+        error: SendError,
+    },
     /// The client closed or failed before the acknowledgment came.
     #[error("the client stopped before message {0:?} was acknowledged")]
     NotAcknowledged(MessageId),
@@ -161,6 +170,20 @@ pub enum ServerError {
     /// The server task has ended.
     #[error("the server has stopped")]
     Stopped,
+}
+
+/// A room name for an error message: at most its first 64 bytes (a name
+/// refused for its length may be long).
+pub(crate) fn room_label(room: &str) -> String {
+    let mut end = room.len().min(64);
+    while !room.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < room.len() {
+        format!("{}...", &room[..end])
+    } else {
+        room.to_owned()
+    }
 }
 
 impl ServerError {

@@ -27,7 +27,7 @@ use kitestring_core::server::{ConnectionId, ServerEvent, ServerMetrics, SessionI
 use kitestring_core::wire::{Codec, Payload, SessionId};
 use serde::Serialize;
 
-use crate::error::ServerError;
+use crate::error::{room_label, ServerError};
 use crate::runtime::BoxIo;
 use crate::util;
 
@@ -394,7 +394,7 @@ impl ServerHandle {
             .call(|st, now| st.server.join(now, session, room))?
             .map_err(|error| ServerError::Room {
                 session,
-                room: room.to_owned(),
+                room: room_label(room),
                 error,
             })
     }
@@ -434,7 +434,7 @@ impl ServerHandle {
         self.shared
             .call(|st, now| st.server.broadcast(now, room, payload, exclude))?
             .map_err(|error| ServerError::Broadcast {
-                room: room.to_owned(),
+                room: room_label(room),
                 error,
             })
     }
