@@ -16,9 +16,12 @@ async fn errors_name_the_address_session_and_room() {
         "{message}"
     );
 
-    let (server, _events) =
-        kitestring::bind(rt.clone(), "127.0.0.1:0".parse().unwrap(), ServerOptions::default())
-            .unwrap();
+    let (server, _events) = kitestring::bind(
+        rt.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerOptions::default(),
+    )
+    .unwrap();
     let ghost = SessionId([0xab; 16]);
     let err = server.send(ghost, &1).await.unwrap_err();
     assert!(err.is_unknown_session());
@@ -30,7 +33,10 @@ async fn errors_name_the_address_session_and_room() {
     assert!(err.is_unknown_session());
     assert_eq!(
         err.to_string(),
-        format!("session {}, room \"lobby\": no such session", ghost.to_hex())
+        format!(
+            "session {}, room \"lobby\": no such session",
+            ghost.to_hex()
+        )
     );
     let huge = kitestring::Payload::binary(vec![0u8; 2 << 20]);
     let err = server
@@ -49,7 +55,10 @@ async fn errors_name_the_address_session_and_room() {
     let err = client.join(&long).await.unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("room \"{}...\": room names are 1 to 256 bytes", "r".repeat(64))
+        format!(
+            "room \"{}...\": room names are 1 to 256 bytes",
+            "r".repeat(64)
+        )
     );
     client.close().await.unwrap();
 }

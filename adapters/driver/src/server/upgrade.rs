@@ -52,8 +52,10 @@ type Upgraded = (crate::ws::Ws, Option<String>, Option<ConnectionId>);
 /// The request head is read and answered here ([`http`]), not by
 /// tungstenite: every refusal gets an HTTP status (426 for a request that
 /// is not a WebSocket upgrade, 400 for a malformed one, 431 for headers
-/// over 64 KiB, 403 for a refused origin, 401 and 403 from the
-/// authenticator) and is logged at debug level with the peer's address,
+/// over 64 KiB, 403 for a refused origin, 401, 403 and 503 from the
+/// authenticator, 503 also when an asynchronous one outlives the
+/// authentication timeout) and is logged at debug level with the peer's
+/// address,
 /// and bytes the client wrote behind its request (a `hello` frame sent
 /// before the `101` arrived) start the WebSocket stream instead of failing
 /// the upgrade.
