@@ -21,6 +21,7 @@ use kitestring_core::wire::Codec;
 
 mod alloc;
 mod child;
+mod connect;
 mod core_cost;
 mod echo;
 mod fleet;
@@ -182,6 +183,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("fanout", fleet::fanout_scenario),
     ("storm", fleet::storm_scenario),
     ("churn", fleet::churn_scenario),
+    ("axum-connect", connect::axum_connect_scenario),
     ("peers-idle", peers::idle_scenario),
     ("peers-fanout", peers::fanout_scenario),
     ("peers-echo", peers::echo_scenario),

@@ -128,9 +128,9 @@ impl Harness {
     ) -> Result<Harness, HarnessError> {
         let ledger = Arc::new(Ledger::new(settings.clients));
         let mut server_options = settings.server.clone();
-        server_options.auth = Some(Arc::new(|req: &kitestring::AuthRequest<'_>| {
-            Ok(req.query_param("client").map(str::to_owned))
-        }));
+        server_options.auth = Some(kitestring::Authenticator::sync(
+            |req: &kitestring::AuthRequest| Ok(req.query_param("client").map(str::to_owned)),
+        ));
         let (server, events) = kitestring::bind(
             rt.clone(),
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -463,11 +463,17 @@ impl Sender {
                             self.ledger.accepted(self.index, self.dir, seq, id);
                             return Ok(());
                         }
-                        Some(Err(ServerError::Send(SendError::QueueFull { .. }))) => {
+                        Some(Err(ServerError::Send {
+                            error: SendError::QueueFull { .. },
+                            ..
+                        })) => {
                             self.ledger.refused_full();
                             true
                         }
-                        Some(Err(ServerError::Send(SendError::UnknownSession))) => {
+                        Some(Err(ServerError::Send {
+                            error: SendError::UnknownSession,
+                            ..
+                        })) => {
                             self.ledger.session_ended(self.index, session);
                             true
                         }

@@ -6,6 +6,7 @@ use kitestring_core::client::{LostReason, RequestError, UsageError};
 use kitestring_core::config::ConfigError;
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::server::RoomError;
+use kitestring_core::wire::SessionId;
 
 /// Encoding or decoding an application value failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +81,15 @@ pub enum ClientError {
         /// What was refused and why.
         refusal: kitestring_core::rooms::Refusal,
     },
+    /// A room operation (join, leave, publish) was refused by the core: a
+    /// bad room name, a full queue, a closed client.
+    #[error("room {room:?}: {error}")]
+    Room {
+        /// The room, as given (at most its first 64 bytes).
+        room: String,
+        /// Why.
+        error: SendError,
+    },
     /// The client closed or failed before the acknowledgment came.
     #[error("the client stopped before message {0:?} was acknowledged")]
     NotAcknowledged(MessageId),
@@ -108,28 +118,94 @@ pub enum ServeError {
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
     /// Binding or adopting the listener failed.
-    #[error("cannot listen: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
     /// The operating system's random source failed (for the resume secret).
     #[error("no randomness for the resume secret: {0}")]
     Random(String),
 }
 
-/// A server command failed.
+/// A server command failed. Each message names the session or room
+/// concerned.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
-    /// The core refused the message (unknown session, queue full, ...).
-    #[error(transparent)]
-    Send(#[from] SendError),
+    /// The core refused a message or command for a session (unknown
+    /// session, queue full, too large, ...).
+    #[error("session {}: {error}", session.to_hex())]
+    Send {
+        /// The session.
+        session: SessionId,
+        /// Why.
+        error: SendError,
+    },
+    /// The core refused a broadcast to a room (a bad room name, a payload
+    /// over the limit).
+    #[error("room {room:?}: {error}")]
+    Broadcast {
+        /// The room.
+        room: String,
+        /// Why.
+        error: SendError,
+    },
+    /// A room operation was refused (unknown session, room full, too many
+    /// rooms, bad name).
+    #[error("session {}, room {room:?}: {error}", session.to_hex())]
+    Room {
+        /// The session.
+        session: SessionId,
+        /// The room.
+        room: String,
+        /// Why.
+        error: RoomError,
+    },
     /// The value could not be encoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
-    /// A room operation was refused (unknown session, room full, too many
-    /// rooms, bad name).
-    #[error(transparent)]
-    Room(#[from] RoomError),
     /// The server task has ended.
     #[error("the server has stopped")]
     Stopped,
+}
+
+/// A room name for an error message: at most its first 64 bytes (a name
+/// refused for its length may be long).
+pub(crate) fn room_label(room: &str) -> String {
+    let mut end = room.len().min(64);
+    while !room.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < room.len() {
+        format!("{}...", &room[..end])
+    } else {
+        room.to_owned()
+    }
+}
+
+impl ServerError {
+    /// The core's refusal of a message, if that is what this is.
+    pub fn send_error(&self) -> Option<&SendError> {
+        match self {
+            ServerError::Send { error, .. } | ServerError::Broadcast { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// Whether the session concerned does not exist (any more).
+    pub fn is_unknown_session(&self) -> bool {
+        matches!(
+            self,
+            ServerError::Send {
+                error: SendError::UnknownSession,
+                ..
+            } | ServerError::Room {
+                error: RoomError::UnknownSession,
+                ..
+            }
+        )
+    }
 }

@@ -31,9 +31,24 @@
 //!
 //! # Server
 //!
-//! [`bind`] serves a port; [`ServerHandle::accept_websocket`] takes sockets
-//! that another HTTP server upgraded. See [`server`] for the task layout and
-//! the backpressure policy.
+//! [`bind`] serves a port. With the `hyper` feature, a hyper-based HTTP
+//! server (hyper, axum) shares its port with Kitestring:
+//! `ServerHandle::upgrade` answers its upgrade requests exactly as the
+//! built-in listener does (authentication, the handshake in the upgrade,
+//! the limits); `kitestring-axum` makes that an axum route, service or
+//! layer. See [`server`] for the task layout and the backpressure policy.
+//!
+//! # Features
+//!
+//! * `hyper`: upgrades handed over by hyper-based servers.
+//! * `async-io`: the timer and listener shared by the async-std and smol
+//!   runtime crates.
+//!
+//! # Observability
+//!
+//! Metrics go through the [`metrics`](https://docs.rs/metrics) facade to
+//! whatever recorder the application installs (before [`bind`]); spans and
+//! events through `tracing`. README.md lists every metric and span.
 //!
 //! # Rooms and requests
 //!
@@ -72,9 +87,11 @@ pub use client::{
 };
 pub use error::{ClientError, CodecError, ConnectError, ServeError, ServerError};
 pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};
+#[cfg(feature = "hyper")]
+pub use server::UpgradeService;
 pub use server::{
-    bind, start, AuthReject, AuthRequest, Authenticator, OriginPolicy, ServerEvents, ServerHandle,
-    ServerOptions, TokenValidator,
+    bind, start, AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy, ServerEvents,
+    ServerHandle, ServerOptions, TokenValidator,
 };
 pub use util::{decode, encode, DecodeExt};
 pub use ws::{websocket_config, ClientTls, ServerTls};

@@ -153,6 +153,21 @@ pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, limit:
     }
 }
 
+/// The rustls crypto provider of [`ClientTls::with_roots`] and
+/// [`ServerTls::new`]: *ring*.
+///
+/// Chosen deliberately over aws-lc-rs, rustls's default: *ring* builds
+/// with nothing but a Rust toolchain and a C compiler, where aws-lc-rs
+/// needs cmake (and, on some targets, nasm or Go) on every machine that
+/// builds it. rustls 0.23.48 deprecated *ring*'s provider because it offers
+/// no post-quantum key exchange; applications that want that build their
+/// own `rustls` configuration on aws-lc-rs and hand it over with
+/// [`ClientTls::from_config`] and [`ServerTls::from_config`].
+#[allow(deprecated)]
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
 /// TLS settings for clients (`wss://`).
 #[derive(Clone, Debug)]
 pub struct ClientTls {
@@ -162,8 +177,7 @@ pub struct ClientTls {
 impl ClientTls {
     /// Trusts exactly the certificates in `roots` (for private CAs and tests).
     pub fn with_roots(roots: rustls::RootCertStore) -> Result<Self, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let config = rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -196,8 +210,7 @@ impl ServerTls {
         chain: Vec<rustls_pki_types::CertificateDer<'static>>,
         key: rustls_pki_types::PrivateKeyDer<'static>,
     ) -> Result<Self, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let config = rustls::ServerConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(chain, key)?;

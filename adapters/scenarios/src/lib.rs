@@ -42,7 +42,8 @@ macro_rules! scenarios {
         $crate::scenarios!(@one $block_on, $runtime,
             exchange_json, exchange_msgpack, resume_after_drops, server_abort_resumes, half_open_detected,
             auth_rejected_401, auth_rejected_403, version_mismatch_rejected, hello_in_upgrade,
-            shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, handover_upgraded_socket,
+            shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, reauth_async,
+            handover_upgraded_socket,
             slow_consumer_closed, broadcast_through_cuts, slow_member_evicted, feeds_keep_order,
             stream_member_falls_behind,
             unauthorized_join_refused, presence_after_resume, rotation_without_loss,
@@ -754,13 +755,13 @@ pub async fn half_open_detected(rt: Arc<dyn Runtime>) {
 
 fn auth_server(rt: &Arc<dyn Runtime>) -> (ServerHandle, ServerEvents, SocketAddr) {
     let mut options = fast_server();
-    options.auth = Some(Arc::new(|req: &kitestring::AuthRequest<'_>| {
-        match req.bearer_token() {
+    options.auth = Some(kitestring::Authenticator::sync(
+        |req: &kitestring::AuthRequest| match req.bearer_token() {
             Some("good") => Ok(Some("alice".to_owned())),
             Some("forbidden") => Err(AuthReject::Forbidden),
             _ => Err(AuthReject::Unauthorized),
-        }
-    }));
+        },
+    ));
     serve(rt, options)
 }
 
@@ -1402,6 +1403,112 @@ pub async fn reauth_in_session(rt: Arc<dyn Runtime>) {
         .unwrap();
 }
 
+/// Re-authentication with an asynchronous validator: the check runs in a
+/// task of its own, outside the server's lock, so the connection carries
+/// messages while it is pending; a good verdict keeps the connection, and a
+/// check that outlives `auth_timeout` closes it with 1013 (the client comes
+/// back later).
+pub async fn reauth_async(rt: Arc<dyn Runtime>) {
+    let mut options = fast_server();
+    options.auth = Some(kitestring::Authenticator::sync(
+        |req: &kitestring::AuthRequest| match req.bearer_token() {
+            Some(_) => Ok(Some("alice".to_owned())),
+            None => Err(AuthReject::Unauthorized),
+        },
+    ));
+    let clock = rt.clone();
+    options.reauth = Some(kitestring::TokenValidator::new(move |token: String| {
+        let clock = clock.clone();
+        async move {
+            let ms = if token == "slow" { 5_000 } else { 1_000 };
+            kitestring::util::sleep(&*clock, Duration::from_millis(ms)).await;
+            Ok(Some("alice".to_owned()))
+        }
+    }));
+    options.auth_timeout = Duration::from_millis(1_500);
+    let (server, mut sev, addr) = serve(&rt, options);
+    let current = Arc::new(std::sync::Mutex::new("good"));
+    let cur = current.clone();
+    let mut client_options = fast_client(vec![Codec::Json]);
+    client_options.token = Some(kitestring::token_provider(move || {
+        let token = *cur.lock().unwrap();
+        async move { Some(token.to_owned()) }
+    }));
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), client_options).unwrap();
+    opened(&rt, &mut cev).await;
+    let (conn, session, _, _) = session_opened(&rt, &mut sev).await;
+
+    server
+        .request_reauth(conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+    server_wait(&rt, &mut sev, 2000, "TokenReceived", |e| {
+        matches!(e, ServerEvent::TokenReceived { .. }).then_some(())
+    })
+    .await;
+    // The check takes a second; the session does not wait for it.
+    let asked = Instant::now();
+    client.send(&note(1)).await.unwrap();
+    let got = server_wait(
+        &rt,
+        &mut sev,
+        2000,
+        "message during the check",
+        |e| match e {
+            ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(got, note(1));
+    assert!(
+        asked.elapsed() < Duration::from_millis(800),
+        "a message waited {:?} behind the token check",
+        asked.elapsed()
+    );
+    // After the verdict the connection is still there.
+    kitestring::util::sleep(&*rt, Duration::from_millis(1_200)).await;
+    client.send(&note(2)).await.unwrap();
+    let got = server_wait(
+        &rt,
+        &mut sev,
+        2000,
+        "message after the check",
+        |e| match e {
+            ServerEvent::SessionDetached { code, .. } => {
+                panic!("detached with {code:?} after a good token")
+            }
+            ServerEvent::Message { message, .. } => Some(message.decode::<Note>().unwrap()),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(got, note(2));
+
+    // A check that outlives the timeout closes the connection with 1013.
+    *current.lock().unwrap() = "slow";
+    server
+        .request_reauth(conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let code = server_wait(
+        &rt,
+        &mut sev,
+        4000,
+        "detached after a timed-out check",
+        |e| match e {
+            ServerEvent::SessionDetached { session: s, code } if *s == session => Some(*code),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(code, CloseCode::TRY_AGAIN_LATER);
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
 /// A peer that reads nothing costs bounded memory: the session's window and
 /// queue fill, then sends are refused with `QueueFull` (nothing accepted is
 /// dropped), and the silent peer is closed by the heartbeat (4008) with its
@@ -1430,7 +1537,10 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
     for _ in 0..1000 {
         match server.send_bytes(session, chunk.clone()).await {
             Ok(_) => accepted += 1,
-            Err(kitestring::ServerError::Send(kitestring::SendError::QueueFull { .. })) => {
+            Err(kitestring::ServerError::Send {
+                error: kitestring::SendError::QueueFull { .. },
+                ..
+            }) => {
                 refused = true;
                 break;
             }
@@ -1452,7 +1562,10 @@ pub async fn slow_consumer_closed(rt: Arc<dyn Runtime>) {
     for _ in 0..2000 {
         match server.send_datagram(session, chunk.clone()).await {
             Ok(()) => sent += 1,
-            Err(kitestring::ServerError::Send(kitestring::SendError::QueueFull { .. })) => {
+            Err(kitestring::ServerError::Send {
+                error: kitestring::SendError::QueueFull { .. },
+                ..
+            }) => {
                 refused = true;
                 break;
             }

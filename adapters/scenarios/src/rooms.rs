@@ -743,12 +743,20 @@ pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
     assert!(snapshot.snapshot);
     assert_eq!(snapshot.joined.len(), 1);
     assert_eq!(snapshot.joined[0].client, a.handle.client_id().to_hex());
+    let unknown = server.join(SessionId([9; 16]), "secret").await;
     assert!(matches!(
-        server.join(SessionId([9; 16]), "secret").await,
-        Err(kitestring::ServerError::Room(
-            kitestring::RoomError::UnknownSession
-        ))
+        &unknown,
+        Err(kitestring::ServerError::Room {
+            error: kitestring::RoomError::UnknownSession,
+            ..
+        })
     ));
+    // The message names what it is about.
+    let message = unknown.unwrap_err().to_string();
+    assert!(
+        message.contains(&SessionId([9; 16]).to_hex()) && message.contains("\"secret\""),
+        "{message}"
+    );
     finish(&rt, server, vec![a, b]).await;
 }
 

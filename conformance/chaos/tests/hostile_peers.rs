@@ -271,10 +271,12 @@ fn foreign_origins_are_refused_with_403() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
         let options = ServerOptions {
-            auth: Some(Arc::new(move |_req: &kitestring::AuthRequest<'_>| {
-                counted.fetch_add(1, Ordering::SeqCst);
-                Ok(None)
-            })),
+            auth: Some(kitestring::Authenticator::sync(
+                move |_req: &kitestring::AuthRequest| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    Ok(None)
+                },
+            )),
             ..ServerOptions::default()
         };
         let echo = echo_server(&rt, options);

@@ -23,7 +23,7 @@ use kitestring_core::wire::{ClientId, Codec, Payload, SessionId};
 use serde::Serialize;
 use tracing::trace;
 
-use crate::error::ClientError;
+use crate::error::{room_label, ClientError};
 use crate::util;
 
 use super::shared::{ClientShared, Inner, CODEC_MSGPACK};
@@ -370,14 +370,14 @@ impl ClientHandle {
     pub async fn join(&self, room: &str) -> Result<MessageId, ClientError> {
         let r = self.with(|s, now| s.client.join(now, room))?;
         trace!(parent: &self.shared.span, %room, ok = r.is_ok(), "join");
-        Ok(r?)
+        r.map_err(|error| room_error(room, error))
     }
 
     /// Leaves a room.
     pub async fn leave(&self, room: &str) -> Result<MessageId, ClientError> {
         let r = self.with(|s, now| s.client.leave(now, room))?;
         trace!(parent: &self.shared.span, %room, ok = r.is_ok(), "leave");
-        Ok(r?)
+        r.map_err(|error| room_error(room, error))
     }
 
     /// Publishes a typed value to a room this client has joined: the server
@@ -398,7 +398,8 @@ impl ClientHandle {
         room: &str,
         payload: Payload,
     ) -> Result<MessageId, ClientError> {
-        Ok(self.with(|s, now| s.client.publish(now, room, payload))??)
+        self.with(|s, now| s.client.publish(now, room, payload))?
+            .map_err(|error| room_error(room, error))
     }
 
     /// Sends a typed request and waits for its response (the server answers
@@ -544,5 +545,13 @@ impl ClientHandle {
             }
         })?;
         rx.await.map_err(|_| ClientError::Stopped)?
+    }
+}
+
+/// A refused room operation, naming the room.
+fn room_error(room: &str, error: SendError) -> ClientError {
+    ClientError::Room {
+        room: room_label(room),
+        error,
     }
 }

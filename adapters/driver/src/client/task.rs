@@ -452,6 +452,10 @@ impl TaskIo {
                 ..
             } => {
                 shared.codec.store(codec_tag(*codec), Ordering::Relaxed);
+                // Once per connection, never per message.
+                let resumed_label = if *resumed { "true" } else { "false" };
+                metrics::counter!("kitestring_client_connects_total", "resumed" => resumed_label)
+                    .increment(1);
                 // Later log lines of this client carry the session id.
                 shared
                     .span
@@ -474,11 +478,16 @@ impl TaskIo {
                     }
                 }
             }
+            Event::Rtt(rtt) => {
+                // Once per heartbeat.
+                metrics::histogram!("kitestring_client_rtt_seconds").record(*rtt);
+            }
             Event::SessionLost {
                 reason,
                 unconfirmed,
                 unsent,
             } => {
+                metrics::counter!("kitestring_client_sessions_lost_total").increment(1);
                 warn!(
                     ?reason,
                     unconfirmed = unconfirmed.len(),

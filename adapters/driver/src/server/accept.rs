@@ -1,9 +1,11 @@
 //! The server task: accepts connections from the listener (if any), fires
-//! the core's timers, and carries out shutdown once every handle is gone or
+//! the core's timers, starts the asynchronous re-authentication checks the
+//! state left for it, and carries out shutdown once every handle is gone or
 //! one asked for it.
 //!
-//! It never reads or writes a connection's socket: each accepted socket gets
-//! a task of its own ([`serve_accepted`]).
+//! It never reads or writes a connection's socket and never awaits a
+//! check: each accepted socket and each check gets a task of its own
+//! ([`serve_accepted`], [`settle_token`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use tracing::{debug, trace, warn};
 use crate::drive::DriveTimer;
 use crate::runtime::AsyncListener;
 
-use super::shared::{lock_slot, CloseOrder, ServerShared, Wakes};
+use super::auth::AuthReject;
+use super::shared::{lock_slot, CloseOrder, ServerShared, TokenCheck, Wakes};
 use super::upgrade::serve_accepted;
 
 /// The server task: accepts connections, fires the core's timers, and
@@ -108,8 +111,10 @@ impl ServerTask {
             let now_std = shared.runtime.now();
             let now = shared.clock.core(now_std);
             let mut wakes = Wakes::default();
+            let checks;
             let (deadline, stop) = {
                 let mut st = shared.lock();
+                checks = std::mem::take(&mut st.token_checks);
                 let deadline = st.server.poll_timeout().map(|d| d.at);
                 if deadline.is_some_and(|at| now >= at) {
                     st.server.handle_timeout(now);
@@ -117,6 +122,10 @@ impl ServerTask {
                     st.drain(&shared, now, None, &mut wakes);
                     drop(st);
                     wakes.wake(&shared);
+                    for check in checks {
+                        let task = settle_token(shared.clone(), check);
+                        shared.runtime.spawn(Box::pin(task));
+                    }
                     continue;
                 }
                 st.armed = deadline;
@@ -128,6 +137,10 @@ impl ServerTask {
                 }
                 (deadline, stop)
             };
+            for check in checks {
+                let task = settle_token(shared.clone(), check);
+                shared.runtime.spawn(Box::pin(task));
+            }
             if stop {
                 return Poll::Ready(());
             }
@@ -137,4 +150,26 @@ impl ServerTask {
             return Poll::Pending;
         }
     }
+}
+
+/// Awaits an asynchronous re-authentication verdict (bounded by the
+/// authentication timeout: past it, the connection is closed with 1013 and
+/// the client comes back later), then carries it out under the lock.
+async fn settle_token(shared: Arc<ServerShared>, check: TokenCheck) {
+    let limit = shared.options.auth_timeout;
+    let verdict = crate::util::timeout(&*shared.runtime, limit, check.verdict)
+        .await
+        .unwrap_or_else(|| {
+            debug!(
+                connection = check.connection.0,
+                ?limit,
+                "re-authentication timed out"
+            );
+            Err(AuthReject::Unavailable)
+        });
+    shared.run(None, |st, now| {
+        if !st.stopped {
+            st.apply_token(now, check.connection, check.session, verdict);
+        }
+    });
 }

@@ -1,26 +1,59 @@
 //! Who may upgrade: what an authenticator sees of the upgrade request
-//! ([`AuthRequest`]), its verdict ([`AuthReject`]), the validator of fresh
-//! tokens, and the [`OriginPolicy`] that refuses cross-site upgrades.
+//! ([`AuthRequest`]), the [`Authenticator`] and its verdict ([`AuthReject`]),
+//! the [`TokenValidator`] of fresh tokens, and the [`OriginPolicy`] that
+//! refuses cross-site upgrades.
 //!
-//! Pure functions of the request's headers: nothing here touches a socket,
-//! the server's state or its lock.
+//! Nothing here touches a socket, the server's state or its lock. The
+//! callbacks may be synchronous (run inline) or asynchronous (awaited by the
+//! one connection's upgrade task, bounded by `ServerOptions::auth_timeout`):
+//! this module only wraps them; it never runs one under the server's lock
+//! and never awaits one itself.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use async_tungstenite::tungstenite::http::HeaderMap;
+use async_tungstenite::tungstenite::http::{Extensions, HeaderMap};
+
+use crate::runtime::BoxFuture;
 
 /// What the upgrade authenticator sees of the HTTP request.
-#[derive(Debug)]
-pub struct AuthRequest<'a> {
+///
+/// Built only when an [`Authenticator`] is configured. Requests upgraded
+/// through a hyper-based server (`ServerHandle::upgrade`) carry that
+/// server's request extensions, so what a middleware or an extractor put
+/// there (the user a login layer found, say) is at hand in
+/// [`extensions`](Self::extensions).
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct AuthRequest {
     /// The request path, e.g. `/ws`.
-    pub path: &'a str,
+    pub path: String,
     /// The query string without `?`, if any.
-    pub query: Option<&'a str>,
+    pub query: Option<String>,
     /// Every request header.
-    pub headers: &'a HeaderMap,
+    pub headers: HeaderMap,
+    /// The request's extensions: empty for connections accepted by the
+    /// built-in listener, the HTTP framework's own for requests it handed
+    /// over.
+    pub extensions: Extensions,
+    /// The peer's address, when known.
+    pub peer: Option<SocketAddr>,
 }
 
-impl AuthRequest<'_> {
+impl AuthRequest {
+    /// A request for `path` with `headers` (for testing authenticators, and
+    /// for re-authentication, which has no request of its own).
+    pub fn new(path: impl Into<String>, query: Option<String>, headers: HeaderMap) -> Self {
+        AuthRequest {
+            path: path.into(),
+            query,
+            headers,
+            extensions: Extensions::new(),
+            peer: None,
+        }
+    }
+
     /// Cookies from the `Cookie` headers, as `(name, value)` pairs.
     pub fn cookies(&self) -> Vec<(String, String)> {
         self.headers
@@ -52,11 +85,18 @@ impl AuthRequest<'_> {
 
     /// The value of query parameter `name` (not percent-decoded).
     pub fn query_param(&self, name: &str) -> Option<&str> {
-        self.query?
+        self.query
+            .as_deref()?
             .split('&')
             .filter_map(|kv| kv.split_once('='))
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v)
+    }
+
+    /// A value a middleware or extractor of the HTTP framework put in the
+    /// request's extensions.
+    pub fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.extensions.get::<T>()
     }
 }
 
@@ -70,6 +110,10 @@ pub enum AuthReject {
     Unauthorized,
     /// 403: authenticated but not allowed (the client fails at once).
     Forbidden,
+    /// 503: the check could not be made now (the user database is down,
+    /// say); the client retries later. Also the answer when an asynchronous
+    /// check outlives `ServerOptions::auth_timeout`.
+    Unavailable,
 }
 
 /// Which web pages may open a connection, judged by the upgrade request's
@@ -181,18 +225,150 @@ fn split_authority(a: &str) -> Option<(&str, Option<u16>)> {
     (!host.is_empty()).then_some((host, port))
 }
 
-/// Decides, from the upgrade request, who the peer is: `Ok(Some(identity))`,
+/// What an authenticator or a token validator decides: `Ok(Some(identity))`,
 /// `Ok(None)` for anonymous, or a rejection.
-pub type Authenticator =
-    Arc<dyn Fn(&AuthRequest<'_>) -> Result<Option<String>, AuthReject> + Send + Sync>;
+pub type AuthResult = Result<Option<String>, AuthReject>;
+
+/// Decides, from the upgrade request, who the peer is.
+///
+/// Either synchronous ([`Authenticator::sync`], run inline in the
+/// connection's upgrade task) or asynchronous ([`Authenticator::new`]: a
+/// database or an identity provider may be asked). An asynchronous check
+/// runs in the upgrade task of its own connection, so a slow one holds up
+/// no other connection's upgrade; it is bounded by
+/// [`ServerOptions::auth_timeout`], past which the peer gets 503. Neither
+/// kind runs under the server's lock.
+///
+/// [`ServerOptions::auth_timeout`]: super::ServerOptions::auth_timeout
+#[derive(Clone)]
+pub struct Authenticator(Check<AuthRequest>);
+
+/// A token validator or authenticator, either kind.
+enum Check<T> {
+    Sync(Arc<dyn Fn(&T) -> AuthResult + Send + Sync>),
+    Async(Arc<dyn Fn(T) -> BoxFuture<'static, AuthResult> + Send + Sync>),
+}
+
+impl<T> Clone for Check<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Check::Sync(f) => Check::Sync(f.clone()),
+            Check::Async(f) => Check::Async(f.clone()),
+        }
+    }
+}
+
+/// A verdict at once, or one to wait for.
+pub(crate) enum Verdict {
+    Ready(AuthResult),
+    Pending(BoxFuture<'static, AuthResult>),
+}
+
+impl<T> Check<T> {
+    fn check(&self, input: T) -> Verdict {
+        match self {
+            Check::Sync(f) => Verdict::Ready(f(&input)),
+            Check::Async(f) => Verdict::Pending(f(input)),
+        }
+    }
+
+    fn is_sync(&self) -> bool {
+        matches!(self, Check::Sync(_))
+    }
+}
+
+impl Authenticator {
+    /// An asynchronous authenticator: `f` gets the request by value and its
+    /// future may await (a database lookup, a call to an identity
+    /// provider).
+    pub fn new<F, Fut>(f: F) -> Self
+    where
+        F: Fn(AuthRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = AuthResult> + Send + 'static,
+    {
+        Authenticator(Check::Async(Arc::new(move |req| Box::pin(f(req)))))
+    }
+
+    /// A synchronous authenticator, run inline: for checks that need
+    /// nothing but the request (a signed token, a fixed list).
+    pub fn sync<F>(f: F) -> Self
+    where
+        F: Fn(&AuthRequest) -> AuthResult + Send + Sync + 'static,
+    {
+        Authenticator(Check::Sync(Arc::new(f)))
+    }
+
+    pub(crate) fn check(&self, req: AuthRequest) -> Verdict {
+        self.0.check(req)
+    }
+
+    pub(crate) fn is_sync(&self) -> bool {
+        self.0.is_sync()
+    }
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_sync() {
+            "Authenticator(sync)"
+        } else {
+            "Authenticator(async)"
+        })
+    }
+}
 
 /// Validates a token a client sent in answer to
 /// [`ServerHandle::request_reauth`]: `Ok(identity)` keeps the connection
 /// (the identity, if given, must match the session's), an error closes it
-/// with 4401 (unauthorized) or 4403 (forbidden).
+/// with 4401 (unauthorized), 4403 (forbidden) or 1013 (unavailable, also
+/// past [`ServerOptions::auth_timeout`]: the client comes back later).
+///
+/// A synchronous validator runs under the server's lock, as the frame
+/// carrying the token is handled; an asynchronous one runs in a task of its
+/// own, and the connection carries on meanwhile.
 ///
 /// [`ServerHandle::request_reauth`]: super::ServerHandle::request_reauth
-pub type TokenValidator = Arc<dyn Fn(&str) -> Result<Option<String>, AuthReject> + Send + Sync>;
+/// [`ServerOptions::auth_timeout`]: super::ServerOptions::auth_timeout
+#[derive(Clone)]
+pub struct TokenValidator(Check<String>);
+
+impl TokenValidator {
+    /// An asynchronous validator.
+    pub fn new<F, Fut>(f: F) -> Self
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = AuthResult> + Send + 'static,
+    {
+        TokenValidator(Check::Async(Arc::new(move |token| Box::pin(f(token)))))
+    }
+
+    /// A synchronous validator. It runs under the server's lock: it must
+    /// be quick and must not call back into the server.
+    pub fn sync<F>(f: F) -> Self
+    where
+        F: Fn(&str) -> AuthResult + Send + Sync + 'static,
+    {
+        TokenValidator(Check::Sync(Arc::new(move |token: &String| f(token))))
+    }
+
+    pub(crate) fn check(&self, token: String) -> Verdict {
+        self.0.check(token)
+    }
+
+    pub(crate) fn is_sync(&self) -> bool {
+        self.0.is_sync()
+    }
+}
+
+impl std::fmt::Debug for TokenValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_sync() {
+            "TokenValidator(sync)"
+        } else {
+            "TokenValidator(async)"
+        })
+    }
+}
 
 #[cfg(test)]
 mod tests {

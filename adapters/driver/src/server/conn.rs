@@ -464,7 +464,7 @@ pub(super) async fn connection<S>(
             return;
         }
     };
-    let span = tracing::debug_span!("connection", id = id.0);
+    let span = tracing::debug_span!("kitestring_connection", id = id.0);
     async move {
         let mut io = ConnIo {
             id,

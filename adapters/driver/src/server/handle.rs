@@ -27,7 +27,7 @@ use kitestring_core::server::{ConnectionId, ServerEvent, ServerMetrics, SessionI
 use kitestring_core::wire::{Codec, Payload, SessionId};
 use serde::Serialize;
 
-use crate::error::ServerError;
+use crate::error::{room_label, ServerError};
 use crate::runtime::BoxIo;
 use crate::util;
 
@@ -168,9 +168,9 @@ impl ServerHandle {
         session: SessionId,
         payload: Payload,
     ) -> Result<MessageId, ServerError> {
-        Ok(self
-            .shared
-            .call(|st, now| st.server.send(now, session, payload))??)
+        self.shared
+            .call(|st, now| st.server.send(now, session, payload))?
+            .map_err(|error| ServerError::Send { session, error })
     }
 
     /// Waits until a message sent to `session` now would go into its send
@@ -180,8 +180,8 @@ impl ServerHandle {
     ///
     /// # Errors
     ///
-    /// `SendError::UnknownSession` once the session is gone;
-    /// [`ServerError::Stopped`].
+    /// [`ServerError::Send`] with `SendError::UnknownSession` once the
+    /// session is gone; [`ServerError::Stopped`].
     ///
     /// [`Server::has_room`]: kitestring_core::server::Server::has_room
     pub async fn ready(&self, session: SessionId) -> Result<(), ServerError> {
@@ -191,7 +191,10 @@ impl ServerHandle {
                 return Poll::Ready(Err(ServerError::Stopped));
             }
             match st.server.has_room(session) {
-                None => Poll::Ready(Err(ServerError::Send(SendError::UnknownSession))),
+                None => Poll::Ready(Err(ServerError::Send {
+                    session,
+                    error: SendError::UnknownSession,
+                })),
                 Some(true) => Poll::Ready(Ok(())),
                 Some(false) => {
                     let waiters = st.room_waiters.entry(session).or_default();
@@ -231,7 +234,7 @@ impl ServerHandle {
             {
                 // Another task took the room first.
                 Err(SendError::QueueFull { .. }) => continue,
-                r => return Ok(r?),
+                r => return r.map_err(|error| ServerError::Send { session, error }),
             }
         }
     }
@@ -253,27 +256,29 @@ impl ServerHandle {
         // Half the frame queue at most, so datagrams alone never make a
         // connection a slow consumer.
         let limit = crate::client::DATAGRAM_BACKLOG.min(self.shared.outbound / 2);
-        Ok(self.shared.call(|st, now| {
-            let waiting = st
-                .server
-                .connection_of(session)
-                .and_then(|c| st.conns.get(&c))
-                .map_or(0, |slot| lock_slot(slot).out.len());
-            if waiting >= limit {
-                return Err(SendError::QueueFull {
-                    messages: waiting,
-                    bytes: 0,
-                });
-            }
-            st.server.send_datagram(now, session, data)
-        })??)
+        self.shared
+            .call(|st, now| {
+                let waiting = st
+                    .server
+                    .connection_of(session)
+                    .and_then(|c| st.conns.get(&c))
+                    .map_or(0, |slot| lock_slot(slot).out.len());
+                if waiting >= limit {
+                    return Err(SendError::QueueFull {
+                        messages: waiting,
+                        bytes: 0,
+                    });
+                }
+                st.server.send_datagram(now, session, data)
+            })?
+            .map_err(|error| ServerError::Send { session, error })
     }
 
     /// Ends a session now (its client gets 1000 and stops).
     pub async fn close_session(&self, session: SessionId) -> Result<(), ServerError> {
-        Ok(self
-            .shared
-            .call(|st, now| st.server.close_session(now, session))??)
+        self.shared
+            .call(|st, now| st.server.close_session(now, session))?
+            .map_err(|error| ServerError::Send { session, error })
     }
 
     /// Closes a connection with `code`; its session waits out its grace period.
@@ -375,9 +380,9 @@ impl ServerHandle {
         request: MessageId,
         payload: Payload,
     ) -> Result<MessageId, ServerError> {
-        Ok(self
-            .shared
-            .call(|st, now| st.server.respond(now, session, request, payload))??)
+        self.shared
+            .call(|st, now| st.server.respond(now, session, request, payload))?
+            .map_err(|error| ServerError::Send { session, error })
     }
 
     /// Puts a session in a room (the application decided: the room policy
@@ -385,9 +390,13 @@ impl ServerHandle {
     /// session gets the member list; [`ServerEvent::Joined`] follows.
     /// Joining a room the session is already in only resends the list.
     pub async fn join(&self, session: SessionId, room: &str) -> Result<(), ServerError> {
-        Ok(self
-            .shared
-            .call(|st, now| st.server.join(now, session, room))??)
+        self.shared
+            .call(|st, now| st.server.join(now, session, room))?
+            .map_err(|error| ServerError::Room {
+                session,
+                room: room_label(room),
+                error,
+            })
     }
 
     /// Takes a session out of a room; `false` if it was not in it. The
@@ -422,9 +431,12 @@ impl ServerHandle {
         payload: Payload,
         exclude: Option<SessionId>,
     ) -> Result<usize, ServerError> {
-        Ok(self
-            .shared
-            .call(|st, now| st.server.broadcast(now, room, payload, exclude))??)
+        self.shared
+            .call(|st, now| st.server.broadcast(now, room, payload, exclude))?
+            .map_err(|error| ServerError::Broadcast {
+                room: room_label(room),
+                error,
+            })
     }
 
     /// Who is in `room`, as members see each other (client id and identity,
@@ -460,13 +472,8 @@ impl ServerHandle {
     /// [`ClientHandle::stats`](crate::ClientHandle::stats) and
     /// [`Event::Rtt`](kitestring_core::client::Event::Rtt).
     pub async fn metrics(&self) -> Result<ServerMetrics, ServerError> {
-        let mut m = self.shared.call(|st, _| st.server.metrics())?;
-        // Room feed entries are written by connection tasks, not handed out
-        // by the core one by one.
-        let traffic = &mut m.counters.traffic;
-        traffic.frames_out += self.shared.feed_frames.load(Ordering::Relaxed);
-        traffic.bytes_out += self.shared.feed_bytes.load(Ordering::Relaxed);
-        Ok(m)
+        let shared = &self.shared;
+        shared.call(|st, _| st.metrics(shared))
     }
 
     /// Replaces the policy that authorizes clients' joins and publishes

@@ -106,8 +106,8 @@ fn head_end(bytes: &[u8]) -> Option<usize> {
 pub(crate) struct HttpRefusal {
     pub(crate) status: u16,
     pub(crate) reason: &'static str,
-    /// Extra header lines, each ending in `\r\n`.
-    pub(crate) headers: &'static str,
+    /// Extra headers, as (lower-case name, value).
+    pub(crate) headers: &'static [(&'static str, &'static str)],
 }
 
 impl HttpRefusal {
@@ -115,7 +115,7 @@ impl HttpRefusal {
         HttpRefusal {
             status,
             reason,
-            headers: "",
+            headers: &[],
         }
     }
 
@@ -128,7 +128,7 @@ impl HttpRefusal {
     pub(crate) const NOT_AN_UPGRADE: HttpRefusal = HttpRefusal {
         status: 426,
         reason: "this is a WebSocket endpoint: upgrade to websocket",
-        headers: "upgrade: websocket\r\n",
+        headers: &[("upgrade", "websocket")],
     };
 
     /// 426 Upgrade Required with the version this server speaks (RFC 6455,
@@ -136,40 +136,76 @@ impl HttpRefusal {
     pub(crate) const WRONG_VERSION: HttpRefusal = HttpRefusal {
         status: 426,
         reason: "unsupported Sec-WebSocket-Version",
-        headers: "sec-websocket-version: 13\r\n",
+        headers: &[("sec-websocket-version", "13")],
     };
 
     /// 431 Request Header Fields Too Large.
     pub(crate) const TOO_LARGE: HttpRefusal =
         HttpRefusal::new(431, "request header fields too large");
 
-    /// The whole response: status line, headers, the reason as a text body.
-    pub(crate) fn response(&self) -> Vec<u8> {
-        let phrase = match self.status {
+    /// The status's reason phrase, and the same as a metrics label.
+    pub(crate) fn phrase(&self) -> &'static str {
+        match self.status {
             400 => "Bad Request",
             401 => "Unauthorized",
             403 => "Forbidden",
             405 => "Method Not Allowed",
             426 => "Upgrade Required",
             431 => "Request Header Fields Too Large",
+            500 => "Internal Server Error",
+            503 => "Service Unavailable",
             _ => "Error",
-        };
-        // A 426 names the protocol to upgrade to, and then must say
-        // `upgrade` in `connection` too (RFC 9110, section 7.8).
-        let connection = if self.headers.starts_with("upgrade:") {
+        }
+    }
+
+    /// The status as a label value (`"401"`), without allocating.
+    pub(crate) fn status_label(&self) -> &'static str {
+        match self.status {
+            400 => "400",
+            401 => "401",
+            403 => "403",
+            405 => "405",
+            426 => "426",
+            431 => "431",
+            500 => "500",
+            503 => "503",
+            _ => "other",
+        }
+    }
+
+    /// The `connection` header: a 426 names the protocol to upgrade to,
+    /// and then must say `upgrade` in `connection` too (RFC 9110, section
+    /// 7.8).
+    pub(crate) fn connection(&self) -> &'static str {
+        if self.headers.iter().any(|(name, _)| *name == "upgrade") {
             "upgrade, close"
         } else {
             "close"
-        };
-        format!(
-            "HTTP/1.1 {} {phrase}\r\n{}connection: {connection}\r\n\
-             content-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{}\n",
-            self.status,
-            self.headers,
-            self.reason.len() + 1,
-            self.reason,
-        )
-        .into_bytes()
+        }
+    }
+
+    /// The body: the reason and a newline.
+    pub(crate) fn body(&self) -> String {
+        format!("{}\n", self.reason)
+    }
+
+    /// The whole response: status line, headers, the reason as a text body.
+    pub(crate) fn response(&self) -> Vec<u8> {
+        let mut r = format!("HTTP/1.1 {} {}\r\n", self.status, self.phrase());
+        for (name, value) in self.headers {
+            r.push_str(name);
+            r.push_str(": ");
+            r.push_str(value);
+            r.push_str("\r\n");
+        }
+        let body = self.body();
+        r.push_str(&format!(
+            "connection: {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: {}\r\n\r\n{body}",
+            self.connection(),
+            body.len(),
+        ));
+        r.into_bytes()
     }
 }
 
@@ -202,14 +238,33 @@ pub(crate) fn parse<'h, 'b>(
         return Err(HttpRefusal::bad("malformed HTTP request"));
     };
     let headers: &'h [httparse::Header<'b>] = req.headers;
+    let upgrade = check(
+        method,
+        target,
+        version >= 1,
+        headers.iter().map(|h| (h.name, h.value)),
+    )?;
+    Ok((upgrade, headers))
+}
+
+/// Checks an upgrade request, whichever HTTP stack read it: this server's
+/// own reader ([`parse`]) or a hyper-based server's (`ServerHandle::upgrade`).
+/// `http11`: the request is HTTP/1.1 (or a later 1.x). `headers` are the
+/// header lines in order, as (name, value).
+pub(crate) fn check<'b>(
+    method: &str,
+    target: &'b str,
+    http11: bool,
+    headers: impl Iterator<Item = (&'b str, &'b [u8])>,
+) -> Result<Upgrade<'b>, HttpRefusal> {
     if method != "GET" {
         return Err(HttpRefusal {
             status: 405,
             reason: "a WebSocket upgrade is a GET request",
-            headers: "allow: GET\r\n",
+            headers: &[("allow", "GET")],
         });
     }
-    if version < 1 {
+    if !http11 {
         return Err(HttpRefusal::bad("a WebSocket upgrade needs HTTP/1.1"));
     }
     let mut upgrade = false;
@@ -219,19 +274,18 @@ pub(crate) fn parse<'h, 'b>(
     let mut host = None;
     let mut origin = None;
     let mut hello = None;
-    for h in headers {
-        let name = h.name;
+    for (name, value) in headers {
         let once = |slot: &mut Option<&'b [u8]>, why: &'static str| {
-            if slot.replace(h.value).is_some() {
+            if slot.replace(value).is_some() {
                 Err(HttpRefusal::bad(why))
             } else {
                 Ok(())
             }
         };
         if name.eq_ignore_ascii_case("upgrade") {
-            upgrade |= has_token(h.value, "websocket");
+            upgrade |= has_token(value, "websocket");
         } else if name.eq_ignore_ascii_case("connection") {
-            connection_upgrade |= has_token(h.value, "upgrade");
+            connection_upgrade |= has_token(value, "upgrade");
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             once(&mut version, "more than one Sec-WebSocket-Version")?;
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
@@ -242,7 +296,7 @@ pub(crate) fn parse<'h, 'b>(
             once(&mut origin, "more than one Origin")?;
         } else if name.eq_ignore_ascii_case(kitestring_core::wire::HELLO_HEADER) && hello.is_none()
         {
-            hello = Some(h.value);
+            hello = Some(value);
         }
     }
     if !upgrade || !connection_upgrade {
@@ -266,17 +320,14 @@ pub(crate) fn parse<'h, 'b>(
         Some(Err(_)) => return Err(HttpRefusal::bad("invalid Origin")),
     };
     let (path, query) = split_target(target)?;
-    Ok((
-        Upgrade {
-            path,
-            query,
-            key,
-            host,
-            origin,
-            hello,
-        },
-        headers,
-    ))
+    Ok(Upgrade {
+        path,
+        query,
+        key,
+        host,
+        origin,
+        hello,
+    })
 }
 
 /// The path and query of a request target: origin form (`/ws?x=1`), or
@@ -330,22 +381,40 @@ pub(crate) fn header_map(headers: &[httparse::Header<'_>]) -> Result<HeaderMap, 
     Ok(map)
 }
 
+/// The headers of the `101` response, as (name, value): the accept key
+/// derived from `key`, and the `Kitestring-Welcome` header if given (and a
+/// valid header value). Both HTTP stacks answer with exactly these.
+pub(crate) fn upgrade_headers<'a>(
+    accept: &'a str,
+    welcome: Option<&'a str>,
+) -> impl Iterator<Item = (&'static str, &'a str)> {
+    let welcome = welcome.filter(|w| w.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)));
+    [
+        Some(("connection", "Upgrade")),
+        Some(("upgrade", "websocket")),
+        Some(("sec-websocket-accept", accept)),
+        welcome.map(|w| (kitestring_core::wire::WELCOME_HEADER, w)),
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// `Sec-WebSocket-Accept` for a request's key.
+pub(crate) fn accept_key(key: &[u8]) -> String {
+    async_tungstenite::tungstenite::handshake::derive_accept_key(key)
+}
+
 /// The `101` response, with the `Kitestring-Welcome` header if given (and
 /// a valid header value).
 pub(crate) fn switching_protocols(key: &[u8], welcome: Option<&str>) -> Vec<u8> {
-    let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(key);
-    let welcome = welcome.filter(|w| w.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)));
+    let accept = accept_key(key);
     let mut r = Vec::with_capacity(160 + welcome.map_or(0, |w| w.len() + 24));
-    r.extend_from_slice(
-        b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
-          sec-websocket-accept: ",
-    );
-    r.extend_from_slice(accept.as_bytes());
-    if let Some(w) = welcome {
+    r.extend_from_slice(b"HTTP/1.1 101 Switching Protocols");
+    for (name, value) in upgrade_headers(&accept, welcome) {
         r.extend_from_slice(b"\r\n");
-        r.extend_from_slice(kitestring_core::wire::WELCOME_HEADER.as_bytes());
+        r.extend_from_slice(name.as_bytes());
         r.extend_from_slice(b": ");
-        r.extend_from_slice(w.as_bytes());
+        r.extend_from_slice(value.as_bytes());
     }
     r.extend_from_slice(b"\r\n\r\n");
     r

@@ -19,8 +19,9 @@
 //! message passes through an intermediate task, and nothing waits for a
 //! reply. Several frames read together go through the core under one lock,
 //! and a task woken for many queued frames writes them all in one turn.
-//! Room policies and token validators run under the lock: they must not
-//! call back into the server.
+//! Room policies and synchronous token validators run under the lock: they
+//! must not call back into the server. Authenticators and asynchronous
+//! token validators never do: they run in a task of their own.
 //!
 //! # Backpressure policy
 //!
@@ -44,15 +45,20 @@
 //!   write buffer; should that queue still fill, the connection is closed
 //!   with 4009 and its session kept.
 //!
-//! # Handing over a socket upgraded elsewhere
+//! # Sharing a port with an HTTP server
 //!
-//! An HTTP server (axum, hyper, ...) that already performed the WebSocket
-//! upgrade can hand the socket over with [`ServerHandle::accept_websocket`]:
-//! wrap the upgraded IO in a futures-io adapter (for hyper on tokio:
-//! `hyper_util::rt::TokioIo` then `tokio_util::compat`), build
-//! `async_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server,
-//! Some(kitestring::ws::websocket_config(max)))`, authenticate in your HTTP
-//! handler, and pass the identity along.
+//! With the `hyper` feature, a hyper-based server (hyper, axum, ...) hands
+//! its upgrade requests to [`ServerHandle::upgrade`] (or serves
+//! connections with [`ServerHandle::hyper_service`]): the request is checked,
+//! authenticated and answered exactly as the built-in listener would,
+//! `Kitestring-Welcome` included, and the upgraded connection is served
+//! with the configured limits. The authenticator also sees the request's
+//! extensions. `kitestring-axum` wraps it as an axum route, a tower service
+//! and a layer.
+//!
+//! A socket some other HTTP server upgraded by itself can still be handed
+//! over with [`ServerHandle::accept_websocket`] (authenticated by that
+//! server; no handshake in the upgrade, so one more round trip).
 //!
 //! # Where things are
 //!
@@ -61,7 +67,9 @@
 //! beside it: `auth` (who may upgrade), `shared` (the locked state, the
 //! connection slots and the lock order), `handle` ([`ServerHandle`] and
 //! [`ServerEvents`]), `accept` (the server task), `upgrade` and `http` (an
-//! accepted socket's upgrade) and `conn` (the connection task).
+//! upgrade, read by the built-in listener or handed over by `hyper`, and
+//! its admission), `conn` (the connection task) and `metrics` (the export
+//! through the `metrics` facade).
 
 mod accept;
 mod auth;
@@ -69,11 +77,16 @@ mod conn;
 mod feed;
 mod handle;
 mod http;
+#[cfg(feature = "hyper")]
+mod hyper;
+mod metrics;
 mod shared;
 mod upgrade;
 
-pub use auth::{AuthReject, AuthRequest, Authenticator, OriginPolicy, TokenValidator};
+pub use auth::{AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy, TokenValidator};
 pub use handle::{ServerEvents, ServerHandle};
+#[cfg(feature = "hyper")]
+pub use hyper::UpgradeService;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -119,8 +132,15 @@ pub struct ServerOptions {
     pub config: ServerConfig,
     /// TLS (`wss://`); `None` serves plain `ws://`.
     pub tls: Option<ServerTls>,
-    /// Checks every upgrade request; `None` accepts everyone anonymously.
+    /// Checks every upgrade request, the built-in listener's and those
+    /// handed over by an HTTP server ([`ServerHandle::upgrade`]); `None`
+    /// accepts everyone anonymously.
     pub auth: Option<Authenticator>,
+    /// How long an asynchronous [`auth`](Self::auth) or
+    /// [`reauth`](Self::reauth) check may take: past it, the upgrade is
+    /// answered 503 (the client retries later) and a re-authenticating
+    /// connection is closed with 1013. Default 5 s.
+    pub auth_timeout: Duration,
     /// Which web pages may connect, by the request's `Origin` header
     /// (cross-site WebSocket hijacking). Default [`OriginPolicy::SameHost`]:
     /// requests without `Origin` (non-browser clients) and pages served by
@@ -161,6 +181,12 @@ pub struct ServerOptions {
     /// three: the standard library's default of 128 made a resume storm of
     /// 10 000 sessions take half again as long.
     pub listen_backlog: u32,
+    /// How often the server's gauges and counters are published through
+    /// the `metrics` facade (to whatever recorder the application
+    /// installed; README.md lists the names). Each time, the core's
+    /// snapshot is taken under the server's lock, a walk over the sessions.
+    /// Default 1 s; `None` publishes nothing.
+    pub metrics_interval: Option<Duration>,
 }
 
 /// A policy shared through [`ServerOptions`] (which is `Clone`).
@@ -194,6 +220,8 @@ impl Default for ServerOptions {
             close_timeout: Duration::from_secs(2),
             policy: None,
             listen_backlog: 4096,
+            auth_timeout: Duration::from_secs(5),
+            metrics_interval: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -203,12 +231,15 @@ impl fmt::Debug for ServerOptions {
         f.debug_struct("ServerOptions")
             .field("config", &self.config)
             .field("tls", &self.tls.is_some())
-            .field("auth", &self.auth.is_some())
+            .field("auth", &self.auth)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("reauth", &self.reauth)
             .field("origins", &self.origins)
             .field("outbound_queue", &self.outbound_queue)
             .field("event_buffer", &self.event_buffer)
             .field("listen_backlog", &self.listen_backlog)
             .field("policy", &self.policy.is_some())
+            .field("metrics_interval", &self.metrics_interval)
             .finish()
     }
 }
@@ -219,9 +250,10 @@ pub fn bind(
     addr: SocketAddr,
     options: ServerOptions,
 ) -> Result<(ServerHandle, ServerEvents), ServeError> {
-    let listener = listen(addr, options.listen_backlog)?;
-    let listener = runtime.wrap_listener(listener)?;
-    start_inner(runtime, Some(listener), options)
+    let cannot = |source| ServeError::Listen { addr, source };
+    let listener = listen(addr, options.listen_backlog).map_err(cannot)?;
+    let listener = runtime.wrap_listener(listener).map_err(cannot)?;
+    start_inner(runtime, Some((listener, addr)), options)
 }
 
 /// A non-blocking listener on `addr` with room for `backlog` connections
@@ -250,7 +282,7 @@ pub fn start(
 
 fn start_inner(
     runtime: Arc<dyn Runtime>,
-    listener: Option<Box<dyn AsyncListener>>,
+    listener: Option<(Box<dyn AsyncListener>, SocketAddr)>,
     options: ServerOptions,
 ) -> Result<(ServerHandle, ServerEvents), ServeError> {
     let mut config = options.config.clone();
@@ -267,9 +299,14 @@ fn start_inner(
     if let Some(policy) = &options.policy {
         server.set_policy(Box::new(SharedPolicy(policy.clone())));
     }
-    let local_addr = match &listener {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
+    let (listener, local_addr) = match listener {
+        Some((l, addr)) => {
+            let local = l
+                .local_addr()
+                .map_err(|source| ServeError::Listen { addr, source })?;
+            (Some(l), Some(local))
+        }
+        None => (None, None),
     };
     let codec = options
         .config
@@ -292,6 +329,8 @@ fn start_inner(
             stopped: false,
             feeds: FxHashMap::default(),
             stamp: 0,
+            token_checks: Vec::new(),
+            acked: 0,
         }),
         task: AtomicWaker::new(),
         stop_listening: AtomicBool::new(false),
@@ -322,6 +361,10 @@ fn start_inner(
         handles_gone: false,
     };
     let span = tracing::info_span!("kitestring_server", addr = ?local_addr);
+    if let Some(interval) = shared.options.metrics_interval {
+        let export = metrics::export(shared.clone(), interval).instrument(span.clone());
+        runtime.spawn(Box::pin(export));
+    }
     runtime.spawn(Box::pin(task.run().instrument(span)));
     Ok((
         ServerHandle {

@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::Duration;
 
-use async_tungstenite::tungstenite::http::HeaderMap;
+use async_tungstenite::tungstenite::http::{HeaderMap, HeaderValue};
 use async_tungstenite::tungstenite::Message;
 use futures_channel::oneshot;
 use futures_util::task::AtomicWaker;
 use kitestring_core::close::CloseCode;
 use kitestring_core::server::{
-    ConnectionId, FeedOutput, Server, ServerEvent, ServerOutput, SessionEnd,
+    ConnectionId, FeedOutput, Server, ServerEvent, ServerMetrics, ServerOutput, SessionEnd,
 };
 use kitestring_core::stream::HistoryConfig;
 use kitestring_core::wire::{Codec, SessionId};
@@ -34,7 +34,7 @@ use crate::error::ServerError;
 use crate::runtime::Runtime;
 use crate::ws;
 
-use super::auth::{AuthReject, AuthRequest};
+use super::auth::{AuthReject, AuthRequest, AuthResult, Verdict};
 use super::feed::{lock_feed, Feed, FeedRef, FollowOp};
 use super::ServerOptions;
 
@@ -122,6 +122,21 @@ pub(super) struct LockedState {
     /// queued for a connection carries the count at the time, so that the
     /// connection writes the entries published before it first.
     pub(super) stamp: u64,
+    /// Re-authentication checks by an asynchronous validator, for the
+    /// server task to start (it spawns each in a task of its own, outside
+    /// the lock). At most one per connection that sent a token.
+    pub(super) token_checks: Vec<TokenCheck>,
+    /// Acknowledgments from clients that released messages, counted from
+    /// the core's `Acked` events for the metrics (the core keeps no such
+    /// counter).
+    pub(super) acked: u64,
+}
+
+/// A re-authentication whose verdict is awaited outside the lock.
+pub(super) struct TokenCheck {
+    pub(super) connection: ConnectionId,
+    pub(super) session: SessionId,
+    pub(super) verdict: futures_util::future::BoxFuture<'static, AuthResult>,
 }
 
 /// A shutdown in progress: who waits for it, and when to stop waiting for
@@ -200,7 +215,7 @@ impl ConnSlot {
 #[derive(Default)]
 pub(super) struct Wakes {
     tasks: Vec<Waker>,
-    server_task: bool,
+    pub(super) server_task: bool,
 }
 
 impl Wakes {
@@ -327,6 +342,17 @@ impl LockedState {
         }
     }
 
+    /// The core's metrics, with the frames and bytes connection tasks wrote
+    /// from room feeds (the core hands those out once per entry, not per
+    /// member).
+    pub(super) fn metrics(&self, env: &ServerShared) -> ServerMetrics {
+        let mut m = self.server.metrics();
+        let traffic = &mut m.counters.traffic;
+        traffic.frames_out += env.feed_frames.load(Ordering::Relaxed);
+        traffic.bytes_out += env.feed_bytes.load(Ordering::Relaxed);
+        m
+    }
+
     /// `room`'s feed of `epoch`, made (empty, its first offset `first`)
     /// if there is none of that epoch.
     fn feed_of(&mut self, room: &Arc<str>, epoch: u64, first: u64) -> FeedRef {
@@ -406,13 +432,16 @@ impl LockedState {
                 ServerOutput::Event(event) => {
                     log_event(&event);
                     self.track_codec(&event);
+                    if let ServerEvent::Acked { .. } = &event {
+                        self.acked += 1;
+                    }
                     if let ServerEvent::TokenReceived {
                         connection,
                         session,
                         token,
                     } = &event
                     {
-                        self.check_token(env, now, *connection, *session, token);
+                        self.check_token(env, now, *connection, *session, token, wakes);
                     }
                     if !self.events_dropped {
                         self.events.push_back(event);
@@ -503,7 +532,11 @@ impl LockedState {
         }
     }
 
-    /// Validates a re-authentication token with the configured validator.
+    /// Validates a re-authentication token with the configured validator
+    /// (or the authenticator, given the token as a bearer header): a
+    /// synchronous one here, under the lock; an asynchronous one is left in
+    /// [`token_checks`](Self::token_checks) for the server task, which
+    /// awaits it outside the lock.
     fn check_token(
         &mut self,
         env: &ServerShared,
@@ -511,27 +544,45 @@ impl LockedState {
         connection: ConnectionId,
         session: SessionId,
         token: &str,
+        wakes: &mut Wakes,
     ) {
         let verdict = if let Some(validate) = &env.options.reauth {
-            validate(token)
+            validate.check(token.to_owned())
         } else if let Some(auth) = &env.options.auth {
-            let mut headers = HeaderMap::new();
-            match async_tungstenite::tungstenite::http::HeaderValue::from_str(&format!(
-                "Bearer {token}"
-            )) {
+            match HeaderValue::from_str(&format!("Bearer {token}")) {
                 Ok(v) => {
+                    let mut headers = HeaderMap::new();
                     headers.insert("authorization", v);
-                    auth(&AuthRequest {
-                        path: "",
-                        query: None,
-                        headers: &headers,
-                    })
+                    auth.check(AuthRequest::new("", None, headers))
                 }
-                Err(_) => Err(AuthReject::Unauthorized),
+                Err(_) => Verdict::Ready(Err(AuthReject::Unauthorized)),
             }
         } else {
             return; // the application decides
         };
+        match verdict {
+            Verdict::Ready(verdict) => self.apply_token(now, connection, session, verdict),
+            Verdict::Pending(verdict) => {
+                self.token_checks.push(TokenCheck {
+                    connection,
+                    session,
+                    verdict,
+                });
+                wakes.server_task = true;
+            }
+        }
+    }
+
+    /// Carries out a re-authentication verdict: the connection goes on, or
+    /// is closed with 4401, 4403 (also for a token naming another identity
+    /// than the session's) or 1013.
+    pub(super) fn apply_token(
+        &mut self,
+        now: kitestring_core::Instant,
+        connection: ConnectionId,
+        session: SessionId,
+        verdict: AuthResult,
+    ) {
         let bound = self.server.session(session).and_then(|s| s.identity);
         match verdict {
             Ok(identity) if identity.is_none() || identity == bound => {
@@ -541,16 +592,18 @@ impl LockedState {
             Ok(_) => {
                 debug!(
                     connection = connection.0,
+                    session = %session.to_hex(),
                     "fresh token names another identity"
                 );
                 self.server
                     .disconnect_connection(now, connection, CloseCode::FORBIDDEN);
             }
             Err(reject) => {
-                debug!(connection = connection.0, ?reject, "fresh token refused");
+                debug!(connection = connection.0, session = %session.to_hex(), ?reject, "fresh token refused");
                 let code = match reject {
                     AuthReject::Forbidden => CloseCode::FORBIDDEN,
                     AuthReject::Unauthorized => CloseCode::UNAUTHORIZED,
+                    AuthReject::Unavailable => CloseCode::TRY_AGAIN_LATER,
                 };
                 self.server.disconnect_connection(now, connection, code);
             }

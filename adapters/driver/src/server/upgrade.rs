@@ -1,26 +1,30 @@
 //! An accepted socket's way to a connection: the TLS handshake, the HTTP
-//! upgrade read and answered by [`http`], the origin policy and the
-//! authenticator, and a `hello` carried in the upgrade request run through
-//! the core before the `101` goes out.
+//! upgrade read and answered by [`http`], then [`admit`]: the origin
+//! policy, the authenticator (awaited here when it is asynchronous, bounded
+//! by the authentication timeout) and a `hello` carried in the upgrade
+//! request run through the core before the `101` goes out. [`admit`] is
+//! the one admission path: requests that a hyper-based server read
+//! (`super::hyper`) go through it too.
 //!
 //! Bounded by the handshake timeout; every refusal gets an HTTP status.
 //! Nothing here outlives the upgrade: the connection runs in a task of its
-//! own ([`connection`]), so it does not carry the handshake's state.
+//! own ([`connection`]), so it does not carry the handshake's state. Nothing
+//! here runs an authenticator under the server's lock.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_tungstenite::tungstenite::protocol::Role;
 use async_tungstenite::WebSocketStream;
 use kitestring_core::server::ConnectionId;
 use kitestring_core::wire::{self, SessionId};
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use crate::runtime::BoxIo;
 use crate::util;
 use crate::ws;
 
-use super::auth::{AuthReject, AuthRequest};
+use super::auth::{AuthReject, AuthRequest, Authenticator, Verdict};
 use super::conn::{connection, report_closed};
 use super::http;
 use super::shared::{ServerShared, SlotRef};
@@ -31,7 +35,9 @@ use super::shared::{ServerShared, SlotRef};
 /// connection does, inside its future. (One task with both futures boxed
 /// in turn measured a third of a KiB more per idle connection.)
 pub(super) async fn serve_accepted(shared: Arc<ServerShared>, io: BoxIo, peer: Option<SocketAddr>) {
-    if let Some((ws, identity, early)) = handshake(shared.clone(), io, peer).await {
+    let span = tracing::debug_span!("kitestring_upgrade", ?peer, via = "listener");
+    let upgraded = handshake(shared.clone(), io, peer).instrument(span).await;
+    if let Some((ws, identity, early)) = upgraded {
         let runtime = shared.runtime.clone();
         runtime.spawn(Box::pin(connection(shared, ws, identity, early)));
     }
@@ -46,8 +52,10 @@ type Upgraded = (crate::ws::Ws, Option<String>, Option<ConnectionId>);
 /// The request head is read and answered here ([`http`]), not by
 /// tungstenite: every refusal gets an HTTP status (426 for a request that
 /// is not a WebSocket upgrade, 400 for a malformed one, 431 for headers
-/// over 64 KiB, 403 for a refused origin, 401 and 403 from the
-/// authenticator) and is logged at debug level with the peer's address,
+/// over 64 KiB, 403 for a refused origin, 401, 403 and 503 from the
+/// authenticator, 503 also when an asynchronous one outlives the
+/// authentication timeout) and is logged at debug level with the peer's
+/// address,
 /// and bytes the client wrote behind its request (a `hello` frame sent
 /// before the `101` arrived) start the WebSocket stream instead of failing
 /// the upgrade.
@@ -60,7 +68,7 @@ async fn handshake(
     let opts = shared.options.clone();
     // A connection the core opened for a `hello` in the upgrade request,
     // kept outside the upgrade future so a timeout cannot lose it.
-    let early = std::sync::OnceLock::new();
+    let early = OnceLock::new();
     let upgraded = util::timeout(&*shared.runtime, limit, async {
         let mut io: BoxIo = match &opts.tls {
             Some(tls) => match tls.acceptor.accept(io).await {
@@ -74,7 +82,9 @@ async fn handshake(
         };
         let mut buf = Vec::new();
         let answer = match http::read_head(&mut io, &mut buf).await {
-            Ok(end) => answer_upgrade(&shared, &buf[..end], &early).map(|(r, id)| (r, id, end)),
+            Ok(end) => answer_upgrade(&shared, &buf[..end], peer, &early)
+                .await
+                .map(|(r, id)| (r, id, end)),
             Err(http::HeadError::TooLarge) => Err(http::HttpRefusal::TOO_LARGE),
             Err(http::HeadError::Closed(e)) => {
                 debug!(?peer, error = ?e, "connection ended before a complete upgrade request");
@@ -99,12 +109,7 @@ async fn handshake(
                 Some((ws, identity))
             }
             Err(refusal) => {
-                debug!(
-                    ?peer,
-                    status = refusal.status,
-                    reason = refusal.reason,
-                    "upgrade refused"
-                );
+                refused(peer, &refusal);
                 drop(buf);
                 let _ = util::timeout(&*shared.runtime, opts.close_timeout, async {
                     if http::write_all(&mut io, &refusal.response()).await.is_ok() {
@@ -134,36 +139,96 @@ async fn handshake(
     }
 }
 
-/// Checks an upgrade request (its form, the origin, the authenticator) and
-/// runs a `hello` it carries through the core: the `101` response and the
-/// identity, or the refusal.
-fn answer_upgrade(
+/// Logs and counts a refused upgrade.
+pub(super) fn refused(peer: Option<SocketAddr>, refusal: &http::HttpRefusal) {
+    debug!(
+        ?peer,
+        status = refusal.status,
+        reason = refusal.reason,
+        "upgrade refused"
+    );
+    metrics::counter!("kitestring_upgrades_refused_total", "status" => refusal.status_label())
+        .increment(1);
+}
+
+/// Checks an upgrade request read by this server's own reader (its form,
+/// then [`admit`]): the `101` response and the identity, or the refusal.
+async fn answer_upgrade(
     shared: &ServerShared,
     head: &[u8],
-    early: &std::sync::OnceLock<ConnectionId>,
+    peer: Option<SocketAddr>,
+    early: &OnceLock<ConnectionId>,
 ) -> Result<(Vec<u8>, Option<String>), http::HttpRefusal> {
-    let opts = &shared.options;
+    // The header lines are parsed into an array on this function's stack,
+    // not held across the authenticator's await.
+    let (req, auth) = read_request(shared, head, peer)?;
+    let admitted = admit(shared, &req, || auth.ok_or(AUTH_REQUEST_MISSING), early).await?;
+    Ok((
+        http::switching_protocols(req.key, admitted.welcome.as_deref()),
+        admitted.identity,
+    ))
+}
+
+/// Never happens: [`read_request`] builds the request whenever an
+/// authenticator is configured, and [`admit`] asks only then.
+const AUTH_REQUEST_MISSING: http::HttpRefusal =
+    http::HttpRefusal::new(500, "no request for the authenticator");
+
+/// Parses a request head: the checked request, and what the authenticator
+/// will see of it if one is configured.
+fn read_request<'b>(
+    shared: &ServerShared,
+    head: &'b [u8],
+    peer: Option<SocketAddr>,
+) -> Result<(http::Upgrade<'b>, Option<AuthRequest>), http::HttpRefusal> {
     let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
     let (req, all) = http::parse(head, &mut headers)?;
+    let auth = match &shared.options.auth {
+        // Built before the origin is checked: cheaper than keeping the
+        // header lines across the authenticator's await.
+        Some(_) => {
+            let mut auth = AuthRequest::new(
+                req.path,
+                req.query.map(str::to_owned),
+                http::header_map(all)?,
+            );
+            auth.peer = peer;
+            Some(auth)
+        }
+        None => None,
+    };
+    Ok((req, auth))
+}
+
+/// What an admitted upgrade request leads to.
+pub(super) struct Admitted {
+    /// The answer to a `hello` in the request, for the `101`'s
+    /// `Kitestring-Welcome` header.
+    pub(super) welcome: Option<String>,
+    /// Who the authenticator said the peer is.
+    pub(super) identity: Option<String>,
+}
+
+/// Admits a checked upgrade request, whichever HTTP stack read it: the
+/// origin policy (403, before any credential is looked at), the
+/// authenticator (401, 403, 503; `auth_request` is called only if one is
+/// configured), then a `hello` the request carries, run through the core so
+/// that its answer goes in the `101` (the connection the core opened for it
+/// is left in `early`).
+pub(super) async fn admit(
+    shared: &ServerShared,
+    req: &http::Upgrade<'_>,
+    auth_request: impl FnOnce() -> Result<AuthRequest, http::HttpRefusal>,
+    early: &OnceLock<ConnectionId>,
+) -> Result<Admitted, http::HttpRefusal> {
+    let opts = &shared.options;
     if !opts.origins.allows(req.origin, Some(req.host)) {
         return Err(http::HttpRefusal::new(403, "origin not allowed"));
     }
-    let mut identity = None;
-    if let Some(auth) = &opts.auth {
-        let headers = http::header_map(all)?;
-        let view = AuthRequest {
-            path: req.path,
-            query: req.query,
-            headers: &headers,
-        };
-        match auth(&view) {
-            Ok(id) => identity = id,
-            Err(AuthReject::Forbidden) => return Err(http::HttpRefusal::new(403, "forbidden")),
-            Err(AuthReject::Unauthorized) => {
-                return Err(http::HttpRefusal::new(401, "unauthorized"))
-            }
-        }
-    }
+    let identity = match &opts.auth {
+        Some(auth) => authenticate(shared, auth, auth_request()?).await?,
+        None => None,
+    };
     let mut welcome = None;
     // A `hello` over the size a client may put in the header is not used:
     // the `101` carries no answer and the client sends its `hello` as a
@@ -174,10 +239,41 @@ fn answer_upgrade(
             welcome = answer;
         }
     }
-    Ok((
-        http::switching_protocols(req.key, welcome.as_deref()),
-        identity,
-    ))
+    Ok(Admitted { welcome, identity })
+}
+
+/// Runs the authenticator: inline if it is synchronous, else awaited for at
+/// most `ServerOptions::auth_timeout` (503 past it). Only this connection's
+/// upgrade waits.
+async fn authenticate(
+    shared: &ServerShared,
+    auth: &Authenticator,
+    req: AuthRequest,
+) -> Result<Option<String>, http::HttpRefusal> {
+    let started = shared.runtime.now();
+    let verdict = match auth.check(req) {
+        Verdict::Ready(v) => v,
+        Verdict::Pending(check) => {
+            match util::timeout(&*shared.runtime, shared.options.auth_timeout, check).await {
+                Some(v) => v,
+                None => {
+                    debug!(limit = ?shared.options.auth_timeout, "authentication timed out");
+                    return Err(http::HttpRefusal::new(503, "authentication timed out"));
+                }
+            }
+        }
+    };
+    metrics::histogram!("kitestring_auth_duration_seconds")
+        .record(shared.runtime.now().saturating_duration_since(started));
+    match verdict {
+        Ok(identity) => Ok(identity),
+        Err(AuthReject::Forbidden) => Err(http::HttpRefusal::new(403, "forbidden")),
+        Err(AuthReject::Unauthorized) => Err(http::HttpRefusal::new(401, "unauthorized")),
+        Err(AuthReject::Unavailable) => Err(http::HttpRefusal::new(
+            503,
+            "authentication unavailable; try again later",
+        )),
+    }
 }
 
 /// Runs a `hello` from the upgrade request through the core, before the

@@ -1,0 +1,263 @@
+//! Upgrades for hyper-based HTTP servers (hyper itself, axum, and anything
+//! else that hands over a hyper `Request`): [`ServerHandle::upgrade`] and
+//! the hyper service [`UpgradeService`], so that HTTP routes and Kitestring
+//! share one port.
+//!
+//! It owns only the translation between hyper's types and the driver's: the
+//! request's form is checked by `http::check` and the request admitted by
+//! `upgrade::admit`, the same code the built-in listener runs (origin
+//! policy, authenticator, a `hello` in the upgrade answered in the `101`'s
+//! `Kitestring-Welcome` header), and the upgraded socket is served by the
+//! same connection task with the configured limits. It must never check,
+//! authenticate or answer anything in a way of its own.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+
+use async_tungstenite::tungstenite::http::{self as h, Request, Response, StatusCode, Version};
+use async_tungstenite::tungstenite::protocol::Role;
+use async_tungstenite::WebSocketStream;
+use futures_io::{AsyncRead, AsyncWrite};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use kitestring_core::server::ConnectionId;
+use tracing::{debug, Instrument};
+
+use crate::runtime::{BoxFuture, BoxIo};
+use crate::{util, ws};
+
+use super::auth::AuthRequest;
+use super::conn::{connection, report_closed};
+use super::http::{self, HttpRefusal};
+use super::shared::ServerShared;
+use super::upgrade::{admit, refused};
+use super::ServerHandle;
+
+impl ServerHandle {
+    /// Answers a WebSocket upgrade request that a hyper-based server (hyper,
+    /// axum, ...) received, exactly as the built-in listener would: the
+    /// request's form is checked (400, 405, 426), then the origin policy
+    /// (403), the authenticator (401, 403, 503: it sees the request's
+    /// headers, path, query and extensions, and `peer`), and a `hello` in
+    /// the request is answered in the `101`'s `Kitestring-Welcome` header.
+    /// Returns the response to send; once the HTTP server has sent a `101`
+    /// and handed over the connection, the session runs on it with the
+    /// server's configured limits.
+    ///
+    /// The HTTP server must allow upgrades on its connections (hyper:
+    /// `http1::Builder::serve_connection(..).with_upgrades()`; axum's
+    /// `serve` does). Only HTTP/1.1 upgrades are served. TLS, if any, is the
+    /// HTTP server's: [`ServerOptions::tls`](super::ServerOptions::tls)
+    /// does not apply here, and the upgrade is bounded by
+    /// [`ServerOptions::handshake_timeout`](super::ServerOptions::handshake_timeout)
+    /// from the response on.
+    pub fn upgrade<B>(
+        &self,
+        mut req: Request<B>,
+        peer: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = Response<String>> + Send + 'static {
+        let on_upgrade = req.extensions_mut().remove::<OnUpgrade>();
+        let (parts, _body) = req.into_parts();
+        let shared = self.shared.clone();
+        let span = tracing::debug_span!("kitestring_upgrade", ?peer, via = "hyper");
+        async move { upgrade(shared, parts, on_upgrade, peer).await }.instrument(span)
+    }
+
+    /// A hyper service that answers every request with
+    /// [`upgrade`](Self::upgrade): for a connection that serves nothing but
+    /// Kitestring (`serve_connection(io, handle.hyper_service(peer))
+    /// .with_upgrades()`). Servers with other routes call `upgrade` from
+    /// their own service instead.
+    pub fn hyper_service(&self, peer: Option<SocketAddr>) -> UpgradeService {
+        UpgradeService {
+            handle: self.clone(),
+            peer,
+        }
+    }
+}
+
+/// A hyper service that upgrades every request it gets to a Kitestring
+/// connection ([`ServerHandle::hyper_service`]).
+#[derive(Clone, Debug)]
+pub struct UpgradeService {
+    handle: ServerHandle,
+    peer: Option<SocketAddr>,
+}
+
+impl<B> hyper::service::Service<Request<B>> for UpgradeService {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<String>, Infallible>>;
+
+    fn call(&self, req: Request<B>) -> Self::Future {
+        let answer = self.handle.upgrade(req, self.peer);
+        Box::pin(async move { Ok(answer.await) })
+    }
+}
+
+/// Checks and admits the request; on success, spawns the task that takes
+/// the connection over once the `101` is out.
+async fn upgrade(
+    shared: Arc<ServerShared>,
+    mut parts: h::request::Parts,
+    on_upgrade: Option<OnUpgrade>,
+    peer: Option<SocketAddr>,
+) -> Response<String> {
+    let early = OnceLock::new();
+    let answer = async {
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let req = http::check(
+            parts.method.as_str(),
+            target,
+            parts.version == Version::HTTP_11,
+            parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes())),
+        )?;
+        // A request hyper cannot hand over (not from a hyper connection, or
+        // not one that allows upgrades).
+        let Some(on_upgrade) = on_upgrade else {
+            return Err(HttpRefusal::new(
+                500,
+                "this HTTP server cannot hand the connection over",
+            ));
+        };
+        let headers = &parts.headers;
+        let extensions = &mut parts.extensions;
+        let admitted = admit(
+            &shared,
+            &req,
+            || {
+                let mut auth =
+                    AuthRequest::new(req.path, req.query.map(str::to_owned), headers.clone());
+                auth.extensions = std::mem::take(extensions);
+                auth.peer = peer;
+                Ok(auth)
+            },
+            &early,
+        )
+        .await?;
+        let accept = http::accept_key(req.key);
+        let mut response = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+        for (name, value) in http::upgrade_headers(&accept, admitted.welcome.as_deref()) {
+            response = response.header(name, value);
+        }
+        let response = response
+            .body(String::new())
+            .map_err(|_| HttpRefusal::new(500, "cannot build the 101 response"))?;
+        Ok((response, on_upgrade, admitted.identity))
+    }
+    .await;
+    let early = early.into_inner();
+    match answer {
+        Ok((response, on_upgrade, identity)) => {
+            // Not under the upgrade's span: the connection is not part of
+            // the request, as with the built-in listener.
+            let task = take_over(shared.clone(), on_upgrade, identity, early, peer);
+            shared.runtime.spawn(Box::pin(task));
+            response
+        }
+        Err(refusal) => {
+            if let Some(id) = early {
+                report_closed(&shared, id, None);
+            }
+            refused(peer, &refusal);
+            refusal_response(&refusal)
+        }
+    }
+}
+
+/// The refusal as a response: the same status, headers and one-line body
+/// the built-in listener sends.
+fn refusal_response(refusal: &HttpRefusal) -> Response<String> {
+    let mut response = Response::builder()
+        .status(refusal.status)
+        .header("connection", refusal.connection())
+        .header("content-type", "text/plain; charset=utf-8");
+    for (name, value) in refusal.headers {
+        response = response.header(*name, *value);
+    }
+    response.body(refusal.body()).unwrap_or_else(|_| {
+        let mut r = Response::new(String::new());
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r
+    })
+}
+
+/// Waits (bounded by the handshake timeout) for hyper to hand the
+/// connection over after the `101`, then serves it like any other.
+async fn take_over(
+    shared: Arc<ServerShared>,
+    on_upgrade: OnUpgrade,
+    identity: Option<String>,
+    early: Option<ConnectionId>,
+    peer: Option<SocketAddr>,
+) {
+    let limit = shared.options.handshake_timeout;
+    match util::timeout(&*shared.runtime, limit, on_upgrade).await {
+        Some(Ok(upgraded)) => {
+            let io: BoxIo = Box::new(HyperIo(upgraded));
+            let config = Some(ws::websocket_config(shared.options.config.max_message_size));
+            // Bytes the client sent behind its request are kept by hyper in
+            // `Upgraded` and come first out of it.
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, config).await;
+            connection(shared, ws, identity, early).await;
+        }
+        failed => {
+            debug!(?peer, error = ?failed.map(|r| r.err()), "the HTTP server did not hand the connection over");
+            if let Some(id) = early {
+                report_closed(&shared, id, None);
+            }
+        }
+    }
+}
+
+/// hyper's upgraded connection as a futures-io stream (hyper's own IO
+/// traits, so no runtime's compatibility layer is needed).
+struct HyperIo(Upgraded);
+
+impl AsyncRead for HyperIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut read = hyper::rt::ReadBuf::new(buf);
+        ready!(hyper::rt::Read::poll_read(
+            Pin::new(&mut self.0),
+            cx,
+            read.unfilled()
+        ))?;
+        Poll::Ready(Ok(read.filled().len()))
+    }
+}
+
+impl AsyncWrite for HyperIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        hyper::rt::Write::poll_write(Pin::new(&mut self.0), cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        hyper::rt::Write::poll_write_vectored(Pin::new(&mut self.0), cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        hyper::rt::Write::poll_flush(Pin::new(&mut self.0), cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        hyper::rt::Write::poll_shutdown(Pin::new(&mut self.0), cx)
+    }
+}
