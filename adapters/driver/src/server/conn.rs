@@ -135,7 +135,8 @@ impl ConnIo {
                 if let Some(order) = slot.close.take() {
                     if order.flush {
                         self.out.extend(slot.out.drain(..));
-                        self.followed.apply(slot.follows.drain(..));
+                        self.followed
+                            .apply(std::mem::take(&mut slot.follows).into_iter());
                     }
                     return Poll::Ready(ConnEnd::Close(order));
                 }
@@ -292,7 +293,8 @@ fn take_frames(
         std::mem::swap(out, &mut slot.out);
     }
     if !slot.follows.is_empty() {
-        followed.apply(slot.follows.drain(..));
+        // Taken, not drained: an idle connection keeps no spare capacity.
+        followed.apply(std::mem::take(&mut slot.follows).into_iter());
     }
     if slot.out.is_empty() {
         *horizon = shared.published.load(Ordering::Acquire);

@@ -334,6 +334,7 @@ impl LockedState {
         if let Some(slot) = self.conns.get(&connection) {
             let mut slot = lock_slot(slot);
             if !slot.closing {
+                slot.follows.reserve_exact(1);
                 slot.follows.push(op);
                 if current != Some(connection) {
                     wakes.take(&mut slot.waker);
