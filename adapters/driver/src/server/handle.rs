@@ -22,6 +22,8 @@ use futures_io::{AsyncRead, AsyncWrite};
 use kitestring_core::close::CloseCode;
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::rooms::{Member, RoomPolicy};
+#[cfg(doc)]
+use kitestring_core::server::ServerEvent;
 use kitestring_core::server::{ConnectionId, ServerMetrics, SessionInfo};
 use kitestring_core::wire::{Codec, Payload, SessionId};
 use serde::Serialize;
