@@ -391,7 +391,8 @@ impl Server {
         if !self.conns.contains_key(&connection) {
             return;
         }
-        let code = code.unwrap_or(CloseCode::ABNORMAL);
+        // A browser page closes with 41xx where it cannot send 10xx.
+        let code = code.map_or(CloseCode::ABNORMAL, CloseCode::canonical);
         self.close_conn(connection, code, None);
         self.process_evictions();
     }
