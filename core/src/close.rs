@@ -59,6 +59,11 @@ impl CloseCode {
     /// 4403: authenticated but not allowed (including a resume attempt by an
     /// identity that does not own the session). Terminal.
     pub const FORBIDDEN: CloseCode = CloseCode(4403);
+    /// 4429: the server cannot take this connection now (too many
+    /// requests, authentication unavailable): reconnect no sooner than the
+    /// `retry` hint, or the try-again-later delay. The in-band form of HTTP
+    /// 429 and 503, for clients that cannot read a status.
+    pub const TRY_LATER: CloseCode = CloseCode(4429);
 
     /// The first of the codes that stand in for 1001 to 1015 when a browser
     /// page closes: a page may only send 1000 and 3000 to 4999 (the WHATWG
@@ -92,7 +97,7 @@ impl CloseCode {
             1000 => Disposition::Stop,
             1008 | 4001 | 4003 | 4403 => Disposition::Fail,
             4401 => Disposition::Reauthenticate,
-            1013 => Disposition::ReconnectLater,
+            1013 | 4429 => Disposition::ReconnectLater,
             _ => Disposition::Reconnect,
         }
     }
@@ -131,6 +136,7 @@ impl CloseCode {
             4011 => "rotate",
             4401 => "unauthorized",
             4403 => "forbidden",
+            4429 => "try later",
             _ => "other",
         }
     }
@@ -189,6 +195,7 @@ mod tests {
             (4003, Fail),
             (4403, Fail),
             (4401, Reauthenticate),
+            (4429, ReconnectLater),
             (4008, Reconnect),
             (4999, Reconnect),
         ];

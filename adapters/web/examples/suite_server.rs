@@ -13,8 +13,8 @@
 //!
 //! * `/` the test page, `/pkg/…` the package (`KITESTRING_WEB_PKG`, or
 //!   `adapters/web/pkg` built by `build.sh`);
-//! * `/login?user=NAME` sets the `sid` cookie; `/ticket` hands out a
-//!   single-use ticket;
+//! * `/login?user=NAME` sets the `sid` cookie; `/ticket?user=NAME` hands
+//!   out a single-use ticket for NAME;
 //! * `/ws` anyone (the cookie's user as identity, if any); `/ws-auth` the
 //!   cookie required (401 without); `/ws-ticket` a ticket in the query;
 //!   `/ws-ban` always 403; `/ws-busy` always 503;
@@ -28,7 +28,7 @@
 //! Messages `{"n":i}` are tallied per client: the tally says how many
 //! arrived, and how many were duplicates or came out of order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -61,25 +61,21 @@ struct App {
     page: PathBuf,
     proxy: Arc<kitestring_chaos::Proxy>,
     tally: Arc<Mutex<Tally>>,
-    tickets: Arc<Mutex<HashSet<String>>>,
+    tickets: Arc<Mutex<HashMap<String, String>>>,
 }
 
-fn authenticator(tickets: Arc<Mutex<HashSet<String>>>) -> Authenticator {
+fn authenticator(tickets: Arc<Mutex<HashMap<String, String>>>) -> Authenticator {
     Authenticator::sync(move |req: &AuthRequest| match req.path.as_str() {
         "/ws-auth" => match req.cookie("sid") {
             Some(user) if !user.is_empty() => Ok(Some(user)),
             _ => Err(AuthReject::Unauthorized),
         },
         "/ws-ticket" => {
+            // Single use: a ticket is spent by the upgrade that shows it.
             let ticket = req.query_param("ticket").unwrap_or_default();
-            let valid = tickets
-                .lock()
-                .map(|mut t| t.remove(ticket))
-                .unwrap_or(false);
-            if valid {
-                Ok(Some(format!("ticket-{}", &ticket[..8.min(ticket.len())])))
-            } else {
-                Err(AuthReject::Unauthorized)
+            match tickets.lock().ok().and_then(|mut t| t.remove(ticket)) {
+                Some(user) => Ok(Some(user)),
+                None => Err(AuthReject::Unauthorized),
             }
         }
         "/ws-ban" => Err(AuthReject::Forbidden),
@@ -101,7 +97,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let foreign_addr = foreign.local_addr()?;
     let proxy = Arc::new(kitestring_chaos::Proxy::start(main_addr)?);
     let proxy_addr = proxy.local_addr();
-    let tickets = Arc::new(Mutex::new(HashSet::new()));
+    let tickets = Arc::new(Mutex::new(HashMap::new()));
     let mut options = ServerOptions {
         auth: Some(authenticator(tickets.clone())),
         // Pages from the main port, directly or through the proxy; not
@@ -226,7 +222,8 @@ async fn login(Query(q): Query<HashMap<String, String>>) -> Response {
         .into_response()
 }
 
-async fn ticket(State(app): State<App>) -> String {
+async fn ticket(State(app): State<App>, Query(q): Query<HashMap<String, String>>) -> String {
+    let user = q.get("user").cloned().unwrap_or_else(|| "guest".into());
     let t = format!(
         "{:032x}",
         u128::from_le_bytes(std::array::from_fn(|i| {
@@ -234,7 +231,7 @@ async fn ticket(State(app): State<App>) -> String {
         }))
     );
     if let Ok(mut tickets) = app.tickets.lock() {
-        tickets.insert(t.clone());
+        tickets.insert(t.clone(), user);
     }
     t
 }

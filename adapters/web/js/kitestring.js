@@ -187,6 +187,8 @@ export class Client extends EventTarget {
   #clock;
   /** transport id -> WebSocket */
   #sockets = new Map();
+  /** transports waiting for the token provider */
+  #pending = new Set();
   #timer = null;
   #timerAt = Infinity;
   #deadline = Infinity;
@@ -506,9 +508,38 @@ export class Client extends EventTarget {
   }
 
   #open(tid) {
+    // The hello travels in the URL (a page can set no request header and
+    // read no response header): the server answers with its first frame.
+    const hello = this.#m.urlHello(tid);
+    const provider = this.#opts.token;
+    if (!provider) {
+      this.#socket(tid, hello, null);
+      return;
+    }
+    // A fresh credential before every attempt (a short-lived ticket).
+    this.#pending.add(tid);
+    Promise.resolve()
+      .then(() => provider())
+      .then(
+        (token) => {
+          if (!this.#pending.delete(tid)) return; // abandoned meanwhile
+          this.#socket(tid, hello, token ?? null);
+        },
+        (e) => {
+          if (!this.#pending.delete(tid)) return;
+          this.#m.failed(this.#clock.now(), tid, `token provider: ${e?.message ?? e}`);
+          this.#drain();
+        },
+      );
+  }
+
+  #socket(tid, hello, token) {
+    const url = new URL(this.#url);
+    if (hello !== undefined) url.searchParams.set('kitestring-hello', hello);
+    if (token !== null) url.searchParams.set(this.#opts.tokenParam, token);
     let ws;
     try {
-      ws = new WebSocket(this.#url.href);
+      ws = new WebSocket(url.href);
     } catch (e) {
       queueMicrotask(() => {
         this.#m.failed(this.#clock.now(), tid, String(e?.message ?? e));
@@ -544,6 +575,7 @@ export class Client extends EventTarget {
 
   #close(tid, code, reason) {
     const ws = this.#sockets.get(tid);
+    this.#pending.delete(tid);
     if (!ws) {
       // Never opened: its close is done.
       queueMicrotask(() => {

@@ -231,6 +231,17 @@ impl Machine {
         );
     }
 
+    /// The `hello` to put in the URL of `transport`'s request (the query
+    /// parameter `kitestring-hello`, percent-encoded), asked right after a
+    /// `CONNECT`: the server then answers as its first frame (PROTOCOL.md,
+    /// section 4.2), and no `hello` frame is sent. `undefined`: open the
+    /// socket without it (a server once left it unanswered); the `hello`
+    /// then goes as the first frame.
+    #[wasm_bindgen(js_name = urlHello)]
+    pub fn url_hello(&mut self, transport: f64) -> Option<String> {
+        self.client.url_hello(TransportId(transport as u64))
+    }
+
     /// Time passed: call at or after [`deadline`](Self::deadline), and
     /// whenever the page had a chance to run (a message arrived, the page
     /// became visible): timers a hidden page's throttling held back run

@@ -11,7 +11,7 @@ before(async () => { server = await startServer(); browser = await launch(); });
 after(async () => { await browser?.close(); server?.stop(); });
 
 for (const codec of ['json', 'msgpack']) {
-  test(`echo exactly once, ${codec}`, async () => {
+  test(`echo exactly once, ${codec}`, { timeout: 60000 }, async () => {
     const page = await openPage(browser, server.url('/'));
     const result = await page.evaluate(async ({ url, codec }) => {
       const client = await ks.connect(url, { codecs: codec === 'json' ? ['json'] : ['msgpack', 'json'] });
