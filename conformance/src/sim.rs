@@ -485,17 +485,25 @@ impl Sim {
                 let identity = self.peers[i].identity.clone();
                 let fresh = self.fresh_session();
                 let tid = self.links[l].tid;
-                // Half the connections carry the hello in the upgrade
-                // request (and the answer in the response), the others as
-                // the first frame: both handshakes are exercised.
-                let hello = if self.rand() % 2 == 0 {
-                    self.peers[i].client.upgrade_hello(tid)
-                } else {
-                    None
-                };
-                let (conn, answer) = match &hello {
-                    Some(hello) => self.server.handle_upgrade(now, identity, fresh, hello),
-                    None => (self.server.handle_connection(now, identity, fresh), None),
+                // A third of the connections carry the hello in the
+                // upgrade request (and the answer in the response), a third
+                // in the request's URL (and the answer as the first frame,
+                // as a browser page does), the others as the first frame:
+                // every handshake is exercised.
+                let (conn, answer) = match self.rand() % 3 {
+                    0 => match self.peers[i].client.upgrade_hello(tid) {
+                        Some(hello) => self.server.handle_upgrade(now, identity, fresh, &hello),
+                        None => (self.server.handle_connection(now, identity, fresh), None),
+                    },
+                    1 => match self.peers[i].client.url_hello(tid) {
+                        Some(hello) => (
+                            self.server
+                                .handle_request_hello(now, identity, fresh, &hello),
+                            None,
+                        ),
+                        None => (self.server.handle_connection(now, identity, fresh), None),
+                    },
+                    _ => (self.server.handle_connection(now, identity, fresh), None),
                 };
                 self.links[l].conn = Some(conn);
                 self.by_conn.insert(conn, l);

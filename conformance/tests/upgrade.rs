@@ -379,3 +379,155 @@ fn the_encoder_output_is_text_json() {
         .iter()
         .any(|o| matches!(o, Output::Transmit(_, Transmit::Text(_)))));
 }
+
+// ---- the `hello` in the URL, and refusals in-band (PROTOCOL.md, 4.2, 1) ----
+
+/// Opens a connection with the `hello` in the request's URL: the server's
+/// answer is its first frame. Returns the transport, the connection, and
+/// the server's outputs up to then.
+fn open_by_url(
+    c: &mut Client,
+    s: &mut Server,
+    now: Instant,
+    fresh: u8,
+) -> (TransportId, ConnectionId, Vec<ServerOutput>) {
+    let t = connect_output(&client_out(c));
+    let hello = c.url_hello(t).expect("the hello goes in the URL");
+    let conn = s.handle_request_hello(now, None, SessionId([fresh; 16]), &hello);
+    c.handle_transport_opened(now, t);
+    assert!(
+        frames_to_server(&client_out(c)).is_empty(),
+        "no hello frame when the hello went in the URL"
+    );
+    (t, conn, server_out(s))
+}
+
+#[test]
+fn a_hello_in_the_url_is_answered_by_the_first_frame_and_resumes() {
+    let (mut c, mut s) = (client(ClientConfig::default()), server());
+    c.connect(Instant::ZERO).unwrap();
+    let (t, conn, out) = open_by_url(&mut c, &mut s, Instant::ZERO, 2);
+    let frames = frames_to_client(&out, conn);
+    assert!(
+        matches!(frames.first(), Some(Frame::Welcome(_))),
+        "{frames:?}"
+    );
+    for o in out {
+        if let ServerOutput::Transmit(_, m) = o {
+            c.handle_message(Instant::ZERO, t, m.as_incoming());
+        }
+    }
+    assert_eq!(c.state(), &State::Open);
+    c.send(Instant::ZERO, json(1)).unwrap();
+    pump(&mut c, t, &mut s, conn, Instant::ZERO);
+    // The connection drops; the next one resumes through the URL too.
+    s.handle_connection_closed(Instant::from_secs(1), conn, None);
+    c.handle_transport_closed(Instant::from_secs(1), t, None, "");
+    c.reconnect(Instant::from_secs(1)).unwrap();
+    let (t2, conn2, out) = open_by_url(&mut c, &mut s, Instant::from_secs(1), 3);
+    for o in out {
+        if let ServerOutput::Transmit(_, m) = o {
+            c.handle_message(Instant::from_secs(1), t2, m.as_incoming());
+        }
+    }
+    let (events, _) = pump(&mut c, t2, &mut s, conn2, Instant::from_secs(1));
+    let before: Vec<Event> = client_out(&mut c)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(c.state(), &State::Open);
+    assert!(
+        s.session(c.session().unwrap()).is_some(),
+        "the session was resumed: {events:?} {before:?}"
+    );
+    assert_eq!(c.stats().resumes, 1);
+}
+
+#[test]
+fn an_unanswered_url_hello_falls_back_to_the_frame() {
+    // A server that does not know the parameter waits for a hello frame
+    // and closes with 4002; the next attempt sends the frame.
+    let (mut c, t) = connecting(ClientConfig::default());
+    assert!(c.url_hello(t).is_some());
+    c.handle_transport_opened(Instant::ZERO, t);
+    assert!(frames_to_server(&client_out(&mut c)).is_empty());
+    c.handle_transport_closed(
+        Instant::from_secs(10),
+        t,
+        Some(CloseCode::BAD_HANDSHAKE),
+        "",
+    );
+    c.reconnect(Instant::from_secs(11)).unwrap();
+    let t2 = connect_output(&client_out(&mut c));
+    assert_eq!(c.url_hello(t2), None, "the URL is not tried again");
+    c.handle_transport_opened(Instant::from_secs(11), t2);
+    assert_hello_frame(&mut c);
+    // The connect timeout has the same effect.
+    let (mut c, t) = connecting(ClientConfig::default());
+    c.url_hello(t).unwrap();
+    c.handle_transport_opened(Instant::ZERO, t);
+    c.handle_timeout(Instant::from_secs(10));
+    c.reconnect(Instant::from_secs(20)).unwrap();
+    let t2 = connect_output(&client_out(&mut c));
+    assert_eq!(c.url_hello(t2), None);
+    // A connection that merely dropped keeps the URL.
+    let (mut c, t) = connecting(ClientConfig::default());
+    c.url_hello(t).unwrap();
+    c.handle_transport_opened(Instant::ZERO, t);
+    c.handle_transport_closed(Instant::ZERO, t, None, "");
+    c.reconnect(Instant::from_secs(1)).unwrap();
+    let t2 = connect_output(&client_out(&mut c));
+    assert!(c.url_hello(t2).is_some());
+}
+
+#[test]
+fn refusals_in_band_reach_the_client() {
+    use kitestring_core::server::UpgradeRefusal;
+    let cases = [
+        (UpgradeRefusal::Forbidden, "forbidden"),
+        (UpgradeRefusal::Origin, "forbidden"),
+        (UpgradeRefusal::Unauthorized, "unauthorized"),
+        (
+            UpgradeRefusal::TryLater {
+                retry_after: std::time::Duration::from_secs(30),
+            },
+            "later",
+        ),
+    ];
+    for (refusal, expect) in cases {
+        let ((mut c, t), mut s) = (connecting(ClientConfig::default()), server());
+        c.url_hello(t).unwrap();
+        let (conn, answer) = s.handle_refused_upgrade(Instant::ZERO, refusal, false);
+        assert_eq!(answer, None);
+        c.handle_transport_opened(Instant::ZERO, t);
+        let out = server_out(&mut s);
+        assert!(
+            out.iter().any(
+                |o| matches!(o, ServerOutput::Disconnect(id, code, _) if *id == conn && *code == refusal.code())
+            ),
+            "{out:?}"
+        );
+        for o in out {
+            if let ServerOutput::Transmit(_, m) = o {
+                c.handle_message(Instant::ZERO, t, m.as_incoming());
+            }
+        }
+        match (expect, c.state()) {
+            ("forbidden", State::Failed { reason }) => assert_eq!(reason, &FailReason::Forbidden),
+            ("unauthorized", State::Failed { reason }) => {
+                assert_eq!(reason, &FailReason::Unauthorized)
+            }
+            ("later", State::Reconnecting { at, .. }) => {
+                assert!(*at >= Instant::from_secs(30), "waits out the hint: {at:?}")
+            }
+            (_, other) => panic!("{refusal:?}: {other:?}"),
+        }
+    }
+    // In the upgrade: the reject is the 101's answer.
+    let mut s = server();
+    let (_, answer) = s.handle_refused_upgrade(Instant::ZERO, UpgradeRefusal::Unauthorized, true);
+    assert!(answer.unwrap().contains("\"code\":4401"));
+}

@@ -59,14 +59,45 @@ impl CloseCode {
     /// 4403: authenticated but not allowed (including a resume attempt by an
     /// identity that does not own the session). Terminal.
     pub const FORBIDDEN: CloseCode = CloseCode(4403);
+    /// 4429: the server cannot take this connection now (too many
+    /// requests, authentication unavailable): reconnect no sooner than the
+    /// `retry` hint, or the try-again-later delay. The in-band form of HTTP
+    /// 429 and 503, for clients that cannot read a status.
+    pub const TRY_LATER: CloseCode = CloseCode(4429);
+
+    /// The first of the codes that stand in for 1001 to 1015 when a browser
+    /// page closes: a page may only send 1000 and 3000 to 4999 (the WHATWG
+    /// `WebSocket.close`), so it sends `4100 + (code - 1000)` instead,
+    /// 4102 for 1002 and 4109 for 1009 (PROTOCOL.md, section 8).
+    pub const PAGE_BASE: u16 = 4100;
+
+    /// The code a browser page sends in place of this one: a code in 1001
+    /// to 1015 becomes its 41xx equivalent; every other code is returned
+    /// as it is (1000 and 3000 to 4999 are what a page may send).
+    pub fn for_page(self) -> CloseCode {
+        match self.0 {
+            1001..=1015 => CloseCode(Self::PAGE_BASE + (self.0 - 1000)),
+            _ => self,
+        }
+    }
+
+    /// The code a received one stands for: a page's 4101 to 4115 is 1001 to
+    /// 1015 ([`for_page`](Self::for_page)); every other code is itself.
+    /// Peers read every close code through this.
+    pub fn canonical(self) -> CloseCode {
+        match self.0 {
+            4101..=4115 => CloseCode(self.0 - Self::PAGE_BASE + 1000),
+            _ => self,
+        }
+    }
 
     /// What a client does after the peer closed the transport with this code.
     pub fn disposition(self) -> Disposition {
-        match self.0 {
+        match self.canonical().0 {
             1000 => Disposition::Stop,
             1008 | 4001 | 4003 | 4403 => Disposition::Fail,
             4401 => Disposition::Reauthenticate,
-            1013 => Disposition::ReconnectLater,
+            1013 | 4429 => Disposition::ReconnectLater,
             _ => Disposition::Reconnect,
         }
     }
@@ -77,9 +108,10 @@ impl CloseCode {
         matches!(self.0, 1000..=1003 | 1007..=1014 | 3000..=4999)
     }
 
-    /// A short name for logs.
+    /// A short name for logs (a page's 41xx is named as the code it stands
+    /// for).
     pub fn name(self) -> &'static str {
-        match self.0 {
+        match self.canonical().0 {
             1000 => "normal",
             1001 => "going away",
             1002 => "protocol error",
@@ -104,6 +136,7 @@ impl CloseCode {
             4011 => "rotate",
             4401 => "unauthorized",
             4403 => "forbidden",
+            4429 => "try later",
             _ => "other",
         }
     }
@@ -162,12 +195,31 @@ mod tests {
             (4003, Fail),
             (4403, Fail),
             (4401, Reauthenticate),
+            (4429, ReconnectLater),
             (4008, Reconnect),
             (4999, Reconnect),
         ];
         for (code, want) in cases {
             assert_eq!(CloseCode(code).disposition(), want, "code {code}");
         }
+    }
+
+    #[test]
+    fn page_codes_stand_for_the_codes_a_page_cannot_send() {
+        assert_eq!(CloseCode::PROTOCOL_ERROR.for_page(), CloseCode(4102));
+        assert_eq!(CloseCode::MESSAGE_TOO_BIG.for_page(), CloseCode(4109));
+        assert_eq!(CloseCode(4102).canonical(), CloseCode::PROTOCOL_ERROR);
+        assert_eq!(CloseCode(4109).canonical(), CloseCode::MESSAGE_TOO_BIG);
+        for code in [1000, 3000, 4000, 4008, 4100, 4116, 4401, 4999] {
+            assert_eq!(CloseCode(code).for_page(), CloseCode(code), "{code}");
+        }
+        for code in 1001..=1015 {
+            let page = CloseCode(code).for_page();
+            assert!((3000..=4999).contains(&page.0), "{code}");
+            assert_eq!(page.canonical(), CloseCode(code));
+            assert_eq!(page.disposition(), CloseCode(code).disposition());
+        }
+        assert_eq!(CloseCode(4108).disposition(), Disposition::Fail);
     }
 
     #[test]

@@ -90,8 +90,8 @@ pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};
 #[cfg(feature = "hyper")]
 pub use server::UpgradeService;
 pub use server::{
-    bind, start, AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy, ServerEvents,
-    ServerHandle, ServerOptions, TokenValidator,
+    bind, start, AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy, Refusals,
+    ServerEvents, ServerHandle, ServerOptions, TokenValidator,
 };
 pub use util::{decode, encode, DecodeExt};
 pub use ws::{websocket_config, ClientTls, ServerTls};

@@ -53,6 +53,51 @@ impl Client {
         Some(value)
     }
 
+    /// The `hello` to put in the request URL of `transport`, in the query
+    /// parameter [`wire::HELLO_PARAM`] (percent-encoded): for drivers that
+    /// can neither set request headers nor read the response's, as in a
+    /// browser. Call it after [`Output::Connect`], before the request goes
+    /// out. The server then answers as its first frame (PROTOCOL.md,
+    /// section 4.2), and the client sends no `hello` frame.
+    ///
+    /// `None`: open the WebSocket without it; the `hello` then goes as the
+    /// first frame. That is so after a server never answered one (it
+    /// closed with 4002 or the connect timeout passed while the client
+    /// waited for the answer), when the `hello` is longer than
+    /// [`wire::MAX_HELLO_HEADER`], or when `transport` is not the one
+    /// being opened.
+    ///
+    /// [`Output::Connect`]: super::Output::Connect
+    pub fn url_hello(&mut self, transport: TransportId) -> Option<String> {
+        if self.hello_url_refused
+            || self.transport != Some(transport)
+            || !matches!(self.state, State::Connecting { .. })
+        {
+            return None;
+        }
+        let value = wire::handshake_header(&self.hello()).ok()?;
+        if value.len() > wire::MAX_HELLO_HEADER {
+            return None;
+        }
+        self.hello_url = Some(transport);
+        self.stats.traffic.frames_out += 1;
+        self.stats.traffic.bytes_out += value.len() as u64;
+        Some(value)
+    }
+
+    /// The `hello` in the URL of the transport that just ended went
+    /// unanswered (`code` 4002 from a server that waited for a `hello`
+    /// frame, or no code: the connect timeout): later connections send
+    /// it as the first frame. Any other end leaves the choice as it was.
+    pub(super) fn url_hello_unanswered(&mut self, code: Option<CloseCode>) {
+        let waiting = matches!(self.state, State::Handshaking { .. })
+            && self.hello_url.is_some()
+            && self.hello_url == self.transport;
+        if waiting && code.is_none_or(|c| c == CloseCode::BAD_HANDSHAKE) {
+            self.hello_url_refused = true;
+        }
+    }
+
     /// The transport the machine asked for is open (the WebSocket upgrade
     /// succeeded), and its response carried no [`wire::WELCOME_HEADER`]:
     /// the same as [`handle_upgraded`](Self::handle_upgraded) with `None`.
@@ -79,6 +124,10 @@ impl Client {
         };
         let offered = self.hello_upgrade.take() == Some(transport);
         self.set_state(State::Handshaking { attempt });
+        if self.hello_url == Some(transport) && !offered {
+            // The `hello` went in the URL: its answer is the first frame.
+            return;
+        }
         match welcome {
             Some(text) if offered => {
                 self.stats.traffic.frames_in += 1;
@@ -199,6 +248,7 @@ impl Client {
         }
         self.session = Some(w.session);
         self.resume_key = w.key;
+        self.hello_url = None;
         self.link.inbound.on_new_connection();
         self.stats.opens += 1;
         self.emit(Event::Connected {

@@ -165,6 +165,12 @@ pub struct Client {
     /// A server left a `hello` in the upgrade unanswered: from then on the
     /// `hello` goes as the first frame.
     hello_upgrade_refused: bool,
+    /// The transport whose request URL carries the `hello`
+    /// ([`url_hello`](Self::url_hello)); its answer comes as the first frame.
+    hello_url: Option<TransportId>,
+    /// A server never answered a `hello` in the URL: from then on the
+    /// `hello` goes as the first frame.
+    hello_url_refused: bool,
     outputs: VecDeque<Output>,
     /// Encodes every frame: a scratch buffer and a pool of large buffers.
     encoder: wire::Encoder,
@@ -212,6 +218,8 @@ impl Client {
             rtt: None,
             hello_upgrade: None,
             hello_upgrade_refused: false,
+            hello_url: None,
+            hello_url_refused: false,
             outputs: VecDeque::new(),
             encoder: wire::Encoder::default(),
             stats: ClientStats::default(),
@@ -511,6 +519,9 @@ impl Client {
         self.advance(now);
         if self.transport != Some(transport) {
             return;
+        }
+        if code.is_some() {
+            self.url_hello_unanswered(code);
         }
         self.transport = None;
         if self.state == State::Closing {

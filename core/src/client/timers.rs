@@ -116,6 +116,7 @@ impl Client {
                     self.state,
                     State::Connecting { .. } | State::Handshaking { .. }
                 ) {
+                    self.url_hello_unanswered(None);
                     self.drop_connection(CloseCode::RETRY, "connect timeout");
                     self.connection_ended(Cause::ConnectTimeout, Disposition::Reconnect, None);
                 }

@@ -20,7 +20,72 @@ use super::delivery::{conn_tx, LinkDeadlines};
 use super::session::Session;
 use super::{duration_ms, ConnectionId, Server, ServerEvent, ServerTimer, SessionState};
 
+/// Why an upgrade request is refused in-band, after a `101`, for a client
+/// that cannot read an HTTP status ([`Server::handle_refused_upgrade`]):
+/// each is the in-band form of a status the upgrade would otherwise get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpgradeRefusal {
+    /// 401: no valid credentials. `reject` `unauthorized`, 4401.
+    Unauthorized,
+    /// 403 from authentication: not allowed. `reject` `forbidden`, 4403.
+    Forbidden,
+    /// 403 for the request's `Origin`. `reject` `origin_not_allowed`, 4403.
+    Origin,
+    /// 503 (or 429): not now. `reject` `try_later`, 4429, with the hint.
+    TryLater {
+        /// How long the client should wait before its next attempt.
+        retry_after: core::time::Duration,
+    },
+}
+
+impl UpgradeRefusal {
+    /// The close code that follows the `reject`.
+    pub fn code(self) -> CloseCode {
+        match self {
+            UpgradeRefusal::Unauthorized => CloseCode::UNAUTHORIZED,
+            UpgradeRefusal::Forbidden | UpgradeRefusal::Origin => CloseCode::FORBIDDEN,
+            UpgradeRefusal::TryLater { .. } => CloseCode::TRY_LATER,
+        }
+    }
+
+    /// The `reject`'s machine-readable `reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            UpgradeRefusal::Unauthorized => "unauthorized",
+            UpgradeRefusal::Forbidden => "forbidden",
+            UpgradeRefusal::Origin => "origin_not_allowed",
+            UpgradeRefusal::TryLater { .. } => "try_later",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            UpgradeRefusal::Unauthorized => "no valid credentials",
+            UpgradeRefusal::Forbidden => "not allowed",
+            UpgradeRefusal::Origin => "pages of this origin may not connect",
+            UpgradeRefusal::TryLater { .. } => "the server cannot take the connection now",
+        }
+    }
+}
+
 impl Server {
+    /// Refuses a connection opened only to be refused
+    /// ([`Server::handle_refused_upgrade`]).
+    pub(super) fn refuse_upgrade(&mut self, connection: ConnectionId, refusal: UpgradeRefusal) {
+        let retry = match refusal {
+            UpgradeRefusal::TryLater { retry_after } => Some(duration_ms(retry_after)),
+            _ => None,
+        };
+        self.reject(
+            connection,
+            refusal.code(),
+            refusal.reason(),
+            refusal.message().to_owned(),
+            retry,
+        );
+    }
+
     /// The key that resumes `session`: SipHash-2-4 (128 bits) of its id
     /// under the configured [`ResumeSecret`](crate::config::ResumeSecret).
     pub(crate) fn resume_key(&self, session: SessionId) -> ResumeKey {

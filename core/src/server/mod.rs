@@ -84,6 +84,7 @@ pub use event::{
     FeedOutput, RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics, ServerOutput,
     ServerStats, ServerTimer, SessionEnd, SessionInfo,
 };
+pub use handshake::UpgradeRefusal;
 pub use session::SessionState;
 
 use conn::{ConnPhase, ConnRecord};
@@ -322,6 +323,47 @@ impl Server {
         (connection, answer)
     }
 
+    /// A connection whose request URL carried its `hello` (the query
+    /// parameter [`wire::HELLO_PARAM`], from a client that can neither set
+    /// request headers nor read the response's: PROTOCOL.md, section 4.2).
+    /// The `hello` is handled as the connection's first frame, and so is
+    /// its answer: the `welcome` or `reject` is the connection's first
+    /// output, sent after the `101` like any frame. A `hello` that does not
+    /// decode is answered with `reject` `bad_hello` at once.
+    pub fn handle_request_hello(
+        &mut self,
+        now: Instant,
+        identity: Option<String>,
+        fresh_session: SessionId,
+        hello: &str,
+    ) -> ConnectionId {
+        let connection = self.handle_connection(now, identity, fresh_session);
+        self.handle_message(now, connection, Incoming::Text(hello));
+        connection
+    }
+
+    /// A connection the driver accepts only to refuse it in-band, for
+    /// clients that cannot read an HTTP status (PROTOCOL.md, section 1): a
+    /// `reject` with `code` (4401, 4403 or 4429), `reason`, `message` and
+    /// `retry_after_ms`, then the close with `code`. With `in_upgrade`, the
+    /// `reject` is returned for the `101`'s [`wire::WELCOME_HEADER`] (the
+    /// request carried its `hello` there) instead of queued as the first
+    /// frame. No session is opened or looked at.
+    pub fn handle_refused_upgrade(
+        &mut self,
+        now: Instant,
+        refusal: UpgradeRefusal,
+        in_upgrade: bool,
+    ) -> (ConnectionId, Option<String>) {
+        let connection = self.handle_connection(now, None, SessionId([0; 16]));
+        if in_upgrade {
+            self.upgrade = Some((connection, None));
+        }
+        self.refuse_upgrade(connection, refusal);
+        let answer = self.upgrade.take().and_then(|(_, answer)| answer);
+        (connection, answer)
+    }
+
     /// A WebSocket message arrived on `connection`.
     pub fn handle_message(&mut self, now: Instant, connection: ConnectionId, msg: Incoming<'_>) {
         self.advance(now);
@@ -391,7 +433,8 @@ impl Server {
         if !self.conns.contains_key(&connection) {
             return;
         }
-        let code = code.unwrap_or(CloseCode::ABNORMAL);
+        // A browser page closes with 41xx where it cannot send 10xx.
+        let code = code.map_or(CloseCode::ABNORMAL, CloseCode::canonical);
         self.close_conn(connection, code, None);
         self.process_evictions();
     }

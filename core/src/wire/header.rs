@@ -11,6 +11,12 @@ use super::{EncodeError, BINARY_HEADER_LEN, KIND_MSGPACK};
 /// HTTP header of the upgrade request that carries the client's `hello`
 /// (PROTOCOL.md, section 4), saving the handshake's round trip.
 pub const HELLO_HEADER: &str = "kitestring-hello";
+/// The query parameter of the request URL that carries the `hello`
+/// (percent-encoded) for clients that cannot set request headers or read
+/// the response's, such as browser pages (PROTOCOL.md, section 4.2): the
+/// answer is then the server's first frame. At most
+/// [`MAX_HELLO_HEADER`] bytes once decoded.
+pub const HELLO_PARAM: &str = "kitestring-hello";
 /// HTTP header of the `101` response that carries the server's answer to a
 /// [`HELLO_HEADER`]: its `welcome` or `reject`.
 pub const WELCOME_HEADER: &str = "kitestring-welcome";

@@ -58,7 +58,9 @@ pub use frame::{
     Frame, Hello, Incoming, Msg, MsgKind, Reject, Resume, ResumeKey, StreamEntry, StreamPos,
     Transmit, Welcome,
 };
-pub use header::{header_value, into_header_value, HELLO_HEADER, MAX_HELLO_HEADER, WELCOME_HEADER};
+pub use header::{
+    header_value, into_header_value, HELLO_HEADER, HELLO_PARAM, MAX_HELLO_HEADER, WELCOME_HEADER,
+};
 pub use payload::{Payload, PayloadError, PayloadKind};
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use quick::assert_quick_envelope_agrees;

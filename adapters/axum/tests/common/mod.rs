@@ -48,7 +48,9 @@ pub async fn exchange(addr: SocketAddr, request: &str) -> (Response, TcpStream) 
     };
     let head = String::from_utf8_lossy(&buf[..end]).to_string();
     let mut r = Response::parse(&head);
-    if r.status != 101 {
+    if r.status == 101 {
+        r.rest = buf[end..].to_vec();
+    } else {
         let len: usize = r
             .header("content-length")
             .and_then(|v| v.parse().ok())
@@ -76,6 +78,9 @@ pub struct Response {
     /// (lower-case name, value)
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// After a `101`: the bytes read past the head (the WebSocket stream's
+    /// start).
+    pub rest: Vec<u8>,
 }
 
 impl Response {
@@ -94,6 +99,7 @@ impl Response {
             status,
             headers,
             body: String::new(),
+            rest: Vec::new(),
         }
     }
 
@@ -128,4 +134,43 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, extra: &str, body:
         body.len()
     );
     exchange(addr, &request).await.0
+}
+
+/// Reads server frames (unmasked, unfragmented) from `socket`, starting
+/// with the bytes `rest` already holds, until a close frame or `count`
+/// frames: (opcode, payload) each.
+pub async fn read_frames(
+    socket: &mut TcpStream,
+    mut rest: Vec<u8>,
+    count: usize,
+) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while rest.len() >= 2 {
+            let opcode = rest[0] & 0x0f;
+            let (len, head) = match rest[1] & 0x7f {
+                126 if rest.len() >= 4 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+                126 | 127 => break,
+                n => (usize::from(n), 2),
+            };
+            if rest.len() < head + len {
+                break;
+            }
+            let payload = rest[head..head + len].to_vec();
+            rest.drain(..head + len);
+            frames.push((opcode, payload));
+            if opcode == 8 || frames.len() == count {
+                return frames;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk))
+            .await
+            .expect("a frame within 10 s")
+            .expect("read");
+        if n == 0 {
+            return frames;
+        }
+        rest.extend_from_slice(&chunk[..n]);
+    }
 }

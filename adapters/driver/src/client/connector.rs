@@ -35,6 +35,32 @@ pub(super) struct Connector {
     pub(super) token_header: String,
     pub(super) token_prefix: String,
     pub(super) ws_config: async_tungstenite::tungstenite::protocol::WebSocketConfig,
+    /// The `hello` goes in the URL, not in a header.
+    pub(super) hello_in_url: bool,
+}
+
+/// The `hello` for one connection: where it goes in the request.
+pub(super) enum RequestHello {
+    /// Not in the request: it goes as the first frame.
+    None,
+    /// In the `Kitestring-Hello` header; the answer in the `101`'s.
+    Header(String),
+    /// In the URL's query; the answer is the first frame.
+    Url(String),
+}
+
+/// `value` percent-encoded for a URL's query: everything but the
+/// unreserved characters of RFC 3986.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() * 3);
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl Connector {
@@ -42,17 +68,31 @@ impl Connector {
     /// socket and the server's answer to `hello`, if it gave one.
     pub(super) async fn open(
         self: Arc<Self>,
-        hello: Option<String>,
+        hello: RequestHello,
     ) -> Result<(Ws, Option<String>), TransportError> {
-        let mut request = self
-            .uri
-            .clone()
+        let uri = match &hello {
+            RequestHello::Url(h) => {
+                let sep = if self.uri.query().is_some() { '&' } else { '?' };
+                let with = format!(
+                    "{}{sep}{}={}",
+                    self.uri,
+                    wire::HELLO_PARAM,
+                    percent_encode(h)
+                );
+                with.parse::<Uri>().map_err(|e| {
+                    TransportError::WebSocket(format!("the URL with its hello: {e}"))
+                })?
+            }
+            _ => self.uri.clone(),
+        };
+        let mut request = uri
             .into_client_request()
             .map_err(|e| TransportError::WebSocket(e.to_string()))?;
         // The header takes the string's buffer as it is.
-        if let Some(value) = hello.and_then(|h| HeaderValue::from_maybe_shared(Bytes::from(h)).ok())
-        {
-            request.headers_mut().insert(wire::HELLO_HEADER, value);
+        if let RequestHello::Header(h) = hello {
+            if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(h)) {
+                request.headers_mut().insert(wire::HELLO_HEADER, value);
+            }
         }
         if let Some(provider) = &self.token {
             if let Some(token) = provider().await {
@@ -113,5 +153,22 @@ pub(crate) fn transport_error(e: WsError) -> TransportError {
         WsError::Io(e) => TransportError::Io(e.to_string()),
         WsError::Tls(e) => TransportError::Tls(e.to_string()),
         other => TransportError::WebSocket(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_survives_the_url() {
+        let hello = r#"{"t":"hello","client":"ab","caps":["a b"],"x":"é&="}"#;
+        let enc = percent_encode(hello);
+        assert!(enc
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"%-_.~".contains(&b)));
+        assert!(format!("ws://h/ws?{}={enc}", wire::HELLO_PARAM)
+            .parse::<Uri>()
+            .is_ok());
     }
 }

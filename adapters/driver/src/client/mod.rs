@@ -116,6 +116,12 @@ pub struct ClientOptions {
     pub event_buffer: usize,
     /// How long closing a socket may take before it is dropped. Default 2 s.
     pub close_timeout: Duration,
+    /// Put the `hello` in the request URL (the query parameter
+    /// `kitestring-hello`) instead of a request header, and take the
+    /// answer as the first frame: the handshake a browser page makes
+    /// (PROTOCOL.md, section 4.2), also for proxies that strip unknown
+    /// headers. Default `false` (the header, [`ClientConfig::hello_in_upgrade`]).
+    pub hello_in_url: bool,
 }
 
 impl Default for ClientOptions {
@@ -128,6 +134,7 @@ impl Default for ClientOptions {
             token_prefix: "Bearer ".into(),
             event_buffer: 1024,
             close_timeout: Duration::from_secs(2),
+            hello_in_url: false,
         }
     }
 }
@@ -139,6 +146,7 @@ impl fmt::Debug for ClientOptions {
             .field("tls", &self.tls.is_some())
             .field("token", &self.token.is_some())
             .field("event_buffer", &self.event_buffer)
+            .field("hello_in_url", &self.hello_in_url)
             .finish()
     }
 }
@@ -215,6 +223,7 @@ pub fn connect(
         token_header: options.token_header.clone(),
         token_prefix: options.token_prefix.clone(),
         ws_config,
+        hello_in_url: options.hello_in_url,
     };
     let driver = Driver::new(
         shared.clone(),

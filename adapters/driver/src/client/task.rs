@@ -31,7 +31,7 @@ use crate::runtime::{BoxFuture, Runtime};
 use crate::util;
 use crate::ws::{self, Ws};
 
-use super::connector::{transport_error, Connector, Opening};
+use super::connector::{transport_error, Connector, Opening, RequestHello};
 use super::shared::{codec_tag, fail_requests, fail_waiters, ClientShared, Inner};
 
 /// The open socket of the core's current transport.
@@ -395,8 +395,15 @@ impl TaskIo {
                     if let Some(old) = self.live.take() {
                         self.start_close(old, CloseCode::RETRY, "superseded");
                     }
-                    let hello = inner.client.upgrade_hello(tid);
-                    let fut = self.connector.clone().open(hello);
+                    let hello = if self.connector.hello_in_url {
+                        inner.client.url_hello(tid).map(RequestHello::Url)
+                    } else {
+                        inner.client.upgrade_hello(tid).map(RequestHello::Header)
+                    };
+                    let fut = self
+                        .connector
+                        .clone()
+                        .open(hello.unwrap_or(RequestHello::None));
                     self.connecting = Some((tid, Box::pin(fut)));
                     self.started = true;
                 }

@@ -330,6 +330,41 @@ pub(crate) fn check<'b>(
     })
 }
 
+/// The value of query parameter `name` in `query` (without the `?`),
+/// percent-decoded (`+` as a space), if present: the first one.
+pub(crate) fn query_value(query: &str, name: &str) -> Option<Vec<u8>> {
+    let raw = query
+        .split('&')
+        .find_map(|kv| match kv.split_once('=') {
+            Some((k, v)) if k == name => Some(v),
+            None if kv == name => Some(""),
+            _ => None,
+        })?
+        .as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'%' if i + 2 < raw.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(raw[i + 1]), hex(raw[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        // Two hex digits: below 256.
+                        out.push(u8::try_from(h * 16 + l).unwrap_or(b'%'));
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    Some(out)
+}
+
 /// The path and query of a request target: origin form (`/ws?x=1`), or
 /// absolute form (`http://host/ws?x=1`).
 fn split_target(target: &str) -> Result<(&str, Option<&str>), HttpRefusal> {
@@ -439,6 +474,18 @@ pub(crate) async fn write_all<S: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let q = "a=1&kitestring-hello=%7B%22t%22%3A%22hello%22%7D&b=x+y%zz";
+        assert_eq!(
+            query_value(q, "kitestring-hello").as_deref(),
+            Some(&b"{\"t\":\"hello\"}"[..])
+        );
+        assert_eq!(query_value(q, "b").as_deref(), Some(&b"x y%zz"[..]));
+        assert_eq!(query_value(q, "c"), None);
+        assert_eq!(query_value("x=%4", "x").as_deref(), Some(&b"%4"[..]));
+    }
 
     const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 

@@ -197,6 +197,39 @@ pub struct ServerOptions {
     /// snapshot is taken under the server's lock, a walk over the sessions.
     /// Default 1 s; `None` publishes nothing.
     pub metrics_interval: Option<Duration>,
+    /// How an upgrade refused by its origin or by [`auth`](Self::auth) is
+    /// answered: with an HTTP status, or accepted and then refused in-band
+    /// (a `reject` and a close with 4401, 4403 or 4429), which browser
+    /// pages can see and statuses they cannot. Default
+    /// [`Refusals::InBandForPages`].
+    pub refusals: Refusals,
+    /// The `retry` hint of an in-band 4429 (authentication unavailable or
+    /// timed out): how long the client waits before its next attempt.
+    /// Default 10 s.
+    pub retry_after: Duration,
+}
+
+/// How refused upgrades are answered ([`ServerOptions::refusals`]).
+///
+/// A browser page sees an HTTP 401, 403 or 503 only as a close with 1006,
+/// indistinguishable from a network failure, so it would back off through
+/// every attempt; an in-band refusal tells it (PROTOCOL.md, section 1). The
+/// request's form (400, 405, 426, 431) is always answered with a status:
+/// such a request is not one a Kitestring client makes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusals {
+    /// Always an HTTP status (401, 403, 503), as before this option.
+    Status,
+    /// Always in-band: a `101`, then a `reject` (in the `101`'s
+    /// `Kitestring-Welcome` header for a request whose `hello` was in its
+    /// header, otherwise as the first frame) and a close with its code:
+    /// 4401 for 401, 4403 for 403, 4429 with a `retry` hint for 503.
+    InBand,
+    /// In-band for requests whose `hello` is in the URL (clients that
+    /// cannot read a status, such as pages), a status for the others.
+    #[default]
+    InBandForPages,
 }
 
 /// A policy shared through [`ServerOptions`] (which is `Clone`).
@@ -233,6 +266,8 @@ impl Default for ServerOptions {
             listen_backlog: 4096,
             auth_timeout: Duration::from_secs(5),
             metrics_interval: Some(Duration::from_secs(1)),
+            refusals: Refusals::InBandForPages,
+            retry_after: Duration::from_secs(10),
         }
     }
 }
@@ -246,6 +281,8 @@ impl fmt::Debug for ServerOptions {
             .field("auth_timeout", &self.auth_timeout)
             .field("reauth", &self.reauth)
             .field("origins", &self.origins)
+            .field("refusals", &self.refusals)
+            .field("retry_after", &self.retry_after)
             .field("outbound_queue", &self.outbound_queue)
             .field("event_buffer", &self.event_buffer)
             .field("event_shards", &self.event_shards)

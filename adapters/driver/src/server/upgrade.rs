@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 
 use async_tungstenite::tungstenite::protocol::Role;
 use async_tungstenite::WebSocketStream;
-use kitestring_core::server::ConnectionId;
+use kitestring_core::server::{ConnectionId, UpgradeRefusal};
 use kitestring_core::wire::{self, SessionId};
 use tracing::{debug, Instrument};
 
@@ -28,6 +28,7 @@ use super::auth::{AuthReject, AuthRequest, Authenticator, Verdict};
 use super::conn::{connection, report_closed};
 use super::http;
 use super::shared::{ServerShared, SlotRef};
+use super::Refusals;
 
 /// An accepted socket's task: the upgrade, then the connection in a task
 /// of its own, so the handshake's state (TLS, HTTP parsing, about 2 KiB)
@@ -212,9 +213,13 @@ pub(super) struct Admitted {
 /// Admits a checked upgrade request, whichever HTTP stack read it: the
 /// origin policy (403, before any credential is looked at), the
 /// authenticator (401, 403, 503; `auth_request` is called only if one is
-/// configured), then a `hello` the request carries, run through the core so
-/// that its answer goes in the `101` (the connection the core opened for it
-/// is left in `early`).
+/// configured), then a `hello` the request carries, run through the core:
+/// one in the `Kitestring-Hello` header so that its answer goes in the
+/// `101`, one in the URL (a page's) so that its answer is the first frame.
+/// A refusal is answered in-band instead of with its status when
+/// [`ServerOptions::refusals`](super::ServerOptions::refusals) says so:
+/// the upgrade is then admitted, and the core's connection refuses it. The
+/// connection the core opened, for either, is left in `early`.
 pub(super) async fn admit(
     shared: &ServerShared,
     req: &http::Upgrade<'_>,
@@ -222,24 +227,94 @@ pub(super) async fn admit(
     early: &OnceLock<ConnectionId>,
 ) -> Result<Admitted, http::HttpRefusal> {
     let opts = &shared.options;
+    // The header wins over the URL; either is used only up to the size a
+    // client may send (PROTOCOL.md, section 4.1): a longer one is ignored,
+    // and the client sends its `hello` as a frame.
+    let url_hello = match req.hello {
+        Some(_) => None,
+        None => req
+            .query
+            .and_then(|q| http::query_value(q, wire::HELLO_PARAM))
+            .filter(|h| h.len() <= wire::MAX_HELLO_HEADER),
+    };
+    let in_band = match opts.refusals {
+        Refusals::Status => false,
+        Refusals::InBand => true,
+        Refusals::InBandForPages => url_hello.is_some(),
+    };
+    let refuse = |refusal: http::HttpRefusal| -> Result<Admitted, http::HttpRefusal> {
+        let in_band_form = match refusal.status {
+            401 => UpgradeRefusal::Unauthorized,
+            403 if refusal.reason == ORIGIN_REFUSED => UpgradeRefusal::Origin,
+            403 => UpgradeRefusal::Forbidden,
+            503 => UpgradeRefusal::TryLater {
+                retry_after: opts.retry_after,
+            },
+            _ => return Err(refusal),
+        };
+        if !in_band {
+            return Err(refusal);
+        }
+        refuse_in_band(shared, in_band_form, req.hello.is_some(), early).ok_or(refusal)
+    };
     if !opts.origins.allows(req.origin, Some(req.host)) {
-        return Err(http::HttpRefusal::new(403, "origin not allowed"));
+        return refuse(http::HttpRefusal::new(403, ORIGIN_REFUSED));
     }
     let identity = match &opts.auth {
-        Some(auth) => authenticate(shared, auth, auth_request()?).await?,
+        Some(auth) => match authenticate(shared, auth, auth_request()?).await {
+            Ok(identity) => identity,
+            Err(refusal) => return refuse(refusal),
+        },
         None => None,
     };
     let mut welcome = None;
-    // A `hello` over the size a client may put in the header is not used:
-    // the `101` carries no answer and the client sends its `hello` as a
-    // frame (PROTOCOL.md, section 4.1).
     if let Some(hello) = req.hello.filter(|h| h.len() <= wire::MAX_HELLO_HEADER) {
         if let Some((id, answer)) = early_hello(shared, identity.clone(), hello) {
             let _ = early.set(id);
             welcome = answer;
         }
+    } else if let Some(hello) = url_hello {
+        if let Some(id) = request_hello(shared, identity.clone(), &hello) {
+            let _ = early.set(id);
+        }
     }
     Ok(Admitted { welcome, identity })
+}
+
+/// The reason of the 403 a refused origin gets.
+const ORIGIN_REFUSED: &str = "origin not allowed";
+
+/// Admits an upgrade only to refuse it in-band: the core opens a
+/// connection that sends the `reject` (in the `101`'s header when the
+/// request's `hello` was in its header) and closes with its code. `None`
+/// while shutting down: the status is sent instead.
+fn refuse_in_band(
+    shared: &ServerShared,
+    refusal: UpgradeRefusal,
+    in_header: bool,
+    early: &OnceLock<ConnectionId>,
+) -> Option<Admitted> {
+    debug!(
+        code = refusal.code().0,
+        reason = refusal.reason(),
+        "upgrade refused in-band"
+    );
+    metrics::counter!("kitestring_upgrades_refused_total", "status" => refusal.code().0.to_string())
+        .increment(1);
+    let (id, answer) = shared.run(None, |st, now| {
+        if st.shutdown.is_some() || st.stopped {
+            return None;
+        }
+        let (id, answer) = st.server.handle_refused_upgrade(now, refusal, in_header);
+        // Before the core's outputs are drained, so they find the slot.
+        st.conns.insert(id, SlotRef::default());
+        Some((id, answer))
+    })?;
+    let _ = early.set(id);
+    Some(Admitted {
+        welcome: answer,
+        identity: None,
+    })
 }
 
 /// Runs the authenticator: inline if it is synchronous, else awaited for at
@@ -274,6 +349,31 @@ async fn authenticate(
             "authentication unavailable; try again later",
         )),
     }
+}
+
+/// Runs a `hello` from the request's URL through the core as the
+/// connection's first frame: its answer is queued for the connection and
+/// goes out right after the `101`. `None` while shutting down or without
+/// randomness for a session id: the connection then takes the ordinary
+/// path (the client sends its `hello` as a frame only after its connect
+/// timeout, so this is the rare case).
+fn request_hello(
+    shared: &ServerShared,
+    identity: Option<String>,
+    hello: &[u8],
+) -> Option<ConnectionId> {
+    let hello = std::str::from_utf8(hello).unwrap_or("\u{fffd}");
+    let fresh = util::random16().ok()?;
+    shared.run(None, |st, now| {
+        if st.shutdown.is_some() || st.stopped {
+            return None;
+        }
+        let id = st
+            .server
+            .handle_request_hello(now, identity, SessionId(fresh), hello);
+        st.conns.insert(id, SlotRef::default());
+        Some(id)
+    })
 }
 
 /// Runs a `hello` from the upgrade request through the core, before the

@@ -1,0 +1,335 @@
+//! The server the browser suite (`adapters/web/tests/browser`) drives its
+//! pages against: the built package and a test page, Kitestring on several
+//! paths with different authentication, a chaos proxy in front of it, a
+//! second listener whose pages have a foreign origin, and control routes
+//! the test runner calls. Not a demo (that is the `chat` example): every
+//! route here exists for a test.
+//!
+//! ```text
+//! cargo run -p kitestring-web --example suite_server      # prints {"main":…,"proxy":…,"foreign":…}
+//! ```
+//!
+//! Routes on the main port (and, for pages only, the foreign one):
+//!
+//! * `/` the test page, `/pkg/…` the package (`KITESTRING_WEB_PKG`, or
+//!   `adapters/web/pkg` built by `build.sh`);
+//! * `/login?user=NAME` sets the `sid` cookie; `/ticket?user=NAME` hands
+//!   out a single-use ticket for NAME;
+//! * `/ws` anyone (the cookie's user as identity, if any); `/ws-auth` the
+//!   cookie required (401 without); `/ws-ticket` a ticket in the query;
+//!   `/ws-ban` always 403; `/ws-busy` always 503;
+//! * `/control/cut`, `/control/blackhole`, `/control/forward` (POST): the
+//!   proxy's faults on every connection it carries; `/control/tally`: what
+//!   the server received, per client.
+//!
+//! The application behind the sessions echoes every message to its
+//! sender, answers every request with its own payload, and on
+//! `{"op":"push","count":N}` sends N numbered messages `{"s":i}` back.
+//! Messages `{"n":i}` are tallied per client: the tally says how many
+//! arrived, and how many were duplicates or came out of order.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::Router;
+use futures_util::StreamExt;
+use kitestring::{
+    AuthReject, AuthRequest, Authenticator, DecodeExt, OriginPolicy, ServerEvent, ServerHandle,
+    ServerOptions,
+};
+use serde_json::{json, Value};
+
+/// What the server received from each client instance, by the numbers in
+/// `{"n":i}` messages.
+#[derive(Default)]
+struct Tally {
+    /// client id (hex) -> (last n, received, duplicates, out of order)
+    clients: HashMap<String, (u64, u64, u64, u64)>,
+}
+
+#[derive(Clone)]
+struct App {
+    pkg: PathBuf,
+    page: PathBuf,
+    proxy: Arc<kitestring_chaos::Proxy>,
+    tally: Arc<Mutex<Tally>>,
+    tickets: Arc<Mutex<HashMap<String, String>>>,
+}
+
+fn authenticator(tickets: Arc<Mutex<HashMap<String, String>>>) -> Authenticator {
+    Authenticator::sync(move |req: &AuthRequest| match req.path.as_str() {
+        "/ws-auth" => match req.cookie("sid") {
+            Some(user) if !user.is_empty() => Ok(Some(user)),
+            _ => Err(AuthReject::Unauthorized),
+        },
+        "/ws-ticket" => {
+            // Single use: a ticket is spent by the upgrade that shows it.
+            let ticket = req.query_param("ticket").unwrap_or_default();
+            match tickets.lock().ok().and_then(|mut t| t.remove(ticket)) {
+                Some(user) => Ok(Some(user)),
+                None => Err(AuthReject::Unauthorized),
+            }
+        }
+        "/ws-ban" => Err(AuthReject::Forbidden),
+        "/ws-busy" => Err(AuthReject::Unavailable),
+        _ => Ok(req.cookie("sid")),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let pkg = std::env::var_os("KITESTRING_WEB_PKG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("pkg"));
+    let page = root.join("tests/browser/page.html");
+    let main = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let main_addr = main.local_addr()?;
+    let foreign = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let foreign_addr = foreign.local_addr()?;
+    let proxy = Arc::new(kitestring_chaos::Proxy::start(main_addr)?);
+    let proxy_addr = proxy.local_addr();
+    let tickets = Arc::new(Mutex::new(HashMap::new()));
+    let mut options = ServerOptions {
+        auth: Some(authenticator(tickets.clone())),
+        // Pages from the main port, directly or through the proxy; not
+        // those of the foreign port.
+        origins: OriginPolicy::AllowList(vec![
+            format!("http://{main_addr}"),
+            format!("http://{proxy_addr}"),
+        ]),
+        ..ServerOptions::default()
+    };
+    if let Some(grace) = std::env::var("SUITE_SESSION_GRACE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        options.config.session_grace = Duration::from_millis(grace);
+    }
+    let (server, events) = kitestring::start(kitestring_tokio::runtime(), options)?;
+    let app = App {
+        pkg,
+        page,
+        proxy: proxy.clone(),
+        tally: Arc::new(Mutex::new(Tally::default())),
+        tickets,
+    };
+    tokio::spawn(serve_sessions(server.clone(), events, app.tally.clone()));
+    let pages = Router::new()
+        .route("/", get(page_route))
+        .route("/pkg/{*file}", get(pkg_route))
+        .route("/login", get(login))
+        .route("/ticket", get(ticket));
+    let mut router = pages.clone();
+    for path in ["/ws", "/ws-auth", "/ws-ticket", "/ws-ban", "/ws-busy"] {
+        router = router.route(path, kitestring_axum::route(server.clone()));
+    }
+    let router = router
+        .route(
+            "/control/cut",
+            post(|State(a): State<App>| async move { a.proxy.cut_all() }),
+        )
+        .route(
+            "/control/blackhole",
+            post(|State(a): State<App>| async move { a.proxy.black_hole_all() }),
+        )
+        .route(
+            "/control/forward",
+            post(|State(a): State<App>| async move {
+                for link in a.proxy.links() {
+                    link.set_throttle(None);
+                }
+            }),
+        )
+        .route("/control/tally", get(tally))
+        .with_state(app.clone());
+    let pages = pages.with_state(app);
+    println!(
+        "{}",
+        json!({"main": main_addr.port(), "proxy": proxy_addr.port(), "foreign": foreign_addr.port()})
+    );
+    let nodelay = |l: tokio::net::TcpListener| {
+        l.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    };
+    let foreign = axum::serve(nodelay(foreign), pages.into_make_service());
+    tokio::spawn(async move {
+        let _ = foreign.await;
+    });
+    axum::serve(
+        nodelay(main),
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn page_route(State(app): State<App>) -> Response {
+    file(&app.page).await
+}
+
+async fn pkg_route(State(app): State<App>, Path(name): Path<String>) -> Response {
+    if name.contains("..") {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    file(&app.pkg.join(name)).await
+}
+
+async fn file(path: &std::path::Path) -> Response {
+    let kind = match path.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("wasm") => "application/wasm",
+        Some("ts") => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    };
+    // Small files, read at once: the suite loads a handful.
+    match std::fs::read(path) {
+        Ok(bytes) => (
+            [
+                (header::CONTENT_TYPE, kind),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::NOT_FOUND,
+            format!("{} not found\n", path.display()),
+        )
+            .into_response(),
+    }
+}
+
+async fn login(Query(q): Query<HashMap<String, String>>) -> Response {
+    let user = q.get("user").cloned().unwrap_or_default();
+    (
+        [(
+            header::SET_COOKIE,
+            format!("sid={user}; Path=/; SameSite=Strict"),
+        )],
+        format!("logged in as {user}\n"),
+    )
+        .into_response()
+}
+
+async fn ticket(State(app): State<App>, Query(q): Query<HashMap<String, String>>) -> String {
+    let user = q.get("user").cloned().unwrap_or_else(|| "guest".into());
+    let t = format!(
+        "{:032x}",
+        u128::from_le_bytes(std::array::from_fn(|i| {
+            (std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), i) & 0xff) as u8
+        }))
+    );
+    if let Ok(mut tickets) = app.tickets.lock() {
+        tickets.insert(t.clone(), user);
+    }
+    t
+}
+
+async fn tally(State(app): State<App>) -> Response {
+    let tally = app.tally.lock().map(|t| {
+        t.clients
+            .iter()
+            .map(|(client, (last, received, dups, gaps))| {
+                (
+                    client.clone(),
+                    json!({"last": last, "received": received, "duplicates": dups, "outOfOrder": gaps}),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+    });
+    match tally {
+        Ok(t) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            Value::Object(t).to_string(),
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// The application: echo, answer, push, tally.
+async fn serve_sessions(
+    server: ServerHandle,
+    mut events: kitestring::ServerEvents,
+    tally: Arc<Mutex<Tally>>,
+) {
+    let mut clients = HashMap::new();
+    while let Some(event) = events.next().await {
+        match event {
+            ServerEvent::SessionOpened {
+                session, client, ..
+            } => {
+                clients.insert(session, client.to_hex());
+            }
+            ServerEvent::SessionEnded { session, .. } => {
+                clients.remove(&session);
+            }
+            ServerEvent::Message { session, message } => {
+                let value = message.decode::<Value>().ok();
+                if let (Some(n), Some(client)) = (
+                    value
+                        .as_ref()
+                        .and_then(|v| v.get("n"))
+                        .and_then(Value::as_u64),
+                    clients.get(&session),
+                ) {
+                    if let Ok(mut t) = tally.lock() {
+                        let e = t.clients.entry(client.clone()).or_default();
+                        e.1 += 1;
+                        if n <= e.0 {
+                            e.2 += 1;
+                        } else if n != e.0 + 1 {
+                            e.3 += 1;
+                        }
+                        e.0 = e.0.max(n);
+                    }
+                }
+                if message.room.is_some() {
+                    continue;
+                }
+                if message.request {
+                    let _ = server
+                        .respond_payload(session, message.id, message.payload)
+                        .await;
+                    continue;
+                }
+                let push = value
+                    .as_ref()
+                    .filter(|v| v.get("op").and_then(Value::as_str) == Some("push"))
+                    .and_then(|v| v.get("count"))
+                    .and_then(Value::as_u64);
+                match push {
+                    Some(count) => {
+                        let server = server.clone();
+                        tokio::spawn(async move {
+                            for s in 1..=count {
+                                if server
+                                    .send_when_ready(session, &json!({"s": s}))
+                                    .await
+                                    .is_err()
+                                {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    None => {
+                        let _ = server.send_payload(session, message.payload).await;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}

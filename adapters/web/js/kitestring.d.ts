@@ -1,0 +1,205 @@
+// Type declarations for the Kitestring browser package (kitestring.js).
+//
+// Numbers: ids of this client's own messages and requests are `number`s
+// (assigned here from 1 upwards: exact far beyond any page's life). Numbers
+// the server assigns (its message ids, room stream offsets) are `bigint`s,
+// so none loses precision. In payloads, JSON integers beyond 2^53 - 1 arrive
+// as `bigint`s, and `bigint`s are sent as exact JSON integers; MessagePack
+// 64-bit integers beyond that range arrive as `bigint`s too.
+
+/** Milliseconds. */
+export type Millis = number;
+
+export type State =
+  | 'disconnected' | 'connecting' | 'handshaking' | 'open'
+  | 'reconnecting' | 'closing' | 'closed' | 'failed';
+
+export type Codec = 'msgpack' | 'json';
+
+/** The page's clock and timer, replaceable (tests slow them down to model a hidden tab). */
+export interface Clock {
+  now(): number;
+  setTimeout(callback: () => void, ms: number): unknown;
+  clearTimeout(handle: unknown): void;
+}
+
+export interface ConnectOptions {
+  /** Codecs offered, preferred first. Default `['msgpack', 'json']`. */
+  codecs?: Codec[];
+  /** Heartbeat: ping interval, pong timeout, grace. Defaults 20 000, 10 000, 1 000 (the server's welcome overrides the first two). */
+  heartbeat?: { interval?: Millis; timeout?: Millis; grace?: Millis };
+  /** Reconnect backoff. Defaults: base 1 000, factor 2, max 30 000, jitter 0.5, maxAttempts 10 (`null`: for ever). */
+  backoff?: { base?: Millis; factor?: number; max?: Millis; jitter?: 'none' | 'full' | number; maxAttempts?: number | null };
+  /** From "open a socket" to the welcome. Default 10 000. */
+  connectTimeout?: Millis;
+  /** How long a connection must last before the attempt count resets. Default 10 000. */
+  stabilityWindow?: Millis;
+  /** Least wait after "try again later" without a hint. Default 10 000. */
+  tryLaterDelay?: Millis;
+  /** Cap on a server's retry hint. Default 300 000. */
+  maxRetryAfter?: Millis;
+  /** How long `close()` waits for the socket. Default 5 000. */
+  closeTimeout?: Millis;
+  /** Messages waiting while offline or while the window is full. Defaults 100 messages, 1 MiB. */
+  queue?: { maxMessages?: number; maxBytes?: number };
+  /** Send window and acknowledgments. */
+  reliability?: {
+    windowMessages?: number; windowBytes?: number; ackDelay?: Millis; ackEvery?: number;
+    ackTimeout?: Millis; overflow?: 'refuse' | 'failSession';
+  };
+  /** Largest message accepted. Default 1 MiB. */
+  maxMessageSize?: number;
+  /** Undecodable frames in a row before a `resync` event. Default 3. */
+  maxDecodeFailures?: number;
+  /** Extra capabilities announced in the hello. */
+  capabilities?: string[];
+  /** Take room broadcasts as room streams. Default true. */
+  roomStreams?: boolean;
+  /** Batch small messages into one frame (true: 5 ms, 64 messages, 64 KiB). Default off. */
+  batch?: boolean | { window?: Millis; maxMessages?: number; maxBytes?: number };
+  /** `sendLatest` pacing per key. Default 1000/60. */
+  coalesceInterval?: Millis;
+  /** Keys `sendLatest` tracks at once. Default 1024. */
+  coalesceKeys?: number;
+  /** Requests waiting for a response at once. Default 1024. */
+  maxPendingRequests?: number;
+  /** Default timeout of `request`. Default 30 000. */
+  requestTimeout?: Millis;
+  /**
+   * Fetches a credential before every connection attempt (a short-lived
+   * ticket, say), put in the URL's query as `tokenParam`, and again when the
+   * server asks for re-authentication.
+   */
+  token?: () => string | null | Promise<string | null>;
+  /** The query parameter that carries the token. Default `token`. */
+  tokenParam?: string;
+  /** Where the WebAssembly module is, when not beside kitestring.js. */
+  wasm?: string | URL | Response | BufferSource | WebAssembly.Module;
+  /** Replaces the page's clock and timer. */
+  clock?: Partial<Clock>;
+}
+
+/** Every error this package reports; `kind` names it for programs. */
+export class KitestringError extends Error {
+  readonly kind: string;
+}
+
+/** A message the client would not take: `queue_full`, `too_large`, `not_connected`, `not_open`, `session_failed`, `bad_room`, `too_many_requests`, `payload`. */
+export class SendError extends KitestringError {}
+
+/** The server refused a message. `code`: `invalid`, `rate_limited`, `not_member`, `forbidden`, `room_full`, `too_many_rooms`. */
+export class RefusedError extends KitestringError {
+  readonly id: number | null;
+  readonly room: string | null;
+  readonly op: string;
+  readonly reason: string;
+  readonly code: string | null;
+}
+
+/** A message whose session was lost or closed: `unconfirmed` if it was sent (it may have arrived), otherwise it never left. */
+export class LostError extends KitestringError {
+  readonly id: number;
+  readonly reason: 'not_resumed' | 'closed' | 'overflow' | 'inconsistent' | string;
+  readonly detail: string | null;
+  readonly unconfirmed: boolean;
+}
+
+/** A request without a response: `kind` is `timed_out`, `session_lost`, `closed` or `cancelled`. */
+export class RequestError extends KitestringError {
+  readonly request: number;
+}
+
+/** A promise for an acknowledgment, with the message's id. */
+export type Sent = Promise<number> & { readonly id: number };
+
+export class KitestringMessageEvent<T = unknown> extends Event {
+  readonly client: Client;
+  /** The decoded payload (a `Uint8Array` for opaque bytes). */
+  readonly data: T;
+  /** The room it was broadcast in, or null. */
+  readonly room: string | null;
+  /** The server's id for it (for a room stream entry, its offset). */
+  readonly id: bigint;
+  /** Its sequence number, or its offset in its room's stream. */
+  readonly seq: bigint;
+  /** The sender's wall-clock timestamp in milliseconds, if it set one. */
+  readonly timestamp: number | null;
+  /** Whether the server expects a response. */
+  readonly request: boolean;
+  respond(value: unknown): Sent;
+}
+
+export interface Member { client: string; identity?: string }
+
+export interface Cause { type: string; code?: number; reason?: string; status?: number; retryAfter?: Millis }
+
+export interface Failure { type: string; attempts?: number; last?: Cause; code?: number; reason?: string; status?: number }
+
+export interface KitestringEventMap {
+  message: KitestringMessageEvent;
+  /** Every state change. `attempt`, `at` and `cause` while reconnecting; `code` once closed; `failure` once failed. */
+  statechange: Event & { old: State; state: State; attempt?: number; at?: Millis; cause?: Cause; code?: number; failure?: Failure };
+  /** A session opened or resumed. */
+  open: Event & { session: string; resumed: boolean; version: number; codec: Codec };
+  presence: Event & { room: string; snapshot: boolean; joined: Member[]; left: Member[] };
+  /** A session was given up: `unconfirmed` were sent and may not have arrived; `unsent` never left. */
+  sessionlost: Event & { reason: string; detail: string | null; unconfirmed: number[]; unsent: number[] };
+  refused: Event & { id: number | null; room: string | null; op: string; reason: string; code: string | null };
+  /** Entries of a room's stream this client will never get (`to` null: unknown how many). */
+  missed: Event & { room: string; from: bigint; to: bigint | null };
+  acked: Event & { first: number; last: number };
+  datagram: Event & { data: Uint8Array };
+  requestfailed: Event & { request: number; error: string };
+  lateresponse: Event & { request: number };
+  sendfailed: Event & { id: number; error: { error: string; message: string } };
+  latestfailed: Event & { key: string; error: { error: string; message: string } };
+  tokenexpiring: Event & { within: Millis };
+  rtt: Event & { rtt: Millis };
+  decodefailed: Event & { error: string };
+  resync: Event;
+}
+
+export class Client extends EventTarget {
+  readonly state: State;
+  readonly session: string | null;
+  readonly clientId: string;
+  readonly codec: Codec;
+  readonly rtt: Millis | null;
+  readonly queued: number;
+  readonly unacknowledged: number;
+  readonly hasRoom: boolean;
+  readonly rooms: string[];
+  stats(): Record<string, number>;
+  members(room: string): Map<string, Member>;
+
+  send(value: unknown, options?: { binary?: boolean; timestamp?: number }): Sent;
+  post(value: unknown, options?: { binary?: boolean; timestamp?: number }): number;
+  sendBytes(bytes: Uint8Array | ArrayBuffer): Sent;
+  join(room: string): Sent;
+  leave(room: string): Sent;
+  publish(room: string, value: unknown, options?: { binary?: boolean }): Sent;
+  request<T = unknown>(value: unknown, options?: { timeout?: Millis; binary?: boolean }): Promise<T> & { readonly id: number };
+  cancelRequest(id: number): boolean;
+  respond(request: KitestringMessageEvent | bigint | number, value: unknown, options?: { binary?: boolean }): Sent;
+  sendLatest(key: string, value: unknown, options?: { binary?: boolean }): void;
+  sendDatagram(bytes: Uint8Array | ArrayBuffer): void;
+  reconnect(): void;
+  close(): Promise<void>;
+
+  on<K extends keyof KitestringEventMap>(type: K, listener: (event: KitestringEventMap[K]) => void): () => void;
+  addEventListener<K extends keyof KitestringEventMap>(type: K, listener: (event: KitestringEventMap[K]) => void, options?: boolean | AddEventListenerOptions): void;
+  addEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | AddEventListenerOptions): void;
+  removeEventListener<K extends keyof KitestringEventMap>(type: K, listener: (event: KitestringEventMap[K]) => void, options?: boolean | EventListenerOptions): void;
+  removeEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void;
+}
+
+/** Loads the WebAssembly module (`connect` does it). */
+export function init(wasm?: ConnectOptions['wasm']): Promise<unknown>;
+
+/** Opens a session to `url` and returns the client at once; connecting is reported by events. */
+export function connect(url: string | URL, options?: ConnectOptions): Promise<Client>;
+
+export namespace msgpack {
+  function encode(value: unknown): Uint8Array;
+  function decode(bytes: Uint8Array): unknown;
+}

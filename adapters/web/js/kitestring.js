@@ -1,0 +1,725 @@
+// Kitestring for web pages: the JavaScript driver around the core's client
+// machine, compiled to WebAssembly.
+//
+// Owns what a page owns and the machine must not: the browser's WebSocket,
+// the clock (performance.now), one timer, random bytes
+// (crypto.getRandomValues), the page's lifecycle, and the application's
+// values (JSON and MessagePack payloads, promises, DOM events). It moves
+// bytes, time and events between those and the machine, and decides nothing
+// about the protocol: reconnecting, backoff, heartbeats, acknowledgments,
+// resuming and every close code's meaning are the machine's, the same code
+// the Rust drivers run. After every input it drains the machine's outputs
+// in order, then arms one timer for the machine's next deadline.
+
+import initWasm, { Machine } from './kitestring_web.js';
+import * as msgpack from './msgpack.js';
+
+// The machine's output kinds (adapters/web/src/output.rs, `kinds`).
+const NONE = 0;
+const CONNECT = 1;
+const TEXT = 2;
+const BINARY = 3;
+const DISCONNECT = 4;
+const MESSAGE = 10;
+const RESPONSE = 11;
+const ACKED = 12;
+const DATAGRAM = 13;
+const EVENT = 20;
+
+let wasmReady = null;
+
+/**
+ * Loads the WebAssembly module once; `connect` calls it. Pass the module's
+ * URL (or bytes) when it is not served beside this file.
+ */
+export function init(wasm) {
+  if (!wasmReady) {
+    wasmReady = initWasm(wasm === undefined ? undefined : { module_or_path: wasm });
+  }
+  return wasmReady;
+}
+
+/** Every error this package reports: `kind` names it for programs. */
+export class KitestringError extends Error {
+  constructor(kind, message, info = {}) {
+    super(message);
+    this.name = 'KitestringError';
+    this.kind = kind;
+    Object.assign(this, info);
+  }
+}
+
+/** A message the machine would not take: the queue is full, it is too large, the session is over. */
+export class SendError extends KitestringError {
+  constructor(info) {
+    super(info.error, info.message, info);
+    this.name = 'SendError';
+  }
+}
+
+/** The server refused a message (a join, a publish, a message it could not accept). */
+export class RefusedError extends KitestringError {
+  constructor(e) {
+    super('refused', `refused: ${e.reason}`, { id: e.id, room: e.room, op: e.op, reason: e.reason, code: e.code });
+    this.name = 'RefusedError';
+  }
+}
+
+/**
+ * A message whose fate is unknown or that was never sent: its session was
+ * lost or closed. `unconfirmed` is true when it was sent (it may have
+ * arrived), false when it never left this page.
+ */
+export class LostError extends KitestringError {
+  constructor(id, reason, detail, unconfirmed) {
+    super('lost', `message ${id}: session ${reason}${detail ? ` (${detail})` : ''}`, { id, reason, detail, unconfirmed });
+    this.name = 'LostError';
+  }
+}
+
+/** A request that got no response: `timed_out`, `session_lost` or `closed`. */
+export class RequestError extends KitestringError {
+  constructor(request, error) {
+    super(error, `request ${request}: ${error.replace('_', ' ')}`, { request });
+    this.name = 'RequestError';
+  }
+}
+
+/** A message from the server, in order, exactly once. */
+export class KitestringMessageEvent extends Event {
+  constructor(client, type) {
+    super(type);
+    this.client = client;
+    /** The decoded payload. */
+    this.data = undefined;
+    /** The room it was broadcast in, or null. */
+    this.room = null;
+    /** The server's id for it (bigint). */
+    this.id = 0n;
+    /** Its sequence number, or its offset in its room's stream (bigint). */
+    this.seq = 0n;
+    /** The sender's wall-clock timestamp in milliseconds, or null. */
+    this.timestamp = null;
+    /** Whether the server expects a response: answer with `respond`. */
+    this.request = false;
+  }
+
+  /** Answers this request. Resolves when the server has the response. */
+  respond(value) {
+    return this.client.respond(this, value);
+  }
+}
+
+/** An event carrying the fields of its JSON form (`statechange`, `presence`, `sessionlost`, ...). */
+export class KitestringEvent extends Event {
+  constructor(type, fields) {
+    super(type);
+    Object.assign(this, fields);
+  }
+}
+
+/** The page's clock and timers, replaceable (tests slow them down). */
+const pageClock = {
+  now: () => performance.now(),
+  setTimeout: (f, ms) => setTimeout(f, ms),
+  clearTimeout: (t) => clearTimeout(t),
+};
+
+const utf8 = new TextDecoder();
+// At least 16 digits in a row: a number that may not fit a double exactly.
+const LONG_DIGITS = /\d{16}/;
+
+function bigReviver(key, value, context) {
+  if (typeof value === 'number' && !Number.isSafeInteger(value) && Number.isInteger(value)
+      && context && /^-?\d+$/.test(context.source)) {
+    return BigInt(context.source);
+  }
+  return value;
+}
+
+function bigReplacer(key, value) {
+  return typeof value === 'bigint' ? JSON.rawJSON(value.toString()) : value;
+}
+
+/** JSON text for a value; bigints become JSON integers, exactly. */
+function toJson(value) {
+  try {
+    return JSON.stringify(value) ?? 'null';
+  } catch (e) {
+    if (e instanceof TypeError && typeof JSON.rawJSON === 'function') {
+      return JSON.stringify(value, bigReplacer) ?? 'null';
+    }
+    throw e;
+  }
+}
+
+/** A value from JSON text; integers beyond 2^53 - 1 become bigints. */
+function fromJson(text) {
+  return LONG_DIGITS.test(text) ? JSON.parse(text, bigReviver) : JSON.parse(text);
+}
+
+function randomSeed() {
+  const b = crypto.getRandomValues(new BigUint64Array(1));
+  return b[0];
+}
+
+/**
+ * Opens a session to `url` (`ws:`, `wss:`, or a path resolved against the
+ * page) and returns the client at once; connecting goes on in the
+ * background and is reported by events. Messages sent before the session
+ * opens are queued.
+ *
+ * @param {string} url
+ * @param {import('./kitestring.js').ConnectOptions} [options]
+ */
+export async function connect(url, options = {}) {
+  await init(options.wasm);
+  const client = new Client(url, options);
+  client._start();
+  return client;
+}
+
+/** A session with a Kitestring server. Events: see the type declarations. */
+export class Client extends EventTarget {
+  #m;
+  #url;
+  #opts;
+  #clock;
+  /** transport id -> WebSocket */
+  #sockets = new Map();
+  /** transports waiting for the token provider */
+  #pending = new Set();
+  #timer = null;
+  #timerAt = Infinity;
+  #deadline = Infinity;
+  #draining = false;
+  /** message id -> { resolve, reject } for `send`, `publish`, `join`, `leave`, `respond` */
+  #waiters = new Map();
+  /** request id -> { resolve, reject } */
+  #requests = new Map();
+  #closeWaiters = [];
+  #codec;
+  /** event type -> listener count, so that no event is built for nobody */
+  #listening = new Map();
+  #members = new Map();
+
+  constructor(url, options = {}) {
+    super();
+    const { wasm, clock, token, tokenParam, requestTimeout, ...config } = options;
+    this.#url = new URL(url, globalThis.location?.href);
+    if (this.#url.protocol === 'http:') this.#url.protocol = 'ws:';
+    if (this.#url.protocol === 'https:') this.#url.protocol = 'wss:';
+    this.#opts = { token, tokenParam: tokenParam ?? 'token', requestTimeout: requestTimeout ?? 30000 };
+    this.#clock = { ...pageClock, ...clock };
+    const id = crypto.getRandomValues(new Uint8Array(16));
+    this.#m = new Machine(JSON.stringify({ ...config, canRefreshToken: !!token }), id, randomSeed());
+    this.#codec = (config.codecs ?? ['msgpack', 'json'])[0];
+  }
+
+  /** @internal */
+  _start() {
+    this.#m.connect(this.#clock.now());
+    this.#drain();
+  }
+
+  // ---- what the page asks ------------------------------------------------
+
+  /** `disconnected`, `connecting`, `handshaking`, `open`, `reconnecting`, `closing`, `closed` or `failed`. */
+  get state() { return this.#m.state(); }
+  /** The session's id (32 hex digits), once one is open. */
+  get session() { return this.#m.session() ?? null; }
+  /** This client instance's id (32 hex digits). */
+  get clientId() { return this.#m.clientId(); }
+  /** The codec in use (`msgpack` or `json`), or the one preferred before a connection. */
+  get codec() { return this.#m.codec() ?? this.#codec; }
+  /** The latest heartbeat round trip in milliseconds, or null. */
+  get rtt() { const r = this.#m.rtt(); return r < 0 ? null : r; }
+  /** Messages waiting for the send window, and sent but not yet acknowledged. */
+  get queued() { return this.#m.queued(); }
+  get unacknowledged() { return this.#m.unacknowledged(); }
+  /** Whether a message sent now goes out at once (no queue ahead, room in the window). */
+  get hasRoom() { return this.#m.hasRoom(); }
+  /** The rooms this client asked to be in. */
+  get rooms() { return JSON.parse(this.#m.rooms()); }
+  /** The machine's counters. */
+  stats() { const s = JSON.parse(this.#m.stats()); delete s.type; return s; }
+  /** The members of a room as its presence events told them: client id -> member. */
+  members(room) { return new Map(this.#members.get(room) ?? []); }
+
+  // ---- sending -----------------------------------------------------------
+
+  /**
+   * Sends a value for exactly-once, in-order delivery. Returns a promise
+   * that resolves (with the message's id) when the server acknowledged it,
+   * and rejects with a `SendError` (not taken), `RefusedError` (the server
+   * would not accept it) or `LostError` (its session was lost or closed).
+   * The promise's `id` property is the message's id.
+   */
+  send(value, options) {
+    return this.#tracked(() => {
+      this.#stage(value, options?.binary);
+      return this.#m.send(this.#clock.now(), options?.timestamp ?? -1);
+    });
+  }
+
+  /** Like `send`, without a promise: returns the id (0 if not taken; see `send`'s errors as events). */
+  post(value, options) {
+    this.#stage(value, options?.binary);
+    const id = this.#m.send(this.#clock.now(), options?.timestamp ?? -1);
+    if (id === 0) throw this.#error();
+    this.#drain();
+    return id;
+  }
+
+  /** Sends bytes as they are (an opaque payload). */
+  sendBytes(bytes) {
+    return this.send(bytes, { binary: true });
+  }
+
+  /** Joins a room; resolves when the server has the join (its presence snapshot follows as a `presence` event). */
+  join(room) {
+    return this.#tracked(() => this.#m.join(this.#clock.now(), room));
+  }
+
+  /** Leaves a room. */
+  leave(room) {
+    this.#members.delete(room);
+    return this.#tracked(() => this.#m.leave(this.#clock.now(), room));
+  }
+
+  /** Publishes a value to every other member of a room this client joined. */
+  publish(room, value, options) {
+    return this.#tracked(() => {
+      this.#stage(value, options?.binary);
+      return this.#m.publish(this.#clock.now(), room);
+    });
+  }
+
+  /**
+   * Sends a request; resolves with the response's value (rejects with a
+   * `RequestError`, `SendError` or `RefusedError`). `options.timeout` in
+   * milliseconds (default `requestTimeout`, 30 s). The promise's `id` is
+   * the request's id; pass it to `cancelRequest`.
+   */
+  request(value, options) {
+    let id = 0;
+    const p = new Promise((resolve, reject) => {
+      try {
+        this.#stage(value, options?.binary);
+        id = this.#m.request(this.#clock.now(), options?.timeout ?? this.#opts.requestTimeout);
+        if (id === 0) { reject(this.#error()); return; }
+        this.#requests.set(id, { resolve, reject });
+      } catch (e) {
+        reject(e);
+      }
+    });
+    p.id = id;
+    this.#drain();
+    return p;
+  }
+
+  /** Stops waiting for a request; its promise rejects with `cancelled`. */
+  cancelRequest(id) {
+    const pending = this.#m.cancelRequest(this.#clock.now(), id);
+    const w = this.#requests.get(id);
+    if (w) {
+      this.#requests.delete(id);
+      w.reject(new RequestError(id, 'cancelled'));
+    }
+    this.#drain();
+    return pending;
+  }
+
+  /** Answers a server's request (the message event, or its id). */
+  respond(request, value, options) {
+    const id = typeof request === 'object' ? request.id : BigInt(request);
+    return this.#tracked(() => {
+      this.#stage(value, options?.binary);
+      return this.#m.respond(this.#clock.now(), id);
+    });
+  }
+
+  /**
+   * Sends the latest value for `key` (a cursor, a position): at most one
+   * message per key per coalescing interval (60 a second by default), the
+   * newest value replacing any that waited, and the last one always sent.
+   * Throws a `SendError` if it cannot be taken.
+   */
+  sendLatest(key, value, options) {
+    this.#stage(value, options?.binary);
+    const ok = this.#m.sendLatest(this.#clock.now(), key);
+    if (!ok) throw this.#error();
+    this.#drain();
+  }
+
+  /**
+   * Sends bytes as a datagram: no ordering, no acknowledgment, lost if the
+   * connection drops. Only while open; throws a `SendError` otherwise.
+   */
+  sendDatagram(bytes) {
+    const ok = this.#m.sendDatagram(this.#clock.now(), bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes));
+    if (!ok) throw this.#error();
+    this.#drain();
+  }
+
+  /** Connects again now (skipping a backoff delay, or starting again after `failed`). */
+  reconnect() {
+    this.#m.reconnect(this.#clock.now());
+    this.#drain();
+  }
+
+  /**
+   * Ends the session (close 1000). Unacknowledged messages are reported in
+   * a `sessionlost` event and their promises reject. Resolves once closed.
+   */
+  close() {
+    const p = new Promise((resolve) => {
+      if (this.state === 'closed') { resolve(); return; }
+      this.#closeWaiters.push(resolve);
+    });
+    if (!this.#m.close(this.#clock.now())) this.#settleClose();
+    this.#drain();
+    return p;
+  }
+
+  /** Like addEventListener; returns a function that removes the listener. */
+  on(type, listener) {
+    this.addEventListener(type, listener);
+    return () => this.removeEventListener(type, listener);
+  }
+
+  addEventListener(type, listener, options) {
+    super.addEventListener(type, listener, options);
+    this.#listening.set(type, (this.#listening.get(type) ?? 0) + 1);
+  }
+
+  removeEventListener(type, listener, options) {
+    super.removeEventListener(type, listener, options);
+    const n = (this.#listening.get(type) ?? 1) - 1;
+    if (n > 0) this.#listening.set(type, n); else this.#listening.delete(type);
+  }
+
+  // ---- the driver ----------------------------------------------------------
+
+  #stage(value, binary) {
+    let ok;
+    if (binary) {
+      ok = this.#m.stageBytes(2, value instanceof Uint8Array ? value : new Uint8Array(value));
+    } else if (this.codec === 'json') {
+      ok = this.#m.stageJson(toJson(value));
+    } else {
+      ok = this.#m.stageBytes(1, msgpack.encode(value));
+    }
+    if (!ok) throw this.#error();
+  }
+
+  #error() {
+    const e = JSON.parse(this.#m.lastError());
+    return new SendError(e);
+  }
+
+  /** Runs a command that returns an id; the promise settles when the id is acknowledged. */
+  #tracked(command) {
+    let id = 0;
+    const p = new Promise((resolve, reject) => {
+      try {
+        id = command();
+      } catch (e) {
+        reject(e);
+        return;
+      }
+      if (id === 0) reject(this.#error());
+      else this.#waiters.set(id, { resolve, reject });
+    });
+    p.id = id;
+    this.#drain();
+    return p;
+  }
+
+  #wants(type) {
+    return this.#listening.has(type);
+  }
+
+  #emit(type, fields) {
+    if (this.#wants(type)) this.#dispatch(new KitestringEvent(type, fields));
+  }
+
+  #dispatch(event) {
+    try {
+      this.dispatchEvent(event);
+    } catch (e) {
+      // A listener's exception is the page's, not the driver's.
+      globalThis.reportError?.(e);
+    }
+  }
+
+  /** Carries out every output of the machine, in order, then arms the timer. */
+  #drain() {
+    if (this.#draining) return;
+    this.#draining = true;
+    const m = this.#m;
+    try {
+      for (let kind = m.poll(); kind !== NONE; kind = m.poll()) {
+        switch (kind) {
+          case TEXT: this.#write(m.transport(), m.textOut()); break;
+          case BINARY: this.#write(m.transport(), m.bytesOut()); break;
+          case MESSAGE: this.#message(m); break;
+          case ACKED: this.#acked(m.first(), m.last()); break;
+          case RESPONSE: this.#response(m); break;
+          case DATAGRAM:
+            if (this.#wants('datagram')) {
+              this.#dispatch(new KitestringEvent('datagram', { data: m.payloadBytes() }));
+            }
+            break;
+          case CONNECT: this.#open(m.transport()); break;
+          case DISCONNECT: this.#close(m.transport(), m.code(), m.reason()); break;
+          case EVENT: this.#event(JSON.parse(m.eventJson())); break;
+          default: break;
+        }
+      }
+    } finally {
+      this.#draining = false;
+    }
+    this.#arm();
+  }
+
+  #arm() {
+    const d = this.#m.deadline();
+    this.#deadline = d < 0 ? Infinity : d;
+    // A timer already armed for this deadline or an earlier one will do:
+    // when it fires, the next one is armed.
+    if (this.#timer !== null && this.#timerAt <= this.#deadline) return;
+    if (this.#timer !== null) this.#clock.clearTimeout(this.#timer);
+    this.#timer = null;
+    this.#timerAt = Infinity;
+    if (d < 0) return;
+    this.#timerAt = d;
+    this.#timer = this.#clock.setTimeout(() => {
+      this.#timer = null;
+      this.#timerAt = Infinity;
+      this.#m.timeout(this.#clock.now());
+      this.#drain();
+    }, Math.max(0, d - this.#clock.now()));
+  }
+
+  /** After an input: timers a throttled page held back run now. */
+  #overdue(now) {
+    if (now >= this.#deadline) this.#m.timeout(now);
+  }
+
+  #open(tid) {
+    // The hello travels in the URL (a page can set no request header and
+    // read no response header): the server answers with its first frame.
+    const hello = this.#m.urlHello(tid);
+    const provider = this.#opts.token;
+    if (!provider) {
+      this.#socket(tid, hello, null);
+      return;
+    }
+    // A fresh credential before every attempt (a short-lived ticket).
+    this.#pending.add(tid);
+    Promise.resolve()
+      .then(() => provider())
+      .then(
+        (token) => {
+          if (!this.#pending.delete(tid)) return; // abandoned meanwhile
+          this.#socket(tid, hello, token ?? null);
+        },
+        (e) => {
+          if (!this.#pending.delete(tid)) return;
+          this.#m.failed(this.#clock.now(), tid, `token provider: ${e?.message ?? e}`);
+          this.#drain();
+        },
+      );
+  }
+
+  #socket(tid, hello, token) {
+    const url = new URL(this.#url);
+    if (hello !== undefined) url.searchParams.set('kitestring-hello', hello);
+    if (token !== null) url.searchParams.set(this.#opts.tokenParam, token);
+    let ws;
+    try {
+      ws = new WebSocket(url.href);
+    } catch (e) {
+      queueMicrotask(() => {
+        this.#m.failed(this.#clock.now(), tid, String(e?.message ?? e));
+        this.#drain();
+      });
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    this.#sockets.set(tid, ws);
+    ws.onopen = () => {
+      this.#m.opened(this.#clock.now(), tid);
+      this.#drain();
+    };
+    ws.onmessage = (e) => {
+      const now = this.#clock.now();
+      const data = e.data;
+      if (typeof data === 'string') this.#m.text(now, tid, data);
+      else this.#m.binary(now, tid, new Uint8Array(data));
+      this.#overdue(now);
+      this.#drain();
+    };
+    ws.onclose = (e) => {
+      if (this.#sockets.get(tid) === ws) this.#sockets.delete(tid);
+      this.#m.closed(this.#clock.now(), tid, e.code, e.reason, e.wasClean);
+      this.#drain();
+    };
+  }
+
+  #write(tid, data) {
+    const ws = this.#sockets.get(tid);
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(data);
+  }
+
+  #close(tid, code, reason) {
+    const ws = this.#sockets.get(tid);
+    this.#pending.delete(tid);
+    if (!ws) {
+      // Never opened: its close is done.
+      queueMicrotask(() => {
+        this.#m.closed(this.#clock.now(), tid, code, '', true);
+        this.#drain();
+      });
+      return;
+    }
+    ws.onmessage = null;
+    try {
+      ws.close(code, reason);
+    } catch {
+      ws.close();
+    }
+  }
+
+  #message(m) {
+    const kind = m.payloadKind();
+    const wanted = this.#wants('message');
+    if (!wanted) return;
+    const e = new KitestringMessageEvent(this, 'message');
+    e.data = kind === 0 ? fromJson(m.payloadText()) : kind === 1 ? msgpack.decode(m.payloadBytes()) : m.payloadBytes();
+    e.room = m.room() ?? null;
+    e.id = m.messageId();
+    e.seq = m.seq();
+    const ts = m.timestamp();
+    e.timestamp = ts < 0 ? null : ts;
+    e.request = m.isRequest();
+    this.#dispatch(e);
+  }
+
+  #response(m) {
+    const id = m.requestId();
+    const w = this.#requests.get(id);
+    if (!w) return;
+    this.#requests.delete(id);
+    const kind = m.payloadKind();
+    try {
+      w.resolve(kind === 0 ? fromJson(m.payloadText()) : kind === 1 ? msgpack.decode(m.payloadBytes()) : m.payloadBytes());
+    } catch (e) {
+      w.reject(e);
+    }
+  }
+
+  #acked(first, last) {
+    const waiters = this.#waiters;
+    if (waiters.size > 0) {
+      for (let id = first; id <= last; id++) {
+        const w = waiters.get(id);
+        if (w) {
+          waiters.delete(id);
+          w.resolve(id);
+        }
+      }
+    }
+    this.#emit('acked', { first, last });
+  }
+
+  #reject(id, error) {
+    const w = this.#waiters.get(id);
+    if (w) {
+      this.#waiters.delete(id);
+      w.reject(error);
+    }
+  }
+
+  #event(e) {
+    const type = e.type;
+    delete e.type;
+    switch (type) {
+      case 'statechange':
+        if (e.state === 'closed' || e.state === 'failed') {
+          for (const id of [...this.#waiters.keys()]) this.#reject(id, new LostError(id, 'closed', null, true));
+          for (const [id, w] of this.#requests) w.reject(new RequestError(id, 'closed'));
+          this.#requests.clear();
+          this.#settleClose();
+        }
+        break;
+      case 'connected':
+        this.#emit('open', e);
+        return;
+      case 'presence':
+        this.#presence(e);
+        break;
+      case 'refused':
+        if (e.id !== null) this.#reject(e.id, new RefusedError(e));
+        break;
+      case 'sessionlost':
+        for (const id of e.unconfirmed) this.#reject(id, new LostError(id, e.reason, e.detail, true));
+        for (const id of e.unsent) this.#reject(id, new LostError(id, e.reason, e.detail, false));
+        break;
+      case 'requestfailed': {
+        const w = this.#requests.get(e.request);
+        if (w) {
+          this.#requests.delete(e.request);
+          w.reject(new RequestError(e.request, e.error));
+        }
+        break;
+      }
+      case 'sendfailed':
+        this.#reject(e.id, new SendError(e.error));
+        break;
+      case 'missed':
+        e.from = BigInt(e.from);
+        if (e.to !== null) e.to = BigInt(e.to);
+        break;
+      case 'tokenexpiring':
+        this.#refreshToken();
+        break;
+      default:
+        break;
+    }
+    this.#emit(type, e);
+  }
+
+  #presence(e) {
+    let members = this.#members.get(e.room);
+    if (e.snapshot || !members) {
+      members = new Map();
+      this.#members.set(e.room, members);
+    }
+    for (const m of e.left) members.delete(m.client);
+    for (const m of e.joined) members.set(m.client, m);
+  }
+
+  #refreshToken() {
+    const provider = this.#opts.token;
+    if (!provider) return;
+    Promise.resolve()
+      .then(() => provider())
+      .then((token) => {
+        if (typeof token === 'string') {
+          this.#m.sendToken(this.#clock.now(), token);
+          this.#drain();
+        }
+      })
+      .catch((e) => globalThis.reportError?.(e));
+  }
+
+  #settleClose() {
+    const waiters = this.#closeWaiters;
+    this.#closeWaiters = [];
+    for (const resolve of waiters) resolve();
+  }
+}
+
+export { msgpack };

@@ -1,0 +1,492 @@
+//! Kitestring in the browser: the core's client machine
+//! ([`kitestring_core::client::Client`]), compiled to WebAssembly, for the
+//! JavaScript driver in `js/` to drive.
+//!
+//! The split is the one every Kitestring driver has. This crate owns the
+//! protocol: it is a thin binding of the same machine the conformance suite
+//! proves, and adds nothing to its decisions. The JavaScript driver owns
+//! what the page owns: the `WebSocket`, the clock (`performance.now()`),
+//! timers, random bytes (`crypto.getRandomValues`), the page's lifecycle and
+//! the application's values; it moves bytes, time and events across and
+//! decides nothing about the protocol. The machine never reads a clock:
+//! every call takes `now`, milliseconds on the driver's monotonic clock.
+//!
+//! # The loop the driver runs
+//!
+//! ```text
+//! machine = new Machine(optionsJson, clientId, seed)
+//! machine.connect(now)
+//! after every input or command:
+//!     while ((kind = machine.poll()) !== NONE)   // outputs, in order
+//!         read the current output with the accessors, carry it out
+//!     arm one timer for machine.deadline(); when it fires: machine.timeout(now)
+//! ```
+//!
+//! Outputs come one at a time: [`Machine::poll`] makes the next one current
+//! and says its kind ([`kinds`]); accessors read it. The messages and
+//! acknowledgments that make up the traffic are read field by field, which
+//! costs no allocation on the JavaScript side; every other event (state
+//! changes, presence, losses, refusals) comes as one JSON text
+//! ([`Machine::event_json`]), read once.
+//!
+//! # Numbers
+//!
+//! Numbers the machine assigns on this side (message ids, transport ids)
+//! start at 1 and count up; they cross as JavaScript numbers, exact below
+//! 2^53, which a page cannot reach (a million sends a second for 285
+//! years). Numbers the server assigns (its message ids, room stream
+//! offsets) cross as `bigint`s (`u64`), so none loses precision.
+//!
+//! # Files
+//!
+//! * `lib.rs`: [`Machine`]: construction, inputs, commands, outputs.
+//! * `output.rs`: the current output, its accessors and the JSON form of
+//!   the rarer events.
+//! * `options.rs`: the page's options as the core's `ClientConfig`.
+
+mod options;
+mod output;
+
+use bytes::Bytes;
+use kitestring_core::client::{Client, TransportError, TransportId};
+use kitestring_core::close::CloseCode;
+use kitestring_core::reliable::{MessageId, SendError};
+use kitestring_core::wire::{ClientId, Incoming, Payload};
+use kitestring_core::Instant;
+use wasm_bindgen::prelude::*;
+
+pub use output::kinds;
+use output::Current;
+
+/// The core's client machine, with the state of one output being read.
+///
+/// Every method is one of the core's four kinds: a getter, an input
+/// (`opened`, `text`, `binary`, `closed`, `failed`, `timeout`), a command
+/// (`connect`, `send`, `join`, ...), or an output (`poll`, `deadline`).
+/// After an input or a command, drain `poll` until it returns
+/// [`kinds::NONE`], then arm a timer for `deadline`.
+#[wasm_bindgen]
+pub struct Machine {
+    client: Client,
+    client_id: ClientId,
+    current: Current,
+    /// The payload the next command sends (`stageJson`, `stageBytes`).
+    staged: Option<Payload>,
+    /// Why the last command that returned 0 (or `false`) failed, as JSON.
+    last_error: String,
+}
+
+/// Milliseconds on the driver's clock as the core's instant. The clock
+/// starts near 0 (`performance.now()`); anything not a number counts as 0,
+/// and the machine treats an instant earlier than one it saw as that one.
+fn instant(now_ms: f64) -> Instant {
+    if now_ms.is_finite() && now_ms > 0.0 {
+        // Saturates at about 584 years, far beyond any page.
+        Instant::from_nanos((now_ms * 1e6) as u64)
+    } else {
+        Instant::ZERO
+    }
+}
+
+fn ms(at: Instant) -> f64 {
+    at.as_nanos() as f64 / 1e6
+}
+
+#[wasm_bindgen]
+impl Machine {
+    /// A machine in the `disconnected` state. `options` is the page's
+    /// options as JSON (camelCase, durations in milliseconds; `"{}"` for
+    /// the defaults), `client_id` 16 random bytes, `seed` a random number
+    /// for the backoff's jitter.
+    #[wasm_bindgen(constructor)]
+    pub fn new(options: &str, client_id: &[u8], seed: u64) -> Result<Machine, JsError> {
+        let id: [u8; 16] = client_id
+            .try_into()
+            .map_err(|_| JsError::new("the client id must be 16 bytes"))?;
+        let config = options::Options::parse(options)
+            .and_then(|o| o.config())
+            .map_err(|e| JsError::new(&e))?;
+        let client =
+            Client::new(config, ClientId(id), seed).map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(Machine {
+            client,
+            client_id: ClientId(id),
+            current: Current::None,
+            staged: None,
+            last_error: String::new(),
+        })
+    }
+
+    // ---- getters ------------------------------------------------------------
+
+    /// The state's name: `disconnected`, `connecting`, `handshaking`,
+    /// `open`, `reconnecting`, `closing`, `closed` or `failed`.
+    pub fn state(&self) -> String {
+        self.client.state().name().to_owned()
+    }
+
+    /// The current session, as 32 hex digits, once a `welcome` named one.
+    pub fn session(&self) -> Option<String> {
+        self.client.session().map(|s| s.to_hex())
+    }
+
+    /// This client instance's id, as 32 hex digits.
+    #[wasm_bindgen(js_name = clientId)]
+    pub fn client_id(&self) -> String {
+        self.client_id.to_hex()
+    }
+
+    /// The codec of the open connection (`json`, `msgpack`), if any.
+    pub fn codec(&self) -> Option<String> {
+        self.client.codec().map(|c| c.name().to_owned())
+    }
+
+    /// The latest round-trip time in milliseconds, or -1 before the first.
+    pub fn rtt(&self) -> f64 {
+        self.client.rtt().map_or(-1.0, |d| d.as_secs_f64() * 1000.0)
+    }
+
+    /// Whether a message sent now would go straight into the send window.
+    #[wasm_bindgen(js_name = hasRoom)]
+    pub fn has_room(&self) -> bool {
+        self.client.has_room()
+    }
+
+    /// Messages waiting for the window (offline, or the window is full).
+    pub fn queued(&self) -> u32 {
+        self.client.queued().0 as u32
+    }
+
+    /// Messages sent and not yet acknowledged.
+    pub fn unacknowledged(&self) -> u32 {
+        self.client.unacknowledged().0 as u32
+    }
+
+    /// Requests waiting for a response.
+    #[wasm_bindgen(js_name = pendingRequests)]
+    pub fn pending_requests(&self) -> u32 {
+        self.client.pending_requests() as u32
+    }
+
+    /// The machine's counters, as JSON.
+    pub fn stats(&self) -> String {
+        output::stats_json(self.client.stats())
+    }
+
+    /// Why the last command that answered 0 or `false` failed, as JSON
+    /// (`{"error":"queue_full",...}`).
+    #[wasm_bindgen(js_name = lastError)]
+    pub fn last_error(&self) -> String {
+        self.last_error.clone()
+    }
+
+    // ---- inputs -------------------------------------------------------------
+
+    /// The `WebSocket` of `transport` fired `open`.
+    pub fn opened(&mut self, now: f64, transport: f64) {
+        self.client
+            .handle_transport_opened(instant(now), TransportId(transport as u64));
+    }
+
+    /// A text message arrived on `transport`.
+    pub fn text(&mut self, now: f64, transport: f64, text: &str) {
+        self.client.handle_message(
+            instant(now),
+            TransportId(transport as u64),
+            Incoming::Text(text),
+        );
+    }
+
+    /// A binary message arrived on `transport`. The bytes are the
+    /// machine's from now on: large payloads are kept as slices of them.
+    pub fn binary(&mut self, now: f64, transport: f64, data: Vec<u8>) {
+        let data = Bytes::from(data);
+        self.client.handle_message(
+            instant(now),
+            TransportId(transport as u64),
+            Incoming::SharedBinary(&data),
+        );
+    }
+
+    /// The `WebSocket` of `transport` fired `close`. `clean` is the event's
+    /// `wasClean`: a close without a close frame (the browser reports 1006)
+    /// is reported to the machine as such.
+    pub fn closed(&mut self, now: f64, transport: f64, code: u16, reason: &str, clean: bool) {
+        let code = (clean && code != CloseCode::ABNORMAL.0).then_some(CloseCode(code));
+        self.client.handle_transport_closed(
+            instant(now),
+            TransportId(transport as u64),
+            code,
+            reason,
+        );
+    }
+
+    /// Opening `transport` failed before it could open (the `WebSocket`
+    /// constructor threw, or a credential could not be had).
+    pub fn failed(&mut self, now: f64, transport: f64, error: &str) {
+        self.client.handle_transport_error(
+            instant(now),
+            TransportId(transport as u64),
+            TransportError::Io(error.to_owned()),
+        );
+    }
+
+    /// The `hello` to put in the URL of `transport`'s request (the query
+    /// parameter `kitestring-hello`, percent-encoded), asked right after a
+    /// `CONNECT`: the server then answers as its first frame (PROTOCOL.md,
+    /// section 4.2), and no `hello` frame is sent. `undefined`: open the
+    /// socket without it (a server once left it unanswered); the `hello`
+    /// then goes as the first frame.
+    #[wasm_bindgen(js_name = urlHello)]
+    pub fn url_hello(&mut self, transport: f64) -> Option<String> {
+        self.client.url_hello(TransportId(transport as u64))
+    }
+
+    /// Time passed: call at or after [`deadline`](Self::deadline), and
+    /// whenever the page had a chance to run (a message arrived, the page
+    /// became visible): timers a hidden page's throttling held back run
+    /// then.
+    pub fn timeout(&mut self, now: f64) {
+        self.client.handle_timeout(instant(now));
+    }
+
+    // ---- outputs ------------------------------------------------------------
+
+    /// Makes the next output current and returns its kind ([`kinds`]);
+    /// [`kinds::NONE`] when there is nothing left to do.
+    pub fn poll(&mut self) -> u32 {
+        self.current = Current::from(self.client.poll_output());
+        self.current.kind()
+    }
+
+    /// When [`timeout`](Self::timeout) must be called next, in milliseconds
+    /// on the driver's clock; -1 when no timer is armed.
+    pub fn deadline(&self) -> f64 {
+        self.client.poll_timeout().map_or(-1.0, |d| ms(d.at))
+    }
+
+    /// Which timer [`deadline`](Self::deadline) is for, for traces.
+    #[wasm_bindgen(js_name = deadlineTimer)]
+    pub fn deadline_timer(&self) -> String {
+        self.client
+            .poll_timeout()
+            .map_or_else(String::new, |d| format!("{:?}", d.timer))
+    }
+
+    // ---- commands -----------------------------------------------------------
+
+    /// Starts connecting (from `disconnected`, `closed` or `failed`).
+    pub fn connect(&mut self, now: f64) -> bool {
+        let r = self.client.connect(instant(now));
+        self.usage(r)
+    }
+
+    /// Connects again now: skips the rest of a backoff delay, starts again
+    /// from `failed`, or replaces a live connection.
+    pub fn reconnect(&mut self, now: f64) -> bool {
+        let r = self.client.reconnect(instant(now));
+        self.usage(r)
+    }
+
+    /// Ends the session (1000). Unacknowledged messages are reported lost.
+    pub fn close(&mut self, now: f64) -> bool {
+        let r = self.client.close(instant(now));
+        self.usage(r)
+    }
+
+    /// Takes the payload of the next `send`, `publish`, `request`,
+    /// `respond` or `sendLatest`: JSON text. Returns whether it is one
+    /// JSON value (else see [`last_error`](Self::last_error)).
+    #[wasm_bindgen(js_name = stageJson)]
+    pub fn stage_json(&mut self, text: String) -> bool {
+        let r = Payload::json(text.into_bytes()).map_err(|e| Refused::Payload(e.to_string()));
+        self.stage(r)
+    }
+
+    /// Takes the payload of the next command, as bytes: `kind` 1 for one
+    /// MessagePack value, 2 for opaque bytes. Returns whether it is valid.
+    #[wasm_bindgen(js_name = stageBytes)]
+    pub fn stage_bytes(&mut self, kind: u8, data: Vec<u8>) -> bool {
+        let r = match kind {
+            1 => Payload::msgpack(data).map_err(|e| Refused::Payload(e.to_string())),
+            2 => Ok(Payload::binary(data)),
+            other => Err(Refused::Payload(format!("unknown payload kind {other}"))),
+        };
+        self.stage(r)
+    }
+
+    /// Queues the staged payload for exactly-once delivery; `ts` is a
+    /// wall-clock timestamp in milliseconds to carry along, or negative for
+    /// none. Returns the message's id, or 0 (see
+    /// [`last_error`](Self::last_error)).
+    pub fn send(&mut self, now: f64, ts: f64) -> f64 {
+        let now = instant(now);
+        let r = self.staged().and_then(|p| {
+            if ts >= 0.0 && ts.is_finite() {
+                self.client.send_with_timestamp(now, p, ts as u64)
+            } else {
+                self.client.send(now, p)
+            }
+            .map_err(Refused::Send)
+        });
+        self.id(r)
+    }
+
+    /// Publishes the staged payload to a room this client joined. Returns
+    /// the message's id, or 0.
+    pub fn publish(&mut self, now: f64, room: &str) -> f64 {
+        let r = self.staged().and_then(|p| {
+            self.client
+                .publish(instant(now), room, p)
+                .map_err(Refused::Send)
+        });
+        self.id(r)
+    }
+
+    /// Joins a room. Returns the join's id, or 0.
+    pub fn join(&mut self, now: f64, room: &str) -> f64 {
+        let r = self.client.join(instant(now), room).map_err(Refused::Send);
+        self.id(r)
+    }
+
+    /// Leaves a room. Returns the leave's id, or 0.
+    pub fn leave(&mut self, now: f64, room: &str) -> f64 {
+        let r = self.client.leave(instant(now), room).map_err(Refused::Send);
+        self.id(r)
+    }
+
+    /// The rooms this client asked to be in, as a JSON array.
+    pub fn rooms(&self) -> String {
+        serde_json::to_string(&self.client.rooms().collect::<Vec<_>>()).unwrap_or_default()
+    }
+
+    /// Sends the staged payload as a request the server answers; it fails
+    /// after `timeout_ms`. Returns its id, or 0.
+    pub fn request(&mut self, now: f64, timeout_ms: f64) -> f64 {
+        let timeout = core::time::Duration::from_secs_f64(timeout_ms.max(0.0) / 1000.0);
+        let r = self.staged().and_then(|p| {
+            self.client
+                .request(instant(now), p, timeout)
+                .map_err(Refused::Send)
+        });
+        self.id(r)
+    }
+
+    /// Stops waiting for a request's response; whether it was pending.
+    #[wasm_bindgen(js_name = cancelRequest)]
+    pub fn cancel_request(&mut self, now: f64, request: f64) -> bool {
+        self.client
+            .cancel_request(instant(now), MessageId(request as u64))
+    }
+
+    /// Answers the server's request `request` (its id, from a message
+    /// with `isRequest`) with the staged payload. Returns the response's
+    /// id, or 0.
+    pub fn respond(&mut self, now: f64, request: u64) -> f64 {
+        let r = self.staged().and_then(|p| {
+            self.client
+                .respond(instant(now), MessageId(request), p)
+                .map_err(Refused::Send)
+        });
+        self.id(r)
+    }
+
+    /// Sends the staged payload as the latest value for `key`: at most one
+    /// message per key per coalescing interval, the newest value winning.
+    /// Returns whether it was taken.
+    #[wasm_bindgen(js_name = sendLatest)]
+    pub fn send_latest(&mut self, now: f64, key: &str) -> bool {
+        let r = self.staged().and_then(|p| {
+            self.client
+                .send_latest(instant(now), key, p)
+                .map_err(Refused::Send)
+        });
+        self.done(r)
+    }
+
+    /// Sends an unsequenced datagram on the open connection. Returns
+    /// whether it was taken.
+    #[wasm_bindgen(js_name = sendDatagram)]
+    pub fn send_datagram(&mut self, now: f64, data: Vec<u8>) -> bool {
+        let r = self
+            .client
+            .send_datagram(instant(now), Bytes::from(data))
+            .map_err(Refused::Send);
+        self.done(r)
+    }
+
+    /// Sends a fresh credential, answering a `tokenexpiring` event.
+    #[wasm_bindgen(js_name = sendToken)]
+    pub fn send_token(&mut self, now: f64, token: String) -> bool {
+        let r = self
+            .client
+            .send_token(instant(now), token)
+            .map_err(Refused::Send);
+        self.done(r)
+    }
+}
+
+/// Why a command failed.
+enum Refused {
+    Payload(String),
+    Send(SendError),
+}
+
+impl Machine {
+    fn stage(&mut self, r: Result<Payload, Refused>) -> bool {
+        match r {
+            Ok(p) => {
+                self.staged = Some(p);
+                true
+            }
+            Err(e) => {
+                self.staged = None;
+                self.last_error = refused_json(&e);
+                false
+            }
+        }
+    }
+
+    fn staged(&mut self) -> Result<Payload, Refused> {
+        self.staged
+            .take()
+            .ok_or_else(|| Refused::Payload("no payload staged".into()))
+    }
+
+    fn usage(&mut self, r: Result<(), kitestring_core::client::UsageError>) -> bool {
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                self.last_error = output::error_json("usage", &e.to_string(), &[]);
+                false
+            }
+        }
+    }
+
+    fn id(&mut self, r: Result<MessageId, Refused>) -> f64 {
+        match r {
+            Ok(id) => id.0 as f64,
+            Err(e) => {
+                self.last_error = refused_json(&e);
+                0.0
+            }
+        }
+    }
+
+    fn done(&mut self, r: Result<(), Refused>) -> bool {
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                self.last_error = refused_json(&e);
+                false
+            }
+        }
+    }
+}
+
+fn refused_json(e: &Refused) -> String {
+    match e {
+        Refused::Payload(why) => output::error_json("payload", why, &[]),
+        Refused::Send(e) => output::send_error_json(e),
+    }
+}

@@ -1,0 +1,305 @@
+//! The page's options as the core's [`ClientConfig`].
+//!
+//! Owns the translation of the JSON the JavaScript package hands over
+//! (camelCase names, durations in milliseconds) into the core's settings,
+//! starting from the core's defaults, so a page that sets nothing gets what
+//! every Rust client gets. It never validates beyond what the JSON's shape
+//! requires: `ClientConfig::validate` (run by `Client::new`) says what cannot
+//! work. Settings that only make sense for a driver with sockets of its own
+//! (the `hello` in an upgrade header, TLS) are not offered.
+
+use core::time::Duration;
+
+use kitestring_core::backoff::Jitter;
+use kitestring_core::config::{BatchConfig, ClientConfig, OverflowPolicy};
+use kitestring_core::wire::Codec;
+use serde::Deserialize;
+
+/// The page's options, every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct Options {
+    codecs: Option<Vec<String>>,
+    heartbeat: Option<Heartbeat>,
+    backoff: Option<Backoff>,
+    connect_timeout: Option<f64>,
+    stability_window: Option<f64>,
+    try_later_delay: Option<f64>,
+    max_retry_after: Option<f64>,
+    close_timeout: Option<f64>,
+    queue: Option<Queue>,
+    reliability: Option<Reliability>,
+    max_message_size: Option<usize>,
+    max_decode_failures: Option<u32>,
+    capabilities: Option<Vec<String>>,
+    room_streams: Option<bool>,
+    /// `false` or absent: no batching; `true`: the defaults; an object:
+    /// its settings.
+    batch: Option<BatchOption>,
+    coalesce_interval: Option<f64>,
+    coalesce_keys: Option<usize>,
+    max_pending_requests: Option<usize>,
+    can_refresh_token: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Heartbeat {
+    interval: Option<f64>,
+    timeout: Option<f64>,
+    grace: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Backoff {
+    base: Option<f64>,
+    factor: Option<u32>,
+    max: Option<f64>,
+    /// `"none"`, `"full"`, or a fraction (0.5: 0 to 50 % on top).
+    jitter: Option<serde_json::Value>,
+    /// `null` retries for ever.
+    #[serde(default, deserialize_with = "some_or_null")]
+    max_attempts: Option<Option<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Queue {
+    max_messages: Option<usize>,
+    max_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Reliability {
+    window_messages: Option<usize>,
+    window_bytes: Option<usize>,
+    ack_delay: Option<f64>,
+    ack_every: Option<u32>,
+    ack_timeout: Option<f64>,
+    /// `"refuse"` or `"failSession"`.
+    overflow: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum BatchOption {
+    On(bool),
+    With(Batch),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Batch {
+    window: Option<f64>,
+    max_messages: Option<usize>,
+    max_bytes: Option<usize>,
+}
+
+/// Distinguishes an absent field (`None`) from an explicit `null`
+/// (`Some(None)`).
+fn some_or_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Milliseconds as a duration; negative, NaN and infinite values are an
+/// error rather than a surprise.
+fn ms(name: &str, value: f64) -> Result<Duration, String> {
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!(
+            "`{name}` must be a finite number of milliseconds ≥ 0"
+        ));
+    }
+    Ok(Duration::from_secs_f64(value / 1000.0))
+}
+
+impl Options {
+    /// Parses the page's options (`"{}"` or `""` for the defaults).
+    pub(crate) fn parse(json: &str) -> Result<Options, String> {
+        if json.trim().is_empty() {
+            return Ok(Options::default());
+        }
+        serde_json::from_str(json).map_err(|e| format!("options: {e}"))
+    }
+
+    /// The core's settings: its defaults, with what the page set.
+    pub(crate) fn config(&self) -> Result<ClientConfig, String> {
+        let mut c = ClientConfig {
+            // A page cannot set request headers or read the response's.
+            hello_in_upgrade: false,
+            ..ClientConfig::default()
+        };
+        if let Some(codecs) = &self.codecs {
+            c.codecs = codecs
+                .iter()
+                .map(|n| Codec::from_name(n).ok_or_else(|| format!("unknown codec `{n}`")))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(h) = &self.heartbeat {
+            set_ms(&mut c.heartbeat.interval, "heartbeat.interval", h.interval)?;
+            set_ms(&mut c.heartbeat.timeout, "heartbeat.timeout", h.timeout)?;
+            set_ms(&mut c.heartbeat.grace, "heartbeat.grace", h.grace)?;
+        }
+        if let Some(b) = &self.backoff {
+            set_ms(&mut c.backoff.base, "backoff.base", b.base)?;
+            set_ms(&mut c.backoff.max, "backoff.max", b.max)?;
+            if let Some(f) = b.factor {
+                c.backoff.factor = f;
+            }
+            if let Some(j) = &b.jitter {
+                c.backoff.jitter = match j {
+                    serde_json::Value::String(s) if s == "none" => Jitter::None,
+                    serde_json::Value::String(s) if s == "full" => Jitter::Full,
+                    serde_json::Value::Number(n) => Jitter::Proportional(n.as_f64().unwrap_or(0.5)),
+                    other => {
+                        return Err(format!(
+                            "backoff.jitter: {other} is not \"none\", \"full\" or a fraction"
+                        ))
+                    }
+                };
+            }
+            if let Some(m) = b.max_attempts {
+                c.backoff.max_attempts = m;
+            }
+        }
+        set_ms(
+            &mut c.connect_timeout,
+            "connectTimeout",
+            self.connect_timeout,
+        )?;
+        set_ms(
+            &mut c.stability_window,
+            "stabilityWindow",
+            self.stability_window,
+        )?;
+        set_ms(
+            &mut c.try_later_delay,
+            "tryLaterDelay",
+            self.try_later_delay,
+        )?;
+        set_ms(
+            &mut c.max_retry_after,
+            "maxRetryAfter",
+            self.max_retry_after,
+        )?;
+        set_ms(&mut c.close_timeout, "closeTimeout", self.close_timeout)?;
+        if let Some(q) = &self.queue {
+            set(&mut c.queue.max_messages, q.max_messages);
+            set(&mut c.queue.max_bytes, q.max_bytes);
+        }
+        if let Some(r) = &self.reliability {
+            let rel = &mut c.reliability;
+            set(&mut rel.window_messages, r.window_messages);
+            set(&mut rel.window_bytes, r.window_bytes);
+            set_ms(&mut rel.ack_delay, "reliability.ackDelay", r.ack_delay)?;
+            set(&mut rel.ack_every, r.ack_every);
+            set_ms(
+                &mut rel.ack_timeout,
+                "reliability.ackTimeout",
+                r.ack_timeout,
+            )?;
+            if let Some(o) = &r.overflow {
+                rel.overflow = match o.as_str() {
+                    "refuse" => OverflowPolicy::Refuse,
+                    "failSession" => OverflowPolicy::FailSession,
+                    other => {
+                        return Err(format!(
+                            "reliability.overflow: `{other}` is not \"refuse\" or \"failSession\""
+                        ))
+                    }
+                };
+            }
+        }
+        set(&mut c.max_message_size, self.max_message_size);
+        set(&mut c.max_decode_failures, self.max_decode_failures);
+        if let Some(caps) = &self.capabilities {
+            c.capabilities.clone_from(caps);
+        }
+        set(&mut c.room_streams, self.room_streams);
+        match &self.batch {
+            None | Some(BatchOption::On(false)) => c.batch = None,
+            Some(BatchOption::On(true)) => c.batch = Some(BatchConfig::default()),
+            Some(BatchOption::With(b)) => {
+                let mut batch = BatchConfig::default();
+                set_ms(&mut batch.window, "batch.window", b.window)?;
+                set(&mut batch.max_messages, b.max_messages);
+                set(&mut batch.max_bytes, b.max_bytes);
+                c.batch = Some(batch);
+            }
+        }
+        set_ms(
+            &mut c.coalesce_interval,
+            "coalesceInterval",
+            self.coalesce_interval,
+        )?;
+        set(&mut c.coalesce_keys, self.coalesce_keys);
+        set(&mut c.max_pending_requests, self.max_pending_requests);
+        set(&mut c.can_refresh_token, self.can_refresh_token);
+        Ok(c)
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+fn set_ms(slot: &mut Duration, name: &str, value: Option<f64>) -> Result<(), String> {
+    if let Some(v) = value {
+        *slot = ms(name, v)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_options_are_the_core_defaults_for_a_page() {
+        let c = Options::parse("{}").unwrap().config().unwrap();
+        let d = ClientConfig::default();
+        assert_eq!(c.heartbeat, d.heartbeat);
+        assert_eq!(c.codecs, d.codecs);
+        assert!(!c.hello_in_upgrade);
+    }
+
+    #[test]
+    fn every_group_is_read() {
+        let json = r#"{"codecs":["json"],"heartbeat":{"interval":1000,"timeout":500},
+            "backoff":{"base":10,"max":100,"jitter":"none","maxAttempts":null},
+            "queue":{"maxMessages":7},"reliability":{"ackDelay":5,"overflow":"failSession"},
+            "batch":{"window":2},"connectTimeout":2500}"#;
+        let c = Options::parse(json).unwrap().config().unwrap();
+        assert_eq!(c.codecs, vec![Codec::Json]);
+        assert_eq!(c.heartbeat.interval, Duration::from_secs(1));
+        assert_eq!(c.backoff.max_attempts, None);
+        assert_eq!(c.backoff.jitter, Jitter::None);
+        assert_eq!(c.queue.max_messages, 7);
+        assert_eq!(c.reliability.overflow, OverflowPolicy::FailSession);
+        assert_eq!(c.batch.unwrap().window, Duration::from_millis(2));
+        assert_eq!(c.connect_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let e = Options::parse(r#"{"heartbeat":{"intervall":1}}"#).unwrap_err();
+        assert!(e.contains("intervall"), "{e}");
+        let e = Options::parse(r#"{"connectTimeout":-1}"#)
+            .unwrap()
+            .config()
+            .unwrap_err();
+        assert!(e.contains("connectTimeout"), "{e}");
+        let e = Options::parse(r#"{"codecs":["xml"]}"#)
+            .unwrap()
+            .config()
+            .unwrap_err();
+        assert!(e.contains("xml"), "{e}");
+    }
+}

@@ -1,0 +1,628 @@
+//! The output being read: what [`Machine::poll`] made current, the
+//! accessors that read it, and the JSON form of events and errors.
+//!
+//! Owns the shape in which the machine's outputs reach JavaScript: a kind
+//! ([`kinds`]) and fields read one by one for the traffic (frames to write,
+//! messages, acknowledgments, datagrams), one JSON text for everything
+//! rarer. It never decides anything: each output is the core's, as the
+//! core queued it, in the core's order. Accessors called for a field the
+//! current output does not have return an empty value.
+//!
+//! [`Machine::poll`]: crate::Machine::poll
+
+use core::fmt::Write as _;
+
+use bytes::Bytes;
+use kitestring_core::client::{
+    Cause, ClientStats, Event, FailReason, LostReason, Output, Received, RequestError, State,
+    TransportError, TransportId,
+};
+use kitestring_core::close::CloseCode;
+use kitestring_core::reliable::{MessageId, SendError};
+use kitestring_core::wire::{PayloadKind, Transmit};
+use wasm_bindgen::prelude::*;
+
+use crate::Machine;
+
+/// The kinds [`Machine::poll`](crate::Machine::poll) returns.
+pub mod kinds {
+    /// Nothing left to do: arm the timer and wait.
+    pub const NONE: u32 = 0;
+    /// Open a `WebSocket` for `transport()`; report `opened` or `closed`.
+    pub const CONNECT: u32 = 1;
+    /// Write `textOut()` as a text message on `transport()`.
+    pub const TEXT: u32 = 2;
+    /// Write `bytesOut()` as a binary message on `transport()`.
+    pub const BINARY: u32 = 3;
+    /// Close `transport()` with `code()` and `reason()`, then report its
+    /// `close` event.
+    pub const DISCONNECT: u32 = 4;
+    /// A message from the server, in order, once.
+    pub const MESSAGE: u32 = 10;
+    /// The response to this client's request `requestId()`.
+    pub const RESPONSE: u32 = 11;
+    /// This client's messages `first()` to `last()` were acknowledged.
+    pub const ACKED: u32 = 12;
+    /// A datagram from the server: `payloadBytes()`.
+    pub const DATAGRAM: u32 = 13;
+    /// Any other event, as JSON: `eventJson()`.
+    pub const EVENT: u32 = 20;
+}
+
+/// The output [`Machine::poll`](crate::Machine::poll) made current.
+pub(crate) enum Current {
+    None,
+    Connect(TransportId),
+    Transmit(TransportId, Transmit),
+    Disconnect(TransportId, CloseCode, &'static str),
+    Message(Received),
+    Response(MessageId, Received),
+    Acked(MessageId, MessageId),
+    Datagram(Bytes),
+    Other(Event),
+}
+
+impl From<Option<Output>> for Current {
+    fn from(output: Option<Output>) -> Current {
+        match output {
+            None => Current::None,
+            Some(Output::Connect(t)) => Current::Connect(t),
+            Some(Output::Transmit(t, m)) => Current::Transmit(t, m),
+            Some(Output::Disconnect(t, code, reason)) => Current::Disconnect(t, code, reason),
+            Some(Output::Event(e)) => match e {
+                Event::Message(m) => Current::Message(m),
+                Event::Response { request, response } => Current::Response(request, response),
+                Event::Acked { first, last } => Current::Acked(first, last),
+                Event::Datagram(d) => Current::Datagram(d),
+                other => Current::Other(other),
+            },
+        }
+    }
+}
+
+impl Current {
+    pub(crate) fn kind(&self) -> u32 {
+        match self {
+            Current::None => kinds::NONE,
+            Current::Connect(_) => kinds::CONNECT,
+            Current::Transmit(_, Transmit::Text(_)) => kinds::TEXT,
+            Current::Transmit(_, Transmit::Binary(_)) => kinds::BINARY,
+            Current::Disconnect(..) => kinds::DISCONNECT,
+            Current::Message(_) => kinds::MESSAGE,
+            Current::Response(..) => kinds::RESPONSE,
+            Current::Acked(..) => kinds::ACKED,
+            Current::Datagram(_) => kinds::DATAGRAM,
+            Current::Other(_) => kinds::EVENT,
+        }
+    }
+
+    fn received(&self) -> Option<&Received> {
+        match self {
+            Current::Message(m) | Current::Response(_, m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+#[wasm_bindgen]
+impl Machine {
+    /// The transport of a `CONNECT`, `TEXT`, `BINARY` or `DISCONNECT`.
+    pub fn transport(&self) -> f64 {
+        match &self.current {
+            Current::Connect(t) | Current::Transmit(t, _) | Current::Disconnect(t, ..) => {
+                t.0 as f64
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// The text of a `TEXT`.
+    #[wasm_bindgen(js_name = textOut)]
+    pub fn text_out(&self) -> String {
+        match &self.current {
+            Current::Transmit(_, Transmit::Text(b)) => std::str::from_utf8(b)
+                .map(str::to_owned)
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+
+    /// The bytes of a `BINARY`.
+    #[wasm_bindgen(js_name = bytesOut)]
+    pub fn bytes_out(&self) -> Vec<u8> {
+        match &self.current {
+            Current::Transmit(_, Transmit::Binary(b)) => b.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The close code of a `DISCONNECT`, as a page may send it: codes a
+    /// page cannot put in a close frame (1002, 1009, ...) become their
+    /// 41xx equivalents (PROTOCOL.md, section 8).
+    pub fn code(&self) -> u16 {
+        match &self.current {
+            Current::Disconnect(_, code, _) => code.for_page().0,
+            _ => 0,
+        }
+    }
+
+    /// The reason of a `DISCONNECT`.
+    pub fn reason(&self) -> String {
+        match &self.current {
+            Current::Disconnect(_, _, reason) => (*reason).to_owned(),
+            _ => String::new(),
+        }
+    }
+
+    /// How a `MESSAGE`'s or `RESPONSE`'s payload is encoded: 0 JSON, 1
+    /// MessagePack, 2 bytes.
+    #[wasm_bindgen(js_name = payloadKind)]
+    pub fn payload_kind(&self) -> u8 {
+        match self.current.received().map(|m| m.payload.kind()) {
+            Some(PayloadKind::MsgPack) => 1,
+            Some(PayloadKind::Binary) => 2,
+            _ => 0,
+        }
+    }
+
+    /// A JSON payload's text.
+    #[wasm_bindgen(js_name = payloadText)]
+    pub fn payload_text(&self) -> String {
+        self.current
+            .received()
+            .and_then(|m| std::str::from_utf8(m.payload.data()).ok())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    }
+
+    /// A MessagePack or opaque payload's bytes, or a `DATAGRAM`'s.
+    #[wasm_bindgen(js_name = payloadBytes)]
+    pub fn payload_bytes(&self) -> Vec<u8> {
+        match &self.current {
+            Current::Datagram(d) => d.to_vec(),
+            other => other
+                .received()
+                .map(|m| m.payload.data().to_vec())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The room a message was broadcast in, if any.
+    pub fn room(&self) -> Option<String> {
+        self.current
+            .received()
+            .and_then(|m| m.room.as_deref().map(str::to_owned))
+    }
+
+    /// The server's id for a message (for a room stream's entry, its
+    /// offset).
+    #[wasm_bindgen(js_name = messageId)]
+    pub fn message_id(&self) -> u64 {
+        self.current.received().map_or(0, |m| m.id.0)
+    }
+
+    /// A message's sequence number in the session or, for a room stream's
+    /// entry, its offset in the room.
+    pub fn seq(&self) -> u64 {
+        self.current.received().map_or(0, |m| m.seq)
+    }
+
+    /// The sender's timestamp in milliseconds, or -1.
+    pub fn timestamp(&self) -> f64 {
+        self.current
+            .received()
+            .and_then(|m| m.timestamp)
+            .map_or(-1.0, |t| t as f64)
+    }
+
+    /// Whether the server expects a response to this message.
+    #[wasm_bindgen(js_name = isRequest)]
+    pub fn is_request(&self) -> bool {
+        self.current.received().is_some_and(|m| m.request)
+    }
+
+    /// Whether the message is an entry of its room's stream.
+    #[wasm_bindgen(js_name = inStream)]
+    pub fn in_stream(&self) -> bool {
+        self.current.received().is_some_and(|m| m.in_stream)
+    }
+
+    /// The request a `RESPONSE` answers (this client's id for it).
+    #[wasm_bindgen(js_name = requestId)]
+    pub fn request_id(&self) -> f64 {
+        match &self.current {
+            Current::Response(r, _) => r.0 as f64,
+            _ => 0.0,
+        }
+    }
+
+    /// The first id an `ACKED` covers.
+    pub fn first(&self) -> f64 {
+        match &self.current {
+            Current::Acked(first, _) => first.0 as f64,
+            _ => 0.0,
+        }
+    }
+
+    /// The last id an `ACKED` covers.
+    pub fn last(&self) -> f64 {
+        match &self.current {
+            Current::Acked(_, last) => last.0 as f64,
+            _ => 0.0,
+        }
+    }
+
+    /// An `EVENT` as JSON: an object whose `type` names it.
+    #[wasm_bindgen(js_name = eventJson)]
+    pub fn event_json(&self) -> String {
+        match &self.current {
+            Current::Other(e) => event_json(e),
+            _ => String::new(),
+        }
+    }
+}
+
+/// A small JSON object writer: the events' shapes are fixed, and a
+/// `serde_json::Value` per event would cost code size for nothing.
+struct Obj(String);
+
+impl Obj {
+    fn new(kind: &str) -> Obj {
+        let mut o = Obj(String::from("{"));
+        o.str("type", kind);
+        o
+    }
+
+    fn key(&mut self, k: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        push_str(&mut self.0, k);
+        self.0.push(':');
+    }
+
+    fn str(&mut self, k: &str, v: &str) -> &mut Obj {
+        self.key(k);
+        push_str(&mut self.0, v);
+        self
+    }
+
+    fn opt_str(&mut self, k: &str, v: Option<&str>) -> &mut Obj {
+        match v {
+            Some(v) => self.str(k, v),
+            None => self.raw(k, "null"),
+        }
+    }
+
+    fn num(&mut self, k: &str, v: f64) -> &mut Obj {
+        self.key(k);
+        let _ = write!(self.0, "{v}");
+        self
+    }
+
+    /// A number the page must not round: as a decimal string.
+    fn big(&mut self, k: &str, v: u64) -> &mut Obj {
+        self.key(k);
+        let _ = write!(self.0, "\"{v}\"");
+        self
+    }
+
+    fn bool(&mut self, k: &str, v: bool) -> &mut Obj {
+        self.raw(k, if v { "true" } else { "false" })
+    }
+
+    fn raw(&mut self, k: &str, json: &str) -> &mut Obj {
+        self.key(k);
+        self.0.push_str(json);
+        self
+    }
+
+    fn ids(&mut self, k: &str, ids: &[MessageId]) -> &mut Obj {
+        self.key(k);
+        self.0.push('[');
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                self.0.push(',');
+            }
+            let _ = write!(self.0, "{}", id.0);
+        }
+        self.0.push(']');
+        self
+    }
+
+    fn done(&mut self) -> String {
+        self.0.push('}');
+        core::mem::take(&mut self.0)
+    }
+}
+
+fn push_str(out: &mut String, s: &str) {
+    // serde_json escapes exactly as JSON requires.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+fn ms(d: core::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// An event other than the traffic's, as JSON.
+pub(crate) fn event_json(e: &Event) -> String {
+    match e {
+        Event::StateChanged { old, new } => {
+            let mut o = Obj::new("statechange");
+            o.str("old", old.name()).str("state", new.name());
+            state_fields(&mut o, new);
+            o.done()
+        }
+        Event::Connected {
+            session,
+            resumed,
+            version,
+            codec,
+        } => Obj::new("connected")
+            .str("session", &session.to_hex())
+            .bool("resumed", *resumed)
+            .num("version", f64::from(*version))
+            .str("codec", codec.name())
+            .done(),
+        Event::Presence { room, presence } => Obj::new("presence")
+            .str("room", room)
+            .bool("snapshot", presence.snapshot)
+            .raw(
+                "joined",
+                &serde_json::to_string(&presence.joined).unwrap_or_default(),
+            )
+            .raw(
+                "left",
+                &serde_json::to_string(&presence.left).unwrap_or_default(),
+            )
+            .done(),
+        Event::Refused { id, room, refusal } => {
+            let mut o = Obj::new("refused");
+            match id {
+                Some(id) => o.num("id", id.0 as f64),
+                None => o.raw("id", "null"),
+            };
+            o.opt_str("room", room.as_deref())
+                .str("op", &refusal.op)
+                .str("reason", &refusal.reason)
+                .opt_str("code", refusal.code.as_deref())
+                .done()
+        }
+        Event::SessionLost {
+            reason,
+            unconfirmed,
+            unsent,
+        } => {
+            let (why, detail) = lost_reason(reason);
+            Obj::new("sessionlost")
+                .str("reason", why)
+                .opt_str("detail", detail)
+                .ids("unconfirmed", unconfirmed)
+                .ids("unsent", unsent)
+                .done()
+        }
+        Event::RequestFailed { request, error } => Obj::new("requestfailed")
+            .num("request", request.0 as f64)
+            .str("error", request_error(*error))
+            .done(),
+        Event::LateResponse { request } => Obj::new("lateresponse")
+            .num("request", request.0 as f64)
+            .done(),
+        Event::Missed { room, from, to } => {
+            let mut o = Obj::new("missed");
+            o.str("room", room).big("from", *from);
+            match to {
+                Some(to) => o.big("to", *to),
+                None => o.raw("to", "null"),
+            };
+            o.done()
+        }
+        Event::LatestFailed { key, error } => Obj::new("latestfailed")
+            .str("key", key)
+            .raw("error", &send_error_json(error))
+            .done(),
+        Event::SendFailed { id, error } => Obj::new("sendfailed")
+            .num("id", id.0 as f64)
+            .raw("error", &send_error_json(error))
+            .done(),
+        Event::TokenExpiring { within } => {
+            Obj::new("tokenexpiring").num("within", ms(*within)).done()
+        }
+        Event::Rtt(rtt) => Obj::new("rtt").num("rtt", ms(*rtt)).done(),
+        Event::DecodeFailed(error) => Obj::new("decodefailed")
+            .str("error", &error.to_string())
+            .done(),
+        Event::Resync => Obj::new("resync").done(),
+        // The traffic's events never get here; an event a later core adds
+        // still reaches the page, by name.
+        other => Obj::new("other").str("debug", &format!("{other:?}")).done(),
+    }
+}
+
+fn state_fields(o: &mut Obj, state: &State) {
+    match state {
+        State::Connecting { attempt } | State::Handshaking { attempt } => {
+            o.num("attempt", f64::from(*attempt));
+        }
+        State::Reconnecting { attempt, at, cause } => {
+            o.num("attempt", f64::from(*attempt))
+                .num("at", at.as_nanos() as f64 / 1e6)
+                .raw("cause", &cause_json(cause));
+        }
+        State::Closed { code } => {
+            o.num("code", f64::from(code.0));
+        }
+        State::Failed { reason } => {
+            o.raw("failure", &fail_json(reason));
+        }
+        _ => {}
+    }
+}
+
+fn cause_json(cause: &Cause) -> String {
+    match cause {
+        Cause::PeerClosed { code, reason } => Obj::new("closed")
+            .num("code", f64::from(code.0))
+            .str("reason", reason)
+            .done(),
+        Cause::Transport(e) => transport_json(e),
+        Cause::ConnectTimeout => Obj::new("connect_timeout").done(),
+        Cause::HeartbeatTimeout => Obj::new("heartbeat_timeout").done(),
+        Cause::AckTimeout => Obj::new("ack_timeout").done(),
+        Cause::Rejected { code, reason } => Obj::new("rejected")
+            .num("code", f64::from(code.0))
+            .str("reason", reason)
+            .done(),
+        Cause::GoAway { code } => Obj::new("goaway").num("code", f64::from(code.0)).done(),
+        Cause::Protocol(what) => Obj::new("protocol").str("reason", what).done(),
+        Cause::Requested => Obj::new("requested").done(),
+        other => Obj::new("other")
+            .str("reason", &format!("{other:?}"))
+            .done(),
+    }
+}
+
+fn transport_json(e: &TransportError) -> String {
+    match e {
+        TransportError::Http {
+            status,
+            retry_after,
+        } => {
+            let mut o = Obj::new("http");
+            o.num("status", f64::from(*status));
+            if let Some(r) = retry_after {
+                o.num("retryAfter", ms(*r));
+            }
+            o.done()
+        }
+        other => Obj::new("transport")
+            .str("reason", &format!("{other:?}"))
+            .done(),
+    }
+}
+
+fn fail_json(reason: &FailReason) -> String {
+    match reason {
+        FailReason::TooManyAttempts { attempts, last } => Obj::new("too_many_attempts")
+            .num("attempts", f64::from(*attempts))
+            .raw("last", &cause_json(last))
+            .done(),
+        FailReason::UnsupportedVersion { .. } => Obj::new("unsupported_version").done(),
+        FailReason::UnsupportedCodec => Obj::new("unsupported_codec").done(),
+        FailReason::Unauthorized => Obj::new("unauthorized").done(),
+        FailReason::Forbidden => Obj::new("forbidden").done(),
+        FailReason::Terminal { code, reason } => Obj::new("terminal")
+            .num("code", f64::from(code.0))
+            .str("reason", reason)
+            .done(),
+        FailReason::HttpStatus(status) => Obj::new("http").num("status", f64::from(*status)).done(),
+        other => Obj::new("other")
+            .str("reason", &format!("{other:?}"))
+            .done(),
+    }
+}
+
+fn lost_reason(reason: &LostReason) -> (&'static str, Option<&str>) {
+    match reason {
+        LostReason::NotResumed(why) => ("not_resumed", Some(why)),
+        LostReason::Closed => ("closed", None),
+        LostReason::Overflow => ("overflow", None),
+        LostReason::Inconsistent => ("inconsistent", None),
+        _ => ("other", None),
+    }
+}
+
+fn request_error(e: RequestError) -> &'static str {
+    match e {
+        RequestError::TimedOut => "timed_out",
+        RequestError::SessionLost => "session_lost",
+        RequestError::Closed => "closed",
+        _ => "other",
+    }
+}
+
+/// An error as JSON: `{"type":"error","error":kind,"message":...}` and
+/// the numbers that go with it.
+pub(crate) fn error_json(kind: &str, message: &str, numbers: &[(&str, f64)]) -> String {
+    let mut o = Obj::new("error");
+    o.str("error", kind).str("message", message);
+    for (k, v) in numbers {
+        o.num(k, *v);
+    }
+    o.done()
+}
+
+/// A refused send as JSON, its kind named for programs.
+pub(crate) fn send_error_json(e: &SendError) -> String {
+    let message = e.to_string();
+    match e {
+        SendError::QueueFull { messages, bytes } => error_json(
+            "queue_full",
+            &message,
+            &[("messages", *messages as f64), ("bytes", *bytes as f64)],
+        ),
+        SendError::TooLarge { size, max } => error_json(
+            "too_large",
+            &message,
+            &[("size", *size as f64), ("max", *max as f64)],
+        ),
+        SendError::NotConnected(_) => error_json("not_connected", &message, &[]),
+        SendError::NotOpen => error_json("not_open", &message, &[]),
+        SendError::SessionFailed => error_json("session_failed", &message, &[]),
+        SendError::BadRoom => error_json("bad_room", &message, &[]),
+        SendError::TooManyRequests { max } => {
+            error_json("too_many_requests", &message, &[("max", *max as f64)])
+        }
+        _ => error_json("other", &message, &[]),
+    }
+}
+
+/// The machine's counters as JSON.
+pub(crate) fn stats_json(s: &ClientStats) -> String {
+    let d = &s.delivery;
+    let t = &s.traffic;
+    Obj::new("stats")
+        .num("connects", s.connects as f64)
+        .num("opens", s.opens as f64)
+        .num("resumes", s.resumes as f64)
+        .num("sessionsLost", s.sessions_lost as f64)
+        .num("messagesSent", d.messages_sent as f64)
+        .num("retransmitted", d.retransmitted as f64)
+        .num("messagesReceived", d.messages_received as f64)
+        .num("duplicates", d.duplicates as f64)
+        .num("gaps", d.gaps as f64)
+        .num("framesIn", t.frames_in as f64)
+        .num("framesOut", t.frames_out as f64)
+        .num("bytesIn", t.bytes_in as f64)
+        .num("bytesOut", t.bytes_out as f64)
+        .num("decodeFailures", t.decode_failures as f64)
+        .num("refused", s.refused as f64)
+        .done()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_json_objects_named_by_type() {
+        let e = Event::SessionLost {
+            reason: LostReason::NotResumed("unknown_session".into()),
+            unconfirmed: vec![MessageId(3), MessageId(4)],
+            unsent: vec![],
+        };
+        let v: serde_json::Value = serde_json::from_str(&event_json(&e)).unwrap();
+        assert_eq!(v["type"], "sessionlost");
+        assert_eq!(v["detail"], "unknown_session");
+        assert_eq!(v["unconfirmed"], serde_json::json!([3, 4]));
+        let e = Event::Missed {
+            room: "r\"1".into(),
+            from: u64::MAX - 1,
+            to: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&event_json(&e)).unwrap();
+        assert_eq!(v["room"], "r\"1");
+        assert_eq!(v["from"], (u64::MAX - 1).to_string(), "offsets stay exact");
+    }
+}

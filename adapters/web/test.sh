@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The browser suite: real pages in headless Chromium, driven by
+# playwright-core, against the suite server (examples/suite_server.rs).
+# What CI runs (.ci/run calls this script), and the one command to run it
+# by hand:
+#
+#     bash adapters/web/test.sh            # every test file
+#     bash adapters/web/test.sh echo       # the files whose names contain "echo"
+#
+# Installs what is missing on a machine with only Rust: Chromium and
+# Node.js from Debian's packages (as root, with apt-get), playwright-core
+# from npm (pinned by package-lock.json), the wasm toolchain (build.sh).
+# Everything runs at the lowest priority: the machine may be shared.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+suite="$here/tests/browser"
+nice="nice -n ${KITESTRING_NICE:-19}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+
+say() { printf 'test.sh: %s\n' "$*" >&2; }
+
+apt_updated=
+apt_install() {
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    say "missing $*: install it (Debian: apt-get install $*)"
+    exit 1
+  fi
+  if [ -z "$apt_updated" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
+  say "installing $*"
+  DEBIAN_FRONTEND=noninteractive $nice apt-get install -y -qq "$@" >/dev/null
+}
+
+export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
+[ -x "$CHROMIUM" ] || apt_install chromium
+command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+
+if [ ! -d "$suite/node_modules/playwright-core" ] || [ "$suite/package-lock.json" -nt "$suite/node_modules/.package-lock.json" ]; then
+  say "installing playwright-core"
+  (cd "$suite" && $nice npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+bash "$here/build.sh"
+
+say "building the suite server"
+(cd "$root" && $nice cargo build --locked --quiet -p kitestring-web --example suite_server)
+export SUITE_SERVER="$CARGO_TARGET_DIR/debug/examples/suite_server"
+
+files=()
+for f in "$suite"/suite/*.test.mjs; do
+  case "$(basename "$f")" in *"${1:-}"*) files+=("$f") ;; esac
+done
+say "running ${#files[@]} test files"
+cd "$suite"
+started=$(date +%s)
+$nice node --test --test-concurrency=1 "${files[@]}"
+say "browser suite passed in $(( $(date +%s) - started )) s"
