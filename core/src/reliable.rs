@@ -402,6 +402,33 @@ impl Outbound {
         lost
     }
 
+    /// The session's messages for a [`Snapshot`](crate::client::Snapshot):
+    /// the next sequence number, the window (numbered, unacknowledged) and
+    /// the waiting queue, in order.
+    pub(crate) fn saved(
+        &self,
+    ) -> (
+        u64,
+        impl Iterator<Item = &Sent>,
+        impl Iterator<Item = &Waiting>,
+    ) {
+        (self.next_seq, self.window.iter(), self.waiting.iter())
+    }
+
+    /// Takes a saved session's messages back (into an empty machine): the
+    /// window's are sent again on the next connection, after the peer's
+    /// `delivered`, as after any resume.
+    pub(crate) fn restore(&mut self, next_seq: u64, window: Vec<Sent>, waiting: Vec<Waiting>) {
+        self.window_bytes = window.iter().map(|s| s.payload.len()).sum();
+        self.waiting_bytes = waiting.iter().map(|w| w.payload.len()).sum();
+        let last = window.last().map_or(0, |s| s.seq);
+        self.next_seq = next_seq.max(last + 1);
+        // Anything numbered may have gone out before the save.
+        self.sent_through = self.next_seq - 1;
+        self.window = window.into();
+        self.waiting = waiting.into();
+    }
+
     /// Drops everything waiting; returns the ids (never sent).
     pub(crate) fn drain_waiting(&mut self) -> Vec<MessageId> {
         self.waiting_bytes = 0;
@@ -590,6 +617,14 @@ impl Inbound {
         self.acked = self.ack_point();
         self.ack_forced = false;
         self.replay_requested = None;
+    }
+
+    /// A saved session's position: everything up to `delivered` was
+    /// delivered (and counts as acknowledged: the resuming `hello` says so).
+    pub(crate) fn restore(&mut self, delivered: u64) {
+        *self = Inbound::default();
+        self.delivered = delivered;
+        self.acked = delivered;
     }
 
     /// A new session: numbering restarts.

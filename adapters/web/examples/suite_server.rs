@@ -18,8 +18,9 @@
 //! * `/ws` anyone (the cookie's user as identity, if any); `/ws-auth` the
 //!   cookie required (401 without); `/ws-ticket` a ticket in the query;
 //!   `/ws-ban` always 403; `/ws-busy` always 503;
-//! * `/control/cut`, `/control/blackhole`, `/control/forward` (POST): the
-//!   proxy's faults on every connection it carries; `/control/tally`: what
+//! * `/control/cut`, `/control/blackhole`, `/control/throttle?bps=N` (POST;
+//!   no `bps`: unthrottled): the proxy's faults on every connection it
+//!   carries; `/control/tally`: what
 //!   the server received, per client.
 //!
 //! The application behind the sessions echoes every message to its
@@ -53,10 +54,16 @@ use serde_json::{json, Value};
 struct Tally {
     /// client id (hex) -> (last n, received, duplicates, out of order)
     clients: HashMap<String, (u64, u64, u64, u64)>,
+    /// client id (hex) -> what happened to its sessions, in order:
+    /// `opened`, `resumed`, `detached 1001`, `ended closed`, ...
+    lives: HashMap<String, Vec<String>>,
+    /// The sessions open now.
+    open: Vec<kitestring::SessionId>,
 }
 
 #[derive(Clone)]
 struct App {
+    server: ServerHandle,
     pkg: PathBuf,
     page: PathBuf,
     proxy: Arc<kitestring_chaos::Proxy>,
@@ -108,14 +115,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ]),
         ..ServerOptions::default()
     };
-    if let Some(grace) = std::env::var("SUITE_SESSION_GRACE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        options.config.session_grace = Duration::from_millis(grace);
+    if let Some(grace) = env_ms("SUITE_SESSION_GRACE_MS") {
+        options.config.session_grace = grace;
+    }
+    // A scaled-down heartbeat, for the hidden-tab test: pings every
+    // SUITE_PING_MS, closed after 1.5 times that without a frame.
+    if let Some(ping) = env_ms("SUITE_PING_MS") {
+        options.config.ping_interval = ping;
+        options.config.pong_timeout = ping;
+        options.config.idle_timeout = ping * 3 / 2;
+        options.config.grace = ping / 10;
     }
     let (server, events) = kitestring::start(kitestring_tokio::runtime(), options)?;
     let app = App {
+        server: server.clone(),
         pkg,
         page,
         proxy: proxy.clone(),
@@ -142,14 +155,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             post(|State(a): State<App>| async move { a.proxy.black_hole_all() }),
         )
         .route(
-            "/control/forward",
-            post(|State(a): State<App>| async move {
-                for link in a.proxy.links() {
-                    link.set_throttle(None);
-                }
-            }),
+            "/control/throttle",
+            post(
+                |State(a): State<App>, Query(q): Query<HashMap<String, String>>| async move {
+                    let bps = q.get("bps").and_then(|b| b.parse().ok());
+                    a.proxy.set_throttle(bps);
+                },
+            ),
         )
         .route("/control/tally", get(tally))
+        .route("/control/sessions", get(sessions))
+        .route("/control/push", post(push))
         .with_state(app.clone());
     let pages = pages.with_state(app);
     println!(
@@ -171,6 +187,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     Ok(())
+}
+
+fn env_ms(name: &str) -> Option<Duration> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
 }
 
 async fn page_route(State(app): State<App>) -> Response {
@@ -236,6 +259,30 @@ async fn ticket(State(app): State<App>, Query(q): Query<HashMap<String, String>>
     t
 }
 
+async fn sessions(State(app): State<App>) -> Response {
+    let lives = app
+        .tally
+        .lock()
+        .map(|t| json!(t.lives).to_string())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], lives).into_response()
+}
+
+/// `POST /control/push?count=N`: N numbered messages `{"s":i}` to every
+/// open session, queued at once (whether or not its link carries them).
+async fn push(State(app): State<App>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let count: u64 = q.get("count").and_then(|c| c.parse().ok()).unwrap_or(1);
+    let open = app.tally.lock().map(|t| t.open.clone()).unwrap_or_default();
+    for session in open {
+        for s in 1..=count {
+            if app.server.send(session, &json!({"s": s})).await.is_err() {
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+        }
+    }
+    StatusCode::OK.into_response()
+}
+
 async fn tally(State(app): State<App>) -> Response {
     let tally = app.tally.lock().map(|t| {
         t.clients
@@ -268,12 +315,36 @@ async fn serve_sessions(
     while let Some(event) = events.next().await {
         match event {
             ServerEvent::SessionOpened {
-                session, client, ..
+                session,
+                client,
+                resumed,
+                ..
             } => {
                 clients.insert(session, client.to_hex());
+                if let Ok(mut t) = tally.lock() {
+                    let life = if resumed { "resumed" } else { "opened" };
+                    t.lives
+                        .entry(client.to_hex())
+                        .or_default()
+                        .push(life.into());
+                    t.open.retain(|s| *s != session);
+                    t.open.push(session);
+                }
             }
-            ServerEvent::SessionEnded { session, .. } => {
-                clients.remove(&session);
+            ServerEvent::SessionDetached { session, code } => {
+                if let (Ok(mut t), Some(client)) = (tally.lock(), clients.get(&session)) {
+                    let life = format!("detached {}", code.0);
+                    t.lives.entry(client.clone()).or_default().push(life);
+                }
+            }
+            ServerEvent::SessionEnded {
+                session, reason, ..
+            } => {
+                if let (Ok(mut t), Some(client)) = (tally.lock(), clients.remove(&session)) {
+                    let life = format!("ended {reason:?}");
+                    t.lives.entry(client).or_default().push(life);
+                    t.open.retain(|s| *s != session);
+                }
             }
             ServerEvent::Message { session, message } => {
                 let value = message.decode::<Value>().ok();

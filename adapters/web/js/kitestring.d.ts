@@ -73,6 +73,25 @@ export interface ConnectOptions {
   token?: () => string | null | Promise<string | null>;
   /** The query parameter that carries the token. Default `token`. */
   tokenParam?: string;
+  /**
+   * Keep the session across a reload of the page: on `pagehide` the session
+   * (its unacknowledged and queued messages included) goes to
+   * `sessionStorage` under this key (`true`: a key made from the URL), and
+   * the next page's client with the same option resumes it; nothing sent or
+   * received is lost. Without it, a page that goes away ends its session at
+   * once (close 1000), so the server does not keep it present in its rooms.
+   * The saved session holds its resume key: use it only where scripts of
+   * the same origin are trusted.
+   */
+  surviveReload?: boolean | string;
+  /** Listen to the page's `online`, `offline`, `visibilitychange`, `pagehide` and `pageshow`. Default true. */
+  lifecycle?: boolean;
+  /**
+   * Ask the server to ping this client (default true): a hidden tab's timers
+   * may run once a minute, but its message handler runs at once, so the
+   * session survives a tab hidden for any time.
+   */
+  serverPings?: boolean;
   /** Where the WebAssembly module is, when not beside kitestring.js. */
   wasm?: string | URL | Response | BufferSource | WebAssembly.Module;
   /** Replaces the page's clock and timer. */
@@ -169,6 +188,8 @@ export class Client extends EventTarget {
   readonly unacknowledged: number;
   readonly hasRoom: boolean;
   readonly rooms: string[];
+  /** Ids of messages a previous page (`surviveReload`) left unacknowledged: each gets an `acked` or `sessionlost` event. */
+  readonly restored: number[];
   stats(): Record<string, number>;
   members(room: string): Map<string, Member>;
 

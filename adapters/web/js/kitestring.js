@@ -202,22 +202,119 @@ export class Client extends EventTarget {
   /** event type -> listener count, so that no event is built for nobody */
   #listening = new Map();
   #members = new Map();
+  /** the machine's options, as JSON */
+  #config;
+  /** where `surviveReload` keeps the session, or null */
+  #saveKey = null;
+  #restored = [];
+  #unlisten = [];
+  /** the page went away (`pagehide`) */
+  #left = false;
 
   constructor(url, options = {}) {
     super();
-    const { wasm, clock, token, tokenParam, requestTimeout, ...config } = options;
+    const { wasm, clock, token, tokenParam, requestTimeout, surviveReload, lifecycle, ...config } = options;
     this.#url = new URL(url, globalThis.location?.href);
     if (this.#url.protocol === 'http:') this.#url.protocol = 'ws:';
     if (this.#url.protocol === 'https:') this.#url.protocol = 'wss:';
     this.#opts = { token, tokenParam: tokenParam ?? 'token', requestTimeout: requestTimeout ?? 30000 };
     this.#clock = { ...pageClock, ...clock };
-    const id = crypto.getRandomValues(new Uint8Array(16));
-    this.#m = new Machine(JSON.stringify({ ...config, canRefreshToken: !!token }), id, randomSeed());
+    this.#config = JSON.stringify({ ...config, canRefreshToken: !!token });
     this.#codec = (config.codecs ?? ['msgpack', 'json'])[0];
+    if (surviveReload) {
+      this.#saveKey = typeof surviveReload === 'string' ? surviveReload : `kitestring:${this.#url.href}`;
+    }
+    this.#m = this.#restore() ?? new Machine(this.#config, crypto.getRandomValues(new Uint8Array(16)), randomSeed());
+    if (lifecycle !== false && typeof window !== 'undefined') this.#listen();
   }
 
   /** @internal */
   _start() {
+    const now = this.#clock.now();
+    if (globalThis.navigator?.onLine === false) this.#m.network(now, false);
+    this.#m.connect(now);
+    this.#drain();
+  }
+
+  /**
+   * Ids of the messages a previous page (before a reload, with
+   * `surviveReload`) had sent or queued and not seen acknowledged: each is
+   * reported by an `acked` event, or lost in a `sessionlost` event.
+   */
+  get restored() { return this.#restored; }
+
+  // ---- the page's lifecycle ------------------------------------------------
+
+  /** A machine from the snapshot a previous page left, if there is one (read once). */
+  #restore() {
+    if (!this.#saveKey) return null;
+    let saved = null;
+    try {
+      saved = sessionStorage.getItem(this.#saveKey);
+      sessionStorage.removeItem(this.#saveKey);
+    } catch {
+      return null;
+    }
+    if (!saved) return null;
+    try {
+      const m = Machine.restore(this.#config, saved, randomSeed());
+      this.#restored = JSON.parse(m.restored());
+      return m;
+    } catch (e) {
+      globalThis.reportError?.(e);
+      return null;
+    }
+  }
+
+  #listen() {
+    const on = (target, type, f) => {
+      target.addEventListener(type, f);
+      this.#unlisten.push(() => target.removeEventListener(type, f));
+    };
+    on(window, 'online', () => { this.#m.network(this.#clock.now(), true); this.#drain(); });
+    on(window, 'offline', () => { this.#m.network(this.#clock.now(), false); this.#drain(); });
+    // A hidden page's timers may have been held back: what is due runs now.
+    on(document, 'visibilitychange', () => {
+      if (document.visibilityState === 'visible') {
+        this.#overdue(this.#clock.now());
+        this.#drain();
+      }
+    });
+    on(window, 'pagehide', () => this.#leave());
+    on(window, 'pageshow', (e) => { if (e.persisted) this.#back(); });
+  }
+
+  /**
+   * The page is going away. Without `surviveReload` the session ends now
+   * (close 1000: the server lets the page's rooms know at once, instead of
+   * keeping a member present for its grace period, as the 1001 the browser
+   * would send makes it). With it, the session is kept in `sessionStorage`
+   * and the connection abandoned with 4000: the next page resumes it.
+   */
+  #leave() {
+    const now = this.#clock.now();
+    const state = this.state;
+    if (state === 'closed' || state === 'closing') return;
+    if (this.#saveKey) {
+      const snapshot = this.#m.suspend(now);
+      try {
+        sessionStorage.setItem(this.#saveKey, snapshot);
+      } catch (e) {
+        globalThis.reportError?.(e);
+      }
+    } else {
+      this.#m.close(now);
+    }
+    this.#drain();
+    this.#left = true;
+  }
+
+  /** The page came back from the back-forward cache: connect again. */
+  #back() {
+    if (!this.#left) return;
+    this.#left = false;
+    const restored = this.#restore();
+    if (restored) this.#m = restored;
     this.#m.connect(this.#clock.now());
     this.#drain();
   }
@@ -373,6 +470,7 @@ export class Client extends EventTarget {
    * a `sessionlost` event and their promises reject. Resolves once closed.
    */
   close() {
+    for (const f of this.#unlisten.splice(0)) f();
     const p = new Promise((resolve) => {
       if (this.state === 'closed') { resolve(); return; }
       this.#closeWaiters.push(resolve);

@@ -48,7 +48,7 @@ mod options;
 mod output;
 
 use bytes::Bytes;
-use kitestring_core::client::{Client, TransportError, TransportId};
+use kitestring_core::client::{Client, Snapshot, TransportError, TransportId};
 use kitestring_core::close::CloseCode;
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::wire::{ClientId, Incoming, Payload};
@@ -74,6 +74,8 @@ pub struct Machine {
     staged: Option<Payload>,
     /// Why the last command that returned 0 (or `false`) failed, as JSON.
     last_error: String,
+    /// Ids taken over from a suspended page ([`Machine::restore`]).
+    restored: Vec<u64>,
 }
 
 /// Milliseconds on the driver's clock as the core's instant. The clock
@@ -114,6 +116,7 @@ impl Machine {
             current: Current::None,
             staged: None,
             last_error: String::new(),
+            restored: Vec::new(),
         })
     }
 
@@ -240,6 +243,54 @@ impl Machine {
     #[wasm_bindgen(js_name = urlHello)]
     pub fn url_hello(&mut self, transport: f64) -> Option<String> {
         self.client.url_hello(TransportId(transport as u64))
+    }
+
+    /// The page's network went away (`offline` event, `online` false) or
+    /// came back (`online`): attempts while away do not count toward the
+    /// attempt limit, and a client waiting to retry connects at once when
+    /// it is back.
+    pub fn network(&mut self, now: f64, online: bool) {
+        self.client.handle_network(instant(now), online);
+    }
+
+    /// The page is going away and will come back (a reload): returns the
+    /// session as JSON for the page to keep (`sessionStorage`), and
+    /// abandons the connection with 4000 so that the server keeps the
+    /// session for its grace period. The machine is closed afterwards.
+    /// The snapshot holds the resume key: keep it in the page's storage
+    /// only.
+    pub fn suspend(&mut self, now: f64) -> String {
+        let snapshot = self.client.suspend(instant(now));
+        serde_json::to_string(&snapshot).unwrap_or_default()
+    }
+
+    /// A machine that resumes the session a previous page suspended
+    /// ([`suspend`](Self::suspend)); the other arguments are as for the
+    /// constructor's. Its `restored` lists the ids of the messages the
+    /// previous page had not seen acknowledged.
+    pub fn restore(options: &str, snapshot: &str, seed: u64) -> Result<Machine, JsError> {
+        let config = options::Options::parse(options)
+            .and_then(|o| o.config())
+            .map_err(|e| JsError::new(&e))?;
+        let snapshot: Snapshot =
+            serde_json::from_str(snapshot).map_err(|e| JsError::new(&format!("snapshot: {e}")))?;
+        let client =
+            Client::restore(config, &snapshot, seed).map_err(|e| JsError::new(&e.to_string()))?;
+        let restored = snapshot.pending().iter().map(|id| id.0).collect();
+        Ok(Machine {
+            client_id: client.client_id(),
+            client,
+            current: Current::None,
+            staged: None,
+            last_error: String::new(),
+            restored,
+        })
+    }
+
+    /// The ids a restored machine took over from the previous page, as a
+    /// JSON array: each will be reported acknowledged or lost.
+    pub fn restored(&self) -> String {
+        serde_json::to_string(&self.restored).unwrap_or_default()
     }
 
     /// Time passed: call at or after [`deadline`](Self::deadline), and

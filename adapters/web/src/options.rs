@@ -12,7 +12,7 @@ use core::time::Duration;
 
 use kitestring_core::backoff::Jitter;
 use kitestring_core::config::{BatchConfig, ClientConfig, OverflowPolicy};
-use kitestring_core::wire::Codec;
+use kitestring_core::wire::{Codec, CAP_PING};
 use serde::Deserialize;
 
 /// The page's options, every field optional.
@@ -40,6 +40,9 @@ pub(crate) struct Options {
     coalesce_keys: Option<usize>,
     max_pending_requests: Option<usize>,
     can_refresh_token: Option<bool>,
+    /// Ask the server to ping this client (default true): a hidden tab's
+    /// timers may run once a minute, its message handler at once.
+    server_pings: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,6 +223,9 @@ impl Options {
         if let Some(caps) = &self.capabilities {
             c.capabilities.clone_from(caps);
         }
+        if self.server_pings.unwrap_or(true) && !c.capabilities.iter().any(|c| c == CAP_PING) {
+            c.capabilities.push(CAP_PING.into());
+        }
         set(&mut c.room_streams, self.room_streams);
         match &self.batch {
             None | Some(BatchOption::On(false)) => c.batch = None,
@@ -268,6 +274,16 @@ mod tests {
         assert_eq!(c.heartbeat, d.heartbeat);
         assert_eq!(c.codecs, d.codecs);
         assert!(!c.hello_in_upgrade);
+        assert_eq!(
+            c.capabilities,
+            vec![CAP_PING.to_owned()],
+            "a page asks to be pinged"
+        );
+        let c = Options::parse(r#"{"serverPings":false}"#)
+            .unwrap()
+            .config()
+            .unwrap();
+        assert!(c.capabilities.is_empty());
     }
 
     #[test]

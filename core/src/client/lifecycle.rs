@@ -18,6 +18,7 @@ use crate::backoff::Jitter;
 use crate::close::{CloseCode, Disposition};
 use crate::reliable::{MessageId, Waiting};
 use crate::rng::Rng;
+use crate::time::Instant;
 use crate::wire::{self, MsgKind, Payload};
 
 use super::state::fail_reason;
@@ -27,7 +28,41 @@ use super::{
 };
 
 impl Client {
+    /// The device's network went away (`online: false`) or came back, as
+    /// the driver's platform reports it (a page's `offline` and `online`
+    /// events). While it is away, failed attempts do not count toward
+    /// [`BackoffConfig::max_attempts`](crate::backoff::BackoffConfig::max_attempts)
+    /// and the delay between them does not grow; once it is back, a client
+    /// waiting out a delay connects at once. An open connection is left to
+    /// the heartbeat: a short outage may not have broken it.
+    pub fn handle_network(&mut self, now: Instant, online: bool) {
+        self.advance(now);
+        let was_offline = core::mem::replace(&mut self.offline, !online);
+        if !online || !was_offline {
+            return;
+        }
+        match self.state {
+            State::Reconnecting { .. } => {
+                self.timers.stop(Timer::Backoff);
+                self.start_attempt();
+            }
+            // An attempt begun while offline may hang until its timeout:
+            // a fresh one goes out now instead.
+            State::Connecting { .. } | State::Handshaking { .. } if self.attempt_offline => {
+                self.drop_connection(CloseCode::RETRY, "network back");
+                self.start_attempt();
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the driver last said the network is gone.
+    pub fn offline(&self) -> bool {
+        self.offline
+    }
+
     pub(super) fn start_attempt(&mut self) {
+        self.attempt_offline = self.offline;
         let id = TransportId(self.next_transport);
         self.next_transport += 1;
         self.transport = Some(id);
@@ -120,7 +155,11 @@ impl Client {
     /// Counts a failed attempt and waits out the backoff, or gives up.
     /// `exact` overrides the delay (rotation, token refresh).
     fn schedule_retry(&mut self, cause: Cause, exact: Option<Duration>) {
-        self.failures = self.failures.saturating_add(1);
+        // Offline, an attempt cannot succeed: it is not held against the
+        // server, nor against the attempt limit.
+        if !self.offline {
+            self.failures = self.failures.saturating_add(1);
+        }
         if let Some(max) = self.config.backoff.max_attempts {
             if self.failures > max {
                 self.set_state(State::Failed {
@@ -135,7 +174,10 @@ impl Client {
         let delay = match exact {
             Some(d) => d,
             None => {
-                let backoff = self.config.backoff.delay(self.failures, &mut self.rng);
+                let backoff = self
+                    .config
+                    .backoff
+                    .delay(self.failures.max(1), &mut self.rng);
                 match self.retry_hint.take() {
                     Some(hint) if hint > backoff => {
                         hint + jitter_for_hint(&self.config.backoff.jitter, hint, &mut self.rng)

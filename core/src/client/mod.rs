@@ -44,6 +44,8 @@
 //! * `streams.rs`: room streams: where each room's stream stands, entries
 //!   delivered once in offset order, what was missed ([`Event::Missed`]),
 //!   and the positions a resumed session hands back;
+//! * `snapshot.rs`: [`Snapshot`]: a session carried across the end of its
+//!   process (`suspend`, `restore`), such as a browser page's reload;
 //! * `event.rs`: what the driver and the application are handed:
 //!   [`Output`], [`Event`] and its reasons, [`UsageError`], [`ClientStats`],
 //!   [`TransportId`].
@@ -55,6 +57,7 @@ mod handshake;
 mod heartbeat;
 mod lifecycle;
 mod requests;
+mod snapshot;
 mod state;
 mod streams;
 mod timers;
@@ -62,6 +65,7 @@ mod timers;
 pub use self::event::{
     ClientStats, Event, LostReason, Output, RequestError, TransportId, UsageError,
 };
+pub use self::snapshot::{RestoreError, Snapshot};
 pub use self::state::{Cause, FailReason, State, TransportError};
 pub use self::timers::{Deadline, Timer};
 pub use crate::link::{Received, CAP_BATCH};
@@ -135,6 +139,10 @@ pub struct Client {
     next_transport: u64,
     /// Consecutive failed attempts since the last stable connection.
     failures: u32,
+    /// The driver said the network is gone ([`handle_network`](Self::handle_network)).
+    offline: bool,
+    /// The current attempt began while [`offline`](Self::offline).
+    attempt_offline: bool,
     auth_retry_used: bool,
     retry_hint: Option<Duration>,
     timers: Timers,
@@ -198,6 +206,8 @@ impl Client {
             transport: None,
             next_transport: 1,
             failures: 0,
+            offline: false,
+            attempt_offline: false,
             auth_retry_used: false,
             retry_hint: None,
             timers: TimerTable::new(),
@@ -246,6 +256,11 @@ impl Client {
     /// Counters.
     pub fn stats(&self) -> &ClientStats {
         &self.stats
+    }
+
+    /// This client instance's id.
+    pub fn client_id(&self) -> ClientId {
+        self.client_id
     }
 
     /// The configuration.

@@ -34,6 +34,8 @@ pub(super) enum ConnPhase {
         batches: bool,
         /// Whether the client can receive detached payloads.
         detach: bool,
+        /// Whether the client asked to be pinged ([`wire::CAP_PING`]).
+        pinged: bool,
     },
 }
 
@@ -86,6 +88,26 @@ impl Server {
         if let Some(conn) = self.conns.get_mut(&connection) {
             conn.reauth_deadline = None;
         }
+    }
+
+    /// Pings a client that asked for it ([`wire::CAP_PING`]): a page in a
+    /// hidden tab, whose own timers the browser may hold back for a minute,
+    /// answers from its message handler, which runs at once. Its `pong`
+    /// keeps the connection from looking idle, and its driver runs its
+    /// overdue timers (acknowledgments, its own ping) when the `ping`
+    /// arrives.
+    pub(super) fn ping(&mut self, c: ConnectionId) {
+        let pinged = matches!(
+            self.conns.get(&c).map(|conn| &conn.phase),
+            Some(ConnPhase::Open { pinged: true, .. })
+        );
+        if !pinged {
+            return;
+        }
+        let nonce = self.now.as_millis();
+        self.transmit(c, &Frame::Ping { nonce });
+        let at = self.now + self.config.ping_interval;
+        self.arm(at, ServerTimer::Ping(c));
     }
 
     pub(super) fn check_idle(&mut self, c: ConnectionId) {

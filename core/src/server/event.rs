@@ -468,6 +468,8 @@ pub enum ServerTimer {
     Rotate(ConnectionId),
     /// A connection's rate limiting is reported.
     RateReport(ConnectionId),
+    /// A connection whose client asked to be pinged gets its `ping`.
+    Ping(ConnectionId),
 }
 
 /// The next deadline and why it is set.

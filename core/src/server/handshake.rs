@@ -292,9 +292,11 @@ impl Server {
                 version,
                 batches: h.caps.iter().any(|c| c == CAP_BATCH),
                 detach: h.caps.iter().any(|c| c == wire::CAP_DETACH),
+                pinged: h.caps.iter().any(|c| c == wire::CAP_PING),
             };
             conn.hello_deadline = None;
         }
+        let pinged = h.caps.iter().any(|c| c == wire::CAP_PING);
         let welcome = Frame::Welcome(Welcome {
             version,
             codec,
@@ -318,6 +320,10 @@ impl Server {
         });
         let idle_at = self.now + self.config.idle_timeout;
         self.arm(idle_at, ServerTimer::Idle(connection));
+        if pinged {
+            let at = self.now + self.config.ping_interval;
+            self.arm(at, ServerTimer::Ping(connection));
+        }
         if let Some(age) = self.config.max_connection_age {
             // Up to 10 % earlier, derived from the connection id: spread out,
             // yet deterministic.

@@ -680,6 +680,7 @@ impl Server {
                 }
             }
             ServerTimer::Idle(c) => self.check_idle(c),
+            ServerTimer::Ping(c) => self.ping(c),
             ServerTimer::Rotate(c) => {
                 if self.conns.contains_key(&c) {
                     self.stats.rotations += 1;

@@ -101,6 +101,12 @@ pub const CAP_DETACH: &str = "detach";
 /// (PROTOCOL.md, section 3.4). Every Kitestring peer announces it.
 pub const CAP_STREAM: &str = "stream";
 
+/// Capability: the client asks the server to ping it every `ping_ms`
+/// (PROTOCOL.md, section 7), so that it can prove itself alive by answering
+/// from its message handler when its own timers are held back (a browser
+/// throttles a hidden tab's timers to once a minute).
+pub const CAP_PING: &str = "ping";
+
 /// Room stream epochs are below this, so that a JavaScript number holds
 /// them exactly.
 pub const MAX_EPOCH: u64 = 1 << 53;
