@@ -473,7 +473,8 @@ pub async fn stream_member_falls_behind(rt: Arc<dyn Runtime>) {
 
 /// Checks that `got`, a member's broadcasts (numbered from 0), came once
 /// each and in order, and that each run of broadcasts it lacks is named,
-/// in order, by one `Missed` event of `room` covering as many offsets.
+/// in order, by one `Missed` event of `room` covering as many offsets (and
+/// at most the three joins' presence entries more).
 /// Returns the number of gaps.
 fn gaps_named_missed(evs: &[Event], got: &[u32], room: &str) -> usize {
     assert!(got.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
@@ -498,9 +499,12 @@ fn gaps_named_missed(evs: &[Event], got: &[u32], room: &str) -> usize {
     );
     for (gap, (from, to)) in gaps.iter().zip(&missed) {
         let to = to.expect("the count of missed entries is known");
-        assert_eq!(
-            to - from,
-            u64::from(gap.1 - gap.0),
+        // The offsets missed are the gap's broadcasts, and perhaps the
+        // presence entries of the members' joins just before them (a
+        // member black-holed before its own join's `skip` reached it).
+        let (offsets, broadcasts) = (to - from + 1, u64::from(gap.1 - gap.0) + 1);
+        assert!(
+            (broadcasts..=broadcasts + 3).contains(&offsets),
             "Missed {from}..={to} names the broadcasts {gap:?}"
         );
     }
