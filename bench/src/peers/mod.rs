@@ -229,21 +229,47 @@ impl Table {
         ours: Server,
         other: Server,
     ) -> Vec<Figure> {
-        let (Some((o, o_range)), Some((b, b_range))) = (self.stat(ours, m), self.stat(other, m))
-        else {
-            return Vec::new();
-        };
+        let scenario = format!("peers {label}: {} vs {}", ours.name(), other.name());
+        self.figure(
+            scenario,
+            m,
+            metric,
+            higher_is_better,
+            (ours, other),
+            None,
+            true,
+        )
+        .into_iter()
+        .collect()
+    }
+
+    /// The figure of metric `m`, `ours` against `other`, if both were
+    /// measured; a failure of either marks it failed (`fatal`: counted as
+    /// ours).
+    #[allow(clippy::too_many_arguments)]
+    fn figure(
+        &self,
+        scenario: String,
+        m: usize,
+        metric: &'static str,
+        higher_is_better: bool,
+        (ours, other): (Server, Server),
+        target: Option<f64>,
+        fatal: bool,
+    ) -> Option<Figure> {
+        let (o, o_range) = self.stat(ours, m)?;
+        let (b, b_range) = self.stat(other, m)?;
         let failed: Vec<String> = [self.failure(ours), self.failure(other)]
             .into_iter()
             .flatten()
             .collect();
-        vec![Figure {
-            scenario: format!("peers {label}: {} vs {}", ours.name(), other.name()),
+        Some(Figure {
+            scenario,
             metric,
             ours: o,
             baseline: b,
             higher_is_better,
-            target: None,
+            target,
             kind: Kind::Ratio,
             range: Some(Range {
                 ours: o_range,
@@ -252,9 +278,9 @@ impl Table {
             }),
             failed: (!failed.is_empty()).then(|| Failure {
                 why: failed.join("; "),
-                ours: true,
+                ours: fatal,
             }),
-        }]
+        })
     }
 
     /// Rows of metric `m`: Kitestring (and its JSON clients, if measured)
@@ -270,9 +296,6 @@ impl Table {
         let mut figures = Vec::new();
         let ours_sides = [KITESTRING, Server::Kitestring(Codec::Json)];
         for ours in ours_sides {
-            let Some((o, o_range)) = self.stat(ours, m) else {
-                continue;
-            };
             for &other in &self.servers {
                 if matches!(other, Server::Kitestring(_)) {
                     continue;
@@ -282,40 +305,25 @@ impl Table {
                 if ours != KITESTRING && other == Server::SocketioNode {
                     continue;
                 }
-                let Some((b, b_range)) = self.stat(other, m) else {
-                    continue;
-                };
                 let target = if ours == KITESTRING {
                     targets.iter().find(|(s, _)| *s == other).map(|(_, t)| *t)
                 } else {
                     None
                 };
-                let failed: Vec<String> = [self.failure(ours), self.failure(other)]
-                    .into_iter()
-                    .flatten()
-                    .collect();
                 // Kitestring and the floor are this repository's code.
                 let fatal = self.failure(ours).is_some()
                     || (other == Server::Floor && self.failure(other).is_some());
                 let side = if ours == KITESTRING { "" } else { " (json)" };
-                figures.push(Figure {
-                    scenario: format!("peers {label}{side} vs {}", other.name()),
+                let scenario = format!("peers {label}{side} vs {}", other.name());
+                figures.extend(self.figure(
+                    scenario,
+                    m,
                     metric,
-                    ours: o,
-                    baseline: b,
                     higher_is_better,
+                    (ours, other),
                     target,
-                    kind: Kind::Ratio,
-                    range: Some(Range {
-                        ours: o_range,
-                        baseline: b_range,
-                        runs: self.runs[0].len(),
-                    }),
-                    failed: (!failed.is_empty()).then(|| Failure {
-                        why: failed.join("; "),
-                        ours: fatal,
-                    }),
-                });
+                    fatal,
+                ));
             }
         }
         figures
