@@ -189,6 +189,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("peers-idle", peers::idle_scenario),
     ("peers-fanout", peers::fanout_scenario),
     ("peers-echo", peers::echo_scenario),
+    ("peers-echo-work", peers::echo_work_scenario),
     ("peers-connect", peers::connect_scenario),
     ("browser-size", browser::size_scenario),
     ("browser-echo", browser::echo_scenario),

@@ -43,7 +43,7 @@ macro_rules! scenarios {
             exchange_json, exchange_msgpack, resume_after_drops, server_abort_resumes, half_open_detected,
             auth_rejected_401, auth_rejected_403, version_mismatch_rejected, hello_in_upgrade,
             shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, reauth_async,
-            handover_upgraded_socket,
+            handover_upgraded_socket, event_shards_keep_sessions_in_order,
             slow_consumer_closed, broadcast_through_cuts, slow_member_evicted, feeds_keep_order,
             stream_member_falls_behind,
             unauthorized_join_refused, presence_after_resume, rotation_without_loss,
@@ -441,6 +441,150 @@ pub async fn unread_events_pause_reading(rt: Arc<dyn Runtime>) {
     let got = server_notes(&rt, &mut sev, IN).await;
     assert_eq!(got, (0..IN).map(note).collect::<Vec<_>>());
     within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// With three event shards, each taken by a task of its own: every
+/// session's events arrive on one shard, in order, and the sessions spread
+/// over the shards. With a small event buffer the connection tasks pause
+/// and resume as the shards are read. Dropping one shard's stream discards
+/// its events and holds up no one else.
+pub async fn event_shards_keep_sessions_in_order(rt: Arc<dyn Runtime>) {
+    const CLIENTS: usize = 12;
+    const N: u32 = 150;
+    let options = ServerOptions {
+        event_buffer: 32,
+        event_shards: 3,
+        ..fast_server()
+    };
+    let (server, events, addr) = serve(&rt, options);
+    let streams = events.split();
+    assert_eq!(streams.len(), 3);
+    let mut logs = Vec::new();
+    let mut stops = Vec::new();
+    for mut stream in streams {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, halt) = (log.clone(), stop.clone());
+        rt.spawn(Box::pin(async move {
+            while let Some(e) = stream.next().await {
+                sink.lock().unwrap().push(e);
+                if halt.load(Ordering::SeqCst) {
+                    return; // drops the stream
+                }
+            }
+        }));
+        logs.push(log);
+        stops.push(stop);
+    }
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (client, mut cev) = kitestring::connect(
+            rt.clone(),
+            &format!("ws://{addr}/ws"),
+            fast_client(vec![Codec::MsgPack, Codec::Json]),
+        )
+        .unwrap();
+        let (session, _, _) = opened(&rt, &mut cev).await;
+        clients.push((client, cev, session));
+    }
+    for n in 0..N {
+        for (client, _, _) in &clients {
+            within(&rt, 2000, "send", client.send(&note(n)))
+                .await
+                .unwrap();
+        }
+    }
+    // Every message arrives, each session's on one shard, in order.
+    let per_shard = |logs: &[Arc<std::sync::Mutex<Vec<ServerEvent>>>], session: SessionId| {
+        logs.iter()
+            .map(|log| {
+                log.lock()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|e| match e {
+                        ServerEvent::Message {
+                            session: s,
+                            message,
+                        } if *s == session => Some(message.decode::<Note>().unwrap().n),
+                        _ => None,
+                    })
+                    .collect::<Vec<u32>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    within(&rt, 10_000, "every message", async {
+        loop {
+            let all = clients.iter().all(|(_, _, s)| {
+                per_shard(&logs, *s).iter().map(Vec::len).sum::<usize>() >= N as usize
+            });
+            if all {
+                break;
+            }
+            kitestring::util::sleep(&*rt, Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let mut shard_of = Vec::new();
+    for (_, _, session) in &clients {
+        let got = per_shard(&logs, *session);
+        let on: Vec<usize> = (0..3).filter(|&i| !got[i].is_empty()).collect();
+        assert_eq!(on.len(), 1, "one shard per session: {on:?}");
+        assert_eq!(got[on[0]], (0..N).collect::<Vec<_>>(), "in order");
+        // Its opening is on the same shard, before its messages.
+        let opened_on = logs
+            .iter()
+            .position(|log| {
+                log.lock().unwrap().iter().any(
+                    |e| matches!(e, ServerEvent::SessionOpened { session: s, .. } if s == session),
+                )
+            })
+            .expect("SessionOpened");
+        assert_eq!(opened_on, on[0]);
+        shard_of.push(on[0]);
+    }
+    let mut used = shard_of.clone();
+    used.sort_unstable();
+    used.dedup();
+    assert!(
+        used.len() >= 2,
+        "sessions spread over the shards: {shard_of:?}"
+    );
+    // The stream of the first session's shard stops at its next event and
+    // is dropped: its sessions' events are discarded; the others' go on.
+    let gone = shard_of[0];
+    stops[gone].store(true, Ordering::SeqCst);
+    for n in N..2 * N {
+        for (client, _, _) in &clients {
+            within(&rt, 2000, "send", client.send(&note(n)))
+                .await
+                .unwrap();
+        }
+    }
+    within(&rt, 10_000, "the other shards' messages", async {
+        loop {
+            let all = clients
+                .iter()
+                .zip(&shard_of)
+                .filter(|(_, &i)| i != gone)
+                .all(|((_, _, s), &i)| per_shard(&logs, *s)[i].len() >= 2 * N as usize);
+            if all {
+                break;
+            }
+            kitestring::util::sleep(&*rt, Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    for ((_, _, s), &i) in clients.iter().zip(&shard_of) {
+        if i != gone {
+            assert_eq!(per_shard(&logs, *s)[i], (0..2 * N).collect::<Vec<_>>());
+        }
+    }
+    for (client, _, _) in clients {
+        let _ = within(&rt, 3000, "close", client.close()).await;
+    }
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
         .unwrap();

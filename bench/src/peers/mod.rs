@@ -44,6 +44,11 @@ enum Server {
     Socketioxide,
     SocketioNode,
     Floor,
+    /// Kitestring whose application does [`serve::APP_WORK`] per message
+    /// on this many tasks, one per event shard.
+    KitestringWork(u8),
+    /// The floor doing the same work per message in its connection tasks.
+    FloorWork,
 }
 
 /// Kitestring as its clients speak it by default (MessagePack): the side
@@ -58,6 +63,9 @@ impl Server {
             Server::Socketioxide => "socketioxide",
             Server::SocketioNode => "socket.io-node",
             Server::Floor => "floor",
+            Server::KitestringWork(1) => "kitestring-1-task",
+            Server::KitestringWork(_) => "kitestring-2-shards",
+            Server::FloorWork => "floor-work",
         }
     }
 
@@ -68,14 +76,18 @@ impl Server {
             Server::Socketioxide => "socketioxide",
             Server::SocketioNode => "socketio-node",
             Server::Floor => "floor",
+            Server::KitestringWork(1) => "kitestring-work-1",
+            Server::KitestringWork(_) => "kitestring-work-2",
+            Server::FloorWork => "floor-work",
         }
     }
 
     fn proto(self) -> Proto {
         match self {
             Server::Kitestring(codec) => Proto::Kitestring(codec),
+            Server::KitestringWork(_) => Proto::Kitestring(Codec::MsgPack),
             Server::Socketioxide | Server::SocketioNode => Proto::SocketIo,
-            Server::Floor => Proto::Floor,
+            Server::Floor | Server::FloorWork => Proto::Floor,
         }
     }
 }
@@ -205,6 +217,44 @@ impl Table {
                 );
             }
         }
+    }
+
+    /// One row of metric `m`: `ours` against `other`, without a target.
+    fn compare(
+        &self,
+        label: &str,
+        m: usize,
+        metric: &'static str,
+        higher_is_better: bool,
+        ours: Server,
+        other: Server,
+    ) -> Vec<Figure> {
+        let (Some((o, o_range)), Some((b, b_range))) = (self.stat(ours, m), self.stat(other, m))
+        else {
+            return Vec::new();
+        };
+        let failed: Vec<String> = [self.failure(ours), self.failure(other)]
+            .into_iter()
+            .flatten()
+            .collect();
+        vec![Figure {
+            scenario: format!("peers {label}: {} vs {}", ours.name(), other.name()),
+            metric,
+            ours: o,
+            baseline: b,
+            higher_is_better,
+            target: None,
+            kind: Kind::Ratio,
+            range: Some(Range {
+                ours: o_range,
+                baseline: b_range,
+                runs: self.runs[0].len(),
+            }),
+            failed: (!failed.is_empty()).then(|| Failure {
+                why: failed.join("; "),
+                ours: true,
+            }),
+        }]
     }
 
     /// Rows of metric `m`: Kitestring (and its JSON clients, if measured)
@@ -455,11 +505,49 @@ pub(crate) fn fanout_scenario(opts: &Options) -> Vec<Figure> {
 
 /// Pipelined echo: 100 connections, 16 messages in flight on each.
 pub(crate) fn echo_scenario(opts: &Options) -> Vec<Figure> {
+    let (label, table) = echo_table(servers(true), opts);
+    table.log(&label, 0, "messages/s");
+    table.log(&label, 1, "CPU us/message");
+    let mut figures = table.rows(&label, 0, "messages/s", true, &[(Server::Floor, 0.6)]);
+    figures.extend(table.rows(&label, 1, "server CPU us/message", false, &[]));
+    figures
+}
+
+/// The same echo with [`serve::APP_WORK`] of application work per message:
+/// Kitestring with one event stream handled by one task, with two event
+/// shards each handled by a task of its own, and the floor doing the work
+/// in its connection tasks. On two cores the work can use both only when
+/// the application's handling is spread.
+pub(crate) fn echo_work_scenario(opts: &Options) -> Vec<Figure> {
+    let servers = vec![
+        Server::KitestringWork(1),
+        Server::KitestringWork(2),
+        Server::FloorWork,
+    ];
+    let (label, table) = echo_table(servers, opts);
+    let label = format!("{label} with work");
+    table.log(&label, 0, "messages/s");
+    table.log(&label, 1, "CPU us/message");
+    let two = Server::KitestringWork(2);
+    let mut figures = table.compare(
+        &label,
+        0,
+        "messages/s",
+        true,
+        two,
+        Server::KitestringWork(1),
+    );
+    figures.extend(table.compare(&label, 0, "messages/s", true, two, Server::FloorWork));
+    figures
+}
+
+/// Runs the pipelined echo against `servers`.
+fn echo_table(servers: Vec<Server>, opts: &Options) -> (String, Table) {
     const CONNS: usize = 100;
     const WINDOW: u64 = 16;
     let (count, reps) = if opts.quick { (20, 1) } else { (5_000, 5) };
     let rt = net::tokio_runtime();
-    let table = Table::measure(servers(true), reps, |server| {
+    let table = Table::measure(servers, reps, |server| {
         let (mut child, port) = spawn(server);
         rt.block_on(async {
             let (go, go_rx) = tokio::sync::watch::channel(false);
@@ -507,12 +595,7 @@ pub(crate) fn echo_scenario(opts: &Options) -> Vec<Figure> {
             run
         })
     });
-    let label = format!("echo {CONNS}c w{WINDOW}");
-    table.log(&label, 0, "messages/s");
-    table.log(&label, 1, "CPU us/message");
-    let mut figures = table.rows(&label, 0, "messages/s", true, &[(Server::Floor, 0.6)]);
-    figures.extend(table.rows(&label, 1, "server CPU us/message", false, &[]));
-    figures
+    (format!("echo {CONNS}c w{WINDOW}"), table)
 }
 
 /// Connect rate: `n` connections opened `workers` at a time, each through

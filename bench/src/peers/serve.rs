@@ -54,7 +54,10 @@ pub(crate) fn run(name: &str) -> Option<ExitCode> {
     let _ = match name {
         "kitestring" => rt.block_on(async { tokio::spawn(kitestring()).await }),
         "socketioxide" => rt.block_on(async { tokio::spawn(socketioxide()).await }),
-        "floor" => rt.block_on(async { tokio::spawn(floor()).await }),
+        "floor" => rt.block_on(async { tokio::spawn(floor(false)).await }),
+        "floor-work" => rt.block_on(async { tokio::spawn(floor(true)).await }),
+        "kitestring-work-1" => rt.block_on(async { tokio::spawn(kitestring_work(1)).await }),
+        "kitestring-work-2" => rt.block_on(async { tokio::spawn(kitestring_work(2)).await }),
         _ => return None,
     };
     Some(ExitCode::SUCCESS)
@@ -149,6 +152,73 @@ async fn kitestring() {
     let _ = server.shutdown().await;
 }
 
+/// What the `-work` servers' applications do per message before echoing
+/// it: about 2 µs of computation over its payload here (an FNV-1a hash,
+/// 64 times over), standing for an application's own handling.
+pub(crate) const APP_WORK: u32 = 64;
+
+/// The application work per message ([`APP_WORK`] rounds).
+pub(crate) fn app_work(payload: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for _ in 0..APP_WORK {
+        for &b in std::hint::black_box(payload) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    std::hint::black_box(h)
+}
+
+/// Kitestring as [`kitestring`] serves it, but whose application does
+/// [`app_work`] on each message before echoing it, on `tasks` tasks: one
+/// event stream, or that many event shards ([`ServerOptions::event_shards`])
+/// each taken by a task of its own. No broadcasts.
+async fn kitestring_work(tasks: usize) {
+    let mut options = ServerOptions {
+        policy: Some(Arc::new(NoPresence)),
+        event_shards: tasks,
+        ..ServerOptions::default()
+    };
+    options.config.rate_limit = None;
+    let any: SocketAddr = "0.0.0.0:0".parse().expect("address");
+    let (server, events) =
+        kitestring::bind(kitestring_tokio::runtime(), any, options).expect("bind");
+    say(&format!(
+        "port {}",
+        server.local_addr().expect("local address").port()
+    ));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let joined = Arc::new(AtomicUsize::new(0));
+    for mut events in events.split() {
+        let (server, opened, joined) = (server.clone(), opened.clone(), joined.clone());
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    ServerEvent::SessionOpened { .. } => {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ServerEvent::Joined { .. } => {
+                        joined.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ServerEvent::Message { session, message } => {
+                        app_work(message.payload.data());
+                        let _ = server.send_payload(session, message.payload).await;
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    let mut lines = net::stdin_lines();
+    while let Some(line) = lines.recv().await {
+        if line.trim() == "count" {
+            say_count(&opened, &joined);
+        } else {
+            say("?");
+        }
+    }
+    let _ = server.shutdown().await;
+}
+
 /// The Socket.IO connect packet's auth payload: the room to join.
 #[derive(serde::Deserialize)]
 struct Auth {
@@ -231,7 +301,7 @@ async fn socketioxide() {
 /// task per connection that echoes what it reads and forwards the room's
 /// `tokio::sync::broadcast` channel once the connection has joined, writing
 /// every message that is ready with `feed` and flushing once.
-async fn floor() {
+async fn floor(work: bool) {
     let listener = listen();
     let (tx, _) = tokio::sync::broadcast::channel::<Bytes>(FLOOR_CHANNEL);
     let opened = Arc::new(AtomicUsize::new(0));
@@ -254,7 +324,7 @@ async fn floor() {
                         return;
                     };
                     opened.fetch_add(1, Ordering::Relaxed);
-                    floor_conn(ws, &tx, &joined).await;
+                    floor_conn(ws, &tx, &joined, work).await;
                 });
             }
             line = lines.recv() => {
@@ -282,6 +352,7 @@ async fn floor_conn(
     mut ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
     tx: &tokio::sync::broadcast::Sender<Bytes>,
     joined: &AtomicUsize,
+    work: bool,
 ) {
     use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let mut room: Option<tokio::sync::broadcast::Receiver<Bytes>> = None;
@@ -305,6 +376,9 @@ async fn floor_conn(
                             }
                         }
                         Some(Ok(m @ (Message::Binary(_) | Message::Text(_)))) => {
+                            if work {
+                                app_work(m.clone().into_data().as_ref());
+                            }
                             if ws.feed(m).await.is_err() {
                                 return;
                             }

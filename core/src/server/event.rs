@@ -250,6 +250,41 @@ pub enum ServerEvent {
     },
 }
 
+impl ServerEvent {
+    /// The session the event concerns, if it names one.
+    pub fn session(&self) -> Option<SessionId> {
+        match self {
+            ServerEvent::SessionOpened { session, .. }
+            | ServerEvent::SessionDetached { session, .. }
+            | ServerEvent::SessionEnded { session, .. }
+            | ServerEvent::Message { session, .. }
+            | ServerEvent::Datagram { session, .. }
+            | ServerEvent::Acked { session, .. }
+            | ServerEvent::Joined { session, .. }
+            | ServerEvent::Left { session, .. }
+            | ServerEvent::Refused { session, .. }
+            | ServerEvent::RateLimited { session, .. }
+            | ServerEvent::TokenReceived { session, .. } => Some(*session),
+            ServerEvent::Rejected { .. }
+            | ServerEvent::ConnectionClosed { .. }
+            | ServerEvent::DecodeFailed { .. } => None,
+        }
+    }
+
+    /// The connection the event names, if any.
+    pub fn connection(&self) -> Option<ConnectionId> {
+        match self {
+            ServerEvent::SessionOpened { connection, .. }
+            | ServerEvent::Rejected { connection, .. }
+            | ServerEvent::ConnectionClosed { connection, .. }
+            | ServerEvent::RateLimited { connection, .. }
+            | ServerEvent::TokenReceived { connection, .. }
+            | ServerEvent::DecodeFailed { connection, .. } => Some(*connection),
+            _ => None,
+        }
+    }
+}
+
 /// A room operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]

@@ -45,7 +45,7 @@ impl ServerTask {
         let replies = {
             let mut st = self.shared.lock();
             st.stopped = true;
-            wakes.take(&mut st.events_waker);
+            self.shared.stop_events(&mut wakes);
             // Connections still open after the close timeout are told again.
             for slot in st.conns.values() {
                 lock_slot(slot).order(

@@ -27,7 +27,7 @@ use crate::util;
 use crate::ws;
 
 use super::feed::{FeedError, Followed};
-use super::shared::{lock_slot, CloseOrder, ConnSlot, LockedState, ServerShared, SlotRef};
+use super::shared::{lock_slot, CloseOrder, ConnSlot, LockedState, ServerShared, SlotRef, Wakes};
 
 /// How a connection task's main loop ended.
 enum ConnEnd {
@@ -79,13 +79,26 @@ impl ConnIo {
     /// application's next take wakes it) and returns `false`.
     fn pause_unless_room(&self, shared: &ServerShared) -> bool {
         let mut st = shared.lock();
-        if st.events_have_room(shared) {
+        if shared.events_have_room() {
             return true;
         }
-        let mut slot = lock_slot(&self.slot);
-        if !slot.paused {
-            slot.paused = true;
-            st.paused.push(self.id);
+        {
+            let mut slot = lock_slot(&self.slot);
+            if !slot.paused {
+                slot.paused = true;
+                st.paused.push(self.id);
+            }
+        }
+        // Said before looking again: a stream that hands an event out
+        // after this sees it and lets the readers go; one that did before
+        // left room that the second look sees.
+        shared.readers_paused.store(true, Ordering::SeqCst);
+        if shared.events_have_room() {
+            let mut wakes = Wakes::default();
+            st.resume_readers(shared, &mut wakes);
+            drop(st);
+            wakes.wake(shared);
+            return true;
         }
         false
     }
@@ -135,7 +148,8 @@ impl ConnIo {
                 if let Some(order) = slot.close.take() {
                     if order.flush {
                         self.out.extend(slot.out.drain(..));
-                        self.followed.apply(slot.follows.drain(..));
+                        self.followed
+                            .apply(std::mem::take(&mut slot.follows).into_iter());
                     }
                     return Poll::Ready(ConnEnd::Close(order));
                 }
@@ -292,7 +306,8 @@ fn take_frames(
         std::mem::swap(out, &mut slot.out);
     }
     if !slot.follows.is_empty() {
-        followed.apply(slot.follows.drain(..));
+        // Taken, not drained: an idle connection keeps no spare capacity.
+        followed.apply(std::mem::take(&mut slot.follows).into_iter());
     }
     if slot.out.is_empty() {
         *horizon = shared.published.load(Ordering::Acquire);

@@ -280,6 +280,9 @@ impl Followed {
                     codec,
                 } => {
                     self.list.retain(|f| f.room != room);
+                    // One more at a time: most connections follow a room or
+                    // two, and an idle one should hold no spare room.
+                    self.list.reserve_exact(1);
                     self.list.push(Following {
                         room,
                         feed,
@@ -342,8 +345,13 @@ impl Followed {
             self.list.retain(|f| !f.done());
             return Ok(None);
         };
-        let next = self.list[i].buf.pop_front();
-        if self.list[i].done() {
+        let f = &mut self.list[i];
+        let next = f.buf.pop_front();
+        if f.buf.is_empty() && f.buf.capacity() > 16 {
+            // After a burst: a quiet member holds no copied-out batch.
+            f.buf = VecDeque::new();
+        }
+        if f.done() {
             self.list.swap_remove(i);
         }
         Ok(next)

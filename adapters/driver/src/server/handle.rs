@@ -1,6 +1,6 @@
 //! What the application holds: [`ServerHandle`], whose calls run the core
 //! directly under the state's short lock and return its answer, and the
-//! [`ServerEvents`] stream, which takes events from the state's queue.
+//! [`ServerEvents`] stream (in `events.rs`).
 //!
 //! A handle call never waits for a task or for the application (only
 //! [`ServerHandle::ready`], the sends that wait for it, and
@@ -9,21 +9,22 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::Ordering;
+
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_tungstenite::WebSocketStream;
 use bytes::Bytes;
 use futures_channel::{mpsc, oneshot};
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_util::Stream;
+
 use kitestring_core::close::CloseCode;
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::rooms::{Member, RoomPolicy};
-use kitestring_core::server::{ConnectionId, ServerEvent, ServerMetrics, SessionInfo};
+#[cfg(doc)]
+use kitestring_core::server::ServerEvent;
+use kitestring_core::server::{ConnectionId, ServerMetrics, SessionInfo};
 use kitestring_core::wire::{Codec, Payload, SessionId};
 use serde::Serialize;
 
@@ -32,7 +33,7 @@ use crate::runtime::BoxIo;
 use crate::util;
 
 use super::conn::connection;
-use super::shared::{lock_slot, ServerShared, Wakes};
+use super::shared::{lock_slot, ServerShared};
 use super::upgrade::serve_accepted;
 
 /// A cloneable handle to a running server. Every call runs the core machine
@@ -53,71 +54,6 @@ impl fmt::Debug for ServerHandle {
         f.debug_struct("ServerHandle")
             .field("local_addr", &self.local_addr)
             .finish()
-    }
-}
-
-/// The stream of [`ServerEvent`]s. Ends when the server stops.
-///
-/// Bounded by [`ServerOptions::event_buffer`]: while that many events wait,
-/// connection tasks stop reading their sockets (TCP pushes back on the
-/// peers). Events caused by timers and by handle calls are still queued, so
-/// the queue can exceed the bound by what those produce (a few per session
-/// at most). Dropping the stream discards events from then on.
-///
-/// [`ServerOptions::event_buffer`]: super::ServerOptions::event_buffer
-pub struct ServerEvents {
-    pub(super) shared: Arc<ServerShared>,
-}
-
-impl fmt::Debug for ServerEvents {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ServerEvents")
-    }
-}
-
-impl Stream for ServerEvents {
-    type Item = ServerEvent;
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ServerEvent>> {
-        let mut wakes = Wakes::default();
-        let polled = {
-            let mut st = self.shared.lock();
-            match st.events.pop_front() {
-                Some(event) => {
-                    self.shared
-                        .event_backlog
-                        .store(st.events.len(), Ordering::Relaxed);
-                    if !st.paused.is_empty() && st.events_have_room(&self.shared) {
-                        st.resume_readers(&mut wakes);
-                    }
-                    Poll::Ready(Some(event))
-                }
-                None if st.stopped => Poll::Ready(None),
-                None => {
-                    match &st.events_waker {
-                        Some(w) if w.will_wake(cx.waker()) => {}
-                        _ => st.events_waker = Some(cx.waker().clone()),
-                    }
-                    Poll::Pending
-                }
-            }
-        };
-        wakes.wake(&self.shared);
-        polled
-    }
-}
-
-impl Drop for ServerEvents {
-    fn drop(&mut self) {
-        let mut wakes = Wakes::default();
-        {
-            let mut st = self.shared.lock();
-            st.events_dropped = true;
-            st.events.clear();
-            self.shared.event_backlog.store(0, Ordering::Relaxed);
-            st.events_waker = None;
-            st.resume_readers(&mut wakes);
-        }
-        wakes.wake(&self.shared);
     }
 }
 

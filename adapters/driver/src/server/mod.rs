@@ -30,6 +30,10 @@
 //!   TCP pushes back on the peers. Keep consuming [`ServerEvents`]. Events
 //!   caused by timers and handle calls are queued regardless (a few per
 //!   session at most), so no handle call ever waits for the application.
+//!   With [`ServerOptions::event_shards`] the events are queued per shard
+//!   (a session's always in the same one) and [`ServerEvents::split`]
+//!   gives a stream per shard, so the application can handle sessions on
+//!   as many tasks; the bound holds for all shards together.
 //! * Outbound: what a connection can owe its peer is bounded first by the
 //!   core: a session holds at most its send window of unacknowledged
 //!   messages (`ReliabilityConfig::window_messages` / `window_bytes`) plus its
@@ -65,8 +69,9 @@
 //! This module holds the options, [`bind`] and [`start`], which build the
 //! shared state and spawn the server task. The rest lives in private modules
 //! beside it: `auth` (who may upgrade), `shared` (the locked state, the
-//! connection slots and the lock order), `handle` ([`ServerHandle`] and
-//! [`ServerEvents`]), `accept` (the server task), `upgrade` and `http` (an
+//! connection slots and the lock order), `feed` (room feeds), `events`
+//! (the event shards and [`ServerEvents`]), `handle` ([`ServerHandle`]),
+//! `accept` (the server task), `upgrade` and `http` (an
 //! upgrade, read by the built-in listener or handed over by `hyper`, and
 //! its admission), `conn` (the connection task) and `metrics` (the export
 //! through the `metrics` facade).
@@ -74,6 +79,7 @@
 mod accept;
 mod auth;
 mod conn;
+mod events;
 mod feed;
 mod handle;
 mod http;
@@ -84,11 +90,11 @@ mod shared;
 mod upgrade;
 
 pub use auth::{AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy, TokenValidator};
-pub use handle::{ServerEvents, ServerHandle};
+pub use events::ServerEvents;
+pub use handle::ServerHandle;
 #[cfg(feature = "hyper")]
 pub use hyper::UpgradeService;
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
@@ -163,9 +169,13 @@ pub struct ServerOptions {
     /// messages than that, so this queue only guards against control frames
     /// piling up.)
     pub outbound_queue: usize,
-    /// Events waiting for the application before connection tasks stop
-    /// reading their sockets. Default 4096.
+    /// Events waiting for the application (in all shards together) before
+    /// connection tasks stop reading their sockets. Default 4096.
     pub event_buffer: usize,
+    /// Event queues, each with its stream ([`ServerEvents::split`]), for
+    /// an application that handles sessions on several tasks: a session's
+    /// events all go to one shard, chosen from its id. Default 1; at least 1.
+    pub event_shards: usize,
     /// Time allowed for the TLS handshake and HTTP upgrade. Default 10 s.
     pub handshake_timeout: Duration,
     /// Time allowed for a close handshake before the socket is dropped. Default 2 s.
@@ -249,6 +259,7 @@ impl Default for ServerOptions {
             reauth: None,
             outbound_queue: 256,
             event_buffer: 4096,
+            event_shards: 1,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
             policy: None,
@@ -274,6 +285,7 @@ impl fmt::Debug for ServerOptions {
             .field("retry_after", &self.retry_after)
             .field("outbound_queue", &self.outbound_queue)
             .field("event_buffer", &self.event_buffer)
+            .field("event_shards", &self.event_shards)
             .field("listen_backlog", &self.listen_backlog)
             .field("policy", &self.policy.is_some())
             .field("metrics_interval", &self.metrics_interval)
@@ -356,9 +368,6 @@ fn start_inner(
             server,
             conns: FxHashMap::default(),
             codecs: FxHashMap::default(),
-            events: VecDeque::new(),
-            events_waker: None,
-            events_dropped: false,
             paused: Vec::new(),
             room_waiters: FxHashMap::default(),
             armed: None,
@@ -386,6 +395,10 @@ fn start_inner(
         },
         published: AtomicU64::new(0),
         event_room: options.event_buffer.max(1),
+        events: (0..options.event_shards.max(1))
+            .map(|_| events::Shard::default())
+            .collect(),
+        readers_paused: AtomicBool::new(false),
         event_backlog: AtomicUsize::new(0),
         options: Arc::new(options),
     });
@@ -410,7 +423,7 @@ fn start_inner(
             local_addr,
             codec,
         },
-        ServerEvents { shared },
+        ServerEvents::new(shared),
     ))
 }
 

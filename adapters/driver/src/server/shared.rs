@@ -35,6 +35,7 @@ use crate::runtime::Runtime;
 use crate::ws;
 
 use super::auth::{AuthReject, AuthRequest, AuthResult, Verdict};
+use super::events::{shard_of, Shard};
 use super::feed::{lock_feed, Feed, FeedRef, FollowOp};
 use super::ServerOptions;
 
@@ -83,9 +84,13 @@ pub(super) struct ServerShared {
     /// Events waiting for the application before connection tasks pause
     /// reading ([`ServerOptions::event_buffer`]).
     pub(super) event_room: usize,
-    /// `LockedState::events.len()`, kept beside the lock so that a
-    /// connection task can see there is room without taking it.
+    /// Events queued and not yet handed to the application, in all shards.
     pub(super) event_backlog: AtomicUsize,
+    /// The event queues, one per shard (`events.rs`).
+    pub(super) events: Box<[Shard]>,
+    /// Some connection task stopped reading for want of room for events:
+    /// a stream that hands one out takes the state's lock to wake them.
+    pub(super) readers_paused: AtomicBool,
 }
 
 /// The state behind the lock: the core machine and what the driver keeps
@@ -98,11 +103,6 @@ pub(super) struct LockedState {
     /// session opens or resumes, removed when it ends), to encode typed
     /// values. Bounded by the sessions the core holds.
     pub(super) codecs: FxHashMap<SessionId, Codec>,
-    /// Events for the application.
-    pub(super) events: VecDeque<ServerEvent>,
-    pub(super) events_waker: Option<Waker>,
-    /// The event stream was dropped: events are discarded.
-    pub(super) events_dropped: bool,
     /// Connections that stopped reading because `events` was full.
     pub(super) paused: Vec<ConnectionId>,
     /// Callers of [`ServerHandle::ready`] waiting for room in a session's
@@ -334,6 +334,7 @@ impl LockedState {
         if let Some(slot) = self.conns.get(&connection) {
             let mut slot = lock_slot(slot);
             if !slot.closing {
+                slot.follows.reserve_exact(1);
                 slot.follows.push(op);
                 if current != Some(connection) {
                     wakes.take(&mut slot.waker);
@@ -443,12 +444,8 @@ impl LockedState {
                     {
                         self.check_token(env, now, *connection, *session, token, wakes);
                     }
-                    if !self.events_dropped {
-                        self.events.push_back(event);
-                        env.event_backlog
-                            .store(self.events.len(), Ordering::Relaxed);
-                        wakes.take(&mut self.events_waker);
-                    }
+                    let shard = shard_of(&event, &self.server, env.events.len());
+                    env.queue_event(shard, event, wakes);
                 }
             }
         }
@@ -463,14 +460,9 @@ impl LockedState {
         }
     }
 
-    /// Whether connection tasks may read: the application has room for
-    /// the events that reading causes.
-    pub(super) fn events_have_room(&self, env: &ServerShared) -> bool {
-        self.events_dropped || self.events.len() < env.event_room
-    }
-
     /// Lets paused connection tasks read again.
-    pub(super) fn resume_readers(&mut self, wakes: &mut Wakes) {
+    pub(super) fn resume_readers(&mut self, env: &ServerShared, wakes: &mut Wakes) {
+        env.readers_paused.store(false, Ordering::SeqCst);
         for id in std::mem::take(&mut self.paused) {
             if let Some(slot) = self.conns.get(&id) {
                 let mut slot = lock_slot(slot);
