@@ -6,6 +6,7 @@
 #
 #     bash adapters/web/test.sh            # every test file
 #     bash adapters/web/test.sh echo       # the files whose names contain "echo"
+#     bash adapters/web/test.sh --setup    # install and build only (the bench crate's browser scenarios)
 #
 # Installs what is missing on a machine with only Rust: Chromium and
 # Node.js from Debian's packages (as root, with apt-get), playwright-core
@@ -48,6 +49,7 @@ bash "$here/build.sh"
 say "building the suite server"
 (cd "$root" && $nice cargo build --locked --quiet -p kitestring-web --example suite_server)
 export SUITE_SERVER="$CARGO_TARGET_DIR/debug/examples/suite_server"
+[ "${1:-}" = --setup ] && exit 0
 
 files=()
 for f in "$suite"/suite/*.test.mjs; do

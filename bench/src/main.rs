@@ -9,6 +9,7 @@
 //! cargo run --release -p kitestring-bench -- all --quick    # smoke run (CI)
 //! cargo run --release -p kitestring-bench -- all --json out.json
 //! cargo run --release -p kitestring-bench -- peers          # against socket.io and the floor
+//! cargo run --release -p kitestring-bench -- browser-size browser-echo browser-connect   # the page package
 //! ```
 //!
 //! Figures are never asserted: BENCHMARKS.md records them with the machine
@@ -20,6 +21,7 @@ use std::time::Instant as StdInstant;
 use kitestring_core::wire::Codec;
 
 mod alloc;
+mod browser;
 mod child;
 mod connect;
 mod core_cost;
@@ -189,6 +191,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("peers-echo", peers::echo_scenario),
     ("peers-echo-work", peers::echo_work_scenario),
     ("peers-connect", peers::connect_scenario),
+    ("browser-size", browser::size_scenario),
+    ("browser-echo", browser::echo_scenario),
+    ("browser-connect", browser::connect_scenario),
 ];
 
 fn usage(problem: &str) -> ExitCode {

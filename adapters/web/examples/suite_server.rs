@@ -23,8 +23,8 @@
 //!   carries; `/control/tally`: what
 //!   the server received, per client.
 //!
-//! The application behind the sessions echoes every message to its
-//! sender, answers every request with its own payload, and on
+//! The application behind the sessions echoes every message (and
+//! datagram) to its sender, answers every request with its own payload, and on
 //! `{"op":"push","count":N}` sends N numbered messages `{"s":i}` back.
 //! Messages `{"n":i}` are tallied per client: the tally says how many
 //! arrived, and how many were duplicates or came out of order.
@@ -345,6 +345,9 @@ async fn serve_sessions(
                     t.lives.entry(client).or_default().push(life);
                     t.open.retain(|s| *s != session);
                 }
+            }
+            ServerEvent::Datagram { session, data } => {
+                let _ = server.send_datagram(session, data).await;
             }
             ServerEvent::Message { session, message } => {
                 let value = message.decode::<Value>().ok();

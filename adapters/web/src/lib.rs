@@ -321,7 +321,7 @@ impl Machine {
     pub fn deadline_timer(&self) -> String {
         self.client
             .poll_timeout()
-            .map_or_else(String::new, |d| format!("{:?}", d.timer))
+            .map_or_else(String::new, |d| timer_name(d.timer).to_owned())
     }
 
     // ---- commands -----------------------------------------------------------
@@ -474,6 +474,26 @@ impl Machine {
             .send_token(instant(now), token)
             .map_err(Refused::Send);
         self.done(r)
+    }
+}
+
+/// A timer's name, for traces (without `Debug`, which would bring the
+/// formatting of every type into the module).
+fn timer_name(t: kitestring_core::client::Timer) -> &'static str {
+    use kitestring_core::client::Timer;
+    match t {
+        Timer::Connect => "connect",
+        Timer::Backoff => "backoff",
+        Timer::Ping => "ping",
+        Timer::Liveness => "liveness",
+        Timer::Stability => "stability",
+        Timer::AckDelay => "ack_delay",
+        Timer::AckTimeout => "ack_timeout",
+        Timer::Close => "close",
+        Timer::Request => "request",
+        Timer::Batch => "batch",
+        Timer::Coalesce => "coalesce",
+        _ => "other",
     }
 }
 

@@ -45,6 +45,23 @@ test('a page that goes away ends its session at once', { timeout: 60000 }, async
   await page.context().close();
 });
 
+test('a closed tab ends its session at once', { timeout: 60000 }, async () => {
+  const page = await openPage(browser, server.url('/'));
+  const client = await page.evaluate(async (url) => {
+    const c = await ks.connect(url);
+    await new Promise((r) => c.on('open', r));
+    return c.clientId;
+  }, server.ws('/ws'));
+  const context = page.context();
+  await page.close({ runBeforeUnload: true });
+  const life = await until('the session to end', async () => {
+    const l = await lives(server, client);
+    return l.length > 1 ? l : null;
+  }, 5000);
+  assert.deepEqual(life, ['opened', 'ended ClientClosed'], 'ended by the page, not detached by the browser\'s 1001');
+  await context.close();
+});
+
 test('a reload with unacknowledged messages both ways loses nothing', { timeout: 60000 }, async () => {
   const page = await openPage(browser, server.url('/'));
   const url = server.ws('/ws', server.ports.proxy);
