@@ -15,7 +15,7 @@ use kitestring_core::client::{Client, Event, Output, State, TransportError, Tran
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::{ClientConfig, ServerConfig};
 use kitestring_core::reliable::{MessageId, SendError};
-use kitestring_core::server::{ConnectionId, Server, ServerEvent, ServerOutput};
+use kitestring_core::server::{ConnectionId, Server, ServerEvent, ServerOutput, SessionImage};
 use kitestring_core::time::Instant;
 use kitestring_core::wire::{ClientId, Payload, SessionId, Transmit};
 
@@ -310,6 +310,52 @@ impl Sim {
             }
         }
         self.pump();
+    }
+
+    /// A deploy: the server exports every session, writes what it had
+    /// queued and closes its connections (4011), and goes away; a new
+    /// server process (same configuration and resume secret) imports every
+    /// image, each carried through JSON as a backplane would store it.
+    /// Returns how many sessions moved.
+    pub fn hand_over(&mut self) -> usize {
+        let now = self.now;
+        let images: Vec<String> = self
+            .server
+            .session_ids()
+            .into_iter()
+            .filter_map(|s| self.server.export_session(now, s))
+            .map(|image| serde_json::to_string(&image).expect("an image serializes"))
+            .collect();
+        self.pump();
+        self.restart_server(false);
+        for json in &images {
+            let image: SessionImage = serde_json::from_str(json).expect("an image reads back");
+            if let Err(e) = self.server.import_session(now, &image) {
+                panic!("the new server refused a session the old one exported: {e}");
+            }
+        }
+        self.pump();
+        images.len()
+    }
+
+    /// One session taken out of the server and put back into it, through
+    /// JSON: its connection, if any, closes (4011) and its client resumes.
+    pub fn bounce(&mut self, i: usize) -> bool {
+        let now = self.now;
+        let Some(session) = self.session(i) else {
+            return false;
+        };
+        let Some(image) = self.server.export_session(now, session) else {
+            return false;
+        };
+        let json = serde_json::to_string(&image).expect("an image serializes");
+        self.pump();
+        let image: SessionImage = serde_json::from_str(&json).expect("an image reads back");
+        if let Err(e) = self.server.import_session(self.now, &image) {
+            panic!("the server refused a session it exported: {e}");
+        }
+        self.pump();
+        true
     }
 
     /// The session client `i` holds, if any.

@@ -3,7 +3,11 @@
 //!
 //! 1. Every message the API accepted is delivered to the other side's
 //!    application exactly once and in order, in both directions, unless a
-//!    session-lost event named it as unconfirmed or unsent.
+//!    session-lost event named it as unconfirmed or unsent. This holds
+//!    through hand-overs too: every session exported from a server that
+//!    goes away and imported into a new one (`Sim::hand_over`), or taken
+//!    out and put back at any point (`Sim::bounce`), loses and duplicates
+//!    nothing.
 //! 2. Backoff: every retry delay lies within the configured bounds (never
 //!    sooner than the base delay), attempts never exceed the maximum, and
 //!    `Failed` comes only after the maximum.
@@ -27,6 +31,7 @@ use proptest::prelude::*;
 
 use kitestring_conformance::sim::{LinkConfig, Reachability, Sim};
 use kitestring_core::client::{Event, State};
+use kitestring_core::close::CloseCode;
 use kitestring_core::config::{ClientConfig, QueueConfig, ServerConfig};
 use kitestring_core::reliable::{BatchConfig, MessageId, ReliabilityConfig};
 use kitestring_core::server::{ServerEvent, SessionState};
@@ -46,6 +51,8 @@ enum Op {
     Reconnect { client: usize },
     Duplicate { client: usize },
     Drop { client: usize },
+    HandOver,
+    Bounce { client: usize },
 }
 
 fn op(clients: usize) -> impl Strategy<Value = Op> {
@@ -61,7 +68,9 @@ fn op(clients: usize) -> impl Strategy<Value = Op> {
         1 => (1u16..400).prop_map(|secs| Op::Unreachable { secs }),
         1 => c.clone().prop_map(|client| Op::Reconnect { client }),
         2 => c.clone().prop_map(|client| Op::Duplicate { client }),
-        2 => c.prop_map(|client| Op::Drop { client }),
+        2 => c.clone().prop_map(|client| Op::Drop { client }),
+        1 => Just(Op::HandOver),
+        1 => c.prop_map(|client| Op::Bounce { client }),
     ]
 }
 
@@ -124,6 +133,9 @@ struct Harness {
     /// Every session the server reported and has not ended, as its events
     /// say, and the index of the next server event to check.
     sessions: BTreeMap<SessionId, SessionState>,
+    /// Sessions exported and not yet imported, with how their last
+    /// connection ended.
+    moved: BTreeMap<SessionId, CloseCode>,
     seen_server_events: usize,
 }
 
@@ -184,6 +196,7 @@ impl Harness {
             seen_events: vec![0; s.clients],
             last_state: vec![State::Disconnected; s.clients],
             sessions: BTreeMap::new(),
+            moved: BTreeMap::new(),
             seen_server_events: 0,
         }
     }
@@ -247,6 +260,12 @@ impl Harness {
             }
             Op::Duplicate { client } => sim.duplicate_next(client),
             Op::Drop { client } => sim.drop_next(client),
+            Op::HandOver => {
+                sim.hand_over();
+            }
+            Op::Bounce { client } => {
+                sim.bounce(client);
+            }
         }
     }
 
@@ -372,6 +391,30 @@ impl Harness {
                 ServerEvent::SessionEnded { session, .. } => {
                     let old = self.sessions.remove(session);
                     prop_assert!(old.is_some(), "{session:?} ended, never opened");
+                }
+                ServerEvent::SessionMoved { session } => {
+                    // An attached session's connection is closed with 4011;
+                    // a detached one keeps how its connection ended.
+                    let code = match self.sessions.remove(session) {
+                        Some(SessionState::Detached { code, .. }) => code,
+                        Some(_) => CloseCode::ROTATE,
+                        None => {
+                            return Err(TestCaseError::fail(format!(
+                                "{session:?} moved, never opened"
+                            )))
+                        }
+                    };
+                    self.moved.insert(*session, code);
+                }
+                ServerEvent::SessionArrived { session, .. } => {
+                    let code = self.moved.remove(session);
+                    prop_assert!(code.is_some(), "{session:?} arrived, never moved");
+                    let new = SessionState::Detached {
+                        code: code.unwrap_or(CloseCode::ROTATE),
+                        expires_at: Instant::MAX,
+                    };
+                    let old = self.sessions.insert(*session, new);
+                    prop_assert!(old.is_none(), "{session:?} arrived while here");
                 }
                 _ => {}
             }
@@ -536,6 +579,7 @@ proptest! {
                 Op::Reconnect { client } => Op::Reconnect { client: client % s.clients },
                 Op::Duplicate { client } => Op::Duplicate { client: client % s.clients },
                 Op::Drop { client } => Op::Drop { client: client % s.clients },
+                Op::Bounce { client } => Op::Bounce { client: client % s.clients },
                 other => other,
             };
             h.apply(&o);
@@ -558,6 +602,7 @@ proptest! {
                     Op::Reconnect { client } => Op::Reconnect { client: client % s.clients },
                     Op::Duplicate { client } => Op::Duplicate { client: client % s.clients },
                     Op::Drop { client } => Op::Drop { client: client % s.clients },
+                    Op::Bounce { client } => Op::Bounce { client: client % s.clients },
                     other => other,
                 };
                 h.apply(&o);

@@ -17,6 +17,7 @@
 //!   and `pack_envelope`;
 //! - `frame.rs`: `frame_roundtrip`;
 //! - `handshake.rs`: `handshake`;
+//! - `handover.rs`: `session_image`;
 //! - `client.rs`: `client_machine`;
 //! - `server.rs`: `server_machine`, with `feeds.rs`, the reference for
 //!   room feeds;
@@ -35,6 +36,7 @@ mod client;
 mod decode;
 mod feeds;
 mod frame;
+mod handover;
 mod handshake;
 mod lww;
 mod seeds;
@@ -56,6 +58,7 @@ pub use frame::{
     frame_roundtrip, ArbFrame, ArbJson, ArbPayload, KNOWN_JSON_NULL_PAYLOAD,
     KNOWN_JSON_PAYLOAD_WHITESPACE,
 };
+pub use handover::session_image;
 pub use handshake::handshake;
 pub use lww::{lww_merge, ArbUpdate, Schedule};
 pub use seeds::seed_messages;

@@ -19,7 +19,7 @@ use core::time::Duration;
 use crate::close::CloseCode;
 use crate::config::{QueueConfig, ServerConfig};
 use crate::reliable::{OverflowPolicy, ReliabilityConfig, SendError};
-use crate::server::{ConnectionId, Server, ServerEvent, ServerOutput};
+use crate::server::{ConnectionId, Server, ServerEvent, ServerOutput, SessionImage};
 use crate::time::Instant;
 use crate::wire::{
     self, ClientId, Codec, Frame, Hello, Incoming, Msg, MsgKind, Resume, SessionId, StreamEntry,
@@ -185,6 +185,9 @@ pub enum ServerOp {
     GoAway(u8, Code, Option<u16>),
     /// `close_session`.
     CloseSession(u8),
+    /// A session (by index) exported, carried through MessagePack and
+    /// imported again: it must come back whole.
+    Bounce(u8),
     /// `disconnect_connection`.
     Disconnect(u8, Code),
     /// `handle_timeout` at the next deadline.
@@ -564,6 +567,29 @@ impl ServerHarness {
                 let r = self.server.close_session(now, session);
                 assert_eq!(r.is_ok(), self.sessions.contains_key(&session));
             }
+            ServerOp::Bounce(s) => {
+                let session = self.session(s);
+                match self.server.export_session(now, session) {
+                    Some(image) => {
+                        let bytes = rmp_serde::to_vec_named(&image)
+                            .unwrap_or_else(|e| panic!("an image does not serialize: {e}"));
+                        let back: SessionImage = rmp_serde::from_slice(&bytes)
+                            .unwrap_or_else(|e| panic!("an image does not read back: {e}"));
+                        assert_eq!(back, image, "an image changed through MessagePack");
+                        if let Err(e) = self.server.import_session(now, &back) {
+                            panic!(
+                                "a session exported here does not import here: {e}\n{}",
+                                self.log
+                            );
+                        }
+                    }
+                    None => assert!(
+                        !self.sessions.contains_key(&session),
+                        "a live session was not exported\n{}",
+                        self.log
+                    ),
+                }
+            }
             ServerOp::Disconnect(conn, code) => {
                 let conn = self.conn(conn);
                 self.server
@@ -770,6 +796,19 @@ impl ServerHarness {
                 };
                 s.conn = None;
             }
+            // Only a bounce moves a session, and it comes straight back:
+            // the model keeps it, detached.
+            ServerEvent::SessionMoved { session } => {
+                let s = match self.sessions.get_mut(&session) {
+                    Some(s) => s,
+                    None => panic!("SessionMoved of an unknown session"),
+                };
+                s.conn = None;
+            }
+            ServerEvent::SessionArrived { session, .. } => assert!(
+                self.sessions.contains_key(&session),
+                "SessionArrived of a session never here"
+            ),
             ServerEvent::SessionEnded {
                 session,
                 unconfirmed,

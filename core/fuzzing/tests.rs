@@ -712,3 +712,27 @@ fn server_machine_ignores_a_subs_it_did_not_ask_for() {
         server_machine(setup, ops.clone());
     }
 }
+
+/// The `session_image` target's seed is an image the checks accept (so
+/// the fuzzer starts from the accepting path), in JSON and in MessagePack,
+/// and a few edits of it are refused without a panic.
+#[test]
+fn session_image_seed_imports() {
+    let json = include_bytes!("../../fuzz/corpus/session_image/image.json");
+    let image: crate::server::SessionImage = serde_json::from_slice(json).unwrap();
+    let mut server = crate::server::Server::new(crate::config::ServerConfig::default()).unwrap();
+    assert!(server
+        .import_session(crate::time::Instant::ZERO, &image)
+        .is_ok());
+    session_image(json);
+    session_image(&rmp_serde::to_vec_named(&image).unwrap());
+    let text = std::str::from_utf8(json).unwrap();
+    for (from, to) in [
+        ("\"next_seq\":4", "\"next_seq\":18446744073709551615"),
+        ("\"delivered\":2", "\"delivered\":0"),
+        ("\"grace_ms\":60000", "\"grace_ms\":18446744073709551615"),
+        ("\"format\":1", "\"format\":0"),
+    ] {
+        session_image(text.replace(from, to).as_bytes());
+    }
+}

@@ -82,6 +82,8 @@
 //! * [`time`]: the caller's clock as an [`Instant`].
 //! * `timer` *(private)*: the client's table of deadlines.
 //! * `rng` *(private)*: the seeded generator behind jitter.
+//! * `saved` *(private)*: a queued or unacknowledged message written down
+//!   in a client's snapshot or a server's session image.
 //!
 //! For applications, used by no machine:
 //! * [`crdt`]: a hybrid logical clock ([`hlc`]) and a last-writer-wins map
@@ -102,6 +104,7 @@ mod link;
 pub mod reliable;
 mod rng;
 pub mod rooms;
+mod saved;
 pub mod server;
 pub mod stream;
 pub mod time;

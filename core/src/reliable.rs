@@ -429,6 +429,20 @@ impl Outbound {
         self.waiting = waiting.into();
     }
 
+    /// Takes a session's messages from another server (into an empty
+    /// queue): like [`restore`](Self::restore), but the other server said
+    /// how far it had sent. The caller checked the numbers.
+    pub(crate) fn import(
+        &mut self,
+        next_seq: u64,
+        sent_through: u64,
+        window: Vec<Sent>,
+        waiting: Vec<Waiting>,
+    ) {
+        self.restore(next_seq, window, waiting);
+        self.sent_through = sent_through;
+    }
+
     /// Drops everything waiting; returns the ids (never sent).
     pub(crate) fn drain_waiting(&mut self) -> Vec<MessageId> {
         self.waiting_bytes = 0;
@@ -625,6 +639,23 @@ impl Inbound {
         *self = Inbound::default();
         self.delivered = delivered;
         self.acked = delivered;
+    }
+
+    /// The refused messages holding acknowledgments back, with the ids of
+    /// their refusals, in order.
+    pub(crate) fn held(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.held.iter().flat_map(|h| h.iter().copied())
+    }
+
+    /// A session's position taken from another server: like
+    /// [`restore`](Self::restore), with the refusals still holding
+    /// acknowledgments back. The caller checked them.
+    pub(crate) fn import(&mut self, delivered: u64, held: &[(u64, u64)]) {
+        self.restore(delivered);
+        for &(seq, refusal) in held {
+            self.hold(seq, refusal);
+        }
+        self.acked = self.ack_point();
     }
 
     /// A new session: numbering restarts.

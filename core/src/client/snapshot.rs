@@ -13,14 +13,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::close::CloseCode;
 use crate::config::{ClientConfig, ConfigError};
-use crate::reliable::{MessageId, RoomName, Sent, Waiting};
+use crate::reliable::{MessageId, RoomName};
+use crate::saved::SavedMessage;
 use crate::time::Instant;
-use crate::wire::{ClientId, MsgKind, Payload, PayloadKind, ResumeKey, SessionId};
+use crate::wire::{ClientId, ResumeKey, SessionId};
 
 use super::streams::Position;
 use super::{Client, State};
@@ -57,31 +57,6 @@ pub struct Snapshot {
     leaving: Vec<(u64, String)>,
 }
 
-/// One message of a [`Snapshot`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct SavedMessage {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
-    id: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    ts: Option<u64>,
-    /// `msg`, `request`, `response`, `join` or `leave`.
-    kind: String,
-    /// The request a response answers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    to: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    room: Option<String>,
-    /// `json`, `msgpack` or `bytes`.
-    enc: String,
-    /// The payload, base64.
-    data: String,
-    /// Sent by the machine on its own (a join repeated after a lost
-    /// session): never reported as acknowledged or lost.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    own: bool,
-}
-
 /// A snapshot that cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -92,69 +67,6 @@ pub enum RestoreError {
     /// A field is not what a snapshot holds.
     #[error("snapshot: {0}")]
     Invalid(String),
-}
-
-fn b64() -> base64::engine::GeneralPurpose {
-    base64::engine::general_purpose::STANDARD
-}
-
-impl SavedMessage {
-    fn new(
-        seq: Option<u64>,
-        id: MessageId,
-        ts: Option<u64>,
-        kind: MsgKind,
-        room: Option<&RoomName>,
-        payload: &Payload,
-        own: bool,
-    ) -> SavedMessage {
-        let (kind, to) = match kind {
-            MsgKind::Request => ("request", None),
-            MsgKind::Response(to) => ("response", Some(to)),
-            MsgKind::Join => ("join", None),
-            MsgKind::Leave => ("leave", None),
-            // A client sends nothing else.
-            _ => ("msg", None),
-        };
-        SavedMessage {
-            seq,
-            id: id.0,
-            ts,
-            kind: kind.into(),
-            to,
-            room: room.map(|r| r.to_string()),
-            enc: match payload.kind() {
-                PayloadKind::MsgPack => "msgpack",
-                PayloadKind::Binary => "bytes",
-                _ => "json",
-            }
-            .into(),
-            data: b64().encode(payload.data()),
-            own,
-        }
-    }
-
-    fn parts(&self) -> Result<(MsgKind, Option<RoomName>, Payload), RestoreError> {
-        let bad = |what: &str| RestoreError::Invalid(format!("message {}: {what}", self.id));
-        let kind = match (self.kind.as_str(), self.to) {
-            ("msg", _) => MsgKind::Plain,
-            ("request", _) => MsgKind::Request,
-            ("response", Some(to)) => MsgKind::Response(to),
-            ("join", _) => MsgKind::Join,
-            ("leave", _) => MsgKind::Leave,
-            _ => return Err(bad("unknown kind")),
-        };
-        let data = b64()
-            .decode(&self.data)
-            .map_err(|_| bad("payload is not base64"))?;
-        let payload = match self.enc.as_str() {
-            "json" => Payload::json(data).map_err(|e| bad(&e.to_string()))?,
-            "msgpack" => Payload::msgpack(data).map_err(|e| bad(&e.to_string()))?,
-            "bytes" => Payload::binary(data),
-            _ => return Err(bad("unknown encoding")),
-        };
-        Ok((kind, self.room.as_deref().map(RoomName::from), payload))
-    }
 }
 
 impl Client {
@@ -175,24 +87,8 @@ impl Client {
             delivered: self.link.inbound.delivered(),
             next_id: self.next_id,
             next_seq,
-            sent: window
-                .map(|s| {
-                    SavedMessage::new(
-                        Some(s.seq),
-                        s.id,
-                        s.ts,
-                        s.kind,
-                        s.room.as_ref(),
-                        &s.payload,
-                        s.own,
-                    )
-                })
-                .collect(),
-            waiting: waiting
-                .map(|w| {
-                    SavedMessage::new(None, w.id, w.ts, w.kind, w.room.as_ref(), &w.payload, w.own)
-                })
-                .collect(),
+            sent: window.map(SavedMessage::sent).collect(),
+            waiting: waiting.map(SavedMessage::waiting).collect(),
             rooms: self.rooms.iter().map(|r| r.to_string()).collect(),
             streams: self
                 .streams
@@ -250,35 +146,15 @@ impl Client {
         let mut window = Vec::with_capacity(snapshot.sent.len());
         let mut last = 0;
         for m in &snapshot.sent {
-            let (kind, room, payload) = m.parts()?;
-            let seq = m
-                .seq
-                .filter(|s| *s > last)
-                .ok_or_else(|| bad("sent messages out of order"))?;
-            last = seq;
-            window.push(Sent {
-                seq,
-                id: MessageId(m.id),
-                ts: m.ts,
-                kind,
-                room,
-                payload,
-                sent_at: None,
-                own: m.own,
-            });
+            let sent = m.to_sent(last).map_err(RestoreError::Invalid)?;
+            last = sent.seq;
+            window.push(sent);
         }
-        let mut waiting = Vec::with_capacity(snapshot.waiting.len());
-        for m in &snapshot.waiting {
-            let (kind, room, payload) = m.parts()?;
-            waiting.push(Waiting {
-                id: MessageId(m.id),
-                ts: m.ts,
-                kind,
-                room,
-                payload,
-                own: m.own,
-            });
-        }
+        let waiting = snapshot
+            .waiting
+            .iter()
+            .map(|m| m.to_waiting().map_err(RestoreError::Invalid))
+            .collect::<Result<Vec<_>, _>>()?;
         if c.session.is_none() && !window.is_empty() {
             return Err(bad("sent messages without a session"));
         }
@@ -319,8 +195,8 @@ impl Snapshot {
         self.sent
             .iter()
             .chain(&self.waiting)
-            .filter(|m| !m.own)
-            .map(|m| MessageId(m.id))
+            .filter(|m| !m.own())
+            .map(|m| m.id())
             .collect()
     }
 }

@@ -132,6 +132,24 @@ pub enum ServerEvent {
         /// How the connection ended.
         code: CloseCode,
     },
+    /// The session was taken out of this server for another to carry
+    /// ([`Server::export_session`](super::Server::export_session)): it did
+    /// not end and nothing was lost; this server forgets it.
+    SessionMoved {
+        /// The session.
+        session: SessionId,
+    },
+    /// A session another server exported was taken in
+    /// ([`Server::import_session`](super::Server::import_session)),
+    /// detached: its client resumes it here. Its rooms came with it.
+    SessionArrived {
+        /// The session.
+        session: SessionId,
+        /// The client instance.
+        client: ClientId,
+        /// The identity that owns it.
+        identity: Option<String>,
+    },
     /// A session ended: the client closed it, the grace period ran out, or
     /// its buffers overflowed. `unconfirmed` messages were accepted for it
     /// and never acknowledged by the client.
@@ -256,6 +274,8 @@ impl ServerEvent {
         match self {
             ServerEvent::SessionOpened { session, .. }
             | ServerEvent::SessionDetached { session, .. }
+            | ServerEvent::SessionMoved { session }
+            | ServerEvent::SessionArrived { session, .. }
             | ServerEvent::SessionEnded { session, .. }
             | ServerEvent::Message { session, .. }
             | ServerEvent::Datagram { session, .. }
@@ -421,6 +441,10 @@ pub struct ServerStats {
     pub resumes_failed: u64,
     /// Sessions that expired.
     pub sessions_expired: u64,
+    /// Sessions exported to another server.
+    pub sessions_moved_out: u64,
+    /// Sessions imported from another server.
+    pub sessions_moved_in: u64,
     /// Hellos rejected.
     pub rejected: u64,
     /// Messages sent to clients, resent, delivered from clients,

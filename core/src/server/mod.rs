@@ -28,6 +28,8 @@
 //! - `handshake.rs`: `hello` to `welcome` or `reject`: version and codec
 //!   selection, the resume checks (key, identity, numbers), the session
 //!   limit, the resume key, the answer in the upgrade response.
+//! - `handover.rs`: [`SessionImage`]: a session exported from one server
+//!   and imported into another, and the checks an imported image passes.
 //! - `session.rs`: [`SessionState`] and its table; the one function that
 //!   attaches and detaches a session (it arms the grace period); the one
 //!   path that closes a connection; how a session ends, slow consumers
@@ -52,6 +54,7 @@ mod admission;
 mod conn;
 mod delivery;
 mod event;
+mod handover;
 mod handshake;
 mod rooms;
 mod session;
@@ -84,6 +87,7 @@ pub use event::{
     FeedOutput, RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics, ServerOutput,
     ServerStats, ServerTimer, SessionEnd, SessionInfo,
 };
+pub use handover::{ImportError, SessionImage};
 pub use handshake::UpgradeRefusal;
 pub use session::SessionState;
 

@@ -740,3 +740,139 @@ fn many_sessions_keep_timer_work_small() {
     assert!(s.timers.len() <= 10_000, "{}", s.timers.len());
     assert_eq!(s.poll_timeout().unwrap().at, Instant::from_secs(10));
 }
+
+/// A server with one attached session holding `n` unacknowledged
+/// messages; returns the server, the session and its connection.
+fn session_with_messages(n: u64) -> (Server, SessionId, ConnectionId) {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let now = Instant::ZERO;
+    let c = s.handle_connection(now, None, SessionId([1; 16]));
+    s.handle_message(now, c, Incoming::Text(&hello(&[1], &["json"])));
+    let id = welcome_of(&drain(&mut s)).unwrap().session;
+    for k in 0..n {
+        let p = Payload::json(format!("{k}").into_bytes()).unwrap();
+        s.send(now, id, p).unwrap();
+    }
+    drain(&mut s);
+    (s, id, c)
+}
+
+/// An exported session closes its connection with 4011 and is gone; the
+/// image carries its messages through JSON and MessagePack alike, and
+/// another server imports it detached, with ids above the image's.
+#[test]
+fn a_session_moves_between_servers() {
+    let (mut a, id, conn) = session_with_messages(3);
+    let now = Instant::from_secs(1);
+    let image = a.export_session(now, id).unwrap();
+    let out = drain(&mut a);
+    assert!(out.iter().any(|o| matches!(o,
+        ServerOutput::Disconnect(c, code, _) if *c == conn && *code == CloseCode::ROTATE)));
+    assert!(out.iter().any(|o| matches!(o,
+        ServerOutput::Event(ServerEvent::SessionMoved { session }) if *session == id)));
+    assert!(a.session(id).is_none());
+    assert_eq!(a.stats().sessions_moved_out, 1);
+    assert_eq!(
+        image.unconfirmed(),
+        vec![MessageId(1), MessageId(2), MessageId(3)]
+    );
+    assert_eq!(image.session(), Some(id));
+
+    let json: SessionImage = serde_json::from_slice(&serde_json::to_vec(&image).unwrap()).unwrap();
+    let packed: SessionImage =
+        rmp_serde::from_slice(&rmp_serde::to_vec_named(&image).unwrap()).unwrap();
+    assert_eq!((&json, &packed), (&image, &image));
+
+    let mut b = Server::new(ServerConfig::default()).unwrap();
+    assert_eq!(b.import_session(now, &json), Ok(id));
+    let info = b.session(id).unwrap();
+    assert!(
+        matches!(info.state, SessionState::Detached { code, expires_at }
+        if code == CloseCode::ROTATE && expires_at == now + b.config().session_grace)
+    );
+    assert_eq!(info.in_flight, 3);
+    assert!(drain(&mut b).iter().any(|o| matches!(o,
+        ServerOutput::Event(ServerEvent::SessionArrived { session, .. }) if *session == id)));
+    assert_eq!(b.import_session(now, &json), Err(ImportError::Exists(id)));
+    let next = b.send(now, id, Payload::null()).unwrap();
+    assert!(
+        next > MessageId(3),
+        "ids keep rising across servers: {next:?}"
+    );
+}
+
+/// A malformed or oversized image is refused with a typed error, and
+/// nothing changes.
+#[test]
+fn a_bad_image_is_refused() {
+    let (mut a, id, _) = session_with_messages(3);
+    let image = serde_json::to_value(a.export_session(Instant::ZERO, id).unwrap()).unwrap();
+    let edited = |f: &dyn Fn(&mut serde_json::Value)| -> SessionImage {
+        let mut v = image.clone();
+        f(&mut v);
+        serde_json::from_value(v).unwrap()
+    };
+    let mut b = Server::new(ServerConfig::default()).unwrap();
+    let cases: Vec<(SessionImage, &str)> = vec![
+        (edited(&|v| v["format"] = 9.into()), "format 9"),
+        (edited(&|v| v["session"] = "xyz".into()), "session is not"),
+        (edited(&|v| v["next_seq"] = 9.into()), "next_seq"),
+        (edited(&|v| v["sent_through"] = 7.into()), "sent_through"),
+        (
+            edited(&|v| v["sent"][1]["seq"] = 5.into()),
+            "not contiguous",
+        ),
+        (edited(&|v| v["sent"][1]["seq"] = 1.into()), "out of order"),
+        (edited(&|v| v["sent"][0]["data"] = "!!".into()), "base64"),
+        (
+            edited(&|v| v["sent"][0]["kind"] = "gossip".into()),
+            "unknown kind",
+        ),
+        (
+            edited(&|v| {
+                v["sent"][0]["enc"] = "msgpack".into();
+                v["sent"][0]["data"] = "wQ==".into(); // 0xc1, never used
+            }),
+            "MessagePack",
+        ),
+        (edited(&|v| v["next_id"] = 2.into()), "next_id"),
+        (edited(&|v| v["held"] = serde_json::json!([[1, 1]])), "held"),
+        (
+            edited(&|v| v["rooms"] = serde_json::json!([["", 0]])),
+            "room names",
+        ),
+        (
+            edited(&|v| v["rooms"] = serde_json::json!([["r", 0], ["r", 0]])),
+            "twice",
+        ),
+    ];
+    for (image, want) in cases {
+        let Err(e) = b.import_session(Instant::ZERO, &image) else {
+            panic!("{want}: imported");
+        };
+        assert!(e.to_string().contains(want), "{want}: {e}");
+    }
+    let small = ServerConfig {
+        reliability: crate::reliable::ReliabilityConfig {
+            window_messages: 2,
+            ..Default::default()
+        },
+        ..ServerConfig::default()
+    };
+    let mut c = Server::new(small).unwrap();
+    let e = c
+        .import_session(Instant::ZERO, &edited(&|_| {}))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ImportError::TooLarge {
+                what: "unacknowledged messages",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!((b.session_count(), c.session_count()), (0, 0));
+    assert!(b.import_session(Instant::ZERO, &edited(&|_| {})).is_ok());
+}

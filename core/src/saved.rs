@@ -1,0 +1,192 @@
+//! A queued or unacknowledged message written down outside a machine: in a
+//! client's [`Snapshot`](crate::client::Snapshot) or a server's
+//! [`SessionImage`](crate::server::SessionImage).
+//!
+//! Owns `SavedMessage`, its serde form (every field a plain string or
+//! number, the payload in base64, so the same form reads back from JSON or
+//! MessagePack), and the checks made when it is read back: a payload is
+//! checked again by its kind's constructor, and a kind no machine queues is
+//! refused. It never decides what is saved or when; the snapshot and the
+//! session image do.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::reliable::{MessageId, RoomName, Sent, Waiting};
+use crate::wire::{MsgKind, Payload, PayloadKind};
+
+/// One message of a snapshot or a session image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SavedMessage {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ts: Option<u64>,
+    /// `msg`, `request`, `response`, `join`, `leave`, `presence`,
+    /// `refused` or `refused_message`.
+    kind: String,
+    /// The request a response answers; the message a refusal names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    to: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    room: Option<String>,
+    /// `json`, `msgpack` or `bytes`.
+    enc: String,
+    /// The payload, base64.
+    data: String,
+    /// Sent by the machine on its own (a join repeated after a lost
+    /// session, a presence update, a refusal): never reported as
+    /// acknowledged or lost.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    own: bool,
+}
+
+/// A saved message's parts, checked.
+pub(crate) struct Parts {
+    pub(crate) kind: MsgKind,
+    pub(crate) room: Option<RoomName>,
+    pub(crate) payload: Payload,
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+impl SavedMessage {
+    fn new(
+        seq: Option<u64>,
+        id: MessageId,
+        ts: Option<u64>,
+        kind: MsgKind,
+        room: Option<&RoomName>,
+        payload: &Payload,
+        own: bool,
+    ) -> SavedMessage {
+        let (kind, to) = match kind {
+            MsgKind::Request => ("request", None),
+            MsgKind::Response(to) => ("response", Some(to)),
+            MsgKind::Join => ("join", None),
+            MsgKind::Leave => ("leave", None),
+            MsgKind::Presence => ("presence", None),
+            MsgKind::Refused => ("refused", None),
+            MsgKind::RefusedMessage(to) => ("refused_message", Some(to)),
+            // Only the decoder makes `Invalid`; no machine queues one.
+            MsgKind::Plain | MsgKind::Invalid(_) => ("msg", None),
+        };
+        SavedMessage {
+            seq,
+            id: id.0,
+            ts,
+            kind: kind.into(),
+            to,
+            room: room.map(|r| r.to_string()),
+            enc: match payload.kind() {
+                PayloadKind::MsgPack => "msgpack",
+                PayloadKind::Binary => "bytes",
+                _ => "json",
+            }
+            .into(),
+            data: b64().encode(payload.data()),
+            own,
+        }
+    }
+
+    /// A numbered, unacknowledged message.
+    pub(crate) fn sent(s: &Sent) -> SavedMessage {
+        Self::new(
+            Some(s.seq),
+            s.id,
+            s.ts,
+            s.kind,
+            s.room.as_ref(),
+            &s.payload,
+            s.own,
+        )
+    }
+
+    /// A message accepted and not yet numbered.
+    pub(crate) fn waiting(w: &Waiting) -> SavedMessage {
+        Self::new(None, w.id, w.ts, w.kind, w.room.as_ref(), &w.payload, w.own)
+    }
+
+    /// Its id.
+    pub(crate) fn id(&self) -> MessageId {
+        MessageId(self.id)
+    }
+
+    /// Whether the machine sent it on its own.
+    pub(crate) fn own(&self) -> bool {
+        self.own
+    }
+
+    /// Its kind, room and payload, each checked; or what is wrong, naming
+    /// the message.
+    pub(crate) fn parts(&self) -> Result<Parts, String> {
+        let bad = |what: &str| format!("message {}: {what}", self.id);
+        let kind = match (self.kind.as_str(), self.to) {
+            ("msg", _) => MsgKind::Plain,
+            ("request", _) => MsgKind::Request,
+            ("response", Some(to)) => MsgKind::Response(to),
+            ("join", _) => MsgKind::Join,
+            ("leave", _) => MsgKind::Leave,
+            ("presence", _) => MsgKind::Presence,
+            ("refused", _) => MsgKind::Refused,
+            ("refused_message", Some(to)) => MsgKind::RefusedMessage(to),
+            _ => return Err(bad("unknown kind")),
+        };
+        let data = b64()
+            .decode(&self.data)
+            .map_err(|_| bad("payload is not base64"))?;
+        let payload = match self.enc.as_str() {
+            "json" => Payload::json(data).map_err(|e| bad(&e.to_string()))?,
+            "msgpack" => Payload::msgpack(data).map_err(|e| bad(&e.to_string()))?,
+            "bytes" => Payload::binary(data),
+            _ => return Err(bad("unknown encoding")),
+        };
+        let room = match self.room.as_deref() {
+            Some(r) if r.is_empty() || r.len() > crate::wire::MAX_TOKEN_LEN => {
+                return Err(bad("room names are 1 to 256 bytes"))
+            }
+            r => r.map(RoomName::from),
+        };
+        Ok(Parts {
+            kind,
+            room,
+            payload,
+        })
+    }
+
+    /// The numbered message it saved; `last` is the number of the one
+    /// before it (numbers must rise).
+    pub(crate) fn to_sent(&self, last: u64) -> Result<Sent, String> {
+        let seq = self
+            .seq
+            .filter(|s| *s > last)
+            .ok_or_else(|| format!("message {}: numbered out of order", self.id))?;
+        let p = self.parts()?;
+        Ok(Sent {
+            seq,
+            id: MessageId(self.id),
+            ts: self.ts,
+            kind: p.kind,
+            room: p.room,
+            payload: p.payload,
+            sent_at: None,
+            own: self.own,
+        })
+    }
+
+    /// The queued message it saved.
+    pub(crate) fn to_waiting(&self) -> Result<Waiting, String> {
+        let p = self.parts()?;
+        Ok(Waiting {
+            id: MessageId(self.id),
+            ts: self.ts,
+            kind: p.kind,
+            room: p.room,
+            payload: p.payload,
+            own: self.own,
+        })
+    }
+}
