@@ -116,6 +116,8 @@ struct Model {
     /// server message id -> (client, counter).
     down_ids: BTreeMap<MessageId, (usize, u64)>,
     next: u64,
+    /// Server-accepted messages a `SessionEnded` reported unconfirmed.
+    reported: BTreeSet<(usize, u64)>,
     /// Server-accepted messages that died with a server process restarted
     /// without its session store: nothing is left to report them.
     crashed: BTreeSet<(usize, u64)>,
@@ -388,9 +390,20 @@ impl Harness {
                         "{session:?}: illegal {old:?} -> {new:?}"
                     );
                 }
-                ServerEvent::SessionEnded { session, .. } => {
+                ServerEvent::SessionEnded {
+                    session,
+                    unconfirmed,
+                    ..
+                } => {
                     let old = self.sessions.remove(session);
                     prop_assert!(old.is_some(), "{session:?} ended, never opened");
+                    // Resolved now, before a new server process (after a
+                    // restart or a hand-over) gives out the same ids again.
+                    for id in unconfirmed {
+                        if let Some(&(c, n)) = self.model.down_ids.get(id) {
+                            self.model.reported.insert((c, n));
+                        }
+                    }
                 }
                 ServerEvent::SessionMoved { session } => {
                     // An attached session's connection is closed with 4011;
@@ -448,16 +461,12 @@ impl Harness {
                 up_got[c].push(n);
             }
         }
-        let mut down_lost: BTreeSet<(usize, u64)> = self.model.crashed.clone();
-        for (_, e) in &self.sim.server_events {
-            if let ServerEvent::SessionEnded { unconfirmed, .. } = e {
-                for id in unconfirmed {
-                    if let Some(&(c, n)) = self.model.down_ids.get(id) {
-                        down_lost.insert((c, n));
-                    }
-                }
-            }
-        }
+        let down_lost: BTreeSet<(usize, u64)> = self
+            .model
+            .crashed
+            .union(&self.model.reported)
+            .copied()
+            .collect();
         for (i, up_got) in up_got.iter().enumerate() {
             let mut down_got = Vec::new();
             let mut up_lost = BTreeSet::new();

@@ -125,6 +125,8 @@ struct Shared {
     throttle: Option<u64>,
     faults: Option<RandomFaults>,
     refuse: bool,
+    /// Where new connections go, in turn (empty: the proxy's target).
+    targets: Vec<SocketAddr>,
 }
 
 /// A running proxy. Dropping it stops it and closes every connection.
@@ -188,9 +190,17 @@ impl Proxy {
         self.addr
     }
 
-    /// Where connections are forwarded.
+    /// Where connections are forwarded (unless [`set_targets`](Self::set_targets)
+    /// changed it).
     pub fn target(&self) -> SocketAddr {
         self.target
+    }
+
+    /// Forwards new connections to `targets` in turn, as a load balancer
+    /// in front of several servers would (an empty list: back to the
+    /// proxy's own target). Connections already open stay where they are.
+    pub fn set_targets(&self, targets: &[SocketAddr]) {
+        lock(&self.shared).targets = targets.to_vec();
     }
 
     /// Every connection accepted so far, in accept order.
@@ -274,12 +284,16 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Mute
                 continue;
             }
         };
-        let (link, faults) = {
+        let (link, faults, to) = {
             let mut s = lock(&shared);
             if s.refuse {
                 continue; // dropping `client` closes it
             }
             s.next_id += 1;
+            let to = match s.targets.len() {
+                0 => target,
+                n => s.targets[(s.next_id as usize) % n],
+            };
             let (mode, _) = watch::channel(Mode::Forward);
             let link = Link {
                 id: s.next_id,
@@ -290,9 +304,9 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Mute
                 throttle: Arc::new(AtomicU64::new(s.throttle.unwrap_or(0))),
             };
             s.links.push(link.clone());
-            (link, s.faults)
+            (link, s.faults, to)
         };
-        tokio::spawn(serve(client, target, link, faults));
+        tokio::spawn(serve(client, to, link, faults));
     }
 }
 

@@ -128,6 +128,13 @@ pub enum ServeError {
     /// The operating system's random source failed (for the resume secret).
     #[error("no randomness for the resume secret: {0}")]
     Random(String),
+    /// A server with a backplane needs the resume secret its cluster
+    /// shares (`ServerConfig::resume_secret`): keys one node gives out
+    /// must resume on the others.
+    #[error(
+        "a server with a backplane needs the cluster's resume secret (ServerConfig::resume_secret)"
+    )]
+    NoClusterSecret,
 }
 
 /// A server command failed. Each message names the session or room

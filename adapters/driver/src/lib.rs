@@ -73,6 +73,7 @@
 
 #[cfg(feature = "async-io")]
 pub mod async_io;
+pub mod backplane;
 pub mod client;
 mod drive;
 pub mod error;
@@ -81,6 +82,7 @@ pub mod server;
 pub mod util;
 pub mod ws;
 
+pub use backplane::{Backplane, BackplaneError};
 pub use client::{
     connect, token_provider, ClientEvents, ClientHandle, ClientOptions, ClientSnapshot,
     PendingResponse, TokenProvider, DATAGRAM_BACKLOG,

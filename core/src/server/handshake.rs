@@ -86,6 +86,30 @@ impl Server {
         );
     }
 
+    /// The session a `hello` (JSON text, as carried in the upgrade
+    /// request or as a first frame) asks to resume, if it shows the
+    /// session's key and this server does not hold it: a driver whose
+    /// servers share sessions claims it from where it is
+    /// ([`import_session`](Self::import_session)) before running the
+    /// `hello`. `None` for anything else, malformed input included: the
+    /// `hello` then takes its ordinary course.
+    pub fn session_to_claim(&self, hello: &str) -> Option<SessionId> {
+        let limits = wire::Limits {
+            max_message: self.config.max_message_size,
+            version: PROTOCOL_VERSION,
+        };
+        let Ok(Frame::Hello(h)) = wire::decode(wire::Incoming::Text(hello), &limits) else {
+            return None;
+        };
+        let r = h.resume?;
+        if self.sessions.contains_key(&r.session) {
+            return None;
+        }
+        r.key
+            .filter(|k| k.matches(&self.resume_key(r.session)))
+            .map(|_| r.session)
+    }
+
     /// The key that resumes `session`: SipHash-2-4 (128 bits) of its id
     /// under the configured [`ResumeSecret`](crate::config::ResumeSecret).
     pub(crate) fn resume_key(&self, session: SessionId) -> ResumeKey {

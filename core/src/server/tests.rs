@@ -784,7 +784,28 @@ fn a_session_moves_between_servers() {
     assert_eq!((&json, &packed), (&image, &image));
 
     let mut b = Server::new(ServerConfig::default()).unwrap();
+    let resume = |key: ResumeKey| {
+        format!(
+            r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":0,"key":"{}"}}"#,
+            ClientId([2; 16]).to_hex(),
+            id.to_hex(),
+            key.to_hex()
+        )
+    };
+    let key = a.resume_key(id);
+    assert_eq!(
+        b.session_to_claim(&resume(key)),
+        Some(id),
+        "b must claim it"
+    );
+    assert_eq!(
+        b.session_to_claim(&resume(ResumeKey([0; 16]))),
+        None,
+        "a wrong key claims nothing"
+    );
+    assert_eq!(b.session_to_claim("{not a hello"), None);
     assert_eq!(b.import_session(now, &json), Ok(id));
+    assert_eq!(b.session_to_claim(&resume(key)), None, "b holds it now");
     let info = b.session(id).unwrap();
     assert!(
         matches!(info.state, SessionState::Detached { code, expires_at }

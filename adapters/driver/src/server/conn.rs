@@ -28,6 +28,7 @@ use crate::ws;
 
 use super::feed::{FeedError, Followed};
 use super::shared::{lock_slot, CloseOrder, ConnSlot, LockedState, ServerShared, SlotRef, Wakes};
+use super::upgrade::claim_for;
 
 /// How a connection task's main loop ended.
 enum ConnEnd {
@@ -481,13 +482,30 @@ pub(super) async fn connection<S>(
     };
     let span = tracing::debug_span!("kitestring_connection", id = id.0);
     async move {
+        // With a cluster, a `hello` sent as the first frame may resume a
+        // session another node holds: it is claimed before the hello runs.
+        let mut batch = Vec::new();
+        if shared.cluster.is_some() && early.is_none() {
+            let limit = shared.options.handshake_timeout;
+            if let Some(Some(Ok(first))) = util::timeout(&*shared.runtime, limit, ws.next()).await {
+                if let Message::Text(t) = &first {
+                    if claim_for(&shared, t.as_bytes()).await.is_err() {
+                        shared.run(Some(id), |st, now| {
+                            st.server
+                                .disconnect_connection(now, id, CloseCode::TRY_AGAIN_LATER)
+                        });
+                    }
+                }
+                batch.push(first);
+            }
+        }
         let mut io = ConnIo {
             id,
             slot,
             out: VecDeque::new(),
             followed: Followed::default(),
             horizon: 0,
-            batch: Vec::new(),
+            batch,
             needs_flush: false,
             readable: ReadyFlag::new(),
             throttle: None,

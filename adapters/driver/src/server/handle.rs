@@ -427,15 +427,28 @@ impl ServerHandle {
     /// Stops accepting, sends every connection a `goaway` and closes it with
     /// 1001, waits (bounded by the close timeout) for the sockets to close,
     /// and stops the server task. Sessions are detached, not ended (rooms
-    /// see no one leave), but they live in this process's memory and end
-    /// with it: a restarted server does not know them, so clients resume
-    /// into new sessions and rejoin their rooms by themselves.
+    /// see no one leave).
+    ///
+    /// Without a backplane they live in this process's memory and end with
+    /// it: a restarted server does not know them, so clients resume into
+    /// new sessions and rejoin their rooms by themselves. With one
+    /// ([`ServerOptions::backplane`](super::ServerOptions::backplane)),
+    /// every session is handed over: its image is stored for the node its
+    /// client reconnects to, which resumes it with nothing lost or
+    /// duplicated (`SessionMoved` reports each here).
     pub async fn shutdown(&self) -> Result<(), ServerError> {
         let (tx, rx) = oneshot::channel();
         let shared = &self.shared;
         shared.call(|st, now| st.begin_shutdown(shared, now, Some(tx)))?;
         shared.task.wake();
-        rx.await.map_err(|_| ServerError::Stopped)
+        if let Some(cluster) = &shared.cluster {
+            cluster.hand_over_all(shared).await;
+        }
+        let done = rx.await.map_err(|_| ServerError::Stopped);
+        if let Some(cluster) = &shared.cluster {
+            cluster.leave().await;
+        }
+        done
     }
 
     /// Serves a WebSocket that another HTTP server already upgraded (and

@@ -78,6 +78,7 @@
 
 mod accept;
 mod auth;
+mod cluster;
 mod conn;
 mod events;
 mod feed;
@@ -207,6 +208,18 @@ pub struct ServerOptions {
     /// timed out): how long the client waits before its next attempt.
     /// Default 10 s.
     pub retry_after: Duration,
+    /// What this server shares with the other servers of its cluster
+    /// (`kitestring-redis` provides one on Redis); `None`, the default,
+    /// serves alone. With one, a client may resume its session on any
+    /// node (the node it reaches claims the session from the one holding
+    /// it), and [`ServerHandle::shutdown`] hands every session over
+    /// instead of letting them end with the process. The nodes must share
+    /// `config.resume_secret`.
+    pub backplane: Option<Arc<dyn crate::backplane::Backplane>>,
+    /// With a [`backplane`](Self::backplane): how long a node may go
+    /// silent before the others count it gone (it refreshes its liveness
+    /// every third of this). Default 10 s.
+    pub node_timeout: Duration,
 }
 
 /// How refused upgrades are answered ([`ServerOptions::refusals`]).
@@ -268,6 +281,8 @@ impl Default for ServerOptions {
             metrics_interval: Some(Duration::from_secs(1)),
             refusals: Refusals::InBandForPages,
             retry_after: Duration::from_secs(10),
+            backplane: None,
+            node_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -289,6 +304,11 @@ impl fmt::Debug for ServerOptions {
             .field("listen_backlog", &self.listen_backlog)
             .field("policy", &self.policy.is_some())
             .field("metrics_interval", &self.metrics_interval)
+            .field(
+                "backplane",
+                &self.backplane.as_ref().map(|b| b.node().to_owned()),
+            )
+            .field("node_timeout", &self.node_timeout)
             .finish()
     }
 }
@@ -335,6 +355,9 @@ fn start_inner(
     options: ServerOptions,
 ) -> Result<(ServerHandle, ServerEvents), ServeError> {
     let mut config = options.config.clone();
+    if options.backplane.is_some() && config.resume_secret.is_unset() {
+        return Err(ServeError::NoClusterSecret);
+    }
     if config.resume_secret.is_unset() {
         // Resume keys must not be computable from session ids: a secret of
         // this process's own unless the application shares one.
@@ -400,8 +423,16 @@ fn start_inner(
             .collect(),
         readers_paused: AtomicBool::new(false),
         event_backlog: AtomicUsize::new(0),
+        cluster: options.backplane.clone().map(|bp| {
+            Arc::new(cluster::Cluster::new(
+                bp,
+                options.node_timeout,
+                options.config.session_grace,
+            ))
+        }),
         options: Arc::new(options),
     });
+    cluster::spawn(shared.clone());
     let (alive_tx, alive_rx) = mpsc::channel(1);
     let task = ServerTask {
         timer: DriveTimer::new(&*runtime),

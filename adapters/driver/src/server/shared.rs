@@ -35,6 +35,7 @@ use crate::runtime::Runtime;
 use crate::ws;
 
 use super::auth::{AuthReject, AuthRequest, AuthResult, Verdict};
+use super::cluster::Location;
 use super::events::{shard_of, Shard};
 use super::feed::{lock_feed, Feed, FeedRef, FollowOp};
 use super::ServerOptions;
@@ -91,6 +92,8 @@ pub(super) struct ServerShared {
     /// Some connection task stopped reading for want of room for events:
     /// a stream that hands one out takes the state's lock to wake them.
     pub(super) readers_paused: AtomicBool,
+    /// This node's part of a cluster, with a backplane.
+    pub(super) cluster: Option<Arc<super::cluster::Cluster>>,
 }
 
 /// The state behind the lock: the core machine and what the driver keeps
@@ -433,6 +436,19 @@ impl LockedState {
                 ServerOutput::Event(event) => {
                     log_event(&event);
                     self.track_codec(&event);
+                    if let Some(cluster) = &env.cluster {
+                        match &event {
+                            ServerEvent::SessionOpened { session, .. }
+                            | ServerEvent::SessionArrived { session, .. } => {
+                                cluster.note(*session, Location::Here)
+                            }
+                            ServerEvent::SessionEnded { session, .. }
+                            | ServerEvent::SessionMoved { session } => {
+                                cluster.note(*session, Location::Gone)
+                            }
+                            _ => {}
+                        }
+                    }
                     if let ServerEvent::Acked { .. } = &event {
                         self.acked += 1;
                     }
@@ -505,7 +521,7 @@ impl LockedState {
                     self.codecs.insert(*session, codec);
                 }
             }
-            ServerEvent::SessionEnded { session, .. } => {
+            ServerEvent::SessionEnded { session, .. } | ServerEvent::SessionMoved { session } => {
                 self.codecs.remove(session);
             }
             _ => {}
@@ -514,7 +530,8 @@ impl LockedState {
         // session's waiters learn it is gone.
         if let ServerEvent::Acked { session, .. }
         | ServerEvent::SessionOpened { session, .. }
-        | ServerEvent::SessionEnded { session, .. } = event
+        | ServerEvent::SessionEnded { session, .. }
+        | ServerEvent::SessionMoved { session } = event
         {
             if let Some(waiters) = self.room_waiters.remove(session) {
                 for waker in waiters {
@@ -630,6 +647,14 @@ fn log_event(event: &ServerEvent) {
         }
         ServerEvent::SessionDetached { session, code } => {
             debug!(session = %session.to_hex(), %code, "session detached; waiting for a resume");
+        }
+        ServerEvent::SessionMoved { session } => {
+            debug!(session = %session.to_hex(), "session handed over to another node");
+        }
+        ServerEvent::SessionArrived {
+            session, identity, ..
+        } => {
+            debug!(session = %session.to_hex(), identity = identity.as_deref(), "session taken over from another node");
         }
         ServerEvent::SessionEnded {
             session,

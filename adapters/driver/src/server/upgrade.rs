@@ -25,6 +25,7 @@ use crate::util;
 use crate::ws;
 
 use super::auth::{AuthReject, AuthRequest, Authenticator, Verdict};
+use super::cluster::ClaimFailed;
 use super::conn::{connection, report_closed};
 use super::http;
 use super::shared::{ServerShared, SlotRef};
@@ -267,8 +268,14 @@ pub(super) async fn admit(
         },
         None => None,
     };
+    let header_hello = req.hello.filter(|h| h.len() <= wire::MAX_HELLO_HEADER);
+    if let Some(hello) = header_hello.or(url_hello.as_deref()) {
+        if let Err(refusal) = claim_for(shared, hello).await {
+            return refuse(refusal);
+        }
+    }
     let mut welcome = None;
-    if let Some(hello) = req.hello.filter(|h| h.len() <= wire::MAX_HELLO_HEADER) {
+    if let Some(hello) = header_hello {
         if let Some((id, answer)) = early_hello(shared, identity.clone(), hello) {
             let _ = early.set(id);
             welcome = answer;
@@ -279,6 +286,36 @@ pub(super) async fn admit(
         }
     }
     Ok(Admitted { welcome, identity })
+}
+
+/// With a cluster, a resuming `hello` for a session this node does not
+/// hold first claims it from where it is (`cluster.rs`). A claim that
+/// cannot be settled is a 503: the client keeps its session and tries
+/// again later.
+pub(super) async fn claim_for(
+    shared: &ServerShared,
+    hello: &[u8],
+) -> Result<(), http::HttpRefusal> {
+    let Some(cluster) = &shared.cluster else {
+        return Ok(());
+    };
+    let hello = std::str::from_utf8(hello).unwrap_or("");
+    let Some(session) = shared.run(None, |st, _| st.server.session_to_claim(hello)) else {
+        return Ok(());
+    };
+    match cluster.claim(shared, session).await {
+        Ok(claimed) => {
+            debug!(session = %session.to_hex(), ?claimed, "claimed a session from the cluster");
+            Ok(())
+        }
+        Err(ClaimFailed(why)) => {
+            debug!(session = %session.to_hex(), %why, "a session's claim failed; the client tries again");
+            Err(http::HttpRefusal::new(
+                503,
+                "the session is moving; try again",
+            ))
+        }
+    }
 }
 
 /// The reason of the 403 a refused origin gets.

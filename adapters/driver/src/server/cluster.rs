@@ -1,0 +1,519 @@
+//! A server among others: what it keeps in the [`Backplane`] and how
+//! sessions move between nodes.
+//!
+//! Owns [`Cluster`]: this node's liveness key, the registry of where each
+//! session it holds is (written outside the lock by the cluster task,
+//! coalesced per session, so the queue of pending writes is bounded by the
+//! sessions the core holds), the claim that a node runs before a resuming
+//! `hello` for a session it does not hold (`claim`), the answer to
+//! another node's claim (`hand_over_one`), and the hand-over of every
+//! session when the server shuts down (`hand_over_all`). Images are
+//! MessagePack ([`SessionImage`] with serde).
+//!
+//! Its promise: a session is never answered `unknown_session` while
+//! another node may hold it. When the backplane or the node holding the
+//! session does not answer, the claim fails and the client is told to try
+//! again later (503, 4429 or 1013), keeping its session. It never runs
+//! under the server's lock across an `.await`, and never holds cluster
+//! logic in the backplane.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use futures_util::task::AtomicWaker;
+use futures_util::StreamExt;
+use kitestring_core::server::SessionImage;
+use kitestring_core::wire::SessionId;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::backplane::{image_key, node_key, session_key, Backplane};
+use crate::util;
+
+use super::shared::{FxHashMap, ServerShared};
+
+/// A pending write to the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Location {
+    /// The session is here.
+    Here,
+    /// The session left (ended or moved): forget it if the registry still
+    /// says it is here.
+    Gone,
+}
+
+/// What a claim found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Claimed {
+    /// The session was imported: run the `hello`.
+    Imported,
+    /// No node holds it: run the `hello` (the core answers
+    /// `unknown_session`).
+    Nowhere,
+}
+
+/// The claim could not be settled: the client must try again later.
+#[derive(Debug)]
+pub(super) struct ClaimFailed(pub(super) String);
+
+/// Messages between nodes (module docs of `crate::backplane`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum NodeMessage {
+    Want {
+        want: String,
+        from: String,
+        req: u64,
+    },
+    Stored {
+        stored: u64,
+        ok: bool,
+    },
+}
+
+/// This node's part of the cluster.
+pub(super) struct Cluster {
+    pub(super) backplane: Arc<dyn Backplane>,
+    node: String,
+    node_timeout: Duration,
+    /// How long a registry entry lives without a refresh.
+    location_ttl: Duration,
+    next_request: AtomicU64,
+    /// Claims waiting for another node's answer.
+    waiting: Mutex<FxHashMap<u64, oneshot::Sender<bool>>>,
+    /// Images exported and not yet in the store: a claim for one of them
+    /// stores it first.
+    unstored: Mutex<FxHashMap<SessionId, Vec<u8>>>,
+    /// Registry writes not yet made, latest per session.
+    updates: Mutex<FxHashMap<SessionId, Location>>,
+    /// The cluster task, to write `updates`.
+    task: AtomicWaker,
+    /// A registry write failed: the next one writes every session.
+    stale: std::sync::atomic::AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Cluster {
+    pub(super) fn new(
+        backplane: Arc<dyn Backplane>,
+        node_timeout: Duration,
+        grace: Duration,
+    ) -> Cluster {
+        Cluster {
+            node: backplane.node().to_owned(),
+            backplane,
+            node_timeout,
+            location_ttl: (grace * 2).max(Duration::from_secs(600)),
+            next_request: AtomicU64::new(1),
+            waiting: Mutex::new(HashMap::default()),
+            unstored: Mutex::new(HashMap::default()),
+            updates: Mutex::new(HashMap::default()),
+            task: AtomicWaker::new(),
+            stale: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Records a registry write for the cluster task (under the server's
+    /// lock: only a map insert).
+    pub(super) fn note(&self, session: SessionId, location: Location) {
+        lock(&self.updates).insert(session, location);
+        self.task.wake();
+    }
+
+    /// Takes `session` from wherever it is and imports it here, before a
+    /// `hello` that resumes it runs.
+    pub(super) async fn claim(
+        &self,
+        shared: &ServerShared,
+        session: SessionId,
+    ) -> Result<Claimed, ClaimFailed> {
+        let bp = &self.backplane;
+        let failed = |e: crate::backplane::BackplaneError| ClaimFailed(e.0);
+        if let Some(image) = bp.take(image_key(session)).await.map_err(failed)? {
+            return self.import(shared, session, &image).await;
+        }
+        let Some(owner) = bp.get(session_key(session)).await.map_err(failed)? else {
+            // Unknown, unless the store lost its data a moment ago and the
+            // node holding it has not written it again yet.
+            if self.recovering().await.map_err(failed)? {
+                return Err(ClaimFailed("the backplane is recovering its data".into()));
+            }
+            return Ok(Claimed::Nowhere);
+        };
+        let owner = String::from_utf8_lossy(&owner).into_owned();
+        if owner == self.node {
+            // The registry says here, and the core does not hold it: it
+            // ended here (or this node restarted under the same name).
+            let unstored = lock(&self.unstored).remove(&session);
+            if let Some(image) = unstored {
+                return self.import(shared, session, &image).await;
+            }
+            return Ok(Claimed::Nowhere);
+        }
+        if bp.get(node_key(&owner)).await.map_err(failed)?.is_none() {
+            debug!(session = %session.to_hex(), node = %owner, "the node that held the session is gone");
+            return Ok(Claimed::Nowhere);
+        }
+        let req = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiting).insert(req, tx);
+        let ask = NodeMessage::Want {
+            want: session.to_hex(),
+            from: self.node.clone(),
+            req,
+        };
+        let sent = bp.send(owner.clone(), to_json(&ask)).await;
+        let answer = match sent {
+            Ok(()) => {
+                util::timeout(&*shared.runtime, shared.options.handshake_timeout / 2, rx).await
+            }
+            Err(e) => {
+                lock(&self.waiting).remove(&req);
+                return Err(failed(e));
+            }
+        };
+        lock(&self.waiting).remove(&req);
+        match answer {
+            Some(Ok(true)) => {}
+            Some(Ok(false)) => {
+                return Err(ClaimFailed(format!(
+                    "node {owner} could not store the session"
+                )))
+            }
+            _ => return Err(ClaimFailed(format!("node {owner} did not answer"))),
+        }
+        match bp.take(image_key(session)).await.map_err(failed)? {
+            Some(image) => self.import(shared, session, &image).await,
+            // Not there: the owner no longer held it (it ended).
+            None => Ok(Claimed::Nowhere),
+        }
+    }
+
+    /// Whether the store lost its data within the last node timeout (the
+    /// `cluster` marker gone, or the `recovering` key it leaves still
+    /// there): every live node writes its sessions again within that time,
+    /// so until then a session missing from the registry may exist.
+    async fn recovering(&self) -> Result<bool, crate::backplane::BackplaneError> {
+        let bp = &self.backplane;
+        if bp.get(RECOVERING.into()).await?.is_some() {
+            return Ok(true);
+        }
+        if bp.get(CLUSTER.into()).await?.is_some() {
+            return Ok(false);
+        }
+        self.mark_recovering().await?;
+        Ok(true)
+    }
+
+    /// The store lost its data (or the cluster is new): a node timeout
+    /// during which a session missing from the registry may still exist.
+    async fn mark_recovering(&self) -> Result<(), crate::backplane::BackplaneError> {
+        self.backplane
+            .put_many(vec![
+                (RECOVERING.into(), b"1".to_vec(), self.node_timeout),
+                (CLUSTER.into(), b"1".to_vec(), MARKER_TTL),
+            ])
+            .await
+    }
+
+    /// Imports an image taken from the store, and records that the session
+    /// is here before its `hello` runs.
+    async fn import(
+        &self,
+        shared: &ServerShared,
+        session: SessionId,
+        bytes: &[u8],
+    ) -> Result<Claimed, ClaimFailed> {
+        let image: SessionImage = match rmp_serde::from_slice(bytes) {
+            Ok(image) => image,
+            Err(e) => {
+                warn!(session = %session.to_hex(), error = %e, "a stored session image does not read; the session is lost");
+                return Ok(Claimed::Nowhere);
+            }
+        };
+        let imported = shared.run(None, |st, now| st.server.import_session(now, &image));
+        match imported {
+            Ok(_) => {}
+            Err(kitestring_core::server::ImportError::Exists(_)) => {}
+            Err(e) => {
+                warn!(
+                    session = %session.to_hex(),
+                    error = %e,
+                    unconfirmed = ?image.unconfirmed(),
+                    "a session could not be imported; its messages are lost"
+                );
+                return Ok(Claimed::Nowhere);
+            }
+        }
+        // Before the hello runs: a node asked for it next must find it here.
+        let _ = self
+            .backplane
+            .put(
+                session_key(session),
+                self.node.clone().into_bytes(),
+                self.location_ttl,
+            )
+            .await;
+        Ok(Claimed::Imported)
+    }
+
+    /// Another node wants `session`: exports it (if here), stores the
+    /// image and answers. An image that cannot be stored goes back into
+    /// this server, and the answer says so.
+    async fn hand_over_one(
+        &self,
+        shared: &ServerShared,
+        session: SessionId,
+        from: String,
+        req: u64,
+    ) {
+        let exported = shared.run(None, |st, now| st.server.export_session(now, session));
+        let bytes = match exported {
+            Some(image) => match rmp_serde::to_vec_named(&image) {
+                Ok(bytes) => Some((bytes, image.grace_left())),
+                Err(e) => {
+                    warn!(error = %e, "a session image does not serialize");
+                    None
+                }
+            },
+            None => {
+                let unstored = lock(&self.unstored).get(&session).cloned();
+                unstored.map(|b| (b, self.location_ttl))
+            }
+        };
+        let ok = match bytes {
+            Some((bytes, ttl)) => {
+                lock(&self.unstored).insert(session, bytes.clone());
+                match self
+                    .backplane
+                    .put(image_key(session), bytes.clone(), ttl)
+                    .await
+                {
+                    Ok(()) => {
+                        lock(&self.unstored).remove(&session);
+                        true
+                    }
+                    Err(e) => {
+                        warn!(session = %session.to_hex(), error = %e, "could not store a session image; keeping the session");
+                        lock(&self.unstored).remove(&session);
+                        if let Ok(image) = rmp_serde::from_slice::<SessionImage>(&bytes) {
+                            let _ =
+                                shared.run(None, |st, now| st.server.import_session(now, &image));
+                        }
+                        false
+                    }
+                }
+            }
+            None => true, // not here: the claimer finds nothing, rightly
+        };
+        let answer = NodeMessage::Stored { stored: req, ok };
+        if let Err(e) = self.backplane.send(from, to_json(&answer)).await {
+            debug!(error = %e, "could not answer a claim");
+        }
+    }
+
+    /// Shutdown: every session exported and stored, so that its client
+    /// resumes on another node. Sessions whose image cannot be stored are
+    /// put back, and end with the process as without a backplane.
+    pub(super) async fn hand_over_all(&self, shared: &ServerShared) -> usize {
+        let images: Vec<(SessionId, Vec<u8>, Duration)> = shared.run(None, |st, now| {
+            let ids = st.server.session_ids();
+            ids.into_iter()
+                .filter_map(|id| st.server.export_session(now, id))
+                .filter_map(|image| {
+                    let id = image.session()?;
+                    let bytes = rmp_serde::to_vec_named(&image).ok()?;
+                    Some((id, bytes, image.grace_left()))
+                })
+                .collect()
+        });
+        {
+            let mut unstored = lock(&self.unstored);
+            for (id, bytes, _) in &images {
+                unstored.insert(*id, bytes.clone());
+            }
+        }
+        let count = images.len();
+        let entries = images
+            .iter()
+            .map(|(id, bytes, ttl)| (image_key(*id), bytes.clone(), *ttl))
+            .collect();
+        match self.backplane.put_many(entries).await {
+            Ok(()) => {
+                let mut unstored = lock(&self.unstored);
+                for (id, _, _) in &images {
+                    unstored.remove(id);
+                }
+                debug!(sessions = count, "sessions handed over");
+                count
+            }
+            Err(e) => {
+                warn!(error = %e, sessions = count, "could not hand sessions over; they end with this process");
+                let back: Vec<_> = {
+                    let mut unstored = lock(&self.unstored);
+                    images
+                        .iter()
+                        .filter_map(|(id, _, _)| unstored.remove(id))
+                        .collect()
+                };
+                shared.run(None, |st, now| {
+                    for bytes in back {
+                        if let Ok(image) = rmp_serde::from_slice::<SessionImage>(&bytes) {
+                            let _ = st.server.import_session(now, &image);
+                        }
+                    }
+                });
+                0
+            }
+        }
+    }
+
+    /// Forgets this node's liveness key (a graceful stop).
+    pub(super) async fn leave(&self) {
+        let _ = self
+            .backplane
+            .remove_if(node_key(&self.node), b"1".to_vec())
+            .await;
+    }
+
+    /// Writes pending registry updates; with `refresh`, also every
+    /// session this node holds, so none expires while it lives.
+    async fn write_registry(&self, shared: &ServerShared, refresh: bool) {
+        let updates: Vec<(SessionId, Location)> = lock(&self.updates).drain().collect();
+        let mut puts: Vec<(String, Vec<u8>, Duration)> = Vec::new();
+        let mut here: Vec<SessionId> = Vec::new();
+        for (session, location) in updates {
+            match location {
+                Location::Here => here.push(session),
+                Location::Gone => {
+                    let _ = self
+                        .backplane
+                        .remove_if(session_key(session), self.node.clone().into_bytes())
+                        .await;
+                }
+            }
+        }
+        // This node's liveness key gone before its time: the store lost
+        // its data (Redis restarted empty). After a failed write the store
+        // may be missing any of them. Either way, everything is written
+        // again.
+        let bp = &self.backplane;
+        let lost = match bp.get(node_key(&self.node)).await {
+            Ok(None) => true,
+            Ok(Some(_)) => false,
+            Err(_) => {
+                self.stale.store(true, Ordering::Relaxed);
+                return;
+            }
+        };
+        if matches!(bp.get(CLUSTER.into()).await, Ok(None)) {
+            let _ = self.mark_recovering().await;
+        }
+        if refresh || lost || self.stale.load(Ordering::Relaxed) {
+            if lost {
+                debug!("the backplane lost this node's keys; writing them again");
+            }
+            here = shared.run(None, |st, _| st.server.session_ids());
+        }
+        puts.push((node_key(&self.node), b"1".to_vec(), self.node_timeout));
+        for session in here {
+            puts.push((
+                session_key(session),
+                self.node.clone().into_bytes(),
+                self.location_ttl,
+            ));
+        }
+        match bp.put_many(puts).await {
+            Ok(()) => self.stale.store(false, Ordering::Relaxed),
+            Err(e) => {
+                self.stale.store(true, Ordering::Relaxed);
+                debug!(error = %e, "backplane unavailable; registry writes wait");
+            }
+        }
+    }
+
+    fn answer(&self, req: u64, ok: bool) {
+        if let Some(tx) = lock(&self.waiting).remove(&req) {
+            let _ = tx.send(ok);
+        }
+    }
+}
+
+/// The key whose presence says the store has the cluster's data.
+const CLUSTER: &str = "cluster";
+/// The key that says the store lost its data less than a node timeout ago.
+const RECOVERING: &str = "recovering";
+/// The marker's life: as long as the store keeps it.
+const MARKER_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+fn to_json(m: &NodeMessage) -> Vec<u8> {
+    serde_json::to_vec(m).unwrap_or_default()
+}
+
+/// The cluster task: this node's liveness, the registry, and its inbox.
+pub(super) fn spawn(shared: Arc<ServerShared>) {
+    let Some(cluster) = shared.cluster.clone() else {
+        return;
+    };
+    // The inbox: each claim is answered in a task of its own, so one slow
+    // store write does not hold the others up.
+    let inbox_shared = shared.clone();
+    let inbox_cluster = cluster.clone();
+    shared.runtime.spawn(Box::pin(async move {
+        let mut inbox = inbox_cluster.backplane.inbox();
+        while let Some(message) = inbox.next().await {
+            match serde_json::from_slice::<NodeMessage>(&message) {
+                Ok(NodeMessage::Want { want, from, req }) => {
+                    let Some(session) = SessionId::from_hex(&want) else {
+                        continue;
+                    };
+                    let shared = inbox_shared.clone();
+                    let cluster = inbox_cluster.clone();
+                    inbox_shared.runtime.spawn(Box::pin(async move {
+                        cluster.hand_over_one(&shared, session, from, req).await;
+                    }));
+                }
+                Ok(NodeMessage::Stored { stored, ok }) => inbox_cluster.answer(stored, ok),
+                Err(e) => debug!(error = %e, "an unreadable message between nodes"),
+            }
+            if inbox_shared.lock().stopped {
+                break;
+            }
+        }
+    }));
+    // Liveness and the registry: every third of the node timeout, and at
+    // once when sessions open, move or end.
+    shared.runtime.clone().spawn(Box::pin(async move {
+        let beat = cluster.node_timeout / 3;
+        let refresh_every = cluster.location_ttl / 3;
+        let mut refreshed = shared.runtime.now();
+        cluster.write_registry(&shared, true).await;
+        loop {
+            let next = shared.runtime.now() + beat;
+            let mut timer = shared.runtime.new_timer(next);
+            std::future::poll_fn(|cx| {
+                cluster.task.register(cx.waker());
+                if !lock(&cluster.updates).is_empty() {
+                    return std::task::Poll::Ready(());
+                }
+                timer.as_mut().poll(cx)
+            })
+            .await;
+            if shared.lock().stopped {
+                break;
+            }
+            let now = shared.runtime.now();
+            let refresh = now >= refreshed + refresh_every;
+            if refresh {
+                refreshed = now;
+            }
+            cluster.write_registry(&shared, refresh).await;
+        }
+    }));
+}

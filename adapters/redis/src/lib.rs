@@ -1,0 +1,342 @@
+//! A Redis backplane for Kitestring servers: several server processes
+//! share their sessions, so a client resumes on whichever node it reaches
+//! and a node that shuts down for a deploy hands its sessions over.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use kitestring::{ServerConfig, ServerOptions};
+//! use kitestring::kitestring_core::config::ResumeSecret;
+//!
+//! let backplane = kitestring_redis::RedisBackplane::connect("redis://127.0.0.1:6379", "node-a").await?;
+//! let options = ServerOptions {
+//!     // Every node of the cluster shares the secret that makes resume keys.
+//!     config: ServerConfig {
+//!         resume_secret: ResumeSecret(*b"sixteen byte key"),
+//!         ..ServerConfig::default()
+//!     },
+//!     backplane: Some(Arc::new(backplane)),
+//!     ..ServerOptions::default()
+//! };
+//! let (server, events) = kitestring::bind(kitestring_tokio::runtime(), "127.0.0.1:9000".parse()?, options)?;
+//! # Ok(()) }
+//! ```
+//!
+//! This crate owns [`RedisBackplane`], the [`Backplane`] on Redis (5 or
+//! later; `GETDEL` needs 6.2): keys are strings with a prefix
+//! (`kitestring:` unless [`RedisBackplane::with_prefix`] says otherwise)
+//! set with `PX` expiries, `take` is `GETDEL` (one taker wins), `remove_if`
+//! a compare-and-delete script, and each node's inbox a pub/sub channel
+//! `{prefix}inbox:{node}` on a RESP3 connection that reconnects and
+//! subscribes again by itself. It also owns [`testing`], which starts a
+//! private `redis-server` for tests and benchmarks. It holds no cluster
+//! logic: what is kept and when is the server's (`kitestring::backplane`).
+//!
+//! Both of the `redis` crate's runtimes are built in by default (features
+//! `tokio` and `smol`; async-std servers use `smol`): a server on tokio
+//! talks to Redis on tokio, any other on smol's reactor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_channel::mpsc;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use kitestring::runtime::BoxFuture;
+use kitestring::{Backplane, BackplaneError};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushKind, Value};
+
+pub mod testing;
+
+/// Messages an inbox holds before newer ones are dropped (a node that does
+/// not keep up with its inbox; the senders' timeouts cover the loss).
+pub const INBOX_CAPACITY: usize = 4096;
+
+/// How long a command may take before it counts as failed.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A [`Backplane`] on one Redis server (or anything speaking its protocol,
+/// such as Valkey).
+#[derive(Clone)]
+pub struct RedisBackplane {
+    node: Arc<str>,
+    prefix: Arc<str>,
+    url: Arc<str>,
+    commands: ConnectionManager,
+    remove_if: Arc<redis::Script>,
+}
+
+impl std::fmt::Debug for RedisBackplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackplane")
+            .field("node", &self.node)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> BackplaneError {
+    BackplaneError(e.to_string())
+}
+
+/// A connection that reconnects by itself, with short timeouts: a command
+/// to an unreachable Redis fails in seconds, never hangs.
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500))
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+}
+
+impl RedisBackplane {
+    /// Connects to the Redis at `url` (`redis://host:port/db`) as node
+    /// `node`, a name unique in the cluster.
+    pub async fn connect(
+        url: &str,
+        node: impl Into<String>,
+    ) -> Result<RedisBackplane, BackplaneError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let commands = ConnectionManager::new_with_config(client, manager_config())
+            .await
+            .map_err(unavailable)?;
+        Ok(RedisBackplane {
+            node: node.into().into(),
+            prefix: "kitestring:".into(),
+            url: url.into(),
+            commands,
+            remove_if: Arc::new(redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                   return redis.call('DEL', KEYS[1]) \
+                 else return 0 end",
+            )),
+        })
+    }
+
+    /// The same backplane with every key and channel under `prefix`
+    /// (several clusters, or other data, in one Redis).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> RedisBackplane {
+        self.prefix = prefix.into().into();
+        self
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn inbox_channel(&self, node: &str) -> String {
+        format!("{}inbox:{node}", self.prefix)
+    }
+}
+
+/// Milliseconds for `PX`: at least 1 (Redis refuses 0).
+fn px(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl Backplane for RedisBackplane {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn put(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), BackplaneError>> {
+        let mut c = self.commands.clone();
+        let key = self.key(&key);
+        Box::pin(async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(px(ttl))
+                .query_async::<()>(&mut c)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn put_many(
+        &self,
+        entries: Vec<(String, Vec<u8>, Duration)>,
+    ) -> BoxFuture<'static, Result<(), BackplaneError>> {
+        let mut c = self.commands.clone();
+        let mut pipe = redis::pipe();
+        for (key, value, ttl) in entries {
+            pipe.cmd("SET")
+                .arg(self.key(&key))
+                .arg(value)
+                .arg("PX")
+                .arg(px(ttl))
+                .ignore();
+        }
+        Box::pin(async move { pipe.query_async::<()>(&mut c).await.map_err(unavailable) })
+    }
+
+    fn get(&self, key: String) -> BoxFuture<'static, Result<Option<Vec<u8>>, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let key = self.key(&key);
+        Box::pin(async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<Vec<u8>>>(&mut c)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn take(&self, key: String) -> BoxFuture<'static, Result<Option<Vec<u8>>, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let key = self.key(&key);
+        Box::pin(async move {
+            redis::cmd("GETDEL")
+                .arg(key)
+                .query_async::<Option<Vec<u8>>>(&mut c)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn remove_if(
+        &self,
+        key: String,
+        value: Vec<u8>,
+    ) -> BoxFuture<'static, Result<bool, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let key = self.key(&key);
+        let script = self.remove_if.clone();
+        Box::pin(async move {
+            let removed: i64 = script
+                .key(key)
+                .arg(value)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            Ok(removed == 1)
+        })
+    }
+
+    fn send(
+        &self,
+        node: String,
+        message: Vec<u8>,
+    ) -> BoxFuture<'static, Result<(), BackplaneError>> {
+        let mut c = self.commands.clone();
+        let channel = self.inbox_channel(&node);
+        Box::pin(async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async::<i64>(&mut c)
+                .await
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+    }
+
+    fn inbox(&self) -> BoxStream<'static, Vec<u8>> {
+        let (tx, rx) = mpsc::channel::<Pushed>(INBOX_CAPACITY);
+        let channel = self.inbox_channel(&self.node);
+        let url = self.url.clone();
+        let node = self.node.clone();
+        // A RESP3 connection of its own, whose pushes are the inbox; the
+        // connection manager subscribes again after it reconnects.
+        let subscribe = async move {
+            let url = if url.contains("protocol=") {
+                url.to_string()
+            } else if url.contains('?') {
+                format!("{url}&protocol=resp3")
+            } else {
+                format!("{url}?protocol=resp3")
+            };
+            let sender = std::sync::Mutex::new(tx);
+            let config = manager_config()
+                .set_automatic_resubscription()
+                .set_push_sender(move |push: redis::PushInfo| {
+                    let pushed = match push.kind {
+                        PushKind::Message => match push.data.into_iter().nth(1) {
+                            // [channel, payload]
+                            Some(Value::BulkString(payload)) => Pushed::Message(payload),
+                            _ => return Ok::<(), ()>(()),
+                        },
+                        PushKind::Disconnection => Pushed::Lost,
+                        _ => return Ok(()),
+                    };
+                    let mut tx = sender.lock().unwrap_or_else(|e| e.into_inner());
+                    if tx.try_send(pushed).is_err() {
+                        tracing::warn!(%node, "backplane inbox full: a message between nodes was dropped");
+                    }
+                    Ok(())
+                });
+            let manager = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut manager = ConnectionManager::new_with_config(client, config).await?;
+                manager.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(manager)
+            };
+            match manager.await {
+                Ok(manager) => Some(manager),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot subscribe to this node's backplane inbox");
+                    None
+                }
+            }
+        };
+        // The manager lives as long as the stream does.
+        type Subscribe = BoxFuture<'static, Option<ConnectionManager>>;
+        enum Inbox {
+            Start(Subscribe, mpsc::Receiver<Pushed>),
+            Running(mpsc::Receiver<Pushed>, Option<ConnectionManager>),
+        }
+        let start = Inbox::Start(Box::pin(subscribe), rx);
+        futures_util::stream::unfold(start, |state| async move {
+            let (mut rx, mut keep) = match state {
+                Inbox::Start(subscribe, rx) => (rx, subscribe.await),
+                Inbox::Running(rx, keep) => (rx, keep),
+            };
+            loop {
+                match rx.next().await? {
+                    Pushed::Message(message) => return Some((message, Inbox::Running(rx, keep))),
+                    // The connection dropped: the manager reconnects (and
+                    // subscribes again) on the next command, so send one
+                    // until it answers.
+                    Pushed::Lost => {
+                        if let Some(manager) = keep.as_mut() {
+                            while redis::cmd("PING").query_async::<()>(manager).await.is_err() {
+                                sleep(Duration::from_millis(500)).await;
+                            }
+                            tracing::debug!("backplane inbox subscribed again");
+                        }
+                    }
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+/// What the inbox connection pushes.
+enum Pushed {
+    Message(Vec<u8>),
+    /// The connection dropped.
+    Lost,
+}
+
+/// Sleeps on whichever runtime the redis crate uses here.
+async fn sleep(d: Duration) {
+    #[cfg(feature = "tokio")]
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::time::sleep(d).await;
+        return;
+    }
+    #[cfg(feature = "smol")]
+    {
+        async_io::Timer::after(d).await;
+    }
+    #[cfg(all(feature = "tokio", not(feature = "smol")))]
+    tokio::time::sleep(d).await;
+}
