@@ -9,6 +9,8 @@ use super::error::INVALID;
 use super::fields::pack_frame;
 use super::quick::serde_pack_envelope;
 use super::*;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 pub(super) const LIMITS: Limits = Limits {
     max_message: 1 << 20,
