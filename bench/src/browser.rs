@@ -3,8 +3,11 @@
 //! one headless Chromium page, echo loops through the package against a
 //! plain browser `WebSocket` echo loop (no session layer) in the same run,
 //! in both codecs and two payload sizes, with the page's script time per
-//! message, with the package's defaults and with batching (2 ms: several
-//! messages a frame, as a busy page would use). `browser-connect`: a page's connect and resume (the `hello` in
+//! message, with the package's defaults (what the page sends within one
+//! turn of its event loop batched into one frame), with batching off, and
+//! with a 2 ms batch window; and the round trip of one message at a time
+//! with the defaults and with batching off, against the plain socket's.
+//! `browser-connect`: a page's connect and resume (the `hello` in
 //! the URL) against the Rust client's (the `hello` in the upgrade header).
 //!
 //! The page half is `adapters/web/tests/browser/bench.mjs`; Chromium,
@@ -251,10 +254,15 @@ pub(crate) fn echo_scenario(opts: &Options) -> Vec<Figure> {
     if !setup() {
         return Vec::new();
     }
-    let (reps, n) = if opts.quick { (1, 2_000) } else { (5, 20_000) };
+    let (reps, n, latency) = if opts.quick {
+        (1, 2_000, 200)
+    } else {
+        (5, 20_000, 1_000)
+    };
     let rt = net::tokio_runtime();
     let (base, plain) = rt.block_on(serve());
-    let config = serde_json::json!({"reps": reps, "n": n, "window": 64, "connects": 2});
+    let config =
+        serde_json::json!({"reps": reps, "n": n, "window": 64, "connects": 2, "latency": latency});
     let Some(result) = page_half(&base, &plain, &config) else {
         return Vec::new();
     };
@@ -279,6 +287,14 @@ pub(crate) fn echo_scenario(opts: &Options) -> Vec<Figure> {
             }
             figures.push(f);
             figures.push(figure(
+                format!("browser echo {codec} {size} B: package, batching off, vs plain"),
+                "msg/s, one page, window 64",
+                &numbers(&e["unbatched"]),
+                &numbers(&e["plain"]),
+                true,
+                None,
+            ));
+            figures.push(figure(
                 format!("browser echo {codec} {size} B: package, batch 2 ms, vs plain"),
                 "msg/s, one page, window 64",
                 &numbers(&e["batched"]),
@@ -295,6 +311,14 @@ pub(crate) fn echo_scenario(opts: &Options) -> Vec<Figure> {
                 None,
             ));
             figures.push(figure(
+                format!("browser script time {codec} {size} B: package, batching off, vs plain"),
+                "us of script per message (ScriptDuration)",
+                &numbers(&e["unbatchedScriptUs"]),
+                &numbers(&e["plainScriptUs"]),
+                false,
+                None,
+            ));
+            figures.push(figure(
                 format!("browser script time {codec} {size} B: package, batch 2 ms, vs plain"),
                 "us of script per message (ScriptDuration)",
                 &numbers(&e["batchedScriptUs"]),
@@ -303,6 +327,17 @@ pub(crate) fn echo_scenario(opts: &Options) -> Vec<Figure> {
                 None,
             ));
         }
+    }
+    let l = &result["latency"];
+    for (kind, what) in [("ours", "package"), ("unbatched", "package, batching off,")] {
+        figures.push(figure(
+            format!("browser round trip JSON 60 B: {what} vs plain WebSocket"),
+            "us, mean of one message at a time",
+            &numbers(&l[kind]),
+            &numbers(&l["plain"]),
+            false,
+            None,
+        ));
     }
     rt.shutdown_timeout(Duration::from_secs(1));
     figures

@@ -94,6 +94,8 @@ impl BackoffConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn nominal_doubles_to_the_cap() {

@@ -347,6 +347,8 @@ impl<K, V> Default for Coalescer<K, V> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn ms(millis: u64) -> Instant {
         Instant::from_millis(millis)

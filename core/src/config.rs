@@ -116,6 +116,10 @@ impl Default for ReliabilityConfig {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchConfig {
     /// How long the first message of a batch may wait for company. Default 5 ms.
+    /// Zero: a message that finds nothing else unacknowledged goes out at
+    /// once; those sent behind it wait until the machine's next timeout
+    /// call, which the driver makes when it chooses (the browser's, at the
+    /// end of the event loop's turn).
     pub window: Duration,
     /// A batch goes out at once when it holds this many messages. Default 64.
     pub max_messages: usize,
@@ -508,6 +512,8 @@ fn validate_reliability(r: &ReliabilityConfig) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn defaults_are_valid() {

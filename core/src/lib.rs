@@ -125,6 +125,11 @@ pub use hlc::{Hlc, HlcTimestamp};
 pub use lww::{LwwMap, LwwUpdate};
 pub use ratelimit::{RateLimitConfig, RateLimiter};
 
+// The unit tests compiled to wasm32 run in a browser page
+// (adapters/web/test.sh), not in Node.js.
+#[cfg(all(test, target_arch = "wasm32"))]
+wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+
 // Bodies of the fuzz targets, compiled only for fuzzing and its tests; they
 // live beside the crate's sources, in `core/fuzzing/`.
 #[cfg(feature = "fuzzing")]

@@ -330,8 +330,15 @@ impl Link {
             timers.stop(LinkTimer::AckDelay);
             tx.delivery.messages_sent += 1;
             let detached = matches!(&frame, Frame::Msg(m) if wire::detaches(m, tx.detach));
+            // A zero window batches only behind messages still in flight:
+            // one that finds the link idle (nothing else unacknowledged,
+            // nothing collecting) goes out at once, so that batching costs
+            // a lone request no latency.
+            let idle = |cfg: &BatchConfig, link: &Link| {
+                cfg.window.is_zero() && link.batch.is_none() && link.outbound.in_flight() <= 1
+            };
             match (batch, frame) {
-                (Some(cfg), Frame::Msg(m)) if tx.batches && !detached => {
+                (Some(cfg), Frame::Msg(m)) if tx.batches && !detached && !idle(cfg, self) => {
                     let collecting = self.batch.get_or_insert_with(Box::default);
                     if collecting.push(m, cfg) {
                         self.send_batch(Some(tx), timers)?;

@@ -375,6 +375,8 @@ impl RateLimiter {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn config(
         messages_per_sec: u32,
@@ -577,21 +579,29 @@ mod tests {
 
     #[test]
     fn extreme_values_do_not_overflow() {
-        let max = config(u32::MAX, u32::MAX, u64::MAX, u64::MAX);
+        // The largest message the target can describe (u64::MAX bytes on
+        // 64-bit targets, 4 GiB on wasm32): the byte limits are set to it.
+        let largest = u64::try_from(usize::MAX).unwrap();
+        let max = config(u32::MAX, u32::MAX, largest, largest);
         let mut limiter = RateLimiter::new(max, Instant::ZERO).unwrap();
         assert_eq!(limiter.check(Instant::MAX, usize::MAX), RateDecision::Allow);
-        // The byte bucket is empty now; a full refill at u64::MAX bytes per
+        // The byte bucket is empty now; a full refill at that many bytes per
         // second takes one second.
         assert_eq!(
             limiter.check(Instant::MAX, usize::MAX),
             exceeded(Limit::Bytes, Duration::from_secs(1))
         );
-        // A wait longer than u64 nanoseconds saturates instead of wrapping.
-        let mut slow = RateLimiter::new(config(1, 1, 1, u64::MAX), Instant::ZERO).unwrap();
+        // At one byte a second, the wait is `largest` seconds; one longer
+        // than u64 nanoseconds (on 64-bit targets) saturates instead of
+        // wrapping.
+        let mut slow = RateLimiter::new(config(1, 1, 1, largest), Instant::ZERO).unwrap();
         assert_eq!(slow.check(Instant::ZERO, usize::MAX), RateDecision::Allow);
         assert_eq!(
             slow.check(Instant::ZERO, usize::MAX),
-            exceeded(Limit::Bytes, Duration::from_nanos(u64::MAX))
+            exceeded(
+                Limit::Bytes,
+                Duration::from_secs(largest).min(Duration::from_nanos(u64::MAX))
+            )
         );
     }
 

@@ -667,6 +667,8 @@ impl Inbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn out(max_messages: usize, window: usize) -> Outbound {
         Outbound::new(

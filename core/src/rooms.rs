@@ -217,6 +217,8 @@ impl Rooms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn membership_is_counted_and_bounded() {

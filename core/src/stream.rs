@@ -254,6 +254,8 @@ impl RoomStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn payload(n: usize) -> Payload {
         Payload::binary(vec![7; n])

@@ -111,6 +111,8 @@ impl fmt::Display for Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn arithmetic_saturates() {

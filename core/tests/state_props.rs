@@ -8,6 +8,9 @@
 
 // A failed unwrap is a failed test, which is what a test should do.
 #![allow(clippy::unwrap_used)]
+// Native only: proptest needs threads, a clock and the operating system's
+// randomness, which a browser page lacks (the unit tests run in both).
+#![cfg(not(target_arch = "wasm32"))]
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -21,6 +21,8 @@ export interface Clock {
   now(): number;
   setTimeout(callback: () => void, ms: number): unknown;
   clearTimeout(handle: unknown): void;
+  /** Runs the callback once the event loop's current turn is over (default: a `MessageChannel` task). */
+  endOfTurn(callback: () => void): void;
 }
 
 export interface ConnectOptions {
@@ -55,7 +57,15 @@ export interface ConnectOptions {
   capabilities?: string[];
   /** Take room broadcasts as room streams. Default true. */
   roomStreams?: boolean;
-  /** Batch small messages into one frame (true: 5 ms, 64 messages, 64 KiB). Default off. */
+  /**
+   * Batching of small messages into one frame. Default (and `true`): a
+   * message sent while nothing else is unacknowledged goes out at once;
+   * what the page sends behind messages still in flight within one turn of
+   * the event loop leaves in one frame at the end of that turn (`window` 0,
+   * at most 64 messages and 64 KiB a frame); `false`: every message in a
+   * frame of its own, at once; an object: a window in milliseconds and
+   * limits.
+   */
   batch?: boolean | { window?: Millis; maxMessages?: number; maxBytes?: number };
   /** `sendLatest` pacing per key. Default 1000/60. */
   coalesceInterval?: Millis;

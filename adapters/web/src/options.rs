@@ -3,7 +3,8 @@
 //! Owns the translation of the JSON the JavaScript package hands over
 //! (camelCase names, durations in milliseconds) into the core's settings,
 //! starting from the core's defaults, so a page that sets nothing gets what
-//! every Rust client gets. It never validates beyond what the JSON's shape
+//! every Rust client gets, but for one setting: batching is on, for what a
+//! page sends within one turn of its event loop ([`page_batch`]). It never validates beyond what the JSON's shape
 //! requires: `ClientConfig::validate` (run by `Client::new`) says what cannot
 //! work. Settings that only make sense for a driver with sockets of its own
 //! (the `hello` in an upgrade header, TLS) are not offered.
@@ -33,8 +34,8 @@ pub(crate) struct Options {
     max_decode_failures: Option<u32>,
     capabilities: Option<Vec<String>>,
     room_streams: Option<bool>,
-    /// `false` or absent: no batching; `true`: the defaults; an object:
-    /// its settings.
+    /// Absent or `true`: [`page_batch`]; `false`: every message in a frame
+    /// of its own; an object: its settings over [`page_batch`]'s.
     batch: Option<BatchOption>,
     coalesce_interval: Option<f64>,
     coalesce_keys: Option<usize>,
@@ -228,10 +229,10 @@ impl Options {
         }
         set(&mut c.room_streams, self.room_streams);
         match &self.batch {
-            None | Some(BatchOption::On(false)) => c.batch = None,
-            Some(BatchOption::On(true)) => c.batch = Some(BatchConfig::default()),
+            Some(BatchOption::On(false)) => c.batch = None,
+            None | Some(BatchOption::On(true)) => c.batch = Some(page_batch()),
             Some(BatchOption::With(b)) => {
-                let mut batch = BatchConfig::default();
+                let mut batch = page_batch();
                 set_ms(&mut batch.window, "batch.window", b.window)?;
                 set(&mut batch.max_messages, b.max_messages);
                 set(&mut batch.max_bytes, b.max_bytes);
@@ -247,6 +248,21 @@ impl Options {
         set(&mut c.max_pending_requests, self.max_pending_requests);
         set(&mut c.can_refresh_token, self.can_refresh_token);
         Ok(c)
+    }
+}
+
+/// A page's batching unless it says otherwise: the core's limits, with a
+/// window of zero. A message that finds nothing else unacknowledged goes
+/// out at once (a lone request waits for nothing); those sent behind
+/// messages still in flight are batched until the machine's next timeout,
+/// which the JavaScript driver gives it at the end of the event loop's
+/// turn (a `MessageChannel` task, not a clamped timer): what the page sends
+/// and acknowledges while handling one burst of incoming messages leaves
+/// in one frame.
+fn page_batch() -> BatchConfig {
+    BatchConfig {
+        window: Duration::ZERO,
+        ..BatchConfig::default()
     }
 }
 
@@ -284,6 +300,17 @@ mod tests {
             .config()
             .unwrap();
         assert!(c.capabilities.is_empty());
+    }
+
+    #[test]
+    fn a_page_batches_what_it_sends_in_one_turn_unless_it_says_not_to() {
+        let turn = |json: &str| Options::parse(json).unwrap().config().unwrap().batch;
+        assert_eq!(turn("{}"), Some(page_batch()));
+        assert_eq!(turn(r#"{"batch":true}"#), Some(page_batch()));
+        assert_eq!(page_batch().window, Duration::ZERO);
+        assert_eq!(turn(r#"{"batch":false}"#), None);
+        let b = turn(r#"{"batch":{"maxMessages":8}}"#).unwrap();
+        assert_eq!((b.window, b.max_messages), (Duration::ZERO, 8));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::wire::Welcome;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 fn client() -> Client {
     Client::new(ClientConfig::default(), ClientId([1; 16]), 9).unwrap()

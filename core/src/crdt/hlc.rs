@@ -299,6 +299,8 @@ impl Hlc {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn ts(physical_ms: u64, logical: u32, node: u64) -> HlcTimestamp {
         HlcTimestamp::new(physical_ms, logical, node)

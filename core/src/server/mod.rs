@@ -771,6 +771,8 @@ mod tests;
 #[cfg(test)]
 mod size {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// Idle sessions are multiplied by tens of thousands: keep them small.
     /// The figure is recorded in ARCHITECTURE.md; raise the bound only with a

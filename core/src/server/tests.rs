@@ -2,6 +2,8 @@
 //! a test says so, its internals (the deadline heap).
 
 use super::*;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 use crate::close::CloseCode;
 use crate::config::ServerConfig;

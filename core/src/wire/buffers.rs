@@ -307,6 +307,8 @@ mod tests {
     use super::*;
     use crate::wire::tests::{msg_with, payload_of, LIMITS};
     use crate::wire::{decode, encode, Incoming, Msg, MsgKind, Payload};
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn within(inner: &Bytes, outer: &Bytes) -> bool {
         let (a, b) = (inner.as_ptr() as usize, outer.as_ptr() as usize);

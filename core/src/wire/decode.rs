@@ -19,10 +19,14 @@ use super::envelope::{bounded_batch, HandshakeEnvelope, JsonEnvelope, PackEnvelo
 use super::fields::{
     check_json_depth, detached_of, handshake_frame, json_frame, pack_frame, share,
 };
-use super::quick::{quick_pack_envelope, serde_pack_envelope};
+use super::quick::quick_pack_envelope;
+#[cfg(feature = "msgpack-serde")]
+use super::quick::serde_pack_envelope;
+#[cfg(feature = "msgpack-serde")]
+use super::MAX_MSGPACK_DEPTH;
 use super::{
     DecodeError, Frame, Incoming, InvalidMsg, Limits, Msg, PayloadKind, BINARY_HEADER_LEN,
-    KIND_MSGPACK, KIND_RAW, MAX_MSGPACK_DEPTH,
+    KIND_MSGPACK, KIND_RAW,
 };
 
 /// A message or detached payload of `size` bytes is within the limit.
@@ -251,21 +255,51 @@ fn decode_binary(
     }
     let mut env = PackEnvelope::default();
     if quick_pack_envelope(body, &mut env).is_none() {
-        env = match serde_pack_envelope(body) {
-            Ok(env) => env,
-            Err(e) => {
-                let mut de = rmp_serde::Deserializer::from_read_ref(body);
-                de.set_max_depth(MAX_MSGPACK_DEPTH);
-                return MsgProbe::deserialize(&mut de)
-                    .ok()
-                    .and_then(MsgProbe::into_invalid)
-                    .map(Decoded::Frame)
-                    .ok_or(e);
-            }
+        env = match fallback(body)? {
+            Fallback::Envelope(env) => env,
+            Fallback::Invalid(frame) => return Ok(Decoded::Frame(frame)),
         };
     }
     let frame = pack_frame(&env, false, backing)?;
     Decoded::announced(frame, env.dj, env.dm, env.db)
+}
+
+/// What the fallback made of a MessagePack body the quick reader left
+/// (without `msgpack-serde`, nothing: it is always an error).
+#[cfg_attr(not(feature = "msgpack-serde"), allow(dead_code))]
+// Returned on the rare path only, and taken apart at once.
+#[allow(clippy::large_enum_variant)]
+enum Fallback<'a> {
+    Envelope(PackEnvelope<'a>),
+    /// Not an envelope serde reads either, but a `msg` (or a batch of them)
+    /// whose numbers could be read: consumed as invalid.
+    Invalid(Frame),
+}
+
+/// serde's reading of a body the quick reader left, or, if serde refuses
+/// it too, the numbered invalid message it stands for if it is one.
+#[cfg(feature = "msgpack-serde")]
+fn fallback(body: &[u8]) -> Result<Fallback<'_>, DecodeError> {
+    match serde_pack_envelope(body) {
+        Ok(env) => Ok(Fallback::Envelope(env)),
+        Err(e) => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(body);
+            de.set_max_depth(MAX_MSGPACK_DEPTH);
+            MsgProbe::deserialize(&mut de)
+                .ok()
+                .and_then(MsgProbe::into_invalid)
+                .map(Fallback::Invalid)
+                .ok_or(e)
+        }
+    }
+}
+
+/// Without serde, only the form Kitestring writes is read.
+#[cfg(not(feature = "msgpack-serde"))]
+fn fallback(_body: &[u8]) -> Result<Fallback<'_>, DecodeError> {
+    Err(DecodeError::MsgPack {
+        message: "not an envelope in the form Kitestring writes".into(),
+    })
 }
 
 /// The numbers of a `msg` (or of a batch's) whose envelope did not decode:

@@ -2,8 +2,10 @@
 //!
 //! Owns every envelope the core writes. `msg` envelopes, on every message's
 //! path, are written by hand with exactly the bytes serde would write (the
-//! serde forms are kept as the tests' oracle); handshakes and control frames
-//! go through serde. It never decides which buffer a frame is written to
+//! serde forms are kept as the tests' oracle); the other MessagePack
+//! envelopes by one hand-written writer of the serde form (so that the
+//! MessagePack codec needs no serde serializer); JSON handshakes and
+//! control frames go through serde. It never decides which buffer a frame is written to
 //! (the machines' [`Encoder`](super::Encoder) does) nor whether a payload
 //! goes detached ([`detaches`](super::detaches) does).
 
@@ -358,18 +360,18 @@ pub(super) fn encode_msgpack(
         }
         Frame::Subs(list) => {
             let env = subs_envelope!(PackEnvelope, list);
-            rmp_serde::encode::write_named(out, &env).map_err(serializer_error)?;
+            write_pack_envelope(&env, out)?;
         }
         Frame::Pub(e) => {
             let mut env = PackEnvelope::default();
             fill_entry!(env, e);
             pack_payload_into(&mut env, &e.payload)?;
-            rmp_serde::encode::write_named(out, &env).map_err(serializer_error)?;
+            write_pack_envelope(&env, out)?;
         }
         _ => {
             let mut env = PackEnvelope::default();
             fill_common!(env, frame);
-            rmp_serde::encode::write_named(out, &env).map_err(serializer_error)?;
+            write_pack_envelope(&env, out)?;
         }
     }
     seal_msgpack(out, version)
@@ -461,6 +463,101 @@ pub(super) fn write_pack_msg(
             }
         }
     }
+    Ok(())
+}
+
+/// Writes `env` as the MessagePack map rmp-serde writes for it
+/// (`to_vec_named`): its present fields in declaration order, integers in
+/// their shortest form, text payloads as strings and bytes as `bin`.
+pub(super) fn write_pack_envelope(
+    env: &PackEnvelope<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    use rmp::encode::{
+        write_array_len, write_bin, write_bool, write_map_len, write_str, write_uint,
+    };
+    fn key_uint(out: &mut Vec<u8>, key: &str, v: Option<u64>) -> Result<(), EncodeError> {
+        if let Some(v) = v {
+            write_str(out, key).map_err(serializer_error)?;
+            write_uint(out, v).map_err(serializer_error)?;
+        }
+        Ok(())
+    }
+    fn key_str(out: &mut Vec<u8>, key: &str, v: Option<&str>) -> Result<(), EncodeError> {
+        if let Some(v) = v {
+            write_str(out, key).map_err(serializer_error)?;
+            write_str(out, v).map_err(serializer_error)?;
+        }
+        Ok(())
+    }
+    fn key_bin(out: &mut Vec<u8>, key: &str, v: Option<&[u8]>) -> Result<(), EncodeError> {
+        if let Some(v) = v {
+            write_str(out, key).map_err(serializer_error)?;
+            write_bin(out, v).map_err(serializer_error)?;
+        }
+        Ok(())
+    }
+    let len = 1 + [
+        env.seq.is_some(),
+        env.id.is_some(),
+        env.ack.is_some(),
+        env.ts.is_some(),
+        env.j.is_some(),
+        env.m.is_some(),
+        env.b.is_some(),
+        env.nonce.is_some(),
+        env.from.is_some(),
+        env.code.is_some(),
+        env.retry.is_some(),
+        env.r.is_some(),
+        env.op.is_some(),
+        env.rq.is_some(),
+        env.rs.is_some(),
+        env.within.is_some(),
+        env.token.is_some(),
+        env.f.is_some(),
+        env.dj.is_some(),
+        env.dm.is_some(),
+        env.db.is_some(),
+        env.e.is_some(),
+    ]
+    .iter()
+    .filter(|present| **present)
+    .count();
+    write_map_len(out, len as u32).map_err(serializer_error)?;
+    key_str(out, "t", Some(&env.t))?;
+    key_uint(out, "seq", env.seq)?;
+    key_uint(out, "id", env.id)?;
+    key_uint(out, "ack", env.ack)?;
+    key_uint(out, "ts", env.ts)?;
+    key_str(out, "j", env.j.as_deref())?;
+    key_bin(out, "m", env.m.map(|b| &**b))?;
+    key_bin(out, "b", env.b.map(|b| &**b))?;
+    key_uint(out, "nonce", env.nonce)?;
+    key_uint(out, "from", env.from)?;
+    key_uint(out, "code", env.code.map(u64::from))?;
+    key_uint(out, "retry", env.retry)?;
+    key_str(out, "r", env.r.as_deref())?;
+    key_str(out, "op", env.op.as_deref())?;
+    if let Some(rq) = env.rq {
+        write_str(out, "rq").map_err(serializer_error)?;
+        write_bool(out, rq).map_err(serializer_error)?;
+    }
+    key_uint(out, "rs", env.rs)?;
+    key_uint(out, "within", env.within)?;
+    key_str(out, "token", env.token.as_deref())?;
+    if let Some(f) = &env.f {
+        write_str(out, "f").map_err(serializer_error)?;
+        let n = u32::try_from(f.len()).map_err(|_| EncodeError::TooLarge)?;
+        write_array_len(out, n).map_err(serializer_error)?;
+        for inner in f {
+            write_pack_envelope(inner, out)?;
+        }
+    }
+    key_uint(out, "dj", env.dj)?;
+    key_uint(out, "dm", env.dm)?;
+    key_uint(out, "db", env.db)?;
+    key_uint(out, "e", env.e)?;
     Ok(())
 }
 

@@ -8,10 +8,83 @@
 use std::fmt;
 
 use bytes::Bytes;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{MAX_JSON_DEPTH, MAX_MSGPACK_DEPTH};
+
+/// Where the MessagePack value at the start of `data` ends, checked as
+/// rmp-serde checks a value it skips: every marker known, every length
+/// within the data, arrays and maps nested fewer than
+/// [`MAX_MSGPACK_DEPTH`] deep, as rmp-serde counts them (strings are not
+/// checked for UTF-8, extension types are taken).
+/// Written by hand so that the MessagePack codec needs no serde
+/// deserializer; the tests check it against rmp-serde.
+pub(super) fn msgpack_value_end(data: &[u8]) -> Result<usize, &'static str> {
+    const TRUNCATED: &str = "truncated MessagePack value";
+    // Values still to read in each open array or map, innermost last.
+    let mut open: Vec<u64> = Vec::new();
+    let mut at = 0usize;
+    loop {
+        let marker = *data.get(at).ok_or(TRUNCATED)?;
+        at += 1;
+        // A big-endian length of `n` bytes after the marker.
+        let mut len = |n: usize| -> Result<u64, &'static str> {
+            let bytes = data.get(at..at + n).ok_or(TRUNCATED)?;
+            at += n;
+            Ok(bytes.iter().fold(0u64, |v, &b| (v << 8) | u64::from(b)))
+        };
+        // The bytes that follow, and whether it opens a container of how
+        // many values.
+        let (skip, container): (u64, Option<u64>) = match marker {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => (0, None),
+            0x80..=0x8f => (0, Some(2 * u64::from(marker & 0x0f))),
+            0x90..=0x9f => (0, Some(u64::from(marker & 0x0f))),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), None),
+            0xc4 | 0xd9 => (len(1)?, None),
+            0xc5 | 0xda => (len(2)?, None),
+            0xc6 | 0xdb => (len(4)?, None),
+            // Extensions: the type byte, then the data.
+            0xc7 => (len(1)? + 1, None),
+            0xc8 => (len(2)? + 1, None),
+            0xc9 => (len(4)? + 1, None),
+            0xd4 => (2, None),
+            0xd5 => (3, None),
+            0xd6 => (5, None),
+            0xd7 => (9, None),
+            0xd8 => (17, None),
+            0xcc | 0xd0 => (1, None),
+            0xcd | 0xd1 => (2, None),
+            0xca | 0xce | 0xd2 => (4, None),
+            0xcb | 0xcf | 0xd3 => (8, None),
+            0xdc => (0, Some(len(2)?)),
+            0xdd => (0, Some(len(4)?)),
+            0xde => (0, Some(2 * len(2)?)),
+            0xdf => (0, Some(2 * len(4)?)),
+            0xc1 => return Err("reserved MessagePack marker 0xc1"),
+        };
+        let skip = usize::try_from(skip).map_err(|_| TRUNCATED)?;
+        at = at
+            .checked_add(skip)
+            .filter(|&end| end <= data.len())
+            .ok_or(TRUNCATED)?;
+        // This value fills one place in the container around it.
+        if let Some(left) = open.last_mut() {
+            *left -= 1;
+        }
+        if let Some(values) = container {
+            if open.len() + 1 >= MAX_MSGPACK_DEPTH {
+                return Err("MessagePack value nested too deep");
+            }
+            open.push(values);
+        }
+        while open.last() == Some(&0) {
+            open.pop();
+        }
+        if open.is_empty() {
+            return Ok(at);
+        }
+    }
+}
 
 /// Whether the JSON text `json` nests arrays and objects at most
 /// [`MAX_JSON_DEPTH`] deep. Only the structure is scanned (brackets outside
@@ -110,11 +183,8 @@ impl Payload {
     /// A MessagePack payload. Fails unless `data` is exactly one MessagePack value.
     pub fn msgpack(data: impl Into<Bytes>) -> Result<Payload, PayloadError> {
         let data = data.into();
-        let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(&data[..]));
-        de.set_max_depth(MAX_MSGPACK_DEPTH);
-        serde::de::IgnoredAny::deserialize(&mut de)
-            .map_err(|e| PayloadError::InvalidMsgPack(e.to_string()))?;
-        if de.position() != data.len() as u64 {
+        let end = msgpack_value_end(&data).map_err(|e| PayloadError::InvalidMsgPack(e.into()))?;
+        if end != data.len() {
             return Err(PayloadError::InvalidMsgPack(
                 "trailing bytes after the value".into(),
             ));

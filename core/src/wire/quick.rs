@@ -3,14 +3,18 @@
 //! Owns the fast path of every binary message: reading the envelope the way
 //! every Kitestring peer writes it, without serde. It must never accept
 //! anything serde would read differently: on anything unusual it gives up
-//! and serde reads the body; the fuzz targets check that the two agree on
-//! every input.
+//! and serde reads the body (feature `msgpack-serde`, on by default; without
+//! it, as in the browser package, the message is refused); the fuzz targets
+//! check that the two agree on every input.
 
 use std::borrow::Cow;
 
+#[cfg(any(test, feature = "msgpack-serde"))]
 use serde::Deserialize;
 
 use super::envelope::PackEnvelope;
+use super::MAX_BATCH;
+#[cfg(any(test, feature = "msgpack-serde"))]
 use super::{DecodeError, MAX_MSGPACK_DEPTH};
 #[cfg(any(test, feature = "fuzzing"))]
 use super::{BINARY_HEADER_LEN, KIND_MSGPACK};
@@ -43,7 +47,9 @@ pub(crate) fn assert_quick_envelope_agrees(msg: &[u8]) -> bool {
 }
 
 /// The envelope at the start of `body`, read by serde: any form rmp-serde
-/// accepts, and its errors.
+/// accepts, and its errors (rmp-serde is a dev-dependency: the tests
+/// have it whatever the features).
+#[cfg(any(test, feature = "msgpack-serde"))]
 pub(super) fn serde_pack_envelope(body: &[u8]) -> Result<PackEnvelope<'_>, DecodeError> {
     // The header's length frames the body; the envelope is the one map at its
     // start (rmp-serde's borrowing reader cannot report where the map ended).
@@ -56,15 +62,27 @@ pub(super) fn serde_pack_envelope(body: &[u8]) -> Result<PackEnvelope<'_>, Decod
 
 /// Reads the envelope the way every Kitestring peer writes it, without
 /// serde: one map, string keys naming envelope fields, each once, with
-/// unsigned integers, booleans, strings and `bin` values, and nothing after
-/// the map. `None` as soon as anything else turns up (another key, a nil
-/// or negative number, a batch, a duplicate, trailing bytes), with `env`
-/// partly filled: serde then reads the body and decides. What this
-/// accepts, serde reads to the same envelope; the fuzz targets check that
-/// on every input.
+/// unsigned integers, booleans, strings and `bin` values, a batch's `f` an
+/// array of at most [`MAX_BATCH`] such maps (none with an `f` of its own),
+/// and nothing after the map. `None` as soon as anything else turns up
+/// (another key, a nil or negative number, a nested batch, a duplicate,
+/// trailing bytes), with `env` partly filled: serde then reads the body
+/// and decides (or, without the `msgpack-serde` feature, the message is
+/// refused). What this accepts, serde reads to the same envelope; the
+/// fuzz targets check that on every input.
 #[inline]
 pub(super) fn quick_pack_envelope<'a>(body: &'a [u8], env: &mut PackEnvelope<'a>) -> Option<()> {
-    use rmp::decode::{read_bin_len, read_bool, read_int, read_map_len, read_str_len};
+    let mut rd = body;
+    quick_map(&mut rd, env, false)?;
+    rd.is_empty().then_some(())
+}
+
+/// Reads one envelope map from the front of `rd`; `nested`: inside a
+/// batch, where another batch is refused.
+fn quick_map<'a>(rd: &mut &'a [u8], env: &mut PackEnvelope<'a>, nested: bool) -> Option<()> {
+    use rmp::decode::{
+        read_array_len, read_bin_len, read_bool, read_int, read_map_len, read_str_len,
+    };
     #[inline]
     fn take<'a>(rd: &mut &'a [u8], len: u32) -> Option<&'a [u8]> {
         let (b, rest) = rd.split_at_checked(usize::try_from(len).ok()?)?;
@@ -101,37 +119,52 @@ pub(super) fn quick_pack_envelope<'a>(body: &'a [u8], env: &mut PackEnvelope<'a>
             $field = Some($value);
         }};
     }
-    let mut rd = body;
-    let fields = read_map_len(&mut rd).ok()?;
+    let fields = read_map_len(rd).ok()?;
     let mut has_type = false;
     for _ in 0..fields {
-        match key(&mut rd)? {
+        match key(rd)? {
             b"t" if !has_type => {
-                env.t = str(&mut rd)?;
+                env.t = str(rd)?;
                 has_type = true;
             }
-            b"seq" => once!(env.seq, uint(&mut rd)?),
-            b"id" => once!(env.id, uint(&mut rd)?),
-            b"ack" => once!(env.ack, uint(&mut rd)?),
-            b"ts" => once!(env.ts, uint(&mut rd)?),
-            b"j" => once!(env.j, str(&mut rd)?),
-            b"m" => once!(env.m, bin(&mut rd)?),
-            b"b" => once!(env.b, bin(&mut rd)?),
-            b"nonce" => once!(env.nonce, uint(&mut rd)?),
-            b"from" => once!(env.from, uint(&mut rd)?),
-            b"code" => once!(env.code, read_int(&mut rd).ok()?),
-            b"retry" => once!(env.retry, uint(&mut rd)?),
-            b"r" => once!(env.r, str(&mut rd)?),
-            b"op" => once!(env.op, str(&mut rd)?),
-            b"rq" => once!(env.rq, read_bool(&mut rd).ok()?),
-            b"rs" => once!(env.rs, uint(&mut rd)?),
-            b"within" => once!(env.within, uint(&mut rd)?),
-            b"token" => once!(env.token, str(&mut rd)?),
-            b"dj" => once!(env.dj, uint(&mut rd)?),
-            b"dm" => once!(env.dm, uint(&mut rd)?),
-            b"db" => once!(env.db, uint(&mut rd)?),
+            b"seq" => once!(env.seq, uint(rd)?),
+            b"id" => once!(env.id, uint(rd)?),
+            b"ack" => once!(env.ack, uint(rd)?),
+            b"ts" => once!(env.ts, uint(rd)?),
+            b"j" => once!(env.j, str(rd)?),
+            b"m" => once!(env.m, bin(rd)?),
+            b"b" => once!(env.b, bin(rd)?),
+            b"nonce" => once!(env.nonce, uint(rd)?),
+            b"from" => once!(env.from, uint(rd)?),
+            b"code" => once!(env.code, read_int(rd).ok()?),
+            b"retry" => once!(env.retry, uint(rd)?),
+            b"r" => once!(env.r, str(rd)?),
+            b"op" => once!(env.op, str(rd)?),
+            b"rq" => once!(env.rq, read_bool(rd).ok()?),
+            b"rs" => once!(env.rs, uint(rd)?),
+            b"within" => once!(env.within, uint(rd)?),
+            b"token" => once!(env.token, str(rd)?),
+            b"f" if !nested && env.f.is_none() => {
+                let len = usize::try_from(read_array_len(rd).ok()?).ok()?;
+                if len > MAX_BATCH {
+                    return None;
+                }
+                // Grown as the envelopes arrive: a declared length is not
+                // trusted with memory.
+                let mut inner = Vec::with_capacity(len.min(4));
+                for _ in 0..len {
+                    let mut one = PackEnvelope::default();
+                    quick_map(rd, &mut one, true)?;
+                    inner.push(one);
+                }
+                env.f = Some(inner);
+            }
+            b"dj" => once!(env.dj, uint(rd)?),
+            b"dm" => once!(env.dm, uint(rd)?),
+            b"db" => once!(env.db, uint(rd)?),
+            b"e" => once!(env.e, uint(rd)?),
             _ => return None,
         }
     }
-    (has_type && rd.is_empty()).then_some(())
+    has_type.then_some(())
 }

@@ -3,12 +3,13 @@
 //!
 //! The encoder's memory is tested beside it, in `buffers`.
 
-use super::encode::{json_msg, pack_msg};
+use super::encode::{json_msg, pack_msg, write_pack_envelope};
 use super::envelope::{bounded_batch, PackEnvelope};
 use super::error::INVALID;
-use super::fields::pack_frame;
-use super::quick::serde_pack_envelope;
+use super::payload::msgpack_value_end;
 use super::*;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 pub(super) const LIMITS: Limits = Limits {
     max_message: 1 << 20,
@@ -358,15 +359,17 @@ fn the_quick_envelope_reader_takes_what_kitestring_writes_and_agrees_with_serde(
             continue;
         };
         let took = assert_quick_envelope_agrees(&wire);
-        // Batches (a nested array of maps) are left to serde; raw
-        // frames have no envelope.
-        let quick = !matches!(frame, Frame::Batch(_) | Frame::Raw(_));
+        // Raw frames have no envelope.
+        let quick = !matches!(frame, Frame::Raw(_));
         assert_eq!(took, quick, "{frame:?}");
     }
 }
 
 #[test]
+#[cfg(feature = "msgpack-serde")]
 fn the_quick_envelope_reader_leaves_unusual_forms_to_serde() {
+    use super::fields::pack_frame;
+    use super::quick::serde_pack_envelope;
     use rmp::encode::{
         write_array_len, write_map_len, write_nil, write_sint, write_str, write_uint,
     };
@@ -395,6 +398,12 @@ fn the_quick_envelope_reader_leaves_unusual_forms_to_serde() {
     };
     let plain = map(&[("t", &ack), ("ack", &n(5))], &[]);
     assert!(assert_quick_envelope_agrees(&plain));
+    // A batch, even an empty one (which the fields' checks then refuse).
+    let empty = |b: &mut Vec<u8>| write_array_len(b, 0).map(drop).unwrap();
+    assert!(assert_quick_envelope_agrees(&map(
+        &[("t", &ack), ("f", &empty)],
+        &[]
+    )));
     let nil = |b: &mut Vec<u8>| write_nil(b).unwrap();
     let signed = |b: &mut Vec<u8>| {
         write_sint(b, -1).unwrap();
@@ -410,18 +419,39 @@ fn the_quick_envelope_reader_leaves_unusual_forms_to_serde() {
         map(&[("t", &ack), ("t", &ack)], &[]),
         map(&[("t", &ack), ("ack", &n(5)), ("extra", &n(1))], &[]),
         map(&[("t", &ack), ("ack", &n(5))], &[0xc0]),
-        // No type, a code out of range, a batch.
+        // No type, a code out of range.
         map(&[("ack", &n(5))], &[]),
         map(&[("t", &ack), ("code", &n(70_000))], &[]),
+        // A batch in a batch, a batch longer than the limit, a batch twice.
         map(
             &[
                 ("t", &ack),
                 ("f", &|b: &mut Vec<u8>| {
-                    write_array_len(b, 0).map(drop).unwrap()
+                    write_array_len(b, 1).unwrap();
+                    write_map_len(b, 2).unwrap();
+                    write_str(b, "t").unwrap();
+                    write_str(b, "batch").unwrap();
+                    write_str(b, "f").unwrap();
+                    write_array_len(b, 0).unwrap();
                 }),
             ],
             &[],
         ),
+        map(
+            &[
+                ("t", &ack),
+                ("f", &|b: &mut Vec<u8>| {
+                    write_array_len(b, MAX_BATCH as u32 + 1).unwrap();
+                    for _ in 0..=MAX_BATCH {
+                        write_map_len(b, 1).unwrap();
+                        write_str(b, "t").unwrap();
+                        write_str(b, "msg").unwrap();
+                    }
+                }),
+            ],
+            &[],
+        ),
+        map(&[("t", &ack), ("f", &empty), ("f", &empty)], &[]),
         // Not a map: the struct as an array, keys as field indexes.
         framed({
             let mut b = Vec::new();
@@ -1003,4 +1033,107 @@ fn payload_constructors_validate() {
     assert!(Payload::msgpack(vec![0x92, 0x01, 0x02]).is_ok());
     assert!(Payload::msgpack(vec![0x92, 0x01]).is_err());
     assert!(Payload::msgpack(vec![0x01, 0x02]).is_err());
+}
+
+#[test]
+fn the_hand_written_envelope_writer_matches_serde() {
+    let bytes = serde_bytes::Bytes::new(&[1, 2, 3]);
+    let long = "\u{e9}".repeat(200);
+    let ints = [0u64, 127, 128, 255, 256, 65_535, 65_536, u64::MAX];
+    let full = |n: u64| PackEnvelope {
+        t: "pub".into(),
+        seq: Some(n),
+        id: Some(n / 2),
+        ack: Some(n / 3),
+        ts: Some(n),
+        j: Some("{}".into()),
+        m: Some(bytes),
+        b: Some(bytes),
+        nonce: Some(n),
+        from: Some(n),
+        code: Some(u16::try_from(n % 65_536).unwrap()),
+        retry: Some(n),
+        r: Some("lobby".into()),
+        op: Some(long.as_str().into()),
+        rq: Some(n % 2 == 0),
+        rs: Some(n),
+        within: Some(n),
+        token: Some("t".into()),
+        f: None,
+        dj: Some(n),
+        dm: Some(n),
+        db: Some(n),
+        e: Some(n),
+    };
+    let mut envelopes: Vec<PackEnvelope<'_>> = ints.iter().map(|&n| full(n)).collect();
+    envelopes.push(PackEnvelope {
+        t: "ack".into(),
+        ack: Some(5),
+        ..PackEnvelope::default()
+    });
+    envelopes.push(PackEnvelope {
+        t: "subs".into(),
+        f: Some(ints.iter().map(|&n| full(n)).collect()),
+        ..PackEnvelope::default()
+    });
+    for env in &envelopes {
+        let mut ours = Vec::new();
+        write_pack_envelope(env, &mut ours).unwrap();
+        assert!(ours == rmp_serde::to_vec_named(env).unwrap(), "{}", env.t);
+    }
+}
+
+#[test]
+fn the_hand_written_msgpack_check_agrees_with_rmp_serde() {
+    use serde::Deserialize as _;
+    let serde_end = |data: &[u8]| {
+        let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(data));
+        de.set_max_depth(MAX_MSGPACK_DEPTH);
+        serde::de::IgnoredAny::deserialize(&mut de)
+            .ok()
+            .map(|_| de.position() as usize)
+    };
+    let nested = |depth: usize, open: u8| {
+        let mut v = vec![open; depth];
+        v.push(0xc0);
+        if open == 0x81 {
+            // A map's values: one key (nil) before each nested map.
+            v = (0..depth).flat_map(|_| [0x81, 0xc0]).collect();
+            v.push(0xc0);
+        }
+        v
+    };
+    let mut cases: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xc1],
+        vec![0xc0, 0xc0],
+        vec![0xa3, b'a', 0xff, 0xfe], // not UTF-8
+        vec![0xd9, 2, b'h'],          // truncated str8
+        vec![0xc7, 1, 5, 9],          // ext8
+        vec![0xc7, 1, 5],             // truncated ext8
+        vec![0xd4, 1, 2],             // fixext1
+        vec![0xd8, 1],                // truncated fixext16
+        vec![0xdd, 0xff, 0xff, 0xff, 0xff, 0xc0],
+        vec![0xdf, 0, 0, 0, 1, 0xc0, 0xc0],
+        vec![0xde, 0, 1, 0xc0],
+        vec![0x92, 0x90, 0x80],
+        vec![0x93, 0x91, 0x91, 0xc0, 0xc3, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0],
+        vec![0xcf, 1, 2, 3, 4, 5, 6, 7, 8],
+        vec![0xcf, 1, 2, 3],
+        vec![0xc6, 0, 0, 0, 2, 1, 2],
+        vec![0xc6, 0xff, 0xff, 0xff, 0xff, 1],
+    ];
+    for depth in MAX_MSGPACK_DEPTH - 2..MAX_MSGPACK_DEPTH + 3 {
+        cases.push(nested(depth, 0x91));
+        cases.push(nested(depth, 0x81));
+        cases.push(vec![0x91; depth].into_iter().chain([0x90]).collect());
+    }
+    for byte in 0..=255u8 {
+        cases.push(vec![
+            byte, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+    }
+    for case in &cases {
+        assert_eq!(msgpack_value_end(case).ok(), serde_end(case), "{case:x?}");
+    }
 }

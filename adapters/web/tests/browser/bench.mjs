@@ -7,7 +7,9 @@
 // In one page, in the same run: echo loops through the package and
 // through a plain browser WebSocket against a plain echo server (no
 // session layer: the floor), in JSON and MessagePack, 60 B and 1 KiB
-// payloads, in blocks whose order rotates; the page's script time per
+// payloads, with the package's defaults, with batching off and with a 2 ms
+// batch window, in blocks whose order rotates; the round trip of one
+// message at a time (the latency the defaults' batching could add); the page's script time per
 // message from Chrome's own counters (Performance.getMetrics:
 // ScriptDuration); and the time from connect() to an open session, and
 // from reconnect() to a resumed one. Prints one JSON object.
@@ -60,7 +62,9 @@ const echoLoop = async ({ kind, url, codec, size, n, windowSize, batch }) => {
     ws.close();
     return { ms, bad };
   }
-  const c = await ks.connect(url, { codecs: codec === 'json' ? ['json'] : ['msgpack', 'json'], batch: batch ?? false });
+  const options = { codecs: codec === 'json' ? ['json'] : ['msgpack', 'json'] };
+  if (batch !== undefined) options.batch = batch;
+  const c = await ks.connect(url, options);
   await new Promise((r) => c.on('open', r));
   const t0 = performance.now();
   const ms = await new Promise((resolve) => {
@@ -102,7 +106,10 @@ const cases = [];
 for (const codec of ['json', 'msgpack']) for (const size of [60, 1024]) cases.push({ codec, size });
 const echo = {};
 for (const c of cases) {
-  echo[`${c.codec}-${c.size}`] = { plain: [], ours: [], batched: [], plainScriptUs: [], oursScriptUs: [], batchedScriptUs: [], bad: 0 };
+  echo[`${c.codec}-${c.size}`] = {
+    plain: [], ours: [], unbatched: [], batched: [],
+    plainScriptUs: [], oursScriptUs: [], unbatchedScriptUs: [], batchedScriptUs: [], bad: 0,
+  };
 }
 // Warm both paths once.
 for (const kind of ['plain', 'ours']) {
@@ -111,14 +118,14 @@ for (const kind of ['plain', 'ours']) {
 for (let rep = 0; rep < reps; rep++) {
   for (const c of cases) {
     const key = `${c.codec}-${c.size}`;
-    const kinds = ['plain', 'ours', 'batched'];
+    const kinds = ['plain', 'ours', 'unbatched', 'batched'];
     const order = kinds.map((_, i) => kinds[(i + rep) % kinds.length]);
     for (const kind of order) {
       const before = await scriptSeconds();
       const r = await page.evaluate(echoLoop, {
         kind: kind === 'plain' ? 'plain' : 'ks',
         url: kind === 'plain' ? plainUrl : `${base.replace('http', 'ws')}/ws`,
-        batch: kind === 'batched' ? { window: 2 } : false,
+        batch: { batched: { window: 2 }, unbatched: false }[kind],
         codec: c.codec,
         size: c.size,
         n,
@@ -130,7 +137,28 @@ for (let rep = 0; rep < reps; rep++) {
       echo[key].bad += r.bad;
     }
   }
-  console.error(`  browser-echo rep ${rep} (ours, batched, plain msg/s): ${Object.entries(echo).map(([k, v]) => `${k} ${Math.round(v.ours.at(-1))} ${Math.round(v.batched.at(-1))} ${Math.round(v.plain.at(-1))}`).join(', ')}`);
+  console.error(`  browser-echo rep ${rep} (defaults, unbatched, batch 2 ms, plain msg/s): ${Object.entries(echo).map(([k, v]) => `${k} ${Math.round(v.ours.at(-1))} ${Math.round(v.unbatched.at(-1))} ${Math.round(v.batched.at(-1))} ${Math.round(v.plain.at(-1))}`).join(', ')}`);
+}
+
+// The round trip of one message at a time, JSON 60 B: per repetition, the
+// mean of `latency` round trips in a row, in µs (the page's clock is
+// coarsened to 100 µs, too coarse to time one).
+const latency = { plain: [], ours: [], unbatched: [] };
+for (let rep = 0; rep < (config.latency ? reps : 0); rep++) {
+  const kinds = Object.keys(latency);
+  for (const kind of kinds.map((_, i) => kinds[(i + rep) % kinds.length])) {
+    const r = await page.evaluate(echoLoop, {
+      kind: kind === 'plain' ? 'plain' : 'ks',
+      url: kind === 'plain' ? plainUrl : `${base.replace('http', 'ws')}/ws`,
+      batch: kind === 'unbatched' ? false : undefined,
+      codec: 'json',
+      size: 60,
+      n: config.latency,
+      windowSize: 1,
+    });
+    latency[kind].push((r.ms * 1000) / config.latency);
+  }
+  console.error(`  browser-latency rep ${rep} (defaults, unbatched, plain µs): ${Math.round(latency.ours.at(-1))} ${Math.round(latency.unbatched.at(-1))} ${Math.round(latency.plain.at(-1))}`);
 }
 
 /** In the page: connect and resume times, and a plain socket's open time, in ms. */
@@ -159,5 +187,5 @@ const connectTimes = async ({ url, plainUrl, connects }) => {
   return { fresh, resumed, plain };
 };
 const times = await page.evaluate(connectTimes, { url: `${base.replace('http', 'ws')}/ws`, plainUrl, connects });
-console.log(JSON.stringify({ echo, connect: times }));
+console.log(JSON.stringify({ echo, latency, connect: times }));
 await browser.close();

@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 fn ts(physical_ms: u64, logical: u32, node: u64) -> HlcTimestamp {
     HlcTimestamp::new(physical_ms, logical, node)
@@ -367,6 +369,8 @@ fn updates_round_trip_through_serde() {
 /// The values are stored in thousandths because `f64` is not `Eq`.
 mod late_broadcast_race {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const SERVER_WALL: u64 = 1_700_000_000_000;
     // The client's wall clock is three minutes behind the server's.
