@@ -18,6 +18,8 @@
 //!    `SessionState::can_become` allows (as its events report it) and
 //!    `Server::session` agrees with the events; nothing panics.
 //! 5. Every queue and window stays within its configured bound.
+//! 6. With `Acknowledge::AfterHandled`, every acknowledgment a client
+//!    receives covers only messages the server's application handled.
 //!
 //! `PROPTEST_CASES` sets the number of cases (256 by default); failures are
 //! saved in `proptest-regressions/` and replayed first on every run.
@@ -32,7 +34,7 @@ use proptest::prelude::*;
 use kitestring_conformance::sim::{LinkConfig, Reachability, Sim};
 use kitestring_core::client::{Event, State};
 use kitestring_core::close::CloseCode;
-use kitestring_core::config::{ClientConfig, QueueConfig, ServerConfig};
+use kitestring_core::config::{Acknowledge, ClientConfig, QueueConfig, ServerConfig};
 use kitestring_core::reliable::{BatchConfig, MessageId, ReliabilityConfig};
 use kitestring_core::server::{ServerEvent, SessionState};
 use kitestring_core::wire::{Codec, Payload, SessionId};
@@ -40,19 +42,48 @@ use kitestring_core::Instant;
 
 #[derive(Clone, Debug)]
 enum Op {
-    ClientSend { client: usize, count: u8 },
-    ServerSend { client: usize, count: u8 },
-    Advance { ms: u32 },
-    Cut { client: usize },
-    CutAfter { client: usize, bytes: u16 },
-    Blackhole { client: usize },
-    Restart { keep_sessions: bool },
-    Unreachable { secs: u16 },
-    Reconnect { client: usize },
-    Duplicate { client: usize },
-    Drop { client: usize },
+    ClientSend {
+        client: usize,
+        count: u8,
+    },
+    ServerSend {
+        client: usize,
+        count: u8,
+    },
+    Advance {
+        ms: u32,
+    },
+    Cut {
+        client: usize,
+    },
+    CutAfter {
+        client: usize,
+        bytes: u16,
+    },
+    Blackhole {
+        client: usize,
+    },
+    Restart {
+        keep_sessions: bool,
+    },
+    Unreachable {
+        secs: u16,
+    },
+    Reconnect {
+        client: usize,
+    },
+    Duplicate {
+        client: usize,
+    },
+    Drop {
+        client: usize,
+    },
     HandOver,
-    Bounce { client: usize },
+    Bounce {
+        client: usize,
+    },
+    /// The application handles every message it was given so far.
+    Handle,
 }
 
 fn op(clients: usize) -> impl Strategy<Value = Op> {
@@ -71,6 +102,7 @@ fn op(clients: usize) -> impl Strategy<Value = Op> {
         2 => c.clone().prop_map(|client| Op::Drop { client }),
         1 => Just(Op::HandOver),
         1 => c.prop_map(|client| Op::Bounce { client }),
+        4 => Just(Op::Handle),
     ]
 }
 
@@ -82,6 +114,8 @@ struct Setup {
     small_buffers: bool,
     jitter_ms: u64,
     seed: u64,
+    /// The server acknowledges only what the application handled.
+    after_handled: bool,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
@@ -92,15 +126,17 @@ fn setup() -> impl Strategy<Value = Setup> {
         any::<bool>(),
         0u64..30,
         any::<u64>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(clients, msgpack, batching, small_buffers, jitter_ms, seed)| Setup {
+            |(clients, msgpack, batching, small_buffers, jitter_ms, seed, after_handled)| Setup {
                 clients,
                 codec: if msgpack { Codec::MsgPack } else { Codec::Json },
                 batching,
                 small_buffers,
                 jitter_ms,
                 seed,
+                after_handled,
             },
         )
 }
@@ -116,6 +152,11 @@ struct Model {
     /// server message id -> (client, counter).
     down_ids: BTreeMap<MessageId, (usize, u64)>,
     next: u64,
+    /// Per session: client messages the server's application was given and
+    /// has not handled yet, (seq, client, counter).
+    unhandled: BTreeMap<SessionId, Vec<(u64, usize, u64)>>,
+    /// (client, counter) of every client message the application handled.
+    handled: BTreeSet<(usize, u64)>,
     /// Server-accepted messages a `SessionEnded` reported unconfirmed.
     reported: BTreeSet<(usize, u64)>,
     /// Server-accepted messages that died with a server process restarted
@@ -139,6 +180,8 @@ struct Harness {
     /// connection ended.
     moved: BTreeMap<SessionId, CloseCode>,
     seen_server_events: usize,
+    /// `Setup::after_handled`.
+    handled_mode: bool,
 }
 
 fn payload(client: usize, n: u64) -> Payload {
@@ -167,6 +210,11 @@ impl Harness {
             reliability: reliability.clone(),
             queue: queue.clone(),
             batch,
+            acknowledge: if s.after_handled {
+                Acknowledge::AfterHandled
+            } else {
+                Acknowledge::OnReceipt
+            },
             ..ServerConfig::default()
         };
         let cfg = ClientConfig {
@@ -200,6 +248,7 @@ impl Harness {
             sessions: BTreeMap::new(),
             moved: BTreeMap::new(),
             seen_server_events: 0,
+            handled_mode: s.after_handled,
         }
     }
 
@@ -268,6 +317,22 @@ impl Harness {
             Op::Bounce { client } => {
                 sim.bounce(client);
             }
+            Op::Handle => self.handle_all(),
+        }
+    }
+
+    /// The application handles every message it was given: each session's
+    /// up to its last.
+    fn handle_all(&mut self) {
+        let _ = self.follow_server_sessions(false);
+        for (session, msgs) in std::mem::take(&mut self.model.unhandled) {
+            let Some(&(last, _, _)) = msgs.last() else {
+                continue;
+            };
+            self.model
+                .handled
+                .extend(msgs.iter().map(|&(_, c, n)| (c, n)));
+            let _ = self.sim.with_server(|s, now| s.handled(now, session, last));
         }
     }
 
@@ -279,6 +344,20 @@ impl Harness {
             // 4. Transitions.
             let events = &self.sim.peers[i].events;
             for (t, e) in &events[self.seen_events[i]..] {
+                // 6. With `AfterHandled`, an acknowledgment covers only
+                // messages the application handled.
+                if let Event::Acked { first, last } = e {
+                    if self.handled_mode {
+                        for (_, n) in self.model.up_ids[i].range(*first..=*last) {
+                            prop_assert!(
+                                self.model.handled.contains(&(i, *n)),
+                                "client {}: {} acknowledged, never handled",
+                                i,
+                                n
+                            );
+                        }
+                    }
+                }
                 if let Event::StateChanged { old, new } = e {
                     prop_assert_eq!(
                         old,
@@ -405,6 +484,14 @@ impl Harness {
                         }
                     }
                 }
+                ServerEvent::Message { session, message } => {
+                    let (c, n) = parse(&message.payload);
+                    self.model
+                        .unhandled
+                        .entry(*session)
+                        .or_default()
+                        .push((message.seq, c, n));
+                }
                 ServerEvent::SessionMoved { session } => {
                     // An attached session's connection is closed with 4011;
                     // a detached one keeps how its connection ended.
@@ -510,6 +597,7 @@ impl Harness {
         for _ in 0..4 {
             self.sim.run_for(Duration::from_secs(120));
             self.check_step()?;
+            self.handle_all();
             for i in 0..self.sim.peers.len() {
                 if matches!(self.sim.state(i), State::Failed { .. }) {
                     let _ = self.sim.with_client(i, |c, now| c.reconnect(now));

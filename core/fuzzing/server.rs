@@ -17,7 +17,7 @@ use bytes::Bytes;
 use core::time::Duration;
 
 use crate::close::CloseCode;
-use crate::config::{QueueConfig, ServerConfig};
+use crate::config::{Acknowledge, QueueConfig, ServerConfig};
 use crate::reliable::{OverflowPolicy, ReliabilityConfig, SendError};
 use crate::server::{ConnectionId, Server, ServerEvent, ServerOutput, SessionImage};
 use crate::time::Instant;
@@ -55,6 +55,9 @@ pub struct ServerSetup {
     pub max_decode_failures: u8,
     /// Serve room streams through feeds ([`FeedModel`] writes them).
     pub room_feeds: bool,
+    /// Acknowledge only what the application handled
+    /// ([`Acknowledge::AfterHandled`]).
+    pub after_handled: bool,
 }
 
 impl ServerSetup {
@@ -81,6 +84,9 @@ impl ServerSetup {
             ..ReliabilityConfig::default()
         };
         c.session_grace = Duration::from_secs(u64::from(self.session_grace_secs));
+        if self.after_handled {
+            c.acknowledge = Acknowledge::AfterHandled;
+        }
         if self.zero_grace {
             c.grace = Duration::ZERO;
         }
@@ -188,6 +194,9 @@ pub enum ServerOp {
     /// A session (by index) exported, carried through MessagePack and
     /// imported again: it must come back whole.
     Bounce(u8),
+    /// The application handled a session's (by index) messages through a
+    /// sequence number (`None`: everything it was given).
+    Handled(u8, Option<u16>),
     /// `disconnect_connection`.
     Disconnect(u8, Code),
     /// `handle_timeout` at the next deadline.
@@ -565,6 +574,12 @@ impl ServerHarness {
             ServerOp::CloseSession(s) => {
                 let session = self.session(s);
                 let r = self.server.close_session(now, session);
+                assert_eq!(r.is_ok(), self.sessions.contains_key(&session));
+            }
+            ServerOp::Handled(s, through) => {
+                let session = self.session(s);
+                let through = through.map_or(u64::MAX, u64::from);
+                let r = self.server.handled(now, session, through);
                 assert_eq!(r.is_ok(), self.sessions.contains_key(&session));
             }
             ServerOp::Bounce(s) => {

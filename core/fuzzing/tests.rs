@@ -331,6 +331,7 @@ fn small_server() -> ServerSetup {
         zero_grace: false,
         max_decode_failures: 3,
         room_feeds: false,
+        after_handled: false,
     }
 }
 
@@ -459,6 +460,7 @@ fn server_machine_room_streams() {
     // Served through room feeds, every connection is sent the same.
     let fed = ServerSetup {
         room_feeds: true,
+        after_handled: false,
         ..small_server()
     };
     server_machine(fed, ops);

@@ -398,6 +398,35 @@ pub struct ServerConfig {
     /// Most sessions held at once (connected or in their grace period).
     /// New connections beyond it are rejected with 1013. Default 100 000.
     pub max_sessions: usize,
+    /// When a client's message is acknowledged. Default
+    /// [`Acknowledge::OnReceipt`].
+    pub acknowledge: Acknowledge,
+}
+
+/// When the server acknowledges a client's message ([`ServerConfig::acknowledge`]).
+///
+/// An acknowledgment tells the client it may forget the message: it will
+/// never send it again. What it promises depends on this setting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Acknowledge {
+    /// When the message is handed to the application (queued as a
+    /// `ServerEvent::Message`). The fastest; a server process that dies
+    /// with messages still in its application's queue loses them, and
+    /// they were acknowledged.
+    #[default]
+    OnReceipt,
+    /// Only once the application says it has handled the message
+    /// (`Server::handled`, through the message's `seq`). A process that
+    /// dies before that leaves the message unacknowledged, so the client
+    /// sends it again to the server it reaches next: nothing acknowledged
+    /// is ever lost, and a message handled but not yet acknowledged
+    /// arrives twice, with the same id. Messages the server handles
+    /// itself (room joins, leaves and publishes, refusals) need no word
+    /// from the application. Unhandled messages count against the
+    /// client's send window, so an application that stops handling
+    /// pushes back on its clients.
+    AfterHandled,
 }
 
 impl Default for ServerConfig {
@@ -428,6 +457,7 @@ impl Default for ServerConfig {
             max_connection_age: None,
             session_grace: Duration::from_secs(60),
             max_sessions: 100_000,
+            acknowledge: Acknowledge::OnReceipt,
         }
     }
 }

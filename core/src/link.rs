@@ -270,6 +270,27 @@ impl Link {
         }
     }
 
+    /// The application handled every message up to `through`
+    /// (`Acknowledge::AfterHandled`): what it frees may be acknowledged,
+    /// at once if enough is owed, else after the acknowledgment delay.
+    /// True if an acknowledgment is due now.
+    pub(crate) fn handled(
+        &mut self,
+        now: Instant,
+        through: u64,
+        cfg: &ReliabilityConfig,
+        timers: &mut impl LinkTimers,
+    ) -> bool {
+        if !self.inbound.handled(through) || !self.inbound.ack_pending() {
+            return false;
+        }
+        let ack_now = self.inbound.unacked() >= u64::from(cfg.ack_every);
+        if !ack_now && !timers.is_set(LinkTimer::AckDelay) {
+            timers.set(LinkTimer::AckDelay, now + cfg.ack_delay);
+        }
+        ack_now
+    }
+
     /// Applies a cumulative acknowledgment from the peer. On progress the
     /// acknowledgment timeout restarts; the caller then flushes (the window
     /// has room again).

@@ -543,6 +543,12 @@ pub(crate) struct Inbound {
     // four words.
     #[allow(clippy::box_collection)]
     held: Option<Box<VecDeque<(u64, u64)>>>,
+    /// Only when acknowledgments wait for the application
+    /// (`Acknowledge::AfterHandled`): the messages handed to it and not yet
+    /// handled, in order. Acknowledgments stay below the first. At most
+    /// one per message in the peer's window.
+    #[allow(clippy::box_collection)]
+    unhandled: Option<Box<VecDeque<u64>>>,
 }
 
 impl Inbound {
@@ -573,12 +579,57 @@ impl Inbound {
     }
 
     /// What may be acknowledged: everything delivered, or up to the first
-    /// held message.
+    /// held message, or up to the first the application has not handled.
     pub(crate) fn ack_point(&self) -> u64 {
-        match self.held.as_ref().and_then(|h| h.front()) {
-            Some(&(seq, _)) => seq - 1,
-            None => self.delivered,
+        let held = self
+            .held
+            .as_ref()
+            .and_then(|h| h.front())
+            .map_or(self.delivered, |&(seq, _)| seq - 1);
+        let unhandled = self
+            .unhandled
+            .as_ref()
+            .and_then(|u| u.front())
+            .map_or(self.delivered, |&seq| seq - 1);
+        held.min(unhandled)
+    }
+
+    /// Acknowledgments wait for the application from now on
+    /// (`Acknowledge::AfterHandled`).
+    pub(crate) fn wait_for_handling(&mut self) {
+        self.unhandled.get_or_insert_with(Default::default);
+    }
+
+    /// Whether acknowledgments wait for the application.
+    pub(crate) fn waits_for_handling(&self) -> bool {
+        self.unhandled.is_some()
+    }
+
+    /// The message numbered `seq` was handed to the application, which
+    /// will say when it has handled it. Nothing if acknowledgments do not
+    /// wait for it.
+    pub(crate) fn handed_over(&mut self, seq: u64) {
+        if let Some(u) = self.unhandled.as_mut() {
+            u.push_back(seq);
         }
+    }
+
+    /// The application handled every message up to `through`; true if the
+    /// acknowledgment point moved.
+    pub(crate) fn handled(&mut self, through: u64) -> bool {
+        let Some(u) = self.unhandled.as_mut() else {
+            return false;
+        };
+        let before = u.len();
+        while u.front().is_some_and(|&seq| seq <= through) {
+            u.pop_front();
+        }
+        u.len() != before
+    }
+
+    /// Messages handed to the application and not yet handled, in order.
+    pub(crate) fn unhandled(&self) -> impl Iterator<Item = u64> + '_ {
+        self.unhandled.iter().flat_map(|u| u.iter().copied())
     }
 
     pub(crate) fn on_msg(&mut self, seq: u64) -> Verdict {
@@ -595,8 +646,12 @@ impl Inbound {
         } else {
             let request = self.replay_requested != Some(next);
             self.replay_requested = Some(next);
+            // A replay acknowledges everything before `from`: never more
+            // than may be acknowledged (a refusal or the application may
+            // still hold acknowledgments back). What is sent again below
+            // `next` arrives as duplicates.
             Verdict::Gap {
-                from: next,
+                from: self.ack_point() + 1,
                 request,
             }
         }
@@ -636,7 +691,11 @@ impl Inbound {
     /// A saved session's position: everything up to `delivered` was
     /// delivered (and counts as acknowledged: the resuming `hello` says so).
     pub(crate) fn restore(&mut self, delivered: u64) {
+        let waits = self.waits_for_handling();
         *self = Inbound::default();
+        if waits {
+            self.wait_for_handling();
+        }
         self.delivered = delivered;
         self.acked = delivered;
     }
@@ -650,17 +709,32 @@ impl Inbound {
     /// A session's position taken from another server: like
     /// [`restore`](Self::restore), with the refusals still holding
     /// acknowledgments back. The caller checked them.
-    pub(crate) fn import(&mut self, delivered: u64, held: &[(u64, u64)]) {
+    pub(crate) fn import(
+        &mut self,
+        delivered: u64,
+        held: &[(u64, u64)],
+        unhandled: Option<&[u64]>,
+    ) {
         self.restore(delivered);
         for &(seq, refusal) in held {
             self.hold(seq, refusal);
+        }
+        if let Some(unhandled) = unhandled {
+            self.wait_for_handling();
+            for &seq in unhandled {
+                self.handed_over(seq);
+            }
         }
         self.acked = self.ack_point();
     }
 
     /// A new session: numbering restarts.
     pub(crate) fn reset_session(&mut self) {
+        let waits = self.waits_for_handling();
         *self = Inbound::default();
+        if waits {
+            self.wait_for_handling();
+        }
     }
 }
 

@@ -14,13 +14,18 @@
 //! | `node:{name}` | `1` | refreshed every third of [`ServerOptions::node_timeout`], expires after it: the node is alive |
 //! | `session:{id}` | the name of the node holding the session | refreshed while the session lives, removed when it ends |
 //! | `image:{id}` | a session's [`SessionImage`] in MessagePack | stored when a node hands the session over, taken (once) by the node its client reconnects to |
+//! | `identity:{identity}` | a set of session ids (hex) | a member added when a session of that identity opens or arrives, removed when it ends or moves; the set refreshed with the registry |
 //! | `cluster` | `1` | written once, kept: the store holds the cluster's data |
 //! | `recovering` | `1` | written for one node timeout when `cluster` is found missing (the store restarted empty, or the cluster is new): until it expires, every live node has written its sessions again, and a session missing from the registry may still exist, so its resume is told to try again later |
 //!
 //! and the messages it sends between nodes are JSON: `{"want":"<session>",
 //! "from":"<node>","req":N}` asks the node holding a session to hand it
 //! over, and `{"stored":N,"ok":bool}` answers that the image is in the
-//! store (or could not be put there).
+//! store (or could not be put there); `{"deliver":"<session>","from":
+//! "<node>","req":N,"enc":"json"|"msgpack"|"bytes","data":"<base64>"}` asks
+//! it to send the session a message, and `{"sent":N,"id":M}` or
+//! `{"sent":N,"error":"..."}` answers with the id it was given there or why
+//! not.
 //!
 //! This module owns the trait and its error; it never holds cluster logic.
 //!
@@ -82,6 +87,25 @@ pub trait Backplane: Send + Sync + 'static {
         value: Vec<u8>,
     ) -> BoxFuture<'static, Result<bool, BackplaneError>>;
 
+    /// Adds `member` to the set at `key`, and makes the whole set expire
+    /// after `ttl` (each node refreshes the members it wrote).
+    fn add_to_set(
+        &self,
+        key: String,
+        member: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), BackplaneError>>;
+
+    /// Removes `member` from the set at `key`.
+    fn remove_from_set(
+        &self,
+        key: String,
+        member: Vec<u8>,
+    ) -> BoxFuture<'static, Result<(), BackplaneError>>;
+
+    /// Every member of the set at `key` (none if there is no such set).
+    fn set_members(&self, key: String) -> BoxFuture<'static, Result<Vec<Vec<u8>>, BackplaneError>>;
+
     /// Sends `message` to the inbox of node `node`. Delivered if that node
     /// is listening; a message to a node that is gone is dropped (the
     /// sender waits for an answer with a timeout, so nothing depends on
@@ -108,6 +132,11 @@ pub(crate) fn node_key(node: &str) -> String {
 /// The key of where a session is.
 pub(crate) fn session_key(session: kitestring_core::wire::SessionId) -> String {
     format!("session:{}", session.to_hex())
+}
+
+/// The key of the set of an identity's sessions.
+pub(crate) fn identity_key(identity: &str) -> String {
+    format!("identity:{identity}")
 }
 
 /// The key of a session's stored image.

@@ -177,6 +177,13 @@ pub enum ServerError {
     /// The server task has ended.
     #[error("the server has stopped")]
     Stopped,
+    /// The cluster could not do it: the backplane is unreachable, or the
+    /// node holding the session did not answer or refused.
+    #[error("cluster: {reason}")]
+    Cluster {
+        /// What went wrong, naming the session or node concerned.
+        reason: String,
+    },
 }
 
 /// A room name for an error message: at most its first 64 bytes (a name

@@ -93,7 +93,7 @@ pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};
 pub use server::UpgradeService;
 pub use server::{
     bind, start, AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy, Refusals,
-    ServerEvents, ServerHandle, ServerOptions, TokenValidator,
+    SentTo, ServerEvents, ServerHandle, ServerOptions, SessionLocation, TokenValidator,
 };
 pub use util::{decode, encode, DecodeExt};
 pub use ws::{websocket_config, ClientTls, ServerTls};
@@ -103,7 +103,7 @@ pub use kitestring_core::client::{
     ClientStats, Event, FailReason, LostReason, Received, RequestError, State,
 };
 pub use kitestring_core::close::CloseCode;
-pub use kitestring_core::config::{ClientConfig, ServerConfig};
+pub use kitestring_core::config::{Acknowledge, ClientConfig, ServerConfig};
 pub use kitestring_core::reliable::{MessageId, SendError};
 pub use kitestring_core::rooms::{Member, PolicyFn, Presence, Refusal, RoomPolicy};
 pub use kitestring_core::server::{

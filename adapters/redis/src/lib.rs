@@ -26,7 +26,8 @@
 //! later; `GETDEL` needs 6.2): keys are strings with a prefix
 //! (`kitestring:` unless [`RedisBackplane::with_prefix`] says otherwise)
 //! set with `PX` expiries, `take` is `GETDEL` (one taker wins), `remove_if`
-//! a compare-and-delete script, and each node's inbox a pub/sub channel
+//! a compare-and-delete script, sets are Redis sets (`SADD` with
+//! `PEXPIRE`, `SREM`, `SMEMBERS`), and each node's inbox a pub/sub channel
 //! `{prefix}inbox:{node}` on a RESP3 connection that reconnects and
 //! subscribes again by itself. It also owns [`testing`], which starts a
 //! private `redis-server` for tests and benchmarks. It holds no cluster
@@ -217,6 +218,50 @@ impl Backplane for RedisBackplane {
                 .await
                 .map_err(unavailable)?;
             Ok(removed == 1)
+        })
+    }
+
+    fn add_to_set(
+        &self,
+        key: String,
+        member: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), BackplaneError>> {
+        let mut c = self.commands.clone();
+        let key = self.key(&key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD").arg(&key).arg(member).ignore();
+        pipe.cmd("PEXPIRE").arg(&key).arg(px(ttl)).ignore();
+        Box::pin(async move { pipe.query_async::<()>(&mut c).await.map_err(unavailable) })
+    }
+
+    fn remove_from_set(
+        &self,
+        key: String,
+        member: Vec<u8>,
+    ) -> BoxFuture<'static, Result<(), BackplaneError>> {
+        let mut c = self.commands.clone();
+        let key = self.key(&key);
+        Box::pin(async move {
+            redis::cmd("SREM")
+                .arg(key)
+                .arg(member)
+                .query_async::<i64>(&mut c)
+                .await
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+    }
+
+    fn set_members(&self, key: String) -> BoxFuture<'static, Result<Vec<Vec<u8>>, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let key = self.key(&key);
+        Box::pin(async move {
+            redis::cmd("SMEMBERS")
+                .arg(key)
+                .query_async::<Vec<Vec<u8>>>(&mut c)
+                .await
+                .map_err(unavailable)
         })
     }
 

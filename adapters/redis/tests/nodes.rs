@@ -13,8 +13,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use kitestring::kitestring_core::config::ResumeSecret;
 use kitestring::{
-    ClientEvents, ClientOptions, Event, ServerConfig, ServerEvent, ServerEvents, ServerHandle,
-    ServerOptions, SessionId,
+    AuthRequest, Authenticator, ClientEvents, ClientOptions, Event, ServerConfig, ServerEvent,
+    ServerEvents, ServerHandle, ServerOptions, SessionId,
 };
 use kitestring_chaos::Proxy;
 use kitestring_redis::testing::RedisServer;
@@ -25,6 +25,11 @@ const SECRET: [u8; 16] = *b"cluster-secret!!";
 async fn node(redis: &RedisServer, name: &str) -> (ServerHandle, ServerEvents, SocketAddr) {
     let backplane = RedisBackplane::connect(&redis.url(), name).await.unwrap();
     let options = ServerOptions {
+        // Who the client is: `?user=` in its URL (a real application
+        // checks a credential).
+        auth: Some(Authenticator::sync(|req: &AuthRequest| {
+            Ok(req.query_param("user").map(str::to_owned))
+        })),
         config: ServerConfig {
             resume_secret: ResumeSecret(SECRET),
             ..ServerConfig::default()
@@ -401,4 +406,104 @@ fn a_session_moves_between_nodes_on_smol() {
         exactly(&down, 0..10, "server to client");
         client.close().await.unwrap();
     });
+}
+
+/// Directed messages and lookups across nodes: a node finds where a
+/// session and an identity's sessions are, and sends to a session another
+/// node holds; after the session moves, the lookup follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_finds_and_sends_to_a_session_on_another_node() {
+    let redis = RedisServer::start().expect("redis-server");
+    let (a, mut a_events, a_addr) = node(&redis, "a").await;
+    let (b, mut b_events, b_addr) = node(&redis, "b").await;
+    let proxy = Proxy::start(a_addr).unwrap();
+    let url = format!("ws://{}/?user=alice", proxy.local_addr());
+    let (client, mut c_events) =
+        kitestring::connect(kitestring_tokio::runtime(), &url, ClientOptions::default()).unwrap();
+    let mut on_a = Seen::default();
+    watch(&mut a_events, &mut on_a, Duration::from_secs(10), |s| {
+        s.session.is_some()
+    })
+    .await;
+    let session = on_a.session.unwrap();
+
+    // b looks alice up (the registry is written within a heartbeat).
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = b.sessions_of("alice").await.unwrap();
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].session, found[0].node.as_str(), found[0].alive),
+        (session, "a", true)
+    );
+    assert_eq!(
+        b.locate(session).await.unwrap().map(|l| l.node),
+        Some("a".into())
+    );
+    assert_eq!(
+        a.locate(session).await.unwrap().map(|l| l.node),
+        Some("a".into())
+    );
+    assert!(b.sessions_of("bob").await.unwrap().is_empty());
+
+    // b sends to the session a holds: a queues it, the client gets it.
+    let sent = b.send_to(session, &7u64).await.unwrap();
+    assert_eq!(sent.node, "a");
+    let sent_here = a.send_to(session, &8u64).await.unwrap();
+    assert_eq!(sent_here.node, "a");
+    let mut down = Vec::new();
+    let mut lost = false;
+    client_watch(
+        &mut c_events,
+        &mut down,
+        &mut lost,
+        Duration::from_secs(10),
+        2,
+    )
+    .await;
+    assert_eq!(down, vec![7, 8]);
+
+    // The session moves to b; a's lookup and sends follow it.
+    proxy.set_targets(&[b_addr]);
+    proxy.cut_all();
+    let mut on_b = Seen::default();
+    watch(&mut b_events, &mut on_b, Duration::from_secs(20), |s| {
+        s.session.is_some()
+    })
+    .await;
+    assert_eq!(on_b.session, Some(session));
+    let mut moved = None;
+    for _ in 0..50 {
+        moved = a.locate(session).await.unwrap().map(|l| l.node);
+        if moved.as_deref() == Some("b") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(moved.as_deref(), Some("b"));
+    let sent = a.send_to(session, &9u64).await.unwrap();
+    assert_eq!(sent.node, "b");
+    client_watch(
+        &mut c_events,
+        &mut down,
+        &mut lost,
+        Duration::from_secs(10),
+        3,
+    )
+    .await;
+    assert_eq!(down, vec![7, 8, 9]);
+    assert!(!lost);
+    let ghost = SessionId([7; 16]);
+    assert!(a
+        .send_to(ghost, &1u64)
+        .await
+        .unwrap_err()
+        .is_unknown_session());
+    assert_eq!(a.locate(ghost).await.unwrap(), None);
+    client.close().await.unwrap();
 }

@@ -22,6 +22,7 @@ use core::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::close::CloseCode;
+use crate::config::Acknowledge;
 use crate::link::Link;
 use crate::reliable::{MessageId, Outbound, RoomName};
 use crate::saved::SavedMessage;
@@ -70,6 +71,10 @@ pub struct SessionImage {
     /// number, id of the refusal sent for it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     held: Vec<(u64, u64)>,
+    /// Client messages handed to the application and not yet handled
+    /// (`Acknowledge::AfterHandled`), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unhandled: Vec<u64>,
     /// The sequence number the next message to the client gets.
     next_seq: u64,
     /// The highest sequence number that went out on a connection.
@@ -180,6 +185,7 @@ impl Server {
             grace_ms: duration_ms(grace),
             delivered: s.link.inbound.delivered(),
             held: s.link.inbound.held().collect(),
+            unhandled: s.link.inbound.unhandled().collect(),
             next_seq,
             sent_through: s.link.outbound.sent_through(),
             sent: window.map(SavedMessage::sent).collect(),
@@ -270,6 +276,14 @@ impl Server {
             prev = seq;
         }
 
+        let mut prev = 0;
+        for &seq in &image.unhandled {
+            if seq <= prev || seq > image.delivered {
+                return Err(bad("unhandled messages out of order"));
+            }
+            prev = seq;
+        }
+
         // This server's bounds. The machine's own messages (one per room at
         // most) are not counted against the queue, as when they were queued.
         let queue = &self.config.queue;
@@ -285,6 +299,9 @@ impl Server {
         }
         if image.held.len() > self.config.reliability.window_messages.max(1) {
             return Err(too_large("held refusals"));
+        }
+        if image.unhandled.len() > self.config.reliability.window_messages.max(1) {
+            return Err(too_large("unhandled messages"));
         }
         if image.rooms.len() > self.config.max_rooms_per_session {
             return Err(too_large("rooms"));
@@ -315,7 +332,14 @@ impl Server {
         let mut outbound = Outbound::new(&self.config.queue, &self.config.reliability);
         outbound.import(image.next_seq, image.sent_through, window, waiting);
         let mut link = Link::new(outbound);
-        link.inbound.import(image.delivered, &image.held);
+        // This server's acknowledgment mode; messages the other server's
+        // application had not handled are still this one's to handle.
+        let waits = self.config.acknowledge == Acknowledge::AfterHandled;
+        link.inbound.import(
+            image.delivered,
+            &image.held,
+            waits.then_some(&image.unhandled[..]),
+        );
         for j in &mut rooms {
             j.room = self.rooms.name(&j.room);
             // Checked above: the room has room.

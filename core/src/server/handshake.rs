@@ -11,6 +11,7 @@
 //! never says whether a session exists.
 
 use crate::close::CloseCode;
+use crate::config::Acknowledge;
 use crate::link::{with_own_caps, Link, CAP_BATCH};
 use crate::reliable::Outbound;
 use crate::wire::{self, Frame, Hello, Reject, ResumeKey, SessionId, Welcome, PROTOCOL_VERSION};
@@ -292,13 +293,17 @@ impl Server {
                 );
                 return;
             }
+            let mut link = Link::new(Outbound::new(&self.config.queue, &self.config.reliability));
+            if self.config.acknowledge == Acknowledge::AfterHandled {
+                link.inbound.wait_for_handling();
+            }
             self.sessions.insert(
                 id,
                 Session {
                     client: h.client,
                     identity: identity.clone(),
                     state: SessionState::Attached(connection),
-                    link: Link::new(Outbound::new(&self.config.queue, &self.config.reliability)),
+                    link,
                     deadlines: LinkDeadlines::default(),
                     rooms: Vec::new(),
                     stream,

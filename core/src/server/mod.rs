@@ -549,6 +549,35 @@ impl Server {
         self.disconnect(connection, code, "go away");
     }
 
+    /// The application handled `session`'s messages up to sequence number
+    /// `through` ([`Received::seq`]). With [`Acknowledge::AfterHandled`],
+    /// only this lets them be acknowledged to the client; otherwise it
+    /// does nothing. Cumulative: handling message 7 handles 1 to 7.
+    ///
+    /// [`Acknowledge::AfterHandled`]: crate::config::Acknowledge::AfterHandled
+    pub fn handled(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        through: u64,
+    ) -> Result<(), SendError> {
+        self.advance(now);
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(SendError::UnknownSession)?;
+        let mut timers = delivery::SessionTimers {
+            session,
+            deadlines: &mut s.deadlines,
+            heap: &mut self.timers,
+        };
+        let rel = &self.config.reliability;
+        if s.link.handled(self.now, through, rel, &mut timers) {
+            self.flush_ack(session);
+        }
+        Ok(())
+    }
+
     /// Ends a session now: closes its connection with 1000 and forgets it.
     pub fn close_session(&mut self, now: Instant, session: SessionId) -> Result<(), SendError> {
         self.advance(now);

@@ -331,10 +331,17 @@ impl Server {
                 });
                 self.do_broadcast(&name, &payload, exclude);
             }
-            _ => self.emit(ServerEvent::Message {
-                session,
-                message: Received::from_msg(m),
-            }),
+            _ => {
+                // The application's to handle: with `AfterHandled`, not
+                // acknowledged until it says so.
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.link.inbound.handed_over(m.seq);
+                }
+                self.emit(ServerEvent::Message {
+                    session,
+                    message: Received::from_msg(m),
+                })
+            }
         }
     }
 }

@@ -899,3 +899,71 @@ fn a_bad_image_is_refused() {
     assert_eq!((b.session_count(), c.session_count()), (0, 0));
     assert!(b.import_session(Instant::ZERO, &edited(&|_| {})).is_ok());
 }
+
+/// With `Acknowledge::AfterHandled`, a client's message is acknowledged
+/// only once the application says it handled it, and the welcome of a
+/// resume says as much; a gap's `replay` acknowledges nothing more.
+#[test]
+fn after_handled_acknowledges_only_what_the_application_handled() {
+    let config = ServerConfig {
+        acknowledge: crate::config::Acknowledge::AfterHandled,
+        ..ServerConfig::default()
+    };
+    let mut s = Server::new(config).unwrap();
+    let t = Instant::ZERO;
+    let c = s.handle_connection(t, None, SessionId([1; 16]));
+    s.handle_message(t, c, Incoming::Text(&hello(&[1], &["json"])));
+    let welcome = welcome_of(&drain(&mut s)).unwrap();
+    let id = welcome.session;
+    for seq in 1..=3 {
+        let m = format!(r#"{{"t":"msg","seq":{seq},"id":{seq},"j":{seq}}}"#);
+        s.handle_message(t, c, Incoming::Text(&m));
+    }
+    let out = drain(&mut s);
+    let delivered = out
+        .iter()
+        .filter(|o| matches!(o, ServerOutput::Event(ServerEvent::Message { .. })))
+        .count();
+    assert_eq!(delivered, 3, "handed to the application at once");
+    s.handle_timeout(Instant::from_secs(1));
+    assert!(
+        acks(&drain(&mut s)).iter().all(|&a| a == 0),
+        "nothing handled, nothing acknowledged"
+    );
+
+    // A gap: the replay asks from the first unacknowledged, not the first missing.
+    s.handle_message(t, c, Incoming::Text(r#"{"t":"msg","seq":5,"id":5,"j":5}"#));
+    assert!(frames_of(&drain(&mut s)).contains(&Frame::Replay { from: 1 }));
+
+    s.handled(Instant::from_secs(1), id, 2).unwrap();
+    s.handle_timeout(Instant::from_secs(2));
+    assert_eq!(acks(&drain(&mut s)), vec![2]);
+
+    // A resume hears the same: `delivered` is what was handled.
+    s.handle_connection_closed(Instant::from_secs(2), c, None);
+    let c2 = s.handle_connection(Instant::from_secs(2), None, SessionId([2; 16]));
+    let resume = format!(
+        r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":0,"key":"{}"}}"#,
+        ClientId([2; 16]).to_hex(),
+        id.to_hex(),
+        welcome.key.unwrap().to_hex()
+    );
+    s.handle_message(Instant::from_secs(2), c2, Incoming::Text(&resume));
+    assert_eq!(welcome_of(&drain(&mut s)).unwrap().delivered, 2);
+    // Message 3 comes again: a duplicate, not delivered twice.
+    s.handle_message(
+        Instant::from_secs(2),
+        c2,
+        Incoming::Text(r#"{"t":"msg","seq":3,"id":3,"j":3}"#),
+    );
+    assert!(!drain(&mut s)
+        .iter()
+        .any(|o| matches!(o, ServerOutput::Event(ServerEvent::Message { .. }))));
+    s.handled(Instant::from_secs(2), id, 3).unwrap();
+    s.handle_timeout(Instant::from_secs(3));
+    assert_eq!(acks(&drain(&mut s)), vec![3]);
+    assert_eq!(
+        s.handled(Instant::from_secs(3), SessionId([9; 16]), 1),
+        Err(SendError::UnknownSession)
+    );
+}

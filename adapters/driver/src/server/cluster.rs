@@ -30,7 +30,10 @@ use kitestring_core::wire::SessionId;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use crate::backplane::{image_key, node_key, session_key, Backplane};
+use base64::Engine as _;
+use kitestring_core::wire::{Payload, PayloadKind};
+
+use crate::backplane::{identity_key, image_key, node_key, session_key, Backplane};
 use crate::util;
 
 use super::shared::{FxHashMap, ServerShared};
@@ -72,6 +75,54 @@ enum NodeMessage {
         stored: u64,
         ok: bool,
     },
+    Deliver {
+        deliver: String,
+        from: String,
+        req: u64,
+        enc: String,
+        data: String,
+    },
+    Sent {
+        sent: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// An answer from another node.
+#[derive(Debug)]
+enum Reply {
+    Stored(bool),
+    Sent(Result<u64, String>),
+}
+
+/// Where a session is, as the cluster's registry says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionLocation {
+    /// The session.
+    pub session: SessionId,
+    /// The node that holds it.
+    pub node: String,
+    /// Whether that node is alive (a node that crashed keeps its entries
+    /// until they expire).
+    pub alive: bool,
+}
+
+/// A message sent to a session wherever it is ([`ServerHandle::send_to`]).
+///
+/// [`ServerHandle::send_to`]: super::ServerHandle::send_to
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SentTo {
+    /// The node that holds the session and queued the message: its
+    /// application hears the message's fate (`Acked`, or the id among a
+    /// `SessionEnded`'s unconfirmed).
+    pub node: String,
+    /// The id the message was given there.
+    pub id: kitestring_core::reliable::MessageId,
 }
 
 /// This node's part of the cluster.
@@ -82,8 +133,11 @@ pub(super) struct Cluster {
     /// How long a registry entry lives without a refresh.
     location_ttl: Duration,
     next_request: AtomicU64,
-    /// Claims waiting for another node's answer.
-    waiting: Mutex<FxHashMap<u64, oneshot::Sender<bool>>>,
+    /// Requests waiting for another node's answer.
+    waiting: Mutex<FxHashMap<u64, oneshot::Sender<Reply>>>,
+    /// The identity of each session this node holds or just let go, for
+    /// the identity index.
+    identities: Mutex<FxHashMap<SessionId, String>>,
     /// Images exported and not yet in the store: a claim for one of them
     /// stores it first.
     unstored: Mutex<FxHashMap<SessionId, Vec<u8>>>,
@@ -112,6 +166,7 @@ impl Cluster {
             location_ttl: (grace * 2).max(Duration::from_secs(600)),
             next_request: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::default()),
+            identities: Mutex::new(HashMap::default()),
             unstored: Mutex::new(HashMap::default()),
             updates: Mutex::new(HashMap::default()),
             task: AtomicWaker::new(),
@@ -120,8 +175,11 @@ impl Cluster {
     }
 
     /// Records a registry write for the cluster task (under the server's
-    /// lock: only a map insert).
-    pub(super) fn note(&self, session: SessionId, location: Location) {
+    /// lock: only map inserts).
+    pub(super) fn note(&self, session: SessionId, location: Location, identity: Option<&str>) {
+        if let Some(identity) = identity {
+            lock(&self.identities).insert(session, identity.to_owned());
+        }
         lock(&self.updates).insert(session, location);
         self.task.wake();
     }
@@ -180,8 +238,8 @@ impl Cluster {
         };
         lock(&self.waiting).remove(&req);
         match answer {
-            Some(Ok(true)) => {}
-            Some(Ok(false)) => {
+            Some(Ok(Reply::Stored(true))) => {}
+            Some(Ok(Reply::Stored(false))) => {
                 return Err(ClaimFailed(format!(
                     "node {owner} could not store the session"
                 )))
@@ -396,6 +454,14 @@ impl Cluster {
                         .backplane
                         .remove_if(session_key(session), self.node.clone().into_bytes())
                         .await;
+                    let identity = lock(&self.identities).remove(&session);
+                    if let Some(identity) = identity {
+                        let member = session.to_hex().into_bytes();
+                        let _ = self
+                            .backplane
+                            .remove_from_set(identity_key(&identity), member)
+                            .await;
+                    }
                 }
             }
         }
@@ -422,12 +488,32 @@ impl Cluster {
             here = shared.run(None, |st, _| st.server.session_ids());
         }
         puts.push((node_key(&self.node), b"1".to_vec(), self.node_timeout));
-        for session in here {
+        for &session in &here {
             puts.push((
                 session_key(session),
                 self.node.clone().into_bytes(),
                 self.location_ttl,
             ));
+        }
+        let identities: Vec<(String, SessionId)> = {
+            let known = lock(&self.identities);
+            here.iter()
+                .filter_map(|s| known.get(s).map(|i| (i.clone(), *s)))
+                .collect()
+        };
+        for (identity, session) in identities {
+            if let Err(e) = bp
+                .add_to_set(
+                    identity_key(&identity),
+                    session.to_hex().into_bytes(),
+                    self.location_ttl,
+                )
+                .await
+            {
+                self.stale.store(true, Ordering::Relaxed);
+                debug!(error = %e, "backplane unavailable; registry writes wait");
+                return;
+            }
         }
         match bp.put_many(puts).await {
             Ok(()) => self.stale.store(false, Ordering::Relaxed),
@@ -438,9 +524,122 @@ impl Cluster {
         }
     }
 
-    fn answer(&self, req: u64, ok: bool) {
+    fn answer(&self, req: u64, reply: Reply) {
         if let Some(tx) = lock(&self.waiting).remove(&req) {
-            let _ = tx.send(ok);
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// Where `session` is, if the registry knows.
+    pub(super) async fn locate(
+        &self,
+        session: SessionId,
+    ) -> Result<Option<SessionLocation>, crate::backplane::BackplaneError> {
+        let Some(node) = self.backplane.get(session_key(session)).await? else {
+            return Ok(None);
+        };
+        let node = String::from_utf8_lossy(&node).into_owned();
+        let alive = node == self.node || self.backplane.get(node_key(&node)).await?.is_some();
+        Ok(Some(SessionLocation {
+            session,
+            node,
+            alive,
+        }))
+    }
+
+    /// Every session of `identity` the registry knows, wherever it is.
+    pub(super) async fn sessions_of(
+        &self,
+        identity: &str,
+    ) -> Result<Vec<SessionLocation>, crate::backplane::BackplaneError> {
+        let members = self.backplane.set_members(identity_key(identity)).await?;
+        let mut found = Vec::with_capacity(members.len());
+        for m in members {
+            let Some(session) = std::str::from_utf8(&m).ok().and_then(SessionId::from_hex) else {
+                continue;
+            };
+            if let Some(location) = self.locate(session).await? {
+                found.push(location);
+            }
+        }
+        found.sort_by_key(|l| l.session.0);
+        Ok(found)
+    }
+
+    /// Asks `node` to send `session` a message; the id it was given there.
+    pub(super) async fn deliver_remote(
+        &self,
+        shared: &ServerShared,
+        node: &str,
+        session: SessionId,
+        payload: &Payload,
+    ) -> Result<u64, String> {
+        let req = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiting).insert(req, tx);
+        let ask = NodeMessage::Deliver {
+            deliver: session.to_hex(),
+            from: self.node.clone(),
+            req,
+            enc: match payload.kind() {
+                PayloadKind::MsgPack => "msgpack",
+                PayloadKind::Binary => "bytes",
+                _ => "json",
+            }
+            .into(),
+            data: b64().encode(payload.data()),
+        };
+        if let Err(e) = self.backplane.send(node.to_owned(), to_json(&ask)).await {
+            lock(&self.waiting).remove(&req);
+            return Err(e.to_string());
+        }
+        let answer = util::timeout(&*shared.runtime, shared.options.handshake_timeout, rx).await;
+        lock(&self.waiting).remove(&req);
+        match answer {
+            Some(Ok(Reply::Sent(r))) => r,
+            _ => Err(format!("node {node} did not answer")),
+        }
+    }
+
+    /// Another node asks this one to send `session` a message.
+    async fn deliver_here(
+        &self,
+        shared: &ServerShared,
+        session: SessionId,
+        enc: &str,
+        data: &str,
+        from: String,
+        req: u64,
+    ) {
+        let payload = b64()
+            .decode(data)
+            .map_err(|_| "payload is not base64".to_owned())
+            .and_then(|bytes| match enc {
+                "json" => Payload::json(bytes).map_err(|e| e.to_string()),
+                "msgpack" => Payload::msgpack(bytes).map_err(|e| e.to_string()),
+                "bytes" => Ok(Payload::binary(bytes)),
+                _ => Err("unknown encoding".to_owned()),
+            });
+        let result = payload.and_then(|payload| {
+            shared
+                .run(None, |st, now| st.server.send(now, session, payload))
+                .map(|id| id.0)
+                .map_err(|e| e.to_string())
+        });
+        let answer = match result {
+            Ok(id) => NodeMessage::Sent {
+                sent: req,
+                id: Some(id),
+                error: None,
+            },
+            Err(error) => NodeMessage::Sent {
+                sent: req,
+                id: None,
+                error: Some(error),
+            },
+        };
+        if let Err(e) = self.backplane.send(from, to_json(&answer)).await {
+            debug!(error = %e, "could not answer a delivery");
         }
     }
 }
@@ -451,6 +650,10 @@ const CLUSTER: &str = "cluster";
 const RECOVERING: &str = "recovering";
 /// The marker's life: as long as the store keeps it.
 const MARKER_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
 
 fn to_json(m: &NodeMessage) -> Vec<u8> {
     serde_json::to_vec(m).unwrap_or_default()
@@ -479,7 +682,34 @@ pub(super) fn spawn(shared: Arc<ServerShared>) {
                         cluster.hand_over_one(&shared, session, from, req).await;
                     }));
                 }
-                Ok(NodeMessage::Stored { stored, ok }) => inbox_cluster.answer(stored, ok),
+                Ok(NodeMessage::Stored { stored, ok }) => {
+                    inbox_cluster.answer(stored, Reply::Stored(ok))
+                }
+                Ok(NodeMessage::Deliver {
+                    deliver,
+                    from,
+                    req,
+                    enc,
+                    data,
+                }) => {
+                    let Some(session) = SessionId::from_hex(&deliver) else {
+                        continue;
+                    };
+                    let shared = inbox_shared.clone();
+                    let cluster = inbox_cluster.clone();
+                    inbox_shared.runtime.spawn(Box::pin(async move {
+                        cluster
+                            .deliver_here(&shared, session, &enc, &data, from, req)
+                            .await;
+                    }));
+                }
+                Ok(NodeMessage::Sent { sent, id, error }) => {
+                    let r = match (id, error) {
+                        (Some(id), _) => Ok(id),
+                        (None, e) => Err(e.unwrap_or_else(|| "refused".into())),
+                    };
+                    inbox_cluster.answer(sent, Reply::Sent(r))
+                }
                 Err(e) => debug!(error = %e, "an unreadable message between nodes"),
             }
             if inbox_shared.lock().stopped {

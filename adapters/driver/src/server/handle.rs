@@ -32,6 +32,7 @@ use crate::error::{room_label, ServerError};
 use crate::runtime::BoxIo;
 use crate::util;
 
+use super::cluster::{SentTo, SessionLocation};
 use super::conn::connection;
 use super::shared::{lock_slot, ServerShared};
 use super::upgrade::serve_accepted;
@@ -208,6 +209,167 @@ impl ServerHandle {
                 st.server.send_datagram(now, session, data)
             })?
             .map_err(|error| ServerError::Send { session, error })
+    }
+
+    /// The application handled `session`'s messages up to `through` (the
+    /// [`Received::seq`](kitestring_core::server::Received::seq) of the
+    /// last one). With [`Acknowledge::AfterHandled`] in the server's
+    /// configuration, only this lets the client's messages be
+    /// acknowledged, so a server process that dies before the application
+    /// handled a message leaves it unacknowledged and the client sends it
+    /// again; with the default it does nothing. Cumulative.
+    ///
+    /// [`Acknowledge::AfterHandled`]: kitestring_core::config::Acknowledge::AfterHandled
+    pub async fn handled(&self, session: SessionId, through: u64) -> Result<(), ServerError> {
+        self.shared
+            .call(|st, now| st.server.handled(now, session, through))?
+            .map_err(|error| ServerError::Send { session, error })
+    }
+
+    /// Where `session` is: on this server, on another node of the cluster
+    /// (with a [backplane](super::ServerOptions::backplane)), or `None`
+    /// if no node has it. Without a backplane the node is `"local"`.
+    pub async fn locate(&self, session: SessionId) -> Result<Option<SessionLocation>, ServerError> {
+        let here = self
+            .shared
+            .call(|st, _| st.server.session(session).is_some())?;
+        let node = self.node_name();
+        if here {
+            return Ok(Some(SessionLocation {
+                session,
+                node,
+                alive: true,
+            }));
+        }
+        match &self.shared.cluster {
+            Some(cluster) => cluster
+                .locate(session)
+                .await
+                .map_err(|e| ServerError::Cluster {
+                    reason: format!("locating session {}: {e}", session.to_hex()),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Every session of `identity` (as authentication named it), on this
+    /// server and, with a backplane, on every node, each with where it is.
+    pub async fn sessions_of(&self, identity: &str) -> Result<Vec<SessionLocation>, ServerError> {
+        let node = self.node_name();
+        let local: Vec<SessionLocation> = self.shared.call(|st, _| {
+            st.server
+                .session_ids()
+                .into_iter()
+                .filter(|&s| {
+                    st.server
+                        .session(s)
+                        .is_some_and(|i| i.identity.as_deref() == Some(identity))
+                })
+                .map(|session| SessionLocation {
+                    session,
+                    node: node.clone(),
+                    alive: true,
+                })
+                .collect()
+        })?;
+        let Some(cluster) = &self.shared.cluster else {
+            return Ok(local);
+        };
+        let mut all = cluster
+            .sessions_of(identity)
+            .await
+            .map_err(|e| ServerError::Cluster {
+                reason: format!("looking up identity {identity:?}: {e}"),
+            })?;
+        for l in local {
+            if !all.iter().any(|a| a.session == l.session) {
+                all.push(l);
+            }
+        }
+        Ok(all)
+    }
+
+    /// Sends `value` to `session` wherever it is: queued here if this
+    /// server holds it, else by the node that does (with a backplane),
+    /// which answers with the id it gave the message. That node's
+    /// application hears the message's fate (`Acked`, or its id among a
+    /// `SessionEnded`'s unconfirmed). A session that moves meanwhile is
+    /// looked up once more.
+    pub async fn send_to<T: Serialize + ?Sized>(
+        &self,
+        session: SessionId,
+        value: &T,
+    ) -> Result<SentTo, ServerError> {
+        let payload = util::encode(value, self.codec_for(session))?;
+        self.send_payload_to(session, payload).await
+    }
+
+    /// [`send_to`](Self::send_to) with a payload already encoded.
+    pub async fn send_payload_to(
+        &self,
+        session: SessionId,
+        payload: Payload,
+    ) -> Result<SentTo, ServerError> {
+        for _ in 0..2 {
+            let sent = self.shared.call(|st, now| {
+                if st.server.session(session).is_some() {
+                    Some(st.server.send(now, session, payload.clone()))
+                } else {
+                    None
+                }
+            })?;
+            if let Some(sent) = sent {
+                return sent
+                    .map(|id| SentTo {
+                        node: self.node_name(),
+                        id,
+                    })
+                    .map_err(|error| ServerError::Send { session, error });
+            }
+            let Some(cluster) = &self.shared.cluster else {
+                break;
+            };
+            let Some(location) = self.locate(session).await? else {
+                break;
+            };
+            if location.node == self.node_name() {
+                continue; // it arrived here meanwhile
+            }
+            match cluster
+                .deliver_remote(&self.shared, &location.node, session, &payload)
+                .await
+            {
+                Ok(id) => {
+                    return Ok(SentTo {
+                        node: location.node,
+                        id: MessageId(id),
+                    })
+                }
+                Err(e) if e == SendError::UnknownSession.to_string() => continue,
+                Err(reason) => {
+                    return Err(ServerError::Cluster {
+                        reason: format!(
+                            "sending to session {} on node {}: {reason}",
+                            session.to_hex(),
+                            location.node
+                        ),
+                    })
+                }
+            }
+        }
+        Err(ServerError::Send {
+            session,
+            error: SendError::UnknownSession,
+        })
+    }
+
+    /// This node's name in its cluster, or `"local"`.
+    fn node_name(&self) -> String {
+        self.shared
+            .options
+            .backplane
+            .as_ref()
+            .map_or_else(|| "local".to_owned(), |b| b.node().to_owned())
     }
 
     /// Ends a session now (its client gets 1000 and stops).

@@ -91,6 +91,7 @@ mod shared;
 mod upgrade;
 
 pub use auth::{AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy, TokenValidator};
+pub use cluster::{SentTo, SessionLocation};
 pub use events::ServerEvents;
 pub use handle::ServerHandle;
 #[cfg(feature = "hyper")]

@@ -438,13 +438,15 @@ impl LockedState {
                     self.track_codec(&event);
                     if let Some(cluster) = &env.cluster {
                         match &event {
-                            ServerEvent::SessionOpened { session, .. }
-                            | ServerEvent::SessionArrived { session, .. } => {
-                                cluster.note(*session, Location::Here)
+                            ServerEvent::SessionOpened {
+                                session, identity, ..
                             }
+                            | ServerEvent::SessionArrived {
+                                session, identity, ..
+                            } => cluster.note(*session, Location::Here, identity.as_deref()),
                             ServerEvent::SessionEnded { session, .. }
                             | ServerEvent::SessionMoved { session } => {
-                                cluster.note(*session, Location::Gone)
+                                cluster.note(*session, Location::Gone, None)
                             }
                             _ => {}
                         }
