@@ -177,6 +177,7 @@ fn welcome_frame(session: SessionId, resumed: bool, lost: Option<String>, delive
         pong_timeout_ms: 10_000,
         max_message: 1 << 20,
         key: None,
+        recovered: false,
     })
 }
 

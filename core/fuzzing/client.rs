@@ -419,6 +419,7 @@ impl ClientHarness {
                     ping_interval_ms: u64::from(*ping_ms),
                     pong_timeout_ms: u64::from(*pong_ms),
                     max_message: u64::from(*max),
+                    recovered: false,
                 })
             }
             ServerFrame::Reject {

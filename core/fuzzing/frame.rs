@@ -242,6 +242,7 @@ impl ArbFrame {
                         session: SessionId(s),
                         delivered,
                         key: (delivered % 2 == 0).then_some(ResumeKey(s)),
+                        acked: (delivered % 3 != 0).then_some(delivered / 3),
                     }),
                     caps: caps.clone(),
                     codecs: codecs.iter().map(|m| codec_of(*m)).collect(),
@@ -274,6 +275,7 @@ impl ArbFrame {
                     ping_interval_ms: *ping,
                     pong_timeout_ms: *pong,
                     max_message: *max,
+                    recovered: false,
                 })
             }
             ArbFrame::Reject {

@@ -30,6 +30,7 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
                 session: sid,
                 delivered: 41,
                 key: Some(ResumeKey([0x4b; 16])),
+                acked: Some(7),
             }),
             caps: vec!["batch".into()],
             codecs: vec![Codec::Json],
@@ -46,6 +47,7 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
             pong_timeout_ms: 10_000,
             max_message: 1 << 20,
             key: Some(ResumeKey([0x4b; 16])),
+            recovered: false,
         }),
         Frame::Welcome(Welcome {
             version: 1,
@@ -59,6 +61,7 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
             pong_timeout_ms: 10_000,
             max_message: 1 << 20,
             key: None,
+            recovered: false,
         }),
         Frame::Reject(Reject {
             code: 4001,

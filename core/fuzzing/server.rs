@@ -335,6 +335,7 @@ impl ServerHarness {
                 // The right key for a known session, as a real client has
                 // it from the welcome; none for an unknown one.
                 key: known.then(|| self.server.resume_key(session)),
+                acked: None,
             }
         });
         Frame::Hello(Hello {

@@ -443,6 +443,14 @@ impl Outbound {
         self.sent_through = sent_through;
     }
 
+    /// A session taken up after its server was lost (into an empty
+    /// queue): numbering carries on after `delivered`, the last number the
+    /// peer received.
+    pub(crate) fn recover(&mut self, delivered: u64) {
+        self.next_seq = delivered + 1;
+        self.sent_through = delivered;
+    }
+
     /// Drops everything waiting; returns the ids (never sent).
     pub(crate) fn drain_waiting(&mut self) -> Vec<MessageId> {
         self.waiting_bytes = 0;

@@ -13,6 +13,7 @@
 //! |---|---|---|
 //! | `node:{name}` | `1` | refreshed every third of [`ServerOptions::node_timeout`], expires after it: the node is alive |
 //! | `session:{id}` | the name of the node holding the session | refreshed while the session lives, removed when it ends |
+//! | `record:{id}` | the session's [`SessionRecord`] in JSON: ids, identity, rooms | written with `session:{id}` and when its rooms change, by the node holding it; read to take the session up when that node is gone (crashed) |
 //! | `image:{id}` | a session's [`SessionImage`] in MessagePack | stored when a node hands the session over, taken (once) by the node its client reconnects to |
 //! | `identity:{identity}` | a set of session ids (hex) | a member added when a session of that identity opens or arrives, removed when it ends or moves; the set refreshed with the registry |
 //! | `cluster` | `1` | written once, kept: the store holds the cluster's data |
@@ -32,6 +33,7 @@
 //! [`ServerOptions::backplane`]: crate::ServerOptions::backplane
 //! [`ServerOptions::node_timeout`]: crate::ServerOptions::node_timeout
 //! [`SessionImage`]: kitestring_core::server::SessionImage
+//! [`SessionRecord`]: kitestring_core::server::SessionRecord
 
 use std::time::Duration;
 
@@ -137,6 +139,11 @@ pub(crate) fn session_key(session: kitestring_core::wire::SessionId) -> String {
 /// The key of the set of an identity's sessions.
 pub(crate) fn identity_key(identity: &str) -> String {
     format!("identity:{identity}")
+}
+
+/// The key of a session's record (to take it up if its node is lost).
+pub(crate) fn record_key(session: kitestring_core::wire::SessionId) -> String {
+    format!("record:{}", session.to_hex())
 }
 
 /// The key of a session's stored image.

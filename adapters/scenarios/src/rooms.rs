@@ -583,11 +583,13 @@ pub async fn feeds_keep_order(rt: Arc<dyn Runtime>) {
         })
         .await;
     // What `a` got of `side`: every broadcast up to some point at or after
-    // its leave was sent, none after.
+    // its leave was sent, none after. (`leave` returns once the leave is
+    // queued, and the broadcasts after it do not wait: on a loaded machine
+    // the server may take the leave after the last of them.)
     let side: Vec<u32> = got.iter().copied().filter(|&n| n >= 2000).collect();
     let k = side.len() as u32;
     assert!(
-        k > N / 2 && k < N,
+        k > N / 2 && k <= N,
         "side broadcasts up to the leave: {k} of {N}"
     );
     assert_eq!(side, (2000..2000 + k).collect::<Vec<_>>());

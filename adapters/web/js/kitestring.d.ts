@@ -168,8 +168,8 @@ export interface KitestringEventMap {
   message: KitestringMessageEvent;
   /** Every state change. `attempt`, `at` and `cause` while reconnecting; `code` once closed; `failure` once failed. */
   statechange: Event & { old: State; state: State; attempt?: number; at?: Millis; cause?: Cause; code?: number; failure?: Failure };
-  /** A session opened or resumed. */
-  open: Event & { session: string; resumed: boolean; version: number; codec: Codec };
+  /** A session opened or resumed. `recovered`: resumed by a server that took the session up after the one holding it was lost; what that server had sent and this page never received may be gone (ask for fresh state). */
+  open: Event & { session: string; resumed: boolean; recovered: boolean; version: number; codec: Codec };
   presence: Event & { room: string; snapshot: boolean; joined: Member[]; left: Member[] };
   /** A session was given up: `unconfirmed` were sent and may not have arrived; `unsent` never left. */
   sessionlost: Event & { reason: string; detail: string | null; unconfirmed: number[]; unsent: number[] };

@@ -357,11 +357,13 @@ pub(crate) fn event_json(e: &Event) -> String {
         Event::Connected {
             session,
             resumed,
+            recovered,
             version,
             codec,
         } => Obj::new("connected")
             .str("session", &session.to_hex())
             .bool("resumed", *resumed)
+            .bool("recovered", *recovered)
             .num("version", f64::from(*version))
             .str("codec", codec.name())
             .done(),

@@ -79,6 +79,7 @@ impl StreamHarness {
             session,
             delivered,
             key: Some(self.server.resume_key(session)),
+            acked: None,
         });
         let expect = resume.map(|(s, d)| self.claim(s, d));
         let _ = writeln!(

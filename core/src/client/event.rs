@@ -73,6 +73,14 @@ pub enum Event {
         session: SessionId,
         /// Whether the previous session was resumed.
         resumed: bool,
+        /// Resumed by a server that took the session up after the server
+        /// holding it was lost (a crashed node of a cluster): nothing this
+        /// client sent is lost (what was not acknowledged is sent again,
+        /// and may arrive twice, with its id), but messages that server
+        /// had sent and this client never received may be gone. An
+        /// application that keeps state from the server's messages should
+        /// ask for it afresh.
+        recovered: bool,
         /// The negotiated protocol version.
         version: u8,
         /// The negotiated codec.

@@ -162,6 +162,7 @@ impl Client {
                 session,
                 delivered: self.link.inbound.delivered(),
                 key: self.resume_key,
+                acked: Some(self.link.outbound.acked_through()),
             }),
             caps: with_own_caps(&self.config.capabilities)
                 .into_iter()
@@ -254,6 +255,7 @@ impl Client {
         self.emit(Event::Connected {
             session: w.session,
             resumed,
+            recovered: resumed && w.recovered,
             version: w.version,
             codec: w.codec,
         });

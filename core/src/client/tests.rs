@@ -35,6 +35,7 @@ fn open(c: &mut Client, now: Instant) -> TransportId {
         pong_timeout_ms: 10_000,
         max_message: 1 << 20,
         key: None,
+        recovered: false,
     });
     let wire = wire::encode(&w, Codec::Json, 1).unwrap();
     c.handle_message(now, t, wire.as_incoming());
@@ -214,6 +215,7 @@ fn stability_window_resets_the_attempt_counter() {
         pong_timeout_ms: 10_000,
         max_message: 1 << 20,
         key: None,
+        recovered: false,
     });
     c.handle_message(
         Instant::from_secs(3),

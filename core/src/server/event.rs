@@ -149,6 +149,13 @@ pub enum ServerEvent {
         client: ClientId,
         /// The identity that owns it.
         identity: Option<String>,
+        /// Taken up from its [`SessionRecord`](super::SessionRecord) after
+        /// the server holding it was lost
+        /// ([`Server::recover_session`](super::Server::recover_session)):
+        /// only its ids, identity and rooms came; messages that server had
+        /// accepted for the client and not delivered are gone, and the
+        /// client's unacknowledged messages come again (with their ids).
+        recovered: bool,
     },
     /// A session ended: the client closed it, the grace period ran out, or
     /// its buffers overflowed. `unconfirmed` messages were accepted for it

@@ -117,6 +117,42 @@ pub enum ImportError {
     },
 }
 
+/// What a cluster keeps of a session so that another server can take it
+/// up if the one holding it is lost ([`Server::session_record`],
+/// [`Server::recover_session`]): its ids, identity, stream choice and
+/// rooms, and nothing else (no messages, no numbers: those come from the
+/// client). Serialize it with serde.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The record format (1).
+    format: u32,
+    /// The session (hex).
+    session: String,
+    /// The client instance (hex).
+    client: String,
+    /// The identity that owns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
+    /// Its rooms come as room streams.
+    #[serde(default)]
+    stream: bool,
+    /// Its rooms: (name, the room stream's offset when it joined).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rooms: Vec<(String, u64)>,
+}
+
+impl SessionRecord {
+    /// The session.
+    pub fn session(&self) -> Option<SessionId> {
+        SessionId::from_hex(&self.session)
+    }
+
+    /// The identity that owns it.
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
+}
+
 impl SessionImage {
     /// The session.
     pub fn session(&self) -> Option<SessionId> {
@@ -303,25 +339,7 @@ impl Server {
         if image.unhandled.len() > self.config.reliability.window_messages.max(1) {
             return Err(too_large("unhandled messages"));
         }
-        if image.rooms.len() > self.config.max_rooms_per_session {
-            return Err(too_large("rooms"));
-        }
-        let mut rooms = Vec::with_capacity(image.rooms.len());
-        for (name, at) in &image.rooms {
-            if name.is_empty() || name.len() > MAX_TOKEN_LEN {
-                return Err(bad("room names are 1 to 256 bytes"));
-            }
-            if rooms.iter().any(|j: &Joined| &*j.room == name.as_str()) {
-                return Err(bad("a room is named twice"));
-            }
-            if self.rooms.size(name) >= self.config.max_room_size {
-                return Err(too_large("a room is full here"));
-            }
-            rooms.push(Joined {
-                room: RoomName::from(name.as_str()),
-                at: *at,
-            });
-        }
+        let rooms = self.rooms_of_image(session, &image.rooms)?;
         let code = CloseCode(image.code);
         let code = if code.is_sendable() {
             code
@@ -340,34 +358,167 @@ impl Server {
             &image.held,
             waits.then_some(&image.unhandled[..]),
         );
-        for j in &mut rooms {
-            j.room = self.rooms.name(&j.room);
-            // Checked above: the room has room.
-            let _ = self.rooms.join(&j.room, session, self.config.max_room_size);
-        }
-        let expires_at = self.now + Duration::from_millis(image.grace_ms);
-        self.sessions.insert(
+        let grace = Duration::from_millis(image.grace_ms);
+        let identity = image.identity.clone();
+        self.insert_arrived(
             session,
-            Session {
-                client,
-                identity: image.identity.clone(),
-                state: SessionState::Detached { code, expires_at },
-                link,
-                deadlines: LinkDeadlines::default(),
-                rooms,
-                stream: image.stream,
-                awaiting_subs: false,
-            },
+            client,
+            identity,
+            image.stream,
+            link,
+            rooms,
+            code,
+            grace,
         );
-        self.arm(expires_at, ServerTimer::Expiry(session));
         self.next_id = self.next_id.max(image.next_id);
         self.stats.sessions_moved_in += 1;
         self.emit(ServerEvent::SessionArrived {
             session,
             client,
             identity: image.identity.clone(),
+            recovered: false,
         });
         Ok(session)
+    }
+
+    /// What a cluster keeps of `session` to take it up should this server
+    /// be lost: its ids, identity, stream choice and rooms.
+    pub fn session_record(&self, session: SessionId) -> Option<SessionRecord> {
+        let s = self.sessions.get(&session)?;
+        Some(SessionRecord {
+            format: FORMAT,
+            session: session.to_hex(),
+            client: s.client.to_hex(),
+            identity: s.identity.clone(),
+            stream: s.stream,
+            rooms: s.rooms.iter().map(|j| (j.room.to_string(), j.at)).collect(),
+        })
+    }
+
+    /// Takes up a session whose server was lost (a crashed node), from
+    /// its [`SessionRecord`]: detached, for a grace period, with no
+    /// messages and no numbers until its client's resuming `hello` brings
+    /// them (the client's `delivered` and `acked`; a client that does not
+    /// send `acked` cannot be taken up and gets a new session). The
+    /// `welcome` says `recovered`: the client sends again everything the
+    /// lost server had not acknowledged, and learns that what that server
+    /// had sent it and it never received may be gone.
+    /// [`ServerEvent::SessionArrived`] with `recovered` reports it.
+    pub fn recover_session(
+        &mut self,
+        now: Instant,
+        record: &SessionRecord,
+    ) -> Result<SessionId, ImportError> {
+        self.advance(now);
+        if record.format != FORMAT {
+            return Err(ImportError::Format(record.format));
+        }
+        let bad = |what: &str| ImportError::Invalid(what.into());
+        let session = SessionId::from_hex(&record.session)
+            .ok_or_else(|| bad("session is not 32 hex digits"))?;
+        let client =
+            ClientId::from_hex(&record.client).ok_or_else(|| bad("client is not 32 hex digits"))?;
+        if self.sessions.contains_key(&session) {
+            return Err(ImportError::Exists(session));
+        }
+        if self.sessions.len() >= self.config.max_sessions {
+            return Err(ImportError::SessionLimit);
+        }
+        let rooms = self.rooms_of_image(session, &record.rooms)?;
+        let mut link = Link::new(Outbound::new(&self.config.queue, &self.config.reliability));
+        if self.config.acknowledge == Acknowledge::AfterHandled {
+            link.inbound.wait_for_handling();
+        }
+        let (identity, grace) = (record.identity.clone(), self.config.session_grace);
+        let code = CloseCode::ABNORMAL;
+        self.insert_arrived(
+            session,
+            client,
+            identity,
+            record.stream,
+            link,
+            rooms,
+            code,
+            grace,
+        );
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.recovering = true;
+        }
+        self.emit(ServerEvent::SessionArrived {
+            session,
+            client,
+            identity: record.identity.clone(),
+            recovered: true,
+        });
+        Ok(session)
+    }
+
+    /// An image's or record's rooms, checked against this server's bounds.
+    fn rooms_of_image(
+        &self,
+        session: SessionId,
+        names: &[(String, u64)],
+    ) -> Result<Vec<Joined>, ImportError> {
+        let bad = |what: &str| ImportError::Invalid(what.into());
+        let too_large = |what| ImportError::TooLarge { session, what };
+        if names.len() > self.config.max_rooms_per_session {
+            return Err(too_large("rooms"));
+        }
+        let mut rooms = Vec::with_capacity(names.len());
+        for (name, at) in names {
+            if name.is_empty() || name.len() > MAX_TOKEN_LEN {
+                return Err(bad("room names are 1 to 256 bytes"));
+            }
+            if rooms.iter().any(|j: &Joined| &*j.room == name.as_str()) {
+                return Err(bad("a room is named twice"));
+            }
+            if self.rooms.size(name) >= self.config.max_room_size {
+                return Err(too_large("a room is full here"));
+            }
+            rooms.push(Joined {
+                room: RoomName::from(name.as_str()),
+                at: *at,
+            });
+        }
+        Ok(rooms)
+    }
+
+    /// Puts a session that came from elsewhere into the registry,
+    /// detached for `grace`, a member of its rooms without a presence
+    /// change. Its rooms were checked.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_arrived(
+        &mut self,
+        session: SessionId,
+        client: ClientId,
+        identity: Option<String>,
+        stream: bool,
+        link: Link,
+        mut rooms: Vec<Joined>,
+        code: CloseCode,
+        grace: Duration,
+    ) {
+        for j in &mut rooms {
+            j.room = self.rooms.name(&j.room);
+            // Checked: the room has room.
+            let _ = self.rooms.join(&j.room, session, self.config.max_room_size);
+        }
+        let expires_at = self.now + grace;
+        self.sessions.insert(
+            session,
+            Session {
+                client,
+                identity,
+                state: SessionState::Detached { code, expires_at },
+                link,
+                deadlines: LinkDeadlines::default(),
+                rooms,
+                stream,
+                awaiting_subs: false,
+                recovering: false,
+            },
+        );
+        self.arm(expires_at, ServerTimer::Expiry(session));
     }
 
     /// Every session this server holds, attached or detached, in no

@@ -226,6 +226,12 @@ impl Server {
                     );
                     return;
                 }
+                // Taken up after its server was lost: the client's numbers
+                // are the only ones left, and it must say what it had
+                // acknowledged (older clients do not).
+                Some(s) if s.recovering && r.acked.is_none() => lost = Some("inconsistent"),
+                Some(s) if s.recovering && s.stream != stream => lost = Some("inconsistent"),
+                Some(s) if s.recovering => resumed = Some(r),
                 // More than was ever sent (numbered while detached is not
                 // sent), or less than the client already acknowledged (those
                 // messages are gone and cannot be sent again): either way the
@@ -247,12 +253,22 @@ impl Server {
             self.stats.resumes_failed += 1;
         }
 
+        let mut recovered = false;
         let (session, delivered) = if let Some(r) = resumed {
             self.set_session_state(r.session, SessionState::Attached(connection));
             let Some(s) = self.sessions.get_mut(&r.session) else {
                 return;
             };
             s.client = h.client;
+            if s.recovering {
+                // The client's view is the session's: numbering carries on
+                // after what it received, and everything it sent after what
+                // was acknowledged comes again.
+                s.recovering = false;
+                recovered = true;
+                s.link.outbound.recover(r.delivered);
+                s.link.inbound.restore(r.acked.unwrap_or(0));
+            }
             // Live room entries wait until the client says where its
             // streams stand.
             s.awaiting_subs = s.stream;
@@ -308,6 +324,7 @@ impl Server {
                     rooms: Vec::new(),
                     stream,
                     awaiting_subs: false,
+                    recovering: false,
                 },
             );
             self.stats.sessions_created += 1;
@@ -338,6 +355,7 @@ impl Server {
             pong_timeout_ms: duration_ms(self.config.pong_timeout),
             max_message: self.config.max_message_size as u64,
             key: Some(self.resume_key(session)),
+            recovered,
         });
         self.answer_hello(connection, &welcome, version);
         self.emit(ServerEvent::SessionOpened {

@@ -87,7 +87,7 @@ pub use event::{
     FeedOutput, RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics, ServerOutput,
     ServerStats, ServerTimer, SessionEnd, SessionInfo,
 };
-pub use handover::{ImportError, SessionImage};
+pub use handover::{ImportError, SessionImage, SessionRecord};
 pub use handshake::UpgradeRefusal;
 pub use session::SessionState;
 

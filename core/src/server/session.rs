@@ -97,6 +97,10 @@ pub(super) struct Session {
     /// Resumed, and its client has not yet said where its streams stand:
     /// live entries wait in the history until it does.
     pub(super) awaiting_subs: bool,
+    /// Taken up from a [`SessionRecord`](super::SessionRecord) after the
+    /// server holding it was lost: its numbers are set by the client's
+    /// resuming `hello`.
+    pub(super) recovering: bool,
 }
 
 impl Server {

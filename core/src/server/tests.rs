@@ -967,3 +967,75 @@ fn after_handled_acknowledges_only_what_the_application_handled() {
         Err(SendError::UnknownSession)
     );
 }
+
+/// A session whose server was lost is taken up from its record: the
+/// client's resuming `hello` brings the numbers (`delivered`, `acked`),
+/// the welcome says `recovered` and acknowledges only what the client saw
+/// acknowledged, the client's later messages are delivered (again), and
+/// numbering to the client carries on after what it received. A client
+/// that does not say `acked` cannot be taken up.
+#[test]
+fn a_session_is_taken_up_from_its_record_after_its_server_was_lost() {
+    let (a, id, _) = session_with_messages(0);
+    let record: SessionRecord =
+        serde_json::from_str(&serde_json::to_string(&a.session_record(id).unwrap()).unwrap())
+            .unwrap();
+    assert_eq!(record.session(), Some(id));
+    let key = a.resume_key(id);
+    drop(a); // the server is lost, with whatever it held
+    let hello = |acked: Option<u64>| {
+        let acked = acked.map_or(String::new(), |a| format!(r#","acked":{a}"#));
+        format!(
+            r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":5,"key":"{}"{acked}}}"#,
+            ClientId([2; 16]).to_hex(),
+            id.to_hex(),
+            key.to_hex()
+        )
+    };
+
+    let mut b = Server::new(ServerConfig::default()).unwrap();
+    let now = Instant::from_secs(1);
+    assert_eq!(b.recover_session(now, &record), Ok(id));
+    assert!(drain(&mut b).iter().any(|o| matches!(o,
+        ServerOutput::Event(ServerEvent::SessionArrived { session, recovered: true, .. }) if *session == id)));
+    assert_eq!(
+        b.recover_session(now, &record),
+        Err(ImportError::Exists(id))
+    );
+    let c = b.handle_connection(now, None, SessionId([3; 16]));
+    b.handle_message(now, c, Incoming::Text(&hello(Some(3))));
+    let w = welcome_of(&drain(&mut b)).unwrap();
+    assert!(w.resumed && w.recovered, "{w:?}");
+    assert_eq!(w.delivered, 3, "what the client saw acknowledged");
+    // The client sends 4 again: delivered. Numbering to it goes on after 5.
+    b.handle_message(
+        now,
+        c,
+        Incoming::Text(r#"{"t":"msg","seq":4,"id":4,"j":4}"#),
+    );
+    assert_eq!(
+        messages(&drain(&mut b))
+            .iter()
+            .map(|m| m.seq)
+            .collect::<Vec<_>>(),
+        vec![4]
+    );
+    b.send(now, id, Payload::null()).unwrap();
+    let seqs: Vec<u64> = frames_of(&drain(&mut b))
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Msg(m) => Some(m.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, vec![6]);
+
+    // Without `acked` the numbers cannot be known: a new session.
+    let mut b = Server::new(ServerConfig::default()).unwrap();
+    b.recover_session(now, &record).unwrap();
+    let c = b.handle_connection(now, None, SessionId([4; 16]));
+    b.handle_message(now, c, Incoming::Text(&hello(None)));
+    let w = welcome_of(&drain(&mut b)).unwrap();
+    assert!(!w.resumed && !w.recovered);
+    assert_eq!(w.lost.as_deref(), Some("inconsistent"));
+}

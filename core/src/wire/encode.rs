@@ -40,6 +40,7 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
                 hex_session = r.session.to_hex();
                 env.session = Some(hex_session.as_str().into());
                 env.delivered = Some(r.delivered);
+                env.acked = r.acked;
                 hex_key = r.key.map(|k| k.to_hex());
                 env.key = hex_key.as_deref().map(Cow::Borrowed);
             }
@@ -55,6 +56,7 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
             env.resumed = Some(w.resumed);
             env.lost = w.lost.as_deref().map(Cow::Borrowed);
             env.delivered = Some(w.delivered);
+            env.recovered = w.recovered.then_some(true);
             env.features = Some(w.features.iter().map(|c| c.as_str().into()).collect());
             env.ping_ms = Some(w.ping_interval_ms);
             env.pong_ms = Some(w.pong_timeout_ms);

@@ -152,6 +152,10 @@ pub(super) struct HandshakeEnvelope<'a> {
     pub(super) session: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) delivered: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) acked: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) recovered: Option<bool>,
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
     pub(super) caps: Option<Vec<Cow<'a, str>>>,
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]

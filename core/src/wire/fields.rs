@@ -597,6 +597,7 @@ pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, Decod
                     })?,
                     delivered,
                     key: resume_key(env.key)?,
+                    acked: env.acked,
                 }),
                 (None, None) => None,
                 (Some(_), None) => {
@@ -646,6 +647,7 @@ pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, Decod
                 pong_timeout_ms: need(env.pong_ms, "welcome", "pong_ms")?,
                 max_message: need(env.max, "welcome", "max")?,
                 key: resume_key(env.key)?,
+                recovered: env.recovered.unwrap_or(false),
             })
         }
         "reject" => Frame::Reject(Reject {

@@ -72,6 +72,10 @@ pub struct Resume {
     /// The session's resume key, from its `welcome` (`None` from a client
     /// that never got one: the resume then fails as `unknown_session`).
     pub key: Option<ResumeKey>,
+    /// The highest of this side's own sequence numbers the other side has
+    /// acknowledged: what a server that lost the session's state (its
+    /// node crashed) needs to take it up again (`welcome` `recovered`).
+    pub acked: Option<u64>,
 }
 
 /// The server's acceptance of a [`Hello`].
@@ -101,6 +105,10 @@ pub struct Welcome {
     /// The secret to show when resuming this session (`None` from a server
     /// that does not use resume keys).
     pub key: Option<ResumeKey>,
+    /// The session was taken up again after the server that held it was
+    /// lost: whatever that server had sent after the client's `delivered`
+    /// and not yet seen acknowledged may be gone (PROTOCOL.md, section 6).
+    pub recovered: bool,
 }
 
 /// The server's refusal of a [`Hello`].

@@ -62,6 +62,7 @@ fn samples() -> Vec<Frame> {
                 session: sid,
                 delivered: 41,
                 key: Some(ResumeKey([9; 16])),
+                acked: Some(3),
             }),
             caps: vec!["batch".into()],
             codecs: vec![Codec::MsgPack, Codec::Json],
@@ -78,6 +79,7 @@ fn samples() -> Vec<Frame> {
             pong_timeout_ms: 10_000,
             max_message: 1 << 20,
             key: Some(ResumeKey([5; 16])),
+            recovered: false,
         }),
         Frame::Reject(Reject {
             code: 4001,

@@ -25,7 +25,7 @@ use std::time::Duration;
 use futures_channel::oneshot;
 use futures_util::task::AtomicWaker;
 use futures_util::StreamExt;
-use kitestring_core::server::SessionImage;
+use kitestring_core::server::{SessionImage, SessionRecord};
 use kitestring_core::wire::SessionId;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use base64::Engine as _;
 use kitestring_core::wire::{Payload, PayloadKind};
 
-use crate::backplane::{identity_key, image_key, node_key, session_key, Backplane};
+use crate::backplane::{identity_key, image_key, node_key, record_key, session_key, Backplane};
 use crate::util;
 
 use super::shared::{FxHashMap, ServerShared};
@@ -215,8 +215,10 @@ impl Cluster {
             return Ok(Claimed::Nowhere);
         }
         if bp.get(node_key(&owner)).await.map_err(failed)?.is_none() {
-            debug!(session = %session.to_hex(), node = %owner, "the node that held the session is gone");
-            return Ok(Claimed::Nowhere);
+            // The node that held it is gone (crashed): take it up from its
+            // record; the client's hello brings the numbers.
+            debug!(session = %session.to_hex(), node = %owner, "the node that held the session is gone; taking it up");
+            return self.recover(shared, session).await;
         }
         let req = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -278,6 +280,46 @@ impl Cluster {
                 (CLUSTER.into(), b"1".to_vec(), MARKER_TTL),
             ])
             .await
+    }
+
+    /// Takes up a session whose node is gone, from its record.
+    async fn recover(
+        &self,
+        shared: &ServerShared,
+        session: SessionId,
+    ) -> Result<Claimed, ClaimFailed> {
+        let failed = |e: crate::backplane::BackplaneError| ClaimFailed(e.0);
+        let Some(bytes) = self
+            .backplane
+            .get(record_key(session))
+            .await
+            .map_err(failed)?
+        else {
+            return Ok(Claimed::Nowhere);
+        };
+        let record: SessionRecord = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(session = %session.to_hex(), error = %e, "a session record does not read");
+                return Ok(Claimed::Nowhere);
+            }
+        };
+        match shared.run(None, |st, now| st.server.recover_session(now, &record)) {
+            Ok(_) | Err(kitestring_core::server::ImportError::Exists(_)) => {}
+            Err(e) => {
+                warn!(session = %session.to_hex(), error = %e, "a session could not be taken up");
+                return Ok(Claimed::Nowhere);
+            }
+        }
+        let _ = self
+            .backplane
+            .put(
+                session_key(session),
+                self.node.clone().into_bytes(),
+                self.location_ttl,
+            )
+            .await;
+        Ok(Claimed::Imported)
     }
 
     /// Imports an image taken from the store, and records that the session
@@ -488,12 +530,24 @@ impl Cluster {
             here = shared.run(None, |st, _| st.server.session_ids());
         }
         puts.push((node_key(&self.node), b"1".to_vec(), self.node_timeout));
-        for &session in &here {
+        let records: Vec<(SessionId, Vec<u8>)> = shared.run(None, |st, _| {
+            here.iter()
+                .filter_map(|&s| {
+                    let record = st.server.session_record(s)?;
+                    Some((s, serde_json::to_vec(&record).ok()?))
+                })
+                .collect()
+        });
+        // Only the sessions still here (one may have moved since it was
+        // noted): where each is, and its record.
+        here = records.iter().map(|(s, _)| *s).collect();
+        for (session, record) in records {
             puts.push((
                 session_key(session),
                 self.node.clone().into_bytes(),
                 self.location_ttl,
             ));
+            puts.push((record_key(session), record, self.location_ttl));
         }
         let identities: Vec<(String, SessionId)> = {
             let known = lock(&self.identities);

@@ -448,6 +448,11 @@ impl LockedState {
                             | ServerEvent::SessionMoved { session } => {
                                 cluster.note(*session, Location::Gone, None)
                             }
+                            // Its record names its rooms.
+                            ServerEvent::Joined { session, .. }
+                            | ServerEvent::Left { session, .. } => {
+                                cluster.note(*session, Location::Here, None)
+                            }
                             _ => {}
                         }
                     }
