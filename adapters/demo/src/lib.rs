@@ -13,10 +13,13 @@
 //!   [`kitestring::Runtime`];
 //! * [`ledger`]: the books, from which loss, duplication and order are judged;
 //! * [`faults`]: random cuts and black holes that can be switched off;
-//! * [`report`]: the status line and the final report.
+//! * [`report`]: the status line and the final report;
+//! * [`cluster`]: the cluster mode (`--nodes N`): node processes on a
+//!   private Redis, with kills, graceful restarts and Redis cuts.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod cluster;
 pub mod faults;
 pub mod harness;
 pub mod ledger;

@@ -31,6 +31,12 @@ OPTIONS:
   --black-holes S    share of faults that are black holes rather than cuts,
                      0 to 1 (default 0.4)
   --seed N           seed of the fault schedule (default: from the clock)
+  --nodes N          cluster mode: N server processes (kitestring-node) on a
+                     private redis-server (installed: Debian redis-server),
+                     clients spread over them through a proxy, and faults
+                     that kill nodes (SIGKILL), restart them gracefully and
+                     cut their Redis connections, besides client cuts
+                     (tokio; --fault-rate and --black-holes do not apply)
   -h, --help         this text
 
 The run ends by stopping the faults and waiting (at most 20 s) until every
@@ -67,6 +73,7 @@ struct Options {
     fault_rate: f64,
     black_holes: f64,
     seed: u64,
+    nodes: usize,
 }
 
 /// Errors the demo reports before exiting with 2.
@@ -110,6 +117,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, Demo
         fault_rate: 0.15,
         black_holes: 0.4,
         seed,
+        nodes: 0,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -165,6 +173,12 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, Demo
                 }
             }
             "--seed" => o.seed = value(&mut rest, &flag)?,
+            "--nodes" => {
+                o.nodes = value(&mut rest, &flag)?;
+                if !(1..=16).contains(&o.nodes) {
+                    return Err(DemoError::Usage("--nodes must be 1 to 16".into()));
+                }
+            }
             other => return Err(DemoError::Usage(format!("unknown option {other:?}"))),
         }
     }
@@ -183,6 +197,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if options.nodes > 0 {
+        return cluster_main(&options);
+    }
     let result = match options.runtime {
         RuntimeKind::Tokio => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -314,6 +331,63 @@ async fn run(rt: Arc<dyn Runtime>, o: Options) -> Result<Report, DemoError> {
     println!();
     println!("{report}");
     Ok(report)
+}
+
+/// `--nodes N`: the cluster mode ([`kitestring_demo::cluster`]).
+fn cluster_main(options: &Options) -> ExitCode {
+    let node_bin = match std::env::current_exe() {
+        Ok(p) => p.with_file_name(format!("kitestring-node{}", std::env::consts::EXE_SUFFIX)),
+        Err(e) => {
+            eprintln!("cannot find kitestring-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = kitestring_demo::cluster::ClusterSettings {
+        node_bin,
+        nodes: options.nodes,
+        clients: options.clients,
+        rate: options.rate.min(200.0),
+        duration: options.duration,
+        seed: options.seed,
+        node_timeout: Duration::from_secs(3),
+    };
+    println!(
+        "kitestring-demo --nodes {}: {} clients, {}/s each, {:.0} s, seed {}",
+        settings.nodes,
+        settings.clients,
+        settings.rate,
+        settings.duration.as_secs_f64(),
+        settings.seed
+    );
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start tokio: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let started = Instant::now();
+    let report = rt.block_on(kitestring_demo::cluster::run(settings, |line| {
+        println!("[{:5.1}s] {line}", started.elapsed().as_secs_f64());
+    }));
+    match report {
+        Ok(r) => {
+            println!("{}", r.lines());
+            if r.lost == 0 && r.duplicated == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -200,3 +200,36 @@ async fn a_killed_node_costs_only_what_the_crash_promise_allows() {
     }
     client.close().await.unwrap();
 }
+
+/// Three node processes under every fault at once (client cuts, a node
+/// killed and restarted under its name, a graceful restart, a node's Redis
+/// connection cut): nothing lost, nothing duplicated beyond what the crash
+/// promise allows, and every message accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_lose_nothing_under_kills_restarts_and_redis_cuts() {
+    let settings = kitestring_demo::cluster::ClusterSettings {
+        node_bin: env!("CARGO_BIN_EXE_kitestring-node").into(),
+        nodes: 3,
+        clients: 6,
+        rate: 20.0,
+        duration: Duration::from_secs(16),
+        seed: 3,
+        node_timeout: Duration::from_secs(2),
+    };
+    let report = kitestring_demo::cluster::run(settings, |line| println!("{line}"))
+        .await
+        .unwrap();
+    println!("{}", report.lines());
+    assert!(
+        report.kills >= 1 && report.restarts >= 1 && report.redis_cuts >= 1,
+        "{report:?}"
+    );
+    assert!(report.sent > 500, "{report:?}");
+    assert_eq!(
+        (report.lost, report.duplicated),
+        (0, 0),
+        "{}",
+        report.lines()
+    );
+    assert_eq!(report.handled + report.reported, report.sent);
+}

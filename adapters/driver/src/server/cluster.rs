@@ -206,13 +206,15 @@ impl Cluster {
         };
         let owner = String::from_utf8_lossy(&owner).into_owned();
         if owner == self.node {
-            // The registry says here, and the core does not hold it: it
-            // ended here (or this node restarted under the same name).
+            // The registry says here, and the core does not hold it: an
+            // image on its way to the store, or a session of this node's
+            // previous process, which crashed (a session that ended here
+            // took its record with it).
             let unstored = lock(&self.unstored).remove(&session);
             if let Some(image) = unstored {
                 return self.import(shared, session, &image).await;
             }
-            return Ok(Claimed::Nowhere);
+            return self.recover(shared, session).await;
         }
         if bp.get(node_key(&owner)).await.map_err(failed)?.is_none() {
             // The node that held it is gone (crashed): take it up from its
@@ -248,9 +250,18 @@ impl Cluster {
             }
             _ => return Err(ClaimFailed(format!("node {owner} did not answer"))),
         }
-        match bp.take(image_key(session)).await.map_err(failed)? {
-            Some(image) => self.import(shared, session, &image).await,
-            // Not there: the owner no longer held it (it ended).
+        if let Some(image) = bp.take(image_key(session)).await.map_err(failed)? {
+            return self.import(shared, session, &image).await;
+        }
+        // The node did not hold it. If the registry still names that node,
+        // the session belonged to its previous process (it crashed and
+        // came back under its name): take it up from its record, which a
+        // session that ended took with it. If it names another node now,
+        // the session moved meanwhile: the client tries again.
+        let now_at = bp.get(session_key(session)).await.map_err(failed)?;
+        match now_at {
+            Some(n) if n == owner.as_bytes() => self.recover(shared, session).await,
+            Some(_) => Err(ClaimFailed("the session moved meanwhile".into())),
             None => Ok(Claimed::Nowhere),
         }
     }
@@ -492,10 +503,14 @@ impl Cluster {
             match location {
                 Location::Here => here.push(session),
                 Location::Gone => {
-                    let _ = self
+                    let ours = self
                         .backplane
                         .remove_if(session_key(session), self.node.clone().into_bytes())
                         .await;
+                    if matches!(ours, Ok(true)) {
+                        // Its record goes with it: nothing to take up.
+                        let _ = self.backplane.take(record_key(session)).await;
+                    }
                     let identity = lock(&self.identities).remove(&session);
                     if let Some(identity) = identity {
                         let member = session.to_hex().into_bytes();

@@ -1,0 +1,462 @@
+//! The demo's cluster mode (`kitestring-demo --nodes N`) and the tests that
+//! run it: N node processes (`kitestring-node`, each echoing every message
+//! and acknowledging only what it handled) sharing a private
+//! `redis-server`, a chaos proxy in front of them as the load balancer
+//! (every new connection goes to the next node), a chaos proxy between
+//! each node and Redis, and clients sending messages at a steady rate.
+//!
+//! Faults, at random from a seed: client connections cut (the client
+//! reconnects to another node, which claims its session), a node killed
+//! with SIGKILL and started again under its name (its sessions are taken
+//! up from their records), a node shut down gracefully and started again
+//! (its sessions are handed over), a node's Redis connection cut. Then the
+//! faults stop, everything drains, and the books are read against the
+//! promises: every message a client sent is handled by some node, any
+//! message handled twice carries its own id both times, every echo
+//! arrives at most as often as its message was handled, and an echo may be
+//! missing only where the client was told its session was recovered after
+//! a crash. Anything else is counted lost or duplicated.
+//!
+//! This module owns the processes, the traffic and the books of cluster
+//! mode; it never looks inside the nodes (only at what they print).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use kitestring::{ClientOptions, Event};
+use kitestring_chaos::Proxy;
+use kitestring_redis::testing::RedisServer;
+
+/// What a cluster run does.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// The `kitestring-node` binary.
+    pub node_bin: PathBuf,
+    /// Node processes.
+    pub nodes: usize,
+    /// Clients.
+    pub clients: usize,
+    /// Messages per second per client.
+    pub rate: f64,
+    /// How long faults and traffic run.
+    pub duration: Duration,
+    /// Seed of the fault schedule.
+    pub seed: u64,
+    /// Each node's node timeout (how long a killed node's clients wait).
+    pub node_timeout: Duration,
+}
+
+/// The books of a cluster run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterReport {
+    /// Messages the clients' API accepted.
+    pub sent: u64,
+    /// Of them, handled by some node.
+    pub handled: u64,
+    /// Handled twice with their own id (sent again after a crash: allowed).
+    pub handled_again: u64,
+    /// Echoes received.
+    pub echoes: u64,
+    /// Echoes missing where the client was told its session was
+    /// recovered after a crash (allowed).
+    pub echoes_gone_in_crashes: u64,
+    /// Messages reported by the library (a lost session's unconfirmed and
+    /// unsent ids).
+    pub reported: u64,
+    /// Messages never handled, never reported; echoes missing without a
+    /// recovered session.
+    pub lost: u64,
+    /// Messages handled under another id; echoes beyond the handlings.
+    pub duplicated: u64,
+    /// Client connections cut.
+    pub cuts: u64,
+    /// Nodes killed with SIGKILL.
+    pub kills: u64,
+    /// Nodes shut down gracefully.
+    pub restarts: u64,
+    /// Node Redis connections cut.
+    pub redis_cuts: u64,
+    /// Sessions a client was told were recovered.
+    pub recovered: u64,
+}
+
+impl ClusterReport {
+    /// The report, a line per figure, ending with `lost:` and `duplicated:`.
+    pub fn lines(&self) -> String {
+        format!(
+            "faults: {} client cuts, {} node kills, {} graceful restarts, {} Redis cuts\n\
+             sent: {}  handled: {}  handled again after a crash (same id): {}\n\
+             echoes: {}  gone in crashes (clients told: recovered): {}  sessions recovered: {}\n\
+             reported by the library: {}\n\
+             lost: {}\n\
+             duplicated: {}",
+            self.cuts,
+            self.kills,
+            self.restarts,
+            self.redis_cuts,
+            self.sent,
+            self.handled,
+            self.handled_again,
+            self.echoes,
+            self.echoes_gone_in_crashes,
+            self.recovered,
+            self.reported,
+            self.lost,
+            self.duplicated
+        )
+    }
+}
+
+/// A node process, what it printed, and the proxy to its Redis.
+struct Node {
+    name: String,
+    child: Option<Child>,
+    addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+    redis: Proxy,
+}
+
+impl Node {
+    fn start(
+        settings: &ClusterSettings,
+        redis: &RedisServer,
+        name: &str,
+        lines: Arc<Mutex<Vec<String>>>,
+        listen: Option<SocketAddr>,
+    ) -> Result<Node, String> {
+        let to_redis = SocketAddr::from(([127, 0, 0, 1], redis.port()));
+        let proxy = Proxy::start(to_redis).map_err(|e| format!("redis proxy: {e}"))?;
+        let (child, addr) = spawn_node(settings, &proxy, name, &lines, listen)?;
+        Ok(Node {
+            name: name.to_owned(),
+            child: Some(child),
+            addr,
+            lines,
+            redis: proxy,
+        })
+    }
+
+    /// SIGKILL: whatever it held is gone.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A graceful stop: its sessions are handed over.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(stdin) = c.stdin.as_mut() {
+                let _ = stdin.write_all(b"shutdown\n");
+            }
+            drop(c.stdin.take());
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again under its name, on its address.
+    fn restart(&mut self, settings: &ClusterSettings) -> Result<(), String> {
+        let (child, _) = spawn_node(
+            settings,
+            &self.redis,
+            &self.name,
+            &self.lines,
+            Some(self.addr),
+        )?;
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_node(
+    settings: &ClusterSettings,
+    redis: &Proxy,
+    name: &str,
+    lines: &Arc<Mutex<Vec<String>>>,
+    listen: Option<SocketAddr>,
+) -> Result<(Child, SocketAddr), String> {
+    let listen = listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+    let timeout = settings.node_timeout.as_millis().to_string();
+    let mut child = Command::new(&settings.node_bin)
+        .args(["--redis", &format!("redis://{}", redis.local_addr())])
+        .args(["--name", name, "--listen", &listen])
+        .args(["--node-timeout-ms", &timeout])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", settings.node_bin.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let keep = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("listening ") {
+                let _ = tx.send(addr.parse::<SocketAddr>().ok());
+            }
+            keep.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Some(addr)) => Ok((child, addr)),
+        _ => {
+            let _ = child.kill();
+            Err(format!("node {name} did not say where it listens"))
+        }
+    }
+}
+
+/// What one client saw.
+#[derive(Default)]
+struct ClientBook {
+    /// payload -> the id the API gave it.
+    ids: BTreeMap<u64, u64>,
+    /// Echo counts per payload.
+    echoes: BTreeMap<u64, u64>,
+    /// Ids a lost session reported.
+    reported: BTreeSet<u64>,
+    recovered: u64,
+}
+
+/// A tiny seeded generator (the schedule must not depend on the clock).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Runs the cluster scenario on the current tokio runtime; `progress` gets
+/// a line per fault.
+pub async fn run(
+    settings: ClusterSettings,
+    mut progress: impl FnMut(&str),
+) -> Result<ClusterReport, String> {
+    let redis = RedisServer::start().map_err(|e| e.to_string())?;
+    let mut nodes = Vec::new();
+    for i in 0..settings.nodes.max(1) {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        nodes.push(Node::start(
+            &settings,
+            &redis,
+            &format!("n{i}"),
+            lines,
+            None,
+        )?);
+    }
+    let front = Proxy::start(nodes[0].addr).map_err(|e| e.to_string())?;
+    front.set_targets(&nodes.iter().map(|n| n.addr).collect::<Vec<_>>());
+    let url = format!("ws://{}/", front.local_addr());
+    let rt = kitestring_tokio::runtime();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..settings.clients {
+        let (client, mut events) = kitestring::connect(rt.clone(), &url, ClientOptions::default())
+            .map_err(|e| e.to_string())?;
+        let book = Arc::new(Mutex::new(ClientBook::default()));
+        let (b, stop) = (book.clone(), stop.clone());
+        let period = Duration::from_secs_f64(1.0 / settings.rate.max(0.01));
+        let sender = tokio::spawn(async move {
+            let mut k = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let payload = c as u64 * 1_000_000 + k;
+                if let Ok(id) = client.send(&payload).await {
+                    b.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .ids
+                        .insert(payload, id.0);
+                    k += 1;
+                }
+                tokio::time::sleep(period).await;
+            }
+            client
+        });
+        let b = book.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(e) = events.next().await {
+                let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+                match e {
+                    Event::Message(m) => {
+                        if let Ok(v) = kitestring::decode::<u64>(&m.payload) {
+                            *b.echoes.entry(v).or_default() += 1;
+                        }
+                    }
+                    Event::Connected {
+                        recovered: true, ..
+                    } => b.recovered += 1,
+                    Event::SessionLost {
+                        unconfirmed,
+                        unsent,
+                        ..
+                    } => b
+                        .reported
+                        .extend(unconfirmed.iter().chain(&unsent).map(|id| id.0)),
+                    _ => {}
+                }
+            }
+        });
+        tasks.push((book, sender, reader));
+    }
+
+    // Faults.
+    let mut report = ClusterReport::default();
+    let mut rng = Rng(settings.seed);
+    let started = Instant::now();
+    let mut next_node_fault = started + Duration::from_secs(3);
+    let mut which = 0usize;
+    while started.elapsed() < settings.duration {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let links = front.links();
+        if !links.is_empty() && rng.next() % 3 == 0 {
+            links[(rng.next() as usize) % links.len()].cut();
+            report.cuts += 1;
+        }
+        if Instant::now() >= next_node_fault
+            && started.elapsed() + Duration::from_secs(4) < settings.duration
+        {
+            let i = (rng.next() as usize) % nodes.len();
+            let node = &mut nodes[i];
+            match which % 3 {
+                0 => {
+                    progress(&format!("kill -9 {}", node.name));
+                    node.kill();
+                    report.kills += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    node.restart(&settings)?;
+                }
+                1 => {
+                    progress(&format!("graceful restart of {}", node.name));
+                    node.stop();
+                    report.restarts += 1;
+                    node.restart(&settings)?;
+                }
+                _ => {
+                    progress(&format!("cut {}'s Redis connection", node.name));
+                    node.redis.cut_all();
+                    report.redis_cuts += 1;
+                }
+            }
+            which += 1;
+            next_node_fault = Instant::now() + Duration::from_secs(4);
+        }
+    }
+
+    // Drain: no more faults or sends; wait until every message is handled
+    // and echoed, or 40 s.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut clients = Vec::new();
+    let mut readers = Vec::new();
+    let mut books = Vec::new();
+    for (book, sender, reader) in tasks {
+        if let Ok(c) = sender.await {
+            clients.push(c);
+        }
+        readers.push(reader);
+        books.push(book);
+    }
+    let handled_now = |nodes: &[Node]| -> Vec<(u64, u64)> {
+        let mut all = Vec::new();
+        for n in nodes {
+            for l in n.lines.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let mut f = l.strip_prefix("handled ").unwrap_or("").split(' ');
+                let (_s, id, p) = (f.next(), f.next(), f.next());
+                if let (Some(Ok(id)), Some(Ok(p))) =
+                    (id.map(str::parse::<u64>), p.map(str::parse::<u64>))
+                {
+                    all.push((id, p));
+                }
+            }
+        }
+        all
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < deadline {
+        let handled: BTreeSet<u64> = handled_now(&nodes).into_iter().map(|(_, p)| p).collect();
+        let done = books.iter().all(|b| {
+            let b = b.lock().unwrap_or_else(|e| e.into_inner());
+            b.ids.iter().all(|(p, id)| {
+                b.reported.contains(id) || (handled.contains(p) && b.echoes.contains_key(p))
+            })
+        });
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The books.
+    let handled = handled_now(&nodes);
+    let mut by_payload: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (id, p) in handled {
+        by_payload.entry(p).or_default().push(id);
+    }
+    for b in &books {
+        let b = b.lock().unwrap_or_else(|e| e.into_inner());
+        report.recovered += b.recovered;
+        for (p, id) in &b.ids {
+            report.sent += 1;
+            let times = by_payload.get(p).map_or(&[][..], |v| &v[..]);
+            let echoes = b.echoes.get(p).copied().unwrap_or(0);
+            report.echoes += echoes;
+            if b.reported.contains(id) {
+                report.reported += 1;
+                continue;
+            }
+            if times.is_empty() {
+                report.lost += 1;
+                continue;
+            }
+            report.handled += 1;
+            report.handled_again += times.len() as u64 - 1;
+            if times.iter().any(|h| h != id) {
+                report.duplicated += 1;
+            }
+            if echoes > times.len() as u64 {
+                report.duplicated += 1;
+            }
+            if echoes == 0 {
+                if b.recovered > 0 {
+                    report.echoes_gone_in_crashes += 1;
+                } else {
+                    report.lost += 1;
+                }
+            }
+        }
+    }
+    for c in clients {
+        let _ = c.close().await;
+    }
+    for r in readers {
+        r.abort();
+    }
+    for n in &mut nodes {
+        n.stop();
+    }
+    Ok(report)
+}
