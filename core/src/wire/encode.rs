@@ -1,23 +1,22 @@
-//! Frames to bytes: the hand-written `msg` writers, and serde for the rest.
+//! Frames to bytes: every envelope written by hand.
 //!
 //! Owns every envelope the core writes. `msg` envelopes, on every message's
 //! path, are written by hand with exactly the bytes serde would write (the
-//! serde forms are kept as the tests' oracle); the other MessagePack
-//! envelopes by one hand-written writer of the serde form (so that the
-//! MessagePack codec needs no serde serializer); JSON handshakes and
-//! control frames go through serde. It never decides which buffer a frame is written to
-//! (the machines' [`Encoder`](super::Encoder) does) nor whether a payload
-//! goes detached ([`detaches`](super::detaches) does).
+//! serde forms are kept as the tests' oracle); the other envelopes by one
+//! hand-written writer of the serde form per codec (JSON handshakes
+//! included), so that neither codec needs a serde serializer. It never
+//! decides which buffer a frame is written to (the machines'
+//! [`Encoder`](super::Encoder) does) nor whether a payload goes detached
+//! ([`detaches`](super::detaches) does).
 
 use std::borrow::Cow;
 
-use base64::Engine as _;
-use serde_json::value::RawValue;
-
-use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, B64};
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson, B64};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
+use super::json::{push_json_str, push_uint};
 use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
+use base64::Engine as _;
 
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
 /// a `welcome` about 220).
@@ -72,7 +71,8 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
         }
         _ => return Err(EncodeError::Unrepresentable),
     }
-    serde_json::to_writer(out, &env).map_err(serializer_error)
+    write_json_handshake(&env, out);
+    Ok(())
 }
 
 /// The fields of a `sub` envelope.
@@ -196,8 +196,8 @@ fn json_payload_into<'a>(env: &mut JsonEnvelope<'a>, p: &'a Payload) -> Result<(
     match p.kind {
         PayloadKind::Json => {
             // Checked at construction; a failure here means a bug, reported not panicked.
-            let raw: &RawValue = serde_json::from_slice(data).map_err(serializer_error)?;
-            env.j = Some(raw);
+            let raw = std::str::from_utf8(data).map_err(serializer_error)?;
+            env.j = Some(RawJson(raw));
         }
         PayloadKind::MsgPack => env.m = Some(Cow::Owned(B64.encode(data))),
         PayloadKind::Binary => env.b = Some(Cow::Owned(B64.encode(data))),
@@ -238,20 +238,152 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
         }
         Frame::Subs(list) => {
             let env = subs_envelope!(JsonEnvelope, list);
-            serde_json::to_writer(out, &env).map_err(serializer_error)
+            write_json_envelope(&env, out);
+            Ok(())
         }
         Frame::Pub(e) => {
             let mut env = JsonEnvelope::default();
             fill_entry!(env, e);
             json_payload_into(&mut env, &e.payload)?;
-            serde_json::to_writer(out, &env).map_err(serializer_error)
+            write_json_envelope(&env, out);
+            Ok(())
         }
         _ => {
             let mut env = JsonEnvelope::default();
             fill_common!(env, frame);
-            serde_json::to_writer(out, &env).map_err(serializer_error)
+            write_json_envelope(&env, out);
+            Ok(())
         }
     }
+}
+
+/// Writes JSON objects as serde_json writes a struct (compact, fields in
+/// declaration order, absent ones left out).
+struct JsonObject<'o> {
+    out: &'o mut Vec<u8>,
+    first: bool,
+}
+
+impl<'o> JsonObject<'o> {
+    fn new(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'{');
+        JsonObject { out, first: true }
+    }
+
+    /// The key of the next field: `"key":`.
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+
+    fn uint(&mut self, key: &str, v: Option<u64>) {
+        if let Some(v) = v {
+            push_uint(self.key(key), v);
+        }
+    }
+
+    fn str(&mut self, key: &str, v: Option<&str>) {
+        if let Some(v) = v {
+            push_json_str(self.key(key), v);
+        }
+    }
+
+    fn bool(&mut self, key: &str, v: Option<bool>) {
+        if let Some(v) = v {
+            let text: &[u8] = if v { b"true" } else { b"false" };
+            self.key(key).extend_from_slice(text);
+        }
+    }
+
+    fn list<T>(&mut self, key: &str, v: Option<&[T]>, mut item: impl FnMut(&mut Vec<u8>, &T)) {
+        if let Some(v) = v {
+            let out = self.key(key);
+            out.push(b'[');
+            for (i, x) in v.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                item(out, x);
+            }
+            out.push(b']');
+        }
+    }
+
+    fn strs(&mut self, key: &str, v: Option<&[Cow<'_, str>]>) {
+        self.list(key, v, |out, s| push_json_str(out, s));
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Writes `env` as serde_json writes it (the tests check the two agree).
+fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
+    let mut o = JsonObject::new(out);
+    o.str("t", Some(&env.t));
+    o.uint("seq", env.seq);
+    o.uint("id", env.id);
+    o.uint("ack", env.ack);
+    o.uint("ts", env.ts);
+    if let Some(j) = env.j {
+        o.key("j").extend_from_slice(j.get().as_bytes());
+    }
+    o.str("m", env.m.as_deref());
+    o.str("b", env.b.as_deref());
+    o.uint("nonce", env.nonce);
+    o.uint("from", env.from);
+    o.uint("code", env.code.map(u64::from));
+    o.uint("retry", env.retry);
+    o.str("r", env.r.as_deref());
+    o.str("op", env.op.as_deref());
+    o.bool("rq", env.rq);
+    o.uint("rs", env.rs);
+    o.uint("within", env.within);
+    o.str("token", env.token.as_deref());
+    o.list("f", env.f.as_deref(), |out, inner| {
+        write_json_envelope(inner, out)
+    });
+    o.uint("dj", env.dj);
+    o.uint("dm", env.dm);
+    o.uint("db", env.db);
+    o.uint("e", env.e);
+    o.end();
+}
+
+/// Writes a handshake envelope as serde_json writes it (the tests check
+/// the two agree).
+fn write_json_handshake(env: &HandshakeEnvelope<'_>, out: &mut Vec<u8>) {
+    let mut o = JsonObject::new(out);
+    o.str("t", Some(&env.t));
+    o.list("versions", env.versions.as_deref(), |out, v| {
+        push_uint(out, u64::from(*v))
+    });
+    o.str("client", env.client.as_deref());
+    o.str("session", env.session.as_deref());
+    o.uint("delivered", env.delivered);
+    o.strs("caps", env.caps.as_deref());
+    o.strs("codecs", env.codecs.as_deref());
+    o.uint("version", env.version.map(u64::from));
+    o.str("codec", env.codec.as_deref());
+    o.bool("resumed", env.resumed);
+    o.str("lost", env.lost.as_deref());
+    o.strs("features", env.features.as_deref());
+    o.uint("ping_ms", env.ping_ms);
+    o.uint("pong_ms", env.pong_ms);
+    o.uint("max", env.max);
+    o.uint("code", env.code.map(u64::from));
+    o.str("reason", env.reason.as_deref());
+    o.str("message", env.message.as_deref());
+    o.uint("retry", env.retry);
+    o.str("key", env.key.as_deref());
+    o.end();
 }
 
 /// Appends the base64 text of `data` to `out`.
@@ -306,7 +438,7 @@ pub(super) fn write_json_msg(
     }
     if let Some(room) = &m.room {
         out.extend_from_slice(br#","r":"#);
-        serde_json::to_writer(&mut *out, &**room).map_err(serializer_error)?;
+        push_json_str(out, room);
     }
     match m.kind {
         MsgKind::Plain => {}
