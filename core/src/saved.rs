@@ -9,7 +9,6 @@
 //! refused. It never decides what is saved or when; the snapshot and the
 //! session image do.
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::reliable::{MessageId, RoomName, Sent, Waiting};
@@ -49,10 +48,6 @@ pub(crate) struct Parts {
     pub(crate) payload: Payload,
 }
 
-fn b64() -> base64::engine::GeneralPurpose {
-    base64::engine::general_purpose::STANDARD
-}
-
 impl SavedMessage {
     fn new(
         seq: Option<u64>,
@@ -87,7 +82,7 @@ impl SavedMessage {
                 _ => "json",
             }
             .into(),
-            data: b64().encode(payload.data()),
+            data: crate::base64::encode(payload.data()),
             own,
         }
     }
@@ -241,9 +236,8 @@ impl SavedMessage {
             ("refused_message", Some(to)) => MsgKind::RefusedMessage(to),
             _ => return Err(bad("unknown kind")),
         };
-        let data = b64()
-            .decode(&self.data)
-            .map_err(|_| bad("payload is not base64"))?;
+        let data = crate::base64::decode(self.data.as_bytes())
+            .ok_or_else(|| bad("payload is not base64"))?;
         let payload = match self.enc.as_str() {
             "json" => Payload::json(data).map_err(|e| bad(&e.to_string()))?,
             "msgpack" => Payload::msgpack(data).map_err(|e| bad(&e.to_string()))?,

@@ -419,7 +419,9 @@ impl Machine {
     /// Sends the staged payload as a request the server answers; it fails
     /// after `timeout_ms`. Returns its id, or 0.
     pub fn request(&mut self, now: f64, timeout_ms: f64) -> f64 {
-        let timeout = core::time::Duration::from_secs_f64(timeout_ms.max(0.0) / 1000.0);
+        // Saturating: an infinite timeout is the longest one, not a panic
+        // (as `from_secs_f64` would have it).
+        let timeout = core::time::Duration::from_nanos((timeout_ms.max(0.0) * 1e6) as u64);
         let r = self.staged().and_then(|p| {
             self.client
                 .request(instant(now), p, timeout)

@@ -216,7 +216,9 @@ fn ms(name: &str, value: f64) -> Result<Duration, String> {
             "`{name}` must be a finite number of milliseconds ≥ 0"
         ));
     }
-    Ok(Duration::from_secs_f64(value / 1000.0))
+    // Nanoseconds, saturating beyond 584 years (`from_secs_f64` would
+    // panic there, and brings its messages into the module).
+    Ok(Duration::from_nanos((value * 1e6) as u64))
 }
 
 impl Options {

@@ -11,8 +11,6 @@
 //! stores the snapshot anywhere: the driver does (a page's
 //! `sessionStorage`), and must keep it as secret as the resume key it holds.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use serde::{Deserialize, Serialize};
 
 use crate::close::CloseCode;
@@ -20,6 +18,7 @@ use crate::config::{ClientConfig, ConfigError};
 use crate::reliable::{MessageId, RoomName};
 use crate::saved::SavedMessage;
 use crate::time::Instant;
+use crate::vecmap::{VecMap, VecSet};
 use crate::wire::{push_json_str, push_uint, ClientId, JsonReader, ResumeKey, SessionId};
 
 use super::streams::Position;
@@ -164,7 +163,7 @@ impl Client {
             .rooms
             .iter()
             .map(|r| RoomName::from(r.as_str()))
-            .collect::<BTreeSet<_>>();
+            .collect::<VecSet<_>>();
         c.streams = snapshot
             .streams
             .iter()
@@ -177,7 +176,7 @@ impl Client {
                     },
                 )
             })
-            .collect::<BTreeMap<_, _>>();
+            .collect::<VecMap<_, _>>();
         c.leaving = snapshot
             .leaving
             .iter()

@@ -11,12 +11,11 @@
 
 use std::borrow::Cow;
 
-use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson, B64};
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
 use super::json::{push_json_str, push_uint};
 use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
-use base64::Engine as _;
 
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
 /// a `welcome` about 220).
@@ -199,8 +198,8 @@ fn json_payload_into<'a>(env: &mut JsonEnvelope<'a>, p: &'a Payload) -> Result<(
             let raw = std::str::from_utf8(data).map_err(serializer_error)?;
             env.j = Some(RawJson(raw));
         }
-        PayloadKind::MsgPack => env.m = Some(Cow::Owned(B64.encode(data))),
-        PayloadKind::Binary => env.b = Some(Cow::Owned(B64.encode(data))),
+        PayloadKind::MsgPack => env.m = Some(Cow::Owned(crate::base64::encode(data))),
+        PayloadKind::Binary => env.b = Some(Cow::Owned(crate::base64::encode(data))),
     }
     Ok(())
 }
@@ -386,15 +385,6 @@ fn write_json_handshake(env: &HandshakeEnvelope<'_>, out: &mut Vec<u8>) {
     o.end();
 }
 
-/// Appends the base64 text of `data` to `out`.
-fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
-    let start = out.len();
-    let n = base64::encoded_len(data.len(), true).unwrap_or(0);
-    out.resize(start + n, 0);
-    let written = B64.encode_slice(data, &mut out[start..]).unwrap_or(0);
-    out.truncate(start + written);
-}
-
 /// Writes a `msg` envelope with the same field order serde would use;
 /// `detached`: with the payload's length in its place (`dj`, `dm`, `db`).
 #[inline]
@@ -406,20 +396,27 @@ pub(super) fn write_json_msg(
     if let MsgKind::Invalid(_) = m.kind {
         return Err(EncodeError::Unrepresentable);
     }
-    use std::io::Write as _;
-    let io = |e: std::io::Error| EncodeError::Serializer(e.to_string());
-    write!(out, r#"{{"t":"msg","seq":{},"id":{}"#, m.seq, m.id).map_err(io)?;
+    // Numbers by hand too: `write!` would bring `fmt` and `io` into the
+    // browser package, and costs time on every message.
+    let num = |out: &mut Vec<u8>, key: &[u8], v: u64| {
+        out.extend_from_slice(key);
+        push_uint(out, v);
+    };
+    num(out, br#"{"t":"msg","seq":"#, m.seq);
+    num(out, br#","id":"#, m.id);
     if let Some(ack) = m.ack {
-        write!(out, r#","ack":{ack}"#).map_err(io)?;
+        num(out, br#","ack":"#, ack);
     }
     if let Some(ts) = m.ts {
-        write!(out, r#","ts":{ts}"#).map_err(io)?;
+        num(out, br#","ts":"#, ts);
     }
     let data = &m.payload.data;
     match m.payload.kind {
         _ if detached => {
             let key = detached_key(m.payload.kind);
-            write!(out, r#","{key}":{}"#, data.len()).map_err(io)?;
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            num(out, b"\":", data.len() as u64);
         }
         PayloadKind::Json => {
             out.extend_from_slice(br#","j":"#);
@@ -427,12 +424,12 @@ pub(super) fn write_json_msg(
         }
         PayloadKind::MsgPack => {
             out.extend_from_slice(br#","m":""#);
-            push_base64(out, data);
+            crate::base64::encode_into(out, data);
             out.push(b'"');
         }
         PayloadKind::Binary => {
             out.extend_from_slice(br#","b":""#);
-            push_base64(out, data);
+            crate::base64::encode_into(out, data);
             out.push(b'"');
         }
     }
@@ -443,13 +440,14 @@ pub(super) fn write_json_msg(
     match m.kind {
         MsgKind::Plain => {}
         MsgKind::Request => out.extend_from_slice(br#","rq":true"#),
-        MsgKind::Response(to) => write!(out, r#","rs":{to}"#).map_err(io)?,
+        MsgKind::Response(to) => num(out, br#","rs":"#, to),
         other => {
             if let Some(to) = other.rs() {
-                write!(out, r#","rs":{to}"#).map_err(io)?;
+                num(out, br#","rs":"#, to);
             }
             if let Some(op) = other.op() {
-                write!(out, r#","op":"{op}""#).map_err(io)?;
+                out.extend_from_slice(br#","op":"#);
+                push_json_str(out, op);
             }
         }
     }

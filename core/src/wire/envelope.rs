@@ -208,5 +208,3 @@ pub(super) struct HandshakeEnvelope<'a> {
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
     pub(super) key: Option<Cow<'a, str>>,
 }
-
-pub(super) const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;

@@ -10,10 +10,9 @@
 
 use std::borrow::Cow;
 
-use base64::Engine as _;
 use bytes::Bytes;
 
-use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, B64};
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::json::json_value;
 use super::payload::json_depth_ok;
 use super::{
@@ -171,12 +170,10 @@ fn json_payload(env: &JsonEnvelope<'_>, nested: bool) -> Result<Payload, DecodeE
             })
         }
     };
-    let data = B64
-        .decode(text.as_bytes())
-        .map_err(|_| DecodeError::InvalidField {
-            field,
-            reason: "not valid base64",
-        })?;
+    let data = crate::base64::decode(text.as_bytes()).ok_or(DecodeError::InvalidField {
+        field,
+        reason: "not valid base64",
+    })?;
     Ok(Payload {
         kind,
         data: data.into(),

@@ -109,14 +109,60 @@ impl<'a> JsonReader<'a> {
         Some(v)
     }
 
-    /// Any JSON number, as an `f64` (the nearest one; `None` for a number
-    /// out of its range).
+    /// Any JSON number, as an `f64`: exact for integers below 2^53 and
+    /// within a few units in the last place otherwise (the first 19
+    /// significant digits scaled by a power of ten), which is what a
+    /// setting needs; `None` beyond `f64`'s range. Not correctly rounded
+    /// like `str::parse`, whose tables would weigh more in the browser
+    /// package than all of this reader.
     pub fn number(&mut self) -> Option<f64> {
         self.ws();
         let start = self.at;
         self.skip_number()?;
-        let text = std::str::from_utf8(&self.text[start..self.at]).ok()?;
-        text.parse::<f64>().ok().filter(|v| v.is_finite())
+        let text = &self.text[start..self.at];
+        let (negative, text) = match text.split_first() {
+            Some((b'-', rest)) => (true, rest),
+            _ => (false, text),
+        };
+        let mut digits: u64 = 0;
+        // The power of ten the digits are scaled by.
+        let mut scale: i32 = 0;
+        let mut fraction = false;
+        let mut rest = text.iter();
+        for &b in rest.by_ref() {
+            match b {
+                b'.' => fraction = true,
+                b'0'..=b'9' => {
+                    if digits < 1_000_000_000_000_000_000 {
+                        digits = digits * 10 + u64::from(b - b'0');
+                        scale -= i32::from(fraction);
+                    } else {
+                        // Beyond 19 digits: only the magnitude counts.
+                        scale += i32::from(!fraction);
+                    }
+                }
+                _ => break,
+            }
+        }
+        // The exponent, after `e` (its digits checked by `skip_number`).
+        let mut exp: i32 = 0;
+        let mut exp_negative = false;
+        for &b in rest {
+            match b {
+                b'-' => exp_negative = true,
+                b'0'..=b'9' => exp = exp.saturating_mul(10).saturating_add(i32::from(b - b'0')),
+                _ => {}
+            }
+        }
+        let exp = scale.saturating_add(if exp_negative { -exp } else { exp });
+        let magnitude = if exp < 0 {
+            // Dividing by an exact power of ten rounds once, up to 10^22.
+            digits as f64 / 10f64.powi(-exp)
+        } else {
+            digits as f64 * 10f64.powi(exp)
+        };
+        let v = if negative { -magnitude } else { magnitude };
+        v.is_finite().then_some(v)
     }
 
     /// A string. Borrowed from the text unless it has escapes; a lone
@@ -294,6 +340,16 @@ impl<'a> JsonReader<'a> {
         &mut self,
         mut entry: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
     ) -> Option<()> {
+        self.object_dyn(&mut entry)
+    }
+
+    /// [`object`](Self::object), one copy for every shape: only the
+    /// entries' code differs between them.
+    #[inline(never)]
+    fn object_dyn(
+        &mut self,
+        entry: &mut dyn FnMut(&mut Self, &'a [u8]) -> Option<()>,
+    ) -> Option<()> {
         self.eat(b'{')?;
         if self.peek()? == b'}' {
             self.at += 1;
@@ -317,6 +373,12 @@ impl<'a> JsonReader<'a> {
     /// Reads an array, calling `item` with the reader at each value (which
     /// `item` must read).
     pub fn array(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.array_dyn(&mut item)
+    }
+
+    /// [`array`](Self::array), one copy for every shape.
+    #[inline(never)]
+    fn array_dyn(&mut self, item: &mut dyn FnMut(&mut Self) -> Option<()>) -> Option<()> {
         self.eat(b'[')?;
         if self.peek()? == b']' {
             self.at += 1;
@@ -654,6 +716,17 @@ pub(crate) fn assert_quick_json_agrees(text: &str) -> bool {
             (start, start + raw.get().len())
         });
         assert_eq!(ours, theirs, "the JSON value check and serde disagree");
+    }
+    // The text as a payload's base64: the same bytes as the crate's, or
+    // refused by both.
+    {
+        use base64::Engine as _;
+        let theirs = base64::engine::general_purpose::STANDARD.decode(text).ok();
+        assert_eq!(
+            crate::base64::decode(text.as_bytes()),
+            theirs,
+            "base64 and the crate disagree"
+        );
     }
     let Some(t) = quick_json_type(&mut JsonReader::new(text)) else {
         return false;

@@ -1289,3 +1289,27 @@ fn json_strings_are_escaped_as_serde_escapes_them() {
     push_json_str(&mut ours, &all);
     assert_eq!(ours, serde_json::to_vec(&all).unwrap());
 }
+
+#[test]
+fn json_numbers_are_read_near_enough_for_settings() {
+    let read = |text: &str| JsonReader::new(text).number();
+    for (text, want) in [
+        ("0", 0.0),
+        ("-2.5", -2.5),
+        ("1500.25", 1500.25),
+        ("0.000001", 0.000_001),
+        ("1e3", 1000.0),
+        ("1E-2", 0.01),
+        ("25e-1", 2.5),
+        ("9007199254740993", 9_007_199_254_740_992.0),
+        ("123456789012345678901234", 1.234_567_890_123_456_8e23),
+        ("0.1", 0.1),
+    ] {
+        let got = read(text).unwrap();
+        assert!((got - want).abs() <= want.abs() * 1e-15, "{text}: {got}");
+    }
+    assert_eq!(read("1e309"), None);
+    assert_eq!(read("-"), None);
+    assert_eq!(read("01"), None);
+    assert_eq!(read("1e-400"), Some(0.0));
+}
