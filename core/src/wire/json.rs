@@ -11,8 +11,10 @@
 //! they give up, and serde reads the text (feature `json-serde`, on by
 //! default; without it, as in the browser package, the message is refused).
 //! The payload check accepts exactly what serde_json accepts as one value.
-//! The fuzz targets check both on every input. It must never panic, recurse
-//! or allocate more than the text it reads.
+//! The fuzz targets check both on every input. It must never panic,
+//! recurse deeper than a batch's one level (nested values are skipped
+//! without recursion, at most [`MAX_JSON_DEPTH`] deep) or allocate more
+//! than the text it reads.
 
 use std::borrow::Cow;
 
