@@ -256,6 +256,13 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
     }
 }
 
+/// rmp's writers fail only if the writer does, and a `Vec` does not; the
+/// error is not formatted, so that `io::Error`'s texts stay out of the
+/// browser package.
+fn vec_write<E>(_: E) -> EncodeError {
+    EncodeError::Serializer("MessagePack writer failed".into())
+}
+
 /// Writes JSON objects as serde_json writes a struct (compact, fields in
 /// declaration order, absent ones left out).
 struct JsonObject<'o> {
@@ -479,11 +486,11 @@ pub(super) fn encode_msgpack(
         Frame::Msg(m) => write_pack_msg(m, out, false)?,
         Frame::Batch(msgs) => {
             let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
-            rmp::encode::write_map_len(out, 2).map_err(serializer_error)?;
-            rmp::encode::write_str(out, "t").map_err(serializer_error)?;
-            rmp::encode::write_str(out, "batch").map_err(serializer_error)?;
-            rmp::encode::write_str(out, "f").map_err(serializer_error)?;
-            rmp::encode::write_array_len(out, len).map_err(serializer_error)?;
+            rmp::encode::write_map_len(out, 2).map_err(vec_write)?;
+            rmp::encode::write_str(out, "t").map_err(vec_write)?;
+            rmp::encode::write_str(out, "batch").map_err(vec_write)?;
+            rmp::encode::write_str(out, "f").map_err(vec_write)?;
+            rmp::encode::write_array_len(out, len).map_err(vec_write)?;
             for m in msgs {
                 write_pack_msg(m, out, false)?;
             }
@@ -532,64 +539,64 @@ pub(super) fn write_pack_msg(
         + u32::from(m.ts.is_some())
         + u32::from(m.room.is_some())
         + extra;
-    write_map_len(out, len).map_err(serializer_error)?;
-    write_str(out, "t").map_err(serializer_error)?;
-    write_str(out, "msg").map_err(serializer_error)?;
-    write_str(out, "seq").map_err(serializer_error)?;
-    write_uint(out, m.seq).map_err(serializer_error)?;
-    write_str(out, "id").map_err(serializer_error)?;
-    write_uint(out, m.id).map_err(serializer_error)?;
+    write_map_len(out, len).map_err(vec_write)?;
+    write_str(out, "t").map_err(vec_write)?;
+    write_str(out, "msg").map_err(vec_write)?;
+    write_str(out, "seq").map_err(vec_write)?;
+    write_uint(out, m.seq).map_err(vec_write)?;
+    write_str(out, "id").map_err(vec_write)?;
+    write_uint(out, m.id).map_err(vec_write)?;
     if let Some(ack) = m.ack {
-        write_str(out, "ack").map_err(serializer_error)?;
-        write_uint(out, ack).map_err(serializer_error)?;
+        write_str(out, "ack").map_err(vec_write)?;
+        write_uint(out, ack).map_err(vec_write)?;
     }
     if let Some(ts) = m.ts {
-        write_str(out, "ts").map_err(serializer_error)?;
-        write_uint(out, ts).map_err(serializer_error)?;
+        write_str(out, "ts").map_err(vec_write)?;
+        write_uint(out, ts).map_err(vec_write)?;
     }
     let data: &[u8] = &m.payload.data;
     match m.payload.kind {
         _ if detached => {
-            write_str(out, detached_key(m.payload.kind)).map_err(serializer_error)?;
-            write_uint(out, data.len() as u64).map_err(serializer_error)?;
+            write_str(out, detached_key(m.payload.kind)).map_err(vec_write)?;
+            write_uint(out, data.len() as u64).map_err(vec_write)?;
         }
         PayloadKind::Json => {
             // Checked at construction; a failure here means a bug, reported not panicked.
             let s = std::str::from_utf8(data).map_err(serializer_error)?;
-            write_str(out, "j").map_err(serializer_error)?;
-            write_str(out, s).map_err(serializer_error)?;
+            write_str(out, "j").map_err(vec_write)?;
+            write_str(out, s).map_err(vec_write)?;
         }
         PayloadKind::MsgPack => {
-            write_str(out, "m").map_err(serializer_error)?;
-            write_bin(out, data).map_err(serializer_error)?;
+            write_str(out, "m").map_err(vec_write)?;
+            write_bin(out, data).map_err(vec_write)?;
         }
         PayloadKind::Binary => {
-            write_str(out, "b").map_err(serializer_error)?;
-            write_bin(out, data).map_err(serializer_error)?;
+            write_str(out, "b").map_err(vec_write)?;
+            write_bin(out, data).map_err(vec_write)?;
         }
     }
     if let Some(room) = &m.room {
-        write_str(out, "r").map_err(serializer_error)?;
-        write_str(out, room).map_err(serializer_error)?;
+        write_str(out, "r").map_err(vec_write)?;
+        write_str(out, room).map_err(vec_write)?;
     }
     match m.kind {
         MsgKind::Plain => {}
         MsgKind::Request => {
-            write_str(out, "rq").map_err(serializer_error)?;
-            write_bool(out, true).map_err(serializer_error)?;
+            write_str(out, "rq").map_err(vec_write)?;
+            write_bool(out, true).map_err(vec_write)?;
         }
         MsgKind::Response(to) | MsgKind::RefusedMessage(to) => {
-            write_str(out, "rs").map_err(serializer_error)?;
-            write_uint(out, to).map_err(serializer_error)?;
+            write_str(out, "rs").map_err(vec_write)?;
+            write_uint(out, to).map_err(vec_write)?;
             if let Some(op) = m.kind.op() {
-                write_str(out, "op").map_err(serializer_error)?;
-                write_str(out, op).map_err(serializer_error)?;
+                write_str(out, "op").map_err(vec_write)?;
+                write_str(out, op).map_err(vec_write)?;
             }
         }
         other => {
             if let Some(op) = other.op() {
-                write_str(out, "op").map_err(serializer_error)?;
-                write_str(out, op).map_err(serializer_error)?;
+                write_str(out, "op").map_err(vec_write)?;
+                write_str(out, op).map_err(vec_write)?;
             }
         }
     }
@@ -608,22 +615,22 @@ pub(super) fn write_pack_envelope(
     };
     fn key_uint(out: &mut Vec<u8>, key: &str, v: Option<u64>) -> Result<(), EncodeError> {
         if let Some(v) = v {
-            write_str(out, key).map_err(serializer_error)?;
-            write_uint(out, v).map_err(serializer_error)?;
+            write_str(out, key).map_err(vec_write)?;
+            write_uint(out, v).map_err(vec_write)?;
         }
         Ok(())
     }
     fn key_str(out: &mut Vec<u8>, key: &str, v: Option<&str>) -> Result<(), EncodeError> {
         if let Some(v) = v {
-            write_str(out, key).map_err(serializer_error)?;
-            write_str(out, v).map_err(serializer_error)?;
+            write_str(out, key).map_err(vec_write)?;
+            write_str(out, v).map_err(vec_write)?;
         }
         Ok(())
     }
     fn key_bin(out: &mut Vec<u8>, key: &str, v: Option<&[u8]>) -> Result<(), EncodeError> {
         if let Some(v) = v {
-            write_str(out, key).map_err(serializer_error)?;
-            write_bin(out, v).map_err(serializer_error)?;
+            write_str(out, key).map_err(vec_write)?;
+            write_bin(out, v).map_err(vec_write)?;
         }
         Ok(())
     }
@@ -654,7 +661,7 @@ pub(super) fn write_pack_envelope(
     .iter()
     .filter(|present| **present)
     .count();
-    write_map_len(out, len as u32).map_err(serializer_error)?;
+    write_map_len(out, len as u32).map_err(vec_write)?;
     key_str(out, "t", Some(&env.t))?;
     key_uint(out, "seq", env.seq)?;
     key_uint(out, "id", env.id)?;
@@ -670,16 +677,16 @@ pub(super) fn write_pack_envelope(
     key_str(out, "r", env.r.as_deref())?;
     key_str(out, "op", env.op.as_deref())?;
     if let Some(rq) = env.rq {
-        write_str(out, "rq").map_err(serializer_error)?;
-        write_bool(out, rq).map_err(serializer_error)?;
+        write_str(out, "rq").map_err(vec_write)?;
+        write_bool(out, rq).map_err(vec_write)?;
     }
     key_uint(out, "rs", env.rs)?;
     key_uint(out, "within", env.within)?;
     key_str(out, "token", env.token.as_deref())?;
     if let Some(f) = &env.f {
-        write_str(out, "f").map_err(serializer_error)?;
+        write_str(out, "f").map_err(vec_write)?;
         let n = u32::try_from(f.len()).map_err(|_| EncodeError::TooLarge)?;
-        write_array_len(out, n).map_err(serializer_error)?;
+        write_array_len(out, n).map_err(vec_write)?;
         for inner in f {
             write_pack_envelope(inner, out)?;
         }
