@@ -132,6 +132,9 @@ fn a_suspended_session_resumes_after_the_process_and_loses_nothing() {
     assert_eq!(sim.state(0), &State::Closed { code: 4000.into() });
     // The page is gone; a new one reads the snapshot back.
     let text = serde_json::to_string(&snapshot).unwrap();
+    // The hand-written JSON form is serde's, both ways.
+    assert_eq!(snapshot.to_json(), text);
+    assert_eq!(Snapshot::from_json(&text).unwrap(), snapshot);
     let snapshot: Snapshot = serde_json::from_str(&text).unwrap();
     assert_eq!(snapshot.pending().len(), 5);
     let restored = Client::restore(ClientConfig::default(), &snapshot, 10).unwrap();

@@ -298,6 +298,11 @@ pub fn check_decode(msg: Incoming<'_>, limits: &Limits, probe: &dyn AllocProbe) 
         "decoding {} bytes allocated {peak} bytes at peak (bound {bound})",
         msg.len()
     );
+    if let Incoming::Text(text) = msg {
+        // Whatever the hand-written JSON readers take, serde reads the same
+        // way.
+        wire::assert_quick_json_agrees(text);
+    }
     if let Incoming::Binary(b) = msg {
         // Whatever envelope the quick MessagePack reader takes, serde reads
         // the same way.

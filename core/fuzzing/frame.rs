@@ -275,7 +275,7 @@ impl ArbFrame {
                     ping_interval_ms: *ping,
                     pong_timeout_ms: *pong,
                     max_message: *max,
-                    recovered: false,
+                    recovered: *resumed && *delivered % 3 == 0,
                 })
             }
             ArbFrame::Reject {

@@ -50,9 +50,9 @@
 //! at once.
 
 use core::time::Duration;
-use std::collections::BTreeMap;
 
 use crate::time::Instant;
+use crate::vecmap::VecMap;
 
 /// One sixtieth of a second, rounded up to the nanosecond so that no more than
 /// 60 updates per key fit in any one second.
@@ -123,14 +123,17 @@ struct KeySlot<V> {
 /// `(ready_at, token)`: `due` if it has a held value, `idle` if not. The first
 /// gives [`poll_timeout`](Self::poll_timeout) and
 /// [`poll_ready`](Self::poll_ready) without scanning keys; the second lets a
-/// full coalescer forget the key that has been idle longest.
+/// full coalescer forget the key that has been idle longest. The indexes
+/// are sorted vectors, not B-trees: a coalescer tracks at most `max_keys`
+/// keys (the client's default is 1 024), and a B-tree's code per key and
+/// value type costs the browser package more than the moves cost here.
 #[derive(Clone, Debug)]
 pub struct Coalescer<K, V> {
     interval: Duration,
     max_keys: usize,
-    slots: BTreeMap<K, KeySlot<V>>,
-    due: BTreeMap<(Instant, u64), K>,
-    idle: BTreeMap<(Instant, u64), K>,
+    slots: VecMap<K, KeySlot<V>>,
+    due: VecMap<(Instant, u64), K>,
+    idle: VecMap<(Instant, u64), K>,
     next_seq: u64,
     next_token: u64,
 }
@@ -143,9 +146,9 @@ impl<K, V> Coalescer<K, V> {
         Coalescer {
             interval,
             max_keys,
-            slots: BTreeMap::new(),
-            due: BTreeMap::new(),
-            idle: BTreeMap::new(),
+            slots: VecMap::new(),
+            due: VecMap::new(),
+            idle: VecMap::new(),
             next_seq: 0,
             next_token: 0,
         }

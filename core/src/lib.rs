@@ -84,6 +84,8 @@
 //! * `rng` *(private)*: the seeded generator behind jitter.
 //! * `saved` *(private)*: a queued or unacknowledged message written down
 //!   in a client's snapshot or a server's session image.
+//! * `vecmap` *(private)*: small ordered maps and sets as sorted vectors.
+//! * `base64` *(private)*: base64 for the JSON forms of binary payloads.
 //!
 //! For applications, used by no machine:
 //! * [`crdt`]: a hybrid logical clock ([`hlc`]) and a last-writer-wins map
@@ -96,6 +98,7 @@
 #![deny(missing_docs)]
 
 pub mod backoff;
+mod base64;
 pub mod client;
 pub mod close;
 pub mod config;
@@ -109,6 +112,7 @@ pub mod server;
 pub mod stream;
 pub mod time;
 mod timer;
+mod vecmap;
 pub mod wire;
 
 pub use link::{DeliveryStats, TrafficStats};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{ClientId, SessionId};
+use crate::wire::{ClientId, JsonReader, SessionId};
 
 /// How a member appears to the other members of a room.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -61,6 +61,102 @@ pub struct Refusal {
     /// 3.3). Absent in refusals from older servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
+}
+
+/// Each field of a payload once: serde refuses a duplicate.
+fn first(seen: &mut u8, bit: u8) -> Option<()> {
+    let mask = 1 << bit;
+    (*seen & mask == 0).then(|| *seen |= mask)
+}
+
+impl Member {
+    fn read(rd: &mut JsonReader<'_>) -> Option<Member> {
+        let (mut seen, mut client, mut identity) = (0, None, None);
+        rd.object(|rd, key| {
+            match key {
+                b"client" => {
+                    first(&mut seen, 0)?;
+                    client = Some(rd.str()?.into_owned());
+                }
+                b"identity" => {
+                    first(&mut seen, 1)?;
+                    identity = rd.opt(|rd| rd.str().map(|s| s.into_owned()))?;
+                }
+                _ => rd.skip()?,
+            }
+            Some(())
+        })?;
+        Some(Member {
+            client: client?,
+            identity,
+        })
+    }
+}
+
+impl Presence {
+    /// Reads a presence payload as serde reads it from this JSON, for the
+    /// forms the hand-written reader takes (see `wire::JsonReader`); `None`
+    /// otherwise (with `json-serde`, serde then reads it).
+    pub(crate) fn from_json(json: &[u8]) -> Option<Presence> {
+        let mut rd = JsonReader::new(std::str::from_utf8(json).ok()?);
+        let mut seen = 0;
+        let mut p = Presence::default();
+        let members = |rd: &mut JsonReader<'_>, list: &mut Vec<Member>| {
+            rd.array(|rd| Member::read(rd).map(|m| list.push(m)))
+        };
+        rd.object(|rd, key| {
+            match key {
+                b"snapshot" => {
+                    first(&mut seen, 0)?;
+                    p.snapshot = rd.bool()?;
+                }
+                b"joined" => {
+                    first(&mut seen, 1)?;
+                    members(rd, &mut p.joined)?;
+                }
+                b"left" => {
+                    first(&mut seen, 2)?;
+                    members(rd, &mut p.left)?;
+                }
+                _ => rd.skip()?,
+            }
+            Some(())
+        })?;
+        rd.at_end().then_some(p)
+    }
+}
+
+impl Refusal {
+    /// Reads a refusal payload as serde reads it from this JSON, on the
+    /// terms of [`Presence::from_json`].
+    pub(crate) fn from_json(json: &[u8]) -> Option<Refusal> {
+        let mut rd = JsonReader::new(std::str::from_utf8(json).ok()?);
+        let (mut seen, mut op, mut reason, mut code) = (0, None, None, None);
+        let string = |rd: &mut JsonReader<'_>| rd.str().map(|s| s.into_owned());
+        rd.object(|rd, key| {
+            match key {
+                b"op" => {
+                    first(&mut seen, 0)?;
+                    op = Some(string(rd)?);
+                }
+                b"reason" => {
+                    first(&mut seen, 1)?;
+                    reason = Some(string(rd)?);
+                }
+                b"code" => {
+                    first(&mut seen, 2)?;
+                    code = rd.opt(string)?;
+                }
+                _ => rd.skip()?,
+            }
+            Some(())
+        })?;
+        rd.at_end().then_some(Refusal {
+            op: op?,
+            reason: reason?,
+            code,
+        })
+    }
 }
 
 /// Decides who may join and publish to which room. Called by the server

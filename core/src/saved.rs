@@ -9,11 +9,10 @@
 //! refused. It never decides what is saved or when; the snapshot and the
 //! session image do.
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::reliable::{MessageId, RoomName, Sent, Waiting};
-use crate::wire::{MsgKind, Payload, PayloadKind};
+use crate::wire::{push_json_str, push_uint, JsonReader, MsgKind, Payload, PayloadKind};
 
 /// One message of a snapshot or a session image.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,10 +46,6 @@ pub(crate) struct Parts {
     pub(crate) kind: MsgKind,
     pub(crate) room: Option<RoomName>,
     pub(crate) payload: Payload,
-}
-
-fn b64() -> base64::engine::GeneralPurpose {
-    base64::engine::general_purpose::STANDARD
 }
 
 impl SavedMessage {
@@ -87,7 +82,7 @@ impl SavedMessage {
                 _ => "json",
             }
             .into(),
-            data: b64().encode(payload.data()),
+            data: crate::base64::encode(payload.data()),
             own,
         }
     }
@@ -108,6 +103,112 @@ impl SavedMessage {
     /// A message accepted and not yet numbered.
     pub(crate) fn waiting(w: &Waiting) -> SavedMessage {
         Self::new(None, w.id, w.ts, w.kind, w.room.as_ref(), &w.payload, w.own)
+    }
+
+    /// Writes it as serde_json writes it (the tests check the two agree).
+    pub(crate) fn write_json(&self, out: &mut Vec<u8>) {
+        let key = |out: &mut Vec<u8>, k: &str| {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(b"\":");
+        };
+        out.push(b'{');
+        if let Some(seq) = self.seq {
+            out.extend_from_slice(b"\"seq\":");
+            push_uint(out, seq);
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"id\":");
+        push_uint(out, self.id);
+        if let Some(ts) = self.ts {
+            key(out, "ts");
+            push_uint(out, ts);
+        }
+        key(out, "kind");
+        push_json_str(out, &self.kind);
+        if let Some(to) = self.to {
+            key(out, "to");
+            push_uint(out, to);
+        }
+        if let Some(room) = &self.room {
+            key(out, "room");
+            push_json_str(out, room);
+        }
+        key(out, "enc");
+        push_json_str(out, &self.enc);
+        key(out, "data");
+        push_json_str(out, &self.data);
+        if self.own {
+            key(out, "own");
+            out.extend_from_slice(b"true");
+        }
+        out.push(b'}');
+    }
+
+    /// Reads one as serde reads it, for the forms the hand-written reader
+    /// takes (`None` otherwise).
+    pub(crate) fn read_json(rd: &mut JsonReader<'_>) -> Option<SavedMessage> {
+        let mut seen = 0u16;
+        let mut first = |bit: u16| {
+            let mask = 1 << bit;
+            (seen & mask == 0).then(|| seen |= mask)
+        };
+        let string = |rd: &mut JsonReader<'_>| rd.str().map(|s| s.into_owned());
+        let (mut seq, mut id, mut ts, mut kind, mut to) = (None, None, None, None, None);
+        let (mut room, mut enc, mut data, mut own) = (None, None, None, None);
+        rd.object(|rd, k| {
+            match k {
+                b"seq" => {
+                    first(0)?;
+                    seq = rd.opt(JsonReader::uint)?;
+                }
+                b"id" => {
+                    first(1)?;
+                    id = Some(rd.uint()?);
+                }
+                b"ts" => {
+                    first(2)?;
+                    ts = rd.opt(JsonReader::uint)?;
+                }
+                b"kind" => {
+                    first(3)?;
+                    kind = Some(string(rd)?);
+                }
+                b"to" => {
+                    first(4)?;
+                    to = rd.opt(JsonReader::uint)?;
+                }
+                b"room" => {
+                    first(5)?;
+                    room = rd.opt(string)?;
+                }
+                b"enc" => {
+                    first(6)?;
+                    enc = Some(string(rd)?);
+                }
+                b"data" => {
+                    first(7)?;
+                    data = Some(string(rd)?);
+                }
+                b"own" => {
+                    first(8)?;
+                    own = Some(rd.bool()?);
+                }
+                _ => rd.skip()?,
+            }
+            Some(())
+        })?;
+        Some(SavedMessage {
+            seq,
+            id: id?,
+            ts,
+            kind: kind?,
+            to,
+            room,
+            enc: enc?,
+            data: data?,
+            own: own.unwrap_or(false),
+        })
     }
 
     /// Its id.
@@ -135,9 +236,8 @@ impl SavedMessage {
             ("refused_message", Some(to)) => MsgKind::RefusedMessage(to),
             _ => return Err(bad("unknown kind")),
         };
-        let data = b64()
-            .decode(&self.data)
-            .map_err(|_| bad("payload is not base64"))?;
+        let data = crate::base64::decode(self.data.as_bytes())
+            .ok_or_else(|| bad("payload is not base64"))?;
         let payload = match self.enc.as_str() {
             "json" => Payload::json(data).map_err(|e| bad(&e.to_string()))?,
             "msgpack" => Payload::msgpack(data).map_err(|e| bad(&e.to_string()))?,

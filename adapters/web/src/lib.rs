@@ -51,7 +51,7 @@ use bytes::Bytes;
 use kitestring_core::client::{Client, Snapshot, TransportError, TransportId};
 use kitestring_core::close::CloseCode;
 use kitestring_core::reliable::{MessageId, SendError};
-use kitestring_core::wire::{ClientId, Incoming, Payload};
+use kitestring_core::wire::{push_json_str, ClientId, Incoming, Payload};
 use kitestring_core::Instant;
 use wasm_bindgen::prelude::*;
 
@@ -260,8 +260,7 @@ impl Machine {
     /// The snapshot holds the resume key: keep it in the page's storage
     /// only.
     pub fn suspend(&mut self, now: f64) -> String {
-        let snapshot = self.client.suspend(instant(now));
-        serde_json::to_string(&snapshot).unwrap_or_default()
+        self.client.suspend(instant(now)).to_json()
     }
 
     /// A machine that resumes the session a previous page suspended
@@ -272,8 +271,7 @@ impl Machine {
         let config = options::Options::parse(options)
             .and_then(|o| o.config())
             .map_err(|e| JsError::new(&e))?;
-        let snapshot: Snapshot =
-            serde_json::from_str(snapshot).map_err(|e| JsError::new(&format!("snapshot: {e}")))?;
+        let snapshot = Snapshot::from_json(snapshot).map_err(|e| JsError::new(&e.to_string()))?;
         let client =
             Client::restore(config, &snapshot, seed).map_err(|e| JsError::new(&e.to_string()))?;
         let restored = snapshot.pending().iter().map(|id| id.0).collect();
@@ -290,7 +288,11 @@ impl Machine {
     /// The ids a restored machine took over from the previous page, as a
     /// JSON array: each will be reported acknowledged or lost.
     pub fn restored(&self) -> String {
-        serde_json::to_string(&self.restored).unwrap_or_default()
+        let mut out = Vec::new();
+        output::push_list(&mut out, &self.restored, |out, id| {
+            output::push_uint(out, *id)
+        });
+        String::from_utf8(out).unwrap_or_default()
     }
 
     /// Time passed: call at or after [`deadline`](Self::deadline), and
@@ -408,13 +410,18 @@ impl Machine {
 
     /// The rooms this client asked to be in, as a JSON array.
     pub fn rooms(&self) -> String {
-        serde_json::to_string(&self.client.rooms().collect::<Vec<_>>()).unwrap_or_default()
+        let rooms: Vec<_> = self.client.rooms().collect();
+        let mut out = Vec::new();
+        output::push_list(&mut out, &rooms, |out, r| push_json_str(out, r));
+        String::from_utf8(out).unwrap_or_default()
     }
 
     /// Sends the staged payload as a request the server answers; it fails
     /// after `timeout_ms`. Returns its id, or 0.
     pub fn request(&mut self, now: f64, timeout_ms: f64) -> f64 {
-        let timeout = core::time::Duration::from_secs_f64(timeout_ms.max(0.0) / 1000.0);
+        // Saturating: an infinite timeout is the longest one, not a panic
+        // (as `from_secs_f64` would have it).
+        let timeout = core::time::Duration::from_nanos((timeout_ms.max(0.0) * 1e6) as u64);
         let r = self.staged().and_then(|p| {
             self.client
                 .request(instant(now), p, timeout)

@@ -13,12 +13,10 @@ use core::time::Duration;
 
 use kitestring_core::backoff::Jitter;
 use kitestring_core::config::{BatchConfig, ClientConfig, OverflowPolicy};
-use kitestring_core::wire::{Codec, CAP_PING};
-use serde::Deserialize;
+use kitestring_core::wire::{Codec, JsonReader, CAP_PING};
 
 /// The page's options, every field optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Debug, Default)]
 pub(crate) struct Options {
     codecs: Option<Vec<String>>,
     heartbeat: Option<Heartbeat>,
@@ -46,36 +44,31 @@ pub(crate) struct Options {
     server_pings: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct Heartbeat {
     interval: Option<f64>,
     timeout: Option<f64>,
     grace: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct Backoff {
     base: Option<f64>,
     factor: Option<u32>,
     max: Option<f64>,
     /// `"none"`, `"full"`, or a fraction (0.5: 0 to 50 % on top).
-    jitter: Option<serde_json::Value>,
+    jitter: Option<Jitter>,
     /// `null` retries for ever.
-    #[serde(default, deserialize_with = "some_or_null")]
     max_attempts: Option<Option<u32>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct Queue {
     max_messages: Option<usize>,
     max_bytes: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct Reliability {
     window_messages: Option<usize>,
     window_bytes: Option<usize>,
@@ -86,29 +79,133 @@ struct Reliability {
     overflow: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum BatchOption {
     On(bool),
     With(Batch),
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct Batch {
     window: Option<f64>,
     max_messages: Option<usize>,
     max_bytes: Option<usize>,
 }
 
-/// Distinguishes an absent field (`None`) from an explicit `null`
-/// (`Some(None)`).
-fn some_or_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
+/// Reads the options' JSON (`JSON.stringify` of the page's object) without
+/// serde: every value the type its option needs (an unknown option, or one
+/// of the wrong type, is an error naming it); `null` is an option left
+/// out (but for `backoff.maxAttempts`, where it means no limit).
+struct Reader<'a> {
+    rd: JsonReader<'a>,
+    /// The option being read, for the error.
+    name: String,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, what: &str) -> String {
+        format!(
+            "options: `{}` {what} (at byte {})",
+            self.name,
+            self.rd.position()
+        )
+    }
+
+    /// Reads an object, `entry` taking each of its options by name.
+    fn object(
+        &mut self,
+        group: &str,
+        mut entry: impl FnMut(&mut Self, &str) -> Result<(), String>,
+    ) -> Result<(), String> {
+        self.name = group.into();
+        if self.rd.peek() != Some(b'{') {
+            return Err(self.err("is not an object"));
+        }
+        let mut failed = None;
+        let mut rd = self.rd.clone();
+        let read = rd.object(|rd, key| {
+            let key = core::str::from_utf8(key).ok()?;
+            let mut inner = Reader {
+                rd: rd.clone(),
+                name: if group.is_empty() {
+                    key.into()
+                } else {
+                    format!("{group}.{key}")
+                },
+            };
+            match entry(&mut inner, key) {
+                Ok(()) => {
+                    *rd = inner.rd;
+                    Some(())
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    None
+                }
+            }
+        });
+        self.rd = rd;
+        match (read, failed) {
+            (_, Some(e)) => Err(e),
+            (None, None) => Err(self.err("is not valid JSON")),
+            (Some(()), None) => Ok(()),
+        }
+    }
+
+    fn unknown(&self) -> Result<(), String> {
+        Err(format!("options: unknown option `{}`", self.name))
+    }
+
+    fn num(&mut self) -> Result<Option<f64>, String> {
+        if self.rd.null() {
+            return Ok(None);
+        }
+        match self.rd.number() {
+            Some(v) => Ok(Some(v)),
+            None => Err(self.err("is not a number")),
+        }
+    }
+
+    fn uint<T: TryFrom<u64>>(&mut self) -> Result<Option<T>, String> {
+        if self.rd.null() {
+            return Ok(None);
+        }
+        match self.rd.uint().and_then(|v| T::try_from(v).ok()) {
+            Some(v) => Ok(Some(v)),
+            None => Err(self.err("is not a whole number in range")),
+        }
+    }
+
+    fn bool(&mut self) -> Result<Option<bool>, String> {
+        if self.rd.null() {
+            return Ok(None);
+        }
+        match self.rd.bool() {
+            Some(v) => Ok(Some(v)),
+            None => Err(self.err("is not true or false")),
+        }
+    }
+
+    fn str(&mut self) -> Result<String, String> {
+        match self.rd.str() {
+            Some(s) => Ok(s.into_owned()),
+            None => Err(self.err("is not a string")),
+        }
+    }
+
+    fn strs(&mut self) -> Result<Option<Vec<String>>, String> {
+        if self.rd.null() {
+            return Ok(None);
+        }
+        let mut list = Vec::new();
+        let ok = self
+            .rd
+            .array(|rd| rd.str().map(|s| list.push(s.into_owned())));
+        match ok {
+            Some(()) => Ok(Some(list)),
+            None => Err(self.err("is not a list of strings")),
+        }
+    }
 }
 
 /// Milliseconds as a duration; negative, NaN and infinite values are an
@@ -119,7 +216,9 @@ fn ms(name: &str, value: f64) -> Result<Duration, String> {
             "`{name}` must be a finite number of milliseconds ≥ 0"
         ));
     }
-    Ok(Duration::from_secs_f64(value / 1000.0))
+    // Nanoseconds, saturating beyond 584 years (`from_secs_f64` would
+    // panic there, and brings its messages into the module).
+    Ok(Duration::from_nanos((value * 1e6) as u64))
 }
 
 impl Options {
@@ -128,7 +227,136 @@ impl Options {
         if json.trim().is_empty() {
             return Ok(Options::default());
         }
-        serde_json::from_str(json).map_err(|e| format!("options: {e}"))
+        let mut o = Options::default();
+        let mut r = Reader {
+            rd: JsonReader::new(json),
+            name: String::new(),
+        };
+        r.object("", |r, key| {
+            match key {
+                "codecs" => o.codecs = r.strs()?,
+                "heartbeat" => {
+                    if r.rd.null() {
+                        return Ok(());
+                    }
+                    let h = o.heartbeat.insert(Heartbeat::default());
+                    r.object(&r.name.clone(), |r, key| {
+                        match key {
+                            "interval" => h.interval = r.num()?,
+                            "timeout" => h.timeout = r.num()?,
+                            "grace" => h.grace = r.num()?,
+                            _ => return r.unknown(),
+                        }
+                        Ok(())
+                    })?;
+                }
+                "backoff" => {
+                    if r.rd.null() {
+                        return Ok(());
+                    }
+                    let b = o.backoff.insert(Backoff::default());
+                    r.object(&r.name.clone(), |r, key| {
+                        match key {
+                            "base" => b.base = r.num()?,
+                            "factor" => b.factor = r.uint()?,
+                            "max" => b.max = r.num()?,
+                            "jitter" if r.rd.null() => {}
+                            "jitter" => {
+                                b.jitter = Some(match r.rd.peek() {
+                                    Some(b'"') => match r.str()?.as_str() {
+                                        "none" => Jitter::None,
+                                        "full" => Jitter::Full,
+                                        _ => {
+                                            return Err(
+                                                r.err("is not \"none\", \"full\" or a fraction")
+                                            )
+                                        }
+                                    },
+                                    _ => Jitter::Proportional(r.num()?.unwrap_or(0.5)),
+                                })
+                            }
+                            "maxAttempts" => {
+                                b.max_attempts = Some(if r.rd.null() { None } else { r.uint()? })
+                            }
+                            _ => return r.unknown(),
+                        }
+                        Ok(())
+                    })?;
+                }
+                "connectTimeout" => o.connect_timeout = r.num()?,
+                "stabilityWindow" => o.stability_window = r.num()?,
+                "tryLaterDelay" => o.try_later_delay = r.num()?,
+                "maxRetryAfter" => o.max_retry_after = r.num()?,
+                "closeTimeout" => o.close_timeout = r.num()?,
+                "queue" => {
+                    if r.rd.null() {
+                        return Ok(());
+                    }
+                    let q = o.queue.insert(Queue::default());
+                    r.object(&r.name.clone(), |r, key| {
+                        match key {
+                            "maxMessages" => q.max_messages = r.uint()?,
+                            "maxBytes" => q.max_bytes = r.uint()?,
+                            _ => return r.unknown(),
+                        }
+                        Ok(())
+                    })?;
+                }
+                "reliability" => {
+                    if r.rd.null() {
+                        return Ok(());
+                    }
+                    let rel = o.reliability.insert(Reliability::default());
+                    r.object(&r.name.clone(), |r, key| {
+                        match key {
+                            "windowMessages" => rel.window_messages = r.uint()?,
+                            "windowBytes" => rel.window_bytes = r.uint()?,
+                            "ackDelay" => rel.ack_delay = r.num()?,
+                            "ackEvery" => rel.ack_every = r.uint()?,
+                            "ackTimeout" => rel.ack_timeout = r.num()?,
+                            "overflow" if r.rd.null() => {}
+                            "overflow" => rel.overflow = Some(r.str()?),
+                            _ => return r.unknown(),
+                        }
+                        Ok(())
+                    })?;
+                }
+                "maxMessageSize" => o.max_message_size = r.uint()?,
+                "maxDecodeFailures" => o.max_decode_failures = r.uint()?,
+                "capabilities" => o.capabilities = r.strs()?,
+                "roomStreams" => o.room_streams = r.bool()?,
+                "batch" if r.rd.null() => {}
+                "batch" => {
+                    o.batch = Some(match r.rd.peek() {
+                        Some(b'{') => {
+                            let mut b = Batch::default();
+                            r.object(&r.name.clone(), |r, key| {
+                                match key {
+                                    "window" => b.window = r.num()?,
+                                    "maxMessages" => b.max_messages = r.uint()?,
+                                    "maxBytes" => b.max_bytes = r.uint()?,
+                                    _ => return r.unknown(),
+                                }
+                                Ok(())
+                            })?;
+                            BatchOption::With(b)
+                        }
+                        _ => BatchOption::On(r.bool()?.unwrap_or(true)),
+                    })
+                }
+                "coalesceInterval" => o.coalesce_interval = r.num()?,
+                "coalesceKeys" => o.coalesce_keys = r.uint()?,
+                "maxPendingRequests" => o.max_pending_requests = r.uint()?,
+                "canRefreshToken" => o.can_refresh_token = r.bool()?,
+                "serverPings" => o.server_pings = r.bool()?,
+                _ => return r.unknown(),
+            }
+            Ok(())
+        })?;
+        if !r.rd.at_end() {
+            return Err("options: text after the object".into());
+        }
+        Ok(o)
     }
 
     /// The core's settings: its defaults, with what the page set.
@@ -155,17 +383,8 @@ impl Options {
             if let Some(f) = b.factor {
                 c.backoff.factor = f;
             }
-            if let Some(j) = &b.jitter {
-                c.backoff.jitter = match j {
-                    serde_json::Value::String(s) if s == "none" => Jitter::None,
-                    serde_json::Value::String(s) if s == "full" => Jitter::Full,
-                    serde_json::Value::Number(n) => Jitter::Proportional(n.as_f64().unwrap_or(0.5)),
-                    other => {
-                        return Err(format!(
-                            "backoff.jitter: {other} is not \"none\", \"full\" or a fraction"
-                        ))
-                    }
-                };
+            if let Some(j) = b.jitter {
+                c.backoff.jitter = j;
             }
             if let Some(m) = b.max_attempts {
                 c.backoff.max_attempts = m;
@@ -331,6 +550,27 @@ mod tests {
     }
 
     #[test]
+    fn null_is_an_option_left_out() {
+        let c = Options::parse(
+            r#"{"heartbeat":null,"connectTimeout":null,"batch":null,"backoff":{"jitter":null}}"#,
+        )
+        .unwrap()
+        .config()
+        .unwrap();
+        let d = ClientConfig::default();
+        assert_eq!(c.heartbeat, d.heartbeat);
+        assert_eq!(c.connect_timeout, d.connect_timeout);
+        assert_eq!(c.batch, Some(page_batch()));
+        assert_eq!(c.backoff.jitter, d.backoff.jitter);
+        let c = Options::parse(r#"{"backoff":{"jitter":0.25,"maxAttempts":3}}"#)
+            .unwrap()
+            .config()
+            .unwrap();
+        assert_eq!(c.backoff.jitter, Jitter::Proportional(0.25));
+        assert_eq!(c.backoff.max_attempts, Some(3));
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let e = Options::parse(r#"{"heartbeat":{"intervall":1}}"#).unwrap_err();
         assert!(e.contains("intervall"), "{e}");
@@ -339,6 +579,14 @@ mod tests {
             .config()
             .unwrap_err();
         assert!(e.contains("connectTimeout"), "{e}");
+        let e = Options::parse(r#"{"heartbeat":{"interval":"1s"}}"#).unwrap_err();
+        assert!(e.contains("heartbeat.interval"), "{e}");
+        let e = Options::parse(r#"{"queue":{"maxBytes":-1}}"#).unwrap_err();
+        assert!(e.contains("queue.maxBytes"), "{e}");
+        let e = Options::parse(r#"{"roomStreams":1}"#).unwrap_err();
+        assert!(e.contains("roomStreams"), "{e}");
+        assert!(Options::parse(r#"{"batch":true} x"#).is_err());
+        assert!(Options::parse(r#"{"batch":true"#).is_err());
         let e = Options::parse(r#"{"codecs":["xml"]}"#)
             .unwrap()
             .config()

@@ -10,8 +10,6 @@
 //!
 //! [`Machine::poll`]: crate::Machine::poll
 
-use core::fmt::Write as _;
-
 use bytes::Bytes;
 use kitestring_core::client::{
     Cause, ClientStats, Event, FailReason, LostReason, Output, Received, RequestError, State,
@@ -19,7 +17,8 @@ use kitestring_core::client::{
 };
 use kitestring_core::close::CloseCode;
 use kitestring_core::reliable::{MessageId, SendError};
-use kitestring_core::wire::{PayloadKind, Transmit};
+use kitestring_core::rooms::Member;
+use kitestring_core::wire::{push_json_str, PayloadKind, Transmit};
 use wasm_bindgen::prelude::*;
 
 use crate::Machine;
@@ -264,26 +263,26 @@ impl Machine {
 
 /// A small JSON object writer: the events' shapes are fixed, and a
 /// `serde_json::Value` per event would cost code size for nothing.
-struct Obj(String);
+struct Obj(Vec<u8>);
 
 impl Obj {
     fn new(kind: &str) -> Obj {
-        let mut o = Obj(String::from("{"));
+        let mut o = Obj(b"{".to_vec());
         o.str("type", kind);
         o
     }
 
     fn key(&mut self, k: &str) {
         if self.0.len() > 1 {
-            self.0.push(',');
+            self.0.push(b',');
         }
-        push_str(&mut self.0, k);
-        self.0.push(':');
+        push_json_str(&mut self.0, k);
+        self.0.push(b':');
     }
 
     fn str(&mut self, k: &str, v: &str) -> &mut Obj {
         self.key(k);
-        push_str(&mut self.0, v);
+        push_json_str(&mut self.0, v);
         self
     }
 
@@ -296,14 +295,16 @@ impl Obj {
 
     fn num(&mut self, k: &str, v: f64) -> &mut Obj {
         self.key(k);
-        let _ = write!(self.0, "{v}");
+        push_num(&mut self.0, v);
         self
     }
 
     /// A number the page must not round: as a decimal string.
     fn big(&mut self, k: &str, v: u64) -> &mut Obj {
         self.key(k);
-        let _ = write!(self.0, "\"{v}\"");
+        self.0.push(b'"');
+        push_uint(&mut self.0, v);
+        self.0.push(b'"');
         self
     }
 
@@ -313,32 +314,98 @@ impl Obj {
 
     fn raw(&mut self, k: &str, json: &str) -> &mut Obj {
         self.key(k);
-        self.0.push_str(json);
+        self.0.extend_from_slice(json.as_bytes());
         self
     }
 
     fn ids(&mut self, k: &str, ids: &[MessageId]) -> &mut Obj {
         self.key(k);
-        self.0.push('[');
-        for (i, id) in ids.iter().enumerate() {
-            if i > 0 {
-                self.0.push(',');
+        push_list(&mut self.0, ids, |out, id| push_uint(out, id.0));
+        self
+    }
+
+    fn members(&mut self, k: &str, members: &[Member]) -> &mut Obj {
+        self.key(k);
+        push_list(&mut self.0, members, |out, m| {
+            out.extend_from_slice(b"{\"client\":");
+            push_json_str(out, &m.client);
+            if let Some(identity) = &m.identity {
+                out.extend_from_slice(b",\"identity\":");
+                push_json_str(out, identity);
             }
-            let _ = write!(self.0, "{}", id.0);
-        }
-        self.0.push(']');
+            out.push(b'}');
+        });
         self
     }
 
     fn done(&mut self) -> String {
-        self.0.push('}');
-        core::mem::take(&mut self.0)
+        self.0.push(b'}');
+        // Every piece written is UTF-8.
+        String::from_utf8(core::mem::take(&mut self.0)).unwrap_or_default()
     }
 }
 
-fn push_str(out: &mut String, s: &str) {
-    // serde_json escapes exactly as JSON requires.
-    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+/// Appends `items` as a JSON array, each written by `item`.
+pub(crate) fn push_list<T>(out: &mut Vec<u8>, items: &[T], item: impl Fn(&mut Vec<u8>, &T)) {
+    out.push(b'[');
+    for (i, x) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        item(out, x);
+    }
+    out.push(b']');
+}
+
+/// Appends `v` in decimal.
+pub(crate) fn push_uint(out: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Appends `v` as a JSON number, to the nanosecond when it is a number of
+/// milliseconds (six decimals at most), without the float formatting the
+/// module would otherwise carry; not finite: `null`.
+fn push_num(out: &mut Vec<u8>, v: f64) {
+    if !v.is_finite() {
+        out.extend_from_slice(b"null");
+        return;
+    }
+    if v < 0.0 {
+        out.push(b'-');
+    }
+    let v = v.abs();
+    if v >= 1e13 {
+        // Beyond 300 years of milliseconds: whole numbers (exact up to
+        // 2^53, which is all a page reads exactly anyway).
+        push_uint(out, v.round() as u64);
+        return;
+    }
+    // Millionths, rounded: exact for every duration in nanoseconds.
+    let millionths = (v * 1e6).round() as u64;
+    push_uint(out, millionths / 1_000_000);
+    let mut frac = millionths % 1_000_000;
+    if frac != 0 {
+        let mut places = 6;
+        while frac % 10 == 0 {
+            frac /= 10;
+            places -= 1;
+        }
+        out.push(b'.');
+        let start = out.len();
+        push_uint(out, frac);
+        let pad = places - (out.len() - start);
+        out.splice(start..start, core::iter::repeat_n(b'0', pad));
+    }
 }
 
 fn ms(d: core::time::Duration) -> f64 {
@@ -370,14 +437,8 @@ pub(crate) fn event_json(e: &Event) -> String {
         Event::Presence { room, presence } => Obj::new("presence")
             .str("room", room)
             .bool("snapshot", presence.snapshot)
-            .raw(
-                "joined",
-                &serde_json::to_string(&presence.joined).unwrap_or_default(),
-            )
-            .raw(
-                "left",
-                &serde_json::to_string(&presence.left).unwrap_or_default(),
-            )
+            .members("joined", &presence.joined)
+            .members("left", &presence.left)
             .done(),
         Event::Refused { id, room, refusal } => {
             let mut o = Obj::new("refused");
@@ -623,5 +684,39 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&event_json(&e)).unwrap();
         assert_eq!(v["room"], "r\"1");
         assert_eq!(v["from"], (u64::MAX - 1).to_string(), "offsets stay exact");
+    }
+
+    #[test]
+    fn numbers_are_written_without_float_formatting() {
+        let text = |v: f64| {
+            let mut out = Vec::new();
+            push_num(&mut out, v);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(text(0.0), "0");
+        assert_eq!(text(3.0), "3");
+        assert_eq!(text(1500.25), "1500.25");
+        assert_eq!(text(0.000_001), "0.000001");
+        assert_eq!(text(12.050_3), "12.0503");
+        assert_eq!(text(-2.5), "-2.5");
+        assert_eq!(text(f64::NAN), "null");
+        assert_eq!(text(9_007_199_254_740_991.0), "9007199254740991");
+        let presence = Event::Presence {
+            room: "r".into(),
+            presence: kitestring_core::rooms::Presence {
+                snapshot: true,
+                joined: vec![Member {
+                    client: "c".into(),
+                    identity: Some("é\n".into()),
+                }],
+                left: vec![],
+            },
+        };
+        let v: serde_json::Value = serde_json::from_str(&event_json(&presence)).unwrap();
+        assert_eq!(
+            v["joined"],
+            serde_json::json!([{"client": "c", "identity": "é\n"}])
+        );
+        assert_eq!(v["left"], serde_json::json!([]));
     }
 }

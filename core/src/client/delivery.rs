@@ -116,9 +116,9 @@ impl Client {
     }
 
     pub(super) fn on_room_notice(&mut self, room: RoomName, payload: &Payload) {
-        match serde_json::from_slice::<Presence>(payload.data()) {
-            Ok(presence) => self.emit(Event::Presence { room, presence }),
-            Err(_) => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
+        match read_json(payload, Presence::from_json) {
+            Some(presence) => self.emit(Event::Presence { room, presence }),
+            None => self.emit(Event::DecodeFailed(DecodeError::InvalidField {
                 field: "j",
                 reason: "not a presence payload",
             })),
@@ -126,10 +126,10 @@ impl Client {
     }
 
     fn on_refusal(&mut self, id: Option<MessageId>, room: Option<RoomName>, payload: &Payload) {
-        let refusal = match serde_json::from_slice::<Refusal>(payload.data()) {
-            Ok(refusal) => refusal,
+        let refusal = match read_json(payload, Refusal::from_json) {
+            Some(refusal) => refusal,
             // The message is refused all the same; only the words are lost.
-            Err(_) => Refusal {
+            None => Refusal {
                 op: "message".into(),
                 reason: "refused (the refusal's payload did not decode)".into(),
                 code: None,
@@ -322,4 +322,25 @@ impl Port for ClientPort<'_> {
         self.outputs
             .push_back(Output::Event(Event::SendFailed { id, error }));
     }
+}
+
+/// A JSON payload the server wrote (presence, a refusal), read by the
+/// hand-written reader `quick`, or by serde where it gives up (with
+/// `json-serde`).
+fn read_json<T: serde::de::DeserializeOwned>(
+    payload: &Payload,
+    quick: fn(&[u8]) -> Option<T>,
+) -> Option<T> {
+    let data = payload.data();
+    quick(data).or_else(|| serde_fallback(data))
+}
+
+#[cfg(feature = "json-serde")]
+fn serde_fallback<T: serde::de::DeserializeOwned>(data: &[u8]) -> Option<T> {
+    serde_json::from_slice(data).ok()
+}
+
+#[cfg(not(feature = "json-serde"))]
+fn serde_fallback<T>(_: &[u8]) -> Option<T> {
+    None
 }

@@ -70,7 +70,7 @@ pub use self::state::{Cause, FailReason, State, TransportError};
 pub use self::timers::{Deadline, Timer};
 pub use crate::link::{Received, CAP_BATCH};
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use core::time::Duration;
@@ -83,6 +83,7 @@ use crate::reliable::{MessageId, Outbound, Outgoing, RoomName, SendError};
 use crate::rng::Rng;
 use crate::time::Instant;
 use crate::timer::TimerTable;
+use crate::vecmap::{VecMap, VecSet};
 use crate::wire::{
     self, ClientId, Codec, DecodeError, Frame, Incoming, Limits, MsgKind, Payload, ResumeKey,
     SessionId, PROTOCOL_VERSION,
@@ -147,15 +148,15 @@ pub struct Client {
     retry_hint: Option<Duration>,
     timers: Timers,
     coalescer: Coalescer<String, Payload>,
-    rooms: BTreeSet<RoomName>,
+    rooms: VecSet<RoomName>,
     /// Where each room's stream stands (rooms the server streams to this
     /// client: those it asked to join, and those the server put it in).
-    streams: BTreeMap<RoomName, streams::Position>,
+    streams: VecMap<RoomName, streams::Position>,
     /// Leaves not yet acknowledged, whose rooms' streams are still
     /// followed (one per leave message queued or in flight).
     leaving: Vec<(MessageId, RoomName)>,
-    requests: BTreeMap<MessageId, Instant>,
-    request_deadlines: BTreeSet<(Instant, MessageId)>,
+    requests: VecMap<MessageId, Instant>,
+    request_deadlines: VecSet<(Instant, MessageId)>,
     conn: Option<ConnSettings>,
     session: Option<SessionId>,
     /// The secret that resumes `session`, from its `welcome`.
@@ -212,11 +213,11 @@ impl Client {
             retry_hint: None,
             timers: TimerTable::new(),
             coalescer,
-            rooms: BTreeSet::new(),
-            streams: BTreeMap::new(),
+            rooms: VecSet::new(),
+            streams: VecMap::new(),
             leaving: Vec::new(),
-            requests: BTreeMap::new(),
-            request_deadlines: BTreeSet::new(),
+            requests: VecMap::new(),
+            request_deadlines: VecSet::new(),
             conn: None,
             session: None,
             resume_key: None,

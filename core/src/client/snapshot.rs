@@ -11,8 +11,6 @@
 //! stores the snapshot anywhere: the driver does (a page's
 //! `sessionStorage`), and must keep it as secret as the resume key it holds.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use serde::{Deserialize, Serialize};
 
 use crate::close::CloseCode;
@@ -20,7 +18,8 @@ use crate::config::{ClientConfig, ConfigError};
 use crate::reliable::{MessageId, RoomName};
 use crate::saved::SavedMessage;
 use crate::time::Instant;
-use crate::wire::{ClientId, ResumeKey, SessionId};
+use crate::vecmap::{VecMap, VecSet};
+use crate::wire::{push_json_str, push_uint, ClientId, JsonReader, ResumeKey, SessionId};
 
 use super::streams::Position;
 use super::{Client, State};
@@ -164,7 +163,7 @@ impl Client {
             .rooms
             .iter()
             .map(|r| RoomName::from(r.as_str()))
-            .collect::<BTreeSet<_>>();
+            .collect::<VecSet<_>>();
         c.streams = snapshot
             .streams
             .iter()
@@ -177,7 +176,7 @@ impl Client {
                     },
                 )
             })
-            .collect::<BTreeMap<_, _>>();
+            .collect::<VecMap<_, _>>();
         c.leaving = snapshot
             .leaving
             .iter()
@@ -188,6 +187,221 @@ impl Client {
 }
 
 impl Snapshot {
+    /// The snapshot as JSON text: what serde_json writes for it, written
+    /// without serde.
+    pub fn to_json(&self) -> String {
+        let mut out = Vec::with_capacity(256);
+        let key = |out: &mut Vec<u8>, k: &str| {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(b"\":");
+        };
+        let messages = |out: &mut Vec<u8>, list: &[SavedMessage]| {
+            out.push(b'[');
+            for (i, m) in list.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                m.write_json(out);
+            }
+            out.push(b']');
+        };
+        out.extend_from_slice(b"{\"client\":");
+        push_json_str(&mut out, &self.client);
+        if let Some(session) = &self.session {
+            key(&mut out, "session");
+            push_json_str(&mut out, session);
+        }
+        if let Some(k) = &self.key {
+            key(&mut out, "key");
+            push_json_str(&mut out, k);
+        }
+        key(&mut out, "delivered");
+        push_uint(&mut out, self.delivered);
+        key(&mut out, "next_id");
+        push_uint(&mut out, self.next_id);
+        key(&mut out, "next_seq");
+        push_uint(&mut out, self.next_seq);
+        key(&mut out, "sent");
+        messages(&mut out, &self.sent);
+        key(&mut out, "waiting");
+        messages(&mut out, &self.waiting);
+        key(&mut out, "rooms");
+        out.push(b'[');
+        for (i, r) in self.rooms.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_json_str(&mut out, r);
+        }
+        out.push(b']');
+        key(&mut out, "streams");
+        out.push(b'[');
+        for (i, (r, epoch, offset)) in self.streams.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'[');
+            push_json_str(&mut out, r);
+            out.push(b',');
+            push_uint(&mut out, *epoch);
+            out.push(b',');
+            push_uint(&mut out, *offset);
+            out.push(b']');
+        }
+        out.push(b']');
+        key(&mut out, "leaving");
+        out.push(b'[');
+        for (i, (id, r)) in self.leaving.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'[');
+            push_uint(&mut out, *id);
+            out.push(b',');
+            push_json_str(&mut out, r);
+            out.push(b']');
+        }
+        out.extend_from_slice(b"]}");
+        // Every piece written is UTF-8.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// A snapshot from the JSON [`to_json`](Self::to_json) (or serde_json)
+    /// wrote. Read without serde for the forms any JSON writer produces;
+    /// with the `json-serde` feature, serde reads what that reader leaves.
+    pub fn from_json(json: &str) -> Result<Snapshot, RestoreError> {
+        let mut rd = JsonReader::new(json);
+        if let Some(snapshot) = Snapshot::read_json(&mut rd) {
+            return Ok(snapshot);
+        }
+        #[cfg(feature = "json-serde")]
+        {
+            serde_json::from_str(json).map_err(|e| RestoreError::Invalid(e.to_string()))
+        }
+        #[cfg(not(feature = "json-serde"))]
+        Err(RestoreError::Invalid(format!(
+            "not a snapshot in JSON (byte {})",
+            rd.position()
+        )))
+    }
+
+    fn read_json(rd: &mut JsonReader<'_>) -> Option<Snapshot> {
+        let mut seen = 0u16;
+        let mut first = |bit: u16| {
+            let mask = 1 << bit;
+            (seen & mask == 0).then(|| seen |= mask)
+        };
+        let string = |rd: &mut JsonReader<'_>| rd.str().map(|s| s.into_owned());
+        let messages = |rd: &mut JsonReader<'_>| {
+            let mut list = Vec::new();
+            rd.array(|rd| SavedMessage::read_json(rd).map(|m| list.push(m)))?;
+            Some(list)
+        };
+        let (mut client, mut session, mut key, mut delivered) = (None, None, None, None);
+        let (mut next_id, mut next_seq, mut sent, mut waiting) = (None, None, None, None);
+        let (mut rooms, mut streams, mut leaving) = (None, None, None);
+        rd.object(|rd, k| {
+            match k {
+                b"client" => {
+                    first(0)?;
+                    client = Some(string(rd)?);
+                }
+                b"session" => {
+                    first(1)?;
+                    session = rd.opt(string)?;
+                }
+                b"key" => {
+                    first(2)?;
+                    key = rd.opt(string)?;
+                }
+                b"delivered" => {
+                    first(3)?;
+                    delivered = Some(rd.uint()?);
+                }
+                b"next_id" => {
+                    first(4)?;
+                    next_id = Some(rd.uint()?);
+                }
+                b"next_seq" => {
+                    first(5)?;
+                    next_seq = Some(rd.uint()?);
+                }
+                b"sent" => {
+                    first(6)?;
+                    sent = Some(messages(rd)?);
+                }
+                b"waiting" => {
+                    first(7)?;
+                    waiting = Some(messages(rd)?);
+                }
+                b"rooms" => {
+                    first(8)?;
+                    let mut list = Vec::new();
+                    rd.array(|rd| string(rd).map(|r| list.push(r)))?;
+                    rooms = Some(list);
+                }
+                b"streams" => {
+                    first(9)?;
+                    let mut list = Vec::new();
+                    rd.array(|rd| {
+                        let mut parts = (None, None, None, 0);
+                        rd.array(|rd| {
+                            match parts.3 {
+                                0 => parts.0 = Some(string(rd)?),
+                                1 => parts.1 = Some(rd.uint()?),
+                                2 => parts.2 = Some(rd.uint()?),
+                                _ => return None,
+                            }
+                            parts.3 += 1;
+                            Some(())
+                        })?;
+                        list.push((parts.0?, parts.1?, parts.2?));
+                        Some(())
+                    })?;
+                    streams = Some(list);
+                }
+                b"leaving" => {
+                    first(10)?;
+                    let mut list = Vec::new();
+                    rd.array(|rd| {
+                        let mut parts = (None, None, 0);
+                        rd.array(|rd| {
+                            match parts.2 {
+                                0 => parts.0 = Some(rd.uint()?),
+                                1 => parts.1 = Some(string(rd)?),
+                                _ => return None,
+                            }
+                            parts.2 += 1;
+                            Some(())
+                        })?;
+                        list.push((parts.0?, parts.1?));
+                        Some(())
+                    })?;
+                    leaving = Some(list);
+                }
+                _ => rd.skip()?,
+            }
+            Some(())
+        })?;
+        if !rd.at_end() {
+            return None;
+        }
+        Some(Snapshot {
+            client: client?,
+            session,
+            key,
+            delivered: delivered?,
+            next_id: next_id?,
+            next_seq: next_seq?,
+            sent: sent?,
+            waiting: waiting?,
+            rooms: rooms?,
+            streams: streams?,
+            leaving: leaving?,
+        })
+    }
+
     /// The ids of the messages it holds that no acknowledgment has
     /// covered yet (sent or queued), in order: what the restored machine
     /// will report as acknowledged, or lost.

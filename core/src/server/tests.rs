@@ -381,18 +381,25 @@ fn refusals(out: &[ServerOutput]) -> Vec<(u64, u64, Refusal)> {
 /// the client has acknowledged its refusal.
 #[test]
 fn a_message_that_can_never_be_accepted_is_refused_by_id_and_the_stream_goes_on() {
+    #[cfg(feature = "json-serde")]
     let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
     let long = "x".repeat(257);
-    let poison = [
+    #[allow(unused_mut)]
+    let mut poison = Vec::from([
         format!(r#"{{"t":"msg","seq":1,"id":41,"j":1,"r":"{long}"}}"#),
         r#"{"t":"msg","seq":1,"id":41,"j":1,"r":""}"#.to_owned(),
         r#"{"t":"msg","seq":1,"id":41,"j":1,"op":"dance","r":"a"}"#.to_owned(),
         r#"{"t":"msg","seq":1,"id":41,"j":1,"op":"join"}"#.to_owned(),
-        r#"{"t":"msg","seq":1,"id":41,"j":1,"r":5}"#.to_owned(),
         r#"{"t":"msg","seq":1,"id":41,"b":"!!"}"#.to_owned(),
-        format!(r#"{{"t":"msg","seq":1,"id":41,"j":{deep}}}"#),
         r#"{"t":"msg","seq":1,"id":41,"j":1,"op":"presence","r":"a"}"#.to_owned(),
-    ];
+    ]);
+    // A field of the wrong type, and a payload nested deeper than the
+    // hand-written reader goes, are serde's to read as numbered messages.
+    #[cfg(feature = "json-serde")]
+    poison.extend([
+        r#"{"t":"msg","seq":1,"id":41,"j":1,"r":5}"#.to_owned(),
+        format!(r#"{{"t":"msg","seq":1,"id":41,"j":{deep}}}"#),
+    ]);
     for (i, bad) in poison.iter().enumerate() {
         let mut s = Server::new(ServerConfig::default()).unwrap();
         let (c, _) = open_json(&mut s, 1);

@@ -8,16 +8,23 @@
 //! message it was handed, whatever the peer sends; what an envelope's fields
 //! may say is the `fields` module's to check.
 
+#[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 use std::borrow::Cow;
+#[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 use std::fmt;
 
 use bytes::Bytes;
+#[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
-use super::envelope::{bounded_batch, HandshakeEnvelope, JsonEnvelope, PackEnvelope};
+#[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
+use super::envelope::bounded_batch;
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::fields::{
     check_json_depth, detached_of, handshake_frame, json_frame, pack_frame, share,
+};
+use super::json::{
+    json_value, quick_json_envelope, quick_json_handshake, quick_json_type, JsonReader,
 };
 use super::quick::quick_pack_envelope;
 #[cfg(feature = "msgpack-serde")]
@@ -182,7 +189,7 @@ impl Detached {
         };
         if m.payload.kind == PayloadKind::Json {
             let checked = check_json_depth(&data, "dj").and_then(|()| {
-                serde_json::from_slice::<&RawValue>(&data)
+                json_value(&data)
                     .map(|_| ())
                     .map_err(|_| DecodeError::InvalidField {
                         field: "dj",
@@ -204,6 +211,29 @@ impl Detached {
 }
 
 fn decode_text(text: &str) -> Result<Decoded, DecodeError> {
+    // The hand-written reader first; serde (with `json-serde`) for anything
+    // it leaves, as before it.
+    let mut rd = JsonReader::new(text);
+    let quick_type = quick_json_type(&mut rd);
+    let mut rd = JsonReader::new(text);
+    if quick_type.as_deref().is_some_and(is_handshake) {
+        let mut env = HandshakeEnvelope::default();
+        if quick_json_handshake(&mut rd, &mut env).is_some() {
+            return handshake_frame(env).map(Decoded::Frame);
+        }
+    } else if quick_type.is_some() {
+        let mut env = JsonEnvelope::default();
+        if quick_json_envelope(&mut rd, &mut env).is_some() {
+            let frame = json_frame(&env, false)?;
+            return Decoded::announced(frame, env.dj, env.dm, env.db);
+        }
+    }
+    serde_text(text, rd.position())
+}
+
+/// serde's reading of a text message the hand-written reader left.
+#[cfg(feature = "json-serde")]
+fn serde_text(text: &str, _: usize) -> Result<Decoded, DecodeError> {
     let probe: TypeProbe<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
     if is_handshake(&probe.t) {
         let env: HandshakeEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
@@ -221,6 +251,24 @@ fn decode_text(text: &str) -> Result<Decoded, DecodeError> {
     };
     let frame = json_frame(&env, false)?;
     Decoded::announced(frame, env.dj, env.dm, env.db)
+}
+
+/// Without serde, only envelopes in the forms the hand-written reader takes
+/// are read; the error is placed where it gave up (`at`).
+#[cfg(not(feature = "json-serde"))]
+fn serde_text(text: &str, at: usize) -> Result<Decoded, DecodeError> {
+    let before = &text.as_bytes()[..at.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count();
+    let column = before.len()
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+    Err(DecodeError::Json {
+        line: line + 1,
+        column: column + 1,
+        message: "not a JSON envelope in a form this build reads".into(),
+    })
 }
 
 fn decode_binary(
@@ -308,6 +356,7 @@ fn fallback(_body: &[u8]) -> Result<Fallback<'_>, DecodeError> {
 /// [`MsgKind::Invalid`] message) instead of stalling the stream.
 ///
 /// [`MsgKind::Invalid`]: super::MsgKind::Invalid
+#[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 #[derive(Deserialize)]
 struct MsgProbe<'a> {
     #[serde(borrow)]
@@ -326,6 +375,7 @@ struct MsgProbe<'a> {
 
 /// A `u64`, or `None` for a value of any other type, skipped without
 /// buffering it (a declared length must not make it allocate).
+#[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 fn lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
     struct Lenient;
@@ -379,6 +429,7 @@ fn lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D:
     d.deserialize_any(Lenient)
 }
 
+#[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 impl MsgProbe<'_> {
     fn numbered(&self, what: InvalidMsg) -> Option<Msg> {
         match (self.seq, self.id) {
@@ -408,6 +459,7 @@ impl MsgProbe<'_> {
 }
 
 /// Probe used to route a text message: only the type is read first.
+#[cfg(feature = "json-serde")]
 #[derive(Deserialize)]
 struct TypeProbe<'a> {
     #[serde(borrow)]
@@ -418,6 +470,7 @@ fn is_handshake(t: &str) -> bool {
     matches!(t, "hello" | "welcome" | "reject")
 }
 
+#[cfg(feature = "json-serde")]
 fn json_error(e: &serde_json::Error) -> DecodeError {
     DecodeError::Json {
         line: e.line(),

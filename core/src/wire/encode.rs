@@ -1,22 +1,20 @@
-//! Frames to bytes: the hand-written `msg` writers, and serde for the rest.
+//! Frames to bytes: every envelope written by hand.
 //!
 //! Owns every envelope the core writes. `msg` envelopes, on every message's
 //! path, are written by hand with exactly the bytes serde would write (the
-//! serde forms are kept as the tests' oracle); the other MessagePack
-//! envelopes by one hand-written writer of the serde form (so that the
-//! MessagePack codec needs no serde serializer); JSON handshakes and
-//! control frames go through serde. It never decides which buffer a frame is written to
-//! (the machines' [`Encoder`](super::Encoder) does) nor whether a payload
-//! goes detached ([`detaches`](super::detaches) does).
+//! serde forms are kept as the tests' oracle); the other envelopes by one
+//! hand-written writer of the serde form per codec (JSON handshakes
+//! included), so that neither codec needs a serde serializer. It never
+//! decides which buffer a frame is written to (the machines'
+//! [`Encoder`](super::Encoder) does) nor whether a payload goes detached
+//! ([`detaches`](super::detaches) does).
 
 use std::borrow::Cow;
 
-use base64::Engine as _;
-use serde_json::value::RawValue;
-
-use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, B64};
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
+use super::json::{push_json_str, push_uint};
 use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
@@ -74,7 +72,8 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
         }
         _ => return Err(EncodeError::Unrepresentable),
     }
-    serde_json::to_writer(out, &env).map_err(serializer_error)
+    write_json_handshake(&env, out);
+    Ok(())
 }
 
 /// The fields of a `sub` envelope.
@@ -198,11 +197,11 @@ fn json_payload_into<'a>(env: &mut JsonEnvelope<'a>, p: &'a Payload) -> Result<(
     match p.kind {
         PayloadKind::Json => {
             // Checked at construction; a failure here means a bug, reported not panicked.
-            let raw: &RawValue = serde_json::from_slice(data).map_err(serializer_error)?;
-            env.j = Some(raw);
+            let raw = std::str::from_utf8(data).map_err(serializer_error)?;
+            env.j = Some(RawJson(raw));
         }
-        PayloadKind::MsgPack => env.m = Some(Cow::Owned(B64.encode(data))),
-        PayloadKind::Binary => env.b = Some(Cow::Owned(B64.encode(data))),
+        PayloadKind::MsgPack => env.m = Some(Cow::Owned(crate::base64::encode(data))),
+        PayloadKind::Binary => env.b = Some(Cow::Owned(crate::base64::encode(data))),
     }
     Ok(())
 }
@@ -240,29 +239,161 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
         }
         Frame::Subs(list) => {
             let env = subs_envelope!(JsonEnvelope, list);
-            serde_json::to_writer(out, &env).map_err(serializer_error)
+            write_json_envelope(&env, out);
+            Ok(())
         }
         Frame::Pub(e) => {
             let mut env = JsonEnvelope::default();
             fill_entry!(env, e);
             json_payload_into(&mut env, &e.payload)?;
-            serde_json::to_writer(out, &env).map_err(serializer_error)
+            write_json_envelope(&env, out);
+            Ok(())
         }
         _ => {
             let mut env = JsonEnvelope::default();
             fill_common!(env, frame);
-            serde_json::to_writer(out, &env).map_err(serializer_error)
+            write_json_envelope(&env, out);
+            Ok(())
         }
     }
 }
 
-/// Appends the base64 text of `data` to `out`.
-fn push_base64(out: &mut Vec<u8>, data: &[u8]) {
-    let start = out.len();
-    let n = base64::encoded_len(data.len(), true).unwrap_or(0);
-    out.resize(start + n, 0);
-    let written = B64.encode_slice(data, &mut out[start..]).unwrap_or(0);
-    out.truncate(start + written);
+/// rmp's writers fail only if the writer does, and a `Vec` does not; the
+/// error is not formatted, so that `io::Error`'s texts stay out of the
+/// browser package.
+fn vec_write<E>(_: E) -> EncodeError {
+    EncodeError::Serializer("MessagePack writer failed".into())
+}
+
+/// Writes JSON objects as serde_json writes a struct (compact, fields in
+/// declaration order, absent ones left out).
+struct JsonObject<'o> {
+    out: &'o mut Vec<u8>,
+    first: bool,
+}
+
+impl<'o> JsonObject<'o> {
+    fn new(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'{');
+        JsonObject { out, first: true }
+    }
+
+    /// The key of the next field: `"key":`.
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+
+    fn uint(&mut self, key: &str, v: Option<u64>) {
+        if let Some(v) = v {
+            push_uint(self.key(key), v);
+        }
+    }
+
+    fn str(&mut self, key: &str, v: Option<&str>) {
+        if let Some(v) = v {
+            push_json_str(self.key(key), v);
+        }
+    }
+
+    fn bool(&mut self, key: &str, v: Option<bool>) {
+        if let Some(v) = v {
+            let text: &[u8] = if v { b"true" } else { b"false" };
+            self.key(key).extend_from_slice(text);
+        }
+    }
+
+    fn list<T>(&mut self, key: &str, v: Option<&[T]>, mut item: impl FnMut(&mut Vec<u8>, &T)) {
+        if let Some(v) = v {
+            let out = self.key(key);
+            out.push(b'[');
+            for (i, x) in v.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                item(out, x);
+            }
+            out.push(b']');
+        }
+    }
+
+    fn strs(&mut self, key: &str, v: Option<&[Cow<'_, str>]>) {
+        self.list(key, v, |out, s| push_json_str(out, s));
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Writes `env` as serde_json writes it (the tests check the two agree).
+fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
+    let mut o = JsonObject::new(out);
+    o.str("t", Some(&env.t));
+    o.uint("seq", env.seq);
+    o.uint("id", env.id);
+    o.uint("ack", env.ack);
+    o.uint("ts", env.ts);
+    if let Some(j) = env.j {
+        o.key("j").extend_from_slice(j.get().as_bytes());
+    }
+    o.str("m", env.m.as_deref());
+    o.str("b", env.b.as_deref());
+    o.uint("nonce", env.nonce);
+    o.uint("from", env.from);
+    o.uint("code", env.code.map(u64::from));
+    o.uint("retry", env.retry);
+    o.str("r", env.r.as_deref());
+    o.str("op", env.op.as_deref());
+    o.bool("rq", env.rq);
+    o.uint("rs", env.rs);
+    o.uint("within", env.within);
+    o.str("token", env.token.as_deref());
+    o.list("f", env.f.as_deref(), |out, inner| {
+        write_json_envelope(inner, out)
+    });
+    o.uint("dj", env.dj);
+    o.uint("dm", env.dm);
+    o.uint("db", env.db);
+    o.uint("e", env.e);
+    o.end();
+}
+
+/// Writes a handshake envelope as serde_json writes it (the tests check
+/// the two agree).
+fn write_json_handshake(env: &HandshakeEnvelope<'_>, out: &mut Vec<u8>) {
+    let mut o = JsonObject::new(out);
+    o.str("t", Some(&env.t));
+    o.list("versions", env.versions.as_deref(), |out, v| {
+        push_uint(out, u64::from(*v))
+    });
+    o.str("client", env.client.as_deref());
+    o.str("session", env.session.as_deref());
+    o.uint("delivered", env.delivered);
+    o.uint("acked", env.acked);
+    o.bool("recovered", env.recovered);
+    o.strs("caps", env.caps.as_deref());
+    o.strs("codecs", env.codecs.as_deref());
+    o.uint("version", env.version.map(u64::from));
+    o.str("codec", env.codec.as_deref());
+    o.bool("resumed", env.resumed);
+    o.str("lost", env.lost.as_deref());
+    o.strs("features", env.features.as_deref());
+    o.uint("ping_ms", env.ping_ms);
+    o.uint("pong_ms", env.pong_ms);
+    o.uint("max", env.max);
+    o.uint("code", env.code.map(u64::from));
+    o.str("reason", env.reason.as_deref());
+    o.str("message", env.message.as_deref());
+    o.uint("retry", env.retry);
+    o.str("key", env.key.as_deref());
+    o.end();
 }
 
 /// Writes a `msg` envelope with the same field order serde would use;
@@ -276,20 +407,27 @@ pub(super) fn write_json_msg(
     if let MsgKind::Invalid(_) = m.kind {
         return Err(EncodeError::Unrepresentable);
     }
-    use std::io::Write as _;
-    let io = |e: std::io::Error| EncodeError::Serializer(e.to_string());
-    write!(out, r#"{{"t":"msg","seq":{},"id":{}"#, m.seq, m.id).map_err(io)?;
+    // Numbers by hand too: `write!` would bring `fmt` and `io` into the
+    // browser package, and costs time on every message.
+    let num = |out: &mut Vec<u8>, key: &[u8], v: u64| {
+        out.extend_from_slice(key);
+        push_uint(out, v);
+    };
+    num(out, br#"{"t":"msg","seq":"#, m.seq);
+    num(out, br#","id":"#, m.id);
     if let Some(ack) = m.ack {
-        write!(out, r#","ack":{ack}"#).map_err(io)?;
+        num(out, br#","ack":"#, ack);
     }
     if let Some(ts) = m.ts {
-        write!(out, r#","ts":{ts}"#).map_err(io)?;
+        num(out, br#","ts":"#, ts);
     }
     let data = &m.payload.data;
     match m.payload.kind {
         _ if detached => {
             let key = detached_key(m.payload.kind);
-            write!(out, r#","{key}":{}"#, data.len()).map_err(io)?;
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            num(out, b"\":", data.len() as u64);
         }
         PayloadKind::Json => {
             out.extend_from_slice(br#","j":"#);
@@ -297,29 +435,30 @@ pub(super) fn write_json_msg(
         }
         PayloadKind::MsgPack => {
             out.extend_from_slice(br#","m":""#);
-            push_base64(out, data);
+            crate::base64::encode_into(out, data);
             out.push(b'"');
         }
         PayloadKind::Binary => {
             out.extend_from_slice(br#","b":""#);
-            push_base64(out, data);
+            crate::base64::encode_into(out, data);
             out.push(b'"');
         }
     }
     if let Some(room) = &m.room {
         out.extend_from_slice(br#","r":"#);
-        serde_json::to_writer(&mut *out, &**room).map_err(serializer_error)?;
+        push_json_str(out, room);
     }
     match m.kind {
         MsgKind::Plain => {}
         MsgKind::Request => out.extend_from_slice(br#","rq":true"#),
-        MsgKind::Response(to) => write!(out, r#","rs":{to}"#).map_err(io)?,
+        MsgKind::Response(to) => num(out, br#","rs":"#, to),
         other => {
             if let Some(to) = other.rs() {
-                write!(out, r#","rs":{to}"#).map_err(io)?;
+                num(out, br#","rs":"#, to);
             }
             if let Some(op) = other.op() {
-                write!(out, r#","op":"{op}""#).map_err(io)?;
+                out.extend_from_slice(br#","op":"#);
+                push_json_str(out, op);
             }
         }
     }
@@ -351,11 +490,11 @@ pub(super) fn encode_msgpack(
         Frame::Msg(m) => write_pack_msg(m, out, false)?,
         Frame::Batch(msgs) => {
             let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
-            rmp::encode::write_map_len(out, 2).map_err(serializer_error)?;
-            rmp::encode::write_str(out, "t").map_err(serializer_error)?;
-            rmp::encode::write_str(out, "batch").map_err(serializer_error)?;
-            rmp::encode::write_str(out, "f").map_err(serializer_error)?;
-            rmp::encode::write_array_len(out, len).map_err(serializer_error)?;
+            rmp::encode::write_map_len(out, 2).map_err(vec_write)?;
+            rmp::encode::write_str(out, "t").map_err(vec_write)?;
+            rmp::encode::write_str(out, "batch").map_err(vec_write)?;
+            rmp::encode::write_str(out, "f").map_err(vec_write)?;
+            rmp::encode::write_array_len(out, len).map_err(vec_write)?;
             for m in msgs {
                 write_pack_msg(m, out, false)?;
             }
@@ -404,64 +543,64 @@ pub(super) fn write_pack_msg(
         + u32::from(m.ts.is_some())
         + u32::from(m.room.is_some())
         + extra;
-    write_map_len(out, len).map_err(serializer_error)?;
-    write_str(out, "t").map_err(serializer_error)?;
-    write_str(out, "msg").map_err(serializer_error)?;
-    write_str(out, "seq").map_err(serializer_error)?;
-    write_uint(out, m.seq).map_err(serializer_error)?;
-    write_str(out, "id").map_err(serializer_error)?;
-    write_uint(out, m.id).map_err(serializer_error)?;
+    write_map_len(out, len).map_err(vec_write)?;
+    write_str(out, "t").map_err(vec_write)?;
+    write_str(out, "msg").map_err(vec_write)?;
+    write_str(out, "seq").map_err(vec_write)?;
+    write_uint(out, m.seq).map_err(vec_write)?;
+    write_str(out, "id").map_err(vec_write)?;
+    write_uint(out, m.id).map_err(vec_write)?;
     if let Some(ack) = m.ack {
-        write_str(out, "ack").map_err(serializer_error)?;
-        write_uint(out, ack).map_err(serializer_error)?;
+        write_str(out, "ack").map_err(vec_write)?;
+        write_uint(out, ack).map_err(vec_write)?;
     }
     if let Some(ts) = m.ts {
-        write_str(out, "ts").map_err(serializer_error)?;
-        write_uint(out, ts).map_err(serializer_error)?;
+        write_str(out, "ts").map_err(vec_write)?;
+        write_uint(out, ts).map_err(vec_write)?;
     }
     let data: &[u8] = &m.payload.data;
     match m.payload.kind {
         _ if detached => {
-            write_str(out, detached_key(m.payload.kind)).map_err(serializer_error)?;
-            write_uint(out, data.len() as u64).map_err(serializer_error)?;
+            write_str(out, detached_key(m.payload.kind)).map_err(vec_write)?;
+            write_uint(out, data.len() as u64).map_err(vec_write)?;
         }
         PayloadKind::Json => {
             // Checked at construction; a failure here means a bug, reported not panicked.
             let s = std::str::from_utf8(data).map_err(serializer_error)?;
-            write_str(out, "j").map_err(serializer_error)?;
-            write_str(out, s).map_err(serializer_error)?;
+            write_str(out, "j").map_err(vec_write)?;
+            write_str(out, s).map_err(vec_write)?;
         }
         PayloadKind::MsgPack => {
-            write_str(out, "m").map_err(serializer_error)?;
-            write_bin(out, data).map_err(serializer_error)?;
+            write_str(out, "m").map_err(vec_write)?;
+            write_bin(out, data).map_err(vec_write)?;
         }
         PayloadKind::Binary => {
-            write_str(out, "b").map_err(serializer_error)?;
-            write_bin(out, data).map_err(serializer_error)?;
+            write_str(out, "b").map_err(vec_write)?;
+            write_bin(out, data).map_err(vec_write)?;
         }
     }
     if let Some(room) = &m.room {
-        write_str(out, "r").map_err(serializer_error)?;
-        write_str(out, room).map_err(serializer_error)?;
+        write_str(out, "r").map_err(vec_write)?;
+        write_str(out, room).map_err(vec_write)?;
     }
     match m.kind {
         MsgKind::Plain => {}
         MsgKind::Request => {
-            write_str(out, "rq").map_err(serializer_error)?;
-            write_bool(out, true).map_err(serializer_error)?;
+            write_str(out, "rq").map_err(vec_write)?;
+            write_bool(out, true).map_err(vec_write)?;
         }
         MsgKind::Response(to) | MsgKind::RefusedMessage(to) => {
-            write_str(out, "rs").map_err(serializer_error)?;
-            write_uint(out, to).map_err(serializer_error)?;
+            write_str(out, "rs").map_err(vec_write)?;
+            write_uint(out, to).map_err(vec_write)?;
             if let Some(op) = m.kind.op() {
-                write_str(out, "op").map_err(serializer_error)?;
-                write_str(out, op).map_err(serializer_error)?;
+                write_str(out, "op").map_err(vec_write)?;
+                write_str(out, op).map_err(vec_write)?;
             }
         }
         other => {
             if let Some(op) = other.op() {
-                write_str(out, "op").map_err(serializer_error)?;
-                write_str(out, op).map_err(serializer_error)?;
+                write_str(out, "op").map_err(vec_write)?;
+                write_str(out, op).map_err(vec_write)?;
             }
         }
     }
@@ -480,22 +619,22 @@ pub(super) fn write_pack_envelope(
     };
     fn key_uint(out: &mut Vec<u8>, key: &str, v: Option<u64>) -> Result<(), EncodeError> {
         if let Some(v) = v {
-            write_str(out, key).map_err(serializer_error)?;
-            write_uint(out, v).map_err(serializer_error)?;
+            write_str(out, key).map_err(vec_write)?;
+            write_uint(out, v).map_err(vec_write)?;
         }
         Ok(())
     }
     fn key_str(out: &mut Vec<u8>, key: &str, v: Option<&str>) -> Result<(), EncodeError> {
         if let Some(v) = v {
-            write_str(out, key).map_err(serializer_error)?;
-            write_str(out, v).map_err(serializer_error)?;
+            write_str(out, key).map_err(vec_write)?;
+            write_str(out, v).map_err(vec_write)?;
         }
         Ok(())
     }
     fn key_bin(out: &mut Vec<u8>, key: &str, v: Option<&[u8]>) -> Result<(), EncodeError> {
         if let Some(v) = v {
-            write_str(out, key).map_err(serializer_error)?;
-            write_bin(out, v).map_err(serializer_error)?;
+            write_str(out, key).map_err(vec_write)?;
+            write_bin(out, v).map_err(vec_write)?;
         }
         Ok(())
     }
@@ -526,7 +665,7 @@ pub(super) fn write_pack_envelope(
     .iter()
     .filter(|present| **present)
     .count();
-    write_map_len(out, len as u32).map_err(serializer_error)?;
+    write_map_len(out, len as u32).map_err(vec_write)?;
     key_str(out, "t", Some(&env.t))?;
     key_uint(out, "seq", env.seq)?;
     key_uint(out, "id", env.id)?;
@@ -542,16 +681,16 @@ pub(super) fn write_pack_envelope(
     key_str(out, "r", env.r.as_deref())?;
     key_str(out, "op", env.op.as_deref())?;
     if let Some(rq) = env.rq {
-        write_str(out, "rq").map_err(serializer_error)?;
-        write_bool(out, rq).map_err(serializer_error)?;
+        write_str(out, "rq").map_err(vec_write)?;
+        write_bool(out, rq).map_err(vec_write)?;
     }
     key_uint(out, "rs", env.rs)?;
     key_uint(out, "within", env.within)?;
     key_str(out, "token", env.token.as_deref())?;
     if let Some(f) = &env.f {
-        write_str(out, "f").map_err(serializer_error)?;
+        write_str(out, "f").map_err(vec_write)?;
         let n = u32::try_from(f.len()).map_err(|_| EncodeError::TooLarge)?;
-        write_array_len(out, n).map_err(serializer_error)?;
+        write_array_len(out, n).map_err(vec_write)?;
         for inner in f {
             write_pack_envelope(inner, out)?;
         }

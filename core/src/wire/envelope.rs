@@ -136,8 +136,33 @@ fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
     T::deserialize(d).map(Some)
 }
 
-envelope!(JsonEnvelope, &'a RawValue, Cow<'a, str>);
+envelope!(JsonEnvelope, RawJson<'a>, Cow<'a, str>);
 envelope!(PackEnvelope, Cow<'a, str>, &'a serde_bytes::Bytes);
+
+/// A JSON value's text as it appeared in an envelope (a `j` payload):
+/// serde reads and writes it as serde_json's `RawValue`, the hand-written
+/// reader takes it as the value's span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RawJson<'a>(pub(super) &'a str);
+
+impl<'a> RawJson<'a> {
+    pub(super) fn get(self) -> &'a str {
+        self.0
+    }
+}
+
+impl Serialize for RawJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let raw: &RawValue = serde_json::from_str(self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawJson<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'de RawValue>::deserialize(d).map(|raw| RawJson(raw.get()))
+    }
+}
 
 /// The handshake frames, always JSON.
 #[derive(Serialize, Deserialize, Default)]
@@ -187,5 +212,3 @@ pub(super) struct HandshakeEnvelope<'a> {
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
     pub(super) key: Option<Cow<'a, str>>,
 }
-
-pub(super) const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;

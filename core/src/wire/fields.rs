@@ -10,11 +10,10 @@
 
 use std::borrow::Cow;
 
-use base64::Engine as _;
 use bytes::Bytes;
-use serde_json::value::RawValue;
 
-use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, B64};
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
+use super::json::json_value;
 use super::payload::json_depth_ok;
 use super::{
     ClientId, Codec, DecodeError, Frame, Hello, InvalidMsg, Msg, MsgKind, Payload, PayloadKind,
@@ -171,12 +170,10 @@ fn json_payload(env: &JsonEnvelope<'_>, nested: bool) -> Result<Payload, DecodeE
             })
         }
     };
-    let data = B64
-        .decode(text.as_bytes())
-        .map_err(|_| DecodeError::InvalidField {
-            field,
-            reason: "not valid base64",
-        })?;
+    let data = crate::base64::decode(text.as_bytes()).ok_or(DecodeError::InvalidField {
+        field,
+        reason: "not valid base64",
+    })?;
     Ok(Payload {
         kind,
         data: data.into(),
@@ -289,7 +286,7 @@ fn pack_payload(
     match (&env.j, env.m, env.b) {
         (Some(j), None, None) => {
             check_json_depth(j.as_bytes(), "j")?;
-            serde_json::from_str::<&RawValue>(j).map_err(|_| DecodeError::InvalidField {
+            json_value(j.as_bytes()).map_err(|_| DecodeError::InvalidField {
                 field: "j",
                 reason: "not a JSON value",
             })?;

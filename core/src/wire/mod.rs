@@ -24,8 +24,10 @@
 //! * `encode`: frames to bytes; `buffers`: the memory the machines'
 //!   `Encoder` encodes into.
 //! * `decode`: bytes to envelopes, and detached payloads ([`Decoder`]);
-//!   `quick`: the hand-written MessagePack envelope reader; `fields`:
-//!   envelopes to frames, every field checked.
+//!   `quick`: the hand-written MessagePack envelope reader; `json`: the
+//!   hand-written JSON reader (envelopes, handshakes, the one-value check
+//!   of JSON payloads) and string escaping; `fields`: envelopes to frames,
+//!   every field checked.
 //!
 //! [`encode`]: fn@encode
 //! [`decode`]: fn@decode
@@ -45,6 +47,7 @@ mod error;
 mod fields;
 mod frame;
 mod header;
+mod json;
 mod payload;
 mod quick;
 #[cfg(test)]
@@ -61,6 +64,10 @@ pub use frame::{
 pub use header::{
     header_value, into_header_value, HELLO_HEADER, HELLO_PARAM, MAX_HELLO_HEADER, WELCOME_HEADER,
 };
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use json::assert_quick_json_agrees;
+pub(crate) use json::push_uint;
+pub use json::{push_json_str, JsonReader};
 pub use payload::{Payload, PayloadError, PayloadKind};
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use quick::assert_quick_envelope_agrees;

@@ -7,10 +7,9 @@
 
 use std::fmt;
 
-use bytes::Bytes;
-use serde_json::value::RawValue;
-
+use super::json::json_value;
 use super::{MAX_JSON_DEPTH, MAX_MSGPACK_DEPTH};
+use bytes::Bytes;
 
 /// Where the MessagePack value at the start of `data` ends, checked as
 /// rmp-serde checks a value it skips: every marker known, every length
@@ -88,7 +87,7 @@ pub(super) fn msgpack_value_end(data: &[u8]) -> Result<usize, &'static str> {
 
 /// Whether the JSON text `json` nests arrays and objects at most
 /// [`MAX_JSON_DEPTH`] deep. Only the structure is scanned (brackets outside
-/// strings); validity is serde_json's to check. Values too short to reach
+/// strings); validity is `json_value`'s to check. Values too short to reach
 /// the limit are not scanned.
 pub(super) fn json_depth_ok(json: &[u8]) -> bool {
     if json.len() <= 2 * MAX_JSON_DEPTH {
@@ -168,12 +167,11 @@ impl Payload {
         if !json_depth_ok(&data) {
             return Err(PayloadError::TooDeep);
         }
-        let raw = serde_json::from_slice::<&RawValue>(&data)
-            .map_err(|e| PayloadError::InvalidJson(e.to_string()))?;
+        let (start, end) = json_value(&data).map_err(|at| invalid_json(&data, at))?;
         // Keep only the value's own text: surrounding whitespace would not
         // survive embedding in a JSON envelope, and payloads must arrive as
         // they were sent, byte for byte.
-        let data = data.slice_ref(raw.get().as_bytes());
+        let data = data.slice(start..end);
         Ok(Payload {
             kind: PayloadKind::Json,
             data,
@@ -230,6 +228,22 @@ impl Payload {
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }
+}
+
+/// Why `data` is not one JSON value, the hand-written check having found
+/// a fault at byte `at`: in serde_json's words, with `json-serde`.
+#[cfg(feature = "json-serde")]
+fn invalid_json(data: &[u8], at: usize) -> PayloadError {
+    match serde_json::from_slice::<&serde_json::value::RawValue>(data) {
+        Err(e) => PayloadError::InvalidJson(e.to_string()),
+        Ok(_) => PayloadError::InvalidJson(format!("not one JSON value (byte {at})")),
+    }
+}
+
+/// Why `data` is not one JSON value: a fault at byte `at`.
+#[cfg(not(feature = "json-serde"))]
+fn invalid_json(_: &[u8], at: usize) -> PayloadError {
+    PayloadError::InvalidJson(format!("not one JSON value (byte {at})"))
 }
 
 impl fmt::Debug for Payload {
