@@ -322,6 +322,12 @@ impl Cluster {
                 return Ok(Claimed::Nowhere);
             }
         }
+        self.taken_here(session).await
+    }
+
+    /// A session claimed here: recorded as here before its `hello` runs,
+    /// so that a node asked for it next finds it here.
+    async fn taken_here(&self, session: SessionId) -> Result<Claimed, ClaimFailed> {
         let _ = self
             .backplane
             .put(
@@ -362,16 +368,7 @@ impl Cluster {
                 return Ok(Claimed::Nowhere);
             }
         }
-        // Before the hello runs: a node asked for it next must find it here.
-        let _ = self
-            .backplane
-            .put(
-                session_key(session),
-                self.node.clone().into_bytes(),
-                self.location_ttl,
-            )
-            .await;
-        Ok(Claimed::Imported)
+        self.taken_here(session).await
     }
 
     /// Another node wants `session`: exports it (if here), stores the
