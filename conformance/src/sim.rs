@@ -783,6 +783,7 @@ impl Sim {
             // target, which runs both and compares what each connection
             // is sent.
             ServerOutput::Feed(f) => panic!("room feeds are off in the simulator: {f:?}"),
+            ServerOutput::Cluster(c) => panic!("rooms are not shared in the simulator: {c:?}"),
         }
     }
 }

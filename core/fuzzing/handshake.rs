@@ -61,6 +61,7 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
             }
             ServerOutput::Event(_) => {}
             ServerOutput::Feed(f) => panic!("a feed output with feeds off: {f:?}"),
+            ServerOutput::Cluster(c) => panic!("a cluster output with shared rooms off: {c:?}"),
         }
     }
     if matches!(frame, Some(Frame::Hello(_))) {
@@ -92,6 +93,7 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
             }
             ServerOutput::Event(_) => {}
             ServerOutput::Feed(f) => panic!("a feed output with feeds off: {f:?}"),
+            ServerOutput::Cluster(c) => panic!("a cluster output with shared rooms off: {c:?}"),
         }
     }
     let mut welcomed = false;

@@ -712,6 +712,7 @@ impl ServerHarness {
                 }
                 ServerOutput::Event(e) => self.event(e),
                 ServerOutput::Feed(f) => panic!("a feed output the model kept: {f:?}"),
+                ServerOutput::Cluster(c) => panic!("a cluster output with shared rooms off: {c:?}"),
             }
         }
     }

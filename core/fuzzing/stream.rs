@@ -398,6 +398,9 @@ impl StreamHarness {
                 ServerOutput::Feed(f) => {
                     self.fail(format_args!("a feed output with feeds off: {f:?}"))
                 }
+                ServerOutput::Cluster(c) => self.fail(format_args!(
+                    "a cluster output with shared rooms off: {c:?}"
+                )),
             }
         }
     }

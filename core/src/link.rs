@@ -281,7 +281,33 @@ impl Link {
         cfg: &ReliabilityConfig,
         timers: &mut impl LinkTimers,
     ) -> bool {
-        if !self.inbound.handled(through) || !self.inbound.ack_pending() {
+        let moved = self.inbound.handled(through);
+        self.ack_moved(moved, now, cfg, timers)
+    }
+
+    /// The cluster took (or refused) the room operation numbered `seq`
+    /// (`Inbound::wait_for_cluster`). True if an acknowledgment is due now.
+    pub(crate) fn settled(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        cfg: &ReliabilityConfig,
+        timers: &mut impl LinkTimers,
+    ) -> bool {
+        let moved = self.inbound.settled(seq);
+        self.ack_moved(moved, now, cfg, timers)
+    }
+
+    /// The acknowledgment point moved (`moved`): an acknowledgment now, or
+    /// after the usual delay.
+    fn ack_moved(
+        &mut self,
+        moved: bool,
+        now: Instant,
+        cfg: &ReliabilityConfig,
+        timers: &mut impl LinkTimers,
+    ) -> bool {
+        if !moved || !self.inbound.ack_pending() {
             return false;
         }
         let ack_now = self.inbound.unacked() >= u64::from(cfg.ack_every);

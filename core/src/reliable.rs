@@ -551,21 +551,31 @@ pub(crate) struct Inbound {
     // four words.
     #[allow(clippy::box_collection)]
     held: Option<Box<VecDeque<(u64, u64)>>>,
-    /// Only when acknowledgments wait for the application
-    /// (`Acknowledge::AfterHandled`): the messages handed to it and not yet
-    /// handled, in order. Acknowledgments stay below the first. At most
-    /// one per message in the peer's window.
+    /// Messages whose outcome is not settled yet, in order:
+    /// acknowledgments stay below the first. Those handed to the
+    /// application when acknowledgments wait for it
+    /// (`Acknowledge::AfterHandled`), and, tagged with [`CLUSTER_TAG`],
+    /// room operations waiting for the other servers of a cluster to take
+    /// them. At most one per message in the peer's window.
     #[allow(clippy::box_collection)]
     unhandled: Option<Box<VecDeque<u64>>>,
+    /// Acknowledgments wait for the application (`Acknowledge::AfterHandled`).
+    app_handles: bool,
 }
+
+/// Marks a message of [`Inbound`]'s unsettled list that waits for the
+/// cluster, not for the application (sequence numbers stay below 2^53).
+const CLUSTER_TAG: u64 = 1 << 63;
 
 impl Inbound {
     /// Holds acknowledgments below `seq` (just delivered, and refused) until
     /// the refusal with id `refusal` is acknowledged ([`release`](Self::release)).
     pub(crate) fn hold(&mut self, seq: u64, refusal: u64) {
-        self.held
-            .get_or_insert_with(Default::default)
-            .push_back((seq, refusal));
+        // Kept in sequence order: a refusal decided later (a room operation
+        // the cluster failed) may be for an earlier message.
+        let held = self.held.get_or_insert_with(Default::default);
+        let at = held.partition_point(|&(s, _)| s < seq);
+        held.insert(at, (seq, refusal));
     }
 
     /// The peer acknowledged our messages with ids up to `last`: the
@@ -575,11 +585,9 @@ impl Inbound {
         let Some(held) = self.held.as_mut() else {
             return false;
         };
-        let before = held.len();
-        while held.front().is_some_and(|&(_, refusal)| refusal <= last) {
-            held.pop_front();
-        }
-        let moved = held.len() != before;
+        let before = held.front().copied();
+        held.retain(|&(_, refusal)| refusal > last);
+        let moved = held.front().copied() != before;
         if held.is_empty() {
             self.held = None;
         }
@@ -598,46 +606,78 @@ impl Inbound {
             .unhandled
             .as_ref()
             .and_then(|u| u.front())
-            .map_or(self.delivered, |&seq| seq - 1);
+            .map_or(self.delivered, |&seq| (seq & !CLUSTER_TAG) - 1);
         held.min(unhandled)
     }
 
     /// Acknowledgments wait for the application from now on
     /// (`Acknowledge::AfterHandled`).
     pub(crate) fn wait_for_handling(&mut self) {
-        self.unhandled.get_or_insert_with(Default::default);
+        self.app_handles = true;
     }
 
     /// Whether acknowledgments wait for the application.
     pub(crate) fn waits_for_handling(&self) -> bool {
-        self.unhandled.is_some()
+        self.app_handles
     }
 
     /// The message numbered `seq` was handed to the application, which
     /// will say when it has handled it. Nothing if acknowledgments do not
     /// wait for it.
     pub(crate) fn handed_over(&mut self, seq: u64) {
-        if let Some(u) = self.unhandled.as_mut() {
-            u.push_back(seq);
+        if self.app_handles {
+            self.unhandled
+                .get_or_insert_with(Default::default)
+                .push_back(seq);
         }
+    }
+
+    /// The message numbered `seq` is a room operation that the cluster
+    /// has yet to take: not acknowledged until [`settled`](Self::settled).
+    pub(crate) fn wait_for_cluster(&mut self, seq: u64) {
+        self.unhandled
+            .get_or_insert_with(Default::default)
+            .push_back(seq | CLUSTER_TAG);
+    }
+
+    /// The cluster took (or refused) the room operation numbered `seq`;
+    /// true if the acknowledgment point moved.
+    pub(crate) fn settled(&mut self, seq: u64) -> bool {
+        self.remove_unsettled(|e| e == seq | CLUSTER_TAG)
+    }
+
+    /// Whether room operations still wait for the cluster.
+    pub(crate) fn waits_for_cluster(&self) -> bool {
+        self.unhandled
+            .as_ref()
+            .is_some_and(|u| u.iter().any(|&e| e & CLUSTER_TAG != 0))
     }
 
     /// The application handled every message up to `through`; true if the
     /// acknowledgment point moved.
     pub(crate) fn handled(&mut self, through: u64) -> bool {
+        self.remove_unsettled(|e| e & CLUSTER_TAG == 0 && e <= through)
+    }
+
+    fn remove_unsettled(&mut self, done: impl Fn(u64) -> bool) -> bool {
         let Some(u) = self.unhandled.as_mut() else {
             return false;
         };
-        let before = u.len();
-        while u.front().is_some_and(|&seq| seq <= through) {
-            u.pop_front();
+        let before = u.front().copied();
+        u.retain(|&e| !done(e));
+        let moved = u.front().copied() != before;
+        if u.is_empty() {
+            self.unhandled = None;
         }
-        u.len() != before
+        moved
     }
 
     /// Messages handed to the application and not yet handled, in order.
     pub(crate) fn unhandled(&self) -> impl Iterator<Item = u64> + '_ {
-        self.unhandled.iter().flat_map(|u| u.iter().copied())
+        self.unhandled
+            .iter()
+            .flat_map(|u| u.iter().copied())
+            .filter(|&e| e & CLUSTER_TAG == 0)
     }
 
     pub(crate) fn on_msg(&mut self, seq: u64) -> Verdict {

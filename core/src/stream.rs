@@ -176,6 +176,15 @@ impl RoomStream {
         }
     }
 
+    /// A stream numbered elsewhere (rooms shared by a cluster's servers):
+    /// epoch `epoch`, its next entry `last + 1`.
+    pub(crate) fn continuing(epoch: u64, last: u64) -> RoomStream {
+        RoomStream {
+            last,
+            ..RoomStream::new(epoch)
+        }
+    }
+
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }

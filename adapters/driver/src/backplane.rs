@@ -124,6 +124,224 @@ pub trait Backplane: Send + Sync + 'static {
     /// when its connection drops (what was sent meanwhile may be lost: the
     /// senders' timeouts cover it).
     fn inbox(&self) -> BoxStream<'static, Vec<u8>>;
+
+    // ---- shared rooms --------------------------------------------------
+
+    /// Carries out `commands` in order, each atomically (module docs,
+    /// "Shared rooms"), keeping at most `history` entries of each room's
+    /// log; one reply per command, in order. Nothing after a command that
+    /// failed is carried out: `Err` means none of them may have been, or
+    /// only a prefix (the store unreachable mid-way).
+    fn room_batch(
+        &self,
+        commands: Vec<RoomCommand>,
+        history: usize,
+    ) -> BoxFuture<'static, Result<Vec<RoomReply>, BackplaneError>>;
+
+    /// `room`'s log: its epoch (made, with an empty log, if the room has
+    /// none), its last offset, and the entries it holds after `after`,
+    /// oldest first.
+    fn room_read(
+        &self,
+        room: String,
+        after: u64,
+    ) -> BoxFuture<'static, Result<RoomLog, BackplaneError>>;
+
+    /// Each room's epoch and last offset (`None`: the room has no log), in
+    /// one round trip where the store allows.
+    fn room_tops(
+        &self,
+        rooms: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Option<RoomTop>>, BackplaneError>>;
+
+    /// Every member of `room`, cluster-wide.
+    fn room_members(
+        &self,
+        room: String,
+    ) -> BoxFuture<'static, Result<Vec<RoomMember>, BackplaneError>>;
+
+    /// The rooms in which node `node` has (or had) members.
+    fn node_rooms(&self, node: String) -> BoxFuture<'static, Result<Vec<String>, BackplaneError>>;
+
+    /// Every node that has (or had) members in a room.
+    fn room_nodes(&self) -> BoxFuture<'static, Result<Vec<String>, BackplaneError>>;
+
+    /// Takes out of `room` the members node `node` held, but those whose
+    /// session waits in the store for its client (a stored image) or is
+    /// recorded as held by another node now (`session:{id}`: taken up
+    /// there), in one atomic step; with `announce`, one entry lists them
+    /// (module docs).
+    /// Once none of the node's members is left in the room, the room is
+    /// struck from [`node_rooms`](Self::node_rooms) of `node`.
+    fn room_sweep(
+        &self,
+        room: String,
+        node: String,
+        announce: bool,
+        history: usize,
+    ) -> BoxFuture<'static, Result<Swept, BackplaneError>>;
+
+    /// Strikes `node` from [`room_nodes`](Self::room_nodes) if it has no
+    /// room left.
+    fn forget_node(&self, node: String) -> BoxFuture<'static, Result<(), BackplaneError>>;
+
+    /// Starts receiving `room`'s new entries in [`room_news`](Self::room_news):
+    /// resolves once every entry appended after it will be received.
+    fn room_follow(&self, room: String) -> BoxFuture<'static, Result<(), BackplaneError>>;
+
+    /// Stops receiving `room`'s entries.
+    fn room_unfollow(&self, room: String) -> BoxFuture<'static, Result<(), BackplaneError>>;
+
+    /// The entries appended to the rooms this node follows, each room's in
+    /// offset order, for as long as the server runs; and a
+    /// [`RoomNews::Resync`] whenever some may have been missed (the
+    /// connection dropped and came back, or entries came faster than they
+    /// were read), after which the server reads what it lacks with
+    /// [`room_read`](Self::room_read). Called once, when the server starts.
+    fn room_news(&self) -> BoxStream<'static, RoomNews>;
+}
+
+/// One atomic operation on a shared room ([`Backplane::room_batch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoomCommand {
+    /// Appends `entry` to `room`'s log with the next offset (making the
+    /// log, with a new epoch, if the room has none) and delivers it to the
+    /// nodes that follow the room. Replies [`RoomReply::Appended`].
+    Append {
+        /// The room.
+        room: String,
+        /// The entry, as the server encodes it.
+        entry: Vec<u8>,
+    },
+    /// Makes `session` (hex) a member of `room` held by this node, with
+    /// `member` (JSON) as the others see it; a session already a member
+    /// is only recorded as held here. A new member of a room holding
+    /// `max_members` already is refused ([`RoomReply::Full`]). With
+    /// `announce`, a new member is announced by an entry `J{session}{member}`
+    /// appended as by `Append`. Replies [`RoomReply::Joined`] with every
+    /// member's JSON if `snapshot`.
+    Join {
+        /// The room.
+        room: String,
+        /// The session, hex.
+        session: String,
+        /// How the others see it, JSON.
+        member: Vec<u8>,
+        /// Append an entry that announces it.
+        announce: bool,
+        /// Reply with every member.
+        snapshot: bool,
+        /// At most this many members.
+        max_members: usize,
+    },
+    /// Takes `session` out of `room`; with `announce`, an entry
+    /// `L{member}` says so. When the room has no member left, its log is
+    /// dropped (a room made again gets a new epoch). Replies
+    /// [`RoomReply::Left`].
+    Leave {
+        /// The room.
+        room: String,
+        /// The session, hex.
+        session: String,
+        /// Append an entry that says so.
+        announce: bool,
+    },
+}
+
+/// What a [`RoomCommand`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoomReply {
+    /// The entry has `offset` in the log of epoch `epoch`; the room has
+    /// `members` members.
+    Appended {
+        /// The log's epoch.
+        epoch: u64,
+        /// The entry's offset.
+        offset: u64,
+        /// Members of the room.
+        members: usize,
+    },
+    /// The session is a member; its stream starts after offset `at` of
+    /// epoch `epoch` (its announcement's offset, or the last one), and
+    /// `members` are every member's JSON (if asked for), as of `at`.
+    Joined {
+        /// The log's epoch.
+        epoch: u64,
+        /// Where the member's stream starts.
+        at: u64,
+        /// Every member's JSON.
+        members: Vec<Vec<u8>>,
+    },
+    /// The room is full.
+    Full,
+    /// Whether the session was a member.
+    Left {
+        /// It was, and is no longer.
+        removed: bool,
+    },
+}
+
+/// A room's log ([`Backplane::room_read`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoomLog {
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its last offset (0: none yet).
+    pub last: u64,
+    /// Entries (offset, bytes), oldest first.
+    pub entries: Vec<(u64, Vec<u8>)>,
+}
+
+/// Where a room's log stands ([`Backplane::room_tops`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoomTop {
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its last offset.
+    pub last: u64,
+}
+
+/// A member of a shared room ([`Backplane::room_members`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomMember {
+    /// Its session, hex.
+    pub session: String,
+    /// The node holding it.
+    pub node: String,
+    /// How the others see it, JSON.
+    pub member: Vec<u8>,
+}
+
+/// What [`Backplane::room_sweep`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Members taken out.
+    pub removed: usize,
+    /// The node's members still in the room (their sessions wait in the
+    /// store for their clients).
+    pub remaining: usize,
+}
+
+/// What the store delivers to a node that follows rooms
+/// ([`Backplane::room_news`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RoomNews {
+    /// An entry appended to `room`'s log.
+    Entry {
+        /// The room.
+        room: String,
+        /// The log's epoch.
+        epoch: u64,
+        /// Its offset.
+        offset: u64,
+        /// Its bytes.
+        entry: Vec<u8>,
+    },
+    /// Entries may have been missed: read what the rooms lack.
+    Resync,
 }
 
 /// The key of a node's liveness.

@@ -43,16 +43,24 @@ use std::time::Duration;
 use futures_channel::mpsc;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
+use kitestring::backplane::{
+    RoomCommand, RoomLog, RoomMember, RoomNews, RoomReply, RoomTop, Swept,
+};
 use kitestring::runtime::BoxFuture;
 use kitestring::{Backplane, BackplaneError};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushKind, Value};
 
+mod rooms;
 pub mod testing;
 
 /// Messages an inbox holds before newer ones are dropped (a node that does
 /// not keep up with its inbox; the senders' timeouts cover the loss).
 pub const INBOX_CAPACITY: usize = 4096;
+
+/// Entries one log read returns at most (a room's history is bounded by
+/// the server's `HistoryConfig`, 1 024 entries by default).
+const READ_LIMIT: usize = 65_536;
 
 /// How long a command may take before it counts as failed.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -66,6 +74,38 @@ pub struct RedisBackplane {
     url: Arc<str>,
     commands: ConnectionManager,
     remove_if: Arc<redis::Script>,
+    /// Shared rooms: the scripts, and the connection rooms' entries are
+    /// published to.
+    scripts: Arc<Scripts>,
+    rooms: Arc<RoomChannels>,
+}
+
+struct Scripts {
+    batch: redis::Script,
+    read: redis::Script,
+    sweep: redis::Script,
+    forget: redis::Script,
+}
+
+/// The RESP3 connection subscribed to the rooms this node follows, and
+/// what it pushes, until [`Backplane::room_news`] takes it.
+struct RoomChannels {
+    manager: ConnectionManager,
+    pushed: std::sync::Mutex<Option<mpsc::Receiver<Pushed>>>,
+}
+
+/// Entries pushed before they are read; past it, a resync.
+pub const ROOM_NEWS_CAPACITY: usize = 65_536;
+
+/// A Redis URL asking for RESP3 (pushes on an ordinary connection).
+fn resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
 }
 
 impl std::fmt::Debug for RedisBackplane {
@@ -102,7 +142,49 @@ impl RedisBackplane {
         let commands = ConnectionManager::new_with_config(client, manager_config())
             .await
             .map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel::<Pushed>(ROOM_NEWS_CAPACITY);
+        let sender = std::sync::Mutex::new(tx);
+        let config = manager_config()
+            .set_automatic_resubscription()
+            .set_push_sender(move |push: redis::PushInfo| {
+                let pushed = match push.kind {
+                    PushKind::Message => {
+                        let mut data = push.data.into_iter();
+                        match (data.next(), data.next()) {
+                            (Some(Value::BulkString(channel)), Some(Value::BulkString(p))) => {
+                                Pushed::Room(channel, p)
+                            }
+                            _ => return Ok::<(), ()>(()),
+                        }
+                    }
+                    PushKind::Disconnection => Pushed::Lost,
+                    _ => return Ok(()),
+                };
+                let mut tx = sender.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = tx.try_send(pushed) {
+                    if e.is_full() {
+                        // Read what was missed once the reader catches up.
+                        tx.try_send(Pushed::Lost).ok();
+                        OVERFLOWED.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            });
+        let client = redis::Client::open(resp3(url).as_str()).map_err(unavailable)?;
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(unavailable)?;
         Ok(RedisBackplane {
+            scripts: Arc::new(Scripts {
+                batch: rooms::script(rooms::BATCH),
+                read: rooms::script(rooms::READ),
+                sweep: rooms::script(rooms::SWEEP),
+                forget: rooms::script(rooms::FORGET),
+            }),
+            rooms: Arc::new(RoomChannels {
+                manager,
+                pushed: std::sync::Mutex::new(Some(rx)),
+            }),
             node: node.into().into(),
             prefix: "kitestring:".into(),
             url: url.into(),
@@ -129,7 +211,14 @@ impl RedisBackplane {
     fn inbox_channel(&self, node: &str) -> String {
         format!("{}inbox:{node}", self.prefix)
     }
+
+    fn room_channel(&self, room: &str) -> String {
+        format!("{}room:{room}", self.prefix)
+    }
 }
+
+/// The room news channel overflowed (entries dropped: a resync follows).
+static OVERFLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Milliseconds for `PX`: at least 1 (Redis refuses 0).
 fn px(ttl: Duration) -> u64 {
@@ -291,13 +380,7 @@ impl Backplane for RedisBackplane {
         // A RESP3 connection of its own, whose pushes are the inbox; the
         // connection manager subscribes again after it reconnects.
         let subscribe = async move {
-            let url = if url.contains("protocol=") {
-                url.to_string()
-            } else if url.contains('?') {
-                format!("{url}&protocol=resp3")
-            } else {
-                format!("{url}?protocol=resp3")
-            };
+            let url = resp3(&url);
             let sender = std::sync::Mutex::new(tx);
             let config = manager_config()
                 .set_automatic_resubscription()
@@ -345,7 +428,9 @@ impl Backplane for RedisBackplane {
             };
             loop {
                 match rx.next().await? {
-                    Pushed::Message(message) => return Some((message, Inbox::Running(rx, keep))),
+                    Pushed::Message(message) | Pushed::Room(_, message) => {
+                        return Some((message, Inbox::Running(rx, keep)))
+                    }
                     // The connection dropped: the manager reconnects (and
                     // subscribes again) on the next command, so send one
                     // until it answers.
@@ -362,12 +447,240 @@ impl Backplane for RedisBackplane {
         })
         .boxed()
     }
+    fn room_batch(
+        &self,
+        commands: Vec<RoomCommand>,
+        history: usize,
+    ) -> BoxFuture<'static, Result<Vec<RoomReply>, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let scripts = self.scripts.clone();
+        let prefix = self.prefix.clone();
+        let node = self.node.clone();
+        Box::pin(async move {
+            if commands.is_empty() {
+                return Ok(Vec::new());
+            }
+            let n = commands.len();
+            let mut invocation = scripts.batch.prepare_invoke();
+            invocation.arg(&*prefix).arg(history.max(1)).arg(&*node);
+            for a in rooms::batch_args(&commands) {
+                invocation.arg(a);
+            }
+            let v: Value = invocation.invoke_async(&mut c).await.map_err(unavailable)?;
+            rooms::batch_replies(v, n)
+        })
+    }
+
+    fn room_read(
+        &self,
+        room: String,
+        after: u64,
+    ) -> BoxFuture<'static, Result<RoomLog, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let scripts = self.scripts.clone();
+        let prefix = self.prefix.clone();
+        Box::pin(async move {
+            let v: Value = scripts
+                .read
+                .arg(&*prefix)
+                .arg(room)
+                .arg(after)
+                .arg(READ_LIMIT)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            rooms::read_reply(v)
+        })
+    }
+
+    fn room_tops(
+        &self,
+        rooms: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Option<RoomTop>>, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let mut pipe = redis::pipe();
+        for room in &rooms {
+            pipe.cmd("HMGET")
+                .arg(self.key(&format!("room:{room}:meta")))
+                .arg("epoch")
+                .arg("top");
+        }
+        Box::pin(async move {
+            if rooms.is_empty() {
+                return Ok(Vec::new());
+            }
+            let tops: Vec<(Option<u64>, Option<u64>)> =
+                pipe.query_async(&mut c).await.map_err(unavailable)?;
+            Ok(tops
+                .into_iter()
+                .map(|(e, t)| {
+                    Some(RoomTop {
+                        epoch: e?,
+                        last: t.unwrap_or(0),
+                    })
+                })
+                .collect())
+        })
+    }
+
+    fn room_members(
+        &self,
+        room: String,
+    ) -> BoxFuture<'static, Result<Vec<RoomMember>, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let key = self.key(&format!("room:{room}:members"));
+        Box::pin(async move {
+            let v: Value = redis::cmd("HGETALL")
+                .arg(key)
+                .query_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            rooms::members_reply(v)
+        })
+    }
+
+    fn node_rooms(&self, node: String) -> BoxFuture<'static, Result<Vec<String>, BackplaneError>> {
+        let members = self.set_members(format!("node-rooms:{node}"));
+        Box::pin(async move {
+            Ok(members
+                .await?
+                .into_iter()
+                .map(|r| String::from_utf8_lossy(&r).into_owned())
+                .collect())
+        })
+    }
+
+    fn room_nodes(&self) -> BoxFuture<'static, Result<Vec<String>, BackplaneError>> {
+        let members = self.set_members("room-nodes".into());
+        Box::pin(async move {
+            Ok(members
+                .await?
+                .into_iter()
+                .map(|r| String::from_utf8_lossy(&r).into_owned())
+                .collect())
+        })
+    }
+
+    fn room_sweep(
+        &self,
+        room: String,
+        node: String,
+        announce: bool,
+        history: usize,
+    ) -> BoxFuture<'static, Result<Swept, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let scripts = self.scripts.clone();
+        let prefix = self.prefix.clone();
+        Box::pin(async move {
+            let v: Value = scripts
+                .sweep
+                .arg(&*prefix)
+                .arg(room)
+                .arg(node)
+                .arg(if announce { "1" } else { "0" })
+                .arg(history.max(1))
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            rooms::sweep_reply(v)
+        })
+    }
+
+    fn forget_node(&self, node: String) -> BoxFuture<'static, Result<(), BackplaneError>> {
+        let mut c = self.commands.clone();
+        let scripts = self.scripts.clone();
+        let prefix = self.prefix.clone();
+        Box::pin(async move {
+            scripts
+                .forget
+                .arg(&*prefix)
+                .arg(node)
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+    }
+
+    fn room_follow(&self, room: String) -> BoxFuture<'static, Result<(), BackplaneError>> {
+        let mut m = self.rooms.manager.clone();
+        let channel = self.room_channel(&room);
+        Box::pin(async move { m.subscribe(channel).await.map_err(unavailable) })
+    }
+
+    fn room_unfollow(&self, room: String) -> BoxFuture<'static, Result<(), BackplaneError>> {
+        let mut m = self.rooms.manager.clone();
+        let channel = self.room_channel(&room);
+        Box::pin(async move { m.unsubscribe(channel).await.map_err(unavailable) })
+    }
+
+    fn room_news(&self) -> BoxStream<'static, RoomNews> {
+        let rx = self
+            .rooms
+            .pushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(rx) = rx else {
+            tracing::error!("room news taken twice: the second reader gets nothing");
+            return futures_util::stream::empty().boxed();
+        };
+        let manager = self.rooms.manager.clone();
+        let prefix = format!("{}room:", self.prefix).into_bytes();
+        futures_util::stream::unfold((rx, manager), move |(mut rx, mut manager)| {
+            let prefix = prefix.clone();
+            async move {
+                loop {
+                    match rx.next().await? {
+                        Pushed::Room(channel, payload) => {
+                            let Some(room) = channel.strip_prefix(prefix.as_slice()) else {
+                                continue;
+                            };
+                            let Some((epoch, offset, entry)) = rooms::parse_published(&payload)
+                            else {
+                                tracing::warn!("an unreadable room entry on the backplane");
+                                continue;
+                            };
+                            let room = String::from_utf8_lossy(room).into_owned();
+                            let news = RoomNews::Entry {
+                                room,
+                                epoch,
+                                offset,
+                                entry,
+                            };
+                            return Some((news, (rx, manager)));
+                        }
+                        Pushed::Message(_) => continue,
+                        Pushed::Lost => {
+                            if !OVERFLOWED.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                                // The connection dropped: the manager
+                                // reconnects (and subscribes again) on the
+                                // next command.
+                                while redis::cmd("PING")
+                                    .query_async::<()>(&mut manager)
+                                    .await
+                                    .is_err()
+                                {
+                                    sleep(Duration::from_millis(500)).await;
+                                }
+                                tracing::debug!("room channels subscribed again");
+                            }
+                            return Some((RoomNews::Resync, (rx, manager)));
+                        }
+                    }
+                }
+            }
+        })
+        .boxed()
+    }
 }
 
-/// What the inbox connection pushes.
+/// What a subscribed connection pushes.
 enum Pushed {
     Message(Vec<u8>),
-    /// The connection dropped.
+    /// A message on a channel (a room's).
+    Room(Vec<u8>, Vec<u8>),
+    /// The connection dropped (or pushes were dropped).
     Lost,
 }
 

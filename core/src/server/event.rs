@@ -20,7 +20,7 @@ use crate::stream::RoomEntry;
 use crate::time::Instant;
 use crate::wire::{ClientId, Codec, DecodeError, SessionId, Transmit};
 
-use super::{ConnectionId, SessionState};
+use super::{ClusterOutput, ConnectionId, SessionState};
 
 // Named only in links in the docs.
 #[cfg(doc)]
@@ -42,6 +42,9 @@ pub enum ServerOutput {
     /// Room feeds: only when the driver turned them on with
     /// [`Server::set_room_feeds`].
     Feed(FeedOutput),
+    /// Shared rooms: only when the driver turned them on with
+    /// [`Server::set_shared_rooms`].
+    Cluster(ClusterOutput),
 }
 
 /// What a driver that serves stream members from shared room feeds must do
@@ -318,6 +321,8 @@ impl ServerEvent {
 pub enum RoomOp {
     /// Joining.
     Join,
+    /// Leaving (refused only when the cluster's store cannot take it).
+    Leave,
     /// Publishing.
     Publish,
 }
@@ -347,6 +352,10 @@ pub enum RoomError {
     /// The room name is empty or longer than 256 bytes.
     #[error("room names are 1 to 256 bytes")]
     BadName,
+    /// Shared rooms: the cluster could not take the operation (its store
+    /// unreachable); nothing was done.
+    #[error("the cluster cannot take room operations now: {0}")]
+    Unavailable(String),
 }
 
 impl RoomError {
@@ -359,6 +368,7 @@ impl RoomError {
             RoomError::RoomFull { .. } => "room_full",
             RoomError::TooManyRooms { .. } => "too_many_rooms",
             RoomError::BadName => "invalid",
+            RoomError::Unavailable(_) => "unavailable",
         }
     }
 }

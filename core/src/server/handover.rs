@@ -151,6 +151,11 @@ impl SessionRecord {
     pub fn identity(&self) -> Option<&str> {
         self.identity.as_deref()
     }
+
+    /// The rooms it is a member of.
+    pub fn rooms(&self) -> impl Iterator<Item = &str> {
+        self.rooms.iter().map(|(r, _)| r.as_str())
+    }
 }
 
 impl SessionImage {

@@ -44,6 +44,9 @@
 //! - `streams.rs`: room streams: which members get an entry, a `skip` or
 //!   nothing, the `sub` that starts a member's stream, and the recovery of
 //!   a resumed member from the room's history;
+//! - `cluster.rs`: rooms shared by the servers of a cluster: the
+//!   [`ClusterOutput`]s a client's room operations become, and the entry
+//!   points the driver calls with what the cluster numbered and decided.
 //! - `delivery.rs`: the glue to each session's delivery pipe (`Link`, in
 //!   link.rs): queuing messages, the frames of an open session (messages,
 //!   acknowledgments, replays, pings, datagrams), the acknowledgment
@@ -51,6 +54,7 @@
 //! - `tests.rs`: the unit tests. The size test (`size`) stays in this file.
 
 mod admission;
+mod cluster;
 mod conn;
 mod delivery;
 mod event;
@@ -83,6 +87,7 @@ use crate::wire::{
 // The public items of the other files, each at `kitestring_core::server::Item`.
 pub use crate::stream::RoomEntry;
 pub use admission::RATE_REPORT_INTERVAL;
+pub use cluster::{ClientOp, ClusterOutput, EntryOutcome, JoinedAt, SharedEntry};
 pub use event::{
     FeedOutput, RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics, ServerOutput,
     ServerStats, ServerTimer, SessionEnd, SessionInfo,
@@ -139,6 +144,8 @@ pub struct Server {
     /// Stream members are served through [`FeedOutput`]s, not frames of
     /// their own ([`Server::set_room_feeds`]).
     room_feeds: bool,
+    /// Rooms are shared with a cluster ([`Server::set_shared_rooms`]).
+    shared_rooms: bool,
 }
 
 impl Server {
@@ -164,6 +171,7 @@ impl Server {
             streams: Map::default(),
             streams_made: 0,
             room_feeds: false,
+            shared_rooms: false,
         })
     }
 

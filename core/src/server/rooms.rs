@@ -17,6 +17,7 @@ use crate::rooms::{JoinError, Member, Presence, RoomPolicy};
 use crate::time::Instant;
 use crate::wire::{self, Msg, MsgKind, Payload, SessionId};
 
+use super::cluster::{ClientOp, ClusterOutput};
 use super::streams::Joined;
 use super::{RoomError, RoomOp, Server, ServerEvent};
 
@@ -36,15 +37,35 @@ impl Server {
     pub fn join(&mut self, now: Instant, session: SessionId, room: &str) -> Result<(), RoomError> {
         self.advance(now);
         check_room_name(room)?;
-        let r = self.do_join(session, room, false);
+        let r = self.do_join(session, room, false, None);
         self.process_evictions();
         r
     }
 
     /// Takes a session out of a room; false if it was not in it.
+    ///
+    /// With shared rooms ([`Server::set_shared_rooms`]), the session leaves
+    /// here at once and the cluster is told ([`ClusterOutput::Leave`]).
     pub fn leave(&mut self, now: Instant, session: SessionId, room: &str) -> bool {
         self.advance(now);
-        let r = self.do_leave(session, room);
+        let r = if self.shared_rooms {
+            let member = self.member_of(session);
+            let left = self.leave_here(session, room);
+            if let (true, Some(member)) = (left, member) {
+                let room = self.rooms.name(room);
+                let presence = self.policy.presence(&room);
+                self.send_to_cluster(ClusterOutput::Leave {
+                    room,
+                    session,
+                    member,
+                    presence,
+                    origin: None,
+                });
+            }
+            left
+        } else {
+            self.do_leave(session, room)
+        };
         self.process_evictions();
         r
     }
@@ -54,6 +75,11 @@ impl Server {
     /// whose buffers are full are slow consumers: they are closed with 4009
     /// and their sessions ended, and the others are not held up. Returns how
     /// many members it was queued for.
+    ///
+    /// With shared rooms ([`Server::set_shared_rooms`]) the broadcast goes
+    /// to the cluster ([`ClusterOutput::Publish`]), which numbers it and
+    /// hands it back to every server with members, this one included
+    /// ([`Server::room_entry`]): 0 is returned.
     pub fn broadcast(
         &mut self,
         now: Instant,
@@ -64,7 +90,7 @@ impl Server {
         self.advance(now);
         let max = self.config.max_message_size;
         SendError::check_size(payload.len(), max)?;
-        let n = self.do_broadcast(room, &payload, exclude);
+        let n = self.do_broadcast(room, &payload, exclude, None);
         self.process_evictions();
         Ok(n)
     }
@@ -101,7 +127,7 @@ impl Server {
     /// Queues a message for a room member; a member whose buffers are full
     /// is a slow consumer and is evicted after the current operation, so it
     /// never holds up the others.
-    fn send_to_member(
+    pub(super) fn send_to_member(
         &mut self,
         member: SessionId,
         payload: Payload,
@@ -129,7 +155,8 @@ impl Server {
         except: Option<SessionId>,
         diff: Presence,
     ) {
-        if !self.policy.presence(room) {
+        // Shared rooms: presence changes are numbered by the cluster.
+        if self.shared_rooms || !self.policy.presence(room) {
             return;
         }
         let Ok(json) = serde_json::to_vec(&diff) else {
@@ -146,7 +173,7 @@ impl Server {
         }
     }
 
-    fn member_of(&self, session: SessionId) -> Option<Member> {
+    pub(super) fn member_of(&self, session: SessionId) -> Option<Member> {
         self.sessions
             .get(&session)
             .map(|s| Member::new(s.client, s.identity.as_deref()))
@@ -171,6 +198,7 @@ impl Server {
         });
         let op = match op {
             RoomOp::Join => "join",
+            RoomOp::Leave => "leave",
             RoomOp::Publish => "publish",
         };
         let id = MessageId(m.id);
@@ -178,7 +206,13 @@ impl Server {
     }
 
     /// A join, by the client (`check`: run the policy) or by the application.
-    fn do_join(&mut self, session: SessionId, room: &str, check: bool) -> Result<(), RoomError> {
+    fn do_join(
+        &mut self,
+        session: SessionId,
+        room: &str,
+        check: bool,
+        origin: Option<ClientOp>,
+    ) -> Result<(), RoomError> {
         let member = self.member_of(session).ok_or(RoomError::UnknownSession)?;
         let name = self.rooms.name(room);
         if check {
@@ -187,6 +221,26 @@ impl Server {
             }
         }
         let already = self.rooms.is_member(room, session);
+        if self.shared_rooms {
+            // The room's size is the cluster's to check; the join, its
+            // presence diff and the joiner's snapshot come back from it.
+            let count = self.sessions.get(&session).map_or(0, |s| s.rooms.len());
+            if !already && count >= self.config.max_rooms_per_session {
+                return Err(RoomError::TooManyRooms {
+                    max: self.config.max_rooms_per_session,
+                });
+            }
+            let presence = self.policy.presence(&name);
+            self.send_to_cluster(ClusterOutput::Join {
+                room: name,
+                session,
+                member,
+                presence,
+                max_members: self.config.max_room_size,
+                origin,
+            });
+            return Ok(());
+        }
         if !already {
             let count = self.sessions.get(&session).map_or(0, |s| s.rooms.len());
             if count >= self.config.max_rooms_per_session {
@@ -283,8 +337,23 @@ impl Server {
         true
     }
 
-    fn do_broadcast(&mut self, room: &str, payload: &Payload, exclude: Option<SessionId>) -> usize {
+    fn do_broadcast(
+        &mut self,
+        room: &str,
+        payload: &Payload,
+        exclude: Option<SessionId>,
+        origin: Option<ClientOp>,
+    ) -> usize {
         let name = self.rooms.name(room);
+        if self.shared_rooms {
+            self.send_to_cluster(ClusterOutput::Publish {
+                room: name,
+                payload: payload.clone(),
+                except: exclude,
+                origin,
+            });
+            return 0;
+        }
         let members: Vec<SessionId> = self.rooms.members(room).collect();
         let (legacy, mut queued) =
             self.publish_entry(&name, MsgKind::Plain, payload.clone(), exclude, &members);
@@ -299,12 +368,33 @@ impl Server {
 
     /// Hands a delivered client message to the room logic or the application.
     pub(super) fn dispatch(&mut self, session: SessionId, m: Msg) {
+        let op = ClientOp {
+            session,
+            seq: m.seq,
+            id: MessageId(m.id),
+        };
         match (m.kind, m.room.clone()) {
             (MsgKind::Join, Some(room)) => {
                 let name = self.rooms.name(&room);
-                if let Err(e) = self.do_join(session, &room, true) {
+                if let Err(e) = self.do_join(session, &room, true, Some(op)) {
                     self.refuse(session, &m, &name, RoomOp::Join, e.code(), e.to_string());
                 }
+            }
+            (MsgKind::Leave, Some(room)) if self.shared_rooms => {
+                // Left here once the cluster has taken it (`room_left`):
+                // after a join of the same room still on its way.
+                let Some(member) = self.member_of(session) else {
+                    return;
+                };
+                let room = self.rooms.name(&room);
+                let presence = self.policy.presence(&room);
+                self.send_to_cluster(ClusterOutput::Leave {
+                    room,
+                    session,
+                    member,
+                    presence,
+                    origin: Some(op),
+                });
             }
             (MsgKind::Leave, Some(room)) => {
                 self.do_leave(session, &room);
@@ -329,7 +419,7 @@ impl Server {
                     session,
                     message: Received::from_msg(m),
                 });
-                self.do_broadcast(&name, &payload, exclude);
+                self.do_broadcast(&name, &payload, exclude, Some(op));
             }
             _ => {
                 // The application's to handle: with `AfterHandled`, not

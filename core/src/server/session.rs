@@ -19,7 +19,9 @@ use crate::wire::{ClientId, SessionId};
 use super::conn::ConnPhase;
 use super::delivery::{LinkDeadlines, SessionTimers};
 use super::streams::Joined;
-use super::{ConnectionId, Server, ServerEvent, ServerOutput, ServerTimer, SessionEnd};
+use super::{
+    ClusterOutput, ConnectionId, Server, ServerEvent, ServerOutput, ServerTimer, SessionEnd,
+};
 
 /// Where a session is in its life. A session begins attached to the
 /// connection whose `hello` created it and ends (it is then gone) when the
@@ -229,6 +231,16 @@ impl Server {
                 session,
                 room: room.clone(),
             });
+            if self.shared_rooms {
+                let presence = self.policy.presence(&room);
+                self.send_to_cluster(ClusterOutput::Leave {
+                    room: room.clone(),
+                    session,
+                    member: member.clone(),
+                    presence,
+                    origin: None,
+                });
+            }
             self.presence_diff(
                 &room,
                 None,

@@ -160,7 +160,7 @@ impl Server {
 
     /// With room feeds: from now on `conn` writes `room`'s entries after
     /// offset `after` from the room's feed.
-    fn follow(&mut self, conn: ConnectionId, room: &RoomName, after: u64) {
+    pub(super) fn follow(&mut self, conn: ConnectionId, room: &RoomName, after: u64) {
         if !self.room_feeds {
             return;
         }
@@ -199,7 +199,7 @@ impl Server {
 
     /// The connection a stream-served session receives live entries on:
     /// attached, and not waiting for its `subs`.
-    fn live_connection(&self, session: SessionId) -> Option<ConnectionId> {
+    pub(super) fn live_connection(&self, session: SessionId) -> Option<ConnectionId> {
         let s = self.sessions.get(&session)?;
         if s.awaiting_subs {
             return None;
@@ -209,7 +209,13 @@ impl Server {
 
     /// Sends the entry at `offset` of `room` (or a `skip`, if it is not for
     /// `session`) on `conn`.
-    fn send_stored(&mut self, conn: ConnectionId, session: SessionId, room: &str, offset: u64) {
+    pub(super) fn send_stored(
+        &mut self,
+        conn: ConnectionId,
+        session: SessionId,
+        room: &str,
+        offset: u64,
+    ) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };

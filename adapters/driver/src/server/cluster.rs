@@ -37,6 +37,7 @@ use crate::backplane::{identity_key, image_key, node_key, record_key, session_ke
 use crate::util;
 
 use super::shared::{FxHashMap, ServerShared};
+use super::shared_rooms::SharedRooms;
 
 /// A pending write to the registry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +148,8 @@ pub(super) struct Cluster {
     task: AtomicWaker,
     /// A registry write failed: the next one writes every session.
     stale: std::sync::atomic::AtomicBool,
+    /// Rooms shared with the other nodes.
+    pub(super) rooms: SharedRooms,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -171,6 +174,7 @@ impl Cluster {
             updates: Mutex::new(HashMap::default()),
             task: AtomicWaker::new(),
             stale: std::sync::atomic::AtomicBool::new(false),
+            rooms: SharedRooms::new(),
         }
     }
 
@@ -315,8 +319,12 @@ impl Cluster {
                 return Ok(Claimed::Nowhere);
             }
         };
+        // Its rooms' copies here first: a resumed member recovers from them.
+        let rooms = record.rooms().map(str::to_owned).collect();
+        self.rooms.open(shared, rooms).await;
         match shared.run(None, |st, now| st.server.recover_session(now, &record)) {
-            Ok(_) | Err(kitestring_core::server::ImportError::Exists(_)) => {}
+            Ok(_) => self.rooms.adopt(session),
+            Err(kitestring_core::server::ImportError::Exists(_)) => {}
             Err(e) => {
                 warn!(session = %session.to_hex(), error = %e, "a session could not be taken up");
                 return Ok(Claimed::Nowhere);
@@ -354,9 +362,11 @@ impl Cluster {
                 return Ok(Claimed::Nowhere);
             }
         };
+        let rooms = image.rooms().map(str::to_owned).collect();
+        self.rooms.open(shared, rooms).await;
         let imported = shared.run(None, |st, now| st.server.import_session(now, &image));
         match imported {
-            Ok(_) => {}
+            Ok(_) => self.rooms.adopt(session),
             Err(kitestring_core::server::ImportError::Exists(_)) => {}
             Err(e) => {
                 warn!(
@@ -381,7 +391,7 @@ impl Cluster {
         from: String,
         req: u64,
     ) {
-        let exported = shared.run(None, |st, now| st.server.export_session(now, session));
+        let exported = self.export_settled(shared, session).await;
         let bytes = match exported {
             Some(image) => match rmp_serde::to_vec_named(&image) {
                 Ok(bytes) => Some((bytes, image.grace_left())),
@@ -426,10 +436,46 @@ impl Cluster {
         }
     }
 
+    /// Exports `session` once none of its room operations waits for the
+    /// backplane (an image cannot carry one half done); after the
+    /// handshake timeout, as it is.
+    async fn export_settled(
+        &self,
+        shared: &ServerShared,
+        session: SessionId,
+    ) -> Option<SessionImage> {
+        let give_up = shared.runtime.now() + shared.options.handshake_timeout;
+        loop {
+            let exported = shared.run(None, |st, now| {
+                if st.server.room_ops_pending(session) && shared.runtime.now() < give_up {
+                    return Err(());
+                }
+                Ok(st.server.export_session(now, session))
+            });
+            match exported {
+                Ok(image) => return image,
+                Err(()) => util::sleep(&*shared.runtime, Duration::from_millis(5)).await,
+            }
+        }
+    }
+
     /// Shutdown: every session exported and stored, so that its client
     /// resumes on another node. Sessions whose image cannot be stored are
     /// put back, and end with the process as without a backplane.
     pub(super) async fn hand_over_all(&self, shared: &ServerShared) -> usize {
+        // Room operations on their way first (the core's queue drained,
+        // bounded by the handshake timeout).
+        let give_up = shared.runtime.now() + shared.options.handshake_timeout;
+        while shared.runtime.now() < give_up
+            && shared.run(None, |st, _| {
+                st.server
+                    .session_ids()
+                    .into_iter()
+                    .any(|id| st.server.room_ops_pending(id))
+            })
+        {
+            util::sleep(&*shared.runtime, Duration::from_millis(5)).await;
+        }
         let images: Vec<(SessionId, Vec<u8>, Duration)> = shared.run(None, |st, now| {
             let ids = st.server.session_ids();
             ids.into_iter()
@@ -482,14 +528,6 @@ impl Cluster {
         }
     }
 
-    /// Forgets this node's liveness key (a graceful stop).
-    pub(super) async fn leave(&self) {
-        let _ = self
-            .backplane
-            .remove_if(node_key(&self.node), b"1".to_vec())
-            .await;
-    }
-
     /// Writes pending registry updates; with `refresh`, also every
     /// session this node holds, so none expires while it lives.
     async fn write_registry(&self, shared: &ServerShared, refresh: bool) {
@@ -538,6 +576,9 @@ impl Cluster {
         if refresh || lost || self.stale.load(Ordering::Relaxed) {
             if lost {
                 debug!("the backplane lost this node's keys; writing them again");
+                // Its room memberships may be gone too (taken out as a
+                // node that is gone, or lost with the store's data).
+                self.rooms.mark_dirty();
             }
             here = shared.run(None, |st, _| st.server.session_ids());
         }
@@ -783,6 +824,11 @@ pub(super) fn spawn(shared: Arc<ServerShared>) {
             }
         }
     }));
+    super::shared_rooms::spawn(
+        shared.clone(),
+        cluster.backplane.clone(),
+        cluster.node_timeout,
+    );
     // Liveness and the registry: every third of the node timeout, and at
     // once when sessions open, move or end.
     shared.runtime.clone().spawn(Box::pin(async move {

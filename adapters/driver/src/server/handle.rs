@@ -487,14 +487,40 @@ impl ServerHandle {
     /// is not consulted). The other members get a presence diff and the
     /// session gets the member list; [`ServerEvent::Joined`] follows.
     /// Joining a room the session is already in only resends the list.
+    ///
+    /// In a cluster ([`ServerOptions::backplane`](crate::ServerOptions::backplane))
+    /// the room is the cluster's: this returns once the backplane took the
+    /// join (the room's size checked cluster-wide), and fails with
+    /// [`RoomError::Unavailable`](kitestring_core::server::RoomError::Unavailable)
+    /// if it could not.
     pub async fn join(&self, session: SessionId, room: &str) -> Result<(), ServerError> {
+        let error = |error| ServerError::Room {
+            session,
+            room: room_label(room),
+            error,
+        };
+        let Some(cluster) = &self.shared.cluster else {
+            return self
+                .shared
+                .call(|st, now| st.server.join(now, session, room))?
+                .map_err(error);
+        };
+        let (tx, rx) = oneshot::channel();
         self.shared
-            .call(|st, now| st.server.join(now, session, room))?
-            .map_err(|error| ServerError::Room {
-                session,
-                room: room_label(room),
-                error,
-            })
+            .call(|st, now| {
+                // Registered before the output it waits for is drained.
+                cluster.rooms.expect_join(tx);
+                let r = st.server.join(now, session, room);
+                if r.is_err() {
+                    cluster.rooms.cancel_join();
+                }
+                r
+            })?
+            .map_err(error)?;
+        match rx.await {
+            Ok(r) => r.map_err(error),
+            Err(_) => Err(ServerError::Stopped),
+        }
     }
 
     /// Takes a session out of a room; `false` if it was not in it. The
@@ -523,35 +549,104 @@ impl ServerHandle {
     /// Sends a payload to every member of `room` but `exclude` (e.g. the
     /// member the message came from). Cloning a [`Payload`] shares its bytes,
     /// so a broadcast to N members costs one serialization, not N.
+    ///
+    /// In a cluster the broadcast goes to the backplane, which numbers it
+    /// in the room's stream and hands it to every node with members (this
+    /// one too): this returns once the backplane took it, with the room's
+    /// member count cluster-wide, and fails with [`ServerError::Cluster`]
+    /// if it could not (nothing was sent to anyone). Broadcasts from one
+    /// caller reach every member in the order they were made.
     pub async fn broadcast_payload(
         &self,
         room: &str,
         payload: Payload,
         exclude: Option<SessionId>,
     ) -> Result<usize, ServerError> {
+        let error = |error| ServerError::Broadcast {
+            room: room_label(room),
+            error,
+        };
+        let Some(cluster) = &self.shared.cluster else {
+            return self
+                .shared
+                .call(|st, now| st.server.broadcast(now, room, payload, exclude))?
+                .map_err(error);
+        };
+        let (tx, rx) = oneshot::channel();
         self.shared
-            .call(|st, now| st.server.broadcast(now, room, payload, exclude))?
-            .map_err(|error| ServerError::Broadcast {
-                room: room_label(room),
-                error,
-            })
+            .call(|st, now| {
+                cluster.rooms.expect_publish(tx);
+                let r = st.server.broadcast(now, room, payload, exclude);
+                if r.is_err() {
+                    cluster.rooms.cancel_publish();
+                }
+                r
+            })?
+            .map_err(error)?;
+        match rx.await {
+            Ok(Ok(members)) => Ok(members.saturating_sub(usize::from(exclude.is_some()))),
+            Ok(Err(reason)) => Err(ServerError::Cluster {
+                reason: format!("broadcast to room `{}`: {reason}", room_label(room)),
+            }),
+            Err(_) => Err(ServerError::Stopped),
+        }
     }
 
     /// Who is in `room`, as members see each other (client id and identity,
-    /// sorted; never session ids).
+    /// sorted; never session ids). In a cluster, every node's members, as
+    /// the backplane records them.
     pub async fn members(&self, room: &str) -> Result<Vec<Member>, ServerError> {
-        self.shared.call(|st, _| st.server.members(room))
+        let Some(cluster) = &self.shared.cluster else {
+            return self.shared.call(|st, _| st.server.members(room));
+        };
+        let mut members: Vec<Member> = self
+            .cluster_members(cluster, room)
+            .await?
+            .iter()
+            .filter_map(|m| serde_json::from_slice(&m.member).ok())
+            .collect();
+        members.sort();
+        Ok(members)
+    }
+
+    async fn cluster_members(
+        &self,
+        cluster: &super::cluster::Cluster,
+        room: &str,
+    ) -> Result<Vec<crate::backplane::RoomMember>, ServerError> {
+        cluster
+            .backplane
+            .room_members(room.to_owned())
+            .await
+            .map_err(|e| ServerError::Cluster {
+                reason: format!("members of room `{}`: {e}", room_label(room)),
+            })
     }
 
     /// The sessions in `room` (for the application's own bookkeeping; do
     /// not show session ids to other clients, they are resume secrets).
+    /// In a cluster, every node's.
     pub async fn member_sessions(&self, room: &str) -> Result<Vec<SessionId>, ServerError> {
-        self.shared.call(|st, _| st.server.member_sessions(room))
+        let Some(cluster) = &self.shared.cluster else {
+            return self.shared.call(|st, _| st.server.member_sessions(room));
+        };
+        let mut sessions: Vec<SessionId> = self
+            .cluster_members(cluster, room)
+            .await?
+            .iter()
+            .filter_map(|m| SessionId::from_hex(&m.session))
+            .collect();
+        sessions.sort_by_key(|s| s.0);
+        Ok(sessions)
     }
 
-    /// How many members `room` has (0 for a room that does not exist).
+    /// How many members `room` has (0 for a room that does not exist). In
+    /// a cluster, on every node.
     pub async fn room_size(&self, room: &str) -> Result<usize, ServerError> {
-        self.shared.call(|st, _| st.server.room_size(room))
+        match &self.shared.cluster {
+            None => self.shared.call(|st, _| st.server.room_size(room)),
+            Some(cluster) => Ok(self.cluster_members(cluster, room).await?.len()),
+        }
     }
 
     /// The rooms a session is in (empty for an unknown session).
@@ -606,11 +701,10 @@ impl ServerHandle {
         if let Some(cluster) = &shared.cluster {
             cluster.hand_over_all(shared).await;
         }
-        let done = rx.await.map_err(|_| ServerError::Stopped);
-        if let Some(cluster) = &shared.cluster {
-            cluster.leave().await;
-        }
-        done
+        // The node's liveness key is left to expire (one node timeout):
+        // until then the others do not take the handed-over sessions'
+        // memberships for a crashed node's, while their clients resume.
+        rx.await.map_err(|_| ServerError::Stopped)
     }
 
     /// Serves a WebSocket that another HTTP server already upgraded (and

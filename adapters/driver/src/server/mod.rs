@@ -88,6 +88,7 @@ mod http;
 mod hyper;
 mod metrics;
 mod shared;
+mod shared_rooms;
 mod upgrade;
 
 pub use auth::{AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy, TokenValidator};
@@ -369,6 +370,7 @@ fn start_inner(
     let mut server = Server::new(config)?;
     // Room-stream members read each broadcast from one shared feed.
     server.set_room_feeds(true);
+    server.set_shared_rooms(options.backplane.is_some());
     if let Some(policy) = &options.policy {
         server.set_policy(Box::new(SharedPolicy(policy.clone())));
     }

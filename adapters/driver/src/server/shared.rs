@@ -27,7 +27,7 @@ use kitestring_core::server::{
 };
 use kitestring_core::stream::HistoryConfig;
 use kitestring_core::wire::{Codec, SessionId};
-use tracing::{debug, trace, warn};
+use tracing::{debug, error, trace, warn};
 
 use crate::drive::Clock;
 use crate::error::ServerError;
@@ -433,6 +433,17 @@ impl LockedState {
                     }
                 }
                 ServerOutput::Feed(f) => self.feed(env, f, current, wakes),
+                ServerOutput::Cluster(c) => {
+                    match &env.cluster {
+                        Some(cluster) => {
+                            if let Some(c) = cluster.rooms.push(c) {
+                                warn!("too many room operations waiting for the backplane: refusing one");
+                                super::shared_rooms::refuse_full(&mut self.server, now, c);
+                            }
+                        }
+                        None => error!(?c, "a cluster output without a cluster"),
+                    }
+                }
                 ServerOutput::Event(event) => {
                     log_event(&event);
                     self.track_codec(&event);
