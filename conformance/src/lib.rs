@@ -5,6 +5,7 @@
 
 pub mod script;
 pub mod sim;
+pub mod store;
 
 // Body of the `pair` fuzz target, compiled only for fuzzing and its tests.
 #[cfg(feature = "fuzzing")]

@@ -15,7 +15,13 @@ use kitestring_core::client::{Client, Event, Output, State, TransportError, Tran
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::{ClientConfig, ServerConfig};
 use kitestring_core::reliable::{MessageId, SendError};
-use kitestring_core::server::{ConnectionId, Server, ServerEvent, ServerOutput, SessionImage};
+use kitestring_core::rooms::Member;
+use kitestring_core::server::{
+    ClusterOutput, ConnectionId, EntryOutcome, RoomError, RoomOp, Server, ServerEvent,
+    ServerOutput, SessionImage, SharedEntry,
+};
+
+use crate::store::{ModelStore, Reply};
 use kitestring_core::time::Instant;
 use kitestring_core::wire::{ClientId, Payload, SessionId, Transmit};
 
@@ -78,6 +84,14 @@ enum Ev {
     ToClient(usize, Transmit),
     ServerSeesClose(usize, Option<CloseCode>),
     ClientSeesClose(usize, Option<CloseCode>),
+    /// Shared rooms: an operation reaches the store.
+    Cluster(ClusterOutput),
+    /// The store's answer reaches the server.
+    Settled(ClusterOutput, Reply),
+    /// An entry the store appended reaches the server.
+    Entry(String, u64, SharedEntry),
+    /// The server compares its rooms with the store's.
+    Beat,
 }
 
 #[derive(Debug)]
@@ -126,6 +140,11 @@ pub struct Sim {
     rng: u64,
     fresh: u64,
     steps: u64,
+    /// Shared rooms ([`Sim::share_rooms`]): the store.
+    pub store: Option<ModelStore>,
+    /// Entries the store appends next that never reach the server (a
+    /// lost notification: the server fills the gap from the log).
+    pub drop_entries: u32,
 }
 
 impl Sim {
@@ -150,7 +169,62 @@ impl Sim {
             rng: seed ^ 0x5EED_0FC0_FFEE,
             fresh: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             steps: 0,
+            store: None,
+            drop_entries: 0,
         }
+    }
+
+    /// Shares the server's rooms through a model store, as a cluster's
+    /// servers do (`kitestring::Backplane`): its room operations go to the
+    /// store one latency away, and entries come back numbered. Call before
+    /// the first client connects.
+    pub fn share_rooms(&mut self) {
+        self.server.set_shared_rooms(true);
+        self.store = Some(ModelStore::new(self.server_config.history.max_entries));
+        let at = self.now + Duration::from_secs(1);
+        self.schedule(at, Ev::Beat);
+    }
+
+    /// Opens the server's copy of `room` from the store (after `after`).
+    fn open_room(&mut self, room: &str, after: u64) {
+        let now = self.now;
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let (epoch, last, entries) = store.read(room, after);
+        self.server.room_open(now, room, epoch, last, entries);
+    }
+
+    /// After a session is imported: its memberships recorded as held
+    /// here, as a driver does.
+    fn adopt(&mut self, session: SessionId) {
+        if self.store.is_none() {
+            return;
+        }
+        let Some(member) = self.server.member(session) else {
+            return;
+        };
+        let at = self.now + self.link.latency;
+        for room in self.server.rooms_of(session) {
+            let presence = self.server.room_presence(&room);
+            let join = ClusterOutput::Join {
+                room,
+                session,
+                member: member.clone(),
+                presence,
+                max_members: self.server_config.max_room_size,
+                origin: None,
+            };
+            self.schedule(at, Ev::Cluster(join));
+        }
+    }
+
+    /// Whether any session's room operation waits for the store.
+    fn room_ops_pending(&self) -> bool {
+        self.server
+            .session_ids()
+            .into_iter()
+            .any(|s| self.server.room_ops_pending(s))
     }
 
     /// Adds a client (not yet connected); returns its index.
@@ -304,6 +378,7 @@ impl Sim {
                 Ok(s) => s,
                 Err(e) => panic!("invalid server config: {e}"),
             };
+            self.server.set_shared_rooms(self.store.is_some());
             self.by_conn.clear();
             for link in &mut self.links {
                 link.server_gone = true;
@@ -318,6 +393,8 @@ impl Sim {
     /// image, each carried through JSON as a backplane would store it.
     /// Returns how many sessions moved.
     pub fn hand_over(&mut self) -> usize {
+        // Room operations on their way first, as a driver waits for them.
+        self.run_while(Duration::from_secs(5), |sim| sim.room_ops_pending());
         let now = self.now;
         let images: Vec<String> = self
             .server
@@ -330,8 +407,15 @@ impl Sim {
         self.restart_server(false);
         for json in &images {
             let image: SessionImage = serde_json::from_str(json).expect("an image reads back");
+            let rooms: Vec<String> = image.rooms().map(str::to_owned).collect();
+            for room in rooms {
+                self.open_room(&room, 0);
+            }
             if let Err(e) = self.server.import_session(now, &image) {
                 panic!("the new server refused a session the old one exported: {e}");
+            }
+            if let Some(session) = image.session() {
+                self.adopt(session);
             }
         }
         self.pump();
@@ -345,15 +429,25 @@ impl Sim {
         let Some(session) = self.session(i) else {
             return false;
         };
+        if self.server.room_ops_pending(session) {
+            return false; // a driver waits for them
+        }
         let Some(image) = self.server.export_session(now, session) else {
             return false;
         };
         let json = serde_json::to_string(&image).expect("an image serializes");
         self.pump();
         let image: SessionImage = serde_json::from_str(&json).expect("an image reads back");
+        let rooms: Vec<String> = image.rooms().map(str::to_owned).collect();
+        for room in rooms {
+            if self.server.room_position(&room).is_none() {
+                self.open_room(&room, 0);
+            }
+        }
         if let Err(e) = self.server.import_session(self.now, &image) {
             panic!("the server refused a session it exported: {e}");
         }
+        self.adopt(session);
         self.pump();
         true
     }
@@ -523,6 +617,50 @@ impl Sim {
     fn deliver(&mut self, ev: Ev) {
         let now = self.now;
         match ev {
+            Ev::Cluster(c) => {
+                let Some(store) = self.store.as_mut() else {
+                    return;
+                };
+                let (reply, appended) = store.apply(&c);
+                let at = now + self.link.latency;
+                // The store's answer and its notification travel apart:
+                // either may arrive first.
+                let entry_first = self.rand() & 1 == 0;
+                if !entry_first {
+                    self.schedule(at, Ev::Settled(c.clone(), reply.clone()));
+                }
+                if let Some((room, epoch, e)) = appended {
+                    if self.drop_entries > 0 {
+                        self.drop_entries -= 1;
+                    } else {
+                        self.schedule(at, Ev::Entry(room, epoch, e));
+                    }
+                }
+                if entry_first {
+                    self.schedule(at, Ev::Settled(c, reply));
+                }
+            }
+            Ev::Entry(room, epoch, e) => match self.server.room_entry(now, &room, epoch, e) {
+                EntryOutcome::Gap { after } => self.open_room(&room, after),
+                EntryOutcome::OtherEpoch => self.open_room(&room, 0),
+                _ => {}
+            },
+            Ev::Settled(c, reply) => self.settle(c, reply),
+            Ev::Beat => {
+                let at = now + Duration::from_secs(1);
+                self.schedule(at, Ev::Beat);
+                for room in self.server.followed_rooms() {
+                    let Some((epoch, last)) = self.server.room_position(&room) else {
+                        continue;
+                    };
+                    let top = self.store.as_ref().and_then(|s| s.top(&room));
+                    match top {
+                        Some((e, t)) if e == epoch && t <= last => {}
+                        Some((e, _)) if e == epoch => self.open_room(&room, last),
+                        _ => self.open_room(&room, 0),
+                    }
+                }
+            }
             Ev::Opened(l) => {
                 if self.links[l].client_gone || self.links[l].client_closing {
                     return;
@@ -603,6 +741,81 @@ impl Sim {
                     .client
                     .handle_transport_closed(now, tid, code, "");
             }
+        }
+    }
+
+    /// What the store did with a room operation, to the server (as a
+    /// driver hands it over).
+    fn settle(&mut self, c: ClusterOutput, reply: Reply) {
+        let now = self.now;
+        match (c, reply) {
+            (ClusterOutput::Publish { origin, .. }, _) => {
+                if let Some(op) = origin {
+                    self.server.room_published(now, op);
+                }
+            }
+            (
+                ClusterOutput::Join {
+                    room,
+                    session,
+                    origin,
+                    presence,
+                    ..
+                },
+                Reply::Joined(joined),
+            ) => {
+                if self
+                    .server
+                    .room_position(&room)
+                    .is_none_or(|(e, _)| e != joined.epoch)
+                {
+                    self.open_room(&room, 0);
+                }
+                if !self.server.room_joined(now, session, &room, joined, origin) {
+                    let leave = ClusterOutput::Leave {
+                        room,
+                        session,
+                        member: Member {
+                            client: String::new(),
+                            identity: None,
+                        },
+                        presence,
+                        origin: None,
+                    };
+                    let at = now + self.link.latency;
+                    self.schedule(at, Ev::Cluster(leave));
+                }
+            }
+            (
+                ClusterOutput::Join {
+                    room,
+                    session,
+                    origin,
+                    ..
+                },
+                _,
+            ) => {
+                let max = self.server_config.max_room_size;
+                match origin {
+                    Some(op) => {
+                        let full = RoomError::RoomFull { max };
+                        self.server.room_failed(now, op, &room, RoomOp::Join, full)
+                    }
+                    // An adoption into a room that filled meanwhile.
+                    None => self.server.room_left(now, session, &room, None),
+                }
+                self.server.room_close_if_empty(now, &room);
+            }
+            (
+                ClusterOutput::Leave {
+                    room,
+                    session,
+                    origin,
+                    ..
+                },
+                _,
+            ) => self.server.room_left(now, session, &room, origin),
+            _ => {}
         }
     }
 
@@ -783,7 +996,22 @@ impl Sim {
             // target, which runs both and compares what each connection
             // is sent.
             ServerOutput::Feed(f) => panic!("room feeds are off in the simulator: {f:?}"),
-            ServerOutput::Cluster(c) => panic!("rooms are not shared in the simulator: {c:?}"),
+            ServerOutput::Cluster(c) => {
+                assert!(
+                    self.store.is_some(),
+                    "a cluster output without shared rooms: {c:?}"
+                );
+                // A join needs the room's copy here first, as a driver
+                // opens it before the store takes the join.
+                if let ClusterOutput::Join { room, .. } = &c {
+                    if self.server.room_position(room).is_none() {
+                        let room = room.to_string();
+                        self.open_room(&room, 0);
+                    }
+                }
+                let at = now + self.link.latency;
+                self.schedule(at, Ev::Cluster(c));
+            }
         }
     }
 }

@@ -62,7 +62,22 @@ fn presence(sim: &Sim, c: usize) -> Vec<(bool, Vec<String>, Vec<String>)> {
 
 /// `count` clients named c0, c1, ... all in `room`.
 fn crowd(count: usize, config: ServerConfig, client: ClientConfig, seed: u64) -> Sim {
+    crowd_in(count, config, client, seed, false)
+}
+
+/// [`crowd`], with the server's rooms shared through a model store when
+/// `shared`.
+fn crowd_in(
+    count: usize,
+    config: ServerConfig,
+    client: ClientConfig,
+    seed: u64,
+    shared: bool,
+) -> Sim {
     let mut sim = Sim::new(config, LinkConfig::default(), seed);
+    if shared {
+        sim.share_rooms();
+    }
     for i in 0..count {
         let c = sim.add_client(client.clone(), seed + i as u64);
         sim.peers[c].identity = Some(format!("c{i}"));
@@ -566,6 +581,10 @@ enum Op {
     Blackhole(usize),
     Advance(u32),
     Bounce(usize),
+    /// Shared rooms only: the next entries' notifications are lost.
+    DropEntries(u8),
+    /// Shared rooms only: a deploy, every session into a new server.
+    HandOver,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -580,6 +599,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+fn shared_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => op(),
+        1 => (1u8..4).prop_map(Op::DropEntries),
+        1 => Just(Op::HandOver),
+    ]
+}
+
 proptest! {
     /// Property 7: broadcasts and publishes reach every member exactly once
     /// and in order across member reconnects. Order is per source (the
@@ -589,23 +616,72 @@ proptest! {
     /// misses nothing.
     #[test]
     fn room_traffic_is_exactly_once_in_order(seed in any::<u64>(), ops in prop::collection::vec(op(), 1..40)) {
-        let mut sim = crowd(4, server_config(), ClientConfig::default(), seed % 1000);
+        room_traffic(seed, &ops, false)?;
+    }
+
+    /// Property 7 with the room shared through a cluster's store: every
+    /// join, leave and publish goes to the store and comes back numbered,
+    /// acknowledgments wait for the store, notifications get lost (the
+    /// server fills the gap from the room's log), and a deploy moves every
+    /// session into a new server: still exactly once, in order per source.
+    #[test]
+    fn shared_room_traffic_is_exactly_once_in_order(seed in any::<u64>(), ops in prop::collection::vec(shared_op(), 1..40)) {
+        room_traffic(seed, &ops, true)?;
+    }
+}
+
+fn room_traffic(seed: u64, ops: &[Op], shared: bool) -> Result<(), TestCaseError> {
+    {
+        let mut sim = crowd_in(
+            4,
+            server_config(),
+            ClientConfig::default(),
+            seed % 1000,
+            shared,
+        );
+        if shared {
+            for c in 0..4 {
+                let members = sim.store.as_ref().unwrap().members("room").len();
+                prop_assert_eq!(members, 4, "client {} joined through the store", c);
+            }
+        }
         // Payload = source * 1_000_000 + k; source 9 is the server.
         let mut expected: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
         let mut k = 0u64;
-        for o in &ops {
+        for o in ops {
             match *o {
                 Op::Broadcast => {
                     k += 1;
                     let v = 9_000_000 + k;
-                    sim.with_server(|s, now| s.broadcast(now, "room", Payload::json(format!("{v}").into_bytes()).unwrap(), None)).unwrap();
-                    for c in 0..4 { expected.entry(c).or_default().push(v); }
+                    sim.with_server(|s, now| {
+                        s.broadcast(
+                            now,
+                            "room",
+                            Payload::json(format!("{v}").into_bytes()).unwrap(),
+                            None,
+                        )
+                    })
+                    .unwrap();
+                    for c in 0..4 {
+                        expected.entry(c).or_default().push(v);
+                    }
                 }
                 Op::Publish(p) => {
                     k += 1;
                     let v = p as u64 * 1_000_000 + k;
-                    if sim.with_client(p, |cl, now| cl.publish(now, "room", Payload::json(format!("{v}").into_bytes()).unwrap())).is_ok() {
-                        for c in (0..4).filter(|c| *c != p) { expected.entry(c).or_default().push(v); }
+                    if sim
+                        .with_client(p, |cl, now| {
+                            cl.publish(
+                                now,
+                                "room",
+                                Payload::json(format!("{v}").into_bytes()).unwrap(),
+                            )
+                        })
+                        .is_ok()
+                    {
+                        for c in (0..4).filter(|c| *c != p) {
+                            expected.entry(c).or_default().push(v);
+                        }
                     }
                 }
                 Op::Cut(c) => sim.cut(c),
@@ -614,6 +690,10 @@ proptest! {
                 Op::Advance(ms) => sim.run_for(Duration::from_millis(u64::from(ms))),
                 Op::Bounce(c) => {
                     sim.bounce(c);
+                }
+                Op::DropEntries(n) => sim.drop_entries += u32::from(n),
+                Op::HandOver => {
+                    sim.hand_over();
                 }
             }
             for c in 0..4 {
@@ -632,7 +712,12 @@ proptest! {
             want.sort_unstable();
             prop_assert_eq!(got_sorted, want, "client {}", c);
         }
+        if shared {
+            prop_assert_eq!(sim.store.as_ref().unwrap().members("room").len(), 4);
+            prop_assert_eq!(sim.server.room_size("room"), 4);
+        }
     }
+    Ok(())
 }
 
 /// Within each source, strictly increasing (no duplicate, no reorder).
