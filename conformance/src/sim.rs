@@ -749,11 +749,12 @@ impl Sim {
     fn settle(&mut self, c: ClusterOutput, reply: Reply) {
         let now = self.now;
         match (c, reply) {
-            (ClusterOutput::Publish { origin, .. }, _) => {
-                if let Some(op) = origin {
-                    self.server.room_published(now, op);
-                }
-            }
+            (
+                ClusterOutput::Publish {
+                    origin: Some(op), ..
+                },
+                _,
+            ) => self.server.room_published(now, op),
             (
                 ClusterOutput::Join {
                     room,
