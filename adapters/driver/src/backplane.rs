@@ -28,6 +28,22 @@
 //! `{"sent":N,"error":"..."}` answers with the id it was given there or why
 //! not.
 //!
+//! **Shared rooms.** Each room has a log in the store: an epoch (made
+//! anew whenever the room has no log: new, emptied, or lost with the
+//! store's data), offsets from 1 without gaps, the newest entries
+//! (bounded by the server's history), and its members (session, the node
+//! holding it, how the others see it). [`RoomCommand`]s change them
+//! atomically and in the order given ([`Backplane::room_batch`]); every
+//! appended entry is also delivered to the nodes that follow the room
+//! ([`Backplane::room_news`]), and read back by offset
+//! ([`Backplane::room_read`]). An entry's bytes are the server's
+//! (`M` ...: a message) except the two the store writes itself: a join
+//! announcement, `J` then the session's 32 hex digits then the member's
+//! JSON, and a leave announcement, `L` then the JSON of each member that
+//! left, separated by newlines. The store keeps, for sweeping, which
+//! rooms each node has members in ([`Backplane::node_rooms`]) and which
+//! nodes have any ([`Backplane::room_nodes`]).
+//!
 //! This module owns the trait and its error; it never holds cluster logic.
 //!
 //! [`ServerOptions::backplane`]: crate::ServerOptions::backplane

@@ -29,7 +29,15 @@
 //! a compare-and-delete script, sets are Redis sets (`SADD` with
 //! `PEXPIRE`, `SREM`, `SMEMBERS`), and each node's inbox a pub/sub channel
 //! `{prefix}inbox:{node}` on a RESP3 connection that reconnects and
-//! subscribes again by itself. It also owns [`testing`], which starts a
+//! subscribes again by itself. Shared rooms are Lua scripts over a hash,
+//! a stream and a channel per room (the `rooms` module: one script per
+//! batch, so a batch is one round trip and each operation atomic), their
+//! notifications arriving on a second RESP3 connection that subscribes to
+//! the rooms the node follows (at most [`ROOM_NEWS_CAPACITY`] waiting to
+//! be read; past that, and after that connection drops, the server is told
+//! to read the logs). Scripts compute the keys they touch, so this is for
+//! one Redis server (with replicas if you like), not Redis Cluster. It
+//! also owns [`testing`], which starts a
 //! private `redis-server` for tests and benchmarks. It holds no cluster
 //! logic: what is kept and when is the server's (`kitestring::backplane`).
 //!
