@@ -781,6 +781,7 @@ impl Sim {
                             identity: None,
                         },
                         presence,
+                        ended: false,
                         origin: None,
                     };
                     let at = now + self.link.latency;

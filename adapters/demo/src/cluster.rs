@@ -17,6 +17,12 @@
 //! missing only where the client was told its session was recovered after
 //! a crash. Anything else is counted lost or duplicated.
 //!
+//! Every client is also a member of one room, and every third message it
+//! sends is a publish to it: each publish the cluster acknowledged must
+//! reach every other member once, in order, whatever node each is on and
+//! whatever happened to the nodes (a member told it missed part of the
+//! room's stream, or whose session was lost, is excused and counted).
+//!
 //! This module owns the processes, the traffic and the books of cluster
 //! mode; it never looks inside the nodes (only at what they print).
 
@@ -84,6 +90,22 @@ pub struct ClusterReport {
     pub redis_cuts: u64,
     /// Sessions a client was told were recovered.
     pub recovered: u64,
+    /// Room publishes the clients' API accepted.
+    pub room_published: u64,
+    /// Of them, acknowledged.
+    pub room_acked: u64,
+    /// Of them, refused by id (`unavailable`: Redis could not take them).
+    pub room_refused: u64,
+    /// Publishes received by other members.
+    pub room_delivered: u64,
+    /// Deliveries not owed: the member was told it missed part of the
+    /// room's stream, or lost its session.
+    pub room_excused: u64,
+    /// Acknowledged publishes a member never received (counted in `lost`).
+    pub room_lost: u64,
+    /// Publishes a member received twice or out of order (counted in
+    /// `duplicated`).
+    pub room_duplicated: u64,
 }
 
 impl ClusterReport {
@@ -94,6 +116,7 @@ impl ClusterReport {
              sent: {}  handled: {}  handled again after a crash (same id): {}\n\
              echoes: {}  gone in crashes (clients told: recovered): {}  sessions recovered: {}\n\
              reported by the library: {}\n\
+             room: published {}  acknowledged {}  refused {}  delivered to other members {}  excused {}\n\
              lost: {}\n\
              duplicated: {}",
             self.cuts,
@@ -107,6 +130,11 @@ impl ClusterReport {
             self.echoes_gone_in_crashes,
             self.recovered,
             self.reported,
+            self.room_published,
+            self.room_acked,
+            self.room_refused,
+            self.room_delivered,
+            self.room_excused,
             self.lost,
             self.duplicated
         )
@@ -237,7 +265,26 @@ struct ClientBook {
     /// Ids a lost session reported.
     reported: BTreeSet<u64>,
     recovered: u64,
+    /// Room publishes: k -> the id the API gave it.
+    published: BTreeMap<u64, u64>,
+    /// Acknowledged id ranges.
+    acked: Vec<(u64, u64)>,
+    /// Ids refused.
+    refused: BTreeSet<u64>,
+    /// Room messages received, by publisher, in order.
+    room_got: BTreeMap<u64, Vec<u64>>,
+    /// Told it missed part of the room's stream.
+    missed: u64,
+    /// Lost a session.
+    lost_session: bool,
+    /// Members of the room, as presence says.
+    members: BTreeSet<String>,
 }
+
+/// The room every client is in.
+const ROOM: &str = "all";
+/// Room payloads: ROOM_BASE + publisher * 1 000 000 + k.
+const ROOM_BASE: u64 = 1_000_000_000_000;
 
 /// A tiny seeded generator (the schedule must not depend on the clock).
 struct Rng(u64);
@@ -282,16 +329,37 @@ pub async fn run(
         let book = Arc::new(Mutex::new(ClientBook::default()));
         let (b, stop) = (book.clone(), stop.clone());
         let period = Duration::from_secs_f64(1.0 / settings.rate.max(0.01));
+        let clients = settings.clients;
         let sender = tokio::spawn(async move {
+            let _ = client.join(ROOM).await;
+            // Publishes start once everyone is in the room (they are owed
+            // to the members at the time).
+            let wait = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < wait
+                && b.lock().unwrap_or_else(|e| e.into_inner()).members.len() < clients
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let mut k = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let payload = c as u64 * 1_000_000 + k;
-                if let Ok(id) = client.send(&payload).await {
-                    b.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .ids
-                        .insert(payload, id.0);
-                    k += 1;
+                if k % 3 == 2 {
+                    let payload = ROOM_BASE + c as u64 * 1_000_000 + k;
+                    if let Ok(id) = client.publish(ROOM, &payload).await {
+                        b.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .published
+                            .insert(k, id.0);
+                        k += 1;
+                    }
+                } else {
+                    let payload = c as u64 * 1_000_000 + k;
+                    if let Ok(id) = client.send(&payload).await {
+                        b.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .ids
+                            .insert(payload, id.0);
+                        k += 1;
+                    }
                 }
                 tokio::time::sleep(period).await;
             }
@@ -302,9 +370,34 @@ pub async fn run(
             while let Some(e) = events.next().await {
                 let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
                 match e {
+                    Event::Message(m) if m.room.as_deref() == Some(ROOM) => {
+                        if let Ok(v) = kitestring::decode::<u64>(&m.payload) {
+                            let v = v.saturating_sub(ROOM_BASE);
+                            b.room_got
+                                .entry(v / 1_000_000)
+                                .or_default()
+                                .push(v % 1_000_000);
+                        }
+                    }
                     Event::Message(m) => {
                         if let Ok(v) = kitestring::decode::<u64>(&m.payload) {
                             *b.echoes.entry(v).or_default() += 1;
+                        }
+                    }
+                    Event::Acked { first, last } => b.acked.push((first.0, last.0)),
+                    Event::Refused { id: Some(id), .. } => {
+                        b.refused.insert(id.0);
+                    }
+                    Event::Missed { .. } => b.missed += 1,
+                    Event::Presence { presence, .. } => {
+                        let who = |m: &kitestring::Member| m.client.clone();
+                        if presence.snapshot {
+                            b.members = presence.joined.iter().map(who).collect();
+                        } else {
+                            b.members.extend(presence.joined.iter().map(who));
+                            for m in &presence.left {
+                                b.members.remove(&who(m));
+                            }
                         }
                     }
                     Event::Connected {
@@ -314,9 +407,11 @@ pub async fn run(
                         unconfirmed,
                         unsent,
                         ..
-                    } => b
-                        .reported
-                        .extend(unconfirmed.iter().chain(&unsent).map(|id| id.0)),
+                    } => {
+                        b.lost_session = true;
+                        b.reported
+                            .extend(unconfirmed.iter().chain(&unsent).map(|id| id.0));
+                    }
                     _ => {}
                 }
             }
@@ -403,7 +498,17 @@ pub async fn run(
             b.ids.iter().all(|(p, id)| {
                 b.reported.contains(id) || (handled.contains(p) && b.echoes.contains_key(p))
             })
-        });
+        }) && room_books(&books, false).lost == 0
+            && books.iter().all(|b| {
+                // Every publish's fate known: acknowledged, refused, or
+                // reported with a lost session.
+                let b = b.lock().unwrap_or_else(|e| e.into_inner());
+                b.published.values().all(|id| {
+                    b.refused.contains(id)
+                        || b.reported.contains(id)
+                        || b.acked.iter().any(|&(f, l)| f <= *id && *id <= l)
+                })
+            });
         if done {
             break;
         }
@@ -449,6 +554,16 @@ pub async fn run(
             }
         }
     }
+    let room = room_books(&books, true);
+    report.room_published = room.published;
+    report.room_acked = room.acked;
+    report.room_refused = room.refused;
+    report.room_delivered = room.delivered;
+    report.room_excused = room.excused;
+    report.room_lost = room.lost;
+    report.room_duplicated = room.duplicated;
+    report.lost += room.lost;
+    report.duplicated += room.duplicated;
     for c in clients {
         let _ = c.close().await;
     }
@@ -459,4 +574,82 @@ pub async fn run(
         n.stop();
     }
     Ok(report)
+}
+
+/// The room's books, from every client's.
+#[derive(Default)]
+struct RoomBooks {
+    published: u64,
+    acked: u64,
+    refused: u64,
+    delivered: u64,
+    excused: u64,
+    lost: u64,
+    duplicated: u64,
+}
+
+fn room_books(books: &[Arc<Mutex<ClientBook>>], report: bool) -> RoomBooks {
+    let debug = report && std::env::var_os("KITESTRING_DEMO_DEBUG").is_some();
+    let books: Vec<_> = books
+        .iter()
+        .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let mut r = RoomBooks::default();
+    for (c, b) in books.iter().enumerate() {
+        for got in b.room_got.values() {
+            r.delivered += got.len() as u64;
+            // Strictly increasing per publisher: no duplicate, no reorder.
+            r.duplicated += got.windows(2).filter(|w| w[0] >= w[1]).count() as u64;
+            if debug {
+                for (i, w) in got.windows(2).enumerate() {
+                    if w[0] >= w[1] {
+                        let from = i.saturating_sub(3);
+                        let to = (i + 4).min(got.len());
+                        eprintln!(
+                            "receiver {c}: {:?} (missed {}, lost {})",
+                            &got[from..to],
+                            b.missed,
+                            b.lost_session
+                        );
+                    }
+                }
+            }
+        }
+        for (k, id) in &b.published {
+            r.published += 1;
+            if b.refused.contains(id) {
+                r.refused += 1;
+                continue;
+            }
+            if !b.acked.iter().any(|&(f, l)| f <= *id && *id <= l) {
+                continue; // its fate unknown (unconfirmed): owed to nobody
+            }
+            r.acked += 1;
+            for (o, other) in books.iter().enumerate() {
+                if o == c {
+                    continue;
+                }
+                let received = other
+                    .room_got
+                    .get(&(c as u64))
+                    .is_some_and(|ks| ks.contains(k));
+                if received {
+                    continue;
+                }
+                if other.missed > 0 || other.lost_session {
+                    r.excused += 1;
+                } else {
+                    r.lost += 1;
+                    if debug && r.lost < 40 {
+                        let got = other.room_got.get(&(c as u64));
+                        let near: Vec<u64> = got
+                            .map(|g| g.iter().copied().filter(|x| x.abs_diff(*k) < 12).collect())
+                            .unwrap_or_default();
+                        eprintln!("lost: publisher {c} k {k} id {id} receiver {o}: near {near:?}");
+                    }
+                }
+            }
+        }
+    }
+    r
 }

@@ -2,6 +2,7 @@
 //! cluster mode and the cluster tests that kill real processes.
 //!
 //! Its application echoes every message back to the session that sent it
+//! (room publishes go to the room's members instead, through Redis)
 //! and only then marks it handled (`Acknowledge::AfterHandled`: a message
 //! is acknowledged once handled, so a crash never loses an acknowledged
 //! one), and prints a line for each message it handled. It hands its
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use kitestring::kitestring_core::config::ResumeSecret;
+use kitestring::kitestring_core::stream::HistoryConfig;
 use kitestring::{Acknowledge, ServerConfig, ServerEvent, ServerOptions};
 
 const USAGE: &str = "\
@@ -32,6 +34,9 @@ OPTIONS:
   --listen ADDR         address to serve on (default 127.0.0.1:0)
   --secret HEX          the cluster's resume secret, 32 hex digits (default: a fixed demo secret)
   --node-timeout-ms N   how long a silent node counts as alive (default 10000)
+  --history N           entries of each room's history kept for members that were
+                        away (default 16384: a killed node's members wait out the
+                        node timeout before they resume)
 
 Prints `listening ADDR`, then `handled SESSION ID PAYLOAD` per message.
 Hands its sessions over and exits when standard input closes or reads `shutdown`.";
@@ -42,6 +47,7 @@ struct Options {
     listen: std::net::SocketAddr,
     secret: [u8; 16],
     node_timeout: Duration,
+    history: usize,
 }
 
 fn parse() -> Result<Options, String> {
@@ -51,6 +57,7 @@ fn parse() -> Result<Options, String> {
     let mut listen = "127.0.0.1:0".to_owned();
     let mut secret = *b"kitestring demo!";
     let mut node_timeout = Duration::from_secs(10);
+    let mut history = 16_384;
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
@@ -69,6 +76,9 @@ fn parse() -> Result<Options, String> {
                     .map_err(|e| format!("--node-timeout-ms: {e}"))?;
                 node_timeout = Duration::from_millis(ms);
             }
+            "--history" => {
+                history = value()?.parse().map_err(|e| format!("--history: {e}"))?;
+            }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown option {other}\n\n{USAGE}")),
         }
@@ -79,10 +89,18 @@ fn parse() -> Result<Options, String> {
         listen: listen.parse().map_err(|e| format!("--listen: {e}"))?,
         secret,
         node_timeout,
+        history,
     })
 }
 
 fn main() -> ExitCode {
+    // Warnings (a backplane that does not answer, a slow consumer closed)
+    // on standard error, tagged with the node's name by the caller.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .with_ansi(false)
+        .try_init();
     let opts = match parse() {
         Ok(o) => o,
         Err(e) => {
@@ -117,6 +135,10 @@ async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
         config: ServerConfig {
             resume_secret: ResumeSecret(opts.secret),
             acknowledge: Acknowledge::AfterHandled,
+            history: HistoryConfig {
+                max_entries: opts.history,
+                max_bytes: 64 << 20,
+            },
             ..ServerConfig::default()
         },
         backplane: Some(Arc::new(backplane)),
@@ -148,6 +170,11 @@ async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
             e = events.next() => {
                 let Some(e) = e else { break };
                 if let ServerEvent::Message { session, message } = e {
+                    // Room publishes are the room's to deliver (and are
+                    // acknowledged once Redis took them).
+                    if message.room.is_some() {
+                        continue;
+                    }
                     // The payload as JSON text, whichever codec carried it.
                     let text = kitestring::decode::<serde_json::Value>(&message.payload)
                         .map_or_else(|_| "?".to_owned(), |v| v.to_string());

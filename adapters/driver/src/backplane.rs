@@ -40,7 +40,9 @@
 //! (`M` ...: a message) except the two the store writes itself: a join
 //! announcement, `J` then the session's 32 hex digits then the member's
 //! JSON, and a leave announcement, `L` then the JSON of each member that
-//! left, separated by newlines. The store keeps, for sweeping, which
+//! left, separated by newlines. A client's publish is appended at most
+//! once per (session, message id), whatever a crash makes the client send
+//! again. The store keeps, for sweeping, which
 //! rooms each node has members in ([`Backplane::node_rooms`]) and which
 //! nodes have any ([`Backplane::room_nodes`]).
 //!
@@ -224,11 +226,18 @@ pub enum RoomCommand {
     /// Appends `entry` to `room`'s log with the next offset (making the
     /// log, with a new epoch, if the room has none) and delivers it to the
     /// nodes that follow the room. Replies [`RoomReply::Appended`].
+    ///
+    /// With `once`, a client's publish (session hex, message id): if the
+    /// room already took a publish of that session with that id or a
+    /// later one (the client sent it again after a crash), nothing is
+    /// appended and the reply says so.
     Append {
         /// The room.
         room: String,
         /// The entry, as the server encodes it.
         entry: Vec<u8>,
+        /// The client message it comes from, appended at most once.
+        once: Option<(String, u64)>,
     },
     /// Makes `session` (hex) a member of `room` held by this node, with
     /// `member` (JSON) as the others see it; a session already a member
@@ -253,8 +262,10 @@ pub enum RoomCommand {
     },
     /// Takes `session` out of `room`; with `announce`, an entry
     /// `L{member}` says so. When the room has no member left, its log is
-    /// dropped (a room made again gets a new epoch). Replies
-    /// [`RoomReply::Left`].
+    /// dropped (a room made again gets a new epoch). With `ended` (the
+    /// session is over), what the room remembers of its publishes goes
+    /// too; otherwise it stays, so that a publish sent again after a crash
+    /// is still taken once. Replies [`RoomReply::Left`].
     Leave {
         /// The room.
         room: String,
@@ -262,6 +273,8 @@ pub enum RoomCommand {
         session: String,
         /// Append an entry that says so.
         announce: bool,
+        /// The session ended.
+        ended: bool,
     },
 }
 
@@ -269,8 +282,9 @@ pub enum RoomCommand {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RoomReply {
-    /// The entry has `offset` in the log of epoch `epoch`; the room has
-    /// `members` members.
+    /// The entry has `offset` in the log of epoch `epoch` (or, `again`,
+    /// it had been appended before and nothing was: `offset` is the
+    /// log's last); the room has `members` members.
     Appended {
         /// The log's epoch.
         epoch: u64,
@@ -278,6 +292,8 @@ pub enum RoomReply {
         offset: u64,
         /// Members of the room.
         members: usize,
+        /// A publish taken before: not appended again.
+        again: bool,
     },
     /// The session is a member; its stream starts after offset `at` of
     /// epoch `epoch` (its announcement's offset, or the last one), and

@@ -5,7 +5,9 @@
 //! the log's `epoch` and its last offset `top`; `room:R:log`, a stream
 //! whose entry IDs are `{offset}-1`, trimmed to the newest `history`
 //! entries; `room:R:members`, a hash from session (hex) to
-//! `{node}\n{member JSON}`; and the channel `room:R`, on which each entry
+//! `{node}\n{member JSON}`; `room:R:pubs`, a hash from session to the id
+//! of its last publish the room took (a publish sent again after a crash
+//! is not appended twice; kept until the session ends, or the room); and the channel `room:R`, on which each entry
 //! is published as `{epoch}:{offset}:{entry}`. Per node `N`:
 //! `node-rooms:N`, the rooms where `N` has (or had) members; and
 //! `room-nodes`, every such node.
@@ -31,7 +33,7 @@ const PRELUDE: &str = r#"
 local prefix = ARGV[1]
 local function keys(room)
   local base = prefix .. 'room:' .. room
-  return base .. ':meta', base .. ':log', base .. ':members', base
+  return base .. ':meta', base .. ':log', base .. ':members', base, base .. ':pubs'
 end
 local function epoch_of(meta, log)
   local e = redis.call('HGET', meta, 'epoch')
@@ -68,10 +70,26 @@ local out = {}
 local i = 4
 while i <= #ARGV do
   local kind, room = ARGV[i], ARGV[i + 1]
-  local meta, log, members = keys(room)
+  local meta, log, members, _, pubs = keys(room)
   if kind == 'A' then
-    local e, top = append(room, ARGV[i + 2], keep)
-    out[#out + 1] = {'A', e, top, redis.call('HLEN', members)}
+    local session, id = ARGV[i + 3], ARGV[i + 4]
+    local again = false
+    if session ~= '' then
+      local last = redis.call('HGET', pubs, session)
+      if last and tonumber(last) >= tonumber(id) then
+        again = true
+      else
+        redis.call('HSET', pubs, session, id)
+      end
+    end
+    if again then
+      local e = epoch_of(meta, log)
+      local top = tonumber(redis.call('HGET', meta, 'top'))
+      out[#out + 1] = {'A', e, top, redis.call('HLEN', members), 1}
+    else
+      local e, top = append(room, ARGV[i + 2], keep)
+      out[#out + 1] = {'A', e, top, redis.call('HLEN', members), 0}
+    end
   elseif kind == 'J' then
     local session, member, flags, max = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], tonumber(ARGV[i + 5])
     local had = redis.call('HEXISTS', members, session) == 1
@@ -99,14 +117,17 @@ while i <= #ARGV do
       out[#out + 1] = reply
     end
   elseif kind == 'L' then
-    local session, announce = ARGV[i + 2], ARGV[i + 3]
+    local session, announce, ended = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    if ended == '1' then
+      redis.call('HDEL', pubs, session)
+    end
     local v = redis.call('HGET', members, session)
     if not v then
       out[#out + 1] = {'L', 0}
     else
       redis.call('HDEL', members, session)
       if redis.call('HLEN', members) == 0 then
-        redis.call('DEL', meta, log)
+        redis.call('DEL', meta, log, pubs)
       elseif announce == '1' then
         local _, m = member_of(v)
         append(room, 'L' .. m, keep)
@@ -141,7 +162,7 @@ return out
 /// remaining.
 pub(crate) const SWEEP: &str = r#"
 local room, node, announce, keep = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local meta, log, members = keys(room)
+local meta, log, members, _, pubs = keys(room)
 local all = redis.call('HGETALL', members)
 local left, remaining = {}, 0
 for k = 1, #all, 2 do
@@ -162,7 +183,7 @@ for k = 1, #all, 2 do
 end
 if #left > 0 then
   if redis.call('HLEN', members) == 0 then
-    redis.call('DEL', meta, log)
+    redis.call('DEL', meta, log, pubs)
   elseif announce == '1' then
     append(room, 'L' .. table.concat(left, '\n'), keep)
   end
@@ -192,10 +213,14 @@ pub(crate) fn batch_args(commands: &[RoomCommand]) -> Vec<Vec<u8>> {
     for c in commands {
         let mut six: [Vec<u8>; 6] = Default::default();
         match c {
-            RoomCommand::Append { room, entry } => {
+            RoomCommand::Append { room, entry, once } => {
                 six[0] = b"A".to_vec();
                 six[1] = room.clone().into_bytes();
                 six[2] = entry.clone();
+                if let Some((session, id)) = once {
+                    six[3] = session.clone().into_bytes();
+                    six[4] = id.to_string().into_bytes();
+                }
             }
             RoomCommand::Join {
                 room,
@@ -216,10 +241,12 @@ pub(crate) fn batch_args(commands: &[RoomCommand]) -> Vec<Vec<u8>> {
                 room,
                 session,
                 announce,
+                ended,
             } => {
                 six[0] = b"L".to_vec();
                 six[1] = room.clone().into_bytes();
                 six[2] = session.clone().into_bytes();
+                six[4] = if *ended { b"1".to_vec() } else { b"0".to_vec() };
                 six[3] = if *announce {
                     b"1".to_vec()
                 } else {
@@ -280,10 +307,11 @@ pub(crate) fn batch_replies(v: Value, n: usize) -> Result<Vec<RoomReply>, Backpl
             let kind = bytes(r.next().ok_or_else(|| bad("an empty reply"))?)?;
             let rest: Vec<Value> = r.collect();
             match kind.as_slice() {
-                b"A" if rest.len() == 3 => Ok(RoomReply::Appended {
+                b"A" if rest.len() == 4 => Ok(RoomReply::Appended {
                     epoch: int(&rest[0])?,
                     offset: int(&rest[1])?,
                     members: usize::try_from(int(&rest[2])?).unwrap_or(usize::MAX),
+                    again: int(&rest[3])? == 1,
                 }),
                 b"J" if rest.len() >= 2 => {
                     let epoch = int(&rest[0])?;

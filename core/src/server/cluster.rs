@@ -96,6 +96,9 @@ pub enum ClusterOutput {
         member: Member,
         /// Whether the room has presence.
         presence: bool,
+        /// The session ended: it will never send again, so what the
+        /// cluster remembers of its publishes (to take each once) can go.
+        ended: bool,
         /// The client message it came from.
         origin: Option<ClientOp>,
     },

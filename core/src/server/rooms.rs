@@ -59,6 +59,7 @@ impl Server {
                     session,
                     member,
                     presence,
+                    ended: false,
                     origin: None,
                 });
             }
@@ -393,6 +394,7 @@ impl Server {
                     session,
                     member,
                     presence,
+                    ended: false,
                     origin: Some(op),
                 });
             }

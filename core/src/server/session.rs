@@ -238,6 +238,7 @@ impl Server {
                     session,
                     member: member.clone(),
                     presence,
+                    ended: true,
                     origin: None,
                 });
             }

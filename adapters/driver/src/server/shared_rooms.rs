@@ -64,6 +64,10 @@ enum Job {
         output: ClusterOutput,
         publish: Option<PublishReply>,
         join: Option<JoinReply>,
+        /// A publish's key, so that it is appended once however often it
+        /// is sent: the client's (session, message id), or this process's
+        /// own for the application's broadcasts.
+        once: Option<(String, u64)>,
     },
     /// A session that arrived here is a member of `room` held here.
     Adopt {
@@ -94,6 +98,13 @@ pub(super) struct SharedRooms {
     task: AtomicWaker,
     /// A change the store may have missed: reconcile at the next beat.
     dirty: AtomicBool,
+    /// The store did not take the last batch: new operations are refused
+    /// at once until it does.
+    down: AtomicBool,
+    /// This process's publisher key for the application's broadcasts, and
+    /// their count.
+    publisher: String,
+    broadcasts: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,6 +119,13 @@ impl SharedRooms {
             // A node starts by reconciling: what its previous process held
             // and no longer does.
             dirty: AtomicBool::new(true),
+            down: AtomicBool::new(false),
+            publisher: format!(
+                "app-{}",
+                kitestring_core::wire::SessionId(crate::util::random16().unwrap_or_default())
+                    .to_hex()
+            ),
+            broadcasts: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -142,27 +160,44 @@ impl SharedRooms {
             ClusterOutput::Join { origin: None, .. } => (None, q.joins.pop_front()),
             _ => (None, None),
         };
-        if q.outbox.len() >= OUTBOX {
+        // A leave without origin repairs the store (the session is gone
+        // here): it waits for the store, unless there is no room left.
+        let repair = matches!(output, ClusterOutput::Leave { origin: None, .. });
+        let why = if q.outbox.len() >= OUTBOX {
+            Some("too many room operations waiting for the backplane")
+        } else if self.down.load(Ordering::Relaxed) && !repair {
+            Some("the backplane is unreachable")
+        } else {
+            None
+        };
+        if let Some(why) = why {
             drop(q);
             if let Some(p) = publish {
-                let _ = p.send(Err(
-                    "too many room operations waiting for the backplane".into()
-                ));
+                let _ = p.send(Err(why.into()));
             }
             if let Some(j) = join {
-                let _ = j.send(Err(RoomError::Unavailable(
-                    "too many room operations waiting for the backplane".into(),
-                )));
+                let _ = j.send(Err(RoomError::Unavailable(why.into())));
             }
-            if matches!(output, ClusterOutput::Leave { origin: None, .. }) {
+            if repair {
                 self.dirty.store(true, Ordering::Relaxed);
             }
             return Some(output);
         }
+        let once = match &output {
+            ClusterOutput::Publish {
+                origin: Some(op), ..
+            } => Some((op.session.to_hex(), op.id.0)),
+            ClusterOutput::Publish { origin: None, .. } => Some((
+                self.publisher.clone(),
+                self.broadcasts.fetch_add(1, Ordering::Relaxed) + 1,
+            )),
+            _ => None,
+        };
         q.outbox.push_back(Job::Core {
             output,
             publish,
             join,
+            once,
         });
         drop(q);
         self.task.wake();
@@ -196,14 +231,18 @@ impl SharedRooms {
     }
 }
 
-/// What the core's [`ClusterOutput`] a full outbox refused does now.
+/// What the core's [`ClusterOutput`] the outbox refused (full, or the
+/// store unreachable) does now: the client's operation is refused by id.
 pub(super) fn refuse_full(
     server: &mut kitestring_core::server::Server,
     now: kitestring_core::Instant,
     output: ClusterOutput,
 ) {
-    let unavailable =
-        || RoomError::Unavailable("too many room operations waiting for the backplane".into());
+    let unavailable = || {
+        RoomError::Unavailable(
+            "the backplane is unreachable or too many room operations wait for it".into(),
+        )
+    };
     match output {
         ClusterOutput::Publish {
             room,
@@ -555,18 +594,35 @@ impl Worker {
             }
         }
         let commands: Vec<RoomCommand> = jobs.iter().map(command).collect();
-        match self.bp.room_batch(commands, self.history).await {
-            Ok(replies) => {
-                for (job, reply) in jobs.into_iter().zip(replies) {
-                    self.settle(rooms, job, reply).await;
+        // Until the store answers: every operation is safe to send again
+        // (joins and leaves are idempotent, publishes carry their key), and
+        // one the store may have carried out must not be called refused.
+        // New operations are refused meanwhile (`down`).
+        let mut wait = Duration::from_millis(100);
+        let replies = loop {
+            match self.bp.room_batch(commands.clone(), self.history).await {
+                Ok(replies) => break replies,
+                Err(e) => {
+                    if !rooms.down.swap(true, Ordering::Relaxed) {
+                        warn!(error = %e, operations = jobs.len(), "the backplane did not take room operations; sending them again until it does, refusing new ones");
+                    }
+                    rooms.dirty.store(true, Ordering::Relaxed);
+                    if self.shared.lock().stopped {
+                        for job in jobs {
+                            self.fail(rooms, job, &e);
+                        }
+                        return;
+                    }
+                    crate::util::sleep(&*self.shared.runtime, wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
                 }
             }
-            Err(e) => {
-                warn!(error = %e, operations = jobs.len(), "the backplane did not take room operations; they are refused");
-                for job in jobs {
-                    self.fail(rooms, job, &e);
-                }
-            }
+        };
+        if rooms.down.swap(false, Ordering::Relaxed) {
+            debug!("the backplane takes room operations again");
+        }
+        for (job, reply) in jobs.into_iter().zip(replies) {
+            self.settle(rooms, job, reply).await;
         }
     }
 
@@ -696,6 +752,7 @@ impl Worker {
                 output: leave_output(room, session, presence),
                 publish: None,
                 join: None,
+                once: None,
             });
             return Err(RoomError::Unavailable("the room changed meanwhile".into()));
         }
@@ -710,6 +767,7 @@ impl Worker {
                 output,
                 publish,
                 join,
+                ..
             } => {
                 match &output {
                     ClusterOutput::Leave { origin: None, .. } => {
@@ -888,6 +946,7 @@ impl Worker {
                             output: leave_output(&room, session, presence),
                             publish: None,
                             join: None,
+                            once: None,
                         });
                     }
                 }
@@ -953,6 +1012,7 @@ fn leave_output(room: &str, session: SessionId, presence: bool) -> ClusterOutput
             identity: None,
         },
         presence,
+        ended: false,
         origin: None,
     }
 }
@@ -960,7 +1020,7 @@ fn leave_output(room: &str, session: SessionId, presence: bool) -> ClusterOutput
 /// The store's command for a job.
 fn command(job: &Job) -> RoomCommand {
     match job {
-        Job::Core { output, .. } => match output {
+        Job::Core { output, once, .. } => match output {
             ClusterOutput::Publish {
                 room,
                 payload,
@@ -969,6 +1029,7 @@ fn command(job: &Job) -> RoomCommand {
             } => RoomCommand::Append {
                 room: room.to_string(),
                 entry: encode_entry(payload, *except),
+                once: once.clone(),
             },
             ClusterOutput::Join {
                 room,
@@ -989,16 +1050,19 @@ fn command(job: &Job) -> RoomCommand {
                 room,
                 session,
                 presence,
+                ended,
                 ..
             } => RoomCommand::Leave {
                 room: room.to_string(),
                 session: session.to_hex(),
                 announce: *presence,
+                ended: *ended,
             },
             _ => RoomCommand::Leave {
                 room: String::new(),
                 session: String::new(),
                 announce: false,
+                ended: false,
             },
         },
         Job::Adopt {
