@@ -167,9 +167,18 @@ impl Client {
             caps: with_own_caps(&self.config.capabilities)
                 .into_iter()
                 .filter(|c| self.config.room_streams || c != wire::CAP_STREAM)
+                .chain(self.offers_deflate().then(|| wire::CAP_DEFLATE.to_owned()))
                 .collect(),
             codecs: self.config.codecs.clone(),
         })
+    }
+
+    /// Whether the `hello` offers compression: configured, built, and not
+    /// already among the application's own capabilities.
+    fn offers_deflate(&self) -> bool {
+        wire::COMPRESSION_BUILT
+            && self.config.compression.is_some()
+            && !self.config.capabilities.iter().any(|c| c == wire::CAP_DEFLATE)
     }
 
     pub(super) fn on_welcome(&mut self, w: Welcome) {
@@ -199,6 +208,12 @@ impl Client {
         let pong_timeout = clamp_ms(w.pong_timeout_ms, 100, 600_000, hb.timeout);
         let peer_max = usize::try_from(w.max_message).unwrap_or(usize::MAX).max(64);
         self.timers.stop(Timer::Connect);
+        // Compression only if offered: a server that agrees to what was
+        // never offered is not taken at its word.
+        let deflate = wire::COMPRESSION_BUILT
+            && self.config.compression.is_some()
+            && w.features.iter().any(|f| f == wire::CAP_DEFLATE);
+        self.decoder.set_compression(deflate);
         self.conn = Some(ConnSettings {
             id: transport,
             version: w.version,
@@ -208,6 +223,7 @@ impl Client {
             peer_max_message: peer_max,
             peer_batches: w.features.iter().any(|f| f == CAP_BATCH),
             peer_detach: w.features.iter().any(|f| f == wire::CAP_DETACH),
+            deflate,
             ping: None,
             last_rx: self.now,
             in_grace: false,

@@ -15,11 +15,29 @@ use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
 use super::json::{push_json_str, push_uint};
+#[cfg(feature = "compression")]
+use super::StreamEntry;
 use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
 /// a `welcome` about 220).
 const HANDSHAKE_CAPACITY: usize = 256;
+
+/// How a `msg` envelope carries its payload.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Form<'a> {
+    /// In the envelope: `j`, `m` or `b`.
+    Embedded,
+    /// Its length in its place (`dj`, `dm`, `db`); the payload follows as
+    /// the next message (section 2.1).
+    Detached,
+    /// Deflated (section 2.2): `z`, the payload's length, and `bytes`, the
+    /// deflated payload, in the envelope (`zj`, `zm`, `zb`) or, `detached`,
+    /// following as the next message, its length in `dj`, `dm` or `db`.
+    /// (Without the `compression` feature never made, and left out.)
+    #[cfg_attr(not(feature = "compression"), allow(dead_code))]
+    Deflated { bytes: &'a [u8], detached: bool },
+}
 
 pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     // Room for a typical hello or welcome in one allocation.
@@ -225,18 +243,8 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
     match frame {
         // The hot path, written by hand: a JSON payload was validated when
         // the `Payload` was made and is copied in as is, not parsed again.
-        Frame::Msg(m) => write_json_msg(m, out, false),
-        Frame::Batch(msgs) => {
-            out.extend_from_slice(br#"{"t":"batch","f":["#);
-            for (i, m) in msgs.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_json_msg(m, out, false)?;
-            }
-            out.extend_from_slice(b"]}");
-            Ok(())
-        }
+        Frame::Msg(m) => write_json_msg(m, out, Form::Embedded),
+        Frame::Batch(msgs) => write_json_batch(msgs, |_| Form::Embedded, out),
         Frame::Subs(list) => {
             let env = subs_envelope!(JsonEnvelope, list);
             write_json_envelope(&env, out);
@@ -256,6 +264,81 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
             Ok(())
         }
     }
+}
+
+/// A `batch` envelope of `msgs`, each carried as `form` says.
+pub(super) fn write_json_batch<'a>(
+    msgs: &[Msg],
+    form: impl Fn(usize) -> Form<'a>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    out.extend_from_slice(br#"{"t":"batch","f":["#);
+    for (i, m) in msgs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_msg(m, out, form(i))?;
+    }
+    out.extend_from_slice(b"]}");
+    Ok(())
+}
+
+/// A `batch` envelope of `msgs` in MessagePack, each carried as `form`
+/// says, after the binary header's place.
+pub(super) fn write_pack_batch<'a>(
+    msgs: &[Msg],
+    form: impl Fn(usize) -> Form<'a>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
+    rmp::encode::write_map_len(out, 2).map_err(vec_write)?;
+    rmp::encode::write_str(out, "t").map_err(vec_write)?;
+    rmp::encode::write_str(out, "batch").map_err(vec_write)?;
+    rmp::encode::write_str(out, "f").map_err(vec_write)?;
+    rmp::encode::write_array_len(out, len).map_err(vec_write)?;
+    for (i, m) in msgs.iter().enumerate() {
+        write_pack_msg(m, out, form(i))?;
+    }
+    Ok(())
+}
+
+/// A `pub` envelope whose payload is deflated (section 2.2): `bytes`, of
+/// the payload's `len` bytes, in `zj`, `zm` or `zb`.
+#[cfg(feature = "compression")]
+pub(super) fn write_deflated_entry(
+    e: &StreamEntry,
+    bytes: &[u8],
+    codec: super::Codec,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    let len = Some(e.payload.len() as u64);
+    match codec {
+        super::Codec::Json => {
+            let mut env = JsonEnvelope::default();
+            fill_entry!(env, e);
+            env.z = len;
+            let text = Some(Cow::Owned(crate::base64::encode(bytes)));
+            match e.payload.kind {
+                PayloadKind::Json => env.zj = text,
+                PayloadKind::MsgPack => env.zm = text,
+                PayloadKind::Binary => env.zb = text,
+            }
+            write_json_envelope(&env, out);
+        }
+        super::Codec::MsgPack => {
+            let mut env = PackEnvelope::default();
+            fill_entry!(env, e);
+            env.z = len;
+            let bin = Some(serde_bytes::Bytes::new(bytes));
+            match e.payload.kind {
+                PayloadKind::Json => env.zj = bin,
+                PayloadKind::MsgPack => env.zm = bin,
+                PayloadKind::Binary => env.zb = bin,
+            }
+            write_pack_envelope(&env, out)?;
+        }
+    }
+    Ok(())
 }
 
 /// rmp's writers fail only if the writer does, and a `Vec` does not; the
@@ -362,6 +445,10 @@ fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
     o.uint("dm", env.dm);
     o.uint("db", env.db);
     o.uint("e", env.e);
+    o.uint("z", env.z);
+    o.str("zj", env.zj.as_deref());
+    o.str("zm", env.zm.as_deref());
+    o.str("zb", env.zb.as_deref());
     o.end();
 }
 
@@ -396,13 +483,13 @@ fn write_json_handshake(env: &HandshakeEnvelope<'_>, out: &mut Vec<u8>) {
     o.end();
 }
 
-/// Writes a `msg` envelope with the same field order serde would use;
-/// `detached`: with the payload's length in its place (`dj`, `dm`, `db`).
+/// Writes a `msg` envelope with the same field order serde would use for
+/// an embedded payload; the payload's other forms take its place.
 #[inline]
 pub(super) fn write_json_msg(
     m: &Msg,
     out: &mut Vec<u8>,
-    detached: bool,
+    form: Form<'_>,
 ) -> Result<(), EncodeError> {
     if let MsgKind::Invalid(_) = m.kind {
         return Err(EncodeError::Unrepresentable);
@@ -422,23 +509,38 @@ pub(super) fn write_json_msg(
         num(out, br#","ts":"#, ts);
     }
     let data = &m.payload.data;
-    match m.payload.kind {
-        _ if detached => {
-            let key = detached_key(m.payload.kind);
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(key.as_bytes());
-            num(out, b"\":", data.len() as u64);
+    let key = |out: &mut Vec<u8>, key: &str| {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+    };
+    match (form, m.payload.kind) {
+        (Form::Detached, kind) => {
+            key(out, detached_key(kind));
+            push_uint(out, data.len() as u64);
         }
-        PayloadKind::Json => {
+        (Form::Deflated { bytes, detached }, kind) => {
+            if detached {
+                key(out, detached_key(kind));
+                push_uint(out, bytes.len() as u64);
+            } else {
+                key(out, deflated_key(kind));
+                out.push(b'"');
+                crate::base64::encode_into(out, bytes);
+                out.push(b'"');
+            }
+            num(out, br#","z":"#, data.len() as u64);
+        }
+        (Form::Embedded, PayloadKind::Json) => {
             out.extend_from_slice(br#","j":"#);
             out.extend_from_slice(data);
         }
-        PayloadKind::MsgPack => {
+        (Form::Embedded, PayloadKind::MsgPack) => {
             out.extend_from_slice(br#","m":""#);
             crate::base64::encode_into(out, data);
             out.push(b'"');
         }
-        PayloadKind::Binary => {
+        (Form::Embedded, PayloadKind::Binary) => {
             out.extend_from_slice(br#","b":""#);
             crate::base64::encode_into(out, data);
             out.push(b'"');
@@ -487,18 +589,8 @@ pub(super) fn encode_msgpack(
     match frame {
         // The hot path, written by hand with the same bytes serde writes
         // (checked against it in the tests).
-        Frame::Msg(m) => write_pack_msg(m, out, false)?,
-        Frame::Batch(msgs) => {
-            let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
-            rmp::encode::write_map_len(out, 2).map_err(vec_write)?;
-            rmp::encode::write_str(out, "t").map_err(vec_write)?;
-            rmp::encode::write_str(out, "batch").map_err(vec_write)?;
-            rmp::encode::write_str(out, "f").map_err(vec_write)?;
-            rmp::encode::write_array_len(out, len).map_err(vec_write)?;
-            for m in msgs {
-                write_pack_msg(m, out, false)?;
-            }
-        }
+        Frame::Msg(m) => write_pack_msg(m, out, Form::Embedded)?,
+        Frame::Batch(msgs) => write_pack_batch(msgs, |_| Form::Embedded, out)?,
         Frame::Subs(list) => {
             let env = subs_envelope!(PackEnvelope, list);
             write_pack_envelope(&env, out)?;
@@ -518,15 +610,15 @@ pub(super) fn encode_msgpack(
     seal_msgpack(out, version)
 }
 
-/// Writes a `msg` envelope as the MessagePack map serde would write: the
-/// fields in declaration order, absent ones left out, integers in their
-/// shortest form. `detached`: with the payload's length in its place
-/// (`dj`, `dm`, `db`).
+/// Writes a `msg` envelope as the MessagePack map serde would write for an
+/// embedded payload: the fields in declaration order, absent ones left
+/// out, integers in their shortest form. The payload's other forms take
+/// its place.
 #[inline]
 pub(super) fn write_pack_msg(
     m: &Msg,
     out: &mut Vec<u8>,
-    detached: bool,
+    form: Form<'_>,
 ) -> Result<(), EncodeError> {
     if let MsgKind::Invalid(_) = m.kind {
         return Err(EncodeError::Unrepresentable);
@@ -542,6 +634,7 @@ pub(super) fn write_pack_msg(
         + u32::from(m.ack.is_some())
         + u32::from(m.ts.is_some())
         + u32::from(m.room.is_some())
+        + u32::from(matches!(form, Form::Deflated { .. }))
         + extra;
     write_map_len(out, len).map_err(vec_write)?;
     write_str(out, "t").map_err(vec_write)?;
@@ -559,22 +652,33 @@ pub(super) fn write_pack_msg(
         write_uint(out, ts).map_err(vec_write)?;
     }
     let data: &[u8] = &m.payload.data;
-    match m.payload.kind {
-        _ if detached => {
-            write_str(out, detached_key(m.payload.kind)).map_err(vec_write)?;
+    match (form, m.payload.kind) {
+        (Form::Detached, kind) => {
+            write_str(out, detached_key(kind)).map_err(vec_write)?;
             write_uint(out, data.len() as u64).map_err(vec_write)?;
         }
-        PayloadKind::Json => {
+        (Form::Deflated { bytes, detached }, kind) => {
+            if detached {
+                write_str(out, detached_key(kind)).map_err(vec_write)?;
+                write_uint(out, bytes.len() as u64).map_err(vec_write)?;
+            } else {
+                write_str(out, deflated_key(kind)).map_err(vec_write)?;
+                write_bin(out, bytes).map_err(vec_write)?;
+            }
+            write_str(out, "z").map_err(vec_write)?;
+            write_uint(out, data.len() as u64).map_err(vec_write)?;
+        }
+        (Form::Embedded, PayloadKind::Json) => {
             // Checked at construction; a failure here means a bug, reported not panicked.
             let s = std::str::from_utf8(data).map_err(serializer_error)?;
             write_str(out, "j").map_err(vec_write)?;
             write_str(out, s).map_err(vec_write)?;
         }
-        PayloadKind::MsgPack => {
+        (Form::Embedded, PayloadKind::MsgPack) => {
             write_str(out, "m").map_err(vec_write)?;
             write_bin(out, data).map_err(vec_write)?;
         }
-        PayloadKind::Binary => {
+        (Form::Embedded, PayloadKind::Binary) => {
             write_str(out, "b").map_err(vec_write)?;
             write_bin(out, data).map_err(vec_write)?;
         }
@@ -661,6 +765,10 @@ pub(super) fn write_pack_envelope(
         env.dm.is_some(),
         env.db.is_some(),
         env.e.is_some(),
+        env.z.is_some(),
+        env.zj.is_some(),
+        env.zm.is_some(),
+        env.zb.is_some(),
     ]
     .iter()
     .filter(|present| **present)
@@ -699,6 +807,10 @@ pub(super) fn write_pack_envelope(
     key_uint(out, "dm", env.dm)?;
     key_uint(out, "db", env.db)?;
     key_uint(out, "e", env.e)?;
+    key_uint(out, "z", env.z)?;
+    key_bin(out, "zj", env.zj.map(|b| &**b))?;
+    key_bin(out, "zm", env.zm.map(|b| &**b))?;
+    key_bin(out, "zb", env.zb.map(|b| &**b))?;
     Ok(())
 }
 
@@ -708,6 +820,15 @@ fn detached_key(kind: PayloadKind) -> &'static str {
         PayloadKind::Json => "dj",
         PayloadKind::MsgPack => "dm",
         PayloadKind::Binary => "db",
+    }
+}
+
+/// The envelope key of a deflated payload of `kind`, in the envelope.
+fn deflated_key(kind: PayloadKind) -> &'static str {
+    match kind {
+        PayloadKind::Json => "zj",
+        PayloadKind::MsgPack => "zm",
+        PayloadKind::Binary => "zb",
     }
 }
 

@@ -86,6 +86,17 @@ macro_rules! envelope {
             // Room streams: the stream's epoch (`sub`).
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub(super) e: Option<u64>,
+            // Compressed payloads (PROTOCOL.md, section 2.2): the length
+            // once inflated, and the deflated bytes of a JSON,
+            // MessagePack or opaque payload, as `m` and `b` carry bytes.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub(super) z: Option<u64>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            pub(super) zj: Option<$x>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            pub(super) zm: Option<$x>,
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            pub(super) zb: Option<$x>,
         }
     };
 }

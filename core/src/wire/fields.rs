@@ -12,6 +12,8 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
+use super::compress::{Inflation, NOT_AGREED};
+use super::decode::closes;
 use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::json::json_value;
 use super::payload::json_depth_ok;
@@ -136,9 +138,102 @@ pub(super) fn share(backing: Option<&Bytes>, part: &[u8]) -> Bytes {
 /// Payloads from this size up are shared with the frame they came in.
 const SHARE_FROM: usize = 1024;
 
-fn json_payload(env: &JsonEnvelope<'_>, nested: bool) -> Result<Payload, DecodeError> {
+/// The compressed payload an envelope carries in `zj`, `zm` or `zb`, if
+/// any, with its kind and field, its compression fields checked against
+/// the payload's other forms (PROTOCOL.md, section 2.2). `Ok(None)` for
+/// an uncompressed payload, or a detached one the decoder inflates when
+/// it arrives.
+#[allow(clippy::too_many_arguments)]
+fn deflated_of<X>(
+    z: Option<u64>,
+    [zj, zm, zb]: [Option<X>; 3],
+    embedded: bool,
+    detached: bool,
+    zip: Inflation,
+) -> Result<Option<(PayloadKind, &'static str, X, u64)>, DecodeError> {
+    let form = match (zj, zm, zb) {
+        (None, None, None) => None,
+        (Some(x), None, None) => Some((PayloadKind::Json, "zj", x)),
+        (None, Some(x), None) => Some((PayloadKind::MsgPack, "zm", x)),
+        (None, None, Some(x)) => Some((PayloadKind::Binary, "zb", x)),
+        _ => return Err(two_payloads()),
+    };
+    if z.is_none() && form.is_none() {
+        return Ok(None);
+    }
+    if !zip.agreed {
+        return Err(NOT_AGREED);
+    }
+    let Some(z) = z else {
+        return Err(DecodeError::Compression {
+            reason: "a compressed payload without `z`, its inflated length",
+        });
+    };
+    // Refused before anything is read or inflated.
+    if usize::try_from(z).map_or(true, |z| z > zip.max) {
+        return Err(DecodeError::TooLarge {
+            size: usize::try_from(z).unwrap_or(usize::MAX),
+            max: zip.max,
+        });
+    }
+    match form {
+        Some(_) if embedded || detached => Err(two_payloads()),
+        Some((kind, field, x)) => Ok(Some((kind, field, x, z))),
+        None if detached => Ok(None),
+        None => Err(DecodeError::Compression {
+            reason: "`z` on a message without a compressed payload",
+        }),
+    }
+}
+
+fn two_payloads() -> DecodeError {
+    DecodeError::InvalidField {
+        field: "zj",
+        reason: "a message carries exactly one payload",
+    }
+}
+
+/// The payload a deflated payload inflates to, a JSON one checked as
+/// one embedded would be.
+fn inflated(
+    kind: PayloadKind,
+    field: &'static str,
+    data: &[u8],
+    z: u64,
+    zip: Inflation,
+) -> Result<Payload, DecodeError> {
+    let data = zip.inflate(data, z)?;
+    if kind == PayloadKind::Json {
+        check_json_depth(&data, field)?;
+        json_value(&data).map_err(|_| DecodeError::InvalidField {
+            field,
+            reason: "not a JSON value",
+        })?;
+    }
+    Ok(Payload {
+        kind,
+        data: data.into(),
+    })
+}
+
+fn json_payload(
+    env: &JsonEnvelope<'_>,
+    nested: bool,
+    zip: Inflation,
+) -> Result<Payload, DecodeError> {
     let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
-    if let Some(p) = detached_payload(detached_of(env.dj, env.dm, env.db)?, embedded, nested)? {
+    let detached = detached_of(env.dj, env.dm, env.db)?;
+    let zipped = [&env.zj, &env.zm, &env.zb].map(Option::as_ref);
+    if let Some((kind, field, text, z)) =
+        deflated_of(env.z, zipped, embedded, detached.is_some(), zip)?
+    {
+        let data = crate::base64::decode(text.as_bytes()).ok_or(DecodeError::InvalidField {
+            field,
+            reason: "not valid base64",
+        })?;
+        return inflated(kind, field, &data, z, zip);
+    }
+    if let Some(p) = detached_payload(detached, embedded, nested)? {
         return Ok(p);
     }
     if let Some(raw) = env.j {
@@ -212,18 +307,24 @@ macro_rules! envelope_frame {
     }};
 }
 
-pub(super) fn json_frame(env: &JsonEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError> {
-    let payload = |env: &JsonEnvelope<'_>| json_payload(env, nested);
-    envelope_frame!(json_frame, env, nested, payload)
+pub(super) fn json_frame(
+    env: &JsonEnvelope<'_>,
+    nested: bool,
+    zip: Inflation,
+) -> Result<Frame, DecodeError> {
+    let frame = |inner: &JsonEnvelope<'_>, nested| json_frame(inner, nested, zip);
+    let payload = |env: &JsonEnvelope<'_>| json_payload(env, nested, zip);
+    envelope_frame!(frame, env, nested, payload)
 }
 
 pub(super) fn pack_frame(
     env: &PackEnvelope<'_>,
     nested: bool,
     backing: Option<&Bytes>,
+    zip: Inflation,
 ) -> Result<Frame, DecodeError> {
-    let frame = |inner: &PackEnvelope<'_>, nested| pack_frame(inner, nested, backing);
-    let payload = |env: &PackEnvelope<'_>| pack_payload(env, nested, backing);
+    let frame = |inner: &PackEnvelope<'_>, nested| pack_frame(inner, nested, backing, zip);
+    let payload = |env: &PackEnvelope<'_>| pack_payload(env, nested, backing, zip);
     envelope_frame!(frame, env, nested, payload)
 }
 
@@ -278,9 +379,20 @@ fn pack_payload(
     env: &PackEnvelope<'_>,
     nested: bool,
     backing: Option<&Bytes>,
+    zip: Inflation,
 ) -> Result<Payload, DecodeError> {
     let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
-    if let Some(p) = detached_payload(detached_of(env.dj, env.dm, env.db)?, embedded, nested)? {
+    let detached = detached_of(env.dj, env.dm, env.db)?;
+    if let Some((kind, field, bytes, z)) = deflated_of(
+        env.z,
+        [env.zj, env.zm, env.zb],
+        embedded,
+        detached.is_some(),
+        zip,
+    )? {
+        return inflated(kind, field, bytes, z, zip);
+    }
+    if let Some(p) = detached_payload(detached, embedded, nested)? {
         return Ok(p);
     }
     match (&env.j, env.m, env.b) {
@@ -411,8 +523,9 @@ fn common_frame(
                     room,
                     payload,
                 }),
-                // A size over the limit closes the connection (1009).
-                Err(e @ DecodeError::TooLarge { .. }) => return Err(e),
+                // A size over the limit closes the connection (1009), and
+                // so does a compressed payload that cannot be taken (1002).
+                Err(e) if closes(&e) => return Err(e),
                 // Numbered but unusable: the receiver consumes its number and
                 // refuses it by id (PROTOCOL.md, section 9).
                 Err(e) => Frame::Msg(Msg::invalid(seq, id, ack, InvalidMsg::of(&e))),

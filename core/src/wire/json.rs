@@ -584,6 +584,10 @@ fn envelope<'a>(rd: &mut JsonReader<'a>, env: &mut JsonEnvelope<'a>, nested: boo
             b"dm" => once!(seen, 20, env.dm => uint(rd)?),
             b"db" => once!(seen, 21, env.db => uint(rd)?),
             b"e" => once!(seen, 22, env.e => uint(rd)?),
+            b"z" => once!(seen, 23, env.z => uint(rd)?),
+            b"zj" => once!(seen, 24, env.zj => str(rd)?),
+            b"zm" => once!(seen, 25, env.zm => str(rd)?),
+            b"zb" => once!(seen, 26, env.zb => str(rd)?),
             _ => rd.skip()?,
         }
         Some(())

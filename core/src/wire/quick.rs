@@ -163,6 +163,10 @@ fn quick_map<'a>(rd: &mut &'a [u8], env: &mut PackEnvelope<'a>, nested: bool) ->
             b"dm" => once!(env.dm, uint(rd)?),
             b"db" => once!(env.db, uint(rd)?),
             b"e" => once!(env.e, uint(rd)?),
+            b"z" => once!(env.z, uint(rd)?),
+            b"zj" => once!(env.zj, bin(rd)?),
+            b"zm" => once!(env.zm, bin(rd)?),
+            b"zb" => once!(env.zb, bin(rd)?),
             _ => return None,
         }
     }

@@ -239,7 +239,7 @@ fn the_encoder_detaches_large_payloads_for_peers_that_take_them() {
         let m = detached_msg(Payload::binary(vec![1u8; len]));
         let mut out = Vec::new();
         encoder
-            .encode_each(&Frame::Msg(m.clone()), Codec::MsgPack, 1, detach, |t| {
+            .encode_each(&Frame::Msg(m.clone()), Codec::MsgPack, 1, detach, None, |t| {
                 out.push(t)
             })
             .unwrap();
@@ -487,7 +487,8 @@ fn the_quick_envelope_reader_leaves_unusual_forms_to_serde() {
         assert!(!assert_quick_envelope_agrees(&msg), "{msg:x?}");
         // What serde makes of it is what decoding gives.
         let body = &msg[BINARY_HEADER_LEN..];
-        let expected = serde_pack_envelope(body).and_then(|env| pack_frame(&env, false, None));
+        let expected = serde_pack_envelope(body)
+            .and_then(|env| pack_frame(&env, false, None, super::compress::Inflation::OFF));
         assert_eq!(
             decode(Incoming::Binary(&msg), &LIMITS),
             expected,
@@ -589,7 +590,7 @@ fn hand_written_json_matches_serde() {
                     payload: payload.clone(),
                 };
                 let mut ours = Vec::new();
-                write_json_msg(&m, &mut ours, false).unwrap();
+                write_json_msg(&m, &mut ours, Form::Embedded).unwrap();
                 let theirs = serde_json::to_vec(&json_msg(&m).unwrap()).unwrap();
                 assert_eq!(
                     String::from_utf8_lossy(&ours),
@@ -643,7 +644,7 @@ fn hand_written_msgpack_matches_serde() {
     ];
     let check = |m: &Msg| {
         let mut ours = Vec::new();
-        write_pack_msg(m, &mut ours, false).unwrap();
+        write_pack_msg(m, &mut ours, Form::Embedded).unwrap();
         let theirs = rmp_serde::to_vec_named(&pack_msg(m).unwrap()).unwrap();
         assert!(ours == theirs, "{m:?}");
     };
@@ -1087,6 +1088,10 @@ fn the_hand_written_envelope_writer_matches_serde() {
         dm: Some(n),
         db: Some(n),
         e: Some(n),
+        z: Some(n),
+        zj: Some(bytes),
+        zm: Some(bytes),
+        zb: Some(bytes),
     };
     let mut envelopes: Vec<PackEnvelope<'_>> = ints.iter().map(|&n| full(n)).collect();
     envelopes.push(PackEnvelope {
