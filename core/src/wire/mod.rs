@@ -57,6 +57,8 @@ mod payload;
 mod quick;
 #[cfg(test)]
 mod tests;
+#[cfg(all(test, feature = "compression"))]
+mod compress_tests;
 
 pub use crate::ids::{ClientId, SessionId};
 pub(crate) use buffers::Encoder;
