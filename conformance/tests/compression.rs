@@ -384,3 +384,53 @@ fn base64_of(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)
 }
+
+#[test]
+fn a_client_never_offers_what_it_was_not_configured_for() {
+    // `deflate` among the application's own capabilities, compression
+    // off: not offered, and a server that claims it anyway is not taken at
+    // its word.
+    let mut client = Client::new(
+        ClientConfig {
+            capabilities: vec![CAP_DEFLATE.to_owned()],
+            hello_in_upgrade: false,
+            ..ClientConfig::default()
+        },
+        ClientId([3; 16]),
+        7,
+    )
+    .unwrap();
+    client.connect(Instant::ZERO).unwrap();
+    let mut transport = None;
+    while let Some(o) = client.poll_output() {
+        if let Output::Connect(t) = o {
+            transport = Some(t);
+        }
+    }
+    let t = transport.unwrap();
+    client.handle_transport_opened(Instant::ZERO, t);
+    let mut hello_text = String::new();
+    while let Some(o) = client.poll_output() {
+        if let Output::Transmit(_, Transmit::Text(b)) = o {
+            hello_text = String::from_utf8(b.to_vec()).unwrap();
+        }
+    }
+    assert!(hello_text.starts_with(r#"{"t":"hello""#), "{hello_text}");
+    assert!(!hello_text.contains("deflate"), "{hello_text}");
+    let welcome = format!(
+        r#"{{"t":"welcome","version":1,"codec":"json","session":"{}","resumed":false,"delivered":0,"features":["deflate"],"ping_ms":20000,"pong_ms":10000,"max":1048576}}"#,
+        SessionId([6; 16]).to_hex()
+    );
+    client.handle_message(Instant::ZERO, t, Incoming::Text(&welcome));
+    while client.poll_output().is_some() {}
+    let z = base64_of(&miniz_oxide::deflate::compress_to_vec(b"[1,2,3]", 6));
+    let text = format!(r#"{{"t":"msg","seq":1,"id":1,"zj":"{z}","z":7}}"#);
+    client.handle_message(Instant::ZERO, t, Incoming::Text(&text));
+    let mut closed = None;
+    while let Some(o) = client.poll_output() {
+        if let Output::Disconnect(_, code, _) = o {
+            closed = Some(code);
+        }
+    }
+    assert_eq!(closed, Some(CloseCode::PROTOCOL_ERROR));
+}

@@ -292,7 +292,8 @@ impl ClientConfig {
                 "capabilities: at most 29 (the hello carries 32 with the client's own three)",
             ));
         }
-        if self.compression.is_some() && self.capabilities.len() > crate::wire::MAX_LIST_LEN - 4 {
+        let offers = crate::wire::COMPRESSION_BUILT && self.compression.is_some();
+        if offers && self.capabilities.len() > crate::wire::MAX_LIST_LEN - 4 {
             return Err(ConfigError::Inconsistent(
                 "capabilities: at most 28 with compression (the hello carries 32 with the client's own four)",
             ));
@@ -526,7 +527,7 @@ impl ServerConfig {
 
 /// Compression settings that can work: a level deflate has.
 fn validate_compression(c: Option<&CompressionConfig>) -> Result<(), ConfigError> {
-    match c {
+    match c.filter(|_| crate::wire::COMPRESSION_BUILT) {
         Some(c) if !(1..=9).contains(&c.level) => Err(ConfigError::Inconsistent(
             "compression.level: 1 (fastest) to 9 (smallest)",
         )),

@@ -155,6 +155,15 @@ impl Client {
 
     /// The `hello` for a new connection: resuming the session, if any.
     fn hello(&self) -> Frame {
+        let mut caps: Vec<String> = with_own_caps(&self.config.capabilities)
+            .into_iter()
+            .filter(|c| self.config.room_streams || c != wire::CAP_STREAM)
+            // Offered only as configured: a server would compress to it.
+            .filter(|c| c != wire::CAP_DEFLATE)
+            .collect();
+        if self.offers_deflate() {
+            caps.push(wire::CAP_DEFLATE.to_owned());
+        }
         Frame::Hello(Hello {
             versions: self.config.versions.clone(),
             client: self.client_id,
@@ -164,21 +173,14 @@ impl Client {
                 key: self.resume_key,
                 acked: Some(self.link.outbound.acked_through()),
             }),
-            caps: with_own_caps(&self.config.capabilities)
-                .into_iter()
-                .filter(|c| self.config.room_streams || c != wire::CAP_STREAM)
-                .chain(self.offers_deflate().then(|| wire::CAP_DEFLATE.to_owned()))
-                .collect(),
+            caps,
             codecs: self.config.codecs.clone(),
         })
     }
 
-    /// Whether the `hello` offers compression: configured, built, and not
-    /// already among the application's own capabilities.
+    /// Whether the `hello` offers compression: configured, and built.
     fn offers_deflate(&self) -> bool {
-        wire::COMPRESSION_BUILT
-            && self.config.compression.is_some()
-            && !self.config.capabilities.iter().any(|c| c == wire::CAP_DEFLATE)
+        wire::COMPRESSION_BUILT && self.config.compression.is_some()
     }
 
     pub(super) fn on_welcome(&mut self, w: Welcome) {
@@ -210,9 +212,7 @@ impl Client {
         self.timers.stop(Timer::Connect);
         // Compression only if offered: a server that agrees to what was
         // never offered is not taken at its word.
-        let deflate = wire::COMPRESSION_BUILT
-            && self.config.compression.is_some()
-            && w.features.iter().any(|f| f == wire::CAP_DEFLATE);
+        let deflate = self.offers_deflate() && w.features.iter().any(|f| f == wire::CAP_DEFLATE);
         self.decoder.set_compression(deflate);
         self.conn = Some(ConnSettings {
             id: transport,

@@ -522,6 +522,7 @@ impl Client {
             }
             // A message whose payload is the next message.
             Ok(None) => {}
+            #[cfg(feature = "compression")]
             Err(error @ DecodeError::Compression { .. }) => {
                 // The server compressed what cannot be inflated: this
                 // connection cannot carry the session on (1002); the

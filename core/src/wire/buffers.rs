@@ -310,7 +310,7 @@ impl Encoder {
             Frame::Msg(m) if worth(m.payload.len()) && !is_invalid(m) => {
                 if !self.deflate_payload(m, config, &mut deflated) {
                     false
-                } else if detach && deflated.len() >= super::DETACH_FROM {
+                } else if detach && deflated.len() >= detach_deflated_from(codec) {
                     // The deflated payload is the next message, as it is.
                     let bytes = Bytes::from(std::mem::take(&mut deflated));
                     let form = Form::Deflated {
@@ -481,6 +481,24 @@ impl Encoder {
     #[cfg(test)]
     fn pooled(&self) -> usize {
         self.pool.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+/// Deflated payloads from this size up go detached in a JSON envelope (to
+/// a peer that can take them): embedded, base64 would make them a third
+/// larger, which costs more than a message of their own.
+#[cfg(feature = "compression")]
+const DETACH_DEFLATED_JSON: usize = 1024;
+
+/// The size from which a deflated payload goes detached in `codec`'s
+/// envelopes: [`DETACH_DEFLATED_JSON`] in JSON, where it would be base64,
+/// and [`DETACH_FROM`](super::DETACH_FROM) as for any payload in
+/// MessagePack, which carries bytes as they are.
+#[cfg(feature = "compression")]
+fn detach_deflated_from(codec: Codec) -> usize {
+    match codec {
+        Codec::Json => DETACH_DEFLATED_JSON,
+        Codec::MsgPack => super::DETACH_FROM,
     }
 }
 

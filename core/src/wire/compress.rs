@@ -18,6 +18,7 @@
 //! the receiver's size limit before a byte is inflated: a decompression
 //! bomb costs its receiver at most its maximum message size.
 
+#[cfg(feature = "compression")]
 use super::DecodeError;
 
 /// Capability (client `caps`) and feature (server `features`): the peer
@@ -65,6 +66,7 @@ impl Default for CompressionConfig {
 }
 
 /// Bytes of the inflated length in front of a compressed datagram.
+#[cfg(feature = "compression")]
 pub(super) const RAW_LEN_PREFIX: usize = 4;
 
 /// The compressor a machine's encoder keeps, made on first use: its tables
@@ -139,37 +141,45 @@ pub(super) fn inflate(data: &[u8], len: usize) -> Result<Vec<u8>, DecodeError> {
     Err(DecodeError::Compression { reason })
 }
 
-/// Without the `compression` feature nothing is agreed, so nothing
-/// compressed is ever accepted.
-#[cfg(not(feature = "compression"))]
-pub(super) fn inflate(_data: &[u8], _len: usize) -> Result<Vec<u8>, DecodeError> {
-    Err(NOT_AGREED)
-}
-
 /// A compressed payload on a connection that did not agree on compression.
+#[cfg(feature = "compression")]
 pub(super) const NOT_AGREED: DecodeError = DecodeError::Compression {
     reason: "compression was not agreed on this connection",
 };
 
 /// What a receiver allows of compressed payloads: whether its connection
-/// agreed on compression, and the most bytes one may inflate to.
+/// agreed on compression, and the most bytes one may inflate to. (Without
+/// the `compression` feature: nothing, and no bytes.)
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Inflation {
+    #[cfg(feature = "compression")]
     pub(super) agreed: bool,
+    #[cfg(feature = "compression")]
     pub(super) max: usize,
 }
 
 impl Inflation {
     /// A connection that did not agree on compression.
-    pub(super) const OFF: Inflation = Inflation {
-        agreed: false,
-        max: 0,
-    };
+    pub(super) const OFF: Inflation = Inflation::new(false, 0);
+
+    /// What a connection that did or did not agree on compression, with
+    /// this size limit, takes.
+    pub(super) const fn new(agreed: bool, max: usize) -> Inflation {
+        #[cfg(not(feature = "compression"))]
+        let _ = (agreed, max);
+        Inflation {
+            #[cfg(feature = "compression")]
+            agreed,
+            #[cfg(feature = "compression")]
+            max,
+        }
+    }
 
     /// Inflates a compressed payload of `data` announced to inflate to
     /// `len` bytes (the envelope's `z`): refused unless compression was
     /// agreed, and as too large (1009) before any inflating when `len` is
     /// over the limit.
+    #[cfg(feature = "compression")]
     pub(super) fn inflate(self, data: &[u8], len: u64) -> Result<Vec<u8>, DecodeError> {
         if !self.agreed {
             return Err(NOT_AGREED);

@@ -26,7 +26,9 @@ use super::fields::{
 use super::json::{
     json_value, quick_json_envelope, quick_json_handshake, quick_json_type, JsonReader,
 };
-use super::compress::{Inflation, KIND_DEFLATE_RAW, NOT_AGREED, RAW_LEN_PREFIX};
+use super::compress::Inflation;
+#[cfg(feature = "compression")]
+use super::compress::{KIND_DEFLATE_RAW, NOT_AGREED, RAW_LEN_PREFIX};
 use super::quick::quick_pack_envelope;
 #[cfg(feature = "msgpack-serde")]
 use super::quick::serde_pack_envelope;
@@ -36,6 +38,18 @@ use super::{
     DecodeError, Frame, Incoming, InvalidMsg, Limits, Msg, PayloadKind, BINARY_HEADER_LEN,
     KIND_MSGPACK, KIND_RAW,
 };
+
+/// An envelope's `z`: the length its payload inflates to, if compressed
+/// (always `None` without the `compression` feature, which reads no `z`).
+macro_rules! z_of {
+    ($env:expr) => {{
+        #[cfg(feature = "compression")]
+        let z = $env.z;
+        #[cfg(not(feature = "compression"))]
+        let z: Option<u64> = None;
+        z
+    }};
+}
 
 /// A message or detached payload of `size` bytes is within the limit.
 pub(super) fn check_size(size: usize, limits: &Limits) -> Result<(), DecodeError> {
@@ -179,10 +193,7 @@ impl Decoder {
             return pending.complete(msg).map(Some);
         }
         check_size(msg.len(), limits)?;
-        let zip = Inflation {
-            agreed: self.compression,
-            max: limits.max_message,
-        };
+        let zip = Inflation::new(self.compression, limits.max_message);
         match decode_one(msg, limits.version, zip)? {
             Decoded::Frame(frame) => Ok(Some(frame)),
             Decoded::Detached(d) => {
@@ -230,10 +241,13 @@ impl Detached {
         };
         // A deflated payload is inflated first; one that does not inflate
         // as announced closes the connection (1002).
+        #[cfg(feature = "compression")]
         let data = match inflate {
             Some((z, zip)) => Bytes::from(zip.inflate(&data, z)?),
             None => data,
         };
+        #[cfg(not(feature = "compression"))]
+        let _ = inflate;
         if m.payload.kind == PayloadKind::Json {
             let checked = check_json_depth(&data, "dj").and_then(|()| {
                 json_value(&data)
@@ -282,7 +296,7 @@ fn decode_text(text: &str, zip: Inflation) -> Result<Decoded, DecodeError> {
         let mut env = JsonEnvelope::default();
         if quick_json_envelope(&mut rd, &mut env).is_some() {
             let frame = json_frame(&env, false, zip)?;
-            return Decoded::announced(frame, [env.dj, env.dm, env.db], env.z, zip);
+            return Decoded::announced(frame, [env.dj, env.dm, env.db], z_of!(env), zip);
         }
     }
     serde_text(text, rd.position(), zip)
@@ -307,7 +321,7 @@ fn serde_text(text: &str, _: usize, zip: Inflation) -> Result<Decoded, DecodeErr
         }
     };
     let frame = json_frame(&env, false, zip)?;
-    Decoded::announced(frame, [env.dj, env.dm, env.db], env.z, zip)
+    Decoded::announced(frame, [env.dj, env.dm, env.db], z_of!(env), zip)
 }
 
 /// Without serde, only envelopes in the forms the hand-written reader takes
@@ -341,7 +355,8 @@ fn decode_binary(
     let got = bytes[1];
     let declared = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
     let body = &bytes[BINARY_HEADER_LEN..];
-    if kind != KIND_MSGPACK && kind != KIND_RAW && kind != KIND_DEFLATE_RAW {
+    let deflated = cfg!(feature = "compression") && kind == super::KIND_DEFLATE_RAW;
+    if kind != KIND_MSGPACK && kind != KIND_RAW && !deflated {
         return Err(DecodeError::UnknownBinaryKind { kind });
     }
     if got != version {
@@ -359,6 +374,7 @@ fn decode_binary(
     if kind == KIND_RAW {
         return Ok(Decoded::Frame(Frame::Raw(share(backing, body))));
     }
+    #[cfg(feature = "compression")]
     if kind == KIND_DEFLATE_RAW {
         return deflated_datagram(body, zip).map(Decoded::Frame);
     }
@@ -370,11 +386,12 @@ fn decode_binary(
         };
     }
     let frame = pack_frame(&env, false, backing, zip)?;
-    Decoded::announced(frame, [env.dj, env.dm, env.db], env.z, zip)
+    Decoded::announced(frame, [env.dj, env.dm, env.db], z_of!(env), zip)
 }
 
 /// A compressed datagram's body: its inflated length (u32 little-endian),
 /// then the deflate stream.
+#[cfg(feature = "compression")]
 fn deflated_datagram(body: &[u8], zip: Inflation) -> Result<Frame, DecodeError> {
     if !zip.agreed {
         return Err(NOT_AGREED);

@@ -34,9 +34,14 @@ pub(super) enum Form<'a> {
     /// Deflated (section 2.2): `z`, the payload's length, and `bytes`, the
     /// deflated payload, in the envelope (`zj`, `zm`, `zb`) or, `detached`,
     /// following as the next message, its length in `dj`, `dm` or `db`.
-    /// (Without the `compression` feature never made, and left out.)
-    #[cfg_attr(not(feature = "compression"), allow(dead_code))]
+    /// (Only with the `compression` feature.)
+    #[cfg(feature = "compression")]
     Deflated { bytes: &'a [u8], detached: bool },
+    /// Without the `compression` feature: never made, it only holds the
+    /// lifetime.
+    #[cfg(not(feature = "compression"))]
+    #[allow(dead_code)]
+    Never(core::convert::Infallible, core::marker::PhantomData<&'a ()>),
 }
 
 pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
@@ -244,7 +249,17 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
         // The hot path, written by hand: a JSON payload was validated when
         // the `Payload` was made and is copied in as is, not parsed again.
         Frame::Msg(m) => write_json_msg(m, out, Form::Embedded),
-        Frame::Batch(msgs) => write_json_batch(msgs, |_| Form::Embedded, out),
+        Frame::Batch(msgs) => {
+            out.extend_from_slice(br#"{"t":"batch","f":["#);
+            for (i, m) in msgs.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_msg(m, out, Form::Embedded)?;
+            }
+            out.extend_from_slice(b"]}");
+            Ok(())
+        }
         Frame::Subs(list) => {
             let env = subs_envelope!(JsonEnvelope, list);
             write_json_envelope(&env, out);
@@ -266,7 +281,19 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
     }
 }
 
+impl Form<'_> {
+    /// Whether the payload is deflated (and `z` is written).
+    fn is_deflated(self) -> bool {
+        #[cfg(feature = "compression")]
+        if let Form::Deflated { .. } = self {
+            return true;
+        }
+        false
+    }
+}
+
 /// A `batch` envelope of `msgs`, each carried as `form` says.
+#[cfg(feature = "compression")]
 pub(super) fn write_json_batch<'a>(
     msgs: &[Msg],
     form: impl Fn(usize) -> Form<'a>,
@@ -285,6 +312,7 @@ pub(super) fn write_json_batch<'a>(
 
 /// A `batch` envelope of `msgs` in MessagePack, each carried as `form`
 /// says, after the binary header's place.
+#[cfg(feature = "compression")]
 pub(super) fn write_pack_batch<'a>(
     msgs: &[Msg],
     form: impl Fn(usize) -> Form<'a>,
@@ -445,10 +473,13 @@ fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
     o.uint("dm", env.dm);
     o.uint("db", env.db);
     o.uint("e", env.e);
-    o.uint("z", env.z);
-    o.str("zj", env.zj.as_deref());
-    o.str("zm", env.zm.as_deref());
-    o.str("zb", env.zb.as_deref());
+    #[cfg(feature = "compression")]
+    {
+        o.uint("z", env.z);
+        o.str("zj", env.zj.as_deref());
+        o.str("zm", env.zm.as_deref());
+        o.str("zb", env.zb.as_deref());
+    }
     o.end();
 }
 
@@ -519,6 +550,9 @@ pub(super) fn write_json_msg(
             key(out, detached_key(kind));
             push_uint(out, data.len() as u64);
         }
+        #[cfg(not(feature = "compression"))]
+        (Form::Never(never, _), _) => match never {},
+        #[cfg(feature = "compression")]
         (Form::Deflated { bytes, detached }, kind) => {
             if detached {
                 key(out, detached_key(kind));
@@ -590,7 +624,17 @@ pub(super) fn encode_msgpack(
         // The hot path, written by hand with the same bytes serde writes
         // (checked against it in the tests).
         Frame::Msg(m) => write_pack_msg(m, out, Form::Embedded)?,
-        Frame::Batch(msgs) => write_pack_batch(msgs, |_| Form::Embedded, out)?,
+        Frame::Batch(msgs) => {
+            let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
+            rmp::encode::write_map_len(out, 2).map_err(vec_write)?;
+            rmp::encode::write_str(out, "t").map_err(vec_write)?;
+            rmp::encode::write_str(out, "batch").map_err(vec_write)?;
+            rmp::encode::write_str(out, "f").map_err(vec_write)?;
+            rmp::encode::write_array_len(out, len).map_err(vec_write)?;
+            for m in msgs {
+                write_pack_msg(m, out, Form::Embedded)?;
+            }
+        }
         Frame::Subs(list) => {
             let env = subs_envelope!(PackEnvelope, list);
             write_pack_envelope(&env, out)?;
@@ -634,7 +678,7 @@ pub(super) fn write_pack_msg(
         + u32::from(m.ack.is_some())
         + u32::from(m.ts.is_some())
         + u32::from(m.room.is_some())
-        + u32::from(matches!(form, Form::Deflated { .. }))
+        + u32::from(form.is_deflated())
         + extra;
     write_map_len(out, len).map_err(vec_write)?;
     write_str(out, "t").map_err(vec_write)?;
@@ -657,6 +701,9 @@ pub(super) fn write_pack_msg(
             write_str(out, detached_key(kind)).map_err(vec_write)?;
             write_uint(out, data.len() as u64).map_err(vec_write)?;
         }
+        #[cfg(not(feature = "compression"))]
+        (Form::Never(never, _), _) => match never {},
+        #[cfg(feature = "compression")]
         (Form::Deflated { bytes, detached }, kind) => {
             if detached {
                 write_str(out, detached_key(kind)).map_err(vec_write)?;
@@ -765,14 +812,16 @@ pub(super) fn write_pack_envelope(
         env.dm.is_some(),
         env.db.is_some(),
         env.e.is_some(),
-        env.z.is_some(),
-        env.zj.is_some(),
-        env.zm.is_some(),
-        env.zb.is_some(),
     ]
     .iter()
     .filter(|present| **present)
     .count();
+    #[cfg(feature = "compression")]
+    let len = len
+        + [env.z.is_some(), env.zj.is_some(), env.zm.is_some(), env.zb.is_some()]
+            .iter()
+            .filter(|present| **present)
+            .count();
     write_map_len(out, len as u32).map_err(vec_write)?;
     key_str(out, "t", Some(&env.t))?;
     key_uint(out, "seq", env.seq)?;
@@ -807,10 +856,13 @@ pub(super) fn write_pack_envelope(
     key_uint(out, "dm", env.dm)?;
     key_uint(out, "db", env.db)?;
     key_uint(out, "e", env.e)?;
-    key_uint(out, "z", env.z)?;
-    key_bin(out, "zj", env.zj.map(|b| &**b))?;
-    key_bin(out, "zm", env.zm.map(|b| &**b))?;
-    key_bin(out, "zb", env.zb.map(|b| &**b))?;
+    #[cfg(feature = "compression")]
+    {
+        key_uint(out, "z", env.z)?;
+        key_bin(out, "zj", env.zj.map(|b| &**b))?;
+        key_bin(out, "zm", env.zm.map(|b| &**b))?;
+        key_bin(out, "zb", env.zb.map(|b| &**b))?;
+    }
     Ok(())
 }
 
@@ -824,6 +876,7 @@ fn detached_key(kind: PayloadKind) -> &'static str {
 }
 
 /// The envelope key of a deflated payload of `kind`, in the envelope.
+#[cfg(feature = "compression")]
 fn deflated_key(kind: PayloadKind) -> &'static str {
     match kind {
         PayloadKind::Json => "zj",

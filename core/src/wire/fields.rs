@@ -12,7 +12,9 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
-use super::compress::{Inflation, NOT_AGREED};
+use super::compress::Inflation;
+#[cfg(feature = "compression")]
+use super::compress::NOT_AGREED;
 use super::decode::closes;
 use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::json::json_value;
@@ -143,14 +145,14 @@ const SHARE_FROM: usize = 1024;
 /// the payload's other forms (PROTOCOL.md, section 2.2). `Ok(None)` for
 /// an uncompressed payload, or a detached one the decoder inflates when
 /// it arrives.
-#[allow(clippy::too_many_arguments)]
+#[cfg(feature = "compression")]
 fn deflated_of<X>(
     z: Option<u64>,
     [zj, zm, zb]: [Option<X>; 3],
     embedded: bool,
     detached: bool,
     zip: Inflation,
-) -> Result<Option<(PayloadKind, &'static str, X, u64)>, DecodeError> {
+) -> Result<Option<Deflated<X>>, DecodeError> {
     let form = match (zj, zm, zb) {
         (None, None, None) => None,
         (Some(x), None, None) => Some((PayloadKind::Json, "zj", x)),
@@ -178,7 +180,12 @@ fn deflated_of<X>(
     }
     match form {
         Some(_) if embedded || detached => Err(two_payloads()),
-        Some((kind, field, x)) => Ok(Some((kind, field, x, z))),
+        Some((kind, field, x)) => Ok(Some(Deflated {
+            kind,
+            field,
+            bytes: x,
+            len: z,
+        })),
         None if detached => Ok(None),
         None => Err(DecodeError::Compression {
             reason: "`z` on a message without a compressed payload",
@@ -186,6 +193,18 @@ fn deflated_of<X>(
     }
 }
 
+/// A compressed payload in an envelope: what it inflates to, from which
+/// field, its compressed bytes (`X`: as the codec carries them) and its
+/// announced length.
+#[cfg(feature = "compression")]
+struct Deflated<X> {
+    kind: PayloadKind,
+    field: &'static str,
+    bytes: X,
+    len: u64,
+}
+
+#[cfg(feature = "compression")]
 fn two_payloads() -> DecodeError {
     DecodeError::InvalidField {
         field: "zj",
@@ -195,23 +214,18 @@ fn two_payloads() -> DecodeError {
 
 /// The payload a deflated payload inflates to, a JSON one checked as
 /// one embedded would be.
-fn inflated(
-    kind: PayloadKind,
-    field: &'static str,
-    data: &[u8],
-    z: u64,
-    zip: Inflation,
-) -> Result<Payload, DecodeError> {
-    let data = zip.inflate(data, z)?;
-    if kind == PayloadKind::Json {
-        check_json_depth(&data, field)?;
+#[cfg(feature = "compression")]
+fn inflated(d: Deflated<&[u8]>, zip: Inflation) -> Result<Payload, DecodeError> {
+    let data = zip.inflate(d.bytes, d.len)?;
+    if d.kind == PayloadKind::Json {
+        check_json_depth(&data, d.field)?;
         json_value(&data).map_err(|_| DecodeError::InvalidField {
-            field,
+            field: d.field,
             reason: "not a JSON value",
         })?;
     }
     Ok(Payload {
-        kind,
+        kind: d.kind,
         data: data.into(),
     })
 }
@@ -221,17 +235,29 @@ fn json_payload(
     nested: bool,
     zip: Inflation,
 ) -> Result<Payload, DecodeError> {
+    #[cfg(not(feature = "compression"))]
+    let _ = zip;
     let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
     let detached = detached_of(env.dj, env.dm, env.db)?;
-    let zipped = [&env.zj, &env.zm, &env.zb].map(Option::as_ref);
-    if let Some((kind, field, text, z)) =
-        deflated_of(env.z, zipped, embedded, detached.is_some(), zip)?
-    {
-        let data = crate::base64::decode(text.as_bytes()).ok_or(DecodeError::InvalidField {
-            field,
+    #[cfg(feature = "compression")]
+    if let Some(d) = deflated_of(
+        env.z,
+        [env.zj.as_ref(), env.zm.as_ref(), env.zb.as_ref()],
+        embedded,
+        detached.is_some(),
+        zip,
+    )? {
+        let data = crate::base64::decode(d.bytes.as_bytes()).ok_or(DecodeError::InvalidField {
+            field: d.field,
             reason: "not valid base64",
         })?;
-        return inflated(kind, field, &data, z, zip);
+        let d = Deflated {
+            bytes: &data[..],
+            kind: d.kind,
+            field: d.field,
+            len: d.len,
+        };
+        return inflated(d, zip);
     }
     if let Some(p) = detached_payload(detached, embedded, nested)? {
         return Ok(p);
@@ -381,16 +407,19 @@ fn pack_payload(
     backing: Option<&Bytes>,
     zip: Inflation,
 ) -> Result<Payload, DecodeError> {
+    #[cfg(not(feature = "compression"))]
+    let _ = zip;
     let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
     let detached = detached_of(env.dj, env.dm, env.db)?;
-    if let Some((kind, field, bytes, z)) = deflated_of(
+    #[cfg(feature = "compression")]
+    if let Some(d) = deflated_of(
         env.z,
-        [env.zj, env.zm, env.zb],
+        [env.zj, env.zm, env.zb].map(|b| b.map(|b| &**b)),
         embedded,
         detached.is_some(),
         zip,
     )? {
-        return inflated(kind, field, bytes, z, zip);
+        return inflated(d, zip);
     }
     if let Some(p) = detached_payload(detached, embedded, nested)? {
         return Ok(p);

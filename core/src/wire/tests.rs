@@ -1088,9 +1088,13 @@ fn the_hand_written_envelope_writer_matches_serde() {
         dm: Some(n),
         db: Some(n),
         e: Some(n),
+        #[cfg(feature = "compression")]
         z: Some(n),
+        #[cfg(feature = "compression")]
         zj: Some(bytes),
+        #[cfg(feature = "compression")]
         zm: Some(bytes),
+        #[cfg(feature = "compression")]
         zb: Some(bytes),
     };
     let mut envelopes: Vec<PackEnvelope<'_>> = ints.iter().map(|&n| full(n)).collect();
