@@ -22,19 +22,100 @@ use crate::{net, Figure, Kind, Options, Range};
 /// Words of the generated text: varied enough that deflate finds what it
 /// finds in real chat, not one phrase repeated.
 const WORDS: &[&str] = &[
-    "the", "deploy", "is", "green", "again", "after", "we", "fixed", "that", "flaky", "test",
-    "in", "checkout", "service", "could", "you", "review", "my", "branch", "before", "lunch",
-    "latency", "looks", "fine", "on", "dashboards", "but", "p99", "went", "up", "yesterday",
-    "evening", "when", "traffic", "doubled", "from", "europe", "I", "think", "cache", "misses",
-    "explain", "most", "of", "it", "let's", "pair", "tomorrow", "morning", "sounds", "good",
-    "thanks", "for", "quick", "turnaround", "release", "notes", "are", "ready", "ship", "friday",
-    "meeting", "moved", "to", "room", "four", "bring", "coffee", "invoice", "customer", "asked",
-    "about", "refund", "policy", "new", "pricing", "page", "copy", "needs", "another", "pass",
+    "the",
+    "deploy",
+    "is",
+    "green",
+    "again",
+    "after",
+    "we",
+    "fixed",
+    "that",
+    "flaky",
+    "test",
+    "in",
+    "checkout",
+    "service",
+    "could",
+    "you",
+    "review",
+    "my",
+    "branch",
+    "before",
+    "lunch",
+    "latency",
+    "looks",
+    "fine",
+    "on",
+    "dashboards",
+    "but",
+    "p99",
+    "went",
+    "up",
+    "yesterday",
+    "evening",
+    "when",
+    "traffic",
+    "doubled",
+    "from",
+    "europe",
+    "I",
+    "think",
+    "cache",
+    "misses",
+    "explain",
+    "most",
+    "of",
+    "it",
+    "let's",
+    "pair",
+    "tomorrow",
+    "morning",
+    "sounds",
+    "good",
+    "thanks",
+    "for",
+    "quick",
+    "turnaround",
+    "release",
+    "notes",
+    "are",
+    "ready",
+    "ship",
+    "friday",
+    "meeting",
+    "moved",
+    "to",
+    "room",
+    "four",
+    "bring",
+    "coffee",
+    "invoice",
+    "customer",
+    "asked",
+    "about",
+    "refund",
+    "policy",
+    "new",
+    "pricing",
+    "page",
+    "copy",
+    "needs",
+    "another",
+    "pass",
 ];
 
 const NAMES: &[&str] = &[
-    "Alice Martin", "Bob Okafor", "Chen Wei", "Dana Kowalski", "Emeka Obi", "Fatima Zahra",
-    "Gustavo Lima", "Hana Sato", "Ivan Petrov", "Jade Laurent",
+    "Alice Martin",
+    "Bob Okafor",
+    "Chen Wei",
+    "Dana Kowalski",
+    "Emeka Obi",
+    "Fatima Zahra",
+    "Gustavo Lima",
+    "Hana Sato",
+    "Ivan Petrov",
+    "Jade Laurent",
 ];
 
 /// A deterministic generator (xorshift).
@@ -189,7 +270,10 @@ pub(crate) fn scenario(opts: &Options) -> Vec<Figure> {
         Case {
             size: 1024,
             name: "level 6",
-            config: CompressionConfig { level: 6, ..default },
+            config: CompressionConfig {
+                level: 6,
+                ..default
+            },
         },
         Case {
             size: 16 * 1024,
@@ -199,7 +283,10 @@ pub(crate) fn scenario(opts: &Options) -> Vec<Figure> {
         Case {
             size: 16 * 1024,
             name: "level 6",
-            config: CompressionConfig { level: 6, ..default },
+            config: CompressionConfig {
+                level: 6,
+                ..default
+            },
         },
     ];
     let reps = if opts.quick { 3 } else { 9 };
@@ -245,7 +332,12 @@ pub(crate) fn scenario(opts: &Options) -> Vec<Figure> {
                 net::median(&mut us[0].clone()),
                 net::median(&mut us[1].clone()),
             );
-            figures.push(figure(scenario.clone(), "bytes/message on the wire", &bytes, reps));
+            figures.push(figure(
+                scenario.clone(),
+                "bytes/message on the wire",
+                &bytes,
+                reps,
+            ));
             figures.push(figure(scenario, "us/message, both ends (CPU)", &us, reps));
         }
     }

@@ -134,11 +134,18 @@ fn both_directions_compress_only_when_both_sides_want_it() {
             for (server_on, client_on) in [(false, false), (true, false), (false, true)] {
                 let (mut sim, c, s) = pair(server_on, client_on, codec, seed);
                 let plain = exchange(&mut sim, c, s);
-                let what = format!("{codec:?}, seed {seed}, server {server_on}, client {client_on}");
+                let what =
+                    format!("{codec:?}, seed {seed}, server {server_on}, client {client_on}");
                 // The JSON above shrinks about fivefold; the small
                 // messages and the acknowledgments go as they are.
-                assert!(compressed.0 * 3 < plain.0, "{what}: {compressed:?} {plain:?}");
-                assert!(compressed.1 * 3 < plain.1, "{what}: {compressed:?} {plain:?}");
+                assert!(
+                    compressed.0 * 3 < plain.0,
+                    "{what}: {compressed:?} {plain:?}"
+                );
+                assert!(
+                    compressed.1 * 3 < plain.1,
+                    "{what}: {compressed:?} {plain:?}"
+                );
             }
         }
     }
@@ -151,7 +158,8 @@ fn cuts_and_resumes_lose_and_duplicate_nothing() {
             let (mut sim, c, session) = pair(true, true, codec, cut_after);
             sim.cut_after(c, cut_after);
             for n in 1..=30u64 {
-                sim.client_send(c, json(n, 3000 + 500 * n as usize)).unwrap();
+                sim.client_send(c, json(n, 3000 + 500 * n as usize))
+                    .unwrap();
                 sim.server_send(session, json(n, 2500)).unwrap();
                 sim.run_for(Duration::from_millis(2));
             }
@@ -175,9 +183,10 @@ fn datagrams_are_compressed_both_ways() {
     sim.run_for(Duration::from_secs(1));
     let after = bytes_out(&sim, c);
     assert!(after.0 - before.0 < 2000 && after.1 - before.1 < 2000);
-    let got_up = sim.server_events.iter().any(|(_, e)| {
-        matches!(e, ServerEvent::Datagram { data: d, .. } if *d == data)
-    });
+    let got_up = sim
+        .server_events
+        .iter()
+        .any(|(_, e)| matches!(e, ServerEvent::Datagram { data: d, .. } if *d == data));
     let got_down = sim.peers[c]
         .events
         .iter()
@@ -223,7 +232,9 @@ fn a_client_that_never_mentions_compression_is_served_as_before() {
     let (mut server, conn) = server_with(&hello(r#""batch","detach""#, r#""msgpack","json""#));
     let session = server.session_of(conn).unwrap();
     for n in 0..10 {
-        server.send(Instant::ZERO, session, json(n, 30_000)).unwrap();
+        server
+            .send(Instant::ZERO, session, json(n, 30_000))
+            .unwrap();
     }
     server.handle_timeout(Instant::from_secs(1));
     let (sent, closed) = drain(&mut server);
@@ -278,7 +289,10 @@ fn what_a_hostile_client_compresses_closes_its_connection() {
     // A bomb announced honestly: over the limit, 1009.
     let (closed, errors) = closed_with(
         Codec::Json,
-        &format!(r#"{{"t":"msg","seq":1,"id":1,"zj":"{b64}","z":{}}}"#, 8 << 20),
+        &format!(
+            r#"{{"t":"msg","seq":1,"id":1,"zj":"{b64}","z":{}}}"#,
+            8 << 20
+        ),
     );
     assert_eq!(closed, Some(CloseCode::MESSAGE_TOO_BIG));
     assert!(matches!(errors[..], [DecodeError::TooLarge { .. }]));
@@ -356,10 +370,14 @@ fn what_a_broken_server_compresses_closes_the_connection_and_the_session_goes_on
     };
     let payload = json(4, 5000);
     let z = miniz_oxide::deflate::compress_to_vec(payload.data(), 6);
-    client.handle_message(Instant::ZERO, t, Incoming::Text(&text_of(&z, payload.len())));
-    let delivered = pump(&mut client, &mut transport).into_iter().any(|o| {
-        matches!(o, Output::Event(Event::Message(m)) if m.payload == payload)
-    });
+    client.handle_message(
+        Instant::ZERO,
+        t,
+        Incoming::Text(&text_of(&z, payload.len())),
+    );
+    let delivered = pump(&mut client, &mut transport)
+        .into_iter()
+        .any(|o| matches!(o, Output::Event(Event::Message(m)) if m.payload == payload));
     assert!(delivered);
     // A corrupt one closes the connection with 1002; the client comes back.
     let corrupt = text_of(&z[..z.len() / 2], payload.len());

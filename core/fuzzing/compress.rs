@@ -119,7 +119,11 @@ fn round_trip(input: &ArbCompressed) {
                 let plain = wire::encode(frame, codec, PROTOCOL_VERSION).expect("encodes");
                 let size: usize = sent.iter().map(Transmit::len).sum();
                 if sent[0] != plain && sent.len() == 1 {
-                    assert!(size < plain.len(), "compressed to {size} of {}", plain.len());
+                    assert!(
+                        size < plain.len(),
+                        "compressed to {size} of {}",
+                        plain.len()
+                    );
                     assert!(
                         receive(&mut wire::Decoder::new(), &sent).is_err(),
                         "taken where compression was not agreed"

@@ -15,7 +15,13 @@ use kitestring::{
 /// About 8 KB of JSON, numbered `n`.
 fn json(n: usize) -> Payload {
     let rows: Vec<String> = (0..100)
-        .map(|i| format!(r#"{{"id":{},"name":"item {i}","price":{}.99,"tags":["a","b"]}}"#, n * 1000 + i, i % 50))
+        .map(|i| {
+            format!(
+                r#"{{"id":{},"name":"item {i}","price":{}.99,"tags":["a","b"]}}"#,
+                n * 1000 + i,
+                i % 50
+            )
+        })
         .collect();
     Payload::json(format!(r#"{{"n":{n},"rows":[{}]}}"#, rows.join(","))).unwrap()
 }

@@ -18,12 +18,12 @@ use super::compress::{Deflater, KIND_DEFLATE_RAW, RAW_LEN_PREFIX};
 use super::encode::{write_deflated_entry, write_json_batch, write_pack_batch, Form};
 #[cfg(feature = "compression")]
 use super::header::seal_msgpack;
-#[cfg(feature = "compression")]
-use super::{encode_msg_into, FrameKind, Msg, MsgKind, PayloadKind, BINARY_HEADER_LEN};
 use super::{
     detaches, encode_detached_into, encode_into, Codec, CompressionConfig, EncodeError, Frame,
     Transmit,
 };
+#[cfg(feature = "compression")]
+use super::{encode_msg_into, FrameKind, Msg, MsgKind, PayloadKind, BINARY_HEADER_LEN};
 
 /// Payloads from this size up are encoded without the scratch buffer.
 const DIRECT_ENCODE: usize = 1024;
@@ -407,7 +407,9 @@ impl Encoder {
                 out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
                 out.extend_from_slice(&len.to_le_bytes());
                 let budget = saving_budget(data.len());
-                let sent = self.deflater().compress(data, config.level, budget, &mut out);
+                let sent = self
+                    .deflater()
+                    .compress(data, config.level, budget, &mut out);
                 if sent {
                     let body = u32::try_from(out.len() - BINARY_HEADER_LEN)
                         .map_err(|_| EncodeError::TooLarge)?;

@@ -210,7 +210,10 @@ mod tests {
         let mut s = String::from("[");
         let mut i = 0;
         while s.len() < n {
-            s.push_str(&format!(r#"{{"id":{i},"user":"u{}","text":"hello"}},"#, i % 7));
+            s.push_str(&format!(
+                r#"{{"id":{i},"user":"u{}","text":"hello"}},"#,
+                i % 7
+            ));
             i += 1;
         }
         s.pop();

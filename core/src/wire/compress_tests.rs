@@ -2,6 +2,8 @@
 //! end through the encoder and the decoder: every form in both codecs, what
 //! is left uncompressed, and what a hostile or broken peer can send.
 
+#![allow(clippy::unwrap_used)]
+
 use super::tests::LIMITS;
 use super::*;
 #[cfg(target_arch = "wasm32")]

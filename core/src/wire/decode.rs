@@ -17,6 +17,9 @@ use bytes::Bytes;
 #[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 use serde::Deserialize;
 
+use super::compress::Inflation;
+#[cfg(feature = "compression")]
+use super::compress::{KIND_DEFLATE_RAW, NOT_AGREED, RAW_LEN_PREFIX};
 #[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 use super::envelope::bounded_batch;
 use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
@@ -26,9 +29,6 @@ use super::fields::{
 use super::json::{
     json_value, quick_json_envelope, quick_json_handshake, quick_json_type, JsonReader,
 };
-use super::compress::Inflation;
-#[cfg(feature = "compression")]
-use super::compress::{KIND_DEFLATE_RAW, NOT_AGREED, RAW_LEN_PREFIX};
 use super::quick::quick_pack_envelope;
 #[cfg(feature = "msgpack-serde")]
 use super::quick::serde_pack_envelope;

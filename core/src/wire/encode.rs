@@ -818,10 +818,15 @@ pub(super) fn write_pack_envelope(
     .count();
     #[cfg(feature = "compression")]
     let len = len
-        + [env.z.is_some(), env.zj.is_some(), env.zm.is_some(), env.zb.is_some()]
-            .iter()
-            .filter(|present| **present)
-            .count();
+        + [
+            env.z.is_some(),
+            env.zj.is_some(),
+            env.zm.is_some(),
+            env.zb.is_some(),
+        ]
+        .iter()
+        .filter(|present| **present)
+        .count();
     write_map_len(out, len as u32).map_err(vec_write)?;
     key_str(out, "t", Some(&env.t))?;
     key_uint(out, "seq", env.seq)?;

@@ -37,14 +37,14 @@
 use bytes::Bytes;
 
 use decode::{check_size, decode_one, Decoded};
-use encode::{
-    encode_handshake, encode_json, encode_msgpack, write_json_msg, write_pack_msg, Form,
-};
+use encode::{encode_handshake, encode_json, encode_msgpack, write_json_msg, write_pack_msg, Form};
 use error::serializer_error;
 use header::{push_header, seal_msgpack};
 
 mod buffers;
 mod compress;
+#[cfg(all(test, feature = "compression"))]
+mod compress_tests;
 mod decode;
 mod encode;
 mod envelope;
@@ -57,8 +57,6 @@ mod payload;
 mod quick;
 #[cfg(test)]
 mod tests;
-#[cfg(all(test, feature = "compression"))]
-mod compress_tests;
 
 pub use crate::ids::{ClientId, SessionId};
 pub(crate) use buffers::Encoder;
@@ -322,9 +320,7 @@ pub fn encode_compressed(
     detach: bool,
 ) -> Result<Vec<Transmit>, EncodeError> {
     let mut out = Vec::with_capacity(2);
-    Encoder::default().encode_each(frame, codec, version, detach, Some(config), |t| {
-        out.push(t)
-    })?;
+    Encoder::default().encode_each(frame, codec, version, detach, Some(config), |t| out.push(t))?;
     Ok(out)
 }
 

@@ -239,9 +239,14 @@ fn the_encoder_detaches_large_payloads_for_peers_that_take_them() {
         let m = detached_msg(Payload::binary(vec![1u8; len]));
         let mut out = Vec::new();
         encoder
-            .encode_each(&Frame::Msg(m.clone()), Codec::MsgPack, 1, detach, None, |t| {
-                out.push(t)
-            })
+            .encode_each(
+                &Frame::Msg(m.clone()),
+                Codec::MsgPack,
+                1,
+                detach,
+                None,
+                |t| out.push(t),
+            )
             .unwrap();
         if out.len() == 2 {
             assert_eq!(out[1].data().as_ptr(), m.payload.data().as_ptr());
