@@ -2,8 +2,9 @@
 //!
 //! Owns the `hello` (offered in the upgrade request, or sent as the first
 //! frame) and the server's answers to it: a `welcome` (the connection's
-//! settings, the session resumed or lost), a `reject`, a `goaway` (which
-//! may also come on an open session). It never delivers messages. An answer
+//! settings, compression offered and agreed or not, the session resumed
+//! or lost), a `reject`, a `goaway` (which may also come on an open
+//! session). It never delivers messages. An answer
 //! that ends the attempt goes to `connection_ended`, except the two settled
 //! here: a welcome choosing a version or codec never offered fails at once,
 //! and a rotation `goaway` resumes without counting a failure.

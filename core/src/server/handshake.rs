@@ -1,6 +1,8 @@
 //! The handshake: a connection's first frame, the `hello`, answered by a
 //! `welcome` or a `reject` (`on_hello`). Owns version and codec selection
-//! (the client's preference wins among codecs both sides speak), the resume
+//! (the client's preference wins among codecs both sides speak), agreeing
+//! to compression (when the client offers it and the server is configured
+//! for it), the resume
 //! checks (the key, the identity, the numbers the client claims), the
 //! session limit, creating a session, the resume key itself
 //! ([`Server::resume_key`]), and where the answer goes: the upgrade
