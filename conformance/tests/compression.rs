@@ -452,3 +452,35 @@ fn a_client_never_offers_what_it_was_not_configured_for() {
     }
     assert_eq!(closed, Some(CloseCode::PROTOCOL_ERROR));
 }
+
+#[test]
+fn a_level_deflate_does_not_have_is_refused_at_construction() {
+    for level in [0, 10, 255] {
+        let compression = Some(CompressionConfig {
+            level,
+            ..CompressionConfig::default()
+        });
+        let client = ClientConfig {
+            compression,
+            ..ClientConfig::default()
+        };
+        let server = ServerConfig {
+            compression,
+            ..ServerConfig::default()
+        };
+        assert!(client.validate().is_err(), "level {level}");
+        assert!(server.validate().is_err(), "level {level}");
+    }
+    for level in 1..=9 {
+        let compression = Some(CompressionConfig {
+            level,
+            ..CompressionConfig::default()
+        });
+        assert!(ClientConfig {
+            compression,
+            ..ClientConfig::default()
+        }
+        .validate()
+        .is_ok());
+    }
+}
