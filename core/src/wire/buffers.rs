@@ -15,7 +15,9 @@ use bytes::{Bytes, BytesMut};
 #[cfg(feature = "compression")]
 use super::compress::{Deflater, KIND_DEFLATE_RAW, RAW_LEN_PREFIX};
 #[cfg(feature = "compression")]
-use super::encode::{write_deflated_entry, write_json_batch, write_pack_batch, Form};
+use super::deflated::{write_deflated_entry, write_json_batch, write_pack_batch};
+#[cfg(feature = "compression")]
+use super::encode::Form;
 #[cfg(feature = "compression")]
 use super::header::seal_msgpack;
 use super::{

@@ -11,12 +11,12 @@
 
 use std::borrow::Cow;
 
+#[cfg(feature = "compression")]
+use super::deflated::deflated_key;
 use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
 use super::json::{push_json_str, push_uint};
-#[cfg(feature = "compression")]
-use super::StreamEntry;
 use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
@@ -188,34 +188,11 @@ macro_rules! fill_common {
     };
 }
 
-/// The envelope fields of a message, payload aside.
-#[cfg(test)]
-macro_rules! fill_msg {
-    ($env:ident, $m:expr) => {{
-        $env.t = "msg".into();
-        $env.seq = Some($m.seq);
-        $env.id = Some($m.id);
-        $env.ack = $m.ack;
-        $env.ts = $m.ts;
-        $env.rq = ($m.kind == MsgKind::Request).then_some(true);
-        $env.rs = $m.kind.rs();
-        $env.op = $m.kind.op().map(Cow::Borrowed);
-        $env.r = $m.room.as_deref().map(Cow::Borrowed);
-    }};
-}
-
-/// The serde form of a `msg` envelope: the oracle the hand-written encoder
-/// is checked against.
-#[cfg(test)]
-pub(super) fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
-    let mut env = JsonEnvelope::default();
-    fill_msg!(env, m);
-    json_payload_into(&mut env, &m.payload)?;
-    Ok(env)
-}
-
 /// Puts a payload into a JSON envelope (the serde way).
-fn json_payload_into<'a>(env: &mut JsonEnvelope<'a>, p: &'a Payload) -> Result<(), EncodeError> {
+pub(super) fn json_payload_into<'a>(
+    env: &mut JsonEnvelope<'a>,
+    p: &'a Payload,
+) -> Result<(), EncodeError> {
     let data = &p.data;
     match p.kind {
         PayloadKind::Json => {
@@ -230,7 +207,10 @@ fn json_payload_into<'a>(env: &mut JsonEnvelope<'a>, p: &'a Payload) -> Result<(
 }
 
 /// Puts a payload into a MessagePack envelope (the serde way).
-fn pack_payload_into<'a>(env: &mut PackEnvelope<'a>, p: &'a Payload) -> Result<(), EncodeError> {
+pub(super) fn pack_payload_into<'a>(
+    env: &mut PackEnvelope<'a>,
+    p: &'a Payload,
+) -> Result<(), EncodeError> {
     let data: &[u8] = &p.data;
     match p.kind {
         PayloadKind::Json => {
@@ -292,87 +272,10 @@ impl Form<'_> {
     }
 }
 
-/// A `batch` envelope of `msgs`, each carried as `form` says.
-#[cfg(feature = "compression")]
-pub(super) fn write_json_batch<'a>(
-    msgs: &[Msg],
-    form: impl Fn(usize) -> Form<'a>,
-    out: &mut Vec<u8>,
-) -> Result<(), EncodeError> {
-    out.extend_from_slice(br#"{"t":"batch","f":["#);
-    for (i, m) in msgs.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_json_msg(m, out, form(i))?;
-    }
-    out.extend_from_slice(b"]}");
-    Ok(())
-}
-
-/// A `batch` envelope of `msgs` in MessagePack, each carried as `form`
-/// says, after the binary header's place.
-#[cfg(feature = "compression")]
-pub(super) fn write_pack_batch<'a>(
-    msgs: &[Msg],
-    form: impl Fn(usize) -> Form<'a>,
-    out: &mut Vec<u8>,
-) -> Result<(), EncodeError> {
-    let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
-    rmp::encode::write_map_len(out, 2).map_err(vec_write)?;
-    rmp::encode::write_str(out, "t").map_err(vec_write)?;
-    rmp::encode::write_str(out, "batch").map_err(vec_write)?;
-    rmp::encode::write_str(out, "f").map_err(vec_write)?;
-    rmp::encode::write_array_len(out, len).map_err(vec_write)?;
-    for (i, m) in msgs.iter().enumerate() {
-        write_pack_msg(m, out, form(i))?;
-    }
-    Ok(())
-}
-
-/// A `pub` envelope whose payload is deflated (section 2.2): `bytes`, of
-/// the payload's `len` bytes, in `zj`, `zm` or `zb`.
-#[cfg(feature = "compression")]
-pub(super) fn write_deflated_entry(
-    e: &StreamEntry,
-    bytes: &[u8],
-    codec: super::Codec,
-    out: &mut Vec<u8>,
-) -> Result<(), EncodeError> {
-    let len = Some(e.payload.len() as u64);
-    match codec {
-        super::Codec::Json => {
-            let mut env = JsonEnvelope::default();
-            fill_entry!(env, e);
-            env.z = len;
-            let text = Some(Cow::Owned(crate::base64::encode(bytes)));
-            match e.payload.kind {
-                PayloadKind::Json => env.zj = text,
-                PayloadKind::MsgPack => env.zm = text,
-                PayloadKind::Binary => env.zb = text,
-            }
-            write_json_envelope(&env, out);
-        }
-        super::Codec::MsgPack => {
-            let mut env = PackEnvelope::default();
-            fill_entry!(env, e);
-            env.z = len;
-            let bin = Some(serde_bytes::Bytes::new(bytes));
-            match e.payload.kind {
-                PayloadKind::Json => env.zj = bin,
-                PayloadKind::MsgPack => env.zm = bin,
-                PayloadKind::Binary => env.zb = bin,
-            }
-            write_pack_envelope(&env, out)?;
-        }
-    }
-    Ok(())
-}
-
 /// rmp's writers fail only if the writer does, and a `Vec` does not; the
 /// error is not formatted, so that `io::Error`'s texts stay out of the
 /// browser package.
-fn vec_write<E>(_: E) -> EncodeError {
+pub(super) fn vec_write<E>(_: E) -> EncodeError {
     EncodeError::Serializer("MessagePack writer failed".into())
 }
 
@@ -444,7 +347,7 @@ impl<'o> JsonObject<'o> {
 }
 
 /// Writes `env` as serde_json writes it (the tests check the two agree).
-fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
+pub(super) fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
     let mut o = JsonObject::new(out);
     o.str("t", Some(&env.t));
     o.uint("seq", env.seq);
@@ -600,16 +503,6 @@ pub(super) fn write_json_msg(
     }
     out.push(b'}');
     Ok(())
-}
-
-/// The serde form of a `msg` envelope in MessagePack: the oracle the
-/// hand-written encoder is checked against.
-#[cfg(test)]
-pub(super) fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
-    let mut env = PackEnvelope::default();
-    fill_msg!(env, m);
-    pack_payload_into(&mut env, &m.payload)?;
-    Ok(env)
 }
 
 #[inline]
@@ -877,16 +770,6 @@ fn detached_key(kind: PayloadKind) -> &'static str {
         PayloadKind::Json => "dj",
         PayloadKind::MsgPack => "dm",
         PayloadKind::Binary => "db",
-    }
-}
-
-/// The envelope key of a deflated payload of `kind`, in the envelope.
-#[cfg(feature = "compression")]
-fn deflated_key(kind: PayloadKind) -> &'static str {
-    match kind {
-        PayloadKind::Json => "zj",
-        PayloadKind::MsgPack => "zm",
-        PayloadKind::Binary => "zb",
     }
 }
 

@@ -13,9 +13,9 @@ use std::borrow::Cow;
 use bytes::Bytes;
 
 use super::compress::Inflation;
-#[cfg(feature = "compression")]
-use super::compress::NOT_AGREED;
 use super::decode::closes;
+#[cfg(feature = "compression")]
+use super::deflated::{deflated_of, inflated, Deflated};
 use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::json::json_value;
 use super::payload::json_depth_ok;
@@ -139,96 +139,6 @@ pub(super) fn share(backing: Option<&Bytes>, part: &[u8]) -> Bytes {
 
 /// Payloads from this size up are shared with the frame they came in.
 const SHARE_FROM: usize = 1024;
-
-/// The compressed payload an envelope carries in `zj`, `zm` or `zb`, if
-/// any, with its kind and field, its compression fields checked against
-/// the payload's other forms (PROTOCOL.md, section 2.2). `Ok(None)` for
-/// an uncompressed payload, or a detached one the decoder inflates when
-/// it arrives.
-#[cfg(feature = "compression")]
-fn deflated_of<X>(
-    z: Option<u64>,
-    [zj, zm, zb]: [Option<X>; 3],
-    embedded: bool,
-    detached: bool,
-    zip: Inflation,
-) -> Result<Option<Deflated<X>>, DecodeError> {
-    let form = match (zj, zm, zb) {
-        (None, None, None) => None,
-        (Some(x), None, None) => Some((PayloadKind::Json, "zj", x)),
-        (None, Some(x), None) => Some((PayloadKind::MsgPack, "zm", x)),
-        (None, None, Some(x)) => Some((PayloadKind::Binary, "zb", x)),
-        _ => return Err(two_payloads()),
-    };
-    if z.is_none() && form.is_none() {
-        return Ok(None);
-    }
-    if !zip.agreed {
-        return Err(NOT_AGREED);
-    }
-    let Some(z) = z else {
-        return Err(DecodeError::Compression {
-            reason: "a compressed payload without `z`, its inflated length",
-        });
-    };
-    // Refused before anything is read or inflated.
-    if usize::try_from(z).map_or(true, |z| z > zip.max) {
-        return Err(DecodeError::TooLarge {
-            size: usize::try_from(z).unwrap_or(usize::MAX),
-            max: zip.max,
-        });
-    }
-    match form {
-        Some(_) if embedded || detached => Err(two_payloads()),
-        Some((kind, field, x)) => Ok(Some(Deflated {
-            kind,
-            field,
-            bytes: x,
-            len: z,
-        })),
-        None if detached => Ok(None),
-        None => Err(DecodeError::Compression {
-            reason: "`z` on a message without a compressed payload",
-        }),
-    }
-}
-
-/// A compressed payload in an envelope: what it inflates to, from which
-/// field, its compressed bytes (`X`: as the codec carries them) and its
-/// announced length.
-#[cfg(feature = "compression")]
-struct Deflated<X> {
-    kind: PayloadKind,
-    field: &'static str,
-    bytes: X,
-    len: u64,
-}
-
-#[cfg(feature = "compression")]
-fn two_payloads() -> DecodeError {
-    DecodeError::InvalidField {
-        field: "zj",
-        reason: "a message carries exactly one payload",
-    }
-}
-
-/// The payload a deflated payload inflates to, a JSON one checked as
-/// one embedded would be.
-#[cfg(feature = "compression")]
-fn inflated(d: Deflated<&[u8]>, zip: Inflation) -> Result<Payload, DecodeError> {
-    let data = zip.inflate(d.bytes, d.len)?;
-    if d.kind == PayloadKind::Json {
-        check_json_depth(&data, d.field)?;
-        json_value(&data).map_err(|_| DecodeError::InvalidField {
-            field: d.field,
-            reason: "not a JSON value",
-        })?;
-    }
-    Ok(Payload {
-        kind: d.kind,
-        data: data.into(),
-    })
-}
 
 fn json_payload(
     env: &JsonEnvelope<'_>,

@@ -24,7 +24,8 @@
 //! * `encode`: frames to bytes; `buffers`: the memory the machines'
 //!   `Encoder` encodes into.
 //! * `compress`: per-message compression, the compressor and the bounded
-//!   inflation ([`CompressionConfig`], [`CAP_DEFLATE`]).
+//!   inflation ([`CompressionConfig`], [`CAP_DEFLATE`]); `deflated`: the
+//!   envelopes that carry deflated payloads, both ways.
 //! * `decode`: bytes to envelopes, and detached payloads ([`Decoder`]);
 //!   `quick`: the hand-written MessagePack envelope reader; `json`: the
 //!   hand-written JSON reader (envelopes, handshakes, the one-value check
@@ -46,6 +47,8 @@ mod compress;
 #[cfg(all(test, feature = "compression"))]
 mod compress_tests;
 mod decode;
+#[cfg(feature = "compression")]
+mod deflated;
 mod encode;
 mod envelope;
 mod error;

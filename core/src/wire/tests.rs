@@ -3,8 +3,10 @@
 //!
 //! The encoder's memory is tested beside it, in `buffers`.
 
-use super::encode::{json_msg, pack_msg, write_pack_envelope};
-use super::envelope::{bounded_batch, PackEnvelope};
+use std::borrow::Cow;
+
+use super::encode::{json_payload_into, pack_payload_into, write_pack_envelope};
+use super::envelope::{bounded_batch, JsonEnvelope, PackEnvelope};
 use super::error::INVALID;
 use super::payload::msgpack_value_end;
 use super::*;
@@ -15,6 +17,39 @@ pub(super) const LIMITS: Limits = Limits {
     max_message: 1 << 20,
     version: 1,
 };
+
+/// The envelope fields of a message, payload aside.
+macro_rules! fill_msg {
+    ($env:ident, $m:expr) => {{
+        $env.t = "msg".into();
+        $env.seq = Some($m.seq);
+        $env.id = Some($m.id);
+        $env.ack = $m.ack;
+        $env.ts = $m.ts;
+        $env.rq = ($m.kind == MsgKind::Request).then_some(true);
+        $env.rs = $m.kind.rs();
+        $env.op = $m.kind.op().map(Cow::Borrowed);
+        $env.r = $m.room.as_deref().map(Cow::Borrowed);
+    }};
+}
+
+/// The serde form of a `msg` envelope: the oracle the hand-written encoder
+/// is checked against.
+fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
+    let mut env = JsonEnvelope::default();
+    fill_msg!(env, m);
+    json_payload_into(&mut env, &m.payload)?;
+    Ok(env)
+}
+
+/// The serde form of a `msg` envelope in MessagePack: the oracle the
+/// hand-written encoder is checked against.
+fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
+    let mut env = PackEnvelope::default();
+    fill_msg!(env, m);
+    pack_payload_into(&mut env, &m.payload)?;
+    Ok(env)
+}
 
 #[test]
 fn handshake_headers_are_printable_and_decode_to_the_frame() {
