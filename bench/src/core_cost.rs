@@ -53,6 +53,20 @@ impl CorePair {
             rate_limit: None,
             ..ServerConfig::default()
         };
+        let payload = match codec {
+            Codec::Json => Payload::json(Bytes::from_static(b"\"0123456789abcdef0123456789abcd\"")),
+            _ => Payload::msgpack(Bytes::from_static(b"\xbe0123456789abcdef0123456789abcd")),
+        }
+        .expect("valid payload");
+        CorePair::with(client_cfg, server_cfg, payload)
+    }
+
+    /// A pair with these settings, sending `payload`.
+    pub(crate) fn with(
+        client_cfg: ClientConfig,
+        server_cfg: ServerConfig,
+        payload: Payload,
+    ) -> CorePair {
         let mut client = Client::new(client_cfg, ClientId([1; 16]), 1).expect("valid config");
         let mut server = Server::new(server_cfg).expect("valid config");
         let now = Instant::ZERO;
@@ -66,11 +80,6 @@ impl CorePair {
         let transport = transport.expect("asked to connect");
         let conn = server.handle_connection(now, None, SessionId([2; 16]));
         client.handle_transport_opened(now, transport);
-        let payload = match codec {
-            Codec::Json => Payload::json(Bytes::from_static(b"\"0123456789abcdef0123456789abcd\"")),
-            _ => Payload::msgpack(Bytes::from_static(b"\xbe0123456789abcdef0123456789abcd")),
-        }
-        .expect("valid payload");
         let mut pair = CorePair {
             client,
             server,
@@ -115,6 +124,11 @@ impl CorePair {
                     .handle_message(self.now, self.transport, t.as_incoming());
             }
         }
+    }
+
+    /// Bytes the client has written: its messages, on the wire.
+    pub(crate) fn bytes_sent(&self) -> u64 {
+        self.client.stats().traffic.bytes_out
     }
 
     /// Sends `n` messages and runs the exchange to completion.

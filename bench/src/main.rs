@@ -6,6 +6,7 @@
 //! ```text
 //! cargo run --release -p kitestring-bench -- all            # every scenario
 //! cargo run --release -p kitestring-bench -- core-cost      # one scenario
+//! cargo run --release -p kitestring-bench -- compression    # bytes and CPU with and without compression
 //! cargo run --release -p kitestring-bench -- all --quick    # smoke run (CI)
 //! cargo run --release -p kitestring-bench -- all --json out.json
 //! cargo run --release -p kitestring-bench -- peers          # against socket.io and the floor
@@ -23,6 +24,7 @@ use kitestring_core::wire::Codec;
 mod alloc;
 mod browser;
 mod child;
+mod compression;
 mod connect;
 mod core_cost;
 mod echo;
@@ -179,6 +181,7 @@ type Scenario = fn(&Options) -> Vec<Figure>;
 
 const SCENARIOS: &[(&str, Scenario)] = &[
     ("core-cost", core_cost_scenario),
+    ("compression", compression::scenario),
     ("throughput", echo::throughput_scenario),
     ("latency", echo::latency_scenario),
     ("idle", fleet::idle_scenario),

@@ -15,6 +15,7 @@
 //!
 //! - `decode.rs`: `decode_json`, `decode_msgpack`, `decode_binary_header`
 //!   and `pack_envelope`;
+//! - `compress.rs`: `inflate`;
 //! - `frame.rs`: `frame_roundtrip`;
 //! - `handshake.rs`: `handshake`;
 //! - `handover.rs`: `session_image`;
@@ -33,6 +34,7 @@
 //! a target of its own.
 
 mod client;
+mod compress;
 mod decode;
 mod feeds;
 mod frame;
@@ -49,6 +51,7 @@ pub use client::{
     client_machine, ClientHarness, ClientOp, ClientSetup, ErrChoice, ServerFrame, Tr,
     KNOWN_REJECT_CODE_ECHO,
 };
+pub use compress::{inflate, ArbCompressed, INFLATE_MAX};
 pub use decode::{
     assert_round_trip, check_decode, decode_binary_header, decode_json, decode_msgpack,
     pack_envelope, ArbEnvelope, ArbKey, ArbValue, OtherKey, Width,

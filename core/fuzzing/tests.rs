@@ -738,3 +738,41 @@ fn session_image_seed_imports() {
         session_image(text.replace(from, to).as_bytes());
     }
 }
+
+#[test]
+fn the_inflate_target_takes_honest_streams_and_refuses_hostile_ones() {
+    let json = br#"{"rows":[{"id":1,"name":"a"},{"id":2,"name":"a"},{"id":3,"name":"a"}]}"#;
+    let mut inputs = Vec::new();
+    for form in 0..18 {
+        for (deflate_first, flip, announce) in [
+            (true, None, None),
+            (true, Some((7, 0x40)), None),
+            (true, None, Some(5)),
+            (true, None, Some(u32::MAX)),
+            (true, None, Some(INFLATE_MAX as u32 + 1)),
+            (false, None, Some(100)),
+            (false, None, None),
+        ] {
+            inputs.push(ArbCompressed {
+                data: json.repeat(1 + usize::from(form) % 3),
+                deflate_first,
+                level: form,
+                flip,
+                announce,
+                form,
+            });
+        }
+    }
+    // A bomb: far more than the limit from a few hundred bytes.
+    inputs.push(ArbCompressed {
+        data: vec![b'0'; 4 * INFLATE_MAX],
+        deflate_first: true,
+        level: 8,
+        flip: None,
+        announce: Some(1000),
+        form: 2,
+    });
+    for input in &inputs {
+        inflate(input, &NoProbe);
+    }
+}

@@ -10,6 +10,7 @@ use core::time::Duration;
 use crate::backoff::BackoffConfig;
 use crate::ratelimit::RateLimitConfig;
 pub use crate::stream::HistoryConfig;
+pub use crate::wire::CompressionConfig;
 use crate::wire::{Codec, SUPPORTED_VERSIONS};
 
 /// Application-level heartbeat settings (the client's side).
@@ -205,6 +206,12 @@ pub struct ClientConfig {
     /// the first frame, and the client stops offering it for the rest of its
     /// life (a proxy may strip the header).
     pub hello_in_upgrade: bool,
+    /// Offer per-message compression (the `deflate` capability,
+    /// PROTOCOL.md section 2.2); used in both directions when the server
+    /// agrees. The settings are the client's as a sender: what it
+    /// compresses. Default `None`: not offered. Without the core's
+    /// `compression` feature it is never offered.
+    pub compression: Option<CompressionConfig>,
 }
 
 impl Default for ClientConfig {
@@ -231,6 +238,7 @@ impl Default for ClientConfig {
             max_pending_requests: 1024,
             can_refresh_token: false,
             hello_in_upgrade: true,
+            compression: None,
         }
     }
 }
@@ -284,6 +292,13 @@ impl ClientConfig {
                 "capabilities: at most 29 (the hello carries 32 with the client's own three)",
             ));
         }
+        let offers = crate::wire::COMPRESSION_BUILT && self.compression.is_some();
+        if offers && self.capabilities.len() > crate::wire::MAX_LIST_LEN - 4 {
+            return Err(ConfigError::Inconsistent(
+                "capabilities: at most 28 with compression (the hello carries 32 with the client's own four)",
+            ));
+        }
+        validate_compression(self.compression.as_ref())?;
         if self
             .capabilities
             .iter()
@@ -401,6 +416,12 @@ pub struct ServerConfig {
     /// When a client's message is acknowledged. Default
     /// [`Acknowledge::OnReceipt`].
     pub acknowledge: Acknowledge,
+    /// Agree to per-message compression with clients that offer it (the
+    /// `deflate` capability, PROTOCOL.md section 2.2): both directions of
+    /// such a connection then compress. The settings are the server's as
+    /// a sender. Default `None`: never agreed. Without the core's
+    /// `compression` feature it is never agreed.
+    pub compression: Option<CompressionConfig>,
 }
 
 /// When the server acknowledges a client's message ([`ServerConfig::acknowledge`]).
@@ -458,6 +479,7 @@ impl Default for ServerConfig {
             session_grace: Duration::from_secs(60),
             max_sessions: 100_000,
             acknowledge: Acknowledge::OnReceipt,
+            compression: None,
         }
     }
 }
@@ -479,6 +501,7 @@ impl ServerConfig {
         if self.hello_timeout.is_zero() {
             return Err(ConfigError::Zero("hello_timeout"));
         }
+        validate_compression(self.compression.as_ref())?;
         validate_wire(self.max_message_size, &self.codecs, &self.versions)?;
         if self.queue.max_messages == 0 {
             return Err(ConfigError::Zero("queue.max_messages"));
@@ -499,6 +522,16 @@ impl ServerConfig {
             }
         }
         validate_reliability(&self.reliability)
+    }
+}
+
+/// Compression settings that can work: a level deflate has.
+fn validate_compression(c: Option<&CompressionConfig>) -> Result<(), ConfigError> {
+    match c.filter(|_| crate::wire::COMPRESSION_BUILT) {
+        Some(c) if !(1..=9).contains(&c.level) => Err(ConfigError::Inconsistent(
+            "compression.level: 1 (fastest) to 9 (smallest)",
+        )),
+        _ => Ok(()),
     }
 }
 

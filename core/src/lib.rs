@@ -69,7 +69,8 @@
 //! * [`reliable`]: the numbers under the pipe: the waiting queue and send
 //!   window (`Outbound`), delivery, duplicates and gaps (`Inbound`).
 //! * [`wire`]: frames, the JSON and MessagePack codecs, the binary header,
-//!   detached payloads, typed decode errors; the encoder's buffers.
+//!   detached payloads, per-message compression (feature `compression`),
+//!   typed decode errors; the encoder's buffers.
 //! * [`ids`]: client, session and message identifiers.
 //! * [`config`]: every setting of both machines, and their validation.
 //! * [`close`]: close codes and what each one means.

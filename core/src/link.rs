@@ -161,6 +161,9 @@ pub(crate) struct Tx<'a, P> {
     pub(crate) detach: bool,
     /// The peer can receive `batch` frames.
     pub(crate) batches: bool,
+    /// The connection agreed on compression: what to compress
+    /// (PROTOCOL.md, section 2.2).
+    pub(crate) deflate: Option<wire::CompressionConfig>,
     /// The largest payload the peer takes.
     pub(crate) max_message: usize,
     /// The machine's counters.
@@ -187,11 +190,18 @@ impl<P: Port> Tx<'_, P> {
     pub(crate) fn send(&mut self, frame: &Frame) -> Result<(), SendFailed> {
         let (port, traffic) = (&mut self.port, &mut *self.traffic);
         self.encoder
-            .encode_each(frame, self.codec, self.version, self.detach, |t| {
-                traffic.frames_out += 1;
-                traffic.bytes_out += t.len() as u64;
-                port.transmit(t);
-            })
+            .encode_each(
+                frame,
+                self.codec,
+                self.version,
+                self.detach,
+                self.deflate.as_ref(),
+                |t| {
+                    traffic.frames_out += 1;
+                    traffic.bytes_out += t.len() as u64;
+                    port.transmit(t);
+                },
+            )
             .map_err(|error| SendFailed(Box::new((frame.type_name().to_owned(), error))))
     }
 }

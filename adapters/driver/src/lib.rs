@@ -103,7 +103,7 @@ pub use kitestring_core::client::{
     ClientStats, Event, FailReason, LostReason, Received, RequestError, State,
 };
 pub use kitestring_core::close::CloseCode;
-pub use kitestring_core::config::{Acknowledge, ClientConfig, ServerConfig};
+pub use kitestring_core::config::{Acknowledge, ClientConfig, CompressionConfig, ServerConfig};
 pub use kitestring_core::reliable::{MessageId, SendError};
 pub use kitestring_core::rooms::{Member, PolicyFn, Presence, Refusal, RoomPolicy};
 pub use kitestring_core::server::{

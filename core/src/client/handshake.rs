@@ -2,8 +2,9 @@
 //!
 //! Owns the `hello` (offered in the upgrade request, or sent as the first
 //! frame) and the server's answers to it: a `welcome` (the connection's
-//! settings, the session resumed or lost), a `reject`, a `goaway` (which
-//! may also come on an open session). It never delivers messages. An answer
+//! settings, compression offered and agreed or not, the session resumed
+//! or lost), a `reject`, a `goaway` (which may also come on an open
+//! session). It never delivers messages. An answer
 //! that ends the attempt goes to `connection_ended`, except the two settled
 //! here: a welcome choosing a version or codec never offered fails at once,
 //! and a rotation `goaway` resumes without counting a failure.
@@ -155,6 +156,15 @@ impl Client {
 
     /// The `hello` for a new connection: resuming the session, if any.
     fn hello(&self) -> Frame {
+        let mut caps: Vec<String> = with_own_caps(&self.config.capabilities)
+            .into_iter()
+            .filter(|c| self.config.room_streams || c != wire::CAP_STREAM)
+            // Offered only as configured: a server would compress to it.
+            .filter(|c| c != wire::CAP_DEFLATE)
+            .collect();
+        if self.offers_deflate() {
+            caps.push(wire::CAP_DEFLATE.to_owned());
+        }
         Frame::Hello(Hello {
             versions: self.config.versions.clone(),
             client: self.client_id,
@@ -164,12 +174,14 @@ impl Client {
                 key: self.resume_key,
                 acked: Some(self.link.outbound.acked_through()),
             }),
-            caps: with_own_caps(&self.config.capabilities)
-                .into_iter()
-                .filter(|c| self.config.room_streams || c != wire::CAP_STREAM)
-                .collect(),
+            caps,
             codecs: self.config.codecs.clone(),
         })
+    }
+
+    /// Whether the `hello` offers compression: configured, and built.
+    fn offers_deflate(&self) -> bool {
+        wire::COMPRESSION_BUILT && self.config.compression.is_some()
     }
 
     pub(super) fn on_welcome(&mut self, w: Welcome) {
@@ -199,6 +211,10 @@ impl Client {
         let pong_timeout = clamp_ms(w.pong_timeout_ms, 100, 600_000, hb.timeout);
         let peer_max = usize::try_from(w.max_message).unwrap_or(usize::MAX).max(64);
         self.timers.stop(Timer::Connect);
+        // Compression only if offered: a server that agrees to what was
+        // never offered is not taken at its word.
+        let deflate = self.offers_deflate() && w.features.iter().any(|f| f == wire::CAP_DEFLATE);
+        self.decoder.set_compression(deflate);
         self.conn = Some(ConnSettings {
             id: transport,
             version: w.version,
@@ -208,6 +224,7 @@ impl Client {
             peer_max_message: peer_max,
             peer_batches: w.features.iter().any(|f| f == CAP_BATCH),
             peer_detach: w.features.iter().any(|f| f == wire::CAP_DETACH),
+            deflate,
             ping: None,
             last_rx: self.now,
             in_grace: false,

@@ -104,6 +104,9 @@ struct ConnSettings {
     peer_batches: bool,
     /// Whether the server said it can receive detached payloads.
     peer_detach: bool,
+    /// Whether the connection agreed on compression (PROTOCOL.md, section
+    /// 2.2): the client offered it and the server's welcome agreed.
+    deflate: bool,
     /// The outstanding ping, for round-trip time.
     ping: Option<(u64, Instant)>,
     /// The last time anything arrived.
@@ -519,6 +522,16 @@ impl Client {
             }
             // A message whose payload is the next message.
             Ok(None) => {}
+            #[cfg(feature = "compression")]
+            Err(error @ DecodeError::Compression { .. }) => {
+                // The server compressed what cannot be inflated: this
+                // connection cannot carry the session on (1002); the
+                // next one resumes it.
+                let message = format!("{error}");
+                self.stats.traffic.decode_failures += 1;
+                self.emit(Event::DecodeFailed(error));
+                self.protocol_error(message);
+            }
             Err(error) => self.on_decode_error(error),
         }
     }

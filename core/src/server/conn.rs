@@ -36,6 +36,9 @@ pub(super) enum ConnPhase {
         detach: bool,
         /// Whether the client asked to be pinged ([`wire::CAP_PING`]).
         pinged: bool,
+        /// Whether the connection agreed on compression
+        /// ([`wire::CAP_DEFLATE`]).
+        deflate: bool,
     },
 }
 

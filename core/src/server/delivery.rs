@@ -101,22 +101,25 @@ impl Port for ServerPort<'_> {
 
 /// What a connection can take, as a [`Tx`]: the negotiated codec and
 /// version and the client's capabilities once open; JSON before.
+/// `compression`: the server's settings, used if the connection agreed.
 pub(super) fn conn_tx<'a>(
     connection: ConnectionId,
     phase: &ConnPhase,
+    compression: Option<wire::CompressionConfig>,
     encoder: &'a mut wire::Encoder,
     outputs: &'a mut VecDeque<ServerOutput>,
     stats: &'a mut ServerStats,
 ) -> Tx<'a, ServerPort<'a>> {
-    let (codec, version, batches, detach) = match *phase {
+    let (codec, version, batches, detach, deflate) = match *phase {
         ConnPhase::Open {
             codec,
             version,
             batches,
             detach,
+            deflate,
             ..
-        } => (codec, version, batches, detach),
-        ConnPhase::AwaitingHello => (Codec::Json, PROTOCOL_VERSION, false, false),
+        } => (codec, version, batches, detach, deflate),
+        ConnPhase::AwaitingHello => (Codec::Json, PROTOCOL_VERSION, false, false, false),
     };
     Tx {
         encoder,
@@ -124,6 +127,7 @@ pub(super) fn conn_tx<'a>(
         version,
         detach,
         batches,
+        deflate: compression.filter(|_| deflate),
         max_message: usize::MAX,
         traffic: &mut stats.traffic,
         delivery: &mut stats.delivery,
@@ -437,10 +441,18 @@ impl Server {
             return;
         };
         let conn = s.state.connection();
+        let compression = self.config.compression;
         let mut tx = conn.and_then(|c| {
             let phase = &self.conns.get(&c)?.phase;
             let (encoder, outputs) = (&mut self.encoder, &mut self.outputs);
-            Some(conn_tx(c, phase, encoder, outputs, &mut self.stats))
+            Some(conn_tx(
+                c,
+                phase,
+                compression,
+                encoder,
+                outputs,
+                &mut self.stats,
+            ))
         });
         let mut timers = SessionTimers {
             session,
@@ -464,7 +476,15 @@ impl Server {
             return;
         };
         let (encoder, outputs) = (&mut self.encoder, &mut self.outputs);
-        let mut tx = conn_tx(connection, &conn.phase, encoder, outputs, &mut self.stats);
+        let compression = self.config.compression;
+        let mut tx = conn_tx(
+            connection,
+            &conn.phase,
+            compression,
+            encoder,
+            outputs,
+            &mut self.stats,
+        );
         if tx.send(frame).is_err() {
             self.encode_failed(connection);
         }

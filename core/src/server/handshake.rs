@@ -1,6 +1,8 @@
 //! The handshake: a connection's first frame, the `hello`, answered by a
 //! `welcome` or a `reject` (`on_hello`). Owns version and codec selection
-//! (the client's preference wins among codecs both sides speak), the resume
+//! (the client's preference wins among codecs both sides speak), agreeing
+//! to compression (when the client offers it and the server is configured
+//! for it), the resume
 //! checks (the key, the identity, the numbers the client claims), the
 //! session limit, creating a session, the resume key itself
 //! ([`Server::resume_key`]), and where the answer goes: the upgrade
@@ -331,7 +333,12 @@ impl Server {
             (id, 0)
         };
 
+        // Compression if the client offers it and this server compresses.
+        let deflate = wire::COMPRESSION_BUILT
+            && self.config.compression.is_some()
+            && h.caps.iter().any(|c| c == wire::CAP_DEFLATE);
         if let Some(conn) = self.conns.get_mut(&connection) {
+            conn.decoder.set_compression(deflate);
             conn.phase = ConnPhase::Open {
                 session,
                 codec,
@@ -339,6 +346,7 @@ impl Server {
                 batches: h.caps.iter().any(|c| c == CAP_BATCH),
                 detach: h.caps.iter().any(|c| c == wire::CAP_DETACH),
                 pinged: h.caps.iter().any(|c| c == wire::CAP_PING),
+                deflate,
             };
             conn.hello_deadline = None;
         }
@@ -350,7 +358,7 @@ impl Server {
             resumed: resumed.is_some(),
             lost: lost.map(String::from),
             delivered,
-            features: with_own_caps(&self.config.features),
+            features: self.features(deflate),
             ping_interval_ms: duration_ms(self.config.ping_interval),
             pong_timeout_ms: duration_ms(self.config.pong_timeout),
             max_message: self.config.max_message_size as u64,
@@ -398,6 +406,7 @@ impl Server {
         let mut tx = conn_tx(
             connection,
             &ConnPhase::AwaitingHello,
+            None,
             encoder,
             outputs,
             &mut self.stats,
@@ -406,6 +415,18 @@ impl Server {
         if tx.send(frame).is_err() {
             self.encode_failed(connection);
         }
+    }
+}
+
+impl Server {
+    /// The `welcome`'s features: the configured ones, the server's own, and
+    /// `deflate` when the connection agreed on compression.
+    fn features(&self, deflate: bool) -> Vec<String> {
+        let mut features = with_own_caps(&self.config.features);
+        if deflate && !features.iter().any(|f| f == wire::CAP_DEFLATE) {
+            features.push(wire::CAP_DEFLATE.to_owned());
+        }
+        features
     }
 }
 

@@ -420,9 +420,13 @@ impl Server {
                     self.reject_hello(connection, message);
                     return;
                 }
+                let compression = matches!(error, DecodeError::Compression { .. });
                 self.emit(ServerEvent::DecodeFailed { connection, error });
                 if too_large {
                     self.disconnect(connection, CloseCode::MESSAGE_TOO_BIG, "message too big");
+                } else if compression {
+                    let why = "a compressed payload that cannot be inflated";
+                    self.disconnect(connection, CloseCode::PROTOCOL_ERROR, why);
                 } else if failures > self.config.max_decode_failures {
                     self.disconnect(
                         connection,

@@ -12,7 +12,20 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{detaches, encode_detached_into, encode_into, Codec, EncodeError, Frame, Transmit};
+#[cfg(feature = "compression")]
+use super::compress::{Deflater, KIND_DEFLATE_RAW, RAW_LEN_PREFIX};
+#[cfg(feature = "compression")]
+use super::deflated::{write_deflated_entry, write_json_batch, write_pack_batch};
+#[cfg(feature = "compression")]
+use super::encode::Form;
+#[cfg(feature = "compression")]
+use super::header::seal_msgpack;
+use super::{
+    detaches, encode_detached_into, encode_into, Codec, CompressionConfig, EncodeError, Frame,
+    Transmit,
+};
+#[cfg(feature = "compression")]
+use super::{encode_msg_into, FrameKind, Msg, MsgKind, PayloadKind, BINARY_HEADER_LEN};
 
 /// Payloads from this size up are encoded without the scratch buffer.
 const DIRECT_ENCODE: usize = 1024;
@@ -60,6 +73,12 @@ pub(crate) struct Encoder {
     scratch: Vec<u8>,
     blocks: Blocks,
     pool: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// The compressor, made when a connection first compresses.
+    #[cfg(feature = "compression")]
+    deflater: Option<Deflater>,
+    /// Deflated payloads on their way into an envelope.
+    #[cfg(feature = "compression")]
+    deflated: Vec<u8>,
 }
 
 /// The blocks an [`Encoder`] cuts small frames from.
@@ -236,7 +255,10 @@ impl Encoder {
     /// Encodes `frame` and hands its messages to `emit`: one, or two for a
     /// `msg` whose payload goes detached, which it does when `detach` (the
     /// peer can receive it) and the payload is at least [`DETACH_FROM`]
-    /// bytes.
+    /// bytes. With `deflate` (the connection agreed on compression), a
+    /// payload or datagram of at least its threshold is deflated when
+    /// that makes the message smaller, and then detached by its deflated
+    /// size.
     ///
     /// [`DETACH_FROM`]: super::DETACH_FROM
     pub(crate) fn encode_each(
@@ -245,8 +267,17 @@ impl Encoder {
         codec: Codec,
         version: u8,
         detach: bool,
+        deflate: Option<&CompressionConfig>,
         mut emit: impl FnMut(Transmit),
     ) -> Result<(), EncodeError> {
+        #[cfg(feature = "compression")]
+        if let Some(config) = deflate {
+            if self.encode_deflated(frame, codec, version, detach, config, &mut emit)? {
+                return Ok(());
+            }
+        }
+        #[cfg(not(feature = "compression"))]
+        let _ = deflate;
         match frame {
             Frame::Msg(m) if detaches(m, detach) => {
                 let kind = encode_detached_into(m, codec, version, &mut self.scratch)?;
@@ -259,6 +290,161 @@ impl Encoder {
                 Ok(())
             }
         }
+    }
+
+    /// Encodes `frame` with its payloads deflated, if one is at least
+    /// `config.threshold` bytes and deflating makes it smaller: `Ok(false)`
+    /// when nothing was, and the frame is to be encoded as usual.
+    #[cfg(feature = "compression")]
+    fn encode_deflated(
+        &mut self,
+        frame: &Frame,
+        codec: Codec,
+        version: u8,
+        detach: bool,
+        config: &CompressionConfig,
+        emit: &mut impl FnMut(Transmit),
+    ) -> Result<bool, EncodeError> {
+        let worth = |len: usize| len >= config.threshold.max(1);
+        let mut deflated = std::mem::take(&mut self.deflated);
+        deflated.clear();
+        let sent = match frame {
+            Frame::Msg(m) if worth(m.payload.len()) && !is_invalid(m) => {
+                if !self.deflate_payload(m, config, &mut deflated) {
+                    false
+                } else if detach && deflated.len() >= detach_deflated_from(codec) {
+                    // The deflated payload is the next message, as it is.
+                    let bytes = Bytes::from(std::mem::take(&mut deflated));
+                    let form = Form::Deflated {
+                        bytes: &bytes,
+                        detached: true,
+                    };
+                    let kind = encode_msg_into(m, form, codec, version, &mut self.scratch)?;
+                    emit(kind.with(self.cut_scratch()));
+                    emit(Transmit::Binary(bytes));
+                    true
+                } else if !embedded_saves(m, codec, deflated.len()) {
+                    false
+                } else {
+                    let form = Form::Deflated {
+                        bytes: &deflated,
+                        detached: false,
+                    };
+                    let kind = encode_msg_into(m, form, codec, version, &mut self.scratch)?;
+                    emit(kind.with(self.cut_scratch()));
+                    true
+                }
+            }
+            Frame::Batch(msgs) if msgs.iter().any(|m| worth(m.payload.len())) => {
+                // Each message's deflated payload, as a span of `deflated`.
+                let mut spans = Vec::with_capacity(msgs.len());
+                for m in msgs {
+                    let start = deflated.len();
+                    let kept = worth(m.payload.len())
+                        && !is_invalid(m)
+                        && self.deflate_payload(m, config, &mut deflated)
+                        && embedded_saves(m, codec, deflated.len() - start);
+                    if !kept {
+                        deflated.truncate(start);
+                    }
+                    spans.push(kept.then_some((start, deflated.len())));
+                }
+                if spans.iter().all(Option::is_none) {
+                    false
+                } else {
+                    let form = |i: usize| match spans[i] {
+                        Some((a, b)) => Form::Deflated {
+                            bytes: &deflated[a..b],
+                            detached: false,
+                        },
+                        None => Form::Embedded,
+                    };
+                    let out = &mut self.scratch;
+                    out.clear();
+                    let kind = match codec {
+                        Codec::Json => {
+                            write_json_batch(msgs, form, out)?;
+                            FrameKind::Text
+                        }
+                        Codec::MsgPack => {
+                            out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
+                            write_pack_batch(msgs, form, out)?;
+                            seal_msgpack(out, version)?;
+                            FrameKind::Binary
+                        }
+                    };
+                    emit(kind.with(self.cut_scratch()));
+                    true
+                }
+            }
+            Frame::Pub(e) if worth(e.payload.len()) => {
+                let budget = saving_budget(e.payload.len());
+                let (data, level) = (e.payload.data(), config.level);
+                if !self.deflater().compress(data, level, budget, &mut deflated) {
+                    false
+                } else {
+                    let out = &mut self.scratch;
+                    out.clear();
+                    let kind = match codec {
+                        Codec::Json => {
+                            write_deflated_entry(e, &deflated, codec, out)?;
+                            FrameKind::Text
+                        }
+                        Codec::MsgPack => {
+                            out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
+                            write_deflated_entry(e, &deflated, codec, out)?;
+                            seal_msgpack(out, version)?;
+                            FrameKind::Binary
+                        }
+                    };
+                    emit(kind.with(self.cut_scratch()));
+                    true
+                }
+            }
+            Frame::Raw(data) if worth(data.len()) => {
+                // The header, the inflated length, then the deflate stream.
+                let len = u32::try_from(data.len()).map_err(|_| EncodeError::TooLarge)?;
+                let mut out = std::mem::take(&mut self.scratch);
+                out.clear();
+                out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
+                out.extend_from_slice(&len.to_le_bytes());
+                let budget = saving_budget(data.len());
+                let sent = self
+                    .deflater()
+                    .compress(data, config.level, budget, &mut out);
+                if sent {
+                    let body = u32::try_from(out.len() - BINARY_HEADER_LEN)
+                        .map_err(|_| EncodeError::TooLarge)?;
+                    out[0] = KIND_DEFLATE_RAW;
+                    out[1] = version;
+                    out[2..BINARY_HEADER_LEN].copy_from_slice(&body.to_le_bytes());
+                    debug_assert!(out.len() >= BINARY_HEADER_LEN + RAW_LEN_PREFIX);
+                }
+                self.scratch = out;
+                if sent {
+                    emit(Transmit::Binary(self.cut_scratch()));
+                }
+                sent
+            }
+            _ => false,
+        };
+        self.deflated = deflated;
+        Ok(sent)
+    }
+
+    /// The compressor, made on first use.
+    #[cfg(feature = "compression")]
+    fn deflater(&mut self) -> &mut Deflater {
+        self.deflater.get_or_insert_with(Deflater::new)
+    }
+
+    /// Appends `m`'s payload deflated to `out`, if that saves enough to
+    /// pay for the fields that announce it.
+    #[cfg(feature = "compression")]
+    fn deflate_payload(&mut self, m: &Msg, config: &CompressionConfig, out: &mut Vec<u8>) -> bool {
+        let budget = saving_budget(m.payload.len());
+        self.deflater()
+            .compress(m.payload.data(), config.level, budget, out)
     }
 
     /// The scratch buffer's frame as `Bytes`: cut from a block if small.
@@ -300,6 +486,54 @@ impl Encoder {
     fn pooled(&self) -> usize {
         self.pool.lock().map(|p| p.len()).unwrap_or(0)
     }
+}
+
+/// Deflated payloads from this size up go detached in a JSON envelope (to
+/// a peer that can take them): embedded, base64 would make them a third
+/// larger, which costs more than a message of their own.
+#[cfg(feature = "compression")]
+const DETACH_DEFLATED_JSON: usize = 1024;
+
+/// The size from which a deflated payload goes detached in `codec`'s
+/// envelopes: [`DETACH_DEFLATED_JSON`] in JSON, where it would be base64,
+/// and [`DETACH_FROM`](super::DETACH_FROM) as for any payload in
+/// MessagePack, which carries bytes as they are.
+#[cfg(feature = "compression")]
+fn detach_deflated_from(codec: Codec) -> usize {
+    match codec {
+        Codec::Json => DETACH_DEFLATED_JSON,
+        Codec::MsgPack => super::DETACH_FROM,
+    }
+}
+
+/// Bytes a deflated payload must save at least: what `z` and its key cost.
+#[cfg(feature = "compression")]
+const MIN_SAVING: usize = 12;
+
+/// The most bytes a deflated payload of `len` bytes may take to be worth
+/// sending: [`MIN_SAVING`] fewer.
+#[cfg(feature = "compression")]
+fn saving_budget(len: usize) -> usize {
+    len.saturating_sub(MIN_SAVING)
+}
+
+/// Whether `m`'s payload, deflated to `deflated` bytes and embedded, makes
+/// the envelope smaller: in a JSON envelope the deflated bytes travel in
+/// base64, a third larger, where a JSON payload travelled as it is.
+#[cfg(feature = "compression")]
+fn embedded_saves(m: &Msg, codec: Codec, deflated: usize) -> bool {
+    let len = m.payload.len();
+    if codec == Codec::Json && m.payload.kind() == PayloadKind::Json {
+        deflated.div_ceil(3) * 4 <= saving_budget(len)
+    } else {
+        deflated <= saving_budget(len)
+    }
+}
+
+/// A message the decoder could not read is never sent.
+#[cfg(feature = "compression")]
+fn is_invalid(m: &Msg) -> bool {
+    matches!(m.kind, MsgKind::Invalid(_))
 }
 
 #[cfg(test)]

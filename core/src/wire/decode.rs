@@ -17,6 +17,9 @@ use bytes::Bytes;
 #[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 use serde::Deserialize;
 
+use super::compress::Inflation;
+#[cfg(feature = "compression")]
+use super::compress::{KIND_DEFLATE_RAW, NOT_AGREED, RAW_LEN_PREFIX};
 #[cfg(any(feature = "msgpack-serde", feature = "json-serde"))]
 use super::envelope::bounded_batch;
 use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
@@ -36,6 +39,18 @@ use super::{
     KIND_MSGPACK, KIND_RAW,
 };
 
+/// An envelope's `z`: the length its payload inflates to, if compressed
+/// (always `None` without the `compression` feature, which reads no `z`).
+macro_rules! z_of {
+    ($env:expr) => {{
+        #[cfg(feature = "compression")]
+        let z = $env.z;
+        #[cfg(not(feature = "compression"))]
+        let z: Option<u64> = None;
+        z
+    }};
+}
+
 /// A message or detached payload of `size` bytes is within the limit.
 pub(super) fn check_size(size: usize, limits: &Limits) -> Result<(), DecodeError> {
     if size > limits.max_message {
@@ -47,11 +62,15 @@ pub(super) fn check_size(size: usize, limits: &Limits) -> Result<(), DecodeError
     Ok(())
 }
 
-pub(super) fn decode_one(msg: Incoming<'_>, version: u8) -> Result<Decoded, DecodeError> {
+pub(super) fn decode_one(
+    msg: Incoming<'_>,
+    version: u8,
+    zip: Inflation,
+) -> Result<Decoded, DecodeError> {
     match msg {
-        Incoming::Text(text) => decode_text(text),
-        Incoming::Binary(bytes) => decode_binary(bytes, version, None),
-        Incoming::SharedBinary(bytes) => decode_binary(bytes, version, Some(bytes)),
+        Incoming::Text(text) => decode_text(text, zip),
+        Incoming::Binary(bytes) => decode_binary(bytes, version, None, zip),
+        Incoming::SharedBinary(bytes) => decode_binary(bytes, version, Some(bytes), zip),
     }
 }
 
@@ -68,6 +87,9 @@ pub(super) enum Decoded {
 pub(super) struct Detached {
     msg: Msg,
     len: usize,
+    /// A deflated payload (`z`): its length once inflated, and what the
+    /// receiver allows.
+    inflate: Option<(u64, Inflation)>,
 }
 
 impl Decoded {
@@ -76,31 +98,39 @@ impl Decoded {
     /// is consumed as an invalid message.
     fn announced(
         frame: Frame,
-        dj: Option<u64>,
-        dm: Option<u64>,
-        db: Option<u64>,
+        [dj, dm, db]: [Option<u64>; 3],
+        z: Option<u64>,
+        zip: Inflation,
     ) -> Result<Self, DecodeError> {
         // The frame is not moved through a tuple: it is large, and this is
         // every message's path.
         let e = match detached_of(dj, dm, db) {
-            Ok(detached) => return Ok(Decoded::of(frame, detached)),
+            Ok(detached) => return Ok(Decoded::of(frame, detached, z.map(|z| (z, zip)))),
             Err(e) => e,
         };
         match frame {
-            Frame::Msg(m) if !matches!(e, DecodeError::TooLarge { .. }) => Ok(Decoded::Frame(
-                Frame::Msg(Msg::invalid(m.seq, m.id, m.ack, InvalidMsg::of(&e))),
-            )),
+            Frame::Msg(m) if !closes(&e) => Ok(Decoded::Frame(Frame::Msg(Msg::invalid(
+                m.seq,
+                m.id,
+                m.ack,
+                InvalidMsg::of(&e),
+            )))),
             _ => Err(e),
         }
     }
 
     /// `frame`, or the detached message it is if the envelope announced a
-    /// detached payload of `detached` bytes.
-    fn of(frame: Frame, detached: Option<(PayloadKind, u64)>) -> Self {
+    /// detached payload of `detached` bytes (`inflate`: deflated).
+    fn of(
+        frame: Frame,
+        detached: Option<(PayloadKind, u64)>,
+        inflate: Option<(u64, Inflation)>,
+    ) -> Self {
         match (frame, detached) {
             (Frame::Msg(msg), Some((_, len))) => Decoded::Detached(Box::new(Detached {
                 msg,
                 len: usize::try_from(len).unwrap_or(usize::MAX),
+                inflate,
             })),
             (frame, _) => Decoded::Frame(frame),
         }
@@ -118,12 +148,29 @@ impl Decoded {
 #[derive(Debug, Default)]
 pub struct Decoder {
     pending: Option<Box<Detached>>,
+    /// The connection agreed on compression (PROTOCOL.md, section 2.2).
+    compression: bool,
 }
 
 impl Decoder {
-    /// A decoder with nothing pending.
+    /// A decoder with nothing pending, taking no compressed payloads.
     pub fn new() -> Self {
         Decoder::default()
+    }
+
+    /// Whether the connection agreed on compression ([`CAP_DEFLATE`]):
+    /// from now on, compressed payloads and datagrams are inflated (never
+    /// past the limit the messages are decoded with); until then, one is a
+    /// [`DecodeError::Compression`].
+    ///
+    /// [`CAP_DEFLATE`]: super::CAP_DEFLATE
+    pub fn set_compression(&mut self, agreed: bool) {
+        self.compression = agreed;
+    }
+
+    /// Whether compressed payloads are taken ([`set_compression`](Self::set_compression)).
+    pub fn compression(&self) -> bool {
+        self.compression
     }
 
     /// Decodes the next message of the connection. `Ok(None)`: it was a
@@ -146,7 +193,8 @@ impl Decoder {
             return pending.complete(msg).map(Some);
         }
         check_size(msg.len(), limits)?;
-        match decode_one(msg, limits.version)? {
+        let zip = Inflation::new(self.compression, limits.max_message);
+        match decode_one(msg, limits.version, zip)? {
             Decoded::Frame(frame) => Ok(Some(frame)),
             Decoded::Detached(d) => {
                 check_size(d.len, limits)?;
@@ -165,7 +213,11 @@ impl Decoder {
 impl Detached {
     /// The message, with `msg` as its payload.
     fn complete(self, next: Incoming<'_>) -> Result<Frame, DecodeError> {
-        let Detached { msg: mut m, len } = self;
+        let Detached {
+            msg: mut m,
+            len,
+            inflate,
+        } = self;
         let data = match next {
             Incoming::Binary(b) if b.len() == len => Bytes::copy_from_slice(b),
             Incoming::SharedBinary(b) if b.len() == len => b.clone(),
@@ -187,6 +239,15 @@ impl Detached {
                 )));
             }
         };
+        // A deflated payload is inflated first; one that does not inflate
+        // as announced closes the connection (1002).
+        #[cfg(feature = "compression")]
+        let data = match inflate {
+            Some((z, zip)) => Bytes::from(zip.inflate(&data, z)?),
+            None => data,
+        };
+        #[cfg(not(feature = "compression"))]
+        let _ = inflate;
         if m.payload.kind == PayloadKind::Json {
             let checked = check_json_depth(&data, "dj").and_then(|()| {
                 json_value(&data)
@@ -210,7 +271,17 @@ impl Detached {
     }
 }
 
-fn decode_text(text: &str) -> Result<Decoded, DecodeError> {
+/// Whether a payload's error closes the connection rather than being
+/// refused by id: over the size limit (1009), or a compressed payload that
+/// cannot be taken (1002).
+pub(super) fn closes(e: &DecodeError) -> bool {
+    matches!(
+        e,
+        DecodeError::TooLarge { .. } | DecodeError::Compression { .. }
+    )
+}
+
+fn decode_text(text: &str, zip: Inflation) -> Result<Decoded, DecodeError> {
     // The hand-written reader first; serde (with `json-serde`) for anything
     // it leaves, as before it.
     let mut rd = JsonReader::new(text);
@@ -224,16 +295,16 @@ fn decode_text(text: &str) -> Result<Decoded, DecodeError> {
     } else if quick_type.is_some() {
         let mut env = JsonEnvelope::default();
         if quick_json_envelope(&mut rd, &mut env).is_some() {
-            let frame = json_frame(&env, false)?;
-            return Decoded::announced(frame, env.dj, env.dm, env.db);
+            let frame = json_frame(&env, false, zip)?;
+            return Decoded::announced(frame, [env.dj, env.dm, env.db], z_of!(env), zip);
         }
     }
-    serde_text(text, rd.position())
+    serde_text(text, rd.position(), zip)
 }
 
 /// serde's reading of a text message the hand-written reader left.
 #[cfg(feature = "json-serde")]
-fn serde_text(text: &str, _: usize) -> Result<Decoded, DecodeError> {
+fn serde_text(text: &str, _: usize, zip: Inflation) -> Result<Decoded, DecodeError> {
     let probe: TypeProbe<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
     if is_handshake(&probe.t) {
         let env: HandshakeEnvelope<'_> = serde_json::from_str(text).map_err(|e| json_error(&e))?;
@@ -249,14 +320,14 @@ fn serde_text(text: &str, _: usize) -> Result<Decoded, DecodeError> {
                 .ok_or_else(|| json_error(&e))
         }
     };
-    let frame = json_frame(&env, false)?;
-    Decoded::announced(frame, env.dj, env.dm, env.db)
+    let frame = json_frame(&env, false, zip)?;
+    Decoded::announced(frame, [env.dj, env.dm, env.db], z_of!(env), zip)
 }
 
 /// Without serde, only envelopes in the forms the hand-written reader takes
 /// are read; the error is placed where it gave up (`at`).
 #[cfg(not(feature = "json-serde"))]
-fn serde_text(text: &str, at: usize) -> Result<Decoded, DecodeError> {
+fn serde_text(text: &str, at: usize, _: Inflation) -> Result<Decoded, DecodeError> {
     let before = &text.as_bytes()[..at.min(text.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count();
     let column = before.len()
@@ -275,6 +346,7 @@ fn decode_binary(
     bytes: &[u8],
     version: u8,
     backing: Option<&Bytes>,
+    zip: Inflation,
 ) -> Result<Decoded, DecodeError> {
     if bytes.len() < BINARY_HEADER_LEN {
         return Err(DecodeError::ShortHeader { len: bytes.len() });
@@ -283,7 +355,8 @@ fn decode_binary(
     let got = bytes[1];
     let declared = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
     let body = &bytes[BINARY_HEADER_LEN..];
-    if kind != KIND_MSGPACK && kind != KIND_RAW {
+    let deflated = cfg!(feature = "compression") && kind == super::KIND_DEFLATE_RAW;
+    if kind != KIND_MSGPACK && kind != KIND_RAW && !deflated {
         return Err(DecodeError::UnknownBinaryKind { kind });
     }
     if got != version {
@@ -301,6 +374,10 @@ fn decode_binary(
     if kind == KIND_RAW {
         return Ok(Decoded::Frame(Frame::Raw(share(backing, body))));
     }
+    #[cfg(feature = "compression")]
+    if kind == KIND_DEFLATE_RAW {
+        return deflated_datagram(body, zip).map(Decoded::Frame);
+    }
     let mut env = PackEnvelope::default();
     if quick_pack_envelope(body, &mut env).is_none() {
         env = match fallback(body)? {
@@ -308,8 +385,24 @@ fn decode_binary(
             Fallback::Invalid(frame) => return Ok(Decoded::Frame(frame)),
         };
     }
-    let frame = pack_frame(&env, false, backing)?;
-    Decoded::announced(frame, env.dj, env.dm, env.db)
+    let frame = pack_frame(&env, false, backing, zip)?;
+    Decoded::announced(frame, [env.dj, env.dm, env.db], z_of!(env), zip)
+}
+
+/// A compressed datagram's body: its inflated length (u32 little-endian),
+/// then the deflate stream.
+#[cfg(feature = "compression")]
+fn deflated_datagram(body: &[u8], zip: Inflation) -> Result<Frame, DecodeError> {
+    if !zip.agreed {
+        return Err(NOT_AGREED);
+    }
+    let Some((len, stream)) = body.split_first_chunk::<RAW_LEN_PREFIX>() else {
+        return Err(DecodeError::Compression {
+            reason: "a compressed datagram shorter than its length",
+        });
+    };
+    let data = zip.inflate(stream, u64::from(u32::from_le_bytes(*len)))?;
+    Ok(Frame::Raw(Bytes::from(data)))
 }
 
 /// What the fallback made of a MessagePack body the quick reader left

@@ -11,6 +11,8 @@
 
 use std::borrow::Cow;
 
+#[cfg(feature = "compression")]
+use super::deflated::deflated_key;
 use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
@@ -20,6 +22,27 @@ use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADE
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
 /// a `welcome` about 220).
 const HANDSHAKE_CAPACITY: usize = 256;
+
+/// How a `msg` envelope carries its payload.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Form<'a> {
+    /// In the envelope: `j`, `m` or `b`.
+    Embedded,
+    /// Its length in its place (`dj`, `dm`, `db`); the payload follows as
+    /// the next message (section 2.1).
+    Detached,
+    /// Deflated (section 2.2): `z`, the payload's length, and `bytes`, the
+    /// deflated payload, in the envelope (`zj`, `zm`, `zb`) or, `detached`,
+    /// following as the next message, its length in `dj`, `dm` or `db`.
+    /// (Only with the `compression` feature.)
+    #[cfg(feature = "compression")]
+    Deflated { bytes: &'a [u8], detached: bool },
+    /// Without the `compression` feature: never made, it only holds the
+    /// lifetime.
+    #[cfg(not(feature = "compression"))]
+    #[allow(dead_code)]
+    Never(core::convert::Infallible, core::marker::PhantomData<&'a ()>),
+}
 
 pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     // Room for a typical hello or welcome in one allocation.
@@ -165,34 +188,11 @@ macro_rules! fill_common {
     };
 }
 
-/// The envelope fields of a message, payload aside.
-#[cfg(test)]
-macro_rules! fill_msg {
-    ($env:ident, $m:expr) => {{
-        $env.t = "msg".into();
-        $env.seq = Some($m.seq);
-        $env.id = Some($m.id);
-        $env.ack = $m.ack;
-        $env.ts = $m.ts;
-        $env.rq = ($m.kind == MsgKind::Request).then_some(true);
-        $env.rs = $m.kind.rs();
-        $env.op = $m.kind.op().map(Cow::Borrowed);
-        $env.r = $m.room.as_deref().map(Cow::Borrowed);
-    }};
-}
-
-/// The serde form of a `msg` envelope: the oracle the hand-written encoder
-/// is checked against.
-#[cfg(test)]
-pub(super) fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
-    let mut env = JsonEnvelope::default();
-    fill_msg!(env, m);
-    json_payload_into(&mut env, &m.payload)?;
-    Ok(env)
-}
-
 /// Puts a payload into a JSON envelope (the serde way).
-fn json_payload_into<'a>(env: &mut JsonEnvelope<'a>, p: &'a Payload) -> Result<(), EncodeError> {
+pub(super) fn json_payload_into<'a>(
+    env: &mut JsonEnvelope<'a>,
+    p: &'a Payload,
+) -> Result<(), EncodeError> {
     let data = &p.data;
     match p.kind {
         PayloadKind::Json => {
@@ -207,7 +207,10 @@ fn json_payload_into<'a>(env: &mut JsonEnvelope<'a>, p: &'a Payload) -> Result<(
 }
 
 /// Puts a payload into a MessagePack envelope (the serde way).
-fn pack_payload_into<'a>(env: &mut PackEnvelope<'a>, p: &'a Payload) -> Result<(), EncodeError> {
+pub(super) fn pack_payload_into<'a>(
+    env: &mut PackEnvelope<'a>,
+    p: &'a Payload,
+) -> Result<(), EncodeError> {
     let data: &[u8] = &p.data;
     match p.kind {
         PayloadKind::Json => {
@@ -225,14 +228,14 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
     match frame {
         // The hot path, written by hand: a JSON payload was validated when
         // the `Payload` was made and is copied in as is, not parsed again.
-        Frame::Msg(m) => write_json_msg(m, out, false),
+        Frame::Msg(m) => write_json_msg(m, out, Form::Embedded),
         Frame::Batch(msgs) => {
             out.extend_from_slice(br#"{"t":"batch","f":["#);
             for (i, m) in msgs.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_json_msg(m, out, false)?;
+                write_json_msg(m, out, Form::Embedded)?;
             }
             out.extend_from_slice(b"]}");
             Ok(())
@@ -258,10 +261,21 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
     }
 }
 
+impl Form<'_> {
+    /// Whether the payload is deflated (and `z` is written).
+    fn is_deflated(self) -> bool {
+        #[cfg(feature = "compression")]
+        if let Form::Deflated { .. } = self {
+            return true;
+        }
+        false
+    }
+}
+
 /// rmp's writers fail only if the writer does, and a `Vec` does not; the
 /// error is not formatted, so that `io::Error`'s texts stay out of the
 /// browser package.
-fn vec_write<E>(_: E) -> EncodeError {
+pub(super) fn vec_write<E>(_: E) -> EncodeError {
     EncodeError::Serializer("MessagePack writer failed".into())
 }
 
@@ -333,7 +347,7 @@ impl<'o> JsonObject<'o> {
 }
 
 /// Writes `env` as serde_json writes it (the tests check the two agree).
-fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
+pub(super) fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
     let mut o = JsonObject::new(out);
     o.str("t", Some(&env.t));
     o.uint("seq", env.seq);
@@ -362,6 +376,13 @@ fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
     o.uint("dm", env.dm);
     o.uint("db", env.db);
     o.uint("e", env.e);
+    #[cfg(feature = "compression")]
+    {
+        o.uint("z", env.z);
+        o.str("zj", env.zj.as_deref());
+        o.str("zm", env.zm.as_deref());
+        o.str("zb", env.zb.as_deref());
+    }
     o.end();
 }
 
@@ -396,13 +417,13 @@ fn write_json_handshake(env: &HandshakeEnvelope<'_>, out: &mut Vec<u8>) {
     o.end();
 }
 
-/// Writes a `msg` envelope with the same field order serde would use;
-/// `detached`: with the payload's length in its place (`dj`, `dm`, `db`).
+/// Writes a `msg` envelope with the same field order serde would use for
+/// an embedded payload; the payload's other forms take its place.
 #[inline]
 pub(super) fn write_json_msg(
     m: &Msg,
     out: &mut Vec<u8>,
-    detached: bool,
+    form: Form<'_>,
 ) -> Result<(), EncodeError> {
     if let MsgKind::Invalid(_) = m.kind {
         return Err(EncodeError::Unrepresentable);
@@ -422,23 +443,41 @@ pub(super) fn write_json_msg(
         num(out, br#","ts":"#, ts);
     }
     let data = &m.payload.data;
-    match m.payload.kind {
-        _ if detached => {
-            let key = detached_key(m.payload.kind);
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(key.as_bytes());
-            num(out, b"\":", data.len() as u64);
+    let key = |out: &mut Vec<u8>, key: &str| {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+    };
+    match (form, m.payload.kind) {
+        (Form::Detached, kind) => {
+            key(out, detached_key(kind));
+            push_uint(out, data.len() as u64);
         }
-        PayloadKind::Json => {
+        #[cfg(not(feature = "compression"))]
+        (Form::Never(never, _), _) => match never {},
+        #[cfg(feature = "compression")]
+        (Form::Deflated { bytes, detached }, kind) => {
+            if detached {
+                key(out, detached_key(kind));
+                push_uint(out, bytes.len() as u64);
+            } else {
+                key(out, deflated_key(kind));
+                out.push(b'"');
+                crate::base64::encode_into(out, bytes);
+                out.push(b'"');
+            }
+            num(out, br#","z":"#, data.len() as u64);
+        }
+        (Form::Embedded, PayloadKind::Json) => {
             out.extend_from_slice(br#","j":"#);
             out.extend_from_slice(data);
         }
-        PayloadKind::MsgPack => {
+        (Form::Embedded, PayloadKind::MsgPack) => {
             out.extend_from_slice(br#","m":""#);
             crate::base64::encode_into(out, data);
             out.push(b'"');
         }
-        PayloadKind::Binary => {
+        (Form::Embedded, PayloadKind::Binary) => {
             out.extend_from_slice(br#","b":""#);
             crate::base64::encode_into(out, data);
             out.push(b'"');
@@ -466,16 +505,6 @@ pub(super) fn write_json_msg(
     Ok(())
 }
 
-/// The serde form of a `msg` envelope in MessagePack: the oracle the
-/// hand-written encoder is checked against.
-#[cfg(test)]
-pub(super) fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
-    let mut env = PackEnvelope::default();
-    fill_msg!(env, m);
-    pack_payload_into(&mut env, &m.payload)?;
-    Ok(env)
-}
-
 #[inline]
 pub(super) fn encode_msgpack(
     frame: &Frame,
@@ -487,7 +516,7 @@ pub(super) fn encode_msgpack(
     match frame {
         // The hot path, written by hand with the same bytes serde writes
         // (checked against it in the tests).
-        Frame::Msg(m) => write_pack_msg(m, out, false)?,
+        Frame::Msg(m) => write_pack_msg(m, out, Form::Embedded)?,
         Frame::Batch(msgs) => {
             let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
             rmp::encode::write_map_len(out, 2).map_err(vec_write)?;
@@ -496,7 +525,7 @@ pub(super) fn encode_msgpack(
             rmp::encode::write_str(out, "f").map_err(vec_write)?;
             rmp::encode::write_array_len(out, len).map_err(vec_write)?;
             for m in msgs {
-                write_pack_msg(m, out, false)?;
+                write_pack_msg(m, out, Form::Embedded)?;
             }
         }
         Frame::Subs(list) => {
@@ -518,15 +547,15 @@ pub(super) fn encode_msgpack(
     seal_msgpack(out, version)
 }
 
-/// Writes a `msg` envelope as the MessagePack map serde would write: the
-/// fields in declaration order, absent ones left out, integers in their
-/// shortest form. `detached`: with the payload's length in its place
-/// (`dj`, `dm`, `db`).
+/// Writes a `msg` envelope as the MessagePack map serde would write for an
+/// embedded payload: the fields in declaration order, absent ones left
+/// out, integers in their shortest form. The payload's other forms take
+/// its place.
 #[inline]
 pub(super) fn write_pack_msg(
     m: &Msg,
     out: &mut Vec<u8>,
-    detached: bool,
+    form: Form<'_>,
 ) -> Result<(), EncodeError> {
     if let MsgKind::Invalid(_) = m.kind {
         return Err(EncodeError::Unrepresentable);
@@ -542,6 +571,7 @@ pub(super) fn write_pack_msg(
         + u32::from(m.ack.is_some())
         + u32::from(m.ts.is_some())
         + u32::from(m.room.is_some())
+        + u32::from(form.is_deflated())
         + extra;
     write_map_len(out, len).map_err(vec_write)?;
     write_str(out, "t").map_err(vec_write)?;
@@ -559,22 +589,36 @@ pub(super) fn write_pack_msg(
         write_uint(out, ts).map_err(vec_write)?;
     }
     let data: &[u8] = &m.payload.data;
-    match m.payload.kind {
-        _ if detached => {
-            write_str(out, detached_key(m.payload.kind)).map_err(vec_write)?;
+    match (form, m.payload.kind) {
+        (Form::Detached, kind) => {
+            write_str(out, detached_key(kind)).map_err(vec_write)?;
             write_uint(out, data.len() as u64).map_err(vec_write)?;
         }
-        PayloadKind::Json => {
+        #[cfg(not(feature = "compression"))]
+        (Form::Never(never, _), _) => match never {},
+        #[cfg(feature = "compression")]
+        (Form::Deflated { bytes, detached }, kind) => {
+            if detached {
+                write_str(out, detached_key(kind)).map_err(vec_write)?;
+                write_uint(out, bytes.len() as u64).map_err(vec_write)?;
+            } else {
+                write_str(out, deflated_key(kind)).map_err(vec_write)?;
+                write_bin(out, bytes).map_err(vec_write)?;
+            }
+            write_str(out, "z").map_err(vec_write)?;
+            write_uint(out, data.len() as u64).map_err(vec_write)?;
+        }
+        (Form::Embedded, PayloadKind::Json) => {
             // Checked at construction; a failure here means a bug, reported not panicked.
             let s = std::str::from_utf8(data).map_err(serializer_error)?;
             write_str(out, "j").map_err(vec_write)?;
             write_str(out, s).map_err(vec_write)?;
         }
-        PayloadKind::MsgPack => {
+        (Form::Embedded, PayloadKind::MsgPack) => {
             write_str(out, "m").map_err(vec_write)?;
             write_bin(out, data).map_err(vec_write)?;
         }
-        PayloadKind::Binary => {
+        (Form::Embedded, PayloadKind::Binary) => {
             write_str(out, "b").map_err(vec_write)?;
             write_bin(out, data).map_err(vec_write)?;
         }
@@ -665,6 +709,17 @@ pub(super) fn write_pack_envelope(
     .iter()
     .filter(|present| **present)
     .count();
+    #[cfg(feature = "compression")]
+    let len = len
+        + [
+            env.z.is_some(),
+            env.zj.is_some(),
+            env.zm.is_some(),
+            env.zb.is_some(),
+        ]
+        .iter()
+        .filter(|present| **present)
+        .count();
     write_map_len(out, len as u32).map_err(vec_write)?;
     key_str(out, "t", Some(&env.t))?;
     key_uint(out, "seq", env.seq)?;
@@ -699,6 +754,13 @@ pub(super) fn write_pack_envelope(
     key_uint(out, "dm", env.dm)?;
     key_uint(out, "db", env.db)?;
     key_uint(out, "e", env.e)?;
+    #[cfg(feature = "compression")]
+    {
+        key_uint(out, "z", env.z)?;
+        key_bin(out, "zj", env.zj.map(|b| &**b))?;
+        key_bin(out, "zm", env.zm.map(|b| &**b))?;
+        key_bin(out, "zb", env.zb.map(|b| &**b))?;
+    }
     Ok(())
 }
 

@@ -86,6 +86,23 @@ macro_rules! envelope {
             // Room streams: the stream's epoch (`sub`).
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub(super) e: Option<u64>,
+            // Compressed payloads (PROTOCOL.md, section 2.2): the length
+            // once inflated, and the deflated bytes of a JSON,
+            // MessagePack or opaque payload, as `m` and `b` carry bytes.
+            // (Only with the `compression` feature: a build without it
+            // reads them as unknown fields, as every peer before them did.)
+            #[cfg(feature = "compression")]
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub(super) z: Option<u64>,
+            #[cfg(feature = "compression")]
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            pub(super) zj: Option<$x>,
+            #[cfg(feature = "compression")]
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            pub(super) zm: Option<$x>,
+            #[cfg(feature = "compression")]
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            pub(super) zb: Option<$x>,
         }
     };
 }

@@ -46,6 +46,12 @@ pub(super) const INVALID: &[(&str, &str)] = &[
     ("dj", "a detached payload needs the stream's wire::Decoder"),
     ("dm", "a detached payload needs the stream's wire::Decoder"),
     ("db", "a detached payload needs the stream's wire::Decoder"),
+    ("zj", "a message carries exactly one payload"),
+    ("zj", "not valid base64"),
+    ("zm", "not valid base64"),
+    ("zb", "not valid base64"),
+    ("zj", "not a JSON value"),
+    ("zj", "JSON nested deeper than 64 levels"),
 ];
 
 impl InvalidMsg {
@@ -188,6 +194,18 @@ pub enum DecodeError {
         actual: usize,
         /// Whether that message was a text message.
         text: bool,
+    },
+    /// A compressed payload or datagram (PROTOCOL.md, section 2.2) that
+    /// cannot be taken: compression was not agreed on the connection, the
+    /// envelope's compression fields do not go together, or the bytes are
+    /// not one raw deflate stream inflating to exactly the announced
+    /// length. A protocol error: the receiver closes with 1002. (An
+    /// announced length over the receiver's limit is
+    /// [`TooLarge`](Self::TooLarge) instead, and closes with 1009.)
+    #[error("compressed payload: {reason}")]
+    Compression {
+        /// What is wrong with it.
+        reason: &'static str,
     },
 }
 

@@ -12,6 +12,10 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
+use super::compress::Inflation;
+use super::decode::closes;
+#[cfg(feature = "compression")]
+use super::deflated::{deflated_of, inflated, Deflated};
 use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::json::json_value;
 use super::payload::json_depth_ok;
@@ -136,9 +140,36 @@ pub(super) fn share(backing: Option<&Bytes>, part: &[u8]) -> Bytes {
 /// Payloads from this size up are shared with the frame they came in.
 const SHARE_FROM: usize = 1024;
 
-fn json_payload(env: &JsonEnvelope<'_>, nested: bool) -> Result<Payload, DecodeError> {
+fn json_payload(
+    env: &JsonEnvelope<'_>,
+    nested: bool,
+    zip: Inflation,
+) -> Result<Payload, DecodeError> {
+    #[cfg(not(feature = "compression"))]
+    let _ = zip;
     let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
-    if let Some(p) = detached_payload(detached_of(env.dj, env.dm, env.db)?, embedded, nested)? {
+    let detached = detached_of(env.dj, env.dm, env.db)?;
+    #[cfg(feature = "compression")]
+    if let Some(d) = deflated_of(
+        env.z,
+        [env.zj.as_ref(), env.zm.as_ref(), env.zb.as_ref()],
+        embedded,
+        detached.is_some(),
+        zip,
+    )? {
+        let data = crate::base64::decode(d.bytes.as_bytes()).ok_or(DecodeError::InvalidField {
+            field: d.field,
+            reason: "not valid base64",
+        })?;
+        let d = Deflated {
+            bytes: &data[..],
+            kind: d.kind,
+            field: d.field,
+            len: d.len,
+        };
+        return inflated(d, zip);
+    }
+    if let Some(p) = detached_payload(detached, embedded, nested)? {
         return Ok(p);
     }
     if let Some(raw) = env.j {
@@ -212,18 +243,24 @@ macro_rules! envelope_frame {
     }};
 }
 
-pub(super) fn json_frame(env: &JsonEnvelope<'_>, nested: bool) -> Result<Frame, DecodeError> {
-    let payload = |env: &JsonEnvelope<'_>| json_payload(env, nested);
-    envelope_frame!(json_frame, env, nested, payload)
+pub(super) fn json_frame(
+    env: &JsonEnvelope<'_>,
+    nested: bool,
+    zip: Inflation,
+) -> Result<Frame, DecodeError> {
+    let frame = |inner: &JsonEnvelope<'_>, nested| json_frame(inner, nested, zip);
+    let payload = |env: &JsonEnvelope<'_>| json_payload(env, nested, zip);
+    envelope_frame!(frame, env, nested, payload)
 }
 
 pub(super) fn pack_frame(
     env: &PackEnvelope<'_>,
     nested: bool,
     backing: Option<&Bytes>,
+    zip: Inflation,
 ) -> Result<Frame, DecodeError> {
-    let frame = |inner: &PackEnvelope<'_>, nested| pack_frame(inner, nested, backing);
-    let payload = |env: &PackEnvelope<'_>| pack_payload(env, nested, backing);
+    let frame = |inner: &PackEnvelope<'_>, nested| pack_frame(inner, nested, backing, zip);
+    let payload = |env: &PackEnvelope<'_>| pack_payload(env, nested, backing, zip);
     envelope_frame!(frame, env, nested, payload)
 }
 
@@ -278,9 +315,23 @@ fn pack_payload(
     env: &PackEnvelope<'_>,
     nested: bool,
     backing: Option<&Bytes>,
+    zip: Inflation,
 ) -> Result<Payload, DecodeError> {
+    #[cfg(not(feature = "compression"))]
+    let _ = zip;
     let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
-    if let Some(p) = detached_payload(detached_of(env.dj, env.dm, env.db)?, embedded, nested)? {
+    let detached = detached_of(env.dj, env.dm, env.db)?;
+    #[cfg(feature = "compression")]
+    if let Some(d) = deflated_of(
+        env.z,
+        [env.zj, env.zm, env.zb].map(|b| b.map(|b| &**b)),
+        embedded,
+        detached.is_some(),
+        zip,
+    )? {
+        return inflated(d, zip);
+    }
+    if let Some(p) = detached_payload(detached, embedded, nested)? {
         return Ok(p);
     }
     match (&env.j, env.m, env.b) {
@@ -411,8 +462,9 @@ fn common_frame(
                     room,
                     payload,
                 }),
-                // A size over the limit closes the connection (1009).
-                Err(e @ DecodeError::TooLarge { .. }) => return Err(e),
+                // A size over the limit closes the connection (1009), and
+                // so does a compressed payload that cannot be taken (1002).
+                Err(e) if closes(&e) => return Err(e),
                 // Numbered but unusable: the receiver consumes its number and
                 // refuses it by id (PROTOCOL.md, section 9).
                 Err(e) => Frame::Msg(Msg::invalid(seq, id, ack, InvalidMsg::of(&e))),

@@ -584,6 +584,14 @@ fn envelope<'a>(rd: &mut JsonReader<'a>, env: &mut JsonEnvelope<'a>, nested: boo
             b"dm" => once!(seen, 20, env.dm => uint(rd)?),
             b"db" => once!(seen, 21, env.db => uint(rd)?),
             b"e" => once!(seen, 22, env.e => uint(rd)?),
+            #[cfg(feature = "compression")]
+            b"z" => once!(seen, 23, env.z => uint(rd)?),
+            #[cfg(feature = "compression")]
+            b"zj" => once!(seen, 24, env.zj => str(rd)?),
+            #[cfg(feature = "compression")]
+            b"zm" => once!(seen, 25, env.zm => str(rd)?),
+            #[cfg(feature = "compression")]
+            b"zb" => once!(seen, 26, env.zb => str(rd)?),
             _ => rd.skip()?,
         }
         Some(())

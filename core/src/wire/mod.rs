@@ -23,6 +23,9 @@
 //!   envelopes in serde form.
 //! * `encode`: frames to bytes; `buffers`: the memory the machines'
 //!   `Encoder` encodes into.
+//! * `compress`: per-message compression, the compressor and the bounded
+//!   inflation ([`CompressionConfig`], [`CAP_DEFLATE`]); `deflated`: the
+//!   envelopes that carry deflated payloads, both ways.
 //! * `decode`: bytes to envelopes, and detached payloads ([`Decoder`]);
 //!   `quick`: the hand-written MessagePack envelope reader; `json`: the
 //!   hand-written JSON reader (envelopes, handshakes, the one-value check
@@ -35,12 +38,17 @@
 use bytes::Bytes;
 
 use decode::{check_size, decode_one, Decoded};
-use encode::{encode_handshake, encode_json, encode_msgpack, write_json_msg, write_pack_msg};
+use encode::{encode_handshake, encode_json, encode_msgpack, write_json_msg, write_pack_msg, Form};
 use error::serializer_error;
 use header::{push_header, seal_msgpack};
 
 mod buffers;
+mod compress;
+#[cfg(all(test, feature = "compression"))]
+mod compress_tests;
 mod decode;
+#[cfg(feature = "compression")]
+mod deflated;
 mod encode;
 mod envelope;
 mod error;
@@ -55,6 +63,7 @@ mod tests;
 
 pub use crate::ids::{ClientId, SessionId};
 pub(crate) use buffers::Encoder;
+pub use compress::{CompressionConfig, CAP_DEFLATE, COMPRESSION_BUILT, KIND_DEFLATE_RAW};
 pub use decode::Decoder;
 pub use error::{DecodeError, EncodeError, InvalidMsg};
 pub use frame::{
@@ -265,25 +274,63 @@ fn encode_detached_into(
     version: u8,
     out: &mut Vec<u8>,
 ) -> Result<FrameKind, EncodeError> {
+    encode_msg_into(m, Form::Detached, codec, version, out)
+}
+
+/// Encodes the envelope of `m`, its payload carried as `form` says, into
+/// `out` (cleared first).
+fn encode_msg_into(
+    m: &Msg,
+    form: Form<'_>,
+    codec: Codec,
+    version: u8,
+    out: &mut Vec<u8>,
+) -> Result<FrameKind, EncodeError> {
     out.clear();
     match codec {
         Codec::Json => {
-            write_json_msg(m, out, true)?;
+            write_json_msg(m, out, form)?;
             Ok(FrameKind::Text)
         }
         Codec::MsgPack => {
             out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
-            write_pack_msg(m, out, true)?;
+            write_pack_msg(m, out, form)?;
             seal_msgpack(out, version)?;
             Ok(FrameKind::Binary)
         }
     }
 }
 
+/// Encodes `frame` as [`encode`] and [`encode_detached`] do, for a peer
+/// that agreed on compression ([`CAP_DEFLATE`], PROTOCOL.md section 2.2):
+/// the payload of a `msg` or `pub` (each of a `batch`'s), or a datagram, of
+/// at least `config.threshold` bytes is deflated at `config.level`, and
+/// sent so if that makes the message smaller. Returns the messages to send
+/// back to back: one, or two for a `msg` whose deflated payload goes
+/// detached (`detach`: the peer can receive detached payloads, and the
+/// deflated payload is at least [`DETACH_FROM`] bytes).
+///
+/// The machines keep their compressor; this makes one per call, so it is
+/// for tools and tests. Without the `compression` feature nothing is
+/// deflated.
+///
+/// [`encode`]: fn@encode
+pub fn encode_compressed(
+    frame: &Frame,
+    codec: Codec,
+    version: u8,
+    config: &CompressionConfig,
+    detach: bool,
+) -> Result<Vec<Transmit>, EncodeError> {
+    let mut out = Vec::with_capacity(2);
+    Encoder::default().encode_each(frame, codec, version, detach, Some(config), |t| out.push(t))?;
+    Ok(out)
+}
+
 /// Decodes one incoming message. The size limit is checked before parsing.
 pub fn decode(msg: Incoming<'_>, limits: &Limits) -> Result<Frame, DecodeError> {
     check_size(msg.len(), limits)?;
-    match decode_one(msg, limits.version)? {
+    match decode_one(msg, limits.version, compress::Inflation::OFF)? {
         Decoded::Frame(frame) => Ok(frame),
         Decoded::Detached(_) => Err(DecodeError::InvalidField {
             field: "dj",

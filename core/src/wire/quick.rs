@@ -163,6 +163,14 @@ fn quick_map<'a>(rd: &mut &'a [u8], env: &mut PackEnvelope<'a>, nested: bool) ->
             b"dm" => once!(env.dm, uint(rd)?),
             b"db" => once!(env.db, uint(rd)?),
             b"e" => once!(env.e, uint(rd)?),
+            #[cfg(feature = "compression")]
+            b"z" => once!(env.z, uint(rd)?),
+            #[cfg(feature = "compression")]
+            b"zj" => once!(env.zj, bin(rd)?),
+            #[cfg(feature = "compression")]
+            b"zm" => once!(env.zm, bin(rd)?),
+            #[cfg(feature = "compression")]
+            b"zb" => once!(env.zb, bin(rd)?),
             _ => return None,
         }
     }

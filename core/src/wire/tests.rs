@@ -3,8 +3,10 @@
 //!
 //! The encoder's memory is tested beside it, in `buffers`.
 
-use super::encode::{json_msg, pack_msg, write_pack_envelope};
-use super::envelope::{bounded_batch, PackEnvelope};
+use std::borrow::Cow;
+
+use super::encode::{json_payload_into, pack_payload_into, write_pack_envelope};
+use super::envelope::{bounded_batch, JsonEnvelope, PackEnvelope};
 use super::error::INVALID;
 use super::payload::msgpack_value_end;
 use super::*;
@@ -15,6 +17,39 @@ pub(super) const LIMITS: Limits = Limits {
     max_message: 1 << 20,
     version: 1,
 };
+
+/// The envelope fields of a message, payload aside.
+macro_rules! fill_msg {
+    ($env:ident, $m:expr) => {{
+        $env.t = "msg".into();
+        $env.seq = Some($m.seq);
+        $env.id = Some($m.id);
+        $env.ack = $m.ack;
+        $env.ts = $m.ts;
+        $env.rq = ($m.kind == MsgKind::Request).then_some(true);
+        $env.rs = $m.kind.rs();
+        $env.op = $m.kind.op().map(Cow::Borrowed);
+        $env.r = $m.room.as_deref().map(Cow::Borrowed);
+    }};
+}
+
+/// The serde form of a `msg` envelope: the oracle the hand-written encoder
+/// is checked against.
+fn json_msg(m: &Msg) -> Result<JsonEnvelope<'_>, EncodeError> {
+    let mut env = JsonEnvelope::default();
+    fill_msg!(env, m);
+    json_payload_into(&mut env, &m.payload)?;
+    Ok(env)
+}
+
+/// The serde form of a `msg` envelope in MessagePack: the oracle the
+/// hand-written encoder is checked against.
+fn pack_msg(m: &Msg) -> Result<PackEnvelope<'_>, EncodeError> {
+    let mut env = PackEnvelope::default();
+    fill_msg!(env, m);
+    pack_payload_into(&mut env, &m.payload)?;
+    Ok(env)
+}
 
 #[test]
 fn handshake_headers_are_printable_and_decode_to_the_frame() {
@@ -239,9 +274,14 @@ fn the_encoder_detaches_large_payloads_for_peers_that_take_them() {
         let m = detached_msg(Payload::binary(vec![1u8; len]));
         let mut out = Vec::new();
         encoder
-            .encode_each(&Frame::Msg(m.clone()), Codec::MsgPack, 1, detach, |t| {
-                out.push(t)
-            })
+            .encode_each(
+                &Frame::Msg(m.clone()),
+                Codec::MsgPack,
+                1,
+                detach,
+                None,
+                |t| out.push(t),
+            )
             .unwrap();
         if out.len() == 2 {
             assert_eq!(out[1].data().as_ptr(), m.payload.data().as_ptr());
@@ -487,7 +527,8 @@ fn the_quick_envelope_reader_leaves_unusual_forms_to_serde() {
         assert!(!assert_quick_envelope_agrees(&msg), "{msg:x?}");
         // What serde makes of it is what decoding gives.
         let body = &msg[BINARY_HEADER_LEN..];
-        let expected = serde_pack_envelope(body).and_then(|env| pack_frame(&env, false, None));
+        let expected = serde_pack_envelope(body)
+            .and_then(|env| pack_frame(&env, false, None, super::compress::Inflation::OFF));
         assert_eq!(
             decode(Incoming::Binary(&msg), &LIMITS),
             expected,
@@ -589,7 +630,7 @@ fn hand_written_json_matches_serde() {
                     payload: payload.clone(),
                 };
                 let mut ours = Vec::new();
-                write_json_msg(&m, &mut ours, false).unwrap();
+                write_json_msg(&m, &mut ours, Form::Embedded).unwrap();
                 let theirs = serde_json::to_vec(&json_msg(&m).unwrap()).unwrap();
                 assert_eq!(
                     String::from_utf8_lossy(&ours),
@@ -643,7 +684,7 @@ fn hand_written_msgpack_matches_serde() {
     ];
     let check = |m: &Msg| {
         let mut ours = Vec::new();
-        write_pack_msg(m, &mut ours, false).unwrap();
+        write_pack_msg(m, &mut ours, Form::Embedded).unwrap();
         let theirs = rmp_serde::to_vec_named(&pack_msg(m).unwrap()).unwrap();
         assert!(ours == theirs, "{m:?}");
     };
@@ -1087,6 +1128,14 @@ fn the_hand_written_envelope_writer_matches_serde() {
         dm: Some(n),
         db: Some(n),
         e: Some(n),
+        #[cfg(feature = "compression")]
+        z: Some(n),
+        #[cfg(feature = "compression")]
+        zj: Some(bytes),
+        #[cfg(feature = "compression")]
+        zm: Some(bytes),
+        #[cfg(feature = "compression")]
+        zb: Some(bytes),
     };
     let mut envelopes: Vec<PackEnvelope<'_>> = ints.iter().map(|&n| full(n)).collect();
     envelopes.push(PackEnvelope {
