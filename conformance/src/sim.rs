@@ -198,13 +198,18 @@ impl Sim {
     /// After a session is imported: its memberships recorded as held
     /// here, as a driver does.
     fn adopt(&mut self, session: SessionId) {
+        self.adopt_after(session, Duration::ZERO);
+    }
+
+    /// [`adopt`](Self::adopt), the store answering only after `delay`.
+    fn adopt_after(&mut self, session: SessionId, delay: Duration) {
         if self.store.is_none() {
             return;
         }
         let Some(member) = self.server.member(session) else {
             return;
         };
-        let at = self.now + self.link.latency;
+        let at = self.now + self.link.latency + delay;
         for room in self.server.rooms_of(session) {
             let presence = self.server.room_presence(&room);
             let join = ClusterOutput::Join {
@@ -393,6 +398,17 @@ impl Sim {
     /// image, each carried through JSON as a backplane would store it.
     /// Returns how many sessions moved.
     pub fn hand_over(&mut self) -> usize {
+        self.hand_over_with(true)
+    }
+
+    /// [`hand_over`](Self::hand_over) into a server that could not open
+    /// the sessions' shared rooms first (its store did not answer in
+    /// time): their copies are opened when the store's answers come.
+    pub fn hand_over_unopened(&mut self) -> usize {
+        self.hand_over_with(false)
+    }
+
+    fn hand_over_with(&mut self, open_rooms: bool) -> usize {
         // Room operations on their way first, as a driver waits for them.
         self.run_while(Duration::from_secs(5), |sim| sim.room_ops_pending());
         let now = self.now;
@@ -408,14 +424,23 @@ impl Sim {
         for json in &images {
             let image: SessionImage = serde_json::from_str(json).expect("an image reads back");
             let rooms: Vec<String> = image.rooms().map(str::to_owned).collect();
-            for room in rooms {
-                self.open_room(&room, 0);
+            for room in rooms.iter().filter(|_| open_rooms) {
+                if self.server.room_position(room).is_none() {
+                    self.open_room(room, 0);
+                }
             }
             if let Err(e) = self.server.import_session(now, &image) {
                 panic!("the new server refused a session the old one exported: {e}");
             }
             if let Some(session) = image.session() {
-                self.adopt(session);
+                // A store that did not answer in time answers later: the
+                // clients are back before their rooms are opened.
+                let delay = if open_rooms {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(500 + self.rand() % 2500)
+                };
+                self.adopt_after(session, delay);
             }
         }
         self.pump();

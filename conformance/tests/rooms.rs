@@ -585,6 +585,9 @@ enum Op {
     DropEntries(u8),
     /// Shared rooms only: a deploy, every session into a new server.
     HandOver,
+    /// Shared rooms only: a deploy into a server that opens the rooms only
+    /// once the store answers.
+    HandOverUnopened,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -604,6 +607,7 @@ fn shared_op() -> impl Strategy<Value = Op> {
         8 => op(),
         1 => (1u8..4).prop_map(Op::DropEntries),
         1 => Just(Op::HandOver),
+        1 => Just(Op::HandOverUnopened),
     ]
 }
 
@@ -694,6 +698,9 @@ fn room_traffic(seed: u64, ops: &[Op], shared: bool) -> Result<(), TestCaseError
                 Op::DropEntries(n) => sim.drop_entries += u32::from(n),
                 Op::HandOver => {
                     sim.hand_over();
+                }
+                Op::HandOverUnopened => {
+                    sim.hand_over_unopened();
                 }
             }
             for c in 0..4 {

@@ -236,7 +236,48 @@ impl Server {
             if stream.last() < last {
                 stream = RoomStream::continuing(epoch, last);
             }
-            self.streams.insert(name, stream);
+            let first = stream.first();
+            self.streams.insert(name.clone(), stream);
+            // Members already here (a session imported before its room
+            // could be opened) are told where their streams stand now.
+            let members: Vec<SessionId> = self.rooms.members(room).collect();
+            for m in members {
+                // Where the member stands: what its client said, if that
+                // is this stream, else where it joined.
+                let at = self.sessions.get_mut(&m).and_then(|s| {
+                    let j = s.rooms.iter_mut().find(|j| j.room == name)?;
+                    let told = j.told.take();
+                    Some(match told {
+                        Some((e, offset)) if e == epoch && offset <= last => j.at.max(offset),
+                        _ => j.at,
+                    })
+                });
+                let (Some(at), Some(conn)) = (at, self.live_connection(m)) else {
+                    continue;
+                };
+                if !self.streams_session(m) {
+                    continue;
+                }
+                let (offset, missed_from) = if at + 1 < first {
+                    (first - 1, Some(at + 1))
+                } else {
+                    (at, None)
+                };
+                let sub = Frame::Sub(StreamPos {
+                    room: name.clone(),
+                    epoch,
+                    offset,
+                    missed_from,
+                });
+                self.transmit(conn, &sub);
+                self.follow(conn, &name, offset);
+                if !self.room_feeds {
+                    let last = self.streams.get(room).map_or(0, |s| s.last());
+                    for o in offset + 1..=last {
+                        self.send_stored(conn, m, &name, o);
+                    }
+                }
+            }
             return;
         };
         let (had_epoch, had) = (stream.epoch(), stream.last());
@@ -445,6 +486,7 @@ impl Server {
                 s.rooms.push(Joined {
                     room: name.clone(),
                     at,
+                    told: None,
                 });
             }
             if self.streams_session(session) {

@@ -483,6 +483,7 @@ impl Server {
             rooms.push(Joined {
                 room: RoomName::from(name.as_str()),
                 at: *at,
+                told: None,
             });
         }
         Ok(rooms)

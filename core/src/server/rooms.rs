@@ -268,6 +268,7 @@ impl Server {
                 s.rooms.push(Joined {
                     room: name.clone(),
                     at,
+                    told: None,
                 });
             }
             self.emit(ServerEvent::Joined {

@@ -30,6 +30,10 @@ pub(super) struct Joined {
     /// comes back without a position for the room is sent everything after
     /// it.
     pub(super) at: u64,
+    /// Shared rooms: where the client said its stream stands (epoch,
+    /// offset) when the room had no copy here to recover from; used when
+    /// the copy is opened.
+    pub(super) told: Option<(u64, u64)>,
 }
 
 impl Server {
@@ -296,6 +300,13 @@ impl Server {
         told: Option<&StreamPos>,
     ) {
         let Some(stream) = self.streams.get(&joined.room) else {
+            // No copy yet (shared rooms: it is opened when the cluster's
+            // store answers): keep what the client said for then.
+            if let Some(s) = self.sessions.get_mut(&session) {
+                for j in s.rooms.iter_mut().filter(|j| j.room == joined.room) {
+                    j.told = told.map(|p| (p.epoch, p.offset));
+                }
+            }
             return;
         };
         let (epoch, first, last) = (stream.epoch(), stream.first(), stream.last());

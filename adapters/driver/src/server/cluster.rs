@@ -321,7 +321,11 @@ impl Cluster {
         };
         // Its rooms' copies here first: a resumed member recovers from them.
         let rooms = record.rooms().map(str::to_owned).collect();
-        self.rooms.open(shared, rooms).await;
+        if !self.rooms.open(shared, rooms).await {
+            return Err(ClaimFailed(
+                "the session's rooms cannot be opened here now".into(),
+            ));
+        }
         match shared.run(None, |st, now| st.server.recover_session(now, &record)) {
             Ok(_) => self.rooms.adopt(session),
             Err(kitestring_core::server::ImportError::Exists(_)) => {}
@@ -363,7 +367,21 @@ impl Cluster {
             }
         };
         let rooms = image.rooms().map(str::to_owned).collect();
-        self.rooms.open(shared, rooms).await;
+        if !self.rooms.open(shared, rooms).await {
+            // The image goes back where it was taken from, for the next
+            // try; if it cannot, the session is imported all the same (its
+            // rooms' copies are opened when the store answers, and its
+            // members told where their streams stand then).
+            let put = self
+                .backplane
+                .put(image_key(session), bytes.to_vec(), image.grace_left())
+                .await;
+            if put.is_ok() {
+                return Err(ClaimFailed(
+                    "the session's rooms cannot be opened here now".into(),
+                ));
+            }
+        }
         let imported = shared.run(None, |st, now| st.server.import_session(now, &image));
         match imported {
             Ok(_) => self.rooms.adopt(session),

@@ -87,7 +87,7 @@ struct Queue {
     publishes: VecDeque<PublishReply>,
     joins: VecDeque<JoinReply>,
     /// Rooms to open before a session is imported, and who waits.
-    opens: Vec<(Vec<String>, oneshot::Sender<()>)>,
+    opens: Vec<(Vec<String>, oneshot::Sender<bool>)>,
     /// Sessions that arrived: their rooms to adopt.
     adopts: Vec<SessionId>,
 }
@@ -205,16 +205,21 @@ impl SharedRooms {
     }
 
     /// Opens `rooms` here (follows them, their copies whole) before a
-    /// session that is a member is imported; waits for it.
-    pub(super) async fn open(&self, shared: &ServerShared, rooms: Vec<String>) {
+    /// session that is a member is imported; waits for it. False if they
+    /// could not be opened in time (the store unreachable): the session
+    /// must not be imported, or its member would follow no copy.
+    pub(super) async fn open(&self, shared: &ServerShared, rooms: Vec<String>) -> bool {
         if rooms.is_empty() {
-            return;
+            return true;
         }
         let (tx, rx) = oneshot::channel();
         lock(&self.queue).opens.push((rooms, tx));
         self.task.wake();
-        let limit = shared.options.handshake_timeout;
-        let _ = crate::util::timeout(&*shared.runtime, limit, rx).await;
+        let limit = shared.options.handshake_timeout / 2;
+        matches!(
+            crate::util::timeout(&*shared.runtime, limit, rx).await,
+            Some(Ok(true))
+        )
     }
 
     /// This node's records in the store may be gone (it was cut off long
@@ -539,12 +544,14 @@ impl Worker {
             (std::mem::take(&mut q.opens), std::mem::take(&mut q.adopts))
         };
         for (list, done) in opens {
+            let mut all = true;
             for room in list {
                 if let Err(e) = self.ensure_open(&room).await {
                     debug!(%room, error = %e, "cannot open a shared room");
+                    all = false;
                 }
             }
-            let _ = done.send(());
+            let _ = done.send(all);
         }
         if !adopts.is_empty() {
             let jobs: Vec<Job> = self.shared.run(None, |st, _| {
