@@ -21,7 +21,7 @@ use crate::net::{self, say};
 /// The room every session joins when the server is started with rooms on.
 pub(crate) const ROOM: &str = "fanout";
 
-/// `inner server ours <ping_ms> <rooms 0|1|2> <outbound_queue>`,
+/// `inner server ours <ping_ms> <rooms 0|1|2> <outbound_queue> [<redis url> <node>]`,
 /// `inner server base`, or a peers server
 /// (`kitestring|socketioxide|socketio-node|floor`). Rooms: 0, the default room policy (presence on);
 /// 1, no presence and the server joins every new session to [`ROOM`];
@@ -35,10 +35,15 @@ pub(crate) fn run(args: &[String]) -> std::process::ExitCode {
             let ping = Duration::from_millis(num(1, 30_000));
             let rooms = num(2, 0);
             let queue = num(3, 256) as usize;
+            // A node of a cluster: `<redis url> <node name>` after the rest.
+            let cluster = match (args.get(4), args.get(5)) {
+                (Some(url), Some(name)) => Some((url.clone(), name.clone())),
+                _ => None,
+            };
             // Both servers run as a task on the runtime's workers: a
             // future driven by `block_on` lives on the main thread, where
             // every wake-up (each server event, for ours) crosses threads.
-            let _ = rt.block_on(async { tokio::spawn(ours(ping, rooms, queue)).await });
+            let _ = rt.block_on(async { tokio::spawn(ours(ping, rooms, queue, cluster)).await });
         }
         Some("base") => {
             let _ = rt.block_on(async { tokio::spawn(baseline()).await });
@@ -84,8 +89,16 @@ impl kitestring::RoomPolicy for NoPresence {
     }
 }
 
-async fn ours(ping: Duration, rooms: u64, queue: usize) {
+async fn ours(ping: Duration, rooms: u64, queue: usize, cluster: Option<(String, String)>) {
     let mut options = ServerOptions::default();
+    if let Some((url, name)) = cluster {
+        let backplane = kitestring_redis::RedisBackplane::connect(&url, name)
+            .await
+            .expect("redis");
+        options.backplane = Some(Arc::new(backplane));
+        options.config.resume_secret =
+            kitestring::kitestring_core::config::ResumeSecret(*b"bench cluster 16");
+    }
     if rooms > 0 {
         options.policy = Some(Arc::new(NoPresence));
     }

@@ -7,6 +7,7 @@
 //! cargo run --release -p kitestring-bench -- all            # every scenario
 //! cargo run --release -p kitestring-bench -- core-cost      # one scenario
 //! cargo run --release -p kitestring-bench -- compression    # bytes and CPU with and without compression
+//! cargo run --release -p kitestring-bench -- cluster-fanout cluster-resume   # nodes sharing a Redis
 //! cargo run --release -p kitestring-bench -- all --quick    # smoke run (CI)
 //! cargo run --release -p kitestring-bench -- all --json out.json
 //! cargo run --release -p kitestring-bench -- peers          # against socket.io and the floor
@@ -24,6 +25,7 @@ use kitestring_core::wire::Codec;
 mod alloc;
 mod browser;
 mod child;
+mod cluster;
 mod compression;
 mod connect;
 mod core_cost;
@@ -189,6 +191,8 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("storm", fleet::storm_scenario),
     ("churn", fleet::churn_scenario),
     ("axum-connect", connect::axum_connect_scenario),
+    ("cluster-fanout", cluster::fanout_scenario),
+    ("cluster-resume", cluster::resume_scenario),
     ("peers-idle", peers::idle_scenario),
     ("peers-fanout", peers::fanout_scenario),
     ("peers-echo", peers::echo_scenario),

@@ -535,6 +535,13 @@ pub async fn run(
             }
             if times.is_empty() {
                 report.lost += 1;
+                if std::env::var_os("KITESTRING_DEMO_DEBUG").is_some() {
+                    let acked = b.acked.iter().any(|&(f, l)| f <= *id && *id <= l);
+                    eprintln!(
+                        "lost message: payload {p} id {id} acknowledged {acked} echoes {echoes} recovered {} lost session {}",
+                        b.recovered, b.lost_session
+                    );
+                }
                 continue;
             }
             report.handled += 1;

@@ -409,7 +409,18 @@ impl Cluster {
         from: String,
         req: u64,
     ) {
-        let exported = self.export_settled(shared, session).await;
+        let Ok(exported) = self.export_settled(shared, session).await else {
+            // Its room operations did not settle: not handed over now (the
+            // claimer tells its client to try again later).
+            let answer = NodeMessage::Stored {
+                stored: req,
+                ok: false,
+            };
+            if let Err(e) = self.backplane.send(from, to_json(&answer)).await {
+                debug!(error = %e, "could not answer a claim");
+            }
+            return;
+        };
         let bytes = match exported {
             Some(image) => match rmp_serde::to_vec_named(&image) {
                 Ok(bytes) => Some((bytes, image.grace_left())),
@@ -455,23 +466,25 @@ impl Cluster {
     }
 
     /// Exports `session` once none of its room operations waits for the
-    /// backplane (an image cannot carry one half done); after the
-    /// handshake timeout, as it is.
+    /// backplane: an image cannot carry one half done (it would count the
+    /// client's message as delivered while the room never got it). `Err`
+    /// if they did not settle within half the handshake timeout.
     async fn export_settled(
         &self,
         shared: &ServerShared,
         session: SessionId,
-    ) -> Option<SessionImage> {
-        let give_up = shared.runtime.now() + shared.options.handshake_timeout;
+    ) -> Result<Option<SessionImage>, ()> {
+        let give_up = shared.runtime.now() + shared.options.handshake_timeout / 2;
         loop {
             let exported = shared.run(None, |st, now| {
-                if st.server.room_ops_pending(session) && shared.runtime.now() < give_up {
+                if st.server.room_ops_pending(session) {
                     return Err(());
                 }
                 Ok(st.server.export_session(now, session))
             });
             match exported {
-                Ok(image) => return image,
+                Ok(image) => return Ok(image),
+                Err(()) if shared.runtime.now() >= give_up => return Err(()),
                 Err(()) => util::sleep(&*shared.runtime, Duration::from_millis(5)).await,
             }
         }
@@ -494,8 +507,16 @@ impl Cluster {
         {
             util::sleep(&*shared.runtime, Duration::from_millis(5)).await;
         }
+        // A session whose room operations still wait (the backplane does
+        // not answer) stays, and ends with the process: its client hears
+        // of its messages as unconfirmed rather than acknowledged and lost.
         let images: Vec<(SessionId, Vec<u8>, Duration)> = shared.run(None, |st, now| {
-            let ids = st.server.session_ids();
+            let ids: Vec<SessionId> = st
+                .server
+                .session_ids()
+                .into_iter()
+                .filter(|id| !st.server.room_ops_pending(*id))
+                .collect();
             ids.into_iter()
                 .filter_map(|id| st.server.export_session(now, id))
                 .filter_map(|image| {
@@ -512,6 +533,9 @@ impl Cluster {
             }
         }
         let count = images.len();
+        if count == 0 {
+            return 0;
+        }
         let entries = images
             .iter()
             .map(|(id, bytes, ttl)| (image_key(*id), bytes.clone(), *ttl))

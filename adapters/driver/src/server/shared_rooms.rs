@@ -434,7 +434,10 @@ pub(super) fn spawn(shared: Arc<ServerShared>, bp: Arc<dyn Backplane>, node_time
                 Poll::Pending
             })
             .await;
-            if shared.lock().stopped {
+            // After the server stopped, what is queued still goes out
+            // (a shutdown hands sessions over only once their room
+            // operations settled).
+            if shared.lock().stopped && !has_work(&lock(&rooms.queue)) {
                 break;
             }
             match wake {
@@ -606,6 +609,7 @@ impl Worker {
         // one the store may have carried out must not be called refused.
         // New operations are refused meanwhile (`down`).
         let mut wait = Duration::from_millis(100);
+        let mut stopped_since = None;
         let replies = loop {
             match self.bp.room_batch(commands.clone(), self.history).await {
                 Ok(replies) => break replies,
@@ -614,7 +618,10 @@ impl Worker {
                         warn!(error = %e, operations = jobs.len(), "the backplane did not take room operations; sending them again until it does, refusing new ones");
                     }
                     rooms.dirty.store(true, Ordering::Relaxed);
-                    if self.shared.lock().stopped {
+                    let now = self.shared.runtime.now();
+                    let stopped = self.shared.lock().stopped;
+                    let since = stopped.then(|| *stopped_since.get_or_insert(now));
+                    if since.is_some_and(|t| now >= t + self.shared.options.close_timeout) {
                         for job in jobs {
                             self.fail(rooms, job, &e);
                         }
