@@ -157,6 +157,10 @@ struct Model {
     unhandled: BTreeMap<SessionId, Vec<(u64, usize, u64)>>,
     /// (client, counter) of every client message the application handled.
     handled: BTreeSet<(usize, u64)>,
+    /// Client messages the application was given and had not handled when
+    /// their session moved to another server: that server's application
+    /// is given them again (same id), as PROTOCOL.md section 6 says.
+    again: BTreeSet<(usize, u64)>,
     /// Server-accepted messages a `SessionEnded` reported unconfirmed.
     reported: BTreeSet<(usize, u64)>,
     /// Server-accepted messages that died with a server process restarted
@@ -493,6 +497,11 @@ impl Harness {
                         .push((message.seq, c, n));
                 }
                 ServerEvent::SessionMoved { session } => {
+                    if let Some(msgs) = self.model.unhandled.remove(session) {
+                        self.model
+                            .again
+                            .extend(msgs.iter().map(|&(_, c, n)| (c, n)));
+                    }
                     // An attached session's connection is closed with 4011;
                     // a detached one keeps how its connection ended.
                     let code = match self.sessions.remove(session) {
@@ -545,6 +554,10 @@ impl Harness {
         for (_, e) in &self.sim.server_events {
             if let ServerEvent::Message { message, .. } = e {
                 let (c, n) = parse(&message.payload);
+                // Given again after a move, unhandled: counted once.
+                if self.model.again.contains(&(c, n)) && up_got[c].contains(&n) {
+                    continue;
+                }
                 up_got[c].push(n);
             }
         }

@@ -279,6 +279,8 @@ struct ClientBook {
     lost_session: bool,
     /// Members of the room, as presence says.
     members: BTreeSet<String>,
+    /// The last events, for debugging.
+    trail: std::collections::VecDeque<String>,
 }
 
 /// The room every client is in.
@@ -306,6 +308,7 @@ pub async fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<ClusterReport, String> {
     let redis = RedisServer::start().map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
     let mut nodes = Vec::new();
     for i in 0..settings.nodes.max(1) {
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -369,6 +372,13 @@ pub async fn run(
         let reader = tokio::spawn(async move {
             while let Some(e) = events.next().await {
                 let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+                if !matches!(e, Event::Message(_) | Event::Acked { .. }) {
+                    let line = format!("{:?} {e:?}", t0.elapsed());
+                    b.trail.push_back(line.chars().take(300).collect());
+                    if b.trail.len() > 12 {
+                        b.trail.pop_front();
+                    }
+                }
                 match e {
                     Event::Message(m) if m.room.as_deref() == Some(ROOM) => {
                         if let Ok(v) = kitestring::decode::<u64>(&m.payload) {
@@ -653,6 +663,11 @@ fn room_books(books: &[Arc<Mutex<ClientBook>>], report: bool) -> RoomBooks {
                             .map(|g| g.iter().copied().filter(|x| x.abs_diff(*k) < 12).collect())
                             .unwrap_or_default();
                         eprintln!("lost: publisher {c} k {k} id {id} receiver {o}: near {near:?}");
+                        if r.lost == 1 {
+                            for l in &other.trail {
+                                eprintln!("  trail of receiver {o}: {l}");
+                            }
+                        }
                     }
                 }
             }

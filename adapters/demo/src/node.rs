@@ -164,9 +164,16 @@ async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
         let _ = stop_tx.send(());
     });
 
+    let mut stopping = None;
     loop {
         tokio::select! {
-            _ = &mut stop_rx => break,
+            // A graceful stop runs beside the loop: the application goes
+            // on handling what it was given, so the sessions it hands over
+            // carry nothing half done.
+            _ = &mut stop_rx, if stopping.is_none() => {
+                let server = server.clone();
+                stopping = Some(tokio::spawn(async move { server.shutdown().await }));
+            }
             e = events.next() => {
                 let Some(e) = e else { break };
                 if let ServerEvent::Message { session, message } = e {
@@ -189,7 +196,10 @@ async fn run(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    server.shutdown().await?;
+    match stopping {
+        Some(task) => task.await??,
+        None => server.shutdown().await?,
+    }
     say("stopped");
     Ok(())
 }

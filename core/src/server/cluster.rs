@@ -576,6 +576,16 @@ impl Server {
         self.process_evictions();
     }
 
+    /// How many of `session`'s client messages the application was given
+    /// and has not handled (`Acknowledge::AfterHandled`): exported now,
+    /// they would be given again to the application of the server that
+    /// imports the session.
+    pub fn unhandled_messages(&self, session: SessionId) -> usize {
+        self.sessions
+            .get(&session)
+            .map_or(0, |s| s.link.inbound.unhandled().count())
+    }
+
     /// Whether `session` has room operations waiting for the cluster (it
     /// cannot be exported until they are settled).
     pub fn room_ops_pending(&self, session: SessionId) -> bool {

@@ -216,6 +216,12 @@ impl Server {
             }
         };
         let (next_seq, window, waiting) = s.link.outbound.saved();
+        // Messages handed to this server's application and not handled are
+        // not the other server's application's to acknowledge (it never
+        // saw them): the image counts as delivered only what came before
+        // the first of them, and the client, which has not seen them
+        // acknowledged, sends them (and whatever followed) again there.
+        let (delivered, held) = image_position(&s.link.inbound);
         let image = SessionImage {
             format: FORMAT,
             session: session.to_hex(),
@@ -224,9 +230,9 @@ impl Server {
             stream: s.stream,
             code: code.0,
             grace_ms: duration_ms(grace),
-            delivered: s.link.inbound.delivered(),
-            held: s.link.inbound.held().collect(),
-            unhandled: s.link.inbound.unhandled().collect(),
+            delivered,
+            held,
+            unhandled: Vec::new(),
             next_seq,
             sent_through: s.link.outbound.sent_through(),
             sent: window.map(SavedMessage::sent).collect(),
@@ -355,14 +361,23 @@ impl Server {
         let mut outbound = Outbound::new(&self.config.queue, &self.config.reliability);
         outbound.import(image.next_seq, image.sent_through, window, waiting);
         let mut link = Link::new(outbound);
-        // This server's acknowledgment mode; messages the other server's
-        // application had not handled are still this one's to handle.
+        // This server's acknowledgment mode. Messages the other server's
+        // application had not handled (an image that lists them) were
+        // never seen by this one's: they count as not delivered, and the
+        // client sends them again.
         let waits = self.config.acknowledge == Acknowledge::AfterHandled;
-        link.inbound.import(
-            image.delivered,
-            &image.held,
-            waits.then_some(&image.unhandled[..]),
-        );
+        let delivered = image
+            .unhandled
+            .first()
+            .map_or(image.delivered, |&first| first - 1);
+        let held: Vec<(u64, u64)> = image
+            .held
+            .iter()
+            .copied()
+            .filter(|&(seq, _)| seq <= delivered)
+            .collect();
+        link.inbound
+            .import(delivered, &held, waits.then_some(&[][..]));
         let grace = Duration::from_millis(image.grace_ms);
         let identity = image.identity.clone();
         self.insert_arrived(
@@ -533,4 +548,19 @@ impl Server {
     pub fn session_ids(&self) -> Vec<SessionId> {
         self.sessions.keys().copied().collect()
     }
+}
+
+/// What an image says was delivered, and the refusals that hold
+/// acknowledgments back below it: everything before the first message the
+/// application has not handled (all of it when there is none).
+fn image_position(inbound: &crate::reliable::Inbound) -> (u64, Vec<(u64, u64)>) {
+    let delivered = inbound
+        .unhandled()
+        .next()
+        .map_or(inbound.delivered(), |first| first - 1);
+    let held = inbound
+        .held()
+        .filter(|&(seq, _)| seq <= delivered)
+        .collect();
+    (delivered, held)
 }

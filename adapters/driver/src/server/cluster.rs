@@ -480,6 +480,12 @@ impl Cluster {
                 if st.server.room_ops_pending(session) {
                     return Err(());
                 }
+                // Messages the application is still handling: a moment for
+                // it to finish, or the other node's application is given
+                // them again.
+                if st.server.unhandled_messages(session) > 0 && shared.runtime.now() < give_up {
+                    return Err(());
+                }
                 Ok(st.server.export_session(now, session))
             });
             match exported {
@@ -499,10 +505,9 @@ impl Cluster {
         let give_up = shared.runtime.now() + shared.options.handshake_timeout;
         while shared.runtime.now() < give_up
             && shared.run(None, |st, _| {
-                st.server
-                    .session_ids()
-                    .into_iter()
-                    .any(|id| st.server.room_ops_pending(id))
+                st.server.session_ids().into_iter().any(|id| {
+                    st.server.room_ops_pending(id) || st.server.unhandled_messages(id) > 0
+                })
             })
         {
             util::sleep(&*shared.runtime, Duration::from_millis(5)).await;

@@ -517,9 +517,16 @@ impl ServerHandle {
                 r
             })?
             .map_err(error)?;
-        match rx.await {
-            Ok(r) => r.map_err(error),
-            Err(_) => Err(ServerError::Stopped),
+        let limit = self.shared.options.handshake_timeout;
+        match util::timeout(&*self.shared.runtime, limit, rx).await {
+            Some(Ok(r)) => r.map_err(error),
+            Some(Err(_)) => Err(ServerError::Stopped),
+            None => Err(error(kitestring_core::server::RoomError::Unavailable(
+                format!(
+                "not confirmed within {limit:?}: the backplane does not answer; the join stays \
+                 queued and takes effect when it does"
+            ),
+            ))),
         }
     }
 
@@ -553,9 +560,12 @@ impl ServerHandle {
     /// In a cluster the broadcast goes to the backplane, which numbers it
     /// in the room's stream and hands it to every node with members (this
     /// one too): this returns once the backplane took it, with the room's
-    /// member count cluster-wide, and fails with [`ServerError::Cluster`]
-    /// if it could not (nothing was sent to anyone). Broadcasts from one
-    /// caller reach every member in the order they were made.
+    /// member count cluster-wide. It fails with [`ServerError::Cluster`]
+    /// when the backplane is known to be unreachable (nothing was sent to
+    /// anyone), or when it does not answer within the handshake timeout:
+    /// then the broadcast stays queued and reaches every member once, when
+    /// the backplane answers again. Broadcasts from one caller reach every
+    /// member in the order they were made.
     pub async fn broadcast_payload(
         &self,
         room: &str,
@@ -583,12 +593,20 @@ impl ServerHandle {
                 r
             })?
             .map_err(error)?;
-        match rx.await {
-            Ok(Ok(members)) => Ok(members.saturating_sub(usize::from(exclude.is_some()))),
-            Ok(Err(reason)) => Err(ServerError::Cluster {
+        let limit = self.shared.options.handshake_timeout;
+        match util::timeout(&*self.shared.runtime, limit, rx).await {
+            Some(Ok(Ok(members))) => Ok(members.saturating_sub(usize::from(exclude.is_some()))),
+            Some(Ok(Err(reason))) => Err(ServerError::Cluster {
                 reason: format!("broadcast to room `{}`: {reason}", room_label(room)),
             }),
-            Err(_) => Err(ServerError::Stopped),
+            Some(Err(_)) => Err(ServerError::Stopped),
+            None => Err(ServerError::Cluster {
+                reason: format!(
+                    "broadcast to room `{}` not confirmed within {limit:?}: the backplane does not \
+                     answer; it stays queued and is delivered once when it does",
+                    room_label(room)
+                ),
+            }),
         }
     }
 

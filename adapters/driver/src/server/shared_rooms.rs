@@ -512,7 +512,7 @@ impl Worker {
                     EntryOutcome::Gap { after } => after,
                     EntryOutcome::OtherEpoch => 0,
                 };
-                debug!(%room, after, "filling a gap in a shared room from its log");
+                debug!(%room, after, ?outcome, "filling a gap in a shared room from its log");
                 if let Err(e) = self.read(&room, after).await {
                     debug!(%room, error = %e, "cannot read a shared room's log; the next beat tries again");
                 }
