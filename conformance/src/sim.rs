@@ -833,15 +833,17 @@ impl Sim {
                 }
                 self.server.room_close_if_empty(now, &room);
             }
+            // Only a client's leave takes effect here now (one without
+            // origin was carried out already, or repairs the store).
             (
                 ClusterOutput::Leave {
                     room,
                     session,
-                    origin,
+                    origin: Some(op),
                     ..
                 },
                 _,
-            ) => self.server.room_left(now, session, &room, origin),
+            ) => self.server.room_left(now, session, &room, Some(op)),
             _ => {}
         }
     }

@@ -431,3 +431,56 @@ async fn a_room_survives_a_redis_restart() {
         "the unconfirmed broadcast, once"
     );
 }
+
+/// A node restarted under its name after a graceful stop (a deploy) takes
+/// up its previous process's members again, and tidies what that process
+/// left in Redis without taking out the members it now holds: they go on
+/// receiving, and their publishes are not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_under_its_name_keeps_its_members() {
+    let redis = RedisServer::start().expect("redis-server");
+    let (a, a_addr) = node(&redis.url(), "a").await;
+    let (b, b_addr) = node(&redis.url(), "b").await;
+    let to_x = Proxy::start(a_addr).unwrap();
+    let mut x = Member::connect(to_x.local_addr(), "x").await;
+    let mut y = Member::connect(b_addr, "y").await;
+    x.client.join("lobby").await.unwrap();
+    y.client.join("lobby").await.unwrap();
+    let both: BTreeSet<String> = ["x".to_string(), "y".to_string()].into();
+    x.watch(Duration::from_secs(15), |v| v.members == both)
+        .await;
+    y.watch(Duration::from_secs(15), |v| v.members == both)
+        .await;
+
+    // The deploy: a stops, a new process named "a" starts elsewhere and
+    // the balancer sends x there.
+    a.shutdown().await.unwrap();
+    let (_a2, a2_addr) = node(&redis.url(), "a").await;
+    to_x.set_targets(&[a2_addr]);
+    to_x.cut_all();
+    // Past the new process's first reconciliation and a beat or two.
+    for k in 0..40u64 {
+        b.broadcast("lobby", &(100u64, k)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        x.watch(Duration::from_millis(1), |_| false).await;
+    }
+    for k in 0..5u64 {
+        while x.client.publish("lobby", &(1u64, k)).await.is_err() {
+            x.watch(Duration::from_millis(20), |_| false).await;
+        }
+    }
+    x.watch(Duration::from_secs(20), |v| v.messages() >= 40)
+        .await;
+    y.watch(Duration::from_secs(20), |v| {
+        v.from.get(&1).is_some_and(|g| g.len() >= 5)
+    })
+    .await;
+    let all: Vec<u64> = (0..40).collect();
+    assert_eq!(x.view.from.get(&100), Some(&all), "x: the broadcasts");
+    assert_eq!(
+        y.view.from.get(&1),
+        Some(&(0..5).collect::<Vec<_>>()),
+        "y: x's publishes, not refused"
+    );
+    assert_eq!(b.room_size("lobby").await.unwrap(), 2);
+}

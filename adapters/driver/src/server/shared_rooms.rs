@@ -585,6 +585,27 @@ impl Worker {
             let n = q.outbox.len().min(BATCH);
             q.outbox.drain(..n).collect()
         };
+        // A repair (a leave without origin) for a session that is a member
+        // here by now (it arrived since the repair was decided: a node
+        // restarted under its name takes up sessions its previous process
+        // held) is dropped: the store must not lose a member that is here.
+        let jobs: Vec<Job> = self.shared.run(None, |st, _| {
+            jobs.into_iter()
+                .filter(|job| match job {
+                    Job::Core {
+                        output:
+                            ClusterOutput::Leave {
+                                room,
+                                session,
+                                origin: None,
+                                ..
+                            },
+                        ..
+                    } => !st.server.rooms_of(*session).iter().any(|r| r == room),
+                    _ => true,
+                })
+                .collect()
+        });
         if jobs.is_empty() {
             return;
         }
@@ -696,9 +717,16 @@ impl Worker {
                 },
                 RoomReply::Left { .. },
             ) => {
-                self.shared.run(None, |st, now| {
-                    st.server.room_left(now, session, &room, origin)
-                });
+                // A client's leave takes effect here now. One without
+                // origin was carried out here already (an application's
+                // leave, an ended session) or repairs the store for a
+                // session that is not here: it must not touch a member
+                // that is here now.
+                if let Some(op) = origin {
+                    self.shared.run(None, |st, now| {
+                        st.server.room_left(now, session, &room, Some(op))
+                    });
+                }
             }
             (job, reply) => {
                 error!(
