@@ -23,6 +23,9 @@
 //! whatever happened to the nodes (a member told it missed part of the
 //! room's stream, or whose session was lost, is excused and counted).
 //!
+//! With `KITESTRING_DEMO_DEBUG` set, each loss or duplicate is printed
+//! with what the client saw around it (its last events).
+//!
 //! This module owns the processes, the traffic and the books of cluster
 //! mode; it never looks inside the nodes (only at what they print).
 
