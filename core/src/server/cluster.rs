@@ -22,7 +22,7 @@
 //! membership on its own, and never numbers an entry.
 
 use crate::reliable::{MessageId, RoomName};
-use crate::rooms::{Member, Presence};
+use crate::rooms::Member;
 use crate::stream::RoomStream;
 use crate::time::Instant;
 use crate::wire::{Frame, MsgKind, Payload, SessionId, StreamPos};
@@ -513,20 +513,7 @@ impl Server {
             });
         }
         if self.policy.presence(&name) {
-            let mut members = members;
-            members.sort();
-            members.dedup();
-            let snapshot = Presence {
-                snapshot: true,
-                joined: members,
-                left: Vec::new(),
-            };
-            if let Ok(payload) = serde_json::to_vec(&snapshot)
-                .map_err(|_| ())
-                .and_then(|j| Payload::json(j).map_err(|_| ()))
-            {
-                self.send_to_member(session, payload, MsgKind::Presence, &name);
-            }
+            self.send_snapshot(session, &name, members);
         }
         if let Some(op) = origin {
             self.settle(op);

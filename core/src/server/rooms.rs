@@ -290,12 +290,24 @@ impl Server {
         }
         // The joiner always gets the full list, so a rejoin after a lost
         // session starts from the truth.
-        let mut members: Vec<Member> = self
+        let members: Vec<Member> = self
             .rooms
             .members(room)
             .filter_map(|m| self.member_of(m))
             .collect();
+        self.send_snapshot(session, &name, members);
+        Ok(())
+    }
+
+    /// Sends `session` the full member list of `room` (sorted, each once).
+    pub(super) fn send_snapshot(
+        &mut self,
+        session: SessionId,
+        room: &RoomName,
+        mut members: Vec<Member>,
+    ) {
         members.sort();
+        members.dedup();
         let snapshot = Presence {
             snapshot: true,
             joined: members,
@@ -305,9 +317,8 @@ impl Server {
             .map_err(|_| ())
             .and_then(|j| Payload::json(j).map_err(|_| ()))
         {
-            self.send_to_member(session, payload, MsgKind::Presence, &name);
+            self.send_to_member(session, payload, MsgKind::Presence, room);
         }
-        Ok(())
     }
 
     fn do_leave(&mut self, session: SessionId, room: &str) -> bool {
