@@ -467,7 +467,16 @@ impl Worker {
             self.bp.room_follow(room.to_owned()).await?;
             self.following.insert(room.to_owned());
         }
-        let log = self.bp.room_read(room.to_owned(), after).await?;
+        let mut log = self.bp.room_read(room.to_owned(), after).await?;
+        // A copy made from part of the log would lack the history a member
+        // that arrives later recovers from: if there is no copy here now
+        // (it went while the log was read), the whole log.
+        let have = self
+            .shared
+            .run(None, |st, _| st.server.room_position(room).is_some());
+        if after > 0 && !have {
+            log = self.bp.room_read(room.to_owned(), 0).await?;
+        }
         self.apply_log(room, log);
         Ok(())
     }
