@@ -23,7 +23,7 @@ pub(crate) const ROOM: &str = "fanout";
 
 /// `inner server ours <ping_ms> <rooms 0|1|2> <outbound_queue> [<redis url> <node>]`,
 /// `inner server base`, or a peers server
-/// (`kitestring|socketioxide|socketio-node|floor`). Rooms: 0, the default room policy (presence on);
+/// (`kitestring|socketioxide|socketio-node [<redis url>]|floor`). Rooms: 0, the default room policy (presence on);
 /// 1, no presence and the server joins every new session to [`ROOM`];
 /// 2, no presence, clients join themselves.
 pub(crate) fn run(args: &[String]) -> std::process::ExitCode {
@@ -50,7 +50,8 @@ pub(crate) fn run(args: &[String]) -> std::process::ExitCode {
         }
         Some(peer) => {
             drop(rt);
-            return crate::peers::serve::run(peer).unwrap_or(std::process::ExitCode::FAILURE);
+            return crate::peers::serve::run(peer, &args[1..])
+                .unwrap_or(std::process::ExitCode::FAILURE);
         }
         None => return std::process::ExitCode::FAILURE,
     }
@@ -121,6 +122,7 @@ async fn ours(ping: Duration, rooms: u64, queue: usize, cluster: Option<(String,
     let mut live: HashMap<SessionId, ConnectionId> = HashMap::new();
     let mut received: HashMap<SessionId, Vec<u64>> = HashMap::new();
     let mut joined = 0usize;
+    let mut broadcast_seq = 0u64;
     loop {
         tokio::select! {
             event = events.next() => match event {
@@ -188,13 +190,18 @@ async fn ours(ping: Duration, rooms: u64, queue: usize, cluster: Option<(String,
                         });
                     }
                     Some("broadcast") => {
+                        // 32-byte payloads numbered by this process, as the
+                        // peers' servers send them (the load generator of
+                        // `crate::peers` checks their order).
                         let n: u64 = words.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-                        let data = Bytes::from(vec![7u8; 32]);
+                        let first = broadcast_seq + 1;
+                        broadcast_seq += n;
                         let server = server.clone();
                         tokio::spawn(async move {
-                            for _ in 0..n {
+                            for seq in first..first + n {
+                                let data = crate::peers::fanout_payload(seq);
                                 let _ = server
-                                    .broadcast_payload(ROOM, Payload::binary(data.clone()), None)
+                                    .broadcast_payload(ROOM, Payload::binary(data), None)
                                     .await;
                             }
                             say("sent");

@@ -9,6 +9,12 @@
 //   broadcast N  -> "sent" once the N emits are done
 // The process exits when stdin ends. WebSocket transport only; every other
 // setting is socket.io's default.
+//
+// With a Redis URL as its argument (`node server.js redis://...`), the
+// process is one node of a cluster: socket.io's Redis streams adapter
+// (@socket.io/redis-streams-adapter, on the `redis` package) carries every
+// broadcast to the other nodes' members, as the cluster benchmark
+// (bench/src/cluster.rs) measures.
 "use strict";
 
 const http = require("http");
@@ -19,6 +25,7 @@ const ROOM = "fanout";
 
 const httpServer = http.createServer();
 const io = new Server(httpServer, { transports: ["websocket"], serveClient: false });
+const redisUrl = process.argv[2];
 
 let connections = 0;
 let joined = 0;
@@ -42,10 +49,32 @@ function payload(n) {
   return n.toString(16).padStart(16, "0") + PAD;
 }
 
-// The same accept queue as every other server in the benchmark.
-httpServer.listen({ port: 0, host: "0.0.0.0", backlog: 4096 }, () => {
-  process.stdout.write(`port ${httpServer.address().port}\n`);
-});
+// The same accept queue as every other server in the benchmark; a node of
+// a cluster listens once its adapter is in place.
+function listen() {
+  httpServer.listen({ port: 0, host: "0.0.0.0", backlog: 4096 }, () => {
+    process.stdout.write(`port ${httpServer.address().port}\n`);
+  });
+}
+
+if (redisUrl) {
+  const { createClient } = require("redis");
+  const { createAdapter } = require("@socket.io/redis-streams-adapter");
+  const client = createClient({ url: redisUrl });
+  client.on("error", (e) => process.stderr.write(`redis: ${e}\n`));
+  client.connect().then(
+    () => {
+      io.adapter(createAdapter(client));
+      listen();
+    },
+    (e) => {
+      process.stderr.write(`redis: ${e}\n`);
+      process.exit(1);
+    },
+  );
+} else {
+  listen();
+}
 
 const lines = readline.createInterface({ input: process.stdin });
 lines.on("line", (line) => {

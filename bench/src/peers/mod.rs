@@ -20,9 +20,11 @@
 //! and its rows are left out, with one line saying so, where either is
 //! absent.
 
-mod load;
+pub(crate) mod load;
 pub(crate) mod serve;
-mod wire;
+pub(crate) mod wire;
+
+pub(crate) use self::wire::fanout_payload;
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -115,7 +117,7 @@ fn servers(json: bool) -> Vec<Server> {
 /// Whether the Node.js server can run: `node` and `npm` answer, and its
 /// packages are installed (`npm ci` when `node_modules` is missing). Says
 /// why not, once.
-fn node_ready() -> bool {
+pub(crate) fn node_ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
         let works = |tool: &str| {

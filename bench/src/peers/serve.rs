@@ -43,10 +43,12 @@ pub(crate) fn socketio_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/socketio")
 }
 
-/// Runs server `name`; false when there is no such server.
-pub(crate) fn run(name: &str) -> Option<ExitCode> {
+/// Runs server `name`; false when there is no such server. `rest` is what
+/// follows the name: for `socketio-node`, a Redis URL makes it a node of a
+/// cluster (its `server.js` says how).
+pub(crate) fn run(name: &str, rest: &[String]) -> Option<ExitCode> {
     if name == "socketio-node" {
-        return Some(exec_node());
+        return Some(exec_node(rest));
     }
     let rt = net::tokio_runtime();
     // Each server runs as a task on the runtime's workers, as the other
@@ -65,11 +67,12 @@ pub(crate) fn run(name: &str) -> Option<ExitCode> {
 
 /// Replaces this process with `node server.js`, so that the process the
 /// parent measures (memory, CPU) is node itself.
-fn exec_node() -> ExitCode {
+fn exec_node(args: &[String]) -> ExitCode {
     use std::os::unix::process::CommandExt;
     let dir = socketio_dir();
     let e = std::process::Command::new("node")
         .arg(dir.join("server.js"))
+        .args(args)
         .current_dir(&dir)
         .exec();
     eprintln!("node: {e}");
