@@ -7,6 +7,7 @@
 //! cargo run --release -p kitestring-bench -- all            # every scenario
 //! cargo run --release -p kitestring-bench -- core-cost      # one scenario
 //! cargo run --release -p kitestring-bench -- compression    # bytes and CPU with and without compression
+//! cargo run --release -p kitestring-bench -- dashboard      # latest values to 200 subscribers, one of them slow
 //! cargo run --release -p kitestring-bench -- cluster-fanout cluster-resume   # nodes sharing a Redis
 //! cargo run --release -p kitestring-bench -- all --quick    # smoke run (CI)
 //! cargo run --release -p kitestring-bench -- all --json out.json
@@ -29,6 +30,7 @@ mod cluster;
 mod compression;
 mod connect;
 mod core_cost;
+mod dashboard;
 mod echo;
 mod fleet;
 mod net;
@@ -184,6 +186,7 @@ type Scenario = fn(&Options) -> Vec<Figure>;
 const SCENARIOS: &[(&str, Scenario)] = &[
     ("core-cost", core_cost_scenario),
     ("compression", compression::scenario),
+    ("dashboard", dashboard::scenario),
     ("throughput", echo::throughput_scenario),
     ("latency", echo::latency_scenario),
     ("idle", fleet::idle_scenario),

@@ -986,6 +986,10 @@ impl Sim {
     fn on_server_output(&mut self, o: ServerOutput) {
         let now = self.now;
         match o {
+            // Written at once, as a driver with nothing else to write does.
+            ServerOutput::Latest(conn, v) => {
+                self.on_server_output(ServerOutput::Transmit(conn, v.transmit))
+            }
             ServerOutput::Transmit(conn, t) => {
                 let Some(&l) = self.by_conn.get(&conn) else {
                     return;

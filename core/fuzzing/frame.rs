@@ -11,8 +11,8 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 
 use crate::wire::{
-    self, ClientId, Codec, Frame, Hello, Msg, MsgKind, Payload, Reject, Resume, ResumeKey,
-    SessionId, StreamEntry, StreamPos, Welcome, PROTOCOL_VERSION,
+    self, ClientId, Codec, Frame, Hello, LatestValue, Msg, MsgKind, Payload, Reject, Resume,
+    ResumeKey, SessionId, StreamEntry, StreamPos, Welcome, PROTOCOL_VERSION,
 };
 
 use super::{assert_round_trip, codec_of, limits};
@@ -199,6 +199,19 @@ pub enum ArbFrame {
     },
     /// A skipped stream offset.
     Skip(String, u64),
+    /// A room's latest value of a key.
+    Latest {
+        /// Room.
+        room: String,
+        /// Key.
+        key: String,
+        /// Epoch.
+        epoch: u64,
+        /// Version.
+        version: u64,
+        /// Payload.
+        payload: ArbPayload,
+    },
     /// Stream positions: one alone (a `sub`, with what was missed) or a
     /// list (a `subs`).
     Subs {
@@ -382,6 +395,28 @@ impl ArbFrame {
                         MsgKind::Plain
                     },
                     ts: *ts,
+                    payload: payload.to_payload()?,
+                })
+            }
+            ArbFrame::Latest {
+                room,
+                key,
+                epoch,
+                version,
+                payload,
+            } => {
+                if !room_name_ok(room)
+                    || !room_name_ok(key)
+                    || *version == 0
+                    || *epoch >= wire::MAX_EPOCH
+                {
+                    return None;
+                }
+                Frame::Latest(LatestValue {
+                    room: room.as_str().into(),
+                    key: key.as_str().into(),
+                    epoch: *epoch,
+                    version: *version,
                     payload: payload.to_payload()?,
                 })
             }

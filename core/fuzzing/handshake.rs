@@ -62,6 +62,7 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
             ServerOutput::Event(_) => {}
             ServerOutput::Feed(f) => panic!("a feed output with feeds off: {f:?}"),
             ServerOutput::Cluster(c) => panic!("a cluster output with shared rooms off: {c:?}"),
+            ServerOutput::Latest(_, v) => panic!("a latest value with slots off: {v:?}"),
         }
     }
     if matches!(frame, Some(Frame::Hello(_))) {
@@ -94,6 +95,7 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
             ServerOutput::Event(_) => {}
             ServerOutput::Feed(f) => panic!("a feed output with feeds off: {f:?}"),
             ServerOutput::Cluster(c) => panic!("a cluster output with shared rooms off: {c:?}"),
+            ServerOutput::Latest(_, v) => panic!("a latest value with slots off: {v:?}"),
         }
     }
     let mut welcomed = false;

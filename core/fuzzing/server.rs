@@ -713,6 +713,7 @@ impl ServerHarness {
                 ServerOutput::Event(e) => self.event(e),
                 ServerOutput::Feed(f) => panic!("a feed output the model kept: {f:?}"),
                 ServerOutput::Cluster(c) => panic!("a cluster output with shared rooms off: {c:?}"),
+                ServerOutput::Latest(_, v) => panic!("a latest value with slots off: {v:?}"),
             }
         }
     }

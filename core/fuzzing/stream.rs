@@ -401,6 +401,9 @@ impl StreamHarness {
                 ServerOutput::Cluster(c) => self.fail(format_args!(
                     "a cluster output with shared rooms off: {c:?}"
                 )),
+                ServerOutput::Latest(_, v) => {
+                    self.fail(format_args!("a latest value with slots off: {v:?}"))
+                }
             }
         }
     }

@@ -186,6 +186,12 @@ pub struct ClientConfig {
     /// room messages come through the session's own sequence, as for a
     /// client without stream support; kept for testing that path.
     pub room_streams: bool,
+    /// Take a room's latest values as `lv` frames (the `latest`
+    /// capability, PROTOCOL.md section 3.5): the newest value of each key,
+    /// never a backlog. Default true. Off, each value comes as a room
+    /// message in the session's own sequence, every one of them; kept for
+    /// clients that want that and for testing it.
+    pub latest_values: bool,
     /// Batch small messages into one frame when the server can receive
     /// batches. Default `None`: every message goes out at once.
     pub batch: Option<BatchConfig>,
@@ -232,6 +238,7 @@ impl Default for ClientConfig {
             versions: SUPPORTED_VERSIONS.to_vec(),
             capabilities: Vec::new(),
             room_streams: true,
+            latest_values: true,
             batch: None,
             coalesce_interval: crate::coalesce::DEFAULT_INTERVAL,
             coalesce_keys: 1024,
@@ -402,6 +409,9 @@ pub struct ServerConfig {
     pub history: HistoryConfig,
     /// Most rooms one session is in. Default 64.
     pub max_rooms_per_session: usize,
+    /// Most latest values (keys) one room holds
+    /// (`Server::broadcast_latest`, PROTOCOL.md section 3.5). Default 256.
+    pub max_latest_keys: usize,
     /// Whether a client's publish to a room is also delivered back to it.
     /// Default false.
     pub echo_publish: bool,
@@ -474,6 +484,7 @@ impl Default for ServerConfig {
             max_room_size: 10_000,
             history: HistoryConfig::default(),
             max_rooms_per_session: 64,
+            max_latest_keys: 256,
             echo_publish: false,
             max_connection_age: None,
             session_grace: Duration::from_secs(60),

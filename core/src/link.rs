@@ -75,7 +75,12 @@ impl Received {
 /// always says so.
 pub(crate) fn with_own_caps(caps: &[String]) -> Vec<String> {
     let mut caps = caps.to_vec();
-    for own in [CAP_BATCH, wire::CAP_DETACH, wire::CAP_STREAM] {
+    for own in [
+        CAP_BATCH,
+        wire::CAP_DETACH,
+        wire::CAP_STREAM,
+        wire::CAP_LATEST,
+    ] {
         if !caps.iter().any(|c| c == own) {
             caps.push(own.to_string());
         }

@@ -70,6 +70,19 @@ pub enum SendError {
         /// The limit.
         max: usize,
     },
+    /// A latest value's key is empty or longer than 256 bytes.
+    #[error("keys are 1 to 256 bytes")]
+    BadKey,
+    /// A room already holds the most latest values it may; a new key is
+    /// refused (the existing ones can still be set).
+    #[error("the room already holds {max} latest values")]
+    TooManyKeys {
+        /// The limit.
+        max: usize,
+    },
+    /// The operation is not available in this configuration; says why.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 impl SendError {

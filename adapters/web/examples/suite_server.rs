@@ -378,6 +378,29 @@ async fn serve_sessions(
                         .await;
                     continue;
                 }
+                // `{"op":"board","count":N}`: the session joins a room of
+                // its own whose latest value of "tick" is set N times.
+                let board = value
+                    .as_ref()
+                    .filter(|v| v.get("op").and_then(Value::as_str) == Some("board"))
+                    .and_then(|v| v.get("count"))
+                    .and_then(Value::as_u64);
+                if let Some(count) = board {
+                    let server = server.clone();
+                    let room = format!("board-{}", session.to_hex());
+                    tokio::spawn(async move {
+                        if server.join(session, &room).await.is_err() {
+                            return;
+                        }
+                        for s in 1..=count {
+                            let v = json!({ "s": s });
+                            if server.broadcast_latest(&room, "tick", &v).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    continue;
+                }
                 let push = value
                     .as_ref()
                     .filter(|v| v.get("op").and_then(Value::as_str) == Some("push"))

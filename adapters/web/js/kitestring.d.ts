@@ -178,6 +178,8 @@ export interface KitestringEventMap {
   missed: Event & { room: string; from: bigint; to: bigint | null };
   acked: Event & { first: number; last: number };
   datagram: Event & { data: Uint8Array };
+  /** A room's newest value of a key (the server's `broadcast_latest`): it supersedes every earlier value of the key; each comes once, and after a reconnect the server sends every key's newest. */
+  latest: Event & { room: string; key: string; data: unknown };
   requestfailed: Event & { request: number; error: string };
   lateresponse: Event & { request: number };
   sendfailed: Event & { id: number; error: { error: string; message: string } };

@@ -27,6 +27,7 @@ const MESSAGE = 10;
 const RESPONSE = 11;
 const ACKED = 12;
 const DATAGRAM = 13;
+const LATEST = 14;
 const EVENT = 20;
 
 let wasmReady = null;
@@ -592,6 +593,16 @@ export class Client extends EventTarget {
           case DATAGRAM:
             if (this.#wants('datagram')) {
               this.#dispatch(new KitestringEvent('datagram', { data: m.payloadBytes() }));
+            }
+            break;
+          case LATEST:
+            if (this.#wants('latest')) {
+              const kind = m.payloadKind();
+              this.#dispatch(new KitestringEvent('latest', {
+                room: m.room(),
+                key: m.key(),
+                data: kind === 0 ? fromJson(m.payloadText()) : kind === 1 ? msgpack.decode(m.payloadBytes()) : m.payloadBytes(),
+              }));
             }
             break;
           case CONNECT: this.#open(m.transport()); break;

@@ -44,6 +44,9 @@ pub mod kinds {
     pub const ACKED: u32 = 12;
     /// A datagram from the server: `payloadBytes()`.
     pub const DATAGRAM: u32 = 13;
+    /// A room's newest value of a key: `room()`, `key()` and the payload
+    /// accessors.
+    pub const LATEST: u32 = 14;
     /// Any other event, as JSON: `eventJson()`.
     pub const EVENT: u32 = 20;
 }
@@ -58,6 +61,11 @@ pub(crate) enum Current {
     Response(MessageId, Received),
     Acked(MessageId, MessageId),
     Datagram(Bytes),
+    Latest(
+        std::sync::Arc<str>,
+        std::sync::Arc<str>,
+        kitestring_core::wire::Payload,
+    ),
     Other(Event),
 }
 
@@ -73,6 +81,7 @@ impl From<Option<Output>> for Current {
                 Event::Response { request, response } => Current::Response(request, response),
                 Event::Acked { first, last } => Current::Acked(first, last),
                 Event::Datagram(d) => Current::Datagram(d),
+                Event::Latest { room, key, payload } => Current::Latest(room, key, payload),
                 other => Current::Other(other),
             },
         }
@@ -91,6 +100,7 @@ impl Current {
             Current::Response(..) => kinds::RESPONSE,
             Current::Acked(..) => kinds::ACKED,
             Current::Datagram(_) => kinds::DATAGRAM,
+            Current::Latest(..) => kinds::LATEST,
             Current::Other(_) => kinds::EVENT,
         }
     }
@@ -99,6 +109,14 @@ impl Current {
         match self {
             Current::Message(m) | Current::Response(_, m) => Some(m),
             _ => None,
+        }
+    }
+
+    /// The payload of a `MESSAGE`, `RESPONSE` or `LATEST`.
+    fn payload(&self) -> Option<&kitestring_core::wire::Payload> {
+        match self {
+            Current::Latest(_, _, p) => Some(p),
+            other => other.received().map(|m| &m.payload),
         }
     }
 }
@@ -153,11 +171,11 @@ impl Machine {
         }
     }
 
-    /// How a `MESSAGE`'s or `RESPONSE`'s payload is encoded: 0 JSON, 1
-    /// MessagePack, 2 bytes.
+    /// How a `MESSAGE`'s, `RESPONSE`'s or `LATEST`'s payload is encoded:
+    /// 0 JSON, 1 MessagePack, 2 bytes.
     #[wasm_bindgen(js_name = payloadKind)]
     pub fn payload_kind(&self) -> u8 {
-        match self.current.received().map(|m| m.payload.kind()) {
+        match self.current.payload().map(|p| p.kind()) {
             Some(PayloadKind::MsgPack) => 1,
             Some(PayloadKind::Binary) => 2,
             _ => 0,
@@ -168,8 +186,8 @@ impl Machine {
     #[wasm_bindgen(js_name = payloadText)]
     pub fn payload_text(&self) -> String {
         self.current
-            .received()
-            .and_then(|m| std::str::from_utf8(m.payload.data()).ok())
+            .payload()
+            .and_then(|p| std::str::from_utf8(p.data()).ok())
             .map(str::to_owned)
             .unwrap_or_default()
     }
@@ -180,17 +198,28 @@ impl Machine {
         match &self.current {
             Current::Datagram(d) => d.to_vec(),
             other => other
-                .received()
-                .map(|m| m.payload.data().to_vec())
+                .payload()
+                .map(|p| p.data().to_vec())
                 .unwrap_or_default(),
         }
     }
 
-    /// The room a message was broadcast in, if any.
+    /// The room a message was broadcast in, if any, or a `LATEST`'s.
     pub fn room(&self) -> Option<String> {
-        self.current
-            .received()
-            .and_then(|m| m.room.as_deref().map(str::to_owned))
+        match &self.current {
+            Current::Latest(room, _, _) => Some(room.to_string()),
+            other => other
+                .received()
+                .and_then(|m| m.room.as_deref().map(str::to_owned)),
+        }
+    }
+
+    /// A `LATEST`'s key.
+    pub fn key(&self) -> String {
+        match &self.current {
+            Current::Latest(_, key, _) => key.to_string(),
+            _ => String::new(),
+        }
     }
 
     /// The server's id for a message (for a room stream's entry, its

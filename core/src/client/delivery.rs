@@ -139,6 +139,7 @@ impl Client {
             if let Some(room) = &room {
                 self.rooms.remove(room);
                 self.streams.remove(room);
+                self.forget_latest(room);
             }
         }
         self.stats.refused += 1;

@@ -14,7 +14,7 @@ use crate::close::CloseCode;
 use crate::link::{DeliveryStats, Received, TrafficStats};
 use crate::reliable::{MessageId, SendError};
 use crate::rooms::{Presence, Refusal};
-use crate::wire::{Codec, DecodeError, SessionId, Transmit};
+use crate::wire::{Codec, DecodeError, Payload, SessionId, Transmit};
 
 use super::State;
 
@@ -110,6 +110,19 @@ pub enum Event {
     },
     /// An unsequenced datagram from the peer.
     Datagram(Bytes),
+    /// A room's newest value of a key (PROTOCOL.md, section 3.5): it
+    /// supersedes every earlier value of the key. Each value comes at most
+    /// once; values superseded while this client was away or slow are
+    /// never seen, and when the connection comes back the server sends
+    /// every key's newest value.
+    Latest {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// The key.
+        key: std::sync::Arc<str>,
+        /// The value.
+        payload: Payload,
+    },
     /// Entries of a room's stream this client will never get: it was away
     /// longer than the server keeps the room's history, or the room's
     /// stream started again. `from` is the first offset missed; `to` the
@@ -256,4 +269,9 @@ pub struct ClientStats {
     pub unknown_frames: u64,
     /// This client's messages the server refused ([`Event::Refused`]).
     pub refused: u64,
+    /// Latest values delivered ([`Event::Latest`]).
+    pub latest: u64,
+    /// Latest values dropped because this client already had them or a
+    /// newer one (the snapshot after a reconnect repeats what it has).
+    pub latest_stale: u64,
 }

@@ -159,6 +159,7 @@ impl Client {
         let mut caps: Vec<String> = with_own_caps(&self.config.capabilities)
             .into_iter()
             .filter(|c| self.config.room_streams || c != wire::CAP_STREAM)
+            .filter(|c| self.config.latest_values || c != wire::CAP_LATEST)
             // Offered only as configured: a server would compress to it.
             .filter(|c| c != wire::CAP_DEFLATE)
             .collect();

@@ -67,6 +67,7 @@ pub use self::event::{
 };
 pub use self::snapshot::{RestoreError, Snapshot};
 pub use self::state::{Cause, FailReason, State, TransportError};
+pub use self::streams::MAX_LATEST_TRACKED;
 pub use self::timers::{Deadline, Timer};
 pub use crate::link::{Received, CAP_BATCH};
 
@@ -158,6 +159,9 @@ pub struct Client {
     /// Leaves not yet acknowledged, whose rooms' streams are still
     /// followed (one per leave message queued or in flight).
     leaving: Vec<(MessageId, RoomName)>,
+    /// The latest value of each room and key this client has (epoch,
+    /// version), at most [`MAX_LATEST_TRACKED`](streams::MAX_LATEST_TRACKED).
+    latest: VecMap<(RoomName, std::sync::Arc<str>), (u64, u64)>,
     requests: VecMap<MessageId, Instant>,
     request_deadlines: VecSet<(Instant, MessageId)>,
     conn: Option<ConnSettings>,
@@ -219,6 +223,7 @@ impl Client {
             rooms: VecSet::new(),
             streams: VecMap::new(),
             leaving: Vec::new(),
+            latest: VecMap::new(),
             requests: VecMap::new(),
             request_deadlines: VecSet::new(),
             conn: None,
@@ -687,6 +692,7 @@ impl Client {
             (State::Open, Frame::Sub(pos)) => self.on_sub(pos),
             (State::Open, Frame::Pub(e)) => self.on_stream_entry(e.room.clone(), e.offset, Some(e)),
             (State::Open, Frame::Skip { room, offset }) => self.on_stream_entry(room, offset, None),
+            (State::Open, Frame::Latest(v)) => self.on_latest(v),
             (State::Open, Frame::Reauth { within_ms }) => self.emit(Event::TokenExpiring {
                 within: Duration::from_millis(within_ms),
             }),

@@ -266,7 +266,28 @@ pub(super) fn fail_reason(cause: &Cause, offered: &[u8]) -> FailReason {
         },
         other => FailReason::Terminal {
             code: CloseCode::POLICY_VIOLATION,
-            reason: format!("{other:?}"),
+            reason: describe(other),
         },
+    }
+}
+
+/// Words for a cause that ended the client for good: written out rather
+/// than `Debug`, whose formatting code (durations included) the browser
+/// package would carry for this one line.
+fn describe(cause: &Cause) -> String {
+    match cause {
+        Cause::PeerClosed { reason, .. } | Cause::Rejected { reason, .. } => reason.clone(),
+        Cause::Transport(TransportError::Http { status, .. }) => {
+            format!("the upgrade was answered with HTTP {status}")
+        }
+        Cause::Transport(
+            TransportError::Io(e) | TransportError::Tls(e) | TransportError::WebSocket(e),
+        ) => e.clone(),
+        Cause::Protocol(e) => e.clone(),
+        Cause::ConnectTimeout => "no welcome within the connect timeout".into(),
+        Cause::HeartbeatTimeout => "the server stopped answering heartbeats".into(),
+        Cause::AckTimeout => "sent messages stayed unacknowledged".into(),
+        Cause::GoAway { .. } => "the server asked the client to go away".into(),
+        Cause::Requested => "reconnect requested".into(),
     }
 }

@@ -11,10 +11,14 @@
 //! ([`Event::Missed`]), and treats a gap as the protocol error it is. It
 //! never sends room operations (joins and leaves are messages of the
 //! session's own sequence).
+//!
+//! It also keeps, per room and key, the version of the newest latest
+//! value (`lv`, section 3.5) this client has, so that a value comes to the
+//! application at most once and never after a newer one.
 
 use crate::link::Received;
 use crate::reliable::{MessageId, RoomName};
-use crate::wire::{Frame, MsgKind, StreamEntry, StreamPos};
+use crate::wire::{Frame, LatestValue, MsgKind, StreamEntry, StreamPos};
 
 use super::{Client, Event};
 
@@ -26,7 +30,43 @@ pub(super) struct Position {
     pub(super) offset: u64,
 }
 
+/// Most rooms and keys whose latest version the client keeps. Past it, a
+/// value of a new key is delivered without being kept: after a reconnect,
+/// the server's snapshot may deliver it again.
+pub const MAX_LATEST_TRACKED: usize = 4096;
+
 impl Client {
+    /// A room's latest value of a key: delivered unless this client has
+    /// it or a newer one of the same epoch.
+    pub(super) fn on_latest(&mut self, v: LatestValue) {
+        let id = (v.room, v.key);
+        let room_for_more = self.latest.len() < MAX_LATEST_TRACKED;
+        match self.latest.get_mut(&id) {
+            Some((epoch, version)) if *epoch == v.epoch && *version >= v.version => {
+                self.stats.latest_stale += 1;
+                return;
+            }
+            Some(had) => *had = (v.epoch, v.version),
+            None if room_for_more => {
+                self.latest.insert(id.clone(), (v.epoch, v.version));
+            }
+            None => {}
+        }
+        self.stats.latest += 1;
+        let (room, key) = id;
+        self.emit(Event::Latest {
+            room,
+            key,
+            payload: v.payload,
+        });
+    }
+
+    /// Forgets the latest values of `room` (left, or its join refused):
+    /// joined again, it gets them afresh.
+    pub(super) fn forget_latest(&mut self, room: &RoomName) {
+        self.latest.retain(|(r, _), _| r != room);
+    }
+
     /// The server says where `pos.room`'s stream continues.
     pub(super) fn on_sub(&mut self, pos: StreamPos) {
         let room = pos.room.clone();
@@ -117,6 +157,7 @@ impl Client {
             let (_, room) = self.leaving.remove(0);
             if !self.rooms.contains(&room) {
                 self.streams.remove(&room);
+                self.forget_latest(&room);
             }
         }
     }

@@ -270,6 +270,7 @@ impl Server {
             | Frame::GoAway { .. }
             | Frame::Reauth { .. }
             | Frame::Pub(_)
+            | Frame::Latest(_)
             | Frame::Skip { .. }
             | Frame::Sub(_) => self.disconnect(
                 connection,

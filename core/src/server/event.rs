@@ -20,7 +20,7 @@ use crate::stream::RoomEntry;
 use crate::time::Instant;
 use crate::wire::{ClientId, Codec, DecodeError, SessionId, Transmit};
 
-use super::{ClusterOutput, ConnectionId, SessionState};
+use super::{ClusterOutput, ConnectionId, LatestOut, SessionState};
 
 // Named only in links in the docs.
 #[cfg(doc)]
@@ -45,6 +45,11 @@ pub enum ServerOutput {
     /// Shared rooms: only when the driver turned them on with
     /// [`Server::set_shared_rooms`].
     Cluster(ClusterOutput),
+    /// Write this latest value on the connection, unless a newer one of
+    /// the same room and key comes before it is written: only when the
+    /// driver turned them on with [`Server::set_latest_slots`] (otherwise
+    /// they come as [`ServerOutput::Transmit`]).
+    Latest(ConnectionId, LatestOut),
 }
 
 /// What a driver that serves stream members from shared room feeds must do
@@ -476,6 +481,8 @@ pub struct ServerStats {
     pub slow_consumers: u64,
     /// Broadcasts made.
     pub broadcasts: u64,
+    /// Latest values set ([`Server::broadcast_latest`]).
+    pub latest_values: u64,
     /// Connections rotated for age.
     pub rotations: u64,
     /// Messages over a rate limit.

@@ -60,6 +60,9 @@ pub struct SessionImage {
     /// Its rooms come as room streams.
     #[serde(default)]
     stream: bool,
+    /// Its rooms' latest values come as `lv` frames.
+    #[serde(default)]
+    latest: bool,
     /// How its last connection ended (the exporting server's own close
     /// for an attached session).
     code: u16,
@@ -136,6 +139,9 @@ pub struct SessionRecord {
     /// Its rooms come as room streams.
     #[serde(default)]
     stream: bool,
+    /// Its rooms' latest values come as `lv` frames.
+    #[serde(default)]
+    latest: bool,
     /// Its rooms: (name, the room stream's offset when it joined).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     rooms: Vec<(String, u64)>,
@@ -228,6 +234,7 @@ impl Server {
             client: s.client.to_hex(),
             identity: s.identity.clone(),
             stream: s.stream,
+            latest: s.latest,
             code: code.0,
             grace_ms: duration_ms(grace),
             delivered,
@@ -385,6 +392,7 @@ impl Server {
             client,
             identity,
             image.stream,
+            image.latest,
             link,
             rooms,
             code,
@@ -411,6 +419,7 @@ impl Server {
             client: s.client.to_hex(),
             identity: s.identity.clone(),
             stream: s.stream,
+            latest: s.latest,
             rooms: s.rooms.iter().map(|j| (j.room.to_string(), j.at)).collect(),
         })
     }
@@ -456,6 +465,7 @@ impl Server {
             client,
             identity,
             record.stream,
+            record.latest,
             link,
             rooms,
             code,
@@ -514,6 +524,7 @@ impl Server {
         client: ClientId,
         identity: Option<String>,
         stream: bool,
+        latest: bool,
         link: Link,
         mut rooms: Vec<Joined>,
         code: CloseCode,
@@ -536,6 +547,7 @@ impl Server {
                 rooms,
                 stream,
                 awaiting_subs: false,
+                latest,
                 recovering: false,
             },
         );

@@ -204,6 +204,8 @@ impl Server {
         let fresh = conn.fresh_session;
 
         let stream = h.caps.iter().any(|c| c == wire::CAP_STREAM);
+        let latest = h.caps.iter().any(|c| c == wire::CAP_LATEST);
+        let mut was_latest = false;
         let mut lost = None;
         let mut resumed = None;
         if let Some(r) = h.resume {
@@ -262,6 +264,8 @@ impl Server {
                 return;
             };
             s.client = h.client;
+            was_latest = s.latest;
+            s.latest = latest;
             if s.recovering {
                 // The client's view is the session's: numbering carries on
                 // after what it received, and everything it sent after what
@@ -326,6 +330,7 @@ impl Server {
                     rooms: Vec::new(),
                     stream,
                     awaiting_subs: false,
+                    latest,
                     recovering: false,
                 },
             );
@@ -388,6 +393,7 @@ impl Server {
         }
         self.retransmit(session, 1);
         self.flush(session);
+        self.latest_snapshot(session, was_latest);
     }
 
     /// Sends the answer to a `hello` (`welcome` or `reject`, always JSON):

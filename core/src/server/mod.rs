@@ -44,6 +44,9 @@
 //! - `streams.rs`: room streams: which members get an entry, a `skip` or
 //!   nothing, the `sub` that starts a member's stream, and the recovery of
 //!   a resumed member from the room's history;
+//! - `latest.rs`: latest values: each room's newest value per key, the
+//!   `lv` frames that carry them and the snapshot a member's connection
+//!   gets when it opens or joins.
 //! - `cluster.rs`: rooms shared by the servers of a cluster: the
 //!   [`ClusterOutput`]s a client's room operations become, and the entry
 //!   points the driver calls with what the cluster numbered and decided.
@@ -60,6 +63,7 @@ mod delivery;
 mod event;
 mod handover;
 mod handshake;
+mod latest;
 mod rooms;
 mod session;
 mod streams;
@@ -94,6 +98,7 @@ pub use event::{
 };
 pub use handover::{ImportError, SessionImage, SessionRecord};
 pub use handshake::UpgradeRefusal;
+pub use latest::LatestOut;
 pub use session::SessionState;
 
 use conn::{ConnPhase, ConnRecord};
@@ -146,6 +151,11 @@ pub struct Server {
     room_feeds: bool,
     /// Rooms are shared with a cluster ([`Server::set_shared_rooms`]).
     shared_rooms: bool,
+    /// Each room's latest values, while the room has members.
+    latest: Map<RoomName, latest::LatestRoom>,
+    /// Latest values go to the driver as [`ServerOutput::Latest`]
+    /// ([`Server::set_latest_slots`]).
+    latest_slots: bool,
 }
 
 impl Server {
@@ -172,6 +182,8 @@ impl Server {
             streams_made: 0,
             room_feeds: false,
             shared_rooms: false,
+            latest: Map::default(),
+            latest_slots: false,
         })
     }
 

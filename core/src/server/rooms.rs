@@ -275,6 +275,7 @@ impl Server {
                 session,
                 room: name.clone(),
             });
+            self.latest_joined(session, &name);
             self.presence_diff(
                 &name,
                 Some(session),

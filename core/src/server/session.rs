@@ -99,6 +99,10 @@ pub(super) struct Session {
     /// Resumed, and its client has not yet said where its streams stand:
     /// live entries wait in the history until it does.
     pub(super) awaiting_subs: bool,
+    /// The client announced `latest` on its current (or last) connection:
+    /// latest values come as `lv` frames (`latest.rs`), not as room
+    /// messages.
+    pub(super) latest: bool,
     /// Taken up from a [`SessionRecord`](super::SessionRecord) after the
     /// server holding it was lost: its numbers are set by the client's
     /// resuming `hello`.

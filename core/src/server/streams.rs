@@ -62,10 +62,11 @@ impl Server {
         core::hash::Hasher::finish(&h)
     }
 
-    /// Forgets `room`'s stream once the room has no member left (and
-    /// tells the driver to forget its feed).
+    /// Forgets `room`'s stream and latest values once the room has no
+    /// member left (and tells the driver to forget its feed).
     pub(super) fn drop_stream_if_empty(&mut self, room: &str) {
         if self.rooms.size(room) == 0 {
+            self.drop_latest(room);
             if let Some((room, _)) = self.streams.remove_entry(room) {
                 if self.room_feeds {
                     self.outputs

@@ -8,7 +8,7 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 use crate::close::CloseCode;
 use crate::config::ServerConfig;
 use crate::link::Received;
-use crate::reliable::MessageId;
+use crate::reliable::{MessageId, SendError};
 use crate::rooms::Refusal;
 use crate::time::Instant;
 use crate::wire::{
@@ -1045,4 +1045,221 @@ fn a_session_is_taken_up_from_its_record_after_its_server_was_lost() {
     let w = welcome_of(&drain(&mut b)).unwrap();
     assert!(!w.resumed && !w.recovered);
     assert_eq!(w.lost.as_deref(), Some("inconsistent"));
+}
+
+/// A hello announcing `caps`, resuming `resume` (session, key) if given.
+fn hello_caps(caps: &[&str], resume: Option<(SessionId, ResumeKey)>) -> String {
+    let resume = resume
+        .map(|(s, k)| {
+            format!(
+                r#","session":"{}","delivered":0,"key":"{}""#,
+                s.to_hex(),
+                k.to_hex()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"caps":{caps:?}{resume}}}"#,
+        ClientId([2; 16]).to_hex()
+    )
+}
+
+/// The `lv` frames among `out`: (connection, room, key, version, payload).
+fn latest_of(out: &[ServerOutput]) -> Vec<(ConnectionId, String, String, u64, String)> {
+    let limits = Limits {
+        max_message: 1 << 20,
+        version: 1,
+    };
+    out.iter()
+        .filter_map(|o| match o {
+            ServerOutput::Transmit(c, t) => match wire::decode(t.as_incoming(), &limits) {
+                Ok(Frame::Latest(v)) => Some((
+                    *c,
+                    v.room.to_string(),
+                    v.key.to_string(),
+                    v.version,
+                    String::from_utf8(v.payload.data().to_vec()).unwrap(),
+                )),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// The room messages among `out` sent on `connection`: (room, payload).
+fn room_msgs_to(out: &[ServerOutput], connection: ConnectionId) -> Vec<(String, String)> {
+    let to: Vec<ServerOutput> = out
+        .iter()
+        .filter(|o| matches!(o, ServerOutput::Transmit(c, _) if *c == connection))
+        .cloned()
+        .collect();
+    frames_of(&to)
+        .into_iter()
+        .flat_map(|f| match f {
+            Frame::Msg(m) => vec![m],
+            Frame::Batch(ms) => ms,
+            _ => Vec::new(),
+        })
+        .filter_map(|m| {
+            let room = m.room?.to_string();
+            Some((room, String::from_utf8(m.payload.data().to_vec()).ok()?))
+        })
+        .collect()
+}
+
+/// Latest values: a member that announced `latest` gets each as an `lv`
+/// frame, a member that did not as a room message; a member that joins
+/// gets every key's newest value, and so does one whose connection comes
+/// back (what it missed while away is never queued).
+#[test]
+fn latest_values_reach_members_as_frames_or_messages_and_snapshots() {
+    let t0 = Instant::ZERO;
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    let open = |s: &mut Server, id: u8, caps: &[&str]| {
+        let c = s.handle_connection(t0, None, SessionId([id; 16]));
+        s.handle_message(t0, c, Incoming::Text(&hello_caps(caps, None)));
+        let w = welcome_of(&drain(s)).unwrap();
+        (c, w.session, w.key.unwrap())
+    };
+    let (c1, s1, k1) = open(&mut s, 1, &["latest"]);
+    let (c2, s2, _) = open(&mut s, 2, &[]);
+    s.join(t0, s1, "dash").unwrap();
+    s.join(t0, s2, "dash").unwrap();
+    drain(&mut s);
+    let json = |v: &str| Payload::json(v.as_bytes().to_vec()).unwrap();
+    assert_eq!(s.broadcast_latest(t0, "dash", "cpu", json("1")), Ok(2));
+    let out = drain(&mut s);
+    assert_eq!(
+        latest_of(&out),
+        vec![(c1, "dash".into(), "cpu".into(), 1, "1".into())]
+    );
+    assert_eq!(
+        room_msgs_to(&out, c2),
+        vec![("dash".to_owned(), "1".to_owned())],
+        "the member without `latest` gets a message"
+    );
+
+    // Away: nothing is queued for the `latest` member; back, it gets the
+    // newest value of each key, oldest version first.
+    s.handle_connection_closed(t0, c1, None);
+    drain(&mut s);
+    s.broadcast_latest(t0, "dash", "cpu", json("2")).unwrap();
+    s.broadcast_latest(t0, "dash", "mem", json("7")).unwrap();
+    s.broadcast_latest(t0, "dash", "cpu", json("3")).unwrap();
+    let out = drain(&mut s);
+    assert!(latest_of(&out).is_empty());
+    assert_eq!(
+        room_msgs_to(&out, c2).len(),
+        3,
+        "the other member gets every one"
+    );
+    let c1b = s.handle_connection(t0, None, SessionId([9; 16]));
+    s.handle_message(
+        t0,
+        c1b,
+        Incoming::Text(&hello_caps(&["latest"], Some((s1, k1)))),
+    );
+    let out = drain(&mut s);
+    assert!(welcome_of(&out).unwrap().resumed);
+    assert_eq!(
+        latest_of(&out),
+        vec![
+            (c1b, "dash".into(), "mem".into(), 3, "7".into()),
+            (c1b, "dash".into(), "cpu".into(), 4, "3".into()),
+        ]
+    );
+
+    // A member that joins gets the room's values.
+    let (c3, s3, _) = open(&mut s, 3, &["latest"]);
+    s.join(t0, s3, "dash").unwrap();
+    let out = drain(&mut s);
+    assert_eq!(latest_of(&out).len(), 2);
+    assert!(latest_of(&out).iter().all(|l| l.0 == c3));
+    assert_eq!(s.latest_values("dash").len(), 2);
+
+    // The room's values go with its last member.
+    for m in [s1, s2, s3] {
+        s.leave(t0, m, "dash");
+    }
+    drain(&mut s);
+    assert!(s.latest_values("dash").is_empty());
+    assert_eq!(s.broadcast_latest(t0, "dash", "cpu", json("4")), Ok(0));
+    assert!(
+        s.latest_values("dash").is_empty(),
+        "a room without members keeps nothing"
+    );
+}
+
+/// Keys are 1 to 256 bytes and a room holds at most `max_latest_keys` of
+/// them; the ones it holds can still be set; servers of a cluster refuse.
+#[test]
+fn latest_values_are_bounded_and_refused_with_typed_errors() {
+    let t0 = Instant::ZERO;
+    let mut s = Server::new(ServerConfig {
+        max_latest_keys: 2,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let (_, s1) = open_json(&mut s, 1);
+    s.join(t0, s1, "dash").unwrap();
+    drain(&mut s);
+    let p = || Payload::json(b"1".to_vec()).unwrap();
+    assert_eq!(
+        s.broadcast_latest(t0, "dash", "", p()),
+        Err(SendError::BadKey)
+    );
+    let long = "k".repeat(257);
+    assert_eq!(
+        s.broadcast_latest(t0, "dash", &long, p()),
+        Err(SendError::BadKey)
+    );
+    assert_eq!(
+        s.broadcast_latest(t0, "", "k", p()),
+        Err(SendError::BadRoom)
+    );
+    s.broadcast_latest(t0, "dash", "a", p()).unwrap();
+    s.broadcast_latest(t0, "dash", "b", p()).unwrap();
+    assert_eq!(
+        s.broadcast_latest(t0, "dash", "c", p()),
+        Err(SendError::TooManyKeys { max: 2 })
+    );
+    assert_eq!(s.broadcast_latest(t0, "dash", "a", p()), Ok(1));
+    let big = Payload::binary(vec![0; s.config().max_message_size + 1]);
+    assert!(matches!(
+        s.broadcast_latest(t0, "dash", "a", big),
+        Err(SendError::TooLarge { .. })
+    ));
+    s.set_shared_rooms(true);
+    assert!(matches!(
+        s.broadcast_latest(t0, "dash", "a", p()),
+        Err(SendError::Unsupported(_))
+    ));
+}
+
+/// With slots on, latest values come as `ServerOutput::Latest`, naming
+/// the room and key a newer value would supersede.
+#[test]
+fn latest_slots_hand_values_to_the_driver_by_key() {
+    let t0 = Instant::ZERO;
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    s.set_latest_slots(true);
+    let c = s.handle_connection(t0, None, SessionId([1; 16]));
+    s.handle_message(t0, c, Incoming::Text(&hello_caps(&["latest"], None)));
+    let session = s.session_of(c).unwrap();
+    s.join(t0, session, "dash").unwrap();
+    drain(&mut s);
+    s.broadcast_latest(t0, "dash", "cpu", Payload::json(b"5".to_vec()).unwrap())
+        .unwrap();
+    let out = drain(&mut s);
+    let latest: Vec<&LatestOut> = out
+        .iter()
+        .filter_map(|o| match o {
+            ServerOutput::Latest(to, v) if *to == c => Some(v),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(latest.len(), 1);
+    assert_eq!((&*latest[0].room, &*latest[0].key), ("dash", "cpu"));
+    assert!(!out.iter().any(|o| matches!(o, ServerOutput::Transmit(..))));
 }

@@ -140,6 +140,17 @@ macro_rules! fill_entry {
     }};
 }
 
+/// Fills an `lv` envelope but its payload.
+macro_rules! fill_latest {
+    ($env:ident, $v:expr) => {{
+        $env.t = "lv".into();
+        $env.seq = Some($v.version);
+        $env.e = Some($v.epoch);
+        $env.r = Some(Cow::Borrowed(&$v.room));
+        $env.k = Some(Cow::Borrowed(&$v.key));
+    }};
+}
+
 /// Fills the fields every non-handshake envelope shares; the payload is
 /// filled by the codec-specific caller.
 macro_rules! fill_common {
@@ -245,10 +256,21 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
             write_json_envelope(&env, out);
             Ok(())
         }
-        Frame::Pub(e) => {
+        // One arm for both, so that the payload's code is there once.
+        Frame::Pub(_) | Frame::Latest(_) => {
             let mut env = JsonEnvelope::default();
-            fill_entry!(env, e);
-            json_payload_into(&mut env, &e.payload)?;
+            let payload = match frame {
+                Frame::Pub(e) => {
+                    fill_entry!(env, e);
+                    &e.payload
+                }
+                Frame::Latest(v) => {
+                    fill_latest!(env, v);
+                    &v.payload
+                }
+                _ => return Err(EncodeError::Unrepresentable),
+            };
+            json_payload_into(&mut env, payload)?;
             write_json_envelope(&env, out);
             Ok(())
         }
@@ -376,6 +398,7 @@ pub(super) fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
     o.uint("dm", env.dm);
     o.uint("db", env.db);
     o.uint("e", env.e);
+    o.str("k", env.k.as_deref());
     #[cfg(feature = "compression")]
     {
         o.uint("z", env.z);
@@ -532,10 +555,20 @@ pub(super) fn encode_msgpack(
             let env = subs_envelope!(PackEnvelope, list);
             write_pack_envelope(&env, out)?;
         }
-        Frame::Pub(e) => {
+        Frame::Pub(_) | Frame::Latest(_) => {
             let mut env = PackEnvelope::default();
-            fill_entry!(env, e);
-            pack_payload_into(&mut env, &e.payload)?;
+            let payload = match frame {
+                Frame::Pub(e) => {
+                    fill_entry!(env, e);
+                    &e.payload
+                }
+                Frame::Latest(v) => {
+                    fill_latest!(env, v);
+                    &v.payload
+                }
+                _ => return Err(EncodeError::Unrepresentable),
+            };
+            pack_payload_into(&mut env, payload)?;
             write_pack_envelope(&env, out)?;
         }
         _ => {
@@ -705,6 +738,7 @@ pub(super) fn write_pack_envelope(
         env.dm.is_some(),
         env.db.is_some(),
         env.e.is_some(),
+        env.k.is_some(),
     ]
     .iter()
     .filter(|present| **present)
@@ -754,6 +788,7 @@ pub(super) fn write_pack_envelope(
     key_uint(out, "dm", env.dm)?;
     key_uint(out, "db", env.db)?;
     key_uint(out, "e", env.e)?;
+    key_str(out, "k", env.k.as_deref())?;
     #[cfg(feature = "compression")]
     {
         key_uint(out, "z", env.z)?;

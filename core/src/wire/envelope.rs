@@ -83,9 +83,13 @@ macro_rules! envelope {
             pub(super) dm: Option<u64>,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub(super) db: Option<u64>,
-            // Room streams: the stream's epoch (`sub`).
+            // Room streams: the stream's epoch (`sub`); latest values:
+            // the room's values' epoch (`lv`).
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub(super) e: Option<u64>,
+            // Latest values: the value's key (`lv`).
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            pub(super) k: Option<Cow<'a, str>>,
             // Compressed payloads (PROTOCOL.md, section 2.2): the length
             // once inflated, and the deflated bytes of a JSON,
             // MessagePack or opaque payload, as `m` and `b` carry bytes.

@@ -20,9 +20,9 @@ use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::json::json_value;
 use super::payload::json_depth_ok;
 use super::{
-    ClientId, Codec, DecodeError, Frame, Hello, InvalidMsg, Msg, MsgKind, Payload, PayloadKind,
-    Reject, Resume, ResumeKey, SessionId, StreamEntry, StreamPos, Welcome, MAX_BATCH, MAX_EPOCH,
-    MAX_LIST_LEN, MAX_TOKEN_BYTES, MAX_TOKEN_LEN,
+    ClientId, Codec, DecodeError, Frame, Hello, InvalidMsg, LatestValue, Msg, MsgKind, Payload,
+    PayloadKind, Reject, Resume, ResumeKey, SessionId, StreamEntry, StreamPos, Welcome, MAX_BATCH,
+    MAX_EPOCH, MAX_LIST_LEN, MAX_TOKEN_BYTES, MAX_TOKEN_LEN,
 };
 
 /// [`json_depth_ok`] as a decode check on the field `field`.
@@ -237,6 +237,7 @@ macro_rules! envelope_frame {
                 rs: $env.rs,
                 room: $env.r.as_deref(),
                 op: $env.op.as_deref(),
+                key: $env.k.as_deref(),
             },
             || $payload($env),
         )
@@ -420,6 +421,42 @@ struct Extra<'a> {
     rs: Option<u64>,
     room: Option<&'a str>,
     op: Option<&'a str>,
+    key: Option<&'a str>,
+}
+
+/// An `lv`'s fields but its payload: (room, key, epoch, version). Shared
+/// by both codecs' readers rather than inlined into each.
+#[inline(never)]
+fn latest_fields(
+    seq: Option<u64>,
+    extra: &Extra<'_>,
+) -> Result<(std::sync::Arc<str>, std::sync::Arc<str>, u64, u64), DecodeError> {
+    let epoch = need(extra.epoch, "lv", "e")?;
+    if epoch >= MAX_EPOCH {
+        return Err(DecodeError::InvalidField {
+            field: "e",
+            reason: "epochs are below 2^53",
+        });
+    }
+    let version = match need(seq, "lv", "seq")? {
+        0 => {
+            return Err(DecodeError::InvalidField {
+                field: "seq",
+                reason: "versions start at 1",
+            })
+        }
+        v => v,
+    };
+    let key = match need(extra.key, "lv", "k")? {
+        k if k.is_empty() || k.len() > MAX_TOKEN_LEN => {
+            return Err(DecodeError::InvalidField {
+                field: "k",
+                reason: "keys are 1 to 256 bytes",
+            })
+        }
+        k => std::sync::Arc::from(k),
+    };
+    Ok((room_name(extra.room, "lv")?, key, epoch, version))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -491,6 +528,16 @@ fn common_frame(
                 offset,
                 kind,
                 ts,
+                payload: payload()?,
+            })
+        }
+        "lv" => {
+            let (room, key, epoch, version) = latest_fields(seq, &extra)?;
+            Frame::Latest(LatestValue {
+                room,
+                key,
+                epoch,
+                version,
                 payload: payload()?,
             })
         }

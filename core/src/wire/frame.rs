@@ -251,6 +251,26 @@ pub struct StreamEntry {
     pub payload: Payload,
 }
 
+/// A room's latest value of a key (`lv`), as every member that announced
+/// `latest` gets it: unsequenced and unacknowledged, each superseding the
+/// ones before it (PROTOCOL.md, section 3.5).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatestValue {
+    /// The room.
+    pub room: std::sync::Arc<str>,
+    /// The key, 1 to 256 bytes.
+    pub key: std::sync::Arc<str>,
+    /// The identity of the room's values: values made again (the room
+    /// emptied, or another server took it) have another epoch. Below
+    /// [`MAX_EPOCH`](super::MAX_EPOCH).
+    pub epoch: u64,
+    /// The value's version within the epoch, from 1: a greater version
+    /// of a key supersedes a smaller one.
+    pub version: u64,
+    /// The payload.
+    pub payload: Payload,
+}
+
 /// Where a member's copy of a room's stream stands (`sub`): after
 /// `offset` in the stream `epoch`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -341,6 +361,9 @@ pub enum Frame {
     /// Client to server, right after a resumed `welcome`: where each of its
     /// room streams stands, so the server sends what it missed.
     Subs(Vec<StreamPos>),
+    /// Server to client: a room's latest value of a key (only to a client
+    /// that announced `latest`).
+    Latest(LatestValue),
     /// An unsequenced application datagram (binary header kind 0x02).
     Raw(Bytes),
     /// A well-formed envelope of a type this version does not know. Ignored.
@@ -364,6 +387,7 @@ impl Frame {
             Frame::Reauth { .. } => "reauth",
             Frame::Auth { .. } => "auth",
             Frame::Pub(_) => "pub",
+            Frame::Latest(_) => "lv",
             Frame::Skip { .. } => "skip",
             Frame::Sub(_) => "sub",
             Frame::Subs(_) => "subs",

@@ -584,6 +584,7 @@ fn envelope<'a>(rd: &mut JsonReader<'a>, env: &mut JsonEnvelope<'a>, nested: boo
             b"dm" => once!(seen, 20, env.dm => uint(rd)?),
             b"db" => once!(seen, 21, env.db => uint(rd)?),
             b"e" => once!(seen, 22, env.e => uint(rd)?),
+            b"k" => once!(seen, 27, env.k => str(rd)?),
             #[cfg(feature = "compression")]
             b"z" => once!(seen, 23, env.z => uint(rd)?),
             #[cfg(feature = "compression")]

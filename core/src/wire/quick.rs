@@ -163,6 +163,7 @@ fn quick_map<'a>(rd: &mut &'a [u8], env: &mut PackEnvelope<'a>, nested: bool) ->
             b"dm" => once!(env.dm, uint(rd)?),
             b"db" => once!(env.db, uint(rd)?),
             b"e" => once!(env.e, uint(rd)?),
+            b"k" => once!(env.k, str(rd)?),
             #[cfg(feature = "compression")]
             b"z" => once!(env.z, uint(rd)?),
             #[cfg(feature = "compression")]

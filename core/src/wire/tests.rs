@@ -1128,6 +1128,7 @@ fn the_hand_written_envelope_writer_matches_serde() {
         dm: Some(n),
         db: Some(n),
         e: Some(n),
+        k: Some("key".into()),
         #[cfg(feature = "compression")]
         z: Some(n),
         #[cfg(feature = "compression")]
@@ -1377,4 +1378,55 @@ fn json_numbers_are_read_near_enough_for_settings() {
     assert_eq!(read("-"), None);
     assert_eq!(read("01"), None);
     assert_eq!(read("1e-400"), Some(0.0));
+}
+
+/// `lv` frames round-trip in both codecs, and their fields are checked.
+#[test]
+fn latest_values_round_trip_and_are_checked() {
+    let v = Frame::Latest(LatestValue {
+        room: "dash".into(),
+        key: "cpu".into(),
+        epoch: 7301,
+        version: 12,
+        payload: Payload::json(b"{\"v\":0.9}".to_vec()).unwrap(),
+    });
+    let limits = Limits {
+        max_message: 1 << 20,
+        version: 1,
+    };
+    for codec in [Codec::Json, Codec::MsgPack] {
+        let t = encode(&v, codec, 1).unwrap();
+        assert_eq!(decode(t.as_incoming(), &limits).unwrap(), v, "{codec:?}");
+    }
+    let t = encode(&v, Codec::Json, 1).unwrap();
+    assert_eq!(
+        std::str::from_utf8(t.data()).unwrap(),
+        r#"{"t":"lv","seq":12,"j":{"v":0.9},"r":"dash","e":7301,"k":"cpu"}"#
+    );
+    for (bad, field) in [
+        (
+            r#"{"t":"lv","seq":0,"j":1,"r":"dash","e":1,"k":"cpu"}"#,
+            "seq",
+        ),
+        (r#"{"t":"lv","seq":1,"j":1,"r":"dash","e":1,"k":""}"#, "k"),
+        (
+            r#"{"t":"lv","seq":1,"j":1,"r":"dash","e":9007199254740992,"k":"a"}"#,
+            "e",
+        ),
+    ] {
+        match decode(Incoming::Text(bad), &limits) {
+            Err(DecodeError::InvalidField { field: f, .. }) => assert_eq!(f, field, "{bad}"),
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    for (bad, field) in [
+        (r#"{"t":"lv","seq":1,"j":1,"e":1,"k":"a"}"#, "r"),
+        (r#"{"t":"lv","seq":1,"j":1,"r":"dash","k":"a"}"#, "e"),
+        (r#"{"t":"lv","seq":1,"j":1,"r":"dash","e":1}"#, "k"),
+    ] {
+        match decode(Incoming::Text(bad), &limits) {
+            Err(DecodeError::MissingField { field: f, .. }) => assert_eq!(f, field, "{bad}"),
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
 }

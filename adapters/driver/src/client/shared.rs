@@ -121,9 +121,23 @@ pub(super) struct Inner {
 
 impl Inner {
     /// Queues an event for the application; returns the stream's waker.
+    ///
+    /// A latest value ([`Event::Latest`]) whose room and key already have
+    /// one waiting takes that one's place: the application reads the
+    /// newest value of a key where it would have read the older one, and
+    /// the queue holds at most one per key however slowly it is read.
     pub(super) fn push_event(&mut self, shared: &ClientShared, event: Event) -> Option<Waker> {
         if self.events_dropped {
             return None;
+        }
+        if let Event::Latest { room, key, .. } = &event {
+            let waiting = self.events.iter_mut().rev().find(
+                |e| matches!(e, Event::Latest { room: r, key: k, .. } if r == room && k == key),
+            );
+            if let Some(waiting) = waiting {
+                *waiting = event;
+                return None;
+            }
         }
         self.events.push_back(event);
         shared.queued.store(self.events.len(), Ordering::Relaxed);

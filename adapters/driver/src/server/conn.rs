@@ -215,7 +215,13 @@ impl ConnIo {
                             }
                             continue;
                         }
-                        None => break,
+                        // Latest values last, one at a time from the slot:
+                        // one replaced while the socket was busy goes out
+                        // as the newest.
+                        None => match lock_slot(&self.slot).latest.pop_front() {
+                            Some(v) => ws::to_message(v.transmit),
+                            None => break,
+                        },
                     },
                     Err(e) => {
                         self.feed_failed(shared, e);

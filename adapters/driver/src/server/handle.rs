@@ -610,6 +610,53 @@ impl ServerHandle {
         }
     }
 
+    /// Sets `room`'s latest value of `key` to a typed value and sends it to
+    /// every member (PROTOCOL.md, section 3.5): each member gets the newest
+    /// value of each key, not a backlog. A member whose connection is not
+    /// writable when a newer value comes gets only the newer one; one that
+    /// is away gets every key's newest value when it comes back, and so
+    /// does one that joins. Members whose clients do not take latest
+    /// values get each as a room message. Returns how many members it
+    /// went to (0 for a room without members, which keeps nothing).
+    ///
+    /// A room holds at most `ServerConfig::max_latest_keys` keys (256);
+    /// past that a new key is refused with `SendError::TooManyKeys`. The
+    /// servers of a cluster do not share latest values yet: with a
+    /// backplane this fails with `SendError::Unsupported`.
+    pub async fn broadcast_latest<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<usize, ServerError> {
+        let payload = util::encode(value, self.codec)?;
+        self.broadcast_latest_payload(room, key, payload).await
+    }
+
+    /// [`broadcast_latest`](Self::broadcast_latest) with a ready payload.
+    pub async fn broadcast_latest_payload(
+        &self,
+        room: &str,
+        key: &str,
+        payload: Payload,
+    ) -> Result<usize, ServerError> {
+        self.shared
+            .call(|st, now| st.server.broadcast_latest(now, room, key, payload))?
+            .map_err(|error| ServerError::Broadcast {
+                room: room_label(room),
+                error,
+            })
+    }
+
+    /// The latest values `room` holds, oldest first, as
+    /// [`broadcast_latest`](Self::broadcast_latest) set them.
+    pub async fn latest_values(
+        &self,
+        room: &str,
+    ) -> Result<Vec<(std::sync::Arc<str>, Payload)>, ServerError> {
+        self.shared.call(|st, _| st.server.latest_values(room))
+    }
+
     /// Who is in `room`, as members see each other (client id and identity,
     /// sorted; never session ids). In a cluster, every node's members, as
     /// the backplane records them.

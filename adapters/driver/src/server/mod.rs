@@ -370,6 +370,8 @@ fn start_inner(
     let mut server = Server::new(config)?;
     // Room-stream members read each broadcast from one shared feed.
     server.set_room_feeds(true);
+    // Latest values wait in each connection's slot, the newest of each key.
+    server.set_latest_slots(true);
     server.set_shared_rooms(options.backplane.is_some());
     if let Some(policy) = &options.policy {
         server.set_policy(Box::new(SharedPolicy(policy.clone())));

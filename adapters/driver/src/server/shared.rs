@@ -23,7 +23,8 @@ use futures_channel::oneshot;
 use futures_util::task::AtomicWaker;
 use kitestring_core::close::CloseCode;
 use kitestring_core::server::{
-    ConnectionId, FeedOutput, Server, ServerEvent, ServerMetrics, ServerOutput, SessionEnd,
+    ConnectionId, FeedOutput, LatestOut, Server, ServerEvent, ServerMetrics, ServerOutput,
+    SessionEnd,
 };
 use kitestring_core::stream::HistoryConfig;
 use kitestring_core::wire::{Codec, SessionId};
@@ -183,6 +184,12 @@ pub(super) struct ConnSlot {
     pub(super) paused: bool,
     /// The connection task, while it waits.
     pub(super) waker: Option<Waker>,
+    /// Latest values not written yet, one per room and key: a newer one
+    /// replaces the one waiting, so a connection that is not writable
+    /// gets the newest value when it is, not a backlog. Written after
+    /// `out` and the feeds; at most one per room and key the session's
+    /// rooms hold (`ServerConfig::max_latest_keys` each).
+    pub(super) latest: VecDeque<LatestOut>,
 }
 
 impl ConnSlot {
@@ -194,6 +201,7 @@ impl ConnSlot {
         self.aborted = true;
         self.out.clear();
         self.follows.clear();
+        self.latest.clear();
         self.close = Some(CloseOrder {
             code: CloseCode::ABNORMAL,
             reason: "aborted",
@@ -433,6 +441,26 @@ impl LockedState {
                     }
                 }
                 ServerOutput::Feed(f) => self.feed(env, f, current, wakes),
+                ServerOutput::Latest(id, value) => {
+                    let Some(slot) = self.conns.get(&id) else {
+                        continue;
+                    };
+                    let mut slot = lock_slot(slot);
+                    if slot.closing {
+                        continue;
+                    }
+                    match slot
+                        .latest
+                        .iter_mut()
+                        .find(|v| v.key == value.key && v.room == value.room)
+                    {
+                        Some(waiting) => *waiting = value,
+                        None => slot.latest.push_back(value),
+                    }
+                    if current != Some(id) {
+                        wakes.take(&mut slot.waker);
+                    }
+                }
                 ServerOutput::Cluster(c) => {
                     match &env.cluster {
                         Some(cluster) => {

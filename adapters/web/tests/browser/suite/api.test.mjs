@@ -1,5 +1,5 @@
-// The rest of the API a page uses: requests, latest values, datagrams,
-// refusals, and numbers beyond 2^53 in both codecs.
+// The rest of the API a page uses: requests, latest values (sent and
+// received), datagrams, refusals, and numbers beyond 2^53 in both codecs.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -35,6 +35,17 @@ for (const codec of ['json', 'msgpack']) {
       });
       await new Promise((resolve) => setTimeout(resolve, 100));
       out.latest = latest;
+      // A room's latest values from the server: each once, in order,
+      // ending with the newest.
+      const ticks = [];
+      const lastTick = new Promise((resolve) => c.on('latest', (e) => {
+        if (e.key !== 'tick') return;
+        ticks.push(e.data.s);
+        if (e.data.s === 500) resolve(e.room);
+      }));
+      await c.send({ op: 'board', count: 500 });
+      out.board = (await lastTick).startsWith('board-');
+      out.ticks = ticks;
       // A datagram comes back (no ordering or delivery promised: one).
       const dg = new Promise((resolve) => c.on('datagram', (e) => resolve([...e.data])));
       c.sendDatagram(new Uint8Array([1, 2, 3, 250]));
@@ -61,6 +72,9 @@ for (const codec of ['json', 'msgpack']) {
     assert.equal(r.latest.at(-1), 200);
     assert.ok(r.latest.length < 50, `coalesced: ${r.latest.length} messages for 200 updates`);
     assert.deepEqual(r.latest, [...r.latest].sort((a, b) => a - b), 'in order');
+    assert.equal(r.board, true);
+    assert.equal(r.ticks.at(-1), 500);
+    assert.ok(r.ticks.every((s, i) => i === 0 || s > r.ticks[i - 1]), 'each once, in order');
     assert.deepEqual(r.datagram, [1, 2, 3, 250]);
     assert.deepEqual(r.refused, ['RefusedError', 'refused', 'not_member', 'publish']);
     assert.deepEqual(r.timeout, ['RequestError', 'timed_out']);
