@@ -276,17 +276,10 @@ impl Server {
         self.latest.remove(room);
     }
 
-    /// A room's values' epoch: keyed like a stream's (the resume secret,
-    /// the room, a count), so values made again, here or in another
-    /// process, are told apart from those a member remembers.
+    /// A room's values' epoch, made like a stream's, below
+    /// [`wire::MAX_EPOCH`].
     fn next_latest_epoch(&mut self, room: &str) -> u64 {
-        use siphasher::sip::SipHasher13;
-        self.streams_made += 1;
-        let mut h = SipHasher13::new_with_key(&self.config.resume_secret.0);
-        core::hash::Hasher::write(&mut h, b"latest values");
-        core::hash::Hasher::write(&mut h, room.as_bytes());
-        core::hash::Hasher::write_u64(&mut h, self.streams_made);
-        core::hash::Hasher::finish(&h) % wire::MAX_EPOCH
+        self.next_epoch_of(b"latest values", room) % wire::MAX_EPOCH
     }
 
     /// The latest values `room` holds (for tests and the application).

@@ -48,15 +48,21 @@ impl Server {
             .unwrap_or_else(|| unreachable!("inserted above"))
     }
 
-    /// A stream's epoch: keyed by the resume secret (random per process
-    /// unless the application sets it), the room and a count of the streams
-    /// this server made, so a stream made again, here or in another
-    /// process, is told apart from the one a member remembers.
+    /// A stream's epoch (see [`Server::next_epoch_of`]).
     fn next_epoch(&mut self, room: &str) -> u64 {
+        self.next_epoch_of(b"room stream", room)
+    }
+
+    /// An epoch for what `label` names in `room` (a room's stream, its
+    /// latest values): keyed by the resume secret (random per process
+    /// unless the application sets it), the room and a count of the epochs
+    /// this server made, so one made again, here or in another process, is
+    /// told apart from the one a member remembers.
+    pub(super) fn next_epoch_of(&mut self, label: &[u8], room: &str) -> u64 {
         use siphasher::sip::SipHasher13;
         self.streams_made += 1;
         let mut h = SipHasher13::new_with_key(&self.config.resume_secret.0);
-        core::hash::Hasher::write(&mut h, b"room stream");
+        core::hash::Hasher::write(&mut h, label);
         core::hash::Hasher::write(&mut h, room.as_bytes());
         core::hash::Hasher::write_u64(&mut h, self.streams_made);
         core::hash::Hasher::finish(&h)

@@ -151,6 +151,24 @@ macro_rules! fill_latest {
     }};
 }
 
+/// Fills a `pub` or `lv` envelope but its payload, and evaluates to that
+/// payload; returns `Unrepresentable` from the caller for other frames.
+macro_rules! fill_room_value {
+    ($env:ident, $frame:expr) => {
+        match $frame {
+            Frame::Pub(e) => {
+                fill_entry!($env, e);
+                &e.payload
+            }
+            Frame::Latest(v) => {
+                fill_latest!($env, v);
+                &v.payload
+            }
+            _ => return Err(EncodeError::Unrepresentable),
+        }
+    };
+}
+
 /// Fills the fields every non-handshake envelope shares; the payload is
 /// filled by the codec-specific caller.
 macro_rules! fill_common {
@@ -259,17 +277,7 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
         // One arm for both, so that the payload's code is there once.
         Frame::Pub(_) | Frame::Latest(_) => {
             let mut env = JsonEnvelope::default();
-            let payload = match frame {
-                Frame::Pub(e) => {
-                    fill_entry!(env, e);
-                    &e.payload
-                }
-                Frame::Latest(v) => {
-                    fill_latest!(env, v);
-                    &v.payload
-                }
-                _ => return Err(EncodeError::Unrepresentable),
-            };
+            let payload = fill_room_value!(env, frame);
             json_payload_into(&mut env, payload)?;
             write_json_envelope(&env, out);
             Ok(())
@@ -557,17 +565,7 @@ pub(super) fn encode_msgpack(
         }
         Frame::Pub(_) | Frame::Latest(_) => {
             let mut env = PackEnvelope::default();
-            let payload = match frame {
-                Frame::Pub(e) => {
-                    fill_entry!(env, e);
-                    &e.payload
-                }
-                Frame::Latest(v) => {
-                    fill_latest!(env, v);
-                    &v.payload
-                }
-                _ => return Err(EncodeError::Unrepresentable),
-            };
+            let payload = fill_room_value!(env, frame);
             pack_payload_into(&mut env, payload)?;
             write_pack_envelope(&env, out)?;
         }
