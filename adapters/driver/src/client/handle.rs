@@ -144,6 +144,9 @@ impl Stream for ClientEvents {
             let mut inner = shared.lock();
             match inner.events.pop_front() {
                 Some(event) => {
+                    if let Event::Latest { .. } = event {
+                        inner.latest_queued -= 1;
+                    }
                     shared.queued.store(inner.events.len(), Ordering::Relaxed);
                     if inner.reader_paused && inner.events.len() < shared.event_room {
                         inner.reader_paused = false;
@@ -174,6 +177,7 @@ impl Drop for ClientEvents {
             let mut inner = self.shared.lock();
             inner.events_dropped = true;
             inner.events.clear();
+            inner.latest_queued = 0;
             inner.events_waker = None;
             self.shared.queued.store(0, Ordering::Relaxed);
             std::mem::take(&mut inner.reader_paused)

@@ -198,6 +198,7 @@ pub fn connect(
             stop_when_closed: false,
             stopped: false,
             events: VecDeque::new(),
+            latest_queued: 0,
             events_waker: None,
             events_dropped: false,
             events_ended: false,

@@ -103,6 +103,9 @@ pub(super) struct Inner {
     /// Events for the application, bounded by `event_room` (see the module
     /// documentation).
     pub(super) events: VecDeque<Event>,
+    /// How many of `events` are [`Event::Latest`]: with none, a new one is
+    /// queued without looking for one of its key.
+    pub(super) latest_queued: usize,
     pub(super) events_waker: Option<Waker>,
     /// The event stream was dropped: events are discarded.
     pub(super) events_dropped: bool,
@@ -131,13 +134,16 @@ impl Inner {
             return None;
         }
         if let Event::Latest { room, key, .. } = &event {
-            let waiting = self.events.iter_mut().rev().find(
-                |e| matches!(e, Event::Latest { room: r, key: k, .. } if r == room && k == key),
-            );
-            if let Some(waiting) = waiting {
-                *waiting = event;
-                return None;
+            if self.latest_queued > 0 {
+                let waiting = self.events.iter_mut().rev().find(
+                    |e| matches!(e, Event::Latest { room: r, key: k, .. } if r == room && k == key),
+                );
+                if let Some(waiting) = waiting {
+                    *waiting = event;
+                    return None;
+                }
             }
+            self.latest_queued += 1;
         }
         self.events.push_back(event);
         shared.queued.store(self.events.len(), Ordering::Relaxed);
