@@ -189,10 +189,10 @@ impl Server {
         }
     }
 
-    /// Hands one `lv` frame for `connection` to the driver.
+    /// Hands one `lv` frame for `connection` to the driver: counted here
+    /// as a `Transmit`; with slots, by the driver when it writes it (a
+    /// newer value may replace it first).
     fn send_latest_frame(&mut self, connection: ConnectionId, frame: &Frame, t: Transmit) {
-        self.stats.traffic.frames_out += 1;
-        self.stats.traffic.bytes_out += t.data().len() as u64;
         if self.latest_slots {
             let Frame::Latest(v) = frame else {
                 return;
@@ -206,6 +206,8 @@ impl Server {
                 },
             ));
         } else {
+            self.stats.traffic.frames_out += 1;
+            self.stats.traffic.bytes_out += t.data().len() as u64;
             self.outputs
                 .push_back(ServerOutput::Transmit(connection, t));
         }

@@ -219,7 +219,11 @@ impl ConnIo {
                         // one replaced while the socket was busy goes out
                         // as the newest.
                         None => match lock_slot(&self.slot).latest.pop_front() {
-                            Some(v) => ws::to_message(v.transmit),
+                            Some(v) => {
+                                self.followed.frames += 1;
+                                self.followed.bytes += v.transmit.data().len() as u64;
+                                ws::to_message(v.transmit)
+                            }
                             None => break,
                         },
                     },

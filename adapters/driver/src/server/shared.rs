@@ -71,8 +71,9 @@ pub(super) struct ServerShared {
     ///
     /// [`outbound_capacity`]: super::outbound_capacity
     pub(super) outbound: usize,
-    /// Frames and bytes connection tasks took from feeds to write (the
-    /// core counts the frames it hands out itself).
+    /// Frames and bytes connection tasks took from feeds, and latest values
+    /// from their slots, to write (the core counts the frames it hands out
+    /// itself, and neither of these).
     pub(super) feed_frames: AtomicU64,
     pub(super) feed_bytes: AtomicU64,
     /// What a room's feed holds: what its history does, and at least as
@@ -356,7 +357,8 @@ impl LockedState {
 
     /// The core's metrics, with the frames and bytes connection tasks wrote
     /// from room feeds (the core hands those out once per entry, not per
-    /// member).
+    /// member) and latest values (some are replaced before they are
+    /// written).
     pub(super) fn metrics(&self, env: &ServerShared) -> ServerMetrics {
         let mut m = self.server.metrics();
         let traffic = &mut m.counters.traffic;
