@@ -218,6 +218,11 @@ struct SessionModel {
     /// It joined a room: the server queues messages of its own for it
     /// (presence, and room messages for a client without streams).
     in_rooms: bool,
+    /// With `after_handled`: messages handed to the application and not
+    /// yet handled (`ServerOp::Handled`). An exported image counts as
+    /// delivered only what came before the first of them, so the client
+    /// sends them again after a `Bounce`.
+    unhandled: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Debug)]
@@ -582,6 +587,9 @@ impl ServerHarness {
                 let through = through.map_or(u64::MAX, u64::from);
                 let r = self.server.handled(now, session, through);
                 assert_eq!(r.is_ok(), self.sessions.contains_key(&session));
+                if let Some(m) = self.sessions.get_mut(&session) {
+                    m.unhandled.retain(|seq| *seq > through);
+                }
             }
             ServerOp::Bounce(s) => {
                 let session = self.session(s);
@@ -597,6 +605,13 @@ impl ServerHarness {
                                 "a session exported here does not import here: {e}\n{}",
                                 self.log
                             );
+                        }
+                        // What the application had not handled comes again.
+                        if let Some(m) = self.sessions.get_mut(&session) {
+                            if let Some(&first) = m.unhandled.first() {
+                                m.delivered = first - 1;
+                            }
+                            m.unhandled.clear();
                         }
                     }
                     None => assert!(
@@ -861,6 +876,9 @@ impl ServerHarness {
                     self.log
                 );
                 s.delivered = message.seq;
+                if self.config.acknowledge == Acknowledge::AfterHandled {
+                    s.unhandled.insert(message.seq);
+                }
             }
             ServerEvent::Acked {
                 session,
