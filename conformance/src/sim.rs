@@ -15,7 +15,6 @@ use kitestring_core::client::{Client, Event, Output, State, TransportError, Tran
 use kitestring_core::close::CloseCode;
 use kitestring_core::config::{ClientConfig, ServerConfig};
 use kitestring_core::reliable::{MessageId, SendError};
-use kitestring_core::rooms::Member;
 use kitestring_core::server::{
     ClusterOutput, ConnectionId, EntryOutcome, RoomError, RoomOp, Server, ServerEvent,
     ServerOutput, SessionImage, SharedEntry,
@@ -798,17 +797,7 @@ impl Sim {
                     self.open_room(&room, 0);
                 }
                 if !self.server.room_joined(now, session, &room, joined, origin) {
-                    let leave = ClusterOutput::Leave {
-                        room,
-                        session,
-                        member: Member {
-                            client: String::new(),
-                            identity: None,
-                        },
-                        presence,
-                        ended: false,
-                        origin: None,
-                    };
+                    let leave = ClusterOutput::repair_leave(&room, session, presence);
                     let at = now + self.link.latency;
                     self.schedule(at, Ev::Cluster(leave));
                 }

@@ -104,6 +104,26 @@ pub enum ClusterOutput {
     },
 }
 
+impl ClusterOutput {
+    /// The leave of `session` from `room` that repairs the store: the
+    /// session is no longer on this server (or never took the room up
+    /// here), so there is no member to describe and no client message
+    /// behind it.
+    pub fn repair_leave(room: &str, session: SessionId, presence: bool) -> ClusterOutput {
+        ClusterOutput::Leave {
+            room: room.into(),
+            session,
+            member: Member {
+                client: String::new(),
+                identity: None,
+            },
+            presence,
+            ended: false,
+            origin: None,
+        }
+    }
+}
+
 /// Where a member's stream starts in a room the cluster made it a member
 /// of ([`Server::room_joined`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -624,6 +644,28 @@ impl Server {
         if s.link.settled(self.now, op.seq, rel, &mut timers) {
             self.flush_ack(op.session);
         }
+    }
+
+    /// `session` (as `member`) leaves `room` in the cluster, with the
+    /// room's presence setting; `ended`: because its session ended;
+    /// `origin`: the client's leave, if it asked.
+    pub(super) fn leave_cluster_room(
+        &mut self,
+        room: RoomName,
+        session: SessionId,
+        member: Member,
+        ended: bool,
+        origin: Option<ClientOp>,
+    ) {
+        let presence = self.policy.presence(&room);
+        self.send_to_cluster(ClusterOutput::Leave {
+            room,
+            session,
+            member,
+            presence,
+            ended,
+            origin,
+        });
     }
 
     /// A client's room operation goes to the cluster; its message waits.

@@ -53,15 +53,7 @@ impl Server {
             let left = self.leave_here(session, room);
             if let (true, Some(member)) = (left, member) {
                 let room = self.rooms.name(room);
-                let presence = self.policy.presence(&room);
-                self.send_to_cluster(ClusterOutput::Leave {
-                    room,
-                    session,
-                    member,
-                    presence,
-                    ended: false,
-                    origin: None,
-                });
+                self.leave_cluster_room(room, session, member, false, None);
             }
             left
         } else {
@@ -401,15 +393,7 @@ impl Server {
                     return;
                 };
                 let room = self.rooms.name(&room);
-                let presence = self.policy.presence(&room);
-                self.send_to_cluster(ClusterOutput::Leave {
-                    room,
-                    session,
-                    member,
-                    presence,
-                    ended: false,
-                    origin: Some(op),
-                });
+                self.leave_cluster_room(room, session, member, false, Some(op));
             }
             (MsgKind::Leave, Some(room)) => {
                 self.do_leave(session, &room);

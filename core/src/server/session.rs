@@ -19,9 +19,7 @@ use crate::wire::{ClientId, SessionId};
 use super::conn::ConnPhase;
 use super::delivery::{LinkDeadlines, SessionTimers};
 use super::streams::Joined;
-use super::{
-    ClusterOutput, ConnectionId, Server, ServerEvent, ServerOutput, ServerTimer, SessionEnd,
-};
+use super::{ConnectionId, Server, ServerEvent, ServerOutput, ServerTimer, SessionEnd};
 
 /// Where a session is in its life. A session begins attached to the
 /// connection whose `hello` created it and ends (it is then gone) when the
@@ -236,15 +234,7 @@ impl Server {
                 room: room.clone(),
             });
             if self.shared_rooms {
-                let presence = self.policy.presence(&room);
-                self.send_to_cluster(ClusterOutput::Leave {
-                    room: room.clone(),
-                    session,
-                    member: member.clone(),
-                    presence,
-                    ended: true,
-                    origin: None,
-                });
+                self.leave_cluster_room(room.clone(), session, member.clone(), true, None);
             }
             self.presence_diff(
                 &room,

@@ -800,7 +800,7 @@ impl Worker {
             // membership back.
             let presence = self.shared.run(None, |st, _| st.server.room_presence(room));
             lock(&rooms.queue).outbox.push_back(Job::Core {
-                output: leave_output(room, session, presence),
+                output: ClusterOutput::repair_leave(room, session, presence),
                 publish: None,
                 join: None,
                 once: None,
@@ -994,7 +994,7 @@ impl Worker {
                     };
                     if m.node == self.node && !here.contains(&session) {
                         jobs.push(Job::Core {
-                            output: leave_output(&room, session, presence),
+                            output: ClusterOutput::repair_leave(&room, session, presence),
                             publish: None,
                             join: None,
                             once: None,
@@ -1050,21 +1050,6 @@ impl Worker {
                 self.following.remove(&room);
             }
         }
-    }
-}
-
-/// A leave without origin: the session is no longer here.
-fn leave_output(room: &str, session: SessionId, presence: bool) -> ClusterOutput {
-    ClusterOutput::Leave {
-        room: room.into(),
-        session,
-        member: Member {
-            client: String::new(),
-            identity: None,
-        },
-        presence,
-        ended: false,
-        origin: None,
     }
 }
 
