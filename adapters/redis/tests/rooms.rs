@@ -125,6 +125,21 @@ fn users(n: usize) -> BTreeSet<String> {
     (0..n).map(|i| format!("u{i}")).collect()
 }
 
+/// Two members, `(user, address)` each, both in "lobby" and seeing each
+/// other there.
+async fn pair_in_lobby(first: (&str, SocketAddr), second: (&str, SocketAddr)) -> (Member, Member) {
+    let mut x = Member::connect(first.1, first.0).await;
+    let mut y = Member::connect(second.1, second.0).await;
+    x.client.join("lobby").await.unwrap();
+    y.client.join("lobby").await.unwrap();
+    let both: BTreeSet<String> = [first.0.to_string(), second.0.to_string()].into();
+    x.watch(Duration::from_secs(15), |v| v.members == both)
+        .await;
+    y.watch(Duration::from_secs(15), |v| v.members == both)
+        .await;
+    (x, y)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_spans_three_nodes_exactly_once_and_in_order() {
     let redis = RedisServer::start().expect("redis-server");
@@ -213,15 +228,7 @@ async fn a_node_cut_from_redis_catches_up_and_its_members_leave_when_it_is_gone(
     let link = Proxy::start(redis_addr).unwrap();
     let (a, a_addr) = node(&redis.url(), "a").await;
     let (_c, c_addr) = node(&format!("redis://{}", link.local_addr()), "c").await;
-    let mut on_a = Member::connect(a_addr, "u0").await;
-    let mut on_c = Member::connect(c_addr, "u1").await;
-    on_a.client.join("lobby").await.unwrap();
-    on_c.client.join("lobby").await.unwrap();
-    let both = users(2);
-    on_a.watch(Duration::from_secs(15), |v| v.members == both)
-        .await;
-    on_c.watch(Duration::from_secs(15), |v| v.members == both)
-        .await;
+    let (mut on_a, mut on_c) = pair_in_lobby(("u0", a_addr), ("u1", c_addr)).await;
 
     // Node a's application broadcasts while c's connection to Redis is
     // cut twice: c misses what was published meanwhile and reads it from
@@ -267,6 +274,7 @@ async fn a_node_cut_from_redis_catches_up_and_its_members_leave_when_it_is_gone(
     // Redis comes back for node c: its member is recorded again and
     // announced as joining, and c follows the room again.
     link.set_refuse(false);
+    let both = users(2);
     on_a.watch(Duration::from_secs(20), |v| v.members == both)
         .await;
     assert_eq!(on_a.view.members, both, "the member is back");
@@ -290,15 +298,7 @@ async fn members_move_between_nodes_and_through_a_deploy_with_their_rooms() {
     // Each client reaches the nodes through a balancer the test steers.
     let to_x = Proxy::start(a_addr).unwrap();
     let to_y = Proxy::start(b_addr).unwrap();
-    let mut x = Member::connect(to_x.local_addr(), "x").await;
-    let mut y = Member::connect(to_y.local_addr(), "y").await;
-    x.client.join("lobby").await.unwrap();
-    y.client.join("lobby").await.unwrap();
-    let both: BTreeSet<String> = ["x".to_string(), "y".to_string()].into();
-    x.watch(Duration::from_secs(15), |v| v.members == both)
-        .await;
-    y.watch(Duration::from_secs(15), |v| v.members == both)
-        .await;
+    let (mut x, mut y) = pair_in_lobby(("x", to_x.local_addr()), ("y", to_y.local_addr())).await;
 
     const N: u64 = 300;
     for k in 0..N {
@@ -353,15 +353,7 @@ async fn a_room_survives_a_redis_restart() {
     let mut redis = RedisServer::start().expect("redis-server");
     let (a, a_addr) = node(&redis.url(), "a").await;
     let (_b, b_addr) = node(&redis.url(), "b").await;
-    let mut x = Member::connect(a_addr, "x").await;
-    let mut y = Member::connect(b_addr, "y").await;
-    x.client.join("lobby").await.unwrap();
-    y.client.join("lobby").await.unwrap();
-    let both: BTreeSet<String> = ["x".to_string(), "y".to_string()].into();
-    x.watch(Duration::from_secs(15), |v| v.members == both)
-        .await;
-    y.watch(Duration::from_secs(15), |v| v.members == both)
-        .await;
+    let (mut x, mut y) = pair_in_lobby(("x", a_addr), ("y", b_addr)).await;
     for k in 0..10u64 {
         a.broadcast("lobby", &(100u64, k)).await.unwrap();
     }
@@ -442,15 +434,7 @@ async fn a_node_restarted_under_its_name_keeps_its_members() {
     let (a, a_addr) = node(&redis.url(), "a").await;
     let (b, b_addr) = node(&redis.url(), "b").await;
     let to_x = Proxy::start(a_addr).unwrap();
-    let mut x = Member::connect(to_x.local_addr(), "x").await;
-    let mut y = Member::connect(b_addr, "y").await;
-    x.client.join("lobby").await.unwrap();
-    y.client.join("lobby").await.unwrap();
-    let both: BTreeSet<String> = ["x".to_string(), "y".to_string()].into();
-    x.watch(Duration::from_secs(15), |v| v.members == both)
-        .await;
-    y.watch(Duration::from_secs(15), |v| v.members == both)
-        .await;
+    let (mut x, mut y) = pair_in_lobby(("x", to_x.local_addr()), ("y", b_addr)).await;
 
     // The deploy: a stops, a new process named "a" starts elsewhere and
     // the balancer sends x there.
