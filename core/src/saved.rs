@@ -23,7 +23,7 @@ pub(crate) struct SavedMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ts: Option<u64>,
     /// `msg`, `request`, `response`, `join`, `leave`, `presence`,
-    /// `refused` or `refused_message`.
+    /// `refused`, `refused_message` or `mset`.
     kind: String,
     /// The request a response answers; the message a refusal names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,6 +66,7 @@ impl SavedMessage {
             MsgKind::Presence => ("presence", None),
             MsgKind::Refused => ("refused", None),
             MsgKind::RefusedMessage(to) => ("refused_message", Some(to)),
+            MsgKind::MapWrite => ("mset", None),
             // Only the decoder makes `Invalid`; no machine queues one.
             MsgKind::Plain | MsgKind::Invalid(_) => ("msg", None),
         };
@@ -234,6 +235,7 @@ impl SavedMessage {
             ("presence", _) => MsgKind::Presence,
             ("refused", _) => MsgKind::Refused,
             ("refused_message", Some(to)) => MsgKind::RefusedMessage(to),
+            ("mset", None) => MsgKind::MapWrite,
             _ => return Err(bad("unknown kind")),
         };
         let data = crate::base64::decode(self.data.as_bytes())

@@ -271,6 +271,8 @@ impl Server {
             | Frame::Reauth { .. }
             | Frame::Pub(_)
             | Frame::Latest(_)
+            | Frame::MapValue(_)
+            | Frame::MapSnapshot(_)
             | Frame::Skip { .. }
             | Frame::Sub(_) => self.disconnect(
                 connection,

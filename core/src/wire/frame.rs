@@ -10,6 +10,7 @@ use std::fmt;
 use bytes::Bytes;
 
 use super::{ClientId, Codec, InvalidMsg, Payload, SessionId};
+use crate::hlc::HlcTimestamp;
 
 /// The secret that resumes a session (PROTOCOL.md, section 6): given to the
 /// client in the `welcome`, shown in the `hello` to resume. Unlike the
@@ -197,6 +198,12 @@ pub enum MsgKind {
     /// `{"op":"join"|"leave"|"publish"|"message","reason":string}` and may
     /// carry `"code"` (PROTOCOL.md, section 3.3).
     RefusedMessage(u64),
+    /// Client to server: a write to one of `room`'s synced maps
+    /// (`"op":"mset"`). The payload, JSON or MessagePack, is the write
+    /// (PROTOCOL.md, section 3.6): `{"n":map,"k":key}` and the value as
+    /// `"v"` (absent: the entry is deleted), with the writer's stamp as
+    /// `"h":[ms,logical,node]` when the map lets peers stamp.
+    MapWrite,
     /// A `msg` whose `seq` and `id` could be read but whose other fields
     /// could not (an unknown `op`, a bad room name, a bad payload, ...).
     /// Only ever produced by the decoder, never sent: the receiver consumes
@@ -213,6 +220,7 @@ impl MsgKind {
             MsgKind::Leave => Some("leave"),
             MsgKind::Presence => Some("presence"),
             MsgKind::Refused | MsgKind::RefusedMessage(_) => Some("refused"),
+            MsgKind::MapWrite => Some("mset"),
             _ => None,
         }
     }
@@ -229,7 +237,11 @@ impl MsgKind {
     pub fn needs_room(self) -> bool {
         matches!(
             self,
-            MsgKind::Join | MsgKind::Leave | MsgKind::Presence | MsgKind::Refused
+            MsgKind::Join
+                | MsgKind::Leave
+                | MsgKind::Presence
+                | MsgKind::Refused
+                | MsgKind::MapWrite
         )
     }
 }
@@ -269,6 +281,41 @@ pub struct LatestValue {
     pub version: u64,
     /// The payload.
     pub payload: Payload,
+}
+
+/// An entry of one of a room's synced maps (`mv`), as the server sends
+/// it to the room's members: unsequenced, superseded by any later stamp
+/// of the same key (PROTOCOL.md, section 3.6).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MapValue {
+    /// The room.
+    pub room: std::sync::Arc<str>,
+    /// The map's name within the room (`n`).
+    pub map: std::sync::Arc<str>,
+    /// The entry's key (`k`).
+    pub key: std::sync::Arc<str>,
+    /// The write's stamp (`ts`, `hl`, `hn`): of two values of a key, the
+    /// greater stamp wins.
+    pub stamp: HlcTimestamp,
+    /// The value; `None`: the entry was deleted (no payload field).
+    pub value: Option<Payload>,
+    /// Only in the copy sent to the writer (`id`): the id of the
+    /// receiving client's `mset` this settles. The entry is then
+    /// what the key holds after that write, whether it won or an entry
+    /// with a greater stamp did.
+    pub settles: Option<u64>,
+}
+
+/// The start of a synced map's snapshot (`ms`): the map holds exactly the
+/// `entries` entries sent next as `mv` frames, and nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapSnapshot {
+    /// The room.
+    pub room: std::sync::Arc<str>,
+    /// The map's name within the room (`n`).
+    pub map: std::sync::Arc<str>,
+    /// How many `mv` frames follow (`seq`), each an entry the map holds.
+    pub entries: u64,
 }
 
 /// Where a member's copy of a room's stream stands (`sub`): after
@@ -364,6 +411,10 @@ pub enum Frame {
     /// Server to client: a room's latest value of a key (only to a client
     /// that announced `latest`).
     Latest(LatestValue),
+    /// Server to client: an entry of a room's synced map.
+    MapValue(MapValue),
+    /// Server to client: a synced map's snapshot follows.
+    MapSnapshot(MapSnapshot),
     /// An unsequenced application datagram (binary header kind 0x02).
     Raw(Bytes),
     /// A well-formed envelope of a type this version does not know. Ignored.
@@ -388,6 +439,8 @@ impl Frame {
             Frame::Auth { .. } => "auth",
             Frame::Pub(_) => "pub",
             Frame::Latest(_) => "lv",
+            Frame::MapValue(_) => "mv",
+            Frame::MapSnapshot(_) => "ms",
             Frame::Skip { .. } => "skip",
             Frame::Sub(_) => "sub",
             Frame::Subs(_) => "subs",

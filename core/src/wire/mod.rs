@@ -67,8 +67,8 @@ pub use compress::{CompressionConfig, CAP_DEFLATE, COMPRESSION_BUILT, KIND_DEFLA
 pub use decode::Decoder;
 pub use error::{DecodeError, EncodeError, InvalidMsg};
 pub use frame::{
-    Frame, Hello, Incoming, LatestValue, Msg, MsgKind, Reject, Resume, ResumeKey, StreamEntry,
-    StreamPos, Transmit, Welcome,
+    Frame, Hello, Incoming, LatestValue, MapSnapshot, MapValue, Msg, MsgKind, Reject, Resume,
+    ResumeKey, StreamEntry, StreamPos, Transmit, Welcome,
 };
 pub use header::{
     header_value, into_header_value, HELLO_HEADER, HELLO_PARAM, MAX_HELLO_HEADER, WELCOME_HEADER,
@@ -127,6 +127,11 @@ pub const CAP_PING: &str = "ping";
 /// receive `lv` frames": a room's latest values (PROTOCOL.md, section
 /// 3.5).
 pub const CAP_LATEST: &str = "latest";
+
+/// The capability (client) and feature (server) that announces "I can
+/// receive `ms` and `mv` frames": the synced maps of the rooms the session
+/// is in (PROTOCOL.md, section 3.6).
+pub const CAP_MAPS: &str = "maps";
 
 /// Room stream epochs are below this, so that a JavaScript number holds
 /// them exactly.
