@@ -16,16 +16,15 @@ use bytes::{Bytes, BytesMut};
 use super::compress::{Deflater, KIND_DEFLATE_RAW, RAW_LEN_PREFIX};
 #[cfg(feature = "compression")]
 use super::deflated::{write_deflated_entry, write_json_batch, write_pack_batch};
-#[cfg(feature = "compression")]
 use super::encode::Form;
 #[cfg(feature = "compression")]
 use super::header::seal_msgpack;
 use super::{
-    detaches, encode_detached_into, encode_into, Codec, CompressionConfig, EncodeError, Frame,
-    Transmit,
+    detaches, encode_detached_into, encode_into, encode_map_value_into, Codec, CompressionConfig,
+    EncodeError, Frame, MapValue, Transmit, DETACH_FROM,
 };
 #[cfg(feature = "compression")]
-use super::{encode_msg_into, FrameKind, Msg, MsgKind, PayloadKind, BINARY_HEADER_LEN};
+use super::{encode_msg_into, FrameKind, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
 /// Payloads from this size up are encoded without the scratch buffer.
 const DIRECT_ENCODE: usize = 1024;
@@ -253,14 +252,12 @@ impl Encoder {
     }
 
     /// Encodes `frame` and hands its messages to `emit`: one, or two for a
-    /// `msg` whose payload goes detached, which it does when `detach` (the
-    /// peer can receive it) and the payload is at least [`DETACH_FROM`]
-    /// bytes. With `deflate` (the connection agreed on compression), a
-    /// payload or datagram of at least its threshold is deflated when
-    /// that makes the message smaller, and then detached by its deflated
-    /// size.
-    ///
-    /// [`DETACH_FROM`]: super::DETACH_FROM
+    /// `msg` or `mv` whose payload goes detached, which it does when
+    /// `detach` (the peer can receive it) and the payload is at least
+    /// [`DETACH_FROM`] bytes. With `deflate` (the connection agreed on
+    /// compression), a payload or datagram of at least its threshold is
+    /// deflated when that makes the message smaller, and then detached by
+    /// its deflated size.
     pub(crate) fn encode_each(
         &mut self,
         frame: &Frame,
@@ -283,6 +280,17 @@ impl Encoder {
                 let kind = encode_detached_into(m, codec, version, &mut self.scratch)?;
                 emit(kind.with(self.cut_scratch()));
                 emit(Transmit::Binary(m.payload.data.clone()));
+                Ok(())
+            }
+            // A map value goes detached by the same rule as a message's
+            // payload.
+            Frame::MapValue(v @ MapValue { value: Some(p), .. })
+                if detach && p.len() >= DETACH_FROM =>
+            {
+                let kind =
+                    encode_map_value_into(v, Form::Detached, codec, version, &mut self.scratch)?;
+                emit(kind.with(self.cut_scratch()));
+                emit(Transmit::Binary(p.data.clone()));
                 Ok(())
             }
             _ => {
@@ -310,7 +318,7 @@ impl Encoder {
         deflated.clear();
         let sent = match frame {
             Frame::Msg(m) if worth(m.payload.len()) && !is_invalid(m) => {
-                if !self.deflate_payload(m, config, &mut deflated) {
+                if !self.deflate_payload(&m.payload, config, &mut deflated) {
                     false
                 } else if detach && deflated.len() >= detach_deflated_from(codec) {
                     // The deflated payload is the next message, as it is.
@@ -323,7 +331,7 @@ impl Encoder {
                     emit(kind.with(self.cut_scratch()));
                     emit(Transmit::Binary(bytes));
                     true
-                } else if !embedded_saves(m, codec, deflated.len()) {
+                } else if !embedded_saves(&m.payload, codec, deflated.len()) {
                     false
                 } else {
                     let form = Form::Deflated {
@@ -335,6 +343,33 @@ impl Encoder {
                     true
                 }
             }
+            // As a message's payload: detached when large, else embedded
+            // if that saves.
+            Frame::MapValue(v @ MapValue { value: Some(p), .. }) if worth(p.len()) => {
+                if !self.deflate_payload(p, config, &mut deflated) {
+                    false
+                } else if detach && deflated.len() >= detach_deflated_from(codec) {
+                    let bytes = Bytes::from(std::mem::take(&mut deflated));
+                    let form = Form::Deflated {
+                        bytes: &bytes,
+                        detached: true,
+                    };
+                    let kind = encode_map_value_into(v, form, codec, version, &mut self.scratch)?;
+                    emit(kind.with(self.cut_scratch()));
+                    emit(Transmit::Binary(bytes));
+                    true
+                } else if !embedded_saves(p, codec, deflated.len()) {
+                    false
+                } else {
+                    let form = Form::Deflated {
+                        bytes: &deflated,
+                        detached: false,
+                    };
+                    let kind = encode_map_value_into(v, form, codec, version, &mut self.scratch)?;
+                    emit(kind.with(self.cut_scratch()));
+                    true
+                }
+            }
             Frame::Batch(msgs) if msgs.iter().any(|m| worth(m.payload.len())) => {
                 // Each message's deflated payload, as a span of `deflated`.
                 let mut spans = Vec::with_capacity(msgs.len());
@@ -342,8 +377,8 @@ impl Encoder {
                     let start = deflated.len();
                     let kept = worth(m.payload.len())
                         && !is_invalid(m)
-                        && self.deflate_payload(m, config, &mut deflated)
-                        && embedded_saves(m, codec, deflated.len() - start);
+                        && self.deflate_payload(&m.payload, config, &mut deflated)
+                        && embedded_saves(&m.payload, codec, deflated.len() - start);
                     if !kept {
                         deflated.truncate(start);
                     }
@@ -438,13 +473,18 @@ impl Encoder {
         self.deflater.get_or_insert_with(Deflater::new)
     }
 
-    /// Appends `m`'s payload deflated to `out`, if that saves enough to
-    /// pay for the fields that announce it.
+    /// Appends `payload` deflated to `out`, if that saves enough to pay
+    /// for the fields that announce it.
     #[cfg(feature = "compression")]
-    fn deflate_payload(&mut self, m: &Msg, config: &CompressionConfig, out: &mut Vec<u8>) -> bool {
-        let budget = saving_budget(m.payload.len());
+    fn deflate_payload(
+        &mut self,
+        payload: &Payload,
+        config: &CompressionConfig,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let budget = saving_budget(payload.len());
         self.deflater()
-            .compress(m.payload.data(), config.level, budget, out)
+            .compress(payload.data(), config.level, budget, out)
     }
 
     /// The scratch buffer's frame as `Bytes`: cut from a block if small.
@@ -517,13 +557,13 @@ fn saving_budget(len: usize) -> usize {
     len.saturating_sub(MIN_SAVING)
 }
 
-/// Whether `m`'s payload, deflated to `deflated` bytes and embedded, makes
+/// Whether `payload`, deflated to `deflated` bytes and embedded, makes
 /// the envelope smaller: in a JSON envelope the deflated bytes travel in
 /// base64, a third larger, where a JSON payload travelled as it is.
 #[cfg(feature = "compression")]
-fn embedded_saves(m: &Msg, codec: Codec, deflated: usize) -> bool {
-    let len = m.payload.len();
-    if codec == Codec::Json && m.payload.kind() == PayloadKind::Json {
+fn embedded_saves(payload: &Payload, codec: Codec, deflated: usize) -> bool {
+    let len = payload.len();
+    if codec == Codec::Json && payload.kind() == PayloadKind::Json {
         deflated.div_ceil(3) * 4 <= saving_budget(len)
     } else {
         deflated <= saving_budget(len)

@@ -376,3 +376,92 @@ fn broken_compression_fields_close_and_broken_payloads_are_refused_by_id() {
         }
     }
 }
+
+/// An `mv` of the map `meta` in the room `doc`.
+fn map_value(value: Option<Payload>) -> Frame {
+    Frame::MapValue(MapValue {
+        room: "doc".into(),
+        map: "meta".into(),
+        key: "report".into(),
+        stamp: crate::hlc::HlcTimestamp {
+            physical_ms: 1_700_000_000_000,
+            logical: 3,
+            node: 12,
+        },
+        value,
+        settles: Some(8),
+    })
+}
+
+/// A large map value is compressed when compression was agreed, as a
+/// message's payload is: embedded, or detached when large and the peer
+/// takes it; it comes back as it was, and is refused where compression
+/// was not agreed.
+#[test]
+fn large_map_values_are_compressed() {
+    for codec in [Codec::Json, Codec::MsgPack] {
+        // Deflated values go detached from 1 KiB in a JSON envelope, as
+        // a message's do, and from `DETACH_FROM` in MessagePack.
+        let from = match codec {
+            Codec::Json => 1024,
+            _ => DETACH_FROM,
+        };
+        let mut detached = 0;
+        for n in [1500, 16 * 1024, 128 * 1024] {
+            for payload in payloads(n) {
+                for detach in [false, true] {
+                    let frame = map_value(Some(payload.clone()));
+                    let sent = encode_compressed(&frame, codec, 1, &CONFIG, detach).unwrap();
+                    let what = format!("{codec:?} {n} {:?} detach {detach}", payload.kind());
+                    assert_eq!(receive(&mut agreed(), &sent).unwrap(), frame, "{what}");
+                    let plain = encode(&frame, codec, 1).unwrap();
+                    assert!(
+                        wire_len(&sent) * 2 < plain.len(),
+                        "{what}: {} of {}",
+                        wire_len(&sent),
+                        plain.len()
+                    );
+                    if sent.len() == 2 {
+                        assert!(detach && sent[1].len() >= from, "{what}");
+                        detached += 1;
+                    } else {
+                        assert!(!detach || sent[0].len() < from * 4 / 3 + 200, "{what}");
+                    }
+                    match &sent[0] {
+                        Transmit::Text(t) => {
+                            let text = std::str::from_utf8(t).unwrap();
+                            assert!(text.contains(r#""z":"#), "{text}");
+                            assert!(text.starts_with(r#"{"t":"mv","id":8,"ts":"#), "{text}");
+                            assert!(assert_quick_json_agrees(text));
+                        }
+                        Transmit::Binary(b) => assert!(assert_quick_envelope_agrees(b)),
+                    }
+                    assert_eq!(
+                        receive(&mut Decoder::new(), &sent),
+                        Err(DecodeError::Compression {
+                            reason: "compression was not agreed on this connection"
+                        }),
+                        "{what}"
+                    );
+                }
+            }
+        }
+        assert!(detached > 0, "{codec:?}");
+        // A delete and a small value go as they are.
+        for frame in [
+            map_value(None),
+            map_value(Some(Payload::json(json_of(900)).unwrap())),
+        ] {
+            let sent = encode_compressed(&frame, codec, 1, &CONFIG, true).unwrap();
+            assert_eq!(sent, vec![encode(&frame, codec, 1).unwrap()], "{codec:?}");
+        }
+    }
+    // `z` without a compressed value is a protocol error, not a delete.
+    let text = r#"{"t":"mv","ts":1,"r":"doc","k":"a","n":"m","hl":0,"hn":0,"z":5}"#;
+    assert_eq!(
+        agreed().decode(Incoming::Text(text), &LIMITS),
+        Err(DecodeError::Compression {
+            reason: "`z` on a message without a compressed payload"
+        })
+    );
+}

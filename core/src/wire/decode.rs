@@ -1,8 +1,8 @@
 //! Bytes to envelopes: routing each message to its codec, and detached
 //! payloads.
 //!
-//! Owns [`Decoder`], which joins a `msg` envelope to the detached payload
-//! that follows it, the size check made before any parsing, the binary
+//! Owns [`Decoder`], which joins a `msg` or `mv` envelope to the detached
+//! payload that follows it, the size check made before any parsing, the binary
 //! header's checks, and the probes that still number a message whose
 //! envelope did not decode. It must never panic or allocate more than the
 //! message it was handed, whatever the peer sends; what an envelope's fields
@@ -35,8 +35,8 @@ use super::quick::serde_pack_envelope;
 #[cfg(feature = "msgpack-serde")]
 use super::MAX_MSGPACK_DEPTH;
 use super::{
-    DecodeError, Frame, Incoming, InvalidMsg, Limits, Msg, PayloadKind, BINARY_HEADER_LEN,
-    KIND_MSGPACK, KIND_RAW,
+    DecodeError, Frame, Incoming, InvalidMsg, Limits, MapValue, Msg, Payload, PayloadKind,
+    BINARY_HEADER_LEN, KIND_MSGPACK, KIND_RAW,
 };
 
 /// An envelope's `z`: the length its payload inflates to, if compressed
@@ -74,22 +74,32 @@ pub(super) fn decode_one(
     }
 }
 
-/// One decoded message: a frame, or a `msg` envelope whose payload is the
-/// next message.
+/// One decoded message: a frame, or a `msg` or `mv` envelope whose payload
+/// is the next message.
 pub(super) enum Decoded {
     Frame(Frame),
     Detached(Box<Detached>),
 }
 
-/// A `msg` envelope waiting for its detached payload. The message's payload
-/// has the announced kind and no bytes yet.
+/// A `msg` or `mv` envelope waiting for its detached payload.
 #[derive(Debug)]
 pub(super) struct Detached {
-    msg: Msg,
+    frame: Waiting,
     len: usize,
     /// A deflated payload (`z`): its length once inflated, and what the
     /// receiver allows.
     inflate: Option<(u64, Inflation)>,
+}
+
+/// The frame a detached payload completes: its payload (an `mv`'s value)
+/// has the announced kind and no bytes yet.
+#[derive(Debug)]
+enum Waiting {
+    /// Numbered: what goes wrong with its payload makes it an invalid
+    /// message, to be refused by id.
+    Msg(Msg),
+    /// Not numbered: what goes wrong with its value is a decode failure.
+    MapValue(MapValue),
 }
 
 impl Decoded {
@@ -126,20 +136,28 @@ impl Decoded {
         detached: Option<(PayloadKind, u64)>,
         inflate: Option<(u64, Inflation)>,
     ) -> Self {
+        let len = |len: u64| usize::try_from(len).unwrap_or(usize::MAX);
         match (frame, detached) {
-            (Frame::Msg(msg), Some((_, len))) => Decoded::Detached(Box::new(Detached {
-                msg,
-                len: usize::try_from(len).unwrap_or(usize::MAX),
+            (Frame::Msg(msg), Some((_, n))) => Decoded::Detached(Box::new(Detached {
+                frame: Waiting::Msg(msg),
+                len: len(n),
                 inflate,
             })),
+            (Frame::MapValue(v), Some((_, n))) if v.value.is_some() => {
+                Decoded::Detached(Box::new(Detached {
+                    frame: Waiting::MapValue(v),
+                    len: len(n),
+                    inflate,
+                }))
+            }
             (frame, _) => Decoded::Frame(frame),
         }
     }
 }
 
 /// Decodes the messages of one connection in order (PROTOCOL.md, section
-/// 2.1): a `msg` envelope with a detached payload (`dj`, `dm` or `db`)
-/// waits here until the next message, its payload, arrives, so a large
+/// 2.1): a `msg` or `mv` envelope with a detached payload (`dj`, `dm` or
+/// `db`) waits here until the next message, its payload, arrives, so a large
 /// payload travels in a message of its own, never copied into an envelope
 /// and, received, shared with the transport's buffer. Machines keep one per
 /// connection; for anything else it behaves as [`decode`].
@@ -174,14 +192,14 @@ impl Decoder {
     }
 
     /// Decodes the next message of the connection. `Ok(None)`: it was a
-    /// `msg` envelope whose payload is the next message.
+    /// `msg` or `mv` envelope whose payload is the next message.
     ///
     /// A detached payload longer than `limits.max_message` fails at the
     /// envelope. If the next message is not the payload (text, or another
-    /// length), it is dropped and the envelope, numbered, comes out as a
-    /// [`MsgKind::Invalid`] message saying
+    /// length), it is dropped and a `msg` envelope, numbered, comes out as
+    /// a [`MsgKind::Invalid`] message saying
     /// [`DecodeError::DetachedMismatch`], for the receiver to consume and
-    /// refuse.
+    /// refuse; an `mv`, not numbered, fails with that error.
     ///
     /// [`MsgKind::Invalid`]: super::MsgKind::Invalid
     pub fn decode(
@@ -210,33 +228,65 @@ impl Decoder {
     }
 }
 
+impl Waiting {
+    /// The frame with `data` as its payload.
+    fn with(self, data: Bytes) -> Frame {
+        let fill = |p: &mut Payload| p.data = data;
+        match self {
+            Waiting::Msg(mut m) => {
+                fill(&mut m.payload);
+                Frame::Msg(m)
+            }
+            Waiting::MapValue(mut v) => {
+                if let Some(p) = v.value.as_mut() {
+                    fill(p);
+                }
+                Frame::MapValue(v)
+            }
+        }
+    }
+
+    /// What `e`, an error of the payload, makes of the frame: a numbered
+    /// message is consumed as an invalid one (refused by id) rather than
+    /// dropped, so the stream does not stall behind it; a map value fails.
+    fn failed(self, e: DecodeError) -> Result<Frame, DecodeError> {
+        match self {
+            Waiting::Msg(m) => Ok(Frame::Msg(Msg::invalid(
+                m.seq,
+                m.id,
+                m.ack,
+                InvalidMsg::of(&e),
+            ))),
+            Waiting::MapValue(_) => Err(e),
+        }
+    }
+
+    fn kind(&self) -> Option<PayloadKind> {
+        match self {
+            Waiting::Msg(m) => Some(m.payload.kind),
+            Waiting::MapValue(v) => v.value.as_ref().map(Payload::kind),
+        }
+    }
+}
+
 impl Detached {
-    /// The message, with `msg` as its payload.
+    /// The frame, with `next` as its payload.
     fn complete(self, next: Incoming<'_>) -> Result<Frame, DecodeError> {
         let Detached {
-            msg: mut m,
+            frame,
             len,
             inflate,
         } = self;
         let data = match next {
             Incoming::Binary(b) if b.len() == len => Bytes::copy_from_slice(b),
             Incoming::SharedBinary(b) if b.len() == len => b.clone(),
-            // The envelope was numbered: it is consumed as an invalid
-            // message (refused by id) rather than dropped, so the stream
-            // does not stall behind it. The message that came instead is
-            // dropped with it.
+            // The message that came instead is dropped with the envelope.
             other => {
-                let e = DecodeError::DetachedMismatch {
+                return frame.failed(DecodeError::DetachedMismatch {
                     expected: len,
                     actual: other.len(),
                     text: matches!(other, Incoming::Text(_)),
-                };
-                return Ok(Frame::Msg(Msg::invalid(
-                    m.seq,
-                    m.id,
-                    m.ack,
-                    InvalidMsg::of(&e),
-                )));
+                });
             }
         };
         // A deflated payload is inflated first; one that does not inflate
@@ -248,7 +298,7 @@ impl Detached {
         };
         #[cfg(not(feature = "compression"))]
         let _ = inflate;
-        if m.payload.kind == PayloadKind::Json {
+        if frame.kind() == Some(PayloadKind::Json) {
             let checked = check_json_depth(&data, "dj").and_then(|()| {
                 json_value(&data)
                     .map(|_| ())
@@ -258,16 +308,10 @@ impl Detached {
                     })
             });
             if let Err(e) = checked {
-                return Ok(Frame::Msg(Msg::invalid(
-                    m.seq,
-                    m.id,
-                    m.ack,
-                    InvalidMsg::of(&e),
-                )));
+                return frame.failed(e);
             }
         }
-        m.payload.data = data;
-        Ok(Frame::Msg(m))
+        Ok(frame.with(data))
     }
 }
 

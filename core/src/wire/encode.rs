@@ -4,10 +4,11 @@
 //! path, are written by hand with exactly the bytes serde would write (the
 //! serde forms are kept as the tests' oracle); the other envelopes by one
 //! hand-written writer of the serde form per codec (JSON handshakes
-//! included), so that neither codec needs a serde serializer. It never
-//! decides which buffer a frame is written to (the machines'
-//! [`Encoder`](super::Encoder) does) nor whether a payload goes detached
-//! ([`detaches`](super::detaches) does).
+//! included), so that neither codec needs a serde serializer. The payload of
+//! a `msg` and the value of an `mv` can take each [`Form`]: embedded,
+//! detached or deflated. It never decides which buffer a frame is written to
+//! (the machines' [`Encoder`](super::Encoder) does) nor whether a payload
+//! goes detached ([`detaches`](super::detaches) and the encoder do).
 
 use std::borrow::Cow;
 
@@ -17,13 +18,13 @@ use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
 use super::json::{push_json_str, push_uint};
-use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
+use super::{EncodeError, Frame, MapValue, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
 /// a `welcome` about 220).
 const HANDSHAKE_CAPACITY: usize = 256;
 
-/// How a `msg` envelope carries its payload.
+/// How a `msg` envelope carries its payload (and an `mv` its value).
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Form<'a> {
     /// In the envelope: `j`, `m` or `b`.
@@ -151,6 +152,60 @@ macro_rules! fill_latest {
     }};
 }
 
+/// Fills an `mv` envelope but its value.
+macro_rules! fill_map_value {
+    ($env:ident, $v:expr) => {{
+        $env.t = "mv".into();
+        $env.id = $v.settles;
+        $env.ts = Some($v.stamp.physical_ms);
+        $env.r = Some(Cow::Borrowed(&$v.room));
+        $env.k = Some(Cow::Borrowed(&$v.key));
+        $env.n = Some(Cow::Borrowed(&$v.map));
+        $env.hl = Some(u64::from($v.stamp.logical));
+        $env.hn = Some($v.stamp.node);
+    }};
+}
+
+/// Sets the one of three fields (`dj`/`dm`/`db`, `zj`/`zm`/`zb`) that
+/// stands for a payload of `kind`.
+macro_rules! by_kind {
+    ($kind:expr, $j:expr, $m:expr, $b:expr, $value:expr) => {
+        match $kind {
+            PayloadKind::Json => $j = $value,
+            PayloadKind::MsgPack => $m = $value,
+            PayloadKind::Binary => $b = $value,
+        }
+    };
+}
+
+/// An `mv` envelope of type `$ty`, its value (if any) carried as `$form`
+/// says: embedded by `$embed`, or its deflated bytes by `$carry`.
+macro_rules! map_value_envelope {
+    ($ty:ident, $v:expr, $form:expr, $embed:ident, $carry:expr) => {{
+        let mut env = $ty::default();
+        fill_map_value!(env, $v);
+        if let Some(p) = &$v.value {
+            let len = |n: usize| Some(n as u64);
+            match $form {
+                Form::Embedded => $embed(&mut env, p)?,
+                Form::Detached => by_kind!(p.kind, env.dj, env.dm, env.db, len(p.len())),
+                #[cfg(feature = "compression")]
+                Form::Deflated { bytes, detached } => {
+                    env.z = len(p.len());
+                    if detached {
+                        by_kind!(p.kind, env.dj, env.dm, env.db, len(bytes.len()));
+                    } else {
+                        by_kind!(p.kind, env.zj, env.zm, env.zb, Some($carry(bytes)));
+                    }
+                }
+                #[cfg(not(feature = "compression"))]
+                Form::Never(never, _) => match never {},
+            }
+        }
+        env
+    }};
+}
+
 /// Fills a `pub` or `lv` envelope but its payload, and evaluates to that
 /// payload; returns `Unrepresentable` from the caller for other frames.
 macro_rules! fill_room_value {
@@ -212,6 +267,12 @@ macro_rules! fill_common {
                 $env.r = Some(Cow::Borrowed(room));
             }
             Frame::Sub(pos) => fill_sub!($env, pos),
+            Frame::MapSnapshot(s) => {
+                $env.t = "ms".into();
+                $env.seq = Some(s.entries);
+                $env.r = Some(Cow::Borrowed(&s.room));
+                $env.n = Some(Cow::Borrowed(&s.map));
+            }
             _ => return Err(EncodeError::Unrepresentable),
         }
     };
@@ -252,6 +313,39 @@ pub(super) fn pack_payload_into<'a>(
     Ok(())
 }
 
+/// The JSON envelope of `v`, its value carried as `form` says (deflated
+/// bytes in base64).
+pub(super) fn json_map_value<'a>(
+    v: &'a MapValue,
+    form: Form<'a>,
+) -> Result<JsonEnvelope<'a>, EncodeError> {
+    // (Only deflated bytes are carried: without `compression`, never.)
+    #[cfg(feature = "compression")]
+    let carry = |bytes: &[u8]| Cow::Owned(crate::base64::encode(bytes));
+    Ok(map_value_envelope!(
+        JsonEnvelope,
+        v,
+        form,
+        json_payload_into,
+        carry
+    ))
+}
+
+/// The MessagePack envelope of `v`, its value carried as `form` says
+/// (deflated bytes as `bin`).
+pub(super) fn pack_map_value<'a>(
+    v: &'a MapValue,
+    form: Form<'a>,
+) -> Result<PackEnvelope<'a>, EncodeError> {
+    Ok(map_value_envelope!(
+        PackEnvelope,
+        v,
+        form,
+        pack_payload_into,
+        serde_bytes::Bytes::new
+    ))
+}
+
 #[inline]
 pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     match frame {
@@ -280,6 +374,10 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
             let payload = fill_room_value!(env, frame);
             json_payload_into(&mut env, payload)?;
             write_json_envelope(&env, out);
+            Ok(())
+        }
+        Frame::MapValue(v) => {
+            write_json_envelope(&json_map_value(v, Form::Embedded)?, out);
             Ok(())
         }
         _ => {
@@ -407,6 +505,9 @@ pub(super) fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
     o.uint("db", env.db);
     o.uint("e", env.e);
     o.str("k", env.k.as_deref());
+    o.str("n", env.n.as_deref());
+    o.uint("hl", env.hl);
+    o.uint("hn", env.hn);
     #[cfg(feature = "compression")]
     {
         o.uint("z", env.z);
@@ -569,6 +670,7 @@ pub(super) fn encode_msgpack(
             pack_payload_into(&mut env, payload)?;
             write_pack_envelope(&env, out)?;
         }
+        Frame::MapValue(v) => write_pack_envelope(&pack_map_value(v, Form::Embedded)?, out)?,
         _ => {
             let mut env = PackEnvelope::default();
             fill_common!(env, frame);
@@ -737,6 +839,9 @@ pub(super) fn write_pack_envelope(
         env.db.is_some(),
         env.e.is_some(),
         env.k.is_some(),
+        env.n.is_some(),
+        env.hl.is_some(),
+        env.hn.is_some(),
     ]
     .iter()
     .filter(|present| **present)
@@ -787,6 +892,9 @@ pub(super) fn write_pack_envelope(
     key_uint(out, "db", env.db)?;
     key_uint(out, "e", env.e)?;
     key_str(out, "k", env.k.as_deref())?;
+    key_str(out, "n", env.n.as_deref())?;
+    key_uint(out, "hl", env.hl)?;
+    key_uint(out, "hn", env.hn)?;
     #[cfg(feature = "compression")]
     {
         key_uint(out, "z", env.z)?;
@@ -811,6 +919,7 @@ fn frame_payload_len(frame: &Frame) -> usize {
     match frame {
         Frame::Msg(m) => m.payload.len(),
         Frame::Batch(msgs) => msgs.iter().map(|m| m.payload.len() + 32).sum(),
+        Frame::MapValue(v) => v.value.as_ref().map_or(0, Payload::len),
         _ => 0,
     }
 }

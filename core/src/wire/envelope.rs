@@ -4,8 +4,11 @@
 //! writes and reads (one per payload representation, and the handshake's),
 //! and the deserializers that keep hostile input bounded (a batch's declared
 //! length is never trusted, batches never nest). Fields are only ever added
-//! at the end: the hand-written writers follow this order, and serde also
-//! reads a MessagePack envelope written as an array, by position.
+//! at the end of those every build has, just before the compression fields
+//! (which only builds with the `compression` feature have, and which stay
+//! last): the hand-written writers follow this order, and serde also reads
+//! a MessagePack envelope written as an array, by position, so a field
+//! keeps its index whatever the features.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -87,9 +90,31 @@ macro_rules! envelope {
             // the room's values' epoch (`lv`).
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub(super) e: Option<u64>,
-            // Latest values: the value's key (`lv`).
+            // Latest values: the value's key (`lv`); synced maps: the
+            // entry's key (`mv`).
             #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
             pub(super) k: Option<Cow<'a, str>>,
+            // Synced maps (`mv`, `ms`): the map's name, and the parts of an
+            // entry's stamp after its physical time (`ts`): the logical
+            // counter and the node.
+            //
+            // Here, before the compression fields rather than after them:
+            // serde reads an envelope written as an array by position, and
+            // refuses an array longer than the struct. After fields only a
+            // build with `compression` has, `n` would be the 25th element in
+            // a build without it and the 29th in one with it, and an array
+            // would read differently, or not at all, depending on the
+            // features. Before them, every field outside the compression
+            // block has one index in every build, and that block stays the
+            // tail that only builds with the feature read. (The price: the
+            // compression fields moved three places further in the array
+            // form, which no Kitestring peer writes.)
+            #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+            pub(super) n: Option<Cow<'a, str>>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub(super) hl: Option<u64>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub(super) hn: Option<u64>,
             // Compressed payloads (PROTOCOL.md, section 2.2): the length
             // once inflated, and the deflated bytes of a JSON,
             // MessagePack or opaque payload, as `m` and `b` carry bytes.

@@ -2,11 +2,13 @@
 //! handshake.
 //!
 //! Owns what a well-formed envelope may say: the fields each frame type
-//! needs, their ranges, room names, payload forms and detached payload
-//! announcements, batch bounds. A numbered `msg` with a bad field becomes a
-//! [`MsgKind::Invalid`] message rather than an error, so the stream does
-//! not stall. It never parses bytes: the `decode` and `quick` modules read
-//! them into envelopes first.
+//! needs, their ranges, room names, map names, keys and stamps, payload
+//! forms (and which frames may carry none: an `mv` without one is a
+//! deleted entry) and detached payload announcements, batch bounds. A
+//! numbered `msg` with a bad field becomes a [`MsgKind::Invalid`] message
+//! rather than an error, so the stream does not stall. It never parses
+//! bytes: the `decode` and `quick` modules read them into envelopes first
+//! (nor the body of a `mset` message: the `mapwrite` module reads that).
 
 use std::borrow::Cow;
 
@@ -20,10 +22,12 @@ use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::json::json_value;
 use super::payload::json_depth_ok;
 use super::{
-    ClientId, Codec, DecodeError, Frame, Hello, InvalidMsg, LatestValue, Msg, MsgKind, Payload,
-    PayloadKind, Reject, Resume, ResumeKey, SessionId, StreamEntry, StreamPos, Welcome, MAX_BATCH,
-    MAX_EPOCH, MAX_LIST_LEN, MAX_TOKEN_BYTES, MAX_TOKEN_LEN,
+    ClientId, Codec, DecodeError, Frame, Hello, InvalidMsg, LatestValue, MapSnapshot, MapValue,
+    Msg, MsgKind, Payload, PayloadKind, Reject, Resume, ResumeKey, SessionId, StreamEntry,
+    StreamPos, Welcome, MAX_BATCH, MAX_EPOCH, MAX_LIST_LEN, MAX_MAP_ENTRIES, MAX_TOKEN_BYTES,
+    MAX_TOKEN_LEN,
 };
+use crate::hlc::HlcTimestamp;
 
 /// [`json_depth_ok`] as a decode check on the field `field`.
 pub(super) fn check_json_depth(json: &[u8], field: &'static str) -> Result<(), DecodeError> {
@@ -140,11 +144,22 @@ pub(super) fn share(backing: Option<&Bytes>, part: &[u8]) -> Bytes {
 /// Payloads from this size up are shared with the frame they came in.
 const SHARE_FROM: usize = 1024;
 
+/// A payload the frame must carry: `None` (no payload field at all) is a
+/// missing `j`.
+fn required(payload: Result<Option<Payload>, DecodeError>) -> Result<Payload, DecodeError> {
+    payload?.ok_or(DecodeError::MissingField {
+        frame: "msg",
+        field: "j",
+    })
+}
+
+/// The payload of a JSON envelope, in any of its forms; `None` when it
+/// has no payload field at all.
 fn json_payload(
     env: &JsonEnvelope<'_>,
     nested: bool,
     zip: Inflation,
-) -> Result<Payload, DecodeError> {
+) -> Result<Option<Payload>, DecodeError> {
     #[cfg(not(feature = "compression"))]
     let _ = zip;
     let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
@@ -167,10 +182,10 @@ fn json_payload(
             field: d.field,
             len: d.len,
         };
-        return inflated(d, zip);
+        return inflated(d, zip).map(Some);
     }
     if let Some(p) = detached_payload(detached, embedded, nested)? {
-        return Ok(p);
+        return Ok(Some(p));
     }
     if let Some(raw) = env.j {
         if env.m.is_some() || env.b.is_some() {
@@ -180,10 +195,10 @@ fn json_payload(
             });
         }
         check_json_depth(raw.get().as_bytes(), "j")?;
-        return Ok(Payload {
+        return Ok(Some(Payload {
             kind: PayloadKind::Json,
             data: Bytes::copy_from_slice(raw.get().as_bytes()),
-        });
+        }));
     }
     let (kind, field, text) = match (&env.m, &env.b) {
         (Some(m), None) => (PayloadKind::MsgPack, "m", m),
@@ -194,21 +209,16 @@ fn json_payload(
                 reason: "a message carries exactly one payload",
             })
         }
-        (None, None) => {
-            return Err(DecodeError::MissingField {
-                frame: "msg",
-                field: "j",
-            })
-        }
+        (None, None) => return Ok(None),
     };
     let data = crate::base64::decode(text.as_bytes()).ok_or(DecodeError::InvalidField {
         field,
         reason: "not valid base64",
     })?;
-    Ok(Payload {
+    Ok(Some(Payload {
         kind,
         data: data.into(),
-    })
+    }))
 }
 
 /// One envelope (or a batch of them) to a frame, either codec.
@@ -238,6 +248,9 @@ macro_rules! envelope_frame {
                 room: $env.r.as_deref(),
                 op: $env.op.as_deref(),
                 key: $env.k.as_deref(),
+                map: $env.n.as_deref(),
+                logical: $env.hl,
+                node: $env.hn,
             },
             || $payload($env),
         )
@@ -312,12 +325,14 @@ pub(super) fn batch_frame<E>(
     Ok(Frame::Batch(msgs))
 }
 
+/// The payload of a MessagePack envelope, in any of its forms; `None`
+/// when it has no payload field at all.
 fn pack_payload(
     env: &PackEnvelope<'_>,
     nested: bool,
     backing: Option<&Bytes>,
     zip: Inflation,
-) -> Result<Payload, DecodeError> {
+) -> Result<Option<Payload>, DecodeError> {
     #[cfg(not(feature = "compression"))]
     let _ = zip;
     let embedded = env.j.is_some() || env.m.is_some() || env.b.is_some();
@@ -330,10 +345,10 @@ fn pack_payload(
         detached.is_some(),
         zip,
     )? {
-        return inflated(d, zip);
+        return inflated(d, zip).map(Some);
     }
     if let Some(p) = detached_payload(detached, embedded, nested)? {
-        return Ok(p);
+        return Ok(Some(p));
     }
     match (&env.j, env.m, env.b) {
         (Some(j), None, None) => {
@@ -342,23 +357,20 @@ fn pack_payload(
                 field: "j",
                 reason: "not a JSON value",
             })?;
-            Ok(Payload {
+            Ok(Some(Payload {
                 kind: PayloadKind::Json,
                 data: share(backing, j.as_bytes()),
-            })
+            }))
         }
-        (None, Some(m), None) => Ok(Payload {
+        (None, Some(m), None) => Ok(Some(Payload {
             kind: PayloadKind::MsgPack,
             data: share(backing, m),
-        }),
-        (None, None, Some(b)) => Ok(Payload {
+        })),
+        (None, None, Some(b)) => Ok(Some(Payload {
             kind: PayloadKind::Binary,
             data: share(backing, b),
-        }),
-        (None, None, None) => Err(DecodeError::MissingField {
-            frame: "msg",
-            field: "j",
-        }),
+        })),
+        (None, None, None) => Ok(None),
         _ => Err(DecodeError::InvalidField {
             field: "m",
             reason: "a message carries exactly one payload",
@@ -422,6 +434,9 @@ struct Extra<'a> {
     room: Option<&'a str>,
     op: Option<&'a str>,
     key: Option<&'a str>,
+    map: Option<&'a str>,
+    logical: Option<u64>,
+    node: Option<u64>,
 }
 
 /// An `lv`'s fields but its payload: (room, key, epoch, version). Shared
@@ -459,6 +474,71 @@ fn latest_fields(
     Ok((room_name(extra.room, "lv")?, key, epoch, version))
 }
 
+/// A name or key of a synced map (`n`, `k`): 1 to 256 bytes.
+fn map_token(
+    v: Option<&str>,
+    frame: &'static str,
+    field: &'static str,
+    reason: &'static str,
+) -> Result<std::sync::Arc<str>, DecodeError> {
+    match need(v, frame, field)? {
+        v if v.is_empty() || v.len() > MAX_TOKEN_LEN => {
+            Err(DecodeError::InvalidField { field, reason })
+        }
+        v => Ok(std::sync::Arc::from(v)),
+    }
+}
+
+/// A map's name (`n`) in frame `frame`.
+fn map_name(extra: &Extra<'_>, frame: &'static str) -> Result<std::sync::Arc<str>, DecodeError> {
+    map_token(extra.map, frame, "n", "map names are 1 to 256 bytes")
+}
+
+/// An `mv`, but its value (`None` here). Shared by both codecs' readers
+/// rather than inlined into each.
+#[inline(never)]
+fn map_value_fields(
+    ts: Option<u64>,
+    id: Option<u64>,
+    extra: &Extra<'_>,
+) -> Result<MapValue, DecodeError> {
+    let room = room_name(extra.room, "mv")?;
+    let map = map_name(extra, "mv")?;
+    let key = map_token(extra.key, "mv", "k", "keys are 1 to 256 bytes")?;
+    let physical_ms = need(ts, "mv", "ts")?;
+    if physical_ms >= MAX_EPOCH {
+        return Err(DecodeError::InvalidField {
+            field: "ts",
+            reason: "a stamp's time is below 2^53",
+        });
+    }
+    let logical =
+        u32::try_from(need(extra.logical, "mv", "hl")?).map_err(|_| DecodeError::InvalidField {
+            field: "hl",
+            reason: "a stamp's logical counter is at most 2^32 - 1",
+        })?;
+    let node = need(extra.node, "mv", "hn")?;
+    if node >= MAX_EPOCH {
+        return Err(DecodeError::InvalidField {
+            field: "hn",
+            reason: "a stamp's node is below 2^53",
+        });
+    }
+    let stamp = HlcTimestamp {
+        physical_ms,
+        logical,
+        node,
+    };
+    Ok(MapValue {
+        room,
+        map,
+        key,
+        stamp,
+        value: None,
+        settles: id,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn common_frame(
     t: &str,
@@ -471,7 +551,7 @@ fn common_frame(
     code: Option<u16>,
     retry: Option<u64>,
     extra: Extra<'_>,
-    payload: impl FnOnce() -> Result<Payload, DecodeError>,
+    payload: impl FnOnce() -> Result<Option<Payload>, DecodeError>,
 ) -> Result<Frame, DecodeError> {
     Ok(match t {
         "ping" => Frame::Ping {
@@ -528,7 +608,7 @@ fn common_frame(
                 offset,
                 kind,
                 ts,
-                payload: payload()?,
+                payload: required(payload())?,
             })
         }
         "lv" => {
@@ -538,8 +618,26 @@ fn common_frame(
                 key,
                 epoch,
                 version,
-                payload: payload()?,
+                payload: required(payload())?,
             })
+        }
+        "mv" => {
+            let mut v = map_value_fields(ts, id, &extra)?;
+            // No payload field at all: the entry was deleted.
+            v.value = payload()?;
+            Frame::MapValue(v)
+        }
+        "ms" => {
+            let room = room_name(extra.room, "ms")?;
+            let map = map_name(&extra, "ms")?;
+            let entries = need(seq, "ms", "seq")?;
+            if entries > MAX_MAP_ENTRIES {
+                return Err(DecodeError::InvalidField {
+                    field: "seq",
+                    reason: "a map's snapshot holds at most 65 536 entries",
+                });
+            }
+            Frame::MapSnapshot(MapSnapshot { room, map, entries })
         }
         "skip" => Frame::Skip {
             offset: entry_offset(seq, "skip")?,
@@ -623,7 +721,7 @@ fn common_frame(
 #[inline(always)]
 fn msg_body(
     extra: &Extra<'_>,
-    payload: impl FnOnce() -> Result<Payload, DecodeError>,
+    payload: impl FnOnce() -> Result<Option<Payload>, DecodeError>,
 ) -> Result<(MsgKind, Option<std::sync::Arc<str>>, Payload), DecodeError> {
     let kind = match (extra.rq, extra.rs, extra.op) {
         (None | Some(false), None, None) => MsgKind::Plain,
@@ -635,6 +733,7 @@ fn msg_body(
             "leave" => MsgKind::Leave,
             "presence" => MsgKind::Presence,
             "refused" => MsgKind::Refused,
+            "mset" => MsgKind::MapWrite,
             _ => {
                 return Err(DecodeError::InvalidField {
                     field: "op",
@@ -664,7 +763,7 @@ fn msg_body(
             field: "r",
         });
     }
-    Ok((kind, room, payload()?))
+    Ok((kind, room, required(payload())?))
 }
 
 pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, DecodeError> {

@@ -493,7 +493,8 @@ pub(super) fn quick_json_type<'a>(rd: &mut JsonReader<'a>) -> Option<Cow<'a, str
 }
 
 /// Each field of an envelope once: serde refuses a duplicate, even of a
-/// field that was `null`.
+/// field that was `null`. One bit a field: bits 0 to 30 are taken, so the
+/// next field takes the last one, and the one after needs a wider set.
 struct Seen(u32);
 
 /// Reads a field's value into its slot, refusing a second one.
@@ -585,6 +586,9 @@ fn envelope<'a>(rd: &mut JsonReader<'a>, env: &mut JsonEnvelope<'a>, nested: boo
             b"db" => once!(seen, 21, env.db => uint(rd)?),
             b"e" => once!(seen, 22, env.e => uint(rd)?),
             b"k" => once!(seen, 27, env.k => str(rd)?),
+            b"n" => once!(seen, 28, env.n => str(rd)?),
+            b"hl" => once!(seen, 29, env.hl => uint(rd)?),
+            b"hn" => once!(seen, 30, env.hn => uint(rd)?),
             #[cfg(feature = "compression")]
             b"z" => once!(seen, 23, env.z => uint(rd)?),
             #[cfg(feature = "compression")]

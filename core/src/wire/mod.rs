@@ -38,7 +38,10 @@
 use bytes::Bytes;
 
 use decode::{check_size, decode_one, Decoded};
-use encode::{encode_handshake, encode_json, encode_msgpack, write_json_msg, write_pack_msg, Form};
+use encode::{
+    encode_handshake, encode_json, encode_msgpack, json_map_value, pack_map_value,
+    write_json_envelope, write_json_msg, write_pack_envelope, write_pack_msg, Form,
+};
 use error::serializer_error;
 use header::{push_header, seal_msgpack};
 
@@ -133,9 +136,14 @@ pub const CAP_LATEST: &str = "latest";
 /// is in (PROTOCOL.md, section 3.6).
 pub const CAP_MAPS: &str = "maps";
 
-/// Room stream epochs are below this, so that a JavaScript number holds
-/// them exactly.
+/// Room stream epochs are below this, and so are the physical time (`ts`)
+/// and the node (`hn`) of a synced map entry's stamp, so that a JavaScript
+/// number holds them exactly.
 pub const MAX_EPOCH: u64 = 1 << 53;
+
+/// Most entries a synced map's snapshot announces (an `ms` frame's `seq`):
+/// a larger count is a decode failure.
+pub const MAX_MAP_ENTRIES: u64 = 65_536;
 
 /// Payloads from this size up are sent detached to a peer that can receive
 /// them: below it, copying the payload into the envelope costs less than a
@@ -311,14 +319,39 @@ fn encode_msg_into(
     }
 }
 
+/// Encodes the envelope of `v`, its value carried as `form` says, into
+/// `out` (cleared first).
+fn encode_map_value_into(
+    v: &MapValue,
+    form: Form<'_>,
+    codec: Codec,
+    version: u8,
+    out: &mut Vec<u8>,
+) -> Result<FrameKind, EncodeError> {
+    out.clear();
+    match codec {
+        Codec::Json => {
+            write_json_envelope(&json_map_value(v, form)?, out);
+            Ok(FrameKind::Text)
+        }
+        Codec::MsgPack => {
+            out.extend_from_slice(&[0; BINARY_HEADER_LEN]);
+            write_pack_envelope(&pack_map_value(v, form)?, out)?;
+            seal_msgpack(out, version)?;
+            Ok(FrameKind::Binary)
+        }
+    }
+}
+
 /// Encodes `frame` as [`encode`] and [`encode_detached`] do, for a peer
 /// that agreed on compression ([`CAP_DEFLATE`], PROTOCOL.md section 2.2):
-/// the payload of a `msg` or `pub` (each of a `batch`'s), or a datagram, of
-/// at least `config.threshold` bytes is deflated at `config.level`, and
-/// sent so if that makes the message smaller. Returns the messages to send
-/// back to back: one, or two for a `msg` whose deflated payload goes
-/// detached (`detach`: the peer can receive detached payloads, and the
-/// deflated payload is at least [`DETACH_FROM`] bytes).
+/// the payload of a `msg` or `pub` (each of a `batch`'s), the value of an
+/// `mv`, or a datagram, of at least `config.threshold` bytes is deflated at
+/// `config.level`, and sent so if that makes the message smaller. Returns
+/// the messages to send back to back: one, or two for a `msg` or `mv` whose
+/// payload goes detached (`detach`: the peer can receive detached payloads,
+/// and the payload, deflated or not, is large enough: see
+/// [`DETACH_FROM`]).
 ///
 /// The machines keep their compressor; this makes one per call, so it is
 /// for tools and tests. Without the `compression` feature nothing is

@@ -164,6 +164,9 @@ fn quick_map<'a>(rd: &mut &'a [u8], env: &mut PackEnvelope<'a>, nested: bool) ->
             b"db" => once!(env.db, uint(rd)?),
             b"e" => once!(env.e, uint(rd)?),
             b"k" => once!(env.k, str(rd)?),
+            b"n" => once!(env.n, str(rd)?),
+            b"hl" => once!(env.hl, uint(rd)?),
+            b"hn" => once!(env.hn, uint(rd)?),
             #[cfg(feature = "compression")]
             b"z" => once!(env.z, uint(rd)?),
             #[cfg(feature = "compression")]

@@ -177,7 +177,51 @@ fn samples() -> Vec<Frame> {
             room: None,
             payload: Payload::msgpack(rmp_serde::to_vec(&(1, "two")).unwrap()).unwrap(),
         }),
+        Frame::Msg(Msg {
+            seq: 4,
+            id: 80,
+            ack: None,
+            ts: None,
+            kind: MsgKind::MapWrite,
+            room: Some("doc".into()),
+            payload: Payload::json(&br#"{"n":"meta","k":"title"}"#[..]).unwrap(),
+        }),
+        Frame::Latest(LatestValue {
+            room: "dash".into(),
+            key: "cpu".into(),
+            epoch: 7301,
+            version: 12,
+            payload: Payload::binary(&b"\x01"[..]),
+        }),
+        map_value(Some(Payload::json(&br#"{"t":"Q3"}"#[..]).unwrap()), Some(9)),
+        map_value(None, None),
+        map_value(Some(Payload::binary(&b"\xff\x00"[..])), None),
+        map_value(
+            Some(Payload::msgpack(vec![0x92, 0x01, 0xa1, b'x']).unwrap()),
+            Some(1),
+        ),
+        Frame::MapSnapshot(MapSnapshot {
+            room: "doc".into(),
+            map: "meta".into(),
+            entries: 2,
+        }),
     ]
+}
+
+/// An entry of the map `meta` in the room `doc`, of key `title`.
+fn map_value(value: Option<Payload>, settles: Option<u64>) -> Frame {
+    Frame::MapValue(MapValue {
+        room: "doc".into(),
+        map: "meta".into(),
+        key: "title".into(),
+        stamp: crate::hlc::HlcTimestamp {
+            physical_ms: 1_700_000_000_000,
+            logical: 2,
+            node: 7,
+        },
+        value,
+        settles,
+    })
 }
 
 pub(super) fn msg_with(payload: Payload) -> Frame {
@@ -616,6 +660,7 @@ fn hand_written_json_matches_serde() {
         MsgKind::Response(9),
         MsgKind::Join,
         MsgKind::Presence,
+        MsgKind::MapWrite,
     ];
     for payload in &payloads {
         for kind in kinds {
@@ -674,6 +719,7 @@ fn hand_written_msgpack_matches_serde() {
         MsgKind::Join,
         MsgKind::Leave,
         MsgKind::Presence,
+        MsgKind::MapWrite,
     ];
     let long_room = "r".repeat(MAX_TOKEN_LEN);
     let rooms = [
@@ -1129,6 +1175,9 @@ fn the_hand_written_envelope_writer_matches_serde() {
         db: Some(n),
         e: Some(n),
         k: Some("key".into()),
+        n: Some(long.as_str().into()),
+        hl: Some(n / 5),
+        hn: Some(n),
         #[cfg(feature = "compression")]
         z: Some(n),
         #[cfg(feature = "compression")]
@@ -1429,4 +1478,383 @@ fn latest_values_round_trip_and_are_checked() {
             other => panic!("{bad}: {other:?}"),
         }
     }
+}
+
+/// A frame through the stream decoder: the messages of one frame in order.
+fn receive(sent: &[Transmit]) -> Result<Option<Frame>, DecodeError> {
+    let mut decoder = Decoder::new();
+    let mut frame = None;
+    for t in sent {
+        frame = decoder.decode(t.as_incoming(), &LIMITS)?;
+    }
+    Ok(frame)
+}
+
+/// `mv` frames round-trip in both codecs with each kind of value, a
+/// delete, with and without `settles`, through the hand-written readers
+/// (which serde agrees with) and the stream decoder; `ms` frames too.
+#[test]
+fn map_values_and_snapshots_round_trip_in_both_codecs() {
+    let values = [
+        Some(Payload::json(&br#"{"title":"Q3","tags":["a","\u00e9"]}"#[..]).unwrap()),
+        Some(Payload::null()),
+        Some(Payload::msgpack(rmp_serde::to_vec(&(1, "two")).unwrap()).unwrap()),
+        Some(Payload::binary(&b"\x00\xffbin"[..])),
+        Some(Payload::binary(Vec::new())),
+        None,
+    ];
+    let mut frames = Vec::new();
+    for value in &values {
+        for settles in [None, Some(0), Some(u64::MAX)] {
+            frames.push(map_value(value.clone(), settles));
+        }
+    }
+    // The stamp at its bounds, names and keys at theirs.
+    let long = "\u{e9}".repeat(MAX_TOKEN_LEN / 2);
+    frames.push(Frame::MapValue(MapValue {
+        room: "r".into(),
+        map: long.as_str().into(),
+        key: "k".into(),
+        stamp: crate::hlc::HlcTimestamp {
+            physical_ms: MAX_EPOCH - 1,
+            logical: u32::MAX,
+            node: MAX_EPOCH - 1,
+        },
+        value: None,
+        settles: None,
+    }));
+    frames.push(Frame::MapValue(MapValue {
+        room: long.as_str().into(),
+        map: "m".into(),
+        key: long.as_str().into(),
+        stamp: crate::hlc::HlcTimestamp::MIN,
+        value: Some(Payload::json(&b"0"[..]).unwrap()),
+        settles: Some(3),
+    }));
+    for entries in [0, 1, MAX_MAP_ENTRIES] {
+        frames.push(Frame::MapSnapshot(MapSnapshot {
+            room: "doc".into(),
+            map: long.as_str().into(),
+            entries,
+        }));
+    }
+    for frame in &frames {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let t = encode(frame, codec, 1).unwrap();
+            assert_eq!(
+                decode(t.as_incoming(), &LIMITS).as_ref(),
+                Ok(frame),
+                "{codec:?}"
+            );
+            assert_eq!(
+                receive(std::slice::from_ref(&t)),
+                Ok(Some(frame.clone())),
+                "{codec:?}"
+            );
+            match &t {
+                Transmit::Text(b) => {
+                    let text = std::str::from_utf8(b).unwrap();
+                    assert!(assert_quick_json_agrees(text), "{text}");
+                    // The hand-written writer writes what serde writes.
+                    let env: JsonEnvelope<'_> = serde_json::from_str(text).unwrap();
+                    assert_eq!(serde_json::to_string(&env).unwrap(), text);
+                }
+                Transmit::Binary(b) => {
+                    assert!(assert_quick_envelope_agrees(b), "{frame:?}");
+                    let env = super::quick::serde_pack_envelope(&b[BINARY_HEADER_LEN..]).unwrap();
+                    let theirs = rmp_serde::to_vec_named(&env).unwrap();
+                    assert_eq!(&b[BINARY_HEADER_LEN..], &theirs[..], "{frame:?}");
+                }
+            }
+        }
+    }
+    // A delete carries no payload field at all; `"j":null` is a value.
+    let delete = encode(&map_value(None, None), Codec::Json, 1).unwrap();
+    let text = std::str::from_utf8(delete.data()).unwrap();
+    assert!(!text.contains(r#""j""#), "{text}");
+    let null = r#"{"t":"mv","ts":1,"j":null,"r":"doc","k":"a","n":"m","hl":0,"hn":0}"#;
+    assert!(matches!(
+        decode(Incoming::Text(null), &LIMITS),
+        Ok(Frame::MapValue(MapValue { value: Some(p), .. })) if p == Payload::null()
+    ));
+}
+
+/// The exact JSON text of an `mv` and an `ms` (PROTOCOL.md, section 3.6).
+#[test]
+fn map_frames_are_readable_json() {
+    let text = |frame: &Frame| {
+        let t = encode(frame, Codec::Json, 1).unwrap();
+        String::from_utf8(t.data().to_vec()).unwrap()
+    };
+    let mv = map_value(Some(Payload::json(&br#"{"t":"Q3"}"#[..]).unwrap()), Some(9));
+    assert_eq!(
+        text(&mv),
+        r#"{"t":"mv","id":9,"ts":1700000000000,"j":{"t":"Q3"},"r":"doc","k":"title","n":"meta","hl":2,"hn":7}"#
+    );
+    assert_eq!(
+        text(&map_value(None, None)),
+        r#"{"t":"mv","ts":1700000000000,"r":"doc","k":"title","n":"meta","hl":2,"hn":7}"#
+    );
+    let ms = Frame::MapSnapshot(MapSnapshot {
+        room: "doc".into(),
+        map: "meta".into(),
+        entries: 2,
+    });
+    assert_eq!(text(&ms), r#"{"t":"ms","seq":2,"r":"doc","n":"meta"}"#);
+    let write = br#"{"n":"meta","k":"title","vj":"Q3","h":[1700000000000,4,77]}"#;
+    let mset = Frame::Msg(Msg {
+        seq: 5,
+        id: 31,
+        ack: None,
+        ts: None,
+        kind: MsgKind::MapWrite,
+        room: Some("doc".into()),
+        payload: Payload::json(&write[..]).unwrap(),
+    });
+    assert_eq!(
+        text(&mset),
+        r#"{"t":"msg","seq":5,"id":31,"j":{"n":"meta","k":"title","vj":"Q3","h":[1700000000000,4,77]},"r":"doc","op":"mset"}"#
+    );
+}
+
+/// An envelope in JSON as the MessagePack envelope with the same fields
+/// (a JSON payload `j` as the string of its text).
+fn pack_of(text: &str) -> Vec<u8> {
+    let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
+    if let Some(j) = value.get_mut("j") {
+        *j = serde_json::Value::String(j.to_string());
+    }
+    let body = rmp_serde::to_vec_named(&value).unwrap();
+    let mut bin = vec![KIND_MSGPACK, 1];
+    bin.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    bin.extend_from_slice(&body);
+    bin
+}
+
+/// Malformed `mv` and `ms` frames are refused, in both codecs, with the
+/// error that names the frame and the field.
+#[test]
+fn malformed_map_frames_are_refused_naming_the_field() {
+    let mv = |fields: &str| format!(r#"{{"t":"mv",{fields}}}"#);
+    let all = r#""ts":1,"r":"doc","n":"meta","k":"a","hl":0,"hn":0"#;
+    let without = |field: &str| {
+        let kept: Vec<&str> = all
+            .split(',')
+            .filter(|f| !f.starts_with(&format!("\"{field}\":")))
+            .collect();
+        mv(&kept.join(","))
+    };
+    let with = |field: &str, value: &str| {
+        let kept: Vec<String> = all
+            .split(',')
+            .map(|f| {
+                if f.starts_with(&format!("\"{field}\":")) {
+                    format!("\"{field}\":{value}")
+                } else {
+                    f.to_owned()
+                }
+            })
+            .collect();
+        mv(&kept.join(","))
+    };
+    let long = format!("\"{}\"", "x".repeat(MAX_TOKEN_LEN + 1));
+    let missing = |frame, field| DecodeError::MissingField { frame, field };
+    let invalid = |field: &'static str| move |e: &DecodeError| matches!(e, DecodeError::InvalidField { field: f, .. } if *f == field);
+    let mut cases: Vec<(String, DecodeError)> = Vec::new();
+    for field in ["r", "n", "k", "ts", "hl", "hn"] {
+        cases.push((without(field), missing("mv", field)));
+    }
+    for (text, field) in [
+        (r#"{"t":"ms","n":"meta","seq":1}"#.to_owned(), "r"),
+        (r#"{"t":"ms","r":"doc","seq":1}"#.to_owned(), "n"),
+        (r#"{"t":"ms","r":"doc","n":"meta"}"#.to_owned(), "seq"),
+    ] {
+        cases.push((text, missing("ms", field)));
+    }
+    for (text, want) in &cases {
+        for (codec, msg) in [
+            ("json", decode(Incoming::Text(text), &LIMITS)),
+            ("msgpack", decode(Incoming::Binary(&pack_of(text)), &LIMITS)),
+        ] {
+            assert_eq!(msg.as_ref(), Err(want), "{codec} {text}");
+        }
+    }
+    let bad: Vec<(String, &'static str)> = vec![
+        (with("r", r#""""#), "r"),
+        (with("r", &long), "r"),
+        (with("n", r#""""#), "n"),
+        (with("n", &long), "n"),
+        (with("k", r#""""#), "k"),
+        (with("k", &long), "k"),
+        (with("ts", "9007199254740992"), "ts"),
+        (with("ts", "18446744073709551615"), "ts"),
+        (with("hl", "4294967296"), "hl"),
+        (with("hn", "9007199254740992"), "hn"),
+        (mv(&format!(r#"{all},"j":1,"b":"AA==""#)), "j"),
+        (mv(&format!(r#"{all},"m":"AA==","b":"AA==""#)), "m"),
+        (mv(&format!(r#"{all},"b":"!!""#)), "b"),
+        (r#"{"t":"ms","r":"","n":"meta","seq":1}"#.to_owned(), "r"),
+        (r#"{"t":"ms","r":"doc","n":"","seq":1}"#.to_owned(), "n"),
+        (format!(r#"{{"t":"ms","r":"doc","n":{long},"seq":1}}"#), "n"),
+        (
+            r#"{"t":"ms","r":"doc","n":"meta","seq":65537}"#.to_owned(),
+            "seq",
+        ),
+        (
+            r#"{"t":"ms","r":"doc","n":"meta","seq":18446744073709551615}"#.to_owned(),
+            "seq",
+        ),
+    ];
+    for &(ref text, field) in &bad {
+        let json = decode(Incoming::Text(text), &LIMITS);
+        assert!(json.as_ref().is_err_and(invalid(field)), "{text}: {json:?}");
+        // In MessagePack, base64 is no longer base64 but a string where
+        // `bin` belongs: a decode failure of another kind.
+        if !text.contains(r#""b":"#) {
+            let pack = decode(Incoming::Binary(&pack_of(text)), &LIMITS);
+            assert!(pack.as_ref().is_err_and(invalid(field)), "{text}: {pack:?}");
+        }
+    }
+    // Just within every bound.
+    for text in [
+        with("ts", "9007199254740991"),
+        with("hl", "4294967295"),
+        with("hn", "9007199254740991"),
+        with("n", &format!("\"{}\"", "x".repeat(MAX_TOKEN_LEN))),
+        r#"{"t":"ms","r":"doc","n":"meta","seq":65536}"#.to_owned(),
+        r#"{"t":"ms","r":"doc","n":"meta","seq":0}"#.to_owned(),
+    ] {
+        assert!(decode(Incoming::Text(&text), &LIMITS).is_ok(), "{text}");
+        assert!(
+            decode(Incoming::Binary(&pack_of(&text)), &LIMITS).is_ok(),
+            "{text}"
+        );
+    }
+    // Fields of the wrong type are serde's to refuse.
+    #[cfg(feature = "json-serde")]
+    for text in [with("hl", "-1"), with("hn", "1.5"), with("n", "7")] {
+        assert!(
+            matches!(
+                decode(Incoming::Text(&text), &LIMITS),
+                Err(DecodeError::Json { .. })
+            ),
+            "{text}"
+        );
+    }
+}
+
+/// An `mv`'s value goes detached to a peer that takes detached payloads
+/// from [`DETACH_FROM`] bytes, comes back whole through the stream
+/// decoder, and is checked when it arrives.
+#[test]
+fn large_map_values_go_detached_and_are_checked() {
+    let json = format!("[{}1]", "1,".repeat(3000));
+    let mut encoder = Encoder::for_server();
+    for value in [
+        Payload::json(json.into_bytes()).unwrap(),
+        Payload::msgpack(msgpack_string(5000)).unwrap(),
+        Payload::binary(vec![7u8; DETACH_FROM]),
+    ] {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let frame = map_value(Some(value.clone()), Some(4));
+            let mut sent = Vec::new();
+            encoder
+                .encode_each(&frame, codec, 1, true, None, |t| sent.push(t))
+                .unwrap();
+            assert_eq!(sent.len(), 2, "{codec:?}");
+            assert!(sent[0].len() < 200, "{:?}", sent[0]);
+            assert_eq!(sent[1].data().as_ptr(), value.data().as_ptr(), "not copied");
+            assert_eq!(receive(&sent), Ok(Some(frame.clone())), "{codec:?}");
+            // Alone, the envelope cannot be decoded.
+            assert!(matches!(
+                decode(sent[0].as_incoming(), &LIMITS),
+                Err(DecodeError::InvalidField { field: "dj", .. })
+            ));
+            // Not numbered, a value that does not follow its envelope is
+            // a decode failure (the message that came instead is dropped).
+            let mut decoder = Decoder::new();
+            assert_eq!(decoder.decode(sent[0].as_incoming(), &LIMITS), Ok(None));
+            assert_eq!(
+                decoder.decode(Incoming::Text(r#"{"t":"ping","nonce":1}"#), &LIMITS),
+                Err(DecodeError::DetachedMismatch {
+                    expected: value.len(),
+                    actual: 22,
+                    text: true
+                })
+            );
+            assert_eq!(decoder.awaiting(), None);
+            // A peer that takes none, or a small value: one message.
+            let mut one = Vec::new();
+            encoder
+                .encode_each(&frame, codec, 1, false, None, |t| one.push(t))
+                .unwrap();
+            assert_eq!(one, vec![encode(&frame, codec, 1).unwrap()]);
+        }
+    }
+    let small = map_value(Some(Payload::binary(vec![1u8; DETACH_FROM - 1])), None);
+    let delete = map_value(None, None);
+    for frame in [small, delete] {
+        let mut sent = Vec::new();
+        encoder
+            .encode_each(&frame, Codec::MsgPack, 1, true, None, |t| sent.push(t))
+            .unwrap();
+        assert_eq!(sent, vec![encode(&frame, Codec::MsgPack, 1).unwrap()]);
+    }
+    // A detached JSON value must be JSON.
+    let head = r#"{"t":"mv","ts":1,"r":"doc","k":"a","n":"m","hl":0,"hn":0,"dj":3}"#;
+    let mut decoder = Decoder::new();
+    assert_eq!(decoder.decode(Incoming::Text(head), &LIMITS), Ok(None));
+    assert_eq!(
+        decoder.decode(Incoming::Binary(b"[1,"), &LIMITS),
+        Err(DecodeError::InvalidField {
+            field: "dj",
+            reason: "not a JSON value"
+        })
+    );
+    assert_eq!(decoder.decode(Incoming::Text(head), &LIMITS), Ok(None));
+    assert!(matches!(
+        decoder.decode(Incoming::Binary(b"[1]"), &LIMITS),
+        Ok(Some(Frame::MapValue(MapValue { value: Some(p), .. }))) if &p.data()[..] == b"[1]"
+    ));
+    // One value a frame, detached or not.
+    let two = r#"{"t":"mv","ts":1,"r":"doc","k":"a","n":"m","hl":0,"hn":0,"dj":3,"j":1}"#;
+    assert!(matches!(
+        Decoder::new().decode(Incoming::Text(two), &LIMITS),
+        Err(DecodeError::InvalidField { field: "dj", .. })
+    ));
+}
+
+/// `"op":"mset"` is a room operation: it round-trips with its room, and
+/// without one it is a numbered message refused by id.
+#[test]
+fn map_writes_are_room_messages() {
+    let body = r#"{"n":"meta","k":"title","vj":"Q3"}"#;
+    let value: serde_json::Value = serde_json::from_str(body).unwrap();
+    for (codec, payload) in [
+        (
+            Codec::Json,
+            Payload::json(body.as_bytes().to_vec()).unwrap(),
+        ),
+        (
+            Codec::MsgPack,
+            Payload::msgpack(rmp_serde::to_vec_named(&value).unwrap()).unwrap(),
+        ),
+    ] {
+        let m = Msg {
+            seq: 3,
+            id: 12,
+            ack: Some(1),
+            ts: None,
+            kind: MsgKind::MapWrite,
+            room: Some("doc".into()),
+            payload,
+        };
+        let t = encode(&Frame::Msg(m.clone()), codec, 1).unwrap();
+        assert_eq!(decode(t.as_incoming(), &LIMITS), Ok(Frame::Msg(m)));
+    }
+    let roomless = r#"{"t":"msg","seq":3,"id":9,"j":{"n":"m","k":"a"},"op":"mset"}"#;
+    assert!(matches!(
+        decode(Incoming::Text(roomless), &LIMITS),
+        Ok(Frame::Msg(Msg { kind: MsgKind::Invalid(what), .. })) if what.field() == "r"
+    ));
 }
