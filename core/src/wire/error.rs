@@ -222,6 +222,15 @@ pub enum EncodeError {
     /// The serializer failed.
     #[error("serializer failed: {0}")]
     Serializer(String),
+    /// A value breaks a rule of the wire that the receiver would refuse it
+    /// for (a synced map's name of more than 256 bytes, say).
+    #[error("field `{field}`: {reason}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with its value.
+        reason: &'static str,
+    },
 }
 
 /// An encoder's error as [`EncodeError::Serializer`].

@@ -200,9 +200,11 @@ pub enum MsgKind {
     RefusedMessage(u64),
     /// Client to server: a write to one of `room`'s synced maps
     /// (`"op":"mset"`). The payload, JSON or MessagePack, is the write
-    /// (PROTOCOL.md, section 3.6): `{"n":map,"k":key}` and the value as
-    /// `"v"` (absent: the entry is deleted), with the writer's stamp as
-    /// `"h":[ms,logical,node]` when the map lets peers stamp.
+    /// (PROTOCOL.md, section 3.6), made and read by
+    /// [`MapWriteBody`](super::MapWriteBody): `{"n":map,"k":key}` and the
+    /// value as `"vj"`, `"vm"` or `"vb"` (none of them: the entry is
+    /// deleted), with the writer's stamp as `"h":[ms,logical,node]` when
+    /// the map lets peers stamp.
     MapWrite,
     /// A `msg` whose `seq` and `id` could be read but whose other fields
     /// could not (an unknown `op`, a bad room name, a bad payload, ...).

@@ -20,7 +20,8 @@
 //!
 //! * `frame`, `payload`, `error`: the types both directions share;
 //!   `header`: the binary header and the upgrade headers; `envelope`: the
-//!   envelopes in serde form.
+//!   envelopes in serde form; `mapwrite`: the body of a synced-map write
+//!   (the payload of a `mset` message), both ways ([`MapWriteBody`]).
 //! * `encode`: frames to bytes; `buffers`: the memory the machines'
 //!   `Encoder` encodes into.
 //! * `compress`: per-message compression, the compressor and the bounded
@@ -59,6 +60,7 @@ mod fields;
 mod frame;
 mod header;
 mod json;
+mod mapwrite;
 mod payload;
 mod quick;
 #[cfg(test)]
@@ -80,6 +82,7 @@ pub use header::{
 pub(crate) use json::assert_quick_json_agrees;
 pub(crate) use json::push_uint;
 pub use json::{push_json_str, JsonReader};
+pub use mapwrite::{MapWriteBody, MapWriteError};
 pub use payload::{Payload, PayloadError, PayloadKind};
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use quick::assert_quick_envelope_agrees;

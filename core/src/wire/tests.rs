@@ -1601,7 +1601,16 @@ fn map_frames_are_readable_json() {
         entries: 2,
     });
     assert_eq!(text(&ms), r#"{"t":"ms","seq":2,"r":"doc","n":"meta"}"#);
-    let write = br#"{"n":"meta","k":"title","vj":"Q3","h":[1700000000000,4,77]}"#;
+    let write = MapWriteBody {
+        map: "meta".into(),
+        key: "title".into(),
+        value: Some(Payload::json(&br#""Q3""#[..]).unwrap()),
+        stamp: Some(crate::hlc::HlcTimestamp {
+            physical_ms: 1_700_000_000_000,
+            logical: 4,
+            node: 77,
+        }),
+    };
     let mset = Frame::Msg(Msg {
         seq: 5,
         id: 31,
@@ -1609,7 +1618,7 @@ fn map_frames_are_readable_json() {
         ts: None,
         kind: MsgKind::MapWrite,
         room: Some("doc".into()),
-        payload: Payload::json(&write[..]).unwrap(),
+        payload: write.to_payload(Codec::Json).unwrap(),
     });
     assert_eq!(
         text(&mset),
@@ -1828,18 +1837,13 @@ fn large_map_values_go_detached_and_are_checked() {
 /// without one it is a numbered message refused by id.
 #[test]
 fn map_writes_are_room_messages() {
-    let body = r#"{"n":"meta","k":"title","vj":"Q3"}"#;
-    let value: serde_json::Value = serde_json::from_str(body).unwrap();
-    for (codec, payload) in [
-        (
-            Codec::Json,
-            Payload::json(body.as_bytes().to_vec()).unwrap(),
-        ),
-        (
-            Codec::MsgPack,
-            Payload::msgpack(rmp_serde::to_vec_named(&value).unwrap()).unwrap(),
-        ),
-    ] {
+    let body = MapWriteBody {
+        map: "meta".into(),
+        key: "title".into(),
+        value: Some(Payload::json(&br#""Q3""#[..]).unwrap()),
+        stamp: None,
+    };
+    for codec in [Codec::Json, Codec::MsgPack] {
         let m = Msg {
             seq: 3,
             id: 12,
@@ -1847,10 +1851,14 @@ fn map_writes_are_room_messages() {
             ts: None,
             kind: MsgKind::MapWrite,
             room: Some("doc".into()),
-            payload,
+            payload: body.to_payload(codec).unwrap(),
         };
         let t = encode(&Frame::Msg(m.clone()), codec, 1).unwrap();
-        assert_eq!(decode(t.as_incoming(), &LIMITS), Ok(Frame::Msg(m)));
+        let Ok(Frame::Msg(back)) = decode(t.as_incoming(), &LIMITS) else {
+            panic!("{codec:?}");
+        };
+        assert_eq!(back, m);
+        assert_eq!(MapWriteBody::from_payload(&back.payload), Ok(body.clone()));
     }
     let roomless = r#"{"t":"msg","seq":3,"id":9,"j":{"n":"m","k":"a"},"op":"mset"}"#;
     assert!(matches!(
