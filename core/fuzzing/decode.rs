@@ -110,13 +110,14 @@ pub struct ArbEnvelope {
 /// The envelope's field names, and a few others.
 const PACK_KEYS: &[&str] = &[
     "t", "seq", "id", "ack", "ts", "j", "m", "b", "nonce", "from", "code", "retry", "r", "op",
-    "rq", "rs", "within", "token", "f", "dj", "dm", "db", "", "T", "seq\0", "x",
+    "rq", "rs", "within", "token", "f", "dj", "dm", "db", "", "T", "seq\0", "x", "n", "hl", "hn",
 ];
 
 /// The frame types and room operations, as `t` and `op` values.
 const PACK_NAMES: &[&str] = &[
     "msg", "ack", "ping", "pong", "batch", "replay", "goaway", "reauth", "auth", "hello",
-    "welcome", "reject", "join", "leave", "presence", "refused", "{}", "1", "\"a\"",
+    "welcome", "reject", "join", "leave", "presence", "refused", "{}", "1", "\"a\"", "mv", "ms",
+    "mset",
 ];
 
 /// A map key of the `pack_envelope` target: one of [`PACK_KEYS`] as a str
@@ -390,9 +391,10 @@ fn holds_invalid(frame: &Frame) -> bool {
 }
 
 /// Checks that `frame` encodes with `codec`, that the encoding decodes to an
-/// equal frame, and that encoding that frame again gives the same bytes.
-/// Unknown frames, and messages that decoded as invalid (numbered, to be
-/// refused by id), must refuse to encode.
+/// equal frame, and that encoding that frame again gives the same bytes; a
+/// message also with its payload detached, a synced map's entry also with
+/// its value compressed. Unknown frames, and messages that decoded as
+/// invalid (numbered, to be refused by id), must refuse to encode.
 pub fn assert_round_trip(frame: &Frame, codec: Codec, version: u8) {
     let unsendable = matches!(frame, Frame::Unknown(_)) || holds_invalid(frame);
     let encoded = match wire::encode(frame, codec, version) {
@@ -454,6 +456,33 @@ pub fn assert_round_trip(frame: &Frame, codec: Codec, version: u8) {
             decoder.decode(pair[1].as_incoming(), &open),
             Ok(Some(frame.clone())),
             "round trip detached through {codec:?} changed the frame"
+        );
+    }
+    if let Frame::MapValue(_) = frame {
+        // The same entry with its value compressed, whatever its size
+        // (and detached when its deflated bytes are large), comes back
+        // equal too.
+        let every = wire::CompressionConfig {
+            threshold: 1,
+            level: 1,
+        };
+        let sent = match wire::encode_compressed(frame, codec, version, &every, true) {
+            Ok(sent) => sent,
+            Err(e) => panic!("{frame:?} does not encode compressed with {codec:?}: {e}"),
+        };
+        let mut decoder = wire::Decoder::new();
+        decoder.set_compression(true);
+        let mut back = None;
+        for t in &sent {
+            back = match decoder.decode(t.as_incoming(), &open) {
+                Ok(f) => f,
+                Err(e) => panic!("{frame:?} compressed with {codec:?} does not decode: {e}"),
+            };
+        }
+        assert_eq!(
+            back.as_ref(),
+            Some(frame),
+            "round trip compressed through {codec:?} changed the frame"
         );
     }
 }

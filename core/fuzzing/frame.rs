@@ -10,9 +10,10 @@
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 
+use crate::hlc::HlcTimestamp;
 use crate::wire::{
-    self, ClientId, Codec, Frame, Hello, LatestValue, Msg, MsgKind, Payload, Reject, Resume,
-    ResumeKey, SessionId, StreamEntry, StreamPos, Welcome, PROTOCOL_VERSION,
+    self, ClientId, Codec, Frame, Hello, LatestValue, MapSnapshot, MapValue, Msg, MsgKind, Payload,
+    Reject, Resume, ResumeKey, SessionId, StreamEntry, StreamPos, Welcome, PROTOCOL_VERSION,
 };
 
 use super::{assert_round_trip, codec_of, limits};
@@ -220,11 +221,62 @@ pub enum ArbFrame {
         /// As a `subs` list rather than the first alone as a `sub`.
         list: bool,
     },
+    /// An entry of a room's synced map.
+    MapValue {
+        /// Room.
+        room: String,
+        /// The map's name.
+        map: String,
+        /// Key.
+        key: String,
+        /// The stamp: physical time, logical counter, node.
+        stamp: (u64, u32, u64),
+        /// The value; `None`: deleted.
+        value: Option<ArbPayload>,
+        /// The write it settles.
+        settles: Option<u64>,
+    },
+    /// The start of a synced map's snapshot.
+    MapSnapshot {
+        /// Room.
+        room: String,
+        /// The map's name.
+        map: String,
+        /// How many entries follow.
+        entries: u64,
+    },
 }
 
 /// A room name the wire carries: 1 to 256 bytes.
 fn room_name_ok(room: &str) -> bool {
     !room.is_empty() && room.len() <= wire::MAX_TOKEN_LEN
+}
+
+/// An `mv` of these fields, whether or not the wire allows them.
+fn map_value_of(
+    room: &str,
+    map: &str,
+    key: &str,
+    (physical_ms, logical, node): (u64, u32, u64),
+    value: &Option<ArbPayload>,
+    settles: Option<u64>,
+) -> Option<Frame> {
+    let value = match value {
+        Some(p) => Some(p.to_payload()?),
+        None => None,
+    };
+    Some(Frame::MapValue(MapValue {
+        room: room.into(),
+        map: map.into(),
+        key: key.into(),
+        stamp: HlcTimestamp {
+            physical_ms,
+            logical,
+            node,
+        },
+        value,
+        settles,
+    }))
 }
 
 impl ArbFrame {
@@ -429,6 +481,34 @@ impl ArbFrame {
                     offset: *offset,
                 }
             }
+            ArbFrame::MapValue {
+                room,
+                map,
+                key,
+                stamp,
+                value,
+                settles,
+            } => {
+                if !room_name_ok(room)
+                    || !room_name_ok(map)
+                    || !room_name_ok(key)
+                    || stamp.0 >= wire::MAX_EPOCH
+                    || stamp.2 >= wire::MAX_EPOCH
+                {
+                    return None;
+                }
+                map_value_of(room, map, key, *stamp, value, *settles)?
+            }
+            ArbFrame::MapSnapshot { room, map, entries } => {
+                if !room_name_ok(room) || !room_name_ok(map) || *entries > wire::MAX_MAP_ENTRIES {
+                    return None;
+                }
+                Frame::MapSnapshot(MapSnapshot {
+                    room: room.as_str().into(),
+                    map: map.as_str().into(),
+                    entries: *entries,
+                })
+            }
             ArbFrame::Subs { positions, list } => {
                 let mut out = Vec::new();
                 for (room, epoch, offset, missed) in positions {
@@ -543,6 +623,19 @@ fn lenient_frame(f: &ArbFrame) -> Option<Frame> {
             payload: payload.to_payload()?,
         })),
         ArbFrame::Replay(from) => Some(Frame::Replay { from: *from }),
+        ArbFrame::MapValue {
+            room,
+            map,
+            key,
+            stamp,
+            value,
+            settles,
+        } => map_value_of(room, map, key, *stamp, value, *settles),
+        ArbFrame::MapSnapshot { room, map, entries } => Some(Frame::MapSnapshot(MapSnapshot {
+            room: room.as_str().into(),
+            map: map.as_str().into(),
+            entries: *entries,
+        })),
         ArbFrame::Reject {
             code,
             reason,

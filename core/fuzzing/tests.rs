@@ -169,6 +169,62 @@ fn json_payload_bytes_survive_the_json_codec() {
     assert_eq!(wire::decode(t.as_incoming(), &limits()), Ok(frame));
 }
 
+/// The `frame_roundtrip` target's synced-map frames: each kind of value
+/// and a delete, at the stamp's bounds, round-trip (plain and compressed);
+/// fields beyond the wire's bounds make no frame to round-trip, and still
+/// encode and decode without a panic.
+#[test]
+fn synced_map_frames_round_trip() {
+    let json = ArbJson::Object(vec![("t".into(), ArbJson::Str("Q3".repeat(700)))]);
+    let values = [
+        Some(ArbPayload::Json(json.clone())),
+        Some(ArbPayload::JsonText("null".into())),
+        Some(ArbPayload::MsgPack(json)),
+        Some(ArbPayload::Binary(vec![7; 3000])),
+        None,
+    ];
+    let mut frames = Vec::new();
+    for value in values {
+        for stamp in [
+            (0, 0, 0),
+            (wire::MAX_EPOCH - 1, u32::MAX, wire::MAX_EPOCH - 1),
+        ] {
+            frames.push(ArbFrame::MapValue {
+                room: "doc".into(),
+                map: "meta".into(),
+                key: "title".into(),
+                stamp,
+                value: value.clone(),
+                settles: Some(3),
+            });
+        }
+    }
+    frames.push(ArbFrame::MapSnapshot {
+        room: "doc".into(),
+        map: "meta".into(),
+        entries: wire::MAX_MAP_ENTRIES,
+    });
+    assert!(frames.iter().all(|f| f.to_frame().is_some()));
+    let beyond = [
+        ArbFrame::MapValue {
+            room: "doc".into(),
+            map: String::new(),
+            key: "title".into(),
+            stamp: (wire::MAX_EPOCH, 0, 0),
+            value: None,
+            settles: None,
+        },
+        ArbFrame::MapSnapshot {
+            room: "doc".into(),
+            map: "meta".into(),
+            entries: wire::MAX_MAP_ENTRIES + 1,
+        },
+    ];
+    assert!(beyond.iter().all(|f| f.to_frame().is_none()));
+    frames.extend(beyond);
+    frame_roundtrip(frames);
+}
+
 #[test]
 fn json_payload_text_round_trips() {
     for lit in JSON_LITERALS {
