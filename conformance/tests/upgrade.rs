@@ -359,7 +359,8 @@ fn headers_stay_printable_ascii_and_decode_to_the_same_hello() {
 
 #[test]
 fn a_long_hello_goes_as_a_frame() {
-    let caps = (0..28).map(|i| format!("{i:0>200}")).collect();
+    // With the client's own five, the 32 a hello may carry.
+    let caps = (0..27).map(|i| format!("{i:0>200}")).collect();
     let (mut c, t) = connecting(ClientConfig {
         capabilities: caps,
         ..ClientConfig::default()

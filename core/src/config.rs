@@ -192,6 +192,11 @@ pub struct ClientConfig {
     /// message in the session's own sequence, every one of them; kept for
     /// clients that want that and for testing it.
     pub latest_values: bool,
+    /// Take the synced maps of the rooms this client is in (the `maps`
+    /// capability, PROTOCOL.md section 3.6): a snapshot on every join and
+    /// connection, then each change. Default true. Off, the server sends
+    /// none; writes still go out.
+    pub synced_maps: bool,
     /// Batch small messages into one frame when the server can receive
     /// batches. Default `None`: every message goes out at once.
     pub batch: Option<BatchConfig>,
@@ -239,6 +244,7 @@ impl Default for ClientConfig {
             capabilities: Vec::new(),
             room_streams: true,
             latest_values: true,
+            synced_maps: true,
             batch: None,
             coalesce_interval: crate::coalesce::DEFAULT_INTERVAL,
             coalesce_keys: 1024,
@@ -412,6 +418,9 @@ pub struct ServerConfig {
     /// Most latest values (keys) one room holds
     /// (`Server::broadcast_latest`, PROTOCOL.md section 3.5). Default 256.
     pub max_latest_keys: usize,
+    /// Most synced maps open at once, over all rooms (`Server::open_map`,
+    /// PROTOCOL.md section 3.6). Default 1 024.
+    pub max_maps: usize,
     /// Whether a client's publish to a room is also delivered back to it.
     /// Default false.
     pub echo_publish: bool,
@@ -485,6 +494,7 @@ impl Default for ServerConfig {
             history: HistoryConfig::default(),
             max_rooms_per_session: 64,
             max_latest_keys: 256,
+            max_maps: 1024,
             echo_publish: false,
             max_connection_age: None,
             session_grace: Duration::from_secs(60),

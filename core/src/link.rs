@@ -80,6 +80,7 @@ pub(crate) fn with_own_caps(caps: &[String]) -> Vec<String> {
         wire::CAP_DETACH,
         wire::CAP_STREAM,
         wire::CAP_LATEST,
+        wire::CAP_MAPS,
     ] {
         if !caps.iter().any(|c| c == own) {
             caps.push(own.to_string());

@@ -83,6 +83,10 @@ pub enum SendError {
     /// The operation is not available in this configuration; says why.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The room was not joined (synced-map writes go to the maps of rooms
+    /// this client is in).
+    #[error("not a member of the room; join it first")]
+    NotMember,
 }
 
 impl SendError {

@@ -178,6 +178,20 @@ pub trait RoomPolicy: Send + Sync {
         Ok(())
     }
 
+    /// `Ok` to let `who`, a member of `room`, write `key` of the room's
+    /// synced map `map` (a map whose writers are the members; see
+    /// `MapOptions` in the server module). Default: allowed.
+    fn authorize_map_write(
+        &self,
+        who: &Member,
+        room: &str,
+        map: &str,
+        key: &str,
+    ) -> Result<(), String> {
+        let _ = (who, room, map, key);
+        Ok(())
+    }
+
     /// Whether the members of `room` see each other: the member list on
     /// joining and a diff whenever someone joins or leaves. Default `true`.
     /// Answer `false` for rooms used as broadcast channels with many

@@ -171,6 +171,17 @@ pub enum ServerError {
         /// Why.
         error: RoomError,
     },
+    /// A synced-map operation was refused (no such map, a bad name or
+    /// key, past its bounds).
+    #[error("room {room:?}, map {map:?}: {error}")]
+    Map {
+        /// The room.
+        room: String,
+        /// The map.
+        map: String,
+        /// Why.
+        error: kitestring_core::server::MapError,
+    },
     /// The value could not be encoded.
     #[error(transparent)]
     Codec(#[from] CodecError),

@@ -104,11 +104,12 @@ pub use kitestring_core::client::{
 };
 pub use kitestring_core::close::CloseCode;
 pub use kitestring_core::config::{Acknowledge, ClientConfig, CompressionConfig, ServerConfig};
+pub use kitestring_core::hlc::HlcTimestamp;
 pub use kitestring_core::reliable::{MessageId, SendError};
 pub use kitestring_core::rooms::{Member, PolicyFn, Presence, Refusal, RoomPolicy};
 pub use kitestring_core::server::{
-    ConnectionId, RoomError, RoomOp, ServerEvent, ServerMetrics, ServerStats, SessionEnd,
-    SessionInfo,
+    ConnectionId, MapError, MapOptions, MapWriters, RoomError, RoomOp, ServerEvent, ServerMetrics,
+    ServerStats, SessionEnd, SessionInfo, Stamping,
 };
 pub use kitestring_core::wire::{Codec, Payload, PayloadKind, SessionId};
 

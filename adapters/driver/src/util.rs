@@ -64,6 +64,14 @@ pub(crate) fn random16() -> Result<[u8; 16], getrandom::Error> {
 }
 
 /// A random u64 seed for jitter.
+/// The wall-clock time in milliseconds since the Unix epoch (0 before it),
+/// for the machines' synced-map stamps.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 pub(crate) fn random_seed() -> u64 {
     match generator() {
         Ok(g) => g.lock().unwrap_or_else(PoisonError::into_inner).next_u64(),

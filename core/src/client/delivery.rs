@@ -140,7 +140,11 @@ impl Client {
                 self.rooms.remove(room);
                 self.streams.remove(room);
                 self.forget_latest(room);
+                self.forget_maps(room);
             }
+        }
+        if let Some(id) = id {
+            self.map_write_refused(id);
         }
         self.stats.refused += 1;
         self.emit(Event::Refused { id, room, refusal });
@@ -182,6 +186,7 @@ impl Client {
                     self.emit(Event::Acked { first, last });
                 }
                 self.left_through(acked.through);
+                self.maps_acked(acked.through);
                 self.flush();
             }
             Ok(None) => {}

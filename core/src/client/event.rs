@@ -180,6 +180,37 @@ pub enum Event {
         /// Never sent, dropped.
         unsent: Vec<MessageId>,
     },
+    /// An entry of a synced map reads differently now (PROTOCOL.md,
+    /// section 3.6): the server sent a change or a snapshot, this client
+    /// wrote it, or one of its writes was settled the other way.
+    MapChanged {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// The map.
+        map: std::sync::Arc<str>,
+        /// The entry's key.
+        key: std::sync::Arc<str>,
+        /// What it reads as now; `None`: nothing (deleted).
+        value: Option<Payload>,
+    },
+    /// A synced map's snapshot arrived whole, after the
+    /// [`Event::MapChanged`]s it caused: the map is in step with the
+    /// server's (on a join, and on every new connection).
+    MapSynced {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// The map.
+        map: std::sync::Arc<str>,
+    },
+    /// Entries of a synced map were not kept: the client holds
+    /// [`MAX_MAP_ENTRIES_KEPT`](super::MAX_MAP_ENTRIES_KEPT) already. The
+    /// map reads incomplete until entries elsewhere go.
+    MapOverflow {
+        /// The room.
+        room: std::sync::Arc<str>,
+        /// The map.
+        map: std::sync::Arc<str>,
+    },
     /// A value held by `send_latest` could not be queued when its time came.
     LatestFailed {
         /// Its key.
@@ -274,4 +305,10 @@ pub struct ClientStats {
     /// Latest values dropped because this client already had them or a
     /// newer one (the snapshot after a reconnect repeats what it has).
     pub latest_stale: u64,
+    /// Synced-map snapshots received (`ms`).
+    pub map_snapshots: u64,
+    /// Synced-map entries received (`mv`), in snapshots and as changes.
+    pub map_values: u64,
+    /// Maps left incomplete for lack of room ([`Event::MapOverflow`]).
+    pub map_overflows: u64,
 }

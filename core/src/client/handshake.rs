@@ -160,6 +160,7 @@ impl Client {
             .into_iter()
             .filter(|c| self.config.room_streams || c != wire::CAP_STREAM)
             .filter(|c| self.config.latest_values || c != wire::CAP_LATEST)
+            .filter(|c| self.config.synced_maps || c != wire::CAP_MAPS)
             // Offered only as configured: a server would compress to it.
             .filter(|c| c != wire::CAP_DEFLATE)
             .collect();
@@ -189,6 +190,7 @@ impl Client {
         let Some(transport) = self.transport else {
             return;
         };
+        self.maps_reconnected();
         if !self.config.versions.contains(&w.version) || !self.config.codecs.contains(&w.codec) {
             // The server picked something we never offered: retrying the same
             // offer would get the same answer.
@@ -244,6 +246,9 @@ impl Client {
                     }
                     if let Some(through) = done.through {
                         self.left_through(through);
+                        // Taken before this connection: its snapshot,
+                        // next, has them.
+                        self.maps_acked(through);
                     }
                 }
                 Err(_) => {

@@ -230,6 +230,9 @@ impl Client {
         } else {
             self.rooms.clear();
         }
+        // Writes to synced maps sent and not confirmed: the new session's
+        // snapshots say what the server has.
+        self.maps_session_lost(&unconfirmed);
         let still_queued = self.link.outbound.waiting_ids();
         let error = match reason {
             LostReason::Closed => RequestError::Closed,

@@ -56,6 +56,7 @@ mod event;
 mod handshake;
 mod heartbeat;
 mod lifecycle;
+mod maps;
 mod requests;
 mod snapshot;
 mod state;
@@ -65,6 +66,7 @@ mod timers;
 pub use self::event::{
     ClientStats, Event, LostReason, Output, RequestError, TransportId, UsageError,
 };
+pub use self::maps::MAX_MAP_ENTRIES_KEPT;
 pub use self::snapshot::{RestoreError, Snapshot};
 pub use self::state::{Cause, FailReason, State, TransportError};
 pub use self::streams::MAX_LATEST_TRACKED;
@@ -162,6 +164,8 @@ pub struct Client {
     /// The latest value of each room and key this client has (epoch,
     /// version), at most [`MAX_LATEST_TRACKED`](streams::MAX_LATEST_TRACKED).
     latest: VecMap<(RoomName, std::sync::Arc<str>), (u64, u64)>,
+    /// The synced maps of its rooms, and its writes to them (`maps.rs`).
+    maps: maps::Maps,
     requests: VecMap<MessageId, Instant>,
     request_deadlines: VecSet<(Instant, MessageId)>,
     conn: Option<ConnSettings>,
@@ -224,6 +228,7 @@ impl Client {
             streams: VecMap::new(),
             leaving: Vec::new(),
             latest: VecMap::new(),
+            maps: maps::Maps::default(),
             requests: VecMap::new(),
             request_deadlines: VecSet::new(),
             conn: None,
@@ -693,6 +698,8 @@ impl Client {
             (State::Open, Frame::Pub(e)) => self.on_stream_entry(e.room.clone(), e.offset, Some(e)),
             (State::Open, Frame::Skip { room, offset }) => self.on_stream_entry(room, offset, None),
             (State::Open, Frame::Latest(v)) => self.on_latest(v),
+            (State::Open, Frame::MapSnapshot(s)) => self.on_map_snapshot(s),
+            (State::Open, Frame::MapValue(v)) => self.on_map_value(v),
             (State::Open, Frame::Reauth { within_ms }) => self.emit(Event::TokenExpiring {
                 within: Duration::from_millis(within_ms),
             }),

@@ -158,6 +158,7 @@ impl Client {
             if !self.rooms.contains(&room) {
                 self.streams.remove(&room);
                 self.forget_latest(&room);
+                self.forget_maps(&room);
             }
         }
     }

@@ -620,11 +620,7 @@ impl Server {
             return;
         };
         s.link.inbound.settled(op.seq);
-        let label = match what {
-            RoomOp::Join => "join",
-            RoomOp::Leave => "leave",
-            RoomOp::Publish => "publish",
-        };
+        let label = what.as_str();
         self.refuse_msg(op.session, op.seq, op.id, Some(name), label, code, reason);
         self.flush_ack(op.session);
     }

@@ -39,6 +39,9 @@ pub(super) enum ConnPhase {
         /// Whether the connection agreed on compression
         /// ([`wire::CAP_DEFLATE`]).
         deflate: bool,
+        /// Whether the client takes synced maps' frames
+        /// ([`wire::CAP_MAPS`]).
+        maps: bool,
     },
 }
 

@@ -18,7 +18,7 @@ use crate::ratelimit::Limit;
 use crate::reliable::MessageId;
 use crate::stream::RoomEntry;
 use crate::time::Instant;
-use crate::wire::{ClientId, Codec, DecodeError, SessionId, Transmit};
+use crate::wire::{ClientId, Codec, DecodeError, Payload, SessionId, Transmit};
 
 use super::{ClusterOutput, ConnectionId, LatestOut, SessionState};
 
@@ -50,6 +50,27 @@ pub enum ServerOutput {
     /// driver turned them on with [`Server::set_latest_slots`] (otherwise
     /// they come as [`ServerOutput::Transmit`]).
     Latest(ConnectionId, LatestOut),
+    /// Shared rooms: an entry of a synced map changed here (a write of
+    /// the application or of a member); the cluster keeps it if its stamp
+    /// beats the one it has, and hands it to the other servers
+    /// ([`Server::map_merge`]). Only with [`Server::set_shared_rooms`].
+    Map(MapUpdate),
+}
+
+/// An entry of a synced map as servers exchange it: the last-writer-wins
+/// update, with where it belongs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUpdate {
+    /// The room.
+    pub room: Arc<str>,
+    /// The map.
+    pub map: Arc<str>,
+    /// The entry's key.
+    pub key: Arc<str>,
+    /// The write's stamp: of two updates of a key, the greater wins.
+    pub stamp: crate::hlc::HlcTimestamp,
+    /// The value; `None`: deleted.
+    pub value: Option<Payload>,
 }
 
 /// What a driver that serves stream members from shared room feeds must do
@@ -227,6 +248,21 @@ pub enum ServerEvent {
         /// Why.
         reason: String,
     },
+    /// An entry of a synced map changed (PROTOCOL.md, section 3.6): by a
+    /// member's write (`by`) or the application's. The members that take
+    /// maps were sent the change.
+    MapChanged {
+        /// The room.
+        room: Arc<str>,
+        /// The map.
+        map: Arc<str>,
+        /// The entry's key.
+        key: Arc<str>,
+        /// Its value now; `None`: deleted.
+        value: Option<Payload>,
+        /// The session whose write it was; `None`: the application's.
+        by: Option<SessionId>,
+    },
     /// A hello was refused.
     Rejected {
         /// The connection.
@@ -301,6 +337,7 @@ impl ServerEvent {
             | ServerEvent::RateLimited { session, .. }
             | ServerEvent::TokenReceived { session, .. } => Some(*session),
             ServerEvent::Rejected { .. }
+            | ServerEvent::MapChanged { .. }
             | ServerEvent::ConnectionClosed { .. }
             | ServerEvent::DecodeFailed { .. } => None,
         }
@@ -330,6 +367,20 @@ pub enum RoomOp {
     Leave,
     /// Publishing.
     Publish,
+    /// Writing to one of the room's synced maps.
+    MapWrite,
+}
+
+impl RoomOp {
+    /// The operation as a refusal names it (`op`, PROTOCOL.md section 3.3).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoomOp::Join => "join",
+            RoomOp::Leave => "leave",
+            RoomOp::Publish => "publish",
+            RoomOp::MapWrite => "mset",
+        }
+    }
 }
 
 /// Why a room operation failed.
@@ -483,6 +534,13 @@ pub struct ServerStats {
     pub broadcasts: u64,
     /// Latest values set ([`Server::broadcast_latest`]).
     pub latest_values: u64,
+    /// Synced-map entries changed, by members and by the application.
+    pub map_writes: u64,
+    /// Synced-map snapshots sent (on joins and on connections opening).
+    pub map_snapshots: u64,
+    /// Synced-map entries from other servers that did not fit this
+    /// server's bounds for the map ([`Server::map_merge`]).
+    pub map_merges_refused: u64,
     /// Connections rotated for age.
     pub rotations: u64,
     /// Messages over a rate limit.

@@ -352,6 +352,7 @@ impl Server {
                 detach: h.caps.iter().any(|c| c == wire::CAP_DETACH),
                 pinged: h.caps.iter().any(|c| c == wire::CAP_PING),
                 deflate,
+                maps: h.caps.iter().any(|c| c == wire::CAP_MAPS),
             };
             conn.hello_deadline = None;
         }
@@ -394,6 +395,7 @@ impl Server {
         self.retransmit(session, 1);
         self.flush(session);
         self.latest_snapshot(session, was_latest);
+        self.maps_snapshot(session);
     }
 
     /// Sends the answer to a `hello` (`welcome` or `reject`, always JSON):

@@ -47,6 +47,9 @@
 //! - `latest.rs`: latest values: each room's newest value per key, the
 //!   `lv` frames that carry them and the snapshot a member's connection
 //!   gets when it opens or joins.
+//! - `maps.rs`: synced maps: each room's last-writer-wins maps, the
+//!   application's and the members' writes to them, and the `ms`/`mv`
+//!   frames that keep every member's copy in step.
 //! - `cluster.rs`: rooms shared by the servers of a cluster: the
 //!   [`ClusterOutput`]s a client's room operations become, and the entry
 //!   points the driver calls with what the cluster numbered and decided.
@@ -64,6 +67,7 @@ mod event;
 mod handover;
 mod handshake;
 mod latest;
+mod maps;
 mod rooms;
 mod session;
 mod streams;
@@ -93,12 +97,13 @@ pub use crate::stream::RoomEntry;
 pub use admission::RATE_REPORT_INTERVAL;
 pub use cluster::{ClientOp, ClusterOutput, EntryOutcome, JoinedAt, SharedEntry};
 pub use event::{
-    FeedOutput, RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics, ServerOutput,
-    ServerStats, ServerTimer, SessionEnd, SessionInfo,
+    FeedOutput, MapUpdate, RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics,
+    ServerOutput, ServerStats, ServerTimer, SessionEnd, SessionInfo,
 };
 pub use handover::{ImportError, SessionImage, SessionRecord};
 pub use handshake::UpgradeRefusal;
 pub use latest::LatestOut;
+pub use maps::{MapError, MapOptions, MapWriters, Stamping};
 pub use session::SessionState;
 
 use conn::{ConnPhase, ConnRecord};
@@ -156,6 +161,12 @@ pub struct Server {
     /// Latest values go to the driver as [`ServerOutput::Latest`]
     /// ([`Server::set_latest_slots`]).
     latest_slots: bool,
+    /// Each room's synced maps, open until the application closes them.
+    maps: Map<RoomName, std::collections::BTreeMap<std::sync::Arc<str>, maps::SyncedMap>>,
+    /// The clock that stamps synced-map writes, made on first use.
+    hlc: Option<crate::hlc::Hlc>,
+    /// The wall-clock time at an instant ([`Server::set_wall_clock`]).
+    wall: Option<(Instant, u64)>,
 }
 
 impl Server {
@@ -184,6 +195,9 @@ impl Server {
             shared_rooms: false,
             latest: Map::default(),
             latest_slots: false,
+            maps: Map::default(),
+            hlc: None,
+            wall: None,
         })
     }
 

@@ -189,12 +189,8 @@ impl Server {
             op,
             reason: reason.clone(),
         });
-        let op = match op {
-            RoomOp::Join => "join",
-            RoomOp::Leave => "leave",
-            RoomOp::Publish => "publish",
-        };
         let id = MessageId(m.id);
+        let op = op.as_str();
         self.refuse_msg(session, m.seq, id, Some(room.clone()), op, code, reason);
     }
 
@@ -268,6 +264,7 @@ impl Server {
                 room: name.clone(),
             });
             self.latest_joined(session, &name);
+            self.maps_joined(session, &name);
             self.presence_diff(
                 &name,
                 Some(session),
@@ -398,6 +395,7 @@ impl Server {
             (MsgKind::Leave, Some(room)) => {
                 self.do_leave(session, &room);
             }
+            (MsgKind::MapWrite, Some(room)) => self.on_map_write(session, &m, room),
             (MsgKind::Plain | MsgKind::Request, Some(room)) => {
                 let name = self.rooms.name(&room);
                 let Some(member) = self.member_of(session) else {

@@ -20,6 +20,7 @@ use futures_util::{FutureExt, Stream};
 use kitestring_core::client::{ClientStats, Event, Received, State, UsageError};
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::wire::{ClientId, Codec, Payload, SessionId};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::trace;
 
@@ -508,6 +509,81 @@ impl ClientHandle {
         payload: Payload,
     ) -> Result<(), ClientError> {
         Ok(self.with(|s, now| s.client.send_latest(now, key, payload))??)
+    }
+
+    /// Sets `key` of `room`'s synced map `map` to a typed value (PROTOCOL.md,
+    /// section 3.6). It reads back at once ([`map_get`](Self::map_get)),
+    /// goes to the server as a message of the session (queued while
+    /// offline, resent after a drop, taken once), and the server's answer
+    /// settles it: every member, this one too, ends up with the write that
+    /// wins. A refusal comes as [`Event::Refused`] naming the returned id,
+    /// and the key reads as the server has it again. Changes of what the
+    /// map reads as come as [`Event::MapChanged`].
+    ///
+    /// Fails at once with [`ClientError::Room`] for a room this client has
+    /// not joined (`SendError::NotMember`) or a bad name or key.
+    pub async fn map_set<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        map: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<MessageId, ClientError> {
+        let payload = util::encode(value, self.codec())?;
+        self.map_set_payload(room, map, key, payload).await
+    }
+
+    /// [`map_set`](Self::map_set) with a ready payload (JSON or MessagePack).
+    pub async fn map_set_payload(
+        &self,
+        room: &str,
+        map: &str,
+        key: &str,
+        value: Payload,
+    ) -> Result<MessageId, ClientError> {
+        self.with(|s, now| s.client.map_set(now, room, map, key, value))?
+            .map_err(|error| room_error(room, error))
+    }
+
+    /// Deletes `key` of `room`'s synced map `map`, as
+    /// [`map_set`](Self::map_set) writes.
+    pub async fn map_delete(
+        &self,
+        room: &str,
+        map: &str,
+        key: &str,
+    ) -> Result<MessageId, ClientError> {
+        self.with(|s, now| s.client.map_delete(now, room, map, key))?
+            .map_err(|error| room_error(room, error))
+    }
+
+    /// What `key` of `room`'s synced map `map` reads as, decoded: this
+    /// client's newest unsettled write of it, else what the server
+    /// confirmed. `None` if it holds nothing.
+    pub async fn map_get<T: DeserializeOwned>(
+        &self,
+        room: &str,
+        map: &str,
+        key: &str,
+    ) -> Result<Option<T>, ClientError> {
+        let value = self.with(|s, _| s.client.map_get(room, map, key).cloned())?;
+        Ok(value.map(|p| util::decode(&p)).transpose()?)
+    }
+
+    /// Every entry of `room`'s synced map `map` as it reads now, in key
+    /// order.
+    pub async fn map_entries(
+        &self,
+        room: &str,
+        map: &str,
+    ) -> Result<Vec<(std::sync::Arc<str>, Payload)>, ClientError> {
+        self.with(|s, _| s.client.map_entries(room, map))
+    }
+
+    /// Whether `room`'s synced map `map` arrived whole on the current
+    /// session ([`Event::MapSynced`]); until then it may be out of date.
+    pub async fn map_synced(&self, room: &str, map: &str) -> Result<bool, ClientError> {
+        self.with(|s, _| s.client.map_synced(room, map))
     }
 
     /// A snapshot of the client's counters, state, round-trip time, rooms

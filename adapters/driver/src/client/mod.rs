@@ -171,6 +171,8 @@ pub fn connect(
     options.config.can_refresh_token = options.token.is_some();
     let client_id = ClientId(util::random16().map_err(|e| ConnectError::Random(e.to_string()))?);
     let mut client = Client::new(options.config.clone(), client_id, util::random_seed())?;
+    // The driver's clock starts at about this moment (`Clock::new`).
+    client.set_wall_clock(kitestring_core::Instant::ZERO, util::unix_ms());
     let preferred = options
         .config
         .codecs

@@ -20,12 +20,14 @@ use futures_channel::{mpsc, oneshot};
 use futures_io::{AsyncRead, AsyncWrite};
 
 use kitestring_core::close::CloseCode;
+use kitestring_core::hlc::HlcTimestamp;
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::rooms::{Member, RoomPolicy};
 #[cfg(doc)]
 use kitestring_core::server::ServerEvent;
-use kitestring_core::server::{ConnectionId, ServerMetrics, SessionInfo};
+use kitestring_core::server::{ConnectionId, MapError, MapOptions, ServerMetrics, SessionInfo};
 use kitestring_core::wire::{Codec, Payload, SessionId};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{room_label, ServerError};
@@ -657,6 +659,106 @@ impl ServerHandle {
         self.shared.call(|st, _| st.server.latest_values(room))
     }
 
+    /// Opens the synced map `map` of `room` (or changes an open one's
+    /// options): members of the room, now and later, get its entries and
+    /// every change, and write to it as `options` and the room policy
+    /// ([`RoomPolicy::authorize_map_write`](crate::RoomPolicy::authorize_map_write))
+    /// allow (PROTOCOL.md, section 3.6). Maps are the application's state:
+    /// they stay open, with their entries, until [`close_map`](Self::close_map),
+    /// whether or not the room has members. The servers of a cluster do not
+    /// share maps yet: with a backplane this fails with
+    /// `MapError::Unsupported`.
+    pub async fn open_map(
+        &self,
+        room: &str,
+        map: &str,
+        options: MapOptions,
+    ) -> Result<(), ServerError> {
+        if self.shared.cluster.is_some() {
+            return Err(map_error(
+                room,
+                map,
+                MapError::Unsupported(
+                    "synced maps are not shared between the servers of a cluster yet",
+                ),
+            ));
+        }
+        self.shared
+            .call(|st, now| st.server.open_map(now, room, map, options))?
+            .map_err(|error| map_error(room, map, error))
+    }
+
+    /// Closes `room`'s map `map`: its entries are dropped and members see
+    /// it empty. `false` if it was not open.
+    pub async fn close_map(&self, room: &str, map: &str) -> Result<bool, ServerError> {
+        self.shared
+            .call(|st, now| st.server.close_map(now, room, map))
+    }
+
+    /// Sets `key` of `room`'s map `map` to a typed value, stamped by the
+    /// server now, and sends the change to the members (and the
+    /// application's [`ServerEvent::MapChanged`]). Returns the stamp.
+    pub async fn map_set<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        map: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<HlcTimestamp, ServerError> {
+        let payload = util::encode(value, self.codec)?;
+        self.map_set_payload(room, map, key, payload).await
+    }
+
+    /// [`map_set`](Self::map_set) with a ready payload (JSON or
+    /// MessagePack).
+    pub async fn map_set_payload(
+        &self,
+        room: &str,
+        map: &str,
+        key: &str,
+        value: Payload,
+    ) -> Result<HlcTimestamp, ServerError> {
+        self.shared
+            .call(|st, now| st.server.map_set(now, room, map, key, value))?
+            .map_err(|error| map_error(room, map, error))
+    }
+
+    /// Deletes `key` of `room`'s map `map`, stamped by the server now.
+    pub async fn map_delete(
+        &self,
+        room: &str,
+        map: &str,
+        key: &str,
+    ) -> Result<HlcTimestamp, ServerError> {
+        self.shared
+            .call(|st, now| st.server.map_delete(now, room, map, key))?
+            .map_err(|error| map_error(room, map, error))
+    }
+
+    /// The value of `key` in `room`'s map `map`, decoded; `None` if it
+    /// holds none (or the map is not open).
+    pub async fn map_get<T: DeserializeOwned>(
+        &self,
+        room: &str,
+        map: &str,
+        key: &str,
+    ) -> Result<Option<T>, ServerError> {
+        let value = self
+            .shared
+            .call(|st, _| st.server.map_get(room, map, key))?;
+        Ok(value.map(|p| util::decode(&p)).transpose()?)
+    }
+
+    /// Every entry of `room`'s map `map`, in key order; `None` if it is
+    /// not open.
+    pub async fn map_entries(
+        &self,
+        room: &str,
+        map: &str,
+    ) -> Result<Option<Vec<(std::sync::Arc<str>, Payload)>>, ServerError> {
+        self.shared.call(|st, _| st.server.map_entries(room, map))
+    }
+
     /// Who is in `room`, as members see each other (client id and identity,
     /// sorted; never session ids). In a cluster, every node's members, as
     /// the backplane records them.
@@ -792,5 +894,13 @@ impl ServerHandle {
         self.shared
             .runtime
             .spawn(Box::pin(serve_accepted(shared, io, None)));
+    }
+}
+
+fn map_error(room: &str, map: &str, error: MapError) -> ServerError {
+    ServerError::Map {
+        room: room_label(room),
+        map: room_label(map),
+        error,
     }
 }

@@ -368,6 +368,8 @@ fn start_inner(
         config.resume_secret = kitestring_core::config::ResumeSecret(secret);
     }
     let mut server = Server::new(config)?;
+    // The driver's clock starts at about this moment (`Clock::new`).
+    server.set_wall_clock(kitestring_core::Instant::ZERO, crate::util::unix_ms());
     // Room-stream members read each broadcast from one shared feed.
     server.set_room_feeds(true);
     // Latest values wait in each connection's slot, the newest of each key.

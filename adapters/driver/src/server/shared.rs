@@ -463,6 +463,11 @@ impl LockedState {
                         wakes.take(&mut slot.waker);
                     }
                 }
+                ServerOutput::Map(update) => {
+                    // `ServerHandle::open_map` refuses maps with a
+                    // backplane, so no server here shares one.
+                    error!(?update, "a synced-map update without a way to share it");
+                }
                 ServerOutput::Cluster(c) => {
                     match &env.cluster {
                         Some(cluster) => {
