@@ -46,7 +46,17 @@
 //! rooms each node has members in ([`Backplane::node_rooms`]) and which
 //! nodes have any ([`Backplane::room_nodes`]).
 //!
-//! This module owns the trait and its error; it never holds cluster logic.
+//! **Synced maps.** Each open map has a record per key in the store, the
+//! newest the cluster has seen ([`MapRecord`]: its stamp and value, or none
+//! for a deletion). [`Backplane::map_write`] keeps a record only if its
+//! stamp is greater than the one kept (at one stamp, a deletion wins), and
+//! then delivers it to every node ([`Backplane::map_news`]); a node that
+//! opens a map, or may have missed records, reads them all
+//! ([`Backplane::map_read`]). Records merge in any order to the same map,
+//! so nothing here orders them.
+//!
+//! This module owns the trait, its error and the records' byte form; it
+//! never holds cluster logic.
 //!
 //! [`ServerOptions::backplane`]: crate::ServerOptions::backplane
 //! [`ServerOptions::node_timeout`]: crate::ServerOptions::node_timeout
@@ -217,6 +227,147 @@ pub trait Backplane: Send + Sync + 'static {
     /// were read), after which the server reads what it lacks with
     /// [`room_read`](Self::room_read). Called once, when the server starts.
     fn room_news(&self) -> BoxStream<'static, RoomNews>;
+
+    // ---- synced maps ---------------------------------------------------
+
+    /// Keeps `record` if the store has no record of its key (in its room's
+    /// map) or one with a smaller stamp (at one stamp, a deletion beats a
+    /// value), atomically, and then delivers it to every node's
+    /// [`map_news`](Self::map_news). A map holding `max_keys` keys takes
+    /// no new one ([`MapKept::Full`]).
+    fn map_write(
+        &self,
+        record: MapRecord,
+        max_keys: usize,
+    ) -> BoxFuture<'static, Result<MapKept, BackplaneError>>;
+
+    /// Every record the store keeps of `room`'s map `map`.
+    fn map_read(
+        &self,
+        room: String,
+        map: String,
+    ) -> BoxFuture<'static, Result<Vec<MapRecord>, BackplaneError>>;
+
+    /// The records kept by [`map_write`](Self::map_write), this node's
+    /// too, for as long as the server runs, and a [`MapNews::Resync`]
+    /// whenever some may have been missed (the connection dropped, or
+    /// records came faster than they were read), after which the server
+    /// reads its maps again. Called once, when the server starts.
+    fn map_news(&self) -> BoxStream<'static, MapNews>;
+}
+
+/// One key of a synced map as the store keeps it and nodes exchange it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapRecord {
+    /// The room.
+    pub room: String,
+    /// The map's name.
+    pub map: String,
+    /// The key.
+    pub key: String,
+    /// The write's stamp.
+    pub stamp: kitestring_core::hlc::HlcTimestamp,
+    /// The value; `None`: deleted.
+    pub value: Option<kitestring_core::wire::Payload>,
+}
+
+impl MapRecord {
+    /// The stamp as 50 ASCII digits (physical time, logical counter, node,
+    /// each zero-padded), then `1` for a deletion or `0` for a value: two
+    /// records' stamps compare as these strings do, byte by byte, and at one
+    /// stamp a deletion sorts after a value.
+    pub fn order_key(&self) -> String {
+        let s = self.stamp;
+        format!(
+            "{:020}{:010}{:020}{}",
+            s.physical_ms,
+            s.logical,
+            s.node,
+            u8::from(self.value.is_none())
+        )
+    }
+
+    /// The record's bytes: the [`order_key`](Self::order_key), then the
+    /// room, map and key each as a 4-byte big-endian length and the UTF-8
+    /// bytes, then the value's kind (`j`, `m`, `b`; nothing for a
+    /// deletion) and its bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.order_key().into_bytes();
+        for s in [&self.room, &self.map, &self.key] {
+            out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        if let Some(v) = &self.value {
+            out.push(match v.kind() {
+                kitestring_core::wire::PayloadKind::MsgPack => b'm',
+                kitestring_core::wire::PayloadKind::Binary => b'b',
+                _ => b'j',
+            });
+            out.extend_from_slice(v.data());
+        }
+        out
+    }
+
+    /// Reads [`to_bytes`](Self::to_bytes)' form; `None` if it is not one.
+    pub fn from_bytes(b: &[u8]) -> Option<MapRecord> {
+        use kitestring_core::wire::Payload;
+        let digits = std::str::from_utf8(b.get(..51)?).ok()?;
+        let num = |r: std::ops::Range<usize>| digits.get(r)?.parse::<u64>().ok();
+        let stamp = kitestring_core::hlc::HlcTimestamp::new(
+            num(0..20)?,
+            u32::try_from(num(20..30)?).ok()?,
+            num(30..50)?,
+        );
+        let deleted = match digits.as_bytes()[50] {
+            b'0' => false,
+            b'1' => true,
+            _ => return None,
+        };
+        let mut rest = &b[51..];
+        let mut field = || {
+            let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            let s = std::str::from_utf8(rest.get(4..4 + len)?).ok()?.to_owned();
+            rest = &rest[4 + len..];
+            Some(s)
+        };
+        let (room, map, key) = (field()?, field()?, field()?);
+        let value = match (deleted, rest.split_first()) {
+            (true, None) => None,
+            (false, Some((b'j', data))) => Some(Payload::json(data.to_vec()).ok()?),
+            (false, Some((b'm', data))) => Some(Payload::msgpack(data.to_vec()).ok()?),
+            (false, Some((b'b', data))) => Some(Payload::binary(data.to_vec())),
+            _ => return None,
+        };
+        Some(MapRecord {
+            room,
+            map,
+            key,
+            stamp,
+            value,
+        })
+    }
+}
+
+/// What [`Backplane::map_write`] did with a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MapKept {
+    /// Kept, and delivered to every node.
+    Kept,
+    /// The store kept the record it had, whose stamp is not smaller.
+    Stale,
+    /// The map holds its most keys already: not kept.
+    Full,
+}
+
+/// What the store delivers about synced maps ([`Backplane::map_news`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MapNews {
+    /// A record the store kept.
+    Record(MapRecord),
+    /// Records may have been missed: read the maps again.
+    Resync,
 }
 
 /// One atomic operation on a shared room ([`Backplane::room_batch`]).

@@ -63,7 +63,6 @@ pub(crate) fn random16() -> Result<[u8; 16], getrandom::Error> {
     Ok(b)
 }
 
-/// A random u64 seed for jitter.
 /// The wall-clock time in milliseconds since the Unix epoch (0 before it),
 /// for the machines' synced-map stamps.
 pub(crate) fn unix_ms() -> u64 {
@@ -72,6 +71,7 @@ pub(crate) fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A random u64 seed for jitter.
 pub(crate) fn random_seed() -> u64 {
     match generator() {
         Ok(g) => g.lock().unwrap_or_else(PoisonError::into_inner).next_u64(),

@@ -35,7 +35,11 @@
 //! notifications arriving on a second RESP3 connection that subscribes to
 //! the rooms the node follows (at most [`ROOM_NEWS_CAPACITY`] waiting to
 //! be read; past that, and after that connection drops, the server is told
-//! to read the logs). Scripts compute the keys they touch, so this is for
+//! to read the logs). Synced maps are a hash per map
+//! (`{prefix}map:{room length}:{room}:{map}`, one field per key holding its
+//! record) written by a compare-and-set script that publishes each kept
+//! record on `{prefix}maps`, which every node reads on a connection of its
+//! own. Scripts compute the keys they touch, so this is for
 //! one Redis server (with replicas if you like), not Redis Cluster. It
 //! also owns [`testing`], which starts a
 //! private `redis-server` for tests and benchmarks. It holds no cluster
@@ -52,7 +56,8 @@ use futures_channel::mpsc;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use kitestring::backplane::{
-    RoomCommand, RoomLog, RoomMember, RoomNews, RoomReply, RoomTop, Swept,
+    MapKept, MapNews, MapRecord, RoomCommand, RoomLog, RoomMember, RoomNews, RoomReply, RoomTop,
+    Swept,
 };
 use kitestring::runtime::BoxFuture;
 use kitestring::{Backplane, BackplaneError};
@@ -93,6 +98,7 @@ struct Scripts {
     read: redis::Script,
     sweep: redis::Script,
     forget: redis::Script,
+    map_write: redis::Script,
 }
 
 /// The RESP3 connection subscribed to the rooms this node follows, and
@@ -188,6 +194,7 @@ impl RedisBackplane {
                 read: rooms::script(rooms::READ),
                 sweep: rooms::script(rooms::SWEEP),
                 forget: rooms::script(rooms::FORGET),
+                map_write: redis::Script::new(MAP_WRITE),
             }),
             rooms: Arc::new(RoomChannels {
                 manager,
@@ -223,7 +230,35 @@ impl RedisBackplane {
     fn room_channel(&self, room: &str) -> String {
         format!("{}room:{room}", self.prefix)
     }
+
+    /// The hash of a synced map: the room's length first, so that no two
+    /// (room, map) pairs share one.
+    fn map_key(&self, room: &str, map: &str) -> String {
+        format!("{}map:{}:{room}:{map}", self.prefix, room.len())
+    }
+
+    fn maps_channel(&self) -> String {
+        format!("{}maps", self.prefix)
+    }
 }
+
+/// Keeps a synced map's record if its order key (the first 51 bytes of
+/// the record: stamp digits, then 1 for a deletion) beats the kept one's,
+/// and publishes it; 0 if the kept one stays, -1 if the map is full.
+const MAP_WRITE: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  if string.sub(cur, 1, 51) >= string.sub(ARGV[2], 1, 51) then return 0 end
+elseif redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return -1
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 1
+"#;
+
+/// Records a map read returns at most.
+const MAP_READ_LIMIT: usize = 1 << 17;
 
 /// The room news channel overflowed (entries dropped: a resync follows).
 static OVERFLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -381,80 +416,104 @@ impl Backplane for RedisBackplane {
     }
 
     fn inbox(&self) -> BoxStream<'static, Vec<u8>> {
-        let (tx, rx) = mpsc::channel::<Pushed>(INBOX_CAPACITY);
         let channel = self.inbox_channel(&self.node);
-        let url = self.url.clone();
-        let node = self.node.clone();
-        // A RESP3 connection of its own, whose pushes are the inbox; the
-        // connection manager subscribes again after it reconnects.
-        let subscribe = async move {
-            let url = resp3(&url);
-            let sender = std::sync::Mutex::new(tx);
-            let config = manager_config()
-                .set_automatic_resubscription()
-                .set_push_sender(move |push: redis::PushInfo| {
-                    let pushed = match push.kind {
-                        PushKind::Message => match push.data.into_iter().nth(1) {
-                            // [channel, payload]
-                            Some(Value::BulkString(payload)) => Pushed::Message(payload),
-                            _ => return Ok::<(), ()>(()),
-                        },
-                        PushKind::Disconnection => Pushed::Lost,
-                        _ => return Ok(()),
-                    };
-                    let mut tx = sender.lock().unwrap_or_else(|e| e.into_inner());
-                    if tx.try_send(pushed).is_err() {
-                        tracing::warn!(%node, "backplane inbox full: a message between nodes was dropped");
-                    }
-                    Ok(())
-                });
-            let manager = async {
-                let client = redis::Client::open(url.as_str())?;
-                let mut manager = ConnectionManager::new_with_config(client, config).await?;
-                manager.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(manager)
-            };
-            match manager.await {
-                Ok(manager) => Some(manager),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot subscribe to this node's backplane inbox");
-                    None
+        subscribed(self.url.clone(), channel, INBOX_CAPACITY, "inbox")
+            .filter_map(|s| async move {
+                match s {
+                    Subscribed::Message(m) => Some(m),
+                    // Senders' timeouts cover what was lost.
+                    Subscribed::Again => None,
                 }
-            }
-        };
-        // The manager lives as long as the stream does.
-        type Subscribe = BoxFuture<'static, Option<ConnectionManager>>;
-        enum Inbox {
-            Start(Subscribe, mpsc::Receiver<Pushed>),
-            Running(mpsc::Receiver<Pushed>, Option<ConnectionManager>),
-        }
-        let start = Inbox::Start(Box::pin(subscribe), rx);
-        futures_util::stream::unfold(start, |state| async move {
-            let (mut rx, mut keep) = match state {
-                Inbox::Start(subscribe, rx) => (rx, subscribe.await),
-                Inbox::Running(rx, keep) => (rx, keep),
-            };
+            })
+            .boxed()
+    }
+
+    fn map_write(
+        &self,
+        record: MapRecord,
+        max_keys: usize,
+    ) -> BoxFuture<'static, Result<MapKept, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let script = self.scripts.map_write.clone();
+        let keys = [self.map_key(&record.room, &record.map), self.maps_channel()];
+        Box::pin(async move {
+            let kept: i64 = script
+                .key(&keys[0])
+                .key(&keys[1])
+                .arg(record.key.as_bytes())
+                .arg(record.to_bytes())
+                .arg(max_keys)
+                .invoke_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            Ok(match kept {
+                1 => MapKept::Kept,
+                0 => MapKept::Stale,
+                _ => MapKept::Full,
+            })
+        })
+    }
+
+    fn map_read(
+        &self,
+        room: String,
+        map: String,
+    ) -> BoxFuture<'static, Result<Vec<MapRecord>, BackplaneError>> {
+        let mut c = self.commands.clone();
+        let key = self.map_key(&room, &map);
+        Box::pin(async move {
+            let mut records = Vec::new();
+            let mut cursor = 0u64;
             loop {
-                match rx.next().await? {
-                    Pushed::Message(message) | Pushed::Room(_, message) => {
-                        return Some((message, Inbox::Running(rx, keep)))
-                    }
-                    // The connection dropped: the manager reconnects (and
-                    // subscribes again) on the next command, so send one
-                    // until it answers.
-                    Pushed::Lost => {
-                        if let Some(manager) = keep.as_mut() {
-                            while redis::cmd("PING").query_async::<()>(manager).await.is_err() {
-                                sleep(Duration::from_millis(500)).await;
-                            }
-                            tracing::debug!("backplane inbox subscribed again");
+                // (cursor, [(field, record)]).
+                type Scan = (u64, Vec<(Vec<u8>, Vec<u8>)>);
+                let (next, fields): Scan = redis::cmd("HSCAN")
+                    .arg(&key)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(unavailable)?;
+                for (_, value) in fields {
+                    match MapRecord::from_bytes(&value) {
+                        Some(r) if r.room == room && r.map == map => records.push(r),
+                        _ => {
+                            tracing::warn!(%room, %map, "an unreadable map record in the backplane")
                         }
                     }
                 }
+                if next == 0 || records.len() >= MAP_READ_LIMIT {
+                    break;
+                }
+                cursor = next;
+            }
+            Ok(records)
+        })
+    }
+
+    fn map_news(&self) -> BoxStream<'static, MapNews> {
+        subscribed(
+            self.url.clone(),
+            self.maps_channel(),
+            ROOM_NEWS_CAPACITY,
+            "maps",
+        )
+        .filter_map(|s| async move {
+            match s {
+                Subscribed::Message(m) => match MapRecord::from_bytes(&m) {
+                    Some(r) => Some(MapNews::Record(r)),
+                    None => {
+                        tracing::warn!("an unreadable map record on the backplane");
+                        None
+                    }
+                },
+                Subscribed::Again => Some(MapNews::Resync),
             }
         })
         .boxed()
     }
+
     fn room_batch(
         &self,
         commands: Vec<RoomCommand>,
@@ -681,6 +740,105 @@ impl Backplane for RedisBackplane {
         })
         .boxed()
     }
+}
+
+/// What [`subscribed`] yields.
+enum Subscribed {
+    /// A message published on the channel.
+    Message(Vec<u8>),
+    /// Messages may have been lost (the connection dropped and subscribed
+    /// again, or more came than were read); what comes next is live.
+    Again,
+}
+
+/// A RESP3 connection of its own subscribed to `channel`, as a stream of
+/// what is published there for as long as it is read; at most `capacity`
+/// wait to be read (past it, and after the connection drops, `Again`,
+/// once it is subscribed again). The connection manager subscribes again
+/// after it reconnects.
+fn subscribed(
+    url: Arc<str>,
+    channel: String,
+    capacity: usize,
+    what: &'static str,
+) -> BoxStream<'static, Subscribed> {
+    let (tx, rx) = mpsc::channel::<Pushed>(capacity);
+    let overflowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = overflowed.clone();
+    let subscribe = async move {
+        let url = resp3(&url);
+        let sender = std::sync::Mutex::new(tx);
+        let config = manager_config()
+            .set_automatic_resubscription()
+            .set_push_sender(move |push: redis::PushInfo| {
+                let pushed = match push.kind {
+                    PushKind::Message => match push.data.into_iter().nth(1) {
+                        // [channel, payload]
+                        Some(Value::BulkString(payload)) => Pushed::Message(payload),
+                        _ => return Ok::<(), ()>(()),
+                    },
+                    PushKind::Disconnection => Pushed::Lost,
+                    _ => return Ok(()),
+                };
+                let mut tx = sender.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = tx.try_send(pushed) {
+                    if e.is_full() && !flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(what, "backplane channel full: messages were dropped");
+                    }
+                }
+                Ok(())
+            });
+        let manager = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut manager = ConnectionManager::new_with_config(client, config).await?;
+            manager.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(manager)
+        };
+        match manager.await {
+            Ok(manager) => Some(manager),
+            Err(e) => {
+                tracing::error!(error = %e, what, "cannot subscribe to a backplane channel");
+                None
+            }
+        }
+    };
+    // The manager lives as long as the stream does.
+    type Subscribe = BoxFuture<'static, Option<ConnectionManager>>;
+    enum State {
+        Start(Subscribe, mpsc::Receiver<Pushed>),
+        Running(mpsc::Receiver<Pushed>, Option<ConnectionManager>),
+    }
+    let start = State::Start(Box::pin(subscribe), rx);
+    futures_util::stream::unfold(start, move |state| {
+        let overflowed = overflowed.clone();
+        async move {
+            let (mut rx, mut keep) = match state {
+                State::Start(subscribe, rx) => (rx, subscribe.await),
+                State::Running(rx, keep) => (rx, keep),
+            };
+            if overflowed.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                return Some((Subscribed::Again, State::Running(rx, keep)));
+            }
+            match rx.next().await? {
+                Pushed::Message(message) | Pushed::Room(_, message) => {
+                    Some((Subscribed::Message(message), State::Running(rx, keep)))
+                }
+                // The connection dropped: the manager reconnects (and
+                // subscribes again) on the next command, so send one until
+                // it answers.
+                Pushed::Lost => {
+                    if let Some(manager) = keep.as_mut() {
+                        while redis::cmd("PING").query_async::<()>(manager).await.is_err() {
+                            sleep(Duration::from_millis(500)).await;
+                        }
+                        tracing::debug!(what, "backplane channel subscribed again");
+                    }
+                    Some((Subscribed::Again, State::Running(rx, keep)))
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 /// What a subscribed connection pushes.

@@ -531,6 +531,7 @@ impl Server {
                 session,
                 room: name.clone(),
             });
+            self.maps_joined(session, &name);
         }
         if self.policy.presence(&name) {
             self.send_snapshot(session, &name, members);

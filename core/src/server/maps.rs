@@ -154,9 +154,6 @@ pub enum MapError {
     /// only).
     #[error("map values are JSON or MessagePack")]
     BadValue,
-    /// The operation is not available here.
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 /// One map: its entries, its options and what they take.
@@ -278,7 +275,6 @@ impl From<MapError> for Refuse {
             MapError::NoMap => "no_map",
             MapError::Full { .. } | MapError::TooLarge { .. } => "map_full",
             MapError::BadValue => "bad_value",
-            MapError::Unsupported(_) => "unsupported",
             MapError::TooManyMaps { .. } | MapError::BadBounds { .. } => "invalid",
         };
         Refuse::new(code, e.to_string())
@@ -454,6 +450,44 @@ impl Server {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         )
+    }
+
+    /// Every entry `room`'s map `map` holds, deletions too, as servers
+    /// exchange them (for a driver that shares the map with a cluster);
+    /// empty if it is not open.
+    pub fn map_updates(&self, room: &str, map: &str) -> Vec<MapUpdate> {
+        let Some((name, m)) = self.maps.get(room).and_then(|m| m.get_key_value(map)) else {
+            return Vec::new();
+        };
+        let room = self.rooms.name(room);
+        m.entries
+            .snapshot()
+            .into_iter()
+            .map(|u| MapUpdate {
+                room: room.clone(),
+                map: name.clone(),
+                key: u.key,
+                stamp: u.ts,
+                value: u.value,
+            })
+            .collect()
+    }
+
+    /// The most entries `room`'s map `map` holds, if it is open.
+    pub fn map_bounds(&self, room: &str, map: &str) -> Option<usize> {
+        Some(self.maps.get(room)?.get(map)?.options.max_entries)
+    }
+
+    /// Every open map: (room, map).
+    pub fn open_maps(&self) -> Vec<(Arc<str>, Arc<str>)> {
+        let mut all = Vec::new();
+        for (room, maps) in &self.maps {
+            for name in maps.keys() {
+                all.push((room.clone(), name.clone()));
+            }
+        }
+        all.sort();
+        all
     }
 
     /// The names of `room`'s open maps.

@@ -150,6 +150,8 @@ pub(super) struct Cluster {
     stale: std::sync::atomic::AtomicBool,
     /// Rooms shared with the other nodes.
     pub(super) rooms: SharedRooms,
+    /// Synced maps shared with the other nodes.
+    pub(super) maps: super::shared_maps::SharedMaps,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -175,6 +177,7 @@ impl Cluster {
             task: AtomicWaker::new(),
             stale: std::sync::atomic::AtomicBool::new(false),
             rooms: SharedRooms::new(),
+            maps: super::shared_maps::SharedMaps::new(),
         }
     }
 
@@ -876,6 +879,7 @@ pub(super) fn spawn(shared: Arc<ServerShared>) {
         cluster.backplane.clone(),
         cluster.node_timeout,
     );
+    super::shared_maps::spawn(shared.clone(), cluster.backplane.clone());
     // Liveness and the registry: every third of the node timeout, and at
     // once when sessions open, move or end.
     shared.runtime.clone().spawn(Box::pin(async move {

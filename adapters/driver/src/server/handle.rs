@@ -665,27 +665,25 @@ impl ServerHandle {
     /// ([`RoomPolicy::authorize_map_write`](crate::RoomPolicy::authorize_map_write))
     /// allow (PROTOCOL.md, section 3.6). Maps are the application's state:
     /// they stay open, with their entries, until [`close_map`](Self::close_map),
-    /// whether or not the room has members. The servers of a cluster do not
-    /// share maps yet: with a backplane this fails with
-    /// `MapError::Unsupported`.
+    /// whether or not the room has members. In a cluster, open the map on
+    /// every node (as the application's start-up does): each keeps a copy,
+    /// reads what the cluster has, and shares every change (last writer
+    /// wins by stamp, so the copies converge).
     pub async fn open_map(
         &self,
         room: &str,
         map: &str,
         options: MapOptions,
     ) -> Result<(), ServerError> {
-        if self.shared.cluster.is_some() {
-            return Err(map_error(
-                room,
-                map,
-                MapError::Unsupported(
-                    "synced maps are not shared between the servers of a cluster yet",
-                ),
-            ));
-        }
         self.shared
             .call(|st, now| st.server.open_map(now, room, map, options))?
-            .map_err(|error| map_error(room, map, error))
+            .map_err(|error| map_error(room, map, error))?;
+        if let Some(cluster) = &self.shared.cluster {
+            // What the cluster has of it comes in as the other nodes'
+            // changes do.
+            cluster.maps.load(room, map);
+        }
+        Ok(())
     }
 
     /// Closes `room`'s map `map`: its entries are dropped and members see

@@ -88,6 +88,7 @@ mod http;
 mod hyper;
 mod metrics;
 mod shared;
+mod shared_maps;
 mod shared_rooms;
 mod upgrade;
 
@@ -375,6 +376,11 @@ fn start_inner(
     // Latest values wait in each connection's slot, the newest of each key.
     server.set_latest_slots(true);
     server.set_shared_rooms(options.backplane.is_some());
+    // Each node stamps its maps' writes with a node id of its own.
+    let node = crate::util::random16().map_err(|e| ServeError::Random(e.to_string()))?;
+    server.set_map_node(u64::from_le_bytes([
+        node[0], node[1], node[2], node[3], node[4], node[5], node[6], node[7],
+    ]));
     if let Some(policy) = &options.policy {
         server.set_policy(Box::new(SharedPolicy(policy.clone())));
     }

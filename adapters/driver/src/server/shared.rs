@@ -463,11 +463,10 @@ impl LockedState {
                         wakes.take(&mut slot.waker);
                     }
                 }
-                ServerOutput::Map(update) => {
-                    // `ServerHandle::open_map` refuses maps with a
-                    // backplane, so no server here shares one.
-                    error!(?update, "a synced-map update without a way to share it");
-                }
+                ServerOutput::Map(update) => match &env.cluster {
+                    Some(cluster) => cluster.maps.push(update),
+                    None => error!(?update, "a synced-map update without a cluster"),
+                },
                 ServerOutput::Cluster(c) => {
                     match &env.cluster {
                         Some(cluster) => {
