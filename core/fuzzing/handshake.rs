@@ -63,6 +63,7 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
             ServerOutput::Feed(f) => panic!("a feed output with feeds off: {f:?}"),
             ServerOutput::Cluster(c) => panic!("a cluster output with shared rooms off: {c:?}"),
             ServerOutput::Latest(_, v) => panic!("a latest value with slots off: {v:?}"),
+            ServerOutput::Map(u) => panic!("a synced-map update with shared rooms off: {u:?}"),
         }
     }
     if matches!(frame, Some(Frame::Hello(_))) {
@@ -96,6 +97,7 @@ pub fn handshake(data: &[u8], probe: &dyn AllocProbe) {
             ServerOutput::Feed(f) => panic!("a feed output with feeds off: {f:?}"),
             ServerOutput::Cluster(c) => panic!("a cluster output with shared rooms off: {c:?}"),
             ServerOutput::Latest(_, v) => panic!("a latest value with slots off: {v:?}"),
+            ServerOutput::Map(u) => panic!("a synced-map update with shared rooms off: {u:?}"),
         }
     }
     let mut welcomed = false;

@@ -729,6 +729,7 @@ impl ServerHarness {
                 ServerOutput::Feed(f) => panic!("a feed output the model kept: {f:?}"),
                 ServerOutput::Cluster(c) => panic!("a cluster output with shared rooms off: {c:?}"),
                 ServerOutput::Latest(_, v) => panic!("a latest value with slots off: {v:?}"),
+                ServerOutput::Map(u) => panic!("a synced-map update with shared rooms off: {u:?}"),
             }
         }
     }

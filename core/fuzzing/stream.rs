@@ -404,6 +404,9 @@ impl StreamHarness {
                 ServerOutput::Latest(_, v) => {
                     self.fail(format_args!("a latest value with slots off: {v:?}"))
                 }
+                ServerOutput::Map(u) => self.fail(format_args!(
+                    "a synced-map update with shared rooms off: {u:?}"
+                )),
             }
         }
     }
