@@ -394,3 +394,89 @@ fn a_read_only_map_refuses_members_writes() {
         Some(10)
     );
 }
+
+/// Bounds: a map takes at most its entries and bytes, refusing the
+/// application with a typed error and a member by id (`map_full`); a
+/// deleted key makes room; tombstones past the map's size are compacted
+/// without bringing a deleted key back; a closed map reads empty
+/// everywhere.
+#[test]
+fn bounds_refusals_compaction_and_close() {
+    use kitestring_core::server::{MapError, MapWriters};
+    let mut sim = settings(9, Codec::Json, Stamping::Peers);
+    sim.with_server(|s, now| {
+        s.open_map(
+            now,
+            ROOM,
+            "small",
+            MapOptions::default()
+                .writers(MapWriters::Members)
+                .stamping(Stamping::Peers)
+                .bounds(2, 64),
+        )
+    })
+    .unwrap();
+    sim.with_server(|s, now| s.map_set(now, ROOM, "small", "a", value(1)))
+        .unwrap();
+    sim.with_server(|s, now| s.map_set(now, ROOM, "small", "b", value(2)))
+        .unwrap();
+    let full = sim.with_server(|s, now| s.map_set(now, ROOM, "small", "c", value(3)));
+    assert_eq!(full, Err(MapError::Full { max: 2 }));
+    let big = Payload::json(format!("\"{}\"", "x".repeat(100)).into_bytes()).unwrap();
+    let too_big = sim.with_server(|s, now| s.map_set(now, ROOM, "small", "a", big));
+    assert_eq!(too_big, Err(MapError::TooLarge { max: 64 }));
+    let opaque = sim
+        .with_server(|s, now| s.map_set(now, ROOM, "small", "a", Payload::binary(vec![1, 2, 3])));
+    assert_eq!(opaque, Err(MapError::BadValue));
+    // A member's write past the bound is refused by id.
+    sim.run_for(Duration::from_secs(1));
+    let id = sim
+        .with_client(0, |cl, now| cl.map_set(now, ROOM, "small", "c", value(3)))
+        .unwrap();
+    sim.run_for(Duration::from_secs(1));
+    assert!(sim.peers[0].events.iter().any(|(_, e)| matches!(
+        e,
+        Event::Refused { id: Some(r), refusal, .. } if *r == id && refusal.code.as_deref() == Some("map_full")
+    )));
+    // Deleting makes room; many deletes are compacted, never resurrected.
+    sim.with_server(|s, now| s.map_delete(now, ROOM, "small", "b"))
+        .unwrap();
+    for i in 0..20u64 {
+        let key = format!("k{i}");
+        sim.with_server(|s, now| s.map_set(now, ROOM, "small", &key, value(i)))
+            .unwrap();
+        sim.with_server(|s, now| s.map_delete(now, ROOM, "small", &key))
+            .unwrap();
+    }
+    sim.run_for(Duration::from_secs(2));
+    let want: Entries = [("a".to_owned(), 1u64)].into();
+    assert_eq!(
+        sim.server
+            .map_entries(ROOM, "small")
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), n(&v)))
+            .collect::<Entries>(),
+        want
+    );
+    for c in 0..CLIENTS {
+        let got: Entries = sim
+            .with_client(c, |cl, _| cl.map_entries(ROOM, "small"))
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), n(&v)))
+            .collect();
+        assert_eq!(got, want, "client {c}");
+    }
+    // Closing: every member's copy empties.
+    assert!(sim.with_server(|s, now| s.close_map(now, ROOM, "small")));
+    sim.run_for(Duration::from_secs(1));
+    for c in 0..CLIENTS {
+        assert!(sim
+            .with_client(c, |cl, _| cl.map_entries(ROOM, "small"))
+            .is_empty());
+    }
+    assert_eq!(
+        sim.with_server(|s, now| s.map_set(now, ROOM, "small", "a", value(1))),
+        Err(MapError::NoMap)
+    );
+}
