@@ -314,8 +314,8 @@ impl Server {
             .unwrap_or_else(|| unreachable!("made above"))
     }
 
-    /// Opens the synced map `map` of `room` (or changes an open one's
-    /// options; its entries stay). Members of the room, now and later, get
+    /// Opens the synced map `map` of `room` (or changes who writes and
+    /// who stamps an open one; its bounds and entries stay). Members of the room, now and later, get
     /// its entries and every change (PROTOCOL.md, section 3.6).
     ///
     /// Refused with [`MapError::BadName`], [`MapError::BadBounds`],
@@ -345,11 +345,10 @@ impl Server {
         }
         let room_name = self.rooms.name(room);
         if let Some(open) = self.maps.get_mut(room).and_then(|m| m.get_mut(map)) {
+            // Who writes and who stamps change; the bounds an open map
+            // was made with stay, and so do its entries.
             open.options.writers = options.writers;
             open.options.stamping = options.stamping;
-            // Bounds only grow: entries already held stay.
-            open.options.max_entries = open.options.max_entries.max(options.max_entries);
-            open.options.max_bytes = open.options.max_bytes.max(options.max_bytes);
             return Ok(());
         }
         let open: usize = self.maps.values().map(BTreeMap::len).sum();

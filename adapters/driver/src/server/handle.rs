@@ -659,9 +659,10 @@ impl ServerHandle {
         self.shared.call(|st, _| st.server.latest_values(room))
     }
 
-    /// Opens the synced map `map` of `room` (or changes an open one's
-    /// options): members of the room, now and later, get its entries and
-    /// every change, and write to it as `options` and the room policy
+    /// Opens the synced map `map` of `room` (or changes who writes and who
+    /// stamps an open one; its bounds and entries stay): members of the
+    /// room, now and later, get its entries and every change, and write to
+    /// it as `options` and the room policy
     /// ([`RoomPolicy::authorize_map_write`](crate::RoomPolicy::authorize_map_write))
     /// allow (PROTOCOL.md, section 3.6). Maps are the application's state:
     /// they stay open, with their entries, until [`close_map`](Self::close_map),
