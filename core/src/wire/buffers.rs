@@ -300,6 +300,49 @@ impl Encoder {
         }
     }
 
+    /// One frame with one payload (a message's, a map entry's value):
+    /// deflated into `deflated`, then sent as the next message when large
+    /// and the peer takes detached payloads, else embedded if that saves;
+    /// `Ok(false)` when it is to be encoded as usual.
+    #[cfg(feature = "compression")]
+    #[allow(clippy::too_many_arguments)]
+    fn send_deflated(
+        &mut self,
+        payload: &Payload,
+        encode: impl Fn(Form<'_>, &mut Vec<u8>) -> Result<FrameKind, EncodeError>,
+        codec: Codec,
+        detach: bool,
+        config: &CompressionConfig,
+        deflated: &mut Vec<u8>,
+        emit: &mut impl FnMut(Transmit),
+    ) -> Result<bool, EncodeError> {
+        if !self.deflate_payload(payload, config, deflated) {
+            return Ok(false);
+        }
+        if detach && deflated.len() >= detach_deflated_from(codec) {
+            // The deflated payload is the next message, as it is.
+            let bytes = Bytes::from(std::mem::take(deflated));
+            let form = Form::Deflated {
+                bytes: &bytes,
+                detached: true,
+            };
+            let kind = encode(form, &mut self.scratch)?;
+            emit(kind.with(self.cut_scratch()));
+            emit(Transmit::Binary(bytes));
+            return Ok(true);
+        }
+        if !embedded_saves(payload, codec, deflated.len()) {
+            return Ok(false);
+        }
+        let form = Form::Deflated {
+            bytes: deflated,
+            detached: false,
+        };
+        let kind = encode(form, &mut self.scratch)?;
+        emit(kind.with(self.cut_scratch()));
+        Ok(true)
+    }
+
     /// Encodes `frame` with its payloads deflated, if one is at least
     /// `config.threshold` bytes and deflating makes it smaller: `Ok(false)`
     /// when nothing was, and the frame is to be encoded as usual.
@@ -318,57 +361,26 @@ impl Encoder {
         deflated.clear();
         let sent = match frame {
             Frame::Msg(m) if worth(m.payload.len()) && !is_invalid(m) => {
-                if !self.deflate_payload(&m.payload, config, &mut deflated) {
-                    false
-                } else if detach && deflated.len() >= detach_deflated_from(codec) {
-                    // The deflated payload is the next message, as it is.
-                    let bytes = Bytes::from(std::mem::take(&mut deflated));
-                    let form = Form::Deflated {
-                        bytes: &bytes,
-                        detached: true,
-                    };
-                    let kind = encode_msg_into(m, form, codec, version, &mut self.scratch)?;
-                    emit(kind.with(self.cut_scratch()));
-                    emit(Transmit::Binary(bytes));
-                    true
-                } else if !embedded_saves(&m.payload, codec, deflated.len()) {
-                    false
-                } else {
-                    let form = Form::Deflated {
-                        bytes: &deflated,
-                        detached: false,
-                    };
-                    let kind = encode_msg_into(m, form, codec, version, &mut self.scratch)?;
-                    emit(kind.with(self.cut_scratch()));
-                    true
-                }
+                let encode = |form: Form<'_>, out: &mut Vec<u8>| {
+                    encode_msg_into(m, form, codec, version, out)
+                };
+                self.send_deflated(
+                    &m.payload,
+                    encode,
+                    codec,
+                    detach,
+                    config,
+                    &mut deflated,
+                    emit,
+                )?
             }
             // As a message's payload: detached when large, else embedded
             // if that saves.
             Frame::MapValue(v @ MapValue { value: Some(p), .. }) if worth(p.len()) => {
-                if !self.deflate_payload(p, config, &mut deflated) {
-                    false
-                } else if detach && deflated.len() >= detach_deflated_from(codec) {
-                    let bytes = Bytes::from(std::mem::take(&mut deflated));
-                    let form = Form::Deflated {
-                        bytes: &bytes,
-                        detached: true,
-                    };
-                    let kind = encode_map_value_into(v, form, codec, version, &mut self.scratch)?;
-                    emit(kind.with(self.cut_scratch()));
-                    emit(Transmit::Binary(bytes));
-                    true
-                } else if !embedded_saves(p, codec, deflated.len()) {
-                    false
-                } else {
-                    let form = Form::Deflated {
-                        bytes: &deflated,
-                        detached: false,
-                    };
-                    let kind = encode_map_value_into(v, form, codec, version, &mut self.scratch)?;
-                    emit(kind.with(self.cut_scratch()));
-                    true
-                }
+                let encode = |form: Form<'_>, out: &mut Vec<u8>| {
+                    encode_map_value_into(v, form, codec, version, out)
+                };
+                self.send_deflated(p, encode, codec, detach, config, &mut deflated, emit)?
             }
             Frame::Batch(msgs) if msgs.iter().any(|m| worth(m.payload.len())) => {
                 // Each message's deflated payload, as a span of `deflated`.
