@@ -377,20 +377,25 @@ pub struct ServerConfig {
     /// has read everything written before them (PROTOCOL.md, section 7),
     /// at most one outstanding per connection, sent at most every
     /// `max_lag / 4` and only to connections whose session is in a room or
-    /// has messages in flight or queued. A `ping` unanswered for `max_lag`
-    /// ends the session only if the client was heard from since it was
-    /// sent (its acknowledgments, messages, its own `ping`s every
-    /// `ping_interval`) and is awake: heard within the last `max_lag / 2`,
-    /// or else at its next frame. A client that sends nothing is the idle
-    /// timeout's to find (`idle_timeout`, 4008, the session kept for a
-    /// resume), never this bound's, however the two compare; and one heard
-    /// again after a pause (a laptop waking) gets `max_lag` anew from then,
-    /// so a sleeping laptop keeps its session. A member that sends nothing
-    /// but its `ping`s (a room stream member: stream entries are not
-    /// acknowledged) is heard every `ping_interval`: with `ping_interval`
-    /// at most `max_lag / 2` it is ended at `max_lag` like any other,
-    /// otherwise up to about one `max_lag` and one `ping_interval` later
-    /// (a gap between its `ping`s may pass for a pause).
+    /// has messages in flight or queued. A connection falling ever further
+    /// behind is therefore ended once it is between `max_lag` and
+    /// `2¼ × max_lag` behind: the probe it does not answer in time went out
+    /// a quarter of the bound after it answered the one before.
+    ///
+    /// A `ping` unanswered for `max_lag` ends the session only if the
+    /// client was heard from since it was sent (its acknowledgments,
+    /// messages, its own `ping`s every `ping_interval`) and is awake: heard
+    /// within the last `max_lag / 2`, or else at its next frame. A client
+    /// that sends nothing is the idle timeout's to find (`idle_timeout`,
+    /// 4008, the session kept for a resume), never this bound's, however
+    /// the two compare; and one heard again after a pause (a laptop waking)
+    /// gets `max_lag` anew from then, so a sleeping laptop keeps its
+    /// session. A member that sends nothing but its `ping`s (a room stream
+    /// member: stream entries are not acknowledged) is heard every
+    /// `ping_interval`: with `ping_interval` at most `max_lag / 2` it is
+    /// ended at `max_lag` like any other, otherwise up to about one
+    /// `max_lag` and one `ping_interval` later (a gap between its `ping`s
+    /// may pass for a pause).
     pub max_lag: Option<Duration>,
     /// Time allowed between the transport opening and the client's `hello`.
     /// Default 10 s.
