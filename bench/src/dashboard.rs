@@ -9,15 +9,34 @@
 //! staleness in its processing intervals (target: at most 2), the fast
 //! subscribers' staleness, and how many updates a second they take. Server
 //! and subscribers share this process and the machine's two cores.
+//!
+//! The server bounds how far behind in time a member may read
+//! (`ServerConfig::max_lag`, [`MAX_LAG`] here) and clients ping every
+//! [`PING`], so a subscriber that sends nothing but its pings is judged
+//! at the bound. The slow subscriber's sessions ended for lag are counted
+//! on the server (with when the first was), and its application carries on
+//! as one would: its client reconnects, reports the lost session
+//! (`Event::SessionLost`, counted) and joins the room again by itself in
+//! the new one.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use kitestring::{ClientOptions, Event, Payload, ServerOptions};
+use kitestring::{
+    ClientOptions, Event, Payload, ServerEvent, ServerOptions, SessionEnd, SessionId,
+};
 
 use crate::net;
-use crate::{Figure, Kind, Options, Range};
+use crate::{Failure, Figure, Kind, Options, Range};
+
+/// The server's lag bound in this scenario.
+const MAX_LAG: Duration = Duration::from_secs(2);
+
+/// The ping interval the server gives its clients here (default 20 s): a
+/// room stream member acknowledges nothing, so its pings are what the
+/// server hears from it.
+const PING: Duration = Duration::from_millis(500);
 
 /// How the updates are sent.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -42,8 +61,16 @@ struct Run {
     fast_p99_ms: f64,
     /// Updates a second each fast subscriber's application took, median.
     fast_rate: f64,
-    /// Sessions the slow subscriber lost (evicted as a slow consumer).
+    /// Sessions the slow subscriber's client reported lost
+    /// (`Event::SessionLost`) within the run.
     slow_lost: u64,
+    /// The slow subscriber's sessions the server ended as slow consumers
+    /// (its lag bound) within the run.
+    evictions: u64,
+    /// Seconds from the first update to the first of them (NaN: none).
+    first_eviction_s: f64,
+    /// Fast subscribers' sessions ended as slow consumers (must be none).
+    fast_evicted: u64,
 }
 
 /// An update: its number and when it was set (microseconds since `t0`).
@@ -64,13 +91,31 @@ fn run_once(mode: Mode, subscribers: usize, rate: u64, secs: u64, slow_every: Du
         let runtime = kitestring_tokio::runtime();
         let mut options = ServerOptions::default();
         options.config.rate_limit = None;
+        options.config.max_lag = Some(MAX_LAG);
+        options.config.ping_interval = PING;
         let (server, mut events) = kitestring::bind(
             runtime.clone(),
             "127.0.0.1:0".parse().expect("addr"),
             options,
         )
         .expect("bind");
-        tokio::spawn(async move { while events.next().await.is_some() {} });
+        // Sessions ended as slow consumers, and when.
+        let evicted: Arc<Mutex<Vec<(SessionId, Instant)>>> = Arc::default();
+        let seen = evicted.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.next().await {
+                if let ServerEvent::SessionEnded {
+                    session,
+                    reason: SessionEnd::SlowConsumer,
+                    ..
+                } = e
+                {
+                    if let Ok(mut v) = seen.lock() {
+                        v.push((session, Instant::now()));
+                    }
+                }
+            }
+        });
         let url = format!("ws://{}/", server.local_addr().expect("addr"));
         let t0 = Instant::now();
         let total = rate * secs;
@@ -80,10 +125,15 @@ fn run_once(mode: Mode, subscribers: usize, rate: u64, secs: u64, slow_every: Du
         let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let end = t0 + Duration::from_secs(secs + 2);
         let mut tasks = Vec::new();
+        let mut fast_sessions = std::collections::HashSet::new();
         for i in 0..subscribers {
             let (client, mut events) =
                 net::ours_connect(runtime.clone(), &url, ClientOptions::default()).await;
             client.join("dash").await.expect("join");
+            if i > 0 {
+                let session = client.stats().await.ok().and_then(|s| s.session);
+                fast_sessions.insert(session.expect("connected"));
+            }
             let (samples, lost) = (samples.clone(), lost.clone());
             let slow = i == 0;
             tasks.push(tokio::spawn(async move {
@@ -98,7 +148,8 @@ fn run_once(mode: Mode, subscribers: usize, rate: u64, secs: u64, slow_every: Du
                         Event::Message(m) if m.room.as_deref() == Some("dash") => m.payload,
                         Event::SessionLost { .. } => {
                             lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            // Its rooms are joined again by the client.
+                            // Nothing to do: the client joins its rooms
+                            // again, first thing, in the new session.
                             continue;
                         }
                         _ => continue,
@@ -139,6 +190,13 @@ fn run_once(mode: Mode, subscribers: usize, rate: u64, secs: u64, slow_every: Du
         for t in tasks {
             let _ = t.await;
         }
+        let evicted = evicted.lock().map(|v| v.clone()).unwrap_or_default();
+        let (fast_evicted, slow_evicted): (Vec<_>, Vec<_>) =
+            evicted.iter().partition(|(s, _)| fast_sessions.contains(s));
+        let first_eviction_s = slow_evicted
+            .iter()
+            .map(|(_, at)| at.saturating_duration_since(start).as_secs_f64())
+            .fold(f64::NAN, f64::min);
         let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
         if std::env::var_os("DASHBOARD_DEBUG").is_some() {
             eprintln!("{mode:?} slow: {:?}", &samples[0]);
@@ -170,6 +228,9 @@ fn run_once(mode: Mode, subscribers: usize, rate: u64, secs: u64, slow_every: Du
             fast_p99_ms: net::percentile(&fast, 99.0),
             fast_rate: net::median(&mut rates),
             slow_lost: lost.load(std::sync::atomic::Ordering::Relaxed),
+            evictions: slow_evicted.len() as u64,
+            first_eviction_s,
+            fast_evicted: fast_evicted.len() as u64,
         }
     })
 }
@@ -193,8 +254,17 @@ pub(crate) fn scenario(opts: &Options) -> Vec<Figure> {
         for mode in order {
             let r = run_once(mode, subscribers, rate, secs, slow_every);
             eprintln!(
-                "  {mode:?}: slow subscriber {:.2} intervals behind at most (median {:.2}), {} sessions lost; fast ones p99 {:.1} ms, {:.0} updates/s",
-                r.slow_max, r.slow_median, r.slow_lost, r.fast_p99_ms, r.fast_rate
+                "  {mode:?}: slow subscriber {:.2} intervals behind at most (median {:.2}), {} sessions ended for lag (max_lag {} s, pings every {} ms; the first {:.2} s into the run), {} session losses seen by its client; fast ones p99 {:.1} ms, {:.0} updates/s, {} sessions ended",
+                r.slow_max,
+                r.slow_median,
+                r.evictions,
+                MAX_LAG.as_secs(),
+                PING.as_millis(),
+                r.first_eviction_s,
+                r.slow_lost,
+                r.fast_p99_ms,
+                r.fast_rate,
+                r.fast_evicted
             );
             match mode {
                 Mode::Latest => latest.push(r),
@@ -208,6 +278,11 @@ pub(crate) fn scenario(opts: &Options) -> Vec<Figure> {
         baseline: min_max(b),
         runs: o.len().min(b.len()),
     };
+    let fast_evicted: u64 = latest
+        .iter()
+        .chain(&broadcast)
+        .map(|r| r.fast_evicted)
+        .sum();
     let figure = |scenario: String,
                   metric: &'static str,
                   f: fn(&Run) -> f64,
@@ -225,7 +300,10 @@ pub(crate) fn scenario(opts: &Options) -> Vec<Figure> {
             target,
             kind,
             range: Some(r),
-            failed: None,
+            failed: (fast_evicted > 0).then(|| Failure {
+                why: format!("{fast_evicted} fast subscriber sessions ended as slow consumers"),
+                ours: true,
+            }),
         }
     };
     vec![
@@ -253,12 +331,36 @@ pub(crate) fn scenario(opts: &Options) -> Vec<Figure> {
             Kind::Ratio,
             None,
         ),
+        figure(
+            format!("dashboard: {rate}/s to {subscribers}, slow subscriber's sessions ended for lag, max_lag {} s (latest vs broadcast)", MAX_LAG.as_secs()),
+            "sessions in the run",
+            |r| r.evictions as f64,
+            false,
+            Kind::Absolute,
+            None,
+        ),
+        figure(
+            format!("dashboard: {rate}/s to {subscribers}, slow subscriber's first lag eviction (latest vs broadcast)"),
+            "s after the first update",
+            |r| r.first_eviction_s,
+            false,
+            Kind::Absolute,
+            None,
+        ),
     ]
 }
 
+/// The least and greatest value (NaN for none: a run without an eviction
+/// has no time to its first).
 fn min_max(v: &[f64]) -> (f64, f64) {
-    v.iter()
+    let (lo, hi) = v
+        .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
             (lo.min(x), hi.max(x))
-        })
+        });
+    if lo > hi {
+        (f64::NAN, f64::NAN)
+    } else {
+        (lo, hi)
+    }
 }

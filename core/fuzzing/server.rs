@@ -114,7 +114,9 @@ pub enum ClientFrame {
     Replay(Num),
     /// A ping.
     Ping(u64),
-    /// A pong.
+    /// A pong; 0 answers the last `ping` the server sent on the connection
+    /// (a lag probe, or a ping the client asked for), as a client that has
+    /// read up to it would.
     Pong(u64),
     /// A datagram.
     Raw(Vec<u8>),
@@ -232,6 +234,8 @@ struct ConnModel {
     /// Per room: the last stream offset sent on this connection, from its
     /// `sub` on.
     rooms: BTreeMap<std::sync::Arc<str>, u64>,
+    /// The nonce of the last `ping` the server sent on it (0: none).
+    last_ping: u64,
 }
 
 /// Drives one [`Server`] and checks its promises after every op.
@@ -315,6 +319,7 @@ impl ServerHarness {
                 codec: None,
                 session: None,
                 rooms: BTreeMap::new(),
+                last_ping: 0,
             },
         );
     }
@@ -458,6 +463,7 @@ impl ServerHarness {
                 let (delivered, sent) = session
                     .and_then(|s| self.sessions.get(&s))
                     .map_or((0, 0), |s| (s.delivered, s.sent_seq));
+                let last_ping = self.conns.get(&conn).map_or(0, |c| c.last_ping);
                 let frame = match f {
                     ClientFrame::Msg { seq, ack, payload } => payload.payload().map(|payload| {
                         let seq = seq.resolve(delivered).max(1);
@@ -478,6 +484,7 @@ impl ServerHarness {
                         from: n.resolve(sent).max(1),
                     }),
                     ClientFrame::Ping(n) => Some(Frame::Ping { nonce: n }),
+                    ClientFrame::Pong(0) => Some(Frame::Pong { nonce: last_ping }),
                     ClientFrame::Pong(n) => Some(Frame::Pong { nonce: n }),
                     ClientFrame::Raw(b) => Some(Frame::Raw(Bytes::from(b))),
                     ClientFrame::GoAway(code) => Some(Frame::GoAway {
@@ -684,6 +691,22 @@ impl ServerHarness {
                     let conn = self.conns.get_mut(&c);
                     match (frame, conn) {
                         (Frame::Welcome(w), Some(conn)) => conn.codec = Some(w.codec),
+                        (Frame::Ping { nonce }, Some(conn)) => {
+                            conn.last_ping = nonce;
+                            // A lag probe (nonces from 2^52, exact in any
+                            // JSON reader) only while it can tell
+                            // something: the session is in a room or has
+                            // messages outstanding.
+                            if nonce >= 1 << 52 {
+                                assert!(nonce < 1 << 53, "a ping nonce beyond 2^53\n{}", self.log);
+                                let s = conn.session.and_then(|s| self.sessions.get(&s));
+                                let worth = s.is_some_and(|s| {
+                                    s.in_rooms
+                                        || s.accepted.values().any(|f| *f == Fate::Outstanding)
+                                });
+                                assert!(worth, "a lag probe with nothing to measure\n{}", self.log);
+                            }
+                        }
                         (Frame::Sub(pos), Some(conn)) => {
                             conn.rooms.insert(pos.room.clone(), pos.offset);
                         }

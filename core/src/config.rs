@@ -372,6 +372,37 @@ pub struct ServerConfig {
     /// Extra time for an overdue idle deadline (see [`HeartbeatConfig::grace`]).
     /// Default 1 s.
     pub grace: Duration,
+    /// How far behind in time a member may read. A member whose connection
+    /// has not read up to what the server wrote `max_lag` ago is a slow
+    /// consumer: its connection is closed with 4009 and its session ended
+    /// (`SessionEnd::SlowConsumer`), as when its buffers fill during a
+    /// broadcast. Default `Some(30 s)`; `None` bounds members by counts
+    /// only. Must not be zero.
+    ///
+    /// The server measures it with `ping`s that the client answers once it
+    /// has read everything written before them (PROTOCOL.md, section 7),
+    /// at most one outstanding per connection, sent at most every
+    /// `max_lag / 4` and only to connections whose session is in a room or
+    /// has messages in flight or queued. A connection falling ever further
+    /// behind is therefore ended once it is between `max_lag` and
+    /// `2¼ × max_lag` behind: the probe it does not answer in time went out
+    /// a quarter of the bound after it answered the one before.
+    ///
+    /// A `ping` unanswered for `max_lag` ends the session only if the
+    /// client was heard from since it was sent (its acknowledgments,
+    /// messages, its own `ping`s every `ping_interval`) and is awake: heard
+    /// within the last `max_lag / 2`, or else at its next frame. A client
+    /// that sends nothing is the idle timeout's to find (`idle_timeout`,
+    /// 4008, the session kept for a resume), never this bound's, however
+    /// the two compare; and one heard again after a pause (a laptop waking)
+    /// gets `max_lag` anew from then, so a sleeping laptop keeps its
+    /// session. A member that sends nothing but its `ping`s (a room stream
+    /// member: stream entries are not acknowledged) is heard every
+    /// `ping_interval`: with `ping_interval` at most `max_lag / 2` it is
+    /// ended at `max_lag` like any other, otherwise up to about one
+    /// `max_lag` and one `ping_interval` later (a gap between its `ping`s
+    /// may pass for a pause).
+    pub max_lag: Option<Duration>,
     /// Time allowed between the transport opening and the client's `hello`.
     /// Default 10 s.
     pub hello_timeout: Duration,
@@ -476,6 +507,7 @@ impl Default for ServerConfig {
             pong_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             grace: Duration::from_secs(1),
+            max_lag: Some(Duration::from_secs(30)),
             hello_timeout: Duration::from_secs(10),
             max_message_size: 1 << 20,
             max_decode_failures: 3,
@@ -521,6 +553,9 @@ impl ServerConfig {
         }
         if self.hello_timeout.is_zero() {
             return Err(ConfigError::Zero("hello_timeout"));
+        }
+        if self.max_lag.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::Zero("max_lag"));
         }
         validate_compression(self.compression.as_ref())?;
         validate_wire(self.max_message_size, &self.codecs, &self.versions)?;
@@ -620,6 +655,11 @@ mod tests {
             ..ServerConfig::default()
         };
         assert!(s.validate().is_err());
+        let s = ServerConfig {
+            max_lag: Some(Duration::ZERO),
+            ..ServerConfig::default()
+        };
+        assert_eq!(s.validate(), Err(ConfigError::Zero("max_lag")));
     }
 
     /// A hello a server would refuse is refused at construction instead.

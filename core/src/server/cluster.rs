@@ -509,6 +509,7 @@ impl Server {
                     told: None,
                 });
             }
+            self.watch_lag(session);
             if self.streams_session(session) {
                 if let Some(conn) = self.live_connection(session) {
                     let sub = Frame::Sub(StreamPos {

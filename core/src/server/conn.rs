@@ -1,12 +1,15 @@
 //! The server's record of one connection (`ConnRecord`): its phase
 //! (awaiting its `hello`, or open with the session it carries and what was
 //! negotiated), the identity from the upgrade, its decoder, rate limiter
-//! and deadlines; the idle check with its grace (`check_idle`), and
-//! re-authentication ([`Server::request_reauth`], [`Server::accept_token`]).
+//! and deadlines, and its lag probe (lag.rs runs it); the idle check with
+//! its grace (`check_idle`), and re-authentication
+//! ([`Server::request_reauth`], [`Server::accept_token`]).
 //!
 //! A record holds no session state: the session lives in the registry and
 //! outlives its connections. Nothing here closes a connection but through
-//! `disconnect` (session.rs).
+//! `disconnect` (session.rs); the idle check closes a silent connection
+//! and keeps its session, and never ends one (ending a slow consumer is
+//! the lag bound's, lag.rs, and only for a client still heard from).
 
 use core::time::Duration;
 
@@ -16,6 +19,7 @@ use crate::time::Instant;
 use crate::wire::{self, Codec, Frame, SessionId};
 
 use super::admission::Limited;
+use super::lag::LagProbe;
 use super::{duration_ms, ConnectionId, Server, ServerTimer};
 
 // Named only in links in the docs.
@@ -62,6 +66,9 @@ pub(super) struct ConnRecord {
     /// What the rate limit did since the last [`ServerEvent::RateLimited`],
     /// reported once per interval; also when reading may resume.
     pub(super) limited: Option<Box<Limited>>,
+    /// The lag probe (lag.rs), from when the connection first has
+    /// something to measure.
+    pub(super) lag: Option<Box<LagProbe>>,
 }
 
 impl Server {

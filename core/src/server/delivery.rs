@@ -2,7 +2,8 @@
 //! in link.rs): queuing messages for a session (`enqueue_raw`, under the
 //! overflow policy in `enqueue_in`), the frames of an open session
 //! (`on_session_frame`: messages, batches, acknowledgments, replays, pings,
-//! datagrams, credentials), the acknowledgment timeout, and running the
+//! pongs, which go to the lag bound in lag.rs, datagrams, credentials),
+//! the acknowledgment timeout, and running the
 //! link with the session's connection to send on (`conn_tx`, `ServerPort`)
 //! and the server's heap for its deadlines (`SessionTimers`, `on_link`).
 //!
@@ -163,8 +164,13 @@ impl Server {
             .ok_or(SendError::UnknownSession)?;
         let id = MessageId(self.next_id);
         s.link.outbound.push(msg.with_id(id))?;
+        // A room member's connection is watched already (lag.rs).
+        let watch = s.rooms.is_empty() && self.config.max_lag.is_some();
         self.next_id += 1;
         self.flush(session);
+        if watch {
+            self.watch_lag(session);
+        }
         Ok(id)
     }
 
@@ -222,7 +228,8 @@ impl Server {
     ) {
         match frame {
             Frame::Ping { nonce } => self.transmit(connection, &Frame::Pong { nonce }),
-            Frame::Pong { .. } | Frame::Unknown(_) => {}
+            Frame::Pong { nonce } => self.on_pong(connection, nonce),
+            Frame::Unknown(_) => {}
             Frame::Msg(m) => {
                 self.on_msg(connection, session, m);
             }

@@ -441,9 +441,15 @@ pub enum SessionEnd {
     Expired,
     /// Its outbound buffer overflowed under [`OverflowPolicy::FailSession`].
     Overflow,
-    /// It did not read fast enough to keep up with its rooms: its buffers
-    /// filled during a broadcast or presence update, so it was closed with
-    /// 4009 and ended, leaving the other members unaffected.
+    /// It did not read fast enough to keep up: its buffers filled during a
+    /// broadcast or presence update, or its connection, while the client
+    /// kept sending, had not read up to what was written
+    /// [`ServerConfig::max_lag`] before (a lag probe went unanswered that
+    /// long). Its connection was closed with 4009 and the session ended,
+    /// leaving the other members unaffected; `unconfirmed` lists what it
+    /// had not acknowledged.
+    ///
+    /// [`ServerConfig::max_lag`]: crate::config::ServerConfig::max_lag
     SlowConsumer,
 }
 
@@ -469,6 +475,13 @@ pub struct SessionInfo {
     pub queued: usize,
     /// Last sequence number delivered from the client.
     pub delivered: u64,
+    /// How far behind its connection reads: the delay of the last lag
+    /// probe it answered, or how long the outstanding one has waited if
+    /// that is longer ([`ServerConfig::max_lag`]). `None` while detached,
+    /// before a first probe, or with `max_lag` off.
+    ///
+    /// [`ServerConfig::max_lag`]: crate::config::ServerConfig::max_lag
+    pub lag: Option<core::time::Duration>,
 }
 
 /// Gauges and counters at one instant, for dashboards.
@@ -528,8 +541,17 @@ pub struct ServerStats {
     pub traffic: TrafficStats,
     /// Connections closed for missing heartbeats.
     pub heartbeat_timeouts: u64,
-    /// Sessions ended as slow consumers.
+    /// Sessions ended as slow consumers, for either reason (buffers full
+    /// during a broadcast, or a lag probe unanswered for
+    /// [`ServerConfig::max_lag`]).
+    ///
+    /// [`ServerConfig::max_lag`]: crate::config::ServerConfig::max_lag
     pub slow_consumers: u64,
+    /// Of `slow_consumers`, those ended for lag (a probe unanswered for
+    /// `max_lag` while the client kept sending).
+    pub lag_evictions: u64,
+    /// Lag probes (`ping`s) sent.
+    pub lag_probes: u64,
     /// Broadcasts made.
     pub broadcasts: u64,
     /// Latest values set ([`Server::broadcast_latest`]).
@@ -576,6 +598,11 @@ pub enum ServerTimer {
     RateReport(ConnectionId),
     /// A connection whose client asked to be pinged gets its `ping`.
     Ping(ConnectionId),
+    /// A connection's lag probe is due, or its outstanding one has waited
+    /// `max_lag` ([`ServerConfig::max_lag`]).
+    ///
+    /// [`ServerConfig::max_lag`]: crate::config::ServerConfig::max_lag
+    Lag(ConnectionId),
 }
 
 /// The next deadline and why it is set.

@@ -396,6 +396,9 @@ impl Server {
         self.flush(session);
         self.latest_snapshot(session, was_latest);
         self.maps_snapshot(session);
+        if self.lag_worth(session) {
+            self.watch_lag(session);
+        }
     }
 
     /// Sends the answer to a `hello` (`welcome` or `reject`, always JSON):
@@ -439,7 +442,7 @@ impl Server {
 }
 
 /// SplitMix64's finalizer: a well-spread hash of a small integer.
-fn spread_hash(x: u64) -> u64 {
+pub(super) fn spread_hash(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

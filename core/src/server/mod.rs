@@ -36,6 +36,10 @@
 //!   included.
 //! - `conn.rs`: the server's record of one connection and its phase; the
 //!   idle (heartbeat) check; re-authentication.
+//! - `lag.rs`: the lag bound: per connection, at most one lag probe (a
+//!   `ping` whose `pong` says the client has read up to it), the measured
+//!   lag, and the slow consumer a client that keeps sending but stays
+//!   behind for `max_lag` becomes.
 //! - `admission.rs`: the per-connection rate limit, its reports
 //!   ([`RATE_REPORT_INTERVAL`]) and the reading pause; refusing a client
 //!   message by its id.
@@ -55,8 +59,8 @@
 //!   points the driver calls with what the cluster numbered and decided.
 //! - `delivery.rs`: the glue to each session's delivery pipe (`Link`, in
 //!   link.rs): queuing messages, the frames of an open session (messages,
-//!   acknowledgments, replays, pings, datagrams), the acknowledgment
-//!   timeout.
+//!   acknowledgments, replays, pings and pongs, datagrams), the
+//!   acknowledgment timeout.
 //! - `tests.rs`: the unit tests. The size test (`size`) stays in this file.
 
 mod admission;
@@ -66,6 +70,7 @@ mod delivery;
 mod event;
 mod handover;
 mod handshake;
+mod lag;
 mod latest;
 mod maps;
 mod rooms;
@@ -238,6 +243,10 @@ impl Server {
     /// A session's state, if it exists.
     pub fn session(&self, id: SessionId) -> Option<SessionInfo> {
         self.sessions.get(&id).map(|s| SessionInfo {
+            lag: s
+                .state
+                .connection()
+                .and_then(|c| self.conns.get(&c)?.lag.as_deref()?.lag(self.now)),
             id,
             client: s.client,
             identity: s.identity.clone(),
@@ -321,6 +330,7 @@ impl Server {
                     .and_then(|cfg| RateLimiter::new(cfg, self.now).ok())
                     .map(Box::new),
                 limited: None,
+                lag: None,
             },
         );
         self.stats.connections_opened += 1;
@@ -411,8 +421,14 @@ impl Server {
         };
         self.stats.traffic.frames_in += 1;
         self.stats.traffic.bytes_in += msg.len() as u64;
+        let gap = self.now.saturating_duration_since(conn.last_rx);
         conn.last_rx = self.now;
         conn.in_grace = false;
+        // Whether an overdue lag probe makes this client a slow consumer
+        // (unless the frame is the probe's `pong`).
+        let behind = conn.lag.as_deref_mut().is_some_and(|lag| {
+            lag.heard(self.now, gap, &self.config, &mut self.timers, connection)
+        });
         let version = match conn.phase {
             ConnPhase::Open { version, .. } => version,
             ConnPhase::AwaitingHello => PROTOCOL_VERSION,
@@ -425,6 +441,9 @@ impl Server {
             Ok(Some(frame)) => {
                 conn.decode_failures = 0;
                 self.on_frame(connection, frame);
+                if behind {
+                    self.lag_heard(connection);
+                }
                 self.process_evictions();
             }
             // A message whose payload is the next message.
@@ -752,6 +771,7 @@ impl Server {
             }
             ServerTimer::Idle(c) => self.check_idle(c),
             ServerTimer::Ping(c) => self.ping(c),
+            ServerTimer::Lag(c) => self.on_lag_timer(c, at),
             ServerTimer::Rotate(c) => {
                 if self.conns.contains_key(&c) {
                     self.stats.rotations += 1;

@@ -259,6 +259,7 @@ impl Server {
                     told: None,
                 });
             }
+            self.watch_lag(session);
             self.emit(ServerEvent::Joined {
                 session,
                 room: name.clone(),

@@ -4,7 +4,8 @@
 //! (`set_session_state`), the one path that closes a connection
 //! (`disconnect`, `close_conn`), and how a session ends (`end_session`,
 //! for slow consumers after the operation that overflowed them:
-//! `process_evictions`).
+//! `process_evictions`; the lag bound, lag.rs, ends its slow consumers
+//! through `end_session` too).
 //!
 //! Nothing else changes a session's state once it is created, and nothing
 //! else takes a connection out of the registry. It never encodes a frame

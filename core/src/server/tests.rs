@@ -1263,3 +1263,419 @@ fn latest_slots_hand_values_to_the_driver_by_key() {
     assert_eq!((&*latest[0].room, &*latest[0].key), ("dash", "cpu"));
     assert!(!out.iter().any(|o| matches!(o, ServerOutput::Transmit(..))));
 }
+
+// ---- the lag bound (lag.rs) ------------------------------------------------
+
+/// A server with a 4 s lag bound (so probes every 1 s at most) and the
+/// default heartbeat (client pings every 20 s, idle after 30 s).
+fn lag_server() -> Server {
+    Server::new(ServerConfig {
+        max_lag: Some(Duration::from_secs(4)),
+        ..ServerConfig::default()
+    })
+    .unwrap()
+}
+
+fn at_ms(ms: u64) -> Instant {
+    Instant::from_millis(ms)
+}
+
+/// The lag probes (`ping`s with a nonce from `2^52`) in these outputs,
+/// by connection.
+fn probes_in(out: &[ServerOutput]) -> Vec<(ConnectionId, u64)> {
+    let limits = Limits {
+        max_message: 1 << 20,
+        version: 1,
+    };
+    out.iter()
+        .filter_map(|o| match o {
+            ServerOutput::Transmit(c, t) => match wire::decode(t.as_incoming(), &limits) {
+                Ok(Frame::Ping { nonce }) => Some((*c, nonce)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .inspect(|(_, nonce)| assert!((1 << 52..1 << 53).contains(nonce), "{nonce}"))
+        .collect()
+}
+
+/// The messages (seq, id) these outputs carry.
+fn msgs_in(out: &[ServerOutput]) -> Vec<(u64, u64)> {
+    frames_of(out)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Msg(m) => Some((m.seq, m.id)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pong(s: &mut Server, now: Instant, c: ConnectionId, nonce: u64) -> Vec<ServerOutput> {
+    let text = format!(r#"{{"t":"pong","nonce":{nonce}}}"#);
+    s.handle_message(now, c, Incoming::Text(&text));
+    drain(s)
+}
+
+fn ack(s: &mut Server, now: Instant, c: ConnectionId, seq: u64) -> Vec<ServerOutput> {
+    let text = format!(r#"{{"t":"ack","ack":{seq}}}"#);
+    s.handle_message(now, c, Incoming::Text(&text));
+    drain(s)
+}
+
+fn ended(out: &[ServerOutput]) -> Vec<(SessionId, SessionEnd, Vec<MessageId>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            ServerOutput::Event(ServerEvent::SessionEnded {
+                session,
+                reason,
+                unconfirmed,
+            }) => Some((*session, reason.clone(), unconfirmed.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A member that reads, and acknowledges, but answers the lag probe only
+/// after `max_lag` is a slow consumer: at the probe's `max_lag` its
+/// connection is closed with 4009 and its session ends with every
+/// message it had not acknowledged.
+#[test]
+fn a_member_that_keeps_sending_but_reads_too_far_behind_is_evicted_at_max_lag() {
+    let mut s = lag_server();
+    let (c, session) = open_json(&mut s, 1);
+    s.join(Instant::ZERO, session, "room").unwrap();
+    let mut out = drain(&mut s);
+    let mut ids = Vec::new();
+    for k in 0..3 {
+        let p = Payload::json(format!("{k}").into_bytes()).unwrap();
+        ids.push(s.send(Instant::ZERO, session, p).unwrap());
+    }
+    out.extend(drain(&mut s));
+    let sent = msgs_in(&out);
+    assert!(sent.len() >= 3, "{sent:?}");
+    assert!(probes_in(&out).is_empty(), "no probe before max_lag / 4");
+    // The first probe goes out `max_lag / 4` after the member joined.
+    assert_eq!(s.poll_timeout().unwrap().at, Instant::from_secs(1));
+    s.handle_timeout(Instant::from_secs(1));
+    let probes = probes_in(&drain(&mut s));
+    assert_eq!(probes.len(), 1);
+    assert_eq!(probes[0].0, c);
+    assert_eq!(s.stats().lag_probes, 1);
+    // The client reads on slowly: it acknowledges the first message at
+    // 2 s and 4.5 s (never reaching the probe).
+    ack(&mut s, at_ms(2_000), c, sent[0].0);
+    assert_eq!(
+        s.session(session).unwrap().lag,
+        Some(Duration::from_secs(1)),
+        "the outstanding probe's wait"
+    );
+    ack(&mut s, at_ms(4_500), c, sent[0].0);
+    s.handle_timeout(at_ms(4_999));
+    assert!(s.session(session).is_some());
+    s.handle_timeout(Instant::from_secs(5));
+    let out = drain(&mut s);
+    assert!(
+        out.iter().any(|o| matches!(o,
+            ServerOutput::Disconnect(x, CloseCode::SLOW_CONSUMER, _) if *x == c)),
+        "{out:?}"
+    );
+    let ends = ended(&out);
+    assert_eq!(ends.len(), 1, "{out:?}");
+    let (who, reason, mut unconfirmed) = ends[0].clone();
+    assert_eq!((who, reason), (session, SessionEnd::SlowConsumer));
+    unconfirmed.sort();
+    let mut expected: Vec<MessageId> = sent[1..].iter().map(|(_, id)| MessageId(*id)).collect();
+    expected.sort();
+    assert_eq!(unconfirmed, expected);
+    for id in &ids {
+        assert!(unconfirmed.contains(id), "{id:?} not reported");
+    }
+    assert!(s.session(session).is_none());
+    assert_eq!(s.stats().slow_consumers, 1);
+    assert_eq!(s.stats().lag_evictions, 1);
+}
+
+/// A member that answers every probe within `max_lag` is never evicted,
+/// however long it runs, and its lag is what the probes measured.
+#[test]
+fn a_member_that_answers_probes_in_time_is_never_evicted() {
+    let mut s = lag_server();
+    let (c, session) = open_json(&mut s, 1);
+    s.join(Instant::ZERO, session, "room").unwrap();
+    drain(&mut s);
+    let mut now = Instant::ZERO;
+    // Probes waiting for their answer, 3.5 s after they came.
+    let mut waiting: Vec<(Instant, u64)> = Vec::new();
+    let mut answered = 0;
+    let mut seq = 0;
+    while now < Instant::from_secs(600) {
+        now += Duration::from_millis(250);
+        let p = Payload::json(b"1".to_vec()).unwrap();
+        s.send(now, session, p).unwrap();
+        s.handle_timeout(now);
+        let out = drain(&mut s);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, ServerOutput::Disconnect(..))),
+            "at {now:?}: {out:?}"
+        );
+        seq = msgs_in(&out).iter().map(|(q, _)| *q).max().unwrap_or(seq);
+        waiting.extend(probes_in(&out).into_iter().map(|(_, n)| (now, n)));
+        // The client acknowledges what it reads, and answers each probe
+        // 3.5 s after it came: behind, but within the bound.
+        ack(&mut s, now, c, seq);
+        while let Some(&(sent, nonce)) = waiting.first() {
+            if now.saturating_duration_since(sent) < Duration::from_millis(3_500) {
+                break;
+            }
+            waiting.remove(0);
+            let out = pong(&mut s, now, c, nonce);
+            assert!(ended(&out).is_empty());
+            answered += 1;
+        }
+    }
+    let info = s.session(session).unwrap();
+    assert_eq!(info.state, SessionState::Attached(c));
+    assert!(answered > 100, "{answered} probes answered");
+    assert_eq!(s.stats().lag_evictions, 0);
+    assert!(
+        info.lag.unwrap() >= Duration::from_millis(3_500)
+            && info.lag.unwrap() < Duration::from_secs(4),
+        "{:?}",
+        info.lag
+    );
+}
+
+/// A peer that falls silent (a laptop's lid closed) is never evicted by
+/// the probe, whatever it sent just before: the idle timeout detaches it
+/// (4008) and its session waits for it to resume.
+#[test]
+fn a_silent_member_is_detached_by_the_idle_timeout_not_evicted() {
+    let mut s = lag_server();
+    let c = s.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+    s.handle_message(Instant::ZERO, c, Incoming::Text(&hello(&[1], &["json"])));
+    let welcome = welcome_of(&drain(&mut s)).unwrap();
+    let session = welcome.session;
+    s.join(Instant::ZERO, session, "room").unwrap();
+    drain(&mut s);
+    s.handle_timeout(Instant::from_secs(1));
+    assert_eq!(probes_in(&drain(&mut s)).len(), 1);
+    // An acknowledgment just after the probe went out, then the lid closes.
+    ack(&mut s, at_ms(1_010), c, 0);
+    let mut t = Instant::from_secs(1);
+    while t < Instant::from_secs(31) {
+        t += Duration::from_millis(500);
+        s.handle_timeout(t);
+        let out = drain(&mut s);
+        assert!(ended(&out).is_empty(), "at {t:?}: {out:?}");
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, ServerOutput::Disconnect(_, CloseCode::SLOW_CONSUMER, _))),
+            "at {t:?}: {out:?}"
+        );
+    }
+    // Idle from 1.01 s: 30 s, then the 1 s grace.
+    s.handle_timeout(at_ms(32_010));
+    let out = drain(&mut s);
+    assert!(ended(&out).is_empty());
+    assert_eq!(s.session(session).unwrap().state.name(), "attached");
+    s.handle_timeout(at_ms(33_010));
+    let out = drain(&mut s);
+    assert!(out.contains(&ServerOutput::Disconnect(
+        c,
+        CloseCode::HEARTBEAT_TIMEOUT,
+        "heartbeat timeout"
+    )));
+    assert!(ended(&out).is_empty());
+    assert_eq!(s.stats().lag_evictions, 0);
+    // The laptop wakes and resumes its session.
+    let now = Instant::from_secs(40);
+    let c2 = s.handle_connection(now, None, SessionId([2; 16]));
+    let resume = format!(
+        r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"session":"{}","delivered":0,"key":"{}"}}"#,
+        ClientId([2; 16]).to_hex(),
+        session.to_hex(),
+        welcome.key.unwrap().to_hex()
+    );
+    s.handle_message(now, c2, Incoming::Text(&resume));
+    assert!(welcome_of(&drain(&mut s)).unwrap().resumed);
+    assert_eq!(
+        s.session(session).unwrap().state,
+        SessionState::Attached(c2)
+    );
+}
+
+/// A laptop that sleeps through its probe's bound on an open connection
+/// and wakes (its first frames come before the probe's `pong`, as its
+/// overdue timers run before it reads) gets the bound anew: it keeps its
+/// session and answers; a client still behind after that is evicted.
+#[test]
+fn a_client_waking_from_a_pause_gets_the_bound_anew() {
+    for (sleep_ms, still_behind) in [(6_000, false), (26_000, false), (6_000, true)] {
+        let mut s = lag_server();
+        let (c, session) = open_json(&mut s, 1);
+        s.join(Instant::ZERO, session, "room").unwrap();
+        drain(&mut s);
+        s.handle_timeout(Instant::from_secs(1));
+        let nonce = probes_in(&drain(&mut s))[0].1;
+        ack(&mut s, at_ms(1_010), c, 0);
+        let wake = at_ms(1_010 + sleep_ms);
+        s.handle_timeout(wake);
+        assert!(ended(&drain(&mut s)).is_empty());
+        // Awake: its own ping first, then (unless still behind) the pong.
+        s.handle_message(wake, c, Incoming::Text(r#"{"t":"ping","nonce":7}"#));
+        assert!(ended(&drain(&mut s)).is_empty(), "{sleep_ms} ms");
+        if !still_behind {
+            assert!(ended(&pong(&mut s, wake + Duration::from_millis(5), c, nonce)).is_empty());
+            s.handle_timeout(wake + Duration::from_secs(10));
+            assert!(s.session(session).is_some(), "{sleep_ms} ms");
+            continue;
+        }
+        // Still behind 4 s after waking, and sending: evicted.
+        let late = wake + Duration::from_secs(3);
+        ack(&mut s, late, c, 0);
+        s.handle_timeout(wake + Duration::from_secs(4));
+        let ends = ended(&drain(&mut s));
+        assert_eq!(ends.len(), 1);
+        assert_eq!(ends[0].1, SessionEnd::SlowConsumer);
+    }
+}
+
+/// An overdue probe with nothing heard lately: a first gap longer than
+/// `max_lag / 2` may be a pause and gives the bound anew; after that the
+/// client's next frame shows it awake and behind, and it is evicted then.
+#[test]
+fn an_overdue_probe_is_judged_at_the_next_frame() {
+    let mut s = lag_server();
+    let (c, session) = open_json(&mut s, 1);
+    s.join(Instant::ZERO, session, "room").unwrap();
+    drain(&mut s);
+    s.handle_timeout(Instant::from_secs(1));
+    assert_eq!(probes_in(&drain(&mut s)).len(), 1);
+    let ping = |s: &mut Server, ms: u64| {
+        s.handle_message(at_ms(ms), c, Incoming::Text(r#"{"t":"ping","nonce":1}"#));
+        s.handle_timeout(at_ms(ms));
+        ended(&drain(s))
+    };
+    // Its own pings only, every 2.4 s or so.
+    assert!(ping(&mut s, 500).is_empty());
+    assert!(ping(&mut s, 2_900).is_empty());
+    s.handle_timeout(Instant::from_secs(5));
+    assert!(
+        ended(&drain(&mut s)).is_empty(),
+        "not heard in the last 2 s"
+    );
+    assert!(ping(&mut s, 5_300).is_empty(), "a gap of 2.4 s: a pause");
+    assert!(ping(&mut s, 7_200).is_empty());
+    s.handle_timeout(at_ms(9_300));
+    assert!(
+        ended(&drain(&mut s)).is_empty(),
+        "not heard in the last 2 s"
+    );
+    assert_eq!(
+        s.session(session).unwrap().lag,
+        Some(Duration::from_millis(8_300))
+    );
+    let ends = ping(&mut s, 9_600);
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].1, SessionEnd::SlowConsumer);
+    assert_eq!(s.stats().lag_evictions, 1);
+}
+
+/// A connection in no room with nothing in flight is never probed, nor
+/// woken for it; one with a message in flight is, until it has nothing
+/// to measure again.
+#[test]
+fn an_idle_connection_gets_no_probe() {
+    let mut s = lag_server();
+    let (c, session) = open_json(&mut s, 1);
+    // Only the idle deadline.
+    assert_eq!(s.timers.len(), 2, "the hello's (stale) and the idle one");
+    let mut t = Instant::ZERO;
+    while t < Instant::from_secs(120) {
+        t += Duration::from_secs(5);
+        s.handle_message(t, c, Incoming::Text(r#"{"t":"ping","nonce":1}"#));
+        s.handle_timeout(t);
+        assert!(probes_in(&drain(&mut s)).is_empty());
+        assert!(!s
+            .timers
+            .iter()
+            .any(|std::cmp::Reverse((_, timer))| matches!(timer, ServerTimer::Lag(_))));
+    }
+    assert_eq!(s.stats().lag_probes, 0);
+    assert_eq!(s.session(session).unwrap().lag, None);
+    // A message in flight: probed.
+    let p = Payload::json(b"1".to_vec()).unwrap();
+    s.send(t, session, p).unwrap();
+    let seq = msgs_in(&drain(&mut s))[0].0;
+    s.handle_timeout(t + Duration::from_secs(1));
+    let nonce = probes_in(&drain(&mut s))[0].1;
+    ack(&mut s, t + Duration::from_secs(2), c, seq);
+    pong(&mut s, t + Duration::from_secs(2), c, nonce);
+    assert_eq!(
+        s.session(session).unwrap().lag,
+        Some(Duration::from_secs(1))
+    );
+    // Nothing to measure any more: one last look, then no timer.
+    s.handle_timeout(t + Duration::from_secs(10));
+    assert!(probes_in(&drain(&mut s)).is_empty());
+    assert!(!s
+        .timers
+        .iter()
+        .any(|std::cmp::Reverse((_, timer))| matches!(timer, ServerTimer::Lag(_))));
+    assert_eq!(s.stats().lag_probes, 1);
+}
+
+/// `max_lag: None`: no probes, and a member as far behind as it likes
+/// keeps its session.
+#[test]
+fn no_max_lag_no_probes() {
+    let mut s = Server::new(ServerConfig {
+        max_lag: None,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let (c, session) = open_json(&mut s, 1);
+    s.join(Instant::ZERO, session, "room").unwrap();
+    drain(&mut s);
+    let mut t = Instant::ZERO;
+    let mut seq = 0;
+    while t < Instant::from_secs(300) {
+        t += Duration::from_secs(5);
+        let p = Payload::json(b"1".to_vec()).unwrap();
+        s.send(t, session, p).unwrap();
+        seq += 1;
+        // Reading far behind: acknowledging only the first half.
+        ack(&mut s, t, c, seq / 2);
+        s.handle_timeout(t);
+        let out = drain(&mut s);
+        assert!(probes_in(&out).is_empty());
+        assert!(ended(&out).is_empty());
+    }
+    assert_eq!(s.stats().lag_probes, 0);
+    assert_eq!(s.session(session).unwrap().lag, None);
+}
+
+/// A `pong` with another nonce (forged, or answering a server ping)
+/// does not answer the probe: the member is still evicted.
+#[test]
+fn a_pong_with_another_nonce_does_not_answer_the_probe() {
+    let mut s = lag_server();
+    let (c, session) = open_json(&mut s, 1);
+    s.join(Instant::ZERO, session, "room").unwrap();
+    drain(&mut s);
+    s.handle_timeout(Instant::from_secs(1));
+    let nonce = probes_in(&drain(&mut s))[0].1;
+    for forged in [0, 1, nonce - 1, nonce + 1, nonce ^ (1 << 52), 1_000] {
+        pong(&mut s, at_ms(2_000), c, forged);
+    }
+    assert_eq!(
+        s.session(session).unwrap().lag,
+        Some(Duration::from_secs(1))
+    );
+    pong(&mut s, at_ms(4_900), c, nonce + 2);
+    s.handle_timeout(Instant::from_secs(5));
+    let ends = ended(&drain(&mut s));
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].1, SessionEnd::SlowConsumer);
+}

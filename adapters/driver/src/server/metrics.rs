@@ -68,6 +68,8 @@ fn publish(m: &ServerMetrics, acked: u64, events_waiting: usize) {
     counter!("kitestring_resumes_failed_total").absolute(c.resumes_failed);
     counter!("kitestring_sessions_expired_total").absolute(c.sessions_expired);
     counter!("kitestring_slow_consumers_total").absolute(c.slow_consumers);
+    counter!("kitestring_lag_evictions_total").absolute(c.lag_evictions);
+    counter!("kitestring_lag_probes_total").absolute(c.lag_probes);
     counter!("kitestring_hellos_rejected_total").absolute(c.rejected);
     counter!("kitestring_messages_sent_total").absolute(c.delivery.messages_sent);
     counter!("kitestring_messages_retransmitted_total").absolute(c.delivery.retransmitted);
