@@ -43,6 +43,10 @@ wasm-bindgen --target web --remove-name-section --remove-producers-section \
   --out-dir "$out" --out-name kitestring_web \
   "$target_dir/wasm32-unknown-unknown/wasm/kitestring_web.wasm"
 rm -f "$out/kitestring_web_bg.wasm.d.ts"
+# The glue's doc comments are the binding's Rust docs, half of its size
+# gzipped and of no use to a page; kitestring_web.d.ts keeps them for
+# editors.
+perl -0pi -e 's{^[ \t]*/\*\*.*?\*/[ \t]*\n}{}gms' "$out/kitestring_web.js"
 
 cp "$here/js/kitestring.js" "$here/js/msgpack.js" "$here/js/kitestring.d.ts" "$here/js/package.json" "$out/"
 say "built $out: $(cd "$out" && ls | tr '\n' ' ')"

@@ -2,8 +2,9 @@
 //!
 //! Owns [`VecMap`] and [`VecSet`]: the subset of `BTreeMap` and `BTreeSet`
 //! the client machine uses (its rooms, room streams, pending requests and
-//! coalesced keys, each at most a few thousand entries by its limits), with
-//! the same order and results. A B-tree is faster for large collections;
+//! coalesced keys, each at most a few thousand entries by its limits; and
+//! its synced maps, at most 65 536 entries in all, whose snapshots arrive
+//! in key order and so are appended), with the same order and results. A B-tree is faster for large collections;
 //! these are for small ones, where each `BTreeMap` instantiation's code (7
 //! to 9 KB of WebAssembly each, for insertion, removal and rebalancing)
 //! costs the browser package more than the sorted vector's moves cost the
@@ -111,8 +112,36 @@ impl<K: Ord, V> VecMap<K, V> {
         self.entries.iter().map(|(k, v)| (k, v))
     }
 
+    pub(crate) fn iter_mut(&mut self) -> impl DoubleEndedIterator<Item = (&K, &mut V)> {
+        self.entries.iter_mut().map(|(k, v)| (&*k, v))
+    }
+
     pub(crate) fn keys(&self) -> impl DoubleEndedIterator<Item = &K> {
         self.entries.iter().map(|(k, _)| k)
+    }
+
+    pub(crate) fn values(&self) -> impl DoubleEndedIterator<Item = &V> {
+        self.entries.iter().map(|(_, v)| v)
+    }
+
+    pub(crate) fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut V> {
+        self.entries.iter_mut().map(|(_, v)| v)
+    }
+
+    /// The value of `key`, inserted as `V::default()` if it was not there
+    /// (`BTreeMap`'s `entry(key).or_default()`).
+    pub(crate) fn or_default(&mut self, key: K) -> &mut V
+    where
+        V: Default,
+    {
+        let i = match self.find(&key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.entries.insert(i, (key, V::default()));
+                i
+            }
+        };
+        &mut self.entries[i].1
     }
 }
 
@@ -229,6 +258,10 @@ mod tests {
                     assert_eq!(ours.pop_first(), theirs.pop_first());
                     assert_eq!(set.pop_first(), btree_set.pop_first());
                 }
+                _ if step % 3 == 0 => {
+                    *ours.or_default(k) += 2;
+                    *theirs.entry(k).or_default() += 2;
+                }
                 _ => {
                     if let Some(v) = ours.get_mut(&k) {
                         *v += 1;
@@ -244,6 +277,17 @@ mod tests {
             assert_eq!(ours.len(), theirs.len());
             assert_eq!(set.first(), btree_set.first());
             assert_eq!(set.contains(&k), btree_set.contains(&k));
+        }
+        assert!(ours.iter().eq(theirs.iter()));
+        assert!(ours.values().eq(theirs.values()));
+        for (v, w) in ours.values_mut().zip(theirs.values_mut()) {
+            *v += 1;
+            *w += 1;
+        }
+        for ((k, v), (l, w)) in ours.iter_mut().zip(theirs.iter_mut()) {
+            assert_eq!(k, l);
+            *v += *k;
+            *w += *l;
         }
         assert!(ours.iter().eq(theirs.iter()));
         assert!(set.iter().eq(btree_set.iter()));

@@ -20,14 +20,24 @@
 //!   `/ws-ban` always 403; `/ws-busy` always 503;
 //! * `/control/cut`, `/control/blackhole`, `/control/throttle?bps=N` (POST;
 //!   no `bps`: unthrottled): the proxy's faults on every connection it
-//!   carries; `/control/tally`: what
-//!   the server received, per client.
+//!   carries; `/control/refuse?on=1` (POST; without `on`: accept again):
+//!   the proxy closes every new connection at once, a server that is down;
+//!   `/control/tally`: what the server received, per client.
 //!
 //! The application behind the sessions echoes every message (and
 //! datagram) to its sender, answers every request with its own payload, and on
 //! `{"op":"push","count":N}` sends N numbered messages `{"s":i}` back.
 //! Messages `{"n":i}` are tallied per client: the tally says how many
 //! arrived, and how many were duplicates or came out of order.
+//!
+//! Synced maps: the room `settings` has the maps of [`open_maps`] from the
+//! start. Requests (answered when done, with `{"error":…}` if it failed):
+//! `{"op":"mapopen","room":R}` opens the same maps in room R;
+//! `{"op":"mapset","room":R,"map":M,"key":K,"value":V}` and
+//! `{"op":"mapdelete","room":R,"map":M,"key":K}` are the server's own
+//! writes; `{"op":"mapread","room":R,"map":M}` answers
+//! `{"entries":{K:V,…},"writes":{K:N,…}}`: what the map holds, and how
+//! many members' writes of each key the server took.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,8 +53,8 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use futures_util::StreamExt;
 use kitestring::{
-    AuthReject, AuthRequest, Authenticator, DecodeExt, OriginPolicy, ServerEvent, ServerHandle,
-    ServerOptions,
+    AuthReject, AuthRequest, Authenticator, DecodeExt, MapOptions, MapWriters, OriginPolicy,
+    ServerError, ServerEvent, ServerHandle, ServerOptions, Stamping,
 };
 use serde_json::{json, Value};
 
@@ -59,6 +69,8 @@ struct Tally {
     lives: HashMap<String, Vec<String>>,
     /// The sessions open now.
     open: Vec<kitestring::SessionId>,
+    /// (room, map, key) -> members' writes the server took.
+    map_writes: HashMap<(String, String, String), u64>,
 }
 
 #[derive(Clone)]
@@ -127,6 +139,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         options.config.grace = ping / 10;
     }
     let (server, events) = kitestring::start(kitestring_tokio::runtime(), options)?;
+    open_maps(&server, "settings").await?;
     let app = App {
         server: server.clone(),
         pkg,
@@ -160,6 +173,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 |State(a): State<App>, Query(q): Query<HashMap<String, String>>| async move {
                     let bps = q.get("bps").and_then(|b| b.parse().ok());
                     a.proxy.set_throttle(bps);
+                },
+            ),
+        )
+        .route(
+            "/control/refuse",
+            post(
+                |State(a): State<App>, Query(q): Query<HashMap<String, String>>| async move {
+                    a.proxy.set_refuse(q.contains_key("on"));
                 },
             ),
         )
@@ -305,6 +326,69 @@ async fn tally(State(app): State<App>) -> Response {
     }
 }
 
+/// The synced maps of `room` the suite's pages use: `app`, which members
+/// write (its `theme` is `"dark"` to start with), `locked`, which only the
+/// server writes (its `mode` is `"strict"`), and `stamped`, whose writers
+/// stamp their own writes (its `at` is `"server"`, stamped now: a page's
+/// later write wins only if its clock says later). Opening them again
+/// keeps what they hold and sets the three keys again.
+async fn open_maps(server: &ServerHandle, room: &str) -> Result<(), ServerError> {
+    server.open_map(room, "app", MapOptions::default()).await?;
+    let locked = MapOptions::default().writers(MapWriters::Server);
+    server.open_map(room, "locked", locked).await?;
+    let stamped = MapOptions::default().stamping(Stamping::Peers);
+    server.open_map(room, "stamped", stamped).await?;
+    server.map_set(room, "app", "theme", "dark").await?;
+    server.map_set(room, "locked", "mode", "strict").await?;
+    server.map_set(room, "stamped", "at", "server").await?;
+    Ok(())
+}
+
+/// A page's request about the synced maps (see the module's docs), carried
+/// out; its answer. `None`: not such a request.
+async fn map_op(server: &ServerHandle, v: &Value, tally: &Mutex<Tally>) -> Option<Value> {
+    let op = v.get("op").and_then(Value::as_str)?;
+    let field = |name: &str| v.get(name).and_then(Value::as_str).unwrap_or_default();
+    let (room, map, key) = (field("room"), field("map"), field("key"));
+    let done = |r: Result<(), ServerError>| match r {
+        Ok(()) => json!(true),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    Some(match op {
+        "mapopen" => done(open_maps(server, room).await),
+        "mapset" => {
+            let value = v.get("value").unwrap_or(&Value::Null);
+            done(server.map_set(room, map, key, value).await.map(drop))
+        }
+        "mapdelete" => done(server.map_delete(room, map, key).await.map(drop)),
+        "mapread" => {
+            let entries = match server.map_entries(room, map).await {
+                Ok(entries) => entries.unwrap_or_default(),
+                Err(e) => return Some(json!({ "error": e.to_string() })),
+            };
+            let entries: serde_json::Map<String, Value> = entries
+                .into_iter()
+                .map(|(k, p)| {
+                    let v = kitestring::decode::<Value>(&p).unwrap_or(Value::Null);
+                    (k.to_string(), v)
+                })
+                .collect();
+            let writes: serde_json::Map<String, Value> = tally
+                .lock()
+                .map(|t| {
+                    t.map_writes
+                        .iter()
+                        .filter(|((r, m, _), _)| r == room && m == map)
+                        .map(|((_, _, k), n)| (k.clone(), json!(n)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({ "entries": entries, "writes": writes })
+        }
+        _ => return None,
+    })
+}
+
 /// The application: echo, answer, push, tally.
 async fn serve_sessions(
     server: ServerHandle,
@@ -346,6 +430,18 @@ async fn serve_sessions(
                     t.open.retain(|s| *s != session);
                 }
             }
+            ServerEvent::MapChanged {
+                room,
+                map,
+                key,
+                by: Some(_),
+                ..
+            } => {
+                if let Ok(mut t) = tally.lock() {
+                    let id = (room.to_string(), map.to_string(), key.to_string());
+                    *t.map_writes.entry(id).or_default() += 1;
+                }
+            }
             ServerEvent::Datagram { session, data } => {
                 let _ = server.send_datagram(session, data).await;
             }
@@ -373,6 +469,13 @@ async fn serve_sessions(
                     continue;
                 }
                 if message.request {
+                    if let Some(answer) = match &value {
+                        Some(v) => map_op(&server, v, &tally).await,
+                        None => None,
+                    } {
+                        let _ = server.respond(session, message.id, &answer).await;
+                        continue;
+                    }
                     let _ = server
                         .respond_payload(session, message.id, message.payload)
                         .await;

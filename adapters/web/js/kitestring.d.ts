@@ -113,10 +113,10 @@ export class KitestringError extends Error {
   readonly kind: string;
 }
 
-/** A message the client would not take: `queue_full`, `too_large`, `not_connected`, `not_open`, `session_failed`, `bad_room`, `too_many_requests`, `payload`. */
+/** A message the client would not take: `queue_full`, `too_large`, `not_connected`, `not_open`, `session_failed`, `bad_room`, `too_many_requests`, `payload`; for synced-map writes also `not_member` (the room is not joined), `bad_key` (a map name or key not 1 to 256 bytes) and `unsupported` (bytes as a value). */
 export class SendError extends KitestringError {}
 
-/** The server refused a message. `code`: `invalid`, `rate_limited`, `not_member`, `forbidden`, `room_full`, `too_many_rooms`. */
+/** The server refused a message. `op` names what was refused (`join`, `publish`, `mset` for a synced-map write, ...); `code`: `invalid`, `rate_limited`, `not_member`, `forbidden`, `room_full`, `too_many_rooms`, or for a synced-map write `read_only`, `no_map`, `map_full`, `forbidden`, `clock_drift`, `bad_value`, ... */
 export class RefusedError extends KitestringError {
   readonly id: number | null;
   readonly room: string | null;
@@ -180,6 +180,18 @@ export interface KitestringEventMap {
   datagram: Event & { data: Uint8Array };
   /** A room's newest value of a key (the server's `broadcast_latest`): it supersedes every earlier value of the key; each comes once, and after a reconnect the server sends every key's newest. */
   latest: Event & { room: string; key: string; data: unknown };
+  /**
+   * What an entry of a synced map reads as changed: the server sent a
+   * change or a snapshot, this page wrote it, or one of its writes was
+   * settled the other way (refused, or overtaken). `deleted`: it holds
+   * nothing now, and `data` is `undefined` (a value of JSON `null` is
+   * `data: null, deleted: false`).
+   */
+  mapchanged: Event & { room: string; map: string; key: string; data: unknown; deleted: boolean };
+  /** A synced map's snapshot arrived whole, after the `mapchanged` events it caused: the map is in step with the server's (on a join and on every new connection). */
+  mapsynced: Event & { room: string; map: string };
+  /** Entries of a synced map were not kept: the client holds its most entries already; the map reads incomplete. */
+  mapoverflow: Event & { room: string; map: string };
   requestfailed: Event & { request: number; error: string };
   lateresponse: Event & { request: number };
   sendfailed: Event & { id: number; error: { error: string; message: string } };
@@ -216,6 +228,23 @@ export class Client extends EventTarget {
   respond(request: KitestringMessageEvent | bigint | number, value: unknown, options?: { binary?: boolean }): Sent;
   sendLatest(key: string, value: unknown, options?: { binary?: boolean }): void;
   sendDatagram(bytes: Uint8Array | ArrayBuffer): void;
+
+  /**
+   * Sets `key` of `room`'s synced map `map` (a room this client joined):
+   * reads back at once, goes to the server as a message of the session
+   * (queued while offline). Resolves with the write's id once the server
+   * acknowledged it; rejects with a `SendError`, a `RefusedError` (op
+   * `mset`: the key reads as the server has it again) or a `LostError`.
+   */
+  mapSet(room: string, map: string, key: string, value: unknown): Sent;
+  /** Deletes `key` of `room`'s synced map `map`, as `mapSet` writes. */
+  mapDelete(room: string, map: string, key: string): Sent;
+  /** What `key` reads as now, decoded (this page's unsettled write first); `undefined` if it holds nothing. */
+  mapGet<T = unknown>(room: string, map: string, key: string): T | undefined;
+  /** Every entry as it reads now, decoded, in key order. */
+  mapEntries<T = unknown>(room: string, map: string): Map<string, T>;
+  /** Whether the map was received whole on the current session (a `mapsynced` event since it opened or resumed). */
+  mapSynced(room: string, map: string): boolean;
   reconnect(): void;
   close(): Promise<void>;
 

@@ -28,6 +28,8 @@ const RESPONSE = 11;
 const ACKED = 12;
 const DATAGRAM = 13;
 const LATEST = 14;
+const MAP_CHANGED = 15;
+const MAP_SYNCED = 16;
 const EVENT = 20;
 
 let wasmReady = null;
@@ -184,6 +186,17 @@ function fromJson(text) {
   return LONG_DIGITS.test(text) ? JSON.parse(text, bigReviver) : JSON.parse(text);
 }
 
+/** The current output's payload, decoded: JSON, MessagePack, or bytes as they are. */
+function payloadOf(m) {
+  const kind = m.payloadKind();
+  return kind === 0 ? fromJson(m.payloadText()) : kind === 1 ? msgpack.decode(m.payloadBytes()) : m.payloadBytes();
+}
+
+/** A synced map's value, decoded: `kind` 0 JSON, 1 MessagePack. */
+function mapValue(kind, bytes) {
+  return kind === 0 ? fromJson(utf8.decode(bytes)) : msgpack.decode(bytes);
+}
+
 function randomSeed() {
   const b = crypto.getRandomValues(new BigUint64Array(1));
   return b[0];
@@ -251,6 +264,7 @@ export class Client extends EventTarget {
       this.#saveKey = typeof surviveReload === 'string' ? surviveReload : `kitestring:${this.#url.href}`;
     }
     this.#m = this.#restore() ?? new Machine(this.#config, crypto.getRandomValues(new Uint8Array(16)), randomSeed());
+    this.#wallClock();
     if (lifecycle !== false && typeof window !== 'undefined') this.#listen();
   }
 
@@ -340,7 +354,10 @@ export class Client extends EventTarget {
     if (!this.#left) return;
     this.#left = false;
     const restored = this.#restore();
-    if (restored) this.#m = restored;
+    if (restored) {
+      this.#m = restored;
+      this.#wallClock();
+    }
     this.#m.connect(this.#clock.now());
     this.#drain();
   }
@@ -485,6 +502,65 @@ export class Client extends EventTarget {
     this.#drain();
   }
 
+  // ---- synced maps --------------------------------------------------------
+
+  /**
+   * Sets `key` of `room`'s synced map `map` to `value` (any value the
+   * codec carries; bytes are refused). It reads back at once (`mapGet`,
+   * and a `mapchanged` event if that changed what it reads as) and goes to
+   * the server as a message of the session, queued while offline. Returns
+   * a promise like `publish`'s: it resolves with the write's id when the
+   * server acknowledged it, and rejects with a `SendError` (not taken:
+   * `not_member` before joining the room, `bad_key`, ...), a
+   * `RefusedError` (op `mset`; the key then reads as the server has it
+   * again) or a `LostError`.
+   */
+  mapSet(room, map, key, value) {
+    return this.#tracked(() => {
+      this.#stage(value);
+      return this.#m.mapSet(this.#clock.now(), room, map, key);
+    });
+  }
+
+  /** Deletes `key` of `room`'s synced map `map`, as `mapSet` writes. */
+  mapDelete(room, map, key) {
+    return this.#tracked(() => this.#m.mapDelete(this.#clock.now(), room, map, key));
+  }
+
+  /**
+   * What `key` of `room`'s synced map `map` reads as now, decoded: this
+   * page's newest unsettled write of it, else what the server confirmed;
+   * `undefined` if it holds nothing.
+   */
+  mapGet(room, map, key) {
+    const v = this.#m.mapGet(room, map, key);
+    return v === undefined ? undefined : mapValue(v[0], v.subarray(1));
+  }
+
+  /** Every entry of `room`'s synced map `map` as it reads now, decoded: key -> value, in key order. */
+  mapEntries(room, map) {
+    const b = this.#m.mapEntries(room, map);
+    const view = new DataView(b.buffer, b.byteOffset, b.byteLength);
+    const entries = new Map();
+    for (let i = 0; i < b.length;) {
+      const keyEnd = i + 4 + view.getUint32(i, true);
+      const key = utf8.decode(b.subarray(i + 4, keyEnd));
+      const valueEnd = keyEnd + 5 + view.getUint32(keyEnd + 1, true);
+      entries.set(key, mapValue(b[keyEnd], b.subarray(keyEnd + 5, valueEnd)));
+      i = valueEnd;
+    }
+    return entries;
+  }
+
+  /**
+   * Whether `room`'s synced map `map` was received whole on the current
+   * session (a `mapsynced` event since it opened or resumed); until then
+   * it may be out of date.
+   */
+  mapSynced(room, map) {
+    return this.#m.mapSynced(room, map);
+  }
+
   /** Connects again now (skipping a backoff delay, or starting again after `failed`). */
   reconnect() {
     this.#m.reconnect(this.#clock.now());
@@ -560,6 +636,11 @@ export class Client extends EventTarget {
     return p;
   }
 
+  /** The page's wall clock, for the stamps of synced-map writes. */
+  #wallClock() {
+    this.#m.setWallClock(this.#clock.now(), Date.now());
+  }
+
   #wants(type) {
     return this.#listening.has(type);
   }
@@ -597,15 +678,24 @@ export class Client extends EventTarget {
             break;
           case LATEST:
             if (this.#wants('latest')) {
-              const kind = m.payloadKind();
-              this.#dispatch(new KitestringEvent('latest', {
-                room: m.room(),
-                key: m.key(),
-                data: kind === 0 ? fromJson(m.payloadText()) : kind === 1 ? msgpack.decode(m.payloadBytes()) : m.payloadBytes(),
+              this.#dispatch(new KitestringEvent('latest', { room: m.room(), key: m.key(), data: payloadOf(m) }));
+            }
+            break;
+          case MAP_CHANGED:
+            if (this.#wants('mapchanged')) {
+              const deleted = m.deleted();
+              this.#dispatch(new KitestringEvent('mapchanged', {
+                room: m.room(), map: m.map(), key: m.key(), data: deleted ? undefined : payloadOf(m), deleted,
               }));
             }
             break;
-          case CONNECT: this.#open(m.transport()); break;
+          case MAP_SYNCED:
+            if (this.#wants('mapsynced')) this.#dispatch(new KitestringEvent('mapsynced', { room: m.room(), map: m.map() }));
+            break;
+          case CONNECT:
+            this.#wallClock();
+            this.#open(m.transport());
+            break;
           case DISCONNECT: this.#close(m.transport(), m.code(), m.reason()); break;
           case EVENT: this.#event(JSON.parse(m.eventJson())); break;
           default: break;
@@ -739,11 +829,9 @@ export class Client extends EventTarget {
   }
 
   #message(m) {
-    const kind = m.payloadKind();
-    const wanted = this.#wants('message');
-    if (!wanted) return;
+    if (!this.#wants('message')) return;
     const e = new KitestringMessageEvent(this, 'message');
-    e.data = kind === 0 ? fromJson(m.payloadText()) : kind === 1 ? msgpack.decode(m.payloadBytes()) : m.payloadBytes();
+    e.data = payloadOf(m);
     e.room = m.room() ?? null;
     e.id = m.messageId();
     e.seq = m.seq();
@@ -758,9 +846,8 @@ export class Client extends EventTarget {
     const w = this.#requests.get(id);
     if (!w) return;
     this.#requests.delete(id);
-    const kind = m.payloadKind();
     try {
-      w.resolve(kind === 0 ? fromJson(m.payloadText()) : kind === 1 ? msgpack.decode(m.payloadBytes()) : m.payloadBytes());
+      w.resolve(payloadOf(m));
     } catch (e) {
       w.reject(e);
     }

@@ -24,10 +24,12 @@
 //!
 //! Outputs come one at a time: [`Machine::poll`] makes the next one current
 //! and says its kind ([`kinds`]); accessors read it. The messages and
-//! acknowledgments that make up the traffic are read field by field, which
-//! costs no allocation on the JavaScript side; every other event (state
-//! changes, presence, losses, refusals) comes as one JSON text
-//! ([`Machine::event_json`]), read once.
+//! acknowledgments that make up the traffic, latest values and synced-map
+//! changes are read field by field, which costs no allocation on the
+//! JavaScript side; every other event (state changes, presence, losses,
+//! refusals) comes as one JSON text ([`Machine::event_json`]), read once.
+//! What a synced map reads as is asked for directly ([`Machine::map_get`],
+//! [`Machine::map_entries`]), outside the outputs.
 //!
 //! # Numbers
 //!
@@ -348,7 +350,7 @@ impl Machine {
     }
 
     /// Takes the payload of the next `send`, `publish`, `request`,
-    /// `respond` or `sendLatest`: JSON text. Returns whether it is one
+    /// `respond`, `sendLatest` or `mapSet`: JSON text. Returns whether it is one
     /// JSON value (else see [`last_error`](Self::last_error)).
     #[wasm_bindgen(js_name = stageJson)]
     pub fn stage_json(&mut self, text: String) -> bool {
@@ -473,6 +475,89 @@ impl Machine {
         self.done(r)
     }
 
+    // ---- synced maps --------------------------------------------------------
+
+    /// Tells the machine the wall-clock time at `now`: `unix_ms` is
+    /// `Date.now()`, milliseconds since the Unix epoch. Writes to synced
+    /// maps are stamped with it (through the machine's hybrid-logical
+    /// clock, so stamps never go backwards even if the page's clock does).
+    /// The driver calls it as it makes the machine, and again on every
+    /// connection attempt: a page's two clocks drift apart while the
+    /// computer sleeps. Not a number, or negative: ignored.
+    #[wasm_bindgen(js_name = setWallClock)]
+    pub fn set_wall_clock(&mut self, now: f64, unix_ms: f64) {
+        if unix_ms.is_finite() && unix_ms >= 0.0 {
+            self.client.set_wall_clock(instant(now), unix_ms as u64);
+        }
+    }
+
+    /// Sets `key` of `room`'s synced map `map` to the staged payload (JSON
+    /// or MessagePack; opaque bytes are refused): it reads back at once
+    /// ([`map_get`](Self::map_get)) and goes to the server as a message of
+    /// the session, queued while offline. Returns the write's id, or 0. A
+    /// refusal by the server comes as a `refused` event (`op` `mset`)
+    /// naming the id, and the key reads as the server has it again.
+    #[wasm_bindgen(js_name = mapSet)]
+    pub fn map_set(&mut self, now: f64, room: &str, map: &str, key: &str) -> f64 {
+        let r = self.staged().and_then(|p| {
+            self.client
+                .map_set(instant(now), room, map, key, p)
+                .map_err(Refused::Send)
+        });
+        self.id(r)
+    }
+
+    /// Deletes `key` of `room`'s synced map `map`, as
+    /// [`map_set`](Self::map_set) writes. Returns the write's id, or 0.
+    #[wasm_bindgen(js_name = mapDelete)]
+    pub fn map_delete(&mut self, now: f64, room: &str, map: &str, key: &str) -> f64 {
+        let r = self
+            .client
+            .map_delete(instant(now), room, map, key)
+            .map_err(Refused::Send);
+        self.id(r)
+    }
+
+    /// What `key` of `room`'s synced map `map` reads as now (this page's
+    /// newest unsettled write of it, else what the server confirmed): the
+    /// value's kind in the first byte (0 JSON, 1 MessagePack), then its
+    /// bytes; `undefined` if it holds nothing.
+    #[wasm_bindgen(js_name = mapGet)]
+    pub fn map_get(&self, room: &str, map: &str, key: &str) -> Option<Vec<u8>> {
+        self.client.map_get(room, map, key).map(|p| {
+            let mut out = Vec::with_capacity(1 + p.len());
+            out.push(kind_byte(p));
+            out.extend_from_slice(p.data());
+            out
+        })
+    }
+
+    /// Every entry of `room`'s synced map `map` as it reads now, in key
+    /// order, as one byte string: for each, the key's length (4 bytes,
+    /// little-endian), the key (UTF-8), the value's kind (1 byte: 0 JSON,
+    /// 1 MessagePack), the value's length (4 bytes, little-endian) and its
+    /// bytes.
+    #[wasm_bindgen(js_name = mapEntries)]
+    pub fn map_entries(&self, room: &str, map: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (key, value) in self.client.map_entries(room, map) {
+            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            out.extend_from_slice(key.as_bytes());
+            out.push(kind_byte(&value));
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value.data());
+        }
+        out
+    }
+
+    /// Whether `room`'s synced map `map` was received whole on the current
+    /// session (its snapshot arrived since the session started or last
+    /// resumed); until then, what it reads as may be out of date.
+    #[wasm_bindgen(js_name = mapSynced)]
+    pub fn map_synced(&self, room: &str, map: &str) -> bool {
+        self.client.map_synced(room, map)
+    }
+
     /// Sends a fresh credential, answering a `tokenexpiring` event.
     #[wasm_bindgen(js_name = sendToken)]
     pub fn send_token(&mut self, now: f64, token: String) -> bool {
@@ -502,6 +587,12 @@ fn timer_name(t: kitestring_core::client::Timer) -> &'static str {
         Timer::Coalesce => "coalesce",
         _ => "other",
     }
+}
+
+/// A synced map value's kind as the page reads it: 0 JSON, 1 MessagePack
+/// (the only kinds a map holds).
+fn kind_byte(p: &Payload) -> u8 {
+    u8::from(p.kind() == kitestring_core::wire::PayloadKind::MsgPack)
 }
 
 /// Why a command failed.

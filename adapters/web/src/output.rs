@@ -3,12 +3,14 @@
 //!
 //! Owns the shape in which the machine's outputs reach JavaScript: a kind
 //! ([`kinds`]) and fields read one by one for the traffic (frames to write,
-//! messages, acknowledgments, datagrams), one JSON text for everything
-//! rarer. It never decides anything: each output is the core's, as the
+//! messages, acknowledgments, datagrams, latest values, synced-map
+//! changes), one JSON text for everything rarer. It never decides anything: each output is the core's, as the
 //! core queued it, in the core's order. Accessors called for a field the
 //! current output does not have return an empty value.
 //!
 //! [`Machine::poll`]: crate::Machine::poll
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use kitestring_core::client::{
@@ -18,7 +20,7 @@ use kitestring_core::client::{
 use kitestring_core::close::CloseCode;
 use kitestring_core::reliable::{MessageId, SendError};
 use kitestring_core::rooms::Member;
-use kitestring_core::wire::{push_json_str, PayloadKind, Transmit};
+use kitestring_core::wire::{push_json_str, Payload, PayloadKind, Transmit};
 use wasm_bindgen::prelude::*;
 
 use crate::Machine;
@@ -47,6 +49,12 @@ pub mod kinds {
     /// A room's newest value of a key: `room()`, `key()` and the payload
     /// accessors.
     pub const LATEST: u32 = 14;
+    /// What an entry of a synced map reads as changed: `room()`, `map()`,
+    /// `key()`, and the payload accessors, or `deleted()`.
+    pub const MAP_CHANGED: u32 = 15;
+    /// A synced map's snapshot arrived whole (after the `MAP_CHANGED`s it
+    /// caused): `room()`, `map()`.
+    pub const MAP_SYNCED: u32 = 16;
     /// Any other event, as JSON: `eventJson()`.
     pub const EVENT: u32 = 20;
 }
@@ -61,11 +69,10 @@ pub(crate) enum Current {
     Response(MessageId, Received),
     Acked(MessageId, MessageId),
     Datagram(Bytes),
-    Latest(
-        std::sync::Arc<str>,
-        std::sync::Arc<str>,
-        kitestring_core::wire::Payload,
-    ),
+    Latest(Arc<str>, Arc<str>, Payload),
+    /// Room, map, key, and what the key reads as (`None`: deleted).
+    MapChanged(Arc<str>, Arc<str>, Arc<str>, Option<Payload>),
+    MapSynced(Arc<str>, Arc<str>),
     Other(Event),
 }
 
@@ -82,6 +89,13 @@ impl From<Option<Output>> for Current {
                 Event::Acked { first, last } => Current::Acked(first, last),
                 Event::Datagram(d) => Current::Datagram(d),
                 Event::Latest { room, key, payload } => Current::Latest(room, key, payload),
+                Event::MapChanged {
+                    room,
+                    map,
+                    key,
+                    value,
+                } => Current::MapChanged(room, map, key, value),
+                Event::MapSynced { room, map } => Current::MapSynced(room, map),
                 other => Current::Other(other),
             },
         }
@@ -101,6 +115,8 @@ impl Current {
             Current::Acked(..) => kinds::ACKED,
             Current::Datagram(_) => kinds::DATAGRAM,
             Current::Latest(..) => kinds::LATEST,
+            Current::MapChanged(..) => kinds::MAP_CHANGED,
+            Current::MapSynced(..) => kinds::MAP_SYNCED,
             Current::Other(_) => kinds::EVENT,
         }
     }
@@ -112,10 +128,11 @@ impl Current {
         }
     }
 
-    /// The payload of a `MESSAGE`, `RESPONSE` or `LATEST`.
-    fn payload(&self) -> Option<&kitestring_core::wire::Payload> {
+    /// The payload of a `MESSAGE`, `RESPONSE`, `LATEST` or `MAP_CHANGED`.
+    fn payload(&self) -> Option<&Payload> {
         match self {
             Current::Latest(_, _, p) => Some(p),
+            Current::MapChanged(_, _, _, p) => p.as_ref(),
             other => other.received().map(|m| &m.payload),
         }
     }
@@ -171,8 +188,8 @@ impl Machine {
         }
     }
 
-    /// How a `MESSAGE`'s, `RESPONSE`'s or `LATEST`'s payload is encoded:
-    /// 0 JSON, 1 MessagePack, 2 bytes.
+    /// How a `MESSAGE`'s, `RESPONSE`'s, `LATEST`'s or `MAP_CHANGED`'s
+    /// payload is encoded: 0 JSON, 1 MessagePack, 2 bytes.
     #[wasm_bindgen(js_name = payloadKind)]
     pub fn payload_kind(&self) -> u8 {
         match self.current.payload().map(|p| p.kind()) {
@@ -204,22 +221,40 @@ impl Machine {
         }
     }
 
-    /// The room a message was broadcast in, if any, or a `LATEST`'s.
+    /// The room a message was broadcast in, if any, or a `LATEST`'s,
+    /// `MAP_CHANGED`'s or `MAP_SYNCED`'s.
     pub fn room(&self) -> Option<String> {
         match &self.current {
-            Current::Latest(room, _, _) => Some(room.to_string()),
+            Current::Latest(room, _, _)
+            | Current::MapChanged(room, ..)
+            | Current::MapSynced(room, _) => Some(room.to_string()),
             other => other
                 .received()
                 .and_then(|m| m.room.as_deref().map(str::to_owned)),
         }
     }
 
-    /// A `LATEST`'s key.
+    /// A `LATEST`'s or `MAP_CHANGED`'s key.
     pub fn key(&self) -> String {
         match &self.current {
-            Current::Latest(_, key, _) => key.to_string(),
+            Current::Latest(_, key, _) | Current::MapChanged(_, _, key, _) => key.to_string(),
             _ => String::new(),
         }
+    }
+
+    /// A `MAP_CHANGED`'s or `MAP_SYNCED`'s map.
+    pub fn map(&self) -> String {
+        match &self.current {
+            Current::MapChanged(_, map, ..) | Current::MapSynced(_, map) => map.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// Whether a `MAP_CHANGED`'s entry now holds nothing (deleted, or
+    /// this page's write of a new key was refused or lost); its payload
+    /// accessors then return nothing.
+    pub fn deleted(&self) -> bool {
+        matches!(&self.current, Current::MapChanged(_, _, _, None))
     }
 
     /// The server's id for a message (for a room stream's entry, its
@@ -526,6 +561,10 @@ pub(crate) fn event_json(e: &Event) -> String {
             .str("error", &error.to_string())
             .done(),
         Event::Resync => Obj::new("resync").done(),
+        Event::MapOverflow { room, map } => Obj::new("mapoverflow")
+            .str("room", room)
+            .str("map", map)
+            .done(),
         // The traffic's events never get here; an event a later core adds
         // still reaches the page, by name.
         _ => Obj::new("other").done(),
@@ -663,6 +702,12 @@ pub(crate) fn send_error_json(e: &SendError) -> String {
         SendError::TooManyRequests { max } => {
             error_json("too_many_requests", &message, &[("max", *max as f64)])
         }
+        SendError::BadKey => error_json("bad_key", &message, &[]),
+        SendError::TooManyKeys { max } => {
+            error_json("too_many_keys", &message, &[("max", *max as f64)])
+        }
+        SendError::NotMember => error_json("not_member", &message, &[]),
+        SendError::Unsupported(_) => error_json("unsupported", &message, &[]),
         _ => error_json("other", &message, &[]),
     }
 }
@@ -687,6 +732,9 @@ pub(crate) fn stats_json(s: &ClientStats) -> String {
         .num("bytesOut", t.bytes_out as f64)
         .num("decodeFailures", t.decode_failures as f64)
         .num("refused", s.refused as f64)
+        .num("mapSnapshots", s.map_snapshots as f64)
+        .num("mapValues", s.map_values as f64)
+        .num("mapOverflows", s.map_overflows as f64)
         .done()
 }
 
@@ -713,6 +761,26 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&event_json(&e)).unwrap();
         assert_eq!(v["room"], "r\"1");
         assert_eq!(v["from"], (u64::MAX - 1).to_string(), "offsets stay exact");
+    }
+
+    #[test]
+    fn map_events_and_errors_are_named() {
+        let e = Event::MapOverflow {
+            room: "settings".into(),
+            map: "a\"pp".into(),
+        };
+        let v: serde_json::Value = serde_json::from_str(&event_json(&e)).unwrap();
+        assert_eq!(v["type"], "mapoverflow");
+        assert_eq!(v["room"], "settings");
+        assert_eq!(v["map"], "a\"pp");
+        for (e, kind) in [
+            (SendError::NotMember, "not_member"),
+            (SendError::BadKey, "bad_key"),
+            (SendError::Unsupported("bytes"), "unsupported"),
+        ] {
+            let v: serde_json::Value = serde_json::from_str(&send_error_json(&e)).unwrap();
+            assert_eq!(v["error"], kind);
+        }
     }
 
     #[test]

@@ -21,12 +21,12 @@
 //! comes from [`Client::set_wall_clock`]. It keeps at most
 //! [`MAX_MAP_ENTRIES_KEPT`] entries over all maps.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::hlc::{Hlc, HlcTimestamp};
 use crate::reliable::{MessageId, Outgoing, RoomName, SendError};
 use crate::time::Instant;
+use crate::vecmap::{VecMap, VecSet};
 use crate::wire::{self, MapSnapshot, MapValue, MapWriteBody, MsgKind, Payload, PayloadKind};
 
 use super::{Client, Event};
@@ -44,7 +44,7 @@ type MapId = (RoomName, Arc<str>);
 struct MapCopy {
     /// What the server confirmed, per key: the stamp and the value (`None`:
     /// deleted).
-    confirmed: BTreeMap<Arc<str>, (HlcTimestamp, Option<Payload>)>,
+    confirmed: VecMap<Arc<str>, (HlcTimestamp, Option<Payload>)>,
     /// This client's unsettled writes, oldest first: the newest of a key
     /// is what the key reads as.
     pending: Vec<(MessageId, Arc<str>, Option<Payload>)>,
@@ -73,13 +73,13 @@ impl MapCopy {
 struct Staging {
     map: MapId,
     remaining: u64,
-    entries: BTreeMap<Arc<str>, (HlcTimestamp, Option<Payload>)>,
+    entries: VecMap<Arc<str>, (HlcTimestamp, Option<Payload>)>,
 }
 
 /// The client's synced maps.
 #[derive(Debug, Default)]
 pub(super) struct Maps {
-    maps: BTreeMap<MapId, MapCopy>,
+    maps: VecMap<MapId, MapCopy>,
     staging: Option<Staging>,
     /// Confirmed entries kept, over all maps.
     kept: usize,
@@ -198,11 +198,7 @@ impl Client {
             Outgoing::new(MsgKind::MapWrite, payload).in_room(room.clone()),
         )?;
         let before = self.map_read(&room, &map, &key);
-        let copy = self
-            .maps
-            .maps
-            .entry((room.clone(), map.clone()))
-            .or_default();
+        let copy = self.maps.maps.or_default((room.clone(), map.clone()));
         copy.pending.push((id, key.clone(), value));
         self.map_event_if_changed(&room, &map, &key, before);
         Ok(id)
@@ -230,12 +226,16 @@ impl Client {
         else {
             return Vec::new();
         };
-        let mut keys: Vec<&Arc<str>> = copy.confirmed.keys().collect();
-        keys.extend(copy.pending.iter().map(|(_, k, _)| k));
-        keys.sort_unstable();
-        keys.dedup();
+        // Keys written and not confirmed yet: few.
+        let mut unconfirmed = VecSet::new();
+        for (_, k, _) in &copy.pending {
+            if !copy.confirmed.contains_key(k) {
+                unconfirmed.insert(k);
+            }
+        }
+        let keys = union(&mut copy.confirmed.keys(), &mut unconfirmed.iter().copied());
         keys.into_iter()
-            .filter_map(|k| copy.read(k).map(|v| (k.clone(), v.clone())))
+            .filter_map(|k| copy.read(&k).map(|v| (k.clone(), v.clone())))
             .collect()
     }
 
@@ -286,13 +286,13 @@ impl Client {
         self.stats.map_snapshots += 1;
         let map = (s.room, s.map);
         if s.entries == 0 {
-            self.map_replace(map, BTreeMap::new());
+            self.map_replace(map, VecMap::new());
             return;
         }
         self.maps.staging = Some(Staging {
             map,
             remaining: s.entries,
-            entries: BTreeMap::new(),
+            entries: VecMap::new(),
         });
     }
 
@@ -326,7 +326,7 @@ impl Client {
             self.map_overflow(&room, &map);
             return;
         }
-        let copy = self.maps.maps.entry(id).or_default();
+        let copy = self.maps.maps.or_default(id);
         if let Some(settled) = v.settles {
             copy.pending.retain(|(w, _, _)| w.0 != settled);
         }
@@ -362,7 +362,7 @@ impl Client {
     fn map_replace(
         &mut self,
         map: MapId,
-        mut entries: BTreeMap<Arc<str>, (HlcTimestamp, Option<Payload>)>,
+        mut entries: VecMap<Arc<str>, (HlcTimestamp, Option<Payload>)>,
     ) {
         let (room, name) = map.clone();
         let old_live = self.maps.maps.get(&map).map_or(0, MapCopy::live);
@@ -379,11 +379,8 @@ impl Client {
             overflow = true;
         }
         let kept_now = entries.values().filter(|(_, v)| v.is_some()).count();
-        let copy = self.maps.maps.entry(map).or_default();
-        let mut keys: Vec<Arc<str>> = copy.confirmed.keys().cloned().collect();
-        keys.extend(entries.keys().cloned());
-        keys.sort_unstable();
-        keys.dedup();
+        let copy = self.maps.maps.or_default(map);
+        let keys = union(&mut copy.confirmed.keys(), &mut entries.keys());
         let before: Vec<Option<Payload>> = keys.iter().map(|k| copy.read(k).cloned()).collect();
         copy.confirmed = entries;
         copy.synced = true;
@@ -407,7 +404,7 @@ impl Client {
 
     /// Settles this client's writes that `settle` picks, showing what the
     /// server has for their keys again.
-    fn settle_writes(&mut self, settle: impl Fn(MessageId) -> bool) {
+    fn settle_writes(&mut self, settle: &dyn Fn(MessageId) -> bool) {
         // (room, map, key, what the key read as before).
         let mut changed: Vec<(MapId, Arc<str>, Option<Payload>)> = Vec::new();
         for ((room, map), copy) in self.maps.maps.iter_mut() {
@@ -436,13 +433,13 @@ impl Client {
     /// or took them before this connection's snapshot).
     pub(super) fn maps_acked(&mut self, through: MessageId) {
         if self.maps.maps.values().any(|c| !c.pending.is_empty()) {
-            self.settle_writes(|id| id <= through);
+            self.settle_writes(&|id| id <= through);
         }
     }
 
     /// The write `id` was refused: the key reads as the server has it.
     pub(super) fn map_write_refused(&mut self, id: MessageId) {
-        self.settle_writes(|w| w == id);
+        self.settle_writes(&|w| w == id);
     }
 
     /// The session was lost: writes whose fate is unknown are settled (the
@@ -454,7 +451,7 @@ impl Client {
             copy.synced = false;
         }
         if !unconfirmed.is_empty() {
-            self.settle_writes(|id| unconfirmed.contains(&id));
+            self.settle_writes(&|id| unconfirmed.contains(&id));
         }
     }
 
@@ -483,6 +480,66 @@ impl Client {
         }
         if self.maps.staging.as_ref().is_some_and(|s| &s.map.0 == room) {
             self.maps.staging = None;
+        }
+    }
+}
+
+/// The keys of two sorted sequences, in order, each once: a merge (no
+/// sorting code in the module, and linear however the two interleave).
+fn union<'a>(
+    a: &mut dyn Iterator<Item = &'a Arc<str>>,
+    b: &mut dyn Iterator<Item = &'a Arc<str>>,
+) -> Vec<Arc<str>> {
+    let mut out = Vec::new();
+    let (mut x, mut y) = (a.next(), b.next());
+    loop {
+        let next = match (x, y) {
+            (Some(k), Some(l)) if k < l => {
+                x = a.next();
+                k
+            }
+            (Some(k), Some(l)) if k == l => {
+                (x, y) = (a.next(), b.next());
+                k
+            }
+            (_, Some(l)) => {
+                y = b.next();
+                l
+            }
+            (Some(k), None) => {
+                x = a.next();
+                k
+            }
+            (None, None) => return out,
+        };
+        out.push(next.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn union_merges_sorted_keys_once_each() {
+        let keys = |v: &[&str]| v.iter().map(|k| Arc::<str>::from(*k)).collect::<Vec<_>>();
+        let cases: [(&[&str], &[&str], &[&str]); 5] = [
+            (&[], &[], &[]),
+            (&["a", "c"], &[], &["a", "c"]),
+            (&[], &["b"], &["b"]),
+            (
+                &["a", "c", "e"],
+                &["b", "c", "d", "f"],
+                &["a", "b", "c", "d", "e", "f"],
+            ),
+            (&["x", "y"], &["x", "y"], &["x", "y"]),
+        ];
+        for (a, b, want) in cases {
+            let (a, b) = (keys(a), keys(b));
+            assert_eq!(union(&mut a.iter(), &mut b.iter()), keys(want));
+            assert_eq!(union(&mut b.iter(), &mut a.iter()), keys(want));
         }
     }
 }
