@@ -152,6 +152,10 @@ async fn settings_converge_through_aborted_connections() {
             }
         }
     }
+    // Writes queued by a client whose connection was aborted are taken
+    // when it is back (the server stamps: the one it takes last wins), so
+    // the delete comes once every copy is in step.
+    converged(&server, &[&a, &b, &c]).await;
     b.map_delete(ROOM, MAP, "volume").await.unwrap();
     let end = converged(&server, &[&a, &b, &c]).await;
     assert_eq!(end.get("volume"), None, "b's delete, the last write of it");
