@@ -23,9 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use kitestring::{
-    ClientOptions, Event, Payload, ServerEvent, ServerOptions, SessionEnd, SessionId,
-};
+use kitestring::{ClientOptions, Event, Payload, ServerEvent, ServerOptions, SessionEnd};
+use kitestring_core::wire::ClientId;
 
 use crate::net;
 use crate::{Failure, Figure, Kind, Options, Range};
@@ -37,6 +36,11 @@ const MAX_LAG: Duration = Duration::from_secs(2);
 /// room stream member acknowledges nothing, so its pings are what the
 /// server hears from it.
 const PING: Duration = Duration::from_millis(500);
+
+/// Whether the server bounds lag here (not under `DASHBOARD_NO_LAG`).
+fn bounded() -> bool {
+    std::env::var_os("DASHBOARD_NO_LAG").is_none()
+}
 
 /// How the updates are sent.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -71,6 +75,9 @@ struct Run {
     first_eviction_s: f64,
     /// Fast subscribers' sessions ended as slow consumers (must be none).
     fast_evicted: u64,
+    /// When each of the slow subscriber's sessions was ended, seconds
+    /// after the first update.
+    eviction_times: Vec<f64>,
 }
 
 /// An update: its number and when it was set (microseconds since `t0`).
@@ -91,28 +98,40 @@ fn run_once(mode: Mode, subscribers: usize, rate: u64, secs: u64, slow_every: Du
         let runtime = kitestring_tokio::runtime();
         let mut options = ServerOptions::default();
         options.config.rate_limit = None;
-        options.config.max_lag = Some(MAX_LAG);
-        options.config.ping_interval = PING;
+        // DASHBOARD_NO_LAG: the server's defaults (no bound this short,
+        // pings every 20 s), for comparison.
+        if bounded() {
+            options.config.max_lag = Some(MAX_LAG);
+            options.config.ping_interval = PING;
+        }
         let (server, mut events) = kitestring::bind(
             runtime.clone(),
             "127.0.0.1:0".parse().expect("addr"),
             options,
         )
         .expect("bind");
-        // Sessions ended as slow consumers, and when.
-        let evicted: Arc<Mutex<Vec<(SessionId, Instant)>>> = Arc::default();
+        // Sessions ended as slow consumers: by which client, and when.
+        let evicted: Arc<Mutex<Vec<(ClientId, Instant)>>> = Arc::default();
         let seen = evicted.clone();
         tokio::spawn(async move {
+            let mut clients = std::collections::HashMap::new();
             while let Some(e) = events.next().await {
-                if let ServerEvent::SessionEnded {
-                    session,
-                    reason: SessionEnd::SlowConsumer,
-                    ..
-                } = e
-                {
-                    if let Ok(mut v) = seen.lock() {
-                        v.push((session, Instant::now()));
+                match e {
+                    ServerEvent::SessionOpened {
+                        session, client, ..
+                    } => {
+                        clients.insert(session, client);
                     }
+                    ServerEvent::SessionEnded {
+                        session,
+                        reason: SessionEnd::SlowConsumer,
+                        ..
+                    } => {
+                        if let (Some(c), Ok(mut v)) = (clients.get(&session), seen.lock()) {
+                            v.push((*c, Instant::now()));
+                        }
+                    }
+                    _ => {}
                 }
             }
         });
@@ -125,14 +144,13 @@ fn run_once(mode: Mode, subscribers: usize, rate: u64, secs: u64, slow_every: Du
         let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let end = t0 + Duration::from_secs(secs + 2);
         let mut tasks = Vec::new();
-        let mut fast_sessions = std::collections::HashSet::new();
+        let mut slow_client = None;
         for i in 0..subscribers {
             let (client, mut events) =
                 net::ours_connect(runtime.clone(), &url, ClientOptions::default()).await;
             client.join("dash").await.expect("join");
-            if i > 0 {
-                let session = client.stats().await.ok().and_then(|s| s.session);
-                fast_sessions.insert(session.expect("connected"));
+            if i == 0 {
+                slow_client = Some(client.client_id());
             }
             let (samples, lost) = (samples.clone(), lost.clone());
             let slow = i == 0;
@@ -191,12 +209,13 @@ fn run_once(mode: Mode, subscribers: usize, rate: u64, secs: u64, slow_every: Du
             let _ = t.await;
         }
         let evicted = evicted.lock().map(|v| v.clone()).unwrap_or_default();
-        let (fast_evicted, slow_evicted): (Vec<_>, Vec<_>) =
-            evicted.iter().partition(|(s, _)| fast_sessions.contains(s));
-        let first_eviction_s = slow_evicted
+        let (slow_evicted, fast_evicted): (Vec<_>, Vec<_>) =
+            evicted.iter().partition(|(c, _)| Some(*c) == slow_client);
+        let eviction_times: Vec<f64> = slow_evicted
             .iter()
             .map(|(_, at)| at.saturating_duration_since(start).as_secs_f64())
-            .fold(f64::NAN, f64::min);
+            .collect();
+        let first_eviction_s = eviction_times.iter().copied().fold(f64::NAN, f64::min);
         let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
         if std::env::var_os("DASHBOARD_DEBUG").is_some() {
             eprintln!("{mode:?} slow: {:?}", &samples[0]);
@@ -231,6 +250,7 @@ fn run_once(mode: Mode, subscribers: usize, rate: u64, secs: u64, slow_every: Du
             evictions: slow_evicted.len() as u64,
             first_eviction_s,
             fast_evicted: fast_evicted.len() as u64,
+            eviction_times,
         }
     })
 }
@@ -254,13 +274,16 @@ pub(crate) fn scenario(opts: &Options) -> Vec<Figure> {
         for mode in order {
             let r = run_once(mode, subscribers, rate, secs, slow_every);
             eprintln!(
-                "  {mode:?}: slow subscriber {:.2} intervals behind at most (median {:.2}), {} sessions ended for lag (max_lag {} s, pings every {} ms; the first {:.2} s into the run), {} session losses seen by its client; fast ones p99 {:.1} ms, {:.0} updates/s, {} sessions ended",
+                "  {mode:?}: slow subscriber {:.2} intervals behind at most (median {:.2}), {} sessions ended for lag ({}; at {:.2?} s into the run), {} session losses seen by its client; fast ones p99 {:.1} ms, {:.0} updates/s, {} sessions ended",
                 r.slow_max,
                 r.slow_median,
                 r.evictions,
-                MAX_LAG.as_secs(),
-                PING.as_millis(),
-                r.first_eviction_s,
+                if bounded() {
+                    format!("max_lag {} s, pings every {} ms", MAX_LAG.as_secs(), PING.as_millis())
+                } else {
+                    "the server's defaults: no bound this short".to_owned()
+                },
+                r.eviction_times,
                 r.slow_lost,
                 r.fast_p99_ms,
                 r.fast_rate,
