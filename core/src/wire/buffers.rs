@@ -16,13 +16,16 @@ use bytes::{Bytes, BytesMut};
 use super::compress::{Deflater, KIND_DEFLATE_RAW, RAW_LEN_PREFIX};
 #[cfg(feature = "compression")]
 use super::deflated::{write_deflated_entry, write_json_batch, write_pack_batch};
+#[cfg(any(feature = "server", feature = "compression"))]
 use super::encode::Form;
 #[cfg(feature = "compression")]
 use super::header::seal_msgpack;
 use super::{
-    detaches, encode_detached_into, encode_into, encode_map_value_into, Codec, CompressionConfig,
-    EncodeError, Frame, MapValue, Transmit, DETACH_FROM,
+    detaches, encode_detached_into, encode_into, Codec, CompressionConfig, EncodeError, Frame,
+    Transmit,
 };
+#[cfg(feature = "server")]
+use super::{encode_map_value_into, MapValue, DETACH_FROM};
 #[cfg(feature = "compression")]
 use super::{encode_msg_into, FrameKind, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
@@ -283,7 +286,8 @@ impl Encoder {
                 Ok(())
             }
             // A map value goes detached by the same rule as a message's
-            // payload.
+            // payload (only a server sends one).
+            #[cfg(feature = "server")]
             Frame::MapValue(v @ MapValue { value: Some(p), .. })
                 if detach && p.len() >= DETACH_FROM =>
             {
@@ -376,6 +380,7 @@ impl Encoder {
             }
             // As a message's payload: detached when large, else embedded
             // if that saves.
+            #[cfg(feature = "server")]
             Frame::MapValue(v @ MapValue { value: Some(p), .. }) if worth(p.len()) => {
                 let encode = |form: Form<'_>, out: &mut Vec<u8>| {
                     encode_map_value_into(v, form, codec, version, out)

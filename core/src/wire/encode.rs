@@ -14,11 +14,15 @@ use std::borrow::Cow;
 
 #[cfg(feature = "compression")]
 use super::deflated::deflated_key;
-use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson};
+#[cfg(feature = "server")]
+use super::envelope::RawJson;
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
 use super::json::{push_json_str, push_uint};
-use super::{EncodeError, Frame, MapValue, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
+#[cfg(feature = "server")]
+use super::MapValue;
+use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
 /// a `welcome` about 220).
@@ -69,6 +73,7 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
             env.caps = Some(h.caps.iter().map(|c| c.as_str().into()).collect());
             env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
         }
+        #[cfg(feature = "server")]
         Frame::Welcome(w) => {
             env.t = "welcome".into();
             env.version = Some(w.version);
@@ -86,6 +91,7 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
             hex_key = w.key.map(|k| k.to_hex());
             env.key = hex_key.as_deref().map(Cow::Borrowed);
         }
+        #[cfg(feature = "server")]
         Frame::Reject(r) => {
             env.t = "reject".into();
             env.code = Some(r.code);
@@ -131,6 +137,7 @@ macro_rules! subs_envelope {
 }
 
 /// The envelope fields of a room stream entry, payload aside.
+#[cfg(feature = "server")]
 macro_rules! fill_entry {
     ($env:ident, $e:expr) => {{
         $env.t = "pub".into();
@@ -142,6 +149,7 @@ macro_rules! fill_entry {
 }
 
 /// Fills an `lv` envelope but its payload.
+#[cfg(feature = "server")]
 macro_rules! fill_latest {
     ($env:ident, $v:expr) => {{
         $env.t = "lv".into();
@@ -153,6 +161,7 @@ macro_rules! fill_latest {
 }
 
 /// Fills an `mv` envelope but its value.
+#[cfg(feature = "server")]
 macro_rules! fill_map_value {
     ($env:ident, $v:expr) => {{
         $env.t = "mv".into();
@@ -168,6 +177,7 @@ macro_rules! fill_map_value {
 
 /// Sets the one of three fields (`dj`/`dm`/`db`, `zj`/`zm`/`zb`) that
 /// stands for a payload of `kind`.
+#[cfg(feature = "server")]
 macro_rules! by_kind {
     ($kind:expr, $j:expr, $m:expr, $b:expr, $value:expr) => {
         match $kind {
@@ -180,6 +190,7 @@ macro_rules! by_kind {
 
 /// An `mv` envelope of type `$ty`, its value (if any) carried as `$form`
 /// says: embedded by `$embed`, or its deflated bytes by `$carry`.
+#[cfg(feature = "server")]
 macro_rules! map_value_envelope {
     ($ty:ident, $v:expr, $form:expr, $embed:ident, $carry:expr) => {{
         let mut env = $ty::default();
@@ -208,6 +219,7 @@ macro_rules! map_value_envelope {
 
 /// Fills a `pub` or `lv` envelope but its payload, and evaluates to that
 /// payload; returns `Unrepresentable` from the caller for other frames.
+#[cfg(feature = "server")]
 macro_rules! fill_room_value {
     ($env:ident, $frame:expr) => {
         match $frame {
@@ -245,6 +257,7 @@ macro_rules! fill_common {
                 $env.t = "replay".into();
                 $env.from = Some(*from);
             }
+            #[cfg(feature = "server")]
             Frame::GoAway {
                 code,
                 retry_after_ms,
@@ -253,6 +266,7 @@ macro_rules! fill_common {
                 $env.code = Some(*code);
                 $env.retry = *retry_after_ms;
             }
+            #[cfg(feature = "server")]
             Frame::Reauth { within_ms } => {
                 $env.t = "reauth".into();
                 $env.within = Some(*within_ms);
@@ -261,12 +275,15 @@ macro_rules! fill_common {
                 $env.t = "auth".into();
                 $env.token = Some(token.as_str().into());
             }
+            #[cfg(feature = "server")]
             Frame::Skip { room, offset } => {
                 $env.t = "skip".into();
                 $env.seq = Some(*offset);
                 $env.r = Some(Cow::Borrowed(room));
             }
+            #[cfg(feature = "server")]
             Frame::Sub(pos) => fill_sub!($env, pos),
+            #[cfg(feature = "server")]
             Frame::MapSnapshot(s) => {
                 $env.t = "ms".into();
                 $env.seq = Some(s.entries);
@@ -279,6 +296,7 @@ macro_rules! fill_common {
 }
 
 /// Puts a payload into a JSON envelope (the serde way).
+#[cfg(feature = "server")]
 pub(super) fn json_payload_into<'a>(
     env: &mut JsonEnvelope<'a>,
     p: &'a Payload,
@@ -297,6 +315,7 @@ pub(super) fn json_payload_into<'a>(
 }
 
 /// Puts a payload into a MessagePack envelope (the serde way).
+#[cfg(feature = "server")]
 pub(super) fn pack_payload_into<'a>(
     env: &mut PackEnvelope<'a>,
     p: &'a Payload,
@@ -315,6 +334,7 @@ pub(super) fn pack_payload_into<'a>(
 
 /// The JSON envelope of `v`, its value carried as `form` says (deflated
 /// bytes in base64).
+#[cfg(feature = "server")]
 pub(super) fn json_map_value<'a>(
     v: &'a MapValue,
     form: Form<'a>,
@@ -333,6 +353,7 @@ pub(super) fn json_map_value<'a>(
 
 /// The MessagePack envelope of `v`, its value carried as `form` says
 /// (deflated bytes as `bin`).
+#[cfg(feature = "server")]
 pub(super) fn pack_map_value<'a>(
     v: &'a MapValue,
     form: Form<'a>,
@@ -369,6 +390,7 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
             Ok(())
         }
         // One arm for both, so that the payload's code is there once.
+        #[cfg(feature = "server")]
         Frame::Pub(_) | Frame::Latest(_) => {
             let mut env = JsonEnvelope::default();
             let payload = fill_room_value!(env, frame);
@@ -376,6 +398,7 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
             write_json_envelope(&env, out);
             Ok(())
         }
+        #[cfg(feature = "server")]
         Frame::MapValue(v) => {
             write_json_envelope(&json_map_value(v, Form::Embedded)?, out);
             Ok(())
@@ -664,12 +687,14 @@ pub(super) fn encode_msgpack(
             let env = subs_envelope!(PackEnvelope, list);
             write_pack_envelope(&env, out)?;
         }
+        #[cfg(feature = "server")]
         Frame::Pub(_) | Frame::Latest(_) => {
             let mut env = PackEnvelope::default();
             let payload = fill_room_value!(env, frame);
             pack_payload_into(&mut env, payload)?;
             write_pack_envelope(&env, out)?;
         }
+        #[cfg(feature = "server")]
         Frame::MapValue(v) => write_pack_envelope(&pack_map_value(v, Form::Embedded)?, out)?,
         _ => {
             let mut env = PackEnvelope::default();
