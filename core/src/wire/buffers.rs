@@ -14,9 +14,11 @@ use bytes::{Bytes, BytesMut};
 
 #[cfg(feature = "compression")]
 use super::compress::{Deflater, KIND_DEFLATE_RAW, RAW_LEN_PREFIX};
+#[cfg(all(feature = "compression", any(feature = "server", test)))]
+use super::deflated::write_deflated_entry;
 #[cfg(feature = "compression")]
-use super::deflated::{write_deflated_entry, write_json_batch, write_pack_batch};
-#[cfg(any(feature = "server", feature = "compression"))]
+use super::deflated::{write_json_batch, write_pack_batch};
+#[cfg(any(feature = "server", test, feature = "compression"))]
 use super::encode::Form;
 #[cfg(feature = "compression")]
 use super::header::seal_msgpack;
@@ -24,7 +26,7 @@ use super::{
     detaches, encode_detached_into, encode_into, Codec, CompressionConfig, EncodeError, Frame,
     Transmit,
 };
-#[cfg(feature = "server")]
+#[cfg(any(feature = "server", test))]
 use super::{encode_map_value_into, MapValue, DETACH_FROM};
 #[cfg(feature = "compression")]
 use super::{encode_msg_into, FrameKind, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
@@ -287,7 +289,7 @@ impl Encoder {
             }
             // A map value goes detached by the same rule as a message's
             // payload (only a server sends one).
-            #[cfg(feature = "server")]
+            #[cfg(any(feature = "server", test))]
             Frame::MapValue(v @ MapValue { value: Some(p), .. })
                 if detach && p.len() >= DETACH_FROM =>
             {
@@ -380,7 +382,7 @@ impl Encoder {
             }
             // As a message's payload: detached when large, else embedded
             // if that saves.
-            #[cfg(feature = "server")]
+            #[cfg(any(feature = "server", test))]
             Frame::MapValue(v @ MapValue { value: Some(p), .. }) if worth(p.len()) => {
                 let encode = |form: Form<'_>, out: &mut Vec<u8>| {
                     encode_map_value_into(v, form, codec, version, out)
@@ -429,6 +431,7 @@ impl Encoder {
                     true
                 }
             }
+            #[cfg(any(feature = "server", test))]
             Frame::Pub(e) if worth(e.payload.len()) => {
                 let budget = saving_budget(e.payload.len());
                 let (data, level) = (e.payload.data(), config.level);
