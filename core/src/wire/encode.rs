@@ -570,21 +570,26 @@ fn write_json_handshake(env: &HandshakeEnvelope<'_>, out: &mut Vec<u8>) {
     o.str("session", env.session.as_deref());
     o.uint("delivered", env.delivered);
     o.uint("acked", env.acked);
+    // The fields in `server` blocks are a `welcome`'s or a `reject`'s.
+    #[cfg(any(feature = "server", test))]
     o.bool("recovered", env.recovered);
     o.strs("caps", env.caps.as_deref());
     o.strs("codecs", env.codecs.as_deref());
-    o.uint("version", env.version.map(u64::from));
-    o.str("codec", env.codec.as_deref());
-    o.bool("resumed", env.resumed);
-    o.str("lost", env.lost.as_deref());
-    o.strs("features", env.features.as_deref());
-    o.uint("ping_ms", env.ping_ms);
-    o.uint("pong_ms", env.pong_ms);
-    o.uint("max", env.max);
-    o.uint("code", env.code.map(u64::from));
-    o.str("reason", env.reason.as_deref());
-    o.str("message", env.message.as_deref());
-    o.uint("retry", env.retry);
+    #[cfg(any(feature = "server", test))]
+    {
+        o.uint("version", env.version.map(u64::from));
+        o.str("codec", env.codec.as_deref());
+        o.bool("resumed", env.resumed);
+        o.str("lost", env.lost.as_deref());
+        o.strs("features", env.features.as_deref());
+        o.uint("ping_ms", env.ping_ms);
+        o.uint("pong_ms", env.pong_ms);
+        o.uint("max", env.max);
+        o.uint("code", env.code.map(u64::from));
+        o.str("reason", env.reason.as_deref());
+        o.str("message", env.message.as_deref());
+        o.uint("retry", env.retry);
+    }
     o.str("key", env.key.as_deref());
     o.end();
 }
