@@ -77,7 +77,7 @@ impl BackoffConfig {
                 } else {
                     0.0
                 };
-                (d, d + d.mul_f64(f))
+                (d, d.saturating_add(scale(d, f)))
             }
             Jitter::Full => (self.base.min(d), d),
         }
@@ -89,6 +89,15 @@ impl BackoffConfig {
         let span = u64::try_from(high.saturating_sub(low).as_nanos()).unwrap_or(u64::MAX);
         low + Duration::from_nanos(rng.below_inclusive(span))
     }
+}
+
+/// `d` times `f` (a finite factor of at most 10), to the nanosecond below,
+/// saturating past `u64::MAX` nanoseconds (584 years).
+/// `Duration::mul_f64` would bring its float conversion and its panics
+/// into the browser package.
+pub(crate) fn scale(d: Duration, f: f64) -> Duration {
+    // `as` from a float saturates (and takes NaN to 0).
+    Duration::from_nanos((d.as_nanos() as f64 * f) as u64)
 }
 
 #[cfg(test)]

@@ -97,6 +97,10 @@
 //! regression tests.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+// Without the `server` feature, what only the server machine calls (the
+// rooms' streams, the saved sessions' recovery, the server's buffers) is
+// still compiled, unused.
+#![cfg_attr(not(feature = "server"), allow(dead_code))]
 
 pub mod backoff;
 mod base64;
@@ -109,6 +113,7 @@ pub mod reliable;
 mod rng;
 pub mod rooms;
 mod saved;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod stream;
 pub mod time;

@@ -518,13 +518,17 @@ export class Client extends EventTarget {
   mapSet(room, map, key, value) {
     return this.#tracked(() => {
       this.#stage(value);
-      return this.#m.mapSet(this.#clock.now(), room, map, key);
+      this.#m.mapKey(room, map, key);
+      return this.#m.mapSet(this.#clock.now());
     });
   }
 
   /** Deletes `key` of `room`'s synced map `map`, as `mapSet` writes. */
   mapDelete(room, map, key) {
-    return this.#tracked(() => this.#m.mapDelete(this.#clock.now(), room, map, key));
+    return this.#tracked(() => {
+      this.#m.mapKey(room, map, key);
+      return this.#m.mapDelete(this.#clock.now());
+    });
   }
 
   /**
@@ -533,13 +537,15 @@ export class Client extends EventTarget {
    * `undefined` if it holds nothing.
    */
   mapGet(room, map, key) {
-    const v = this.#m.mapGet(room, map, key);
+    this.#m.mapKey(room, map, key);
+    const v = this.#m.mapGet();
     return v === undefined ? undefined : mapValue(v[0], v.subarray(1));
   }
 
   /** Every entry of `room`'s synced map `map` as it reads now, decoded: key -> value, in key order. */
   mapEntries(room, map) {
-    const b = this.#m.mapEntries(room, map);
+    this.#m.mapKey(room, map, '');
+    const b = this.#m.mapEntries();
     const view = new DataView(b.buffer, b.byteOffset, b.byteLength);
     const entries = new Map();
     for (let i = 0; i < b.length;) {
@@ -558,7 +564,8 @@ export class Client extends EventTarget {
    * it may be out of date.
    */
   mapSynced(room, map) {
-    return this.#m.mapSynced(room, map);
+    this.#m.mapKey(room, map, '');
+    return this.#m.mapSynced();
   }
 
   /** Connects again now (skipping a backoff delay, or starting again after `failed`). */

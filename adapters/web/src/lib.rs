@@ -78,6 +78,9 @@ pub struct Machine {
     last_error: String,
     /// Ids taken over from a suspended page ([`Machine::restore`]).
     restored: Vec<u64>,
+    /// The synced-map entry the next `mapSet`, `mapDelete` or `mapGet` is
+    /// about: room, map, key ([`Machine::set_map_key`]).
+    map_key: [String; 3],
 }
 
 /// Milliseconds on the driver's clock as the core's instant. The clock
@@ -119,6 +122,7 @@ impl Machine {
             staged: None,
             last_error: String::new(),
             restored: Vec::new(),
+            map_key: Default::default(),
         })
     }
 
@@ -284,6 +288,7 @@ impl Machine {
             staged: None,
             last_error: String::new(),
             restored,
+            map_key: Default::default(),
         })
     }
 
@@ -491,15 +496,29 @@ impl Machine {
         }
     }
 
-    /// Sets `key` of `room`'s synced map `map` to the staged payload (JSON
-    /// or MessagePack; opaque bytes are refused): it reads back at once
-    /// ([`map_get`](Self::map_get)) and goes to the server as a message of
-    /// the session, queued while offline. Returns the write's id, or 0. A
-    /// refusal by the server comes as a `refused` event (`op` `mset`)
-    /// naming the id, and the key reads as the server has it again.
+    /// Names the synced-map entry that the next [`map_set`](Self::map_set),
+    /// [`map_delete`](Self::map_delete) and [`map_get`](Self::map_get) are
+    /// about: `key` of `room`'s map `map` (and the map that
+    /// [`map_entries`](Self::map_entries) and
+    /// [`map_synced`](Self::map_synced) are about). (One call carries the three
+    /// strings, rather than the glue of each of those methods.)
+    #[wasm_bindgen(js_name = mapKey)]
+    pub fn set_map_key(&mut self, room: String, map: String, key: String) {
+        self.map_key = [room, map, key];
+    }
+
+    /// Sets the named entry ([`set_map_key`](Self::set_map_key)) to the
+    /// staged payload (JSON or MessagePack; opaque bytes are refused): it
+    /// reads back at once ([`map_get`](Self::map_get)) and goes to the
+    /// server as a message of the session, queued while offline. Returns
+    /// the write's id, or 0. A refusal by the server comes as a `refused`
+    /// event (`op` `mset`) naming the id, and the key reads as the server
+    /// has it again.
     #[wasm_bindgen(js_name = mapSet)]
-    pub fn map_set(&mut self, now: f64, room: &str, map: &str, key: &str) -> f64 {
-        let r = self.staged().and_then(|p| {
+    pub fn map_set(&mut self, now: f64) -> f64 {
+        let staged = self.staged();
+        let [room, map, key] = &self.map_key;
+        let r = staged.and_then(|p| {
             self.client
                 .map_set(instant(now), room, map, key, p)
                 .map_err(Refused::Send)
@@ -507,10 +526,11 @@ impl Machine {
         self.id(r)
     }
 
-    /// Deletes `key` of `room`'s synced map `map`, as
+    /// Deletes the named entry ([`set_map_key`](Self::set_map_key)), as
     /// [`map_set`](Self::map_set) writes. Returns the write's id, or 0.
     #[wasm_bindgen(js_name = mapDelete)]
-    pub fn map_delete(&mut self, now: f64, room: &str, map: &str, key: &str) -> f64 {
+    pub fn map_delete(&mut self, now: f64) -> f64 {
+        let [room, map, key] = &self.map_key;
         let r = self
             .client
             .map_delete(instant(now), room, map, key)
@@ -518,12 +538,13 @@ impl Machine {
         self.id(r)
     }
 
-    /// What `key` of `room`'s synced map `map` reads as now (this page's
-    /// newest unsettled write of it, else what the server confirmed): the
-    /// value's kind in the first byte (0 JSON, 1 MessagePack), then its
-    /// bytes; `undefined` if it holds nothing.
+    /// What the named entry ([`set_map_key`](Self::set_map_key)) reads as
+    /// now (this page's newest unsettled write of it, else what the server
+    /// confirmed): the value's kind in the first byte (0 JSON, 1
+    /// MessagePack), then its bytes; `undefined` if it holds nothing.
     #[wasm_bindgen(js_name = mapGet)]
-    pub fn map_get(&self, room: &str, map: &str, key: &str) -> Option<Vec<u8>> {
+    pub fn map_get(&self) -> Option<Vec<u8>> {
+        let [room, map, key] = &self.map_key;
         self.client.map_get(room, map, key).map(|p| {
             let mut out = Vec::with_capacity(1 + p.len());
             out.push(kind_byte(p));
@@ -532,13 +553,14 @@ impl Machine {
         })
     }
 
-    /// Every entry of `room`'s synced map `map` as it reads now, in key
-    /// order, as one byte string: for each, the key's length (4 bytes,
+    /// Every entry of the named map ([`set_map_key`](Self::set_map_key),
+    /// its key aside) as it reads now, in key order, as one byte string: for each, the key's length (4 bytes,
     /// little-endian), the key (UTF-8), the value's kind (1 byte: 0 JSON,
     /// 1 MessagePack), the value's length (4 bytes, little-endian) and its
     /// bytes.
     #[wasm_bindgen(js_name = mapEntries)]
-    pub fn map_entries(&self, room: &str, map: &str) -> Vec<u8> {
+    pub fn map_entries(&self) -> Vec<u8> {
+        let [room, map, _] = &self.map_key;
         let mut out = Vec::new();
         for (key, value) in self.client.map_entries(room, map) {
             out.extend_from_slice(&(key.len() as u32).to_le_bytes());
@@ -550,11 +572,12 @@ impl Machine {
         out
     }
 
-    /// Whether `room`'s synced map `map` was received whole on the current
-    /// session (its snapshot arrived since the session started or last
+    /// Whether the named map ([`set_map_key`](Self::set_map_key), its key
+    /// aside) was received whole on the current session (its snapshot arrived since the session started or last
     /// resumed); until then, what it reads as may be out of date.
     #[wasm_bindgen(js_name = mapSynced)]
-    pub fn map_synced(&self, room: &str, map: &str) -> bool {
+    pub fn map_synced(&self) -> bool {
+        let [room, map, _] = &self.map_key;
         self.client.map_synced(room, map)
     }
 

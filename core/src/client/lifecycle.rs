@@ -260,7 +260,9 @@ impl Client {
 fn jitter_for_hint(jitter: &Jitter, hint: Duration, rng: &mut Rng) -> Duration {
     let span = match jitter {
         Jitter::None => return Duration::ZERO,
-        Jitter::Proportional(f) if f.is_finite() && *f > 0.0 => hint.mul_f64(f.min(10.0)),
+        Jitter::Proportional(f) if f.is_finite() && *f > 0.0 => {
+            crate::backoff::scale(hint, f.min(10.0))
+        }
         Jitter::Proportional(_) => return Duration::ZERO,
         Jitter::Full => hint / 2,
     };

@@ -14,15 +14,20 @@ use bytes::{Bytes, BytesMut};
 
 #[cfg(feature = "compression")]
 use super::compress::{Deflater, KIND_DEFLATE_RAW, RAW_LEN_PREFIX};
+#[cfg(all(feature = "compression", any(feature = "server", test)))]
+use super::deflated::write_deflated_entry;
 #[cfg(feature = "compression")]
-use super::deflated::{write_deflated_entry, write_json_batch, write_pack_batch};
+use super::deflated::{write_json_batch, write_pack_batch};
+#[cfg(any(feature = "server", test, feature = "compression"))]
 use super::encode::Form;
 #[cfg(feature = "compression")]
 use super::header::seal_msgpack;
 use super::{
-    detaches, encode_detached_into, encode_into, encode_map_value_into, Codec, CompressionConfig,
-    EncodeError, Frame, MapValue, Transmit, DETACH_FROM,
+    detaches, encode_detached_into, encode_into, Codec, CompressionConfig, EncodeError, Frame,
+    Transmit,
 };
+#[cfg(any(feature = "server", test))]
+use super::{encode_map_value_into, MapValue, DETACH_FROM};
 #[cfg(feature = "compression")]
 use super::{encode_msg_into, FrameKind, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
@@ -283,7 +288,8 @@ impl Encoder {
                 Ok(())
             }
             // A map value goes detached by the same rule as a message's
-            // payload.
+            // payload (only a server sends one).
+            #[cfg(any(feature = "server", test))]
             Frame::MapValue(v @ MapValue { value: Some(p), .. })
                 if detach && p.len() >= DETACH_FROM =>
             {
@@ -376,6 +382,7 @@ impl Encoder {
             }
             // As a message's payload: detached when large, else embedded
             // if that saves.
+            #[cfg(any(feature = "server", test))]
             Frame::MapValue(v @ MapValue { value: Some(p), .. }) if worth(p.len()) => {
                 let encode = |form: Form<'_>, out: &mut Vec<u8>| {
                     encode_map_value_into(v, form, codec, version, out)
@@ -424,6 +431,7 @@ impl Encoder {
                     true
                 }
             }
+            #[cfg(any(feature = "server", test))]
             Frame::Pub(e) if worth(e.payload.len()) => {
                 let budget = saving_budget(e.payload.len());
                 let (data, level) = (e.payload.data(), config.level);

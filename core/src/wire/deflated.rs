@@ -8,16 +8,18 @@
 //! decides whether a payload is worth deflating (the encoder does), and
 //! never inflates but through `compress::Inflation`, which bounds it.
 
-use std::borrow::Cow;
-
 use super::compress::{Inflation, NOT_AGREED};
-use super::encode::{
-    vec_write, write_json_envelope, write_json_msg, write_pack_envelope, write_pack_msg, Form,
-};
-use super::envelope::{JsonEnvelope, PackEnvelope};
+use super::encode::{vec_write, write_json_msg, write_pack_msg, Form};
 use super::fields::check_json_depth;
 use super::json::json_value;
-use super::{Codec, DecodeError, EncodeError, Msg, Payload, PayloadKind, StreamEntry};
+use super::{DecodeError, EncodeError, Msg, Payload, PayloadKind};
+#[cfg(any(feature = "server", test))]
+use {
+    super::encode::{write_json_envelope, write_pack_envelope},
+    super::envelope::{JsonEnvelope, PackEnvelope},
+    super::{Codec, StreamEntry},
+    std::borrow::Cow,
+};
 
 /// A `batch` envelope of `msgs`, each carried as `form` says.
 pub(super) fn write_json_batch<'a>(
@@ -44,11 +46,11 @@ pub(super) fn write_pack_batch<'a>(
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
-    rmp::encode::write_map_len(out, 2).map_err(vec_write)?;
-    rmp::encode::write_str(out, "t").map_err(vec_write)?;
-    rmp::encode::write_str(out, "batch").map_err(vec_write)?;
-    rmp::encode::write_str(out, "f").map_err(vec_write)?;
-    rmp::encode::write_array_len(out, len).map_err(vec_write)?;
+    super::packwrite::write_map_len(out, 2).map_err(vec_write)?;
+    super::packwrite::write_str(out, "t").map_err(vec_write)?;
+    super::packwrite::write_str(out, "batch").map_err(vec_write)?;
+    super::packwrite::write_str(out, "f").map_err(vec_write)?;
+    super::packwrite::write_array_len(out, len).map_err(vec_write)?;
     for (i, m) in msgs.iter().enumerate() {
         write_pack_msg(m, out, form(i))?;
     }
@@ -57,6 +59,7 @@ pub(super) fn write_pack_batch<'a>(
 
 /// A `pub` envelope whose payload is deflated (section 2.2): `bytes`, of
 /// the payload's `len` bytes, in `zj`, `zm` or `zb`.
+#[cfg(any(feature = "server", test))]
 pub(super) fn write_deflated_entry(
     e: &StreamEntry,
     bytes: &[u8],

@@ -14,11 +14,15 @@ use std::borrow::Cow;
 
 #[cfg(feature = "compression")]
 use super::deflated::deflated_key;
-use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope, RawJson};
+#[cfg(any(feature = "server", test))]
+use super::envelope::RawJson;
+use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
 use super::json::{push_json_str, push_uint};
-use super::{EncodeError, Frame, MapValue, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
+#[cfg(any(feature = "server", test))]
+use super::MapValue;
+use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
 /// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
 /// a `welcome` about 220).
@@ -69,6 +73,7 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
             env.caps = Some(h.caps.iter().map(|c| c.as_str().into()).collect());
             env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
         }
+        #[cfg(any(feature = "server", test))]
         Frame::Welcome(w) => {
             env.t = "welcome".into();
             env.version = Some(w.version);
@@ -86,6 +91,7 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
             hex_key = w.key.map(|k| k.to_hex());
             env.key = hex_key.as_deref().map(Cow::Borrowed);
         }
+        #[cfg(any(feature = "server", test))]
         Frame::Reject(r) => {
             env.t = "reject".into();
             env.code = Some(r.code);
@@ -131,6 +137,7 @@ macro_rules! subs_envelope {
 }
 
 /// The envelope fields of a room stream entry, payload aside.
+#[cfg(any(feature = "server", test))]
 macro_rules! fill_entry {
     ($env:ident, $e:expr) => {{
         $env.t = "pub".into();
@@ -142,6 +149,7 @@ macro_rules! fill_entry {
 }
 
 /// Fills an `lv` envelope but its payload.
+#[cfg(any(feature = "server", test))]
 macro_rules! fill_latest {
     ($env:ident, $v:expr) => {{
         $env.t = "lv".into();
@@ -153,6 +161,7 @@ macro_rules! fill_latest {
 }
 
 /// Fills an `mv` envelope but its value.
+#[cfg(any(feature = "server", test))]
 macro_rules! fill_map_value {
     ($env:ident, $v:expr) => {{
         $env.t = "mv".into();
@@ -168,6 +177,7 @@ macro_rules! fill_map_value {
 
 /// Sets the one of three fields (`dj`/`dm`/`db`, `zj`/`zm`/`zb`) that
 /// stands for a payload of `kind`.
+#[cfg(any(feature = "server", test))]
 macro_rules! by_kind {
     ($kind:expr, $j:expr, $m:expr, $b:expr, $value:expr) => {
         match $kind {
@@ -180,6 +190,7 @@ macro_rules! by_kind {
 
 /// An `mv` envelope of type `$ty`, its value (if any) carried as `$form`
 /// says: embedded by `$embed`, or its deflated bytes by `$carry`.
+#[cfg(any(feature = "server", test))]
 macro_rules! map_value_envelope {
     ($ty:ident, $v:expr, $form:expr, $embed:ident, $carry:expr) => {{
         let mut env = $ty::default();
@@ -208,6 +219,7 @@ macro_rules! map_value_envelope {
 
 /// Fills a `pub` or `lv` envelope but its payload, and evaluates to that
 /// payload; returns `Unrepresentable` from the caller for other frames.
+#[cfg(any(feature = "server", test))]
 macro_rules! fill_room_value {
     ($env:ident, $frame:expr) => {
         match $frame {
@@ -245,6 +257,7 @@ macro_rules! fill_common {
                 $env.t = "replay".into();
                 $env.from = Some(*from);
             }
+            #[cfg(any(feature = "server", test))]
             Frame::GoAway {
                 code,
                 retry_after_ms,
@@ -253,6 +266,7 @@ macro_rules! fill_common {
                 $env.code = Some(*code);
                 $env.retry = *retry_after_ms;
             }
+            #[cfg(any(feature = "server", test))]
             Frame::Reauth { within_ms } => {
                 $env.t = "reauth".into();
                 $env.within = Some(*within_ms);
@@ -261,12 +275,15 @@ macro_rules! fill_common {
                 $env.t = "auth".into();
                 $env.token = Some(token.as_str().into());
             }
+            #[cfg(any(feature = "server", test))]
             Frame::Skip { room, offset } => {
                 $env.t = "skip".into();
                 $env.seq = Some(*offset);
                 $env.r = Some(Cow::Borrowed(room));
             }
+            #[cfg(any(feature = "server", test))]
             Frame::Sub(pos) => fill_sub!($env, pos),
+            #[cfg(any(feature = "server", test))]
             Frame::MapSnapshot(s) => {
                 $env.t = "ms".into();
                 $env.seq = Some(s.entries);
@@ -279,6 +296,7 @@ macro_rules! fill_common {
 }
 
 /// Puts a payload into a JSON envelope (the serde way).
+#[cfg(any(feature = "server", test))]
 pub(super) fn json_payload_into<'a>(
     env: &mut JsonEnvelope<'a>,
     p: &'a Payload,
@@ -297,6 +315,7 @@ pub(super) fn json_payload_into<'a>(
 }
 
 /// Puts a payload into a MessagePack envelope (the serde way).
+#[cfg(any(feature = "server", test))]
 pub(super) fn pack_payload_into<'a>(
     env: &mut PackEnvelope<'a>,
     p: &'a Payload,
@@ -315,6 +334,7 @@ pub(super) fn pack_payload_into<'a>(
 
 /// The JSON envelope of `v`, its value carried as `form` says (deflated
 /// bytes in base64).
+#[cfg(any(feature = "server", test))]
 pub(super) fn json_map_value<'a>(
     v: &'a MapValue,
     form: Form<'a>,
@@ -333,6 +353,7 @@ pub(super) fn json_map_value<'a>(
 
 /// The MessagePack envelope of `v`, its value carried as `form` says
 /// (deflated bytes as `bin`).
+#[cfg(any(feature = "server", test))]
 pub(super) fn pack_map_value<'a>(
     v: &'a MapValue,
     form: Form<'a>,
@@ -369,6 +390,7 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
             Ok(())
         }
         // One arm for both, so that the payload's code is there once.
+        #[cfg(any(feature = "server", test))]
         Frame::Pub(_) | Frame::Latest(_) => {
             let mut env = JsonEnvelope::default();
             let payload = fill_room_value!(env, frame);
@@ -376,6 +398,7 @@ pub(super) fn encode_json(frame: &Frame, out: &mut Vec<u8>) -> Result<(), Encode
             write_json_envelope(&env, out);
             Ok(())
         }
+        #[cfg(any(feature = "server", test))]
         Frame::MapValue(v) => {
             write_json_envelope(&json_map_value(v, Form::Embedded)?, out);
             Ok(())
@@ -400,11 +423,10 @@ impl Form<'_> {
     }
 }
 
-/// rmp's writers fail only if the writer does, and a `Vec` does not; the
-/// error is not formatted, so that `io::Error`'s texts stay out of the
-/// browser package.
-pub(super) fn vec_write<E>(_: E) -> EncodeError {
-    EncodeError::Serializer("MessagePack writer failed".into())
+/// The MessagePack writers (`packwrite`) never fail: their error type has
+/// no values, and this (for their `?`) is never called.
+pub(super) fn vec_write(never: std::convert::Infallible) -> EncodeError {
+    match never {}
 }
 
 /// Writes JSON objects as serde_json writes a struct (compact, fields in
@@ -477,38 +499,56 @@ impl<'o> JsonObject<'o> {
 /// Writes `env` as serde_json writes it (the tests check the two agree).
 pub(super) fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
     let mut o = JsonObject::new(out);
+    // The fields in `server` blocks are set only by the frames only a
+    // server writes (`msg` and `batch` have writers of their own).
     o.str("t", Some(&env.t));
     o.uint("seq", env.seq);
+    #[cfg(any(feature = "server", test))]
     o.uint("id", env.id);
     o.uint("ack", env.ack);
-    o.uint("ts", env.ts);
-    if let Some(j) = env.j {
-        o.key("j").extend_from_slice(j.get().as_bytes());
+    #[cfg(any(feature = "server", test))]
+    {
+        o.uint("ts", env.ts);
+        if let Some(j) = env.j {
+            o.key("j").extend_from_slice(j.get().as_bytes());
+        }
+        o.str("m", env.m.as_deref());
+        o.str("b", env.b.as_deref());
     }
-    o.str("m", env.m.as_deref());
-    o.str("b", env.b.as_deref());
     o.uint("nonce", env.nonce);
     o.uint("from", env.from);
-    o.uint("code", env.code.map(u64::from));
-    o.uint("retry", env.retry);
+    #[cfg(any(feature = "server", test))]
+    {
+        o.uint("code", env.code.map(u64::from));
+        o.uint("retry", env.retry);
+    }
     o.str("r", env.r.as_deref());
-    o.str("op", env.op.as_deref());
-    o.bool("rq", env.rq);
-    o.uint("rs", env.rs);
-    o.uint("within", env.within);
+    #[cfg(any(feature = "server", test))]
+    {
+        o.str("op", env.op.as_deref());
+        o.bool("rq", env.rq);
+        o.uint("rs", env.rs);
+        o.uint("within", env.within);
+    }
     o.str("token", env.token.as_deref());
     o.list("f", env.f.as_deref(), |out, inner| {
         write_json_envelope(inner, out)
     });
-    o.uint("dj", env.dj);
-    o.uint("dm", env.dm);
-    o.uint("db", env.db);
+    #[cfg(any(feature = "server", test))]
+    {
+        o.uint("dj", env.dj);
+        o.uint("dm", env.dm);
+        o.uint("db", env.db);
+    }
     o.uint("e", env.e);
-    o.str("k", env.k.as_deref());
-    o.str("n", env.n.as_deref());
-    o.uint("hl", env.hl);
-    o.uint("hn", env.hn);
-    #[cfg(feature = "compression")]
+    #[cfg(any(feature = "server", test))]
+    {
+        o.str("k", env.k.as_deref());
+        o.str("n", env.n.as_deref());
+        o.uint("hl", env.hl);
+        o.uint("hn", env.hn);
+    }
+    #[cfg(all(any(feature = "server", test), feature = "compression"))]
     {
         o.uint("z", env.z);
         o.str("zj", env.zj.as_deref());
@@ -530,21 +570,26 @@ fn write_json_handshake(env: &HandshakeEnvelope<'_>, out: &mut Vec<u8>) {
     o.str("session", env.session.as_deref());
     o.uint("delivered", env.delivered);
     o.uint("acked", env.acked);
+    // The fields in `server` blocks are a `welcome`'s or a `reject`'s.
+    #[cfg(any(feature = "server", test))]
     o.bool("recovered", env.recovered);
     o.strs("caps", env.caps.as_deref());
     o.strs("codecs", env.codecs.as_deref());
-    o.uint("version", env.version.map(u64::from));
-    o.str("codec", env.codec.as_deref());
-    o.bool("resumed", env.resumed);
-    o.str("lost", env.lost.as_deref());
-    o.strs("features", env.features.as_deref());
-    o.uint("ping_ms", env.ping_ms);
-    o.uint("pong_ms", env.pong_ms);
-    o.uint("max", env.max);
-    o.uint("code", env.code.map(u64::from));
-    o.str("reason", env.reason.as_deref());
-    o.str("message", env.message.as_deref());
-    o.uint("retry", env.retry);
+    #[cfg(any(feature = "server", test))]
+    {
+        o.uint("version", env.version.map(u64::from));
+        o.str("codec", env.codec.as_deref());
+        o.bool("resumed", env.resumed);
+        o.str("lost", env.lost.as_deref());
+        o.strs("features", env.features.as_deref());
+        o.uint("ping_ms", env.ping_ms);
+        o.uint("pong_ms", env.pong_ms);
+        o.uint("max", env.max);
+        o.uint("code", env.code.map(u64::from));
+        o.str("reason", env.reason.as_deref());
+        o.str("message", env.message.as_deref());
+        o.uint("retry", env.retry);
+    }
     o.str("key", env.key.as_deref());
     o.end();
 }
@@ -651,11 +696,11 @@ pub(super) fn encode_msgpack(
         Frame::Msg(m) => write_pack_msg(m, out, Form::Embedded)?,
         Frame::Batch(msgs) => {
             let len = u32::try_from(msgs.len()).map_err(|_| EncodeError::TooLarge)?;
-            rmp::encode::write_map_len(out, 2).map_err(vec_write)?;
-            rmp::encode::write_str(out, "t").map_err(vec_write)?;
-            rmp::encode::write_str(out, "batch").map_err(vec_write)?;
-            rmp::encode::write_str(out, "f").map_err(vec_write)?;
-            rmp::encode::write_array_len(out, len).map_err(vec_write)?;
+            super::packwrite::write_map_len(out, 2).map_err(vec_write)?;
+            super::packwrite::write_str(out, "t").map_err(vec_write)?;
+            super::packwrite::write_str(out, "batch").map_err(vec_write)?;
+            super::packwrite::write_str(out, "f").map_err(vec_write)?;
+            super::packwrite::write_array_len(out, len).map_err(vec_write)?;
             for m in msgs {
                 write_pack_msg(m, out, Form::Embedded)?;
             }
@@ -664,12 +709,14 @@ pub(super) fn encode_msgpack(
             let env = subs_envelope!(PackEnvelope, list);
             write_pack_envelope(&env, out)?;
         }
+        #[cfg(any(feature = "server", test))]
         Frame::Pub(_) | Frame::Latest(_) => {
             let mut env = PackEnvelope::default();
             let payload = fill_room_value!(env, frame);
             pack_payload_into(&mut env, payload)?;
             write_pack_envelope(&env, out)?;
         }
+        #[cfg(any(feature = "server", test))]
         Frame::MapValue(v) => write_pack_envelope(&pack_map_value(v, Form::Embedded)?, out)?,
         _ => {
             let mut env = PackEnvelope::default();
@@ -693,7 +740,7 @@ pub(super) fn write_pack_msg(
     if let MsgKind::Invalid(_) = m.kind {
         return Err(EncodeError::Unrepresentable);
     }
-    use rmp::encode::{write_bin, write_bool, write_map_len, write_str, write_uint};
+    use super::packwrite::{write_bin, write_bool, write_map_len, write_str, write_uint};
     let extra = match m.kind {
         MsgKind::Plain => 0,
         MsgKind::Request | MsgKind::Response(_) => 1,
@@ -791,9 +838,7 @@ pub(super) fn write_pack_envelope(
     env: &PackEnvelope<'_>,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
-    use rmp::encode::{
-        write_array_len, write_bin, write_bool, write_map_len, write_str, write_uint,
-    };
+    use super::packwrite::{write_array_len, write_bin, write_map_len, write_str, write_uint};
     fn key_uint(out: &mut Vec<u8>, key: &str, v: Option<u64>) -> Result<(), EncodeError> {
         if let Some(v) = v {
             write_str(out, key).map_err(vec_write)?;
@@ -815,38 +860,47 @@ pub(super) fn write_pack_envelope(
         }
         Ok(())
     }
+    // The fields of the second list are set only by the frames only a
+    // server writes (`msg` and `batch` have writers of their own).
     let len = 1 + [
         env.seq.is_some(),
-        env.id.is_some(),
         env.ack.is_some(),
-        env.ts.is_some(),
-        env.j.is_some(),
-        env.m.is_some(),
-        env.b.is_some(),
         env.nonce.is_some(),
         env.from.is_some(),
-        env.code.is_some(),
-        env.retry.is_some(),
         env.r.is_some(),
-        env.op.is_some(),
-        env.rq.is_some(),
-        env.rs.is_some(),
-        env.within.is_some(),
         env.token.is_some(),
         env.f.is_some(),
-        env.dj.is_some(),
-        env.dm.is_some(),
-        env.db.is_some(),
         env.e.is_some(),
-        env.k.is_some(),
-        env.n.is_some(),
-        env.hl.is_some(),
-        env.hn.is_some(),
     ]
     .iter()
     .filter(|present| **present)
     .count();
-    #[cfg(feature = "compression")]
+    #[cfg(any(feature = "server", test))]
+    let len = len
+        + [
+            env.id.is_some(),
+            env.ts.is_some(),
+            env.j.is_some(),
+            env.m.is_some(),
+            env.b.is_some(),
+            env.code.is_some(),
+            env.retry.is_some(),
+            env.op.is_some(),
+            env.rq.is_some(),
+            env.rs.is_some(),
+            env.within.is_some(),
+            env.dj.is_some(),
+            env.dm.is_some(),
+            env.db.is_some(),
+            env.k.is_some(),
+            env.n.is_some(),
+            env.hl.is_some(),
+            env.hn.is_some(),
+        ]
+        .iter()
+        .filter(|present| **present)
+        .count();
+    #[cfg(all(any(feature = "server", test), feature = "compression"))]
     let len = len
         + [
             env.z.is_some(),
@@ -860,24 +914,34 @@ pub(super) fn write_pack_envelope(
     write_map_len(out, len as u32).map_err(vec_write)?;
     key_str(out, "t", Some(&env.t))?;
     key_uint(out, "seq", env.seq)?;
+    #[cfg(any(feature = "server", test))]
     key_uint(out, "id", env.id)?;
     key_uint(out, "ack", env.ack)?;
-    key_uint(out, "ts", env.ts)?;
-    key_str(out, "j", env.j.as_deref())?;
-    key_bin(out, "m", env.m.map(|b| &**b))?;
-    key_bin(out, "b", env.b.map(|b| &**b))?;
+    #[cfg(any(feature = "server", test))]
+    {
+        key_uint(out, "ts", env.ts)?;
+        key_str(out, "j", env.j.as_deref())?;
+        key_bin(out, "m", env.m.map(|b| &**b))?;
+        key_bin(out, "b", env.b.map(|b| &**b))?;
+    }
     key_uint(out, "nonce", env.nonce)?;
     key_uint(out, "from", env.from)?;
-    key_uint(out, "code", env.code.map(u64::from))?;
-    key_uint(out, "retry", env.retry)?;
-    key_str(out, "r", env.r.as_deref())?;
-    key_str(out, "op", env.op.as_deref())?;
-    if let Some(rq) = env.rq {
-        write_str(out, "rq").map_err(vec_write)?;
-        write_bool(out, rq).map_err(vec_write)?;
+    #[cfg(any(feature = "server", test))]
+    {
+        key_uint(out, "code", env.code.map(u64::from))?;
+        key_uint(out, "retry", env.retry)?;
     }
-    key_uint(out, "rs", env.rs)?;
-    key_uint(out, "within", env.within)?;
+    key_str(out, "r", env.r.as_deref())?;
+    #[cfg(any(feature = "server", test))]
+    {
+        key_str(out, "op", env.op.as_deref())?;
+        if let Some(rq) = env.rq {
+            write_str(out, "rq").map_err(vec_write)?;
+            super::packwrite::write_bool(out, rq).map_err(vec_write)?;
+        }
+        key_uint(out, "rs", env.rs)?;
+        key_uint(out, "within", env.within)?;
+    }
     key_str(out, "token", env.token.as_deref())?;
     if let Some(f) = &env.f {
         write_str(out, "f").map_err(vec_write)?;
@@ -887,15 +951,21 @@ pub(super) fn write_pack_envelope(
             write_pack_envelope(inner, out)?;
         }
     }
-    key_uint(out, "dj", env.dj)?;
-    key_uint(out, "dm", env.dm)?;
-    key_uint(out, "db", env.db)?;
+    #[cfg(any(feature = "server", test))]
+    {
+        key_uint(out, "dj", env.dj)?;
+        key_uint(out, "dm", env.dm)?;
+        key_uint(out, "db", env.db)?;
+    }
     key_uint(out, "e", env.e)?;
-    key_str(out, "k", env.k.as_deref())?;
-    key_str(out, "n", env.n.as_deref())?;
-    key_uint(out, "hl", env.hl)?;
-    key_uint(out, "hn", env.hn)?;
-    #[cfg(feature = "compression")]
+    #[cfg(any(feature = "server", test))]
+    {
+        key_str(out, "k", env.k.as_deref())?;
+        key_str(out, "n", env.n.as_deref())?;
+        key_uint(out, "hl", env.hl)?;
+        key_uint(out, "hn", env.hn)?;
+    }
+    #[cfg(all(any(feature = "server", test), feature = "compression"))]
     {
         key_uint(out, "z", env.z)?;
         key_bin(out, "zj", env.zj.map(|b| &**b))?;

@@ -227,7 +227,7 @@ impl MapWriteBody {
     /// The MessagePack form, as rmp-serde writes it (`to_vec_named`; the
     /// tests check the two agree).
     fn msgpack(&self) -> Result<Vec<u8>, EncodeError> {
-        use rmp::encode::{write_array_len, write_bin, write_map_len, write_str, write_uint};
+        use super::packwrite::{write_array_len, write_bin, write_map_len, write_str, write_uint};
         let value_len = self.value.as_ref().map_or(0, |p| p.len() + 8);
         let mut out = Vec::with_capacity(40 + self.map.len() + self.key.len() + value_len);
         let fields = 2 + u32::from(self.value.is_some()) + u32::from(self.stamp.is_some());

@@ -39,10 +39,9 @@
 use bytes::Bytes;
 
 use decode::{check_size, decode_one, Decoded};
-use encode::{
-    encode_handshake, encode_json, encode_msgpack, json_map_value, pack_map_value,
-    write_json_envelope, write_json_msg, write_pack_envelope, write_pack_msg, Form,
-};
+use encode::{encode_handshake, encode_json, encode_msgpack, write_json_msg, write_pack_msg, Form};
+#[cfg(any(feature = "server", test))]
+use encode::{json_map_value, pack_map_value, write_json_envelope, write_pack_envelope};
 use error::serializer_error;
 use header::{push_header, seal_msgpack};
 
@@ -61,6 +60,7 @@ mod frame;
 mod header;
 mod json;
 mod mapwrite;
+mod packwrite;
 mod payload;
 mod quick;
 #[cfg(test)]
@@ -324,6 +324,7 @@ fn encode_msg_into(
 
 /// Encodes the envelope of `v`, its value carried as `form` says, into
 /// `out` (cleared first).
+#[cfg(any(feature = "server", test))]
 fn encode_map_value_into(
     v: &MapValue,
     form: Form<'_>,
