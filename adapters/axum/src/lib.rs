@@ -17,7 +17,8 @@
 //!
 //! The upgrade is the library's, not the application's: the request is
 //! checked, authenticated and answered by
-//! [`ServerHandle::upgrade`](kitestring::ServerHandle::upgrade), exactly as
+//! [`ServerHandle::serve`](kitestring::ServerHandle::serve) (which also
+//! serves the HTTP fallback for clients whose upgrades are blocked), exactly as
 //! `kitestring::bind`'s own listener answers (the same statuses for refused
 //! upgrades, the client's `hello` answered in the `101`'s
 //! `Kitestring-Welcome` header so a session opens without another round
@@ -75,21 +76,27 @@ fn peer<B>(req: &axum::http::Request<B>) -> Option<SocketAddr> {
         .map(|ConnectInfo(addr)| *addr)
 }
 
-/// Upgrades one request: the response to send.
+/// Answers one request (an upgrade, or one of the HTTP fallback's): the
+/// response to send.
 fn upgrade<B>(
     server: &ServerHandle,
     req: axum::http::Request<B>,
-) -> impl Future<Output = Response> + Send + 'static {
+) -> impl Future<Output = Response> + Send + 'static
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let peer = peer(&req);
-    let answer = server.upgrade(req, peer);
+    let answer = server.serve(req, peer);
     async move { answer.await.into_response() }
 }
 
 /// A route that upgrades every request to a Kitestring connection of
 /// `server`: `Router::new().route("/ws", kitestring_axum::route(server))`.
 ///
-/// It takes every method, so that a request that is not a WebSocket
-/// upgrade gets the same answer as from the built-in listener (405 with
+/// It takes every method: the HTTP fallback (PROTOCOL.md, section 1.1)
+/// uses `GET`, `POST` and `OPTIONS` on the same path, and any other
+/// request gets the same answer as from the built-in listener (405 with
 /// `allow: GET` for a `POST`, 426 for a plain `GET`).
 pub fn route<S>(server: ServerHandle) -> MethodRouter<S>
 where
@@ -112,7 +119,11 @@ impl KitestringService {
     }
 }
 
-impl<B> tower_service::Service<axum::http::Request<B>> for KitestringService {
+impl<B> tower_service::Service<axum::http::Request<B>> for KitestringService
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Response = Response;
     type Error = Infallible;
     type Future = BoxFuture<Result<Response, Infallible>>;
@@ -190,6 +201,8 @@ impl<S, B> tower_service::Service<axum::http::Request<B>> for KitestringMiddlewa
 where
     S: tower_service::Service<axum::http::Request<B>, Response = Response>,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = Response;
     type Error = S::Error;

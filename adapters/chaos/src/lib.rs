@@ -10,6 +10,10 @@
 //! * [`Link::set_delay`]: add one-way latency (order is kept);
 //! * [`Link::set_throttle`]: cap each direction's bytes per second.
 //!
+//! [`Proxy::set_upgrades`] makes it a proxy that blocks WebSocket upgrades
+//! (answering them 400, or stripping their `Upgrade` header), as
+//! corporate proxies do, while plain HTTP requests pass.
+//!
 //! The same controls exist proxy-wide ([`Proxy::cut_all`], ...), and
 //! [`Proxy::set_random_faults`] cuts or black-holes connections at random,
 //! from a seed, at a given rate.
@@ -51,6 +55,21 @@ pub enum Mode {
     BlackHole,
     /// Both sides closed.
     Cut,
+}
+
+/// What the proxy does with a connection whose first request is a
+/// WebSocket upgrade (an `Upgrade: websocket` header).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Upgrades {
+    /// Forwards it.
+    #[default]
+    Pass,
+    /// Answers it `400 Bad Request` itself and closes.
+    Refuse,
+    /// Removes its `Upgrade` header (and `Connection: upgrade`) and
+    /// forwards the rest: the server sees a plain request.
+    Strip,
 }
 
 /// Seeded random faults: each connection suffers faults at `rate` per
@@ -125,6 +144,7 @@ struct Shared {
     throttle: Option<u64>,
     faults: Option<RandomFaults>,
     refuse: bool,
+    upgrades: Upgrades,
     /// Where new connections go, in turn (empty: the proxy's target).
     targets: Vec<SocketAddr>,
 }
@@ -259,6 +279,13 @@ impl Proxy {
         lock(&self.shared).faults = faults;
     }
 
+    /// What new connections whose first request is a WebSocket upgrade
+    /// meet; existing ones are untouched. Only a connection's first request
+    /// is looked at (clients open a connection of its own for each upgrade).
+    pub fn set_upgrades(&self, upgrades: Upgrades) {
+        lock(&self.shared).upgrades = upgrades;
+    }
+
     /// When true, new connections are accepted and closed at once (a server
     /// that is down); existing ones are untouched.
     pub fn set_refuse(&self, refuse: bool) {
@@ -284,7 +311,7 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Mute
                 continue;
             }
         };
-        let (link, faults, to) = {
+        let (link, faults, to, upgrades) = {
             let mut s = lock(&shared);
             if s.refuse {
                 continue; // dropping `client` closes it
@@ -304,14 +331,91 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Mute
                 throttle: Arc::new(AtomicU64::new(s.throttle.unwrap_or(0))),
             };
             s.links.push(link.clone());
-            (link, s.faults, to)
+            (link, s.faults, to, s.upgrades)
         };
-        tokio::spawn(serve(client, to, link, faults));
+        tokio::spawn(serve(client, to, link, faults, upgrades));
     }
 }
 
-async fn serve(client: TcpStream, target: SocketAddr, link: Link, faults: Option<RandomFaults>) {
-    let server = match TcpStream::connect(target).await {
+/// Reads the client's first request head (at most 64 KiB) and applies
+/// `upgrades` to it: the bytes to forward first, or `None` when the
+/// connection was answered and is to be closed.
+async fn screen(client: &mut TcpStream, upgrades: Upgrades) -> Option<Vec<u8>> {
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if read.len() > 64 * 1024 {
+            return Some(read);
+        }
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => return Some(read),
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&read[..end]).into_owned();
+    let is_upgrade = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("upgrade")
+                && value.trim().eq_ignore_ascii_case("websocket")
+        })
+    });
+    if !is_upgrade {
+        return Some(read);
+    }
+    match upgrades {
+        Upgrades::Pass => Some(read),
+        Upgrades::Refuse => {
+            let _ = client
+                .write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+                      content-type: text/plain\r\ncontent-length: 24\r\n\r\n\
+                      websockets not allowed\r\n",
+                )
+                .await;
+            let _ = client.shutdown().await;
+            None
+        }
+        Upgrades::Strip => {
+            let mut out = String::new();
+            for line in head.split_inclusive("\r\n") {
+                let name = line.split_once(':').map(|(n, _)| n.trim());
+                if name.is_some_and(|n| n.eq_ignore_ascii_case("upgrade")) {
+                    continue;
+                }
+                if name.is_some_and(|n| n.eq_ignore_ascii_case("connection")) {
+                    out.push_str("connection: keep-alive\r\n");
+                    continue;
+                }
+                out.push_str(line);
+            }
+            let mut bytes = out.into_bytes();
+            bytes.extend_from_slice(&read[end..]);
+            Some(bytes)
+        }
+    }
+}
+
+async fn serve(
+    mut client: TcpStream,
+    target: SocketAddr,
+    link: Link,
+    faults: Option<RandomFaults>,
+    upgrades: Upgrades,
+) {
+    let first = match upgrades {
+        Upgrades::Pass => Vec::new(),
+        _ => match screen(&mut client, upgrades).await {
+            Some(first) => first,
+            None => {
+                link.cut();
+                return;
+            }
+        },
+    };
+    let mut server = match TcpStream::connect(target).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(error = %e, "chaos proxy cannot reach the target");
@@ -321,6 +425,10 @@ async fn serve(client: TcpStream, target: SocketAddr, link: Link, faults: Option
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
+    if !first.is_empty() && server.write_all(&first).await.is_err() {
+        link.cut();
+        return;
+    }
     if let Some(f) = faults {
         tokio::spawn(random_faults(link.clone(), f));
     }

@@ -85,16 +85,15 @@ pub mod ws;
 pub use backplane::{Backplane, BackplaneError};
 pub use client::{
     connect, token_provider, ClientEvents, ClientHandle, ClientOptions, ClientSnapshot,
-    PendingResponse, TokenProvider, DATAGRAM_BACKLOG,
+    PendingResponse, TokenProvider, TransportKind, Transports, DATAGRAM_BACKLOG,
 };
 pub use error::{ClientError, CodecError, ConnectError, ServeError, ServerError};
 pub use runtime::{AsyncListener, AsyncTimer, BoxFuture, BoxIo, Io, Runtime};
-#[cfg(feature = "hyper")]
-pub use server::UpgradeService;
 pub use server::{
-    bind, start, AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy, Refusals,
-    SentTo, ServerEvents, ServerHandle, ServerOptions, SessionLocation, TokenValidator,
+    bind, start, AuthReject, AuthRequest, AuthResult, Authenticator, HttpFallback, OriginPolicy,
+    Refusals, SentTo, ServerEvents, ServerHandle, ServerOptions, SessionLocation, TokenValidator,
 };
+pub use server::{FallbackBody, UpgradeService};
 pub use util::{decode, encode, DecodeExt};
 pub use ws::{websocket_config, ClientTls, ServerTls};
 

@@ -25,7 +25,12 @@ use kitestring::{
 };
 use serde::{Deserialize, Serialize};
 
+mod fallback;
 mod rooms;
+pub use fallback::{
+    fallback_bad_input, fallback_moves_to_websocket_and_back, fallback_stripped_upgrade,
+    fallback_through_cuts,
+};
 pub use rooms::{
     broadcast_through_cuts, feeds_keep_order, presence_after_resume, request_across_cut,
     rotation_without_loss, send_latest_coalesces, shutdown_keeps_rooms, slow_member_evicted,
@@ -48,7 +53,9 @@ macro_rules! scenarios {
             stream_member_falls_behind,
             unauthorized_join_refused, presence_after_resume, rotation_without_loss,
             shutdown_keeps_rooms, request_across_cut, typed_sends_use_session_codec,
-            send_latest_coalesces, unread_events_pause_reading, client_unread_events_pause_reading);
+            send_latest_coalesces, unread_events_pause_reading, client_unread_events_pause_reading,
+            fallback_through_cuts, fallback_stripped_upgrade, fallback_moves_to_websocket_and_back,
+            fallback_bad_input);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
         $(
@@ -131,7 +138,7 @@ pub struct Note {
     pub text: String,
 }
 
-fn note(n: u32) -> Note {
+pub(crate) fn note(n: u32) -> Note {
     Note {
         n,
         text: format!("note {n}"),
@@ -177,7 +184,7 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-fn serve(
+pub(crate) fn serve(
     rt: &Arc<dyn Runtime>,
     options: ServerOptions,
 ) -> (ServerHandle, ServerEvents, SocketAddr) {
@@ -186,7 +193,10 @@ fn serve(
     (server, events, addr)
 }
 
-async fn opened(rt: &Arc<dyn Runtime>, events: &mut ClientEvents) -> (SessionId, bool, Codec) {
+pub(crate) async fn opened(
+    rt: &Arc<dyn Runtime>,
+    events: &mut ClientEvents,
+) -> (SessionId, bool, Codec) {
     client_wait(rt, events, 3000, "client Connected", |e| match e {
         Event::Connected {
             session,
@@ -816,7 +826,7 @@ pub async fn resume_after_drops(rt: Arc<dyn Runtime>) {
         .unwrap();
 }
 
-fn collect_server(
+pub(crate) fn collect_server(
     e: &ServerEvent,
     session: SessionId,
     to_server: &mut Vec<u32>,

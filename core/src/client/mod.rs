@@ -49,6 +49,9 @@
 //! * `event.rs`: what the driver and the application are handed:
 //!   [`Output`], [`Event`] and its reasons, [`UsageError`], [`ClientStats`],
 //!   [`TransportId`].
+//! * [`transport`]: which transport the driver's next connection takes
+//!   (WebSocket or the HTTP fallback), and when it tries WebSocket again;
+//!   a machine of its own beside [`Client`], which never sees transports.
 //! * `tests.rs`: unit tests.
 
 mod delivery;
@@ -62,6 +65,7 @@ mod snapshot;
 mod state;
 mod streams;
 mod timers;
+pub mod transport;
 
 pub use self::event::{
     ClientStats, Event, LostReason, Output, RequestError, TransportId, UsageError,

@@ -32,6 +32,8 @@
 //!   hand-written JSON reader (envelopes, handshakes, the one-value check
 //!   of JSON payloads) and string escaping; `fields`: envelopes to frames,
 //!   every field checked.
+//! * [`records`]: the HTTP fallback's bodies, records carrying the same
+//!   messages a WebSocket would.
 //!
 //! [`encode`]: fn@encode
 //! [`decode`]: fn@decode
@@ -63,6 +65,7 @@ mod mapwrite;
 mod packwrite;
 mod payload;
 mod quick;
+pub mod records;
 #[cfg(test)]
 mod tests;
 

@@ -1,29 +1,120 @@
-//! Opening one WebSocket for the driver task: TCP through the runtime, TLS
+//! Opening one connection for the driver task: TCP through the runtime, TLS
 //! for `wss://`, and the upgrade request carrying the client's `hello` and a
-//! fresh token; and tungstenite's errors as the core's transport errors.
+//! fresh token; when the upgrade is blocked on the way and the choice
+//! allows it, the HTTP fallback's `open` instead (`http.rs`); probes that
+//! test whether upgrades go through again; and tungstenite's errors as the
+//! core's transport errors.
 //!
 //! A connection attempt is a future the driver task polls. Nothing here
-//! touches the shared state or the core machine.
+//! touches the shared state or the core machine, and nothing here decides
+//! which transport to try: the driver task's `TransportChoice` does.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use async_tungstenite::tungstenite::client::IntoClientRequest;
-use async_tungstenite::tungstenite::http::{HeaderValue, Uri};
-use async_tungstenite::tungstenite::Error as WsError;
+use async_tungstenite::tungstenite::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use async_tungstenite::tungstenite::{Error as WsError, Message};
 use bytes::Bytes;
+use futures_util::{Sink, Stream};
+use kitestring_core::client::transport::{upgrade_blocked, TransportKind};
 use kitestring_core::client::TransportError;
 use kitestring_core::wire;
+use tracing::debug;
 
 use crate::runtime::{BoxFuture, BoxIo, Runtime};
 use crate::util::Target;
 use crate::ws::{ClientTls, Ws};
 
+use super::http::{self, Endpoint, HttpClient, HttpLink};
 use super::TokenProvider;
 
-/// An upgrade under way: the socket and the response's
-/// [`wire::WELCOME_HEADER`], if any.
-pub(super) type Opening = BoxFuture<'static, Result<(Ws, Option<String>), TransportError>>;
+/// An attempt under way: what it opened, or why not.
+pub(super) type Opening = BoxFuture<'static, Result<Opened, TransportError>>;
+
+/// An open connection: its carrier, the [`wire::WELCOME_HEADER`] of the
+/// answer, if any, and whether the upgrade was blocked and the fallback
+/// carries it instead.
+pub(super) struct Opened {
+    pub(super) link: Link,
+    pub(super) welcome: Option<String>,
+    pub(super) fell_back: bool,
+}
+
+/// What carries a connection: a WebSocket or the HTTP fallback; read and
+/// written the same way.
+pub(crate) enum Link {
+    /// A WebSocket.
+    Ws(Box<Ws>),
+    /// The HTTP fallback.
+    Http(HttpLink),
+}
+
+impl Link {
+    pub(super) fn kind(&self) -> TransportKind {
+        match self {
+            Link::Ws(_) => TransportKind::WebSocket,
+            Link::Http(_) => TransportKind::Http,
+        }
+    }
+}
+
+impl Stream for Link {
+    type Item = Result<Message, WsError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Link::Ws(ws) => Pin::new(&mut **ws).poll_next(cx),
+            Link::Http(h) => Pin::new(h).poll_next(cx),
+        }
+    }
+}
+
+impl Sink<Message> for Link {
+    type Error = WsError;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        match self.get_mut() {
+            Link::Ws(ws) => Pin::new(&mut **ws).poll_ready(cx),
+            Link::Http(h) => Pin::new(h).poll_ready(cx),
+        }
+    }
+
+    fn start_send(self: Pin<&mut Self>, m: Message) -> Result<(), WsError> {
+        match self.get_mut() {
+            Link::Ws(ws) => Pin::new(&mut **ws).start_send(m),
+            Link::Http(h) => Pin::new(h).start_send(m),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        match self.get_mut() {
+            Link::Ws(ws) => Pin::new(&mut **ws).poll_flush(cx),
+            Link::Http(h) => Pin::new(h).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        match self.get_mut() {
+            Link::Ws(ws) => Pin::new(&mut **ws).poll_close(cx),
+            Link::Http(h) => Pin::new(h).poll_close(cx),
+        }
+    }
+}
+
+/// How a probe of WebSocket went.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Probe {
+    /// The upgrade went through.
+    Passed,
+    /// Blocked on the way, as before.
+    Blocked,
+    /// Failed otherwise (the server is down, say): no news.
+    Failed,
+}
 
 /// Everything needed to open one WebSocket.
 pub(super) struct Connector {
@@ -64,13 +155,118 @@ fn percent_encode(value: &str) -> String {
 }
 
 impl Connector {
-    /// Opens the WebSocket; `hello` goes in the upgrade request. Returns the
-    /// socket and the server's answer to `hello`, if it gave one.
+    /// Opens a connection, `hello` in its request: a WebSocket if `first`
+    /// says so, falling back to HTTP when the upgrade is blocked on the way
+    /// and `may_fall_back`; the fallback at once if `first` is HTTP.
     pub(super) async fn open(
         self: Arc<Self>,
         hello: RequestHello,
-    ) -> Result<(Ws, Option<String>), TransportError> {
-        let uri = match &hello {
+        first: TransportKind,
+        may_fall_back: bool,
+    ) -> Result<Opened, TransportError> {
+        let token = self.token().await?;
+        if first == TransportKind::Http {
+            let (link, welcome) = self.open_http(&hello, token.as_ref()).await?;
+            return Ok(Opened {
+                link: Link::Http(link),
+                welcome,
+                fell_back: false,
+            });
+        }
+        match self.open_ws(&hello, token.clone()).await {
+            Ok((ws, welcome)) => Ok(Opened {
+                link: Link::Ws(Box::new(ws)),
+                welcome,
+                fell_back: false,
+            }),
+            Err((e, true)) if may_fall_back => {
+                debug!(error = ?e, "the WebSocket upgrade was blocked on the way; trying the HTTP fallback");
+                match self.open_http(&hello, token.as_ref()).await {
+                    Ok((link, welcome)) => Ok(Opened {
+                        link: Link::Http(link),
+                        welcome,
+                        fell_back: true,
+                    }),
+                    // The server's own answer to the fallback says more.
+                    Err(http_e @ TransportError::Http { .. }) => Err(http_e),
+                    Err(http_e) => {
+                        debug!(error = ?http_e, "the HTTP fallback failed too");
+                        Err(e)
+                    }
+                }
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// Tests whether WebSocket upgrades go through: a bare upgrade (no
+    /// `hello`), closed at once with 1000.
+    pub(super) async fn probe(self: Arc<Self>) -> Probe {
+        let token = match self.token().await {
+            Ok(t) => t,
+            Err(_) => return Probe::Failed,
+        };
+        match self.open_ws(&RequestHello::None, token).await {
+            Ok((mut ws, _)) => {
+                let _ = ws
+                    .close(Some(crate::ws::close_frame(
+                        kitestring_core::close::CloseCode::NORMAL,
+                        "probe",
+                    )))
+                    .await;
+                Probe::Passed
+            }
+            Err((_, true)) => Probe::Blocked,
+            Err(_) => Probe::Failed,
+        }
+    }
+
+    /// A fresh credential for one attempt, as the header value.
+    async fn token(&self) -> Result<Option<(HeaderName, HeaderValue)>, TransportError> {
+        let Some(provider) = &self.token else {
+            return Ok(None);
+        };
+        let Some(token) = provider().await else {
+            return Ok(None);
+        };
+        let value = HeaderValue::from_str(&format!("{}{}", self.token_prefix, token))
+            .map_err(|e| TransportError::Io(format!("token is not a valid header: {e}")))?;
+        let name = HeaderName::from_bytes(self.token_header.as_bytes())
+            .map_err(|e| TransportError::Io(format!("bad token header name: {e}")))?;
+        Ok(Some((name, value)))
+    }
+
+    /// TCP, and TLS for `wss://`.
+    async fn open_io(self: Arc<Self>) -> Result<BoxIo, TransportError> {
+        let tcp = self
+            .runtime
+            .connect_tcp(self.target.host.clone(), self.target.port)
+            .await
+            .map_err(|e| TransportError::Io(e.to_string()))?;
+        match (&self.tls, self.target.tls) {
+            (Some(tls), true) => {
+                let name = rustls_pki_types::ServerName::try_from(self.target.host.clone())
+                    .map_err(|e| TransportError::Tls(e.to_string()))?;
+                let stream = futures_rustls::TlsConnector::from(tls.config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| TransportError::Tls(e.to_string()))?;
+                Ok(Box::new(stream))
+            }
+            _ => Ok(tcp),
+        }
+    }
+
+    /// Opens the WebSocket; `hello` goes in the upgrade request. Returns the
+    /// socket and the server's answer to `hello`, if it gave one; or the
+    /// error, and whether the upgrade was blocked on the way.
+    async fn open_ws(
+        self: &Arc<Self>,
+        hello: &RequestHello,
+        token: Option<(HeaderName, HeaderValue)>,
+    ) -> Result<(Ws, Option<String>), (TransportError, bool)> {
+        let no = |e: TransportError| (e, false);
+        let uri = match hello {
             RequestHello::Url(h) => {
                 let sep = if self.uri.query().is_some() { '&' } else { '?' };
                 let with = format!(
@@ -80,58 +276,85 @@ impl Connector {
                     percent_encode(h)
                 );
                 with.parse::<Uri>().map_err(|e| {
-                    TransportError::WebSocket(format!("the URL with its hello: {e}"))
+                    no(TransportError::WebSocket(format!(
+                        "the URL with its hello: {e}"
+                    )))
                 })?
             }
             _ => self.uri.clone(),
         };
         let mut request = uri
             .into_client_request()
-            .map_err(|e| TransportError::WebSocket(e.to_string()))?;
-        // The header takes the string's buffer as it is.
+            .map_err(|e| no(TransportError::WebSocket(e.to_string())))?;
         if let RequestHello::Header(h) = hello {
-            if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(h)) {
+            if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(h.clone())) {
                 request.headers_mut().insert(wire::HELLO_HEADER, value);
             }
         }
-        if let Some(provider) = &self.token {
-            if let Some(token) = provider().await {
-                let value = HeaderValue::from_str(&format!("{}{}", self.token_prefix, token))
-                    .map_err(|e| TransportError::Io(format!("token is not a valid header: {e}")))?;
-                let name = async_tungstenite::tungstenite::http::HeaderName::from_bytes(
-                    self.token_header.as_bytes(),
-                )
-                .map_err(|e| TransportError::Io(format!("bad token header name: {e}")))?;
-                request.headers_mut().insert(name, value);
-            }
+        if let Some((name, value)) = token {
+            request.headers_mut().insert(name, value);
         }
-        let tcp = self
-            .runtime
-            .connect_tcp(self.target.host.clone(), self.target.port)
-            .await
-            .map_err(|e| TransportError::Io(e.to_string()))?;
-        let io: BoxIo = match (&self.tls, self.target.tls) {
-            (Some(tls), true) => {
-                let name = rustls_pki_types::ServerName::try_from(self.target.host.clone())
-                    .map_err(|e| TransportError::Tls(e.to_string()))?;
-                let stream = futures_rustls::TlsConnector::from(tls.config.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| TransportError::Tls(e.to_string()))?;
-                Box::new(stream)
-            }
-            _ => tcp,
-        };
+        let io = self.clone().open_io().await.map_err(no)?;
         let (ws, response) =
             async_tungstenite::client_async_with_config(request, io, Some(self.ws_config))
                 .await
-                .map_err(transport_error)?;
+                .map_err(|e| {
+                    let blocked = match &e {
+                        WsError::Http(r) => upgrade_blocked(
+                            r.status().as_u16(),
+                            r.headers().contains_key(wire::records::REFUSAL_HEADER),
+                        ),
+                        _ => false,
+                    };
+                    (transport_error(e), blocked)
+                })?;
         let welcome = response
             .headers()
             .get(wire::WELCOME_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         Ok((ws, welcome))
+    }
+
+    /// Opens a connection over the HTTP fallback.
+    async fn open_http(
+        self: &Arc<Self>,
+        hello: &RequestHello,
+        token: Option<&(HeaderName, HeaderValue)>,
+    ) -> Result<(HttpLink, Option<String>), TransportError> {
+        let mut headers = HeaderMap::new();
+        let host = match self.uri.port_u16() {
+            Some(p) => format!("{}:{p}", self.target.host),
+            None => self.target.host.clone(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            headers.insert("host", v);
+        }
+        if let Some((name, value)) = token {
+            headers.insert(name.clone(), value.clone());
+        }
+        let endpoint = Endpoint {
+            uri: self.uri.clone(),
+            headers,
+        };
+        let opener = self.clone();
+        let open_io: Arc<
+            dyn Fn() -> BoxFuture<'static, Result<BoxIo, TransportError>> + Send + Sync,
+        > = Arc::new(move || Box::pin(opener.clone().open_io()));
+        let (query, header) = match hello {
+            RequestHello::Url(h) => (Some(percent_encode(h)), None),
+            RequestHello::Header(h) => (None, Some(h.clone())),
+            RequestHello::None => (None, None),
+        };
+        http::open(
+            self.runtime.clone(),
+            HttpClient::new(self.runtime.clone(), open_io.clone()),
+            HttpClient::new(self.runtime.clone(), open_io),
+            endpoint,
+            query,
+            header,
+        )
+        .await
     }
 }
 

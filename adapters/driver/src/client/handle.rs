@@ -205,6 +205,17 @@ impl ClientHandle {
         }
     }
 
+    /// What carries the current connection: a WebSocket, or the HTTP
+    /// fallback when upgrades are blocked on the way; `None` between
+    /// connections. As of the driver's last step.
+    pub fn transport(&self) -> Option<super::TransportKind> {
+        match self.shared.transport.load(Ordering::Relaxed) {
+            1 => Some(super::TransportKind::WebSocket),
+            2 => Some(super::TransportKind::Http),
+            _ => None,
+        }
+    }
+
     /// Runs `f` on the machine under the lock, then wakes the driver task to
     /// carry out what the core produced (frames, events, timers). Fails
     /// with [`ClientError::Stopped`] once the driver has stopped.

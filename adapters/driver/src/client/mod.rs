@@ -48,6 +48,7 @@
 
 mod connector;
 mod handle;
+mod http;
 mod shared;
 mod task;
 
@@ -61,6 +62,8 @@ use std::time::Duration;
 
 use async_tungstenite::tungstenite::http::Uri;
 use futures_util::task::AtomicWaker;
+use kitestring_core::client::transport::TransportChoice;
+pub use kitestring_core::client::transport::{TransportKind, Transports};
 use kitestring_core::client::Client;
 use kitestring_core::config::ClientConfig;
 use kitestring_core::wire::{ClientId, Codec};
@@ -122,6 +125,17 @@ pub struct ClientOptions {
     /// (PROTOCOL.md, section 4.2), also for proxies that strip unknown
     /// headers. Default `false` (the header, [`ClientConfig::hello_in_upgrade`]).
     pub hello_in_url: bool,
+    /// The transports the client may use: by default WebSocket, and the
+    /// HTTP fallback (PROTOCOL.md, section 1.1) when an upgrade is blocked
+    /// on the way (a proxy answers it, or strips its `Upgrade` header);
+    /// never for a refusal by the server itself.
+    pub transports: Transports,
+    /// How long a blocked upgrade is remembered: connections go straight
+    /// to the fallback meanwhile. Past it, a client on the fallback tests
+    /// WebSocket with a bare upgrade (closed at once), and when that goes
+    /// through moves its session to a WebSocket, resuming it; when it is
+    /// blocked again, waits as long again. Default 2 minutes.
+    pub fallback_memory: Duration,
 }
 
 impl Default for ClientOptions {
@@ -135,6 +149,8 @@ impl Default for ClientOptions {
             event_buffer: 1024,
             close_timeout: Duration::from_secs(2),
             hello_in_url: false,
+            transports: Transports::Auto,
+            fallback_memory: Duration::from_secs(120),
         }
     }
 }
@@ -147,6 +163,8 @@ impl fmt::Debug for ClientOptions {
             .field("token", &self.token.is_some())
             .field("event_buffer", &self.event_buffer)
             .field("hello_in_url", &self.hello_in_url)
+            .field("transports", &self.transports)
+            .field("fallback_memory", &self.fallback_memory)
             .finish()
     }
 }
@@ -216,6 +234,7 @@ pub fn connect(
         span: span.clone(),
         event_room: options.event_buffer.max(1),
         queued: AtomicUsize::new(0),
+        transport: AtomicU8::new(0),
     });
     let connector = Connector {
         runtime: runtime.clone(),
@@ -233,6 +252,7 @@ pub fn connect(
         runtime.clone(),
         connector,
         options.close_timeout,
+        TransportChoice::new(options.transports, options.fallback_memory),
     );
     runtime.spawn(Box::pin(driver.run().instrument(span)));
     Ok((

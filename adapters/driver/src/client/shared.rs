@@ -68,6 +68,11 @@ pub(super) struct ClientShared {
     /// Events waiting, as of the last change under the lock: the driver
     /// looks at it before reading, without the lock.
     pub(super) queued: AtomicUsize,
+    /// What carries the current connection: 0 none, 1 WebSocket, 2 the
+    /// HTTP fallback (see [`ClientHandle::transport`]).
+    ///
+    /// [`ClientHandle::transport`]: super::ClientHandle::transport
+    pub(super) transport: AtomicU8,
 }
 
 impl ClientShared {

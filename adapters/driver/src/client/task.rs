@@ -29,15 +29,16 @@ use crate::drive::{Budget, DriveTimer, ReadyFlag};
 use crate::error::ClientError;
 use crate::runtime::{BoxFuture, Runtime};
 use crate::util;
-use crate::ws::{self, Ws};
+use crate::ws;
 
-use super::connector::{transport_error, Connector, Opening, RequestHello};
+use super::connector::{transport_error, Connector, Link, Opened, Opening, Probe, RequestHello};
 use super::shared::{codec_tag, fail_requests, fail_waiters, ClientShared, Inner};
+use kitestring_core::client::transport::{TransportChoice, TransportKind};
 
 /// The open socket of the core's current transport.
 struct Live {
     tid: TransportId,
-    ws: Ws,
+    ws: Link,
     /// Polls the socket's read side only when it has signalled.
     readable: ReadyFlag,
     /// Frames the core emitted that the socket has not taken yet. Bounded by
@@ -63,7 +64,9 @@ enum Input {
     /// [`wire::WELCOME_HEADER`], if any.
     ///
     /// [`wire::WELCOME_HEADER`]: kitestring_core::wire::WELCOME_HEADER
-    Opened(TransportId, Result<(Ws, Option<String>), TransportError>),
+    Opened(TransportId, Result<Opened, TransportError>),
+    /// A probe of WebSocket came back.
+    Probed(Probe),
     Frame(TransportId, Option<Result<Message, WsError>>),
     WriteFailed(TransportId, WsError),
     Closed(TransportId, Option<CloseCode>, String),
@@ -109,6 +112,11 @@ struct TaskIo {
     closing: Vec<Closing>,
     /// A fresh token being fetched to answer `TokenExpiring`.
     token_fetch: Option<BoxFuture<'static, Option<String>>>,
+    /// Which transport the next connection takes.
+    choice: TransportChoice,
+    /// A probe of WebSocket under way, while the fallback carries the
+    /// connection.
+    probe: Option<BoxFuture<'static, Probe>>,
 }
 
 impl Driver {
@@ -119,6 +127,7 @@ impl Driver {
         runtime: Arc<dyn Runtime>,
         connector: Connector,
         close_timeout: Duration,
+        choice: TransportChoice,
     ) -> Self {
         Driver {
             shared,
@@ -136,6 +145,8 @@ impl Driver {
                 live: None,
                 closing: Vec::new(),
                 token_fetch: None,
+                choice,
+                probe: None,
             },
         }
     }
@@ -181,6 +192,13 @@ impl Driver {
                 inner.client.handle_timeout(now);
             }
             io.drain(shared, &mut inner);
+            // Before the events that follow it are woken.
+            let kind = match io.live.as_ref().map(|l| l.ws.kind()) {
+                None => 0,
+                Some(TransportKind::WebSocket) => 1,
+                Some(TransportKind::Http) => 2,
+            };
+            shared.transport.store(kind, Ordering::Relaxed);
             let finished = inner.finished(io.handles_gone);
             if finished {
                 inner.stopped = true;
@@ -194,7 +212,11 @@ impl Driver {
                     inner.reader_paused = true;
                 }
             }
-            (finished, inner.client.poll_timeout().map(|d| d.at))
+            let mut deadline = inner.client.poll_timeout().map(|d| d.at);
+            if let Some(at) = io.probe_due(now) {
+                deadline = Some(deadline.map_or(at, |d| d.min(at)));
+            }
+            (finished, deadline)
         };
         if let Some(waker) = io.wake_events.take() {
             waker.wake();
@@ -204,6 +226,7 @@ impl Driver {
             io.live.as_ref().map_or(0, |l| l.out.len()),
             Ordering::Relaxed,
         );
+
         if finished {
             return Poll::Ready(StepOutcome::Finished);
         }
@@ -288,6 +311,12 @@ impl TaskIo {
                 self.inputs.push(Input::Token(token));
             }
         }
+        if let Some(probe) = &mut self.probe {
+            if let Poll::Ready(outcome) = probe.poll_unpin(cx) {
+                self.probe = None;
+                self.inputs.push(Input::Probed(outcome));
+            }
+        }
         self.inputs.len() > before
     }
 
@@ -298,11 +327,24 @@ impl TaskIo {
             Input::HandlesGone => {
                 let _ = client.close(now);
             }
-            Input::Opened(tid, Ok((ws, welcome))) => {
+            Input::Opened(tid, Ok(opened)) => {
+                let Opened {
+                    link: ws,
+                    welcome,
+                    fell_back,
+                } = opened;
                 if let Some(old) = self.live.take() {
                     self.start_close(old, CloseCode::RETRY, "superseded");
                 }
-                trace!(transport = tid.0, "transport opened");
+                match ws.kind() {
+                    TransportKind::Http if fell_back => {
+                        warn!("WebSocket upgrades are blocked on the way: the HTTP fallback carries the session");
+                        self.choice.blocked(now);
+                    }
+                    TransportKind::Http => {}
+                    TransportKind::WebSocket => self.choice.unblocked(),
+                }
+                trace!(transport = tid.0, kind = ?ws.kind(), "transport opened");
                 self.live = Some(Live {
                     tid,
                     ws,
@@ -311,6 +353,26 @@ impl TaskIo {
                     needs_flush: false,
                 });
                 client.handle_upgraded(now, tid, welcome.as_deref());
+            }
+            Input::Probed(outcome) => {
+                debug!(?outcome, "WebSocket probed");
+                match outcome {
+                    Probe::Passed => {
+                        self.choice.unblocked();
+                        // Move: the session resumes on a WebSocket.
+                        if self
+                            .live
+                            .as_ref()
+                            .is_some_and(|l| l.ws.kind() == TransportKind::Http)
+                        {
+                            debug!("WebSocket works again: moving the session to it");
+                            let _ = client.reconnect(now);
+                        }
+                    }
+                    Probe::Blocked => self.choice.blocked(now),
+                    // Tried again after another period.
+                    Probe::Failed => self.choice.blocked(now),
+                }
             }
             Input::Opened(tid, Err(e)) => {
                 debug!(transport = tid.0, error = ?e, "connection attempt failed");
@@ -400,10 +462,12 @@ impl TaskIo {
                     } else {
                         inner.client.upgrade_hello(tid).map(RequestHello::Header)
                     };
-                    let fut = self
-                        .connector
-                        .clone()
-                        .open(hello.unwrap_or(RequestHello::None));
+                    let first = self.choice.first(shared.now());
+                    let fut = self.connector.clone().open(
+                        hello.unwrap_or(RequestHello::None),
+                        first,
+                        self.choice.may_fall_back(true),
+                    );
                     self.connecting = Some((tid, Box::pin(fut)));
                     self.started = true;
                 }
@@ -578,6 +642,26 @@ impl TaskIo {
             }
             _ => {}
         }
+    }
+
+    /// While the fallback carries the connection: starts a probe of
+    /// WebSocket once one is due, and says when the next is (for the
+    /// task's timer).
+    fn probe_due(&mut self, now: kitestring_core::Instant) -> Option<kitestring_core::Instant> {
+        if self.probe.is_some() {
+            return None;
+        }
+        let on = self.live.as_ref()?.ws.kind();
+        let at = self.choice.probe_at(on)?;
+        if at > now {
+            return Some(at);
+        }
+        debug!("probing whether WebSocket upgrades go through again");
+        self.probe = Some(Box::pin(self.connector.clone().probe()));
+        // Not probed again before this one is done, nor for a while after.
+        self.choice.blocked(now);
+        self.started = true;
+        None
     }
 
     /// Writes queued frames as far as the socket takes them; `true` if the

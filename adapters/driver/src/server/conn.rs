@@ -13,16 +13,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_io::{AsyncRead, AsyncWrite};
-use futures_util::{Sink, SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::close::CloseCode;
 use kitestring_core::server::ConnectionId;
 use kitestring_core::wire::{Incoming, SessionId};
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::drive::ReadyFlag;
+use crate::runtime::BoxFuture;
 use crate::util;
 use crate::ws;
 
@@ -38,6 +40,34 @@ enum ConnEnd {
     /// The core (or shutdown) ordered a close.
     Close(CloseOrder),
     WriteFailed,
+}
+
+/// What carries a connection's frames: a WebSocket, or the HTTP fallback's
+/// link (`fallback.rs`). The connection task reads and writes messages
+/// through it the same way whichever it is.
+pub(super) trait Carrier:
+    Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Send + Unpin + 'static
+{
+    /// Writes what is buffered, then a close with `frame`.
+    fn close_with(&mut self, frame: CloseFrame) -> BoxFuture<'_, ()>;
+    /// After a close that answered a broken read: ends the write side and
+    /// discards what the peer still sends, at most `limit` bytes.
+    fn linger(&mut self, limit: usize) -> BoxFuture<'_, ()>;
+}
+
+impl<S> Carrier for WebSocketStream<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    fn close_with(&mut self, frame: CloseFrame) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.close(Some(frame)).await;
+        })
+    }
+
+    fn linger(&mut self, limit: usize) -> BoxFuture<'_, ()> {
+        Box::pin(ws::linger(self.get_mut(), limit))
+    }
 }
 
 /// A connection task's own buffers.
@@ -131,15 +161,12 @@ impl ConnIo {
         }
     }
 
-    fn poll<S>(
+    fn poll<C: Carrier>(
         &mut self,
         shared: &ServerShared,
-        ws: &mut WebSocketStream<S>,
+        ws: &mut C,
         cx: &mut Context<'_>,
-    ) -> Poll<ConnEnd>
-    where
-        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+    ) -> Poll<ConnEnd> {
         let mut read = 0;
         loop {
             // What the state holds for this connection: only the slot is
@@ -357,15 +384,13 @@ pub(super) fn report_closed(shared: &ServerShared, id: ConnectionId, code: Optio
 
 /// Ends a connection: finishes the close handshake (bounded by the close
 /// timeout) and reports the connection gone to the core.
-async fn finish<S>(
+async fn finish<C: Carrier>(
     shared: Arc<ServerShared>,
     id: ConnectionId,
-    mut ws: WebSocketStream<S>,
+    mut ws: C,
     mut io: ConnIo,
     end: ConnEnd,
-) where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
+) {
     let runtime = shared.runtime.clone();
     let close_timeout = shared.options.close_timeout;
     match end {
@@ -410,8 +435,7 @@ async fn finish<S>(
                         }
                     }
                 }
-                let _ = ws
-                    .close(Some(ws::close_frame(order.code, order.reason)))
+                ws.close_with(ws::close_frame(order.code, order.reason))
                     .await;
                 while let Some(Ok(_)) = ws.next().await {}
             })
@@ -428,9 +452,8 @@ async fn finish<S>(
                 report_closed(&shared, id, Some(code));
                 let limit = shared.options.config.max_message_size.max(64 * 1024);
                 let _ = util::timeout(&*runtime, close_timeout, async {
-                    if ws.close(Some(ws::close_frame(code, reason))).await.is_ok() {
-                        ws::linger(ws.get_mut(), limit).await;
-                    }
+                    ws.close_with(ws::close_frame(code, reason)).await;
+                    ws.linger(limit).await;
                 })
                 .await;
             }
@@ -449,14 +472,12 @@ async fn finish<S>(
 ///
 /// `early`: the core already opened this connection, for a `hello` in the
 /// upgrade request.
-pub(super) async fn connection<S>(
+pub(super) async fn connection<C: Carrier>(
     shared: Arc<ServerShared>,
-    mut ws: WebSocketStream<S>,
+    mut ws: C,
     identity: Option<String>,
     early: Option<ConnectionId>,
-) where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
+) {
     let close_timeout = shared.options.close_timeout;
     let opened = shared.run(None, |st, now| {
         if let Some(id) = early {
@@ -484,7 +505,7 @@ pub(super) async fn connection<S>(
         Ok(opened) => opened,
         Err((code, reason)) => {
             let _ = Box::pin(util::timeout(&*shared.runtime, close_timeout, async {
-                let _ = ws.close(Some(ws::close_frame(code, reason))).await;
+                ws.close_with(ws::close_frame(code, reason)).await;
             }))
             .await;
             return;

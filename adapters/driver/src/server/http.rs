@@ -149,7 +149,10 @@ impl HttpRefusal {
             400 => "Bad Request",
             401 => "Unauthorized",
             403 => "Forbidden",
+            404 => "Not Found",
             405 => "Method Not Allowed",
+            409 => "Conflict",
+            413 => "Content Too Large",
             426 => "Upgrade Required",
             431 => "Request Header Fields Too Large",
             500 => "Internal Server Error",
@@ -164,7 +167,10 @@ impl HttpRefusal {
             400 => "400",
             401 => "401",
             403 => "403",
+            404 => "404",
             405 => "405",
+            409 => "409",
+            413 => "413",
             426 => "426",
             431 => "431",
             500 => "500",
@@ -201,8 +207,10 @@ impl HttpRefusal {
         let body = self.body();
         r.push_str(&format!(
             "connection: {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
-             content-length: {}\r\n\r\n{body}",
+             {}: {}\r\ncontent-length: {}\r\n\r\n{body}",
             self.connection(),
+            kitestring_core::wire::records::REFUSAL_HEADER,
+            self.status,
             body.len(),
         ));
         r.into_bytes()
@@ -267,13 +275,49 @@ pub(crate) fn check<'b>(
     if !http11 {
         return Err(HttpRefusal::bad("a WebSocket upgrade needs HTTP/1.1"));
     }
-    let mut upgrade = false;
-    let mut connection_upgrade = false;
-    let mut version = None;
-    let mut key = None;
-    let mut host = None;
-    let mut origin = None;
-    let mut hello = None;
+    let h = scan(headers)?;
+    if !h.upgrade || !h.connection_upgrade {
+        return Err(HttpRefusal::NOT_AN_UPGRADE);
+    }
+    if h.version.map(<[u8]>::trim_ascii) != Some(b"13") {
+        return Err(HttpRefusal::WRONG_VERSION);
+    }
+    let key = match h.key.map(<[u8]>::trim_ascii) {
+        Some(k) if valid_key(k) => k,
+        Some(_) => return Err(HttpRefusal::bad("invalid Sec-WebSocket-Key")),
+        None => return Err(HttpRefusal::bad("missing Sec-WebSocket-Key")),
+    };
+    let (host, origin) = h.host_origin()?;
+    let hello = h.hello;
+    let (path, query) = split_target(target)?;
+    Ok(Upgrade {
+        path,
+        query,
+        key,
+        host,
+        origin,
+        hello,
+    })
+}
+
+/// The header lines an upgrade or a fallback `open` is checked by.
+#[derive(Default)]
+struct Scanned<'b> {
+    upgrade: bool,
+    connection_upgrade: bool,
+    version: Option<&'b [u8]>,
+    key: Option<&'b [u8]>,
+    host: Option<&'b [u8]>,
+    origin: Option<&'b [u8]>,
+    hello: Option<&'b [u8]>,
+}
+
+/// Reads the header lines a request is checked by; a line that may appear
+/// once and appears twice is a 400.
+fn scan<'b>(
+    headers: impl Iterator<Item = (&'b str, &'b [u8])>,
+) -> Result<Scanned<'b>, HttpRefusal> {
+    let mut h = Scanned::default();
     for (name, value) in headers {
         let once = |slot: &mut Option<&'b [u8]>, why: &'static str| {
             if slot.replace(value).is_some() {
@@ -283,50 +327,114 @@ pub(crate) fn check<'b>(
             }
         };
         if name.eq_ignore_ascii_case("upgrade") {
-            upgrade |= has_token(value, "websocket");
+            h.upgrade |= has_token(value, "websocket");
         } else if name.eq_ignore_ascii_case("connection") {
-            connection_upgrade |= has_token(value, "upgrade");
+            h.connection_upgrade |= has_token(value, "upgrade");
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
-            once(&mut version, "more than one Sec-WebSocket-Version")?;
+            once(&mut h.version, "more than one Sec-WebSocket-Version")?;
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
-            once(&mut key, "more than one Sec-WebSocket-Key")?;
+            once(&mut h.key, "more than one Sec-WebSocket-Key")?;
         } else if name.eq_ignore_ascii_case("host") {
-            once(&mut host, "more than one Host")?;
+            once(&mut h.host, "more than one Host")?;
         } else if name.eq_ignore_ascii_case("origin") {
-            once(&mut origin, "more than one Origin")?;
-        } else if name.eq_ignore_ascii_case(kitestring_core::wire::HELLO_HEADER) && hello.is_none()
+            once(&mut h.origin, "more than one Origin")?;
+        } else if name.eq_ignore_ascii_case(kitestring_core::wire::HELLO_HEADER)
+            && h.hello.is_none()
         {
-            hello = Some(value);
+            h.hello = Some(value);
         }
     }
-    if !upgrade || !connection_upgrade {
-        return Err(HttpRefusal::NOT_AN_UPGRADE);
+    Ok(h)
+}
+
+impl<'b> Scanned<'b> {
+    /// The `Host` (required) and `Origin` (if any), as text.
+    fn host_origin(&self) -> Result<(&'b str, Option<&'b str>), HttpRefusal> {
+        let host = match self.host.map(|h| std::str::from_utf8(h.trim_ascii())) {
+            Some(Ok(h)) if !h.is_empty() => h,
+            _ => return Err(HttpRefusal::bad("missing or invalid Host")),
+        };
+        let origin = match self.origin.map(|o| std::str::from_utf8(o.trim_ascii())) {
+            None => None,
+            Some(Ok(o)) => Some(o),
+            Some(Err(_)) => return Err(HttpRefusal::bad("invalid Origin")),
+        };
+        Ok((host, origin))
     }
-    if version.map(<[u8]>::trim_ascii) != Some(b"13") {
-        return Err(HttpRefusal::WRONG_VERSION);
+}
+
+/// What a request of the HTTP fallback asks for (PROTOCOL.md, section 1.1).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FallbackAsk {
+    /// `POST ?kitestring-http=open`: a new connection.
+    Open,
+    /// `GET ?kitestring-http=ID&kitestring-n=N`: the connection's next frames.
+    Poll { id: String, n: u64 },
+    /// `POST ?kitestring-http=ID&kitestring-n=N`: frames for the server.
+    Send { id: String, n: u64 },
+    /// `OPTIONS`: a browser's CORS preflight.
+    Preflight,
+}
+
+/// The fallback request a method and query make, `None` if the query has
+/// no [`HTTP_PARAM`](kitestring_core::wire::records::HTTP_PARAM) (an
+/// upgrade, or a stray request), or the refusal of a malformed one.
+pub(crate) fn fallback_ask(
+    method: &str,
+    query: Option<&str>,
+) -> Option<Result<FallbackAsk, HttpRefusal>> {
+    use kitestring_core::wire::records::{HTTP_PARAM, HTTP_SEQ_PARAM};
+    let which = query_value(query?, HTTP_PARAM)?;
+    let which = match String::from_utf8(which) {
+        Ok(w) => w,
+        Err(_) => return Some(Err(HttpRefusal::bad("invalid kitestring-http"))),
+    };
+    if method == "OPTIONS" {
+        return Some(Ok(FallbackAsk::Preflight));
     }
-    let key = match key.map(<[u8]>::trim_ascii) {
-        Some(k) if valid_key(k) => k,
-        Some(_) => return Err(HttpRefusal::bad("invalid Sec-WebSocket-Key")),
-        None => return Err(HttpRefusal::bad("missing Sec-WebSocket-Key")),
+    if which == "open" {
+        return Some(match method {
+            "POST" => Ok(FallbackAsk::Open),
+            _ => Err(HttpRefusal {
+                status: 405,
+                reason: "a fallback connection is opened with POST",
+                headers: &[("allow", "POST, OPTIONS")],
+            }),
+        });
+    }
+    let n = query
+        .and_then(|q| query_value(q, HTTP_SEQ_PARAM))
+        .and_then(|n| std::str::from_utf8(&n).ok()?.parse::<u64>().ok());
+    let Some(n) = n else {
+        return Some(Err(HttpRefusal::bad("missing or invalid kitestring-n")));
     };
-    let host = match host.map(|h| std::str::from_utf8(h.trim_ascii())) {
-        Some(Ok(h)) if !h.is_empty() => h,
-        _ => return Err(HttpRefusal::bad("missing or invalid Host")),
-    };
-    let origin = match origin.map(|o| std::str::from_utf8(o.trim_ascii())) {
-        None => None,
-        Some(Ok(o)) => Some(o),
-        Some(Err(_)) => return Err(HttpRefusal::bad("invalid Origin")),
-    };
+    Some(match method {
+        "GET" => Ok(FallbackAsk::Poll { id: which, n }),
+        "POST" => Ok(FallbackAsk::Send { id: which, n }),
+        _ => Err(HttpRefusal {
+            status: 405,
+            reason: "a fallback connection is polled with GET and written with POST",
+            headers: &[("allow", "GET, POST, OPTIONS")],
+        }),
+    })
+}
+
+/// Checks a fallback `open`: the same `Host`, `Origin` and `hello` header
+/// rules as an upgrade's; there is no key.
+pub(crate) fn check_open<'b>(
+    target: &'b str,
+    headers: impl Iterator<Item = (&'b str, &'b [u8])>,
+) -> Result<Upgrade<'b>, HttpRefusal> {
+    let h = scan(headers)?;
+    let (host, origin) = h.host_origin()?;
     let (path, query) = split_target(target)?;
     Ok(Upgrade {
         path,
         query,
-        key,
+        key: b"",
         host,
         origin,
-        hello,
+        hello: h.hello,
     })
 }
 

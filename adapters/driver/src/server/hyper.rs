@@ -31,6 +31,7 @@ use crate::{util, ws};
 
 use super::auth::AuthRequest;
 use super::conn::{connection, report_closed};
+use super::fallback;
 use super::http::{self, HttpRefusal};
 use super::shared::ServerShared;
 use super::upgrade::{admit, refused};
@@ -66,10 +67,29 @@ impl ServerHandle {
         async move { upgrade(shared, parts, on_upgrade, peer).await }.instrument(span)
     }
 
+    /// Answers any request for the Kitestring endpoint that a hyper-based
+    /// server received: a request of the HTTP fallback (PROTOCOL.md,
+    /// section 1.1: its query has `kitestring-http`) is served as the
+    /// built-in listener serves it, with the same admission as an
+    /// upgrade; every other request is handed to
+    /// [`upgrade`](Self::upgrade). Routes should send every method here
+    /// (the fallback uses `GET`, `POST` and `OPTIONS`).
+    pub fn serve<B>(
+        &self,
+        req: Request<B>,
+        peer: Option<SocketAddr>,
+    ) -> impl std::future::Future<Output = Response<FallbackBody>> + Send + 'static
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        serve_request(self.shared.clone(), req, peer)
+    }
+
     /// A hyper service that answers every request with
-    /// [`upgrade`](Self::upgrade): for a connection that serves nothing but
+    /// [`serve`](Self::serve): for a connection that serves nothing but
     /// Kitestring (`serve_connection(io, handle.hyper_service(peer))
-    /// .with_upgrades()`). Servers with other routes call `upgrade` from
+    /// .with_upgrades()`). Servers with other routes call `serve` from
     /// their own service instead.
     pub fn hyper_service(&self, peer: Option<SocketAddr>) -> UpgradeService {
         UpgradeService {
@@ -79,22 +99,181 @@ impl ServerHandle {
     }
 }
 
-/// A hyper service that upgrades every request it gets to a Kitestring
-/// connection ([`ServerHandle::hyper_service`]).
+/// A hyper service that serves every request it gets as Kitestring's
+/// endpoint: upgrades and the HTTP fallback ([`ServerHandle::hyper_service`]).
 #[derive(Clone, Debug)]
 pub struct UpgradeService {
     handle: ServerHandle,
     peer: Option<SocketAddr>,
 }
 
-impl<B> hyper::service::Service<Request<B>> for UpgradeService {
-    type Response = Response<String>;
+/// The body of [`ServerHandle::serve`]'s answers.
+pub type FallbackBody = http_body_util::Full<bytes::Bytes>;
+
+impl<B> hyper::service::Service<Request<B>> for UpgradeService
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Response<FallbackBody>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<String>, Infallible>>;
+    type Future = BoxFuture<'static, Result<Response<FallbackBody>, Infallible>>;
 
     fn call(&self, req: Request<B>) -> Self::Future {
-        let answer = self.handle.upgrade(req, self.peer);
+        let answer = self.handle.serve(req, self.peer);
         Box::pin(async move { Ok(answer.await) })
+    }
+}
+
+/// [`ServerHandle::serve`] on the server's shared state: the built-in
+/// listener's HTTP connections (those whose first request is the
+/// fallback's) are served by it too.
+pub(super) fn serve_request<B>(
+    shared: Arc<ServerShared>,
+    mut req: Request<B>,
+    peer: Option<SocketAddr>,
+) -> impl std::future::Future<Output = Response<FallbackBody>> + Send + 'static
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let ask = http::fallback_ask(req.method().as_str(), req.uri().query())
+        .filter(|_| shared.options.http_fallback.is_some());
+    let on_upgrade = req.extensions_mut().remove::<OnUpgrade>();
+    async move {
+        let text = |r: Response<String>| r.map(|b| FallbackBody::new(bytes::Bytes::from(b)));
+        match ask {
+            Some(Ok(ask)) => {
+                let (parts, body) = req.into_parts();
+                let span = tracing::debug_span!("kitestring_http_request", ?peer);
+                fallback::serve(shared, ask, parts, body, peer)
+                    .instrument(span)
+                    .await
+            }
+            Some(Err(refusal)) => {
+                refused(peer, &refusal);
+                text(refusal_response(&refusal))
+            }
+            None => {
+                let (parts, _body) = req.into_parts();
+                let span = tracing::debug_span!("kitestring_upgrade", ?peer, via = "hyper");
+                text(
+                    upgrade(shared, parts, on_upgrade, peer)
+                        .instrument(span)
+                        .await,
+                )
+            }
+        }
+    }
+}
+
+/// Serves an HTTP connection the built-in listener accepted, whose first
+/// request (`head`, with what was read behind it) is the fallback's: hyper
+/// reads it and the requests that follow on the connection (kept alive),
+/// each answered by [`serve_request`]. Idle connections are closed after
+/// the handshake timeout without a complete request head.
+pub(super) async fn serve_http(
+    shared: Arc<ServerShared>,
+    io: BoxIo,
+    read: Vec<u8>,
+    peer: Option<SocketAddr>,
+) {
+    let service = {
+        let shared = shared.clone();
+        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let answer = serve_request(shared.clone(), req, peer);
+            async move { Ok::<_, Infallible>(answer.await) }
+        })
+    };
+    let io = ListenerIo { io, read, at: 0 };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(RuntimeTimer(shared.runtime.clone()))
+        .header_read_timeout(shared.options.handshake_timeout)
+        .max_buf_size(http::MAX_HEAD.max(8192) * 2)
+        .serve_connection(io, service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        debug!(?peer, error = %e, "fallback HTTP connection ended");
+    }
+}
+
+/// A listener's socket for hyper, starting with the bytes already read.
+struct ListenerIo {
+    io: BoxIo,
+    read: Vec<u8>,
+    at: usize,
+}
+
+impl hyper::rt::Read for ListenerIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.read.len() {
+            let n = buf.remaining().min(this.read.len() - this.at);
+            buf.put_slice(&this.read[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.read.len() {
+                this.read = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let mut chunk = [0u8; 8192];
+        let want = buf.remaining().min(chunk.len());
+        let n = ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk[..want]))?;
+        buf.put_slice(&chunk[..n]);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl hyper::rt::Write for ListenerIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_close(cx)
+    }
+}
+
+/// hyper's timers on the driver's runtime.
+#[derive(Clone)]
+pub(crate) struct RuntimeTimer(pub(crate) Arc<dyn crate::runtime::Runtime>);
+
+/// One of [`RuntimeTimer`]'s sleeps (behind a lock: hyper wants `Sync`).
+struct RuntimeSleep(std::sync::Mutex<Pin<Box<dyn crate::runtime::AsyncTimer>>>);
+
+impl std::future::Future for RuntimeSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for RuntimeSleep {}
+
+impl hyper::rt::Timer for RuntimeTimer {
+    fn sleep(&self, duration: std::time::Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(self.0.now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(RuntimeSleep(std::sync::Mutex::new(
+            self.0.new_timer(deadline),
+        )))
     }
 }
 
@@ -177,7 +356,11 @@ fn refusal_response(refusal: &HttpRefusal) -> Response<String> {
     let mut response = Response::builder()
         .status(refusal.status)
         .header("connection", refusal.connection())
-        .header("content-type", "text/plain; charset=utf-8");
+        .header("content-type", "text/plain; charset=utf-8")
+        .header(
+            kitestring_core::wire::records::REFUSAL_HEADER,
+            refusal.status.to_string(),
+        );
     for (name, value) in refusal.headers {
         response = response.header(*name, *value);
     }

@@ -81,10 +81,10 @@ mod auth;
 mod cluster;
 mod conn;
 mod events;
+mod fallback;
 mod feed;
 mod handle;
 mod http;
-#[cfg(feature = "hyper")]
 mod hyper;
 mod metrics;
 mod shared;
@@ -96,8 +96,7 @@ pub use auth::{AuthReject, AuthRequest, AuthResult, Authenticator, OriginPolicy,
 pub use cluster::{SentTo, SessionLocation};
 pub use events::ServerEvents;
 pub use handle::ServerHandle;
-#[cfg(feature = "hyper")]
-pub use hyper::UpgradeService;
+pub use hyper::{FallbackBody, UpgradeService};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -223,6 +222,39 @@ pub struct ServerOptions {
     /// silent before the others count it gone (it refreshes its liveness
     /// every third of this). Default 10 s.
     pub node_timeout: Duration,
+    /// The HTTP fallback for clients whose WebSocket upgrades are blocked
+    /// on the way (PROTOCOL.md, section 1.1): served on the same port and
+    /// path, with the same admission, limits and sessions. `None` answers
+    /// its requests as stray ones (426, 405). Default on.
+    pub http_fallback: Option<HttpFallback>,
+}
+
+/// The HTTP fallback's settings ([`ServerOptions::http_fallback`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HttpFallback {
+    /// How long a poll is held open while nothing is queued before it is
+    /// answered empty: below the idle timeouts of the proxies on the way.
+    /// Default 25 s.
+    pub wait: Duration,
+    /// How long a connection may go without a poll waiting (between the
+    /// answer to one and the next) before the server counts it dropped.
+    /// Default 20 s.
+    pub gap: Duration,
+    /// Largest request body (a send's frames), and the size past which a
+    /// poll's answer takes no more frames; raised to hold at least one
+    /// message of the largest size. Default 1 MiB.
+    pub max_body: usize,
+}
+
+impl Default for HttpFallback {
+    fn default() -> Self {
+        HttpFallback {
+            wait: Duration::from_secs(25),
+            gap: Duration::from_secs(20),
+            max_body: 1024 * 1024,
+        }
+    }
 }
 
 /// How refused upgrades are answered ([`ServerOptions::refusals`]).
@@ -286,6 +318,7 @@ impl Default for ServerOptions {
             retry_after: Duration::from_secs(10),
             backplane: None,
             node_timeout: Duration::from_secs(10),
+            http_fallback: Some(HttpFallback::default()),
         }
     }
 }
@@ -301,6 +334,7 @@ impl fmt::Debug for ServerOptions {
             .field("origins", &self.origins)
             .field("refusals", &self.refusals)
             .field("retry_after", &self.retry_after)
+            .field("http_fallback", &self.http_fallback)
             .field("outbound_queue", &self.outbound_queue)
             .field("event_buffer", &self.event_buffer)
             .field("event_shards", &self.event_shards)
@@ -435,6 +469,7 @@ fn start_inner(
             .map(|_| events::Shard::default())
             .collect(),
         readers_paused: AtomicBool::new(false),
+        links: Mutex::new(Default::default()),
         event_backlog: AtomicUsize::new(0),
         cluster: options.backplane.clone().map(|bp| {
             Arc::new(cluster::Cluster::new(

@@ -96,6 +96,9 @@ pub(super) struct ServerShared {
     pub(super) readers_paused: AtomicBool,
     /// This node's part of a cluster, with a backplane.
     pub(super) cluster: Option<Arc<super::cluster::Cluster>>,
+    /// The HTTP fallback's open connections by id (`fallback.rs`): one
+    /// entry per live connection task, removed when it ends.
+    pub(super) links: Mutex<FxHashMap<String, Arc<super::fallback::Link>>>,
 }
 
 /// The state behind the lock: the core machine and what the driver keeps

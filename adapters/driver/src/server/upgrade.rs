@@ -39,10 +39,43 @@ use super::Refusals;
 pub(super) async fn serve_accepted(shared: Arc<ServerShared>, io: BoxIo, peer: Option<SocketAddr>) {
     let span = tracing::debug_span!("kitestring_upgrade", ?peer, via = "listener");
     let upgraded = handshake(shared.clone(), io, peer).instrument(span).await;
-    if let Some((ws, identity, early)) = upgraded {
-        let runtime = shared.runtime.clone();
-        runtime.spawn(Box::pin(connection(shared, ws, identity, early)));
+    match upgraded {
+        Some(Handshake::Upgraded((ws, identity, early))) => {
+            let runtime = shared.runtime.clone();
+            runtime.spawn(Box::pin(connection(shared, ws, identity, early)));
+        }
+        Some(Handshake::Http(io, read)) => {
+            // Boxed: only connections of the fallback carry hyper's state.
+            Box::pin(super::hyper::serve_http(shared, io, read, peer)).await;
+        }
+        None => {}
     }
+}
+
+/// What an accepted socket's first request led to.
+enum Handshake {
+    /// A WebSocket.
+    Upgraded(Upgraded),
+    /// A request of the HTTP fallback: the socket and what was read from
+    /// it, for hyper to serve.
+    Http(BoxIo, Vec<u8>),
+}
+
+/// Whether a request head is the HTTP fallback's (its query has
+/// `kitestring-http`) and the fallback is on.
+fn is_fallback(shared: &ServerShared, head: &[u8]) -> bool {
+    if shared.options.http_fallback.is_none() {
+        return false;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 0];
+    let mut req = httparse::Request::new(&mut headers);
+    // Only the request line is needed: too many headers is expected here.
+    let _ = req.parse(head);
+    let Some(target) = req.path else {
+        return false;
+    };
+    let query = target.split_once('?').map(|(_, q)| q);
+    http::fallback_ask(req.method.unwrap_or(""), query).is_some()
 }
 
 /// The socket, the identity authentication gave, and the connection the
@@ -65,7 +98,7 @@ async fn handshake(
     shared: Arc<ServerShared>,
     io: BoxIo,
     peer: Option<SocketAddr>,
-) -> Option<Upgraded> {
+) -> Option<Handshake> {
     let limit = shared.options.handshake_timeout;
     let opts = shared.options.clone();
     // A connection the core opened for a `hello` in the upgrade request,
@@ -84,6 +117,9 @@ async fn handshake(
         };
         let mut buf = Vec::new();
         let answer = match http::read_head(&mut io, &mut buf).await {
+            Ok(end) if is_fallback(&shared, &buf[..end]) => {
+                return Some(Err((io, buf)));
+            }
             Ok(end) => answer_upgrade(&shared, &buf[..end], peer, &early)
                 .await
                 .map(|(r, id)| (r, id, end)),
@@ -108,7 +144,7 @@ async fn handshake(
                     buf.drain(..end);
                     WebSocketStream::from_partially_read(io, buf, Role::Server, config).await
                 };
-                Some((ws, identity))
+                Some(Ok((ws, identity)))
             }
             Err(refusal) => {
                 refused(peer, &refusal);
@@ -129,7 +165,8 @@ async fn handshake(
     .flatten();
     let early = early.into_inner();
     match upgraded {
-        Some((ws, identity)) => Some((ws, identity, early)),
+        Some(Ok((ws, identity))) => Some(Handshake::Upgraded((ws, identity, early))),
+        Some(Err((io, read))) => Some(Handshake::Http(io, read)),
         // The core opened a connection for the upgrade's `hello`, but the
         // `101` never made it out.
         None => {

@@ -1,0 +1,505 @@
+//! The HTTP fallback (PROTOCOL.md, section 1.1) end to end: through a
+//! proxy that blocks WebSocket upgrades, a client falls back to HTTP and
+//! exchanges messages exactly once both ways through cuts; moves its
+//! session to a WebSocket once upgrades go through again, and back when
+//! they are blocked again; and the server answers malformed fallback
+//! requests with typed errors and the WebSocket close codes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use kitestring::kitestring_core::wire::records::{self, Record, Records};
+use kitestring::{
+    ClientHandle, CloseCode, Codec, DecodeExt, Event, Runtime, ServerEvent, ServerHandle,
+    ServerOptions, SessionId, TransportKind,
+};
+use kitestring_chaos::{Proxy, Upgrades};
+
+use crate::{collect_server, fast_client, fast_server, note, opened, serve, within, Note};
+
+/// Sends `n` messages each way, one pair at a time, calling `step` before
+/// each pair; then waits until every message arrived. Returns what each
+/// side received, in order.
+async fn exchange_with<F>(
+    rt: &Arc<dyn Runtime>,
+    server: &ServerHandle,
+    sev: &mut kitestring::ServerEvents,
+    client: &ClientHandle,
+    cev: &mut kitestring::ClientEvents,
+    session: SessionId,
+    n: u32,
+    mut step: F,
+) -> (Vec<u32>, Vec<u32>)
+where
+    F: FnMut(u32, &ClientHandle) -> Option<Duration>,
+{
+    let mut to_server = Vec::new();
+    let mut to_client = Vec::new();
+    let mut resumes = 0;
+    let mut last = kitestring::ConnectionId(0);
+    for i in 0..n {
+        if let Some(pause) = step(i, client) {
+            // Keep reading both sides while the pause lasts.
+            let until = Instant::now() + pause;
+            while Instant::now() < until {
+                let r = kitestring::util::timeout(&**rt, Duration::from_millis(20), async {
+                    futures_util::future::select(sev.next(), cev.next()).await
+                })
+                .await;
+                match r {
+                    Some(futures_util::future::Either::Left((Some(e), _))) => {
+                        collect_server(&e, session, &mut to_server, &mut resumes, &mut last)
+                    }
+                    Some(futures_util::future::Either::Right((Some(Event::Message(m)), _))) => {
+                        to_client.push(m.decode::<Note>().unwrap().n)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut full = 0;
+        loop {
+            match within(rt, 3000, "client send", client.send(&note(i))).await {
+                Ok(_) => break,
+                Err(kitestring::ClientError::Send(kitestring::SendError::QueueFull { .. }))
+                    if full < 300 =>
+                {
+                    full += 1;
+                    kitestring::util::sleep(&**rt, Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("send {i}: {e}"),
+            }
+        }
+        within(rt, 3000, "server send", server.send(session, &note(i)))
+            .await
+            .unwrap();
+        while let Some(Some(e)) = futures_util::FutureExt::now_or_never(sev.next()) {
+            collect_server(&e, session, &mut to_server, &mut resumes, &mut last);
+        }
+        while let Some(Some(e)) = futures_util::FutureExt::now_or_never(cev.next()) {
+            if let Event::Message(m) = e {
+                to_client.push(m.decode::<Note>().unwrap().n);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (to_server.len() < n as usize || to_client.len() < n as usize)
+        && Instant::now() < deadline
+    {
+        let r = kitestring::util::timeout(&**rt, Duration::from_millis(50), async {
+            futures_util::future::select(sev.next(), cev.next()).await
+        })
+        .await;
+        match r {
+            Some(futures_util::future::Either::Left((Some(e), _))) => {
+                collect_server(&e, session, &mut to_server, &mut resumes, &mut last)
+            }
+            Some(futures_util::future::Either::Right((Some(Event::Message(m)), _))) => {
+                to_client.push(m.decode::<Note>().unwrap().n)
+            }
+            _ => {}
+        }
+    }
+    (to_server, to_client)
+}
+
+/// Scenario: a proxy answers every upgrade `400`; the client falls back
+/// to HTTP and 300 messages each way arrive exactly once, in order,
+/// through two cuts of every connection (the polls and sends under way
+/// among them) and a connection the server drops.
+pub async fn fallback_through_cuts(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let proxy = Proxy::start(addr).unwrap();
+    proxy.set_upgrades(Upgrades::Refuse);
+    let url = format!("ws://{}/live?room=a", proxy.local_addr());
+    let (client, mut cev) = kitestring::connect(
+        rt.clone(),
+        &url,
+        fast_client(vec![Codec::MsgPack, Codec::Json]),
+    )
+    .unwrap();
+    let (session, _, codec) = opened(&rt, &mut cev).await;
+    assert_eq!(codec, Codec::MsgPack);
+    assert_eq!(client.transport(), Some(TransportKind::Http));
+    let (to_server, to_client) = exchange_with(
+        &rt,
+        &server,
+        &mut sev,
+        &client,
+        &mut cev,
+        session,
+        300,
+        |i, _| {
+            if i == 100 || i == 200 {
+                proxy.cut_all();
+                // Read on while the session resumes, so the second cut
+                // finds the resumed connection.
+                return Some(Duration::from_millis(400));
+            }
+            None
+        },
+    )
+    .await;
+    let want: Vec<u32> = (0..300).collect();
+    assert_eq!(
+        to_server, want,
+        "client to server: every message once, in order"
+    );
+    assert_eq!(
+        to_client, want,
+        "server to client: every message once, in order"
+    );
+    assert_eq!(client.transport(), Some(TransportKind::Http));
+    let stats = client.stats().await.unwrap().stats;
+    assert_eq!(stats.resumes, 2, "resumed after each cut: {stats:?}");
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Scenario: with the upgrade's `Upgrade` header stripped on the way (the
+/// server answers 426) and the `hello` in the URL, as a page sends it, the
+/// session opens over the fallback in one round trip and carries JSON.
+pub async fn fallback_stripped_upgrade(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let proxy = Proxy::start(addr).unwrap();
+    proxy.set_upgrades(Upgrades::Strip);
+    let url = format!("ws://{}/", proxy.local_addr());
+    let mut options = fast_client(vec![Codec::Json]);
+    options.hello_in_url = true;
+    let (client, mut cev) = kitestring::connect(rt.clone(), &url, options).unwrap();
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    assert_eq!(client.transport(), Some(TransportKind::Http));
+    let (to_server, to_client) = exchange_with(
+        &rt,
+        &server,
+        &mut sev,
+        &client,
+        &mut cev,
+        session,
+        50,
+        |_, _| None,
+    )
+    .await;
+    let want: Vec<u32> = (0..50).collect();
+    assert_eq!(to_server, want);
+    assert_eq!(to_client, want);
+    // Large messages (detached payloads) cross the fallback too.
+    let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+    client.send_bytes(big.clone()).await.unwrap();
+    server.send_bytes(session, big.clone()).await.unwrap();
+    let got = crate::server_wait(&rt, &mut sev, 5000, "large bytes", |e| match e {
+        ServerEvent::Message { message, .. } => Some(message.payload.data().to_vec()),
+        _ => None,
+    })
+    .await;
+    assert!(got == big, "300 KB to the server, intact");
+    let got = crate::client_wait(&rt, &mut cev, 5000, "large bytes", |e| match e {
+        Event::Message(m) => Some(m.payload.data().to_vec()),
+        _ => None,
+    })
+    .await;
+    assert!(got == big, "300 KB to the client, intact");
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Scenario: a session that starts on the fallback moves to a WebSocket
+/// once upgrades go through again (the client's probe after its memory of
+/// the block runs out), then back to the fallback when they are blocked
+/// again, with messages flowing both ways all along: nothing lost or
+/// duplicated, one session throughout.
+pub async fn fallback_moves_to_websocket_and_back(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let proxy = Proxy::start(addr).unwrap();
+    proxy.set_upgrades(Upgrades::Refuse);
+    let url = format!("ws://{}/", proxy.local_addr());
+    let mut options = fast_client(vec![Codec::Json]);
+    options.fallback_memory = Duration::from_millis(300);
+    let (client, mut cev) = kitestring::connect(rt.clone(), &url, options).unwrap();
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    assert_eq!(client.transport(), Some(TransportKind::Http));
+    let mut seen = vec![TransportKind::Http];
+    let (to_server, to_client) = exchange_with(
+        &rt,
+        &server,
+        &mut sev,
+        &client,
+        &mut cev,
+        session,
+        300,
+        |i, client| {
+            if let Some(t) = client.transport() {
+                if seen.last() != Some(&t) {
+                    seen.push(t);
+                }
+            }
+            match i {
+                100 => {
+                    proxy.set_upgrades(Upgrades::Pass);
+                    Some(Duration::from_millis(1500))
+                }
+                200 => {
+                    proxy.set_upgrades(Upgrades::Refuse);
+                    proxy.cut_all();
+                    Some(Duration::from_millis(1000))
+                }
+                _ => None,
+            }
+        },
+    )
+    .await;
+    let want: Vec<u32> = (0..300).collect();
+    assert_eq!(
+        to_server, want,
+        "client to server: every message once, in order"
+    );
+    assert_eq!(
+        to_client, want,
+        "server to client: every message once, in order"
+    );
+    assert_eq!(
+        seen,
+        vec![
+            TransportKind::Http,
+            TransportKind::WebSocket,
+            TransportKind::Http
+        ],
+        "fallback, WebSocket, fallback"
+    );
+    assert_eq!(
+        client.stats().await.unwrap().session,
+        Some(session),
+        "one session"
+    );
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// One raw HTTP/1.1 request on a connection of its own: status, headers
+/// (lower-case names) and body.
+async fn raw(
+    rt: &Arc<dyn Runtime>,
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut io = rt
+        .connect_tcp(addr.ip().to_string(), addr.port())
+        .await
+        .unwrap();
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    req.push_str("\r\n");
+    io.write_all(req.as_bytes()).await.unwrap();
+    io.write_all(body).await.unwrap();
+    io.flush().await.unwrap();
+    let mut all = Vec::new();
+    let _ = io.read_to_end(&mut all).await;
+    let end = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let head = String::from_utf8_lossy(&all[..end]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = all[end..].to_vec();
+    if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = unchunk(&body);
+    }
+    (status, headers, body)
+}
+
+fn unchunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
+        let len = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+        if len == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + len]);
+        b = &b[nl + 2 + len + 2..];
+    }
+    out
+}
+
+/// Opens a fallback connection by hand (no `hello`): its id.
+async fn raw_open(rt: &Arc<dyn Runtime>, addr: std::net::SocketAddr) -> String {
+    let (status, headers, body) = raw(
+        rt,
+        addr,
+        "POST",
+        &format!("/?{}=open", records::HTTP_PARAM),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{headers:?}");
+    match Records::new(body.into(), 1 << 20).next() {
+        Some(Ok(Record::Open(json))) => {
+            let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        }
+        other => panic!("no open record: {other:?}"),
+    }
+}
+
+/// Polls a hand-opened connection until its close record: the close code.
+async fn raw_close_code(rt: &Arc<dyn Runtime>, addr: std::net::SocketAddr, id: &str) -> CloseCode {
+    for n in 0..20 {
+        let (status, _, body) = raw(
+            rt,
+            addr,
+            "GET",
+            &format!(
+                "/?{}={id}&{}={n}",
+                records::HTTP_PARAM,
+                records::HTTP_SEQ_PARAM
+            ),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 200, "poll {n}");
+        for r in Records::new(body.into(), 1 << 20) {
+            if let Ok(Record::Close { code, .. }) = r {
+                return code;
+            }
+        }
+    }
+    panic!("no close record");
+}
+
+/// Scenario: every malformed fallback request gets a typed answer, and a
+/// malformed body closes its connection with the close code a WebSocket
+/// would get; the server's refusals are marked as its own.
+pub async fn fallback_bad_input(rt: Arc<dyn Runtime>) {
+    let mut options: ServerOptions = fast_server();
+    options.config.max_message_size = 64 * 1024;
+    let (server, _sev, addr) = serve(&rt, options);
+    let p = records::HTTP_PARAM;
+    let s = records::HTTP_SEQ_PARAM;
+
+    // Unknown connection; a poll without its number; open with GET.
+    let (status, headers, _) = raw(&rt, addr, "GET", &format!("/?{p}=00ff&{s}=0"), &[], b"").await;
+    assert_eq!(status, 404);
+    assert!(headers
+        .iter()
+        .any(|(n, v)| n == records::REFUSAL_HEADER && v == "404"));
+    let (status, _, _) = raw(&rt, addr, "GET", &format!("/?{p}=00ff"), &[], b"").await;
+    assert_eq!(status, 400);
+    let (status, headers, _) = raw(&rt, addr, "GET", &format!("/?{p}=open"), &[], b"").await;
+    assert_eq!(status, 405);
+    assert!(headers
+        .iter()
+        .any(|(n, v)| n == "allow" && v.contains("POST")));
+    // A plain GET is still not an upgrade.
+    let (status, headers, _) = raw(&rt, addr, "GET", "/", &[], b"").await;
+    assert_eq!(status, 426);
+    assert!(headers.iter().any(|(n, _)| n == records::REFUSAL_HEADER));
+
+    // A body that is not records: 400, and the connection closes with 1002.
+    let id = raw_open(&rt, addr).await;
+    let (status, _, _) = raw(
+        &rt,
+        addr,
+        "POST",
+        &format!("/?{p}={id}&{s}=0"),
+        &[],
+        &[9, 0, 0, 0, 0],
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        raw_close_code(&rt, addr, &id).await,
+        CloseCode::PROTOCOL_ERROR
+    );
+    // Gone after its close: 404.
+    let (status, _, _) = raw(&rt, addr, "GET", &format!("/?{p}={id}&{s}=99"), &[], b"").await;
+    assert_eq!(status, 404);
+
+    // Text that is not UTF-8: 1007.
+    let id = raw_open(&rt, addr).await;
+    let mut body = Vec::new();
+    records::push_record(&mut body, records::RECORD_TEXT, &[0xff, 0xfe]);
+    let (status, _, _) = raw(&rt, addr, "POST", &format!("/?{p}={id}&{s}=0"), &[], &body).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        raw_close_code(&rt, addr, &id).await,
+        CloseCode::INVALID_PAYLOAD
+    );
+
+    // A record over the message limit: 413 and 1009.
+    let id = raw_open(&rt, addr).await;
+    let mut body = Vec::new();
+    records::push_record(&mut body, records::RECORD_BINARY, &vec![1u8; 200 * 1024]);
+    let (status, _, _) = raw(&rt, addr, "POST", &format!("/?{p}={id}&{s}=0"), &[], &body).await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        raw_close_code(&rt, addr, &id).await,
+        CloseCode::MESSAGE_TOO_BIG
+    );
+
+    // A body over the body limit: 413 and 1009.
+    let id = raw_open(&rt, addr).await;
+    let body = vec![0u8; 2 * 1024 * 1024];
+    let (status, _, _) = raw(&rt, addr, "POST", &format!("/?{p}={id}&{s}=0"), &[], &body).await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        raw_close_code(&rt, addr, &id).await,
+        CloseCode::MESSAGE_TOO_BIG
+    );
+
+    // A send out of order: 409, and the connection closes with 1002.
+    let id = raw_open(&rt, addr).await;
+    let (status, _, _) = raw(&rt, addr, "POST", &format!("/?{p}={id}&{s}=5"), &[], b"").await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        raw_close_code(&rt, addr, &id).await,
+        CloseCode::PROTOCOL_ERROR
+    );
+
+    // A frame that is not a Kitestring frame: the core's own close code,
+    // as over a WebSocket.
+    let id = raw_open(&rt, addr).await;
+    let mut body = Vec::new();
+    records::push_record(&mut body, records::RECORD_TEXT, b"not json");
+    let (status, _, _) = raw(&rt, addr, "POST", &format!("/?{p}={id}&{s}=0"), &[], &body).await;
+    assert_eq!(status, 204);
+    let code = raw_close_code(&rt, addr, &id).await;
+    assert!(
+        code.0 == 1002 || code.0 == 4002,
+        "closed as a bad first frame: {code:?}"
+    );
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
