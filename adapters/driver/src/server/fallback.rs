@@ -521,18 +521,18 @@ async fn open(
     }
     let mut r = answer(StatusCode::OK, cors, Bytes::new())
         .header("content-type", "application/octet-stream");
+    if cors.is_some() {
+        r = r.header(
+            "access-control-expose-headers",
+            kitestring_core::wire::WELCOME_HEADER,
+        );
+    }
     if let Some(welcome) = admitted
         .welcome
         .as_deref()
         .filter(|w| w.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)))
     {
         r = r.header(kitestring_core::wire::WELCOME_HEADER, welcome);
-        if cors.is_some() {
-            r = r.header(
-                "access-control-expose-headers",
-                kitestring_core::wire::WELCOME_HEADER,
-            );
-        }
     }
     build(r, Bytes::from(body))
 }
