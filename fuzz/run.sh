@@ -14,7 +14,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")"
 seconds="${FUZZ_SECONDS:-20}"
-targets="${FUZZ_TARGETS:-decode_json decode_msgpack inflate pack_envelope decode_binary_header handshake frame_roundtrip client_machine server_machine server_stream lww_merge pair session_image}"
+targets="${FUZZ_TARGETS:-decode_json decode_msgpack inflate pack_envelope decode_binary_header handshake frame_roundtrip client_machine server_machine server_stream lww_merge pair session_image records}"
 
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked

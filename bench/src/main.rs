@@ -8,6 +8,7 @@
 //! cargo run --release -p kitestring-bench -- core-cost      # one scenario
 //! cargo run --release -p kitestring-bench -- compression    # bytes and CPU with and without compression
 //! cargo run --release -p kitestring-bench -- dashboard      # latest values to 200 subscribers, one of them slow
+//! cargo run --release -p kitestring-bench -- fallback       # the HTTP fallback against WebSocket
 //! cargo run --release -p kitestring-bench -- cluster-fanout cluster-resume   # nodes sharing a Redis
 //! cargo run --release -p kitestring-bench -- all --quick    # smoke run (CI)
 //! cargo run --release -p kitestring-bench -- all --json out.json
@@ -32,6 +33,7 @@ mod connect;
 mod core_cost;
 mod dashboard;
 mod echo;
+mod fallback;
 mod fleet;
 mod net;
 mod peers;
@@ -194,6 +196,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("storm", fleet::storm_scenario),
     ("churn", fleet::churn_scenario),
     ("axum-connect", connect::axum_connect_scenario),
+    ("fallback", fallback::scenario),
     ("cluster-fanout", cluster::fanout_scenario),
     ("cluster-resume", cluster::resume_scenario),
     ("peers-idle", peers::idle_scenario),

@@ -486,3 +486,63 @@ pub fn assert_round_trip(frame: &Frame, codec: Codec, version: u8) {
         );
     }
 }
+
+/// Target `records`: arbitrary bytes as an HTTP fallback body
+/// (PROTOCOL.md, section 1.1). Reading never panics and allocates no more
+/// than the records it returns (slices of the body); every record read
+/// writes back to exactly the bytes it was read from; an error ends the
+/// body and names one of the three close codes a WebSocket would give.
+pub fn records(data: &[u8], probe: &dyn AllocProbe) {
+    use crate::close::CloseCode;
+    use crate::wire::records::{push_close, push_record, Record, Records};
+    let body = Bytes::copy_from_slice(data);
+    let max = FUZZ_MAX_MESSAGE;
+    probe.reset();
+    let read: Vec<_> = Records::new(body, max).collect();
+    assert!(
+        probe.peak() <= ALLOC_SLACK + read.len() * 128,
+        "records took {} bytes for {} records",
+        probe.peak(),
+        read.len()
+    );
+    let mut again = Vec::new();
+    for (i, r) in read.iter().enumerate() {
+        let kind = data.get(again.len()).copied().unwrap_or(0);
+        match r {
+            Ok(Record::Text(t)) => {
+                assert!(std::str::from_utf8(t).is_ok(), "a text record is UTF-8");
+                push_record(&mut again, kind, t);
+            }
+            Ok(Record::Binary(b) | Record::Open(b)) => push_record(&mut again, kind, b),
+            Ok(Record::Close { code, reason }) => push_close(&mut again, *code, reason),
+            Err(e) => {
+                assert_eq!(i, read.len() - 1, "nothing is read after an error");
+                assert!(
+                    [
+                        CloseCode::PROTOCOL_ERROR,
+                        CloseCode::INVALID_PAYLOAD,
+                        CloseCode::MESSAGE_TOO_BIG
+                    ]
+                    .contains(&e.close_code()),
+                    "{e:?}"
+                );
+            }
+        }
+        if let Ok(rec) = r {
+            let len = match rec {
+                Record::Text(p) | Record::Binary(p) | Record::Open(p) => p.len(),
+                Record::Close { reason, .. } => reason.len() + 2,
+            };
+            assert!(len <= max, "a record over the limit was read");
+        }
+    }
+    // What was read is the body's start, byte for byte.
+    assert_eq!(
+        &data[..again.len()],
+        &again[..],
+        "records write back as read"
+    );
+    if read.last().is_some_and(|r| r.is_ok()) || read.is_empty() {
+        assert_eq!(again.len(), data.len(), "a body read whole");
+    }
+}

@@ -13,8 +13,8 @@
 //! It lives beside the crate's sources, in `core/fuzzing/`, one file per
 //! family of targets:
 //!
-//! - `decode.rs`: `decode_json`, `decode_msgpack`, `decode_binary_header`
-//!   and `pack_envelope`;
+//! - `decode.rs`: `decode_json`, `decode_msgpack`, `decode_binary_header`,
+//!   `pack_envelope` and `records` (the HTTP fallback's bodies);
 //! - `compress.rs`: `inflate`;
 //! - `frame.rs`: `frame_roundtrip`;
 //! - `handshake.rs`: `handshake`;
@@ -54,7 +54,7 @@ pub use client::{
 pub use compress::{inflate, ArbCompressed, INFLATE_MAX};
 pub use decode::{
     assert_round_trip, check_decode, decode_binary_header, decode_json, decode_msgpack,
-    pack_envelope, ArbEnvelope, ArbKey, ArbValue, OtherKey, Width,
+    pack_envelope, records, ArbEnvelope, ArbKey, ArbValue, OtherKey, Width,
 };
 pub use feeds::FeedModel;
 pub use frame::{

@@ -832,3 +832,27 @@ fn the_inflate_target_takes_honest_streams_and_refuses_hostile_ones() {
         inflate(input, &NoProbe);
     }
 }
+
+/// The records target on well-formed bodies, each cut at every byte, and on
+/// each fault it must name.
+#[test]
+fn records_bodies_pass_the_target() {
+    use crate::close::CloseCode;
+    use crate::wire::records::{push_close, push_record, RECORD_BINARY, RECORD_OPEN, RECORD_TEXT};
+    let mut body = Vec::new();
+    push_record(
+        &mut body,
+        RECORD_OPEN,
+        br#"{"id":"00","wait":25000,"gap":20000,"max":1024}"#,
+    );
+    push_record(&mut body, RECORD_TEXT, br#"{"t":"ping","n":1}"#);
+    push_record(&mut body, RECORD_BINARY, &[1, 1, 0, 0, 0, 0]);
+    push_close(&mut body, CloseCode(1000), "bye");
+    for cut in 0..=body.len() {
+        records(&body[..cut], &NoProbe);
+    }
+    records(&[9, 0, 0, 0, 0], &NoProbe);
+    records(&[1, 0, 0, 0, 2, 0xff, 0xfe], &NoProbe);
+    records(&[2, 0xff, 0xff, 0xff, 0xff], &NoProbe);
+    records(&[8, 0, 0, 0, 1, 3], &NoProbe);
+}

@@ -31,16 +31,25 @@
 //!
 //! # Server
 //!
-//! [`bind`] serves a port. With the `hyper` feature, a hyper-based HTTP
-//! server (hyper, axum) shares its port with Kitestring:
-//! `ServerHandle::upgrade` answers its upgrade requests exactly as the
-//! built-in listener does (authentication, the handshake in the upgrade,
-//! the limits); `kitestring-axum` makes that an axum route, service or
-//! layer. See [`server`] for the task layout and the backpressure policy.
+//! [`bind`] serves a port. A hyper-based HTTP server (hyper, axum) shares
+//! its port with Kitestring: `ServerHandle::serve` answers its requests
+//! for the endpoint exactly as the built-in listener does (authentication,
+//! the handshake in the upgrade, the limits, and the HTTP fallback for
+//! clients whose upgrades are blocked: PROTOCOL.md, section 1.1);
+//! `kitestring-axum` makes that an axum route, service or layer. See
+//! [`server`] for the task layout and the backpressure policy.
+//!
+//! # Transports
+//!
+//! A client tries WebSocket and falls back to HTTP requests (long polls
+//! and posts on the same URL) when a proxy on the way blocks the upgrade;
+//! it moves back once upgrades go through again
+//! ([`ClientOptions::transports`], [`ClientOptions::fallback_memory`]).
 //!
 //! # Features
 //!
-//! * `hyper`: upgrades handed over by hyper-based servers.
+//! * `hyper`: kept for manifests that name it; what it enabled is always
+//!   built, since the HTTP fallback is served and spoken through hyper.
 //! * `async-io`: the timer and listener shared by the async-std and smol
 //!   runtime crates.
 //!

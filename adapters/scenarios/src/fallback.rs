@@ -21,19 +21,31 @@ use crate::{collect_server, fast_client, fast_server, note, opened, serve, withi
 /// Sends `n` messages each way, one pair at a time, calling `step` before
 /// each pair; then waits until every message arrived. Returns what each
 /// side received, in order.
+/// Both ends of one session.
+struct Ends<'a> {
+    server: &'a ServerHandle,
+    sev: &'a mut kitestring::ServerEvents,
+    client: &'a ClientHandle,
+    cev: &'a mut kitestring::ClientEvents,
+    session: SessionId,
+}
+
 async fn exchange_with<F>(
     rt: &Arc<dyn Runtime>,
-    server: &ServerHandle,
-    sev: &mut kitestring::ServerEvents,
-    client: &ClientHandle,
-    cev: &mut kitestring::ClientEvents,
-    session: SessionId,
+    ends: Ends<'_>,
     n: u32,
     mut step: F,
 ) -> (Vec<u32>, Vec<u32>)
 where
     F: FnMut(u32, &ClientHandle) -> Option<Duration>,
 {
+    let Ends {
+        server,
+        sev,
+        client,
+        cev,
+        session,
+    } = ends;
     let mut to_server = Vec::new();
     let mut to_client = Vec::new();
     let mut resumes = 0;
@@ -124,11 +136,13 @@ pub async fn fallback_through_cuts(rt: Arc<dyn Runtime>) {
     assert_eq!(client.transport(), Some(TransportKind::Http));
     let (to_server, to_client) = exchange_with(
         &rt,
-        &server,
-        &mut sev,
-        &client,
-        &mut cev,
-        session,
+        Ends {
+            server: &server,
+            sev: &mut sev,
+            client: &client,
+            cev: &mut cev,
+            session,
+        },
         300,
         |i, _| {
             if i == 100 || i == 200 {
@@ -174,11 +188,13 @@ pub async fn fallback_stripped_upgrade(rt: Arc<dyn Runtime>) {
     assert_eq!(client.transport(), Some(TransportKind::Http));
     let (to_server, to_client) = exchange_with(
         &rt,
-        &server,
-        &mut sev,
-        &client,
-        &mut cev,
-        session,
+        Ends {
+            server: &server,
+            sev: &mut sev,
+            client: &client,
+            cev: &mut cev,
+            session,
+        },
         50,
         |_, _| None,
     )
@@ -226,11 +242,13 @@ pub async fn fallback_moves_to_websocket_and_back(rt: Arc<dyn Runtime>) {
     let mut seen = vec![TransportKind::Http];
     let (to_server, to_client) = exchange_with(
         &rt,
-        &server,
-        &mut sev,
-        &client,
-        &mut cev,
-        session,
+        Ends {
+            server: &server,
+            sev: &mut sev,
+            client: &client,
+            cev: &mut cev,
+            session,
+        },
         300,
         |i, client| {
             if let Some(t) = client.transport() {
@@ -499,6 +517,91 @@ pub async fn fallback_bad_input(rt: Arc<dyn Runtime>) {
         code.0 == 1002 || code.0 == 4002,
         "closed as a bad first frame: {code:?}"
     );
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Scenario: admission over the fallback is the upgrade's: behind a proxy
+/// that blocks upgrades, a bad token fails the client as `Unauthorized`
+/// (after its one retry with a fresh token), refused in-band when its
+/// `hello` is in the URL; a forbidden one as `Forbidden`; a good one opens
+/// the session with its identity. A foreign origin is refused `403` before
+/// any credential is looked at, and an allowed one may read the answers.
+pub async fn fallback_admission(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = crate::auth_server(&rt);
+    let proxy = Proxy::start(addr).unwrap();
+    proxy.set_upgrades(Upgrades::Refuse);
+    let url = format!("ws://{}/", proxy.local_addr());
+    for (token, in_url, want) in [
+        ("bad", false, kitestring::FailReason::Unauthorized),
+        ("bad", true, kitestring::FailReason::Unauthorized),
+        ("forbidden", false, kitestring::FailReason::Forbidden),
+    ] {
+        let (provider, calls) = crate::counting_token(token);
+        let mut options = fast_client(vec![Codec::Json]);
+        options.token = Some(provider);
+        options.hello_in_url = in_url;
+        let (_client, mut cev) = kitestring::connect(rt.clone(), &url, options).unwrap();
+        let reason = crate::client_wait(&rt, &mut cev, 5000, "Failed", |e| match e {
+            Event::StateChanged {
+                new: kitestring::State::Failed { reason },
+                ..
+            } => Some(reason.clone()),
+            Event::Connected { .. } => panic!("connected with token {token}"),
+            _ => None,
+        })
+        .await;
+        assert_eq!(reason, want, "token {token}, hello in the URL: {in_url}");
+        let calls = calls.load(std::sync::atomic::Ordering::SeqCst);
+        let retries = usize::from(want == kitestring::FailReason::Unauthorized);
+        assert_eq!(
+            calls,
+            1 + retries,
+            "one token per attempt, fallback included"
+        );
+    }
+    let (provider, _) = crate::counting_token("good");
+    let mut options = fast_client(vec![Codec::Json]);
+    options.token = Some(provider);
+    let (client, mut cev) = kitestring::connect(rt.clone(), &url, options).unwrap();
+    opened(&rt, &mut cev).await;
+    assert_eq!(client.transport(), Some(TransportKind::Http));
+    let (_, _, identity, _) = crate::session_opened(&rt, &mut sev).await;
+    assert_eq!(identity.as_deref(), Some("alice"));
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+
+    let open = format!("/?{}=open", records::HTTP_PARAM);
+    let (status, headers, _) = raw(
+        &rt,
+        addr,
+        "POST",
+        &open,
+        &[
+            ("origin", "http://elsewhere.example"),
+            ("authorization", "Bearer good"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 403, "a foreign origin");
+    assert!(!headers
+        .iter()
+        .any(|(n, _)| n == "access-control-allow-origin"));
+    let same = format!("http://{addr}");
+    let (status, headers, _) = raw(
+        &rt,
+        addr,
+        "POST",
+        &open,
+        &[("origin", &same), ("authorization", "Bearer good")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(headers
+        .iter()
+        .any(|(n, v)| n == "access-control-allow-origin" && *v == same));
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
         .unwrap();

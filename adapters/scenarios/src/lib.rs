@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 mod fallback;
 mod rooms;
 pub use fallback::{
-    fallback_bad_input, fallback_moves_to_websocket_and_back, fallback_stripped_upgrade,
-    fallback_through_cuts,
+    fallback_admission, fallback_bad_input, fallback_moves_to_websocket_and_back,
+    fallback_stripped_upgrade, fallback_through_cuts,
 };
 pub use rooms::{
     broadcast_through_cuts, feeds_keep_order, presence_after_resume, request_across_cut,
@@ -55,7 +55,7 @@ macro_rules! scenarios {
             shutdown_keeps_rooms, request_across_cut, typed_sends_use_session_codec,
             send_latest_coalesces, unread_events_pause_reading, client_unread_events_pause_reading,
             fallback_through_cuts, fallback_stripped_upgrade, fallback_moves_to_websocket_and_back,
-            fallback_bad_input);
+            fallback_bad_input, fallback_admission);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
         $(
@@ -209,7 +209,7 @@ pub(crate) async fn opened(
     .await
 }
 
-async fn session_opened(
+pub(crate) async fn session_opened(
     rt: &Arc<dyn Runtime>,
     events: &mut ServerEvents,
 ) -> (kitestring::ConnectionId, SessionId, Option<String>, bool) {
@@ -907,7 +907,7 @@ pub async fn half_open_detected(rt: Arc<dyn Runtime>) {
         .unwrap();
 }
 
-fn auth_server(rt: &Arc<dyn Runtime>) -> (ServerHandle, ServerEvents, SocketAddr) {
+pub(crate) fn auth_server(rt: &Arc<dyn Runtime>) -> (ServerHandle, ServerEvents, SocketAddr) {
     let mut options = fast_server();
     options.auth = Some(kitestring::Authenticator::sync(
         |req: &kitestring::AuthRequest| match req.bearer_token() {
@@ -919,7 +919,7 @@ fn auth_server(rt: &Arc<dyn Runtime>) -> (ServerHandle, ServerEvents, SocketAddr
     serve(rt, options)
 }
 
-fn counting_token(token: &'static str) -> (kitestring::TokenProvider, Arc<AtomicUsize>) {
+pub(crate) fn counting_token(token: &'static str) -> (kitestring::TokenProvider, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
     let provider = kitestring::token_provider(move || {

@@ -584,6 +584,78 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fallback_requests_are_told_apart() {
+        assert_eq!(fallback_ask("GET", Some("a=1")), None);
+        assert_eq!(fallback_ask("GET", None), None);
+        assert_eq!(
+            fallback_ask("POST", Some("t=x&kitestring-http=open")),
+            Some(Ok(FallbackAsk::Open))
+        );
+        assert_eq!(
+            fallback_ask("GET", Some("kitestring-http=ab12&kitestring-n=7")),
+            Some(Ok(FallbackAsk::Poll {
+                id: "ab12".into(),
+                n: 7
+            }))
+        );
+        assert_eq!(
+            fallback_ask("POST", Some("kitestring-http=ab12&kitestring-n=0")),
+            Some(Ok(FallbackAsk::Send {
+                id: "ab12".into(),
+                n: 0
+            }))
+        );
+        assert_eq!(
+            fallback_ask("OPTIONS", Some("kitestring-http=open")),
+            Some(Ok(FallbackAsk::Preflight))
+        );
+        let status = |r: Option<Result<FallbackAsk, HttpRefusal>>| r.unwrap().unwrap_err().status;
+        assert_eq!(
+            status(fallback_ask("GET", Some("kitestring-http=open"))),
+            405
+        );
+        assert_eq!(
+            status(fallback_ask(
+                "PUT",
+                Some("kitestring-http=ab&kitestring-n=1")
+            )),
+            405
+        );
+        assert_eq!(status(fallback_ask("GET", Some("kitestring-http=ab"))), 400);
+        assert_eq!(
+            status(fallback_ask(
+                "GET",
+                Some("kitestring-http=ab&kitestring-n=-1")
+            )),
+            400
+        );
+        assert_eq!(
+            status(fallback_ask(
+                "GET",
+                Some("kitestring-http=%ff&kitestring-n=1")
+            )),
+            400
+        );
+    }
+
+    #[test]
+    fn an_open_is_checked_as_an_upgrade_without_its_key() {
+        let headers = [("Host", &b"h:1"[..]), ("Origin", b"http://h:1")];
+        let req = check_open("/ws?x=1", headers.into_iter()).unwrap();
+        assert_eq!((req.path, req.query, req.host), ("/ws", Some("x=1"), "h:1"));
+        assert_eq!(req.origin, Some("http://h:1"));
+        let twice = [("Host", &b"h"[..]), ("host", b"h")];
+        assert_eq!(check_open("/", twice.into_iter()).unwrap_err().status, 400);
+        assert_eq!(check_open("/", std::iter::empty()).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn refusals_carry_the_servers_mark() {
+        let r = String::from_utf8(HttpRefusal::new(401, "unauthorized").response()).unwrap();
+        assert!(r.contains("kitestring-refusal: 401\r\n"), "{r}");
+    }
+
+    #[test]
     fn query_values_are_percent_decoded() {
         let q = "a=1&kitestring-hello=%7B%22t%22%3A%22hello%22%7D&b=x+y%zz";
         assert_eq!(

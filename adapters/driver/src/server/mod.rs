@@ -51,14 +51,22 @@
 //!
 //! # Sharing a port with an HTTP server
 //!
-//! With the `hyper` feature, a hyper-based server (hyper, axum, ...) hands
-//! its upgrade requests to [`ServerHandle::upgrade`] (or serves
-//! connections with [`ServerHandle::hyper_service`]): the request is checked,
+//! A hyper-based server (hyper, axum, ...) hands its requests for the
+//! endpoint to [`ServerHandle::serve`] (or serves connections with
+//! [`ServerHandle::hyper_service`]): an upgrade is checked,
 //! authenticated and answered exactly as the built-in listener would,
 //! `Kitestring-Welcome` included, and the upgraded connection is served
 //! with the configured limits. The authenticator also sees the request's
 //! extensions. `kitestring-axum` wraps it as an axum route, a tower service
 //! and a layer.
+//!
+//! # The HTTP fallback
+//!
+//! Clients whose upgrades a proxy blocks reach the same server over plain
+//! HTTP on the same port and path ([`ServerOptions::http_fallback`],
+//! PROTOCOL.md section 1.1): an `open` is admitted as an upgrade is, and
+//! the connection runs in the same connection task over a link fed by
+//! polls and sends (`fallback`), with the same limits and backpressure.
 //!
 //! A socket some other HTTP server upgraded by itself can still be handed
 //! over with [`ServerHandle::accept_websocket`] (authenticated by that
@@ -73,7 +81,8 @@
 //! (the event shards and [`ServerEvents`]), `handle` ([`ServerHandle`]),
 //! `accept` (the server task), `upgrade` and `http` (an
 //! upgrade, read by the built-in listener or handed over by `hyper`, and
-//! its admission), `conn` (the connection task) and `metrics` (the export
+//! its admission), `fallback` (the HTTP fallback's requests and link),
+//! `conn` (the connection task) and `metrics` (the export
 //! through the `metrics` facade).
 
 mod accept;

@@ -53,6 +53,9 @@ pub(super) async fn serve_accepted(shared: Arc<ServerShared>, io: BoxIo, peer: O
 }
 
 /// What an accepted socket's first request led to.
+// Lives for one hand-over: boxing the WebSocket would cost every
+// connection an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Handshake {
     /// A WebSocket.
     Upgraded(Upgraded),
