@@ -422,7 +422,36 @@ async fn raw_close_code(rt: &Arc<dyn Runtime>, addr: std::net::SocketAddr, id: &
 pub async fn fallback_bad_input(rt: Arc<dyn Runtime>) {
     let mut options: ServerOptions = fast_server();
     options.config.max_message_size = 64 * 1024;
+    options.handshake_timeout = Duration::from_millis(500);
     let (server, _sev, addr) = serve(&rt, options);
+
+    // A kept-alive HTTP connection left idle is closed after the
+    // handshake timeout, as a socket that never finishes its upgrade is.
+    let mut io = rt
+        .connect_tcp(addr.ip().to_string(), addr.port())
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /?{}=00ff&{}=0 HTTP/1.1\r\nhost: {addr}\r\n\r\n",
+        records::HTTP_PARAM,
+        records::HTTP_SEQ_PARAM
+    );
+    io.write_all(req.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut all = Vec::new();
+    within(
+        &rt,
+        3000,
+        "an idle HTTP connection closed",
+        io.read_to_end(&mut all),
+    )
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 404"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "kept alive first"
+    );
     let p = records::HTTP_PARAM;
     let s = records::HTTP_SEQ_PARAM;
 
@@ -602,6 +631,122 @@ pub async fn fallback_admission(rt: Arc<dyn Runtime>) {
     assert!(headers
         .iter()
         .any(|(n, v)| n == "access-control-allow-origin" && *v == same));
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Scenario: the rate limit applies over the fallback as over a WebSocket:
+/// a client pinned to HTTP that sends 3 000 messages as fast as its window
+/// lets it, against the default limit (1 000 a second, bursts of 2 000,
+/// throttled), is slowed, not refused: every message arrives once, in
+/// order, no sooner than the limit allows, and the application is told
+/// messages were delayed.
+pub async fn fallback_flood_is_throttled(rt: Arc<dyn Runtime>) {
+    const N: u32 = 3000;
+    let (server, mut sev, addr) = serve(&rt, ServerOptions::default());
+    let mut options = fast_client(vec![Codec::Json]);
+    options.transports = kitestring::Transports::Http;
+    let (client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
+    let (session, _, _) = opened(&rt, &mut cev).await;
+    assert_eq!(client.transport(), Some(TransportKind::Http));
+    let start = Instant::now();
+    let sender = {
+        let client = client.clone();
+        async move {
+            for i in 0..N {
+                client.send_when_ready(&i).await.unwrap();
+            }
+        }
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        let mut delayed = 0;
+        while got.len() < N as usize {
+            match sev.next().await.expect("server events") {
+                ServerEvent::Message {
+                    session: s,
+                    message,
+                } if s == session => {
+                    got.push(message.decode::<u32>().unwrap());
+                }
+                ServerEvent::RateLimited { delayed: d, .. } => delayed += d,
+                _ => {}
+            }
+        }
+        (got, delayed)
+    };
+    let ((), (got, mut delayed)) = within(
+        &rt,
+        15_000,
+        "the flood",
+        futures_util::future::join(sender, reader),
+    )
+    .await;
+    let elapsed = start.elapsed();
+    assert_eq!(
+        got,
+        (0..N).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "1 000 over the burst take a second at 1 000 a second: {elapsed:?}"
+    );
+    // The last report comes within a second.
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while delayed == 0 && Instant::now() < deadline {
+        if let Some(Some(ServerEvent::RateLimited { delayed: d, .. })) =
+            kitestring::util::timeout(&*rt, Duration::from_millis(100), sev.next()).await
+        {
+            delayed += d;
+        }
+    }
+    assert!(
+        delayed > 0,
+        "the application was told messages were delayed"
+    );
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}
+
+/// Scenario: a refusal by the server itself is not a block: a client whose
+/// upgrade the server refuses `401` (no proxy on the way) does not try the
+/// fallback (the authenticator sees one request per attempt: the upgrade
+/// and the one retry with a fresh token), and fails `Unauthorized`.
+pub async fn fallback_not_for_refusals(rt: Arc<dyn Runtime>) {
+    let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut options = fast_server();
+    let seen = checks.clone();
+    options.auth = Some(kitestring::Authenticator::sync(
+        move |_req: &kitestring::AuthRequest| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(kitestring::AuthReject::Unauthorized)
+        },
+    ));
+    let (server, _sev, addr) = serve(&rt, options);
+    let (provider, _) = crate::counting_token("bad");
+    let mut options = fast_client(vec![Codec::Json]);
+    options.token = Some(provider);
+    let (_client, mut cev) =
+        kitestring::connect(rt.clone(), &format!("ws://{addr}/"), options).unwrap();
+    let reason = crate::client_wait(&rt, &mut cev, 5000, "Failed", |e| match e {
+        Event::StateChanged {
+            new: kitestring::State::Failed { reason },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, kitestring::FailReason::Unauthorized);
+    assert_eq!(
+        checks.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "two upgrades, no fallback request"
+    );
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
         .unwrap();

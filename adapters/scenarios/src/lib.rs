@@ -28,8 +28,9 @@ use serde::{Deserialize, Serialize};
 mod fallback;
 mod rooms;
 pub use fallback::{
-    fallback_admission, fallback_bad_input, fallback_moves_to_websocket_and_back,
-    fallback_stripped_upgrade, fallback_through_cuts,
+    fallback_admission, fallback_bad_input, fallback_flood_is_throttled,
+    fallback_moves_to_websocket_and_back, fallback_not_for_refusals, fallback_stripped_upgrade,
+    fallback_through_cuts,
 };
 pub use rooms::{
     broadcast_through_cuts, feeds_keep_order, presence_after_resume, request_across_cut,
@@ -55,7 +56,8 @@ macro_rules! scenarios {
             shutdown_keeps_rooms, request_across_cut, typed_sends_use_session_codec,
             send_latest_coalesces, unread_events_pause_reading, client_unread_events_pause_reading,
             fallback_through_cuts, fallback_stripped_upgrade, fallback_moves_to_websocket_and_back,
-            fallback_bad_input, fallback_admission);
+            fallback_bad_input, fallback_admission, fallback_flood_is_throttled,
+            fallback_not_for_refusals);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
         $(

@@ -187,8 +187,15 @@ impl Connector {
                         welcome,
                         fell_back: true,
                     }),
-                    // The server's own answer to the fallback says more.
-                    Err(http_e @ TransportError::Http { .. }) => Err(http_e),
+                    // The server's own admission decision says more;
+                    // any other answer (a server without the fallback,
+                    // 404, 405, 426) leaves the upgrade's failure.
+                    Err(
+                        http_e @ TransportError::Http {
+                            status: 401 | 403 | 429 | 503,
+                            ..
+                        },
+                    ) => Err(http_e),
                     Err(http_e) => {
                         debug!(error = ?http_e, "the HTTP fallback failed too");
                         Err(e)
