@@ -751,3 +751,57 @@ pub async fn fallback_not_for_refusals(rt: Arc<dyn Runtime>) {
         .await
         .unwrap();
 }
+
+/// Scenario: random faults on every proxied connection of the fallback
+/// (cuts and black holes, two a second on average, seeded), while 300
+/// messages cross each way, paced: a black-holed poll or send is found by
+/// the heartbeat, the session resumes on new requests, and every message
+/// arrives exactly once, in order.
+pub async fn fallback_random_faults(rt: Arc<dyn Runtime>) {
+    let (server, mut sev, addr) = serve(&rt, fast_server());
+    let proxy = Proxy::start(addr).unwrap();
+    proxy.set_upgrades(Upgrades::Refuse);
+    // Every connection from now on: the fallback's polls and sends too.
+    proxy.set_random_faults(Some(kitestring_chaos::RandomFaults {
+        seed: 27,
+        rate: 2.0,
+        black_hole_share: 0.5,
+    }));
+    let url = format!("ws://{}/", proxy.local_addr());
+    let options = fast_client(vec![Codec::MsgPack, Codec::Json]);
+    let (client, mut cev) = kitestring::connect(rt.clone(), &url, options).unwrap();
+    let session = crate::client_wait(&rt, &mut cev, 10_000, "Connected", |e| match e {
+        Event::Connected { session, .. } => Some(*session),
+        _ => None,
+    })
+    .await;
+    let (to_server, to_client) = exchange_with(
+        &rt,
+        Ends {
+            server: &server,
+            sev: &mut sev,
+            client: &client,
+            cev: &mut cev,
+            session,
+        },
+        300,
+        |i, _| (i % 5 == 0).then_some(Duration::from_millis(40)),
+    )
+    .await;
+    proxy.set_random_faults(None);
+    let want: Vec<u32> = (0..300).collect();
+    assert_eq!(
+        to_server, want,
+        "client to server: every message once, in order"
+    );
+    assert_eq!(
+        to_client, want,
+        "server to client: every message once, in order"
+    );
+    let resumes = client.stats().await.unwrap().stats.resumes;
+    assert!(resumes >= 1, "faults ended connections: {resumes} resumes");
+    within(&rt, 3000, "close", client.close()).await.unwrap();
+    within(&rt, 3000, "shutdown", server.shutdown())
+        .await
+        .unwrap();
+}

@@ -29,8 +29,8 @@ mod fallback;
 mod rooms;
 pub use fallback::{
     fallback_admission, fallback_bad_input, fallback_flood_is_throttled,
-    fallback_moves_to_websocket_and_back, fallback_not_for_refusals, fallback_stripped_upgrade,
-    fallback_through_cuts,
+    fallback_moves_to_websocket_and_back, fallback_not_for_refusals, fallback_random_faults,
+    fallback_stripped_upgrade, fallback_through_cuts,
 };
 pub use rooms::{
     broadcast_through_cuts, feeds_keep_order, presence_after_resume, request_across_cut,
@@ -57,7 +57,7 @@ macro_rules! scenarios {
             send_latest_coalesces, unread_events_pause_reading, client_unread_events_pause_reading,
             fallback_through_cuts, fallback_stripped_upgrade, fallback_moves_to_websocket_and_back,
             fallback_bad_input, fallback_admission, fallback_flood_is_throttled,
-            fallback_not_for_refusals);
+            fallback_not_for_refusals, fallback_random_faults);
     };
     (@one $block_on:path, $runtime:expr, $($name:ident),*) => {
         $(
