@@ -466,6 +466,30 @@ async fn finish<C: Carrier>(
     }
 }
 
+/// With a cluster: reads the connection's first frame (its `hello`) and
+/// claims the session it resumes before it runs (`upgrade::claim_for`); a
+/// claim that fails closes the connection with 1013. Returns the frame,
+/// for the first batch.
+async fn claim_first<C: Carrier>(
+    shared: &ServerShared,
+    id: ConnectionId,
+    ws: &mut C,
+) -> Vec<Message> {
+    let limit = shared.options.handshake_timeout;
+    let Some(Some(Ok(first))) = util::timeout(&*shared.runtime, limit, ws.next()).await else {
+        return Vec::new();
+    };
+    if let Message::Text(t) = &first {
+        if claim_for(shared, t.as_bytes()).await.is_err() {
+            shared.run(Some(id), |st, now| {
+                st.server
+                    .disconnect_connection(now, id, CloseCode::TRY_AGAIN_LATER)
+            });
+        }
+    }
+    vec![first]
+}
+
 /// One connection's task: reads frames and runs them through the core,
 /// writes the frames the core queued for it, closes when told or when the
 /// peer goes.
@@ -515,20 +539,11 @@ pub(super) async fn connection<C: Carrier>(
     async move {
         // With a cluster, a `hello` sent as the first frame may resume a
         // session another node holds: it is claimed before the hello runs.
+        // Boxed, as the closing stage is: its futures (the claim's above
+        // all) would otherwise be carried by every open connection's task.
         let mut batch = Vec::new();
         if shared.cluster.is_some() && early.is_none() {
-            let limit = shared.options.handshake_timeout;
-            if let Some(Some(Ok(first))) = util::timeout(&*shared.runtime, limit, ws.next()).await {
-                if let Message::Text(t) = &first {
-                    if claim_for(&shared, t.as_bytes()).await.is_err() {
-                        shared.run(Some(id), |st, now| {
-                            st.server
-                                .disconnect_connection(now, id, CloseCode::TRY_AGAIN_LATER)
-                        });
-                    }
-                }
-                batch.push(first);
-            }
+            batch = Box::pin(claim_first(&shared, id, &mut ws)).await;
         }
         let mut io = ConnIo {
             id,
