@@ -496,13 +496,15 @@ async fn claim_first<C: Carrier>(
 ///
 /// `early`: the core already opened this connection, for a `hello` in the
 /// upgrade request.
-pub(super) async fn connection<C: Carrier>(
+pub(super) fn connection<C: Carrier>(
     shared: Arc<ServerShared>,
     mut ws: C,
     identity: Option<String>,
     early: Option<ConnectionId>,
-) {
-    let close_timeout = shared.options.close_timeout;
+) -> BoxFuture<'static, ()> {
+    // Opened here, before the task's future is made: the future then
+    // carries the socket once, not a second time as an argument kept for
+    // its whole life (an async fn's arguments live as long as it does).
     let opened = shared.run(None, |st, now| {
         if let Some(id) = early {
             return match st.conns.get(&id) {
@@ -525,43 +527,52 @@ pub(super) async fn connection<C: Carrier>(
         st.conns.insert(id, slot.clone());
         Ok((id, slot))
     });
-    let (id, slot) = match opened {
-        Ok(opened) => opened,
-        Err((code, reason)) => {
-            let _ = Box::pin(util::timeout(&*shared.runtime, close_timeout, async {
+    match opened {
+        Ok((id, slot)) => {
+            let span = tracing::debug_span!("kitestring_connection", id = id.0);
+            let cluster_claim = shared.cluster.is_some() && early.is_none();
+            Box::pin(serve(shared, ws, id, slot, cluster_claim).instrument(span))
+        }
+        Err((code, reason)) => Box::pin(async move {
+            let close_timeout = shared.options.close_timeout;
+            let _ = util::timeout(&*shared.runtime, close_timeout, async {
                 ws.close_with(ws::close_frame(code, reason)).await;
-            }))
+            })
             .await;
-            return;
-        }
-    };
-    let span = tracing::debug_span!("kitestring_connection", id = id.0);
-    async move {
-        // With a cluster, a `hello` sent as the first frame may resume a
-        // session another node holds: it is claimed before the hello runs.
-        // Boxed, as the closing stage is: its futures (the claim's above
-        // all) would otherwise be carried by every open connection's task.
-        let mut batch = Vec::new();
-        if shared.cluster.is_some() && early.is_none() {
-            batch = Box::pin(claim_first(&shared, id, &mut ws)).await;
-        }
-        let mut io = ConnIo {
-            id,
-            slot,
-            out: VecDeque::new(),
-            followed: Followed::default(),
-            horizon: 0,
-            batch,
-            needs_flush: false,
-            readable: ReadyFlag::new(),
-            throttle: None,
-        };
-        let end = std::future::poll_fn(|cx| io.poll(&shared, &mut ws, cx)).await;
-        // Boxed: the closing stage's futures are only allocated when a
-        // connection closes, not carried by every open one.
-        Box::pin(finish(shared, id, ws, io, end)).await;
-        trace!("connection task ended");
+        }),
     }
-    .instrument(span)
-    .await;
+}
+
+/// The connection task proper, once the core opened the connection.
+async fn serve<C: Carrier>(
+    shared: Arc<ServerShared>,
+    mut ws: C,
+    id: ConnectionId,
+    slot: SlotRef,
+    cluster_claim: bool,
+) {
+    // With a cluster, a `hello` sent as the first frame may resume a
+    // session another node holds: it is claimed before the hello runs.
+    // Boxed, as the closing stage is: its futures (the claim's above
+    // all) would otherwise be carried by every open connection's task.
+    let mut batch = Vec::new();
+    if cluster_claim {
+        batch = Box::pin(claim_first(&shared, id, &mut ws)).await;
+    }
+    let mut io = ConnIo {
+        id,
+        slot,
+        out: VecDeque::new(),
+        followed: Followed::default(),
+        horizon: 0,
+        batch,
+        needs_flush: false,
+        readable: ReadyFlag::new(),
+        throttle: None,
+    };
+    let end = std::future::poll_fn(|cx| io.poll(&shared, &mut ws, cx)).await;
+    // Boxed: the closing stage's futures are only allocated when a
+    // connection closes, not carried by every open one.
+    Box::pin(finish(shared, id, ws, io, end)).await;
+    trace!("connection task ended");
 }

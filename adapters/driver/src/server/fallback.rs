@@ -490,12 +490,12 @@ async fn open(
         gap_timer: None,
         armed_for: None,
     };
-    let span = tracing::debug_span!("kitestring_http", link = %id);
-    let task = tracing::Instrument::instrument(
-        connection(shared.clone(), carrier, admitted.identity, early),
-        span,
-    );
-    shared.runtime.spawn(Box::pin(task));
+    shared.runtime.spawn(connection(
+        shared.clone(),
+        carrier,
+        admitted.identity,
+        early,
+    ));
     debug!(?peer, link = %id, "fallback connection opened");
     let mut body = Vec::new();
     let open = format!(

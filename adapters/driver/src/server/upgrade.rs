@@ -42,7 +42,7 @@ pub(super) async fn serve_accepted(shared: Arc<ServerShared>, io: BoxIo, peer: O
     match upgraded {
         Some(Handshake::Upgraded((ws, identity, early))) => {
             let runtime = shared.runtime.clone();
-            runtime.spawn(Box::pin(connection(shared, ws, identity, early)));
+            runtime.spawn(connection(shared, ws, identity, early));
         }
         Some(Handshake::Http(io, read)) => {
             // Boxed: only connections of the fallback carry hyper's state.
