@@ -53,7 +53,8 @@
 //! * `lib.rs`: [`Machine`]: construction, inputs, commands, outputs.
 //! * `output.rs`: the current output, its accessors and the JSON form of
 //!   the rarer events.
-//! * `options.rs`: the page's options as the core's `ClientConfig`.
+//! * `options.rs`: the page's options as the core's `ClientConfig` and the
+//!   transport choice.
 
 mod options;
 mod output;
