@@ -6,7 +6,7 @@
 //! route here exists for a test.
 //!
 //! ```text
-//! cargo run -p kitestring-web --example suite_server      # prints {"main":…,"proxy":…,"foreign":…}
+//! cargo run -p kitestring-web --example suite_server      # prints {"main":…,"proxy":…,"fallback":…,"foreign":…}
 //! ```
 //!
 //! Routes on the main port (and, for pages only, the foreign one):
@@ -23,6 +23,16 @@
 //!   carries; `/control/refuse?on=1` (POST; without `on`: accept again):
 //!   the proxy closes every new connection at once, a server that is down;
 //!   `/control/tally`: what the server received, per client.
+//! * `/control/fallback-refuse`, `/control/fallback-strip`,
+//!   `/control/fallback-pass` (POST): what the second proxy, `fallback`,
+//!   does with new connections that start with a WebSocket upgrade:
+//!   answers them 400 itself, strips their `Upgrade` header (the server
+//!   answers 426), or forwards them, as proxies that block WebSocket do and
+//!   do not; plain requests always pass, so pages load through it and the
+//!   HTTP fallback's requests are theirs (same origin).
+//!   `/control/fallback-cut` cuts every connection it carries;
+//!   `/control/fallback-throttle?bps=N` throttles them (no `bps`:
+//!   unthrottled).
 //!
 //! The application behind the sessions echoes every message (and
 //! datagram) to its sender, answers every request with its own payload, and on
@@ -56,6 +66,7 @@ use kitestring::{
     AuthReject, AuthRequest, Authenticator, DecodeExt, MapOptions, MapWriters, OriginPolicy,
     ServerError, ServerEvent, ServerHandle, ServerOptions, Stamping,
 };
+use kitestring_chaos::Upgrades;
 use serde_json::{json, Value};
 
 /// What the server received from each client instance, by the numbers in
@@ -79,6 +90,8 @@ struct App {
     pkg: PathBuf,
     page: PathBuf,
     proxy: Arc<kitestring_chaos::Proxy>,
+    /// In front of pages whose WebSocket upgrades are blocked on the way.
+    fallback: Arc<kitestring_chaos::Proxy>,
     tally: Arc<Mutex<Tally>>,
     tickets: Arc<Mutex<HashMap<String, String>>>,
 }
@@ -116,14 +129,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let foreign_addr = foreign.local_addr()?;
     let proxy = Arc::new(kitestring_chaos::Proxy::start(main_addr)?);
     let proxy_addr = proxy.local_addr();
+    let fallback = Arc::new(kitestring_chaos::Proxy::start(main_addr)?);
+    let fallback_addr = fallback.local_addr();
     let tickets = Arc::new(Mutex::new(HashMap::new()));
     let mut options = ServerOptions {
         auth: Some(authenticator(tickets.clone())),
-        // Pages from the main port, directly or through the proxy; not
+        // Pages from the main port, directly or through a proxy; not
         // those of the foreign port.
         origins: OriginPolicy::AllowList(vec![
             format!("http://{main_addr}"),
             format!("http://{proxy_addr}"),
+            format!("http://{fallback_addr}"),
         ]),
         ..ServerOptions::default()
     };
@@ -145,6 +161,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pkg,
         page,
         proxy: proxy.clone(),
+        fallback: fallback.clone(),
         tally: Arc::new(Mutex::new(Tally::default())),
         tickets,
     };
@@ -184,6 +201,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
             ),
         )
+        .route(
+            "/control/fallback-refuse",
+            post(|State(a): State<App>| async move { a.fallback.set_upgrades(Upgrades::Refuse) }),
+        )
+        .route(
+            "/control/fallback-strip",
+            post(|State(a): State<App>| async move { a.fallback.set_upgrades(Upgrades::Strip) }),
+        )
+        .route(
+            "/control/fallback-pass",
+            post(|State(a): State<App>| async move { a.fallback.set_upgrades(Upgrades::Pass) }),
+        )
+        .route(
+            "/control/fallback-cut",
+            post(|State(a): State<App>| async move { a.fallback.cut_all() }),
+        )
+        .route(
+            "/control/fallback-throttle",
+            post(
+                |State(a): State<App>, Query(q): Query<HashMap<String, String>>| async move {
+                    let bps = q.get("bps").and_then(|b| b.parse().ok());
+                    a.fallback.set_throttle(bps);
+                },
+            ),
+        )
         .route("/control/tally", get(tally))
         .route("/control/sessions", get(sessions))
         .route("/control/push", post(push))
@@ -191,7 +233,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pages = pages.with_state(app);
     println!(
         "{}",
-        json!({"main": main_addr.port(), "proxy": proxy_addr.port(), "foreign": foreign_addr.port()})
+        json!({
+            "main": main_addr.port(),
+            "proxy": proxy_addr.port(),
+            "fallback": fallback_addr.port(),
+            "foreign": foreign_addr.port(),
+        })
     );
     let nodelay = |l: tokio::net::TcpListener| {
         l.tap_io(|tcp| {

@@ -16,6 +16,9 @@ export type State =
 
 export type Codec = 'msgpack' | 'json';
 
+/** What carries a connection: a WebSocket, or the HTTP fallback (PROTOCOL.md, section 1.1). */
+export type Transport = 'websocket' | 'http';
+
 /** The page's clock and timer, replaceable (tests slow them down to model a hidden tab). */
 export interface Clock {
   now(): number;
@@ -94,6 +97,22 @@ export interface ConnectOptions {
    * the same origin are trusted.
    */
   surviveReload?: boolean | string;
+  /**
+   * The transports a connection may take. `auto` (the default): a
+   * WebSocket, and where one fails before it opens and the HTTP fallback's
+   * `open` (same URL, plain requests with `fetch`, cookies included) then
+   * succeeds, the fallback: upgrades are blocked on the way (a proxy), and
+   * connections go over HTTP for `fallbackMemory`; meanwhile a bare
+   * WebSocket tests the way now and then, and once one opens the session
+   * moves back to a WebSocket (nothing lost or repeated either way).
+   * `websocket`: never the fallback; `http`: only the fallback. A page
+   * carried by the fallback that goes away leaves its session detached
+   * (kept for the server's grace period) rather than ended at once: the
+   * browser abandons the page's poll before a close could be read.
+   */
+  transports?: 'auto' | 'websocket' | 'http';
+  /** How long a block of WebSocket upgrades is remembered before one is tried again. Default 120 000. */
+  fallbackMemory?: Millis;
   /** Listen to the page's `online`, `offline`, `visibilitychange`, `pagehide` and `pageshow`. Default true. */
   lifecycle?: boolean;
   /**
@@ -200,6 +219,8 @@ export interface KitestringEventMap {
   rtt: Event & { rtt: Millis };
   decodefailed: Event & { error: string };
   resync: Event;
+  /** What carries the open connection changed: a connection opened on a WebSocket or the HTTP fallback, or closed (null). */
+  transportchange: Event & { transport: Transport | null };
 }
 
 export class Client extends EventTarget {
@@ -207,6 +228,8 @@ export class Client extends EventTarget {
   readonly session: string | null;
   readonly clientId: string;
   readonly codec: Codec;
+  /** What carries the open connection: `websocket`, `http` (the fallback), or null while none is open. */
+  readonly transport: Transport | null;
   readonly rtt: Millis | null;
   readonly queued: number;
   readonly unacknowledged: number;

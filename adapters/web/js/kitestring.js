@@ -1,15 +1,16 @@
 // Kitestring for web pages: the JavaScript driver around the core's client
 // machine, compiled to WebAssembly.
 //
-// Owns what a page owns and the machine must not: the browser's WebSocket,
-// the clock (performance.now), one timer, random bytes
-// (crypto.getRandomValues), the page's lifecycle, and the application's
-// values (JSON and MessagePack payloads, promises, DOM events). It moves
-// bytes, time and events between those and the machine, and decides nothing
-// about the protocol: reconnecting, backoff, heartbeats, acknowledgments,
-// resuming and every close code's meaning are the machine's, the same code
-// the Rust drivers run. After every input it drains the machine's outputs
-// in order, then arms one timer for the machine's next deadline; a deadline
+// Owns what a page owns and the machine must not: the browser's WebSocket
+// (or the HTTP fallback's requests), the clock (performance.now), one
+// timer, random bytes (crypto.getRandomValues), the page's lifecycle, and
+// the application's values (JSON and MessagePack payloads, promises, DOM
+// events). It moves bytes, time and events between those and the machine,
+// and decides nothing about the protocol: reconnecting, backoff,
+// heartbeats, acknowledgments, resuming, every close code's meaning and
+// which transport a connection takes are the machine's, the same code the
+// Rust drivers run. After every input it drains the machine's outputs in
+// order, then arms one timer for the machine's next deadline; a deadline
 // already due (a batch: by default the machine batches what the page sends
 // within one turn) runs at the end of the event loop's turn, as a task of
 // its own, not on a timer.
@@ -197,6 +198,132 @@ function mapValue(kind, bytes) {
   return kind === 0 ? fromJson(utf8.decode(bytes)) : msgpack.decode(bytes);
 }
 
+const strictUtf8 = new TextDecoder('utf-8', { fatal: true });
+const toUtf8 = new TextEncoder();
+// Bytes an HttpSocket holds for its next sends before it gives up.
+const MAX_UNSENT = 16 << 20;
+
+/**
+ * A connection over the HTTP fallback (PROTOCOL.md, section 1.1), shaped
+ * like a WebSocket for the driver. A request that fails or gets another
+ * answer than expected ends it as a drop (1006), never repeated.
+ */
+class HttpSocket {
+  readyState = 0;
+  #url;
+  #id;
+  #wait;
+  #max;
+  #out = [];
+  #unsent = 0;
+  #sends = 0;
+  #sending = false;
+  #closing = null;
+  #stop = new AbortController();
+
+  constructor(url, hello) {
+    this.#url = url;
+    this.#run(hello).catch(() => this.#end(1006, '', false));
+  }
+
+  send(data) {
+    const text = typeof data === 'string';
+    if (this.readyState === 1) this.#queue(text ? 1 : 2, text ? toUtf8.encode(data) : data);
+  }
+
+  close(code, reason) {
+    if (this.readyState === 1) {
+      this.readyState = 2;
+      this.#closing = [code, reason, true];
+      this.#queue(8, new Uint8Array([code >> 8, code & 255, ...toUtf8.encode(reason)]));
+    } else if (this.readyState === 0) this.#end(1006, '', false);
+  }
+
+  async #run(hello) {
+    const open = hello === undefined ? '' : `&kitestring-hello=${encodeURIComponent(hello)}`;
+    this.#take(await this.#fetch('POST', `kitestring-http=open${open}`, 200));
+    for (let n = 0; this.readyState < 3; n++) {
+      // A poll unanswered past the server's `wait`: the way is dead.
+      const watchdog = setTimeout(() => this.#end(1006, '', false), this.#wait + 10000);
+      const body = await this.#fetch('GET', `kitestring-http=${this.#id}&kitestring-n=${n}`, 200);
+      clearTimeout(watchdog);
+      this.#take(body);
+    }
+  }
+
+  /** Records (kind, u32 length, payload): `open` (16) first, then text (1), binary (2), close (8). */
+  #take(body) {
+    const view = new DataView(body.buffer);
+    for (let i = 0; i < body.length && this.readyState < 3;) {
+      const kind = body[i];
+      const end = i + 5 + view.getUint32(i + 1);
+      if (end > body.length) throw new Error('a record cut short');
+      const data = body.subarray(i + 5, end);
+      i = end;
+      if (this.readyState === 0) {
+        const { id, wait, max } = kind === 16 ? JSON.parse(strictUtf8.decode(data)) : {};
+        if (typeof id !== 'string' || !(wait >= 0 && max > 0)) break;
+        [this.#id, this.#wait, this.#max, this.readyState] = [id, wait, max, 1];
+        this.onopen();
+      } else if (kind === 1) this.onmessage?.({ data: strictUtf8.decode(data) });
+      else if (kind === 2) this.onmessage?.({ data });
+      else if (kind === 8 && data.length > 1) this.#end((data[0] << 8) | data[1], strictUtf8.decode(data.subarray(2)), true);
+      else throw new Error(`a record of kind ${kind}`);
+    }
+    if (this.readyState === 0) throw new Error('no open record');
+  }
+
+  #queue(kind, payload) {
+    const r = new Uint8Array(5 + payload.length);
+    r[0] = kind;
+    new DataView(r.buffer).setUint32(1, payload.length);
+    r.set(payload, 5);
+    this.#out.push(r);
+    this.#unsent += r.length;
+    if (this.#unsent > MAX_UNSENT) this.#end(1006, '', false);
+    else this.#flush();
+  }
+
+  /** Sends what was written since the last send: one record at least, `max` bytes at most. */
+  async #flush() {
+    if (this.#sending || !this.#out.length || this.readyState > 2) return;
+    this.#sending = true;
+    let n = 0;
+    let size = 0;
+    while (n < this.#out.length && (n === 0 || size + this.#out[n].length <= this.#max)) size += this.#out[n++].length;
+    this.#unsent -= size;
+    try {
+      await this.#fetch('POST', `kitestring-http=${this.#id}&kitestring-n=${this.#sends++}`, 204, new Blob(this.#out.splice(0, n)));
+    } catch {
+      this.#end(1006, '', false);
+      return;
+    }
+    this.#sending = false;
+    if (this.#closing && !this.#out.length) this.#end(...this.#closing);
+    else this.#flush();
+  }
+
+  async #fetch(method, query, status, body) {
+    const url = new URL(this.#url);
+    url.search += (url.search && '&') + query;
+    // `text/plain`: no CORS preflight.
+    const r = await fetch(url, {
+      method, body, headers: { 'content-type': 'text/plain' }, credentials: 'include', signal: this.#stop.signal,
+    });
+    if (r.status !== status) throw new Error(`answered ${r.status}`);
+    return new Uint8Array(await r.arrayBuffer());
+  }
+
+  /** Abandons what is under way; `onclose` follows, as a WebSocket's. */
+  #end(code, reason, wasClean) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.#stop.abort();
+    this.#out = [];
+    queueMicrotask(() => this.onclose({ code, reason, wasClean }));
+  }
+}
+
 function randomSeed() {
   const b = crypto.getRandomValues(new BigUint64Array(1));
   return b[0];
@@ -224,8 +351,12 @@ export class Client extends EventTarget {
   #url;
   #opts;
   #clock;
-  /** transport id -> WebSocket */
+  /** transport id -> WebSocket or HttpSocket */
   #sockets = new Map();
+  /** the open connection's transport id, and what carries it */
+  #live = 0;
+  #transport = null;
+  #probeTimer = null;
   /** transports waiting for the token provider */
   #pending = new Set();
   #timer = null;
@@ -370,6 +501,8 @@ export class Client extends EventTarget {
   get session() { return this.#m.session() ?? null; }
   /** This client instance's id (32 hex digits). */
   get clientId() { return this.#m.clientId(); }
+  /** What carries the open connection: `websocket`, `http` (the fallback), or null. */
+  get transport() { return this.#transport; }
   /** The codec in use (`msgpack` or `json`), or the one preferred before a connection. */
   get codec() { return this.#m.codec() ?? this.#codec; }
   /** The latest heartbeat round trip in milliseconds, or null. */
@@ -754,32 +887,46 @@ export class Client extends EventTarget {
     // The hello travels in the URL (a page can set no request header and
     // read no response header): the server answers with its first frame.
     const hello = this.#m.urlHello(tid);
-    const provider = this.#opts.token;
-    if (!provider) {
-      this.#socket(tid, hello, null);
-      return;
-    }
-    // A fresh credential before every attempt (a short-lived ticket).
     this.#pending.add(tid);
-    Promise.resolve()
-      .then(() => provider())
-      .then(
-        (token) => {
-          if (!this.#pending.delete(tid)) return; // abandoned meanwhile
-          this.#socket(tid, hello, token ?? null);
-        },
-        (e) => {
-          if (!this.#pending.delete(tid)) return;
-          this.#m.failed(this.#clock.now(), tid, `token provider: ${e?.message ?? e}`);
-          this.#drain();
-        },
-      );
+    this.#credential(
+      (url) => {
+        if (this.#pending.delete(tid)) this.#socket(tid, url, hello);
+      },
+      (e) => {
+        if (!this.#pending.delete(tid)) return;
+        this.#m.failed(this.#clock.now(), tid, `token provider: ${e?.message ?? e}`);
+        this.#drain();
+      },
+    );
   }
 
-  #socket(tid, hello, token) {
+  /** The URL, with a fresh credential (a short-lived ticket) if there is a token provider. */
+  #credential(then, failed) {
+    const provider = this.#opts.token;
     const url = new URL(this.#url);
+    if (!provider) {
+      then(url);
+      return;
+    }
+    Promise.resolve()
+      .then(provider)
+      .then((token) => {
+        if (token != null) url.searchParams.set(this.#opts.tokenParam, token);
+        then(url);
+      }, failed);
+  }
+
+  #socket(tid, url, hello) {
+    const http = new URL(url);
+    http.protocol = url.protocol === 'wss:' ? 'https:' : 'http:';
+    const fallBack = () => new HttpSocket(http, hello);
+    // 0: a WebSocket; 1: one that may fall back; 2: HTTP.
+    const first = this.#m.transportFirst(this.#clock.now());
+    if (first === 2) {
+      this.#attach(tid, fallBack());
+      return;
+    }
     if (hello !== undefined) url.searchParams.set('kitestring-hello', hello);
-    if (token !== null) url.searchParams.set(this.#opts.tokenParam, token);
     let ws;
     try {
       ws = new WebSocket(url.href);
@@ -791,9 +938,22 @@ export class Client extends EventTarget {
       return;
     }
     ws.binaryType = 'arraybuffer';
+    this.#attach(tid, ws, first && fallBack);
+  }
+
+  /** `fallBack` makes the fallback for a WebSocket failing before it opens; `failure`: that WebSocket's close. */
+  #attach(tid, ws, fallBack, failure) {
+    const http = ws instanceof HttpSocket;
+    let opened = false;
     this.#sockets.set(tid, ws);
     ws.onopen = () => {
-      this.#m.opened(this.#clock.now(), tid);
+      opened = true;
+      const now = this.#clock.now();
+      // A WebSocket went through, or one failed where HTTP goes.
+      if (!http || failure) this.#m.transportBlocked(now, http);
+      this.#live = tid;
+      this.#carried(http ? 'http' : 'websocket');
+      this.#m.opened(now, tid);
       this.#drain();
     };
     ws.onmessage = (e) => {
@@ -805,10 +965,67 @@ export class Client extends EventTarget {
       this.#drain();
     };
     ws.onclose = (e) => {
-      if (this.#sockets.get(tid) === ws) this.#sockets.delete(tid);
-      this.#m.closed(this.#clock.now(), tid, e.code, e.reason, e.wasClean);
+      const current = this.#sockets.get(tid) === ws;
+      if (current) this.#sockets.delete(tid);
+      // A page sees no status: the fallback's `open` tells whether it was blocked.
+      if (current && !opened && fallBack) {
+        this.#attach(tid, fallBack(), null, e);
+        return;
+      }
+      this.#dropped(tid);
+      const c = failure && !opened ? failure : e;
+      this.#m.closed(this.#clock.now(), tid, c.code, c.reason, c.wasClean);
       this.#drain();
     };
+  }
+
+  /** `tid` carries the session no more (closed, or being closed). */
+  #dropped(tid) {
+    if (this.#live !== tid) return;
+    this.#live = 0;
+    this.#carried(null);
+  }
+
+  /** While HTTP carries the connection, WebSocket is probed when due. */
+  #carried(transport) {
+    if (this.#transport === transport) return;
+    this.#transport = transport;
+    this.#probeSoon();
+    this.#emit('transportchange', { transport });
+  }
+
+  #probeSoon() {
+    if (this.#probeTimer !== null) this.#clock.clearTimeout(this.#probeTimer);
+    this.#probeTimer = null;
+    const at = this.#transport === 'http' ? this.#m.probeAt() : -1;
+    if (at >= 0) this.#probeTimer = this.#clock.setTimeout(() => this.#probe(), at - this.#clock.now());
+  }
+
+  /** A bare WebSocket, closed once open; if it opens, the session moves to a WebSocket. */
+  #probe() {
+    this.#probeTimer = null;
+    // None again for a while.
+    this.#m.transportBlocked(this.#clock.now(), true);
+    const done = (passed) => {
+      const now = this.#clock.now();
+      this.#m.transportBlocked(now, !passed);
+      if (passed && this.#transport === 'http') this.#m.reconnect(now);
+      this.#probeSoon();
+      this.#drain();
+    };
+    this.#credential((url) => {
+      try {
+        const ws = new WebSocket(url.href);
+        ws.onopen = () => {
+          ws.onclose = null;
+          ws.close(1000, 'probe');
+          done(true);
+        };
+        ws.onclose = () => done(false);
+      } catch {
+        done(false);
+      }
+    }, () => done(false));
   }
 
   #write(tid, data) {
@@ -818,7 +1035,9 @@ export class Client extends EventTarget {
 
   #close(tid, code, reason) {
     const ws = this.#sockets.get(tid);
+    this.#sockets.delete(tid); // no fallback
     this.#pending.delete(tid);
+    this.#dropped(tid);
     if (!ws) {
       // Never opened: its close is done.
       queueMicrotask(() => {

@@ -22,6 +22,15 @@
 //!     arm one timer for machine.deadline(); when it fires: machine.timeout(now)
 //! ```
 //!
+//! A connection is carried by a `WebSocket` or by the HTTP fallback
+//! (PROTOCOL.md, section 1.1), which the machine cannot tell apart. Which
+//! one a `CONNECT` takes, whether a failed `WebSocket` may fall back, and
+//! when a page on the fallback tests WebSocket again is the core's
+//! [`TransportChoice`], kept here beside the machine
+//! ([`Machine::transport_first`], [`Machine::transport_blocked`],
+//! [`Machine::probe_at`]); the driver reports what it found and carries
+//! the answers out.
+//!
 //! Outputs come one at a time: [`Machine::poll`] makes the next one current
 //! and says its kind ([`kinds`]); accessors read it. The messages and
 //! acknowledgments that make up the traffic, latest values and synced-map
@@ -44,12 +53,14 @@
 //! * `lib.rs`: [`Machine`]: construction, inputs, commands, outputs.
 //! * `output.rs`: the current output, its accessors and the JSON form of
 //!   the rarer events.
-//! * `options.rs`: the page's options as the core's `ClientConfig`.
+//! * `options.rs`: the page's options as the core's `ClientConfig` and the
+//!   transport choice.
 
 mod options;
 mod output;
 
 use bytes::Bytes;
+use kitestring_core::client::transport::{TransportChoice, TransportKind};
 use kitestring_core::client::{Client, Snapshot, TransportError, TransportId};
 use kitestring_core::close::CloseCode;
 use kitestring_core::reliable::{MessageId, SendError};
@@ -64,12 +75,17 @@ use output::Current;
 ///
 /// Every method is one of the core's four kinds: a getter, an input
 /// (`opened`, `text`, `binary`, `closed`, `failed`, `timeout`), a command
-/// (`connect`, `send`, `join`, ...), or an output (`poll`, `deadline`).
-/// After an input or a command, drain `poll` until it returns
-/// [`kinds::NONE`], then arm a timer for `deadline`.
+/// (`connect`, `send`, `join`, ...), or an output (`poll`, `deadline`);
+/// beside them, the transport choice's (`transportFirst`,
+/// `transportBlocked`, `probeAt`). After an input or a command, drain
+/// `poll` until it returns [`kinds::NONE`], then arm a timer for
+/// `deadline`.
 #[wasm_bindgen]
 pub struct Machine {
     client: Client,
+    /// Which transport the next connection takes, and when the HTTP
+    /// fallback tests WebSocket again (PROTOCOL.md, section 1.1).
+    choice: TransportChoice,
     client_id: ClientId,
     current: Current,
     /// The payload the next command sends (`stageJson`, `stageBytes`).
@@ -99,6 +115,11 @@ fn ms(at: Instant) -> f64 {
     at.as_nanos() as f64 / 1e6
 }
 
+/// The page's options as the core's settings and the transport choice.
+fn settings(options: &str) -> Result<options::Settings, JsError> {
+    options::settings(options).map_err(|e| JsError::new(&e))
+}
+
 #[wasm_bindgen]
 impl Machine {
     /// A machine in the `disconnected` state. `options` is the page's
@@ -110,20 +131,10 @@ impl Machine {
         let id: [u8; 16] = client_id
             .try_into()
             .map_err(|_| JsError::new("the client id must be 16 bytes"))?;
-        let config = options::Options::parse(options)
-            .and_then(|o| o.config())
-            .map_err(|e| JsError::new(&e))?;
+        let options::Settings { config, choice } = settings(options)?;
         let client =
             Client::new(config, ClientId(id), seed).map_err(|e| JsError::new(&e.to_string()))?;
-        Ok(Machine {
-            client,
-            client_id: ClientId(id),
-            current: Current::None,
-            staged: None,
-            last_error: String::new(),
-            restored: Vec::new(),
-            map_key: Default::default(),
-        })
+        Ok(Machine::around(client, choice, Vec::new()))
     }
 
     // ---- getters ------------------------------------------------------------
@@ -171,12 +182,6 @@ impl Machine {
         self.client.unacknowledged().0 as u32
     }
 
-    /// Requests waiting for a response.
-    #[wasm_bindgen(js_name = pendingRequests)]
-    pub fn pending_requests(&self) -> u32 {
-        self.client.pending_requests() as u32
-    }
-
     /// The machine's counters, as JSON.
     pub fn stats(&self) -> String {
         output::stats_json(self.client.stats())
@@ -191,7 +196,8 @@ impl Machine {
 
     // ---- inputs -------------------------------------------------------------
 
-    /// The `WebSocket` of `transport` fired `open`.
+    /// The `WebSocket` of `transport` fired `open` (or the fallback's
+    /// `open` was answered).
     pub fn opened(&mut self, now: f64, transport: f64) {
         self.client
             .handle_transport_opened(instant(now), TransportId(transport as u64));
@@ -251,6 +257,44 @@ impl Machine {
         self.client.url_hello(TransportId(transport as u64))
     }
 
+    /// Which transport a new connection takes (PROTOCOL.md, section 1.1):
+    /// 0 a `WebSocket`; 1 a `WebSocket`, and if it fails before it opens
+    /// (a page sees no status: it may have been blocked on the way) the
+    /// HTTP fallback's `open`; 2 the HTTP fallback, which the page's
+    /// options ask for, or which it takes while upgrades are remembered
+    /// blocked ([`transport_blocked`](Self::transport_blocked)).
+    #[wasm_bindgen(js_name = transportFirst)]
+    pub fn transport_first(&self, now: f64) -> u32 {
+        match self.choice.first(instant(now)) {
+            TransportKind::Http => 2,
+            TransportKind::WebSocket => u32::from(self.choice.may_fall_back(true)),
+        }
+    }
+
+    /// What the driver found about WebSocket upgrades: `blocked` when one
+    /// failed and the fallback opened, when a probe is started (none again
+    /// before it is done, nor for a while after) and when a probe did not
+    /// open (connections go over HTTP for the memory's length); not
+    /// `blocked` when a `WebSocket` opened (WebSocket from now on).
+    #[wasm_bindgen(js_name = transportBlocked)]
+    pub fn transport_blocked(&mut self, now: f64, blocked: bool) {
+        if blocked {
+            self.choice.blocked(instant(now));
+        } else {
+            self.choice.unblocked();
+        }
+    }
+
+    /// While the HTTP fallback carries the connection: when to probe
+    /// WebSocket with a bare upgrade (no `hello`, closed at once with
+    /// 1000), in milliseconds on the driver's clock; if it opens, the
+    /// session moves to a `WebSocket` (`reconnect`). -1: never (the options
+    /// allow only the fallback).
+    #[wasm_bindgen(js_name = probeAt)]
+    pub fn probe_at(&self) -> f64 {
+        self.choice.probe_at(TransportKind::Http).map_or(-1.0, ms)
+    }
+
     /// The page's network went away (`offline` event, `online` false) or
     /// came back (`online`): attempts while away do not count toward the
     /// attempt limit, and a client waiting to retry connects at once when
@@ -274,22 +318,12 @@ impl Machine {
     /// constructor's. Its `restored` lists the ids of the messages the
     /// previous page had not seen acknowledged.
     pub fn restore(options: &str, snapshot: &str, seed: u64) -> Result<Machine, JsError> {
-        let config = options::Options::parse(options)
-            .and_then(|o| o.config())
-            .map_err(|e| JsError::new(&e))?;
+        let options::Settings { config, choice } = settings(options)?;
         let snapshot = Snapshot::from_json(snapshot).map_err(|e| JsError::new(&e.to_string()))?;
         let client =
             Client::restore(config, &snapshot, seed).map_err(|e| JsError::new(&e.to_string()))?;
         let restored = snapshot.pending().iter().map(|id| id.0).collect();
-        Ok(Machine {
-            client_id: client.client_id(),
-            client,
-            current: Current::None,
-            staged: None,
-            last_error: String::new(),
-            restored,
-            map_key: Default::default(),
-        })
+        Ok(Machine::around(client, choice, restored))
     }
 
     /// The ids a restored machine took over from the previous page, as a
@@ -323,14 +357,6 @@ impl Machine {
     /// on the driver's clock; -1 when no timer is armed.
     pub fn deadline(&self) -> f64 {
         self.client.poll_timeout().map_or(-1.0, |d| ms(d.at))
-    }
-
-    /// Which timer [`deadline`](Self::deadline) is for, for traces.
-    #[wasm_bindgen(js_name = deadlineTimer)]
-    pub fn deadline_timer(&self) -> String {
-        self.client
-            .poll_timeout()
-            .map_or_else(String::new, |d| timer_name(d.timer).to_owned())
     }
 
     // ---- commands -----------------------------------------------------------
@@ -592,26 +618,6 @@ impl Machine {
     }
 }
 
-/// A timer's name, for traces (without `Debug`, which would bring the
-/// formatting of every type into the module).
-fn timer_name(t: kitestring_core::client::Timer) -> &'static str {
-    use kitestring_core::client::Timer;
-    match t {
-        Timer::Connect => "connect",
-        Timer::Backoff => "backoff",
-        Timer::Ping => "ping",
-        Timer::Liveness => "liveness",
-        Timer::Stability => "stability",
-        Timer::AckDelay => "ack_delay",
-        Timer::AckTimeout => "ack_timeout",
-        Timer::Close => "close",
-        Timer::Request => "request",
-        Timer::Batch => "batch",
-        Timer::Coalesce => "coalesce",
-        _ => "other",
-    }
-}
-
 /// A synced map value's kind as the page reads it: 0 JSON, 1 MessagePack
 /// (the only kinds a map holds).
 fn kind_byte(p: &Payload) -> u8 {
@@ -625,6 +631,20 @@ enum Refused {
 }
 
 impl Machine {
+    /// A machine around `client`, nothing current or staged.
+    fn around(client: Client, choice: TransportChoice, restored: Vec<u64>) -> Machine {
+        Machine {
+            client_id: client.client_id(),
+            client,
+            choice,
+            current: Current::None,
+            staged: None,
+            last_error: String::new(),
+            restored,
+            map_key: Default::default(),
+        }
+    }
+
     fn stage(&mut self, r: Result<Payload, Refused>) -> bool {
         match r {
             Ok(p) => {

@@ -1,108 +1,191 @@
-//! The page's options as the core's [`ClientConfig`].
+//! The page's options as the core's [`ClientConfig`] and the transport
+//! choice ([`TransportChoice`]).
 //!
 //! Owns the translation of the JSON the JavaScript package hands over
 //! (camelCase names, durations in milliseconds) into the core's settings,
 //! starting from the core's defaults, so a page that sets nothing gets what
 //! every Rust client gets, but for one setting: batching is on, for what a
-//! page sends within one turn of its event loop ([`page_batch`]). It never validates beyond what the JSON's shape
-//! requires: `ClientConfig::validate` (run by `Client::new`) says what cannot
-//! work. Settings that only make sense for a driver with sockets of its own
-//! (the `hello` in an upgrade header, TLS) are not offered.
+//! page sends within one turn of its event loop ([`page_batch`]). It never
+//! validates beyond what the JSON's shape requires: `ClientConfig::validate`
+//! (run by `Client::new`) says what cannot work. Settings that only make
+//! sense for a driver with sockets of its own (the `hello` in an upgrade
+//! header, TLS) are not offered.
+//!
+//! One reader walks the options, groups (`heartbeat`, `backoff`, ...)
+//! included, and one `match` on each option's dotted name says where it
+//! goes: options of the same type are read by the same code, which keeps
+//! the module small.
 
 use core::time::Duration;
 
 use kitestring_core::backoff::Jitter;
+use kitestring_core::client::transport::{TransportChoice, Transports};
 use kitestring_core::config::{BatchConfig, ClientConfig, OverflowPolicy};
 use kitestring_core::wire::{Codec, JsonReader, CAP_PING};
 
-/// The page's options, every field optional.
-#[derive(Debug, Default)]
-pub(crate) struct Options {
-    codecs: Option<Vec<String>>,
-    heartbeat: Option<Heartbeat>,
-    backoff: Option<Backoff>,
-    connect_timeout: Option<f64>,
-    stability_window: Option<f64>,
-    try_later_delay: Option<f64>,
-    max_retry_after: Option<f64>,
-    close_timeout: Option<f64>,
-    queue: Option<Queue>,
-    reliability: Option<Reliability>,
-    max_message_size: Option<usize>,
-    max_decode_failures: Option<u32>,
-    capabilities: Option<Vec<String>>,
-    room_streams: Option<bool>,
-    /// Absent or `true`: [`page_batch`]; `false`: every message in a frame
-    /// of its own; an object: its settings over [`page_batch`]'s.
-    batch: Option<BatchOption>,
-    coalesce_interval: Option<f64>,
-    coalesce_keys: Option<usize>,
-    max_pending_requests: Option<usize>,
-    can_refresh_token: Option<bool>,
-    /// Ask the server to ping this client (default true): a hidden tab's
-    /// timers may run once a minute, its message handler at once.
-    server_pings: Option<bool>,
+/// What the page's options make.
+pub(crate) struct Settings {
+    /// The core's settings.
+    pub(crate) config: ClientConfig,
+    /// Which transports connections take (PROTOCOL.md, section 1.1):
+    /// `transports` (`"auto"`, the default, `"websocket"` or `"http"`), a
+    /// block remembered for `fallbackMemory` (two minutes by default).
+    pub(crate) choice: TransportChoice,
 }
 
-#[derive(Debug, Default)]
-struct Heartbeat {
-    interval: Option<f64>,
-    timeout: Option<f64>,
-    grace: Option<f64>,
-}
+/// The options that hold options (`heartbeat.interval`); `batch` may also
+/// be `true` or `false`.
+const GROUPS: [&str; 5] = ["heartbeat", "backoff", "queue", "reliability", "batch"];
 
-#[derive(Debug, Default)]
-struct Backoff {
-    base: Option<f64>,
-    factor: Option<u32>,
-    max: Option<f64>,
-    /// `"none"`, `"full"`, or a fraction (0.5: 0 to 50 % on top).
-    jitter: Option<Jitter>,
-    /// `null` retries for ever.
-    max_attempts: Option<Option<u32>>,
-}
-
-#[derive(Debug, Default)]
-struct Queue {
-    max_messages: Option<usize>,
-    max_bytes: Option<usize>,
-}
-
-#[derive(Debug, Default)]
-struct Reliability {
-    window_messages: Option<usize>,
-    window_bytes: Option<usize>,
-    ack_delay: Option<f64>,
-    ack_every: Option<u32>,
-    ack_timeout: Option<f64>,
-    /// `"refuse"` or `"failSession"`.
-    overflow: Option<String>,
-}
-
-#[derive(Debug)]
-enum BatchOption {
-    On(bool),
-    With(Batch),
-}
-
-#[derive(Debug, Default)]
-struct Batch {
-    window: Option<f64>,
-    max_messages: Option<usize>,
-    max_bytes: Option<usize>,
-}
-
-/// Reads the options' JSON (`JSON.stringify` of the page's object) without
+/// Reads the page's options (`"{}"` or `""` for the defaults) without
 /// serde: every value the type its option needs (an unknown option, or one
-/// of the wrong type, is an error naming it); `null` is an option left
-/// out (but for `backoff.maxAttempts`, where it means no limit).
+/// of the wrong type, is an error naming it); `null` is an option left out
+/// (but for `backoff.maxAttempts`, where it means no limit).
+pub(crate) fn settings(json: &str) -> Result<Settings, String> {
+    let mut c = ClientConfig {
+        // A page cannot set request headers or read the response's.
+        hello_in_upgrade: false,
+        batch: Some(page_batch()),
+        ..ClientConfig::default()
+    };
+    let mut pings = true;
+    let mut transports = Transports::Auto;
+    let mut memory = Duration::from_secs(120);
+    if !json.trim().is_empty() {
+        let mut r = Reader {
+            rd: JsonReader::new(json),
+            name: String::new(),
+        };
+        r.options("", &mut |r| {
+            let slot = match r.name.as_str() {
+                "codecs" => {
+                    c.codecs = r
+                        .strs()?
+                        .iter()
+                        .map(|n| Codec::from_name(n).ok_or_else(|| format!("unknown codec `{n}`")))
+                        .collect::<Result<_, _>>()?;
+                    return Ok(());
+                }
+                "heartbeat.interval" => Slot::Ms(&mut c.heartbeat.interval),
+                "heartbeat.timeout" => Slot::Ms(&mut c.heartbeat.timeout),
+                "heartbeat.grace" => Slot::Ms(&mut c.heartbeat.grace),
+                "backoff.base" => Slot::Ms(&mut c.backoff.base),
+                "backoff.factor" => Slot::U32(&mut c.backoff.factor),
+                "backoff.max" => Slot::Ms(&mut c.backoff.max),
+                "backoff.jitter" => {
+                    c.backoff.jitter = match r.rd.peek() {
+                        Some(b'"') => match r.str()?.as_str() {
+                            "none" => Jitter::None,
+                            "full" => Jitter::Full,
+                            _ => return Err(r.err("is not \"none\", \"full\" or a fraction")),
+                        },
+                        _ => Jitter::Proportional(r.num()?),
+                    };
+                    return Ok(());
+                }
+                "backoff.maxAttempts" => {
+                    c.backoff.max_attempts = if r.rd.null() { None } else { Some(r.uint()?) };
+                    return Ok(());
+                }
+                "connectTimeout" => Slot::Ms(&mut c.connect_timeout),
+                "stabilityWindow" => Slot::Ms(&mut c.stability_window),
+                "tryLaterDelay" => Slot::Ms(&mut c.try_later_delay),
+                "maxRetryAfter" => Slot::Ms(&mut c.max_retry_after),
+                "closeTimeout" => Slot::Ms(&mut c.close_timeout),
+                "queue.maxMessages" => Slot::Usize(&mut c.queue.max_messages),
+                "queue.maxBytes" => Slot::Usize(&mut c.queue.max_bytes),
+                "reliability.windowMessages" => Slot::Usize(&mut c.reliability.window_messages),
+                "reliability.windowBytes" => Slot::Usize(&mut c.reliability.window_bytes),
+                "reliability.ackDelay" => Slot::Ms(&mut c.reliability.ack_delay),
+                "reliability.ackEvery" => Slot::U32(&mut c.reliability.ack_every),
+                "reliability.ackTimeout" => Slot::Ms(&mut c.reliability.ack_timeout),
+                "reliability.overflow" => {
+                    c.reliability.overflow = match r.str()?.as_str() {
+                        "refuse" => OverflowPolicy::Refuse,
+                        "failSession" => OverflowPolicy::FailSession,
+                        _ => return Err(r.err("is not \"refuse\" or \"failSession\"")),
+                    };
+                    return Ok(());
+                }
+                "maxMessageSize" => Slot::Usize(&mut c.max_message_size),
+                "maxDecodeFailures" => Slot::U32(&mut c.max_decode_failures),
+                "capabilities" => {
+                    c.capabilities = r.strs()?;
+                    return Ok(());
+                }
+                "roomStreams" => Slot::Bool(&mut c.room_streams),
+                // `true`: [`page_batch`]; `false`: every message in a frame
+                // of its own; an object: its settings over [`page_batch`]'s.
+                "batch" => {
+                    c.batch = r.bool()?.then(page_batch);
+                    return Ok(());
+                }
+                "batch.window" => Slot::Ms(&mut c.batch.get_or_insert_with(page_batch).window),
+                "batch.maxMessages" => {
+                    Slot::Usize(&mut c.batch.get_or_insert_with(page_batch).max_messages)
+                }
+                "batch.maxBytes" => {
+                    Slot::Usize(&mut c.batch.get_or_insert_with(page_batch).max_bytes)
+                }
+                "coalesceInterval" => Slot::Ms(&mut c.coalesce_interval),
+                "coalesceKeys" => Slot::Usize(&mut c.coalesce_keys),
+                "maxPendingRequests" => Slot::Usize(&mut c.max_pending_requests),
+                "canRefreshToken" => Slot::Bool(&mut c.can_refresh_token),
+                // Ask the server to ping this client (default true): a hidden
+                // tab's timers may run once a minute, its message handler at
+                // once.
+                "serverPings" => Slot::Bool(&mut pings),
+                "transports" => {
+                    transports = match r.str()?.as_str() {
+                        "auto" => Transports::Auto,
+                        "websocket" => Transports::WebSocket,
+                        "http" => Transports::Http,
+                        _ => return Err(r.err("is not \"auto\", \"websocket\" or \"http\"")),
+                    };
+                    return Ok(());
+                }
+                "fallbackMemory" => Slot::Ms(&mut memory),
+                name if GROUPS.contains(&name) => return Err(r.err("is not an object")),
+                _ => return Err(format!("options: unknown option `{}`", r.name)),
+            };
+            // One read for each type, whichever option it is.
+            match slot {
+                Slot::Ms(d) => *d = r.ms()?,
+                Slot::Usize(n) => *n = r.uint()?,
+                Slot::U32(n) => *n = r.uint()?,
+                Slot::Bool(b) => *b = r.bool()?,
+            }
+            Ok(())
+        })?;
+        if !r.rd.at_end() {
+            return Err("options: text after the object".into());
+        }
+    }
+    if pings && !c.capabilities.iter().any(|c| c == CAP_PING) {
+        c.capabilities.push(CAP_PING.into());
+    }
+    Ok(Settings {
+        config: c,
+        choice: TransportChoice::new(transports, memory),
+    })
+}
+
+/// Where an option of one of the common types goes.
+enum Slot<'c> {
+    Ms(&'c mut Duration),
+    Usize(&'c mut usize),
+    U32(&'c mut u32),
+    Bool(&'c mut bool),
+}
+
+/// The options' JSON being read, at the value of the option `name`.
 struct Reader<'a> {
     rd: JsonReader<'a>,
-    /// The option being read, for the error.
+    /// The option being read (`heartbeat.interval`), for the error.
     name: String,
 }
 
-impl<'a> Reader<'a> {
+impl Reader<'_> {
     fn err(&self, what: &str) -> String {
         format!(
             "options: `{}` {what} (at byte {})",
@@ -111,11 +194,14 @@ impl<'a> Reader<'a> {
         )
     }
 
-    /// Reads an object, `entry` taking each of its options by name.
-    fn object(
+    /// Reads the object of `group` (`""`: the options), handing each option
+    /// in it to `option` with the reader at its value, and the options of a
+    /// group (an object under one of [`GROUPS`]) likewise, by dotted name.
+    /// A `null` is an option left out, but for `backoff.maxAttempts`.
+    fn options(
         &mut self,
         group: &str,
-        mut entry: impl FnMut(&mut Self, &str) -> Result<(), String>,
+        option: &mut dyn FnMut(&mut Self) -> Result<(), String>,
     ) -> Result<(), String> {
         self.name = group.into();
         if self.rd.peek() != Some(b'{') {
@@ -133,7 +219,14 @@ impl<'a> Reader<'a> {
                     format!("{group}.{key}")
                 },
             };
-            match entry(&mut inner, key) {
+            let r = if group.is_empty() && GROUPS.contains(&key) && inner.rd.peek() == Some(b'{') {
+                inner.options(key, &mut *option)
+            } else if inner.name != "backoff.maxAttempts" && inner.rd.null() {
+                Ok(())
+            } else {
+                option(&mut inner)
+            };
+            match r {
                 Ok(()) => {
                     *rd = inner.rd;
                     Some(())
@@ -152,38 +245,32 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn unknown(&self) -> Result<(), String> {
-        Err(format!("options: unknown option `{}`", self.name))
+    fn num(&mut self) -> Result<f64, String> {
+        self.rd.number().ok_or_else(|| self.err("is not a number"))
     }
 
-    fn num(&mut self) -> Result<Option<f64>, String> {
-        if self.rd.null() {
-            return Ok(None);
-        }
+    /// Milliseconds as a duration; negative, NaN and infinite values are an
+    /// error rather than a surprise.
+    fn ms(&mut self) -> Result<Duration, String> {
         match self.rd.number() {
-            Some(v) => Ok(Some(v)),
-            None => Err(self.err("is not a number")),
+            // Nanoseconds, saturating beyond 584 years (`from_secs_f64`
+            // would panic there, and brings its messages into the module).
+            Some(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_nanos((v * 1e6) as u64)),
+            _ => Err(self.err("must be a finite number of milliseconds ≥ 0")),
         }
     }
 
-    fn uint<T: TryFrom<u64>>(&mut self) -> Result<Option<T>, String> {
-        if self.rd.null() {
-            return Ok(None);
-        }
-        match self.rd.uint().and_then(|v| T::try_from(v).ok()) {
-            Some(v) => Ok(Some(v)),
-            None => Err(self.err("is not a whole number in range")),
-        }
+    fn uint<T: TryFrom<u64>>(&mut self) -> Result<T, String> {
+        self.rd
+            .uint()
+            .and_then(|v| T::try_from(v).ok())
+            .ok_or_else(|| self.err("is not a whole number in range"))
     }
 
-    fn bool(&mut self) -> Result<Option<bool>, String> {
-        if self.rd.null() {
-            return Ok(None);
-        }
-        match self.rd.bool() {
-            Some(v) => Ok(Some(v)),
-            None => Err(self.err("is not true or false")),
-        }
+    fn bool(&mut self) -> Result<bool, String> {
+        self.rd
+            .bool()
+            .ok_or_else(|| self.err("is not true or false"))
     }
 
     fn str(&mut self) -> Result<String, String> {
@@ -193,280 +280,15 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn strs(&mut self) -> Result<Option<Vec<String>>, String> {
-        if self.rd.null() {
-            return Ok(None);
-        }
+    fn strs(&mut self) -> Result<Vec<String>, String> {
         let mut list = Vec::new();
-        let ok = self
+        match self
             .rd
-            .array(|rd| rd.str().map(|s| list.push(s.into_owned())));
-        match ok {
-            Some(()) => Ok(Some(list)),
+            .array(|rd| rd.str().map(|s| list.push(s.into_owned())))
+        {
+            Some(()) => Ok(list),
             None => Err(self.err("is not a list of strings")),
         }
-    }
-}
-
-/// Milliseconds as a duration; negative, NaN and infinite values are an
-/// error rather than a surprise.
-fn ms(name: &str, value: f64) -> Result<Duration, String> {
-    if !value.is_finite() || value < 0.0 {
-        return Err(format!(
-            "`{name}` must be a finite number of milliseconds ≥ 0"
-        ));
-    }
-    // Nanoseconds, saturating beyond 584 years (`from_secs_f64` would
-    // panic there, and brings its messages into the module).
-    Ok(Duration::from_nanos((value * 1e6) as u64))
-}
-
-impl Options {
-    /// Parses the page's options (`"{}"` or `""` for the defaults).
-    pub(crate) fn parse(json: &str) -> Result<Options, String> {
-        if json.trim().is_empty() {
-            return Ok(Options::default());
-        }
-        let mut o = Options::default();
-        let mut r = Reader {
-            rd: JsonReader::new(json),
-            name: String::new(),
-        };
-        r.object("", |r, key| {
-            match key {
-                "codecs" => o.codecs = r.strs()?,
-                "heartbeat" => {
-                    if r.rd.null() {
-                        return Ok(());
-                    }
-                    let h = o.heartbeat.insert(Heartbeat::default());
-                    r.object(&r.name.clone(), |r, key| {
-                        match key {
-                            "interval" => h.interval = r.num()?,
-                            "timeout" => h.timeout = r.num()?,
-                            "grace" => h.grace = r.num()?,
-                            _ => return r.unknown(),
-                        }
-                        Ok(())
-                    })?;
-                }
-                "backoff" => {
-                    if r.rd.null() {
-                        return Ok(());
-                    }
-                    let b = o.backoff.insert(Backoff::default());
-                    r.object(&r.name.clone(), |r, key| {
-                        match key {
-                            "base" => b.base = r.num()?,
-                            "factor" => b.factor = r.uint()?,
-                            "max" => b.max = r.num()?,
-                            "jitter" if r.rd.null() => {}
-                            "jitter" => {
-                                b.jitter = Some(match r.rd.peek() {
-                                    Some(b'"') => match r.str()?.as_str() {
-                                        "none" => Jitter::None,
-                                        "full" => Jitter::Full,
-                                        _ => {
-                                            return Err(
-                                                r.err("is not \"none\", \"full\" or a fraction")
-                                            )
-                                        }
-                                    },
-                                    _ => Jitter::Proportional(r.num()?.unwrap_or(0.5)),
-                                })
-                            }
-                            "maxAttempts" => {
-                                b.max_attempts = Some(if r.rd.null() { None } else { r.uint()? })
-                            }
-                            _ => return r.unknown(),
-                        }
-                        Ok(())
-                    })?;
-                }
-                "connectTimeout" => o.connect_timeout = r.num()?,
-                "stabilityWindow" => o.stability_window = r.num()?,
-                "tryLaterDelay" => o.try_later_delay = r.num()?,
-                "maxRetryAfter" => o.max_retry_after = r.num()?,
-                "closeTimeout" => o.close_timeout = r.num()?,
-                "queue" => {
-                    if r.rd.null() {
-                        return Ok(());
-                    }
-                    let q = o.queue.insert(Queue::default());
-                    r.object(&r.name.clone(), |r, key| {
-                        match key {
-                            "maxMessages" => q.max_messages = r.uint()?,
-                            "maxBytes" => q.max_bytes = r.uint()?,
-                            _ => return r.unknown(),
-                        }
-                        Ok(())
-                    })?;
-                }
-                "reliability" => {
-                    if r.rd.null() {
-                        return Ok(());
-                    }
-                    let rel = o.reliability.insert(Reliability::default());
-                    r.object(&r.name.clone(), |r, key| {
-                        match key {
-                            "windowMessages" => rel.window_messages = r.uint()?,
-                            "windowBytes" => rel.window_bytes = r.uint()?,
-                            "ackDelay" => rel.ack_delay = r.num()?,
-                            "ackEvery" => rel.ack_every = r.uint()?,
-                            "ackTimeout" => rel.ack_timeout = r.num()?,
-                            "overflow" if r.rd.null() => {}
-                            "overflow" => rel.overflow = Some(r.str()?),
-                            _ => return r.unknown(),
-                        }
-                        Ok(())
-                    })?;
-                }
-                "maxMessageSize" => o.max_message_size = r.uint()?,
-                "maxDecodeFailures" => o.max_decode_failures = r.uint()?,
-                "capabilities" => o.capabilities = r.strs()?,
-                "roomStreams" => o.room_streams = r.bool()?,
-                "batch" if r.rd.null() => {}
-                "batch" => {
-                    o.batch = Some(match r.rd.peek() {
-                        Some(b'{') => {
-                            let mut b = Batch::default();
-                            r.object(&r.name.clone(), |r, key| {
-                                match key {
-                                    "window" => b.window = r.num()?,
-                                    "maxMessages" => b.max_messages = r.uint()?,
-                                    "maxBytes" => b.max_bytes = r.uint()?,
-                                    _ => return r.unknown(),
-                                }
-                                Ok(())
-                            })?;
-                            BatchOption::With(b)
-                        }
-                        _ => BatchOption::On(r.bool()?.unwrap_or(true)),
-                    })
-                }
-                "coalesceInterval" => o.coalesce_interval = r.num()?,
-                "coalesceKeys" => o.coalesce_keys = r.uint()?,
-                "maxPendingRequests" => o.max_pending_requests = r.uint()?,
-                "canRefreshToken" => o.can_refresh_token = r.bool()?,
-                "serverPings" => o.server_pings = r.bool()?,
-                _ => return r.unknown(),
-            }
-            Ok(())
-        })?;
-        if !r.rd.at_end() {
-            return Err("options: text after the object".into());
-        }
-        Ok(o)
-    }
-
-    /// The core's settings: its defaults, with what the page set.
-    pub(crate) fn config(&self) -> Result<ClientConfig, String> {
-        let mut c = ClientConfig {
-            // A page cannot set request headers or read the response's.
-            hello_in_upgrade: false,
-            ..ClientConfig::default()
-        };
-        if let Some(codecs) = &self.codecs {
-            c.codecs = codecs
-                .iter()
-                .map(|n| Codec::from_name(n).ok_or_else(|| format!("unknown codec `{n}`")))
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(h) = &self.heartbeat {
-            set_ms(&mut c.heartbeat.interval, "heartbeat.interval", h.interval)?;
-            set_ms(&mut c.heartbeat.timeout, "heartbeat.timeout", h.timeout)?;
-            set_ms(&mut c.heartbeat.grace, "heartbeat.grace", h.grace)?;
-        }
-        if let Some(b) = &self.backoff {
-            set_ms(&mut c.backoff.base, "backoff.base", b.base)?;
-            set_ms(&mut c.backoff.max, "backoff.max", b.max)?;
-            if let Some(f) = b.factor {
-                c.backoff.factor = f;
-            }
-            if let Some(j) = b.jitter {
-                c.backoff.jitter = j;
-            }
-            if let Some(m) = b.max_attempts {
-                c.backoff.max_attempts = m;
-            }
-        }
-        set_ms(
-            &mut c.connect_timeout,
-            "connectTimeout",
-            self.connect_timeout,
-        )?;
-        set_ms(
-            &mut c.stability_window,
-            "stabilityWindow",
-            self.stability_window,
-        )?;
-        set_ms(
-            &mut c.try_later_delay,
-            "tryLaterDelay",
-            self.try_later_delay,
-        )?;
-        set_ms(
-            &mut c.max_retry_after,
-            "maxRetryAfter",
-            self.max_retry_after,
-        )?;
-        set_ms(&mut c.close_timeout, "closeTimeout", self.close_timeout)?;
-        if let Some(q) = &self.queue {
-            set(&mut c.queue.max_messages, q.max_messages);
-            set(&mut c.queue.max_bytes, q.max_bytes);
-        }
-        if let Some(r) = &self.reliability {
-            let rel = &mut c.reliability;
-            set(&mut rel.window_messages, r.window_messages);
-            set(&mut rel.window_bytes, r.window_bytes);
-            set_ms(&mut rel.ack_delay, "reliability.ackDelay", r.ack_delay)?;
-            set(&mut rel.ack_every, r.ack_every);
-            set_ms(
-                &mut rel.ack_timeout,
-                "reliability.ackTimeout",
-                r.ack_timeout,
-            )?;
-            if let Some(o) = &r.overflow {
-                rel.overflow = match o.as_str() {
-                    "refuse" => OverflowPolicy::Refuse,
-                    "failSession" => OverflowPolicy::FailSession,
-                    other => {
-                        return Err(format!(
-                            "reliability.overflow: `{other}` is not \"refuse\" or \"failSession\""
-                        ))
-                    }
-                };
-            }
-        }
-        set(&mut c.max_message_size, self.max_message_size);
-        set(&mut c.max_decode_failures, self.max_decode_failures);
-        if let Some(caps) = &self.capabilities {
-            c.capabilities.clone_from(caps);
-        }
-        if self.server_pings.unwrap_or(true) && !c.capabilities.iter().any(|c| c == CAP_PING) {
-            c.capabilities.push(CAP_PING.into());
-        }
-        set(&mut c.room_streams, self.room_streams);
-        match &self.batch {
-            Some(BatchOption::On(false)) => c.batch = None,
-            None | Some(BatchOption::On(true)) => c.batch = Some(page_batch()),
-            Some(BatchOption::With(b)) => {
-                let mut batch = page_batch();
-                set_ms(&mut batch.window, "batch.window", b.window)?;
-                set(&mut batch.max_messages, b.max_messages);
-                set(&mut batch.max_bytes, b.max_bytes);
-                c.batch = Some(batch);
-            }
-        }
-        set_ms(
-            &mut c.coalesce_interval,
-            "coalesceInterval",
-            self.coalesce_interval,
-        )?;
-        set(&mut c.coalesce_keys, self.coalesce_keys);
-        set(&mut c.max_pending_requests, self.max_pending_requests);
-        set(&mut c.can_refresh_token, self.can_refresh_token);
-        Ok(c)
     }
 }
 
@@ -485,45 +307,46 @@ fn page_batch() -> BatchConfig {
     }
 }
 
-fn set<T>(slot: &mut T, value: Option<T>) {
-    if let Some(v) = value {
-        *slot = v;
-    }
-}
-
-fn set_ms(slot: &mut Duration, name: &str, value: Option<f64>) -> Result<(), String> {
-    if let Some(v) = value {
-        *slot = ms(name, v)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn config(json: &str) -> ClientConfig {
+        settings(json).unwrap_or_else(|e| panic!("{e}")).config
+    }
+
+    fn error(json: &str) -> String {
+        match settings(json) {
+            Ok(_) => panic!("{json} was taken"),
+            Err(e) => e,
+        }
+    }
+
     #[test]
     fn empty_options_are_the_core_defaults_for_a_page() {
-        let c = Options::parse("{}").unwrap().config().unwrap();
         let d = ClientConfig::default();
-        assert_eq!(c.heartbeat, d.heartbeat);
-        assert_eq!(c.codecs, d.codecs);
-        assert!(!c.hello_in_upgrade);
-        assert_eq!(
-            c.capabilities,
-            vec![CAP_PING.to_owned()],
-            "a page asks to be pinged"
-        );
-        let c = Options::parse(r#"{"serverPings":false}"#)
-            .unwrap()
-            .config()
-            .unwrap();
+        for json in ["", "{}", " { } "] {
+            let c = config(json);
+            assert_eq!(c.heartbeat, d.heartbeat);
+            assert_eq!(c.codecs, d.codecs);
+            assert_eq!(c.backoff, d.backoff);
+            assert_eq!(c.reliability, d.reliability);
+            assert!(!c.hello_in_upgrade);
+            assert_eq!(
+                c.capabilities,
+                vec![CAP_PING.to_owned()],
+                "a page asks to be pinged"
+            );
+        }
+        let c = config(r#"{"serverPings":false}"#);
         assert!(c.capabilities.is_empty());
+        let c = config(r#"{"capabilities":["x"]}"#);
+        assert_eq!(c.capabilities, vec!["x".to_owned(), CAP_PING.to_owned()]);
     }
 
     #[test]
     fn a_page_batches_what_it_sends_in_one_turn_unless_it_says_not_to() {
-        let turn = |json: &str| Options::parse(json).unwrap().config().unwrap().batch;
+        let turn = |json: &str| config(json).batch;
         assert_eq!(turn("{}"), Some(page_batch()));
         assert_eq!(turn(r#"{"batch":true}"#), Some(page_batch()));
         assert_eq!(page_batch().window, Duration::ZERO);
@@ -538,59 +361,123 @@ mod tests {
             "backoff":{"base":10,"max":100,"jitter":"none","maxAttempts":null},
             "queue":{"maxMessages":7},"reliability":{"ackDelay":5,"overflow":"failSession"},
             "batch":{"window":2},"connectTimeout":2500}"#;
-        let c = Options::parse(json).unwrap().config().unwrap();
+        let c = config(json);
         assert_eq!(c.codecs, vec![Codec::Json]);
         assert_eq!(c.heartbeat.interval, Duration::from_secs(1));
+        assert_eq!(c.heartbeat.timeout, Duration::from_millis(500));
+        assert_eq!(c.backoff.base, Duration::from_millis(10));
         assert_eq!(c.backoff.max_attempts, None);
         assert_eq!(c.backoff.jitter, Jitter::None);
         assert_eq!(c.queue.max_messages, 7);
+        assert_eq!(c.reliability.ack_delay, Duration::from_millis(5));
         assert_eq!(c.reliability.overflow, OverflowPolicy::FailSession);
         assert_eq!(c.batch.unwrap().window, Duration::from_millis(2));
         assert_eq!(c.connect_timeout, Duration::from_millis(2500));
     }
 
     #[test]
+    fn every_option_is_read() {
+        let json = r#"{"heartbeat":{"grace":3},"backoff":{"factor":3,"jitter":"full"},
+            "stabilityWindow":1,"tryLaterDelay":2,"maxRetryAfter":3,"closeTimeout":4,
+            "queue":{"maxBytes":5},"reliability":{"windowMessages":6,"windowBytes":7,
+            "ackEvery":8,"ackTimeout":9,"overflow":"refuse"},"maxMessageSize":10,
+            "maxDecodeFailures":11,"roomStreams":false,"batch":{"maxBytes":12},
+            "coalesceInterval":13,"coalesceKeys":14,"maxPendingRequests":15,
+            "canRefreshToken":true}"#;
+        let c = config(json);
+        let ms = Duration::from_millis;
+        assert_eq!(c.heartbeat.grace, ms(3));
+        assert_eq!((c.backoff.factor, c.backoff.jitter), (3, Jitter::Full));
+        assert_eq!(
+            (
+                c.stability_window,
+                c.try_later_delay,
+                c.max_retry_after,
+                c.close_timeout
+            ),
+            (ms(1), ms(2), ms(3), ms(4))
+        );
+        assert_eq!(c.queue.max_bytes, 5);
+        let r = &c.reliability;
+        assert_eq!((r.window_messages, r.window_bytes, r.ack_every), (6, 7, 8));
+        assert_eq!((r.ack_timeout, r.overflow), (ms(9), OverflowPolicy::Refuse));
+        assert_eq!((c.max_message_size, c.max_decode_failures), (10, 11));
+        assert!(!c.room_streams);
+        assert_eq!(c.batch.unwrap().max_bytes, 12);
+        assert_eq!(c.coalesce_interval, ms(13));
+        assert_eq!((c.coalesce_keys, c.max_pending_requests), (14, 15));
+        assert!(c.can_refresh_token);
+    }
+
+    #[test]
     fn null_is_an_option_left_out() {
-        let c = Options::parse(
+        let c = config(
             r#"{"heartbeat":null,"connectTimeout":null,"batch":null,"backoff":{"jitter":null}}"#,
-        )
-        .unwrap()
-        .config()
-        .unwrap();
+        );
         let d = ClientConfig::default();
         assert_eq!(c.heartbeat, d.heartbeat);
         assert_eq!(c.connect_timeout, d.connect_timeout);
         assert_eq!(c.batch, Some(page_batch()));
         assert_eq!(c.backoff.jitter, d.backoff.jitter);
-        let c = Options::parse(r#"{"backoff":{"jitter":0.25,"maxAttempts":3}}"#)
-            .unwrap()
-            .config()
-            .unwrap();
+        assert_eq!(c.backoff.max_attempts, d.backoff.max_attempts);
+        let c = config(r#"{"backoff":{"jitter":0.25,"maxAttempts":3}}"#);
         assert_eq!(c.backoff.jitter, Jitter::Proportional(0.25));
         assert_eq!(c.backoff.max_attempts, Some(3));
     }
 
     #[test]
+    fn transports_default_to_auto_with_two_minutes_of_memory() {
+        use kitestring_core::client::transport::TransportKind;
+        use kitestring_core::Instant;
+        let choice = |json: &str| settings(json).unwrap_or_else(|e| panic!("{e}")).choice;
+        let at = |ms: u64| Instant::ZERO + Duration::from_millis(ms);
+        let mut auto = choice("{}");
+        assert!(auto.may_fall_back(true));
+        auto.blocked(at(0));
+        assert_eq!(auto.first(at(119_999)), TransportKind::Http);
+        assert_eq!(auto.probe_at(TransportKind::Http), Some(at(120_000)));
+        let mut short = choice(r#"{"transports":"auto","fallbackMemory":250}"#);
+        short.blocked(at(0));
+        assert_eq!(short.probe_at(TransportKind::Http), Some(at(250)));
+        let ws = choice(r#"{"transports":"websocket"}"#);
+        assert!(!ws.may_fall_back(true));
+        let http = choice(r#"{"transports":"http","fallbackMemory":null}"#);
+        assert_eq!(http.first(at(0)), TransportKind::Http);
+        assert_eq!(http.probe_at(TransportKind::Http), None);
+        let e = error(r#"{"transports":"smoke"}"#);
+        assert!(e.contains("transports"), "{e}");
+        let e = error(r#"{"fallbackMemory":-1}"#);
+        assert!(e.contains("fallbackMemory"), "{e}");
+        let e = error(r#"{"transports":1}"#);
+        assert!(e.contains("transports"), "{e}");
+    }
+
+    #[test]
     fn mistakes_are_named() {
-        let e = Options::parse(r#"{"heartbeat":{"intervall":1}}"#).unwrap_err();
-        assert!(e.contains("intervall"), "{e}");
-        let e = Options::parse(r#"{"connectTimeout":-1}"#)
-            .unwrap()
-            .config()
-            .unwrap_err();
+        let e = error(r#"{"heartbeat":{"intervall":1}}"#);
+        assert!(e.contains("heartbeat.intervall"), "{e}");
+        let e = error(r#"{"connectTimeout":-1}"#);
         assert!(e.contains("connectTimeout"), "{e}");
-        let e = Options::parse(r#"{"heartbeat":{"interval":"1s"}}"#).unwrap_err();
+        let e = error(r#"{"heartbeat":{"interval":"1s"}}"#);
         assert!(e.contains("heartbeat.interval"), "{e}");
-        let e = Options::parse(r#"{"queue":{"maxBytes":-1}}"#).unwrap_err();
+        let e = error(r#"{"queue":{"maxBytes":-1}}"#);
         assert!(e.contains("queue.maxBytes"), "{e}");
-        let e = Options::parse(r#"{"roomStreams":1}"#).unwrap_err();
+        let e = error(r#"{"roomStreams":1}"#);
         assert!(e.contains("roomStreams"), "{e}");
-        assert!(Options::parse(r#"{"batch":true} x"#).is_err());
-        assert!(Options::parse(r#"{"batch":true"#).is_err());
-        let e = Options::parse(r#"{"codecs":["xml"]}"#)
-            .unwrap()
-            .config()
-            .unwrap_err();
+        let e = error(r#"{"heartbeat":5}"#);
+        assert!(e.contains("`heartbeat` is not an object"), "{e}");
+        let e = error(r#"{"reliability":{"overflow":"drop"}}"#);
+        assert!(e.contains("reliability.overflow"), "{e}");
+        let e = error(r#"{"backoff":{"jitter":"some"}}"#);
+        assert!(e.contains("backoff.jitter"), "{e}");
+        let e = error(r#"{"reliability":{"ackEvery":4294967296}}"#);
+        assert!(e.contains("reliability.ackEvery"), "{e}");
+        let e = error("[]");
+        assert!(e.contains("is not an object"), "{e}");
+        assert!(settings(r#"{"batch":true} x"#).is_err());
+        assert!(settings(r#"{"batch":true"#).is_err());
+        assert!(settings(r#"{"heartbeat":{"interval":1}"#).is_err());
+        let e = error(r#"{"codecs":["xml"]}"#);
         assert!(e.contains("xml"), "{e}");
     }
 }

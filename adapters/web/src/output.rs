@@ -284,12 +284,6 @@ impl Machine {
         self.current.received().is_some_and(|m| m.request)
     }
 
-    /// Whether the message is an entry of its room's stream.
-    #[wasm_bindgen(js_name = inStream)]
-    pub fn in_stream(&self) -> bool {
-        self.current.received().is_some_and(|m| m.in_stream)
-    }
-
     /// The request a `RESPONSE` answers (this client's id for it).
     #[wasm_bindgen(js_name = requestId)]
     pub fn request_id(&self) -> f64 {

@@ -27,6 +27,8 @@ export async function startServer(env = {}) {
     ports,
     url: at(ports.main),
     proxyUrl: at(ports.proxy),
+    /** Through the proxy whose handling of upgrades `fallback-refuse`, `fallback-strip` and `fallback-pass` set. */
+    fallbackUrl: at(ports.fallback),
     foreignUrl: at(ports.foreign),
     ws: (path = '/ws', port = ports.main) => `ws://127.0.0.1:${port}${path}`,
     async control(name) {
@@ -35,6 +37,10 @@ export async function startServer(env = {}) {
     },
     async tally() {
       return (await fetch(server.url('/control/tally'))).json();
+    },
+    /** What happened to each client's sessions: client id -> [`opened`, `detached 1006`, `resumed`, ...]. */
+    async sessions() {
+      return (await fetch(server.url('/control/sessions'))).json();
     },
     stop() {
       child.kill('SIGTERM');
