@@ -538,7 +538,7 @@ impl Server {
         let expires_at = self.now + grace;
         self.sessions.insert(
             session,
-            Session {
+            Box::new(Session {
                 client,
                 identity,
                 state: SessionState::Detached { code, expires_at },
@@ -549,7 +549,7 @@ impl Server {
                 awaiting_subs: false,
                 latest,
                 recovering: false,
-            },
+            }),
         );
         self.arm(expires_at, ServerTimer::Expiry(session));
     }

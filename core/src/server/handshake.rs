@@ -321,7 +321,7 @@ impl Server {
             }
             self.sessions.insert(
                 id,
-                Session {
+                Box::new(Session {
                     client: h.client,
                     identity: identity.clone(),
                     state: SessionState::Attached(connection),
@@ -332,7 +332,7 @@ impl Server {
                     awaiting_subs: false,
                     latest,
                     recovering: false,
-                },
+                }),
             );
             self.stats.sessions_created += 1;
             (id, 0)

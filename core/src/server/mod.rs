@@ -134,8 +134,11 @@ pub struct ConnectionId(pub u64);
 pub struct Server {
     config: ServerConfig,
     now: Instant,
-    conns: Map<ConnectionId, ConnRecord>,
-    sessions: Map<SessionId, Session>,
+    // Boxed: a hash table's spare capacity is then a pointer per slot,
+    // not a whole record (a table grown to twice its entries would hold
+    // as much again of 152- and 312-byte records).
+    conns: Map<ConnectionId, Box<ConnRecord>>,
+    sessions: Map<SessionId, Box<Session>>,
     timers: BinaryHeap<Reverse<(Instant, ServerTimer)>>,
     outputs: VecDeque<ServerOutput>,
     /// Encodes every frame: a scratch buffer and a pool of large buffers.
@@ -314,7 +317,7 @@ impl Server {
         let deadline = self.now + self.config.hello_timeout;
         self.conns.insert(
             id,
-            ConnRecord {
+            Box::new(ConnRecord {
                 phase: ConnPhase::AwaitingHello,
                 identity,
                 fresh_session,
@@ -331,7 +334,7 @@ impl Server {
                     .map(Box::new),
                 limited: None,
                 lag: None,
-            },
+            }),
         );
         self.stats.connections_opened += 1;
         self.timers

@@ -544,35 +544,40 @@ pub(super) fn connection<C: Carrier>(
 }
 
 /// The connection task proper, once the core opened the connection.
-async fn serve<C: Carrier>(
+///
+/// A block rather than an `async fn`: an `async fn` moves its arguments
+/// into locals of its own, so its future would hold the socket twice.
+fn serve<C: Carrier>(
     shared: Arc<ServerShared>,
     mut ws: C,
     id: ConnectionId,
     slot: SlotRef,
     cluster_claim: bool,
-) {
-    // With a cluster, a `hello` sent as the first frame may resume a
-    // session another node holds: it is claimed before the hello runs.
-    // Boxed, as the closing stage is: its futures (the claim's above
-    // all) would otherwise be carried by every open connection's task.
-    let mut batch = Vec::new();
-    if cluster_claim {
-        batch = Box::pin(claim_first(&shared, id, &mut ws)).await;
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        // With a cluster, a `hello` sent as the first frame may resume a
+        // session another node holds: it is claimed before the hello runs.
+        // Boxed, as the closing stage is: its futures (the claim's above
+        // all) would otherwise be carried by every open connection's task.
+        let mut batch = Vec::new();
+        if cluster_claim {
+            batch = Box::pin(claim_first(&shared, id, &mut ws)).await;
+        }
+        let mut io = ConnIo {
+            id,
+            slot,
+            out: VecDeque::new(),
+            followed: Followed::default(),
+            horizon: 0,
+            batch,
+            needs_flush: false,
+            readable: ReadyFlag::new(),
+            throttle: None,
+        };
+        let end = std::future::poll_fn(|cx| io.poll(&shared, &mut ws, cx)).await;
+        // Boxed: the closing stage's futures are only allocated when a
+        // connection closes, not carried by every open one.
+        Box::pin(finish(shared, id, ws, io, end)).await;
+        trace!("connection task ended");
     }
-    let mut io = ConnIo {
-        id,
-        slot,
-        out: VecDeque::new(),
-        followed: Followed::default(),
-        horizon: 0,
-        batch,
-        needs_flush: false,
-        readable: ReadyFlag::new(),
-        throttle: None,
-    };
-    let end = std::future::poll_fn(|cx| io.poll(&shared, &mut ws, cx)).await;
-    // Boxed: the closing stage's futures are only allocated when a
-    // connection closes, not carried by every open one.
-    Box::pin(finish(shared, id, ws, io, end)).await;
-    trace!("connection task ended");
 }
