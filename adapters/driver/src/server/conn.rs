@@ -547,6 +547,7 @@ pub(super) fn connection<C: Carrier>(
 ///
 /// A block rather than an `async fn`: an `async fn` moves its arguments
 /// into locals of its own, so its future would hold the socket twice.
+#[allow(clippy::manual_async_fn)]
 fn serve<C: Carrier>(
     shared: Arc<ServerShared>,
     mut ws: C,
