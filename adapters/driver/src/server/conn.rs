@@ -151,6 +151,20 @@ impl ConnIo {
         });
     }
 
+    /// Nothing to read and nothing left to write: the task waits. Buffers
+    /// a burst left behind are let go, so an idle connection holds none
+    /// (the next burst allocates once): the frame queue it took from the
+    /// slot (the slot keeps the other, empty once swapped) and the read
+    /// batch.
+    fn settle(&mut self) {
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = VecDeque::new();
+        }
+        if self.batch.capacity() > 0 {
+            self.batch = Vec::new();
+        }
+    }
+
     /// Adds what was taken from feeds to the server's counters.
     fn count_feed_writes(&mut self, shared: &ServerShared) {
         if self.followed.frames > 0 {
@@ -300,6 +314,7 @@ impl ConnIo {
                 }
             }
             if self.batch.is_empty() && end.is_none() {
+                self.settle();
                 return Poll::Pending;
             }
             read += self.batch.len();
