@@ -253,6 +253,9 @@ impl Server {
                 0
             };
             if let Some(s) = self.sessions.get_mut(&session) {
+                // One at a time: most sessions are in a room or two, and an
+                // idle one should hold no spare room.
+                s.rooms.reserve_exact(1);
                 s.rooms.push(Joined {
                     room: name.clone(),
                     at,
