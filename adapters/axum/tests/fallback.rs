@@ -9,38 +9,16 @@ mod common;
 
 use std::time::Duration;
 
-use axum::routing::get;
-use axum::Router;
 use common::serve;
 use futures_util::StreamExt;
 use kitestring::{ClientOptions, Event, ServerEvent, ServerOptions, TransportKind};
-use kitestring_axum::{KitestringLayer, KitestringService};
 use kitestring_chaos::{Proxy, Upgrades};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fallback_is_served_through_every_form() {
     let rt = kitestring_tokio::runtime();
     let (server, mut events) = kitestring::start(rt.clone(), ServerOptions::default()).unwrap();
-    let routers = [
-        (
-            "route",
-            Router::new()
-                .route("/", get(|| async { "a page" }))
-                .route("/ws", kitestring_axum::route(server.clone())),
-        ),
-        (
-            "service",
-            Router::new()
-                .route("/", get(|| async { "a page" }))
-                .route_service("/ws", KitestringService::new(server.clone())),
-        ),
-        (
-            "layer",
-            Router::new()
-                .route("/", get(|| async { "a page" }))
-                .layer(KitestringLayer::new(server.clone(), "/ws")),
-        ),
-    ];
+    let routers = common::forms(&server);
     for (form, app) in routers {
         let addr = serve(app).await;
         let proxy = Proxy::start(addr).unwrap();

@@ -14,7 +14,6 @@ use axum::Router;
 use common::{exchange, hello_header, http, serve, upgrade_request, ACCEPT};
 use futures_util::{SinkExt, StreamExt};
 use kitestring::{AuthReject, AuthRequest, Authenticator, ServerHandle, ServerOptions};
-use kitestring_axum::{KitestringLayer, KitestringService};
 
 /// Bearer `good`: alice; `slow`: bob after 1.5 s; `stuck`: never within
 /// the timeout; `down`: unavailable; anything else: 401.
@@ -59,26 +58,7 @@ async fn both(options: ServerOptions) -> (SocketAddr, SocketAddr, ServerHandle, 
 async fn the_hello_is_answered_in_the_101_through_every_form() {
     let rt = kitestring_tokio::runtime();
     let (server, _events) = kitestring::start(rt, ServerOptions::default()).unwrap();
-    let routers = [
-        (
-            "route",
-            Router::new()
-                .route("/", get(|| async { "a page" }))
-                .route("/ws", kitestring_axum::route(server.clone())),
-        ),
-        (
-            "service",
-            Router::new()
-                .route("/", get(|| async { "a page" }))
-                .route_service("/ws", KitestringService::new(server.clone())),
-        ),
-        (
-            "layer",
-            Router::new()
-                .route("/", get(|| async { "a page" }))
-                .layer(KitestringLayer::new(server.clone(), "/ws")),
-        ),
-    ];
+    let routers = common::forms(&server);
     for (form, router) in routers {
         let addr = serve(router).await;
         let page = http(addr, "GET", "/", "", "").await;

@@ -11,217 +11,231 @@ use std::time::{Duration, Instant};
 use futures_util::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use kitestring::kitestring_core::wire::records::{self, Record, Records};
 use kitestring::{
-    ClientHandle, CloseCode, Codec, DecodeExt, Event, Runtime, ServerEvent, ServerHandle,
-    ServerOptions, SessionId, TransportKind,
+    ClientEvents, ClientHandle, ClientOptions, CloseCode, Codec, DecodeExt, Event, Runtime,
+    ServerEvent, ServerEvents, ServerHandle, ServerOptions, SessionId, TransportKind,
 };
-use kitestring_chaos::{Proxy, Upgrades};
+use kitestring_chaos::{Proxy, RandomFaults, Upgrades};
 
 use crate::{collect_server, fast_client, fast_server, note, opened, serve, within, Note};
 
-/// Sends `n` messages each way, one pair at a time, calling `step` before
-/// each pair; then waits until every message arrived. Returns what each
-/// side received, in order.
-/// Both ends of one session.
-struct Ends<'a> {
-    server: &'a ServerHandle,
-    sev: &'a mut kitestring::ServerEvents,
-    client: &'a ClientHandle,
-    cev: &'a mut kitestring::ClientEvents,
+/// A server behind a chaos proxy, and a client of it through the proxy
+/// with its session open.
+struct Pair {
+    server: ServerHandle,
+    sev: ServerEvents,
+    proxy: Proxy,
+    client: ClientHandle,
+    cev: ClientEvents,
     session: SessionId,
 }
 
-async fn exchange_with<F>(
-    rt: &Arc<dyn Runtime>,
-    ends: Ends<'_>,
-    n: u32,
-    mut step: F,
-) -> (Vec<u32>, Vec<u32>)
-where
-    F: FnMut(u32, &ClientHandle) -> Option<Duration>,
-{
-    let Ends {
-        server,
-        sev,
-        client,
-        cev,
-        session,
-    } = ends;
-    let mut to_server = Vec::new();
-    let mut to_client = Vec::new();
-    let mut resumes = 0;
-    let mut last = kitestring::ConnectionId(0);
-    for i in 0..n {
-        if let Some(pause) = step(i, client) {
-            // Keep reading both sides while the pause lasts.
-            let until = Instant::now() + pause;
-            while Instant::now() < until {
-                let r = kitestring::util::timeout(&**rt, Duration::from_millis(20), async {
-                    futures_util::future::select(sev.next(), cev.next()).await
-                })
-                .await;
-                match r {
-                    Some(futures_util::future::Either::Left((Some(e), _))) => {
-                        collect_server(&e, session, &mut to_server, &mut resumes, &mut last)
-                    }
-                    Some(futures_util::future::Either::Right((Some(Event::Message(m)), _))) => {
-                        to_client.push(m.decode::<Note>().unwrap().n)
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let mut full = 0;
-        loop {
-            match within(rt, 3000, "client send", client.send(&note(i))).await {
-                Ok(_) => break,
-                Err(kitestring::ClientError::Send(kitestring::SendError::QueueFull { .. }))
-                    if full < 300 =>
-                {
-                    full += 1;
-                    kitestring::util::sleep(&**rt, Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("send {i}: {e}"),
-            }
-        }
-        within(rt, 3000, "server send", server.send(session, &note(i)))
-            .await
-            .unwrap();
-        while let Some(Some(e)) = futures_util::FutureExt::now_or_never(sev.next()) {
-            collect_server(&e, session, &mut to_server, &mut resumes, &mut last);
-        }
-        while let Some(Some(e)) = futures_util::FutureExt::now_or_never(cev.next()) {
-            if let Event::Message(m) = e {
-                to_client.push(m.decode::<Note>().unwrap().n);
-            }
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (to_server.len() < n as usize || to_client.len() < n as usize)
-        && Instant::now() < deadline
-    {
-        let r = kitestring::util::timeout(&**rt, Duration::from_millis(50), async {
-            futures_util::future::select(sev.next(), cev.next()).await
+impl Pair {
+    /// The proxy treats upgrades as `upgrades` (and faults every
+    /// connection at random with `faults`, from the first); the client
+    /// connects with `options`.
+    async fn open(
+        rt: &Arc<dyn Runtime>,
+        upgrades: Upgrades,
+        faults: Option<RandomFaults>,
+        options: ClientOptions,
+    ) -> Pair {
+        let (server, sev, addr) = serve(rt, fast_server());
+        let proxy = Proxy::start(addr).unwrap();
+        proxy.set_upgrades(upgrades);
+        proxy.set_random_faults(faults);
+        let url = format!("ws://{}/live?room=a", proxy.local_addr());
+        let (client, mut cev) = kitestring::connect(rt.clone(), &url, options).unwrap();
+        let session = crate::client_wait(rt, &mut cev, 10_000, "Connected", |e| match e {
+            Event::Connected { session, .. } => Some(*session),
+            _ => None,
         })
         .await;
+        Pair {
+            server,
+            sev,
+            proxy,
+            client,
+            cev,
+            session,
+        }
+    }
+
+    /// Reads both sides for `pause`, collecting what arrives.
+    async fn read_for(&mut self, rt: &Arc<dyn Runtime>, pause: Duration, got: &mut Got) {
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            let r = kitestring::util::timeout(&**rt, Duration::from_millis(20), async {
+                futures_util::future::select(self.sev.next(), self.cev.next()).await
+            })
+            .await;
+            got.take(self.session, r);
+        }
+    }
+
+    /// Sends `n` messages each way, one pair at a time, calling `step`
+    /// (with the message's number, the client and the proxy) before each
+    /// pair, and reading on for as long as it asks; then waits until every
+    /// message arrived, and checks each side got every message once, in
+    /// order.
+    async fn once_each_way<F>(&mut self, rt: &Arc<dyn Runtime>, n: u32, mut step: F)
+    where
+        F: FnMut(u32, &ClientHandle, &Proxy) -> Option<Duration>,
+    {
+        let mut got = Got::default();
+        for i in 0..n {
+            if let Some(pause) = step(i, &self.client, &self.proxy) {
+                self.read_for(rt, pause, &mut got).await;
+            }
+            let mut full = 0;
+            loop {
+                match within(rt, 3000, "client send", self.client.send(&note(i))).await {
+                    Ok(_) => break,
+                    Err(kitestring::ClientError::Send(kitestring::SendError::QueueFull {
+                        ..
+                    })) if full < 300 => {
+                        full += 1;
+                        kitestring::util::sleep(&**rt, Duration::from_millis(10)).await;
+                    }
+                    Err(e) => panic!("send {i}: {e}"),
+                }
+            }
+            within(
+                rt,
+                3000,
+                "server send",
+                self.server.send(self.session, &note(i)),
+            )
+            .await
+            .unwrap();
+            while let Some(Some(e)) = futures_util::FutureExt::now_or_never(self.sev.next()) {
+                got.server(self.session, &e);
+            }
+            while let Some(Some(e)) = futures_util::FutureExt::now_or_never(self.cev.next()) {
+                got.client(e);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (got.to_server.len() < n as usize || got.to_client.len() < n as usize)
+            && Instant::now() < deadline
+        {
+            self.read_for(rt, Duration::from_millis(50), &mut got).await;
+        }
+        let want: Vec<u32> = (0..n).collect();
+        assert_eq!(
+            got.to_server, want,
+            "client to server: every message once, in order"
+        );
+        assert_eq!(
+            got.to_client, want,
+            "server to client: every message once, in order"
+        );
+    }
+
+    /// Closes the client and shuts the server down.
+    async fn end(self, rt: &Arc<dyn Runtime>) {
+        within(rt, 3000, "close", self.client.close())
+            .await
+            .unwrap();
+        within(rt, 3000, "shutdown", self.server.shutdown())
+            .await
+            .unwrap();
+    }
+}
+
+/// Which side's stream was ready first, and with what.
+type Either<S, C, A, B> = futures_util::future::Either<(Option<S>, A), (Option<C>, B)>;
+
+/// What each side received, in order.
+#[derive(Default)]
+struct Got {
+    to_server: Vec<u32>,
+    to_client: Vec<u32>,
+    resumes: u32,
+    last: Option<kitestring::ConnectionId>,
+}
+
+impl Got {
+    fn server(&mut self, session: SessionId, e: &ServerEvent) {
+        let mut last = self.last.unwrap_or(kitestring::ConnectionId(0));
+        collect_server(
+            e,
+            session,
+            &mut self.to_server,
+            &mut self.resumes,
+            &mut last,
+        );
+        self.last = Some(last);
+    }
+
+    fn client(&mut self, e: Event) {
+        if let Event::Message(m) = e {
+            self.to_client.push(m.decode::<Note>().unwrap().n);
+        }
+    }
+
+    fn take<A, B>(&mut self, session: SessionId, r: Option<Either<ServerEvent, Event, A, B>>) {
         match r {
-            Some(futures_util::future::Either::Left((Some(e), _))) => {
-                collect_server(&e, session, &mut to_server, &mut resumes, &mut last)
-            }
-            Some(futures_util::future::Either::Right((Some(Event::Message(m)), _))) => {
-                to_client.push(m.decode::<Note>().unwrap().n)
-            }
+            Some(futures_util::future::Either::Left((Some(e), _))) => self.server(session, &e),
+            Some(futures_util::future::Either::Right((Some(e), _))) => self.client(e),
             _ => {}
         }
     }
-    (to_server, to_client)
 }
 
 /// Scenario: a proxy answers every upgrade `400`; the client falls back
 /// to HTTP and 300 messages each way arrive exactly once, in order,
 /// through two cuts of every connection (the polls and sends under way
-/// among them) and a connection the server drops.
+/// among them).
 pub async fn fallback_through_cuts(rt: Arc<dyn Runtime>) {
-    let (server, mut sev, addr) = serve(&rt, fast_server());
-    let proxy = Proxy::start(addr).unwrap();
-    proxy.set_upgrades(Upgrades::Refuse);
-    let url = format!("ws://{}/live?room=a", proxy.local_addr());
-    let (client, mut cev) = kitestring::connect(
-        rt.clone(),
-        &url,
-        fast_client(vec![Codec::MsgPack, Codec::Json]),
-    )
-    .unwrap();
-    let (session, _, codec) = opened(&rt, &mut cev).await;
-    assert_eq!(codec, Codec::MsgPack);
-    assert_eq!(client.transport(), Some(TransportKind::Http));
-    let (to_server, to_client) = exchange_with(
-        &rt,
-        Ends {
-            server: &server,
-            sev: &mut sev,
-            client: &client,
-            cev: &mut cev,
-            session,
-        },
-        300,
-        |i, _| {
-            if i == 100 || i == 200 {
-                proxy.cut_all();
-                // Read on while the session resumes, so the second cut
-                // finds the resumed connection.
-                return Some(Duration::from_millis(400));
-            }
-            None
-        },
-    )
+    let options = fast_client(vec![Codec::MsgPack, Codec::Json]);
+    let mut pair = Pair::open(&rt, Upgrades::Refuse, None, options).await;
+    assert_eq!(pair.client.codec(), Codec::MsgPack);
+    assert_eq!(pair.client.transport(), Some(TransportKind::Http));
+    pair.once_each_way(&rt, 300, |i, _, proxy| {
+        if i == 100 || i == 200 {
+            proxy.cut_all();
+            // Read on while the session resumes, so the second cut finds
+            // the resumed connection.
+            return Some(Duration::from_millis(400));
+        }
+        None
+    })
     .await;
-    let want: Vec<u32> = (0..300).collect();
-    assert_eq!(
-        to_server, want,
-        "client to server: every message once, in order"
-    );
-    assert_eq!(
-        to_client, want,
-        "server to client: every message once, in order"
-    );
-    assert_eq!(client.transport(), Some(TransportKind::Http));
-    let stats = client.stats().await.unwrap().stats;
+    assert_eq!(pair.client.transport(), Some(TransportKind::Http));
+    let stats = pair.client.stats().await.unwrap().stats;
     assert_eq!(stats.resumes, 2, "resumed after each cut: {stats:?}");
-    within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown())
-        .await
-        .unwrap();
+    pair.end(&rt).await;
 }
 
 /// Scenario: with the upgrade's `Upgrade` header stripped on the way (the
 /// server answers 426) and the `hello` in the URL, as a page sends it, the
-/// session opens over the fallback in one round trip and carries JSON.
+/// session opens over the fallback in one round trip and carries JSON,
+/// large messages (detached payloads) included.
 pub async fn fallback_stripped_upgrade(rt: Arc<dyn Runtime>) {
-    let (server, mut sev, addr) = serve(&rt, fast_server());
-    let proxy = Proxy::start(addr).unwrap();
-    proxy.set_upgrades(Upgrades::Strip);
-    let url = format!("ws://{}/", proxy.local_addr());
     let mut options = fast_client(vec![Codec::Json]);
     options.hello_in_url = true;
-    let (client, mut cev) = kitestring::connect(rt.clone(), &url, options).unwrap();
-    let (session, _, _) = opened(&rt, &mut cev).await;
-    assert_eq!(client.transport(), Some(TransportKind::Http));
-    let (to_server, to_client) = exchange_with(
-        &rt,
-        Ends {
-            server: &server,
-            sev: &mut sev,
-            client: &client,
-            cev: &mut cev,
-            session,
-        },
-        50,
-        |_, _| None,
-    )
-    .await;
-    let want: Vec<u32> = (0..50).collect();
-    assert_eq!(to_server, want);
-    assert_eq!(to_client, want);
-    // Large messages (detached payloads) cross the fallback too.
+    let mut pair = Pair::open(&rt, Upgrades::Strip, None, options).await;
+    assert_eq!(pair.client.transport(), Some(TransportKind::Http));
+    pair.once_each_way(&rt, 50, |_, _, _| None).await;
     let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
-    client.send_bytes(big.clone()).await.unwrap();
-    server.send_bytes(session, big.clone()).await.unwrap();
-    let got = crate::server_wait(&rt, &mut sev, 5000, "large bytes", |e| match e {
+    pair.client.send_bytes(big.clone()).await.unwrap();
+    pair.server
+        .send_bytes(pair.session, big.clone())
+        .await
+        .unwrap();
+    let got = crate::server_wait(&rt, &mut pair.sev, 5000, "large bytes", |e| match e {
         ServerEvent::Message { message, .. } => Some(message.payload.data().to_vec()),
         _ => None,
     })
     .await;
     assert!(got == big, "300 KB to the server, intact");
-    let got = crate::client_wait(&rt, &mut cev, 5000, "large bytes", |e| match e {
+    let got = crate::client_wait(&rt, &mut pair.cev, 5000, "large bytes", |e| match e {
         Event::Message(m) => Some(m.payload.data().to_vec()),
         _ => None,
     })
     .await;
     assert!(got == big, "300 KB to the client, intact");
-    within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown())
-        .await
-        .unwrap();
+    pair.end(&rt).await;
 }
 
 /// Scenario: a session that starts on the fallback moves to a WebSocket
@@ -230,56 +244,31 @@ pub async fn fallback_stripped_upgrade(rt: Arc<dyn Runtime>) {
 /// again, with messages flowing both ways all along: nothing lost or
 /// duplicated, one session throughout.
 pub async fn fallback_moves_to_websocket_and_back(rt: Arc<dyn Runtime>) {
-    let (server, mut sev, addr) = serve(&rt, fast_server());
-    let proxy = Proxy::start(addr).unwrap();
-    proxy.set_upgrades(Upgrades::Refuse);
-    let url = format!("ws://{}/", proxy.local_addr());
     let mut options = fast_client(vec![Codec::Json]);
     options.fallback_memory = Duration::from_millis(300);
-    let (client, mut cev) = kitestring::connect(rt.clone(), &url, options).unwrap();
-    let (session, _, _) = opened(&rt, &mut cev).await;
-    assert_eq!(client.transport(), Some(TransportKind::Http));
+    let mut pair = Pair::open(&rt, Upgrades::Refuse, None, options).await;
+    assert_eq!(pair.client.transport(), Some(TransportKind::Http));
     let mut seen = vec![TransportKind::Http];
-    let (to_server, to_client) = exchange_with(
-        &rt,
-        Ends {
-            server: &server,
-            sev: &mut sev,
-            client: &client,
-            cev: &mut cev,
-            session,
-        },
-        300,
-        |i, client| {
-            if let Some(t) = client.transport() {
-                if seen.last() != Some(&t) {
-                    seen.push(t);
-                }
+    pair.once_each_way(&rt, 300, |i, client, proxy| {
+        if let Some(t) = client.transport() {
+            if seen.last() != Some(&t) {
+                seen.push(t);
             }
-            match i {
-                100 => {
-                    proxy.set_upgrades(Upgrades::Pass);
-                    Some(Duration::from_millis(1500))
-                }
-                200 => {
-                    proxy.set_upgrades(Upgrades::Refuse);
-                    proxy.cut_all();
-                    Some(Duration::from_millis(1000))
-                }
-                _ => None,
+        }
+        match i {
+            100 => {
+                proxy.set_upgrades(Upgrades::Pass);
+                Some(Duration::from_millis(1500))
             }
-        },
-    )
+            200 => {
+                proxy.set_upgrades(Upgrades::Refuse);
+                proxy.cut_all();
+                Some(Duration::from_millis(1000))
+            }
+            _ => None,
+        }
+    })
     .await;
-    let want: Vec<u32> = (0..300).collect();
-    assert_eq!(
-        to_server, want,
-        "client to server: every message once, in order"
-    );
-    assert_eq!(
-        to_client, want,
-        "server to client: every message once, in order"
-    );
     assert_eq!(
         seen,
         vec![
@@ -289,15 +278,9 @@ pub async fn fallback_moves_to_websocket_and_back(rt: Arc<dyn Runtime>) {
         ],
         "fallback, WebSocket, fallback"
     );
-    assert_eq!(
-        client.stats().await.unwrap().session,
-        Some(session),
-        "one session"
-    );
-    within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown())
-        .await
-        .unwrap();
+    let session = pair.client.stats().await.unwrap().session;
+    assert_eq!(session, Some(pair.session), "one session");
+    pair.end(&rt).await;
 }
 
 /// One raw HTTP/1.1 request on a connection of its own: status, headers
@@ -758,50 +741,19 @@ pub async fn fallback_not_for_refusals(rt: Arc<dyn Runtime>) {
 /// the heartbeat, the session resumes on new requests, and every message
 /// arrives exactly once, in order.
 pub async fn fallback_random_faults(rt: Arc<dyn Runtime>) {
-    let (server, mut sev, addr) = serve(&rt, fast_server());
-    let proxy = Proxy::start(addr).unwrap();
-    proxy.set_upgrades(Upgrades::Refuse);
-    // Every connection from now on: the fallback's polls and sends too.
-    proxy.set_random_faults(Some(kitestring_chaos::RandomFaults {
+    let faults = RandomFaults {
         seed: 27,
         rate: 2.0,
         black_hole_share: 0.5,
-    }));
-    let url = format!("ws://{}/", proxy.local_addr());
+    };
     let options = fast_client(vec![Codec::MsgPack, Codec::Json]);
-    let (client, mut cev) = kitestring::connect(rt.clone(), &url, options).unwrap();
-    let session = crate::client_wait(&rt, &mut cev, 10_000, "Connected", |e| match e {
-        Event::Connected { session, .. } => Some(*session),
-        _ => None,
+    let mut pair = Pair::open(&rt, Upgrades::Refuse, Some(faults), options).await;
+    pair.once_each_way(&rt, 300, |i, _, _| {
+        (i % 5 == 0).then_some(Duration::from_millis(40))
     })
     .await;
-    let (to_server, to_client) = exchange_with(
-        &rt,
-        Ends {
-            server: &server,
-            sev: &mut sev,
-            client: &client,
-            cev: &mut cev,
-            session,
-        },
-        300,
-        |i, _| (i % 5 == 0).then_some(Duration::from_millis(40)),
-    )
-    .await;
-    proxy.set_random_faults(None);
-    let want: Vec<u32> = (0..300).collect();
-    assert_eq!(
-        to_server, want,
-        "client to server: every message once, in order"
-    );
-    assert_eq!(
-        to_client, want,
-        "server to client: every message once, in order"
-    );
-    let resumes = client.stats().await.unwrap().stats.resumes;
+    pair.proxy.set_random_faults(None);
+    let resumes = pair.client.stats().await.unwrap().stats.resumes;
     assert!(resumes >= 1, "faults ended connections: {resumes} resumes");
-    within(&rt, 3000, "close", client.close()).await.unwrap();
-    within(&rt, 3000, "shutdown", server.shutdown())
-        .await
-        .unwrap();
+    pair.end(&rt).await;
 }

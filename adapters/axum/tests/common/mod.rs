@@ -174,3 +174,30 @@ pub async fn read_frames(
         rest.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// The three forms of mounting `server` at `/ws`, each beside a page at
+/// `/`: a route, a tower service, a layer.
+pub fn forms(server: &kitestring::ServerHandle) -> [(&'static str, axum::Router); 3] {
+    use axum::routing::get;
+    use kitestring_axum::{KitestringLayer, KitestringService};
+    [
+        (
+            "route",
+            axum::Router::new()
+                .route("/", get(|| async { "a page" }))
+                .route("/ws", kitestring_axum::route(server.clone())),
+        ),
+        (
+            "service",
+            axum::Router::new()
+                .route("/", get(|| async { "a page" }))
+                .route_service("/ws", KitestringService::new(server.clone())),
+        ),
+        (
+            "layer",
+            axum::Router::new()
+                .route("/", get(|| async { "a page" }))
+                .layer(KitestringLayer::new(server.clone(), "/ws")),
+        ),
+    ]
+}

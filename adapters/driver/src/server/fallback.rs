@@ -38,11 +38,11 @@ use tracing::debug;
 use crate::runtime::{AsyncTimer, BoxFuture};
 use crate::util;
 
-use super::auth::AuthRequest;
 use super::conn::{connection, report_closed, Carrier};
 use super::http::{self, FallbackAsk, HttpRefusal};
+use super::hyper::admit_request;
 use super::shared::ServerShared;
-use super::upgrade::{admit, refused};
+use super::upgrade::refused;
 use super::HttpFallback;
 
 /// A fallback response's body.
@@ -431,22 +431,16 @@ async fn open(
                 .iter()
                 .map(|(name, value)| (name.as_str(), value.as_bytes())),
         )?;
-        let headers = &parts.headers;
-        let extensions = &mut parts.extensions;
         let has_hello = req.hello.is_some()
             || req.query.is_some_and(|q| {
                 http::query_value(q, kitestring_core::wire::HELLO_PARAM).is_some()
             });
-        let admitted = admit(
+        let admitted = admit_request(
             shared,
             &req,
-            || {
-                let mut auth =
-                    AuthRequest::new(req.path, req.query.map(str::to_owned), headers.clone());
-                auth.extensions = std::mem::take(extensions);
-                auth.peer = peer;
-                Ok(auth)
-            },
+            &parts.headers,
+            &mut parts.extensions,
+            peer,
             &early,
         )
         .await?;

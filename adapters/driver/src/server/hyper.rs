@@ -305,18 +305,12 @@ async fn upgrade(
                 "this HTTP server cannot hand the connection over",
             ));
         };
-        let headers = &parts.headers;
-        let extensions = &mut parts.extensions;
-        let admitted = admit(
+        let admitted = admit_request(
             &shared,
             &req,
-            || {
-                let mut auth =
-                    AuthRequest::new(req.path, req.query.map(str::to_owned), headers.clone());
-                auth.extensions = std::mem::take(extensions);
-                auth.peer = peer;
-                Ok(auth)
-            },
+            &parts.headers,
+            &mut parts.extensions,
+            peer,
             &early,
         )
         .await?;
@@ -348,6 +342,31 @@ async fn upgrade(
             refusal_response(&refusal)
         }
     }
+}
+
+/// [`admit`] for a request hyper read: the authenticator sees its path,
+/// query, headers, extensions (taken from the request) and `peer`.
+pub(super) async fn admit_request(
+    shared: &ServerShared,
+    req: &http::Upgrade<'_>,
+    headers: &h::HeaderMap,
+    extensions: &mut h::Extensions,
+    peer: Option<SocketAddr>,
+    early: &OnceLock<ConnectionId>,
+) -> Result<super::upgrade::Admitted, HttpRefusal> {
+    admit(
+        shared,
+        req,
+        || {
+            let mut auth =
+                AuthRequest::new(req.path, req.query.map(str::to_owned), headers.clone());
+            auth.extensions = std::mem::take(extensions);
+            auth.peer = peer;
+            Ok(auth)
+        },
+        early,
+    )
+    .await
 }
 
 /// The refusal as a response: the same status, headers and one-line body
