@@ -549,6 +549,7 @@ impl Server {
                 awaiting_subs: false,
                 latest,
                 recovering: false,
+                codec: None,
             }),
         );
         self.arm(expires_at, ServerTimer::Expiry(session));

@@ -332,6 +332,7 @@ impl Server {
                     awaiting_subs: false,
                     latest,
                     recovering: false,
+                    codec: None,
                 }),
             );
             self.stats.sessions_created += 1;
@@ -342,6 +343,9 @@ impl Server {
         let deflate = wire::COMPRESSION_BUILT
             && self.config.compression.is_some()
             && h.caps.iter().any(|c| c == wire::CAP_DEFLATE);
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.codec = Some(codec);
+        }
         if let Some(conn) = self.conns.get_mut(&connection) {
             conn.decoder.set_compression(deflate);
             conn.phase = ConnPhase::Open {

@@ -286,6 +286,14 @@ impl Server {
         }
     }
 
+    /// The codec of the session's current connection, or of its last one
+    /// while it is detached (`None` for a session this server has not seen
+    /// connected, and for none at all): the codec to encode typed payloads
+    /// for it with.
+    pub fn last_codec(&self, session: SessionId) -> Option<Codec> {
+        self.sessions.get(&session)?.codec
+    }
+
     /// The connection a session is attached to, if any.
     pub fn connection_of(&self, session: SessionId) -> Option<ConnectionId> {
         self.sessions.get(&session)?.state.connection()

@@ -15,7 +15,7 @@ use crate::close::CloseCode;
 use crate::link::Link;
 use crate::rooms::{Member, Presence};
 use crate::time::Instant;
-use crate::wire::{ClientId, SessionId};
+use crate::wire::{ClientId, Codec, SessionId};
 
 use super::conn::ConnPhase;
 use super::delivery::{LinkDeadlines, SessionTimers};
@@ -106,6 +106,9 @@ pub(super) struct Session {
     /// server holding it was lost: its numbers are set by the client's
     /// resuming `hello`.
     pub(super) recovering: bool,
+    /// The codec of its current (or last) connection; `None` before its
+    /// first connection on this server (an imported session).
+    pub(super) codec: Option<Codec>,
 }
 
 impl Server {

@@ -74,9 +74,8 @@ impl ServerHandle {
     pub fn codec_for(&self, session: SessionId) -> Codec {
         self.shared
             .lock()
-            .codecs
-            .get(&session)
-            .copied()
+            .server
+            .last_codec(session)
             .unwrap_or(self.codec)
     }
 

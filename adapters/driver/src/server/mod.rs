@@ -446,7 +446,6 @@ fn start_inner(
         state: Mutex::new(LockedState {
             server,
             conns: FxHashMap::default(),
-            codecs: FxHashMap::default(),
             paused: Vec::new(),
             room_waiters: FxHashMap::default(),
             armed: None,

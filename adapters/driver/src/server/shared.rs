@@ -27,7 +27,7 @@ use kitestring_core::server::{
     SessionEnd,
 };
 use kitestring_core::stream::HistoryConfig;
-use kitestring_core::wire::{Codec, SessionId};
+use kitestring_core::wire::SessionId;
 use tracing::{debug, error, trace, warn};
 
 use crate::drive::Clock;
@@ -107,10 +107,6 @@ pub(super) struct LockedState {
     pub(super) server: Server,
     /// Connection tasks that registered and have not reported their end.
     pub(super) conns: FxHashMap<ConnectionId, SlotRef>,
-    /// The codec negotiated by each session's latest connection (set when a
-    /// session opens or resumes, removed when it ends), to encode typed
-    /// values. Bounded by the sessions the core holds.
-    pub(super) codecs: FxHashMap<SessionId, Codec>,
     /// Connections that stopped reading because `events` was full.
     pub(super) paused: Vec<ConnectionId>,
     /// Callers of [`ServerHandle::ready`] waiting for room in a session's
@@ -483,7 +479,7 @@ impl LockedState {
                 }
                 ServerOutput::Event(event) => {
                     log_event(&event);
-                    self.track_codec(&event);
+                    self.wake_room_waiters(&event);
                     if let Some(cluster) = &env.cluster {
                         match &event {
                             ServerEvent::SessionOpened {
@@ -568,21 +564,9 @@ impl LockedState {
         }
     }
 
-    /// Keeps [`LockedState::codecs`] in step with the sessions.
-    fn track_codec(&mut self, event: &ServerEvent) {
-        match event {
-            ServerEvent::SessionOpened { session, .. } => {
-                if let Some(codec) = self.server.session_codec(*session) {
-                    self.codecs.insert(*session, codec);
-                }
-            }
-            ServerEvent::SessionEnded { session, .. } | ServerEvent::SessionMoved { session } => {
-                self.codecs.remove(session);
-            }
-            _ => {}
-        }
-        // Room in a session's window comes with acknowledgments; an ended
-        // session's waiters learn it is gone.
+    /// Room in a session's window comes with acknowledgments; an ended
+    /// session's waiters learn it is gone.
+    fn wake_room_waiters(&mut self, event: &ServerEvent) {
         if let ServerEvent::Acked { session, .. }
         | ServerEvent::SessionOpened { session, .. }
         | ServerEvent::SessionEnded { session, .. }
