@@ -93,9 +93,11 @@ impl HttpClient {
         }
         if self.sender.is_none() {
             let io = (self.open_io)().await?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(HttpIo(io))
-                .await
-                .map_err(|e| TransportError::Io(format!("HTTP handshake: {e}")))?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(
+                crate::hyper_io::FuturesIo::new(io, Vec::new()),
+            )
+            .await
+            .map_err(|e| TransportError::Io(format!("HTTP handshake: {e}")))?;
             // Ends when the sender is dropped (or the server closes).
             self.runtime.spawn(Box::pin(async move {
                 if let Err(e) = conn.await {
@@ -122,45 +124,6 @@ impl HttpClient {
             headers: parts.headers,
             body,
         })
-    }
-}
-
-/// A socket for hyper's client.
-struct HttpIo(BoxIo);
-
-impl hyper::rt::Read for HttpIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let mut chunk = [0u8; 8192];
-        let want = buf.remaining().min(chunk.len());
-        let n = std::task::ready!(futures_io::AsyncRead::poll_read(
-            Pin::new(&mut self.0),
-            cx,
-            &mut chunk[..want]
-        ))?;
-        buf.put_slice(&chunk[..n]);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl hyper::rt::Write for HttpIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        futures_io::AsyncWrite::poll_write(Pin::new(&mut self.0), cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        futures_io::AsyncWrite::poll_flush(Pin::new(&mut self.0), cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        futures_io::AsyncWrite::poll_close(Pin::new(&mut self.0), cx)
     }
 }
 

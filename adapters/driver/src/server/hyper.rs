@@ -185,7 +185,7 @@ pub(super) async fn serve_http(
             async move { Ok::<_, Infallible>(answer.await) }
         })
     };
-    let io = ListenerIo { io, read, at: 0 };
+    let io = crate::hyper_io::FuturesIo::new(io, read);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(RuntimeTimer(shared.runtime.clone()))
         .header_read_timeout(shared.options.handshake_timeout)
@@ -194,56 +194,6 @@ pub(super) async fn serve_http(
         .with_upgrades();
     if let Err(e) = conn.await {
         debug!(?peer, error = %e, "fallback HTTP connection ended");
-    }
-}
-
-/// A listener's socket for hyper, starting with the bytes already read.
-struct ListenerIo {
-    io: BoxIo,
-    read: Vec<u8>,
-    at: usize,
-}
-
-impl hyper::rt::Read for ListenerIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.read.len() {
-            let n = buf.remaining().min(this.read.len() - this.at);
-            buf.put_slice(&this.read[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.read.len() {
-                this.read = Vec::new();
-                this.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        let mut chunk = [0u8; 8192];
-        let want = buf.remaining().min(chunk.len());
-        let n = ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk[..want]))?;
-        buf.put_slice(&chunk[..n]);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl hyper::rt::Write for ListenerIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_close(cx)
     }
 }
 
