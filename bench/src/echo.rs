@@ -278,7 +278,7 @@ impl Rt {
         match self {
             Rt::Tokio => net::tokio_runtime()
                 .block_on(async { ours_throughput(kitestring_tokio::runtime(), load).await }),
-            Rt::Smol => smol::block_on(ours_throughput(kitestring_smol::runtime(), load)),
+            Rt::Smol => net::smol_block_on(|runtime| ours_throughput(runtime, load)),
             Rt::AsyncStd => {
                 async_std::task::block_on(ours_throughput(kitestring_async_std::runtime(), load))
             }
@@ -298,6 +298,11 @@ pub(crate) fn throughput_scenario(opts: &crate::Options) -> Vec<crate::Figure> {
     let runtimes = [Rt::Tokio, Rt::Smol, Rt::AsyncStd];
     let mut figures = Vec::new();
     for (conns, size, per_conn, window) in loads {
+        if let Ok(only) = std::env::var("TMP_ONLY") {
+            if only != format!("{conns}/{size}") {
+                continue;
+            }
+        }
         let load = Load {
             conns,
             size,

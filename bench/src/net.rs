@@ -41,6 +41,33 @@ pub(crate) fn tokio_runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// Runs the future `run` makes on this thread, with a smol executor of
+/// two threads for what it spawns, as [`tokio_runtime`] gives tokio two
+/// workers (smol's global executor runs on one thread unless `SMOL_THREADS`
+/// says otherwise).
+pub(crate) fn smol_block_on<T, F: std::future::Future<Output = T>>(
+    run: impl FnOnce(Arc<dyn Runtime>) -> F,
+) -> T {
+    let executor = Arc::new(smol::Executor::new());
+    let (stop, stopped) = smol::channel::bounded::<()>(1);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (executor, stopped) = (executor.clone(), stopped.clone());
+            std::thread::spawn(move || {
+                smol::block_on(executor.run(async move {
+                    let _ = stopped.recv().await;
+                }))
+            })
+        })
+        .collect();
+    let out = smol::block_on(run(kitestring_smol::runtime_on(executor)));
+    drop(stop);
+    for thread in threads {
+        let _ = thread.join();
+    }
+    out
+}
+
 /// The baseline's tungstenite settings: exactly the driver's (4 KiB read
 /// buffer, the same write buffer and size limits). The baseline sends with
 /// `SinkExt::send`, which flushes every message, as hand-written loops do.

@@ -20,14 +20,48 @@ use std::time::Instant;
 
 use kitestring::async_io::{connect_any, AsyncIoListener, AsyncIoTimer};
 pub use kitestring::*;
+use smol::Executor;
 
-/// [`Runtime`] on smol's global executor.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SmolRuntime;
+/// [`Runtime`] on smol: its global executor ([`runtime`]), or an executor
+/// of the application's ([`runtime_on`]).
+#[derive(Clone, Debug, Default)]
+pub struct SmolRuntime {
+    /// Where tasks go; `None` for smol's global executor.
+    executor: Option<Arc<Executor<'static>>>,
+}
 
-/// smol as a shareable [`Runtime`].
+/// smol's global executor as a shareable [`Runtime`].
+///
+/// That executor runs on one thread unless the `SMOL_THREADS` environment
+/// variable says otherwise when it is first used: a server that should use
+/// more than one core either sets it or runs on an executor of its own
+/// ([`runtime_on`]).
 pub fn runtime() -> Arc<dyn Runtime> {
-    Arc::new(SmolRuntime)
+    Arc::new(SmolRuntime::default())
+}
+
+/// A [`Runtime`] whose tasks go to `executor`, which the application runs
+/// on as many threads as it likes (each calling [`Executor::run`]).
+/// Timers and sockets still come from async-io's reactor.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// # fn demo() {
+/// let executor = Arc::new(smol::Executor::new());
+/// let (stop, stopped) = smol::channel::unbounded::<()>();
+/// for _ in 0..2 {
+///     let (executor, stopped) = (executor.clone(), stopped.clone());
+///     std::thread::spawn(move || smol::block_on(executor.run(stopped.recv())));
+/// }
+/// let runtime = kitestring_smol::runtime_on(executor.clone());
+/// // ... bind a server or connect clients with `runtime` ...
+/// # drop((runtime, stop));
+/// # }
+/// ```
+pub fn runtime_on(executor: Arc<Executor<'static>>) -> Arc<dyn Runtime> {
+    Arc::new(SmolRuntime {
+        executor: Some(executor),
+    })
 }
 
 impl Runtime for SmolRuntime {
@@ -36,7 +70,10 @@ impl Runtime for SmolRuntime {
     }
 
     fn spawn(&self, future: BoxFuture<'static, ()>) {
-        smol::spawn(future).detach();
+        match &self.executor {
+            Some(executor) => executor.spawn(future).detach(),
+            None => smol::spawn(future).detach(),
+        }
     }
 
     fn connect_tcp(&self, host: String, port: u16) -> BoxFuture<'static, io::Result<BoxIo>> {

@@ -1,5 +1,7 @@
-//! One connection's task: reads frames and runs them through the core under
-//! the state's lock, writes the frames the core left in its slot, pauses
+//! One connection's task: reads frames, decodes them (once the connection's
+//! `hello` was answered, with the decoder it took from the core, before the
+//! state's lock is taken) and runs them through the core under the state's
+//! lock, writes the frames the core left in its slot, pauses
 //! reading while the application's event queue is full or the rate limit
 //! pushes back, and closes when told or when the peer goes.
 //!
@@ -19,8 +21,9 @@ use async_tungstenite::WebSocketStream;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::close::CloseCode;
-use kitestring_core::server::ConnectionId;
+use kitestring_core::server::{ConnDecoder, ConnectionId, Decoded};
 use kitestring_core::wire::{Incoming, SessionId};
+use smallvec::SmallVec;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::drive::ReadyFlag;
@@ -29,7 +32,7 @@ use crate::util;
 use crate::ws;
 
 use super::feed::{FeedError, Followed};
-use super::shared::{lock_slot, CloseOrder, ConnSlot, LockedState, ServerShared, SlotRef, Wakes};
+use super::shared::{lock_slot, CloseOrder, ConnSlot, ServerShared, SlotRef, Wakes};
 use super::upgrade::claim_for;
 
 /// How a connection task's main loop ended.
@@ -70,6 +73,14 @@ where
     }
 }
 
+/// Frames read in one go, run through the core under one lock: on the
+/// stack of one poll, so neither a burst's buffer nor its allocation is
+/// carried from one read to the next.
+type Batch = SmallVec<[Message; ConnIo::BATCH]>;
+
+/// A batch decoded outside the state's lock, on the stack of one poll.
+type DecodedBatch = SmallVec<[Decoded; ConnIo::BATCH]>;
+
 /// A connection task's own buffers.
 struct ConnIo {
     id: ConnectionId,
@@ -85,8 +96,16 @@ struct ConnIo {
     /// them are: it was every entry published when the slot's queue was
     /// last emptied.
     horizon: u64,
-    /// Frames read in one go, run through the core under one lock.
-    batch: Vec<Message>,
+    /// The connection's decoder once its `hello` was answered
+    /// ([`Server::take_decoder`]): messages are decoded before the state's
+    /// lock is taken, so the lock is held for what they do, not for
+    /// parsing them.
+    ///
+    /// [`Server::take_decoder`]: kitestring_core::server::Server::take_decoder
+    decoder: Option<ConnDecoder>,
+    /// The first frame, read before this task ran (with a cluster, to claim
+    /// the session its `hello` resumes): the first batch begins with it.
+    first: Vec<Message>,
     needs_flush: bool,
     /// Read only when the socket signalled: this task also wakes for every
     /// outgoing frame, and a read attempt is not free.
@@ -151,17 +170,14 @@ impl ConnIo {
         });
     }
 
-    /// Nothing to read and nothing left to write: the task waits. Buffers
-    /// a burst left behind are let go, so an idle connection holds none
-    /// (the next burst allocates once): the frame queue it took from the
-    /// slot (the slot keeps the other, empty once swapped) and the read
-    /// batch.
+    /// Nothing to read and nothing left to write: the task waits. The
+    /// frame queue a burst left behind is let go, so an idle connection
+    /// holds none (the next burst allocates once): the one it took from the
+    /// slot (the slot keeps the other, empty once swapped). Reads need no
+    /// buffer of their own: a batch lives on the stack of one poll.
     fn settle(&mut self) {
         if self.out.is_empty() && self.out.capacity() > 0 {
             self.out = VecDeque::new();
-        }
-        if self.batch.capacity() > 0 {
-            self.batch = Vec::new();
         }
     }
 
@@ -297,10 +313,14 @@ impl ConnIo {
             }
             // Reads: everything already there, up to a batch.
             let mut end = None;
-            while self.batch.len() < Self::BATCH {
+            let mut batch = Batch::new();
+            if !self.first.is_empty() {
+                batch.extend(std::mem::take(&mut self.first));
+            }
+            while batch.len() < Self::BATCH {
                 match self.readable.poll(cx, |cx| ws.poll_next_unpin(cx)) {
                     Poll::Ready(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => {
-                        self.batch.push(m);
+                        batch.push(m);
                     }
                     // Pings and pongs: tungstenite answers pings itself.
                     Poll::Ready(Some(Ok(
@@ -313,18 +333,44 @@ impl ConnIo {
                     Poll::Pending => break,
                 }
             }
-            if self.batch.is_empty() && end.is_none() {
+            if batch.is_empty() && end.is_none() {
                 self.settle();
                 return Poll::Pending;
             }
-            read += self.batch.len();
-            if !self.batch.is_empty() {
+            read += batch.len();
+            if !batch.is_empty() {
                 let id = self.id;
-                let batch = &mut self.batch;
-                let paused = shared.run(Some(id), |st, now| {
-                    run_batch(st, now, id, batch);
-                    st.server.read_paused_until(id)
-                });
+                let paused = match self.decoder.as_mut() {
+                    // Decoded before the state's lock is taken.
+                    Some(decoder) => {
+                        let decoded: DecodedBatch = batch
+                            .iter()
+                            .filter_map(incoming)
+                            .map(|m| decoder.decode(m))
+                            .collect();
+                        drop(batch);
+                        shared.run(Some(id), |st, now| {
+                            for m in decoded {
+                                st.server.handle_decoded(now, id, m);
+                            }
+                            st.server.read_paused_until(id)
+                        })
+                    }
+                    None => {
+                        let decoder = &mut self.decoder;
+                        shared.run(Some(id), |st, now| {
+                            for m in &batch {
+                                if let Some(m) = incoming(m) {
+                                    st.server.handle_message(now, id, m);
+                                }
+                            }
+                            // Once the `hello` was answered, the rest is
+                            // decoded here.
+                            *decoder = st.server.take_decoder(id);
+                            st.server.read_paused_until(id)
+                        })
+                    }
+                };
                 if let Some(at) = paused {
                     let at = shared.clock.std(at);
                     match &mut self.throttle {
@@ -367,24 +413,12 @@ fn take_frames(
     }
 }
 
-/// Runs frames a connection read through the core, in order.
-fn run_batch(
-    st: &mut LockedState,
-    now: kitestring_core::Instant,
-    id: ConnectionId,
-    batch: &mut Vec<Message>,
-) {
-    for m in batch.drain(..) {
-        match &m {
-            Message::Text(t) => {
-                st.server
-                    .handle_message(now, id, Incoming::Text(t.as_str()));
-            }
-            Message::Binary(b) => {
-                st.server.handle_message(now, id, Incoming::SharedBinary(b));
-            }
-            _ => {}
-        }
+/// A data message as the core takes it; `None` for control frames.
+fn incoming(m: &Message) -> Option<Incoming<'_>> {
+    match m {
+        Message::Text(t) => Some(Incoming::Text(t.as_str())),
+        Message::Binary(b) => Some(Incoming::SharedBinary(b)),
+        _ => None,
     }
 }
 
@@ -575,9 +609,9 @@ fn serve<C: Carrier>(
         // session another node holds: it is claimed before the hello runs.
         // Boxed, as the closing stage is: its futures (the claim's above
         // all) would otherwise be carried by every open connection's task.
-        let mut batch = Vec::new();
+        let mut first = Vec::new();
         if cluster_claim {
-            batch = Box::pin(claim_first(&shared, id, &mut ws)).await;
+            first = Box::pin(claim_first(&shared, id, &mut ws)).await;
         }
         let mut io = ConnIo {
             id,
@@ -585,7 +619,8 @@ fn serve<C: Carrier>(
             out: VecDeque::new(),
             followed: Followed::default(),
             horizon: 0,
-            batch,
+            decoder: None,
+            first,
             needs_flush: false,
             readable: ReadyFlag::new(),
             throttle: None,
