@@ -347,9 +347,7 @@ impl Server {
             s.codec = Some(codec);
         }
         if let Some(conn) = self.conns.get_mut(&connection) {
-            if let Some(decoder) = conn.decoder.as_mut() {
-                decoder.set_compression(deflate);
-            }
+            conn.decoder.set_compression(deflate);
             conn.phase = ConnPhase::Open {
                 session,
                 codec,

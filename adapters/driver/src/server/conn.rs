@@ -1,7 +1,5 @@
-//! One connection's task: reads frames, decodes them (once the connection's
-//! `hello` was answered, with the decoder it took from the core, before the
-//! state's lock is taken) and runs them through the core under the state's
-//! lock, writes the frames the core left in its slot, pauses
+//! One connection's task: reads frames and runs them through the core under
+//! the state's lock, writes the frames the core left in its slot, pauses
 //! reading while the application's event queue is full or the rate limit
 //! pushes back, and closes when told or when the peer goes.
 //!
@@ -21,7 +19,7 @@ use async_tungstenite::WebSocketStream;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::close::CloseCode;
-use kitestring_core::server::{ConnDecoder, ConnectionId, Decoded};
+use kitestring_core::server::ConnectionId;
 use kitestring_core::wire::{Incoming, SessionId};
 use smallvec::SmallVec;
 use tracing::{debug, trace, warn, Instrument};
@@ -78,9 +76,6 @@ where
 /// carried from one read to the next.
 type Batch = SmallVec<[Message; ConnIo::BATCH]>;
 
-/// A batch decoded outside the state's lock, on the stack of one poll.
-type DecodedBatch = SmallVec<[Decoded; ConnIo::BATCH]>;
-
 /// A connection task's own buffers.
 struct ConnIo {
     id: ConnectionId,
@@ -96,13 +91,6 @@ struct ConnIo {
     /// them are: it was every entry published when the slot's queue was
     /// last emptied.
     horizon: u64,
-    /// The connection's decoder once its `hello` was answered
-    /// ([`Server::take_decoder`]): messages are decoded before the state's
-    /// lock is taken, so the lock is held for what they do, not for
-    /// parsing them.
-    ///
-    /// [`Server::take_decoder`]: kitestring_core::server::Server::take_decoder
-    decoder: Option<ConnDecoder>,
     /// The first frame, read before this task ran (with a cluster, to claim
     /// the session its `hello` resumes): the first batch begins with it.
     first: Vec<Message>,
@@ -340,37 +328,14 @@ impl ConnIo {
             read += batch.len();
             if !batch.is_empty() {
                 let id = self.id;
-                let paused = match self.decoder.as_mut() {
-                    // Decoded before the state's lock is taken.
-                    Some(decoder) => {
-                        let decoded: DecodedBatch = batch
-                            .iter()
-                            .filter_map(incoming)
-                            .map(|m| decoder.decode(m))
-                            .collect();
-                        drop(batch);
-                        shared.run(Some(id), |st, now| {
-                            for m in decoded {
-                                st.server.handle_decoded(now, id, m);
-                            }
-                            st.server.read_paused_until(id)
-                        })
+                let paused = shared.run(Some(id), |st, now| {
+                    for m in &batch {
+                        if let Some(m) = incoming(m) {
+                            st.server.handle_message(now, id, m);
+                        }
                     }
-                    None => {
-                        let decoder = &mut self.decoder;
-                        shared.run(Some(id), |st, now| {
-                            for m in &batch {
-                                if let Some(m) = incoming(m) {
-                                    st.server.handle_message(now, id, m);
-                                }
-                            }
-                            // Once the `hello` was answered, the rest is
-                            // decoded here.
-                            *decoder = st.server.take_decoder(id);
-                            st.server.read_paused_until(id)
-                        })
-                    }
-                };
+                    st.server.read_paused_until(id)
+                });
                 if let Some(at) = paused {
                     let at = shared.clock.std(at);
                     match &mut self.throttle {
@@ -619,7 +584,6 @@ fn serve<C: Carrier>(
             out: VecDeque::new(),
             followed: Followed::default(),
             horizon: 0,
-            decoder: None,
             first,
             needs_flush: false,
             readable: ReadyFlag::new(),

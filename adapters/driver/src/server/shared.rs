@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::Duration;
 
@@ -246,36 +246,10 @@ impl Wakes {
     }
 }
 
-/// Rounds of [`ServerShared::lock`]'s wait before it sleeps. Measured on
-/// the echo of BENCHMARKS.md ("Peers in the same run"): without them the
-/// application's sends slept on the lock while connection tasks held it,
-/// and the echo ran 15 % slower at the same CPU per message; 80 rounds did
-/// no better than these.
-const SPIN_ROUNDS: u32 = 20;
-
 impl ServerShared {
-    /// Takes the state's lock. It is held for microseconds at a time, and
-    /// when it is contended (connection tasks running what they read
-    /// through the core on one core, the application sending on another) a
-    /// thread put to sleep in the kernel and woken again costs more than
-    /// the wait: so a thread that finds it taken tries again for a while,
-    /// with pauses that double up to 64 ([`SPIN_ROUNDS`] rounds, about a
-    /// thousand pauses, tens of microseconds), before it sleeps.
     pub(super) fn lock(&self) -> MutexGuard<'_, LockedState> {
-        for round in 0..SPIN_ROUNDS {
-            match self.state.try_lock() {
-                Ok(guard) => return guard,
-                // A panic under the lock leaves the core's state as it was
-                // between two calls; carry on with it rather than poison
-                // every handle.
-                Err(TryLockError::Poisoned(e)) => return e.into_inner(),
-                Err(TryLockError::WouldBlock) => {
-                    for _ in 0..1u32 << round.min(6) {
-                        std::hint::spin_loop();
-                    }
-                }
-            }
-        }
+        // A panic under the lock leaves the core's state as it was between
+        // two calls; carry on with it rather than poison every handle.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
