@@ -207,16 +207,18 @@ impl Debug for ReadyFlag {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::runtime::{AsyncListener, BoxFuture, BoxIo};
     use std::io;
     use std::sync::Mutex;
     use std::task::Waker;
 
-    /// A runtime whose timers never fire and whose clock is set by hand.
+    /// A runtime whose timers never fire, whose clock is set by hand, and
+    /// which runs nothing it is given: tests drive what they need from
+    /// threads of their own.
     #[derive(Debug)]
-    struct Frozen(Mutex<Instant>);
+    pub(crate) struct Frozen(pub(crate) Mutex<Instant>);
 
     #[derive(Debug)]
     struct NeverTimer;

@@ -72,19 +72,45 @@ impl Pair {
         }
     }
 
+    /// Cuts every connection the proxy carries until the client has
+    /// resumed `resumes` times, reading both sides meanwhile. A cut that finds both of the fallback's HTTP connections
+    /// between requests ends nothing (the client opens a new one for its
+    /// next request, and nothing was on the way), so it is repeated, at
+    /// most ten times.
+    async fn cut_until_resumed(&mut self, rt: &Arc<dyn Runtime>, resumes: u64, got: &mut Got) {
+        for _ in 0..10 {
+            self.proxy.cut_all();
+            let until = Instant::now() + Duration::from_millis(2000);
+            while Instant::now() < until {
+                self.read_for(rt, Duration::from_millis(50), got).await;
+                let stats = within(rt, 3000, "client stats", self.client.stats())
+                    .await
+                    .unwrap()
+                    .stats;
+                if stats.resumes >= resumes && self.client.transport().is_some() {
+                    return;
+                }
+            }
+        }
+        panic!("ten cuts of every connection and no resume {resumes}");
+    }
+
     /// Sends `n` messages each way, one pair at a time, calling `step`
     /// (with the message's number, the client and the proxy) before each
-    /// pair, and reading on for as long as it asks; then waits until every
-    /// message arrived, and checks each side got every message once, in
-    /// order.
+    /// pair, and doing what it asks; then waits until every message
+    /// arrived, and checks each side got every message once, in order.
     async fn once_each_way<F>(&mut self, rt: &Arc<dyn Runtime>, n: u32, mut step: F)
     where
-        F: FnMut(u32, &ClientHandle, &Proxy) -> Option<Duration>,
+        F: FnMut(u32, &ClientHandle, &Proxy) -> Step,
     {
         let mut got = Got::default();
         for i in 0..n {
-            if let Some(pause) = step(i, &self.client, &self.proxy) {
-                self.read_for(rt, pause, &mut got).await;
+            match step(i, &self.client, &self.proxy) {
+                Step::Go => {}
+                Step::Read(pause) => self.read_for(rt, pause, &mut got).await,
+                Step::CutUntilResumed(resumes) => {
+                    self.cut_until_resumed(rt, resumes, &mut got).await;
+                }
             }
             let mut full = 0;
             loop {
@@ -142,6 +168,16 @@ impl Pair {
     }
 }
 
+/// What [`Pair::once_each_way`] does before sending a pair.
+enum Step {
+    /// Sends at once.
+    Go,
+    /// Reads both sides for this long first.
+    Read(Duration),
+    /// Cuts every connection until the client's resumes reach this count.
+    CutUntilResumed(u64),
+}
+
 /// Which side's stream was ready first, and with what.
 type Either<S, C, A, B> = futures_util::future::Either<(Option<S>, A), (Option<C>, B)>;
 
@@ -185,20 +221,18 @@ impl Got {
 /// Scenario: a proxy answers every upgrade `400`; the client falls back
 /// to HTTP and 300 messages each way arrive exactly once, in order,
 /// through two cuts of every connection (the polls and sends under way
-/// among them).
+/// among them). A cut that finds the client between requests ends nothing
+/// and is repeated: each of the two must end the connection, and the
+/// session resume on new requests.
 pub async fn fallback_through_cuts(rt: Arc<dyn Runtime>) {
     let options = fast_client(vec![Codec::MsgPack, Codec::Json]);
     let mut pair = Pair::open(&rt, Upgrades::Refuse, None, options).await;
     assert_eq!(pair.client.codec(), Codec::MsgPack);
     assert_eq!(pair.client.transport(), Some(TransportKind::Http));
-    pair.once_each_way(&rt, 300, |i, _, proxy| {
-        if i == 100 || i == 200 {
-            proxy.cut_all();
-            // Read on while the session resumes, so the second cut finds
-            // the resumed connection.
-            return Some(Duration::from_millis(400));
-        }
-        None
+    pair.once_each_way(&rt, 300, |i, _, _| match i {
+        100 => Step::CutUntilResumed(1),
+        200 => Step::CutUntilResumed(2),
+        _ => Step::Go,
     })
     .await;
     assert_eq!(pair.client.transport(), Some(TransportKind::Http));
@@ -216,7 +250,7 @@ pub async fn fallback_stripped_upgrade(rt: Arc<dyn Runtime>) {
     options.hello_in_url = true;
     let mut pair = Pair::open(&rt, Upgrades::Strip, None, options).await;
     assert_eq!(pair.client.transport(), Some(TransportKind::Http));
-    pair.once_each_way(&rt, 50, |_, _, _| None).await;
+    pair.once_each_way(&rt, 50, |_, _, _| Step::Go).await;
     let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
     pair.client.send_bytes(big.clone()).await.unwrap();
     pair.server
@@ -258,14 +292,14 @@ pub async fn fallback_moves_to_websocket_and_back(rt: Arc<dyn Runtime>) {
         match i {
             100 => {
                 proxy.set_upgrades(Upgrades::Pass);
-                Some(Duration::from_millis(1500))
+                Step::Read(Duration::from_millis(1500))
             }
             200 => {
                 proxy.set_upgrades(Upgrades::Refuse);
                 proxy.cut_all();
-                Some(Duration::from_millis(1000))
+                Step::Read(Duration::from_millis(1000))
             }
-            _ => None,
+            _ => Step::Go,
         }
     })
     .await;
@@ -749,7 +783,11 @@ pub async fn fallback_random_faults(rt: Arc<dyn Runtime>) {
     let options = fast_client(vec![Codec::MsgPack, Codec::Json]);
     let mut pair = Pair::open(&rt, Upgrades::Refuse, Some(faults), options).await;
     pair.once_each_way(&rt, 300, |i, _, _| {
-        (i % 5 == 0).then_some(Duration::from_millis(40))
+        if i % 5 == 0 {
+            Step::Read(Duration::from_millis(40))
+        } else {
+            Step::Go
+        }
     })
     .await;
     pair.proxy.set_random_faults(None);

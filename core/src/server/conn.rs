@@ -2,8 +2,9 @@
 //! (awaiting its `hello`, or open with the session it carries and what was
 //! negotiated), the identity from the upgrade, its decoder, rate limiter
 //! and deadlines, and its lag probe (lag.rs runs it); the idle check with
-//! its grace (`check_idle`), and re-authentication
-//! ([`Server::request_reauth`], [`Server::accept_token`]).
+//! its grace (`check_idle`), re-authentication
+//! ([`Server::request_reauth`], [`Server::accept_token`]), and the decoder
+//! a driver may take to decode outside its lock ([`ConnDecoder`]).
 //!
 //! A record holds no session state: the session lives in the registry and
 //! outlives its connections. Nothing here closes a connection but through
@@ -16,7 +17,7 @@ use core::time::Duration;
 use crate::close::CloseCode;
 use crate::ratelimit::RateLimiter;
 use crate::time::Instant;
-use crate::wire::{self, Codec, Frame, SessionId};
+use crate::wire::{self, Codec, DecodeError, Frame, Incoming, Limits, SessionId, PROTOCOL_VERSION};
 
 use super::admission::Limited;
 use super::lag::LagProbe;
@@ -58,8 +59,9 @@ pub(super) struct ConnRecord {
     pub(super) last_rx: Instant,
     pub(super) in_grace: bool,
     pub(super) decode_failures: u32,
-    /// Decodes this connection's messages, in order.
-    pub(super) decoder: wire::Decoder,
+    /// Decodes this connection's messages, in order; `None` once a driver
+    /// took it ([`Server::take_decoder`]).
+    pub(super) decoder: Option<wire::Decoder>,
     pub(super) hello_deadline: Option<Instant>,
     pub(super) reauth_deadline: Option<Instant>,
     pub(super) limiter: Option<Box<RateLimiter>>,
@@ -69,6 +71,55 @@ pub(super) struct ConnRecord {
     /// The lag probe (lag.rs), from when the connection first has
     /// something to measure.
     pub(super) lag: Option<Box<LagProbe>>,
+}
+
+impl ConnRecord {
+    /// What this connection's messages are decoded against: the largest
+    /// message, and the protocol version (the latest until the `hello`
+    /// agreed one).
+    pub(super) fn limits(&self, max_message: usize) -> Limits {
+        let version = match self.phase {
+            ConnPhase::Open { version, .. } => version,
+            ConnPhase::AwaitingHello => PROTOCOL_VERSION,
+        };
+        Limits {
+            max_message,
+            version,
+        }
+    }
+}
+
+/// An open connection's decoder, taken by a driver
+/// ([`Server::take_decoder`]) to decode the connection's messages itself,
+/// outside whatever guards the server: the decoder's state (a detached
+/// payload it waits for, compression) and the limits the connection's
+/// messages are held to.
+#[derive(Debug)]
+pub struct ConnDecoder {
+    pub(super) decoder: wire::Decoder,
+    pub(super) limits: Limits,
+}
+
+impl ConnDecoder {
+    /// Decodes the connection's next message, for
+    /// [`Server::handle_decoded`]. Never fails here: a message that does not
+    /// decode is reported, counted and acted on there, as
+    /// [`Server::handle_message`] would.
+    pub fn decode(&mut self, msg: Incoming<'_>) -> Decoded {
+        Decoded {
+            len: msg.len(),
+            result: self.decoder.decode(msg, &self.limits),
+        }
+    }
+}
+
+/// One message a [`ConnDecoder`] decoded, for [`Server::handle_decoded`]:
+/// its length, and its frame, nothing yet (an envelope whose payload is the
+/// next message), or why it did not decode.
+#[derive(Debug)]
+pub struct Decoded {
+    pub(super) len: usize,
+    pub(super) result: Result<Option<wire::Frame>, DecodeError>,
 }
 
 impl Server {

@@ -347,7 +347,9 @@ impl Server {
             s.codec = Some(codec);
         }
         if let Some(conn) = self.conns.get_mut(&connection) {
-            conn.decoder.set_compression(deflate);
+            if let Some(decoder) = conn.decoder.as_mut() {
+                decoder.set_compression(deflate);
+            }
             conn.phase = ConnPhase::Open {
                 session,
                 codec,

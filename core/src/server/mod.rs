@@ -92,15 +92,13 @@ use crate::reliable::{MessageId, Outgoing, RoomName, SendError};
 use crate::rooms::{AllowAll, RoomPolicy, Rooms};
 use crate::stream::RoomStream;
 use crate::time::Instant;
-use crate::wire::{
-    self, Codec, DecodeError, Frame, Incoming, Limits, MsgKind, Payload, SessionId,
-    PROTOCOL_VERSION,
-};
+use crate::wire::{self, Codec, DecodeError, Frame, Incoming, MsgKind, Payload, SessionId};
 
 // The public items of the other files, each at `kitestring_core::server::Item`.
 pub use crate::stream::RoomEntry;
 pub use admission::RATE_REPORT_INTERVAL;
 pub use cluster::{ClientOp, ClusterOutput, EntryOutcome, JoinedAt, SharedEntry};
+pub use conn::{ConnDecoder, Decoded};
 pub use event::{
     FeedOutput, MapUpdate, RoomError, RoomOp, ServerDeadline, ServerEvent, ServerMetrics,
     ServerOutput, ServerStats, ServerTimer, SessionEnd, SessionInfo,
@@ -332,7 +330,7 @@ impl Server {
                 last_rx: self.now,
                 in_grace: false,
                 decode_failures: 0,
-                decoder: wire::Decoder::new(),
+                decoder: Some(wire::Decoder::new()),
                 hello_deadline: Some(deadline),
                 reauth_deadline: None,
                 limiter: self
@@ -424,14 +422,70 @@ impl Server {
     }
 
     /// A WebSocket message arrived on `connection`.
+    ///
+    /// Decoded here with the connection's decoder, unless a driver took it
+    /// ([`take_decoder`](Self::take_decoder)): a message passed here after
+    /// that is decoded without the taken decoder's state (a detached
+    /// payload it waits for, compression); decode it with the
+    /// [`ConnDecoder`] and pass the result to
+    /// [`handle_decoded`](Self::handle_decoded) instead.
     pub fn handle_message(&mut self, now: Instant, connection: ConnectionId, msg: Incoming<'_>) {
-        self.advance(now);
         let max_message = self.config.max_message_size;
+        let Some(conn) = self.conns.get_mut(&connection) else {
+            self.advance(now);
+            return;
+        };
+        let limits = conn.limits(max_message);
+        let len = msg.len();
+        let result = match conn.decoder.as_mut() {
+            Some(decoder) => decoder.decode(msg, &limits),
+            None => wire::Decoder::new().decode(msg, &limits),
+        };
+        self.on_decoded(now, connection, len, result);
+    }
+
+    /// Hands an open connection's decoder to the caller, which from then on
+    /// decodes the connection's messages itself ([`ConnDecoder::decode`])
+    /// and passes each result to [`handle_decoded`](Self::handle_decoded),
+    /// in order. A driver that guards the server with a lock decodes that
+    /// way before taking it. `None` before the connection's `hello` was
+    /// answered (its decoding depends on what the `hello` agrees), once it
+    /// is gone, or once its decoder was taken.
+    pub fn take_decoder(&mut self, connection: ConnectionId) -> Option<ConnDecoder> {
+        let max_message = self.config.max_message_size;
+        let conn = self.conns.get_mut(&connection)?;
+        if !matches!(conn.phase, ConnPhase::Open { .. }) {
+            return None;
+        }
+        let limits = conn.limits(max_message);
+        conn.decoder
+            .take()
+            .map(|decoder| ConnDecoder { decoder, limits })
+    }
+
+    /// A message of `connection` arrived and was decoded by the
+    /// [`ConnDecoder`] taken for it: exactly what
+    /// [`handle_message`](Self::handle_message) does with a message after
+    /// decoding it.
+    pub fn handle_decoded(&mut self, now: Instant, connection: ConnectionId, message: Decoded) {
+        self.on_decoded(now, connection, message.len, message.result);
+    }
+
+    /// A message of `len` bytes arrived on `connection` and decoded to
+    /// `result`.
+    fn on_decoded(
+        &mut self,
+        now: Instant,
+        connection: ConnectionId,
+        len: usize,
+        result: Result<Option<Frame>, DecodeError>,
+    ) {
+        self.advance(now);
         let Some(conn) = self.conns.get_mut(&connection) else {
             return;
         };
         self.stats.traffic.frames_in += 1;
-        self.stats.traffic.bytes_in += msg.len() as u64;
+        self.stats.traffic.bytes_in += len as u64;
         let gap = self.now.saturating_duration_since(conn.last_rx);
         conn.last_rx = self.now;
         conn.in_grace = false;
@@ -440,15 +494,7 @@ impl Server {
         let behind = conn.lag.as_deref_mut().is_some_and(|lag| {
             lag.heard(self.now, gap, &self.config, &mut self.timers, connection)
         });
-        let version = match conn.phase {
-            ConnPhase::Open { version, .. } => version,
-            ConnPhase::AwaitingHello => PROTOCOL_VERSION,
-        };
-        let limits = Limits {
-            max_message,
-            version,
-        };
-        match conn.decoder.decode(msg, &limits) {
+        match result {
             Ok(Some(frame)) => {
                 conn.decode_failures = 0;
                 self.on_frame(connection, frame);

@@ -1679,3 +1679,93 @@ fn a_pong_with_another_nonce_does_not_answer_the_probe() {
     assert_eq!(ends.len(), 1);
     assert_eq!(ends[0].1, SessionEnd::SlowConsumer);
 }
+
+/// What a connection's messages do is the same whether the server decodes
+/// them ([`Server::handle_message`]) or a driver does with the decoder it
+/// took ([`Server::take_decoder`], [`Server::handle_decoded`]), whatever
+/// message the decoder is taken after: in the middle of a detached payload,
+/// between undecodable frames, before one over the limit.
+#[test]
+fn messages_decoded_by_a_taken_decoder_do_what_they_do_in_the_server() {
+    enum M {
+        Text(String),
+        Binary(Vec<u8>),
+    }
+    let text = |t: &str| M::Text(t.to_owned());
+    let payload = r#"{"detached":true}"#;
+    let sequence = [
+        text(r#"{"t":"msg","seq":1,"id":1,"j":1}"#),
+        M::Text(format!(
+            r#"{{"t":"msg","seq":2,"id":2,"dj":{}}}"#,
+            payload.len()
+        )),
+        M::Binary(payload.as_bytes().to_vec()),
+        text(r#"{"t":"msg","seq":3,"id":3,"j":1,"op":"nope","r":"a"}"#),
+        M::Binary(vec![0xff; 3]),
+        text(
+            r#"{"t":"batch","f":[{"t":"msg","seq":4,"id":4,"j":1},{"t":"msg","seq":5,"id":5,"j":2}]}"#,
+        ),
+        M::Binary(vec![0xff; 3]),
+        text(r#"{"t":"msg","seq":6,"id":6,"j":1}"#),
+        M::Binary(vec![0xff; 3]),
+        M::Binary(vec![0xff; 3]),
+        M::Text(format!(
+            r#"{{"t":"msg","seq":7,"id":7,"j":"{}"}}"#,
+            "x".repeat(5000)
+        )),
+    ];
+    fn incoming(m: &M) -> Incoming<'_> {
+        match m {
+            M::Text(t) => Incoming::Text(t),
+            M::Binary(b) => Incoming::Binary(b),
+        }
+    }
+    let config = || ServerConfig {
+        max_message_size: 4096,
+        ..ServerConfig::default()
+    };
+    for split in 0..=sequence.len() {
+        let mut by_server = Server::new(config()).unwrap();
+        let mut by_driver = Server::new(config()).unwrap();
+        let (a, _) = open_json(&mut by_server, 1);
+        let b = by_driver.handle_connection(Instant::ZERO, None, SessionId([1; 16]));
+        assert!(
+            by_driver.take_decoder(b).is_none(),
+            "no decoder before the hello"
+        );
+        let hello = hello(&[1], &["json"]);
+        by_driver.handle_message(Instant::ZERO, b, Incoming::Text(&hello));
+        drain(&mut by_driver);
+        let mut decoder = None;
+        let mut delivered = Vec::new();
+        for (i, m) in sequence.iter().enumerate() {
+            let now = Instant::from_millis(i as u64 + 1);
+            if i == split {
+                decoder = by_driver.take_decoder(b);
+                assert!(
+                    decoder.is_some(),
+                    "split {split}: the decoder of an open connection"
+                );
+                assert!(by_driver.take_decoder(b).is_none(), "taken once");
+            }
+            by_server.handle_message(now, a, incoming(m));
+            match decoder.as_mut() {
+                Some(d) => by_driver.handle_decoded(now, b, d.decode(incoming(m))),
+                None => by_driver.handle_message(now, b, incoming(m)),
+            }
+            let (x, y) = (drain(&mut by_server), drain(&mut by_driver));
+            assert_eq!(
+                format!("{x:?}"),
+                format!("{y:?}"),
+                "split {split}, message {i}"
+            );
+            delivered.extend(messages(&y).iter().map(|m| m.id.0));
+        }
+        assert_eq!(delivered, [1, 2, 4, 5, 6], "split {split}");
+        assert_eq!(
+            format!("{:?}", by_server.stats()),
+            format!("{:?}", by_driver.stats()),
+            "split {split}"
+        );
+    }
+}

@@ -1,5 +1,7 @@
-//! One connection's task: reads frames and runs them through the core under
-//! the state's lock, writes the frames the core left in its slot, pauses
+//! One connection's task: reads frames, decodes them (once the connection's
+//! `hello` was answered, with the decoder it took from the core, before the
+//! state's lock is taken) and runs them through the core under the state's
+//! lock, writes the frames the core left in its slot, pauses
 //! reading while the application's event queue is full or the rate limit
 //! pushes back, and closes when told or when the peer goes.
 //!
@@ -19,7 +21,7 @@ use async_tungstenite::WebSocketStream;
 use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use kitestring_core::close::CloseCode;
-use kitestring_core::server::ConnectionId;
+use kitestring_core::server::{ConnDecoder, ConnectionId, Decoded};
 use kitestring_core::wire::{Incoming, SessionId};
 use smallvec::SmallVec;
 use tracing::{debug, trace, warn, Instrument};
@@ -76,6 +78,9 @@ where
 /// carried from one read to the next.
 type Batch = SmallVec<[Message; ConnIo::BATCH]>;
 
+/// A batch decoded outside the state's lock, on the stack of one poll.
+type DecodedBatch = SmallVec<[Decoded; ConnIo::BATCH]>;
+
 /// A connection task's own buffers.
 struct ConnIo {
     id: ConnectionId,
@@ -91,10 +96,22 @@ struct ConnIo {
     /// them are: it was every entry published when the slot's queue was
     /// last emptied.
     horizon: u64,
+    /// The connection's decoder once its `hello` was answered
+    /// ([`Server::take_decoder`]): messages are decoded before the state's
+    /// lock is taken, so the lock is held for what they do, not for
+    /// parsing them.
+    ///
+    /// [`Server::take_decoder`]: kitestring_core::server::Server::take_decoder
+    decoder: Option<ConnDecoder>,
     /// The first frame, read before this task ran (with a cluster, to claim
     /// the session its `hello` resumes): the first batch begins with it.
     first: Vec<Message>,
     needs_flush: bool,
+    /// The last batch read held several messages, and the application's
+    /// answers to them may still be coming: the flush of the first frames
+    /// that arrive without a read is put off for one turn of the scheduler,
+    /// so that the rest go out in the same write. Cleared by that turn.
+    answers_due: bool,
     /// Read only when the socket signalled: this task also wakes for every
     /// outgoing frame, and a read attempt is not free.
     readable: ReadyFlag,
@@ -285,6 +302,14 @@ impl ConnIo {
                 self.needs_flush = true;
             }
             self.count_feed_writes(shared);
+            // Woken for frames alone after reading a burst: once, let the
+            // application queue the rest of its answers before the write
+            // goes out. An answer to a lone message goes out at once.
+            if self.needs_flush && read == 0 && self.answers_due {
+                self.answers_due = false;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             if self.needs_flush {
                 match Pin::new(&mut *ws).poll_flush(cx) {
                     Poll::Ready(Ok(())) => self.needs_flush = false,
@@ -327,15 +352,39 @@ impl ConnIo {
             }
             read += batch.len();
             if !batch.is_empty() {
+                self.answers_due = batch.len() > 1;
                 let id = self.id;
-                let paused = shared.run(Some(id), |st, now| {
-                    for m in &batch {
-                        if let Some(m) = incoming(m) {
-                            st.server.handle_message(now, id, m);
-                        }
+                let paused = match self.decoder.as_mut() {
+                    // Decoded before the state's lock is taken.
+                    Some(decoder) => {
+                        let decoded: DecodedBatch = batch
+                            .iter()
+                            .filter_map(incoming)
+                            .map(|m| decoder.decode(m))
+                            .collect();
+                        drop(batch);
+                        shared.run(Some(id), |st, now| {
+                            for m in decoded {
+                                st.server.handle_decoded(now, id, m);
+                            }
+                            st.server.read_paused_until(id)
+                        })
                     }
-                    st.server.read_paused_until(id)
-                });
+                    None => {
+                        let decoder = &mut self.decoder;
+                        shared.run(Some(id), |st, now| {
+                            for m in &batch {
+                                if let Some(m) = incoming(m) {
+                                    st.server.handle_message(now, id, m);
+                                }
+                            }
+                            // Once the `hello` was answered, the rest is
+                            // decoded here.
+                            *decoder = st.server.take_decoder(id);
+                            st.server.read_paused_until(id)
+                        })
+                    }
+                };
                 if let Some(at) = paused {
                     let at = shared.clock.std(at);
                     match &mut self.throttle {
@@ -584,8 +633,10 @@ fn serve<C: Carrier>(
             out: VecDeque::new(),
             followed: Followed::default(),
             horizon: 0,
+            decoder: None,
             first,
             needs_flush: false,
+            answers_due: false,
             readable: ReadyFlag::new(),
             throttle: None,
         };

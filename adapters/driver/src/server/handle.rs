@@ -107,7 +107,8 @@ impl ServerHandle {
         payload: Payload,
     ) -> Result<MessageId, ServerError> {
         self.shared
-            .call(|st, now| st.server.send(now, session, payload))?
+            .send(session, payload)
+            .await?
             .map_err(|error| ServerError::Send { session, error })
     }
 

@@ -478,6 +478,7 @@ fn start_inner(
             .collect(),
         readers_paused: AtomicBool::new(false),
         links: Mutex::new(Default::default()),
+        handed: Mutex::new(Default::default()),
         event_backlog: AtomicUsize::new(0),
         cluster: options.backplane.clone().map(|bp| {
             Arc::new(cluster::Cluster::new(
