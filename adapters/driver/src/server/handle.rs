@@ -101,6 +101,13 @@ impl ServerHandle {
 
     /// Sends a payload to a session. Returns as soon as the core accepted
     /// (or refused) it; the connection's task writes it.
+    ///
+    /// Never waits for the client or the network. It may wait a few
+    /// microseconds for another task that holds the server's state: the
+    /// send is then handed to that task, which runs it before letting go
+    /// of the state, and this future completes with its answer. Dropping
+    /// the future after its first poll does not take the send back: it may
+    /// already be queued, and is then delivered as any other.
     pub async fn send_payload(
         &self,
         session: SessionId,
