@@ -274,10 +274,10 @@ impl Wakes {
 }
 
 /// Rounds of [`ServerShared::lock`]'s wait before it sleeps. Measured on
-/// the echo of BENCHMARKS.md ("Peers in the same run"): without them the
-/// application's sends slept on the lock while connection tasks held it,
-/// and the echo ran 15 % slower at the same CPU per message; 80 rounds did
-/// no better than these.
+/// the echo of BENCHMARKS.md ("Peers in the same run"): without them
+/// connection tasks on two cores slept on the lock behind one another, and
+/// the echo ran 15 % slower at the same CPU per message; 80 rounds did no
+/// better than these.
 const SPIN_ROUNDS: u32 = 20;
 
 impl ServerShared {
@@ -342,11 +342,7 @@ impl ServerShared {
                 std::mem::take(&mut handed.sends)
             };
             for h in sends {
-                let r = if st.stopped {
-                    Err(ServerError::Stopped)
-                } else {
-                    Ok(st.server.send(now, h.session, h.payload))
-                };
+                let r = st.send(now, h.session, h.payload);
                 replies.push((h.reply, r));
             }
         }
@@ -382,13 +378,6 @@ impl ServerShared {
         session: SessionId,
         payload: Payload,
     ) -> Result<SendResult, oneshot::Receiver<SendResult>> {
-        let send = |st: &mut LockedState, now, payload| {
-            if st.stopped {
-                Err(ServerError::Stopped)
-            } else {
-                Ok(st.server.send(now, session, payload))
-            }
-        };
         let guard = match self.state.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
@@ -396,7 +385,7 @@ impl ServerShared {
                 let mut handed = self.lock_handed();
                 if !handed.open {
                     drop(handed);
-                    return Ok(self.run(None, |st, now| send(st, now, payload)));
+                    return Ok(self.run(None, |st, now| st.send(now, session, payload)));
                 }
                 let (reply, rx) = oneshot::channel();
                 handed.sends.push(HandedSend {
@@ -407,7 +396,7 @@ impl ServerShared {
                 return Err(rx);
             }
         };
-        Ok(self.run_locked(guard, None, |st, now| send(st, now, payload)))
+        Ok(self.run_locked(guard, None, |st, now| st.send(now, session, payload)))
     }
 
     /// [`run`](Self::run) for a handle: fails once the server stopped.
@@ -426,6 +415,20 @@ impl ServerShared {
 }
 
 impl LockedState {
+    /// A send to `session`: refused once the server stopped.
+    fn send(
+        &mut self,
+        now: kitestring_core::Instant,
+        session: SessionId,
+        payload: Payload,
+    ) -> SendResult {
+        if self.stopped {
+            Err(ServerError::Stopped)
+        } else {
+            Ok(self.server.send(now, session, payload))
+        }
+    }
+
     /// Carries out a feed output: appends to a room's feed, or tells a
     /// connection task to follow one or stop.
     fn feed(
