@@ -172,7 +172,7 @@ fn welcome_frame(session: SessionId, resumed: bool, lost: Option<String>, delive
         resumed,
         lost,
         delivered,
-        features: vec![],
+        features: Vec::new().into(),
         ping_interval_ms: 30_000,
         pong_timeout_ms: 10_000,
         max_message: 1 << 20,

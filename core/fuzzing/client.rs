@@ -415,7 +415,7 @@ impl ClientHarness {
                         .filter(|l| l.len() <= wire::MAX_TOKEN_LEN)
                         .cloned(),
                     delivered: delivered.resolve(self.sent_seq),
-                    features: Vec::new(),
+                    features: Vec::new().into(),
                     ping_interval_ms: u64::from(*ping_ms),
                     pong_timeout_ms: u64::from(*pong_ms),
                     max_message: u64::from(*max),

@@ -336,7 +336,7 @@ impl ArbFrame {
                     resumed: *resumed,
                     lost: lost.clone(),
                     delivered: *delivered,
-                    features: features.clone(),
+                    features: features.clone().into(),
                     ping_interval_ms: *ping,
                     pong_timeout_ms: *pong,
                     max_message: *max,

@@ -17,12 +17,13 @@ macro_rules! id128 {
         impl $name {
             /// The id as 32 lowercase hex digits.
             pub fn to_hex(&self) -> String {
-                let mut s = String::with_capacity(32);
-                for b in self.0 {
-                    s.push(char::from(HEX[usize::from(b >> 4)]));
-                    s.push(char::from(HEX[usize::from(b & 0xf)]));
-                }
-                s
+                self.hex().as_str().to_owned()
+            }
+
+            /// The id's hex digits on the stack, for encoders that only
+            /// borrow them.
+            pub(crate) fn hex(&self) -> Hex32 {
+                Hex32::of(&self.0)
             }
 
             /// Parses 32 hex digits (either case).
@@ -42,16 +43,36 @@ macro_rules! id128 {
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 // The first 8 digits are enough to tell ids apart in logs.
-                write!(f, "{}({}…)", stringify!($name), &self.to_hex()[..8])
+                write!(f, "{}({}…)", stringify!($name), &self.hex().as_str()[..8])
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.to_hex())
+                f.write_str(self.hex().as_str())
             }
         }
     };
+}
+
+/// 16 bytes as 32 lowercase hex digits, held on the stack.
+#[derive(Clone, Copy)]
+pub(crate) struct Hex32([u8; 32]);
+
+impl Hex32 {
+    pub(crate) fn of(bytes: &[u8; 16]) -> Hex32 {
+        let mut out = [0u8; 32];
+        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 0xf)];
+        }
+        Hex32(out)
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        core::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -338,7 +338,12 @@ impl Server {
                         );
                     }
                     kind => match self.admit(connection, m.payload.len(), false) {
-                        Admission::Admit => self.dispatch(session, m),
+                        Admission::Admit => {
+                            self.dispatch(session, m);
+                            if matches!(kind, MsgKind::Join | MsgKind::Leave) && !ack_now {
+                                self.ack_room_op(session, seq);
+                            }
+                        }
                         Admission::Refuse(limit) => {
                             let what = match limit {
                                 Limit::Bytes => "byte",
@@ -428,6 +433,22 @@ impl Server {
         self.on_link(session, |link, tx, timers, _, _| {
             link.send_batch(tx, timers)
         });
+    }
+
+    /// A join or leave numbered `seq` was handled: if the server took it
+    /// itself (not refused, not waiting for a cluster), it is acknowledged
+    /// now, in the same write as its answer (a `sub`, or nothing), rather
+    /// than by a standalone `ack` after the delay. A client learns at once
+    /// that its room operation is done, and a connection that opens and
+    /// joins costs one write less.
+    fn ack_room_op(&mut self, session: SessionId, seq: u64) {
+        let settled = self
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.link.inbound.ack_point() >= seq && s.link.inbound.ack_pending());
+        if settled {
+            self.flush_ack(session);
+        }
     }
 
     pub(super) fn flush_ack(&mut self, session: SessionId) {

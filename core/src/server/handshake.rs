@@ -370,7 +370,7 @@ impl Server {
             resumed: resumed.is_some(),
             lost: lost.map(String::from),
             delivered,
-            features: self.features(deflate),
+            features: self.features[usize::from(deflate)].clone(),
             ping_interval_ms: duration_ms(self.config.ping_interval),
             pong_timeout_ms: duration_ms(self.config.pong_timeout),
             max_message: self.config.max_message_size as u64,
@@ -437,13 +437,17 @@ impl Server {
 
 impl Server {
     /// The `welcome`'s features: the configured ones, the server's own, and
-    /// `deflate` when the connection agreed on compression.
-    fn features(&self, deflate: bool) -> Vec<String> {
-        let mut features = with_own_caps(&self.config.features);
+    /// `deflate` when the connection agreed on compression (`deflate`
+    /// true). Built once, with the server: every `welcome` shares them.
+    pub(super) fn welcome_features(
+        config: &crate::config::ServerConfig,
+        deflate: bool,
+    ) -> std::sync::Arc<[String]> {
+        let mut features = with_own_caps(&config.features);
         if deflate && !features.iter().any(|f| f == wire::CAP_DEFLATE) {
             features.push(wire::CAP_DEFLATE.to_owned());
         }
-        features
+        features.into()
     }
 }
 

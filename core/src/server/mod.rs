@@ -131,6 +131,8 @@ pub struct ConnectionId(pub u64);
 #[derive(Debug)]
 pub struct Server {
     config: ServerConfig,
+    /// The `welcome`'s features without and with `deflate`.
+    features: [std::sync::Arc<[String]>; 2],
     now: Instant,
     // Boxed: a hash table's spare capacity is then a pointer per slot,
     // not a whole record (a table grown to twice its entries would hold
@@ -179,7 +181,9 @@ impl Server {
     /// A server with no connections.
     pub fn new(config: ServerConfig) -> Result<Server, ConfigError> {
         config.validate()?;
+        let features = [false, true].map(|deflate| Server::welcome_features(&config, deflate));
         Ok(Server {
+            features,
             config,
             now: Instant::ZERO,
             conns: Map::default(),

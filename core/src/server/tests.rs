@@ -1769,3 +1769,72 @@ fn messages_decoded_by_a_taken_decoder_do_what_they_do_in_the_server() {
         );
     }
 }
+
+/// A join or leave the server took itself is acknowledged in the same
+/// outputs as its answer (a stream member's `sub`), not by a standalone
+/// `ack` after the delay: the connection that opens and joins writes once.
+/// Not a refused one (its refusal reaches the client first), and not one
+/// behind a message the application has yet to handle.
+#[test]
+fn a_room_operation_the_server_took_is_acknowledged_with_its_answer() {
+    struct Quiet;
+    impl crate::rooms::RoomPolicy for Quiet {
+        fn authorize_join(&self, _: &crate::rooms::Member, room: &str) -> Result<(), String> {
+            match room {
+                "secret" => Err("members only".into()),
+                _ => Ok(()),
+            }
+        }
+        fn presence(&self, _: &str) -> bool {
+            false
+        }
+    }
+    let op = |seq: u64, op: &str, room: &str| {
+        format!(r#"{{"t":"msg","seq":{seq},"id":{seq},"j":null,"r":"{room}","op":"{op}"}}"#)
+    };
+    let t = Instant::ZERO;
+    let open = |config: ServerConfig| {
+        let mut s = Server::new(config).unwrap();
+        s.set_policy(Box::new(Quiet));
+        let c = s.handle_connection(t, None, SessionId([1; 16]));
+        s.handle_message(t, c, Incoming::Text(&hello_caps(&["stream"], None)));
+        let id = welcome_of(&drain(&mut s)).unwrap().session;
+        (s, c, id)
+    };
+    let (mut s, c, _) = open(ServerConfig::default());
+
+    s.handle_message(t, c, Incoming::Text(&op(1, "join", "feed")));
+    let frames = frames_of(&drain(&mut s));
+    assert!(
+        matches!(frames.as_slice(), [Frame::Sub(_), Frame::Ack { ack: 1 }]),
+        "the join's `sub`, then its acknowledgment: {frames:?}"
+    );
+    s.handle_message(t, c, Incoming::Text(&op(2, "leave", "feed")));
+    assert_eq!(acks(&drain(&mut s)), vec![2], "a leave, at once");
+
+    // An application message still waits for the delay.
+    s.handle_message(t, c, Incoming::Text(r#"{"t":"msg","seq":3,"id":3,"j":3}"#));
+    assert_eq!(acks(&drain(&mut s)), Vec::<u64>::new());
+    // A join after it acknowledges both.
+    s.handle_message(t, c, Incoming::Text(&op(4, "join", "feed")));
+    assert_eq!(acks(&drain(&mut s)), vec![4]);
+
+    // A refused join: its refusal, and no acknowledgment covering it.
+    s.handle_message(t, c, Incoming::Text(&op(5, "join", "secret")));
+    let out = drain(&mut s);
+    assert_eq!(refusals(&out).len(), 1);
+    assert!(acks(&out).iter().all(|&a| a < 5), "{:?}", acks(&out));
+
+    // Behind a message the application has not handled, nothing is
+    // acknowledged until it has.
+    let (mut s, c, id) = open(ServerConfig {
+        acknowledge: crate::config::Acknowledge::AfterHandled,
+        ..ServerConfig::default()
+    });
+    s.handle_message(t, c, Incoming::Text(r#"{"t":"msg","seq":1,"id":1,"j":1}"#));
+    s.handle_message(t, c, Incoming::Text(&op(2, "join", "feed")));
+    assert_eq!(acks(&drain(&mut s)), Vec::<u64>::new());
+    s.handled(t, id, 1).unwrap();
+    s.handle_timeout(Instant::from_secs(1));
+    assert_eq!(acks(&drain(&mut s)), vec![2]);
+}

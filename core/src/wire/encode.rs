@@ -60,15 +60,15 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
         Frame::Hello(h) => {
             env.t = "hello".into();
             env.versions = Some(h.versions.clone());
-            hex_client = h.client.to_hex();
+            hex_client = h.client.hex();
             env.client = Some(hex_client.as_str().into());
             if let Some(r) = &h.resume {
-                hex_session = r.session.to_hex();
+                hex_session = r.session.hex();
                 env.session = Some(hex_session.as_str().into());
                 env.delivered = Some(r.delivered);
                 env.acked = r.acked;
-                hex_key = r.key.map(|k| k.to_hex());
-                env.key = hex_key.as_deref().map(Cow::Borrowed);
+                hex_key = r.key.map(|k| k.hex());
+                env.key = hex_key.as_ref().map(|k| Cow::Borrowed(k.as_str()));
             }
             env.caps = Some(h.caps.iter().map(|c| c.as_str().into()).collect());
             env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
@@ -78,7 +78,7 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
             env.t = "welcome".into();
             env.version = Some(w.version);
             env.codec = Some(w.codec.name().into());
-            hex_session = w.session.to_hex();
+            hex_session = w.session.hex();
             env.session = Some(hex_session.as_str().into());
             env.resumed = Some(w.resumed);
             env.lost = w.lost.as_deref().map(Cow::Borrowed);
@@ -88,8 +88,8 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
             env.ping_ms = Some(w.ping_interval_ms);
             env.pong_ms = Some(w.pong_timeout_ms);
             env.max = Some(w.max_message);
-            hex_key = w.key.map(|k| k.to_hex());
-            env.key = hex_key.as_deref().map(Cow::Borrowed);
+            hex_key = w.key.map(|k| k.hex());
+            env.key = hex_key.as_ref().map(|k| Cow::Borrowed(k.as_str()));
         }
         #[cfg(any(feature = "server", test))]
         Frame::Reject(r) => {

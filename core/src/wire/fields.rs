@@ -837,7 +837,7 @@ pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, Decod
                 resumed: env.resumed.unwrap_or(false),
                 lost: env.lost.map(|l| token(l, "lost")).transpose()?,
                 delivered: env.delivered.unwrap_or(0),
-                features: token_list(env.features, "features")?,
+                features: token_list(env.features, "features")?.into(),
                 ping_interval_ms: need(env.ping_ms, "welcome", "ping_ms")?,
                 pong_timeout_ms: need(env.pong_ms, "welcome", "pong_ms")?,
                 max_message: need(env.max, "welcome", "max")?,

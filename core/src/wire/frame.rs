@@ -26,6 +26,11 @@ impl ResumeKey {
         SessionId(self.0).to_hex()
     }
 
+    /// The key's hex digits on the stack.
+    pub(crate) fn hex(&self) -> crate::ids::Hex32 {
+        crate::ids::Hex32::of(&self.0)
+    }
+
     /// Parses 32 hex digits (either case).
     pub fn from_hex(s: &str) -> Option<Self> {
         SessionId::from_hex(s).map(|id| ResumeKey(id.0))
@@ -96,7 +101,8 @@ pub struct Welcome {
     /// session (0 for a new session).
     pub delivered: u64,
     /// Optional features the server will use. Unknown names are ignored.
-    pub features: Vec<String>,
+    /// Shared: a server answers every `hello` with the same list.
+    pub features: std::sync::Arc<[String]>,
     /// Client ping interval, in milliseconds.
     pub ping_interval_ms: u64,
     /// How long the client waits for a pong, in milliseconds.
