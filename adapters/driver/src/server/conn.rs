@@ -214,7 +214,7 @@ impl ConnIo {
                         self.followed
                             .apply(std::mem::take(&mut slot.follows).into_iter());
                     }
-                    return Poll::Ready(ConnEnd::Close(order));
+                    return Poll::Ready(ConnEnd::Close(*order));
                 }
                 match &slot.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
@@ -280,7 +280,7 @@ impl ConnIo {
                         // Latest values last, one at a time from the slot:
                         // one replaced while the socket was busy goes out
                         // as the newest.
-                        None => match lock_slot(&self.slot).latest.pop_front() {
+                        None => match lock_slot(&self.slot).pop_latest() {
                             Some(v) => {
                                 self.followed.frames += 1;
                                 self.followed.bytes += v.transmit.data().len() as u64;

@@ -201,8 +201,9 @@ pub(super) struct ConnSlot {
     pub(super) out: VecDeque<(u64, Message)>,
     /// Feeds to follow and stop following, in order.
     pub(super) follows: Vec<FollowOp>,
-    /// A close order the task has not picked up yet.
-    pub(super) close: Option<CloseOrder>,
+    /// A close order the task has not picked up yet (boxed: given once,
+    /// if ever, and every open connection holds a slot).
+    pub(super) close: Option<Box<CloseOrder>>,
     /// A close order was given: nothing more is queued.
     pub(super) closing: bool,
     /// The order is an abort: the core was told the connection is gone.
@@ -215,8 +216,10 @@ pub(super) struct ConnSlot {
     /// replaces the one waiting, so a connection that is not writable
     /// gets the newest value when it is, not a backlog. Written after
     /// `out` and the feeds; at most one per room and key the session's
-    /// rooms hold (`ServerConfig::max_latest_keys` each).
-    pub(super) latest: VecDeque<LatestOut>,
+    /// rooms hold (`ServerConfig::max_latest_keys` each). Only while some
+    /// wait: a connection without latest values holds no queue.
+    #[allow(clippy::box_collection)]
+    pub(super) latest: Option<Box<VecDeque<LatestOut>>>,
 }
 
 impl ConnSlot {
@@ -228,14 +231,37 @@ impl ConnSlot {
         self.aborted = true;
         self.out.clear();
         self.follows.clear();
-        self.latest.clear();
-        self.close = Some(CloseOrder {
+        self.latest = None;
+        self.close = Some(Box::new(CloseOrder {
             code: CloseCode::ABNORMAL,
             reason: "aborted",
             flush: false,
             abort: true,
-        });
+        }));
         self.waker.take()
+    }
+
+    /// Queues a latest value, replacing one waiting for the same room and
+    /// key.
+    fn push_latest(&mut self, value: LatestOut) {
+        let queue = self.latest.get_or_insert_with(Default::default);
+        match queue
+            .iter_mut()
+            .find(|v| v.key == value.key && v.room == value.room)
+        {
+            Some(waiting) => *waiting = value,
+            None => queue.push_back(value),
+        }
+    }
+
+    /// The oldest latest value waiting; the queue goes with the last.
+    pub(super) fn pop_latest(&mut self) -> Option<LatestOut> {
+        let queue = self.latest.as_mut()?;
+        let value = queue.pop_front();
+        if queue.is_empty() {
+            self.latest = None;
+        }
+        value
     }
 
     pub(super) fn order(&mut self, order: CloseOrder, wakes: &mut Wakes) {
@@ -243,7 +269,7 @@ impl ConnSlot {
             return;
         }
         self.closing = true;
-        self.close = Some(order);
+        self.close = Some(Box::new(order));
         wakes.take(&mut self.waker);
     }
 }
@@ -590,14 +616,7 @@ impl LockedState {
                     if slot.closing {
                         continue;
                     }
-                    match slot
-                        .latest
-                        .iter_mut()
-                        .find(|v| v.key == value.key && v.room == value.room)
-                    {
-                        Some(waiting) => *waiting = value,
-                        None => slot.latest.push_back(value),
-                    }
+                    slot.push_latest(value);
                     if current != Some(id) {
                         wakes.take(&mut slot.waker);
                     }
