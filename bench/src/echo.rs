@@ -298,7 +298,9 @@ pub(crate) fn throughput_scenario(opts: &crate::Options) -> Vec<crate::Figure> {
     let runtimes = [Rt::Tokio, Rt::Smol, Rt::AsyncStd];
     let mut figures = Vec::new();
     for (conns, size, per_conn, window) in loads {
-        if let Ok(only) = std::env::var("TMP_ONLY") {
+        // `KITESTRING_BENCH_ECHO_LOAD=100/16384` runs one load alone
+        // (connections/bytes), for profiling it.
+        if let Ok(only) = std::env::var("KITESTRING_BENCH_ECHO_LOAD") {
             if only != format!("{conns}/{size}") {
                 continue;
             }

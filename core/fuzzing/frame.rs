@@ -309,7 +309,7 @@ impl ArbFrame {
                         key: (delivered % 2 == 0).then_some(ResumeKey(s)),
                         acked: (delivered % 3 != 0).then_some(delivered / 3),
                     }),
-                    caps: caps.clone(),
+                    caps: caps.iter().map(|c| c.clone().into()).collect(),
                     codecs: codecs.iter().map(|m| codec_of(*m)).collect(),
                 })
             }
@@ -336,7 +336,7 @@ impl ArbFrame {
                     resumed: *resumed,
                     lost: lost.clone(),
                     delivered: *delivered,
-                    features: features.clone().into(),
+                    features: features.iter().map(|c| c.clone().into()).collect(),
                     ping_interval_ms: *ping,
                     pong_timeout_ms: *pong,
                     max_message: *max,

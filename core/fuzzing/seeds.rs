@@ -56,7 +56,7 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
             resumed: true,
             lost: Some("unknown_session".into()),
             delivered: 3,
-            features: vec!["batch".to_owned()].into(),
+            features: vec!["batch".into()].into(),
             ping_interval_ms: 30_000,
             pong_timeout_ms: 10_000,
             max_message: 1 << 20,

@@ -355,7 +355,7 @@ impl ServerHarness {
             client: ClientId([0xc1; 16]),
             resume,
             caps: if stream {
-                vec![wire::CAP_STREAM.to_string()]
+                vec![wire::CAP_STREAM.into()]
             } else {
                 Vec::new()
             },

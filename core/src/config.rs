@@ -11,7 +11,7 @@ use crate::backoff::BackoffConfig;
 use crate::ratelimit::RateLimitConfig;
 pub use crate::stream::HistoryConfig;
 pub use crate::wire::CompressionConfig;
-use crate::wire::{Codec, SUPPORTED_VERSIONS};
+use crate::wire::{cap_name, CapName, Codec, SUPPORTED_VERSIONS};
 
 /// Application-level heartbeat settings (the client's side).
 #[derive(Clone, Debug, PartialEq)]
@@ -298,17 +298,12 @@ impl ClientConfig {
         if self.queue.max_messages == 0 {
             return Err(ConfigError::Zero("queue.max_messages"));
         }
-        // The hello carries these and the client's own (batch, detach,
-        // stream); a server takes at most 32 names of 1 to 256 bytes.
-        if self.capabilities.len() > crate::wire::MAX_LIST_LEN - 3 {
+        // The hello carries these and the client's own; a server takes at
+        // most 32 names of 1 to 256 bytes.
+        if self.hello_cap_names().count() > crate::wire::MAX_LIST_LEN {
             return Err(ConfigError::Inconsistent(
-                "capabilities: at most 29 (the hello carries 32 with the client's own three)",
-            ));
-        }
-        let offers = crate::wire::COMPRESSION_BUILT && self.compression.is_some();
-        if offers && self.capabilities.len() > crate::wire::MAX_LIST_LEN - 4 {
-            return Err(ConfigError::Inconsistent(
-                "capabilities: at most 28 with compression (the hello carries 32 with the client's own four)",
+                "capabilities: the hello carries at most 32 names, the client's own included \
+                 (up to six: batch, detach, stream, latest, maps, deflate)",
             ));
         }
         validate_compression(self.compression.as_ref())?;
@@ -323,6 +318,37 @@ impl ClientConfig {
         }
         validate_wire(self.max_message_size, &self.codecs, &self.versions)?;
         validate_reliability(&self.reliability)
+    }
+}
+
+impl ClientConfig {
+    /// The `caps` of this configuration's `hello`: the configured names,
+    /// then the client's own that its settings turn on (PROTOCOL.md
+    /// section 2). An own name in `capabilities` is decided by the
+    /// settings, not kept as configured: a server would use what the
+    /// `hello` offers.
+    pub(crate) fn hello_caps(&self) -> Vec<CapName> {
+        self.hello_cap_names()
+            .map(|name| cap_name(name.into()))
+            .collect()
+    }
+
+    /// The names of [`hello_caps`](Self::hello_caps), borrowed.
+    fn hello_cap_names(&self) -> impl Iterator<Item = &str> {
+        let offers = crate::wire::COMPRESSION_BUILT && self.compression.is_some();
+        let own = [
+            (crate::link::CAP_BATCH, true),
+            (crate::wire::CAP_DETACH, true),
+            (crate::wire::CAP_STREAM, self.room_streams),
+            (crate::wire::CAP_LATEST, self.latest_values),
+            (crate::wire::CAP_MAPS, self.synced_maps),
+            (crate::wire::CAP_DEFLATE, offers),
+        ];
+        self.capabilities
+            .iter()
+            .map(String::as_str)
+            .filter(move |c| !own.iter().any(|(name, _)| name == c))
+            .chain(own.into_iter().filter(|(_, on)| *on).map(|(name, _)| name))
     }
 }
 
@@ -662,15 +688,58 @@ mod tests {
         assert_eq!(s.validate(), Err(ConfigError::Zero("max_lag")));
     }
 
-    /// A hello a server would refuse is refused at construction instead.
+    /// A hello a server would refuse is refused at construction instead:
+    /// every configuration that validates sends a `hello` a server
+    /// decodes, and the limit counts the client's own names as the
+    /// settings turn them on.
     #[test]
     fn capabilities_fit_the_hello() {
+        use crate::wire::{decode, encode, Frame, Hello, Limits};
         let caps = |n: usize, len: usize| ClientConfig {
             capabilities: (0..n).map(|i| format!("{i:0>len$}")).collect(),
             ..ClientConfig::default()
         };
-        caps(29, 256).validate().unwrap();
-        assert!(caps(30, 8).validate().is_err(), "33 with the own three");
+        let decodes = |config: &ClientConfig| {
+            let hello = Frame::Hello(Hello {
+                versions: config.versions.clone(),
+                client: crate::ids::ClientId([7; 16]),
+                resume: None,
+                caps: config.hello_caps(),
+                codecs: config.codecs.clone(),
+            });
+            let sent = encode(&hello, Codec::Json, 1).unwrap();
+            let limits = Limits {
+                max_message: 1 << 20,
+                version: 1,
+            };
+            decode(sent.as_incoming(), &limits).map(|got| assert_eq!(got, hello))
+        };
+        // Own names: batch, detach, stream, latest and maps by default.
+        let mut last_valid = None;
+        for n in 0..=32 {
+            let config = caps(n, 256);
+            let valid = config.validate().is_ok();
+            assert_eq!(valid, decodes(&config).is_ok(), "{n} names");
+            if valid {
+                last_valid = Some(n);
+            }
+        }
+        assert_eq!(last_valid, Some(27));
+        // Without room streams, latest values and maps, two own names.
+        let few = |n| ClientConfig {
+            room_streams: false,
+            latest_values: false,
+            synced_maps: false,
+            ..caps(n, 8)
+        };
+        few(30).validate().unwrap();
+        decodes(&few(30)).unwrap();
+        assert!(few(31).validate().is_err());
+        // An own name configured is not counted twice.
+        let mut dup = caps(27, 8);
+        dup.capabilities.push("batch".into());
+        dup.validate().unwrap();
+        assert_eq!(dup.hello_caps().iter().filter(|c| *c == "batch").count(), 1);
         assert!(caps(1, 257).validate().is_err());
         let empty = ClientConfig {
             capabilities: vec![String::new()],

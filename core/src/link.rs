@@ -71,24 +71,6 @@ impl Received {
     }
 }
 
-/// Every Kitestring peer can receive batches and detached payloads, so it
-/// always says so.
-pub(crate) fn with_own_caps(caps: &[String]) -> Vec<String> {
-    let mut caps = caps.to_vec();
-    for own in [
-        CAP_BATCH,
-        wire::CAP_DETACH,
-        wire::CAP_STREAM,
-        wire::CAP_LATEST,
-        wire::CAP_MAPS,
-    ] {
-        if !caps.iter().any(|c| c == own) {
-            caps.push(own.to_string());
-        }
-    }
-    caps
-}
-
 /// The capability (client) and feature (server) that announces "I can
 /// receive `batch` frames".
 pub const CAP_BATCH: &str = "batch";

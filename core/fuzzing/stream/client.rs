@@ -26,7 +26,7 @@ impl StreamHarness {
             client: ClientId([0xc5; 16]),
             resume,
             caps: if self.setup.batch {
-                vec![crate::client::CAP_BATCH.to_string()]
+                vec![crate::client::CAP_BATCH.into()]
             } else {
                 Vec::new()
             },

@@ -12,7 +12,7 @@
 use core::time::Duration;
 
 use crate::close::{CloseCode, Disposition};
-use crate::link::{with_own_caps, CAP_BATCH};
+use crate::link::CAP_BATCH;
 use crate::time::Instant;
 use crate::wire::{
     self, Frame, Hello, Incoming, Limits, Reject, Resume, Welcome, PROTOCOL_VERSION,
@@ -156,17 +156,6 @@ impl Client {
 
     /// The `hello` for a new connection: resuming the session, if any.
     fn hello(&self) -> Frame {
-        let mut caps: Vec<String> = with_own_caps(&self.config.capabilities)
-            .into_iter()
-            .filter(|c| self.config.room_streams || c != wire::CAP_STREAM)
-            .filter(|c| self.config.latest_values || c != wire::CAP_LATEST)
-            .filter(|c| self.config.synced_maps || c != wire::CAP_MAPS)
-            // Offered only as configured: a server would compress to it.
-            .filter(|c| c != wire::CAP_DEFLATE)
-            .collect();
-        if self.offers_deflate() {
-            caps.push(wire::CAP_DEFLATE.to_owned());
-        }
         Frame::Hello(Hello {
             versions: self.config.versions.clone(),
             client: self.client_id,
@@ -176,7 +165,9 @@ impl Client {
                 key: self.resume_key,
                 acked: Some(self.link.outbound.acked_through()),
             }),
-            caps,
+            // Built once with the machine (`ClientConfig::hello_caps`): the
+            // names it knows are borrowed, so this copies one list.
+            caps: self.hello_caps.clone(),
             codecs: self.config.codecs.clone(),
         })
     }

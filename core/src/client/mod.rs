@@ -142,6 +142,8 @@ struct ConnSettings {
 #[derive(Debug)]
 pub struct Client {
     config: ClientConfig,
+    /// Every `hello`'s `caps`, from the configuration.
+    hello_caps: Vec<crate::wire::CapName>,
     client_id: ClientId,
     rng: Rng,
     now: Instant,
@@ -214,6 +216,7 @@ impl Client {
         let outbound = Outbound::new(&config.queue, &config.reliability);
         let coalescer = Coalescer::new(config.coalesce_interval, config.coalesce_keys);
         Ok(Client {
+            hello_caps: config.hello_caps(),
             config,
             client_id,
             rng: Rng::new(seed),

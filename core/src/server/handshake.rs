@@ -14,7 +14,7 @@
 
 use crate::close::CloseCode;
 use crate::config::Acknowledge;
-use crate::link::{with_own_caps, Link, CAP_BATCH};
+use crate::link::{Link, CAP_BATCH};
 use crate::reliable::Outbound;
 use crate::wire::{self, Frame, Hello, Reject, ResumeKey, SessionId, Welcome, PROTOCOL_VERSION};
 
@@ -442,10 +442,23 @@ impl Server {
     pub(super) fn welcome_features(
         config: &crate::config::ServerConfig,
         deflate: bool,
-    ) -> std::sync::Arc<[String]> {
-        let mut features = with_own_caps(&config.features);
-        if deflate && !features.iter().any(|f| f == wire::CAP_DEFLATE) {
-            features.push(wire::CAP_DEFLATE.to_owned());
+    ) -> std::sync::Arc<[wire::CapName]> {
+        let mut features: Vec<wire::CapName> = config
+            .features
+            .iter()
+            .map(|f| wire::cap_name(f.as_str().into()))
+            .collect();
+        let own = [
+            CAP_BATCH,
+            wire::CAP_DETACH,
+            wire::CAP_STREAM,
+            wire::CAP_LATEST,
+            wire::CAP_MAPS,
+        ];
+        for name in own.into_iter().chain(deflate.then_some(wire::CAP_DEFLATE)) {
+            if !features.iter().any(|f| f == name) {
+                features.push(wire::CapName::Borrowed(name));
+            }
         }
         features.into()
     }

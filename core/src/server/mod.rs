@@ -132,7 +132,7 @@ pub struct ConnectionId(pub u64);
 pub struct Server {
     config: ServerConfig,
     /// The `welcome`'s features without and with `deflate`.
-    features: [std::sync::Arc<[String]>; 2],
+    features: [std::sync::Arc<[crate::wire::CapName]>; 2],
     now: Instant,
     // Boxed: a hash table's spare capacity is then a pointer per slot,
     // not a whole record (a table grown to twice its entries would hold

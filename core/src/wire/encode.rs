@@ -70,7 +70,7 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
                 hex_key = r.key.map(|k| k.hex());
                 env.key = hex_key.as_ref().map(|k| Cow::Borrowed(k.as_str()));
             }
-            env.caps = Some(h.caps.iter().map(|c| c.as_str().into()).collect());
+            env.caps = Some(h.caps.iter().map(|c| c.as_ref().into()).collect());
             env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
         }
         #[cfg(any(feature = "server", test))]
@@ -84,7 +84,7 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
             env.lost = w.lost.as_deref().map(Cow::Borrowed);
             env.delivered = Some(w.delivered);
             env.recovered = w.recovered.then_some(true);
-            env.features = Some(w.features.iter().map(|c| c.as_str().into()).collect());
+            env.features = Some(w.features.iter().map(|c| c.as_ref().into()).collect());
             env.ping_ms = Some(w.ping_interval_ms);
             env.pong_ms = Some(w.pong_timeout_ms);
             env.max = Some(w.max_message);

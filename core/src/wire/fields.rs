@@ -14,6 +14,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
+use super::cap_name;
 use super::compress::Inflation;
 use super::decode::closes;
 #[cfg(feature = "compression")]
@@ -22,10 +23,10 @@ use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
 use super::json::json_value;
 use super::payload::json_depth_ok;
 use super::{
-    ClientId, Codec, DecodeError, Frame, Hello, InvalidMsg, LatestValue, MapSnapshot, MapValue,
-    Msg, MsgKind, Payload, PayloadKind, Reject, Resume, ResumeKey, SessionId, StreamEntry,
-    StreamPos, Welcome, MAX_BATCH, MAX_EPOCH, MAX_LIST_LEN, MAX_MAP_ENTRIES, MAX_TOKEN_BYTES,
-    MAX_TOKEN_LEN,
+    CapName, ClientId, Codec, DecodeError, Frame, Hello, InvalidMsg, LatestValue, MapSnapshot,
+    MapValue, Msg, MsgKind, Payload, PayloadKind, Reject, Resume, ResumeKey, SessionId,
+    StreamEntry, StreamPos, Welcome, MAX_BATCH, MAX_EPOCH, MAX_LIST_LEN, MAX_MAP_ENTRIES,
+    MAX_TOKEN_BYTES, MAX_TOKEN_LEN,
 };
 use crate::hlc::HlcTimestamp;
 
@@ -53,6 +54,32 @@ fn token(s: Cow<'_, str>, field: &'static str) -> Result<String, DecodeError> {
         });
     }
     Ok(s.into_owned())
+}
+
+/// A `caps` or `features` list: each name checked as a token, the known
+/// ones borrowed ([`CapName`]). The list's own allocation is reused.
+fn cap_list(
+    v: Option<Vec<Cow<'_, str>>>,
+    field: &'static str,
+) -> Result<Vec<CapName>, DecodeError> {
+    let v = v.unwrap_or_default();
+    if v.len() > MAX_LIST_LEN {
+        return Err(DecodeError::InvalidField {
+            field,
+            reason: "more than 32 entries",
+        });
+    }
+    v.into_iter()
+        .map(|s| {
+            if s.len() > MAX_TOKEN_LEN {
+                return Err(DecodeError::InvalidField {
+                    field,
+                    reason: "longer than 256 bytes",
+                });
+            }
+            Ok(cap_name(s))
+        })
+        .collect()
 }
 
 fn token_list(
@@ -817,7 +844,7 @@ pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, Decod
                 versions: versions(env.versions, "hello")?,
                 client,
                 resume,
-                caps: token_list(env.caps, "caps")?,
+                caps: cap_list(env.caps, "caps")?,
                 codecs: codecs.iter().filter_map(|c| Codec::from_name(c)).collect(),
             })
         }
@@ -837,7 +864,7 @@ pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, Decod
                 resumed: env.resumed.unwrap_or(false),
                 lost: env.lost.map(|l| token(l, "lost")).transpose()?,
                 delivered: env.delivered.unwrap_or(0),
-                features: token_list(env.features, "features")?.into(),
+                features: cap_list(env.features, "features")?.into(),
                 ping_interval_ms: need(env.ping_ms, "welcome", "ping_ms")?,
                 pong_timeout_ms: need(env.pong_ms, "welcome", "pong_ms")?,
                 max_message: need(env.max, "welcome", "max")?,

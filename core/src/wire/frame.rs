@@ -63,7 +63,7 @@ pub struct Hello {
     /// client delivered from the server.
     pub resume: Option<Resume>,
     /// Optional features the client supports. Unknown names are ignored.
-    pub caps: Vec<String>,
+    pub caps: Vec<super::CapName>,
     /// Codecs the client speaks, preferred first. Unknown names are ignored.
     pub codecs: Vec<Codec>,
 }
@@ -102,7 +102,7 @@ pub struct Welcome {
     pub delivered: u64,
     /// Optional features the server will use. Unknown names are ignored.
     /// Shared: a server answers every `hello` with the same list.
-    pub features: std::sync::Arc<[String]>,
+    pub features: std::sync::Arc<[super::CapName]>,
     /// Client ping interval, in milliseconds.
     pub ping_interval_ms: u64,
     /// How long the client waits for a pong, in milliseconds.

@@ -117,6 +117,32 @@ pub const MAX_BATCH: usize = 1024;
 /// Most list entries (versions, codecs, capabilities) accepted in a handshake.
 pub const MAX_LIST_LEN: usize = 32;
 
+/// A capability (`hello` `caps`) or feature (`welcome` `features`) name.
+/// The names Kitestring knows are borrowed from its constants, so a
+/// handshake that carries only those decodes without allocating them;
+/// any other name is kept as sent.
+pub type CapName = std::borrow::Cow<'static, str>;
+
+/// Every capability and feature name this version knows: the names
+/// decoded as borrowed [`CapName`]s.
+pub(crate) const KNOWN_CAPS: [&str; 7] = [
+    crate::link::CAP_BATCH,
+    CAP_DETACH,
+    CAP_STREAM,
+    CAP_PING,
+    CAP_LATEST,
+    CAP_MAPS,
+    CAP_DEFLATE,
+];
+
+/// `name` as a [`CapName`]: borrowed when this version knows it.
+pub(crate) fn cap_name(name: std::borrow::Cow<'_, str>) -> CapName {
+    match KNOWN_CAPS.iter().find(|known| **known == name) {
+        Some(known) => std::borrow::Cow::Borrowed(*known),
+        None => std::borrow::Cow::Owned(name.into_owned()),
+    }
+}
+
 /// Capability: the peer can receive detached payloads (PROTOCOL.md,
 /// section 2.1). Every Kitestring peer announces it.
 pub const CAP_DETACH: &str = "detach";

@@ -123,7 +123,7 @@ fn samples() -> Vec<Frame> {
             resumed: true,
             lost: None,
             delivered: 3,
-            features: vec!["batch".to_owned()].into(),
+            features: vec!["batch".into()].into(),
             ping_interval_ms: 20_000,
             pong_timeout_ms: 10_000,
             max_message: 1 << 20,
@@ -1132,7 +1132,7 @@ fn unknown_types_and_fields_are_tolerated() {
         panic!()
     };
     assert_eq!(h.codecs, vec![Codec::Json]);
-    assert_eq!(h.caps, vec!["teleport".to_string()]);
+    assert_eq!(h.caps, vec![super::CapName::from("teleport")]);
 }
 
 #[test]

@@ -200,7 +200,7 @@ pub fn connect(
     let ws_config = ws::websocket_config(options.config.max_message_size);
     let span = tracing::info_span!(
         "kitestring_client",
-        client = %client_id.to_hex(),
+        client = %client_id,
         url = %target.url,
         session = tracing::field::Empty,
     );

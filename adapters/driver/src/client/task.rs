@@ -530,7 +530,7 @@ impl TaskIo {
                 // Later log lines of this client carry the session id.
                 shared
                     .span
-                    .record("session", tracing::field::display(session.to_hex()));
+                    .record("session", tracing::field::display(session));
                 if *resumed {
                     debug!(?codec, "session resumed");
                 } else {

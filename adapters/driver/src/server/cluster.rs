@@ -226,7 +226,7 @@ impl Cluster {
         if bp.get(node_key(&owner)).await.map_err(failed)?.is_none() {
             // The node that held it is gone (crashed): take it up from its
             // record; the client's hello brings the numbers.
-            debug!(session = %session.to_hex(), node = %owner, "the node that held the session is gone; taking it up");
+            debug!(session = %session, node = %owner, "the node that held the session is gone; taking it up");
             return self.recover(shared, session).await;
         }
         let req = self.next_request.fetch_add(1, Ordering::Relaxed);
@@ -318,7 +318,7 @@ impl Cluster {
         let record: SessionRecord = match serde_json::from_slice(&bytes) {
             Ok(r) => r,
             Err(e) => {
-                warn!(session = %session.to_hex(), error = %e, "a session record does not read");
+                warn!(session = %session, error = %e, "a session record does not read");
                 return Ok(Claimed::Nowhere);
             }
         };
@@ -333,7 +333,7 @@ impl Cluster {
             Ok(_) => self.rooms.adopt(session),
             Err(kitestring_core::server::ImportError::Exists(_)) => {}
             Err(e) => {
-                warn!(session = %session.to_hex(), error = %e, "a session could not be taken up");
+                warn!(session = %session, error = %e, "a session could not be taken up");
                 return Ok(Claimed::Nowhere);
             }
         }
@@ -365,7 +365,7 @@ impl Cluster {
         let image: SessionImage = match rmp_serde::from_slice(bytes) {
             Ok(image) => image,
             Err(e) => {
-                warn!(session = %session.to_hex(), error = %e, "a stored session image does not read; the session is lost");
+                warn!(session = %session, error = %e, "a stored session image does not read; the session is lost");
                 return Ok(Claimed::Nowhere);
             }
         };
@@ -391,7 +391,7 @@ impl Cluster {
             Err(kitestring_core::server::ImportError::Exists(_)) => {}
             Err(e) => {
                 warn!(
-                    session = %session.to_hex(),
+                    session = %session,
                     error = %e,
                     unconfirmed = ?image.unconfirmed(),
                     "a session could not be imported; its messages are lost"
@@ -450,7 +450,7 @@ impl Cluster {
                         true
                     }
                     Err(e) => {
-                        warn!(session = %session.to_hex(), error = %e, "could not store a session image; keeping the session");
+                        warn!(session = %session, error = %e, "could not store a session image; keeping the session");
                         lock(&self.unstored).remove(&session);
                         if let Ok(image) = rmp_serde::from_slice::<SessionImage>(&bytes) {
                             let _ =

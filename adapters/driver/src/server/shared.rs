@@ -799,14 +799,14 @@ impl LockedState {
             Ok(_) => {
                 debug!(
                     connection = connection.0,
-                    session = %session.to_hex(),
+                    session = %session,
                     "fresh token names another identity"
                 );
                 self.server
                     .disconnect_connection(now, connection, CloseCode::FORBIDDEN);
             }
             Err(reject) => {
-                debug!(connection = connection.0, session = %session.to_hex(), ?reject, "fresh token refused");
+                debug!(connection = connection.0, session = %session, ?reject, "fresh token refused");
                 let code = match reject {
                     AuthReject::Forbidden => CloseCode::FORBIDDEN,
                     AuthReject::Unauthorized => CloseCode::UNAUTHORIZED,
@@ -836,23 +836,23 @@ fn log_event(event: &ServerEvent) {
             };
             debug!(
                 connection = connection.0,
-                session = %session.to_hex(),
-                client = %client.to_hex(),
+                session = %session,
+                client = %client,
                 identity = identity.as_deref(),
                 resumed,
                 "{verb}"
             );
         }
         ServerEvent::SessionDetached { session, code } => {
-            debug!(session = %session.to_hex(), %code, "session detached; waiting for a resume");
+            debug!(session = %session, %code, "session detached; waiting for a resume");
         }
         ServerEvent::SessionMoved { session } => {
-            debug!(session = %session.to_hex(), "session handed over to another node");
+            debug!(session = %session, "session handed over to another node");
         }
         ServerEvent::SessionArrived {
             session, identity, ..
         } => {
-            debug!(session = %session.to_hex(), identity = identity.as_deref(), "session taken over from another node");
+            debug!(session = %session, identity = identity.as_deref(), "session taken over from another node");
         }
         ServerEvent::SessionEnded {
             session,
@@ -860,13 +860,13 @@ fn log_event(event: &ServerEvent) {
             unconfirmed,
         } => match reason {
             SessionEnd::SlowConsumer | SessionEnd::Overflow => warn!(
-                session = %session.to_hex(),
+                session = %session,
                 ?reason,
                 unconfirmed = unconfirmed.len(),
                 "session ended: it could not keep up"
             ),
             _ => debug!(
-                session = %session.to_hex(),
+                session = %session,
                 ?reason,
                 unconfirmed = unconfirmed.len(),
                 "session ended"
@@ -901,7 +901,7 @@ fn log_event(event: &ServerEvent) {
         } => {
             warn!(
                 connection = connection.0,
-                session = %session.to_hex(),
+                session = %session,
                 delayed,
                 refused,
                 datagrams_dropped,
@@ -915,13 +915,13 @@ fn log_event(event: &ServerEvent) {
             op,
             reason,
         } => {
-            debug!(session = %session.to_hex(), %room, ?op, %reason, "room operation refused");
+            debug!(session = %session, %room, ?op, %reason, "room operation refused");
         }
         ServerEvent::Joined { session, room } => {
-            trace!(session = %session.to_hex(), %room, "joined");
+            trace!(session = %session, %room, "joined");
         }
         ServerEvent::Left { session, room } => {
-            trace!(session = %session.to_hex(), %room, "left");
+            trace!(session = %session, %room, "left");
         }
         ServerEvent::DecodeFailed { connection, error } => {
             debug!(connection = connection.0, %error, "undecodable frame");

@@ -345,11 +345,11 @@ pub(super) async fn claim_for(
     };
     match cluster.claim(shared, session).await {
         Ok(claimed) => {
-            debug!(session = %session.to_hex(), ?claimed, "claimed a session from the cluster");
+            debug!(session = %session, ?claimed, "claimed a session from the cluster");
             Ok(())
         }
         Err(ClaimFailed(why)) => {
-            debug!(session = %session.to_hex(), %why, "a session's claim failed; the client tries again");
+            debug!(session = %session, %why, "a session's claim failed; the client tries again");
             Err(http::HttpRefusal::new(
                 503,
                 "the session is moving; try again",

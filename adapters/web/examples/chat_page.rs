@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! bash adapters/web/build.sh                            # once, and after changes
-//! cargo run -p kitestring-web --example chat            # http://127.0.0.1:8080/
-//! cargo run -p kitestring-web --example chat -- 127.0.0.1:9000
+//! cargo run -p kitestring-web --example chat_page     # http://127.0.0.1:8080/
+//! cargo run -p kitestring-web --example chat_page -- 127.0.0.1:9000
 //! ```
 //!
 //! Open the page in two windows, pick names, and talk: messages go to
