@@ -148,8 +148,7 @@ impl Server {
         except: Option<SessionId>,
         diff: Presence,
     ) {
-        // Shared rooms: presence changes are numbered by the cluster.
-        if self.shared_rooms || !self.policy.presence(room) {
+        if !self.presence_here(room) {
             return;
         }
         let Ok(json) = serde_json::to_vec(&diff) else {
@@ -164,6 +163,14 @@ impl Server {
         for m in legacy.into_iter().filter(|m| Some(*m) != except) {
             self.send_to_member(m, payload.clone(), kind, room);
         }
+    }
+
+    /// Whether this server tells `room`'s members of joins and leaves
+    /// itself: its policy has presence there, and the room is not shared
+    /// (a cluster numbers a shared room's presence changes). Checked before
+    /// a diff is built, so a room without presence costs no member record.
+    pub(super) fn presence_here(&self, room: &str) -> bool {
+        !self.shared_rooms && self.policy.presence(room)
     }
 
     pub(super) fn member_of(&self, session: SessionId) -> Option<Member> {
@@ -269,15 +276,17 @@ impl Server {
             });
             self.latest_joined(session, &name);
             self.maps_joined(session, &name);
-            self.presence_diff(
-                &name,
-                Some(session),
-                Presence {
-                    snapshot: false,
-                    joined: vec![member],
-                    left: Vec::new(),
-                },
-            );
+            if self.presence_here(&name) {
+                self.presence_diff(
+                    &name,
+                    Some(session),
+                    Presence {
+                        snapshot: false,
+                        joined: vec![member],
+                        left: Vec::new(),
+                    },
+                );
+            }
         }
         if !self.policy.presence(&name) {
             return Ok(());
@@ -321,7 +330,11 @@ impl Server {
         }
         let name = self.rooms.name(room);
         self.unfollow(session, &name);
-        let member = self.member_of(session);
+        let member = if self.presence_here(&name) {
+            self.member_of(session)
+        } else {
+            None
+        };
         if let Some(s) = self.sessions.get_mut(&session) {
             s.rooms.retain(|j| &*j.room != room);
         }

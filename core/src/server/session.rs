@@ -230,25 +230,31 @@ impl Server {
             SessionEnd::SlowConsumer => self.stats.slow_consumers += 1,
             _ => {}
         }
-        let member = Member::new(s.client, s.identity.as_deref());
+        // Built only for a cluster or a room with presence to tell.
+        let member = (self.shared_rooms || s.rooms.iter().any(|j| self.presence_here(&j.room)))
+            .then(|| Member::new(s.client, s.identity.as_deref()));
         for Joined { room, .. } in s.rooms {
             self.rooms.leave(&room, session);
             self.emit(ServerEvent::Left {
                 session,
                 room: room.clone(),
             });
-            if self.shared_rooms {
-                self.leave_cluster_room(room.clone(), session, member.clone(), true, None);
+            if let Some(member) = &member {
+                if self.shared_rooms {
+                    self.leave_cluster_room(room.clone(), session, member.clone(), true, None);
+                }
+                if self.presence_here(&room) {
+                    self.presence_diff(
+                        &room,
+                        None,
+                        Presence {
+                            snapshot: false,
+                            joined: Vec::new(),
+                            left: vec![member.clone()],
+                        },
+                    );
+                }
             }
-            self.presence_diff(
-                &room,
-                None,
-                Presence {
-                    snapshot: false,
-                    joined: Vec::new(),
-                    left: vec![member.clone()],
-                },
-            );
             self.drop_stream_if_empty(&room);
         }
         self.emit(ServerEvent::SessionEnded {
