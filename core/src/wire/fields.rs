@@ -46,14 +46,31 @@ fn need<T>(v: Option<T>, frame: &'static str, field: &'static str) -> Result<T, 
     v.ok_or(DecodeError::MissingField { frame, field })
 }
 
-fn token(s: Cow<'_, str>, field: &'static str) -> Result<String, DecodeError> {
+/// A token's length checked: at most 256 bytes.
+fn token_len<'a>(s: Cow<'a, str>, field: &'static str) -> Result<Cow<'a, str>, DecodeError> {
     if s.len() > MAX_TOKEN_LEN {
         return Err(DecodeError::InvalidField {
             field,
             reason: "longer than 256 bytes",
         });
     }
-    Ok(s.into_owned())
+    Ok(s)
+}
+
+fn token(s: Cow<'_, str>, field: &'static str) -> Result<String, DecodeError> {
+    token_len(s, field).map(Cow::into_owned)
+}
+
+/// A handshake list's length checked: at most 32 entries.
+fn bounded_list<T>(v: Option<Vec<T>>, field: &'static str) -> Result<Vec<T>, DecodeError> {
+    let v = v.unwrap_or_default();
+    if v.len() > MAX_LIST_LEN {
+        return Err(DecodeError::InvalidField {
+            field,
+            reason: "more than 32 entries",
+        });
+    }
+    Ok(v)
 }
 
 /// A `caps` or `features` list: each name checked as a token, the known
@@ -62,23 +79,9 @@ fn cap_list(
     v: Option<Vec<Cow<'_, str>>>,
     field: &'static str,
 ) -> Result<Vec<CapName>, DecodeError> {
-    let v = v.unwrap_or_default();
-    if v.len() > MAX_LIST_LEN {
-        return Err(DecodeError::InvalidField {
-            field,
-            reason: "more than 32 entries",
-        });
-    }
-    v.into_iter()
-        .map(|s| {
-            if s.len() > MAX_TOKEN_LEN {
-                return Err(DecodeError::InvalidField {
-                    field,
-                    reason: "longer than 256 bytes",
-                });
-            }
-            Ok(cap_name(s))
-        })
+    bounded_list(v, field)?
+        .into_iter()
+        .map(|s| token_len(s, field).map(cap_name))
         .collect()
 }
 
@@ -86,14 +89,10 @@ fn token_list(
     v: Option<Vec<Cow<'_, str>>>,
     field: &'static str,
 ) -> Result<Vec<String>, DecodeError> {
-    let v = v.unwrap_or_default();
-    if v.len() > MAX_LIST_LEN {
-        return Err(DecodeError::InvalidField {
-            field,
-            reason: "more than 32 entries",
-        });
-    }
-    v.into_iter().map(|s| token(s, field)).collect()
+    bounded_list(v, field)?
+        .into_iter()
+        .map(|s| token(s, field))
+        .collect()
 }
 
 /// A `key` field: 32 hex digits when present.
@@ -795,14 +794,7 @@ fn msg_body(
 
 pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, DecodeError> {
     let versions = |v: Option<Vec<u8>>, frame: &'static str| -> Result<Vec<u8>, DecodeError> {
-        let v = need(v, frame, "versions")?;
-        if v.len() > MAX_LIST_LEN {
-            return Err(DecodeError::InvalidField {
-                field: "versions",
-                reason: "more than 32 entries",
-            });
-        }
-        Ok(v)
+        bounded_list(Some(need(v, frame, "versions")?), "versions")
     };
     Ok(match &*env.t {
         "hello" => {
