@@ -8,6 +8,7 @@
 use core::time::Duration;
 
 use crate::backoff::BackoffConfig;
+use crate::link::OWN_CAPS;
 use crate::ratelimit::RateLimitConfig;
 pub use crate::stream::HistoryConfig;
 pub use crate::wire::CompressionConfig;
@@ -319,9 +320,7 @@ impl ClientConfig {
         validate_wire(self.max_message_size, &self.codecs, &self.versions)?;
         validate_reliability(&self.reliability)
     }
-}
 
-impl ClientConfig {
     /// The `caps` of this configuration's `hello`: the configured names,
     /// then the client's own that its settings turn on (PROTOCOL.md
     /// section 2). An own name in `capabilities` is decided by the
@@ -335,20 +334,20 @@ impl ClientConfig {
 
     /// The names of [`hello_caps`](Self::hello_caps), borrowed.
     fn hello_cap_names(&self) -> impl Iterator<Item = &str> {
+        use crate::wire::{CAP_DEFLATE, CAP_LATEST, CAP_MAPS, CAP_STREAM};
         let offers = crate::wire::COMPRESSION_BUILT && self.compression.is_some();
-        let own = [
-            (crate::link::CAP_BATCH, true),
-            (crate::wire::CAP_DETACH, true),
-            (crate::wire::CAP_STREAM, self.room_streams),
-            (crate::wire::CAP_LATEST, self.latest_values),
-            (crate::wire::CAP_MAPS, self.synced_maps),
-            (crate::wire::CAP_DEFLATE, offers),
-        ];
+        let own = OWN_CAPS.into_iter().filter(move |name| match *name {
+            CAP_STREAM => self.room_streams,
+            CAP_LATEST => self.latest_values,
+            CAP_MAPS => self.synced_maps,
+            _ => true,
+        });
         self.capabilities
             .iter()
             .map(String::as_str)
-            .filter(move |c| !own.iter().any(|(name, _)| name == c))
-            .chain(own.into_iter().filter(|(_, on)| *on).map(|(name, _)| name))
+            .filter(|c| !OWN_CAPS.contains(c) && *c != CAP_DEFLATE)
+            .chain(own)
+            .chain(offers.then_some(CAP_DEFLATE))
     }
 }
 

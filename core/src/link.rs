@@ -75,6 +75,18 @@ impl Received {
 /// receive `batch` frames".
 pub const CAP_BATCH: &str = "batch";
 
+/// The names every Kitestring peer announces of itself, in the order its
+/// `hello` or `welcome` lists them: a server all of them, a client those
+/// its settings turn on (`ClientConfig::hello_caps`). `deflate` goes after
+/// them where compression is agreed or offered.
+pub(crate) const OWN_CAPS: [&str; 5] = [
+    CAP_BATCH,
+    wire::CAP_DETACH,
+    wire::CAP_STREAM,
+    wire::CAP_LATEST,
+    wire::CAP_MAPS,
+];
+
 /// Counters of application messages, kept the same way on both sides
 /// ([`ClientStats::delivery`](crate::client::ClientStats::delivery),
 /// [`ServerStats::delivery`](crate::server::ServerStats::delivery)).

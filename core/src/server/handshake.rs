@@ -14,7 +14,7 @@
 
 use crate::close::CloseCode;
 use crate::config::Acknowledge;
-use crate::link::{Link, CAP_BATCH};
+use crate::link::{Link, CAP_BATCH, OWN_CAPS};
 use crate::reliable::Outbound;
 use crate::wire::{self, Frame, Hello, Reject, ResumeKey, SessionId, Welcome, PROTOCOL_VERSION};
 
@@ -448,14 +448,10 @@ impl Server {
             .iter()
             .map(|f| wire::cap_name(f.as_str().into()))
             .collect();
-        let own = [
-            CAP_BATCH,
-            wire::CAP_DETACH,
-            wire::CAP_STREAM,
-            wire::CAP_LATEST,
-            wire::CAP_MAPS,
-        ];
-        for name in own.into_iter().chain(deflate.then_some(wire::CAP_DEFLATE)) {
+        for name in OWN_CAPS
+            .into_iter()
+            .chain(deflate.then_some(wire::CAP_DEFLATE))
+        {
             if !features.iter().any(|f| f == name) {
                 features.push(wire::CapName::Borrowed(name));
             }
