@@ -49,7 +49,7 @@ macro_rules! scenarios {
             exchange_json, exchange_msgpack, resume_after_drops, server_abort_resumes, half_open_detected,
             auth_rejected_401, auth_rejected_403, version_mismatch_rejected, hello_in_upgrade,
             shutdown_goes_away, client_close_ends_session, wss_exchange, reauth_in_session, reauth_async,
-            handover_upgraded_socket, event_shards_keep_sessions_in_order,
+            handover_upgraded_socket, event_shards_keep_sessions_in_order, inline_handler_answers_in_order,
             slow_consumer_closed, broadcast_through_cuts, slow_member_evicted, feeds_keep_order,
             stream_member_falls_behind,
             unauthorized_join_refused, presence_after_resume, rotation_without_loss,
@@ -456,6 +456,111 @@ pub async fn unread_events_pause_reading(rt: Arc<dyn Runtime>) {
     within(&rt, 3000, "shutdown", server.shutdown())
         .await
         .unwrap();
+}
+
+/// An application that handles its events inline
+/// ([`ServerEvents::handle_inline`]) on three shards: the events the
+/// stream had taken and those queued before the handler was set reach it
+/// first; every session's messages reach it once each and in order, and
+/// its sends ([`ServerHandle::send_now`]) reach the clients in order; a
+/// panic in the handler loses only the event it was called with.
+pub async fn inline_handler_answers_in_order(rt: Arc<dyn Runtime>) {
+    const CLIENTS: usize = 6;
+    const N: u32 = 120;
+    const EARLY: u32 = 5;
+    /// The message whose handling panics.
+    const PANIC: u32 = 60;
+    let options = ServerOptions {
+        // Room for the early messages' events, so that they are read.
+        event_buffer: 64,
+        event_shards: 3,
+        ..fast_server()
+    };
+    let (server, mut events, addr) = serve(&rt, options);
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (client, mut cev) = kitestring::connect(
+            rt.clone(),
+            &format!("ws://{addr}/ws"),
+            fast_client(vec![Codec::MsgPack, Codec::Json]),
+        )
+        .unwrap();
+        let (session, _, _) = opened(&rt, &mut cev).await;
+        clients.push((client, cev, session));
+    }
+    // Messages sent before the handler exists: the stream takes the
+    // queued events at once and hands out the first.
+    for (client, cev, _) in &mut clients {
+        let mut last = None;
+        for n in 0..EARLY {
+            last = Some(
+                within(&rt, 2000, "send", client.send(&note(n)))
+                    .await
+                    .unwrap(),
+            );
+        }
+        // Acknowledged: its events are queued.
+        client_wait(&rt, cev, 5000, "the early messages' ack", |e| match e {
+            Event::Acked { last: up_to, .. } if Some(*up_to) >= last => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    let first = server_wait(&rt, &mut events, 5000, "a first event", |e| Some(e.clone())).await;
+    let log = Arc::new(std::sync::Mutex::new(Vec::<(SessionId, u32)>::new()));
+    let panics = Arc::new(AtomicUsize::new(0));
+    {
+        let (server, log, panics) = (server.clone(), log.clone(), panics.clone());
+        events.handle_inline(move |event| {
+            if let ServerEvent::Message { session, message } = event {
+                let n = message.decode::<Note>().unwrap().n;
+                log.lock().unwrap().push((session, n));
+                if n == PANIC {
+                    panics.fetch_add(1, Ordering::SeqCst);
+                    panic!("the handler fails on message {PANIC}");
+                }
+                server.send_now(session, &note(n)).unwrap();
+            }
+        });
+    }
+    for n in EARLY..N {
+        for (client, _, _) in &clients {
+            within(&rt, 2000, "send", client.send(&note(n)))
+                .await
+                .unwrap();
+        }
+    }
+    // Every client gets its answers, in order, but the one that panicked.
+    let want: Vec<u32> = (0..N).filter(|&n| n != PANIC).collect();
+    for (_, cev, _) in &mut clients {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let n = client_wait(&rt, cev, 10_000, "an answer", |e| match e {
+                Event::Message(m) => Some(m.decode::<Note>().unwrap().n),
+                _ => None,
+            })
+            .await;
+            got.push(n);
+        }
+        assert_eq!(got, want, "answers in order");
+    }
+    assert_eq!(panics.load(Ordering::SeqCst), CLIENTS);
+    // The handler saw each session's messages once each, in order: all of
+    // them, unless the first event the stream handed out was one.
+    let log = log.lock().unwrap().clone();
+    for &(_, _, session) in &clients {
+        let seen: Vec<u32> = log
+            .iter()
+            .filter(|(s, _)| *s == session)
+            .map(|(_, n)| *n)
+            .collect();
+        let expected: Vec<u32> = match &first {
+            ServerEvent::Message { session: s, .. } if *s == session => (1..N).collect(),
+            _ => (0..N).collect(),
+        };
+        assert_eq!(seen, expected, "each message once, in order");
+    }
+    let _ = server.shutdown().await;
 }
 
 /// With three event shards, each taken by a task of its own: every

@@ -51,6 +51,11 @@ enum Server {
     KitestringWork(u8),
     /// The floor doing the same work per message in its connection tasks.
     FloorWork,
+    /// Kitestring whose application handles events inline, on the
+    /// connection tasks, doing [`serve::APP_WORK`] per message if `work`.
+    KitestringInline {
+        work: bool,
+    },
 }
 
 /// Kitestring as its clients speak it by default (MessagePack): the side
@@ -68,6 +73,8 @@ impl Server {
             Server::KitestringWork(1) => "kitestring-1-task",
             Server::KitestringWork(_) => "kitestring-2-shards",
             Server::FloorWork => "floor-work",
+            Server::KitestringInline { work: false } => "kitestring-inline",
+            Server::KitestringInline { work: true } => "kitestring-inline-work",
         }
     }
 
@@ -81,13 +88,17 @@ impl Server {
             Server::KitestringWork(1) => "kitestring-work-1",
             Server::KitestringWork(_) => "kitestring-work-2",
             Server::FloorWork => "floor-work",
+            Server::KitestringInline { work: false } => "kitestring-inline",
+            Server::KitestringInline { work: true } => "kitestring-inline-work",
         }
     }
 
     fn proto(self) -> Proto {
         match self {
             Server::Kitestring(codec) => Proto::Kitestring(codec),
-            Server::KitestringWork(_) => Proto::Kitestring(Codec::MsgPack),
+            Server::KitestringWork(_) | Server::KitestringInline { .. } => {
+                Proto::Kitestring(Codec::MsgPack)
+            }
             Server::Socketioxide | Server::SocketioNode => Proto::SocketIo,
             Server::Floor | Server::FloorWork => Proto::Floor,
         }
@@ -105,13 +116,18 @@ fn servers(json: bool) -> Vec<Server> {
         v.push(Server::Kitestring(Codec::Json));
     }
     v.extend([Server::Socketioxide, Server::SocketioNode, Server::Floor]);
-    if let Ok(only) = std::env::var("PEERS_ONLY") {
-        v.retain(|s| only.split(',').any(|n| n.trim() == s.name()));
-    }
+    only_chosen(&mut v);
     if v.contains(&Server::SocketioNode) && !node_ready() {
         v.retain(|s| *s != Server::SocketioNode);
     }
     v
+}
+
+/// Keeps the servers `PEERS_ONLY` names, if it is set.
+fn only_chosen(v: &mut Vec<Server>) {
+    if let Ok(only) = std::env::var("PEERS_ONLY") {
+        v.retain(|s| only.split(',').any(|n| n.trim() == s.name()));
+    }
 }
 
 /// Whether the Node.js server can run: `node` and `npm` answer, and its
@@ -514,8 +530,19 @@ pub(crate) fn fanout_scenario(opts: &Options) -> Vec<Figure> {
 }
 
 /// Pipelined echo: 100 connections, 16 messages in flight on each.
+///
+/// Kitestring twice: its application taking events from the stream on a
+/// task of its own, and handling them inline on the connection tasks
+/// ([`kitestring::ServerEvents::handle_inline`]), as the floor's and
+/// socketioxide's handlers run.
 pub(crate) fn echo_scenario(opts: &Options) -> Vec<Figure> {
-    let (label, table) = echo_table(servers(true), opts);
+    let mut servers = servers(true);
+    let mut inline = vec![Server::KitestringInline { work: false }];
+    only_chosen(&mut inline);
+    if !inline.is_empty() {
+        servers.insert(servers.len().min(1), inline[0]);
+    }
+    let (label, table) = echo_table(servers, opts);
     table.log(&label, 0, "messages/s");
     table.log(&label, 1, "CPU us/message");
     let mut figures = table.rows(&label, 0, "messages/s", true, &[(Server::Floor, 0.6)]);
@@ -529,11 +556,13 @@ pub(crate) fn echo_scenario(opts: &Options) -> Vec<Figure> {
 /// in its connection tasks. On two cores the work can use both only when
 /// the application's handling is spread.
 pub(crate) fn echo_work_scenario(opts: &Options) -> Vec<Figure> {
-    let servers = vec![
+    let mut servers = vec![
         Server::KitestringWork(1),
         Server::KitestringWork(2),
+        Server::KitestringInline { work: true },
         Server::FloorWork,
     ];
+    only_chosen(&mut servers);
     let (label, table) = echo_table(servers, opts);
     let label = format!("{label} with work");
     table.log(&label, 0, "messages/s");
@@ -554,7 +583,13 @@ pub(crate) fn echo_work_scenario(opts: &Options) -> Vec<Figure> {
 /// Runs the pipelined echo against `servers`.
 fn echo_table(servers: Vec<Server>, opts: &Options) -> (String, Table) {
     const CONNS: usize = 100;
-    const WINDOW: u64 = 16;
+    // `KITESTRING_BENCH_PEERS_WINDOW=1` (or any other) sets the messages in
+    // flight on each connection, 16 by default (BENCHMARKS.md).
+    let window: u64 = std::env::var("KITESTRING_BENCH_PEERS_WINDOW")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .filter(|&w| w > 0)
+        .unwrap_or(16);
     let (count, reps) = if opts.quick { (20, 1) } else { (5_000, 5) };
     let rt = net::tokio_runtime();
     let table = Table::measure(servers, reps, |server| {
@@ -563,7 +598,7 @@ fn echo_table(servers: Vec<Server>, opts: &Options) -> (String, Table) {
             let (go, go_rx) = tokio::sync::watch::channel(false);
             let fleet = Fleet::open(server.proto(), port, CONNS, CONCURRENCY, |_| Role::Echo {
                 count,
-                window: WINDOW,
+                window,
                 go: go_rx.clone(),
             })
             .await;
@@ -605,7 +640,7 @@ fn echo_table(servers: Vec<Server>, opts: &Options) -> (String, Table) {
             run
         })
     });
-    (format!("echo {CONNS}c w{WINDOW}"), table)
+    (format!("echo {CONNS}c w{window}"), table)
 }
 
 /// Connect rate: `n` connections opened `workers` at a time, each through

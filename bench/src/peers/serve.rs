@@ -58,6 +58,10 @@ pub(crate) fn run(name: &str, rest: &[String]) -> Option<ExitCode> {
         "socketioxide" => rt.block_on(async { tokio::spawn(socketioxide()).await }),
         "floor" => rt.block_on(async { tokio::spawn(floor(false)).await }),
         "floor-work" => rt.block_on(async { tokio::spawn(floor(true)).await }),
+        "kitestring-inline" => rt.block_on(async { tokio::spawn(kitestring_inline(false)).await }),
+        "kitestring-inline-work" => {
+            rt.block_on(async { tokio::spawn(kitestring_inline(true)).await })
+        }
         "kitestring-work-1" => rt.block_on(async { tokio::spawn(kitestring_work(1)).await }),
         "kitestring-work-2" => rt.block_on(async { tokio::spawn(kitestring_work(2)).await }),
         _ => return None,
@@ -209,6 +213,56 @@ async fn kitestring_work(tasks: usize) {
                     _ => {}
                 }
             }
+        });
+    }
+    let mut lines = net::stdin_lines();
+    while let Some(line) = lines.recv().await {
+        if line.trim() == "count" {
+            say_count(&opened, &joined);
+        } else {
+            say("?");
+        }
+    }
+    let _ = server.shutdown().await;
+}
+
+/// Kitestring whose application handles its events inline
+/// ([`ServerEvents::handle_inline`]): on the connection tasks that read
+/// the messages, as the floor's connection tasks do, with [`app_work`] on
+/// each message if `work`. No broadcasts.
+///
+/// [`ServerEvents::handle_inline`]: kitestring::ServerEvents::handle_inline
+async fn kitestring_inline(work: bool) {
+    let mut options = ServerOptions {
+        policy: Some(Arc::new(NoPresence)),
+        ..ServerOptions::default()
+    };
+    options.config.rate_limit = None;
+    let any: SocketAddr = "0.0.0.0:0".parse().expect("address");
+    let (server, events) =
+        kitestring::bind(kitestring_tokio::runtime(), any, options).expect("bind");
+    say(&format!(
+        "port {}",
+        server.local_addr().expect("local address").port()
+    ));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let joined = Arc::new(AtomicUsize::new(0));
+    {
+        let (server, opened, joined) = (server.clone(), opened.clone(), joined.clone());
+        events.handle_inline(move |event| match event {
+            ServerEvent::SessionOpened { .. } => {
+                opened.fetch_add(1, Ordering::Relaxed);
+            }
+            ServerEvent::Joined { .. } => {
+                joined.fetch_add(1, Ordering::Relaxed);
+            }
+            ServerEvent::Message { session, message } => {
+                if work {
+                    app_work(message.payload.data());
+                }
+                let _ = server.send_payload_now(session, message.payload);
+            }
+            _ => {}
         });
     }
     let mut lines = net::stdin_lines();

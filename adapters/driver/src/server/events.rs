@@ -14,18 +14,31 @@
 //! lets them read again. Lock order: the state's lock, then a shard's; a
 //! stream takes a shard's lock alone.
 //!
+//! A shard may instead have a handler ([`ServerEvents::handle_inline`]):
+//! then the task whose work queued the events (a connection task that read
+//! the messages, mostly) calls it, once the state's lock is released and
+//! before it writes, so an answer goes out in the same write and no other
+//! task is woken. One task at a time handles a shard (the flag `handling`,
+//! taken under the shard's lock): a task that finds it taken leaves its
+//! events to the one handling, which takes the queue again until it is
+//! empty, so a session's events still reach the handler one at a time and
+//! in order. The handler is never called with a lock held.
+//!
 //! [`ServerOptions::event_shards`]: super::ServerOptions::event_shards
 //! [`ServerOptions::event_buffer`]: super::ServerOptions::event_buffer
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::Stream;
-use kitestring_core::server::{Server, ServerEvent};
+use kitestring_core::server::{ConnectionId, Server, ServerEvent};
+use tracing::error;
 
 use super::shared::{ServerShared, Wakes};
 
@@ -44,6 +57,28 @@ struct ShardQueue {
     dropped: bool,
     /// The server stopped: the stream ends once the queue is empty.
     stopped: bool,
+    /// Called with each event by the task that queued it, instead of a
+    /// stream ([`ServerEvents::handle_inline`]).
+    handler: Option<EventHandler>,
+    /// A task is calling the handler with this shard's events: others leave
+    /// theirs to it.
+    handling: bool,
+}
+
+/// What [`ServerEvents::handle_inline`] calls with each event.
+type EventHandler = Arc<dyn Fn(ServerEvent) + Send + Sync>;
+
+thread_local! {
+    /// The connection whose task is calling an inline handler on this
+    /// thread: a server call the handler makes queues that connection's
+    /// frames without waking its task, which writes them when the handler
+    /// returns.
+    static HANDLING_FOR: Cell<Option<ConnectionId>> = const { Cell::new(None) };
+}
+
+/// The connection whose task is calling an inline handler on this thread.
+pub(super) fn handling_for() -> Option<ConnectionId> {
+    HANDLING_FOR.with(Cell::get)
 }
 
 impl Shard {
@@ -85,7 +120,63 @@ impl ServerShared {
         }
         q.events.push_back(event);
         self.event_backlog.fetch_add(1, Ordering::SeqCst);
-        wakes.take(&mut q.waker);
+        if q.handler.is_some() {
+            wakes.handle_events = true;
+        } else {
+            wakes.take(&mut q.waker);
+        }
+    }
+
+    /// With no lock held: calls each shard's inline handler with the
+    /// events queued for it, unless another task is already doing so (it
+    /// takes these too). `current` is the connection task calling, if it
+    /// is one.
+    pub(super) fn handle_inline(&self, current: Option<ConnectionId>) {
+        let outer = HANDLING_FOR.with(|c| c.replace(current.or(c.get())));
+        for shard in self.events.iter() {
+            self.handle_shard(shard);
+        }
+        HANDLING_FOR.with(|c| c.set(outer));
+    }
+
+    /// Calls `shard`'s handler with what its queue holds, until it is
+    /// empty, unless another task is doing so.
+    fn handle_shard(&self, shard: &Shard) {
+        let (handler, batch) = {
+            let mut q = shard.lock();
+            let Some(handler) = q.handler.clone() else {
+                return;
+            };
+            if q.handling || q.events.is_empty() {
+                return;
+            }
+            q.handling = true;
+            (handler, std::mem::take(&mut q.events))
+        };
+        self.handle_held(shard, &handler, batch);
+    }
+
+    /// With `shard`'s flag `handling` taken: calls `handler` with `batch`,
+    /// then with what the queue holds, until it is empty; then lets go of
+    /// the flag.
+    fn handle_held(&self, shard: &Shard, handler: &EventHandler, mut batch: VecDeque<ServerEvent>) {
+        loop {
+            let n = batch.len();
+            for event in batch.drain(..) {
+                // A panicking handler loses that event, not the shard: the
+                // task calling it (a connection's, say) goes on.
+                if catch_unwind(AssertUnwindSafe(|| handler(event))).is_err() {
+                    error!("the inline event handler panicked; its event is lost");
+                }
+            }
+            self.taken(n);
+            let mut q = shard.lock();
+            if q.events.is_empty() {
+                q.handling = false;
+                return;
+            }
+            std::mem::swap(&mut batch, &mut q.events);
+        }
     }
 
     /// Under the state's lock: the server stopped; every stream ends once
@@ -200,6 +291,59 @@ impl ServerEvents {
     /// The shards this stream takes events from.
     pub fn shards(&self) -> &[usize] {
         &self.shards
+    }
+
+    /// Hands this stream's events to `handler` instead, called by the task
+    /// whose work caused them, as soon as it has released the server's
+    /// state: a connection task calls it with the events of the messages
+    /// it read, before it writes, so the answers a handler sends
+    /// ([`ServerHandle::send_payload_now`]) go out in the same write, and
+    /// no application task is woken. The events of one session reach it
+    /// one at a time and in order, as from the stream; events of different
+    /// shards ([`split`](Self::split)) may reach it at the same time on
+    /// different threads. Events this stream had taken, then those queued,
+    /// are handled here first.
+    ///
+    /// The handler runs on the server's tasks: it must not block. For
+    /// work that waits (a database, another service), spawn a task from
+    /// it. The bound on events ([`ServerOptions::event_buffer`]) becomes
+    /// the handler's own pace: a connection task reads its next batch only
+    /// once it has handled this one. A panicking handler loses the event it
+    /// was called with (an error is logged); the server goes on. No event
+    /// says that the server stopped: [`ServerHandle::shutdown`] returns
+    /// once it has.
+    ///
+    /// [`ServerHandle::send_payload_now`]: super::ServerHandle::send_payload_now
+    /// [`ServerHandle::shutdown`]: super::ServerHandle::shutdown
+    /// [`ServerOptions::event_buffer`]: super::ServerOptions::event_buffer
+    pub fn handle_inline(mut self, handler: impl Fn(ServerEvent) + Send + Sync + 'static) {
+        let handler: EventHandler = Arc::new(handler);
+        let shared = self.shared.clone();
+        let shards = std::mem::take(&mut self.shards);
+        let taken = std::mem::take(&mut self.taken);
+        drop(self);
+        // The events taken go to their shards' handling first, in order.
+        let mut first: Vec<VecDeque<ServerEvent>> =
+            (0..shared.events.len()).map(|_| VecDeque::new()).collect();
+        if !taken.is_empty() {
+            let st = shared.lock();
+            let n = shared.events.len();
+            for event in taken {
+                first[shard_of(&event, &st.server, n)].push_back(event);
+            }
+        }
+        // Each shard's flag is taken with its handler set, so that no task
+        // handles what was queued after the events taken here first.
+        for &i in &shards {
+            let mut q = shared.events[i].lock();
+            q.handler = Some(handler.clone());
+            q.waker = None;
+            q.handling = true;
+        }
+        for i in shards {
+            let batch = std::mem::take(&mut first[i]);
+            shared.handle_held(&shared.events[i], &handler, batch);
+        }
     }
 }
 

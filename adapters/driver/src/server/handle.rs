@@ -119,6 +119,34 @@ impl ServerHandle {
             .map_err(|error| ServerError::Send { session, error })
     }
 
+    /// [`send`](Self::send) without awaiting, for an inline event handler
+    /// ([`ServerEvents::handle_inline`]) or other code that cannot await.
+    /// It takes the server's state at once, waiting for it (microseconds)
+    /// if another thread holds it.
+    ///
+    /// [`ServerEvents::handle_inline`]: super::ServerEvents::handle_inline
+    pub fn send_now<T: Serialize + ?Sized>(
+        &self,
+        session: SessionId,
+        value: &T,
+    ) -> Result<MessageId, ServerError> {
+        let payload = util::encode(value, self.codec_for(session))?;
+        self.send_payload_now(session, payload)
+    }
+
+    /// [`send_payload`](Self::send_payload) without awaiting: see
+    /// [`send_now`](Self::send_now). Called from an inline handler on a
+    /// connection's task, the frame goes out in that task's next write.
+    pub fn send_payload_now(
+        &self,
+        session: SessionId,
+        payload: Payload,
+    ) -> Result<MessageId, ServerError> {
+        self.shared
+            .run(None, |st, now| st.send(now, session, payload))?
+            .map_err(|error| ServerError::Send { session, error })
+    }
+
     /// Waits until a message sent to `session` now would go into its send
     /// window at once ([`Server::has_room`]). With this before each send, an
     /// application feeding a client faster than its link is paced by the

@@ -34,6 +34,9 @@
 //!   (a session's always in the same one) and [`ServerEvents::split`]
 //!   gives a stream per shard, so the application can handle sessions on
 //!   as many tasks; the bound holds for all shards together.
+//!   [`ServerEvents::handle_inline`] hands the events to a handler called
+//!   by the connection tasks themselves, which then read no more than it
+//!   keeps up with.
 //! * Outbound: what a connection can owe its peer is bounded first by the
 //!   core: a session holds at most its send window of unacknowledged
 //!   messages (`ReliabilityConfig::window_messages` / `window_bytes`) plus its

@@ -280,6 +280,8 @@ impl ConnSlot {
 pub(super) struct Wakes {
     tasks: Vec<Waker>,
     pub(super) server_task: bool,
+    /// Events were queued for an inline handler (`events.rs`).
+    pub(super) handle_events: bool,
 }
 
 impl Wakes {
@@ -290,11 +292,20 @@ impl Wakes {
     }
 
     pub(super) fn wake(self, shared: &ServerShared) {
+        self.wake_from(shared, None);
+    }
+
+    /// [`wake`](Self::wake) from the task of connection `current`, if it
+    /// is one; then calls the inline event handler, if events wait for it.
+    pub(super) fn wake_from(self, shared: &ServerShared, current: Option<ConnectionId>) {
         for w in self.tasks {
             w.wake();
         }
         if self.server_task {
             shared.task.wake();
+        }
+        if self.handle_events {
+            shared.handle_inline(current);
         }
     }
 }
@@ -353,6 +364,9 @@ impl ServerShared {
         current: Option<ConnectionId>,
         f: impl FnOnce(&mut LockedState, kitestring_core::Instant) -> T,
     ) -> T {
+        // Called by an inline event handler: the connection whose task
+        // calls it writes what this queues once the handler returns.
+        let current = current.or_else(super::events::handling_for);
         let mut wakes = Wakes::default();
         let mut replies = Replies::new();
         self.lock_handed().open = true;
@@ -374,10 +388,10 @@ impl ServerShared {
         }
         st.drain(self, now, current, &mut wakes);
         drop(st);
-        wakes.wake(self);
         for (reply, r) in replies {
             let _ = reply.send(r);
         }
+        wakes.wake_from(self, current);
         result
     }
 
@@ -442,7 +456,7 @@ impl ServerShared {
 
 impl LockedState {
     /// A send to `session`: refused once the server stopped.
-    fn send(
+    pub(super) fn send(
         &mut self,
         now: kitestring_core::Instant,
         session: SessionId,
