@@ -44,13 +44,23 @@ pub(crate) fn ours_echo_server(runtime: &Arc<dyn Runtime>) -> (ServerHandle, Soc
     options.config.rate_limit = None;
     let (handle, mut events) = kitestring::bind(runtime.clone(), addr, options).expect("bind");
     let echo = handle.clone();
-    runtime.spawn(Box::pin(async move {
-        while let Some(event) = events.next().await {
+    // `KITESTRING_BENCH_INLINE=1`: the events are handled on the
+    // connection tasks instead of an application task (BENCHMARKS.md).
+    if std::env::var_os("KITESTRING_BENCH_INLINE").is_some() {
+        events.handle_inline(move |event| {
             if let ServerEvent::Message { session, message } = event {
-                let _ = echo.send_payload(session, message.payload).await;
+                let _ = echo.send_payload_now(session, message.payload);
             }
-        }
-    }));
+        });
+    } else {
+        runtime.spawn(Box::pin(async move {
+            while let Some(event) = events.next().await {
+                if let ServerEvent::Message { session, message } = event {
+                    let _ = echo.send_payload(session, message.payload).await;
+                }
+            }
+        }));
+    }
     let local = handle.local_addr().expect("local address");
     (handle, local)
 }
