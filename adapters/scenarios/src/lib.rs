@@ -462,8 +462,9 @@ pub async fn unread_events_pause_reading(rt: Arc<dyn Runtime>) {
 /// ([`ServerEvents::handle_inline`]) on three shards: the events the
 /// stream had taken and those queued before the handler was set reach it
 /// first; every session's messages reach it once each and in order, and
-/// its sends ([`ServerHandle::send_now`]) reach the clients in order; a
-/// panic in the handler loses only the event it was called with.
+/// its sends ([`ServerHandle::send_now`]) reach the clients in order, as
+/// its answers to requests do ([`ServerHandle::respond_now`]); a panic in
+/// the handler loses only the event it was called with.
 pub async fn inline_handler_answers_in_order(rt: Arc<dyn Runtime>) {
     const CLIENTS: usize = 6;
     const N: u32 = 120;
@@ -514,6 +515,13 @@ pub async fn inline_handler_answers_in_order(rt: Arc<dyn Runtime>) {
         events.handle_inline(move |event| {
             if let ServerEvent::Message { session, message } = event {
                 let n = message.decode::<Note>().unwrap().n;
+                server.handled_now(session, message.seq).unwrap();
+                if message.request {
+                    server
+                        .respond_now(session, message.id, &note(n + 1))
+                        .unwrap();
+                    return;
+                }
                 log.lock().unwrap().push((session, n));
                 if n == PANIC {
                     panics.fetch_add(1, Ordering::SeqCst);
@@ -545,6 +553,18 @@ pub async fn inline_handler_answers_in_order(rt: Arc<dyn Runtime>) {
         assert_eq!(got, want, "answers in order");
     }
     assert_eq!(panics.load(Ordering::SeqCst), CLIENTS);
+    // A request is answered from the handler too.
+    for (client, _, _) in &clients {
+        let response = within(
+            &rt,
+            5000,
+            "a response",
+            client.request(&note(1000), Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.decode::<Note>().unwrap().n, 1001);
+    }
     // The handler saw each session's messages once each, in order: all of
     // them, unless the first event the stream handed out was one.
     let log = log.lock().unwrap().clone();

@@ -304,9 +304,13 @@ impl ServerEvents {
     /// different threads. Events this stream had taken, then those queued,
     /// are handled here first.
     ///
-    /// The handler runs on the server's tasks: it must not block. For
-    /// work that waits (a database, another service), spawn a task from
-    /// it. The bound on events ([`ServerOptions::event_buffer`]) becomes
+    /// The handler runs on the server's tasks: it must not block. It
+    /// answers with the handle's calls that do not await
+    /// ([`send_now`](super::ServerHandle::send_now),
+    /// [`respond_now`](super::ServerHandle::respond_now),
+    /// [`handled_now`](super::ServerHandle::handled_now)); for the others,
+    /// and for work that waits (a database, another service), it spawns a
+    /// task. The bound on events ([`ServerOptions::event_buffer`]) becomes
     /// the handler's own pace: a connection task reads its next batch only
     /// once it has handled this one. A panicking handler loses the event it
     /// was called with (an error is logged); the server goes on. No event

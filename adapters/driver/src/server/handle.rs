@@ -263,6 +263,17 @@ impl ServerHandle {
             .map_err(|error| ServerError::Send { session, error })
     }
 
+    /// [`handled`](Self::handled) without awaiting, for an inline event
+    /// handler ([`ServerEvents::handle_inline`]) that acknowledges what it
+    /// handled.
+    ///
+    /// [`ServerEvents::handle_inline`]: super::ServerEvents::handle_inline
+    pub fn handled_now(&self, session: SessionId, through: u64) -> Result<(), ServerError> {
+        self.shared
+            .call(|st, now| st.server.handled(now, session, through))?
+            .map_err(|error| ServerError::Send { session, error })
+    }
+
     /// Where `session` is: on this server, on another node of the cluster
     /// (with a [backplane](super::ServerOptions::backplane)), or `None`
     /// if no node has it. Without a backplane the node is `"local"`.
@@ -510,6 +521,33 @@ impl ServerHandle {
 
     /// [`respond`](Self::respond) with a ready payload.
     pub async fn respond_payload(
+        &self,
+        session: SessionId,
+        request: MessageId,
+        payload: Payload,
+    ) -> Result<MessageId, ServerError> {
+        self.shared
+            .call(|st, now| st.server.respond(now, session, request, payload))?
+            .map_err(|error| ServerError::Send { session, error })
+    }
+
+    /// [`respond`](Self::respond) without awaiting, for an inline event
+    /// handler ([`ServerEvents::handle_inline`]): see
+    /// [`send_now`](Self::send_now).
+    ///
+    /// [`ServerEvents::handle_inline`]: super::ServerEvents::handle_inline
+    pub fn respond_now<T: Serialize + ?Sized>(
+        &self,
+        session: SessionId,
+        request: MessageId,
+        value: &T,
+    ) -> Result<MessageId, ServerError> {
+        let payload = util::encode(value, self.codec_for(session))?;
+        self.respond_payload_now(session, request, payload)
+    }
+
+    /// [`respond_payload`](Self::respond_payload) without awaiting.
+    pub fn respond_payload_now(
         &self,
         session: SessionId,
         request: MessageId,
