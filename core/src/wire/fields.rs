@@ -164,11 +164,53 @@ pub(super) fn share(backing: Option<&Bytes>, part: &[u8]) -> Bytes {
             return b.slice_ref(part);
         }
     }
-    Bytes::copy_from_slice(part)
+    small_copy(part)
 }
 
 /// Payloads from this size up are shared with the frame they came in.
 const SHARE_FROM: usize = 1024;
+
+/// A copy of `part` in one allocation that clones share: a sequenced
+/// payload is cloned at least once (kept for retransmission, and put in
+/// its frame), and a `Bytes` copied from a slice is a plain vector that
+/// its first clone turns into a shared one with a second allocation. Up
+/// to [`SHARE_FROM`] bytes the copy goes in an array of the next power of
+/// two from 32 bytes, with its count beside it; beyond, a plain copy.
+pub(crate) fn small_copy(part: &[u8]) -> Bytes {
+    match part.len() {
+        0 => Bytes::new(),
+        1..=32 => Bytes::from_owner(Inline::<32>::new(part)),
+        33..=64 => Bytes::from_owner(Inline::<64>::new(part)),
+        65..=128 => Bytes::from_owner(Inline::<128>::new(part)),
+        129..=256 => Bytes::from_owner(Inline::<256>::new(part)),
+        257..=512 => Bytes::from_owner(Inline::<512>::new(part)),
+        513..=SHARE_FROM => Bytes::from_owner(Inline::<SHARE_FROM>::new(part)),
+        _ => Bytes::copy_from_slice(part),
+    }
+}
+
+/// Up to `N` bytes held inline, for [`small_copy`].
+struct Inline<const N: usize> {
+    len: usize,
+    buf: [u8; N],
+}
+
+impl<const N: usize> Inline<N> {
+    fn new(part: &[u8]) -> Self {
+        let mut buf = [0; N];
+        buf[..part.len()].copy_from_slice(part);
+        Inline {
+            len: part.len(),
+            buf,
+        }
+    }
+}
+
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
 
 /// A payload the frame must carry: `None` (no payload field at all) is a
 /// missing `j`.

@@ -1866,3 +1866,31 @@ fn map_writes_are_room_messages() {
         Ok(Frame::Msg(Msg { kind: MsgKind::Invalid(what), .. })) if what.field() == "r"
     ));
 }
+
+#[test]
+fn small_copies_hold_their_bytes_and_share_them_when_cloned() {
+    let data: Vec<u8> = (0..2048u32).map(|i| (i * 7 + 3) as u8).collect();
+    for len in [
+        0, 1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1023, 1024,
+        1025, 2048,
+    ] {
+        let part = &data[100.min(2048 - len)..][..len];
+        let copy = super::fields::small_copy(part);
+        assert_eq!(&copy[..], part, "length {len}");
+        let clone = copy.clone();
+        assert_eq!(
+            clone.as_ptr(),
+            copy.as_ptr(),
+            "a clone shares, length {len}"
+        );
+        if len > 2 {
+            assert_eq!(&copy.slice(1..len - 1)[..], &part[1..len - 1]);
+        }
+        drop(copy);
+        assert_eq!(
+            &clone[..],
+            part,
+            "the clone outlives the first, length {len}"
+        );
+    }
+}
