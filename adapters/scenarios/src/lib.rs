@@ -458,6 +458,27 @@ pub async fn unread_events_pause_reading(rt: Arc<dyn Runtime>) {
         .unwrap();
 }
 
+/// `n` clients of the server at `addr`, each with its events and session,
+/// once each is open.
+async fn open_clients(
+    rt: &Arc<dyn Runtime>,
+    addr: SocketAddr,
+    n: usize,
+) -> Vec<(ClientHandle, ClientEvents, SessionId)> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let (client, mut cev) = kitestring::connect(
+            rt.clone(),
+            &format!("ws://{addr}/ws"),
+            fast_client(vec![Codec::MsgPack, Codec::Json]),
+        )
+        .unwrap();
+        let (session, _, _) = opened(rt, &mut cev).await;
+        clients.push((client, cev, session));
+    }
+    clients
+}
+
 /// An application that handles its events inline
 /// ([`ServerEvents::handle_inline`]) on three shards: the events the
 /// stream had taken and those queued before the handler was set reach it
@@ -478,17 +499,7 @@ pub async fn inline_handler_answers_in_order(rt: Arc<dyn Runtime>) {
         ..fast_server()
     };
     let (server, mut events, addr) = serve(&rt, options);
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let (client, mut cev) = kitestring::connect(
-            rt.clone(),
-            &format!("ws://{addr}/ws"),
-            fast_client(vec![Codec::MsgPack, Codec::Json]),
-        )
-        .unwrap();
-        let (session, _, _) = opened(&rt, &mut cev).await;
-        clients.push((client, cev, session));
-    }
+    let mut clients = open_clients(&rt, addr, CLIENTS).await;
     // Messages sent before the handler exists: the stream takes the
     // queued events at once and hands out the first.
     for (client, cev, _) in &mut clients {
@@ -616,17 +627,7 @@ pub async fn event_shards_keep_sessions_in_order(rt: Arc<dyn Runtime>) {
         logs.push(log);
         stops.push(stop);
     }
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let (client, mut cev) = kitestring::connect(
-            rt.clone(),
-            &format!("ws://{addr}/ws"),
-            fast_client(vec![Codec::MsgPack, Codec::Json]),
-        )
-        .unwrap();
-        let (session, _, _) = opened(&rt, &mut cev).await;
-        clients.push((client, cev, session));
-    }
+    let clients = open_clients(&rt, addr, CLIENTS).await;
     for n in 0..N {
         for (client, _, _) in &clients {
             within(&rt, 2000, "send", client.send(&note(n)))

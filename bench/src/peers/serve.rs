@@ -104,23 +104,31 @@ fn broadcast_count(line: &str) -> Option<u64> {
     (words.next() == Some("broadcast")).then(|| words.next()?.parse().ok())?
 }
 
-/// Kitestring with its defaults, but for the two settings every Kitestring
-/// server in this benchmark has: no flood protection (the load generator
-/// sends faster than any interactive client), and a room without presence
-/// (a broadcast channel: no member lists). Clients join themselves.
-async fn kitestring() {
+/// Binds a Kitestring server as [`kitestring`] describes it, with
+/// `event_shards` event queues, and says its port.
+fn start_kitestring(event_shards: usize) -> (kitestring::ServerHandle, kitestring::ServerEvents) {
     let mut options = ServerOptions {
         policy: Some(Arc::new(NoPresence)),
+        event_shards,
         ..ServerOptions::default()
     };
     options.config.rate_limit = None;
     let any: SocketAddr = "0.0.0.0:0".parse().expect("address");
-    let (server, mut events) =
+    let (server, events) =
         kitestring::bind(kitestring_tokio::runtime(), any, options).expect("bind");
     say(&format!(
         "port {}",
         server.local_addr().expect("local address").port()
     ));
+    (server, events)
+}
+
+/// Kitestring with its defaults, but for the two settings every Kitestring
+/// server in this benchmark has: no flood protection (the load generator
+/// sends faster than any interactive client), and a room without presence
+/// (a broadcast channel: no member lists). Clients join themselves.
+async fn kitestring() {
+    let (server, mut events) = start_kitestring(1);
     let mut lines = net::stdin_lines();
     let (mut opened, mut joined, mut seq) = (0usize, 0usize, 0u64);
     loop {
@@ -180,19 +188,7 @@ pub(crate) fn app_work(payload: &[u8]) -> u64 {
 /// event stream, or that many event shards ([`ServerOptions::event_shards`])
 /// each taken by a task of its own. No broadcasts.
 async fn kitestring_work(tasks: usize) {
-    let mut options = ServerOptions {
-        policy: Some(Arc::new(NoPresence)),
-        event_shards: tasks,
-        ..ServerOptions::default()
-    };
-    options.config.rate_limit = None;
-    let any: SocketAddr = "0.0.0.0:0".parse().expect("address");
-    let (server, events) =
-        kitestring::bind(kitestring_tokio::runtime(), any, options).expect("bind");
-    say(&format!(
-        "port {}",
-        server.local_addr().expect("local address").port()
-    ));
+    let (server, events) = start_kitestring(tasks);
     let opened = Arc::new(AtomicUsize::new(0));
     let joined = Arc::new(AtomicUsize::new(0));
     for mut events in events.split() {
@@ -215,15 +211,21 @@ async fn kitestring_work(tasks: usize) {
             }
         });
     }
+    answer_counts(&opened, &joined).await;
+    let _ = server.shutdown().await;
+}
+
+/// Answers `count` on stdin with the sessions opened and joins seen,
+/// until stdin closes.
+async fn answer_counts(opened: &AtomicUsize, joined: &AtomicUsize) {
     let mut lines = net::stdin_lines();
     while let Some(line) = lines.recv().await {
         if line.trim() == "count" {
-            say_count(&opened, &joined);
+            say_count(opened, joined);
         } else {
             say("?");
         }
     }
-    let _ = server.shutdown().await;
 }
 
 /// Kitestring whose application handles its events inline
@@ -233,18 +235,7 @@ async fn kitestring_work(tasks: usize) {
 ///
 /// [`ServerEvents::handle_inline`]: kitestring::ServerEvents::handle_inline
 async fn kitestring_inline(work: bool) {
-    let mut options = ServerOptions {
-        policy: Some(Arc::new(NoPresence)),
-        ..ServerOptions::default()
-    };
-    options.config.rate_limit = None;
-    let any: SocketAddr = "0.0.0.0:0".parse().expect("address");
-    let (server, events) =
-        kitestring::bind(kitestring_tokio::runtime(), any, options).expect("bind");
-    say(&format!(
-        "port {}",
-        server.local_addr().expect("local address").port()
-    ));
+    let (server, events) = start_kitestring(1);
     let opened = Arc::new(AtomicUsize::new(0));
     let joined = Arc::new(AtomicUsize::new(0));
     {
@@ -265,14 +256,7 @@ async fn kitestring_inline(work: bool) {
             _ => {}
         });
     }
-    let mut lines = net::stdin_lines();
-    while let Some(line) = lines.recv().await {
-        if line.trim() == "count" {
-            say_count(&opened, &joined);
-        } else {
-            say("?");
-        }
-    }
+    answer_counts(&opened, &joined).await;
     let _ = server.shutdown().await;
 }
 

@@ -258,9 +258,7 @@ impl ServerHandle {
     ///
     /// [`Acknowledge::AfterHandled`]: kitestring_core::config::Acknowledge::AfterHandled
     pub async fn handled(&self, session: SessionId, through: u64) -> Result<(), ServerError> {
-        self.shared
-            .call(|st, now| st.server.handled(now, session, through))?
-            .map_err(|error| ServerError::Send { session, error })
+        self.handled_now(session, through)
     }
 
     /// [`handled`](Self::handled) without awaiting, for an inline event
@@ -515,8 +513,7 @@ impl ServerHandle {
         request: MessageId,
         value: &T,
     ) -> Result<MessageId, ServerError> {
-        let payload = util::encode(value, self.codec_for(session))?;
-        self.respond_payload(session, request, payload).await
+        self.respond_now(session, request, value)
     }
 
     /// [`respond`](Self::respond) with a ready payload.
@@ -526,9 +523,7 @@ impl ServerHandle {
         request: MessageId,
         payload: Payload,
     ) -> Result<MessageId, ServerError> {
-        self.shared
-            .call(|st, now| st.server.respond(now, session, request, payload))?
-            .map_err(|error| ServerError::Send { session, error })
+        self.respond_payload_now(session, request, payload)
     }
 
     /// [`respond`](Self::respond) without awaiting, for an inline event
