@@ -22,12 +22,15 @@
 //! taken under the shard's lock): a task that finds it taken leaves its
 //! events to the one handling, which takes the queue again until it is
 //! empty, so a session's events still reach the handler one at a time and
-//! in order. The handler is never called with a lock held.
+//! in order. The handler is never called with a lock held, nor from inside
+//! itself: a server call it makes that queues events (for any shard: the
+//! core's timers may end another session) leaves them to the thread's
+//! handling under way, which takes them once the handler returns.
 //!
 //! [`ServerOptions::event_shards`]: super::ServerOptions::event_shards
 //! [`ServerOptions::event_buffer`]: super::ServerOptions::event_buffer
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -69,16 +72,94 @@ struct ShardQueue {
 type EventHandler = Arc<dyn Fn(ServerEvent) + Send + Sync>;
 
 thread_local! {
-    /// The connection whose task is calling an inline handler on this
-    /// thread: a server call the handler makes queues that connection's
-    /// frames without waking its task, which writes them when the handler
-    /// returns.
-    static HANDLING_FOR: Cell<Option<ConnectionId>> = const { Cell::new(None) };
+    /// The servers whose inline handlers this thread is calling, innermost
+    /// last (`handle_inline`).
+    static HANDLING: RefCell<Vec<Handling>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The connection whose task is calling an inline handler on this thread.
-pub(super) fn handling_for() -> Option<ConnectionId> {
-    HANDLING_FOR.with(Cell::get)
+/// A server whose inline handler this thread is calling.
+struct Handling {
+    /// The server (its address, as an identity).
+    server: usize,
+    /// The connection whose task calls the handler: a server call the
+    /// handler makes queues that connection's frames without waking its
+    /// task, which writes them when the handler returns.
+    connection: Option<ConnectionId>,
+    /// A server call from within the handler queued events for it: they
+    /// are handled once the handler returns, not from inside it.
+    again: bool,
+}
+
+impl ServerShared {
+    /// This server, as [`Handling::server`].
+    fn identity(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// The connection whose task is calling this server's inline handler
+    /// on this thread.
+    pub(super) fn handling_for(&self) -> Option<ConnectionId> {
+        let me = self.identity();
+        HANDLING.with(|h| {
+            h.borrow()
+                .iter()
+                .rev()
+                .find(|f| f.server == me)
+                .and_then(|f| f.connection)
+        })
+    }
+
+    /// Runs `f` as this thread's handling of this server's inline handler,
+    /// then handles, shard by shard, what server calls made from the
+    /// handler queued, until nothing is left. `None` if this thread is
+    /// already handling this server: the events are left to it, so that the
+    /// handler is never called from inside itself.
+    fn handling(&self, connection: Option<ConnectionId>, f: impl FnOnce()) -> Option<()> {
+        let me = self.identity();
+        let nested = HANDLING.with(|h| {
+            let mut h = h.borrow_mut();
+            match h.iter_mut().find(|f| f.server == me) {
+                Some(outer) => {
+                    outer.again = true;
+                    true
+                }
+                None => {
+                    h.push(Handling {
+                        server: me,
+                        connection,
+                        again: false,
+                    });
+                    false
+                }
+            }
+        });
+        if nested {
+            return None;
+        }
+        // Popped even if `f` panics (the handler's panics are caught, but
+        // the thread-local must stay true whatever happens).
+        struct Pop;
+        impl Drop for Pop {
+            fn drop(&mut self) {
+                HANDLING.with(|h| h.borrow_mut().pop());
+            }
+        }
+        let _pop = Pop;
+        f();
+        loop {
+            let again = HANDLING.with(|h| {
+                h.borrow_mut()
+                    .last_mut()
+                    .is_some_and(|f| std::mem::take(&mut f.again))
+            });
+            if !again {
+                return Some(());
+            }
+            for shard in self.events.iter() {
+                self.handle_shard(shard);
+            }
+        }
+    }
 }
 
 impl Shard {
@@ -132,11 +213,11 @@ impl ServerShared {
     /// takes these too). `current` is the connection task calling, if it
     /// is one.
     pub(super) fn handle_inline(&self, current: Option<ConnectionId>) {
-        let outer = HANDLING_FOR.with(|c| c.replace(current.or(c.get())));
-        for shard in self.events.iter() {
-            self.handle_shard(shard);
-        }
-        HANDLING_FOR.with(|c| c.set(outer));
+        self.handling(current, || {
+            for shard in self.events.iter() {
+                self.handle_shard(shard);
+            }
+        });
     }
 
     /// Calls `shard`'s handler with what its queue holds, until it is
@@ -312,7 +393,10 @@ impl ServerEvents {
     /// and for work that waits (a database, another service), it spawns a
     /// task. The bound on events ([`ServerOptions::event_buffer`]) becomes
     /// the handler's own pace: a connection task reads its next batch only
-    /// once it has handled this one. A panicking handler loses the event it
+    /// once it has handled this one. A server call the handler makes never
+    /// calls it again from inside: the events that call causes (even of
+    /// other shards) are handled once it returns, so a handler may hold its
+    /// own locks across its calls. A panicking handler loses the event it
     /// was called with (an error is logged); the server goes on. No event
     /// says that the server stopped: [`ServerHandle::shutdown`] returns
     /// once it has.
@@ -344,9 +428,23 @@ impl ServerEvents {
             q.waker = None;
             q.handling = true;
         }
-        for i in shards {
-            let batch = std::mem::take(&mut first[i]);
-            shared.handle_held(&shared.events[i], &handler, batch);
+        let handled = shared.handling(None, || {
+            for &i in &shards {
+                let batch = std::mem::take(&mut first[i]);
+                shared.handle_held(&shared.events[i], &handler, batch);
+            }
+        });
+        if handled.is_none() {
+            // Called from this server's own handler: the handling that is
+            // running takes these shards once the handler returns, the
+            // events taken first.
+            for i in shards {
+                let mut q = shared.events[i].lock();
+                let mut events = std::mem::take(&mut first[i]);
+                events.append(&mut q.events);
+                q.events = events;
+                q.handling = false;
+            }
         }
     }
 }
@@ -401,5 +499,72 @@ impl Drop for ServerEvents {
             q.waker = None;
         }
         self.shared.taken(discarded);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    use kitestring_core::reliable::MessageId;
+    use kitestring_core::wire::SessionId;
+
+    use super::*;
+    use crate::drive::tests::Frozen;
+    use crate::server::ServerOptions;
+
+    /// An event of a session whose id puts it on shard `shard` of two.
+    fn acked(shard: u8, id: u64) -> ServerEvent {
+        let mut session = [0; 16];
+        session[0] = shard;
+        ServerEvent::Acked {
+            session: SessionId(session),
+            first: MessageId(id),
+            last: MessageId(id),
+        }
+    }
+
+    /// Queues `event` on `shard` and wakes, as a server call that caused it
+    /// would once it released the state.
+    fn cause(shared: &ServerShared, shard: usize, event: ServerEvent) {
+        let mut wakes = Wakes::default();
+        shared.queue_event(shard, event, &mut wakes);
+        wakes.wake(shared);
+    }
+
+    #[test]
+    fn an_inline_handler_is_never_called_from_inside_itself() {
+        let options = ServerOptions {
+            event_shards: 2,
+            ..ServerOptions::default()
+        };
+        let (handle, events) =
+            crate::server::start(Arc::new(Frozen(Mutex::new(Instant::now()))), options).unwrap();
+        let shared = handle.shared.clone();
+        assert_eq!(shard_of(&acked(1, 0), &shared.lock().server, 2), 1);
+        let depth = Arc::new(AtomicUsize::new(0));
+        // (what, how many calls of the handler were running when it began)
+        let seen = Arc::new(Mutex::new(Vec::<(u64, usize)>::new()));
+        {
+            let (shared, depth, seen) = (shared.clone(), depth.clone(), seen.clone());
+            events.handle_inline(move |event| {
+                let d = depth.fetch_add(1, Ordering::SeqCst);
+                if let ServerEvent::Acked { last, .. } = event {
+                    seen.lock().unwrap().push((last.0, d));
+                    if last.0 == 1 {
+                        // A server call from the handler that causes an
+                        // event on the other shard.
+                        cause(&shared, 1, acked(1, 2));
+                        seen.lock().unwrap().push((100, d));
+                    }
+                }
+                depth.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        cause(&shared, 0, acked(0, 1));
+        // The second event waits for the first call to return.
+        assert_eq!(*seen.lock().unwrap(), [(1, 0), (100, 0), (2, 0)]);
+        assert_eq!(shared.event_backlog.load(Ordering::SeqCst), 0);
     }
 }

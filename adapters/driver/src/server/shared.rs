@@ -366,7 +366,7 @@ impl ServerShared {
     ) -> T {
         // Called by an inline event handler: the connection whose task
         // calls it writes what this queues once the handler returns.
-        let current = current.or_else(super::events::handling_for);
+        let current = current.or_else(|| self.handling_for());
         let mut wakes = Wakes::default();
         let mut replies = Replies::new();
         self.lock_handed().open = true;
