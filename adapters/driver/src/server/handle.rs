@@ -143,7 +143,7 @@ impl ServerHandle {
         payload: Payload,
     ) -> Result<MessageId, ServerError> {
         self.shared
-            .run(None, |st, now| st.send(now, session, payload))?
+            .call(|st, now| st.server.send(now, session, payload))?
             .map_err(|error| ServerError::Send { session, error })
     }
 

@@ -456,7 +456,7 @@ impl ServerShared {
 
 impl LockedState {
     /// A send to `session`: refused once the server stopped.
-    pub(super) fn send(
+    fn send(
         &mut self,
         now: kitestring_core::Instant,
         session: SessionId,
