@@ -621,9 +621,13 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
         move |url: String| {
             let runtime = runtime.clone();
             async move {
-                let (client, _events) =
-                    net::ours_connect(runtime, &url, ClientOptions::default()).await;
-                let _ = client.join(ROOM).await;
+                // The room joined in the handshake, as an application that
+                // joins at once does (`ClientOptions::rooms`).
+                let options = ClientOptions {
+                    rooms: vec![ROOM.into()],
+                    ..ClientOptions::default()
+                };
+                let (client, _events) = net::ours_connect(runtime, &url, options).await;
                 let _ = client.close().await;
             }
         }

@@ -518,6 +518,7 @@ impl ClientHarness {
                 resume: None,
                 caps: Vec::new(),
                 codecs: vec![Codec::Json],
+                join: Vec::new(),
             }),
         })
     }

@@ -108,6 +108,8 @@ pub enum ArbFrame {
         caps: Vec<String>,
         /// Codecs: `true` is MessagePack.
         codecs: Vec<bool>,
+        /// Rooms to join with a new session.
+        join: Vec<String>,
     },
     /// A welcome.
     Welcome {
@@ -293,10 +295,13 @@ impl ArbFrame {
                 resume,
                 caps,
                 codecs,
+                join,
             } => {
                 if versions.len() > wire::MAX_LIST_LEN
                     || codecs.len() > wire::MAX_LIST_LEN
                     || !list_ok(caps)
+                    || join.len() > wire::MAX_LIST_LEN
+                    || !join.iter().all(|r| room_name_ok(r))
                 {
                     return None;
                 }
@@ -311,6 +316,10 @@ impl ArbFrame {
                     }),
                     caps: caps.iter().map(|c| c.clone().into()).collect(),
                     codecs: codecs.iter().map(|m| codec_of(*m)).collect(),
+                    join: join
+                        .iter()
+                        .map(|r| std::sync::Arc::from(r.as_str()))
+                        .collect(),
                 })
             }
             ArbFrame::Welcome {

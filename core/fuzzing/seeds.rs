@@ -22,6 +22,7 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
             resume: None,
             caps: Vec::new(),
             codecs: vec![Codec::MsgPack, Codec::Json],
+            join: Vec::new(),
         }),
         Frame::Hello(Hello {
             versions: vec![1],
@@ -34,6 +35,7 @@ pub fn seed_messages() -> Vec<(String, Transmit)> {
             }),
             caps: vec!["batch".into()],
             codecs: vec![Codec::Json],
+            join: Vec::new(),
         }),
         Frame::Welcome(Welcome {
             version: 1,

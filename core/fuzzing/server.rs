@@ -367,6 +367,7 @@ impl ServerHarness {
                         .collect()
                 })
                 .unwrap_or_else(|| vec![Codec::MsgPack, Codec::Json]),
+            join: Vec::new(),
         })
     }
 
@@ -497,6 +498,7 @@ impl ServerHarness {
                         resume: None,
                         caps: Vec::new(),
                         codecs: vec![Codec::Json],
+                        join: Vec::new(),
                     })),
                     ClientFrame::Subs(list) => Some(Frame::Subs(
                         list.into_iter()

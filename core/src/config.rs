@@ -705,6 +705,7 @@ mod tests {
                 resume: None,
                 caps: config.hello_caps(),
                 codecs: config.codecs.clone(),
+                join: Vec::new(),
             });
             let sent = encode(&hello, Codec::Json, 1).unwrap();
             let limits = Limits {

@@ -321,6 +321,25 @@ impl Outbound {
         self.waiting.push_front(msg);
     }
 
+    /// Takes the joins at the front of the waiting queue, at most `max`,
+    /// in order: what a `hello` can carry without changing the order of
+    /// anything the client asked for.
+    pub(crate) fn take_front_joins(&mut self, max: usize) -> Vec<Waiting> {
+        let mut taken = Vec::new();
+        while taken.len() < max
+            && self
+                .waiting
+                .front()
+                .is_some_and(|w| w.kind == MsgKind::Join && w.room.is_some())
+        {
+            if let Some(w) = self.waiting.pop_front() {
+                self.waiting_bytes -= w.payload.len();
+                taken.push(w);
+            }
+        }
+        taken
+    }
+
     /// Returns the most recently sequenced message to the front of the
     /// waiting queue's place in history: it is removed entirely and its
     /// number is reused, so the peer sees no gap.

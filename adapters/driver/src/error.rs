@@ -39,6 +39,15 @@ pub enum ConnectError {
     /// The operating system's random source failed.
     #[error("no randomness for the client id: {0}")]
     Random(String),
+    /// A room of [`ClientOptions::rooms`](crate::ClientOptions::rooms)
+    /// cannot be joined (a bad name).
+    #[error("room {room:?} of ClientOptions::rooms: {error}")]
+    Room {
+        /// The room.
+        room: String,
+        /// Why.
+        error: SendError,
+    },
 }
 
 /// A client command failed.

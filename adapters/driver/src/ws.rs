@@ -10,6 +10,8 @@ use std::pin::Pin;
 
 use async_tungstenite::tungstenite::error::ProtocolError;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use async_tungstenite::tungstenite::protocol::frame::Frame;
 use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use async_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use futures_io::{AsyncRead, AsyncWrite};
@@ -56,6 +58,20 @@ pub(crate) fn to_message(t: Transmit) -> Message {
         },
         Transmit::Binary(b) => Message::Binary(b),
     }
+}
+
+/// Appends a text or binary message to `out` as a server's WebSocket
+/// frame (unmasked, final), as tungstenite would write it; false, and
+/// nothing appended, for any other kind of message.
+pub(crate) fn append_frame(message: &Message, out: &mut Vec<u8>) -> bool {
+    let opcode = match message {
+        Message::Text(_) => Data::Text,
+        Message::Binary(_) => Data::Binary,
+        _ => return false,
+    };
+    let frame = Frame::message(message.clone().into_data(), OpCode::Data(opcode), true);
+    // Writing into a vector does not fail.
+    frame.format(out).is_ok()
 }
 
 /// A close message with the core's code.

@@ -33,10 +33,10 @@ pub use fallback::{
     fallback_stripped_upgrade, fallback_through_cuts,
 };
 pub use rooms::{
-    broadcast_through_cuts, feeds_keep_order, presence_after_resume, request_across_cut,
-    rotation_without_loss, send_latest_coalesces, shutdown_keeps_rooms, slow_member_evicted,
-    stream_member_falls_behind, typed_sends_use_session_codec, unauthorized_join_refused, Peer,
-    Recorder,
+    broadcast_through_cuts, feeds_keep_order, joins_ride_in_the_hello, presence_after_resume,
+    request_across_cut, rotation_without_loss, send_latest_coalesces, shutdown_keeps_rooms,
+    slow_member_evicted, stream_member_falls_behind, typed_sends_use_session_codec,
+    unauthorized_join_refused, Peer, Recorder,
 };
 
 /// Generates one `#[test]` per scenario. `$block_on` runs a future to
@@ -52,7 +52,7 @@ macro_rules! scenarios {
             handover_upgraded_socket, event_shards_keep_sessions_in_order, inline_handler_answers_in_order,
             slow_consumer_closed, broadcast_through_cuts, slow_member_evicted, feeds_keep_order,
             stream_member_falls_behind,
-            unauthorized_join_refused, presence_after_resume, rotation_without_loss,
+            unauthorized_join_refused, joins_ride_in_the_hello, presence_after_resume, rotation_without_loss,
             shutdown_keeps_rooms, request_across_cut, typed_sends_use_session_codec,
             send_latest_coalesces, unread_events_pause_reading, client_unread_events_pause_reading,
             fallback_through_cuts, fallback_stripped_upgrade, fallback_moves_to_websocket_and_back,
@@ -1195,6 +1195,7 @@ fn hello_text(id: u8) -> String {
             resume: None,
             caps: Vec::new(),
             codecs: vec![Codec::Json],
+            join: Vec::new(),
         }),
         Codec::Json,
         1,

@@ -615,10 +615,9 @@ pub async fn feeds_keep_order(rt: Arc<dyn Runtime>) {
     finish(&rt, server, vec![a, b]).await;
 }
 
-/// A policy refuses a join (the client gets `Refused`, the server a
-/// `Refused` event) and a publish; publishing to a room one is not in is
-/// refused too; the application's own `join` bypasses the policy.
-pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
+/// A server whose policy lets clients join only rooms named `public...`
+/// and publish anywhere but in rooms named `...-ro`.
+fn public_rooms_only() -> ServerOptions {
     let mut options = fast_server();
     options.policy = Some(Arc::new(PolicyFn {
         join: |_: &Member, room: &str| {
@@ -636,7 +635,14 @@ pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
             }
         },
     }));
-    let (server, sev) = serve(&rt, options);
+    options
+}
+
+/// A policy refuses a join (the client gets `Refused`, the server a
+/// `Refused` event) and a publish; publishing to a room one is not in is
+/// refused too; the application's own `join` bypasses the policy.
+pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
+    let (server, sev) = serve(&rt, public_rooms_only());
     let a = peer(&rt, &server).await;
     let b = peer(&rt, &server).await;
 
@@ -764,6 +770,73 @@ pub async fn unauthorized_join_refused(rt: Arc<dyn Runtime>) {
         "{message}"
     );
     finish(&rt, server, vec![a, b]).await;
+}
+
+/// Rooms a client asks for with its options ride in its first `hello`:
+/// the session opens a member of those the policy allows, the one it
+/// refuses is reported on both sides by room (the client's with the id of
+/// its join), and no `join` message went out.
+pub async fn joins_ride_in_the_hello(rt: Arc<dyn Runtime>) {
+    let (server, sev) = serve(&rt, public_rooms_only());
+    let mut client = fast_client(vec![Codec::MsgPack, Codec::Json]);
+    client.rooms = vec!["public-a".into(), "secret".into(), "public-b".into()];
+    let a = peer_from(&rt, &server, client).await;
+    let refused = a
+        .events
+        .until(&rt, 3000, "the hello's join refused", |evs| {
+            evs.iter().find_map(|e| match e {
+                Event::Refused {
+                    id,
+                    room: Some(room),
+                    refusal,
+                } if &**room == "secret" => Some((*id, refusal.clone())),
+                _ => None,
+            })
+        })
+        .await;
+    assert!(
+        refused.0.is_some(),
+        "the refusal names the join: {refused:?}"
+    );
+    assert_eq!(refused.1.op, "join");
+    assert_eq!(refused.1.code.as_deref(), Some("forbidden"));
+    let joined = sev
+        .until(&rt, 3000, "server Joined", |evs| {
+            let rooms: Vec<String> = evs
+                .iter()
+                .filter_map(|e| match e {
+                    ServerEvent::Joined { session, room } if *session == a.session => {
+                        Some(room.to_string())
+                    }
+                    _ => None,
+                })
+                .collect();
+            (rooms.len() == 2).then_some(rooms)
+        })
+        .await;
+    assert_eq!(joined, ["public-a", "public-b"]);
+    room_size_is(&rt, &server, "public-a", 1).await;
+    room_size_is(&rt, &server, "public-b", 1).await;
+    assert_eq!(server.room_size("secret").await.unwrap(), 0);
+    let snapshot = a.handle.stats().await.unwrap();
+    assert_eq!(
+        snapshot.stats.delivery.messages_sent, 0,
+        "the joins rode in the hello"
+    );
+    let mut rooms = snapshot.rooms.clone();
+    rooms.sort();
+    assert_eq!(rooms, ["public-a", "public-b"]);
+
+    // The rooms work as any joined room's.
+    let b = peer(&rt, &server).await;
+    b.handle.join("public-a").await.unwrap();
+    room_size_is(&rt, &server, "public-a", 2).await;
+    b.handle.publish("public-a", &note(7)).await.unwrap();
+    a.events
+        .until(&rt, 3000, "a publish in a hello's room", |evs| {
+            (room_notes(evs, "public-a") == [7]).then_some(())
+        })
+        .await;
 }
 
 /// A member offline while another leaves and rejoins and a third leaves

@@ -1,8 +1,8 @@
 //! The load generator's protocol adapters, written by hand over raw
 //! tokio-tungstenite messages so that the client's cost is the same kind of
 //! code for every server: Kitestring's protocol (PROTOCOL.md: `hello` in the
-//! upgrade or as the first frame, with the `stream` capability, `welcome`,
-//! a `join`, the room's broadcasts as stream entries (`sub`, then `pub`
+//! upgrade or as the first frame, with the `stream` capability and a `join`
+//! of the room (PROTOCOL.md, section 4), `welcome`, the room's broadcasts as stream entries (`sub`, then `pub`
 //! and `skip` with contiguous offsets), `msg` frames acknowledged with
 //! `ack` every 32 deliveries or 100 ms, pings), Engine.IO
 //! v4 / Socket.IO v5 over WebSocket (`0{...}` open, `40` connect, `42[...]`
@@ -158,28 +158,19 @@ impl Session {
             Proto::Kitestring(codec) => {
                 self.sent += 1;
                 let ack = self.take_ack();
-                kite_msg(
-                    codec,
-                    self.sent,
-                    ack,
-                    KiteBody::Bytes(&binary_payload(TAG_ECHO, seq)),
-                )
+                kite_msg(codec, self.sent, ack, &binary_payload(TAG_ECHO, seq))
             }
             Proto::SocketIo => Message::text(format!("42[\"echo\",\"{}\"]", text_payload(seq))),
             Proto::Floor => Message::Binary(binary_payload(TAG_ECHO, seq)),
         }
     }
 
-    /// The frame that joins [`ROOM`]; none for Socket.IO, whose connect
-    /// packet asks for the room ([`socketio_connect`]).
+    /// The frame that joins [`ROOM`]; none for Kitestring, whose `hello`
+    /// asks for the room ([`kite_hello`]), nor for Socket.IO, whose connect
+    /// packet does ([`socketio_connect`]).
     pub(crate) fn join(&mut self) -> Option<Message> {
         match self.proto {
-            Proto::Kitestring(codec) => {
-                self.sent += 1;
-                let ack = self.take_ack();
-                Some(kite_msg(codec, self.sent, ack, KiteBody::Join))
-            }
-            Proto::SocketIo => None,
+            Proto::Kitestring(_) | Proto::SocketIo => None,
             Proto::Floor => {
                 let mut v = vec![FLOOR_JOIN];
                 v.extend_from_slice(ROOM.as_bytes());
@@ -354,55 +345,28 @@ fn frame(body: Vec<u8>) -> Message {
     Message::Binary(Bytes::from(v))
 }
 
-/// What a client `msg` carries.
-enum KiteBody<'a> {
-    /// Opaque bytes, `b`.
-    Bytes(&'a [u8]),
-    /// `op: join` of [`ROOM`], with the JSON payload `null`.
-    Join,
-}
-
-/// A client `msg` (its `id` is its `seq`: unique and increasing).
-fn kite_msg(codec: Codec, seq: u64, ack: u64, body: KiteBody<'_>) -> Message {
+/// A client `msg` carrying the opaque bytes `b` (its `id` is its `seq`:
+/// unique and increasing).
+fn kite_msg(codec: Codec, seq: u64, ack: u64, b: &[u8]) -> Message {
     match codec {
         Codec::Json => {
-            let tail = match body {
-                KiteBody::Bytes(b) => format!(
-                    "\"b\":\"{}\"",
-                    base64::engine::general_purpose::STANDARD.encode(b)
-                ),
-                KiteBody::Join => format!("\"op\":\"join\",\"r\":\"{ROOM}\",\"j\":null"),
-            };
+            let b = base64::engine::general_purpose::STANDARD.encode(b);
             Message::text(format!(
-                "{{\"t\":\"msg\",\"seq\":{seq},\"id\":{seq},\"ack\":{ack},{tail}}}"
+                "{{\"t\":\"msg\",\"seq\":{seq},\"id\":{seq},\"ack\":{ack},\"b\":\"{b}\"}}"
             ))
         }
         _ => {
             let mut v = Vec::with_capacity(64);
-            let fields = match body {
-                KiteBody::Bytes(_) => 5,
-                KiteBody::Join => 7,
-            };
             // Writes into a Vec cannot fail.
-            let _ = rmp::encode::write_map_len(&mut v, fields);
+            let _ = rmp::encode::write_map_len(&mut v, 5);
             let _ = rmp::encode::write_str(&mut v, "t");
             let _ = rmp::encode::write_str(&mut v, "msg");
             for (k, n) in [("seq", seq), ("id", seq), ("ack", ack)] {
                 let _ = rmp::encode::write_str(&mut v, k);
                 let _ = rmp::encode::write_uint(&mut v, n);
             }
-            match body {
-                KiteBody::Bytes(b) => {
-                    let _ = rmp::encode::write_str(&mut v, "b");
-                    let _ = rmp::encode::write_bin(&mut v, b);
-                }
-                KiteBody::Join => {
-                    for (k, s) in [("op", "join"), ("r", ROOM), ("j", "null")] {
-                        let _ = rmp::encode::write_str(&mut v, k);
-                        let _ = rmp::encode::write_str(&mut v, s);
-                    }
-                }
-            }
+            let _ = rmp::encode::write_str(&mut v, "b");
+            let _ = rmp::encode::write_bin(&mut v, b);
             frame(v)
         }
     }
@@ -433,7 +397,7 @@ pub(crate) fn kite_hello(codec: Codec, client: u64) -> String {
         _ => "msgpack",
     };
     format!(
-        "{{\"t\":\"hello\",\"versions\":[1],\"client\":\"{client:032x}\",\"caps\":[\"stream\"],\"codecs\":[\"{codec}\"]}}"
+        "{{\"t\":\"hello\",\"versions\":[1],\"client\":\"{client:032x}\",\"caps\":[\"stream\"],\"codecs\":[\"{codec}\"],\"join\":[\"{ROOM}\"]}}"
     )
 }
 

@@ -228,6 +228,51 @@ fn oversized_headers_get_431_and_a_long_hello_header_falls_back_to_the_frame() {
     });
 }
 
+/// A `hello` in the upgrade header that joins a room: the `welcome` in
+/// the `101` lists the feature `join`, and the room's `sub` is the first
+/// frame, there as soon as the `101` is (the server writes them together;
+/// the driver's unit test of `take_queued` checks what goes with it).
+#[test]
+fn the_joins_of_a_hello_header_are_answered_in_the_101s_write() {
+    run(|rt| async move {
+        let echo = echo_server(&rt, ServerOptions::default());
+        let addr = echo.addr;
+        with_bystander(&rt, echo.target(), async {
+            let hello = format!(
+                r#"{{"t":"hello","versions":[1],"client":"{}","codecs":["json"],"caps":["stream"],"join":["lobby"]}}"#,
+                client_id()
+            );
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let request = upgrade_request(addr, &format!("Kitestring-Hello: {hello}\r\n"));
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let (status, head, rest) = read_response(&mut stream).await;
+            assert_eq!(status, 101, "{head}");
+            let welcome = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with("kitestring-welcome:")
+                        .then(|| l["kitestring-welcome:".len()..].trim())
+                })
+                .unwrap_or_else(|| panic!("no welcome: {head}"));
+            assert!(welcome.contains(r#""join""#), "{welcome}");
+            // A whole text frame, unmasked, under 126 bytes, read with the
+            // head.
+            assert!(rest.len() >= 2, "nothing came with the 101: {rest:?}");
+            assert_eq!((rest[0], rest[1] & 0x80), (0x81, 0));
+            let len = usize::from(rest[1] & 0x7f);
+            assert!(len < 126 && rest.len() >= 2 + len, "{rest:?}");
+            let sub = std::str::from_utf8(&rest[2..2 + len]).unwrap();
+            assert!(
+                sub.starts_with(r#"{"t":"sub""#) && sub.contains(r#""r":"lobby""#),
+                "the first frame: {sub}"
+            );
+        })
+        .await;
+        drop(echo.server);
+    });
+}
+
 /// A client that writes its `hello` frame right behind the upgrade
 /// request, in the same write, before the `101` came: the session opens.
 #[test]

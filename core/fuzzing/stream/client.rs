@@ -35,6 +35,7 @@ impl StreamHarness {
             } else {
                 vec![Codec::Json]
             },
+            join: Vec::new(),
         })
     }
 

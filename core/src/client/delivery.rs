@@ -125,7 +125,7 @@ impl Client {
         }
     }
 
-    fn on_refusal(&mut self, id: Option<MessageId>, room: Option<RoomName>, payload: &Payload) {
+    fn on_refusal(&mut self, mut id: Option<MessageId>, room: Option<RoomName>, payload: &Payload) {
         let refusal = match read_json(payload, Refusal::from_json) {
             Some(refusal) => refusal,
             // The message is refused all the same; only the words are lost.
@@ -135,6 +135,17 @@ impl Client {
                 code: None,
             },
         };
+        if refusal.op == "join" && id == Some(MessageId(0)) {
+            // A join of the `hello`: named by its room.
+            if let Some(at) = self
+                .hello_joined
+                .iter()
+                .position(|(r, _)| Some(r) == room.as_ref())
+            {
+                let (_, join) = self.hello_joined.swap_remove(at);
+                id = (join != MessageId::SYSTEM).then_some(join);
+            }
+        }
         if refusal.op == "join" {
             if let Some(room) = &room {
                 self.rooms.remove(room);

@@ -154,8 +154,20 @@ impl Client {
         }
     }
 
-    /// The `hello` for a new connection: resuming the session, if any.
-    fn hello(&self) -> Frame {
+    /// The `hello` for a new connection: resuming the session, if any;
+    /// for a new session, with the joins waiting at the front of the queue
+    /// in its `join`, so that they cost no round trip (they go back to the
+    /// queue unless the `welcome` says the server took them).
+    fn hello(&mut self) -> Frame {
+        self.restore_hello_joins();
+        if self.session.is_none() {
+            self.hello_joins = self.link.outbound.take_front_joins(wire::MAX_LIST_LEN);
+        }
+        let join = self
+            .hello_joins
+            .iter()
+            .filter_map(|j| j.room.clone())
+            .collect();
         Frame::Hello(Hello {
             versions: self.config.versions.clone(),
             client: self.client_id,
@@ -169,7 +181,36 @@ impl Client {
             // names it knows are borrowed, so this copies one list.
             caps: self.hello_caps.clone(),
             codecs: self.config.codecs.clone(),
+            join,
         })
+    }
+
+    /// Puts joins a `hello` carried back at the front of the waiting
+    /// queue, in order: its connection ended before a `welcome`, or the
+    /// `welcome` did not take them.
+    pub(super) fn restore_hello_joins(&mut self) {
+        for j in std::mem::take(&mut self.hello_joins).into_iter().rev() {
+            self.link.outbound.push_front_system(j);
+        }
+    }
+
+    /// The `welcome` of a new session from a server that joins a
+    /// `hello`'s rooms (`join` among its features) took the joins the
+    /// `hello` carried: acknowledged, as a message would be once the
+    /// server took it, and remembered by room for a refusal (id 0).
+    fn hello_joins_taken(&mut self) {
+        self.hello_joined.clear();
+        for j in std::mem::take(&mut self.hello_joins) {
+            if !j.own {
+                self.emit(Event::Acked {
+                    first: j.id,
+                    last: j.id,
+                });
+            }
+            if let Some(room) = j.room {
+                self.hello_joined.push((room, j.id));
+            }
+        }
     }
 
     /// Whether the `hello` offers compression: configured, and built.
@@ -261,6 +302,7 @@ impl Client {
                 LostReason::NotResumed(w.lost.clone().unwrap_or_else(|| "not_resumed".into()));
             self.discard_session(reason, false);
         }
+        let joins_taken = !resumed && w.features.iter().any(|f| f == wire::FEATURE_JOIN);
         self.session = Some(w.session);
         self.resume_key = w.key;
         self.hello_url = None;
@@ -273,6 +315,11 @@ impl Client {
             version: w.version,
             codec: w.codec,
         });
+        if joins_taken {
+            self.hello_joins_taken();
+        } else {
+            self.restore_hello_joins();
+        }
         self.set_state(State::Open);
         if resumed && w.features.iter().any(|f| f == wire::CAP_STREAM) {
             self.send_subs();

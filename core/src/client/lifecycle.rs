@@ -86,6 +86,7 @@ impl Client {
     }
 
     pub(super) fn forget_connection(&mut self) {
+        self.restore_hello_joins();
         self.conn = None;
         self.link.connection_lost(&mut self.timers);
         for t in CONNECTION_TIMERS {

@@ -188,6 +188,13 @@ pub struct Client {
     rtt: Option<Duration>,
     /// The transport whose upgrade request carries the `hello`.
     hello_upgrade: Option<TransportId>,
+    /// Joins taken from the front of the waiting queue into the `hello` of
+    /// a new session (its `join`), until the `welcome` says whether the
+    /// server took them; back to the queue otherwise. At most 32.
+    hello_joins: Vec<crate::reliable::Waiting>,
+    /// The rooms and ids of the joins the last `welcome`'s server took from
+    /// the `hello`: a refusal of one names id 0 and its room. At most 32.
+    hello_joined: Vec<(RoomName, MessageId)>,
     /// A server left a `hello` in the upgrade unanswered: from then on the
     /// `hello` goes as the first frame.
     hello_upgrade_refused: bool,
@@ -248,6 +255,8 @@ impl Client {
             decoder: wire::Decoder::new(),
             rtt: None,
             hello_upgrade: None,
+            hello_joins: Vec::new(),
+            hello_joined: Vec::new(),
             hello_upgrade_refused: false,
             hello_url: None,
             hello_url_refused: false,

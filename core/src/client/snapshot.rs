@@ -78,6 +78,7 @@ impl Client {
     pub fn suspend(&mut self, now: Instant) -> Snapshot {
         self.advance(now);
         self.release_latest(true);
+        self.restore_hello_joins();
         let (next_seq, window, waiting) = self.link.outbound.saved();
         let snapshot = Snapshot {
             client: self.client_id.to_hex(),

@@ -13,8 +13,9 @@ fn drain(c: &mut Client) -> Vec<Output> {
     core::iter::from_fn(|| c.poll_output()).collect()
 }
 
-fn open(c: &mut Client, now: Instant) -> TransportId {
-    c.connect(now).unwrap();
+/// The transport the machine asks for next, reported open (no `welcome`
+/// in the upgrade): what it writes next is its `hello` frame.
+fn opened(c: &mut Client, now: Instant) -> TransportId {
     let t = drain(c)
         .into_iter()
         .find_map(|o| match o {
@@ -23,6 +24,11 @@ fn open(c: &mut Client, now: Instant) -> TransportId {
         })
         .unwrap();
     c.handle_transport_opened(now, t);
+    t
+}
+
+/// A `welcome` of a new session from a server with `features`, encoded.
+fn welcome(features: &[&str]) -> wire::Transmit {
     let w = Frame::Welcome(Welcome {
         version: 1,
         codec: Codec::Json,
@@ -30,15 +36,20 @@ fn open(c: &mut Client, now: Instant) -> TransportId {
         resumed: false,
         lost: None,
         delivered: 0,
-        features: Vec::new().into(),
+        features: features.iter().map(|f| f.to_string().into()).collect(),
         ping_interval_ms: 30_000,
         pong_timeout_ms: 10_000,
         max_message: 1 << 20,
         key: None,
         recovered: false,
     });
-    let wire = wire::encode(&w, Codec::Json, 1).unwrap();
-    c.handle_message(now, t, wire.as_incoming());
+    wire::encode(&w, Codec::Json, 1).unwrap()
+}
+
+fn open(c: &mut Client, now: Instant) -> TransportId {
+    c.connect(now).unwrap();
+    let t = opened(c, now);
+    c.handle_message(now, t, welcome(&[]).as_incoming());
     assert_eq!(c.state(), &State::Open);
     drain(c);
     t
@@ -256,4 +267,120 @@ fn transition_table_rejects_nonsense() {
     assert!(!State::Disconnected.can_become(&State::Open));
     assert!(!State::Closing.can_become(&State::Open));
     assert!(State::Open.can_become(&State::Closing));
+}
+
+/// Joins asked for before the first connection ride in the `hello`: a
+/// server that announces `join` takes them (acknowledged, no `join`
+/// message; a refusal by id 0 is reported with the join's id), one that
+/// does not gets them as messages after the `welcome`, and a connection
+/// that ends before its `welcome` leaves them for the next `hello`.
+#[test]
+fn joins_waiting_for_a_new_session_ride_in_its_hello() {
+    let limits = wire::Limits {
+        max_message: 1 << 20,
+        version: 1,
+    };
+    let frames = |out: &[Output]| -> Vec<Frame> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Transmit(_, t) => wire::decode(t.as_incoming(), &limits).ok(),
+                _ => None,
+            })
+            .collect()
+    };
+    let joins_in = |frames: &[Frame]| -> Vec<String> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Msg(m) if m.kind == MsgKind::Join => m.room.as_deref().map(String::from),
+                _ => None,
+            })
+            .collect()
+    };
+    // Connects and returns the transport and the `hello`'s `join`.
+    let start = |c: &mut Client, now: Instant| {
+        if c.state() == &State::Disconnected {
+            c.connect(now).unwrap();
+        }
+        let t = opened(c, now);
+        let join = frames(&drain(c))
+            .into_iter()
+            .find_map(|f| match f {
+                Frame::Hello(h) => Some(h.join.iter().map(|r| r.to_string()).collect::<Vec<_>>()),
+                _ => None,
+            })
+            .unwrap();
+        (t, join)
+    };
+    let now = Instant::ZERO;
+
+    // A server with `join`.
+    let mut c = client();
+    let lobby = c.join(now, "lobby").unwrap();
+    let feed = c.join(now, "feed").unwrap();
+    c.send(now, Payload::json(b"1".to_vec()).unwrap()).unwrap();
+    let (t, join) = start(&mut c, now);
+    assert_eq!(join, ["lobby", "feed"]);
+    c.handle_message(now, t, welcome(&["join"]).as_incoming());
+    let out = drain(&mut c);
+    assert!(joins_in(&frames(&out)).is_empty(), "{out:?}");
+    let acked: Vec<(MessageId, MessageId)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Event(Event::Acked { first, last }) => Some((*first, *last)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acked, [(lobby, lobby), (feed, feed)]);
+    // The message queued behind the joins is the session's first.
+    assert!(frames(&out)
+        .iter()
+        .any(|f| matches!(f, Frame::Msg(m) if m.seq == 1 && m.kind == MsgKind::Plain)));
+    let refusal = r#"{"t":"msg","seq":1,"id":1,"op":"refused","rs":0,"r":"feed","j":{"op":"join","reason":"no","code":"forbidden"}}"#;
+    c.handle_message(now, t, Incoming::Text(refusal));
+    let refused: Vec<Option<MessageId>> = drain(&mut c)
+        .iter()
+        .filter_map(|o| match o {
+            Output::Event(Event::Refused { id, .. }) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused, [Some(feed)]);
+    assert!(c.rooms().eq(["lobby"]));
+
+    // A server without it: the joins go as messages, in order, first.
+    let mut c = client();
+    c.join(now, "lobby").unwrap();
+    let (t, join) = start(&mut c, now);
+    assert_eq!(join, ["lobby"]);
+    c.handle_message(now, t, welcome(&[]).as_incoming());
+    assert_eq!(joins_in(&frames(&drain(&mut c))), ["lobby"]);
+
+    // A connection that ends before its welcome: the next hello has them.
+    let mut c = client();
+    c.join(now, "lobby").unwrap();
+    let (t, _) = start(&mut c, now);
+    c.handle_transport_closed(now, t, None, "");
+    let later = now + Duration::from_secs(60);
+    c.handle_timeout(later);
+    let (t, join) = start(&mut c, later);
+    assert_eq!(join, ["lobby"]);
+    c.handle_message(later, t, welcome(&["join"]).as_incoming());
+    assert!(joins_in(&frames(&drain(&mut c))).is_empty());
+
+    // Closed before its welcome: the join is reported never sent.
+    let mut c = client();
+    let lobby = c.join(now, "lobby").unwrap();
+    let (t, _) = start(&mut c, now);
+    c.close(now).unwrap();
+    c.handle_transport_closed(now, t, Some(crate::close::CloseCode::NORMAL), "");
+    let unsent: Vec<MessageId> = drain(&mut c)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Event(Event::SessionLost { unsent, .. }) => Some(unsent),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(unsent, [lobby]);
 }

@@ -180,8 +180,11 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
-        // The refusal's id is the next one given out.
-        s.link.inbound.hold(seq, self.next_id);
+        // The refusal's id is the next one given out. A join of the
+        // `hello` (sequence number 0) holds nothing back.
+        if seq != 0 {
+            s.link.inbound.hold(seq, self.next_id);
+        }
         let mut refusal = Outgoing::new(MsgKind::RefusedMessage(id.0), payload).own();
         refusal.room = room;
         match self.enqueue_raw(session, refusal) {

@@ -44,6 +44,24 @@ pub struct ClientOp {
     pub id: MessageId,
 }
 
+impl ClientOp {
+    /// A join asked for in the `hello` that opened `session`: no message
+    /// carried it, so it has sequence number and id 0, holds no
+    /// acknowledgment back, and a refusal names id 0.
+    pub fn hello(session: SessionId) -> ClientOp {
+        ClientOp {
+            session,
+            seq: 0,
+            id: MessageId(0),
+        }
+    }
+
+    /// Whether it is a join asked for in a `hello` ([`ClientOp::hello`]).
+    pub fn from_hello(&self) -> bool {
+        self.seq == 0
+    }
+}
+
 /// What a server with shared rooms asks its driver to take to the cluster
 /// ([`ServerOutput::Cluster`]), in the order given: the cluster must apply
 /// them in that order.
@@ -624,7 +642,9 @@ impl Server {
         let Some(s) = self.sessions.get_mut(&op.session) else {
             return;
         };
-        s.link.inbound.settled(op.seq);
+        if !op.from_hello() {
+            s.link.inbound.settled(op.seq);
+        }
         let label = what.as_str();
         self.refuse_msg(op.session, op.seq, op.id, Some(name), label, code, reason);
         self.flush_ack(op.session);
@@ -633,6 +653,9 @@ impl Server {
     /// A client's room operation is settled: its message may be
     /// acknowledged.
     fn settle(&mut self, op: ClientOp) {
+        if op.from_hello() {
+            return; // no message waits for it
+        }
         let Some(s) = self.sessions.get_mut(&op.session) else {
             return;
         };
@@ -676,7 +699,7 @@ impl Server {
             | ClusterOutput::Join { origin, .. }
             | ClusterOutput::Leave { origin, .. } => *origin,
         };
-        if let Some(op) = origin {
+        if let Some(op) = origin.filter(|op| !op.from_hello()) {
             if let Some(s) = self.sessions.get_mut(&op.session) {
                 s.link.inbound.wait_for_cluster(op.seq);
             }

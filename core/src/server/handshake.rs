@@ -399,6 +399,13 @@ impl Server {
             self.arm(at, ServerTimer::Rotate(connection));
         }
         self.retransmit(session, 1);
+        if resumed.is_none() {
+            // A new session: the rooms the hello asks for, answered right
+            // after the welcome (a resumed session has its rooms).
+            for room in &h.join {
+                self.join_from_hello(session, room);
+            }
+        }
         self.flush(session);
         self.latest_snapshot(session, was_latest);
         self.maps_snapshot(session);
@@ -450,6 +457,7 @@ impl Server {
             .collect();
         for name in OWN_CAPS
             .into_iter()
+            .chain([wire::FEATURE_JOIN])
             .chain(deflate.then_some(wire::CAP_DEFLATE))
         {
             if !features.iter().any(|f| f == name) {

@@ -201,6 +201,23 @@ impl Server {
         self.refuse_msg(session, m.seq, id, Some(room.clone()), op, code, reason);
     }
 
+    /// A join the client asked for in the `hello` that opened `session`:
+    /// as a `join` message would be, refused by id 0 (it has none).
+    pub(super) fn join_from_hello(&mut self, session: SessionId, room: &str) {
+        let op = ClientOp::hello(session);
+        if let Err(e) = self.do_join(session, room, true, Some(op)) {
+            let name = self.rooms.name(room);
+            self.emit(ServerEvent::Refused {
+                session,
+                room: name.clone(),
+                op: RoomOp::Join,
+                reason: e.to_string(),
+            });
+            let code = e.code();
+            self.refuse_msg(session, 0, op.id, Some(name), "join", code, e.to_string());
+        }
+    }
+
     /// A join, by the client (`check`: run the policy) or by the application.
     fn do_join(
         &mut self,
@@ -216,7 +233,14 @@ impl Server {
                 return Err(RoomError::Forbidden(reason));
             }
         }
-        let already = self.rooms.is_member(room, session);
+        // The session's own list (a few rooms) rather than the room's
+        // member set (up to thousands): the same answer, without walking
+        // a large tree.
+        let already = self
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.rooms.iter().any(|j| &*j.room == room));
+        debug_assert_eq!(already, self.rooms.is_member(room, session));
         if self.shared_rooms {
             // The room's size is the cluster's to check; the join, its
             // presence diff and the joiner's snapshot come back from it.

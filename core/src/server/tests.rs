@@ -2,6 +2,7 @@
 //! a test says so, its internals (the deadline heap).
 
 use super::*;
+use std::sync::Arc;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -1837,4 +1838,120 @@ fn a_room_operation_the_server_took_is_acknowledged_with_its_answer() {
     s.handled(t, id, 1).unwrap();
     s.handle_timeout(Instant::from_secs(1));
     assert_eq!(acks(&drain(&mut s)), vec![2]);
+}
+
+/// The rooms a `hello` lists are joined when it opens a new session:
+/// their answers follow the `welcome`, nothing is acknowledged for them,
+/// a refusal names id 0, a resumed session keeps the rooms it had and
+/// ignores the list, and one whose session was lost gets them in the new
+/// session.
+#[test]
+fn the_rooms_a_hello_lists_are_joined_with_a_new_session() {
+    struct Policy;
+    impl crate::rooms::RoomPolicy for Policy {
+        fn authorize_join(&self, _: &crate::rooms::Member, room: &str) -> Result<(), String> {
+            match room {
+                "secret" => Err("members only".into()),
+                _ => Ok(()),
+            }
+        }
+        fn presence(&self, room: &str) -> bool {
+            room == "lobby"
+        }
+    }
+    let hello = |join: &str, resume: Option<(SessionId, ResumeKey)>| {
+        let h = hello_caps(&["stream"], resume);
+        format!(r#"{},"join":{join}}}"#, &h[..h.len() - 1])
+    };
+    let t = Instant::ZERO;
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    s.set_policy(Box::new(Policy));
+    let c = s.handle_connection(t, None, SessionId([1; 16]));
+    s.handle_message(
+        t,
+        c,
+        Incoming::Text(&hello(r#"["feed","secret","lobby"]"#, None)),
+    );
+    let out = drain(&mut s);
+    let w = welcome_of(&out).unwrap();
+    assert!(w.features.iter().any(|f| f == wire::FEATURE_JOIN));
+    let frames = frames_of(&out);
+    // The welcome, then each room's answer in the order listed: `feed`'s
+    // `sub`; `secret` refused by id 0; `lobby`'s `sub`, the skip of the
+    // diff announcing the joiner, and the snapshot.
+    match frames.as_slice() {
+        [Frame::Welcome(_), Frame::Sub(feed), Frame::Msg(refused), Frame::Sub(lobby), Frame::Skip { .. }, Frame::Msg(snapshot)] =>
+        {
+            assert_eq!((&*feed.room, &*lobby.room), ("feed", "lobby"));
+            assert_eq!(refused.kind, MsgKind::RefusedMessage(0));
+            assert_eq!(refused.room.as_deref(), Some("secret"));
+            assert_eq!(snapshot.kind, MsgKind::Presence);
+            assert_eq!(
+                snapshot.ack,
+                Some(0),
+                "nothing of the client's acknowledged"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, id, refusal) = refusals(&out).remove(0);
+    assert_eq!((id, refusal.op.as_str()), (0, "join"));
+    let joined: Vec<String> = out
+        .iter()
+        .filter_map(|o| match o {
+            ServerOutput::Event(ServerEvent::Joined { room, .. }) => Some(room.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joined, ["feed", "lobby"]);
+    assert!(out.iter().any(|o| matches!(
+        o,
+        ServerOutput::Event(ServerEvent::Refused {
+            op: RoomOp::Join,
+            ..
+        })
+    )));
+    // The client's first message is its number 1, and is acknowledged as
+    // such: the joins took no number.
+    s.handle_message(t, c, Incoming::Text(r#"{"t":"msg","seq":1,"id":1,"j":1}"#));
+    assert_eq!(messages(&drain(&mut s)).len(), 1);
+    s.handle_timeout(Instant::from_secs(1));
+    assert_eq!(acks(&drain(&mut s)), vec![1]);
+
+    // Resumed: the session keeps `feed` and `lobby`, and `other` is not
+    // joined.
+    let session = w.session;
+    let key = w.key.unwrap();
+    s.handle_connection_closed(t, c, None);
+    drain(&mut s);
+    let c2 = s.handle_connection(t, None, SessionId([2; 16]));
+    s.handle_message(
+        t,
+        c2,
+        Incoming::Text(&hello(r#"["other"]"#, Some((session, key)))),
+    );
+    let out = drain(&mut s);
+    assert!(welcome_of(&out).unwrap().resumed);
+    assert!(!out.iter().any(|o| matches!(
+        o,
+        ServerOutput::Event(ServerEvent::Joined { .. } | ServerEvent::Refused { .. })
+    )));
+    let mut rooms = s.rooms_of(session);
+    rooms.sort_unstable();
+    assert_eq!(rooms, [Arc::from("feed"), Arc::from("lobby")]);
+
+    // Lost (a wrong key): the new session joins what the hello lists.
+    let c3 = s.handle_connection(t, None, SessionId([3; 16]));
+    s.handle_message(
+        t,
+        c3,
+        Incoming::Text(&hello(r#"["other"]"#, Some((session, ResumeKey([9; 16]))))),
+    );
+    let out = drain(&mut s);
+    let w3 = welcome_of(&out).unwrap();
+    assert_eq!(
+        (w3.resumed, w3.lost.as_deref()),
+        (false, Some("unknown_session"))
+    );
+    assert_eq!(s.rooms_of(w3.session), [Arc::from("other")]);
 }

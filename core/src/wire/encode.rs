@@ -72,6 +72,9 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
             }
             env.caps = Some(h.caps.iter().map(|c| c.as_ref().into()).collect());
             env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
+            if !h.join.is_empty() {
+                env.join = Some(h.join.iter().map(|r| Cow::Borrowed(&**r)).collect());
+            }
         }
         #[cfg(any(feature = "server", test))]
         Frame::Welcome(w) => {
@@ -575,6 +578,7 @@ fn write_json_handshake(env: &HandshakeEnvelope<'_>, out: &mut Vec<u8>) {
     o.bool("recovered", env.recovered);
     o.strs("caps", env.caps.as_deref());
     o.strs("codecs", env.codecs.as_deref());
+    o.strs("join", env.join.as_deref());
     #[cfg(any(feature = "server", test))]
     {
         o.uint("version", env.version.map(u64::from));

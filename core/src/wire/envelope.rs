@@ -231,6 +231,8 @@ pub(super) struct HandshakeEnvelope<'a> {
     pub(super) caps: Option<Vec<Cow<'a, str>>>,
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
     pub(super) codecs: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub(super) join: Option<Vec<Cow<'a, str>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) version: Option<u8>,
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]

@@ -95,6 +95,23 @@ fn token_list(
         .collect()
 }
 
+/// A `hello`'s `join`: at most 32 room names, each 1 to 256 bytes.
+fn room_list(v: Option<Vec<Cow<'_, str>>>) -> Result<Vec<std::sync::Arc<str>>, DecodeError> {
+    bounded_list(v, "join")?
+        .into_iter()
+        .map(|r| {
+            if r.is_empty() || r.len() > MAX_TOKEN_LEN {
+                Err(DecodeError::InvalidField {
+                    field: "join",
+                    reason: "room names are 1 to 256 bytes",
+                })
+            } else {
+                Ok(std::sync::Arc::from(&*r))
+            }
+        })
+        .collect()
+}
+
 /// A `key` field: 32 hex digits when present.
 fn resume_key(key: Option<Cow<'_, str>>) -> Result<Option<ResumeKey>, DecodeError> {
     key.map(|k| {
@@ -880,6 +897,7 @@ pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, Decod
                 resume,
                 caps: cap_list(env.caps, "caps")?,
                 codecs: codecs.iter().filter_map(|c| Codec::from_name(c)).collect(),
+                join: room_list(env.join)?,
             })
         }
         "welcome" => {

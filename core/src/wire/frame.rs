@@ -66,6 +66,11 @@ pub struct Hello {
     pub caps: Vec<super::CapName>,
     /// Codecs the client speaks, preferred first. Unknown names are ignored.
     pub codecs: Vec<Codec>,
+    /// Rooms to join when this `hello` opens a new session (one without
+    /// `resume`, or one whose session could not be resumed): each joined
+    /// as a `join` message would be, its answer right after the `welcome`
+    /// (PROTOCOL.md, section 4). At most 32, each 1 to 256 bytes.
+    pub join: Vec<std::sync::Arc<str>>,
 }
 
 /// A resume request inside a [`Hello`].

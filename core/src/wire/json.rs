@@ -658,6 +658,7 @@ pub(super) fn quick_json_handshake<'a>(
             b"key" => once!(seen, 19, env.key => str(rd)?),
             b"acked" => once!(seen, 20, env.acked => uint(rd)?),
             b"recovered" => once!(seen, 21, env.recovered => rd.opt(JsonReader::bool)?),
+            b"join" => once!(seen, 22, env.join => strs(rd)?),
             _ => rd.skip()?,
         }
         Some(())

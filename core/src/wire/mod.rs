@@ -125,7 +125,7 @@ pub type CapName = std::borrow::Cow<'static, str>;
 
 /// Every capability and feature name this version knows: the names
 /// decoded as borrowed [`CapName`]s.
-pub(crate) const KNOWN_CAPS: [&str; 7] = [
+pub(crate) const KNOWN_CAPS: [&str; 8] = [
     crate::link::CAP_BATCH,
     CAP_DETACH,
     CAP_STREAM,
@@ -133,6 +133,7 @@ pub(crate) const KNOWN_CAPS: [&str; 7] = [
     CAP_LATEST,
     CAP_MAPS,
     CAP_DEFLATE,
+    FEATURE_JOIN,
 ];
 
 /// `name` as a [`CapName`]: borrowed when this version knows it.
@@ -162,6 +163,12 @@ pub const CAP_PING: &str = "ping";
 /// receive `lv` frames": a room's latest values (PROTOCOL.md, section
 /// 3.5).
 pub const CAP_LATEST: &str = "latest";
+
+/// The feature (server) that announces "I join the rooms a `hello`'s
+/// `join` lists when it opens a new session" (PROTOCOL.md, section 4). A
+/// client that got a `welcome` without it joins those rooms with `join`
+/// messages instead.
+pub const FEATURE_JOIN: &str = "join";
 
 /// The capability (client) and feature (server) that announces "I can
 /// receive `ms` and `mv` frames": the synced maps of the rooms the session

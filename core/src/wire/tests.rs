@@ -101,6 +101,7 @@ fn samples() -> Vec<Frame> {
             }),
             caps: vec!["batch".into()],
             codecs: vec![Codec::MsgPack, Codec::Json],
+            join: vec!["lobby".into(), "a \"quoted\" room".into()],
         }),
         Frame::Welcome(Welcome {
             version: 1,
@@ -931,6 +932,13 @@ fn errors_name_the_problem() {
                 reason: "not 32 hex digits",
             },
         ),
+        (
+            r#"{"t":"hello","versions":[1],"client":"0102030405060708090a0b0c0d0e0f10","join":["a",""]}"#,
+            DecodeError::InvalidField {
+                field: "join",
+                reason: "room names are 1 to 256 bytes",
+            },
+        ),
     ];
     for (text, want) in cases {
         assert_eq!(
@@ -1303,6 +1311,7 @@ fn the_quick_json_reader_takes_any_ordinary_writers_forms() {
         r#"{"t":"batch","f":[{"t":"msg","seq":1,"id":2,"b":"AAE="}]}"#,
         r#"{"t":"welcome","version":1,"codec":"json","session":"00000000000000000000000000000001","ping_ms":1,"pong_ms":2,"max":3,"features":[],"lost":null,"extra":{}}"#,
         r#"{"t":"reject","code":4002,"reason":"bad_hello","versions":[1,2]}"#,
+        r#"{"t":"hello","versions":[1],"client":"0102030405060708090a0b0c0d0e0f10","join":["lobby","a\u0000b"]}"#,
     ] {
         assert!(assert_quick_json_agrees(text), "{text}");
     }
@@ -1893,4 +1902,36 @@ fn small_copies_hold_their_bytes_and_share_them_when_cloned() {
             "the clone outlives the first, length {len}"
         );
     }
+}
+
+/// A `hello`'s `join` takes at most 32 rooms, as its other lists, and
+/// round-trips through the header form.
+#[test]
+fn a_hello_joins_at_most_32_rooms() {
+    let hello = |n: usize| {
+        let rooms: Vec<String> = (0..n).map(|i| format!("\"room {i}\"")).collect();
+        format!(
+            r#"{{"t":"hello","versions":[1],"client":"0102030405060708090a0b0c0d0e0f10","join":[{}]}}"#,
+            rooms.join(",")
+        )
+    };
+    match decode(Incoming::Text(&hello(32)), &LIMITS) {
+        Ok(Frame::Hello(h)) => {
+            assert_eq!(h.join.len(), 32);
+            assert_eq!(&*h.join[31], "room 31");
+            let header = handshake_header(&Frame::Hello(h.clone())).unwrap();
+            assert!(matches!(
+                decode(Incoming::Text(&header), &LIMITS),
+                Ok(Frame::Hello(again)) if again == h
+            ));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        decode(Incoming::Text(&hello(33)), &LIMITS).unwrap_err(),
+        DecodeError::InvalidField {
+            field: "join",
+            reason: "more than 32 entries",
+        }
+    );
 }

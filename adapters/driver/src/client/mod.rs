@@ -136,6 +136,13 @@ pub struct ClientOptions {
     /// through moves its session to a WebSocket, resuming it; when it is
     /// blocked again, waits as long again. Default 2 minutes.
     pub fallback_memory: Duration,
+    /// Rooms to join from the start, as [`ClientHandle::join`] called
+    /// before the first connection: their joins ride in the first
+    /// `hello` (at most 32 of them; PROTOCOL.md, section 4), so the
+    /// session opens with its rooms after one round trip, with no `join`
+    /// message of their own where the server announces `join`. Answers
+    /// and refusals come as events, as for any join. Default none.
+    pub rooms: Vec<String>,
 }
 
 impl Default for ClientOptions {
@@ -151,6 +158,7 @@ impl Default for ClientOptions {
             hello_in_url: false,
             transports: Transports::Auto,
             fallback_memory: Duration::from_secs(120),
+            rooms: Vec::new(),
         }
     }
 }
@@ -165,6 +173,7 @@ impl fmt::Debug for ClientOptions {
             .field("hello_in_url", &self.hello_in_url)
             .field("transports", &self.transports)
             .field("fallback_memory", &self.fallback_memory)
+            .field("rooms", &self.rooms)
             .finish()
     }
 }
@@ -205,6 +214,15 @@ pub fn connect(
         session = tracing::field::Empty,
     );
     let clock = Clock::new(&*runtime);
+    // Queued first, so that the first `hello` carries them.
+    for room in &options.rooms {
+        client
+            .join(clock.now(&*runtime), room)
+            .map_err(|error| ConnectError::Room {
+                room: room.clone(),
+                error,
+            })?;
+    }
     // Before any handle exists, so that no call (a close, say) comes first.
     if let Err(e) = client.connect(clock.now(&*runtime)) {
         span.in_scope(|| warn!(error = %e, "connect refused by the core"));

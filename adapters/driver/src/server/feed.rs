@@ -24,7 +24,10 @@
 //! follows what: that comes from the core.
 //!
 //! Lock order: the state's lock, then a feed's; a connection task takes a
-//! feed's lock alone, never with its slot's or the state's.
+//! feed's lock alone, never with its slot's or the state's. The task that
+//! answers an upgrade takes its new connection's slot's lock, then the
+//! feeds' it follows (`upgrade::take_queued`): nothing takes a slot's lock
+//! with a feed's held.
 //!
 //! [`Server::set_room_feeds`]: kitestring_core::server::Server::set_room_feeds
 //! [`FeedOutput::Publish`]: kitestring_core::server::FeedOutput::Publish

@@ -27,8 +27,9 @@ use crate::ws;
 use super::auth::{AuthReject, AuthRequest, Authenticator, Verdict};
 use super::cluster::ClaimFailed;
 use super::conn::{connection, report_closed};
+use super::feed::{lock_feed, FollowOp};
 use super::http;
-use super::shared::{ServerShared, SlotRef};
+use super::shared::{lock_slot, ServerShared, SlotRef};
 use super::Refusals;
 
 /// An accepted socket's task: the upgrade, then the connection in a task
@@ -205,10 +206,45 @@ async fn answer_upgrade(
     // not held across the authenticator's await.
     let (req, auth) = read_request(shared, head, peer)?;
     let admitted = admit(shared, &req, || auth.ok_or(AUTH_REQUEST_MISSING), early).await?;
-    Ok((
-        http::switching_protocols(req.key, admitted.welcome.as_deref()),
-        admitted.identity,
-    ))
+    let mut response = http::switching_protocols(req.key, admitted.welcome.as_deref());
+    if let Some(slot) = &admitted.slot {
+        take_queued(slot, &mut response);
+    }
+    Ok((response, admitted.identity))
+}
+
+/// Appends to the `101` response, as WebSocket frames, what the core
+/// queued for its connection while it ran the request's `hello` (the
+/// answers to the `hello`'s joins, a resumed session's retransmissions),
+/// so that they go out in the response's write rather than in a write of
+/// their own right after it. Only frames that come before every room feed
+/// entry the connection must write first: the rest stay in the slot, for
+/// the connection task, in order.
+fn take_queued(slot: &SlotRef, response: &mut Vec<u8>) {
+    let mut slot = lock_slot(slot);
+    if slot.out.is_empty() || slot.closing {
+        return;
+    }
+    // A frame stamped `s` goes after the feed entries stamped up to `s`;
+    // entries of a feed this connection follows count as stamped at least
+    // `start`. Frames stamped below every such entry may go now.
+    let cutoff = slot
+        .follows
+        .iter()
+        .filter_map(|op| match op {
+            FollowOp::Follow {
+                feed, next, start, ..
+            } if lock_feed(feed).last() >= *next => Some(*start),
+            _ => None,
+        })
+        .min()
+        .unwrap_or(u64::MAX);
+    while let Some((stamp, message)) = slot.out.front() {
+        if *stamp >= cutoff || !ws::append_frame(message, response) {
+            break;
+        }
+        slot.out.pop_front();
+    }
 }
 
 /// Never happens: [`read_request`] builds the request whenever an
@@ -249,6 +285,11 @@ pub(super) struct Admitted {
     pub(super) welcome: Option<String>,
     /// Who the authenticator said the peer is.
     pub(super) identity: Option<String>,
+    /// The slot of the connection the core opened for a `hello` in the
+    /// request header: what it queued there (the answers to the `hello`'s
+    /// joins, a resumed session's retransmissions) can go out with the
+    /// `101` ([`take_queued`]).
+    pub(super) slot: Option<SlotRef>,
 }
 
 /// Admits a checked upgrade request, whichever HTTP stack read it: the
@@ -314,18 +355,23 @@ pub(super) async fn admit(
             return refuse(refusal);
         }
     }
-    let mut welcome = None;
+    let (mut welcome, mut slot) = (None, None);
     if let Some(hello) = header_hello {
-        if let Some((id, answer)) = early_hello(shared, identity.clone(), hello) {
+        if let Some((id, answer, queued)) = early_hello(shared, identity.clone(), hello) {
             let _ = early.set(id);
             welcome = answer;
+            slot = Some(queued);
         }
     } else if let Some(hello) = url_hello {
         if let Some(id) = request_hello(shared, identity.clone(), &hello) {
             let _ = early.set(id);
         }
     }
-    Ok(Admitted { welcome, identity })
+    Ok(Admitted {
+        welcome,
+        identity,
+        slot,
+    })
 }
 
 /// With a cluster, a resuming `hello` for a session this node does not
@@ -391,6 +437,7 @@ fn refuse_in_band(
     Some(Admitted {
         welcome: answer,
         identity: None,
+        slot: None,
     })
 }
 
@@ -461,7 +508,7 @@ fn early_hello(
     shared: &ServerShared,
     identity: Option<String>,
     hello: &[u8],
-) -> Option<(ConnectionId, Option<String>)> {
+) -> Option<(ConnectionId, Option<String>, SlotRef)> {
     // Not UTF-8: the core reports it undecodable, like a bad first frame.
     let hello = std::str::from_utf8(hello).unwrap_or("\u{fffd}");
     let fresh = util::random16().ok()?;
@@ -473,7 +520,86 @@ fn early_hello(
             .server
             .handle_upgrade(now, identity, SessionId(fresh), hello);
         // Before the core's outputs are drained, so they find the slot.
-        st.conns.insert(id, SlotRef::default());
-        Some((id, answer))
+        let slot = SlotRef::default();
+        st.conns.insert(id, slot.clone());
+        Some((id, answer, slot))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::feed::Feed;
+    use async_tungstenite::tungstenite::Message;
+    use kitestring_core::server::RoomEntry;
+    use kitestring_core::stream::HistoryConfig;
+    use kitestring_core::wire::{Codec, MsgKind, Payload, StreamEntry};
+
+    /// A slot holding frames `a` (stamp 0), `b` (1) and `c` (3), and a
+    /// follow of a feed from offset 1 that began at stamp 2, holding
+    /// `entries` entries.
+    fn slot(entries: u64) -> SlotRef {
+        let feed = Feed::new(7, 1);
+        for offset in 1..=entries {
+            let entry = StreamEntry {
+                room: Arc::from("lobby"),
+                offset,
+                kind: MsgKind::Plain,
+                ts: None,
+                payload: Payload::binary(vec![0]),
+            };
+            let bounds = HistoryConfig {
+                max_entries: 16,
+                max_bytes: 1 << 20,
+            };
+            lock_feed(&feed).push(
+                offset,
+                RoomEntry::new(entry, None),
+                &bounds,
+                &mut Vec::new(),
+            );
+        }
+        let slot = SlotRef::default();
+        {
+            let mut s = lock_slot(&slot);
+            s.out.push_back((0, Message::text("a")));
+            s.out.push_back((1, Message::text("b")));
+            s.out.push_back((3, Message::binary(vec![b'c'])));
+            s.follows.push(FollowOp::Follow {
+                room: Arc::from("lobby"),
+                feed,
+                next: 1,
+                start: 2,
+                session: SessionId([1; 16]),
+                codec: Codec::MsgPack,
+            });
+        }
+        slot
+    }
+
+    /// What goes with the `101`: every queued frame while the followed
+    /// feed holds nothing the connection must write first; only those
+    /// queued before its entries otherwise; nothing once closing.
+    #[test]
+    fn queued_frames_go_with_the_101_up_to_the_first_feed_entry_due() {
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
+        let s = slot(0);
+        let mut response = head.clone();
+        take_queued(&s, &mut response);
+        assert_eq!(&response[head.len()..], b"\x81\x01a\x81\x01b\x82\x01c");
+        assert!(lock_slot(&s).out.is_empty());
+
+        let s = slot(1);
+        let mut response = head.clone();
+        take_queued(&s, &mut response);
+        assert_eq!(&response[head.len()..], b"\x81\x01a\x81\x01b");
+        let left: Vec<u64> = lock_slot(&s).out.iter().map(|(stamp, _)| *stamp).collect();
+        assert_eq!(left, [3], "the frame after the entry waits for the task");
+
+        let s = slot(0);
+        lock_slot(&s).closing = true;
+        let mut response = head.clone();
+        take_queued(&s, &mut response);
+        assert_eq!(response, head);
+    }
 }
