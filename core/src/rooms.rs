@@ -271,16 +271,19 @@ impl Rooms {
         max: usize,
     ) -> Result<bool, JoinError> {
         let members = self.rooms.entry(room.clone()).or_default();
-        if members.contains(&session) {
-            return Ok(false);
-        }
         if members.len() >= max {
+            if members.contains(&session) {
+                return Ok(false);
+            }
             if members.is_empty() {
                 self.rooms.remove(room);
             }
             return Err(JoinError::RoomFull);
         }
-        members.insert(session);
+        // One walk down the member tree (a room may hold thousands).
+        if !members.insert(session) {
+            return Ok(false);
+        }
         self.memberships += 1;
         Ok(true)
     }
