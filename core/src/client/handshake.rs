@@ -160,14 +160,29 @@ impl Client {
     /// queue unless the `welcome` says the server took them).
     fn hello(&mut self) -> Frame {
         self.restore_hello_joins();
-        if self.session.is_none() {
+        self.hello_rooms.clear();
+        let join = if self.session.is_none() {
             self.hello_joins = self.link.outbound.take_front_joins(wire::MAX_LIST_LEN);
-        }
-        let join = self
-            .hello_joins
-            .iter()
-            .filter_map(|j| j.room.clone())
-            .collect();
+            self.hello_joins
+                .iter()
+                .filter_map(|j| j.room.clone())
+                .collect()
+        } else {
+            // Resuming: the rooms it is in, for a server that finds the
+            // session lost to join at once, as long as they leave the
+            // `hello` well within a header (room names escaped as JSON
+            // grow at most threefold).
+            let size: usize = self
+                .rooms
+                .iter()
+                .map(|r| r.len() + 2 * r.bytes().filter(|b| !b.is_ascii()).count() + 3)
+                .sum();
+            if self.rooms.iter().count() <= wire::MAX_LIST_LEN && size <= wire::MAX_HELLO_HEADER / 2
+            {
+                self.hello_rooms = self.rooms.iter().cloned().collect();
+            }
+            self.hello_rooms.clone()
+        };
         Frame::Hello(Hello {
             versions: self.config.versions.clone(),
             client: self.client_id,
@@ -270,6 +285,10 @@ impl Client {
             self.protocol_error("welcome resumed a session that was not requested".into());
             return;
         }
+        let joins_taken = !resumed && w.features.iter().any(|f| f == wire::FEATURE_JOIN);
+        if !joins_taken || requested.is_none() {
+            self.hello_rooms.clear();
+        }
         if resumed {
             match self.link.outbound.on_ack(w.delivered) {
                 Ok(done) => {
@@ -302,7 +321,9 @@ impl Client {
                 LostReason::NotResumed(w.lost.clone().unwrap_or_else(|| "not_resumed".into()));
             self.discard_session(reason, false);
         }
-        let joins_taken = !resumed && w.features.iter().any(|f| f == wire::FEATURE_JOIN);
+        // The rooms the resuming `hello` listed, joined in the new session:
+        // those the lost session's rejoins leave out.
+        let rooms_taken = std::mem::take(&mut self.hello_rooms);
         self.session = Some(w.session);
         self.resume_key = w.key;
         self.hello_url = None;
@@ -317,6 +338,10 @@ impl Client {
         });
         if joins_taken {
             self.hello_joins_taken();
+            for room in rooms_taken {
+                self.hello_joined
+                    .push((room, crate::reliable::MessageId::SYSTEM));
+            }
         } else {
             self.restore_hello_joins();
         }

@@ -87,6 +87,7 @@ impl Client {
 
     pub(super) fn forget_connection(&mut self) {
         self.restore_hello_joins();
+        self.hello_rooms.clear();
         self.conn = None;
         self.link.connection_lost(&mut self.timers);
         for t in CONNECTION_TIMERS {
@@ -217,8 +218,10 @@ impl Client {
         self.streams.clear();
         self.leaving.clear();
         if !matches!(reason, LostReason::Closed) {
-            // Membership belonged to the lost session: ask again, first thing.
-            for room in self.rooms.iter().rev() {
+            // Membership belonged to the lost session: ask again, first
+            // thing, for the rooms the `hello` did not already ask for.
+            let asked = std::mem::take(&mut self.hello_rooms);
+            for room in self.rooms.iter().rev().filter(|r| !asked.contains(r)) {
                 self.link.outbound.push_front_system(Waiting {
                     id: MessageId::SYSTEM,
                     ts: None,

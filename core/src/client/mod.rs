@@ -195,6 +195,10 @@ pub struct Client {
     /// The rooms and ids of the joins the last `welcome`'s server took from
     /// the `hello`: a refusal of one names id 0 and its room. At most 32.
     hello_joined: Vec<(RoomName, MessageId)>,
+    /// The rooms a resuming `hello` listed, for the server to join should
+    /// the session be lost; while a lost session is given up, those the
+    /// server took (no `join` message goes for them). At most 32.
+    hello_rooms: Vec<RoomName>,
     /// A server left a `hello` in the upgrade unanswered: from then on the
     /// `hello` goes as the first frame.
     hello_upgrade_refused: bool,
@@ -257,6 +261,7 @@ impl Client {
             hello_upgrade: None,
             hello_joins: Vec::new(),
             hello_joined: Vec::new(),
+            hello_rooms: Vec::new(),
             hello_upgrade_refused: false,
             hello_url: None,
             hello_url_refused: false,

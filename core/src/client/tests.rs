@@ -384,3 +384,59 @@ fn joins_waiting_for_a_new_session_ride_in_its_hello() {
         .collect();
     assert_eq!(unsent, [lobby]);
 }
+
+/// A resuming `hello` lists the rooms the client is in: a server that
+/// finds the session lost and announces `join` joins them in the new
+/// session, and no `join` message goes for them; without the feature
+/// they are joined again with messages, first thing.
+#[test]
+fn a_resuming_hello_lists_the_rooms_for_a_lost_session() {
+    let limits = wire::Limits {
+        max_message: 1 << 20,
+        version: 1,
+    };
+    let frames = |out: &[Output]| -> Vec<Frame> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Transmit(_, t) => wire::decode(t.as_incoming(), &limits).ok(),
+                _ => None,
+            })
+            .collect()
+    };
+    for features in [&["join"][..], &[]] {
+        let now = Instant::ZERO;
+        let mut c = client();
+        let t = open(&mut c, now);
+        c.join(now, "lobby").unwrap();
+        drain(&mut c);
+        c.handle_transport_closed(now, t, None, "");
+        let later = now + Duration::from_secs(60);
+        c.handle_timeout(later);
+        let t = opened(&mut c, later);
+        let hello = frames(&drain(&mut c))
+            .into_iter()
+            .find_map(|f| match f {
+                Frame::Hello(h) => Some(h),
+                _ => None,
+            })
+            .unwrap();
+        assert!(hello.resume.is_some());
+        assert_eq!(hello.join, [std::sync::Arc::from("lobby")]);
+        // Not resumed: the session is lost.
+        c.handle_message(later, t, welcome(features).as_incoming());
+        let out = drain(&mut c);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Event(Event::SessionLost { .. }))));
+        let joins: Vec<Frame> = frames(&out)
+            .into_iter()
+            .filter(|f| matches!(f, Frame::Msg(m) if m.kind == MsgKind::Join))
+            .collect();
+        assert_eq!(
+            joins.len(),
+            usize::from(features.is_empty()),
+            "{features:?}: {joins:?}"
+        );
+        assert!(c.rooms().eq(["lobby"]));
+    }
+}
