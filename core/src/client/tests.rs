@@ -27,6 +27,20 @@ fn opened(c: &mut Client, now: Instant) -> TransportId {
     t
 }
 
+/// The frames among `out`, decoded.
+fn frames(out: &[Output]) -> Vec<Frame> {
+    let limits = wire::Limits {
+        max_message: 1 << 20,
+        version: 1,
+    };
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Transmit(_, t) => wire::decode(t.as_incoming(), &limits).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A `welcome` of a new session from a server with `features`, encoded.
 fn welcome(features: &[&str]) -> wire::Transmit {
     let w = Frame::Welcome(Welcome {
@@ -276,18 +290,6 @@ fn transition_table_rejects_nonsense() {
 /// that ends before its `welcome` leaves them for the next `hello`.
 #[test]
 fn joins_waiting_for_a_new_session_ride_in_its_hello() {
-    let limits = wire::Limits {
-        max_message: 1 << 20,
-        version: 1,
-    };
-    let frames = |out: &[Output]| -> Vec<Frame> {
-        out.iter()
-            .filter_map(|o| match o {
-                Output::Transmit(_, t) => wire::decode(t.as_incoming(), &limits).ok(),
-                _ => None,
-            })
-            .collect()
-    };
     let joins_in = |frames: &[Frame]| -> Vec<String> {
         frames
             .iter()
@@ -391,18 +393,6 @@ fn joins_waiting_for_a_new_session_ride_in_its_hello() {
 /// they are joined again with messages, first thing.
 #[test]
 fn a_resuming_hello_lists_the_rooms_for_a_lost_session() {
-    let limits = wire::Limits {
-        max_message: 1 << 20,
-        version: 1,
-    };
-    let frames = |out: &[Output]| -> Vec<Frame> {
-        out.iter()
-            .filter_map(|o| match o {
-                Output::Transmit(_, t) => wire::decode(t.as_incoming(), &limits).ok(),
-                _ => None,
-            })
-            .collect()
-    };
     for features in [&["join"][..], &[]] {
         let now = Instant::ZERO;
         let mut c = client();
