@@ -183,22 +183,21 @@ impl Server {
     /// to the client by the message's id.
     fn refuse(
         &mut self,
-        session: SessionId,
-        m: &Msg,
+        origin: ClientOp,
         room: &RoomName,
         op: RoomOp,
         code: &'static str,
         reason: String,
     ) {
+        let ClientOp { session, seq, id } = origin;
         self.emit(ServerEvent::Refused {
             session,
             room: room.clone(),
             op,
             reason: reason.clone(),
         });
-        let id = MessageId(m.id);
         let op = op.as_str();
-        self.refuse_msg(session, m.seq, id, Some(room.clone()), op, code, reason);
+        self.refuse_msg(session, seq, id, Some(room.clone()), op, code, reason);
     }
 
     /// A join the client asked for in the `hello` that opened `session`:
@@ -207,14 +206,7 @@ impl Server {
         let op = ClientOp::hello(session);
         if let Err(e) = self.do_join(session, room, true, Some(op)) {
             let name = self.rooms.name(room);
-            self.emit(ServerEvent::Refused {
-                session,
-                room: name.clone(),
-                op: RoomOp::Join,
-                reason: e.to_string(),
-            });
-            let code = e.code();
-            self.refuse_msg(session, 0, op.id, Some(name), "join", code, e.to_string());
+            self.refuse(op, &name, RoomOp::Join, e.code(), e.to_string());
         }
     }
 
@@ -421,7 +413,7 @@ impl Server {
             (MsgKind::Join, Some(room)) => {
                 let name = self.rooms.name(&room);
                 if let Err(e) = self.do_join(session, &room, true, Some(op)) {
-                    self.refuse(session, &m, &name, RoomOp::Join, e.code(), e.to_string());
+                    self.refuse(op, &name, RoomOp::Join, e.code(), e.to_string());
                 }
             }
             (MsgKind::Leave, Some(room)) if self.shared_rooms => {
@@ -444,11 +436,11 @@ impl Server {
                 };
                 if !self.rooms.is_member(&room, session) {
                     let reason = "not a member of the room".into();
-                    self.refuse(session, &m, &name, RoomOp::Publish, "not_member", reason);
+                    self.refuse(op, &name, RoomOp::Publish, "not_member", reason);
                     return;
                 }
                 if let Err(reason) = self.policy.authorize_publish(&member, &room) {
-                    self.refuse(session, &m, &name, RoomOp::Publish, "forbidden", reason);
+                    self.refuse(op, &name, RoomOp::Publish, "forbidden", reason);
                     return;
                 }
                 let exclude = (!self.config.echo_publish).then_some(session);
