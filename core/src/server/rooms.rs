@@ -99,9 +99,11 @@ impl Server {
         members
     }
 
-    /// The sessions in `room`.
+    /// The sessions in `room`, in order.
     pub fn member_sessions(&self, room: &str) -> Vec<SessionId> {
-        self.rooms.members(room).collect()
+        let mut sessions: Vec<SessionId> = self.rooms.members(room).collect();
+        sessions.sort_unstable();
+        sessions
     }
 
     /// Members in `room`.

@@ -1955,3 +1955,25 @@ fn the_rooms_a_hello_lists_are_joined_with_a_new_session() {
     );
     assert_eq!(s.rooms_of(w3.session), [Arc::from("other")]);
 }
+
+#[test]
+fn a_rooms_sessions_are_listed_in_order_whatever_the_order_of_joins() {
+    let mut s = Server::new(ServerConfig::default()).unwrap();
+    // Opened and joined in an order that is neither the ids' nor its
+    // reverse, with a leave and a join again among them.
+    let order = [7u8, 2, 9, 4, 1, 8, 3, 6, 5];
+    let sessions: Vec<SessionId> = order.iter().map(|&i| open_json(&mut s, i).1).collect();
+    for &session in &sessions {
+        s.join(Instant::ZERO, session, "lobby").unwrap();
+    }
+    s.leave(Instant::ZERO, sessions[3], "lobby");
+    s.join(Instant::ZERO, sessions[3], "lobby").unwrap();
+    drain(&mut s);
+    let mut expected = sessions.clone();
+    expected.sort();
+    assert_eq!(s.member_sessions("lobby"), expected);
+    assert_eq!(s.room_size("lobby"), sessions.len());
+    let members = s.members("lobby");
+    assert_eq!(members.len(), sessions.len());
+    assert!(members.windows(2).all(|w| w[0] <= w[1]), "{members:?}");
+}

@@ -33,6 +33,10 @@ pub(super) struct ServerTask {
     /// Ends (`Ready(None)`) when the last handle is dropped.
     pub(super) alive: mpsc::Receiver<()>,
     pub(super) handles_gone: bool,
+    /// When the timer is to wake the task: the core's deadline, or the end
+    /// of shutdown's wait, as the task last saw them under the state's
+    /// lock. Only a look at the state ([`ServerShared::look`]) changes it.
+    pub(super) deadline: Option<std::time::Instant>,
 }
 
 impl ServerTask {
@@ -107,7 +111,22 @@ impl ServerTask {
                 }
             }
         }
+        // Look at the state again without being asked: the timer fired.
+        let mut again = false;
         loop {
+            if !std::mem::take(&mut again) && !shared.look.swap(false, Ordering::AcqRel) {
+                // Woken for the listener alone: the deadline is the one
+                // seen last, so the state's lock is not needed.
+                if self
+                    .timer
+                    .poll(&*shared.runtime, self.deadline, cx)
+                    .is_ready()
+                {
+                    again = true;
+                    continue;
+                }
+                return Poll::Pending;
+            }
             let now_std = shared.runtime.now();
             let now = shared.clock.core(now_std);
             let mut wakes = Wakes::default();
@@ -126,6 +145,7 @@ impl ServerTask {
                         let task = settle_token(shared.clone(), check);
                         shared.runtime.spawn(Box::pin(task));
                     }
+                    again = true;
                     continue;
                 }
                 st.armed = deadline;
@@ -144,7 +164,9 @@ impl ServerTask {
             if stop {
                 return Poll::Ready(());
             }
+            self.deadline = deadline;
             if self.timer.poll(&*shared.runtime, deadline, cx).is_ready() {
+                again = true;
                 continue;
             }
             return Poll::Pending;

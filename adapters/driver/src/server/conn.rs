@@ -33,7 +33,7 @@ use crate::ws;
 
 use super::feed::{FeedError, Followed};
 use super::shared::{lock_slot, CloseOrder, ConnSlot, ServerShared, SlotRef, Wakes};
-use super::upgrade::claim_for;
+use super::upgrade::{claim_for, Early};
 
 /// How a connection task's main loop ended.
 enum ConnEnd {
@@ -557,24 +557,44 @@ async fn claim_first<C: Carrier>(
 /// writes the frames the core queued for it, closes when told or when the
 /// peer goes.
 ///
-/// `early`: the core already opened this connection, for a `hello` in the
-/// upgrade request.
+/// `early`: the core already opened this connection while it admitted the
+/// upgrade request, and made its slot: the task starts with them without
+/// taking the state's lock (the slot stays registered until the task
+/// reports the connection closed, so there is nothing to look up).
 pub(super) fn connection<C: Carrier>(
     shared: Arc<ServerShared>,
     mut ws: C,
     identity: Option<String>,
-    early: Option<ConnectionId>,
+    early: Option<Early>,
 ) -> BoxFuture<'static, ()> {
     // Opened here, before the task's future is made: the future then
     // carries the socket once, not a second time as an argument kept for
     // its whole life (an async fn's arguments live as long as it does).
-    let opened = shared.run(None, |st, now| {
-        if let Some(id) = early {
-            return match st.conns.get(&id) {
-                Some(slot) => Ok((id, slot.clone())),
-                None => Err((CloseCode::GOING_AWAY, "going away")),
-            };
+    let cluster_claim = shared.cluster.is_some() && early.is_none();
+    let opened = early.map(Ok).unwrap_or_else(|| open(&shared, identity));
+    match opened {
+        Ok((id, slot)) => {
+            let span = tracing::debug_span!("kitestring_connection", id = id.0);
+            Box::pin(serve(shared, ws, id, slot, cluster_claim).instrument(span))
         }
+        Err((code, reason)) => Box::pin(async move {
+            let close_timeout = shared.options.close_timeout;
+            let _ = util::timeout(&*shared.runtime, close_timeout, async {
+                ws.close_with(ws::close_frame(code, reason)).await;
+            })
+            .await;
+        }),
+    }
+}
+
+/// Opens a connection in the core for a socket upgraded without a `hello`
+/// in its request, and registers its slot; the close to send instead while
+/// shutting down or without randomness for a session id.
+fn open(
+    shared: &ServerShared,
+    identity: Option<String>,
+) -> Result<Early, (CloseCode, &'static str)> {
+    shared.run(None, |st, now| {
         if st.shutdown.is_some() || st.stopped {
             return Err((CloseCode::GOING_AWAY, "going away"));
         }
@@ -589,21 +609,7 @@ pub(super) fn connection<C: Carrier>(
         let slot = SlotRef::default();
         st.conns.insert(id, slot.clone());
         Ok((id, slot))
-    });
-    match opened {
-        Ok((id, slot)) => {
-            let span = tracing::debug_span!("kitestring_connection", id = id.0);
-            let cluster_claim = shared.cluster.is_some() && early.is_none();
-            Box::pin(serve(shared, ws, id, slot, cluster_claim).instrument(span))
-        }
-        Err((code, reason)) => Box::pin(async move {
-            let close_timeout = shared.options.close_timeout;
-            let _ = util::timeout(&*shared.runtime, close_timeout, async {
-                ws.close_with(ws::close_frame(code, reason)).await;
-            })
-            .await;
-        }),
-    }
+    })
 }
 
 /// The connection task proper, once the core opened the connection.

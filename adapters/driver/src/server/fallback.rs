@@ -451,7 +451,7 @@ async fn open(
     let (admitted, has_hello) = match admitted {
         Ok(a) => a,
         Err(r) => {
-            if let Some(id) = early {
+            if let Some((id, _)) = early {
                 report_closed(shared, id, None);
             }
             refused(peer, &r);
@@ -459,7 +459,7 @@ async fn open(
         }
     };
     let Ok(raw) = util::random16() else {
-        if let Some(id) = early {
+        if let Some((id, _)) = early {
             report_closed(shared, id, None);
         }
         return refusal(

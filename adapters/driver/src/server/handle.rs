@@ -931,7 +931,7 @@ impl ServerHandle {
         let (tx, rx) = oneshot::channel();
         let shared = &self.shared;
         shared.call(|st, now| st.begin_shutdown(shared, now, Some(tx)))?;
-        shared.task.wake();
+        shared.wake_task();
         if let Some(cluster) = &shared.cluster {
             cluster.hand_over_all(shared).await;
         }

@@ -23,7 +23,6 @@ use async_tungstenite::tungstenite::protocol::Role;
 use async_tungstenite::WebSocketStream;
 use futures_io::{AsyncRead, AsyncWrite};
 use hyper::upgrade::{OnUpgrade, Upgraded};
-use kitestring_core::server::ConnectionId;
 use tracing::{debug, Instrument};
 
 use crate::runtime::{BoxFuture, BoxIo};
@@ -34,7 +33,7 @@ use super::conn::{connection, report_closed};
 use super::fallback;
 use super::http::{self, HttpRefusal};
 use super::shared::ServerShared;
-use super::upgrade::{admit, refused};
+use super::upgrade::{admit, refused, Early};
 use super::ServerHandle;
 
 impl ServerHandle {
@@ -285,7 +284,7 @@ async fn upgrade(
             response
         }
         Err(refusal) => {
-            if let Some(id) = early {
+            if let Some((id, _)) = early {
                 report_closed(&shared, id, None);
             }
             refused(peer, &refusal);
@@ -302,7 +301,7 @@ pub(super) async fn admit_request(
     headers: &h::HeaderMap,
     extensions: &mut h::Extensions,
     peer: Option<SocketAddr>,
-    early: &OnceLock<ConnectionId>,
+    early: &OnceLock<Early>,
 ) -> Result<super::upgrade::Admitted, HttpRefusal> {
     admit(
         shared,
@@ -346,7 +345,7 @@ async fn take_over(
     shared: Arc<ServerShared>,
     on_upgrade: OnUpgrade,
     identity: Option<String>,
-    early: Option<ConnectionId>,
+    early: Option<Early>,
     peer: Option<SocketAddr>,
 ) {
     let limit = shared.options.handshake_timeout;
@@ -361,7 +360,7 @@ async fn take_over(
         }
         failed => {
             debug!(?peer, error = ?failed.map(|r| r.err()), "the HTTP server did not hand the connection over");
-            if let Some(id) = early {
+            if let Some((id, _)) = early {
                 report_closed(&shared, id, None);
             }
         }

@@ -460,6 +460,7 @@ fn start_inner(
             acked: 0,
         }),
         task: AtomicWaker::new(),
+        look: AtomicBool::new(true),
         stop_listening: AtomicBool::new(false),
         clock: Clock::new(&*runtime),
         runtime: runtime.clone(),
@@ -500,6 +501,7 @@ fn start_inner(
         listener,
         alive: alive_rx,
         handles_gone: false,
+        deadline: None,
     };
     let span = tracing::info_span!("kitestring_server", addr = ?local_addr);
     if let Some(interval) = shared.options.metrics_interval {

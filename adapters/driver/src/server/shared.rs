@@ -62,6 +62,13 @@ pub(super) struct ServerShared {
     pub(super) state: Mutex<LockedState>,
     /// The server task (listener, the core's deadline, shutdown).
     pub(super) task: AtomicWaker,
+    /// The server task must look at the state again: the core's deadline
+    /// moved before the one its timer is armed for, a re-authentication
+    /// check waits to be started, or shutdown began or may end. Set before
+    /// the task is woken ([`wake_task`](Self::wake_task)): the wake-ups of
+    /// its listener alone (a connection to accept) leave the state's lock
+    /// to the connections.
+    pub(super) look: AtomicBool,
     /// Set once shutdown began: the server task drops its listener.
     pub(super) stop_listening: AtomicBool,
     pub(super) runtime: Arc<dyn Runtime>,
@@ -302,7 +309,7 @@ impl Wakes {
             w.wake();
         }
         if self.server_task {
-            shared.task.wake();
+            shared.wake_task();
         }
         if self.handle_events {
             shared.handle_inline(current);
@@ -318,6 +325,12 @@ impl Wakes {
 const SPIN_ROUNDS: u32 = 20;
 
 impl ServerShared {
+    /// Wakes the server task to look at the state ([`look`](Self::look)).
+    pub(super) fn wake_task(&self) {
+        self.look.store(true, Ordering::Release);
+        self.task.wake();
+    }
+
     /// Takes the state's lock. It is held for microseconds at a time, and
     /// when it is contended (connection tasks running what they read
     /// through the core on one core, the application sending on another) a
@@ -723,6 +736,9 @@ impl LockedState {
     ) {
         if self.shutdown.is_none() {
             env.stop_listening.store(true, Ordering::Release);
+            // The server task arms its timer for the end of the wait; the
+            // caller wakes it, if it is not the task itself.
+            env.look.store(true, Ordering::Release);
             // The core flushes pending batches and acknowledgments, then
             // sends every connection a goaway and a 1001. Sessions are
             // detached, not ended: members are not told anyone left.

@@ -84,7 +84,12 @@ fn is_fallback(shared: &ServerShared, head: &[u8]) -> bool {
 
 /// The socket, the identity authentication gave, and the connection the
 /// core opened for a `hello` in the upgrade request, if any.
-type Upgraded = (crate::ws::Ws, Option<String>, Option<ConnectionId>);
+type Upgraded = (crate::ws::Ws, Option<String>, Option<Early>);
+
+/// A connection the core opened while it admitted an upgrade (for a
+/// `hello` in the request, or to refuse it in-band), and its slot: the
+/// connection's task starts with them instead of looking them up.
+pub(super) type Early = (ConnectionId, SlotRef);
 
 /// TLS handshake (if configured) and HTTP upgrade with authentication.
 ///
@@ -174,7 +179,7 @@ async fn handshake(
         // The core opened a connection for the upgrade's `hello`, but the
         // `101` never made it out.
         None => {
-            if let Some(id) = early {
+            if let Some((id, _)) = early {
                 report_closed(&shared, id, None);
             }
             None
@@ -200,7 +205,7 @@ async fn answer_upgrade(
     shared: &ServerShared,
     head: &[u8],
     peer: Option<SocketAddr>,
-    early: &OnceLock<ConnectionId>,
+    early: &OnceLock<Early>,
 ) -> Result<(Vec<u8>, Option<String>), http::HttpRefusal> {
     // The header lines are parsed into an array on this function's stack,
     // not held across the authenticator's await.
@@ -306,7 +311,7 @@ pub(super) async fn admit(
     shared: &ServerShared,
     req: &http::Upgrade<'_>,
     auth_request: impl FnOnce() -> Result<AuthRequest, http::HttpRefusal>,
-    early: &OnceLock<ConnectionId>,
+    early: &OnceLock<Early>,
 ) -> Result<Admitted, http::HttpRefusal> {
     let opts = &shared.options;
     // The header wins over the URL; either is used only up to the size a
@@ -358,13 +363,13 @@ pub(super) async fn admit(
     let (mut welcome, mut slot) = (None, None);
     if let Some(hello) = header_hello {
         if let Some((id, answer, queued)) = early_hello(shared, identity.clone(), hello) {
-            let _ = early.set(id);
+            let _ = early.set((id, queued.clone()));
             welcome = answer;
             slot = Some(queued);
         }
     } else if let Some(hello) = url_hello {
-        if let Some(id) = request_hello(shared, identity.clone(), &hello) {
-            let _ = early.set(id);
+        if let Some(opened) = request_hello(shared, identity.clone(), &hello) {
+            let _ = early.set(opened);
         }
     }
     Ok(Admitted {
@@ -415,7 +420,7 @@ fn refuse_in_band(
     shared: &ServerShared,
     refusal: UpgradeRefusal,
     in_header: bool,
-    early: &OnceLock<ConnectionId>,
+    early: &OnceLock<Early>,
 ) -> Option<Admitted> {
     debug!(
         code = refusal.code().0,
@@ -424,16 +429,17 @@ fn refuse_in_band(
     );
     metrics::counter!("kitestring_upgrades_refused_total", "status" => refusal.code().0.to_string())
         .increment(1);
-    let (id, answer) = shared.run(None, |st, now| {
+    let (id, answer, slot) = shared.run(None, |st, now| {
         if st.shutdown.is_some() || st.stopped {
             return None;
         }
         let (id, answer) = st.server.handle_refused_upgrade(now, refusal, in_header);
         // Before the core's outputs are drained, so they find the slot.
-        st.conns.insert(id, SlotRef::default());
-        Some((id, answer))
+        let slot = SlotRef::default();
+        st.conns.insert(id, slot.clone());
+        Some((id, answer, slot))
     })?;
-    let _ = early.set(id);
+    let _ = early.set((id, slot));
     Some(Admitted {
         welcome: answer,
         identity: None,
@@ -481,11 +487,7 @@ async fn authenticate(
 /// randomness for a session id: the connection then takes the ordinary
 /// path (the client sends its `hello` as a frame only after its connect
 /// timeout, so this is the rare case).
-fn request_hello(
-    shared: &ServerShared,
-    identity: Option<String>,
-    hello: &[u8],
-) -> Option<ConnectionId> {
+fn request_hello(shared: &ServerShared, identity: Option<String>, hello: &[u8]) -> Option<Early> {
     let hello = std::str::from_utf8(hello).unwrap_or("\u{fffd}");
     let fresh = util::random16().ok()?;
     shared.run(None, |st, now| {
@@ -495,8 +497,9 @@ fn request_hello(
         let id = st
             .server
             .handle_request_hello(now, identity, SessionId(fresh), hello);
-        st.conns.insert(id, SlotRef::default());
-        Some(id)
+        let slot = SlotRef::default();
+        st.conns.insert(id, slot.clone());
+        Some((id, slot))
     })
 }
 
