@@ -137,6 +137,10 @@ impl Budget {
 /// `read` system call that fails.
 pub(crate) struct ReadyFlag {
     inner: std::sync::Arc<FlagWaker>,
+    /// `inner` as a waker, made once: the source is polled with it on
+    /// every read attempt, and making it each time would bump and drop the
+    /// shared count, a cache line the waking thread also writes.
+    waker: std::task::Waker,
 }
 
 struct FlagWaker {
@@ -158,11 +162,13 @@ impl std::task::Wake for FlagWaker {
 impl ReadyFlag {
     /// A flag that starts ready: the first poll always goes through.
     pub(crate) fn new() -> Self {
+        let inner = std::sync::Arc::new(FlagWaker {
+            ready: std::sync::atomic::AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
         ReadyFlag {
-            inner: std::sync::Arc::new(FlagWaker {
-                ready: std::sync::atomic::AtomicBool::new(true),
-                task: futures_util::task::AtomicWaker::new(),
-            }),
+            waker: std::task::Waker::from(inner.clone()),
+            inner,
         }
     }
 
@@ -183,8 +189,7 @@ impl ReadyFlag {
         {
             return Poll::Pending;
         }
-        let waker = std::task::Waker::from(self.inner.clone());
-        let mut flagged = Context::from_waker(&waker);
+        let mut flagged = Context::from_waker(&self.waker);
         let result = poll(&mut flagged);
         if result.is_ready() {
             self.inner
@@ -316,6 +321,52 @@ pub(crate) mod tests {
         assert!(
             flag.poll(&mut cx, ready).is_ready(),
             "after Ready, more may be buffered"
+        );
+    }
+
+    #[test]
+    fn a_ready_flag_wakes_its_task_for_a_signal_at_any_moment() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        use std::task::{Context, Poll, Wake, Waker};
+
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let wakes = Arc::new(Count(AtomicUsize::new(0)));
+        let task = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&task);
+        let woken = || wakes.0.load(Ordering::SeqCst);
+
+        // A signal while the source is polled (a frame arriving as the
+        // read attempt ends).
+        let flag = ReadyFlag::new();
+        let signalling = |cx: &mut Context<'_>| -> Poll<()> {
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        };
+        assert!(flag.poll(&mut cx, signalling).is_pending());
+        assert_eq!(woken(), 1, "the signal during the poll is not lost");
+
+        // A signal after Pending, with the source's waker kept.
+        let kept: Mutex<Option<Waker>> = Mutex::new(None);
+        let keeping = |cx: &mut Context<'_>| -> Poll<()> {
+            *kept.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        };
+        assert!(flag.poll(&mut cx, keeping).is_pending());
+        assert_eq!(woken(), 1);
+        // Nothing signalled: polling again registers, and still no poll.
+        let unexpected = |_: &mut Context<'_>| -> Poll<()> { panic!("polled without a signal") };
+        assert!(flag.poll(&mut cx, unexpected).is_pending());
+        kept.lock().unwrap().take().unwrap().wake();
+        assert_eq!(woken(), 2, "the signal after Pending wakes the task");
+        assert!(
+            flag.poll(&mut cx, keeping).is_pending(),
+            "and the source is polled again"
         );
     }
 }
