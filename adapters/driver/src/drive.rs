@@ -324,22 +324,36 @@ pub(crate) mod tests {
         );
     }
 
+    /// A waker that counts its wake-ups, for tests of who wakes whom.
+    pub(crate) struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl CountingWaker {
+        /// The counter, and a waker that adds to it.
+        pub(crate) fn new() -> (std::sync::Arc<CountingWaker>, Waker) {
+            let count = std::sync::Arc::new(CountingWaker(Default::default()));
+            let waker = Waker::from(count.clone());
+            (count, waker)
+        }
+
+        /// Wake-ups so far.
+        pub(crate) fn count(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     #[test]
     fn a_ready_flag_wakes_its_task_for_a_signal_at_any_moment() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::{Arc, Mutex};
-        use std::task::{Context, Poll, Wake, Waker};
+        use std::task::{Context, Poll};
 
-        struct Count(AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let wakes = Arc::new(Count(AtomicUsize::new(0)));
-        let task = Waker::from(wakes.clone());
+        let (wakes, task) = CountingWaker::new();
         let mut cx = Context::from_waker(&task);
-        let woken = || wakes.0.load(Ordering::SeqCst);
+        let woken = || wakes.count();
 
         // A signal while the source is polled (a frame arriving as the
         // read attempt ends).

@@ -535,16 +535,7 @@ mod tests {
 
     #[test]
     fn a_waiting_follower_is_woken_once_per_entry() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::task::Wake;
-        struct Count(AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = crate::drive::tests::CountingWaker::new();
         let mut cx = Context::from_waker(&waker);
         let mut room = Room::new(100);
         let mut f = Followed::default();
@@ -558,6 +549,6 @@ mod tests {
         lock_feed(&room.feed).push(1, entry, &room.bounds, &mut wake);
         assert_eq!(wake.len(), 1);
         wake.into_iter().for_each(Waker::wake);
-        assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        assert_eq!(count.count(), 1);
     }
 }
