@@ -24,16 +24,32 @@ use hostile::*;
 /// Builds `msgs` `msg` frames (seq = id = payload = 1..=msgs) with a
 /// datagram (kind 0x02, its number in 8 bytes) after every `every`-th.
 fn flood_bytes(msgs: u64, every: u64) -> (Vec<u8>, u64) {
-    let mut bytes = Vec::new();
+    let (batches, datagrams) = flood_batches(msgs, every);
+    (batches.concat(), datagrams)
+}
+
+/// The same flood as `flood_bytes`, cut into batches of whole frames of
+/// about 16 KiB: a writer that shares the socket (the acknowledgments of
+/// refusals) may write between two batches without landing inside a
+/// frame.
+fn flood_batches(msgs: u64, every: u64) -> (Vec<Vec<u8>>, u64) {
+    const BATCH: usize = 16 * 1024;
+    let mut batches = Vec::new();
+    let mut batch = Vec::new();
     let mut datagrams = 0u64;
     for i in 1..=msgs {
-        bytes.extend(text(&msg(i, i, &json!(i))));
+        let mut frames = text(&msg(i, i, &json!(i)));
         if i % every == 0 {
             datagrams += 1;
-            bytes.extend(binary(&kitestring_binary(0x02, &datagrams.to_le_bytes())));
+            frames.extend(binary(&kitestring_binary(0x02, &datagrams.to_le_bytes())));
         }
+        if batch.len() + frames.len() > BATCH {
+            batches.push(std::mem::take(&mut batch));
+        }
+        batch.extend(frames);
     }
-    (bytes, datagrams)
+    batches.push(batch);
+    (batches, datagrams)
 }
 
 /// A flood against the default limits (1 000 messages a second, bursts of
@@ -194,7 +210,7 @@ fn a_flood_over_a_refusing_limit_is_refused_by_id() {
             let session = echo
                 .session_opened(welcome["session"].as_str().unwrap())
                 .await;
-            let (bytes, datagrams) = flood_bytes(MSGS, 5);
+            let (batches, datagrams) = flood_batches(MSGS, 5);
             let start = Instant::now();
             let Raw {
                 mut reader, writer, ..
@@ -203,8 +219,8 @@ fn a_flood_over_a_refusing_limit_is_refused_by_id() {
             let flood = {
                 let writer = writer.clone();
                 tokio::spawn(async move {
-                    for chunk in bytes.chunks(16 * 1024) {
-                        writer.lock().await.write_all(chunk).await.unwrap();
+                    for batch in &batches {
+                        writer.lock().await.write_all(batch).await.unwrap();
                     }
                 })
             };
