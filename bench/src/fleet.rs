@@ -638,6 +638,11 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
         // alternates so neither side always runs on the fuller table.
         let order: [u8; 3] = if rep % 2 == 0 { [0, 1, 2] } else { [1, 2, 0] };
         for round in order {
+            // `KITESTRING_BENCH_CHURN_OURS=1` runs Kitestring's rounds
+            // without presence alone, to profile them (BENCHMARKS.md).
+            if round != 1 && std::env::var_os("KITESTRING_BENCH_CHURN_OURS").is_some() {
+                continue;
+            }
             match round {
                 0 => {
                     let (rate, cpu) =

@@ -86,6 +86,7 @@ pub mod backplane;
 pub mod client;
 mod drive;
 pub mod error;
+mod head;
 mod hyper_io;
 pub mod runtime;
 pub mod server;

@@ -591,6 +591,13 @@ fn echo_table(servers: Vec<Server>, opts: &Options) -> (String, Table) {
         .filter(|&w| w > 0)
         .unwrap_or(16);
     let (count, reps) = if opts.quick { (20, 1) } else { (5_000, 5) };
+    // `KITESTRING_BENCH_PEERS_COUNT=220` sets the messages each connection
+    // echoes: two counts under callgrind give the cost of one message.
+    let count: u64 = std::env::var("KITESTRING_BENCH_PEERS_COUNT")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .filter(|&c| c > 0)
+        .unwrap_or(count);
     let rt = net::tokio_runtime();
     let table = Table::measure(servers, reps, |server| {
         let (mut child, port) = spawn(server);

@@ -15,14 +15,13 @@ use std::time::Duration;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use async_tungstenite::tungstenite::client::IntoClientRequest;
 use async_tungstenite::tungstenite::http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
-use bytes::Bytes;
 use futures_util::{Sink, Stream};
 use kitestring_core::client::transport::{upgrade_blocked, TransportKind};
 use kitestring_core::client::TransportError;
 use kitestring_core::wire;
+use smallvec::SmallVec;
 use tracing::debug;
 
 use crate::runtime::{BoxFuture, BoxIo, Runtime};
@@ -30,6 +29,7 @@ use crate::util::Target;
 use crate::ws::{ClientTls, Ws};
 
 use super::http::{self, Endpoint, HttpClient, HttpLink};
+use super::upgrade::{self, UpgradeError};
 use super::TokenProvider;
 
 /// An attempt under way: what it opened, or why not.
@@ -273,54 +273,59 @@ impl Connector {
         token: Option<(HeaderName, HeaderValue)>,
     ) -> Result<(Ws, Option<String>), (TransportError, bool)> {
         let no = |e: TransportError| (e, false);
-        let uri = match hello {
+        let with_hello;
+        let target = match hello {
             RequestHello::Url(h) => {
                 let sep = if self.uri.query().is_some() { '&' } else { '?' };
-                let with = format!(
+                with_hello = format!(
                     "{}{sep}{}={}",
-                    self.uri,
+                    self.path_and_query(),
                     wire::HELLO_PARAM,
                     percent_encode(h)
                 );
-                with.parse::<Uri>().map_err(|e| {
-                    no(TransportError::WebSocket(format!(
-                        "the URL with its hello: {e}"
-                    )))
-                })?
+                with_hello.as_str()
             }
-            _ => self.uri.clone(),
+            _ => self.path_and_query(),
         };
-        let mut request = uri
-            .into_client_request()
-            .map_err(|e| no(TransportError::WebSocket(e.to_string())))?;
+        let mut headers: SmallVec<[(&str, &[u8]); 2]> = SmallVec::new();
         if let RequestHello::Header(h) = hello {
-            if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(h.clone())) {
-                request.headers_mut().insert(wire::HELLO_HEADER, value);
-            }
+            headers.push((wire::HELLO_HEADER, h.as_bytes()));
         }
-        if let Some((name, value)) = token {
-            request.headers_mut().insert(name, value);
+        if let Some((name, value)) = &token {
+            headers.push((name.as_str(), value.as_bytes()));
         }
+        let request = upgrade::Request::new(target, self.host(), &headers);
         let io = self.clone().open_io().await.map_err(no)?;
-        let (ws, response) =
-            async_tungstenite::client_async_with_config(request, io, Some(self.ws_config))
-                .await
-                .map_err(|e| {
-                    let blocked = match &e {
-                        WsError::Http(r) => upgrade_blocked(
-                            r.status().as_u16(),
-                            r.headers().contains_key(wire::records::REFUSAL_HEADER),
-                        ),
-                        _ => false,
-                    };
-                    (transport_error(e), blocked)
-                })?;
-        let welcome = response
-            .headers()
-            .get(wire::WELCOME_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        Ok((ws, welcome))
+        upgrade::upgrade(io, request, self.ws_config)
+            .await
+            .map_err(|e| match e {
+                UpgradeError::Status {
+                    status,
+                    retry_after,
+                    refusal,
+                } => (
+                    TransportError::Http {
+                        status,
+                        retry_after,
+                    },
+                    upgrade_blocked(status, refusal),
+                ),
+                UpgradeError::Io(e) => no(TransportError::Io(e.to_string())),
+                UpgradeError::Invalid(why) => no(TransportError::WebSocket(why.into())),
+            })
+    }
+
+    /// The URL's path and query, as the request's target.
+    fn path_and_query(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |p| p.as_str())
+    }
+
+    /// The URL's authority without user information: the `Host` header.
+    fn host(&self) -> &str {
+        let authority = self.uri.authority().map_or("", |a| a.as_str());
+        authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host)
     }
 
     /// Opens a connection over the HTTP fallback.

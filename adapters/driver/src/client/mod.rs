@@ -43,14 +43,16 @@
 //! state and spawns the driver task. The rest lives in private modules
 //! beside it: `shared` (the machine and the bookkeeping behind the lock),
 //! `handle` ([`ClientHandle`], [`ClientEvents`] and what their calls
-//! return), `connector` (opening one WebSocket) and `task` (the driver
-//! task).
+//! return), `connector` (opening one WebSocket), `upgrade` (the upgrade
+//! request and the check of its answer), `http` (the HTTP fallback's
+//! client) and `task` (the driver task).
 
 mod connector;
 mod handle;
 mod http;
 mod shared;
 mod task;
+mod upgrade;
 
 pub use handle::{ClientEvents, ClientHandle, ClientSnapshot, PendingResponse};
 

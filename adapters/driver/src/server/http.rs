@@ -10,95 +10,10 @@
 //! by itself (not an upgrade, headers over its limit): the peer saw the
 //! connection drop. Here every refusal gets a status and a short reason.
 
-use std::io;
-use std::pin::Pin;
-
 use async_tungstenite::tungstenite::http::{HeaderMap, HeaderName, HeaderValue};
-use futures_io::{AsyncRead, AsyncWrite};
 
-/// Largest request head accepted (request line and headers): 64 KiB, as
-/// tungstenite's own handshake. A longer one is answered 431.
-pub(crate) const MAX_HEAD: usize = 64 * 1024;
-/// Most header lines accepted (tungstenite's number); more is answered 431.
-pub(crate) const MAX_HEADERS: usize = 124;
-/// The first read's buffer: an upgrade request with a `hello` and a token
-/// fits.
-const FIRST_READ: usize = 4 * 1024;
-
-/// Why no request head could be read.
-#[derive(Debug)]
-pub(crate) enum HeadError {
-    /// Over [`MAX_HEAD`] bytes without the end of the head.
-    TooLarge,
-    /// The peer closed (or the read failed) before the head was complete.
-    Closed(Option<io::Error>),
-}
-
-/// Reads from `io` until `buf` holds a complete request head; returns the
-/// head's length. Bytes past it (the start of the WebSocket stream) stay in
-/// `buf`. Only the bytes each read added are searched for the end of the
-/// head, so a peer trickling bytes costs no repeated scans.
-pub(crate) async fn read_head<S: AsyncRead + Unpin>(
-    io: &mut S,
-    buf: &mut Vec<u8>,
-) -> Result<usize, HeadError> {
-    buf.clear();
-    buf.resize(FIRST_READ, 0);
-    let mut filled = 0;
-    loop {
-        if filled == buf.len() {
-            if buf.len() > MAX_HEAD {
-                return Err(HeadError::TooLarge);
-            }
-            // One byte over the limit tells a head of exactly the limit
-            // from a longer one.
-            let grown = (buf.len() * 2).min(MAX_HEAD + 1);
-            buf.resize(grown, 0);
-        }
-        let n = match futures_util::future::poll_fn(|cx| {
-            Pin::new(&mut *io).poll_read(cx, &mut buf[filled..])
-        })
-        .await
-        {
-            Ok(0) => {
-                buf.truncate(filled);
-                return Err(HeadError::Closed(None));
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                buf.truncate(filled);
-                return Err(HeadError::Closed(Some(e)));
-            }
-        };
-        let from = filled.saturating_sub(3);
-        filled += n;
-        if let Some(end) = head_end(&buf[from..filled]) {
-            let end = from + end;
-            if end > MAX_HEAD {
-                return Err(HeadError::TooLarge);
-            }
-            buf.truncate(filled);
-            return Ok(end);
-        }
-    }
-}
-
-/// Where the head in `bytes` ends: after the first empty line (`\r\n\r\n`,
-/// or `\n\n` as httparse also accepts).
-fn head_end(bytes: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while let Some(at) = bytes[i..].iter().position(|&b| b == b'\n') {
-        let nl = i + at;
-        match bytes.get(nl + 1) {
-            Some(b'\n') => return Some(nl + 2),
-            Some(b'\r') if bytes.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
-            _ => {}
-        }
-        i = nl + 1;
-    }
-    None
-}
+use crate::head::has_token;
+pub(crate) use crate::head::{read_head, write_all, HeadError, MAX_HEAD, MAX_HEADERS};
 
 /// An HTTP refusal: the status, the reason (logged, and the response
 /// body), and header lines the status calls for.
@@ -493,13 +408,6 @@ fn split_target(target: &str) -> Result<(&str, Option<&str>), HttpRefusal> {
     })
 }
 
-/// Whether a comma-separated header value holds `token` (any case).
-fn has_token(value: &[u8], token: &str) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-}
-
 /// A `Sec-WebSocket-Key`: the base64 of 16 bytes, so 22 characters, the
 /// last carrying no trailing bits, and `==`.
 fn valid_key(key: &[u8]) -> bool {
@@ -561,22 +469,6 @@ pub(crate) fn switching_protocols(key: &[u8], welcome: Option<&str>) -> Vec<u8> 
     }
     r.extend_from_slice(b"\r\n\r\n");
     r
-}
-
-/// Writes all of `bytes` and flushes.
-pub(crate) async fn write_all<S: AsyncWrite + Unpin>(
-    io: &mut S,
-    mut bytes: &[u8],
-) -> io::Result<()> {
-    while !bytes.is_empty() {
-        let n =
-            futures_util::future::poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, bytes)).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        bytes = &bytes[n..];
-    }
-    futures_util::future::poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx)).await
 }
 
 #[cfg(test)]
@@ -730,13 +622,6 @@ mod tests {
         assert_eq!(status("GET /\0 HTTP/1.1\r\n\r\n"), 400);
         let many: String = (0..MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
         assert_eq!(status(&request(&many)), 431);
-    }
-
-    #[test]
-    fn the_end_of_the_head_is_found_in_any_split() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nrest"), Some(21));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
     }
 
     #[test]
