@@ -638,10 +638,12 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
         // alternates so neither side always runs on the fuller table.
         let order: [u8; 3] = if rep % 2 == 0 { [0, 1, 2] } else { [1, 2, 0] };
         for round in order {
-            // `KITESTRING_BENCH_CHURN_OURS=1` runs Kitestring's rounds
-            // without presence alone, to profile them (BENCHMARKS.md).
-            if round != 1 && std::env::var_os("KITESTRING_BENCH_CHURN_OURS").is_some() {
-                continue;
+            // `KITESTRING_BENCH_CHURN_ROUND=base` (or `ours`, `presence`)
+            // runs one kind of round alone, to profile it (BENCHMARKS.md).
+            if let Ok(only) = std::env::var("KITESTRING_BENCH_CHURN_ROUND") {
+                if only != ["base", "ours", "presence"][usize::from(round)] {
+                    continue;
+                }
             }
             match round {
                 0 => {
