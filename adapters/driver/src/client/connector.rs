@@ -9,6 +9,7 @@
 //! touches the shared state or the core machine, and nothing here decides
 //! which transport to try: the driver task's `TransportChoice` does.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -273,17 +274,15 @@ impl Connector {
         token: Option<(HeaderName, HeaderValue)>,
     ) -> Result<(Ws, Option<String>), (TransportError, bool)> {
         let no = |e: TransportError| (e, false);
-        let with_hello;
         let target = match hello {
             RequestHello::Url(h) => {
                 let sep = if self.uri.query().is_some() { '&' } else { '?' };
-                with_hello = format!(
+                Cow::Owned(format!(
                     "{}{sep}{}={}",
                     self.path_and_query(),
                     wire::HELLO_PARAM,
                     percent_encode(h)
-                );
-                with_hello.as_str()
+                ))
             }
             _ => self.path_and_query(),
         };
@@ -294,7 +293,7 @@ impl Connector {
         if let Some((name, value)) = &token {
             headers.push((name.as_str(), value.as_bytes()));
         }
-        let request = upgrade::Request::new(target, self.host(), &headers);
+        let request = upgrade::Request::new(&target, self.host(), &headers);
         let io = self.clone().open_io().await.map_err(no)?;
         upgrade::upgrade(io, request, self.ws_config)
             .await
@@ -316,16 +315,13 @@ impl Connector {
     }
 
     /// The URL's path and query, as the request's target.
-    fn path_and_query(&self) -> &str {
-        self.uri.path_and_query().map_or("/", |p| p.as_str())
+    fn path_and_query(&self) -> Cow<'_, str> {
+        request_target(&self.uri)
     }
 
     /// The URL's authority without user information: the `Host` header.
     fn host(&self) -> &str {
-        let authority = self.uri.authority().map_or("", |a| a.as_str());
-        authority
-            .rsplit_once('@')
-            .map_or(authority, |(_, host)| host)
+        host_of(&self.uri)
     }
 
     /// Opens a connection over the HTTP fallback.
@@ -370,6 +366,24 @@ impl Connector {
     }
 }
 
+/// The request target for `uri`: its path and query, the path `/` when
+/// the URL has none (`ws://host`, `ws://host?a=1`).
+fn request_target(uri: &Uri) -> Cow<'_, str> {
+    match uri.path_and_query().map(|p| p.as_str()) {
+        Some(p) if p.starts_with('/') => Cow::Borrowed(p),
+        Some(p) => Cow::Owned(format!("/{p}")),
+        None => Cow::Borrowed("/"),
+    }
+}
+
+/// The URL's authority without user information: the `Host` header.
+fn host_of(uri: &Uri) -> &str {
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+}
+
 /// A tungstenite error as the core's transport error.
 pub(crate) fn transport_error(e: WsError) -> TransportError {
     match e {
@@ -394,6 +408,21 @@ pub(crate) fn transport_error(e: WsError) -> TransportError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_target_and_host_come_from_the_url() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        for (url, target, host) in [
+            ("ws://h:1", "/", "h:1"),
+            ("ws://h:1/", "/", "h:1"),
+            ("ws://h?a=1", "/?a=1", "h"),
+            ("wss://user:pw@h.example/p/q?x=y", "/p/q?x=y", "h.example"),
+            ("ws://[::1]:9/ws", "/ws", "[::1]:9"),
+        ] {
+            assert_eq!(request_target(&uri(url)), target, "{url}");
+            assert_eq!(host_of(&uri(url)), host, "{url}");
+        }
+    }
 
     #[test]
     fn a_hello_survives_the_url() {
