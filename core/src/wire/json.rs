@@ -173,10 +173,10 @@ impl<'a> JsonReader<'a> {
     pub fn str(&mut self) -> Option<Cow<'a, str>> {
         self.eat(b'"')?;
         let start = self.at;
-        let end = self.string_end()?;
+        let (end, escaped) = self.string_end()?;
         let raw = &self.text[start..end];
         self.at = end + 1;
-        if !raw.contains(&b'\\') {
+        if !escaped {
             return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
         }
         unescape(raw).map(Cow::Owned)
@@ -186,25 +186,34 @@ impl<'a> JsonReader<'a> {
     fn key(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.at;
-        let end = self.string_end()?;
+        let (end, escaped) = self.string_end()?;
         let raw = &self.text[start..end];
         self.at = end + 1;
-        (!raw.contains(&b'\\')).then_some(raw)
+        (!escaped).then_some(raw)
     }
 
     /// The index of the closing quote of the string whose body starts at
-    /// the reader's position, escapes checked as serde checks them.
-    fn string_end(&self) -> Option<usize> {
+    /// the reader's position, and whether the body has escapes, checked as
+    /// serde checks them. The bytes between escapes are passed over in one
+    /// scan for the next quote, backslash or control character.
+    fn string_end(&self) -> Option<(usize, bool)> {
+        let text = self.text;
         let mut i = self.at;
+        let mut escaped = false;
         loop {
-            match *self.text.get(i)? {
-                b'"' => return Some(i),
+            i += text
+                .get(i..)?
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+            match text[i] {
+                b'"' => return Some((i, escaped)),
                 b'\\' => {
+                    escaped = true;
                     i += 1;
-                    match *self.text.get(i)? {
+                    match *text.get(i)? {
                         b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 1,
                         b'u' => {
-                            let hex = self.text.get(i + 1..i + 5)?;
+                            let hex = text.get(i + 1..i + 5)?;
                             if !hex.iter().all(u8::is_ascii_hexdigit) {
                                 return None;
                             }
@@ -213,8 +222,7 @@ impl<'a> JsonReader<'a> {
                         _ => return None,
                     }
                 }
-                0..=0x1f => return None,
-                _ => i += 1,
+                _ => return None, // a control character
             }
         }
     }
@@ -270,7 +278,7 @@ impl<'a> JsonReader<'a> {
                 b'f' => self.ident(b"false")?,
                 b'"' => {
                     self.at += 1;
-                    self.at = self.string_end()? + 1;
+                    self.at = self.string_end()?.0 + 1;
                 }
                 b'-' | b'0'..=b'9' => self.skip_number()?,
                 open @ (b'[' | b'{') => {
@@ -323,7 +331,7 @@ impl<'a> JsonReader<'a> {
     /// An object's key with any escapes, and its colon.
     fn key_colon(&mut self) -> Option<()> {
         self.eat(b'"')?;
-        self.at = self.string_end()? + 1;
+        self.at = self.string_end()?.0 + 1;
         self.eat(b':')
     }
 
@@ -671,8 +679,19 @@ pub(super) fn quick_json_handshake<'a>(
 /// escapes, the others as `\u00XX`.
 pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
     let bytes = s.as_bytes();
+    // Most strings (ids, names, capabilities) need no escape: one check
+    // without early exit (which vectorizes), then one copy.
+    if bytes.iter().fold(true, |clean, &b| {
+        clean & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    }) {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
+    out.push(b'"');
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let short = match b {
