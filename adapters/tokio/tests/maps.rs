@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,6 +15,8 @@ use kitestring::{
     ClientEvents, ClientHandle, ClientOptions, Event, MapOptions, Member, ServerEvent,
     ServerHandle, ServerOptions,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 const ROOM: &str = "settings";
 const MAP: &str = "app";
@@ -82,6 +85,49 @@ async fn server_map(server: &ServerHandle) -> BTreeMap<String, f64> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), kitestring::decode(&v).unwrap()))
         .collect()
+}
+
+/// A relay to the server at `url` for one connection at a time: bytes from
+/// the client pass at once, bytes from the server wait while the returned
+/// gate is held. Returns the relay's URL and the gate.
+async fn held_relay(url: &str) -> (String, Arc<tokio::sync::Mutex<()>>) {
+    let target = url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = format!("ws://{}/", listener.local_addr().unwrap());
+    let gate = Arc::new(tokio::sync::Mutex::new(()));
+    let held = gate.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(&target).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let gate = held.clone();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                let _ = server_write.shutdown().await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let _open = gate.lock().await;
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = client_write.shutdown().await;
+            });
+        }
+    });
+    (relay, gate)
 }
 
 /// Waits until every client reads what the server has.
@@ -208,14 +254,21 @@ async fn the_policy_decides_who_writes_and_refusals_restore_the_value() {
         .map_set(ROOM, MAP, "admin.limit", &10.0)
         .await
         .unwrap();
-    let (a, mut events) = member(&url).await;
+    // The member reaches the server through a relay whose way back can be
+    // held, so the server's verdict cannot arrive before the client's own
+    // view of its write is read.
+    let (relay, gate) = held_relay(&url).await;
+    let (a, mut events) = member(&relay).await;
     synced(&a, &mut events).await;
     a.map_set(ROOM, MAP, "public.color", &1.0).await.unwrap();
+    let held = gate.lock().await;
     let refused_id = a.map_set(ROOM, MAP, "admin.limit", &99.0).await.unwrap();
     assert_eq!(
         a.map_get::<f64>(ROOM, MAP, "admin.limit").await.unwrap(),
-        Some(99.0)
+        Some(99.0),
+        "the client's own write, before the server's verdict"
     );
+    drop(held);
     let refusal = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Event::Refused {
