@@ -86,17 +86,21 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin>(
 /// Where the head in `bytes` ends: after the first empty line (`\r\n\r\n`,
 /// or `\n\n` as httparse also accepts).
 fn head_end(bytes: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while let Some(at) = bytes[i..].iter().position(|&b| b == b'\n') {
-        let nl = i + at;
-        match bytes.get(nl + 1) {
-            Some(b'\n') => return Some(nl + 2),
-            Some(b'\r') if bytes.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
-            _ => {}
-        }
-        i = nl + 1;
-    }
-    None
+    memchr::memchr_iter(b'\n', bytes).find_map(|nl| match bytes.get(nl + 1) {
+        Some(b'\n') => Some(nl + 2),
+        Some(b'\r') if bytes.get(nl + 2) == Some(&b'\n') => Some(nl + 3),
+        _ => None,
+    })
+}
+
+/// Whether `value` is a header value of visible ASCII, spaces and tabs:
+/// what a `Kitestring-Welcome` must be to be sent or taken as it is.
+pub(crate) fn is_visible_ascii(value: &[u8]) -> bool {
+    // Every byte checked without an early exit, which vectorizes: a
+    // welcome is a few hundred bytes and almost always valid.
+    value.iter().fold(true, |ok, &b| {
+        ok & ((b == b'\t') | (0x20..0x7f).contains(&b))
+    })
 }
 
 /// Whether a comma-separated header value holds `token` (any case).
@@ -131,6 +135,28 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
         assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nrest"), Some(21));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+        assert_eq!(head_end(b"A: b\r\n\r"), None);
+        assert_eq!(head_end(b"A: b\r\n\rX\r\n\r\n"), Some(12));
+        assert_eq!(head_end(b"\n\r\n"), Some(3));
+        assert_eq!(head_end(b""), None);
+        // Past the first lines, as in a long head read at once.
+        let long = format!("GET / HTTP/1.1\r\n{}\r\n", "A: b\r\n".repeat(100));
+        assert_eq!(head_end(long.as_bytes()), Some(long.len()));
+    }
+
+    #[test]
+    fn a_welcome_is_taken_only_as_visible_ascii() {
+        assert!(is_visible_ascii(b"{\"t\":\"welcome\",\"a\":\"b\tc ~\"}"));
+        assert!(is_visible_ascii(b""));
+        let long = [b'x'; 300];
+        assert!(is_visible_ascii(&long));
+        for bad in [&b"a\r\nb"[..], "caf\u{e9}".as_bytes(), b"\x7f", b"\0"] {
+            assert!(!is_visible_ascii(bad), "{bad:?}");
+            // Anywhere in a long value.
+            let mut v = long.to_vec();
+            v.extend_from_slice(bad);
+            assert!(!is_visible_ascii(&v), "{bad:?} at the end");
+        }
     }
 
     #[test]

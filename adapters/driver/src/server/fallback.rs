@@ -524,7 +524,7 @@ async fn open(
     if let Some(welcome) = admitted
         .welcome
         .as_deref()
-        .filter(|w| w.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)))
+        .filter(|w| super::http::is_header_value(w))
     {
         r = r.header(kitestring_core::wire::WELCOME_HEADER, welcome);
     }
