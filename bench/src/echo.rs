@@ -321,13 +321,33 @@ pub(crate) fn throughput_scenario(opts: &crate::Options) -> Vec<crate::Figure> {
             per_conn: (per_conn / scale).max(4),
             window,
         };
+        // `KITESTRING_BENCH_ECHO_SIDE=tokio` (or `smol`, `async-std`,
+        // `baseline`) runs one side alone, to profile it: its rate is
+        // printed, and no ratio is reported.
+        let side = std::env::var("KITESTRING_BENCH_ECHO_SIDE").ok();
+        let runs = |name: &str| side.as_deref().is_none_or(|s| s == name);
         let mut base = Vec::new();
         let mut ours: Vec<Vec<f64>> = vec![Vec::new(); runtimes.len()];
         for _ in 0..reps {
-            base.push(net::tokio_runtime().block_on(baseline_throughput(load)));
-            for (i, rt) in runtimes.iter().enumerate() {
-                ours[i].push(rt.throughput(load));
+            if runs("baseline") {
+                base.push(net::tokio_runtime().block_on(baseline_throughput(load)));
             }
+            for (i, rt) in runtimes.iter().enumerate() {
+                if runs(rt.name()) {
+                    ours[i].push(rt.throughput(load));
+                }
+            }
+        }
+        if side.is_some() {
+            for (name, rates) in std::iter::once(("baseline", &mut base))
+                .chain(runtimes.iter().map(|rt| rt.name()).zip(ours.iter_mut()))
+            {
+                if !rates.is_empty() {
+                    let r = net::median(rates);
+                    eprintln!("  echo {conns} conn(s) {size} B {name} alone: {r:.0} msg/s");
+                }
+            }
+            continue;
         }
         let base = net::median(&mut base);
         let label = if size >= 1024 {
