@@ -1,7 +1,7 @@
 //! HTTP/1.1 heads for the WebSocket upgrade, on both sides: reading one
 //! into a single bounded buffer (the bytes behind it kept, as the start of
-//! the WebSocket stream), finding tokens in header values, and writing a
-//! head out. The server's `server/http.rs` and the client's
+//! the WebSocket stream), finding tokens in header values, checking that a
+//! `welcome` may travel as a header value, and writing a head out. The server's `server/http.rs` and the client's
 //! `client/upgrade.rs` parse and check what is read here.
 //!
 //! It owns bytes only: it never decides what a head means, and never
