@@ -27,7 +27,7 @@ use crate::wire::{
 use super::admission::Admission;
 use super::conn::ConnPhase;
 use super::{
-    ConnectionId, Server, ServerEvent, ServerOutput, ServerStats, ServerTimer, SessionEnd,
+    ConnectionId, RoomOp, Server, ServerEvent, ServerOutput, ServerStats, ServerTimer, SessionEnd,
 };
 
 /// A session's link deadlines. The heap may hold older entries for a slot;
@@ -349,12 +349,13 @@ impl Server {
                                 Limit::Bytes => "byte",
                                 _ => "message",
                             };
+                            let op = op_name(kind, m.room.is_some());
                             self.refuse_msg(
                                 session,
                                 seq,
                                 id,
                                 m.room,
-                                op_name(kind),
+                                op,
                                 "rate_limited",
                                 format!("{what} rate limit exceeded"),
                             );
@@ -531,11 +532,14 @@ impl Server {
     }
 }
 
-/// The `op` a refusal names for a message of `kind`.
-fn op_name(kind: MsgKind) -> &'static str {
+/// The `op` a refusal names for a message of `kind`, sent to a room or not
+/// (PROTOCOL.md, section 3.3): as the room's own refusals name them.
+fn op_name(kind: MsgKind, to_room: bool) -> &'static str {
     match kind {
-        MsgKind::Join => "join",
-        MsgKind::Leave => "leave",
+        MsgKind::Join => RoomOp::Join.as_str(),
+        MsgKind::Leave => RoomOp::Leave.as_str(),
+        MsgKind::MapWrite => RoomOp::MapWrite.as_str(),
+        MsgKind::Plain | MsgKind::Request if to_room => RoomOp::Publish.as_str(),
         _ => "message",
     }
 }

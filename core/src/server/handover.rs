@@ -27,7 +27,7 @@ use crate::link::Link;
 use crate::reliable::{MessageId, Outbound, RoomName};
 use crate::saved::SavedMessage;
 use crate::time::Instant;
-use crate::wire::{ClientId, SessionId, MAX_TOKEN_LEN};
+use crate::wire::{ClientId, Frame, SessionId, MAX_TOKEN_LEN};
 
 use super::delivery::LinkDeadlines;
 use super::session::{Session, SessionState};
@@ -214,6 +214,15 @@ impl Server {
         let s = self.sessions.remove(&session)?;
         let (code, grace) = match s.state {
             SessionState::Attached(conn) => {
+                // A `goaway` first, as for a rotation: the client resumes
+                // at once instead of backing off as after a failure.
+                self.transmit(
+                    conn,
+                    &Frame::GoAway {
+                        code: CloseCode::ROTATE.0,
+                        retry_after_ms: None,
+                    },
+                );
                 self.close_conn(conn, CloseCode::ROTATE, Some("session moved"));
                 (CloseCode::ROTATE, self.config.session_grace)
             }

@@ -650,9 +650,27 @@ fn messages_over_a_refusing_rate_limit_are_refused_by_id_and_reported_per_interv
     assert_eq!(refused, (11..=1000).collect::<Vec<_>>());
     assert!(refusals(&out)
         .iter()
-        .all(|r| r.2.code.as_deref() == Some("rate_limited")));
+        .all(|r| r.2.code.as_deref() == Some("rate_limited") && r.2.op == "message"));
     // Acknowledgments never pass a refusal the client has not seen.
     assert!(acks(&out).iter().all(|&a| a <= 10), "{:?}", acks(&out));
+    // A refusal names the operation as the room's own refusals do.
+    for (seq, extra, op) in [
+        (1001, r#","r":"lobby""#, "publish"),
+        (1002, r#","r":"lobby","op":"mset""#, "mset"),
+        (1003, r#","r":"lobby","op":"join""#, "join"),
+        (1004, r#","r":"lobby","op":"leave""#, "leave"),
+    ] {
+        let m = format!(r#"{{"t":"msg","seq":{seq},"id":{seq},"j":null{extra}}}"#);
+        s.handle_message(Instant::ZERO, c, Incoming::Text(&m));
+        let got = drain(&mut s);
+        let r = refusals(&got);
+        assert_eq!(r.len(), 1, "{op}: {got:?}");
+        assert_eq!(
+            (r[0].1, r[0].2.code.as_deref(), r[0].2.op.as_str()),
+            (seq, Some("rate_limited"), op)
+        );
+        out.extend(got);
+    }
     s.handle_timeout(Instant::from_secs(2));
     out.extend(drain(&mut s));
     let reports: Vec<&ServerEvent> = out
@@ -666,7 +684,7 @@ fn messages_over_a_refusing_rate_limit_are_refused_by_id_and_reported_per_interv
     assert!(matches!(
         reports[0],
         ServerEvent::RateLimited {
-            refused: 990,
+            refused: 994,
             delayed: 0,
             ..
         }
@@ -776,8 +794,31 @@ fn a_session_moves_between_servers() {
     let now = Instant::from_secs(1);
     let image = a.export_session(now, id).unwrap();
     let out = drain(&mut a);
-    assert!(out.iter().any(|o| matches!(o,
-        ServerOutput::Disconnect(c, code, _) if *c == conn && *code == CloseCode::ROTATE)));
+    let closed = out.iter().position(|o| {
+        matches!(o,
+        ServerOutput::Disconnect(c, code, _) if *c == conn && *code == CloseCode::ROTATE)
+    });
+    // A `goaway` 4011 before the close, so that the client resumes at once.
+    let told = out.iter().position(|o| match o {
+        ServerOutput::Transmit(c, t) if *c == conn => matches!(
+            wire::decode(
+                t.as_incoming(),
+                &Limits {
+                    max_message: 1 << 20,
+                    version: 1,
+                }
+            ),
+            Ok(Frame::GoAway {
+                code: 4011,
+                retry_after_ms: None
+            })
+        ),
+        _ => false,
+    });
+    assert!(
+        matches!((told, closed), (Some(t), Some(c)) if t < c),
+        "{out:?}"
+    );
     assert!(out.iter().any(|o| matches!(o,
         ServerOutput::Event(ServerEvent::SessionMoved { session }) if *session == id)));
     assert!(a.session(id).is_none());
