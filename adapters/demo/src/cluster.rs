@@ -53,7 +53,9 @@ pub struct ClusterSettings {
     pub clients: usize,
     /// Messages per second per client.
     pub rate: f64,
-    /// How long faults and traffic run.
+    /// How long faults and traffic run; longer, by at most 30 s, until
+    /// each kind of node fault has happened once and 4 s have passed
+    /// since the last.
     pub duration: Duration,
     /// Seed of the fault schedule.
     pub seed: u64,
@@ -438,7 +440,16 @@ pub async fn run(
     let started = Instant::now();
     let mut next_node_fault = started + Duration::from_secs(3);
     let mut which = 0usize;
-    while started.elapsed() < settings.duration {
+    // Every kind of node fault happens at least once, even when restarts
+    // are slow (a loaded machine): the run goes on past its duration for
+    // the ones still missing, and 4 s after the last, at most 30 s more.
+    const KINDS: usize = 3;
+    let overtime = settings.duration + Duration::from_secs(30);
+    let mut last_fault = started;
+    while started.elapsed() < settings.duration
+        || (started.elapsed() < overtime
+            && (which < KINDS || last_fault.elapsed() < Duration::from_secs(4)))
+    {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let links = front.links();
         if !links.is_empty() && rng.next() % 3 == 0 {
@@ -446,11 +457,11 @@ pub async fn run(
             report.cuts += 1;
         }
         if Instant::now() >= next_node_fault
-            && started.elapsed() + Duration::from_secs(4) < settings.duration
+            && (which < KINDS || started.elapsed() + Duration::from_secs(4) < settings.duration)
         {
             let i = (rng.next() as usize) % nodes.len();
             let node = &mut nodes[i];
-            match which % 3 {
+            match which % KINDS {
                 0 => {
                     progress(&format!("kill -9 {}", node.name));
                     node.kill();
@@ -471,7 +482,8 @@ pub async fn run(
                 }
             }
             which += 1;
-            next_node_fault = Instant::now() + Duration::from_secs(4);
+            last_fault = Instant::now();
+            next_node_fault = last_fault + Duration::from_secs(4);
         }
     }
 

@@ -259,10 +259,34 @@ fn a_flood_over_a_refusing_limit_is_refused_by_id() {
                 .unwrap();
             let flooder = (reader, writer);
             let elapsed = start.elapsed();
-            // The last interval's report.
             // The last interval's report (the connection stays open till
-            // then: see `a_flood_and_run_is_still_reported`).
-            let events = echo.drain(1300).await;
+            // then: see `a_flood_and_run_is_still_reported`). Reports come
+            // once a second: taken until they account for every refusal
+            // and datagram, or 5 s, however slow the machine.
+            let counted = |events: &[ServerEvent]| {
+                let (mut refused, mut grams) = (0u64, 0u64);
+                for e in events {
+                    match e {
+                        ServerEvent::Datagram { session: s, .. } if *s == session => grams += 1,
+                        ServerEvent::RateLimited {
+                            session: s,
+                            refused: n,
+                            datagrams_dropped,
+                            ..
+                        } if *s == session => {
+                            refused += n;
+                            grams += datagrams_dropped;
+                        }
+                        _ => {}
+                    }
+                }
+                refused == seen.refusals.len() as u64 && grams == datagrams
+            };
+            let mut events = echo.drain(1300).await;
+            let waited = Instant::now();
+            while !counted(&events) && waited.elapsed() < Duration::from_secs(5) {
+                events.extend(echo.drain(200).await);
+            }
             drop(flooder);
             let mut delivered = Vec::new();
             let mut grams = 0u64;

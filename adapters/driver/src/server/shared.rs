@@ -1044,20 +1044,25 @@ mod tests {
         let shared = shared();
         let unknown = SessionId([7; 16]);
         let (locked_tx, locked_rx) = mpsc::channel();
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = shared.clone();
+        let r = released.clone();
         let holder = std::thread::spawn(move || {
-            let _st = s.lock();
+            let st = s.lock();
             locked_tx.send(()).unwrap();
             std::thread::sleep(Duration::from_millis(50));
+            // Set while the lock is still held: a send that did not wait
+            // for it cannot see this set.
+            r.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(st);
         });
         locked_rx.recv().unwrap();
-        let started = Instant::now();
         match shared.try_send(unknown, payload()) {
             Ok(Ok(Err(SendError::UnknownSession))) => {}
             other => panic!("{:?}", other.map_err(|_| "handed over")),
         }
         assert!(
-            started.elapsed() >= Duration::from_millis(40),
+            released.load(std::sync::atomic::Ordering::SeqCst),
             "did not wait"
         );
         holder.join().unwrap();

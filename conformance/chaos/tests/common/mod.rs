@@ -34,6 +34,7 @@ macro_rules! chaos_tests {
             #[test]
             $(#[$attr])*
             fn $name() {
+                let _alone = common::alone();
                 $block_on(async {
                     let rt = $runtime;
                     common::run(rt.clone(), stringify!($name), common::$name(rt)).await
@@ -41,6 +42,18 @@ macro_rules! chaos_tests {
             }
         )*
     };
+}
+
+/// Held while a scenario runs: the scenarios of a binary run one at a
+/// time, not on the test harness's parallel threads. Their bounds (a dead
+/// link detected within its heartbeat bound, a slow client closed within
+/// seconds, no false alarm on a healthy link) are about the library, and
+/// must not depend on a thousand sessions being cut beside them.
+pub fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A scenario that failed leaves the others to run.
+    ONE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs a scenario under a 45 s limit and prints its wall time.
