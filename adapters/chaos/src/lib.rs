@@ -590,10 +590,11 @@ mod tests {
         addr
     }
 
+    /// A client of `proxy` whose reads give up after 5 s: a loaded
+    /// machine answers within that.
     fn connect(proxy: &Proxy) -> std::net::TcpStream {
         let s = std::net::TcpStream::connect(proxy.local_addr()).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s
     }
 
@@ -609,6 +610,9 @@ mod tests {
 
         proxy.black_hole_all();
         a.write_all(b"lost").unwrap();
+        // Expected to time out: a short wait is enough to see nothing come.
+        a.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         let err = a.read(&mut buf).unwrap_err();
         assert!(matches!(
             err.kind(),

@@ -31,22 +31,31 @@ impl std::fmt::Display for StartError {
 impl std::error::Error for StartError {}
 
 impl RedisServer {
-    /// Starts one on a free port and waits until it answers.
+    /// Starts one on a free port and waits until it answers. The port is
+    /// free when chosen and may be taken before the server binds it (tests
+    /// run in parallel): then another port is tried, up to five.
     pub fn start() -> Result<RedisServer, StartError> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| StartError(e.to_string()))?
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("kitestring-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| StartError(e.to_string()))?;
-        let mut server = RedisServer {
-            child: None,
-            port,
-            dir,
-        };
-        server.spawn()?;
-        Ok(server)
+        let mut last = StartError("no attempt".into());
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| StartError(e.to_string()))?
+                .port();
+            let dir = std::env::temp_dir()
+                .join(format!("kitestring-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|e| StartError(e.to_string()))?;
+            let mut server = RedisServer {
+                child: None,
+                port,
+                dir,
+            };
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                // Dropping it stops the child and removes its directory.
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     fn spawn(&mut self) -> Result<(), StartError> {
@@ -67,7 +76,17 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            // Exited: it could not bind the port (another process took it).
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Err(StartError(format!(
+                    "it exited ({status}): port {} taken?",
+                    self.port
+                )));
+            }
+            // Whatever answers on the port must be this Redis: a `PING`
+            // gets `+PONG`.
+            if pong(self.port) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -98,6 +117,17 @@ impl RedisServer {
         self.kill();
         self.spawn()
     }
+}
+
+/// Whether a Redis answers `PING` on `port`.
+fn pong(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut answer = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
 }
 
 impl Drop for RedisServer {

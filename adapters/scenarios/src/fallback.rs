@@ -711,8 +711,8 @@ pub async fn fallback_flood_is_throttled(rt: Arc<dyn Runtime>) {
         elapsed >= Duration::from_millis(900),
         "1 000 over the burst take a second at 1 000 a second: {elapsed:?}"
     );
-    // The last report comes within a second.
-    let deadline = Instant::now() + Duration::from_millis(1500);
+    // The last report comes within a second (5 s for a loaded machine).
+    let deadline = Instant::now() + Duration::from_secs(5);
     while delayed == 0 && Instant::now() < deadline {
         if let Some(Some(ServerEvent::RateLimited { delayed: d, .. })) =
             kitestring::util::timeout(&*rt, Duration::from_millis(100), sev.next()).await

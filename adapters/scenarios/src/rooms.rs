@@ -1001,9 +1001,12 @@ pub async fn rotation_without_loss(rt: Arc<dyn Runtime>) {
     assert_eq!(room, (0..N).step_by(2).collect::<Vec<_>>());
     kitestring::util::sleep(&*rt, Duration::from_millis(100)).await;
     let metrics = server.metrics().await.unwrap();
-    let floor = (elapsed.as_millis() / 300) as u64;
+    // A connection lives 300 ms, then its client reconnects: at least one
+    // rotation a second for each client, however slow the reconnects of a
+    // loaded machine.
+    let floor = (elapsed.as_millis() / 1000) as u64;
     assert!(
-        metrics.counters.rotations >= 2 * (floor / 2).max(1),
+        metrics.counters.rotations >= 2 * floor.max(1),
         "{} rotations in {elapsed:?} for two clients",
         metrics.counters.rotations
     );
