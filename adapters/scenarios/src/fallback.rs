@@ -290,14 +290,16 @@ pub async fn fallback_moves_to_websocket_and_back(rt: Arc<dyn Runtime>) {
             }
         }
         match i {
+            // Reads long enough for the move on a loaded machine (the
+            // transport is sampled at each of the next 100 messages).
             100 => {
                 proxy.set_upgrades(Upgrades::Pass);
-                Step::Read(Duration::from_millis(1500))
+                Step::Read(Duration::from_millis(3000))
             }
             200 => {
                 proxy.set_upgrades(Upgrades::Refuse);
                 proxy.cut_all();
-                Step::Read(Duration::from_millis(1000))
+                Step::Read(Duration::from_millis(2000))
             }
             _ => Step::Go,
         }
