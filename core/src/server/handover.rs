@@ -201,7 +201,8 @@ impl SessionImage {
 impl Server {
     /// Takes `session` out of this server, for another to
     /// [`import`](Self::import_session): its connection, if it has one, is
-    /// closed with 4011 (reconnect at once and resume), it leaves its rooms
+    /// sent a `goaway` and closed with 4011 (reconnect at once and resume),
+    /// it leaves its rooms
     /// without a presence change, and [`ServerEvent::SessionMoved`]
     /// reports it gone. Nothing it held is reported lost: the image holds
     /// it. `None` if there is no such session.
