@@ -154,9 +154,14 @@ async fn refused_upgrades_get_the_listeners_answers() {
             "allow",
             "sec-websocket-accept",
             "content-type",
+            "retry-after",
         ] {
             assert_eq!(a.header(name), b.header(name), "{what}: header {name}");
         }
+        // A 503 says when to come back (the default 10 s); nothing else
+        // does.
+        let retry = (status == 503).then_some("10");
+        assert_eq!(a.header("retry-after"), retry, "{what}: retry-after");
         assert_eq!(a.body, b.body, "{what}: body");
         if status != 101 {
             assert!(!b.body.is_empty(), "{what}: a refusal says why");

@@ -341,8 +341,8 @@ fn refusal(r: &HttpRefusal, cors: Option<&str>) -> Response<Body> {
     let mut b = answer(status, cors, Bytes::new())
         .header("content-type", "text/plain; charset=utf-8")
         .header(records::REFUSAL_HEADER, r.status.to_string());
-    for (name, value) in r.headers {
-        b = b.header(*name, *value);
+    for (name, value) in r.extra_headers() {
+        b = b.header(name, value);
     }
     build(b, Bytes::from(r.body()))
 }

@@ -23,6 +23,8 @@ pub(crate) struct HttpRefusal {
     pub(crate) reason: &'static str,
     /// Extra headers, as (lower-case name, value).
     pub(crate) headers: &'static [(&'static str, &'static str)],
+    /// `Retry-After`, in seconds: when a client may try again (a 503).
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl HttpRefusal {
@@ -31,7 +33,27 @@ impl HttpRefusal {
             status,
             reason,
             headers: &[],
+            retry_after: None,
         }
+    }
+
+    /// The refusal with `Retry-After: after` (whole seconds, rounded up,
+    /// at least 1).
+    pub(crate) fn retry_after(self, after: std::time::Duration) -> Self {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        HttpRefusal {
+            retry_after: Some(secs.max(1)),
+            ..self
+        }
+    }
+
+    /// Every extra header, `Retry-After` included, as (lower-case name,
+    /// value): what each HTTP stack writes besides its own.
+    pub(crate) fn extra_headers(&self) -> impl Iterator<Item = (&'static str, String)> + '_ {
+        self.headers
+            .iter()
+            .map(|&(name, value)| (name, value.to_owned()))
+            .chain(self.retry_after.map(|s| ("retry-after", s.to_string())))
     }
 
     /// 400 Bad Request.
@@ -44,6 +66,7 @@ impl HttpRefusal {
         status: 426,
         reason: "this is a WebSocket endpoint: upgrade to websocket",
         headers: &[("upgrade", "websocket")],
+        retry_after: None,
     };
 
     /// 426 Upgrade Required with the version this server speaks (RFC 6455,
@@ -52,6 +75,7 @@ impl HttpRefusal {
         status: 426,
         reason: "unsupported Sec-WebSocket-Version",
         headers: &[("sec-websocket-version", "13")],
+        retry_after: None,
     };
 
     /// 431 Request Header Fields Too Large.
@@ -113,10 +137,10 @@ impl HttpRefusal {
     /// The whole response: status line, headers, the reason as a text body.
     pub(crate) fn response(&self) -> Vec<u8> {
         let mut r = format!("HTTP/1.1 {} {}\r\n", self.status, self.phrase());
-        for (name, value) in self.headers {
+        for (name, value) in self.extra_headers() {
             r.push_str(name);
             r.push_str(": ");
-            r.push_str(value);
+            r.push_str(&value);
             r.push_str("\r\n");
         }
         let body = self.body();
@@ -185,6 +209,7 @@ pub(crate) fn check<'b>(
             status: 405,
             reason: "a WebSocket upgrade is a GET request",
             headers: &[("allow", "GET")],
+            retry_after: None,
         });
     }
     if !http11 {
@@ -314,6 +339,7 @@ pub(crate) fn fallback_ask(
                 status: 405,
                 reason: "a fallback connection is opened with POST",
                 headers: &[("allow", "POST, OPTIONS")],
+                retry_after: None,
             }),
         });
     }
@@ -330,6 +356,7 @@ pub(crate) fn fallback_ask(
             status: 405,
             reason: "a fallback connection is polled with GET and written with POST",
             headers: &[("allow", "GET, POST, OPTIONS")],
+            retry_after: None,
         }),
     })
 }
@@ -483,6 +510,8 @@ pub(crate) fn switching_protocols(key: &[u8], welcome: Option<&str>) -> Vec<u8> 
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -599,6 +628,25 @@ mod tests {
         let r = String::from_utf8(switching_protocols(u.key, Some("{\"t\":1}"))).unwrap();
         assert!(r.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(r.ends_with("kitestring-welcome: {\"t\":1}\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_retry_after_is_whole_seconds_rounded_up() {
+        let r = |ms| {
+            let r = HttpRefusal::new(503, "later").retry_after(Duration::from_millis(ms));
+            let text = String::from_utf8(r.response()).unwrap();
+            (r.retry_after, text)
+        };
+        assert_eq!(r(10_000).0, Some(10));
+        assert_eq!(r(1_500).0, Some(2));
+        assert_eq!(r(0).0, Some(1));
+        assert!(
+            r(2_000).1.contains("\r\nretry-after: 2\r\n"),
+            "{}",
+            r(2_000).1
+        );
+        let plain = String::from_utf8(HttpRefusal::new(503, "later").response()).unwrap();
+        assert!(!plain.contains("retry-after"), "{plain}");
     }
 
     #[test]

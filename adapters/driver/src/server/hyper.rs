@@ -329,8 +329,8 @@ fn refusal_response(refusal: &HttpRefusal) -> Response<String> {
             kitestring_core::wire::records::REFUSAL_HEADER,
             refusal.status.to_string(),
         );
-    for (name, value) in refusal.headers {
-        response = response.header(*name, *value);
+    for (name, value) in refusal.extra_headers() {
+        response = response.header(name, value);
     }
     response.body(refusal.body()).unwrap_or_else(|_| {
         let mut r = Response::new(String::new());

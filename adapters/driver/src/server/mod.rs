@@ -218,9 +218,10 @@ pub struct ServerOptions {
     /// pages can see and statuses they cannot. Default
     /// [`Refusals::InBandForPages`].
     pub refusals: Refusals,
-    /// The `retry` hint of an in-band 4429 (authentication unavailable or
-    /// timed out): how long the client waits before its next attempt.
-    /// Default 10 s.
+    /// How long a client refused for now (authentication unavailable or
+    /// timed out, a session still moving between servers) waits before
+    /// its next attempt: the `retry` of an in-band 4429, the `Retry-After`
+    /// (in whole seconds, rounded up) of a 503. Default 10 s.
     pub retry_after: Duration,
     /// What this server shares with the other servers of its cluster
     /// (`kitestring-redis` provides one on Redis); `None`, the default,

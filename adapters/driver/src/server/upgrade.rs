@@ -339,6 +339,12 @@ pub(super) async fn admit(
             },
             _ => return Err(refusal),
         };
+        // A 503 answered by its status says when to come back, as its
+        // in-band form's `retry` does.
+        let refusal = match refusal.status {
+            503 => refusal.retry_after(opts.retry_after),
+            _ => refusal,
+        };
         if !in_band {
             return Err(refusal);
         }
