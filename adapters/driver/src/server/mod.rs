@@ -218,10 +218,13 @@ pub struct ServerOptions {
     /// pages can see and statuses they cannot. Default
     /// [`Refusals::InBandForPages`].
     pub refusals: Refusals,
-    /// How long a client refused for now (authentication unavailable or
-    /// timed out, a session still moving between servers) waits before
-    /// its next attempt: the `retry` of an in-band 4429, the `Retry-After`
-    /// (in whole seconds, rounded up) of a 503. Default 10 s.
+    /// How long a client refused for now waits before its next attempt:
+    /// the `retry` of an in-band 4429, and the `Retry-After` (in whole
+    /// seconds, rounded up) of a 503 when authentication is unavailable
+    /// or timed out. A resume refused while its session moves between
+    /// servers gets no `Retry-After`: the client backs off as after a
+    /// failure, since a move takes a few round trips to the shared store.
+    /// Default 10 s.
     pub retry_after: Duration,
     /// What this server shares with the other servers of its cluster
     /// (`kitestring-redis` provides one on Redis); `None`, the default,

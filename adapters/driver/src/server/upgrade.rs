@@ -339,12 +339,6 @@ pub(super) async fn admit(
             },
             _ => return Err(refusal),
         };
-        // A 503 answered by its status says when to come back, as its
-        // in-band form's `retry` does.
-        let refusal = match refusal.status {
-            503 => refusal.retry_after(opts.retry_after),
-            _ => refusal,
-        };
         if !in_band {
             return Err(refusal);
         }
@@ -469,7 +463,8 @@ async fn authenticate(
                 Some(v) => v,
                 None => {
                     debug!(limit = ?shared.options.auth_timeout, "authentication timed out");
-                    return Err(http::HttpRefusal::new(503, "authentication timed out"));
+                    return Err(http::HttpRefusal::new(503, "authentication timed out")
+                        .retry_after(shared.options.retry_after));
                 }
             }
         }
@@ -480,10 +475,12 @@ async fn authenticate(
         Ok(identity) => Ok(identity),
         Err(AuthReject::Forbidden) => Err(http::HttpRefusal::new(403, "forbidden")),
         Err(AuthReject::Unauthorized) => Err(http::HttpRefusal::new(401, "unauthorized")),
+        // Says when to come back, as the in-band form's `retry` does.
         Err(AuthReject::Unavailable) => Err(http::HttpRefusal::new(
             503,
             "authentication unavailable; try again later",
-        )),
+        )
+        .retry_after(shared.options.retry_after)),
     }
 }
 
