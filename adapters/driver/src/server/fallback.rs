@@ -524,7 +524,7 @@ async fn open(
     if let Some(welcome) = admitted
         .welcome
         .as_deref()
-        .filter(|w| super::http::is_header_value(w))
+        .filter(|w| crate::head::is_visible_ascii(w.as_bytes()))
     {
         r = r.header(kitestring_core::wire::WELCOME_HEADER, welcome);
     }
