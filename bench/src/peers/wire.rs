@@ -67,11 +67,17 @@ pub(crate) enum Got {
 
 /// A binary payload: tag, seven zero bytes, `seq` little-endian, 16 dots.
 pub(crate) fn binary_payload(tag: u8, seq: u64) -> Bytes {
-    let mut v = vec![b'.'; PAYLOAD];
-    v[..8].fill(0);
-    v[0] = tag;
-    v[8..16].copy_from_slice(&seq.to_le_bytes());
+    let mut v = Vec::with_capacity(PAYLOAD);
+    put_binary_payload(&mut v, tag, seq);
     Bytes::from(v)
+}
+
+/// Appends the [`binary_payload`] `tag`, `seq` to `v`.
+fn put_binary_payload(v: &mut Vec<u8>, tag: u8, seq: u64) {
+    v.push(tag);
+    v.extend_from_slice(&[0; 7]);
+    v.extend_from_slice(&seq.to_le_bytes());
+    v.extend_from_slice(&[b'.'; PAYLOAD - 16]);
 }
 
 /// The broadcast payload number `seq` (the child servers send these).
@@ -158,7 +164,7 @@ impl Session {
             Proto::Kitestring(codec) => {
                 self.sent += 1;
                 let ack = self.take_ack();
-                kite_msg(codec, self.sent, ack, &binary_payload(TAG_ECHO, seq))
+                kite_msg(codec, self.sent, ack, TAG_ECHO, seq)
             }
             Proto::SocketIo => Message::text(format!("42[\"echo\",\"{}\"]", text_payload(seq))),
             Proto::Floor => Message::Binary(binary_payload(TAG_ECHO, seq)),
@@ -220,10 +226,18 @@ impl Session {
     pub(crate) fn read(&mut self, m: Message) -> Result<Option<Got>, String> {
         match (self.proto, m) {
             (Proto::Kitestring(Codec::MsgPack), Message::Binary(b)) => {
-                let env: KiteEnv<'_, &serde_bytes::Bytes> =
-                    rmp_serde::from_slice(unframe(&b)?).map_err(|e| format!("msgpack: {e}"))?;
-                let body = env.b.map(|b| &b[..]);
-                self.read_kite(env.t, env.seq, env.op, env.nonce, body)
+                let body = unframe(&b)?;
+                match read_pack(body) {
+                    Some(env) => self.read_kite(env.t, env.seq, env.op, env.nonce, env.b),
+                    // What the hand-written reader does not take, serde
+                    // reads again to say what is wrong with it.
+                    None => {
+                        let env: KiteEnv<'_, &serde_bytes::Bytes> =
+                            rmp_serde::from_slice(body).map_err(|e| format!("msgpack: {e}"))?;
+                        let body = env.b.map(|b| &b[..]);
+                        self.read_kite(env.t, env.seq, env.op, env.nonce, body)
+                    }
+                }
             }
             (Proto::Kitestring(Codec::Json), Message::Text(t)) => {
                 let env: KiteEnv<'_, &str> =
@@ -323,6 +337,102 @@ struct KiteEnv<'a, B> {
     b: Option<B>,
 }
 
+/// A server's MessagePack envelope as [`KiteEnv`], read by hand as the
+/// other protocols' frames are: keys compared as bytes, every other field
+/// skipped. `None` for anything it does not take (a key that is not a
+/// string, a field of another type, a duplicate, trailing bytes), which
+/// the caller reads again with serde for its error.
+fn read_pack(mut rd: &[u8]) -> Option<KiteEnv<'_, &[u8]>> {
+    use rmp::decode::{read_bin_len, read_int, read_map_len, read_str_len};
+    fn take<'a>(rd: &mut &'a [u8], len: usize) -> Option<&'a [u8]> {
+        let (b, rest) = rd.split_at_checked(len)?;
+        *rd = rest;
+        Some(b)
+    }
+    fn str<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
+        let len = read_str_len(rd).ok()?;
+        std::str::from_utf8(take(rd, len as usize)?).ok()
+    }
+    fn once<T>(field: &mut Option<T>, value: Option<T>) -> Option<()> {
+        if field.is_some() {
+            return None;
+        }
+        *field = Some(value?);
+        Some(())
+    }
+    let mut t = None;
+    let mut env = KiteEnv {
+        t: "",
+        seq: None,
+        op: None,
+        nonce: None,
+        b: None,
+    };
+    for _ in 0..read_map_len(&mut rd).ok()? {
+        let len = read_str_len(&mut rd).ok()?;
+        match take(&mut rd, len as usize)? {
+            b"t" => once(&mut t, str(&mut rd))?,
+            b"seq" => once(&mut env.seq, read_int(&mut rd).ok())?,
+            b"op" => once(&mut env.op, str(&mut rd))?,
+            b"nonce" => once(&mut env.nonce, read_int(&mut rd).ok())?,
+            b"b" => {
+                let len = read_bin_len(&mut rd).ok()?;
+                once(&mut env.b, take(&mut rd, len as usize))?
+            }
+            _ => skip_value(&mut rd, 0)?,
+        }
+    }
+    env.t = t?;
+    rd.is_empty().then_some(env)
+}
+
+/// Steps over one MessagePack value of any type, nested at most 16 deep.
+fn skip_value(rd: &mut &[u8], depth: u32) -> Option<()> {
+    use rmp::Marker;
+    fn be(rd: &mut &[u8], n: usize) -> Option<usize> {
+        let (b, rest) = rd.split_at_checked(n)?;
+        *rd = rest;
+        Some(b.iter().fold(0usize, |acc, &x| acc << 8 | usize::from(x)))
+    }
+    if depth > 16 {
+        return None;
+    }
+    let marker = rmp::decode::read_marker(rd).ok()?;
+    let (bytes, values) = match marker {
+        Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+            (0, 0)
+        }
+        Marker::U8 | Marker::I8 => (1, 0),
+        Marker::U16 | Marker::I16 => (2, 0),
+        Marker::U32 | Marker::I32 | Marker::F32 => (4, 0),
+        Marker::U64 | Marker::I64 | Marker::F64 => (8, 0),
+        Marker::FixStr(n) => (usize::from(n), 0),
+        Marker::Str8 | Marker::Bin8 => (be(rd, 1)?, 0),
+        Marker::Str16 | Marker::Bin16 => (be(rd, 2)?, 0),
+        Marker::Str32 | Marker::Bin32 => (be(rd, 4)?, 0),
+        Marker::FixArray(n) => (0, usize::from(n)),
+        Marker::Array16 => (0, be(rd, 2)?),
+        Marker::Array32 => (0, be(rd, 4)?),
+        Marker::FixMap(n) => (0, 2 * usize::from(n)),
+        Marker::Map16 => (0, 2 * be(rd, 2)?),
+        Marker::Map32 => (0, 2 * be(rd, 4)?),
+        Marker::FixExt1 => (2, 0),
+        Marker::FixExt2 => (3, 0),
+        Marker::FixExt4 => (5, 0),
+        Marker::FixExt8 => (9, 0),
+        Marker::FixExt16 => (17, 0),
+        Marker::Ext8 => (be(rd, 1)? + 1, 0),
+        Marker::Ext16 => (be(rd, 2)? + 1, 0),
+        Marker::Ext32 => (be(rd, 4)? + 1, 0),
+        Marker::Reserved => return None,
+    };
+    *rd = rd.get(bytes..)?;
+    for _ in 0..values {
+        skip_value(rd, depth + 1)?;
+    }
+    Some(())
+}
+
 /// The MessagePack body of a binary kind-1 message (PROTOCOL.md, section 1).
 fn unframe(b: &[u8]) -> Result<&[u8], String> {
     if b.len() < 6 || b[0] != 0x01 || b[1] != 1 {
@@ -336,27 +446,33 @@ fn unframe(b: &[u8]) -> Result<&[u8], String> {
     Ok(&b[6..])
 }
 
-/// Puts a MessagePack envelope behind its 6-byte header.
-fn frame(body: Vec<u8>) -> Message {
-    let mut v = Vec::with_capacity(6 + body.len());
-    v.extend_from_slice(&[0x01, 1]);
-    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    v.extend_from_slice(&body);
+/// A vector of `capacity` bytes starting with the 6-byte header of a
+/// MessagePack envelope, its length still 0 ([`framed`] sets it).
+fn frame_start(capacity: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(capacity);
+    v.extend_from_slice(&[0x01, 1, 0, 0, 0, 0]);
+    v
+}
+
+/// The envelope [`frame_start`] began, with its length in the header.
+fn framed(mut v: Vec<u8>) -> Message {
+    let len = (v.len() - 6) as u32;
+    v[2..6].copy_from_slice(&len.to_le_bytes());
     Message::Binary(Bytes::from(v))
 }
 
-/// A client `msg` carrying the opaque bytes `b` (its `id` is its `seq`:
-/// unique and increasing).
-fn kite_msg(codec: Codec, seq: u64, ack: u64, b: &[u8]) -> Message {
+/// A client `msg` carrying the [`binary_payload`] `tag`, `n` (its `id` is
+/// its `seq`: unique and increasing).
+fn kite_msg(codec: Codec, seq: u64, ack: u64, tag: u8, n: u64) -> Message {
     match codec {
         Codec::Json => {
-            let b = base64::engine::general_purpose::STANDARD.encode(b);
+            let b = base64::engine::general_purpose::STANDARD.encode(binary_payload(tag, n));
             Message::text(format!(
                 "{{\"t\":\"msg\",\"seq\":{seq},\"id\":{seq},\"ack\":{ack},\"b\":\"{b}\"}}"
             ))
         }
         _ => {
-            let mut v = Vec::with_capacity(64);
+            let mut v = frame_start(96);
             // Writes into a Vec cannot fail.
             let _ = rmp::encode::write_map_len(&mut v, 5);
             let _ = rmp::encode::write_str(&mut v, "t");
@@ -366,8 +482,9 @@ fn kite_msg(codec: Codec, seq: u64, ack: u64, b: &[u8]) -> Message {
                 let _ = rmp::encode::write_uint(&mut v, n);
             }
             let _ = rmp::encode::write_str(&mut v, "b");
-            let _ = rmp::encode::write_bin(&mut v, b);
-            frame(v)
+            let _ = rmp::encode::write_bin_len(&mut v, PAYLOAD as u32);
+            put_binary_payload(&mut v, tag, n);
+            framed(v)
         }
     }
 }
@@ -378,13 +495,13 @@ fn kite_control(codec: Codec, t: &str, n: u64) -> Message {
     match codec {
         Codec::Json => Message::text(format!("{{\"t\":\"{t}\",\"{key}\":{n}}}")),
         _ => {
-            let mut v = Vec::with_capacity(24);
+            let mut v = frame_start(32);
             let _ = rmp::encode::write_map_len(&mut v, 2);
             let _ = rmp::encode::write_str(&mut v, "t");
             let _ = rmp::encode::write_str(&mut v, t);
             let _ = rmp::encode::write_str(&mut v, key);
             let _ = rmp::encode::write_uint(&mut v, n);
-            frame(v)
+            framed(v)
         }
     }
 }
@@ -513,6 +630,94 @@ mod tests {
     fn kitestring_frames_read_back() {
         roundtrip(Codec::MsgPack);
         roundtrip(Codec::Json);
+    }
+
+    /// A server envelope with the fields this client reads and, around
+    /// them, fields of every other MessagePack type.
+    fn server_envelope(extra: bool, dup: bool) -> Vec<u8> {
+        use rmp::encode::*;
+        let mut v = Vec::new();
+        let n = 4 + if extra { 9 } else { 0 } + u32::from(dup);
+        write_map_len(&mut v, n).unwrap();
+        if extra {
+            write_str(&mut v, "ack").unwrap();
+            write_uint(&mut v, u64::MAX).unwrap();
+            write_str(&mut v, "neg").unwrap();
+            write_sint(&mut v, -70_000).unwrap();
+            write_str(&mut v, "f").unwrap();
+            write_f64(&mut v, 1.5).unwrap();
+            write_str(&mut v, "nil").unwrap();
+            write_nil(&mut v).unwrap();
+            write_str(&mut v, "long").unwrap();
+            write_str(&mut v, &"x".repeat(300)).unwrap();
+            write_str(&mut v, "bin").unwrap();
+            write_bin(&mut v, &[7; 70_000]).unwrap();
+            write_str(&mut v, "list").unwrap();
+            write_array_len(&mut v, 2).unwrap();
+            write_bool(&mut v, true).unwrap();
+            write_map_len(&mut v, 1).unwrap();
+            write_str(&mut v, "k").unwrap();
+            write_array_len(&mut v, 0).unwrap();
+            write_str(&mut v, "ext").unwrap();
+            write_ext_meta(&mut v, 3, 5).unwrap();
+            v.extend_from_slice(&[1, 2, 3]);
+            write_str(&mut v, "fixext").unwrap();
+            write_ext_meta(&mut v, 4, 1).unwrap();
+            v.extend_from_slice(&[9; 4]);
+        }
+        write_str(&mut v, "t").unwrap();
+        write_str(&mut v, "msg").unwrap();
+        write_str(&mut v, "seq").unwrap();
+        write_uint(&mut v, 300).unwrap();
+        write_str(&mut v, "nonce").unwrap();
+        write_uint(&mut v, 9).unwrap();
+        write_str(&mut v, "b").unwrap();
+        write_bin(&mut v, &binary_payload(TAG_ECHO, 5)).unwrap();
+        if dup {
+            write_str(&mut v, "seq").unwrap();
+            write_uint(&mut v, 301).unwrap();
+        }
+        v
+    }
+
+    #[test]
+    fn the_hand_written_reader_agrees_with_serde() {
+        for extra in [false, true] {
+            let v = server_envelope(extra, false);
+            let by_hand = read_pack(&v).expect("read by hand");
+            let serde: KiteEnv<'_, &serde_bytes::Bytes> = rmp_serde::from_slice(&v).unwrap();
+            assert_eq!(by_hand.t, serde.t);
+            assert_eq!((by_hand.seq, by_hand.nonce), (serde.seq, serde.nonce));
+            assert_eq!((by_hand.seq, by_hand.nonce), (Some(300), Some(9)));
+            assert_eq!(by_hand.op, serde.op);
+            assert_eq!(by_hand.b, serde.b.map(|b| &b[..]));
+            // Cut anywhere, it is refused rather than misread.
+            for end in 0..v.len() {
+                assert!(read_pack(&v[..end]).is_none(), "cut at {end}");
+            }
+            // So is a byte too many.
+            let mut longer = v.clone();
+            longer.push(0xc0);
+            assert!(read_pack(&longer).is_none());
+        }
+        // A duplicate field is refused, as serde refuses it.
+        let v = server_envelope(true, true);
+        assert!(read_pack(&v).is_none());
+        assert!(rmp_serde::from_slice::<KiteEnv<'_, &serde_bytes::Bytes>>(&v).is_err());
+        // And so is a field of the wrong type, which serde names.
+        let mut v = Vec::new();
+        rmp::encode::write_map_len(&mut v, 2).unwrap();
+        rmp::encode::write_str(&mut v, "t").unwrap();
+        rmp::encode::write_str(&mut v, "msg").unwrap();
+        rmp::encode::write_str(&mut v, "seq").unwrap();
+        rmp::encode::write_str(&mut v, "1").unwrap();
+        assert!(read_pack(&v).is_none());
+        let mut framed = vec![0x01, 1];
+        framed.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        framed.extend_from_slice(&v);
+        let mut s = Session::new(Proto::Kitestring(Codec::MsgPack));
+        let err = s.read(Message::Binary(framed.into())).unwrap_err();
+        assert!(err.starts_with("msgpack:"), "{err}");
     }
 
     #[test]

@@ -24,7 +24,9 @@
 //! follows what: that comes from the core.
 //!
 //! Lock order: the state's lock, then a feed's; a connection task takes a
-//! feed's lock alone, never with its slot's or the state's. The task that
+//! feed's lock alone, never with its slot's or the state's, and only when
+//! the feed's count of appends (read without the lock) moved since it
+//! left its waker there. The task that
 //! answers an upgrade takes its new connection's slot's lock, then the
 //! feeds' it follows (`upgrade::take_queued`): nothing takes a slot's lock
 //! with a feed's held.
@@ -34,6 +36,7 @@
 //! [`HistoryConfig`]: kitestring_core::stream::HistoryConfig
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Waker};
 
@@ -45,11 +48,53 @@ use kitestring_core::wire::{Codec, SessionId};
 use crate::ws;
 
 /// A room's feed, shared by the state (which appends) and its followers.
-pub(super) type FeedRef = Arc<Mutex<Feed>>;
+pub(super) type FeedRef = Arc<SharedFeed>;
+
+/// A [`Feed`] under its lock, and its count of appends readable without
+/// the lock.
+pub(super) struct SharedFeed {
+    feed: Mutex<Feed>,
+    /// [`Feed::round`] as of the last append finished. A follower that
+    /// left its waker with the feed in this round has nothing new to copy
+    /// and need not take the lock to learn it: an append under way takes
+    /// that waker before the count moves, so the follower hears of it.
+    rounds: AtomicU64,
+}
+
+impl SharedFeed {
+    /// An empty feed whose first entry will have offset `first`.
+    pub(super) fn new(epoch: u64, first: u64) -> FeedRef {
+        Arc::new(SharedFeed {
+            feed: Mutex::new(Feed {
+                epoch,
+                first,
+                entries: VecDeque::new(),
+                bytes: 0,
+                waiters: Vec::new(),
+                round: 0,
+            }),
+            rounds: AtomicU64::new(0),
+        })
+    }
+
+    /// Appends under the feed's lock ([`Feed::push`]), then publishes the
+    /// new round.
+    pub(super) fn push(
+        &self,
+        stamp: u64,
+        entry: RoomEntry,
+        bounds: &HistoryConfig,
+        wake: &mut Vec<Waker>,
+    ) {
+        let mut feed = lock_feed(self);
+        feed.push(stamp, entry, bounds, wake);
+        self.rounds.store(feed.round, Ordering::Release);
+    }
+}
 
 /// Locks a feed; a panic under its lock leaves nothing half-done.
-pub(super) fn lock_feed(feed: &Mutex<Feed>) -> MutexGuard<'_, Feed> {
-    feed.lock().unwrap_or_else(PoisonError::into_inner)
+pub(super) fn lock_feed(feed: &SharedFeed) -> MutexGuard<'_, Feed> {
+    feed.feed.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One published entry.
@@ -96,18 +141,6 @@ pub(super) struct Feed {
 }
 
 impl Feed {
-    /// An empty feed whose first entry will have offset `first`.
-    pub(super) fn new(epoch: u64, first: u64) -> FeedRef {
-        Arc::new(Mutex::new(Feed {
-            epoch,
-            first,
-            entries: VecDeque::new(),
-            bytes: 0,
-            waiters: Vec::new(),
-            round: 0,
-        }))
-    }
-
     pub(super) fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -123,11 +156,12 @@ impl Feed {
     }
 
     /// Appends an entry, trims as the room's history is trimmed (`bounds`),
-    /// and hands over the waiting followers' wakers. An offset out of
+    /// and hands over the waiting followers' wakers (through
+    /// [`SharedFeed::push`], which publishes the round). An offset out of
     /// sequence (a bug) starts the feed again from it: followers behind it
     /// then find themselves behind the feed and are closed rather than skip
     /// entries.
-    pub(super) fn push(
+    fn push(
         &mut self,
         stamp: u64,
         entry: RoomEntry,
@@ -224,6 +258,12 @@ impl Following {
     /// round). Returns how many entries were copied and their bytes.
     fn refill(&mut self, cx: &mut Context<'_>) -> Result<(u64, u64), FeedError> {
         if !self.buf.is_empty() || self.through.is_some_and(|t| self.next > t) {
+            return Ok((0, 0));
+        }
+        // Waiting, and nothing appended since: the append to come wakes
+        // this task (its waker is with the feed).
+        if self.waiting.is_some() && self.waiting == Some(self.feed.rounds.load(Ordering::Acquire))
+        {
             return Ok((0, 0));
         }
         let mut feed = lock_feed(&self.feed);
@@ -380,7 +420,7 @@ mod tests {
             Room {
                 name: Arc::from("lobby"),
                 last: 0,
-                feed: Feed::new(7, 1),
+                feed: SharedFeed::new(7, 1),
                 stamp: 0,
                 bounds: HistoryConfig {
                     max_entries,
@@ -406,7 +446,7 @@ mod tests {
             let entry = self.entry(n, except);
             self.stamp += 1;
             let mut wake = Vec::new();
-            lock_feed(&self.feed).push(self.stamp, entry, &self.bounds, &mut wake);
+            self.feed.push(self.stamp, entry, &self.bounds, &mut wake);
             self.stamp
         }
 
@@ -546,9 +586,102 @@ mod tests {
         assert_eq!(lock_feed(&room.feed).waiters.len(), 1);
         let mut wake = Vec::new();
         let entry = room.entry(1, None);
-        lock_feed(&room.feed).push(1, entry, &room.bounds, &mut wake);
+        room.feed.push(1, entry, &room.bounds, &mut wake);
         assert_eq!(wake.len(), 1);
         wake.into_iter().for_each(Waker::wake);
         assert_eq!(count.count(), 1);
+    }
+
+    #[test]
+    fn a_caught_up_follower_checks_for_entries_without_the_lock() {
+        let (_count, waker) = crate::drive::tests::CountingWaker::new();
+        let mut cx = Context::from_waker(&waker);
+        let mut room = Room::new(100);
+        let mut f = Followed::default();
+        room.follow(&mut f, ME, 0);
+        assert!(f.next_before(u64::MAX, &mut cx).ok().flatten().is_none());
+        // With the feed's lock held elsewhere, asking again answers at
+        // once: nothing was appended since its waker was left.
+        let feed = room.feed.clone();
+        let (held, release) = (
+            std::sync::mpsc::channel::<()>(),
+            std::sync::mpsc::channel::<()>(),
+        );
+        let holder = std::thread::spawn(move || {
+            let _guard = lock_feed(&feed);
+            held.0.send(()).unwrap();
+            let _ = release.1.recv_timeout(std::time::Duration::from_secs(10));
+        });
+        held.1.recv().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let asker = std::thread::spawn(move || {
+            let (_count, waker) = crate::drive::tests::CountingWaker::new();
+            let mut cx = Context::from_waker(&waker);
+            let none = f.next_before(u64::MAX, &mut cx).ok().flatten().is_none();
+            done_tx.send(none).unwrap();
+        });
+        let answered = done_rx.recv_timeout(std::time::Duration::from_secs(5));
+        release.0.send(()).unwrap();
+        holder.join().unwrap();
+        asker.join().unwrap();
+        assert_eq!(answered, Ok(true), "the check waited for the feed's lock");
+    }
+
+    /// A waker that unparks the thread that made it.
+    struct Unpark(std::thread::Thread);
+
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    #[test]
+    fn a_follower_racing_the_appends_misses_no_entry_and_no_wake() {
+        const ENTRIES: u64 = 20_000;
+        let mut room = Room::new(64);
+        let mut f = Followed::default();
+        room.follow(&mut f, ME, 0);
+        let progress = Arc::new(AtomicU64::new(0));
+        let read = progress.clone();
+        let reader = std::thread::spawn(move || {
+            let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+            let mut cx = Context::from_waker(&waker);
+            let mut got = 0u64;
+            let mut last_progress = std::time::Instant::now();
+            while got < ENTRIES {
+                match f.next_before(u64::MAX, &mut cx) {
+                    Ok(Some(p)) => {
+                        got += 1;
+                        assert_eq!(payload_of(&p.message), Some((got % 251) as u8));
+                        read.store(got, Ordering::Release);
+                        last_progress = std::time::Instant::now();
+                    }
+                    Ok(None) => {
+                        // Parked until an append wakes it; a lost wake-up
+                        // leaves it parked, which the deadline turns into
+                        // a failure.
+                        std::thread::park_timeout(std::time::Duration::from_secs(1));
+                        assert!(
+                            last_progress.elapsed() < std::time::Duration::from_secs(5),
+                            "no entry for 5 s after {got}: a wake-up was lost"
+                        );
+                    }
+                    Err(_) => panic!("behind after {got}"),
+                }
+            }
+        });
+        for n in 1..=ENTRIES {
+            let entry = room.entry((n % 251) as u8, None);
+            room.stamp += 1;
+            let mut wake = Vec::new();
+            room.feed.push(room.stamp, entry, &room.bounds, &mut wake);
+            wake.into_iter().for_each(Waker::wake);
+            // Never further ahead of the reader than the feed holds.
+            while n >= progress.load(Ordering::Acquire) + 32 && !reader.is_finished() {
+                std::thread::yield_now();
+            }
+        }
+        reader.join().unwrap();
     }
 }

@@ -39,7 +39,7 @@ use crate::ws;
 use super::auth::{AuthReject, AuthRequest, AuthResult, Verdict};
 use super::cluster::Location;
 use super::events::{shard_of, Shard};
-use super::feed::{lock_feed, Feed, FeedRef, FollowOp};
+use super::feed::{lock_feed, FeedRef, FollowOp, SharedFeed};
 use super::ServerOptions;
 
 /// Hash maps keyed by ids the server made up (FxHash: fast, and nothing to
@@ -498,7 +498,7 @@ impl LockedState {
                 self.stamp += 1;
                 env.published.store(self.stamp, Ordering::Release);
                 let feed = self.feed_of(entry.room(), epoch, entry.offset());
-                lock_feed(&feed).push(self.stamp, entry, &env.feed_bounds, &mut wakes.tasks);
+                feed.push(self.stamp, entry, &env.feed_bounds, &mut wakes.tasks);
                 return;
             }
             FeedOutput::Close { room } => {
@@ -565,7 +565,7 @@ impl LockedState {
         match self.feeds.get(room) {
             Some(f) if lock_feed(f).epoch() == epoch => f.clone(),
             _ => {
-                let f = Feed::new(epoch, first);
+                let f = SharedFeed::new(epoch, first);
                 self.feeds.insert(room.clone(), f.clone());
                 f
             }

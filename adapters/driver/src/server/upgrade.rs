@@ -535,7 +535,7 @@ fn early_hello(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::feed::Feed;
+    use crate::server::feed::SharedFeed;
     use async_tungstenite::tungstenite::Message;
     use kitestring_core::server::RoomEntry;
     use kitestring_core::stream::HistoryConfig;
@@ -545,7 +545,7 @@ mod tests {
     /// follow of a feed from offset 1 that began at stamp 2, holding
     /// `entries` entries.
     fn slot(entries: u64) -> SlotRef {
-        let feed = Feed::new(7, 1);
+        let feed = SharedFeed::new(7, 1);
         for offset in 1..=entries {
             let entry = StreamEntry {
                 room: Arc::from("lobby"),
@@ -558,7 +558,7 @@ mod tests {
                 max_entries: 16,
                 max_bytes: 1 << 20,
             };
-            lock_feed(&feed).push(
+            feed.push(
                 offset,
                 RoomEntry::new(entry, None),
                 &bounds,
