@@ -60,6 +60,80 @@ fn drop_backoff_reconnect() {
     assert_golden("drop_backoff_reconnect", &s.transcript());
 }
 
+/// How long after its failure the client's next attempt starts.
+fn next_attempt_after(s: &Script) -> Duration {
+    match s.client.state() {
+        State::Reconnecting { at, .. } => at.saturating_duration_since(s.now),
+        other => panic!("reconnecting expected, the client is {other:?}"),
+    }
+}
+
+/// A client making its first attempt.
+fn connecting() -> Script {
+    let mut s = Script::new(ClientConfig::default());
+    s.client.connect(s.now).unwrap();
+    s.drain();
+    s
+}
+
+#[test]
+fn a_server_that_says_later_is_waited_for_as_its_answer_says() {
+    // The first backoff: 1 s plus up to 50 % jitter.
+    let backoff = Duration::from_millis(1_500);
+    // A 503 without Retry-After (a session moving between servers, a
+    // proxy's) backs off as any failed attempt.
+    let mut s = connecting();
+    s.error(TransportError::Http {
+        status: 503,
+        retry_after: None,
+    });
+    assert!(
+        next_attempt_after(&s) <= backoff,
+        "{:?}",
+        next_attempt_after(&s)
+    );
+    let mut s = connecting();
+    s.error(TransportError::Http {
+        status: 429,
+        retry_after: None,
+    });
+    assert!(next_attempt_after(&s) <= backoff);
+    // With Retry-After, no sooner.
+    let mut s = connecting();
+    s.error(TransportError::Http {
+        status: 503,
+        retry_after: Some(Duration::from_secs(7)),
+    });
+    let wait = next_attempt_after(&s);
+    assert!(
+        wait >= Duration::from_secs(7) && wait <= Duration::from_secs(11),
+        "{wait:?}"
+    );
+    // In-band, "later" without a hint waits at least `try_later_delay`.
+    let mut s = connecting();
+    s.open();
+    s.closed(Some(CloseCode::TRY_AGAIN_LATER));
+    assert!(next_attempt_after(&s) >= Duration::from_secs(10));
+    // A 4429 `reject` waits its `retry`, not the 10 s.
+    let mut s = connecting();
+    s.open();
+    s.recv(
+        &Frame::Reject(Reject {
+            code: 4429,
+            reason: "try_later".into(),
+            message: "the session is moving".into(),
+            versions: vec![],
+            retry_after_ms: Some(1_000),
+        }),
+        Codec::Json,
+    );
+    let wait = next_attempt_after(&s);
+    assert!(
+        wait >= Duration::from_secs(1) && wait <= backoff,
+        "{wait:?}"
+    );
+}
+
 #[test]
 fn version_mismatch_fails_without_retrying() {
     let mut s = Script::new(ClientConfig::default());

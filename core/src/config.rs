@@ -154,8 +154,9 @@ pub struct ClientConfig {
     /// reset. Shorter-lived connections count as failed attempts, so a server
     /// that accepts and drops at once cannot cause a tight loop. Default 10 s.
     pub stability_window: Duration,
-    /// Lower bound on the reconnect delay after close code 1013 (try again
-    /// later) when the server gave no explicit hint. Default 10 s.
+    /// Lower bound on the reconnect delay after close code 1013 or 4429
+    /// (try again later) when the server gave no `retry` hint. A 429 or 503
+    /// on the upgrade without `Retry-After` backs off instead. Default 10 s.
     pub try_later_delay: Duration,
     /// Upper bound on any server-supplied retry-after hint. Default 5 min.
     pub max_retry_after: Duration,

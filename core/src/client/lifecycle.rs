@@ -24,7 +24,8 @@ use crate::wire::{self, MsgKind, Payload};
 use super::state::fail_reason;
 use super::timers::CONNECTION_TIMERS;
 use super::{
-    Cause, Client, Event, FailReason, LostReason, Output, RequestError, State, Timer, TransportId,
+    Cause, Client, Event, FailReason, LostReason, Output, RequestError, State, Timer,
+    TransportError, TransportId,
 };
 
 impl Client {
@@ -136,8 +137,15 @@ impl Client {
                 }
             }
             Disposition::ReconnectLater => {
-                let floor = self.retry_hint.unwrap_or(self.config.try_later_delay);
-                self.retry_hint = Some(floor);
+                // A server that said "later" in-band (1013, a `reject`
+                // with 4429) is waited for at least `try_later_delay`
+                // without a `retry`; a 429 or 503 without `Retry-After`
+                // backs off as any failed attempt (PROTOCOL.md, section 8).
+                let http = matches!(cause, Cause::Transport(TransportError::Http { .. }));
+                if !http {
+                    let floor = self.retry_hint.unwrap_or(self.config.try_later_delay);
+                    self.retry_hint = Some(floor);
+                }
                 self.schedule_retry(cause, None);
             }
             Disposition::Reconnect => self.schedule_retry(cause, None),

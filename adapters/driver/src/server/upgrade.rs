@@ -13,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use async_tungstenite::tungstenite::protocol::Role;
 use async_tungstenite::WebSocketStream;
@@ -330,19 +331,10 @@ pub(super) async fn admit(
         Refusals::InBandForPages => url_hello.is_some(),
     };
     let refuse = |refusal: http::HttpRefusal| -> Result<Admitted, http::HttpRefusal> {
-        let in_band_form = match refusal.status {
-            401 => UpgradeRefusal::Unauthorized,
-            403 if refusal.reason == ORIGIN_REFUSED => UpgradeRefusal::Origin,
-            403 => UpgradeRefusal::Forbidden,
-            503 => UpgradeRefusal::TryLater {
-                retry_after: opts.retry_after,
-            },
-            _ => return Err(refusal),
-        };
-        if !in_band {
+        let Some(form) = in_band_form(&refusal, opts.retry_after).filter(|_| in_band) else {
             return Err(refusal);
-        }
-        refuse_in_band(shared, in_band_form, req.hello.is_some(), early).ok_or(refusal)
+        };
+        refuse_in_band(shared, form, req.hello.is_some(), early).ok_or(refusal)
     };
     if !opts.origins.allows(req.origin, Some(req.host)) {
         return refuse(http::HttpRefusal::new(403, ORIGIN_REFUSED));
@@ -401,13 +393,39 @@ pub(super) async fn claim_for(
         }
         Err(ClaimFailed(why)) => {
             debug!(session = %session, %why, "a session's claim failed; the client tries again");
-            Err(http::HttpRefusal::new(
-                503,
-                "the session is moving; try again",
-            ))
+            Err(SESSION_MOVING)
         }
     }
 }
+
+/// The in-band form of `refusal`, if it has one: a 503 with `Retry-After`
+/// (from `retry_after`) has it as its `retry`, one without gets
+/// [`UNHINTED_RETRY`].
+fn in_band_form(refusal: &http::HttpRefusal, retry_after: Duration) -> Option<UpgradeRefusal> {
+    Some(match refusal.status {
+        401 => UpgradeRefusal::Unauthorized,
+        403 if refusal.reason == ORIGIN_REFUSED => UpgradeRefusal::Origin,
+        403 => UpgradeRefusal::Forbidden,
+        503 => UpgradeRefusal::TryLater {
+            retry_after: match refusal.retry_after {
+                Some(_) => retry_after,
+                None => UNHINTED_RETRY,
+            },
+        },
+        _ => return None,
+    })
+}
+
+/// The `retry` of the in-band form of a 503 that carries no `Retry-After`
+/// (a session still moving between servers): a client backs off from such
+/// a 503 (its first step is 1 s), while a 4429 without `retry` would wait
+/// its `try_later_delay` (10 s by default).
+const UNHINTED_RETRY: Duration = Duration::from_secs(1);
+
+/// A resume's claim that could not be settled: without `Retry-After`,
+/// the client backs off and tries again.
+const SESSION_MOVING: http::HttpRefusal =
+    http::HttpRefusal::new(503, "the session is moving; try again");
 
 /// The reason of the 403 a refused origin gets.
 const ORIGIN_REFUSED: &str = "origin not allowed";
@@ -536,10 +554,44 @@ fn early_hello(
 mod tests {
     use super::*;
     use crate::server::feed::SharedFeed;
+
     use async_tungstenite::tungstenite::Message;
     use kitestring_core::server::RoomEntry;
     use kitestring_core::stream::HistoryConfig;
     use kitestring_core::wire::{Codec, MsgKind, Payload, StreamEntry};
+
+    #[test]
+    fn a_503_refused_in_band_carries_its_own_hint() {
+        let ten = Duration::from_secs(10);
+        // The authenticator's 503 has Retry-After: its `retry` is the same.
+        let unavailable = http::HttpRefusal::new(503, "unavailable").retry_after(ten);
+        assert_eq!(
+            in_band_form(&unavailable, ten),
+            Some(UpgradeRefusal::TryLater { retry_after: ten })
+        );
+        // A session still moving: none, so a short `retry`, as a client
+        // reading the status would back off.
+        assert_eq!(
+            in_band_form(&SESSION_MOVING, ten),
+            Some(UpgradeRefusal::TryLater {
+                retry_after: UNHINTED_RETRY
+            })
+        );
+        assert_eq!(UNHINTED_RETRY, Duration::from_secs(1));
+        let unauthorized = http::HttpRefusal::new(401, "no");
+        assert_eq!(
+            in_band_form(&unauthorized, ten),
+            Some(UpgradeRefusal::Unauthorized)
+        );
+        let origin = http::HttpRefusal::new(403, ORIGIN_REFUSED);
+        assert_eq!(in_band_form(&origin, ten), Some(UpgradeRefusal::Origin));
+        let forbidden = http::HttpRefusal::new(403, "no");
+        assert_eq!(
+            in_band_form(&forbidden, ten),
+            Some(UpgradeRefusal::Forbidden)
+        );
+        assert_eq!(in_band_form(&http::HttpRefusal::bad("form"), ten), None);
+    }
 
     /// A slot holding frames `a` (stamp 0), `b` (1) and `c` (3), and a
     /// follow of a feed from offset 1 that began at stamp 2, holding
