@@ -527,6 +527,47 @@ fn refusals_in_band_reach_the_client() {
             (_, other) => panic!("{refusal:?}: {other:?}"),
         }
     }
+    // A `hello` sent as a first frame, refused before it runs.
+    let ((mut c, t), mut s) = (connecting(ClientConfig::default()), server());
+    let conn = s.handle_connection(Instant::ZERO, None, SessionId([9; 16]));
+    c.handle_transport_opened(Instant::ZERO, t);
+    let _ = client_out(&mut c);
+    let later = UpgradeRefusal::TryLater {
+        retry_after: std::time::Duration::from_secs(30),
+    };
+    s.refuse_hello(Instant::ZERO, conn, later);
+    let out = server_out(&mut s);
+    assert!(out.iter().any(
+        |o| matches!(o, ServerOutput::Disconnect(id, code, _) if *id == conn && code.0 == 4429)
+    ));
+    for o in out {
+        if let ServerOutput::Transmit(_, m) = o {
+            c.handle_message(Instant::ZERO, t, m.as_incoming());
+        }
+    }
+    match c.state() {
+        State::Reconnecting { at, .. } => assert!(*at >= Instant::from_secs(30), "{at:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Once open, a connection is not refused that way.
+    let mut s = server();
+    let conn = s.handle_connection(Instant::ZERO, None, SessionId([9; 16]));
+    let (mut c, t) = connecting(ClientConfig::default());
+    c.handle_transport_opened(Instant::ZERO, t);
+    for o in client_out(&mut c) {
+        if let Output::Transmit(_, m) = o {
+            s.handle_message(Instant::ZERO, conn, m.as_incoming());
+        }
+    }
+    assert!(server_out(&mut s)
+        .iter()
+        .any(|o| matches!(o, ServerOutput::Event(ServerEvent::SessionOpened { .. }))));
+    s.refuse_hello(Instant::ZERO, conn, later);
+    assert!(
+        server_out(&mut s).is_empty(),
+        "an open connection is left alone"
+    );
+
     // In the upgrade: the reject is the 101's answer.
     let mut s = server();
     let (_, answer) = s.handle_refused_upgrade(Instant::ZERO, UpgradeRefusal::Unauthorized, true);

@@ -425,6 +425,28 @@ impl Server {
         (connection, answer)
     }
 
+    /// Refuses in-band a connection still waiting for its `hello` (one
+    /// sent as its first frame, which a driver may need to look at before
+    /// it runs: a resume whose session must first be claimed from another
+    /// server): the `reject` and close of
+    /// [`handle_refused_upgrade`](Self::handle_refused_upgrade). Does
+    /// nothing to a connection past its handshake, or unknown.
+    pub fn refuse_hello(
+        &mut self,
+        now: Instant,
+        connection: ConnectionId,
+        refusal: UpgradeRefusal,
+    ) {
+        self.advance(now);
+        let waiting = self
+            .conns
+            .get(&connection)
+            .is_some_and(|c| matches!(c.phase, ConnPhase::AwaitingHello));
+        if waiting {
+            self.refuse_upgrade(connection, refusal);
+        }
+    }
+
     /// A WebSocket message arrived on `connection`.
     ///
     /// Decoded here with the connection's decoder, unless a driver took it

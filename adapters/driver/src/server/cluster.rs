@@ -13,7 +13,7 @@
 //! Its promise: a session is never answered `unknown_session` while
 //! another node may hold it. When the backplane or the node holding the
 //! session does not answer, the claim fails and the client is told to try
-//! again later (503, 4429 or 1013), keeping its session. It never runs
+//! again later (503, or in-band 4429), keeping its session. It never runs
 //! under the server's lock across an `.await`, and never holds cluster
 //! logic in the backplane.
 

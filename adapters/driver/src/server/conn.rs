@@ -33,7 +33,7 @@ use crate::ws;
 
 use super::feed::{FeedError, Followed};
 use super::shared::{lock_slot, CloseOrder, ConnSlot, ServerShared, SlotRef, Wakes};
-use super::upgrade::{claim_for, Early};
+use super::upgrade::{claim_for, in_band_form, Early};
 
 /// How a connection task's main loop ended.
 enum ConnEnd {
@@ -531,7 +531,8 @@ async fn finish<C: Carrier>(
 
 /// With a cluster: reads the connection's first frame (its `hello`) and
 /// claims the session it resumes before it runs (`upgrade::claim_for`); a
-/// claim that fails closes the connection with 1013. Returns the frame,
+/// claim that fails is refused in-band, as the upgrade's would be (a
+/// `reject` `try_later` with its `retry`, then 4429). Returns the frame,
 /// for the first batch.
 async fn claim_first<C: Carrier>(
     shared: &ServerShared,
@@ -543,11 +544,10 @@ async fn claim_first<C: Carrier>(
         return Vec::new();
     };
     if let Message::Text(t) = &first {
-        if claim_for(shared, t.as_bytes()).await.is_err() {
-            shared.run(Some(id), |st, now| {
-                st.server
-                    .disconnect_connection(now, id, CloseCode::TRY_AGAIN_LATER)
-            });
+        if let Err(refusal) = claim_for(shared, t.as_bytes()).await {
+            if let Some(form) = in_band_form(&refusal, shared.options.retry_after) {
+                shared.run(Some(id), |st, now| st.server.refuse_hello(now, id, form));
+            }
         }
     }
     vec![first]

@@ -401,7 +401,10 @@ pub(super) async fn claim_for(
 /// The in-band form of `refusal`, if it has one: a 503 with `Retry-After`
 /// (from `retry_after`) has it as its `retry`, one without gets
 /// [`UNHINTED_RETRY`].
-fn in_band_form(refusal: &http::HttpRefusal, retry_after: Duration) -> Option<UpgradeRefusal> {
+pub(super) fn in_band_form(
+    refusal: &http::HttpRefusal,
+    retry_after: Duration,
+) -> Option<UpgradeRefusal> {
     Some(match refusal.status {
         401 => UpgradeRefusal::Unauthorized,
         403 if refusal.reason == ORIGIN_REFUSED => UpgradeRefusal::Origin,
