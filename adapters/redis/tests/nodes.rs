@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use kitestring::kitestring_core::client::{Cause, TransportError};
 use kitestring::kitestring_core::config::ResumeSecret;
 use kitestring::{
     AuthRequest, Authenticator, ClientEvents, ClientOptions, Event, ServerConfig, ServerEvent,
-    ServerEvents, ServerHandle, ServerOptions, SessionId,
+    ServerEvents, ServerHandle, ServerOptions, SessionId, State,
 };
 use kitestring_chaos::Proxy;
 use kitestring_redis::testing::RedisServer;
@@ -506,4 +507,87 @@ async fn a_node_finds_and_sends_to_a_session_on_another_node() {
         .is_unknown_session());
     assert_eq!(a.locate(ghost).await.unwrap(), None);
     client.close().await.unwrap();
+}
+
+/// Whether `cause` is the refusal of a claim that could not be settled,
+/// as a client sending its `hello` in the `form` given sees it: a 503 for
+/// one in the upgrade's header, an in-band 4429 otherwise.
+fn claim_refused(cause: &Cause, form: &str) -> bool {
+    match (form, cause) {
+        ("header", Cause::Transport(TransportError::Http { status, .. })) => *status == 503,
+        ("url" | "frame", Cause::Rejected { code, .. }) => code.0 == 4429,
+        _ => false,
+    }
+}
+
+/// While Redis is down, a resume that reaches the other node cannot be
+/// claimed. Whichever way the client sends its `hello` (in the upgrade's
+/// header, in the URL as a page does, or as the first frame), it is told
+/// to try again, keeps its session, and tries again after its backoff
+/// (a 503 without `Retry-After`, a 4429 with `retry` 1 s), not after the
+/// 10 s that a "try again later" without a hint waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_claim_is_retried_after_the_backoff_whatever_carries_the_hello() {
+    for form in ["header", "url", "frame"] {
+        let mut redis = RedisServer::start().expect("redis-server");
+        let (_a, _a_events, a_addr) = node(&redis, "a").await;
+        let (_b, _b_events, b_addr) = node(&redis, "b").await;
+        let proxy = Proxy::start(a_addr).unwrap();
+        let url = format!("ws://{}/", proxy.local_addr());
+        let mut options = ClientOptions::default();
+        match form {
+            "url" => options.hello_in_url = true,
+            "frame" => options.config.hello_in_upgrade = false,
+            _ => {}
+        }
+        let (client, mut events) =
+            kitestring::connect(kitestring_tokio::runtime(), &url, options).unwrap();
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let Ok(Some(e)) = tokio::time::timeout_at(end, events.next()).await else {
+                panic!("{form}: the client did not open on node a");
+            };
+            if let Event::StateChanged {
+                new: State::Open, ..
+            } = e
+            {
+                break;
+            }
+        }
+
+        redis.kill();
+        proxy.set_targets(&[b_addr]);
+        proxy.cut_all();
+        let (mut refused, mut retried) = (None, None);
+        let end = tokio::time::Instant::now() + Duration::from_secs(30);
+        while retried.is_none() {
+            let Ok(Some(e)) = tokio::time::timeout_at(end, events.next()).await else {
+                break;
+            };
+            match e {
+                Event::StateChanged {
+                    new: State::Reconnecting { cause, .. },
+                    ..
+                } if refused.is_none() && claim_refused(&cause, form) => {
+                    refused = Some(tokio::time::Instant::now());
+                }
+                Event::StateChanged {
+                    new: State::Connecting { .. },
+                    ..
+                } if refused.is_some() => retried = Some(tokio::time::Instant::now()),
+                Event::SessionLost { .. } => panic!("{form}: the session was lost"),
+                _ => {}
+            }
+        }
+        let refused = refused.unwrap_or_else(|| panic!("{form}: no refused claim"));
+        let waited =
+            retried.unwrap_or_else(|| panic!("{form}: no attempt after the refusal")) - refused;
+        // The second attempt's backoff: 2 s plus up to half of it (the
+        // 10 s floor gave 12 to 15 s).
+        assert!(
+            waited <= Duration::from_secs(7),
+            "{form}: the next attempt came {waited:?} after the refusal"
+        );
+        client.close().await.unwrap();
+    }
 }
