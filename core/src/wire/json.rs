@@ -34,6 +34,9 @@ use super::{MAX_BATCH, MAX_JSON_DEPTH};
 /// [`null`](Self::null), and skip any value with [`skip`](Self::skip).
 #[derive(Clone, Debug)]
 pub struct JsonReader<'a> {
+    /// The document, already valid UTF-8: a string or a value between
+    /// ASCII delimiters is sliced from it without being checked again.
+    src: &'a str,
     text: &'a [u8],
     at: usize,
 }
@@ -42,6 +45,7 @@ impl<'a> JsonReader<'a> {
     /// A reader at the start of `text`.
     pub fn new(text: &'a str) -> Self {
         JsonReader {
+            src: text,
             text: text.as_bytes(),
             at: 0,
         }
@@ -177,7 +181,8 @@ impl<'a> JsonReader<'a> {
         let raw = &self.text[start..end];
         self.at = end + 1;
         if !escaped {
-            return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
+            // Between two quotes: on character boundaries of `src`.
+            return self.src.get(start..end).map(Cow::Borrowed);
         }
         unescape(raw).map(Cow::Owned)
     }
@@ -340,7 +345,7 @@ impl<'a> JsonReader<'a> {
         self.ws();
         let start = self.at;
         self.skip()?;
-        std::str::from_utf8(&self.text[start..self.at]).ok()
+        self.src.get(start..self.at)
     }
 
     /// Reads an object, calling `entry` with each key (the reader then at
