@@ -262,7 +262,9 @@ impl Following {
         }
         // Waiting, and nothing appended since: the append to come wakes
         // this task (its waker is with the feed).
-        if self.waiting.is_some() && self.waiting == Some(self.feed.rounds.load(Ordering::Acquire))
+        if self
+            .waiting
+            .is_some_and(|round| round == self.feed.rounds.load(Ordering::Acquire))
         {
             return Ok((0, 0));
         }
