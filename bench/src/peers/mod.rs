@@ -659,6 +659,12 @@ pub(crate) fn connect_scenario(opts: &Options) -> Vec<Figure> {
     } else {
         (10_000, 64, 5)
     };
+    // `KITESTRING_BENCH_PEERS_CONNECTS=1200` sets the connections of each
+    // repetition: two counts under callgrind give the cost of one.
+    let n: usize = std::env::var("KITESTRING_BENCH_PEERS_CONNECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n);
     let rt = net::tokio_runtime();
     let table = Table::measure(servers(false), reps, |server| {
         let (mut child, port) = spawn(server);

@@ -94,11 +94,9 @@ impl ServerTask {
                 match listener.poll_accept(cx) {
                     Poll::Ready(Ok((io, addr))) => {
                         trace!(%addr, "accepted");
-                        shared.runtime.spawn(Box::pin(serve_accepted(
-                            shared.clone(),
-                            io,
-                            Some(addr),
-                        )));
+                        shared
+                            .runtime
+                            .spawn(serve_accepted(shared.clone(), io, Some(addr)));
                     }
                     Poll::Ready(Err(e)) => {
                         // Out of file descriptors and the like: keep serving

@@ -958,9 +958,7 @@ impl ServerHandle {
     /// then the session.
     pub fn accept_io(&self, io: BoxIo) {
         let shared = self.shared.clone();
-        self.shared
-            .runtime
-            .spawn(Box::pin(serve_accepted(shared, io, None)));
+        self.shared.runtime.spawn(serve_accepted(shared, io, None));
     }
 }
 
