@@ -326,9 +326,12 @@ fn time_per_message(mut run: impl FnMut(u64) -> u64, n: u64) -> f64 {
 
 fn allocations_per_message(mut run: impl FnMut(u64) -> u64, n: u64) -> f64 {
     run(n / 5);
+    alloc::start();
     let before = alloc::allocations();
     run(n);
-    (alloc::allocations() - before) as f64 / n as f64
+    let counted = alloc::allocations() - before;
+    alloc::stop();
+    counted as f64 / n as f64
 }
 
 fn core_cost_scenario(opts: &Options) -> Vec<Figure> {
