@@ -606,6 +606,12 @@ pub(crate) fn churn_scenario(opts: &Options) -> Vec<Figure> {
     } else {
         (10_000, 32, 5)
     };
+    // `KITESTRING_BENCH_CHURN_CYCLES=600` sets the cycles of each round:
+    // two counts under callgrind give the cost of one.
+    let total: u64 = std::env::var("KITESTRING_BENCH_CHURN_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(total);
     let rt = net::tokio_runtime();
     let mut base = Vec::new();
     let mut ours = Vec::new();

@@ -52,61 +52,81 @@ pub(super) enum Form<'a> {
 pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     // Room for a typical hello or welcome in one allocation.
     out.reserve(HANDSHAKE_CAPACITY);
-    let mut env = HandshakeEnvelope::default();
-    let hex_session;
-    let hex_client;
-    let hex_key;
     match frame {
-        Frame::Hello(h) => {
-            env.t = "hello".into();
-            env.versions = Some(h.versions.clone());
-            hex_client = h.client.hex();
-            env.client = Some(hex_client.as_str().into());
-            if let Some(r) = &h.resume {
-                hex_session = r.session.hex();
-                env.session = Some(hex_session.as_str().into());
-                env.delivered = Some(r.delivered);
-                env.acked = r.acked;
-                hex_key = r.key.map(|k| k.hex());
-                env.key = hex_key.as_ref().map(|k| Cow::Borrowed(k.as_str()));
-            }
-            env.caps = Some(h.caps.iter().map(|c| c.as_ref().into()).collect());
-            env.codecs = Some(h.codecs.iter().map(|c| c.name().into()).collect());
-            if !h.join.is_empty() {
-                env.join = Some(h.join.iter().map(|r| Cow::Borrowed(&**r)).collect());
-            }
-        }
+        // Written straight from the frame: an envelope would cost a vector
+        // per list (four for a `hello`, one for a `welcome`) on every
+        // connection.
+        Frame::Hello(h) => write_json_hello(h, out),
         #[cfg(any(feature = "server", test))]
-        Frame::Welcome(w) => {
-            env.t = "welcome".into();
-            env.version = Some(w.version);
-            env.codec = Some(w.codec.name().into());
-            hex_session = w.session.hex();
-            env.session = Some(hex_session.as_str().into());
-            env.resumed = Some(w.resumed);
-            env.lost = w.lost.as_deref().map(Cow::Borrowed);
-            env.delivered = Some(w.delivered);
-            env.recovered = w.recovered.then_some(true);
-            env.features = Some(w.features.iter().map(|c| c.as_ref().into()).collect());
-            env.ping_ms = Some(w.ping_interval_ms);
-            env.pong_ms = Some(w.pong_timeout_ms);
-            env.max = Some(w.max_message);
-            hex_key = w.key.map(|k| k.hex());
-            env.key = hex_key.as_ref().map(|k| Cow::Borrowed(k.as_str()));
-        }
+        Frame::Welcome(w) => write_json_welcome(w, out),
         #[cfg(any(feature = "server", test))]
         Frame::Reject(r) => {
-            env.t = "reject".into();
-            env.code = Some(r.code);
-            env.reason = Some(r.reason.as_str().into());
-            env.message = Some(r.message.as_str().into());
-            env.versions = Some(r.versions.clone());
-            env.retry = r.retry_after_ms;
+            let env = HandshakeEnvelope {
+                t: "reject".into(),
+                code: Some(r.code),
+                reason: Some(r.reason.as_str().into()),
+                message: Some(r.message.as_str().into()),
+                versions: Some(r.versions.clone()),
+                retry: r.retry_after_ms,
+                ..HandshakeEnvelope::default()
+            };
+            write_json_handshake(&env, out);
         }
         _ => return Err(EncodeError::Unrepresentable),
     }
-    write_json_handshake(&env, out);
     Ok(())
+}
+
+/// Writes a `hello` as [`write_json_handshake`] writes its envelope, field
+/// for field (the tests check the text against serde's).
+fn write_json_hello(h: &super::Hello, out: &mut Vec<u8>) {
+    let mut o = JsonObject::new(out);
+    o.str("t", Some("hello"));
+    o.list("versions", Some(&h.versions), |out, v| {
+        push_uint(out, u64::from(*v))
+    });
+    o.str("client", Some(h.client.hex().as_str()));
+    if let Some(r) = &h.resume {
+        o.str("session", Some(r.session.hex().as_str()));
+        o.uint("delivered", Some(r.delivered));
+        o.uint("acked", r.acked);
+    }
+    o.list("caps", Some(&h.caps), |out, c| push_json_str(out, c));
+    o.list("codecs", Some(&h.codecs), |out, c| {
+        push_json_str(out, c.name())
+    });
+    if !h.join.is_empty() {
+        o.list("join", Some(&h.join), |out, r| push_json_str(out, r));
+    }
+    if let Some(key) = h.resume.as_ref().and_then(|r| r.key) {
+        o.str("key", Some(key.hex().as_str()));
+    }
+    o.end();
+}
+
+/// Writes a `welcome` as [`write_json_handshake`] writes its envelope,
+/// field for field (the tests check the text against serde's).
+#[cfg(any(feature = "server", test))]
+fn write_json_welcome(w: &super::Welcome, out: &mut Vec<u8>) {
+    let mut o = JsonObject::new(out);
+    o.str("t", Some("welcome"));
+    o.str("session", Some(w.session.hex().as_str()));
+    o.uint("delivered", Some(w.delivered));
+    o.bool("recovered", w.recovered.then_some(true));
+    o.uint("version", Some(u64::from(w.version)));
+    o.str("codec", Some(w.codec.name()));
+    o.bool("resumed", Some(w.resumed));
+    o.str("lost", w.lost.as_deref());
+    o.list("features", Some(&w.features), |out, f| {
+        push_json_str(out, f)
+    });
+    o.uint("ping_ms", Some(w.ping_interval_ms));
+    o.uint("pong_ms", Some(w.pong_timeout_ms));
+    o.uint("max", Some(w.max_message));
+    if let Some(key) = w.key {
+        o.str("key", Some(key.hex().as_str()));
+    }
+    o.end();
 }
 
 /// The fields of a `sub` envelope.
