@@ -41,7 +41,7 @@ use super::Refusals;
 /// task. Each stage is a future boxed on its own, so the handshake's state
 /// (TLS, HTTP parsing, the authenticator: 2.4 KB) is freed when the upgrade
 /// ends instead of living on, for as long as the connection does, inside
-/// the task's future: an idle connection carries [`Accepted`]'s two words
+/// the task's future: an idle connection carries [`Accepted`]'s three words
 /// beside its own future. (The upgrade once ended by spawning the
 /// connection's task: a second task's scheduling per connection; an
 /// `async fn` awaiting both boxed in turn measured a third of a KiB more
