@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use super::deflated::deflated_key;
 #[cfg(any(feature = "server", test))]
 use super::envelope::RawJson;
-use super::envelope::{HandshakeEnvelope, JsonEnvelope, PackEnvelope};
+use super::envelope::{JsonEnvelope, PackEnvelope};
 use super::error::serializer_error;
 use super::header::seal_msgpack;
 use super::json::{push_json_str, push_uint};
@@ -53,32 +53,21 @@ pub(super) fn encode_handshake(frame: &Frame, out: &mut Vec<u8>) -> Result<(), E
     // Room for a typical hello or welcome in one allocation.
     out.reserve(HANDSHAKE_CAPACITY);
     match frame {
-        // Written straight from the frame: an envelope would cost a vector
-        // per list (four for a `hello`, one for a `welcome`) on every
-        // connection.
+        // Written straight from the frame, in the field order of
+        // `HandshakeEnvelope`, which serde writes (the tests check the text
+        // against serde's): the envelope would cost a vector per list (four
+        // for a `hello`, one for a `welcome`) on every connection.
         Frame::Hello(h) => write_json_hello(h, out),
         #[cfg(any(feature = "server", test))]
         Frame::Welcome(w) => write_json_welcome(w, out),
         #[cfg(any(feature = "server", test))]
-        Frame::Reject(r) => {
-            let env = HandshakeEnvelope {
-                t: "reject".into(),
-                code: Some(r.code),
-                reason: Some(r.reason.as_str().into()),
-                message: Some(r.message.as_str().into()),
-                versions: Some(r.versions.clone()),
-                retry: r.retry_after_ms,
-                ..HandshakeEnvelope::default()
-            };
-            write_json_handshake(&env, out);
-        }
+        Frame::Reject(r) => write_json_reject(r, out),
         _ => return Err(EncodeError::Unrepresentable),
     }
     Ok(())
 }
 
-/// Writes a `hello` as [`write_json_handshake`] writes its envelope, field
-/// for field (the tests check the text against serde's).
+/// Writes a `hello`.
 fn write_json_hello(h: &super::Hello, out: &mut Vec<u8>) {
     let mut o = JsonObject::new(out);
     o.str("t", Some("hello"));
@@ -104,8 +93,7 @@ fn write_json_hello(h: &super::Hello, out: &mut Vec<u8>) {
     o.end();
 }
 
-/// Writes a `welcome` as [`write_json_handshake`] writes its envelope,
-/// field for field (the tests check the text against serde's).
+/// Writes a `welcome`.
 #[cfg(any(feature = "server", test))]
 fn write_json_welcome(w: &super::Welcome, out: &mut Vec<u8>) {
     let mut o = JsonObject::new(out);
@@ -126,6 +114,21 @@ fn write_json_welcome(w: &super::Welcome, out: &mut Vec<u8>) {
     if let Some(key) = w.key {
         o.str("key", Some(key.hex().as_str()));
     }
+    o.end();
+}
+
+/// Writes a `reject`.
+#[cfg(any(feature = "server", test))]
+fn write_json_reject(r: &super::Reject, out: &mut Vec<u8>) {
+    let mut o = JsonObject::new(out);
+    o.str("t", Some("reject"));
+    o.list("versions", Some(&r.versions), |out, v| {
+        push_uint(out, u64::from(*v))
+    });
+    o.uint("code", Some(u64::from(r.code)));
+    o.str("reason", Some(&r.reason));
+    o.str("message", Some(&r.message));
+    o.uint("retry", r.retry_after_ms);
     o.end();
 }
 
@@ -510,10 +513,6 @@ impl<'o> JsonObject<'o> {
         }
     }
 
-    fn strs(&mut self, key: &str, v: Option<&[Cow<'_, str>]>) {
-        self.list(key, v, |out, s| push_json_str(out, s));
-    }
-
     fn end(self) {
         self.out.push(b'}');
     }
@@ -578,43 +577,6 @@ pub(super) fn write_json_envelope(env: &JsonEnvelope<'_>, out: &mut Vec<u8>) {
         o.str("zm", env.zm.as_deref());
         o.str("zb", env.zb.as_deref());
     }
-    o.end();
-}
-
-/// Writes a handshake envelope as serde_json writes it (the tests check
-/// the two agree).
-fn write_json_handshake(env: &HandshakeEnvelope<'_>, out: &mut Vec<u8>) {
-    let mut o = JsonObject::new(out);
-    o.str("t", Some(&env.t));
-    o.list("versions", env.versions.as_deref(), |out, v| {
-        push_uint(out, u64::from(*v))
-    });
-    o.str("client", env.client.as_deref());
-    o.str("session", env.session.as_deref());
-    o.uint("delivered", env.delivered);
-    o.uint("acked", env.acked);
-    // The fields in `server` blocks are a `welcome`'s or a `reject`'s.
-    #[cfg(any(feature = "server", test))]
-    o.bool("recovered", env.recovered);
-    o.strs("caps", env.caps.as_deref());
-    o.strs("codecs", env.codecs.as_deref());
-    o.strs("join", env.join.as_deref());
-    #[cfg(any(feature = "server", test))]
-    {
-        o.uint("version", env.version.map(u64::from));
-        o.str("codec", env.codec.as_deref());
-        o.bool("resumed", env.resumed);
-        o.str("lost", env.lost.as_deref());
-        o.strs("features", env.features.as_deref());
-        o.uint("ping_ms", env.ping_ms);
-        o.uint("pong_ms", env.pong_ms);
-        o.uint("max", env.max);
-        o.uint("code", env.code.map(u64::from));
-        o.str("reason", env.reason.as_deref());
-        o.str("message", env.message.as_deref());
-        o.uint("retry", env.retry);
-    }
-    o.str("key", env.key.as_deref());
     o.end();
 }
 
