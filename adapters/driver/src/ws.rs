@@ -4,6 +4,7 @@
 //!
 //! This module never interprets Kitestring frames: it only moves bytes.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use std::pin::Pin;
@@ -75,19 +76,28 @@ pub(crate) fn append_frame(message: &Message, out: &mut Vec<u8>) -> bool {
 }
 
 /// A close message with the core's code.
-pub(crate) fn close_message(code: CloseCode, reason: &str) -> Message {
+pub(crate) fn close_message(code: CloseCode, reason: &'static str) -> Message {
     Message::Close(Some(close_frame(code, reason)))
 }
 
-pub(crate) fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
-    // A close frame's reason may be at most 123 bytes.
+/// A close frame with the core's code and `reason`, cut to the 123 bytes a
+/// close frame's reason may have; a static reason is not copied.
+pub(crate) fn close_frame(code: CloseCode, reason: impl Into<Cow<'static, str>>) -> CloseFrame {
+    let reason = reason.into();
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
+    let reason = match reason {
+        Cow::Borrowed(r) => Utf8Bytes::from_static(&r[..end]),
+        Cow::Owned(mut r) => {
+            r.truncate(end);
+            Utf8Bytes::from(r)
+        }
+    };
     CloseFrame {
         code: WsCloseCode::from(code.0),
-        reason: Utf8Bytes::from(reason[..end].to_owned()),
+        reason,
     }
 }
 

@@ -65,10 +65,15 @@ pub fn runtime() -> Arc<dyn Runtime> {
     Arc::new(TokioRuntime::current())
 }
 
-/// [`AsyncTimer`] on `tokio::time::Sleep`.
-// `Sleep` is `!Unpin`; the boxed timer is pinned, so project by hand
-// through a pinned box instead of using unsafe projection.
-struct PinnedTimer(Pin<Box<tokio::time::Sleep>>);
+pin_project_lite::pin_project! {
+    /// [`AsyncTimer`] on `tokio::time::Sleep`, held in place (`Sleep` is
+    /// `!Unpin`; the timer is pinned in its box), so a timer is one
+    /// allocation.
+    struct PinnedTimer {
+        #[pin]
+        sleep: tokio::time::Sleep,
+    }
+}
 
 impl fmt::Debug for PinnedTimer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -77,12 +82,12 @@ impl fmt::Debug for PinnedTimer {
 }
 
 impl AsyncTimer for PinnedTimer {
-    fn reset(mut self: Pin<&mut Self>, at: Instant) {
-        self.0.as_mut().reset(at.into());
+    fn reset(self: Pin<&mut Self>, at: Instant) {
+        self.project().sleep.reset(at.into());
     }
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        std::future::Future::poll(self.0.as_mut(), cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        std::future::Future::poll(self.project().sleep, cx)
     }
 }
 
@@ -105,7 +110,9 @@ impl AsyncListener for Listener {
 impl Runtime for TokioRuntime {
     fn new_timer(&self, at: Instant) -> Pin<Box<dyn AsyncTimer>> {
         let _guard = self.handle.enter();
-        Box::pin(PinnedTimer(Box::pin(tokio::time::sleep_until(at.into()))))
+        Box::pin(PinnedTimer {
+            sleep: tokio::time::sleep_until(at.into()),
+        })
     }
 
     fn spawn(&self, future: BoxFuture<'static, ()>) {

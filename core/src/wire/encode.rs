@@ -24,9 +24,10 @@ use super::json::{push_json_str, push_uint};
 use super::MapValue;
 use super::{EncodeError, Frame, Msg, MsgKind, Payload, PayloadKind, BINARY_HEADER_LEN};
 
-/// Bytes reserved for encoding a handshake frame (a `hello` is about 130,
-/// a `welcome` about 220).
-const HANDSHAKE_CAPACITY: usize = 256;
+/// Bytes reserved for encoding a handshake frame, so that it takes one
+/// allocation: a `hello` is about 200 bytes with its capabilities, a
+/// `welcome` about 290 with its features and resume key.
+const HANDSHAKE_CAPACITY: usize = 512;
 
 /// How a `msg` envelope carries its payload (and an `mv` its value).
 #[derive(Clone, Copy, Debug)]

@@ -85,14 +85,20 @@ fn cap_list(
         .collect()
 }
 
-fn token_list(
-    v: Option<Vec<Cow<'_, str>>>,
-    field: &'static str,
-) -> Result<Vec<String>, DecodeError> {
-    bounded_list(v, field)?
-        .into_iter()
-        .map(|s| token(s, field))
-        .collect()
+/// A `hello`'s `codecs`, each name checked as a token; the names this
+/// build does not know are left out. A `hello` that names none gets JSON,
+/// which every peer speaks.
+fn codec_list(v: Option<Vec<Cow<'_, str>>>) -> Result<Vec<Codec>, DecodeError> {
+    if v.is_none() {
+        return Ok(vec![Codec::Json]);
+    }
+    let mut codecs = Vec::new();
+    for name in bounded_list(v, "codecs")? {
+        if let Some(codec) = Codec::from_name(&token_len(name, "codecs")?) {
+            codecs.push(codec);
+        }
+    }
+    Ok(codecs)
 }
 
 /// A `hello`'s `join`: at most 32 room names, each 1 to 256 bytes.
@@ -886,17 +892,12 @@ pub(super) fn handshake_frame(env: HandshakeEnvelope<'_>) -> Result<Frame, Decod
                     })
                 }
             };
-            // Every peer speaks JSON: a hello that names no codecs gets it.
-            let codecs = match env.codecs {
-                None => vec![Codec::Json.name().to_owned()],
-                some => token_list(some, "codecs")?,
-            };
             Frame::Hello(Hello {
                 versions: versions(env.versions, "hello")?,
                 client,
                 resume,
                 caps: cap_list(env.caps, "caps")?,
-                codecs: codecs.iter().filter_map(|c| Codec::from_name(c)).collect(),
+                codecs: codec_list(env.codecs)?,
                 join: room_list(env.join)?,
             })
         }

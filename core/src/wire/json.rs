@@ -629,7 +629,15 @@ pub(super) fn quick_json_handshake<'a>(
     let strs = |rd: &mut JsonReader<'a>| {
         rd.opt(|rd| {
             let mut list = Vec::new();
-            rd.array(|rd| rd.str().map(|s| list.push(s)))?;
+            rd.array(|rd| {
+                let s = rd.str()?;
+                if list.is_empty() {
+                    // A hello's `caps` has up to eight names: one allocation.
+                    list.reserve(8);
+                }
+                list.push(s);
+                Some(())
+            })?;
             Some(list)
         })
     };

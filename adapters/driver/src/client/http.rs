@@ -287,7 +287,7 @@ impl LinkState {
                 Ok(Record::Close { code, reason }) => {
                     self.inbound
                         .push_back(Ok(Message::Close(Some(crate::ws::close_frame(
-                            code, &reason,
+                            code, reason,
                         )))));
                     self.ended = true;
                     return;

@@ -199,9 +199,6 @@ pub fn connect(
         .map_err(|e| ConnectError::InvalidUrl(format!("{url}: {e}")))?;
     options.config.can_refresh_token = options.token.is_some();
     let client_id = ClientId(util::random16().map_err(|e| ConnectError::Random(e.to_string()))?);
-    let mut client = Client::new(options.config.clone(), client_id, util::random_seed())?;
-    // The driver's clock starts at about this moment (`Clock::new`).
-    client.set_wall_clock(kitestring_core::Instant::ZERO, util::unix_ms());
     let preferred = options
         .config
         .codecs
@@ -209,6 +206,9 @@ pub fn connect(
         .copied()
         .unwrap_or(Codec::Json);
     let ws_config = ws::websocket_config(options.config.max_message_size);
+    let mut client = Client::new(options.config, client_id, util::random_seed())?;
+    // The driver's clock starts at about this moment (`Clock::new`).
+    client.set_wall_clock(kitestring_core::Instant::ZERO, util::unix_ms());
     let span = tracing::info_span!(
         "kitestring_client",
         client = %client_id,
@@ -260,10 +260,10 @@ pub fn connect(
         runtime: runtime.clone(),
         target,
         uri,
-        tls: options.tls.clone(),
-        token: options.token.clone(),
-        token_header: options.token_header.clone(),
-        token_prefix: options.token_prefix.clone(),
+        tls: options.tls,
+        token: options.token,
+        token_header: options.token_header,
+        token_prefix: options.token_prefix,
         ws_config,
         hello_in_url: options.hello_in_url,
     };

@@ -8,6 +8,7 @@
 //! left is closed and dropped, and the core ignores any late report about
 //! it.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -47,7 +48,7 @@ struct Live {
     needs_flush: bool,
 }
 
-type Closing = BoxFuture<'static, (TransportId, Option<CloseCode>, String)>;
+type Closing = BoxFuture<'static, (TransportId, Option<CloseCode>, Cow<'static, str>)>;
 
 /// Frames read from the socket per step, at most: the lock is taken once
 /// for all of them, and the application's events wait behind at most one
@@ -69,7 +70,7 @@ enum Input {
     Probed(Probe),
     Frame(TransportId, Option<Result<Message, WsError>>),
     WriteFailed(TransportId, WsError),
-    Closed(TransportId, Option<CloseCode>, String),
+    Closed(TransportId, Option<CloseCode>, Cow<'static, str>),
     Token(Option<String>),
 }
 
@@ -489,7 +490,7 @@ impl TaskIo {
                             self.connecting = None;
                         }
                         let done: Closing =
-                            Box::pin(async move { (tid, Some(code), String::new()) });
+                            Box::pin(async move { (tid, Some(code), Cow::Borrowed("")) });
                         self.closing.push(done);
                         self.started = true;
                     }
@@ -690,7 +691,7 @@ impl TaskIo {
         let tid = live.tid;
         self.closing.push(Box::pin(async move {
             let _ = util::timeout(&*runtime, limit, close_live(live)).await;
-            (tid, Some(code), reason.to_owned())
+            (tid, Some(code), Cow::Borrowed(reason))
         }));
         self.started = true;
     }
@@ -703,7 +704,7 @@ impl TaskIo {
         self.closing.push(Box::pin(async move {
             let _ = util::timeout(&*runtime, limit, close_live(live)).await;
             // Already reported; the core ignores a second report.
-            (tid, None, String::new())
+            (tid, None, Cow::Borrowed(""))
         }));
         self.started = true;
     }

@@ -723,7 +723,7 @@ where
                 },
                 Ok(Record::Binary(b)) => Message::Binary(b),
                 Ok(Record::Close { code, reason }) => {
-                    Message::Close(Some(crate::ws::close_frame(code, &reason)))
+                    Message::Close(Some(crate::ws::close_frame(code, reason)))
                 }
                 Ok(Record::Open(_)) => {
                     bad = Some(RecordError::UnknownKind(records::RECORD_OPEN));

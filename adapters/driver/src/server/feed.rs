@@ -47,6 +47,9 @@ use kitestring_core::wire::{Codec, SessionId};
 
 use crate::ws;
 
+/// Tasks to wake once a lock is released: a few without an allocation.
+pub(super) type WakeList = smallvec::SmallVec<[Waker; 4]>;
+
 /// A room's feed, shared by the state (which appends) and its followers.
 pub(super) type FeedRef = Arc<SharedFeed>;
 
@@ -84,7 +87,7 @@ impl SharedFeed {
         stamp: u64,
         entry: RoomEntry,
         bounds: &HistoryConfig,
-        wake: &mut Vec<Waker>,
+        wake: &mut WakeList,
     ) {
         let mut feed = lock_feed(self);
         feed.push(stamp, entry, bounds, wake);
@@ -161,13 +164,7 @@ impl Feed {
     /// sequence (a bug) starts the feed again from it: followers behind it
     /// then find themselves behind the feed and are closed rather than skip
     /// entries.
-    fn push(
-        &mut self,
-        stamp: u64,
-        entry: RoomEntry,
-        bounds: &HistoryConfig,
-        wake: &mut Vec<Waker>,
-    ) {
+    fn push(&mut self, stamp: u64, entry: RoomEntry, bounds: &HistoryConfig, wake: &mut WakeList) {
         let offset = entry.offset();
         if offset != self.next() {
             self.entries.clear();
@@ -189,7 +186,7 @@ impl Feed {
             }
         }
         self.round += 1;
-        wake.append(&mut self.waiters);
+        wake.extend(self.waiters.drain(..));
     }
 }
 
@@ -447,7 +444,7 @@ mod tests {
         fn publish(&mut self, n: u8, except: Option<SessionId>) -> u64 {
             let entry = self.entry(n, except);
             self.stamp += 1;
-            let mut wake = Vec::new();
+            let mut wake = WakeList::new();
             self.feed.push(self.stamp, entry, &self.bounds, &mut wake);
             self.stamp
         }
@@ -586,7 +583,7 @@ mod tests {
         assert!(f.next_before(u64::MAX, &mut cx).ok().flatten().is_none());
         assert!(f.next_before(u64::MAX, &mut cx).ok().flatten().is_none());
         assert_eq!(lock_feed(&room.feed).waiters.len(), 1);
-        let mut wake = Vec::new();
+        let mut wake = WakeList::new();
         let entry = room.entry(1, None);
         room.feed.push(1, entry, &room.bounds, &mut wake);
         assert_eq!(wake.len(), 1);
@@ -676,7 +673,7 @@ mod tests {
         for n in 1..=ENTRIES {
             let entry = room.entry((n % 251) as u8, None);
             room.stamp += 1;
-            let mut wake = Vec::new();
+            let mut wake = WakeList::new();
             room.feed.push(room.stamp, entry, &room.bounds, &mut wake);
             wake.into_iter().for_each(Waker::wake);
             // Never further ahead of the reader than the feed holds.

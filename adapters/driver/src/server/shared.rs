@@ -39,7 +39,7 @@ use crate::ws;
 use super::auth::{AuthReject, AuthRequest, AuthResult, Verdict};
 use super::cluster::Location;
 use super::events::{shard_of, Shard};
-use super::feed::{lock_feed, FeedRef, FollowOp, SharedFeed};
+use super::feed::{lock_feed, FeedRef, FollowOp, SharedFeed, WakeList};
 use super::ServerOptions;
 
 /// Hash maps keyed by ids the server made up (FxHash: fast, and nothing to
@@ -285,7 +285,7 @@ impl ConnSlot {
 /// woken task does not find the lock still held.
 #[derive(Default)]
 pub(super) struct Wakes {
-    tasks: Vec<Waker>,
+    tasks: WakeList,
     pub(super) server_task: bool,
     /// Events were queued for an inline handler (`events.rs`).
     pub(super) handle_events: bool,

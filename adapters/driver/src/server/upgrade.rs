@@ -671,7 +671,7 @@ mod tests {
                 offset,
                 RoomEntry::new(entry, None),
                 &bounds,
-                &mut Vec::new(),
+                &mut crate::server::feed::WakeList::new(),
             );
         }
         let slot = SlotRef::default();
