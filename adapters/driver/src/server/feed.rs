@@ -283,6 +283,9 @@ impl Following {
             return Ok((0, 0));
         }
         let (mut frames, mut bytes) = (0, 0);
+        // One allocation for the batch (the buffer is empty here, and
+        // freed again once written): not one per doubling.
+        self.buf.reserve(end - start);
         for e in feed.entries.range_mut(start..end) {
             let message = e
                 .message(self.session, self.codec)
